@@ -1,0 +1,24 @@
+/* Shared scaffolding for the CUnit test programs: one main() that runs the registered
+ * suites and exits non-zero on any failure, plus helpers used by many tests. */
+#ifndef MOE_TESTS_TESTLIB_H
+#define MOE_TESTS_TESTLIB_H
+
+#include <CUnit/Basic.h>
+
+/* Runs CUnit over the suites added by `register_suites` and returns the process exit
+ * code (0 when every assertion passed). Test programs do:
+ *   int main(int argc, char **argv) { return moe_test_main(argc, argv, register_suites); }
+ * An optional argv[1] runs only the suite of that name. */
+int moe_test_main(int argc, char **argv, void (*register_suites)(void));
+
+/* Adds a suite with the given tests; `tests` ends with a {NULL, NULL} entry. */
+typedef struct moe_test_entry {
+    const char *name;
+    void (*fn)(void);
+} moe_test_entry;
+void moe_test_add_suite(const char *suite, const moe_test_entry *tests);
+
+/* A fresh scratch directory under the build tree (tests/tmp/<name>-<pid>), created empty. */
+const char *moe_test_tmpdir(const char *name);
+
+#endif
