@@ -25,7 +25,13 @@ moe_status moe_error_context(moe_status code, const char *fmt, ...) {
     vsnprintf(prefix, sizeof prefix, fmt, ap);
     va_end(ap);
     memcpy(old, error_text, sizeof old);
-    snprintf(error_text, sizeof error_text, "%s: %s", prefix, old);
+    size_t n = strnlen(prefix, sizeof error_text - 3);
+    memcpy(error_text, prefix, n);
+    memcpy(error_text + n, ": ", 2);
+    size_t room = sizeof error_text - n - 3;
+    size_t m = strnlen(old, room);
+    memcpy(error_text + n + 2, old, m);
+    error_text[n + 2 + m] = '\0';
     error_code = code;
     return code;
 }

@@ -1,0 +1,132 @@
+/* The tape, backward pass and gradient accumulation. */
+#include "core/autograd.h"
+
+#include <string.h>
+
+#include "core/kernels.h"
+#include "core/memory.h"
+#include "core/ops.h"
+
+#define TAPE_BLOCK 4096
+
+typedef struct tape_block {
+    moe_node *nodes[TAPE_BLOCK];
+    struct tape_block *prev;
+    int n;
+} tape_block;
+
+static tape_block *tape_top;
+static int tape_count;
+static bool grad_on = true;
+
+bool moe_grad_enabled(void) { return grad_on; }
+
+bool moe_grad_set_enabled(bool on) {
+    bool was = grad_on;
+    grad_on = on;
+    return was;
+}
+
+void moe_param_init(moe_tensor *t, const char *name) {
+    MOE_ASSERT(t->life == MOE_LIFE_PERSIST, "parameter %s must be PERSIST", name);
+    t->requires_grad = true;
+    t->is_param = true;
+    t->name = name;
+}
+
+void moe_tape_reset(void) {
+    tape_top = NULL; /* blocks live in the step host arena */
+    tape_count = 0;
+}
+
+int moe_tape_size(void) { return tape_count; }
+
+moe_node *moe_autograd_record(int op, moe_tensor *out, int n_in, moe_tensor *const *in,
+                              const void *attrs, size_t attr_size) {
+    MOE_ASSERT(n_in <= MOE_NODE_MAX_INPUTS && attr_size <= MOE_NODE_ATTR_BYTES, "node too large");
+    if (!grad_on || !out) return NULL;
+    bool any = false;
+    for (int i = 0; i < n_in; i++) any |= in[i] && in[i]->requires_grad;
+    if (!any) return NULL;
+    if (!tape_top || tape_top->n == TAPE_BLOCK) {
+        tape_block *b = moe_step_host_alloc(sizeof *b);
+        if (!b) return NULL;
+        b->prev = tape_top;
+        tape_top = b;
+    }
+    moe_node *n = moe_step_host_alloc(sizeof *n);
+    if (!n) return NULL;
+    n->op = op;
+    n->out = out;
+    n->n_in = n_in;
+    for (int i = 0; i < n_in; i++) n->in[i] = in[i];
+    if (attrs) memcpy(n->attrs, attrs, attr_size);
+    tape_top->nodes[tape_top->n++] = n;
+    tape_count++;
+    out->requires_grad = true;
+    out->node = n;
+    return n;
+}
+
+static moe_status backward_error;
+
+static moe_status grad_add(moe_tensor *t, moe_tensor *g, bool owned) {
+    if (!g) return backward_error = moe_last_status() ? moe_last_status() : MOE_ERR_OOM;
+    if (!t || !t->requires_grad) return MOE_OK;
+    char b1[96], b2[96];
+    MOE_ASSERT(moe_tensor_same_shape(t, g), "grad shape %s does not match %s",
+               moe_tensor_describe(g, b1, sizeof b1), moe_tensor_describe(t, b2, sizeof b2));
+    bool was = moe_grad_set_enabled(false);
+    moe_status s = MOE_OK;
+    if (!t->grad) {
+        if (t->is_param) {
+            t->grad = moe_tensor_empty(MOE_LIFE_PERSIST, t->device, t->dtype == MOE_BF16 ? MOE_F32 : t->dtype,
+                                       t->ndim, t->shape);
+            s = t->grad ? moe_tensor_copy_(t->grad, g) : moe_last_status();
+        } else if (owned && moe_tensor_is_contiguous(g) && g->dtype == t->dtype) {
+            t->grad = g;
+        } else {
+            t->grad = moe_tensor_empty(MOE_LIFE_STEP, t->device, t->dtype, t->ndim, t->shape);
+            s = t->grad ? moe_tensor_copy_(t->grad, g) : moe_last_status();
+        }
+    } else {
+        moe_op_attrs_scalar a = {.op = MOE_BIN_ADD};
+        moe_kernel_args args = {.out = t->grad, .in = {t->grad, g}, .attrs = &a};
+        s = moe_kernel_run(MOE_K_BINARY, &args);
+    }
+    moe_grad_set_enabled(was);
+    if (s != MOE_OK && backward_error == MOE_OK) backward_error = s;
+    return s;
+}
+
+moe_status moe_grad_accumulate(moe_tensor *t, moe_tensor *g) { return grad_add(t, g, false); }
+moe_status moe_grad_give(moe_tensor *t, moe_tensor *g) { return grad_add(t, g, true); }
+
+moe_status moe_backward(moe_tensor *loss) {
+    if (!loss) return moe_last_status() ? moe_last_status() : MOE_ERR_INVALID;
+    MOE_ASSERT(moe_tensor_numel(loss) == 1, "backward needs a scalar loss");
+    if (!loss->requires_grad) return moe_error(MOE_ERR_INVALID, "backward: the loss does not require grad");
+    backward_error = MOE_OK;
+    moe_tensor *seed = moe_tensor_empty(MOE_LIFE_STEP, loss->device, loss->dtype, loss->ndim, loss->shape);
+    if (!seed) return moe_last_status();
+    MOE_TRY(moe_tensor_fill(seed, 1.0));
+    loss->grad = seed;
+    bool was = moe_grad_set_enabled(false);
+    for (tape_block *b = tape_top; b && backward_error == MOE_OK; b = b->prev) {
+        for (int i = b->n - 1; i >= 0 && backward_error == MOE_OK; i--) {
+            moe_node *n = b->nodes[i];
+            if (!n->out->grad) continue;
+            const moe_op_info *info = &moe_op_table[n->op];
+            MOE_ASSERT(info->backward, "op %s has no backward", info->name);
+            info->backward(n);
+        }
+    }
+    moe_grad_set_enabled(was);
+    return backward_error;
+}
+
+moe_status moe_zero_grad(moe_tensor *const *params, int n) {
+    for (int i = 0; i < n; i++)
+        if (params[i]->grad) MOE_TRY(moe_tensor_fill(params[i]->grad, 0.0));
+    return MOE_OK;
+}

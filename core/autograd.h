@@ -1,0 +1,56 @@
+/* Reverse-mode autograd over a recorded tape (define-by-run).
+ *
+ * Each op appends a node (op id, inputs, output, saved tensors, attributes) when grad
+ * mode is on and one of its inputs requires grad. moe_backward(loss) walks the tape in
+ * reverse and calls each op's backward, which adds into its inputs' grads through
+ * moe_grad_accumulate(). Parameter grads are PERSIST tensors that accumulate (+=) across
+ * backward calls until moe_zero_grad(); activation grads live in the step arena. */
+#ifndef MOE_CORE_AUTOGRAD_H
+#define MOE_CORE_AUTOGRAD_H
+
+#include "core/tensor.h"
+
+#define MOE_NODE_MAX_INPUTS 6
+#define MOE_NODE_MAX_SAVED 4
+#define MOE_NODE_ATTR_BYTES 128
+
+typedef struct moe_node {
+    int op; /* moe_op_id */
+    moe_tensor *out;
+    int n_in;
+    moe_tensor *in[MOE_NODE_MAX_INPUTS];
+    moe_tensor *saved[MOE_NODE_MAX_SAVED];
+    _Alignas(16) unsigned char attrs[MOE_NODE_ATTR_BYTES];
+} moe_node;
+
+/* Grad mode (on by default). moe_grad_set_enabled returns the previous value. */
+bool moe_grad_enabled(void);
+bool moe_grad_set_enabled(bool on);
+
+/* Marks a PERSIST leaf as a trainable parameter. */
+void moe_param_init(moe_tensor *t, const char *name);
+
+/* Appends a node for `out` if recording applies; copies attr_size bytes of attrs.
+ * Returns the node (to add saved tensors) or NULL when nothing is recorded. */
+moe_node *moe_autograd_record(int op, moe_tensor *out, int n_in, moe_tensor *const *in,
+                              const void *attrs, size_t attr_size);
+
+/* Seeds d loss / d loss = 1 (loss must be a scalar) and runs the tape backwards.
+ * Returns the first error an op's backward met (e.g. out of memory). */
+moe_status moe_backward(moe_tensor *loss);
+
+/* Adds g into t->grad (allocating it on first use). No-op when t does not require grad.
+ * accumulate copies g on first use (g may be shared, e.g. the same upstream grad handed
+ * to both inputs of an add); give lets t->grad take g over, for a g the backward just
+ * made and hands to nobody else. A NULL g records the pending error. */
+moe_status moe_grad_accumulate(moe_tensor *t, moe_tensor *g);
+moe_status moe_grad_give(moe_tensor *t, moe_tensor *g);
+/* Sets the grads of the given parameters to zero. */
+moe_status moe_zero_grad(moe_tensor *const *params, int n);
+
+/* Nodes recorded since the last moe_step_reset() (tests and diagnostics). */
+int moe_tape_size(void);
+/* Forgets the tape; called by moe_step_reset(). */
+void moe_tape_reset(void);
+
+#endif

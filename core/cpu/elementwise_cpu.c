@@ -1,0 +1,199 @@
+/* CPU kernels: copy/cast, fill, binary (broadcast through strides), scalar, unary and
+ * the unary backward, fused SwiGLU. Inputs arrive as views of out's shape. */
+#include <math.h>
+#include <string.h>
+
+#include "core/cpu/cpu_common.h"
+
+moe_status moe_cpu_copy(const moe_kernel_args *a) {
+    moe_tensor *o = a->out;
+    const moe_tensor *x = a->in[0];
+    int64_t rows = cpu_rows(o), cols = cpu_cols(o);
+    int64_t so = cpu_col_stride(o), sx = cpu_col_stride(x);
+    size_t es = moe_dtype_size(o->dtype);
+    bool same = o->dtype == x->dtype;
+    if (same && moe_tensor_is_contiguous(o) && moe_tensor_is_contiguous(x)) {
+        memcpy(o->data, x->data, (size_t)(rows * cols) * es);
+        return MOE_OK;
+    }
+_Pragma("omp parallel for schedule(static) if (rows * cols > 32768)")
+    for (int64_t r = 0; r < rows; r++) {
+        char *po = (char *)o->data + cpu_row_offset(o, r) * (int64_t)es;
+        const char *px = (const char *)x->data + cpu_row_offset(x, r) * (int64_t)moe_dtype_size(x->dtype);
+        if (same && es == 4) {
+            for (int64_t c = 0; c < cols; c++) ((uint32_t *)po)[c * so] = ((const uint32_t *)px)[c * sx];
+        } else if (same && es == 8) {
+            for (int64_t c = 0; c < cols; c++) ((uint64_t *)po)[c * so] = ((const uint64_t *)px)[c * sx];
+        } else if (same && es == 2) {
+            for (int64_t c = 0; c < cols; c++) ((uint16_t *)po)[c * so] = ((const uint16_t *)px)[c * sx];
+        } else {
+            for (int64_t c = 0; c < cols; c++) cpu_store(po, o->dtype, c * so, cpu_load(px, x->dtype, c * sx));
+        }
+    }
+    return MOE_OK;
+}
+
+moe_status moe_cpu_fill(const moe_kernel_args *a) {
+    moe_tensor *o = a->out;
+    double v = ((const moe_op_attrs_scalar *)a->attrs)->value;
+    int64_t rows = cpu_rows(o), cols = cpu_cols(o), so = cpu_col_stride(o);
+    if (v == 0.0 && moe_tensor_is_contiguous(o)) {
+        memset(o->data, 0, (size_t)(rows * cols) * moe_dtype_size(o->dtype));
+        return MOE_OK;
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t off = cpu_row_offset(o, r);
+        for (int64_t c = 0; c < cols; c++) cpu_store(o->data, o->dtype, off + c * so, v);
+    }
+    return MOE_OK;
+}
+
+moe_status moe_cpu_binary(const moe_kernel_args *a) {
+    moe_tensor *o = a->out;
+    const moe_tensor *x = a->in[0], *y = a->in[1];
+    int op = ((const moe_op_attrs_scalar *)a->attrs)->op;
+    int64_t rows = cpu_rows(o), cols = cpu_cols(o);
+    int64_t so = cpu_col_stride(o), sx = cpu_col_stride(x), sy = cpu_col_stride(y);
+    CPU_FLOAT_DISPATCH(o->dtype, "binary",
+_Pragma("omp parallel for schedule(static) if (rows * cols > 32768)")
+        for (int64_t r = 0; r < rows; r++) {
+            T *po = (T *)o->data + cpu_row_offset(o, r);
+            const T *px = (const T *)x->data + cpu_row_offset(x, r);
+            const T *py = (const T *)y->data + cpu_row_offset(y, r);
+            switch (op) {
+            case MOE_BIN_ADD: for (int64_t c = 0; c < cols; c++) po[c * so] = px[c * sx] + py[c * sy]; break;
+            case MOE_BIN_SUB: for (int64_t c = 0; c < cols; c++) po[c * so] = px[c * sx] - py[c * sy]; break;
+            case MOE_BIN_MUL: for (int64_t c = 0; c < cols; c++) po[c * so] = px[c * sx] * py[c * sy]; break;
+            default: for (int64_t c = 0; c < cols; c++) po[c * so] = px[c * sx] / py[c * sy]; break;
+            }
+        })
+    return MOE_OK;
+}
+
+moe_status moe_cpu_scalar(const moe_kernel_args *a) {
+    moe_tensor *o = a->out;
+    const moe_tensor *x = a->in[0];
+    const moe_op_attrs_scalar *at = a->attrs;
+    int64_t rows = cpu_rows(o), cols = cpu_cols(o);
+    int64_t so = cpu_col_stride(o), sx = cpu_col_stride(x);
+    CPU_FLOAT_DISPATCH(o->dtype, "scalar",
+        T s = (T)at->value;
+_Pragma("omp parallel for schedule(static) if (rows * cols > 32768)")
+        for (int64_t r = 0; r < rows; r++) {
+            T *po = (T *)o->data + cpu_row_offset(o, r);
+            const T *px = (const T *)x->data + cpu_row_offset(x, r);
+            switch (at->op) {
+            case MOE_SC_ADD: for (int64_t c = 0; c < cols; c++) po[c * so] = px[c * sx] + s; break;
+            case MOE_SC_MUL: for (int64_t c = 0; c < cols; c++) po[c * so] = px[c * sx] * s; break;
+            default: for (int64_t c = 0; c < cols; c++) po[c * so] = pow(px[c * sx], s); break;
+            }
+        })
+    return MOE_OK;
+}
+
+/* f(x) for every unary opcode, in T. */
+#define UNARY_F(T, op, x)                                                                      \
+    ((op) == MOE_UN_NEG ? -(x) : (op) == MOE_UN_EXP ? exp(x) : (op) == MOE_UN_LOG ? log(x)    \
+     : (op) == MOE_UN_SQRT ? sqrt(x) : (op) == MOE_UN_RSQRT ? (T)1 / sqrt(x)                  \
+     : (op) == MOE_UN_SIGMOID ? (T)1 / ((T)1 + exp(-(x))) : (op) == MOE_UN_TANH ? tanh(x)     \
+     : (op) == MOE_UN_RELU ? ((x) > 0 ? (x) : (T)0) : (op) == MOE_UN_SILU ? (x) / ((T)1 + exp(-(x))) \
+     : (op) == MOE_UN_GELU ? (T)0.5 * (x) * ((T)1 + tanh((T)0.7978845608028654 * ((x) + (T)0.044715 * (x) * (x) * (x)))) \
+     : ((x) > 20 ? (x) : log1p(exp(x))))
+
+moe_status moe_cpu_unary(const moe_kernel_args *a) {
+    moe_tensor *o = a->out;
+    const moe_tensor *x = a->in[0];
+    int op = ((const moe_op_attrs_scalar *)a->attrs)->op;
+    int64_t rows = cpu_rows(o), cols = cpu_cols(o);
+    int64_t so = cpu_col_stride(o), sx = cpu_col_stride(x);
+    CPU_FLOAT_DISPATCH(o->dtype, "unary",
+_Pragma("omp parallel for schedule(static) if (rows * cols > 16384)")
+        for (int64_t r = 0; r < rows; r++) {
+            T *po = (T *)o->data + cpu_row_offset(o, r);
+            const T *px = (const T *)x->data + cpu_row_offset(x, r);
+            for (int64_t c = 0; c < cols; c++) {
+                T v = px[c * sx];
+                po[c * so] = UNARY_F(T, op, v);
+            }
+        })
+    return MOE_OK;
+}
+
+/* g * f'(x), written with x (in[1]) and, where cheaper, y = f(x) (in[2]). */
+moe_status moe_cpu_unary_bwd(const moe_kernel_args *a) {
+    moe_tensor *o = a->out;
+    const moe_tensor *g = a->in[0], *x = a->in[1], *y = a->in[2];
+    int op = ((const moe_op_attrs_scalar *)a->attrs)->op;
+    int64_t rows = cpu_rows(o), cols = cpu_cols(o);
+    int64_t so = cpu_col_stride(o), sg = cpu_col_stride(g), sx = cpu_col_stride(x), sy = cpu_col_stride(y);
+    CPU_FLOAT_DISPATCH(o->dtype, "unary_bwd",
+_Pragma("omp parallel for schedule(static) if (rows * cols > 16384)")
+        for (int64_t r = 0; r < rows; r++) {
+            T *po = (T *)o->data + cpu_row_offset(o, r);
+            const T *pg = (const T *)g->data + cpu_row_offset(g, r);
+            const T *px = (const T *)x->data + cpu_row_offset(x, r);
+            const T *py = (const T *)y->data + cpu_row_offset(y, r);
+            for (int64_t c = 0; c < cols; c++) {
+                T gv = pg[c * sg], xv = px[c * sx], yv = py[c * sy], d;
+                switch (op) {
+                case MOE_UN_NEG: d = -1; break;
+                case MOE_UN_EXP: d = yv; break;
+                case MOE_UN_LOG: d = (T)1 / xv; break;
+                case MOE_UN_SQRT: d = (T)0.5 / yv; break;
+                case MOE_UN_RSQRT: d = (T)-0.5 * yv * yv * yv; break;
+                case MOE_UN_SIGMOID: d = yv * ((T)1 - yv); break;
+                case MOE_UN_TANH: d = (T)1 - yv * yv; break;
+                case MOE_UN_RELU: d = xv > 0 ? (T)1 : (T)0; break;
+                case MOE_UN_SILU: { T s = (T)1 / ((T)1 + exp(-xv)); d = s * ((T)1 + xv * ((T)1 - s)); } break;
+                case MOE_UN_GELU: {
+                    T k = (T)0.7978845608028654, u = k * (xv + (T)0.044715 * xv * xv * xv), t = tanh(u);
+                    d = (T)0.5 * ((T)1 + t) + (T)0.5 * xv * ((T)1 - t * t) * k * ((T)1 + (T)0.134145 * xv * xv);
+                } break;
+                default: d = (T)1 / ((T)1 + exp(-xv)); break; /* softplus */
+                }
+                po[c * so] = gv * d;
+            }
+        })
+    return MOE_OK;
+}
+
+moe_status moe_cpu_swiglu(const moe_kernel_args *a) {
+    moe_tensor *o = a->out;
+    const moe_tensor *x = a->in[0], *y = a->in[1];
+    int64_t rows = cpu_rows(o), cols = cpu_cols(o);
+    int64_t so = cpu_col_stride(o), sx = cpu_col_stride(x), sy = cpu_col_stride(y);
+    CPU_FLOAT_DISPATCH(o->dtype, "swiglu",
+_Pragma("omp parallel for schedule(static) if (rows * cols > 16384)")
+        for (int64_t r = 0; r < rows; r++) {
+            T *po = (T *)o->data + cpu_row_offset(o, r);
+            const T *px = (const T *)x->data + cpu_row_offset(x, r);
+            const T *py = (const T *)y->data + cpu_row_offset(y, r);
+            for (int64_t c = 0; c < cols; c++) {
+                T v = px[c * sx];
+                po[c * so] = v / ((T)1 + exp(-v)) * py[c * sy];
+            }
+        })
+    return MOE_OK;
+}
+
+moe_status moe_cpu_swiglu_bwd(const moe_kernel_args *a) {
+    moe_tensor *ga = a->out, *gb = a->out2;
+    const moe_tensor *g = a->in[0], *x = a->in[1], *y = a->in[2];
+    int64_t rows = cpu_rows(ga), cols = cpu_cols(ga);
+    CPU_FLOAT_DISPATCH(ga->dtype, "swiglu_bwd",
+_Pragma("omp parallel for schedule(static) if (rows * cols > 16384)")
+        for (int64_t r = 0; r < rows; r++) {
+            T *pa = (T *)ga->data + cpu_row_offset(ga, r);
+            T *pb = (T *)gb->data + cpu_row_offset(gb, r);
+            const T *pg = (const T *)g->data + cpu_row_offset(g, r);
+            const T *px = (const T *)x->data + cpu_row_offset(x, r);
+            const T *py = (const T *)y->data + cpu_row_offset(y, r);
+            for (int64_t c = 0; c < cols; c++) {
+                T v = px[c * cpu_col_stride(x)], s = (T)1 / ((T)1 + exp(-v));
+                T gv = pg[c * cpu_col_stride(g)];
+                pa[c * cpu_col_stride(ga)] = gv * py[c * cpu_col_stride(y)] * s * ((T)1 + v * ((T)1 - s));
+                pb[c * cpu_col_stride(gb)] = gv * v * s;
+            }
+        })
+    return MOE_OK;
+}

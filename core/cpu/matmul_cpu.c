@@ -1,0 +1,169 @@
+/* CPU matmul through oneDNN (f32, bf16) with a small primitive cache; a plain loop for
+ * f64 (the gradient-check reference). Operands arrive as strided views, so transposed
+ * operands need no copy: oneDNN reads any strides. */
+#include <oneapi/dnnl/dnnl.h>
+#include <string.h>
+
+#include "core/cpu/cpu_common.h"
+
+#define MM_CACHE 128
+#define MM_MAX_DIMS MOE_MAX_DIMS
+
+typedef struct {
+    int ndim;
+    dnnl_dims_t da, sa, db, sb, dc, sc;
+    moe_dtype dt_ab, dt_c;
+    float alpha, beta;
+    dnnl_primitive_t prim;
+    dnnl_memory_desc_t ma, mb, mc;
+} mm_entry;
+
+static dnnl_engine_t engine;
+static dnnl_stream_t stream;
+static mm_entry cache[MM_CACHE];
+static int cache_n, cache_next;
+
+static dnnl_data_type_t dnnl_type(moe_dtype dt) { return dt == MOE_BF16 ? dnnl_bf16 : dnnl_f32; }
+
+static moe_status dnnl_fail(const char *what, dnnl_status_t st) {
+    return moe_error(MOE_ERR_DEVICE, "oneDNN %s failed (status %d)", what, (int)st);
+}
+
+/* Fills dims/strides of t, padded on the left with size-1 dims to `ndim`. */
+static void fill_dims(const moe_tensor *t, int ndim, dnnl_dims_t d, dnnl_dims_t s) {
+    int lead = ndim - t->ndim;
+    for (int i = 0; i < ndim; i++) {
+        d[i] = i < lead ? 1 : t->shape[i - lead];
+        s[i] = i < lead ? 0 : t->strides[i - lead];
+    }
+    /* Size-1 dims may carry any stride; give them a harmless one. */
+    for (int i = ndim - 1; i >= 0; i--)
+        if (d[i] == 1) s[i] = (i + 1 < ndim) ? s[i + 1] * d[i + 1] : 1;
+}
+
+static mm_entry *get_primitive(const moe_tensor *A, const moe_tensor *B, const moe_tensor *C, float alpha,
+                               float beta, moe_status *st) {
+    mm_entry key;
+    memset(&key, 0, sizeof key);
+    key.ndim = C->ndim < 2 ? 2 : C->ndim;
+    fill_dims(A, key.ndim, key.da, key.sa);
+    fill_dims(B, key.ndim, key.db, key.sb);
+    fill_dims(C, key.ndim, key.dc, key.sc);
+    key.dt_ab = A->dtype;
+    key.dt_c = C->dtype;
+    key.alpha = alpha;
+    key.beta = beta;
+    size_t cmp = offsetof(mm_entry, prim);
+    for (int i = 0; i < cache_n; i++)
+        if (!memcmp(&cache[i], &key, cmp)) return &cache[i];
+    dnnl_status_t s;
+    if (!engine) {
+        if ((s = dnnl_engine_create(&engine, dnnl_cpu, 0)) != dnnl_success) { *st = dnnl_fail("engine", s); return NULL; }
+        if ((s = dnnl_stream_create(&stream, engine, dnnl_stream_default_flags)) != dnnl_success) { *st = dnnl_fail("stream", s); return NULL; }
+    }
+    dnnl_memory_desc_init_by_strides(&key.ma, key.ndim, key.da, dnnl_type(A->dtype), key.sa);
+    dnnl_memory_desc_init_by_strides(&key.mb, key.ndim, key.db, dnnl_type(B->dtype), key.sb);
+    dnnl_memory_desc_init_by_strides(&key.mc, key.ndim, key.dc, dnnl_type(C->dtype), key.sc);
+    dnnl_matmul_desc_t desc;
+    if ((s = dnnl_matmul_desc_init(&desc, &key.ma, &key.mb, NULL, &key.mc)) != dnnl_success) { *st = dnnl_fail("matmul desc", s); return NULL; }
+    dnnl_primitive_attr_t attr;
+    dnnl_primitive_attr_create(&attr);
+    if (alpha != 1.0f) dnnl_primitive_attr_set_output_scales(attr, 1, 0, &alpha);
+    if (beta != 0.0f) {
+        dnnl_post_ops_t po;
+        dnnl_post_ops_create(&po);
+        dnnl_post_ops_append_sum(po, beta);
+        dnnl_primitive_attr_set_post_ops(attr, po);
+        dnnl_post_ops_destroy(po);
+    }
+    dnnl_primitive_desc_t pd;
+    s = dnnl_primitive_desc_create(&pd, &desc, attr, engine, NULL);
+    dnnl_primitive_attr_destroy(attr);
+    if (s != dnnl_success) { *st = dnnl_fail("matmul primitive desc", s); return NULL; }
+    s = dnnl_primitive_create(&key.prim, pd);
+    dnnl_primitive_desc_destroy(pd);
+    if (s != dnnl_success) { *st = dnnl_fail("matmul primitive", s); return NULL; }
+    mm_entry *slot;
+    if (cache_n < MM_CACHE) {
+        slot = &cache[cache_n++];
+    } else {
+        slot = &cache[cache_next];
+        cache_next = (cache_next + 1) % MM_CACHE;
+        dnnl_primitive_destroy(slot->prim);
+    }
+    *slot = key;
+    return slot;
+}
+
+/* C = alpha * A @ B + beta * C on strided views (batch dims broadcast). */
+static moe_status matmul_dnnl(const moe_tensor *A, const moe_tensor *B, moe_tensor *C, float alpha, float beta) {
+    moe_status st = MOE_OK;
+    mm_entry *e = get_primitive(A, B, C, alpha, beta, &st);
+    if (!e) return st;
+    dnnl_memory_t ma, mb, mc;
+    dnnl_memory_create(&ma, &e->ma, engine, A->data);
+    dnnl_memory_create(&mb, &e->mb, engine, B->data);
+    dnnl_memory_create(&mc, &e->mc, engine, C->data);
+    dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, ma}, {DNNL_ARG_WEIGHTS, mb}, {DNNL_ARG_DST, mc}};
+    dnnl_status_t s = dnnl_primitive_execute(e->prim, stream, 3, args);
+    if (s == dnnl_success) s = dnnl_stream_wait(stream);
+    dnnl_memory_destroy(ma);
+    dnnl_memory_destroy(mb);
+    dnnl_memory_destroy(mc);
+    return s == dnnl_success ? MOE_OK : dnnl_fail("matmul execute", s);
+}
+
+/* f64 reference: any strides, batch dims broadcast from the left. */
+static moe_status matmul_f64(const moe_tensor *A, const moe_tensor *B, moe_tensor *C, double alpha, double beta) {
+    int nd = C->ndim;
+    int64_t M = C->shape[nd - 2], N = C->shape[nd - 1], K = A->shape[A->ndim - 1];
+    int64_t batch = 1;
+    for (int d = 0; d < nd - 2; d++) batch *= C->shape[d];
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t bi = 0; bi < batch; bi++) {
+        for (int64_t m = 0; m < M; m++) {
+            int64_t oa = 0, ob = 0, oc = 0, rem = bi;
+            for (int d = nd - 3; d >= 0; d--) {
+                int64_t i = rem % C->shape[d];
+                rem /= C->shape[d];
+                oc += i * C->strides[d];
+                int da = d - (nd - A->ndim), db = d - (nd - B->ndim);
+                if (da >= 0 && A->shape[da] > 1) oa += i * A->strides[da];
+                if (db >= 0 && B->shape[db] > 1) ob += i * B->strides[db];
+            }
+            const double *pa = (const double *)A->data + oa + m * A->strides[A->ndim - 2];
+            const double *pb = (const double *)B->data + ob;
+            double *pc = (double *)C->data + oc + m * C->strides[nd - 2];
+            for (int64_t n = 0; n < N; n++) {
+                double acc = 0;
+                for (int64_t k = 0; k < K; k++)
+                    acc += pa[k * A->strides[A->ndim - 1]] * pb[k * B->strides[B->ndim - 2] + n * B->strides[B->ndim - 1]];
+                double *c = pc + n * C->strides[nd - 1];
+                *c = alpha * acc + (beta != 0 ? beta * *c : 0);
+            }
+        }
+    }
+    return MOE_OK;
+}
+
+moe_status moe_cpu_matmul(const moe_kernel_args *a) {
+    const moe_matmul_attrs *at = a->attrs;
+    MOE_ASSERT(!at->trans_a && !at->trans_b, "cpu matmul takes transposes as strided views");
+    if (a->in[0]->dtype == MOE_F64) return matmul_f64(a->in[0], a->in[1], a->out, at->alpha, at->beta);
+    if (a->in[0]->dtype != MOE_F32 && a->in[0]->dtype != MOE_BF16)
+        return moe_error(MOE_ERR_UNSUPPORTED, "matmul: dtype %s not supported on cpu", moe_dtype_name(a->in[0]->dtype));
+    return matmul_dnnl(a->in[0], a->in[1], a->out, at->alpha, at->beta);
+}
+
+/* Exposed for the grouped matmul: one dense product on strided views. */
+moe_status moe_cpu_gemm(const moe_tensor *A, const moe_tensor *B, moe_tensor *C, float alpha, float beta) {
+    if (A->dtype == MOE_F64) return matmul_f64(A, B, C, alpha, beta);
+    return matmul_dnnl(A, B, C, alpha, beta);
+}
+
+const char *moe_cpu_dnnl_version(void) {
+    static char buf[32];
+    const dnnl_version_t *v = dnnl_version();
+    snprintf(buf, sizeof buf, "%d.%d.%d", v->major, v->minor, v->patch);
+    return buf;
+}

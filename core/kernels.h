@@ -1,0 +1,196 @@
+/* Internal to core/: the op ids (autograd), the kernel ids (what backends implement),
+ * the kernel argument block and the backend table. Nothing outside core/ includes this.
+ *
+ * Adding an op: add it to MOE_OP_LIST (name + whether it is differentiable), write its
+ * front-end and backward in the core/ops_*.c file of its family, its kernels in
+ * core/cpu/ and core/cuda/ (new kernel ids in MOE_KERNEL_LIST), and a test case in
+ * tests/op_cases.c. tests/test_cpu_optable.c fails while any of these is missing. */
+#ifndef MOE_CORE_KERNELS_H
+#define MOE_CORE_KERNELS_H
+
+#include "core/autograd.h"
+#include "core/tensor.h"
+
+/* X(ID, name, differentiable) */
+#define MOE_OP_LIST(X)                       \
+    X(RESHAPE, reshape, 1)                   \
+    X(TRANSPOSE, transpose, 1)               \
+    X(PERMUTE, permute, 1)                   \
+    X(SLICE, slice, 1)                       \
+    X(CONTIGUOUS, contiguous, 1)             \
+    X(CONCAT, concat, 1)                     \
+    X(CAST, cast, 1)                         \
+    X(MATMUL, matmul, 1)                     \
+    X(GROUPED_MATMUL, grouped_matmul, 1)     \
+    X(ADD, add, 1)                           \
+    X(SUB, sub, 1)                           \
+    X(MUL, mul, 1)                           \
+    X(DIV, div, 1)                           \
+    X(ADD_SCALAR, add_scalar, 1)             \
+    X(MUL_SCALAR, mul_scalar, 1)             \
+    X(POW_SCALAR, pow_scalar, 1)             \
+    X(NEG, neg, 1)                           \
+    X(EXP, exp, 1)                           \
+    X(LOG, log, 1)                           \
+    X(SQRT, sqrt, 1)                         \
+    X(RSQRT, rsqrt, 1)                       \
+    X(SIGMOID, sigmoid, 1)                   \
+    X(TANH, tanh, 1)                         \
+    X(RELU, relu, 1)                         \
+    X(SILU, silu, 1)                         \
+    X(GELU, gelu, 1)                         \
+    X(SOFTPLUS, softplus, 1)                 \
+    X(SWIGLU, swiglu, 1)                     \
+    X(SUM, sum, 1)                           \
+    X(MEAN, mean, 1)                         \
+    X(MAX, max, 1)                           \
+    X(SOFTMAX, softmax, 1)                   \
+    X(LOG_SOFTMAX, log_softmax, 1)           \
+    X(LOGSUMEXP, logsumexp, 1)               \
+    X(RMSNORM, rmsnorm, 1)                   \
+    X(LAYERNORM, layernorm, 1)               \
+    X(EMBEDDING, embedding, 1)               \
+    X(INDEX_SELECT, index_select, 1)         \
+    X(INDEX_ADD, index_add, 1)               \
+    X(GATHER, gather, 1)                     \
+    X(SCATTER_ADD, scatter_add, 1)           \
+    X(TOPK, topk, 1)                         \
+    X(ARGSORT, argsort, 0)                   \
+    X(BINCOUNT, bincount, 0)                 \
+    X(CUMSUM, cumsum, 0)                     \
+    X(DROPOUT, dropout, 1)                   \
+    X(ROPE, rope, 1)                         \
+    X(ATTENTION, attention, 1)               \
+    X(CROSS_ENTROPY, cross_entropy, 1)
+
+typedef enum moe_op_id {
+#define MOE_X_ENUM(ID, name, diff) MOE_OP_##ID,
+    MOE_OP_LIST(MOE_X_ENUM)
+#undef MOE_X_ENUM
+    MOE_OP_COUNT
+} moe_op_id;
+
+typedef struct moe_op_info {
+    const char *name;
+    bool differentiable;
+    void (*backward)(moe_node *n); /* NULL only for non-differentiable ops */
+} moe_op_info;
+
+extern const moe_op_info moe_op_table[MOE_OP_COUNT];
+
+/* Kernels: the units a backend implements. Several ops share one (all unary ops share
+ * UNARY with an opcode); backward passes that need their own kernel have one here. */
+#define MOE_KERNEL_LIST(X) \
+    X(COPY, copy)                /* strided copy with dtype cast: out <- in[0] */            \
+    X(FILL, fill)                /* out <- attrs.value */                                    \
+    X(BINARY, binary)              /* out <- in[0] (op) in[1], broadcast via strides */       \
+    X(SCALAR, scalar)              /* out <- in[0] (op) scalar */                              \
+    X(UNARY, unary)               /* out <- f(in[0]) */                                       \
+    X(UNARY_BWD, unary_bwd)           /* out <- g * f'(x): in[0]=g, in[1]=x, in[2]=y */           \
+    X(SWIGLU, swiglu)              /* out <- silu(in[0]) * in[1] */                            \
+    X(SWIGLU_BWD, swiglu_bwd)          /* out=ga, out2=gb from in[0]=g, in[1]=a, in[2]=b */        \
+    X(REDUCE, reduce)              /* sum/max over one axis; out2 = argmax (I32) for max */    \
+    X(SOFTMAX, softmax)             /* last axis; attrs.log selects log-softmax */             \
+    X(SOFTMAX_BWD, softmax_bwd)         /* out <- grad of x from in[0]=g, in[1]=y */               \
+    X(LOGSUMEXP, logsumexp)           /* out <- logsumexp over the last axis */                  \
+    X(RMSNORM, rmsnorm)             /* out, out2 = rstd [rows] F32 */                           \
+    X(RMSNORM_BWD, rmsnorm_bwd)         /* out=gx, out2=gw (F32, accumulated) */                    \
+    X(LAYERNORM, layernorm)           /* out, out2 = [rows, 2] mean and rstd */                   \
+    X(LAYERNORM_BWD, layernorm_bwd)       /* out=gx, out2=[2, d] gw;gb */                             \
+    X(MATMUL, matmul)              /* out <- alpha * a @ b + beta * out, batched, strided */   \
+    X(GROUPED_MATMUL, grouped_matmul)      /* per-expert row groups, attrs: offsets, transposes */     \
+    X(INDEX_SELECT, index_select)        /* rows */                                                  \
+    X(INDEX_ADD, index_add)           /* out[idx[i]] += src[i] (rows, in place on out) */         \
+    X(GATHER, gather)              /* last axis */                                             \
+    X(SCATTER_ADD, scatter_add)         /* last axis, in place on out */                            \
+    X(TOPK, topk)                /* out = values, out2 = indices */                          \
+    X(ARGSORT, argsort)                                                                         \
+    X(BINCOUNT, bincount)                                                                        \
+    X(CUMSUM, cumsum)                                                                          \
+    X(DROPOUT, dropout)             /* out <- x * mask / (1-p), mask from Philox(seed, i) */    \
+    X(ROPE, rope)                /* attrs: pos0, theta, inverse (for the backward) */       \
+    X(ATTENTION, attention)           /* out, out2 = logsumexp [B, H, Tq] F32 */                  \
+    X(ATTENTION_BWD, attention_bwd)       /* in: q k v o g lse; out=dq; attrs hold dk, dv */          \
+    X(CROSS_ENTROPY, cross_entropy)       /* out = per-row loss [T] F32, out2 = lse [T] F32 */        \
+    X(CROSS_ENTROPY_BWD, cross_entropy_bwd)   /* out = dh, out2 = dw (accumulated) */                     \
+    X(ADAMW, adamw)               /* in-place optimizer update, attrs: moe_adamw_attrs */     \
+    X(SGD, sgd)                 /* in-place momentum SGD update */                          \
+    X(REDUCE_SQ, reduce_sq)           /* out[0] += sum(x^2) in F32 (grad-norm), no alloc */       \
+    X(NONFINITE, nonfinite)           /* out[0] I32 <- 1 if any element of in[0] is NaN/Inf */
+
+typedef enum moe_kernel_id {
+#define MOE_X_KENUM(ID, name) MOE_K_##ID,
+    MOE_KERNEL_LIST(MOE_X_KENUM)
+#undef MOE_X_KENUM
+    MOE_KERNEL_COUNT
+} moe_kernel_id;
+
+extern const char *const moe_kernel_names[MOE_KERNEL_COUNT];
+
+typedef struct moe_kernel_args {
+    moe_tensor *out;
+    moe_tensor *out2;
+    const moe_tensor *in[MOE_NODE_MAX_INPUTS];
+    const void *attrs;
+} moe_kernel_args;
+
+typedef moe_status (*moe_kernel_fn)(const moe_kernel_args *a);
+
+/* A backend: memory, transfers and one function per kernel (NULL = not supported). */
+typedef struct moe_backend {
+    const char *name;
+    moe_device device;
+    void *(*alloc)(size_t bytes);  /* NULL + moe_error on failure */
+    void (*free)(void *p);
+    moe_status (*memcpy_to)(void *dst, const void *src, size_t bytes, moe_device src_dev);
+    moe_status (*memcpy_from)(void *dst_host, const void *src, size_t bytes);
+    moe_status (*memset)(void *p, int byte, size_t bytes);
+    moe_status (*sync)(void);
+    moe_kernel_fn kernels[MOE_KERNEL_COUNT];
+} moe_backend;
+
+/* The backend of a device: NULL when it was not built or has no device. */
+const moe_backend *moe_backend_get(moe_device dev);
+/* Runs kernel `k` on the device of a.out (or a.in[0]); error when the backend lacks it. */
+moe_status moe_kernel_run(moe_kernel_id k, const moe_kernel_args *a);
+
+/* ---- kernel attribute blocks shared by front-ends and backends ---- */
+typedef enum moe_binary_op { MOE_BIN_ADD, MOE_BIN_SUB, MOE_BIN_MUL, MOE_BIN_DIV } moe_binary_op;
+typedef enum moe_unary_op {
+    MOE_UN_NEG, MOE_UN_EXP, MOE_UN_LOG, MOE_UN_SQRT, MOE_UN_RSQRT, MOE_UN_SIGMOID,
+    MOE_UN_TANH, MOE_UN_RELU, MOE_UN_SILU, MOE_UN_GELU, MOE_UN_SOFTPLUS
+} moe_unary_op;
+typedef enum moe_scalar_op { MOE_SC_ADD, MOE_SC_MUL, MOE_SC_POW } moe_scalar_op;
+
+typedef struct { int op; double value; } moe_op_attrs_scalar;  /* op: binary/unary/scalar opcode */
+typedef struct { int op; int axis; } moe_reduce_attrs;           /* op 0 = sum, 1 = max */
+typedef struct { bool log; } moe_softmax_attrs;
+typedef struct { double eps; } moe_norm_attrs;
+typedef struct {
+    bool trans_a, trans_b; /* use the transpose of the last two dims */
+    float alpha, beta;
+} moe_matmul_attrs;
+typedef struct {
+    const int64_t *offsets; /* host, E+1 row offsets into the grouped operand */
+    int n_groups;
+    /* mode 0: y[g] = x[g] @ w[e]        (x [N,K], w [E,K,M], y [N,M])
+     * mode 1: y[g] = x[g] @ w[e]^T      (x [N,M], w [E,K,M], y [N,K])   dX
+     * mode 2: w[e] += x[g]^T @ y[g]     (x [N,K], y=in[1] [N,M], out [E,K,M]) dW */
+    int mode;
+} moe_grouped_attrs;
+typedef struct { int k; } moe_topk_attrs;
+typedef struct { int64_t nbins; bool exclusive; } moe_int_attrs;
+typedef struct { double p; uint64_t seed, counter; } moe_dropout_attrs;
+typedef struct { int64_t pos0; double theta; bool inverse; } moe_rope_attrs;
+typedef struct { bool causal; float scale; moe_tensor *dk, *dv; } moe_attention_attrs;
+typedef struct { int64_t block; float inv_count; } moe_ce_attrs;
+typedef struct {
+    float lr, beta1, beta2, eps, weight_decay, grad_scale;
+    int64_t step;
+} moe_adamw_attrs;
+typedef struct { float lr, momentum, weight_decay, grad_scale; } moe_sgd_attrs;
+
+/* Shape-check helper for front-ends: on failure records "op: what (shapes)" and returns false. */
+bool moe_check(bool cond, const char *op, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+#endif

@@ -1,0 +1,33 @@
+/* Memory by lifetime. STEP memory is a bump arena per device that moe_step_reset()
+ * rewinds; once a step has run, the arena holds one chunk large enough for it, so a
+ * steady-state step never calls malloc / cudaMalloc. PERSIST memory goes straight to
+ * the backend's allocator and is freed with the tensor. */
+#ifndef MOE_CORE_MEMORY_H
+#define MOE_CORE_MEMORY_H
+
+#include <stddef.h>
+
+#include "core/tensor.h"
+
+/* NULL with moe_last_error() set ("out of memory on cuda: asked 1.2 GiB, 0.3 GiB free"). */
+void *moe_mem_alloc(moe_device dev, moe_lifetime life, size_t bytes);
+void moe_mem_free(moe_device dev, moe_lifetime life, void *p);
+/* Host memory for tensor structs and tape nodes of the current step. */
+void *moe_step_host_alloc(size_t bytes);
+
+/* Ends a step: forgets the tape and every STEP tensor, rewinds the arenas. */
+void moe_step_reset(void);
+
+/* Tests: fill every new STEP allocation with 0xff bytes (NaN for floats), so an
+ * element a kernel forgot to write shows up. */
+void moe_mem_set_poison(bool on);
+
+typedef struct moe_mem_stats {
+    size_t persist_bytes, persist_peak;   /* live PERSIST bytes */
+    size_t step_bytes, step_peak;         /* STEP bytes in use, peak over all steps */
+    size_t step_capacity;                 /* arena capacity held */
+    size_t backend_allocs;                /* calls into the backend allocator */
+} moe_mem_stats;
+moe_mem_stats moe_mem_get_stats(moe_device dev);
+
+#endif

@@ -1,0 +1,93 @@
+/* The differentiable op API: every function records itself on the autograd tape when
+ * grad mode is on and an input requires grad.
+ *
+ * Errors: a shape / dtype / device mismatch returns NULL and leaves a message naming
+ * the op and the shapes in moe_last_error(). Every op returns NULL at once when any
+ * input is NULL, so a chain of ops can be checked once at its end.
+ * Index tensors are I32. Float ops take F32, F64 (CPU reference) and BF16 (CUDA). */
+#ifndef MOE_CORE_OPS_H
+#define MOE_CORE_OPS_H
+
+#include "core/tensor.h"
+
+/* ---- shapes and views (views share storage; the backward routes grads back) ---- */
+moe_tensor *moe_reshape(moe_tensor *x, int ndim, const int64_t *shape); /* -1 infers one dim */
+moe_tensor *moe_transpose(moe_tensor *x, int d0, int d1);
+moe_tensor *moe_permute(moe_tensor *x, const int *perm);
+moe_tensor *moe_slice(moe_tensor *x, int axis, int64_t start, int64_t end);
+moe_tensor *moe_contiguous(moe_tensor *x); /* x itself when already contiguous */
+moe_tensor *moe_concat(moe_tensor *const *xs, int n, int axis);
+/* n pieces along axis with the given sizes (views); writes them into out[]. */
+moe_status moe_split(moe_tensor *x, int axis, int n, const int64_t *sizes, moe_tensor **out);
+moe_tensor *moe_cast(moe_tensor *x, moe_dtype dt);
+
+/* ---- linear algebra ---- */
+/* [..., m, k] @ [..., k, n] -> [..., m, n]; b may be 2-D and is then shared by all batches.
+ * Transposed operands (views) are used in place, without copies. */
+moe_tensor *moe_matmul(moe_tensor *a, moe_tensor *b);
+/* x [N, K] with rows grouped by expert, w [E, K, M], offsets[E+1] (host, offsets[0] = 0,
+ * offsets[E] = N): y[offsets[e]:offsets[e+1]] = x[...] @ w[e]. One call for all experts. */
+moe_tensor *moe_grouped_matmul(moe_tensor *x, moe_tensor *w, const int64_t *offsets);
+
+/* ---- elementwise (binary ops broadcast numpy-style) ---- */
+moe_tensor *moe_add(moe_tensor *a, moe_tensor *b);
+moe_tensor *moe_sub(moe_tensor *a, moe_tensor *b);
+moe_tensor *moe_mul(moe_tensor *a, moe_tensor *b);
+moe_tensor *moe_div(moe_tensor *a, moe_tensor *b);
+moe_tensor *moe_add_scalar(moe_tensor *x, double s);
+moe_tensor *moe_mul_scalar(moe_tensor *x, double s);
+moe_tensor *moe_pow_scalar(moe_tensor *x, double s);
+moe_tensor *moe_neg(moe_tensor *x);
+moe_tensor *moe_exp(moe_tensor *x);
+moe_tensor *moe_log(moe_tensor *x);
+moe_tensor *moe_sqrt(moe_tensor *x);
+moe_tensor *moe_rsqrt(moe_tensor *x);
+moe_tensor *moe_sigmoid(moe_tensor *x);
+moe_tensor *moe_tanh(moe_tensor *x);
+moe_tensor *moe_relu(moe_tensor *x);
+moe_tensor *moe_silu(moe_tensor *x);
+moe_tensor *moe_gelu(moe_tensor *x);     /* tanh approximation */
+moe_tensor *moe_softplus(moe_tensor *x);
+moe_tensor *moe_swiglu(moe_tensor *a, moe_tensor *b); /* silu(a) * b, fused */
+
+/* ---- reductions ---- */
+moe_tensor *moe_sum(moe_tensor *x, int axis, bool keepdim);
+moe_tensor *moe_mean(moe_tensor *x, int axis, bool keepdim);
+moe_tensor *moe_max(moe_tensor *x, int axis, bool keepdim);
+moe_tensor *moe_sum_all(moe_tensor *x);  /* scalar (0-d) */
+moe_tensor *moe_softmax(moe_tensor *x);      /* over the last axis */
+moe_tensor *moe_log_softmax(moe_tensor *x);  /* over the last axis */
+moe_tensor *moe_logsumexp(moe_tensor *x);    /* over the last axis, drops it */
+
+/* ---- normalisation ---- */
+moe_tensor *moe_rmsnorm(moe_tensor *x, moe_tensor *w, double eps);  /* w may be NULL */
+moe_tensor *moe_layernorm(moe_tensor *x, moe_tensor *w, moe_tensor *b, double eps);
+
+/* ---- indexing ---- */
+moe_tensor *moe_embedding(moe_tensor *table, moe_tensor *ids);     /* [V,d], ids[...] -> [..., d] */
+moe_tensor *moe_index_select(moe_tensor *x, moe_tensor *idx);      /* rows: [N,...], [M] -> [M,...] */
+moe_tensor *moe_index_add(moe_tensor *x, moe_tensor *idx, moe_tensor *src); /* x + rows of src added at idx */
+moe_tensor *moe_gather(moe_tensor *x, moe_tensor *idx);            /* last axis */
+moe_tensor *moe_scatter_add(moe_tensor *x, moe_tensor *idx, moe_tensor *src); /* last axis */
+/* Largest k along the last axis, sorted descending; indices (I32) into *indices. */
+moe_tensor *moe_topk(moe_tensor *x, int k, moe_tensor **indices);
+
+/* ---- integer ops for routing (not differentiable) ---- */
+moe_tensor *moe_argsort(moe_tensor *x);                 /* stable ascending, last axis, I32 */
+moe_tensor *moe_bincount(moe_tensor *x, int64_t nbins); /* 1-D I32 -> [nbins] I32 */
+moe_tensor *moe_cumsum(moe_tensor *x, bool exclusive);  /* 1-D I32 */
+
+/* ---- neural-network ops ---- */
+moe_tensor *moe_dropout(moe_tensor *x, double p, uint64_t seed, uint64_t counter);
+/* Rotary embedding on x [B, T, H, hd] (HF rotate-half form); positions pos0 + t. */
+moe_tensor *moe_rope(moe_tensor *x, int64_t pos0, double theta);
+/* Multi-head attention, q [B, Tq, H, hd], k/v [B, Tk, Hkv, hd] (H % Hkv == 0: grouped-query).
+ * Causal: query i sits at absolute position Tk - Tq + i (so a decode step with a KV cache
+ * sees every cached key). Never materialises the [Tq, Tk] score matrix in memory. */
+moe_tensor *moe_attention(moe_tensor *q, moe_tensor *k, moe_tensor *v, bool causal);
+/* Mean over rows of -log softmax(h @ w^T)[target], computed block by block over the
+ * vocabulary without materialising [T, V] logits. h [T, d], w [V, d], targets [T] I32;
+ * target -1 is ignored. Scalar output. */
+moe_tensor *moe_cross_entropy(moe_tensor *h, moe_tensor *w, moe_tensor *targets);
+
+#endif

@@ -1,0 +1,18 @@
+/* Op cases: sum, mean, max over an axis. (softmax, norms: cases_norm.c) */
+#include "tests/harness/opcheck.h"
+
+static moe_tensor *run_sum0(moe_tensor **in) { return moe_sum(in[0], 0, false); }
+static moe_tensor *run_sum1(moe_tensor **in) { return moe_sum(in[0], 1, true); }
+static moe_tensor *run_mean(moe_tensor **in) { return moe_mean(in[0], -1, false); }
+static moe_tensor *run_max(moe_tensor **in) { return moe_max(in[0], 1, false); }
+static moe_tensor *run_sum_all(moe_tensor **in) { return moe_sum_all(in[0]); }
+
+static const op_case cases[] = {
+    {"sum", "axis 0", 1, {{3, {3, 4, 2}, IN_NORMAL, 0, true, false}}, run_sum0},
+    {"sum", "axis 1 keepdim, transposed", 1, {{3, {3, 4, 2}, IN_NORMAL, 0, true, true}}, run_sum1},
+    {"sum", "all", 1, {{2, {3, 4}, IN_NORMAL, 0, true, false}}, run_sum_all},
+    {"mean", "last axis", 1, {{2, {3, 5}, IN_NORMAL, 0, true, false}}, run_mean},
+    {"max", "axis 1", 1, {{3, {2, 5, 3}, IN_DISTINCT, 0, true, false}}, run_max},
+};
+
+const op_case_list cases_reduce = {cases, sizeof cases / sizeof *cases};
