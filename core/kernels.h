@@ -90,33 +90,35 @@ extern const moe_op_info moe_op_table[MOE_OP_COUNT];
     X(SWIGLU, swiglu)              /* out <- silu(in[0]) * in[1] */                            \
     X(SWIGLU_BWD, swiglu_bwd)          /* out=ga, out2=gb from in[0]=g, in[1]=a, in[2]=b */        \
     X(REDUCE, reduce)              /* sum/max over one axis; out2 = argmax (I32) for max */    \
-    X(SOFTMAX, softmax)             /* last axis; attrs.log selects log-softmax */             \
-    X(SOFTMAX_BWD, softmax_bwd)         /* out <- grad of x from in[0]=g, in[1]=y */               \
-    X(LOGSUMEXP, logsumexp)           /* out <- logsumexp over the last axis */                  \
-    X(RMSNORM, rmsnorm)             /* out, out2 = rstd [rows] F32 */                           \
-    X(RMSNORM_BWD, rmsnorm_bwd)         /* out=gx, out2=gw (F32, accumulated) */                    \
-    X(LAYERNORM, layernorm)           /* out, out2 = [rows, 2] mean and rstd */                   \
-    X(LAYERNORM_BWD, layernorm_bwd)       /* out=gx, out2=[2, d] gw;gb */                             \
+    /* Softmax family and norms: every in/out is contiguous [rows, d] (d = last axis); the */ \
+    /* stats / param-grad dtype "S" is F64 for F64 x, else F32; w, b are [d] or NULL.     */ \
+    X(SOFTMAX, softmax)             /* attrs.log: log-softmax; an all -inf row gives 0 (log: -inf) */ \
+    X(SOFTMAX_BWD, softmax_bwd)         /* out=gx from in[0]=g, in[1]=y: y*(g-sum(g*y)); log: g-exp(y)*sum(g) */ \
+    X(LOGSUMEXP, logsumexp)           /* out [rows] <- logsumexp of in[0] rows; all -inf row gives -inf */ \
+    X(RMSNORM, rmsnorm)             /* in: x, w; out = y, out2 = rstd [rows] S; attrs moe_norm_attrs */ \
+    X(RMSNORM_BWD, rmsnorm_bwd)         /* in: g, x, w, rstd; out=gx; out2 (NULL: skip) = gw [d] S, += sum over rows */ \
+    X(LAYERNORM, layernorm)           /* in: x, w, b; out = y, out2 = [rows, 2] S mean and rstd */ \
+    X(LAYERNORM_BWD, layernorm_bwd)       /* in: g, x, w, stats; out=gx; out2 (NULL: skip) = [2, d] S gw;gb, += */ \
     X(MATMUL, matmul)              /* out <- alpha * a @ b + beta * out, batched, strided */   \
     X(GROUPED_MATMUL, grouped_matmul)      /* per-expert row groups, attrs: offsets, transposes */     \
-    X(INDEX_SELECT, index_select)        /* rows */                                                  \
-    X(INDEX_ADD, index_add)           /* out[idx[i]] += src[i] (rows, in place on out) */         \
-    X(GATHER, gather)              /* last axis */                                             \
-    X(SCATTER_ADD, scatter_add)         /* last axis, in place on out */                            \
+    X(INDEX_SELECT, index_select)        /* out row i <- in[0] row in[1][i] (rows of [N, ...]) */     \
+    X(INDEX_ADD, index_add)           /* out[in[1][i]] += in[0][i] (rows, in place on out) */     \
+    X(GATHER, gather)              /* out[r, j] <- in[0][r, in[1][r, j]], last axis */         \
+    X(SCATTER_ADD, scatter_add)         /* out[r, in[1][r, j]] += in[0][r, j], in place on out */   \
     X(TOPK, topk)                /* out = values, out2 = indices */                          \
-    X(ARGSORT, argsort)                                                                         \
-    X(BINCOUNT, bincount)                                                                        \
-    X(CUMSUM, cumsum)                                                                          \
-    X(DROPOUT, dropout)             /* out <- x * mask / (1-p), mask from Philox(seed, i) */    \
+    X(ARGSORT, argsort)             /* out I32 <- stable ascending positions, last axis */      \
+    X(BINCOUNT, bincount)            /* out [nbins] I32 <- counts of in[0]; attrs moe_int_attrs */ \
+    X(CUMSUM, cumsum)              /* out I32 <- (exclusive) prefix sums of in[0] */           \
+    X(DROPOUT, dropout)             /* out <- x * mask / (1-p), keep i iff philox_uniform(counter + i, seed) >= p */ \
     X(ROPE, rope)                /* attrs: pos0, theta, inverse (for the backward) */       \
-    X(ATTENTION, attention)           /* out, out2 = logsumexp [B, H, Tq] F32 */                  \
-    X(ATTENTION_BWD, attention_bwd)       /* in: q k v o g lse; out=dq; attrs hold dk, dv */          \
-    X(CROSS_ENTROPY, cross_entropy)       /* out = per-row loss [T] F32, out2 = lse [T] F32 */        \
-    X(CROSS_ENTROPY_BWD, cross_entropy_bwd)   /* out = dh, out2 = dw (accumulated) */                     \
-    X(ADAMW, adamw)               /* in-place optimizer update, attrs: moe_adamw_attrs */     \
-    X(SGD, sgd)                 /* in-place momentum SGD update */                          \
+    X(ATTENTION, attention)           /* out, out2 = logsumexp [B, H, Tq] F32 (F64 for F64) */    \
+    X(ATTENTION_BWD, attention_bwd)       /* in: q k v o g lse; out=dq; attrs hold dk, dv; all written fully */ \
+    X(CROSS_ENTROPY, cross_entropy)       /* in: h w targets; out = per-row loss [T], out2 = lse [T], F32 (F64 for F64) */ \
+    X(CROSS_ENTROPY_BWD, cross_entropy_bwd)   /* in: h w targets lse g(0-d); out = dh, out2 = dw, written fully, either NULL */ \
+    X(ADAMW, adamw)               /* in place: out=param, out2=m, in[0]=grad, in[1]=v */      \
+    X(SGD, sgd)                 /* in place: out=param, out2=momentum buf or NULL, in[0]=grad */ \
     X(REDUCE_SQ, reduce_sq)           /* out[0] += sum(x^2) in F32 (grad-norm), no alloc */       \
-    X(NONFINITE, nonfinite)           /* out[0] I32 <- 1 if any element of in[0] is NaN/Inf */
+    X(NONFINITE, nonfinite)           /* out[0] I32 <- 1 if any element of in[0] is NaN/Inf, else kept */
 
 typedef enum moe_kernel_id {
 #define MOE_X_KENUM(ID, name) MOE_K_##ID,
@@ -184,9 +186,17 @@ typedef struct { double p; uint64_t seed, counter; } moe_dropout_attrs;
 typedef struct { int64_t pos0; double theta; bool inverse; } moe_rope_attrs;
 typedef struct { bool causal; float scale; moe_tensor *dk, *dv; } moe_attention_attrs;
 typedef struct { int64_t block; float inv_count; } moe_ce_attrs;
+/* Optimizer kernels (core/fused.c launches them; all tensors contiguous, same shape and
+ * dtype, F32 master weights; arithmetic in the param dtype), per element i:
+ * ADAMW: g = grad*grad_scale; m = beta1*m + (1-beta1)*g; v = beta2*v + (1-beta2)*g*g;
+ *        p = p*(1 - lr*weight_decay) - lr*(m/bias1)/(sqrt(v/bias2)+eps)  (decoupled decay).
+ * SGD:   g = grad*grad_scale + weight_decay*p (L2); with a buf: buf = momentum*buf + g, g = buf;
+ *        p -= lr*g.
+ * REDUCE_SQ accumulates in double (CPU) / float partials (CUDA) and adds once to out[0].
+ * NONFINITE only ever writes 1, so one zeroed flag can collect several tensors. */
 typedef struct {
     float lr, beta1, beta2, eps, weight_decay, grad_scale;
-    int64_t step;
+    float bias1, bias2; /* 1 - beta1^t and 1 - beta2^t for step t >= 1, computed on the host */
 } moe_adamw_attrs;
 typedef struct { float lr, momentum, weight_decay, grad_scale; } moe_sgd_attrs;
 

@@ -87,7 +87,11 @@ moe_tensor *moe_rope(moe_tensor *x, int64_t pos0, double theta);
 moe_tensor *moe_attention(moe_tensor *q, moe_tensor *k, moe_tensor *v, bool causal);
 /* Mean over rows of -log softmax(h @ w^T)[target], computed block by block over the
  * vocabulary without materialising [T, V] logits. h [T, d], w [V, d], targets [T] I32;
- * target -1 is ignored. Scalar output. */
+ * target -1 is ignored (all ignored: loss 0); any other target outside [0, V) is
+ * MOE_ERR_INVALID. Reads the targets on the host to count them. Scalar output. */
 moe_tensor *moe_cross_entropy(moe_tensor *h, moe_tensor *w, moe_tensor *targets);
+/* Vocabulary rows per block of moe_cross_entropy (process-wide; <= 0 restores the
+ * default 2048). A tuning and testing knob: the result does not depend on it. */
+void moe_cross_entropy_set_block(int64_t block);
 
 #endif

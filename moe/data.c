@@ -101,7 +101,8 @@ static moe_status make_dirs(const char *dir) {
         char c = p[i];
         p[i] = '\0';
         if (mkdir(p, 0755) != 0 && errno != EEXIST) {
-            moe_status s = moe_error(MOE_ERR_IO, "cannot create directory %s: %s", p, strerror(errno));
+            moe_status s =
+                moe_error(MOE_ERR_IO, "cannot create directory %s: %s", p, strerror(errno));
             free(p);
             return s;
         }
@@ -174,7 +175,8 @@ static moe_status read_inputs(const char *const *paths, int n, uint8_t **text, s
         total += lens[i] + 2;
     }
     uint8_t *buf = st == MOE_OK ? malloc(total + 1) : NULL;
-    if (st == MOE_OK && !buf) st = moe_error(MOE_ERR_OOM, "out of memory: %zu bytes of text", total);
+    if (st == MOE_OK && !buf)
+        st = moe_error(MOE_ERR_OOM, "out of memory: %zu bytes of text", total);
     size_t off = 0;
     for (int i = 0; i < n && st == MOE_OK; i++) {
         if (lens[i]) memcpy(buf + off, maps[i], lens[i]);
@@ -269,7 +271,8 @@ moe_status moe_data_prepare(const char *const *input_paths, int n_inputs, const 
         .val_bytes_per_token = (double)(len - split) / (double)(val.len ? val.len : 1),
     };
     bool oom = false;
-    if (st == MOE_OK) sum.unigram_bpb = unigram_bits_per_byte(&train, &val, vocab, sum.val_bytes, &oom);
+    if (st == MOE_OK)
+        sum.unigram_bpb = unigram_bits_per_byte(&train, &val, vocab, sum.val_bytes, &oom);
     if (oom) st = moe_error(MOE_ERR_OOM, "out of memory counting token frequencies");
     if (st == MOE_OK) st = make_dirs(out_dir);
     const char *names[2] = {"train.bin", "val.bin"};
@@ -284,7 +287,8 @@ moe_status moe_data_prepare(const char *const *input_paths, int n_inputs, const 
             break;
         }
         snprintf(path, n, "%s/%s", out_dir, names[i]);
-        st = write_token_file(path, vocab, bufs[i]->data, bufs[i]->len, bpt[i], sum.unigram_bpb, src[i]);
+        st = write_token_file(path, vocab, bufs[i]->data, bufs[i]->len, bpt[i], sum.unigram_bpb,
+                              src[i]);
         free(path);
     }
     moe_token_buf_free(&train);
@@ -319,8 +323,10 @@ static moe_status validate_token_file(moe_token_file *tf) {
                          path, version, TOKEN_VERSION, fix);
     uint64_t vocab = get_le(h + 12, 4), count = get_le(h + 16, 8), width = get_le(h + 24, 4);
     if (vocab < 1 || vocab > MAX_VOCAB || width != (vocab <= 65536 ? 2u : 4u))
-        return moe_error(MOE_ERR_FORMAT, "token file %s is damaged: vocab %llu with token width "
-                         "%llu; %s", path, (unsigned long long)vocab, (unsigned long long)width, fix);
+        return moe_error(MOE_ERR_FORMAT,
+                         "token file %s is damaged: vocab %llu with token width "
+                         "%llu; %s",
+                         path, (unsigned long long)vocab, (unsigned long long)width, fix);
     uint64_t body = size - MOE_TOKEN_FILE_HEADER_BYTES;
     if (count > body / width || body != count * width)
         return moe_error(MOE_ERR_FORMAT, "token file %s size mismatch: the header says %llu tokens "
@@ -394,13 +400,16 @@ static uint64_t splitmix64(uint64_t x) {
 static moe_status check_window(const moe_token_file *tf, int batch_size, int seq_len, uint64_t need,
                                const char *what) {
     if (batch_size < 1 || seq_len < 1)
-        return moe_error(MOE_ERR_INVALID, "%s: batch size %d and sequence length %d must be positive",
-                         what, batch_size, seq_len);
+        return moe_error(MOE_ERR_INVALID,
+                         "%s: batch size %d and sequence length %d must be positive", what,
+                         batch_size, seq_len);
     if (tf->count < need)
-        return moe_error(MOE_ERR_INVALID, "%s: token file %s holds %llu tokens, fewer than the %llu "
+        return moe_error(MOE_ERR_INVALID,
+                         "%s: token file %s holds %llu tokens, fewer than the %llu "
                          "needed for batch size %d x sequence length %d (+1); use more text or a "
-                         "shorter sequence", what, tf->path, (unsigned long long)tf->count,
-                         (unsigned long long)need, batch_size, seq_len);
+                         "shorter sequence",
+                         what, tf->path, (unsigned long long)tf->count, (unsigned long long)need,
+                         batch_size, seq_len);
     return MOE_OK;
 }
 
@@ -422,7 +431,8 @@ void moe_loader_free(moe_loader *l) { free(l); }
 static void fill_rows(const moe_token_file *tf, int batch_size, int seq_len, int rank, int dp,
                       uint64_t (*start_of)(const void *ctx, uint64_t row), const void *ctx,
                       int32_t *inputs, int32_t *targets) {
-    MOE_ASSERT(dp >= 1 && rank >= 0 && rank < dp, "rank %d outside data-parallel size %d", rank, dp);
+    MOE_ASSERT(dp >= 1 && rank >= 0 && rank < dp, "rank %d outside data-parallel size %d", rank,
+               dp);
     MOE_ASSERT(batch_size % dp == 0, "batch size %d not divisible by data-parallel size %d",
                batch_size, dp);
     int rows = batch_size / dp;
@@ -452,7 +462,8 @@ void moe_loader_batch(const moe_loader *l, uint64_t step, int rank_in_dp, int dp
               targets);
 }
 
-void moe_loader_next(moe_loader *l, int rank_in_dp, int dp_size, int32_t *inputs, int32_t *targets) {
+void moe_loader_next(moe_loader *l, int rank_in_dp, int dp_size, int32_t *inputs,
+                     int32_t *targets) {
     moe_loader_batch(l, l->state.step, rank_in_dp, dp_size, inputs, targets);
     l->state.step++;
 }
@@ -464,10 +475,12 @@ void moe_loader_set_state(moe_loader *l, moe_loader_state state) { l->state = st
 
 moe_status moe_eval_iter_init(moe_eval_iter *it, const moe_token_file *tf, int batch_size,
                               int seq_len, uint64_t max_batches) {
-    uint64_t need = batch_size > 0 && seq_len > 0 ? (uint64_t)batch_size * (uint64_t)seq_len + 1 : 0;
+    uint64_t need =
+        batch_size > 0 && seq_len > 0 ? (uint64_t)batch_size * (uint64_t)seq_len + 1 : 0;
     MOE_TRY(check_window(tf, batch_size, seq_len, need, "evaluation"));
     uint64_t n = (tf->count - 1) / (uint64_t)seq_len / (uint64_t)batch_size;
-    *it = (moe_eval_iter){tf, batch_size, seq_len, max_batches && max_batches < n ? max_batches : n, 0};
+    *it = (moe_eval_iter){tf, batch_size, seq_len, max_batches && max_batches < n ? max_batches : n,
+                          0};
     return MOE_OK;
 }
 

@@ -38,7 +38,9 @@ static uint64_t hash_bytes(const uint8_t *p, size_t n) {
     return mix64(h);
 }
 
-static uint64_t pair_key(int32_t a, int32_t b) { return ((uint64_t)(uint32_t)a << 32) | (uint32_t)b; }
+static uint64_t pair_key(int32_t a, int32_t b) {
+    return ((uint64_t)(uint32_t)a << 32) | (uint32_t)b;
+}
 
 /* u64 key -> u32 value; the key UINT64_MAX marks an empty slot (pair keys never reach it). */
 typedef struct u64map {
@@ -126,7 +128,8 @@ static size_t bmap_slot(const bmap *m, const uint8_t *key, uint32_t len, uint64_
     size_t i = hash & (m->cap - 1);
     for (;; i = (i + 1) & (m->cap - 1)) {
         const bmap_entry *e = &m->e[i];
-        if (!e->key || (e->hash == hash && e->len == len && memcmp(e->key, key, len) == 0)) return i;
+        if (!e->key || (e->hash == hash && e->len == len && memcmp(e->key, key, len) == 0))
+            return i;
     }
 }
 
@@ -244,7 +247,8 @@ static moe_tokenizer *tokenizer_build(moe_tokenizer_kind kind, int32_t (*merges)
         tok->merge_map = calloc(1, sizeof *tok->merge_map);
         if (!tok->merge_map || !u64map_init(tok->merge_map, (size_t)n_merges)) goto oom;
         for (int i = 0; i < n_merges; i++)
-            if (!u64map_put(tok->merge_map, pair_key(merges[i][0], merges[i][1]), (uint32_t)(256 + i)))
+            if (!u64map_put(tok->merge_map, pair_key(merges[i][0], merges[i][1]),
+                            (uint32_t)(256 + i)))
                 goto oom;
     }
     return tok;
@@ -499,7 +503,8 @@ static bool trainer_count_words(bpe_trainer *t, const uint8_t *s, size_t len) {
     return true;
 }
 
-moe_status moe_tokenizer_train_bpe(const char *text, size_t len, int vocab_size, moe_tokenizer **out) {
+moe_status moe_tokenizer_train_bpe(const char *text, size_t len, int vocab_size,
+                                   moe_tokenizer **out) {
     *out = NULL;
     if (vocab_size < 256 || vocab_size > MAX_VOCAB)
         return moe_error(MOE_ERR_INVALID,
@@ -559,7 +564,8 @@ static size_t bpe_piece(const moe_tokenizer *tok, const uint8_t *p, size_t n, in
     for (;;) {
         uint32_t best = UINT32_MAX, id;
         for (size_t i = 0; i + 1 < n; i++)
-            if (u64map_get(tok->merge_map, pair_key(syms[i], syms[i + 1]), &id) && id < best) best = id;
+            if (u64map_get(tok->merge_map, pair_key(syms[i], syms[i + 1]), &id) && id < best)
+                best = id;
         if (best == UINT32_MAX) return n;
         int32_t a = tok->merges[best - 256][0], b = tok->merges[best - 256][1];
         size_t j = 0;
@@ -632,8 +638,9 @@ moe_status moe_tokenizer_decode(const moe_tokenizer *tok, const int32_t *tokens,
     size_t total = 0;
     for (size_t i = 0; i < n; i++) {
         if (tokens[i] < 0 || tokens[i] >= tok->vocab)
-            return moe_error(MOE_ERR_INVALID, "decoding: token %zu is %d, outside the vocab [0, %d)",
-                             i, (int)tokens[i], tok->vocab);
+            return moe_error(MOE_ERR_INVALID,
+                             "decoding: token %zu is %d, outside the vocab [0, %d)", i,
+                             (int)tokens[i], tok->vocab);
         total += tok->tok_len[tokens[i]];
     }
     char *text = malloc(total + 1);
@@ -705,15 +712,18 @@ moe_status moe_tokenizer_save(const moe_tokenizer *tok, const char *path) {
     free(img);
     free(tmp);
     if (!ok)
-        return moe_error(MOE_ERR_IO, "cannot write tokenizer file %s: %s (check the directory exists "
-                         "and is writable)", path, strerror(err));
+        return moe_error(MOE_ERR_IO,
+                         "cannot write tokenizer file %s: %s (check the directory exists "
+                         "and is writable)",
+                         path, strerror(err));
     return MOE_OK;
 }
 
 moe_status moe_tokenizer_load(const char *path, moe_tokenizer **out) {
     *out = NULL;
     FILE *f = fopen(path, "rb");
-    if (!f) return moe_error(MOE_ERR_IO, "cannot open tokenizer file %s: %s", path, strerror(errno));
+    if (!f)
+        return moe_error(MOE_ERR_IO, "cannot open tokenizer file %s: %s", path, strerror(errno));
     uint8_t *img = NULL;
     size_t size = 0, cap = 0;
     for (;;) {
@@ -733,9 +743,12 @@ moe_status moe_tokenizer_load(const char *path, moe_tokenizer **out) {
     uint32_t n_merges = 0;
     if (read_err) {
         st = moe_error(MOE_ERR_IO, "error reading tokenizer file %s", path);
-    } else if (size < FILE_HEADER_BYTES + 4 || memcmp(img, FILE_MAGIC, 8) != 0) {
-        st = moe_error(MOE_ERR_FORMAT, "%s is not a moe tokenizer file (%s); re-create it with "
-                       "`moe data prepare`", path, size < 8 ? "too short" : "wrong magic");
+    } else if (size < FILE_HEADER_BYTES + 4) {
+        st = moe_error(MOE_ERR_FORMAT, "tokenizer file %s is truncated: %zu bytes, shorter than "
+                       "the %u-byte header and checksum", path, size, FILE_HEADER_BYTES + 4);
+    } else if (memcmp(img, FILE_MAGIC, 8) != 0) {
+        st = moe_error(MOE_ERR_FORMAT, "%s is not a moe tokenizer file (wrong magic); give the "
+                       "file saved by `moe_tokenizer_save`, or train a new tokenizer", path);
     } else if (get_u32(img + 8) != FILE_VERSION) {
         st = moe_error(MOE_ERR_FORMAT, "tokenizer file %s has version %u, this build reads %u",
                        path, get_u32(img + 8), FILE_VERSION);

@@ -62,7 +62,8 @@ moe_tokenizer *moe_tokenizer_byte(void);
  * O(sum over unique pieces of length^2) plus O(H log H) heap work for H count updates;
  * memory O(len). On the 6 MB Brown text (~60k unique pieces), 32768 tokens take a
  * second or two on one core. */
-moe_status moe_tokenizer_train_bpe(const char *text, size_t len, int vocab_size, moe_tokenizer **out);
+moe_status moe_tokenizer_train_bpe(const char *text, size_t len, int vocab_size,
+                                   moe_tokenizer **out);
 
 /* Appends the tokens of text[0..len) to `out`. Fails only on allocation failure.
  * Long inputs use a per-call cache of piece encodings; cost is O(len) plus

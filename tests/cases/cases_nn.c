@@ -1,8 +1,51 @@
-/* Op cases: nn family (filled in with the ops). */
+/* Op cases: nn family (dropout, rope, attention, cut cross-entropy). */
 #include "tests/harness/opcheck.h"
 
+static moe_tensor *run_dropout(moe_tensor **in) { return moe_dropout(in[0], 0.3, 1234, 5); }
+static moe_tensor *run_rope(moe_tensor **in) { return moe_rope(in[0], 3, 100.0); }
+static moe_tensor *run_attention_causal(moe_tensor **in) { return moe_attention(in[0], in[1], in[2], true); }
+static moe_tensor *run_attention_full(moe_tensor **in) { return moe_attention(in[0], in[1], in[2], false); }
+
+/* q, k, v as unit-stride slices of one fused [B, T, H, 3 * hd] projection (hd = 4). */
+static moe_tensor *run_attention_fused(moe_tensor **in) {
+    return moe_attention(moe_slice(in[0], 3, 0, 4), moe_slice(in[0], 3, 4, 8), moe_slice(in[0], 3, 8, 12), true);
+}
+
+/* Targets of in[2] with row 2 set to -1 (ignored), vocabulary blocks of 8 rows so that
+ * V = 37 spans five blocks, the last one partial. */
+static moe_tensor *run_cross_entropy_block8(moe_tensor **in) {
+    int32_t t[6];
+    double tf[6];
+    if (moe_tensor_to_host_f64(in[2], tf) != MOE_OK) return NULL;
+    for (int i = 0; i < 6; i++) t[i] = i == 2 ? -1 : (int32_t)tf[i];
+    moe_tensor *tg = moe_tensor_from_host(MOE_LIFE_STEP, in[2]->device, MOE_I32, 1, (int64_t[]){6}, t);
+    moe_cross_entropy_set_block(8);
+    moe_tensor *loss = moe_cross_entropy(in[0], in[1], tg);
+    moe_cross_entropy_set_block(0);
+    return loss;
+}
+
+static moe_tensor *run_cross_entropy(moe_tensor **in) { return moe_cross_entropy(in[0], in[1], in[2]); }
+
+#define F(nd, ...) {nd, {__VA_ARGS__}, IN_NORMAL, 0, true, false}
+#define FT(nd, ...) {nd, {__VA_ARGS__}, IN_NORMAL, 0, true, true}
+
 static const op_case cases[] = {
-    {0},
+    {"dropout", "p=0.3 4x6", 1, {F(2, 4, 6)}, run_dropout},
+    {"dropout", "p=0.3 transposed 5x4", 1, {FT(2, 5, 4)}, run_dropout},
+    {"rope", "[2,3,2,4] pos0=3", 1, {F(4, 2, 3, 2, 4)}, run_rope},
+    {"rope", "[1,4,2,6] strided", 1, {FT(4, 1, 4, 2, 6)}, run_rope},
+    {"attention", "causal GQA H=4 Hkv=2, Tq=5 < Tk=6, transposed q", 3,
+     {FT(4, 1, 5, 4, 4), F(4, 1, 6, 2, 4), F(4, 1, 6, 2, 4)}, run_attention_causal},
+    {"attention", "non-causal B=2 Tq=3 Tk=5", 3, {F(4, 2, 3, 2, 4), F(4, 2, 5, 2, 4), F(4, 2, 5, 2, 4)},
+     run_attention_full},
+    {"attention", "causal, q k v slices of a fused projection", 1, {F(4, 1, 5, 2, 12)}, run_attention_fused},
+    {"attention", "causal, several query and key blocks (Tq=34, Tk=70)", 3,
+     {F(4, 1, 34, 1, 2), F(4, 1, 70, 1, 2), F(4, 1, 70, 1, 2)}, run_attention_causal},
+    {"cross_entropy", "V=37 block 8, an ignored row, transposed h", 3,
+     {FT(2, 6, 5), F(2, 37, 5), {1, {6}, IN_INDEX, 37, false, false}}, run_cross_entropy_block8},
+    {"cross_entropy", "V=11 one block, transposed w", 3,
+     {F(2, 4, 3), FT(2, 11, 3), {1, {4}, IN_INDEX, 11, false, false}}, run_cross_entropy},
 };
 
-const op_case_list cases_nn = {cases, 0};
+const op_case_list cases_nn = {cases, sizeof cases / sizeof *cases};

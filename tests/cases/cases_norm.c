@@ -1,8 +1,33 @@
-/* Op cases: norm family (filled in with the ops). */
+/* Op cases: softmax, log-softmax, logsumexp over the last axis; RMSNorm, LayerNorm. */
 #include "tests/harness/opcheck.h"
 
+static moe_tensor *run_softmax(moe_tensor **in) { return moe_softmax(in[0]); }
+static moe_tensor *run_log_softmax(moe_tensor **in) { return moe_log_softmax(in[0]); }
+static moe_tensor *run_logsumexp(moe_tensor **in) { return moe_logsumexp(in[0]); }
+static moe_tensor *run_rmsnorm(moe_tensor **in) { return moe_rmsnorm(in[0], in[1], 1e-5); }
+static moe_tensor *run_rmsnorm_now(moe_tensor **in) { return moe_rmsnorm(in[0], NULL, 1e-5); }
+static moe_tensor *run_layernorm(moe_tensor **in) { return moe_layernorm(in[0], in[1], in[2], 1e-5); }
+static moe_tensor *run_layernorm_noparams(moe_tensor **in) { return moe_layernorm(in[0], NULL, NULL, 1e-5); }
+static moe_tensor *run_layernorm_bias_only(moe_tensor **in) { return moe_layernorm(in[0], NULL, in[1], 1e-5); }
+
+#define X(nd, tr, ...) {nd, {__VA_ARGS__}, IN_NORMAL, 0, true, tr}
+#define P(d) {1, {d}, IN_POSITIVE, 0, true, false}
+#define V(d) {1, {d}, IN_NORMAL, 0, true, false}
+
 static const op_case cases[] = {
-    {0},
+    {"softmax", "3x5", 1, {X(2, false, 3, 5)}, run_softmax},
+    {"softmax", "2x3x4 transposed", 1, {X(3, true, 2, 3, 4)}, run_softmax},
+    {"log_softmax", "3x5", 1, {X(2, false, 3, 5)}, run_log_softmax},
+    {"log_softmax", "4x6 transposed", 1, {X(2, true, 4, 6)}, run_log_softmax},
+    {"logsumexp", "4x5 transposed", 1, {X(2, true, 4, 5)}, run_logsumexp},
+    {"logsumexp", "1-D to scalar", 1, {X(1, false, 7)}, run_logsumexp},
+    {"rmsnorm", "3x8 with weight", 2, {X(2, false, 3, 8), P(8)}, run_rmsnorm},
+    {"rmsnorm", "2x6x3 transposed", 2, {X(3, true, 2, 6, 3), V(3)}, run_rmsnorm},
+    {"rmsnorm", "no weight", 1, {X(2, false, 4, 6)}, run_rmsnorm_now},
+    {"layernorm", "3x8 with weight and bias", 3, {X(2, false, 3, 8), P(8), V(8)}, run_layernorm},
+    {"layernorm", "2x4x5 transposed", 3, {X(3, true, 2, 4, 5), V(5), V(5)}, run_layernorm},
+    {"layernorm", "no parameters", 1, {X(2, false, 4, 6)}, run_layernorm_noparams},
+    {"layernorm", "bias only", 2, {X(2, true, 5, 4), V(4)}, run_layernorm_bias_only},
 };
 
-const op_case_list cases_norm = {cases, 0};
+const op_case_list cases_norm = {cases, sizeof cases / sizeof *cases};

@@ -1,0 +1,363 @@
+/* CPU kernels of the neural-network ops: dropout, rotary embedding, flash-style
+ * attention (forward and backward, never a [Tq, Tk] score matrix) and blockwise "cut"
+ * cross-entropy (forward and backward, never a [T, V] logit matrix).
+ *
+ * These kernels are the specification the CUDA port follows; each comment states the
+ * argument convention and the layout the front-end (core/ops_nn.c) guarantees. */
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/cpu/cpu_common.h"
+#include "core/philox.h"
+
+moe_status moe_cpu_gemm(const moe_tensor *A, const moe_tensor *B, moe_tensor *C, float alpha, float beta);
+
+/* ---- contiguous vector helpers, one per float type, picked by the element type ---- */
+#define NN_VEC_DEFS(TT, SUF)                                                              \
+    static inline TT nn_dot_##SUF(const TT *x, const TT *y, int64_t n) {                  \
+        TT acc = 0;                                                                       \
+        _Pragma("omp simd reduction(+ : acc)") for (int64_t i = 0; i < n; i++) acc += x[i] * y[i]; \
+        return acc;                                                                       \
+    }                                                                                     \
+    /* y += alpha * x */                                                                  \
+    static inline void nn_axpy_##SUF(TT *y, TT alpha, const TT *x, int64_t n) {           \
+        _Pragma("omp simd") for (int64_t i = 0; i < n; i++) y[i] += alpha * x[i];         \
+    }                                                                                     \
+    static inline void nn_scale_##SUF(TT *y, TT alpha, int64_t n) {                       \
+        _Pragma("omp simd") for (int64_t i = 0; i < n; i++) y[i] *= alpha;                \
+    }
+NN_VEC_DEFS(float, f32)
+NN_VEC_DEFS(double, f64)
+#define NN_PICK(p, f) _Generic((p)[0] + 0, float: f##_f32, double: f##_f64)
+#define nn_dot(x, y, n) NN_PICK(x, nn_dot)(x, y, n)
+#define nn_axpy(y, alpha, x, n) NN_PICK(y, nn_axpy)(y, alpha, x, n)
+#define nn_scale(y, alpha, n) NN_PICK(y, nn_scale)(y, alpha, n)
+
+static inline int64_t nn_min(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* ---- dropout ----
+ * DROPOUT: in[0] = x, out = y, both contiguous with the same shape; attrs
+ * moe_dropout_attrs {p, seed, counter}, 0 <= p < 1. Element i (row-major index) is kept
+ * iff moe_philox_uniform(counter + i, seed) >= p; y[i] = kept ? x[i] * (T)(1 / (1 - p)) : 0.
+ * The backward runs this same kernel on the output grad (same attrs, same mask). */
+moe_status moe_cpu_dropout(const moe_kernel_args *a) {
+    const moe_dropout_attrs *at = a->attrs;
+    int64_t n = moe_tensor_numel(a->out);
+    CPU_FLOAT_DISPATCH(a->out->dtype, "dropout",
+        const T *x = (const T *)a->in[0]->data;
+        T *y = (T *)a->out->data;
+        const T scale = (T)(1.0 / (1.0 - at->p));
+_Pragma("omp parallel for schedule(static) if (n > 16384)")
+        for (int64_t i = 0; i < n; i++)
+            y[i] = moe_philox_uniform(at->counter + (uint64_t)i, at->seed) >= at->p ? x[i] * scale : (T)0;
+    )
+    return MOE_OK;
+}
+
+/* ---- rotary embedding ----
+ * ROPE: in[0] = x [B, T, H, hd] (any strides, hd even), out = y [B, T, H, hd] contiguous;
+ * attrs moe_rope_attrs {pos0, theta, inverse}. HF-Llama rotate-half form: for pair
+ * i < hd/2, angle = (pos0 + t) * theta^(-2i/hd) computed in double, a = inverse ? -angle : angle,
+ *   y[i]        = x[i] cos a - x[i + hd/2] sin a
+ *   y[i + hd/2] = x[i + hd/2] cos a + x[i] sin a
+ * The rotation is orthogonal, so the backward is this kernel with inverse = true. */
+moe_status moe_cpu_rope(const moe_kernel_args *a) {
+    const moe_rope_attrs *at = a->attrs;
+    const moe_tensor *x = a->in[0];
+    const int64_t B = x->shape[0], Tn = x->shape[1], H = x->shape[2], hd = x->shape[3], half = hd / 2;
+    const int64_t *xs = x->strides;
+    CPU_FLOAT_DISPATCH(x->dtype, "rope",
+        const T *px = (const T *)x->data;
+        T *py = (T *)a->out->data;
+_Pragma("omp parallel for schedule(static) if (B * Tn * H * hd > 16384)")
+        for (int64_t t = 0; t < Tn; t++) {
+            T cs[half], sn[half];
+            for (int64_t i = 0; i < half; i++) {
+                double ang = (double)(at->pos0 + t) * pow(at->theta, -2.0 * (double)i / (double)hd);
+                cs[i] = (T)cos(ang);
+                sn[i] = (T)(at->inverse ? -sin(ang) : sin(ang));
+            }
+            for (int64_t b = 0; b < B; b++) {
+                for (int64_t h = 0; h < H; h++) {
+                    const T *xr = px + b * xs[0] + t * xs[1] + h * xs[2];
+                    T *yr = py + ((b * Tn + t) * H + h) * hd;
+                    for (int64_t i = 0; i < half; i++) {
+                        T x1 = xr[i * xs[3]], x2 = xr[(i + half) * xs[3]];
+                        yr[i] = x1 * cs[i] - x2 * sn[i];
+                        yr[i + half] = x2 * cs[i] + x1 * sn[i];
+                    }
+                }
+            }
+        }
+    )
+    return MOE_OK;
+}
+
+/* ---- attention ---- */
+#define ATTN_BQ 32 /* query rows per block (one task of the forward) */
+#define ATTN_BK 64 /* keys per block (the running max / sum advance block by block) */
+
+/* Element offset of (b, t, h, 0) in a [B, T, H, hd] view whose last stride is 1. */
+static inline int64_t attn_row(const moe_tensor *x, int64_t b, int64_t t, int64_t h) {
+    return b * x->strides[0] + t * x->strides[1] + h * x->strides[2];
+}
+
+/* ATTENTION: in[0] = q [B, Tq, H, hd], in[1] = k, in[2] = v [B, Tk, Hkv, hd] (any strides
+ * with last stride 1; H % Hkv == 0), out = o [B, Tq, H, hd], out2 = lse [B, H, Tq]
+ * contiguous in the dtype of q; attrs moe_attention_attrs {causal, scale} (dk, dv unused).
+ * Head h reads kv head h / (H / Hkv). s_ij = scale * q_i . k_j; with causal, query i sees
+ * keys j <= Tk - Tq + i (the front-end guarantees Tq <= Tk, so every row sees key 0).
+ * o_i = sum_j softmax_j(s_ij) v_j and lse_i = logsumexp_j s_ij, both by an online softmax
+ * over key blocks of ATTN_BK (running max m, running sum l, accumulator rescaled by
+ * exp(m_old - m_new)), accumulated in T. Tasks = (b, h, query block of ATTN_BQ). */
+moe_status moe_cpu_attention(const moe_kernel_args *a) {
+    const moe_attention_attrs *at = a->attrs;
+    const moe_tensor *q = a->in[0], *k = a->in[1], *v = a->in[2], *o = a->out;
+    const int64_t B = q->shape[0], Tq = q->shape[1], H = q->shape[2], hd = q->shape[3];
+    const int64_t Tk = k->shape[1], group = H / k->shape[2], shift = Tk - Tq;
+    const int64_t nqb = (Tq + ATTN_BQ - 1) / ATTN_BQ;
+    const size_t per_thread = (size_t)(ATTN_BQ * hd + 2 * ATTN_BQ + ATTN_BK);
+    const int nthreads = omp_get_max_threads();
+    CPU_FLOAT_DISPATCH(q->dtype, "attention",
+        T *scratch = malloc(sizeof(T) * per_thread * (size_t)nthreads);
+        if (!scratch)
+            return moe_error(MOE_ERR_OOM, "attention: out of host memory for %d thread scratch blocks", nthreads);
+        const T *pq = (const T *)q->data, *pk = (const T *)k->data, *pv = (const T *)v->data;
+        T *po = (T *)o->data, *plse = (T *)a->out2->data;
+        const T scale = (T)at->scale;
+_Pragma("omp parallel for collapse(3) schedule(dynamic)")
+        for (int64_t b = 0; b < B; b++) {
+            for (int64_t h = 0; h < H; h++) {
+                for (int64_t qb = 0; qb < nqb; qb++) {
+                    T *acc = scratch + per_thread * (size_t)omp_get_thread_num();
+                    T *m = acc + ATTN_BQ * hd, *l = m + ATTN_BQ, *s = l + ATTN_BQ;
+                    const int64_t q0 = qb * ATTN_BQ, nq = nn_min(ATTN_BQ, Tq - q0), kvh = h / group;
+                    const int64_t kend = at->causal ? nn_min(Tk, shift + q0 + nq) : Tk;
+                    memset(acc, 0, sizeof(T) * (size_t)(nq * hd));
+                    for (int64_t i = 0; i < nq; i++) {
+                        m[i] = -INFINITY;
+                        l[i] = 0;
+                    }
+                    for (int64_t k0 = 0; k0 < kend; k0 += ATTN_BK) {
+                        const int64_t nk = nn_min(ATTN_BK, kend - k0);
+                        for (int64_t i = 0; i < nq; i++) {
+                            const int64_t cnt = at->causal ? nn_min(nk, shift + q0 + i + 1 - k0) : nk;
+                            if (cnt <= 0) continue;
+                            const T *qi = pq + attn_row(q, b, q0 + i, h);
+                            T *ai = acc + i * hd, mx = m[i];
+                            for (int64_t j = 0; j < cnt; j++) {
+                                s[j] = scale * nn_dot(qi, pk + attn_row(k, b, k0 + j, kvh), hd);
+                                if (s[j] > mx) mx = s[j];
+                            }
+                            const T corr = exp(m[i] - mx);
+                            if (corr != 1) {
+                                l[i] *= corr;
+                                nn_scale(ai, corr, hd);
+                            }
+                            for (int64_t j = 0; j < cnt; j++) {
+                                const T p = exp(s[j] - mx);
+                                l[i] += p;
+                                nn_axpy(ai, p, pv + attn_row(v, b, k0 + j, kvh), hd);
+                            }
+                            m[i] = mx;
+                        }
+                    }
+                    for (int64_t i = 0; i < nq; i++) {
+                        T *oi = po + attn_row(o, b, q0 + i, h);
+                        const T inv = 1 / l[i];
+                        for (int64_t e = 0; e < hd; e++) oi[e] = acc[i * hd + e] * inv;
+                        plse[(b * H + h) * Tq + q0 + i] = m[i] + log(l[i]);
+                    }
+                }
+            }
+        }
+        free(scratch);
+    )
+    return MOE_OK;
+}
+
+/* ATTENTION_BWD: in[0] = q, in[1] = k, in[2] = v (as in ATTENTION), in[3] = o, in[4] = g
+ * (grad of o) [B, Tq, H, hd], in[5] = lse [B, H, Tq] contiguous; out = dq [B, Tq, H, hd];
+ * attrs.dk, attrs.dv = [B, Tk, Hkv, hd]. All [.., hd] operands: last stride 1. The kernel
+ * writes dq, dk and dv fully (no pre-zeroing needed). Probabilities are recomputed block
+ * by block, p_ij = exp(scale * q_i . k_j - lse_i), with D_i = g_i . o_i:
+ *   dv_j += p_ij g_i,   ds_ij = scale * p_ij (g_i . v_j - D_i),
+ *   dq_i += ds_ij k_j,  dk_j += ds_ij q_i.
+ * One task per (b, kv head) walks its query heads, query blocks and key blocks in a fixed
+ * order, so no two tasks write the same element and the result is deterministic. */
+moe_status moe_cpu_attention_bwd(const moe_kernel_args *a) {
+    const moe_attention_attrs *at = a->attrs;
+    const moe_tensor *q = a->in[0], *k = a->in[1], *v = a->in[2], *o = a->in[3], *g = a->in[4];
+    const moe_tensor *dq = a->out, *dk = at->dk, *dv = at->dv;
+    const int64_t B = q->shape[0], Tq = q->shape[1], H = q->shape[2], hd = q->shape[3];
+    const int64_t Tk = k->shape[1], Hkv = k->shape[2], group = H / Hkv, shift = Tk - Tq;
+    CPU_FLOAT_DISPATCH(q->dtype, "attention_bwd",
+        const T *pq = (const T *)q->data, *pk = (const T *)k->data, *pv = (const T *)v->data;
+        const T *po = (const T *)o->data, *pg = (const T *)g->data, *plse = (const T *)a->in[5]->data;
+        T *pdq = (T *)dq->data, *pdk = (T *)dk->data, *pdv = (T *)dv->data;
+        const T scale = (T)at->scale;
+_Pragma("omp parallel for collapse(2) schedule(dynamic)")
+        for (int64_t b = 0; b < B; b++) {
+            for (int64_t kvh = 0; kvh < Hkv; kvh++) {
+                T D[ATTN_BQ];
+                for (int64_t j = 0; j < Tk; j++) {
+                    memset(pdk + attn_row(dk, b, j, kvh), 0, sizeof(T) * (size_t)hd);
+                    memset(pdv + attn_row(dv, b, j, kvh), 0, sizeof(T) * (size_t)hd);
+                }
+                for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
+                    for (int64_t q0 = 0; q0 < Tq; q0 += ATTN_BQ) {
+                        const int64_t nq = nn_min(ATTN_BQ, Tq - q0);
+                        const int64_t kend = at->causal ? nn_min(Tk, shift + q0 + nq) : Tk;
+                        for (int64_t i = 0; i < nq; i++) {
+                            D[i] = nn_dot(pg + attn_row(g, b, q0 + i, h), po + attn_row(o, b, q0 + i, h), hd);
+                            memset(pdq + attn_row(dq, b, q0 + i, h), 0, sizeof(T) * (size_t)hd);
+                        }
+                        for (int64_t k0 = 0; k0 < kend; k0 += ATTN_BK) {
+                            const int64_t nk = nn_min(ATTN_BK, kend - k0);
+                            for (int64_t i = 0; i < nq; i++) {
+                                const int64_t cnt = at->causal ? nn_min(nk, shift + q0 + i + 1 - k0) : nk;
+                                const T *qi = pq + attn_row(q, b, q0 + i, h), *gi = pg + attn_row(g, b, q0 + i, h);
+                                T *dqi = pdq + attn_row(dq, b, q0 + i, h);
+                                const T lse = plse[(b * H + h) * Tq + q0 + i];
+                                for (int64_t j = 0; j < cnt; j++) {
+                                    const T *kj = pk + attn_row(k, b, k0 + j, kvh), *vj = pv + attn_row(v, b, k0 + j, kvh);
+                                    const T p = exp(scale * nn_dot(qi, kj, hd) - lse);
+                                    const T ds = scale * p * (nn_dot(gi, vj, hd) - D[i]);
+                                    nn_axpy(pdv + attn_row(dv, b, k0 + j, kvh), p, gi, hd);
+                                    nn_axpy(dqi, ds, kj, hd);
+                                    nn_axpy(pdk + attn_row(dk, b, k0 + j, kvh), ds, qi, hd);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    )
+    return MOE_OK;
+}
+
+/* ---- cut cross-entropy ---- */
+
+/* A 2-D [rows, cols] view with the given strides, starting `off` elements into t. */
+static moe_tensor nn_view2(const moe_tensor *t, int64_t off, int64_t rows, int64_t cols, int64_t rs, int64_t cs) {
+    moe_tensor v = *t;
+    v.ndim = 2;
+    v.shape[0] = rows;
+    v.shape[1] = cols;
+    v.strides[0] = rs;
+    v.strides[1] = cs;
+    v.data = (char *)t->data + off * (int64_t)moe_dtype_size(t->dtype);
+    return v;
+}
+
+/* Logits of vocabulary rows [v0, v0 + nb) into the packed [T, nb] scratch: h @ w[v0:]^T. */
+static moe_status ce_block_logits(const moe_tensor *h, const moe_tensor *w, moe_tensor *scratch, int64_t v0,
+                                  int64_t nb, moe_tensor *S) {
+    *S = nn_view2(scratch, 0, h->shape[0], nb, nb, 1);
+    moe_tensor wt = nn_view2(w, v0 * w->strides[0], w->shape[1], nb, w->strides[1], w->strides[0]);
+    return moe_cpu_gemm(h, &wt, S, 1.0f, 0.0f);
+}
+
+/* One [T, block] scratch of logits on the step arena. */
+static moe_tensor *ce_scratch(const moe_tensor *h, int64_t block) {
+    return moe_tensor_empty(MOE_LIFE_STEP, MOE_CPU, h->dtype, 2, (int64_t[]){h->shape[0], block});
+}
+
+/* CROSS_ENTROPY: in[0] = h [T, d], in[1] = w [V, d] (any strides, same float dtype),
+ * in[2] = targets [T] I32 contiguous, each -1 (ignored) or in [0, V) (validated by the
+ * front-end; a target outside never matches a vocabulary row and reads nothing);
+ * out = per-row loss [T], out2 = lse [T], contiguous, F32 (F64 for F64 inputs);
+ * attrs moe_ce_attrs {block} (inv_count unused here). For each vocabulary block of
+ * `block` rows: logits = h @ w_blk^T (one GEMM into a [T, block] step-arena scratch), then
+ * per row a running max m and sum s (s = s * exp(m_old - m_new) + sum exp(logit - m_new))
+ * and the target's logit when it falls in the block. lse = m + log s;
+ * loss = lse - logit[target], or exactly 0 for an ignored row. */
+moe_status moe_cpu_cross_entropy(const moe_kernel_args *a) {
+    const moe_ce_attrs *at = a->attrs;
+    const moe_tensor *h = a->in[0], *w = a->in[1];
+    const int32_t *tg = (const int32_t *)a->in[2]->data;
+    const int64_t Tn = h->shape[0], V = w->shape[0], blk = nn_min(at->block, V);
+    moe_tensor *scratch = ce_scratch(h, blk);
+    moe_tensor *tlogit = moe_tensor_empty(MOE_LIFE_STEP, MOE_CPU, a->out->dtype, 1, (int64_t[]){Tn});
+    if (!scratch || !tlogit) return moe_last_status();
+    CPU_FLOAT_DISPATCH(h->dtype, "cross_entropy",
+        T *loss = (T *)a->out->data, *lse = (T *)a->out2->data, *tl = (T *)tlogit->data;
+        T *m = lse, *s = loss; /* running max and sum live in the outputs until the end */
+        for (int64_t t = 0; t < Tn; t++) {
+            m[t] = -INFINITY;
+            s[t] = 0;
+            tl[t] = 0;
+        }
+        for (int64_t v0 = 0; v0 < V; v0 += blk) {
+            const int64_t nb = nn_min(blk, V - v0);
+            moe_tensor S;
+            MOE_TRY(ce_block_logits(h, w, scratch, v0, nb, &S));
+            const T *ps = (const T *)S.data;
+_Pragma("omp parallel for schedule(static) if (Tn * nb > 16384)")
+            for (int64_t t = 0; t < Tn; t++) {
+                const T *row = ps + t * nb;
+                T mx = m[t];
+                for (int64_t j = 0; j < nb; j++) mx = row[j] > mx ? row[j] : mx;
+                double sum = 0;
+                for (int64_t j = 0; j < nb; j++) sum += exp(row[j] - mx);
+                s[t] = s[t] * exp(m[t] - mx) + (T)sum;
+                m[t] = mx;
+                if (tg[t] >= v0 && tg[t] < v0 + nb) tl[t] = row[tg[t] - v0];
+            }
+        }
+        for (int64_t t = 0; t < Tn; t++) {
+            lse[t] = m[t] + log(s[t]);
+            loss[t] = tg[t] == -1 ? (T)0 : lse[t] - tl[t];
+        }
+    )
+    return MOE_OK;
+}
+
+/* CROSS_ENTROPY_BWD: in[0] = h, in[1] = w, in[2] = targets (as in CROSS_ENTROPY),
+ * in[3] = lse [T] from the forward, in[4] = the upstream grad of the mean loss, a 0-d
+ * tensor in the dtype of lse; attrs moe_ce_attrs {block, inv_count}. out = dh [T, d],
+ * out2 = dw [V, d], both contiguous in the dtype of h and written fully; either may be
+ * NULL (not wanted). With c = g * inv_count, for each vocabulary block (exact mode, no
+ * block is skipped): logits recomputed by a GEMM, G = c * (softmax - onehot(target)) with
+ * rows of ignored targets zero, then dh (+)= G @ w_blk (first block overwrites) and
+ * dw[blk] = G^T @ h, both GEMMs. */
+moe_status moe_cpu_cross_entropy_bwd(const moe_kernel_args *a) {
+    const moe_ce_attrs *at = a->attrs;
+    const moe_tensor *h = a->in[0], *w = a->in[1];
+    const int32_t *tg = (const int32_t *)a->in[2]->data;
+    moe_tensor *dh = a->out, *dw = a->out2;
+    const int64_t Tn = h->shape[0], V = w->shape[0], d = h->shape[1], blk = nn_min(at->block, V);
+    moe_tensor *scratch = ce_scratch(h, blk);
+    if (!scratch) return moe_last_status();
+    CPU_FLOAT_DISPATCH(h->dtype, "cross_entropy_bwd",
+        const T *lse = (const T *)a->in[3]->data;
+        const T c = *(const T *)a->in[4]->data * (T)at->inv_count;
+        for (int64_t v0 = 0; v0 < V; v0 += blk) {
+            const int64_t nb = nn_min(blk, V - v0);
+            moe_tensor S;
+            MOE_TRY(ce_block_logits(h, w, scratch, v0, nb, &S));
+            T *ps = (T *)S.data;
+_Pragma("omp parallel for schedule(static) if (Tn * nb > 16384)")
+            for (int64_t t = 0; t < Tn; t++) {
+                T *row = ps + t * nb;
+                if (tg[t] == -1) {
+                    memset(row, 0, sizeof(T) * (size_t)nb);
+                    continue;
+                }
+                for (int64_t j = 0; j < nb; j++) row[j] = c * exp(row[j] - lse[t]);
+                if (tg[t] >= v0 && tg[t] < v0 + nb) row[tg[t] - v0] -= c;
+            }
+            if (dh) {
+                moe_tensor wb = nn_view2(w, v0 * w->strides[0], nb, d, w->strides[0], w->strides[1]);
+                MOE_TRY(moe_cpu_gemm(&S, &wb, dh, 1.0f, v0 ? 1.0f : 0.0f));
+            }
+            if (dw) {
+                moe_tensor st = nn_view2(&S, 0, nb, Tn, 1, nb), dwb = nn_view2(dw, v0 * d, nb, d, d, 1);
+                MOE_TRY(moe_cpu_gemm(&st, h, &dwb, 1.0f, 0.0f));
+            }
+        }
+    )
+    return MOE_OK;
+}

@@ -1,0 +1,202 @@
+/* Helpers shared by the CUDA kernels: the backend context (stream, cuBLAS handle),
+ * error checks that turn CUDA / cuBLAS failures into moe_error messages, dtype dispatch
+ * (F32 and BF16 storage, f32 compute), a strided element iterator for elementwise
+ * kernels and block-level reductions. Every kernel runs on the backend's one stream. */
+#ifndef MOE_CORE_CUDA_COMMON_CUH
+#define MOE_CORE_CUDA_COMMON_CUH
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+
+/* The core headers are C11; autograd.h uses _Alignas. */
+#ifndef _Alignas
+#define _Alignas(x) alignas(x)
+#endif
+extern "C" {
+#include "core/kernels.h"
+#include "core/memory.h"
+}
+
+typedef __nv_bfloat16 bf16;
+
+/* ---- backend context (core/cuda/backend_cuda.cu) ---- */
+struct moe_cuda_ctx {
+    cudaStream_t stream;
+    cublasHandle_t blas;
+    int sms;             /* multiprocessors */
+    size_t smem_optin;   /* max dynamic shared memory per block after opt-in */
+    bool tf32;           /* MOE_CUDA_TF32=1: f32 matmuls may use TF32 tensor cores */
+};
+extern moe_cuda_ctx moe_cu;
+
+/* ---- error checks: return a moe_status from the calling function ---- */
+#define CU_TRY(call, ...)                                                                      \
+    do {                                                                                       \
+        cudaError_t cu_e_ = (call);                                                            \
+        if (cu_e_ != cudaSuccess) return moe_cu_fail(cu_e_, #call, __VA_ARGS__);               \
+    } while (0)
+
+#define CUBLAS_TRY(call, ...)                                                                  \
+    do {                                                                                       \
+        cublasStatus_t cb_s_ = (call);                                                         \
+        if (cb_s_ != CUBLAS_STATUS_SUCCESS) return moe_cublas_fail(cb_s_, #call, __VA_ARGS__); \
+    } while (0)
+
+/* After a launch: configuration errors and earlier asynchronous faults. */
+#define CU_LAUNCHED(kname) CU_TRY(cudaGetLastError(), "launching the %s kernel", kname)
+
+moe_status moe_cu_fail(cudaError_t e, const char *call, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+moe_status moe_cublas_fail(cublasStatus_t s, const char *call, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* ---- dtype dispatch: T = float or bf16 (storage); compute is f32 ---- */
+#define CU_FLOAT_DISPATCH(dt, kname, ...)                                                      \
+    switch (dt) {                                                                              \
+    case MOE_F32: { typedef float T; __VA_ARGS__ } break;                                      \
+    case MOE_BF16: { typedef bf16 T; __VA_ARGS__ } break;                                      \
+    default:                                                                                   \
+        return moe_error(MOE_ERR_UNSUPPORTED, "%s: dtype %s is not supported on cuda (f32, bf16)", \
+                         kname, moe_dtype_name(dt));                                           \
+    }
+
+__device__ __forceinline__ float ldf(const float *p) { return *p; }
+__device__ __forceinline__ float ldf(const bf16 *p) { return __bfloat162float(*p); }
+__device__ __forceinline__ void stf(float *p, float v) { *p = v; }
+__device__ __forceinline__ void stf(bf16 *p, float v) { *p = __float2bfloat16_rn(v); }
+
+/* ---- launch geometry ---- */
+#define CU_THREADS 256
+static inline unsigned cu_blocks(int64_t n, int threads = CU_THREADS) {
+    int64_t b = (n + threads - 1) / threads, cap = (int64_t)moe_cu.sms * 16;
+    if (b > cap) b = cap;
+    return (unsigned)(b < 1 ? 1 : b);
+}
+#define CU_GRID_LOOP(i, n) \
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
+
+/* ---- strided iteration over out's shape for N tensors (tensor 0 = out) ----
+ * Dims of size 1 are dropped and neighbouring dims that are contiguous in every
+ * tensor are merged, so contiguous tensors become one dim of stride 1. */
+template <int N> struct cu_iter {
+    int ndim;
+    int64_t shape[MOE_MAX_DIMS];
+    int64_t st[N][MOE_MAX_DIMS];
+};
+
+template <int N> static cu_iter<N> cu_make_iter(const moe_tensor *const (&t)[N]) {
+    cu_iter<N> it = {};
+    const moe_tensor *o = t[0];
+    for (int d = 0; d < o->ndim; d++) {
+        if (o->shape[d] == 1) continue;
+        int k = it.ndim;
+        bool merge = k > 0;
+        for (int j = 0; j < N && merge; j++) merge = it.st[j][k - 1] == t[j]->strides[d] * o->shape[d];
+        if (merge) {
+            it.shape[k - 1] *= o->shape[d];
+            for (int j = 0; j < N; j++) it.st[j][k - 1] = t[j]->strides[d];
+        } else {
+            it.shape[k] = o->shape[d];
+            for (int j = 0; j < N; j++) it.st[j][k] = t[j]->strides[d];
+            it.ndim++;
+        }
+    }
+    if (it.ndim == 0) { /* a single element */
+        it.ndim = 1;
+        it.shape[0] = 1;
+        for (int j = 0; j < N; j++) it.st[j][0] = 1;
+    }
+    return it;
+}
+
+template <int N> __device__ __forceinline__ void cu_offsets(const cu_iter<N> &it, int64_t i, int64_t *off) {
+    for (int j = 0; j < N; j++) off[j] = 0;
+    for (int d = it.ndim - 1; d >= 0; d--) {
+        int64_t q = i / it.shape[d], r = i - q * it.shape[d];
+        i = q;
+        for (int j = 0; j < N; j++) off[j] += r * it.st[j][d];
+    }
+}
+
+/* f(off) for every element; off[j] = element offset into tensor j. */
+template <int N, class F> __global__ void cu_ew_kernel(cu_iter<N> it, int64_t n, F f) {
+    int64_t off[N];
+    if (it.ndim == 1) {
+        CU_GRID_LOOP(i, n) {
+            for (int j = 0; j < N; j++) off[j] = i * it.st[j][0];
+            f(off);
+        }
+    } else {
+        CU_GRID_LOOP(i, n) {
+            cu_offsets(it, i, off);
+            f(off);
+        }
+    }
+}
+
+template <int N, class F>
+static moe_status cu_elementwise(const char *kname, const moe_tensor *const (&t)[N], F f) {
+    int64_t n = moe_tensor_numel(t[0]);
+    if (n == 0) return MOE_OK;
+    cu_iter<N> it = cu_make_iter(t);
+    cu_ew_kernel<N, F><<<cu_blocks(n), CU_THREADS, 0, moe_cu.stream>>>(it, n, f);
+    CU_LAUNCHED(kname);
+    return MOE_OK;
+}
+
+/* ---- reductions inside a block (blockDim.x a multiple of 32, <= 1024) ---- */
+__device__ __forceinline__ float cu_warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ double cu_warp_sum(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float cu_warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Sum over the block, returned to every thread. `scratch` holds >= 32 values. */
+template <class A> __device__ __forceinline__ A cu_block_sum(A v, A *scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = cu_warp_sum(v);
+    __syncthreads(); /* scratch may still be read from a previous call */
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nw ? scratch[lane] : (A)0;
+    return cu_warp_sum(v);
+}
+
+__device__ __forceinline__ float cu_block_max(float v, float *scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = cu_warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nw ? scratch[lane] : -INFINITY;
+    return cu_warp_max(v);
+}
+
+/* Threads per block for a row of `cols` elements handled by one block. */
+static inline int cu_row_threads(int64_t cols) {
+    int t = 32;
+    while (t < 1024 && t < cols) t <<= 1;
+    return t;
+}
+
+/* Rows = all dims but the last (a 0-d tensor is one row of one element). */
+static inline int64_t cu_rows(const moe_tensor *t) {
+    int64_t r = 1;
+    for (int d = 0; d < t->ndim - 1; d++) r *= t->shape[d];
+    return r;
+}
+static inline int64_t cu_cols(const moe_tensor *t) { return t->ndim ? t->shape[t->ndim - 1] : 1; }
+
+/* A STEP scratch buffer on the device (freed at the next moe_step_reset). */
+static inline void *cu_scratch(size_t bytes) { return moe_mem_alloc(MOE_CUDA, MOE_LIFE_STEP, bytes); }
+
+#endif

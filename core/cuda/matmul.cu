@@ -1,0 +1,324 @@
+/* CUDA matmul through cuBLAS (f32 accumulate; exact f32 unless MOE_CUDA_TF32=1) and the
+ * grouped expert matmul (one cublasGemmGroupedBatchedEx for all non-empty experts, or
+ * one cublasGemmEx per expert when MOE_GROUPED_LOOP=1).
+ *
+ * Row-major operands map onto column-major cuBLAS by computing C^T = B^T A^T: a row-major
+ * [r, c] matrix with leading stride ld is a column-major [c, r] one with the same ld, and
+ * a column-major view (a transposed tensor) just flips the op flag. Views that are
+ * neither, or whose batch dims do not collapse to one stride, are copied to contiguous
+ * STEP scratch first. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/cuda/cuda_common.cuh"
+
+extern "C" moe_status moe_cuda_copy(const moe_kernel_args *a);
+extern "C" moe_status moe_cuda_fill(const moe_kernel_args *a);
+extern "C" moe_status moe_cuda_scalar(const moe_kernel_args *a);
+
+static cudaDataType cu_type(moe_dtype dt) { return dt == MOE_BF16 ? CUDA_R_16BF : CUDA_R_32F; }
+static cublasComputeType_t cu_compute(moe_dtype dt) {
+    return dt == MOE_F32 && moe_cu.tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+}
+
+/* Layout of the last two dims [r, c] with strides (sr, sc). */
+typedef struct {
+    bool ok, row_major;
+    int64_t ld;
+} mat_layout;
+
+static mat_layout layout_of(int64_t r, int64_t c, int64_t sr, int64_t sc) {
+    mat_layout L = {false, false, 0};
+    int64_t ldr = r == 1 ? (c > 1 ? c : 1) : sr; /* size-1 dims may carry any stride */
+    int64_t ldc = c == 1 ? (r > 1 ? r : 1) : sc;
+    if ((c == 1 || sc == 1) && ldr >= (c > 1 ? c : 1)) {
+        L.ok = L.row_major = true;
+        L.ld = ldr;
+    } else if ((r == 1 || sr == 1) && ldc >= (r > 1 ? r : 1)) {
+        L.ok = true;
+        L.ld = ldc;
+    }
+    return L;
+}
+
+/* The batch dims [0, nb) collapse to one stride (0 when there is one batch). */
+static bool batch_stride(const moe_tensor *t, int nb, int64_t *stride) {
+    int64_t s = 0, span = 0;
+    bool first = true;
+    for (int d = nb - 1; d >= 0; d--) {
+        if (t->shape[d] == 1) continue;
+        if (first) {
+            s = t->strides[d];
+            first = false;
+        } else if (t->strides[d] != span) {
+            return false;
+        }
+        span = t->strides[d] * t->shape[d];
+    }
+    *stride = s;
+    return true;
+}
+
+/* A contiguous STEP copy of t (same dtype, on the device). */
+static moe_tensor *contiguous_copy(const moe_tensor *t, moe_status *st) {
+    moe_tensor *c = moe_tensor_empty(MOE_LIFE_STEP, MOE_CUDA, t->dtype, t->ndim, t->shape);
+    if (!c) {
+        *st = moe_last_status();
+        return NULL;
+    }
+    moe_kernel_args args = {};
+    args.out = c;
+    args.in[0] = t;
+    *st = moe_cuda_copy(&args);
+    return *st == MOE_OK ? c : NULL;
+}
+
+static void swap_last2(moe_tensor *t) {
+    int n = t->ndim;
+    int64_t s = t->shape[n - 1], st = t->strides[n - 1];
+    t->shape[n - 1] = t->shape[n - 2];
+    t->strides[n - 1] = t->strides[n - 2];
+    t->shape[n - 2] = s;
+    t->strides[n - 2] = st;
+}
+
+/* An operand ready for cuBLAS: a usable layout and one batch stride, else a copy. */
+static moe_status prepare(moe_tensor *t, int nb, mat_layout *L, int64_t *bstride) {
+    int n = t->ndim;
+    *L = layout_of(t->shape[n - 2], t->shape[n - 1], t->strides[n - 2], t->strides[n - 1]);
+    bool nb_ok = batch_stride(t, nb, bstride);
+    if (L->ok && nb_ok) return MOE_OK;
+    moe_status st;
+    moe_tensor *c = contiguous_copy(t, &st);
+    if (!c) return st;
+    *t = *c;
+    *L = layout_of(t->shape[n - 2], t->shape[n - 1], t->strides[n - 2], t->strides[n - 1]);
+    batch_stride(t, nb, bstride);
+    return MOE_OK;
+}
+
+/* C = alpha * A @ B + beta * C on prepared operands; C's layout decides the mapping. */
+static moe_status gemm_batched(const moe_tensor *A, mat_layout LA, int64_t sA, const moe_tensor *B, mat_layout LB,
+                               int64_t sB, moe_tensor *C, mat_layout LC, int64_t sC, int64_t batch, float alpha,
+                               float beta) {
+    int nd = C->ndim;
+    int64_t M = C->shape[nd - 2], N = C->shape[nd - 1], K = A->shape[A->ndim - 1];
+    cudaDataType ty = cu_type(C->dtype);
+    /* Row-major C: compute C^T[N, M] = B^T A^T. Column-major C: C[M, N] = A B. */
+    const moe_tensor *X = LC.row_major ? B : A, *Y = LC.row_major ? A : B;
+    mat_layout LX = LC.row_major ? LB : LA, LY = LC.row_major ? LA : LB;
+    int64_t sX = LC.row_major ? sB : sA, sY = LC.row_major ? sA : sB;
+    int64_t m = LC.row_major ? N : M, n = LC.row_major ? M : N;
+    /* For row-major C the operands are wanted transposed: a row-major one is that already. */
+    cublasOperation_t opX = (LX.row_major == LC.row_major) ? CUBLAS_OP_N : CUBLAS_OP_T;
+    cublasOperation_t opY = (LY.row_major == LC.row_major) ? CUBLAS_OP_N : CUBLAS_OP_T;
+    CUBLAS_TRY(cublasGemmStridedBatchedEx_64(moe_cu.blas, opX, opY, m, n, K, &alpha, X->data, ty, LX.ld, sX, Y->data,
+                                             ty, LY.ld, sY, &beta, C->data, ty, LC.ld, sC, batch, cu_compute(C->dtype),
+                                             CUBLAS_GEMM_DEFAULT),
+               "matmul of [%lld x %lld] @ [%lld x %lld], batch %lld, %s", (long long)M, (long long)K, (long long)K,
+               (long long)N, (long long)batch, moe_dtype_name(C->dtype));
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_matmul(const moe_kernel_args *a) {
+    const moe_matmul_attrs *at = (const moe_matmul_attrs *)a->attrs;
+    moe_tensor A = *a->in[0], B = *a->in[1], C = *a->out;
+    if (C.dtype != MOE_F32 && C.dtype != MOE_BF16)
+        return moe_error(MOE_ERR_UNSUPPORTED, "matmul: dtype %s is not supported on cuda (f32, bf16)",
+                         moe_dtype_name(C.dtype));
+    if (A.dtype != C.dtype || B.dtype != C.dtype)
+        return moe_error(MOE_ERR_INVALID, "matmul: operands %s, %s and output %s differ in dtype",
+                         moe_dtype_name(A.dtype), moe_dtype_name(B.dtype), moe_dtype_name(C.dtype));
+    if (at->trans_a) swap_last2(&A);
+    if (at->trans_b) swap_last2(&B);
+    int nd = C.ndim, nb = nd - 2;
+    int64_t M = C.shape[nd - 2], N = C.shape[nd - 1], batch = 1;
+    for (int d = 0; d < nb; d++) batch *= C.shape[d];
+    if (M == 0 || N == 0 || batch == 0) return MOE_OK;
+    if (A.shape[A.ndim - 1] == 0) { /* empty inner dim: out = beta * out */
+        moe_op_attrs_scalar sc = {MOE_SC_MUL, at->beta};
+        moe_kernel_args args = {};
+        args.out = a->out;
+        args.in[0] = a->out;
+        args.attrs = &sc;
+        return at->beta == 0.0f ? moe_cuda_fill(&args) : moe_cuda_scalar(&args);
+    }
+    /* b shared by all batches: a strided 2-D operand, batch stride 0. */
+    bool shared_b = B.ndim == 2 && nb > 0;
+    mat_layout LA, LB, LC;
+    int64_t sA, sB = 0, sC;
+    MOE_TRY(prepare(&A, nb, &LA, &sA));
+    MOE_TRY(prepare(&B, shared_b ? 0 : nb, &LB, &sB));
+    moe_tensor *Cw = &C;
+    moe_tensor Ccopy;
+    LC = layout_of(M, N, C.strides[nd - 2], C.strides[nd - 1]);
+    bool c_direct = LC.ok && batch_stride(&C, nb, &sC);
+    if (!c_direct) { /* an odd output view: work in a contiguous copy, then scatter back */
+        moe_status st;
+        moe_tensor *cc = contiguous_copy(&C, &st);
+        if (!cc) return st;
+        Ccopy = *cc;
+        Cw = &Ccopy;
+        LC = layout_of(M, N, Cw->strides[nd - 2], Cw->strides[nd - 1]);
+        batch_stride(Cw, nb, &sC);
+    }
+    /* b shared and a, C row-major with rows evenly spaced across batches: one big GEMM. */
+    if (shared_b && batch > 1 && LA.row_major && LC.row_major && sA == M * LA.ld && sC == M * LC.ld) {
+        moe_tensor A2 = A, C2 = *Cw;
+        A2.ndim = C2.ndim = 2;
+        A2.shape[0] = C2.shape[0] = M * batch;
+        A2.shape[1] = A.shape[A.ndim - 1];
+        A2.strides[0] = LA.ld;
+        A2.strides[1] = 1;
+        C2.shape[1] = N;
+        C2.strides[0] = LC.ld;
+        C2.strides[1] = 1;
+        MOE_TRY(gemm_batched(&A2, LA, 0, &B, LB, 0, &C2, LC, 0, 1, at->alpha, at->beta));
+    } else {
+        MOE_TRY(gemm_batched(&A, LA, sA, &B, LB, sB, Cw, LC, sC, batch, at->alpha, at->beta));
+    }
+    if (!c_direct) {
+        moe_kernel_args args = {};
+        args.out = a->out;
+        args.in[0] = Cw;
+        return moe_cuda_copy(&args);
+    }
+    return MOE_OK;
+}
+
+/* ---- grouped matmul ---- */
+/* Device pointer arrays written by a kernel whose argument carries the host values, so
+ * no host buffer has to outlive the call (cuBLAS wants the arrays in device memory). */
+#define PTR_CHUNK 256
+struct ptr_chunk {
+    void *p[PTR_CHUNK];
+    int n;
+};
+__global__ void store_ptrs_kernel(void **dst, ptr_chunk c) {
+    int i = threadIdx.x;
+    if (i < c.n) dst[i] = c.p[i];
+}
+
+static moe_status upload_ptrs(void **dst, void *const *src, int n) {
+    for (int i0 = 0; i0 < n; i0 += PTR_CHUNK) {
+        ptr_chunk c;
+        c.n = n - i0 < PTR_CHUNK ? n - i0 : PTR_CHUNK;
+        memcpy(c.p, src + i0, sizeof(void *) * (size_t)c.n);
+        store_ptrs_kernel<<<1, PTR_CHUNK, 0, moe_cu.stream>>>(dst + i0, c);
+        CU_LAUNCHED("grouped_matmul pointer upload");
+    }
+    return MOE_OK;
+}
+
+/* One expert's product in column-major terms (see the modes in core/kernels.h). */
+typedef struct {
+    cublasOperation_t ta, tb;
+    int64_t m, n, k, lda, ldb, ldc;
+    const void *A, *B;
+    void *C;
+} group_gemm;
+
+static bool grouped_loop_forced(void) {
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("MOE_GROUPED_LOOP");
+        v = e && strcmp(e, "1") == 0;
+    }
+    return v == 1;
+}
+
+extern "C" moe_status moe_cuda_grouped_matmul(const moe_kernel_args *a) {
+    const moe_grouped_attrs *at = (const moe_grouped_attrs *)a->attrs;
+    moe_dtype dt = a->out->dtype;
+    if (dt != MOE_F32 && dt != MOE_BF16)
+        return moe_error(MOE_ERR_UNSUPPORTED, "grouped_matmul: dtype %s is not supported on cuda (f32, bf16)",
+                         moe_dtype_name(dt));
+    /* The operands are contiguous (front-end); a strided one is copied. */
+    const moe_tensor *in[2] = {a->in[0], a->in[1]};
+    moe_tensor *out = a->out;
+    for (int j = 0; j < 2; j++) {
+        if (moe_tensor_is_contiguous(in[j])) continue;
+        moe_status st;
+        if (!(in[j] = contiguous_copy(in[j], &st))) return st;
+    }
+    if (!moe_tensor_is_contiguous(out))
+        return moe_error(MOE_ERR_INVALID, "grouped_matmul: the output must be contiguous");
+    size_t es = moe_dtype_size(dt);
+    const char *x = (const char *)in[0]->data, *w = (const char *)in[1]->data;
+    char *y = (char *)out->data;
+    int G = at->n_groups;
+    group_gemm *gg = (group_gemm *)malloc(sizeof(group_gemm) * (size_t)(G ? G : 1));
+    if (!gg) return moe_error(MOE_ERR_OOM, "grouped_matmul: out of host memory for %d groups", G);
+    int ng = 0;
+    for (int e = 0; e < G; e++) {
+        int64_t r0 = at->offsets[e], rows = at->offsets[e + 1] - r0;
+        if (rows <= 0) continue;
+        group_gemm g;
+        if (at->mode == 0) { /* y_g [rows, M] = x_g [rows, K] @ w[e] [K, M] */
+            int64_t K = in[1]->shape[1], M = in[1]->shape[2];
+            g = {CUBLAS_OP_N, CUBLAS_OP_N, M, rows, K, M, K, M, w + e * K * M * es, x + r0 * K * es, y + r0 * M * es};
+        } else if (at->mode == 1) { /* y_g [rows, K] = x_g [rows, M] @ w[e]^T */
+            int64_t K = in[1]->shape[1], M = in[1]->shape[2];
+            g = {CUBLAS_OP_T, CUBLAS_OP_N, K, rows, M, M, M, K, w + e * K * M * es, x + r0 * M * es, y + r0 * K * es};
+        } else { /* out[e] [K, M] += x_g^T [K, rows] @ y_g [rows, M]; in[1] is y */
+            int64_t K = in[0]->shape[1], M = in[1]->shape[1];
+            const char *yy = (const char *)in[1]->data;
+            g = {CUBLAS_OP_N, CUBLAS_OP_T, M, K, rows, M, K, M, yy + r0 * M * es, x + r0 * K * es, y + e * K * M * es};
+        }
+        gg[ng++] = g;
+    }
+    float alpha = 1.0f, beta = at->mode == 2 ? 1.0f : 0.0f;
+    cudaDataType ty = cu_type(dt);
+    cublasComputeType_t ct = cu_compute(dt);
+    moe_status st = MOE_OK;
+    bool grouped = ng > 1 && !grouped_loop_forced();
+    if (grouped) {
+        /* host arrays: one group (of one problem) per non-empty expert */
+        size_t n = (size_t)ng;
+        cublasOperation_t *ta = (cublasOperation_t *)malloc(2 * n * sizeof *ta);
+        int64_t *dims = (int64_t *)malloc(7 * n * sizeof *dims);
+        float *ab = (float *)malloc(2 * n * sizeof *ab);
+        void **hp = (void **)malloc(3 * n * sizeof *hp);
+        void **dp = (void **)cu_scratch(3 * n * sizeof *dp);
+        if (!ta || !dims || !ab || !hp) st = moe_error(MOE_ERR_OOM, "grouped_matmul: out of host memory");
+        else if (!dp) st = moe_last_status();
+        if (st == MOE_OK) {
+            for (size_t i = 0; i < n; i++) {
+                ta[i] = gg[i].ta;
+                ta[n + i] = gg[i].tb;
+                int64_t v[7] = {gg[i].m, gg[i].n, gg[i].k, gg[i].lda, gg[i].ldb, gg[i].ldc, 1};
+                for (int j = 0; j < 7; j++) dims[j * n + i] = v[j];
+                ab[i] = alpha;
+                ab[n + i] = beta;
+                hp[i] = (void *)gg[i].A;
+                hp[n + i] = (void *)gg[i].B;
+                hp[2 * n + i] = gg[i].C;
+            }
+            st = upload_ptrs(dp, hp, (int)(3 * n));
+        }
+        if (st == MOE_OK) {
+            cublasStatus_t s = cublasGemmGroupedBatchedEx_64(
+                moe_cu.blas, ta, ta + n, dims, dims + n, dims + 2 * n, ab, (const void *const *)dp, ty, dims + 3 * n,
+                (const void *const *)(dp + n), ty, dims + 4 * n, ab + n, dp + 2 * n, ty, dims + 5 * n, (int64_t)ng,
+                dims + 6 * n, ct);
+            if (s == CUBLAS_STATUS_NOT_SUPPORTED) grouped = false; /* this type combination: use the loop */
+            else if (s != CUBLAS_STATUS_SUCCESS)
+                st = moe_cublas_fail(s, "cublasGemmGroupedBatchedEx_64", "grouped_matmul mode %d over %d experts, %s",
+                                     at->mode, ng, moe_dtype_name(dt));
+        }
+        free(ta);
+        free(dims);
+        free(ab);
+        free(hp);
+    }
+    for (int i = 0; st == MOE_OK && !grouped && i < ng; i++) {
+        const group_gemm *g = &gg[i];
+        cublasStatus_t s = cublasGemmEx_64(moe_cu.blas, g->ta, g->tb, g->m, g->n, g->k, &alpha, g->A, ty, g->lda, g->B,
+                                           ty, g->ldb, &beta, g->C, ty, g->ldc, ct, CUBLAS_GEMM_DEFAULT);
+        if (s != CUBLAS_STATUS_SUCCESS)
+            st = moe_cublas_fail(s, "cublasGemmEx_64", "grouped_matmul mode %d, problem %d of %d (%lld x %lld x %lld), %s",
+                                 at->mode, i, ng, (long long)g->m, (long long)g->n, (long long)g->k, moe_dtype_name(dt));
+    }
+    free(gg);
+    return st;
+}

@@ -1,0 +1,32 @@
+/* Checkpoints in HDF5 (core/h5file.h): parameters by name with experts by *global*
+ * index (so any expert-parallel layout can load them), AdamW/SGD state under the same
+ * names, the step, the data-loader position, the aux-free router biases, the config
+ * text and the library version. Layout:
+ *   /config, /version                 strings
+ *   /step, /optim_step, /loader_seed, /loader_step, /bad_steps      i64
+ *   /params/<name>                    e.g. params/layers.0.attn.wqkv [d, 3d] f32
+ *   /params/layers.3.moe.experts.17.w13   one dataset per global expert
+ *   /optim/m/<name>, /optim/v/<name>  optimizer moments, same names and shapes
+ *   /router_bias/layers.3.moe         [E] f32 (aux-loss-free balancing only)
+ * Written to a temporary file and renamed: a crash never damages the last checkpoint. */
+#ifndef MOE_MOE_CHECKPOINT_H
+#define MOE_MOE_CHECKPOINT_H
+
+#include "moe/model.h"
+#include "optim/optim.h"
+
+typedef struct moe_train_state {
+    int64_t step;         /* optimizer steps done */
+    uint64_t loader_seed, loader_step;
+    int64_t bad_steps;    /* non-finite steps skipped so far */
+} moe_train_state;
+
+moe_status moe_checkpoint_save(const char *path, const moe_model *m, const moe_optimizer *opt,
+                               const moe_train_state *ts);
+/* Loads into an initialised model (and optimizer, when given). Shapes must match the
+ * model's config; a missing, extra or mis-shaped parameter is refused by name. */
+moe_status moe_checkpoint_load(const char *path, moe_model *m, moe_optimizer *opt, moe_train_state *ts);
+/* The config text stored in a checkpoint (malloc'd). */
+moe_status moe_checkpoint_read_config(const char *path, char **text);
+
+#endif

@@ -1,0 +1,273 @@
+/* The MoE transformer: parameters, forward loss, cached generation step. */
+#include "moe/model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/autograd.h"
+#include "core/memory.h"
+#include "core/ops.h"
+
+static moe_status add_param(moe_model *m, moe_tensor *t, const char *name, bool stack, int begin) {
+    if (!t) return moe_last_status();
+    moe_param_init(t, name);
+    m->params[m->n_params++] = (moe_param_ref){t, name, stack, begin};
+    return MOE_OK;
+}
+
+static moe_tensor *randn_param(moe_model *m, const char *name, int ndim, const int64_t *shape, double std) {
+    moe_tensor *h = moe_tensor_randn(MOE_LIFE_STEP, MOE_CPU, MOE_F32, ndim, shape,
+                                     moe_param_seed((uint64_t)m->cfg.train.seed, name), 0, std);
+    return h ? moe_tensor_to(h, m->dev, MOE_LIFE_PERSIST) : NULL;
+}
+
+static moe_tensor *ones_param(moe_model *m, int64_t n) {
+    moe_tensor *t = moe_tensor_empty(MOE_LIFE_PERSIST, m->dev, MOE_F32, 1, (int64_t[]){n});
+    if (t && moe_tensor_fill(t, 1.0) != MOE_OK) {
+        moe_tensor_free(t);
+        return NULL;
+    }
+    return t;
+}
+
+moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int ep_size) {
+    memset(m, 0, sizeof *m);
+    m->cfg = *cfg;
+    const moe_cfg_model *c = &cfg->model;
+    m->dev = cfg->train.device == MOE_CFG_DEVICE_CUDA ? MOE_CUDA : MOE_CPU;
+    m->compute = (cfg->train.dtype == MOE_CFG_DTYPE_BF16) ? MOE_BF16 : MOE_F32;
+    m->n_heads = c->n_heads;
+    m->n_kv_heads = moe_config_kv_heads(cfg);
+    m->head_dim = c->d_model / c->n_heads;
+    m->ep_rank = ep_rank;
+    m->ep_size = ep_size;
+    if (c->n_experts % ep_size)
+        return moe_error(MOE_ERR_CONFIG, "model.n_experts=%d is not divisible by the expert-parallel size %d",
+                         c->n_experts, ep_size);
+    for (int i = 0; i < c->n_layers; i++)
+        if (moe_config_layer_mixer(cfg, i) != MOE_CFG_MIXER_ATTENTION)
+            return moe_error(MOE_ERR_UNSUPPORTED, "model.mixer: layer %d asks for a mixer other than attention, "
+                             "which this build does not provide yet", i);
+    if (c->expert_ffn_dims.count)
+        return moe_error(MOE_ERR_UNSUPPORTED, "model.expert_ffn_dims (heterogeneous experts) is not supported yet");
+    int64_t d = c->d_model, hd = m->head_dim, H = m->n_heads, Hkv = m->n_kv_heads, V = c->vocab_size;
+    double std = c->init_std, out_std = c->init_std / sqrt(2.0 * c->n_layers);
+    m->params = calloc((size_t)(8 * c->n_layers + 4), sizeof *m->params);
+    m->blocks = calloc((size_t)c->n_layers, sizeof *m->blocks);
+    if (!m->params || !m->blocks) return moe_error(MOE_ERR_OOM, "model: out of host memory");
+    MOE_TRY(add_param(m, m->embed = randn_param(m, "embed", 2, (int64_t[]){V, d}, std), "embed", false, 0));
+    int n_local = c->n_experts / ep_size;
+    for (int i = 0; i < c->n_layers; i++) {
+        moe_block *b = &m->blocks[i];
+        char (*nm)[96] = b->names;
+        snprintf(nm[0], 96, "layers.%d.attn_norm", i);
+        snprintf(nm[1], 96, "layers.%d.attn.wqkv", i);
+        snprintf(nm[2], 96, "layers.%d.attn.wo", i);
+        snprintf(nm[3], 96, "layers.%d.ffn_norm", i);
+        MOE_TRY(add_param(m, b->attn_norm = ones_param(m, d), nm[0], false, 0));
+        MOE_TRY(add_param(m, b->wqkv = randn_param(m, nm[1], 2, (int64_t[]){d, (H + 2 * Hkv) * hd}, std), nm[1], false, 0));
+        MOE_TRY(add_param(m, b->wo = randn_param(m, nm[2], 2, (int64_t[]){H * hd, d}, out_std), nm[2], false, 0));
+        MOE_TRY(add_param(m, b->ffn_norm = ones_param(m, d), nm[3], false, 0));
+        b->dense = moe_config_layer_is_dense(cfg, i);
+        if (b->dense) {
+            int64_t fd = moe_config_dense_ffn_dim(cfg);
+            snprintf(nm[4], 96, "layers.%d.ffn.w13", i);
+            snprintf(nm[5], 96, "layers.%d.ffn.w2", i);
+            MOE_TRY(add_param(m, b->dense_w13 = randn_param(m, nm[4], 2, (int64_t[]){d, 2 * fd}, std), nm[4], false, 0));
+            MOE_TRY(add_param(m, b->dense_w2 = randn_param(m, nm[5], 2, (int64_t[]){fd, d}, out_std), nm[5], false, 0));
+            continue;
+        }
+        moe_moe_layer_settings s = {
+            .d_model = c->d_model, .n_experts = c->n_experts, .top_k = c->top_k, .ffn_dim = c->ffn_dim,
+            .n_shared = c->n_shared_experts, .shared_ffn_dim = moe_config_shared_ffn_dim(cfg),
+            .capacity_factor = cfg->router.capacity_factor,
+            .router = {.n_experts = c->n_experts, .top_k = c->top_k, .d_model = c->d_model,
+                       .balance = (moe_balance_kind)cfg->router.balance, .aux_coef = cfg->router.aux_coef,
+                       .z_coef = cfg->router.z_coef, .renormalize = cfg->router.renormalize,
+                       .aux_free_rate = cfg->router.aux_free_rate},
+        };
+        if (cfg->router.type != MOE_CFG_ROUTER_TOPK)
+            return moe_error(MOE_ERR_UNSUPPORTED, "router.type=%s is not available in this build yet",
+                             moe_config_enum_name("router.type", cfg->router.type));
+        char prefix[64];
+        snprintf(prefix, sizeof prefix, "layers.%d.moe", i);
+        MOE_TRY(moe_moe_layer_init(&b->moe, &s, prefix, m->dev, (uint64_t)cfg->train.seed, std, ep_rank * n_local, n_local));
+        moe_moe_layer *L = &b->moe;
+        m->params[m->n_params++] = (moe_param_ref){L->router.w_gate, L->router.name, false, 0};
+        m->params[m->n_params++] = (moe_param_ref){L->w13, L->name_w13, true, L->expert_begin};
+        m->params[m->n_params++] = (moe_param_ref){L->w2, L->name_w2, true, L->expert_begin};
+        if (L->shared_w13) {
+            m->params[m->n_params++] = (moe_param_ref){L->shared_w13, L->name_sw13, false, 0};
+            m->params[m->n_params++] = (moe_param_ref){L->shared_w2, L->name_sw2, false, 0};
+        }
+    }
+    MOE_TRY(add_param(m, m->final_norm = ones_param(m, d), "final_norm", false, 0));
+    if (!c->tie_embeddings)
+        MOE_TRY(add_param(m, m->lm_head = randn_param(m, "lm_head", 2, (int64_t[]){V, d}, std), "lm_head", false, 0));
+    return MOE_OK;
+}
+
+void moe_model_free(moe_model *m) {
+    for (int i = 0; m->blocks && i < m->cfg.model.n_layers; i++) {
+        moe_block *b = &m->blocks[i];
+        moe_tensor *ts[] = {b->attn_norm, b->wqkv, b->wo, b->ffn_norm, b->dense_w13, b->dense_w2, b->k_cache, b->v_cache};
+        for (size_t j = 0; j < sizeof ts / sizeof *ts; j++) moe_tensor_free(ts[j]);
+        if (!b->dense) moe_moe_layer_free(&b->moe);
+    }
+    moe_tensor_free(m->embed);
+    moe_tensor_free(m->final_norm);
+    moe_tensor_free(m->lm_head);
+    free(m->blocks);
+    free(m->params);
+    memset(m, 0, sizeof *m);
+}
+
+int64_t moe_model_param_count(const moe_model *m, bool active_only) {
+    int64_t n = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        int64_t c = moe_tensor_numel(m->params[i].t);
+        if (m->params[i].expert_stack) {
+            c = c / m->params[i].t->shape[0] * (active_only ? m->cfg.model.top_k : m->cfg.model.n_experts);
+        }
+        n += c;
+    }
+    return n;
+}
+
+moe_tensor **moe_model_param_tensors(const moe_model *m, int *n) {
+    moe_tensor **ts = malloc(sizeof *ts * (size_t)m->n_params);
+    if (ts)
+        for (int i = 0; i < m->n_params; i++) ts[i] = m->params[i].t;
+    *n = m->n_params;
+    return ts;
+}
+
+#define C(t) moe_cast((t), m->compute)
+
+/* Runs the blocks on x [B, T, d] starting at position pos0; fills per-layer results. */
+static moe_tensor *run_blocks(moe_model *m, moe_tensor *x, int B, int T, int64_t pos0, moe_loss_parts *parts,
+                              moe_tensor **aux_sum) {
+    const moe_cfg_model *c = &m->cfg.model;
+    int64_t d = c->d_model, H = m->n_heads, Hkv = m->n_kv_heads, hd = m->head_dim;
+    for (int i = 0; i < c->n_layers && x; i++) {
+        moe_block *b = &m->blocks[i];
+        moe_tensor *h = moe_rmsnorm(x, C(b->attn_norm), c->norm_eps);
+        moe_tensor *qkv = moe_reshape(moe_matmul(h, C(b->wqkv)), 4, (int64_t[]){B, T, H + 2 * Hkv, hd});
+        moe_tensor *q = moe_rope(moe_slice(qkv, 2, 0, H), pos0, c->rope_theta);
+        moe_tensor *k = moe_rope(moe_slice(qkv, 2, H, H + Hkv), pos0, c->rope_theta);
+        moe_tensor *v = moe_slice(qkv, 2, H + Hkv, H + 2 * Hkv);
+        if (b->k_cache && k && v) {
+            /* Append to the cache and attend over everything cached so far. */
+            moe_tensor *kd = moe_slice(moe_slice(b->k_cache, 1, pos0, pos0 + T), 0, 0, B);
+            moe_tensor *vd = moe_slice(moe_slice(b->v_cache, 1, pos0, pos0 + T), 0, 0, B);
+            if (!kd || !vd || moe_tensor_copy_(kd, k) != MOE_OK || moe_tensor_copy_(vd, v) != MOE_OK) return NULL;
+            k = moe_slice(moe_slice(b->k_cache, 1, 0, pos0 + T), 0, 0, B);
+            v = moe_slice(moe_slice(b->v_cache, 1, 0, pos0 + T), 0, 0, B);
+        }
+        moe_tensor *a = moe_attention(q, k, v, true);
+        x = moe_add(x, moe_matmul(moe_reshape(a, 3, (int64_t[]){B, T, H * hd}), C(b->wo)));
+        moe_tensor *h2 = moe_reshape(moe_rmsnorm(x, C(b->ffn_norm), c->norm_eps), 2, (int64_t[]){(int64_t)B * T, d});
+        moe_tensor *ffn;
+        if (b->dense) {
+            ffn = moe_swiglu_ffn(h2, C(b->dense_w13), C(b->dense_w2));
+        } else {
+            moe_moe_layer_result res;
+            ffn = moe_moe_layer_forward(&b->moe, h2, m->compute, &res);
+            if (ffn && parts) {
+                for (int e = 0; e < c->n_experts; e++) parts->load[i * c->n_experts + e] = res.routing.load[e];
+                parts->dropped += res.dropped;
+                parts->assignments += res.assignments;
+                moe_tensor *extra[2] = {res.routing.aux_loss, res.routing.z_loss};
+                for (int j = 0; j < 2; j++) {
+                    if (!extra[j]) continue;
+                    if (parts) (j ? &parts->z : &parts->aux)[0] += 0; /* host values read at the end */
+                    aux_sum[j] = aux_sum[j] ? moe_add(aux_sum[j], extra[j]) : extra[j];
+                }
+            }
+        }
+        x = moe_add(x, moe_reshape(ffn, 3, (int64_t[]){B, T, d}));
+    }
+    return x;
+}
+
+static moe_tensor *lm_head(moe_model *m) { return C(m->lm_head ? m->lm_head : m->embed); }
+
+moe_status moe_model_loss(moe_model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
+                          moe_loss_parts *out) {
+    const moe_cfg_model *c = &m->cfg.model;
+    memset(out, 0, sizeof *out);
+    out->load = moe_step_host_alloc(sizeof(int64_t) * (size_t)(c->n_layers * c->n_experts));
+    if (!out->load) return moe_error(MOE_ERR_OOM, "model: out of host memory");
+    int64_t bt = (int64_t)B * T;
+    moe_tensor *ids = moe_tensor_from_host(MOE_LIFE_STEP, m->dev, MOE_I32, 2, (int64_t[]){B, T}, inputs);
+    moe_tensor *tg = moe_tensor_from_host(MOE_LIFE_STEP, m->dev, MOE_I32, 1, (int64_t[]){bt}, targets);
+    if (!ids || !tg) return moe_last_status();
+    moe_tensor *aux[2] = {NULL, NULL};
+    moe_tensor *x = run_blocks(m, moe_embedding(C(m->embed), ids), B, T, 0, out, aux);
+    moe_tensor *hf = moe_reshape(moe_rmsnorm(x, C(m->final_norm), c->norm_eps), 2, (int64_t[]){bt, c->d_model});
+    moe_tensor *ce = moe_cross_entropy(hf, lm_head(m), tg);
+    if (!ce) return moe_last_status();
+    moe_tensor *loss = moe_cast(ce, MOE_F32);
+    int n_moe = c->n_layers - c->dense_layers;
+    for (int j = 0; j < 2; j++) {
+        if (!aux[j]) continue;
+        moe_tensor *avg = moe_mul_scalar(moe_cast(aux[j], MOE_F32), 1.0 / (n_moe > 0 ? n_moe : 1));
+        loss = moe_add(loss, avg);
+        double v = avg ? moe_tensor_item(avg) : NAN;
+        if (j == 0) out->aux = v;
+        else out->z = v;
+    }
+    if (!loss) return moe_last_status();
+    out->ce = moe_tensor_item(ce);
+    out->loss = loss;
+    return MOE_OK;
+}
+
+moe_status moe_model_cache_reset(moe_model *m, int batch, int capacity) {
+    const moe_cfg_model *c = &m->cfg.model;
+    for (int i = 0; i < c->n_layers; i++) {
+        moe_block *b = &m->blocks[i];
+        if (!b->k_cache || m->cache_batch < batch || m->cache_cap < capacity) {
+            moe_tensor_free(b->k_cache);
+            moe_tensor_free(b->v_cache);
+            int64_t shape[4] = {batch, capacity, m->n_kv_heads, m->head_dim};
+            b->k_cache = moe_tensor_empty(MOE_LIFE_PERSIST, m->dev, m->compute, 4, shape);
+            b->v_cache = moe_tensor_empty(MOE_LIFE_PERSIST, m->dev, m->compute, 4, shape);
+            if (!b->k_cache || !b->v_cache) return moe_last_status();
+        }
+    }
+    if (m->cache_batch < batch || m->cache_cap < capacity) {
+        m->cache_batch = batch;
+        m->cache_cap = capacity;
+    }
+    m->cache_len = 0;
+    return MOE_OK;
+}
+
+moe_status moe_model_step_logits(moe_model *m, const int32_t *tokens, int B, int T, float *logits) {
+    const moe_cfg_model *c = &m->cfg.model;
+    if (!m->blocks[0].k_cache || B > m->cache_batch || m->cache_len + T > m->cache_cap)
+        return moe_error(MOE_ERR_INVALID, "generation: the KV cache holds %d x %d tokens; asked for %d more at %lld",
+                         m->cache_batch, m->cache_cap, T, (long long)m->cache_len);
+    bool was = moe_grad_set_enabled(false);
+    moe_tensor *ids = moe_tensor_from_host(MOE_LIFE_STEP, m->dev, MOE_I32, 2, (int64_t[]){B, T}, tokens);
+    moe_tensor *x = ids ? run_blocks(m, moe_embedding(C(m->embed), ids), B, T, m->cache_len, NULL, NULL) : NULL;
+    moe_tensor *last = moe_reshape(moe_slice(x, 1, T - 1, T), 2, (int64_t[]){B, c->d_model});
+    moe_tensor *hf = moe_rmsnorm(last, C(m->final_norm), c->norm_eps);
+    moe_tensor *lg = moe_cast(moe_matmul(hf, moe_transpose(lm_head(m), 0, 1)), MOE_F32);
+    moe_tensor *host = lg ? moe_tensor_to(lg, MOE_CPU, MOE_LIFE_STEP) : NULL;
+    moe_grad_set_enabled(was);
+    if (!host) return moe_last_status();
+    memcpy(logits, host->data, sizeof(float) * (size_t)B * (size_t)c->vocab_size);
+    m->cache_len += T;
+    return MOE_OK;
+}
+
+moe_status moe_model_update_router_bias(moe_model *m, const int64_t *load) {
+    const moe_cfg_model *c = &m->cfg.model;
+    for (int i = 0; i < c->n_layers; i++)
+        if (!m->blocks[i].dense) MOE_TRY(moe_router_update_bias(&m->blocks[i].moe.router, load + i * c->n_experts));
+    return MOE_OK;
+}

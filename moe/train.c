@@ -1,0 +1,331 @@
+/* The training loop (see train.h). */
+#include "moe/train.h"
+
+#include <errno.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "core/autograd.h"
+#include "core/h5file.h"
+#include "core/memory.h"
+#include "core/ops.h"
+#include "moe/checkpoint.h"
+#include "moe/data.h"
+#include "moe/model.h"
+#include "optim/optim.h"
+#include "optim/schedule.h"
+
+static volatile sig_atomic_t stop_requested;
+
+void moe_train_request_stop(void) { stop_requested = 1; }
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+moe_status moe_evaluate(moe_model *m, const moe_token_file *val, int batches, double *loss, double *bpb) {
+    int B = m->cfg.data.batch_size, T = m->cfg.model.seq_len;
+    moe_eval_iter it;
+    MOE_TRY(moe_eval_iter_init(&it, val, B, T, (uint64_t)batches));
+    int32_t *in = malloc(sizeof(int32_t) * (size_t)B * (size_t)T), *tg = malloc(sizeof(int32_t) * (size_t)B * (size_t)T);
+    if (!in || !tg) {
+        free(in);
+        free(tg);
+        return moe_error(MOE_ERR_OOM, "evaluation: out of host memory");
+    }
+    bool was = moe_grad_set_enabled(false);
+    double sum = 0;
+    int n = 0;
+    moe_status s = MOE_OK;
+    while (s == MOE_OK && moe_eval_iter_next(&it, 0, 1, in, tg)) {
+        moe_step_reset();
+        moe_loss_parts parts;
+        s = moe_model_loss(m, in, tg, B, T, &parts);
+        if (s == MOE_OK) {
+            sum += parts.ce;
+            n++;
+        }
+    }
+    moe_grad_set_enabled(was);
+    moe_step_reset();
+    free(in);
+    free(tg);
+    MOE_TRY(s);
+    if (n == 0) return moe_error(MOE_ERR_INVALID, "evaluation: the validation file %s is too short for one batch of %dx%d",
+                                 moe_data_path(val), B, T);
+    *loss = sum / n;
+    *bpb = *loss / log(2.0) / moe_data_bytes_per_token(val);
+    return MOE_OK;
+}
+
+/* Per-layer min/max share and coefficient of variation of the expert load. */
+static void load_stats(const int64_t *load, int E, double *min_share, double *max_share, double *cv) {
+    double tot = 0, mn = 1e30, mx = 0;
+    for (int e = 0; e < E; e++) tot += (double)load[e];
+    double mean = tot / E, var = 0;
+    for (int e = 0; e < E; e++) {
+        double sh = tot > 0 ? load[e] / tot : 0;
+        mn = fmin(mn, sh);
+        mx = fmax(mx, sh);
+        var += ((double)load[e] - mean) * ((double)load[e] - mean) / E;
+    }
+    *min_share = mn;
+    *max_share = mx;
+    *cv = mean > 0 ? sqrt(var) / mean : 0;
+}
+
+static void on_sigint(int sig) {
+    (void)sig;
+    stop_requested = 1;
+}
+
+typedef struct trainer {
+    const moe_config *cfg;
+    moe_model model;
+    moe_optimizer *opt;
+    moe_tensor **params;
+    int n_params;
+    moe_token_file *train, *val;
+    moe_loader *loader;
+    moe_train_state st;
+    FILE *metrics;
+    char dir[512];
+} trainer;
+
+static moe_status save_checkpoint(trainer *t, moe_train_summary *sum) {
+    char path[640];
+    snprintf(path, sizeof path, "%s/ckpt-%06lld.h5", t->dir, (long long)t->st.step);
+    moe_loader_state ls = moe_loader_get_state(t->loader);
+    t->st.loader_seed = ls.seed;
+    t->st.loader_step = ls.step;
+    MOE_TRY(moe_checkpoint_save(path, &t->model, t->opt, &t->st));
+    snprintf(sum->last_checkpoint, sizeof sum->last_checkpoint, "%s", path);
+    if (t->cfg->checkpoint.keep > 0) MOE_TRY(moe_h5_keep_last(t->dir, "ckpt-", ".h5", t->cfg->checkpoint.keep));
+    return MOE_OK;
+}
+
+static moe_status mkdir_p(const char *dir) {
+    char buf[512];
+    snprintf(buf, sizeof buf, "%s", dir);
+    for (char *p = buf + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = '\0';
+        if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+            return moe_error(MOE_ERR_IO, "cannot create directory %s: %s", buf, strerror(errno));
+        *p = '/';
+    }
+    if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+        return moe_error(MOE_ERR_IO, "cannot create the run directory %s: %s", buf, strerror(errno));
+    return MOE_OK;
+}
+
+static moe_status trainer_open(trainer *t, const moe_config *cfg, const moe_train_options *o) {
+    memset(t, 0, sizeof *t);
+    t->cfg = cfg;
+    snprintf(t->dir, sizeof t->dir, "%s", o->resume_dir ? o->resume_dir : cfg->checkpoint.dir);
+    MOE_TRY(mkdir_p(t->dir));
+    MOE_TRY(moe_data_open(cfg->data.train_path, &t->train));
+    MOE_TRY(moe_data_open(cfg->data.val_path, &t->val));
+    if (moe_data_vocab(t->train) > cfg->model.vocab_size)
+        return moe_error(MOE_ERR_CONFIG, "model.vocab_size=%d is smaller than the vocabulary of %s (%d)",
+                         cfg->model.vocab_size, cfg->data.train_path, moe_data_vocab(t->train));
+    MOE_TRY(moe_model_init(&t->model, cfg, 0, 1));
+    t->params = moe_model_param_tensors(&t->model, &t->n_params);
+    moe_optim_config oc = moe_optim_config_default(cfg->train.optimizer == MOE_CFG_OPTIMIZER_SGD ? MOE_OPTIM_SGD : MOE_OPTIM_ADAMW);
+    oc.beta1 = cfg->train.beta1;
+    oc.beta2 = cfg->train.beta2;
+    oc.eps = cfg->train.eps;
+    oc.weight_decay = cfg->train.weight_decay;
+    oc.momentum = cfg->train.momentum;
+    t->opt = moe_optimizer_create(t->params, t->n_params, &oc);
+    if (!t->opt) return moe_last_status();
+    MOE_TRY(moe_loader_create(t->train, (uint64_t)cfg->train.seed, cfg->data.batch_size, cfg->model.seq_len, &t->loader));
+    if (o->resume_dir) {
+        char path[640];
+        MOE_TRY(moe_h5_find_latest(t->dir, "ckpt-", ".h5", path, sizeof path));
+        MOE_TRY(moe_checkpoint_load(path, &t->model, t->opt, &t->st));
+        moe_loader_set_state(t->loader, (moe_loader_state){t->st.loader_seed, t->st.loader_step});
+        fprintf(stderr, "resumed from %s at step %lld\n", path, (long long)t->st.step);
+    }
+    char mpath[640];
+    snprintf(mpath, sizeof mpath, "%s/metrics.jsonl", t->dir);
+    t->metrics = fopen(mpath, o->resume_dir ? "a" : "w");
+    if (!t->metrics) return moe_error(MOE_ERR_IO, "cannot write %s: %s", mpath, strerror(errno));
+    return MOE_OK;
+}
+
+static void trainer_close(trainer *t) {
+    if (t->metrics) fclose(t->metrics);
+    moe_optimizer_free(t->opt);
+    free(t->params);
+    moe_model_free(&t->model);
+    moe_loader_free(t->loader);
+    moe_data_close(t->train);
+    moe_data_close(t->val);
+    moe_step_reset();
+}
+
+static void write_metrics(trainer *t, const char *fmt_extra, double loss, double aux, double z, double lr, double gnorm,
+                          double tps, const int64_t *load) {
+    const moe_cfg_model *c = &t->cfg->model;
+    FILE *f = t->metrics;
+    fprintf(f, "{\"step\":%lld,\"loss\":%.6f,\"aux_loss\":%.6g,\"z_loss\":%.6g,\"lr\":%.6g,\"grad_norm\":%.6g,"
+               "\"tokens_per_s\":%.1f%s",
+            (long long)t->st.step, loss, aux, z, lr, gnorm, tps, fmt_extra);
+    if (load) {
+        fputs(",\"expert_load\":[", f);
+        bool first = true;
+        for (int i = 0; i < c->n_layers; i++) {
+            if (t->model.blocks[i].dense) continue;
+            double tot = 0;
+            for (int e = 0; e < c->n_experts; e++) tot += (double)load[i * c->n_experts + e];
+            fprintf(f, "%s[", first ? "" : ",");
+            first = false;
+            for (int e = 0; e < c->n_experts; e++) fprintf(f, "%s%.4f", e ? "," : "", tot > 0 ? load[i * c->n_experts + e] / tot : 0);
+            fputc(']', f);
+        }
+        fputc(']', f);
+    }
+    fputs("}\n", f);
+    fflush(f);
+}
+
+moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_train_summary *sum) {
+    memset(sum, 0, sizeof *sum);
+    trainer t;
+    moe_status s = trainer_open(&t, cfg, o);
+    if (s != MOE_OK) {
+        trainer_close(&t);
+        return s;
+    }
+    const moe_cfg_train *tc = &cfg->train;
+    const moe_cfg_model *mc = &cfg->model;
+    int B = cfg->data.batch_size, T = mc->seq_len, A = tc->grad_accum, Bm = B / A;
+    size_t nb = (size_t)B * (size_t)T;
+    int32_t *in = malloc(sizeof(int32_t) * nb), *tg = malloc(sizeof(int32_t) * nb);
+    int64_t *load = calloc((size_t)(mc->n_layers * mc->n_experts), sizeof(int64_t));
+    sum->unigram_bpb = moe_data_unigram_bpb(t.val);
+    fprintf(stderr, "model: %.2fM parameters (%.2fM active per token), %d layers, %d experts top-%d, on %s %s\n",
+            moe_model_param_count(&t.model, false) / 1e6, moe_model_param_count(&t.model, true) / 1e6, mc->n_layers,
+            mc->n_experts, mc->top_k, moe_device_name(t.model.dev), moe_dtype_name(t.model.compute));
+    moe_lr_schedule sched = {tc->schedule == MOE_CFG_SCHEDULE_COSINE ? MOE_LR_COSINE : MOE_LR_CONSTANT, tc->lr,
+                             tc->min_lr, tc->warmup, tc->steps > tc->warmup ? tc->steps : tc->warmup};
+    stop_requested = 0;
+    void (*old_handler)(int) = signal(SIGINT, on_sigint);
+    bool tty = isatty(STDERR_FILENO) && !o->quiet;
+    int consecutive_bad = 0;
+    double t_start = now_s(), tokens_done = 0, last_loss = NAN;
+    while (s == MOE_OK && t.st.step < tc->steps) {
+        if (stop_requested) {
+            fprintf(stderr, "\ninterrupted: saving a checkpoint at step %lld\n", (long long)t.st.step);
+            s = save_checkpoint(&t, sum);
+            if (s == MOE_OK) s = moe_error(MOE_ERR_INTERRUPTED, "training interrupted at step %lld; resume with --resume %s",
+                                           (long long)t.st.step, t.dir);
+            break;
+        }
+        double t0 = now_s();
+        double lr = moe_lr_at(&sched, t.st.step);
+        moe_loader_next(t.loader, 0, 1, in, tg);
+        double loss = 0, aux = 0, z = 0;
+        memset(load, 0, sizeof(int64_t) * (size_t)(mc->n_layers * mc->n_experts));
+        bool bad = false;
+        for (int a = 0; a < A && s == MOE_OK; a++) {
+            moe_step_reset();
+            moe_loss_parts parts;
+            s = moe_model_loss(&t.model, in + (size_t)a * Bm * T, tg + (size_t)a * Bm * T, Bm, T, &parts);
+            if (s != MOE_OK) break;
+            double lv = moe_tensor_item(parts.loss);
+            if (!isfinite(lv)) {
+                bad = true;
+                break;
+            }
+            loss += lv / A;
+            aux += parts.aux / A;
+            z += parts.z / A;
+            for (int i = 0; i < mc->n_layers * mc->n_experts; i++) load[i] += parts.load[i];
+            s = moe_backward(A > 1 ? moe_mul_scalar(parts.loss, 1.0 / A) : parts.loss);
+        }
+        if (s != MOE_OK) break;
+        double gnorm = 0, scale = 1;
+        if (!bad) {
+            moe_status cs = moe_clip_grad_norm(t.params, t.n_params, tc->grad_clip, &gnorm, &scale);
+            if (cs == MOE_ERR_NUMERIC) bad = true;
+            else if (cs != MOE_OK) { s = cs; break; }
+        }
+        if (bad) {
+            t.st.bad_steps++;
+            consecutive_bad++;
+            fprintf(stderr, "\nstep %lld: non-finite loss or gradient, step skipped (%d in a row, %lld in all)\n",
+                    (long long)t.st.step, consecutive_bad, (long long)t.st.bad_steps);
+            fprintf(t.metrics, "{\"step\":%lld,\"skipped\":true,\"bad_steps\":%lld}\n", (long long)t.st.step,
+                    (long long)t.st.bad_steps);
+            s = moe_optimizer_zero_grad(t.opt);
+            if (s == MOE_OK && consecutive_bad >= tc->max_bad_steps)
+                s = moe_error(MOE_ERR_NUMERIC, "%d steps in a row had a non-finite loss or gradient (train.max_bad_steps=%d); "
+                              "the last good checkpoint is in %s", consecutive_bad, tc->max_bad_steps, t.dir);
+            t.st.step++;
+            continue;
+        }
+        consecutive_bad = 0;
+        s = moe_optimizer_step(t.opt, lr, scale);
+        if (s == MOE_OK) s = moe_optimizer_zero_grad(t.opt);
+        if (s == MOE_OK) s = moe_model_update_router_bias(&t.model, load);
+        if (s != MOE_OK) break;
+        t.st.step++;
+        last_loss = loss;
+        double dt = now_s() - t0;
+        tokens_done += (double)nb;
+        double tps = nb / dt;
+        bool do_eval = (tc->eval_every > 0 && t.st.step % tc->eval_every == 0) || t.st.step == tc->steps;
+        char extra[128] = "";
+        if (do_eval) {
+            double vl, vb;
+            s = moe_evaluate(&t.model, t.val, tc->eval_batches, &vl, &vb);
+            if (s != MOE_OK) break;
+            sum->val_loss = vl;
+            sum->val_bpb = vb;
+            snprintf(extra, sizeof extra, ",\"val_loss\":%.6f,\"val_bpb\":%.6f", vl, vb);
+        }
+        if (t.st.step % tc->log_every == 0 || do_eval || t.st.step == tc->steps) {
+            write_metrics(&t, extra, loss, aux, z, lr, gnorm, tps, load);
+            double mn = 1, mx = 0, cvmax = 0;
+            for (int i = 0; i < mc->n_layers; i++) {
+                if (t.model.blocks[i].dense) continue;
+                double a, b, c;
+                load_stats(load + i * mc->n_experts, mc->n_experts, &a, &b, &c);
+                mn = fmin(mn, a);
+                mx = fmax(mx, b);
+                cvmax = fmax(cvmax, c);
+            }
+            double elapsed = now_s() - t_start, eta = elapsed / tokens_done * (double)nb * (tc->steps - t.st.step);
+            if (!o->quiet)
+                fprintf(stderr, "%sstep %5lld/%d  loss %.4f  aux %.4f  lr %.2e  |g| %.3f  %.0f tok/s  load %.2f..%.2f cv %.2f  eta %.0fs%s%s",
+                        tty ? "\r" : "", (long long)t.st.step, tc->steps, loss, aux, lr, gnorm, tps, mn, mx, cvmax, eta,
+                        do_eval ? "" : "   ", (do_eval || !tty) ? "\n" : "");
+            if (do_eval && !o->quiet)
+                fprintf(stderr, "  eval: val_loss %.4f  val_bpb %.4f  (unigram baseline %.4f bpb)\n", sum->val_loss,
+                        sum->val_bpb, sum->unigram_bpb);
+        }
+        if (cfg->checkpoint.every > 0 && t.st.step % cfg->checkpoint.every == 0 && t.st.step < tc->steps)
+            s = save_checkpoint(&t, sum);
+    }
+    if (s == MOE_OK) s = save_checkpoint(&t, sum);
+    signal(SIGINT, old_handler);
+    sum->steps_done = t.st.step;
+    sum->final_loss = last_loss;
+    sum->bad_steps = t.st.bad_steps;
+    sum->tokens_per_s = tokens_done / (now_s() - t_start);
+    free(in);
+    free(tg);
+    free(load);
+    trainer_close(&t);
+    return s;
+}

@@ -1,0 +1,32 @@
+/* The training loop behind `moe train`: data, model, optimizer, schedule, clipping,
+ * gradient accumulation, NaN/Inf step skipping, periodic evaluation, metrics (JSON lines
+ * in the run directory and a progress line on stderr), checkpoints and exact resume. */
+#ifndef MOE_MOE_TRAIN_H
+#define MOE_MOE_TRAIN_H
+
+#include "moe/config.h"
+
+typedef struct moe_train_options {
+    const char *resume_dir; /* continue from the newest good checkpoint there, or NULL */
+    bool quiet;             /* no progress line */
+} moe_train_options;
+
+typedef struct moe_train_summary {
+    int64_t steps_done;
+    double final_loss, val_loss, val_bpb, unigram_bpb;
+    double tokens_per_s;
+    int64_t bad_steps;
+    char last_checkpoint[640];
+} moe_train_summary;
+
+moe_status moe_train_run(const moe_config *cfg, const moe_train_options *opt, moe_train_summary *sum);
+
+/* Validation loss (nats per token) and bits per byte over cfg->train.eval_batches batches. */
+typedef struct moe_model moe_model;
+typedef struct moe_token_file moe_token_file;
+moe_status moe_evaluate(moe_model *m, const moe_token_file *val, int batches, double *loss, double *bpb);
+
+/* Set by the SIGINT handler; the loop saves a checkpoint and stops at the next step. */
+void moe_train_request_stop(void);
+
+#endif

@@ -1,0 +1,75 @@
+/* CUDA memory: after the first steps a training-like step (matmul, add, sum, forward and
+ * backward, moe_step_reset between steps) never calls the device allocator again; and a
+ * round trip host -> device -> host keeps every value. */
+#include <math.h>
+#include <stdio.h>
+
+#include "core/autograd.h"
+#include "core/kernels.h"
+#include "core/memory.h"
+#include "core/ops.h"
+#include "tests/harness/testlib.h"
+
+/* One step: loss = sum((x @ w + b) * x2) with grads of w and b. */
+static bool step(moe_tensor *w, moe_tensor *b, uint64_t seed) {
+    moe_tensor *x = moe_tensor_randn(MOE_LIFE_STEP, MOE_CUDA, MOE_F32, 3, (int64_t[]){4, 16, 32}, seed, 0, 1.0);
+    moe_tensor *x2 = moe_tensor_randn(MOE_LIFE_STEP, MOE_CUDA, MOE_F32, 3, (int64_t[]){4, 16, 24}, seed, 7, 1.0);
+    moe_tensor *h = moe_add(moe_matmul(x, w), b);
+    moe_tensor *loss = moe_sum_all(moe_mul(h, x2));
+    bool ok = loss && moe_backward(loss) == MOE_OK && w->grad && b->grad;
+    if (!ok) fprintf(stderr, "  step failed: %s\n", moe_last_error());
+    return ok;
+}
+
+static void test_steady_state_no_alloc(void) {
+    if (!moe_backend_get(MOE_CUDA)) {
+        CU_FAIL("no CUDA device");
+        return;
+    }
+    moe_tensor *w = moe_tensor_randn(MOE_LIFE_PERSIST, MOE_CUDA, MOE_F32, 2, (int64_t[]){32, 24}, 1, 0, 0.1);
+    moe_tensor *b = moe_tensor_zeros(MOE_LIFE_PERSIST, MOE_CUDA, MOE_F32, 1, (int64_t[]){24});
+    CU_ASSERT_PTR_NOT_NULL_FATAL(w);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(b);
+    moe_param_init(w, "w");
+    moe_param_init(b, "b");
+    size_t allocs_at_3 = 0;
+    for (int s = 1; s <= 10; s++) {
+        moe_tensor *ps[2] = {w, b};
+        CU_ASSERT_EQUAL(moe_zero_grad(ps, 2), MOE_OK);
+        CU_ASSERT_FATAL(step(w, b, (uint64_t)s));
+        CU_ASSERT_EQUAL(moe_backend_get(MOE_CUDA)->sync(), MOE_OK);
+        moe_step_reset();
+        moe_mem_stats st = moe_mem_get_stats(MOE_CUDA);
+        if (s == 3) allocs_at_3 = st.backend_allocs;
+        if (s > 3) CU_ASSERT_EQUAL(st.backend_allocs, allocs_at_3);
+        if (s == 10)
+            fprintf(stderr, "  backend allocs %zu, step peak %zu bytes, arena %zu bytes\n", st.backend_allocs,
+                    st.step_peak, st.step_capacity);
+    }
+    moe_tensor_free(w);
+    moe_tensor_free(b);
+}
+
+static void test_round_trip(void) {
+    if (!moe_backend_get(MOE_CUDA)) {
+        CU_FAIL("no CUDA device");
+        return;
+    }
+    double src[6] = {1.5, -2.25, 3.0, 1e-3, -7.0, 42.0}, back[6] = {0};
+    moe_tensor *h = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 2, (int64_t[]){2, 3}, src);
+    moe_tensor *d = moe_tensor_to(h, MOE_CUDA, MOE_LIFE_STEP);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(d);
+    moe_tensor *f = moe_tensor_empty(MOE_LIFE_STEP, MOE_CUDA, MOE_F32, 2, (int64_t[]){2, 3});
+    CU_ASSERT_EQUAL_FATAL(moe_tensor_copy_(f, d), MOE_OK); /* f64 -> f32 cast on the device */
+    CU_ASSERT_EQUAL_FATAL(moe_tensor_to_host_f64(f, back), MOE_OK);
+    for (int i = 0; i < 6; i++) CU_ASSERT_DOUBLE_EQUAL(back[i], (double)(float)src[i], 0);
+    moe_step_reset();
+}
+
+static void register_suites(void) {
+    moe_test_add_suite("cuda_memory", (moe_test_entry[]){{"steady-state steps never allocate", test_steady_state_no_alloc},
+                                                          {"host/device round trip", test_round_trip},
+                                                          {NULL, NULL}});
+}
+
+int main(int argc, char **argv) { return moe_test_main(argc, argv, register_suites); }
