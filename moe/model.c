@@ -209,11 +209,12 @@ moe_status moe_model_loss(moe_model *m, const int32_t *inputs, const int32_t *ta
     moe_tensor *hf = moe_reshape(moe_rmsnorm(x, C(m->final_norm), c->norm_eps), 2, (int64_t[]){bt, c->d_model});
     moe_tensor *ce = moe_cross_entropy(hf, lm_head(m), tg);
     if (!ce) return moe_last_status();
-    moe_tensor *loss = moe_cast(ce, MOE_F32);
+    moe_dtype ldt = m->compute == MOE_F64 ? MOE_F64 : MOE_F32; /* F64: the gradient-check reference */
+    moe_tensor *loss = moe_cast(ce, ldt);
     int n_moe = c->n_layers - c->dense_layers;
     for (int j = 0; j < 2; j++) {
         if (!aux[j]) continue;
-        moe_tensor *avg = moe_mul_scalar(moe_cast(aux[j], MOE_F32), 1.0 / (n_moe > 0 ? n_moe : 1));
+        moe_tensor *avg = moe_mul_scalar(moe_cast(aux[j], ldt), 1.0 / (n_moe > 0 ? n_moe : 1));
         loss = moe_add(loss, avg);
         double v = avg ? moe_tensor_item(avg) : NAN;
         if (j == 0) out->aux = v;

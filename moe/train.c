@@ -224,6 +224,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
     int consecutive_bad = 0;
     double t_start = now_s(), tokens_done = 0, last_loss = NAN;
     while (s == MOE_OK && t.st.step < tc->steps) {
+        if (o->stop_after > 0 && t.st.step >= o->stop_after) break;
         if (stop_requested) {
             fprintf(stderr, "\ninterrupted: saving a checkpoint at step %lld\n", (long long)t.st.step);
             s = save_checkpoint(&t, sum);

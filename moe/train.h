@@ -9,6 +9,7 @@
 typedef struct moe_train_options {
     const char *resume_dir; /* continue from the newest good checkpoint there, or NULL */
     bool quiet;             /* no progress line */
+    int64_t stop_after;     /* > 0: save a checkpoint and stop after this many steps (as if interrupted) */
 } moe_train_options;
 
 typedef struct moe_train_summary {

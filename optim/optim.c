@@ -8,7 +8,6 @@
 
 #include "core/autograd.h"
 #include "core/fused.h"
-#include "core/memory.h"
 
 typedef struct optim_slot {
     moe_tensor *param;

@@ -25,8 +25,8 @@ typedef struct moe_lr_schedule {
  * Expects a schedule that passed moe_lr_schedule_check and s >= 0. */
 double moe_lr_at(const moe_lr_schedule *sched, int64_t s);
 
-/* MOE_ERR_CONFIG with the reason when lr <= 0, min_lr outside [0, lr], warmup < 0 or,
- * for cosine, total < warmup. */
+/* MOE_ERR_CONFIG with the reason when lr <= 0 or warmup < 0, or, for cosine, min_lr
+ * outside [0, lr] or total < warmup. */
 moe_status moe_lr_schedule_check(const moe_lr_schedule *sched);
 
 /* "constant" / "cosine" -> kind; MOE_ERR_CONFIG naming the accepted values otherwise. */

@@ -21,6 +21,7 @@ skipped with a note on stderr. The written paths are printed on stdout.
 import argparse
 import json
 import os
+import re
 import sys
 
 try:
@@ -32,6 +33,7 @@ try:
 except ImportError as exc:
     sys.exit(f"plot-run.py: needs matplotlib and numpy ({exc}); on Debian: apt-get install python3-matplotlib")
 
+C_NONFINITE = re.compile(r"(?<=[:,\[])\s*(-?)(nan|inf)\b", re.IGNORECASE)
 LAST_FRACTION = 0.2  # expert loads are averaged over this last share of the logged steps
 
 
@@ -49,7 +51,10 @@ def read_metrics(run_dir):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            rec = None
+            try:  # C's printf writes nan, -nan, inf for a diverged run: read them as NaN / Infinity
+                rec = json.loads(C_NONFINITE.sub(lambda m: "NaN" if "n" in m.group(2) else m.group(1) + "Infinity", line))
+            except json.JSONDecodeError:
+                rec = None
         if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
             last = all(not rest.strip() for rest in lines[no:])
             what = "unparsable last line (partially written?)" if last else "unparsable line"
@@ -83,11 +88,11 @@ def run_label(run_dir):
 
 def set_loss_ylim(ax, arrays):
     """Start the y axis above the early, steep part of the curve so the tail stays readable."""
-    vals = np.concatenate([a for a in arrays if len(a)] or [np.zeros(1)])
-    vals = vals[np.isfinite(vals)]
+    finite = [a[np.isfinite(a)] for a in arrays]
+    vals = np.concatenate([a for a in finite if len(a)] or [np.zeros(0)])
     if len(vals) < 10:
         return
-    tail = np.concatenate([a[len(a) // 20:] for a in arrays if len(a)])
+    tail = np.concatenate([a[len(a) // 20:] for a in finite if len(a)])
     lo, hi = vals.min(), np.percentile(tail, 99.5)
     pad = 0.05 * max(hi - lo, 1e-6)
     ax.set_ylim(lo - pad, hi + pad)
@@ -170,7 +175,8 @@ def plot_expert_load(records, run_dir, out_dir):
                  f"mean of the last {len(tail)} of {len(stack)} logged steps "
                  f"(steps {steps[-len(tail)]:.0f}-{steps[-1]:.0f})")
     fig.colorbar(im, ax=ax, label="share of tokens (%)", pad=0.01)
-    cv = np.nanstd(stack, axis=2) / np.nanmean(stack, axis=2)  # steps × layers, across experts
+    with np.errstate(invalid="ignore", divide="ignore"):  # a layer with no tokens logged gives NaN
+        cv = np.nanstd(stack, axis=2) / np.nanmean(stack, axis=2)  # steps × layers, across experts
     for i in range(n_layers):
         ax2.plot(steps, cv[:, i], lw=1.3, label=f"layer {i}")
     ax2.set_xlabel("step")

@@ -330,6 +330,12 @@ static void test_fused_checks(void) {
     CU_ASSERT_EQUAL(moe_tensor_item(acc), 30.25);
     CHECK_OK(moe_fused_sumsq(ts, 1, acc));
     CU_ASSERT_EQUAL(moe_tensor_item(acc), 44.25);
+    /* Large enough for the OpenMP path: 100000 * 0.5^2. */
+    moe_tensor *big = moe_tensor_empty(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 1, (int64_t[]){100000});
+    CHECK_OK(moe_tensor_fill(big, 0.5));
+    CHECK_OK(moe_tensor_fill(acc, 0));
+    CHECK_OK(moe_fused_sumsq((const moe_tensor *[]){big}, 1, acc));
+    CU_ASSERT_EQUAL(moe_tensor_item(acc), 25000.0);
     moe_tensor *acc64 = moe_tensor_zeros(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 1, (int64_t[]){1});
     CU_ASSERT_EQUAL(moe_fused_sumsq(ts, 1, acc64), MOE_ERR_INVALID);
     CHECK_ERROR_HAS("sumsq");

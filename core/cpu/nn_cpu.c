@@ -14,6 +14,28 @@
 moe_status moe_cpu_gemm(const moe_tensor *A, const moe_tensor *B, moe_tensor *C, float alpha, float beta);
 
 /* ---- contiguous vector helpers, one per float type, picked by the element type ---- */
+
+/* exp for float that vectorises inside an omp simd loop (Cephes expf: 2^n * p(r),
+ * |r| <= ln2 / 2, about 2 ulp); below -87.3 it returns 0. The float kernels use it for
+ * the softmax probabilities; the double kernels (the gradcheck reference) use libm. */
+static inline float nn_exp_f32(float x) {
+    const float lo = x < -87.0f ? -87.0f : x, xc = lo > 88.0f ? 88.0f : lo;
+    const float n = floorf(xc * 1.44269504088896341f + 0.5f);
+    const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return x < -87.0f ? 0.0f : p * two_n;
+}
+static inline double nn_exp_f64(double x) { return exp(x); }
+
 #define NN_VEC_DEFS(TT, SUF)                                                              \
     static inline TT nn_dot_##SUF(const TT *x, const TT *y, int64_t n) {                  \
         TT acc = 0;                                                                       \
@@ -26,6 +48,26 @@ moe_status moe_cpu_gemm(const moe_tensor *A, const moe_tensor *B, moe_tensor *C,
     }                                                                                     \
     static inline void nn_scale_##SUF(TT *y, TT alpha, int64_t n) {                       \
         _Pragma("omp simd") for (int64_t i = 0; i < n; i++) y[i] *= alpha;                \
+    }                                                                                     \
+    /* s[j] = sum_e x[e] * alpha * pt[e * ld + j] for j < n: a row times a packed,        \
+     * transposed block (pt[e][j] = row j's element e), vectorised over j. */             \
+    static inline void nn_row_times_packed_##SUF(TT *s, const TT *x, TT alpha, const TT *pt, \
+                                                 int64_t hd, int64_t ld, int64_t n) {     \
+        for (int64_t j = 0; j < n; j++) s[j] = 0;                                         \
+        for (int64_t e = 0; e < hd; e++) {                                                \
+            const TT xe = x[e] * alpha;                                                   \
+            const TT *pe = pt + e * ld;                                                   \
+            _Pragma("omp simd") for (int64_t j = 0; j < n; j++) s[j] += xe * pe[j];       \
+        }                                                                                 \
+    }                                                                                     \
+    /* s[j] = exp(s[j] - shift) for j < n; returns the sum. */                            \
+    static __attribute__((noinline)) TT nn_exp_shift_##SUF(TT *s, TT shift, int64_t n) {    \
+        TT sum = 0;                                                                       \
+        _Pragma("omp simd reduction(+ : sum)") for (int64_t j = 0; j < n; j++) {          \
+            s[j] = nn_exp_##SUF(s[j] - shift);                                            \
+            sum += s[j];                                                                  \
+        }                                                                                 \
+        return sum;                                                                       \
     }
 NN_VEC_DEFS(float, f32)
 NN_VEC_DEFS(double, f64)
@@ -33,6 +75,8 @@ NN_VEC_DEFS(double, f64)
 #define nn_dot(x, y, n) NN_PICK(x, nn_dot)(x, y, n)
 #define nn_axpy(y, alpha, x, n) NN_PICK(y, nn_axpy)(y, alpha, x, n)
 #define nn_scale(y, alpha, n) NN_PICK(y, nn_scale)(y, alpha, n)
+#define nn_row_times_packed(s, x, alpha, pt, hd, ld, n) NN_PICK(s, nn_row_times_packed)(s, x, alpha, pt, hd, ld, n)
+#define nn_exp_shift(s, shift, n) NN_PICK(s, nn_exp_shift)(s, shift, n)
 
 static inline int64_t nn_min(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -103,26 +147,39 @@ static inline int64_t attn_row(const moe_tensor *x, int64_t b, int64_t t, int64_
     return b * x->strides[0] + t * x->strides[1] + h * x->strides[2];
 }
 
+/* Keys [k0, k0 + nk) of (b, kv head) transposed into pt[e * ATTN_BK + j]. */
+#define ATTN_PACK(T, pt, base, x, b, k0, nk, kvh, hd)                          \
+    for (int64_t j_ = 0; j_ < (nk); j_++) {                                    \
+        const T *r_ = (base) + attn_row((x), (b), (k0) + j_, (kvh));           \
+        for (int64_t e_ = 0; e_ < (hd); e_++) (pt)[e_ * ATTN_BK + j_] = r_[e_]; \
+    }
+
+/* Per-thread scratch of `per_thread` elements of `elem` bytes; NULL + error on OOM. */
+static void *attn_scratch(size_t per_thread, size_t elem, const char *kname) {
+    void *p = malloc(per_thread * elem * (size_t)omp_get_max_threads());
+    if (!p) moe_error(MOE_ERR_OOM, "%s: out of host memory for %d per-thread scratch blocks", kname, omp_get_max_threads());
+    return p;
+}
+
 /* ATTENTION: in[0] = q [B, Tq, H, hd], in[1] = k, in[2] = v [B, Tk, Hkv, hd] (any strides
  * with last stride 1; H % Hkv == 0), out = o [B, Tq, H, hd], out2 = lse [B, H, Tq]
  * contiguous in the dtype of q; attrs moe_attention_attrs {causal, scale} (dk, dv unused).
- * Head h reads kv head h / (H / Hkv). s_ij = scale * q_i . k_j; with causal, query i sees
- * keys j <= Tk - Tq + i (the front-end guarantees Tq <= Tk, so every row sees key 0).
+ * Head h reads kv head h / (H / Hkv). s_ij = (scale * q_i) . k_j; with causal, query i
+ * sees keys j <= Tk - Tq + i (the front-end guarantees Tq <= Tk, so every row sees key 0).
  * o_i = sum_j softmax_j(s_ij) v_j and lse_i = logsumexp_j s_ij, both by an online softmax
  * over key blocks of ATTN_BK (running max m, running sum l, accumulator rescaled by
- * exp(m_old - m_new)), accumulated in T. Tasks = (b, h, query block of ATTN_BQ). */
+ * exp(m_old - m_new)), accumulated in T. Tasks = (b, h, query block of ATTN_BQ); each
+ * key block is packed transposed so the scores of a row vectorise over keys. */
 moe_status moe_cpu_attention(const moe_kernel_args *a) {
     const moe_attention_attrs *at = a->attrs;
     const moe_tensor *q = a->in[0], *k = a->in[1], *v = a->in[2], *o = a->out;
     const int64_t B = q->shape[0], Tq = q->shape[1], H = q->shape[2], hd = q->shape[3];
     const int64_t Tk = k->shape[1], group = H / k->shape[2], shift = Tk - Tq;
     const int64_t nqb = (Tq + ATTN_BQ - 1) / ATTN_BQ;
-    const size_t per_thread = (size_t)(ATTN_BQ * hd + 2 * ATTN_BQ + ATTN_BK);
-    const int nthreads = omp_get_max_threads();
+    const size_t per_thread = (size_t)((ATTN_BQ + ATTN_BK) * hd + 2 * ATTN_BQ + ATTN_BK);
     CPU_FLOAT_DISPATCH(q->dtype, "attention",
-        T *scratch = malloc(sizeof(T) * per_thread * (size_t)nthreads);
-        if (!scratch)
-            return moe_error(MOE_ERR_OOM, "attention: out of host memory for %d thread scratch blocks", nthreads);
+        T *scratch = attn_scratch(per_thread, sizeof(T), "attention");
+        if (!scratch) return moe_last_status();
         const T *pq = (const T *)q->data, *pk = (const T *)k->data, *pv = (const T *)v->data;
         T *po = (T *)o->data, *plse = (T *)a->out2->data;
         const T scale = (T)at->scale;
@@ -131,7 +188,7 @@ _Pragma("omp parallel for collapse(3) schedule(dynamic)")
             for (int64_t h = 0; h < H; h++) {
                 for (int64_t qb = 0; qb < nqb; qb++) {
                     T *acc = scratch + per_thread * (size_t)omp_get_thread_num();
-                    T *m = acc + ATTN_BQ * hd, *l = m + ATTN_BQ, *s = l + ATTN_BQ;
+                    T *kt = acc + ATTN_BQ * hd, *m = kt + ATTN_BK * hd, *l = m + ATTN_BQ, *s = l + ATTN_BQ;
                     const int64_t q0 = qb * ATTN_BQ, nq = nn_min(ATTN_BQ, Tq - q0), kvh = h / group;
                     const int64_t kend = at->causal ? nn_min(Tk, shift + q0 + nq) : Tk;
                     memset(acc, 0, sizeof(T) * (size_t)(nq * hd));
@@ -141,25 +198,20 @@ _Pragma("omp parallel for collapse(3) schedule(dynamic)")
                     }
                     for (int64_t k0 = 0; k0 < kend; k0 += ATTN_BK) {
                         const int64_t nk = nn_min(ATTN_BK, kend - k0);
+                        ATTN_PACK(T, kt, pk, k, b, k0, nk, kvh, hd)
                         for (int64_t i = 0; i < nq; i++) {
                             const int64_t cnt = at->causal ? nn_min(nk, shift + q0 + i + 1 - k0) : nk;
                             if (cnt <= 0) continue;
-                            const T *qi = pq + attn_row(q, b, q0 + i, h);
                             T *ai = acc + i * hd, mx = m[i];
-                            for (int64_t j = 0; j < cnt; j++) {
-                                s[j] = scale * nn_dot(qi, pk + attn_row(k, b, k0 + j, kvh), hd);
-                                if (s[j] > mx) mx = s[j];
-                            }
+                            nn_row_times_packed(s, pq + attn_row(q, b, q0 + i, h), scale, kt, hd, ATTN_BK, cnt);
+                            for (int64_t j = 0; j < cnt; j++) mx = s[j] > mx ? s[j] : mx;
                             const T corr = exp(m[i] - mx);
                             if (corr != 1) {
                                 l[i] *= corr;
                                 nn_scale(ai, corr, hd);
                             }
-                            for (int64_t j = 0; j < cnt; j++) {
-                                const T p = exp(s[j] - mx);
-                                l[i] += p;
-                                nn_axpy(ai, p, pv + attn_row(v, b, k0 + j, kvh), hd);
-                            }
+                            l[i] += nn_exp_shift(s, mx, cnt);
+                            for (int64_t j = 0; j < cnt; j++) nn_axpy(ai, s[j], pv + attn_row(v, b, k0 + j, kvh), hd);
                             m[i] = mx;
                         }
                     }
@@ -181,7 +233,7 @@ _Pragma("omp parallel for collapse(3) schedule(dynamic)")
  * (grad of o) [B, Tq, H, hd], in[5] = lse [B, H, Tq] contiguous; out = dq [B, Tq, H, hd];
  * attrs.dk, attrs.dv = [B, Tk, Hkv, hd]. All [.., hd] operands: last stride 1. The kernel
  * writes dq, dk and dv fully (no pre-zeroing needed). Probabilities are recomputed block
- * by block, p_ij = exp(scale * q_i . k_j - lse_i), with D_i = g_i . o_i:
+ * by block, p_ij = exp((scale * q_i) . k_j - lse_i), with D_i = g_i . o_i:
  *   dv_j += p_ij g_i,   ds_ij = scale * p_ij (g_i . v_j - D_i),
  *   dq_i += ds_ij k_j,  dk_j += ds_ij q_i.
  * One task per (b, kv head) walks its query heads, query blocks and key blocks in a fixed
@@ -192,7 +244,10 @@ moe_status moe_cpu_attention_bwd(const moe_kernel_args *a) {
     const moe_tensor *dq = a->out, *dk = at->dk, *dv = at->dv;
     const int64_t B = q->shape[0], Tq = q->shape[1], H = q->shape[2], hd = q->shape[3];
     const int64_t Tk = k->shape[1], Hkv = k->shape[2], group = H / Hkv, shift = Tk - Tq;
+    const size_t per_thread = (size_t)(2 * ATTN_BK * hd + 2 * ATTN_BK + ATTN_BQ);
     CPU_FLOAT_DISPATCH(q->dtype, "attention_bwd",
+        T *scratch = attn_scratch(per_thread, sizeof(T), "attention_bwd");
+        if (!scratch) return moe_last_status();
         const T *pq = (const T *)q->data, *pk = (const T *)k->data, *pv = (const T *)v->data;
         const T *po = (const T *)o->data, *pg = (const T *)g->data, *plse = (const T *)a->in[5]->data;
         T *pdq = (T *)dq->data, *pdk = (T *)dk->data, *pdv = (T *)dv->data;
@@ -200,7 +255,8 @@ moe_status moe_cpu_attention_bwd(const moe_kernel_args *a) {
 _Pragma("omp parallel for collapse(2) schedule(dynamic)")
         for (int64_t b = 0; b < B; b++) {
             for (int64_t kvh = 0; kvh < Hkv; kvh++) {
-                T D[ATTN_BQ];
+                T *kt = scratch + per_thread * (size_t)omp_get_thread_num();
+                T *vt = kt + ATTN_BK * hd, *p = vt + ATTN_BK * hd, *ds = p + ATTN_BK, *D = ds + ATTN_BK;
                 for (int64_t j = 0; j < Tk; j++) {
                     memset(pdk + attn_row(dk, b, j, kvh), 0, sizeof(T) * (size_t)hd);
                     memset(pdv + attn_row(dv, b, j, kvh), 0, sizeof(T) * (size_t)hd);
@@ -215,18 +271,22 @@ _Pragma("omp parallel for collapse(2) schedule(dynamic)")
                         }
                         for (int64_t k0 = 0; k0 < kend; k0 += ATTN_BK) {
                             const int64_t nk = nn_min(ATTN_BK, kend - k0);
+                            ATTN_PACK(T, kt, pk, k, b, k0, nk, kvh, hd)
+                            ATTN_PACK(T, vt, pv, v, b, k0, nk, kvh, hd)
                             for (int64_t i = 0; i < nq; i++) {
                                 const int64_t cnt = at->causal ? nn_min(nk, shift + q0 + i + 1 - k0) : nk;
+                                if (cnt <= 0) continue;
                                 const T *qi = pq + attn_row(q, b, q0 + i, h), *gi = pg + attn_row(g, b, q0 + i, h);
                                 T *dqi = pdq + attn_row(dq, b, q0 + i, h);
-                                const T lse = plse[(b * H + h) * Tq + q0 + i];
+                                nn_row_times_packed(p, qi, scale, kt, hd, ATTN_BK, cnt);
+                                nn_row_times_packed(ds, gi, (T)1, vt, hd, ATTN_BK, cnt);
+                                nn_exp_shift(p, plse[(b * H + h) * Tq + q0 + i], cnt);
+                                for (int64_t j = 0; j < cnt; j++) ds[j] = scale * p[j] * (ds[j] - D[i]);
                                 for (int64_t j = 0; j < cnt; j++) {
-                                    const T *kj = pk + attn_row(k, b, k0 + j, kvh), *vj = pv + attn_row(v, b, k0 + j, kvh);
-                                    const T p = exp(scale * nn_dot(qi, kj, hd) - lse);
-                                    const T ds = scale * p * (nn_dot(gi, vj, hd) - D[i]);
-                                    nn_axpy(pdv + attn_row(dv, b, k0 + j, kvh), p, gi, hd);
-                                    nn_axpy(dqi, ds, kj, hd);
-                                    nn_axpy(pdk + attn_row(dk, b, k0 + j, kvh), ds, qi, hd);
+                                    const int64_t kr = attn_row(k, b, k0 + j, kvh);
+                                    nn_axpy(pdv + attn_row(dv, b, k0 + j, kvh), p[j], gi, hd);
+                                    nn_axpy(dqi, ds[j], pk + kr, hd);
+                                    nn_axpy(pdk + attn_row(dk, b, k0 + j, kvh), ds[j], qi, hd);
                                 }
                             }
                         }
@@ -234,6 +294,7 @@ _Pragma("omp parallel for collapse(2) schedule(dynamic)")
                 }
             }
         }
+        free(scratch);
     )
     return MOE_OK;
 }

@@ -1,13 +1,13 @@
 /* CPU kernels of the row-wise ops: softmax / log-softmax and its backward, logsumexp,
  * RMSNorm and LayerNorm with their backwards. Every tensor is contiguous [rows, d]
  * (core/ops_norm.c guarantees it); one thread handles a whole row, row sums accumulate
- * in double. Parameter grads are summed over rows in fixed column blocks, so they do
- * not depend on the thread count. Statistics and parameter grads have x's type T. */
+ * in double. Statistics and parameter grads have x's type T. */
+#include <stdlib.h>
+#include <string.h>
+
 #include "core/cpu/cpu_common.h"
 
-#define NORM_COL_BLOCK 32
-
-/* Per-type helpers, picked by _Generic on the row pointer. */
+/* Per-type softmax helpers, picked by _Generic on the row pointer. */
 #define NORM_DEFINE_HELPERS(T, sfx)                                                          \
     /* Largest element; NaN when any element is NaN (so it propagates). */                  \
     static inline T row_max_##sfx(const T *p, int64_t d) {                                   \
@@ -20,29 +20,6 @@
         double s = 0;                                                                        \
         for (int64_t c = 0; c < d; c++) s += exp(p[c] - m);                                  \
         return s;                                                                            \
-    }                                                                                        \
-    /* gw[c] += sum_r g[r,c] * (x[r,c] - mean_r) * rstd_r, gb[c] += sum_r g[r,c]; stats    \
-     * row r holds (rstd) when ns = 1 (mean 0) or (mean, rstd) when ns = 2; gb may be NULL. */ \
-    static void param_grads_##sfx(const T *g, const T *x, const T *st, int ns, int64_t rows, \
-                                  int64_t d, T *gw, T *gb) {                                 \
-        int64_t nb = (d + NORM_COL_BLOCK - 1) / NORM_COL_BLOCK;                              \
-        _Pragma("omp parallel for schedule(static) if (rows * d > 16384)")                   \
-        for (int64_t b = 0; b < nb; b++) {                                                   \
-            int64_t c0 = b * NORM_COL_BLOCK, w = d - c0 < NORM_COL_BLOCK ? d - c0 : NORM_COL_BLOCK; \
-            double aw[NORM_COL_BLOCK] = {0}, ab[NORM_COL_BLOCK] = {0};                       \
-            for (int64_t r = 0; r < rows; r++) {                                             \
-                const T *pg = g + r * d + c0, *px = x + r * d + c0;                          \
-                T mu = ns == 2 ? st[2 * r] : (T)0, rs = st[ns * r + ns - 1];                 \
-                for (int64_t c = 0; c < w; c++) {                                            \
-                    aw[c] += (double)pg[c] * (double)((px[c] - mu) * rs);                    \
-                    ab[c] += pg[c];                                                          \
-                }                                                                            \
-            }                                                                                \
-            for (int64_t c = 0; c < w; c++) {                                                \
-                gw[c0 + c] += (T)aw[c];                                                      \
-                if (gb) gb[c0 + c] += (T)ab[c];                                              \
-            }                                                                                \
-        }                                                                                    \
     }
 
 NORM_DEFINE_HELPERS(float, f)
@@ -50,8 +27,6 @@ NORM_DEFINE_HELPERS(double, d)
 
 #define row_max(p, d) _Generic((p), const float *: row_max_f, const double *: row_max_d)(p, d)
 #define row_sumexp(p, d, m) _Generic((p), const float *: row_sumexp_f, const double *: row_sumexp_d)(p, d, m)
-#define param_grads(g, x, st, ns, rows, d, gw, gb) \
-    _Generic((g), const float *: param_grads_f, const double *: param_grads_d)(g, x, st, ns, rows, d, gw, gb)
 
 /* Row max m is subtracted before exp. A row with m = -inf (every element -inf) gives
  * zeros (log-softmax: -inf) instead of NaN; a NaN anywhere in a row makes it all NaN. */
@@ -149,28 +124,6 @@ _Pragma("omp simd reduction(+:ss)")
     return MOE_OK;
 }
 
-/* in: g, x, w (NULL = 1), rstd. With xh = x * rstd and gh = g * w:
- * gx = rstd * (gh - xh * mean(gh * xh)); out2 (when given) += sum over rows of g * xh. */
-moe_status moe_cpu_rmsnorm_bwd(const moe_kernel_args *a) {
-    const moe_tensor *g = a->in[0], *x = a->in[1], *w = a->in[2], *st = a->in[3];
-    int64_t rows = cpu_rows(x), d = cpu_cols(x);
-    CPU_FLOAT_DISPATCH(x->dtype, "rmsnorm_bwd",
-        const T *pw = w ? (const T *)w->data : NULL, *prs = (const T *)st->data;
-_Pragma("omp parallel for schedule(static) if (rows * d > 16384)")
-        for (int64_t r = 0; r < rows; r++) {
-            const T *pg = (const T *)g->data + r * d, *px = (const T *)x->data + r * d;
-            T *po = (T *)a->out->data + r * d;
-            T rs = prs[r];
-            double dot = 0;
-_Pragma("omp simd reduction(+:dot)")
-            for (int64_t c = 0; c < d; c++) dot += (double)(pw ? pg[c] * pw[c] : pg[c]) * (px[c] * rs);
-            T k = (T)(dot / (double)d);
-            for (int64_t c = 0; c < d; c++) po[c] = rs * ((pw ? pg[c] * pw[c] : pg[c]) - px[c] * rs * k);
-        }
-        if (a->out2) param_grads((const T *)g->data, (const T *)x->data, prs, 1, rows, d, (T *)a->out2->data, NULL);)
-    return MOE_OK;
-}
-
 /* y = (x - mean) * rstd * w + b (w, b = in[1], in[2] may be NULL); out2[r] = (mean, rstd),
  * rstd = 1 / sqrt(var + eps) with the biased variance, computed in two passes. */
 moe_status moe_cpu_layernorm(const moe_kernel_args *a) {
@@ -202,32 +155,63 @@ _Pragma("omp simd reduction(+:v)")
     return MOE_OK;
 }
 
-/* in: g, x, w (NULL = 1), stats (mean, rstd). With xh = (x - mean) * rstd, gh = g * w:
- * gx = rstd * (gh - mean(gh) - xh * mean(gh * xh)); out2 (when given) += [sum g * xh; sum g]. */
-moe_status moe_cpu_layernorm_bwd(const moe_kernel_args *a) {
+/* Backward of both norms; ns = 1: RMSNorm (stats row = rstd, mean 0), ns = 2: LayerNorm
+ * (stats row = mean, rstd). in: g, x, w (NULL = 1), stats. With xh = (x - mean) * rstd and
+ * gh = g * w:  gx = rstd * (gh - [ns = 2] mean(gh) - xh * mean(gh * xh)).
+ * out2 (when given) += the row sums [sum g * xh; and for ns = 2, sum g]. They are formed
+ * in the same pass: each chunk of rows (a size fixed by `rows` alone, so the result does
+ * not depend on the thread count) sums into its own double partial, and the partials are
+ * then added in chunk order. */
+static moe_status norm_bwd(const moe_kernel_args *a, int ns, const char *kname) {
     const moe_tensor *g = a->in[0], *x = a->in[1], *w = a->in[2], *st = a->in[3];
     int64_t rows = cpu_rows(x), d = cpu_cols(x);
-    CPU_FLOAT_DISPATCH(x->dtype, "layernorm_bwd",
+    int64_t chunk = (rows + 255) / 256 > 8 ? (rows + 255) / 256 : 8, nch = (rows + chunk - 1) / chunk;
+    double *part = NULL;
+    CPU_FLOAT_DISPATCH(x->dtype, kname,
+        if (a->out2 && !(part = malloc(sizeof(double) * (size_t)(nch * ns * d))))
+            return moe_error(MOE_ERR_OOM, "%s: out of host memory for %lld x %lld partial sums", kname,
+                             (long long)nch, (long long)(ns * d));
         const T *pw = w ? (const T *)w->data : NULL, *pst = (const T *)st->data;
 _Pragma("omp parallel for schedule(static) if (rows * d > 16384)")
-        for (int64_t r = 0; r < rows; r++) {
-            const T *pg = (const T *)g->data + r * d, *px = (const T *)x->data + r * d;
-            T *po = (T *)a->out->data + r * d;
-            T mu = pst[2 * r], rs = pst[2 * r + 1];
-            double sg = 0, sgx = 0;
+        for (int64_t ch = 0; ch < nch; ch++) {
+            double *acc = part ? part + ch * ns * d : NULL;
+            if (acc) memset(acc, 0, sizeof(double) * (size_t)(ns * d));
+            int64_t r1 = (ch + 1) * chunk < rows ? (ch + 1) * chunk : rows;
+            for (int64_t r = ch * chunk; r < r1; r++) {
+                const T *pg = (const T *)g->data + r * d, *px = (const T *)x->data + r * d;
+                T *po = (T *)a->out->data + r * d;
+                T mu = ns == 2 ? pst[2 * r] : (T)0, rs = pst[ns * r + ns - 1];
+                double sg = 0, sgx = 0;
 _Pragma("omp simd reduction(+:sg, sgx)")
-            for (int64_t c = 0; c < d; c++) {
-                T gh = pw ? pg[c] * pw[c] : pg[c];
-                sg += gh;
-                sgx += (double)gh * ((px[c] - mu) * rs);
+                for (int64_t c = 0; c < d; c++) {
+                    T gh = pw ? pg[c] * pw[c] : pg[c];
+                    sg += gh;
+                    sgx += (double)gh * ((px[c] - mu) * rs);
+                }
+                T k0 = ns == 2 ? (T)(sg / (double)d) : (T)0, k1 = (T)(sgx / (double)d);
+                for (int64_t c = 0; c < d; c++) {
+                    T xh = (px[c] - mu) * rs;
+                    po[c] = rs * ((pw ? pg[c] * pw[c] : pg[c]) - k0 - xh * k1);
+                }
+                if (acc) {
+                    for (int64_t c = 0; c < d; c++) acc[c] += (double)pg[c] * ((px[c] - mu) * rs);
+                    if (ns == 2)
+                        for (int64_t c = 0; c < d; c++) acc[d + c] += pg[c];
+                }
             }
-            T k0 = (T)(sg / (double)d), k1 = (T)(sgx / (double)d);
-            for (int64_t c = 0; c < d; c++)
-                po[c] = rs * ((pw ? pg[c] * pw[c] : pg[c]) - k0 - (px[c] - mu) * rs * k1);
         }
-        if (a->out2) {
-            T *gw = (T *)a->out2->data;
-            param_grads((const T *)g->data, (const T *)x->data, pst, 2, rows, d, gw, gw + d);
+        if (part) {
+            T *gp = (T *)a->out2->data;
+_Pragma("omp parallel for schedule(static) if (nch * ns * d > 65536)")
+            for (int64_t c = 0; c < ns * d; c++) {
+                double s = 0;
+                for (int64_t ch = 0; ch < nch; ch++) s += part[ch * ns * d + c];
+                gp[c] += (T)s;
+            }
         })
+    free(part);
     return MOE_OK;
 }
+
+moe_status moe_cpu_rmsnorm_bwd(const moe_kernel_args *a) { return norm_bwd(a, 1, "rmsnorm_bwd"); }
+moe_status moe_cpu_layernorm_bwd(const moe_kernel_args *a) { return norm_bwd(a, 2, "layernorm_bwd"); }

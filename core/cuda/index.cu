@@ -1,0 +1,288 @@
+/* CUDA index kernels (core/cpu/index_cpu.c is the specification): row select / row add,
+ * last-axis gather / scatter-add, top-k, stable argsort, bincount, cumsum. Operands are
+ * contiguous (core/ops_index.c). Indices are checked on the device before anything is
+ * written; a bad one is read back (one small synchronising copy) and reported as
+ * MOE_ERR_INVALID with the kernel, the value, its position and the range.
+ * INDEX_ADD / SCATTER_ADD accumulate with atomics: they differ from the CPU by rounding
+ * order only. ARGSORT and CUMSUM use CUB (stable radix sort, device scan). */
+#include <cub/cub.cuh>
+
+#include "core/cuda/cuda_common.cuh"
+
+#define BITS_DISPATCH(es, kname, ...)                                                          \
+    switch (es) {                                                                              \
+    case 2: { typedef uint16_t U; __VA_ARGS__ } break;                                         \
+    case 4: { typedef uint32_t U; __VA_ARGS__ } break;                                         \
+    case 8: { typedef uint64_t U; __VA_ARGS__ } break;                                         \
+    default: return moe_error(MOE_ERR_UNSUPPORTED, "%s: elements of %zu bytes are not supported", kname, (size_t)(es)); \
+    }
+
+__global__ void bad_index_kernel(const int32_t *idx, int64_t n, int64_t hi, unsigned long long *first) {
+    CU_GRID_LOOP(i, n) {
+        int32_t v = idx[i];
+        if (v < 0 || v >= hi) atomicMin(first, (unsigned long long)i);
+    }
+}
+
+/* MOE_OK when every idx[i] lies in [0, hi); otherwise the first bad one is reported. */
+static moe_status check_indices(const char *kname, const char *what, const int32_t *idx, int64_t n, int64_t hi) {
+    if (n == 0) return MOE_OK;
+    unsigned long long *first = (unsigned long long *)cu_scratch(sizeof *first);
+    if (!first) return moe_last_status();
+    CU_TRY(cudaMemsetAsync(first, 0xff, sizeof *first, moe_cu.stream), "%s: clearing the index check", kname);
+    bad_index_kernel<<<cu_blocks(n), CU_THREADS, 0, moe_cu.stream>>>(idx, n, hi, first);
+    CU_LAUNCHED(kname);
+    unsigned long long pos = 0;
+    int32_t val = 0;
+    CU_TRY(cudaMemcpyAsync(&pos, first, sizeof pos, cudaMemcpyDeviceToHost, moe_cu.stream), "%s: reading the index check",
+           kname);
+    CU_TRY(cudaStreamSynchronize(moe_cu.stream), "%s: checking %lld %ss", kname, (long long)n, what);
+    if (pos == ~0ull) return MOE_OK;
+    CU_TRY(cudaMemcpy(&val, idx + pos, sizeof val, cudaMemcpyDeviceToHost), "%s: reading a bad %s", kname, what);
+    return moe_error(MOE_ERR_INVALID, "%s: %s %d at position %lld is out of range [0, %lld)", kname, what, (int)val,
+                     (long long)pos, (long long)hi);
+}
+
+static int64_t row_width(const moe_tensor *t) {
+    int64_t r = 1;
+    for (int d = 1; d < t->ndim; d++) r *= t->shape[d];
+    return r;
+}
+
+/* ---- INDEX_SELECT: out row i = x row idx[i]; any dtype ---- */
+template <class U> __global__ void index_select_kernel(const U *x, const int32_t *idx, U *o, int64_t m, int64_t r) {
+    CU_GRID_LOOP(i, m * r) {
+        int64_t row = i / r;
+        o[i] = x[(int64_t)idx[row] * r + (i - row * r)];
+    }
+}
+
+extern "C" moe_status moe_cuda_index_select(const moe_kernel_args *a) {
+    const moe_tensor *x = a->in[0], *idx = a->in[1];
+    int64_t n = x->ndim ? x->shape[0] : 1, r = row_width(x), m = moe_tensor_numel(idx);
+    const int32_t *pi = (const int32_t *)idx->data;
+    MOE_TRY(check_indices("index_select", "index", pi, m, n));
+    if (m * r == 0) return MOE_OK;
+    BITS_DISPATCH(moe_dtype_size(x->dtype), "index_select",
+        index_select_kernel<U><<<cu_blocks(m * r), CU_THREADS, 0, moe_cu.stream>>>((const U *)x->data, pi,
+                                                                                 (U *)a->out->data, m, r);)
+    CU_LAUNCHED("index_select");
+    return MOE_OK;
+}
+
+__device__ __forceinline__ void atomic_addf(float *p, float v) { atomicAdd(p, v); }
+__device__ __forceinline__ void atomic_addf(bf16 *p, float v) { atomicAdd(p, __float2bfloat16_rn(v)); }
+
+/* ---- INDEX_ADD: out row idx[i] += src row i ---- */
+template <class T> __global__ void index_add_kernel(T *o, const T *src, const int32_t *idx, int64_t m, int64_t r) {
+    CU_GRID_LOOP(i, m * r) {
+        int64_t row = i / r;
+        atomic_addf(o + (int64_t)idx[row] * r + (i - row * r), ldf(src + i));
+    }
+}
+
+extern "C" moe_status moe_cuda_index_add(const moe_kernel_args *a) {
+    moe_tensor *o = a->out;
+    const moe_tensor *src = a->in[0], *idx = a->in[1];
+    int64_t n = o->ndim ? o->shape[0] : 1, r = row_width(o), m = moe_tensor_numel(idx);
+    const int32_t *pi = (const int32_t *)idx->data;
+    MOE_TRY(check_indices("index_add", "index", pi, m, n));
+    if (m * r == 0) return MOE_OK;
+    CU_FLOAT_DISPATCH(o->dtype, "index_add",
+        index_add_kernel<T><<<cu_blocks(m * r), CU_THREADS, 0, moe_cu.stream>>>((T *)o->data, (const T *)src->data,
+                                                                              pi, m, r);)
+    CU_LAUNCHED("index_add");
+    return MOE_OK;
+}
+
+/* ---- GATHER / SCATTER_ADD along the last axis: idx [rows, k] into [rows, n] ---- */
+template <class U> __global__ void gather_kernel(const U *x, const int32_t *idx, U *o, int64_t rows, int64_t n, int64_t k) {
+    CU_GRID_LOOP(i, rows * k) o[i] = x[(i / k) * n + idx[i]];
+}
+
+extern "C" moe_status moe_cuda_gather(const moe_kernel_args *a) {
+    const moe_tensor *x = a->in[0], *idx = a->in[1];
+    int64_t rows = cu_rows(idx), n = cu_cols(x), k = cu_cols(idx);
+    const int32_t *pi = (const int32_t *)idx->data;
+    MOE_TRY(check_indices("gather", "index", pi, rows * k, n));
+    if (rows * k == 0) return MOE_OK;
+    BITS_DISPATCH(moe_dtype_size(x->dtype), "gather",
+        gather_kernel<U><<<cu_blocks(rows * k), CU_THREADS, 0, moe_cu.stream>>>((const U *)x->data, pi,
+                                                                              (U *)a->out->data, rows, n, k);)
+    CU_LAUNCHED("gather");
+    return MOE_OK;
+}
+
+template <class T>
+__global__ void scatter_add_kernel(T *o, const T *src, const int32_t *idx, int64_t rows, int64_t n, int64_t k) {
+    CU_GRID_LOOP(i, rows * k) atomic_addf(o + (i / k) * n + idx[i], ldf(src + i));
+}
+
+extern "C" moe_status moe_cuda_scatter_add(const moe_kernel_args *a) {
+    moe_tensor *o = a->out;
+    const moe_tensor *src = a->in[0], *idx = a->in[1];
+    int64_t rows = cu_rows(idx), n = cu_cols(o), k = cu_cols(idx);
+    const int32_t *pi = (const int32_t *)idx->data;
+    MOE_TRY(check_indices("scatter_add", "index", pi, rows * k, n));
+    if (rows * k == 0) return MOE_OK;
+    CU_FLOAT_DISPATCH(o->dtype, "scatter_add",
+        scatter_add_kernel<T><<<cu_blocks(rows * k), CU_THREADS, 0, moe_cu.stream>>>(
+            (T *)o->data, (const T *)src->data, pi, rows, n, k);)
+    CU_LAUNCHED("scatter_add");
+    return MOE_OK;
+}
+
+/* ---- TOPK: k rounds per row, each the best element ordered after the previous pick
+ * (descending value, ascending index among equals): no scratch, any row length. NaNs are
+ * never picked; a row with fewer than k non-NaN values gets (NaN, index 0) fillers. ---- */
+__device__ __forceinline__ void topk_merge(float &v, int &i, float v2, int i2) {
+    if (v2 > v || (v2 == v && i2 < i) || (v != v && v2 == v2)) {
+        v = v2;
+        i = i2;
+    }
+}
+
+template <class T> __global__ void topk_kernel(const T *x, T *vals, int32_t *ids, int64_t rows, int64_t n, int k) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+        const T *p = x + r * n;
+        float pv = INFINITY;
+        int pi = -1;
+        for (int t = 0; t < k; t++) {
+            float bv = NAN;
+            int bi = INT_MAX;
+            for (int64_t c = threadIdx.x; c < n; c += blockDim.x) {
+                float v = ldf(p + c);
+                if (v < pv || (v == pv && (int)c > pi)) topk_merge(bv, bi, v, (int)c);
+            }
+            for (int o = 16; o > 0; o >>= 1) {
+                float v2 = __shfl_xor_sync(0xffffffffu, bv, o);
+                int i2 = __shfl_xor_sync(0xffffffffu, bi, o);
+                topk_merge(bv, bi, v2, i2);
+            }
+            __syncthreads();
+            if (lane == 0) {
+                sv[warp] = bv;
+                si[warp] = bi;
+            }
+            __syncthreads();
+            bv = sv[0];
+            bi = si[0];
+            for (int w = 1; w < nw; w++) topk_merge(bv, bi, sv[w], si[w]);
+            if (threadIdx.x == 0) {
+                stf(vals + r * k + t, bv);
+                ids[r * k + t] = bi == INT_MAX ? 0 : bi;
+            }
+            pv = bv;
+            pi = bi;
+        }
+    }
+}
+
+extern "C" moe_status moe_cuda_topk(const moe_kernel_args *a) {
+    const moe_tensor *x = a->in[0];
+    int64_t rows = cu_rows(x), n = cu_cols(x);
+    int k = ((const moe_topk_attrs *)a->attrs)->k;
+    if (rows == 0 || k == 0) return MOE_OK;
+    if (n > INT32_MAX) return moe_error(MOE_ERR_INVALID, "topk: rows of %lld elements are too long", (long long)n);
+    int th = cu_row_threads(n) > 256 ? 256 : cu_row_threads(n);
+    CU_FLOAT_DISPATCH(x->dtype, "topk",
+        topk_kernel<T><<<cu_blocks(rows * th, th), th, 0, moe_cu.stream>>>(
+            (const T *)x->data, (T *)a->out->data, (int32_t *)a->out2->data, rows, n, k);)
+    CU_LAUNCHED("topk");
+    return MOE_OK;
+}
+
+/* ---- ARGSORT: stable ascending positions per row (CUB radix sort of (key, position)) ---- */
+__global__ void iota_rows_kernel(int32_t *pos, int64_t rows, int64_t n, int *offsets) {
+    CU_GRID_LOOP(i, rows * n) pos[i] = (int32_t)(i % n);
+    CU_GRID_LOOP(r, rows + 1) offsets[r] = (int)(r * n);
+}
+
+template <class K> static moe_status argsort_typed(const K *keys, int32_t *out, int64_t rows, int64_t n) {
+    int64_t total = rows * n;
+    K *keys_out = (K *)cu_scratch(sizeof(K) * (size_t)total);
+    int32_t *pos = (int32_t *)cu_scratch(sizeof(int32_t) * (size_t)total);
+    int *offsets = (int *)cu_scratch(sizeof(int) * (size_t)(rows + 1));
+    if (!keys_out || !pos || !offsets) return moe_last_status();
+    iota_rows_kernel<<<cu_blocks(total), CU_THREADS, 0, moe_cu.stream>>>(pos, rows, n, offsets);
+    CU_LAUNCHED("argsort (positions)");
+    size_t bytes = 0;
+    void *tmp = NULL;
+    for (int pass = 0; pass < 2; pass++) { /* pass 0 sizes the temporary storage */
+        if (pass == 1 && !(tmp = cu_scratch(bytes ? bytes : 1))) return moe_last_status();
+        if (rows == 1)
+            CU_TRY(cub::DeviceRadixSort::SortPairs(tmp, bytes, keys, keys_out, pos, out, (int)n, 0, (int)(sizeof(K) * 8),
+                                                   moe_cu.stream),
+                   "argsort of %lld keys (cub::DeviceRadixSort)", (long long)n);
+        else
+            CU_TRY(cub::DeviceSegmentedRadixSort::SortPairs(tmp, bytes, keys, keys_out, pos, out, (int)total, (int)rows,
+                                                            offsets, offsets + 1, 0, (int)(sizeof(K) * 8),
+                                                            moe_cu.stream),
+                   "argsort of %lld rows of %lld keys (cub::DeviceSegmentedRadixSort)", (long long)rows, (long long)n);
+    }
+    CU_LAUNCHED("argsort");
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_argsort(const moe_kernel_args *a) {
+    const moe_tensor *x = a->in[0];
+    int64_t rows = cu_rows(x), n = cu_cols(x);
+    if (rows * n == 0) return MOE_OK;
+    if (rows * n > INT32_MAX)
+        return moe_error(MOE_ERR_INVALID, "argsort: %lld keys are more than one sort handles", (long long)(rows * n));
+    int32_t *out = (int32_t *)a->out->data;
+    switch (x->dtype) {
+    case MOE_I32: return argsort_typed((const int32_t *)x->data, out, rows, n);
+    case MOE_F32: return argsort_typed((const float *)x->data, out, rows, n);
+    case MOE_BF16: return argsort_typed((const bf16 *)x->data, out, rows, n);
+    default:
+        return moe_error(MOE_ERR_UNSUPPORTED, "argsort: dtype %s is not supported on cuda (i32, f32, bf16)",
+                         moe_dtype_name(x->dtype));
+    }
+}
+
+/* ---- BINCOUNT and CUMSUM (1-D I32) ---- */
+__global__ void bincount_kernel(const int32_t *x, int64_t n, int32_t *out) {
+    CU_GRID_LOOP(i, n) atomicAdd(out + x[i], 1);
+}
+
+extern "C" moe_status moe_cuda_bincount(const moe_kernel_args *a) {
+    const moe_tensor *x = a->in[0];
+    int64_t n = moe_tensor_numel(x), nbins = ((const moe_int_attrs *)a->attrs)->nbins;
+    const int32_t *px = (const int32_t *)x->data;
+    MOE_TRY(check_indices("bincount", "value", px, n, nbins));
+    if (nbins > 0)
+        CU_TRY(cudaMemsetAsync(a->out->data, 0, sizeof(int32_t) * (size_t)nbins, moe_cu.stream), "bincount: zeroing %lld bins",
+               (long long)nbins);
+    if (n == 0) return MOE_OK;
+    bincount_kernel<<<cu_blocks(n), CU_THREADS, 0, moe_cu.stream>>>(px, n, (int32_t *)a->out->data);
+    CU_LAUNCHED("bincount");
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_cumsum(const moe_kernel_args *a) {
+    const moe_tensor *x = a->in[0];
+    int64_t n = moe_tensor_numel(x);
+    bool exclusive = ((const moe_int_attrs *)a->attrs)->exclusive;
+    if (n == 0) return MOE_OK;
+    if (n > INT32_MAX) return moe_error(MOE_ERR_INVALID, "cumsum: %lld elements are too many", (long long)n);
+    /* unsigned sums wrap like the CPU's int32 arithmetic */
+    const uint32_t *in = (const uint32_t *)x->data;
+    uint32_t *out = (uint32_t *)a->out->data;
+    size_t bytes = 0;
+    void *tmp = NULL;
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1 && !(tmp = cu_scratch(bytes ? bytes : 1))) return moe_last_status();
+        if (exclusive)
+            CU_TRY(cub::DeviceScan::ExclusiveSum(tmp, bytes, in, out, (int)n, moe_cu.stream), "cumsum of %lld values",
+                   (long long)n);
+        else
+            CU_TRY(cub::DeviceScan::InclusiveSum(tmp, bytes, in, out, (int)n, moe_cu.stream), "cumsum of %lld values",
+                   (long long)n);
+    }
+    CU_LAUNCHED("cumsum");
+    return MOE_OK;
+}

@@ -1,0 +1,244 @@
+/* CUDA row-wise kernels: softmax / log-softmax and the backward, logsumexp, RMSNorm and
+ * LayerNorm with their backwards (core/cpu/norm_cpu.c is the specification). Every tensor
+ * is contiguous [rows, d]; one block handles a row (grid-stride over rows), row sums are
+ * block reductions in f32. Statistics and parameter grads are F32 (x is F32 or BF16).
+ * Parameter grads are summed over rows by a column kernel in a fixed order, so they are
+ * deterministic. */
+#include "core/cuda/cuda_common.cuh"
+
+static inline int row_threads(int64_t d) { return cu_row_threads(d) > 512 ? 512 : cu_row_threads(d); }
+#define ROW_LOOP(r, rows) for (int64_t r = blockIdx.x; r < (rows); r += gridDim.x)
+#define COL_LOOP(c, d) for (int64_t c = threadIdx.x; c < (d); c += blockDim.x)
+
+/* Row max (NaN-free part; a NaN still reaches every output through exp). */
+template <class T> __device__ float row_max(const T *p, int64_t d, float *sh) {
+    float m = -INFINITY;
+    COL_LOOP(c, d) m = fmaxf(m, ldf(p + c));
+    return cu_block_max(m, sh);
+}
+
+template <class T> __device__ float row_sumexp(const T *p, int64_t d, float m, float *sh) {
+    float s = 0;
+    COL_LOOP(c, d) s += expf(ldf(p + c) - m);
+    return cu_block_sum(s, sh);
+}
+
+template <class T> __global__ void softmax_kernel(const T *x, T *o, int64_t rows, int64_t d, bool log_out) {
+    __shared__ float sh[32];
+    ROW_LOOP(r, rows) {
+        const T *p = x + r * d;
+        T *q = o + r * d;
+        float m = row_max(p, d, sh);
+        if (m == -INFINITY) { /* every element -inf */
+            COL_LOOP(c, d) stf(q + c, log_out ? -INFINITY : 0.0f);
+            continue;
+        }
+        float s = row_sumexp(p, d, m, sh);
+        if (log_out) {
+            float ls = logf(s);
+            COL_LOOP(c, d) stf(q + c, (ldf(p + c) - m) - ls);
+        } else {
+            float inv = 1.0f / s;
+            COL_LOOP(c, d) stf(q + c, expf(ldf(p + c) - m) * inv);
+        }
+    }
+}
+
+extern "C" moe_status moe_cuda_softmax(const moe_kernel_args *a) {
+    const moe_tensor *x = a->in[0];
+    bool log_out = ((const moe_softmax_attrs *)a->attrs)->log;
+    int64_t rows = cu_rows(x), d = cu_cols(x);
+    if (rows * d == 0) return MOE_OK;
+    int th = row_threads(d);
+    CU_FLOAT_DISPATCH(x->dtype, "softmax",
+        softmax_kernel<T><<<cu_blocks(rows * th, th), th, 0, moe_cu.stream>>>((const T *)x->data, (T *)a->out->data,
+                                                                             rows, d, log_out);)
+    CU_LAUNCHED("softmax");
+    return MOE_OK;
+}
+
+/* softmax: gx = y * (g - sum(g * y)); log-softmax: gx = g - exp(y) * sum(g). */
+template <class T> __global__ void softmax_bwd_kernel(const T *g, const T *y, T *o, int64_t rows, int64_t d, bool log_out) {
+    __shared__ float sh[32];
+    ROW_LOOP(r, rows) {
+        const T *pg = g + r * d, *py = y + r * d;
+        T *q = o + r * d;
+        float s = 0;
+        COL_LOOP(c, d) s += log_out ? ldf(pg + c) : ldf(pg + c) * ldf(py + c);
+        s = cu_block_sum(s, sh);
+        if (log_out) COL_LOOP(c, d) stf(q + c, ldf(pg + c) - expf(ldf(py + c)) * s);
+        else COL_LOOP(c, d) stf(q + c, ldf(py + c) * (ldf(pg + c) - s));
+    }
+}
+
+extern "C" moe_status moe_cuda_softmax_bwd(const moe_kernel_args *a) {
+    const moe_tensor *g = a->in[0], *y = a->in[1];
+    bool log_out = ((const moe_softmax_attrs *)a->attrs)->log;
+    int64_t rows = cu_rows(y), d = cu_cols(y);
+    if (rows * d == 0) return MOE_OK;
+    int th = row_threads(d);
+    CU_FLOAT_DISPATCH(y->dtype, "softmax_bwd",
+        softmax_bwd_kernel<T><<<cu_blocks(rows * th, th), th, 0, moe_cu.stream>>>(
+            (const T *)g->data, (const T *)y->data, (T *)a->out->data, rows, d, log_out);)
+    CU_LAUNCHED("softmax_bwd");
+    return MOE_OK;
+}
+
+template <class T> __global__ void logsumexp_kernel(const T *x, T *o, int64_t rows, int64_t d) {
+    __shared__ float sh[32];
+    ROW_LOOP(r, rows) {
+        const T *p = x + r * d;
+        float m = row_max(p, d, sh);
+        float v = m == -INFINITY ? m : m + logf(row_sumexp(p, d, m, sh));
+        if (threadIdx.x == 0) stf(o + r, v);
+    }
+}
+
+extern "C" moe_status moe_cuda_logsumexp(const moe_kernel_args *a) {
+    const moe_tensor *x = a->in[0];
+    int64_t rows = cu_rows(x), d = cu_cols(x);
+    if (rows * d == 0) return MOE_OK;
+    int th = row_threads(d);
+    CU_FLOAT_DISPATCH(x->dtype, "logsumexp",
+        logsumexp_kernel<T><<<cu_blocks(rows * th, th), th, 0, moe_cu.stream>>>((const T *)x->data,
+                                                                               (T *)a->out->data, rows, d);)
+    CU_LAUNCHED("logsumexp");
+    return MOE_OK;
+}
+
+/* ---- RMSNorm / LayerNorm forward: ns = 1 (rstd) or 2 (mean, rstd) statistics per row ---- */
+template <class T>
+__global__ void norm_kernel(const T *x, const T *w, const T *b, T *o, float *st, int64_t rows, int64_t d, float eps,
+                            int ns) {
+    __shared__ float sh[32];
+    ROW_LOOP(r, rows) {
+        const T *p = x + r * d;
+        T *q = o + r * d;
+        float mu = 0;
+        if (ns == 2) {
+            float s = 0;
+            COL_LOOP(c, d) s += ldf(p + c);
+            mu = cu_block_sum(s, sh) / (float)d;
+        }
+        float v = 0;
+        COL_LOOP(c, d) {
+            float t = ldf(p + c) - mu;
+            v += t * t;
+        }
+        float rs = 1.0f / sqrtf(cu_block_sum(v, sh) / (float)d + eps);
+        if (threadIdx.x == 0) {
+            if (ns == 2) st[2 * r] = mu;
+            st[ns * r + ns - 1] = rs;
+        }
+        COL_LOOP(c, d) {
+            float y = (ldf(p + c) - mu) * rs;
+            if (w) y *= ldf(w + c);
+            if (b) y += ldf(b + c);
+            stf(q + c, y);
+        }
+    }
+}
+
+static moe_status norm_forward(const moe_kernel_args *a, int ns, const char *kname) {
+    const moe_tensor *x = a->in[0], *w = a->in[1], *b = ns == 2 ? a->in[2] : NULL;
+    float eps = (float)((const moe_norm_attrs *)a->attrs)->eps;
+    int64_t rows = cu_rows(x), d = cu_cols(x);
+    if (rows * d == 0) return MOE_OK;
+    if (a->out2->dtype != MOE_F32)
+        return moe_error(MOE_ERR_UNSUPPORTED, "%s: statistics must be f32 on cuda, got %s", kname,
+                         moe_dtype_name(a->out2->dtype));
+    int th = row_threads(d);
+    CU_FLOAT_DISPATCH(x->dtype, kname,
+        norm_kernel<T><<<cu_blocks(rows * th, th), th, 0, moe_cu.stream>>>(
+            (const T *)x->data, w ? (const T *)w->data : NULL, b ? (const T *)b->data : NULL, (T *)a->out->data,
+            (float *)a->out2->data, rows, d, eps, ns);)
+    CU_LAUNCHED(kname);
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_rmsnorm(const moe_kernel_args *a) { return norm_forward(a, 1, "rmsnorm"); }
+extern "C" moe_status moe_cuda_layernorm(const moe_kernel_args *a) { return norm_forward(a, 2, "layernorm"); }
+
+/* ---- backward: gx per row; gw (and gb) summed over rows by a column kernel ----
+ * With xh = (x - mean) * rstd (mean 0 for RMSNorm) and gh = g * w:
+ * gx = rstd * (gh - mean(gh) - xh * mean(gh * xh)), the mean(gh) term for LayerNorm only. */
+template <class T>
+__global__ void norm_bwd_kernel(const T *g, const T *x, const T *w, const float *st, T *o, int64_t rows, int64_t d,
+                                int ns) {
+    __shared__ float sh[32];
+    ROW_LOOP(r, rows) {
+        const T *pg = g + r * d, *px = x + r * d;
+        T *q = o + r * d;
+        float mu = ns == 2 ? st[2 * r] : 0.0f, rs = st[ns * r + ns - 1];
+        float sg = 0, sgx = 0;
+        COL_LOOP(c, d) {
+            float gh = w ? ldf(pg + c) * ldf(w + c) : ldf(pg + c);
+            sg += gh;
+            sgx += gh * ((ldf(px + c) - mu) * rs);
+        }
+        float k0 = ns == 2 ? cu_block_sum(sg, sh) / (float)d : 0.0f;
+        float k1 = cu_block_sum(sgx, sh) / (float)d;
+        COL_LOOP(c, d) {
+            float gh = w ? ldf(pg + c) * ldf(w + c) : ldf(pg + c);
+            stf(q + c, rs * (gh - k0 - (ldf(px + c) - mu) * rs * k1));
+        }
+    }
+}
+
+#define PG_LANES 16
+/* gw[c] += sum_r g[r,c] * xh[r,c]; gb[c] += sum_r g[r,c] (gb NULL: skipped). */
+template <class T>
+__global__ void param_grads_kernel(const T *g, const T *x, const float *st, int ns, int64_t rows, int64_t d, float *gw,
+                                   float *gb) {
+    __shared__ float sw[PG_LANES][33], sb[PG_LANES][33];
+    int tx = threadIdx.x, ty = threadIdx.y;
+    for (int64_t c0 = (int64_t)blockIdx.x * 32; c0 < d; c0 += (int64_t)gridDim.x * 32) {
+        int64_t c = c0 + tx;
+        float aw = 0, ab = 0;
+        if (c < d) {
+            for (int64_t r = ty; r < rows; r += PG_LANES) {
+                float mu = ns == 2 ? st[2 * r] : 0.0f, rs = st[ns * r + ns - 1];
+                float gv = ldf(g + r * d + c);
+                aw += gv * ((ldf(x + r * d + c) - mu) * rs);
+                ab += gv;
+            }
+        }
+        sw[ty][tx] = aw;
+        sb[ty][tx] = ab;
+        __syncthreads();
+        if (ty == 0 && c < d) {
+            for (int l = 1; l < PG_LANES; l++) {
+                aw += sw[l][tx];
+                ab += sb[l][tx];
+            }
+            gw[c] += aw;
+            if (gb) gb[c] += ab;
+        }
+        __syncthreads();
+    }
+}
+
+static moe_status norm_backward(const moe_kernel_args *a, int ns, const char *kname) {
+    const moe_tensor *g = a->in[0], *x = a->in[1], *w = a->in[2], *st = a->in[3];
+    int64_t rows = cu_rows(x), d = cu_cols(x);
+    if (rows * d == 0) return MOE_OK;
+    if (st->dtype != MOE_F32 || (a->out2 && a->out2->dtype != MOE_F32))
+        return moe_error(MOE_ERR_UNSUPPORTED, "%s: statistics and parameter grads must be f32 on cuda", kname);
+    int th = row_threads(d);
+    const float *pst = (const float *)st->data;
+    CU_FLOAT_DISPATCH(x->dtype, kname,
+        norm_bwd_kernel<T><<<cu_blocks(rows * th, th), th, 0, moe_cu.stream>>>(
+            (const T *)g->data, (const T *)x->data, w ? (const T *)w->data : NULL, pst, (T *)a->out->data, rows, d,
+            ns);
+        CU_LAUNCHED(kname);
+        if (a->out2) {
+            float *gw = (float *)a->out2->data;
+            param_grads_kernel<T><<<cu_blocks(d * 32, 32), dim3(32, PG_LANES), 0, moe_cu.stream>>>(
+                (const T *)g->data, (const T *)x->data, pst, ns, rows, d, gw, ns == 2 ? gw + d : NULL);
+            CU_LAUNCHED(kname);
+        })
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_rmsnorm_bwd(const moe_kernel_args *a) { return norm_backward(a, 1, "rmsnorm_bwd"); }
+extern "C" moe_status moe_cuda_layernorm_bwd(const moe_kernel_args *a) { return norm_backward(a, 2, "layernorm_bwd"); }

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The README's test command: installs what is missing, builds, runs every CPU and MPI
+# test (ctest labels cpu and mpi), then the sanitizer build's cpu tests.
+# CUDA tests (label cuda) need a GPU: scripts/gpu-check.sh runs them on the GPU host.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+scripts/deps.sh
+scripts/build.sh
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 MOE_SOURCE_DIR="$root"
+(cd build && ctest --output-on-failure -L 'cpu|mpi' -j2)
+if [ "${MOE_SKIP_SANITIZE:-0}" != 1 ]; then
+  echo "== sanitizer build (address, undefined): cpu tests =="
+  MOE_BUILD_DIR="$root/build-asan" scripts/build.sh -DMOE_SANITIZE=ON -DMOE_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
+  (cd build-asan && ASAN_OPTIONS=detect_leaks=0 ctest --output-on-failure -L cpu -j2)
+fi
