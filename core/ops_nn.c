@@ -75,7 +75,8 @@ moe_tensor *moe_attention(moe_tensor *q, moe_tensor *k, moe_tensor *v, bool caus
     moe_tensor *qkv[3] = {q, k, v};
     if (!op_check_same("attention", 3, qkv, true) || !need_float(q, "attention")) return NULL;
     if (!moe_check(q->ndim == 4 && k->ndim == 4 && moe_tensor_same_shape(k, v) && k->shape[0] == q->shape[0] &&
-                       k->shape[3] == q->shape[3] && k->shape[2] > 0 && q->shape[2] % k->shape[2] == 0,
+                       k->shape[3] == q->shape[3] && q->shape[3] > 0 && k->shape[2] > 0 &&
+                       q->shape[2] % k->shape[2] == 0,
                    "attention",
                    "expects q [B, Tq, H, hd] and k, v [B, Tk, Hkv, hd] with H %% Hkv == 0, got q %s, k %s, v %s",
                    D(q), D(k), D(v)))
@@ -148,7 +149,8 @@ moe_tensor *moe_cross_entropy(moe_tensor *h, moe_tensor *w, moe_tensor *targets)
     for (int64_t t = 0; t < Tn; t++) {
         if (ht[t] == -1) continue;
         if (!(ht[t] >= 0 && ht[t] < (double)V)) {
-            moe_error(MOE_ERR_INVALID, "cross_entropy: target %.0f at row %lld is out of range [0, %lld) (-1 marks an ignored row)",
+            moe_error(MOE_ERR_INVALID,
+                      "cross_entropy: target %.0f at row %lld is out of range [0, %lld) (-1 marks an ignored row)",
                       ht[t], (long long)t, (long long)V);
             return NULL;
         }

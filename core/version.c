@@ -15,7 +15,7 @@ const char *moe_cuda_describe(void) __attribute__((weak));
 void moe_version_print(FILE *f) {
     fprintf(f, "moe %s\n", MOE_VERSION);
     fprintf(f, "cpu: oneDNN %s, OpenMP %d threads\n", moe_cpu_dnnl_version(), omp_get_max_threads());
-    fprintf(f, "cuda: %s\n", moe_cuda_describe ? moe_cuda_describe() : "not built");
+    fprintf(f, "%s\n", moe_cuda_describe ? moe_cuda_describe() : "cuda: not built");
 #ifdef MOE_HAVE_MPI
     char lib[MPI_MAX_LIBRARY_VERSION_STRING];
     int len = 0;

@@ -146,6 +146,14 @@ moe_tensor **moe_model_param_tensors(const moe_model *m, int *n) {
 
 #define C(t) moe_cast((t), m->compute)
 
+/* Residual-branch dropout while training; each call draws fresh Philox counters. */
+static moe_tensor *dropout(moe_model *m, moe_tensor *x) {
+    if (!x || m->cfg.model.dropout <= 0 || !moe_grad_enabled()) return x;
+    uint64_t counter = m->dropout_counter;
+    m->dropout_counter += (uint64_t)moe_tensor_numel(x);
+    return moe_dropout(x, m->cfg.model.dropout, (uint64_t)m->cfg.train.seed ^ 0xd1b54a32d192ed03ull, counter);
+}
+
 /* Runs the blocks on x [B, T, d] starting at position pos0; fills per-layer results. */
 static moe_tensor *run_blocks(moe_model *m, moe_tensor *x, int B, int T, int64_t pos0, moe_loss_parts *parts,
                               moe_tensor **aux_sum) {
@@ -167,7 +175,7 @@ static moe_tensor *run_blocks(moe_model *m, moe_tensor *x, int B, int T, int64_t
             v = moe_slice(moe_slice(b->v_cache, 1, 0, pos0 + T), 0, 0, B);
         }
         moe_tensor *a = moe_attention(q, k, v, true);
-        x = moe_add(x, moe_matmul(moe_reshape(a, 3, (int64_t[]){B, T, H * hd}), C(b->wo)));
+        x = moe_add(x, dropout(m, moe_matmul(moe_reshape(a, 3, (int64_t[]){B, T, H * hd}), C(b->wo))));
         moe_tensor *h2 = moe_reshape(moe_rmsnorm(x, C(b->ffn_norm), c->norm_eps), 2, (int64_t[]){(int64_t)B * T, d});
         moe_tensor *ffn;
         if (b->dense) {
@@ -187,7 +195,7 @@ static moe_tensor *run_blocks(moe_model *m, moe_tensor *x, int B, int T, int64_t
                 }
             }
         }
-        x = moe_add(x, moe_reshape(ffn, 3, (int64_t[]){B, T, d}));
+        x = moe_add(x, dropout(m, moe_reshape(ffn, 3, (int64_t[]){B, T, d})));
     }
     return x;
 }

@@ -40,6 +40,7 @@ typedef struct moe_model {
     int ep_rank, ep_size; /* expert-parallel position: this rank holds experts [ep_rank * E/ep_size, ...) */
     int64_t cache_len;    /* tokens in the KV cache */
     int cache_batch, cache_cap;
+    uint64_t dropout_counter; /* Philox counter of the next dropout mask (set from the step when training) */
 } moe_model;
 
 typedef struct moe_loss_parts {

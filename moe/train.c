@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <omp.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -201,6 +202,7 @@ static void write_metrics(trainer *t, const char *fmt_extra, double loss, double
 moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_train_summary *sum) {
     memset(sum, 0, sizeof *sum);
     trainer t;
+    if (cfg->train.threads > 0) omp_set_num_threads(cfg->train.threads);
     moe_status s = trainer_open(&t, cfg, o);
     if (s != MOE_OK) {
         trainer_close(&t);
@@ -235,6 +237,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
         double t0 = now_s();
         double lr = moe_lr_at(&sched, t.st.step);
         moe_loader_next(t.loader, 0, 1, in, tg);
+        t.model.dropout_counter = (uint64_t)t.st.step << 40; /* masks depend on the step only: exact resume */
         double loss = 0, aux = 0, z = 0;
         memset(load, 0, sizeof(int64_t) * (size_t)(mc->n_layers * mc->n_experts));
         bool bad = false;

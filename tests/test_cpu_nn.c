@@ -233,7 +233,7 @@ static void check_attention(int64_t B, int64_t Tq, int64_t Tk, int64_t H, int64_
     double e32 = max_rel_err(got32, want, no);
     CU_ASSERT(e32 < 1e-5);
     if (!(e64 < 1e-12) || !(e32 < 1e-5))
-        fprintf(stderr, "    attention B=%lld Tq=%lld Tk=%lld H=%lld Hkv=%lld hd=%lld causal=%d: err f64 %.3g f32 %.3g\n",
+        fprintf(stderr, "    attention B=%lld Tq=%lld Tk=%lld H=%lld Hkv=%lld hd=%lld causal=%d: err %.3g / %.3g\n",
                 (long long)B, (long long)Tq, (long long)Tk, (long long)H, (long long)Hkv, (long long)hd, causal, e64,
                 e32);
     free(qv);
@@ -480,12 +480,14 @@ static void register_suites(void) {
                                                      {"grad, p = 0 and bad p", test_dropout_grad_and_edges},
                                                      {NULL, NULL}});
     moe_test_add_suite("rope", (moe_test_entry[]){{"hand-computed values", test_rope_values},
-                                                  {"identity, inverse, relative position", test_rope_identity_inverse_relative},
+                                                  {"identity, inverse, relative position",
+                                                   test_rope_identity_inverse_relative},
                                                   {"errors", test_rope_errors},
                                                   {NULL, NULL}});
     moe_test_add_suite("attention", (moe_test_entry[]){{"equals the naive softmax", test_attention_naive},
                                                        {"decode sees every cached key", test_attention_decode},
-                                                       {"strided inputs, deterministic backward", test_attention_strided_and_deterministic},
+                                                       {"strided inputs, deterministic backward",
+                                                        test_attention_strided_and_deterministic},
                                                        {"errors", test_attention_errors},
                                                        {NULL, NULL}});
     moe_test_add_suite("cross_entropy", (moe_test_entry[]){{"equals the naive loss and grads", test_ce_naive},

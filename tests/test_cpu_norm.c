@@ -90,6 +90,40 @@ static void test_softmax_nan_propagates(void) {
     moe_step_reset();
 }
 
+/* The f32 kernels (vectorised exp) against the f64 ones on a threaded-size input with
+ * a wide spread of values, one row fully -inf. */
+static void test_softmax_f32_vs_f64(void) {
+    const int64_t rows = 300, d = 96, n = rows * d;
+    moe_tensor *x64 = moe_tensor_randn(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 2, (int64_t[]){rows, d}, 5, 0, 8.0);
+    CU_ASSERT_FATAL(x64 != NULL);
+    for (int64_t c = 0; c < d; c++) ((double *)x64->data)[7 * d + c] = -INFINITY;
+    moe_tensor *x32 = moe_tensor_empty(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 2, (int64_t[]){rows, d});
+    CU_ASSERT_FATAL(x32 && moe_tensor_copy_(x32, x64) == MOE_OK);
+    moe_tensor *(*fns[3])(moe_tensor *) = {moe_softmax, moe_log_softmax, moe_logsumexp};
+    double *a = malloc(sizeof(double) * (size_t)n), *b = malloc(sizeof(double) * (size_t)n);
+    for (int f = 0; f < 3; f++) {
+        moe_tensor *y64 = fns[f](x64), *y32 = fns[f](x32);
+        CU_ASSERT_FATAL(y64 && y32);
+        int64_t m = moe_tensor_numel(y64);
+        moe_tensor_to_host_f64(y64, a);
+        moe_tensor_to_host_f64(y32, b);
+        double worst = 0;
+        for (int64_t i = 0; i < m; i++) {
+            if (isinf(a[i]) || isinf(b[i])) {
+                CU_ASSERT(a[i] == b[i]);
+                continue;
+            }
+            /* log outputs: absolute error relative to the row's scale; probabilities: absolute */
+            worst = fmax(worst, fabs(a[i] - b[i]) / (f ? fmax(1.0, fabs(a[i])) : 1.0));
+        }
+        if (worst > 2e-6) fprintf(stderr, "    fn %d: worst error %.3g\n", f, worst);
+        CU_ASSERT(worst <= 2e-6);
+    }
+    free(a);
+    free(b);
+    moe_step_reset();
+}
+
 static void test_rmsnorm_exact(void) {
     double r = 1 / sqrt(12.5);
     for (int k = 0; k < 2; k++) {
@@ -256,6 +290,7 @@ static void register_suites(void) {
         {"one finite element among -inf", test_softmax_single_finite},
         {"all -inf row", test_all_neg_inf_row},
         {"NaN propagates", test_softmax_nan_propagates},
+        {"f32 matches f64", test_softmax_f32_vs_f64},
         {NULL, NULL}});
     moe_test_add_suite("norm", (moe_test_entry[]){
         {"rmsnorm exact values", test_rmsnorm_exact},

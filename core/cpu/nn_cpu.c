@@ -15,13 +15,14 @@ moe_status moe_cpu_gemm(const moe_tensor *A, const moe_tensor *B, moe_tensor *C,
 
 /* ---- contiguous vector helpers, one per float type, picked by the element type ---- */
 
-/* exp for float that vectorises inside an omp simd loop (Cephes expf: 2^n * p(r),
- * |r| <= ln2 / 2, about 2 ulp); below -87.3 it returns 0. The float kernels use it for
- * the softmax probabilities; the double kernels (the gradcheck reference) use libm. */
+/* exp for float that vectorises inside an omp simd loop (Cephes expf: 2^n * p(r) with
+ * |r| <= ln2 / 2, within 1e-7 relative of exp). Written with integer masks rather than
+ * float selects, which GCC would turn into branches: results below 2^-126 flush to 0,
+ * above 2^128 give inf, NaN stays NaN. The float kernels use it for the softmax
+ * probabilities; the double kernels (the gradcheck reference) use libm. */
 static inline float nn_exp_f32(float x) {
-    const float lo = x < -87.0f ? -87.0f : x, xc = lo > 88.0f ? 88.0f : lo;
-    const float n = floorf(xc * 1.44269504088896341f + 0.5f);
-    const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
@@ -29,52 +30,85 @@ static inline float nn_exp_f32(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float two_n;
+    int32_t ni = (int32_t)n, xb, yb;
+    const int32_t keep = -(ni > -127);
+    ni = ni > -127 ? ni : -127;
+    ni = ni < 128 ? ni : 128;
+    const int32_t bits = (ni + 127) << 23;
+    float two_n, y;
     memcpy(&two_n, &bits, sizeof two_n);
-    return x < -87.0f ? 0.0f : p * two_n;
+    y = p * two_n;
+    memcpy(&xb, &x, sizeof xb);
+    memcpy(&yb, &y, sizeof yb);
+    yb = (yb & keep) | (-((xb & 0x7fffffff) > 0x7f800000) & 0x7fc00000);
+    memcpy(&y, &yb, sizeof y);
+    return y;
 }
 static inline double nn_exp_f64(double x) { return exp(x); }
 
-#define NN_VEC_DEFS(TT, SUF)                                                              \
-    static inline TT nn_dot_##SUF(const TT *x, const TT *y, int64_t n) {                  \
-        TT acc = 0;                                                                       \
+#define NN_VEC_DEFS(TT, SUF)                                                                   \
+    static inline TT nn_dot_##SUF(const TT *x, const TT *y, int64_t n) {                       \
+        TT acc = 0;                                                                            \
         _Pragma("omp simd reduction(+ : acc)") for (int64_t i = 0; i < n; i++) acc += x[i] * y[i]; \
-        return acc;                                                                       \
-    }                                                                                     \
-    /* y += alpha * x */                                                                  \
-    static inline void nn_axpy_##SUF(TT *y, TT alpha, const TT *x, int64_t n) {           \
-        _Pragma("omp simd") for (int64_t i = 0; i < n; i++) y[i] += alpha * x[i];         \
-    }                                                                                     \
-    static inline void nn_scale_##SUF(TT *y, TT alpha, int64_t n) {                       \
-        _Pragma("omp simd") for (int64_t i = 0; i < n; i++) y[i] *= alpha;                \
-    }                                                                                     \
-    /* s[j] = sum_e x[e] * alpha * pt[e * ld + j] for j < n: a row times a packed,        \
-     * transposed block (pt[e][j] = row j's element e), vectorised over j. */             \
-    static inline void nn_row_times_packed_##SUF(TT *s, const TT *x, TT alpha, const TT *pt, \
-                                                 int64_t hd, int64_t ld, int64_t n) {     \
-        for (int64_t j = 0; j < n; j++) s[j] = 0;                                         \
-        for (int64_t e = 0; e < hd; e++) {                                                \
-            const TT xe = x[e] * alpha;                                                   \
-            const TT *pe = pt + e * ld;                                                   \
-            _Pragma("omp simd") for (int64_t j = 0; j < n; j++) s[j] += xe * pe[j];       \
-        }                                                                                 \
-    }                                                                                     \
-    /* s[j] = exp(s[j] - shift) for j < n; returns the sum. */                            \
-    static __attribute__((noinline)) TT nn_exp_shift_##SUF(TT *s, TT shift, int64_t n) {    \
-        TT sum = 0;                                                                       \
-        _Pragma("omp simd reduction(+ : sum)") for (int64_t j = 0; j < n; j++) {          \
-            s[j] = nn_exp_##SUF(s[j] - shift);                                            \
-            sum += s[j];                                                                  \
-        }                                                                                 \
-        return sum;                                                                       \
+        return acc;                                                                            \
+    }                                                                                          \
+    static inline void nn_scale_##SUF(TT *y, TT alpha, int64_t n) {                            \
+        _Pragma("omp simd") for (int64_t i = 0; i < n; i++) y[i] *= alpha;                     \
+    }                                                                                          \
+    static inline TT nn_max_##SUF(const TT *x, TT init, int64_t n) {                           \
+        TT mx = init;                                                                          \
+        _Pragma("omp simd reduction(max : mx)") for (int64_t i = 0; i < n; i++) mx = x[i] > mx ? x[i] : mx; \
+        return mx;                                                                             \
+    }                                                                                          \
+    /* y[e] += sum_{j < n} w[j] * rows[j * rs + e] for e < hd, four rows per sweep. */         \
+    static inline void nn_axpy_rows_##SUF(TT *y, const TT *w, const TT *rows, int64_t rs,      \
+                                          int64_t n, int64_t hd) {                             \
+        int64_t j = 0;                                                                         \
+        for (; j + 4 <= n; j += 4) {                                                           \
+            const TT w0 = w[j], w1 = w[j + 1], w2 = w[j + 2], w3 = w[j + 3];                   \
+            const TT *r0 = rows + j * rs, *r1 = r0 + rs, *r2 = r1 + rs, *r3 = r2 + rs;         \
+            _Pragma("omp simd") for (int64_t e = 0; e < hd; e++)                               \
+                y[e] += w0 * r0[e] + w1 * r1[e] + w2 * r2[e] + w3 * r3[e];                     \
+        }                                                                                      \
+        for (; j < n; j++) {                                                                   \
+            const TT wj = w[j], *rj = rows + j * rs;                                           \
+            _Pragma("omp simd") for (int64_t e = 0; e < hd; e++) y[e] += wj * rj[e];           \
+        }                                                                                      \
+    }                                                                                          \
+    /* s[j] = alpha * sum_e x[e] pt[e * ld + j] for j < n: a row times a packed, transposed   \
+     * block (pt[e][j] = element e of row j), vectorised over j, four e per sweep. */         \
+    static inline void nn_row_times_packed_##SUF(TT *s, const TT *x, TT alpha, const TT *pt,   \
+                                                 int64_t hd, int64_t ld, int64_t n) {          \
+        for (int64_t j = 0; j < n; j++) s[j] = 0;                                              \
+        int64_t e = 0;                                                                         \
+        for (; e + 4 <= hd; e += 4) {                                                          \
+            const TT x0 = x[e] * alpha, x1 = x[e + 1] * alpha, x2 = x[e + 2] * alpha,          \
+                     x3 = x[e + 3] * alpha;                                                    \
+            const TT *p0 = pt + e * ld, *p1 = p0 + ld, *p2 = p1 + ld, *p3 = p2 + ld;           \
+            _Pragma("omp simd") for (int64_t j = 0; j < n; j++)                                \
+                s[j] += x0 * p0[j] + x1 * p1[j] + x2 * p2[j] + x3 * p3[j];                     \
+        }                                                                                      \
+        for (; e < hd; e++) {                                                                  \
+            const TT xe = x[e] * alpha, *pe = pt + e * ld;                                     \
+            _Pragma("omp simd") for (int64_t j = 0; j < n; j++) s[j] += xe * pe[j];            \
+        }                                                                                      \
+    }                                                                                          \
+    /* s[j] = exp(s[j] - shift) for j < n; returns the sum. */                                 \
+    static inline TT nn_exp_shift_##SUF(TT *s, TT shift, int64_t n) {                          \
+        TT sum = 0;                                                                            \
+        _Pragma("omp simd reduction(+ : sum)") for (int64_t j = 0; j < n; j++) {               \
+            s[j] = nn_exp_##SUF(s[j] - shift);                                                 \
+            sum += s[j];                                                                       \
+        }                                                                                      \
+        return sum;                                                                            \
     }
 NN_VEC_DEFS(float, f32)
 NN_VEC_DEFS(double, f64)
 #define NN_PICK(p, f) _Generic((p)[0] + 0, float: f##_f32, double: f##_f64)
 #define nn_dot(x, y, n) NN_PICK(x, nn_dot)(x, y, n)
-#define nn_axpy(y, alpha, x, n) NN_PICK(y, nn_axpy)(y, alpha, x, n)
 #define nn_scale(y, alpha, n) NN_PICK(y, nn_scale)(y, alpha, n)
+#define nn_max(x, init, n) NN_PICK(x, nn_max)(x, init, n)
+#define nn_axpy_rows(y, w, rows, rs, n, hd) NN_PICK(y, nn_axpy_rows)(y, w, rows, rs, n, hd)
 #define nn_row_times_packed(s, x, alpha, pt, hd, ld, n) NN_PICK(s, nn_row_times_packed)(s, x, alpha, pt, hd, ld, n)
 #define nn_exp_shift(s, shift, n) NN_PICK(s, nn_exp_shift)(s, shift, n)
 
@@ -157,7 +191,9 @@ static inline int64_t attn_row(const moe_tensor *x, int64_t b, int64_t t, int64_
 /* Per-thread scratch of `per_thread` elements of `elem` bytes; NULL + error on OOM. */
 static void *attn_scratch(size_t per_thread, size_t elem, const char *kname) {
     void *p = malloc(per_thread * elem * (size_t)omp_get_max_threads());
-    if (!p) moe_error(MOE_ERR_OOM, "%s: out of host memory for %d per-thread scratch blocks", kname, omp_get_max_threads());
+    if (!p)
+        moe_error(MOE_ERR_OOM, "%s: out of host memory for %d per-thread scratch blocks", kname,
+                  omp_get_max_threads());
     return p;
 }
 
@@ -202,16 +238,15 @@ _Pragma("omp parallel for collapse(3) schedule(dynamic)")
                         for (int64_t i = 0; i < nq; i++) {
                             const int64_t cnt = at->causal ? nn_min(nk, shift + q0 + i + 1 - k0) : nk;
                             if (cnt <= 0) continue;
-                            T *ai = acc + i * hd, mx = m[i];
+                            T *ai = acc + i * hd;
                             nn_row_times_packed(s, pq + attn_row(q, b, q0 + i, h), scale, kt, hd, ATTN_BK, cnt);
-                            for (int64_t j = 0; j < cnt; j++) mx = s[j] > mx ? s[j] : mx;
-                            const T corr = exp(m[i] - mx);
+                            const T mx = nn_max(s, m[i], cnt), corr = exp(m[i] - mx);
                             if (corr != 1) {
                                 l[i] *= corr;
                                 nn_scale(ai, corr, hd);
                             }
                             l[i] += nn_exp_shift(s, mx, cnt);
-                            for (int64_t j = 0; j < cnt; j++) nn_axpy(ai, s[j], pv + attn_row(v, b, k0 + j, kvh), hd);
+                            nn_axpy_rows(ai, s, pv + attn_row(v, b, k0, kvh), v->strides[1], cnt, hd);
                             m[i] = mx;
                         }
                     }
@@ -244,7 +279,7 @@ moe_status moe_cpu_attention_bwd(const moe_kernel_args *a) {
     const moe_tensor *dq = a->out, *dk = at->dk, *dv = at->dv;
     const int64_t B = q->shape[0], Tq = q->shape[1], H = q->shape[2], hd = q->shape[3];
     const int64_t Tk = k->shape[1], Hkv = k->shape[2], group = H / Hkv, shift = Tk - Tq;
-    const size_t per_thread = (size_t)(2 * ATTN_BK * hd + 2 * ATTN_BK + ATTN_BQ);
+    const size_t per_thread = (size_t)(2 * ATTN_BK * hd + 2 * ATTN_BQ * ATTN_BK + 3 * ATTN_BQ);
     CPU_FLOAT_DISPATCH(q->dtype, "attention_bwd",
         T *scratch = attn_scratch(per_thread, sizeof(T), "attention_bwd");
         if (!scratch) return moe_last_status();
@@ -255,8 +290,11 @@ moe_status moe_cpu_attention_bwd(const moe_kernel_args *a) {
 _Pragma("omp parallel for collapse(2) schedule(dynamic)")
         for (int64_t b = 0; b < B; b++) {
             for (int64_t kvh = 0; kvh < Hkv; kvh++) {
+                /* kt, vt: the key block packed transposed; P, DS: [ATTN_BQ, ATTN_BK] blocks of
+                 * p_ij and ds_ij (zero where masked); wp, wds: one column of each. */
                 T *kt = scratch + per_thread * (size_t)omp_get_thread_num();
-                T *vt = kt + ATTN_BK * hd, *p = vt + ATTN_BK * hd, *ds = p + ATTN_BK, *D = ds + ATTN_BK;
+                T *vt = kt + ATTN_BK * hd, *P = vt + ATTN_BK * hd, *DS = P + ATTN_BQ * ATTN_BK;
+                T *D = DS + ATTN_BQ * ATTN_BK, *wp = D + ATTN_BQ, *wds = wp + ATTN_BQ;
                 for (int64_t j = 0; j < Tk; j++) {
                     memset(pdk + attn_row(dk, b, j, kvh), 0, sizeof(T) * (size_t)hd);
                     memset(pdv + attn_row(dv, b, j, kvh), 0, sizeof(T) * (size_t)hd);
@@ -265,29 +303,36 @@ _Pragma("omp parallel for collapse(2) schedule(dynamic)")
                     for (int64_t q0 = 0; q0 < Tq; q0 += ATTN_BQ) {
                         const int64_t nq = nn_min(ATTN_BQ, Tq - q0);
                         const int64_t kend = at->causal ? nn_min(Tk, shift + q0 + nq) : Tk;
+                        const T *qb = pq + attn_row(q, b, q0, h), *gb = pg + attn_row(g, b, q0, h);
                         for (int64_t i = 0; i < nq; i++) {
-                            D[i] = nn_dot(pg + attn_row(g, b, q0 + i, h), po + attn_row(o, b, q0 + i, h), hd);
+                            D[i] = nn_dot(gb + i * g->strides[1], po + attn_row(o, b, q0 + i, h), hd);
                             memset(pdq + attn_row(dq, b, q0 + i, h), 0, sizeof(T) * (size_t)hd);
                         }
                         for (int64_t k0 = 0; k0 < kend; k0 += ATTN_BK) {
                             const int64_t nk = nn_min(ATTN_BK, kend - k0);
                             ATTN_PACK(T, kt, pk, k, b, k0, nk, kvh, hd)
                             ATTN_PACK(T, vt, pv, v, b, k0, nk, kvh, hd)
+                            /* rows: p, ds and dq_i += sum_j ds_ij k_j */
                             for (int64_t i = 0; i < nq; i++) {
                                 const int64_t cnt = at->causal ? nn_min(nk, shift + q0 + i + 1 - k0) : nk;
+                                T *p = P + i * ATTN_BK, *ds = DS + i * ATTN_BK;
+                                for (int64_t j = cnt > 0 ? cnt : 0; j < nk; j++) p[j] = ds[j] = 0;
                                 if (cnt <= 0) continue;
-                                const T *qi = pq + attn_row(q, b, q0 + i, h), *gi = pg + attn_row(g, b, q0 + i, h);
-                                T *dqi = pdq + attn_row(dq, b, q0 + i, h);
-                                nn_row_times_packed(p, qi, scale, kt, hd, ATTN_BK, cnt);
-                                nn_row_times_packed(ds, gi, (T)1, vt, hd, ATTN_BK, cnt);
+                                nn_row_times_packed(p, qb + i * q->strides[1], scale, kt, hd, ATTN_BK, cnt);
+                                nn_row_times_packed(ds, gb + i * g->strides[1], (T)1, vt, hd, ATTN_BK, cnt);
                                 nn_exp_shift(p, plse[(b * H + h) * Tq + q0 + i], cnt);
                                 for (int64_t j = 0; j < cnt; j++) ds[j] = scale * p[j] * (ds[j] - D[i]);
-                                for (int64_t j = 0; j < cnt; j++) {
-                                    const int64_t kr = attn_row(k, b, k0 + j, kvh);
-                                    nn_axpy(pdv + attn_row(dv, b, k0 + j, kvh), p[j], gi, hd);
-                                    nn_axpy(dqi, ds[j], pk + kr, hd);
-                                    nn_axpy(pdk + attn_row(dk, b, k0 + j, kvh), ds[j], qi, hd);
+                                nn_axpy_rows(pdq + attn_row(dq, b, q0 + i, h), ds, pk + attn_row(k, b, k0, kvh),
+                                             k->strides[1], cnt, hd);
+                            }
+                            /* columns: dv_j += sum_i p_ij g_i, dk_j += sum_i ds_ij q_i */
+                            for (int64_t j = 0; j < nk; j++) {
+                                for (int64_t i = 0; i < nq; i++) {
+                                    wp[i] = P[i * ATTN_BK + j];
+                                    wds[i] = DS[i * ATTN_BK + j];
                                 }
+                                nn_axpy_rows(pdv + attn_row(dv, b, k0 + j, kvh), wp, gb, g->strides[1], nq, hd);
+                                nn_axpy_rows(pdk + attn_row(dk, b, k0 + j, kvh), wds, qb, q->strides[1], nq, hd);
                             }
                         }
                     }
@@ -332,8 +377,8 @@ static moe_tensor *ce_scratch(const moe_tensor *h, int64_t block) {
  * out = per-row loss [T], out2 = lse [T], contiguous, F32 (F64 for F64 inputs);
  * attrs moe_ce_attrs {block} (inv_count unused here). For each vocabulary block of
  * `block` rows: logits = h @ w_blk^T (one GEMM into a [T, block] step-arena scratch), then
- * per row a running max m and sum s (s = s * exp(m_old - m_new) + sum exp(logit - m_new))
- * and the target's logit when it falls in the block. lse = m + log s;
+ * per row the target's logit when it falls in the block, and a running max m and sum s
+ * (s = s * exp(m_old - m_new) + sum exp(logit - m_new), accumulated in T). lse = m + log s;
  * loss = lse - logit[target], or exactly 0 for an ignored row. */
 moe_status moe_cpu_cross_entropy(const moe_kernel_args *a) {
     const moe_ce_attrs *at = a->attrs;
@@ -355,17 +400,14 @@ moe_status moe_cpu_cross_entropy(const moe_kernel_args *a) {
             const int64_t nb = nn_min(blk, V - v0);
             moe_tensor S;
             MOE_TRY(ce_block_logits(h, w, scratch, v0, nb, &S));
-            const T *ps = (const T *)S.data;
+            T *ps = (T *)S.data;
 _Pragma("omp parallel for schedule(static) if (Tn * nb > 16384)")
             for (int64_t t = 0; t < Tn; t++) {
-                const T *row = ps + t * nb;
-                T mx = m[t];
-                for (int64_t j = 0; j < nb; j++) mx = row[j] > mx ? row[j] : mx;
-                double sum = 0;
-                for (int64_t j = 0; j < nb; j++) sum += exp(row[j] - mx);
-                s[t] = s[t] * exp(m[t] - mx) + (T)sum;
-                m[t] = mx;
+                T *row = ps + t * nb;
                 if (tg[t] >= v0 && tg[t] < v0 + nb) tl[t] = row[tg[t] - v0];
+                const T mx = nn_max(row, m[t], nb);
+                s[t] = s[t] * exp(m[t] - mx) + nn_exp_shift(row, mx, nb);
+                m[t] = mx;
             }
         }
         for (int64_t t = 0; t < Tn; t++) {
@@ -407,7 +449,8 @@ _Pragma("omp parallel for schedule(static) if (Tn * nb > 16384)")
                     memset(row, 0, sizeof(T) * (size_t)nb);
                     continue;
                 }
-                for (int64_t j = 0; j < nb; j++) row[j] = c * exp(row[j] - lse[t]);
+                nn_exp_shift(row, lse[t], nb);
+                nn_scale(row, c, nb);
                 if (tg[t] >= v0 && tg[t] < v0 + nb) row[tg[t] - v0] -= c;
             }
             if (dh) {

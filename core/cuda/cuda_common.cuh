@@ -196,6 +196,11 @@ static inline int64_t cu_rows(const moe_tensor *t) {
 }
 static inline int64_t cu_cols(const moe_tensor *t) { return t->ndim ? t->shape[t->ndim - 1] : 1; }
 
+/* C = alpha * op(A) @ op(B) + beta * C on strided views (core/cuda/matmul.cu): A, B f32 or
+ * bf16, C of their dtype or f32; batch dims as for MATMUL (B may be 2-D and shared). */
+moe_status moe_cuda_gemm(const moe_tensor *A, const moe_tensor *B, moe_tensor *C, bool trans_a, bool trans_b,
+                         float alpha, float beta);
+
 /* A STEP scratch buffer on the device (freed at the next moe_step_reset). */
 static inline void *cu_scratch(size_t bytes) { return moe_mem_alloc(MOE_CUDA, MOE_LIFE_STEP, bytes); }
 

@@ -103,7 +103,6 @@ static moe_status gemm_batched(const moe_tensor *A, mat_layout LA, int64_t sA, c
                                float beta) {
     int nd = C->ndim;
     int64_t M = C->shape[nd - 2], N = C->shape[nd - 1], K = A->shape[A->ndim - 1];
-    cudaDataType ty = cu_type(C->dtype);
     /* Row-major C: compute C^T[N, M] = B^T A^T. Column-major C: C[M, N] = A B. */
     const moe_tensor *X = LC.row_major ? B : A, *Y = LC.row_major ? A : B;
     mat_layout LX = LC.row_major ? LB : LA, LY = LC.row_major ? LA : LB;
@@ -112,36 +111,36 @@ static moe_status gemm_batched(const moe_tensor *A, mat_layout LA, int64_t sA, c
     /* For row-major C the operands are wanted transposed: a row-major one is that already. */
     cublasOperation_t opX = (LX.row_major == LC.row_major) ? CUBLAS_OP_N : CUBLAS_OP_T;
     cublasOperation_t opY = (LY.row_major == LC.row_major) ? CUBLAS_OP_N : CUBLAS_OP_T;
-    CUBLAS_TRY(cublasGemmStridedBatchedEx_64(moe_cu.blas, opX, opY, m, n, K, &alpha, X->data, ty, LX.ld, sX, Y->data,
-                                             ty, LY.ld, sY, &beta, C->data, ty, LC.ld, sC, batch, cu_compute(C->dtype),
+    CUBLAS_TRY(cublasGemmStridedBatchedEx_64(moe_cu.blas, opX, opY, m, n, K, &alpha, X->data, cu_type(X->dtype), LX.ld,
+                                             sX, Y->data, cu_type(Y->dtype), LY.ld, sY, &beta, C->data,
+                                             cu_type(C->dtype), LC.ld, sC, batch, cu_compute(A->dtype),
                                              CUBLAS_GEMM_DEFAULT),
-               "matmul of [%lld x %lld] @ [%lld x %lld], batch %lld, %s", (long long)M, (long long)K, (long long)K,
-               (long long)N, (long long)batch, moe_dtype_name(C->dtype));
+               "matmul of [%lld x %lld] @ [%lld x %lld], batch %lld, %s -> %s", (long long)M, (long long)K,
+               (long long)K, (long long)N, (long long)batch, moe_dtype_name(A->dtype), moe_dtype_name(C->dtype));
     return MOE_OK;
 }
 
-extern "C" moe_status moe_cuda_matmul(const moe_kernel_args *a) {
-    const moe_matmul_attrs *at = (const moe_matmul_attrs *)a->attrs;
-    moe_tensor A = *a->in[0], B = *a->in[1], C = *a->out;
-    if (C.dtype != MOE_F32 && C.dtype != MOE_BF16)
-        return moe_error(MOE_ERR_UNSUPPORTED, "matmul: dtype %s is not supported on cuda (f32, bf16)",
-                         moe_dtype_name(C.dtype));
-    if (A.dtype != C.dtype || B.dtype != C.dtype)
-        return moe_error(MOE_ERR_INVALID, "matmul: operands %s, %s and output %s differ in dtype",
+moe_status moe_cuda_gemm(const moe_tensor *a_in, const moe_tensor *b_in, moe_tensor *c_out, bool trans_a, bool trans_b,
+                         float alpha, float beta) {
+    moe_tensor A = *a_in, B = *b_in, C = *c_out;
+    bool types_ok = (A.dtype == MOE_F32 || A.dtype == MOE_BF16) && B.dtype == A.dtype &&
+                    (C.dtype == A.dtype || C.dtype == MOE_F32);
+    if (!types_ok)
+        return moe_error(MOE_ERR_UNSUPPORTED, "matmul: %s @ %s -> %s is not supported on cuda (f32 or bf16 operands, same or f32 output)",
                          moe_dtype_name(A.dtype), moe_dtype_name(B.dtype), moe_dtype_name(C.dtype));
-    if (at->trans_a) swap_last2(&A);
-    if (at->trans_b) swap_last2(&B);
+    if (trans_a) swap_last2(&A);
+    if (trans_b) swap_last2(&B);
     int nd = C.ndim, nb = nd - 2;
     int64_t M = C.shape[nd - 2], N = C.shape[nd - 1], batch = 1;
     for (int d = 0; d < nb; d++) batch *= C.shape[d];
     if (M == 0 || N == 0 || batch == 0) return MOE_OK;
     if (A.shape[A.ndim - 1] == 0) { /* empty inner dim: out = beta * out */
-        moe_op_attrs_scalar sc = {MOE_SC_MUL, at->beta};
+        moe_op_attrs_scalar sc = {MOE_SC_MUL, beta};
         moe_kernel_args args = {};
-        args.out = a->out;
-        args.in[0] = a->out;
+        args.out = c_out;
+        args.in[0] = c_out;
         args.attrs = &sc;
-        return at->beta == 0.0f ? moe_cuda_fill(&args) : moe_cuda_scalar(&args);
+        return beta == 0.0f ? moe_cuda_fill(&args) : moe_cuda_scalar(&args);
     }
     /* b shared by all batches: a strided 2-D operand, batch stride 0. */
     bool shared_b = B.ndim == 2 && nb > 0;
@@ -173,17 +172,22 @@ extern "C" moe_status moe_cuda_matmul(const moe_kernel_args *a) {
         C2.shape[1] = N;
         C2.strides[0] = LC.ld;
         C2.strides[1] = 1;
-        MOE_TRY(gemm_batched(&A2, LA, 0, &B, LB, 0, &C2, LC, 0, 1, at->alpha, at->beta));
+        MOE_TRY(gemm_batched(&A2, LA, 0, &B, LB, 0, &C2, LC, 0, 1, alpha, beta));
     } else {
-        MOE_TRY(gemm_batched(&A, LA, sA, &B, LB, sB, Cw, LC, sC, batch, at->alpha, at->beta));
+        MOE_TRY(gemm_batched(&A, LA, sA, &B, LB, sB, Cw, LC, sC, batch, alpha, beta));
     }
     if (!c_direct) {
         moe_kernel_args args = {};
-        args.out = a->out;
+        args.out = c_out;
         args.in[0] = Cw;
         return moe_cuda_copy(&args);
     }
     return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_matmul(const moe_kernel_args *a) {
+    const moe_matmul_attrs *at = (const moe_matmul_attrs *)a->attrs;
+    return moe_cuda_gemm(a->in[0], a->in[1], a->out, at->trans_a, at->trans_b, at->alpha, at->beta);
 }
 
 /* ---- grouped matmul ---- */

@@ -1,0 +1,554 @@
+/* CUDA neural-network kernels (core/cpu/nn_cpu.c is the specification): dropout (the same
+ * Philox mask as the CPU), rotary embedding, flash attention forward and backward (online
+ * softmax over key tiles held in shared memory, never a [Tq, Tk] matrix; causal with the
+ * query offset Tk - Tq; grouped-query heads) and blockwise cross-entropy over the
+ * vocabulary (cuBLAS for the block products, never a [T, V] logit matrix).
+ *
+ * Attention layout: a block holds ATT_ROWS warps, one query (forward, dq) or one key
+ * (dk, dv) row per warp. Tiles of 32 rows of the other side are staged in shared memory
+ * as f32; lane j scores row j of the tile, then every lane accumulates its own head dims
+ * (d = lane + 32 e) over the 32 tile rows. Head dims up to ATT_MAX_HD. All of it in f32. */
+#include "core/cuda/cuda_common.cuh"
+#include "core/philox.h"
+
+extern "C" moe_status moe_cuda_copy(const moe_kernel_args *a);
+
+/* ---- dropout ---- */
+template <class T> __global__ void dropout_kernel(const T *x, T *y, int64_t n, moe_dropout_attrs at, float scale) {
+    CU_GRID_LOOP(i, n) {
+        bool keep = moe_philox_uniform(at.counter + (uint64_t)i, at.seed) >= at.p;
+        stf(y + i, keep ? ldf(x + i) * scale : 0.0f);
+    }
+}
+
+extern "C" moe_status moe_cuda_dropout(const moe_kernel_args *a) {
+    const moe_dropout_attrs at = *(const moe_dropout_attrs *)a->attrs;
+    int64_t n = moe_tensor_numel(a->out);
+    if (n == 0) return MOE_OK;
+    float scale = (float)(1.0 / (1.0 - at.p));
+    CU_FLOAT_DISPATCH(a->out->dtype, "dropout",
+        dropout_kernel<T><<<cu_blocks(n), CU_THREADS, 0, moe_cu.stream>>>((const T *)a->in[0]->data,
+                                                                        (T *)a->out->data, n, at, scale);)
+    CU_LAUNCHED("dropout");
+    return MOE_OK;
+}
+
+/* ---- rotary embedding: a [T, hd/2] cos/sin table (angles in double), then the rotation ---- */
+__global__ void rope_table_kernel(float *cs, float *sn, int64_t Tn, int64_t half, int64_t hd, moe_rope_attrs at) {
+    CU_GRID_LOOP(i, Tn * half) {
+        int64_t t = i / half, p = i % half;
+        double ang = (double)(at.pos0 + t) * pow(at.theta, -2.0 * (double)p / (double)hd);
+        cs[i] = (float)cos(ang);
+        sn[i] = (float)(at.inverse ? -sin(ang) : sin(ang));
+    }
+}
+
+struct rope_geom {
+    int64_t B, Tn, H, half, s[4];
+};
+
+template <class T> __global__ void rope_kernel(const T *x, T *y, const float *cs, const float *sn, rope_geom g) {
+    CU_GRID_LOOP(i, g.B * g.Tn * g.H * g.half) {
+        int64_t p = i % g.half, r = i / g.half, h = r % g.H, t = (r / g.H) % g.Tn, b = r / (g.H * g.Tn);
+        const T *xr = x + b * g.s[0] + t * g.s[1] + h * g.s[2];
+        T *yr = y + r * 2 * g.half;
+        float c = cs[t * g.half + p], s = sn[t * g.half + p];
+        float x1 = ldf(xr + p * g.s[3]), x2 = ldf(xr + (p + g.half) * g.s[3]);
+        stf(yr + p, x1 * c - x2 * s);
+        stf(yr + p + g.half, x2 * c + x1 * s);
+    }
+}
+
+extern "C" moe_status moe_cuda_rope(const moe_kernel_args *a) {
+    const moe_rope_attrs at = *(const moe_rope_attrs *)a->attrs;
+    const moe_tensor *x = a->in[0];
+    rope_geom g = {x->shape[0], x->shape[1], x->shape[2], x->shape[3] / 2,
+                   {x->strides[0], x->strides[1], x->strides[2], x->strides[3]}};
+    int64_t n = g.B * g.Tn * g.H * g.half;
+    if (n == 0) return MOE_OK;
+    float *cs = (float *)cu_scratch(sizeof(float) * 2 * (size_t)(g.Tn * g.half));
+    if (!cs) return moe_last_status();
+    float *sn = cs + g.Tn * g.half;
+    rope_table_kernel<<<cu_blocks(g.Tn * g.half), CU_THREADS, 0, moe_cu.stream>>>(cs, sn, g.Tn, g.half, x->shape[3], at);
+    CU_LAUNCHED("rope (table)");
+    CU_FLOAT_DISPATCH(x->dtype, "rope",
+        rope_kernel<T><<<cu_blocks(n), CU_THREADS, 0, moe_cu.stream>>>((const T *)x->data, (T *)a->out->data, cs, sn,
+                                                                     g);)
+    CU_LAUNCHED("rope");
+    return MOE_OK;
+}
+
+/* ---- attention ---- */
+#define ATT_ROWS 8     /* warps (rows) per block */
+#define ATT_TILE 32    /* rows of the other side per shared-memory tile */
+#define ATT_MAX_HD 256
+#define ATT_E (ATT_MAX_HD / 32)
+
+/* Strides of a [B, T, H, hd] operand with unit last stride. */
+struct att_view {
+    int64_t sb, st, sh;
+};
+static att_view att_view_of(const moe_tensor *t) { return {t->strides[0], t->strides[1], t->strides[2]}; }
+
+struct att_geom {
+    int64_t B, Tq, Tk, H, Hkv, hd, shift;
+    bool causal;
+    float scale;
+};
+
+/* Rows [r0, r0 + ATT_TILE) of head h of batch b into tile[ATT_TILE][hd + 1] (f32, zeros
+ * past `rows`). Every thread of the block takes part. */
+template <class T>
+__device__ void att_load_tile(float *tile, const T *base, att_view v, int64_t b, int64_t h, int64_t r0, int64_t rows,
+                              int64_t hd) {
+    for (int64_t i = threadIdx.x; i < ATT_TILE * hd; i += blockDim.x) {
+        int64_t r = i / hd, d = i - r * hd;
+        tile[r * (hd + 1) + d] = r0 + r < rows ? ldf(base + b * v.sb + (r0 + r) * v.st + h * v.sh + d) : 0.0f;
+    }
+}
+
+/* One row (hd values) into a per-warp f32 buffer; lanes split the dims. */
+template <class T> __device__ void att_load_row(float *dst, const T *src, int64_t hd) {
+    for (int64_t d = threadIdx.x & 31; d < hd; d += 32) dst[d] = ldf(src + d);
+}
+
+__device__ __forceinline__ float att_dot(const float *a, const float *b, int64_t hd) {
+    float s = 0;
+    for (int64_t d = 0; d < hd; d++) s += a[d] * b[d];
+    return s;
+}
+
+/* Forward: grid (query tiles of ATT_ROWS, H, B). */
+template <class T>
+__global__ void attention_fwd_kernel(const T *q, const T *k, const T *v, T *o, float *lse, att_view vq, att_view vk,
+                                     att_view vv, att_geom g) {
+    extern __shared__ float smem[];
+    const int64_t hd = g.hd, ld = hd + 1;
+    float *Kt = smem, *Vt = Kt + ATT_TILE * ld, *Qr = Vt + ATT_TILE * ld;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t b = blockIdx.z, h = blockIdx.y, kvh = h / (g.H / g.Hkv);
+    const int64_t q0 = (int64_t)blockIdx.x * ATT_ROWS, qi = q0 + warp;
+    const bool live = qi < g.Tq;
+    float *qrow = Qr + warp * hd;
+    if (live) att_load_row(qrow, q + b * vq.sb + qi * vq.st + h * vq.sh, hd);
+    const int64_t qlast = min(q0 + ATT_ROWS, g.Tq) - 1;
+    const int64_t kend = g.causal ? min(g.Tk, g.shift + qlast + 1) : g.Tk;
+    const int64_t klim = g.causal ? g.shift + qi + 1 : g.Tk; /* keys this row sees */
+    float m = -INFINITY, l = 0, acc[ATT_E];
+#pragma unroll
+    for (int e = 0; e < ATT_E; e++) acc[e] = 0;
+    for (int64_t k0 = 0; k0 < kend; k0 += ATT_TILE) {
+        __syncthreads(); /* the previous tile is consumed; the q rows are written */
+        att_load_tile(Kt, k, vk, b, kvh, k0, g.Tk, hd);
+        att_load_tile(Vt, v, vv, b, kvh, k0, g.Tk, hd);
+        __syncthreads();
+        if (!live) continue;
+        const int64_t j = k0 + lane;
+        float s = (j < g.Tk && j < klim) ? g.scale * att_dot(qrow, Kt + lane * ld, hd) : -INFINITY;
+        float mx = fmaxf(m, cu_warp_max(s));
+        if (mx == -INFINITY) continue; /* nothing visible yet (cannot happen: key 0 is always seen) */
+        float corr = expf(m - mx), p = expf(s - mx);
+        l = l * corr + cu_warp_sum(p);
+        m = mx;
+#pragma unroll
+        for (int e = 0; e < ATT_E; e++) acc[e] *= corr;
+        for (int jj = 0; jj < ATT_TILE; jj++) {
+            float pj = __shfl_sync(0xffffffffu, p, jj);
+            const float *vr = Vt + jj * ld;
+#pragma unroll
+            for (int e = 0; e < ATT_E; e++)
+                if (lane + 32 * e < hd) acc[e] += pj * vr[lane + 32 * e];
+        }
+    }
+    if (!live) return;
+    float inv = 1.0f / l;
+    T *orow = o + ((b * g.Tq + qi) * g.H + h) * hd;
+#pragma unroll
+    for (int e = 0; e < ATT_E; e++)
+        if (lane + 32 * e < hd) stf(orow + lane + 32 * e, acc[e] * inv);
+    if (lane == 0) lse[(b * g.H + h) * g.Tq + qi] = m + logf(l);
+}
+
+static moe_status att_check(const moe_tensor *q, const moe_tensor *k, const moe_tensor *v, const char *kname) {
+    const moe_tensor *t[3] = {q, k, v};
+    for (int i = 0; i < 3; i++)
+        if (t[i]->strides[3] != 1 && t[i]->shape[3] != 1)
+            return moe_error(MOE_ERR_INVALID, "%s: operand %d needs a unit last stride", kname, i);
+    if (q->shape[3] > ATT_MAX_HD)
+        return moe_error(MOE_ERR_UNSUPPORTED, "%s: head dim %lld is larger than %d on cuda", kname,
+                         (long long)q->shape[3], ATT_MAX_HD);
+    if (q->shape[0] > 65535 || q->shape[2] > 65535)
+        return moe_error(MOE_ERR_UNSUPPORTED, "%s: more than 65535 batches or heads do not fit the cuda grid", kname);
+    return MOE_OK;
+}
+
+static att_geom att_geom_of(const moe_tensor *q, const moe_tensor *k, const moe_attention_attrs *at) {
+    return {q->shape[0], q->shape[1], k->shape[1], q->shape[2], k->shape[2], q->shape[3],
+            k->shape[1] - q->shape[1], at->causal, at->scale};
+}
+
+/* Raises the dynamic shared-memory limit of `fn` when `bytes` needs it. */
+template <class F> static moe_status att_smem(F fn, size_t bytes, const char *kname) {
+    if (bytes > moe_cu.smem_optin)
+        return moe_error(MOE_ERR_UNSUPPORTED, "%s: %zu bytes of shared memory exceed the device's %zu", kname, bytes,
+                         moe_cu.smem_optin);
+    if (bytes > 48 * 1024)
+        CU_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes),
+               "%s: allowing %zu bytes of shared memory", kname, bytes);
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_attention(const moe_kernel_args *a) {
+    const moe_attention_attrs *at = (const moe_attention_attrs *)a->attrs;
+    const moe_tensor *q = a->in[0], *k = a->in[1], *v = a->in[2];
+    MOE_TRY(att_check(q, k, v, "attention"));
+    if (a->out2->dtype != MOE_F32) return moe_error(MOE_ERR_UNSUPPORTED, "attention: lse must be f32 on cuda");
+    att_geom g = att_geom_of(q, k, at);
+    if (g.B * g.Tq * g.H == 0) return MOE_OK;
+    size_t smem = sizeof(float) * (size_t)(2 * ATT_TILE * (g.hd + 1) + ATT_ROWS * g.hd);
+    dim3 grid((unsigned)((g.Tq + ATT_ROWS - 1) / ATT_ROWS), (unsigned)g.H, (unsigned)g.B);
+    CU_FLOAT_DISPATCH(q->dtype, "attention",
+        MOE_TRY(att_smem(attention_fwd_kernel<T>, smem, "attention"));
+        attention_fwd_kernel<T><<<grid, ATT_ROWS * 32, smem, moe_cu.stream>>>(
+            (const T *)q->data, (const T *)k->data, (const T *)v->data, (T *)a->out->data, (float *)a->out2->data,
+            att_view_of(q), att_view_of(k), att_view_of(v), g);)
+    CU_LAUNCHED("attention");
+    return MOE_OK;
+}
+
+/* D[b, h, i] = g_i . o_i (f32), one warp per row. */
+template <class T>
+__global__ void att_rowdot_kernel(const T *gr, const T *o, float *D, att_view vg, att_view vo, att_geom g) {
+    int64_t rows = g.B * g.H * g.Tq;
+    int lane = threadIdx.x & 31;
+    for (int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows;
+         r += ((int64_t)gridDim.x * blockDim.x) >> 5) {
+        int64_t i = r % g.Tq, h = (r / g.Tq) % g.H, b = r / (g.Tq * g.H);
+        const T *pg = gr + b * vg.sb + i * vg.st + h * vg.sh, *po = o + b * vo.sb + i * vo.st + h * vo.sh;
+        float s = 0;
+        for (int64_t d = lane; d < g.hd; d += 32) s += ldf(pg + d) * ldf(po + d);
+        s = cu_warp_sum(s);
+        if (lane == 0) D[r] = s;
+    }
+}
+
+/* dq: grid (query tiles, H, B); per query row i, over its visible keys j:
+ * p = exp(scale q.k - lse), ds = scale p (g.v - D), dq += ds k. */
+template <class T>
+__global__ void attention_dq_kernel(const T *q, const T *k, const T *v, const T *gr, const float *lse, const float *D,
+                                    T *dq, att_view vq, att_view vk, att_view vv, att_view vg, att_geom g) {
+    extern __shared__ float smem[];
+    const int64_t hd = g.hd, ld = hd + 1;
+    float *Kt = smem, *Vt = Kt + ATT_TILE * ld, *Qr = Vt + ATT_TILE * ld, *Gr = Qr + ATT_ROWS * hd;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t b = blockIdx.z, h = blockIdx.y, kvh = h / (g.H / g.Hkv);
+    const int64_t q0 = (int64_t)blockIdx.x * ATT_ROWS, qi = q0 + warp;
+    const bool live = qi < g.Tq;
+    float *qrow = Qr + warp * hd, *grow = Gr + warp * hd;
+    float lse_i = 0, D_i = 0;
+    if (live) {
+        att_load_row(qrow, q + b * vq.sb + qi * vq.st + h * vq.sh, hd);
+        att_load_row(grow, gr + b * vg.sb + qi * vg.st + h * vg.sh, hd);
+        lse_i = lse[(b * g.H + h) * g.Tq + qi];
+        D_i = D[(b * g.H + h) * g.Tq + qi];
+    }
+    const int64_t qlast = min(q0 + ATT_ROWS, g.Tq) - 1;
+    const int64_t kend = g.causal ? min(g.Tk, g.shift + qlast + 1) : g.Tk;
+    const int64_t klim = g.causal ? g.shift + qi + 1 : g.Tk;
+    float acc[ATT_E];
+#pragma unroll
+    for (int e = 0; e < ATT_E; e++) acc[e] = 0;
+    for (int64_t k0 = 0; k0 < kend; k0 += ATT_TILE) {
+        __syncthreads();
+        att_load_tile(Kt, k, vk, b, kvh, k0, g.Tk, hd);
+        att_load_tile(Vt, v, vv, b, kvh, k0, g.Tk, hd);
+        __syncthreads();
+        if (!live) continue;
+        const int64_t j = k0 + lane;
+        float ds = 0;
+        if (j < g.Tk && j < klim) {
+            float p = expf(g.scale * att_dot(qrow, Kt + lane * ld, hd) - lse_i);
+            ds = g.scale * p * (att_dot(grow, Vt + lane * ld, hd) - D_i);
+        }
+        for (int jj = 0; jj < ATT_TILE; jj++) {
+            float dj = __shfl_sync(0xffffffffu, ds, jj);
+            const float *kr = Kt + jj * ld;
+#pragma unroll
+            for (int e = 0; e < ATT_E; e++)
+                if (lane + 32 * e < hd) acc[e] += dj * kr[lane + 32 * e];
+        }
+    }
+    if (!live) return;
+    T *out = dq + ((b * g.Tq + qi) * g.H + h) * hd;
+#pragma unroll
+    for (int e = 0; e < ATT_E; e++)
+        if (lane + 32 * e < hd) stf(out + lane + 32 * e, acc[e]);
+}
+
+/* dk, dv: grid (key tiles, Hkv, B); per key row j, over the query heads of its group and
+ * the queries that see it: dv += p g_i, dk += ds q_i. */
+template <class T>
+__global__ void attention_dkv_kernel(const T *q, const T *k, const T *v, const T *gr, const float *lse, const float *D,
+                                     T *dk, T *dv, att_view vq, att_view vk, att_view vv, att_view vg, att_geom g) {
+    extern __shared__ float smem[];
+    const int64_t hd = g.hd, ld = hd + 1;
+    float *Qt = smem, *Gt = Qt + ATT_TILE * ld, *Kr = Gt + ATT_TILE * ld, *Vr = Kr + ATT_ROWS * hd;
+    __shared__ float s_lse[ATT_TILE], s_D[ATT_TILE];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t b = blockIdx.z, kvh = blockIdx.y, group = g.H / g.Hkv;
+    const int64_t j0 = (int64_t)blockIdx.x * ATT_ROWS, kj = j0 + warp;
+    const bool live = kj < g.Tk;
+    float *krow = Kr + warp * hd, *vrow = Vr + warp * hd;
+    if (live) {
+        att_load_row(krow, k + b * vk.sb + kj * vk.st + kvh * vk.sh, hd);
+        att_load_row(vrow, v + b * vv.sb + kj * vv.st + kvh * vv.sh, hd);
+    }
+    /* causal: query i sees key j iff j <= shift + i, i.e. i >= j - shift */
+    const int64_t qstart = g.causal ? max((int64_t)0, j0 - g.shift) : 0;
+    const int64_t qfirst = g.causal ? kj - g.shift : 0; /* first query this key row meets */
+    float adk[ATT_E], adv[ATT_E];
+#pragma unroll
+    for (int e = 0; e < ATT_E; e++) adk[e] = adv[e] = 0;
+    for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
+        for (int64_t i0 = qstart - qstart % ATT_TILE; i0 < g.Tq; i0 += ATT_TILE) {
+            __syncthreads();
+            att_load_tile(Qt, q, vq, b, h, i0, g.Tq, hd);
+            att_load_tile(Gt, gr, vg, b, h, i0, g.Tq, hd);
+            if (threadIdx.x < ATT_TILE) {
+                int64_t i = i0 + threadIdx.x;
+                s_lse[threadIdx.x] = i < g.Tq ? lse[(b * g.H + h) * g.Tq + i] : 0.0f;
+                s_D[threadIdx.x] = i < g.Tq ? D[(b * g.H + h) * g.Tq + i] : 0.0f;
+            }
+            __syncthreads();
+            if (!live) continue;
+            const int64_t i = i0 + lane;
+            float p = 0, ds = 0;
+            if (i < g.Tq && i >= qfirst) {
+                p = expf(g.scale * att_dot(Qt + lane * ld, krow, hd) - s_lse[lane]);
+                ds = g.scale * p * (att_dot(Gt + lane * ld, vrow, hd) - s_D[lane]);
+            }
+            for (int ii = 0; ii < ATT_TILE; ii++) {
+                float pi = __shfl_sync(0xffffffffu, p, ii), di = __shfl_sync(0xffffffffu, ds, ii);
+                const float *qr = Qt + ii * ld, *gg = Gt + ii * ld;
+#pragma unroll
+                for (int e = 0; e < ATT_E; e++) {
+                    if (lane + 32 * e < hd) {
+                        adv[e] += pi * gg[lane + 32 * e];
+                        adk[e] += di * qr[lane + 32 * e];
+                    }
+                }
+            }
+        }
+    }
+    if (!live) return;
+    T *pk = dk + ((b * g.Tk + kj) * g.Hkv + kvh) * hd, *pv = dv + ((b * g.Tk + kj) * g.Hkv + kvh) * hd;
+#pragma unroll
+    for (int e = 0; e < ATT_E; e++) {
+        if (lane + 32 * e < hd) {
+            stf(pk + lane + 32 * e, adk[e]);
+            stf(pv + lane + 32 * e, adv[e]);
+        }
+    }
+}
+
+extern "C" moe_status moe_cuda_attention_bwd(const moe_kernel_args *a) {
+    const moe_attention_attrs *at = (const moe_attention_attrs *)a->attrs;
+    const moe_tensor *q = a->in[0], *k = a->in[1], *v = a->in[2], *o = a->in[3], *gr = a->in[4], *lse = a->in[5];
+    moe_tensor *dq = a->out, *dk = at->dk, *dv = at->dv;
+    MOE_TRY(att_check(q, k, v, "attention_bwd"));
+    const moe_tensor *og[2] = {o, gr};
+    for (int i = 0; i < 2; i++)
+        if (og[i]->strides[3] != 1 && og[i]->shape[3] != 1)
+            return moe_error(MOE_ERR_INVALID, "attention_bwd: %s needs a unit last stride", i ? "grad" : "output");
+    if (lse->dtype != MOE_F32) return moe_error(MOE_ERR_UNSUPPORTED, "attention_bwd: lse must be f32 on cuda");
+    if (!moe_tensor_is_contiguous(dq) || !moe_tensor_is_contiguous(dk) || !moe_tensor_is_contiguous(dv))
+        return moe_error(MOE_ERR_INVALID, "attention_bwd: dq, dk and dv must be contiguous");
+    att_geom g = att_geom_of(q, k, at);
+    if (g.B * g.H * g.hd == 0) return MOE_OK;
+    float *D = (float *)cu_scratch(sizeof(float) * (size_t)(g.B * g.H * (g.Tq ? g.Tq : 1)));
+    if (!D) return moe_last_status();
+    size_t smem = sizeof(float) * (size_t)(2 * ATT_TILE * (g.hd + 1) + 2 * ATT_ROWS * g.hd);
+    dim3 gq((unsigned)((g.Tq + ATT_ROWS - 1) / ATT_ROWS), (unsigned)g.H, (unsigned)g.B);
+    dim3 gk((unsigned)((g.Tk + ATT_ROWS - 1) / ATT_ROWS), (unsigned)g.Hkv, (unsigned)g.B);
+    att_view vq = att_view_of(q), vk = att_view_of(k), vv = att_view_of(v), vo = att_view_of(o), vg = att_view_of(gr);
+    CU_FLOAT_DISPATCH(q->dtype, "attention_bwd",
+        const T *pq = (const T *)q->data, *pk = (const T *)k->data, *pv = (const T *)v->data;
+        const T *pg = (const T *)gr->data;
+        const float *pl = (const float *)lse->data;
+        if (g.Tq > 0) {
+            att_rowdot_kernel<T><<<cu_blocks(g.B * g.H * g.Tq * 32), CU_THREADS, 0, moe_cu.stream>>>(
+                pg, (const T *)o->data, D, vg, vo, g);
+            CU_LAUNCHED("attention_bwd (row dots)");
+            MOE_TRY(att_smem(attention_dq_kernel<T>, smem, "attention_bwd"));
+            attention_dq_kernel<T><<<gq, ATT_ROWS * 32, smem, moe_cu.stream>>>(pq, pk, pv, pg, pl, D, (T *)dq->data, vq,
+                                                                             vk, vv, vg, g);
+            CU_LAUNCHED("attention_bwd (dq)");
+        }
+        if (g.Tk > 0) {
+            MOE_TRY(att_smem(attention_dkv_kernel<T>, smem, "attention_bwd"));
+            attention_dkv_kernel<T><<<gk, ATT_ROWS * 32, smem, moe_cu.stream>>>(
+                pq, pk, pv, pg, pl, D, (T *)dk->data, (T *)dv->data, vq, vk, vv, vg, g);
+            CU_LAUNCHED("attention_bwd (dk, dv)");
+        })
+    return MOE_OK;
+}
+
+/* ---- cut cross-entropy ---- */
+
+/* Logits of vocabulary rows [v0, v0 + nb): S [T, nb] f32 = h @ w[v0:v0+nb]^T. */
+static moe_status ce_block_logits(const moe_tensor *h, const moe_tensor *w, float *scratch, int64_t v0, int64_t nb,
+                                  moe_tensor *S) {
+    *S = *h;
+    S->dtype = MOE_F32;
+    S->shape[1] = nb;
+    S->strides[0] = nb;
+    S->strides[1] = 1;
+    S->data = scratch;
+    moe_tensor wt = *w; /* [d, nb] view of the block's rows, transposed */
+    wt.shape[0] = w->shape[1];
+    wt.shape[1] = nb;
+    wt.strides[0] = w->strides[1];
+    wt.strides[1] = w->strides[0];
+    wt.data = (char *)w->data + v0 * w->strides[0] * (int64_t)moe_dtype_size(w->dtype);
+    return moe_cuda_gemm(h, &wt, S, false, false, 1.0f, 0.0f);
+}
+
+/* Running max m and sum s per row (kept in the outputs), and the target's logit. */
+__global__ void ce_update_kernel(const float *S, const int32_t *tg, float *m, float *s, float *tl, int64_t Tn,
+                                 int64_t nb, int64_t v0) {
+    __shared__ float sh[32];
+    for (int64_t t = blockIdx.x; t < Tn; t += gridDim.x) {
+        const float *row = S + t * nb;
+        float mx = -INFINITY;
+        for (int64_t j = threadIdx.x; j < nb; j += blockDim.x) mx = fmaxf(mx, row[j]);
+        mx = fmaxf(cu_block_max(mx, sh), m[t]);
+        float sum = 0;
+        for (int64_t j = threadIdx.x; j < nb; j += blockDim.x) sum += expf(row[j] - mx);
+        sum = cu_block_sum(sum, sh);
+        if (threadIdx.x == 0) {
+            s[t] = s[t] * expf(m[t] - mx) + sum;
+            m[t] = mx;
+            int64_t y = tg[t];
+            if (y >= v0 && y < v0 + nb) tl[t] = row[y - v0];
+        }
+    }
+}
+
+__global__ void ce_init_kernel(float *m, float *s, float *tl, int64_t Tn) {
+    CU_GRID_LOOP(t, Tn) {
+        m[t] = -INFINITY;
+        s[t] = 0;
+        tl[t] = 0;
+    }
+}
+
+__global__ void ce_final_kernel(float *loss, float *lse, const float *tl, const int32_t *tg, int64_t Tn) {
+    CU_GRID_LOOP(t, Tn) {
+        float l = lse[t] + logf(loss[t]); /* lse holds m, loss holds s until here */
+        lse[t] = l;
+        loss[t] = tg[t] == -1 ? 0.0f : l - tl[t];
+    }
+}
+
+static int64_t ce_block(const moe_ce_attrs *at, int64_t V) { return at->block < V ? at->block : V; }
+
+extern "C" moe_status moe_cuda_cross_entropy(const moe_kernel_args *a) {
+    const moe_ce_attrs *at = (const moe_ce_attrs *)a->attrs;
+    const moe_tensor *h = a->in[0], *w = a->in[1];
+    const int32_t *tg = (const int32_t *)a->in[2]->data;
+    const int64_t Tn = h->shape[0], V = w->shape[0], blk = ce_block(at, V);
+    if (a->out->dtype != MOE_F32 || a->out2->dtype != MOE_F32)
+        return moe_error(MOE_ERR_UNSUPPORTED, "cross_entropy: loss and lse must be f32 on cuda");
+    if (Tn == 0) return MOE_OK;
+    float *scratch = (float *)cu_scratch(sizeof(float) * (size_t)(Tn * blk + Tn));
+    if (!scratch) return moe_last_status();
+    float *tl = scratch + Tn * blk, *loss = (float *)a->out->data, *lse = (float *)a->out2->data;
+    ce_init_kernel<<<cu_blocks(Tn), CU_THREADS, 0, moe_cu.stream>>>(lse, loss, tl, Tn);
+    CU_LAUNCHED("cross_entropy (init)");
+    int th = cu_row_threads(blk) > 256 ? 256 : cu_row_threads(blk);
+    for (int64_t v0 = 0; v0 < V; v0 += blk) {
+        const int64_t nb = V - v0 < blk ? V - v0 : blk;
+        moe_tensor S;
+        MOE_TRY(ce_block_logits(h, w, scratch, v0, nb, &S));
+        ce_update_kernel<<<cu_blocks(Tn * th, th), th, 0, moe_cu.stream>>>(scratch, tg, lse, loss, tl, Tn, nb, v0);
+        CU_LAUNCHED("cross_entropy (block update)");
+    }
+    ce_final_kernel<<<cu_blocks(Tn), CU_THREADS, 0, moe_cu.stream>>>(loss, lse, tl, tg, Tn);
+    CU_LAUNCHED("cross_entropy (final)");
+    return MOE_OK;
+}
+
+/* G = c * (softmax - onehot(target)), zero rows for ignored targets; c = g * inv_count
+ * read on the device (no sync). G is written in the dtype T of the backward GEMMs. */
+template <class T>
+__global__ void ce_grad_kernel(const float *S, T *G, const int32_t *tg, const float *lse, const float *gscal,
+                               float inv_count, int64_t Tn, int64_t nb, int64_t v0) {
+    const float c = gscal[0] * inv_count;
+    CU_GRID_LOOP(i, Tn * nb) {
+        int64_t t = i / nb, j = i - t * nb;
+        int32_t y = tg[t];
+        float val = y == -1 ? 0.0f : c * expf(S[i] - lse[t]) - (y == v0 + j ? c : 0.0f);
+        stf(G + i, val);
+    }
+}
+
+extern "C" moe_status moe_cuda_cross_entropy_bwd(const moe_kernel_args *a) {
+    const moe_ce_attrs *at = (const moe_ce_attrs *)a->attrs;
+    const moe_tensor *h = a->in[0], *w = a->in[1], *lse = a->in[3], *gl = a->in[4];
+    const int32_t *tg = (const int32_t *)a->in[2]->data;
+    moe_tensor *dh = a->out, *dw = a->out2;
+    const int64_t Tn = h->shape[0], V = w->shape[0], d = h->shape[1], blk = ce_block(at, V);
+    if (lse->dtype != MOE_F32 || gl->dtype != MOE_F32)
+        return moe_error(MOE_ERR_UNSUPPORTED, "cross_entropy_bwd: lse and the loss grad must be f32 on cuda");
+    if ((dh && !moe_tensor_is_contiguous(dh)) || (dw && !moe_tensor_is_contiguous(dw)))
+        return moe_error(MOE_ERR_INVALID, "cross_entropy_bwd: dh and dw must be contiguous");
+    if (!dh && !dw) return MOE_OK;
+    moe_dtype dt = h->dtype;
+    if (dt != MOE_F32 && dt != MOE_BF16)
+        return moe_error(MOE_ERR_UNSUPPORTED, "cross_entropy_bwd: dtype %s is not supported on cuda (f32, bf16)",
+                         moe_dtype_name(dt));
+    if (Tn == 0) { /* no rows: dw is zero, dh empty */
+        if (dw) CU_TRY(cudaMemsetAsync(dw->data, 0, (size_t)(V * d) * moe_dtype_size(dt), moe_cu.stream),
+                       "cross_entropy_bwd: zeroing dw");
+        return MOE_OK;
+    }
+    size_t es = moe_dtype_size(dt);
+    float *S = (float *)cu_scratch(sizeof(float) * (size_t)(Tn * blk));
+    /* G in the GEMM dtype (a separate buffer for bf16); dh accumulates in f32 for bf16 */
+    void *G = dt == MOE_F32 ? (void *)S : cu_scratch(es * (size_t)(Tn * blk));
+    moe_tensor *dh_acc = dh && dt != MOE_F32 ? moe_tensor_empty(MOE_LIFE_STEP, MOE_CUDA, MOE_F32, 2, dh->shape) : dh;
+    if (!S || !G || (dh && !dh_acc)) return moe_last_status();
+    for (int64_t v0 = 0; v0 < V; v0 += blk) {
+        const int64_t nb = V - v0 < blk ? V - v0 : blk;
+        moe_tensor Sv;
+        MOE_TRY(ce_block_logits(h, w, S, v0, nb, &Sv));
+        CU_FLOAT_DISPATCH(dt, "cross_entropy_bwd",
+            ce_grad_kernel<T><<<cu_blocks(Tn * nb), CU_THREADS, 0, moe_cu.stream>>>(
+                S, (T *)G, tg, (const float *)lse->data, (const float *)gl->data, at->inv_count, Tn, nb, v0);)
+        CU_LAUNCHED("cross_entropy_bwd (softmax grad)");
+        moe_tensor Gv = *h; /* [T, nb] in dt */
+        Gv.shape[1] = nb;
+        Gv.strides[0] = nb;
+        Gv.strides[1] = 1;
+        Gv.data = G;
+        if (dh) { /* dh (+)= G @ w[v0:v0+nb] */
+            moe_tensor wb = *w;
+            wb.shape[0] = nb;
+            wb.data = (char *)w->data + v0 * w->strides[0] * (int64_t)es;
+            MOE_TRY(moe_cuda_gemm(&Gv, &wb, dh_acc, false, false, 1.0f, v0 ? 1.0f : 0.0f));
+        }
+        if (dw) { /* dw[v0:v0+nb] = G^T @ h */
+            moe_tensor dwb = *dw;
+            dwb.shape[0] = nb;
+            dwb.data = (char *)dw->data + v0 * d * (int64_t)es;
+            MOE_TRY(moe_cuda_gemm(&Gv, h, &dwb, true, false, 1.0f, 0.0f));
+        }
+    }
+    if (dh && dh_acc != dh) {
+        moe_kernel_args args = {};
+        args.out = dh;
+        args.in[0] = dh_acc;
+        MOE_TRY(moe_cuda_copy(&args));
+    }
+    return MOE_OK;
+}

@@ -1,0 +1,59 @@
+/* `moe bench`: the side-by-side benchmark cases of ../shared/design/BENCHMARKS.md, timed
+ * on our stack (scripts/bench_reference.py is the PyTorch side, scripts/bench.sh runs
+ * both and compares).
+ *
+ * Cases: moe-layer-cpu, lm-step-cpu (cpu, f32); moe-layer-gpu, moe-layer-gpu-fine,
+ * lm-train-gpu (cuda, bf16); sgemm, the machine's matmul ceiling through moe_matmul
+ * (cpu: f32 n=2048; cuda: bf16 n=8192). Layer cases time "fwd" (grad mode off) and
+ * "fwd_bwd" (loss = sum(out * R), backward, input and parameter grads); LM cases time
+ * "step" (one whole AdamW step: loss, backward, clip, update, zero grads); sgemm times
+ * "gemm". Each figure is the median of `reps` runs after `warmup` runs.
+ *
+ * Output: one line per figure on `out`. JSON (`json`): the fields of
+ * bench_reference.py where they apply:
+ *   {"case","phase","ms","ms_all":[..],"flops","gflops_per_s","peak_bytes",
+ *    "peak_kind":"step_arena+persist","device","dtype","threads","warmup","reps",
+ *    "scale","impl":"moe","version"}, plus "tokens","active_matmul_params",
+ *   "tokens_per_s" for LM cases, "mfu" (vs 790 TFLOP/s) for LM cases on cuda, "n" for
+ * sgemm and "gpu" on cuda. FLOPs are counted exactly as bench_reference.py counts them.
+ * peak_bytes = the device's PERSIST peak + STEP arena peak, both process-wide so far
+ * (an upper bound of the true peak; later figures include earlier phases). Otherwise
+ * one human-readable line per figure. moe_bench_run also logs one line describing the run
+ * (case, device, dtype, threads) to stderr. */
+#ifndef MOE_MOE_BENCH_H
+#define MOE_MOE_BENCH_H
+
+#include <stdbool.h>
+#include <stdio.h>
+
+#include "core/status.h"
+
+typedef struct moe_bench_options {
+    int device;  /* -1: the case's device; else a moe_device */
+    int dtype;   /* -1: the case's dtype; else MOE_F32 or MOE_BF16 */
+    int warmup;  /* runs before timing, >= 0 */
+    int reps;    /* timed runs, >= 1 */
+    int threads; /* OpenMP threads for the CPU (omp_set_num_threads); 0: leave as is */
+    int scale;   /* >= 1: divides T (layer cases), the batch (LM cases) and n (sgemm),
+                    each kept >= 1, for smoke tests */
+    bool json;   /* JSON lines instead of readable lines */
+    FILE *out;   /* where the lines go (the `moe` program passes stdout) */
+} moe_bench_options;
+
+/* warmup 3, reps 10, threads 0, scale 1, case defaults, JSON on stdout. */
+moe_bench_options moe_bench_options_default(void);
+
+/* The case names, NULL-terminated. */
+const char *const *moe_bench_case_names(void);
+
+/* Parses `moe bench` arguments: CASE [--device cpu|cuda] [--dtype f32|bf16]
+ * [--warmup W] [--reps R] [--threads N] [--scale S] [--json]. Starts from
+ * moe_bench_options_default() with json off; MOE_ERR_CONFIG naming the bad argument. */
+moe_status moe_bench_parse_args(int argc, char **argv, const char **case_name, moe_bench_options *o);
+
+/* Runs one case and writes its figures. MOE_ERR_CONFIG for an unknown case or a bad
+ * option, MOE_ERR_UNSUPPORTED ("no cuda device ...") when the device is missing,
+ * otherwise what the model code reports. */
+moe_status moe_bench_run(const char *case_name, const moe_bench_options *o);
+
+#endif
