@@ -90,9 +90,14 @@ static moe_status grad_add(moe_tensor *t, moe_tensor *g, bool owned) {
             s = t->grad ? moe_tensor_copy_(t->grad, g) : moe_last_status();
         }
     } else {
+        if (g->dtype != t->grad->dtype) { /* e.g. a bf16 grad into the f32 grad of a bf16 parameter */
+            moe_tensor *gc = moe_tensor_empty(MOE_LIFE_STEP, g->device, t->grad->dtype, g->ndim, g->shape);
+            s = gc ? moe_tensor_copy_(gc, g) : moe_last_status();
+            g = gc;
+        }
         moe_op_attrs_scalar a = {.op = MOE_BIN_ADD};
         moe_kernel_args args = {.out = t->grad, .in = {t->grad, g}, .attrs = &a};
-        s = moe_kernel_run(MOE_K_BINARY, &args);
+        if (s == MOE_OK) s = moe_kernel_run(MOE_K_BINARY, &args);
     }
     moe_grad_set_enabled(was);
     if (s != MOE_OK && backward_error == MOE_OK) backward_error = s;

@@ -9,6 +9,7 @@
 #include "core/h5file.h"
 #include "core/memory.h"
 #include "core/version.h"
+#include "moe/bench.h"
 #include "moe/checkpoint.h"
 #include "moe/config.h"
 #include "moe/data.h"
@@ -31,6 +32,9 @@ static void usage(FILE *f) {
             "           [--top-p P] [--seed S] [--set ...]\n"
             "  data prepare --out DIR [--tokenizer byte|FILE.tok] [--val-fraction F] TEXT...\n"
             "  tokenizer train --vocab N --out FILE.tok TEXT...\n"
+            "  bench CASE [--device cpu|cuda] [--dtype f32|bf16] [--warmup W] [--reps R] [--threads N]\n"
+            "        [--scale S] [--json]   time a benchmark case (moe-layer-cpu, lm-step-cpu, moe-layer-gpu,\n"
+            "        moe-layer-gpu-fine, lm-train-gpu, sgemm)\n"
             "  inspect FILE.h5            list a checkpoint's contents\n"
             "  config CONFIG.yaml [--set ...]   print the effective config\n"
             "  help-config                every config key with its type, default and meaning\n"
@@ -264,6 +268,14 @@ static int cmd_inspect(int argc, char **argv) {
     return s == MOE_OK ? 0 : fail(s);
 }
 
+static int cmd_bench(int argc, char **argv) {
+    const char *name = NULL;
+    moe_bench_options o;
+    moe_status s = moe_bench_parse_args(argc, argv, &name, &o);
+    if (s == MOE_OK) s = moe_bench_run(name, &o);
+    return s == MOE_OK ? 0 : fail(s);
+}
+
 static int cmd_config(int argc, char **argv) {
     if (argc < 1) {
         usage(stderr);
@@ -303,6 +315,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "tokenizer")) return cmd_tokenizer(argc - 2, argv + 2);
     if (!strcmp(cmd, "inspect")) return cmd_inspect(argc - 2, argv + 2);
     if (!strcmp(cmd, "config")) return cmd_config(argc - 2, argv + 2);
+    if (!strcmp(cmd, "bench")) return cmd_bench(argc - 2, argv + 2);
     fprintf(stderr, "moe: unknown command '%s'\n", cmd);
     usage(stderr);
     return 2;

@@ -29,7 +29,8 @@ static void test_parity_all(void) {
         for (int i = 0; i < moe_op_case_lists[l]->n; i++) {
             const op_case *c = &moe_op_case_lists[l]->cases[i];
             moe_dtype dts[2] = {MOE_F32, MOE_BF16};
-            int ndt = all_float_inputs(c) ? 2 : 1;
+            /* bf16 too, except for a sort: bf16 rounding makes ties, so the order may differ. */
+            int ndt = all_float_inputs(c) && strcmp(c->op, "argsort") ? 2 : 1;
             for (int k = 0; k < ndt; k++) {
                 for (uint64_t seed = 1; seed <= 2; seed++) {
                     char why[512] = "";
