@@ -105,6 +105,15 @@ static moe_status grad_add(moe_tensor *t, moe_tensor *g, bool owned) {
 }
 
 moe_status moe_grad_accumulate(moe_tensor *t, moe_tensor *g) { return grad_add(t, g, false); }
+
+moe_tensor *moe_grad_buffer(moe_tensor *t) {
+    if (t->grad) return t->grad;
+    moe_lifetime life = t->is_param ? MOE_LIFE_PERSIST : MOE_LIFE_STEP;
+    moe_dtype dt = (t->is_param && t->dtype == MOE_BF16) ? MOE_F32 : t->dtype;
+    t->grad = moe_tensor_zeros(life, t->device, dt, t->ndim, t->shape);
+    if (!t->grad && backward_error == MOE_OK) backward_error = moe_last_status();
+    return t->grad;
+}
 moe_status moe_grad_give(moe_tensor *t, moe_tensor *g) { return grad_add(t, g, true); }
 
 moe_status moe_backward(moe_tensor *loss) {

@@ -45,6 +45,9 @@ moe_status moe_backward(moe_tensor *loss);
  * made and hands to nobody else. A NULL g records the pending error. */
 moe_status moe_grad_accumulate(moe_tensor *t, moe_tensor *g);
 moe_status moe_grad_give(moe_tensor *t, moe_tensor *g);
+/* t->grad, created zeroed when absent, for a backward that adds into part of it in place
+ * (a slice's grad, an expert's weight grad). NULL on allocation failure (recorded). */
+moe_tensor *moe_grad_buffer(moe_tensor *t);
 /* Sets the grads of the given parameters to zero. */
 moe_status moe_zero_grad(moe_tensor *const *params, int n);
 

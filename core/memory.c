@@ -62,7 +62,11 @@ static void *arena_alloc(arena *a, size_t bytes, moe_device dev, bool host_struc
         moe_error(MOE_ERR_OOM, "step arena on %s: more than %d chunks", moe_device_name(dev), ARENA_MAX_CHUNKS);
         return NULL;
     }
+    /* Geometric growth: a new chunk is at least as large as all earlier ones together. */
+    size_t held = 0;
+    for (int i = 0; i < a->n_chunks; i++) held += a->size[i];
     size_t want = bytes > ARENA_MIN_CHUNK ? bytes : ARENA_MIN_CHUNK;
+    if (want < held) want = held;
     if (host_structs) want = bytes > (4u << 20) ? bytes : (4u << 20);
     void *p = host_structs ? host_malloc(want) : backend_alloc(dev, want);
     if (!p) {

@@ -101,10 +101,17 @@ void moe_backward_grouped_matmul(moe_node *n) {
         moe_grad_give(x, gx);
     }
     if (w->requires_grad) {
-        moe_tensor *gw = moe_tensor_zeros(MOE_LIFE_STEP, w->device, w->dtype, 3, w->shape);
+        /* The kernel accumulates (w[e] += x_g^T g_g): straight into w's grad when the dtypes
+         * agree (f32 training: w is the master weight), else into a zeroed buffer. */
+        bool direct = !w->grad || w->grad->dtype == w->dtype;
+        moe_tensor *gw = direct ? moe_grad_buffer(w) : moe_tensor_zeros(MOE_LIFE_STEP, w->device, w->dtype, 3, w->shape);
+        if (direct && gw && gw->dtype != w->dtype) { /* a bf16 parameter's f32 grad */
+            direct = false;
+            gw = moe_tensor_zeros(MOE_LIFE_STEP, w->device, w->dtype, 3, w->shape);
+        }
         moe_kernel_args args = {.out = gw, .in = {x, g},
                                 .attrs = &(moe_grouped_attrs){.offsets = ga->offsets, .n_groups = ga->n_groups, .mode = 2}};
-        if (gw && moe_kernel_run(MOE_K_GROUPED_MATMUL, &args) != MOE_OK) gw = NULL;
-        moe_grad_give(w, gw);
+        if (!gw || moe_kernel_run(MOE_K_GROUPED_MATMUL, &args) != MOE_OK) moe_grad_give(w, NULL);
+        else if (!direct) moe_grad_give(w, gw);
     }
 }

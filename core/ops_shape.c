@@ -137,17 +137,18 @@ moe_tensor *moe_slice(moe_tensor *x, int axis, int64_t start, int64_t end) {
 void moe_backward_slice(moe_node *n) {
     const slice_attrs *at = (const slice_attrs *)n->attrs;
     moe_tensor *x = n->in[0], *g = n->out->grad;
-    moe_tensor *full = moe_tensor_zeros(MOE_LIFE_STEP, x->device, g->dtype, x->ndim, x->shape);
-    if (!full) {
-        moe_grad_give(x, NULL);
-        return;
+    if (!x->requires_grad) return;
+    /* Add straight into the matching part of x's grad: the pieces of a split (q, k, v of a
+     * fused projection) then cost one zeroed buffer, not one each. */
+    moe_tensor *buf = moe_grad_buffer(x);
+    moe_tensor *part = buf ? moe_tensor_view_raw(buf, g->ndim, g->shape, buf->strides, at->start * buf->strides[at->axis]) : NULL;
+    if (part && g->dtype != buf->dtype) {
+        moe_tensor *gc = op_new(g, buf->dtype, g->ndim, g->shape);
+        g = (gc && moe_tensor_copy_(gc, g) == MOE_OK) ? gc : NULL;
     }
-    moe_tensor *part = moe_tensor_view_raw(full, g->ndim, g->shape, full->strides, at->start * full->strides[at->axis]);
-    if (!part || moe_tensor_copy_(part, g) != MOE_OK) {
-        moe_grad_give(x, NULL);
-        return;
-    }
-    moe_grad_give(x, full);
+    moe_op_attrs_scalar add = {.op = MOE_BIN_ADD};
+    moe_kernel_args args = {.out = part, .in = {part, g}, .attrs = &add};
+    if (!part || !g || moe_kernel_run(MOE_K_BINARY, &args) != MOE_OK) moe_grad_give(x, NULL);
 }
 
 moe_status moe_split(moe_tensor *x, int axis, int n, const int64_t *sizes, moe_tensor **out) {

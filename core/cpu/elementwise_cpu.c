@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "core/cpu/cpu_common.h"
+#include "core/cpu/fast_math.h"
 
 moe_status moe_cpu_copy(const moe_kernel_args *a) {
     moe_tensor *o = a->out;
@@ -168,9 +169,14 @@ _Pragma("omp parallel for schedule(static) if (rows * cols > 16384)")
             T *po = (T *)o->data + cpu_row_offset(o, r);
             const T *px = (const T *)x->data + cpu_row_offset(x, r);
             const T *py = (const T *)y->data + cpu_row_offset(y, r);
-            for (int64_t c = 0; c < cols; c++) {
-                T v = px[c * sx];
-                po[c * so] = v / ((T)1 + exp(-v)) * py[c * sy];
+            if (so == 1 && sx == 1 && sy == 1) {
+                _Pragma("omp simd")
+                for (int64_t c = 0; c < cols; c++) po[c] = px[c] / ((T)1 + cpu_exp(-px[c])) * py[c];
+            } else {
+                for (int64_t c = 0; c < cols; c++) {
+                    T v = px[c * sx];
+                    po[c * so] = v / ((T)1 + cpu_exp(-v)) * py[c * sy];
+                }
             }
         })
     return MOE_OK;
@@ -188,11 +194,14 @@ _Pragma("omp parallel for schedule(static) if (rows * cols > 16384)")
             const T *pg = (const T *)g->data + cpu_row_offset(g, r);
             const T *px = (const T *)x->data + cpu_row_offset(x, r);
             const T *py = (const T *)y->data + cpu_row_offset(y, r);
+            int64_t sx = cpu_col_stride(x), sg = cpu_col_stride(g), sy = cpu_col_stride(y);
+            int64_t sa = cpu_col_stride(ga), sb = cpu_col_stride(gb);
+            _Pragma("omp simd")
             for (int64_t c = 0; c < cols; c++) {
-                T v = px[c * cpu_col_stride(x)], s = (T)1 / ((T)1 + exp(-v));
-                T gv = pg[c * cpu_col_stride(g)];
-                pa[c * cpu_col_stride(ga)] = gv * py[c * cpu_col_stride(y)] * s * ((T)1 + v * ((T)1 - s));
-                pb[c * cpu_col_stride(gb)] = gv * v * s;
+                T v = px[c * sx], s = (T)1 / ((T)1 + cpu_exp(-v));
+                T gv = pg[c * sg];
+                pa[c * sa] = gv * py[c * sy] * s * ((T)1 + v * ((T)1 - s));
+                pb[c * sb] = gv * v * s;
             }
         })
     return MOE_OK;

@@ -2,6 +2,7 @@
  * f64 (the gradient-check reference). Operands arrive as strided views, so transposed
  * operands need no copy: oneDNN reads any strides. */
 #include <oneapi/dnnl/dnnl.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "core/cpu/cpu_common.h"
@@ -15,13 +16,18 @@ typedef struct {
     moe_dtype dt_ab, dt_c;
     float alpha, beta;
     dnnl_primitive_t prim;
-    dnnl_memory_desc_t ma, mb, mc;
+    dnnl_memory_desc_t ma, mb, mc, mscratch;
+    size_t scratch_bytes;
 } mm_entry;
 
 static dnnl_engine_t engine;
 static dnnl_stream_t stream;
 static mm_entry cache[MM_CACHE];
 static int cache_n, cache_next;
+/* One scratchpad for all products (user mode), grown on demand and kept: oneDNN's own
+ * per-call scratchpad allocations page-faulted on every large product. */
+static void *scratch;
+static size_t scratch_cap;
 
 static dnnl_data_type_t dnnl_type(moe_dtype dt) { return dt == MOE_BF16 ? dnnl_bf16 : dnnl_f32; }
 
@@ -68,6 +74,7 @@ static mm_entry *get_primitive(const moe_tensor *A, const moe_tensor *B, const m
     if ((s = dnnl_matmul_desc_init(&desc, &key.ma, &key.mb, NULL, &key.mc)) != dnnl_success) { *st = dnnl_fail("matmul desc", s); return NULL; }
     dnnl_primitive_attr_t attr;
     dnnl_primitive_attr_create(&attr);
+    dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user);
     if (alpha != 1.0f) dnnl_primitive_attr_set_output_scales(attr, 1, 0, &alpha);
     if (beta != 0.0f) {
         dnnl_post_ops_t po;
@@ -80,6 +87,8 @@ static mm_entry *get_primitive(const moe_tensor *A, const moe_tensor *B, const m
     s = dnnl_primitive_desc_create(&pd, &desc, attr, engine, NULL);
     dnnl_primitive_attr_destroy(attr);
     if (s != dnnl_success) { *st = dnnl_fail("matmul primitive desc", s); return NULL; }
+    key.mscratch = *dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
+    key.scratch_bytes = dnnl_memory_desc_get_size(&key.mscratch);
     s = dnnl_primitive_create(&key.prim, pd);
     dnnl_primitive_desc_destroy(pd);
     if (s != dnnl_success) { *st = dnnl_fail("matmul primitive", s); return NULL; }
@@ -100,16 +109,25 @@ static moe_status matmul_dnnl(const moe_tensor *A, const moe_tensor *B, moe_tens
     moe_status st = MOE_OK;
     mm_entry *e = get_primitive(A, B, C, alpha, beta, &st);
     if (!e) return st;
-    dnnl_memory_t ma, mb, mc;
+    if (e->scratch_bytes > scratch_cap) {
+        free(scratch);
+        scratch_cap = 0;
+        scratch = aligned_alloc(4096, (e->scratch_bytes + 4095) / 4096 * 4096);
+        if (!scratch) return moe_error(MOE_ERR_OOM, "matmul: out of host memory for a %zu-byte scratchpad", e->scratch_bytes);
+        scratch_cap = e->scratch_bytes;
+    }
+    dnnl_memory_t ma, mb, mc, ms;
     dnnl_memory_create(&ma, &e->ma, engine, A->data);
     dnnl_memory_create(&mb, &e->mb, engine, B->data);
     dnnl_memory_create(&mc, &e->mc, engine, C->data);
-    dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, ma}, {DNNL_ARG_WEIGHTS, mb}, {DNNL_ARG_DST, mc}};
-    dnnl_status_t s = dnnl_primitive_execute(e->prim, stream, 3, args);
+    dnnl_memory_create(&ms, &e->mscratch, engine, scratch);
+    dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, ma}, {DNNL_ARG_WEIGHTS, mb}, {DNNL_ARG_DST, mc}, {DNNL_ARG_SCRATCHPAD, ms}};
+    dnnl_status_t s = dnnl_primitive_execute(e->prim, stream, 4, args);
     if (s == dnnl_success) s = dnnl_stream_wait(stream);
     dnnl_memory_destroy(ma);
     dnnl_memory_destroy(mb);
     dnnl_memory_destroy(mc);
+    dnnl_memory_destroy(ms);
     return s == dnnl_success ? MOE_OK : dnnl_fail("matmul execute", s);
 }
 

@@ -6,36 +6,10 @@
 #include <string.h>
 
 #include "core/cpu/cpu_common.h"
+#include "core/cpu/fast_math.h"
 
-/* exp for f32 rows that vectorises (libm's expf is a call per element): Cody-Waite
- * reduction x = k ln2 + r, |r| <= ln2/2, degree-6 Taylor polynomial (error < 3e-7
- * relative), 2^k through the exponent bits. x < -87 (and -inf) gives 0, x > 88 gives
- * exp(88), NaN stays NaN; softmax calls it with x - max <= 0 only. The range handling is
- * done with bit masks, not branches: gcc does not vectorise the loop otherwise. f64 (the
- * gradcheck reference) uses libm. */
-static inline uint32_t f32_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return u;
-}
-static inline float f32_from_bits(uint32_t u) {
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-static inline float norm_expf(float x) {
-    uint32_t above = -(uint32_t)(x >= -87.0f), below = -(uint32_t)(x <= 88.0f), nan = -(uint32_t)(x != x);
-    float xc = f32_from_bits((f32_bits(x) & above & below) | (f32_bits(-87.0f) & ~above & ~nan) |
-                             (f32_bits(88.0f) & ~below & ~nan));
-    int32_t ki = (int32_t)(xc * 1.44269504088896341f + (xc < 0 ? -0.5f : 0.5f)); /* round(x / ln2) */
-    float k = (float)ki;
-    float r = xc - k * 0.693145751953125f - k * 1.428606765330187e-06f;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
-    float y = p * f32_from_bits(((uint32_t)ki + 127u) << 23);
-    return f32_from_bits((f32_bits(y) & above) | (0x7fc00000u & nan));
-}
-static inline double norm_expd(double x) { return exp(x); }
-#define norm_exp(v) _Generic((v), float: norm_expf, double: norm_expd)(v)
+/* f32: the vectorising exp of fast_math.h; f64 (the gradcheck reference): libm. */
+#define norm_exp(v) cpu_exp(v)
 
 /* Per-type softmax helpers, picked by _Generic on the row pointer. */
 #define NORM_DEFINE_HELPERS(T, sfx)                                                          \
