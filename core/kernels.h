@@ -61,7 +61,9 @@
     X(DROPOUT, dropout, 1)                   \
     X(ROPE, rope, 1)                         \
     X(ATTENTION, attention, 1)               \
-    X(CROSS_ENTROPY, cross_entropy, 1)
+    X(CROSS_ENTROPY, cross_entropy, 1)       \
+    X(ALL_TO_ALL, all_to_all, 1)             \
+    X(DELTA_SCAN, delta_scan, 1)
 
 typedef enum moe_op_id {
 #define MOE_X_ENUM(ID, name, diff) MOE_OP_##ID,
@@ -118,7 +120,9 @@ extern const moe_op_info moe_op_table[MOE_OP_COUNT];
     X(ADAMW, adamw)               /* in place: out=param, out2=m, in[0]=grad, in[1]=v */      \
     X(SGD, sgd)                 /* in place: out=param, out2=momentum buf or NULL, in[0]=grad */ \
     X(REDUCE_SQ, reduce_sq)           /* out[0] += sum(x^2) in F32 (grad-norm), no alloc */       \
-    X(NONFINITE, nonfinite)           /* out[0] I32 <- 1 if any element of in[0] is NaN/Inf, else kept */
+    X(NONFINITE, nonfinite)           /* out[0] I32 <- 1 if any element of in[0] is NaN/Inf, else kept */ \
+    X(DELTA_SCAN, delta_scan)           /* gated delta / linear-attention scan; see moe_scan_attrs */ \
+    X(DELTA_SCAN_BWD, delta_scan_bwd)       /* its backward; see moe_scan_attrs */
 
 typedef enum moe_kernel_id {
 #define MOE_X_KENUM(ID, name) MOE_K_##ID,
@@ -199,6 +203,24 @@ typedef struct {
     float bias1, bias2; /* 1 - beta1^t and 1 - beta2^t for step t >= 1, computed on the host */
 } moe_adamw_attrs;
 typedef struct { float lr, momentum, weight_decay, grad_scale; } moe_sgd_attrs;
+/* DELTA_SCAN / DELTA_SCAN_BWD (core/ops_scan.c, ALGORITHMS.md §3). Every tensor is contiguous:
+ * q, k [N, T, H, dk], v [N, T, H, dv], beta, alpha [N, T, H]; states [N, H, dk, dv] of the
+ * state dtype S (F64 for F64 inputs, else F32). Per (n, h), step t (delta rule):
+ *   S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = S_t^T q_t
+ * or, !delta (gated linear attention): S_t = alpha_t S_{t-1} + k_t v_t^T (beta unused).
+ * DELTA_SCAN: in = {q, k, v, beta, alpha, state0 or NULL (zeros)}; out = o [N, T, H, dv];
+ *   out2 = the final state or NULL; ckpt (NULL: skip) = [N, H, ceil(T / chunk), dk, dv] S,
+ *   the state before steps 0, chunk, 2 chunk, ...; chunked: the chunked (WY) form (CPU;
+ *   CUDA runs the step-by-step form for both), else step by step. Same result either way.
+ * DELTA_SCAN_BWD: in = {q, k, v, beta, alpha, g = dL/do}, ckpt from DELTA_SCAN with the same
+ *   chunk; out = dq; dk, dv, dbeta, dalpha written fully (dbeta = 0 when !delta), dstate0
+ *   (NULL: skip) = dL/d state0. Reverse-time recurrence, states recomputed chunk by chunk. */
+typedef struct {
+    bool delta, chunked;
+    int64_t chunk;
+    moe_tensor *ckpt;
+    moe_tensor *dk, *dv, *dbeta, *dalpha, *dstate0;
+} moe_scan_attrs;
 
 /* Shape-check helper for front-ends: on failure records "op: what (shapes)" and returns false. */
 bool moe_check(bool cond, const char *op, const char *fmt, ...) __attribute__((format(printf, 3, 4)));

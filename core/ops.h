@@ -94,4 +94,29 @@ moe_tensor *moe_cross_entropy(moe_tensor *h, moe_tensor *w, moe_tensor *targets)
  * default 2048). A tuning and testing knob: the result does not depend on it. */
 void moe_cross_entropy_set_block(int64_t block);
 
+/* ---- communication ---- */
+/* The expert-parallel token exchange: rows of x [N, ...] (contiguous) go to the ranks of
+ * `group` (a moe_dist_group), send_rows[r] to rank r in order; the result holds
+ * recv_rows[r] rows from each rank r in rank order. The backward sends the grads back
+ * the same way. Identity on a group of one. Device tensors are staged through the host. */
+moe_tensor *moe_all_to_all(moe_tensor *x, const int64_t *send_rows, const int64_t *recv_rows, int group);
+
+/* ---- linear-attention scans (MoM, gated delta net; ALGORITHMS.md §3) ---- */
+/* Gated delta-rule scan over N independent sequences: q, k [N, T, H, dk], v [N, T, H, dv],
+ * beta, alpha [N, T, H] (same float dtype), state0 [N, H, dk, dv] or NULL (zeros) in the
+ * state dtype (F64 for F64 inputs, else F32). Per step (delta):
+ *   S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+ * or (!delta, gated linear attention) S_t = alpha_t S_{t-1} + k_t v_t^T (beta unused);
+ * returns o [N, T, H, dv] with o_t = q_t^T S_t. The final state goes to *state_out when
+ * state_out is not NULL (a new STEP tensor; it carries no gradient: generation caches).
+ * Differentiable in q, k, v, beta, alpha and state0. moe_delta_scan runs step by step;
+ * moe_delta_scan_chunked the chunked (WY / UT-transform) form with chunk length `chunk`
+ * (same result to rounding). Both backwards run the reverse-time recurrence with states
+ * recomputed from per-chunk checkpoints (memory O(N H dk dv T / chunk)). */
+moe_tensor *moe_delta_scan(moe_tensor *q, moe_tensor *k, moe_tensor *v, moe_tensor *beta, moe_tensor *alpha,
+                           moe_tensor *state0, bool delta, moe_tensor **state_out);
+moe_tensor *moe_delta_scan_chunked(moe_tensor *q, moe_tensor *k, moe_tensor *v, moe_tensor *beta,
+                                   moe_tensor *alpha, moe_tensor *state0, bool delta, int64_t chunk,
+                                   moe_tensor **state_out);
+
 #endif

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/dist.h"
 #include "core/h5file.h"
 #include "core/memory.h"
 
@@ -12,13 +13,30 @@
  * expert of a stack with its global expert name. */
 typedef moe_status (*piece_fn)(const char *name, moe_tensor *piece, void *ctx);
 
-static moe_status for_each_piece(const moe_param_ref *p, moe_tensor *t, piece_fn fn, void *ctx) {
+/* All experts of a stack on every rank of the EP group: each rank fills its slice of a
+ * zeroed [E, rows, cols] host tensor and the group sums them (checkpoint time only). */
+static moe_tensor *gather_stack(const moe_param_ref *p, moe_tensor *t, int64_t n_experts) {
+    int64_t rows = t->shape[1], cols = t->shape[2];
+    moe_tensor *full = moe_tensor_zeros(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 3, (int64_t[]){n_experts, rows, cols});
+    moe_tensor *mine = full ? moe_tensor_view_raw(full, 3, t->shape, full->strides, p->expert_begin * rows * cols) : NULL;
+    if (!mine || moe_tensor_copy_(mine, t) != MOE_OK || moe_dist_allreduce_sum(MOE_GROUP_EP, full) != MOE_OK) return NULL;
+    return full;
+}
+
+/* Saving gathers expert stacks to all experts (gather = true); loading reads the local ones. */
+static moe_status for_each_piece(const moe_param_ref *p, moe_tensor *t, int64_t n_experts, bool gather, piece_fn fn,
+                                 void *ctx) {
     if (!p->expert_stack) return fn(p->name, t, ctx);
     const char *dot = strrchr(p->name, '.');
-    int64_t rows = t->shape[1], cols = t->shape[2];
+    int64_t rows = t->shape[1], cols = t->shape[2], begin = p->expert_begin;
+    if (gather && moe_dist_ep_size() > 1) {
+        t = gather_stack(p, t, n_experts);
+        if (!t) return moe_last_status();
+        begin = 0;
+    }
     for (int64_t j = 0; j < t->shape[0]; j++) {
         char name[192];
-        snprintf(name, sizeof name, "%.*s.%lld%s", (int)(dot - p->name), p->name, (long long)(p->expert_begin + j), dot);
+        snprintf(name, sizeof name, "%.*s.%lld%s", (int)(dot - p->name), p->name, (long long)(begin + j), dot);
         moe_tensor *v = moe_tensor_view_raw(t, 2, (int64_t[]){rows, cols}, (int64_t[]){cols, 1}, j * rows * cols);
         if (!v) return moe_last_status();
         MOE_TRY(fn(name, v, ctx));
@@ -30,6 +48,7 @@ typedef struct { moe_h5 *f; const char *group; } put_ctx;
 
 static moe_status put_piece(const char *name, moe_tensor *piece, void *ctx) {
     put_ctx *c = ctx;
+    if (!c->f) return MOE_OK; /* not the writing rank: it only took part in the gathers */
     moe_tensor *h = moe_tensor_to(piece, MOE_CPU, MOE_LIFE_STEP);
     moe_tensor *h32 = h ? moe_tensor_empty(MOE_LIFE_STEP, MOE_CPU, MOE_F32, h->ndim, h->shape) : NULL;
     if (!h32 || moe_tensor_copy_(h32, h) != MOE_OK) return moe_last_status();
@@ -38,27 +57,31 @@ static moe_status put_piece(const char *name, moe_tensor *piece, void *ctx) {
     return moe_h5_put_array(c->f, full, MOE_H5_F32, h32->ndim, h32->shape, h32->data);
 }
 
+/* f is NULL on the ranks that do not write (they still join the expert gathers). */
 static moe_status save_all(moe_h5 *f, const moe_model *m, const moe_optimizer *opt, const moe_train_state *ts) {
-    char *cfg_text = NULL;
-    MOE_TRY(moe_config_to_yaml(&m->cfg, &cfg_text));
-    moe_status s = moe_h5_put_string(f, "config", cfg_text);
-    free(cfg_text);
-    MOE_TRY(s);
-    MOE_TRY(moe_h5_put_string(f, "version", MOE_VERSION));
-    MOE_TRY(moe_h5_put_i64(f, "step", ts->step));
-    MOE_TRY(moe_h5_put_i64(f, "loader_seed", (int64_t)ts->loader_seed));
-    MOE_TRY(moe_h5_put_i64(f, "loader_step", (int64_t)ts->loader_step));
-    MOE_TRY(moe_h5_put_i64(f, "bad_steps", ts->bad_steps));
+    int64_t E = m->cfg.model.n_experts;
+    if (f) {
+        char *cfg_text = NULL;
+        MOE_TRY(moe_config_to_yaml(&m->cfg, &cfg_text));
+        moe_status s = moe_h5_put_string(f, "config", cfg_text);
+        free(cfg_text);
+        MOE_TRY(s);
+        MOE_TRY(moe_h5_put_string(f, "version", MOE_VERSION));
+        MOE_TRY(moe_h5_put_i64(f, "step", ts->step));
+        MOE_TRY(moe_h5_put_i64(f, "loader_seed", (int64_t)ts->loader_seed));
+        MOE_TRY(moe_h5_put_i64(f, "loader_step", (int64_t)ts->loader_step));
+        MOE_TRY(moe_h5_put_i64(f, "bad_steps", ts->bad_steps));
+        if (opt) MOE_TRY(moe_h5_put_i64(f, "optim_step", moe_optimizer_get_step(opt)));
+    }
     put_ctx pc = {f, "params"};
-    for (int i = 0; i < m->n_params; i++) MOE_TRY(for_each_piece(&m->params[i], m->params[i].t, put_piece, &pc));
+    for (int i = 0; i < m->n_params; i++) MOE_TRY(for_each_piece(&m->params[i], m->params[i].t, E, true, put_piece, &pc));
     if (opt) {
-        MOE_TRY(moe_h5_put_i64(f, "optim_step", moe_optimizer_get_step(opt)));
         for (int i = 0; i < m->n_params; i++) {
             moe_tensor *mm = NULL, *vv = NULL;
             moe_optimizer_state(opt, i, &mm, &vv);
             put_ctx cm = {f, "optim/m"}, cv = {f, "optim/v"};
-            if (mm) MOE_TRY(for_each_piece(&m->params[i], mm, put_piece, &cm));
-            if (vv) MOE_TRY(for_each_piece(&m->params[i], vv, put_piece, &cv));
+            if (mm) MOE_TRY(for_each_piece(&m->params[i], mm, E, true, put_piece, &cm));
+            if (vv) MOE_TRY(for_each_piece(&m->params[i], vv, E, true, put_piece, &cv));
         }
     }
     for (int i = 0; i < m->cfg.model.n_layers; i++) {
@@ -75,10 +98,13 @@ static moe_status save_all(moe_h5 *f, const moe_model *m, const moe_optimizer *o
 moe_status moe_checkpoint_save(const char *path, const moe_model *m, const moe_optimizer *opt,
                                const moe_train_state *ts) {
     moe_h5 *f = NULL;
-    MOE_TRY(moe_h5_create(path, &f));
-    moe_status s = save_all(f, m, opt, ts);
+    bool writer = moe_dist_world_rank() == 0;
+    moe_status cs = writer ? moe_h5_create(path, &f) : MOE_OK;
+    moe_status s = save_all(cs == MOE_OK ? f : NULL, m, opt, ts); /* every rank joins the gathers */
+    if (!writer) return s;
+    if (cs != MOE_OK) return moe_error_context(cs, "saving checkpoint %s", path);
     if (s != MOE_OK) {
-        moe_h5_abort(f);
+        if (f) moe_h5_abort(f);
         return moe_error_context(s, "saving checkpoint %s", path);
     }
     s = moe_h5_commit(f);
@@ -109,7 +135,7 @@ static moe_status load_all(moe_h5 *f, moe_model *m, moe_optimizer *opt, moe_trai
     ts->loader_step = (uint64_t)v;
     MOE_TRY(moe_h5_get_i64(f, "bad_steps", &ts->bad_steps));
     get_ctx gc = {f, "params"};
-    for (int i = 0; i < m->n_params; i++) MOE_TRY(for_each_piece(&m->params[i], m->params[i].t, get_piece, &gc));
+    for (int i = 0; i < m->n_params; i++) MOE_TRY(for_each_piece(&m->params[i], m->params[i].t, 0, false, get_piece, &gc));
     if (opt) {
         MOE_TRY(moe_h5_get_i64(f, "optim_step", &v));
         moe_optimizer_set_step(opt, v);
@@ -117,8 +143,8 @@ static moe_status load_all(moe_h5 *f, moe_model *m, moe_optimizer *opt, moe_trai
             moe_tensor *mm = NULL, *vv = NULL;
             moe_optimizer_state(opt, i, &mm, &vv);
             get_ctx cm = {f, "optim/m"}, cv = {f, "optim/v"};
-            if (mm) MOE_TRY(for_each_piece(&m->params[i], mm, get_piece, &cm));
-            if (vv) MOE_TRY(for_each_piece(&m->params[i], vv, get_piece, &cv));
+            if (mm) MOE_TRY(for_each_piece(&m->params[i], mm, 0, false, get_piece, &cm));
+            if (vv) MOE_TRY(for_each_piece(&m->params[i], vv, 0, false, get_piece, &cv));
         }
     }
     for (int i = 0; i < m->cfg.model.n_layers; i++) {

@@ -21,6 +21,8 @@ typedef struct moe_train_state {
     int64_t bad_steps;    /* non-finite steps skipped so far */
 } moe_train_state;
 
+/* Collective under MPI: every rank calls it; the expert stacks are gathered over the EP
+ * group and world rank 0 writes the file. */
 moe_status moe_checkpoint_save(const char *path, const moe_model *m, const moe_optimizer *opt,
                                const moe_train_state *ts);
 /* Loads into an initialised model (and optimizer, when given). Shapes must match the

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "core/autograd.h"
+#include "core/dist.h"
 #include "core/h5file.h"
 #include "core/memory.h"
 #include "core/version.h"
@@ -63,6 +64,8 @@ static bool has_flag(int argc, char **argv, const char *name) {
     return false;
 }
 
+/* Under mpirun every rank runs this; rank 0 prints. A failure on any rank ends every
+ * rank (moe_dist_abort) with the message naming the failing rank; no rank is left waiting. */
 static int cmd_train(int argc, char **argv) {
     if (argc < 1 || argv[0][0] == '-') {
         usage(stderr);
@@ -72,17 +75,28 @@ static int cmd_train(int argc, char **argv) {
     moe_status s = moe_config_load_file(&cfg, argv[0]);
     if (s == MOE_OK) s = apply_sets(&cfg, argc, argv);
     if (s == MOE_OK) s = moe_config_validate(&cfg);
-    if (s != MOE_OK) return fail(s);
-    fprintf(stderr, "effective config:\n");
-    moe_config_write(&cfg, stderr);
+    if (s == MOE_OK) s = moe_dist_init(NULL, NULL, cfg.parallel.expert_parallel);
+    if (s != MOE_OK) {
+        if (moe_dist_world_size() > 1) moe_dist_abort(s, moe_last_error());
+        return fail(s);
+    }
+    bool root = moe_dist_is_root();
+    if (root) {
+        fprintf(stderr, "effective config:\n");
+        moe_config_write(&cfg, stderr);
+    }
     moe_train_options o = {.resume_dir = opt_value(argc, argv, "--resume", NULL), .quiet = has_flag(argc, argv, "--quiet")};
     moe_train_summary sum;
     s = moe_train_run(&cfg, &o, &sum);
-    if (s != MOE_OK) return fail(s);
-    printf("trained %lld steps: loss %.4f, val_loss %.4f, val_bpb %.4f (unigram %.4f), %.0f tokens/s, %lld skipped steps\n",
-           (long long)sum.steps_done, sum.final_loss, sum.val_loss, sum.val_bpb, sum.unigram_bpb, sum.tokens_per_s,
-           (long long)sum.bad_steps);
-    printf("checkpoint: %s\n", sum.last_checkpoint);
+    if (s != MOE_OK && s != MOE_ERR_INTERRUPTED && moe_dist_world_size() > 1) moe_dist_abort(s, moe_last_error());
+    moe_dist_finalize();
+    if (s != MOE_OK) return root ? fail(s) : 1;
+    if (root) {
+        printf("trained %lld steps: loss %.4f, val_loss %.4f, val_bpb %.4f (unigram %.4f), %.0f tokens/s, %lld skipped steps\n",
+               (long long)sum.steps_done, sum.final_loss, sum.val_loss, sum.val_bpb, sum.unigram_bpb, sum.tokens_per_s,
+               (long long)sum.bad_steps);
+        printf("checkpoint: %s\n", sum.last_checkpoint);
+    }
     return 0;
 }
 

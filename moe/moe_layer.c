@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "core/autograd.h"
+#include "core/dist.h"
 #include "core/memory.h"
 #include "core/ops.h"
 
@@ -153,6 +154,80 @@ static moe_status plan_routes(const moe_moe_layer *L, const moe_routing *r, moe_
     return MOE_OK;
 }
 
+/* The local experts on rows grouped by expert: offsets[n_local + 1]. */
+static moe_tensor *run_experts(moe_moe_layer *L, moe_tensor *xs, const int64_t *offsets, moe_dtype compute) {
+    int64_t f = L->s.ffn_dim;
+    moe_tensor *h = moe_grouped_matmul(xs, moe_cast(L->w13, compute), offsets);            /* [N, 2f] */
+    moe_tensor *a = moe_swiglu(moe_slice(h, 1, 0, f), moe_slice(h, 1, f, 2 * f));
+    return moe_grouped_matmul(a, moe_cast(L->w2, compute), offsets);                        /* [N, d] */
+}
+
+/* Expert parallelism: rows for experts held by other ranks of the EP group go there
+ * (all-to-all-v), arrive ordered by source rank and then expert, are regrouped by local
+ * expert, run, put back in arrival order and returned the same way. */
+static moe_tensor *exchange_and_run(moe_moe_layer *L, moe_tensor *xs, const int64_t *offsets, moe_dtype compute) {
+    if (!xs) return NULL;
+    int P = moe_dist_ep_size(), El = L->n_local;
+    if (P * El != L->s.n_experts) {
+        moe_error(MOE_ERR_DIST, "moe layer: %d local experts x %d ranks in the expert-parallel group != %d experts",
+                  El, P, L->s.n_experts);
+        return NULL;
+    }
+    int64_t *cnt = moe_step_host_alloc(sizeof(int64_t) * (size_t)(P * El)),
+            *rcnt = moe_step_host_alloc(sizeof(int64_t) * (size_t)(P * El)),
+            *ones = moe_step_host_alloc(sizeof(int64_t) * (size_t)P),
+            *send = moe_step_host_alloc(sizeof(int64_t) * (size_t)P),
+            *recv = moe_step_host_alloc(sizeof(int64_t) * (size_t)P),
+            *loff = moe_step_host_alloc(sizeof(int64_t) * (size_t)(El + 1));
+    if (!cnt || !rcnt || !ones || !send || !recv || !loff) {
+        moe_error(MOE_ERR_OOM, "moe layer: out of host memory");
+        return NULL;
+    }
+    for (int e = 0; e < P * El; e++) cnt[e] = offsets[e + 1] - offsets[e];
+    for (int r = 0; r < P; r++) ones[r] = 1;
+    /* each peer learns how many rows of each of its experts come from us */
+    if (moe_dist_alltoallv(MOE_GROUP_EP, cnt, ones, rcnt, ones, (int64_t)El * (int64_t)sizeof(int64_t)) != MOE_OK)
+        return NULL;
+    int64_t R = 0;
+    for (int r = 0; r < P; r++) {
+        send[r] = recv[r] = 0;
+        for (int j = 0; j < El; j++) {
+            send[r] += cnt[r * El + j];
+            recv[r] += rcnt[r * El + j];
+        }
+        R += recv[r];
+    }
+    moe_tensor *xr = moe_all_to_all(xs, send, recv, MOE_GROUP_EP);             /* [R, d] by source, expert */
+    /* regroup by local expert: local row i takes arrival row order[i] */
+    int32_t *order = moe_step_host_alloc(sizeof(int32_t) * (size_t)(R + 1)), *back = moe_step_host_alloc(sizeof(int32_t) * (size_t)(R + 1));
+    int64_t *src_at = moe_step_host_alloc(sizeof(int64_t) * (size_t)(P * El));
+    if (!order || !back || !src_at) {
+        moe_error(MOE_ERR_OOM, "moe layer: out of host memory");
+        return NULL;
+    }
+    int64_t at = 0;
+    for (int r = 0; r < P; r++)
+        for (int j = 0; j < El; j++) {
+            src_at[r * El + j] = at;
+            at += rcnt[r * El + j];
+        }
+    int64_t i = 0;
+    for (int j = 0; j < El; j++) {
+        loff[j] = i;
+        for (int r = 0; r < P; r++)
+            for (int64_t q = 0; q < rcnt[r * El + j]; q++, i++) {
+                order[i] = (int32_t)(src_at[r * El + j] + q);
+                back[order[i]] = (int32_t)i;
+            }
+    }
+    loff[El] = R;
+    moe_tensor *ord = moe_tensor_from_host(MOE_LIFE_STEP, xs->device, MOE_I32, 1, (int64_t[]){R}, order);
+    moe_tensor *bk = moe_tensor_from_host(MOE_LIFE_STEP, xs->device, MOE_I32, 1, (int64_t[]){R}, back);
+    if (!ord || !bk) return NULL;
+    moe_tensor *yl = run_experts(L, moe_index_select(xr, ord), loff, compute);
+    return moe_all_to_all(moe_index_select(yl, bk), recv, send, MOE_GROUP_EP);
+}
+
 moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_dtype compute, moe_moe_layer_result *res) {
     if (!x) return NULL;
     memset(res, 0, sizeof *res);
@@ -161,7 +236,7 @@ moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_dtype com
     moe_tensor *w_gate_c = moe_cast(L->router.w_gate, compute);
     moe_tensor *saved_w = L->router.w_gate;
     L->router.w_gate = w_gate_c;
-    moe_status st = w_gate_c ? moe_router_forward(&L->router, x, &res->routing) : moe_last_status();
+    moe_status st = w_gate_c ? moe_router_forward(&L->router, x, NULL, &res->routing) : moe_last_status();
     L->router.w_gate = saved_w;
     if (st != MOE_OK) return NULL;
     route_plan plan;
@@ -173,12 +248,10 @@ moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_dtype com
     moe_tensor *perm = moe_tensor_from_host(MOE_LIFE_STEP, x->device, MOE_I32, 1, (int64_t[]){plan.kept}, plan.perm);
     moe_tensor *tok = moe_tensor_from_host(MOE_LIFE_STEP, x->device, MOE_I32, 1, (int64_t[]){plan.kept}, plan.token);
     if (!perm || !tok) return NULL;
-    /* permute -> (exchange: identity on one process) -> grouped experts -> combine */
-    moe_tensor *xs = moe_index_select(x, tok);                           /* [N, d] */
-    int64_t f = L->s.ffn_dim;
-    moe_tensor *h = moe_grouped_matmul(xs, moe_cast(L->w13, compute), plan.offsets); /* [N, 2f] */
-    moe_tensor *a = moe_swiglu(moe_slice(h, 1, 0, f), moe_slice(h, 1, f, 2 * f));
-    moe_tensor *y = moe_grouped_matmul(a, moe_cast(L->w2, compute), plan.offsets);   /* [N, d] */
+    /* permute -> exchange -> grouped experts -> exchange back -> combine */
+    moe_tensor *xs = moe_index_select(x, tok);                                   /* [N, d], by expert */
+    moe_tensor *y = L->n_local < L->s.n_experts ? exchange_and_run(L, xs, plan.offsets, compute)
+                                                : run_experts(L, xs, plan.offsets, compute); /* [N, d] */
     moe_tensor *g = moe_index_select(moe_reshape(moe_cast(res->routing.gates, compute), 2, (int64_t[]){T * k, 1}), perm);
     moe_tensor *zeros = moe_tensor_zeros(MOE_LIFE_STEP, x->device, compute, 2, (int64_t[]){T, d});
     moe_tensor *out = moe_index_add(zeros, tok, moe_mul(y, g));

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "core/autograd.h"
+#include "core/dist.h"
 #include "core/h5file.h"
 #include "core/memory.h"
 #include "core/ops.h"
@@ -33,7 +34,9 @@ static double now_s(void) {
 }
 
 moe_status moe_evaluate(moe_model *m, const moe_token_file *val, int batches, double *loss, double *bpb) {
-    int B = m->cfg.data.batch_size, T = m->cfg.model.seq_len;
+    /* Every rank takes its rows of each batch (the MoE exchange needs all ranks in step). */
+    int W = moe_dist_world_size(), rank = moe_dist_world_rank();
+    int B = m->cfg.data.batch_size, T = m->cfg.model.seq_len, Bl = B / W;
     moe_eval_iter it;
     MOE_TRY(moe_eval_iter_init(&it, val, B, T, (uint64_t)batches));
     int32_t *in = malloc(sizeof(int32_t) * (size_t)B * (size_t)T), *tg = malloc(sizeof(int32_t) * (size_t)B * (size_t)T);
@@ -46,10 +49,10 @@ moe_status moe_evaluate(moe_model *m, const moe_token_file *val, int batches, do
     double sum = 0;
     int n = 0;
     moe_status s = MOE_OK;
-    while (s == MOE_OK && moe_eval_iter_next(&it, 0, 1, in, tg)) {
+    while (s == MOE_OK && moe_eval_iter_next(&it, rank, W, in, tg)) {
         moe_step_reset();
         moe_loss_parts parts;
-        s = moe_model_loss(m, in, tg, B, T, &parts);
+        s = moe_model_loss(m, in, tg, Bl, T, &parts);
         if (s == MOE_OK) {
             sum += parts.ce;
             n++;
@@ -59,10 +62,11 @@ moe_status moe_evaluate(moe_model *m, const moe_token_file *val, int batches, do
     moe_step_reset();
     free(in);
     free(tg);
-    MOE_TRY(s);
+    MOE_TRY(moe_dist_check_all(s));
     if (n == 0) return moe_error(MOE_ERR_INVALID, "evaluation: the validation file %s is too short for one batch of %dx%d",
                                  moe_data_path(val), B, T);
-    *loss = sum / n;
+    MOE_TRY(moe_dist_allreduce_f64(MOE_GROUP_WORLD, &sum, 1));
+    *loss = sum / n / W;
     *bpb = *loss / log(2.0) / moe_data_bytes_per_token(val);
     return MOE_OK;
 }
@@ -97,8 +101,9 @@ typedef struct trainer {
     moe_token_file *train, *val;
     moe_loader *loader;
     moe_train_state st;
-    FILE *metrics;
+    FILE *metrics;     /* rank 0 only */
     char dir[512];
+    int world, rank;
 } trainer;
 
 static moe_status save_checkpoint(trainer *t, moe_train_summary *sum) {
@@ -107,9 +112,9 @@ static moe_status save_checkpoint(trainer *t, moe_train_summary *sum) {
     moe_loader_state ls = moe_loader_get_state(t->loader);
     t->st.loader_seed = ls.seed;
     t->st.loader_step = ls.step;
-    MOE_TRY(moe_checkpoint_save(path, &t->model, t->opt, &t->st));
+    MOE_TRY(moe_dist_check_all(moe_checkpoint_save(path, &t->model, t->opt, &t->st)));
     snprintf(sum->last_checkpoint, sizeof sum->last_checkpoint, "%s", path);
-    if (t->cfg->checkpoint.keep > 0) MOE_TRY(moe_h5_keep_last(t->dir, "ckpt-", ".h5", t->cfg->checkpoint.keep));
+    if (t->rank == 0 && t->cfg->checkpoint.keep > 0) MOE_TRY(moe_h5_keep_last(t->dir, "ckpt-", ".h5", t->cfg->checkpoint.keep));
     return MOE_OK;
 }
 
@@ -131,6 +136,15 @@ static moe_status mkdir_p(const char *dir) {
 static moe_status trainer_open(trainer *t, const moe_config *cfg, const moe_train_options *o) {
     memset(t, 0, sizeof *t);
     t->cfg = cfg;
+    t->world = moe_dist_world_size();
+    t->rank = moe_dist_world_rank();
+    int ep = moe_dist_ep_size();
+    if (ep != cfg->parallel.expert_parallel)
+        return moe_error(MOE_ERR_CONFIG, "parallel.expert_parallel=%d but the process groups were built for %d",
+                         cfg->parallel.expert_parallel, ep);
+    if (cfg->data.batch_size % (t->world * cfg->train.grad_accum))
+        return moe_error(MOE_ERR_CONFIG, "data.batch_size=%d must be divisible by the world size %d times train.grad_accum=%d",
+                         cfg->data.batch_size, t->world, cfg->train.grad_accum);
     snprintf(t->dir, sizeof t->dir, "%s", o->resume_dir ? o->resume_dir : cfg->checkpoint.dir);
     MOE_TRY(mkdir_p(t->dir));
     MOE_TRY(moe_data_open(cfg->data.train_path, &t->train));
@@ -138,7 +152,7 @@ static moe_status trainer_open(trainer *t, const moe_config *cfg, const moe_trai
     if (moe_data_vocab(t->train) > cfg->model.vocab_size)
         return moe_error(MOE_ERR_CONFIG, "model.vocab_size=%d is smaller than the vocabulary of %s (%d)",
                          cfg->model.vocab_size, cfg->data.train_path, moe_data_vocab(t->train));
-    MOE_TRY(moe_model_init(&t->model, cfg, 0, 1));
+    MOE_TRY(moe_model_init(&t->model, cfg, moe_dist_ep_rank(), ep));
     t->params = moe_model_param_tensors(&t->model, &t->n_params);
     moe_optim_config oc = moe_optim_config_default(cfg->train.optimizer == MOE_CFG_OPTIMIZER_SGD ? MOE_OPTIM_SGD : MOE_OPTIM_ADAMW);
     oc.beta1 = cfg->train.beta1;
@@ -154,8 +168,9 @@ static moe_status trainer_open(trainer *t, const moe_config *cfg, const moe_trai
         MOE_TRY(moe_h5_find_latest(t->dir, "ckpt-", ".h5", path, sizeof path));
         MOE_TRY(moe_checkpoint_load(path, &t->model, t->opt, &t->st));
         moe_loader_set_state(t->loader, (moe_loader_state){t->st.loader_seed, t->st.loader_step});
-        fprintf(stderr, "resumed from %s at step %lld\n", path, (long long)t->st.step);
+        if (t->rank == 0) fprintf(stderr, "resumed from %s at step %lld\n", path, (long long)t->st.step);
     }
+    if (t->rank != 0) return MOE_OK;
     char mpath[640];
     snprintf(mpath, sizeof mpath, "%s/metrics.jsonl", t->dir);
     t->metrics = fopen(mpath, o->resume_dir ? "a" : "w");
@@ -174,10 +189,57 @@ static void trainer_close(trainer *t) {
     moe_step_reset();
 }
 
+/* Sums the grads over the ranks that hold the same parameter: dense parameters over the
+ * world, experts over the data-parallel group. The 1/world of the mean goes into the
+ * optimizer's grad_scale, so it costs no extra pass. Device grads go through the host. */
+static moe_status allreduce_grads(trainer *t) {
+    for (int i = 0; i < t->model.n_params; i++) {
+        moe_tensor *g = t->model.params[i].t->grad;
+        if (!g) continue;
+        moe_dist_group grp = t->model.params[i].expert_stack ? MOE_GROUP_DP : MOE_GROUP_WORLD;
+        if (moe_dist_size(grp) == 1) continue;
+        if (g->device == MOE_CPU) {
+            MOE_TRY(moe_dist_allreduce_sum(grp, g));
+        } else {
+            moe_tensor *h = moe_tensor_to(g, MOE_CPU, MOE_LIFE_STEP);
+            if (!h) return moe_last_status();
+            MOE_TRY(moe_dist_allreduce_sum(grp, h));
+            MOE_TRY(moe_tensor_copy_(g, h));
+        }
+    }
+    return MOE_OK;
+}
+
+/* Global grad norm of the mean gradient: dense grads are equal on all ranks after the
+ * all-reduce (counted once), each expert lives once per EP group. */
+static moe_status clip_scale(trainer *t, double max_norm, double *norm, double *scale) {
+    int n = t->model.n_params, nd = 0, ne = 0;
+    moe_tensor **dense = malloc(sizeof *dense * (size_t)n), **expert = malloc(sizeof *expert * (size_t)n);
+    if (!dense || !expert) {
+        free(dense);
+        free(expert);
+        return moe_error(MOE_ERR_OOM, "clipping: out of host memory");
+    }
+    for (int i = 0; i < n; i++) {
+        if (t->model.params[i].expert_stack) expert[ne++] = t->model.params[i].t;
+        else dense[nd++] = t->model.params[i].t;
+    }
+    double sd = 0, se = 0;
+    moe_status s = moe_grad_sumsq_local(dense, nd, &sd);
+    if (s == MOE_OK) s = moe_grad_sumsq_local(expert, ne, &se);
+    free(dense);
+    free(expert);
+    MOE_TRY(s);
+    MOE_TRY(moe_dist_allreduce_f64(MOE_GROUP_EP, &se, 1));
+    double w = (double)t->world;
+    return moe_clip_grad_finish((sd + se) / (w * w), max_norm, norm, scale);
+}
+
 static void write_metrics(trainer *t, const char *fmt_extra, double loss, double aux, double z, double lr, double gnorm,
                           double tps, const int64_t *load) {
     const moe_cfg_model *c = &t->cfg->model;
     FILE *f = t->metrics;
+    if (!f) return;
     fprintf(f, "{\"step\":%lld,\"loss\":%.6f,\"aux_loss\":%.6g,\"z_loss\":%.6g,\"lr\":%.6g,\"grad_norm\":%.6g,"
                "\"tokens_per_s\":%.1f%s",
             (long long)t->st.step, loss, aux, z, lr, gnorm, tps, fmt_extra);
@@ -203,18 +265,22 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
     memset(sum, 0, sizeof *sum);
     trainer t;
     if (cfg->train.threads > 0) omp_set_num_threads(cfg->train.threads);
-    moe_status s = trainer_open(&t, cfg, o);
+    moe_status s = moe_dist_check_all(trainer_open(&t, cfg, o));
     if (s != MOE_OK) {
         trainer_close(&t);
         return s;
     }
     const moe_cfg_train *tc = &cfg->train;
     const moe_cfg_model *mc = &cfg->model;
-    int B = cfg->data.batch_size, T = mc->seq_len, A = tc->grad_accum, Bm = B / A;
+    /* Each rank takes B / world rows of the global batch, in A micro-batches. */
+    int B = cfg->data.batch_size, T = mc->seq_len, A = tc->grad_accum, Bl = B / t.world, Bm = Bl / A;
     size_t nb = (size_t)B * (size_t)T;
     int32_t *in = malloc(sizeof(int32_t) * nb), *tg = malloc(sizeof(int32_t) * nb);
     int64_t *load = calloc((size_t)(mc->n_layers * mc->n_experts), sizeof(int64_t));
     sum->unigram_bpb = moe_data_unigram_bpb(t.val);
+    if (t.rank == 0 && !o->quiet)
+        fprintf(stderr, "world: %d rank(s), expert parallel %d, data parallel %d\n", t.world, moe_dist_ep_size(), moe_dist_dp_size());
+    if (t.rank == 0)
     fprintf(stderr, "model: %.2fM parameters (%.2fM active per token), %d layers, %d experts top-%d, on %s %s\n",
             moe_model_param_count(&t.model, false) / 1e6, moe_model_param_count(&t.model, true) / 1e6, mc->n_layers,
             mc->n_experts, mc->top_k, moe_device_name(t.model.dev), moe_dtype_name(t.model.compute));
@@ -222,13 +288,15 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
                              tc->min_lr, tc->warmup, tc->steps > tc->warmup ? tc->steps : tc->warmup};
     stop_requested = 0;
     void (*old_handler)(int) = signal(SIGINT, on_sigint);
-    bool tty = isatty(STDERR_FILENO) && !o->quiet;
+    bool quiet = o->quiet || t.rank != 0, tty = isatty(STDERR_FILENO) && !quiet;
     int consecutive_bad = 0;
     double t_start = now_s(), tokens_done = 0, last_loss = NAN;
     while (s == MOE_OK && t.st.step < tc->steps) {
         if (o->stop_after > 0 && t.st.step >= o->stop_after) break;
-        if (stop_requested) {
-            fprintf(stderr, "\ninterrupted: saving a checkpoint at step %lld\n", (long long)t.st.step);
+        int64_t stop = stop_requested; /* every rank stops at the same step */
+        if (t.world > 1 && (s = moe_dist_allreduce_i64(MOE_GROUP_WORLD, &stop, 1)) != MOE_OK) break;
+        if (stop) {
+            if (t.rank == 0) fprintf(stderr, "\ninterrupted: saving a checkpoint at step %lld\n", (long long)t.st.step);
             s = save_checkpoint(&t, sum);
             if (s == MOE_OK) s = moe_error(MOE_ERR_INTERRUPTED, "training interrupted at step %lld; resume with --resume %s",
                                            (long long)t.st.step, t.dir);
@@ -236,7 +304,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
         }
         double t0 = now_s();
         double lr = moe_lr_at(&sched, t.st.step);
-        moe_loader_next(t.loader, 0, 1, in, tg);
+        moe_loader_next(t.loader, t.rank, t.world, in, tg);
         t.model.dropout_counter = (uint64_t)t.st.step << 40; /* masks depend on the step only: exact resume */
         double loss = 0, aux = 0, z = 0;
         memset(load, 0, sizeof(int64_t) * (size_t)(mc->n_layers * mc->n_experts));
@@ -247,30 +315,41 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
             s = moe_model_loss(&t.model, in + (size_t)a * Bm * T, tg + (size_t)a * Bm * T, Bm, T, &parts);
             if (s != MOE_OK) break;
             double lv = moe_tensor_item(parts.loss);
-            if (!isfinite(lv)) {
-                bad = true;
-                break;
-            }
+            bad |= !isfinite(lv);
             loss += lv / A;
             aux += parts.aux / A;
             z += parts.z / A;
             for (int i = 0; i < mc->n_layers * mc->n_experts; i++) load[i] += parts.load[i];
-            s = moe_backward(A > 1 ? moe_mul_scalar(parts.loss, 1.0 / A) : parts.loss);
+            if (!bad) s = moe_backward(A > 1 ? moe_mul_scalar(parts.loss, 1.0 / A) : parts.loss);
         }
+        s = moe_dist_check_all(s);
         if (s != MOE_OK) break;
+        if (t.world > 1) { /* global mean loss and total load; a NaN anywhere makes the sum NaN */
+            double v[3] = {loss, aux, z};
+            s = moe_dist_allreduce_f64(MOE_GROUP_WORLD, v, 3);
+            if (s == MOE_OK) s = moe_dist_allreduce_i64(MOE_GROUP_WORLD, load, mc->n_layers * mc->n_experts);
+            if (s != MOE_OK) break;
+            loss = v[0] / t.world;
+            aux = v[1] / t.world;
+            z = v[2] / t.world;
+            bad = !isfinite(loss);
+        }
         double gnorm = 0, scale = 1;
         if (!bad) {
-            moe_status cs = moe_clip_grad_norm(t.params, t.n_params, tc->grad_clip, &gnorm, &scale);
+            moe_status cs = t.world > 1 ? allreduce_grads(&t) : MOE_OK;
+            if (cs == MOE_OK) cs = clip_scale(&t, tc->grad_clip, &gnorm, &scale);
             if (cs == MOE_ERR_NUMERIC) bad = true;
             else if (cs != MOE_OK) { s = cs; break; }
         }
         if (bad) {
             t.st.bad_steps++;
             consecutive_bad++;
-            fprintf(stderr, "\nstep %lld: non-finite loss or gradient, step skipped (%d in a row, %lld in all)\n",
-                    (long long)t.st.step, consecutive_bad, (long long)t.st.bad_steps);
-            fprintf(t.metrics, "{\"step\":%lld,\"skipped\":true,\"bad_steps\":%lld}\n", (long long)t.st.step,
-                    (long long)t.st.bad_steps);
+            if (t.rank == 0) {
+                fprintf(stderr, "\nstep %lld: non-finite loss or gradient, step skipped (%d in a row, %lld in all)\n",
+                        (long long)t.st.step, consecutive_bad, (long long)t.st.bad_steps);
+                fprintf(t.metrics, "{\"step\":%lld,\"skipped\":true,\"bad_steps\":%lld}\n", (long long)t.st.step,
+                        (long long)t.st.bad_steps);
+            }
             s = moe_optimizer_zero_grad(t.opt);
             if (s == MOE_OK && consecutive_bad >= tc->max_bad_steps)
                 s = moe_error(MOE_ERR_NUMERIC, "%d steps in a row had a non-finite loss or gradient (train.max_bad_steps=%d); "
@@ -279,7 +358,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
             continue;
         }
         consecutive_bad = 0;
-        s = moe_optimizer_step(t.opt, lr, scale);
+        s = moe_optimizer_step(t.opt, lr, scale / t.world);
         if (s == MOE_OK) s = moe_optimizer_zero_grad(t.opt);
         if (s == MOE_OK) s = moe_model_update_router_bias(&t.model, load);
         if (s != MOE_OK) break;
@@ -310,11 +389,11 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
                 cvmax = fmax(cvmax, c);
             }
             double elapsed = now_s() - t_start, eta = elapsed / tokens_done * (double)nb * (tc->steps - t.st.step);
-            if (!o->quiet)
+            if (!quiet)
                 fprintf(stderr, "%sstep %5lld/%d  loss %.4f  aux %.4f  lr %.2e  |g| %.3f  %.0f tok/s  load %.2f..%.2f cv %.2f  eta %.0fs%s%s",
                         tty ? "\r" : "", (long long)t.st.step, tc->steps, loss, aux, lr, gnorm, tps, mn, mx, cvmax, eta,
                         do_eval ? "" : "   ", (do_eval || !tty) ? "\n" : "");
-            if (do_eval && !o->quiet)
+            if (do_eval && !quiet)
                 fprintf(stderr, "  eval: val_loss %.4f  val_bpb %.4f  (unigram baseline %.4f bpb)\n", sum->val_loss,
                         sum->val_bpb, sum->unigram_bpb);
         }

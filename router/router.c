@@ -1,4 +1,5 @@
-/* The top-k softmax router with Switch / z-loss / aux-loss-free balancing. */
+/* The routers (top-k, RMoE, OT) with Switch / latency / aux-loss-free balancing and the
+ * z-loss. */
 #include "router/router.h"
 
 #include <math.h>
@@ -9,17 +10,38 @@
 #include "core/autograd.h"
 #include "core/memory.h"
 #include "core/ops.h"
+#include "router/latency.h"
+#include "router/ot.h"
+#include "router/rmoe.h"
+
+static moe_tensor *named_param(moe_device dev, moe_dtype dt, int64_t rows, int64_t cols, uint64_t seed,
+                               uint64_t offset, double std, const char *name) {
+    moe_tensor *t = moe_tensor_randn(MOE_LIFE_PERSIST, dev, dt, 2, (int64_t[]){rows, cols}, seed, offset, std);
+    if (t) moe_param_init(t, name);
+    return t;
+}
 
 moe_status moe_router_init(moe_router *r, const moe_router_settings *s, moe_device dev, moe_dtype dt,
                            const char *name, uint64_t seed, double init_std) {
     memset(r, 0, sizeof *r);
     r->s = *s;
-    snprintf(r->name, sizeof r->name, "%s.w_gate", name);
-    r->w_gate = moe_tensor_randn(MOE_LIFE_PERSIST, dev, dt, 2, (int64_t[]){s->d_model, s->n_experts}, seed, 0, init_std);
-    if (!r->w_gate) return moe_last_status();
-    moe_param_init(r->w_gate, r->name);
-    if (s->balance == MOE_BALANCE_AUX_FREE) {
-        r->bias = moe_tensor_zeros(MOE_LIFE_PERSIST, dev, MOE_F32, 1, (int64_t[]){s->n_experts});
+    int64_t d = s->d_model, E = s->n_experts;
+    if (s->type == MOE_ROUTER_RMOE) {
+        MOE_ASSERT(s->gru && s->gru->dim == s->rmoe_dim, "rmoe router %s: settings.gru must be the model's GRU of "
+                   "width rmoe_dim=%d", name, s->rmoe_dim);
+        int64_t p = s->rmoe_dim;
+        snprintf(r->name_proj, sizeof r->name_proj, "%s.proj", name);
+        snprintf(r->name_head, sizeof r->name_head, "%s.head", name);
+        r->proj = named_param(dev, dt, d, p, seed, 0, init_std, r->name_proj);
+        r->head = r->proj ? named_param(dev, dt, p, E, seed, (uint64_t)(d * p), init_std, r->name_head) : NULL;
+        if (!r->head) return moe_last_status();
+    } else {
+        snprintf(r->name, sizeof r->name, "%s.w_gate", name);
+        r->w_gate = named_param(dev, dt, d, E, seed, 0, init_std, r->name);
+        if (!r->w_gate) return moe_last_status();
+    }
+    if (s->balance == MOE_BALANCE_AUX_FREE && s->type != MOE_ROUTER_OT) {
+        r->bias = moe_tensor_zeros(MOE_LIFE_PERSIST, dev, MOE_F32, 1, (int64_t[]){E});
         if (!r->bias) return moe_last_status();
     }
     return MOE_OK;
@@ -27,55 +49,149 @@ moe_status moe_router_init(moe_router *r, const moe_router_settings *s, moe_devi
 
 void moe_router_free(moe_router *r) {
     moe_tensor_free(r->w_gate);
+    moe_tensor_free(r->proj);
+    moe_tensor_free(r->head);
     moe_tensor_free(r->bias);
+    free(r->latency_alpha);
     memset(r, 0, sizeof *r);
 }
 
-moe_status moe_router_forward(moe_router *r, moe_tensor *x, moe_routing *out) {
+int moe_router_params(const moe_router *r, moe_tensor **ts, const char **names, int cap) {
+    moe_tensor *t[2] = {r->w_gate, NULL};
+    const char *n[2] = {r->name, NULL};
+    int count = 1;
+    if (r->s.type == MOE_ROUTER_RMOE) {
+        t[0] = r->proj, t[1] = r->head, n[0] = r->name_proj, n[1] = r->name_head;
+        count = 2;
+    }
+    for (int i = 0; i < count && i < cap; i++) {
+        ts[i] = t[i];
+        names[i] = n[i];
+    }
+    return count;
+}
+
+/* Logits [T, E] in rdt; for rmoe also the new state. The first projection runs in x's dtype. */
+static moe_tensor *router_logits(moe_router *r, moe_tensor *x, moe_tensor *state_in, moe_dtype rdt,
+                                 moe_tensor **state_out) {
+    if (r->s.type != MOE_ROUTER_RMOE) return moe_cast(moe_matmul(x, moe_cast(r->w_gate, x->dtype)), rdt);
+    moe_tensor *xp = moe_cast(moe_matmul(x, moe_cast(r->proj, x->dtype)), rdt);
+    moe_tensor *h = state_in;
+    if (h && r->s.rmoe_detach) /* the same values, no tape history: no gradient into earlier layers */
+        h = moe_tensor_view_raw(state_in, state_in->ndim, state_in->shape, state_in->strides, 0);
+    *state_out = moe_rmoe_gru_step(r->s.gru, xp, h);
+    return moe_matmul(*state_out, moe_cast(r->head, rdt));
+}
+
+/* Top-k of p (selection on p + bias under aux-loss-free balancing); gates from p. */
+static moe_tensor *select_topk(moe_router *r, moe_tensor *p, moe_tensor **idx) {
+    int k = r->s.top_k;
+    if (!r->bias) return moe_topk(p, k, idx);
+    bool was = moe_grad_set_enabled(false);
+    moe_topk(moe_add(p, moe_cast(r->bias, p->dtype)), k, idx);
+    moe_grad_set_enabled(was);
+    return *idx ? moe_gather(p, *idx) : NULL;
+}
+
+/* OT selection on the host: the plan's k largest entries per token, into out->host_experts
+ * and out->valid; returns the p of the chosen experts with invalid slots zeroed. */
+static moe_tensor *select_ot(moe_router *r, moe_tensor *logits, moe_tensor *p, moe_tensor **idx, moe_routing *out) {
+    int64_t T = logits->shape[0];
+    int E = r->s.n_experts, k = r->s.top_k;
+    double *lg = malloc(sizeof(double) * (size_t)(T * E)), *plan = malloc(sizeof(double) * (size_t)(T * E));
+    double *mask = malloc(sizeof(double) * (size_t)(T * k));
+    out->valid = moe_step_host_alloc(sizeof(bool) * (size_t)(T > 0 ? T * k : 1));
+    moe_status st = lg && plan && mask && out->valid ? MOE_OK : moe_error(MOE_ERR_OOM, "ot router: out of host memory");
+    if (st == MOE_OK) st = moe_tensor_to_host_f64(logits, lg);
+    if (st == MOE_OK)
+        st = moe_ot_plan(lg, T, E, moe_ot_capacity(T, k, E), r->s.ot_iters > 0 ? r->s.ot_iters : 30,
+                         r->s.ot_gamma > 0 ? r->s.ot_gamma : 1.0, plan);
+    moe_tensor *m = NULL;
+    if (st == MOE_OK) {
+        moe_ot_select(plan, lg, T, E, k, out->host_experts, out->valid);
+        for (int64_t i = 0; i < T * k; i++) mask[i] = out->valid[i] ? 1.0 : 0.0;
+        m = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 2, (int64_t[]){T, k}, mask);
+        *idx = moe_tensor_from_host(MOE_LIFE_STEP, p->device, MOE_I32, 2, (int64_t[]){T, k}, out->host_experts);
+    }
+    free(lg), free(plan), free(mask);
+    m = m ? moe_tensor_to(moe_cast(m, p->dtype), p->device, MOE_LIFE_STEP) : NULL;
+    return m && *idx ? moe_mul(moe_gather(p, *idx), m) : NULL;
+}
+
+/* Gates renormalised over each token's slots; a token with no valid slot keeps zeros. */
+static moe_tensor *renormalize(moe_tensor *vals, const bool *valid) {
+    moe_tensor *den = moe_sum(vals, 1, true);
+    if (!valid || !den) return moe_div(vals, den);
+    int64_t T = vals->shape[0], k = vals->shape[1];
+    double *empty = malloc(sizeof(double) * (size_t)(T ? T : 1));
+    if (!empty) {
+        moe_error(MOE_ERR_OOM, "router: out of host memory");
+        return NULL;
+    }
+    for (int64_t t = 0; t < T; t++) {
+        empty[t] = 1.0;
+        for (int64_t s = 0; s < k; s++)
+            if (valid[t * k + s]) empty[t] = 0.0;
+    }
+    moe_tensor *e = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 2, (int64_t[]){T, 1}, empty);
+    free(empty);
+    e = e ? moe_tensor_to(moe_cast(e, vals->dtype), vals->device, MOE_LIFE_STEP) : NULL;
+    return moe_div(vals, moe_add(den, e));
+}
+
+/* Switch aux = alpha * E * sum_e f_e P_e: f from the hard counts (no grad), P = mean_t p. */
+static moe_tensor *switch_aux(const moe_router *r, moe_tensor *p, const int64_t *load) {
+    int E = r->s.n_experts;
+    int64_t n = 0;
+    for (int e = 0; e < E; e++) n += load[e];
+    double *f = malloc(sizeof(double) * (size_t)E);
+    if (!f) {
+        moe_error(MOE_ERR_OOM, "router: out of host memory");
+        return NULL;
+    }
+    for (int e = 0; e < E; e++) f[e] = n ? (double)load[e] / (double)n : 0.0;
+    moe_tensor *f64 = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 1, (int64_t[]){E}, f);
+    free(f);
+    moe_tensor *ft = f64 ? moe_tensor_to(moe_cast(f64, p->dtype), p->device, MOE_LIFE_STEP) : NULL;
+    return moe_mul_scalar(moe_sum_all(moe_mul(moe_mean(p, 0, false), ft)), r->s.aux_coef * E);
+}
+
+moe_status moe_router_forward(moe_router *r, moe_tensor *x, moe_tensor *state_in, moe_routing *out) {
     const moe_router_settings *s = &r->s;
     memset(out, 0, sizeof *out);
+    if (!x) return moe_last_status();
     int64_t T = x->shape[0];
     int E = s->n_experts, k = s->top_k;
-    moe_tensor *logits = moe_cast(moe_matmul(x, r->w_gate), x->dtype == MOE_F64 ? MOE_F64 : MOE_F32);
+    int64_t n = T * k;
+    moe_dtype rdt = x->dtype == MOE_F64 ? MOE_F64 : MOE_F32;
+    moe_tensor *logits = router_logits(r, x, state_in, rdt, &out->state);
     moe_tensor *p = moe_softmax(logits);
     if (!p) return moe_last_status();
-    moe_tensor *idx = NULL, *vals;
-    if (r->bias) {
-        /* Selection on p + b, gates from p. */
-        bool was = moe_grad_set_enabled(false);
-        moe_tensor *biased = moe_add(p, moe_cast(r->bias, p->dtype));
-        moe_topk(biased, k, &idx);
-        moe_grad_set_enabled(was);
-        vals = idx ? moe_gather(p, idx) : NULL;
-    } else {
-        vals = moe_topk(p, k, &idx);
-    }
-    if (!vals) return moe_last_status();
-    moe_tensor *gates = vals;
-    if (s->renormalize && k > 1) gates = moe_div(vals, moe_sum(vals, 1, true));
-    if (!gates) return moe_last_status();
-
-    /* The one device -> host read of the layer: expert ids, for counts and permutation. */
-    int64_t n = T * k;
     out->host_experts = moe_step_host_alloc(sizeof(int32_t) * (size_t)(n ? n : 1));
     out->load = moe_step_host_alloc(sizeof(int64_t) * (size_t)E);
     if (!out->host_experts || !out->load) return moe_error(MOE_ERR_OOM, "router: out of host memory");
-    moe_tensor *ids_host = moe_tensor_to(idx, MOE_CPU, MOE_LIFE_STEP);
-    if (!ids_host) return moe_last_status();
-    memcpy(out->host_experts, ids_host->data, sizeof(int32_t) * (size_t)n);
-    for (int64_t i = 0; i < n; i++) out->load[out->host_experts[i]]++;
 
-    if (s->balance == MOE_BALANCE_SWITCH && s->aux_coef > 0) {
-        /* aux = alpha * E * sum_e f_e P_e; f from the hard counts (no grad), P = mean_t p. */
-        double *f = malloc(sizeof(double) * (size_t)E);
-        for (int e = 0; e < E; e++) f[e] = n ? (double)out->load[e] / (double)n : 0.0;
-        moe_tensor *f64 = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 1, (int64_t[]){E}, f);
-        free(f);
-        moe_tensor *ft = f64 ? moe_tensor_to(moe_cast(f64, p->dtype), p->device, MOE_LIFE_STEP) : NULL;
-        moe_tensor *P = moe_mean(p, 0, false);
-        out->aux_loss = moe_mul_scalar(moe_sum_all(moe_mul(P, ft)), s->aux_coef * E);
-        if (!out->aux_loss) return moe_last_status();
+    moe_tensor *idx = NULL, *vals;
+    if (s->type == MOE_ROUTER_OT) {
+        vals = select_ot(r, logits, p, &idx, out);
+        if (!vals) return moe_last_status();
+    } else {
+        vals = select_topk(r, p, &idx);
+        /* The one device -> host read of the layer: expert ids, for counts and permutation. */
+        moe_tensor *ids_host = vals ? moe_tensor_to(idx, MOE_CPU, MOE_LIFE_STEP) : NULL;
+        if (!ids_host) return moe_last_status();
+        memcpy(out->host_experts, ids_host->data, sizeof(int32_t) * (size_t)n);
     }
+    moe_tensor *gates = s->renormalize && k > 1 ? renormalize(vals, out->valid) : vals;
+    if (!gates) return moe_last_status();
+    for (int64_t i = 0; i < n; i++)
+        if (!out->valid || out->valid[i]) out->load[out->host_experts[i]]++;
+
+    if (s->balance == MOE_BALANCE_SWITCH && s->aux_coef > 0) out->aux_loss = switch_aux(r, p, out->load);
+    if (s->balance == MOE_BALANCE_LATENCY && s->aux_coef > 0)
+        out->aux_loss = moe_latency_loss(gates, idx, out->load, r->latency_alpha, E, s->aux_coef);
+    if ((s->balance == MOE_BALANCE_SWITCH || s->balance == MOE_BALANCE_LATENCY) && s->aux_coef > 0 && !out->aux_loss)
+        return moe_last_status();
     if (s->z_coef > 0) {
         moe_tensor *lse = moe_logsumexp(logits);
         out->z_loss = moe_mul_scalar(moe_mean(moe_mul(lse, lse), 0, false), s->z_coef);
@@ -97,7 +213,7 @@ moe_status moe_router_update_bias(moe_router *r, const int64_t *load) {
     moe_tensor *h = moe_tensor_to(r->bias, MOE_CPU, MOE_LIFE_STEP);
     if (!b || !h) {
         free(b);
-        return moe_last_status();
+        return b ? moe_last_status() : moe_error(MOE_ERR_OOM, "router: out of host memory");
     }
     memcpy(b, h->data, sizeof(float) * (size_t)E);
     for (int e = 0; e < E; e++) {
@@ -107,4 +223,18 @@ moe_status moe_router_update_bias(moe_router *r, const int64_t *load) {
     moe_tensor *nb = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 1, (int64_t[]){E}, b);
     free(b);
     return nb ? moe_tensor_copy_(r->bias, nb) : moe_last_status();
+}
+
+moe_status moe_router_set_latency(moe_router *r, const double *latency_ms) {
+    int E = r->s.n_experts;
+    double *alpha = malloc(sizeof(double) * (size_t)E);
+    if (!alpha) return moe_error(MOE_ERR_OOM, "router: out of host memory");
+    moe_status st = moe_latency_alpha(latency_ms, E, alpha);
+    if (st != MOE_OK) {
+        free(alpha);
+        return st;
+    }
+    free(r->latency_alpha);
+    r->latency_alpha = alpha;
+    return MOE_OK;
 }

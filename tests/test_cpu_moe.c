@@ -133,7 +133,7 @@ static void test_router_losses(void) {
     CU_ASSERT_EQUAL_FATAL(moe_router_init(&r, &s, MOE_CPU, MOE_F32, "r", 3, 1.0), MOE_OK);
     moe_tensor *x = moe_tensor_randn(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 2, (int64_t[]){T, D}, 5, 0, 1.0);
     moe_routing out;
-    CU_ASSERT_EQUAL_FATAL(moe_router_forward(&r, x, &out), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(moe_router_forward(&r, x, NULL, &out), MOE_OK);
     double p[T * E], g[T * 2], xs[T * D], w[D * E];
     moe_tensor_to_host_f64(out.probs, p);
     moe_tensor_to_host_f64(out.gates, g);

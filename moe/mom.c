@@ -1,0 +1,235 @@
+/* The Mixture-of-Memories layer and the gated delta net, built from ops (see mom.h). */
+#include "moe/mom.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "core/autograd.h"
+#include "core/ops.h"
+#include "moe/moe_layer.h"
+
+enum { P_WQ, P_WK, P_WV, P_WB, P_WA, P_ALOG, P_DTB, P_NORM, P_WGATE, P_WO };
+
+moe_mom_settings moe_mom_settings_from_config(const moe_config *cfg, bool gdn) {
+    const moe_cfg_model *c = &cfg->model;
+    return (moe_mom_settings){
+        .d_model = c->d_model,
+        .n_memories = gdn ? 0 : c->mom_memories,
+        .top_k = gdn ? 0 : c->mom_top_k,
+        .shared = gdn || c->mom_shared,
+        .n_heads = c->mom_heads,
+        .delta = c->mom_update == MOE_CFG_MOM_DELTA,
+        .chunk = c->mom_chunk,
+        .aux_coef = c->mom_aux_coef,
+        .norm_eps = c->norm_eps,
+    };
+}
+
+/* Names slot i "<prefix>.<what>" and returns the name. */
+static const char *slot(moe_mom_layer *L, int i, const char *prefix, const char *what) {
+    snprintf(L->names[i], sizeof L->names[i], "%s.%s", prefix, what);
+    return L->names[i];
+}
+
+/* Marks t (NULL passes through) as the parameter of slot i. */
+static moe_tensor *param(moe_mom_layer *L, int i, moe_tensor *t) {
+    if (t) moe_param_init(t, L->names[i]);
+    return t;
+}
+
+static moe_tensor *randn2(moe_mom_layer *L, int i, const char *prefix, const char *what, int64_t rows, int64_t cols,
+                          moe_device dev, uint64_t seed, double std) {
+    const char *name = slot(L, i, prefix, what);
+    return param(L, i, moe_tensor_randn(MOE_LIFE_PERSIST, dev, MOE_F32, 2, (int64_t[]){rows, cols},
+                                        moe_param_seed(seed, name), 0, std));
+}
+
+/* A PERSIST [n] F32 parameter from host values. */
+static moe_tensor *vec_param(moe_mom_layer *L, int i, const char *prefix, const char *what, const float *vals,
+                             int64_t n, moe_device dev) {
+    slot(L, i, prefix, what);
+    return param(L, i, moe_tensor_from_host(MOE_LIFE_PERSIST, dev, MOE_F32, 1, &n, vals));
+}
+
+moe_status moe_mom_layer_init(moe_mom_layer *L, const moe_mom_settings *s, const char *prefix, moe_device dev,
+                              uint64_t seed, double init_std) {
+    memset(L, 0, sizeof *L);
+    L->s = *s;
+    if (s->n_heads < 1 || s->d_model % s->n_heads || s->n_memories < 0 || (s->n_memories == 0 && !s->shared) ||
+        (s->n_memories > 0 && (s->top_k < 1 || s->top_k > s->n_memories)) || s->chunk < 1)
+        return moe_error(MOE_ERR_CONFIG,
+                         "%s: bad MoM settings (d_model=%d heads=%d memories=%d top_k=%d shared=%d chunk=%d): heads "
+                         "must divide d_model, 1 <= top_k <= memories, and some memory must exist",
+                         prefix, s->d_model, s->n_heads, s->n_memories, s->top_k, (int)s->shared, s->chunk);
+    L->n_mem = s->n_memories + (s->shared ? 1 : 0);
+    const int64_t d = s->d_model, H = s->n_heads, hd = d / H, P = L->n_mem;
+    L->w_q = randn2(L, P_WQ, prefix, "w_q", d, H * hd, dev, seed, init_std);
+    L->w_k = randn2(L, P_WK, prefix, "w_k", d, P * H * hd, dev, seed, init_std);
+    L->w_v = randn2(L, P_WV, prefix, "w_v", d, P * H * hd, dev, seed, init_std);
+    L->w_b = randn2(L, P_WB, prefix, "w_b", d, P * H, dev, seed, init_std);
+    L->w_a = randn2(L, P_WA, prefix, "w_a", d, P * H, dev, seed, init_std);
+    L->w_gate = randn2(L, P_WGATE, prefix, "w_gate", d, H * hd, dev, seed, init_std);
+    L->w_o = randn2(L, P_WO, prefix, "w_o", H * hd, d, dev, seed, init_std);
+    /* Decay per head spread as in the Mamba-2 / gated delta net initialisation, but
+     * deterministic: A = 1..16 and dt = 1e-3..1e-1 log-spaced, dt_bias = softplus^-1(dt). */
+    float alog[256], dtb[256], ones[1024];
+    if (H > 256 || hd > 1024) return moe_error(MOE_ERR_CONFIG, "%s: at most 256 heads of width <= 1024", prefix);
+    for (int64_t h = 0; h < H; h++) {
+        double f = ((double)h + 0.5) / (double)H, dt = exp(log(1e-3) + f * (log(1e-1) - log(1e-3)));
+        alog[h] = (float)log(1.0 + 15.0 * f);
+        dtb[h] = (float)(dt + log(-expm1(-dt)));
+    }
+    for (int64_t j = 0; j < hd; j++) ones[j] = 1.0f;
+    L->a_log = vec_param(L, P_ALOG, prefix, "A_log", alog, H, dev);
+    L->dt_bias = vec_param(L, P_DTB, prefix, "dt_bias", dtb, H, dev);
+    L->norm = vec_param(L, P_NORM, prefix, "norm", ones, hd, dev);
+    moe_tensor *all[] = {L->w_q, L->w_k, L->w_v, L->w_b, L->w_a, L->a_log, L->dt_bias, L->norm, L->w_gate, L->w_o};
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++)
+        if (!all[i]) return moe_last_status();
+    if (s->n_memories > 0) {
+        char rname[112];
+        snprintf(rname, sizeof rname, "%s.router", prefix);
+        moe_router_settings rs = {.n_experts = s->n_memories, .top_k = s->top_k, .d_model = s->d_model,
+                                  .balance = MOE_BALANCE_SWITCH, .aux_coef = s->aux_coef, .renormalize = true};
+        MOE_TRY(moe_router_init(&L->router, &rs, dev, MOE_F32, rname, moe_param_seed(seed, rname), init_std));
+    }
+    return MOE_OK;
+}
+
+void moe_mom_layer_free(moe_mom_layer *L) {
+    moe_tensor *ts[] = {L->w_q, L->w_k, L->w_v, L->w_b, L->w_a, L->a_log, L->dt_bias, L->norm, L->w_gate, L->w_o, L->state};
+    for (size_t i = 0; i < sizeof ts / sizeof *ts; i++) moe_tensor_free(ts[i]);
+    if (L->s.n_memories > 0) moe_router_free(&L->router);
+    memset(L, 0, sizeof *L);
+}
+
+int moe_mom_layer_params(const moe_mom_layer *L, moe_tensor **ts, const char **names, int cap) {
+    moe_tensor *all[] = {L->w_q, L->w_k, L->w_v, L->w_b, L->w_a, L->a_log, L->dt_bias, L->norm, L->w_gate, L->w_o};
+    int n = 0;
+    for (int i = 0; i < (int)(sizeof all / sizeof *all) && n < cap; i++, n++) {
+        ts[n] = all[i];
+        names[n] = L->names[i];
+    }
+    if (L->s.n_memories > 0 && n < cap) n += moe_router_params(&L->router, ts + n, names + n, cap - n);
+    return n;
+}
+
+moe_status moe_mom_cache_reset(moe_mom_layer *L, int batch) {
+    if (L->state && L->cache_batch == batch) return moe_tensor_fill(L->state, 0.0);
+    moe_tensor_free(L->state);
+    L->state = NULL;
+    L->cache_batch = batch;
+    return MOE_OK;
+}
+
+/* A STEP tensor of ones. */
+static moe_tensor *ones(moe_device dev, moe_dtype dt, int ndim, const int64_t *shape) {
+    moe_tensor *t = moe_tensor_empty(MOE_LIFE_STEP, dev, dt, ndim, shape);
+    return t && moe_tensor_fill(t, 1.0) == MOE_OK ? t : NULL;
+}
+
+/* x / sqrt(sum(x^2) + hd eps) over the last axis (RMSNorm without weight, scaled). */
+static moe_tensor *l2norm(moe_tensor *x, int64_t hd) {
+    return moe_mul_scalar(moe_rmsnorm(x, NULL, 1e-6), 1.0 / sqrt((double)hd));
+}
+
+/* [B, T, P, ...rest] -> [B * P, T, ...rest] (memory-major buckets per sequence). */
+static moe_tensor *to_buckets(moe_tensor *x, int64_t B, int64_t T, int64_t P) {
+    if (!x) return NULL;
+    int perm[MOE_MAX_DIMS] = {0, 2, 1, 3, 4, 5};
+    int64_t shape[MOE_MAX_DIMS] = {B * P, T};
+    for (int i = 3; i < x->ndim; i++) shape[i - 1] = x->shape[i];
+    return moe_reshape(moe_permute(x, perm), x->ndim - 1, shape);
+}
+
+/* Router gates and the routed mask as dense [B T, P] tensors (the shared memory's column
+ * is 1 in both); gate NULL when only the shared memory exists. */
+static moe_status route(moe_mom_layer *L, moe_tensor *x2, moe_dtype compute, moe_mom_result *res, moe_tensor **gate,
+                        moe_tensor **mask) {
+    *gate = *mask = NULL;
+    const int M = L->s.n_memories, k = L->s.top_k;
+    if (M == 0) return MOE_OK;
+    const int64_t BT = x2->shape[0];
+    moe_routing r;
+    MOE_TRY(moe_router_forward(&L->router, x2, NULL, &r));
+    res->aux_loss = r.aux_loss;
+    res->load = r.load;
+    moe_tensor *z1 = moe_tensor_zeros(MOE_LIFE_STEP, x2->device, compute, 2, (int64_t[]){BT, M});
+    moe_tensor *z2 = moe_tensor_zeros(MOE_LIFE_STEP, x2->device, compute, 2, (int64_t[]){BT, M});
+    moe_tensor *g = moe_scatter_add(z1, r.experts, moe_cast(r.gates, compute));
+    bool was = moe_grad_set_enabled(false);
+    moe_tensor *m = moe_scatter_add(z2, r.experts, ones(x2->device, compute, 2, (int64_t[]){BT, k}));
+    moe_grad_set_enabled(was);
+    if (L->s.shared) {
+        moe_tensor *one = ones(x2->device, compute, 2, (int64_t[]){BT, 1});
+        g = moe_concat((moe_tensor *[]){g, one}, 2, 1);
+        m = moe_concat((moe_tensor *[]){m, one}, 2, 1);
+    }
+    if (!g || !m) return moe_last_status();
+    *gate = g;
+    *mask = m;
+    return MOE_OK;
+}
+
+moe_tensor *moe_mom_layer_forward(moe_mom_layer *L, moe_tensor *x, moe_dtype compute, bool use_cache,
+                                  moe_mom_result *res) {
+    memset(res, 0, sizeof *res);
+    if (!x) return NULL;
+    MOE_ASSERT(x->ndim == 3 && x->shape[2] == L->s.d_model, "mom layer: x must be [B, T, %d]", L->s.d_model);
+    const int64_t B = x->shape[0], T = x->shape[1], d = L->s.d_model, H = L->s.n_heads, hd = d / H, P = L->n_mem;
+    moe_device dev = x->device;
+#define CP(t) moe_cast((t), compute)
+    moe_tensor *x2 = moe_reshape(x, 2, (int64_t[]){B * T, d});
+    moe_tensor *gate, *mask;
+    if (!x2 || route(L, x2, compute, res, &gate, &mask) != MOE_OK) return NULL;
+
+    moe_tensor *q = l2norm(moe_reshape(moe_matmul(x2, CP(L->w_q)), 4, (int64_t[]){B, T, H, hd}), hd);
+    moe_tensor *k = l2norm(moe_reshape(moe_matmul(x2, CP(L->w_k)), 5, (int64_t[]){B, T, P, H, hd}), hd);
+    moe_tensor *v = moe_reshape(moe_matmul(x2, CP(L->w_v)), 5, (int64_t[]){B, T, P, H, hd});
+    moe_tensor *beta = moe_sigmoid(moe_reshape(moe_matmul(x2, CP(L->w_b)), 4, (int64_t[]){B, T, P, H}));
+    moe_tensor *dt = moe_softplus(moe_add(moe_reshape(moe_matmul(x2, CP(L->w_a)), 4, (int64_t[]){B, T, P, H}),
+                                          CP(L->dt_bias)));
+    moe_tensor *alpha = moe_exp(moe_neg(moe_mul(dt, moe_exp(CP(L->a_log)))));
+    if (mask) {
+        /* Unrouted tokens: k = 0 and alpha = 1 leave the memory's state unchanged. */
+        k = moe_mul(k, moe_reshape(mask, 5, (int64_t[]){B, T, P, 1, 1}));
+        alpha = moe_add_scalar(moe_mul(moe_add_scalar(alpha, -1.0), moe_reshape(mask, 4, (int64_t[]){B, T, P, 1})), 1.0);
+    }
+    moe_tensor *qn = q;
+    if (P > 1)
+        qn = moe_reshape(moe_mul(moe_reshape(q, 5, (int64_t[]){B, 1, T, H, hd}),
+                                 ones(dev, compute, 5, (int64_t[]){1, P, 1, 1, 1})),
+                         4, (int64_t[]){B * P, T, H, hd});
+    moe_tensor *kn = to_buckets(k, B, T, P), *vn = to_buckets(v, B, T, P);
+    moe_tensor *bn = to_buckets(beta, B, T, P), *an = to_buckets(alpha, B, T, P);
+    moe_tensor *o;
+    if (use_cache) {
+        moe_dtype sdt = compute == MOE_F64 ? MOE_F64 : MOE_F32;
+        if (!L->state) {
+            L->state = moe_tensor_zeros(MOE_LIFE_PERSIST, dev, sdt, 4, (int64_t[]){(int64_t)L->cache_batch * P, H, hd, hd});
+            if (!L->state) return NULL;
+        }
+        if (B > L->cache_batch || L->state->dtype != sdt) {
+            moe_error(MOE_ERR_INVALID, "mom layer: generation state holds %d sequences of %s; asked for %lld in %s "
+                      "(call moe_mom_cache_reset)", L->cache_batch, moe_dtype_name(L->state->dtype), (long long)B,
+                      moe_dtype_name(sdt));
+            return NULL;
+        }
+        moe_tensor *s0 = moe_tensor_view_raw(L->state, 4, (int64_t[]){B * P, H, hd, hd}, L->state->strides, 0);
+        moe_tensor *s1 = NULL;
+        o = moe_delta_scan(qn, kn, vn, bn, an, s0, L->s.delta, &s1);
+        if (!o || moe_tensor_copy_(s0, s1) != MOE_OK) return NULL;
+    } else {
+        o = moe_delta_scan_chunked(qn, kn, vn, bn, an, NULL, L->s.delta, L->s.chunk, NULL);
+    }
+    moe_tensor *o5 = moe_reshape(o, 5, (int64_t[]){B, P, T, H, hd});
+    if (gate)
+        o5 = moe_mul(o5, moe_reshape(moe_permute(moe_reshape(gate, 3, (int64_t[]){B, T, P}), (int[]){0, 2, 1}), 5,
+                                     (int64_t[]){B, P, T, 1, 1}));
+    moe_tensor *os = P > 1 ? moe_sum(o5, 1, false) : moe_reshape(o5, 4, (int64_t[]){B, T, H, hd});
+    moe_tensor *gt = moe_silu(moe_reshape(moe_matmul(x2, CP(L->w_gate)), 4, (int64_t[]){B, T, H, hd}));
+    moe_tensor *y = moe_mul(moe_rmsnorm(os, CP(L->norm), L->s.norm_eps), gt);
+    return moe_reshape(moe_matmul(moe_reshape(y, 2, (int64_t[]){B * T, d}), CP(L->w_o)), 3, (int64_t[]){B, T, d});
+#undef CP
+}

@@ -1,0 +1,77 @@
+/* Mixture-of-Memories token mixer (ALGORITHMS.md §3) and, as its one-memory
+ * configuration, the gated delta net (`gdn`: no routed memories, the shared one only).
+ *
+ * Per layer with M routed memories (+1 shared when `shared`), H heads, dk = dv = d / H:
+ *   router  g = renorm(TopK(softmax(x W_g))) over the M memories (Switch aux loss, coef aux_coef)
+ *   q = l2norm(x W_q) shared; per memory m: k^m = l2norm(x W_k^m), v^m = x W_v^m,
+ *   beta^m = sigmoid(x W_b^m), alpha^m = exp(-exp(A_log) * softplus(x W_a^m + dt_bias))
+ *   (A_log, dt_bias [H] shared by all memories); each memory runs the gated delta rule
+ *   (or gated linear attention) over the tokens routed to it, the shared memory over all;
+ *   o = sum_{m in topk} g_m q S^m + q S^shared, per-head RMSNorm(o) * silu(x W_gate), then W_o.
+ *
+ * Training form: one chunked scan over N = B * (M + shared) sequences of length T; the
+ * tokens not routed to memory m enter its sequence with k = 0 and alpha = 1, which leaves
+ * S^m unchanged (the same recurrence as running each (sequence, memory) bucket alone, at
+ * the cost of M full-length scans instead of bucket-length ones). Generation form
+ * (use_cache): the step-by-step scan continuing from the per-(sequence, memory) states the
+ * layer keeps, which stay [B * (M + shared), H, dk, dv] however many tokens pass. */
+#ifndef MOE_MOE_MOM_H
+#define MOE_MOE_MOM_H
+
+#include "core/tensor.h"
+#include "moe/config.h"
+#include "router/router.h"
+
+typedef struct moe_mom_settings {
+    int d_model;
+    int n_memories; /* routed memories M (0: gated delta net, shared memory only) */
+    int top_k;      /* memories per token (<= n_memories) */
+    bool shared;    /* the always-on shared memory */
+    int n_heads;    /* dk = dv = d_model / n_heads */
+    bool delta;     /* gated delta rule; false: gated linear attention */
+    int chunk;      /* chunk length of the training form */
+    double aux_coef;
+    double norm_eps;
+} moe_mom_settings;
+
+#define MOE_MOM_MAX_PARAMS 11
+
+typedef struct moe_mom_layer {
+    moe_mom_settings s;
+    int n_mem;      /* M + shared: the memories a token's projections cover */
+    moe_router router;                  /* over the M routed memories (unused when M = 0) */
+    moe_tensor *w_q, *w_k, *w_v;        /* [d, H dk], [d, n_mem H dk], [d, n_mem H dv] */
+    moe_tensor *w_b, *w_a;              /* [d, n_mem H] */
+    moe_tensor *a_log, *dt_bias;        /* [H] */
+    moe_tensor *norm, *w_gate, *w_o;    /* [dv], [d, H dv], [H dv, d] */
+    moe_tensor *state;                  /* generation: [batch * n_mem, H, dk, dv] F32 (F64 in f64), or NULL */
+    int cache_batch;
+    char names[MOE_MOM_MAX_PARAMS][112];
+} moe_mom_layer;
+
+typedef struct moe_mom_result {
+    moe_tensor *aux_loss; /* scalar, weighted by aux_coef, or NULL (no routed memories / coef 0) */
+    int64_t *load;        /* [n_memories] tokens routed to each memory (host, step arena), or NULL */
+} moe_mom_result;
+
+/* Parameters are named <prefix>.<what> and drawn from moe_param_seed(seed, name). */
+moe_status moe_mom_layer_init(moe_mom_layer *L, const moe_mom_settings *s, const char *prefix, moe_device dev,
+                              uint64_t seed, double init_std);
+void moe_mom_layer_free(moe_mom_layer *L);
+
+/* x [B, T, d] in the compute dtype -> [B, T, d]. use_cache: continue from the kept states
+ * (moe_mom_cache_reset first, B <= its batch) and leave the final ones there. */
+moe_tensor *moe_mom_layer_forward(moe_mom_layer *L, moe_tensor *x, moe_dtype compute, bool use_cache,
+                                  moe_mom_result *res);
+
+/* Starts generation over for `batch` sequences: the states restart from zero (allocated
+ * at the next use_cache forward, F64 for compute F64, else F32). */
+moe_status moe_mom_cache_reset(moe_mom_layer *L, int batch);
+
+/* The trainable tensors and their names (at most MOE_MOM_MAX_PARAMS); returns the count. */
+int moe_mom_layer_params(const moe_mom_layer *L, moe_tensor **ts, const char **names, int cap);
+
+/* Settings from the model config keys model.mom_* (gdn: mixer gdn -> 0 routed memories). */
+moe_mom_settings moe_mom_settings_from_config(const moe_config *cfg, bool gdn);
+
+#endif
