@@ -242,7 +242,7 @@ static moe_status layer_forward(void *p) {
     layer_ctx *c = p;
     bool was = moe_grad_set_enabled(false);
     moe_moe_layer_result res;
-    moe_tensor *y = moe_moe_layer_forward(&c->layer, c->x, c->dt, &res);
+    moe_tensor *y = moe_moe_layer_forward(&c->layer, c->x, NULL, c->dt, &res);
     moe_grad_set_enabled(was);
     return y ? MOE_OK : moe_last_status();
 }
@@ -250,7 +250,7 @@ static moe_status layer_forward(void *p) {
 static moe_status layer_forward_backward(void *p) {
     layer_ctx *c = p;
     moe_moe_layer_result res;
-    moe_tensor *y = moe_moe_layer_forward(&c->layer, c->x, c->dt, &res);
+    moe_tensor *y = moe_moe_layer_forward(&c->layer, c->x, NULL, c->dt, &res);
     moe_tensor *loss = moe_sum_all(moe_mul(y, c->r));
     return loss ? moe_backward(loss) : moe_last_status();
 }

@@ -46,19 +46,24 @@ moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int 
     if (c->n_experts % ep_size)
         return moe_error(MOE_ERR_CONFIG, "model.n_experts=%d is not divisible by the expert-parallel size %d",
                          c->n_experts, ep_size);
-    for (int i = 0; i < c->n_layers; i++)
-        if (moe_config_layer_mixer(cfg, i) != MOE_CFG_MIXER_ATTENTION)
-            return moe_error(MOE_ERR_UNSUPPORTED, "model.mixer: layer %d asks for a mixer other than attention, "
-                             "which this build does not provide yet", i);
     if (c->expert_ffn_dims.count)
         return moe_error(MOE_ERR_UNSUPPORTED, "model.expert_ffn_dims (heterogeneous experts) is not supported yet");
     int64_t d = c->d_model, hd = m->head_dim, H = m->n_heads, Hkv = m->n_kv_heads, V = c->vocab_size;
     double std = c->init_std, out_std = c->init_std / sqrt(2.0 * c->n_layers);
-    m->params = calloc((size_t)(8 * c->n_layers + 4), sizeof *m->params);
+    m->params = calloc((size_t)((8 + MOE_MOM_MAX_PARAMS) * c->n_layers + 4 + MOE_RMOE_GRU_NPARAMS), sizeof *m->params);
     m->blocks = calloc((size_t)c->n_layers, sizeof *m->blocks);
     if (!m->params || !m->blocks) return moe_error(MOE_ERR_OOM, "model: out of host memory");
     MOE_TRY(add_param(m, m->embed = randn_param(m, "embed", 2, (int64_t[]){V, d}, std), "embed", false, 0));
     int n_local = c->n_experts / ep_size;
+    if (cfg->router.type == MOE_CFG_ROUTER_RMOE) { /* RMoE: one GRU cell shared by every MoE layer */
+        MOE_TRY(moe_rmoe_gru_init(&m->gru, cfg->router.rmoe_dim, m->dev, MOE_F32, "router.gru",
+                                  moe_param_seed((uint64_t)cfg->train.seed, "router.gru"), std));
+        m->has_gru = true;
+        moe_tensor *gts[MOE_RMOE_GRU_NPARAMS];
+        const char *gnames[MOE_RMOE_GRU_NPARAMS];
+        int ng = moe_rmoe_gru_params(&m->gru, gts, gnames, MOE_RMOE_GRU_NPARAMS);
+        for (int j = 0; j < ng; j++) m->params[m->n_params++] = (moe_param_ref){gts[j], gnames[j], false, 0};
+    }
     for (int i = 0; i < c->n_layers; i++) {
         moe_block *b = &m->blocks[i];
         char (*nm)[96] = b->names;
@@ -67,8 +72,20 @@ moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int 
         snprintf(nm[2], 96, "layers.%d.attn.wo", i);
         snprintf(nm[3], 96, "layers.%d.ffn_norm", i);
         MOE_TRY(add_param(m, b->attn_norm = ones_param(m, d), nm[0], false, 0));
-        MOE_TRY(add_param(m, b->wqkv = randn_param(m, nm[1], 2, (int64_t[]){d, (H + 2 * Hkv) * hd}, std), nm[1], false, 0));
-        MOE_TRY(add_param(m, b->wo = randn_param(m, nm[2], 2, (int64_t[]){H * hd, d}, out_std), nm[2], false, 0));
+        b->mixer = moe_config_layer_mixer(cfg, i);
+        if (b->mixer == MOE_CFG_MIXER_ATTENTION) {
+            MOE_TRY(add_param(m, b->wqkv = randn_param(m, nm[1], 2, (int64_t[]){d, (H + 2 * Hkv) * hd}, std), nm[1], false, 0));
+            MOE_TRY(add_param(m, b->wo = randn_param(m, nm[2], 2, (int64_t[]){H * hd, d}, out_std), nm[2], false, 0));
+        } else {
+            char mp[64];
+            snprintf(mp, sizeof mp, "layers.%d.mom", i);
+            moe_mom_settings ms = moe_mom_settings_from_config(cfg, b->mixer == MOE_CFG_MIXER_GDN);
+            MOE_TRY(moe_mom_layer_init(&b->mom, &ms, mp, m->dev, (uint64_t)cfg->train.seed, std));
+            moe_tensor *ts[MOE_MOM_MAX_PARAMS];
+            const char *pn[MOE_MOM_MAX_PARAMS];
+            int np = moe_mom_layer_params(&b->mom, ts, pn, MOE_MOM_MAX_PARAMS);
+            for (int j = 0; j < np; j++) m->params[m->n_params++] = (moe_param_ref){ts[j], pn[j], false, 0};
+        }
         MOE_TRY(add_param(m, b->ffn_norm = ones_param(m, d), nm[3], false, 0));
         b->dense = moe_config_layer_is_dense(cfg, i);
         if (b->dense) {
@@ -86,16 +103,19 @@ moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int 
             .router = {.n_experts = c->n_experts, .top_k = c->top_k, .d_model = c->d_model,
                        .balance = (moe_balance_kind)cfg->router.balance, .aux_coef = cfg->router.aux_coef,
                        .z_coef = cfg->router.z_coef, .renormalize = cfg->router.renormalize,
-                       .aux_free_rate = cfg->router.aux_free_rate},
+                       .aux_free_rate = cfg->router.aux_free_rate, .type = (moe_router_type)cfg->router.type,
+                       .rmoe_dim = cfg->router.rmoe_dim, .rmoe_detach = cfg->router.rmoe_detach,
+                       .gru = m->has_gru ? &m->gru : NULL, .ot_iters = cfg->router.ot_iters,
+                       .ot_gamma = cfg->router.ot_gamma},
         };
-        if (cfg->router.type != MOE_CFG_ROUTER_TOPK)
-            return moe_error(MOE_ERR_UNSUPPORTED, "router.type=%s is not available in this build yet",
-                             moe_config_enum_name("router.type", cfg->router.type));
         char prefix[64];
         snprintf(prefix, sizeof prefix, "layers.%d.moe", i);
         MOE_TRY(moe_moe_layer_init(&b->moe, &s, prefix, m->dev, (uint64_t)cfg->train.seed, std, ep_rank * n_local, n_local));
         moe_moe_layer *L = &b->moe;
-        m->params[m->n_params++] = (moe_param_ref){L->router.w_gate, L->router.name, false, 0};
+        moe_tensor *rts[4];
+        const char *rnames[4];
+        int nr = moe_router_params(&L->router, rts, rnames, 4);
+        for (int j = 0; j < nr; j++) m->params[m->n_params++] = (moe_param_ref){rts[j], rnames[j], false, 0};
         m->params[m->n_params++] = (moe_param_ref){L->w13, L->name_w13, true, L->expert_begin};
         m->params[m->n_params++] = (moe_param_ref){L->w2, L->name_w2, true, L->expert_begin};
         if (L->shared_w13) {
@@ -103,10 +123,23 @@ moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int 
             m->params[m->n_params++] = (moe_param_ref){L->shared_w2, L->name_sw2, false, 0};
         }
     }
+    if (cfg->router.balance == MOE_CFG_BALANCE_LATENCY) MOE_TRY(moe_model_measure_latency(m));
     MOE_TRY(add_param(m, m->final_norm = ones_param(m, d), "final_norm", false, 0));
     if (!c->tie_embeddings)
         MOE_TRY(add_param(m, m->lm_head = randn_param(m, "lm_head", 2, (int64_t[]){V, d}, std), "lm_head", false, 0));
     return MOE_OK;
+}
+
+moe_status moe_model_measure_latency(moe_model *m) {
+    const moe_cfg_model *c = &m->cfg.model;
+    double *lat = malloc(sizeof(double) * (size_t)c->n_experts);
+    if (!lat) return moe_error(MOE_ERR_OOM, "model: out of host memory");
+    int64_t tokens = (int64_t)m->cfg.data.batch_size * c->seq_len * c->top_k / c->n_experts; /* a typical expert batch */
+    moe_status s = MOE_OK;
+    for (int i = 0; i < c->n_layers && s == MOE_OK; i++)
+        if (!m->blocks[i].dense) s = moe_moe_layer_measure_latency(&m->blocks[i].moe, tokens > 0 ? tokens : 1, m->compute, lat);
+    free(lat);
+    return s;
 }
 
 void moe_model_free(moe_model *m) {
@@ -114,8 +147,10 @@ void moe_model_free(moe_model *m) {
         moe_block *b = &m->blocks[i];
         moe_tensor *ts[] = {b->attn_norm, b->wqkv, b->wo, b->ffn_norm, b->dense_w13, b->dense_w2, b->k_cache, b->v_cache};
         for (size_t j = 0; j < sizeof ts / sizeof *ts; j++) moe_tensor_free(ts[j]);
+        if (b->mixer != MOE_CFG_MIXER_ATTENTION) moe_mom_layer_free(&b->mom);
         if (!b->dense) moe_moe_layer_free(&b->moe);
     }
+    if (m->has_gru) moe_rmoe_gru_free(&m->gru);
     moe_tensor_free(m->embed);
     moe_tensor_free(m->final_norm);
     moe_tensor_free(m->lm_head);
@@ -159,30 +194,40 @@ static moe_tensor *run_blocks(moe_model *m, moe_tensor *x, int B, int T, int64_t
                               moe_tensor **aux_sum) {
     const moe_cfg_model *c = &m->cfg.model;
     int64_t d = c->d_model, H = m->n_heads, Hkv = m->n_kv_heads, hd = m->head_dim;
+    moe_tensor *router_state = NULL; /* RMoE: carried from MoE layer to MoE layer, per token */
     for (int i = 0; i < c->n_layers && x; i++) {
         moe_block *b = &m->blocks[i];
         moe_tensor *h = moe_rmsnorm(x, C(b->attn_norm), c->norm_eps);
-        moe_tensor *qkv = moe_reshape(moe_matmul(h, C(b->wqkv)), 4, (int64_t[]){B, T, H + 2 * Hkv, hd});
-        moe_tensor *q = moe_rope(moe_slice(qkv, 2, 0, H), pos0, c->rope_theta);
-        moe_tensor *k = moe_rope(moe_slice(qkv, 2, H, H + Hkv), pos0, c->rope_theta);
-        moe_tensor *v = moe_slice(qkv, 2, H + Hkv, H + 2 * Hkv);
-        if (b->k_cache && k && v) {
-            /* Append to the cache and attend over everything cached so far. */
-            moe_tensor *kd = moe_slice(moe_slice(b->k_cache, 1, pos0, pos0 + T), 0, 0, B);
-            moe_tensor *vd = moe_slice(moe_slice(b->v_cache, 1, pos0, pos0 + T), 0, 0, B);
-            if (!kd || !vd || moe_tensor_copy_(kd, k) != MOE_OK || moe_tensor_copy_(vd, v) != MOE_OK) return NULL;
-            k = moe_slice(moe_slice(b->k_cache, 1, 0, pos0 + T), 0, 0, B);
-            v = moe_slice(moe_slice(b->v_cache, 1, 0, pos0 + T), 0, 0, B);
+        moe_tensor *mixed;
+        if (b->mixer != MOE_CFG_MIXER_ATTENTION) {
+            moe_mom_result mr;
+            mixed = moe_mom_layer_forward(&b->mom, h, m->compute, parts == NULL /* generation */, &mr);
+            if (mr.aux_loss && aux_sum) aux_sum[2] = aux_sum[2] ? moe_add(aux_sum[2], mr.aux_loss) : mr.aux_loss;
+        } else {
+            moe_tensor *qkv = moe_reshape(moe_matmul(h, C(b->wqkv)), 4, (int64_t[]){B, T, H + 2 * Hkv, hd});
+            moe_tensor *q = moe_rope(moe_slice(qkv, 2, 0, H), pos0, c->rope_theta);
+            moe_tensor *k = moe_rope(moe_slice(qkv, 2, H, H + Hkv), pos0, c->rope_theta);
+            moe_tensor *v = moe_slice(qkv, 2, H + Hkv, H + 2 * Hkv);
+            if (b->k_cache && k && v) {
+                /* Append to the cache and attend over everything cached so far. */
+                moe_tensor *kd = moe_slice(moe_slice(b->k_cache, 1, pos0, pos0 + T), 0, 0, B);
+                moe_tensor *vd = moe_slice(moe_slice(b->v_cache, 1, pos0, pos0 + T), 0, 0, B);
+                if (!kd || !vd || moe_tensor_copy_(kd, k) != MOE_OK || moe_tensor_copy_(vd, v) != MOE_OK) return NULL;
+                k = moe_slice(moe_slice(b->k_cache, 1, 0, pos0 + T), 0, 0, B);
+                v = moe_slice(moe_slice(b->v_cache, 1, 0, pos0 + T), 0, 0, B);
+            }
+            moe_tensor *a = moe_attention(q, k, v, true);
+            mixed = moe_matmul(moe_reshape(a, 3, (int64_t[]){B, T, H * hd}), C(b->wo));
         }
-        moe_tensor *a = moe_attention(q, k, v, true);
-        x = moe_add(x, dropout(m, moe_matmul(moe_reshape(a, 3, (int64_t[]){B, T, H * hd}), C(b->wo))));
+        x = moe_add(x, dropout(m, mixed));
         moe_tensor *h2 = moe_reshape(moe_rmsnorm(x, C(b->ffn_norm), c->norm_eps), 2, (int64_t[]){(int64_t)B * T, d});
         moe_tensor *ffn;
         if (b->dense) {
             ffn = moe_swiglu_ffn(h2, C(b->dense_w13), C(b->dense_w2));
         } else {
             moe_moe_layer_result res;
-            ffn = moe_moe_layer_forward(&b->moe, h2, m->compute, &res);
+            ffn = moe_moe_layer_forward(&b->moe, h2, router_state, m->compute, &res);
+            router_state = ffn ? res.routing.state : NULL;
             if (ffn && parts) {
                 for (int e = 0; e < c->n_experts; e++) parts->load[i * c->n_experts + e] = res.routing.load[e];
                 parts->dropped += res.dropped;
@@ -190,7 +235,6 @@ static moe_tensor *run_blocks(moe_model *m, moe_tensor *x, int B, int T, int64_t
                 moe_tensor *extra[2] = {res.routing.aux_loss, res.routing.z_loss};
                 for (int j = 0; j < 2; j++) {
                     if (!extra[j]) continue;
-                    if (parts) (j ? &parts->z : &parts->aux)[0] += 0; /* host values read at the end */
                     aux_sum[j] = aux_sum[j] ? moe_add(aux_sum[j], extra[j]) : extra[j];
                 }
             }
@@ -212,21 +256,26 @@ moe_status moe_model_loss(moe_model *m, const int32_t *inputs, const int32_t *ta
     moe_tensor *ids = moe_tensor_from_host(MOE_LIFE_STEP, m->dev, MOE_I32, 2, (int64_t[]){B, T}, inputs);
     moe_tensor *tg = moe_tensor_from_host(MOE_LIFE_STEP, m->dev, MOE_I32, 1, (int64_t[]){bt}, targets);
     if (!ids || !tg) return moe_last_status();
-    moe_tensor *aux[2] = {NULL, NULL};
+    moe_tensor *aux[3] = {NULL, NULL, NULL}; /* MoE balance, router z, MoM memory balance */
     moe_tensor *x = run_blocks(m, moe_embedding(C(m->embed), ids), B, T, 0, out, aux);
     moe_tensor *hf = moe_reshape(moe_rmsnorm(x, C(m->final_norm), c->norm_eps), 2, (int64_t[]){bt, c->d_model});
     moe_tensor *ce = moe_cross_entropy(hf, lm_head(m), tg);
     if (!ce) return moe_last_status();
     moe_dtype ldt = m->compute == MOE_F64 ? MOE_F64 : MOE_F32; /* F64: the gradient-check reference */
     moe_tensor *loss = moe_cast(ce, ldt);
-    int n_moe = c->n_layers - c->dense_layers;
-    for (int j = 0; j < 2; j++) {
+    int n_moe = 0, n_mom = 0;
+    for (int i = 0; i < c->n_layers; i++) {
+        n_moe += !m->blocks[i].dense;
+        n_mom += m->blocks[i].mixer == MOE_CFG_MIXER_MOM;
+    }
+    int counts[3] = {n_moe, n_moe, n_mom};
+    for (int j = 0; j < 3; j++) { /* each term averaged over the layers that have it */
         if (!aux[j]) continue;
-        moe_tensor *avg = moe_mul_scalar(moe_cast(aux[j], ldt), 1.0 / (n_moe > 0 ? n_moe : 1));
+        moe_tensor *avg = moe_mul_scalar(moe_cast(aux[j], ldt), 1.0 / (counts[j] > 0 ? counts[j] : 1));
         loss = moe_add(loss, avg);
         double v = avg ? moe_tensor_item(avg) : NAN;
-        if (j == 0) out->aux = v;
-        else out->z = v;
+        if (j == 1) out->z = v;
+        else out->aux += v;
     }
     if (!loss) return moe_last_status();
     out->ce = moe_tensor_item(ce);
@@ -238,6 +287,10 @@ moe_status moe_model_cache_reset(moe_model *m, int batch, int capacity) {
     const moe_cfg_model *c = &m->cfg.model;
     for (int i = 0; i < c->n_layers; i++) {
         moe_block *b = &m->blocks[i];
+        if (b->mixer != MOE_CFG_MIXER_ATTENTION) {
+            MOE_TRY(moe_mom_cache_reset(&b->mom, batch));
+            continue;
+        }
         if (!b->k_cache || m->cache_batch < batch || m->cache_cap < capacity) {
             moe_tensor_free(b->k_cache);
             moe_tensor_free(b->v_cache);
@@ -257,7 +310,7 @@ moe_status moe_model_cache_reset(moe_model *m, int batch, int capacity) {
 
 moe_status moe_model_step_logits(moe_model *m, const int32_t *tokens, int B, int T, float *logits) {
     const moe_cfg_model *c = &m->cfg.model;
-    if (!m->blocks[0].k_cache || B > m->cache_batch || m->cache_len + T > m->cache_cap)
+    if (m->cache_cap == 0 || B > m->cache_batch || m->cache_len + T > m->cache_cap)
         return moe_error(MOE_ERR_INVALID, "generation: the KV cache holds %d x %d tokens; asked for %d more at %lld",
                          m->cache_batch, m->cache_cap, T, (long long)m->cache_len);
     bool was = moe_grad_set_enabled(false);

@@ -9,8 +9,12 @@
 
 #include "moe/config.h"
 #include "moe/moe_layer.h"
+#include "moe/mom.h"
+#include "router/rmoe.h"
 
 typedef struct moe_block {
+    moe_cfg_mixer mixer;               /* attention, or mom / gdn (then `mom` replaces wqkv, wo, the KV cache) */
+    moe_mom_layer mom;
     moe_tensor *attn_norm, *wqkv, *wo; /* [d], [d, (H + 2 Hkv) hd], [H hd, d] */
     moe_tensor *ffn_norm;              /* [d] */
     bool dense;
@@ -35,6 +39,8 @@ typedef struct moe_model {
     int n_heads, n_kv_heads, head_dim;
     moe_tensor *embed, *final_norm, *lm_head;
     moe_block *blocks;
+    moe_rmoe_gru gru;     /* router.type rmoe: the GRU cell shared by all MoE layers */
+    bool has_gru;
     moe_param_ref *params;
     int n_params;
     int ep_rank, ep_size; /* expert-parallel position: this rank holds experts [ep_rank * E/ep_size, ...) */
@@ -64,6 +70,10 @@ moe_status moe_model_loss(moe_model *m, const int32_t *inputs, const int32_t *ta
  * last position per row into logits [B, V] (host f32). moe_model_cache_reset starts over. */
 moe_status moe_model_cache_reset(moe_model *m, int batch, int capacity);
 moe_status moe_model_step_logits(moe_model *m, const int32_t *tokens, int B, int T, float *logits);
+
+/* Latency-aware balancing: times every expert's forward and hands the latencies to the
+ * routers (done at init when router.balance = latency). */
+moe_status moe_model_measure_latency(moe_model *m);
 
 /* Applies the aux-loss-free bias update of every MoE layer from the last loads. */
 moe_status moe_model_update_router_bias(moe_model *m, const int64_t *load);

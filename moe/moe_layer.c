@@ -6,8 +6,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "core/autograd.h"
+#include "core/device.h"
 #include "core/dist.h"
 #include "core/memory.h"
 #include "core/ops.h"
@@ -113,15 +115,21 @@ static moe_status plan_routes(const moe_moe_layer *L, const moe_routing *r, moe_
     /* Counting sort by expert; within an expert, assignment order (token order). */
     int64_t *start = moe_step_host_alloc(sizeof(int64_t) * (size_t)(E + 1));
     if (!start) return moe_error(MOE_ERR_OOM, "moe layer: out of host memory");
-    for (int64_t i = 0; i < n; i++) start[r->host_experts[i] + 1]++;
+    /* Assignments the router marked invalid (OT: a zero plan entry) count as dropped. */
+    int64_t invalid = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (r->valid && !r->valid[i]) invalid++;
+        else start[r->host_experts[i] + 1]++;
+    }
     for (int e = 0; e < E; e++) start[e + 1] += start[e];
     int32_t *sorted = moe_step_host_alloc(sizeof(int32_t) * (size_t)(n + 1));
     int64_t *fill = moe_step_host_alloc(sizeof(int64_t) * (size_t)(E + 1));
     if (!sorted || !fill) return moe_error(MOE_ERR_OOM, "moe layer: out of host memory");
     memcpy(fill, start, sizeof(int64_t) * (size_t)(E + 1));
-    for (int64_t i = 0; i < n; i++) sorted[fill[r->host_experts[i]]++] = (int32_t)i;
+    for (int64_t i = 0; i < n; i++)
+        if (!r->valid || r->valid[i]) sorted[fill[r->host_experts[i]]++] = (int32_t)i;
     p->kept = 0;
-    p->dropped = 0;
+    p->dropped = invalid;
     for (int e = 0; e < E; e++) {
         int64_t b = start[e], m = start[e + 1] - b;
         p->offsets[e] = p->kept;
@@ -228,17 +236,13 @@ static moe_tensor *exchange_and_run(moe_moe_layer *L, moe_tensor *xs, const int6
     return moe_all_to_all(moe_index_select(yl, bk), recv, send, MOE_GROUP_EP);
 }
 
-moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_dtype compute, moe_moe_layer_result *res) {
+moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_tensor *state_in, moe_dtype compute,
+                                  moe_moe_layer_result *res) {
     if (!x) return NULL;
     memset(res, 0, sizeof *res);
     int64_t T = x->shape[0], d = x->shape[1];
     int k = L->s.top_k;
-    moe_tensor *w_gate_c = moe_cast(L->router.w_gate, compute);
-    moe_tensor *saved_w = L->router.w_gate;
-    L->router.w_gate = w_gate_c;
-    moe_status st = w_gate_c ? moe_router_forward(&L->router, x, NULL, &res->routing) : moe_last_status();
-    L->router.w_gate = saved_w;
-    if (st != MOE_OK) return NULL;
+    if (moe_router_forward(&L->router, x, state_in, &res->routing) != MOE_OK) return NULL;
     route_plan plan;
     memset(&plan, 0, sizeof plan);
     if (plan_routes(L, &res->routing, res->routing.gates, &plan) != MOE_OK) return NULL;
@@ -258,4 +262,46 @@ moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_dtype com
     if (L->shared_w13)
         out = moe_add(out, moe_swiglu_ffn(x, moe_cast(L->shared_w13, compute), moe_cast(L->shared_w2, compute)));
     return out;
+}
+
+static double wall_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+moe_status moe_moe_layer_measure_latency(moe_moe_layer *L, int64_t tokens, moe_dtype compute, double *latency_ms) {
+    int E = L->s.n_experts;
+    for (int e = 0; e < E; e++) latency_ms[e] = 0;
+    bool was = moe_grad_set_enabled(false);
+    moe_status s = MOE_OK;
+    for (int j = 0; j < L->n_local && s == MOE_OK; j++) {
+        double t[5];
+        for (int r = 0; r < 6 && s == MOE_OK; r++) { /* one warm-up, five timed */
+            moe_step_reset();
+            moe_tensor *x = moe_tensor_randn(MOE_LIFE_STEP, L->w13->device, compute, 2, (int64_t[]){tokens, L->s.d_model},
+                                             17, (uint64_t)r << 32, 1.0);
+            s = x ? moe_device_sync(x->device) : moe_last_status();
+            double t0 = wall_ms();
+            moe_tensor *w13 = moe_reshape(moe_slice(moe_cast(L->w13, compute), 0, j, j + 1), 2,
+                                          (int64_t[]){L->w13->shape[1], L->w13->shape[2]});
+            moe_tensor *w2 = moe_reshape(moe_slice(moe_cast(L->w2, compute), 0, j, j + 1), 2,
+                                         (int64_t[]){L->w2->shape[1], L->w2->shape[2]});
+            moe_tensor *y = moe_swiglu_ffn(x, w13, w2);
+            if (s == MOE_OK) s = y ? moe_device_sync(y->device) : moe_last_status();
+            if (r > 0) t[r - 1] = wall_ms() - t0;
+        }
+        qsort(t, 5, sizeof *t, cmp_double);
+        latency_ms[L->expert_begin + j] = t[2];
+    }
+    moe_grad_set_enabled(was);
+    moe_step_reset();
+    MOE_TRY(s);
+    if (L->n_local < E) MOE_TRY(moe_dist_allreduce_f64(MOE_GROUP_EP, latency_ms, E));
+    return moe_router_set_latency(&L->router, latency_ms);
 }

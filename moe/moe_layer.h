@@ -39,8 +39,15 @@ moe_status moe_moe_layer_init(moe_moe_layer *L, const moe_moe_layer_settings *s,
                               uint64_t seed, double init_std, int expert_begin, int n_local);
 void moe_moe_layer_free(moe_moe_layer *L);
 
-/* x [T, d] (compute dtype) -> [T, d]. `cast` maps a parameter to the compute dtype. */
-moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_dtype compute, moe_moe_layer_result *res);
+/* x [T, d] (compute dtype) -> [T, d]; parameters are cast to `compute`. state_in: the
+ * recurrent router state of the previous MoE layer (RMoE; NULL otherwise or for the
+ * first layer); the new state is res->routing.state. */
+moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_tensor *state_in, moe_dtype compute,
+                                  moe_moe_layer_result *res);
+
+/* Times each local expert's forward on `tokens` random rows (median of a few runs, ms)
+ * and gives the router those latencies (latency-aware balancing). */
+moe_status moe_moe_layer_measure_latency(moe_moe_layer *L, int64_t tokens, moe_dtype compute, double *latency_ms);
 
 /* The SwiGLU of one expert on dense rows, for the dense reference in tests:
  * x [N, d], w13 [d, 2f], w2 [f, d]. */

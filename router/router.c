@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "core/autograd.h"
+#include "core/dist.h"
 #include "core/memory.h"
 #include "core/ops.h"
 #include "router/latency.h"
@@ -139,16 +140,24 @@ static moe_tensor *renormalize(moe_tensor *vals, const bool *valid) {
     return moe_div(vals, moe_add(den, e));
 }
 
-/* Switch aux = alpha * E * sum_e f_e P_e: f from the hard counts (no grad), P = mean_t p. */
-static moe_tensor *switch_aux(const moe_router *r, moe_tensor *p, const int64_t *load) {
+/* Switch aux = alpha * E * sum_e f_e P_e: f from the hard counts (no grad), P = mean_t p.
+ * Under data parallelism f counts the tokens of every rank (the global batch), so the
+ * mean of the ranks' losses is the one-process loss, gradients included. */
+static moe_tensor *switch_aux(const moe_router *r, moe_tensor *p, const int64_t *local_load) {
     int E = r->s.n_experts;
-    int64_t n = 0;
-    for (int e = 0; e < E; e++) n += load[e];
+    int64_t n = 0, *load = moe_step_host_alloc(sizeof(int64_t) * (size_t)E);
     double *f = malloc(sizeof(double) * (size_t)E);
-    if (!f) {
+    if (!f || !load) {
+        free(f);
         moe_error(MOE_ERR_OOM, "router: out of host memory");
         return NULL;
     }
+    memcpy(load, local_load, sizeof(int64_t) * (size_t)E);
+    if (moe_dist_world_size() > 1 && moe_dist_allreduce_i64(MOE_GROUP_WORLD, load, E) != MOE_OK) {
+        free(f);
+        return NULL;
+    }
+    for (int e = 0; e < E; e++) n += load[e];
     for (int e = 0; e < E; e++) f[e] = n ? (double)load[e] / (double)n : 0.0;
     moe_tensor *f64 = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 1, (int64_t[]){E}, f);
     free(f);

@@ -83,7 +83,7 @@ static void check_layer(int k, int n_shared, double capacity, int64_t *dropped_o
         moe_step_reset();
         moe_zero_grad(params, np);
         moe_moe_layer_result res;
-        moe_tensor *y = moe_moe_layer_forward(&L, x, MOE_F64, &res);
+        moe_tensor *y = moe_moe_layer_forward(&L, x, NULL, MOE_F64, &res);
         CU_ASSERT_PTR_NOT_NULL_FATAL(y);
         bool kept[T * 4];
         kept_mask(&L, &res.routing, kept);

@@ -425,7 +425,7 @@ static void test_latency_training(void) {
         if (step == STEPS) break;
         CU_ASSERT_EQUAL_FATAL(moe_backward(out.aux_loss), MOE_OK);
         float *w = r.w_gate->data, *gw = r.w_gate->grad->data;
-        for (int i = 0; i < DD * 2; i++) w[i] -= 2.0f * gw[i];
+        for (int i = 0; i < DD * 2; i++) w[i] -= 0.5f * gw[i]; /* lr 2 can overshoot into all-on-one */
         moe_step_reset();
     }
     double ratio = (double)load[1] / (double)(load[0] ? load[0] : 1);

@@ -51,7 +51,7 @@ static void check(int ep, int k, bool skew) {
         moe_tensor *ps[] = {x};
         moe_zero_grad(ps, 1);
         moe_moe_layer_result res;
-        moe_tensor *out = moe_moe_layer_forward(layers[v], x, MOE_F32, &res);
+        moe_tensor *out = moe_moe_layer_forward(layers[v], x, NULL, MOE_F32, &res);
         CU_ASSERT_PTR_NOT_NULL_FATAL(out);
         if (skew) CU_ASSERT(res.routing.load[3] == T);
         moe_tensor_to_host_f64(out, y[v]);
