@@ -1,11 +1,11 @@
 /* The op table (names, backward functions) and kernel dispatch to the backends.
  * Backward functions and kernels are weak references so that a missing one shows up
  * as NULL, which tests/test_cpu_optable.c reports by name. */
-#include "core/kernels.h"
-
 #include <stdio.h>
 #include <stdlib.h>
-#include <time.h>
+
+#include "core/fileio.h"
+#include "core/kernels.h"
 
 #define MOE_X_DECL_BWD(ID, name, diff) void moe_backward_##name(moe_node *n) __attribute__((weak));
 MOE_OP_LIST(MOE_X_DECL_BWD)
@@ -37,11 +37,6 @@ static int profile_on = -1;
 static double profile_s[MOE_KERNEL_COUNT];
 static long profile_calls[MOE_KERNEL_COUNT];
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 static void profile_report(void) {
     double total = 0;
@@ -71,10 +66,10 @@ moe_status moe_kernel_run(moe_kernel_id k, const moe_kernel_args *a) {
         if (profile_on) atexit(profile_report);
     }
     if (!profile_on) return be->kernels[k](a);
-    double t0 = now_s();
+    double t0 = (moe_clock_ms() / 1e3);
     moe_status s = be->kernels[k](a);
     if (s == MOE_OK) s = be->sync();
-    profile_s[k] += now_s() - t0;
+    profile_s[k] += (moe_clock_ms() / 1e3) - t0;
     profile_calls[k]++;
     return s;
 }

@@ -6,10 +6,10 @@
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "core/autograd.h"
 #include "core/device.h"
+#include "core/fileio.h"
 #include "core/memory.h"
 #include "core/ops.h"
 #include "moe/model.h"
@@ -129,23 +129,12 @@ typedef struct bench_phase {
     int64_t tokens, active_params; /* LM only (0 otherwise) */
 } bench_phase;
 
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
+/* Median without disturbing the samples (they are printed in order). */
 static double median(const double *v, int n) {
     double *s = malloc(sizeof *s * (size_t)n);
     MOE_ASSERT(s, "out of host memory sorting %d timings", n);
     memcpy(s, v, sizeof *s * (size_t)n);
-    qsort(s, (size_t)n, sizeof *s, cmp_double);
-    double m = n % 2 ? s[n / 2] : 0.5 * (s[n / 2 - 1] + s[n / 2]);
+    double m = moe_median(s, n);
     free(s);
     return m;
 }
@@ -153,10 +142,10 @@ static double median(const double *v, int n) {
 static moe_status run_once(const bench_run *r, const bench_phase *p, double *ms) {
     if (p->prepare) MOE_TRY(p->prepare(p->ctx));
     MOE_TRY(moe_device_sync(r->dev));
-    double t0 = now_ms();
+    double t0 = moe_clock_ms();
     MOE_TRY(p->body(p->ctx));
     MOE_TRY(moe_device_sync(r->dev));
-    *ms = now_ms() - t0;
+    *ms = moe_clock_ms() - t0;
     return MOE_OK;
 }
 

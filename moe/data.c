@@ -2,6 +2,7 @@
  * deterministic batch sampler and the evaluation iterator. See data.h. */
 #include "moe/data.h"
 
+
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -9,6 +10,8 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include "core/fileio.h"
 
 #define TOKEN_MAGIC "MOETOK1"
 #define TOKEN_VERSION 1u
@@ -127,38 +130,22 @@ static moe_status write_token_file(const char *path, int vocab, const int32_t *t
     put_le(header + 48, src_bytes, 8);
 
     enum { CHUNK = 1 << 16 };
-    size_t plen = strlen(path);
-    char *tmp = malloc(plen + 5);
     uint8_t *chunk = malloc(CHUNK * 4);
-    if (!tmp || !chunk) {
-        free(tmp);
+    if (!chunk) return moe_error(MOE_ERR_OOM, "out of memory writing %s", path);
+    moe_atomic_file af;
+    moe_status st = moe_atomic_open(&af, path, "token file");
+    if (st != MOE_OK) {
         free(chunk);
-        return moe_error(MOE_ERR_OOM, "out of memory writing %s", path);
+        return st;
     }
-    memcpy(tmp, path, plen);
-    memcpy(tmp + plen, ".tmp", 5);
-    FILE *f = fopen(tmp, "wb");
-    bool ok = f && fwrite(header, 1, sizeof header, f) == sizeof header;
+    bool ok = fwrite(header, 1, sizeof header, af.f) == sizeof header;
     for (size_t i = 0; ok && i < count; i += CHUNK) {
         size_t n = count - i < CHUNK ? count - i : CHUNK;
         for (size_t j = 0; j < n; j++) put_le(chunk + j * width, (uint32_t)tokens[i + j], width);
-        ok = fwrite(chunk, (size_t)width, n, f) == n;
+        ok = fwrite(chunk, (size_t)width, n, af.f) == n;
     }
-    ok = ok && fflush(f) == 0 && fsync(fileno(f)) == 0;
-    int err = errno;
-    if (f && fclose(f) != 0 && ok) {
-        ok = false;
-        err = errno;
-    }
-    if (ok && rename(tmp, path) != 0) {
-        ok = false;
-        err = errno;
-    }
-    if (!ok && f) remove(tmp);
-    free(tmp);
     free(chunk);
-    if (!ok) return moe_error(MOE_ERR_IO, "cannot write token file %s: %s", path, strerror(err));
-    return MOE_OK;
+    return moe_atomic_close(&af, ok, "token file");
 }
 
 /* ---- prepare ---------------------------------------------------------------------------- */

@@ -6,11 +6,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "core/autograd.h"
 #include "core/device.h"
 #include "core/dist.h"
+#include "core/fileio.h"
 #include "core/memory.h"
 #include "core/ops.h"
 
@@ -264,17 +264,6 @@ moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_tensor *s
     return out;
 }
 
-static double wall_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 moe_status moe_moe_layer_measure_latency(moe_moe_layer *L, int64_t tokens, moe_dtype compute, double *latency_ms) {
     int E = L->s.n_experts;
     for (int e = 0; e < E; e++) latency_ms[e] = 0;
@@ -287,17 +276,16 @@ moe_status moe_moe_layer_measure_latency(moe_moe_layer *L, int64_t tokens, moe_d
             moe_tensor *x = moe_tensor_randn(MOE_LIFE_STEP, L->w13->device, compute, 2, (int64_t[]){tokens, L->s.d_model},
                                              17, (uint64_t)r << 32, 1.0);
             s = x ? moe_device_sync(x->device) : moe_last_status();
-            double t0 = wall_ms();
+            double t0 = moe_clock_ms();
             moe_tensor *w13 = moe_reshape(moe_slice(moe_cast(L->w13, compute), 0, j, j + 1), 2,
                                           (int64_t[]){L->w13->shape[1], L->w13->shape[2]});
             moe_tensor *w2 = moe_reshape(moe_slice(moe_cast(L->w2, compute), 0, j, j + 1), 2,
                                          (int64_t[]){L->w2->shape[1], L->w2->shape[2]});
             moe_tensor *y = moe_swiglu_ffn(x, w13, w2);
             if (s == MOE_OK) s = y ? moe_device_sync(y->device) : moe_last_status();
-            if (r > 0) t[r - 1] = wall_ms() - t0;
+            if (r > 0) t[r - 1] = moe_clock_ms() - t0;
         }
-        qsort(t, 5, sizeof *t, cmp_double);
-        latency_ms[L->expert_begin + j] = t[2];
+        latency_ms[L->expert_begin + j] = moe_median(t, 5);
     }
     moe_grad_set_enabled(was);
     moe_step_reset();

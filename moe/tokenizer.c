@@ -2,8 +2,11 @@
  * pair counts, encoding, decoding and the tokenizer file. See tokenizer.h. */
 #include "moe/tokenizer.h"
 
+
 #include <errno.h>
 #include <string.h>
+
+#include "core/fileio.h"
 
 #define MAX_VOCAB (1 << 24)
 #define FILE_MAGIC "MOETKZ1"
@@ -689,34 +692,11 @@ moe_status moe_tokenizer_save(const moe_tokenizer *tok, const char *path) {
     }
     put_u32(img + size - 4, fnv1a32(img, size - 4));
 
-    size_t plen = strlen(path);
-    char *tmp = malloc(plen + 5);
-    if (!tmp) {
-        free(img);
-        return moe_error(MOE_ERR_OOM, "out of memory saving tokenizer %s", path);
-    }
-    memcpy(tmp, path, plen);
-    memcpy(tmp + plen, ".tmp", 5);
-    FILE *f = fopen(tmp, "wb");
-    bool ok = f && fwrite(img, 1, size, f) == size;
-    int err = errno;
-    if (f && fclose(f) != 0 && ok) {
-        ok = false;
-        err = errno;
-    }
-    if (ok && rename(tmp, path) != 0) {
-        ok = false;
-        err = errno;
-    }
-    if (!ok && f) remove(tmp);
+    moe_atomic_file af;
+    moe_status st = moe_atomic_open(&af, path, "tokenizer file");
+    if (st == MOE_OK) st = moe_atomic_close(&af, fwrite(img, 1, size, af.f) == size, "tokenizer file");
     free(img);
-    free(tmp);
-    if (!ok)
-        return moe_error(MOE_ERR_IO,
-                         "cannot write tokenizer file %s: %s (check the directory exists "
-                         "and is writable)",
-                         path, strerror(err));
-    return MOE_OK;
+    return st;
 }
 
 moe_status moe_tokenizer_load(const char *path, moe_tokenizer **out) {

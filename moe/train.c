@@ -14,6 +14,7 @@
 
 #include "core/autograd.h"
 #include "core/dist.h"
+#include "core/fileio.h"
 #include "core/h5file.h"
 #include "core/memory.h"
 #include "core/ops.h"
@@ -27,11 +28,6 @@ static volatile sig_atomic_t stop_requested;
 
 void moe_train_request_stop(void) { stop_requested = 1; }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 moe_status moe_evaluate(moe_model *m, const moe_token_file *val, int batches, double *loss, double *bpb) {
     /* Every rank takes its rows of each batch (the MoE exchange needs all ranks in step). */
@@ -290,7 +286,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
     void (*old_handler)(int) = signal(SIGINT, on_sigint);
     bool quiet = o->quiet || t.rank != 0, tty = isatty(STDERR_FILENO) && !quiet;
     int consecutive_bad = 0;
-    double t_start = now_s(), tokens_done = 0, last_loss = NAN;
+    double t_start = (moe_clock_ms() / 1e3), tokens_done = 0, last_loss = NAN;
     while (s == MOE_OK && t.st.step < tc->steps) {
         if (o->stop_after > 0 && t.st.step >= o->stop_after) break;
         int64_t stop = stop_requested; /* every rank stops at the same step */
@@ -302,7 +298,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
                                            (long long)t.st.step, t.dir);
             break;
         }
-        double t0 = now_s();
+        double t0 = (moe_clock_ms() / 1e3);
         double lr = moe_lr_at(&sched, t.st.step);
         moe_loader_next(t.loader, t.rank, t.world, in, tg);
         t.model.dropout_counter = (uint64_t)t.st.step << 40; /* masks depend on the step only: exact resume */
@@ -364,7 +360,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
         if (s != MOE_OK) break;
         t.st.step++;
         last_loss = loss;
-        double dt = now_s() - t0;
+        double dt = (moe_clock_ms() / 1e3) - t0;
         tokens_done += (double)nb;
         double tps = nb / dt;
         bool do_eval = (tc->eval_every > 0 && t.st.step % tc->eval_every == 0) || t.st.step == tc->steps;
@@ -388,7 +384,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
                 mx = fmax(mx, b);
                 cvmax = fmax(cvmax, c);
             }
-            double elapsed = now_s() - t_start, eta = elapsed / tokens_done * (double)nb * (tc->steps - t.st.step);
+            double elapsed = (moe_clock_ms() / 1e3) - t_start, eta = elapsed / tokens_done * (double)nb * (tc->steps - t.st.step);
             if (!quiet)
                 fprintf(stderr, "%sstep %5lld/%d  loss %.4f  aux %.4f  lr %.2e  |g| %.3f  %.0f tok/s  load %.2f..%.2f cv %.2f  eta %.0fs%s%s",
                         tty ? "\r" : "", (long long)t.st.step, tc->steps, loss, aux, lr, gnorm, tps, mn, mx, cvmax, eta,
@@ -405,7 +401,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
     sum->steps_done = t.st.step;
     sum->final_loss = last_loss;
     sum->bad_steps = t.st.bad_steps;
-    sum->tokens_per_s = tokens_done / (now_s() - t_start);
+    sum->tokens_per_s = tokens_done / ((moe_clock_ms() / 1e3) - t_start);
     free(in);
     free(tg);
     free(load);
