@@ -163,7 +163,7 @@ static void test_tiny_cpu(void) {
     CU_ASSERT_EQUAL(cfg.data.batch_size, 16);
     CU_ASSERT_EQUAL(cfg.data.tokenizer, MOE_CFG_TOKENIZER_BYTE);
     CU_ASSERT_EQUAL(cfg.train.device, MOE_CFG_DEVICE_CPU);
-    CU_ASSERT_EQUAL(cfg.train.steps, 300);
+    CU_ASSERT_EQUAL(cfg.train.steps, 500);
     CU_ASSERT_EQUAL(cfg.train.eval_every, 100);
     CU_ASSERT_DOUBLE_EQUAL(cfg.train.lr, 3e-3, 0.0);
     CU_ASSERT_STRING_EQUAL(cfg.checkpoint.dir, "runs/tiny");
