@@ -10,12 +10,14 @@
 #include "core/memory.h"
 
 /* Calls fn for each stored tensor of a parameter: the whole tensor, or one 2-D slice per
- * expert of a stack with its global expert name. */
+ * expert of a stack with its global expert name (moe_param_ref). */
 typedef moe_status (*piece_fn)(const char *name, moe_tensor *piece, void *ctx);
 
 /* All experts of a stack on every rank of the EP group: each rank fills its slice of a
- * zeroed [E, rows, cols] host tensor and the group sums them (checkpoint time only). */
+ * zeroed [E, rows, cols] host tensor and the group sums them (checkpoint time only).
+ * Only contiguous stacks of equal widths are expert-parallel (moe_model_init). */
 static moe_tensor *gather_stack(const moe_param_ref *p, moe_tensor *t, int64_t n_experts) {
+    MOE_ASSERT(!p->expert_ids, "checkpoint: %s: an expert-parallel stack must hold contiguous experts", p->name);
     int64_t rows = t->shape[1], cols = t->shape[2];
     moe_tensor *full = moe_tensor_zeros(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 3, (int64_t[]){n_experts, rows, cols});
     moe_tensor *mine = full ? moe_tensor_view_raw(full, 3, t->shape, full->strides, p->expert_begin * rows * cols) : NULL;
@@ -27,8 +29,10 @@ static moe_tensor *gather_stack(const moe_param_ref *p, moe_tensor *t, int64_t n
 static moe_status for_each_piece(const moe_param_ref *p, moe_tensor *t, int64_t n_experts, bool gather, piece_fn fn,
                                  void *ctx) {
     if (!p->expert_stack) return fn(p->name, t, ctx);
-    const char *dot = strrchr(p->name, '.');
+    const char *base = p->expert_name ? p->expert_name : p->name, *dot = strrchr(base, '.');
+    MOE_ASSERT(dot, "checkpoint: expert stack name '%s' has no '.'", base);
     int64_t rows = t->shape[1], cols = t->shape[2], begin = p->expert_begin;
+    const int *ids = p->expert_ids;
     if (gather && moe_dist_ep_size() > 1) {
         t = gather_stack(p, t, n_experts);
         if (!t) return moe_last_status();
@@ -36,7 +40,7 @@ static moe_status for_each_piece(const moe_param_ref *p, moe_tensor *t, int64_t 
     }
     for (int64_t j = 0; j < t->shape[0]; j++) {
         char name[192];
-        snprintf(name, sizeof name, "%.*s.%lld%s", (int)(dot - p->name), p->name, (long long)(begin + j), dot);
+        snprintf(name, sizeof name, "%.*s.%lld%s", (int)(dot - base), base, (long long)(ids ? ids[j] : begin + j), dot);
         moe_tensor *v = moe_tensor_view_raw(t, 2, (int64_t[]){rows, cols}, (int64_t[]){cols, 1}, j * rows * cols);
         if (!v) return moe_last_status();
         MOE_TRY(fn(name, v, ctx));

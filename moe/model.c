@@ -46,11 +46,15 @@ moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int 
     if (c->n_experts % ep_size)
         return moe_error(MOE_ERR_CONFIG, "model.n_experts=%d is not divisible by the expert-parallel size %d",
                          c->n_experts, ep_size);
-    if (c->expert_ffn_dims.count)
-        return moe_error(MOE_ERR_UNSUPPORTED, "model.expert_ffn_dims (heterogeneous experts) is not supported yet");
+    if (c->expert_ffn_dims.count && ep_size > 1)
+        return moe_error(MOE_ERR_UNSUPPORTED, "model.expert_ffn_dims (heterogeneous experts) with expert parallelism "
+                         "%d is not supported: set parallel.expert_parallel=1 or give every expert model.ffn_dim",
+                         ep_size);
     int64_t d = c->d_model, hd = m->head_dim, H = m->n_heads, Hkv = m->n_kv_heads, V = c->vocab_size;
     double std = c->init_std, out_std = c->init_std / sqrt(2.0 * c->n_layers);
-    m->params = calloc((size_t)((8 + MOE_MOM_MAX_PARAMS) * c->n_layers + 4 + MOE_RMOE_GRU_NPARAMS), sizeof *m->params);
+    /* per layer at most: 2 norms, 2 attention (or the MoM's), 2 router or dense, 2 shared, 2 per expert width */
+    m->params = calloc((size_t)((8 + 2 * c->n_experts + MOE_MOM_MAX_PARAMS) * c->n_layers + 4 + MOE_RMOE_GRU_NPARAMS),
+                       sizeof *m->params);
     m->blocks = calloc((size_t)c->n_layers, sizeof *m->blocks);
     if (!m->params || !m->blocks) return moe_error(MOE_ERR_OOM, "model: out of host memory");
     MOE_TRY(add_param(m, m->embed = randn_param(m, "embed", 2, (int64_t[]){V, d}, std), "embed", false, 0));
@@ -98,8 +102,11 @@ moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int 
         }
         moe_moe_layer_settings s = {
             .d_model = c->d_model, .n_experts = c->n_experts, .top_k = c->top_k, .ffn_dim = c->ffn_dim,
+            .expert_ffn_dims = c->expert_ffn_dims.count ? c->expert_ffn_dims.values : NULL,
             .n_shared = c->n_shared_experts, .shared_ffn_dim = moe_config_shared_ffn_dim(cfg),
             .capacity_factor = cfg->router.capacity_factor,
+            .latency_running = cfg->router.balance == MOE_CFG_BALANCE_LATENCY &&
+                               cfg->router.latency_source == MOE_CFG_LATENCY_RUNNING,
             .router = {.n_experts = c->n_experts, .top_k = c->top_k, .d_model = c->d_model,
                        .balance = (moe_balance_kind)cfg->router.balance, .aux_coef = cfg->router.aux_coef,
                        .z_coef = cfg->router.z_coef, .renormalize = cfg->router.renormalize,
@@ -116,8 +123,12 @@ moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int 
         const char *rnames[4];
         int nr = moe_router_params(&L->router, rts, rnames, 4);
         for (int j = 0; j < nr; j++) m->params[m->n_params++] = (moe_param_ref){rts[j], rnames[j], false, 0};
-        m->params[m->n_params++] = (moe_param_ref){L->w13, L->name_w13, true, L->expert_begin};
-        m->params[m->n_params++] = (moe_param_ref){L->w2, L->name_w2, true, L->expert_begin};
+        for (int g = 0; g < L->n_groups; g++) {
+            const moe_expert_group *G = &L->groups[g];
+            const int *ids = L->n_groups > 1 ? G->experts : NULL; /* one group: contiguous */
+            m->params[m->n_params++] = (moe_param_ref){G->w13, G->name_w13, true, L->expert_begin, ids, L->name_w13};
+            m->params[m->n_params++] = (moe_param_ref){G->w2, G->name_w2, true, L->expert_begin, ids, L->name_w2};
+        }
         if (L->shared_w13) {
             m->params[m->n_params++] = (moe_param_ref){L->shared_w13, L->name_sw13, false, 0};
             m->params[m->n_params++] = (moe_param_ref){L->shared_w2, L->name_sw2, false, 0};
@@ -160,15 +171,13 @@ void moe_model_free(moe_model *m) {
 }
 
 int64_t moe_model_param_count(const moe_model *m, bool active_only) {
-    int64_t n = 0;
+    int64_t dense = 0, experts = 0; /* experts: every expert of every layer, over all ranks */
     for (int i = 0; i < m->n_params; i++) {
         int64_t c = moe_tensor_numel(m->params[i].t);
-        if (m->params[i].expert_stack) {
-            c = c / m->params[i].t->shape[0] * (active_only ? m->cfg.model.top_k : m->cfg.model.n_experts);
-        }
-        n += c;
+        if (m->params[i].expert_stack) experts += c * m->ep_size; /* each rank holds 1/ep_size of them */
+        else dense += c;
     }
-    return n;
+    return dense + (active_only ? experts * m->cfg.model.top_k / m->cfg.model.n_experts : experts);
 }
 
 moe_tensor **moe_model_param_tensors(const moe_model *m, int *n) {

@@ -24,12 +24,17 @@ typedef struct moe_block {
     char names[6][96];
 } moe_block;
 
-/* A parameter and where it lives; experts are stacked per layer. */
+/* A parameter and where it lives; experts are stacked per layer and width (moe_layer.h).
+ * A stack's slice j is global expert expert_ids[j] (expert_ids NULL: expert_begin + j);
+ * the checkpoint stores one dataset per expert named from expert_name ("<a>.<b>" ->
+ * "<a>.<E>.<b>"; NULL: from name), e.g. "layers.0.moe.experts.3.w13", whatever the stack. */
 typedef struct moe_param_ref {
     moe_tensor *t;
     const char *name;
-    bool expert_stack; /* [n_local, ...]: slice j is global expert expert_begin + j */
+    bool expert_stack;
     int expert_begin;
+    const int *expert_ids;   /* [t->shape[0]] or NULL (contiguous from expert_begin) */
+    const char *expert_name; /* per-expert dataset name base, or NULL (name) */
 } moe_param_ref;
 
 typedef struct moe_model {
@@ -56,8 +61,12 @@ typedef struct moe_loss_parts {
     int64_t dropped, assignments;
 } moe_loss_parts;
 
+/* model.expert_ffn_dims (heterogeneous experts) needs ep_size 1 (MOE_ERR_UNSUPPORTED
+ * otherwise): the expert-parallel exchange and checkpoint gather assume equal widths. */
 moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int ep_size);
 void moe_model_free(moe_model *m);
+/* All parameters, or the active ones per token: the dense parameters plus top_k experts of
+ * the mean expert size of each MoE layer (exact for equal widths). */
 int64_t moe_model_param_count(const moe_model *m, bool active_only);
 /* The trainable tensors (for the optimizer). Caller frees the array. */
 moe_tensor **moe_model_param_tensors(const moe_model *m, int *n);

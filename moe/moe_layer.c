@@ -1,5 +1,6 @@
 /* The MoE layer pipeline (see moe_layer.h). Routing metadata (the permutation, per-expert
- * offsets) is computed on the host from the expert ids, read back once per layer. */
+ * offsets in group-major slot order) is computed on the host from the expert ids, read
+ * back once per layer. */
 #include "moe/moe_layer.h"
 
 #include <math.h>
@@ -13,6 +14,7 @@
 #include "core/fileio.h"
 #include "core/memory.h"
 #include "core/ops.h"
+#include "router/latency.h"
 
 uint64_t moe_param_seed(uint64_t base, const char *name) {
     uint64_t h = 1469598103934665603ull ^ (base * 0x9E3779B97F4A7C15ull);
@@ -20,14 +22,14 @@ uint64_t moe_param_seed(uint64_t base, const char *name) {
     return h;
 }
 
-/* A [n, rows, cols] stack whose slice j is drawn as the named expert (expert_begin + j). */
-static moe_tensor *expert_stack(const char *prefix, const char *what, int expert_begin, int n, int64_t rows,
+/* A [n, rows, cols] stack whose slice j is drawn as the named expert ids[j]. */
+static moe_tensor *expert_stack(const char *prefix, const char *what, const int *ids, int n, int64_t rows,
                                 int64_t cols, moe_device dev, uint64_t seed, double std) {
     moe_tensor *t = moe_tensor_empty(MOE_LIFE_PERSIST, dev, MOE_F32, 3, (int64_t[]){n, rows, cols});
     if (!t) return NULL;
     for (int j = 0; j < n; j++) {
         char name[160];
-        snprintf(name, sizeof name, "%s.experts.%d.%s", prefix, expert_begin + j, what);
+        snprintf(name, sizeof name, "%s.experts.%d.%s", prefix, ids[j], what);
         moe_tensor *one = moe_tensor_randn(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 2, (int64_t[]){rows, cols},
                                            moe_param_seed(seed, name), 0, std);
         moe_tensor *dst = one ? moe_tensor_view_raw(t, 2, one->shape, t->strides + 1, (int64_t)j * rows * cols) : NULL;
@@ -43,10 +45,37 @@ static moe_tensor *named_randn(const char *name, int64_t rows, int64_t cols, moe
     return moe_tensor_randn(MOE_LIFE_PERSIST, dev, MOE_F32, 2, (int64_t[]){rows, cols}, moe_param_seed(seed, name), 0, std);
 }
 
+/* Groups the local experts by width (order of first appearance) and numbers the slots. */
+static moe_status make_groups(moe_moe_layer *L, const int *widths) {
+    int E = L->s.n_experts;
+    L->groups = calloc((size_t)L->n_local, sizeof *L->groups);
+    L->slot = malloc(sizeof(int) * (size_t)E);
+    L->latency = calloc((size_t)E, sizeof(double));
+    if (!L->groups || !L->slot || !L->latency) return moe_error(MOE_ERR_OOM, "moe layer: out of host memory");
+    for (int j = 0; j < L->n_local; j++) {
+        int e = L->expert_begin + j, w = widths ? widths[e] : L->s.ffn_dim, g = 0;
+        while (g < L->n_groups && L->groups[g].ffn_dim != w) g++;
+        if (g == L->n_groups) {
+            L->groups[g].experts = malloc(sizeof(int) * (size_t)L->n_local);
+            if (!L->groups[g].experts) return moe_error(MOE_ERR_OOM, "moe layer: out of host memory");
+            L->groups[g].ffn_dim = w;
+            L->n_groups++;
+        }
+        L->groups[g].experts[L->groups[g].n++] = e;
+    }
+    /* Non-local experts (expert parallelism, one group) keep their index. */
+    for (int e = 0; e < E; e++) L->slot[e] = e;
+    int at = L->expert_begin;
+    for (int g = 0; g < L->n_groups; g++)
+        for (int i = 0; i < L->groups[g].n; i++) L->slot[L->groups[g].experts[i]] = at++;
+    return MOE_OK;
+}
+
 moe_status moe_moe_layer_init(moe_moe_layer *L, const moe_moe_layer_settings *s, const char *prefix, moe_device dev,
                               uint64_t seed, double init_std, int expert_begin, int n_local) {
     memset(L, 0, sizeof *L);
     L->s = *s;
+    L->s.expert_ffn_dims = NULL; /* the widths live in the groups */
     L->expert_begin = expert_begin;
     L->n_local = n_local;
     char rname[96];
@@ -54,12 +83,31 @@ moe_status moe_moe_layer_init(moe_moe_layer *L, const moe_moe_layer_settings *s,
     MOE_TRY(moe_router_init(&L->router, &s->router, dev, MOE_F32, rname, moe_param_seed(seed, rname), init_std));
     snprintf(L->name_w13, sizeof L->name_w13, "%s.experts.w13", prefix);
     snprintf(L->name_w2, sizeof L->name_w2, "%s.experts.w2", prefix);
-    int64_t d = s->d_model, f = s->ffn_dim;
-    L->w13 = expert_stack(prefix, "w13", expert_begin, n_local, d, 2 * f, dev, seed, init_std);
-    L->w2 = expert_stack(prefix, "w2", expert_begin, n_local, f, d, dev, seed, init_std);
-    if (!L->w13 || !L->w2) return moe_last_status();
-    moe_param_init(L->w13, L->name_w13);
-    moe_param_init(L->w2, L->name_w2);
+    MOE_TRY(make_groups(L, s->expert_ffn_dims));
+    if (L->n_groups > 1 && n_local < s->n_experts)
+        return moe_error(MOE_ERR_UNSUPPORTED, "%s: experts of different widths need every expert on one rank "
+                         "(%d of %d here); use expert parallelism 1 with heterogeneous experts", prefix, n_local,
+                         s->n_experts);
+    int64_t d = s->d_model;
+    for (int g = 0; g < L->n_groups; g++) {
+        moe_expert_group *G = &L->groups[g];
+        if (L->n_groups == 1) {
+            snprintf(G->name_w13, sizeof G->name_w13, "%s", L->name_w13);
+            snprintf(G->name_w2, sizeof G->name_w2, "%s", L->name_w2);
+        } else {
+            snprintf(G->name_w13, sizeof G->name_w13, "%s.g%d", L->name_w13, G->ffn_dim);
+            snprintf(G->name_w2, sizeof G->name_w2, "%s.g%d", L->name_w2, G->ffn_dim);
+        }
+        G->w13 = expert_stack(prefix, "w13", G->experts, G->n, d, 2 * (int64_t)G->ffn_dim, dev, seed, init_std);
+        G->w2 = expert_stack(prefix, "w2", G->experts, G->n, G->ffn_dim, d, dev, seed, init_std);
+        if (!G->w13 || !G->w2) return moe_last_status();
+        moe_param_init(G->w13, G->name_w13);
+        moe_param_init(G->w2, G->name_w2);
+    }
+    if (L->n_groups == 1) {
+        L->w13 = L->groups[0].w13;
+        L->w2 = L->groups[0].w2;
+    }
     if (s->n_shared > 0) {
         int64_t fs = (int64_t)s->n_shared * s->shared_ffn_dim;
         snprintf(L->name_sw13, sizeof L->name_sw13, "%s.shared.w13", prefix);
@@ -75,11 +123,31 @@ moe_status moe_moe_layer_init(moe_moe_layer *L, const moe_moe_layer_settings *s,
 
 void moe_moe_layer_free(moe_moe_layer *L) {
     moe_router_free(&L->router);
-    moe_tensor_free(L->w13);
-    moe_tensor_free(L->w2);
+    for (int g = 0; g < L->n_groups; g++) {
+        moe_tensor_free(L->groups[g].w13);
+        moe_tensor_free(L->groups[g].w2);
+        free(L->groups[g].experts);
+    }
+    free(L->groups);
+    free(L->slot);
+    free(L->latency);
     moe_tensor_free(L->shared_w13);
     moe_tensor_free(L->shared_w2);
     memset(L, 0, sizeof *L);
+}
+
+void moe_moe_layer_expert_weights(moe_moe_layer *L, int expert, moe_tensor **w13, moe_tensor **w2) {
+    for (int g = 0; g < L->n_groups; g++) {
+        const moe_expert_group *G = &L->groups[g];
+        for (int i = 0; i < G->n; i++) {
+            if (G->experts[i] != expert) continue;
+            *w13 = moe_reshape(moe_slice(G->w13, 0, i, i + 1), 2, (int64_t[]){G->w13->shape[1], G->w13->shape[2]});
+            *w2 = moe_reshape(moe_slice(G->w2, 0, i, i + 1), 2, (int64_t[]){G->w2->shape[1], G->w2->shape[2]});
+            return;
+        }
+    }
+    MOE_ASSERT(false, "moe layer: expert %d is not local (this rank holds %d experts from %d)", expert, L->n_local,
+               L->expert_begin);
 }
 
 moe_tensor *moe_swiglu_ffn(moe_tensor *x, moe_tensor *w13, moe_tensor *w2) {
@@ -89,11 +157,12 @@ moe_tensor *moe_swiglu_ffn(moe_tensor *x, moe_tensor *w13, moe_tensor *w2) {
     return moe_matmul(moe_swiglu(moe_slice(h, 1, 0, f), moe_slice(h, 1, f, 2 * f)), w2);
 }
 
-/* Host routing plan: kept assignments sorted by expert (stable), their tokens, offsets. */
+/* Host routing plan: kept assignments sorted by expert slot (group-major, stable), their
+ * tokens, offsets. */
 typedef struct {
-    int32_t *perm;      /* [kept] assignment index t*k + j, grouped by expert */
+    int32_t *perm;      /* [kept] assignment index t*k + j, grouped by expert slot */
     int32_t *token;     /* [kept] perm / k */
-    int64_t *offsets;   /* [E + 1] */
+    int64_t *offsets;   /* [E + 1] by slot */
     int64_t kept, dropped;
 } route_plan;
 
@@ -112,14 +181,14 @@ static moe_status plan_routes(const moe_moe_layer *L, const moe_routing *r, moe_
         if (!gh) return moe_last_status();
         g = gh->data;
     }
-    /* Counting sort by expert; within an expert, assignment order (token order). */
+    /* Counting sort by expert slot; within an expert, assignment order (token order). */
     int64_t *start = moe_step_host_alloc(sizeof(int64_t) * (size_t)(E + 1));
     if (!start) return moe_error(MOE_ERR_OOM, "moe layer: out of host memory");
     /* Assignments the router marked invalid (OT: a zero plan entry) count as dropped. */
     int64_t invalid = 0;
     for (int64_t i = 0; i < n; i++) {
         if (r->valid && !r->valid[i]) invalid++;
-        else start[r->host_experts[i] + 1]++;
+        else start[L->slot[r->host_experts[i]] + 1]++;
     }
     for (int e = 0; e < E; e++) start[e + 1] += start[e];
     int32_t *sorted = moe_step_host_alloc(sizeof(int32_t) * (size_t)(n + 1));
@@ -127,7 +196,7 @@ static moe_status plan_routes(const moe_moe_layer *L, const moe_routing *r, moe_
     if (!sorted || !fill) return moe_error(MOE_ERR_OOM, "moe layer: out of host memory");
     memcpy(fill, start, sizeof(int64_t) * (size_t)(E + 1));
     for (int64_t i = 0; i < n; i++)
-        if (!r->valid || r->valid[i]) sorted[fill[r->host_experts[i]]++] = (int32_t)i;
+        if (!r->valid || r->valid[i]) sorted[fill[L->slot[r->host_experts[i]]]++] = (int32_t)i;
     p->kept = 0;
     p->dropped = invalid;
     for (int e = 0; e < E; e++) {
@@ -162,18 +231,52 @@ static moe_status plan_routes(const moe_moe_layer *L, const moe_routing *r, moe_
     return MOE_OK;
 }
 
-/* The local experts on rows grouped by expert: offsets[n_local + 1]. */
-static moe_tensor *run_experts(moe_moe_layer *L, moe_tensor *xs, const int64_t *offsets, moe_dtype compute) {
-    int64_t f = L->s.ffn_dim;
-    moe_tensor *h = moe_grouped_matmul(xs, moe_cast(L->w13, compute), offsets);            /* [N, 2f] */
+/* One group's SwiGLU on its rows; offsets[n + 1] from 0. */
+static moe_tensor *run_group(const moe_expert_group *G, moe_tensor *xs, const int64_t *offsets, moe_dtype compute) {
+    int64_t f = G->ffn_dim;
+    moe_tensor *h = moe_grouped_matmul(xs, moe_cast(G->w13, compute), offsets);            /* [N, 2f] */
     moe_tensor *a = moe_swiglu(moe_slice(h, 1, 0, f), moe_slice(h, 1, f, 2 * f));
-    return moe_grouped_matmul(a, moe_cast(L->w2, compute), offsets);                        /* [N, d] */
+    return moe_grouped_matmul(a, moe_cast(G->w2, compute), offsets);                        /* [N, d] */
+}
+
+/* The local experts on rows grouped by slot (offsets[n_local + 1]): each group on its row
+ * range, the results concatenated back in row order. sample (running latency, or NULL)
+ * [n_experts] receives each group's time per row (ms) for its experts, 0 = no rows. */
+static moe_tensor *run_experts(moe_moe_layer *L, moe_tensor *xs, const int64_t *offsets, moe_dtype compute,
+                               double *sample) {
+    moe_tensor *parts[MOE_NODE_MAX_INPUTS];
+    int n_parts = 0, first = 0;
+    for (int g = 0; g < L->n_groups && xs; g++) {
+        const moe_expert_group *G = &L->groups[g];
+        int64_t r0 = offsets[first], rows = offsets[first + G->n] - r0;
+        int64_t *rel = moe_step_host_alloc(sizeof(int64_t) * (size_t)(G->n + 1));
+        if (!rel) {
+            moe_error(MOE_ERR_OOM, "moe layer: out of host memory");
+            return NULL;
+        }
+        for (int i = 0; i <= G->n; i++) rel[i] = offsets[first + i] - r0;
+        first += G->n;
+        if (sample && moe_device_sync(xs->device) != MOE_OK) return NULL;
+        double t0 = moe_clock_ms();
+        moe_tensor *y = run_group(G, L->n_groups == 1 ? xs : moe_slice(xs, 0, r0, r0 + rows), rel, compute);
+        if (!y) return NULL;
+        if (sample && moe_device_sync(y->device) != MOE_OK) return NULL;
+        double per_row = rows > 0 ? (moe_clock_ms() - t0) / (double)rows : 0;
+        for (int i = 0; sample && i < G->n; i++) sample[G->experts[i]] = per_row;
+        if (n_parts == MOE_NODE_MAX_INPUTS) { /* concat takes a bounded number of inputs */
+            parts[0] = moe_concat(parts, n_parts, 0);
+            n_parts = 1;
+        }
+        parts[n_parts++] = y;
+    }
+    return n_parts == 1 ? parts[0] : moe_concat(parts, n_parts, 0);
 }
 
 /* Expert parallelism: rows for experts held by other ranks of the EP group go there
  * (all-to-all-v), arrive ordered by source rank and then expert, are regrouped by local
  * expert, run, put back in arrival order and returned the same way. */
-static moe_tensor *exchange_and_run(moe_moe_layer *L, moe_tensor *xs, const int64_t *offsets, moe_dtype compute) {
+static moe_tensor *exchange_and_run(moe_moe_layer *L, moe_tensor *xs, const int64_t *offsets, moe_dtype compute,
+                                    double *sample) {
     if (!xs) return NULL;
     int P = moe_dist_ep_size(), El = L->n_local;
     if (P * El != L->s.n_experts) {
@@ -232,8 +335,20 @@ static moe_tensor *exchange_and_run(moe_moe_layer *L, moe_tensor *xs, const int6
     moe_tensor *ord = moe_tensor_from_host(MOE_LIFE_STEP, xs->device, MOE_I32, 1, (int64_t[]){R}, order);
     moe_tensor *bk = moe_tensor_from_host(MOE_LIFE_STEP, xs->device, MOE_I32, 1, (int64_t[]){R}, back);
     if (!ord || !bk) return NULL;
-    moe_tensor *yl = run_experts(L, moe_index_select(xr, ord), loff, compute);
+    moe_tensor *yl = run_experts(L, moe_index_select(xr, ord), loff, compute, sample);
     return moe_all_to_all(moe_index_select(yl, bk), recv, send, MOE_GROUP_EP);
+}
+
+/* Running latency: folds this forward's per-row times into the average, hands it on. */
+static moe_status update_running_latency(moe_moe_layer *L, double *sample) {
+    int E = L->s.n_experts;
+    if (L->n_local < E) MOE_TRY(moe_dist_allreduce_f64(MOE_GROUP_EP, sample, E));
+    bool known = true;
+    for (int e = 0; e < E; e++)
+        if (!(sample[e] > 0)) sample[e] = L->latency[e]; /* no rows this time: keep the average */
+    moe_latency_ema_update(L->latency, sample, E, MOE_LATENCY_RUNNING_DECAY);
+    for (int e = 0; e < E; e++) known = known && L->latency[e] > 0;
+    return known ? moe_router_set_latency(&L->router, L->latency) : MOE_OK;
 }
 
 moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_tensor *state_in, moe_dtype compute,
@@ -253,9 +368,19 @@ moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_tensor *s
     moe_tensor *tok = moe_tensor_from_host(MOE_LIFE_STEP, x->device, MOE_I32, 1, (int64_t[]){plan.kept}, plan.token);
     if (!perm || !tok) return NULL;
     /* permute -> exchange -> grouped experts -> exchange back -> combine */
-    moe_tensor *xs = moe_index_select(x, tok);                                   /* [N, d], by expert */
-    moe_tensor *y = L->n_local < L->s.n_experts ? exchange_and_run(L, xs, plan.offsets, compute)
-                                                : run_experts(L, xs, plan.offsets, compute); /* [N, d] */
+    double *sample = NULL;
+    if (L->s.latency_running && moe_grad_enabled()) {
+        sample = moe_step_host_alloc(sizeof(double) * (size_t)L->s.n_experts);
+        if (!sample) {
+            moe_error(MOE_ERR_OOM, "moe layer: out of host memory");
+            return NULL;
+        }
+        memset(sample, 0, sizeof(double) * (size_t)L->s.n_experts);
+    }
+    moe_tensor *xs = moe_index_select(x, tok);                                   /* [N, d], by expert slot */
+    moe_tensor *y = L->n_local < L->s.n_experts ? exchange_and_run(L, xs, plan.offsets, compute, sample)
+                                                : run_experts(L, xs, plan.offsets, compute, sample); /* [N, d] */
+    if (y && sample && update_running_latency(L, sample) != MOE_OK) return NULL;
     moe_tensor *g = moe_index_select(moe_reshape(moe_cast(res->routing.gates, compute), 2, (int64_t[]){T * k, 1}), perm);
     moe_tensor *zeros = moe_tensor_zeros(MOE_LIFE_STEP, x->device, compute, 2, (int64_t[]){T, d});
     moe_tensor *out = moe_index_add(zeros, tok, moe_mul(y, g));
@@ -269,27 +394,28 @@ moe_status moe_moe_layer_measure_latency(moe_moe_layer *L, int64_t tokens, moe_d
     for (int e = 0; e < E; e++) latency_ms[e] = 0;
     bool was = moe_grad_set_enabled(false);
     moe_status s = MOE_OK;
-    for (int j = 0; j < L->n_local && s == MOE_OK; j++) {
-        double t[5];
-        for (int r = 0; r < 6 && s == MOE_OK; r++) { /* one warm-up, five timed */
-            moe_step_reset();
-            moe_tensor *x = moe_tensor_randn(MOE_LIFE_STEP, L->w13->device, compute, 2, (int64_t[]){tokens, L->s.d_model},
-                                             17, (uint64_t)r << 32, 1.0);
-            s = x ? moe_device_sync(x->device) : moe_last_status();
-            double t0 = moe_clock_ms();
-            moe_tensor *w13 = moe_reshape(moe_slice(moe_cast(L->w13, compute), 0, j, j + 1), 2,
-                                          (int64_t[]){L->w13->shape[1], L->w13->shape[2]});
-            moe_tensor *w2 = moe_reshape(moe_slice(moe_cast(L->w2, compute), 0, j, j + 1), 2,
-                                         (int64_t[]){L->w2->shape[1], L->w2->shape[2]});
-            moe_tensor *y = moe_swiglu_ffn(x, w13, w2);
-            if (s == MOE_OK) s = y ? moe_device_sync(y->device) : moe_last_status();
-            if (r > 0) t[r - 1] = moe_clock_ms() - t0;
+    for (int g = 0; g < L->n_groups; g++)
+        for (int i = 0; i < L->groups[g].n && s == MOE_OK; i++) {
+            int e = L->groups[g].experts[i];
+            double best = INFINITY;
+            for (int r = 0; r < 6 && s == MOE_OK; r++) { /* one warm-up, five timed */
+                moe_step_reset();
+                moe_tensor *x = moe_tensor_randn(MOE_LIFE_STEP, L->groups[g].w13->device, compute, 2,
+                                                 (int64_t[]){tokens, L->s.d_model}, 17, (uint64_t)r << 32, 1.0);
+                s = x ? moe_device_sync(x->device) : moe_last_status();
+                double t0 = moe_clock_ms();
+                moe_tensor *w13, *w2;
+                moe_moe_layer_expert_weights(L, e, &w13, &w2);
+                moe_tensor *y = moe_swiglu_ffn(x, moe_cast(w13, compute), moe_cast(w2, compute));
+                if (s == MOE_OK) s = y ? moe_device_sync(y->device) : moe_last_status();
+                if (r > 0) best = fmin(best, moe_clock_ms() - t0);
+            }
+            latency_ms[e] = best;
         }
-        latency_ms[L->expert_begin + j] = moe_median(t, 5);
-    }
     moe_grad_set_enabled(was);
     moe_step_reset();
     MOE_TRY(s);
     if (L->n_local < E) MOE_TRY(moe_dist_allreduce_f64(MOE_GROUP_EP, latency_ms, E));
+    for (int e = 0; e < E; e++) L->latency[e] = latency_ms[e] / (double)tokens;
     return moe_router_set_latency(&L->router, latency_ms);
 }

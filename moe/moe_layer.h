@@ -2,29 +2,69 @@
  * experts -> exchange back -> unpermute and combine by the gates (+ shared experts).
  *
  * One pipeline serves every case. The exchange is the identity on one process and an
- * all-to-all across the expert-parallel group under MPI. The experts of a layer are
- * stacked: w13 [E_local, d, 2f] (gate and up projections side by side) and
- * w2 [E_local, f, d]; expert e of the layer has global index expert_begin + local. */
+ * all-to-all across the expert-parallel group under MPI.
+ *
+ * Experts are stacked per hidden width ("group"): group g holds the n_g experts of width
+ * w_g in increasing global index as w13 [n_g, d, 2 w_g] (gate and up projections side by
+ * side) and w2 [n_g, w_g, d]. Routing sorts the token-expert pairs group-major (the
+ * experts of a group contiguous, each group's experts in index order) and each group runs
+ * one grouped matmul per projection over its row range; there is no per-expert loop.
+ * - Homogeneous layers (every expert ffn_dim wide) have one group over the local experts
+ *   expert_begin .. expert_begin + n_local - 1, named "<prefix>.experts.w13" / ".w2".
+ * - Heterogeneous layers (settings.expert_ffn_dims) have one group per distinct width, in
+ *   order of first appearance, named "<prefix>.experts.w13.g<width>" / ".w2.g<width>".
+ *   They hold every expert (no expert parallelism: init refuses n_local < n_experts).
+ * Each expert's initial weights are keyed by its own name "<prefix>.experts.<E>.w13", so
+ * they do not depend on the grouping or the expert-parallel layout.
+ *
+ * Latency-aware balancing (router balance = latency) needs each expert's latency:
+ * moe_moe_layer_measure_latency times every expert at start-up; with
+ * settings.latency_running every forward with gradients enabled (training) also times each
+ * group's grouped matmuls, synchronising the device before and after each group (so
+ * opt-in: it costs the overlap between groups and, under expert parallelism, one small
+ * all-reduce of E doubles per layer per forward), and keeps a running average per expert
+ * of the time per row (decay MOE_LATENCY_RUNNING_DECAY) that it hands to the router. A
+ * group that got no rows in a step keeps its previous average. */
 #ifndef MOE_MOE_MOE_LAYER_H
 #define MOE_MOE_MOE_LAYER_H
 
 #include "core/tensor.h"
 #include "router/router.h"
 
+/* Weight of the previous average in the running latency average (latency_running). */
+#define MOE_LATENCY_RUNNING_DECAY 0.9
+
 typedef struct moe_moe_layer_settings {
     int d_model, n_experts, top_k, ffn_dim;
+    const int *expert_ffn_dims; /* [n_experts] hidden width of each expert, or NULL: all ffn_dim.
+                                 * Read by init only (the layer keeps its own copy). */
     int n_shared, shared_ffn_dim;
     double capacity_factor; /* 0 = dropless */
+    bool latency_running;   /* router.latency_source = running: time every training forward */
     moe_router_settings router;
 } moe_moe_layer_settings;
+
+/* The local experts of one hidden width, stacked. */
+typedef struct moe_expert_group {
+    int ffn_dim;          /* w_g */
+    int n;                /* experts in the group */
+    int *experts;         /* [n] their global indices, increasing */
+    moe_tensor *w13, *w2; /* [n, d, 2 w_g], [n, w_g, d] */
+    char name_w13[112], name_w2[112];
+} moe_expert_group;
 
 typedef struct moe_moe_layer {
     moe_moe_layer_settings s;
     moe_router router;
-    moe_tensor *w13, *w2;               /* local experts, stacked */
+    moe_expert_group *groups;
+    int n_groups;
+    int *slot;                          /* [n_experts] position of expert e in the group-major order */
+    moe_tensor *w13, *w2;               /* homogeneous layers: groups[0]'s stacks (not owned); else NULL */
     moe_tensor *shared_w13, *shared_w2; /* [d, 2 * n_shared * fs], [n_shared * fs, d] or NULL */
     int expert_begin, n_local;
-    char name_w13[96], name_w2[96], name_sw13[96], name_sw2[96];
+    double *latency;                    /* [n_experts] ms per row (start-up, then running average); 0 = unknown */
+    char name_w13[96], name_w2[96];     /* "<prefix>.experts.w13" / ".w2": the per-expert checkpoint names */
+    char name_sw13[96], name_sw2[96];
 } moe_moe_layer;
 
 typedef struct moe_moe_layer_result {
@@ -45,9 +85,15 @@ void moe_moe_layer_free(moe_moe_layer *L);
 moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_tensor *state_in, moe_dtype compute,
                                   moe_moe_layer_result *res);
 
-/* Times each local expert's forward on `tokens` random rows (median of a few runs, ms)
- * and gives the router those latencies (latency-aware balancing). */
+/* Times each local expert's forward on `tokens` random rows (the fastest of five runs after a
+ * warm-up, the one least disturbed by other work on the machine; ms, into
+ * latency_ms [n_experts], summed over the expert-parallel group), seeds the running average
+ * with latency_ms / tokens and gives the router those latencies (latency-aware balancing). */
 moe_status moe_moe_layer_measure_latency(moe_moe_layer *L, int64_t tokens, moe_dtype compute, double *latency_ms);
+
+/* Local expert `expert` (global index) as 2-D views of its stacks: w13 [d, 2 w_e],
+ * w2 [w_e, d] (f32 master weights, differentiable step views). */
+void moe_moe_layer_expert_weights(moe_moe_layer *L, int expert, moe_tensor **w13, moe_tensor **w2);
 
 /* The SwiGLU of one expert on dense rows, for the dense reference in tests:
  * x [N, d], w13 [d, 2f], w2 [f, d]. */

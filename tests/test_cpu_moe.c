@@ -1,6 +1,7 @@
 /* The MoE layer equals a dense reference (every expert on every token, weighted by the
- * sparse gates) in outputs and all gradients, for k = 1, 2, 4, with shared experts, and
- * with capacity dropping; the router's balance losses equal their formulas. */
+ * sparse gates) in outputs and all gradients, for k = 1, 2, 4, with shared experts, with
+ * capacity dropping, and with experts of different widths (several stacks, more of them
+ * than one concat takes); the router's balance losses equal their formulas. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,25 +12,21 @@
 #include "moe/moe_layer.h"
 #include "tests/harness/testlib.h"
 
-enum { T = 12, D = 8, F = 6, E = 4 };
-
-static moe_tensor *expert_slice(moe_tensor *stack, int e) {
-    moe_tensor *s = moe_slice(stack, 0, e, e + 1);
-    return moe_reshape(s, 2, (int64_t[]){stack->shape[1], stack->shape[2]});
-}
+enum { T = 12, D = 8, F = 6, E_MAX = 8 };
 
 /* Dense reference with the layer's routing: G [T, E] holds the kept gates. */
 static moe_tensor *dense_reference(moe_moe_layer *L, moe_tensor *x, moe_routing *r, const bool *kept) {
-    int k = L->s.top_k;
+    int k = L->s.top_k, E = L->s.n_experts;
     moe_tensor *mask = moe_tensor_zeros(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 2, (int64_t[]){T, k});
     double *mk = mask->data;
     for (int i = 0; i < T * k; i++) mk[i] = kept[i] ? 1.0 : 0.0;
     moe_tensor *zeros = moe_tensor_zeros(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 2, (int64_t[]){T, E});
     moe_tensor *G = moe_scatter_add(zeros, r->experts, moe_mul(moe_cast(r->gates, MOE_F64), mask));
-    moe_tensor *w13 = moe_cast(L->w13, MOE_F64), *w2 = moe_cast(L->w2, MOE_F64);
     moe_tensor *out = NULL;
     for (int e = 0; e < E; e++) {
-        moe_tensor *y = moe_swiglu_ffn(x, expert_slice(w13, e), expert_slice(w2, e));
+        moe_tensor *w13, *w2;
+        moe_moe_layer_expert_weights(L, e, &w13, &w2);
+        moe_tensor *y = moe_swiglu_ffn(x, moe_cast(w13, MOE_F64), moe_cast(w2, MOE_F64));
         moe_tensor *term = moe_mul(y, moe_slice(G, 1, e, e + 1));
         out = out ? moe_add(out, term) : term;
     }
@@ -39,9 +36,9 @@ static moe_tensor *dense_reference(moe_moe_layer *L, moe_tensor *x, moe_routing 
 
 /* Which assignments survive the capacity limit (highest gates per expert, ties: earlier). */
 static void kept_mask(const moe_moe_layer *L, const moe_routing *r, bool *kept) {
-    int k = L->s.top_k, n = T * k;
+    int k = L->s.top_k, n = T * k, E = L->s.n_experts;
     int64_t cap = L->s.capacity_factor > 0 ? (int64_t)ceil(L->s.capacity_factor * n / E) : n;
-    double g[T * 4];
+    double g[T * E_MAX];
     moe_tensor_to_host_f64(r->gates, g);
     for (int i = 0; i < n; i++) {
         int e = r->host_experts[i], better = 0;
@@ -65,9 +62,12 @@ static double rel_err(const moe_tensor *a, const moe_tensor *b) {
     return sqrt(num) / fmax(sqrt(den), 1e-300);
 }
 
-static void check_layer(int k, int n_shared, double capacity, int64_t *dropped_out) {
-    moe_moe_layer_settings s = {.d_model = D, .n_experts = E, .top_k = k, .ffn_dim = F, .n_shared = n_shared,
-                                .shared_ffn_dim = 5, .capacity_factor = capacity,
+/* widths: n_experts hidden widths, or NULL (n_experts = 4 of width F). */
+static void check_layer_widths(int k, int n_shared, double capacity, int n_experts, const int *widths,
+                               int64_t *dropped_out) {
+    int E = n_experts;
+    moe_moe_layer_settings s = {.d_model = D, .n_experts = E, .top_k = k, .ffn_dim = F, .expert_ffn_dims = widths,
+                                .n_shared = n_shared, .shared_ffn_dim = 5, .capacity_factor = capacity,
                                 .router = {.n_experts = E, .top_k = k, .d_model = D, .balance = MOE_BALANCE_SWITCH,
                                            .aux_coef = 0.01, .z_coef = 1e-3, .renormalize = true}};
     moe_moe_layer L;
@@ -75,9 +75,13 @@ static void check_layer(int k, int n_shared, double capacity, int64_t *dropped_o
     moe_tensor *x = moe_tensor_randn(MOE_LIFE_PERSIST, MOE_CPU, MOE_F64, 2, (int64_t[]){T, D}, 11, 0, 1.0);
     x->requires_grad = x->is_param = true;
     moe_tensor *R = moe_tensor_randn(MOE_LIFE_PERSIST, MOE_CPU, MOE_F64, 2, (int64_t[]){T, D}, 12, 0, 1.0);
-    moe_tensor *params[] = {x, L.w13, L.w2, L.router.w_gate, L.shared_w13, L.shared_w2};
-    int np = n_shared ? 6 : 4;
-    moe_tensor *grads[2][6];
+    moe_tensor *params[4 + 2 * E_MAX] = {x, L.router.w_gate, L.shared_w13, L.shared_w2};
+    int np = n_shared ? 4 : 2;
+    for (int g = 0; g < L.n_groups; g++) {
+        params[np++] = L.groups[g].w13;
+        params[np++] = L.groups[g].w2;
+    }
+    moe_tensor *grads[2][4 + 2 * E_MAX];
     double out_err = 0;
     for (int pass = 0; pass < 2; pass++) {
         moe_step_reset();
@@ -85,7 +89,7 @@ static void check_layer(int k, int n_shared, double capacity, int64_t *dropped_o
         moe_moe_layer_result res;
         moe_tensor *y = moe_moe_layer_forward(&L, x, NULL, MOE_F64, &res);
         CU_ASSERT_PTR_NOT_NULL_FATAL(y);
-        bool kept[T * 4];
+        bool kept[T * E_MAX];
         kept_mask(&L, &res.routing, kept);
         int64_t nd = 0;
         for (int i = 0; i < T * k; i++) nd += !kept[i];
@@ -115,6 +119,10 @@ static void check_layer(int k, int n_shared, double capacity, int64_t *dropped_o
     moe_step_reset();
 }
 
+static void check_layer(int k, int n_shared, double capacity, int64_t *dropped_out) {
+    check_layer_widths(k, n_shared, capacity, 4, NULL, dropped_out);
+}
+
 static void test_dense_k1(void) { check_layer(1, 0, 0, NULL); }
 static void test_dense_k2(void) { check_layer(2, 0, 0, NULL); }
 static void test_dense_k4(void) { check_layer(4, 0, 0, NULL); }
@@ -125,8 +133,59 @@ static void test_dense_capacity(void) {
     CU_ASSERT(dropped > 0); /* the case must really drop something */
 }
 
+/* Three widths (group-major order 0 2 | 1 | 3 differs from the index order). */
+static void test_hetero_k2(void) {
+    moe_moe_layer L;
+    moe_moe_layer_settings s = {.d_model = D, .n_experts = 4, .top_k = 1, .ffn_dim = F,
+                                .expert_ffn_dims = (const int[]){6, 3, 6, 9},
+                                .router = {.n_experts = 4, .top_k = 1, .d_model = D}};
+    CU_ASSERT_EQUAL_FATAL(moe_moe_layer_init(&L, &s, "h", MOE_CPU, 7, 0.5, 0, 4), MOE_OK);
+    CU_ASSERT_EQUAL(L.n_groups, 3);
+    CU_ASSERT_PTR_NULL(L.w13);
+    CU_ASSERT_STRING_EQUAL(L.groups[0].name_w13, "h.experts.w13.g6");
+    CU_ASSERT_STRING_EQUAL(L.groups[2].name_w2, "h.experts.w2.g9");
+    CU_ASSERT_EQUAL(L.groups[0].n, 2);
+    CU_ASSERT_EQUAL(L.groups[0].experts[1], 2);
+    CU_ASSERT_EQUAL(L.groups[1].w13->shape[2], 6);
+    CU_ASSERT_EQUAL(L.groups[2].w2->shape[1], 9);
+    int slots[4] = {0, 2, 1, 3};
+    for (int e = 0; e < 4; e++) CU_ASSERT_EQUAL(L.slot[e], slots[e]);
+    moe_moe_layer_free(&L);
+    check_layer_widths(2, 0, 0, 4, (const int[]){6, 3, 6, 9}, NULL);
+}
+static void test_hetero_capacity_shared(void) {
+    int64_t dropped = 0;
+    check_layer_widths(1, 1, 0.5, 4, (const int[]){6, 3, 6, 9}, &dropped);
+    CU_ASSERT(dropped > 0);
+}
+/* Eight widths: more groups than one concat takes (MOE_NODE_MAX_INPUTS). */
+static void test_hetero_many_groups(void) {
+    check_layer_widths(2, 0, 0, 8, (const int[]){2, 3, 4, 5, 6, 7, 8, 9}, NULL);
+}
+
+/* An expert's initial weights depend on its index only, not on the grouping. */
+static void test_hetero_init_by_name(void) {
+    moe_moe_layer A, B;
+    moe_moe_layer_settings s = {.d_model = D, .n_experts = 4, .top_k = 1, .ffn_dim = F,
+                                .router = {.n_experts = 4, .top_k = 1, .d_model = D}};
+    CU_ASSERT_EQUAL_FATAL(moe_moe_layer_init(&A, &s, "t", MOE_CPU, 7, 0.5, 0, 4), MOE_OK);
+    s.expert_ffn_dims = (const int[]){3, F, 9, F};
+    CU_ASSERT_EQUAL_FATAL(moe_moe_layer_init(&B, &s, "t", MOE_CPU, 7, 0.5, 0, 4), MOE_OK);
+    for (int e = 1; e < 4; e += 2) {
+        moe_tensor *a13, *a2, *b13, *b2;
+        moe_moe_layer_expert_weights(&A, e, &a13, &a2);
+        moe_moe_layer_expert_weights(&B, e, &b13, &b2);
+        CU_ASSERT_EQUAL(rel_err(a13, b13), 0.0);
+        CU_ASSERT_EQUAL(rel_err(a2, b2), 0.0);
+    }
+    moe_moe_layer_free(&A);
+    moe_moe_layer_free(&B);
+    moe_step_reset();
+}
+
 /* The Switch aux loss and z-loss equal their formulas on the routing's own numbers. */
 static void test_router_losses(void) {
+    enum { E = 4 };
     moe_router_settings s = {.n_experts = E, .top_k = 2, .d_model = D, .balance = MOE_BALANCE_SWITCH,
                              .aux_coef = 0.01, .z_coef = 1e-3, .renormalize = true};
     moe_router r;
@@ -165,6 +224,10 @@ static void register_suites(void) {
                                                         {"dense reference k=4 (all experts)", test_dense_k4},
                                                         {"dense reference with a shared expert", test_dense_shared},
                                                         {"dense reference with capacity dropping", test_dense_capacity},
+                                                        {"heterogeneous widths: groups and dense reference k=2", test_hetero_k2},
+                                                        {"heterogeneous widths: capacity and shared", test_hetero_capacity_shared},
+                                                        {"heterogeneous widths: 8 groups", test_hetero_many_groups},
+                                                        {"heterogeneous widths: init keyed by expert", test_hetero_init_by_name},
                                                         {"router aux and z losses", test_router_losses},
                                                         {NULL, NULL}});
 }
