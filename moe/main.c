@@ -52,6 +52,13 @@ static moe_status apply_sets(moe_config *cfg, int argc, char **argv) {
     return MOE_OK;
 }
 
+/* A config file with the command line's --set overrides, validated. */
+static moe_status load_config(const char *path, int argc, char **argv, moe_config *cfg) {
+    MOE_TRY(moe_config_load_file(cfg, path));
+    MOE_TRY(apply_sets(cfg, argc, argv));
+    return moe_config_validate(cfg);
+}
+
 static const char *opt_value(int argc, char **argv, const char *name, const char *dflt) {
     for (int i = 0; i + 1 < argc; i++)
         if (!strcmp(argv[i], name)) return argv[i + 1];
@@ -72,9 +79,7 @@ static int cmd_train(int argc, char **argv) {
         return 2;
     }
     moe_config cfg;
-    moe_status s = moe_config_load_file(&cfg, argv[0]);
-    if (s == MOE_OK) s = apply_sets(&cfg, argc, argv);
-    if (s == MOE_OK) s = moe_config_validate(&cfg);
+    moe_status s = load_config(argv[0], argc, argv, &cfg);
     if (s == MOE_OK) s = moe_dist_init(NULL, NULL, cfg.parallel.expert_parallel);
     if (s != MOE_OK) {
         if (moe_dist_world_size() > 1) moe_dist_abort(s, moe_last_error());
@@ -296,9 +301,7 @@ static int cmd_config(int argc, char **argv) {
         return 2;
     }
     moe_config cfg;
-    moe_status s = moe_config_load_file(&cfg, argv[0]);
-    if (s == MOE_OK) s = apply_sets(&cfg, argc, argv);
-    if (s == MOE_OK) s = moe_config_validate(&cfg);
+    moe_status s = load_config(argv[0], argc, argv, &cfg);
     if (s != MOE_OK) return fail(s);
     moe_config_write(&cfg, stdout);
     return 0;

@@ -38,8 +38,14 @@ moe_status moe_cpu_fill(const moe_kernel_args *a) {
     moe_tensor *o = a->out;
     double v = ((const moe_op_attrs_scalar *)a->attrs)->value;
     int64_t rows = cpu_rows(o), cols = cpu_cols(o), so = cpu_col_stride(o);
-    if (v == 0.0 && moe_tensor_is_contiguous(o)) {
-        memset(o->data, 0, (size_t)(rows * cols) * moe_dtype_size(o->dtype));
+    if (v == 0.0 && moe_tensor_is_contiguous(o)) { /* zeroing grads and accumulators: split over threads */
+        size_t bytes = (size_t)(rows * cols) * moe_dtype_size(o->dtype), piece = 1u << 20;
+        int64_t n = (int64_t)((bytes + piece - 1) / piece);
+#pragma omp parallel for schedule(static) if (n > 1)
+        for (int64_t i = 0; i < n; i++) {
+            size_t at = (size_t)i * piece;
+            memset((char *)o->data + at, 0, bytes - at < piece ? bytes - at : piece);
+        }
         return MOE_OK;
     }
     for (int64_t r = 0; r < rows; r++) {
