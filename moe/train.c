@@ -98,6 +98,7 @@ typedef struct trainer {
     moe_loader *loader;
     moe_train_state st;
     FILE *metrics;     /* rank 0 only */
+    FILE *rank_log;    /* under MPI: RUN_DIR/rank-R.log, every rank's own step line */
     char dir[512];
     int world, rank;
 } trainer;
@@ -166,6 +167,7 @@ static moe_status trainer_open(trainer *t, const moe_config *cfg, const moe_trai
         moe_loader_set_state(t->loader, (moe_loader_state){t->st.loader_seed, t->st.loader_step});
         if (t->rank == 0) fprintf(stderr, "resumed from %s at step %lld\n", path, (long long)t->st.step);
     }
+    if (t->world > 1 && !(t->rank_log = moe_dist_log_file(t->dir))) return moe_last_status();
     if (t->rank != 0) return MOE_OK;
     char mpath[640];
     snprintf(mpath, sizeof mpath, "%s/metrics.jsonl", t->dir);
@@ -176,6 +178,7 @@ static moe_status trainer_open(trainer *t, const moe_config *cfg, const moe_trai
 
 static void trainer_close(trainer *t) {
     if (t->metrics) fclose(t->metrics);
+    if (t->rank_log) fclose(t->rank_log);
     moe_optimizer_free(t->opt);
     free(t->params);
     moe_model_free(&t->model);
@@ -320,6 +323,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
         }
         s = moe_dist_check_all(s);
         if (s != MOE_OK) break;
+        double local_loss = loss;
         if (t.world > 1) { /* global mean loss and total load; a NaN anywhere makes the sum NaN */
             double v[3] = {loss, aux, z};
             s = moe_dist_allreduce_f64(MOE_GROUP_WORLD, v, 3);
@@ -375,6 +379,9 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
         }
         if (t.st.step % tc->log_every == 0 || do_eval || t.st.step == tc->steps) {
             write_metrics(&t, extra, loss, aux, z, lr, gnorm, tps, load);
+            if (t.rank_log)
+                fprintf(t.rank_log, "step %lld local loss %.6f global loss %.6f tokens/s %.0f\n", (long long)t.st.step,
+                        local_loss, loss, tps);
             double mn = 1, mx = 0, cvmax = 0;
             for (int i = 0; i < mc->n_layers; i++) {
                 if (t.model.blocks[i].dense) continue;
