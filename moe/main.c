@@ -261,7 +261,13 @@ static moe_status print_dataset(const char *name, void *user) {
     moe_h5_dtype dt;
     int nd = 0;
     int64_t shape[MOE_H5_MAX_NDIM];
-    MOE_TRY(moe_h5_shape(f, name, &dt, &nd, shape));
+    if (moe_h5_shape(f, name, &dt, &nd, shape) != MOE_OK) { /* not an array: a text dataset */
+        char *text = NULL;
+        MOE_TRY(moe_h5_get_string(f, name, &text));
+        printf("  %-48s text (%zu bytes)\n", name, strlen(text));
+        free(text);
+        return MOE_OK;
+    }
     printf("  %-48s %s [", name, moe_h5_dtype_name(dt));
     for (int i = 0; i < nd; i++) printf(i ? ", %lld" : "%lld", (long long)shape[i]);
     printf("]\n");
