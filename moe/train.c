@@ -352,8 +352,10 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
             }
             s = moe_optimizer_zero_grad(t.opt);
             if (s == MOE_OK && consecutive_bad >= tc->max_bad_steps)
-                s = moe_error(MOE_ERR_NUMERIC, "%d steps in a row had a non-finite loss or gradient (train.max_bad_steps=%d); "
-                              "the last good checkpoint is in %s", consecutive_bad, tc->max_bad_steps, t.dir);
+                s = moe_error(MOE_ERR_NUMERIC, "%d steps in a row had a non-finite loss or gradient (train.max_bad_steps=%d); %s%s",
+                              consecutive_bad, tc->max_bad_steps,
+                              sum->last_checkpoint[0] ? "the last good checkpoint is " : "no checkpoint was written yet",
+                              sum->last_checkpoint);
             t.st.step++;
             continue;
         }

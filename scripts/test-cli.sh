@@ -45,6 +45,13 @@ head -c 3000 "$ckpt" > damaged.h5
 expect "damaged checkpoint" 1 "damaged" "$moe" generate --checkpoint damaged.h5
 expect "missing data file" 1 "missing.bin" "$moe" train "$cfg" "${small[@]}" --set data.train_path=missing.bin --set checkpoint.dir=run2
 
+# Diverging training (SGD, lr 10, no clipping): non-finite steps are skipped and counted, and
+# after train.max_bad_steps in a row training stops with a message and a non-zero exit.
+expect "NaN/Inf steps skipped, then a stop" 1 "steps in a row had a non-finite loss" "$moe" train "$cfg" "${small[@]}" \
+  --set train.optimizer=sgd --set train.lr=10 --set train.warmup=0 --set train.grad_clip=0 --set train.steps=200 \
+  --set train.max_bad_steps=3 --set checkpoint.dir=run4
+check "skipped steps are logged" grep -q '"skipped":true' run4/metrics.jsonl
+
 # Ctrl-C: a checkpoint at the interrupted step, exit 130, then resume to the end.
 "$moe" train "$cfg" "${small[@]}" --set train.steps=100000 --set train.eval_every=0 --set checkpoint.dir=run3 --quiet > int.txt 2>&1 &
 pid=$!
