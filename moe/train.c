@@ -14,6 +14,7 @@
 
 #include "core/autograd.h"
 #include "core/dist.h"
+#include "core/fused.h"
 #include "core/fileio.h"
 #include "core/h5file.h"
 #include "core/memory.h"
@@ -103,7 +104,27 @@ typedef struct trainer {
     int world, rank;
 } trainer;
 
+/* True when every parameter is finite (a checkpoint of a diverged model is not written,
+ * so the last good one survives). */
+static moe_status params_finite(trainer *t, bool *finite) {
+    moe_tensor *flag = moe_tensor_zeros(MOE_LIFE_STEP, t->model.dev, MOE_I32, 1, (int64_t[]){1});
+    if (!flag) return moe_last_status();
+    for (int i = 0; i < t->n_params; i++) MOE_TRY(moe_fused_nonfinite(t->params[i], flag));
+    *finite = moe_tensor_item(flag) == 0;
+    return MOE_OK;
+}
+
 static moe_status save_checkpoint(trainer *t, moe_train_summary *sum) {
+    bool finite = true;
+    MOE_TRY(moe_dist_check_all(params_finite(t, &finite)));
+    int64_t bad = !finite; /* every rank decides the same: the save is collective */
+    if (t->world > 1) MOE_TRY(moe_dist_allreduce_i64(MOE_GROUP_WORLD, &bad, 1));
+    if (bad) {
+        if (t->rank == 0)
+            fprintf(stderr, "\nstep %lld: parameters are not finite; no checkpoint written (the last good one stays)\n",
+                    (long long)t->st.step);
+        return MOE_OK;
+    }
     char path[640];
     snprintf(path, sizeof path, "%s/ckpt-%06lld.h5", t->dir, (long long)t->st.step);
     moe_loader_state ls = moe_loader_get_state(t->loader);
