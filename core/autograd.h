@@ -41,8 +41,10 @@ moe_status moe_backward(moe_tensor *loss);
 
 /* Adds g into t->grad (allocating it on first use). No-op when t does not require grad.
  * accumulate copies g on first use (g may be shared, e.g. the same upstream grad handed
- * to both inputs of an add); give lets t->grad take g over, for a g the backward just
- * made and hands to nobody else. A NULL g records the pending error. */
+ * to both inputs of an add); give lets t->grad take g over, for a g that no other input
+ * receives: one the backward just made, or the node's own upstream grad n->out->grad
+ * (nothing reads it once the node's backward has run; the tape runs in reverse order).
+ * A NULL g records the pending error. */
 moe_status moe_grad_accumulate(moe_tensor *t, moe_tensor *g);
 moe_status moe_grad_give(moe_tensor *t, moe_tensor *g);
 /* t->grad, created zeroed when absent, for a backward that adds into part of it in place

@@ -68,14 +68,16 @@ static void give_broadcast(moe_tensor *x, moe_tensor *g, bool fresh) {
     moe_grad_give(x, op_reduce_to_shape(g, x->ndim, x->shape));
 }
 
+/* The upstream grad can be handed over to one input (nobody reads it after this
+ * backward), so the first input takes it and the second a copy. */
 void moe_backward_add(moe_node *n) {
-    give_broadcast(n->in[0], n->out->grad, false);
     give_broadcast(n->in[1], n->out->grad, false);
+    give_broadcast(n->in[0], n->out->grad, true);
 }
 
 void moe_backward_sub(moe_node *n) {
-    give_broadcast(n->in[0], n->out->grad, false);
     if (n->in[1]->requires_grad) give_broadcast(n->in[1], moe_neg(n->out->grad), true);
+    give_broadcast(n->in[0], n->out->grad, true);
 }
 
 void moe_backward_mul(moe_node *n) {
@@ -106,7 +108,7 @@ moe_tensor *moe_add_scalar(moe_tensor *x, double s) { return scalar_op(x, MOE_SC
 moe_tensor *moe_mul_scalar(moe_tensor *x, double s) { return scalar_op(x, MOE_SC_MUL, s, MOE_OP_MUL_SCALAR, "mul_scalar"); }
 moe_tensor *moe_pow_scalar(moe_tensor *x, double s) { return scalar_op(x, MOE_SC_POW, s, MOE_OP_POW_SCALAR, "pow_scalar"); }
 
-void moe_backward_add_scalar(moe_node *n) { moe_grad_accumulate(n->in[0], n->out->grad); }
+void moe_backward_add_scalar(moe_node *n) { moe_grad_give(n->in[0], n->out->grad); }
 
 void moe_backward_mul_scalar(moe_node *n) {
     moe_grad_give(n->in[0], moe_mul_scalar(n->out->grad, ((const moe_op_attrs_scalar *)n->attrs)->value));

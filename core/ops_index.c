@@ -117,8 +117,8 @@ moe_tensor *moe_index_add(moe_tensor *x, moe_tensor *idx, moe_tensor *src) {
 
 void moe_backward_index_add(moe_node *n) {
     moe_tensor *g = n->out->grad;
-    moe_grad_accumulate(n->in[0], g);
     if (n->in[2]->requires_grad) moe_grad_give(n->in[2], moe_index_select(g, n->in[1]));
+    moe_grad_give(n->in[0], g); /* g itself: its one other use was just above */
 }
 
 /* ---- gather along the last axis: x [..., n], idx [..., k] -> [..., k] ---- */
@@ -161,8 +161,8 @@ moe_tensor *moe_scatter_add(moe_tensor *x, moe_tensor *idx, moe_tensor *src) {
 
 void moe_backward_scatter_add(moe_node *n) {
     moe_tensor *g = n->out->grad;
-    moe_grad_accumulate(n->in[0], g);
     if (n->in[2]->requires_grad) moe_grad_give(n->in[2], moe_gather(g, n->in[1]));
+    moe_grad_give(n->in[0], g);
 }
 
 /* ---- top-k along the last axis ---- */

@@ -63,7 +63,7 @@ moe_tensor *moe_reshape(moe_tensor *x, int ndim, const int64_t *shape) {
 
 void moe_backward_reshape(moe_node *n) {
     moe_tensor *x = n->in[0], *g = n->out->grad;
-    moe_grad_accumulate(x, moe_reshape(g, x->ndim, x->shape));
+    moe_grad_give(x, moe_reshape(g, x->ndim, x->shape));
 }
 
 /* ---- permute / transpose ---- */
@@ -92,7 +92,7 @@ void moe_backward_permute(moe_node *n) {
     const perm_attrs *at = (const perm_attrs *)n->attrs;
     int inv[MOE_MAX_DIMS];
     for (int i = 0; i < n->in[0]->ndim; i++) inv[at->perm[i]] = i;
-    moe_grad_accumulate(n->in[0], moe_permute(n->out->grad, inv));
+    moe_grad_give(n->in[0], moe_permute(n->out->grad, inv));
 }
 
 moe_tensor *moe_transpose(moe_tensor *x, int d0, int d1) {
@@ -115,7 +115,7 @@ moe_tensor *moe_transpose(moe_tensor *x, int d0, int d1) {
 
 void moe_backward_transpose(moe_node *n) {
     const int *at = (const int *)n->attrs;
-    moe_grad_accumulate(n->in[0], moe_transpose(n->out->grad, at[0], at[1]));
+    moe_grad_give(n->in[0], moe_transpose(n->out->grad, at[0], at[1]));
 }
 
 /* ---- slice ---- */
@@ -179,7 +179,7 @@ moe_tensor *moe_contiguous(moe_tensor *x) {
     return o;
 }
 
-void moe_backward_contiguous(moe_node *n) { moe_grad_accumulate(n->in[0], n->out->grad); }
+void moe_backward_contiguous(moe_node *n) { moe_grad_give(n->in[0], n->out->grad); }
 
 /* ---- cast ---- */
 moe_tensor *moe_cast(moe_tensor *x, moe_dtype dt) {
@@ -237,7 +237,7 @@ void moe_backward_concat(moe_node *n) {
     int64_t at = 0;
     for (int i = 0; i < n->n_in; i++) {
         int64_t len = n->in[i]->shape[axis];
-        moe_grad_accumulate(n->in[i], moe_slice(n->out->grad, axis, at, at + len));
+        moe_grad_give(n->in[i], moe_slice(n->out->grad, axis, at, at + len)); /* disjoint pieces */
         at += len;
     }
 }
