@@ -19,7 +19,12 @@ build/moe train configs/tiny-cpu.yaml --set checkpoint.dir="$run" "$@" | tee "$r
 ckpt=$(ls "$run"/ckpt-*.h5 | tail -1)
 echo "== sample =="
 build/moe generate --checkpoint "$ckpt" --prompt "The jury said that " --tokens 300 --temperature 0.8
-python3 scripts/plot-run.py "$run" >/dev/null 2>&1 && echo "plots: $run/loss.png $run/expert_load.png" || true
+# Debian's python3 has matplotlib (scripts/deps.sh installs python3-matplotlib); a python3
+# earlier on PATH (pyenv, venv) may not.
+py=/usr/bin/python3
+[ -x "$py" ] || py=python3
+"$py" scripts/plot-run.py "$run" >/dev/null 2>&1 && echo "plots: $run/loss.png $run/expert_load.png" ||
+  echo "plots: skipped (python3 with matplotlib not found)
 line=$(grep '^trained' "$run.log")
 val=$(echo "$line" | sed -E 's/.*val_bpb ([0-9.]+).*/\1/')
 uni=$(echo "$line" | sed -E 's/.*unigram ([0-9.]+).*/\1/')
