@@ -50,6 +50,9 @@ moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int 
         return moe_error(MOE_ERR_UNSUPPORTED, "model.expert_ffn_dims (heterogeneous experts) with expert parallelism "
                          "%d is not supported: set parallel.expert_parallel=1 or give every expert model.ffn_dim",
                          ep_size);
+    if (cfg->router.noisy_gating)
+        return moe_error(MOE_ERR_UNSUPPORTED, "router.noisy_gating=true: noisy top-k gating is not implemented yet; "
+                         "set it to false");
     int64_t d = c->d_model, hd = m->head_dim, H = m->n_heads, Hkv = m->n_kv_heads, V = c->vocab_size;
     double std = c->init_std, out_std = c->init_std / sqrt(2.0 * c->n_layers);
     /* per layer at most: 2 norms, 2 attention (or the MoM's), 2 router or dense, 2 shared, 2 per expert width */
