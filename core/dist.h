@@ -95,7 +95,8 @@ moe_status moe_dist_alltoallv(moe_dist_group g, const void *send, const int64_t 
  * moe_last_error()). Returns MOE_OK when every rank passed MOE_OK; otherwise every rank
  * returns the status of the lowest failing rank R with the message
  * "rank R failed: <R's message>" (plus the other failing ranks, if any), so all ranks
- * can stop cleanly together. MOE_ERR_DIST if the exchange itself fails. */
+ * can stop cleanly together. MOE_ERR_DIST if the exchange itself fails. A world of one
+ * returns `local` with its message unchanged. */
 moe_status moe_dist_check_all(moe_status local);
 
 /* ---- Internal: defined in core/dist_single.c (the part built in both builds) for

@@ -248,8 +248,7 @@ moe_status moe_dist_alltoallv(moe_dist_group g, const void *send, const int64_t 
 
 moe_status moe_dist_check_all(moe_status local) {
     static const char op[] = "moe_dist_check_all";
-    if (group_is_local(MOE_GROUP_WORLD))
-        return local == MOE_OK ? MOE_OK : moe_dist_failure_(local, 0, moe_last_error(), "");
+    if (group_is_local(MOE_GROUP_WORLD)) return local; /* one process: the message stays as it is */
     int size = dist.size[MOE_GROUP_WORLD], mine = (int)local;
     int *all = malloc((size_t)size * sizeof *all);
     if (!all) return moe_error(MOE_ERR_OOM, "%s: no memory for %d statuses", op, size);
