@@ -98,7 +98,7 @@ static const moe_yaml_key config_keys[] = {
     FLT(router.ot_gamma, 1e-6, 1e6, "1.0", "OT: quadratic regularisation gamma"),
     ENUM(router.latency_source, latency_source_names, "startup",
          "latency balance: measure expert latency once at startup or as a running average"),
-    BOOL(router.noisy_gating, "false", "Shazeer gating noise in training (not implemented yet: must be false)"),
+    BOOL(router.noisy_gating, "false", "Shazeer noisy top-k gating in training (+ smooth load for latency balance)"),
     /* data */
     STR(data.train_path, "data/brown/train.bin", "training token file"),
     STR(data.val_path, "data/brown/val.bin", "validation token file"),

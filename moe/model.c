@@ -50,9 +50,6 @@ moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int 
         return moe_error(MOE_ERR_UNSUPPORTED, "model.expert_ffn_dims (heterogeneous experts) with expert parallelism "
                          "%d is not supported: set parallel.expert_parallel=1 or give every expert model.ffn_dim",
                          ep_size);
-    if (cfg->router.noisy_gating)
-        return moe_error(MOE_ERR_UNSUPPORTED, "router.noisy_gating=true: noisy top-k gating is not implemented yet; "
-                         "set it to false");
     int64_t d = c->d_model, hd = m->head_dim, H = m->n_heads, Hkv = m->n_kv_heads, V = c->vocab_size;
     double std = c->init_std, out_std = c->init_std / sqrt(2.0 * c->n_layers);
     /* per layer at most: 2 norms, 2 attention (or the MoM's), 2 router or dense, 2 shared, 2 per expert width */
@@ -116,7 +113,7 @@ moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int 
                        .aux_free_rate = cfg->router.aux_free_rate, .type = (moe_router_type)cfg->router.type,
                        .rmoe_dim = cfg->router.rmoe_dim, .rmoe_detach = cfg->router.rmoe_detach,
                        .gru = m->has_gru ? &m->gru : NULL, .ot_iters = cfg->router.ot_iters,
-                       .ot_gamma = cfg->router.ot_gamma},
+                       .ot_gamma = cfg->router.ot_gamma, .noisy_gating = cfg->router.noisy_gating},
         };
         char prefix[64];
         snprintf(prefix, sizeof prefix, "layers.%d.moe", i);
@@ -238,6 +235,8 @@ static moe_tensor *run_blocks(moe_model *m, moe_tensor *x, int B, int T, int64_t
             ffn = moe_swiglu_ffn(h2, C(b->dense_w13), C(b->dense_w2));
         } else {
             moe_moe_layer_result res;
+            /* gating noise: a counter range per (step, call, layer), so resume replays it */
+            b->moe.router.noise_counter = m->dropout_counter + ((uint64_t)i << 34);
             ffn = moe_moe_layer_forward(&b->moe, h2, router_state, m->compute, &res);
             router_state = ffn ? res.routing.state : NULL;
             if (ffn && parts) {
@@ -269,6 +268,7 @@ moe_status moe_model_loss(moe_model *m, const int32_t *inputs, const int32_t *ta
     moe_tensor *tg = moe_tensor_from_host(MOE_LIFE_STEP, m->dev, MOE_I32, 1, (int64_t[]){bt}, targets);
     if (!ids || !tg) return moe_last_status();
     moe_tensor *aux[3] = {NULL, NULL, NULL}; /* MoE balance, router z, MoM memory balance */
+    m->dropout_counter += (uint64_t)1 << 40; /* each forward (micro-batch) its own noise and dropout range */
     moe_tensor *x = run_blocks(m, moe_embedding(C(m->embed), ids), B, T, 0, out, aux);
     moe_tensor *hf = moe_reshape(moe_rmsnorm(x, C(m->final_norm), c->norm_eps), 2, (int64_t[]){bt, c->d_model});
     moe_tensor *ce = moe_cross_entropy(hf, lm_head(m), tg);

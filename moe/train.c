@@ -325,7 +325,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
         double t0 = (moe_clock_ms() / 1e3);
         double lr = moe_lr_at(&sched, t.st.step);
         moe_loader_next(t.loader, t.rank, t.world, in, tg);
-        t.model.dropout_counter = (uint64_t)t.st.step << 40; /* masks depend on the step only: exact resume */
+        t.model.dropout_counter = (uint64_t)t.st.step << 48; /* masks and noise depend on the step: exact resume */
         double loss = 0, aux = 0, z = 0;
         memset(load, 0, sizeof(int64_t) * (size_t)(mc->n_layers * mc->n_experts));
         bool bad = false;

@@ -30,8 +30,8 @@ moe_status moe_latency_alpha(const double *latency, int E, double *alpha) {
     return MOE_OK;
 }
 
-moe_tensor *moe_latency_loss(moe_tensor *gates, moe_tensor *experts, const int64_t *load, const double *alpha,
-                             int E, double coef) {
+moe_tensor *moe_latency_loss(moe_tensor *gates, moe_tensor *experts, const int64_t *load, moe_tensor *smooth_load,
+                             const double *alpha, int E, double coef) {
     if (!gates || !experts) return NULL;
     int64_t T = gates->shape[0];
     double *host = malloc(sizeof(double) * 2 * (size_t)E);
@@ -51,6 +51,7 @@ moe_tensor *moe_latency_loss(moe_tensor *gates, moe_tensor *experts, const int64
     moe_tensor *weighted_load = moe_reshape(moe_slice(w, 0, 1, 2), 1, (int64_t[]){E});
     moe_tensor *zeros = moe_tensor_zeros(MOE_LIFE_STEP, gates->device, gates->dtype, 2, (int64_t[]){T, E});
     moe_tensor *importance = moe_sum(moe_scatter_add(zeros, experts, gates), 0, false);
+    if (smooth_load) weighted_load = moe_mul(a, moe_cast(smooth_load, gates->dtype));
     moe_tensor *loss = moe_add(moe_cv_squared(moe_mul(a, importance)), moe_cv_squared(weighted_load));
     return moe_mul_scalar(loss, coef);
 }

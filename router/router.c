@@ -41,6 +41,12 @@ moe_status moe_router_init(moe_router *r, const moe_router_settings *s, moe_devi
         r->w_gate = named_param(dev, dt, d, E, seed, 0, init_std, r->name);
         if (!r->w_gate) return moe_last_status();
     }
+    if (s->noisy_gating) { /* zero init: noise std softplus(0) = 0.69 at the start, as in Shazeer et al. */
+        snprintf(r->name_noise, sizeof r->name_noise, "%s.w_noise", name);
+        r->w_noise = moe_tensor_zeros(MOE_LIFE_PERSIST, dev, dt, 2, (int64_t[]){d, E});
+        if (!r->w_noise) return moe_last_status();
+        moe_param_init(r->w_noise, r->name_noise);
+    }
     if (s->balance == MOE_BALANCE_AUX_FREE && s->type != MOE_ROUTER_OT) {
         r->bias = moe_tensor_zeros(MOE_LIFE_PERSIST, dev, MOE_F32, 1, (int64_t[]){E});
         if (!r->bias) return moe_last_status();
@@ -58,12 +64,16 @@ void moe_router_free(moe_router *r) {
 }
 
 int moe_router_params(const moe_router *r, moe_tensor **ts, const char **names, int cap) {
-    moe_tensor *t[2] = {r->w_gate, NULL};
-    const char *n[2] = {r->name, NULL};
+    moe_tensor *t[3] = {r->w_gate, NULL, NULL};
+    const char *n[3] = {r->name, NULL, NULL};
     int count = 1;
     if (r->s.type == MOE_ROUTER_RMOE) {
         t[0] = r->proj, t[1] = r->head, n[0] = r->name_proj, n[1] = r->name_head;
         count = 2;
+    }
+    if (r->w_noise) {
+        t[count] = r->w_noise;
+        n[count++] = r->name_noise;
     }
     for (int i = 0; i < count && i < cap; i++) {
         ts[i] = t[i];
@@ -82,6 +92,57 @@ static moe_tensor *router_logits(moe_router *r, moe_tensor *x, moe_tensor *state
         h = moe_tensor_view_raw(state_in, state_in->ndim, state_in->shape, state_in->strides, 0);
     *state_out = moe_rmoe_gru_step(r->s.gru, xp, h);
     return moe_matmul(*state_out, moe_cast(r->head, rdt));
+}
+
+/* Phi(z), the standard normal CDF, in its tanh form (as GELU uses), built from ops. */
+static moe_tensor *normal_cdf(moe_tensor *z) {
+    moe_tensor *cube = moe_mul(moe_mul(z, z), z);
+    moe_tensor *u = moe_mul_scalar(moe_add(z, moe_mul_scalar(cube, 0.044715)), 0.7978845608028654);
+    return moe_mul_scalar(moe_add_scalar(moe_tanh(u), 1.0), 0.5);
+}
+
+/* Noisy top-k gating (Shazeer et al. 2017): H = logits + eps * softplus(x W_noise), eps
+ * ~ N(0, 1) from the Philox counter. Also the smooth load estimate sum_t P(e in top-k):
+ * with threshold_te the k-th largest noisy logit of token t among the other experts,
+ * P = Phi((clean_te - threshold_te) / std_te) — differentiable in the clean logits and the
+ * noise, so the balance loss reaches experts that were not chosen. */
+static moe_tensor *add_noise(moe_router *r, moe_tensor *x, moe_tensor *clean, moe_routing *out) {
+    int64_t T = clean->shape[0];
+    int E = r->s.n_experts, k = r->s.top_k;
+    MOE_ASSERT(k <= 64, "noisy gating: top_k %d > 64", k);
+    moe_dtype rdt = clean->dtype;
+    moe_tensor *std = moe_add_scalar(moe_softplus(moe_cast(moe_matmul(x, moe_cast(r->w_noise, x->dtype)), rdt)), 1e-2);
+    /* rank r's rows are rows r*T.. of the global batch: the same draws as on one process */
+    uint64_t base = r->noise_counter + (uint64_t)moe_dist_world_rank() * (uint64_t)(T * E);
+    moe_tensor *eps = moe_tensor_randn(MOE_LIFE_STEP, clean->device, rdt, 2, (int64_t[]){T, E}, 0x6e6f697365ull, base, 1.0);
+    r->noise_counter += (uint64_t)(T * E);
+    moe_tensor *noisy = moe_add(clean, moe_mul(eps, std));
+    if (!noisy || k >= E) return noisy; /* every expert chosen: no load to smooth */
+    /* thresholds on the host (no gradient through them, as a constant of the estimate) */
+    moe_tensor *nh = moe_tensor_to(noisy, MOE_CPU, MOE_LIFE_STEP);
+    moe_tensor *th = nh ? moe_tensor_empty(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 2, (int64_t[]){T, E}) : NULL;
+    double *v = th ? moe_step_host_alloc(sizeof(double) * (size_t)(T * E)) : NULL;
+    if (!v || moe_tensor_to_host_f64(nh, v) != MOE_OK) return NULL;
+    double *thr = th->data;
+    for (int64_t t = 0; t < T; t++) {
+        const double *row = v + t * E;
+        double top[65]; /* the k + 1 largest, descending (k < E <= 1024, k <= 64) */
+        int m = 0;
+        for (int e = 0; e < E; e++) {
+            int j = m < k + 1 ? m++ : k + 1;
+            if (j == k + 1 && row[e] <= top[k]) continue;
+            if (j == k + 1) j = k;
+            while (j > 0 && top[j - 1] < row[e]) {
+                top[j] = top[j - 1];
+                j--;
+            }
+            top[j] = row[e];
+        }
+        for (int e = 0; e < E; e++) thr[t * E + e] = row[e] >= top[k - 1] ? top[k] : top[k - 1];
+    }
+    moe_tensor *thd = moe_tensor_to(moe_cast(th, rdt), clean->device, MOE_LIFE_STEP);
+    out->smooth_load = moe_sum(normal_cdf(moe_div(moe_sub(clean, thd), std)), 0, false);
+    return out->smooth_load ? noisy : NULL;
 }
 
 /* Top-k of p (selection on p + bias under aux-loss-free balancing); gates from p. */
@@ -174,6 +235,10 @@ moe_status moe_router_forward(moe_router *r, moe_tensor *x, moe_tensor *state_in
     int64_t n = T * k;
     moe_dtype rdt = x->dtype == MOE_F64 ? MOE_F64 : MOE_F32;
     moe_tensor *logits = router_logits(r, x, state_in, rdt, &out->state);
+    if (s->noisy_gating && moe_grad_enabled() && logits) {
+        logits = add_noise(r, x, logits, out);
+        if (!logits) return moe_last_status();
+    }
     moe_tensor *p = moe_softmax(logits);
     if (!p) return moe_last_status();
     out->host_experts = moe_step_host_alloc(sizeof(int32_t) * (size_t)(n ? n : 1));
@@ -198,7 +263,7 @@ moe_status moe_router_forward(moe_router *r, moe_tensor *x, moe_tensor *state_in
 
     if (s->balance == MOE_BALANCE_SWITCH && s->aux_coef > 0) out->aux_loss = switch_aux(r, p, out->load);
     if (s->balance == MOE_BALANCE_LATENCY && s->aux_coef > 0)
-        out->aux_loss = moe_latency_loss(gates, idx, out->load, r->latency_alpha, E, s->aux_coef);
+        out->aux_loss = moe_latency_loss(gates, idx, out->load, out->smooth_load, r->latency_alpha, E, s->aux_coef);
     if ((s->balance == MOE_BALANCE_SWITCH || s->balance == MOE_BALANCE_LATENCY) && s->aux_coef > 0 && !out->aux_loss)
         return moe_last_status();
     if (s->z_coef > 0) {

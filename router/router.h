@@ -35,6 +35,7 @@ typedef struct moe_router_settings {
     struct moe_rmoe_gru *gru; /* rmoe: the model's shared GRU cell (not owned, outlives the router) */
     int ot_iters;             /* ot: semi-dual gradient steps (<= 0: 30) */
     double ot_gamma;          /* ot: quadratic regularisation (<= 0: 1.0) */
+    bool noisy_gating;        /* Shazeer noisy top-k gating while training (grad mode on) */
 } moe_router_settings;
 
 typedef struct moe_router {
@@ -44,8 +45,10 @@ typedef struct moe_router {
     moe_tensor *head;     /* rmoe: G_i [p, E] parameter */
     moe_tensor *bias;     /* [E] F32, aux-loss-free selection bias (not a parameter), or NULL */
     double *latency_alpha; /* [E] host, latency weights normalised to mean 1, or NULL (all 1) */
+    moe_tensor *w_noise;  /* noisy gating: [d, E] parameter (zero init), noise std = softplus(x W_noise) */
+    uint64_t noise_counter; /* Philox counter of the next noise draw (the model sets it every step) */
     char name[96];        /* name of w_gate (topk, ot) */
-    char name_proj[96], name_head[96];
+    char name_proj[96], name_head[96], name_noise[96];
 } moe_router;
 
 /* What one routing of T tokens produced. Tensors are STEP tensors. */
@@ -60,6 +63,7 @@ typedef struct moe_routing {
     bool *valid;           /* [T * k] host; false = no assignment (treat like a capacity drop);
                             * NULL = all valid. Only the ot router sets it. */
     int64_t *load;         /* [E] counts of the valid assignments */
+    moe_tensor *smooth_load; /* noisy gating: [E] sum_t P(e in top-k of token t), differentiable; else NULL */
     int64_t n_tokens;
 } moe_routing;
 

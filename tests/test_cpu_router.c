@@ -439,6 +439,71 @@ static void test_latency_training(void) {
     moe_step_reset();
 }
 
+/* Noisy top-k gating: no noise outside training, a smooth load near T*k, and balance
+ * gradients that reach experts no token picked (which the hard counts cannot). */
+static void test_noisy_gating(void) {
+    enum { TT = 256, DD = 8, EE = 4 };
+    moe_router_settings s = {.n_experts = EE, .top_k = 1, .d_model = DD, .balance = MOE_BALANCE_LATENCY,
+                             .aux_coef = 1.0, .renormalize = true, .noisy_gating = true};
+    moe_router r, clean;
+    moe_router_settings sc = s;
+    sc.noisy_gating = false;
+    CU_ASSERT_EQUAL_FATAL(moe_router_init(&r, &s, MOE_CPU, MOE_F32, "r", 3, 0.1), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(moe_router_init(&clean, &sc, MOE_CPU, MOE_F32, "r", 3, 0.1), MOE_OK);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(r.w_noise);
+    moe_tensor *ts[4];
+    const char *names[4];
+    CU_ASSERT_EQUAL(moe_router_params(&r, ts, names, 4), 2);
+    CU_ASSERT_STRING_EQUAL(names[1], "r.w_noise");
+    float *w = r.w_gate->data, *wc = clean.w_gate->data;
+    for (int i = 0; i < DD; i++) w[i * EE + 2] = wc[i * EE + 2] = 3.0f; /* expert 2 takes (almost) every token */
+    moe_tensor *x = moe_tensor_randn(MOE_LIFE_PERSIST, MOE_CPU, MOE_F32, 2, (int64_t[]){TT, DD}, 8, 0, 1.0);
+    float *xv = x->data;
+    for (int i = 0; i < TT * DD; i++) xv[i] = fabsf(xv[i]);
+    /* no grad mode: exactly the clean routing */
+    bool was = moe_grad_set_enabled(false);
+    moe_routing a, b;
+    CU_ASSERT_EQUAL_FATAL(moe_router_forward(&r, x, NULL, &a), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(moe_router_forward(&clean, x, NULL, &b), MOE_OK);
+    CU_ASSERT(memcmp(a.host_experts, b.host_experts, sizeof(int32_t) * TT) == 0);
+    CU_ASSERT_PTR_NULL(a.smooth_load);
+    moe_grad_set_enabled(was);
+    /* training: a smooth load near T * k and gradients into every expert's gate column */
+    moe_tensor *ps[2] = {r.w_gate, r.w_noise}, *pc[1] = {clean.w_gate};
+    moe_zero_grad(ps, 2);
+    CU_ASSERT_EQUAL_FATAL(moe_router_forward(&r, x, NULL, &a), MOE_OK);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(a.smooth_load);
+    double sl[EE], sum = 0;
+    moe_tensor_to_host_f64(a.smooth_load, sl);
+    for (int e = 0; e < EE; e++) sum += sl[e];
+    fprintf(stderr, "\n    smooth load %.1f %.1f %.1f %.1f (sum %.1f, T*k %d)\n", sl[0], sl[1], sl[2], sl[3], sum, TT);
+    CU_ASSERT(sum > 0.7 * TT && sum < 1.3 * TT);
+    CU_ASSERT_EQUAL_FATAL(moe_backward(a.aux_loss), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(moe_router_forward(&clean, x, NULL, &b), MOE_OK);
+    moe_zero_grad(pc, 1);
+    CU_ASSERT_EQUAL_FATAL(moe_backward(b.aux_loss), MOE_OK);
+    double g[DD * EE], gc[DD * EE];
+    moe_tensor_to_host_f64(r.w_gate->grad, g);
+    moe_tensor_to_host_f64(clean.w_gate->grad, gc);
+    int reached = 0, reached_clean = 0;
+    for (int e = 0; e < EE; e++) {
+        double n1 = 0, n2 = 0;
+        for (int i = 0; i < DD; i++) {
+            n1 += fabs(g[i * EE + e]);
+            n2 += fabs(gc[i * EE + e]);
+        }
+        fprintf(stderr, "    column %d: |grad| noisy %.3g, hard counts %.3g\n", e, n1, n2);
+        reached += n1 > 1e-6;
+        reached_clean += n2 > 1e-6;
+    }
+    fprintf(stderr, "    gate columns with a balance gradient: %d of %d (hard counts: %d)\n", reached, EE, reached_clean);
+    CU_ASSERT_EQUAL(reached, EE);
+    moe_tensor_free(x);
+    moe_router_free(&r);
+    moe_router_free(&clean);
+    moe_step_reset();
+}
+
 static void register_suites(void) {
     moe_test_add_suite("rmoe", (moe_test_entry[]){{"GRU step equals the double reference", test_gru_reference},
                                                    {"gradcheck through 3 layers", test_rmoe_gradcheck},
@@ -452,6 +517,7 @@ static void register_suites(void) {
     moe_test_add_suite("latency", (moe_test_entry[]){{"CV^2, alpha, running average", test_cv_and_alpha},
                                                       {"loss formula", test_latency_loss_formula},
                                                       {"training reaches inverse-latency shares", test_latency_training},
+                                                      {"noisy gating and the smooth load", test_noisy_gating},
                                                       {NULL, NULL}});
 }
 
