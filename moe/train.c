@@ -210,24 +210,74 @@ static void trainer_close(trainer *t) {
 }
 
 /* Sums the grads over the ranks that hold the same parameter: dense parameters over the
- * world, experts over the data-parallel group. The 1/world of the mean goes into the
- * optimizer's grad_scale, so it costs no extra pass. Device grads go through the host. */
-static moe_status allreduce_grads(trainer *t) {
-    for (int i = 0; i < t->model.n_params; i++) {
-        moe_tensor *g = t->model.params[i].t->grad;
-        if (!g) continue;
-        moe_dist_group grp = t->model.params[i].expert_stack ? MOE_GROUP_DP : MOE_GROUP_WORLD;
-        if (moe_dist_size(grp) == 1) continue;
-        if (g->device == MOE_CPU) {
-            MOE_TRY(moe_dist_allreduce_sum(grp, g));
-        } else {
-            moe_tensor *h = moe_tensor_to(g, MOE_CPU, MOE_LIFE_STEP);
-            if (!h) return moe_last_status();
-            MOE_TRY(moe_dist_allreduce_sum(grp, h));
-            MOE_TRY(moe_tensor_copy_(g, h));
-        }
+ * world, experts over the data-parallel group. Grads are packed into host buckets of up
+ * to 64 MiB (one all-reduce per bucket, not per parameter; device grads are staged
+ * through the bucket too). The 1/world of the mean goes into the optimizer's grad_scale,
+ * so it costs no extra pass. Every rank reduces every parameter in the same order. */
+#define GRAD_BUCKET_ELEMS ((int64_t)16 << 20)
+
+static moe_tensor *bucket_piece(moe_tensor *bucket, const moe_tensor *g, int64_t at) {
+    int64_t st[MOE_MAX_DIMS];
+    moe_strides_contiguous(g->ndim, g->shape, st);
+    return moe_tensor_view_raw(bucket, g->ndim, g->shape, st, at);
+}
+
+static moe_status flush_bucket(moe_dist_group grp, moe_tensor *bucket, moe_tensor **held, int n_held, int64_t fill) {
+    if (fill == 0) return MOE_OK;
+    moe_tensor *used = moe_tensor_view_raw(bucket, 1, (int64_t[]){fill}, (int64_t[]){1}, 0);
+    if (!used) return moe_last_status();
+    MOE_TRY(moe_dist_allreduce_sum(grp, used));
+    for (int64_t i = 0, at = 0; i < n_held; at += moe_tensor_numel(held[i]), i++) {
+        moe_tensor *piece = bucket_piece(bucket, held[i], at);
+        if (!piece) return moe_last_status();
+        MOE_TRY(moe_tensor_copy_(held[i], piece));
     }
     return MOE_OK;
+}
+
+static moe_status allreduce_grads(trainer *t) {
+    int n = t->model.n_params;
+    moe_tensor **held = malloc(sizeof *held * (size_t)n);
+    if (!held) return moe_error(MOE_ERR_OOM, "gradient all-reduce: out of host memory");
+    moe_status s = MOE_OK;
+    for (int pass = 0; pass < 2 && s == MOE_OK; pass++) {
+        moe_dist_group grp = pass ? MOE_GROUP_DP : MOE_GROUP_WORLD;
+        if (moe_dist_size(grp) == 1) continue;
+        moe_tensor *bucket = moe_tensor_empty(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 1, (int64_t[]){GRAD_BUCKET_ELEMS});
+        if (!bucket) {
+            s = moe_last_status();
+            break;
+        }
+        int n_held = 0;
+        int64_t fill = 0;
+        for (int i = 0; i < n && s == MOE_OK; i++) {
+            if (t->model.params[i].expert_stack != (pass == 1)) continue;
+            moe_tensor *g = moe_grad_buffer(t->model.params[i].t); /* zeros if this rank made none */
+            if (!g) {
+                s = moe_last_status();
+                break;
+            }
+            int64_t m = moe_tensor_numel(g);
+            if (m > GRAD_BUCKET_ELEMS) { /* too large for a bucket: on its own */
+                moe_tensor *h = g->device == MOE_CPU ? g : moe_tensor_to(g, MOE_CPU, MOE_LIFE_STEP);
+                s = h ? moe_dist_allreduce_sum(grp, h) : moe_last_status();
+                if (s == MOE_OK && h != g) s = moe_tensor_copy_(g, h);
+                continue;
+            }
+            if (fill + m > GRAD_BUCKET_ELEMS) {
+                s = flush_bucket(grp, bucket, held, n_held, fill);
+                n_held = 0;
+                fill = 0;
+            }
+            moe_tensor *piece = s == MOE_OK ? bucket_piece(bucket, g, fill) : NULL;
+            if (s == MOE_OK) s = piece ? moe_tensor_copy_(piece, g) : moe_last_status();
+            held[n_held++] = g;
+            fill += m;
+        }
+        if (s == MOE_OK) s = flush_bucket(grp, bucket, held, n_held, fill);
+    }
+    free(held);
+    return s;
 }
 
 /* Global grad norm of the mean gradient: dense grads are equal on all ranks after the
