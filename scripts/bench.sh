@@ -90,10 +90,10 @@ run_ours() { # case [extra moe bench args]
         { echo "bench.sh: ours failed on $c (see $out/ours.log)" >&2; failures=$((failures + 1)); }
 }
 
-run_ref() { # case
+run_ref() { # case [--compile]
     [ -n "$py" ] || return 0
-    echo "== round $round: bench_reference.py $1" >>"$out/ref.log"
-    "${pin[@]}" "$py" scripts/bench_reference.py "$1" --reps "$reps" --warmup "$warmup" "${thread_args[@]}" \
+    echo "== round $round: bench_reference.py $*" >>"$out/ref.log"
+    "${pin[@]}" "$py" scripts/bench_reference.py "$@" --reps "$reps" --warmup "$warmup" "${thread_args[@]}" \
         >>"$out/ref.jsonl" 2>>"$out/ref.log" ||
         { echo "bench.sh: the reference failed on $1 (see $out/ref.log)" >&2; failures=$((failures + 1)); }
 }
@@ -111,6 +111,8 @@ for round in $(seq 1 "$rounds"); do
             run_ref "$c"
             run_ours "$c"
         fi
+        # the whole-model GPU step is also compared with torch.compile (issue targets)
+        [ "$c" = lm-train-gpu ] && run_ref "$c" --compile
     done
 done
 
@@ -126,7 +128,8 @@ def load(name):
             line = line.strip()
             if line.startswith("{"):
                 r = json.loads(line)
-                recs.setdefault((r["case"], r["phase"]), []).append(r)
+                case = r["case"] + ("-compile" if r.get("compile") else "")
+                recs.setdefault((case, r["phase"]), []).append(r)
     return recs
 
 ours, ref = load("ours.jsonl"), load("ref.jsonl")
@@ -151,9 +154,11 @@ print("| case | ours ms | ref ms | speedup (ref/ours) | ceiling | ours peak MiB 
 print("|---|---|---|---|---|---|---|")
 lines = []
 for case in cases:
-    phases = [("fwd", case + "-fwd"), ("fwd_bwd", case)] if "layer" in case else [("step", case)]
-    for phase, label in phases:
-        o, r = ours.get((case, phase), []), ref.get((case, phase), [])
+    phases = [("fwd", case + "-fwd", case), ("fwd_bwd", case, case)] if "layer" in case else [("step", case, case)]
+    if (case + "-compile", "step") in ref:
+        phases.append(("step", case + "-vs-compile", case + "-compile"))
+    for phase, label, ref_case in phases:
+        o, r = ours.get((case, phase), []), ref.get((ref_case, phase), [])
         oms, rms = med(o, "ms"), med(r, "ms")
         speedup = rms / oms if oms and rms else None
         ceiling = None
