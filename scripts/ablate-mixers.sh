@@ -32,7 +32,7 @@ while [ $# -gt 0 ]; do
 done
 case "$target" in
   cpu) config=configs/tiny-cpu.yaml ;;
-  gpu) config=configs/small-gpu.yaml ;;
+  gpu) config=configs/small-gpu.yaml ;; # BPE data: scripts/prepare-brown-bpe.sh (run below)
 esac
 [[ "$seeds" =~ ^[1-9][0-9]*$ ]] || { echo "ablate-mixers: --seeds must be a positive integer" >&2; exit 2; }
 [ -z "$steps" ] || [[ "$steps" =~ ^[1-9][0-9]*$ ]] || { echo "ablate-mixers: --steps must be a positive integer" >&2; exit 2; }
@@ -41,6 +41,7 @@ moe="${MOE_BIN:-build/moe}"
 if [ ! -x "$moe" ]; then
   scripts/build.sh || { echo "ablate-mixers: build failed" >&2; exit 1; }
 fi
+if [ "$config" = configs/small-gpu.yaml ]; then MOE_BIN="$moe" scripts/prepare-brown-bpe.sh || exit 1; fi
 if [ ! -s data/brown/train.bin ]; then
   scripts/get-brown.sh data/brown && "$moe" data prepare --out data/brown data/brown/brown.txt ||
     { echo "ablate-mixers: could not prepare data/brown" >&2; exit 1; }

@@ -25,10 +25,11 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-moe=build/moe
+moe="${MOE_BIN:-build/moe}"
 [ -x "$moe" ] || { echo "ablate-routers: $moe not found; build first (scripts/build.sh)" >&2; exit 1; }
 if [ "$mode" = gpu ]; then
     config=configs/small-gpu.yaml base=(--set train.device=cuda)
+    MOE_BIN="$moe" scripts/prepare-brown-bpe.sh || exit 1 # small-gpu.yaml trains on BPE tokens
 else
     config=configs/tiny-cpu.yaml base=()
 fi
