@@ -173,7 +173,6 @@ typedef struct { int op; int axis; } moe_reduce_attrs;           /* op 0 = sum, 
 typedef struct { bool log; } moe_softmax_attrs;
 typedef struct { double eps; } moe_norm_attrs;
 typedef struct {
-    bool trans_a, trans_b; /* use the transpose of the last two dims */
     float alpha, beta;
 } moe_matmul_attrs;
 typedef struct {

@@ -114,28 +114,17 @@ void *moe_mem_alloc(moe_device dev, moe_lifetime life, size_t bytes) {
         }
         return p;
     }
-    /* PERSIST: a small header in front keeps the size for the statistics. */
-    size_t padded = bytes + ARENA_ALIGN;
-    void *raw = backend_alloc(dev, padded);
-    if (!raw) return NULL;
-    const moe_backend *be = moe_backend_get(dev);
-    size_t header = padded;
-    if (be->memcpy_to(raw, &header, sizeof header, MOE_CPU) != MOE_OK) {
-        backend_free(dev, raw);
-        return NULL;
-    }
-    stats[dev].persist_bytes += padded;
+    void *p = backend_alloc(dev, bytes);
+    if (!p) return NULL;
+    stats[dev].persist_bytes += bytes;
     if (stats[dev].persist_bytes > stats[dev].persist_peak) stats[dev].persist_peak = stats[dev].persist_bytes;
-    return (char *)raw + ARENA_ALIGN;
+    return p;
 }
 
-void moe_mem_free(moe_device dev, moe_lifetime life, void *p) {
+void moe_mem_free(moe_device dev, moe_lifetime life, void *p, size_t bytes) {
     if (!p || life == MOE_LIFE_STEP) return;
-    void *raw = (char *)p - ARENA_ALIGN;
-    const moe_backend *be = moe_backend_get(dev);
-    size_t header = 0;
-    if (be->memcpy_from(&header, raw, sizeof header) == MOE_OK) stats[dev].persist_bytes -= header;
-    backend_free(dev, raw);
+    stats[dev].persist_bytes -= bytes;
+    backend_free(dev, p);
 }
 
 void *moe_step_host_alloc(size_t bytes) {

@@ -11,7 +11,8 @@
 
 /* NULL with moe_last_error() set ("out of memory on cuda: asked 1.2 GiB, 0.3 GiB free"). */
 void *moe_mem_alloc(moe_device dev, moe_lifetime life, size_t bytes);
-void moe_mem_free(moe_device dev, moe_lifetime life, void *p);
+/* bytes: the size that was allocated (for the statistics). */
+void moe_mem_free(moe_device dev, moe_lifetime life, void *p, size_t bytes);
 /* Host memory for tensor structs and tape nodes of the current step. */
 void *moe_step_host_alloc(size_t bytes);
 

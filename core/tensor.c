@@ -176,7 +176,10 @@ moe_tensor *moe_tensor_randint(moe_lifetime life, moe_device dev, moe_dtype dt, 
 void moe_tensor_free(moe_tensor *t) {
     if (!t || t->life == MOE_LIFE_STEP) return;
     if (t->grad && t->grad != t) moe_tensor_free(t->grad);
-    if (t->base) moe_mem_free(t->device, t->life, t->base);
+    if (t->base) {
+        size_t bytes = (size_t)moe_tensor_numel(t) * moe_dtype_size(t->dtype);
+        moe_mem_free(t->device, t->life, t->base, bytes ? bytes : 1);
+    }
     free(t);
 }
 

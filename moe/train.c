@@ -384,7 +384,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
             moe_loss_parts parts;
             s = moe_model_loss(&t.model, in + (size_t)a * Bm * T, tg + (size_t)a * Bm * T, Bm, T, &parts);
             if (s != MOE_OK) break;
-            double lv = moe_tensor_item(parts.loss);
+            double lv = parts.ce + parts.aux + parts.z; /* already on the host: no extra device read */
             bad |= !isfinite(lv);
             loss += lv / A;
             aux += parts.aux / A;

@@ -166,7 +166,6 @@ static moe_status matmul_f64(const moe_tensor *A, const moe_tensor *B, moe_tenso
 
 moe_status moe_cpu_matmul(const moe_kernel_args *a) {
     const moe_matmul_attrs *at = a->attrs;
-    MOE_ASSERT(!at->trans_a && !at->trans_b, "cpu matmul takes transposes as strided views");
     if (a->in[0]->dtype == MOE_F64) return matmul_f64(a->in[0], a->in[1], a->out, at->alpha, at->beta);
     if (a->in[0]->dtype != MOE_F32 && a->in[0]->dtype != MOE_BF16)
         return moe_error(MOE_ERR_UNSUPPORTED, "matmul: dtype %s not supported on cpu", moe_dtype_name(a->in[0]->dtype));

@@ -187,7 +187,7 @@ moe_status moe_cuda_gemm(const moe_tensor *a_in, const moe_tensor *b_in, moe_ten
 
 extern "C" moe_status moe_cuda_matmul(const moe_kernel_args *a) {
     const moe_matmul_attrs *at = (const moe_matmul_attrs *)a->attrs;
-    return moe_cuda_gemm(a->in[0], a->in[1], a->out, at->trans_a, at->trans_b, at->alpha, at->beta);
+    return moe_cuda_gemm(a->in[0], a->in[1], a->out, false, false, at->alpha, at->beta); /* transposes arrive as views */
 }
 
 /* ---- grouped matmul ---- */
