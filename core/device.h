@@ -17,4 +17,9 @@ bool moe_device_available(moe_device dev);
  * reports an earlier asynchronous failure. */
 moe_status moe_device_sync(moe_device dev);
 
+/* With MOE_PROFILE set (1: per kernel, 2: per kernel, dtype and shapes): prints the kernel
+ * times gathered since the last report under `title` (stderr) and starts afresh; a no-op
+ * otherwise. */
+void moe_profile_report(const char *title);
+
 #endif

@@ -2,7 +2,9 @@
  * Backward functions and kernels are weak references so that a missing one shows up
  * as NULL, which tests/test_cpu_optable.c reports by name. */
 #include <stdio.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "core/fileio.h"
 #include "core/kernels.h"
@@ -32,26 +34,84 @@ const moe_backend *moe_backend_get(moe_device dev) {
 }
 
 /* MOE_PROFILE=1: wall time and calls per kernel (the device is synchronised after each
- * kernel, so CUDA figures are per-kernel too), printed to stderr at exit. */
-static int profile_on = -1;
-static double profile_s[MOE_KERNEL_COUNT];
-static long profile_calls[MOE_KERNEL_COUNT];
+ * kernel, so CUDA figures are per-kernel too), printed to stderr by moe_profile_report and
+ * at exit. MOE_PROFILE=2 splits each kernel by dtype and operand shapes. */
+static int profile_level = -1;
+#define PROFILE_SLOTS 1024
+typedef struct {
+    int kernel; /* -1: free slot */
+    char shape[120];
+    double s;
+    long calls;
+} profile_slot;
+static profile_slot profile_tab[PROFILE_SLOTS];
 
-
-static void profile_report(void) {
-    double total = 0;
-    for (int k = 0; k < MOE_KERNEL_COUNT; k++) total += profile_s[k];
-    fprintf(stderr, "kernel profile (MOE_PROFILE): %.3f s in kernels\n", total);
-    for (int done = 0; done < MOE_KERNEL_COUNT; done++) {
-        int best = -1;
-        for (int k = 0; k < MOE_KERNEL_COUNT; k++)
-            if (profile_calls[k] >= 0 && (best < 0 || profile_s[k] > profile_s[best])) best = k;
-        if (best < 0 || profile_calls[best] == 0) break;
-        fprintf(stderr, "  %-20s %9.3f ms %5.1f%%  %8ld calls\n", moe_kernel_names[best], 1e3 * profile_s[best],
-                100 * profile_s[best] / (total > 0 ? total : 1), profile_calls[best]);
-        profile_calls[best] = -1;
+static void shape_text(char *buf, size_t cap, const moe_kernel_args *a) {
+    size_t n = 0;
+    const moe_tensor *ts[3] = {a->out, a->in[0], a->in[1]};
+    for (int i = 0; i < 3 && n + 1 < cap; i++) {
+        const moe_tensor *t = ts[i];
+        if (!t) continue;
+        n += (size_t)snprintf(buf + n, cap - n, "%s%s[", i ? " " : "", moe_dtype_name(t->dtype));
+        for (int d = 0; d < t->ndim && n + 1 < cap; d++)
+            n += (size_t)snprintf(buf + n, cap - n, "%s%lld", d ? "," : "", (long long)t->shape[d]);
+        if (n + 1 < cap) n += (size_t)snprintf(buf + n, cap - n, "]");
     }
 }
+
+static profile_slot *profile_slot_of(int kernel, const char *shape) {
+    uint64_t h = 1469598103934665603ull ^ (uint64_t)kernel;
+    for (const char *c = shape; *c; c++) h = (h ^ (unsigned char)*c) * 1099511628211ull;
+    for (int probe = 0; probe < PROFILE_SLOTS; probe++) {
+        profile_slot *sl = &profile_tab[(h + (uint64_t)probe) % PROFILE_SLOTS];
+        if (sl->calls == 0) {
+            sl->kernel = kernel;
+            snprintf(sl->shape, sizeof sl->shape, "%s", shape);
+            return sl;
+        }
+        if (sl->kernel == kernel && !strcmp(sl->shape, shape)) return sl;
+    }
+    return NULL; /* table full: the call goes unrecorded */
+}
+
+static int profile_by_time(const void *a, const void *b) {
+    double x = ((const profile_slot *)a)->s, y = ((const profile_slot *)b)->s;
+    return (x < y) - (x > y);
+}
+
+void moe_profile_report(const char *title) {
+    if (profile_level <= 0) return;
+    profile_slot *rows = malloc(sizeof profile_tab);
+    if (!rows) return;
+    int n = 0;
+    double total = 0;
+    if (profile_level == 1) { /* merge the shapes of each kernel */
+        for (int i = 0; i < PROFILE_SLOTS; i++) {
+            if (!profile_tab[i].calls) continue;
+            int j = 0;
+            while (j < n && rows[j].kernel != profile_tab[i].kernel) j++;
+            if (j == n) rows[n++] = (profile_slot){profile_tab[i].kernel, "", 0, 0};
+            rows[j].s += profile_tab[i].s;
+            rows[j].calls += profile_tab[i].calls;
+        }
+    } else {
+        for (int i = 0; i < PROFILE_SLOTS; i++)
+            if (profile_tab[i].calls) rows[n++] = profile_tab[i];
+    }
+    for (int i = 0; i < n; i++) total += rows[i].s;
+    if (n > 0) {
+        qsort(rows, (size_t)n, sizeof *rows, profile_by_time);
+        fprintf(stderr, "kernel profile (MOE_PROFILE) %s: %.3f ms in kernels\n", title, 1e3 * total);
+        for (int i = 0; i < n && i < 60; i++)
+            fprintf(stderr, "  %-20s %9.3f ms %5.1f%% %7ld calls %8.3f ms/call  %s\n", moe_kernel_names[rows[i].kernel],
+                    1e3 * rows[i].s, 100 * rows[i].s / (total > 0 ? total : 1), rows[i].calls,
+                    1e3 * rows[i].s / (double)rows[i].calls, rows[i].shape);
+    }
+    free(rows);
+    memset(profile_tab, 0, sizeof profile_tab);
+}
+
+static void profile_report_at_exit(void) { moe_profile_report("(rest of the run)"); }
 
 moe_status moe_kernel_run(moe_kernel_id k, const moe_kernel_args *a) {
     const moe_tensor *t = a->out ? a->out : a->in[0];
@@ -60,16 +120,21 @@ moe_status moe_kernel_run(moe_kernel_id k, const moe_kernel_args *a) {
     if (!be) return moe_error(MOE_ERR_UNSUPPORTED, "no %s backend in this build", moe_device_name(t->device));
     if (!be->kernels[k])
         return moe_error(MOE_ERR_UNSUPPORTED, "kernel %s is not implemented on %s", moe_kernel_names[k], be->name);
-    if (profile_on < 0) {
+    if (profile_level < 0) {
         const char *e = getenv("MOE_PROFILE");
-        profile_on = e && *e && *e != '0';
-        if (profile_on) atexit(profile_report);
+        profile_level = e && *e ? atoi(e) : 0;
+        if (profile_level > 0) atexit(profile_report_at_exit);
     }
-    if (!profile_on) return be->kernels[k](a);
-    double t0 = (moe_clock_ms() / 1e3);
+    if (profile_level <= 0) return be->kernels[k](a);
+    char shape[120] = "";
+    if (profile_level > 1) shape_text(shape, sizeof shape, a);
+    double t0 = moe_clock_ms();
     moe_status s = be->kernels[k](a);
     if (s == MOE_OK) s = be->sync();
-    profile_s[k] += (moe_clock_ms() / 1e3) - t0;
-    profile_calls[k]++;
+    profile_slot *sl = profile_slot_of((int)k, shape);
+    if (sl) {
+        sl->s += (moe_clock_ms() - t0) / 1e3;
+        sl->calls++;
+    }
     return s;
 }

@@ -4,6 +4,7 @@
 
 #include <math.h>
 #include <omp.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -197,7 +198,12 @@ static moe_status run_phases(const bench_run *r, const bench_phase *phases, int 
     for (int i = 0; i < n && s == MOE_OK; i++) {
         double ms = 0;
         for (int w = 0; w < r->o->warmup && s == MOE_OK; w++) s = run_once(r, &phases[i], &ms);
+        char title[96];
+        snprintf(title, sizeof title, "warm-up of %s %s", r->c->name, phases[i].name);
+        moe_profile_report(title);
         for (int k = 0; k < r->o->reps && s == MOE_OK; k++) s = run_once(r, &phases[i], &ms_all[k]);
+        snprintf(title, sizeof title, "%s %s, %d reps", r->c->name, phases[i].name, r->o->reps);
+        moe_profile_report(title);
         if (s == MOE_OK) write_figure(r, &phases[i], ms_all);
         else moe_error_context(s, "moe bench %s, phase %s", r->c->name, phases[i].name);
     }

@@ -64,6 +64,9 @@ static moe_status init_device(void) {
     CU_TRY(cudaMalloc(&blas_workspace, BLAS_WORKSPACE_BYTES), "allocating the %u MiB cuBLAS workspace",
            BLAS_WORKSPACE_BYTES >> 20);
     CUBLAS_TRY(cublasSetWorkspace(moe_cu.blas, blas_workspace, BLAS_WORKSPACE_BYTES), "setting the cuBLAS workspace");
+    CU_TRY(cudaHostAlloc((void **)&moe_cu.index_fault, sizeof *moe_cu.index_fault, cudaHostAllocMapped),
+           "allocating the index-fault word (host-mapped)");
+    memset(moe_cu.index_fault, 0, sizeof *moe_cu.index_fault);
     const char *tf = getenv("MOE_CUDA_TF32");
     moe_cu.tf32 = tf && strcmp(tf, "1") == 0;
     return MOE_OK;
@@ -92,6 +95,27 @@ static void cuda_free(void *p) {
     if (e != cudaSuccess) moe_cu_fail(e, "cudaFree", "freeing device memory at %p", p);
 }
 
+static const char *const index_kernel_names[] = {"index_select", "index_add", "gather", "scatter_add", "bincount"};
+
+moe_status cu_index_fault_check(void) {
+    volatile cu_index_fault *f = moe_cu.index_fault;
+    if (!f || !f->set) return MOE_OK;
+    cu_index_fault c = {f->set, f->kernel, f->value, f->pos, f->hi};
+    f->set = 0;
+    return moe_error(MOE_ERR_INVALID, "%s: %s %d at position %lld is out of range [0, %lld) (checked on the device; the "
+                     "element was skipped and the fault reported at the next synchronisation)",
+                     index_kernel_names[c.kernel], c.kernel == CU_IDX_BINCOUNT ? "value" : "index", c.value, c.pos, c.hi);
+}
+
+/* Host-to-device copies go through a pinned staging ring so that they need not wait:
+ * the host data is copied into the ring at once (the caller may reuse its buffer), the
+ * device copy runs in stream order. When the ring wraps, the stream is synchronised
+ * once (every earlier copy out of the ring is then done). Copies larger than half the
+ * ring (parameter loads, not steady-state steps) wait for themselves instead. */
+#define STAGE_BYTES ((size_t)32 << 20)
+static char *stage_ring;
+static size_t stage_used;
+
 static moe_status cuda_memcpy_to(void *dst, const void *src, size_t bytes, moe_device src_dev) {
     if (!bytes) return MOE_OK;
     if (src_dev == MOE_CUDA) {
@@ -99,10 +123,24 @@ static moe_status cuda_memcpy_to(void *dst, const void *src, size_t bytes, moe_d
                "copying %zu bytes device to device", bytes);
         return MOE_OK;
     }
-    /* The host buffer may be pageable and reused at once: wait for the copy. */
-    CU_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, moe_cu.stream), "copying %zu bytes host to device",
-           bytes);
-    CU_TRY(cudaStreamSynchronize(moe_cu.stream), "waiting for a %zu-byte host-to-device copy", bytes);
+    if (!stage_ring && bytes <= STAGE_BYTES / 2)
+        CU_TRY(cudaHostAlloc((void **)&stage_ring, STAGE_BYTES, cudaHostAllocDefault),
+               "allocating the %zu MiB pinned staging buffer", STAGE_BYTES >> 20);
+    if (bytes > STAGE_BYTES / 2) {
+        CU_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, moe_cu.stream),
+               "copying %zu bytes host to device", bytes);
+        CU_TRY(cudaStreamSynchronize(moe_cu.stream), "waiting for a %zu-byte host-to-device copy", bytes);
+        return MOE_OK;
+    }
+    size_t at = (stage_used + 255) & ~(size_t)255;
+    if (at + bytes > STAGE_BYTES) {
+        CU_TRY(cudaStreamSynchronize(moe_cu.stream), "waiting for the staged host-to-device copies");
+        at = 0;
+    }
+    memcpy(stage_ring + at, src, bytes);
+    stage_used = at + bytes;
+    CU_TRY(cudaMemcpyAsync(dst, stage_ring + at, bytes, cudaMemcpyHostToDevice, moe_cu.stream),
+           "copying %zu bytes host to device", bytes);
     return MOE_OK;
 }
 
@@ -112,7 +150,7 @@ static moe_status cuda_memcpy_from(void *dst_host, const void *src, size_t bytes
            bytes);
     CU_TRY(cudaStreamSynchronize(moe_cu.stream), "waiting for a %zu-byte device-to-host copy (or a kernel before it)",
            bytes);
-    return MOE_OK;
+    return cu_index_fault_check();
 }
 
 static moe_status cuda_memset(void *p, int byte, size_t bytes) {
@@ -123,7 +161,7 @@ static moe_status cuda_memset(void *p, int byte, size_t bytes) {
 
 static moe_status cuda_sync(void) {
     CU_TRY(cudaStreamSynchronize(moe_cu.stream), "waiting for the CUDA stream (a kernel launched earlier failed)");
-    return MOE_OK;
+    return cu_index_fault_check();
 }
 
 /* ---- the kernel table ---- */

@@ -23,8 +23,20 @@ extern "C" {
 typedef __nv_bfloat16 bf16;
 
 /* ---- backend context (core/cuda/backend_cuda.cu) ---- */
+/* The first out-of-range index a kernel met (host-mapped memory the kernels write and the
+ * host reads after a synchronisation; see cu_index_fault_check). */
+struct cu_index_fault {
+    int set;         /* 0 until a kernel records a fault */
+    int kernel;      /* an index into cu_index_kernel_names */
+    int value;       /* the bad index */
+    long long pos;   /* its position in the index tensor */
+    long long hi;    /* the valid range is [0, hi) */
+};
+enum { CU_IDX_INDEX_SELECT, CU_IDX_INDEX_ADD, CU_IDX_GATHER, CU_IDX_SCATTER_ADD, CU_IDX_BINCOUNT };
+
 struct moe_cuda_ctx {
     cudaStream_t stream;
+    cu_index_fault *index_fault; /* host-mapped, also a valid device pointer (UVA) */
     cublasHandle_t blas;
     int sms;             /* multiprocessors */
     size_t smem_optin;   /* max dynamic shared memory per block after opt-in */
@@ -49,6 +61,9 @@ extern moe_cuda_ctx moe_cu;
 #define CU_LAUNCHED(kname) CU_TRY(cudaGetLastError(), "launching the %s kernel", kname)
 
 moe_status moe_cu_fail(cudaError_t e, const char *call, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* After a stream synchronisation: MOE_ERR_INVALID naming the kernel, value, position and
+ * range when a kernel met an out-of-range index since the last check (then cleared). */
+moe_status cu_index_fault_check(void);
 moe_status moe_cublas_fail(cublasStatus_t s, const char *call, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
@@ -66,6 +81,21 @@ __device__ __forceinline__ float ldf(const float *p) { return *p; }
 __device__ __forceinline__ float ldf(const bf16 *p) { return __bfloat162float(*p); }
 __device__ __forceinline__ void stf(float *p, float v) { *p = v; }
 __device__ __forceinline__ void stf(bf16 *p, float v) { *p = __float2bfloat16_rn(v); }
+
+/* Records (once) that index `v` at position `pos` is outside [0, hi); the kernel then
+ * skips that element, so memory stays safe and the host reports the fault at the next
+ * synchronisation (cu_index_fault_check). */
+__device__ __forceinline__ bool cu_index_ok(cu_index_fault *f, int kernel, int32_t v, int64_t pos, int64_t hi) {
+    if (v >= 0 && v < hi) return true;
+    if (atomicCAS(&f->set, 0, 1) == 0) {
+        f->kernel = kernel;
+        f->value = v;
+        f->pos = pos;
+        f->hi = hi;
+        __threadfence_system();
+    }
+    return false;
+}
 
 /* ---- launch geometry ---- */
 #define CU_THREADS 256

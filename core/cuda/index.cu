@@ -1,8 +1,9 @@
 /* CUDA index kernels (core/cpu/index_cpu.c is the specification): row select / row add,
  * last-axis gather / scatter-add, top-k, stable argsort, bincount, cumsum. Operands are
- * contiguous (core/ops_index.c). Indices are checked on the device before anything is
- * written; a bad one is read back (one small synchronising copy) and reported as
- * MOE_ERR_INVALID with the kernel, the value, its position and the range.
+ * contiguous (core/ops_index.c). Indices are checked inside the kernels without a host
+ * synchronisation: an out-of-range one is skipped (its output row is zero) and recorded,
+ * and the next synchronisation reports MOE_ERR_INVALID with the kernel, the value, its
+ * position and the range (cu_index_ok, cu_index_fault_check).
  * INDEX_ADD / SCATTER_ADD accumulate with atomics: they differ from the CPU by rounding
  * order only. ARGSORT and CUMSUM use CUB (stable radix sort, device scan). */
 #include <cub/cub.cuh>
@@ -17,32 +18,6 @@
     default: return moe_error(MOE_ERR_UNSUPPORTED, "%s: elements of %zu bytes are not supported", kname, (size_t)(es)); \
     }
 
-__global__ void bad_index_kernel(const int32_t *idx, int64_t n, int64_t hi, unsigned long long *first) {
-    CU_GRID_LOOP(i, n) {
-        int32_t v = idx[i];
-        if (v < 0 || v >= hi) atomicMin(first, (unsigned long long)i);
-    }
-}
-
-/* MOE_OK when every idx[i] lies in [0, hi); otherwise the first bad one is reported. */
-static moe_status check_indices(const char *kname, const char *what, const int32_t *idx, int64_t n, int64_t hi) {
-    if (n == 0) return MOE_OK;
-    unsigned long long *first = (unsigned long long *)cu_scratch(sizeof *first);
-    if (!first) return moe_last_status();
-    CU_TRY(cudaMemsetAsync(first, 0xff, sizeof *first, moe_cu.stream), "%s: clearing the index check", kname);
-    bad_index_kernel<<<cu_blocks(n), CU_THREADS, 0, moe_cu.stream>>>(idx, n, hi, first);
-    CU_LAUNCHED(kname);
-    unsigned long long pos = 0;
-    int32_t val = 0;
-    CU_TRY(cudaMemcpyAsync(&pos, first, sizeof pos, cudaMemcpyDeviceToHost, moe_cu.stream), "%s: reading the index check",
-           kname);
-    CU_TRY(cudaStreamSynchronize(moe_cu.stream), "%s: checking %lld %ss", kname, (long long)n, what);
-    if (pos == ~0ull) return MOE_OK;
-    CU_TRY(cudaMemcpy(&val, idx + pos, sizeof val, cudaMemcpyDeviceToHost), "%s: reading a bad %s", kname, what);
-    return moe_error(MOE_ERR_INVALID, "%s: %s %d at position %lld is out of range [0, %lld)", kname, what, (int)val,
-                     (long long)pos, (long long)hi);
-}
-
 static int64_t row_width(const moe_tensor *t) {
     int64_t r = 1;
     for (int d = 1; d < t->ndim; d++) r *= t->shape[d];
@@ -50,10 +25,13 @@ static int64_t row_width(const moe_tensor *t) {
 }
 
 /* ---- INDEX_SELECT: out row i = x row idx[i]; any dtype ---- */
-template <class U> __global__ void index_select_kernel(const U *x, const int32_t *idx, U *o, int64_t m, int64_t r) {
+template <class U>
+__global__ void index_select_kernel(const U *x, const int32_t *idx, U *o, int64_t n, int64_t m, int64_t r,
+                                    cu_index_fault *f) {
     CU_GRID_LOOP(i, m * r) {
         int64_t row = i / r;
-        o[i] = x[(int64_t)idx[row] * r + (i - row * r)];
+        int32_t v = idx[row];
+        o[i] = cu_index_ok(f, CU_IDX_INDEX_SELECT, v, row, n) ? x[(int64_t)v * r + (i - row * r)] : (U)0;
     }
 }
 
@@ -61,11 +39,10 @@ extern "C" moe_status moe_cuda_index_select(const moe_kernel_args *a) {
     const moe_tensor *x = a->in[0], *idx = a->in[1];
     int64_t n = x->ndim ? x->shape[0] : 1, r = row_width(x), m = moe_tensor_numel(idx);
     const int32_t *pi = (const int32_t *)idx->data;
-    MOE_TRY(check_indices("index_select", "index", pi, m, n));
     if (m * r == 0) return MOE_OK;
     BITS_DISPATCH(moe_dtype_size(x->dtype), "index_select",
-        index_select_kernel<U><<<cu_blocks(m * r), CU_THREADS, 0, moe_cu.stream>>>((const U *)x->data, pi,
-                                                                                 (U *)a->out->data, m, r);)
+        index_select_kernel<U><<<cu_blocks(m * r), CU_THREADS, 0, moe_cu.stream>>>(
+            (const U *)x->data, pi, (U *)a->out->data, n, m, r, moe_cu.index_fault);)
     CU_LAUNCHED("index_select");
     return MOE_OK;
 }
@@ -74,10 +51,13 @@ __device__ __forceinline__ void atomic_addf(float *p, float v) { atomicAdd(p, v)
 __device__ __forceinline__ void atomic_addf(bf16 *p, float v) { atomicAdd(p, __float2bfloat16_rn(v)); }
 
 /* ---- INDEX_ADD: out row idx[i] += src row i ---- */
-template <class T> __global__ void index_add_kernel(T *o, const T *src, const int32_t *idx, int64_t m, int64_t r) {
+template <class T>
+__global__ void index_add_kernel(T *o, const T *src, const int32_t *idx, int64_t n, int64_t m, int64_t r,
+                                 cu_index_fault *f) {
     CU_GRID_LOOP(i, m * r) {
         int64_t row = i / r;
-        atomic_addf(o + (int64_t)idx[row] * r + (i - row * r), ldf(src + i));
+        int32_t v = idx[row];
+        if (cu_index_ok(f, CU_IDX_INDEX_ADD, v, row, n)) atomic_addf(o + (int64_t)v * r + (i - row * r), ldf(src + i));
     }
 }
 
@@ -86,36 +66,43 @@ extern "C" moe_status moe_cuda_index_add(const moe_kernel_args *a) {
     const moe_tensor *src = a->in[0], *idx = a->in[1];
     int64_t n = o->ndim ? o->shape[0] : 1, r = row_width(o), m = moe_tensor_numel(idx);
     const int32_t *pi = (const int32_t *)idx->data;
-    MOE_TRY(check_indices("index_add", "index", pi, m, n));
     if (m * r == 0) return MOE_OK;
     CU_FLOAT_DISPATCH(o->dtype, "index_add",
-        index_add_kernel<T><<<cu_blocks(m * r), CU_THREADS, 0, moe_cu.stream>>>((T *)o->data, (const T *)src->data,
-                                                                              pi, m, r);)
+        index_add_kernel<T><<<cu_blocks(m * r), CU_THREADS, 0, moe_cu.stream>>>(
+            (T *)o->data, (const T *)src->data, pi, n, m, r, moe_cu.index_fault);)
     CU_LAUNCHED("index_add");
     return MOE_OK;
 }
 
 /* ---- GATHER / SCATTER_ADD along the last axis: idx [rows, k] into [rows, n] ---- */
-template <class U> __global__ void gather_kernel(const U *x, const int32_t *idx, U *o, int64_t rows, int64_t n, int64_t k) {
-    CU_GRID_LOOP(i, rows * k) o[i] = x[(i / k) * n + idx[i]];
+template <class U>
+__global__ void gather_kernel(const U *x, const int32_t *idx, U *o, int64_t rows, int64_t n, int64_t k,
+                              cu_index_fault *f) {
+    CU_GRID_LOOP(i, rows * k) {
+        int32_t v = idx[i];
+        o[i] = cu_index_ok(f, CU_IDX_GATHER, v, i, n) ? x[(i / k) * n + v] : (U)0;
+    }
 }
 
 extern "C" moe_status moe_cuda_gather(const moe_kernel_args *a) {
     const moe_tensor *x = a->in[0], *idx = a->in[1];
     int64_t rows = cu_rows(idx), n = cu_cols(x), k = cu_cols(idx);
     const int32_t *pi = (const int32_t *)idx->data;
-    MOE_TRY(check_indices("gather", "index", pi, rows * k, n));
     if (rows * k == 0) return MOE_OK;
     BITS_DISPATCH(moe_dtype_size(x->dtype), "gather",
-        gather_kernel<U><<<cu_blocks(rows * k), CU_THREADS, 0, moe_cu.stream>>>((const U *)x->data, pi,
-                                                                              (U *)a->out->data, rows, n, k);)
+        gather_kernel<U><<<cu_blocks(rows * k), CU_THREADS, 0, moe_cu.stream>>>(
+            (const U *)x->data, pi, (U *)a->out->data, rows, n, k, moe_cu.index_fault);)
     CU_LAUNCHED("gather");
     return MOE_OK;
 }
 
 template <class T>
-__global__ void scatter_add_kernel(T *o, const T *src, const int32_t *idx, int64_t rows, int64_t n, int64_t k) {
-    CU_GRID_LOOP(i, rows * k) atomic_addf(o + (i / k) * n + idx[i], ldf(src + i));
+__global__ void scatter_add_kernel(T *o, const T *src, const int32_t *idx, int64_t rows, int64_t n, int64_t k,
+                                   cu_index_fault *f) {
+    CU_GRID_LOOP(i, rows * k) {
+        int32_t v = idx[i];
+        if (cu_index_ok(f, CU_IDX_SCATTER_ADD, v, i, n)) atomic_addf(o + (i / k) * n + v, ldf(src + i));
+    }
 }
 
 extern "C" moe_status moe_cuda_scatter_add(const moe_kernel_args *a) {
@@ -123,11 +110,10 @@ extern "C" moe_status moe_cuda_scatter_add(const moe_kernel_args *a) {
     const moe_tensor *src = a->in[0], *idx = a->in[1];
     int64_t rows = cu_rows(idx), n = cu_cols(o), k = cu_cols(idx);
     const int32_t *pi = (const int32_t *)idx->data;
-    MOE_TRY(check_indices("scatter_add", "index", pi, rows * k, n));
     if (rows * k == 0) return MOE_OK;
     CU_FLOAT_DISPATCH(o->dtype, "scatter_add",
         scatter_add_kernel<T><<<cu_blocks(rows * k), CU_THREADS, 0, moe_cu.stream>>>(
-            (T *)o->data, (const T *)src->data, pi, rows, n, k);)
+            (T *)o->data, (const T *)src->data, pi, rows, n, k, moe_cu.index_fault);)
     CU_LAUNCHED("scatter_add");
     return MOE_OK;
 }
@@ -245,20 +231,23 @@ extern "C" moe_status moe_cuda_argsort(const moe_kernel_args *a) {
 }
 
 /* ---- BINCOUNT and CUMSUM (1-D I32) ---- */
-__global__ void bincount_kernel(const int32_t *x, int64_t n, int32_t *out) {
-    CU_GRID_LOOP(i, n) atomicAdd(out + x[i], 1);
+__global__ void bincount_kernel(const int32_t *x, int64_t n, int64_t nbins, int32_t *out, cu_index_fault *f) {
+    CU_GRID_LOOP(i, n) {
+        int32_t v = x[i];
+        if (cu_index_ok(f, CU_IDX_BINCOUNT, v, i, nbins)) atomicAdd(out + v, 1);
+    }
 }
 
 extern "C" moe_status moe_cuda_bincount(const moe_kernel_args *a) {
     const moe_tensor *x = a->in[0];
     int64_t n = moe_tensor_numel(x), nbins = ((const moe_int_attrs *)a->attrs)->nbins;
     const int32_t *px = (const int32_t *)x->data;
-    MOE_TRY(check_indices("bincount", "value", px, n, nbins));
     if (nbins > 0)
         CU_TRY(cudaMemsetAsync(a->out->data, 0, sizeof(int32_t) * (size_t)nbins, moe_cu.stream), "bincount: zeroing %lld bins",
                (long long)nbins);
     if (n == 0) return MOE_OK;
-    bincount_kernel<<<cu_blocks(n), CU_THREADS, 0, moe_cu.stream>>>(px, n, (int32_t *)a->out->data);
+    bincount_kernel<<<cu_blocks(n), CU_THREADS, 0, moe_cu.stream>>>(px, n, nbins, (int32_t *)a->out->data,
+                                                                    moe_cu.index_fault);
     CU_LAUNCHED("bincount");
     return MOE_OK;
 }

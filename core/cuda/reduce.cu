@@ -1,7 +1,11 @@
-/* CUDA reductions over one axis of a contiguous input: sum (accumulated in double, like
- * the CPU) and max with argmax (first index among ties; NaNs are skipped unless a whole
- * slice is NaN). Rows (inner == 1) take one block each; other axes put 32 neighbouring
- * columns in a block, with 8 lanes splitting the reduced axis. */
+/* CUDA reductions over one axis of a contiguous input viewed as [outer, n, inner]: sum
+ * (accumulated in double, like the CPU) and max with argmax (first index among ties; NaNs
+ * are skipped unless a whole slice is NaN). Rows (inner == 1) take one block each; other
+ * axes put 32 neighbouring columns in a block, with 8 lanes splitting the reduced axis.
+ * When that leaves the GPU mostly idle (few long slices, e.g. a sum over all elements),
+ * the reduced axis is cut into `split` chunks whose partial results (double sums, or
+ * value and index) go to scratch, and a second kernel combines them in chunk order, so
+ * the result stays deterministic. */
 #include "core/cuda/cuda_common.cuh"
 
 /* (value, index) max: larger value wins, ties go to the smaller index, NaN loses. */
@@ -13,22 +17,49 @@ __device__ __forceinline__ void argmax_merge(float &v, int &i, float v2, int i2)
     }
 }
 
+/* Where one (slice, chunk) result goes: the output (and argmax) when the axis is not
+ * split, else the partial buffers at index o * split + chunk. */
+struct reduce_sink {
+    int64_t split;
+    double *psum;
+    float *pval;
+    int *pidx;
+};
+
 template <class T>
-__global__ void reduce_rows_kernel(const T *x, T *out, int32_t *arg, int64_t rows, int64_t n, int op) {
+__device__ __forceinline__ void reduce_put(T *out, int32_t *arg, reduce_sink sk, int64_t o, int64_t chunk, int op,
+                                           double acc, float best, int bi) {
+    if (sk.split == 1) {
+        stf(out + o, op == 0 ? (float)acc : best);
+        if (op != 0 && arg) arg[o] = bi;
+    } else if (op == 0) {
+        sk.psum[o * sk.split + chunk] = acc;
+    } else {
+        sk.pval[o * sk.split + chunk] = best;
+        sk.pidx[o * sk.split + chunk] = bi;
+    }
+}
+
+/* Grid-stride over (row, chunk) pairs; a row r holds n contiguous values. */
+template <class T>
+__global__ void reduce_rows_kernel(const T *x, T *out, int32_t *arg, int64_t rows, int64_t n, int op, reduce_sink sk) {
     __shared__ double ssum[32];
     __shared__ float sval[32];
     __shared__ int sidx[32];
-    for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const int64_t len = (n + sk.split - 1) / sk.split;
+    for (int64_t b = blockIdx.x; b < rows * sk.split; b += gridDim.x) {
+        const int64_t r = b / sk.split, chunk = b % sk.split;
+        const int64_t k0 = chunk * len, k1 = min(n, k0 + len);
         const T *p = x + r * n;
         if (op == 0) {
             double acc = 0;
-            for (int64_t k = threadIdx.x; k < n; k += blockDim.x) acc += ldf(p + k);
+            for (int64_t k = k0 + threadIdx.x; k < k1; k += blockDim.x) acc += ldf(p + k);
             acc = cu_block_sum(acc, ssum);
-            if (threadIdx.x == 0) stf(out + r, (float)acc);
+            if (threadIdx.x == 0) reduce_put(out, arg, sk, r, chunk, op, acc, 0.0f, 0);
         } else {
             float best = NAN;
             int bi = INT_MAX;
-            for (int64_t k = threadIdx.x; k < n; k += blockDim.x) argmax_merge(best, bi, ldf(p + k), (int)k);
+            for (int64_t k = k0 + threadIdx.x; k < k1; k += blockDim.x) argmax_merge(best, bi, ldf(p + k), (int)k);
             for (int o = 16; o > 0; o >>= 1) {
                 float v2 = __shfl_xor_sync(0xffffffffu, best, o);
                 int i2 = __shfl_xor_sync(0xffffffffu, bi, o);
@@ -43,30 +74,34 @@ __global__ void reduce_rows_kernel(const T *x, T *out, int32_t *arg, int64_t row
             __syncthreads();
             if (threadIdx.x == 0) {
                 for (int w = 1; w < (int)(blockDim.x >> 5); w++) argmax_merge(best, bi, sval[w], sidx[w]);
-                stf(out + r, best);
-                if (arg) arg[r] = bi;
+                reduce_put(out, arg, sk, r, chunk, op, 0.0, best, bi);
             }
+            __syncthreads(); /* sval/sidx are rewritten by the next pair */
         }
     }
 }
 
 #define COL_LANES 8
+/* Grid-stride over (outer index, 32-column group, chunk) triples. */
 template <class T>
-__global__ void reduce_cols_kernel(const T *x, T *out, int32_t *arg, int64_t outer, int64_t n, int64_t inner, int op) {
+__global__ void reduce_cols_kernel(const T *x, T *out, int32_t *arg, int64_t outer, int64_t n, int64_t inner, int op,
+                                   reduce_sink sk) {
     __shared__ double ssum[COL_LANES][33];
     __shared__ float sval[COL_LANES][33];
     __shared__ int sidx[COL_LANES][33];
-    int64_t chunks = (inner + 31) / 32;
+    const int64_t groups = (inner + 31) / 32, len = (n + sk.split - 1) / sk.split;
     int tx = threadIdx.x, ty = threadIdx.y;
-    for (int64_t b = blockIdx.x; b < outer * chunks; b += gridDim.x) {
-        int64_t oi = b / chunks, col = (b % chunks) * 32 + tx;
+    for (int64_t b = blockIdx.x; b < outer * groups * sk.split; b += gridDim.x) {
+        const int64_t chunk = b % sk.split, g = b / sk.split;
+        const int64_t oi = g / groups, col = (g % groups) * 32 + tx;
+        const int64_t k0 = chunk * len, k1 = min(n, k0 + len);
         bool live = col < inner;
         const T *p = x + oi * n * inner + col;
         double acc = 0;
         float best = NAN;
         int bi = INT_MAX;
         if (live) {
-            for (int64_t k = ty; k < n; k += COL_LANES) {
+            for (int64_t k = k0 + ty; k < k1; k += COL_LANES) {
                 if (op == 0) acc += ldf(p + k * inner);
                 else argmax_merge(best, bi, ldf(p + k * inner), (int)k);
             }
@@ -80,11 +115,25 @@ __global__ void reduce_cols_kernel(const T *x, T *out, int32_t *arg, int64_t out
                 acc += ssum[l][tx];
                 argmax_merge(best, bi, sval[l][tx], sidx[l][tx]);
             }
-            int64_t o = oi * inner + col;
-            stf(out + o, op == 0 ? (float)acc : best);
-            if (op != 0 && arg) arg[o] = bi;
+            reduce_put(out, arg, sk, oi * inner + col, chunk, op, acc, best, bi);
         }
         __syncthreads();
+    }
+}
+
+/* Combines the `split` partials of each output in chunk order. */
+template <class T>
+__global__ void reduce_finish_kernel(T *out, int32_t *arg, int64_t outputs, int op, reduce_sink sk) {
+    for (int64_t o = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; o < outputs; o += (int64_t)gridDim.x * blockDim.x) {
+        double acc = 0;
+        float best = NAN;
+        int bi = INT_MAX;
+        for (int64_t c = 0; c < sk.split; c++) {
+            if (op == 0) acc += sk.psum[o * sk.split + c];
+            else argmax_merge(best, bi, sk.pval[o * sk.split + c], sk.pidx[o * sk.split + c]);
+        }
+        stf(out + o, op == 0 ? (float)acc : best);
+        if (op != 0 && arg) arg[o] = bi;
     }
 }
 
@@ -98,18 +147,37 @@ extern "C" moe_status moe_cuda_reduce(const moe_kernel_args *a) {
     if (n == 0) return moe_error(MOE_ERR_INVALID, "reduce: axis %d of the input has size 0", at->axis);
     if (n > INT32_MAX) return moe_error(MOE_ERR_INVALID, "reduce: axis of %lld elements is too long", (long long)n);
     int32_t *arg = a->out2 ? (int32_t *)a->out2->data : NULL;
+    /* Blocks of independent work without a split; cut the axis until the GPU is busy,
+     * keeping chunks of at least 2048 values (rows) or 256 steps (column groups). */
+    const int64_t groups = inner == 1 ? outer : outer * ((inner + 31) / 32);
+    const int64_t want = 4 * (int64_t)moe_cu.sms, min_len = inner == 1 ? 2048 : 256;
+    reduce_sink sk = {1, NULL, NULL, NULL};
+    if (groups < want && n >= 2 * min_len) {
+        sk.split = min((want + groups - 1) / groups, n / min_len);
+        const int64_t outputs = outer * inner, parts = outputs * sk.split;
+        if (at->op == 0) {
+            sk.psum = (double *)cu_scratch(sizeof(double) * (size_t)parts);
+            if (!sk.psum) return moe_last_status();
+        } else {
+            sk.pval = (float *)cu_scratch(sizeof(float) * (size_t)parts);
+            sk.pidx = (int *)cu_scratch(sizeof(int) * (size_t)parts);
+            if (!sk.pval || !sk.pidx) return moe_last_status();
+        }
+    }
     CU_FLOAT_DISPATCH(x->dtype, "reduce",
         const T *px = (const T *)x->data;
         T *po = (T *)a->out->data;
         if (inner == 1) {
             int threads = cu_row_threads(n) > 256 ? 256 : cu_row_threads(n);
-            reduce_rows_kernel<T><<<cu_blocks(outer * threads, threads), threads, 0, moe_cu.stream>>>(px, po, arg, outer,
-                                                                                                      n, at->op);
+            reduce_rows_kernel<T><<<cu_blocks(groups * sk.split * threads, threads), threads, 0, moe_cu.stream>>>(
+                px, po, arg, outer, n, at->op, sk);
         } else {
-            int64_t blocks = outer * ((inner + 31) / 32);
-            reduce_cols_kernel<T><<<cu_blocks(blocks * 256), dim3(32, COL_LANES), 0, moe_cu.stream>>>(
-                px, po, arg, outer, n, inner, at->op);
-        })
+            reduce_cols_kernel<T><<<cu_blocks(groups * sk.split * 256), dim3(32, COL_LANES), 0, moe_cu.stream>>>(
+                px, po, arg, outer, n, inner, at->op, sk);
+        }
+        if (sk.split > 1)
+            reduce_finish_kernel<T><<<cu_blocks(outer * inner), CU_THREADS, 0, moe_cu.stream>>>(po, arg, outer * inner,
+                                                                                               at->op, sk);)
     CU_LAUNCHED("reduce");
     return MOE_OK;
 }
