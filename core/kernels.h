@@ -89,8 +89,8 @@ extern const moe_op_info moe_op_table[MOE_OP_COUNT];
     X(SCALAR, scalar)              /* out <- in[0] (op) scalar */                              \
     X(UNARY, unary)               /* out <- f(in[0]) */                                       \
     X(UNARY_BWD, unary_bwd)           /* out <- g * f'(x): in[0]=g, in[1]=x, in[2]=y */           \
-    X(SWIGLU, swiglu)              /* out <- silu(in[0]) * in[1] */                            \
-    X(SWIGLU_BWD, swiglu_bwd)          /* out=ga, out2=gb from in[0]=g, in[1]=a, in[2]=b */        \
+    X(SWIGLU, swiglu)              /* out [.., f] <- silu(in[0][.., :f]) * in[0][.., f:] */   \
+    X(SWIGLU_BWD, swiglu_bwd)          /* out = gh [.., 2f] from in[0] = g [.., f], in[1] = h */   \
     X(REDUCE, reduce)              /* sum/max over one axis; out2 = argmax (I32) for max */    \
     /* Softmax family and norms: every in/out is contiguous [rows, d] (d = last axis); the */ \
     /* stats / param-grad dtype "S" is F64 for F64 x, else F32; w, b are [d] or NULL.     */ \

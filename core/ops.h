@@ -48,7 +48,7 @@ moe_tensor *moe_relu(moe_tensor *x);
 moe_tensor *moe_silu(moe_tensor *x);
 moe_tensor *moe_gelu(moe_tensor *x);     /* tanh approximation */
 moe_tensor *moe_softplus(moe_tensor *x);
-moe_tensor *moe_swiglu(moe_tensor *a, moe_tensor *b); /* silu(a) * b, fused */
+moe_tensor *moe_swiglu(moe_tensor *h); /* packed [..., 2f] -> silu(h[..., :f]) * h[..., f:] [..., f] */
 
 /* ---- reductions ---- */
 moe_tensor *moe_sum(moe_tensor *x, int axis, bool keepdim);

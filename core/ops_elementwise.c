@@ -159,27 +159,25 @@ UNARY_OP(silu, MOE_UN_SILU, MOE_OP_SILU)
 UNARY_OP(gelu, MOE_UN_GELU, MOE_OP_GELU)
 UNARY_OP(softplus, MOE_UN_SOFTPLUS, MOE_OP_SOFTPLUS)
 
-/* ---- fused SwiGLU: silu(a) * b ---- */
-moe_tensor *moe_swiglu(moe_tensor *a, moe_tensor *b) {
-    OP_NEED(a, b);
-    moe_tensor *ab[2] = {a, b};
-    if (!op_check_same("swiglu", 2, ab, true)) return NULL;
-    if (!moe_check(moe_tensor_same_shape(a, b), "swiglu", "shapes differ: %s and %s", D(a), D(b))) return NULL;
-    moe_tensor *o = op_new(a, a->dtype, a->ndim, a->shape);
+/* ---- fused SwiGLU on the packed projection: h [..., 2f] -> silu(h[..., :f]) * h[..., f:] ---- */
+moe_tensor *moe_swiglu(moe_tensor *h) {
+    OP_NEED(h);
+    if (!moe_check(moe_dtype_is_float(h->dtype) && h->ndim >= 1 && h->shape[h->ndim - 1] % 2 == 0, "swiglu",
+                   "expects a packed float [..., 2f] input (gate then up), got %s", D(h)))
+        return NULL;
+    int64_t shape[MOE_MAX_DIMS];
+    memcpy(shape, h->shape, sizeof(int64_t) * (size_t)h->ndim);
+    shape[h->ndim - 1] /= 2;
+    moe_tensor *o = op_new(h, h->dtype, h->ndim, shape);
     if (!o) return NULL;
-    OP_RUN(MOE_K_SWIGLU, .out = o, .in = {a, b});
-    moe_autograd_record(MOE_OP_SWIGLU, o, 2, ab, NULL, 0);
+    OP_RUN(MOE_K_SWIGLU, .out = o, .in = {h});
+    moe_autograd_record(MOE_OP_SWIGLU, o, 1, &h, NULL, 0);
     return o;
 }
 
 void moe_backward_swiglu(moe_node *n) {
-    moe_tensor *a = n->in[0], *b = n->in[1];
-    moe_tensor *ga = op_new(a, a->dtype, a->ndim, a->shape), *gb = op_new(b, b->dtype, b->ndim, b->shape);
-    if (!ga || !gb) {
-        moe_grad_give(a, NULL);
-        return;
-    }
-    BWD_RUN(MOE_K_SWIGLU_BWD, .out = ga, .out2 = gb, .in = {n->out->grad, a, b});
-    moe_grad_give(a, ga);
-    moe_grad_give(b, gb);
+    moe_tensor *h = n->in[0];
+    moe_tensor *gh = op_new(h, h->dtype, h->ndim, h->shape); /* [..., 2f], both halves written */
+    if (gh) BWD_RUN(MOE_K_SWIGLU_BWD, .out = gh, .in = {n->out->grad, h});
+    moe_grad_give(h, gh);
 }

@@ -152,9 +152,7 @@ void moe_moe_layer_expert_weights(moe_moe_layer *L, int expert, moe_tensor **w13
 
 moe_tensor *moe_swiglu_ffn(moe_tensor *x, moe_tensor *w13, moe_tensor *w2) {
     if (!x || !w13 || !w2) return NULL;
-    int64_t f = w2->shape[0];
-    moe_tensor *h = moe_matmul(x, w13);
-    return moe_matmul(moe_swiglu(moe_slice(h, 1, 0, f), moe_slice(h, 1, f, 2 * f)), w2);
+    return moe_matmul(moe_swiglu(moe_matmul(x, w13)), w2); /* [T, 2f] -> [T, f] -> [T, d] */
 }
 
 /* Host routing plan: kept assignments sorted by expert slot (group-major, stable), their
@@ -233,10 +231,8 @@ static moe_status plan_routes(const moe_moe_layer *L, const moe_routing *r, moe_
 
 /* One group's SwiGLU on its rows; offsets[n + 1] from 0. */
 static moe_tensor *run_group(const moe_expert_group *G, moe_tensor *xs, const int64_t *offsets, moe_dtype compute) {
-    int64_t f = G->ffn_dim;
     moe_tensor *h = moe_grouped_matmul(xs, moe_cast(G->w13, compute), offsets);            /* [N, 2f] */
-    moe_tensor *a = moe_swiglu(moe_slice(h, 1, 0, f), moe_slice(h, 1, f, 2 * f));
-    return moe_grouped_matmul(a, moe_cast(G->w2, compute), offsets);                        /* [N, d] */
+    return moe_grouped_matmul(moe_swiglu(h), moe_cast(G->w2, compute), offsets);            /* [N, d] */
 }
 
 /* The local experts on rows grouped by slot (offsets[n_local + 1]): each group on its row

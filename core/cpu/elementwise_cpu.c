@@ -164,24 +164,24 @@ _Pragma("omp parallel for schedule(static) if (rows * cols > 16384)")
     return MOE_OK;
 }
 
+/* Packed SwiGLU: row r of h holds the gate [0, f) then the up projection [f, 2f). */
 moe_status moe_cpu_swiglu(const moe_kernel_args *a) {
     moe_tensor *o = a->out;
-    const moe_tensor *x = a->in[0], *y = a->in[1];
-    int64_t rows = cpu_rows(o), cols = cpu_cols(o);
-    int64_t so = cpu_col_stride(o), sx = cpu_col_stride(x), sy = cpu_col_stride(y);
+    const moe_tensor *h = a->in[0];
+    int64_t rows = cpu_rows(o), f = cpu_cols(o);
+    int64_t so = cpu_col_stride(o), sh = cpu_col_stride(h);
     CPU_FLOAT_DISPATCH(o->dtype, "swiglu",
-_Pragma("omp parallel for schedule(static) if (rows * cols > 16384)")
+_Pragma("omp parallel for schedule(static) if (rows * f > 16384)")
         for (int64_t r = 0; r < rows; r++) {
             T *po = (T *)o->data + cpu_row_offset(o, r);
-            const T *px = (const T *)x->data + cpu_row_offset(x, r);
-            const T *py = (const T *)y->data + cpu_row_offset(y, r);
-            if (so == 1 && sx == 1 && sy == 1) {
+            const T *px = (const T *)h->data + cpu_row_offset(h, r), *py = px + f * sh;
+            if (so == 1 && sh == 1) {
                 _Pragma("omp simd")
-                for (int64_t c = 0; c < cols; c++) po[c] = px[c] / ((T)1 + cpu_exp(-px[c])) * py[c];
+                for (int64_t c = 0; c < f; c++) po[c] = px[c] / ((T)1 + cpu_exp(-px[c])) * py[c];
             } else {
-                for (int64_t c = 0; c < cols; c++) {
-                    T v = px[c * sx];
-                    po[c * so] = v / ((T)1 + cpu_exp(-v)) * py[c * sy];
+                for (int64_t c = 0; c < f; c++) {
+                    T v = px[c * sh];
+                    po[c * so] = v / ((T)1 + cpu_exp(-v)) * py[c * sh];
                 }
             }
         })
@@ -189,25 +189,22 @@ _Pragma("omp parallel for schedule(static) if (rows * cols > 16384)")
 }
 
 moe_status moe_cpu_swiglu_bwd(const moe_kernel_args *a) {
-    moe_tensor *ga = a->out, *gb = a->out2;
-    const moe_tensor *g = a->in[0], *x = a->in[1], *y = a->in[2];
-    int64_t rows = cpu_rows(ga), cols = cpu_cols(ga);
-    CPU_FLOAT_DISPATCH(ga->dtype, "swiglu_bwd",
-_Pragma("omp parallel for schedule(static) if (rows * cols > 16384)")
+    moe_tensor *gh = a->out;
+    const moe_tensor *g = a->in[0], *h = a->in[1];
+    int64_t rows = cpu_rows(g), f = cpu_cols(g);
+    int64_t sg = cpu_col_stride(g), sh = cpu_col_stride(h), sgh = cpu_col_stride(gh);
+    CPU_FLOAT_DISPATCH(gh->dtype, "swiglu_bwd",
+_Pragma("omp parallel for schedule(static) if (rows * f > 16384)")
         for (int64_t r = 0; r < rows; r++) {
-            T *pa = (T *)ga->data + cpu_row_offset(ga, r);
-            T *pb = (T *)gb->data + cpu_row_offset(gb, r);
+            T *pa = (T *)gh->data + cpu_row_offset(gh, r), *pb = pa + f * sgh;
             const T *pg = (const T *)g->data + cpu_row_offset(g, r);
-            const T *px = (const T *)x->data + cpu_row_offset(x, r);
-            const T *py = (const T *)y->data + cpu_row_offset(y, r);
-            int64_t sx = cpu_col_stride(x), sg = cpu_col_stride(g), sy = cpu_col_stride(y);
-            int64_t sa = cpu_col_stride(ga), sb = cpu_col_stride(gb);
+            const T *px = (const T *)h->data + cpu_row_offset(h, r), *py = px + f * sh;
             _Pragma("omp simd")
-            for (int64_t c = 0; c < cols; c++) {
-                T v = px[c * sx], s = (T)1 / ((T)1 + cpu_exp(-v));
+            for (int64_t c = 0; c < f; c++) {
+                T v = px[c * sh], s = (T)1 / ((T)1 + cpu_exp(-v));
                 T gv = pg[c * sg];
-                pa[c * sa] = gv * py[c * sy] * s * ((T)1 + v * ((T)1 - s));
-                pb[c * sb] = gv * v * s;
+                pa[c * sgh] = gv * py[c * sh] * s * ((T)1 + v * ((T)1 - s));
+                pb[c * sgh] = gv * v * s;
             }
         })
     return MOE_OK;

@@ -1,7 +1,8 @@
 /* CUDA elementwise kernels: copy/cast (every dtype, any strides), fill, binary
  * (broadcast through stride-0 views of out's shape), scalar, unary and its backward,
- * fused SwiGLU and its backward. Same formulas as core/cpu/elementwise_cpu.c, computed
- * in f32 for f32 and bf16 storage. */
+ * fused SwiGLU on the packed [.., 2f] projection and its backward. Same formulas as
+ * core/cpu/elementwise_cpu.c, computed in f32 for f32 and bf16 storage. Contiguous
+ * float operands with 8 | n take the 8-wide path (cu_vec8), the rest the strided one. */
 #include "core/cuda/cuda_common.cuh"
 
 /* ---- copy with dtype cast (through double, as the CPU does) ---- */
@@ -22,6 +23,16 @@ template <class TO, class TI> struct copy_f {
     TO *o;
     const TI *x;
     __device__ void operator()(const int64_t *off) const { o[off[0]] = from_f64<TO>(to_f64(x[off[1]])); }
+};
+
+template <class TO, class TI> struct cast8_f {
+    TO *o;
+    const TI *x;
+    __device__ void operator()(int64_t i) const {
+        float v[8];
+        cu_ld8(x + i, v);
+        cu_st8(o + i, v);
+    }
 };
 
 /* Same dtype: moves the bits (U has the element size). */
@@ -59,6 +70,13 @@ extern "C" moe_status moe_cuda_copy(const moe_kernel_args *a) {
         return cu_elementwise("copy", t, move_f<uint64_t>{(uint64_t *)o->data, (const uint64_t *)x->data});
     }
     const moe_tensor *t[2] = {o, x};
+    const int64_t n = moe_tensor_numel(o);
+    const bool floats = (o->dtype == MOE_F32 || o->dtype == MOE_BF16) && (x->dtype == MOE_F32 || x->dtype == MOE_BF16);
+    if (floats && moe_tensor_is_contiguous(o) && moe_tensor_is_contiguous(x) && cu_vec8_ok(n, {o->data, x->data})) {
+        CU_FLOAT_DISPATCH(o->dtype, "copy", typedef T TO;
+            CU_FLOAT_DISPATCH(x->dtype, "copy",
+                return cu_vec8("copy", n, cast8_f<TO, T>{(TO *)o->data, (const T *)x->data});))
+    }
     CU_ANY_DISPATCH(o->dtype, TO, "copy",
         CU_ANY_DISPATCH(x->dtype, TI, "copy",
             return cu_elementwise("copy", t, copy_f<TO, TI>{(TO *)o->data, (const TI *)x->data});))
@@ -92,20 +110,44 @@ extern "C" moe_status moe_cuda_fill(const moe_kernel_args *a) {
 }
 
 /* ---- binary and scalar ---- */
+__device__ __forceinline__ float binary_fn(int op, float p, float q) {
+    return op == MOE_BIN_ADD ? p + q : op == MOE_BIN_SUB ? p - q : op == MOE_BIN_MUL ? p * q : p / q;
+}
+
 template <class T> struct binary_f {
     T *o;
     const T *x, *y;
     int op;
     __device__ void operator()(const int64_t *off) const {
-        float p = ldf(x + off[1]), q = ldf(y + off[2]);
-        float r = op == MOE_BIN_ADD ? p + q : op == MOE_BIN_SUB ? p - q : op == MOE_BIN_MUL ? p * q : p / q;
-        stf(o + off[0], r);
+        stf(o + off[0], binary_fn(op, ldf(x + off[1]), ldf(y + off[2])));
+    }
+};
+
+template <class T> struct binary8_f {
+    T *o;
+    const T *x, *y;
+    int op;
+    __device__ void operator()(int64_t i) const {
+        float p[8], q[8];
+        cu_ld8(x + i, p);
+        cu_ld8(y + i, q);
+#pragma unroll
+        for (int k = 0; k < 8; k++) p[k] = binary_fn(op, p[k], q[k]);
+        cu_st8(o + i, p);
     }
 };
 
 extern "C" moe_status moe_cuda_binary(const moe_kernel_args *a) {
     int op = ((const moe_op_attrs_scalar *)a->attrs)->op;
     const moe_tensor *t[3] = {a->out, a->in[0], a->in[1]};
+    const int64_t n = moe_tensor_numel(a->out);
+    /* contiguous, same numel (no broadcast) */
+    if (moe_tensor_is_contiguous(a->out) && moe_tensor_is_contiguous(a->in[0]) && moe_tensor_is_contiguous(a->in[1]) &&
+        moe_tensor_numel(a->in[0]) == n && moe_tensor_numel(a->in[1]) == n &&
+        cu_vec8_ok(n, {a->out->data, a->in[0]->data, a->in[1]->data}))
+        CU_FLOAT_DISPATCH(a->out->dtype, "binary",
+            return cu_vec8("binary", n, binary8_f<T>{(T *)a->out->data, (const T *)a->in[0]->data,
+                                                     (const T *)a->in[1]->data, op});)
     CU_FLOAT_DISPATCH(a->out->dtype, "binary",
         return cu_elementwise("binary", t, binary_f<T>{(T *)a->out->data, (const T *)a->in[0]->data,
                                                       (const T *)a->in[1]->data, op});)
@@ -209,40 +251,106 @@ extern "C" moe_status moe_cuda_unary_bwd(const moe_kernel_args *a) {
     return MOE_OK;
 }
 
-/* ---- SwiGLU: silu(a) * b ---- */
+/* ---- SwiGLU on the packed projection: row r of h = [gate (f) | up (f)] ---- */
+/* Strided path: offsets come from out's shape over the gate half of h (view hg); the
+ * up value sits f columns further. */
 template <class T> struct swiglu_f {
     T *o;
-    const T *x, *y;
+    const T *h;
+    int64_t up; /* element distance gate -> up */
     __device__ void operator()(const int64_t *off) const {
-        float v = ldf(x + off[1]);
-        stf(o + off[0], v / (1.0f + expf(-v)) * ldf(y + off[2]));
+        float v = ldf(h + off[1]);
+        stf(o + off[0], v / (1.0f + expf(-v)) * ldf(h + off[1] + up));
     }
 };
 
+/* 8-wide path: h [rows, 2f] and out [rows, f] contiguous, 8 | f. */
+template <class T> struct swiglu8_f {
+    T *o;
+    const T *h;
+    int64_t f;
+    __device__ void operator()(int64_t i) const {
+        int64_t r = i / f, c = i - r * f;
+        float x[8], y[8];
+        cu_ld8(h + r * 2 * f + c, x);
+        cu_ld8(h + r * 2 * f + f + c, y);
+#pragma unroll
+        for (int k = 0; k < 8; k++) x[k] = x[k] / (1.0f + expf(-x[k])) * y[k];
+        cu_st8(o + i, x);
+    }
+};
+
+/* The gate half of h as a view with out's shape. */
+static moe_tensor swiglu_gate_view(const moe_tensor *h, int64_t f) {
+    moe_tensor g = *h;
+    g.shape[g.ndim - 1] = f;
+    return g;
+}
+
 extern "C" moe_status moe_cuda_swiglu(const moe_kernel_args *a) {
-    const moe_tensor *t[3] = {a->out, a->in[0], a->in[1]};
-    CU_FLOAT_DISPATCH(a->out->dtype, "swiglu",
-        return cu_elementwise("swiglu", t, swiglu_f<T>{(T *)a->out->data, (const T *)a->in[0]->data,
-                                                      (const T *)a->in[1]->data});)
+    moe_tensor *o = a->out;
+    const moe_tensor *h = a->in[0];
+    const int64_t f = cu_cols(o), n = moe_tensor_numel(o);
+    if (moe_tensor_is_contiguous(o) && moe_tensor_is_contiguous(h) && f % 8 == 0 && cu_vec8_ok(n, {o->data, h->data}))
+        CU_FLOAT_DISPATCH(o->dtype, "swiglu",
+            return cu_vec8("swiglu", n, swiglu8_f<T>{(T *)o->data, (const T *)h->data, f});)
+    moe_tensor hg = swiglu_gate_view(h, f);
+    const moe_tensor *t[2] = {o, &hg};
+    const int64_t up = f * h->strides[h->ndim - 1];
+    CU_FLOAT_DISPATCH(o->dtype, "swiglu",
+        return cu_elementwise("swiglu", t, swiglu_f<T>{(T *)o->data, (const T *)h->data, up});)
     return MOE_OK;
 }
 
+__device__ __forceinline__ void swiglu_grads(float g, float x, float y, float *gx, float *gy) {
+    float s = sigmoidf_(x);
+    *gx = g * y * s * (1.0f + x * (1.0f - s));
+    *gy = g * x * s;
+}
+
+/* gh [.., 2f] from g [.., f] and h [.., 2f]; off = {gh gate, g, h gate}. */
 template <class T> struct swiglu_bwd_f {
-    T *ga, *gb;
-    const T *g, *x, *y;
+    T *gh;
+    const T *g, *h;
+    int64_t up_gh, up_h;
     __device__ void operator()(const int64_t *off) const {
-        float v = ldf(x + off[3]), s = sigmoidf_(v), gv = ldf(g + off[2]);
-        stf(ga + off[0], gv * ldf(y + off[4]) * s * (1.0f + v * (1.0f - s)));
-        stf(gb + off[1], gv * v * s);
+        float gx, gy;
+        swiglu_grads(ldf(g + off[1]), ldf(h + off[2]), ldf(h + off[2] + up_h), &gx, &gy);
+        stf(gh + off[0], gx);
+        stf(gh + off[0] + up_gh, gy);
+    }
+};
+
+template <class T> struct swiglu_bwd8_f {
+    T *gh;
+    const T *g, *h;
+    int64_t f;
+    __device__ void operator()(int64_t i) const {
+        int64_t r = i / f, c = i - r * f, at = r * 2 * f + c;
+        float gv[8], x[8], y[8], gx[8], gy[8];
+        cu_ld8(g + i, gv);
+        cu_ld8(h + at, x);
+        cu_ld8(h + at + f, y);
+#pragma unroll
+        for (int k = 0; k < 8; k++) swiglu_grads(gv[k], x[k], y[k], &gx[k], &gy[k]);
+        cu_st8(gh + at, gx);
+        cu_st8(gh + at + f, gy);
     }
 };
 
 extern "C" moe_status moe_cuda_swiglu_bwd(const moe_kernel_args *a) {
-    /* ga is out, gb is out2; both have the shape of ga */
-    const moe_tensor *t[5] = {a->out, a->out2, a->in[0], a->in[1], a->in[2]};
-    CU_FLOAT_DISPATCH(a->out->dtype, "swiglu_bwd",
-        return cu_elementwise("swiglu_bwd", t, swiglu_bwd_f<T>{(T *)a->out->data, (T *)a->out2->data,
-                                                              (const T *)a->in[0]->data, (const T *)a->in[1]->data,
-                                                              (const T *)a->in[2]->data});)
+    moe_tensor *gh = a->out;
+    const moe_tensor *g = a->in[0], *h = a->in[1];
+    const int64_t f = cu_cols(g), n = moe_tensor_numel(g);
+    if (moe_tensor_is_contiguous(gh) && moe_tensor_is_contiguous(g) && moe_tensor_is_contiguous(h) && f % 8 == 0 &&
+        cu_vec8_ok(n, {gh->data, g->data, h->data}))
+        CU_FLOAT_DISPATCH(gh->dtype, "swiglu_bwd",
+            return cu_vec8("swiglu_bwd", n, swiglu_bwd8_f<T>{(T *)gh->data, (const T *)g->data, (const T *)h->data, f});)
+    moe_tensor ghg = swiglu_gate_view(gh, f), hg = swiglu_gate_view(h, f);
+    const moe_tensor *t[3] = {&ghg, g, &hg};
+    const int64_t up_gh = f * gh->strides[gh->ndim - 1], up_h = f * h->strides[h->ndim - 1];
+    CU_FLOAT_DISPATCH(gh->dtype, "swiglu_bwd",
+        return cu_elementwise("swiglu_bwd", t, swiglu_bwd_f<T>{(T *)gh->data, (const T *)g->data, (const T *)h->data,
+                                                              up_gh, up_h});)
     return MOE_OK;
 }

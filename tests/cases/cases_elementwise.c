@@ -11,7 +11,8 @@ static moe_tensor *run_pow_scalar(moe_tensor **in) { return moe_pow_scalar(in[0]
 #define RUN1(f) static moe_tensor *run_##f(moe_tensor **in) { return moe_##f(in[0]); }
 RUN1(neg) RUN1(exp) RUN1(log) RUN1(sqrt) RUN1(rsqrt) RUN1(sigmoid) RUN1(tanh) RUN1(relu) RUN1(silu) RUN1(gelu)
 RUN1(softplus)
-static moe_tensor *run_swiglu(moe_tensor **in) { return moe_swiglu(in[0], in[1]); }
+static moe_tensor *run_swiglu(moe_tensor **in) { return moe_swiglu(in[0]); }
+static moe_tensor *run_swiglu_slice(moe_tensor **in) { return moe_swiglu(moe_slice(in[0], 1, 1, 7)); }
 
 #define A34 {2, {3, 4}, IN_NORMAL, 0, true, false}
 #define A34T {2, {3, 4}, IN_NORMAL, 0, true, true}
@@ -31,7 +32,10 @@ static const op_case cases[] = {
     UNARY(sigmoid, A34), UNARY(relu, A34), UNARY(silu, A34), UNARY(gelu, A34),
     {"tanh", "3x4", 1, {A34T}, run_tanh, 0, 5e-5}, /* CUDA's fast-math tanh: ~1e-5 relative */
     UNARY(softplus, A34),
-    {"swiglu", "3x4", 2, {A34, A34T}, run_swiglu},
+    {"swiglu", "packed 3x(2x2)", 1, {A34}, run_swiglu},
+    {"swiglu", "packed, transposed", 1, {A34T}, run_swiglu},
+    {"swiglu", "packed 2x(2x16), vector path on cuda", 1, {{3, {2, 2, 32}, IN_NORMAL, 0, true, false}}, run_swiglu},
+    {"swiglu", "packed column slice [3, 6] of [3, 8]", 1, {{2, {3, 8}, IN_NORMAL, 0, true, false}}, run_swiglu_slice},
 };
 
 const op_case_list cases_elementwise = {cases, sizeof cases / sizeof *cases};
