@@ -186,17 +186,19 @@ __global__ void norm_bwd_kernel(const T *g, const T *x, const T *w, const float 
 }
 
 #define PG_LANES 16
-/* gw[c] += sum_r g[r,c] * xh[r,c]; gb[c] += sum_r g[r,c] (gb NULL: skipped). */
+/* Partial parameter grads of the rows of one chunk: pw[chunk, c] = sum_r g[r,c] * xh[r,c],
+ * pb[chunk, c] = sum_r g[r,c] (pb NULL: skipped). Grid: (column groups of 32, chunks). */
 template <class T>
-__global__ void param_grads_kernel(const T *g, const T *x, const float *st, int ns, int64_t rows, int64_t d, float *gw,
-                                   float *gb) {
+__global__ void param_grads_kernel(const T *g, const T *x, const float *st, int ns, int64_t rows, int64_t d,
+                                   int64_t rows_per_chunk, float *pw, float *pb) {
     __shared__ float sw[PG_LANES][33], sb[PG_LANES][33];
     int tx = threadIdx.x, ty = threadIdx.y;
+    const int64_t chunk = blockIdx.y, r0 = chunk * rows_per_chunk, r1 = min(rows, r0 + rows_per_chunk);
     for (int64_t c0 = (int64_t)blockIdx.x * 32; c0 < d; c0 += (int64_t)gridDim.x * 32) {
         int64_t c = c0 + tx;
         float aw = 0, ab = 0;
         if (c < d) {
-            for (int64_t r = ty; r < rows; r += PG_LANES) {
+            for (int64_t r = r0 + ty; r < r1; r += PG_LANES) {
                 float mu = ns == 2 ? st[2 * r] : 0.0f, rs = st[ns * r + ns - 1];
                 float gv = ldf(g + r * d + c);
                 aw += gv * ((ldf(x + r * d + c) - mu) * rs);
@@ -211,10 +213,24 @@ __global__ void param_grads_kernel(const T *g, const T *x, const float *st, int 
                 aw += sw[l][tx];
                 ab += sb[l][tx];
             }
-            gw[c] += aw;
-            if (gb) gb[c] += ab;
+            pw[chunk * d + c] = aw;
+            if (pb) pb[chunk * d + c] = ab;
         }
         __syncthreads();
+    }
+}
+
+/* gw[c] += sum of the chunks' partials in chunk order (deterministic); gb likewise. */
+__global__ void param_grads_finish_kernel(const float *pw, const float *pb, int64_t chunks, int64_t d, float *gw,
+                                          float *gb) {
+    CU_GRID_LOOP(c, d) {
+        float aw = 0, ab = 0;
+        for (int64_t k = 0; k < chunks; k++) {
+            aw += pw[k * d + c];
+            if (pb) ab += pb[k * d + c];
+        }
+        gw[c] += aw;
+        if (gb) gb[c] += ab;
     }
 }
 
@@ -232,9 +248,22 @@ static moe_status norm_backward(const moe_kernel_args *a, int ns, const char *kn
             ns);
         CU_LAUNCHED(kname);
         if (a->out2) {
+            /* rows cut into chunks so that about 4 blocks per SM work on the column groups */
             float *gw = (float *)a->out2->data;
-            param_grads_kernel<T><<<cu_blocks(d * 32, 32), dim3(32, PG_LANES), 0, moe_cu.stream>>>(
-                (const T *)g->data, (const T *)x->data, pst, ns, rows, d, gw, ns == 2 ? gw + d : NULL);
+            const int64_t groups = (d + 31) / 32, want = 4 * (int64_t)moe_cu.sms;
+            int64_t chunks = groups >= want ? 1 : (want + groups - 1) / groups;
+            if (chunks > (rows + 255) / 256) chunks = (rows + 255) / 256; /* at least 256 rows each */
+            if (chunks > 65535) chunks = 65535;
+            const int64_t per = (rows + chunks - 1) / chunks;
+            float *pw = (float *)cu_scratch(sizeof(float) * (size_t)(chunks * d * (ns == 2 ? 2 : 1)));
+            if (!pw) return moe_last_status();
+            float *pb = ns == 2 ? pw + chunks * d : NULL;
+            dim3 grid((unsigned)(groups < 65535 ? groups : 65535), (unsigned)chunks);
+            param_grads_kernel<T><<<grid, dim3(32, PG_LANES), 0, moe_cu.stream>>>(
+                (const T *)g->data, (const T *)x->data, pst, ns, rows, d, per, pw, pb);
+            CU_LAUNCHED(kname);
+            param_grads_finish_kernel<<<cu_blocks(d), CU_THREADS, 0, moe_cu.stream>>>(pw, pb, chunks, d, gw,
+                                                                                    ns == 2 ? gw + d : NULL);
             CU_LAUNCHED(kname);
         })
     return MOE_OK;
