@@ -250,6 +250,28 @@ static moe_status layer_forward_backward(void *p) {
     return loss ? moe_backward(loss) : moe_last_status();
 }
 
+/* The expert weights as `dt` parameters, as the reference holds them (moe.to(dtype)):
+ * no per-step casts of f32 masters in a layer benchmark. */
+static moe_status layer_experts_to(moe_moe_layer *L, moe_dtype dt) {
+    for (int g = 0; g < L->n_groups; g++) {
+        moe_expert_group *G = &L->groups[g];
+        moe_tensor **w[2] = {&G->w13, &G->w2};
+        const char *names[2] = {G->name_w13, G->name_w2};
+        for (int i = 0; i < 2; i++) {
+            if ((*w[i])->dtype == dt) continue;
+            moe_tensor *c = moe_tensor_empty(MOE_LIFE_PERSIST, (*w[i])->device, dt, (*w[i])->ndim, (*w[i])->shape);
+            if (!c) return moe_last_status();
+            MOE_TRY(moe_tensor_copy_(c, *w[i]));
+            moe_param_init(c, names[i]);
+            moe_tensor_free(*w[i]);
+            *w[i] = c;
+        }
+    }
+    L->w13 = L->groups[0].w13;
+    L->w2 = L->groups[0].w2;
+    return MOE_OK;
+}
+
 static moe_status bench_layer(const bench_run *r) {
     const bench_case *k = r->c;
     moe_moe_layer_settings s = {
@@ -259,6 +281,7 @@ static moe_status bench_layer(const bench_run *r) {
     };
     layer_ctx c = {.dt = r->dt};
     moe_status st = moe_moe_layer_init(&c.layer, &s, "bench", r->dev, 0, INIT_STD, 0, k->E);
+    if (st == MOE_OK) st = layer_experts_to(&c.layer, r->dt);
     if (st != MOE_OK) return st;
     int64_t shape[2] = {r->T, k->d};
     c.x = moe_tensor_randn(MOE_LIFE_PERSIST, r->dev, r->dt, 2, shape, 1, 0, 1.0);
