@@ -1,4 +1,4 @@
-/* The tape, backward pass and gradient accumulation. */
+/* The tape, backward pass (with the gradient-readiness hook) and gradient accumulation. */
 #include "core/autograd.h"
 
 #include <string.h>
@@ -116,6 +116,61 @@ moe_tensor *moe_grad_buffer(moe_tensor *t) {
 }
 moe_status moe_grad_give(moe_tensor *t, moe_tensor *g) { return grad_add(t, g, true); }
 
+static moe_grad_ready_fn ready_fn;
+static void *ready_user;
+
+void moe_set_grad_ready_hook(moe_grad_ready_fn fn, void *user) {
+    ready_fn = fn;
+    ready_user = user;
+}
+
+/* For the readiness hook: each parameter's last position in the sweep, in an
+ * open-addressing table keyed by the tensor's address (step host arena). */
+typedef struct ready_table {
+    moe_tensor **key;
+    int *last;
+    int mask;
+} ready_table;
+
+static bool is_watched(const moe_tensor *t) { return t && t->is_param && t->requires_grad; }
+
+static int ready_slot(const ready_table *rt, const moe_tensor *t) {
+    int h = (int)((((uintptr_t)t >> 4) * 0x9E3779B1u) & (uintptr_t)rt->mask);
+    while (rt->key[h] && rt->key[h] != t) h = (h + 1) & rt->mask;
+    return h;
+}
+
+static moe_status ready_build(moe_node *const *order, int n, ready_table *rt) {
+    int uses = 0, cap = 16;
+    for (int k = 0; k < n; k++)
+        for (int i = 0; i < order[k]->n_in; i++) uses += is_watched(order[k]->in[i]);
+    while (cap < 2 * uses) cap <<= 1;
+    rt->mask = cap - 1;
+    rt->key = moe_step_host_alloc(sizeof *rt->key * (size_t)cap); /* zeroed: empty slots */
+    rt->last = moe_step_host_alloc(sizeof *rt->last * (size_t)cap);
+    if (!rt->key || !rt->last) return moe_last_status();
+    for (int k = 0; k < n; k++) /* a later position (an earlier node) overwrites */
+        for (int i = 0; i < order[k]->n_in; i++) {
+            moe_tensor *t = order[k]->in[i];
+            if (!is_watched(t)) continue;
+            int h = ready_slot(rt, t);
+            rt->key[h] = t;
+            rt->last[h] = k;
+        }
+    return MOE_OK;
+}
+
+/* Reports the parameters whose last use is the node at sweep position k. */
+static void ready_report(const ready_table *rt, const moe_node *node, int k) {
+    for (int i = 0; i < node->n_in; i++) {
+        moe_tensor *t = node->in[i];
+        if (!is_watched(t) || rt->last[ready_slot(rt, t)] != k) continue;
+        bool seen = false; /* the same parameter twice in one node: report it once */
+        for (int j = 0; j < i && !seen; j++) seen = node->in[j] == t;
+        if (!seen) ready_fn(t, ready_user);
+    }
+}
+
 moe_status moe_backward(moe_tensor *loss) {
     if (!loss) return moe_last_status() ? moe_last_status() : MOE_ERR_INVALID;
     MOE_ASSERT(moe_tensor_numel(loss) == 1, "backward needs a scalar loss");
@@ -124,16 +179,24 @@ moe_status moe_backward(moe_tensor *loss) {
     moe_tensor *seed = moe_tensor_empty(MOE_LIFE_STEP, loss->device, loss->dtype, loss->ndim, loss->shape);
     if (!seed) return moe_last_status();
     MOE_TRY(moe_tensor_fill(seed, 1.0));
+    /* the sweep: the tape in reverse recording order */
+    moe_node **order = moe_step_host_alloc(sizeof *order * (size_t)(tape_count ? tape_count : 1));
+    if (!order) return moe_last_status();
+    int n = 0;
+    for (tape_block *b = tape_top; b; b = b->prev)
+        for (int i = b->n - 1; i >= 0; i--) order[n++] = b->nodes[i];
+    ready_table rt = {0};
+    if (ready_fn) MOE_TRY(ready_build(order, n, &rt));
     loss->grad = seed;
     bool was = moe_grad_set_enabled(false);
-    for (tape_block *b = tape_top; b && backward_error == MOE_OK; b = b->prev) {
-        for (int i = b->n - 1; i >= 0 && backward_error == MOE_OK; i--) {
-            moe_node *n = b->nodes[i];
-            if (!n->out->grad) continue;
-            const moe_op_info *info = &moe_op_table[n->op];
+    for (int k = 0; k < n && backward_error == MOE_OK; k++) {
+        moe_node *node = order[k];
+        if (node->out->grad) {
+            const moe_op_info *info = &moe_op_table[node->op];
             MOE_ASSERT(info->backward, "op %s has no backward", info->name);
-            info->backward(n);
+            info->backward(node);
         }
+        if (ready_fn && backward_error == MOE_OK) ready_report(&rt, node, k);
     }
     moe_grad_set_enabled(was);
     return backward_error;

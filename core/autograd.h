@@ -39,6 +39,17 @@ moe_node *moe_autograd_record(int op, moe_tensor *out, int n_in, moe_tensor *con
  * Returns the first error an op's backward met (e.g. out of memory). */
 moe_status moe_backward(moe_tensor *loss);
 
+/* Gradient readiness, to overlap gradient communication with the backward. With a hook
+ * set, moe_backward calls fn(param, user) once for each parameter (is_param leaf that
+ * requires grad) that the tape uses, as soon as its grad is final for this backward:
+ * right after the backward of the earliest recorded node that takes it as an input (the
+ * last of its nodes the reverse sweep reaches). Within one node, parameters are reported
+ * in input order. Parameters the tape does not use are not reported, nor, once an op's
+ * backward has failed, any more parameters. The hook must not record ops or touch the
+ * grads of parameters not yet reported. fn NULL removes the hook. */
+typedef void (*moe_grad_ready_fn)(moe_tensor *param, void *user);
+void moe_set_grad_ready_hook(moe_grad_ready_fn fn, void *user);
+
 /* Adds g into t->grad (allocating it on first use). No-op when t does not require grad.
  * accumulate copies g on first use (g may be shared, e.g. the same upstream grad handed
  * to both inputs of an add); give lets t->grad take g over, for a g that no other input

@@ -1,12 +1,17 @@
 /* Distributed layer over MPI (MOE_HAVE_MPI builds): the world, expert-parallel and
- * data-parallel communicators, CPU collectives that return statuses, and the
- * step-boundary failure agreement. Groups of one rank (and a world of 1 before
- * moe_dist_init) take the local identity paths shared with core/dist_single.c. */
+ * data-parallel communicators, collectives that return statuses (host memory through
+ * MPI; CUDA tensors through NCCL, bootstrapped over MPI, or staged through the host),
+ * overlapped all-reduces, the communication counters and the step-boundary failure
+ * agreement. Groups of one rank (and a world of 1 before moe_dist_init) take the local
+ * identity paths shared with core/dist_single.c. */
 #include "core/dist.h"
 
 #include <limits.h>
 #include <mpi.h>
 #include <string.h>
+
+#include "core/device.h"
+#include "core/fileio.h"
 
 /* Largest piece handed to one MPI call whose count is an int (elements or bytes). */
 #define MOE_DIST_CHUNK ((int64_t)1 << 30)
@@ -16,7 +21,19 @@ static struct {
     bool owns_mpi; /* moe_dist_init called MPI_Init_thread */
     MPI_Comm comm[MOE_GROUP_COUNT];
     int rank[MOE_GROUP_COUNT], size[MOE_GROUP_COUNT];
+#ifdef MOE_HAVE_NCCL
+    moe_nccl_comm *nccl[MOE_GROUP_COUNT]; /* made on first use, freed with the group */
+#endif
 } dist = {.comm = {MPI_COMM_NULL, MPI_COMM_NULL, MPI_COMM_NULL}};
+
+struct moe_dist_request {
+    int n_mpi;          /* CPU: one MPI request per piece of at most MOE_DIST_CHUNK elements */
+    MPI_Request *mpi;
+#ifdef MOE_HAVE_NCCL
+    moe_nccl_pending *nccl; /* CUDA: the all-reduce on the communication stream */
+#endif
+    moe_dist_group group;
+};
 
 int moe_dist_rank(moe_dist_group g) {
     MOE_ASSERT(g >= 0 && g < MOE_GROUP_COUNT, "bad group %d", (int)g);
@@ -57,8 +74,28 @@ static moe_status adopt_comm(const char *op, moe_dist_group g, MPI_Comm c) {
 }
 
 static void free_comm(moe_dist_group g) {
+#ifdef MOE_HAVE_NCCL
+    if (dist.nccl[g]) moe_nccl_comm_free_(dist.nccl[g]);
+    dist.nccl[g] = NULL;
+#endif
     if (dist.comm[g] != MPI_COMM_NULL) MPI_Comm_free(&dist.comm[g]);
     dist.comm[g] = MPI_COMM_NULL;
+}
+
+/* Makes this rank's GPU current: local rank (its place among the ranks of its node)
+ * modulo the node's GPUs. Runs at init, before anything starts the CUDA backend. */
+static moe_status select_device(const char *op) {
+#ifdef MOE_HAVE_CUDA
+    MPI_Comm node;
+    MPI_TRY(op, MOE_GROUP_WORLD, MPI_Comm_split_type(dist.comm[MOE_GROUP_WORLD], MPI_COMM_TYPE_SHARED,
+                                                     dist.rank[MOE_GROUP_WORLD], MPI_INFO_NULL, &node));
+    int local = 0, err = MPI_Comm_rank(node, &local);
+    MPI_Comm_free(&node);
+    if (err != MPI_SUCCESS) return mpi_fail(op, MOE_GROUP_WORLD, err);
+    return moe_dist_cuda_select_(local);
+#else
+    return MOE_OK;
+#endif
 }
 
 moe_status moe_dist_set_expert_parallel(int expert_parallel) {
@@ -113,7 +150,8 @@ moe_status moe_dist_init(int *argc, char ***argv, int expert_parallel) {
     MPI_TRY(op, MOE_GROUP_WORLD, MPI_Comm_dup(MPI_COMM_WORLD, &world));
     MOE_TRY(adopt_comm(op, MOE_GROUP_WORLD, world));
     dist.active = true;
-    moe_status s = moe_dist_set_expert_parallel(expert_parallel);
+    moe_status s = select_device(op);
+    if (s == MOE_OK) s = moe_dist_set_expert_parallel(expert_parallel);
     if (s != MOE_OK) {
         free_comm(MOE_GROUP_WORLD);
         dist.active = false;
@@ -144,6 +182,81 @@ void moe_dist_abort(moe_status status, const char *message) {
     exit(code);
 }
 
+/* ---- CUDA tensors: NCCL communicators, or staging through host memory ---- */
+
+#ifdef MOE_HAVE_NCCL
+/* NCCL carries CUDA tensors unless MOE_DIST_NCCL=0 asks for staging (for comparisons). */
+static bool nccl_enabled(void) {
+    static int on = -1;
+    if (on < 0) {
+        const char *v = getenv("MOE_DIST_NCCL");
+        on = !(v && strcmp(v, "0") == 0);
+    }
+    return on;
+}
+
+/* The NCCL communicator of group g, made on first use: the group's rank 0 creates the
+ * unique id and broadcasts it over the group's MPI communicator (with a flag, so that
+ * the others learn of a failure instead of waiting), then every rank joins. */
+static moe_status nccl_comm(moe_dist_group g, moe_nccl_comm **out) {
+    static const char op[] = "creating the NCCL communicator";
+    if (!dist.nccl[g]) {
+        unsigned char msg[1 + MOE_NCCL_ID_BYTES] = {0};
+        moe_status s = MOE_OK;
+        if (dist.rank[g] == 0) {
+            s = moe_nccl_unique_id_(msg + 1);
+            msg[0] = s == MOE_OK;
+        }
+        MPI_TRY(op, g, MPI_Bcast(msg, sizeof msg, MPI_BYTE, 0, dist.comm[g]));
+        if (s != MOE_OK) return s;
+        if (!msg[0])
+            return moe_error(MOE_ERR_DEVICE, "%s for the %s group: its rank 0 could not make an "
+                             "NCCL id (its log says why)", op, moe_dist_group_name(g));
+        MOE_TRY(moe_nccl_comm_init_(&dist.nccl[g], msg + 1, dist.rank[g], dist.size[g], g));
+    }
+    *out = dist.nccl[g];
+    return MOE_OK;
+}
+#endif
+
+moe_status moe_dist_prepare(moe_device dev) {
+#ifdef MOE_HAVE_NCCL
+    if (dev != MOE_CUDA || !dist.active || !nccl_enabled()) return MOE_OK;
+    if (!moe_device_available(MOE_CUDA)) return moe_last_status();
+    moe_nccl_comm *c;
+    for (int g = 0; g < MOE_GROUP_COUNT; g++)
+        if (!group_is_local((moe_dist_group)g)) MOE_TRY(nccl_comm((moe_dist_group)g, &c));
+#endif
+    return MOE_OK;
+}
+
+/* Wall-clock timing of a collective on `dev`: CUDA work is queued, so with
+ * MOE_DIST_TIMING=1 the device is drained before (not counted) and after (counted). */
+static moe_status timer_start(moe_device dev, double *t0) {
+    if (dev != MOE_CPU && moe_dist_timing()) MOE_TRY(moe_device_sync(dev));
+    *t0 = moe_clock_ms();
+    return MOE_OK;
+}
+
+static moe_status timer_stop(moe_device dev, double t0, double *acc) {
+    if (dev != MOE_CPU && moe_dist_timing()) MOE_TRY(moe_device_sync(dev));
+    *acc += moe_clock_ms() - t0;
+    return MOE_OK;
+}
+
+/* Counts an all-to-all-v that sent `bytes`, begun at t0 (timer_start). */
+static moe_status exchange_done(moe_device dev, double t0, int64_t bytes) {
+    moe_dist_stats_.alltoall_calls++;
+    moe_dist_stats_.alltoall_bytes += bytes;
+    return timer_stop(dev, t0, &moe_dist_stats_.alltoall_ms);
+}
+
+/* ---- all-reduce ---- */
+
+static MPI_Datatype mpi_type(moe_dtype dt) {
+    return dt == MOE_F32 ? MPI_FLOAT : dt == MOE_F64 ? MPI_DOUBLE : dt == MOE_I32 ? MPI_INT32_T : MPI_INT64_T;
+}
+
 /* In-place MPI_SUM of n elements, in pieces whose counts fit an int. */
 static moe_status allreduce_sum(const char *op, moe_dist_group g, void *buf, int64_t n,
                                 MPI_Datatype type, size_t elem_size) {
@@ -157,14 +270,115 @@ static moe_status allreduce_sum(const char *op, moe_dist_group g, void *buf, int
     return MOE_OK;
 }
 
+static moe_status allreduce_host_tensor(const char *op, moe_dist_group g, moe_tensor *t) {
+    return allreduce_sum(op, g, t->data, moe_tensor_numel(t), mpi_type(t->dtype), moe_dtype_size(t->dtype));
+}
+
+/* A device tensor summed on the host (bf16 as f32, rounded once on the way back). */
+static moe_status allreduce_staged(const char *op, moe_dist_group g, moe_tensor *t) {
+    moe_tensor *h = moe_tensor_empty(MOE_LIFE_STEP, MOE_CPU, t->dtype == MOE_BF16 ? MOE_F32 : t->dtype, t->ndim,
+                                     t->shape);
+    if (!h) return moe_last_status();
+    MOE_TRY(moe_tensor_copy_(h, t));
+    MOE_TRY(allreduce_host_tensor(op, g, h));
+    return moe_tensor_copy_(t, h);
+}
+
+/* The blocking sum of a device tensor: NCCL on the compute stream, else staged. */
+static moe_status allreduce_device(const char *op, moe_dist_group g, moe_tensor *t) {
+#ifdef MOE_HAVE_NCCL
+    if (nccl_enabled()) {
+        moe_nccl_comm *c;
+        MOE_TRY(nccl_comm(g, &c));
+        return moe_nccl_allreduce_(c, op, t->data, moe_tensor_numel(t), t->dtype, NULL);
+    }
+#endif
+    return allreduce_staged(op, g, t);
+}
+
 moe_status moe_dist_allreduce_sum(moe_dist_group g, moe_tensor *t) {
     static const char op[] = "moe_dist_allreduce_sum";
     MOE_TRY(moe_dist_check_tensor_(op, t));
-    MPI_Datatype type = t->dtype == MOE_F32   ? MPI_FLOAT
-                        : t->dtype == MOE_F64 ? MPI_DOUBLE
-                        : t->dtype == MOE_I32 ? MPI_INT32_T
-                                              : MPI_INT64_T;
-    return allreduce_sum(op, g, t->data, moe_tensor_numel(t), type, moe_dtype_size(t->dtype));
+    if (group_is_local(g)) return MOE_OK;
+    return t->device == MOE_CPU ? allreduce_host_tensor(op, g, t) : allreduce_device(op, g, t);
+}
+
+moe_status moe_dist_allreduce_sum_start(moe_dist_group g, moe_tensor *t, moe_dist_request **req) {
+    static const char op[] = "moe_dist_allreduce_sum_start";
+    *req = NULL;
+    MOE_TRY(moe_dist_check_tensor_(op, t));
+    if (group_is_local(g)) return MOE_OK;
+    int64_t n = moe_tensor_numel(t);
+    moe_dist_stats_.reduce_starts++;
+    moe_dist_stats_.reduce_bytes += n * (int64_t)moe_dtype_size(t->dtype);
+    if (t->device != MOE_CPU) {
+#ifdef MOE_HAVE_NCCL
+        if (nccl_enabled()) {
+            moe_nccl_comm *c;
+            MOE_TRY(nccl_comm(g, &c));
+            moe_dist_request *r = calloc(1, sizeof *r);
+            if (!r) return moe_error(MOE_ERR_OOM, "%s: out of host memory", op);
+            r->group = g;
+            moe_status s = moe_nccl_allreduce_(c, op, t->data, n, t->dtype, &r->nccl);
+            if (s != MOE_OK) free(r);
+            else *req = r;
+            return s;
+        }
+#endif
+        return allreduce_staged(op, g, t); /* done on return: nothing to wait for */
+    }
+    int pieces = (int)((n + MOE_DIST_CHUNK - 1) / MOE_DIST_CHUNK);
+    moe_dist_request *r = calloc(1, sizeof *r);
+    MPI_Request *mr = calloc((size_t)(pieces ? pieces : 1), sizeof *mr);
+    if (!r || !mr) {
+        free(r);
+        free(mr);
+        return moe_error(MOE_ERR_OOM, "%s: out of host memory", op);
+    }
+    size_t es = moe_dtype_size(t->dtype);
+    int err = MPI_SUCCESS, started = 0;
+    for (int64_t done = 0; done < n; done += MOE_DIST_CHUNK) {
+        int count = (int)(n - done < MOE_DIST_CHUNK ? n - done : MOE_DIST_CHUNK);
+        err = MPI_Iallreduce(MPI_IN_PLACE, (char *)t->data + done * (int64_t)es, count, mpi_type(t->dtype),
+                             MPI_SUM, dist.comm[g], &mr[started]);
+        if (err != MPI_SUCCESS) break;
+        started++;
+    }
+    if (err != MPI_SUCCESS) {
+        MPI_Waitall(started, mr, MPI_STATUSES_IGNORE);
+        free(mr);
+        free(r);
+        return mpi_fail(op, g, err);
+    }
+    r->n_mpi = started;
+    r->mpi = mr;
+    r->group = g;
+    *req = r;
+    return MOE_OK;
+}
+
+moe_status moe_dist_wait(moe_dist_request *r) {
+    static const char op[] = "moe_dist_wait";
+    if (!r) return MOE_OK;
+    moe_status s = MOE_OK;
+    double t0;
+#ifdef MOE_HAVE_NCCL
+    if (r->nccl) {
+        s = timer_start(MOE_CUDA, &t0); /* with timing: the backward's own kernels are not counted */
+        moe_status w = moe_nccl_wait_(r->nccl, moe_dist_timing());
+        if (s == MOE_OK) s = w;
+        if (s == MOE_OK) moe_dist_stats_.reduce_wait_ms += moe_clock_ms() - t0;
+        free(r);
+        return s;
+    }
+#endif
+    t0 = moe_clock_ms();
+    int err = MPI_Waitall(r->n_mpi, r->mpi, MPI_STATUSES_IGNORE);
+    moe_dist_stats_.reduce_wait_ms += moe_clock_ms() - t0;
+    if (err != MPI_SUCCESS) s = mpi_fail(op, r->group, err);
+    free(r->mpi);
+    free(r);
+    return s;
 }
 
 moe_status moe_dist_allreduce_f64(moe_dist_group g, double *v, int n) {
@@ -191,6 +405,8 @@ moe_status moe_dist_broadcast(moe_dist_group g, int root, void *buf, size_t byte
     return MOE_OK;
 }
 
+/* ---- all-to-all ---- */
+
 moe_status moe_dist_alltoall_counts(moe_dist_group g, const int64_t *send_counts,
                                     int64_t *recv_counts) {
     if (group_is_local(g)) {
@@ -212,16 +428,11 @@ static void fill_counts(int size, const int64_t *rows, int *counts, int *displs)
     }
 }
 
-moe_status moe_dist_alltoallv(moe_dist_group g, const void *send, const int64_t *send_counts_rows,
-                              void *recv, const int64_t *recv_counts_rows, int64_t row_bytes) {
-    static const char op[] = "moe_dist_alltoallv";
-    if (group_is_local(g))
-        return moe_dist_exchange_self_(op, send, send_counts_rows, recv, recv_counts_rows,
-                                       row_bytes);
+/* MPI_Alltoallv of host rows over a group of more than one rank (counts checked). */
+static moe_status alltoallv_host(const char *op, moe_dist_group g, const void *send, const int64_t *send_counts_rows,
+                                 int64_t send_rows, void *recv, const int64_t *recv_counts_rows, int64_t recv_rows,
+                                 int64_t row_bytes) {
     int size = moe_dist_size(g);
-    int64_t send_rows, recv_rows;
-    MOE_TRY(moe_dist_check_exchange_(op, size, send_counts_rows, recv_counts_rows, row_bytes,
-                                     &send_rows, &recv_rows));
     /* MPI counts and displacements are ints: one row is one element of a contiguous
      * datatype, so only the rows per rank (not the bytes) must fit. */
     if (row_bytes > INT_MAX || send_rows > INT_MAX || recv_rows > INT_MAX)
@@ -244,6 +455,59 @@ moe_status moe_dist_alltoallv(moe_dist_group g, const void *send, const int64_t 
     }
     free(counts);
     return err == MPI_SUCCESS ? MOE_OK : mpi_fail(op, g, err);
+}
+
+moe_status moe_dist_alltoallv(moe_dist_group g, const void *send, const int64_t *send_counts_rows,
+                              void *recv, const int64_t *recv_counts_rows, int64_t row_bytes) {
+    static const char op[] = "moe_dist_alltoallv";
+    if (group_is_local(g))
+        return moe_dist_exchange_self_(op, send, send_counts_rows, recv, recv_counts_rows,
+                                       row_bytes);
+    int64_t send_rows, recv_rows;
+    MOE_TRY(moe_dist_check_exchange_(op, moe_dist_size(g), send_counts_rows, recv_counts_rows, row_bytes,
+                                     &send_rows, &recv_rows));
+    double t0;
+    MOE_TRY(timer_start(MOE_CPU, &t0));
+    MOE_TRY(alltoallv_host(op, g, send, send_counts_rows, send_rows, recv, recv_counts_rows, recv_rows, row_bytes));
+    return exchange_done(MOE_CPU, t0, send_rows * row_bytes);
+}
+
+/* Device rows: NCCL on the compute stream, else through host buffers and MPI. */
+static moe_status alltoallv_device(const char *op, moe_dist_group g, const moe_tensor *send,
+                                   const int64_t *send_counts_rows, moe_tensor *recv,
+                                   const int64_t *recv_counts_rows, int64_t row_bytes) {
+#ifdef MOE_HAVE_NCCL
+    if (nccl_enabled()) {
+        moe_nccl_comm *c;
+        MOE_TRY(nccl_comm(g, &c));
+        return moe_nccl_alltoallv_(c, op, send->data, send_counts_rows, recv->data, recv_counts_rows, row_bytes);
+    }
+#endif
+    moe_tensor *hs = moe_tensor_to(send, MOE_CPU, MOE_LIFE_STEP);
+    moe_tensor *hr = hs ? moe_tensor_empty(MOE_LIFE_STEP, MOE_CPU, recv->dtype, recv->ndim, recv->shape) : NULL;
+    if (!hr) return moe_last_status();
+    MOE_TRY(alltoallv_host(op, g, hs->data, send_counts_rows, send->shape[0], hr->data, recv_counts_rows,
+                           recv->shape[0], row_bytes));
+    return moe_tensor_copy_(recv, hr);
+}
+
+moe_status moe_dist_alltoallv_tensor(moe_dist_group g, const moe_tensor *send,
+                                     const int64_t *send_counts_rows, moe_tensor *recv,
+                                     const int64_t *recv_counts_rows) {
+    static const char op[] = "moe_dist_alltoallv_tensor";
+    if (group_is_local(g))
+        return moe_dist_exchange_self_tensor_(op, send, send_counts_rows, recv, recv_counts_rows);
+    int64_t row_bytes;
+    MOE_TRY(moe_dist_check_exchange_tensors_(op, moe_dist_size(g), send, send_counts_rows, recv, recv_counts_rows,
+                                             &row_bytes));
+    double t0;
+    MOE_TRY(timer_start(send->device, &t0));
+    if (send->device == MOE_CPU)
+        MOE_TRY(alltoallv_host(op, g, send->data, send_counts_rows, send->shape[0], recv->data, recv_counts_rows,
+                               recv->shape[0], row_bytes));
+    else
+        MOE_TRY(alltoallv_device(op, g, send, send_counts_rows, recv, recv_counts_rows, row_bytes));
+    return exchange_done(send->device, t0, send->shape[0] * row_bytes);
 }
 
 moe_status moe_dist_check_all(moe_status local) {

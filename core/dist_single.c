@@ -1,11 +1,26 @@
-/* Distributed layer, part built in every build: argument checks and helpers shared with
- * core/dist_mpi.c, then (only without MOE_HAVE_MPI) the whole API for a world of one
- * rank, where every collective is an identity. */
+/* Distributed layer, part built in every build: argument checks, helpers and the
+ * communication counters shared with core/dist_mpi.c, then (only without MOE_HAVE_MPI)
+ * the whole API for a world of one rank, where every collective is an identity. */
 #include "core/dist.h"
 
 #include <errno.h>
 #include <string.h>
 #include <sys/stat.h>
+
+moe_dist_stats moe_dist_stats_;
+
+moe_dist_stats moe_dist_get_stats(void) { return moe_dist_stats_; }
+
+void moe_dist_reset_stats(void) { memset(&moe_dist_stats_, 0, sizeof moe_dist_stats_); }
+
+bool moe_dist_timing(void) {
+    static int on = -1;
+    if (on < 0) {
+        const char *v = getenv("MOE_DIST_TIMING");
+        on = v && strcmp(v, "1") == 0;
+    }
+    return on;
+}
 
 const char *moe_dist_group_name(moe_dist_group g) {
     MOE_ASSERT(g >= 0 && g < MOE_GROUP_COUNT, "bad group %d", (int)g);
@@ -68,15 +83,35 @@ moe_status moe_dist_check_exchange_(const char *op, int size, const int64_t *sen
 
 moe_status moe_dist_check_tensor_(const char *op, const moe_tensor *t) {
     char desc[96];
-    if (t->device != MOE_CPU)
-        return moe_error(MOE_ERR_UNSUPPORTED, "%s: tensor %s is not on the CPU; copy it to "
-                         "host memory first", op, moe_tensor_describe(t, desc, sizeof desc));
     if (!moe_tensor_is_contiguous(t))
         return moe_error(MOE_ERR_INVALID, "%s: tensor %s is not contiguous", op,
                          moe_tensor_describe(t, desc, sizeof desc));
-    if (t->dtype != MOE_F32 && t->dtype != MOE_F64 && t->dtype != MOE_I32 && t->dtype != MOE_I64)
-        return moe_error(MOE_ERR_INVALID, "%s: dtype %s is not supported (f32, f64, i32, i64)",
-                         op, moe_dtype_name(t->dtype));
+    if (t->device == MOE_CPU && t->dtype == MOE_BF16) /* MPI has no bf16 sum */
+        return moe_error(MOE_ERR_INVALID, "%s: dtype bf16 is not supported on the CPU (f32, f64, "
+                         "i32, i64)", op);
+    return MOE_OK;
+}
+
+moe_status moe_dist_check_exchange_tensors_(const char *op, int size, const moe_tensor *send,
+                                            const int64_t *send_counts, const moe_tensor *recv,
+                                            const int64_t *recv_counts, int64_t *row_bytes) {
+    char b1[96], b2[96];
+    bool rows_match = send->ndim >= 1 && send->ndim == recv->ndim;
+    for (int d = 1; rows_match && d < send->ndim; d++) rows_match = send->shape[d] == recv->shape[d];
+    if (!rows_match || send->device != recv->device || send->dtype != recv->dtype ||
+        !moe_tensor_is_contiguous(send) || !moe_tensor_is_contiguous(recv))
+        return moe_error(MOE_ERR_INVALID, "%s: send %s and recv %s must be contiguous, on one "
+                         "device, of one dtype and row shape", op,
+                         moe_tensor_describe(send, b1, sizeof b1), moe_tensor_describe(recv, b2, sizeof b2));
+    int64_t row_elems = 1, send_rows, recv_rows;
+    for (int d = 1; d < send->ndim; d++) row_elems *= send->shape[d];
+    *row_bytes = row_elems * (int64_t)moe_dtype_size(send->dtype);
+    MOE_TRY(moe_dist_check_exchange_(op, size, send_counts, recv_counts, *row_bytes, &send_rows,
+                                     &recv_rows));
+    if (send_rows != send->shape[0] || recv_rows != recv->shape[0])
+        return moe_error(MOE_ERR_INVALID, "%s: the counts send %lld rows and receive %lld, but "
+                         "send is %s and recv %s", op, (long long)send_rows, (long long)recv_rows,
+                         moe_tensor_describe(send, b1, sizeof b1), moe_tensor_describe(recv, b2, sizeof b2));
     return MOE_OK;
 }
 
@@ -90,6 +125,17 @@ moe_status moe_dist_exchange_self_(const char *op, const void *send, const int64
                          "but expects %lld", op, (long long)send_rows, (long long)recv_rows);
     if (send_rows) memcpy(recv, send, (size_t)(send_rows * row_bytes));
     return MOE_OK;
+}
+
+moe_status moe_dist_exchange_self_tensor_(const char *op, const moe_tensor *send,
+                                          const int64_t *send_counts, moe_tensor *recv,
+                                          const int64_t *recv_counts) {
+    int64_t row_bytes;
+    MOE_TRY(moe_dist_check_exchange_tensors_(op, 1, send, send_counts, recv, recv_counts, &row_bytes));
+    if (send_counts[0] != recv_counts[0])
+        return moe_error(MOE_ERR_INVALID, "%s: a group of one rank sends %lld rows to itself "
+                         "but expects %lld", op, (long long)send_counts[0], (long long)recv_counts[0]);
+    return send_counts[0] ? moe_tensor_copy_(recv, send) : MOE_OK;
 }
 
 moe_status moe_dist_failure_(moe_status status, int rank, const char *msg, const char *others) {
@@ -110,6 +156,8 @@ moe_status moe_dist_set_expert_parallel(int expert_parallel) {
 
 void moe_dist_finalize(void) {}
 
+moe_status moe_dist_prepare(moe_device dev) { return MOE_OK; }
+
 void moe_dist_abort(moe_status status, const char *message) {
     fprintf(stderr, "moe: rank 0: %s\n", message);
     exit(status == MOE_OK ? 1 : (int)status);
@@ -127,6 +175,16 @@ int moe_dist_size(moe_dist_group g) {
 
 moe_status moe_dist_allreduce_sum(moe_dist_group g, moe_tensor *t) {
     return moe_dist_check_tensor_("moe_dist_allreduce_sum", t);
+}
+
+moe_status moe_dist_allreduce_sum_start(moe_dist_group g, moe_tensor *t, moe_dist_request **req) {
+    *req = NULL;
+    return moe_dist_check_tensor_("moe_dist_allreduce_sum_start", t);
+}
+
+moe_status moe_dist_wait(moe_dist_request *req) {
+    MOE_ASSERT(!req, "a world of one rank has no requests to wait for");
+    return MOE_OK;
 }
 
 moe_status moe_dist_allreduce_f64(moe_dist_group g, double *v, int n) {
@@ -154,6 +212,13 @@ moe_status moe_dist_alltoallv(moe_dist_group g, const void *send, const int64_t 
                               void *recv, const int64_t *recv_counts_rows, int64_t row_bytes) {
     return moe_dist_exchange_self_("moe_dist_alltoallv", send, send_counts_rows, recv,
                                    recv_counts_rows, row_bytes);
+}
+
+moe_status moe_dist_alltoallv_tensor(moe_dist_group g, const moe_tensor *send,
+                                     const int64_t *send_counts_rows, moe_tensor *recv,
+                                     const int64_t *recv_counts_rows) {
+    return moe_dist_exchange_self_tensor_("moe_dist_alltoallv_tensor", send, send_counts_rows,
+                                          recv, recv_counts_rows);
 }
 
 /* One process: nothing to agree on; the message stays as it is. */

@@ -11,27 +11,14 @@ typedef struct {
 
 static moe_tensor *exchange(moe_tensor *x, const int64_t *send_rows, const int64_t *recv_rows, int group) {
     int P = moe_dist_size((moe_dist_group)group);
-    int64_t rows_out = 0, row_elems = 1;
+    int64_t rows_out = 0;
     for (int r = 0; r < P; r++) rows_out += recv_rows[r];
-    for (int d = 1; d < x->ndim; d++) row_elems *= x->shape[d];
     int64_t shape[MOE_MAX_DIMS];
     memcpy(shape, x->shape, sizeof shape);
     shape[0] = rows_out;
     moe_tensor *src = op_contiguous_nograd(x);
     moe_tensor *o = src ? op_new(x, x->dtype, x->ndim, shape) : NULL;
-    if (!o) return NULL;
-    int64_t row_bytes = row_elems * (int64_t)moe_dtype_size(x->dtype);
-    if (x->device == MOE_CPU) {
-        if (moe_dist_alltoallv((moe_dist_group)group, src->data, send_rows, o->data, recv_rows, row_bytes) != MOE_OK)
-            return NULL;
-        return o;
-    }
-    /* Device tensors: through host buffers (NCCL is not wired in yet). */
-    moe_tensor *hs = moe_tensor_to(src, MOE_CPU, MOE_LIFE_STEP);
-    moe_tensor *ho = hs ? moe_tensor_empty(MOE_LIFE_STEP, MOE_CPU, x->dtype, x->ndim, shape) : NULL;
-    if (!ho || moe_dist_alltoallv((moe_dist_group)group, hs->data, send_rows, ho->data, recv_rows, row_bytes) != MOE_OK ||
-        moe_tensor_copy_(o, ho) != MOE_OK)
-        return NULL;
+    if (!o || moe_dist_alltoallv_tensor((moe_dist_group)group, src, send_rows, o, recv_rows) != MOE_OK) return NULL;
     return o;
 }
 

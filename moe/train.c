@@ -89,6 +89,192 @@ static void on_sigint(int sig) {
     stop_requested = 1;
 }
 
+/* ---- gradient all-reduce, overlapped with the backward ----
+ * Each rank sums its grads with the ranks that hold the same parameters: dense ones over
+ * the world, experts over the data-parallel group (1/world of the mean goes into the
+ * optimizer's grad_scale, so it costs no extra pass). The grads of the parameters to sum
+ * live in buckets: flat PERSIST buffers of up to 32 MiB on CUDA, 64 MiB on the CPU
+ * (MOE_GRAD_BUCKET_KB overrides), filled in reverse registration order, roughly the order
+ * in which the backward finishes them; each grad is a view into its bucket, so nothing
+ * is packed or unpacked. During the backward of the last micro-step the autograd
+ * readiness hook counts each bucket's final grads, and a complete bucket's all-reduce
+ * starts at once (MPI_Iallreduce on the CPU; on CUDA an NCCL sum on a communication
+ * stream, after the kernels that made the grads) while the backward goes on. Buckets
+ * start strictly in index order, so every rank starts the same collectives in the same
+ * order whatever order its backward finishes them in. After the backward every rank
+ * starts the buckets not yet started (parameters the tape did not use, or a failed
+ * backward), and the clip and the optimizer come after moe_dist_wait on all of them.
+ * MOE_GRAD_OVERLAP=0 starts every bucket after the backward instead. */
+typedef struct grad_bucket {
+    moe_dist_group group;
+    moe_dtype dtype;
+    int64_t elems;
+    moe_tensor *flat;      /* the grads of its parameters are views into it */
+    int n_params, n_ready; /* its parameters, and those whose grad is final in this backward */
+    moe_dist_request *req; /* started, not yet waited for */
+} grad_bucket;
+
+typedef struct grad_sync {
+    grad_bucket *b;
+    int n, started;    /* buckets [0, started) have been started this step */
+    moe_status status; /* the first failure to start one, with its message */
+    char msg[512];
+} grad_sync;
+
+static int64_t grad_bucket_bytes(moe_device dev) {
+    const char *kb = getenv("MOE_GRAD_BUCKET_KB");
+    if (kb && atoll(kb) > 0) return atoll(kb) << 10;
+    return (int64_t)(dev == MOE_CUDA ? 32 : 64) << 20;
+}
+
+/* A bucket in planning. The buckets run by decreasing key, the smallest registration
+ * index among their parameters: the backward finishes late-registered parameters first,
+ * so a bucket is complete about when its earliest-registered parameter is. */
+typedef struct { int64_t key; int id; } bucket_order;
+
+static int bucket_order_cmp(const void *a, const void *b) {
+    int64_t ka = ((const bucket_order *)a)->key, kb = ((const bucket_order *)b)->key;
+    return (ka < kb) - (ka > kb);
+}
+
+/* A PERSIST view of `flat` at element `at` with p's shape, to be p's grad: freed with p,
+ * leaving flat's storage alone (a view owns none). */
+static moe_tensor *grad_view(const moe_tensor *flat, const moe_tensor *p, int64_t at) {
+    int64_t st[MOE_MAX_DIMS];
+    moe_strides_contiguous(p->ndim, p->shape, st);
+    moe_tensor *v = moe_tensor_view_raw(flat, p->ndim, p->shape, st, at);
+    if (!v) return NULL;
+    moe_tensor *keep = malloc(sizeof *keep);
+    if (!keep) {
+        moe_error(MOE_ERR_OOM, "gradient buckets: out of host memory");
+        return NULL;
+    }
+    *keep = *v;
+    keep->life = MOE_LIFE_PERSIST;
+    return keep;
+}
+
+/* Plans the buckets, allocates them zeroed and makes the grad of every parameter to sum a
+ * view into its bucket (a grad already there is copied in). No buckets on one rank. */
+static moe_status grad_sync_init(grad_sync *gs, moe_model *m) {
+    memset(gs, 0, sizeof *gs);
+    int n = m->n_params, nb = 0;
+    int *bucket_of = malloc(sizeof(int) * (size_t)n);
+    int64_t *at = malloc(sizeof(int64_t) * (size_t)n);
+    bucket_order *order = malloc(sizeof *order * (size_t)n);
+    grad_bucket *plan = calloc((size_t)n, sizeof *plan); /* at most one bucket per parameter */
+    gs->b = calloc((size_t)n, sizeof *gs->b);
+    moe_status s = MOE_OK;
+    if (!bucket_of || !at || !order || !plan || !gs->b)
+        s = moe_error(MOE_ERR_OOM, "gradient buckets: out of host memory");
+    int64_t cap = grad_bucket_bytes(m->dev);
+    int open[MOE_GROUP_COUNT] = {-1, -1, -1};
+    for (int i = n - 1; i >= 0 && s == MOE_OK; i--) {
+        moe_tensor *p = m->params[i].t;
+        moe_dist_group g = m->params[i].expert_stack ? MOE_GROUP_DP : MOE_GROUP_WORLD;
+        bucket_of[i] = -1;
+        if (moe_dist_size(g) == 1) continue;
+        moe_dtype dt = p->dtype == MOE_BF16 ? MOE_F32 : p->dtype; /* the grad's dtype (autograd.c) */
+        int64_t numel = moe_tensor_numel(p), es = (int64_t)moe_dtype_size(dt);
+        int o = open[g];
+        if (o < 0 || plan[o].dtype != dt || (plan[o].elems > 0 && (plan[o].elems + numel) * es > cap)) {
+            o = open[g] = nb++;
+            plan[o] = (grad_bucket){.group = g, .dtype = dt};
+        }
+        bucket_of[i] = o;
+        at[i] = plan[o].elems;
+        plan[o].elems += numel;
+        plan[o].n_params++;
+        order[o] = (bucket_order){.key = i, .id = o};
+    }
+    if (s == MOE_OK) qsort(order, (size_t)nb, sizeof *order, bucket_order_cmp);
+    for (int k = 0; k < nb && s == MOE_OK; k++) { /* bucket k of the run is planned bucket order[k].id */
+        grad_bucket *b = &gs->b[k];
+        *b = plan[order[k].id];
+        b->flat = moe_tensor_zeros(MOE_LIFE_PERSIST, m->dev, b->dtype, 1, (int64_t[]){b->elems});
+        if (!b->flat) s = moe_last_status();
+        else gs->n = k + 1;
+        for (int i = 0; i < n && s == MOE_OK; i++) {
+            if (bucket_of[i] != order[k].id) continue;
+            moe_tensor *p = m->params[i].t, *v = grad_view(b->flat, p, at[i]);
+            if (!v) s = moe_last_status();
+            else if (p->grad && (s = moe_tensor_copy_(v, p->grad)) != MOE_OK) moe_tensor_free(v);
+            else {
+                moe_tensor_free(p->grad);
+                p->grad = v;
+            }
+        }
+    }
+    free(bucket_of);
+    free(at);
+    free(order);
+    free(plan);
+    return s;
+}
+
+static void grad_sync_free(grad_sync *gs) {
+    for (int k = 0; k < gs->n; k++) moe_tensor_free(gs->b[k].flat);
+    free(gs->b);
+    gs->b = NULL;
+    gs->n = 0;
+}
+
+/* A new step: no bucket started, no grad final yet. */
+static void grad_sync_begin(grad_sync *gs) {
+    gs->started = 0;
+    gs->status = MOE_OK;
+    for (int k = 0; k < gs->n; k++) gs->b[k].n_ready = 0;
+}
+
+/* Starts, in index order, the next buckets whose grads are all final (all: every bucket
+ * left). A failure is kept for grad_sync_finish; the starts go on, to keep the ranks'
+ * collectives matched. */
+static void grad_sync_start(grad_sync *gs, bool all) {
+    while (gs->started < gs->n) {
+        grad_bucket *b = &gs->b[gs->started];
+        if (!all && b->n_ready < b->n_params) break;
+        gs->started++;
+        moe_status s = moe_dist_allreduce_sum_start(b->group, b->flat, &b->req);
+        if (s != MOE_OK && gs->status == MOE_OK) {
+            gs->status = s;
+            snprintf(gs->msg, sizeof gs->msg, "%s", moe_last_error());
+        }
+    }
+}
+
+/* The autograd readiness hook: p's grad is final; it counts for the bucket holding it. */
+static void grad_ready(moe_tensor *p, void *user) {
+    grad_sync *gs = user;
+    const char *g = p->grad ? (const char *)p->grad->data : NULL;
+    for (int k = 0; k < gs->n && g; k++) {
+        const char *lo = gs->b[k].flat->data;
+        if (g >= lo && g < lo + gs->b[k].elems * (int64_t)moe_dtype_size(gs->b[k].dtype)) {
+            gs->b[k].n_ready++;
+            grad_sync_start(gs, false);
+            return;
+        }
+    }
+}
+
+/* Waits for every started bucket; returns the first failure to start or finish one. */
+static moe_status grad_sync_finish(grad_sync *gs) {
+    for (int k = 0; k < gs->started; k++) {
+        moe_status w = moe_dist_wait(gs->b[k].req);
+        gs->b[k].req = NULL;
+        if (w != MOE_OK && gs->status == MOE_OK) {
+            gs->status = w;
+            snprintf(gs->msg, sizeof gs->msg, "%s", moe_last_error());
+        }
+    }
+    return gs->status == MOE_OK ? MOE_OK : moe_error(gs->status, "%s", gs->msg);
+}
+
+/* MOE_GRAD_OVERLAP=0: no bucket starts before the backward has finished. */
+static bool grad_overlap(void) {
+    const char *v = getenv("MOE_GRAD_OVERLAP");
+    return !(v && strcmp(v, "0") == 0);
+}
+
 typedef struct trainer {
     const moe_config *cfg;
     moe_model model;
@@ -100,6 +286,7 @@ typedef struct trainer {
     moe_train_state st;
     FILE *metrics;     /* rank 0 only */
     FILE *rank_log;    /* under MPI: RUN_DIR/rank-R.log, every rank's own step line */
+    grad_sync grads;   /* the gradient buckets (none on one rank) */
     char dir[512];
     int world, rank;
 } trainer;
@@ -188,6 +375,8 @@ static moe_status trainer_open(trainer *t, const moe_config *cfg, const moe_trai
         moe_loader_set_state(t->loader, (moe_loader_state){t->st.loader_seed, t->st.loader_step});
         if (t->rank == 0) fprintf(stderr, "resumed from %s at step %lld\n", path, (long long)t->st.step);
     }
+    MOE_TRY(grad_sync_init(&t->grads, &t->model));
+    if (t->world > 1) MOE_TRY(moe_dist_prepare(t->model.dev));
     if (t->world > 1 && !(t->rank_log = moe_dist_log_file(t->dir))) return moe_last_status();
     if (t->rank != 0) return MOE_OK;
     char mpath[640];
@@ -202,82 +391,12 @@ static void trainer_close(trainer *t) {
     if (t->rank_log) fclose(t->rank_log);
     moe_optimizer_free(t->opt);
     free(t->params);
-    moe_model_free(&t->model);
+    moe_model_free(&t->model); /* with the grads, views into the buckets */
+    grad_sync_free(&t->grads);
     moe_loader_free(t->loader);
     moe_data_close(t->train);
     moe_data_close(t->val);
     moe_step_reset();
-}
-
-/* Sums the grads over the ranks that hold the same parameter: dense parameters over the
- * world, experts over the data-parallel group. Grads are packed into host buckets of up
- * to 64 MiB (one all-reduce per bucket, not per parameter; device grads are staged
- * through the bucket too). The 1/world of the mean goes into the optimizer's grad_scale,
- * so it costs no extra pass. Every rank reduces every parameter in the same order. */
-#define GRAD_BUCKET_ELEMS ((int64_t)16 << 20)
-
-static moe_tensor *bucket_piece(moe_tensor *bucket, const moe_tensor *g, int64_t at) {
-    int64_t st[MOE_MAX_DIMS];
-    moe_strides_contiguous(g->ndim, g->shape, st);
-    return moe_tensor_view_raw(bucket, g->ndim, g->shape, st, at);
-}
-
-static moe_status flush_bucket(moe_dist_group grp, moe_tensor *bucket, moe_tensor **held, int n_held, int64_t fill) {
-    if (fill == 0) return MOE_OK;
-    moe_tensor *used = moe_tensor_view_raw(bucket, 1, (int64_t[]){fill}, (int64_t[]){1}, 0);
-    if (!used) return moe_last_status();
-    MOE_TRY(moe_dist_allreduce_sum(grp, used));
-    for (int64_t i = 0, at = 0; i < n_held; at += moe_tensor_numel(held[i]), i++) {
-        moe_tensor *piece = bucket_piece(bucket, held[i], at);
-        if (!piece) return moe_last_status();
-        MOE_TRY(moe_tensor_copy_(held[i], piece));
-    }
-    return MOE_OK;
-}
-
-static moe_status allreduce_grads(trainer *t) {
-    int n = t->model.n_params;
-    moe_tensor **held = malloc(sizeof *held * (size_t)n);
-    if (!held) return moe_error(MOE_ERR_OOM, "gradient all-reduce: out of host memory");
-    moe_status s = MOE_OK;
-    for (int pass = 0; pass < 2 && s == MOE_OK; pass++) {
-        moe_dist_group grp = pass ? MOE_GROUP_DP : MOE_GROUP_WORLD;
-        if (moe_dist_size(grp) == 1) continue;
-        moe_tensor *bucket = moe_tensor_empty(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 1, (int64_t[]){GRAD_BUCKET_ELEMS});
-        if (!bucket) {
-            s = moe_last_status();
-            break;
-        }
-        int n_held = 0;
-        int64_t fill = 0;
-        for (int i = 0; i < n && s == MOE_OK; i++) {
-            if (t->model.params[i].expert_stack != (pass == 1)) continue;
-            moe_tensor *g = moe_grad_buffer(t->model.params[i].t); /* zeros if this rank made none */
-            if (!g) {
-                s = moe_last_status();
-                break;
-            }
-            int64_t m = moe_tensor_numel(g);
-            if (m > GRAD_BUCKET_ELEMS) { /* too large for a bucket: on its own */
-                moe_tensor *h = g->device == MOE_CPU ? g : moe_tensor_to(g, MOE_CPU, MOE_LIFE_STEP);
-                s = h ? moe_dist_allreduce_sum(grp, h) : moe_last_status();
-                if (s == MOE_OK && h != g) s = moe_tensor_copy_(g, h);
-                continue;
-            }
-            if (fill + m > GRAD_BUCKET_ELEMS) {
-                s = flush_bucket(grp, bucket, held, n_held, fill);
-                n_held = 0;
-                fill = 0;
-            }
-            moe_tensor *piece = s == MOE_OK ? bucket_piece(bucket, g, fill) : NULL;
-            if (s == MOE_OK) s = piece ? moe_tensor_copy_(piece, g) : moe_last_status();
-            held[n_held++] = g;
-            fill += m;
-        }
-        if (s == MOE_OK) s = flush_bucket(grp, bucket, held, n_held, fill);
-    }
-    free(held);
-    return s;
 }
 
 /* Global grad norm of the mean gradient: dense grads are equal on all ranks after the
@@ -331,6 +450,35 @@ static void write_metrics(trainer *t, const char *fmt_extra, double loss, double
     fflush(f);
 }
 
+/* MOE_DIST_TIMING=1: the step time and the part of it spent communicating, summed over
+ * the steps of this run after its first (warm-up: NCCL setup, first allocations). */
+typedef struct step_timing {
+    int64_t steps;
+    double step_ms, alltoall_ms, wait_ms;
+} step_timing;
+
+/* Adds the step that took step_ms, with the communication counted since it began. */
+static void step_timing_add(step_timing *tm, double step_ms) {
+    moe_dist_stats ds = moe_dist_get_stats();
+    tm->steps++;
+    tm->step_ms += step_ms;
+    tm->alltoall_ms += ds.alltoall_ms;
+    tm->wait_ms += ds.reduce_wait_ms;
+}
+
+/* Collective: rank 0 prints the means over ranks, e.g. for scripts/scale-gpu.sh. */
+static moe_status step_timing_report(const trainer *t, const step_timing *tm, double tokens_per_step) {
+    double v[3] = {tm->step_ms, tm->alltoall_ms, tm->wait_ms};
+    MOE_TRY(moe_dist_allreduce_f64(MOE_GROUP_WORLD, v, 3));
+    if (t->rank != 0 || tm->steps == 0) return MOE_OK;
+    double n = (double)tm->steps * t->world, step = v[0] / n, a2a = v[1] / n, wait = v[2] / n;
+    fprintf(stderr, "timing: %lld steps after the first, mean of %d rank(s): step %.2f ms, %.0f tokens/s per rank, "
+            "all-to-all %.2f ms (%.1f%% of the step), gradient all-reduce not hidden %.2f ms (%.1f%%)\n",
+            (long long)tm->steps, t->world, step, tokens_per_step / t->world / (step / 1e3), a2a, 100 * a2a / step,
+            wait, 100 * wait / step);
+    return MOE_OK;
+}
+
 moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_train_summary *sum) {
     memset(sum, 0, sizeof *sum);
     trainer t;
@@ -360,6 +508,8 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
     void (*old_handler)(int) = signal(SIGINT, on_sigint);
     bool quiet = o->quiet || t.rank != 0, tty = isatty(STDERR_FILENO) && !quiet;
     int consecutive_bad = 0;
+    step_timing timing = {0};
+    int64_t steps_run = 0;
     double t_start = (moe_clock_ms() / 1e3), tokens_done = 0, last_loss = NAN;
     while (s == MOE_OK && t.st.step < tc->steps) {
         if (o->stop_after > 0 && t.st.step >= o->stop_after) break;
@@ -373,12 +523,14 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
             break;
         }
         double t0 = (moe_clock_ms() / 1e3);
+        moe_dist_reset_stats();
         double lr = moe_lr_at(&sched, t.st.step);
         moe_loader_next(t.loader, t.rank, t.world, in, tg);
         t.model.dropout_counter = (uint64_t)t.st.step << 48; /* masks and noise depend on the step: exact resume */
         double loss = 0, aux = 0, z = 0;
         memset(load, 0, sizeof(int64_t) * (size_t)(mc->n_layers * mc->n_experts));
         bool bad = false;
+        grad_sync_begin(&t.grads);
         for (int a = 0; a < A && s == MOE_OK; a++) {
             moe_step_reset();
             moe_loss_parts parts;
@@ -390,25 +542,30 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
             aux += parts.aux / A;
             z += parts.z / A;
             for (int i = 0; i < mc->n_layers * mc->n_experts; i++) load[i] += parts.load[i];
-            if (!bad) s = moe_backward(A > 1 ? moe_mul_scalar(parts.loss, 1.0 / A) : parts.loss);
+            /* The backward runs even after a non-finite loss: under expert parallelism it
+             * exchanges tokens with the other ranks, which must all take part. */
+            if (a == A - 1 && grad_overlap()) moe_set_grad_ready_hook(grad_ready, &t.grads);
+            s = moe_backward(A > 1 ? moe_mul_scalar(parts.loss, 1.0 / A) : parts.loss);
+            moe_set_grad_ready_hook(NULL, NULL);
         }
+        grad_sync_start(&t.grads, true); /* on every rank, whatever happened: the collectives stay matched */
         s = moe_dist_check_all(s);
-        if (s != MOE_OK) break;
         double local_loss = loss;
-        if (t.world > 1) { /* global mean loss and total load; a NaN anywhere makes the sum NaN */
+        if (s == MOE_OK && t.world > 1) { /* global mean loss and total load; a NaN anywhere makes the sum NaN */
             double v[3] = {loss, aux, z};
             s = moe_dist_allreduce_f64(MOE_GROUP_WORLD, v, 3);
             if (s == MOE_OK) s = moe_dist_allreduce_i64(MOE_GROUP_WORLD, load, mc->n_layers * mc->n_experts);
-            if (s != MOE_OK) break;
             loss = v[0] / t.world;
             aux = v[1] / t.world;
             z = v[2] / t.world;
             bad = !isfinite(loss);
         }
+        moe_status ws = grad_sync_finish(&t.grads); /* the summed grads, before the clip reads them */
+        if (s == MOE_OK) s = ws;
+        if (s != MOE_OK) break;
         double gnorm = 0, scale = 1;
         if (!bad) {
-            moe_status cs = t.world > 1 ? allreduce_grads(&t) : MOE_OK;
-            if (cs == MOE_OK) cs = clip_scale(&t, tc->grad_clip, &gnorm, &scale);
+            moe_status cs = clip_scale(&t, tc->grad_clip, &gnorm, &scale);
             if (cs == MOE_ERR_NUMERIC) bad = true;
             else if (cs != MOE_OK) { s = cs; break; }
         }
@@ -438,6 +595,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
         t.st.step++;
         last_loss = loss;
         double dt = (moe_clock_ms() / 1e3) - t0;
+        if (steps_run++ > 0) step_timing_add(&timing, dt * 1e3);
         tokens_done += (double)nb;
         double tps = nb / dt;
         bool do_eval = (tc->eval_every > 0 && t.st.step % tc->eval_every == 0) || t.st.step == tc->steps;
@@ -476,6 +634,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
         if (cfg->checkpoint.every > 0 && t.st.step % cfg->checkpoint.every == 0 && t.st.step < tc->steps)
             s = save_checkpoint(&t, sum);
     }
+    if (s == MOE_OK && moe_dist_timing()) s = step_timing_report(&t, &timing, (double)nb);
     if (s == MOE_OK) s = save_checkpoint(&t, sum);
     signal(SIGINT, old_handler);
     sum->steps_done = t.st.step;
