@@ -549,6 +549,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
             moe_set_grad_ready_hook(NULL, NULL);
         }
         grad_sync_start(&t.grads, true); /* on every rank, whatever happened: the collectives stay matched */
+        if (s == MOE_OK && t.grads.status != MOE_OK) s = moe_error(t.grads.status, "%s", t.grads.msg);
         s = moe_dist_check_all(s);
         double local_loss = loss;
         if (s == MOE_OK && t.world > 1) { /* global mean loss and total load; a NaN anywhere makes the sum NaN */
