@@ -7,11 +7,19 @@
  * Attention layout: a block holds ATT_ROWS warps, one query (forward, dq) or one key
  * (dk, dv) row per warp. Tiles of 32 rows of the other side are staged in shared memory
  * as f32; lane j scores row j of the tile, then every lane accumulates its own head dims
- * (d = lane + 32 e) over the 32 tile rows. Head dims up to ATT_MAX_HD. All of it in f32. */
+ * (d = lane + 32 e) over the 32 tile rows. Head dims up to ATT_MAX_HD. All of it in f32.
+ * bf16 with head dim 64 or 128 and 16-byte aligned rows goes to the tensor-core kernels of
+ * core/cuda/attention_tc.cu instead. */
 #include "core/cuda/cuda_common.cuh"
 #include "core/philox.h"
 
 extern "C" moe_status moe_cuda_copy(const moe_kernel_args *a);
+
+/* Tensor-core attention (core/cuda/attention_tc.cu): whether it takes a call with q = t[0]
+ * and the other bf16 operands t[1..n), and its forward and backward (D = rowsum(dO * O)). */
+bool att_tc_fits(const moe_tensor *const *t, int n);
+moe_status att_tc_forward(const moe_kernel_args *a);
+moe_status att_tc_backward(const moe_kernel_args *a, const float *D);
 
 /* ---- dropout ---- */
 template <class T> __global__ void dropout_kernel(const T *x, T *y, int64_t n, moe_dropout_attrs at, float scale) {
@@ -205,6 +213,8 @@ extern "C" moe_status moe_cuda_attention(const moe_kernel_args *a) {
     if (a->out2->dtype != MOE_F32) return moe_error(MOE_ERR_UNSUPPORTED, "attention: lse must be f32 on cuda");
     att_geom g = att_geom_of(q, k, at);
     if (g.B * g.Tq * g.H == 0) return MOE_OK;
+    const moe_tensor *tc[4] = {q, k, v, a->out};
+    if (att_tc_fits(tc, 4)) return att_tc_forward(a);
     size_t smem = sizeof(float) * (size_t)(2 * ATT_TILE * (g.hd + 1) + ATT_ROWS * g.hd);
     dim3 grid((unsigned)((g.Tq + ATT_ROWS - 1) / ATT_ROWS), (unsigned)g.H, (unsigned)g.B);
     CU_FLOAT_DISPATCH(q->dtype, "attention",
@@ -371,6 +381,8 @@ extern "C" moe_status moe_cuda_attention_bwd(const moe_kernel_args *a) {
     dim3 gq((unsigned)((g.Tq + ATT_ROWS - 1) / ATT_ROWS), (unsigned)g.H, (unsigned)g.B);
     dim3 gk((unsigned)((g.Tk + ATT_ROWS - 1) / ATT_ROWS), (unsigned)g.Hkv, (unsigned)g.B);
     att_view vq = att_view_of(q), vk = att_view_of(k), vv = att_view_of(v), vo = att_view_of(o), vg = att_view_of(gr);
+    const moe_tensor *tcs[7] = {q, k, v, gr, dq, dk, dv};
+    const bool tc = att_tc_fits(tcs, 7);
     CU_FLOAT_DISPATCH(q->dtype, "attention_bwd",
         const T *pq = (const T *)q->data, *pk = (const T *)k->data, *pv = (const T *)v->data;
         const T *pg = (const T *)gr->data;
@@ -379,6 +391,9 @@ extern "C" moe_status moe_cuda_attention_bwd(const moe_kernel_args *a) {
             att_rowdot_kernel<T><<<cu_blocks(g.B * g.H * g.Tq * 32), CU_THREADS, 0, moe_cu.stream>>>(
                 pg, (const T *)o->data, D, vg, vo, g);
             CU_LAUNCHED("attention_bwd (row dots)");
+        }
+        if (tc) return att_tc_backward(a, D);
+        if (g.Tq > 0) {
             MOE_TRY(att_smem(attention_dq_kernel<T>, smem, "attention_bwd"));
             attention_dq_kernel<T><<<gq, ATT_ROWS * 32, smem, moe_cu.stream>>>(pq, pk, pv, pg, pl, D, (T *)dq->data, vq,
                                                                              vk, vv, vg, g);

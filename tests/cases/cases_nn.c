@@ -11,6 +11,27 @@ static moe_tensor *run_attention_fused(moe_tensor **in) {
     return moe_attention(moe_slice(in[0], 3, 0, 4), moe_slice(in[0], 3, 4, 8), moe_slice(in[0], 3, 8, 12), true);
 }
 
+/* Head dims 64 and 128 (what the CUDA tensor-core kernels take in bf16) at a gradcheck
+ * cost the f64 element-by-element differences can afford: q, k, v = x W with inputs x
+ * [B, T, heads, 2] and fixed maps W [2, hd] (one per operand, N(0, 0.5^2)), so the
+ * gradcheck and the parity test compare the grads through the rank-2 lift. The small W
+ * keeps the scores soft: with N(0, 1) maps the bf16 rounding of the inputs alone moves
+ * some of these grads by more than the 2e-2 bf16 parity tolerance. Gradcheck tolerance
+ * 1e-5: the central differences of these larger losses carry about 1e-9 of rounding,
+ * more than the default allows on their smallest grads. */
+static moe_tensor *attention_lifted(moe_tensor **in, int64_t hd, bool causal) {
+    moe_tensor *qkv[3];
+    for (int i = 0; i < 3; i++) {
+        moe_tensor *w = moe_tensor_randn(MOE_LIFE_STEP, in[i]->device, in[i]->dtype, 2, (int64_t[]){2, hd},
+                                         101 + (uint64_t)i, 0, 0.5);
+        qkv[i] = moe_matmul(in[i], w);
+    }
+    return moe_attention(qkv[0], qkv[1], qkv[2], causal);
+}
+static moe_tensor *run_attention_hd64_causal(moe_tensor **in) { return attention_lifted(in, 64, true); }
+static moe_tensor *run_attention_hd64_full(moe_tensor **in) { return attention_lifted(in, 64, false); }
+static moe_tensor *run_attention_hd128_causal(moe_tensor **in) { return attention_lifted(in, 128, true); }
+
 /* Targets of in[2] with row 2 set to -1 (ignored), vocabulary blocks of 8 rows so that
  * V = 37 spans five blocks, the last one partial. */
 static moe_tensor *run_cross_entropy_block8(moe_tensor **in) {
@@ -42,6 +63,14 @@ static const op_case cases[] = {
     {"attention", "causal, q k v slices of a fused projection", 1, {F(4, 1, 5, 2, 12)}, run_attention_fused},
     {"attention", "causal, several query and key blocks (Tq=34, Tk=70)", 3,
      {F(4, 1, 34, 1, 2), F(4, 1, 70, 1, 2), F(4, 1, 70, 1, 2)}, run_attention_causal},
+    {"attention", "hd=64 causal Tq=Tk=66 (two query and key tiles)", 3,
+     {F(4, 1, 66, 1, 2), F(4, 1, 66, 1, 2), F(4, 1, 66, 1, 2)}, run_attention_hd64_causal, 1e-5},
+    {"attention", "hd=64 causal GQA H=2 Hkv=1, Tq=20 < Tk=70", 3,
+     {F(4, 1, 20, 2, 2), F(4, 1, 70, 1, 2), F(4, 1, 70, 1, 2)}, run_attention_hd64_causal, 1e-5},
+    {"attention", "hd=64 non-causal B=2, Tq=70 > Tk=20", 3,
+     {F(4, 2, 70, 1, 2), F(4, 2, 20, 1, 2), F(4, 2, 20, 1, 2)}, run_attention_hd64_full, 1e-5},
+    {"attention", "hd=128 causal Tq=20 < Tk=66", 3, {F(4, 1, 20, 1, 2), F(4, 1, 66, 1, 2), F(4, 1, 66, 1, 2)},
+     run_attention_hd128_causal, 1e-5},
     {"cross_entropy", "V=37 block 8, an ignored row, transposed h", 3,
      {FT(2, 6, 5), F(2, 37, 5), {1, {6}, IN_INDEX, 37, false, false}}, run_cross_entropy_block8},
     {"cross_entropy", "V=11 one block, transposed w", 3,
