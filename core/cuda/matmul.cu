@@ -1,8 +1,10 @@
 /* CUDA matmul through cuBLAS (f32 accumulate; exact f32 unless MOE_CUDA_TF32=1) and the
  * grouped expert matmul: one cublasGemmEx per non-empty expert, or one
- * cublasGemmGroupedBatchedEx for all of them when MOE_GROUPED_CUBLAS=1. The loop is the
- * default because it measured faster on the H200 (cuBLAS 13.1, bf16, 2026-11-28:
- * moe-layer-gpu fwd+bwd 8.4 vs 10.3 ms, moe-layer-gpu-fine 27.6 vs 32.7 ms).
+ * cublasGemmGroupedBatchedEx for all of them, whichever measures faster: neither wins
+ * everywhere on the H200 (cuBLAS 13.1, bf16: the loop took moe-layer-gpu fwd+bwd to 8.4 ms
+ * from 10.3, the grouped call took the LM training step to 96 ms from 133). The first six
+ * calls of each (mode, dtype, shape, expert count) alternate the two under CUDA events;
+ * the faster median is kept from then on (gg_tune). MOE_GROUPED_CUBLAS=0 or 1 forces one.
  *
  * Row-major operands map onto column-major cuBLAS by computing C^T = B^T A^T: a row-major
  * [r, c] matrix with leading stride ld is a column-major [c, r] one with the same ld, and
@@ -224,13 +226,71 @@ typedef struct {
     void *C;
 } group_gemm;
 
-static bool grouped_cublas_requested(void) {
-    static int v = -1;
-    if (v < 0) {
+/* ---- choosing loop or grouped call by measurement ---- */
+#define GG_TRIES 6 /* alternating: loop, grouped, loop, ... */
+typedef struct {
+    int mode, ng;
+    moe_dtype dt;
+    int64_t K, M;
+    int tries, pending_way; /* pending_way: the way timed by ev (-1: none) */
+    float ms[2][GG_TRIES / 2];
+    cudaEvent_t ev[2];
+    int way; /* -1 while measuring, else 0 = loop, 1 = grouped */
+} gg_tune;
+static gg_tune gg_tunes[128];
+static int gg_tune_count;
+
+static int gg_forced(void) { /* -1: measure, 0: loop, 1: grouped */
+    static int v = -2;
+    if (v == -2) {
         const char *e = getenv("MOE_GROUPED_CUBLAS");
-        v = e && strcmp(e, "1") == 0;
+        v = e && *e ? (strcmp(e, "1") == 0) : -1;
     }
-    return v == 1;
+    return v;
+}
+
+static float gg_median3(const float *x) {
+    float a = x[0], b = x[1], c = x[2];
+    return fmaxf(fminf(a, b), fminf(fmaxf(a, b), c));
+}
+
+/* The way to run this call (0 loop, 1 grouped) and, while measuring, its tune slot
+ * (*timed != NULL: record ev[0] before and ev[1] after the call). */
+static int gg_choose(int mode, moe_dtype dt, int64_t K, int64_t M, int ng, gg_tune **timed) {
+    *timed = NULL;
+    int forced = gg_forced();
+    if (forced >= 0 || ng <= 1) return ng <= 1 ? 0 : forced;
+    gg_tune *t = NULL;
+    for (int i = 0; i < gg_tune_count && !t; i++)
+        if (gg_tunes[i].mode == mode && gg_tunes[i].dt == dt && gg_tunes[i].K == K && gg_tunes[i].M == M &&
+            gg_tunes[i].ng == ng)
+            t = &gg_tunes[i];
+    if (!t) {
+        if (gg_tune_count == (int)(sizeof gg_tunes / sizeof *gg_tunes)) return 0; /* table full: the loop */
+        t = &gg_tunes[gg_tune_count];
+        *t = (gg_tune){mode, ng, dt, K, M, 0, -1, {{0}}, {NULL, NULL}, -1};
+        if (cudaEventCreate(&t->ev[0]) != cudaSuccess || cudaEventCreate(&t->ev[1]) != cudaSuccess) {
+            (void)cudaGetLastError();
+            return 0;
+        }
+        gg_tune_count++;
+    }
+    if (t->way >= 0) return t->way;
+    if (t->pending_way >= 0) { /* the previous timed call has long finished: no real wait */
+        float ms = 0;
+        if (cudaEventSynchronize(t->ev[1]) == cudaSuccess && cudaEventElapsedTime(&ms, t->ev[0], t->ev[1]) == cudaSuccess)
+            t->ms[t->pending_way][t->tries / 2] = ms;
+        else
+            (void)cudaGetLastError();
+        t->pending_way = -1;
+        if (++t->tries == GG_TRIES) {
+            t->way = gg_median3(t->ms[1]) < gg_median3(t->ms[0]) ? 1 : 0;
+            return t->way;
+        }
+    }
+    t->pending_way = t->tries % 2;
+    *timed = t;
+    return t->pending_way;
 }
 
 extern "C" moe_status moe_cuda_grouped_matmul(const moe_kernel_args *a) {
@@ -277,7 +337,10 @@ extern "C" moe_status moe_cuda_grouped_matmul(const moe_kernel_args *a) {
     cudaDataType ty = cu_type(dt);
     cublasComputeType_t ct = cu_compute(dt);
     moe_status st = MOE_OK;
-    bool grouped = ng > 1 && grouped_cublas_requested();
+    gg_tune *timed = NULL;
+    bool grouped = ng > 1 && gg_choose(at->mode, dt, in[0]->shape[in[0]->ndim - 1],
+                                               out->shape[out->ndim - 1], ng, &timed) == 1;
+    if (timed) cudaEventRecord(timed->ev[0], moe_cu.stream);
     if (grouped) {
         /* host arrays: one group (of one problem) per non-empty expert */
         size_t n = (size_t)ng;
@@ -325,6 +388,7 @@ extern "C" moe_status moe_cuda_grouped_matmul(const moe_kernel_args *a) {
             st = moe_cublas_fail(s, "cublasGemmEx_64", "grouped_matmul mode %d, problem %d of %d (%lld x %lld x %lld), %s",
                                  at->mode, i, ng, (long long)g->m, (long long)g->n, (long long)g->k, moe_dtype_name(dt));
     }
+    if (timed) cudaEventRecord(timed->ev[1], moe_cu.stream);
     free(gg);
     return st;
 }
