@@ -137,6 +137,34 @@ template <class T> struct binary8_f {
     }
 };
 
+/* o = x op s[row] (or s[row] op x when scalar_first), x and o contiguous [rows, C]. */
+template <class T> struct binary_row8_f {
+    T *o;
+    const T *x, *s;
+    int64_t C;
+    int op;
+    bool scalar_first;
+    __device__ void operator()(int64_t i) const {
+        float p[8], q = ldf(s + i / C);
+        cu_ld8(x + i, p);
+#pragma unroll
+        for (int k = 0; k < 8; k++) p[k] = scalar_first ? binary_fn(op, q, p[k]) : binary_fn(op, p[k], q);
+        cu_st8(o + i, p);
+    }
+};
+
+/* t (with out's shape) holds one value per row: last stride 0, the rest a contiguous
+ * [.., 1] tensor (e.g. gate weights [T, 1] broadcast over a row of width C). */
+static bool row_scalar_view(const moe_tensor *t) {
+    int64_t want = 1;
+    if (t->ndim < 1 || t->strides[t->ndim - 1] != 0) return false;
+    for (int d = t->ndim - 2; d >= 0; d--) {
+        if (t->shape[d] != 1 && t->strides[d] != want) return false;
+        want *= t->shape[d];
+    }
+    return true;
+}
+
 extern "C" moe_status moe_cuda_binary(const moe_kernel_args *a) {
     int op = ((const moe_op_attrs_scalar *)a->attrs)->op;
     const moe_tensor *t[3] = {a->out, a->in[0], a->in[1]};
@@ -148,6 +176,16 @@ extern "C" moe_status moe_cuda_binary(const moe_kernel_args *a) {
         CU_FLOAT_DISPATCH(a->out->dtype, "binary",
             return cu_vec8("binary", n, binary8_f<T>{(T *)a->out->data, (const T *)a->in[0]->data,
                                                      (const T *)a->in[1]->data, op});)
+    /* one operand full and contiguous, the other one value per row */
+    const int64_t C = cu_cols(a->out);
+    for (int full = 0; full < 2 && C % 8 == 0; full++) {
+        const moe_tensor *x = a->in[full], *sc = a->in[1 - full];
+        if (moe_tensor_is_contiguous(a->out) && moe_tensor_is_contiguous(x) && moe_tensor_numel(x) == n &&
+            row_scalar_view(sc) && cu_vec8_ok(n, {a->out->data, x->data}))
+            CU_FLOAT_DISPATCH(a->out->dtype, "binary",
+                return cu_vec8("binary", n, binary_row8_f<T>{(T *)a->out->data, (const T *)x->data,
+                                                             (const T *)sc->data, C, op, full == 1});)
+    }
     CU_FLOAT_DISPATCH(a->out->dtype, "binary",
         return cu_elementwise("binary", t, binary_f<T>{(T *)a->out->data, (const T *)a->in[0]->data,
                                                       (const T *)a->in[1]->data, op});)

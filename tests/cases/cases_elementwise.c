@@ -24,6 +24,9 @@ static const op_case cases[] = {
     {"add", "broadcast row and column", 2, {{3, {2, 1, 4}, IN_NORMAL, 0, true, false}, {2, {3, 1}, IN_NORMAL, 0, true, false}}, run_add},
     {"sub", "broadcast", 2, {{2, {3, 4}, IN_NORMAL, 0, true, false}, {1, {4}, IN_NORMAL, 0, true, false}}, run_sub},
     {"mul", "broadcast", 2, {{3, {2, 3, 4}, IN_NORMAL, 0, true, false}, {2, {3, 4}, IN_NORMAL, 0, true, true}}, run_mul},
+    /* one value per row against a full operand: CUDA's 8-wide row path, both orders */
+    {"mul", "[2, 3, 16] * [2, 3, 1]", 2, {{3, {2, 3, 16}, IN_NORMAL, 0, true, false}, {3, {2, 3, 1}, IN_NORMAL, 0, true, false}}, run_mul},
+    {"sub", "[5, 1] - [5, 16]", 2, {{2, {5, 1}, IN_NORMAL, 0, true, false}, {2, {5, 16}, IN_NORMAL, 0, true, false}}, run_sub},
     {"div", "positive divisor", 2, {A34, {2, {1, 4}, IN_POSITIVE, 0, true, false}}, run_div},
     {"add_scalar", "3x4", 1, {A34T}, run_add_scalar},
     {"mul_scalar", "3x4", 1, {A34}, run_mul_scalar},
