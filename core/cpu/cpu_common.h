@@ -5,6 +5,7 @@
 #ifndef MOE_CORE_CPU_COMMON_H
 #define MOE_CORE_CPU_COMMON_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <tgmath.h>
 
@@ -51,6 +52,24 @@ static inline void cpu_store(void *p, moe_dtype dt, int64_t i, double v) {
     default: break;
     }
 }
+
+/* Dense products for kernels that run their own (core/cpu/matmul_cpu.c): C = alpha * A @ B
+ * + beta * C on strided views. moe_cpu_gemm caches a oneDNN primitive per shape;
+ * moe_cpu_gemm_any_shape is for products whose shape changes from call to call. */
+moe_status moe_cpu_gemm(const moe_tensor *A, const moe_tensor *B, moe_tensor *C, float alpha, float beta);
+moe_status moe_cpu_gemm_any_shape(const moe_tensor *A, const moe_tensor *B, moe_tensor *C, float alpha, float beta);
+
+/* Row-major blocks on raw pointers: C [m, n] = alpha * op(A) @ op(B) + beta * C, op(A)
+ * [m, k], op(B) [k, n], op transposing when ta / tb; lda, ldb, ldc are the row strides of
+ * A, B, C as stored; beta = 0 never reads C. Float goes to oneDNN's sgemm (one thread when
+ * called inside a parallel region), double to a plain loop (the gradcheck reference).
+ * False when oneDNN rejects the arguments. cpu_gemm picks by the type of C. */
+bool cpu_gemm_f32(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float *A, int64_t lda,
+                  const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
+bool cpu_gemm_f64(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double *A, int64_t lda,
+                  const double *B, int64_t ldb, double beta, double *C, int64_t ldc);
+#define cpu_gemm(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc) \
+    _Generic((C), float *: cpu_gemm_f32, double *: cpu_gemm_f64)(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc)
 
 /* Rows = all dims but the last; a 0-d tensor is one row of one element. */
 static inline int64_t cpu_rows(const moe_tensor *t) {

@@ -1,8 +1,6 @@
 /* CPU grouped expert matmul: one oneDNN product per non-empty expert row range. */
 #include "core/cpu/cpu_common.h"
 
-moe_status moe_cpu_gemm(const moe_tensor *A, const moe_tensor *B, moe_tensor *C, float alpha, float beta);
-
 /* A 2-D view of rows [r0, r1) of a contiguous [N, C] tensor. */
 static moe_tensor rows_view(const moe_tensor *t, int64_t r0, int64_t r1) {
     moe_tensor v = *t;
@@ -42,10 +40,10 @@ moe_status moe_cpu_grouped_matmul(const moe_kernel_args *a) {
             xt.shape[1] = xv.shape[0];
             xt.strides[0] = 1;
             xt.strides[1] = xv.shape[1];
-            MOE_TRY(moe_cpu_gemm(&xt, &yv, &ov, 1.0f, 1.0f));
+            MOE_TRY(moe_cpu_gemm_any_shape(&xt, &yv, &ov, 1.0f, 1.0f));
         } else {
             moe_tensor wv = expert_view(a->in[1], e, at->mode == 1), ov = rows_view(a->out, r0, r1);
-            MOE_TRY(moe_cpu_gemm(&xv, &wv, &ov, 1.0f, 0.0f));
+            MOE_TRY(moe_cpu_gemm_any_shape(&xv, &wv, &ov, 1.0f, 0.0f));
         }
     }
     return MOE_OK;
