@@ -12,8 +12,6 @@
 #include "core/cpu/fast_math.h"
 #include "core/philox.h"
 
-moe_status moe_cpu_gemm(const moe_tensor *A, const moe_tensor *B, moe_tensor *C, float alpha, float beta);
-
 /* ---- contiguous vector helpers, one per float type, picked by the element type ---- */
 
 #define nn_exp_f32 cpu_expf
@@ -33,39 +31,6 @@ moe_status moe_cpu_gemm(const moe_tensor *A, const moe_tensor *B, moe_tensor *C,
         _Pragma("omp simd reduction(max : mx)") for (int64_t i = 0; i < n; i++) mx = x[i] > mx ? x[i] : mx; \
         return mx;                                                                             \
     }                                                                                          \
-    /* y[e] += sum_{j < n} w[j] * rows[j * rs + e] for e < hd, four rows per sweep. */         \
-    static inline void nn_axpy_rows_##SUF(TT *y, const TT *w, const TT *rows, int64_t rs,      \
-                                          int64_t n, int64_t hd) {                             \
-        int64_t j = 0;                                                                         \
-        for (; j + 4 <= n; j += 4) {                                                           \
-            const TT w0 = w[j], w1 = w[j + 1], w2 = w[j + 2], w3 = w[j + 3];                   \
-            const TT *r0 = rows + j * rs, *r1 = r0 + rs, *r2 = r1 + rs, *r3 = r2 + rs;         \
-            _Pragma("omp simd") for (int64_t e = 0; e < hd; e++)                               \
-                y[e] += w0 * r0[e] + w1 * r1[e] + w2 * r2[e] + w3 * r3[e];                     \
-        }                                                                                      \
-        for (; j < n; j++) {                                                                   \
-            const TT wj = w[j], *rj = rows + j * rs;                                           \
-            _Pragma("omp simd") for (int64_t e = 0; e < hd; e++) y[e] += wj * rj[e];           \
-        }                                                                                      \
-    }                                                                                          \
-    /* s[j] = alpha * sum_e x[e] pt[e * ld + j] for j < n: a row times a packed, transposed   \
-     * block (pt[e][j] = element e of row j), vectorised over j, four e per sweep. */         \
-    static inline void nn_row_times_packed_##SUF(TT *s, const TT *x, TT alpha, const TT *pt,   \
-                                                 int64_t hd, int64_t ld, int64_t n) {          \
-        for (int64_t j = 0; j < n; j++) s[j] = 0;                                              \
-        int64_t e = 0;                                                                         \
-        for (; e + 4 <= hd; e += 4) {                                                          \
-            const TT x0 = x[e] * alpha, x1 = x[e + 1] * alpha, x2 = x[e + 2] * alpha,          \
-                     x3 = x[e + 3] * alpha;                                                    \
-            const TT *p0 = pt + e * ld, *p1 = p0 + ld, *p2 = p1 + ld, *p3 = p2 + ld;           \
-            _Pragma("omp simd") for (int64_t j = 0; j < n; j++)                                \
-                s[j] += x0 * p0[j] + x1 * p1[j] + x2 * p2[j] + x3 * p3[j];                     \
-        }                                                                                      \
-        for (; e < hd; e++) {                                                                  \
-            const TT xe = x[e] * alpha, *pe = pt + e * ld;                                     \
-            _Pragma("omp simd") for (int64_t j = 0; j < n; j++) s[j] += xe * pe[j];            \
-        }                                                                                      \
-    }                                                                                          \
     /* s[j] = exp(s[j] - shift) for j < n; returns the sum. */                                 \
     static inline TT nn_exp_shift_##SUF(TT *s, TT shift, int64_t n) {                          \
         TT sum = 0;                                                                            \
@@ -81,8 +46,6 @@ NN_VEC_DEFS(double, f64)
 #define nn_dot(x, y, n) NN_PICK(x, nn_dot)(x, y, n)
 #define nn_scale(y, alpha, n) NN_PICK(y, nn_scale)(y, alpha, n)
 #define nn_max(x, init, n) NN_PICK(x, nn_max)(x, init, n)
-#define nn_axpy_rows(y, w, rows, rs, n, hd) NN_PICK(y, nn_axpy_rows)(y, w, rows, rs, n, hd)
-#define nn_row_times_packed(s, x, alpha, pt, hd, ld, n) NN_PICK(s, nn_row_times_packed)(s, x, alpha, pt, hd, ld, n)
 #define nn_exp_shift(s, shift, n) NN_PICK(s, nn_exp_shift)(s, shift, n)
 
 static inline int64_t nn_min(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -146,20 +109,13 @@ _Pragma("omp parallel for schedule(static) if (B * Tn * H * hd > 16384)")
 }
 
 /* ---- attention ---- */
-#define ATTN_BQ 32 /* query rows per block (one task of the forward) */
+#define ATTN_BQ 64 /* query rows per block */
 #define ATTN_BK 64 /* keys per block (the running max / sum advance block by block) */
 
 /* Element offset of (b, t, h, 0) in a [B, T, H, hd] view whose last stride is 1. */
 static inline int64_t attn_row(const moe_tensor *x, int64_t b, int64_t t, int64_t h) {
     return b * x->strides[0] + t * x->strides[1] + h * x->strides[2];
 }
-
-/* Keys [k0, k0 + nk) of (b, kv head) transposed into pt[e * ATTN_BK + j]. */
-#define ATTN_PACK(T, pt, base, x, b, k0, nk, kvh, hd)                          \
-    for (int64_t j_ = 0; j_ < (nk); j_++) {                                    \
-        const T *r_ = (base) + attn_row((x), (b), (k0) + j_, (kvh));           \
-        for (int64_t e_ = 0; e_ < (hd); e_++) (pt)[e_ * ATTN_BK + j_] = r_[e_]; \
-    }
 
 /* Per-thread scratch of `per_thread` elements of `elem` bytes; NULL + error on OOM. */
 static void *attn_scratch(size_t per_thread, size_t elem, const char *kname) {
@@ -170,58 +126,65 @@ static void *attn_scratch(size_t per_thread, size_t elem, const char *kname) {
     return p;
 }
 
+/* Keys of the block at k0 that query row i of the block at q0 sees: all nk, or with causal
+ * those up to key shift + q0 + i (none when <= 0). */
+static inline int64_t attn_visible(bool causal, int64_t shift, int64_t q0, int64_t i, int64_t k0, int64_t nk) {
+    return causal ? nn_min(nk, shift + q0 + i + 1 - k0) : nk;
+}
+
 /* ATTENTION: in[0] = q [B, Tq, H, hd], in[1] = k, in[2] = v [B, Tk, Hkv, hd] (any strides
  * with last stride 1; H % Hkv == 0), out = o [B, Tq, H, hd], out2 = lse [B, H, Tq]
  * contiguous in the dtype of q; attrs moe_attention_attrs {causal, scale} (dk, dv unused).
- * Head h reads kv head h / (H / Hkv). s_ij = (scale * q_i) . k_j; with causal, query i
+ * Head h reads kv head h / (H / Hkv). s_ij = scale * q_i . k_j; with causal, query i
  * sees keys j <= Tk - Tq + i (the front-end guarantees Tq <= Tk, so every row sees key 0).
  * o_i = sum_j softmax_j(s_ij) v_j and lse_i = logsumexp_j s_ij, both by an online softmax
  * over key blocks of ATTN_BK (running max m, running sum l, accumulator rescaled by
- * exp(m_old - m_new)), accumulated in T. Tasks = (b, h, query block of ATTN_BQ); each
- * key block is packed transposed so the scores of a row vectorise over keys. */
+ * exp(m_old - m_new)), accumulated in T. Tasks = (b, h, query block of ATTN_BQ); per key
+ * block the scores S = scale Q K^T and the update acc += P V are two block products
+ * (cpu_gemm), the softmax in between runs row by row over the visible keys. */
 moe_status moe_cpu_attention(const moe_kernel_args *a) {
     const moe_attention_attrs *at = a->attrs;
     const moe_tensor *q = a->in[0], *k = a->in[1], *v = a->in[2], *o = a->out;
     const int64_t B = q->shape[0], Tq = q->shape[1], H = q->shape[2], hd = q->shape[3];
     const int64_t Tk = k->shape[1], group = H / k->shape[2], shift = Tk - Tq;
     const int64_t nqb = (Tq + ATTN_BQ - 1) / ATTN_BQ;
-    const size_t per_thread = (size_t)((ATTN_BQ + ATTN_BK) * hd + 2 * ATTN_BQ + ATTN_BK);
+    const size_t per_thread = (size_t)(ATTN_BQ * hd + ATTN_BQ * ATTN_BK + 2 * ATTN_BQ);
+    bool ok = true;
     CPU_FLOAT_DISPATCH(q->dtype, "attention",
         T *scratch = attn_scratch(per_thread, sizeof(T), "attention");
         if (!scratch) return moe_last_status();
         const T *pq = (const T *)q->data, *pk = (const T *)k->data, *pv = (const T *)v->data;
         T *po = (T *)o->data, *plse = (T *)a->out2->data;
         const T scale = (T)at->scale;
-_Pragma("omp parallel for collapse(3) schedule(dynamic)")
+_Pragma("omp parallel for collapse(3) schedule(dynamic) reduction(&& : ok)")
         for (int64_t b = 0; b < B; b++) {
             for (int64_t h = 0; h < H; h++) {
                 for (int64_t qb = 0; qb < nqb; qb++) {
                     T *acc = scratch + per_thread * (size_t)omp_get_thread_num();
-                    T *kt = acc + ATTN_BQ * hd, *m = kt + ATTN_BK * hd, *l = m + ATTN_BQ, *s = l + ATTN_BQ;
+                    T *S = acc + ATTN_BQ * hd, *m = S + ATTN_BQ * ATTN_BK, *l = m + ATTN_BQ;
                     const int64_t q0 = qb * ATTN_BQ, nq = nn_min(ATTN_BQ, Tq - q0), kvh = h / group;
                     const int64_t kend = at->causal ? nn_min(Tk, shift + q0 + nq) : Tk;
-                    memset(acc, 0, sizeof(T) * (size_t)(nq * hd));
                     for (int64_t i = 0; i < nq; i++) {
                         m[i] = -INFINITY;
                         l[i] = 0;
                     }
                     for (int64_t k0 = 0; k0 < kend; k0 += ATTN_BK) {
                         const int64_t nk = nn_min(ATTN_BK, kend - k0);
-                        ATTN_PACK(T, kt, pk, k, b, k0, nk, kvh, hd)
+                        ok = ok && cpu_gemm(false, true, nq, nk, hd, scale, pq + attn_row(q, b, q0, h), q->strides[1],
+                                            pk + attn_row(k, b, k0, kvh), k->strides[1], (T)0, S, ATTN_BK);
                         for (int64_t i = 0; i < nq; i++) {
-                            const int64_t cnt = at->causal ? nn_min(nk, shift + q0 + i + 1 - k0) : nk;
+                            const int64_t cnt = attn_visible(at->causal, shift, q0, i, k0, nk);
+                            T *si = S + i * ATTN_BK;
+                            for (int64_t j = cnt > 0 ? cnt : 0; j < nk; j++) si[j] = 0;
                             if (cnt <= 0) continue;
-                            T *ai = acc + i * hd;
-                            nn_row_times_packed(s, pq + attn_row(q, b, q0 + i, h), scale, kt, hd, ATTN_BK, cnt);
-                            const T mx = nn_max(s, m[i], cnt), corr = exp(m[i] - mx);
-                            if (corr != 1) {
-                                l[i] *= corr;
-                                nn_scale(ai, corr, hd);
-                            }
-                            l[i] += nn_exp_shift(s, mx, cnt);
-                            nn_axpy_rows(ai, s, pv + attn_row(v, b, k0, kvh), v->strides[1], cnt, hd);
+                            const T mx = nn_max(si, m[i], cnt), corr = exp(m[i] - mx);
+                            l[i] = l[i] * corr + nn_exp_shift(si, mx, cnt);
                             m[i] = mx;
+                            if (k0 > 0 && corr != 1) nn_scale(acc + i * hd, corr, hd);
                         }
+                        /* the first block overwrites acc (every row sees key 0) */
+                        ok = ok && cpu_gemm(false, false, nq, hd, nk, (T)1, S, ATTN_BK, pv + attn_row(v, b, k0, kvh),
+                                            v->strides[1], (T)(k0 > 0), acc, hd);
                     }
                     for (int64_t i = 0; i < nq; i++) {
                         T *oi = po + attn_row(o, b, q0 + i, h);
@@ -234,16 +197,19 @@ _Pragma("omp parallel for collapse(3) schedule(dynamic)")
         }
         free(scratch);
     )
-    return MOE_OK;
+    return ok ? MOE_OK : moe_error(MOE_ERR_DEVICE, "attention: oneDNN sgemm rejected a block product (hd %lld)",
+                                   (long long)hd);
 }
 
 /* ATTENTION_BWD: in[0] = q, in[1] = k, in[2] = v (as in ATTENTION), in[3] = o, in[4] = g
  * (grad of o) [B, Tq, H, hd], in[5] = lse [B, H, Tq] contiguous; out = dq [B, Tq, H, hd];
  * attrs.dk, attrs.dv = [B, Tk, Hkv, hd]. All [.., hd] operands: last stride 1. The kernel
  * writes dq, dk and dv fully (no pre-zeroing needed). Probabilities are recomputed block
- * by block, p_ij = exp((scale * q_i) . k_j - lse_i), with D_i = g_i . o_i:
+ * by block, p_ij = exp(scale * q_i . k_j - lse_i) (0 where masked), with D_i = g_i . o_i:
  *   dv_j += p_ij g_i,   ds_ij = scale * p_ij (g_i . v_j - D_i),
  *   dq_i += ds_ij k_j,  dk_j += ds_ij q_i.
+ * Per (query block, key block): S = Q K^T and dP = G V^T, then P and dS row by row, then
+ * dV += P^T G, dK += dS^T Q, dQ += dS K, all five products block GEMMs (cpu_gemm).
  * One task per (b, kv head) walks its query heads, query blocks and key blocks in a fixed
  * order, so no two tasks write the same element and the result is deterministic. */
 moe_status moe_cpu_attention_bwd(const moe_kernel_args *a) {
@@ -252,7 +218,9 @@ moe_status moe_cpu_attention_bwd(const moe_kernel_args *a) {
     const moe_tensor *dq = a->out, *dk = at->dk, *dv = at->dv;
     const int64_t B = q->shape[0], Tq = q->shape[1], H = q->shape[2], hd = q->shape[3];
     const int64_t Tk = k->shape[1], Hkv = k->shape[2], group = H / Hkv, shift = Tk - Tq;
-    const size_t per_thread = (size_t)(2 * ATTN_BK * hd + 2 * ATTN_BQ * ATTN_BK + 3 * ATTN_BQ);
+    const int64_t qs = q->strides[1], ks = k->strides[1], vs = v->strides[1], gs = g->strides[1];
+    const size_t per_thread = (size_t)(2 * ATTN_BQ * ATTN_BK + ATTN_BQ);
+    bool ok = true;
     CPU_FLOAT_DISPATCH(q->dtype, "attention_bwd",
         T *scratch = attn_scratch(per_thread, sizeof(T), "attention_bwd");
         if (!scratch) return moe_last_status();
@@ -260,14 +228,12 @@ moe_status moe_cpu_attention_bwd(const moe_kernel_args *a) {
         const T *po = (const T *)o->data, *pg = (const T *)g->data, *plse = (const T *)a->in[5]->data;
         T *pdq = (T *)dq->data, *pdk = (T *)dk->data, *pdv = (T *)dv->data;
         const T scale = (T)at->scale;
-_Pragma("omp parallel for collapse(2) schedule(dynamic)")
+_Pragma("omp parallel for collapse(2) schedule(dynamic) reduction(&& : ok)")
         for (int64_t b = 0; b < B; b++) {
             for (int64_t kvh = 0; kvh < Hkv; kvh++) {
-                /* kt, vt: the key block packed transposed; P, DS: [ATTN_BQ, ATTN_BK] blocks of
-                 * p_ij and ds_ij (zero where masked); wp, wds: one column of each. */
-                T *kt = scratch + per_thread * (size_t)omp_get_thread_num();
-                T *vt = kt + ATTN_BK * hd, *P = vt + ATTN_BK * hd, *DS = P + ATTN_BQ * ATTN_BK;
-                T *D = DS + ATTN_BQ * ATTN_BK, *wp = D + ATTN_BQ, *wds = wp + ATTN_BQ;
+                /* P, DS: [ATTN_BQ, ATTN_BK] blocks of p_ij and ds_ij (S and dP before them) */
+                T *P = scratch + per_thread * (size_t)omp_get_thread_num(), *DS = P + ATTN_BQ * ATTN_BK;
+                T *D = DS + ATTN_BQ * ATTN_BK;
                 for (int64_t j = 0; j < Tk; j++) {
                     memset(pdk + attn_row(dk, b, j, kvh), 0, sizeof(T) * (size_t)hd);
                     memset(pdv + attn_row(dv, b, j, kvh), 0, sizeof(T) * (size_t)hd);
@@ -277,36 +243,30 @@ _Pragma("omp parallel for collapse(2) schedule(dynamic)")
                         const int64_t nq = nn_min(ATTN_BQ, Tq - q0);
                         const int64_t kend = at->causal ? nn_min(Tk, shift + q0 + nq) : Tk;
                         const T *qb = pq + attn_row(q, b, q0, h), *gb = pg + attn_row(g, b, q0, h);
-                        for (int64_t i = 0; i < nq; i++) {
-                            D[i] = nn_dot(gb + i * g->strides[1], po + attn_row(o, b, q0 + i, h), hd);
-                            memset(pdq + attn_row(dq, b, q0 + i, h), 0, sizeof(T) * (size_t)hd);
-                        }
+                        const T *lse = plse + (b * H + h) * Tq + q0;
+                        T *dqb = pdq + attn_row(dq, b, q0, h);
+                        for (int64_t i = 0; i < nq; i++) D[i] = nn_dot(gb + i * gs, po + attn_row(o, b, q0 + i, h), hd);
                         for (int64_t k0 = 0; k0 < kend; k0 += ATTN_BK) {
                             const int64_t nk = nn_min(ATTN_BK, kend - k0);
-                            ATTN_PACK(T, kt, pk, k, b, k0, nk, kvh, hd)
-                            ATTN_PACK(T, vt, pv, v, b, k0, nk, kvh, hd)
-                            /* rows: p, ds and dq_i += sum_j ds_ij k_j */
+                            const T *kb = pk + attn_row(k, b, k0, kvh);
+                            ok = ok && cpu_gemm(false, true, nq, nk, hd, scale, qb, qs, kb, ks, (T)0, P, ATTN_BK) &&
+                                 cpu_gemm(false, true, nq, nk, hd, (T)1, gb, gs, pv + attn_row(v, b, k0, kvh), vs, (T)0,
+                                          DS, ATTN_BK);
                             for (int64_t i = 0; i < nq; i++) {
-                                const int64_t cnt = at->causal ? nn_min(nk, shift + q0 + i + 1 - k0) : nk;
+                                const int64_t cnt = attn_visible(at->causal, shift, q0, i, k0, nk);
                                 T *p = P + i * ATTN_BK, *ds = DS + i * ATTN_BK;
                                 for (int64_t j = cnt > 0 ? cnt : 0; j < nk; j++) p[j] = ds[j] = 0;
-                                if (cnt <= 0) continue;
-                                nn_row_times_packed(p, qb + i * q->strides[1], scale, kt, hd, ATTN_BK, cnt);
-                                nn_row_times_packed(ds, gb + i * g->strides[1], (T)1, vt, hd, ATTN_BK, cnt);
-                                nn_exp_shift(p, plse[(b * H + h) * Tq + q0 + i], cnt);
+                                if (cnt > 0) nn_exp_shift(p, lse[i], cnt);
                                 for (int64_t j = 0; j < cnt; j++) ds[j] = scale * p[j] * (ds[j] - D[i]);
-                                nn_axpy_rows(pdq + attn_row(dq, b, q0 + i, h), ds, pk + attn_row(k, b, k0, kvh),
-                                             k->strides[1], cnt, hd);
                             }
-                            /* columns: dv_j += sum_i p_ij g_i, dk_j += sum_i ds_ij q_i */
-                            for (int64_t j = 0; j < nk; j++) {
-                                for (int64_t i = 0; i < nq; i++) {
-                                    wp[i] = P[i * ATTN_BK + j];
-                                    wds[i] = DS[i * ATTN_BK + j];
-                                }
-                                nn_axpy_rows(pdv + attn_row(dv, b, k0 + j, kvh), wp, gb, g->strides[1], nq, hd);
-                                nn_axpy_rows(pdk + attn_row(dk, b, k0 + j, kvh), wds, qb, q->strides[1], nq, hd);
-                            }
+                            /* the first key block overwrites dq (every query row sees key 0) */
+                            ok = ok &&
+                                 cpu_gemm(true, false, nk, hd, nq, (T)1, P, ATTN_BK, gb, gs, (T)1,
+                                          pdv + attn_row(dv, b, k0, kvh), dv->strides[1]) &&
+                                 cpu_gemm(true, false, nk, hd, nq, (T)1, DS, ATTN_BK, qb, qs, (T)1,
+                                          pdk + attn_row(dk, b, k0, kvh), dk->strides[1]) &&
+                                 cpu_gemm(false, false, nq, hd, nk, (T)1, DS, ATTN_BK, kb, ks, (T)(k0 > 0), dqb,
+                                          dq->strides[1]);
                         }
                     }
                 }
@@ -314,7 +274,8 @@ _Pragma("omp parallel for collapse(2) schedule(dynamic)")
         }
         free(scratch);
     )
-    return MOE_OK;
+    return ok ? MOE_OK : moe_error(MOE_ERR_DEVICE, "attention_bwd: oneDNN sgemm rejected a block product (hd %lld)",
+                                   (long long)hd);
 }
 
 /* ---- cut cross-entropy ---- */
