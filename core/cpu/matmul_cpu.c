@@ -104,9 +104,37 @@ static mm_entry *get_primitive(const moe_tensor *A, const moe_tensor *B, const m
     return slot;
 }
 
-/* C = alpha * A @ B + beta * C on strided views (batch dims broadcast). */
+/* A 2-D view [rows, cols] of t when its leading dims fold into its rows (each dim's stride
+ * is the extent of the dims after it), else false. */
+static bool fold_rows(const moe_tensor *t, moe_tensor *v) {
+    int nd = t->ndim;
+    int64_t rows = t->shape[nd - 2], rs = t->strides[nd - 2];
+    for (int d = nd - 3; d >= 0; d--) {
+        if (t->shape[d] == 1) continue;
+        if (rows == 1) rs = t->strides[d];
+        else if (t->strides[d] != rows * rs) return false;
+        rows *= t->shape[d];
+    }
+    *v = *t;
+    v->ndim = 2;
+    v->shape[0] = rows;
+    v->shape[1] = t->shape[nd - 1];
+    v->strides[0] = rs;
+    v->strides[1] = t->strides[nd - 1];
+    return true;
+}
+
+/* C = alpha * A @ B + beta * C on strided views (batch dims broadcast). A batch against a
+ * shared 2-D B whose batch dims fold into the rows of A and C runs as one 2-D product
+ * (the projections of [B, T, d] activations): one GEMM over all rows rather than a batch
+ * of short ones. */
 static moe_status matmul_dnnl(const moe_tensor *A, const moe_tensor *B, moe_tensor *C, float alpha, float beta) {
     moe_status st = MOE_OK;
+    moe_tensor a2, c2;
+    if (A->ndim > 2 && B->ndim == 2 && fold_rows(A, &a2) && fold_rows(C, &c2)) {
+        A = &a2;
+        C = &c2;
+    }
     mm_entry *e = get_primitive(A, B, C, alpha, beta, &st);
     if (!e) return st;
     if (e->scratch_bytes > scratch_cap) {
