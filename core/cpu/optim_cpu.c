@@ -47,14 +47,15 @@ _Pragma("omp parallel for schedule(static) if (n > 32768)")
     return MOE_OK;
 }
 
-/* out [1] F32 += sum(in[0]^2), summed in double. */
+/* out [1] F32 += sum(in[0]^2), summed in double (in vector lanes: a single running sum
+ * waits on each add). */
 moe_status moe_cpu_reduce_sq(const moe_kernel_args *a) {
     const moe_tensor *x = a->in[0];
     int64_t n = moe_tensor_numel(x);
     double acc = 0;
     CPU_FLOAT_DISPATCH(x->dtype, "reduce_sq",
         const T *px = (const T *)x->data;
-_Pragma("omp parallel for schedule(static) reduction(+ : acc) if (n > 32768)")
+_Pragma("omp parallel for simd schedule(static) reduction(+ : acc) if (n > 32768)")
         for (int64_t i = 0; i < n; i++) acc += (double)px[i] * (double)px[i];)
     *(float *)a->out->data += (float)acc;
     return MOE_OK;
