@@ -69,8 +69,52 @@ _Pragma("omp parallel for schedule(static) if (n > 16384)")
     return MOE_OK;
 }
 
-/* ---- rotary embedding ----
- * ROPE: in[0] = x [B, T, H, hd] (any strides, hd even), out = y [B, T, H, hd] contiguous;
+/* ---- rotary embedding ---- */
+
+/* cos and sin of angle(pos, i) = pos * theta^(-2i/hd) in double for positions [0, n_pos)
+ * and pairs i < hd/2 (row pos at pos * hd/2), kept from call to call: every layer's q and
+ * k, forward and backward, use the same angles, and recomputing pow, cos and sin per call
+ * cost more than the rotation itself. Grown on demand (at least doubling); rebuilt for
+ * another theta or hd. */
+static struct {
+    double theta;
+    int64_t hd, n_pos;
+    double *cos, *sin;
+} rope_table;
+
+static moe_status rope_table_cover(double theta, int64_t hd, int64_t n_pos) {
+    const bool same = rope_table.cos && rope_table.theta == theta && rope_table.hd == hd;
+    if (same && rope_table.n_pos >= n_pos) return MOE_OK;
+    if (same && n_pos < 2 * rope_table.n_pos) n_pos = 2 * rope_table.n_pos; /* decoding: one position per call */
+    const int64_t half = hd / 2;
+    double *c = malloc(sizeof(double) * (size_t)(n_pos * half)), *sn = malloc(sizeof(double) * (size_t)(n_pos * half));
+    if (!c || !sn) {
+        free(c);
+        free(sn);
+        return moe_error(MOE_ERR_OOM, "rope: out of host memory for a %lld-position angle table",
+                         (long long)n_pos);
+    }
+    double inv[half];
+    for (int64_t i = 0; i < half; i++) inv[i] = pow(theta, -2.0 * (double)i / (double)hd);
+#pragma omp parallel for schedule(static) if (n_pos * half > 16384)
+    for (int64_t t = 0; t < n_pos; t++) {
+        for (int64_t i = 0; i < half; i++) {
+            double ang = (double)t * inv[i];
+            c[t * half + i] = cos(ang);
+            sn[t * half + i] = sin(ang);
+        }
+    }
+    free(rope_table.cos);
+    free(rope_table.sin);
+    rope_table.theta = theta;
+    rope_table.hd = hd;
+    rope_table.n_pos = n_pos;
+    rope_table.cos = c;
+    rope_table.sin = sn;
+    return MOE_OK;
+}
+
+/* ROPE: in[0] = x [B, T, H, hd] (any strides, hd even), out = y [B, T, H, hd] contiguous;
  * attrs moe_rope_attrs {pos0, theta, inverse}. HF-Llama rotate-half form: for pair
  * i < hd/2, angle = (pos0 + t) * theta^(-2i/hd) computed in double, a = inverse ? -angle : angle,
  *   y[i]        = x[i] cos a - x[i + hd/2] sin a
@@ -81,16 +125,17 @@ moe_status moe_cpu_rope(const moe_kernel_args *a) {
     const moe_tensor *x = a->in[0];
     const int64_t B = x->shape[0], Tn = x->shape[1], H = x->shape[2], hd = x->shape[3], half = hd / 2;
     const int64_t *xs = x->strides;
+    MOE_TRY(rope_table_cover(at->theta, hd, at->pos0 + Tn));
     CPU_FLOAT_DISPATCH(x->dtype, "rope",
         const T *px = (const T *)x->data;
         T *py = (T *)a->out->data;
 _Pragma("omp parallel for schedule(static) if (B * Tn * H * hd > 16384)")
         for (int64_t t = 0; t < Tn; t++) {
             T cs[half], sn[half];
+            const double *tc = rope_table.cos + (at->pos0 + t) * half, *ts = rope_table.sin + (at->pos0 + t) * half;
             for (int64_t i = 0; i < half; i++) {
-                double ang = (double)(at->pos0 + t) * pow(at->theta, -2.0 * (double)i / (double)hd);
-                cs[i] = (T)cos(ang);
-                sn[i] = (T)(at->inverse ? -sin(ang) : sin(ang));
+                cs[i] = (T)tc[i];
+                sn[i] = (T)(at->inverse ? -ts[i] : ts[i]);
             }
             for (int64_t b = 0; b < B; b++) {
                 for (int64_t h = 0; h < H; h++) {
