@@ -2,6 +2,7 @@
  * check for non-differentiable ops), with fresh random inputs for two seeds. */
 #include <stdio.h>
 
+#include "core/fileio.h"
 #include "tests/harness/opcheck.h"
 #include "tests/harness/testlib.h"
 
@@ -10,6 +11,7 @@ static void test_gradcheck_all(void) {
     for (int l = 0; l < moe_op_case_list_count; l++) {
         for (int i = 0; i < moe_op_case_lists[l]->n; i++) {
             const op_case *c = &moe_op_case_lists[l]->cases[i];
+            double t0 = moe_clock_ms();
             for (uint64_t seed = 1; seed <= 2; seed++) {
                 char why[512] = "";
                 ran++;
@@ -18,6 +20,8 @@ static void test_gradcheck_all(void) {
                     failed++;
                 }
             }
+            double ms = moe_clock_ms() - t0;
+            if (ms > 2000) fprintf(stderr, "  slow case: %s / %s took %.1f s for both seeds\n", c->op, c->name, ms / 1e3);
         }
     }
     fprintf(stderr, "  gradcheck: %d cases run, %d failed\n", ran, failed);
