@@ -472,22 +472,11 @@ tc_geom tc_geom_of(const moe_kernel_args *a) {
     return {q->shape[1], k->shape[1], q->shape[2], k->shape[2], k->shape[1] - q->shape[1], at->causal, at->scale};
 }
 
-/* Raises the dynamic shared-memory limit of `fn` when `bytes` needs it. */
-template <class F> moe_status tc_smem(F fn, size_t bytes, const char *kname) {
-    if (bytes > moe_cu.smem_optin)
-        return moe_error(MOE_ERR_UNSUPPORTED, "%s: %zu bytes of shared memory exceed the device's %zu", kname, bytes,
-                         moe_cu.smem_optin);
-    if (bytes > 48 * 1024)
-        CU_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes),
-               "%s: allowing %zu bytes of shared memory", kname, bytes);
-    return MOE_OK;
-}
-
 template <int HD> moe_status tc_forward(const moe_kernel_args *a) {
     const moe_tensor *q = a->in[0], *k = a->in[1], *v = a->in[2];
     const tc_geom g = tc_geom_of(a);
     const size_t smem = sizeof(bf16) * (TC_ROWS + 4 * TC_TILE) * (HD + 8);
-    MOE_TRY(tc_smem(att_tc_fwd_kernel<HD>, smem, "attention"));
+    MOE_TRY(cu_allow_smem(att_tc_fwd_kernel<HD>, smem, "attention"));
     dim3 grid((unsigned)((g.Tq + TC_ROWS - 1) / TC_ROWS), (unsigned)g.H, (unsigned)q->shape[0]);
     att_tc_fwd_kernel<HD><<<grid, TC_THREADS, smem, moe_cu.stream>>>(
         (const bf16 *)q->data, (const bf16 *)k->data, (const bf16 *)v->data, (bf16 *)a->out->data,
@@ -507,7 +496,7 @@ template <int HD> moe_status tc_backward(const moe_kernel_args *a, const float *
     const unsigned B = (unsigned)q->shape[0];
 
     const size_t smem_q = sizeof(bf16) * (2 * TC_ROWS + 4 * TC_TILE) * (HD + 8);
-    MOE_TRY(tc_smem(att_tc_dq_kernel<HD>, smem_q, "attention_bwd"));
+    MOE_TRY(cu_allow_smem(att_tc_dq_kernel<HD>, smem_q, "attention_bwd"));
     dim3 gq((unsigned)((g.Tq + TC_ROWS - 1) / TC_ROWS), (unsigned)g.H, B);
     att_tc_dq_kernel<HD><<<gq, TC_THREADS, smem_q, moe_cu.stream>>>(pq, pk, pv, pg, pl, D, (bf16 *)a->out->data, vq,
                                                                     vk, vv, vg, g);
@@ -515,7 +504,7 @@ template <int HD> moe_status tc_backward(const moe_kernel_args *a, const float *
 
     constexpr int BQ = tc_dkv_rows(HD);
     const size_t smem_kv = sizeof(bf16) * (2 * TC_ROWS + 4 * BQ) * (HD + 8) + sizeof(float) * 4 * BQ;
-    MOE_TRY(tc_smem(att_tc_dkv_kernel<HD>, smem_kv, "attention_bwd"));
+    MOE_TRY(cu_allow_smem(att_tc_dkv_kernel<HD>, smem_kv, "attention_bwd"));
     dim3 gk((unsigned)((g.Tk + TC_ROWS - 1) / TC_ROWS), (unsigned)g.Hkv, B);
     att_tc_dkv_kernel<HD><<<gk, TC_THREADS, smem_kv, moe_cu.stream>>>(pq, pk, pv, pg, pl, D, (bf16 *)at->dk->data,
                                                                       (bf16 *)at->dv->data, vq, vk, vv, vg, g);

@@ -225,6 +225,17 @@ template <class F> static moe_status cu_vec8(const char *kname, int64_t n, F f) 
     return MOE_OK;
 }
 
+/* Raises the dynamic shared-memory limit of `fn` when `bytes` needs it. */
+template <class F> static moe_status cu_allow_smem(F fn, size_t bytes, const char *kname) {
+    if (bytes > moe_cu.smem_optin)
+        return moe_error(MOE_ERR_UNSUPPORTED, "%s: %zu bytes of shared memory exceed the device's %zu", kname, bytes,
+                         moe_cu.smem_optin);
+    if (bytes > 48 * 1024)
+        CU_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes),
+               "%s: allowing %zu bytes of shared memory", kname, bytes);
+    return MOE_OK;
+}
+
 /* ---- reductions inside a block (blockDim.x a multiple of 32, <= 1024) ---- */
 __device__ __forceinline__ float cu_warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

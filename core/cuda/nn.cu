@@ -195,17 +195,6 @@ static att_geom att_geom_of(const moe_tensor *q, const moe_tensor *k, const moe_
             k->shape[1] - q->shape[1], at->causal, at->scale};
 }
 
-/* Raises the dynamic shared-memory limit of `fn` when `bytes` needs it. */
-template <class F> static moe_status att_smem(F fn, size_t bytes, const char *kname) {
-    if (bytes > moe_cu.smem_optin)
-        return moe_error(MOE_ERR_UNSUPPORTED, "%s: %zu bytes of shared memory exceed the device's %zu", kname, bytes,
-                         moe_cu.smem_optin);
-    if (bytes > 48 * 1024)
-        CU_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes),
-               "%s: allowing %zu bytes of shared memory", kname, bytes);
-    return MOE_OK;
-}
-
 extern "C" moe_status moe_cuda_attention(const moe_kernel_args *a) {
     const moe_attention_attrs *at = (const moe_attention_attrs *)a->attrs;
     const moe_tensor *q = a->in[0], *k = a->in[1], *v = a->in[2];
@@ -218,7 +207,7 @@ extern "C" moe_status moe_cuda_attention(const moe_kernel_args *a) {
     size_t smem = sizeof(float) * (size_t)(2 * ATT_TILE * (g.hd + 1) + ATT_ROWS * g.hd);
     dim3 grid((unsigned)((g.Tq + ATT_ROWS - 1) / ATT_ROWS), (unsigned)g.H, (unsigned)g.B);
     CU_FLOAT_DISPATCH(q->dtype, "attention",
-        MOE_TRY(att_smem(attention_fwd_kernel<T>, smem, "attention"));
+        MOE_TRY(cu_allow_smem(attention_fwd_kernel<T>, smem, "attention"));
         attention_fwd_kernel<T><<<grid, ATT_ROWS * 32, smem, moe_cu.stream>>>(
             (const T *)q->data, (const T *)k->data, (const T *)v->data, (T *)a->out->data, (float *)a->out2->data,
             att_view_of(q), att_view_of(k), att_view_of(v), g);)
@@ -394,13 +383,13 @@ extern "C" moe_status moe_cuda_attention_bwd(const moe_kernel_args *a) {
         }
         if (tc) return att_tc_backward(a, D);
         if (g.Tq > 0) {
-            MOE_TRY(att_smem(attention_dq_kernel<T>, smem, "attention_bwd"));
+            MOE_TRY(cu_allow_smem(attention_dq_kernel<T>, smem, "attention_bwd"));
             attention_dq_kernel<T><<<gq, ATT_ROWS * 32, smem, moe_cu.stream>>>(pq, pk, pv, pg, pl, D, (T *)dq->data, vq,
                                                                              vk, vv, vg, g);
             CU_LAUNCHED("attention_bwd (dq)");
         }
         if (g.Tk > 0) {
-            MOE_TRY(att_smem(attention_dkv_kernel<T>, smem, "attention_bwd"));
+            MOE_TRY(cu_allow_smem(attention_dkv_kernel<T>, smem, "attention_bwd"));
             attention_dkv_kernel<T><<<gk, ATT_ROWS * 32, smem, moe_cu.stream>>>(
                 pq, pk, pv, pg, pl, D, (T *)dk->data, (T *)dv->data, vq, vk, vv, vg, g);
             CU_LAUNCHED("attention_bwd (dk, dv)");
