@@ -56,6 +56,7 @@ static moe_status group_product(const moe_kernel_args *a, int e) {
 moe_status moe_cpu_grouped_matmul(const moe_kernel_args *a) {
     const moe_grouped_attrs *at = a->attrs;
     const int64_t *off = at->offsets;
+    if (at->n_groups < 1) return MOE_OK;
     int order[at->n_groups], n = 0;
     for (int e = 0; e < at->n_groups; e++) {
         if (off[e + 1] == off[e]) continue;
