@@ -1,31 +1,45 @@
 #!/usr/bin/env bash
 # The one command for the GPU host (../shared/device/README.md): unpack the carried
 # dependencies (.devdeps/, when present), configure with CUDA into build-gpu/, build
-# with -j16, run the cuda-labelled tests and print their summary, and with --bench run
-# scripts/bench.sh gpu as well (further arguments go to bench.sh, e.g. --reps 5).
-# Logs (configure, build, ctest, bench) and the benchmark results go under
-# ${OUT:-gpu-logs}/. Safe to run again: it reuses build-gpu/ (or remakes it when it was
-# configured from another source folder) and overwrites the logs.
-# Exit status: the first failure of configure, build, tests, benchmarks (0 = all passed).
+# with -j16, run the cuda-labelled tests and print their summary; then, as asked:
+#   --bench    scripts/bench.sh gpu (further arguments go to bench.sh, e.g. --reps 5)
+#   --ablate   both H200 ablations (scripts/ablate-*.sh gpu --seeds 2 --jobs 3)
+#   --multi    with 2+ GPUs: NCCL collectives (tests/test_mpi_overlap, one rank per GPU),
+#              N GPUs = 1 GPU in bf16 (scripts/test-mpi-train.sh --device cuda --dtype
+#              bf16) and weak scaling (scripts/scale-gpu.sh)
+# Logs and results go under gpu-logs/; when $OUT is set (the device tool) they are also
+# packed into ONE file, $OUT/gpu-logs.tgz, with the reports beside it, because the tool
+# brings back only a few files per call. Safe to run again: it reuses build-gpu/ (or
+# remakes it when it was configured from another source folder) and overwrites the logs.
+# Exit status: the first failure of configure, build, tests, benchmarks, ablations,
+# multi-GPU checks (0 = all passed).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-bench=0
+bench=0 ablate=0 multi=0
 bench_args=()
 for a in "$@"; do
     case "$a" in
     --bench) bench=1 ;;
-    -h | --help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --ablate) ablate=1 ;;
+    --multi) multi=1 ;;
+    -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) bench_args+=("$a") ;;
     esac
 done
 [ "$bench" = 1 ] || [ ${#bench_args[@]} -eq 0 ] || { echo "gpu-check.sh: '${bench_args[*]}' only goes with --bench" >&2; exit 2; }
 
-logs=${OUT:-gpu-logs}
-mkdir -p "$logs"
-logs=$(cd "$logs" && pwd)
+mkdir -p gpu-logs
+logs=$(cd gpu-logs && pwd)
+pack() { # the logs as one archive plus the reports, for the device tool's $OUT
+    [ -n "${OUT:-}" ] || return 0
+    tar czf "$OUT/gpu-logs.tgz" -C "$logs" . 2>/dev/null || true
+    for f in bench.md ablate-routers.md ablate-mixers.md; do [ -f "$logs/$f" ] && cp "$logs/$f" "$OUT/"; done
+    return 0
+}
+trap pack EXIT
 
 if [ -f .devdeps/prelude.sh ]; then
     set +u # the prelude expands variables that may be unset
@@ -86,5 +100,38 @@ if [ "$bench" = 1 ]; then
     bench_rc=${PIPESTATUS[0]}
     set -e
     [ "$bench_rc" -eq 0 ] || { echo "gpu-check.sh: bench.sh failed (exit $bench_rc; see $logs/bench.log)" >&2; [ $rc -ne 0 ] || rc=$bench_rc; }
+fi
+if [ "$ablate" = 1 ]; then
+    for kind in routers mixers; do
+        echo "== scripts/ablate-$kind.sh gpu --seeds 2 --jobs 3"
+        set +e
+        MOE_BIN=build-gpu/moe scripts/ablate-$kind.sh gpu --seeds 2 --jobs 3 >"$logs/ablate-$kind.log" 2>&1
+        a_rc=$?
+        set -e
+        cp runs/ablate-$kind/results.md "$logs/ablate-$kind.md" 2>/dev/null && cat "$logs/ablate-$kind.md"
+        mkdir -p "$logs/ablate-$kind"
+        cp runs/ablate-$kind/*.png "$logs/ablate-$kind/" 2>/dev/null || true
+        for d in runs/ablate-$kind/*/; do # each run's log (the checkpoints stay)
+            [ -f "$d/train.log" ] && cp "$d/train.log" "$logs/ablate-$kind/$(basename "$d").log"
+        done
+        [ "$a_rc" -eq 0 ] || { echo "gpu-check.sh: ablate-$kind failed (exit $a_rc)" >&2; [ $rc -ne 0 ] || rc=$a_rc; }
+    done
+fi
+
+if [ "$multi" = 1 ]; then
+    gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    if [ "$gpus" -lt 2 ]; then
+        echo "gpu-check.sh: --multi needs 2 or more GPUs, $gpus visible" >&2
+        [ $rc -ne 0 ] || rc=1
+    else
+        n=$((gpus >= 4 ? 4 : 2))
+        export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+        step nccl-collectives env MOE_TEST_CUDA=1 mpirun --oversubscribe -np "$n" build-gpu/tests/test_mpi_overlap ||
+            { [ $rc -ne 0 ] || rc=1; }
+        step mpi-train-bf16 scripts/test-mpi-train.sh build-gpu/moe "$logs/mpi-train-bf16" --device cuda --dtype bf16 ||
+            { [ $rc -ne 0 ] || rc=1; }
+        step scale-gpu scripts/scale-gpu.sh build-gpu/moe || { [ $rc -ne 0 ] || rc=1; }
+        tail -n 12 "$logs/nccl-collectives.log" "$logs/mpi-train-bf16.log" "$logs/scale-gpu.log"
+    fi
 fi
 exit "$rc"
