@@ -25,7 +25,7 @@ for a in "$@"; do
     --bench) bench=1 ;;
     --ablate) ablate=1 ;;
     --multi) multi=1 ;;
-    -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) bench_args+=("$a") ;;
     esac
 done
