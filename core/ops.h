@@ -65,7 +65,11 @@ moe_tensor *moe_layernorm(moe_tensor *x, moe_tensor *w, moe_tensor *b, double ep
 
 /* ---- indexing ---- */
 moe_tensor *moe_embedding(moe_tensor *table, moe_tensor *ids);     /* [V,d], ids[...] -> [..., d] */
-moe_tensor *moe_index_select(moe_tensor *x, moe_tensor *idx);      /* rows: [N,...], [M] -> [M,...] */
+moe_tensor *moe_index_select(moe_tensor *x, moe_tensor *idx);
+/* The MoE combine, fused: y [N, d] rows, w [T, k] weights, src [T, k] i32 (the row of y
+ * holding assignment (t, j), or -1 when it was dropped; every row of y is named exactly
+ * once) -> [T, d] with row t = sum over j (in order) of w[t, j] * y[src[t, j]]. */
+moe_tensor *moe_unpermute(moe_tensor *y, moe_tensor *w, moe_tensor *src);      /* rows: [N,...], [M] -> [M,...] */
 moe_tensor *moe_index_add(moe_tensor *x, moe_tensor *idx, moe_tensor *src); /* x + rows of src added at idx */
 moe_tensor *moe_gather(moe_tensor *x, moe_tensor *idx);            /* last axis */
 moe_tensor *moe_scatter_add(moe_tensor *x, moe_tensor *idx, moe_tensor *src); /* last axis */

@@ -351,7 +351,7 @@ moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_tensor *s
                                   moe_moe_layer_result *res) {
     if (!x) return NULL;
     memset(res, 0, sizeof *res);
-    int64_t T = x->shape[0], d = x->shape[1];
+    int64_t T = x->shape[0];
     int k = L->s.top_k;
     if (moe_router_forward(&L->router, x, state_in, &res->routing) != MOE_OK) return NULL;
     route_plan plan;
@@ -360,9 +360,18 @@ moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_tensor *s
     res->dropped = plan.dropped;
     res->assignments = T * k;
 
-    moe_tensor *perm = moe_tensor_from_host(MOE_LIFE_STEP, x->device, MOE_I32, 1, (int64_t[]){plan.kept}, plan.perm);
+    /* tok [N]: the token of each kept assignment (by expert slot); src [T, k]: the row of
+     * the expert output holding assignment (t, j), -1 when it was dropped */
+    int32_t *src_h = moe_step_host_alloc(sizeof(int32_t) * (size_t)(T * k > 0 ? T * k : 1));
+    if (!src_h) {
+        moe_error(MOE_ERR_OOM, "moe layer: out of host memory for the combine map");
+        return NULL;
+    }
+    for (int64_t i = 0; i < T * k; i++) src_h[i] = -1;
+    for (int64_t i = 0; i < plan.kept; i++) src_h[plan.perm[i]] = (int32_t)i;
     moe_tensor *tok = moe_tensor_from_host(MOE_LIFE_STEP, x->device, MOE_I32, 1, (int64_t[]){plan.kept}, plan.token);
-    if (!perm || !tok) return NULL;
+    moe_tensor *src = moe_tensor_from_host(MOE_LIFE_STEP, x->device, MOE_I32, 2, (int64_t[]){T, k}, src_h);
+    if (!tok || !src) return NULL;
     /* permute -> exchange -> grouped experts -> exchange back -> combine */
     double *sample = NULL;
     if (L->s.latency_running && moe_grad_enabled()) {
@@ -377,9 +386,7 @@ moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_tensor *s
     moe_tensor *y = L->n_local < L->s.n_experts ? exchange_and_run(L, xs, plan.offsets, compute, sample)
                                                 : run_experts(L, xs, plan.offsets, compute, sample); /* [N, d] */
     if (y && sample && update_running_latency(L, sample) != MOE_OK) return NULL;
-    moe_tensor *g = moe_index_select(moe_reshape(moe_cast(res->routing.gates, compute), 2, (int64_t[]){T * k, 1}), perm);
-    moe_tensor *zeros = moe_tensor_zeros(MOE_LIFE_STEP, x->device, compute, 2, (int64_t[]){T, d});
-    moe_tensor *out = moe_index_add(zeros, tok, moe_mul(y, g));
+    moe_tensor *out = moe_unpermute(y, moe_cast(res->routing.gates, compute), src); /* [T, d] */
     if (L->shared_w13)
         out = moe_add(out, moe_swiglu_ffn(x, moe_cast(L->shared_w13, compute), moe_cast(L->shared_w2, compute)));
     return out;

@@ -74,6 +74,71 @@ extern "C" moe_status moe_cuda_index_add(const moe_kernel_args *a) {
     return MOE_OK;
 }
 
+/* ---- UNPERMUTE: out[t] = sum_j w[t, j] * y[src[t, j]] (src -1: none), one block per
+ * token, f32 accumulation in j order (deterministic, no atomics) ---- */
+template <class T>
+__global__ void unpermute_kernel(const T *y, const T *w, const int32_t *src, T *o, int64_t N, int64_t d, int64_t Tn,
+                                 int64_t k, cu_index_fault *f) {
+    for (int64_t t = blockIdx.x; t < Tn; t += gridDim.x)
+        for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+            float acc = 0;
+            for (int64_t j = 0; j < k; j++) {
+                int32_t r = src[t * k + j];
+                if (r != -1 && cu_index_ok(f, CU_IDX_UNPERMUTE, r, t * k + j, N))
+                    acc += ldf(w + t * k + j) * ldf(y + (int64_t)r * d + c);
+            }
+            stf(o + t * d + c, acc);
+        }
+}
+
+extern "C" moe_status moe_cuda_unpermute(const moe_kernel_args *a) {
+    const moe_tensor *y = a->in[0], *w = a->in[1], *src = a->in[2];
+    const int64_t N = y->shape[0], d = y->shape[1], Tn = w->shape[0], k = w->shape[1];
+    if (Tn * d == 0) return MOE_OK;
+    const int th = cu_row_threads(d) > 256 ? 256 : cu_row_threads(d);
+    CU_FLOAT_DISPATCH(y->dtype, "unpermute",
+        unpermute_kernel<T><<<cu_blocks(Tn * th, th), th, 0, moe_cu.stream>>>(
+            (const T *)y->data, (const T *)w->data, (const int32_t *)src->data, (T *)a->out->data, N, d, Tn, k,
+            moe_cu.index_fault);)
+    CU_LAUNCHED("unpermute");
+    return MOE_OK;
+}
+
+/* Backward, one block per token: gw[t, j] = g[t] . y[src[t, j]] and gy[src[t, j]] =
+ * w[t, j] g[t]; src names every row of y once (the caller's contract), so gy is written
+ * fully without a fill. */
+template <class T>
+__global__ void unpermute_bwd_kernel(const T *g, const T *y, const T *w, const int32_t *src, T *gy, T *gw, int64_t N,
+                                     int64_t d, int64_t Tn, int64_t k, cu_index_fault *f) {
+    __shared__ float sh[32];
+    for (int64_t t = blockIdx.x; t < Tn; t += gridDim.x)
+        for (int64_t j = 0; j < k; j++) {
+            int32_t r = src[t * k + j];
+            bool ok = r != -1 && cu_index_ok(f, CU_IDX_UNPERMUTE, r, t * k + j, N);
+            float wv = ok ? ldf(w + t * k + j) : 0.0f, dot = 0;
+            for (int64_t c = threadIdx.x; ok && c < d; c += blockDim.x) {
+                float gv = ldf(g + t * d + c);
+                dot += gv * ldf(y + (int64_t)r * d + c);
+                stf(gy + (int64_t)r * d + c, wv * gv);
+            }
+            dot = cu_block_sum(dot, sh);
+            if (threadIdx.x == 0) stf(gw + t * k + j, dot);
+        }
+}
+
+extern "C" moe_status moe_cuda_unpermute_bwd(const moe_kernel_args *a) {
+    const moe_tensor *g = a->in[0], *y = a->in[1], *w = a->in[2], *src = a->in[3];
+    const int64_t N = y->shape[0], d = y->shape[1], Tn = w->shape[0], k = w->shape[1];
+    if (Tn * k == 0) return MOE_OK;
+    const int th = cu_row_threads(d) > 256 ? 256 : cu_row_threads(d);
+    CU_FLOAT_DISPATCH(y->dtype, "unpermute_bwd",
+        unpermute_bwd_kernel<T><<<cu_blocks(Tn * th, th), th, 0, moe_cu.stream>>>(
+            (const T *)g->data, (const T *)y->data, (const T *)w->data, (const int32_t *)src->data, (T *)a->out->data,
+            (T *)a->out2->data, N, d, Tn, k, moe_cu.index_fault);)
+    CU_LAUNCHED("unpermute_bwd");
+    return MOE_OK;
+}
+
 /* ---- GATHER / SCATTER_ADD along the last axis: idx [rows, k] into [rows, n] ---- */
 template <class U>
 __global__ void gather_kernel(const U *x, const int32_t *idx, U *o, int64_t rows, int64_t n, int64_t k,
