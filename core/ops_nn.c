@@ -137,14 +137,17 @@ moe_tensor *moe_cross_entropy(moe_tensor *h, moe_tensor *w, moe_tensor *targets)
         return NULL;
     const int64_t Tn = h->shape[0], V = w->shape[0];
     if (!moe_check(targets->dtype == MOE_I32 && targets->ndim == 1 && targets->shape[0] == Tn &&
-                       targets->device == h->device,
-                   "cross_entropy", "targets must be [%lld] i32 on the device of h %s, got %s", (long long)Tn, D(h),
-                   D(targets)))
+                       (targets->device == h->device || targets->device == MOE_CPU),
+                   "cross_entropy", "targets must be [%lld] i32 on the CPU or the device of h %s, got %s",
+                   (long long)Tn, D(h), D(targets)))
         return NULL;
+    /* The targets are checked and counted on the host: host targets need no device read
+     * (no synchronisation); they go to h's device after that. */
     moe_tensor *tc = op_contiguous_nograd(targets);
     double *ht = tc ? moe_step_host_alloc(sizeof(double) * (size_t)Tn) : NULL;
     if (!ht) return NULL;
     if (moe_tensor_to_host_f64(tc, ht) != MOE_OK) return NULL;
+    if (tc->device != h->device && !(tc = moe_tensor_to(tc, h->device, MOE_LIFE_STEP))) return NULL;
     int64_t count = 0;
     for (int64_t t = 0; t < Tn; t++) {
         if (ht[t] == -1) continue;

@@ -265,7 +265,8 @@ moe_status moe_model_loss(moe_model *m, const int32_t *inputs, const int32_t *ta
     if (!out->load) return moe_error(MOE_ERR_OOM, "model: out of host memory");
     int64_t bt = (int64_t)B * T;
     moe_tensor *ids = moe_tensor_from_host(MOE_LIFE_STEP, m->dev, MOE_I32, 2, (int64_t[]){B, T}, inputs);
-    moe_tensor *tg = moe_tensor_from_host(MOE_LIFE_STEP, m->dev, MOE_I32, 1, (int64_t[]){bt}, targets);
+    /* targets stay on the host: cross_entropy counts them there, then uploads them */
+    moe_tensor *tg = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_I32, 1, (int64_t[]){bt}, targets);
     if (!ids || !tg) return moe_last_status();
     moe_tensor *aux[3] = {NULL, NULL, NULL}; /* MoE balance, router z, MoM memory balance */
     m->dropout_counter += (uint64_t)1 << 40; /* each forward (micro-batch) its own noise and dropout range */
