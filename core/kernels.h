@@ -53,7 +53,8 @@
     X(INDEX_SELECT, index_select, 1)         \
     X(INDEX_ADD, index_add, 1)               \
     X(GATHER, gather, 1)                     \
-    X(UNPERMUTE, unpermute, 1)               \
+    X(DISPATCH, dispatch, 1)                 \
+    X(COMBINE, combine, 1)               \
     X(SCATTER_ADD, scatter_add, 1)           \
     X(TOPK, topk, 1)                         \
     X(ARGSORT, argsort, 0)                   \
@@ -107,8 +108,8 @@ extern const moe_op_info moe_op_table[MOE_OP_COUNT];
     X(INDEX_SELECT, index_select)        /* out row i <- in[0] row in[1][i] (rows of [N, ...]) */     \
     X(INDEX_ADD, index_add)           /* out[in[1][i]] += in[0][i] (rows, in place on out) */     \
     X(GATHER, gather)              /* out[r, j] <- in[0][r, in[1][r, j]], last axis */         \
-    X(UNPERMUTE, unpermute)           /* out [T, d] <- sum_j in[1][t, j] * in[0][in[2][t, j]] (-1: none) */ \
-    X(UNPERMUTE_BWD, unpermute_bwd)       /* in: g, y, w, src; out = gy (src a bijection onto y's rows), out2 = gw */ \
+    X(COMBINE, combine)           /* out [T, d] <- sum_j in[1][t, j] * in[0][in[2][t, j]] (-1: none; in[1] NULL: 1) */ \
+    X(COMBINE_BWD, combine_bwd)       /* in: g, y, w, src; out = gy (src a bijection onto y's rows), out2 = gw */ \
     X(SCATTER_ADD, scatter_add)         /* out[r, in[1][r, j]] += in[0][r, j], in place on out */   \
     X(TOPK, topk)                /* out = values, out2 = indices */                          \
     X(ARGSORT, argsort)             /* out I32 <- stable ascending positions, last axis */      \

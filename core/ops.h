@@ -65,11 +65,16 @@ moe_tensor *moe_layernorm(moe_tensor *x, moe_tensor *w, moe_tensor *b, double ep
 
 /* ---- indexing ---- */
 moe_tensor *moe_embedding(moe_tensor *table, moe_tensor *ids);     /* [V,d], ids[...] -> [..., d] */
-moe_tensor *moe_index_select(moe_tensor *x, moe_tensor *idx);
+moe_tensor *moe_index_select(moe_tensor *x, moe_tensor *idx);      /* rows: [N,...], [M] -> [M,...] */
+/* The MoE dispatch: x [T, d] -> [N, d] with row i = x[tok[i]], where tok [N] and src
+ * [T, k] describe the same assignment (src[t, j] = i exactly when tok[i] = t, -1 for a
+ * dropped slot, every row named once); the backward sums each token's rows through src in
+ * j order (deterministic, no atomics). */
+moe_tensor *moe_dispatch(moe_tensor *x, moe_tensor *tok, moe_tensor *src);
 /* The MoE combine, fused: y [N, d] rows, w [T, k] weights, src [T, k] i32 (the row of y
  * holding assignment (t, j), or -1 when it was dropped; every row of y is named exactly
  * once) -> [T, d] with row t = sum over j (in order) of w[t, j] * y[src[t, j]]. */
-moe_tensor *moe_unpermute(moe_tensor *y, moe_tensor *w, moe_tensor *src);      /* rows: [N,...], [M] -> [M,...] */
+moe_tensor *moe_combine(moe_tensor *y, moe_tensor *w, moe_tensor *src);
 moe_tensor *moe_index_add(moe_tensor *x, moe_tensor *idx, moe_tensor *src); /* x + rows of src added at idx */
 moe_tensor *moe_gather(moe_tensor *x, moe_tensor *idx);            /* last axis */
 moe_tensor *moe_scatter_add(moe_tensor *x, moe_tensor *idx, moe_tensor *src); /* last axis */

@@ -121,32 +121,59 @@ void moe_backward_index_add(moe_node *n) {
     moe_grad_give(n->in[0], g); /* g itself: its one other use was just above */
 }
 
-/* ---- unpermute: the weighted sum of each token's expert rows ---- */
-moe_tensor *moe_unpermute(moe_tensor *y, moe_tensor *w, moe_tensor *src) {
+/* ---- dispatch: the rows of x by assignment; the backward sums them back through src ---- */
+moe_tensor *moe_dispatch(moe_tensor *x, moe_tensor *tok, moe_tensor *src) {
+    OP_NEED(x, tok, src);
+    moe_tensor *in[3] = {x, tok, src};
+    if (!op_check_same("dispatch", 3, in, false)) return NULL;
+    if (!check_index_dtype("dispatch", "tok", tok) || !check_index_dtype("dispatch", "src", src)) return NULL;
+    if (!moe_check(x->ndim == 2 && tok->ndim == 1 && src->ndim == 2 && src->shape[0] == x->shape[0], "dispatch",
+                   "expects x [T, d], tok [N], src [T, k], got %s, %s, %s", D(x), D(tok), D(src)))
+        return NULL;
+    moe_tensor *o = op_new(x, x->dtype, 2, (int64_t[]){tok->shape[0], x->shape[1]});
+    const moe_tensor *xc = o ? op_contiguous_nograd(x) : NULL, *ic = xc ? op_contiguous_nograd(tok) : NULL;
+    if (!ic) return NULL;
+    OP_RUN(MOE_K_INDEX_SELECT, .out = o, .in = {xc, ic});
+    moe_autograd_record(MOE_OP_DISPATCH, o, 3, in, NULL, 0);
+    return o;
+}
+
+void moe_backward_dispatch(moe_node *n) {
+    moe_tensor *x = n->in[0], *src = n->in[2];
+    if (!x->requires_grad) return;
+    moe_tensor *gx = op_new(x, x->dtype, 2, x->shape);
+    const moe_tensor *g = gx ? op_contiguous_nograd(n->out->grad) : NULL;
+    const moe_tensor *sc = g ? op_contiguous_nograd(src) : NULL;
+    if (sc) BWD_RUN(MOE_K_COMBINE, .out = gx, .in = {g, NULL, sc});
+    moe_grad_give(x, sc ? gx : NULL);
+}
+
+/* ---- combine: the weighted sum of each token's expert rows ---- */
+moe_tensor *moe_combine(moe_tensor *y, moe_tensor *w, moe_tensor *src) {
     OP_NEED(y, w, src);
     moe_tensor *yw[2] = {y, w}, *in[3] = {y, w, src};
-    if (!op_check_same("unpermute", 2, yw, true) || !op_check_same("unpermute", 3, in, false)) return NULL;
-    if (!moe_check(moe_dtype_is_float(y->dtype), "unpermute", "needs float tensors, got %s", D(y))) return NULL;
-    if (!check_index_dtype("unpermute", "src", src)) return NULL;
-    if (!moe_check(y->ndim == 2 && w->ndim == 2 && moe_tensor_same_shape(w, src), "unpermute",
+    if (!op_check_same("combine", 2, yw, true) || !op_check_same("combine", 3, in, false)) return NULL;
+    if (!moe_check(moe_dtype_is_float(y->dtype), "combine", "needs float tensors, got %s", D(y))) return NULL;
+    if (!check_index_dtype("combine", "src", src)) return NULL;
+    if (!moe_check(y->ndim == 2 && w->ndim == 2 && moe_tensor_same_shape(w, src), "combine",
                    "expects y [N, d], w [T, k], src [T, k], got %s, %s, %s", D(y), D(w), D(src)))
         return NULL;
     moe_tensor *o = op_new(y, y->dtype, 2, (int64_t[]){w->shape[0], y->shape[1]});
     const moe_tensor *yc = o ? op_contiguous_nograd(y) : NULL, *wc = yc ? op_contiguous_nograd(w) : NULL;
     const moe_tensor *sc = wc ? op_contiguous_nograd(src) : NULL;
     if (!sc) return NULL;
-    OP_RUN(MOE_K_UNPERMUTE, .out = o, .in = {yc, wc, sc});
-    moe_autograd_record(MOE_OP_UNPERMUTE, o, 3, in, NULL, 0);
+    OP_RUN(MOE_K_COMBINE, .out = o, .in = {yc, wc, sc});
+    moe_autograd_record(MOE_OP_COMBINE, o, 3, in, NULL, 0);
     return o;
 }
 
-void moe_backward_unpermute(moe_node *n) {
+void moe_backward_combine(moe_node *n) {
     moe_tensor *y = n->in[0], *w = n->in[1], *src = n->in[2];
     moe_tensor *gy = op_new(y, y->dtype, 2, y->shape), *gw = op_new(w, w->dtype, 2, w->shape);
     const moe_tensor *g = gy && gw ? op_contiguous_nograd(n->out->grad) : NULL;
     const moe_tensor *yc = g ? op_contiguous_nograd(y) : NULL, *wc = yc ? op_contiguous_nograd(w) : NULL;
     const moe_tensor *sc = wc ? op_contiguous_nograd(src) : NULL;
-    if (sc) BWD_RUN(MOE_K_UNPERMUTE_BWD, .out = gy, .out2 = gw, .in = {g, yc, wc, sc});
+    if (sc) BWD_RUN(MOE_K_COMBINE_BWD, .out = gy, .out2 = gw, .in = {g, yc, wc, sc});
     if (y->requires_grad) moe_grad_give(y, sc ? gy : NULL);
     if (w->requires_grad) moe_grad_give(w, sc ? gw : NULL);
 }

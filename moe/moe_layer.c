@@ -382,11 +382,11 @@ moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_tensor *s
         }
         memset(sample, 0, sizeof(double) * (size_t)L->s.n_experts);
     }
-    moe_tensor *xs = moe_index_select(x, tok);                                   /* [N, d], by expert slot */
+    moe_tensor *xs = moe_dispatch(x, tok, src);                                  /* [N, d], by expert slot */
     moe_tensor *y = L->n_local < L->s.n_experts ? exchange_and_run(L, xs, plan.offsets, compute, sample)
                                                 : run_experts(L, xs, plan.offsets, compute, sample); /* [N, d] */
     if (y && sample && update_running_latency(L, sample) != MOE_OK) return NULL;
-    moe_tensor *out = moe_unpermute(y, moe_cast(res->routing.gates, compute), src); /* [T, d] */
+    moe_tensor *out = moe_combine(y, moe_cast(res->routing.gates, compute), src); /* [T, d] */
     if (L->shared_w13)
         out = moe_add(out, moe_swiglu_ffn(x, moe_cast(L->shared_w13, compute), moe_cast(L->shared_w2, compute)));
     return out;

@@ -1,5 +1,5 @@
 /* The MoE feed-forward layer: route -> permute by expert -> exchange -> grouped SwiGLU
- * experts -> exchange back -> unpermute and combine by the gates (+ shared experts).
+ * experts -> exchange back -> combine by the gates (+ shared experts).
  *
  * One pipeline serves every case. The exchange is the identity on one process and an
  * all-to-all across the expert-parallel group under MPI.

@@ -1,5 +1,5 @@
 /* Index ops beyond the generic cases: hand-computed values and grads, error messages for
- * bad shapes and out-of-range indices, duplicate indices, unpermute's row contract,
+ * bad shapes and out-of-range indices, duplicate indices, combine's row contract,
  * top-k ties and k = 1 / k = n,
  * argsort stability (counting-sort and merge-sort paths), empty bincount, cumsum. */
 #include "tests/harness/testlib.h"
@@ -161,13 +161,13 @@ static void test_gather_scatter_errors(void) {
                    "[2, 2]");
 }
 
-/* unpermute: hand-computed values and grads; a source row out of range, named twice or
+/* combine: hand-computed values and grads; a source row out of range, named twice or
  * never named is an error naming the row and the position. */
-static void test_unpermute_values_and_errors(void) {
+static void test_combine_values_and_errors(void) {
     moe_step_reset();
     /* y rows 0..2 (d = 2); token 0 takes rows 2 and 0, token 1 row 1 and a dropped slot */
     moe_tensor *y = leaf(F64(SHAPE(3, 2), 1, 2, 3, 4, 5, 6)), *w = leaf(F64(SHAPE(2, 2), 0.5, 2, 3, 7));
-    moe_tensor *out = moe_unpermute(y, w, I32(SHAPE(2, 2), 2, 0, 1, -1));
+    moe_tensor *out = moe_combine(y, w, I32(SHAPE(2, 2), 2, 0, 1, -1));
     EXPECT(out, 0.5 * 5 + 2 * 1, 0.5 * 6 + 2 * 2, 3 * 3, 3 * 4);
     moe_tensor *g = F64(SHAPE(2, 2), 1, 10, 100, 1000);
     CU_ASSERT_EQUAL_FATAL(moe_backward(moe_sum_all(moe_mul(out, g))), MOE_OK);
@@ -176,15 +176,15 @@ static void test_unpermute_values_and_errors(void) {
     moe_step_reset();
     y = leaf(F64(SHAPE(3, 2), 1, 2, 3, 4, 5, 6));
     w = F64(SHAPE(2, 2), 1, 1, 1, 1);
-    EXPECT_INVALID(moe_unpermute(y, w, I32(SHAPE(2, 2), 0, 3, 1, 2)), "unpermute", "source row 3", "position 1");
-    moe_tensor *twice = moe_unpermute(y, w, I32(SHAPE(2, 2), 0, 1, 1, 2)); /* the forward allows it */
+    EXPECT_INVALID(moe_combine(y, w, I32(SHAPE(2, 2), 0, 3, 1, 2)), "combine", "source row 3", "position 1");
+    moe_tensor *twice = moe_combine(y, w, I32(SHAPE(2, 2), 0, 1, 1, 2)); /* the forward allows it */
     CU_ASSERT_PTR_NOT_NULL_FATAL(twice);
     CU_ASSERT_EQUAL(moe_backward(moe_sum_all(twice)), MOE_ERR_INVALID);
     CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "named twice"));
     moe_step_reset();
     y = leaf(F64(SHAPE(3, 2), 1, 2, 3, 4, 5, 6));
     w = F64(SHAPE(2, 2), 1, 1, 1, 1);
-    moe_tensor *missing = moe_unpermute(y, w, I32(SHAPE(2, 2), 0, -1, 1, -1));
+    moe_tensor *missing = moe_combine(y, w, I32(SHAPE(2, 2), 0, -1, 1, -1));
     CU_ASSERT_PTR_NOT_NULL_FATAL(missing);
     CU_ASSERT_EQUAL(moe_backward(moe_sum_all(missing)), MOE_ERR_INVALID);
     CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "names 2 of y's 3 rows"));
@@ -337,7 +337,7 @@ static void register_suites(void) {
                                                     {"index_add deterministic", test_index_add_deterministic},
                                                     {"gather / scatter_add values", test_gather_scatter_values},
                                                     {"gather / scatter_add errors", test_gather_scatter_errors},
-                                                    {"unpermute values, grads, errors", test_unpermute_values_and_errors},
+                                                    {"combine values, grads, errors", test_combine_values_and_errors},
                                                     {"max backward", test_max_backward},
                                                     {NULL, NULL}});
     moe_test_add_suite("topk", (moe_test_entry[]){{"ties, k = 1, k = n", test_topk_ties_and_k},

@@ -1,10 +1,10 @@
 /* CPU kernels of the index family: row select / row add, the fused MoE combine
- * (unpermute: weighted sum of each token's expert rows, and its backward), last-axis
+ * (combine: weighted sum of each token's expert rows, and its backward), last-axis
  * gather / scatter-add, top-k, stable argsort, bincount, cumsum.
  *
  * Conventions shared by these kernels (the front-ends in core/ops_index.c guarantee them):
  *  - every tensor handed to them is contiguous;
- *  - in[0] is the data operand, in[1] the I32 index tensor (unpermute: in[2]);
+ *  - in[0] is the data operand, in[1] the I32 index tensor (combine: in[2]);
  *  - indices are validated before anything is written: a bad one returns MOE_ERR_INVALID
  *    naming the kernel, the first bad index, its position and the valid range, and leaves
  *    `out` untouched (this matters for the in-place INDEX_ADD / SCATTER_ADD);
@@ -108,19 +108,20 @@ _Pragma("omp parallel for schedule(static) if (rows * k > 32768)")
     return MOE_OK;
 }
 
-/* UNPERMUTE: in[0] = y [N, d], in[1] = w [T, k], in[2] = src [T, k] (row of y or -1);
- * out [T, d] row t = sum over j in order of w[t, j] * y[src[t, j]]. F32 / F64. */
-moe_status moe_cpu_unpermute(const moe_kernel_args *a) {
+/* COMBINE: in[0] = y [N, d], in[1] = w [T, k] (NULL: all 1, the dispatch backward),
+ * in[2] = src [T, k] (row of y or -1); out [T, d] row t = sum over j in order of
+ * w[t, j] * y[src[t, j]]. F32 / F64. */
+moe_status moe_cpu_combine(const moe_kernel_args *a) {
     const moe_tensor *y = a->in[0], *w = a->in[1], *src = a->in[2];
     moe_tensor *o = a->out;
-    const int64_t N = y->shape[0], d = y->shape[1], Tn = w->shape[0], k = w->shape[1];
+    const int64_t N = y->shape[0], d = y->shape[1], Tn = src->shape[0], k = src->shape[1];
     const int32_t *ps = (const int32_t *)src->data;
     for (int64_t i = 0; i < Tn * k; i++)
         if (ps[i] < -1 || ps[i] >= N)
-            return moe_error(MOE_ERR_INVALID, "unpermute: source row %d at position %lld is out of range [-1, %lld)",
+            return moe_error(MOE_ERR_INVALID, "combine: source row %d at position %lld is out of range [-1, %lld)",
                              (int)ps[i], (long long)i, (long long)N);
-    CPU_FLOAT_DISPATCH(o->dtype, "unpermute",
-        const T *py = (const T *)y->data, *pw = (const T *)w->data;
+    CPU_FLOAT_DISPATCH(o->dtype, "combine",
+        const T *py = (const T *)y->data, *pw = w ? (const T *)w->data : NULL;
         T *po = (T *)o->data;
 _Pragma("omp parallel for schedule(static) if (Tn * d > 32768)")
         for (int64_t t = 0; t < Tn; t++) {
@@ -129,7 +130,7 @@ _Pragma("omp parallel for schedule(static) if (Tn * d > 32768)")
             for (int64_t j = 0; j < k; j++) {
                 int32_t r = ps[t * k + j];
                 if (r < 0) continue;
-                const T wv = pw[t * k + j], *yr = py + (int64_t)r * d;
+                const T wv = pw ? pw[t * k + j] : (T)1, *yr = py + (int64_t)r * d;
                 _Pragma("omp simd")
                 for (int64_t c = 0; c < d; c++) row[c] += wv * yr[c];
             }
@@ -137,22 +138,22 @@ _Pragma("omp parallel for schedule(static) if (Tn * d > 32768)")
     return MOE_OK;
 }
 
-/* UNPERMUTE_BWD: in g [T, d], y [N, d], w [T, k], src [T, k]; out = gy [N, d] (each row
+/* COMBINE_BWD: in g [T, d], y [N, d], w [T, k], src [T, k]; out = gy [N, d] (each row
  * named once by src: checked), out2 = gw [T, k] (0 where src is -1). F32 / F64. */
-moe_status moe_cpu_unpermute_bwd(const moe_kernel_args *a) {
+moe_status moe_cpu_combine_bwd(const moe_kernel_args *a) {
     const moe_tensor *g = a->in[0], *y = a->in[1], *w = a->in[2], *src = a->in[3];
     moe_tensor *gy = a->out, *gw = a->out2;
     const int64_t N = y->shape[0], d = y->shape[1], Tn = w->shape[0], k = w->shape[1];
     const int32_t *ps = (const int32_t *)src->data;
     unsigned char *seen = calloc((size_t)(N > 0 ? N : 1), 1);
-    if (!seen) return moe_error(MOE_ERR_OOM, "unpermute backward: out of host memory for %lld row marks", (long long)N);
+    if (!seen) return moe_error(MOE_ERR_OOM, "combine backward: out of host memory for %lld row marks", (long long)N);
     int64_t named = 0;
     for (int64_t i = 0; i < Tn * k; i++) {
         int32_t r = ps[i];
         if (r < 0) continue;
         if (r >= N || seen[r]) {
             free(seen);
-            return moe_error(MOE_ERR_INVALID, "unpermute: source row %d at position %lld is %s", (int)r, (long long)i,
+            return moe_error(MOE_ERR_INVALID, "combine: source row %d at position %lld is %s", (int)r, (long long)i,
                              r >= N ? "out of range" : "named twice (src must name each row of y once)");
         }
         seen[r] = 1;
@@ -160,9 +161,9 @@ moe_status moe_cpu_unpermute_bwd(const moe_kernel_args *a) {
     }
     free(seen);
     if (named != N)
-        return moe_error(MOE_ERR_INVALID, "unpermute: src names %lld of y's %lld rows (each must be named once)",
+        return moe_error(MOE_ERR_INVALID, "combine: src names %lld of y's %lld rows (each must be named once)",
                          (long long)named, (long long)N);
-    CPU_FLOAT_DISPATCH(gy->dtype, "unpermute_bwd",
+    CPU_FLOAT_DISPATCH(gy->dtype, "combine_bwd",
         const T *pg = (const T *)g->data, *py = (const T *)y->data, *pw = (const T *)w->data;
         T *pgy = (T *)gy->data, *pgw = (T *)gw->data;
 _Pragma("omp parallel for schedule(static) if (Tn * d > 32768)")

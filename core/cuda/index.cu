@@ -74,33 +74,33 @@ extern "C" moe_status moe_cuda_index_add(const moe_kernel_args *a) {
     return MOE_OK;
 }
 
-/* ---- UNPERMUTE: out[t] = sum_j w[t, j] * y[src[t, j]] (src -1: none), one block per
+/* ---- COMBINE: out[t] = sum_j w[t, j] * y[src[t, j]] (src -1: none; w NULL: 1), one block per
  * token, f32 accumulation in j order (deterministic, no atomics) ---- */
 template <class T>
-__global__ void unpermute_kernel(const T *y, const T *w, const int32_t *src, T *o, int64_t N, int64_t d, int64_t Tn,
+__global__ void combine_kernel(const T *y, const T *w, const int32_t *src, T *o, int64_t N, int64_t d, int64_t Tn,
                                  int64_t k, cu_index_fault *f) {
     for (int64_t t = blockIdx.x; t < Tn; t += gridDim.x)
         for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
             float acc = 0;
             for (int64_t j = 0; j < k; j++) {
                 int32_t r = src[t * k + j];
-                if (r != -1 && cu_index_ok(f, CU_IDX_UNPERMUTE, r, t * k + j, N))
-                    acc += ldf(w + t * k + j) * ldf(y + (int64_t)r * d + c);
+                if (r != -1 && cu_index_ok(f, CU_IDX_COMBINE, r, t * k + j, N))
+                    acc += (w ? ldf(w + t * k + j) : 1.0f) * ldf(y + (int64_t)r * d + c);
             }
             stf(o + t * d + c, acc);
         }
 }
 
-extern "C" moe_status moe_cuda_unpermute(const moe_kernel_args *a) {
-    const moe_tensor *y = a->in[0], *w = a->in[1], *src = a->in[2];
-    const int64_t N = y->shape[0], d = y->shape[1], Tn = w->shape[0], k = w->shape[1];
+extern "C" moe_status moe_cuda_combine(const moe_kernel_args *a) {
+    const moe_tensor *y = a->in[0], *w = a->in[1], *src = a->in[2]; /* w NULL: weights 1 */
+    const int64_t N = y->shape[0], d = y->shape[1], Tn = src->shape[0], k = src->shape[1];
     if (Tn * d == 0) return MOE_OK;
     const int th = cu_row_threads(d) > 256 ? 256 : cu_row_threads(d);
-    CU_FLOAT_DISPATCH(y->dtype, "unpermute",
-        unpermute_kernel<T><<<cu_blocks(Tn * th, th), th, 0, moe_cu.stream>>>(
-            (const T *)y->data, (const T *)w->data, (const int32_t *)src->data, (T *)a->out->data, N, d, Tn, k,
-            moe_cu.index_fault);)
-    CU_LAUNCHED("unpermute");
+    CU_FLOAT_DISPATCH(y->dtype, "combine",
+        combine_kernel<T><<<cu_blocks(Tn * th, th), th, 0, moe_cu.stream>>>(
+            (const T *)y->data, w ? (const T *)w->data : NULL, (const int32_t *)src->data, (T *)a->out->data, N, d,
+            Tn, k, moe_cu.index_fault);)
+    CU_LAUNCHED("combine");
     return MOE_OK;
 }
 
@@ -108,13 +108,13 @@ extern "C" moe_status moe_cuda_unpermute(const moe_kernel_args *a) {
  * w[t, j] g[t]; src names every row of y once (the caller's contract), so gy is written
  * fully without a fill. */
 template <class T>
-__global__ void unpermute_bwd_kernel(const T *g, const T *y, const T *w, const int32_t *src, T *gy, T *gw, int64_t N,
+__global__ void combine_bwd_kernel(const T *g, const T *y, const T *w, const int32_t *src, T *gy, T *gw, int64_t N,
                                      int64_t d, int64_t Tn, int64_t k, cu_index_fault *f) {
     __shared__ float sh[32];
     for (int64_t t = blockIdx.x; t < Tn; t += gridDim.x)
         for (int64_t j = 0; j < k; j++) {
             int32_t r = src[t * k + j];
-            bool ok = r != -1 && cu_index_ok(f, CU_IDX_UNPERMUTE, r, t * k + j, N);
+            bool ok = r != -1 && cu_index_ok(f, CU_IDX_COMBINE, r, t * k + j, N);
             float wv = ok ? ldf(w + t * k + j) : 0.0f, dot = 0;
             for (int64_t c = threadIdx.x; ok && c < d; c += blockDim.x) {
                 float gv = ldf(g + t * d + c);
@@ -126,16 +126,16 @@ __global__ void unpermute_bwd_kernel(const T *g, const T *y, const T *w, const i
         }
 }
 
-extern "C" moe_status moe_cuda_unpermute_bwd(const moe_kernel_args *a) {
+extern "C" moe_status moe_cuda_combine_bwd(const moe_kernel_args *a) {
     const moe_tensor *g = a->in[0], *y = a->in[1], *w = a->in[2], *src = a->in[3];
     const int64_t N = y->shape[0], d = y->shape[1], Tn = w->shape[0], k = w->shape[1];
     if (Tn * k == 0) return MOE_OK;
     const int th = cu_row_threads(d) > 256 ? 256 : cu_row_threads(d);
-    CU_FLOAT_DISPATCH(y->dtype, "unpermute_bwd",
-        unpermute_bwd_kernel<T><<<cu_blocks(Tn * th, th), th, 0, moe_cu.stream>>>(
+    CU_FLOAT_DISPATCH(y->dtype, "combine_bwd",
+        combine_bwd_kernel<T><<<cu_blocks(Tn * th, th), th, 0, moe_cu.stream>>>(
             (const T *)g->data, (const T *)y->data, (const T *)w->data, (const int32_t *)src->data, (T *)a->out->data,
             (T *)a->out2->data, N, d, Tn, k, moe_cu.index_fault);)
-    CU_LAUNCHED("unpermute_bwd");
+    CU_LAUNCHED("combine_bwd");
     return MOE_OK;
 }
 

@@ -10,10 +10,17 @@ static moe_tensor *run_index_select(moe_tensor **in) { return moe_index_select(i
 static moe_tensor *run_index_add(moe_tensor **in) { return moe_index_add(in[0], in[1], in[2]); }
 /* y [6, d] rows, w [4, 2]: tokens 1 and 3 lost their second assignment; every row of y
  * is named once, in a shuffled order. */
-static moe_tensor *run_unpermute(moe_tensor **in) {
-    static const int32_t src[8] = {0, 3, 5, -1, 1, 2, 4, -1};
-    moe_tensor *s = moe_tensor_from_host(MOE_LIFE_STEP, in[0]->device, MOE_I32, 2, (int64_t[]){4, 2}, src);
-    return moe_unpermute(in[0], in[1], s);
+static const int32_t combine_src[8] = {0, 3, 5, -1, 1, 2, 4, -1};
+static moe_tensor *run_combine(moe_tensor **in) {
+    moe_tensor *s = moe_tensor_from_host(MOE_LIFE_STEP, in[0]->device, MOE_I32, 2, (int64_t[]){4, 2}, combine_src);
+    return moe_combine(in[0], in[1], s);
+}
+/* The dispatch of the same assignment: x [4, d] -> 6 rows, tok[i] = the token of row i. */
+static moe_tensor *run_dispatch(moe_tensor **in) {
+    static const int32_t tok[6] = {0, 2, 2, 0, 3, 1};
+    moe_tensor *t = moe_tensor_from_host(MOE_LIFE_STEP, in[0]->device, MOE_I32, 1, (int64_t[]){6}, tok);
+    moe_tensor *s = moe_tensor_from_host(MOE_LIFE_STEP, in[0]->device, MOE_I32, 2, (int64_t[]){4, 2}, combine_src);
+    return moe_dispatch(in[0], t, s);
 }
 static moe_tensor *run_gather(moe_tensor **in) { return moe_gather(in[0], in[1]); }
 static moe_tensor *run_scatter_add(moe_tensor **in) { return moe_scatter_add(in[0], in[1], in[2]); }
@@ -115,8 +122,10 @@ static const op_case cases[] = {
     {"embedding", "transposed table, transposed ids", 2, {FT(2, 6, 3), IDXT(6, 2, 3, 4)}, run_embedding},
     {"index_select", "3-D rows with repeats", 2, {F(3, 5, 2, 3), IDX(5, 1, 9)}, run_index_select},
     {"index_select", "transposed x", 2, {FT(2, 6, 4), IDX(6, 1, 7)}, run_index_select},
-    {"unpermute", "6 rows of d=5 to 4 tokens, two dropped", 2, {F(2, 6, 5), F(2, 4, 2)}, run_unpermute},
-    {"unpermute", "d=24, transposed y", 2, {FT(2, 6, 24), F(2, 4, 2)}, run_unpermute},
+    {"dispatch", "4 tokens of d=5 to 6 rows, two slots dropped", 1, {F(2, 4, 5)}, run_dispatch},
+    {"dispatch", "d=24, transposed x", 1, {FT(2, 4, 24)}, run_dispatch},
+    {"combine", "6 rows of d=5 to 4 tokens, two dropped", 2, {F(2, 6, 5), F(2, 4, 2)}, run_combine},
+    {"combine", "d=24, transposed y", 2, {FT(2, 6, 24), F(2, 4, 2)}, run_combine},
     {"index_add", "duplicate targets", 3, {F(2, 4, 3), IDX(4, 1, 10), F(2, 10, 3)}, run_index_add},
     {"index_add", "transposed x and src", 3, {FT(2, 5, 4), IDX(5, 1, 6), FT(2, 6, 4)}, run_index_add},
     {"gather", "3-D, repeated picks", 2, {F(3, 2, 3, 5), IDX(5, 3, 2, 3, 7)}, run_gather},
