@@ -126,11 +126,11 @@ if [ "$multi" = 1 ]; then
     else
         n=$((gpus >= 4 ? 4 : 2))
         export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-        step nccl-collectives env MOE_TEST_CUDA=1 mpirun --oversubscribe -np "$n" build-gpu/tests/test_mpi_overlap ||
+        step nccl-collectives timeout 120 env MOE_TEST_CUDA=1 mpirun --oversubscribe -np "$n" build-gpu/tests/test_mpi_overlap ||
             { [ $rc -ne 0 ] || rc=1; }
-        step mpi-train-bf16 scripts/test-mpi-train.sh build-gpu/moe "$logs/mpi-train-bf16" --device cuda --dtype bf16 ||
+        step mpi-train-bf16 env MOE_RUN_TIMEOUT=90 scripts/test-mpi-train.sh build-gpu/moe "$logs/mpi-train-bf16" --device cuda --dtype bf16 ||
             { [ $rc -ne 0 ] || rc=1; }
-        step scale-gpu scripts/scale-gpu.sh build-gpu/moe || { [ $rc -ne 0 ] || rc=1; }
+        step scale-gpu timeout 240 scripts/scale-gpu.sh build-gpu/moe || { [ $rc -ne 0 ] || rc=1; }
         tail -n 12 "$logs/nccl-collectives.log" "$logs/mpi-train-bf16.log" "$logs/scale-gpu.log"
     fi
 fi

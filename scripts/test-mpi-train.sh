@@ -14,7 +14,7 @@
 # with at most as many ranks as GPUs (nvidia-smi -L, at most 4) take place, and the save
 # is made at the largest of them. Tolerances: 1e-4 on the CPU in f32, 1e-3 on CUDA in
 # f32 (other GEMM shapes, other summation orders), 2e-2 in bf16 (8-bit mantissas); --tol
-# sets another.
+# sets another. MOE_RUN_TIMEOUT (seconds, default 300) bounds each run: a hang fails.
 set -euo pipefail
 moe=$(realpath "$1")
 shift
@@ -59,7 +59,7 @@ run() { # name ranks ep steps [extra args]
   local name=$1 np=$2 ep=$3 steps=$4; shift 4
   local launch=()
   [ "$np" -gt 1 ] && launch=(mpirun --oversubscribe -np "$np")
-  if ! timeout 300 "${launch[@]}" "$moe" train "$root/configs/tiny-cpu.yaml" "${common[@]}" \
+  if ! timeout "${MOE_RUN_TIMEOUT:-300}" "${launch[@]}" "$moe" train "$root/configs/tiny-cpu.yaml" "${common[@]}" \
       --set parallel.expert_parallel="$ep" --set train.steps="$steps" --set checkpoint.dir="runs/$name" "$@" \
       > "$name.log" 2>&1; then
     echo "FAIL: run $name (ranks $np, ep $ep) failed:"; tail -20 "$name.log"; exit 1
