@@ -3,7 +3,8 @@
 # dependencies (.devdeps/, when present), configure with CUDA into build-gpu/, build
 # with -j16, run the cuda-labelled tests and print their summary; then, as asked:
 #   --bench    scripts/bench.sh gpu (further arguments go to bench.sh, e.g. --reps 5)
-#   --ablate   both H200 ablations (scripts/ablate-*.sh gpu --seeds 2 --jobs 3)
+#   --ablate   both H200 ablations (scripts/ablate-*.sh gpu, ABLATE_ARGS default "--seeds 2
+#              --jobs 3"; on 2+ GPUs both at once, one GPU each; ABLATE_TIMEOUT bounds them)
 #   --multi    with 2+ GPUs: NCCL collectives (tests/test_mpi_overlap, one rank per GPU),
 #              N GPUs = 1 GPU in bf16 (scripts/test-mpi-train.sh --device cuda --dtype
 #              bf16) and weak scaling (scripts/scale-gpu.sh)
@@ -102,17 +103,35 @@ if [ "$bench" = 1 ]; then
     [ "$bench_rc" -eq 0 ] || { echo "gpu-check.sh: bench.sh failed (exit $bench_rc; see $logs/bench.log)" >&2; [ $rc -ne 0 ] || rc=$bench_rc; }
 fi
 if [ "$ablate" = 1 ]; then
+    # With 2+ GPUs the two ablations run at once, routers on GPU 0 and mixers on GPU 1.
+    # ABLATE_ARGS (default "--seeds 2 --jobs 3") go to both; ABLATE_TIMEOUT (seconds,
+    # default none) interrupts them: the tables then cover the runs that finished.
+    ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    read -r -a ablate_args <<<"${ABLATE_ARGS:---seeds 2 --jobs 3}"
+    ablate_one() { # kind gpu
+        local lim=()
+        [ -z "${ABLATE_TIMEOUT:-}" ] || lim=(timeout -s TERM "$ABLATE_TIMEOUT")
+        CUDA_VISIBLE_DEVICES=$2 MOE_BIN=build-gpu/moe "${lim[@]}" scripts/ablate-$1.sh gpu "${ablate_args[@]}" \
+            >"$logs/ablate-$1.log" 2>&1
+    }
+    pids=()
     for kind in routers mixers; do
-        echo "== scripts/ablate-$kind.sh gpu --seeds 2 --jobs 3"
-        set +e
-        MOE_BIN=build-gpu/moe scripts/ablate-$kind.sh gpu --seeds 2 --jobs 3 >"$logs/ablate-$kind.log" 2>&1
-        a_rc=$?
-        set -e
+        gpu=0
+        [ "$ngpu" -ge 2 ] && [ "$kind" = mixers ] && gpu=1
+        echo "== scripts/ablate-$kind.sh gpu ${ablate_args[*]} (GPU $gpu)"
+        if [ "$ngpu" -ge 2 ]; then ablate_one "$kind" "$gpu" & pids+=($!); else ablate_one "$kind" 0; echo $? >"$logs/ablate-$kind.rc"; fi
+    done
+    i=0
+    for kind in routers mixers; do
+        if [ ${#pids[@]} -gt 0 ]; then set +e; wait "${pids[$i]}"; echo $? >"$logs/ablate-$kind.rc"; set -e; fi
+        i=$((i + 1))
+        a_rc=$(cat "$logs/ablate-$kind.rc")
         cp runs/ablate-$kind/results.md "$logs/ablate-$kind.md" 2>/dev/null && cat "$logs/ablate-$kind.md"
         mkdir -p "$logs/ablate-$kind"
-        cp runs/ablate-$kind/*.png "$logs/ablate-$kind/" 2>/dev/null || true
-        for d in runs/ablate-$kind/*/; do # each run's log (the checkpoints stay)
+        cp runs/ablate-$kind/*.png runs/ablate-$kind/setup.txt "$logs/ablate-$kind/" 2>/dev/null || true
+        for d in runs/ablate-$kind/*/; do # each run's log and metrics (the checkpoints stay)
             [ -f "$d/train.log" ] && cp "$d/train.log" "$logs/ablate-$kind/$(basename "$d").log"
+            [ -f "$d/metrics.jsonl" ] && cp "$d/metrics.jsonl" "$logs/ablate-$kind/$(basename "$d").jsonl"
         done
         [ "$a_rc" -eq 0 ] || { echo "gpu-check.sh: ablate-$kind failed (exit $a_rc)" >&2; [ $rc -ne 0 ] || rc=$a_rc; }
     done
