@@ -3,8 +3,10 @@
 # dependencies (.devdeps/, when present), configure with CUDA into build-gpu/, build
 # with -j16, run the cuda-labelled tests and print their summary; then, as asked:
 #   --bench    scripts/bench.sh gpu (further arguments go to bench.sh, e.g. --reps 5)
-#   --ablate   both H200 ablations (scripts/ablate-*.sh gpu, ABLATE_ARGS default "--seeds 2
-#              --jobs 3"; on 2+ GPUs both at once, one GPU each; ABLATE_TIMEOUT bounds them)
+#   --ablate   the H200 ablations (scripts/ablate-*.sh gpu; ABLATE_KINDS default "routers
+#              mixers", ABLATE_ARGS default "--seeds 2 --jobs 3", ABLATE_TIMEOUT bounds
+#              them); several GPUs: one kind per GPU at once. With --bench on 2+ GPUs the
+#              benchmarks take GPU 0 and half the cores, the ablations the rest, side by side
 #   --multi    with 2+ GPUs: NCCL collectives (tests/test_mpi_overlap, one rank per GPU),
 #              N GPUs = 1 GPU in bf16 (scripts/test-mpi-train.sh --device cuda --dtype
 #              bf16) and weak scaling (scripts/scale-gpu.sh)
@@ -37,7 +39,7 @@ logs=$(cd gpu-logs && pwd)
 pack() { # the logs as one archive plus the reports, for the device tool's $OUT
     [ -n "${OUT:-}" ] || return 0
     tar czf "$OUT/gpu-logs.tgz" -C "$logs" . 2>/dev/null || true
-    for f in bench.md ablate-routers.md ablate-mixers.md; do [ -f "$logs/$f" ] && cp "$logs/$f" "$OUT/"; done
+    for f in bench.md ablate-routers.md ablate-mixers.md profile-fine.txt; do [ -f "$logs/$f" ] && cp "$logs/$f" "$OUT/"; done
     return 0
 }
 trap pack EXIT
@@ -93,39 +95,61 @@ else
 fi
 [ $test_rc -eq 0 ] || rc=$test_rc
 
-if [ "$bench" = 1 ]; then
+ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+ncpu=$(nproc)
+# With --bench and --ablate on 2+ GPUs the two run side by side: the benchmarks on GPU 0
+# and the first half of the cores, the ablations on the other GPUs and cores (so neither
+# disturbs the other's timings); else one after the other on GPU 0.
+side=0
+[ "$bench" = 1 ] && [ "$ablate" = 1 ] && [ "$ngpu" -ge 2 ] && side=1
+cores() { # first|second: that half of the cores as a taskset list ("" when not halved)
+    [ "$side" = 1 ] || return 0
+    if [ "$1" = first ]; then echo "0-$((ncpu / 2 - 1))"; else echo "$((ncpu / 2))-$((ncpu - 1))"; fi
+}
+pinned() { # cores command...: the command on those cores (all when empty)
+    local c=$1; shift
+    if [ -n "$c" ] && command -v taskset >/dev/null; then taskset -c "$c" "$@"; else "$@"; fi
+}
+
+run_bench() { # the benchmarks, then a per-kernel profile of the fine-grained layer
     echo "== scripts/bench.sh gpu ${bench_args[*]:-}"
     set +e
-    MOE_BIN=build-gpu/moe BENCH_OUT="$logs/bench" scripts/bench.sh gpu "${bench_args[@]}" 2>"$logs/bench.log" |
-        tee "$logs/bench.md"
-    bench_rc=${PIPESTATUS[0]}
+    CUDA_VISIBLE_DEVICES=0 MOE_BIN=build-gpu/moe BENCH_OUT="$logs/bench" \
+        pinned "$(cores first)" scripts/bench.sh gpu "${bench_args[@]}" 2>"$logs/bench.log" >"$logs/bench.md"
+    local b=$?
+    CUDA_VISIBLE_DEVICES=0 MOE_PROFILE=2 pinned "$(cores first)" build-gpu/moe bench moe-layer-gpu-fine \
+        >"$logs/profile-fine.txt" 2>&1
     set -e
-    [ "$bench_rc" -eq 0 ] || { echo "gpu-check.sh: bench.sh failed (exit $bench_rc; see $logs/bench.log)" >&2; [ $rc -ne 0 ] || rc=$bench_rc; }
-fi
-if [ "$ablate" = 1 ]; then
-    # With 2+ GPUs the two ablations run at once, routers on GPU 0 and mixers on GPU 1.
-    # ABLATE_ARGS (default "--seeds 2 --jobs 3") go to both; ABLATE_TIMEOUT (seconds,
-    # default none) interrupts them: the tables then cover the runs that finished.
-    ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    echo "$b" >"$logs/bench.rc"
+}
+
+run_ablations() {
+    # Each kind on its own GPU when there are enough (GPU 0 left to the benchmarks when
+    # they run beside); ABLATE_KINDS (default "routers mixers"), ABLATE_ARGS (default
+    # "--seeds 2 --jobs 3") for every kind; ABLATE_TIMEOUT (seconds, default none)
+    # interrupts them: the tables then cover the runs that finished.
     read -r -a ablate_args <<<"${ABLATE_ARGS:---seeds 2 --jobs 3}"
-    ablate_one() { # kind gpu
-        local lim=()
+    read -r -a kinds <<<"${ABLATE_KINDS:-routers mixers}"
+    local first=$side free=$((ngpu > side ? ngpu - side : 1)) i=0 pids=() kind
+    for kind in "${kinds[@]}"; do
+        local gpu=$(( ngpu > 1 ? first + i % free : 0 )) lim=()
         [ -z "${ABLATE_TIMEOUT:-}" ] || lim=(timeout -s TERM "$ABLATE_TIMEOUT")
-        CUDA_VISIBLE_DEVICES=$2 MOE_BIN=build-gpu/moe "${lim[@]}" scripts/ablate-$1.sh gpu "${ablate_args[@]}" \
-            >"$logs/ablate-$1.log" 2>&1
-    }
-    pids=()
-    for kind in routers mixers; do
-        gpu=0
-        [ "$ngpu" -ge 2 ] && [ "$kind" = mixers ] && gpu=1
         echo "== scripts/ablate-$kind.sh gpu ${ablate_args[*]} (GPU $gpu)"
-        if [ "$ngpu" -ge 2 ]; then ablate_one "$kind" "$gpu" & pids+=($!); else ablate_one "$kind" 0; echo $? >"$logs/ablate-$kind.rc"; fi
-    done
-    i=0
-    for kind in routers mixers; do
-        if [ ${#pids[@]} -gt 0 ]; then set +e; wait "${pids[$i]}"; echo $? >"$logs/ablate-$kind.rc"; set -e; fi
+        (set +e; CUDA_VISIBLE_DEVICES=$gpu MOE_BIN=build-gpu/moe pinned "$(cores second)" "${lim[@]}" \
+            scripts/ablate-$kind.sh gpu "${ablate_args[@]}" >"$logs/ablate-$kind.log" 2>&1
+         echo $? >"$logs/ablate-$kind.rc") &
+        pids+=($!)
         i=$((i + 1))
-        a_rc=$(cat "$logs/ablate-$kind.rc")
+        [ "$free" -gt "$i" ] || [ "$i" -ge "${#kinds[@]}" ] || { wait "${pids[@]}"; pids=(); } # one per GPU at a time
+    done
+    wait "${pids[@]}" 2>/dev/null || true
+}
+
+report_ablations() {
+    read -r -a kinds <<<"${ABLATE_KINDS:-routers mixers}"
+    local kind a_rc
+    for kind in "${kinds[@]}"; do
+        a_rc=$(cat "$logs/ablate-$kind.rc" 2>/dev/null || echo 1)
         cp runs/ablate-$kind/results.md "$logs/ablate-$kind.md" 2>/dev/null && cat "$logs/ablate-$kind.md"
         mkdir -p "$logs/ablate-$kind"
         cp runs/ablate-$kind/*.png runs/ablate-$kind/setup.txt "$logs/ablate-$kind/" 2>/dev/null || true
@@ -135,7 +159,23 @@ if [ "$ablate" = 1 ]; then
         done
         [ "$a_rc" -eq 0 ] || { echo "gpu-check.sh: ablate-$kind failed (exit $a_rc)" >&2; [ $rc -ne 0 ] || rc=$a_rc; }
     done
+}
+
+if [ "$side" = 1 ]; then
+    run_bench &
+    bench_pid=$!
+    run_ablations
+    wait "$bench_pid" || true
+else
+    [ "$bench" = 1 ] && run_bench
+    [ "$ablate" = 1 ] && run_ablations
 fi
+if [ "$bench" = 1 ]; then
+    cat "$logs/bench.md"
+    bench_rc=$(cat "$logs/bench.rc" 2>/dev/null || echo 1)
+    [ "$bench_rc" -eq 0 ] || { echo "gpu-check.sh: bench.sh failed (exit $bench_rc; see $logs/bench.log)" >&2; [ $rc -ne 0 ] || rc=$bench_rc; }
+fi
+[ "$ablate" = 1 ] && report_ablations
 
 if [ "$multi" = 1 ]; then
     gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)

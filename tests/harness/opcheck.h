@@ -43,6 +43,9 @@ typedef struct op_case {
     /* CUDA parity in f32 only: rounding the inputs to bf16 makes ties, and which of the
      * tied elements a sort or max picks then differs from the unrounded CPU reference. */
     bool f32_parity_only;
+    /* > 0: the gradcheck tries only about this many elements per input, evenly spread (a
+     * case sized for a CUDA kernel's tiling, too large to difference every element). */
+    int grad_samples;
 } op_case;
 
 typedef struct op_case_list { const op_case *cases; int n; } op_case_list;
