@@ -40,17 +40,34 @@ template <class K> static moe_status scan_smem(K kernel, size_t bytes, const cha
     return MOE_OK;
 }
 
+/* c ? a : b as one predicated select (a plain ?: on two array elements can become a
+ * select of their addresses, which moves the array to local memory). */
+__device__ __forceinline__ float scan_select(bool c, float a, float b) {
+    float r;
+    asm("{\n\t.reg .pred p;\n\tsetp.ne.u32 p, %3, 0;\n\tselp.f32 %0, %1, %2, p;\n\t}"
+        : "=f"(r) : "f"(a), "f"(b), "r"((unsigned)c));
+    return r;
+}
+
+/* One halving stage of the transpose below: lanes with bit OFF clear keep rows 0..OFF-1
+ * of the current set, the others rows OFF..2 OFF-1 (moved down), each adding the
+ * partner's copy of the rows it keeps. */
+template <int OFF> __device__ __forceinline__ void scan_transpose_stage(float (&x)[32], bool up) {
+#pragma unroll
+    for (int j = 0; j < OFF; j++) {
+        const float lo = x[j], hi = x[j + OFF];
+        const float send = scan_select(up, lo, hi), keep = scan_select(up, hi, lo);
+        x[j] = keep + __shfl_xor_sync(SCAN_FULL, send, OFF);
+    }
+}
+
 /* x[r] summed over the warp's lanes for every r, returned in lane r (31 shuffles). */
 __device__ __forceinline__ float scan_warp_transpose_sum(float (&x)[32], int lane) {
-#pragma unroll
-    for (int off = 16; off >= 1; off >>= 1) {
-        const bool up = lane & off;
-#pragma unroll
-        for (int j = 0; j < off; j++) {
-            const float send = up ? x[j] : x[j + off], keep = up ? x[j + off] : x[j];
-            x[j] = keep + __shfl_xor_sync(SCAN_FULL, send, off);
-        }
-    }
+    scan_transpose_stage<16>(x, lane & 16);
+    scan_transpose_stage<8>(x, lane & 8);
+    scan_transpose_stage<4>(x, lane & 4);
+    scan_transpose_stage<2>(x, lane & 2);
+    scan_transpose_stage<1>(x, lane & 1);
     return x[0];
 }
 
@@ -83,7 +100,7 @@ __device__ __forceinline__ float scan_rows_sum(float part, float *red, int buf, 
 }
 
 template <class T>
-__global__ void __launch_bounds__(256) scan_fwd_kernel(const T *q, const T *k, const T *v, const T *beta,
+__global__ void __launch_bounds__(256, 2) scan_fwd_kernel(const T *q, const T *k, const T *v, const T *beta,
                                                         const T *alpha, const float *s0, T *o, float *s_out,
                                                         float *ckpt, int64_t Tn, int64_t H, int64_t dk, int64_t dv,
                                                         int64_t chunk, bool delta) {
@@ -96,15 +113,18 @@ __global__ void __launch_bounds__(256) scan_fwd_kernel(const T *q, const T *k, c
 #pragma unroll
     for (int ii = 0; ii < 32; ii++)
         s[ii] = s0 && cv && row0 + ii < dk ? s0[p * SS + (row0 + ii) * dv + col] : 0.0f;
+    /* each step's inputs are loaded one step ahead, so their latency hides behind a step */
+    scan_step nx = scan_load(q, k, v, beta, alpha, (const T *)NULL, n * Tn * H + h, dk, dv, row0 + lane, col);
     for (int64_t t = 0; t < Tn; t++) {
         const int64_t e = (n * Tn + t) * H + h;
+        const scan_step x = nx;
+        if (t + 1 < Tn) nx = scan_load(q, k, v, beta, alpha, (const T *)NULL, e + H, dk, dv, row0 + lane, col);
         if (ckpt && t % chunk == 0 && cv) {
             float *c = ckpt + (p * nc + t / chunk) * SS;
 #pragma unroll
             for (int ii = 0; ii < 32; ii++)
                 if (row0 + ii < dk) c[(row0 + ii) * dv + col] = s[ii];
         }
-        const scan_step x = scan_load(q, k, v, beta, alpha, (const T *)NULL, e, dk, dv, row0 + lane, col);
         float wv = x.vc;
         if (delta) {
             float up = 0;
@@ -160,7 +180,7 @@ static size_t scan_bwd_smem_floats(int L, int RG) {
 }
 
 template <class T>
-__global__ void __launch_bounds__(256) scan_bwd_kernel(const T *q, const T *k, const T *v, const T *beta,
+__global__ void __launch_bounds__(256, 2) scan_bwd_kernel(const T *q, const T *k, const T *v, const T *beta,
                                                         const T *alpha, const T *g, const float *ckpt, float *subck,
                                                         T *dv_out, float *dqp, float *dkp, float *dap, float *dbp,
                                                         float *ds0, int64_t Tn, int64_t H, int64_t dk, int64_t dv,
@@ -184,11 +204,14 @@ __global__ void __launch_bounds__(256) scan_bwd_kernel(const T *q, const T *k, c
         for (int ii = 0; ii < 32; ii++)
             s[ii] = cv && row0 + ii < dk ? ckpt[(p * nc + c) * SS + (row0 + ii) * dv + col] : 0.0f;
         __syncthreads();
+        const int64_t e0 = (n * Tn + t0) * H + h; /* step t0 + r is e0 + r H */
+        scan_step nx = scan_load(q, k, v, beta, alpha, (const T *)NULL, e0, dk, dv, row, col);
         for (int64_t r = 0; r < cn; r++) {
             if (r % L == 0)
 #pragma unroll
                 for (int ii = 0; ii < 32; ii++) mysub[(r / L) * slot + (ii * RG + w) * 32 + lane] = s[ii];
-            const scan_step x = scan_load(q, k, v, beta, alpha, (const T *)NULL, (n * Tn + t0 + r) * H + h, dk, dv, row, col);
+            const scan_step x = nx;
+            if (r + 1 < cn) nx = scan_load(q, k, v, beta, alpha, (const T *)NULL, e0 + (r + 1) * H, dk, dv, row, col);
             float wv = x.vc;
             if (delta) {
                 float up = 0;
@@ -205,9 +228,12 @@ __global__ void __launch_bounds__(256) scan_bwd_kernel(const T *q, const T *k, c
 #pragma unroll
             for (int ii = 0; ii < 32; ii++) s[ii] = mysub[j * slot + (ii * RG + w) * 32 + lane];
             __syncthreads();
+            const int64_t es = e0 + r0 * H; /* sub-chunk step m is es + m H */
+            nx = scan_load(q, k, v, beta, alpha, g, es, dk, dv, row, col);
             for (int64_t m = 0; m < rn; m++) {
-                const int64_t e = (n * Tn + t0 + r0 + m) * H + h;
-                const scan_step x = scan_load(q, k, v, beta, alpha, g, e, dk, dv, row, col);
+                const int64_t e = es + m * H;
+                const scan_step x = nx;
+                if (m + 1 < rn) nx = scan_load(q, k, v, beta, alpha, g, e + H, dk, dv, row, col);
 #pragma unroll
                 for (int ii = 0; ii < 32; ii++) sst[m * slot + (ii * RG + w) * 32 + lane] = s[ii];
                 float u = 0, wv = x.vc;
@@ -230,9 +256,11 @@ __global__ void __launch_bounds__(256) scan_bwd_kernel(const T *q, const T *k, c
             }
             __syncthreads();
             /* pass B2: the sub-chunk's steps backwards */
+            nx = scan_load(q, k, v, beta, alpha, g, es + (rn - 1) * H, dk, dv, row, col);
             for (int64_t m = rn - 1; m >= 0; m--) {
-                const int64_t e = (n * Tn + t0 + r0 + m) * H + h;
-                const scan_step x = scan_load(q, k, v, beta, alpha, g, e, dk, dv, row, col);
+                const int64_t e = es + m * H;
+                const scan_step x = nx;
+                if (m > 0) nx = scan_load(q, k, v, beta, alpha, g, e - H, dk, dv, row, col);
                 const float *Sp = sst + m * slot + w * 32 + lane;
                 float kd = 0, pa = 0;
 #pragma unroll
