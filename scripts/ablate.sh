@@ -14,6 +14,8 @@
 #                 every variant, reading whatever runs are on disk (setup.txt keeps the
 #                 last settings; a re-run with other settings warns)
 #   --set k=v     passed to every run, after the variant's own settings
+#   --report      train nothing: write the table and plots from the runs on disk (e.g. runs
+#                 gathered from several GPU calls into runs/ablate-<kind>/)
 # Variants (every run: same config, parameter budget and tokens, except as noted):
 #   routers: topk (router.type=topk, balance switch), rmoe (type rmoe), rmoe-detach
 #            (rmoe, router.rmoe_detach=true), ot (type ot), topk-auxfree (topk, balance
@@ -43,7 +45,7 @@ case "$kind" in
   -h|--help) usage; exit 0 ;;
   *) usage >&2; exit 2 ;;
 esac
-mode=cpu seeds=3 steps="" jobs="" only="" extra=()
+mode=cpu seeds=3 steps="" jobs="" only="" report=0 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     cpu|gpu) mode=$1 ;;
@@ -51,6 +53,7 @@ while [ $# -gt 0 ]; do
     --steps) steps=${2:-}; shift ;;
     --jobs) jobs=${2:-}; shift ;;
     --variants) only=${2:-}; shift ;;
+    --report) report=1 ;;
     --set) [ -n "${2:-}" ] || die "--set needs key=value"; extra+=(--set "$2"); shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "ablate: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
@@ -184,6 +187,7 @@ stop() { # Ctrl-C / TERM (e.g. from timeout): end the runs by pid (background ru
 }
 trap stop INT TERM
 
+[ "$report" = 0 ] || run_variants=() # --report: straight to the table
 for ((s = 1; s <= seeds; s++)); do
   for v in "${run_variants[@]}"; do
     reap "$jobs"
