@@ -9,43 +9,38 @@
 #include "core/h5file.h"
 #include "core/memory.h"
 
-/* Calls fn for each stored tensor of a parameter: the whole tensor, or one 2-D slice per
- * expert of a stack with its global expert name (moe_param_ref). */
+/* Receives one stored tensor (a whole parameter or one expert's slice) by its name. */
 typedef moe_status (*piece_fn)(const char *name, moe_tensor *piece, void *ctx);
 
-/* All experts of a stack on every rank of the EP group: each rank fills its slice of a
- * zeroed [E, rows, cols] host tensor and the group sums them (checkpoint time only).
- * Only contiguous stacks of equal widths are expert-parallel (moe_model_init). */
-static moe_tensor *gather_stack(const moe_param_ref *p, moe_tensor *t, int64_t n_experts) {
-    MOE_ASSERT(!p->expert_ids, "checkpoint: %s: an expert-parallel stack must hold contiguous experts", p->name);
-    int64_t rows = t->shape[1], cols = t->shape[2];
-    moe_tensor *full = moe_tensor_zeros(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 3, (int64_t[]){n_experts, rows, cols});
-    moe_tensor *mine = full ? moe_tensor_view_raw(full, 3, t->shape, full->strides, p->expert_begin * rows * cols) : NULL;
-    if (!mine || moe_tensor_copy_(mine, t) != MOE_OK || moe_dist_allreduce_sum(MOE_GROUP_EP, full) != MOE_OK) return NULL;
-    return full;
+/* The dataset name base of an expert stack ("layers.3.moe.experts.w13") and the name of
+ * its expert e in the file ("layers.3.moe.experts.<e>.w13"). */
+static const char *stack_base(const moe_param_ref *p) { return p->expert_name ? p->expert_name : p->name; }
+static void expert_piece_name(const char *base, int64_t e, char *name, size_t cap) {
+    const char *dot = strrchr(base, '.');
+    MOE_ASSERT(dot, "checkpoint: expert stack name '%s' has no '.'", base);
+    snprintf(name, cap, "%.*s.%lld%s", (int)(dot - base), base, (long long)e, dot);
 }
 
-/* Saving gathers expert stacks to all experts (gather = true); loading reads the local ones. */
-static moe_status for_each_piece(const moe_param_ref *p, moe_tensor *t, int64_t n_experts, bool gather, piece_fn fn,
-                                 void *ctx) {
+/* Calls fn for each stored tensor of a parameter held on this rank: the whole tensor, or
+ * one 2-D slice per expert of a stack with its global expert name (moe_param_ref). */
+static moe_status for_each_piece(const moe_param_ref *p, moe_tensor *t, piece_fn fn, void *ctx) {
     if (!p->expert_stack) return fn(p->name, t, ctx);
-    const char *base = p->expert_name ? p->expert_name : p->name, *dot = strrchr(base, '.');
-    MOE_ASSERT(dot, "checkpoint: expert stack name '%s' has no '.'", base);
-    int64_t rows = t->shape[1], cols = t->shape[2], begin = p->expert_begin;
-    const int *ids = p->expert_ids;
-    if (gather && moe_dist_ep_size() > 1) {
-        t = gather_stack(p, t, n_experts);
-        if (!t) return moe_last_status();
-        begin = 0;
-    }
+    int64_t rows = t->shape[1], cols = t->shape[2];
     for (int64_t j = 0; j < t->shape[0]; j++) {
         char name[192];
-        snprintf(name, sizeof name, "%.*s.%lld%s", (int)(dot - base), base, (long long)(ids ? ids[j] : begin + j), dot);
+        expert_piece_name(stack_base(p), p->expert_ids ? p->expert_ids[j] : p->expert_begin + j, name, sizeof name);
         moe_tensor *v = moe_tensor_view_raw(t, 2, (int64_t[]){rows, cols}, (int64_t[]){cols, 1}, j * rows * cols);
         if (!v) return moe_last_status();
         MOE_TRY(fn(name, v, ctx));
     }
     return MOE_OK;
+}
+
+/* Slice j of parameter i's stack when it holds global expert e, else -1. */
+static int64_t local_slot(const moe_param_ref *p, int64_t e) {
+    for (int64_t j = 0; j < p->t->shape[0]; j++)
+        if ((p->expert_ids ? p->expert_ids[j] : p->expert_begin + j) == e) return j;
+    return -1;
 }
 
 typedef struct { moe_h5 *f; const char *group; } put_ctx;
@@ -61,9 +56,75 @@ static moe_status put_piece(const char *name, moe_tensor *piece, void *ctx) {
     return moe_h5_put_array(c->f, full, MOE_H5_F32, h32->ndim, h32->shape, h32->data);
 }
 
+/* Parameter i, then its optimizer states m and v (NULL where the optimizer keeps none). */
+static void param_sources(const moe_model *m, const moe_optimizer *opt, int i, moe_tensor *src[3]) {
+    src[0] = m->params[i].t;
+    src[1] = src[2] = NULL;
+    if (opt) moe_optimizer_state(opt, i, &src[1], &src[2]);
+}
+
+/* Under expert parallelism each expert lives on one rank of its EP group, and the ranks'
+ * stacks differ (heterogeneous experts group by width per rank). For every stack base in
+ * order of first appearance (the layers' w13 and w2: the same list on every rank), every
+ * global expert e and each of parameter, m and v: the owner's slice is summed over the EP
+ * group into a zeroed host [rows, cols] (shape from the config) and the writer stores it.
+ * Checkpoint time only; a few small all-reduces per expert. */
+static moe_status put_experts_ep(moe_h5 *f, const moe_model *m, const moe_optimizer *opt,
+                                 const char *const groups[3]) {
+    const int64_t E = m->cfg.model.n_experts, d = m->cfg.model.d_model;
+    for (int i = 0; i < m->n_params; i++) {
+        const moe_param_ref *p = &m->params[i];
+        if (!p->expert_stack) continue;
+        bool first = true; /* this base not seen in an earlier parameter */
+        for (int j = 0; j < i && first; j++)
+            first = !(m->params[j].expert_stack && strcmp(stack_base(&m->params[j]), stack_base(p)) == 0);
+        if (!first) continue;
+        const char *base = stack_base(p), *suffix = strrchr(base, '.');
+        MOE_ASSERT(suffix && (strcmp(suffix, ".w13") == 0 || strcmp(suffix, ".w2") == 0),
+                   "checkpoint: expert stack '%s' is neither w13 nor w2", base);
+        bool w13 = strcmp(suffix, ".w13") == 0;
+        moe_tensor *probe[3];
+        param_sources(m, opt, i, probe);
+        for (int64_t e = 0; e < E; e++) {
+            const int64_t w = moe_config_expert_ffn_dim(&m->cfg, (int)e);
+            const int64_t rows = w13 ? d : w, cols = w13 ? 2 * w : d;
+            /* the owner: the parameter with this base whose stack holds e */
+            int owner = -1;
+            int64_t slot = -1;
+            for (int j = 0; j < m->n_params && owner < 0; j++)
+                if (m->params[j].expert_stack && strcmp(stack_base(&m->params[j]), base) == 0 &&
+                    (slot = local_slot(&m->params[j], e)) >= 0)
+                    owner = j;
+            moe_tensor *src[3] = {NULL, NULL, NULL};
+            if (owner >= 0) param_sources(m, opt, owner, src);
+            char name[192];
+            expert_piece_name(base, e, name, sizeof name);
+            for (int k = 0; k < 3; k++) {
+                if (!probe[k]) continue; /* same optimizer on every rank: same states everywhere */
+                moe_tensor *buf = moe_tensor_zeros(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 2, (int64_t[]){rows, cols});
+                if (!buf) return moe_last_status();
+                if (owner >= 0) {
+                    moe_tensor *t = src[k];
+                    MOE_ASSERT(t->shape[1] == rows && t->shape[2] == cols, "checkpoint: %s is %lldx%lld, expected "
+                               "%lldx%lld", name, (long long)t->shape[1], (long long)t->shape[2], (long long)rows,
+                               (long long)cols);
+                    moe_tensor *v = moe_tensor_view_raw(t, 2, (int64_t[]){rows, cols}, (int64_t[]){cols, 1},
+                                                        slot * rows * cols);
+                    if (!v) return moe_last_status();
+                    moe_tensor *h = moe_tensor_to(v, MOE_CPU, MOE_LIFE_STEP);
+                    if (!h || moe_tensor_copy_(buf, h) != MOE_OK) return moe_last_status();
+                }
+                MOE_TRY(moe_dist_allreduce_sum(MOE_GROUP_EP, buf));
+                put_ctx pc = {f, groups[k]};
+                MOE_TRY(put_piece(name, buf, &pc));
+            }
+        }
+    }
+    return MOE_OK;
+}
+
 /* f is NULL on the ranks that do not write (they still join the expert gathers). */
 static moe_status save_all(moe_h5 *f, const moe_model *m, const moe_optimizer *opt, const moe_train_state *ts) {
-    int64_t E = m->cfg.model.n_experts;
     if (f) {
         char *cfg_text = NULL;
         MOE_TRY(moe_config_to_yaml(&m->cfg, &cfg_text));
@@ -77,17 +138,20 @@ static moe_status save_all(moe_h5 *f, const moe_model *m, const moe_optimizer *o
         MOE_TRY(moe_h5_put_i64(f, "bad_steps", ts->bad_steps));
         if (opt) MOE_TRY(moe_h5_put_i64(f, "optim_step", moe_optimizer_get_step(opt)));
     }
-    put_ctx pc = {f, "params"};
-    for (int i = 0; i < m->n_params; i++) MOE_TRY(for_each_piece(&m->params[i], m->params[i].t, E, true, put_piece, &pc));
-    if (opt) {
-        for (int i = 0; i < m->n_params; i++) {
-            moe_tensor *mm = NULL, *vv = NULL;
-            moe_optimizer_state(opt, i, &mm, &vv);
-            put_ctx cm = {f, "optim/m"}, cv = {f, "optim/v"};
-            if (mm) MOE_TRY(for_each_piece(&m->params[i], mm, E, true, put_piece, &cm));
-            if (vv) MOE_TRY(for_each_piece(&m->params[i], vv, E, true, put_piece, &cv));
+    /* pieces of this rank's parameters (and optimizer states); under expert parallelism
+     * the expert stacks go through put_experts_ep instead */
+    bool ep = moe_dist_ep_size() > 1;
+    static const char *const groups[3] = {"params", "optim/m", "optim/v"};
+    for (int i = 0; i < m->n_params; i++) {
+        if (ep && m->params[i].expert_stack) continue;
+        moe_tensor *src[3];
+        param_sources(m, opt, i, src);
+        for (int k = 0; k < 3; k++) {
+            put_ctx pc = {f, groups[k]};
+            if (src[k]) MOE_TRY(for_each_piece(&m->params[i], src[k], put_piece, &pc));
         }
     }
+    if (ep) MOE_TRY(put_experts_ep(f, m, opt, groups));
     for (int i = 0; i < m->cfg.model.n_layers; i++) {
         const moe_block *b = &m->blocks[i];
         if (b->dense || !b->moe.router.bias) continue;
@@ -139,7 +203,7 @@ static moe_status load_all(moe_h5 *f, moe_model *m, moe_optimizer *opt, moe_trai
     ts->loader_step = (uint64_t)v;
     MOE_TRY(moe_h5_get_i64(f, "bad_steps", &ts->bad_steps));
     get_ctx gc = {f, "params"};
-    for (int i = 0; i < m->n_params; i++) MOE_TRY(for_each_piece(&m->params[i], m->params[i].t, 0, false, get_piece, &gc));
+    for (int i = 0; i < m->n_params; i++) MOE_TRY(for_each_piece(&m->params[i], m->params[i].t, get_piece, &gc));
     if (opt) {
         MOE_TRY(moe_h5_get_i64(f, "optim_step", &v));
         moe_optimizer_set_step(opt, v);
@@ -147,8 +211,8 @@ static moe_status load_all(moe_h5 *f, moe_model *m, moe_optimizer *opt, moe_trai
             moe_tensor *mm = NULL, *vv = NULL;
             moe_optimizer_state(opt, i, &mm, &vv);
             get_ctx cm = {f, "optim/m"}, cv = {f, "optim/v"};
-            if (mm) MOE_TRY(for_each_piece(&m->params[i], mm, 0, false, get_piece, &cm));
-            if (vv) MOE_TRY(for_each_piece(&m->params[i], vv, 0, false, get_piece, &cv));
+            if (mm) MOE_TRY(for_each_piece(&m->params[i], mm, get_piece, &cm));
+            if (vv) MOE_TRY(for_each_piece(&m->params[i], vv, get_piece, &cv));
         }
     }
     for (int i = 0; i < m->cfg.model.n_layers; i++) {

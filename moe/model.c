@@ -46,10 +46,6 @@ moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int 
     if (c->n_experts % ep_size)
         return moe_error(MOE_ERR_CONFIG, "model.n_experts=%d is not divisible by the expert-parallel size %d",
                          c->n_experts, ep_size);
-    if (c->expert_ffn_dims.count && ep_size > 1)
-        return moe_error(MOE_ERR_UNSUPPORTED, "model.expert_ffn_dims (heterogeneous experts) with expert parallelism "
-                         "%d is not supported: set parallel.expert_parallel=1 or give every expert model.ffn_dim",
-                         ep_size);
     int64_t d = c->d_model, hd = m->head_dim, H = m->n_heads, Hkv = m->n_kv_heads, V = c->vocab_size;
     double std = c->init_std, out_std = c->init_std / sqrt(2.0 * c->n_layers);
     /* per layer at most: 2 norms, 2 attention (or the MoM's), 2 router or dense, 2 shared, 2 per expert width */
@@ -171,13 +167,15 @@ void moe_model_free(moe_model *m) {
 }
 
 int64_t moe_model_param_count(const moe_model *m, bool active_only) {
-    int64_t dense = 0, experts = 0; /* experts: every expert of every layer, over all ranks */
-    for (int i = 0; i < m->n_params; i++) {
-        int64_t c = moe_tensor_numel(m->params[i].t);
-        if (m->params[i].expert_stack) experts += c * m->ep_size; /* each rank holds 1/ep_size of them */
-        else dense += c;
-    }
-    return dense + (active_only ? experts * m->cfg.model.top_k / m->cfg.model.n_experts : experts);
+    const moe_cfg_model *c = &m->cfg.model;
+    int64_t dense = 0, per_layer = 0, moe_layers = 0; /* experts: every expert, over all ranks */
+    for (int i = 0; i < m->n_params; i++)
+        if (!m->params[i].expert_stack) dense += moe_tensor_numel(m->params[i].t);
+    for (int e = 0; e < c->n_experts; e++) /* SwiGLU expert: w13 [d, 2w] and w2 [w, d] */
+        per_layer += 3 * (int64_t)c->d_model * moe_config_expert_ffn_dim(&m->cfg, e);
+    for (int i = 0; i < c->n_layers; i++) moe_layers += !m->blocks[i].dense;
+    int64_t experts = per_layer * moe_layers;
+    return dense + (active_only ? experts * c->top_k / c->n_experts : experts);
 }
 
 moe_tensor **moe_model_param_tensors(const moe_model *m, int *n) {

@@ -45,29 +45,45 @@ static moe_tensor *named_randn(const char *name, int64_t rows, int64_t cols, moe
     return moe_tensor_randn(MOE_LIFE_PERSIST, dev, MOE_F32, 2, (int64_t[]){rows, cols}, moe_param_seed(seed, name), 0, std);
 }
 
-/* Groups the local experts by width (order of first appearance) and numbers the slots. */
+/* Groups the local experts by width (order of first appearance) and numbers the slots:
+ * within each rank's range of n_local experts (the whole layer without expert
+ * parallelism), the experts in group-major order. Every rank numbers every range the
+ * same way, so the rows it sends another rank arrive in that rank's slot order. */
 static moe_status make_groups(moe_moe_layer *L, const int *widths) {
-    int E = L->s.n_experts;
-    L->groups = calloc((size_t)L->n_local, sizeof *L->groups);
+    int E = L->s.n_experts, El = L->n_local;
+    L->groups = calloc((size_t)El, sizeof *L->groups);
     L->slot = malloc(sizeof(int) * (size_t)E);
     L->latency = calloc((size_t)E, sizeof(double));
-    if (!L->groups || !L->slot || !L->latency) return moe_error(MOE_ERR_OOM, "moe layer: out of host memory");
-    for (int j = 0; j < L->n_local; j++) {
-        int e = L->expert_begin + j, w = widths ? widths[e] : L->s.ffn_dim, g = 0;
-        while (g < L->n_groups && L->groups[g].ffn_dim != w) g++;
-        if (g == L->n_groups) {
-            L->groups[g].experts = malloc(sizeof(int) * (size_t)L->n_local);
-            if (!L->groups[g].experts) return moe_error(MOE_ERR_OOM, "moe layer: out of host memory");
-            L->groups[g].ffn_dim = w;
-            L->n_groups++;
-        }
-        L->groups[g].experts[L->groups[g].n++] = e;
+    int *seen = malloc(sizeof(int) * (size_t)El);
+    if (!L->groups || !L->slot || !L->latency || !seen) {
+        free(seen);
+        return moe_error(MOE_ERR_OOM, "moe layer: out of host memory");
     }
-    /* Non-local experts (expert parallelism, one group) keep their index. */
-    for (int e = 0; e < E; e++) L->slot[e] = e;
-    int at = L->expert_begin;
-    for (int g = 0; g < L->n_groups; g++)
-        for (int i = 0; i < L->groups[g].n; i++) L->slot[L->groups[g].experts[i]] = at++;
+    for (int begin = 0; begin < E; begin += El) {
+        /* the range's widths in order of first appearance, then its experts by width */
+        int n_w = 0, at = begin;
+        for (int e = begin; e < begin + El; e++) {
+            int w = widths ? widths[e] : L->s.ffn_dim, g = 0;
+            while (g < n_w && seen[g] != w) g++;
+            if (g == n_w) seen[n_w++] = w;
+        }
+        for (int g = 0; g < n_w; g++)
+            for (int e = begin; e < begin + El; e++)
+                if ((widths ? widths[e] : L->s.ffn_dim) == seen[g]) L->slot[e] = at++;
+        if (begin != L->expert_begin) continue;
+        for (int g = 0; g < n_w; g++) { /* this rank's groups, in the same order */
+            moe_expert_group *G = &L->groups[L->n_groups++];
+            G->ffn_dim = seen[g];
+            G->experts = malloc(sizeof(int) * (size_t)El);
+            if (!G->experts) {
+                free(seen);
+                return moe_error(MOE_ERR_OOM, "moe layer: out of host memory");
+            }
+            for (int e = begin; e < begin + El; e++)
+                if ((widths ? widths[e] : L->s.ffn_dim) == seen[g]) G->experts[G->n++] = e;
+        }
+    }
+    free(seen);
     return MOE_OK;
 }
 
@@ -84,10 +100,6 @@ moe_status moe_moe_layer_init(moe_moe_layer *L, const moe_moe_layer_settings *s,
     snprintf(L->name_w13, sizeof L->name_w13, "%s.experts.w13", prefix);
     snprintf(L->name_w2, sizeof L->name_w2, "%s.experts.w2", prefix);
     MOE_TRY(make_groups(L, s->expert_ffn_dims));
-    if (L->n_groups > 1 && n_local < s->n_experts)
-        return moe_error(MOE_ERR_UNSUPPORTED, "%s: experts of different widths need every expert on one rank "
-                         "(%d of %d here); use expert parallelism 1 with heterogeneous experts", prefix, n_local,
-                         s->n_experts);
     int64_t d = s->d_model;
     for (int g = 0; g < L->n_groups; g++) {
         moe_expert_group *G = &L->groups[g];

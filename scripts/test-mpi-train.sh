@@ -8,7 +8,9 @@
 # over 2 micro-steps equals its own 1-rank run (with the balance loss off: its batch
 # statistics depend on how the micro-batches are cut). Then it saves at 4 ranks (EP=4)
 # after 10 steps and resumes with 2 ranks (EP=2) and with 1 rank, which must continue
-# with the same losses.
+# with the same losses. Heterogeneous experts (model.expert_ffn_dims) get the same
+# equality under EP 2 (2 and 4 ranks) and a save at the most ranks (EP 2) resumed at 2
+# and 1.
 #   scripts/test-mpi-train.sh path/to/moe [workdir] [--device cuda] [--dtype bf16] [--tol T]
 # --device cuda (on the GPU host) runs every rank on its own GPU (NCCL), so only the runs
 # with at most as many ranks as GPUs (nvidia-smi -L, at most 4) take place, and the save
@@ -54,6 +56,10 @@ common=(--quiet --set data.train_path=data/train.bin --set data.val_path=data/va
   --set train.lr=3e-3 --set train.log_every=1 --set train.eval_every=0 --set train.eval_batches=2
   --set checkpoint.every=0 --set checkpoint.keep=0 --set train.device="$device" --set train.dtype="$dtype")
 accum=(--set train.grad_accum=2 --set router.aux_coef=0)
+# heterogeneous experts: 6 of widths 24, 12, 24 | 8, 12, 8, so under EP 2 each rank groups
+# its experts by width out of index order (slots 0 2 1 | 3 5 4) and the ranks' stacks
+# differ in width
+het=(--set model.n_experts=6 --set "model.expert_ffn_dims=[24,12,24,8,12,8]")
 
 run() { # name ranks ep steps [extra args]
   local name=$1 np=$2 ep=$3 steps=$4; shift 4
@@ -77,12 +83,13 @@ compare() { # reference candidate first_step
 echo "device $device, dtype $dtype, up to $max_ranks ranks"
 run one 1 1 20
 run one-accum 1 1 20 "${accum[@]}"
+run one-het 1 1 20 "${het[@]}"
 fail=0
 variants=( # name ranks ep reference [VAR=value ...]
   "dp2 2 1 one" "ep2 2 2 one" "dp2-late 2 1 one MOE_GRAD_OVERLAP=0 MOE_GRAD_BUCKET_KB=8"
   "ep2-tiny 2 2 one MOE_GRAD_BUCKET_KB=8" "dp4 4 1 one" "ep2x2 4 2 one" "ep4 4 4 one"
   "ep2x2-tiny 4 2 one MOE_GRAD_BUCKET_KB=8" "ep2-accum 2 2 one-accum MOE_GRAD_BUCKET_KB=8"
-  "ep2x2-accum 4 2 one-accum MOE_GRAD_BUCKET_KB=8")
+  "ep2x2-accum 4 2 one-accum MOE_GRAD_BUCKET_KB=8" "ep2-het 2 2 one-het" "ep2x2-het 4 2 one-het")
 for v in "${variants[@]}"; do
   set -- $v
   name=$1 np=$2 ep=$3 ref=$4
@@ -90,6 +97,7 @@ for v in "${variants[@]}"; do
   [ "$np" -le "$max_ranks" ] || continue
   extra=()
   [ "$ref" = one-accum ] && extra=("${accum[@]}")
+  [ "$ref" = one-het ] && extra=("${het[@]}")
   (if [ $# -gt 0 ]; then export "$@"; fi; run "$name" "$np" "$ep" 20 "${extra[@]}") || exit 1
   compare "$ref" "$name" 1 || fail=1
 done
@@ -102,5 +110,15 @@ for v in "resume2 2 2" "resume1 1 1"; do
   cp runs/save/metrics.jsonl "runs/$1/"
   run "$1" "$2" "$3" 20 --resume "runs/$1"
   compare one "$1" 11 || fail=1
+done
+# the same with heterogeneous experts (each expert saved by its global index from its owner)
+run save-het "$max_ranks" 2 10 "${het[@]}"
+for v in "resume2-het 2 2" "resume1-het 1 1"; do
+  set -- $v
+  [ "$2" -lt "$max_ranks" ] || continue
+  rm -rf "runs/$1"; mkdir -p "runs/$1"; cp runs/save-het/ckpt-*.h5 "runs/$1/"
+  cp runs/save-het/metrics.jsonl "runs/$1/"
+  run "$1" "$2" "$3" 20 --resume "runs/$1" "${het[@]}"
+  compare one-het "$1" 11 || fail=1
 done
 [ $fail = 0 ] && echo "mpi train: all runs equal the 1-rank run" || { echo "mpi train: FAILED"; exit 1; }

@@ -179,14 +179,32 @@ static void test_model_layout(void) {
     CU_ASSERT_EQUAL(moe_model_param_count(&m, false), dense + experts);
     CU_ASSERT_EQUAL(moe_model_param_count(&m, true), dense + experts * 2 / 4);
     moe_model_free(&m);
-    /* expert parallelism assumes equal widths */
-    moe_status s = moe_model_init(&m, &c, 0, 2);
-    CU_ASSERT_EQUAL(s, MOE_ERR_UNSUPPORTED);
+    /* expert parallelism: rank 1 of 2 holds experts 2 (width 12) and 3 (width 4), one
+     * group each; the parameter count is still the whole model's */
+    CU_ASSERT_EQUAL_FATAL(moe_model_init(&m, &c, 1, 2), MOE_OK);
+    p = find_param(&m, "layers.1.moe.experts.w13.g12");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(p);
+    CU_ASSERT_EQUAL(p->t->shape[0], 1);
+    CU_ASSERT_EQUAL(p->expert_ids[0], 2);
+    p = find_param(&m, "layers.1.moe.experts.w2.g4");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(p);
+    CU_ASSERT_EQUAL(p->expert_ids[0], 3);
+    CU_ASSERT_PTR_NULL(find_param(&m, "layers.1.moe.experts.w13.g6"));
+    CU_ASSERT_EQUAL(moe_model_param_count(&m, false), dense + experts);
     moe_model_free(&m);
+    /* the slots: each rank's range in group-major order, the same on every rank */
+    static const int widths6[6] = {12, 6, 12, 4, 6, 4};
     moe_moe_layer L;
-    moe_moe_layer_settings ls = {.d_model = 8, .n_experts = 4, .top_k = 1, .ffn_dim = 6, .expert_ffn_dims = widths,
-                                 .router = {.n_experts = 4, .top_k = 1, .d_model = 8}};
-    CU_ASSERT_EQUAL(moe_moe_layer_init(&L, &ls, "t", MOE_CPU, 1, 0.1, 2, 2), MOE_ERR_UNSUPPORTED);
+    moe_moe_layer_settings ls = {.d_model = 8, .n_experts = 6, .top_k = 1, .ffn_dim = 6, .expert_ffn_dims = widths6,
+                                 .router = {.n_experts = 6, .top_k = 1, .d_model = 8}};
+    CU_ASSERT_EQUAL_FATAL(moe_moe_layer_init(&L, &ls, "t", MOE_CPU, 1, 0.1, 3, 3), MOE_OK);
+    static const int want_slot[6] = {0, 2, 1, 3, 5, 4};
+    for (int e = 0; e < 6; e++) CU_ASSERT_EQUAL(L.slot[e], want_slot[e]);
+    CU_ASSERT_EQUAL(L.n_groups, 2);
+    CU_ASSERT_EQUAL(L.groups[0].ffn_dim, 4);
+    CU_ASSERT_EQUAL(L.groups[0].n, 2);
+    CU_ASSERT_EQUAL(L.groups[0].experts[1], 5);
+    CU_ASSERT_EQUAL(L.groups[1].experts[0], 4);
     moe_moe_layer_free(&L);
     moe_step_reset();
 }
@@ -250,7 +268,7 @@ static void register_suites(void) {
     moe_test_add_suite("latency", (moe_test_entry[]){{"shares follow 1 / measured latency", test_latency_shares},
                                                       {"running latency average", test_running_latency},
                                                       {NULL, NULL}});
-    moe_test_add_suite("hetero_model", (moe_test_entry[]){{"layout, parameter count, EP refused", test_model_layout},
+    moe_test_add_suite("hetero_model", (moe_test_entry[]){{"layout, parameter count, expert parallelism", test_model_layout},
                                                             {"checkpoint round trip", test_model_checkpoint},
                                                             {NULL, NULL}});
 }
