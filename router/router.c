@@ -155,6 +155,42 @@ static moe_tensor *select_topk(moe_router *r, moe_tensor *p, moe_tensor **idx) {
     return *idx ? moe_gather(p, *idx) : NULL;
 }
 
+/* The OT plan of this rank's T tokens, solved over the whole global batch: the logits of
+ * every rank (in world-rank order, which is the one-process batch order) are gathered
+ * through a sum of zero-padded copies, the capacity is that of all tokens, and this
+ * rank's rows of the plan are returned in plan[T, E]. With one process: the plain plan. */
+static moe_status plan_global(const moe_router *r, const double *lg, int64_t T, double *plan) {
+    const int E = r->s.n_experts, k = r->s.top_k, iters = r->s.ot_iters > 0 ? r->s.ot_iters : 30;
+    const double gamma = r->s.ot_gamma > 0 ? r->s.ot_gamma : 1.0;
+    const int W = moe_dist_world_size(), me = moe_dist_world_rank();
+    if (W == 1) return moe_ot_plan(lg, T, E, moe_ot_capacity(T, k, E), iters, gamma, plan);
+    int64_t *rows = calloc((size_t)W, sizeof *rows);
+    if (!rows) return moe_error(MOE_ERR_OOM, "ot router: out of host memory");
+    rows[me] = T;
+    moe_status st = moe_dist_allreduce_i64(MOE_GROUP_WORLD, rows, W);
+    int64_t total = 0, first = 0;
+    for (int i = 0; i < W; i++) {
+        if (i == me) first = total;
+        total += rows[i];
+    }
+    free(rows);
+    if (st == MOE_OK && total * E > (int64_t)0x7fffffff)
+        st = moe_error(MOE_ERR_UNSUPPORTED, "ot router: %lld tokens x %d experts in the global batch are too many to "
+                       "gather", (long long)total, E);
+    double *all = st == MOE_OK ? calloc((size_t)(total * E), sizeof *all) : NULL,
+           *pall = st == MOE_OK ? malloc(sizeof *pall * (size_t)(total * E)) : NULL;
+    if (st == MOE_OK && (!all || !pall)) st = moe_error(MOE_ERR_OOM, "ot router: out of host memory");
+    if (st == MOE_OK) {
+        memcpy(all + first * E, lg, sizeof *all * (size_t)(T * E));
+        st = moe_dist_allreduce_f64(MOE_GROUP_WORLD, all, (int)(total * E));
+    }
+    if (st == MOE_OK) st = moe_ot_plan(all, total, E, moe_ot_capacity(total, k, E), iters, gamma, pall);
+    if (st == MOE_OK) memcpy(plan, pall + first * E, sizeof *plan * (size_t)(T * E));
+    free(all);
+    free(pall);
+    return st;
+}
+
 /* OT selection on the host: the plan's k largest entries per token, into out->host_experts
  * and out->valid; returns the p of the chosen experts with invalid slots zeroed. */
 static moe_tensor *select_ot(moe_router *r, moe_tensor *logits, moe_tensor *p, moe_tensor **idx, moe_routing *out) {
@@ -165,9 +201,7 @@ static moe_tensor *select_ot(moe_router *r, moe_tensor *logits, moe_tensor *p, m
     out->valid = moe_step_host_alloc(sizeof(bool) * (size_t)(T > 0 ? T * k : 1));
     moe_status st = lg && plan && mask && out->valid ? MOE_OK : moe_error(MOE_ERR_OOM, "ot router: out of host memory");
     if (st == MOE_OK) st = moe_tensor_to_host_f64(logits, lg);
-    if (st == MOE_OK)
-        st = moe_ot_plan(lg, T, E, moe_ot_capacity(T, k, E), r->s.ot_iters > 0 ? r->s.ot_iters : 30,
-                         r->s.ot_gamma > 0 ? r->s.ot_gamma : 1.0, plan);
+    if (st == MOE_OK) st = plan_global(r, lg, T, plan);
     moe_tensor *m = NULL;
     if (st == MOE_OK) {
         moe_ot_select(plan, lg, T, E, k, out->host_experts, out->valid);

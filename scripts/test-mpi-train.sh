@@ -10,7 +10,7 @@
 # after 10 steps and resumes with 2 ranks (EP=2) and with 1 rank, which must continue
 # with the same losses. Heterogeneous experts (model.expert_ffn_dims) get the same
 # equality under EP 2 (2 and 4 ranks) and a save at the most ranks (EP 2) resumed at 2
-# and 1.
+# and 1; the RMoE and OT routers equal their 1-rank runs under EP 2.
 #   scripts/test-mpi-train.sh path/to/moe [workdir] [--device cuda] [--dtype bf16] [--tol T]
 # --device cuda (on the GPU host) runs every rank on its own GPU (NCCL), so only the runs
 # with at most as many ranks as GPUs (nvidia-smi -L, at most 4) take place, and the save
@@ -60,6 +60,10 @@ accum=(--set train.grad_accum=2 --set router.aux_coef=0)
 # its experts by width out of index order (slots 0 2 1 | 3 5 4) and the ranks' stacks
 # differ in width
 het=(--set model.n_experts=6 --set "model.expert_ffn_dims=[24,12,24,8,12,8]")
+# the RMoE router (GRU state carried across layers) and the OT router (its plan solved over
+# the global batch, gathered from every rank)
+rmoe=(--set router.type=rmoe)
+ot=(--set router.type=ot)
 
 run() { # name ranks ep steps [extra args]
   local name=$1 np=$2 ep=$3 steps=$4; shift 4
@@ -84,12 +88,15 @@ echo "device $device, dtype $dtype, up to $max_ranks ranks"
 run one 1 1 20
 run one-accum 1 1 20 "${accum[@]}"
 run one-het 1 1 20 "${het[@]}"
+run one-rmoe 1 1 20 "${rmoe[@]}"
+run one-ot 1 1 20 "${ot[@]}"
 fail=0
 variants=( # name ranks ep reference [VAR=value ...]
   "dp2 2 1 one" "ep2 2 2 one" "dp2-late 2 1 one MOE_GRAD_OVERLAP=0 MOE_GRAD_BUCKET_KB=8"
   "ep2-tiny 2 2 one MOE_GRAD_BUCKET_KB=8" "dp4 4 1 one" "ep2x2 4 2 one" "ep4 4 4 one"
   "ep2x2-tiny 4 2 one MOE_GRAD_BUCKET_KB=8" "ep2-accum 2 2 one-accum MOE_GRAD_BUCKET_KB=8"
-  "ep2x2-accum 4 2 one-accum MOE_GRAD_BUCKET_KB=8" "ep2-het 2 2 one-het" "ep2x2-het 4 2 one-het")
+  "ep2x2-accum 4 2 one-accum MOE_GRAD_BUCKET_KB=8" "ep2-het 2 2 one-het" "ep2x2-het 4 2 one-het"
+  "ep2-rmoe 2 2 one-rmoe" "ep2-ot 2 2 one-ot" "ep2x2-ot 4 2 one-ot")
 for v in "${variants[@]}"; do
   set -- $v
   name=$1 np=$2 ep=$3 ref=$4
@@ -98,6 +105,8 @@ for v in "${variants[@]}"; do
   extra=()
   [ "$ref" = one-accum ] && extra=("${accum[@]}")
   [ "$ref" = one-het ] && extra=("${het[@]}")
+  [ "$ref" = one-rmoe ] && extra=("${rmoe[@]}")
+  [ "$ref" = one-ot ] && extra=("${ot[@]}")
   (if [ $# -gt 0 ]; then export "$@"; fi; run "$name" "$np" "$ep" 20 "${extra[@]}") || exit 1
   compare "$ref" "$name" 1 || fail=1
 done
