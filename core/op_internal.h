@@ -42,6 +42,10 @@ static inline moe_tensor *op_new(const moe_tensor *like, moe_dtype dt, int ndim,
 /* Checks that all tensors share device and (for float ops) dtype; records the error. */
 bool op_check_same(const char *op, int n, moe_tensor *const *ts, bool same_dtype);
 
+/* A view of x with the given ndim and (broadcast-compatible) shape, stride 0 along the
+ * broadcast dims; records nothing. */
+moe_tensor *op_broadcast_view(moe_tensor *x, int ndim, const int64_t *shape);
+
 /* Sums g over the broadcast dimensions so that it has `shape` (ndim <= g->ndim). */
 moe_tensor *op_reduce_to_shape(moe_tensor *g, int ndim, const int64_t *shape);
 

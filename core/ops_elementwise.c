@@ -3,8 +3,7 @@
 
 #include "core/op_internal.h"
 
-/* A view of x with out's ndim and shape, stride 0 along broadcast dims. */
-static moe_tensor *broadcast_view(moe_tensor *x, int ndim, const int64_t *shape) {
+moe_tensor *op_broadcast_view(moe_tensor *x, int ndim, const int64_t *shape) {
     int64_t st[MOE_MAX_DIMS];
     int lead = ndim - x->ndim;
     for (int d = 0; d < ndim; d++) {
@@ -32,7 +31,7 @@ static moe_tensor *binary(moe_tensor *a, moe_tensor *b, int bop) {
         s[d] = sa == 1 ? sb : sa;
     }
     moe_tensor *o = op_new(a, a->dtype, ndim, s);
-    moe_tensor *va = o ? broadcast_view(a, ndim, s) : NULL, *vb = o ? broadcast_view(b, ndim, s) : NULL;
+    moe_tensor *va = o ? op_broadcast_view(a, ndim, s) : NULL, *vb = o ? op_broadcast_view(b, ndim, s) : NULL;
     if (!va || !vb) return NULL;
     moe_op_attrs_scalar at = {.op = bop};
     OP_RUN(MOE_K_BINARY, .out = o, .in = {va, vb}, .attrs = &at);

@@ -74,17 +74,21 @@ static moe_tensor *grad_keepdim(moe_node *n) {
     return moe_reshape(n->out->grad, x->ndim, s);
 }
 
-void moe_backward_sum(moe_node *n) {
-    moe_tensor *x = n->in[0], *g = grad_keepdim(n);
-    moe_tensor *z = g ? moe_tensor_zeros(MOE_LIFE_STEP, x->device, x->dtype, x->ndim, x->shape) : NULL;
-    moe_grad_give(x, z ? moe_add(z, g) : NULL);
+/* Hands x the grad g (keepdim-shaped) times scale, copied out over x's shape: one pass,
+ * no zeroed buffer to add it to. */
+static void give_spread(moe_tensor *x, moe_tensor *g, double scale) {
+    if (g && scale != 1.0) g = moe_mul_scalar(g, scale);
+    moe_tensor *gx = g ? op_new(x, x->dtype, x->ndim, x->shape) : NULL;
+    moe_tensor *v = gx ? op_broadcast_view(g, x->ndim, x->shape) : NULL;
+    moe_kernel_args args = {.out = gx, .in = {v}};
+    moe_grad_give(x, v && moe_kernel_run(MOE_K_COPY, &args) == MOE_OK ? gx : NULL);
 }
 
+void moe_backward_sum(moe_node *n) { give_spread(n->in[0], grad_keepdim(n), 1.0); }
+
 void moe_backward_mean(moe_node *n) {
-    moe_tensor *x = n->in[0], *g = grad_keepdim(n);
     int axis = ((const reduce_node_attrs *)n->attrs)->axis;
-    moe_tensor *z = g ? moe_tensor_zeros(MOE_LIFE_STEP, x->device, x->dtype, x->ndim, x->shape) : NULL;
-    moe_grad_give(x, z ? moe_add(z, moe_mul_scalar(g, 1.0 / (double)x->shape[axis])) : NULL);
+    give_spread(n->in[0], grad_keepdim(n), 1.0 / (double)n->in[0]->shape[axis]);
 }
 
 /* max: the grad goes to the argmax element along the axis (scatter into zeros). */

@@ -91,4 +91,45 @@ static inline int64_t cpu_row_offset(const moe_tensor *t, int64_t row) {
     return off;
 }
 
+/* Elementwise iteration over out's shape. When every input is either contiguous with out's
+ * shape or one value broadcast everywhere (all strides 0: the grad of a sum) and out is
+ * contiguous, the elements are taken flat, cut into rows of CPU_FLAT_COLS: a tensor with
+ * one long row (a flattened loss, a vector) then still splits over the threads, and the
+ * inner loops run with unit (or zero) stride. Otherwise the rows are out's rows. */
+#define CPU_FLAT_COLS 16384
+typedef struct {
+    int64_t rows, cols, numel;
+    bool flat;
+} cpu_grid;
+
+static inline bool cpu_is_splat(const moe_tensor *t) {
+    for (int d = 0; d < t->ndim; d++)
+        if (t->strides[d] != 0) return false;
+    return true;
+}
+
+static inline cpu_grid cpu_grid_make(const moe_tensor *o, int n_in, const moe_tensor *const *in) {
+    bool flat = moe_tensor_is_contiguous(o);
+    for (int i = 0; i < n_in && flat; i++)
+        flat = (moe_tensor_is_contiguous(in[i]) && moe_tensor_same_shape(in[i], o)) || cpu_is_splat(in[i]);
+    cpu_grid g = {.rows = cpu_rows(o), .cols = cpu_cols(o), .flat = flat};
+    g.numel = g.rows * g.cols;
+    if (flat) {
+        g.rows = (g.numel + CPU_FLAT_COLS - 1) / CPU_FLAT_COLS;
+        g.cols = CPU_FLAT_COLS;
+    }
+    return g;
+}
+
+/* Element offset in t of the grid's row r, the row's length, t's stride along it. */
+static inline int64_t cpu_grid_offset(const cpu_grid *g, const moe_tensor *t, int64_t r) {
+    return !g->flat ? cpu_row_offset(t, r) : cpu_is_splat(t) ? 0 : r * CPU_FLAT_COLS;
+}
+static inline int64_t cpu_grid_cols(const cpu_grid *g, int64_t r) {
+    return g->flat && g->numel - r * CPU_FLAT_COLS < CPU_FLAT_COLS ? g->numel - r * CPU_FLAT_COLS : g->cols;
+}
+static inline int64_t cpu_grid_stride(const cpu_grid *g, const moe_tensor *t) {
+    return !g->flat ? cpu_col_stride(t) : cpu_is_splat(t) ? 0 : 1;
+}
+
 #endif

@@ -9,18 +9,19 @@
 moe_status moe_cpu_copy(const moe_kernel_args *a) {
     moe_tensor *o = a->out;
     const moe_tensor *x = a->in[0];
-    int64_t rows = cpu_rows(o), cols = cpu_cols(o);
-    int64_t so = cpu_col_stride(o), sx = cpu_col_stride(x);
+    const cpu_grid g = cpu_grid_make(o, 1, &x);
+    int64_t so = cpu_grid_stride(&g, o), sx = cpu_grid_stride(&g, x);
     size_t es = moe_dtype_size(o->dtype);
     bool same = o->dtype == x->dtype;
-    if (same && moe_tensor_is_contiguous(o) && moe_tensor_is_contiguous(x)) {
-        memcpy(o->data, x->data, (size_t)(rows * cols) * es);
+    if (same && g.flat && sx == 1) {
+        memcpy(o->data, x->data, (size_t)g.numel * es);
         return MOE_OK;
     }
-_Pragma("omp parallel for schedule(static) if (rows * cols > 32768)")
-    for (int64_t r = 0; r < rows; r++) {
-        char *po = (char *)o->data + cpu_row_offset(o, r) * (int64_t)es;
-        const char *px = (const char *)x->data + cpu_row_offset(x, r) * (int64_t)moe_dtype_size(x->dtype);
+_Pragma("omp parallel for schedule(static) if (g.numel > 32768)")
+    for (int64_t r = 0; r < g.rows; r++) {
+        char *po = (char *)o->data + cpu_grid_offset(&g, o, r) * (int64_t)es;
+        const char *px = (const char *)x->data + cpu_grid_offset(&g, x, r) * (int64_t)moe_dtype_size(x->dtype);
+        const int64_t cols = cpu_grid_cols(&g, r);
         if (same && es == 4) {
             for (int64_t c = 0; c < cols; c++) ((uint32_t *)po)[c * so] = ((const uint32_t *)px)[c * sx];
         } else if (same && es == 8) {
@@ -48,6 +49,17 @@ moe_status moe_cpu_fill(const moe_kernel_args *a) {
         }
         return MOE_OK;
     }
+    if (o->dtype == MOE_F32) { /* ones for the grads of sums, constants */
+        const cpu_grid g = cpu_grid_make(o, 0, NULL);
+        const float fv = (float)v;
+        so = cpu_grid_stride(&g, o);
+#pragma omp parallel for schedule(static) if (g.numel > 32768)
+        for (int64_t r = 0; r < g.rows; r++) {
+            float *po = (float *)o->data + cpu_grid_offset(&g, o, r);
+            for (int64_t c = 0, n = cpu_grid_cols(&g, r); c < n; c++) po[c * so] = fv;
+        }
+        return MOE_OK;
+    }
     for (int64_t r = 0; r < rows; r++) {
         int64_t off = cpu_row_offset(o, r);
         for (int64_t c = 0; c < cols; c++) cpu_store(o->data, o->dtype, off + c * so, v);
@@ -59,14 +71,15 @@ moe_status moe_cpu_binary(const moe_kernel_args *a) {
     moe_tensor *o = a->out;
     const moe_tensor *x = a->in[0], *y = a->in[1];
     int op = ((const moe_op_attrs_scalar *)a->attrs)->op;
-    int64_t rows = cpu_rows(o), cols = cpu_cols(o);
-    int64_t so = cpu_col_stride(o), sx = cpu_col_stride(x), sy = cpu_col_stride(y);
+    const cpu_grid g = cpu_grid_make(o, 2, a->in);
+    int64_t so = cpu_grid_stride(&g, o), sx = cpu_grid_stride(&g, x), sy = cpu_grid_stride(&g, y);
     CPU_FLOAT_DISPATCH(o->dtype, "binary",
-_Pragma("omp parallel for schedule(static) if (rows * cols > 32768)")
-        for (int64_t r = 0; r < rows; r++) {
-            T *po = (T *)o->data + cpu_row_offset(o, r);
-            const T *px = (const T *)x->data + cpu_row_offset(x, r);
-            const T *py = (const T *)y->data + cpu_row_offset(y, r);
+_Pragma("omp parallel for schedule(static) if (g.numel > 32768)")
+        for (int64_t r = 0; r < g.rows; r++) {
+            T *po = (T *)o->data + cpu_grid_offset(&g, o, r);
+            const T *px = (const T *)x->data + cpu_grid_offset(&g, x, r);
+            const T *py = (const T *)y->data + cpu_grid_offset(&g, y, r);
+            const int64_t cols = cpu_grid_cols(&g, r);
             switch (op) {
             case MOE_BIN_ADD: for (int64_t c = 0; c < cols; c++) po[c * so] = px[c * sx] + py[c * sy]; break;
             case MOE_BIN_SUB: for (int64_t c = 0; c < cols; c++) po[c * so] = px[c * sx] - py[c * sy]; break;
@@ -81,14 +94,15 @@ moe_status moe_cpu_scalar(const moe_kernel_args *a) {
     moe_tensor *o = a->out;
     const moe_tensor *x = a->in[0];
     const moe_op_attrs_scalar *at = a->attrs;
-    int64_t rows = cpu_rows(o), cols = cpu_cols(o);
-    int64_t so = cpu_col_stride(o), sx = cpu_col_stride(x);
+    const cpu_grid g = cpu_grid_make(o, 1, &x);
+    int64_t so = cpu_grid_stride(&g, o), sx = cpu_grid_stride(&g, x);
     CPU_FLOAT_DISPATCH(o->dtype, "scalar",
         T s = (T)at->value;
-_Pragma("omp parallel for schedule(static) if (rows * cols > 32768)")
-        for (int64_t r = 0; r < rows; r++) {
-            T *po = (T *)o->data + cpu_row_offset(o, r);
-            const T *px = (const T *)x->data + cpu_row_offset(x, r);
+_Pragma("omp parallel for schedule(static) if (g.numel > 32768)")
+        for (int64_t r = 0; r < g.rows; r++) {
+            T *po = (T *)o->data + cpu_grid_offset(&g, o, r);
+            const T *px = (const T *)x->data + cpu_grid_offset(&g, x, r);
+            const int64_t cols = cpu_grid_cols(&g, r);
             switch (at->op) {
             case MOE_SC_ADD: for (int64_t c = 0; c < cols; c++) po[c * so] = px[c * sx] + s; break;
             case MOE_SC_MUL: for (int64_t c = 0; c < cols; c++) po[c * so] = px[c * sx] * s; break;
@@ -111,13 +125,14 @@ moe_status moe_cpu_unary(const moe_kernel_args *a) {
     moe_tensor *o = a->out;
     const moe_tensor *x = a->in[0];
     int op = ((const moe_op_attrs_scalar *)a->attrs)->op;
-    int64_t rows = cpu_rows(o), cols = cpu_cols(o);
-    int64_t so = cpu_col_stride(o), sx = cpu_col_stride(x);
+    const cpu_grid g = cpu_grid_make(o, 1, &x);
+    int64_t so = cpu_grid_stride(&g, o), sx = cpu_grid_stride(&g, x);
     CPU_FLOAT_DISPATCH(o->dtype, "unary",
-_Pragma("omp parallel for schedule(static) if (rows * cols > 16384)")
-        for (int64_t r = 0; r < rows; r++) {
-            T *po = (T *)o->data + cpu_row_offset(o, r);
-            const T *px = (const T *)x->data + cpu_row_offset(x, r);
+_Pragma("omp parallel for schedule(static) if (g.numel > 16384)")
+        for (int64_t r = 0; r < g.rows; r++) {
+            T *po = (T *)o->data + cpu_grid_offset(&g, o, r);
+            const T *px = (const T *)x->data + cpu_grid_offset(&g, x, r);
+            const int64_t cols = cpu_grid_cols(&g, r);
             for (int64_t c = 0; c < cols; c++) {
                 T v = px[c * sx];
                 po[c * so] = UNARY_F(T, op, v);
@@ -131,15 +146,17 @@ moe_status moe_cpu_unary_bwd(const moe_kernel_args *a) {
     moe_tensor *o = a->out;
     const moe_tensor *g = a->in[0], *x = a->in[1], *y = a->in[2];
     int op = ((const moe_op_attrs_scalar *)a->attrs)->op;
-    int64_t rows = cpu_rows(o), cols = cpu_cols(o);
-    int64_t so = cpu_col_stride(o), sg = cpu_col_stride(g), sx = cpu_col_stride(x), sy = cpu_col_stride(y);
+    const cpu_grid gr = cpu_grid_make(o, 3, a->in);
+    int64_t so = cpu_grid_stride(&gr, o), sg = cpu_grid_stride(&gr, g), sx = cpu_grid_stride(&gr, x),
+            sy = cpu_grid_stride(&gr, y);
     CPU_FLOAT_DISPATCH(o->dtype, "unary_bwd",
-_Pragma("omp parallel for schedule(static) if (rows * cols > 16384)")
-        for (int64_t r = 0; r < rows; r++) {
-            T *po = (T *)o->data + cpu_row_offset(o, r);
-            const T *pg = (const T *)g->data + cpu_row_offset(g, r);
-            const T *px = (const T *)x->data + cpu_row_offset(x, r);
-            const T *py = (const T *)y->data + cpu_row_offset(y, r);
+_Pragma("omp parallel for schedule(static) if (gr.numel > 16384)")
+        for (int64_t r = 0; r < gr.rows; r++) {
+            T *po = (T *)o->data + cpu_grid_offset(&gr, o, r);
+            const T *pg = (const T *)g->data + cpu_grid_offset(&gr, g, r);
+            const T *px = (const T *)x->data + cpu_grid_offset(&gr, x, r);
+            const T *py = (const T *)y->data + cpu_grid_offset(&gr, y, r);
+            const int64_t cols = cpu_grid_cols(&gr, r);
             for (int64_t c = 0; c < cols; c++) {
                 T gv = pg[c * sg], xv = px[c * sx], yv = py[c * sy], d;
                 switch (op) {
@@ -188,23 +205,33 @@ _Pragma("omp parallel for schedule(static) if (rows * f > 16384)")
     return MOE_OK;
 }
 
+/* One row of the SwiGLU backward at the given strides (literal 1s give the unit-stride
+ * loop, which vectorises without gathers). */
+#define SWIGLU_BWD_ROW(T, sg, sh, sgh)                                                    \
+    _Pragma("omp simd")                                                                   \
+    for (int64_t c = 0; c < f; c++) {                                                     \
+        T v = px[c * (sh)], s = (T)1 / ((T)1 + cpu_exp(-v));                              \
+        T gv = pg[c * (sg)];                                                              \
+        pa[c * (sgh)] = gv * py[c * (sh)] * s * ((T)1 + v * ((T)1 - s));                  \
+        pb[c * (sgh)] = gv * v * s;                                                       \
+    }
+
 moe_status moe_cpu_swiglu_bwd(const moe_kernel_args *a) {
     moe_tensor *gh = a->out;
     const moe_tensor *g = a->in[0], *h = a->in[1];
     int64_t rows = cpu_rows(g), f = cpu_cols(g);
     int64_t sg = cpu_col_stride(g), sh = cpu_col_stride(h), sgh = cpu_col_stride(gh);
+    const bool unit = sg == 1 && sh == 1 && sgh == 1;
     CPU_FLOAT_DISPATCH(gh->dtype, "swiglu_bwd",
 _Pragma("omp parallel for schedule(static) if (rows * f > 16384)")
         for (int64_t r = 0; r < rows; r++) {
             T *pa = (T *)gh->data + cpu_row_offset(gh, r), *pb = pa + f * sgh;
             const T *pg = (const T *)g->data + cpu_row_offset(g, r);
             const T *px = (const T *)h->data + cpu_row_offset(h, r), *py = px + f * sh;
-            _Pragma("omp simd")
-            for (int64_t c = 0; c < f; c++) {
-                T v = px[c * sh], s = (T)1 / ((T)1 + cpu_exp(-v));
-                T gv = pg[c * sg];
-                pa[c * sgh] = gv * py[c * sh] * s * ((T)1 + v * ((T)1 - s));
-                pb[c * sgh] = gv * v * s;
+            if (unit) {
+                SWIGLU_BWD_ROW(T, 1, 1, 1)
+            } else {
+                SWIGLU_BWD_ROW(T, sg, sh, sgh)
             }
         })
     return MOE_OK;

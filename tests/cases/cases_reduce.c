@@ -15,6 +15,8 @@ static const op_case cases[] = {
     {"max", "axis 1", 1, {{3, {2, 5, 3}, IN_DISTINCT, 0, true, false}}, run_max},
     /* Long slices with few outputs: the CUDA kernels split the axis into chunks. */
     {"sum", "all, 9000 values", 1, {{2, {3, 3000}, IN_NORMAL, 0, true, false}}, run_sum_all},
+    /* More than 4 * 16384 values: the CPU kernel sums fixed blocks in parallel. */
+    {"sum", "all, 70000 values", 1, {{2, {2, 35000}, IN_NORMAL, 0, true, false}}, run_sum_all, .grad_samples = 20},
     {"sum", "axis 0 of [700, 3]", 1, {{2, {700, 3}, IN_NORMAL, 0, true, false}}, run_sum0},
     {"max", "axis 1 of [2, 4200]", 1, {{2, {2, 4200}, IN_DISTINCT, 0, true, false}}, run_max, .f32_parity_only = true},
     {"max", "axis 1 of [1, 600, 3]", 1, {{3, {1, 600, 3}, IN_DISTINCT, 0, true, false}}, run_max,
