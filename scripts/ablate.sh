@@ -7,6 +7,7 @@
 #   cpu (default): configs/tiny-cpu.yaml.  gpu: configs/ablate-gpu.yaml (byte-level,
 #       bf16 on one GPU; MOE_BIN defaults to build-gpu/moe when it exists).
 #   --seeds N     seeds 1..N (default 3); the same N seeds for every variant
+#   --first-seed S  train only seeds S..N (the table still covers 1..N from disk)
 #   --steps S     train.steps (default: the config's); also sets train.eval_every to S/5
 #   --jobs J      trainings run at once (default 1 on cpu, 4 on gpu); on cpu with J > 1
 #                 each run gets train.threads = cores / J. Runs on a GPU share it.
@@ -45,11 +46,12 @@ case "$kind" in
   -h|--help) usage; exit 0 ;;
   *) usage >&2; exit 2 ;;
 esac
-mode=cpu seeds=3 steps="" jobs="" only="" report=0 extra=()
+mode=cpu seeds=3 first_seed=1 steps="" jobs="" only="" report=0 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     cpu|gpu) mode=$1 ;;
     --seeds) seeds=${2:-}; shift ;;
+    --first-seed) first_seed=${2:-}; shift ;;
     --steps) steps=${2:-}; shift ;;
     --jobs) jobs=${2:-}; shift ;;
     --variants) only=${2:-}; shift ;;
@@ -62,6 +64,7 @@ while [ $# -gt 0 ]; do
 done
 posint() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
 posint "$seeds" || die "--seeds needs a positive integer"
+posint "$first_seed" && [ "$first_seed" -le "$seeds" ] || die "--first-seed needs an integer in 1..--seeds"
 [ -z "$steps" ] || posint "$steps" || die "--steps needs a positive integer"
 [ -n "$jobs" ] || { [ "$mode" = gpu ] && jobs=4 || jobs=1; }
 posint "$jobs" || die "--jobs needs a positive integer"
@@ -151,7 +154,7 @@ echo "ablate $kind ($mode): $config, $moe, ${#run_variants[@]} variants x $seeds
 
 # The run loop: seed-major order, so every variant has seed 1 before any has seed 2.
 declare -A running=() started=() # pid -> run name / start time
-failed=() total=$(( ${#run_variants[@]} * seeds )) n=0
+failed=() total=$(( ${#run_variants[@]} * (seeds - first_seed + 1) )) n=0
 finish() { # pid: report a finished run
   local pid=$1 name=${running[$1]} rc line
   wait "$pid"; rc=$?
@@ -188,7 +191,7 @@ stop() { # Ctrl-C / TERM (e.g. from timeout): end the runs by pid (background ru
 trap stop INT TERM
 
 [ "$report" = 0 ] || run_variants=() # --report: straight to the table
-for ((s = 1; s <= seeds; s++)); do
+for ((s = first_seed; s <= seeds; s++)); do
   for v in "${run_variants[@]}"; do
     reap "$jobs"
     [ "$interrupted" = 0 ] || break 2

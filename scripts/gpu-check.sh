@@ -7,6 +7,9 @@
 #              mixers", ABLATE_ARGS default "--seeds 2 --jobs 3", ABLATE_TIMEOUT bounds
 #              them); several GPUs: one kind per GPU at once. With --bench on 2+ GPUs the
 #              benchmarks take GPU 0 and half the cores, the ablations the rest, side by side
+#   --bench-cpu  scripts/bench.sh cpu (the headline CPU comparison, pinned by bench.sh to
+#              cores 0,1; BENCH_CPU_ARGS, default "--reps 5 --rounds 2") in the background
+#              from the start, while the GPU work stays off cores 0,1 (--multi runs after it)
 #   --multi    with 2+ GPUs: NCCL collectives (tests/test_mpi_overlap, one rank per GPU),
 #              N GPUs = 1 GPU in bf16 (scripts/test-mpi-train.sh --device cuda --dtype
 #              bf16) and weak scaling (scripts/scale-gpu.sh)
@@ -21,13 +24,14 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-bench=0 ablate=0 multi=0
+bench=0 ablate=0 multi=0 bench_cpu=0
 bench_args=()
 for a in "$@"; do
     case "$a" in
     --bench) bench=1 ;;
     --ablate) ablate=1 ;;
     --multi) multi=1 ;;
+    --bench-cpu) bench_cpu=1 ;;
     -h | --help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) bench_args+=("$a") ;;
     esac
@@ -39,7 +43,7 @@ logs=$(cd gpu-logs && pwd)
 pack() { # the logs as one archive plus the reports, for the device tool's $OUT
     [ -n "${OUT:-}" ] || return 0
     tar czf "$OUT/gpu-logs.tgz" -C "$logs" . 2>/dev/null || true
-    for f in bench.md ablate-routers.md ablate-mixers.md profile-fine.txt; do [ -f "$logs/$f" ] && cp "$logs/$f" "$OUT/"; done
+    for f in bench.md bench-cpu.md ablate-routers.md ablate-mixers.md profile-fine.txt; do [ -f "$logs/$f" ] && cp "$logs/$f" "$OUT/"; done
     return 0
 }
 trap pack EXIT
@@ -102,9 +106,14 @@ ncpu=$(nproc)
 # disturbs the other's timings); else one after the other on GPU 0.
 side=0
 [ "$bench" = 1 ] && [ "$ablate" = 1 ] && [ "$ngpu" -ge 2 ] && side=1
-cores() { # first|second: that half of the cores as a taskset list ("" when not halved)
-    [ "$side" = 1 ] || return 0
-    if [ "$1" = first ]; then echo "0-$((ncpu / 2 - 1))"; else echo "$((ncpu / 2))-$((ncpu - 1))"; fi
+lo=0 # cores lo.. are the GPU work's (0,1 go to the CPU benchmark when it runs)
+[ "$bench_cpu" = 1 ] && lo=2
+cores() { # first|second: the GPU work's cores for the benchmarks / the ablations ("" = any)
+    [ "$side" = 1 ] || [ "$lo" -gt 0 ] || return 0
+    local n=$((ncpu - lo))
+    if [ "$side" = 0 ]; then echo "$lo-$((ncpu - 1))"
+    elif [ "$1" = first ]; then echo "$lo-$((lo + n / 2 - 1))"
+    else echo "$((lo + n / 2))-$((ncpu - 1))"; fi
 }
 pinned() { # cores command...: the command on those cores (all when empty)
     local c=$1; shift
@@ -161,6 +170,13 @@ report_ablations() {
     done
 }
 
+if [ "$bench_cpu" = 1 ]; then
+    read -r -a cpu_args <<<"${BENCH_CPU_ARGS:---reps 5 --rounds 2}"
+    echo "== scripts/bench.sh cpu ${cpu_args[*]} (background, cores 0,1)"
+    (set +e; MOE_BIN=build-gpu/moe BENCH_OUT="$logs/bench-cpu" scripts/bench.sh cpu "${cpu_args[@]}" \
+        >"$logs/bench-cpu.md" 2>"$logs/bench-cpu.log"; echo $? >"$logs/bench-cpu.rc") &
+    bench_cpu_pid=$!
+fi
 if [ "$side" = 1 ]; then
     run_bench &
     bench_pid=$!
@@ -176,6 +192,12 @@ if [ "$bench" = 1 ]; then
     [ "$bench_rc" -eq 0 ] || { echo "gpu-check.sh: bench.sh failed (exit $bench_rc; see $logs/bench.log)" >&2; [ $rc -ne 0 ] || rc=$bench_rc; }
 fi
 [ "$ablate" = 1 ] && report_ablations
+if [ "$bench_cpu" = 1 ]; then
+    wait "$bench_cpu_pid" || true
+    cat "$logs/bench-cpu.md"
+    c_rc=$(cat "$logs/bench-cpu.rc" 2>/dev/null || echo 1)
+    [ "$c_rc" -eq 0 ] || { echo "gpu-check.sh: bench.sh cpu failed (exit $c_rc; see $logs/bench-cpu.log)" >&2; [ $rc -ne 0 ] || rc=$c_rc; }
+fi
 
 if [ "$multi" = 1 ]; then
     gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
