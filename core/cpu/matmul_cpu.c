@@ -124,6 +124,20 @@ static bool fold_rows(const moe_tensor *t, moe_tensor *v) {
     return true;
 }
 
+static bool blas_layout(const moe_tensor *t, bool *trans, int64_t *ld);
+
+/* 2-D f32 products through oneDNN's sgemm (transposed operands as such, no primitive, no
+ * reorder of a transposed weight); false when the views do not fit it. */
+static bool sgemm_2d(const moe_tensor *A, const moe_tensor *B, moe_tensor *C, float alpha, float beta) {
+    bool ta, tb, tc;
+    int64_t lda, ldb, ldc;
+    if (A->dtype != MOE_F32 || B->dtype != MOE_F32 || C->dtype != MOE_F32 || A->ndim != 2 || B->ndim != 2 ||
+        C->ndim != 2 || !blas_layout(A, &ta, &lda) || !blas_layout(B, &tb, &ldb) || !blas_layout(C, &tc, &ldc) || tc)
+        return false;
+    return cpu_gemm_f32(ta, tb, C->shape[0], C->shape[1], A->shape[1], alpha, A->data, lda, B->data, ldb, beta,
+                        C->data, ldc);
+}
+
 /* C = alpha * A @ B + beta * C on strided views (batch dims broadcast). A batch against a
  * shared 2-D B whose batch dims fold into the rows of A and C runs as one 2-D product
  * (the projections of [B, T, d] activations): one GEMM over all rows rather than a batch
@@ -135,6 +149,7 @@ static moe_status matmul_dnnl(const moe_tensor *A, const moe_tensor *B, moe_tens
         A = &a2;
         C = &c2;
     }
+    if (sgemm_2d(A, B, C, alpha, beta)) return MOE_OK;
     mm_entry *e = get_primitive(A, B, C, alpha, beta, &st);
     if (!e) return st;
     if (e->scratch_bytes > scratch_cap) {
