@@ -8,6 +8,7 @@
 
 #include "core/fileio.h"
 #include "core/kernels.h"
+#include "core/memory.h"
 
 #define MOE_X_DECL_BWD(ID, name, diff) void moe_backward_##name(moe_node *n) __attribute__((weak));
 MOE_OP_LIST(MOE_X_DECL_BWD)
@@ -125,11 +126,18 @@ moe_status moe_kernel_run(moe_kernel_id k, const moe_kernel_args *a) {
         profile_level = e && *e ? atoi(e) : 0;
         if (profile_level > 0) atexit(profile_report_at_exit);
     }
-    if (profile_level <= 0) return be->kernels[k](a);
+    /* what the kernel takes from the step arena for itself goes back when it returns */
+    const moe_mem_mark mark = moe_mem_step_mark(t->device);
+    if (profile_level <= 0) {
+        moe_status s = be->kernels[k](a);
+        moe_mem_step_release(t->device, mark);
+        return s;
+    }
     char shape[120] = "";
     if (profile_level > 1) shape_text(shape, sizeof shape, a);
     double t0 = moe_clock_ms();
     moe_status s = be->kernels[k](a);
+    moe_mem_step_release(t->device, mark);
     if (s == MOE_OK) s = be->sync();
     profile_slot *sl = profile_slot_of((int)k, shape);
     if (sl) {

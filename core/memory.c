@@ -69,6 +69,11 @@ static void *arena_alloc(arena *a, size_t bytes, moe_device dev, bool host_struc
     if (want < held) want = held;
     if (host_structs) want = bytes > (4u << 20) ? bytes : (4u << 20);
     void *p = host_structs ? host_malloc(want) : backend_alloc(dev, want);
+    size_t least = bytes > ARENA_MIN_CHUNK ? bytes : ARENA_MIN_CHUNK;
+    if (!p && !host_structs && want > least) { /* a shared device may not have the doubling: just what fits */
+        want = least;
+        p = backend_alloc(dev, want);
+    }
     if (!p) {
         if (host_structs) moe_error(MOE_ERR_OOM, "out of host memory: asked %zu bytes", want);
         return NULL;
@@ -125,6 +130,22 @@ void moe_mem_free(moe_device dev, moe_lifetime life, void *p, size_t bytes) {
     if (!p || life == MOE_LIFE_STEP) return;
     stats[dev].persist_bytes -= bytes;
     backend_free(dev, p);
+}
+
+moe_mem_mark moe_mem_step_mark(moe_device dev) {
+    const arena *a = &step_arena[dev];
+    return (moe_mem_mark){a->cur, a->used, a->total_used};
+}
+
+void moe_mem_step_release(moe_device dev, moe_mem_mark mark) {
+    arena *a = &step_arena[dev];
+    MOE_ASSERT(mark.total_used <= a->total_used, "step arena on %s: releasing to a mark past the fill (%zu > %zu bytes)",
+               moe_device_name(dev), mark.total_used, a->total_used);
+    if (a->n_chunks == 0) return; /* nothing was ever taken */
+    a->cur = mark.cur < a->n_chunks ? mark.cur : 0;
+    a->used = mark.used;
+    a->total_used = mark.total_used;
+    stats[dev].step_bytes = a->total_used;
 }
 
 void *moe_step_host_alloc(size_t bytes) {

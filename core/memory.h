@@ -16,6 +16,18 @@ void moe_mem_free(moe_device dev, moe_lifetime life, void *p, size_t bytes);
 /* Host memory for tensor structs and tape nodes of the current step. */
 void *moe_step_host_alloc(size_t bytes);
 
+/* A point in a device's STEP arena. Memory taken after it goes back with
+ * moe_mem_step_release once nothing allocated since is used any more: moe_kernel_run
+ * releases what a kernel took for its own scratch when the kernel returns (outputs are
+ * allocated before the call; device work is ordered on the one compute stream, so later
+ * kernels that reuse the bytes run after the ones that used them). */
+typedef struct moe_mem_mark {
+    int cur;
+    size_t used, total_used;
+} moe_mem_mark;
+moe_mem_mark moe_mem_step_mark(moe_device dev);
+void moe_mem_step_release(moe_device dev, moe_mem_mark mark);
+
 /* Ends a step: forgets the tape and every STEP tensor, rewinds the arenas. */
 void moe_step_reset(void);
 

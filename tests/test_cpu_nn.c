@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "core/autograd.h"
+#include "core/kernels.h"
 #include "core/memory.h"
 #include "core/ops.h"
 #include "core/philox.h"
@@ -475,6 +476,32 @@ static void test_ce_errors(void) {
     moe_step_reset();
 }
 
+/* A kernel's own step-arena scratch (the cross-entropy kernel takes a [T, block] logits
+ * block and a [T] buffer) goes back when moe_kernel_run returns; mark / release rewind. */
+static void test_kernel_scratch_released(void) {
+    moe_step_reset();
+    moe_tensor *h = moe_tensor_randn(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 2, (int64_t[]){64, 16}, 3, 0, 1.0);
+    moe_tensor *w = moe_tensor_randn(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 2, (int64_t[]){300, 16}, 4, 0, 1.0);
+    moe_tensor *tg = moe_tensor_zeros(MOE_LIFE_STEP, MOE_CPU, MOE_I32, 1, (int64_t[]){64});
+    moe_tensor *rows = moe_tensor_empty(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 1, (int64_t[]){64});
+    moe_tensor *lse = moe_tensor_empty(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 1, (int64_t[]){64});
+    CU_ASSERT_FATAL(h && w && tg && rows && lse);
+    moe_ce_attrs at = {.block = 128, .inv_count = 1.0f / 64};
+    const size_t before = moe_mem_get_stats(MOE_CPU).step_bytes;
+    CU_ASSERT_EQUAL(moe_kernel_run(MOE_K_CROSS_ENTROPY, &(moe_kernel_args){.out = rows, .out2 = lse,
+                                                                             .in = {h, w, tg}, .attrs = &at}),
+                    MOE_OK);
+    CU_ASSERT_EQUAL(moe_mem_get_stats(MOE_CPU).step_bytes, before);
+    CU_ASSERT(isfinite(((float *)lse->data)[0]));
+    moe_mem_mark m = moe_mem_step_mark(MOE_CPU);
+    void *p1 = moe_mem_alloc(MOE_CPU, MOE_LIFE_STEP, 1 << 20);
+    CU_ASSERT(moe_mem_get_stats(MOE_CPU).step_bytes >= before + (1 << 20));
+    moe_mem_step_release(MOE_CPU, m);
+    CU_ASSERT_EQUAL(moe_mem_get_stats(MOE_CPU).step_bytes, before);
+    CU_ASSERT_PTR_EQUAL(moe_mem_alloc(MOE_CPU, MOE_LIFE_STEP, 1 << 20), p1);
+    moe_step_reset();
+}
+
 static void register_suites(void) {
     moe_test_add_suite("dropout", (moe_test_entry[]){{"mask statistics and reproducibility", test_dropout_mask},
                                                      {"grad, p = 0 and bad p", test_dropout_grad_and_edges},
@@ -494,6 +521,7 @@ static void register_suites(void) {
                                                            {"f32 against f64", test_ce_f32},
                                                            {"all targets ignored", test_ce_all_ignored},
                                                            {"errors", test_ce_errors},
+                                                           {"kernel scratch goes back", test_kernel_scratch_released},
                                                            {NULL, NULL}});
 }
 
