@@ -45,15 +45,22 @@ static int64_t local_slot(const moe_param_ref *p, int64_t e) {
 
 typedef struct { moe_h5 *f; const char *group; } put_ctx;
 
+/* Writes one piece through host f32 copies, whose step-arena bytes go back afterwards (a
+ * checkpoint of a large model passes far more bytes than one step holds). */
 static moe_status put_piece(const char *name, moe_tensor *piece, void *ctx) {
     put_ctx *c = ctx;
     if (!c->f) return MOE_OK; /* not the writing rank: it only took part in the gathers */
+    const moe_mem_mark mark = moe_mem_step_mark(MOE_CPU);
     moe_tensor *h = moe_tensor_to(piece, MOE_CPU, MOE_LIFE_STEP);
     moe_tensor *h32 = h ? moe_tensor_empty(MOE_LIFE_STEP, MOE_CPU, MOE_F32, h->ndim, h->shape) : NULL;
-    if (!h32 || moe_tensor_copy_(h32, h) != MOE_OK) return moe_last_status();
-    char full[256];
-    snprintf(full, sizeof full, "%s/%s", c->group, name);
-    return moe_h5_put_array(c->f, full, MOE_H5_F32, h32->ndim, h32->shape, h32->data);
+    moe_status s = h32 ? moe_tensor_copy_(h32, h) : moe_last_status();
+    if (s == MOE_OK) {
+        char full[256];
+        snprintf(full, sizeof full, "%s/%s", c->group, name);
+        s = moe_h5_put_array(c->f, full, MOE_H5_F32, h32->ndim, h32->shape, h32->data);
+    }
+    moe_mem_step_release(MOE_CPU, mark);
+    return s;
 }
 
 /* Parameter i, then its optimizer states m and v (NULL where the optimizer keeps none). */
@@ -101,6 +108,7 @@ static moe_status put_experts_ep(moe_h5 *f, const moe_model *m, const moe_optimi
             expert_piece_name(base, e, name, sizeof name);
             for (int k = 0; k < 3; k++) {
                 if (!probe[k]) continue; /* same optimizer on every rank: same states everywhere */
+                const moe_mem_mark mark = moe_mem_step_mark(MOE_CPU); /* one expert's buffers at a time */
                 moe_tensor *buf = moe_tensor_zeros(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 2, (int64_t[]){rows, cols});
                 if (!buf) return moe_last_status();
                 if (owner >= 0) {
@@ -117,6 +125,7 @@ static moe_status put_experts_ep(moe_h5 *f, const moe_model *m, const moe_optimi
                 MOE_TRY(moe_dist_allreduce_sum(MOE_GROUP_EP, buf));
                 put_ctx pc = {f, groups[k]};
                 MOE_TRY(put_piece(name, buf, &pc));
+                moe_mem_step_release(MOE_CPU, mark);
             }
         }
     }
@@ -187,10 +196,12 @@ static moe_status get_piece(const char *name, moe_tensor *piece, void *ctx) {
     snprintf(full, sizeof full, "%s/%s", c->group, name);
     if (!moe_h5_has(c->f, full))
         return moe_error(MOE_ERR_FORMAT, "dataset '%s' is missing (was the checkpoint written with another model config?)", full);
+    const moe_mem_mark mark = moe_mem_step_mark(MOE_CPU); /* the host copy goes back after */
     moe_tensor *h = moe_tensor_empty(MOE_LIFE_STEP, MOE_CPU, MOE_F32, piece->ndim, piece->shape);
-    if (!h) return moe_last_status();
-    MOE_TRY(moe_h5_get_array(c->f, full, MOE_H5_F32, piece->ndim, piece->shape, h->data));
-    return moe_tensor_copy_(piece, h);
+    moe_status s = h ? moe_h5_get_array(c->f, full, MOE_H5_F32, piece->ndim, piece->shape, h->data) : moe_last_status();
+    if (s == MOE_OK) s = moe_tensor_copy_(piece, h);
+    moe_mem_step_release(MOE_CPU, mark);
+    return s;
 }
 
 static moe_status load_all(moe_h5 *f, moe_model *m, moe_optimizer *opt, moe_train_state *ts) {
