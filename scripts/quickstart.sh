@@ -24,7 +24,7 @@ build/moe generate --checkpoint "$ckpt" --prompt "The jury said that " --tokens 
 py=/usr/bin/python3
 [ -x "$py" ] || py=python3
 "$py" scripts/plot-run.py "$run" >/dev/null 2>&1 && echo "plots: $run/loss.png $run/expert_load.png" ||
-  echo "plots: skipped (python3 with matplotlib not found)
+  echo "plots: skipped (python3 with matplotlib not found)"
 line=$(grep '^trained' "$run.log")
 val=$(echo "$line" | sed -E 's/.*val_bpb ([0-9.]+).*/\1/')
 uni=$(echo "$line" | sed -E 's/.*unigram ([0-9.]+).*/\1/')
