@@ -51,6 +51,9 @@ static moe_tensor *named_randn(const char *name, int64_t rows, int64_t cols, moe
  * same way, so the rows it sends another rank arrive in that rank's slot order. */
 static moe_status make_groups(moe_moe_layer *L, const int *widths) {
     int E = L->s.n_experts, El = L->n_local;
+    MOE_ASSERT(El > 0 && E % El == 0 && L->expert_begin % El == 0 && L->expert_begin < E,
+               "moe layer: experts [%d, %d) of %d are not one rank's range of an even split", L->expert_begin,
+               L->expert_begin + El, E);
     L->groups = calloc((size_t)El, sizeof *L->groups);
     L->slot = malloc(sizeof(int) * (size_t)E);
     L->latency = calloc((size_t)E, sizeof(double));
