@@ -628,9 +628,14 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
                 fprintf(stderr, "%sstep %5lld/%d  loss %.4f  aux %.4f  lr %.2e  |g| %.3f  %.0f tok/s  load %.2f..%.2f cv %.2f  eta %.0fs%s%s",
                         tty ? "\r" : "", (long long)t.st.step, tc->steps, loss, aux, lr, gnorm, tps, mn, mx, cvmax, eta,
                         do_eval ? "" : "   ", (do_eval || !tty) ? "\n" : "");
-            if (do_eval && !quiet)
+            if (do_eval && !quiet) {
                 fprintf(stderr, "  eval: val_loss %.4f  val_bpb %.4f  (unigram baseline %.4f bpb)\n", sum->val_loss,
                         sum->val_bpb, sum->unigram_bpb);
+                const moe_mem_stats ms = moe_mem_get_stats(t.model.dev);
+                fprintf(stderr, "  memory on %s: step arena peak %.2f GiB, persistent %.2f GiB (weights, grads, "
+                        "optimizer state)\n", moe_device_name(t.model.dev), (double)ms.step_peak / (1 << 30),
+                        (double)ms.persist_bytes / (1 << 30));
+            }
         }
         if (cfg->checkpoint.every > 0 && t.st.step % cfg->checkpoint.every == 0 && t.st.step < tc->steps)
             s = save_checkpoint(&t, sum);
