@@ -129,9 +129,13 @@ static moe_tensor *ones(moe_device dev, moe_dtype dt, int ndim, const int64_t *s
     return t && moe_tensor_fill(t, 1.0) == MOE_OK ? t : NULL;
 }
 
-/* x / sqrt(sum(x^2) + hd eps) over the last axis (RMSNorm without weight, scaled). */
+/* x / sqrt(sum(x^2) + hd eps) over the last axis: RMSNorm with a constant weight
+ * 1/sqrt(hd) (one op and one activation, no separate scaling pass). */
 static moe_tensor *l2norm(moe_tensor *x, int64_t hd) {
-    return moe_mul_scalar(moe_rmsnorm(x, NULL, 1e-6), 1.0 / sqrt((double)hd));
+    if (!x) return NULL;
+    moe_tensor *w = moe_tensor_empty(MOE_LIFE_STEP, x->device, x->dtype, 1, &hd);
+    if (!w || moe_tensor_fill(w, 1.0 / sqrt((double)hd)) != MOE_OK) return NULL;
+    return moe_rmsnorm(x, w, 1e-6);
 }
 
 /* [B, T, P, ...rest] -> [B * P, T, ...rest] (memory-major buckets per sequence). */
@@ -192,8 +196,11 @@ moe_tensor *moe_mom_layer_forward(moe_mom_layer *L, moe_tensor *x, moe_dtype com
                                           CP(L->dt_bias)));
     moe_tensor *alpha = moe_exp(moe_neg(moe_mul(dt, moe_exp(CP(L->a_log)))));
     if (mask) {
-        /* Unrouted tokens: k = 0 and alpha = 1 leave the memory's state unchanged. */
-        k = moe_mul(k, moe_reshape(mask, 5, (int64_t[]){B, T, P, 1, 1}));
+        /* Unrouted tokens leave the memory's state unchanged: alpha = 1 and no write, which
+         * the delta rule gets from beta = 0 ([B, T, P, H], a fraction of k's size) and
+         * gated linear attention (no beta) from k = 0. */
+        if (L->s.delta) beta = moe_mul(beta, moe_reshape(mask, 4, (int64_t[]){B, T, P, 1}));
+        else k = moe_mul(k, moe_reshape(mask, 5, (int64_t[]){B, T, P, 1, 1}));
         alpha = moe_add_scalar(moe_mul(moe_add_scalar(alpha, -1.0), moe_reshape(mask, 4, (int64_t[]){B, T, P, 1})), 1.0);
     }
     moe_tensor *qn = q;
