@@ -96,6 +96,8 @@ static const moe_yaml_key config_keys[] = {
     BOOL(router.rmoe_detach, "false", "RMoE: detach the recurrent state between layers (ablation)"),
     INT(router.ot_iters, 1, 100000, "30", "OT: semi-dual solver iterations"),
     FLT(router.ot_gamma, 1e-6, 1e6, "1.0", "OT: quadratic regularisation gamma"),
+    BOOL(router.ot_plan_gates, "false",
+         "OT: gates take the transport plan's values (straight-through: the softmax's gradient)"),
     ENUM(router.latency_source, latency_source_names, "startup",
          "latency balance: measure expert latency once at startup or as a running average"),
     BOOL(router.noisy_gating, "false", "Shazeer noisy top-k gating in training (+ smooth load for latency balance)"),

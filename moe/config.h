@@ -112,6 +112,7 @@ typedef struct moe_cfg_router {
     bool rmoe_detach;
     int ot_iters;
     double ot_gamma;
+    bool ot_plan_gates;
     moe_cfg_latency_source latency_source;
     bool noisy_gating;
 } moe_cfg_router;

@@ -109,7 +109,8 @@ moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int 
                        .aux_free_rate = cfg->router.aux_free_rate, .type = (moe_router_type)cfg->router.type,
                        .rmoe_dim = cfg->router.rmoe_dim, .rmoe_detach = cfg->router.rmoe_detach,
                        .gru = m->has_gru ? &m->gru : NULL, .ot_iters = cfg->router.ot_iters,
-                       .ot_gamma = cfg->router.ot_gamma, .noisy_gating = cfg->router.noisy_gating},
+                       .ot_gamma = cfg->router.ot_gamma,
+                       .ot_plan_gates = cfg->router.ot_plan_gates, .noisy_gating = cfg->router.noisy_gating},
         };
         char prefix[64];
         snprintf(prefix, sizeof prefix, "layers.%d.moe", i);

@@ -192,7 +192,10 @@ static moe_status plan_global(const moe_router *r, const double *lg, int64_t T, 
 }
 
 /* OT selection on the host: the plan's k largest entries per token, into out->host_experts
- * and out->valid; returns the p of the chosen experts with invalid slots zeroed. */
+ * and out->valid; returns the p of the chosen experts with invalid slots zeroed, or with
+ * ot_plan_gates the plan's values there (ALGORITHMS.md §6; scaled by T so that a token's
+ * row sums to 1 like p) carried by p's gradient: p_sel + (plan_sel - p_sel) with the
+ * difference taken outside autograd. */
 static moe_tensor *select_ot(moe_router *r, moe_tensor *logits, moe_tensor *p, moe_tensor **idx, moe_routing *out) {
     int64_t T = logits->shape[0];
     int E = r->s.n_experts, k = r->s.top_k;
@@ -202,16 +205,27 @@ static moe_tensor *select_ot(moe_router *r, moe_tensor *logits, moe_tensor *p, m
     moe_status st = lg && plan && mask && out->valid ? MOE_OK : moe_error(MOE_ERR_OOM, "ot router: out of host memory");
     if (st == MOE_OK) st = moe_tensor_to_host_f64(logits, lg);
     if (st == MOE_OK) st = plan_global(r, lg, T, plan);
-    moe_tensor *m = NULL;
+    moe_tensor *m = NULL, *pv = NULL;
     if (st == MOE_OK) {
         moe_ot_select(plan, lg, T, E, k, out->host_experts, out->valid);
         for (int64_t i = 0; i < T * k; i++) mask[i] = out->valid[i] ? 1.0 : 0.0;
         m = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 2, (int64_t[]){T, k}, mask);
+        if (r->s.ot_plan_gates) { /* each valid slot's plan value x T (a token's row sums to 1) */
+            for (int64_t i = 0; i < T * k; i++)
+                mask[i] = out->valid[i] ? (double)T * plan[(i / k) * E + out->host_experts[i]] : 0;
+            pv = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 2, (int64_t[]){T, k}, mask);
+        }
         *idx = moe_tensor_from_host(MOE_LIFE_STEP, p->device, MOE_I32, 2, (int64_t[]){T, k}, out->host_experts);
     }
     free(lg), free(plan), free(mask);
     m = m ? moe_tensor_to(moe_cast(m, p->dtype), p->device, MOE_LIFE_STEP) : NULL;
-    return m && *idx ? moe_mul(moe_gather(p, *idx), m) : NULL;
+    moe_tensor *sel = m && *idx ? moe_mul(moe_gather(p, *idx), m) : NULL;
+    if (!sel || !r->s.ot_plan_gates) return sel;
+    pv = pv ? moe_tensor_to(moe_cast(pv, p->dtype), p->device, MOE_LIFE_STEP) : NULL;
+    bool was = moe_grad_set_enabled(false);
+    moe_tensor *shift = pv ? moe_sub(pv, sel) : NULL;
+    moe_grad_set_enabled(was);
+    return shift ? moe_add(sel, shift) : NULL;
 }
 
 /* Gates renormalised over each token's slots; a token with no valid slot keeps zeros. */

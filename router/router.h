@@ -35,6 +35,7 @@ typedef struct moe_router_settings {
     struct moe_rmoe_gru *gru; /* rmoe: the model's shared GRU cell (not owned, outlives the router) */
     int ot_iters;             /* ot: semi-dual gradient steps (<= 0: 30) */
     double ot_gamma;          /* ot: quadratic regularisation (<= 0: 1.0) */
+    bool ot_plan_gates;       /* ot: gate values from the plan, gradient from the softmax */
     bool noisy_gating;        /* Shazeer noisy top-k gating while training (grad mode on) */
 } moe_router_settings;
 

@@ -340,6 +340,52 @@ static void test_ot_spreads(void) {
     moe_step_reset();
 }
 
+/* ot_plan_gates: the gates are T x the plan's values at the chosen slots (ALGORITHMS.md
+ * §6), and their gradient is the softmax's (straight-through): without renormalisation the
+ * router weight's grad equals that of the softmax-gated OT router exactly. */
+static void test_ot_plan_gates(void) {
+    enum { TT = 16 };
+    moe_router_settings s = {.type = MOE_ROUTER_OT, .n_experts = E, .top_k = K, .d_model = D,
+                             .balance = MOE_BALANCE_NONE, .renormalize = false, .ot_iters = 30, .ot_gamma = 1.0};
+    moe_router soft, plan;
+    CU_ASSERT_EQUAL_FATAL(moe_router_init(&soft, &s, MOE_CPU, MOE_F64, "r", 3, 1.0), MOE_OK);
+    s.ot_plan_gates = true;
+    CU_ASSERT_EQUAL_FATAL(moe_router_init(&plan, &s, MOE_CPU, MOE_F64, "r", 3, 1.0), MOE_OK);
+    moe_tensor *x = moe_tensor_randn(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 2, (int64_t[]){TT, D}, 8, 0, 1.0);
+    moe_tensor *R = moe_tensor_randn(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 2, (int64_t[]){TT, K}, 9, 0, 1.0);
+    double lg[TT * E], pl[TT * E], w[D * E], g[TT * K], gw[2][D * E];
+    moe_tensor_to_host_f64(soft.w_gate, w);
+    for (int t = 0; t < TT; t++)
+        for (int e = 0; e < E; e++) {
+            lg[t * E + e] = 0;
+            for (int c = 0; c < D; c++) lg[t * E + e] += ((double *)x->data)[t * D + c] * w[c * E + e];
+        }
+    CU_ASSERT_EQUAL_FATAL(moe_ot_plan(lg, TT, E, moe_ot_capacity(TT, K, E), 30, 1.0, pl), MOE_OK);
+    moe_router *rs[2] = {&soft, &plan};
+    int32_t ids[2][TT * K];
+    for (int v = 0; v < 2; v++) {
+        moe_routing r;
+        CU_ASSERT_EQUAL_FATAL(moe_router_forward(rs[v], x, NULL, &r), MOE_OK);
+        memcpy(ids[v], r.host_experts, sizeof ids[v]);
+        if (v == 1) {
+            moe_tensor_to_host_f64(r.gates, g);
+            for (int i = 0; i < TT * K; i++)
+                CU_ASSERT_DOUBLE_EQUAL(g[i], r.valid[i] ? TT * pl[(i / K) * E + r.host_experts[i]] : 0.0, 1e-12);
+        }
+        CU_ASSERT_EQUAL_FATAL(moe_backward(moe_sum_all(moe_mul(r.gates, R))), MOE_OK);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(rs[v]->w_gate->grad);
+        moe_tensor_to_host_f64(rs[v]->w_gate->grad, gw[v]);
+    }
+    CU_ASSERT_EQUAL(memcmp(ids[0], ids[1], sizeof ids[0]), 0);
+    double gmax = 0;
+    for (int i = 0; i < D * E; i++) gmax = fmax(gmax, fabs(gw[0][i]));
+    CU_ASSERT(gmax > 0);
+    for (int i = 0; i < D * E; i++) CU_ASSERT_DOUBLE_EQUAL(gw[1][i], gw[0][i], 1e-12);
+    moe_router_free(&soft);
+    moe_router_free(&plan);
+    moe_step_reset();
+}
+
 /* ---- latency-aware balance ---- */
 
 static void test_cv_and_alpha(void) {
@@ -513,6 +559,7 @@ static void register_suites(void) {
     moe_test_add_suite("ot", (moe_test_entry[]){{"plan: capacity and marginals", test_ot_plan},
                                                  {"selection and validity", test_ot_select},
                                                  {"skewed logits are spread", test_ot_spreads},
+                                                 {"plan gates, straight-through gradient", test_ot_plan_gates},
                                                  {NULL, NULL}});
     moe_test_add_suite("latency", (moe_test_entry[]){{"CV^2, alpha, running average", test_cv_and_alpha},
                                                       {"loss formula", test_latency_loss_formula},
