@@ -10,6 +10,9 @@
 #   --bench-cpu  scripts/bench.sh cpu (the headline CPU comparison, pinned by bench.sh to
 #              cores 0,1; BENCH_CPU_ARGS, default "--reps 5 --rounds 2") in the background
 #              from the start, while the GPU work stays off cores 0,1 (--multi runs after it)
+#   --racecheck  compute-sanitizer racecheck and memcheck of the kernels with shared-memory
+#              barriers worth checking (tensor-core attention, delta scan): test_cuda_ops
+#              with MOE_TEST_OPS=attention,delta_scan (logs racecheck.log, memcheck.log)
 #   --multi    with 2+ GPUs: NCCL collectives (tests/test_mpi_overlap, one rank per GPU),
 #              N GPUs = 1 GPU in bf16 (scripts/test-mpi-train.sh --device cuda --dtype
 #              bf16) and weak scaling (scripts/scale-gpu.sh)
@@ -24,7 +27,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-bench=0 ablate=0 multi=0 bench_cpu=0
+bench=0 ablate=0 multi=0 bench_cpu=0 racecheck=0
 bench_args=()
 for a in "$@"; do
     case "$a" in
@@ -32,6 +35,7 @@ for a in "$@"; do
     --ablate) ablate=1 ;;
     --multi) multi=1 ;;
     --bench-cpu) bench_cpu=1 ;;
+    --racecheck) racecheck=1 ;;
     -h | --help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) bench_args+=("$a") ;;
     esac
@@ -98,6 +102,15 @@ else
     tail -5 "$logs/ctest.log"
 fi
 [ $test_rc -eq 0 ] || rc=$test_rc
+
+if [ "$racecheck" = 1 ]; then
+    for tool in racecheck memcheck; do
+        step "$tool" timeout 400 env MOE_TEST_OPS=attention,delta_scan \
+            compute-sanitizer --tool "$tool" --error-exitcode 3 build-gpu/tests/test_cuda_ops ||
+            { [ $rc -ne 0 ] || rc=1; }
+        grep -E "ERROR SUMMARY|hazard|parity:" "$logs/$tool.log" | tail -3
+    done
+fi
 
 ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 ncpu=$(nproc)

@@ -1,8 +1,11 @@
 /* CUDA parity: every op case runs on the CPU (f32) and on CUDA (f32, and bf16 when all
  * its inputs are float), forward output and input grads compared by normalised error.
  * A kernel missing on CUDA makes its cases fail with the dispatcher's message. Plus the
- * out-of-memory path of the CUDA allocator. */
+ * out-of-memory path of the CUDA allocator. MOE_TEST_OPS=op1,op2 runs only those ops'
+ * cases (scripts/gpu-check.sh --racecheck). */
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "core/cuda_info.h"
 #include "core/kernels.h"
@@ -16,6 +19,16 @@ static bool all_float_inputs(const op_case *c) {
     return true;
 }
 
+/* MOE_TEST_OPS=a,b: only the cases of these ops (e.g. for a compute-sanitizer run). */
+static bool op_selected(const char *op) {
+    const char *list = getenv("MOE_TEST_OPS");
+    if (!list || !*list) return true;
+    size_t n = strlen(op);
+    for (const char *p = list; (p = strstr(p, op)); p += n)
+        if ((p == list || p[-1] == ',') && (p[n] == ',' || p[n] == '\0')) return true;
+    return false;
+}
+
 static void test_parity_all(void) {
     if (!moe_backend_get(MOE_CUDA)) {
         fprintf(stderr, "  no CUDA device: %s\n", moe_last_error());
@@ -27,6 +40,7 @@ static void test_parity_all(void) {
     for (int l = 0; l < moe_op_case_list_count; l++) {
         for (int i = 0; i < moe_op_case_lists[l]->n; i++) {
             const op_case *c = &moe_op_case_lists[l]->cases[i];
+            if (!op_selected(c->op)) continue;
             moe_dtype dts[2] = {MOE_F32, MOE_BF16};
             int ndt = all_float_inputs(c) && !c->f32_parity_only ? 2 : 1;
             for (int k = 0; k < ndt; k++) {
