@@ -54,10 +54,9 @@ static inline void cpu_store(void *p, moe_dtype dt, int64_t i, double v) {
 }
 
 /* Dense products for kernels that run their own (core/cpu/matmul_cpu.c): C = alpha * A @ B
- * + beta * C on strided views. moe_cpu_gemm caches a oneDNN primitive per shape;
- * moe_cpu_gemm_any_shape is for products whose shape changes from call to call. */
+ * + beta * C on strided views. 2-D f32 views (also batches that fold into rows) go to
+ * oneDNN's shape-agnostic sgemm, other products to a oneDNN primitive cached per shape. */
 moe_status moe_cpu_gemm(const moe_tensor *A, const moe_tensor *B, moe_tensor *C, float alpha, float beta);
-moe_status moe_cpu_gemm_any_shape(const moe_tensor *A, const moe_tensor *B, moe_tensor *C, float alpha, float beta);
 
 /* Row-major blocks on raw pointers: C [m, n] = alpha * op(A) @ op(B) + beta * C, op(A)
  * [m, k], op(B) [k, n], op transposing when ta / tb; lda, ldb, ldc are the row strides of

@@ -41,10 +41,10 @@ static moe_status group_product(const moe_kernel_args *a, int e) {
         xt.shape[1] = xv.shape[0];
         xt.strides[0] = 1;
         xt.strides[1] = xv.shape[1];
-        return moe_cpu_gemm_any_shape(&xt, &yv, &ov, 1.0f, 1.0f);
+        return moe_cpu_gemm(&xt, &yv, &ov, 1.0f, 1.0f);
     }
     moe_tensor wv = expert_view(a->in[1], e, at->mode == 1), ov = rows_view(a->out, r0, r1);
-    return moe_cpu_gemm_any_shape(&xv, &wv, &ov, 1.0f, 0.0f);
+    return moe_cpu_gemm(&xv, &wv, &ov, 1.0f, 0.0f);
 }
 
 /* Work is proportional to an expert's rows. Experts holding more than a thread's share of

@@ -126,8 +126,11 @@ static bool fold_rows(const moe_tensor *t, moe_tensor *v) {
 
 static bool blas_layout(const moe_tensor *t, bool *trans, int64_t *ld);
 
-/* 2-D f32 products through oneDNN's sgemm (transposed operands as such, no primitive, no
- * reorder of a transposed weight); false when the views do not fit it. */
+/* 2-D f32 products through oneDNN's shape-agnostic sgemm (transposed operands as such, no
+ * reorder of a transposed weight, no primitive to create: an expert's rows follow the
+ * routing, so a step meets new row counts all the time, and a new primitive costs 0.2-0.7
+ * ms on 2 cores, about as much as the product; the sgemm runs within a few percent of a
+ * cached primitive); false when the views do not fit it. */
 static bool sgemm_2d(const moe_tensor *A, const moe_tensor *B, moe_tensor *C, float alpha, float beta) {
     bool ta, tb, tc;
     int64_t lda, ldb, ldc;
@@ -253,23 +256,6 @@ static bool blas_layout(const moe_tensor *t, bool *trans, int64_t *ld) {
         return true;
     }
     return false;
-}
-
-/* An expert's rows follow the routing, so a training step meets new row counts all the
- * time, and creating a matmul primitive for a new shape costs 0.2-0.7 ms on 2 cores, about
- * as much as the product itself: 2-D f32 views go to oneDNN's shape-agnostic sgemm instead
- * (as fast as a cached primitive within a few percent); anything else to moe_cpu_gemm. */
-moe_status moe_cpu_gemm_any_shape(const moe_tensor *A, const moe_tensor *B, moe_tensor *C, float alpha, float beta) {
-    bool ta, tb, tc;
-    int64_t lda, ldb, ldc;
-    if (A->dtype != MOE_F32 || B->dtype != MOE_F32 || C->dtype != MOE_F32 || A->ndim != 2 || B->ndim != 2 ||
-        C->ndim != 2 || !blas_layout(A, &ta, &lda) || !blas_layout(B, &tb, &ldb) || !blas_layout(C, &tc, &ldc) || tc)
-        return moe_cpu_gemm(A, B, C, alpha, beta);
-    if (!cpu_gemm_f32(ta, tb, C->shape[0], C->shape[1], A->shape[1], alpha, A->data, lda, B->data, ldb, beta, C->data,
-                      ldc))
-        return moe_error(MOE_ERR_DEVICE, "oneDNN sgemm rejected a %lldx%lldx%lld product", (long long)C->shape[0],
-                         (long long)C->shape[1], (long long)A->shape[1]);
-    return MOE_OK;
 }
 
 const char *moe_cpu_dnnl_version(void) {
