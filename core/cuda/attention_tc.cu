@@ -220,6 +220,27 @@ __device__ __forceinline__ void tc_scale_mask(float (&s)[N / 8][4], float mul, c
     }
 }
 
+/* One step of the K/V double buffer over key tiles (TC_TILE rows of HD + 8 in sK, sV,
+ * two buffers each): waits for tile kt, whose cp.async group was committed one step
+ * earlier (or before the loop), then starts loading tile kt + 1 into the other buffer and
+ * hands back tile kt's buffers. The barrier between them is what makes the reuse safe:
+ * every warp has finished with tile kt - 1 (the other buffer) before it is overwritten. */
+template <int HD>
+__device__ __forceinline__ void tc_next_kv(int kt, int nkt, bf16 *sK, bf16 *sV, const bf16 *kh, const bf16 *vh,
+                                           int64_t kst, int64_t vst, int64_t Tk, const bf16 **cK, const bf16 **cV) {
+    constexpr int LD = HD + 8, BC = TC_TILE;
+    cp_async_wait_all();
+    __syncthreads();
+    if (kt + 1 < nkt) {
+        const int nb = (kt + 1) & 1;
+        tc_load_tile<HD, BC>(sK + nb * BC * LD, kh, kst, (int64_t)(kt + 1) * BC, Tk);
+        tc_load_tile<HD, BC>(sV + nb * BC * LD, vh, vst, (int64_t)(kt + 1) * BC, Tk);
+        cp_async_commit();
+    }
+    *cK = sK + (kt & 1) * BC * LD;
+    *cV = sV + (kt & 1) * BC * LD;
+}
+
 /* Keys a query tile [q0, q0 + TC_ROWS) needs: all, or causal up to its last row's position. */
 __device__ __forceinline__ int64_t tc_key_end(int64_t q0, const tc_geom &g) {
     return g.causal ? g.shift + min(q0 + TC_ROWS, g.Tq) : g.Tk;
@@ -251,19 +272,12 @@ __global__ void __launch_bounds__(TC_THREADS)
     uint32_t qf[HD / 16][4];
     float acc[HD / 8][4] = {}, m[2] = {-INFINITY, -INFINITY}, l[2] = {0, 0};
     for (int kt = 0; kt < nkt; kt++) {
-        cp_async_wait_all();
-        __syncthreads(); /* tile kt landed; every warp is done with tile kt - 1's buffers */
+        const bf16 *cK, *cV;
+        tc_next_kv<HD>(kt, nkt, sK, sV, kh, vh, vk.st, vv.st, g.Tk, &cK, &cV);
         if (kt == 0) {
 #pragma unroll
             for (int ks = 0; ks < HD / 16; ks++) frag_a<LD>(qf[ks], sQ, w * 16, ks * 16);
         }
-        if (kt + 1 < nkt) {
-            const int nb = (kt + 1) & 1;
-            tc_load_tile<HD, BC>(sK + nb * BC * LD, kh, vk.st, (int64_t)(kt + 1) * BC, g.Tk);
-            tc_load_tile<HD, BC>(sV + nb * BC * LD, vh, vv.st, (int64_t)(kt + 1) * BC, g.Tk);
-            cp_async_commit();
-        }
-        const bf16 *cK = sK + (kt & 1) * BC * LD, *cV = sV + (kt & 1) * BC * LD;
 
         /* S = Q K^T in log2 units of the scaled scores */
         float s[BC / 8][4] = {};
@@ -358,15 +372,8 @@ __global__ void __launch_bounds__(TC_THREADS)
     }
     float acc[HD / 8][4] = {};
     for (int kt = 0; kt < nkt; kt++) {
-        cp_async_wait_all();
-        __syncthreads();
-        if (kt + 1 < nkt) {
-            const int nb = (kt + 1) & 1;
-            tc_load_tile<HD, BC>(sK + nb * BC * LD, kh, vk.st, (int64_t)(kt + 1) * BC, g.Tk);
-            tc_load_tile<HD, BC>(sV + nb * BC * LD, vh, vv.st, (int64_t)(kt + 1) * BC, g.Tk);
-            cp_async_commit();
-        }
-        const bf16 *cK = sK + (kt & 1) * BC * LD, *cV = sV + (kt & 1) * BC * LD;
+        const bf16 *cK, *cV;
+        tc_next_kv<HD>(kt, nkt, sK, sV, kh, vh, vk.st, vv.st, g.Tk, &cK, &cV);
 
         float s[BC / 8][4] = {}, dp[BC / 8][4] = {};
         warp_gemm_nk<LD, HD, BC>(s, sQ, w * 16, cK); /* S = Q K^T */
