@@ -104,9 +104,11 @@ fi
 [ $test_rc -eq 0 ] || rc=$test_rc
 
 if [ "$racecheck" = 1 ]; then
+    # memcheck leaves out CUDA API errors: test_cuda_ops's out-of-memory case asks for
+    # 1 PiB on purpose; what is checked is every device memory access.
     for tool in racecheck memcheck; do
         step "$tool" timeout 400 env MOE_TEST_OPS=attention,delta_scan \
-            compute-sanitizer --tool "$tool" --error-exitcode 3 build-gpu/tests/test_cuda_ops ||
+            compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 3 build-gpu/tests/test_cuda_ops ||
             { [ $rc -ne 0 ] || rc=1; }
         grep -E "ERROR SUMMARY|hazard|parity:" "$logs/$tool.log" | tail -3
     done
