@@ -235,6 +235,12 @@ moe_status moe_config_validate(const moe_config *cfg) {
                              m->mom_heads, m->d_model, layer);
         }
     }
+    if (cfg->train.dtype == MOE_CFG_DTYPE_BF16 && cfg->train.device == MOE_CFG_DEVICE_CPU) {
+        return moe_error(MOE_ERR_CONFIG,
+                         "config: train.dtype=bf16 needs train.device=cuda (the CPU computes in "
+                         "f32; a bf16 checkpoint's f32 master weights run there with --set "
+                         "train.dtype=f32)");
+    }
     if (cfg->train.min_lr > cfg->train.lr) {
         return moe_error(MOE_ERR_CONFIG, "config: train.min_lr=%g is larger than train.lr=%g",
                          cfg->train.min_lr, cfg->train.lr);

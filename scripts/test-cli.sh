@@ -40,6 +40,7 @@ check "data prepare with BPE" "$moe" data prepare --tokenizer bpe.tok --out data
 printf 'model:\n  d_model: 64\n  n_expert: 4\n' > bad.yaml
 expect "unknown key: file:line:column and a suggestion" 2 "bad.yaml:3:3" "$moe" train bad.yaml
 expect "bad --set value" 2 "--set model.top_k=many" "$moe" train "$cfg" --set model.top_k=many
+expect "bf16 on the cpu: a config error naming the fix" 2 "train.dtype=f32" "$moe" generate --checkpoint "$ckpt" --set train.dtype=bf16
 expect "missing checkpoint" 1 "nope.h5" "$moe" eval --checkpoint nope.h5
 head -c 3000 "$ckpt" > damaged.h5
 expect "damaged checkpoint" 1 "damaged" "$moe" generate --checkpoint damaged.h5
