@@ -68,6 +68,23 @@ moe_status moe_evaluate(moe_model *m, const moe_token_file *val, int batches, do
     return MOE_OK;
 }
 
+/* Latency balance: the first MoE layer's measured expert latencies and the token shares
+ * they ask for (inverse latency, normalised), so a user sees what the balance aims at. */
+static void print_latency(const moe_model *m) {
+    const int E = m->cfg.model.n_experts;
+    for (int i = 0; i < m->cfg.model.n_layers; i++) {
+        if (m->blocks[i].dense) continue;
+        const double *lat = m->blocks[i].moe.latency;
+        double inv_sum = 0;
+        for (int e = 0; e < E; e++) inv_sum += lat[e] > 0 ? 1.0 / lat[e] : 0;
+        fprintf(stderr, "latency balance, layer %d: expert latency (us per token) / target share:", i);
+        for (int e = 0; e < E; e++)
+            fprintf(stderr, " %.3g/%.3f", 1e3 * lat[e], lat[e] > 0 && inv_sum > 0 ? 1.0 / lat[e] / inv_sum : 0);
+        fputc('\n', stderr);
+        return;
+    }
+}
+
 /* Per-layer min/max share and coefficient of variation of the expert load. */
 static void load_stats(const int64_t *load, int E, double *min_share, double *max_share, double *cv) {
     double tot = 0, mn = 1e30, mx = 0;
@@ -502,6 +519,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
     fprintf(stderr, "model: %.2fM parameters (%.2fM active per token), %d layers, %d experts top-%d, on %s %s\n",
             moe_model_param_count(&t.model, false) / 1e6, moe_model_param_count(&t.model, true) / 1e6, mc->n_layers,
             mc->n_experts, mc->top_k, moe_device_name(t.model.dev), moe_dtype_name(t.model.compute));
+    if (t.rank == 0 && !o->quiet && cfg->router.balance == MOE_CFG_BALANCE_LATENCY) print_latency(&t.model);
     moe_lr_schedule sched = {tc->schedule == MOE_CFG_SCHEDULE_COSINE ? MOE_LR_COSINE : MOE_LR_CONSTANT, tc->lr,
                              tc->min_lr, tc->warmup, tc->steps > tc->warmup ? tc->steps : tc->warmup};
     stop_requested = 0;
