@@ -120,6 +120,16 @@ static moe_status rope_table_cover(double theta, int64_t hd, int64_t n_pos) {
  *   y[i]        = x[i] cos a - x[i + hd/2] sin a
  *   y[i + hd/2] = x[i + hd/2] cos a + x[i] sin a
  * The rotation is orthogonal, so the backward is this kernel with inverse = true. */
+/* One head row of ROPE at element stride xs (a literal 1 gives the unit-stride loop, which
+ * vectorises without gathers). */
+#define ROPE_ROW(xs)                                                                              \
+    _Pragma("omp simd")                                                                          \
+    for (int64_t i = 0; i < half; i++) {                                                         \
+        T x1 = xr[i * (xs)], x2 = xr[(i + half) * (xs)];                                         \
+        yr[i] = x1 * cs[i] - x2 * sn[i];                                                         \
+        yr[i + half] = x2 * cs[i] + x1 * sn[i];                                                  \
+    }
+
 moe_status moe_cpu_rope(const moe_kernel_args *a) {
     const moe_rope_attrs *at = a->attrs;
     const moe_tensor *x = a->in[0];
@@ -141,10 +151,10 @@ _Pragma("omp parallel for schedule(static) if (B * Tn * H * hd > 16384)")
                 for (int64_t h = 0; h < H; h++) {
                     const T *xr = px + b * xs[0] + t * xs[1] + h * xs[2];
                     T *yr = py + ((b * Tn + t) * H + h) * hd;
-                    for (int64_t i = 0; i < half; i++) {
-                        T x1 = xr[i * xs[3]], x2 = xr[(i + half) * xs[3]];
-                        yr[i] = x1 * cs[i] - x2 * sn[i];
-                        yr[i + half] = x2 * cs[i] + x1 * sn[i];
+                    if (xs[3] == 1) {
+                        ROPE_ROW(1)
+                    } else {
+                        ROPE_ROW(xs[3])
                     }
                 }
             }
@@ -155,7 +165,7 @@ _Pragma("omp parallel for schedule(static) if (B * Tn * H * hd > 16384)")
 
 /* ---- attention ---- */
 #define ATTN_BQ 64 /* query rows per block */
-#define ATTN_BK 64 /* keys per block (the running max / sum advance block by block) */
+#define ATTN_BK 128 /* keys per block (the running max / sum advance block by block) */
 
 /* Element offset of (b, t, h, 0) in a [B, T, H, hd] view whose last stride is 1. */
 static inline int64_t attn_row(const moe_tensor *x, int64_t b, int64_t t, int64_t h) {

@@ -201,13 +201,16 @@ _Pragma("omp simd reduction(+:sg, sgx)")
                     sgx += (double)gh * ((px[c] - mu) * rs);
                 }
                 T k0 = ns == 2 ? (T)(sg / (double)d) : (T)0, k1 = (T)(sgx / (double)d);
+_Pragma("omp simd")
                 for (int64_t c = 0; c < d; c++) {
                     T xh = (px[c] - mu) * rs;
                     po[c] = rs * ((pw ? pg[c] * pw[c] : pg[c]) - k0 - xh * k1);
                 }
                 if (acc) {
+_Pragma("omp simd")
                     for (int64_t c = 0; c < d; c++) acc[c] += (double)pg[c] * ((px[c] - mu) * rs);
                     if (ns == 2)
+_Pragma("omp simd")
                         for (int64_t c = 0; c < d; c++) acc[d + c] += pg[c];
                 }
             }
