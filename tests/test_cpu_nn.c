@@ -252,6 +252,8 @@ static void test_attention_naive(void) {
     check_attention(1, 70, 70, 4, 2, 8, true);    /* GQA, several query and key blocks */
     check_attention(2, 40, 100, 4, 2, 8, false);  /* non-causal, Tq != Tk */
     check_attention(1, 37, 130, 2, 1, 16, true);  /* causal with a cached prefix */
+    check_attention(1, 50, 300, 2, 2, 8, false);  /* three key blocks: the running max moves */
+    check_attention(1, 260, 260, 2, 1, 8, true);  /* causal, three query and key blocks */
     check_attention(1, 1, 7, 4, 2, 8, true);      /* decode: sees all 7 keys */
 }
 
