@@ -7,6 +7,7 @@
 
 #include "core/autograd.h"
 #include "core/dist.h"
+#include "core/fileio.h"
 #include "core/h5file.h"
 #include "core/memory.h"
 #include "core/version.h"
@@ -165,13 +166,16 @@ static int cmd_generate(int argc, char **argv) {
     if (s == MOE_OK) s = moe_model_cache_reset(&m, 1, cap);
     int V = cfg.model.vocab_size;
     float *logits = malloc(sizeof(float) * (size_t)V);
+    double t0 = moe_clock_ms();
     if (s == MOE_OK) {
         moe_step_reset();
         s = moe_model_step_logits(&m, buf.data, 1, (int)buf.len, logits);
     }
     if (s != MOE_OK) return fail(s);
+    const double t_prompt = moe_clock_ms();
     fwrite(prompt, 1, strlen(prompt), stdout);
-    for (int i = 0; i < n_new && s == MOE_OK; i++) {
+    int made = 0;
+    for (int i = 0; i < n_new && s == MOE_OK; i++, made++) {
         int32_t next = moe_sample(&sp, logits, V);
         size_t len = 0;
         const uint8_t *bytes = moe_tokenizer_token_bytes(tok, next, &len);
@@ -181,6 +185,11 @@ static int cmd_generate(int argc, char **argv) {
         if (i + 1 < n_new) s = moe_model_step_logits(&m, &next, 1, 1, logits);
     }
     printf("\n");
+    const double t_end = moe_clock_ms();
+    /* the prompt in one forward; then per new token a sample and a forward */
+    fprintf(stderr, "generate: prompt of %zu tokens in %.1f ms, %d new tokens in %.1f ms (%.1f tokens/s) on %s %s\n",
+            buf.len, t_prompt - t0, made, t_end - t_prompt, made > 0 ? 1e3 * made / (t_end - t_prompt) : 0.0,
+            moe_device_name(m.dev), moe_dtype_name(m.compute));
     free(logits);
     moe_token_buf_free(&buf);
     moe_tokenizer_free(tok);
