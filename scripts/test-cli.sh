@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The moe program end to end (ctest label cpu): data prepare, train, eval, generate,
-# inspect, BPE tokenizer, config errors, missing and damaged checkpoints, and Ctrl-C
+# inspect, BPE tokenizer, config errors, missing and damaged checkpoints, the generate
+# timing line and the latency-balance start-up line, and Ctrl-C
 # (a checkpoint, exit 130, then --resume continues).
 #   scripts/test-cli.sh path/to/moe [workdir]
 set -uo pipefail
@@ -34,6 +35,9 @@ ckpt=$(ls run/ckpt-*.h5 | tail -1)
 check "metrics.jsonl has val_loss and tokens_per_s" grep -q '"val_loss".*"tokens_per_s"\|"tokens_per_s".*"val_loss"' run/metrics.jsonl
 expect "eval" 0 "val_loss" "$moe" eval --checkpoint "$ckpt"
 expect "generate" 0 "It was" "$moe" generate --checkpoint "$ckpt" --prompt "It was" --tokens 20
+expect "generate reports its speed" 0 "new tokens in" "$moe" generate --checkpoint "$ckpt" --prompt "It was" --tokens 20
+expect "latency balance prints the measured latencies" 0 "latency balance, layer 0: expert latency" "$moe" train "$cfg" \
+  "${small[@]}" --set router.balance=latency --set train.steps=1 --set checkpoint.dir=run5
 expect "inspect" 0 "params/layers.0.moe.experts.3.w13" "$moe" inspect "$ckpt"
 check "tokenizer train" "$moe" tokenizer train --vocab 300 --out bpe.tok text.txt
 check "data prepare with BPE" "$moe" data prepare --tokenizer bpe.tok --out data-bpe text.txt
