@@ -2,7 +2,8 @@
 # Installs the Debian packages the build and tests need (idempotent; needs root or sudo).
 set -euo pipefail
 pkgs=(build-essential cmake pkg-config libdnnl-dev libopenmpi-dev openmpi-bin libhdf5-dev libyaml-dev
-      libcunit1-dev python3-matplotlib)
+      libcunit1-dev python3-matplotlib
+      libcjson-dev libpcre2-dev libutf8proc-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
