@@ -675,11 +675,11 @@ static uint32_t get_u32(const uint8_t *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
-moe_status moe_tokenizer_save(const moe_tokenizer *tok, const char *path) {
+moe_status moe_tokenizer_to_bytes(const moe_tokenizer *tok, uint8_t **out, size_t *size) {
     uint32_t n_merges = (uint32_t)(tok->vocab - 256);
-    size_t size = FILE_HEADER_BYTES + 8 * (size_t)n_merges + 4;
-    uint8_t *img = calloc(1, size);
-    if (!img) return moe_error(MOE_ERR_OOM, "out of memory saving tokenizer %s", path);
+    size_t n = FILE_HEADER_BYTES + 8 * (size_t)n_merges + 4;
+    uint8_t *img = calloc(1, n);
+    if (!img) return moe_error(MOE_ERR_OOM, "out of memory serialising a tokenizer of %d tokens", tok->vocab);
     memcpy(img, FILE_MAGIC, 8);
     put_u32(img + 8, FILE_VERSION);
     put_u32(img + 12, (uint32_t)tok->kind);
@@ -690,13 +690,73 @@ moe_status moe_tokenizer_save(const moe_tokenizer *tok, const char *path) {
         put_u32(img + FILE_HEADER_BYTES + 8 * i, (uint32_t)tok->merges[i][0]);
         put_u32(img + FILE_HEADER_BYTES + 8 * i + 4, (uint32_t)tok->merges[i][1]);
     }
-    put_u32(img + size - 4, fnv1a32(img, size - 4));
+    put_u32(img + n - 4, fnv1a32(img, n - 4));
+    *out = img;
+    *size = n;
+    return MOE_OK;
+}
 
+moe_status moe_tokenizer_save(const moe_tokenizer *tok, const char *path) {
+    uint8_t *img = NULL;
+    size_t size = 0;
+    MOE_TRY(moe_tokenizer_to_bytes(tok, &img, &size));
     moe_atomic_file af;
     moe_status st = moe_atomic_open(&af, path, "tokenizer file");
     if (st == MOE_OK) st = moe_atomic_close(&af, fwrite(img, 1, size, af.f) == size, "tokenizer file");
     free(img);
     return st;
+}
+
+/* The header's faults, MOE_ERR_FORMAT naming `src`; on MOE_OK *n_merges and *kind. */
+static moe_status check_header(const uint8_t *img, size_t size, const char *src, uint32_t *n_merges,
+                               uint32_t *kind) {
+    if (size < FILE_HEADER_BYTES + 4)
+        return moe_error(MOE_ERR_FORMAT, "%s is truncated: %zu bytes, shorter than the %u-byte header "
+                         "and checksum", src, size, FILE_HEADER_BYTES + 4);
+    if (memcmp(img, FILE_MAGIC, 8) != 0)
+        return moe_error(MOE_ERR_FORMAT, "%s is not a moe tokenizer (wrong magic); give the file saved "
+                         "by `moe_tokenizer_save`, or train a new tokenizer", src);
+    if (get_u32(img + 8) != FILE_VERSION)
+        return moe_error(MOE_ERR_FORMAT, "%s has version %u, this build reads %u", src, get_u32(img + 8),
+                         FILE_VERSION);
+    uint32_t vocab = get_u32(img + 16);
+    *kind = get_u32(img + 12);
+    *n_merges = get_u32(img + 20);
+    size_t want = FILE_HEADER_BYTES + 8 * (size_t)*n_merges + 4;
+    if (size != want)
+        return moe_error(MOE_ERR_FORMAT, "%s is damaged: %zu bytes, its header (%u merges) implies %zu "
+                         "(truncated or overwritten?)", src, size, *n_merges, want);
+    if (get_u32(img + size - 4) != fnv1a32(img, size - 4))
+        return moe_error(MOE_ERR_FORMAT, "%s is damaged: checksum mismatch", src);
+    if (*kind > MOE_TOKENIZER_BPE || vocab != 256 + *n_merges || vocab > MAX_VOCAB ||
+        (*kind == MOE_TOKENIZER_BYTE && *n_merges != 0))
+        return moe_error(MOE_ERR_FORMAT, "%s is inconsistent: kind %u, vocab %u, %u merges", src, *kind,
+                         vocab, *n_merges);
+    if (get_u32(img + 24) != MOE_TOKENIZER_MAX_PIECE)
+        return moe_error(MOE_ERR_FORMAT, "%s was made with max piece length %u, this build uses %d: "
+                         "retrain it", src, get_u32(img + 24), MOE_TOKENIZER_MAX_PIECE);
+    return MOE_OK;
+}
+
+moe_status moe_tokenizer_from_bytes(const uint8_t *img, size_t size, const char *src, moe_tokenizer **out) {
+    *out = NULL;
+    uint32_t n_merges = 0, kind = 0;
+    MOE_TRY(check_header(img, size, src, &n_merges, &kind));
+    int32_t (*merges)[2] = malloc((n_merges ? n_merges : 1) * sizeof *merges);
+    if (!merges) return moe_error(MOE_ERR_OOM, "out of memory loading %s", src);
+    for (uint32_t i = 0; i < n_merges; i++) {
+        uint32_t l = get_u32(img + FILE_HEADER_BYTES + 8 * i);
+        uint32_t r = get_u32(img + FILE_HEADER_BYTES + 8 * i + 4);
+        if (l >= 256 + i || r >= 256 + i) {
+            free(merges);
+            return moe_error(MOE_ERR_FORMAT, "%s is damaged: merge %u refers to token %u or %u, not yet "
+                             "defined", src, i, l, r);
+        }
+        merges[i][0] = (int32_t)l;
+        merges[i][1] = (int32_t)r;
+    }
+    *out = tokenizer_build((moe_tokenizer_kind)kind, merges, (int)n_merges);
+    return *out ? MOE_OK : moe_error(MOE_ERR_OOM, "out of memory loading %s", src);
 }
 
 moe_status moe_tokenizer_load(const char *path, moe_tokenizer **out) {
@@ -718,56 +778,16 @@ moe_status moe_tokenizer_load(const char *path, moe_tokenizer **out) {
     }
     bool read_err = ferror(f);
     fclose(f);
-    moe_status st = MOE_OK;
-    int32_t (*merges)[2] = NULL;
-    uint32_t n_merges = 0;
+    moe_status st;
     if (read_err) {
         st = moe_error(MOE_ERR_IO, "error reading tokenizer file %s", path);
-    } else if (size < FILE_HEADER_BYTES + 4) {
-        st = moe_error(MOE_ERR_FORMAT, "tokenizer file %s is truncated: %zu bytes, shorter than "
-                       "the %u-byte header and checksum", path, size, FILE_HEADER_BYTES + 4);
-    } else if (memcmp(img, FILE_MAGIC, 8) != 0) {
-        st = moe_error(MOE_ERR_FORMAT, "%s is not a moe tokenizer file (wrong magic); give the "
-                       "file saved by `moe_tokenizer_save`, or train a new tokenizer", path);
-    } else if (get_u32(img + 8) != FILE_VERSION) {
-        st = moe_error(MOE_ERR_FORMAT, "tokenizer file %s has version %u, this build reads %u",
-                       path, get_u32(img + 8), FILE_VERSION);
     } else {
-        uint32_t kind = get_u32(img + 12), vocab = get_u32(img + 16);
-        n_merges = get_u32(img + 20);
-        size_t want = FILE_HEADER_BYTES + 8 * (size_t)n_merges + 4;
-        if (size != want)
-            st = moe_error(MOE_ERR_FORMAT, "tokenizer file %s is damaged: %zu bytes, its header "
-                           "(%u merges) implies %zu (truncated or overwritten?)", path, size,
-                           n_merges, want);
-        else if (get_u32(img + size - 4) != fnv1a32(img, size - 4))
-            st = moe_error(MOE_ERR_FORMAT, "tokenizer file %s is damaged: checksum mismatch", path);
-        else if (kind > MOE_TOKENIZER_BPE || vocab != 256 + n_merges || vocab > MAX_VOCAB ||
-                 (kind == MOE_TOKENIZER_BYTE && n_merges != 0))
-            st = moe_error(MOE_ERR_FORMAT, "tokenizer file %s is inconsistent: kind %u, vocab %u, "
-                           "%u merges", path, kind, vocab, n_merges);
-        else if (get_u32(img + 24) != MOE_TOKENIZER_MAX_PIECE)
-            st = moe_error(MOE_ERR_FORMAT, "tokenizer file %s was made with max piece length %u, "
-                           "this build uses %d: retrain it", path, get_u32(img + 24),
-                           MOE_TOKENIZER_MAX_PIECE);
-        else if (!(merges = malloc((n_merges ? n_merges : 1) * sizeof *merges)))
-            st = moe_error(MOE_ERR_OOM, "out of memory loading tokenizer file %s", path);
-        for (uint32_t i = 0; st == MOE_OK && i < n_merges; i++) {
-            uint32_t l = get_u32(img + FILE_HEADER_BYTES + 8 * i);
-            uint32_t r = get_u32(img + FILE_HEADER_BYTES + 8 * i + 4);
-            if (l >= 256 + i || r >= 256 + i)
-                st = moe_error(MOE_ERR_FORMAT, "tokenizer file %s is damaged: merge %u refers to "
-                               "token %u or %u, not yet defined", path, i, l, r);
-            merges[i][0] = (int32_t)l;
-            merges[i][1] = (int32_t)r;
-        }
-        if (st == MOE_OK) {
-            *out = tokenizer_build((moe_tokenizer_kind)kind, merges, (int)n_merges);
-            merges = NULL;
-            if (!*out) st = moe_error(MOE_ERR_OOM, "out of memory loading tokenizer file %s", path);
-        }
+        size_t n = strlen(path) + 32;
+        char *src = malloc(n);
+        if (src) snprintf(src, n, "tokenizer file %s", path);
+        st = src ? moe_tokenizer_from_bytes(img, size, src, out) : moe_error(MOE_ERR_OOM, "out of memory");
+        free(src);
     }
-    free(merges);
     free(img);
     return st;
 }

@@ -95,6 +95,13 @@ moe_tokenizer_kind moe_tokenizer_get_kind(const moe_tokenizer *tok);
 moe_status moe_tokenizer_save(const moe_tokenizer *tok, const char *path);
 moe_status moe_tokenizer_load(const char *path, moe_tokenizer **out);
 
+/* The same image in memory (e.g. to store a tokenizer inside a checkpoint): to_bytes
+ * gives a malloc'd copy of what save writes; from_bytes reads one, with load's checks
+ * and messages, which name the image by `source` ("tokenizer file X", "checkpoint X"). */
+moe_status moe_tokenizer_to_bytes(const moe_tokenizer *tok, uint8_t **out, size_t *size);
+moe_status moe_tokenizer_from_bytes(const uint8_t *img, size_t size, const char *source,
+                                    moe_tokenizer **out);
+
 void moe_tokenizer_free(moe_tokenizer *tok);
 
 #endif

@@ -49,6 +49,7 @@ typedef struct moe_flag_spec {
     const char *choices; /* STRING: the accepted values separated by '|', or NULL for any */
     const char *help;    /* one line */
     void *dest;
+    bool min_excluded, max_excluded; /* an open end of the range: (0, 1) */
 } moe_flag_spec;
 
 /* What is left after the flags. */
