@@ -58,6 +58,7 @@ void moe_router_free(moe_router *r) {
     moe_tensor_free(r->w_gate);
     moe_tensor_free(r->proj);
     moe_tensor_free(r->head);
+    moe_tensor_free(r->w_noise);
     moe_tensor_free(r->bias);
     free(r->latency_alpha);
     memset(r, 0, sizeof *r);
