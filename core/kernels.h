@@ -206,7 +206,7 @@ typedef struct {
     float bias1, bias2; /* 1 - beta1^t and 1 - beta2^t for step t >= 1, computed on the host */
 } moe_adamw_attrs;
 typedef struct { float lr, momentum, weight_decay, grad_scale; } moe_sgd_attrs;
-/* DELTA_SCAN / DELTA_SCAN_BWD (core/ops_scan.c, ALGORITHMS.md §3). Every tensor is contiguous:
+/* DELTA_SCAN / DELTA_SCAN_BWD (core/ops_scan.c, moe/README.md §2). Every tensor is contiguous:
  * q, k [N, T, H, dk], v [N, T, H, dv], beta, alpha [N, T, H]; states [N, H, dk, dv] of the
  * state dtype S (F64 for F64 inputs, else F32). Per (n, h), step t (delta rule):
  *   S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = S_t^T q_t

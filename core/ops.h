@@ -110,7 +110,7 @@ void moe_cross_entropy_set_block(int64_t block);
  * the same way. Identity on a group of one. Device tensors are staged through the host. */
 moe_tensor *moe_all_to_all(moe_tensor *x, const int64_t *send_rows, const int64_t *recv_rows, int group);
 
-/* ---- linear-attention scans (MoM, gated delta net; ALGORITHMS.md §3) ---- */
+/* ---- linear-attention scans (MoM, gated delta net; moe/README.md §2) ---- */
 /* Gated delta-rule scan over N independent sequences: q, k [N, T, H, dk], v [N, T, H, dv],
  * beta, alpha [N, T, H] (same float dtype), state0 [N, H, dk, dv] or NULL (zeros) in the
  * state dtype (F64 for F64 inputs, else F32). Per step (delta):

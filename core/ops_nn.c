@@ -1,6 +1,6 @@
 /* Neural-network ops: dropout (Philox mask), rotary embedding, flash-style attention
  * with grouped-query heads, and blockwise "cut" cross-entropy over a large vocabulary
- * (ALGORITHMS.md section 7). Kernels: core/cpu/nn_cpu.c. */
+ * (core/README.md §2). Kernels: core/cpu/nn_cpu.c. */
 #include <math.h>
 
 #include "core/op_internal.h"

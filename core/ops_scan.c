@@ -1,5 +1,5 @@
 /* Linear-attention scans: the gated delta rule and gated linear attention over N
- * independent sequences (the memories of MoM and the gated delta net, ALGORITHMS.md §3).
+ * independent sequences (the memories of MoM and the gated delta net, moe/README.md §2).
  * One op, two forward forms selected by the attrs (step by step, or chunked WY form);
  * one backward: the reverse-time recurrence with the states recomputed chunk by chunk
  * from the checkpoints the forward leaves. Kernels: core/cpu/scan_cpu.c, core/cuda/scan.cu. */

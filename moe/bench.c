@@ -20,14 +20,14 @@
 #include "core/cuda_info.h"
 #endif
 
-#define H200_BF16_PEAK 790e12 /* measured cuBLAS bf16 GEMM rate: the MFU denominator (BENCHMARKS.md) */
+#define H200_BF16_PEAK 790e12 /* measured cuBLAS bf16 GEMM rate: the MFU denominator (results/README.md) */
 #define AUX_ALPHA 0.01        /* Switch balance loss weight, as bench_reference.py */
 #define INIT_STD 0.02
 #define MAX_REPS 100000
 
 typedef enum bench_kind { KIND_LAYER, KIND_LM, KIND_GEMM } bench_kind;
 
-/* Shapes exactly as BENCHMARKS.md's table (and bench_reference.py's CASES). */
+/* Shapes exactly as results/README.md's table (and bench_reference.py's CASES). */
 typedef struct bench_case {
     const char *name;
     bench_kind kind;

@@ -1,4 +1,4 @@
-/* `moe bench`: the side-by-side benchmark cases of ../shared/design/BENCHMARKS.md, timed
+/* `moe bench`: the side-by-side benchmark cases of results/README.md, timed
  * on our stack (scripts/bench_reference.py is the PyTorch side, scripts/bench.sh runs
  * both and compares).
  *

@@ -1,4 +1,4 @@
-/* Mixture-of-Memories token mixer (ALGORITHMS.md §3) and, as its one-memory
+/* Mixture-of-Memories token mixer (moe/README.md §2) and, as its one-memory
  * configuration, the gated delta net (`gdn`: no routed memories, the shared one only).
  *
  * Per layer with M routed memories (+1 shared when `shared`), H heads, dk = dv = d / H:

@@ -1,4 +1,4 @@
-/* Latency-aware load balancing (ShiftAddViT, ALGORITHMS.md §4).
+/* Latency-aware load balancing (ShiftAddViT, router/README.md §3).
  *
  *   L_LL = coef * (CV^2(alpha * Importance) + CV^2(alpha * Load))
  *   Importance_e = sum_t gate_{t,e} (differentiable), Load_e = the smooth Shazeer estimate

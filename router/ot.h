@@ -1,4 +1,4 @@
-/* Sparsity-constrained optimal-transport routing (ALGORITHMS.md §6), on the host in double.
+/* Sparsity-constrained optimal-transport routing (router/README.md §4), on the host in double.
  *
  * Problem: min <P, C> + (gamma/2) ||P||^2 over plans P [T, E] >= 0 with uniform row sums
  * (tokens), uniform column sums (experts) and at most `capacity` nonzeros per column,

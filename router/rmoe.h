@@ -1,4 +1,4 @@
-/* The shared GRU cell of the layerwise recurrent router (RMoE, ALGORITHMS.md §2).
+/* The shared GRU cell of the layerwise recurrent router (RMoE, router/README.md §2).
  *
  * One cell per model, shared by the routers of every MoE layer. Row-vector convention
  * (x' and h are rows of [T, p], weights are [p_in, p_out]):

@@ -194,7 +194,7 @@ static moe_status plan_global(const moe_router *r, const double *lg, int64_t T, 
 
 /* OT selection on the host: the plan's k largest entries per token, into out->host_experts
  * and out->valid; returns the p of the chosen experts with invalid slots zeroed, or with
- * ot_plan_gates the plan's values there (ALGORITHMS.md §6; scaled by T so that a token's
+ * ot_plan_gates the plan's values there (router/README.md §4; scaled by T so that a token's
  * row sums to 1 like p) carried by p's gradient: p_sel + (plan_sel - p_sel) with the
  * difference taken outside autograd. */
 static moe_tensor *select_ot(moe_router *r, moe_tensor *logits, moe_tensor *p, moe_tensor **idx, moe_routing *out) {

@@ -1,5 +1,5 @@
 /* Routers: score tokens against experts, pick k experts per token, give the gates and
- * the balance losses. Knows only core/. Specs: ../shared/design/ALGORITHMS.md.
+ * the balance losses. Knows only core/. Notes: router/README.md (the § below).
  *
  * Three router types share one settings struct, one moe_router and one forward:
  * - topk (§1): logits = x W_g, p = softmax(logits) in f32, top-k of p (+ per-expert bias
@@ -7,9 +7,9 @@
  *   (optional, k > 1), Switch aux loss alpha * E * sum_e f_e P_e, z-loss beta * mean(lse^2).
  * - rmoe (§2): logits = G_i h_i with h_i = GRU(P_i x, h_{i-1}) (router/rmoe.h); the GRU
  *   cell is one object shared by every MoE layer of the model; then exactly as topk.
- * - ot (§6): logits = x W_g; selection from a sparsity-constrained transport plan with at
+ * - ot (§4): logits = x W_g; selection from a sparsity-constrained transport plan with at
  *   most ceil(T k / E) tokens per expert (router/ot.h); gates from p (see forward).
- * Balance: switch (§1), latency (§4, router/latency.h), aux_free (§1), none. */
+ * Balance: switch (§1), latency (§3, router/latency.h), aux_free (§1), none. */
 #ifndef MOE_ROUTER_ROUTER_H
 #define MOE_ROUTER_ROUTER_H
 
@@ -26,7 +26,7 @@ struct moe_rmoe_gru;
 typedef struct moe_router_settings {
     int n_experts, top_k, d_model;
     moe_balance_kind balance;
-    double aux_coef, z_coef;  /* aux_coef also weighs the latency loss (§4: default 0.01) */
+    double aux_coef, z_coef;  /* aux_coef also weighs the latency loss (§3: default 0.01) */
     bool renormalize;
     double aux_free_rate;
     moe_router_type type;     /* zero value: topk */
@@ -90,7 +90,7 @@ moe_status moe_router_forward(moe_router *r, moe_tensor *x, moe_tensor *state_in
 /* After the optimizer step: aux-loss-free bias update b_e += rate * sign(mean load - load_e). */
 moe_status moe_router_update_bias(moe_router *r, const int64_t *load);
 
-/* Latency-aware balance (§4): per-expert forward latencies (any positive unit, [E]) from
+/* Latency-aware balance (§3): per-expert forward latencies (any positive unit, [E]) from
  * which alpha_e = latency_e / mean(latency) is derived. Call again whenever the
  * measurement changes (e.g. after moe_latency_ema_update). */
 moe_status moe_router_set_latency(moe_router *r, const double *latency_ms);

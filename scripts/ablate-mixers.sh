@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Token-mixer ablation (ALGORITHMS.md §3): attention vs mixture of memories (MoM) vs a
+# Token-mixer ablation (moe/README.md §2): attention vs mixture of memories (MoM) vs a
 # single-memory gated delta net (gdn) vs the hybrid [attention, mom, attention, ...],
 # same config and token budget, over several seeds; results table and plots under
 # runs/ablate-mixers/.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Side-by-side benchmarks of ../shared/design/BENCHMARKS.md: our `moe bench CASE --json`
+# Side-by-side benchmarks of results/README.md: our `moe bench CASE --json`
 # against the PyTorch reference scripts/bench_reference.py, same shapes, same machine,
 # alternating (the side that goes first swaps every round), several rounds; the median
 # over rounds per side. Prints a markdown table and, per figure, exactly one line
@@ -148,7 +148,7 @@ print()
 print(f"{rounds} round(s); each figure is the median over rounds of per-round medians; device "
       f"{first.get('device', '?')}, {first.get('threads', '?')} threads.")
 if torch_version.startswith("1."):
-    print("Reference is PyTorch 1.x (Debian's stand-in): a smoke run, not a reported ratio (BENCHMARKS.md).")
+    print("Reference is PyTorch 1.x (Debian's stand-in): a smoke run, not a reported ratio (results/README.md).")
 print()
 print("| case | ours ms | ref ms | speedup (ref/ours) | ceiling | ours peak MiB | ref peak MiB |")
 print("|---|---|---|---|---|---|---|")

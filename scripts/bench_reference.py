@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch reference for the side-by-side benchmarks in BENCHMARKS.md.
+"""PyTorch reference for the side-by-side benchmarks in results/README.md.
 
 An HF-Mixtral-style MoE (softmax router in fp32, top-k, renormalised gates,
 SwiGLU experts run one after another with index_select / index_add_) inside
@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Shapes exactly as in BENCHMARKS.md's configuration table.
+# Shapes exactly as in results/README.md's table of cases.
 CASES = {
     "moe-layer-cpu": dict(kind="layer", device="cpu", dtype="f32", d=256, f=704, E=8, k=2, T=4096),
     "lm-step-cpu": dict(kind="lm", device="cpu", dtype="f32", V=256, d=256, L=4, H=4, E=8, k=2,
@@ -43,11 +43,11 @@ CASES = {
     "lm-train-gpu": dict(kind="lm", device="cuda", dtype="bf16", V=32768, d=1024, L=8, H=16, E=8, k=2,
                          f=2816, B=16, S=1024),
 }
-AUX_ALPHA = 0.01          # Switch load-balancing loss weight (ALGORITHMS.md §1)
+AUX_ALPHA = 0.01          # Switch load-balancing loss weight (router/README.md §1)
 RMS_EPS = 1e-5
 ROPE_THETA = 10000.0
 INIT_STD = 0.02           # every weight matrix, embedding included; norm weights start at 1
-H200_BF16_PEAK = 790e12   # measured cuBLAS bf16 GEMM rate: the MFU denominator (BENCHMARKS.md)
+H200_BF16_PEAK = 790e12   # measured cuBLAS bf16 GEMM rate: the MFU denominator (results/README.md)
 
 
 class RMSNorm(nn.Module):
@@ -212,7 +212,7 @@ def peak_bytes(device):
 
 
 def lm_flops(c):
-    """FLOPs of one training step, per BENCHMARKS.md's MFU definition:
+    """FLOPs of one training step, per results/README.md's MFU definition:
     6 · (active matmul params) · tokens + causal attention FLOPs, where
       active matmul params = L · (4·d² [q,k,v,o] + d·E [router] + k·3·d·f [active experts])
                              + V·d [LM head; the embedding lookup is not a matmul],
@@ -285,7 +285,7 @@ def main():
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit(f"bench_reference: case {args.case} needs CUDA, but torch {torch.__version__} "
                  f"sees no CUDA device (built with CUDA {torch.version.cuda}); "
-                 "run it on the GPU host or pass --device cpu")
+                 "run it on a GPU machine or pass --device cpu")
     if args.compile and not hasattr(torch, "compile"):
         sys.exit(f"bench_reference: --compile needs torch >= 2.0, this is {torch.__version__}")
     if args.device == "cpu":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one command for the GPU host (../shared/device/README.md): unpack the carried
-# dependencies (.devdeps/, when present), configure with CUDA into build-gpu/, build
+# The one command for a GPU machine: unpack the dependencies that scripts/gpu-prepare.sh
+# packed (.devdeps/ beside the tree, when present), configure with CUDA into build-gpu/, build
 # with -j16, run the cuda-labelled tests and print their summary; then, as asked:
 #   --bench    scripts/bench.sh gpu (further arguments go to bench.sh, e.g. --reps 5)
 #   --ablate   the H200 ablations (scripts/ablate-*.sh gpu; ABLATE_KINDS default "routers
@@ -16,10 +16,11 @@
 #   --multi    with 2+ GPUs: NCCL collectives (tests/test_mpi_overlap, one rank per GPU),
 #              N GPUs = 1 GPU in bf16 (scripts/test-mpi-train.sh --device cuda --dtype
 #              bf16) and weak scaling (scripts/scale-gpu.sh)
-# Logs and results go under gpu-logs/; when $OUT is set (the device tool) they are also
-# packed into ONE file, $OUT/gpu-logs.tgz, with the reports beside it, because the tool
-# brings back only a few files per call. Safe to run again: it reuses build-gpu/ (or
-# remakes it when it was configured from another source folder) and overwrites the logs.
+# Logs and results go under gpu-logs/; when $OUT names a folder (where a remote run's
+# results are collected) they are also packed into ONE file, $OUT/gpu-logs.tgz, with the
+# reports beside it, so that a few files carry everything back. Safe to run again: it
+# reuses build-gpu/ (or remakes it when it was configured from another source folder)
+# and overwrites the logs.
 # Exit status: the first failure of configure, build, tests, benchmarks, ablations,
 # multi-GPU checks (0 = all passed).
 set -euo pipefail
@@ -44,7 +45,7 @@ done
 
 mkdir -p gpu-logs
 logs=$(cd gpu-logs && pwd)
-pack() { # the logs as one archive plus the reports, for the device tool's $OUT
+pack() { # the logs as one archive plus the reports, into $OUT
     [ -n "${OUT:-}" ] || return 0
     tar czf "$OUT/gpu-logs.tgz" -C "$logs" . 2>/dev/null || true
     for f in bench.md bench-cpu.md ablate-routers.md ablate-mixers.md profile-fine.txt; do [ -f "$logs/$f" ] && cp "$logs/$f" "$OUT/"; done
@@ -58,7 +59,7 @@ if [ -f .devdeps/prelude.sh ]; then
     source .devdeps/prelude.sh
     set -u
 fi
-export NCCL_NVLS_ENABLE=0 # the host's rule: NVLink multicast stays off
+export NCCL_NVLS_ENABLE=0 # NVLink multicast stays off on the GPU machines
 
 {
     echo "date: $(date -Is)"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Weak scaling on the GPU host: trains configs/small-gpu.yaml (bf16) for a few steps on
+# Weak scaling on a GPU machine: trains configs/small-gpu.yaml (bf16) for a few steps on
 # N = 1, 2, 4 GPUs (those visible), one rank per GPU, the experts sharded over all of
 # them (parallel.expert_parallel = N) and the batch per GPU fixed (data.batch_size =
 # N x B), with MOE_DIST_TIMING=1 (the device is drained around each all-to-all to time

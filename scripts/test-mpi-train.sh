@@ -12,7 +12,7 @@
 # equality under EP 2 (2 and 4 ranks) and a save at the most ranks (EP 2) resumed at 2
 # and 1; the RMoE and OT routers equal their 1-rank runs under EP 2.
 #   scripts/test-mpi-train.sh path/to/moe [workdir] [--device cuda] [--dtype bf16] [--tol T]
-# --device cuda (on the GPU host) runs every rank on its own GPU (NCCL), so only the runs
+# --device cuda (on a GPU machine) runs every rank on its own GPU (NCCL), so only the runs
 # with at most as many ranks as GPUs (nvidia-smi -L, at most 4) take place, and the save
 # is made at the largest of them. Tolerances: 1e-4 on the CPU in f32, 1e-3 on CUDA in
 # f32 (other GEMM shapes, other summation orders), 2e-2 in bf16 (8-bit mantissas); --tol

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command: installs what is missing, builds, runs every CPU and MPI
 # test (ctest labels cpu and mpi), then the sanitizer build's cpu tests.
-# CUDA tests (label cuda) need a GPU: scripts/gpu-check.sh runs them on the GPU host.
+# CUDA tests (label cuda) need a GPU: scripts/gpu-check.sh runs them on a GPU machine.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

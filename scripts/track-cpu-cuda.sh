@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains configs/tiny-cpu.yaml for N steps (default 50) from the same init and data on
 # the CPU (f32), on CUDA (f32) and on CUDA (bf16), and prints the per-step losses side
-# by side with the largest differences. Run on the GPU host (after scripts/build.sh).
+# by side with the largest differences. Run on a GPU machine (after scripts/build.sh).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

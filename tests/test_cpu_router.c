@@ -340,8 +340,8 @@ static void test_ot_spreads(void) {
     moe_step_reset();
 }
 
-/* ot_plan_gates: the gates are T x the plan's values at the chosen slots (ALGORITHMS.md
- * §6), and their gradient is the softmax's (straight-through): without renormalisation the
+/* ot_plan_gates: the gates are T x the plan's values at the chosen slots (router/README.md
+ * §4), and their gradient is the softmax's (straight-through): without renormalisation the
  * router weight's grad equals that of the softmax-gated OT router exactly. */
 static void test_ot_plan_gates(void) {
     enum { TT = 16 };

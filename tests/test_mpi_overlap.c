@@ -4,7 +4,7 @@
  * group, across blocking collectives and the all-to-all of a backward) give the sums of
  * the blocking ones on CPU copies; the tensor all-to-all delivers every row; the
  * communication counters count it. The collective cases also run on CUDA tensors (NCCL)
- * with MOE_TEST_CUDA=1, one rank per GPU, e.g. on the GPU host:
+ * with MOE_TEST_CUDA=1, one rank per GPU, e.g. on a GPU machine:
  *   MOE_TEST_CUDA=1 mpirun -np 2 build-gpu/tests/test_mpi_overlap */
 #include <math.h>
 #include <stdlib.h>
