@@ -12,7 +12,8 @@ _Static_assert(sizeof(moe_cfg_mixer) == sizeof(int) && sizeof(moe_cfg_mom_update
                    sizeof(moe_cfg_latency_source) == sizeof(int) &&
                    sizeof(moe_cfg_tokenizer) == sizeof(int) && sizeof(moe_cfg_device) == sizeof(int) &&
                    sizeof(moe_cfg_dtype) == sizeof(int) && sizeof(moe_cfg_optimizer) == sizeof(int) &&
-                   sizeof(moe_cfg_schedule) == sizeof(int),
+                   sizeof(moe_cfg_schedule) == sizeof(int) && sizeof(moe_cfg_qk_norm) == sizeof(int) &&
+                   sizeof(moe_cfg_attention) == sizeof(int) && sizeof(moe_cfg_router_score) == sizeof(int),
                "config enums must be int-sized");
 
 static const char *const mixer_names[] = {
@@ -20,6 +21,12 @@ static const char *const mixer_names[] = {
     [MOE_CFG_MIXER_GDN] = "gdn", NULL};
 static const char *const mom_update_names[] = {
     [MOE_CFG_MOM_DELTA] = "delta", [MOE_CFG_MOM_GLA] = "gla", NULL};
+static const char *const qk_norm_names[] = {
+    [MOE_CFG_QK_NORM_NONE] = "none", [MOE_CFG_QK_NORM_FULL] = "full", [MOE_CFG_QK_NORM_HEAD] = "head", NULL};
+static const char *const attention_names[] = {
+    [MOE_CFG_ATTENTION_MHA] = "mha", [MOE_CFG_ATTENTION_MLA] = "mla", NULL};
+static const char *const score_names[] = {
+    [MOE_CFG_SCORE_SOFTMAX] = "softmax", [MOE_CFG_SCORE_SIGMOID] = "sigmoid", NULL};
 static const char *const router_names[] = {
     [MOE_CFG_ROUTER_TOPK] = "topk", [MOE_CFG_ROUTER_RMOE] = "rmoe", [MOE_CFG_ROUTER_OT] = "ot", NULL};
 static const char *const balance_names[] = {
@@ -70,6 +77,22 @@ static const moe_yaml_key config_keys[] = {
     INT(model.dense_layers, 0, MOE_YAML_LIST_MAX, "0",
         "the first k layers use a dense SwiGLU FFN instead of MoE"),
     INT(model.dense_ffn_dim, 0, 1 << 20, "0", "dense FFN hidden width; 0 = ffn_dim*top_k"),
+    LIST(model.dense_layer_ids, MOE_YAML_INT_LIST, 0, MOE_YAML_LIST_MAX - 1, NULL, "[]",
+         "further layers (by index) that use the dense FFN"),
+    INT(model.moe_layer_step, 1, MOE_YAML_LIST_MAX, "1",
+        "layer i is MoE only when (i + 1) % moe_layer_step == 0 (others dense)"),
+    BOOL(model.shared_gate, "false", "scale the shared experts' output by sigmoid(x w), w [d, 1]"),
+    INT(model.head_dim, 0, 4096, "0", "attention head width; 0 = d_model / n_heads"),
+    BOOL(model.qkv_bias, "false", "biases on the q, k and v projections"),
+    ENUM(model.qk_norm, qk_norm_names, "none",
+         "RMSNorm of q and k before RoPE: over all heads (full) or per head (head)"),
+    ENUM(model.attention, attention_names, "mha",
+         "attention: multi-head/grouped-query, or multi-head latent attention (mla, the mla_* widths)"),
+    INT(model.q_lora_rank, 0, 65536, "0", "mla: rank of the q projection; 0 = full rank"),
+    INT(model.kv_lora_rank, 0, 65536, "0", "mla: rank of the joint k/v projection"),
+    INT(model.qk_nope_dim, 0, 4096, "0", "mla: per-head q/k width without RoPE"),
+    INT(model.qk_rope_dim, 0, 4096, "0", "mla: per-head RoPE width (one rope key shared by the heads)"),
+    INT(model.v_head_dim, 0, 4096, "0", "mla: per-head value width"),
     BOOL(model.tie_embeddings, "true", "share the input embedding with the output projection"),
     FLT(model.rope_theta, 1.0, 1e9, "10000.0", "RoPE base frequency"),
     FLT(model.norm_eps, 1e-12, 1.0, "1e-5", "RMSNorm epsilon"),
@@ -91,6 +114,12 @@ static const moe_yaml_key config_keys[] = {
     FLT(router.z_coef, 0.0, 100.0, "1e-3", "router z-loss coefficient beta"),
     BOOL(router.renormalize, "true", "renormalise the top-k gates to sum 1"),
     FLT(router.capacity_factor, 0.0, 1024.0, "0.0", "expert capacity factor c; 0 = dropless"),
+    ENUM(router.score, score_names, "softmax", "expert scores: softmax over experts, or per-expert sigmoid"),
+    INT(router.n_groups, 1, 1024, "1", "group-limited top-k: experts split into n_groups equal groups"),
+    INT(router.topk_groups, 1, 1024, "1",
+        "group-limited top-k: only the experts of the best topk_groups groups (group score: sum of its top 2) "
+        "are chosen"),
+    FLT(router.scale, 0.0, 1e6, "1.0", "multiplier of the routed experts' gates"),
     FLT(router.aux_free_rate, 0.0, 1.0, "1e-3", "aux-loss-free bias update rate gamma"),
     INT(router.rmoe_dim, 1, 65536, "128", "RMoE: GRU width p"),
     BOOL(router.rmoe_detach, "false", "RMoE: detach the recurrent state between layers (ablation)"),
@@ -178,16 +207,51 @@ const char *moe_config_enum_name(const char *key, int value) {
     return moe_yaml_enum_name(k, value);
 }
 
+/* Multi-head latent attention widths and group-limited routing. */
+static moe_status validate_mla_and_groups(const moe_config *cfg) {
+    const moe_cfg_model *m = &cfg->model;
+    const moe_cfg_router *r = &cfg->router;
+    if (m->attention == MOE_CFG_ATTENTION_MLA &&
+        (m->kv_lora_rank < 1 || m->qk_rope_dim < 2 || m->v_head_dim < 1 || m->qk_nope_dim + m->qk_rope_dim < 1))
+        return moe_error(MOE_ERR_CONFIG,
+                         "config: model.attention=mla needs model.kv_lora_rank, model.qk_rope_dim and "
+                         "model.v_head_dim > 0 (got %d, %d, %d)",
+                         m->kv_lora_rank, m->qk_rope_dim, m->v_head_dim);
+    if (m->attention == MOE_CFG_ATTENTION_MLA && (m->qk_norm != MOE_CFG_QK_NORM_NONE || m->qkv_bias))
+        return moe_error(MOE_ERR_CONFIG, "config: model.attention=mla takes neither model.qk_norm nor model.qkv_bias");
+    if (m->n_experts % r->n_groups != 0 || r->topk_groups > r->n_groups)
+        return moe_error(MOE_ERR_CONFIG,
+                         "config: router.n_groups=%d must divide model.n_experts=%d and be >= "
+                         "router.topk_groups=%d",
+                         r->n_groups, m->n_experts, r->topk_groups);
+    if (m->top_k > r->topk_groups * (m->n_experts / r->n_groups))
+        return moe_error(MOE_ERR_CONFIG,
+                         "config: model.top_k=%d is more than the %d experts of router.topk_groups=%d groups",
+                         m->top_k, r->topk_groups * (m->n_experts / r->n_groups), r->topk_groups);
+    if (r->n_groups > 1 && m->n_experts / r->n_groups < 2)
+        return moe_error(MOE_ERR_CONFIG, "config: router.n_groups=%d leaves fewer than 2 experts per group",
+                         r->n_groups);
+    return MOE_OK;
+}
+
 moe_status moe_config_validate(const moe_config *cfg) {
     MOE_ASSERT(cfg, "NULL config");
     const moe_cfg_model *m = &cfg->model;
-    if (m->d_model % m->n_heads != 0) {
+    if (m->head_dim == 0 && m->attention == MOE_CFG_ATTENTION_MHA && m->d_model % m->n_heads != 0) {
         return moe_error(MOE_ERR_CONFIG,
                          "config: model.n_heads=%d does not divide model.d_model=%d; choose "
-                         "n_heads so that d_model/n_heads is a whole number",
+                         "n_heads so that d_model/n_heads is a whole number, or set model.head_dim",
                          m->n_heads, m->d_model);
     }
-    if ((m->d_model / m->n_heads) % 2 != 0) {
+    if (m->attention == MOE_CFG_ATTENTION_MLA && m->qk_rope_dim % 2 != 0) {
+        return moe_error(MOE_ERR_CONFIG, "config: model.qk_rope_dim=%d is odd; RoPE needs an even width",
+                         m->qk_rope_dim);
+    }
+    if (m->attention == MOE_CFG_ATTENTION_MHA && m->head_dim % 2 != 0) {
+        return moe_error(MOE_ERR_CONFIG, "config: model.head_dim=%d is odd; RoPE needs an even head width",
+                         m->head_dim);
+    }
+    if (m->attention == MOE_CFG_ATTENTION_MHA && m->head_dim == 0 && (m->d_model / m->n_heads) % 2 != 0) {
         return moe_error(MOE_ERR_CONFIG,
                          "config: the head width model.d_model/model.n_heads = %d/%d = %d is odd; "
                          "RoPE needs an even head width",
@@ -256,7 +320,7 @@ moe_status moe_config_validate(const moe_config *cfg) {
                          "config: data.tokenizer=bpe needs data.tokenizer_path (the BPE "
                          "tokenizer file)");
     }
-    return MOE_OK;
+    return validate_mla_and_groups(cfg);
 }
 
 moe_cfg_mixer moe_config_layer_mixer(const moe_config *cfg, int layer) {
@@ -272,7 +336,16 @@ moe_cfg_mixer moe_config_layer_mixer(const moe_config *cfg, int layer) {
 bool moe_config_layer_is_dense(const moe_config *cfg, int layer) {
     MOE_ASSERT(layer >= 0 && layer < cfg->model.n_layers, "layer %d outside [0, %d)", layer,
                cfg->model.n_layers);
-    return layer < cfg->model.dense_layers;
+    const moe_cfg_model *m = &cfg->model;
+    for (int i = 0; i < m->dense_layer_ids.count; i++)
+        if (m->dense_layer_ids.values[i] == layer) return true;
+    return layer < m->dense_layers || (layer + 1) % m->moe_layer_step != 0;
+}
+
+int moe_config_head_dim(const moe_config *cfg) {
+    const moe_cfg_model *m = &cfg->model;
+    if (m->attention == MOE_CFG_ATTENTION_MLA) return m->qk_nope_dim + m->qk_rope_dim;
+    return m->head_dim ? m->head_dim : m->d_model / m->n_heads;
 }
 
 int moe_config_expert_ffn_dim(const moe_config *cfg, int expert) {

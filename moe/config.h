@@ -27,6 +27,22 @@ typedef enum moe_cfg_mom_update {
     MOE_CFG_MOM_GLA,   /* gla: gated linear attention */
 } moe_cfg_mom_update;
 
+typedef enum moe_cfg_qk_norm {
+    MOE_CFG_QK_NORM_NONE, /* none */
+    MOE_CFG_QK_NORM_FULL, /* full: RMSNorm over all heads of q (H hd) and of k (Hkv hd) */
+    MOE_CFG_QK_NORM_HEAD, /* head: RMSNorm over each head (weight [hd]) */
+} moe_cfg_qk_norm;
+
+typedef enum moe_cfg_attention {
+    MOE_CFG_ATTENTION_MHA, /* mha: multi-head / grouped-query attention */
+    MOE_CFG_ATTENTION_MLA, /* mla: multi-head latent attention (low-rank q and kv, shared rope key) */
+} moe_cfg_attention;
+
+typedef enum moe_cfg_router_score {
+    MOE_CFG_SCORE_SOFTMAX, /* softmax */
+    MOE_CFG_SCORE_SIGMOID, /* sigmoid */
+} moe_cfg_router_score;
+
 typedef enum moe_cfg_router_type {
     MOE_CFG_ROUTER_TOPK, /* topk */
     MOE_CFG_ROUTER_RMOE, /* rmoe: layerwise recurrent router */
@@ -85,6 +101,18 @@ typedef struct moe_cfg_model {
     int shared_ffn_dim;            /* 0 = ffn_dim; use moe_config_shared_ffn_dim() */
     int dense_layers;              /* the first k layers use a dense SwiGLU FFN */
     int dense_ffn_dim;             /* 0 = ffn_dim*top_k; use moe_config_dense_ffn_dim() */
+    moe_yaml_list dense_layer_ids; /* further dense layers by index */
+    int moe_layer_step;            /* layer i is MoE only when (i + 1) % step == 0 */
+    bool shared_gate;              /* shared experts' output times sigmoid(x w) [d, 1] */
+    int head_dim;                  /* 0 = d_model / n_heads; use moe_config_head_dim() */
+    bool qkv_bias;                 /* biases on q, k and v */
+    moe_cfg_qk_norm qk_norm;
+    moe_cfg_attention attention;
+    int q_lora_rank;               /* mla: 0 = full-rank q projection */
+    int kv_lora_rank;              /* mla */
+    int qk_nope_dim;               /* mla: per-head q/k width without rope */
+    int qk_rope_dim;               /* mla: per-head rope width (the rope key is shared by all heads) */
+    int v_head_dim;                /* mla */
     bool tie_embeddings;
     double rope_theta;
     double norm_eps;
@@ -107,6 +135,10 @@ typedef struct moe_cfg_router {
     double z_coef;
     bool renormalize;
     double capacity_factor;        /* 0 = dropless */
+    moe_cfg_router_score score;
+    int n_groups;                  /* group-limited top-k: experts in n_groups groups ... */
+    int topk_groups;               /* ... of which the best topk_groups are eligible */
+    double scale;                  /* routed output multiplier */
     double aux_free_rate;
     int rmoe_dim;
     bool rmoe_detach;
@@ -200,7 +232,9 @@ const char *moe_config_enum_name(const char *key, int value);
 
 /* Resolved per-layer / per-expert values (the "0 = ..." defaults applied). */
 moe_cfg_mixer moe_config_layer_mixer(const moe_config *cfg, int layer);
-bool moe_config_layer_is_dense(const moe_config *cfg, int layer); /* layer < dense_layers */
+/* layer < dense_layers, listed in dense_layer_ids, or (layer + 1) % moe_layer_step != 0 */
+bool moe_config_layer_is_dense(const moe_config *cfg, int layer);
+int moe_config_head_dim(const moe_config *cfg); /* mla: qk_nope_dim + qk_rope_dim */
 int moe_config_expert_ffn_dim(const moe_config *cfg, int expert);
 int moe_config_kv_heads(const moe_config *cfg);
 int moe_config_shared_ffn_dim(const moe_config *cfg);

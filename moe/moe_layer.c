@@ -133,6 +133,12 @@ moe_status moe_moe_layer_init(moe_moe_layer *L, const moe_moe_layer_settings *s,
         moe_param_init(L->shared_w13, L->name_sw13);
         moe_param_init(L->shared_w2, L->name_sw2);
     }
+    if (s->n_shared > 0 && s->shared_gate) {
+        snprintf(L->name_sgate, sizeof L->name_sgate, "%s.shared.gate", prefix);
+        L->shared_gate = named_randn(L->name_sgate, d, 1, dev, seed, init_std);
+        if (!L->shared_gate) return moe_last_status();
+        moe_param_init(L->shared_gate, L->name_sgate);
+    }
     return MOE_OK;
 }
 
@@ -148,6 +154,7 @@ void moe_moe_layer_free(moe_moe_layer *L) {
     free(L->latency);
     moe_tensor_free(L->shared_w13);
     moe_tensor_free(L->shared_w2);
+    moe_tensor_free(L->shared_gate);
     memset(L, 0, sizeof *L);
 }
 
@@ -402,8 +409,11 @@ moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_tensor *s
                                                 : run_experts(L, xs, plan.offsets, compute, sample); /* [N, d] */
     if (y && sample && update_running_latency(L, sample) != MOE_OK) return NULL;
     moe_tensor *out = moe_combine(y, moe_cast(res->routing.gates, compute), src); /* [T, d] */
-    if (L->shared_w13)
-        out = moe_add(out, moe_swiglu_ffn(x, moe_cast(L->shared_w13, compute), moe_cast(L->shared_w2, compute)));
+    if (L->shared_w13) {
+        moe_tensor *sh = moe_swiglu_ffn(x, moe_cast(L->shared_w13, compute), moe_cast(L->shared_w2, compute));
+        if (L->shared_gate) sh = moe_mul(sh, moe_sigmoid(moe_matmul(x, moe_cast(L->shared_gate, compute)))); /* [T, 1] */
+        out = moe_add(out, sh);
+    }
     return out;
 }
 

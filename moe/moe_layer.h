@@ -39,6 +39,7 @@ typedef struct moe_moe_layer_settings {
     const int *expert_ffn_dims; /* [n_experts] hidden width of each expert, or NULL: all ffn_dim.
                                  * Read by init only (the layer keeps its own copy). */
     int n_shared, shared_ffn_dim;
+    bool shared_gate;       /* the shared experts' output times sigmoid(x w_sg), w_sg [d, 1] */
     double capacity_factor; /* 0 = dropless */
     bool latency_running;   /* router.latency_source = running: time every training forward */
     moe_router_settings router;
@@ -61,10 +62,11 @@ typedef struct moe_moe_layer {
     int *slot;                          /* [n_experts] position of expert e in the group-major order */
     moe_tensor *w13, *w2;               /* homogeneous layers: groups[0]'s stacks (not owned); else NULL */
     moe_tensor *shared_w13, *shared_w2; /* [d, 2 * n_shared * fs], [n_shared * fs, d] or NULL */
+    moe_tensor *shared_gate;            /* [d, 1] or NULL */
     int expert_begin, n_local;
     double *latency;                    /* [n_experts] ms per row (start-up, then running average); 0 = unknown */
     char name_w13[96], name_w2[96];     /* "<prefix>.experts.w13" / ".w2": the per-expert checkpoint names */
-    char name_sw13[96], name_sw2[96];
+    char name_sw13[96], name_sw2[96], name_sgate[96];
 } moe_moe_layer;
 
 typedef struct moe_moe_layer_result {

@@ -146,9 +146,59 @@ static moe_tensor *add_noise(moe_router *r, moe_tensor *x, moe_tensor *clean, mo
     return out->smooth_load ? noisy : NULL;
 }
 
+/* The k largest of v[0..n) (ties: lower index first) into out, descending. */
+static void host_topk(const double *v, int n, int k, int32_t *out) {
+    for (int j = 0; j < k; j++) {
+        int best = -1;
+        for (int e = 0; e < n; e++) {
+            bool taken = false;
+            for (int q = 0; q < j && !taken; q++) taken = out[q] == e;
+            if (!taken && (best < 0 || v[e] > v[best])) best = e;
+        }
+        out[j] = best;
+    }
+}
+
+/* Group-limited selection on the host: per token, selection score c = p (+ bias); group
+ * score = sum of the group's top-2 c; experts outside the best topk_groups groups get c = 0;
+ * then the top k of c. Gates are p at the chosen experts. */
+static moe_tensor *select_grouped(moe_router *r, moe_tensor *p, moe_tensor **idx) {
+    int64_t T = p->shape[0];
+    int E = r->s.n_experts, k = r->s.top_k, G = r->s.n_groups, per = E / G, tg = r->s.topk_groups;
+    double *c = moe_step_host_alloc(sizeof(double) * (size_t)(T * E + E + G));
+    int32_t *ids = moe_step_host_alloc(sizeof(int32_t) * (size_t)(T * k + G + 2));
+    if (!c || !ids) {
+        moe_error(MOE_ERR_OOM, "router: out of host memory");
+        return NULL;
+    }
+    double *b = c + T * E, *gs = b + E;
+    int32_t *gsel = ids + T * k, two[2];
+    if (moe_tensor_to_host_f64(p, c) != MOE_OK) return NULL;
+    for (int e = 0; e < E; e++) b[e] = 0;
+    if (r->bias && moe_tensor_to_host_f64(r->bias, b) != MOE_OK) return NULL;
+    for (int64_t t = 0; t < T; t++) {
+        double *ct = c + t * E;
+        for (int e = 0; e < E; e++) ct[e] += b[e];
+        for (int g = 0; g < G; g++) {
+            host_topk(ct + g * per, per, 2, two);
+            gs[g] = ct[g * per + two[0]] + ct[g * per + two[1]];
+        }
+        host_topk(gs, G, tg, gsel);
+        for (int g = 0; g < G; g++) {
+            bool keep = false;
+            for (int q = 0; q < tg; q++) keep = keep || gsel[q] == g;
+            for (int e = 0; e < per && !keep; e++) ct[g * per + e] = 0.0;
+        }
+        host_topk(ct, E, k, ids + t * k);
+    }
+    *idx = moe_tensor_from_host(MOE_LIFE_STEP, p->device, MOE_I32, 2, (int64_t[]){T, k}, ids);
+    return *idx ? moe_gather(p, *idx) : NULL;
+}
+
 /* Top-k of p (selection on p + bias under aux-loss-free balancing); gates from p. */
 static moe_tensor *select_topk(moe_router *r, moe_tensor *p, moe_tensor **idx) {
     int k = r->s.top_k;
+    if (r->s.n_groups > 1) return select_grouped(r, p, idx);
     if (!r->bias) return moe_topk(p, k, idx);
     bool was = moe_grad_set_enabled(false);
     moe_topk(moe_add(p, moe_cast(r->bias, p->dtype)), k, idx);
@@ -288,7 +338,7 @@ moe_status moe_router_forward(moe_router *r, moe_tensor *x, moe_tensor *state_in
         logits = add_noise(r, x, logits, out);
         if (!logits) return moe_last_status();
     }
-    moe_tensor *p = moe_softmax(logits);
+    moe_tensor *p = s->sigmoid_scores ? moe_sigmoid(logits) : moe_softmax(logits);
     if (!p) return moe_last_status();
     out->host_experts = moe_step_host_alloc(sizeof(int32_t) * (size_t)(n ? n : 1));
     out->load = moe_step_host_alloc(sizeof(int64_t) * (size_t)E);
@@ -305,7 +355,8 @@ moe_status moe_router_forward(moe_router *r, moe_tensor *x, moe_tensor *state_in
         if (!ids_host) return moe_last_status();
         memcpy(out->host_experts, ids_host->data, sizeof(int32_t) * (size_t)n);
     }
-    moe_tensor *gates = s->renormalize && k > 1 ? renormalize(vals, out->valid) : vals;
+    moe_tensor *gates = s->renormalize && (k > 1 || s->sigmoid_scores) ? renormalize(vals, out->valid) : vals;
+    if (s->scale > 0 && s->scale != 1.0) gates = moe_mul_scalar(gates, s->scale);
     if (!gates) return moe_last_status();
     for (int64_t i = 0; i < n; i++)
         if (!out->valid || out->valid[i]) out->load[out->host_experts[i]]++;

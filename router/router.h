@@ -9,7 +9,10 @@
  *   cell is one object shared by every MoE layer of the model; then exactly as topk.
  * - ot (§4): logits = x W_g; selection from a sparsity-constrained transport plan with at
  *   most ceil(T k / E) tokens per expert (router/ot.h); gates from p (see forward).
- * Balance: switch (§1), latency (§3, router/latency.h), aux_free (§1), none. */
+ * Balance: switch (§1), latency (§3, router/latency.h), aux_free (§1), none.
+ * DeepSeek-V3 routing is topk with sigmoid scores, the aux_free bias (selection only),
+ * group-limited selection and a gate scale; with groups, experts outside the chosen
+ * groups compete with a selection score of 0 (as DeepSeek-V3's reference does). */
 #ifndef MOE_ROUTER_ROUTER_H
 #define MOE_ROUTER_ROUTER_H
 
@@ -37,6 +40,10 @@ typedef struct moe_router_settings {
     double ot_gamma;          /* ot: quadratic regularisation (<= 0: 1.0) */
     bool ot_plan_gates;       /* ot: gate values from the plan, gradient from the softmax */
     bool noisy_gating;        /* Shazeer noisy top-k gating while training (grad mode on) */
+    bool sigmoid_scores;      /* p = sigmoid(logits) per expert instead of the softmax (topk, rmoe) */
+    int n_groups, topk_groups; /* group-limited top-k (> 1 groups): only the experts of the topk_groups
+                                * groups with the largest sum of their top-2 selection scores are chosen */
+    double scale;             /* gates multiplied by it after renormalisation (0 taken as 1) */
 } moe_router_settings;
 
 typedef struct moe_router {

@@ -1,0 +1,298 @@
+/* Hub folder -> moe_model: the name table and the streaming, transposing conversion. */
+#include "moe/hf/hf_model.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/memory.h"
+#include "moe/hf/safetensors.h"
+
+typedef struct loader {
+    const char *dir;
+    moe_st_set set;
+    bool **used;      /* [file][tensor] */
+    float *scratch;   /* one widened tensor (bf16 / f16 sources) */
+    int64_t scratch_n;
+    const moe_hf_info *info;
+} loader;
+
+/* Where a HF tensor goes: rows of W [rows, cols] (cols 0: a vector of rows) land in dst.
+ * transpose: dst[i * ld + col0 + o] = W[src(o)][i] (nn.Linear [out, in] -> our [in, out]);
+ * else dst[o * ld + col0 + i] = W[src(o)][i]. src(o) = row_map ? row_map[o] : o. */
+typedef struct dst_spec {
+    float *dst;
+    int64_t ld, col0;
+    bool transpose;
+    const int64_t *row_map;
+} dst_spec;
+
+static void mark_used(loader *L, const moe_st_view *v) {
+    for (int f = 0; f < L->set.n_files; f++) {
+        const moe_st_file *F = &L->set.files[f];
+        if (v >= F->tensors && v < F->tensors + F->n) L->used[f][v - F->tensors] = true;
+    }
+}
+
+/* The first present of the candidate names (NULL-terminated). */
+static const moe_st_view *lookup(loader *L, const char *const *names) {
+    for (const char *const *n = names; *n; n++) {
+        const moe_st_view *v = moe_st_set_find(&L->set, *n);
+        if (v) return v;
+    }
+    return NULL;
+}
+
+static const float *as_f32(loader *L, const moe_st_view *v) {
+    if (v->dtype == MOE_ST_F32) return v->data;
+    int64_t n = moe_st_numel(v);
+    if (n > L->scratch_n) {
+        free(L->scratch);
+        L->scratch = malloc(sizeof(float) * (size_t)n);
+        L->scratch_n = L->scratch ? n : 0;
+        if (!L->scratch) {
+            moe_error(MOE_ERR_OOM, "%s: out of host memory widening tensor '%s'", v->file, v->name);
+            return NULL;
+        }
+    }
+    return moe_st_read_f32(v, L->scratch) == MOE_OK ? L->scratch : NULL;
+}
+
+/* Copies the first present candidate of shape [rows, cols] (cols 0: [rows]) to d. */
+static moe_status put(loader *L, const char *const *names, int64_t rows, int64_t cols, dst_spec d) {
+    const moe_st_view *v = lookup(L, names);
+    if (!v) return moe_error(MOE_ERR_FORMAT, "%s: tensor '%s' is missing", L->dir, names[0]);
+    bool ok = cols ? v->ndim == 2 && v->shape[0] == rows && v->shape[1] == cols : v->ndim == 1 && v->shape[0] == rows;
+    if (!ok) {
+        char got[96] = "[", *p = got + 1;
+        for (int i = 0; i < v->ndim && p < got + 80; i++) p += sprintf(p, i ? ", %lld" : "%lld", (long long)v->shape[i]);
+        strcat(got, "]");
+        return moe_error(MOE_ERR_FORMAT, "%s: tensor '%s' has shape %s; config.json implies [%lld%s%.0lld]", v->file,
+                         v->name, got, (long long)rows, cols ? ", " : "", (long long)cols);
+    }
+    const float *w = as_f32(L, v);
+    if (!w) return moe_last_status();
+    int64_t in = cols ? cols : 1;
+    for (int64_t o = 0; o < rows; o++) {
+        const float *src = w + (d.row_map ? d.row_map[o] : o) * in;
+        if (d.transpose)
+            for (int64_t i = 0; i < in; i++) d.dst[i * d.ld + d.col0 + o] = src[i];
+        else
+            memcpy(d.dst + o * d.ld + d.col0, src, sizeof(float) * (size_t)in);
+    }
+    mark_used(L, v);
+    moe_st_release(v);
+    return MOE_OK;
+}
+
+#define NAMES(...) ((const char *const[]){__VA_ARGS__, NULL})
+
+static float *F(moe_tensor *t) { return t->data; }
+
+/* A [out, in] linear into columns col0.. of our [in, ld] matrix. */
+static dst_spec lin(moe_tensor *t, int64_t col0) { return (dst_spec){F(t), t->shape[t->ndim - 1], col0, true, NULL}; }
+static dst_spec vec(moe_tensor *t, int64_t off) { return (dst_spec){F(t), 1, off, false, NULL}; }
+
+/* HF de-interleaves the rope dims of q_pe and k_pe before rotate-half; the same is a
+ * permutation of the columns that produce them: output j takes source row map[j]. */
+static int64_t *rope_row_map(int64_t rows, int64_t per, int64_t first, int64_t rope, bool interleave) {
+    int64_t *map = malloc(sizeof(int64_t) * (size_t)rows);
+    if (!map) return NULL;
+    for (int64_t o = 0; o < rows; o++) {
+        int64_t h = o / per, j = o % per - first;
+        map[o] = o;
+        if (interleave && j >= 0 && j < rope) map[o] = h * per + first + (j < rope / 2 ? 2 * j : 2 * (j - rope / 2) + 1);
+    }
+    return map;
+}
+
+static moe_status load_mla(loader *L, moe_model *m, moe_block *b, const char *p) {
+    const moe_cfg_model *c = &m->cfg.model;
+    int64_t d = c->d_model, H = m->n_heads, Dq = m->head_dim, nope = c->qk_nope_dim, rope = c->qk_rope_dim;
+    int64_t rkv = c->kv_lora_rank, vd = c->v_head_dim, rq = c->q_lora_rank;
+    char n[6][192];
+    snprintf(n[0], 192, "%s.self_attn.q_a_proj.weight", p);
+    snprintf(n[1], 192, "%s.self_attn.q_a_layernorm.weight", p);
+    snprintf(n[2], 192, "%s.self_attn.%s.weight", p, rq ? "q_b_proj" : "q_proj");
+    snprintf(n[3], 192, "%s.self_attn.kv_a_proj_with_mqa.weight", p);
+    snprintf(n[4], 192, "%s.self_attn.kv_a_layernorm.weight", p);
+    snprintf(n[5], 192, "%s.self_attn.kv_b_proj.weight", p);
+    int64_t *qmap = rope_row_map(H * Dq, Dq, nope, rope, L->info->rope_interleave);
+    int64_t *kmap = rope_row_map(rkv + rope, rkv + rope, rkv, rope, L->info->rope_interleave);
+    moe_status s = qmap && kmap ? MOE_OK : moe_error(MOE_ERR_OOM, "%s: out of host memory", L->dir);
+    if (s == MOE_OK && rq) s = put(L, NAMES(n[0]), rq, d, lin(b->wq_a, 0));
+    if (s == MOE_OK && rq) s = put(L, NAMES(n[1]), rq, 0, vec(b->q_a_norm, 0));
+    if (s == MOE_OK) s = put(L, NAMES(n[2]), H * Dq, rq ? rq : d, (dst_spec){F(b->wq_b), H * Dq, 0, true, qmap});
+    if (s == MOE_OK) s = put(L, NAMES(n[3]), rkv + rope, d, (dst_spec){F(b->wkv_a), rkv + rope, 0, true, kmap});
+    if (s == MOE_OK) s = put(L, NAMES(n[4]), rkv, 0, vec(b->kv_a_norm, 0));
+    if (s == MOE_OK) s = put(L, NAMES(n[5]), H * (nope + vd), rkv, lin(b->wkv_b, 0));
+    free(qmap);
+    free(kmap);
+    return s;
+}
+
+static moe_status load_attention(loader *L, moe_model *m, moe_block *b, const char *p) {
+    const moe_cfg_model *c = &m->cfg.model;
+    int64_t d = c->d_model, H = m->n_heads, Hkv = m->n_kv_heads, hd = m->head_dim;
+    char n[96 * 3];
+    int64_t vw = c->attention == MOE_CFG_ATTENTION_MLA ? c->v_head_dim : hd;
+    snprintf(n, sizeof n, "%s.self_attn.o_proj.weight", p);
+    MOE_TRY(put(L, NAMES(n), d, H * vw, lin(b->wo, 0)));
+    if (c->attention == MOE_CFG_ATTENTION_MLA) return load_mla(L, m, b, p);
+    const char *proj[3] = {"q_proj", "k_proj", "v_proj"};
+    int64_t width[3] = {H * hd, Hkv * hd, Hkv * hd}, off = 0;
+    for (int j = 0; j < 3; off += width[j], j++) {
+        snprintf(n, sizeof n, "%s.self_attn.%s.weight", p, proj[j]);
+        MOE_TRY(put(L, NAMES(n), width[j], d, lin(b->wqkv, off)));
+        snprintf(n, sizeof n, "%s.self_attn.%s.bias", p, proj[j]);
+        if (b->bqkv) MOE_TRY(put(L, NAMES(n), width[j], 0, vec(b->bqkv, off)));
+    }
+    if (!b->q_norm) return MOE_OK;
+    snprintf(n, sizeof n, "%s.self_attn.q_norm.weight", p);
+    MOE_TRY(put(L, NAMES(n), b->q_norm->shape[0], 0, vec(b->q_norm, 0)));
+    snprintf(n, sizeof n, "%s.self_attn.k_norm.weight", p);
+    return put(L, NAMES(n), b->k_norm->shape[0], 0, vec(b->k_norm, 0));
+}
+
+/* A SwiGLU MLP ("<p>.gate_proj/up_proj/down_proj", or Mixtral's w1/w3/w2) of width f into
+ * w13 [d, 2f] (gate | up) and w2 [f, d] at the given element pointers. */
+static moe_status load_mlp(loader *L, const char *p, int64_t d, int64_t f, float *w13, float *w2) {
+    char g[3][192], a[3][192];
+    const char *hf[3] = {"gate_proj", "up_proj", "down_proj"}, *mx[3] = {"w1", "w3", "w2"};
+    for (int j = 0; j < 3; j++) {
+        snprintf(g[j], 192, "%s.%s.weight", p, hf[j]);
+        snprintf(a[j], 192, "%s.%s.weight", p, mx[j]);
+    }
+    MOE_TRY(put(L, NAMES(g[0], a[0]), f, d, (dst_spec){w13, 2 * f, 0, true, NULL}));
+    MOE_TRY(put(L, NAMES(g[1], a[1]), f, d, (dst_spec){w13, 2 * f, f, true, NULL}));
+    return put(L, NAMES(g[2], a[2]), d, f, (dst_spec){w2, d, 0, true, NULL});
+}
+
+static moe_status load_moe(loader *L, moe_model *m, moe_block *b, const char *p) {
+    moe_moe_layer *M = &b->moe;
+    int64_t d = m->cfg.model.d_model, E = m->cfg.model.n_experts;
+    char mlp[160], n[192], n2[192];
+    snprintf(n, sizeof n, "%s.mlp.gate.weight", p);
+    snprintf(n2, sizeof n2, "%s.block_sparse_moe.gate.weight", p);
+    const char *base = lookup(L, NAMES(n)) ? "mlp" : "block_sparse_moe";
+    MOE_TRY(put(L, NAMES(n, n2), E, d, lin(M->router.w_gate, 0)));
+    if (M->router.bias) {
+        snprintf(n, sizeof n, "%s.mlp.gate.e_score_correction_bias", p);
+        MOE_TRY(put(L, NAMES(n), E, 0, vec(M->router.bias, 0)));
+    }
+    for (int g = 0; g < M->n_groups; g++) {
+        const moe_expert_group *G = &M->groups[g];
+        int64_t f = G->ffn_dim;
+        for (int j = 0; j < G->n; j++) {
+            snprintf(mlp, sizeof mlp, "%s.%s.experts.%d", p, base, G->experts[j]);
+            MOE_TRY(load_mlp(L, mlp, d, f, F(G->w13) + j * d * 2 * f, F(G->w2) + j * f * d));
+        }
+    }
+    if (M->shared_w13) {
+        int64_t fs = M->shared_w2->shape[0];
+        snprintf(mlp, sizeof mlp, "%s.mlp.shared_expert", p);
+        snprintf(n, sizeof n, "%s.gate_proj.weight", mlp);
+        if (!lookup(L, NAMES(n))) snprintf(mlp, sizeof mlp, "%s.mlp.shared_experts", p);
+        MOE_TRY(load_mlp(L, mlp, d, fs, F(M->shared_w13), F(M->shared_w2)));
+    }
+    if (M->shared_gate) {
+        snprintf(n, sizeof n, "%s.mlp.shared_expert_gate.weight", p);
+        MOE_TRY(put(L, NAMES(n), 1, d, lin(M->shared_gate, 0)));
+    }
+    return MOE_OK;
+}
+
+static moe_status load_block(loader *L, moe_model *m, int i) {
+    moe_block *b = &m->blocks[i];
+    int64_t d = m->cfg.model.d_model;
+    char p[64], n[160], mlp[96];
+    snprintf(p, sizeof p, "model.layers.%d", i);
+    snprintf(n, sizeof n, "%s.input_layernorm.weight", p);
+    MOE_TRY(put(L, NAMES(n), d, 0, vec(b->attn_norm, 0)));
+    snprintf(n, sizeof n, "%s.post_attention_layernorm.weight", p);
+    MOE_TRY(put(L, NAMES(n), d, 0, vec(b->ffn_norm, 0)));
+    MOE_TRY(load_attention(L, m, b, p));
+    if (!b->dense) return load_moe(L, m, b, p);
+    snprintf(mlp, sizeof mlp, "%s.mlp", p);
+    return load_mlp(L, mlp, d, b->dense_w2->shape[0], F(b->dense_w13), F(b->dense_w2));
+}
+
+/* Every tensor of the files must have been used, but for buffers transformers itself
+ * drops (rotary inv_freq, layers past num_hidden_layers such as multi-token prediction). */
+static moe_status check_all_used(loader *L, int n_layers) {
+    for (int f = 0; f < L->set.n_files; f++) {
+        const moe_st_file *F = &L->set.files[f];
+        for (int t = 0; t < F->n; t++) {
+            const char *nm = F->tensors[t].name;
+            int layer;
+            if (L->used[f][t] || strstr(nm, "rotary_emb.inv_freq")) continue;
+            if (sscanf(nm, "model.layers.%d.", &layer) == 1 && layer >= n_layers) continue;
+            return moe_error(MOE_ERR_UNSUPPORTED, "%s: tensor '%s' has no place in the model (a feature config.json "
+                             "does not announce, or one that is not supported)", F->path, nm);
+        }
+    }
+    return MOE_OK;
+}
+
+static moe_status load_all(loader *L, moe_model *m) {
+    const moe_cfg_model *c = &m->cfg.model;
+    int64_t V = c->vocab_size, d = c->d_model;
+    MOE_TRY(put(L, NAMES("model.embed_tokens.weight"), V, d, (dst_spec){F(m->embed), d, 0, false, NULL}));
+    MOE_TRY(put(L, NAMES("model.norm.weight"), d, 0, vec(m->final_norm, 0)));
+    if (m->lm_head) MOE_TRY(put(L, NAMES("lm_head.weight"), V, d, (dst_spec){F(m->lm_head), d, 0, false, NULL}));
+    else if (moe_st_set_find(&L->set, "lm_head.weight")) /* tied: the copy some savers keep is ignored */
+        mark_used(L, moe_st_set_find(&L->set, "lm_head.weight"));
+    for (int i = 0; i < c->n_layers; i++) MOE_TRY(load_block(L, m, i));
+    return check_all_used(L, c->n_layers);
+}
+
+moe_status moe_hf_load(const char *dir, moe_model *m, moe_hf_info *info) {
+    memset(m, 0, sizeof *m);
+    moe_config cfg;
+    MOE_TRY(moe_hf_config_read(dir, &cfg, info));
+    loader L = {.dir = dir, .info = info};
+    MOE_TRY(moe_st_set_open_dir(&L.set, dir));
+    moe_status s = MOE_OK;
+    L.used = calloc((size_t)L.set.n_files, sizeof *L.used);
+    for (int f = 0; L.used && f < L.set.n_files; f++)
+        if (!(L.used[f] = calloc((size_t)L.set.files[f].n + 1, sizeof **L.used))) s = MOE_ERR_OOM;
+    if (!L.used || s != MOE_OK) s = moe_error(MOE_ERR_OOM, "%s: out of host memory", dir);
+    if (s == MOE_OK && cfg.train.device != MOE_CFG_DEVICE_CPU)
+        s = moe_error(MOE_ERR_UNSUPPORTED, "%s: loading a hub folder needs train.device=cpu", dir);
+    if (s == MOE_OK) s = moe_model_init(m, &cfg, 0, 1);
+    if (s == MOE_OK) s = load_all(&L, m);
+    for (int f = 0; L.used && f < L.set.n_files; f++) free(L.used[f]);
+    free(L.used);
+    free(L.scratch);
+    moe_st_set_close(&L.set);
+    if (s != MOE_OK) moe_model_free(m);
+    return s;
+}
+
+static int argmax_allowed(const float *v, int n, const int *banned, int n_banned) {
+    int best = -1;
+    for (int i = 0; i < n; i++) {
+        bool skip = false;
+        for (int j = 0; j < n_banned && !skip; j++) skip = banned[j] == i;
+        if (!skip && (best < 0 || v[i] > v[best])) best = i;
+    }
+    return best;
+}
+
+moe_status moe_hf_generate_greedy(moe_model *m, const int32_t *prompt, int n_prompt, int n_new, const int *banned,
+                                  int n_banned, int32_t *out) {
+    int V = m->cfg.model.vocab_size;
+    float *lg = malloc(sizeof(float) * (size_t)V);
+    if (!lg) return moe_error(MOE_ERR_OOM, "generate: out of host memory");
+    memcpy(out, prompt, sizeof(int32_t) * (size_t)n_prompt);
+    moe_status s = moe_model_cache_reset(m, 1, n_prompt + n_new);
+    for (int t = 0; s == MOE_OK && t < n_new; t++) {
+        moe_step_reset();
+        const int32_t *in = t == 0 ? prompt : out + n_prompt + t - 1;
+        s = moe_model_step_logits(m, in, 1, t == 0 ? n_prompt : 1, lg);
+        if (s == MOE_OK) out[n_prompt + t] = argmax_allowed(lg, V, banned, n_banned);
+    }
+    moe_step_reset();
+    free(lg);
+    return s;
+}

@@ -1,0 +1,23 @@
+/* Hugging Face hub folders (config.json + safetensors, one file or shards with an index)
+ * loaded into our model, tensor by tensor from the memory-mapped files: nn.Linear weights
+ * [out, in] transposed into our [in, out] matrices, q/k/v concatenated into wqkv, each
+ * expert's gate/up projections side by side in its w13 slice, bf16/f16 widened to the f32
+ * masters. Every tensor of the files must be used and have the shape config.json implies;
+ * errors name the file, the tensor and what was expected. CPU models only. */
+#ifndef MOE_HF_HF_MODEL_H
+#define MOE_HF_HF_MODEL_H
+
+#include "moe/hf/hf_config.h"
+#include "moe/model.h"
+
+/* dir -> a freshly initialised *m (free with moe_model_free) and info (eos ids etc.).
+ * On error *m is freed. */
+moe_status moe_hf_load(const char *dir, moe_model *m, moe_hf_info *info);
+
+/* Greedy decoding through the KV cache: prompt [n_prompt] then n_new tokens into out
+ * [n_prompt + n_new] (prompt included). Ids in `banned` (e.g. the eos ids while a minimum
+ * length is asked for) are never chosen; n_banned may be 0. */
+moe_status moe_hf_generate_greedy(moe_model *m, const int32_t *prompt, int n_prompt, int n_new, const int *banned,
+                                  int n_banned, int32_t *out);
+
+#endif

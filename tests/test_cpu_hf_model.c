@@ -1,0 +1,436 @@
+/* Hugging Face hub folders: the five tiny MoE fixtures (Mixtral, OLMoE, Qwen2-MoE,
+ * Qwen3-MoE, DeepSeek-V3) load and compute transformers' logits (within 1e-4 of the
+ * largest logit, both rows, the left-padded one on its real tokens), the router's top-k
+ * experts per MoE layer and the greedy continuation; malformed safetensors files, indexes
+ * and configs are refused with the file and the tensor or key named; the new model
+ * features pass an f64 finite-difference gradient check. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "core/autograd.h"
+#include "core/memory.h"
+#include "moe/hf/hf_model.h"
+#include "moe/hf/safetensors.h"
+#include "tests/harness/model_gradcheck.h"
+#include "tests/harness/testlib.h"
+
+static const char *fixture_dir(const char *name) {
+    static char path[1024];
+    const char *src = getenv("MOE_SOURCE_DIR");
+    if (src) snprintf(path, sizeof path, "%s/tests/fixtures/hf/%s", src, name);
+    else {
+        snprintf(path, sizeof path, "%s", __FILE__);
+        char *slash = strrchr(path, '/');
+        if (slash) *slash = '\0';
+        size_t n = strlen(path);
+        snprintf(path + n, sizeof path - n, "/fixtures/hf/%s", name);
+    }
+    return path;
+}
+
+typedef struct expected {
+    moe_st_file f;
+    int64_t ids[48], mask[48];
+    float *logits; /* [2, 24, V] */
+} expected;
+
+static void read_expected(const char *dir, expected *e) {
+    char path[1200];
+    snprintf(path, sizeof path, "%s/expected.safetensors", dir);
+    CU_ASSERT_EQUAL_FATAL(moe_st_open(&e->f, path), MOE_OK);
+    const moe_st_view *ids = moe_st_find(&e->f, "input_ids"), *mask = moe_st_find(&e->f, "attention_mask");
+    const moe_st_view *lg = moe_st_find(&e->f, "logits");
+    CU_ASSERT_FATAL(ids && mask && lg && moe_st_numel(ids) == 48);
+    moe_st_read_i64(ids, e->ids);
+    moe_st_read_i64(mask, e->mask);
+    e->logits = malloc(lg->nbytes);
+    moe_st_read_f32(lg, e->logits);
+}
+
+/* max |a - b| / max |b| over n values. */
+static double rel_err(const float *a, const float *b, int64_t n) {
+    double d = 0, s = 0;
+    for (int64_t i = 0; i < n; i++) {
+        d = fmax(d, fabs((double)a[i] - b[i]));
+        s = fmax(s, fabs((double)b[i]));
+    }
+    return d / s;
+}
+
+/* Row r's real tokens (after the left padding) at positions pos0..: logits and route ids. */
+static double row_err(moe_model *m, const expected *e, int r, int64_t pos0, float *out, int32_t *route, int *pad) {
+    int V = m->cfg.model.vocab_size, p = 0;
+    while (p < 24 && e->mask[r * 24 + p] == 0) p++;
+    int32_t tok[24];
+    for (int t = p; t < 24; t++) tok[t - p] = (int32_t)e->ids[r * 24 + t];
+    moe_step_reset();
+    CU_ASSERT_EQUAL_FATAL(moe_model_logits(m, tok, 1, 24 - p, pos0 < 0 ? p : pos0, out, route), MOE_OK);
+    *pad = p;
+    return rel_err(out, e->logits + ((int64_t)r * 24 + p) * V, (int64_t)(24 - p) * V);
+}
+
+/* Our top-k sets per MoE layer against router_topk.<i> (i counts the MoE layers); a token
+ * whose k-th and (k+1)-th router logits are within 1e-5 may differ (a near-tie). */
+static int route_mismatches(moe_model *m, const expected *e, int r, int pad, const int32_t *route) {
+    int k = m->cfg.model.top_k, E = m->cfg.model.n_experts, T = 24 - pad, bad = 0, moe_i = 0;
+    for (int L = 0; L < m->cfg.model.n_layers; L++) {
+        if (m->blocks[L].dense) continue;
+        char nt[64], nl[64];
+        snprintf(nt, sizeof nt, "router_topk.%d", moe_i);
+        snprintf(nl, sizeof nl, "router_logits.%d", moe_i++);
+        const moe_st_view *vt = moe_st_find(&e->f, nt), *vl = moe_st_find(&e->f, nl);
+        if (!vt) continue; /* DeepSeek-V3 reports no router logits */
+        int64_t *want = malloc(sizeof(int64_t) * (size_t)moe_st_numel(vt));
+        float *lg = malloc(sizeof(float) * (size_t)moe_st_numel(vl));
+        moe_st_read_i64(vt, want);
+        moe_st_read_f32(vl, lg);
+        for (int t = 0; t < T; t++) {
+            int64_t row = (int64_t)r * 24 + pad + t;
+            const int32_t *got = route + ((int64_t)L * T + t) * k;
+            int same = 0;
+            for (int a = 0; a < k; a++)
+                for (int b = 0; b < k; b++) same += got[a] == want[row * k + b];
+            if (same == k) continue;
+            float *l = lg + row * E, kth = l[want[row * k + k - 1]], next = -INFINITY;
+            for (int x = 0; x < E; x++) {
+                bool in = false;
+                for (int b = 0; b < k; b++) in = in || want[row * k + b] == x;
+                if (!in && l[x] > next) next = l[x];
+            }
+            if (kth - next > 1e-5) bad++;
+        }
+        free(want);
+        free(lg);
+    }
+    return bad;
+}
+
+static void greedy_matches(moe_model *m, const moe_hf_info *info, const expected *e) {
+    const moe_st_view *vp = moe_st_find(&e->f, "gen_prompt"), *vg = moe_st_find(&e->f, "gen_ids");
+    CU_ASSERT_FATAL(vp && vg);
+    int P = (int)moe_st_numel(vp), G = (int)moe_st_numel(vg);
+    int64_t *p64 = malloc(sizeof(int64_t) * (size_t)G), *g64 = malloc(sizeof(int64_t) * (size_t)G);
+    int32_t *prompt = malloc(sizeof(int32_t) * (size_t)G), *out = malloc(sizeof(int32_t) * (size_t)G);
+    moe_st_read_i64(vp, p64);
+    moe_st_read_i64(vg, g64);
+    for (int i = 0; i < P; i++) prompt[i] = (int32_t)p64[i];
+    /* transformers generated with min_new_tokens = all of them: eos was never allowed */
+    CU_ASSERT_EQUAL_FATAL(moe_hf_generate_greedy(m, prompt, P, G - P, info->eos_ids, info->n_eos, out), MOE_OK);
+    int first_bad = -1;
+    for (int i = 0; i < G && first_bad < 0; i++)
+        if (out[i] != g64[i]) first_bad = i;
+    if (first_bad >= 0) fprintf(stderr, "  greedy differs at %d: %d vs %lld\n", first_bad, out[first_bad], (long long)g64[first_bad]);
+    CU_ASSERT_EQUAL(first_bad, -1);
+    free(p64), free(g64), free(prompt), free(out);
+}
+
+static void check_fixture(const char *name) {
+    const char *dir = fixture_dir(name);
+    moe_model m;
+    moe_hf_info info;
+    moe_status s = moe_hf_load(dir, &m, &info);
+    if (s != MOE_OK) fprintf(stderr, "  %s: %s\n", name, moe_last_error());
+    CU_ASSERT_EQUAL_FATAL(s, MOE_OK);
+    expected e;
+    read_expected(dir, &e);
+    int V = m.cfg.model.vocab_size, k = m.cfg.model.top_k, pad0, pad1, padx;
+    float *out = malloc(sizeof(float) * 24 * (size_t)V);
+    int32_t *route = malloc(sizeof(int32_t) * 24 * (size_t)(k * m.cfg.model.n_layers));
+    double e0 = row_err(&m, &e, 0, 0, out, route, &pad0);
+    int bad0 = route_mismatches(&m, &e, 0, pad0, route);
+    double e1 = row_err(&m, &e, 1, -1, out, route, &pad1); /* the real tokens keep positions pad.. */
+    int bad1 = route_mismatches(&m, &e, 1, pad1, route);
+    double e1_restart = row_err(&m, &e, 1, 0, out, route, &padx);
+    fprintf(stderr, "  %s: logits rel err row0 %.2e row1 %.2e (positions restarted at 0: %.2e), route mismatches "
+            "%d %d\n", name, e0, e1, e1_restart, bad0, bad1);
+    CU_ASSERT(e0 < 1e-4);
+    CU_ASSERT(e1 < 1e-4);
+    CU_ASSERT_EQUAL(bad0 + bad1, 0);
+    greedy_matches(&m, &info, &e);
+    free(out), free(route), free(e.logits);
+    moe_st_close(&e.f);
+    moe_model_free(&m);
+    moe_step_reset();
+}
+
+static void test_mixtral(void) { check_fixture("mixtral-tiny"); }
+static void test_olmoe(void) { check_fixture("olmoe-tiny"); }
+static void test_qwen2_moe(void) { check_fixture("qwen2-moe-tiny"); }
+static void test_qwen3_moe(void) { check_fixture("qwen3-moe-tiny"); }
+static void test_deepseek_v3(void) { check_fixture("deepseek-v3-tiny"); }
+
+/* ---- malformed inputs ---- */
+
+static const char *tmp;
+
+static void write_file(const char *path, const void *data, size_t n) {
+    FILE *f = fopen(path, "wb");
+    CU_ASSERT_FATAL(f != NULL);
+    fwrite(data, 1, n, f);
+    fclose(f);
+}
+
+/* A safetensors file with the given header and `data` zero bytes after it. */
+static void write_st(const char *path, const char *header, size_t data) {
+    uint64_t n = strlen(header);
+    size_t total = 8 + n + data;
+    char *buf = calloc(1, total);
+    memcpy(buf, &n, 8);
+    memcpy(buf + 8, header, n);
+    write_file(path, buf, total);
+    free(buf);
+}
+
+/* Opening `path` fails with a message holding `a` and `b`. */
+static void expect_refused(const char *path, const char *a, const char *b) {
+    moe_st_file f;
+    moe_status s = moe_st_open(&f, path);
+    CU_ASSERT_NOT_EQUAL(s, MOE_OK);
+    const char *msg = moe_last_error();
+    if (!strstr(msg, a) || !strstr(msg, b)) fprintf(stderr, "  message lacks '%s' / '%s': %s\n", a, b, msg);
+    CU_ASSERT_PTR_NOT_NULL(strstr(msg, a));
+    CU_ASSERT_PTR_NOT_NULL(strstr(msg, b));
+}
+
+static void test_bad_files(void) {
+    tmp = moe_test_tmpdir("hf-bad");
+    char p[600];
+    snprintf(p, sizeof p, "%s/short.safetensors", tmp);
+    write_file(p, "\x10\0\0", 3);
+    expect_refused(p, "short.safetensors", "8-byte header length");
+    snprintf(p, sizeof p, "%s/long.safetensors", tmp);
+    write_st(p, "{}", 0);
+    FILE *f = fopen(p, "r+b");
+    uint64_t big = 1000;
+    fwrite(&big, 8, 1, f);
+    fclose(f);
+    expect_refused(p, "long.safetensors", "header length 1000");
+    snprintf(p, sizeof p, "%s/outside.safetensors", tmp);
+    write_st(p, "{\"w\":{\"dtype\":\"F32\",\"shape\":[100],\"data_offsets\":[0,400]}}", 16);
+    expect_refused(p, "outside.safetensors", "'w'");
+    snprintf(p, sizeof p, "%s/overlap.safetensors", tmp);
+    write_st(p, "{\"a\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]},"
+                "\"b\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[8,24]}}", 24);
+    expect_refused(p, "overlap.safetensors", "'a' and 'b' overlap");
+    snprintf(p, sizeof p, "%s/dtype.safetensors", tmp);
+    write_st(p, "{\"x\":{\"dtype\":\"F64\",\"shape\":[2],\"data_offsets\":[0,16]}}", 16);
+    expect_refused(p, "dtype.safetensors", "'x': dtype F64");
+    snprintf(p, sizeof p, "%s/size.safetensors", tmp);
+    write_st(p, "{\"y\":{\"dtype\":\"BF16\",\"shape\":[3],\"data_offsets\":[0,8]}}", 8);
+    expect_refused(p, "size.safetensors", "'y'");
+    snprintf(p, sizeof p, "%s/json.safetensors", tmp);
+    write_st(p, "{\"y\": [1, 2", 0);
+    expect_refused(p, "json.safetensors", "JSON");
+}
+
+/* A copy of a fixture's folder with config.json replaced (NULL: kept). */
+static const char *copy_fixture(const char *name, const char *as, const char *config) {
+    static char dst[700];
+    snprintf(dst, sizeof dst, "%s/%s", tmp, as);
+    mkdir(dst, 0755);
+    const char *files[] = {"config.json", "model.safetensors", "generation_config.json"};
+    for (int i = 0; i < 3; i++) {
+        char a[1200], b[1200];
+        snprintf(a, sizeof a, "%s/%s", fixture_dir(name), files[i]);
+        snprintf(b, sizeof b, "%s/%s", dst, files[i]);
+        FILE *in = fopen(a, "rb");
+        CU_ASSERT_FATAL(in != NULL);
+        fseek(in, 0, SEEK_END);
+        long n = ftell(in);
+        fseek(in, 0, SEEK_SET);
+        char *buf = malloc((size_t)n);
+        CU_ASSERT_FATAL(fread(buf, 1, (size_t)n, in) == (size_t)n);
+        fclose(in);
+        if (i == 0 && config) write_file(b, config, strlen(config));
+        else write_file(b, buf, (size_t)n);
+        free(buf);
+    }
+    return dst;
+}
+
+/* fixture config.json text with `from` replaced by `to`. */
+static char *edited_config(const char *name, const char *from, const char *to) {
+    char path[1200];
+    snprintf(path, sizeof path, "%s/config.json", fixture_dir(name));
+    char *t = moe_hf_read_text(path), *at = t ? strstr(t, from) : NULL;
+    CU_ASSERT_FATAL(at != NULL);
+    char *out = malloc(strlen(t) + strlen(to) + 1);
+    sprintf(out, "%.*s%s%s", (int)(at - t), t, to, at + strlen(from));
+    free(t);
+    return out;
+}
+
+static void expect_load_refused(const char *dir, const char *a, const char *b) {
+    moe_model m;
+    moe_hf_info info;
+    CU_ASSERT_NOT_EQUAL(moe_hf_load(dir, &m, &info), MOE_OK);
+    const char *msg = moe_last_error();
+    if (!strstr(msg, a) || !strstr(msg, b)) fprintf(stderr, "  message lacks '%s' / '%s': %s\n", a, b, msg);
+    CU_ASSERT_PTR_NOT_NULL(strstr(msg, a));
+    CU_ASSERT_PTR_NOT_NULL(strstr(msg, b));
+}
+
+static void test_bad_folders(void) {
+    tmp = moe_test_tmpdir("hf-bad-dirs");
+    char *c = edited_config("mixtral-tiny", "\"intermediate_size\": 96", "\"intermediate_size\": 80");
+    expect_load_refused(copy_fixture("mixtral-tiny", "shape", c), "shape/model.safetensors",
+                        "'model.layers.0.block_sparse_moe.experts.0.w1.weight' has shape [96, 64]");
+    free(c);
+    c = edited_config("mixtral-tiny", "\"model_type\": \"mixtral\"", "\"model_type\": \"llama4\"");
+    expect_load_refused(copy_fixture("mixtral-tiny", "type", c), "type/config.json", "model_type \"llama4\"");
+    free(c);
+    c = edited_config("mixtral-tiny", "\"hidden_act\": \"silu\"", "\"hidden_act\": \"gelu\"");
+    expect_load_refused(copy_fixture("mixtral-tiny", "act", c), "act/config.json", "hidden_act");
+    free(c);
+    c = edited_config("olmoe-tiny", "\"clip_qkv\": null", "\"clip_qkv\": 8.0");
+    expect_load_refused(copy_fixture("olmoe-tiny", "clip", c), "clip/config.json", "clip_qkv");
+    free(c);
+    c = edited_config("mixtral-tiny", "\"rope_type\": \"default\"", "\"rope_type\": \"yarn\"");
+    expect_load_refused(copy_fixture("mixtral-tiny", "yarn", c), "yarn/config.json", "\"yarn\"");
+    free(c);
+    /* qwen2-moe config on mixtral tensors: the router is found, its shared expert is not */
+    const char *dir = copy_fixture("mixtral-tiny", "index", NULL);
+    char path[900];
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    const char *index = "{\"weight_map\": {\"model.embed_tokens.weight\": \"model.safetensors\", "
+                        "\"lm_head.weight\": \"model-00002-of-00002.safetensors\"}}";
+    write_file(path, index, strlen(index));
+    expect_load_refused(dir, "model-00002-of-00002.safetensors", "'lm_head.weight'");
+    unlink(path);
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    write_st(path, "{\"model.embed_tokens.weight\":{\"dtype\":\"F32\",\"shape\":[600,64],\"data_offsets\":[0,153600]}}",
+             153600);
+    expect_load_refused(dir, "index", "'model.norm.weight' is missing");
+}
+
+/* ---- the new model features train: f64 gradient checks ---- */
+
+static void small_config(moe_config *c) {
+    moe_config_defaults(c);
+    c->model.vocab_size = 32;
+    c->model.d_model = 16;
+    c->model.n_layers = 3;
+    c->model.n_heads = 2;
+    c->model.seq_len = 6;
+    c->model.ffn_dim = 8;
+    c->model.n_experts = 4;
+    c->model.top_k = 2;
+    c->model.tie_embeddings = false;
+    c->model.init_std = 0.3;
+}
+
+static void expect_gradcheck(const moe_config *c) {
+    CU_ASSERT_EQUAL_FATAL(moe_config_validate(c), MOE_OK);
+    moe_gradcheck_result r = moe_test_model_gradcheck(c, 2, 6, 4);
+    CU_ASSERT(r.checked > 60);
+    CU_ASSERT_EQUAL(r.bad, 0);
+}
+
+/* head_dim != d/H, q/k/v biases, q/k norm over all heads, a gated shared expert, dense
+ * layers by index and by step, sigmoid scores with the selection bias, groups and a scale. */
+static void test_gradcheck_mha_features(void) {
+    moe_config c;
+    small_config(&c);
+    c.model.head_dim = 6;
+    c.model.n_kv_heads = 1;
+    c.model.qkv_bias = true;
+    c.model.qk_norm = MOE_CFG_QK_NORM_FULL;
+    c.model.n_shared_experts = 1;
+    c.model.shared_ffn_dim = 4;
+    c.model.shared_gate = true;
+    c.model.n_layers = 4;
+    c.model.dense_layer_ids = (moe_yaml_list){.count = 1, .values = {0}};
+    c.model.moe_layer_step = 2; /* layers 1 and 3 MoE, 0 and 2 dense */
+    c.model.dense_ffn_dim = 12;
+    c.router.score = MOE_CFG_SCORE_SIGMOID;
+    c.router.balance = MOE_CFG_BALANCE_AUX_FREE;
+    c.router.n_groups = 2;
+    c.router.topk_groups = 1;
+    c.router.scale = 2.5;
+    expect_gradcheck(&c);
+    c.model.qk_norm = MOE_CFG_QK_NORM_HEAD;
+    c.router.n_groups = 1;
+    c.router.score = MOE_CFG_SCORE_SOFTMAX;
+    c.router.renormalize = false;
+    expect_gradcheck(&c);
+}
+
+/* Multi-head latent attention: low-rank q (and full-rank q), v wider than q/k (zero padding
+ * with the rescaled q) and narrower (v padded). */
+static void test_gradcheck_mla(void) {
+    moe_config c;
+    small_config(&c);
+    c.model.attention = MOE_CFG_ATTENTION_MLA;
+    c.model.q_lora_rank = 6;
+    c.model.kv_lora_rank = 5;
+    c.model.qk_nope_dim = 4;
+    c.model.qk_rope_dim = 2;
+    c.model.v_head_dim = 8;
+    c.model.dense_layers = 1;
+    expect_gradcheck(&c);
+    c.model.q_lora_rank = 0;
+    c.model.v_head_dim = 3;
+    expect_gradcheck(&c);
+}
+
+/* The KV-cache path equals the full forward with every new feature on: step logits after a
+ * prompt and one more token against moe_model_logits of the whole sequence. */
+static void test_cached_equals_full(void) {
+    moe_config c;
+    small_config(&c);
+    for (int variant = 0; variant < 2; variant++) {
+        if (variant == 1) {
+            c.model.attention = MOE_CFG_ATTENTION_MLA;
+            c.model.qkv_bias = false;
+            c.model.qk_norm = MOE_CFG_QK_NORM_NONE;
+            c.model.q_lora_rank = 6;
+            c.model.kv_lora_rank = 5;
+            c.model.qk_nope_dim = 4;
+            c.model.qk_rope_dim = 2;
+            c.model.v_head_dim = 8;
+        } else {
+            c.model.head_dim = 6;
+            c.model.qkv_bias = true;
+            c.model.qk_norm = MOE_CFG_QK_NORM_HEAD;
+            c.model.n_shared_experts = 1;
+            c.model.shared_gate = true;
+        }
+        CU_ASSERT_EQUAL_FATAL(moe_config_validate(&c), MOE_OK);
+        moe_model m;
+        CU_ASSERT_EQUAL_FATAL(moe_model_init(&m, &c, 0, 1), MOE_OK);
+        int32_t tok[6] = {3, 9, 27, 1, 17, 30};
+        float full[6 * 32], step[32];
+        moe_step_reset();
+        CU_ASSERT_EQUAL_FATAL(moe_model_logits(&m, tok, 1, 6, 0, full, NULL), MOE_OK);
+        CU_ASSERT_EQUAL_FATAL(moe_model_cache_reset(&m, 1, 8), MOE_OK);
+        moe_step_reset();
+        CU_ASSERT_EQUAL_FATAL(moe_model_step_logits(&m, tok, 1, 5, step), MOE_OK);
+        CU_ASSERT(rel_err(step, full + 4 * 32, 32) < 1e-5);
+        moe_step_reset();
+        CU_ASSERT_EQUAL_FATAL(moe_model_step_logits(&m, tok + 5, 1, 1, step), MOE_OK);
+        double err = rel_err(step, full + 5 * 32, 32);
+        CU_ASSERT(err < 1e-5);
+        moe_model_free(&m);
+        moe_step_reset();
+    }
+}
+
+static void register_suites(void) {
+    moe_test_add_suite("hf_model", (moe_test_entry[]){{"mixtral", test_mixtral},
+                                                       {"olmoe", test_olmoe},
+                                                       {"qwen2-moe", test_qwen2_moe},
+                                                       {"qwen3-moe", test_qwen3_moe},
+                                                       {"deepseek-v3", test_deepseek_v3},
+                                                       {"malformed safetensors files", test_bad_files},
+                                                       {"malformed hub folders", test_bad_folders},
+                                                       {"gradcheck: mha features", test_gradcheck_mha_features},
+                                                       {"gradcheck: mla", test_gradcheck_mla},
+                                                       {"kv cache = full forward", test_cached_equals_full},
+                                                       {NULL, NULL}});
+}
+
+int main(int argc, char **argv) { return moe_test_main(argc, argv, register_suites); }
