@@ -13,6 +13,7 @@
 #include "core/fileio.h"
 #include "core/memory.h"
 #include "core/ops.h"
+#include "moe/cli/args.h"
 #include "moe/model.h"
 #include "moe/moe_layer.h"
 #include "optim/optim.h"
@@ -57,55 +58,39 @@ moe_bench_options moe_bench_options_default(void) {
                                .json = true, .out = stdout};
 }
 
-static moe_status parse_int(const char *opt, const char *text, int lo, int hi, int *out) {
-    char *end = NULL;
-    long v = text ? strtol(text, &end, 10) : 0;
-    if (!text || end == text || *end || v < lo || v > hi)
-        return moe_error(MOE_ERR_CONFIG, "moe bench: %s needs an integer in [%d, %d], got '%s'", opt, lo, hi,
-                         text ? text : "(nothing)");
-    *out = (int)v;
-    return MOE_OK;
-}
-
 moe_status moe_bench_parse_args(int argc, char **argv, const char **case_name, moe_bench_options *o) {
     *o = moe_bench_options_default();
     o->json = false;
     *case_name = NULL;
-    for (int i = 0; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--json")) {
-            o->json = true;
-            continue;
-        }
-        if (a[0] != '-') {
-            if (*case_name) return moe_error(MOE_ERR_CONFIG, "moe bench: one case at a time (got '%s' and '%s')", *case_name, a);
-            *case_name = a;
-            continue;
-        }
-        if (!strcmp(a, "--device")) {
-            if (!v || (strcmp(v, "cpu") && strcmp(v, "cuda")))
-                return moe_error(MOE_ERR_CONFIG, "moe bench: --device needs cpu or cuda, got '%s'", v ? v : "(nothing)");
-            o->device = strcmp(v, "cpu") ? MOE_CUDA : MOE_CPU;
-        } else if (!strcmp(a, "--dtype")) {
-            if (!v || (strcmp(v, "f32") && strcmp(v, "bf16")))
-                return moe_error(MOE_ERR_CONFIG, "moe bench: --dtype needs f32 or bf16, got '%s'", v ? v : "(nothing)");
-            o->dtype = strcmp(v, "f32") ? MOE_BF16 : MOE_F32;
-        } else if (!strcmp(a, "--warmup")) {
-            MOE_TRY(parse_int(a, v, 0, MAX_REPS, &o->warmup));
-        } else if (!strcmp(a, "--reps")) {
-            MOE_TRY(parse_int(a, v, 1, MAX_REPS, &o->reps));
-        } else if (!strcmp(a, "--threads")) {
-            MOE_TRY(parse_int(a, v, 1, 4096, &o->threads));
-        } else if (!strcmp(a, "--scale")) {
-            MOE_TRY(parse_int(a, v, 1, 1 << 20, &o->scale));
-        } else {
-            return moe_error(MOE_ERR_CONFIG, "moe bench: unknown option '%s' (see `moe help`)", a);
-        }
-        i++;
+    const char *device = NULL, *dtype = NULL;
+    const moe_flag_spec specs[] = {
+        {"--device", MOE_FLAG_STRING, "DEV", 0, 0, "cpu|cuda", "run on this device (default: the case's)", &device},
+        {"--dtype", MOE_FLAG_STRING, "T", 0, 0, "f32|bf16", "compute dtype (default: the case's)", &dtype},
+        {"--warmup", MOE_FLAG_INT, "W", 0, MAX_REPS, NULL, "untimed runs first", &o->warmup},
+        {"--reps", MOE_FLAG_INT, "R", 1, MAX_REPS, NULL, "timed runs", &o->reps},
+        {"--threads", MOE_FLAG_INT, "N", 0, 4096, NULL, "OpenMP threads, 0 = as set", &o->threads},
+        {"--scale", MOE_FLAG_INT, "S", 1, 1 << 20, NULL, "divide the case's sizes by S (smoke tests)", &o->scale},
+        {"--json", MOE_FLAG_BOOL, NULL, 0, 0, NULL, "JSON lines instead of readable lines", &o->json},
+        {0}};
+    moe_args a;
+    MOE_TRY(moe_args_parse("bench", specs, argc, argv, &a));
+    moe_status s = MOE_OK;
+    if (a.help) {
+        moe_args_print_help(o->out, "moe bench CASE [flags]   (cases: moe-layer-cpu, lm-step-cpu, moe-layer-gpu, "
+                            "moe-layer-gpu-fine, lm-train-gpu, sgemm)", specs);
+        o->help = true;
+    } else if (a.n_positional != 1) {
+        s = a.n_positional ? moe_error(MOE_ERR_CONFIG, "bench: one case at a time (got '%s' and '%s')", a.positional[0],
+                                       a.positional[1])
+                           : moe_error(MOE_ERR_CONFIG, "bench: name a case (moe-layer-cpu, lm-step-cpu, moe-layer-gpu, "
+                                       "moe-layer-gpu-fine, lm-train-gpu, sgemm)");
+    } else {
+        *case_name = a.positional[0];
+        if (device) o->device = strcmp(device, "cpu") ? MOE_CUDA : MOE_CPU;
+        if (dtype) o->dtype = strcmp(dtype, "f32") ? MOE_BF16 : MOE_F32;
     }
-    if (!*case_name) return moe_error(MOE_ERR_CONFIG, "moe bench: name a case (moe-layer-cpu, lm-step-cpu, moe-layer-gpu, "
-                                      "moe-layer-gpu-fine, lm-train-gpu, sgemm)");
-    return MOE_OK;
+    moe_args_free(&a);
+    return s;
 }
 
 /* ---- timing and output ---- */

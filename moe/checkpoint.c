@@ -8,6 +8,7 @@
 #include "core/dist.h"
 #include "core/h5file.h"
 #include "core/memory.h"
+#include "moe/tokenizer.h"
 
 /* Receives one stored tensor (a whole parameter or one expert's slice) by its name. */
 typedef moe_status (*piece_fn)(const char *name, moe_tensor *piece, void *ctx);
@@ -132,6 +133,24 @@ static moe_status put_experts_ep(moe_h5 *f, const moe_model *m, const moe_optimi
     return MOE_OK;
 }
 
+/* With a BPE tokenizer, its image as /tokenizer (u8), so that the checkpoint alone is
+ * enough to generate. A tokenizer file that cannot be read is left out (generation then
+ * reads data.tokenizer_path, as before): training never needs it. */
+static moe_status put_tokenizer(moe_h5 *f, const moe_config *cfg) {
+    moe_tokenizer *tok = NULL;
+    if (cfg->data.tokenizer != MOE_CFG_TOKENIZER_BPE || moe_tokenizer_load(cfg->data.tokenizer_path, &tok) != MOE_OK) {
+        moe_error_clear();
+        return MOE_OK;
+    }
+    uint8_t *img = NULL;
+    size_t n = 0;
+    moe_status s = moe_tokenizer_to_bytes(tok, &img, &n);
+    moe_tokenizer_free(tok);
+    if (s == MOE_OK) s = moe_h5_put_array(f, "tokenizer", MOE_H5_U8, 1, (int64_t[]){(int64_t)n}, img);
+    free(img);
+    return s;
+}
+
 /* f is NULL on the ranks that do not write (they still join the expert gathers). */
 static moe_status save_all(moe_h5 *f, const moe_model *m, const moe_optimizer *opt, const moe_train_state *ts) {
     if (f) {
@@ -141,6 +160,7 @@ static moe_status save_all(moe_h5 *f, const moe_model *m, const moe_optimizer *o
         free(cfg_text);
         MOE_TRY(s);
         MOE_TRY(moe_h5_put_string(f, "version", MOE_VERSION));
+        MOE_TRY(put_tokenizer(f, &m->cfg));
         MOE_TRY(moe_h5_put_i64(f, "step", ts->step));
         MOE_TRY(moe_h5_put_i64(f, "loader_seed", (int64_t)ts->loader_seed));
         MOE_TRY(moe_h5_put_i64(f, "loader_step", (int64_t)ts->loader_step));
@@ -251,4 +271,33 @@ moe_status moe_checkpoint_read_config(const char *path, char **text) {
     moe_status s = moe_h5_get_string(f, "config", text);
     moe_h5_close(f);
     return s == MOE_OK ? MOE_OK : moe_error_context(s, "reading the config of checkpoint %s", path);
+}
+
+moe_status moe_checkpoint_read_tokenizer(const char *path, moe_tokenizer **tok) {
+    *tok = NULL;
+    moe_h5 *f = NULL;
+    MOE_TRY(moe_h5_open(path, &f));
+    moe_status s = MOE_OK;
+    uint8_t *img = NULL;
+    int64_t shape[MOE_H5_MAX_NDIM] = {0};
+    if (moe_h5_has(f, "tokenizer")) {
+        moe_h5_dtype dt;
+        int nd = 0;
+        s = moe_h5_shape(f, "tokenizer", &dt, &nd, shape);
+        if (s == MOE_OK && (dt != MOE_H5_U8 || nd != 1))
+            s = moe_error(MOE_ERR_FORMAT, "dataset /tokenizer is not a byte array");
+        if (s == MOE_OK && !(img = malloc(shape[0] > 0 ? (size_t)shape[0] : 1)))
+            s = moe_error(MOE_ERR_OOM, "out of memory reading /tokenizer (%lld bytes)", (long long)shape[0]);
+        if (s == MOE_OK) s = moe_h5_get_array(f, "tokenizer", MOE_H5_U8, 1, shape, img);
+    }
+    moe_h5_close(f);
+    if (s == MOE_OK && img) {
+        size_t n = strlen(path) + 32;
+        char *src = malloc(n);
+        if (src) snprintf(src, n, "checkpoint %s: /tokenizer", path);
+        s = src ? moe_tokenizer_from_bytes(img, (size_t)shape[0], src, tok) : moe_error(MOE_ERR_OOM, "out of memory");
+        free(src);
+    }
+    free(img);
+    return s == MOE_OK ? MOE_OK : moe_error_context(s, "reading the tokenizer of checkpoint %s", path);
 }

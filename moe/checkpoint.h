@@ -8,11 +8,13 @@
  *   /params/layers.3.moe.experts.17.w13   one dataset per global expert
  *   /optim/m/<name>, /optim/v/<name>  optimizer moments, same names and shapes
  *   /router_bias/layers.3.moe         [E] f32 (aux-loss-free balancing only)
+ *   /tokenizer                        u8 [n]: the BPE tokenizer's file image (BPE runs only)
  * Written to a temporary file and renamed: a crash never damages the last checkpoint. */
 #ifndef MOE_MOE_CHECKPOINT_H
 #define MOE_MOE_CHECKPOINT_H
 
 #include "moe/model.h"
+#include "moe/tokenizer.h"
 #include "optim/optim.h"
 
 typedef struct moe_train_state {
@@ -30,5 +32,8 @@ moe_status moe_checkpoint_save(const char *path, const moe_model *m, const moe_o
 moe_status moe_checkpoint_load(const char *path, moe_model *m, moe_optimizer *opt, moe_train_state *ts);
 /* The config text stored in a checkpoint (malloc'd). */
 moe_status moe_checkpoint_read_config(const char *path, char **text);
+/* The tokenizer stored in a checkpoint, or *tok = NULL when it holds none (byte-level
+ * runs, or a BPE file that could not be read at save time). */
+moe_status moe_checkpoint_read_tokenizer(const char *path, moe_tokenizer **tok);
 
 #endif

@@ -19,8 +19,9 @@
 
 struct moe_token_file {
     char *path;
-    const uint8_t *map; /* the whole file, memory-mapped read-only */
+    const uint8_t *map; /* the whole file, memory-mapped read-only (or malloc'd: owned) */
     size_t map_len;
+    bool owned;
     uint64_t count;
     int vocab, width;
     double bytes_per_token, unigram_bpb;
@@ -288,7 +289,8 @@ moe_status moe_data_prepare(const char *const *input_paths, int n_inputs, const 
 
 void moe_data_close(moe_token_file *tf) {
     if (!tf) return;
-    unmap_file(tf->map, tf->map_len);
+    if (tf->owned) free((void *)tf->map);
+    else unmap_file(tf->map, tf->map_len);
     free(tf->path);
     free(tf);
 }
@@ -348,6 +350,56 @@ moe_status moe_data_open(const char *path, moe_token_file **out) {
         return moe_error(MOE_ERR_OOM, "out of memory opening %s", path);
     }
     moe_status st = map_file(path, &tf->map, &tf->map_len);
+    if (st == MOE_OK) st = validate_token_file(tf);
+    if (st != MOE_OK) {
+        moe_data_close(tf);
+        return st;
+    }
+    *out = tf;
+    return MOE_OK;
+}
+
+bool moe_data_is_token_file(const char *path) {
+    FILE *f = fopen(path, "rb");
+    char magic[8] = {0};
+    bool yes = f && fread(magic, 1, 8, f) == 8 && !memcmp(magic, TOKEN_MAGIC, 8);
+    if (f) fclose(f);
+    return yes;
+}
+
+/* A token file image in memory: the header, then the tokens (bytes per token from the text). */
+static moe_status token_image(const moe_token_buf *toks, int vocab, size_t text_len, uint8_t **img, size_t *size) {
+    int width = vocab <= 65536 ? 2 : 4;
+    *size = MOE_TOKEN_FILE_HEADER_BYTES + toks->len * (size_t)width;
+    uint8_t *h = *img = calloc(1, *size);
+    if (!h) return moe_error(MOE_ERR_OOM, "out of memory for %zu tokens", toks->len);
+    memcpy(h, TOKEN_MAGIC, 8);
+    put_le(h + 8, TOKEN_VERSION, 4);
+    put_le(h + 12, (uint64_t)vocab, 4);
+    put_le(h + 16, toks->len, 8);
+    put_le(h + 24, (uint64_t)width, 4);
+    put_f64(h + 32, (double)text_len / (double)(toks->len ? toks->len : 1));
+    put_le(h + 48, text_len, 8);
+    for (size_t i = 0; i < toks->len; i++)
+        put_le(h + MOE_TOKEN_FILE_HEADER_BYTES + i * (size_t)width, (uint32_t)toks->data[i], width);
+    return MOE_OK;
+}
+
+moe_status moe_data_open_text(const char *path, const moe_tokenizer *tok, moe_token_file **out) {
+    *out = NULL;
+    const uint8_t *text = NULL;
+    size_t len = 0;
+    MOE_TRY(map_file(path, &text, &len));
+    moe_token_buf toks = {0};
+    moe_status st = moe_tokenizer_encode(tok, (const char *)text, len, &toks);
+    unmap_file(text, len);
+    moe_token_file *tf = st == MOE_OK ? calloc(1, sizeof *tf) : NULL;
+    if (st == MOE_OK && (!tf || !(tf->path = strdup(path))))
+        st = moe_error(MOE_ERR_OOM, "out of memory opening %s", path);
+    uint8_t *img = NULL;
+    if (st == MOE_OK) st = token_image(&toks, moe_tokenizer_vocab_size(tok), len, &img, &tf->map_len);
+    moe_token_buf_free(&toks);
+    if (tf) tf->map = img, tf->owned = true;
     if (st == MOE_OK) st = validate_token_file(tf);
     if (st != MOE_OK) {
         moe_data_close(tf);

@@ -58,6 +58,11 @@ typedef struct moe_token_file moe_token_file;
  * (wrong magic, truncated, size mismatch, bad width, token out of range); a missing or
  * unreadable file MOE_ERR_IO. */
 moe_status moe_data_open(const char *path, moe_token_file **out);
+/* A text file tokenized with `tok`, held in memory with the same reader API (bytes per
+ * token from the text; no unigram baseline: 0). MOE_ERR_IO when it cannot be read. */
+moe_status moe_data_open_text(const char *path, const moe_tokenizer *tok, moe_token_file **out);
+/* True when `path` starts with the token file magic (a file to moe_data_open). */
+bool moe_data_is_token_file(const char *path);
 void moe_data_close(moe_token_file *tf);
 
 uint64_t moe_data_count(const moe_token_file *tf);

@@ -54,7 +54,7 @@ static moe_status unknown_flag(const char *command, const moe_flag_spec *specs, 
 
 /* "[1, 1000000]" or "(0, 1)" for messages and help. */
 static void range_text(const moe_flag_spec *s, char *buf, size_t n) {
-    snprintf(buf, n, "%c%.15g, %.15g%c", s->min_excluded ? '(' : '[', s->min, s->max, s->max_excluded ? ')' : ']');
+    snprintf(buf, n, "%c%.16g, %.16g%c", s->min_excluded ? '(' : '[', s->min, s->max, s->max_excluded ? ')' : ']');
 }
 
 static moe_status parse_number(const char *command, const moe_flag_spec *s, const char *v) {
