@@ -1,0 +1,32 @@
+/* Shared by the fuzz harnesses (tests/fuzz/fuzz_<target>.c): the two libFuzzer entry points
+ * every harness defines (libFuzzer calls them; replay.c calls them without libFuzzer), a
+ * per-process scratch file that inputs are written to for readers that take a path, and the
+ * check that turns a broken property into a crash the fuzzer records. */
+#ifndef MOE_TESTS_FUZZ_COMMON_H
+#define MOE_TESTS_FUZZ_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+int LLVMFuzzerInitialize(int *argc, char ***argv);
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+/* Writes data[0..size) to this process's scratch file "<TMPDIR>/moe-fuzz-<tag>-<pid>"
+ * (replaced on each call, removed at exit) and returns its path. Aborts when the file
+ * cannot be written: the harness cannot run. */
+const char *fuzz_write_file(const char *tag, const uint8_t *data, size_t size);
+
+/* A property of the reader failed: print it and abort (libFuzzer saves the input). */
+#define FUZZ_CHECK(cond, ...)                                                  \
+    do {                                                                       \
+        if (!(cond)) {                                                         \
+            fprintf(stderr, "%s:%d: fuzz check '%s' failed: ", __FILE__, __LINE__, #cond); \
+            fprintf(stderr, __VA_ARGS__);                                      \
+            fputc('\n', stderr);                                               \
+            abort();                                                           \
+        }                                                                      \
+    } while (0)
+
+#endif
