@@ -177,12 +177,39 @@ static moe_status parse_enum(const load_ctx *c, const moe_yaml_key *k, const cha
                 scalar_text(node), names);
 }
 
+/* Decodes the UTF-8 sequence at s[0..n): its length (1-4) and code point in *cp, or 0
+ * when it is not valid UTF-8 (bad or missing continuation byte, overlong form, surrogate,
+ * beyond U+10FFFF). */
+static size_t utf8_decode(const unsigned char *s, size_t n, uint32_t *cp) {
+    static const uint32_t min_cp[5] = {0, 0, 0x80, 0x800, 0x10000};
+    size_t len = s[0] < 0x80 ? 1 : (s[0] & 0xe0) == 0xc0 ? 2 : (s[0] & 0xf0) == 0xe0 ? 3
+               : (s[0] & 0xf8) == 0xf0 ? 4 : 0;
+    if (len == 0 || len > n) return 0;
+    uint32_t v = len == 1 ? s[0] : s[0] & (0x7fu >> len);
+    for (size_t i = 1; i < len; i++) {
+        if ((s[i] & 0xc0) != 0x80) return 0;
+        v = v << 6 | (s[i] & 0x3fu);
+    }
+    if (v < min_cp[len] || v > 0x10ffff || (v >= 0xd800 && v <= 0xdfff)) return 0;
+    *cp = v;
+    return len;
+}
+
+static bool utf8_valid(const char *s, size_t n) {
+    uint32_t cp;
+    for (size_t i = 0, len; i < n; i += len)
+        if (!(len = utf8_decode((const unsigned char *)s + i, n - i, &cp))) return false;
+    return true;
+}
+
 static moe_status parse_string(const load_ctx *c, const moe_yaml_key *k, const char *label,
                                const yaml_node_t *node, char *out) {
     if (node->type != YAML_SCALAR_NODE) return fail_type(c, k, label, node, false);
     size_t len = node->data.scalar.length;
     if (strlen(scalar_text(node)) != len)
         return fail(c, node->start_mark, "%s: the string contains a NUL character", label);
+    if (!utf8_valid(scalar_text(node), len))
+        return fail(c, node->start_mark, "%s: the string is not valid UTF-8", label);
     if (len >= MOE_YAML_STRING_MAX) {
         return fail(c, node->start_mark, "%s: the string is %zu characters long; at most %d allowed",
                     label, len, MOE_YAML_STRING_MAX - 1);
@@ -613,12 +640,28 @@ static void format_double(double v, char *buf, size_t n) {
     if (!strpbrk(buf, ".eEn")) strncat(buf, ".0", n - strlen(buf) - 1);
 }
 
+/* A double-quoted YAML string that reads back as exactly `s` when s is valid UTF-8 (the
+ * reader stores only such strings; another byte is written as an escape). Escaped: the
+ * quote, the backslash, what a YAML reader refuses (C0 and C1 controls, U+FFFE, U+FFFF)
+ * and what it would fold or drop (U+0085, U+2028, U+2029 line breaks; U+FEFF). */
 static void write_string(FILE *out, const char *s) {
     fputc('"', out);
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-        if (*p == '"' || *p == '\\') fprintf(out, "\\%c", *p);
-        else if (*p < 0x20 || *p == 0x7f) fprintf(out, "\\x%02x", *p);
-        else fputc(*p, out);
+    const unsigned char *p = (const unsigned char *)s;
+    size_t n = strlen(s);
+    for (size_t i = 0, len; i < n; i += len) {
+        uint32_t cp;
+        if (!(len = utf8_decode(p + i, n - i, &cp))) {
+            fprintf(out, "\\x%02x", p[i]);
+            len = 1;
+        } else if (cp == '"' || cp == '\\') {
+            fprintf(out, "\\%c", (char)cp);
+        } else if (cp < 0x20 || (cp >= 0x7f && cp <= 0x9f)) {
+            fprintf(out, "\\x%02x", (unsigned)cp);
+        } else if (cp == 0x2028 || cp == 0x2029 || cp == 0xfeff || cp == 0xfffe || cp == 0xffff) {
+            fprintf(out, "\\u%04x", (unsigned)cp);
+        } else {
+            fwrite(p + i, 1, len, out);
+        }
     }
     fputc('"', out);
 }
