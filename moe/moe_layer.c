@@ -27,13 +27,16 @@ static moe_tensor *expert_stack(const char *prefix, const char *what, const int 
                                 int64_t cols, moe_device dev, uint64_t seed, double std) {
     moe_tensor *t = moe_tensor_empty(MOE_LIFE_PERSIST, dev, MOE_F32, 3, (int64_t[]){n, rows, cols});
     if (!t) return NULL;
-    for (int j = 0; j < n; j++) {
+    for (int j = 0; j < n; j++) { /* each expert drawn on the host, its STEP memory handed back at once */
         char name[160];
         snprintf(name, sizeof name, "%s.experts.%d.%s", prefix, ids[j], what);
+        moe_mem_mark mark = moe_mem_step_mark(MOE_CPU);
         moe_tensor *one = moe_tensor_randn(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 2, (int64_t[]){rows, cols},
                                            moe_param_seed(seed, name), 0, std);
         moe_tensor *dst = one ? moe_tensor_view_raw(t, 2, one->shape, t->strides + 1, (int64_t)j * rows * cols) : NULL;
-        if (!dst || moe_tensor_copy_(dst, one) != MOE_OK) {
+        bool ok = dst && moe_tensor_copy_(dst, one) == MOE_OK;
+        moe_mem_step_release(MOE_CPU, mark);
+        if (!ok) {
             moe_tensor_free(t);
             return NULL;
         }

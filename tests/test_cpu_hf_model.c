@@ -157,6 +157,39 @@ static void check_fixture(const char *name) {
     moe_step_reset();
 }
 
+static long status_kb(const char *key) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long v = -1;
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, key, strlen(key))) v = atol(line + strlen(key) + 1);
+    if (f) fclose(f);
+    return v;
+}
+
+/* Peak host memory of loading the largest fixture (run first, so the process's earlier
+ * peak is small): the rise of VmHWM against the bytes on disk. The f32 model itself is
+ * about the file's size; the mapping is dropped tensor by tensor and the random init's
+ * host draws are handed back one parameter at a time. */
+static void test_load_peak_memory(void) {
+    const char *dir = fixture_dir("olmoe-tiny");
+    char path[1200];
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    struct stat st;
+    CU_ASSERT_FATAL(stat(path, &st) == 0);
+    moe_model m;
+    moe_hf_info info;
+    long before = status_kb("VmHWM:"), rss = status_kb("VmRSS:");
+    CU_ASSERT_EQUAL_FATAL(moe_hf_load(dir, &m, &info), MOE_OK);
+    long after = status_kb("VmHWM:");
+    long rise = after - (before > rss ? before : rss);
+    fprintf(stderr, "  load of %s: %lld bytes on disk, VmHWM %ld -> %ld kB (rise %ld kB over VmRSS %ld kB)\n", path,
+            (long long)st.st_size, before, after, after - rss, rss);
+    CU_ASSERT((after - rss) * 1024 < 3 * (long)st.st_size + (4L << 20));
+    (void)rise;
+    moe_model_free(&m);
+}
+
 static void test_mixtral(void) { check_fixture("mixtral-tiny"); }
 static void test_olmoe(void) { check_fixture("olmoe-tiny"); }
 static void test_qwen2_moe(void) { check_fixture("qwen2-moe-tiny"); }
@@ -420,7 +453,8 @@ static void test_cached_equals_full(void) {
 }
 
 static void register_suites(void) {
-    moe_test_add_suite("hf_model", (moe_test_entry[]){{"mixtral", test_mixtral},
+    moe_test_add_suite("hf_model", (moe_test_entry[]){{"peak host memory of a load", test_load_peak_memory},
+                                                       {"mixtral", test_mixtral},
                                                        {"olmoe", test_olmoe},
                                                        {"qwen2-moe", test_qwen2_moe},
                                                        {"qwen3-moe", test_qwen3_moe},
