@@ -743,17 +743,27 @@ moe_status moe_tokenizer_from_bytes(const uint8_t *img, size_t size, const char 
     uint32_t n_merges = 0, kind = 0;
     MOE_TRY(check_header(img, size, src, &n_merges, &kind));
     int32_t (*merges)[2] = malloc((n_merges ? n_merges : 1) * sizeof *merges);
-    if (!merges) return moe_error(MOE_ERR_OOM, "out of memory loading %s", src);
-    for (uint32_t i = 0; i < n_merges; i++) {
+    uint16_t *lens = malloc((256 + (size_t)n_merges) * sizeof *lens); /* token byte lengths */
+    moe_status st = merges && lens ? MOE_OK : moe_error(MOE_ERR_OOM, "out of memory loading %s", src);
+    for (uint32_t i = 0; st == MOE_OK && i < 256; i++) lens[i] = 1;
+    for (uint32_t i = 0; st == MOE_OK && i < n_merges; i++) {
         uint32_t l = get_u32(img + FILE_HEADER_BYTES + 8 * i);
         uint32_t r = get_u32(img + FILE_HEADER_BYTES + 8 * i + 4);
-        if (l >= 256 + i || r >= 256 + i) {
-            free(merges);
-            return moe_error(MOE_ERR_FORMAT, "%s is damaged: merge %u refers to token %u or %u, not yet "
-                             "defined", src, i, l, r);
-        }
+        if (l >= 256 + i || r >= 256 + i)
+            st = moe_error(MOE_ERR_FORMAT, "%s is damaged: merge %u refers to token %u or %u, not yet "
+                           "defined", src, i, l, r);
+        else if (lens[l] + lens[r] > MOE_TOKENIZER_MAX_PIECE) /* merges stay inside a piece */
+            st = moe_error(MOE_ERR_FORMAT, "%s is damaged: merge %u makes a token of %d bytes, longer "
+                           "than a %d-byte piece", src, i, lens[l] + lens[r], MOE_TOKENIZER_MAX_PIECE);
+        else
+            lens[256 + i] = (uint16_t)(lens[l] + lens[r]);
         merges[i][0] = (int32_t)l;
         merges[i][1] = (int32_t)r;
+    }
+    free(lens);
+    if (st != MOE_OK) {
+        free(merges);
+        return st;
     }
     *out = tokenizer_build((moe_tokenizer_kind)kind, merges, (int)n_merges);
     return *out ? MOE_OK : moe_error(MOE_ERR_OOM, "out of memory loading %s", src);
