@@ -1,0 +1,99 @@
+/* Inference: a decoder (the model's weights cast once to the compute dtype) runs explicit
+ * batches of tokens from many sequences against a decode state that owns every cache
+ * (paged KV blocks, MoM / gated-delta recurrent states). The model itself holds no cache:
+ * training never sees one.
+ *
+ * A batch is a flat list of tokens, each with its position in its sequence and its
+ * sequence slot (as llama.cpp's llama_batch). A sequence's tokens in one batch are
+ * contiguous and in position order and continue where the sequence's cache ends: the first
+ * token of a sequence in a batch has position == moe_decode_state_seq_len(s, seq). So a
+ * prompt prefill, a one-token decode step and a mix of both (continuous batching) are the
+ * same call.
+ *
+ * Paged KV: the attention keys and values of every layer live in one pool of fixed-size
+ * blocks (MOE_KV_BLOCK tokens); each sequence has a block table that grows a block at a
+ * time, so nothing is reserved for a maximum length. moe_decode_state_seq_free gives a
+ * sequence's blocks back to the pool and restarts its recurrent state.
+ *
+ * Typical use (one thread; every call may use the step arena: moe_step_reset between
+ * batches is the caller's):
+ *   moe_decoder *d; moe_decode_state *s;
+ *   moe_decoder_open(&model, MOE_F32, &d);
+ *   moe_decode_state_create(d, 8, 4096, &s);
+ *   moe_batch b = {.n_tokens = n, .tokens = ids, .pos = pos, .seq = seq, .logits = MOE_LOGITS_LAST};
+ *   moe_decoder_forward(d, s, &b, logits);        -> logits [n_seqs in b, V]
+ *   moe_decode_state_seq_free(s, seq);            -> when a request ends
+ *   moe_decode_state_free(s); moe_decoder_close(d); */
+#ifndef MOE_INFER_DECODER_H
+#define MOE_INFER_DECODER_H
+
+#include <stdint.h>
+
+#include "moe/model.h"
+
+/* Tokens per KV block. */
+#define MOE_KV_BLOCK 16
+
+typedef struct moe_decoder moe_decoder;           /* opaque: weights in the compute dtype */
+typedef struct moe_decode_state moe_decode_state; /* opaque: caches of up to max_seqs sequences */
+
+/* Which rows of logits a forward writes. */
+typedef enum moe_logits_mode {
+    MOE_LOGITS_LAST, /* one row per sequence in the batch: its last token's (decode, prefill) */
+    MOE_LOGITS_ALL,  /* one row per token (scoring, parity tests) */
+    MOE_LOGITS_NONE  /* nothing (prefill whose logits are not needed) */
+} moe_logits_mode;
+
+typedef struct moe_batch {
+    int n_tokens;          /* tokens in the batch, > 0 */
+    const int32_t *tokens; /* [n_tokens] token ids in [0, vocab) */
+    const int32_t *pos;    /* [n_tokens] position of each token in its sequence (RoPE, causal mask) */
+    const int32_t *seq;    /* [n_tokens] sequence slot in [0, max_seqs); a slot's tokens are
+                            * contiguous, in increasing position order, the first at the
+                            * slot's current length */
+    moe_logits_mode logits;
+} moe_batch;
+
+/* What a forward reports besides the logits (optional: pass NULL). */
+typedef struct moe_decode_info {
+    int32_t *route_ids; /* in: NULL or [n_layers, n_tokens, top_k]: the experts chosen per layer
+                         * and token, the router's order; -1 in dense layers */
+} moe_decode_info;
+
+/* A decoder over model m (borrowed: m must outlive it and keep its weights unchanged):
+ * m's parameters cast once to `dtype` (MOE_F32, MOE_BF16 on CUDA, MOE_F64 for reference
+ * checks); with dtype F32 on f32 masters the decoder shares m's tensors. */
+moe_status moe_decoder_open(moe_model *m, moe_dtype dtype, moe_decoder **out);
+void moe_decoder_close(moe_decoder *d);
+const moe_model *moe_decoder_model(const moe_decoder *d);
+
+/* Caches for up to max_seqs sequence slots sharing a pool of kv_tokens KV positions per
+ * attention layer (rounded up to whole blocks); recurrent states for every slot are
+ * allocated here (their size does not depend on the length). */
+moe_status moe_decode_state_create(moe_decoder *d, int max_seqs, int64_t kv_tokens, moe_decode_state **out);
+void moe_decode_state_free(moe_decode_state *s);
+
+/* Ends sequence `seq`: its KV blocks return to the pool, its length and recurrent state
+ * restart from zero (the slot may be reused at once). Freeing an empty slot is allowed. */
+moe_status moe_decode_state_seq_free(moe_decode_state *s, int seq);
+/* Tokens of sequence `seq` in the cache (the position its next token must have). */
+int64_t moe_decode_state_seq_len(const moe_decode_state *s, int seq);
+/* KV positions still free in the pool (whole free blocks times MOE_KV_BLOCK; admission
+ * control); INT64_MAX when the model has no attention layer. */
+int64_t moe_decode_state_free_tokens(const moe_decode_state *s);
+int moe_decode_state_max_seqs(const moe_decode_state *s);
+
+/* Runs batch b, appends its tokens to their sequences' caches and writes logits (host f32)
+ * per b->logits: LAST [number of distinct sequences in b, V] in the order the sequences
+ * appear in b; ALL [n_tokens, V]; NONE: logits may be NULL. No gradient is recorded.
+ * Errors (MOE_ERR_INVALID: a batch that breaks the rules above; MOE_ERR_OOM: the KV pool
+ * is full) leave the caches as they were. */
+moe_status moe_decoder_forward(moe_decoder *d, moe_decode_state *s, const moe_batch *b, float *logits,
+                               moe_decode_info *info);
+
+/* Convenience for one sequence: feeds tokens [n] of sequence `seq` at its current length
+ * and writes its last token's logits [V]. */
+moe_status moe_decoder_feed(moe_decoder *d, moe_decode_state *s, int seq, const int32_t *tokens, int n,
+                            float *logits);
+
+#endif
