@@ -151,8 +151,8 @@ check "generate: the timing line comes after the text's newline" grep -q "^gener
   --set data.tokenizer=bpe --set data.tokenizer_path=bpe.tok --set model.vocab_size=300 --set train.steps=2 \
   --set checkpoint.dir=run-bpe --quiet > out.txt 2>&1
 bck=$(ls run-bpe/ckpt-*.h5 | tail -1)
-"$moe" inspect "$bck" > out.txt 2>&1
-check "the checkpoint holds /tokenizer" grep -qE "^  tokenizer +u8" out.txt
+"$moe" inspect "$bck" > inspect.txt 2>&1
+check "the checkpoint holds /tokenizer" grep -qE "^  tokenizer +u8" inspect.txt
 mv bpe.tok bpe.tok.away
 expect "generate with the checkpoint's own tokenizer" 0 "new tokens in" "$moe" generate --checkpoint "$bck" --prompt "It was" --tokens 5
 mv bpe.tok.away bpe.tok
