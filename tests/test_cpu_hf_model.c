@@ -76,7 +76,7 @@ static double row_err(moe_model *m, const expected *e, int r, int64_t pos0, floa
 /* Our top-k sets per MoE layer against router_topk.<i> (i counts the MoE layers); a token
  * whose k-th and (k+1)-th router logits are within 1e-5 may differ (a near-tie). */
 static int route_mismatches(moe_model *m, const expected *e, int r, int pad, const int32_t *route) {
-    int k = m->cfg.model.top_k, E = m->cfg.model.n_experts, T = 24 - pad, bad = 0, moe_i = 0;
+    int k = m->cfg.model.top_k, E = m->cfg.model.n_experts, T = 24 - pad, bad = 0, moe_i = 0, compared = 0;
     for (int L = 0; L < m->cfg.model.n_layers; L++) {
         if (m->blocks[L].dense) continue;
         char nt[64], nl[64];
@@ -84,6 +84,8 @@ static int route_mismatches(moe_model *m, const expected *e, int r, int pad, con
         snprintf(nl, sizeof nl, "router_logits.%d", moe_i++);
         const moe_st_view *vt = moe_st_find(&e->f, nt), *vl = moe_st_find(&e->f, nl);
         if (!vt) continue; /* DeepSeek-V3 reports no router logits */
+        CU_ASSERT_FATAL(vl && moe_st_numel(vt) == 48 * k);
+        compared++;
         int64_t *want = malloc(sizeof(int64_t) * (size_t)moe_st_numel(vt));
         float *lg = malloc(sizeof(float) * (size_t)moe_st_numel(vl));
         moe_st_read_i64(vt, want);
@@ -106,6 +108,8 @@ static int route_mismatches(moe_model *m, const expected *e, int r, int pad, con
         free(want);
         free(lg);
     }
+    /* every MoE layer's ids are there, unless the family reports none */
+    CU_ASSERT(compared == moe_i || (compared == 0 && !moe_st_find(&e->f, "router_topk.0")));
     return bad;
 }
 
@@ -255,6 +259,25 @@ static void test_bad_files(void) {
     snprintf(p, sizeof p, "%s/size.safetensors", tmp);
     write_st(p, "{\"y\":{\"dtype\":\"BF16\",\"shape\":[3],\"data_offsets\":[0,8]}}", 8);
     expect_refused(p, "size.safetensors", "'y'");
+    /* bf16 and f16 widen exactly: 1, -2 (bf16); 1, the smallest subnormal, -inf (f16) */
+    snprintf(p, sizeof p, "%s/half.safetensors", tmp);
+    const char *hh = "{\"b\":{\"dtype\":\"BF16\",\"shape\":[2],\"data_offsets\":[0,4]},"
+                     "\"h\":{\"dtype\":\"F16\",\"shape\":[3],\"data_offsets\":[4,10]}}";
+    uint64_t hn = strlen(hh);
+    unsigned char img[256];
+    memcpy(img, &hn, 8);
+    memcpy(img + 8, hh, hn);
+    const uint16_t vals[5] = {0x3f80, 0xc000, 0x3c00, 0x0001, 0xfc00};
+    memcpy(img + 8 + hn, vals, sizeof vals);
+    write_file(p, img, 8 + hn + sizeof vals);
+    moe_st_file hf;
+    CU_ASSERT_EQUAL_FATAL(moe_st_open(&hf, p), MOE_OK);
+    float w[3];
+    CU_ASSERT_EQUAL(moe_st_read_f32(moe_st_find(&hf, "b"), w), MOE_OK);
+    CU_ASSERT(w[0] == 1.0f && w[1] == -2.0f);
+    CU_ASSERT_EQUAL(moe_st_read_f32(moe_st_find(&hf, "h"), w), MOE_OK);
+    CU_ASSERT(w[0] == 1.0f && w[1] == ldexpf(1.0f, -24) && isinf(w[2]) && w[2] < 0);
+    moe_st_close(&hf);
     snprintf(p, sizeof p, "%s/json.safetensors", tmp);
     write_st(p, "{\"y\": [1, 2", 0);
     expect_refused(p, "json.safetensors", "JSON");
