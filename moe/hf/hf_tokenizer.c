@@ -15,6 +15,7 @@
 #include <utf8proc.h>
 
 #include "core/fileio.h"
+#include "moe/hf/jinja.h"
 
 #define MAX_CACHED_WORD 256     /* pre-tokens longer than this are not cached */
 #define MAX_CACHE_ENTRIES 65536 /* the cache is emptied when it holds this many words */
@@ -554,7 +555,8 @@ struct moe_hf_tokenizer {
     added_matcher raw_match, norm_match;
     bool *is_special; /* by id */
     /* tokenizer_config.json */
-    char *bos, *eos, *chat_template, *chat_origin;
+    char *bos, *eos, *unk, *pad, *chat_template, *chat_origin;
+    moe_jinja *chat;
     bool cleanup_spaces;
     /* scratch (why encode is not thread-safe) */
     smap cache;
@@ -1060,7 +1062,7 @@ static void post_process(const moe_hf_tokenizer *t, ivec *ids, size_t from) {
             ids->oom = true;
             return;
         }
-        memcpy(seq, ids->v + from, n * sizeof *seq);
+        if (n) memcpy(seq, ids->v + from, n * sizeof *seq);
         ids->n = from;
         for (size_t i = 0; i < t->post[p].n_items; i++) {
             const post_item *it = &t->post[p].items[i];
@@ -1930,6 +1932,8 @@ static moe_status load_config(moe_hf_tokenizer *t, const char *dir) {
         MOE_TRY(parse_json_file(path, &cfg));
         t->bos = config_token(cfg, "bos_token");
         t->eos = config_token(cfg, "eos_token");
+        t->unk = config_token(cfg, "unk_token");
+        t->pad = config_token(cfg, "pad_token");
         t->cleanup_spaces = jbool(cfg, "clean_up_tokenization_spaces", false);
         const char *tmpl = config_template(cfg);
         if (tmpl) {
@@ -1943,10 +1947,13 @@ static moe_status load_config(moe_hf_tokenizer *t, const char *dir) {
         size_t len;
         free(t->chat_template);
         free(t->chat_origin);
+        t->chat_template = NULL;
         t->chat_origin = strdup(path);
-        return read_text(path, &t->chat_template, &len);
+        MOE_TRY(read_text(path, &t->chat_template, &len));
     }
-    return MOE_OK;
+    if (!t->chat_template) return MOE_OK;
+    if (!t->chat_origin) return moe_error(MOE_ERR_OOM, "out of memory");
+    return moe_jinja_parse(&t->chat, t->chat_template, t->chat_origin);
 }
 
 moe_status moe_hf_tokenizer_load_dir(moe_hf_tokenizer **out, const char *dir) {
@@ -2011,6 +2018,9 @@ void moe_hf_tokenizer_free(moe_hf_tokenizer *t) {
     free(t->is_special);
     free(t->bos);
     free(t->eos);
+    free(t->unk);
+    free(t->pad);
+    moe_jinja_free(t->chat);
     free(t->chat_template);
     free(t->chat_origin);
     cache_clear(t);
@@ -2024,4 +2034,39 @@ void moe_hf_tokenizer_free(moe_hf_tokenizer *t) {
     free(t->heap);
     free(t->path);
     free(t);
+}
+
+/* ---------- chat template ---------- */
+
+static void add_token_var(cJSON *vars, const char *name, const char *value) {
+    if (value && !cJSON_GetObjectItemCaseSensitive(vars, name)) cJSON_AddStringToObject(vars, name, value);
+}
+
+moe_status moe_hf_apply_chat_template(const moe_hf_tokenizer *t, const char *messages_json,
+                                      bool add_generation_prompt, const char *extra_json, char **text) {
+    MOE_ASSERT(t && messages_json && text, "moe_hf_apply_chat_template: NULL argument");
+    *text = NULL;
+    if (!t->chat) return moe_error(MOE_ERR_INVALID, "tokenizer %s: no chat template (neither chat_template.jinja "
+                                   "nor a chat_template field in tokenizer_config.json)", t->path);
+    cJSON *vars = extra_json ? cJSON_Parse(extra_json) : cJSON_CreateObject();
+    cJSON *messages = cJSON_Parse(messages_json);
+    moe_status st = MOE_OK;
+    if (!cJSON_IsObject(vars)) st = moe_error(MOE_ERR_INVALID, "chat template variables are not a JSON object");
+    else if (!cJSON_IsArray(messages)) st = moe_error(MOE_ERR_INVALID, "chat messages are not a JSON array");
+    if (st == MOE_OK) {
+        cJSON_AddItemToObject(vars, "messages", messages);
+        messages = NULL;
+        if (!cJSON_GetObjectItemCaseSensitive(vars, "add_generation_prompt"))
+            cJSON_AddBoolToObject(vars, "add_generation_prompt", add_generation_prompt);
+        if (!cJSON_GetObjectItemCaseSensitive(vars, "tools")) cJSON_AddNullToObject(vars, "tools");
+        if (!cJSON_GetObjectItemCaseSensitive(vars, "documents")) cJSON_AddNullToObject(vars, "documents");
+        add_token_var(vars, "bos_token", t->bos);
+        add_token_var(vars, "eos_token", t->eos);
+        add_token_var(vars, "unk_token", t->unk);
+        add_token_var(vars, "pad_token", t->pad);
+        st = moe_jinja_render(t->chat, vars, text);
+    }
+    cJSON_Delete(messages);
+    cJSON_Delete(vars);
+    return st;
 }

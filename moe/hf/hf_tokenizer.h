@@ -66,6 +66,15 @@ const char *moe_hf_chat_template(const moe_hf_tokenizer *tok);
 /* Where the chat template came from (a file path), for error messages. */
 const char *moe_hf_chat_template_origin(const moe_hf_tokenizer *tok);
 
+/* Renders the chat template (parsed when the directory was loaded, so an unsupported construct
+ * fails the load) as transformers' apply_chat_template(messages, tokenize=False) does: the
+ * variables are messages (messages_json: a JSON array), add_generation_prompt, tools and
+ * documents (none), the special tokens of tokenizer_config.json (bos_token, eos_token, unk_token,
+ * pad_token) and the members of extra_json (a JSON object, may be NULL: tools, enable_thinking,
+ * ...). MOE_ERR_INVALID when the tokenizer has no chat template or the JSON is malformed. */
+moe_status moe_hf_apply_chat_template(const moe_hf_tokenizer *tok, const char *messages_json,
+                                      bool add_generation_prompt, const char *extra_json, char **text);
+
 /* Streaming decode for a server: push ids one at a time; each push returns (malloc'd into
  * *piece, possibly "") only text made of complete UTF-8 characters that no later id can
  * change. finish returns what is left. Concatenating every piece equals decode(all ids). */

@@ -1,0 +1,305 @@
+/* Tests of the chat-template interpreter: the real templates of Mixtral-8x7B-Instruct, Qwen3,
+ * OLMoE-Instruct and DeepSeek-V3 (tests/fixtures/chat, expected text rendered by Jinja2 as
+ * transformers sets it up), short templates for each feature, the Hugging Face fixtures' chat
+ * cases (text, then its ids), the tokenizer_config.json chat_template forms, and the errors. */
+#include "tests/harness/testlib.h"
+
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "moe/hf/hf_tokenizer.h"
+#include "moe/hf/jinja.h"
+
+/* ---------- helpers ---------- */
+
+/* The source tree: $MOE_SOURCE_DIR, else ".." (tests run in the build dir), else ".",
+ * else the tree this file was compiled from. */
+static const char *source_path(const char *rel) {
+    static char path[1024], compiled[1024];
+    snprintf(compiled, sizeof compiled, "%s", __FILE__);
+    char *tail = strstr(compiled, "/tests/test_cpu_jinja.c");
+    if (tail) *tail = '\0';
+    const char *dirs[] = {getenv("MOE_SOURCE_DIR"), "..", ".", tail ? compiled : NULL};
+    for (size_t i = 0; i < sizeof dirs / sizeof dirs[0]; i++) {
+        if (!dirs[i]) continue;
+        snprintf(path, sizeof path, "%s/%s", dirs[i], rel);
+        if (access(path, R_OK) == 0) return path;
+    }
+    return rel;
+}
+
+static char *slurp(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *s = malloc((size_t)n + 1);
+    if (s && fread(s, 1, (size_t)n, f) != (size_t)n) n = 0;
+    if (s) s[n] = '\0';
+    fclose(f);
+    return s;
+}
+
+static cJSON *load_json(const char *rel) {
+    char *text = slurp(source_path(rel));
+    CU_ASSERT_PTR_NOT_NULL_FATAL(text);
+    cJSON *j = cJSON_Parse(text);
+    free(text);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(j);
+    return j;
+}
+
+static const char *tmpdir(void) {
+    static char dir[512];
+    if (!dir[0]) {
+        const char *made = moe_test_tmpdir("jinja");
+        CU_ASSERT_PTR_NOT_NULL_FATAL(made);
+        snprintf(dir, sizeof dir, "%s", made);
+    }
+    return dir;
+}
+
+static void write_file(const char *path, const char *text) {
+    FILE *f = fopen(path, "w");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+/* Renders `source` with `vars` (JSON text); returns the status, the output in *out. */
+static moe_status render(const char *source, const char *vars_json, char **out) {
+    moe_jinja *t = NULL;
+    *out = NULL;
+    moe_status st = moe_jinja_parse(&t, source, "inline.jinja");
+    if (st != MOE_OK) return st;
+    cJSON *vars = vars_json ? cJSON_Parse(vars_json) : NULL;
+    st = moe_jinja_render(t, vars, out);
+    cJSON_Delete(vars);
+    moe_jinja_free(t);
+    return st;
+}
+
+/* Checks one rendered case against its "text" or "error". */
+static void check_case(const cJSON *c, const char *source, const char *label) {
+    moe_jinja *t = NULL;
+    moe_status st = moe_jinja_parse(&t, source, label);
+    if (st != MOE_OK) fprintf(stderr, "\n  %s: %s\n", label, moe_last_error());
+    CU_ASSERT_EQUAL_FATAL(st, MOE_OK);
+    char *out = NULL;
+    st = moe_jinja_render(t, cJSON_GetObjectItem(c, "vars"), &out);
+    const cJSON *text = cJSON_GetObjectItem(c, "text"), *err = cJSON_GetObjectItem(c, "error");
+    if (text) {
+        if (st != MOE_OK) fprintf(stderr, "\n  %s: %s\n", label, moe_last_error());
+        CU_ASSERT_EQUAL(st, MOE_OK);
+        bool same = out && !strcmp(out, text->valuestring);
+        if (!same) fprintf(stderr, "\n  %s\n  got : [%s]\n  want: [%s]\n", label, out ? out : "", text->valuestring);
+        CU_ASSERT_TRUE(same);
+    } else {
+        CU_ASSERT_PTR_NOT_NULL_FATAL(err);
+        CU_ASSERT_NOT_EQUAL(st, MOE_OK);
+        const char *msg = moe_last_error();
+        /* raise_exception's text and Jinja's "'x' is undefined" are reproduced word for word */
+        if (strstr(err->valuestring, "is undefined") || strstr(source, "raise_exception")) {
+            bool has = strstr(msg, err->valuestring) != NULL;
+            if (!has) fprintf(stderr, "\n  %s: message [%s] lacks [%s]\n", label, msg, err->valuestring);
+            CU_ASSERT_TRUE(has);
+        }
+    }
+    free(out);
+    moe_jinja_free(t);
+}
+
+/* ---------- the real templates and the feature templates ---------- */
+
+static void test_real_templates(void) {
+    cJSON *cases = load_json("tests/fixtures/chat/cases.json");
+    CU_ASSERT_TRUE(cJSON_GetArraySize(cases) >= 25);
+    int i = 0, errors = 0;
+    const cJSON *c;
+    cJSON_ArrayForEach(c, cases) {
+        char rel[256], label[300];
+        snprintf(rel, sizeof rel, "tests/fixtures/chat/%s", cJSON_GetObjectItem(c, "template")->valuestring);
+        snprintf(label, sizeof label, "%s case %d", rel, i++);
+        char *source = slurp(source_path(rel));
+        CU_ASSERT_PTR_NOT_NULL_FATAL(source);
+        /* transformers passes tools and documents (None unless given) */
+        cJSON *vars = cJSON_GetObjectItem(c, "vars");
+        if (!cJSON_GetObjectItem(vars, "tools")) cJSON_AddNullToObject(vars, "tools");
+        if (!cJSON_GetObjectItem(vars, "documents")) cJSON_AddNullToObject(vars, "documents");
+        check_case(c, source, label);
+        errors += cJSON_GetObjectItem(c, "error") != NULL;
+        free(source);
+    }
+    CU_ASSERT_TRUE(errors >= 2);
+    cJSON_Delete(cases);
+}
+
+static void test_feature_templates(void) {
+    cJSON *cases = load_json("tests/fixtures/chat/expr_cases.json");
+    CU_ASSERT_TRUE(cJSON_GetArraySize(cases) >= 20);
+    int i = 0;
+    const cJSON *c;
+    cJSON_ArrayForEach(c, cases) {
+        char label[64];
+        snprintf(label, sizeof label, "expr_cases.json case %d", i++);
+        check_case(c, cJSON_GetObjectItem(c, "source")->valuestring, label);
+    }
+    cJSON_Delete(cases);
+}
+
+/* ---------- the Hugging Face fixtures: text and ids ---------- */
+
+static void test_fixture_chats(void) {
+    static const char *names[] = {"mixtral-tiny", "olmoe-tiny", "qwen2-moe-tiny", "qwen3-moe-tiny", "deepseek-v3-tiny"};
+    for (size_t f = 0; f < 5; f++) {
+        char rel[256];
+        snprintf(rel, sizeof rel, "tests/fixtures/hf/%s", names[f]);
+        moe_hf_tokenizer *tok = NULL;
+        moe_status st = moe_hf_tokenizer_load_dir(&tok, source_path(rel));
+        if (st != MOE_OK) fprintf(stderr, "\n  %s\n", moe_last_error());
+        CU_ASSERT_EQUAL_FATAL(st, MOE_OK);
+        CU_ASSERT_PTR_NOT_NULL(strstr(moe_hf_chat_template_origin(tok), "chat_template.jinja"));
+        snprintf(rel, sizeof rel, "tests/fixtures/hf/%s/chat_cases.json", names[f]);
+        cJSON *cases = load_json(rel);
+        CU_ASSERT_TRUE(cJSON_GetArraySize(cases) >= 1);
+        const cJSON *c;
+        cJSON_ArrayForEach(c, cases) {
+            char *messages = cJSON_PrintUnformatted(cJSON_GetObjectItem(c, "messages"));
+            char *text = NULL;
+            bool gen = f != 0; /* the fixtures ask for the generation prompt except with Mixtral's template */
+            CU_ASSERT_EQUAL_FATAL(moe_hf_apply_chat_template(tok, messages, gen, NULL, &text), MOE_OK);
+            CU_ASSERT_STRING_EQUAL(text, cJSON_GetObjectItem(c, "text")->valuestring);
+            moe_token_buf ids = {0};
+            CU_ASSERT_EQUAL(moe_hf_encode(tok, text, strlen(text), false, &ids), MOE_OK);
+            const cJSON *want = cJSON_GetObjectItem(c, "ids");
+            CU_ASSERT_EQUAL_FATAL(ids.len, (size_t)cJSON_GetArraySize(want));
+            size_t i = 0;
+            const cJSON *e;
+            cJSON_ArrayForEach(e, want) CU_ASSERT_EQUAL(ids.data[i++], (int32_t)e->valuedouble);
+            moe_token_buf_free(&ids);
+            free(text);
+            free(messages);
+        }
+        cJSON_Delete(cases);
+        moe_hf_tokenizer_free(tok);
+    }
+}
+
+/* A directory with olmoe-tiny's tokenizer.json and the given tokenizer_config.json. */
+static const char *config_dir(const char *name, const char *config) {
+    static char dir[700];
+    snprintf(dir, sizeof dir, "%s/%s", tmpdir(), name);
+    mkdir(dir, 0755);
+    char path[800];
+    char *tok = slurp(source_path("tests/fixtures/hf/olmoe-tiny/tokenizer.json"));
+    CU_ASSERT_PTR_NOT_NULL_FATAL(tok);
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    write_file(path, tok);
+    free(tok);
+    snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
+    write_file(path, config);
+    return dir;
+}
+
+static void test_config_template_forms(void) {
+    const char *forms[] = {
+        "{\"eos_token\": \"<|endoftext|>\", \"chat_template\": \"{{ messages|length }}:{{ eos_token }}\"}",
+        "{\"eos_token\": {\"content\": \"<|endoftext|>\"}, \"chat_template\": [{\"name\": \"tool_use\", "
+        "\"template\": \"tools\"}, {\"name\": \"default\", \"template\": \"{{ messages|length }}:{{ eos_token }}\"}]}",
+    };
+    for (int i = 0; i < 2; i++) {
+        char name[16];
+        snprintf(name, sizeof name, "form%d", i);
+        moe_hf_tokenizer *tok = NULL;
+        CU_ASSERT_EQUAL_FATAL(moe_hf_tokenizer_load_dir(&tok, config_dir(name, forms[i])), MOE_OK);
+        char *text = NULL;
+        CU_ASSERT_EQUAL(moe_hf_apply_chat_template(tok, "[{\"role\": \"user\", \"content\": \"hi\"}]", true, NULL, &text),
+                        MOE_OK);
+        CU_ASSERT_STRING_EQUAL(text, "1:<|endoftext|>");
+        free(text);
+        moe_hf_tokenizer_free(tok);
+    }
+    /* no template at all: a clear error */
+    moe_hf_tokenizer *tok = NULL;
+    CU_ASSERT_EQUAL_FATAL(moe_hf_tokenizer_load_dir(&tok, config_dir("none", "{}")), MOE_OK);
+    char *text = NULL;
+    CU_ASSERT_EQUAL(moe_hf_apply_chat_template(tok, "[]", true, NULL, &text), MOE_ERR_INVALID);
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "no chat template"));
+    moe_hf_tokenizer_free(tok);
+    /* a template that does not parse fails the load, naming the config file and the line */
+    const char *dir = config_dir("bad", "{\"chat_template\": \"line one\\n{% if x %}never closed\"}");
+    tok = (moe_hf_tokenizer *)1;
+    CU_ASSERT_EQUAL(moe_hf_tokenizer_load_dir(&tok, dir), MOE_ERR_FORMAT);
+    CU_ASSERT_PTR_NULL(tok);
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "tokenizer_config.json:"));
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "endif"));
+}
+
+/* ---------- errors ---------- */
+
+static void expect_parse_error(const char *source, moe_status code, const char *part) {
+    moe_jinja *t = (moe_jinja *)1;
+    CU_ASSERT_EQUAL(moe_jinja_parse(&t, source, "dir/chat_template.jinja"), code);
+    CU_ASSERT_PTR_NULL(t);
+    const char *msg = moe_last_error();
+    bool ok = strstr(msg, "chat template dir/chat_template.jinja:") && strstr(msg, part);
+    if (!ok) fprintf(stderr, "\n  message [%s] lacks [%s]\n", msg, part);
+    CU_ASSERT_TRUE(ok);
+}
+
+static void test_parse_errors(void) {
+    expect_parse_error("a\nb\n{% if x %}c", MOE_ERR_FORMAT, "jinja:3: missing {% endif %}");
+    expect_parse_error("{{ x + }}", MOE_ERR_FORMAT, "unexpected '}}'");
+    expect_parse_error("{{ 'open }}", MOE_ERR_FORMAT, "unterminated string");
+    expect_parse_error("{% for x in y %}{% endif %}", MOE_ERR_FORMAT, "unexpected {% endif %}");
+    expect_parse_error("{{ x", MOE_ERR_FORMAT, "not closed");
+    expect_parse_error("{# x", MOE_ERR_FORMAT, "comment not closed");
+    expect_parse_error("\n{% include 'other.jinja' %}", MOE_ERR_UNSUPPORTED, ":2: statement 'include'");
+    expect_parse_error("{% raw %}{{ x }}{% endraw %}", MOE_ERR_UNSUPPORTED, "statement 'raw'");
+    expect_parse_error("{{ x|frobnicate }}", MOE_ERR_UNSUPPORTED, "filter 'frobnicate'");
+    expect_parse_error("{{ x is frob }}", MOE_ERR_UNSUPPORTED, "test 'frob'");
+    expect_parse_error("{{ x.frob() }}", MOE_ERR_UNSUPPORTED, "method 'frob'");
+    expect_parse_error("{{ cycler(1) }}", MOE_ERR_UNSUPPORTED, "function 'cycler'");
+    expect_parse_error("{% for x in y recursive %}{% endfor %}", MOE_ERR_UNSUPPORTED, "recursive");
+}
+
+static void test_render_errors(void) {
+    char *out = NULL;
+    CU_ASSERT_EQUAL(render("ok\n{{ raise_exception('bad input') }}", NULL, &out), MOE_ERR_INVALID);
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "inline.jinja:2: raise_exception: bad input"));
+    CU_ASSERT_PTR_NULL(out);
+    CU_ASSERT_EQUAL(render("{{ 1 // 0 }}", NULL, &out), MOE_ERR_INVALID);
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "division by zero"));
+    CU_ASSERT_EQUAL(render("{% set x = 1 %}{% set x.a = 2 %}", NULL, &out), MOE_ERR_INVALID);
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "namespace"));
+    CU_ASSERT_EQUAL(render("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", NULL, &out), MOE_ERR_INVALID);
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "deeper than 100"));
+    /* the error inside a macro's and a set block's captured output frees them (run under ASan) */
+    CU_ASSERT_EQUAL(render("{% macro f() %}x{{ 1 + none }}{% endmacro %}{% set b %}{{ f() }}{% endset %}", NULL, &out),
+                    MOE_ERR_INVALID);
+    /* values come in from JSON: integral numbers are integers, the rest floats */
+    CU_ASSERT_EQUAL(render("{{ a }} {{ b }} {{ c }} {{ d|tojson }}", "{\"a\": 3, \"b\": 2.5, \"c\": null, "
+                           "\"d\": {\"k\": [1, \"\\u00e9\"]}}", &out), MOE_OK);
+    CU_ASSERT_STRING_EQUAL(out, "3 2.5 None {\"k\": [1, \"\xC3\xA9\"]}");
+    free(out);
+}
+
+static void register_suites(void) {
+    static const moe_test_entry tests[] = {
+        {"real templates", test_real_templates},
+        {"feature templates", test_feature_templates},
+        {"fixture chats", test_fixture_chats},
+        {"config template forms", test_config_template_forms},
+        {"parse errors", test_parse_errors},
+        {"render errors", test_render_errors},
+        {NULL, NULL},
+    };
+    moe_test_add_suite("jinja", tests);
+}
+
+int main(int argc, char **argv) { return moe_test_main(argc, argv, register_suites); }
