@@ -13,6 +13,8 @@
 
 #include "core/autograd.h"
 #include "core/memory.h"
+#include "moe/checkpoint.h"
+#include "moe/hf/hf_cli.h"
 #include "moe/hf/hf_model.h"
 #include "moe/hf/safetensors.h"
 #include "tests/harness/model_gradcheck.h"
@@ -475,6 +477,45 @@ static void test_cached_equals_full(void) {
     }
 }
 
+/* hf-convert writes our checkpoint; its config (with the new keys) reloads and the model
+ * loaded from it gives the imported model's logits bit for bit. hf-logits runs. */
+static void test_convert_round_trip(void) {
+    tmp = moe_test_tmpdir("hf-convert");
+    for (int f = 0; f < 2; f++) {
+        const char *name = f ? "deepseek-v3-tiny" : "qwen2-moe-tiny";
+        char out[700], dir[1100];
+        snprintf(out, sizeof out, "%s/%s.h5", tmp, name);
+        snprintf(dir, sizeof dir, "%s", fixture_dir(name));
+        CU_ASSERT_EQUAL_FATAL(moe_cli_convert(4, (char *[]){"hf-convert", dir, "--out", out, NULL}), 0);
+        CU_ASSERT_EQUAL(moe_cli_logits(6, (char *[]){"hf-logits", dir, "--ids", "5,6,7", "--generate", "2", NULL}), 0);
+        char *text = NULL;
+        moe_config cfg;
+        CU_ASSERT_EQUAL_FATAL(moe_checkpoint_read_config(out, &text), MOE_OK);
+        CU_ASSERT_EQUAL_FATAL(moe_config_load_text(&cfg, text, out), MOE_OK);
+        free(text);
+        moe_model a, b;
+        moe_hf_info info;
+        moe_train_state ts;
+        CU_ASSERT_EQUAL_FATAL(moe_hf_load(dir, &a, &info), MOE_OK);
+        CU_ASSERT_EQUAL(memcmp(&a.cfg.model, &cfg.model, sizeof cfg.model), 0);
+        CU_ASSERT_EQUAL(memcmp(&a.cfg.router, &cfg.router, sizeof cfg.router), 0);
+        CU_ASSERT_EQUAL_FATAL(moe_model_init(&b, &cfg, 0, 1), MOE_OK);
+        CU_ASSERT_EQUAL_FATAL(moe_checkpoint_load(out, &b, NULL, &ts), MOE_OK);
+        int32_t tok[8] = {5, 9, 100, 3, 44, 17, 250, 8};
+        int V = cfg.model.vocab_size;
+        float *la = malloc(sizeof(float) * 8 * (size_t)V), *lb = malloc(sizeof(float) * 8 * (size_t)V);
+        moe_step_reset();
+        CU_ASSERT_EQUAL(moe_model_logits(&a, tok, 1, 8, 0, la, NULL), MOE_OK);
+        moe_step_reset();
+        CU_ASSERT_EQUAL(moe_model_logits(&b, tok, 1, 8, 0, lb, NULL), MOE_OK);
+        CU_ASSERT_EQUAL(memcmp(la, lb, sizeof(float) * 8 * (size_t)V), 0);
+        free(la), free(lb);
+        moe_model_free(&a);
+        moe_model_free(&b);
+        moe_step_reset();
+    }
+}
+
 static void register_suites(void) {
     moe_test_add_suite("hf_model", (moe_test_entry[]){{"peak host memory of a load", test_load_peak_memory},
                                                        {"mixtral", test_mixtral},
@@ -487,6 +528,7 @@ static void register_suites(void) {
                                                        {"gradcheck: mha features", test_gradcheck_mha_features},
                                                        {"gradcheck: mla", test_gradcheck_mla},
                                                        {"kv cache = full forward", test_cached_equals_full},
+                                                       {"hf-convert round trip, hf-logits", test_convert_round_trip},
                                                        {NULL, NULL}});
 }
 
