@@ -16,8 +16,10 @@
 #include "moe/cli/args.h"
 #include "moe/config.h"
 #include "moe/data.h"
+#include "moe/infer/decoder.h"
 #include "moe/model.h"
 #include "moe/sample.h"
+#include "moe/signals.h"
 #include "moe/tokenizer.h"
 #include "moe/train.h"
 
@@ -29,7 +31,7 @@ static int fail(moe_status s) {
 static void usage(FILE *f) {
     fprintf(f,
             "usage: moe <command> [options]   (moe <command> --help lists a command's flags)\n"
-            "  train CONFIG.yaml [--set section.key=value ...] [--resume RUN_DIR] [--quiet]\n"
+            "  train CONFIG.yaml [--set section.key=value ...] [--resume RUN_DIR] [--overwrite] [--quiet]\n"
             "  eval --checkpoint FILE [--data FILE] [--device cpu|cuda] [--dtype f32|bf16] [--set ...]\n"
             "  generate --checkpoint FILE [--prompt TEXT | --prompt-file F] [--tokens N] [--temperature T]\n"
             "           [--top-k K] [--top-p P] [--seed S] [--eos ID] [--device cpu|cuda] [--dtype f32|bf16] [--set ...]\n"
@@ -38,39 +40,10 @@ static void usage(FILE *f) {
             "  bench CASE [--device cpu|cuda] [--dtype f32|bf16] [--warmup W] [--reps R] [--threads N]\n"
             "        [--scale S] [--json]   time a benchmark case (moe-layer-cpu, lm-step-cpu, moe-layer-gpu,\n"
             "        moe-layer-gpu-fine, lm-train-gpu, sgemm)\n"
-            "  inspect FILE.h5            list a checkpoint's contents\n"
+            "  inspect FILE.h5 [--verify] list a checkpoint's contents and config (--verify: every CRC)\n"
             "  config CONFIG.yaml [--set ...]   print the effective config\n"
             "  help-config                every config key with its type, default and meaning\n"
             "  --version\n");
-}
-
-/* Applies --set overrides (argv[i] == "--set" followed by the assignment). */
-static moe_status apply_sets(moe_config *cfg, int argc, char **argv) {
-    for (int i = 0; i < argc; i++)
-        if (!strcmp(argv[i], "--set")) {
-            if (i + 1 >= argc) return moe_error(MOE_ERR_CONFIG, "--set needs section.key=value");
-            MOE_TRY(moe_config_set(cfg, argv[++i]));
-        }
-    return MOE_OK;
-}
-
-/* A config file with the command line's --set overrides, validated. */
-static moe_status load_config(const char *path, int argc, char **argv, moe_config *cfg) {
-    MOE_TRY(moe_config_load_file(cfg, path));
-    MOE_TRY(apply_sets(cfg, argc, argv));
-    return moe_config_validate(cfg);
-}
-
-static const char *opt_value(int argc, char **argv, const char *name, const char *dflt) {
-    for (int i = 0; i + 1 < argc; i++)
-        if (!strcmp(argv[i], name)) return argv[i + 1];
-    return dflt;
-}
-
-static bool has_flag(int argc, char **argv, const char *name) {
-    for (int i = 0; i < argc; i++)
-        if (!strcmp(argv[i], name)) return true;
-    return false;
 }
 
 /* ---- flags (moe/cli/args.h) ---- */
@@ -136,29 +109,35 @@ static moe_status read_text(const char *path, char **text, size_t *len) {
 }
 
 /* Under mpirun every rank runs this; rank 0 prints. A failure on any rank ends every
- * rank (moe_dist_abort) with the message naming the failing rank; no rank is left waiting. */
-static int cmd_train(int argc, char **argv) {
-    if (argc < 1 || argv[0][0] == '-') {
-        usage(stderr);
-        return 2;
-    }
+ * rank (moe_dist_abort) with the message naming the failing rank; no rank is left waiting.
+ * A stop signal ends the run with a checkpoint and exit status 128 + signal. */
+static int run_train(const char *path, const moe_arg_list *sets, moe_train_options *o, moe_signal_watch *signals) {
     moe_config cfg;
-    moe_status s = load_config(argv[0], argc, argv, &cfg);
+    moe_status s = moe_config_load_file(&cfg, path);
+    if (s == MOE_OK) s = apply_set_list(&cfg, sets);
+    if (s == MOE_OK) s = moe_config_validate(&cfg);
+    if (s == MOE_OK && o->resume_dir && o->overwrite)
+        s = moe_error(MOE_ERR_CONFIG, "--overwrite starts a fresh run and cannot go with --resume");
     if (s == MOE_OK) s = moe_dist_init(NULL, NULL, cfg.parallel.expert_parallel);
     if (s != MOE_OK) {
         if (moe_dist_world_size() > 1) moe_dist_abort(s, moe_last_error());
         return fail(s);
     }
     bool root = moe_dist_is_root();
+    moe_signal_watch_set_verbose(signals, root);
     if (root) {
         fprintf(stderr, "effective config:\n");
         moe_config_write(&cfg, stderr);
     }
-    moe_train_options o = {.resume_dir = opt_value(argc, argv, "--resume", NULL), .quiet = has_flag(argc, argv, "--quiet")};
+    o->signals = signals;
     moe_train_summary sum;
-    s = moe_train_run(&cfg, &o, &sum);
+    s = moe_train_run(&cfg, o, &sum);
     if (s != MOE_OK && s != MOE_ERR_INTERRUPTED && moe_dist_world_size() > 1) moe_dist_abort(s, moe_last_error());
     moe_dist_finalize();
+    if (s == MOE_ERR_INTERRUPTED) {
+        if (root) fail(s);
+        return 128 + sum.stop_signal;
+    }
     if (s != MOE_OK) return root ? fail(s) : 1;
     if (root) {
         printf("trained %lld steps: loss %.4f, val_loss %.4f, val_bpb %.4f (unigram %.4f), %.0f tokens/s, %lld skipped steps\n",
@@ -167,6 +146,32 @@ static int cmd_train(int argc, char **argv) {
         printf("checkpoint: %s\n", sum.last_checkpoint);
     }
     return 0;
+}
+
+static int cmd_train(int argc, char **argv) {
+    moe_signal_watch *signals = NULL; /* first: the threads MPI and OpenMP start inherit its mask */
+    moe_status s = moe_signal_watch_start(&signals);
+    if (s != MOE_OK) return fail(s);
+    moe_arg_list sets = {0};
+    moe_train_options o = {0};
+    const moe_flag_spec specs[] = {
+        {"--set", MOE_FLAG_MULTI, "KEY=VALUE", 0, 0, NULL, "override a config key (section.key=value)", &sets},
+        {"--resume", MOE_FLAG_STRING, "RUN_DIR", 0, 0, NULL, "continue the run in RUN_DIR from its newest good checkpoint",
+         &o.resume_dir},
+        {"--overwrite", MOE_FLAG_BOOL, NULL, 0, 0, NULL,
+         "start over in a checkpoint.dir that holds a run (deletes its checkpoints and metrics.jsonl)", &o.overwrite},
+        {"--quiet", MOE_FLAG_BOOL, NULL, 0, 0, NULL, "no progress line", &o.quiet},
+        {0}};
+    moe_args a;
+    int rc = parse_command("train", "moe train CONFIG.yaml [--set section.key=value ...] [--resume RUN_DIR] [--overwrite] [--quiet]",
+                           specs, argc, argv, 1, 1, "CONFIG.yaml is", &a);
+    if (rc < 0) {
+        rc = run_train(a.positional[0], &sets, &o, signals);
+        moe_args_free(&a);
+    }
+    moe_arg_list_free(&sets);
+    moe_signal_watch_stop(signals);
+    return rc;
 }
 
 /* ---- commands that load a checkpoint: eval, generate ---- */
@@ -292,6 +297,8 @@ static int cmd_eval(int argc, char **argv) {
  * model's cache holds. */
 typedef struct gen_run {
     moe_model *m;
+    moe_decoder *dec;    /* the model's weights in its compute dtype */
+    moe_decode_state *st; /* one sequence's cache, window tokens */
     const moe_tokenizer *tok;
     moe_sampler *sampler;
     int V;         /* tokens the sampler draws from: the tokenizer's */
@@ -306,9 +313,9 @@ typedef struct gen_run {
 
 /* Starts the cache over with the last `keep` tokens of the context. */
 static moe_status refill(gen_run *g, int keep) {
-    MOE_TRY(moe_model_cache_reset(g->m, 1, g->window));
+    MOE_TRY(moe_decode_state_seq_free(g->st, 0));
     moe_step_reset();
-    MOE_TRY(moe_model_step_logits(g->m, g->ctx + g->len - keep, 1, keep, g->logits));
+    MOE_TRY(moe_decoder_feed(g->dec, g->st, 0, g->ctx + g->len - keep, keep, g->logits));
     g->in_cache = keep;
     return MOE_OK;
 }
@@ -318,7 +325,7 @@ static moe_status refill(gen_run *g, int keep) {
 static moe_status advance(gen_run *g) {
     if (g->in_cache < g->window) {
         moe_step_reset();
-        MOE_TRY(moe_model_step_logits(g->m, &g->ctx[g->len - 1], 1, 1, g->logits));
+        MOE_TRY(moe_decoder_feed(g->dec, g->st, 0, &g->ctx[g->len - 1], 1, g->logits));
         g->in_cache++;
         return MOE_OK;
     }
@@ -362,7 +369,6 @@ typedef struct gen_flags {
 
 /* The prompt's tokens into g->ctx, with room for n_new more. */
 static moe_status encode_prompt(const gen_flags *gf, gen_run *g, char **text, size_t *text_len) {
-    if (gf->prompt && gf->prompt_file) return moe_error(MOE_ERR_CONFIG, "generate: give --prompt or --prompt-file, not both");
     if (gf->prompt_file) {
         MOE_TRY(read_text(gf->prompt_file, text, text_len));
     } else {
@@ -371,8 +377,8 @@ static moe_status encode_prompt(const gen_flags *gf, gen_run *g, char **text, si
         *text_len = strlen(p);
     }
     moe_token_buf buf = {0};
-    MOE_TRY(moe_tokenizer_encode(g->tok, *text, *text_len, &buf));
-    moe_status s = buf.len ? MOE_OK : moe_error(MOE_ERR_INVALID, "the prompt is empty");
+    moe_status s = moe_tokenizer_encode(g->tok, *text, *text_len, &buf);
+    if (s == MOE_OK && !buf.len) s = moe_error(MOE_ERR_INVALID, "the prompt is empty");
     if (s == MOE_OK && !(g->ctx = malloc(sizeof *g->ctx * (buf.len + (size_t)gf->tokens))))
         s = moe_error(MOE_ERR_OOM, "out of memory for %zu tokens", buf.len + (size_t)gf->tokens);
     if (s == MOE_OK) memcpy(g->ctx, buf.data, sizeof *g->ctx * buf.len);
@@ -393,6 +399,8 @@ static moe_status run_generation(const gen_flags *gf, moe_model *m, const moe_co
     moe_status s = encode_prompt(gf, &g, &text, &text_len);
     if (s == MOE_OK && !(g.logits = malloc(sizeof *g.logits * (size_t)cfg->model.vocab_size)))
         s = moe_error(MOE_ERR_OOM, "out of memory for the logits");
+    if (s == MOE_OK) s = moe_decoder_open(m, m->compute, &g.dec);
+    if (s == MOE_OK) s = moe_decode_state_create(g.dec, 1, g.window, &g.st);
     if (s == MOE_OK && g.len > g.window)
         fprintf(stderr, "generate: the prompt has %d tokens, the model's context %d: it sees the last %d\n", g.len,
                 g.window, g.window);
@@ -414,6 +422,8 @@ static moe_status run_generation(const gen_flags *gf, moe_model *m, const moe_co
         fprintf(stderr, "generate: prompt of %d tokens in %.1f ms, %d new tokens in %.1f ms (%.1f tokens/s) on %s %s\n",
                 g.len - made, t_prompt - t0, made, t_end - t_prompt, made > 0 ? 1e3 * made / (t_end - t_prompt) : 0.0,
                 moe_device_name(m->dev), moe_dtype_name(m->compute));
+    moe_decode_state_free(g.st);
+    moe_decoder_close(g.dec);
     free(text);
     free(g.ctx);
     free(g.logits);
@@ -421,6 +431,7 @@ static moe_status run_generation(const gen_flags *gf, moe_model *m, const moe_co
 }
 
 static moe_status run_generate(const gen_flags *gf) {
+    if (gf->prompt && gf->prompt_file) return moe_error(MOE_ERR_CONFIG, "generate: give --prompt or --prompt-file, not both");
     moe_model m;
     moe_config cfg;
     MOE_TRY(load_model(&gf->model, &m, &cfg));
@@ -572,22 +583,41 @@ static moe_status print_dataset(const char *name, void *user) {
     return MOE_OK;
 }
 
-static int cmd_inspect(int argc, char **argv) {
-    if (argc < 1) {
-        usage(stderr);
-        return 2;
-    }
+/* The header line, the datasets and the stored config; the step, version and config
+ * are read with their CRC checked, so a damaged value is an error, never shown. */
+static moe_status inspect(const char *path) {
     moe_h5 *f = NULL;
-    moe_status s = moe_h5_open(argv[0], &f);
-    if (s != MOE_OK) return fail(s);
+    MOE_TRY(moe_h5_open(path, &f));
     int64_t step = 0;
-    char *ver = NULL;
-    moe_h5_get_i64(f, "step", &step);
-    moe_h5_get_string(f, "version", &ver);
-    printf("%s: step %lld, written by moe %s\n", argv[0], (long long)step, ver ? ver : "?");
+    char *ver = NULL, *cfg = NULL, *run = NULL;
+    moe_status s = moe_h5_get_i64(f, "step", &step);
+    if (s == MOE_OK) s = moe_h5_get_string(f, "version", &ver);
+    if (s == MOE_OK && moe_h5_has(f, "run_id")) s = moe_h5_get_string(f, "run_id", &run);
+    if (s == MOE_OK) s = moe_h5_get_string(f, "config", &cfg);
+    if (s == MOE_OK) printf("%s: step %lld, written by moe %s, run %s\n", path, (long long)step, ver, run ? run : "-");
+    if (s == MOE_OK) s = moe_h5_list(f, "", print_dataset, f);
+    if (s == MOE_OK) printf("config:\n%s", cfg);
     free(ver);
-    s = moe_h5_list(f, "", print_dataset, f);
+    free(run);
+    free(cfg);
     moe_h5_close(f);
+    return s;
+}
+
+static int cmd_inspect(int argc, char **argv) {
+    bool verify = false;
+    const moe_flag_spec specs[] = {
+        {"--verify", MOE_FLAG_BOOL, NULL, 0, 0, NULL, "read every dataset and check its CRC-32; exit 1 on damage", &verify},
+        {0}};
+    moe_args a;
+    int rc = parse_command("inspect", "moe inspect CHECKPOINT.h5 [--verify]", specs, argc, argv, 1, 1,
+                           "CHECKPOINT.h5 is", &a);
+    if (rc >= 0) return rc;
+    const char *path = a.positional[0];
+    moe_status s = inspect(path);
+    if (s == MOE_OK && verify) s = moe_checkpoint_verify(path);
+    if (s == MOE_OK && verify) printf("verified: every dataset matches its CRC-32\n");
+    moe_args_free(&a);
     return s == MOE_OK ? 0 : fail(s);
 }
 
