@@ -543,6 +543,16 @@ moe_status moe_h5_shape(moe_h5 *f, const char *name, moe_h5_dtype *dt, int *ndim
     return st;
 }
 
+/* A dataset must store exactly the bytes its type and shape need: a damaged header can
+ * claim gigabytes, refused here before anything is allocated or read. */
+static moe_status check_storage(moe_h5 *f, const char *name, hid_t dset, size_t bytes) {
+    hsize_t stored = H5Dget_storage_size(dset);
+    if (stored != bytes)
+        return damaged(f->path, "dataset '%s' stores %llu bytes where its type and shape need %zu",
+                       name, (unsigned long long)stored, bytes);
+    return MOE_OK;
+}
+
 static moe_status check_crc(moe_h5 *f, const char *name, hid_t dset, const void *data,
                             size_t bytes) {
     int64_t stored;
@@ -585,6 +595,7 @@ moe_status moe_h5_get_array(moe_h5 *f, const char *name, moe_h5_dtype dt, int nd
                        "dataset '%s' in checkpoint %s has shape %s, expected %s", name,
                        f->path, have, want);
     }
+    if (st == MOE_OK) st = check_storage(f, name, dset, bytes);
     if (st == MOE_OK && bytes > 0 &&
         H5Dread(dset, dtype_h5type(dt), H5S_ALL, H5S_ALL, H5P_DEFAULT, dst) < 0)
         st = damaged(f->path, "dataset '%s' cannot be read (HDF5: %s)", name, h5_reason());
@@ -608,12 +619,12 @@ moe_status moe_h5_get_string(moe_h5 *f, const char *name, char **text) {
         st = moe_error(MOE_ERR_FORMAT,
                        "dataset '%s' in checkpoint %s is not a text (fixed-length string)",
                        name, f->path);
-    else if (!(buf = malloc(size + 1)))
+    if (st == MOE_OK) st = check_storage(f, name, dset, size);
+    if (st == MOE_OK && !(buf = malloc(size + 1)))
         st = moe_error(MOE_ERR_OOM, "out of memory reading text '%s' from %s", name, f->path);
-    else if (H5Dread(dset, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf) < 0)
+    if (st == MOE_OK && H5Dread(dset, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf) < 0)
         st = damaged(f->path, "dataset '%s' cannot be read (HDF5: %s)", name, h5_reason());
-    else
-        st = check_crc(f, name, dset, buf, size);
+    if (st == MOE_OK) st = check_crc(f, name, dset, buf, size);
     if (space >= 0) H5Sclose(space);
     if (type >= 0) H5Tclose(type);
     H5Dclose(dset);

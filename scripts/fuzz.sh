@@ -9,7 +9,8 @@
 # The growing corpus lives in build-fuzz/corpus/<target>/; tests/fuzz/<target>/corpus/ holds the
 # seeds (add a new input that reaches new code there by hand). Logs: build-fuzz/logs/<target>.log.
 # Per-target libFuzzer flags (one line, paths from the repository root): tests/fuzz/<target>/flags;
-# LeakSanitizer suppressions: tests/fuzz/<target>/lsan.supp.
+# LeakSanitizer suppressions: tests/fuzz/<target>/lsan.supp; environment (VAR=value lines):
+# tests/fuzz/<target>/env.
 #
 # Adding a harness: write tests/fuzz/fuzz_<name>.c defining LLVMFuzzerInitialize and
 # LLVMFuzzerTestOneInput (see tests/fuzz/common.h), put seed inputs in tests/fuzz/<name>/corpus/
@@ -33,22 +34,27 @@ scripts/deps.sh
 build="$root/build-fuzz"
 CC=clang-14 CXX=clang++-14 cmake -S "$root" -B "$build" -DMOE_FUZZ=ON -DMOE_CUDA=OFF -DMOE_MPI=OFF \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
-cmake --build "$build" -j"$(nproc)" --target "${targets[@]/#/fuzz_}"
 mkdir -p "$build/logs"
+if ! cmake --build "$build" -j"$(nproc)" --target "${targets[@]/#/fuzz_}" >"$build/logs/build.log" 2>&1; then
+  grep -a -B2 -A8 'error' "$build/logs/build.log" | head -60
+  echo "build failed: $build/logs/build.log"
+  exit 1
+fi
 
 # Runs one target until its time is used; prints "<target>: N executions, C crashes".
 fuzz_one() {
   local t="$1" end=$(( $(date +%s) + seconds )) execs=0 crashes=0 left flags=""
   local log="$build/logs/$t.log" dir="tests/fuzz/$t"
   [ -f "$dir/flags" ] && flags="$(cat "$dir/flags")"
-  local lsan="${LSAN_OPTIONS:-}"
+  local lsan="${LSAN_OPTIONS:-}" env=()
   [ -f "$dir/lsan.supp" ] && lsan="suppressions=$root/$dir/lsan.supp${lsan:+:$lsan}"
+  [ -f "$dir/env" ] && mapfile -t env < <(grep -v '^#' "$dir/env")
   mkdir -p "$build/corpus/$t" "$dir/crashers"
   : > "$log"
   while left=$(( end - $(date +%s) )); [ "$left" -gt 0 ] && [ "$crashes" -lt 8 ]; do
     local rc=0
     # shellcheck disable=SC2086
-    LSAN_OPTIONS="$lsan" nice -n 10 "$build/tests/fuzz/fuzz_$t" -max_total_time="$left" -print_final_stats=1 -timeout=10 \
+    env LSAN_OPTIONS="$lsan" "${env[@]}" nice -n 10 "$build/tests/fuzz/fuzz_$t" -max_total_time="$left" -print_final_stats=1 -timeout=10 \
       -rss_limit_mb=2048 -artifact_prefix="$root/$dir/crashers/" $flags \
       "$build/corpus/$t" "$dir/corpus" >"$log.run" 2>&1 || rc=$?
     local n

@@ -6,7 +6,9 @@
 #include <dirent.h>
 #include <errno.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "tests/fuzz/common.h"
 
@@ -72,8 +74,34 @@ static int run_path(const char *path) {
     return ran;
 }
 
+#if defined(__SANITIZE_ADDRESS__)
+#define UNDER_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define UNDER_ASAN 1
+#endif
+#endif
+
+/* Caps the address space at what is mapped now plus 2 GiB, so that an input asking for
+ * gigabytes fails its allocation (libFuzzer reports such a request as a crash) instead of
+ * passing unnoticed. Not under ASan, whose shadow memory reserves terabytes. */
+static void limit_address_space(void) {
+#ifndef UNDER_ASAN
+    unsigned long pages = 0;
+    FILE *f = fopen("/proc/self/statm", "r");
+    int ok = f && fscanf(f, "%lu", &pages) == 1;
+    if (f) fclose(f);
+    struct rlimit rl;
+    if (!ok || getrlimit(RLIMIT_AS, &rl) != 0) return;
+    rlim_t cap = (rlim_t)pages * (rlim_t)sysconf(_SC_PAGESIZE) + ((rlim_t)2 << 30);
+    if (rl.rlim_max == RLIM_INFINITY || cap < rl.rlim_max) rl.rlim_cur = cap;
+    setrlimit(RLIMIT_AS, &rl);
+#endif
+}
+
 int main(int argc, char **argv) {
     LLVMFuzzerInitialize(&argc, &argv);
+    limit_address_space();
     int total = 0;
     for (int i = 1; i < argc; i++) {
         int ran = run_path(argv[i]);
