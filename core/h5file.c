@@ -60,25 +60,46 @@ static hid_t dtype_h5type(moe_h5_dtype dt) {
  * is kept, because any later API call (even a close) clears HDF5's error stack. ---- */
 
 static char h5_last_reason[256];
+static int h5_last_errno; /* errno when the latest HDF5 call failed (0: none) */
 
+/* HDF5's innermost description; a failed system call's text ("file write failed: time =
+ * ..., errno = 28, error message = 'No space left on device', buf = ...") shortened to
+ * the part before its first ", " so that the message never ends mid-word. */
 static herr_t keep_innermost(unsigned n, const H5E_error2_t *e, void *unused) {
-    if (n == 0 && e->desc) snprintf(h5_last_reason, sizeof h5_last_reason, "%s", e->desc);
+    if (n != 0 || !e->desc) return 0;
+    size_t len = strcspn(e->desc, ",");
+    if (len >= sizeof h5_last_reason) len = sizeof h5_last_reason - 1;
+    memcpy(h5_last_reason, e->desc, len);
+    h5_last_reason[len] = '\0';
     return 0;
 }
 
 static herr_t on_h5_failure(hid_t estack, void *unused) {
+    h5_last_errno = errno;
     snprintf(h5_last_reason, sizeof h5_last_reason, "no details");
     H5Ewalk2(estack, H5E_WALK_UPWARD, keep_innermost, NULL);
     return 0;
 }
 
+/* HDF5's own exit-time clean-up is turned off: after a close that failed (a full disk)
+ * the file's handle stays half-open and H5_term_library crashes on it at exit. */
 static void h5_init(void) {
     static bool done;
-    if (!done) H5Eset_auto2(H5E_DEFAULT, on_h5_failure, NULL);
+    if (!done) {
+        H5dont_atexit();
+        H5Eset_auto2(H5E_DEFAULT, on_h5_failure, NULL);
+    }
     done = true;
 }
 
 static const char *h5_reason(void) { return h5_last_reason[0] ? h5_last_reason : "no details"; }
+
+/* Why a write failed: the system's error text when a system call failed (disk full,
+ * read-only file system, quota), else HDF5's. */
+static void write_failure(char *buf, size_t cap) {
+    if (h5_last_errno) snprintf(buf, cap, "%s", strerror(h5_last_errno));
+    else snprintf(buf, cap, "HDF5: %s", h5_reason());
+}
 
 static moe_status damaged(const char *path, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
@@ -238,6 +259,7 @@ static int read_string_attr(hid_t obj, const char *name, char *buf, size_t cap) 
 moe_status moe_h5_create(const char *final_path, moe_h5 **out) {
     MOE_ASSERT(final_path && out, "moe_h5_create needs a path and an output pointer");
     h5_init();
+    h5_last_errno = 0;
     *out = NULL;
     moe_h5 *f = calloc(1, sizeof *f);
     if (!f) return moe_error(MOE_ERR_OOM, "out of memory creating checkpoint %s", final_path);
@@ -255,10 +277,10 @@ moe_status moe_h5_create(const char *final_path, moe_h5 **out) {
     f->file = fapl < 0 ? -1 : H5Fcreate(f->tmp_path, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
     if (fapl >= 0) H5Pclose(fapl);
     if (f->file < 0) {
-        moe_status st = moe_error(MOE_ERR_IO,
-                                  "cannot create checkpoint file %s (HDF5: %s); check that "
-                                  "the directory exists and is writable",
-                                  f->tmp_path, h5_reason());
+        char why[300];
+        write_failure(why, sizeof why);
+        moe_status st = moe_error(MOE_ERR_IO, "cannot create checkpoint file %s: %s; check that "
+                                  "the directory exists and is writable", f->tmp_path, why);
         unlink(f->tmp_path);
         free_handle(f);
         return st;
@@ -280,15 +302,18 @@ static moe_status write_dataset(moe_h5 *f, const char *name, hid_t type, hid_t s
         return moe_error(MOE_ERR_INVALID, "checkpoint %s: dataset '%s' is written twice",
                          f->path, name);
     moe_status st = MOE_OK;
+    h5_last_errno = 0;
     hid_t dset = -1, lcpl = H5Pcreate(H5P_LINK_CREATE);
     if (lcpl < 0 || H5Pset_create_intermediate_group(lcpl, 1) < 0 ||
         (dset = H5Dcreate2(f->file, name, type, space, lcpl, H5P_DEFAULT, H5P_DEFAULT)) < 0 ||
         (data && H5Dwrite(dset, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0) ||
         write_attr(dset, "crc32", H5T_STD_U32LE, &crc) < 0 ||
-        (dtype_tag && write_string_attr(dset, "dtype", dtype_tag) < 0))
-        st = moe_error(MOE_ERR_IO,
-                       "cannot write dataset '%s' to %s (HDF5: %s); check free disk space",
-                       name, f->tmp_path, h5_reason());
+        (dtype_tag && write_string_attr(dset, "dtype", dtype_tag) < 0)) {
+        char why[300];
+        write_failure(why, sizeof why);
+        st = moe_error(MOE_ERR_IO, "cannot write checkpoint %s: %s (writing dataset '%s')",
+                       f->tmp_path, why, name);
+    }
     if (dset >= 0) H5Dclose(dset);
     if (lcpl >= 0) H5Pclose(lcpl);
     return st;
@@ -367,16 +392,22 @@ moe_status moe_h5_commit(moe_h5 *f) {
     MOE_ASSERT(f && f->writing, "moe_h5_commit needs a handle from moe_h5_create");
     int32_t one = 1, version = MOE_H5_FORMAT_VERSION;
     moe_status st = MOE_OK;
+    char why[300];
+    h5_last_errno = 0;
     if (write_string_attr(f->file, "format", MOE_H5_FORMAT_NAME) < 0 ||
         write_attr(f->file, "format_version", H5T_STD_I32LE, &version) < 0 ||
-        write_attr(f->file, "complete", H5T_STD_I32LE, &one) < 0)
-        st = moe_error(MOE_ERR_IO, "cannot mark checkpoint %s complete (HDF5: %s)",
-                       f->tmp_path, h5_reason());
-    herr_t closed = H5Fclose(f->file);
+        write_attr(f->file, "complete", H5T_STD_I32LE, &one) < 0) {
+        write_failure(why, sizeof why);
+        st = moe_error(MOE_ERR_IO, "cannot write checkpoint %s: %s (marking it complete)",
+                       f->tmp_path, why);
+    }
+    herr_t closed = H5Fclose(f->file); /* flushes the buffered data: a full disk shows here */
     f->file = -1;
-    if (st == MOE_OK && closed < 0)
-        st = moe_error(MOE_ERR_IO, "cannot close checkpoint %s (HDF5: %s); check free disk space",
-                       f->tmp_path, h5_reason());
+    if (st == MOE_OK && closed < 0) {
+        write_failure(why, sizeof why);
+        st = moe_error(MOE_ERR_IO, "cannot write checkpoint %s: %s (flushing it to disk)",
+                       f->tmp_path, why);
+    }
     if (st == MOE_OK) st = fsync_path(f->tmp_path, false);
     if (st == MOE_OK && rename(f->tmp_path, f->path) != 0)
         st = moe_error(MOE_ERR_IO, "cannot rename %s to %s: %s", f->tmp_path, f->path,
@@ -777,24 +808,46 @@ static moe_status join_path(char *buf, size_t cap, const char *dir, const char *
     return MOE_OK;
 }
 
-moe_status moe_h5_keep_last(const char *dir, const char *prefix, const char *suffix,
-                            int keep) {
+/* True when checkpoint `path` carries the text dataset owner->dataset equal to
+ * owner->value; an unreadable or damaged file, or one without it, is not owned. */
+static bool owned_by(const char *path, const moe_h5_owner *owner) {
+    moe_h5 *f;
+    if (moe_h5_open(path, &f) != MOE_OK) {
+        moe_error_clear();
+        return false;
+    }
+    char *text = NULL;
+    bool mine = moe_h5_has(f, owner->dataset) && moe_h5_get_string(f, owner->dataset, &text) == MOE_OK &&
+                strcmp(text, owner->value) == 0;
+    free(text);
+    moe_h5_close(f);
+    moe_error_clear();
+    return mine;
+}
+
+moe_status moe_h5_keep_last_owned(const char *dir, const char *prefix, const char *suffix,
+                                  int keep, const moe_h5_owner *owner) {
     MOE_ASSERT(dir && prefix && suffix, "moe_h5_keep_last: NULL argument");
     MOE_ASSERT(keep >= 1, "moe_h5_keep_last: keep must be >= 1, got %d", keep);
     ckpt_entry *list;
     size_t n;
     MOE_TRY(scan_dir(dir, prefix, suffix, &list, &n));
     moe_status st = MOE_OK;
-    int kept = 0;
+    int kept = owner && owner->written ? 1 : 0; /* the file just written counts, first */
     for (size_t i = 0; i < n && st == MOE_OK; i++) {
-        bool remove;
-        if (list[i].pid == 0)
-            remove = kept++ >= keep;
-        else /* a temporary file: only when its writer is gone */
-            remove = kill((pid_t)list[i].pid, 0) != 0 && errno == ESRCH;
         char path[MOE_H5_PATH_MAX];
         st = join_path(path, sizeof path, dir, list[i].name);
-        if (st == MOE_OK && remove && unlink(path) != 0 && errno != ENOENT)
+        if (st != MOE_OK) break;
+        bool remove;
+        if (list[i].pid != 0) /* a temporary file: only when its writer is gone */
+            remove = kill((pid_t)list[i].pid, 0) != 0 && errno == ESRCH;
+        else if (!owner)
+            remove = kept++ >= keep;
+        else if (owner->written && strcmp(list[i].name, owner->written) == 0)
+            remove = false;
+        else
+            remove = owned_by(path, owner) && kept++ >= keep;
+        if (remove && unlink(path) != 0 && errno != ENOENT)
             st = moe_error(MOE_ERR_IO, "cannot delete old checkpoint %s: %s", path,
                            strerror(errno));
     }
@@ -802,9 +855,24 @@ moe_status moe_h5_keep_last(const char *dir, const char *prefix, const char *suf
     return st;
 }
 
-moe_status moe_h5_find_latest(const char *dir, const char *prefix, const char *suffix,
-                              char *path_out, size_t cap) {
+moe_status moe_h5_keep_last(const char *dir, const char *prefix, const char *suffix,
+                            int keep) {
+    return moe_h5_keep_last_owned(dir, prefix, suffix, keep, NULL);
+}
+
+/* The default test of moe_h5_find_latest: the file opens (metadata only). */
+static moe_status opens(const char *path, void *unused) {
+    moe_h5 *f;
+    MOE_TRY(moe_h5_open(path, &f));
+    moe_h5_close(f);
+    return MOE_OK;
+}
+
+moe_status moe_h5_find_latest_where(const char *dir, const char *prefix, const char *suffix,
+                                    moe_h5_accept_fn accept, void *user, char *path_out,
+                                    size_t cap) {
     MOE_ASSERT(dir && prefix && suffix && path_out, "moe_h5_find_latest: NULL argument");
+    if (!accept) accept = opens;
     ckpt_entry *list;
     size_t n;
     MOE_TRY(scan_dir(dir, prefix, suffix, &list, &n));
@@ -814,15 +882,13 @@ moe_status moe_h5_find_latest(const char *dir, const char *prefix, const char *s
     for (size_t i = 0; i < n && !found && st == MOE_OK; i++) {
         if (list[i].pid != 0) continue;
         char path[MOE_H5_PATH_MAX];
-        moe_h5 *f;
         st = join_path(path, sizeof path, dir, list[i].name);
         if (st != MOE_OK) break;
-        if (moe_h5_open(path, &f) != MOE_OK) {
-            fprintf(stderr, "moe: warning: skipping %s\n", moe_last_error());
+        if (accept(path, user) != MOE_OK) {
+            fprintf(stderr, "moe: warning: skipping a checkpoint: %s\n", moe_last_error());
             skipped++;
             continue;
         }
-        moe_h5_close(f);
         found = true;
         st = join_path(path_out, cap, dir, list[i].name);
     }
@@ -832,6 +898,11 @@ moe_status moe_h5_find_latest(const char *dir, const char *prefix, const char *s
                        "no usable checkpoint %s/%s<step>%s found (%d damaged ones skipped)",
                        dir, prefix, suffix, skipped);
     return st;
+}
+
+moe_status moe_h5_find_latest(const char *dir, const char *prefix, const char *suffix,
+                              char *path_out, size_t cap) {
+    return moe_h5_find_latest_where(dir, prefix, suffix, NULL, NULL, path_out, cap);
 }
 
 int64_t moe_h5_open_object_count(void) {

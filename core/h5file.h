@@ -102,12 +102,28 @@ moe_status moe_h5_list(moe_h5 *f, const char *prefix, moe_h5_list_fn fn, void *u
  * longer running on this host. */
 moe_status moe_h5_keep_last(const char *dir, const char *prefix, const char *suffix,
                             int keep);
+/* Whose checkpoints clean-up may delete: those holding the text dataset `dataset` equal
+ * to `value` (e.g. "run_id" and this run's id). `written` (a file name in the directory,
+ * or NULL) is the checkpoint just written: never deleted, counted as the newest. */
+typedef struct moe_h5_owner {
+    const char *dataset, *value, *written;
+} moe_h5_owner;
+/* moe_h5_keep_last counting and deleting only the checkpoints of `owner` (NULL: all):
+ * another run's files, damaged ones and files without the dataset are left alone. */
+moe_status moe_h5_keep_last_owned(const char *dir, const char *prefix, const char *suffix,
+                                  int keep, const moe_h5_owner *owner);
 /* Puts "<dir>/<name>" of the newest checkpoint that moe_h5_open accepts into
  * path_out. Newer files it refuses are skipped with a warning on stderr (only
  * their metadata is checked, not every dataset's CRC). MOE_ERR_IO when the
  * directory is unreadable or holds no usable checkpoint. */
 moe_status moe_h5_find_latest(const char *dir, const char *prefix, const char *suffix,
                               char *path_out, size_t cap);
+/* The same with the test `accept` (MOE_OK: usable; else its message names the fault and
+ * goes into the warning), e.g. a check of every dataset's CRC; NULL: moe_h5_open. */
+typedef moe_status (*moe_h5_accept_fn)(const char *path, void *user);
+moe_status moe_h5_find_latest_where(const char *dir, const char *prefix, const char *suffix,
+                                    moe_h5_accept_fn accept, void *user, char *path_out,
+                                    size_t cap);
 
 /* For leak tests: HDF5 files, groups, datasets, named datatypes and attributes open
  * in this process (H5Fget_obj_count; dataspaces and property lists are not counted).

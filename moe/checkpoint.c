@@ -160,6 +160,7 @@ static moe_status save_all(moe_h5 *f, const moe_model *m, const moe_optimizer *o
         free(cfg_text);
         MOE_TRY(s);
         MOE_TRY(moe_h5_put_string(f, "version", MOE_VERSION));
+        if (ts->run_id[0]) MOE_TRY(moe_h5_put_string(f, "run_id", ts->run_id));
         MOE_TRY(put_tokenizer(f, &m->cfg));
         MOE_TRY(moe_h5_put_i64(f, "step", ts->step));
         MOE_TRY(moe_h5_put_i64(f, "loader_seed", (int64_t)ts->loader_seed));
@@ -227,6 +228,12 @@ static moe_status get_piece(const char *name, moe_tensor *piece, void *ctx) {
 static moe_status load_all(moe_h5 *f, moe_model *m, moe_optimizer *opt, moe_train_state *ts) {
     int64_t v;
     memset(ts, 0, sizeof *ts);
+    if (moe_h5_has(f, "run_id")) {
+        char *id = NULL;
+        MOE_TRY(moe_h5_get_string(f, "run_id", &id));
+        snprintf(ts->run_id, sizeof ts->run_id, "%s", id);
+        free(id);
+    }
     MOE_TRY(moe_h5_get_i64(f, "step", &ts->step));
     MOE_TRY(moe_h5_get_i64(f, "loader_seed", &v));
     ts->loader_seed = (uint64_t)v;
@@ -257,7 +264,49 @@ static moe_status load_all(moe_h5 *f, moe_model *m, moe_optimizer *opt, moe_trai
     return MOE_OK;
 }
 
+/* Reads dataset `name` whole, which checks its CRC (moe_h5_get_array / _get_string). */
+static moe_status verify_dataset(const char *name, void *user) {
+    moe_h5 *f = user;
+    moe_h5_dtype dt;
+    int nd = 0;
+    int64_t shape[MOE_H5_MAX_NDIM];
+    if (moe_h5_shape(f, name, &dt, &nd, shape) != MOE_OK) { /* not an array: a text */
+        char *text = NULL;
+        moe_status s = moe_h5_get_string(f, name, &text);
+        free(text);
+        return s;
+    }
+    size_t bytes = moe_h5_dtype_size(dt);
+    for (int i = 0; i < nd; i++) bytes *= (size_t)shape[i];
+    void *buf = malloc(bytes ? bytes : 1);
+    if (!buf) return moe_error(MOE_ERR_OOM, "out of host memory verifying dataset '%s' (%zu bytes)", name, bytes);
+    moe_status s = moe_h5_get_array(f, name, dt, nd, shape, buf);
+    free(buf);
+    return s;
+}
+
+moe_status moe_checkpoint_verify(const char *path) {
+    static const char *const required[] = {"config", "version", "step", "loader_seed", "loader_step", "bad_steps"};
+    moe_h5 *f = NULL;
+    MOE_TRY(moe_h5_open(path, &f));
+    moe_status s = MOE_OK;
+    for (size_t i = 0; i < sizeof required / sizeof *required && s == MOE_OK; i++)
+        if (!moe_h5_has(f, required[i]))
+            s = moe_error(MOE_ERR_FORMAT, "checkpoint %s has no dataset '%s' (not a training checkpoint, or damaged)",
+                          path, required[i]);
+    if (s == MOE_OK) s = moe_h5_list(f, "", verify_dataset, f);
+    moe_h5_close(f);
+    return s;
+}
+
+static moe_status verify_accept(const char *path, void *unused) { return moe_checkpoint_verify(path); }
+
+moe_status moe_checkpoint_find_latest(const char *dir, char *path, size_t cap) {
+    return moe_h5_find_latest_where(dir, "ckpt-", ".h5", verify_accept, NULL, path, cap);
+}
+
 moe_status moe_checkpoint_load(const char *path, moe_model *m, moe_optimizer *opt, moe_train_state *ts) {
+    MOE_TRY(moe_checkpoint_verify(path));
     moe_h5 *f = NULL;
     MOE_TRY(moe_h5_open(path, &f));
     moe_status s = load_all(f, m, opt, ts);

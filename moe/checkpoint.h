@@ -2,7 +2,7 @@
  * index (so any expert-parallel layout can load them), AdamW/SGD state under the same
  * names, the step, the data-loader position, the aux-free router biases, the config
  * text and the library version. Layout:
- *   /config, /version                 strings
+ *   /config, /version, /run_id        strings (run_id: the run that wrote it, see train.h)
  *   /step, /optim_step, /loader_seed, /loader_step, /bad_steps      i64
  *   /params/<name>                    e.g. params/layers.0.attn.wqkv [d, 3d] f32
  *   /params/layers.3.moe.experts.17.w13   one dataset per global expert
@@ -21,14 +21,23 @@ typedef struct moe_train_state {
     int64_t step;         /* optimizer steps done */
     uint64_t loader_seed, loader_step;
     int64_t bad_steps;    /* non-finite steps skipped so far */
+    char run_id[40];      /* the run that writes it; "" in checkpoints written before run ids */
 } moe_train_state;
 
 /* Collective under MPI: every rank calls it; the expert stacks are gathered over the EP
  * group and world rank 0 writes the file. */
 moe_status moe_checkpoint_save(const char *path, const moe_model *m, const moe_optimizer *opt,
                                const moe_train_state *ts);
-/* Loads into an initialised model (and optimizer, when given). Shapes must match the
- * model's config; a missing, extra or mis-shaped parameter is refused by name. */
+/* Checks every dataset's CRC-32 and that the training state is there: MOE_OK, or
+ * MOE_ERR_FORMAT / MOE_ERR_IO with a message naming the file and the first fault. The one
+ * verification behind every reader: load, resume's choice of checkpoint, inspect --verify. */
+moe_status moe_checkpoint_verify(const char *path);
+/* The newest checkpoint "ckpt-<step>.h5" of `dir` that passes moe_checkpoint_verify;
+ * newer ones that fail are skipped with a warning naming them. */
+moe_status moe_checkpoint_find_latest(const char *dir, char *path, size_t cap);
+/* Verifies the whole file (moe_checkpoint_verify), then loads into an initialised model
+ * (and optimizer, when given). Shapes must match the model's config; a missing, extra or
+ * mis-shaped parameter is refused by name. */
 moe_status moe_checkpoint_load(const char *path, moe_model *m, moe_optimizer *opt, moe_train_state *ts);
 /* The config text stored in a checkpoint (malloc'd). */
 moe_status moe_checkpoint_read_config(const char *path, char **text);

@@ -1,6 +1,7 @@
 /* The training loop (see train.h). */
 #include "moe/train.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <math.h>
 #include <omp.h>
@@ -8,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -22,12 +24,9 @@
 #include "moe/checkpoint.h"
 #include "moe/data.h"
 #include "moe/model.h"
+#include "moe/signals.h"
 #include "optim/optim.h"
 #include "optim/schedule.h"
-
-static volatile sig_atomic_t stop_requested;
-
-void moe_train_request_stop(void) { stop_requested = 1; }
 
 
 moe_status moe_evaluate(moe_model *m, const moe_token_file *val, int batches, double *loss, double *bpb) {
@@ -99,11 +98,6 @@ static void load_stats(const int64_t *load, int E, double *min_share, double *ma
     *min_share = mn;
     *max_share = mx;
     *cv = mean > 0 ? sqrt(var) / mean : 0;
-}
-
-static void on_sigint(int sig) {
-    (void)sig;
-    stop_requested = 1;
 }
 
 /* ---- gradient all-reduce, overlapped with the backward ----
@@ -336,7 +330,10 @@ static moe_status save_checkpoint(trainer *t, moe_train_summary *sum) {
     t->st.loader_step = ls.step;
     MOE_TRY(moe_dist_check_all(moe_checkpoint_save(path, &t->model, t->opt, &t->st)));
     snprintf(sum->last_checkpoint, sizeof sum->last_checkpoint, "%s", path);
-    if (t->rank == 0 && t->cfg->checkpoint.keep > 0) MOE_TRY(moe_h5_keep_last(t->dir, "ckpt-", ".h5", t->cfg->checkpoint.keep));
+    /* clean-up: only this run's checkpoints, never the one just written */
+    moe_h5_owner mine = {"run_id", t->st.run_id, strrchr(path, '/') + 1};
+    if (t->rank == 0 && t->cfg->checkpoint.keep > 0)
+        MOE_TRY(moe_h5_keep_last_owned(t->dir, "ckpt-", ".h5", t->cfg->checkpoint.keep, &mine));
     return MOE_OK;
 }
 
@@ -355,6 +352,131 @@ static moe_status mkdir_p(const char *dir) {
     return MOE_OK;
 }
 
+/* A fresh id for this run's checkpoints: 64 random bits in hex (time and pid when the
+ * kernel has no randomness to give). */
+static void new_run_id(char *id, size_t cap) {
+    uint64_t r = 0;
+    if (getrandom(&r, sizeof r, GRND_NONBLOCK) != (ssize_t)sizeof r)
+        r = (uint64_t)time(NULL) * 6364136223846793005ull ^ (uint64_t)getpid();
+    snprintf(id, cap, "%016llx", (unsigned long long)r);
+}
+
+static bool is_run_file(const char *name) {
+    return strcmp(name, "metrics.jsonl") == 0 || (strncmp(name, "ckpt-", 5) == 0 && strstr(name, ".h5"));
+}
+
+/* How many files of a run (metrics.jsonl, ckpt-*.h5 and their temporary files) dir holds;
+ * with `remove`, deletes them. */
+static moe_status run_files(const char *dir, bool remove, int *count) {
+    *count = 0;
+    DIR *d = opendir(dir);
+    if (!d) return errno == ENOENT ? MOE_OK : moe_error(MOE_ERR_IO, "cannot read the run directory %s: %s", dir, strerror(errno));
+    moe_status s = MOE_OK;
+    for (struct dirent *e; s == MOE_OK && (e = readdir(d));) {
+        if (!is_run_file(e->d_name)) continue;
+        ++*count;
+        char path[1024];
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        if (remove && unlink(path) != 0 && errno != ENOENT)
+            s = moe_error(MOE_ERR_IO, "--overwrite: cannot delete %s: %s", path, strerror(errno));
+    }
+    closedir(d);
+    return s;
+}
+
+/* The run directory: --resume needs an existing one (and never creates it); a fresh run
+ * refuses a directory that holds a run unless --overwrite, which deletes that run's
+ * checkpoints and metrics.jsonl first. Rank 0 decides; every rank creates the directory. */
+static moe_status open_run_dir(trainer *t, const moe_config *cfg, const moe_train_options *o) {
+    const char *dir = o->resume_dir ? o->resume_dir : cfg->checkpoint.dir;
+    if (!dir[0])
+        return moe_error(MOE_ERR_CONFIG, o->resume_dir ? "--resume needs a run directory"
+                         : "checkpoint.dir is empty: set it to the run directory (checkpoints and metrics.jsonl go there)");
+    if (strlen(dir) + 32 > sizeof t->dir) return moe_error(MOE_ERR_CONFIG, "the run directory name %s is too long", dir);
+    snprintf(t->dir, sizeof t->dir, "%s", dir);
+    if (o->resume_dir) {
+        struct stat sb;
+        if (stat(dir, &sb) != 0) return moe_error(MOE_ERR_IO, "--resume %s: %s (nothing to resume)", dir, strerror(errno));
+        if (!S_ISDIR(sb.st_mode)) return moe_error(MOE_ERR_IO, "--resume %s: not a directory (give the run directory)", dir);
+        return MOE_OK;
+    }
+    int n = 0;
+    if (t->rank == 0) MOE_TRY(run_files(dir, o->overwrite, &n));
+    if (n > 0 && !o->overwrite)
+        return moe_error(MOE_ERR_INVALID, "the run directory %s already holds a run (metrics.jsonl or ckpt-*.h5); "
+                         "continue it with --resume %s, or start over with --overwrite (deletes its checkpoints and "
+                         "metrics.jsonl)", dir, dir);
+    if (n > 0) fprintf(stderr, "--overwrite: deleted %d file(s) of the earlier run in %s\n", n, dir);
+    return mkdir_p(dir);
+}
+
+/* The "step" of a metrics.jsonl line, or -1. */
+static int64_t line_step(const char *line) {
+    const char *p = strstr(line, "\"step\":");
+    return p ? strtoll(p + 7, NULL, 10) : -1;
+}
+
+/* On resume from step `step`: lines of later steps in metrics.jsonl (written after that
+ * checkpoint by a run that did not save again) move to metrics-discarded.jsonl, so
+ * metrics.jsonl keeps one line per step of the run as it continues. */
+static moe_status trim_metrics(const char *dir, int64_t step) {
+    char path[1024], tmp[1100], gone[1024], line[65536];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", dir);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    snprintf(gone, sizeof gone, "%s/metrics-discarded.jsonl", dir);
+    FILE *in = fopen(path, "r");
+    if (!in) return MOE_OK;
+    FILE *out = fopen(tmp, "w"), *drop = NULL;
+    int moved = 0;
+    moe_status s = out ? MOE_OK : moe_error(MOE_ERR_IO, "cannot write %s: %s", tmp, strerror(errno));
+    while (s == MOE_OK && fgets(line, sizeof line, in)) {
+        bool later = line_step(line) > step;
+        if (later && !drop && !(drop = fopen(gone, "a"))) s = moe_error(MOE_ERR_IO, "cannot write %s: %s", gone, strerror(errno));
+        else if (fputs(line, later ? drop : out) < 0) s = moe_error(MOE_ERR_IO, "cannot write %s: %s", later ? gone : tmp, strerror(errno));
+        moved += later;
+    }
+    fclose(in);
+    if (drop && fclose(drop) != 0 && s == MOE_OK) s = moe_error(MOE_ERR_IO, "cannot write %s: %s", gone, strerror(errno));
+    if (out && fclose(out) != 0 && s == MOE_OK) s = moe_error(MOE_ERR_IO, "cannot write %s: %s", tmp, strerror(errno));
+    if (s == MOE_OK && moved && rename(tmp, path) != 0) s = moe_error(MOE_ERR_IO, "cannot replace %s: %s", path, strerror(errno));
+    if (!moved || s != MOE_OK) unlink(tmp);
+    if (s == MOE_OK && moved)
+        fprintf(stderr, "metrics.jsonl: %d line(s) after step %lld moved to %s\n", moved, (long long)step, gone);
+    return s;
+}
+
+/* Every input checked before the first step: the token files exist, hold ids the model's
+ * vocabulary covers, and are long enough for a training batch and an evaluation batch. */
+static moe_status check_inputs(trainer *t, const moe_config *cfg) {
+    if (cfg->train.steps < 1)
+        return moe_error(MOE_ERR_CONFIG, "train.steps=%d: nothing to train (set it to at least 1)", cfg->train.steps);
+    MOE_TRY(moe_data_open(cfg->data.train_path, &t->train));
+    MOE_TRY(moe_data_open(cfg->data.val_path, &t->val));
+    const moe_token_file *files[2] = {t->train, t->val};
+    for (int i = 0; i < 2; i++)
+        if (moe_data_vocab(files[i]) > cfg->model.vocab_size)
+            return moe_error(MOE_ERR_CONFIG, "%s holds token ids of a vocabulary of %d, beyond model.vocab_size=%d; "
+                             "prepare it with the model's tokenizer or raise model.vocab_size", moe_data_path(files[i]),
+                             moe_data_vocab(files[i]), cfg->model.vocab_size);
+    moe_eval_iter probe;
+    return moe_eval_iter_init(&probe, t->val, cfg->data.batch_size, cfg->model.seq_len, 1);
+}
+
+/* --resume: the newest checkpoint that passes verification (newer damaged ones are
+ * skipped with a warning naming them), loaded with the loader position. */
+static moe_status resume(trainer *t, const moe_config *cfg) {
+    char path[640];
+    MOE_TRY(moe_checkpoint_find_latest(t->dir, path, sizeof path));
+    MOE_TRY(moe_checkpoint_load(path, &t->model, t->opt, &t->st));
+    if (t->st.step >= cfg->train.steps)
+        return moe_error(MOE_ERR_CONFIG, "%s is at step %lld and train.steps=%d: nothing left to train; raise "
+                         "train.steps to continue", path, (long long)t->st.step, cfg->train.steps);
+    moe_loader_set_state(t->loader, (moe_loader_state){t->st.loader_seed, t->st.loader_step});
+    if (!t->st.run_id[0]) new_run_id(t->st.run_id, sizeof t->st.run_id); /* written before run ids */
+    if (t->rank == 0) fprintf(stderr, "resumed from %s at step %lld\n", path, (long long)t->st.step);
+    return t->rank == 0 ? trim_metrics(t->dir, t->st.step) : MOE_OK;
+}
+
 static moe_status trainer_open(trainer *t, const moe_config *cfg, const moe_train_options *o) {
     memset(t, 0, sizeof *t);
     t->cfg = cfg;
@@ -367,14 +489,10 @@ static moe_status trainer_open(trainer *t, const moe_config *cfg, const moe_trai
     if (cfg->data.batch_size % (t->world * cfg->train.grad_accum))
         return moe_error(MOE_ERR_CONFIG, "data.batch_size=%d must be divisible by the world size %d times train.grad_accum=%d",
                          cfg->data.batch_size, t->world, cfg->train.grad_accum);
-    snprintf(t->dir, sizeof t->dir, "%s", o->resume_dir ? o->resume_dir : cfg->checkpoint.dir);
-    MOE_TRY(mkdir_p(t->dir));
-    MOE_TRY(moe_data_open(cfg->data.train_path, &t->train));
-    MOE_TRY(moe_data_open(cfg->data.val_path, &t->val));
-    if (moe_data_vocab(t->train) > cfg->model.vocab_size)
-        return moe_error(MOE_ERR_CONFIG, "model.vocab_size=%d is smaller than the vocabulary of %s (%d)",
-                         cfg->model.vocab_size, cfg->data.train_path, moe_data_vocab(t->train));
+    MOE_TRY(check_inputs(t, cfg));
+    MOE_TRY(open_run_dir(t, cfg, o));
     MOE_TRY(moe_model_init(&t->model, cfg, moe_dist_ep_rank(), ep));
+    if (cfg->router.balance == MOE_CFG_BALANCE_LATENCY) MOE_TRY(moe_model_measure_latency(&t->model));
     t->params = moe_model_param_tensors(&t->model, &t->n_params);
     moe_optim_config oc = moe_optim_config_default(cfg->train.optimizer == MOE_CFG_OPTIMIZER_SGD ? MOE_OPTIM_SGD : MOE_OPTIM_ADAMW);
     oc.beta1 = cfg->train.beta1;
@@ -385,20 +503,15 @@ static moe_status trainer_open(trainer *t, const moe_config *cfg, const moe_trai
     t->opt = moe_optimizer_create(t->params, t->n_params, &oc);
     if (!t->opt) return moe_last_status();
     MOE_TRY(moe_loader_create(t->train, (uint64_t)cfg->train.seed, cfg->data.batch_size, cfg->model.seq_len, &t->loader));
-    if (o->resume_dir) {
-        char path[640];
-        MOE_TRY(moe_h5_find_latest(t->dir, "ckpt-", ".h5", path, sizeof path));
-        MOE_TRY(moe_checkpoint_load(path, &t->model, t->opt, &t->st));
-        moe_loader_set_state(t->loader, (moe_loader_state){t->st.loader_seed, t->st.loader_step});
-        if (t->rank == 0) fprintf(stderr, "resumed from %s at step %lld\n", path, (long long)t->st.step);
-    }
+    if (o->resume_dir) MOE_TRY(resume(t, cfg));
+    else new_run_id(t->st.run_id, sizeof t->st.run_id);
     MOE_TRY(grad_sync_init(&t->grads, &t->model));
     if (t->world > 1) MOE_TRY(moe_dist_prepare(t->model.dev));
     if (t->world > 1 && !(t->rank_log = moe_dist_log_file(t->dir))) return moe_last_status();
     if (t->rank != 0) return MOE_OK;
     char mpath[640];
     snprintf(mpath, sizeof mpath, "%s/metrics.jsonl", t->dir);
-    t->metrics = fopen(mpath, o->resume_dir ? "a" : "w");
+    t->metrics = fopen(mpath, "a"); /* appended on resume, never truncated */
     if (!t->metrics) return moe_error(MOE_ERR_IO, "cannot write %s: %s", mpath, strerror(errno));
     return MOE_OK;
 }
@@ -496,10 +609,54 @@ static moe_status step_timing_report(const trainer *t, const step_timing *tm, do
     return MOE_OK;
 }
 
+/* train.threads, at most 4 per core (more only slows every step down), with a warning. */
+static int capped_threads(int asked) {
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    if (cores < 1 || asked <= 4 * cores) return asked;
+    if (moe_dist_world_rank() == 0)
+        fprintf(stderr, "warning: train.threads=%d on %ld cores; using %ld (4 per core at most)\n", asked, cores, 4 * cores);
+    return (int)(4 * cores);
+}
+
+static const char *signal_name(int sig) {
+    return sig == SIGINT ? "INT" : sig == SIGTERM ? "TERM" : sig == SIGHUP ? "HUP" : "a signal";
+}
+
+/* The signals the ranks have seen, agreed on at a step boundary so that every rank acts
+ * at the same step: the stop signal (0: go on; SIGINT before SIGTERM before SIGHUP when
+ * ranks saw different ones) and whether a checkpoint was asked for (SIGUSR1). */
+static moe_status poll_signals(const trainer *t, moe_signal_watch *w, int *stop_sig, bool *checkpoint) {
+    int sig = moe_signal_watch_stop_signal(w);
+    int64_t v[4] = {sig == SIGINT, sig == SIGTERM, sig == SIGHUP, moe_signal_watch_take_checkpoint(w)};
+    if (t->world > 1) MOE_TRY(moe_dist_allreduce_i64(MOE_GROUP_WORLD, v, 4));
+    *stop_sig = v[0] ? SIGINT : v[1] ? SIGTERM : v[2] ? SIGHUP : 0;
+    *checkpoint = v[3] > 0;
+    return MOE_OK;
+}
+
+/* A failure every rank saw (forward, backward, evaluation) with the training state
+ * intact: save first, then stop with the failure's message. mid_step: the failing step's
+ * batch was drawn, so the loader goes back to `step_start` and the grads are dropped. */
+static moe_status save_then_fail(trainer *t, moe_train_summary *sum, moe_status failure, bool mid_step,
+                                 moe_loader_state step_start) {
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", moe_last_error());
+    if (mid_step) {
+        moe_loader_set_state(t->loader, step_start);
+        moe_optimizer_zero_grad(t->opt);
+    }
+    moe_step_reset();
+    moe_status saved = save_checkpoint(t, sum);
+    if (saved == MOE_OK)
+        return moe_error(failure, "%s (a checkpoint of step %lld was saved first: %s)", msg, (long long)t->st.step,
+                         sum->last_checkpoint);
+    return moe_error(failure, "%s (saving a checkpoint failed too: %s)", msg, moe_last_error());
+}
+
 moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_train_summary *sum) {
     memset(sum, 0, sizeof *sum);
     trainer t;
-    if (cfg->train.threads > 0) omp_set_num_threads(cfg->train.threads);
+    if (cfg->train.threads > 0) omp_set_num_threads(capped_threads(cfg->train.threads));
     moe_status s = moe_dist_check_all(trainer_open(&t, cfg, o));
     if (s != MOE_OK) {
         trainer_close(&t);
@@ -522,27 +679,34 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
     if (t.rank == 0 && !o->quiet && cfg->router.balance == MOE_CFG_BALANCE_LATENCY) print_latency(&t.model);
     moe_lr_schedule sched = {tc->schedule == MOE_CFG_SCHEDULE_COSINE ? MOE_LR_COSINE : MOE_LR_CONSTANT, tc->lr,
                              tc->min_lr, tc->warmup, tc->steps > tc->warmup ? tc->steps : tc->warmup};
-    stop_requested = 0;
-    void (*old_handler)(int) = signal(SIGINT, on_sigint);
     bool quiet = o->quiet || t.rank != 0, tty = isatty(STDERR_FILENO) && !quiet;
     int consecutive_bad = 0;
     step_timing timing = {0};
     int64_t steps_run = 0;
     double t_start = (moe_clock_ms() / 1e3), tokens_done = 0, last_loss = NAN;
+    bool save_first = false, mid_step = false; /* how to stop after a failure that every rank saw */
+    moe_loader_state step_start = {0};
     while (s == MOE_OK && t.st.step < tc->steps) {
         if (o->stop_after > 0 && t.st.step >= o->stop_after) break;
-        int64_t stop = stop_requested; /* every rank stops at the same step */
-        if (t.world > 1 && (s = moe_dist_allreduce_i64(MOE_GROUP_WORLD, &stop, 1)) != MOE_OK) break;
-        if (stop) {
-            if (t.rank == 0) fprintf(stderr, "\ninterrupted: saving a checkpoint at step %lld\n", (long long)t.st.step);
+        int sig = 0;
+        bool ask_checkpoint = false;
+        if ((s = poll_signals(&t, o->signals, &sig, &ask_checkpoint)) != MOE_OK) break;
+        if (sig) {
+            if (t.rank == 0) fprintf(stderr, "\nSIG%s: saving a checkpoint at step %lld\n", signal_name(sig), (long long)t.st.step);
             s = save_checkpoint(&t, sum);
-            if (s == MOE_OK) s = moe_error(MOE_ERR_INTERRUPTED, "training interrupted at step %lld; resume with --resume %s",
-                                           (long long)t.st.step, t.dir);
+            sum->stop_signal = sig;
+            if (s == MOE_OK) s = moe_error(MOE_ERR_INTERRUPTED, "training stopped by SIG%s at step %lld; resume with --resume %s",
+                                           signal_name(sig), (long long)t.st.step, t.dir);
             break;
+        }
+        if (ask_checkpoint) {
+            if (t.rank == 0) fprintf(stderr, "\nSIGUSR1: saving a checkpoint at step %lld\n", (long long)t.st.step);
+            if ((s = save_checkpoint(&t, sum)) != MOE_OK) break;
         }
         double t0 = (moe_clock_ms() / 1e3);
         moe_dist_reset_stats();
         double lr = moe_lr_at(&sched, t.st.step);
+        step_start = moe_loader_get_state(t.loader);
         moe_loader_next(t.loader, t.rank, t.world, in, tg);
         t.model.dropout_counter = (uint64_t)t.st.step << 48; /* masks and noise depend on the step: exact resume */
         double loss = 0, aux = 0, z = 0;
@@ -569,6 +733,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
         grad_sync_start(&t.grads, true); /* on every rank, whatever happened: the collectives stay matched */
         if (s == MOE_OK && t.grads.status != MOE_OK) s = moe_error(t.grads.status, "%s", t.grads.msg);
         s = moe_dist_check_all(s);
+        save_first = mid_step = s != MOE_OK; /* every rank failed here together */
         double local_loss = loss;
         if (s == MOE_OK && t.world > 1) { /* global mean loss and total load; a NaN anywhere makes the sum NaN */
             double v[3] = {loss, aux, z};
@@ -622,7 +787,10 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
         if (do_eval) {
             double vl, vb;
             s = moe_evaluate(&t.model, t.val, tc->eval_batches, &vl, &vb);
-            if (s != MOE_OK) break;
+            if (s != MOE_OK) {
+                save_first = true; /* moe_evaluate fails on every rank together */
+                break;
+            }
             sum->val_loss = vl;
             sum->val_bpb = vb;
             snprintf(extra, sizeof extra, ",\"val_loss\":%.6f,\"val_bpb\":%.6f", vl, vb);
@@ -658,9 +826,9 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
         if (cfg->checkpoint.every > 0 && t.st.step % cfg->checkpoint.every == 0 && t.st.step < tc->steps)
             s = save_checkpoint(&t, sum);
     }
+    if (s != MOE_OK && save_first) s = save_then_fail(&t, sum, s, mid_step, step_start);
     if (s == MOE_OK && moe_dist_timing()) s = step_timing_report(&t, &timing, (double)nb);
     if (s == MOE_OK) s = save_checkpoint(&t, sum);
-    signal(SIGINT, old_handler);
     sum->steps_done = t.st.step;
     sum->final_loss = last_loss;
     sum->bad_steps = t.st.bad_steps;

@@ -5,11 +5,19 @@
 #define MOE_MOE_TRAIN_H
 
 #include "moe/config.h"
+#include "moe/signals.h"
 
+/* The run directory (checkpoint.dir, or the --resume one) holds metrics.jsonl and the
+ * checkpoints ckpt-<step>.h5. Each fresh run draws a run id, stored in its checkpoints
+ * and kept on resume; checkpoint.keep deletes only older checkpoints carrying this id,
+ * never the one just written. A fresh run refuses a directory that holds a run unless
+ * `overwrite`; --resume never creates one. */
 typedef struct moe_train_options {
-    const char *resume_dir; /* continue from the newest good checkpoint there, or NULL */
-    bool quiet;             /* no progress line */
-    int64_t stop_after;     /* > 0: save a checkpoint and stop after this many steps (as if interrupted) */
+    const char *resume_dir;    /* continue from the newest good checkpoint there, or NULL */
+    bool quiet;                /* no progress line */
+    bool overwrite;            /* a fresh run may replace the run in checkpoint.dir (deletes its files) */
+    int64_t stop_after;        /* > 0: save a checkpoint and stop after this many steps (as if interrupted) */
+    moe_signal_watch *signals; /* stop / checkpoint requests (signals.h), or NULL */
 } moe_train_options;
 
 typedef struct moe_train_summary {
@@ -17,6 +25,7 @@ typedef struct moe_train_summary {
     double final_loss, val_loss, val_bpb, unigram_bpb;
     double tokens_per_s;
     int64_t bad_steps;
+    int stop_signal; /* with MOE_ERR_INTERRUPTED: the signal that stopped the run */
     char last_checkpoint[640];
 } moe_train_summary;
 
@@ -26,8 +35,5 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *opt, mo
 typedef struct moe_model moe_model;
 typedef struct moe_token_file moe_token_file;
 moe_status moe_evaluate(moe_model *m, const moe_token_file *val, int batches, double *loss, double *bpb);
-
-/* Set by the SIGINT handler; the loop saves a checkpoint and stops at the next step. */
-void moe_train_request_stop(void);
 
 #endif

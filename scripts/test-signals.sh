@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Signals never lose a run (ctest label cpu). 20 short trainings each get SIGINT, SIGTERM,
+# or two SIGINTs in a row at a random moment (train.threads 1 and 2 alternating). Every
+# run must exit with 128 + signal (or 0 when it finished first: counted, and most runs
+# must be interrupted), within a bounded wait (no crash, no hang), leave a checkpoint,
+# and `--resume` must then reach the end with the same per-step losses as an
+# uninterrupted run with the same thread count. Also SIGHUP (stops like SIGINT), SIGUSR1
+# (a checkpoint, then training goes on to a clean exit 0) and three signals (the third
+# quits at once with 128 + signal).
+#   scripts/test-signals.sh path/to/moe [workdir] [runs per case, default 20]
+set -uo pipefail
+moe=$(realpath "$1")
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+work=${2:-$(mktemp -d)}
+runs=${3:-20}
+rm -rf "$work"; mkdir -p "$work"; cd "$work"
+fails=0
+fail() { echo "FAIL $*"; fails=$((fails + 1)); }
+
+for i in $(seq 1 400); do echo "It was the best of times, it was the worst of times, number $((i % 7))."; done > text.txt
+"$moe" data prepare --out data text.txt > /dev/null || { echo "FAIL data prepare"; exit 1; }
+steps=60
+small=(--quiet --set data.train_path=data/train.bin --set data.val_path=data/val.bin --set model.d_model=32
+  --set model.n_layers=2 --set model.n_heads=2 --set model.seq_len=16 --set model.ffn_dim=24 --set model.n_experts=4
+  --set data.batch_size=4 --set train.eval_every=0 --set train.eval_batches=2 --set train.log_every=1
+  --set checkpoint.every=0 --set checkpoint.keep=2 --set train.steps=$steps)
+cfg="$root/configs/tiny-cpu.yaml"
+
+# step -> loss lines of a run directory's metrics.jsonl
+losses() { sed -nE 's/.*"step":([0-9]+),"loss":([-0-9.e+naif]+).*/\1 \2/p' "$1/metrics.jsonl"; }
+
+# Waits at most $2 seconds for pid $1; prints its exit status (or "hang" after killing it).
+bounded_wait() {
+  local pid=$1 limit=$2 t=0
+  while kill -0 "$pid" 2> /dev/null && [ "$t" -lt $((limit * 10)) ]; do sleep 0.1; t=$((t + 1)); done
+  if kill -0 "$pid" 2> /dev/null; then kill -KILL "$pid"; wait "$pid" 2> /dev/null; echo hang; return; fi
+  wait "$pid"; echo $?
+}
+
+for th in 1 2; do
+  "$moe" train "$cfg" "${small[@]}" --set train.threads=$th --set checkpoint.dir=ref$th > ref$th.log 2>&1 \
+    || { echo "FAIL reference run (threads $th)"; tail -3 ref$th.log; exit 1; }
+  losses ref$th > ref$th.txt
+  [ "$(wc -l < ref$th.txt)" = $steps ] || { echo "FAIL reference run logged $(wc -l < ref$th.txt) steps"; exit 1; }
+done
+
+# One run: case name, the signals to send (one word each), run index. Sets `outcome`.
+one_run() {
+  local name=$1 sigs=$2 k=$3 th=$((1 + $3 % 2)) dir=$1-$3 delay rc want
+  delay=$(awk -v s="$RANDOM" 'BEGIN { srand(s); printf "%.2f", 0.3 + rand() * 1.2 }')
+  "$moe" train "$cfg" "${small[@]}" --set train.threads=$th --set checkpoint.dir=$dir > $dir.log 2>&1 &
+  local pid=$!
+  sleep "$delay"
+  for s in $sigs; do kill -"$s" $pid 2> /dev/null; sleep 0.05; done
+  rc=$(bounded_wait $pid 60)
+  want=$((128 + $(kill -l "${sigs%% *}")))
+  outcome=interrupted
+  if [ "$rc" = 0 ]; then outcome=finished; return; fi
+  if [ "$rc" != "$want" ]; then fail "$dir: exit $rc after SIG${sigs// /+SIG} at ${delay}s (want $want)"; tail -3 $dir.log; outcome=bad; return; fi
+  if ! ls $dir/ckpt-*.h5 > /dev/null 2>&1; then fail "$dir: no checkpoint left"; outcome=bad; return; fi
+  rc=$("$moe" train "$cfg" "${small[@]}" --set train.threads=$th --resume $dir > $dir-resume.log 2>&1 & bounded_wait $! 60)
+  if [ "$rc" != 0 ]; then fail "$dir: --resume exited $rc"; tail -3 $dir-resume.log; outcome=bad; return; fi
+  if ! cmp -s <(losses $dir) ref$th.txt; then
+    fail "$dir: losses after resume differ from the uninterrupted run (threads $th)"
+    diff <(losses $dir) ref$th.txt | head -4; outcome=bad
+  fi
+}
+
+for case in "int:INT" "term:TERM" "int2:INT INT"; do
+  name=${case%%:*} sigs=${case#*:} interrupted=0 finished=0 bad=0
+  for k in $(seq 1 "$runs"); do
+    one_run "$name" "$sigs" "$k"
+    case $outcome in interrupted) interrupted=$((interrupted + 1)) ;; finished) finished=$((finished + 1)) ;; *) bad=$((bad + 1)) ;; esac
+  done
+  if [ $bad = 0 ] && [ $((2 * interrupted)) -gt "$runs" ]; then
+    echo "ok   SIG${sigs// /+SIG}: $interrupted runs interrupted and resumed to the same losses, $finished finished first"
+  else
+    fail "SIG${sigs// /+SIG}: $interrupted interrupted, $finished finished first, $bad failed (most must be interrupted)"
+  fi
+done
+
+# SIGHUP stops like SIGINT.
+one_run hup HUP 1
+[ "$outcome" = interrupted ] && echo "ok   SIGHUP: exit 129, checkpoint, resumed to the same losses" || fail "SIGHUP: $outcome"
+
+# Three signals: the third quits at once (128 + signal), without waiting for the save.
+"$moe" train "$cfg" "${small[@]}" --set train.steps=100000 --set checkpoint.dir=three > three.log 2>&1 &
+pid=$!
+for _ in $(seq 1 100); do [ -s three/metrics.jsonl ] && break; sleep 0.1; done
+kill -TERM $pid; sleep 0.1; kill -TERM $pid; sleep 0.1; kill -TERM $pid
+rc=$(bounded_wait $pid 30)
+[ "$rc" = 143 ] && echo "ok   three SIGTERMs: exit 143" || fail "three SIGTERMs: exit $rc (want 143)"
+
+# SIGUSR1: a checkpoint now, and training goes on to the end.
+"$moe" train "$cfg" "${small[@]}" --set train.steps=100000 --set checkpoint.dir=usr1 > usr1.log 2>&1 &
+pid=$!
+for _ in $(seq 1 100); do [ -s usr1/metrics.jsonl ] && break; sleep 0.1; done
+kill -USR1 $pid
+for _ in $(seq 1 100); do ls usr1/ckpt-*.h5 > /dev/null 2>&1 && break; sleep 0.1; done
+alive=no; kill -0 $pid 2> /dev/null && alive=yes
+kill -INT $pid
+rc=$(bounded_wait $pid 30)
+n=$(ls usr1/ckpt-*.h5 2> /dev/null | wc -l)
+if [ "$alive" = yes ] && [ "$rc" = 130 ] && [ "$n" = 2 ]; then echo "ok   SIGUSR1: a checkpoint, training went on (then SIGINT: exit 130)"
+else fail "SIGUSR1: still running after the checkpoint: $alive, exit $rc, $n checkpoints (want yes, 130, 2)"; fi
+
+[ $fails = 0 ] && echo "signals: all checks passed" || { echo "signals: $fails check(s) failed"; exit 1; }
