@@ -266,3 +266,113 @@ moe_status moe_hf_config_read(const char *dir, moe_config *cfg, moe_hf_info *inf
     free(text);
     return MOE_OK;
 }
+
+/* ---- the other way: our config as a family's config.json ---- */
+
+/* The family whose features cover cfg's, or NULL (named in *why). */
+static const char *family_for(const moe_config *cfg, const char **why) {
+    const moe_cfg_model *m = &cfg->model;
+    const moe_cfg_router *r = &cfg->router;
+    bool dense = m->dense_layers || m->dense_layer_ids.count || m->moe_layer_step > 1;
+    *why = NULL;
+    if (m->mixer.count != 1 || m->mixer.values[0] != MOE_CFG_MIXER_ATTENTION) *why = "model.mixer other than attention";
+    else if (cfg->router.type != MOE_CFG_ROUTER_TOPK) *why = "router.type other than topk";
+    else if (m->expert_ffn_dims.count) *why = "model.expert_ffn_dims (heterogeneous experts)";
+    if (*why) return NULL;
+    if (m->attention == MOE_CFG_ATTENTION_MLA) return "deepseek_v3";
+    if (r->score != MOE_CFG_SCORE_SOFTMAX || r->n_groups > 1 || r->scale != 1.0) *why = "sigmoid or grouped or scaled routing without mla";
+    else if (m->qk_norm == MOE_CFG_QK_NORM_FULL && !m->qkv_bias && !dense && !m->n_shared_experts) return "olmoe";
+    else if (m->qkv_bias || m->shared_gate) {
+        if (m->qk_norm == MOE_CFG_QK_NORM_NONE && (m->n_shared_experts == 0 || (m->n_shared_experts == 1 && m->shared_gate)) &&
+            !m->dense_layers)
+            return "qwen2_moe";
+        *why = "qkv_bias or shared_gate beside features qwen2_moe lacks";
+    } else if (!m->n_shared_experts && !m->dense_layers && m->qk_norm != MOE_CFG_QK_NORM_FULL) {
+        if (m->qk_norm == MOE_CFG_QK_NORM_HEAD || dense || m->head_dim || !r->renormalize) return "qwen3_moe";
+        return "mixtral";
+    } else *why = "this combination of shared experts, dense layers and q/k norms";
+    return NULL;
+}
+
+static void put_num(cJSON *o, const char *k, double v) { cJSON_AddNumberToObject(o, k, v); }
+
+static void write_deepseek(cJSON *o, const moe_config *cfg) {
+    const moe_cfg_model *m = &cfg->model;
+    put_num(o, "moe_intermediate_size", m->ffn_dim);
+    put_num(o, "intermediate_size", moe_config_dense_ffn_dim(cfg));
+    put_num(o, "first_k_dense_replace", m->dense_layers);
+    put_num(o, "n_shared_experts", m->n_shared_experts);
+    put_num(o, "n_group", cfg->router.n_groups);
+    put_num(o, "topk_group", cfg->router.topk_groups);
+    put_num(o, "routed_scaling_factor", cfg->router.scale);
+    if (m->q_lora_rank) put_num(o, "q_lora_rank", m->q_lora_rank);
+    else cJSON_AddNullToObject(o, "q_lora_rank");
+    put_num(o, "kv_lora_rank", m->kv_lora_rank);
+    put_num(o, "qk_nope_head_dim", m->qk_nope_dim);
+    put_num(o, "qk_rope_head_dim", m->qk_rope_dim);
+    put_num(o, "v_head_dim", m->v_head_dim);
+    cJSON_AddBoolToObject(o, "rope_interleave", false); /* exported weights are in rotate-half order */
+    cJSON_AddStringToObject(o, "scoring_func", "sigmoid");
+    cJSON_AddStringToObject(o, "topk_method", "noaux_tc");
+}
+
+static void write_family(cJSON *o, const moe_config *cfg, const char *fam) {
+    const moe_cfg_model *m = &cfg->model;
+    if (!strcmp(fam, "deepseek_v3")) return write_deepseek(o, cfg);
+    if (!strcmp(fam, "mixtral") || !strcmp(fam, "olmoe")) {
+        put_num(o, "intermediate_size", m->ffn_dim);
+        return;
+    }
+    put_num(o, "moe_intermediate_size", m->ffn_dim); /* qwen2_moe, qwen3_moe */
+    put_num(o, "intermediate_size", moe_config_dense_ffn_dim(cfg));
+    put_num(o, "decoder_sparse_step", m->moe_layer_step);
+    cJSON *ol = cJSON_AddArrayToObject(o, "mlp_only_layers");
+    for (int i = 0; i < m->dense_layer_ids.count; i++) cJSON_AddItemToArray(ol, cJSON_CreateNumber(m->dense_layer_ids.values[i]));
+    if (!strcmp(fam, "qwen2_moe")) {
+        cJSON_AddBoolToObject(o, "qkv_bias", m->qkv_bias);
+        put_num(o, "shared_expert_intermediate_size", m->n_shared_experts ? m->shared_ffn_dim : 0);
+    }
+    cJSON_AddBoolToObject(o, "use_sliding_window", false);
+}
+
+/* Our config -> the family's config.json text (malloc'd) and the family's model_type.
+ * model_type NULL: the family is chosen from the features. */
+moe_status moe_hf_config_format(const moe_config *cfg, const char *model_type, char **text, const char **family) {
+    const char *why = NULL, *fam = family_for(cfg, &why);
+    if (!fam) return moe_error(MOE_ERR_UNSUPPORTED, "export: no Hugging Face family has %s", why);
+    if (model_type && strcmp(model_type, fam))
+        return moe_error(MOE_ERR_UNSUPPORTED, "export: the model's features are those of %s, not %s", fam, model_type);
+    const moe_cfg_model *m = &cfg->model;
+    static const char *const arch[][2] = {{"mixtral", "MixtralForCausalLM"}, {"olmoe", "OlmoeForCausalLM"},
+                                          {"qwen2_moe", "Qwen2MoeForCausalLM"}, {"qwen3_moe", "Qwen3MoeForCausalLM"},
+                                          {"deepseek_v3", "DeepseekV3ForCausalLM"}};
+    cJSON *o = cJSON_CreateObject(), *a = cJSON_AddArrayToObject(o, "architectures");
+    for (size_t i = 0; i < sizeof arch / sizeof *arch; i++)
+        if (!strcmp(arch[i][0], fam)) cJSON_AddItemToArray(a, cJSON_CreateString(arch[i][1]));
+    cJSON_AddStringToObject(o, "model_type", fam);
+    cJSON_AddStringToObject(o, "hidden_act", "silu");
+    put_num(o, "vocab_size", m->vocab_size);
+    put_num(o, "hidden_size", m->d_model);
+    put_num(o, "num_hidden_layers", m->n_layers);
+    put_num(o, "num_attention_heads", m->n_heads);
+    put_num(o, "num_key_value_heads", moe_config_kv_heads(cfg));
+    if (m->head_dim && m->attention == MOE_CFG_ATTENTION_MHA) put_num(o, "head_dim", m->head_dim);
+    put_num(o, !strcmp(fam, "mixtral") ? "num_local_experts" : !strcmp(fam, "deepseek_v3") ? "n_routed_experts" : "num_experts",
+            m->n_experts);
+    put_num(o, "num_experts_per_tok", m->top_k);
+    put_num(o, "max_position_embeddings", m->seq_len);
+    put_num(o, "rms_norm_eps", m->norm_eps);
+    put_num(o, "initializer_range", m->init_std);
+    put_num(o, "router_aux_loss_coef", cfg->router.aux_coef);
+    cJSON_AddBoolToObject(o, "tie_word_embeddings", m->tie_embeddings);
+    cJSON_AddBoolToObject(o, "norm_topk_prob", cfg->router.renormalize);
+    cJSON_AddBoolToObject(o, "attention_bias", false);
+    cJSON *rp = cJSON_AddObjectToObject(o, "rope_parameters");
+    put_num(rp, "rope_theta", m->rope_theta);
+    cJSON_AddStringToObject(rp, "rope_type", "default");
+    write_family(o, cfg, fam);
+    *text = cJSON_Print(o);
+    cJSON_Delete(o);
+    *family = fam;
+    return *text ? MOE_OK : moe_error(MOE_ERR_OOM, "export: out of host memory");
+}

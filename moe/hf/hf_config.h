@@ -30,4 +30,10 @@ moe_status moe_hf_config_read(const char *dir, moe_config *cfg, moe_hf_info *inf
 /* The same from config.json text (`origin` names it in messages). */
 moe_status moe_hf_config_parse(const char *text, const char *origin, moe_config *cfg, moe_hf_info *info);
 
+/* The other way: cfg as a family's config.json (malloc'd *text) and that family's
+ * model_type in *family. model_type NULL: the family whose features cover cfg's; a config
+ * no family can express (another mixer or router, heterogeneous experts, ...) is refused
+ * by name. Exported MLA weights are in rotate-half order (rope_interleave false). */
+moe_status moe_hf_config_format(const moe_config *cfg, const char *model_type, char **text, const char **family);
+
 #endif

@@ -1,12 +1,18 @@
-/* Hub folder -> moe_model: the name table and the streaming, transposing conversion. */
+/* Hub folder <-> moe_model: one walk over the model names every tensor and where it goes
+ * (the name table); loading copies each from the mapped files as it is named, exporting
+ * collects them and then writes config.json and model.safetensors. */
 #include "moe/hf/hf_model.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/fileio.h"
 #include "core/memory.h"
+#include <cjson/cJSON.h>
 #include "moe/hf/safetensors.h"
+
+typedef struct export_entry export_entry;
 
 typedef struct loader {
     const char *dir;
@@ -15,6 +21,9 @@ typedef struct loader {
     float *scratch;   /* one widened tensor (bf16 / f16 sources) */
     int64_t scratch_n;
     const moe_hf_info *info;
+    bool exporting;   /* collect the tensors into `entries` instead of reading them */
+    export_entry *entries;
+    int n_entries, cap_entries;
 } loader;
 
 /* Where a HF tensor goes: rows of W [rows, cols] (cols 0: a vector of rows) land in dst.
@@ -58,8 +67,32 @@ static const float *as_f32(loader *L, const moe_st_view *v) {
     return moe_st_read_f32(v, L->scratch) == MOE_OK ? L->scratch : NULL;
 }
 
-/* Copies the first present candidate of shape [rows, cols] (cols 0: [rows]) to d. */
+/* One tensor for export: names[0] of shape [rows, cols] (cols 0: [rows]), read back from d. */
+struct export_entry {
+    char name[320];
+    int64_t rows, cols;
+    dst_spec d;
+};
+
+static moe_status record(loader *L, const char *name, int64_t rows, int64_t cols, dst_spec d) {
+    if (L->n_entries == L->cap_entries) {
+        int cap = L->cap_entries ? 2 * L->cap_entries : 256;
+        export_entry *e = realloc(L->entries, sizeof *e * (size_t)cap);
+        if (!e) return moe_error(MOE_ERR_OOM, "%s: out of host memory", L->dir);
+        L->entries = e;
+        L->cap_entries = cap;
+    }
+    MOE_ASSERT(!d.row_map, "export writes rope dims in rotate-half order (no row map)");
+    export_entry *e = &L->entries[L->n_entries++];
+    snprintf(e->name, sizeof e->name, "%s", name);
+    e->rows = rows, e->cols = cols, e->d = d;
+    return MOE_OK;
+}
+
+/* Copies the first present candidate of shape [rows, cols] (cols 0: [rows]) to d; when
+ * exporting, records names[0] instead. */
 static moe_status put(loader *L, const char *const *names, int64_t rows, int64_t cols, dst_spec d) {
+    if (L->exporting) return record(L, names[0], rows, cols, d);
     const moe_st_view *v = lookup(L, names);
     if (!v) return moe_error(MOE_ERR_FORMAT, "%s: tensor '%s' is missing", L->dir, names[0]);
     bool ok = cols ? v->ndim == 2 && v->shape[0] == rows && v->shape[1] == cols : v->ndim == 1 && v->shape[0] == rows;
@@ -117,9 +150,10 @@ static moe_status load_mla(loader *L, moe_model *m, moe_block *b, const char *p)
     snprintf(n[3], 192, "%s.self_attn.kv_a_proj_with_mqa.weight", p);
     snprintf(n[4], 192, "%s.self_attn.kv_a_layernorm.weight", p);
     snprintf(n[5], 192, "%s.self_attn.kv_b_proj.weight", p);
-    int64_t *qmap = rope_row_map(H * Dq, Dq, nope, rope, L->info->rope_interleave);
-    int64_t *kmap = rope_row_map(rkv + rope, rkv + rope, rkv, rope, L->info->rope_interleave);
-    moe_status s = qmap && kmap ? MOE_OK : moe_error(MOE_ERR_OOM, "%s: out of host memory", L->dir);
+    bool il = L->info->rope_interleave && !L->exporting;
+    int64_t *qmap = il ? rope_row_map(H * Dq, Dq, nope, rope, true) : NULL;
+    int64_t *kmap = il ? rope_row_map(rkv + rope, rkv + rope, rkv, rope, true) : NULL;
+    moe_status s = !il || (qmap && kmap) ? MOE_OK : moe_error(MOE_ERR_OOM, "%s: out of host memory", L->dir);
     if (s == MOE_OK && rq) s = put(L, NAMES(n[0]), rq, d, lin(b->wq_a, 0));
     if (s == MOE_OK && rq) s = put(L, NAMES(n[1]), rq, 0, vec(b->q_a_norm, 0));
     if (s == MOE_OK) s = put(L, NAMES(n[2]), H * Dq, rq ? rq : d, (dst_spec){F(b->wq_b), H * Dq, 0, true, qmap});
@@ -154,18 +188,24 @@ static moe_status load_attention(loader *L, moe_model *m, moe_block *b, const ch
     return put(L, NAMES(n), b->k_norm->shape[0], 0, vec(b->k_norm, 0));
 }
 
+static bool is_family(const loader *L, const char *model_type) { return !strcmp(L->info->model_type, model_type); }
+
+/* Whether `name` is in the files (exporting: never). */
+static bool has(loader *L, const char *name) { return !L->exporting && moe_st_set_find(&L->set, name); }
+
 /* A SwiGLU MLP ("<p>.gate_proj/up_proj/down_proj", or Mixtral's w1/w3/w2) of width f into
  * w13 [d, 2f] (gate | up) and w2 [f, d] at the given element pointers. */
 static moe_status load_mlp(loader *L, const char *p, int64_t d, int64_t f, float *w13, float *w2) {
     char g[3][192], a[3][192];
-    const char *hf[3] = {"gate_proj", "up_proj", "down_proj"}, *mx[3] = {"w1", "w3", "w2"};
+    const char *hf[3] = {"gate_proj", "up_proj", "down_proj"}, *w123[3] = {"w1", "w3", "w2"};
     for (int j = 0; j < 3; j++) {
         snprintf(g[j], 192, "%s.%s.weight", p, hf[j]);
-        snprintf(a[j], 192, "%s.%s.weight", p, mx[j]);
+        snprintf(a[j], 192, "%s.%s.weight", p, w123[j]);
     }
-    MOE_TRY(put(L, NAMES(g[0], a[0]), f, d, (dst_spec){w13, 2 * f, 0, true, NULL}));
-    MOE_TRY(put(L, NAMES(g[1], a[1]), f, d, (dst_spec){w13, 2 * f, f, true, NULL}));
-    return put(L, NAMES(g[2], a[2]), d, f, (dst_spec){w2, d, 0, true, NULL});
+    bool mx = is_family(L, "mixtral"); /* the name written on export */
+    MOE_TRY(put(L, NAMES(mx ? a[0] : g[0], mx ? g[0] : a[0]), f, d, (dst_spec){w13, 2 * f, 0, true, NULL}));
+    MOE_TRY(put(L, NAMES(mx ? a[1] : g[1], mx ? g[1] : a[1]), f, d, (dst_spec){w13, 2 * f, f, true, NULL}));
+    return put(L, NAMES(mx ? a[2] : g[2], mx ? g[2] : a[2]), d, f, (dst_spec){w2, d, 0, true, NULL});
 }
 
 static moe_status load_moe(loader *L, moe_model *m, moe_block *b, const char *p) {
@@ -174,7 +214,9 @@ static moe_status load_moe(loader *L, moe_model *m, moe_block *b, const char *p)
     char mlp[160], n[192], n2[192];
     snprintf(n, sizeof n, "%s.mlp.gate.weight", p);
     snprintf(n2, sizeof n2, "%s.block_sparse_moe.gate.weight", p);
-    const char *base = lookup(L, NAMES(n)) ? "mlp" : "block_sparse_moe";
+    bool sparse_moe = L->exporting ? is_family(L, "mixtral") : !has(L, n);
+    const char *base = sparse_moe ? "block_sparse_moe" : "mlp";
+    if (sparse_moe) snprintf(n, sizeof n, "%s", n2);
     MOE_TRY(put(L, NAMES(n, n2), E, d, lin(M->router.w_gate, 0)));
     if (M->router.bias) {
         snprintf(n, sizeof n, "%s.mlp.gate.e_score_correction_bias", p);
@@ -192,7 +234,8 @@ static moe_status load_moe(loader *L, moe_model *m, moe_block *b, const char *p)
         int64_t fs = M->shared_w2->shape[0];
         snprintf(mlp, sizeof mlp, "%s.mlp.shared_expert", p);
         snprintf(n, sizeof n, "%s.gate_proj.weight", mlp);
-        if (!lookup(L, NAMES(n))) snprintf(mlp, sizeof mlp, "%s.mlp.shared_experts", p);
+        if (L->exporting ? !is_family(L, "qwen2_moe") : !has(L, n))
+            snprintf(mlp, sizeof mlp, "%s.mlp.shared_experts", p);
         MOE_TRY(load_mlp(L, mlp, d, fs, F(M->shared_w13), F(M->shared_w2)));
     }
     if (M->shared_gate) {
@@ -240,10 +283,10 @@ static moe_status load_all(loader *L, moe_model *m) {
     MOE_TRY(put(L, NAMES("model.embed_tokens.weight"), V, d, (dst_spec){F(m->embed), d, 0, false, NULL}));
     MOE_TRY(put(L, NAMES("model.norm.weight"), d, 0, vec(m->final_norm, 0)));
     if (m->lm_head) MOE_TRY(put(L, NAMES("lm_head.weight"), V, d, (dst_spec){F(m->lm_head), d, 0, false, NULL}));
-    else if (moe_st_set_find(&L->set, "lm_head.weight")) /* tied: the copy some savers keep is ignored */
+    else if (has(L, "lm_head.weight")) /* tied: the copy some savers keep is ignored */
         mark_used(L, moe_st_set_find(&L->set, "lm_head.weight"));
     for (int i = 0; i < c->n_layers; i++) MOE_TRY(load_block(L, m, i));
-    return check_all_used(L, c->n_layers);
+    return L->exporting ? MOE_OK : check_all_used(L, c->n_layers);
 }
 
 moe_status moe_hf_load(const char *dir, moe_model *m, moe_hf_info *info) {
@@ -294,5 +337,94 @@ moe_status moe_hf_generate_greedy(moe_model *m, const int32_t *prompt, int n_pro
     }
     moe_step_reset();
     free(lg);
+    return s;
+}
+
+/* ---- export ---- */
+
+/* Entry e's values in the file's layout (W [rows, cols]) into w. */
+static void gather_entry(const export_entry *e, float *w) {
+    int64_t in = e->cols ? e->cols : 1;
+    for (int64_t o = 0; o < e->rows; o++) {
+        float *dst = w + o * in;
+        if (e->d.transpose)
+            for (int64_t i = 0; i < in; i++) dst[i] = e->d.dst[i * e->d.ld + e->d.col0 + o];
+        else
+            memcpy(dst, e->d.dst + o * e->d.ld + e->d.col0, sizeof(float) * (size_t)in);
+    }
+}
+
+/* The safetensors header of the entries (f32, in walk order), padded to 8 bytes. */
+static char *export_header(const loader *L, uint64_t *len) {
+    cJSON *h = cJSON_CreateObject(), *meta = cJSON_AddObjectToObject(h, "__metadata__");
+    cJSON_AddStringToObject(meta, "format", "pt");
+    double off = 0;
+    for (int i = 0; i < L->n_entries; i++) {
+        const export_entry *e = &L->entries[i];
+        cJSON *t = cJSON_AddObjectToObject(h, e->name), *shape = cJSON_AddArrayToObject(t, "shape");
+        cJSON_AddStringToObject(t, "dtype", "F32");
+        cJSON_AddItemToArray(shape, cJSON_CreateNumber((double)e->rows));
+        if (e->cols) cJSON_AddItemToArray(shape, cJSON_CreateNumber((double)e->cols));
+        double n = 4.0 * (double)e->rows * (double)(e->cols ? e->cols : 1);
+        cJSON_AddItemToObject(t, "data_offsets", cJSON_CreateDoubleArray((double[]){off, off + n}, 2));
+        off += n;
+    }
+    char *text = cJSON_PrintUnformatted(h);
+    cJSON_Delete(h);
+    if (!text) return NULL;
+    size_t n = strlen(text), padded = (n + 7) & ~(size_t)7;
+    char *out = realloc(text, padded + 1);
+    if (!out) {
+        free(text);
+        return NULL;
+    }
+    memset(out + n, ' ', padded - n);
+    out[padded] = '\0';
+    *len = padded;
+    return out;
+}
+
+static moe_status write_model_file(loader *L, const char *path) {
+    uint64_t hlen = 0;
+    char *header = export_header(L, &hlen);
+    if (!header) return moe_error(MOE_ERR_OOM, "%s: out of host memory", path);
+    moe_atomic_file af;
+    moe_status s = moe_atomic_open(&af, path, "safetensors export");
+    bool ok = s == MOE_OK && fwrite(&hlen, 8, 1, af.f) == 1 && fwrite(header, 1, hlen, af.f) == hlen;
+    for (int i = 0; ok && i < L->n_entries; i++) {
+        const export_entry *e = &L->entries[i];
+        size_t n = (size_t)(e->rows * (e->cols ? e->cols : 1));
+        float *w = malloc(sizeof(float) * n);
+        if (w) gather_entry(e, w);
+        ok = w && fwrite(w, sizeof(float), n, af.f) == n;
+        free(w);
+    }
+    free(header);
+    if (s != MOE_OK) return s;
+    moe_status c = moe_atomic_close(&af, ok, "safetensors export");
+    return ok ? c : moe_error(MOE_ERR_IO, "%s: write failed", path);
+}
+
+moe_status moe_hf_export(const moe_model *m, const char *model_type, const char *dir) {
+    char *text = NULL, path[4096];
+    moe_hf_info info;
+    memset(&info, 0, sizeof info);
+    const char *fam;
+    MOE_TRY(moe_hf_config_format(&m->cfg, model_type, &text, &fam));
+    snprintf(info.model_type, sizeof info.model_type, "%s", fam);
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    moe_atomic_file af;
+    moe_status s = moe_atomic_open(&af, path, "config.json export");
+    if (s == MOE_OK) {
+        bool ok = fputs(text, af.f) >= 0;
+        s = moe_atomic_close(&af, ok, "config.json export");
+    }
+    free(text);
+    MOE_TRY(s);
+    loader L = {.dir = dir, .info = &info, .exporting = true};
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    s = load_all(&L, (moe_model *)m); /* the walk only reads the model when exporting */
+    if (s == MOE_OK) s = write_model_file(&L, path);
+    free(L.entries);
     return s;
 }

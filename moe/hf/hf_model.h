@@ -14,6 +14,11 @@
  * On error *m is freed. */
 moe_status moe_hf_load(const char *dir, moe_model *m, moe_hf_info *info);
 
+/* Writes m as dir/config.json + dir/model.safetensors (f32) in the layout of model_type
+ * (NULL: the family whose features cover the model's, see moe_hf_config_format); dir must
+ * exist. moe_hf_load of the result gives back the same parameters bit for bit. */
+moe_status moe_hf_export(const moe_model *m, const char *model_type, const char *dir);
+
 /* Greedy decoding through the KV cache: prompt [n_prompt] then n_new tokens into out
  * [n_prompt + n_new] (prompt included). Ids in `banned` (e.g. the eos ids while a minimum
  * length is asked for) are never chosen; n_banned may be 0. */
