@@ -175,6 +175,11 @@ static moe_status read_deepseek(const json_ctx *j, moe_config *cfg, moe_hf_info 
     m->head_dim = 0;
     m->n_kv_heads = 0;
     MOE_TRY(get_bool(j, "rope_interleave", true, &info->rope_interleave));
+    /* transformers' q_a_layernorm and kv_a_layernorm keep RMSNorm's default eps, 1e-6,
+     * while our latent norms use model.norm_eps */
+    if (m->norm_eps != 1e-6)
+        return moe_error(MOE_ERR_UNSUPPORTED, "%s: rms_norm_eps=%g: deepseek_v3 is supported with 1e-6 only (its "
+                         "latent norms use 1e-6 whatever rms_norm_eps says)", j->origin, m->norm_eps);
     return refuse_attention_bias(j);
 }
 
