@@ -1085,28 +1085,20 @@ moe_status moe_hf_encode(moe_hf_tokenizer *t, const char *text, size_t len, bool
         text = clean.p;
         len = clean.n;
     }
-    ivec ids = {0};
-    size_t at = 0, ms, me, which;
+    ivec ids = {out->data, out->len, out->cap, false}; /* appends to out's array in place */
+    size_t first = out->len, at = 0, ms, me, which;
     while (at < len && added_next(t, &t->raw_match, text, len, at, &ms, &me, &which)) {
         if (ms > at) encode_segment(t, text + at, ms - at, at == 0, &ids);
         iv_push(&ids, t->added[which].id);
         at = me;
     }
     if (at < len) encode_segment(t, text + at, len - at, at == 0, &ids);
-    if (add_special) post_process(t, &ids, 0);
+    if (add_special) post_process(t, &ids, first);
     sb_free(&clean);
-    bool ok = !ids.oom;
-    for (size_t i = 0; ok && i < ids.n; i++) {
-        if (out->len == out->cap) {
-            size_t cap = out->cap ? 2 * out->cap : 64;
-            int32_t *d = realloc(out->data, cap * sizeof *d);
-            if (!d) ok = false;
-            else out->data = d, out->cap = cap;
-        }
-        if (ok) out->data[out->len++] = ids.v[i];
-    }
-    free(ids.v);
-    return ok ? MOE_OK : moe_error(MOE_ERR_OOM, "tokenizer %s: out of memory while encoding", t->path);
+    out->data = ids.v;
+    out->cap = ids.cap;
+    out->len = ids.oom ? first : ids.n;
+    return ids.oom ? moe_error(MOE_ERR_OOM, "tokenizer %s: out of memory while encoding", t->path) : MOE_OK;
 }
 
 /* ---------- decode ---------- */
@@ -1359,28 +1351,37 @@ const char *moe_hf_eos_token(const moe_hf_tokenizer *t) { return t->eos; }
 const char *moe_hf_chat_template(const moe_hf_tokenizer *t) { return t->chat_template; }
 const char *moe_hf_chat_template_origin(const moe_hf_tokenizer *t) { return t->chat_origin; }
 
-moe_status moe_hf_bench_encode(moe_hf_tokenizer *t, const char *text, size_t len, int rounds,
-                               double *tokens_per_s, double *bytes_per_s, size_t *n_tokens) {
-    double best = 1e300;
-    size_t count = 0;
-    for (int r = 0; r < rounds; r++) {
-        cache_clear(t);
-        moe_token_buf ids = {0};
-        double t0 = moe_clock_ms();
-        moe_status st = moe_hf_encode(t, text, len, false, &ids);
-        double ms = moe_clock_ms() - t0;
-        count = ids.len;
-        moe_token_buf_free(&ids);
-        if (st != MOE_OK) return st;
-        if (ms < best) best = ms;
+/* Encodes text whole, or line by line (each '\n'-terminated line a separate call). */
+static moe_status encode_all(moe_hf_tokenizer *t, const char *text, size_t len, bool by_line, moe_token_buf *ids) {
+    if (!by_line) return moe_hf_encode(t, text, len, false, ids);
+    for (size_t at = 0; at < len;) {
+        const char *nl = memchr(text + at, '\n', len - at);
+        size_t end = nl ? (size_t)(nl - text) + 1 : len;
+        MOE_TRY(moe_hf_encode(t, text + at, end - at, false, ids));
+        at = end;
     }
-    if (best <= 0) best = 1e-6;
-    *tokens_per_s = (double)count / (best / 1000.0);
-    *bytes_per_s = (double)len / (best / 1000.0);
-    *n_tokens = count;
     return MOE_OK;
 }
 
+moe_status moe_hf_bench_encode(moe_hf_tokenizer *t, const char *text, size_t len, int rounds, bool by_line,
+                               moe_hf_bench *out) {
+    *out = (moe_hf_bench){0};
+    cache_clear(t);
+    for (int r = 0; r < rounds; r++) {
+        moe_token_buf ids = {0};
+        double t0 = moe_clock_ms();
+        moe_status st = encode_all(t, text, len, by_line, &ids);
+        double s = (moe_clock_ms() - t0) / 1000.0;
+        out->tokens = ids.len;
+        moe_token_buf_free(&ids);
+        if (st != MOE_OK) return st;
+        if (s <= 0) s = 1e-9;
+        if (r == 0) out->cold_tokens_per_s = (double)out->tokens / s, out->cold_bytes_per_s = (double)len / s;
+        if (r > 0 && (double)out->tokens / s > out->warm_tokens_per_s)
+            out->warm_tokens_per_s = (double)out->tokens / s, out->warm_bytes_per_s = (double)len / s;
+    }
+    return MOE_OK;
+}
 
 /* ---------- loading tokenizer.json ---------- */
 

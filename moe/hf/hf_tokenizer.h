@@ -91,9 +91,16 @@ moe_status moe_hf_stream_push(moe_hf_stream *s, int32_t id, char **piece);
 moe_status moe_hf_stream_finish(moe_hf_stream *s, char **piece);
 void moe_hf_stream_free(moe_hf_stream *s);
 
-/* Encodes `text` `rounds` times (the cache cleared before each round) and reports the best
- * round's speed: tokens per second and bytes per second. */
-moe_status moe_hf_bench_encode(moe_hf_tokenizer *tok, const char *text, size_t len, int rounds,
-                               double *tokens_per_s, double *bytes_per_s, size_t *n_tokens);
+/* Encoding speed on the calling thread. The first round starts from an empty pre-token cache
+ * (cold); the later rounds find it filled (warm: the best of them is reported). by_line: one
+ * encode call per line, as a server sees short requests. */
+typedef struct moe_hf_bench {
+    size_t tokens;
+    double cold_tokens_per_s, cold_bytes_per_s;
+    double warm_tokens_per_s, warm_bytes_per_s; /* 0 when rounds < 2 */
+} moe_hf_bench;
+
+moe_status moe_hf_bench_encode(moe_hf_tokenizer *tok, const char *text, size_t len, int rounds, bool by_line,
+                               moe_hf_bench *out);
 
 #endif
