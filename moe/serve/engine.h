@@ -1,0 +1,33 @@
+/* The model as the server's scheduler sees it: explicit batches (moe/infer/decoder.h's
+ * moe_batch: tokens with positions and sequence slots) in, one logits row per sequence of
+ * the batch out, and sequence slots freed when a request ends. A small table of functions
+ * so the scheduler can be tested against any engine; serve_engine_open binds the model's
+ * decoder (paged KV cache). Only the scheduler thread calls an engine. */
+#ifndef MOE_SERVE_ENGINE_H
+#define MOE_SERVE_ENGINE_H
+
+#include <stdint.h>
+
+#include "moe/infer/decoder.h"
+
+typedef struct serve_engine {
+    void *impl;
+    int vocab;           /* width of a logits row (the model's vocabulary) */
+    int max_seqs;        /* sequence slots: [0, max_seqs) */
+    int64_t context;     /* positions per sequence (the model's context) */
+    int64_t kv_tokens;   /* KV positions in the pool (every sequence's tokens together) */
+    /* Runs b (b->logits is MOE_LOGITS_LAST) into logits [sequences in b, vocab]. */
+    moe_status (*forward)(void *impl, const moe_batch *b, float *logits);
+    /* Ends a sequence: its slot and cache come back. */
+    moe_status (*seq_free)(void *impl, int seq);
+    /* KV positions still free (for the metrics). */
+    int64_t (*free_tokens)(const void *impl);
+    void (*close)(void *impl);
+} serve_engine;
+
+/* Binds model m (borrowed, f32 on the CPU) with max_seqs slots and a pool of kv_tokens
+ * positions. */
+moe_status serve_engine_open(moe_model *m, int max_seqs, int64_t kv_tokens, serve_engine *out);
+void serve_engine_close(serve_engine *e);
+
+#endif

@@ -1,0 +1,39 @@
+/* The server's counters for GET /metrics (Prometheus text format 0.0.4): requests by HTTP
+ * status, prompt and generated tokens, queue length, running batch size, KV blocks used,
+ * and histograms of time to first token, time per generated token and batch size. Every
+ * function may be called from any thread. */
+#ifndef MOE_SERVE_METRICS_H
+#define MOE_SERVE_METRICS_H
+
+#include <pthread.h>
+#include <stdint.h>
+
+#define SERVE_HIST_BUCKETS 14
+
+typedef struct serve_hist {
+    const double *bounds; /* [SERVE_HIST_BUCKETS] upper bounds */
+    uint64_t count[SERVE_HIST_BUCKETS + 1]; /* the last: +Inf */
+    double sum;
+} serve_hist;
+
+typedef struct serve_metrics {
+    pthread_mutex_t mu;
+    uint64_t by_status[6][100]; /* [status / 100][status % 100] */
+    uint64_t prompt_tokens, generated_tokens;
+    int64_t queue_len, batch_size, kv_blocks_used, kv_blocks_total;
+    serve_hist ttft, token_latency, batch;
+} serve_metrics;
+
+void serve_metrics_init(serve_metrics *m);
+void serve_metrics_free(serve_metrics *m);
+void serve_metrics_request(serve_metrics *m, int http_status);
+void serve_metrics_tokens(serve_metrics *m, int64_t prompt, int64_t generated);
+/* The scheduler's gauges after each step, and the step's batch size (sequences). */
+void serve_metrics_step(serve_metrics *m, int64_t queue_len, int64_t batch_size, int64_t kv_blocks_used,
+                        int64_t kv_blocks_total);
+void serve_metrics_ttft(serve_metrics *m, double seconds);
+void serve_metrics_token_latency(serve_metrics *m, double seconds);
+/* The text of GET /metrics (malloc'd), or NULL when out of memory. */
+char *serve_metrics_text(serve_metrics *m);
+
+#endif
