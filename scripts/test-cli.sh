@@ -127,14 +127,19 @@ gen --seed 5 --tokens 30; cp g.txt s5b.txt
 gen --seed 6 --tokens 30; cp g.txt s6.txt
 if cmp -s s5a.txt s5b.txt && ! cmp -s s5a.txt s6.txt; then echo "ok   generate: the seed fixes the sample"
 else echo "FAIL generate seeds"; fails=$((fails + 1)); fi
-# --eos: the greedy run stopped at the first occurrence of its 6th new byte
-tail -c +7 greedy1.txt | head -c 40 > new.bin
-b=$(od -An -tu1 -j5 -N1 new.bin | tr -d ' ')
-k=$(od -An -tu1 -v new.bin | tr -s ' ' '\n' | grep -v '^$' | grep -n -x "$b" | head -1 | cut -d: -f1)
-gen --temperature 0 --tokens 40 --eos "$b"
-{ cat prompt.txt; head -c $((k - 1)) new.bin; echo; } > want.txt
-if cmp -s g.txt want.txt && grep -q "stopped at the end-of-sequence token $b" g.err; then echo "ok   generate stops at --eos"
-else echo "FAIL generate --eos $b (want $((k - 1)) new bytes)"; od -c g.txt | head -3; cat g.err; fails=$((fails + 1)); fi
+# --eos: a greedy run (CHECKPOINT, its 40-token output FILE) stops before the first
+# occurrence of its 6th new byte, which is not written.
+eos_check() {
+  tail -c +7 "$2" | head -c 40 > new.bin
+  local b k
+  b=$(od -An -tu1 -j5 -N1 new.bin | tr -d ' ')
+  k=$(od -An -tu1 -v new.bin | tr -s ' ' '\n' | grep -v '^$' | grep -n -x "$b" | head -1 | cut -d: -f1)
+  "$moe" generate --checkpoint "$1" --prompt "It was" --temperature 0 --tokens 40 --eos "$b" > g.txt 2> g.err
+  { cat prompt.txt; head -c $((k - 1)) new.bin; echo; } > want.txt
+  if cmp -s g.txt want.txt && grep -q "stopped at the end-of-sequence token $b" g.err; then echo "ok   generate stops at --eos ($1)"
+  else echo "FAIL generate --eos $b with $1 (want $((k - 1)) new bytes)"; od -c g.txt | head -3; cat g.err; fails=$((fails + 1)); fi
+}
+eos_check "$ckpt" greedy1.txt
 expect "generate --eos beyond the vocabulary" 2 "--eos 300 is not a token" "$moe" generate --checkpoint "$ckpt" --eos 300
 # --prompt-file (a file, and - for stdin) gives the --prompt run
 "$moe" generate --checkpoint "$ckpt" --prompt-file prompt.txt --temperature 0 --tokens 40 > g.txt 2> /dev/null
@@ -157,6 +162,8 @@ tail -c +10 slide.txt | head -c 8 > window.bin
 if [ "$(wc -c < slide.txt)" = 27 ] && [ "$(tail -c +18 slide.txt | head -c 9 | od -An -tu1)" = "$(tail -c +9 fresh.txt | head -c 9 | od -An -tu1)" ]
 then echo "ok   generate after the slide sees the last half of the window"
 else echo "FAIL generate after the slide"; od -An -tu1 slide.txt fresh.txt; fails=$((fails + 1)); fi
+"$moe" generate --checkpoint run-random/ckpt-000001.h5 --prompt "It was" --tokens 40 --temperature 0 > random40.txt 2> /dev/null
+eos_check run-random/ckpt-000001.h5 random40.txt
 
 # A BPE run's checkpoint carries its tokenizer: it generates with the tokenizer file gone.
 "$moe" train "$cfg" "${small[@]}" --set data.train_path=data-bpe/train.bin --set data.val_path=data-bpe/val.bin \
