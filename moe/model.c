@@ -1,4 +1,5 @@
-/* The MoE transformer: parameters, forward loss, cached generation step. */
+/* The MoE transformer: parameters, the one forward (training rows or a packed inference
+ * batch against caches the caller keeps), the loss, a view with weights cast once. */
 #include "moe/model.h"
 
 #include <math.h>
@@ -186,7 +187,6 @@ moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int 
         }
         if (L->shared_gate) m->params[m->n_params++] = (moe_param_ref){L->shared_gate, L->name_sgate, false, 0};
     }
-    if (cfg->router.balance == MOE_CFG_BALANCE_LATENCY) MOE_TRY(moe_model_measure_latency(m));
     MOE_TRY(add_param(m, m->final_norm = ones_param(m, d), "final_norm", false, 0));
     if (!c->tie_embeddings)
         MOE_TRY(add_param(m, m->lm_head = randn_param(m, "lm_head", 2, (int64_t[]){V, d}, std), "lm_head", false, 0));
@@ -208,9 +208,8 @@ moe_status moe_model_measure_latency(moe_model *m) {
 void moe_model_free(moe_model *m) {
     for (int i = 0; m->blocks && i < m->cfg.model.n_layers; i++) {
         moe_block *b = &m->blocks[i];
-        moe_tensor *ts[] = {b->attn_norm, b->wqkv, b->wo, b->ffn_norm, b->dense_w13, b->dense_w2, b->k_cache,
-                            b->v_cache, b->bqkv, b->q_norm, b->k_norm, b->wq_a, b->q_a_norm, b->wq_b, b->wkv_a,
-                            b->kv_a_norm, b->wkv_b};
+        moe_tensor *ts[] = {b->attn_norm, b->wqkv, b->wo, b->ffn_norm, b->dense_w13, b->dense_w2, b->bqkv,
+                            b->q_norm, b->k_norm, b->wq_a, b->q_a_norm, b->wq_b, b->wkv_a, b->kv_a_norm, b->wkv_b};
         for (size_t j = 0; j < sizeof ts / sizeof *ts; j++) moe_tensor_free(ts[j]);
         if (b->mixer != MOE_CFG_MIXER_ATTENTION) moe_mom_layer_free(&b->mom);
         if (!b->dense) moe_moe_layer_free(&b->moe);
@@ -244,11 +243,116 @@ moe_tensor **moe_model_param_tensors(const moe_model *m, int *n) {
     return ts;
 }
 
+/* ---- a view with the weights cast once (inference) ---- */
+
+static void push_field(moe_tensor ***out, int *n, int cap, moe_tensor **f) {
+    if (*n < cap) out[(*n)++] = f;
+}
+
+/* The fields of v that may point at a parameter (aliases such as moe.w13 included) go to
+ * out (at most cap); returns the count. */
+static int tensor_fields(moe_model *v, moe_tensor ***out, int cap) {
+    int n = 0;
+    moe_tensor **top[] = {&v->embed, &v->final_norm, &v->lm_head};
+    for (size_t j = 0; j < sizeof top / sizeof *top; j++) push_field(out, &n, cap, top[j]);
+    for (int j = 0; j < 6 && v->has_gru; j++) {
+        push_field(out, &n, cap, &v->gru.w[j]);
+        push_field(out, &n, cap, &v->gru.b[j]);
+    }
+    for (int i = 0; i < v->cfg.model.n_layers; i++) {
+        moe_block *b = &v->blocks[i];
+        moe_moe_layer *L = &b->moe;
+        moe_tensor **own[] = {&b->attn_norm, &b->wqkv, &b->wo, &b->bqkv, &b->q_norm, &b->k_norm, &b->wq_a,
+                              &b->q_a_norm, &b->wq_b, &b->wkv_a, &b->kv_a_norm, &b->wkv_b, &b->ffn_norm,
+                              &b->dense_w13, &b->dense_w2, &b->mom.w_q, &b->mom.w_k, &b->mom.w_v, &b->mom.w_b,
+                              &b->mom.w_a, &b->mom.a_log, &b->mom.dt_bias, &b->mom.norm, &b->mom.w_gate,
+                              &b->mom.w_o, &b->mom.router.w_gate, &b->mom.router.w_noise, &L->router.w_gate,
+                              &L->router.proj, &L->router.head, &L->router.w_noise, &L->w13, &L->w2,
+                              &L->shared_w13, &L->shared_w2, &L->shared_gate};
+        for (size_t j = 0; j < sizeof own / sizeof *own; j++) push_field(out, &n, cap, own[j]);
+        for (int g = 0; !b->dense && g < L->n_groups; g++) {
+            push_field(out, &n, cap, &L->groups[g].w13);
+            push_field(out, &n, cap, &L->groups[g].w2);
+        }
+    }
+    return n;
+}
+
+/* The dtype parameter t takes in a view of compute dtype dt: the router dtype (f32, f64
+ * for f64) for what the routers use after their first projection (the RMoE GRU and heads). */
+static moe_dtype view_dtype(const moe_model *m, const moe_tensor *t, moe_dtype dt) {
+    bool router_dt = false;
+    for (int j = 0; j < 6 && m->has_gru; j++) router_dt = router_dt || t == m->gru.w[j] || t == m->gru.b[j];
+    for (int i = 0; i < m->cfg.model.n_layers; i++) router_dt = router_dt || (!m->blocks[i].dense && t == m->blocks[i].moe.router.head);
+    return router_dt ? (dt == MOE_F64 ? MOE_F64 : MOE_F32) : dt;
+}
+
+/* The view's copies of m's arrays (blocks, params, expert groups), pointing at m's tensors. */
+static moe_status view_arrays(const moe_model *m, moe_model *v) {
+    int nl = m->cfg.model.n_layers;
+    v->blocks = malloc(sizeof *v->blocks * (size_t)nl);
+    v->params = malloc(sizeof *v->params * (size_t)m->n_params);
+    if (!v->blocks || !v->params) return moe_error(MOE_ERR_OOM, "model view: out of host memory");
+    memcpy(v->blocks, m->blocks, sizeof *v->blocks * (size_t)nl);
+    memcpy(v->params, m->params, sizeof *v->params * (size_t)m->n_params);
+    for (int i = 0; i < nl; i++) v->blocks[i].moe.groups = NULL;
+    for (int i = 0; i < nl; i++) {
+        moe_moe_layer *L = &v->blocks[i].moe;
+        if (v->blocks[i].dense) continue;
+        L->groups = malloc(sizeof *L->groups * (size_t)L->n_groups);
+        if (!L->groups) return moe_error(MOE_ERR_OOM, "model view: out of host memory");
+        memcpy(L->groups, m->blocks[i].moe.groups, sizeof *L->groups * (size_t)L->n_groups);
+        if (L->router.s.gru) L->router.s.gru = &v->gru;
+    }
+    return MOE_OK;
+}
+
+moe_status moe_model_cast_view(const moe_model *m, moe_dtype dt, moe_model *v) {
+    *v = *m;
+    v->blocks = NULL;
+    v->params = NULL;
+    v->compute = dt;
+    moe_status s = view_arrays(m, v);
+    for (int i = 0; i < m->n_params && s == MOE_OK; i++) {
+        moe_tensor *t = m->params[i].t;
+        moe_dtype want = view_dtype(m, t, dt);
+        if (t->dtype == want) continue;
+        moe_tensor *c = moe_tensor_empty(MOE_LIFE_PERSIST, t->device, want, t->ndim, t->shape);
+        if (c && moe_tensor_copy_(c, t) == MOE_OK) v->params[i].t = c;
+        else s = moe_last_status(), moe_tensor_free(c);
+    }
+    int cap = m->n_params + 64 + m->cfg.model.n_layers * (40 + 2 * m->cfg.model.n_experts);
+    moe_tensor ***fields = s == MOE_OK ? malloc(sizeof *fields * (size_t)cap) : NULL;
+    if (s == MOE_OK && !fields) s = moe_error(MOE_ERR_OOM, "model view: out of host memory");
+    int nf = s == MOE_OK ? tensor_fields(v, fields, cap) : 0;
+    for (int f = 0; f < nf; f++) /* every field holding a parameter of m now holds its cast */
+        for (int i = 0; *fields[f] && i < m->n_params; i++)
+            if (*fields[f] == m->params[i].t) {
+                *fields[f] = v->params[i].t;
+                break;
+            }
+    free(fields);
+    if (s != MOE_OK) moe_model_cast_view_free(v, m);
+    return s;
+}
+
+void moe_model_cast_view_free(moe_model *v, const moe_model *m) {
+    for (int i = 0; v->params && i < m->n_params; i++)
+        if (v->params[i].t != m->params[i].t) moe_tensor_free(v->params[i].t);
+    for (int i = 0; v->blocks && i < m->cfg.model.n_layers; i++) free(v->blocks[i].moe.groups);
+    free(v->blocks);
+    free(v->params);
+    memset(v, 0, sizeof *v);
+}
+
 #define C(t) moe_cast((t), m->compute)
 
+/* The training balance terms, each summed over the layers that have one. */
+enum { MOE_AUX_BALANCE, MOE_AUX_Z, MOE_AUX_MEMORY, MOE_AUX_COUNT };
+
 /* Residual-branch dropout while training; each call draws fresh Philox counters. */
-static moe_tensor *dropout(moe_model *m, moe_tensor *x) {
-    if (!x || m->cfg.model.dropout <= 0 || !moe_grad_enabled()) return x;
+static moe_tensor *dropout(moe_model *m, const moe_forward *f, moe_tensor *x) {
+    if (!x || m->cfg.model.dropout <= 0 || f->mode != MOE_FORWARD_TRAIN || !moe_grad_enabled()) return x;
     uint64_t counter = m->dropout_counter;
     m->dropout_counter += (uint64_t)moe_tensor_numel(x);
     return moe_dropout(x, m->cfg.model.dropout, (uint64_t)m->cfg.train.seed ^ 0xd1b54a32d192ed03ull, counter);
@@ -316,77 +420,162 @@ static moe_tensor *mla_qkv(moe_model *m, moe_block *b, moe_tensor *h, int B, int
     return q;
 }
 
-/* The attention sublayer on h [B, T, d] -> [B, T, d]; `cached`: append k, v to the KV cache
- * at pos0 and attend over everything cached so far. */
-static moe_tensor *attention_forward(moe_model *m, moe_block *b, moe_tensor *h, int B, int T, int64_t pos0,
-                                     bool cached) {
+/* The attention of one piece h [B, T, d] at positions pos0.. -> [B, T, H w] (before wo).
+ * With `cache` (inference, B == 1), the piece's k, v join its sequence's cached ones and the
+ * queries attend over all of them. */
+static moe_tensor *attend(moe_model *m, moe_block *b, int layer, int span, moe_tensor *h, int64_t pos0,
+                          const moe_cache_ops *cache) {
     const moe_cfg_model *c = &m->cfg.model;
+    int B = (int)h->shape[0], T = (int)h->shape[1];
     bool mla = c->attention == MOE_CFG_ATTENTION_MLA;
     moe_tensor *k = NULL, *v = NULL;
     moe_tensor *q = mla ? mla_qkv(m, b, h, B, T, pos0, &k, &v) : mha_qkv(m, b, h, B, T, pos0, &k, &v);
     if (!q || !k || !v) return NULL;
-    if (cached) {
-        moe_tensor *kd = moe_slice(moe_slice(b->k_cache, 1, pos0, pos0 + T), 0, 0, B);
-        moe_tensor *vd = moe_slice(moe_slice(b->v_cache, 1, pos0, pos0 + T), 0, 0, B);
-        if (!kd || !vd || moe_tensor_copy_(kd, k) != MOE_OK || moe_tensor_copy_(vd, v) != MOE_OK) return NULL;
-        k = moe_slice(moe_slice(b->k_cache, 1, 0, pos0 + T), 0, 0, B);
-        v = moe_slice(moe_slice(b->v_cache, 1, 0, pos0 + T), 0, 0, B);
-    }
+    if (cache && cache->kv(cache->ctx, layer, span, k, v, &k, &v) != MOE_OK) return NULL;
     moe_tensor *a = moe_attention(q, k, v, true); /* [B, T, H, D] */
     int64_t w = mla ? c->v_head_dim : m->head_dim;
     if (a && a->shape[3] != w) a = moe_contiguous(moe_slice(a, 3, 0, w));
-    return moe_matmul(moe_reshape(a, 3, (int64_t[]){B, T, m->n_heads * w}), C(b->wo));
+    return moe_reshape(a, 3, (int64_t[]){B, T, m->n_heads * w});
 }
 
-/* Runs the blocks on x [B, T, d] starting at position pos0; fills per-layer results.
- * cached: generation (KV cache, recurrent MoM state); route_ids: see moe_model_logits. */
-static moe_tensor *run_blocks(moe_model *m, moe_tensor *x, int B, int T, int64_t pos0, bool cached,
-                              moe_loss_parts *parts, moe_tensor **aux_sum, int32_t *route_ids) {
+/* The MoM / GDN mixer of one piece h [B, T, d]: the training form, or (cache) the piece's
+ * sequence continued from its recurrent state. */
+static moe_tensor *mom_mix(moe_model *m, moe_block *b, int layer, int span, moe_tensor *h, const moe_cache_ops *cache,
+                           moe_tensor **aux) {
+    moe_mom_result mr;
+    if (!cache) {
+        moe_tensor *y = moe_mom_layer_forward(&b->mom, h, m->compute, NULL, NULL, &mr);
+        if (mr.aux_loss) aux[MOE_AUX_MEMORY] = aux[MOE_AUX_MEMORY] ? moe_add(aux[MOE_AUX_MEMORY], mr.aux_loss) : mr.aux_loss;
+        return y;
+    }
+    moe_tensor *s0 = cache->state(cache->ctx, layer, span), *s1 = NULL;
+    moe_tensor *y = s0 ? moe_mom_layer_forward(&b->mom, h, m->compute, s0, &s1, &mr) : NULL;
+    return y && cache->set_state(cache->ctx, layer, span, s1) == MOE_OK ? y : NULL;
+}
+
+/* [x_0 | x_1 | ...] along axis 1, n >= 1 pieces (concat takes a bounded number at once). */
+static moe_tensor *concat_pieces(moe_tensor **xs, int n) {
+    while (n > 1) {
+        int out = 0;
+        for (int i = 0; i < n; i += MOE_NODE_MAX_INPUTS) {
+            int cnt = n - i < MOE_NODE_MAX_INPUTS ? n - i : MOE_NODE_MAX_INPUTS;
+            xs[out++] = cnt == 1 ? xs[i] : moe_concat(xs + i, cnt, 1);
+        }
+        n = out;
+    }
+    return xs[0];
+}
+
+/* Block i's token mixer on h [B, T, d] -> [B, T, d]: the whole batch (training), or span by
+ * span against the caches (inference). */
+static moe_tensor *mix(moe_model *m, int i, moe_tensor *h, const moe_forward *f, moe_tensor **aux) {
+    moe_block *b = &m->blocks[i];
+    bool attn = b->mixer == MOE_CFG_MIXER_ATTENTION;
+    moe_tensor *y;
+    if (f->mode == MOE_FORWARD_TRAIN) {
+        y = attn ? attend(m, b, i, 0, h, 0, NULL) : mom_mix(m, b, i, 0, h, NULL, aux);
+    } else {
+        moe_tensor **parts = moe_step_host_alloc(sizeof *parts * (size_t)f->n_spans);
+        if (!parts) {
+            moe_error(MOE_ERR_OOM, "model: out of host memory");
+            return NULL;
+        }
+        for (int j = 0; j < f->n_spans; j++) {
+            const moe_span *sp = &f->spans[j];
+            moe_tensor *hs = moe_slice(h, 1, sp->begin, sp->begin + sp->len);
+            parts[j] = attn ? attend(m, b, i, j, hs, sp->pos0, f->cache) : mom_mix(m, b, i, j, hs, f->cache, aux);
+            if (!parts[j]) return NULL;
+        }
+        y = concat_pieces(parts, f->n_spans);
+    }
+    return attn ? moe_matmul(y, C(b->wo)) : y;
+}
+
+/* Block i's feed-forward on h2 [B T, d] -> [B T, d]: dense, or the MoE layer routed with
+ * its balance terms (training) or by selection alone (inference). *router_state: RMoE's
+ * state carried from MoE layer to MoE layer. */
+static moe_tensor *feed_forward(moe_model *m, int i, moe_tensor *h2, const moe_forward *f, moe_tensor **router_state,
+                                moe_loss_parts *parts, moe_tensor **aux) {
     const moe_cfg_model *c = &m->cfg.model;
-    int64_t d = c->d_model, bt = (int64_t)B * T;
-    moe_tensor *router_state = NULL; /* RMoE: carried from MoE layer to MoE layer, per token */
+    moe_block *b = &m->blocks[i];
+    int64_t bt = h2 ? h2->shape[0] : 0;
+    int32_t *ids = f->route_ids ? f->route_ids + (int64_t)i * bt * c->top_k : NULL;
+    if (b->dense) {
+        for (int64_t j = 0; ids && j < bt * c->top_k; j++) ids[j] = -1;
+        return moe_swiglu_ffn(h2, C(b->dense_w13), C(b->dense_w2));
+    }
+    moe_moe_layer_result res;
+    moe_tensor *ffn;
+    if (f->mode == MOE_FORWARD_TRAIN) {
+        /* gating noise: a counter range per (step, call, layer), so resume replays it */
+        b->moe.router.noise_counter = m->dropout_counter + ((uint64_t)i << 34);
+        ffn = moe_moe_layer_forward(&b->moe, h2, *router_state, m->compute, &res);
+    } else {
+        moe_routing r;
+        moe_tensor *state = NULL, *logits = moe_router_logits(&b->moe.router, h2, *router_state, &state);
+        ffn = logits && moe_router_select(&b->moe.router, logits, &r) == MOE_OK
+                  ? (r.state = state, moe_moe_layer_apply(&b->moe, h2, &r, m->compute, &res))
+                  : NULL;
+    }
+    if (!ffn) return NULL;
+    *router_state = res.routing.state;
+    if (ids) memcpy(ids, res.routing.host_experts, sizeof(int32_t) * (size_t)(bt * c->top_k));
+    if (!parts) return ffn;
+    for (int e = 0; e < c->n_experts; e++) parts->load[i * c->n_experts + e] = res.routing.load[e];
+    parts->dropped += res.dropped;
+    parts->assignments += res.assignments;
+    if (res.routing.aux_loss)
+        aux[MOE_AUX_BALANCE] = aux[MOE_AUX_BALANCE] ? moe_add(aux[MOE_AUX_BALANCE], res.routing.aux_loss) : res.routing.aux_loss;
+    if (res.routing.z_loss) aux[MOE_AUX_Z] = aux[MOE_AUX_Z] ? moe_add(aux[MOE_AUX_Z], res.routing.z_loss) : res.routing.z_loss;
+    return ffn;
+}
+
+/* Checks a forward's layout against its mode (misuse: asserts). */
+static void check_forward(const moe_model *m, const moe_forward *f) {
+    bool train = f->mode == MOE_FORWARD_TRAIN;
+    MOE_ASSERT(train ? !f->spans && !f->cache : f->B == 1 && f->spans && f->n_spans > 0 && f->cache,
+               "model forward: TRAIN takes [B, T] rows without spans or cache; INFER one packed row of spans "
+               "with a cache");
+    for (int j = 0; !train && j < f->n_spans; j++)
+        MOE_ASSERT(f->spans[j].len > 0 && f->spans[j].begin == (j ? f->spans[j - 1].begin + f->spans[j - 1].len : 0) &&
+                       f->spans[j].begin + f->spans[j].len <= f->T,
+                   "model forward: spans must tile the %d tokens in order", f->T);
+    (void)m;
+}
+
+/* Embedding, blocks and final norm: ids [B, T] -> [B T, d]; fills parts and aux (TRAIN). */
+static moe_tensor *forward_hidden(moe_model *m, moe_tensor *ids, const moe_forward *f, moe_loss_parts *parts,
+                                  moe_tensor **aux) {
+    const moe_cfg_model *c = &m->cfg.model;
+    check_forward(m, f);
+    int64_t d = c->d_model, bt = (int64_t)f->B * f->T;
+    moe_tensor *x = moe_embedding(C(m->embed), ids), *router_state = NULL;
     for (int i = 0; i < c->n_layers && x; i++) {
         moe_block *b = &m->blocks[i];
-        moe_tensor *h = moe_rmsnorm(x, C(b->attn_norm), c->norm_eps);
-        moe_tensor *mixed;
-        if (b->mixer != MOE_CFG_MIXER_ATTENTION) {
-            moe_mom_result mr;
-            mixed = moe_mom_layer_forward(&b->mom, h, m->compute, cached, &mr);
-            if (mr.aux_loss && aux_sum) aux_sum[2] = aux_sum[2] ? moe_add(aux_sum[2], mr.aux_loss) : mr.aux_loss;
-        } else {
-            mixed = attention_forward(m, b, h, B, T, pos0, cached);
-        }
-        x = moe_add(x, dropout(m, mixed));
+        x = moe_add(x, dropout(m, f, mix(m, i, moe_rmsnorm(x, C(b->attn_norm), c->norm_eps), f, aux)));
         moe_tensor *h2 = moe_reshape(moe_rmsnorm(x, C(b->ffn_norm), c->norm_eps), 2, (int64_t[]){bt, d});
-        moe_tensor *ffn;
-        int32_t *ids = route_ids ? route_ids + (int64_t)i * bt * c->top_k : NULL;
-        if (b->dense) {
-            ffn = moe_swiglu_ffn(h2, C(b->dense_w13), C(b->dense_w2));
-            for (int64_t j = 0; ids && j < bt * c->top_k; j++) ids[j] = -1;
-        } else {
-            moe_moe_layer_result res;
-            /* gating noise: a counter range per (step, call, layer), so resume replays it */
-            b->moe.router.noise_counter = m->dropout_counter + ((uint64_t)i << 34);
-            ffn = moe_moe_layer_forward(&b->moe, h2, router_state, m->compute, &res);
-            router_state = ffn ? res.routing.state : NULL;
-            if (ffn && ids) memcpy(ids, res.routing.host_experts, sizeof(int32_t) * (size_t)(bt * c->top_k));
-            if (ffn && parts) {
-                for (int e = 0; e < c->n_experts; e++) parts->load[i * c->n_experts + e] = res.routing.load[e];
-                parts->dropped += res.dropped;
-                parts->assignments += res.assignments;
-                moe_tensor *extra[2] = {res.routing.aux_loss, res.routing.z_loss};
-                for (int j = 0; j < 2; j++) {
-                    if (!extra[j]) continue;
-                    aux_sum[j] = aux_sum[j] ? moe_add(aux_sum[j], extra[j]) : extra[j];
-                }
-            }
-        }
-        x = moe_add(x, dropout(m, moe_reshape(ffn, 3, (int64_t[]){B, T, d})));
+        moe_tensor *ffn = feed_forward(m, i, h2, f, &router_state, parts, aux);
+        x = moe_add(x, dropout(m, f, moe_reshape(ffn, 3, (int64_t[]){f->B, f->T, d})));
     }
-    return x;
+    return moe_rmsnorm(moe_reshape(x, 2, (int64_t[]){bt, d}), C(m->final_norm), c->norm_eps);
 }
 
-static moe_tensor *lm_head(moe_model *m) { return C(m->lm_head ? m->lm_head : m->embed); }
+moe_tensor *moe_model_forward(moe_model *m, moe_tensor *ids, const moe_forward *f) {
+    moe_tensor *aux[MOE_AUX_COUNT] = {NULL};
+    return forward_hidden(m, ids, f, NULL, aux);
+}
+
+moe_tensor *moe_model_head(moe_model *m) { return C(m->lm_head ? m->lm_head : m->embed); }
+
+void moe_model_kv_shape(const moe_model *m, int64_t *heads, int64_t *width) {
+    const moe_cfg_model *c = &m->cfg.model;
+    *heads = m->n_kv_heads;
+    *width = m->head_dim;
+    if (c->attention == MOE_CFG_ATTENTION_MLA) { /* every head's k, v at the attention width */
+        *heads = m->n_heads;
+        *width = m->head_dim > c->v_head_dim ? m->head_dim : c->v_head_dim;
+    }
+}
 
 moe_status moe_model_loss(moe_model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
                           moe_loss_parts *out) {
@@ -394,16 +583,16 @@ moe_status moe_model_loss(moe_model *m, const int32_t *inputs, const int32_t *ta
     memset(out, 0, sizeof *out);
     out->load = moe_step_host_alloc(sizeof(int64_t) * (size_t)(c->n_layers * c->n_experts));
     if (!out->load) return moe_error(MOE_ERR_OOM, "model: out of host memory");
+    memset(out->load, 0, sizeof(int64_t) * (size_t)(c->n_layers * c->n_experts));
     int64_t bt = (int64_t)B * T;
     moe_tensor *ids = moe_tensor_from_host(MOE_LIFE_STEP, m->dev, MOE_I32, 2, (int64_t[]){B, T}, inputs);
     /* targets stay on the host: cross_entropy counts them there, then uploads them */
     moe_tensor *tg = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_I32, 1, (int64_t[]){bt}, targets);
     if (!ids || !tg) return moe_last_status();
-    moe_tensor *aux[3] = {NULL, NULL, NULL}; /* MoE balance, router z, MoM memory balance */
+    moe_tensor *aux[MOE_AUX_COUNT] = {NULL};
     m->dropout_counter += (uint64_t)1 << 40; /* each forward (micro-batch) its own noise and dropout range */
-    moe_tensor *x = run_blocks(m, moe_embedding(C(m->embed), ids), B, T, 0, false, out, aux, NULL);
-    moe_tensor *hf = moe_reshape(moe_rmsnorm(x, C(m->final_norm), c->norm_eps), 2, (int64_t[]){bt, c->d_model});
-    moe_tensor *ce = moe_cross_entropy(hf, lm_head(m), tg);
+    moe_forward f = {.mode = MOE_FORWARD_TRAIN, .B = B, .T = T};
+    moe_tensor *ce = moe_cross_entropy(forward_hidden(m, ids, &f, out, aux), moe_model_head(m), tg);
     if (!ce) return moe_last_status();
     moe_dtype ldt = m->compute == MOE_F64 ? MOE_F64 : MOE_F32; /* F64: the gradient-check reference */
     moe_tensor *loss = moe_cast(ce, ldt);
@@ -412,83 +601,18 @@ moe_status moe_model_loss(moe_model *m, const int32_t *inputs, const int32_t *ta
         n_moe += !m->blocks[i].dense;
         n_mom += m->blocks[i].mixer == MOE_CFG_MIXER_MOM;
     }
-    int counts[3] = {n_moe, n_moe, n_mom};
-    for (int j = 0; j < 3; j++) { /* each term averaged over the layers that have it */
+    const int counts[MOE_AUX_COUNT] = {[MOE_AUX_BALANCE] = n_moe, [MOE_AUX_Z] = n_moe, [MOE_AUX_MEMORY] = n_mom};
+    for (int j = 0; j < MOE_AUX_COUNT; j++) { /* each term averaged over the layers that have it */
         if (!aux[j]) continue;
         moe_tensor *avg = moe_mul_scalar(moe_cast(aux[j], ldt), 1.0 / (counts[j] > 0 ? counts[j] : 1));
         loss = moe_add(loss, avg);
         double v = avg ? moe_tensor_item(avg) : NAN;
-        if (j == 1) out->z = v;
+        if (j == MOE_AUX_Z) out->z = v;
         else out->aux += v;
     }
     if (!loss) return moe_last_status();
     out->ce = moe_tensor_item(ce);
     out->loss = loss;
-    return MOE_OK;
-}
-
-moe_status moe_model_cache_reset(moe_model *m, int batch, int capacity) {
-    const moe_cfg_model *c = &m->cfg.model;
-    for (int i = 0; i < c->n_layers; i++) {
-        moe_block *b = &m->blocks[i];
-        if (b->mixer != MOE_CFG_MIXER_ATTENTION) {
-            MOE_TRY(moe_mom_cache_reset(&b->mom, batch));
-            continue;
-        }
-        if (!b->k_cache || m->cache_batch < batch || m->cache_cap < capacity) {
-            moe_tensor_free(b->k_cache);
-            moe_tensor_free(b->v_cache);
-            int64_t shape[4] = {batch, capacity, m->n_kv_heads, m->head_dim};
-            if (c->attention == MOE_CFG_ATTENTION_MLA) { /* every head's k, v at the attention width */
-                shape[2] = m->n_heads;
-                shape[3] = m->head_dim > c->v_head_dim ? m->head_dim : c->v_head_dim;
-            }
-            b->k_cache = moe_tensor_empty(MOE_LIFE_PERSIST, m->dev, m->compute, 4, shape);
-            b->v_cache = moe_tensor_empty(MOE_LIFE_PERSIST, m->dev, m->compute, 4, shape);
-            if (!b->k_cache || !b->v_cache) return moe_last_status();
-        }
-    }
-    if (m->cache_batch < batch || m->cache_cap < capacity) {
-        m->cache_batch = batch;
-        m->cache_cap = capacity;
-    }
-    m->cache_len = 0;
-    return MOE_OK;
-}
-
-moe_status moe_model_step_logits(moe_model *m, const int32_t *tokens, int B, int T, float *logits) {
-    const moe_cfg_model *c = &m->cfg.model;
-    if (m->cache_cap == 0 || B > m->cache_batch || m->cache_len + T > m->cache_cap)
-        return moe_error(MOE_ERR_INVALID, "generation: the KV cache holds %d x %d tokens; asked for %d more at %lld",
-                         m->cache_batch, m->cache_cap, T, (long long)m->cache_len);
-    bool was = moe_grad_set_enabled(false);
-    moe_tensor *ids = moe_tensor_from_host(MOE_LIFE_STEP, m->dev, MOE_I32, 2, (int64_t[]){B, T}, tokens);
-    moe_tensor *x = ids ? run_blocks(m, moe_embedding(C(m->embed), ids), B, T, m->cache_len, true, NULL, NULL, NULL) : NULL;
-    moe_tensor *last = moe_reshape(moe_slice(x, 1, T - 1, T), 2, (int64_t[]){B, c->d_model});
-    moe_tensor *hf = moe_rmsnorm(last, C(m->final_norm), c->norm_eps);
-    moe_tensor *lg = moe_cast(moe_matmul(hf, moe_transpose(lm_head(m), 0, 1)), MOE_F32);
-    moe_tensor *host = lg ? moe_tensor_to(lg, MOE_CPU, MOE_LIFE_STEP) : NULL;
-    moe_grad_set_enabled(was);
-    if (!host) return moe_last_status();
-    memcpy(logits, host->data, sizeof(float) * (size_t)B * (size_t)c->vocab_size);
-    m->cache_len += T;
-    return MOE_OK;
-}
-
-moe_status moe_model_logits(moe_model *m, const int32_t *tokens, int B, int T, int64_t pos0, float *logits,
-                            int32_t *route_ids) {
-    const moe_cfg_model *c = &m->cfg.model;
-    int64_t bt = (int64_t)B * T;
-    bool was = moe_grad_set_enabled(false);
-    moe_tensor *ids = moe_tensor_from_host(MOE_LIFE_STEP, m->dev, MOE_I32, 2, (int64_t[]){B, T}, tokens);
-    moe_tensor *x = ids ? run_blocks(m, moe_embedding(C(m->embed), ids), B, T, pos0, false, NULL, NULL, route_ids)
-                        : NULL;
-    moe_tensor *hf = moe_rmsnorm(moe_reshape(x, 2, (int64_t[]){bt, c->d_model}), C(m->final_norm), c->norm_eps);
-    moe_tensor *lg = moe_cast(moe_matmul(hf, moe_transpose(lm_head(m), 0, 1)), MOE_F32); /* [B T, V] */
-    moe_tensor *host = lg ? moe_tensor_to(lg, MOE_CPU, MOE_LIFE_STEP) : NULL;
-    moe_grad_set_enabled(was);
-    if (!host) return moe_last_status();
-    memcpy(logits, host->data, sizeof(float) * (size_t)bt * (size_t)c->vocab_size);
     return MOE_OK;
 }
 

@@ -2,9 +2,11 @@
  * multi-head attention with RoPE (grouped-query optional; q/k/v biases, q/k RMSNorm over
  * all heads or per head, head width != d/H; or multi-head latent attention) and an MoE
  * (or dense) SwiGLU feed-forward layer, a final RMSNorm and the LM head (tied or not).
- * Parameters are f32 master weights; the forward casts them to the compute dtype (bf16
- * on CUDA), so the grads land on the f32 masters. The same forward serves training,
- * evaluation and generation (with a KV cache). */
+ * Parameters are f32 master weights; the training forward casts them to the compute dtype
+ * (bf16 on CUDA), so the grads land on the f32 masters. One forward (moe_forward below)
+ * serves training and evaluation ([B, T] rows from position 0) and inference (a packed
+ * batch of sequence pieces whose caches the caller keeps: moe/infer/decoder.h). The model
+ * holds no cache. */
 #ifndef MOE_MOE_MODEL_H
 #define MOE_MOE_MODEL_H
 
@@ -22,7 +24,7 @@ typedef enum moe_block_param {
 } moe_block_param;
 
 typedef struct moe_block {
-    moe_cfg_mixer mixer;               /* attention, or mom / gdn (then `mom` replaces wqkv, wo, the KV cache) */
+    moe_cfg_mixer mixer;               /* attention, or mom / gdn (then `mom` replaces wqkv, wo) */
     moe_mom_layer mom;
     moe_tensor *attn_norm, *wqkv, *wo; /* [d], [d, (H + 2 Hkv) hd], [H hd, d] (mla: [H v_head_dim, d]) */
     moe_tensor *bqkv;                  /* [(H + 2 Hkv) hd] (model.qkv_bias) or NULL */
@@ -35,8 +37,6 @@ typedef struct moe_block {
     bool dense;
     moe_tensor *dense_w13, *dense_w2;  /* dense SwiGLU FFN when `dense` */
     moe_moe_layer moe;
-    moe_tensor *k_cache, *v_cache;     /* [B, Tmax, Hkv, hd] for generation (mla: [B, Tmax, H, the
-                                        * attention width]), or NULL */
     char names[MOE_BP_COUNT][96];
 } moe_block;
 
@@ -65,8 +65,6 @@ typedef struct moe_model {
     moe_param_ref *params;
     int n_params;
     int ep_rank, ep_size; /* expert-parallel position: this rank holds experts [ep_rank * E/ep_size, ...) */
-    int64_t cache_len;    /* tokens in the KV cache */
-    int cache_batch, cache_cap;
     uint64_t dropout_counter; /* Philox counter of the next dropout mask (set from the step when training) */
 } moe_model;
 
@@ -91,20 +89,66 @@ moe_tensor **moe_model_param_tensors(const moe_model *m, int *n);
 moe_status moe_model_loss(moe_model *m, const int32_t *inputs, const int32_t *targets, int B, int T,
                           moe_loss_parts *out);
 
-/* Generation: feeds tokens [B, T] at the cache position and returns the logits of the
- * last position per row into logits [B, V] (host f32). moe_model_cache_reset starts over. */
-moe_status moe_model_cache_reset(moe_model *m, int batch, int capacity);
-moe_status moe_model_step_logits(moe_model *m, const int32_t *tokens, int B, int T, float *logits);
+/* ---- the forward ----
+ * TRAIN: x [B, T, d] holds B sequences at positions 0 .. T-1; routers add their balance
+ * losses (and noise, dropout while gradients are on); MoM layers run the chunked form.
+ * INFER: B == 1 and the T tokens are n_spans pieces of sequences packed one after another;
+ * routers select only (moe_router_select); each attention and MoM layer runs per span
+ * against the span's cache through `cache` (a loop over spans: the first, CPU-friendly
+ * form of attention with sequence boundaries). */
+typedef enum moe_forward_mode { MOE_FORWARD_TRAIN, MOE_FORWARD_INFER } moe_forward_mode;
 
-/* Logits of every position, no gradient, no KV cache: tokens [B, T] (host) at positions
- * pos0 .. pos0 + T - 1 into logits [B, T, V] (host f32). route_ids, when not NULL, receives
- * the experts chosen per layer: [n_layers, B * T, top_k] (the router's order; -1 in dense
- * layers). */
-moe_status moe_model_logits(moe_model *m, const int32_t *tokens, int B, int T, int64_t pos0, float *logits,
-                            int32_t *route_ids);
+/* A piece of one sequence in a packed batch: tokens [begin, begin + len) of the batch at
+ * positions pos0 .. pos0 + len - 1 of their sequence. */
+typedef struct moe_span {
+    int64_t begin, len, pos0;
+} moe_span;
+
+/* Where inference keeps what a sequence carries from forward to forward (implemented by
+ * moe/infer; the model stores nothing). `span` indexes the forward's spans. */
+typedef struct moe_cache_ops {
+    void *ctx;
+    /* Attention layer `layer`: stores the span's new keys and values k, v [1, len, Hc, Dc]
+     * (Hc, Dc: moe_model_kv_shape) and returns its sequence's keys and values of every
+     * position so far, *k_all, *v_all [1, past + len, Hc, Dc] (STEP tensors). */
+    moe_status (*kv)(void *ctx, int layer, int span, moe_tensor *k, moe_tensor *v, moe_tensor **k_all,
+                     moe_tensor **v_all);
+    /* MoM / GDN layer `layer`: the span's sequence's recurrent state before the span,
+     * [n_mem, H, dk, dv] (moe_mom_state_zeros' dtype), or NULL with an error set. */
+    moe_tensor *(*state)(void *ctx, int layer, int span);
+    /* ... and after it (a STEP tensor, to keep once the whole forward succeeded). */
+    moe_status (*set_state)(void *ctx, int layer, int span, moe_tensor *state);
+} moe_cache_ops;
+
+typedef struct moe_forward {
+    moe_forward_mode mode;
+    int B, T;                   /* ids [B, T] */
+    const moe_span *spans;      /* INFER: [n_spans] tiling [0, T) in order; TRAIN: NULL */
+    int n_spans;
+    const moe_cache_ops *cache; /* INFER: required; TRAIN: NULL */
+    int32_t *route_ids;         /* NULL or [n_layers, B T, top_k]: the experts chosen per layer and
+                                 * token (the router's order; -1 in dense layers) */
+} moe_forward;
+
+/* The blocks and the final RMSNorm on ids [B, T] (I32 on the model's device) -> hidden
+ * states [B T, d] in m->compute. TRAIN balance terms are left out here (moe_model_loss
+ * adds them). */
+moe_tensor *moe_model_forward(moe_model *m, moe_tensor *ids, const moe_forward *f);
+/* The output projection [V, d] in m->compute (the embedding when tied). */
+moe_tensor *moe_model_head(moe_model *m);
+/* Heads and width of one position's cached keys (= values) in an attention layer:
+ * [Hkv, head_dim], or under MLA [H, max(nope + rope, v_head_dim)]. */
+void moe_model_kv_shape(const moe_model *m, int64_t *heads, int64_t *width);
+
+/* A view of m whose parameters are in `dt`, cast once (F32 on f32 masters: the same
+ * tensors; the router-dtype ones, the RMoE GRU and heads, stay f32 or become f64 for F64).
+ * It shares m's host metadata and must not outlive m; free it with
+ * moe_model_cast_view_free, never moe_model_free. */
+moe_status moe_model_cast_view(const moe_model *m, moe_dtype dt, moe_model *view);
+void moe_model_cast_view_free(moe_model *view, const moe_model *m);
 
 /* Latency-aware balancing: times every expert's forward and hands the latencies to the
- * routers (done at init when router.balance = latency). */
+ * routers (the trainer calls it at start-up when router.balance = latency). */
 moe_status moe_model_measure_latency(moe_model *m);
 
 /* Applies the aux-loss-free bias update of every MoE layer from the last loads. */

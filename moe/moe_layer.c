@@ -254,10 +254,21 @@ static moe_status plan_routes(const moe_moe_layer *L, const moe_routing *r, moe_
     return MOE_OK;
 }
 
-/* One group's SwiGLU on its rows; offsets[n + 1] from 0. */
-static moe_tensor *run_group(const moe_expert_group *G, moe_tensor *xs, const int64_t *offsets, moe_dtype compute) {
-    moe_tensor *h = moe_grouped_matmul(xs, moe_cast(G->w13, compute), offsets);            /* [N, 2f] */
-    return moe_grouped_matmul(moe_swiglu(h), moe_cast(G->w2, compute), offsets);            /* [N, d] */
+moe_status moe_moe_layer_expert_stacks(moe_moe_layer *L, int group, const int64_t *rows, moe_dtype compute,
+                                       moe_tensor **w13, moe_tensor **w2) {
+    (void)rows; /* every local expert is resident */
+    MOE_ASSERT(group >= 0 && group < L->n_groups, "moe layer: group %d of %d", group, L->n_groups);
+    *w13 = moe_cast(L->groups[group].w13, compute);
+    *w2 = moe_cast(L->groups[group].w2, compute);
+    return *w13 && *w2 ? MOE_OK : moe_last_status();
+}
+
+/* Group g's SwiGLU on its rows; offsets[n + 1] from 0. */
+static moe_tensor *run_group(moe_moe_layer *L, int g, moe_tensor *xs, const int64_t *offsets, moe_dtype compute) {
+    moe_tensor *w13, *w2;
+    if (moe_moe_layer_expert_stacks(L, g, offsets, compute, &w13, &w2) != MOE_OK) return NULL;
+    moe_tensor *h = moe_grouped_matmul(xs, w13, offsets);   /* [N, 2f] */
+    return moe_grouped_matmul(moe_swiglu(h), w2, offsets);  /* [N, d] */
 }
 
 /* The local experts on rows grouped by slot (offsets[n_local + 1]): each group on its row
@@ -279,7 +290,7 @@ static moe_tensor *run_experts(moe_moe_layer *L, moe_tensor *xs, const int64_t *
         first += G->n;
         if (sample && moe_device_sync(xs->device) != MOE_OK) return NULL;
         double t0 = moe_clock_ms();
-        moe_tensor *y = run_group(G, L->n_groups == 1 ? xs : moe_slice(xs, 0, r0, r0 + rows), rel, compute);
+        moe_tensor *y = run_group(L, g, L->n_groups == 1 ? xs : moe_slice(xs, 0, r0, r0 + rows), rel, compute);
         if (!y) return NULL;
         if (sample && moe_device_sync(y->device) != MOE_OK) return NULL;
         double per_row = rows > 0 ? (moe_clock_ms() - t0) / (double)rows : 0;
@@ -375,10 +386,18 @@ static moe_status update_running_latency(moe_moe_layer *L, double *sample) {
 moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_tensor *state_in, moe_dtype compute,
                                   moe_moe_layer_result *res) {
     if (!x) return NULL;
+    moe_routing r;
+    if (moe_router_forward(&L->router, x, state_in, &r) != MOE_OK) return NULL;
+    return moe_moe_layer_apply(L, x, &r, compute, res);
+}
+
+moe_tensor *moe_moe_layer_apply(moe_moe_layer *L, moe_tensor *x, const moe_routing *routing, moe_dtype compute,
+                                moe_moe_layer_result *res) {
     memset(res, 0, sizeof *res);
+    if (!x) return NULL;
+    res->routing = *routing;
     int64_t T = x->shape[0];
     int k = L->s.top_k;
-    if (moe_router_forward(&L->router, x, state_in, &res->routing) != MOE_OK) return NULL;
     route_plan plan;
     memset(&plan, 0, sizeof plan);
     if (plan_routes(L, &res->routing, res->routing.gates, &plan) != MOE_OK) return NULL;

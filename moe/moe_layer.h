@@ -87,6 +87,19 @@ void moe_moe_layer_free(moe_moe_layer *L);
 moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_tensor *state_in, moe_dtype compute,
                                   moe_moe_layer_result *res);
 
+/* The pipeline after routing: x [T, d] -> [T, d] with the experts and gates of `routing`
+ * (moe_router_forward's, or moe_router_select's at inference); res->routing is a copy. */
+moe_tensor *moe_moe_layer_apply(moe_moe_layer *L, moe_tensor *x, const moe_routing *routing, moe_dtype compute,
+                                moe_moe_layer_result *res);
+
+/* The expert weights of group `group` for a forward: makes the experts with rows
+ * (rows [n + 1] offsets of the group's experts, rows[i + 1] > rows[i]: expert i has rows)
+ * resident and gives the group's stacks in the compute dtype, w13 [n, d, 2 w_g],
+ * w2 [n, w_g, d] (STEP casts, or the stacks themselves when already in `compute`). Today
+ * every local expert is resident; this is the hook an expert offload cache implements. */
+moe_status moe_moe_layer_expert_stacks(moe_moe_layer *L, int group, const int64_t *rows, moe_dtype compute,
+                                       moe_tensor **w13, moe_tensor **w2);
+
 /* Times each local expert's forward on `tokens` random rows (the fastest of five runs after a
  * warm-up, the one least disturbed by other work on the machine; ms, into
  * latency_ms [n_experts], summed over the expert-parallel group), seeds the running average

@@ -98,7 +98,7 @@ moe_status moe_mom_layer_init(moe_mom_layer *L, const moe_mom_settings *s, const
 }
 
 void moe_mom_layer_free(moe_mom_layer *L) {
-    moe_tensor *ts[] = {L->w_q, L->w_k, L->w_v, L->w_b, L->w_a, L->a_log, L->dt_bias, L->norm, L->w_gate, L->w_o, L->state};
+    moe_tensor *ts[] = {L->w_q, L->w_k, L->w_v, L->w_b, L->w_a, L->a_log, L->dt_bias, L->norm, L->w_gate, L->w_o};
     for (size_t i = 0; i < sizeof ts / sizeof *ts; i++) moe_tensor_free(ts[i]);
     if (L->s.n_memories > 0) moe_router_free(&L->router);
     memset(L, 0, sizeof *L);
@@ -115,12 +115,11 @@ int moe_mom_layer_params(const moe_mom_layer *L, moe_tensor **ts, const char **n
     return n;
 }
 
-moe_status moe_mom_cache_reset(moe_mom_layer *L, int batch) {
-    if (L->state && L->cache_batch == batch) return moe_tensor_fill(L->state, 0.0);
-    moe_tensor_free(L->state);
-    L->state = NULL;
-    L->cache_batch = batch;
-    return MOE_OK;
+moe_tensor *moe_mom_state_zeros(const moe_mom_layer *L, int64_t batch, moe_dtype compute, moe_device dev,
+                                moe_lifetime life) {
+    int64_t hd = L->s.d_model / L->s.n_heads;
+    return moe_tensor_zeros(life, dev, compute == MOE_F64 ? MOE_F64 : MOE_F32, 4,
+                            (int64_t[]){batch * L->n_mem, L->s.n_heads, hd, hd});
 }
 
 /* A STEP tensor of ones. */
@@ -149,14 +148,15 @@ static moe_tensor *to_buckets(moe_tensor *x, int64_t B, int64_t T, int64_t P) {
 
 /* Router gates and the routed mask as dense [B T, P] tensors (the shared memory's column
  * is 1 in both); gate NULL when only the shared memory exists. */
-static moe_status route(moe_mom_layer *L, moe_tensor *x2, moe_dtype compute, moe_mom_result *res, moe_tensor **gate,
-                        moe_tensor **mask) {
+static moe_status route(moe_mom_layer *L, moe_tensor *x2, moe_dtype compute, bool infer, moe_mom_result *res,
+                        moe_tensor **gate, moe_tensor **mask) {
     *gate = *mask = NULL;
     const int M = L->s.n_memories, k = L->s.top_k;
     if (M == 0) return MOE_OK;
     const int64_t BT = x2->shape[0];
-    moe_routing r;
-    MOE_TRY(moe_router_forward(&L->router, x2, NULL, &r));
+    moe_routing r; /* inference: the selection alone (no balance loss) */
+    MOE_TRY(infer ? moe_router_select(&L->router, moe_router_logits(&L->router, x2, NULL, NULL), &r)
+                  : moe_router_forward(&L->router, x2, NULL, &r));
     res->aux_loss = r.aux_loss;
     res->load = r.load;
     moe_tensor *z1 = moe_tensor_zeros(MOE_LIFE_STEP, x2->device, compute, 2, (int64_t[]){BT, M});
@@ -176,8 +176,8 @@ static moe_status route(moe_mom_layer *L, moe_tensor *x2, moe_dtype compute, moe
     return MOE_OK;
 }
 
-moe_tensor *moe_mom_layer_forward(moe_mom_layer *L, moe_tensor *x, moe_dtype compute, bool use_cache,
-                                  moe_mom_result *res) {
+moe_tensor *moe_mom_layer_forward(moe_mom_layer *L, moe_tensor *x, moe_dtype compute, moe_tensor *state,
+                                  moe_tensor **state_out, moe_mom_result *res) {
     memset(res, 0, sizeof *res);
     if (!x) return NULL;
     MOE_ASSERT(x->ndim == 3 && x->shape[2] == L->s.d_model, "mom layer: x must be [B, T, %d]", L->s.d_model);
@@ -186,7 +186,7 @@ moe_tensor *moe_mom_layer_forward(moe_mom_layer *L, moe_tensor *x, moe_dtype com
 #define CP(t) moe_cast((t), compute)
     moe_tensor *x2 = moe_reshape(x, 2, (int64_t[]){B * T, d});
     moe_tensor *gate, *mask;
-    if (!x2 || route(L, x2, compute, res, &gate, &mask) != MOE_OK) return NULL;
+    if (!x2 || route(L, x2, compute, state != NULL, res, &gate, &mask) != MOE_OK) return NULL;
 
     moe_tensor *q = l2norm(moe_reshape(moe_matmul(x2, CP(L->w_q)), 4, (int64_t[]){B, T, H, hd}), hd);
     moe_tensor *k = l2norm(moe_reshape(moe_matmul(x2, CP(L->w_k)), 5, (int64_t[]){B, T, P, H, hd}), hd);
@@ -211,22 +211,16 @@ moe_tensor *moe_mom_layer_forward(moe_mom_layer *L, moe_tensor *x, moe_dtype com
     moe_tensor *kn = to_buckets(k, B, T, P), *vn = to_buckets(v, B, T, P);
     moe_tensor *bn = to_buckets(beta, B, T, P), *an = to_buckets(alpha, B, T, P);
     moe_tensor *o;
-    if (use_cache) {
+    if (state) {
         moe_dtype sdt = compute == MOE_F64 ? MOE_F64 : MOE_F32;
-        if (!L->state) {
-            L->state = moe_tensor_zeros(MOE_LIFE_PERSIST, dev, sdt, 4, (int64_t[]){(int64_t)L->cache_batch * P, H, hd, hd});
-            if (!L->state) return NULL;
-        }
-        if (B > L->cache_batch || L->state->dtype != sdt) {
-            moe_error(MOE_ERR_INVALID, "mom layer: generation state holds %d sequences of %s; asked for %lld in %s "
-                      "(call moe_mom_cache_reset)", L->cache_batch, moe_dtype_name(L->state->dtype), (long long)B,
-                      moe_dtype_name(sdt));
+        if (state->ndim != 4 || state->shape[0] != B * P || state->dtype != sdt) {
+            char got[160];
+            moe_error(MOE_ERR_INVALID, "mom layer: the recurrent state must be [%lld, %lld, %lld, %lld] %s, got %s",
+                      (long long)(B * P), (long long)H, (long long)hd, (long long)hd, moe_dtype_name(sdt),
+                      moe_tensor_describe(state, got, sizeof got));
             return NULL;
         }
-        moe_tensor *s0 = moe_tensor_view_raw(L->state, 4, (int64_t[]){B * P, H, hd, hd}, L->state->strides, 0);
-        moe_tensor *s1 = NULL;
-        o = moe_delta_scan(qn, kn, vn, bn, an, s0, L->s.delta, &s1);
-        if (!o || moe_tensor_copy_(s0, s1) != MOE_OK) return NULL;
+        o = moe_delta_scan(qn, kn, vn, bn, an, state, L->s.delta, state_out);
     } else {
         o = moe_delta_scan_chunked(qn, kn, vn, bn, an, NULL, L->s.delta, L->s.chunk, NULL);
     }

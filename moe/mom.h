@@ -12,9 +12,10 @@
  * Training form: one chunked scan over N = B * (M + shared) sequences of length T; the
  * tokens not routed to memory m enter its sequence with k = 0 and alpha = 1, which leaves
  * S^m unchanged (the same recurrence as running each (sequence, memory) bucket alone, at
- * the cost of M full-length scans instead of bucket-length ones). Generation form
- * (use_cache): the step-by-step scan continuing from the per-(sequence, memory) states the
- * layer keeps, which stay [B * (M + shared), H, dk, dv] however many tokens pass. */
+ * the cost of M full-length scans instead of bucket-length ones). Inference form (a state
+ * given): the step-by-step scan continuing from per-(sequence, memory) states
+ * [B * (M + shared), H, dk, dv] that the caller keeps (moe/infer: the decode state), the
+ * same size however many tokens pass; the layer itself holds no state. */
 #ifndef MOE_MOE_MOM_H
 #define MOE_MOE_MOM_H
 
@@ -44,8 +45,6 @@ typedef struct moe_mom_layer {
     moe_tensor *w_b, *w_a;              /* [d, n_mem H] */
     moe_tensor *a_log, *dt_bias;        /* [H] */
     moe_tensor *norm, *w_gate, *w_o;    /* [dv], [d, H dv], [H dv, d] */
-    moe_tensor *state;                  /* generation: [batch * n_mem, H, dk, dv] F32 (F64 in f64), or NULL */
-    int cache_batch;
     char names[MOE_MOM_MAX_PARAMS][112];
 } moe_mom_layer;
 
@@ -59,14 +58,18 @@ moe_status moe_mom_layer_init(moe_mom_layer *L, const moe_mom_settings *s, const
                               uint64_t seed, double init_std);
 void moe_mom_layer_free(moe_mom_layer *L);
 
-/* x [B, T, d] in the compute dtype -> [B, T, d]. use_cache: continue from the kept states
- * (moe_mom_cache_reset first, B <= its batch) and leave the final ones there. */
-moe_tensor *moe_mom_layer_forward(moe_mom_layer *L, moe_tensor *x, moe_dtype compute, bool use_cache,
-                                  moe_mom_result *res);
+/* x [B, T, d] in the compute dtype -> [B, T, d].
+ * state NULL: the training form (chunked scan from zero states, routing with its balance
+ * loss). state [B * n_mem, H, dk, dv] (F32; F64 for compute F64): the inference form,
+ * continuing the B sequences from these states (routing by selection alone, no loss); the
+ * final states go to *state_out (a new STEP tensor, no gradient; state is not changed). */
+moe_tensor *moe_mom_layer_forward(moe_mom_layer *L, moe_tensor *x, moe_dtype compute, moe_tensor *state,
+                                  moe_tensor **state_out, moe_mom_result *res);
 
-/* Starts generation over for `batch` sequences: the states restart from zero (allocated
- * at the next use_cache forward, F64 for compute F64, else F32). */
-moe_status moe_mom_cache_reset(moe_mom_layer *L, int batch);
+/* Zero recurrent states of `batch` sequences, [batch * n_mem, H, dk, dv] in the state
+ * dtype for `compute` (F64 for F64, else F32). */
+moe_tensor *moe_mom_state_zeros(const moe_mom_layer *L, int64_t batch, moe_dtype compute, moe_device dev,
+                                moe_lifetime life);
 
 /* The trainable tensors and their names (at most MOE_MOM_MAX_PARAMS); returns the count. */
 int moe_mom_layer_params(const moe_mom_layer *L, moe_tensor **ts, const char **names, int cap);

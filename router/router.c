@@ -83,9 +83,9 @@ int moe_router_params(const moe_router *r, moe_tensor **ts, const char **names, 
     return count;
 }
 
-/* Logits [T, E] in rdt; for rmoe also the new state. The first projection runs in x's dtype. */
-static moe_tensor *router_logits(moe_router *r, moe_tensor *x, moe_tensor *state_in, moe_dtype rdt,
-                                 moe_tensor **state_out) {
+moe_tensor *moe_router_logits(moe_router *r, moe_tensor *x, moe_tensor *state_in, moe_tensor **state_out) {
+    if (!x) return NULL;
+    moe_dtype rdt = x->dtype == MOE_F64 ? MOE_F64 : MOE_F32; /* the projection runs in x's dtype */
     if (r->s.type != MOE_ROUTER_RMOE) return moe_cast(moe_matmul(x, moe_cast(r->w_gate, x->dtype)), rdt);
     moe_tensor *xp = moe_cast(moe_matmul(x, moe_cast(r->proj, x->dtype)), rdt);
     moe_tensor *h = state_in;
@@ -162,7 +162,7 @@ static void host_topk(const double *v, int n, int k, int32_t *out) {
 /* Group-limited selection on the host: per token, selection score c = p (+ bias); group
  * score = sum of the group's top-2 c; experts outside the best topk_groups groups get c = 0;
  * then the top k of c. Gates are p at the chosen experts. */
-static moe_tensor *select_grouped(moe_router *r, moe_tensor *p, moe_tensor **idx) {
+static moe_tensor *select_grouped(const moe_router *r, moe_tensor *p, moe_tensor **idx) {
     int64_t T = p->shape[0];
     int E = r->s.n_experts, k = r->s.top_k, G = r->s.n_groups, per = E / G, tg = r->s.topk_groups;
     double *c = moe_step_host_alloc(sizeof(double) * (size_t)(T * E + E + G));
@@ -196,7 +196,7 @@ static moe_tensor *select_grouped(moe_router *r, moe_tensor *p, moe_tensor **idx
 }
 
 /* Top-k of p (selection on p + bias under aux-loss-free balancing); gates from p. */
-static moe_tensor *select_topk(moe_router *r, moe_tensor *p, moe_tensor **idx) {
+static moe_tensor *select_topk(const moe_router *r, moe_tensor *p, moe_tensor **idx) {
     int k = r->s.top_k;
     if (r->s.n_groups > 1) return select_grouped(r, p, idx);
     if (!r->bias) return moe_topk(p, k, idx);
@@ -325,45 +325,56 @@ static moe_tensor *switch_aux(const moe_router *r, moe_tensor *p, const int64_t 
     return moe_mul_scalar(moe_sum_all(moe_mul(moe_mean(p, 0, false), ft)), r->s.aux_coef * E);
 }
 
-moe_status moe_router_forward(moe_router *r, moe_tensor *x, moe_tensor *state_in, moe_routing *out) {
-    const moe_router_settings *s = &r->s;
-    memset(out, 0, sizeof *out);
-    if (!x) return moe_last_status();
-    int64_t T = x->shape[0];
-    int E = s->n_experts, k = s->top_k;
-    int64_t n = T * k;
-    moe_dtype rdt = x->dtype == MOE_F64 ? MOE_F64 : MOE_F32;
-    moe_tensor *logits = router_logits(r, x, state_in, rdt, &out->state);
-    if (s->noisy_gating && moe_grad_enabled() && logits) {
-        logits = add_noise(r, x, logits, out);
-        if (!logits) return moe_last_status();
-    }
-    moe_tensor *p = s->sigmoid_scores ? moe_sigmoid(logits) : moe_softmax(logits);
-    if (!p) return moe_last_status();
-    out->host_experts = moe_step_host_alloc(sizeof(int32_t) * (size_t)(n ? n : 1));
-    out->load = moe_step_host_alloc(sizeof(int64_t) * (size_t)E);
-    if (!out->host_experts || !out->load) return moe_error(MOE_ERR_OOM, "router: out of host memory");
+/* p = softmax or sigmoid of the logits, per the settings. */
+static moe_tensor *scores(const moe_router *r, moe_tensor *logits) {
+    return r->s.sigmoid_scores ? moe_sigmoid(logits) : moe_softmax(logits);
+}
 
-    moe_tensor *idx = NULL, *vals;
-    if (s->type == MOE_ROUTER_OT) {
-        vals = select_ot(r, logits, p, &idx, out);
-        if (!vals) return moe_last_status();
-    } else {
-        vals = select_topk(r, p, &idx);
-        /* The one device -> host read of the layer: expert ids, for counts and permutation. */
-        moe_tensor *ids_host = vals ? moe_tensor_to(idx, MOE_CPU, MOE_LIFE_STEP) : NULL;
-        if (!ids_host) return moe_last_status();
-        memcpy(out->host_experts, ids_host->data, sizeof(int32_t) * (size_t)n);
-    }
-    moe_tensor *gates = s->renormalize && (k > 1 || s->sigmoid_scores) ? renormalize(vals, out->valid) : vals;
+/* Host buffers of a routing of T tokens: host_experts [T k], load [E]. */
+static moe_status alloc_host(const moe_router *r, int64_t T, moe_routing *out) {
+    int64_t n = T * r->s.top_k;
+    out->host_experts = moe_step_host_alloc(sizeof(int32_t) * (size_t)(n ? n : 1));
+    out->load = moe_step_host_alloc(sizeof(int64_t) * (size_t)r->s.n_experts);
+    return out->host_experts && out->load ? MOE_OK : moe_error(MOE_ERR_OOM, "router: out of host memory");
+}
+
+/* From the chosen p (vals [T, k]) and ids: gates (renormalised, scaled), the counts and
+ * the rest of out. */
+static moe_status finish(const moe_router *r, moe_tensor *p, moe_tensor *vals, moe_tensor *idx, moe_routing *out) {
+    const moe_router_settings *s = &r->s;
+    int64_t T = p->shape[0], n = T * s->top_k;
+    moe_tensor *gates = s->renormalize && (s->top_k > 1 || s->sigmoid_scores) ? renormalize(vals, out->valid) : vals;
     if (s->scale > 0 && s->scale != 1.0) gates = moe_mul_scalar(gates, s->scale);
     if (!gates) return moe_last_status();
     for (int64_t i = 0; i < n; i++)
         if (!out->valid || out->valid[i]) out->load[out->host_experts[i]]++;
+    out->gates = gates;
+    out->experts = idx;
+    out->probs = p;
+    out->n_tokens = T;
+    return MOE_OK;
+}
 
-    if (s->balance == MOE_BALANCE_SWITCH && s->aux_coef > 0) out->aux_loss = switch_aux(r, p, out->load);
+moe_status moe_router_select(const moe_router *r, moe_tensor *logits, moe_routing *out) {
+    memset(out, 0, sizeof *out);
+    moe_tensor *p = scores(r, logits);
+    if (!p) return moe_last_status();
+    MOE_TRY(alloc_host(r, p->shape[0], out));
+    moe_tensor *idx = NULL, *vals = select_topk(r, p, &idx);
+    /* The one device -> host read of the layer: expert ids, for counts and permutation. */
+    moe_tensor *ids_host = vals ? moe_tensor_to(idx, MOE_CPU, MOE_LIFE_STEP) : NULL;
+    if (!ids_host) return moe_last_status();
+    memcpy(out->host_experts, ids_host->data, sizeof(int32_t) * (size_t)(p->shape[0] * r->s.top_k));
+    return finish(r, p, vals, idx, out);
+}
+
+/* The balance losses of a routing (Switch or latency, and the z-loss) into out. */
+static moe_status add_losses(const moe_router *r, moe_tensor *logits, moe_routing *out) {
+    const moe_router_settings *s = &r->s;
+    if (s->balance == MOE_BALANCE_SWITCH && s->aux_coef > 0) out->aux_loss = switch_aux(r, out->probs, out->load);
     if (s->balance == MOE_BALANCE_LATENCY && s->aux_coef > 0)
-        out->aux_loss = moe_latency_loss(gates, idx, out->load, out->smooth_load, r->latency_alpha, E, s->aux_coef);
+        out->aux_loss = moe_latency_loss(out->gates, out->experts, out->load, out->smooth_load, r->latency_alpha,
+                                         s->n_experts, s->aux_coef);
     if ((s->balance == MOE_BALANCE_SWITCH || s->balance == MOE_BALANCE_LATENCY) && s->aux_coef > 0 && !out->aux_loss)
         return moe_last_status();
     if (s->z_coef > 0) {
@@ -371,11 +382,33 @@ moe_status moe_router_forward(moe_router *r, moe_tensor *x, moe_tensor *state_in
         out->z_loss = moe_mul_scalar(moe_mean(moe_mul(lse, lse), 0, false), s->z_coef);
         if (!out->z_loss) return moe_last_status();
     }
-    out->gates = gates;
-    out->experts = idx;
-    out->probs = p;
-    out->n_tokens = T;
     return MOE_OK;
+}
+
+moe_status moe_router_forward(moe_router *r, moe_tensor *x, moe_tensor *state_in, moe_routing *out) {
+    memset(out, 0, sizeof *out);
+    if (!x) return moe_last_status();
+    moe_tensor *state = NULL, *smooth = NULL;
+    moe_tensor *logits = moe_router_logits(r, x, state_in, &state);
+    if (r->s.noisy_gating && moe_grad_enabled() && logits) {
+        logits = add_noise(r, x, logits, out);
+        if (!logits) return moe_last_status();
+        smooth = out->smooth_load;
+    }
+    if (!logits) return moe_last_status();
+    if (r->s.type == MOE_ROUTER_OT) {
+        moe_tensor *p = scores(r, logits), *idx = NULL;
+        if (!p) return moe_last_status();
+        MOE_TRY(alloc_host(r, p->shape[0], out));
+        moe_tensor *vals = select_ot(r, logits, p, &idx, out);
+        if (!vals) return moe_last_status();
+        MOE_TRY(finish(r, p, vals, idx, out));
+    } else {
+        MOE_TRY(moe_router_select(r, logits, out));
+    }
+    out->state = state;
+    out->smooth_load = smooth;
+    return add_losses(r, logits, out);
 }
 
 moe_status moe_router_update_bias(moe_router *r, const int64_t *load) {

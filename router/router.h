@@ -94,6 +94,17 @@ int moe_router_params(const moe_router *r, moe_tensor **ts, const char **names, 
  * MoE layer (h_0 = 0); topk and ot ignore it (pass NULL). */
 moe_status moe_router_forward(moe_router *r, moe_tensor *x, moe_tensor *state_in, moe_routing *out);
 
+/* The router's scores: logits [T, E] in f32 (f64 for f64 x) of x [T, d]; rmoe also
+ * writes the new state h_i [T, p] to *state_out (state_in as moe_router_forward). No noise. */
+moe_tensor *moe_router_logits(moe_router *r, moe_tensor *x, moe_tensor *state_in, moe_tensor **state_out);
+
+/* Selection alone, for inference, offload prediction and tracing: logits [T, E] -> the
+ * experts and gates into out (gates, experts, probs, host_experts, load, n_tokens; no
+ * losses, no noise, no collectives: one process's tokens decide alone). topk and rmoe
+ * select exactly as moe_router_forward; ot selects by plain top-k of p (README §4 says
+ * why). out's tensors are STEP tensors. */
+moe_status moe_router_select(const moe_router *r, moe_tensor *logits, moe_routing *out);
+
 /* After the optimizer step: aux-loss-free bias update b_e += rate * sign(mean load - load_e). */
 moe_status moe_router_update_bias(moe_router *r, const int64_t *load);
 

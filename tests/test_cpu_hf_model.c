@@ -464,14 +464,19 @@ static void test_cached_equals_full(void) {
         float full[6 * 32], step[32];
         moe_step_reset();
         CU_ASSERT_EQUAL_FATAL(moe_model_logits(&m, tok, 1, 6, 0, full, NULL), MOE_OK);
-        CU_ASSERT_EQUAL_FATAL(moe_model_cache_reset(&m, 1, 8), MOE_OK);
+        moe_decoder *d;
+        moe_decode_state *ds;
+        CU_ASSERT_EQUAL_FATAL(moe_decoder_open(&m, m.compute, &d), MOE_OK);
+        CU_ASSERT_EQUAL_FATAL(moe_decode_state_create(d, 1, 8, &ds), MOE_OK);
         moe_step_reset();
-        CU_ASSERT_EQUAL_FATAL(moe_model_step_logits(&m, tok, 1, 5, step), MOE_OK);
+        CU_ASSERT_EQUAL_FATAL(moe_decoder_feed(d, ds, 0, tok, 5, step), MOE_OK);
         CU_ASSERT(rel_err(step, full + 4 * 32, 32) < 1e-5);
         moe_step_reset();
-        CU_ASSERT_EQUAL_FATAL(moe_model_step_logits(&m, tok + 5, 1, 1, step), MOE_OK);
+        CU_ASSERT_EQUAL_FATAL(moe_decoder_feed(d, ds, 0, tok + 5, 1, step), MOE_OK);
         double err = rel_err(step, full + 5 * 32, 32);
         CU_ASSERT(err < 1e-5);
+        moe_decode_state_free(ds);
+        moe_decoder_close(d);
         moe_model_free(&m);
         moe_step_reset();
     }

@@ -182,14 +182,17 @@ static double train_vs_generate(moe_mom_layer *L, int64_t B, int64_t T, uint64_t
     moe_step_reset();
     moe_tensor *x = moe_tensor_randn(MOE_LIFE_PERSIST, MOE_CPU, MOE_F64, 3, (int64_t[]){B, T, 8}, seed, 0, 1.0);
     moe_mom_result res;
-    moe_tensor *y = moe_mom_layer_forward(L, x, MOE_F64, false, &res);
+    moe_tensor *y = moe_mom_layer_forward(L, x, MOE_F64, NULL, NULL, &res);
     CU_ASSERT_FATAL(y != NULL);
     double *yt = host(y), num = 0, den = 0;
-    CU_ASSERT_FATAL(moe_mom_cache_reset(L, (int)B) == MOE_OK);
+    moe_tensor *state = moe_mom_state_zeros(L, B, MOE_F64, MOE_CPU, MOE_LIFE_PERSIST);
+    CU_ASSERT_FATAL(state != NULL);
     for (int64_t t = 0; t < T; t++) {
         moe_step_reset();
-        moe_tensor *yg = moe_mom_layer_forward(L, moe_slice(x, 1, t, t + 1), MOE_F64, true, &res);
-        CU_ASSERT_FATAL(yg != NULL);
+        moe_tensor *next = NULL;
+        moe_tensor *yg = moe_mom_layer_forward(L, moe_slice(x, 1, t, t + 1), MOE_F64, state, &next, &res);
+        CU_ASSERT_FATAL(yg != NULL && next != NULL);
+        CU_ASSERT_FATAL(moe_tensor_copy_(state, next) == MOE_OK);
         double *g = host(yg);
         for (int64_t b = 0; b < B; b++)
             for (int64_t j = 0; j < 8; j++) {
@@ -200,6 +203,7 @@ static double train_vs_generate(moe_mom_layer *L, int64_t B, int64_t T, uint64_t
         free(g);
     }
     free(yt);
+    moe_tensor_free(state);
     moe_tensor_free(x);
     return sqrt(num / den);
 }
@@ -222,31 +226,42 @@ static void test_layer_train_equals_generate(void) {
     check_train_vs_generate(0, 0, true, true);  /* gdn */
 }
 
-/* The generation state is one fixed tensor whatever the number of tokens. */
+/* The inference state is one fixed-size tensor whatever the number of tokens; the layer
+ * leaves the state it is given unchanged and refuses one of the wrong shape. */
 static void test_generation_memory_constant(void) {
     moe_mom_layer L;
     moe_mom_settings s = settings(3, 2, true, true);
     CU_ASSERT_FATAL(moe_mom_layer_init(&L, &s, "t.mom", MOE_CPU, 5, 0.5) == MOE_OK);
-    CU_ASSERT_FATAL(moe_mom_cache_reset(&L, 2) == MOE_OK);
-    moe_tensor *first = NULL;
+    moe_tensor *state = moe_mom_state_zeros(&L, 2, MOE_F32, MOE_CPU, MOE_LIFE_PERSIST);
+    CU_ASSERT_FATAL(state != NULL);
+    CU_ASSERT_EQUAL(moe_tensor_numel(state), 2 * 4 * 2 * 4 * 4); /* B (M+1) H dk dv */
     for (int t = 0; t < 40; t++) {
         moe_step_reset();
-        moe_tensor *x = randn(MOE_F32, 3, (int64_t[]){2, 1, 8}, 100 + t, 1);
+        moe_tensor *x = randn(MOE_F32, 3, (int64_t[]){2, 1, 8}, 100 + t, 1), *next = NULL;
         moe_mom_result res;
-        CU_ASSERT_FATAL(moe_mom_layer_forward(&L, x, MOE_F32, true, &res) != NULL);
-        if (!first) first = L.state;
-        CU_ASSERT(L.state == first);
-        CU_ASSERT_EQUAL(moe_tensor_numel(L.state), 2 * 4 * 2 * 4 * 4); /* B (M+1) H dk dv */
+        CU_ASSERT_FATAL(moe_mom_layer_forward(&L, x, MOE_F32, state, &next, &res) != NULL);
+        CU_ASSERT_FATAL(next != NULL);
+        CU_ASSERT(moe_tensor_same_shape(next, state));
+        if (t == 0) { /* the given state is read, not written */
+            double *h0 = host(state), z = 0;
+            for (int64_t i = 0; i < moe_tensor_numel(state); i++) z += fabs(h0[i]);
+            free(h0);
+            CU_ASSERT_EQUAL(z, 0.0);
+        }
+        CU_ASSERT_FATAL(moe_tensor_copy_(state, next) == MOE_OK);
     }
-    double *h = host(L.state), norm = 0;
-    for (int64_t i = 0; i < moe_tensor_numel(L.state); i++) norm += h[i] * h[i];
+    double *h = host(state), norm = 0;
+    for (int64_t i = 0; i < moe_tensor_numel(state); i++) norm += h[i] * h[i];
     free(h);
     CU_ASSERT(norm > 0);
-    CU_ASSERT(moe_mom_cache_reset(&L, 2) == MOE_OK);
-    h = host(L.state);
-    for (int64_t i = 0; i < moe_tensor_numel(L.state); i++) CU_ASSERT_EQUAL(h[i], 0.0);
-    free(h);
+    moe_step_reset();
+    moe_tensor *x = randn(MOE_F32, 3, (int64_t[]){1, 1, 8}, 5, 1), *next = NULL;
+    moe_mom_result res;
+    CU_ASSERT_PTR_NULL(moe_mom_layer_forward(&L, x, MOE_F32, state, &next, &res)); /* 1 sequence, 2 states */
+    CU_ASSERT(strstr(moe_last_error(), "recurrent state") != NULL);
+    moe_tensor_free(state);
     moe_mom_layer_free(&L);
+    moe_step_reset();
 }
 
 /* Same parameters, the two update rules: different outputs. Routing results are sane. */
@@ -258,7 +273,7 @@ static void test_variants(void) {
         CU_ASSERT_FATAL(moe_mom_layer_init(&L, &s, "t.mom", MOE_CPU, 5, 0.5) == MOE_OK);
         moe_tensor *x = moe_tensor_randn(MOE_LIFE_PERSIST, MOE_CPU, MOE_F32, 3, (int64_t[]){2, 6, 8}, 3, 0, 1.0);
         moe_mom_result res;
-        out[delta] = moe_mom_layer_forward(&L, x, MOE_F32, false, &res);
+        out[delta] = moe_mom_layer_forward(&L, x, MOE_F32, NULL, NULL, &res);
         CU_ASSERT_FATAL(out[delta] && res.aux_loss && res.load);
         CU_ASSERT_EQUAL(res.load[0] + res.load[1] + res.load[2], 2 * 6 * 2);
         CU_ASSERT(moe_tensor_item(res.aux_loss) > 0);
@@ -287,7 +302,7 @@ static void test_variants(void) {
 static double layer_loss(moe_mom_layer *L, moe_tensor *x, bool backward) {
     moe_step_reset();
     moe_mom_result res;
-    moe_tensor *y = moe_mom_layer_forward(L, x, MOE_F64, false, &res);
+    moe_tensor *y = moe_mom_layer_forward(L, x, MOE_F64, NULL, NULL, &res);
     moe_tensor *r = randn(MOE_F64, 3, y->shape, 991, 1);
     moe_tensor *loss = moe_add(moe_sum_all(moe_mul(y, r)), moe_cast(res.aux_loss, MOE_F64));
     CU_ASSERT_FATAL(loss != NULL);

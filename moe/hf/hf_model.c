@@ -328,14 +328,19 @@ moe_status moe_hf_generate_greedy(moe_model *m, const int32_t *prompt, int n_pro
     float *lg = malloc(sizeof(float) * (size_t)V);
     if (!lg) return moe_error(MOE_ERR_OOM, "generate: out of host memory");
     memcpy(out, prompt, sizeof(int32_t) * (size_t)n_prompt);
-    moe_status s = moe_model_cache_reset(m, 1, n_prompt + n_new);
+    moe_decoder *d = NULL;
+    moe_decode_state *ds = NULL;
+    moe_status s = moe_decoder_open(m, m->compute, &d);
+    if (s == MOE_OK) s = moe_decode_state_create(d, 1, n_prompt + n_new, &ds);
     for (int t = 0; s == MOE_OK && t < n_new; t++) {
         moe_step_reset();
         const int32_t *in = t == 0 ? prompt : out + n_prompt + t - 1;
-        s = moe_model_step_logits(m, in, 1, t == 0 ? n_prompt : 1, lg);
+        s = moe_decoder_feed(d, ds, 0, in, t == 0 ? n_prompt : 1, lg);
         if (s == MOE_OK) out[n_prompt + t] = argmax_allowed(lg, V, banned, n_banned);
     }
     moe_step_reset();
+    moe_decode_state_free(ds);
+    moe_decoder_close(d);
     free(lg);
     return s;
 }

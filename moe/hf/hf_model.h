@@ -8,6 +8,7 @@
 #define MOE_HF_HF_MODEL_H
 
 #include "moe/hf/hf_config.h"
+#include "moe/infer/decoder.h"
 #include "moe/model.h"
 
 /* dir -> a freshly initialised *m (free with moe_model_free) and info (eos ids etc.).

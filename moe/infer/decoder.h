@@ -5,10 +5,10 @@
  *
  * A batch is a flat list of tokens, each with its position in its sequence and its
  * sequence slot (as llama.cpp's llama_batch). A sequence's tokens in one batch are
- * contiguous and in position order and continue where the sequence's cache ends: the first
- * token of a sequence in a batch has position == moe_decode_state_seq_len(s, seq). So a
- * prompt prefill, a one-token decode step and a mix of both (continuous batching) are the
- * same call.
+ * contiguous and in consecutive position order and continue where the sequence's cache
+ * ends: a fresh (empty) sequence starts at any position p0 >= 0 (usually 0), and then each
+ * token's position is p0 + its index in the sequence. So a prompt prefill, a one-token
+ * decode step and a mix of both (continuous batching) are the same call.
  *
  * Paged KV: the attention keys and values of every layer live in one pool of fixed-size
  * blocks (MOE_KV_BLOCK tokens); each sequence has a block table that grows a block at a
@@ -49,8 +49,7 @@ typedef struct moe_batch {
     const int32_t *tokens; /* [n_tokens] token ids in [0, vocab) */
     const int32_t *pos;    /* [n_tokens] position of each token in its sequence (RoPE, causal mask) */
     const int32_t *seq;    /* [n_tokens] sequence slot in [0, max_seqs); a slot's tokens are
-                            * contiguous, in increasing position order, the first at the
-                            * slot's current length */
+                            * contiguous, at consecutive positions continuing the slot's */
     moe_logits_mode logits;
 } moe_batch;
 
@@ -76,7 +75,7 @@ void moe_decode_state_free(moe_decode_state *s);
 /* Ends sequence `seq`: its KV blocks return to the pool, its length and recurrent state
  * restart from zero (the slot may be reused at once). Freeing an empty slot is allowed. */
 moe_status moe_decode_state_seq_free(moe_decode_state *s, int seq);
-/* Tokens of sequence `seq` in the cache (the position its next token must have). */
+/* Tokens of sequence `seq` in the cache (its next position: its first one plus this). */
 int64_t moe_decode_state_seq_len(const moe_decode_state *s, int seq);
 /* KV positions still free in the pool (whole free blocks times MOE_KV_BLOCK; admission
  * control); INT64_MAX when the model has no attention layer. */
@@ -95,5 +94,12 @@ moe_status moe_decoder_forward(moe_decoder *d, moe_decode_state *s, const moe_ba
  * and writes its last token's logits [V]. */
 moe_status moe_decoder_feed(moe_decoder *d, moe_decode_state *s, int seq, const int32_t *tokens, int n,
                             float *logits);
+
+/* Logits of every position without gradient (a decoder opened in m->compute over a
+ * decode state of B sequences): tokens [B, T] (host) at positions pos0 .. pos0 + T - 1 into
+ * logits [B, T, V] (host f32). route_ids, when not NULL, receives the experts chosen per
+ * layer: [n_layers, B * T, top_k] (the router's order; -1 in dense layers). */
+moe_status moe_model_logits(moe_model *m, const int32_t *tokens, int B, int T, int64_t pos0, float *logits,
+                            int32_t *route_ids);
 
 #endif

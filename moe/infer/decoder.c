@@ -1,0 +1,396 @@
+/* The decoder and its decode state (see decoder.h): batch checks, paged KV blocks,
+ * recurrent states per slot, the forward through the model's one forward with this file's
+ * cache callbacks, and the logits rows a batch asks for. */
+#include "moe/infer/decoder.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/autograd.h"
+#include "core/memory.h"
+#include "core/ops.h"
+
+struct moe_decoder {
+    moe_model *m;   /* borrowed */
+    moe_model view; /* m's weights in the compute dtype (moe_model_cast_view) */
+};
+
+/* One sequence slot: its KV block table and where it stands. */
+typedef struct seq_slot {
+    int64_t len;   /* tokens in the cache */
+    int64_t first; /* position of its first token */
+    int32_t *blocks; /* [cap] pool blocks holding positions [j * MOE_KV_BLOCK, (j + 1) * MOE_KV_BLOCK) */
+    int n_blocks, cap;
+} seq_slot;
+
+struct moe_decode_state {
+    moe_decoder *d;
+    int max_seqs, n_layers;
+    bool has_kv;
+    int n_blocks;              /* blocks in the pool */
+    moe_tensor **k_pool, **v_pool; /* per layer: [n_blocks * MOE_KV_BLOCK, Hc, Dc] (attention) or NULL */
+    moe_tensor **rec;          /* per layer: [max_seqs * n_mem, H, dk, dv] (mom / gdn) or NULL */
+    int32_t *free_blocks;      /* [n_blocks] stack of free block ids */
+    int n_free;
+    seq_slot *seqs;            /* [max_seqs] */
+    /* the forward in flight */
+    const int32_t *span_seq;   /* [n_spans] the slot of each span */
+    int n_spans;
+    moe_tensor **staged;       /* [n_layers * n_spans] recurrent states after each span */
+};
+
+moe_status moe_decoder_open(moe_model *m, moe_dtype dtype, moe_decoder **out) {
+    *out = NULL;
+    moe_decoder *d = calloc(1, sizeof *d);
+    if (!d) return moe_error(MOE_ERR_OOM, "decoder: out of host memory");
+    d->m = m;
+    moe_status s = moe_model_cast_view(m, dtype, &d->view);
+    if (s != MOE_OK) {
+        free(d);
+        return s;
+    }
+    *out = d;
+    return MOE_OK;
+}
+
+void moe_decoder_close(moe_decoder *d) {
+    if (!d) return;
+    moe_model_cast_view_free(&d->view, d->m);
+    free(d);
+}
+
+const moe_model *moe_decoder_model(const moe_decoder *d) { return d->m; }
+
+/* ---- the decode state ---- */
+
+static moe_status alloc_layer_caches(moe_decode_state *s, const moe_model *v) {
+    int64_t Hc, Dc;
+    moe_model_kv_shape(v, &Hc, &Dc);
+    for (int i = 0; i < s->n_layers; i++) {
+        const moe_block *b = &v->blocks[i];
+        if (b->mixer != MOE_CFG_MIXER_ATTENTION) {
+            s->rec[i] = moe_mom_state_zeros(&b->mom, s->max_seqs, v->compute, v->dev, MOE_LIFE_PERSIST);
+            if (!s->rec[i]) return moe_last_status();
+            continue;
+        }
+        if (s->n_blocks == 0) continue;
+        int64_t shape[3] = {(int64_t)s->n_blocks * MOE_KV_BLOCK, Hc, Dc};
+        s->k_pool[i] = moe_tensor_empty(MOE_LIFE_PERSIST, v->dev, v->compute, 3, shape);
+        s->v_pool[i] = moe_tensor_empty(MOE_LIFE_PERSIST, v->dev, v->compute, 3, shape);
+        if (!s->k_pool[i] || !s->v_pool[i]) return moe_last_status();
+    }
+    return MOE_OK;
+}
+
+moe_status moe_decode_state_create(moe_decoder *d, int max_seqs, int64_t kv_tokens, moe_decode_state **out) {
+    *out = NULL;
+    const moe_model *v = &d->view;
+    if (max_seqs < 1 || kv_tokens < 0 || (kv_tokens + MOE_KV_BLOCK - 1) / MOE_KV_BLOCK > INT32_MAX)
+        return moe_error(MOE_ERR_INVALID, "decode state: max_seqs %d must be >= 1 and kv_tokens %lld in [0, 2^31 blocks)",
+                         max_seqs, (long long)kv_tokens);
+    moe_decode_state *s = calloc(1, sizeof *s);
+    if (!s) return moe_error(MOE_ERR_OOM, "decode state: out of host memory");
+    s->d = d;
+    s->max_seqs = max_seqs;
+    s->n_layers = v->cfg.model.n_layers;
+    for (int i = 0; i < s->n_layers; i++) s->has_kv = s->has_kv || v->blocks[i].mixer == MOE_CFG_MIXER_ATTENTION;
+    s->n_blocks = s->has_kv ? (int)((kv_tokens + MOE_KV_BLOCK - 1) / MOE_KV_BLOCK) : 0;
+    s->k_pool = calloc((size_t)s->n_layers, sizeof *s->k_pool);
+    s->v_pool = calloc((size_t)s->n_layers, sizeof *s->v_pool);
+    s->rec = calloc((size_t)s->n_layers, sizeof *s->rec);
+    s->free_blocks = malloc(sizeof *s->free_blocks * (size_t)(s->n_blocks + 1));
+    s->seqs = calloc((size_t)max_seqs, sizeof *s->seqs);
+    moe_status st = s->k_pool && s->v_pool && s->rec && s->free_blocks && s->seqs
+                        ? alloc_layer_caches(s, v)
+                        : moe_error(MOE_ERR_OOM, "decode state: out of host memory");
+    if (st != MOE_OK) {
+        moe_decode_state_free(s);
+        return st;
+    }
+    for (int j = 0; j < s->n_blocks; j++) s->free_blocks[j] = s->n_blocks - 1 - j; /* block 0 on top */
+    s->n_free = s->n_blocks;
+    *out = s;
+    return MOE_OK;
+}
+
+void moe_decode_state_free(moe_decode_state *s) {
+    if (!s) return;
+    for (int i = 0; i < s->n_layers; i++) {
+        if (s->k_pool) moe_tensor_free(s->k_pool[i]);
+        if (s->v_pool) moe_tensor_free(s->v_pool[i]);
+        if (s->rec) moe_tensor_free(s->rec[i]);
+    }
+    for (int q = 0; s->seqs && q < s->max_seqs; q++) free(s->seqs[q].blocks);
+    free(s->k_pool);
+    free(s->v_pool);
+    free(s->rec);
+    free(s->free_blocks);
+    free(s->seqs);
+    free(s);
+}
+
+/* Gives back blocks [keep, n_blocks) of slot q. */
+static void release_blocks(moe_decode_state *s, seq_slot *q, int keep) {
+    while (q->n_blocks > keep) s->free_blocks[s->n_free++] = q->blocks[--q->n_blocks];
+}
+
+moe_status moe_decode_state_seq_free(moe_decode_state *s, int seq) {
+    MOE_ASSERT(seq >= 0 && seq < s->max_seqs, "decode state: sequence slot %d of %d", seq, s->max_seqs);
+    release_blocks(s, &s->seqs[seq], 0);
+    s->seqs[seq].len = 0;
+    s->seqs[seq].first = 0;
+    return MOE_OK;
+}
+
+int64_t moe_decode_state_seq_len(const moe_decode_state *s, int seq) {
+    MOE_ASSERT(seq >= 0 && seq < s->max_seqs, "decode state: sequence slot %d of %d", seq, s->max_seqs);
+    return s->seqs[seq].len;
+}
+
+int64_t moe_decode_state_free_tokens(const moe_decode_state *s) {
+    return s->has_kv ? (int64_t)s->n_free * MOE_KV_BLOCK : INT64_MAX;
+}
+
+int moe_decode_state_max_seqs(const moe_decode_state *s) { return s->max_seqs; }
+
+/* Blocks so that slot q holds `tokens` positions; *taken counts the blocks added. */
+static moe_status reserve_blocks(moe_decode_state *s, seq_slot *q, int64_t tokens) {
+    int need = (int)((tokens + MOE_KV_BLOCK - 1) / MOE_KV_BLOCK);
+    if (need > q->cap) {
+        int cap = need > 2 * q->cap ? need : 2 * q->cap;
+        int32_t *b = realloc(q->blocks, sizeof *b * (size_t)cap);
+        if (!b) return moe_error(MOE_ERR_OOM, "decode state: out of host memory");
+        q->blocks = b;
+        q->cap = cap;
+    }
+    if (need - q->n_blocks > s->n_free)
+        return moe_error(MOE_ERR_OOM, "decode state: the KV pool is full (%d free blocks of %d tokens, %d more needed)",
+                         s->n_free, MOE_KV_BLOCK, need - q->n_blocks);
+    while (q->n_blocks < need) q->blocks[q->n_blocks++] = s->free_blocks[--s->n_free];
+    return MOE_OK;
+}
+
+/* ---- the batch ---- */
+
+/* Splits b into spans (one per run of a slot), checking the batch rules; spans and
+ * span_seq have room for n_tokens. */
+static moe_status batch_spans(const moe_decode_state *s, const moe_batch *b, int vocab, moe_span *spans,
+                              int32_t *span_seq, int *n_spans) {
+    if (b->n_tokens < 1 || !b->tokens || !b->pos || !b->seq)
+        return moe_error(MOE_ERR_INVALID, "decoder: a batch needs n_tokens >= 1 and tokens, pos, seq (got %d)",
+                         b->n_tokens);
+    int n = 0;
+    for (int t = 0; t < b->n_tokens; t++) {
+        int q = b->seq[t];
+        if (q < 0 || q >= s->max_seqs || b->tokens[t] < 0 || b->tokens[t] >= vocab)
+            return moe_error(MOE_ERR_INVALID, "decoder: token %d: sequence %d not in [0, %d) or id %d not in [0, %d)",
+                             t, q, s->max_seqs, b->tokens[t], vocab);
+        bool starts = t == 0 || q != b->seq[t - 1];
+        if (starts) {
+            for (int j = 0; j < n; j++)
+                if (span_seq[j] == q)
+                    return moe_error(MOE_ERR_INVALID, "decoder: sequence %d's tokens are not contiguous in the batch "
+                                     "(again at token %d)", q, t);
+            const seq_slot *sl = &s->seqs[q];
+            int64_t want = sl->len ? sl->first + sl->len : b->pos[t];
+            if (b->pos[t] != want || b->pos[t] < 0)
+                return moe_error(MOE_ERR_INVALID, "decoder: token %d of sequence %d has position %d; the sequence "
+                                 "continues at %lld", t, q, b->pos[t], (long long)want);
+            spans[n] = (moe_span){.begin = t, .len = 0, .pos0 = b->pos[t]};
+            span_seq[n++] = q;
+        } else if (b->pos[t] != b->pos[t - 1] + 1) {
+            return moe_error(MOE_ERR_INVALID, "decoder: token %d of sequence %d has position %d after %d (positions "
+                             "must be consecutive)", t, q, b->pos[t], b->pos[t - 1]);
+        }
+        spans[n - 1].len++;
+    }
+    *n_spans = n;
+    return MOE_OK;
+}
+
+/* ---- the cache callbacks of the model's forward ---- */
+
+/* Pool rows of slot q's positions [0, n): block * MOE_KV_BLOCK + offset (host). */
+static int32_t *pool_rows(const seq_slot *q, int64_t n) {
+    int32_t *rows = moe_step_host_alloc(sizeof *rows * (size_t)n);
+    for (int64_t p = 0; rows && p < n; p++) rows[p] = q->blocks[p / MOE_KV_BLOCK] * MOE_KV_BLOCK + (int32_t)(p % MOE_KV_BLOCK);
+    return rows;
+}
+
+/* x [1, n, Hc, Dc] into pool at slot q's positions past .. past + n - 1, block by block. */
+static moe_status write_rows(moe_tensor *pool, const seq_slot *q, int64_t past, moe_tensor *x) {
+    int64_t n = x->shape[1];
+    for (int64_t t = 0; t < n;) {
+        int64_t p = past + t, off = p % MOE_KV_BLOCK, run = MOE_KV_BLOCK - off < n - t ? MOE_KV_BLOCK - off : n - t;
+        int64_t row = (int64_t)q->blocks[p / MOE_KV_BLOCK] * MOE_KV_BLOCK + off;
+        moe_tensor *dst = moe_reshape(moe_slice(pool, 0, row, row + run), 4, (int64_t[]){1, run, x->shape[2], x->shape[3]});
+        if (!dst || moe_tensor_copy_(dst, moe_slice(x, 1, t, t + run)) != MOE_OK) return moe_last_status();
+        t += run;
+    }
+    return MOE_OK;
+}
+
+static moe_status cache_kv(void *ctx, int layer, int span, moe_tensor *k, moe_tensor *v, moe_tensor **k_all,
+                           moe_tensor **v_all) {
+    moe_decode_state *s = ctx;
+    const seq_slot *q = &s->seqs[s->span_seq[span]];
+    int64_t past = q->len, total = past + k->shape[1];
+    MOE_TRY(write_rows(s->k_pool[layer], q, past, k));
+    MOE_TRY(write_rows(s->v_pool[layer], q, past, v));
+    int32_t *rows = pool_rows(q, total);
+    moe_tensor *idx = rows ? moe_tensor_from_host(MOE_LIFE_STEP, k->device, MOE_I32, 1, (int64_t[]){total}, rows) : NULL;
+    if (!idx) return rows ? moe_last_status() : moe_error(MOE_ERR_OOM, "decoder: out of host memory");
+    int64_t shape[4] = {1, total, k->shape[2], k->shape[3]};
+    *k_all = moe_reshape(moe_index_select(s->k_pool[layer], idx), 4, shape);
+    *v_all = moe_reshape(moe_index_select(s->v_pool[layer], idx), 4, shape);
+    return *k_all && *v_all ? MOE_OK : moe_last_status();
+}
+
+static moe_tensor *cache_state(void *ctx, int layer, int span) {
+    moe_decode_state *s = ctx;
+    int q = s->span_seq[span];
+    const moe_block *b = &s->d->view.blocks[layer];
+    if (s->seqs[q].len == 0) /* a fresh sequence: zeros, whatever the slot held before */
+        return moe_mom_state_zeros(&b->mom, 1, s->d->view.compute, s->d->view.dev, MOE_LIFE_STEP);
+    int64_t P = b->mom.n_mem;
+    return moe_slice(s->rec[layer], 0, q * P, (q + 1) * P);
+}
+
+static moe_status cache_set_state(void *ctx, int layer, int span, moe_tensor *state) {
+    moe_decode_state *s = ctx;
+    s->staged[layer * s->n_spans + span] = state;
+    return MOE_OK;
+}
+
+/* After a successful forward: the lengths grow and the recurrent states are kept. */
+static moe_status commit(moe_decode_state *s, const moe_span *spans) {
+    for (int j = 0; j < s->n_spans; j++) {
+        seq_slot *q = &s->seqs[s->span_seq[j]];
+        for (int i = 0; i < s->n_layers; i++) {
+            moe_tensor *st = s->staged[i * s->n_spans + j];
+            if (!st) continue;
+            int64_t P = s->d->view.blocks[i].mom.n_mem, at = s->span_seq[j] * P;
+            MOE_TRY(moe_tensor_copy_(moe_slice(s->rec[i], 0, at, at + P), st));
+        }
+        if (q->len == 0) q->first = spans[j].pos0;
+        q->len += spans[j].len;
+    }
+    return MOE_OK;
+}
+
+/* ---- the forward ---- */
+
+/* Rows of hidden [N, d] to project: every token, or each span's last. */
+static moe_tensor *logit_rows(moe_tensor *hidden, const moe_batch *b, const moe_span *spans, int n_spans) {
+    if (b->logits == MOE_LOGITS_ALL) return hidden;
+    int32_t *rows = moe_step_host_alloc(sizeof *rows * (size_t)n_spans);
+    if (!rows) {
+        moe_error(MOE_ERR_OOM, "decoder: out of host memory");
+        return NULL;
+    }
+    for (int j = 0; j < n_spans; j++) rows[j] = (int32_t)(spans[j].begin + spans[j].len - 1);
+    moe_tensor *idx = moe_tensor_from_host(MOE_LIFE_STEP, hidden->device, MOE_I32, 1, (int64_t[]){n_spans}, rows);
+    return moe_index_select(hidden, idx);
+}
+
+/* hidden [N, d] -> the asked-for logits rows (host f32). */
+static moe_status write_logits(moe_decoder *d, moe_tensor *hidden, const moe_batch *b, const moe_span *spans,
+                               int n_spans, float *logits) {
+    if (b->logits == MOE_LOGITS_NONE) return MOE_OK;
+    moe_tensor *h = logit_rows(hidden, b, spans, n_spans);
+    moe_tensor *lg = moe_cast(moe_matmul(h, moe_transpose(moe_model_head(&d->view), 0, 1)), MOE_F32); /* [rows, V] */
+    moe_tensor *host = lg ? moe_tensor_to(lg, MOE_CPU, MOE_LIFE_STEP) : NULL;
+    if (!host) return moe_last_status();
+    memcpy(logits, host->data, sizeof(float) * (size_t)moe_tensor_numel(host));
+    return MOE_OK;
+}
+
+/* Reserves the KV blocks of every span (all or none). */
+static moe_status reserve_all(moe_decode_state *s, const moe_span *spans, int n_spans, int *held) {
+    for (int j = 0; j < n_spans; j++) held[j] = s->seqs[s->span_seq[j]].n_blocks;
+    moe_status st = MOE_OK;
+    for (int j = 0; j < n_spans && st == MOE_OK && s->has_kv; j++) {
+        seq_slot *q = &s->seqs[s->span_seq[j]];
+        st = reserve_blocks(s, q, q->len + spans[j].len);
+    }
+    return st;
+}
+
+static moe_status run_forward(moe_decoder *d, moe_decode_state *s, const moe_batch *b, const moe_span *spans,
+                              float *logits, moe_decode_info *info) {
+    moe_model *v = &d->view;
+    moe_cache_ops ops = {.ctx = s, .kv = cache_kv, .state = cache_state, .set_state = cache_set_state};
+    moe_forward f = {.mode = MOE_FORWARD_INFER, .B = 1, .T = b->n_tokens, .spans = spans, .n_spans = s->n_spans,
+                     .cache = &ops, .route_ids = info ? info->route_ids : NULL};
+    moe_tensor *ids = moe_tensor_from_host(MOE_LIFE_STEP, v->dev, MOE_I32, 2, (int64_t[]){1, b->n_tokens}, b->tokens);
+    moe_tensor *hidden = ids ? moe_model_forward(v, ids, &f) : NULL;
+    if (!hidden) return moe_last_status();
+    MOE_TRY(write_logits(d, hidden, b, spans, s->n_spans, logits));
+    return commit(s, spans);
+}
+
+moe_status moe_decoder_forward(moe_decoder *d, moe_decode_state *s, const moe_batch *b, float *logits,
+                               moe_decode_info *info) {
+    MOE_ASSERT(s->d == d, "decoder: the decode state belongs to another decoder");
+    MOE_ASSERT(logits || b->logits == MOE_LOGITS_NONE, "decoder: logits needed for mode %d", (int)b->logits);
+    size_t n = (size_t)(b->n_tokens > 0 ? b->n_tokens : 1);
+    moe_span *spans = moe_step_host_alloc(sizeof *spans * n);
+    int32_t *span_seq = moe_step_host_alloc(sizeof *span_seq * n);
+    int *held = moe_step_host_alloc(sizeof *held * n);
+    if (!spans || !span_seq || !held) return moe_error(MOE_ERR_OOM, "decoder: out of host memory");
+    int n_spans = 0;
+    MOE_TRY(batch_spans(s, b, d->view.cfg.model.vocab_size, spans, span_seq, &n_spans));
+    s->span_seq = span_seq;
+    s->n_spans = n_spans;
+    s->staged = moe_step_host_alloc(sizeof *s->staged * (size_t)(s->n_layers * n_spans));
+    if (!s->staged) return moe_error(MOE_ERR_OOM, "decoder: out of host memory");
+    memset(s->staged, 0, sizeof *s->staged * (size_t)(s->n_layers * n_spans));
+    bool was = moe_grad_set_enabled(false);
+    moe_status st = reserve_all(s, spans, n_spans, held);
+    if (st == MOE_OK) st = run_forward(d, s, b, spans, logits, info);
+    moe_grad_set_enabled(was);
+    if (st != MOE_OK) /* the new blocks go back; lengths and states were not touched */
+        for (int j = 0; j < n_spans; j++) release_blocks(s, &s->seqs[span_seq[j]], held[j]);
+    s->span_seq = NULL;
+    s->staged = NULL;
+    s->n_spans = 0;
+    return st;
+}
+
+moe_status moe_decoder_feed(moe_decoder *d, moe_decode_state *s, int seq, const int32_t *tokens, int n,
+                            float *logits) {
+    MOE_ASSERT(seq >= 0 && seq < s->max_seqs && n > 0, "decoder: feed %d tokens to slot %d of %d", n, seq, s->max_seqs);
+    int32_t *pos = moe_step_host_alloc(sizeof *pos * (size_t)n), *sq = moe_step_host_alloc(sizeof *sq * (size_t)n);
+    if (!pos || !sq) return moe_error(MOE_ERR_OOM, "decoder: out of host memory");
+    const seq_slot *q = &s->seqs[seq];
+    for (int t = 0; t < n; t++) {
+        pos[t] = (int32_t)(q->first + q->len + t);
+        sq[t] = seq;
+    }
+    moe_batch b = {.n_tokens = n, .tokens = tokens, .pos = pos, .seq = sq, .logits = MOE_LOGITS_LAST};
+    return moe_decoder_forward(d, s, &b, logits, NULL);
+}
+
+moe_status moe_model_logits(moe_model *m, const int32_t *tokens, int B, int T, int64_t pos0, float *logits,
+                            int32_t *route_ids) {
+    int64_t n = (int64_t)B * T;
+    int32_t *pos = malloc(sizeof *pos * (size_t)n), *seq = malloc(sizeof *seq * (size_t)n);
+    moe_decoder *d = NULL;
+    moe_decode_state *s = NULL;
+    moe_status st = pos && seq ? moe_decoder_open(m, m->compute, &d) : moe_error(MOE_ERR_OOM, "logits: out of host memory");
+    int64_t per_seq = (T + MOE_KV_BLOCK - 1) / MOE_KV_BLOCK * MOE_KV_BLOCK; /* whole blocks each */
+    if (st == MOE_OK) st = moe_decode_state_create(d, B, B * per_seq, &s);
+    for (int64_t i = 0; st == MOE_OK && i < n; i++) {
+        pos[i] = (int32_t)(pos0 + i % T);
+        seq[i] = (int32_t)(i / T);
+    }
+    moe_batch b = {.n_tokens = (int)n, .tokens = tokens, .pos = pos, .seq = seq, .logits = MOE_LOGITS_ALL};
+    moe_decode_info info = {.route_ids = route_ids};
+    if (st == MOE_OK) st = moe_decoder_forward(d, s, &b, logits, &info);
+    moe_decode_state_free(s);
+    moe_decoder_close(d);
+    free(pos);
+    free(seq);
+    return st;
+}
