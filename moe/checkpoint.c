@@ -240,10 +240,14 @@ static moe_status load_all(moe_h5 *f, moe_model *m, moe_optimizer *opt, moe_trai
     MOE_TRY(moe_h5_get_i64(f, "loader_step", &v));
     ts->loader_step = (uint64_t)v;
     MOE_TRY(moe_h5_get_i64(f, "bad_steps", &ts->bad_steps));
+    if (ts->step < 0 || ts->bad_steps < 0)
+        return moe_error(MOE_ERR_FORMAT, "step %lld or bad_steps %lld is negative",
+                         (long long)ts->step, (long long)ts->bad_steps);
     get_ctx gc = {f, "params"};
     for (int i = 0; i < m->n_params; i++) MOE_TRY(for_each_piece(&m->params[i], m->params[i].t, get_piece, &gc));
     if (opt) {
         MOE_TRY(moe_h5_get_i64(f, "optim_step", &v));
+        if (v < 0) return moe_error(MOE_ERR_FORMAT, "optim_step %lld is negative", (long long)v);
         moe_optimizer_set_step(opt, v);
         for (int i = 0; i < m->n_params; i++) {
             moe_tensor *mm = NULL, *vv = NULL;

@@ -5,8 +5,9 @@
  * MOE_FUZZ_SAVE_SEED=PATH makes the harness write a fresh one there at start-up. Each
  * start-up also saves and reloads one, so the harness fails when a valid checkpoint is
  * refused. Checks: a refused file gives a message and never MOE_ERR_OOM (replay.c caps the
- * address space, libFuzzer the allocation size); every dataset the reader lists can be
- * described, and read back with the shape it reports.
+ * address space, libFuzzer the allocation size); a loaded one has no negative step
+ * counter; every dataset the reader lists can be described, and read back with the
+ * shape it reports.
  *
  * Only our code is instrumented: libhdf5 itself (Debian's build) is a black box that
  * the fuzzer drives through our calls. On some damaged files libhdf5 asks malloc for
@@ -100,6 +101,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     st = moe_checkpoint_load(path, &model, opt, &ts);
     FUZZ_CHECK(st == MOE_OK || *moe_last_error(), "load failed without a message");
     FUZZ_CHECK(st != MOE_ERR_OOM, "a %zu-byte file ran out of memory: %s", size, moe_last_error());
+    FUZZ_CHECK(st != MOE_OK || (ts.step >= 0 && ts.bad_steps >= 0), "loaded step %lld, bad_steps %lld",
+               (long long)ts.step, (long long)ts.bad_steps);
     moe_h5 *f = NULL;
     if (moe_h5_open(path, &f) == MOE_OK) {
         FUZZ_CHECK(moe_h5_list(f, "", read_any, f) == MOE_OK || *moe_last_error(),
