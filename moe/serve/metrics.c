@@ -41,6 +41,12 @@ void serve_metrics_tokens(serve_metrics *m, int64_t prompt, int64_t generated) {
     pthread_mutex_unlock(&m->mu);
 }
 
+void serve_metrics_cancelled(serve_metrics *m) {
+    pthread_mutex_lock(&m->mu);
+    m->cancelled++;
+    pthread_mutex_unlock(&m->mu);
+}
+
 void serve_metrics_step(serve_metrics *m, int64_t queue_len, int64_t batch_size, int64_t kv_used, int64_t kv_total) {
     pthread_mutex_lock(&m->mu);
     m->queue_len = queue_len;
@@ -116,6 +122,8 @@ char *serve_metrics_text(serve_metrics *m) {
             "moe_prompt_tokens_total %llu\n", (unsigned long long)m->prompt_tokens);
     put(&b, "# HELP moe_generated_tokens_total Tokens generated.\n# TYPE moe_generated_tokens_total counter\n"
             "moe_generated_tokens_total %llu\n", (unsigned long long)m->generated_tokens);
+    put(&b, "# HELP moe_requests_cancelled_total Requests ended early: the client went away or the server stopped.\n"
+            "# TYPE moe_requests_cancelled_total counter\nmoe_requests_cancelled_total %llu\n", (unsigned long long)m->cancelled);
     put(&b, "# HELP moe_queue_length Requests waiting for a sequence slot or KV blocks.\n# TYPE moe_queue_length gauge\n"
             "moe_queue_length %lld\n", (long long)m->queue_len);
     put(&b, "# HELP moe_batch_size Sequences in the last forward.\n# TYPE moe_batch_size gauge\nmoe_batch_size %lld\n",

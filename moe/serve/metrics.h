@@ -19,7 +19,7 @@ typedef struct serve_hist {
 typedef struct serve_metrics {
     pthread_mutex_t mu;
     uint64_t by_status[6][100]; /* [status / 100][status % 100] */
-    uint64_t prompt_tokens, generated_tokens;
+    uint64_t prompt_tokens, generated_tokens, cancelled;
     int64_t queue_len, batch_size, kv_blocks_used, kv_blocks_total;
     serve_hist ttft, token_latency, batch;
 } serve_metrics;
@@ -28,6 +28,8 @@ void serve_metrics_init(serve_metrics *m);
 void serve_metrics_free(serve_metrics *m);
 void serve_metrics_request(serve_metrics *m, int http_status);
 void serve_metrics_tokens(serve_metrics *m, int64_t prompt, int64_t generated);
+/* A request ended because its client went away (or the server stopped). */
+void serve_metrics_cancelled(serve_metrics *m);
 /* The scheduler's gauges after each step, and the step's batch size (sequences). */
 void serve_metrics_step(serve_metrics *m, int64_t queue_len, int64_t batch_size, int64_t kv_blocks_used,
                         int64_t kv_blocks_total);

@@ -135,6 +135,7 @@ static void leave(serve_sched *s, serve_request *r) {
 
 static void end_request(serve_sched *s, serve_request *r, serve_finish why, const char *error) {
     leave(s, r);
+    if (why == SERVE_FINISH_CANCELLED) serve_metrics_cancelled(s->metrics);
     if (error) snprintf(r->error, sizeof r->error, "%s", error);
     publish(s, r, r->sent, NULL, why);
 }
@@ -235,6 +236,7 @@ static void admit(serve_sched *s) {
         }
         *pp = r->next;
         s->n_queued--;
+        serve_metrics_cancelled(s->metrics);
         r->finish = SERVE_FINISH_CANCELLED;
         s->n_active--;
         unref(r);

@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# `moe serve` end to end on loopback (ctest label cpu): a Hugging Face hub fixture served on
+# a free port; curl for every endpoint and for bad input (malformed JSON, wrong types,
+# unknown fields, prompt over the context, max_tokens 0 / negative / huge, invalid UTF-8,
+# 10 MB bodies, slow clients, 200 idle connections, a client that hangs up mid-stream);
+# the official OpenAI client (scripts/serve-client.js: completion, chat, streaming, stop
+# strings, logprobs, batch invariance over concurrent streams); the load script; the chat
+# page in headless Chromium (DOM and screenshot); SIGTERM draining a running stream and
+# exiting 0; one of our checkpoints served with the plain chat format.
+#   scripts/test-serve.sh path/to/moe WORKDIR NODE_DIR
+set -uo pipefail
+moe=$(realpath "$1")
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+work=${2:-$(mktemp -d)}
+node_dir=${3:-$work/node}
+rm -rf "$work"; mkdir -p "$work" "$node_dir"; cd "$work"
+export OMP_NUM_THREADS=1
+fixture="$root/tests/fixtures/hf/qwen3-moe-tiny"
+fails=0
+pass() { echo "ok   $1"; }
+fail() { echo "FAIL $1"; fails=$((fails + 1)); }
+server_pid=
+cleanup() { [ -n "$server_pid" ] && kill -9 "$server_pid" 2> /dev/null; }
+trap cleanup EXIT
+
+# start_server LOG ARGS...: starts moe serve on a free port, sets $server_pid and $url.
+start_server() {
+  local log=$1; shift
+  "$moe" serve "$@" --port 0 > "$log.out" 2> "$log.err" &
+  server_pid=$!
+  for _ in $(seq 1 300); do
+    grep -q "^listening on " "$log.out" 2> /dev/null && break
+    kill -0 "$server_pid" 2> /dev/null || break
+    sleep 0.1
+  done
+  url=$(sed -n 's/^listening on //p' "$log.out")
+  [ -n "$url" ] || { echo "the server did not start:"; cat "$log.err"; exit 1; }
+}
+# stop_server: SIGTERM, and the exit code must be 0 within 20 s.
+stop_server() {
+  kill -TERM "$server_pid"
+  local rc=124
+  for _ in $(seq 1 200); do kill -0 "$server_pid" 2> /dev/null || { wait "$server_pid"; rc=$?; break; }; sleep 0.1; done
+  server_pid=
+  return "$rc"
+}
+# http WHAT STATUS TEXT curl-args...: the status code and a piece of the body.
+http() {
+  local what=$1 want=$2 text=$3; shift 3
+  local code
+  code=$(curl -s -o body.txt -w '%{http_code}' --max-time 60 "$@")
+  if [ "$code" = "$want" ] && grep -qF -- "$text" body.txt; then pass "$what"
+  else fail "$what (status $code, want $want and '$text')"; head -c 400 body.txt; echo; fi
+}
+post() { local what=$1 want=$2 text=$3 path=$4 body=$5; http "$what" "$want" "$text" "$url$path" -H 'Content-Type: application/json' --data-binary "$body"; }
+metric() { curl -s "$url/metrics" | awk -v n="$1" '$1 == n {print $2}'; }
+
+start_server hub --model "$fixture" --max-batch 4 --max-queue 32 --timeout 2 --max-tokens-in-flight 1024
+port=${url##*:}
+case "$url" in http://127.0.0.1:*) pass "binds 127.0.0.1 and prints its free port ($port)";; *) fail "listening line: $url";; esac
+
+# ---- endpoints ----
+http "GET /health" 200 '"ok"' "$url/health"
+http "GET /v1/models" 200 '"qwen3-moe-tiny"' "$url/v1/models"
+http "GET / serves the chat page" 200 '/v1/chat/completions' "$url/"
+post "completion" 200 '"text_completion"' /v1/completions '{"prompt":"Hello","max_tokens":4,"temperature":0}'
+post "chat" 200 '"chat.completion"' /v1/chat/completions '{"messages":[{"role":"user","content":"Hi"}],"max_tokens":4}'
+post "chat with content parts" 200 '"assistant"' /v1/chat/completions \
+  '{"messages":[{"role":"user","content":[{"type":"text","text":"Hi"}]}],"max_tokens":2}'
+post "unknown fields are ignored" 200 '"usage"' /v1/completions '{"prompt":"Hello","max_tokens":2,"frobnicate":{"x":1}}'
+post "token-id prompt" 200 '"prompt_tokens":3' /v1/completions '{"prompt":[1,2,3],"max_tokens":2}'
+curl -sN --max-time 60 "$url/v1/chat/completions" -d '{"messages":[{"role":"user","content":"Hi"}],"max_tokens":5,"stream":true,"stream_options":{"include_usage":true}}' > sse.txt
+if [ "$(tail -n 2 sse.txt | head -n 1)" = "data: [DONE]" ] && grep -q '"finish_reason":"length"' sse.txt && grep -q '"completion_tokens":5' sse.txt
+then pass "SSE stream ends with finish_reason, usage and data: [DONE]"; else fail "SSE stream"; cat sse.txt; fi
+
+# ---- bad input: OpenAI error objects with the right status ----
+post "malformed JSON: 400" 400 '"invalid_request_error"' /v1/completions '{"prompt": "Hello",'
+post "trailing garbage: 400" 400 'malformed JSON' /v1/completions '{"prompt":"Hello"} x'
+post "not an object: 400" 400 'JSON object' /v1/completions '[1,2]'
+post "wrong type names the field" 400 '"param":"temperature"' /v1/completions '{"prompt":"Hi","temperature":"hot"}'
+post "prompt of the wrong type" 400 '"param":"prompt"' /v1/completions '{"prompt":{"a":1}}'
+post "missing prompt" 400 "'prompt' is required" /v1/completions '{"max_tokens":3}'
+post "bad role" 400 '"param":"messages"' /v1/chat/completions '{"messages":[{"role":"wizard","content":"Hi"}]}'
+post "max_tokens 0: 400" 400 '"param":"max_tokens"' /v1/completions '{"prompt":"Hi","max_tokens":0}'
+post "max_tokens -5: 400" 400 '"param":"max_tokens"' /v1/completions '{"prompt":"Hi","max_tokens":-5}'
+post "max_tokens huge: 400" 400 'context_length_exceeded' /v1/completions '{"prompt":"Hi","max_tokens":1000000000000}'
+post "max_tokens 2.5: 400" 400 'must be an integer' /v1/completions '{"prompt":"Hi","max_tokens":2.5}'
+post "stream not a bool: 400" 400 '"param":"stream"' /v1/completions '{"prompt":"Hi","stream":"yes"}'
+post "logprobs 9: 400" 400 '"param":"logprobs"' /v1/completions '{"prompt":"Hi","logprobs":9}'
+post "five stop strings: 400" 400 '"param":"stop"' /v1/completions '{"prompt":"Hi","stop":["a","b","c","d","e"]}'
+long=$(printf 'word %.0s' $(seq 1 400))
+post "prompt over the context: 400" 400 'context_length_exceeded' /v1/completions "{\"prompt\":\"$long\"}"
+printf '{"prompt":"caf\xe9 \xff","max_tokens":2}' > bad-utf8.json
+http "invalid UTF-8: 400" 400 'UTF-8' "$url/v1/completions" --data-binary @bad-utf8.json
+printf '{"prompt":"\\ud800","max_tokens":2}' > surrogate.json
+http "lone surrogate escape: 400" 400 'invalid_request_error' "$url/v1/completions" --data-binary @surrogate.json
+head -c 10485760 /dev/zero | tr '\0' ' ' > big.json
+http "10 MB body: 413" 413 'too large' "$url/v1/completions" --data-binary @big.json
+http "10 MB chunked body: 413" 413 'too large' "$url/v1/completions" -H 'Transfer-Encoding: chunked' --data-binary @big.json
+http "unknown path: 404" 404 'not_found' "$url/v2/nothing"
+http "GET on a POST endpoint: 405" 405 'use POST' "$url/v1/completions"
+http "still healthy after the bad input" 200 '"ok"' "$url/health"
+
+# ---- slow and many clients ----
+exec {slow}<>"/dev/tcp/127.0.0.1/$port"
+printf 'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{"prompt":' >&"$slow"
+sleep 3.5
+if timeout 3 cat <&"$slow" > slow.txt; then pass "a slow client is cut off after --timeout"; else fail "slow client still connected"; fi
+exec {slow}>&-
+conns=()
+for _ in $(seq 1 200); do exec {c}<>"/dev/tcp/127.0.0.1/$port" && conns+=("$c"); done
+http "answers with 200 idle connections open (${#conns[@]})" 200 '"ok"' "$url/health"
+post "and generates" 200 '"text_completion"' /v1/completions '{"prompt":"Hello","max_tokens":2}'
+for c in "${conns[@]}"; do exec {c}>&-; done
+
+# ---- a client that hangs up mid-stream cancels its request ----
+before=$(metric moe_requests_cancelled_total)
+curl -sN --max-time 1 "$url/v1/completions" -d '{"prompt":"Hello","max_tokens":240,"stream":true,"temperature":0}' > /dev/null
+sleep 1
+g1=$(metric moe_generated_tokens_total); sleep 0.5; g2=$(metric moe_generated_tokens_total)
+after=$(metric moe_requests_cancelled_total)
+if [ "$after" -gt "$before" ] && [ "$g1" = "$g2" ]; then pass "a hung-up stream is cancelled and stops generating"
+else fail "hang-up: cancelled $before -> $after, generated $g1 -> $g2"; fi
+
+# ---- the OpenAI client and the load script ----
+if [ ! -d "$node_dir/node_modules/openai" ]; then
+  npm install --prefix "$node_dir" --no-audit --no-fund openai > npm.txt 2>&1 || { echo "npm install failed:"; tail -5 npm.txt; }
+fi
+if NODE_PATH="$node_dir/node_modules" node "$root/scripts/serve-client.js" "$url" 10 > client.txt 2>&1; then pass "openai client checks"
+else fail "openai client checks"; fi
+cat client.txt | sed 's/^/     /'
+if node "$root/scripts/load-serve.js" "$url" --clients 8 --requests 2 --max-tokens 16 > load.txt 2>&1; then pass "load: 8 clients x 2 streams, none failed or truncated"
+else fail "load script"; fi
+sed 's/^/     /' load.txt
+for m in moe_requests_total moe_prompt_tokens_total moe_generated_tokens_total moe_queue_length moe_batch_size \
+         moe_kv_blocks_used moe_time_to_first_token_seconds_bucket moe_time_per_output_token_seconds_bucket; do
+  curl -s "$url/metrics" | grep -q "^$m" || fail "metric $m missing"
+done
+pass "metrics: requests, tokens, queue, batch, KV blocks, TTFT and per-token histograms"
+
+# ---- the chat page in headless Chromium ----
+chrome=$(command -v chromium || command -v chromium-browser || true)
+if [ -z "$chrome" ] && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -qq chromium > /dev/null 2>&1
+  chrome=$(command -v chromium || true)
+fi
+if [ -z "$chrome" ]; then echo "skip chat page: chromium is not installed (apt-get install chromium)"
+else
+  curl -s "$url/v1/chat/completions" -d '{"messages":[{"role":"user","content":"Hi"}],"max_tokens":64,"temperature":0}' > want.json
+  chrome_args=(--headless --no-sandbox --disable-gpu --disable-dev-shm-usage --virtual-time-budget=60000)
+  timeout 120 "$chrome" "${chrome_args[@]}" --dump-dom "$url/?q=Hi" > dom.html 2> chrome.txt
+  timeout 120 "$chrome" "${chrome_args[@]}" --window-size=900,700 --screenshot="$work/chat.png" "$url/?q=Hi" > /dev/null 2>> chrome.txt
+  if [ ! -s dom.html ] && grep -qi "sandbox\|running as root" chrome.txt; then echo "skip chat page: chromium cannot run here"; cat chrome.txt
+  elif python3 - want.json dom.html <<'PY'
+import html, json, re, sys
+want = json.load(open(sys.argv[1]))["choices"][0]["message"]["content"]
+dom = open(sys.argv[2]).read()
+got = re.search(r'<div class="msg assistant">(.*?)</div>', dom, re.S)
+ok = 'data-exchanges="1"' in dom and got is not None and html.unescape(got.group(1)) == want and want != ""
+print("page answer:", repr(html.unescape(got.group(1)) if got else None), "expected:", repr(want))
+sys.exit(0 if ok else 1)
+PY
+  then [ -s chat.png ] && pass "chat page: the streamed answer is on the page, screenshot $work/chat.png" || fail "no screenshot"
+  else fail "chat page answer"; head -c 600 dom.html; tail -5 chrome.txt; fi
+fi
+
+# ---- SIGTERM drains a running stream and exits 0 ----
+curl -sN --max-time 60 "$url/v1/completions" -d '{"prompt":"Hello","max_tokens":240,"stream":true,"temperature":0}' > drain.txt &
+cpid=$!
+for _ in $(seq 1 100); do [ -s drain.txt ] && break; sleep 0.05; done # the stream is running
+if stop_server; then pass "SIGTERM: exit 0"; else fail "SIGTERM exit code"; tail -3 hub.err; fi
+wait "$cpid"
+if grep -q '"finish_reason":"length"' drain.txt && tail -n 2 drain.txt | grep -q '^data: \[DONE\]$'; then pass "SIGTERM: the running stream finished first"
+else fail "SIGTERM drain"; tail -c 300 drain.txt; fi
+grep -q "serve: stopping: 1 request in flight" hub.err && pass "SIGTERM: said what it waited for" || { fail "drain message"; cat hub.err; }
+
+# ---- one of our checkpoints: byte tokens, the plain chat format ----
+for i in $(seq 1 200); do echo "It was the best of times, it was the worst of times, number $((i % 7))."; done > text.txt
+"$moe" data prepare --out data text.txt > prep.txt 2>&1
+"$moe" train "$root/configs/tiny-cpu.yaml" --set data.train_path=data/train.bin --set data.val_path=data/val.bin \
+  --set model.d_model=32 --set model.n_layers=2 --set model.n_heads=2 --set model.seq_len=64 --set model.ffn_dim=24 \
+  --set model.n_experts=4 --set data.batch_size=4 --set train.eval_batches=1 --set train.steps=2 --set train.eval_every=0 \
+  --set checkpoint.dir=run --quiet > train.txt 2>&1
+ckpt=$(ls run/ckpt-*.h5 2> /dev/null | tail -1)
+if [ -z "$ckpt" ]; then fail "training the tiny checkpoint"; tail -5 train.txt
+else
+  start_server ckpt --checkpoint "$ckpt"
+  # "User: Hi\nAssistant:" is 19 bytes = 19 byte tokens
+  post "checkpoint: chat in the plain format" 200 '"prompt_tokens":19' /v1/chat/completions \
+    '{"messages":[{"role":"user","content":"Hi"}],"max_tokens":8,"temperature":0}'
+  post "checkpoint: completion" 200 '"completion_tokens":8' /v1/completions '{"prompt":"It was","max_tokens":8,"temperature":0}'
+  stop_server || fail "checkpoint server exit code"
+fi
+
+[ "$fails" = 0 ] && echo "all serve checks passed" || echo "$fails serve check(s) failed"
+[ "$fails" = 0 ]
