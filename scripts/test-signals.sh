@@ -29,12 +29,13 @@ cfg="$root/configs/tiny-cpu.yaml"
 # step -> loss lines of a run directory's metrics.jsonl
 losses() { sed -nE 's/.*"step":([0-9]+),"loss":([-0-9.e+naif]+).*/\1 \2/p' "$1/metrics.jsonl"; }
 
-# Waits at most $2 seconds for pid $1; prints its exit status (or "hang" after killing it).
+# Waits at most $2 seconds for the child $1; sets rc to its exit status ("hang" after
+# killing it).
 bounded_wait() {
   local pid=$1 limit=$2 t=0
   while kill -0 "$pid" 2> /dev/null && [ "$t" -lt $((limit * 10)) ]; do sleep 0.1; t=$((t + 1)); done
-  if kill -0 "$pid" 2> /dev/null; then kill -KILL "$pid"; wait "$pid" 2> /dev/null; echo hang; return; fi
-  wait "$pid"; echo $?
+  if kill -0 "$pid" 2> /dev/null; then kill -KILL "$pid"; wait "$pid" 2> /dev/null; rc=hang; return; fi
+  wait "$pid"; rc=$?
 }
 
 for th in 1 2; do
@@ -44,21 +45,29 @@ for th in 1 2; do
   [ "$(wc -l < ref$th.txt)" = $steps ] || { echo "FAIL reference run logged $(wc -l < ref$th.txt) steps"; exit 1; }
 done
 
-# One run: case name, the signals to send (one word each), run index. Sets `outcome`.
+# One run: case name, the signals to send (one word each), run index. Its outcome
+# (interrupted, finished or bad) goes to <dir>.outcome, a failure's lines to <dir>.fail.
 one_run() {
-  local name=$1 sigs=$2 k=$3 th=$((1 + $3 % 2)) dir=$1-$3 delay rc want
+  local outcome fails=0
+  one_run_checks "$@" > "$1-$3.fail"
+  echo "$outcome" > "$1-$3.outcome"
+}
+
+one_run_checks() {
+  local name=$1 sigs=$2 k=$3 th=$((1 + $3 % 2)) dir=$1-$3 delay want
   delay=$(awk -v s="$RANDOM" 'BEGIN { srand(s); printf "%.2f", 0.3 + rand() * 1.2 }')
   "$moe" train "$cfg" "${small[@]}" --set train.threads=$th --set checkpoint.dir=$dir > $dir.log 2>&1 &
   local pid=$!
   sleep "$delay"
   for s in $sigs; do kill -"$s" $pid 2> /dev/null; sleep 0.05; done
-  rc=$(bounded_wait $pid 60)
+  bounded_wait $pid 60
   want=$((128 + $(kill -l "${sigs%% *}")))
   outcome=interrupted
   if [ "$rc" = 0 ]; then outcome=finished; return; fi
   if [ "$rc" != "$want" ]; then fail "$dir: exit $rc after SIG${sigs// /+SIG} at ${delay}s (want $want)"; tail -3 $dir.log; outcome=bad; return; fi
   if ! ls $dir/ckpt-*.h5 > /dev/null 2>&1; then fail "$dir: no checkpoint left"; outcome=bad; return; fi
-  rc=$("$moe" train "$cfg" "${small[@]}" --set train.threads=$th --resume $dir > $dir-resume.log 2>&1 & bounded_wait $! 60)
+  "$moe" train "$cfg" "${small[@]}" --set train.threads=$th --resume $dir > $dir-resume.log 2>&1 &
+  bounded_wait $! 60
   if [ "$rc" != 0 ]; then fail "$dir: --resume exited $rc"; tail -3 $dir-resume.log; outcome=bad; return; fi
   if ! cmp -s <(losses $dir) ref$th.txt; then
     fail "$dir: losses after resume differ from the uninterrupted run (threads $th)"
@@ -66,12 +75,18 @@ one_run() {
   fi
 }
 
+# Two runs at a time (one per core), then the counts of a case from the outcome files.
 for case in "int:INT" "term:TERM" "int2:INT INT"; do
-  name=${case%%:*} sigs=${case#*:} interrupted=0 finished=0 bad=0
-  for k in $(seq 1 "$runs"); do
-    one_run "$name" "$sigs" "$k"
-    case $outcome in interrupted) interrupted=$((interrupted + 1)) ;; finished) finished=$((finished + 1)) ;; *) bad=$((bad + 1)) ;; esac
+  name=${case%%:*} sigs=${case#*:}
+  for k in $(seq 1 2 "$runs"); do
+    one_run "$name" "$sigs" "$k" &
+    [ "$k" -lt "$runs" ] && one_run "$name" "$sigs" $((k + 1)) &
+    wait
   done
+  cat "$name"-*.fail
+  interrupted=$(cat "$name"-*.outcome | grep -c '^interrupted$')
+  finished=$(cat "$name"-*.outcome | grep -c '^finished$')
+  bad=$((runs - interrupted - finished))
   if [ $bad = 0 ] && [ $((2 * interrupted)) -gt "$runs" ]; then
     echo "ok   SIG${sigs// /+SIG}: $interrupted runs interrupted and resumed to the same losses, $finished finished first"
   else
@@ -81,14 +96,15 @@ done
 
 # SIGHUP stops like SIGINT.
 one_run hup HUP 1
-[ "$outcome" = interrupted ] && echo "ok   SIGHUP: exit 129, checkpoint, resumed to the same losses" || fail "SIGHUP: $outcome"
+cat hup-1.fail
+[ "$(cat hup-1.outcome)" = interrupted ] && echo "ok   SIGHUP: exit 129, checkpoint, resumed to the same losses" || fail "SIGHUP: $outcome"
 
 # Three signals: the third quits at once (128 + signal), without waiting for the save.
 "$moe" train "$cfg" "${small[@]}" --set train.steps=100000 --set checkpoint.dir=three > three.log 2>&1 &
 pid=$!
 for _ in $(seq 1 100); do [ -s three/metrics.jsonl ] && break; sleep 0.1; done
 kill -TERM $pid; sleep 0.1; kill -TERM $pid; sleep 0.1; kill -TERM $pid
-rc=$(bounded_wait $pid 30)
+bounded_wait $pid 30
 [ "$rc" = 143 ] && echo "ok   three SIGTERMs: exit 143" || fail "three SIGTERMs: exit $rc (want 143)"
 
 # SIGUSR1: a checkpoint now, and training goes on to the end.
@@ -99,7 +115,7 @@ kill -USR1 $pid
 for _ in $(seq 1 100); do ls usr1/ckpt-*.h5 > /dev/null 2>&1 && break; sleep 0.1; done
 alive=no; kill -0 $pid 2> /dev/null && alive=yes
 kill -INT $pid
-rc=$(bounded_wait $pid 30)
+bounded_wait $pid 30
 n=$(ls usr1/ckpt-*.h5 2> /dev/null | wc -l)
 if [ "$alive" = yes ] && [ "$rc" = 130 ] && [ "$n" = 2 ]; then echo "ok   SIGUSR1: a checkpoint, training went on (then SIGINT: exit 130)"
 else fail "SIGUSR1: still running after the checkpoint: $alive, exit $rc, $n checkpoints (want yes, 130, 2)"; fi
