@@ -19,6 +19,7 @@
 #include "moe/infer/decoder.h"
 #include "moe/model.h"
 #include "moe/sample.h"
+#include "moe/serve/serve_cli.h"
 #include "moe/signals.h"
 #include "moe/tokenizer.h"
 #include "moe/train.h"
@@ -41,6 +42,8 @@ static void usage(FILE *f) {
             "        [--scale S] [--json]   time a benchmark case (moe-layer-cpu, lm-step-cpu, moe-layer-gpu,\n"
             "        moe-layer-gpu-fine, lm-train-gpu, sgemm)\n"
             "  inspect FILE.h5 [--verify] list a checkpoint's contents and config (--verify: every CRC)\n"
+            "  serve --model DIR | --checkpoint FILE [--host H] [--port P] [--max-batch N] [--max-tokens-in-flight M]\n"
+            "        [--prefill-tokens P]   an OpenAI-compatible HTTP server with continuous batching\n"
             "  config CONFIG.yaml [--set ...]   print the effective config\n"
             "  help-config                every config key with its type, default and meaning\n"
             "  --version\n");
@@ -676,6 +679,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "inspect")) return cmd_inspect(argc - 2, argv + 2);
     if (!strcmp(cmd, "config")) return cmd_config(argc - 2, argv + 2);
     if (!strcmp(cmd, "bench")) return cmd_bench(argc - 2, argv + 2);
+    if (!strcmp(cmd, "serve")) return moe_cli_serve(argc - 2, argv + 2);
     fprintf(stderr, "moe: unknown command '%s'\n", cmd);
     usage(stderr);
     return 2;
