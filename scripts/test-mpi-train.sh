@@ -44,6 +44,7 @@ fi
 work=${work:-$(mktemp -d)}
 mkdir -p "$work"
 cd "$work"
+rm -rf runs # a fresh run refuses a directory that holds an earlier one
 # NVLink multicast stays off unless asked for (it can take a shared host's GPUs down).
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 

@@ -13,7 +13,7 @@ for v in cpu:f32 cuda:f32 cuda:bf16; do
   dev=${v%:*} dt=${v#*:}
   "$moe" train configs/tiny-cpu.yaml --quiet --set train.device="$dev" --set train.dtype="$dt" \
     --set train.steps="$steps" --set train.log_every=1 --set train.eval_every=0 --set checkpoint.every=0 \
-    --set checkpoint.dir="$out/$dev-$dt" >/dev/null 2>"$out/$dev-$dt.log" || { tail -5 "$out/$dev-$dt.log"; exit 1; }
+    --set checkpoint.dir="$out/$dev-$dt" --overwrite >/dev/null 2>"$out/$dev-$dt.log" || { tail -5 "$out/$dev-$dt.log"; exit 1; }
   grep -o '"step":[0-9]*,"loss":[0-9.e+-]*' "$out/$dev-$dt/metrics.jsonl" | sed 's/.*"loss"://' > "$out/$dev-$dt.loss"
 done
 paste "$out/cpu-f32.loss" "$out/cuda-f32.loss" "$out/cuda-bf16.loss" | awk '
