@@ -289,7 +289,7 @@ static bool is_section(const moe_yaml_schema *schema, const char *path) {
 }
 
 /* Optimal-string-alignment distance (an adjacent transposition costs 1), three rows. */
-static size_t edit_distance(const char *a, const char *b) {
+size_t moe_edit_distance(const char *a, const char *b) {
     size_t na = strlen(a), nb = strlen(b);
     if (na >= PATH_MAX_LEN || nb >= PATH_MAX_LEN) return SIZE_MAX;
     size_t rows[3][PATH_MAX_LEN + 1];
@@ -334,7 +334,7 @@ static bool suggest(const moe_yaml_schema *schema, const char *path, char *buf, 
         for (size_t dots = 0; *p && !(*p == '.' && dots == depth); p++) dots += *p == '.';
         if (count_dots(schema->keys[i].path) < depth) continue;
         *p = '\0';
-        size_t dist = edit_distance(path, cand);
+        size_t dist = moe_edit_distance(path, cand);
         if (dist < best && dist <= limit) {
             best = dist;
             snprintf(buf, n, "%s", cand);

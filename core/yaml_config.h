@@ -94,6 +94,11 @@ void moe_yaml_print_help(const moe_yaml_schema *schema, FILE *out);
 /* The descriptor of `path`, or NULL. */
 const moe_yaml_key *moe_yaml_find_key(const moe_yaml_schema *schema, const char *path);
 
+/* Optimal-string-alignment distance (an adjacent transposition costs 1), for "did you
+ * mean" suggestions here and in the command-line parser; SIZE_MAX when either string is
+ * longer than a key path can be. */
+size_t moe_edit_distance(const char *a, const char *b);
+
 /* Name of enum value `value` of an ENUM* key (asserts on a bad value). */
 const char *moe_yaml_enum_name(const moe_yaml_key *key, int value);
 

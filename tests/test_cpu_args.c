@@ -3,6 +3,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "core/yaml_config.h"
 #include "moe/cli/args.h"
 #include "tests/harness/testlib.h"
 

@@ -7,31 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-size_t moe_edit_distance(const char *a, const char *b) {
-    size_t la = strlen(a), lb = strlen(b);
-    size_t *rows = malloc(sizeof *rows * 3 * (lb + 1));
-    if (!rows) return la > lb ? la : lb; /* no suggestion is the only loss */
-    size_t *pp = rows, *prev = rows + lb + 1, *cur = rows + 2 * (lb + 1);
-    for (size_t j = 0; j <= lb; j++) prev[j] = j;
-    for (size_t i = 1; i <= la; i++) {
-        cur[0] = i;
-        for (size_t j = 1; j <= lb; j++) {
-            size_t cost = a[i - 1] != b[j - 1];
-            size_t d = prev[j - 1] + cost;
-            if (prev[j] + 1 < d) d = prev[j] + 1;
-            if (cur[j - 1] + 1 < d) d = cur[j - 1] + 1;
-            if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] && pp[j - 2] + 1 < d) d = pp[j - 2] + 1;
-            cur[j] = d;
-        }
-        size_t *t = pp;
-        pp = prev;
-        prev = cur;
-        cur = t;
-    }
-    size_t d = prev[lb];
-    free(rows);
-    return d;
-}
+#include "core/yaml_config.h"
 
 static const moe_flag_spec *find_spec(const moe_flag_spec *specs, const char *name, size_t len) {
     for (const moe_flag_spec *s = specs; s->name; s++)

@@ -72,7 +72,4 @@ void moe_arg_list_free(moe_arg_list *l);
  * value, help, accepted range or choices and the current value of its destination. */
 void moe_args_print_help(FILE *f, const char *usage, const moe_flag_spec *specs);
 
-/* Optimal-string-alignment distance (an adjacent transposition costs 1). */
-size_t moe_edit_distance(const char *a, const char *b);
-
 #endif
