@@ -27,6 +27,7 @@ struct moe_h5 {
     bool writing;
     char *path;     /* final path (writer) or opened path (reader) */
     char *tmp_path; /* writer only: "<path>.tmp-<pid>" */
+    uint64_t file_bytes; /* reader only: the file's size when opened */
 };
 
 static const char *const dtype_names[MOE_H5_DTYPE_COUNT] = {"f32", "bf16", "f64",
@@ -475,7 +476,10 @@ moe_status moe_h5_open(const char *path, moe_h5 **out) {
     else if (has_complete == 0 || complete != 1)
         st = damaged(path, "it is not marked complete");
     moe_h5 *f = st == MOE_OK ? calloc(1, sizeof *f) : NULL;
-    if (st == MOE_OK && f) f->path = strdup(path);
+    if (st == MOE_OK && f) {
+        f->path = strdup(path);
+        f->file_bytes = (uint64_t)sb.st_size;
+    }
     if (st == MOE_OK && (!f || !f->path))
         st = moe_error(MOE_ERR_OOM, "out of memory opening checkpoint %s", path);
     if (st != MOE_OK) {
@@ -537,6 +541,17 @@ static moe_status classify_type(moe_h5 *f, const char *name, hid_t dset, hid_t t
     return MOE_OK;
 }
 
+/* A dataset must store exactly the bytes its type and shape need, inside the file: a
+ * damaged header can claim terabytes, refused here before anything is allocated or read. */
+static moe_status check_storage(moe_h5 *f, const char *name, hid_t dset, size_t bytes) {
+    hsize_t stored = H5Dget_storage_size(dset);
+    if (stored != bytes || stored > f->file_bytes)
+        return damaged(f->path, "dataset '%s' stores %llu bytes where its type and shape need %zu "
+                       "(the file has %llu)", name, (unsigned long long)stored, bytes,
+                       (unsigned long long)f->file_bytes);
+    return MOE_OK;
+}
+
 static moe_status describe(moe_h5 *f, const char *name, hid_t dset, moe_h5_dtype *dt,
                            int *ndim, int64_t *shape) {
     hid_t type = H5Dget_type(dset), space = H5Dget_space(dset);
@@ -559,6 +574,10 @@ static moe_status describe(moe_h5 *f, const char *name, hid_t dset, moe_h5_dtype
             for (int i = 0; i < n; i++) shape[i] = (int64_t)dims[i];
         }
     }
+    size_t bytes = 0;
+    if (st == MOE_OK && array_bytes(name, *dt, *ndim, shape, &bytes) != MOE_OK)
+        st = damaged(f->path, "dataset '%s' has a shape too large to hold", name);
+    if (st == MOE_OK) st = check_storage(f, name, dset, bytes);
     if (space >= 0) H5Sclose(space);
     if (type >= 0) H5Tclose(type);
     return st;
@@ -572,16 +591,6 @@ moe_status moe_h5_shape(moe_h5 *f, const char *name, moe_h5_dtype *dt, int *ndim
     moe_status st = describe(f, name, dset, dt, ndim, shape);
     H5Dclose(dset);
     return st;
-}
-
-/* A dataset must store exactly the bytes its type and shape need: a damaged header can
- * claim gigabytes, refused here before anything is allocated or read. */
-static moe_status check_storage(moe_h5 *f, const char *name, hid_t dset, size_t bytes) {
-    hsize_t stored = H5Dget_storage_size(dset);
-    if (stored != bytes)
-        return damaged(f->path, "dataset '%s' stores %llu bytes where its type and shape need %zu",
-                       name, (unsigned long long)stored, bytes);
-    return MOE_OK;
 }
 
 static moe_status check_crc(moe_h5 *f, const char *name, hid_t dset, const void *data,
@@ -626,7 +635,6 @@ moe_status moe_h5_get_array(moe_h5 *f, const char *name, moe_h5_dtype dt, int nd
                        "dataset '%s' in checkpoint %s has shape %s, expected %s", name,
                        f->path, have, want);
     }
-    if (st == MOE_OK) st = check_storage(f, name, dset, bytes);
     if (st == MOE_OK && bytes > 0 &&
         H5Dread(dset, dtype_h5type(dt), H5S_ALL, H5S_ALL, H5P_DEFAULT, dst) < 0)
         st = damaged(f->path, "dataset '%s' cannot be read (HDF5: %s)", name, h5_reason());

@@ -75,7 +75,9 @@ void moe_h5_close(moe_h5 *f);
 
 /* True when a dataset (array, string or scalar) of that name exists. */
 bool moe_h5_has(moe_h5 *f, const char *name);
-/* The dtype and shape of an array dataset (shape has room for MOE_H5_MAX_NDIM). */
+/* The dtype and shape of an array dataset (shape has room for MOE_H5_MAX_NDIM).
+ * MOE_ERR_FORMAT unless the dataset stores exactly that many bytes, inside the file: a
+ * caller may allocate by the shape. */
 moe_status moe_h5_shape(moe_h5 *f, const char *name, moe_h5_dtype *dt, int *ndim,
                         int64_t *shape);
 /* Reads an array into `dst` after checking that its dtype and shape are exactly the
