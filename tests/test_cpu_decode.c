@@ -10,6 +10,7 @@
 #include "core/autograd.h"
 #include "core/memory.h"
 #include "core/ops.h"
+#include "moe/hf/hf_model.h"
 #include "moe/infer/decoder.h"
 #include "moe/model.h"
 #include "tests/harness/testlib.h"
@@ -79,9 +80,10 @@ static double rel_err_f(const float *a, const float *b, int64_t n) {
 /* Prefill `prefill` tokens, then one token at a time up to T: each step's logits against
  * the training forward's row; returns the worst relative error. */
 static double decode_vs_full(moe_model *m, moe_dtype dt, int T, int prefill) {
+    const int64_t Vm = m->cfg.model.vocab_size;
     int32_t tok[64];
-    double *full = malloc(sizeof(double) * (size_t)T * V);
-    float step[V];
+    double *full = malloc(sizeof(double) * (size_t)(T * Vm));
+    float *step = malloc(sizeof(float) * (size_t)Vm);
     fill_tokens(tok, T, 1);
     moe_step_reset();
     full_logits(m, tok, 1, T, full);
@@ -91,17 +93,18 @@ static double decode_vs_full(moe_model *m, moe_dtype dt, int T, int prefill) {
     CU_ASSERT_EQUAL_FATAL(moe_decode_state_create(d, 2, 64, &s), MOE_OK);
     moe_step_reset();
     CU_ASSERT_EQUAL_FATAL(moe_decoder_feed(d, s, 1, tok, prefill, step), MOE_OK);
-    double worst = rel_err(step, full + (prefill - 1) * V, V);
+    double worst = rel_err(step, full + (prefill - 1) * Vm, Vm);
     for (int t = prefill; t < T; t++) {
         moe_step_reset();
         CU_ASSERT_EQUAL_FATAL(moe_decoder_feed(d, s, 1, tok + t, 1, step), MOE_OK);
-        worst = fmax(worst, rel_err(step, full + (int64_t)t * V, V));
+        worst = fmax(worst, rel_err(step, full + (int64_t)t * Vm, Vm));
     }
     CU_ASSERT_EQUAL(moe_decode_state_seq_len(s, 1), T);
     CU_ASSERT_EQUAL(moe_decode_state_seq_len(s, 0), 0);
     moe_decode_state_free(s);
     moe_decoder_close(d);
     free(full);
+    free(step);
     moe_step_reset();
     return worst;
 }
@@ -155,6 +158,27 @@ static void test_decode_features(void) {
     fprintf(stderr, "  rmoe router, gqa, biases, q/k norm: %.3g\n", e);
     CU_ASSERT(e < 1e-6);
     moe_model_free(&m);
+}
+
+/* The tiny Hugging Face fixtures (tests/fixtures/hf) through the cache. */
+static void test_decode_hf_fixtures(void) {
+    static const char *const names[] = {"mixtral-tiny", "olmoe-tiny", "qwen2-moe-tiny", "qwen3-moe-tiny",
+                                        "deepseek-v3-tiny"};
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        char dir[1024];
+        snprintf(dir, sizeof dir, "%s", __FILE__);
+        char *slash = strrchr(dir, '/');
+        if (slash) *slash = '\0';
+        size_t n = strlen(dir);
+        snprintf(dir + n, sizeof dir - n, "/fixtures/hf/%s", names[i]);
+        moe_model m;
+        moe_hf_info info;
+        CU_ASSERT_EQUAL_FATAL(moe_hf_load(dir, &m, &info), MOE_OK);
+        double e = decode_vs_full(&m, MOE_F32, 20, 6);
+        fprintf(stderr, "  %s: decode vs full forward %.3g\n", names[i], e);
+        CU_ASSERT(e < 1e-4);
+        moe_model_free(&m);
+    }
 }
 
 /* Runs lens[i] tokens of sequence i (seed i) through one decoder, one sequence per call,
@@ -497,6 +521,7 @@ static void register_suites(void) {
                                                      {"cached decode == full forward, mom", test_decode_mom},
                                                      {"cached decode == full forward, gdn", test_decode_gdn},
                                                      {"cached decode == full forward, model features", test_decode_features},
+                                                     {"cached decode == full forward, HF fixtures", test_decode_hf_fixtures},
                                                      {"packed batch == sequences alone, attention", test_packed_attention},
                                                      {"packed batch == sequences alone, mom", test_packed_mom},
                                                      {"paged KV blocks freed and reused", test_paged_reuse},
