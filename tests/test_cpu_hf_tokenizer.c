@@ -4,6 +4,7 @@
 #include "tests/harness/testlib.h"
 
 #include <cjson/cJSON.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -233,6 +234,50 @@ static void test_invalid_utf8(void) {
     }
 }
 
+/* Random text: arbitrary bytes encode and decode without error; valid UTF-8 without markup
+ * round-trips exactly through both fixture kinds (byte-level and byte-fallback are lossless). */
+static void test_random_text(void) {
+    static const char *pieces[] = {"a", "Z", " ", "  ", "\t", "\n", "\r\n", "7", "42", "'s", "'", ".", ",", "-",
+                                   "\xC3\xA9", "\xE6\x9D\xB1", "\xF0\x9F\x99\x82", "\xE2\x80\x94", "\x01",
+                                   "\x7F", "\xC2\xA0", "\xE3\x80\x80", "the", " of", "<", ">", "|", "<s", "</s>",
+                                   "<|im_start|>", "\xFF", "\xC3", "\xE6\x9D", "\x80"};
+    const size_t np = sizeof pieces / sizeof pieces[0];
+    const size_t markup = 24; /* pieces[markup..] are markup or invalid UTF-8 */
+    uint64_t state = 7;
+    for (size_t f = 0; f < 2; f++) {
+        moe_hf_tokenizer *tok = load_fixture(FIXTURES[f]);
+        int roundtrips = 0;
+        for (int iter = 0; iter < 400; iter++) {
+            char text[600];
+            size_t n = 0;
+            bool clean = iter % 2 == 0;
+            int k = 1 + iter % 60;
+            for (int i = 0; i < k; i++) {
+                state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+                const char *p = pieces[(state >> 33) % (clean ? markup : np)];
+                if (n + strlen(p) >= sizeof text) break;
+                memcpy(text + n, p, strlen(p));
+                n += strlen(p);
+            }
+            text[n] = '\0';
+            moe_token_buf ids = {0};
+            CU_ASSERT_EQUAL_FATAL(moe_hf_encode(tok, text, n, !clean, &ids), MOE_OK);
+            char *back = NULL;
+            CU_ASSERT_EQUAL_FATAL(moe_hf_decode(tok, ids.data, ids.len, false, &back), MOE_OK);
+            if (clean) {
+                bool ok = !strcmp(back, text);
+                if (!ok) fprintf(stderr, "\n  %s: [%s] came back as [%s]\n", FIXTURES[f], text, back);
+                CU_ASSERT_TRUE(ok);
+                roundtrips += ok;
+            }
+            free(back);
+            moe_token_buf_free(&ids);
+        }
+        CU_ASSERT_EQUAL(roundtrips, 200);
+        moe_hf_tokenizer_free(tok);
+    }
+}
+
 /* ---------- other components, built from a fixture's vocabulary ---------- */
 
 /* olmoe-tiny's tokenizer.json with its pre_tokenizer replaced by `pre` (JSON). */
@@ -431,6 +476,7 @@ static void register_suites(void) {
         {"cache consistent", test_cache_consistent},
         {"stream decode", test_stream_decode},
         {"invalid utf8", test_invalid_utf8},
+        {"random text", test_random_text},
         {"split regex pre-tokenizer", test_split_regex_pretokenizer},
         {"split unicode escape", test_split_unicode_escape},
         {"metaspace pre-tokenizer", test_metaspace_pretokenizer},

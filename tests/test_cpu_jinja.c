@@ -5,6 +5,7 @@
 #include "tests/harness/testlib.h"
 
 #include <cjson/cJSON.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -289,6 +290,68 @@ static void test_render_errors(void) {
     free(out);
 }
 
+/* Limits: deep nesting is refused at parse time, huge repetitions and ranges at render time. */
+static void test_limits(void) {
+    char deep[4000];
+    size_t n = 0;
+    n += (size_t)snprintf(deep + n, sizeof deep - n, "{{ ");
+    for (int i = 0; i < 1000; i++) deep[n++] = '(';
+    deep[n++] = '1';
+    for (int i = 0; i < 1000; i++) deep[n++] = ')';
+    snprintf(deep + n, sizeof deep - n, " }}");
+    expect_parse_error(deep, MOE_ERR_UNSUPPORTED, "nest deeper");
+    n = 0;
+    for (int i = 0; i < 300; i++) n += (size_t)snprintf(deep + n, sizeof deep - n, "{%% if 1 %%}");
+    expect_parse_error(deep, MOE_ERR_UNSUPPORTED, "nest deeper");
+    char *out = NULL;
+    CU_ASSERT_EQUAL(render("{{ 'ab' * 1000000000 }}", NULL, &out), MOE_ERR_INVALID);
+    CU_ASSERT_EQUAL(render("{{ range(100000000)|length }}", NULL, &out), MOE_ERR_INVALID);
+    CU_ASSERT_EQUAL(render("{{ 2 ** 100 > 0 }} {{ 'ab' * 3 }}", NULL, &out), MOE_OK);
+    CU_ASSERT_STRING_EQUAL(out, "True ababab");
+    free(out);
+}
+
+/* Random templates made of template syntax fragments: parse and render either succeed or fail
+ * with a message, never crash (run under ASan). */
+static void test_random_templates(void) {
+    static const char *frags[] = {"{{", "}}", "{%", "%}", "{#", "#}", "-", "+", " if ", " for ", " in ", " set ",
+                                  " endif ", " endfor ", " else ", "x", "messages", "loop.index", "'s'", "\"", "(",
+                                  ")", "[", "]", "{", "}", ":", ",", "|", "length", "trim", " is ", " not ", "1",
+                                  "2.5", "=", "==", "~", "+", "*", "/", " and ", " or ", "\n", " ", ".", "[::-1]",
+                                  "namespace(", "raise_exception(", " macro ", " endmacro ", "tojson"};
+    const size_t nf = sizeof frags / sizeof frags[0];
+    uint64_t state = 42;
+    cJSON *vars = cJSON_Parse("{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"x\": [1, \"a\"]}");
+    int parsed = 0;
+    for (int iter = 0; iter < 3000; iter++) {
+        char src[512];
+        size_t n = 0;
+        int k = 1 + (int)((state >> 33) % 24);
+        for (int i = 0; i < k; i++) {
+            state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+            const char *f = frags[(state >> 33) % nf];
+            size_t l = strlen(f);
+            if (n + l >= sizeof src) break;
+            memcpy(src + n, f, l);
+            n += l;
+        }
+        src[n] = '\0';
+        moe_jinja *t = NULL;
+        if (moe_jinja_parse(&t, src, "random") != MOE_OK) {
+            CU_ASSERT_PTR_NULL(t);
+            CU_ASSERT_TRUE(strlen(moe_last_error()) > 0);
+            continue;
+        }
+        parsed++;
+        char *out = NULL;
+        if (moe_jinja_render(t, vars, &out) != MOE_OK) CU_ASSERT_PTR_NULL(out);
+        free(out);
+        moe_jinja_free(t);
+    }
+    CU_ASSERT_TRUE(parsed > 100);
+    cJSON_Delete(vars);
+}
+
 static void register_suites(void) {
     static const moe_test_entry tests[] = {
         {"real templates", test_real_templates},
@@ -297,6 +360,8 @@ static void register_suites(void) {
         {"config template forms", test_config_template_forms},
         {"parse errors", test_parse_errors},
         {"render errors", test_render_errors},
+        {"limits", test_limits},
+        {"random templates", test_random_templates},
         {NULL, NULL},
     };
     moe_test_add_suite("jinja", tests);

@@ -179,10 +179,13 @@ typedef struct parser {
     size_t n_calls, cap_calls;
     const char **macros;
     size_t n_macros, cap_macros;
+    int depth; /* nesting of expressions and blocks being parsed */
     jmp_buf jb;
     moe_status code;
     char err[600];
 } parser;
+
+#define MAX_NESTING 200 /* deeper templates are refused rather than overflowing the stack */
 
 static _Noreturn void perr(parser *p, int line, moe_status code, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
@@ -664,8 +667,10 @@ static node *parse_unary(parser *p, bool with_filter) {
     node *n;
     if (is_op(t, "-") || is_op(t, "+")) {
         next(p);
+        if (++p->depth > MAX_NESTING) perr(p, t->line, MOE_ERR_UNSUPPORTED, "expressions nest deeper than %d", MAX_NESTING);
         n = mk(p, is_op(t, "-") ? E_NEG : E_POS, t->line);
         n->a = parse_unary(p, false);
+        p->depth--;
     } else {
         n = parse_postfix(p, parse_primary(p));
     }
@@ -752,7 +757,9 @@ static node *parse_compare(parser *p) {
 static node *parse_not(parser *p) {
     if (is_name(peek(p), "not")) {
         node *n = mk(p, E_NOT, next(p)->line);
+        if (++p->depth > MAX_NESTING) perr(p, n->line, MOE_ERR_UNSUPPORTED, "expressions nest deeper than %d", MAX_NESTING);
         n->a = parse_not(p);
+        p->depth--;
         return n;
     }
     return parse_compare(p);
@@ -781,6 +788,7 @@ static node *parse_or(parser *p) {
 }
 
 static node *parse_expr(parser *p) {
+    if (++p->depth > MAX_NESTING) perr(p, peek(p)->line, MOE_ERR_UNSUPPORTED, "expressions nest deeper than %d", MAX_NESTING);
     node *n = parse_or(p);
     while (is_name(peek(p), "if")) {
         node *c = mk(p, E_COND, next(p)->line);
@@ -792,6 +800,7 @@ static node *parse_expr(parser *p) {
         }
         n = c;
     }
+    p->depth--;
     return n;
 }
 
@@ -941,6 +950,7 @@ static node *parse_statement(parser *p, token *kw) {
 /* Statements up to {% <one of ends> %}; *which gets the end keyword (the parser stands after
  * it). ends == NULL: up to the end of the template. */
 static node *parse_body(parser *p, const char *const *ends, const char **which) {
+    if (++p->depth > MAX_NESTING) perr(p, peek(p)->line, MOE_ERR_UNSUPPORTED, "blocks nest deeper than %d", MAX_NESTING);
     node *body = mk(p, N_BLOCK, peek(p)->line);
     for (;;) {
         token *t = next(p);
@@ -948,6 +958,7 @@ static node *parse_body(parser *p, const char *const *ends, const char **which) 
             size_t last = 0;
             while (ends && ends[last + 1]) last++;
             if (ends) perr(p, t->line, MOE_ERR_FORMAT, "missing {%% %s %%} before the end of the template", ends[last]);
+            p->depth--;
             return body;
         }
         if (t->type == T_TEXT) {
@@ -966,6 +977,7 @@ static node *parse_body(parser *p, const char *const *ends, const char **which) 
             for (size_t i = 0; ends && ends[i]; i++)
                 if (!strcmp(kw->s, ends[i])) {
                     *which = ends[i];
+                    p->depth--;
                     return body;
                 }
             if (!strncmp(kw->s, "end", 3) || !strcmp(kw->s, "elif") || !strcmp(kw->s, "else"))
@@ -1630,19 +1642,27 @@ static value concat_strs(render *r, str a, str b) {
     return (value){.t = V_STR, .s = {c, a.n + b.n}};
 }
 
-static value repeat(render *r, value seq, int64_t times) {
-    value out = seq.t == V_STR ? mkstr(r, "", 0) : list_value(mklist(r, 0));
-    for (int64_t i = 0; i < times; i++)
-        out = seq.t == V_STR ? concat_strs(r, out.s, seq.s) : concat_lists(r, out.l, seq.l);
-    return out;
+static value repeat(render *r, int line, value seq, int64_t times) {
+    size_t unit = seq.t == V_STR ? seq.s.n : seq.l->n;
+    if (times > 0 && unit && (uint64_t)times > (64u << 20) / unit)
+        rerr(r, line, MOE_ERR_INVALID, "repetition by %lld makes a value over 64 Mi items", (long long)times);
+    size_t k = times > 0 ? (size_t)times : 0;
+    if (seq.t == V_STR) {
+        char *c = ralloc(r, unit * k + 1);
+        for (size_t i = 0; i < k; i++) memcpy(c + i * unit, seq.s.s, unit);
+        return (value){.t = V_STR, .s = {c, unit * k}};
+    }
+    vlist *l = mklist(r, unit * k);
+    for (size_t i = 0; i < k; i++) memcpy(l->v + i * unit, seq.l->v, unit * sizeof *l->v);
+    return list_value(l);
 }
 
 static value arith(render *r, int line, binop op, value a, value b) {
     if (op == OP_CONCAT) return concat_strs(r, to_string(r, a).s, to_string(r, b).s);
     if (op == OP_ADD && a.t == V_STR && b.t == V_STR) return concat_strs(r, a.s, b.s);
     if (op == OP_ADD && a.t == V_LIST && b.t == V_LIST) return concat_lists(r, a.l, b.l);
-    if (op == OP_MUL && (a.t == V_STR || a.t == V_LIST) && b.t == V_INT) return repeat(r, a, b.i);
-    if (op == OP_MUL && (b.t == V_STR || b.t == V_LIST) && a.t == V_INT) return repeat(r, b, a.i);
+    if (op == OP_MUL && (a.t == V_STR || a.t == V_LIST) && b.t == V_INT) return repeat(r, line, a, b.i);
+    if (op == OP_MUL && (b.t == V_STR || b.t == V_LIST) && a.t == V_INT) return repeat(r, line, b, a.i);
     if (op == OP_MOD && a.t == V_STR) rerr(r, line, MOE_ERR_UNSUPPORTED, "string %% formatting is not supported");
     static const char *verbs[] = {"add", "subtract", "multiply", "divide", "floor-divide", "take the modulo of",
                                   "raise"};
@@ -1664,7 +1684,7 @@ static value arith(render *r, int line, binop op, value a, value b) {
         if (ints) return mkint(((i % j) + j) % j);
         return (value){.t = V_FLOAT, .f = x - y * floor(x / y)};
     case OP_POW:
-        if (ints && j >= 0) {
+        if (ints && j >= 0 && j < 64) {
             int64_t p = 1;
             for (int64_t k = 0; k < j; k++) p *= i;
             return mkint(p);
