@@ -121,6 +121,8 @@ if cmp -s greedy1.txt greedy2.txt && [ "$(wc -c < greedy1.txt)" = $((6 + 40 + 1)
   && [ "$(tail -c 1 greedy1.txt | od -An -tu1 | tr -d ' ')" = 10 ]; then echo "ok   generate --temperature 0: same 40 new tokens twice"
 else echo "FAIL generate --temperature 0 ($(wc -c < greedy1.txt) bytes, want 47)"; fails=$((fails + 1)); fi
 check "generate slides the window at the context and says so" grep -q "context of 16 tokens is full" greedy.err
+expect "generate: a prompt longer than the context is cut, with a message" 0 "the prompt has 20 tokens, the model's context 16" \
+  "$moe" generate --checkpoint "$ckpt" --prompt "It was the best of t" --tokens 3
 check "generate's timing line counts the new tokens" grep -q "prompt of 6 tokens in .* 40 new tokens" greedy.err
 gen --seed 5 --tokens 30; cp g.txt s5a.txt
 gen --seed 5 --tokens 30; cp g.txt s5b.txt
