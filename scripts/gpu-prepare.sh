@@ -3,10 +3,10 @@
 # Run on a Debian 12 machine with apt (the build machine), from anywhere in the tree:
 #   scripts/gpu-prepare.sh
 # It makes .devdeps/ (ignored by git) holding the Debian packages of oneDNN, libyaml,
-# CUnit, cJSON, PCRE2 and utf8proc (runtime and headers), and .devdeps/prelude.sh. Copy
-# .devdeps/ beside the tree on the GPU machine; scripts/gpu-check.sh sources the prelude
-# when it finds it (by hand: `source .devdeps/prelude.sh`). The prelude unpacks the
-# packages into /opt/deps and points the compiler, linker, pkg-config, cmake and the
+# CUnit, cJSON, PCRE2, utf8proc and libmicrohttpd (runtime and headers), and
+# .devdeps/prelude.sh. Copy .devdeps/ beside the tree on the GPU machine;
+# scripts/gpu-check.sh sources the prelude when it finds it (by hand:
+# `source .devdeps/prelude.sh`). The prelude unpacks the packages into /opt/deps and points the compiler, linker, pkg-config, cmake and the
 # loader at them; programs built on Debian 12 run on newer glibc (e.g. Ubuntu 24.04).
 # Safe to run again: the packages are downloaded afresh.
 set -euo pipefail
@@ -16,7 +16,7 @@ cd "$root"
 # The PCRE2 runtimes come with libpcre2-dev: its development links (libpcre2-8.so, ...)
 # point into them.
 pkgs=(libdnnl2 libdnnl-dev libyaml-0-2 libyaml-dev libcunit1 libcunit1-dev
-      libcjson1 libcjson-dev libutf8proc2 libutf8proc-dev
+      libcjson1 libcjson-dev libutf8proc2 libutf8proc-dev libmicrohttpd12 libmicrohttpd-dev
       libpcre2-dev libpcre2-8-0 libpcre2-16-0 libpcre2-32-0 libpcre2-posix3)
 
 mkdir -p .devdeps
