@@ -7,7 +7,8 @@
 # .devdeps/prelude.sh. Copy .devdeps/ beside the tree on the GPU machine;
 # scripts/gpu-check.sh sources the prelude when it finds it (by hand:
 # `source .devdeps/prelude.sh`). The prelude unpacks the packages into /opt/deps and
-# points the compiler, linker, pkg-config, cmake and the loader at them; programs built on Debian 12 run on newer glibc (e.g. Ubuntu 24.04).
+# points the compiler, linker, pkg-config, cmake and the loader at them; programs built
+# on Debian 12 run on newer glibc (e.g. Ubuntu 24.04).
 # Safe to run again: the packages are downloaded afresh.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
