@@ -195,54 +195,82 @@ static uint64_t hash_bytes(const char *s, size_t n) {
     return h ^ (h >> 29);
 }
 
+/* Open addressing; keys are copied into the map's pool, slots are 16 bytes. */
 typedef struct smap_slot {
-    uint64_t hash;
-    const char *key; /* NULL: empty; owned by the caller */
-    uint32_t len;
+    uint32_t hash; /* high half of the hash with the low bit set; 0: empty */
+    uint32_t len, off;
     int32_t val;
 } smap_slot;
 
 typedef struct smap {
     smap_slot *slots;
     size_t cap, n;
+    sbuf pool;
 } smap;
 
 static smap_slot *smap_slot_for(const smap *m, const char *key, size_t len, uint64_t h) {
     size_t mask = m->cap - 1;
+    uint32_t h32 = (uint32_t)(h >> 32) | 1u;
     for (size_t i = h & mask;; i = (i + 1) & mask) {
         smap_slot *s = &m->slots[i];
-        if (!s->key) return s;
-        if (s->hash == h && s->len == len && memcmp(s->key, key, len) == 0) return s;
+        if (!s->hash) return s;
+        if (s->hash == h32 && s->len == len && memcmp(m->pool.p + s->off, key, len) == 0) return s;
     }
 }
 
 static const int32_t *smap_get(const smap *m, const char *key, size_t len) {
     if (!m->cap) return NULL;
     smap_slot *s = smap_slot_for(m, key, len, hash_bytes(key, len));
-    return s->key ? &s->val : NULL;
+    return s->hash ? &s->val : NULL;
 }
 
-/* Inserts or overwrites; the key's storage must outlive the map. */
-static bool smap_put(smap *m, const char *key, size_t len, int32_t val) {
-    if (2 * (m->n + 1) > m->cap) {
-        size_t cap = m->cap ? 2 * m->cap : 256;
-        smap_slot *old = m->slots;
-        size_t old_cap = m->cap;
-        m->slots = calloc(cap, sizeof *m->slots);
-        if (!m->slots) {
-            m->slots = old;
-            return false;
-        }
-        m->cap = cap;
-        for (size_t i = 0; i < old_cap; i++)
-            if (old[i].key) *smap_slot_for(m, old[i].key, old[i].len, old[i].hash) = old[i];
-        free(old);
+static bool smap_grow(smap *m) {
+    size_t cap = m->cap ? 2 * m->cap : 256;
+    smap_slot *slots = calloc(cap, sizeof *slots);
+    if (!slots) return false;
+    for (size_t i = 0; i < m->cap; i++) {
+        smap_slot *o = &m->slots[i];
+        if (!o->hash) continue;
+        uint64_t h = hash_bytes(m->pool.p + o->off, o->len);
+        for (size_t k = h & (cap - 1);; k = (k + 1) & (cap - 1))
+            if (!slots[k].hash) {
+                slots[k] = *o;
+                break;
+            }
     }
+    free(m->slots);
+    m->slots = slots;
+    m->cap = cap;
+    return true;
+}
+
+/* Inserts or overwrites (the key is copied). */
+static bool smap_put(smap *m, const char *key, size_t len, int32_t val) {
+    if (2 * (m->n + 1) > m->cap && !smap_grow(m)) return false;
     uint64_t h = hash_bytes(key, len);
     smap_slot *s = smap_slot_for(m, key, len, h);
-    if (!s->key) m->n++;
-    *s = (smap_slot){h, key, (uint32_t)len, val};
+    if (s->hash) {
+        s->val = val;
+        return true;
+    }
+    size_t off = m->pool.n;
+    sb_add(&m->pool, key, len);
+    if (m->pool.oom || off > UINT32_MAX) return false;
+    *s = (smap_slot){(uint32_t)(h >> 32) | 1u, (uint32_t)len, (uint32_t)off, val};
+    m->n++;
     return true;
+}
+
+static void smap_clear(smap *m) {
+    if (m->cap) memset(m->slots, 0, m->cap * sizeof *m->slots);
+    m->n = 0;
+    m->pool.n = 0;
+}
+
+static void smap_free(smap *m) {
+    free(m->slots);
+    sb_free(&m->pool);
+    *m = (smap){0};
 }
 
 typedef struct pair_slot {
@@ -532,8 +560,6 @@ struct moe_hf_tokenizer {
     char *path;
     /* model */
     char **tokens;      /* id -> string (NULL for holes) */
-    char **retired;     /* strings replaced at an id, still keys of `vocab` */
-    size_t n_retired;
     uint32_t *token_len;
     size_t n_tokens;
     smap vocab;         /* model vocab and added tokens */
@@ -910,9 +936,7 @@ static void bpe_word(moe_hf_tokenizer *t, const char *s, size_t n, ivec *out) {
 }
 
 static void cache_clear(moe_hf_tokenizer *t) {
-    for (size_t i = 0; i < t->cache.cap; i++) free((char *)t->cache.slots[i].key);
-    free(t->cache.slots);
-    t->cache = (smap){0};
+    smap_clear(&t->cache);
     t->cache_ids.n = 0;
 }
 
@@ -932,13 +956,10 @@ static void bpe_cached(moe_hf_tokenizer *t, const char *s, size_t n, ivec *out) 
     bpe_word(t, s, n, out);
     if (out->oom) return;
     if (t->cache.n >= MAX_CACHE_ENTRIES) cache_clear(t);
-    char *key = malloc(n + 1);
-    if (!key) return;
-    memcpy(key, s, n);
     int32_t off = (int32_t)t->cache_ids.n;
     iv_push(&t->cache_ids, (int32_t)(out->n - before));
     for (size_t i = before; i < out->n; i++) iv_push(&t->cache_ids, out->v[i]);
-    if (t->cache_ids.oom || !smap_put(&t->cache, key, n, off)) free(key);
+    if (t->cache_ids.oom || !smap_put(&t->cache, s, n, off)) cache_clear(t); /* a cache failure only slows */
 }
 
 /* ---------- added tokens ---------- */
@@ -1715,7 +1736,7 @@ static moe_status load_decoder(moe_hf_tokenizer *t, const cJSON *o, const char *
 }
 
 /* Puts token `s` at id (growing the id table). An id given a second, different string keeps
- * both mapped to it; the last one is what decoding shows. */
+ * both strings mapped to it; the last one is what decoding shows. */
 static moe_status set_token(moe_hf_tokenizer *t, int32_t id, const char *s, const char *path) {
     if (id < 0 || id > (1 << 28)) return bad(MOE_ERR_FORMAT, path, "token \"%s\" has id %d out of range", s, id);
     if ((size_t)id >= t->n_tokens) {
@@ -1731,12 +1752,7 @@ static moe_status set_token(moe_hf_tokenizer *t, int32_t id, const char *s, cons
     if (t->tokens[id] && !strcmp(t->tokens[id], s)) return MOE_OK;
     char *copy = strdup(s);
     if (!copy) return moe_error(MOE_ERR_OOM, "out of memory");
-    if (t->tokens[id]) { /* the map still points at the old string: keep it alive */
-        char **r = realloc(t->retired, (t->n_retired + 1) * sizeof *r);
-        if (!r) return moe_error(MOE_ERR_OOM, "out of memory");
-        t->retired = r;
-        t->retired[t->n_retired++] = t->tokens[id];
-    }
+    free(t->tokens[id]); /* the map keeps its own copy of the old string, still mapped to id */
     t->tokens[id] = copy;
     t->token_len[id] = (uint32_t)strlen(s);
     return smap_put(&t->vocab, copy, t->token_len[id], id) ? MOE_OK : moe_error(MOE_ERR_OOM, "out of memory");
@@ -1989,10 +2005,8 @@ void moe_hf_tokenizer_free(moe_hf_tokenizer *t) {
     if (!t) return;
     for (size_t i = 0; i < t->n_tokens; i++) free(t->tokens[i]);
     free(t->tokens);
-    for (size_t i = 0; i < t->n_retired; i++) free(t->retired[i]);
-    free(t->retired);
     free(t->token_len);
-    free(t->vocab.slots);
+    smap_free(&t->vocab);
     free(t->merges.slots);
     free(t->subword_prefix);
     free(t->word_suffix);
@@ -2024,7 +2038,7 @@ void moe_hf_tokenizer_free(moe_hf_tokenizer *t) {
     moe_jinja_free(t->chat);
     free(t->chat_template);
     free(t->chat_origin);
-    cache_clear(t);
+    smap_free(&t->cache);
     free(t->cache_ids.v);
     sb_free(&t->norm_a);
     sb_free(&t->norm_b);
