@@ -964,16 +964,18 @@ static void bpe_cached(moe_hf_tokenizer *t, const char *s, size_t n, ivec *out) 
 
 /* ---------- added tokens ---------- */
 
+static bool is_word_cp(int32_t c) { return c == '_' || is_alnum_cp(c); }
+
 static bool ends_with_word(const char *s, size_t n) {
     if (!n) return false;
     size_t c = n - 1, k;
     while (c > 0 && ((uint8_t)s[c] & 0xC0) == 0x80) c--;
-    return is_alnum_cp(utf8_decode(s + c, n - c, &k));
+    return is_word_cp(utf8_decode(s + c, n - c, &k));
 }
 
 static bool starts_with_word(const char *s, size_t n) {
     size_t k;
-    return n && is_alnum_cp(utf8_decode(s, n, &k));
+    return n && is_word_cp(utf8_decode(s, n, &k));
 }
 
 /* The next added token in s[from..n): its span after lstrip/rstrip and index, or false. `floor`
@@ -989,8 +991,7 @@ static bool added_next(const moe_hf_tokenizer *t, const added_matcher *am, const
             if (a->len > n - i || memcmp(s + i, a->content, a->len) != 0) continue;
             size_t start = i, stop = i + a->len, k;
             if (a->single_word && (ends_with_word(s, start) || starts_with_word(s + stop, n - stop))) {
-                floor = stop; /* the match is consumed but not used */
-                i = stop - 1;
+                i = stop - 1; /* the match is consumed but not used (floor stays) */
                 break;
             }
             if (a->lstrip)
@@ -1161,6 +1162,7 @@ static bool byte_token(const char *s, size_t n, uint8_t *b) {
         char c = s[i];
         if (c >= '0' && c <= '9') v = v * 16 + (unsigned)(c - '0');
         else if (c >= 'A' && c <= 'F') v = v * 16 + (unsigned)(c - 'A' + 10);
+        else if (c >= 'a' && c <= 'f') v = v * 16 + (unsigned)(c - 'a' + 10);
         else return false;
     }
     *b = (uint8_t)v;
