@@ -175,7 +175,7 @@ else
   post "checkpoint: completion" 200 '"completion_tokens":8' /v1/completions '{"prompt":"It was","max_tokens":8,"temperature":0}'
   # ---- a client that hangs up mid-stream cancels its request ----
   before=$(metric moe_requests_cancelled_total)
-  curl -sN --max-time 1 "$url/v1/completions" -d '{"prompt":"Hello","max_tokens":1500,"stream":true,"temperature":0}' > /dev/null
+  curl -sN --max-time 1 "$url/v1/completions" -d '{"prompt":"Hello","max_tokens":2000,"stream":true,"temperature":0}' > /dev/null
   sleep 1
   g1=$(metric moe_generated_tokens_total); sleep 0.5; g2=$(metric moe_generated_tokens_total)
   after=$(metric moe_requests_cancelled_total)
@@ -183,7 +183,7 @@ else
   else fail "hang-up: cancelled $before -> $after, generated $g1 -> $g2"; fi
 
   # ---- SIGTERM drains a running stream and exits 0 ----
-  curl -sN --max-time 180 "$url/v1/completions" -d '{"prompt":"Hello","max_tokens":100,"stream":true,"temperature":0}' > drain.txt &
+  curl -sN --max-time 180 "$url/v1/completions" -d '{"prompt":"Hello","max_tokens":1000,"stream":true,"temperature":0}' > drain.txt &
   cpid=$!
   for _ in $(seq 1 100); do [ -s drain.txt ] && break; sleep 0.05; done # the stream is running
   if stop_server; then pass "SIGTERM: exit 0"; else fail "SIGTERM exit code"; tail -3 ckpt.err; fi
