@@ -357,6 +357,55 @@ static void test_metaspace_pretokenizer(void) {
     moe_hf_tokenizer_free(base);
 }
 
+static bool leading_meta_only(const char *tok) {
+    while (!strncmp(tok, "\xE2\x96\x81", 3)) tok += 3;
+    return strstr(tok, "\xE2\x96\x81") == NULL;
+}
+
+/* mixtral-tiny's vocabulary without the tokens that hold "\xE2\x96\x81" after another
+ * character (as SentencePiece vocabularies are), and the merges that need them. Its text is
+ * then cut into words before encoding; the ids must equal those of the same tokenizer made to
+ * merge the text whole (a Split that never matches keeps it one piece). */
+static void test_sentencepiece_word_cut(void) {
+    cJSON *j = load_json("tests/fixtures/hf/mixtral-tiny/tokenizer.json");
+    cJSON *model = cJSON_GetObjectItem(j, "model"), *vocab = cJSON_GetObjectItem(model, "vocab");
+    cJSON *merges = cJSON_GetObjectItem(model, "merges");
+    int removed = 0;
+    for (cJSON *e = vocab->child, *nx; e; e = nx) {
+        nx = e->next;
+        if (!leading_meta_only(e->string)) cJSON_DeleteItemFromObject(vocab, e->string), removed++;
+    }
+    for (cJSON *m = merges->child, *nx; m; m = nx) {
+        nx = m->next;
+        char joined[256];
+        const char *a = m->child->valuestring, *b = m->child->next->valuestring;
+        snprintf(joined, sizeof joined, "%s%s", a, b);
+        if (!leading_meta_only(a) || !leading_meta_only(b) || !leading_meta_only(joined))
+            cJSON_DetachItemViaPointer(merges, m), cJSON_Delete(m);
+    }
+    CU_ASSERT_TRUE(removed > 10);
+    char *text = cJSON_PrintUnformatted(j);
+    moe_hf_tokenizer *cut = NULL, *whole = NULL;
+    CU_ASSERT_EQUAL_FATAL(moe_hf_tokenizer_load(&cut, write_file("cut.json", text)), MOE_OK);
+    free(text);
+    cJSON_ReplaceItemInObject(j, "pre_tokenizer", cJSON_Parse("{\"type\":\"Split\",\"pattern\":{\"Regex\":"
+                                                             "\"\\\\x{10FFFF}\"},\"behavior\":\"Isolated\"}"));
+    text = cJSON_PrintUnformatted(j);
+    CU_ASSERT_EQUAL_FATAL(moe_hf_tokenizer_load(&whole, write_file("whole.json", text)), MOE_OK);
+    free(text);
+    cJSON_Delete(j);
+    cJSON *cases = load_json("tests/fixtures/hf/mixtral-tiny/tokenizer_cases.json");
+    const cJSON *c;
+    cJSON_ArrayForEach(c, cases) {
+        const char *t = cJSON_GetObjectItem(c, "text")->valuestring;
+        if (*t) CU_ASSERT_TRUE(same_ids(cut, whole, t));
+    }
+    CU_ASSERT_TRUE(same_ids(cut, whole, "  many   spaces\u2581and a \xE2\x96\x81\xE2\x96\x81 literal"));
+    cJSON_Delete(cases);
+    moe_hf_tokenizer_free(cut);
+    moe_hf_tokenizer_free(whole);
+}
+
 /* NFKC folds the ligature "ﬁ" to "fi" and Lowercase folds case before the model sees them. */
 static void test_normalizers(void) {
     moe_hf_tokenizer *base = load_fixture("olmoe-tiny");
@@ -481,6 +530,7 @@ static void register_suites(void) {
         {"split unicode escape", test_split_unicode_escape},
         {"metaspace pre-tokenizer", test_metaspace_pretokenizer},
         {"normalizers", test_normalizers},
+        {"sentencepiece word cut", test_sentencepiece_word_cut},
         {"added token options", test_added_token_options},
         {"load errors", test_load_errors},
         {"bench", test_bench},
