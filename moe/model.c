@@ -369,18 +369,40 @@ static moe_tensor *qk_norm(moe_model *m, moe_tensor *x, moe_tensor *w) {
     return moe_reshape(moe_rmsnorm(flat, C(w), c->norm_eps), 4, shape);
 }
 
-/* q [B, T, H, hd] and *k, *v [B, T, Hkv, hd] of multi-head attention, rope applied. */
-static moe_tensor *mha_qkv(moe_model *m, moe_block *b, moe_tensor *h, int B, int T, int64_t pos0, moe_tensor **k,
-                           moe_tensor **v) {
-    const moe_cfg_model *c = &m->cfg.model;
-    int64_t H = m->n_heads, Hkv = m->n_kv_heads, hd = m->head_dim;
+/* An attention layer's projections of some tokens, before rotary embedding (the only part
+ * that depends on positions): mha q [B, T, H, hd], k, v [B, T, Hkv, hd] (q/k norms
+ * applied); mla q [B, T, H, nope + rope], k = [k_nope | v] [B, T, H, nope + v_head_dim]
+ * (v NULL) and kpe [B, T, 1, rope], the rope key shared by every head. */
+typedef struct attn_proj {
+    moe_tensor *q, *k, *v, *kpe;
+} attn_proj;
+
+static attn_proj mha_project(moe_model *m, moe_block *b, moe_tensor *h) {
+    int64_t B = h->shape[0], T = h->shape[1], H = m->n_heads, Hkv = m->n_kv_heads, hd = m->head_dim;
     moe_tensor *lin = moe_matmul(h, C(b->wqkv)); /* [B, T, (H + 2 Hkv) hd] */
     if (b->bqkv) lin = moe_add(lin, C(b->bqkv));
     moe_tensor *qkv = moe_reshape(lin, 4, (int64_t[]){B, T, H + 2 * Hkv, hd});
-    moe_tensor *q = moe_rope(qk_norm(m, moe_slice(qkv, 2, 0, H), b->q_norm), pos0, c->rope_theta);
-    *k = moe_rope(qk_norm(m, moe_slice(qkv, 2, H, H + Hkv), b->k_norm), pos0, c->rope_theta);
-    *v = moe_slice(qkv, 2, H + Hkv, H + 2 * Hkv);
-    return q;
+    return (attn_proj){.q = qk_norm(m, moe_slice(qkv, 2, 0, H), b->q_norm),
+                       .k = qk_norm(m, moe_slice(qkv, 2, H, H + Hkv), b->k_norm),
+                       .v = moe_slice(qkv, 2, H + Hkv, H + 2 * Hkv)};
+}
+
+static attn_proj mla_project(moe_model *m, moe_block *b, moe_tensor *h) {
+    const moe_cfg_model *c = &m->cfg.model;
+    int64_t B = h->shape[0], T = h->shape[1], H = m->n_heads, rkv = c->kv_lora_rank, rope = c->qk_rope_dim;
+    moe_tensor *qin = b->wq_a ? moe_rmsnorm(moe_matmul(h, C(b->wq_a)), C(b->q_a_norm), c->norm_eps) : h;
+    moe_tensor *kva = moe_matmul(h, C(b->wkv_a)); /* [B, T, rkv + rope] */
+    moe_tensor *lat = moe_rmsnorm(moe_contiguous(moe_slice(kva, 2, 0, rkv)), C(b->kv_a_norm), c->norm_eps);
+    return (attn_proj){
+        .q = moe_reshape(moe_matmul(qin, C(b->wq_b)), 4, (int64_t[]){B, T, H, c->qk_nope_dim + rope}),
+        .k = moe_reshape(moe_matmul(lat, C(b->wkv_b)), 4, (int64_t[]){B, T, H, c->qk_nope_dim + c->v_head_dim}),
+        .kpe = moe_reshape(moe_contiguous(moe_slice(kva, 2, rkv, rkv + rope)), 4, (int64_t[]){B, T, 1, rope})};
+}
+
+/* Tokens [t0, t1) of p (axis 1). */
+static attn_proj proj_slice(attn_proj p, int64_t t0, int64_t t1) {
+    return (attn_proj){.q = moe_slice(p.q, 1, t0, t1), .k = moe_slice(p.k, 1, t0, t1),
+                       .v = p.v ? moe_slice(p.v, 1, t0, t1) : NULL, .kpe = p.kpe ? moe_slice(p.kpe, 1, t0, t1) : NULL};
 }
 
 /* x [B, T, n, w] padded with zeros to width D (x itself when w == D). */
@@ -397,45 +419,38 @@ static moe_tensor *cat_last(moe_tensor *a, moe_tensor *b) {
     return a->shape[a->ndim - 1] == 0 ? b : moe_concat((moe_tensor *[]){a, b}, 2, a->ndim - 1);
 }
 
-/* Multi-head latent attention's q, *k, *v [B, T, H, D], D = max(nope + rope, v_head_dim):
- * v zero-padded to D (or q, k, with q rescaled so the softmax scale stays (nope + rope)^-1/2);
- * the rope key is computed once and shared by every head. */
-static moe_tensor *mla_qkv(moe_model *m, moe_block *b, moe_tensor *h, int B, int T, int64_t pos0, moe_tensor **k,
-                           moe_tensor **v) {
+/* The q, k, v of projections p of tokens at positions pos0..: rope applied; under mla all
+ * [B, T, H, D], D = max(nope + rope, v_head_dim): v zero-padded to D (or q, k, with q
+ * rescaled so that the softmax scale stays (nope + rope)^-1/2), the rope key shared by
+ * every head. */
+static attn_proj positioned(moe_model *m, attn_proj p, int64_t pos0) {
     const moe_cfg_model *c = &m->cfg.model;
-    int64_t H = m->n_heads, nope = c->qk_nope_dim, rope = c->qk_rope_dim, vd = c->v_head_dim, rkv = c->kv_lora_rank;
-    int64_t Dq = nope + rope, D = Dq > vd ? Dq : vd;
-    moe_tensor *qin = b->wq_a ? moe_rmsnorm(moe_matmul(h, C(b->wq_a)), C(b->q_a_norm), c->norm_eps) : h;
-    moe_tensor *q = moe_reshape(moe_matmul(qin, C(b->wq_b)), 4, (int64_t[]){B, T, H, Dq});
-    moe_tensor *kva = moe_matmul(h, C(b->wkv_a)); /* [B, T, rkv + rope] */
-    moe_tensor *lat = moe_rmsnorm(moe_contiguous(moe_slice(kva, 2, 0, rkv)), C(b->kv_a_norm), c->norm_eps);
-    moe_tensor *kv = moe_reshape(moe_matmul(lat, C(b->wkv_b)), 4, (int64_t[]){B, T, H, nope + vd});
-    moe_tensor *kpe = moe_reshape(moe_contiguous(moe_slice(kva, 2, rkv, rkv + rope)), 4, (int64_t[]){B, T, 1, rope});
+    double th = c->rope_theta;
+    if (c->attention != MOE_CFG_ATTENTION_MLA)
+        return (attn_proj){.q = moe_rope(p.q, pos0, th), .k = moe_rope(p.k, pos0, th), .v = p.v};
+    int64_t H = m->n_heads, nope = c->qk_nope_dim, Dq = nope + c->qk_rope_dim, vd = c->v_head_dim;
+    int64_t D = Dq > vd ? Dq : vd;
     moe_tensor *heads = moe_tensor_zeros(MOE_LIFE_STEP, m->dev, m->compute, 4, (int64_t[]){1, 1, H, 1});
-    kpe = moe_add(moe_rope(kpe, pos0, c->rope_theta), heads); /* [B, T, H, rope] */
-    q = cat_last(moe_slice(q, 3, 0, nope), moe_rope(moe_slice(q, 3, nope, Dq), pos0, c->rope_theta));
-    *k = pad_heads(m, cat_last(moe_slice(kv, 3, 0, nope), kpe), D);
-    *v = pad_heads(m, moe_slice(kv, 3, nope, nope + vd), D);
+    moe_tensor *kpe = moe_add(moe_rope(p.kpe, pos0, th), heads); /* [B, T, H, rope] */
+    moe_tensor *q = cat_last(moe_slice(p.q, 3, 0, nope), moe_rope(moe_slice(p.q, 3, nope, Dq), pos0, th));
     if (D > Dq) q = moe_mul_scalar(pad_heads(m, q, D), sqrt((double)D / (double)Dq));
-    return q;
+    return (attn_proj){.q = q, .k = pad_heads(m, cat_last(moe_slice(p.k, 3, 0, nope), kpe), D),
+                       .v = pad_heads(m, moe_slice(p.k, 3, nope, nope + vd), D)};
 }
 
-/* The attention of one piece h [B, T, d] at positions pos0.. -> [B, T, H w] (before wo).
- * With `cache` (inference, B == 1), the piece's k, v join its sequence's cached ones and the
- * queries attend over all of them. */
-static moe_tensor *attend(moe_model *m, moe_block *b, int layer, int span, moe_tensor *h, int64_t pos0,
-                          const moe_cache_ops *cache) {
+/* Attention of projections p (one piece [B, T] at positions pos0..) -> [B, T, H w] (before
+ * wo). With `cache` (inference, B == 1), the piece's k, v join its sequence's cached ones
+ * and the queries attend over all of them. */
+static moe_tensor *attend(moe_model *m, int layer, int span, attn_proj p, int64_t pos0, const moe_cache_ops *cache) {
     const moe_cfg_model *c = &m->cfg.model;
-    int B = (int)h->shape[0], T = (int)h->shape[1];
-    bool mla = c->attention == MOE_CFG_ATTENTION_MLA;
-    moe_tensor *k = NULL, *v = NULL;
-    moe_tensor *q = mla ? mla_qkv(m, b, h, B, T, pos0, &k, &v) : mha_qkv(m, b, h, B, T, pos0, &k, &v);
-    if (!q || !k || !v) return NULL;
-    if (cache && cache->kv(cache->ctx, layer, span, k, v, &k, &v) != MOE_OK) return NULL;
-    moe_tensor *a = moe_attention(q, k, v, true); /* [B, T, H, D] */
-    int64_t w = mla ? c->v_head_dim : m->head_dim;
+    attn_proj x = positioned(m, p, pos0);
+    if (!x.q || !x.k || !x.v) return NULL;
+    moe_tensor *k = x.k, *v = x.v;
+    if (cache && cache->kv(cache->ctx, layer, span, x.k, x.v, &k, &v) != MOE_OK) return NULL;
+    moe_tensor *a = moe_attention(x.q, k, v, true); /* [B, T, H, D] */
+    int64_t w = c->attention == MOE_CFG_ATTENTION_MLA ? c->v_head_dim : m->head_dim;
     if (a && a->shape[3] != w) a = moe_contiguous(moe_slice(a, 3, 0, w));
-    return moe_reshape(a, 3, (int64_t[]){B, T, m->n_heads * w});
+    return moe_reshape(a, 3, (int64_t[]){x.q->shape[0], x.q->shape[1], m->n_heads * w});
 }
 
 /* The MoM / GDN mixer of one piece h [B, T, d]: the training form, or (cache) the piece's
@@ -467,13 +482,17 @@ static moe_tensor *concat_pieces(moe_tensor **xs, int n) {
 }
 
 /* Block i's token mixer on h [B, T, d] -> [B, T, d]: the whole batch (training), or span by
- * span against the caches (inference). */
+ * span against the caches (inference; an attention layer's projections still run once
+ * over every token, only rope, the cache and the attention itself per span). */
 static moe_tensor *mix(moe_model *m, int i, moe_tensor *h, const moe_forward *f, moe_tensor **aux) {
     moe_block *b = &m->blocks[i];
     bool attn = b->mixer == MOE_CFG_MIXER_ATTENTION;
+    if (!h) return NULL;
+    attn_proj p = {NULL};
+    if (attn) p = m->cfg.model.attention == MOE_CFG_ATTENTION_MLA ? mla_project(m, b, h) : mha_project(m, b, h);
     moe_tensor *y;
     if (f->mode == MOE_FORWARD_TRAIN) {
-        y = attn ? attend(m, b, i, 0, h, 0, NULL) : mom_mix(m, b, i, 0, h, NULL, aux);
+        y = attn ? attend(m, i, 0, p, 0, NULL) : mom_mix(m, b, i, 0, h, NULL, aux);
     } else {
         moe_tensor **parts = moe_step_host_alloc(sizeof *parts * (size_t)f->n_spans);
         if (!parts) {
@@ -482,8 +501,9 @@ static moe_tensor *mix(moe_model *m, int i, moe_tensor *h, const moe_forward *f,
         }
         for (int j = 0; j < f->n_spans; j++) {
             const moe_span *sp = &f->spans[j];
-            moe_tensor *hs = moe_slice(h, 1, sp->begin, sp->begin + sp->len);
-            parts[j] = attn ? attend(m, b, i, j, hs, sp->pos0, f->cache) : mom_mix(m, b, i, j, hs, f->cache, aux);
+            int64_t t0 = sp->begin, t1 = sp->begin + sp->len;
+            parts[j] = attn ? attend(m, i, j, proj_slice(p, t0, t1), sp->pos0, f->cache)
+                            : mom_mix(m, b, i, j, moe_slice(h, 1, t0, t1), f->cache, aux);
             if (!parts[j]) return NULL;
         }
         y = concat_pieces(parts, f->n_spans);
@@ -531,7 +551,7 @@ static moe_tensor *feed_forward(moe_model *m, int i, moe_tensor *h2, const moe_f
 }
 
 /* Checks a forward's layout against its mode (misuse: asserts). */
-static void check_forward(const moe_model *m, const moe_forward *f) {
+static void check_forward(const moe_forward *f) {
     bool train = f->mode == MOE_FORWARD_TRAIN;
     MOE_ASSERT(train ? !f->spans && !f->cache : f->B == 1 && f->spans && f->n_spans > 0 && f->cache,
                "model forward: TRAIN takes [B, T] rows without spans or cache; INFER one packed row of spans "
@@ -540,14 +560,13 @@ static void check_forward(const moe_model *m, const moe_forward *f) {
         MOE_ASSERT(f->spans[j].len > 0 && f->spans[j].begin == (j ? f->spans[j - 1].begin + f->spans[j - 1].len : 0) &&
                        f->spans[j].begin + f->spans[j].len <= f->T,
                    "model forward: spans must tile the %d tokens in order", f->T);
-    (void)m;
 }
 
 /* Embedding, blocks and final norm: ids [B, T] -> [B T, d]; fills parts and aux (TRAIN). */
 static moe_tensor *forward_hidden(moe_model *m, moe_tensor *ids, const moe_forward *f, moe_loss_parts *parts,
                                   moe_tensor **aux) {
     const moe_cfg_model *c = &m->cfg.model;
-    check_forward(m, f);
+    check_forward(f);
     int64_t d = c->d_model, bt = (int64_t)f->B * f->T;
     moe_tensor *x = moe_embedding(C(m->embed), ids), *router_state = NULL;
     for (int i = 0; i < c->n_layers && x; i++) {
