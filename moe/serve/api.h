@@ -26,7 +26,7 @@ typedef struct serve_api_error {
 typedef struct serve_api_ctx {
     serve_text *text;
     const char *model_name;
-    int64_t context;     /* positions per sequence */
+    int64_t context;     /* positions one sequence may use: the model's context, or the KV pool if smaller */
     uint64_t seed_base;  /* seeds of requests without one: seed_base + a counter */
 } serve_api_ctx;
 

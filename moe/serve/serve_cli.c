@@ -103,7 +103,9 @@ static moe_status start(server *sv, const serve_flags *f) {
     serve_sched_opts so = {.max_queue = f->max_queue, .prefill_tokens = f->prefill_tokens};
     MOE_TRY(serve_sched_start(&sv->sched, &sv->engine, &sv->text, &sv->metrics, so));
     sv->sched_started = true;
-    sv->api = (serve_api_ctx){.text = &sv->text, .model_name = sv->name, .context = ctx,
+    /* one sequence can use the whole context, unless the KV pool is smaller */
+    int64_t seq_max = ctx < sv->engine.kv_tokens ? ctx : sv->engine.kv_tokens;
+    sv->api = (serve_api_ctx){.text = &sv->text, .model_name = sv->name, .context = seq_max,
                               .seed_base = (uint64_t)time(NULL) * 1000003u};
     serve_http_opts ho = {.host = f->host, .port = f->port, .timeout_s = (unsigned)f->timeout_s,
                           .max_conns = (unsigned)f->max_conns, .max_body = (size_t)f->max_body};
