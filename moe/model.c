@@ -468,22 +468,52 @@ static moe_tensor *mom_mix(moe_model *m, moe_block *b, int layer, int span, moe_
     return y && cache->set_state(cache->ctx, layer, span, s1) == MOE_OK ? y : NULL;
 }
 
-/* [x_0 | x_1 | ...] along axis 1, n >= 1 pieces (concat takes a bounded number at once). */
-static moe_tensor *concat_pieces(moe_tensor **xs, int n) {
+/* [x_0 | x_1 | ...] along `axis`, n >= 1 pieces (concat takes a bounded number at once);
+ * overwrites xs. */
+static moe_tensor *concat_pieces(moe_tensor **xs, int n, int axis) {
     while (n > 1) {
         int out = 0;
         for (int i = 0; i < n; i += MOE_NODE_MAX_INPUTS) {
             int cnt = n - i < MOE_NODE_MAX_INPUTS ? n - i : MOE_NODE_MAX_INPUTS;
-            xs[out++] = cnt == 1 ? xs[i] : moe_concat(xs + i, cnt, 1);
+            xs[out++] = cnt == 1 ? xs[i] : moe_concat(xs + i, cnt, axis);
         }
         n = out;
     }
     return xs[0];
 }
 
+/* Inference with every span equally long (a decode step: 1 token each): the spans as the
+ * rows of one [n_spans, len, d] MoM forward from their stacked states. */
+static moe_tensor *mom_rows(moe_model *m, moe_block *b, int layer, moe_tensor *h, const moe_forward *f) {
+    const moe_cache_ops *cache = f->cache;
+    int n = f->n_spans;
+    int64_t len = f->spans[0].len, P = b->mom.n_mem;
+    moe_tensor **st = moe_step_host_alloc(sizeof *st * (size_t)n);
+    if (!st) {
+        moe_error(MOE_ERR_OOM, "model: out of host memory");
+        return NULL;
+    }
+    for (int j = 0; j < n; j++)
+        if (!(st[j] = cache->state(cache->ctx, layer, j))) return NULL;
+    moe_tensor *s1 = NULL;
+    moe_mom_result mr;
+    moe_tensor *x = moe_reshape(h, 3, (int64_t[]){n, len, h->shape[2]});
+    moe_tensor *y = moe_mom_layer_forward(&b->mom, x, m->compute, concat_pieces(st, n, 0), &s1, &mr);
+    for (int j = 0; y && j < n; j++)
+        if (cache->set_state(cache->ctx, layer, j, moe_slice(s1, 0, j * P, (j + 1) * P)) != MOE_OK) return NULL;
+    return moe_reshape(y, 3, (int64_t[]){1, n * len, h->shape[2]});
+}
+
+static bool spans_equal(const moe_forward *f) {
+    for (int j = 1; j < f->n_spans; j++)
+        if (f->spans[j].len != f->spans[0].len) return false;
+    return true;
+}
+
 /* Block i's token mixer on h [B, T, d] -> [B, T, d]: the whole batch (training), or span by
  * span against the caches (inference; an attention layer's projections still run once
- * over every token, only rope, the cache and the attention itself per span). */
+ * over every token, only rope, the cache and the attention itself per span; MoM spans of
+ * one length run as the rows of one forward). */
 static moe_tensor *mix(moe_model *m, int i, moe_tensor *h, const moe_forward *f, moe_tensor **aux) {
     moe_block *b = &m->blocks[i];
     bool attn = b->mixer == MOE_CFG_MIXER_ATTENTION;
@@ -493,6 +523,8 @@ static moe_tensor *mix(moe_model *m, int i, moe_tensor *h, const moe_forward *f,
     moe_tensor *y;
     if (f->mode == MOE_FORWARD_TRAIN) {
         y = attn ? attend(m, i, 0, p, 0, NULL) : mom_mix(m, b, i, 0, h, NULL, aux);
+    } else if (!attn && spans_equal(f)) {
+        y = mom_rows(m, b, i, h, f);
     } else {
         moe_tensor **parts = moe_step_host_alloc(sizeof *parts * (size_t)f->n_spans);
         if (!parts) {
@@ -506,7 +538,7 @@ static moe_tensor *mix(moe_model *m, int i, moe_tensor *h, const moe_forward *f,
                             : mom_mix(m, b, i, j, moe_slice(h, 1, t0, t1), f->cache, aux);
             if (!parts[j]) return NULL;
         }
-        y = concat_pieces(parts, f->n_spans);
+        y = concat_pieces(parts, f->n_spans, 1);
     }
     return attn ? moe_matmul(y, C(b->wo)) : y;
 }

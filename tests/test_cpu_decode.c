@@ -41,8 +41,11 @@ static void open_model(moe_model *m, const moe_config *c, moe_dtype compute) {
     m->compute = compute;
 }
 
+/* Token i of the test sequence `seed`. */
+static int32_t tok_at(int i, int seed) { return (i * 7 + seed * 13 + 3) % V; }
+
 static void fill_tokens(int32_t *t, int n, int seed) {
-    for (int i = 0; i < n; i++) t[i] = (i * 7 + seed * 13 + 3) % V;
+    for (int i = 0; i < n; i++) t[i] = tok_at(i, seed);
 }
 
 /* Logits of every position from the training forward (no cache): tokens [B, T] -> out
@@ -253,6 +256,20 @@ static void check_packed(moe_cfg_mixer mixer) {
     CU_ASSERT_EQUAL(moe_decode_state_seq_len(s, 0), 5);
     CU_ASSERT_EQUAL(moe_decode_state_seq_len(s, 2), 6);
     CU_ASSERT_EQUAL(moe_decode_state_seq_len(s, 3), 19);
+    /* a decode step of all three (one token each: MoM runs them as rows of one forward) */
+    int32_t t3[3], p3[3] = {5, 6, 19}, s3[3] = {0, 2, 3};
+    t3[0] = tok_at(5, 1), t3[1] = tok_at(6, 0), t3[2] = tok_at(19, 2); /* sequences 1, 0, 2 go on */
+    const int lens3[3] = {7, 6, 20};
+    float *ref3 = malloc(sizeof(float) * 33 * V), got3[3 * V];
+    alone(d, lens3, 3, ref3);
+    moe_batch b3 = {.n_tokens = 3, .tokens = t3, .pos = p3, .seq = s3, .logits = MOE_LOGITS_LAST};
+    moe_step_reset();
+    CU_ASSERT_EQUAL_FATAL(moe_decoder_forward(d, s, &b3, got3, NULL), MOE_OK);
+    double e3 = fmax(fmax(rel_err_f(got3, ref3 + 12 * V, V), rel_err_f(got3 + V, ref3 + 6 * V, V)),
+                     rel_err_f(got3 + 2 * V, ref3 + 32 * V, V));
+    fprintf(stderr, "  mixer %d: one-token step of three sequences %.3g\n", (int)mixer, e3);
+    CU_ASSERT(e3 < 1e-5);
+    free(ref3);
     moe_decode_state_free(s);
     moe_decoder_close(d);
     moe_model_free(&m);
