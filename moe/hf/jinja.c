@@ -139,7 +139,7 @@ struct moe_jinja {
 static const char *FILTERS[] = {"trim", "length", "count", "tojson", "upper", "lower", "title", "capitalize",
                                 "first", "last", "join", "default", "d", "list", "string", "int", "float",
                                 "abs", "reverse", "items", "replace", "safe", "unique", "selectattr",
-                                "rejectattr", "map", "dictsort", "indent", "wordcount", NULL};
+                                "rejectattr", "map", "dictsort", "indent", "wordcount", "select", "reject", "sort", NULL};
 static const char *TESTS[] = {"defined", "undefined", "none", "string", "number", "integer", "float",
                               "boolean", "true", "false", "mapping", "iterable", "sequence", "callable",
                               "even", "odd", "divisibleby", "eq", "equalto", "==", "ne", "!=", "lt", "<",
@@ -1964,23 +1964,51 @@ static bool run_test(render *r, int line, const char *name, value v, const args 
 
 static value apply_filter(render *r, int line, const char *name, value v, const args *a);
 
-static value select_items(render *r, int line, value seq, const args *a, bool reject) {
+/* selectattr / rejectattr (by_attr: argument 0 names the attribute) and select / reject:
+ * the items whose value passes the named test (or is true when no test is named). */
+static value select_items(render *r, int line, value seq, const args *a, bool reject, bool by_attr) {
     vlist *in = iterate(r, line, seq), *out = mklist(r, in->n);
-    str attr = want_str(r, line, arg(a, 0, NULL, (value){.t = V_NONE}), "selectattr");
-    char an[128];
-    snprintf(an, sizeof an, "%.*s", (int)attr.n, attr.s);
-    value test = arg(a, 1, NULL, (value){.t = V_NONE});
+    char an[128] = "";
+    if (by_attr) {
+        str attr = want_str(r, line, arg(a, 0, NULL, (value){.t = V_NONE}), "selectattr");
+        snprintf(an, sizeof an, "%.*s", (int)attr.n, attr.s);
+    }
+    size_t at = by_attr ? 1 : 0;
+    value test = arg(a, at, NULL, (value){.t = V_NONE});
     char tn[64] = "";
     if (test.t == V_STR) snprintf(tn, sizeof tn, "%.*s", (int)test.s.n, test.s.s);
     if (tn[0] && name_index(TESTS, tn) < 0) rerr(r, line, MOE_ERR_UNSUPPORTED, "test '%s' is not supported", tn);
-    args rest = {a->pos + (a->n > 2 ? 2 : a->n), a->n > 2 ? a->n - 2 : 0, NULL, NULL, 0};
+    args rest = {a->pos + (a->n > at + 1 ? at + 1 : a->n), a->n > at + 1 ? a->n - at - 1 : 0, NULL, NULL, 0};
     out->n = 0;
     for (size_t i = 0; i < in->n; i++) {
-        value x = in->v[i].t == V_DICT ? get_attr(r, line, in->v[i], an) : undef(an);
+        value x = !by_attr ? in->v[i] : in->v[i].t == V_DICT ? get_attr(r, line, in->v[i], an) : undef(an);
         bool pass = tn[0] ? run_test(r, line, tn, x, &rest) : truthy(x);
         if (pass != reject) out->v[out->n++] = in->v[i];
     }
     return list_value(out);
+}
+
+/* sort(reverse=false, case_sensitive=false, attribute=none): a stable insertion sort. */
+static value sort_items(render *r, int line, value seq, const args *a) {
+    vlist *in = iterate(r, line, seq), *l = mklist(r, in->n);
+    memcpy(l->v, in->v, in->n * sizeof *l->v);
+    bool rev = truthy(arg(a, 0, "reverse", mkbool(false))), cs = truthy(arg(a, 1, "case_sensitive", mkbool(false)));
+    value attr = arg(a, 2, "attribute", (value){.t = V_NONE});
+    value *keys = ralloc(r, (l->n + 1) * sizeof *keys);
+    for (size_t i = 0; i < l->n; i++) {
+        value k = l->v[i];
+        if (attr.t == V_STR) k = get_item(r, line, k, attr);
+        keys[i] = k.t == V_STR && !cs ? map_case(r, k.s, 0) : k;
+    }
+    for (size_t i = 1; i < l->n; i++)
+        for (size_t j = i; j > 0; j--) {
+            int c = order(r, line, keys[j - 1], keys[j]);
+            if (rev ? c >= 0 : c <= 0) break;
+            value tk = keys[j], tv = l->v[j];
+            keys[j] = keys[j - 1], l->v[j] = l->v[j - 1];
+            keys[j - 1] = tk, l->v[j - 1] = tv;
+        }
+    return list_value(l);
 }
 
 static value map_items(render *r, int line, value seq, const args *a) {
@@ -2127,15 +2155,13 @@ static value apply_filter(render *r, int line, const char *name, value v, const 
         }
         return list_value(l);
     }
-    case 23: case 24: return select_items(r, line, v, a, name[0] == 'r');
+    case 23: case 24: return select_items(r, line, v, a, name[0] == 'r', true);
     case 25: return map_items(r, line, v, a);
     case 26: return dictsort(r, line, v);
     case 27: return indent_filter(r, line, v, a);
-    case 28: { /* wordcount */
-        str ws = {NULL, 0};
-        (void)ws;
-        return mkint((int64_t)split(r, to_string(r, v).s, NULL, -1, false).l->n);
-    }
+    case 28: return mkint((int64_t)split(r, to_string(r, v).s, NULL, -1, false).l->n); /* wordcount */
+    case 29: case 30: return select_items(r, line, v, a, name[0] == 'r', false);    /* select, reject */
+    case 31: return sort_items(r, line, v, a);
     }
     rerr(r, line, MOE_ERR_UNSUPPORTED, "filter '%s' is not supported", name);
 }

@@ -13,7 +13,8 @@
  *    a if c else b, attribute and item access, slices ([::-1]);
  *  - filters: trim, length / count, tojson (indent), upper, lower, title, capitalize, first, last,
  *    join, default / d, list, string, int, float, abs, reverse, items, replace, safe, unique,
- *    selectattr / rejectattr, map (attribute= or a filter name), dictsort, indent, wordcount;
+ *    selectattr / rejectattr, select / reject, map (attribute= or a filter name), sort, dictsort,
+ *    indent, wordcount;
  *  - tests: defined, undefined, none, string, number, integer, float, boolean, true, false,
  *    mapping, iterable, sequence, callable, even, odd, divisibleby, eq / equalto / ==, ne, lt, le,
  *    gt, ge, in, sameas;
