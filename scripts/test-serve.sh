@@ -6,7 +6,8 @@
 # the official OpenAI client (scripts/serve-client.js: completion, chat, streaming, stop
 # strings, logprobs, batch invariance over concurrent streams); the load script; the chat
 # page in headless Chromium (DOM and screenshot); SIGTERM draining a running stream and
-# exiting 0; one of our checkpoints served with the plain chat format.
+# exiting 0; one of our checkpoints served with the plain chat format; the queue bound (429);
+# no sanitizer report in the server logs (the ASan build runs the same script).
 #   scripts/test-serve.sh path/to/moe WORKDIR NODE_DIR
 set -uo pipefail
 moe=$(realpath "$1")
@@ -168,11 +169,23 @@ for i in $(seq 1 1500); do echo "It was the best of times, it was the worst of t
 ckpt=$(ls run/ckpt-*.h5 2> /dev/null | tail -1)
 if [ -z "$ckpt" ]; then fail "training the tiny checkpoint"; tail -5 train.txt
 else
-  start_server ckpt --checkpoint "$ckpt" --max-tokens-in-flight 4096 --drain-seconds 120
+  start_server ckpt --checkpoint "$ckpt" --max-tokens-in-flight 4096 --drain-seconds 120 --max-batch 2 --max-queue 1
   # "User: Hi\nAssistant:" is 19 bytes = 19 byte tokens
   post "checkpoint: chat in the plain format" 200 '"prompt_tokens":19' /v1/chat/completions \
     '{"messages":[{"role":"user","content":"Hi"}],"max_tokens":8,"temperature":0}'
   post "checkpoint: completion" 200 '"completion_tokens":8' /v1/completions '{"prompt":"It was","max_tokens":8,"temperature":0}'
+  # ---- the queue bound: 2 running, 1 waiting, the rest 429 with Retry-After ----
+  pids=()
+  for i in 1 2 3 4 5 6; do
+    curl -s -o /dev/null -D "hdr$i.txt" -w '%{http_code}' --max-time 120 "$url/v1/completions" \
+      -d '{"prompt":"It was","max_tokens":300,"temperature":0}' > "code$i.txt" &
+    pids+=($!)
+  done
+  wait "${pids[@]}"
+  n200=$(cat code?.txt | grep -o 200 | wc -l); n429=$(cat code?.txt | grep -o 429 | wc -l)
+  if [ "$n200" -ge 3 ] && [ "$n429" -ge 1 ] && [ $((n200 + n429)) = 6 ] && grep -qi '^retry-after: 1' $(grep -l 429 code?.txt | sed 's/code/hdr/')
+  then pass "queue bound: $n200 answered, $n429 told 429 with Retry-After"; else fail "queue bound: $(cat code?.txt)"; fi
+
   # ---- a client that hangs up mid-stream cancels its request ----
   before=$(metric moe_requests_cancelled_total)
   curl -sN --max-time 1 "$url/v1/completions" -d '{"prompt":"Hello","max_tokens":2000,"stream":true,"temperature":0}' > /dev/null
@@ -193,5 +206,6 @@ else
   grep -q "serve: stopping: 1 request in flight" ckpt.err && pass "SIGTERM: said what it waited for" || { fail "drain message"; cat ckpt.err; }
 fi
 
+if grep -l "runtime error\|Sanitizer" ./*.err; then fail "sanitizer reports in the server logs"; fi
 [ "$fails" = 0 ] && echo "all serve checks passed" || echo "$fails serve check(s) failed"
 [ "$fails" = 0 ]
