@@ -910,9 +910,9 @@ static void bpe_word(moe_hf_tokenizer *t, const char *s, size_t n, ivec *out) {
             return;
         }
     }
-    /* at most 4 symbols per byte (byte fallback) */
-    if (!grow((void **)&t->syms, &t->syms_cap, 4 * n + 1, sizeof *t->syms) ||
-        !grow((void **)&t->heap, &t->heap_cap, 4 * n + 1, sizeof *t->heap)) {
+    /* at most one symbol per byte; the heap gets m - 1 pairs, then at most 2 per merge */
+    if (!grow((void **)&t->syms, &t->syms_cap, n + 1, sizeof *t->syms) ||
+        !grow((void **)&t->heap, &t->heap_cap, 3 * n + 1, sizeof *t->heap)) {
         out->oom = true;
         return;
     }
