@@ -60,6 +60,11 @@ start_server hub --model "$fixture" --max-batch 4 --max-queue 32 --timeout 2 --m
 port=${url##*:}
 case "$url" in http://127.0.0.1:*) pass "binds 127.0.0.1 and prints its free port ($port)";; *) fail "listening line: $url";; esac
 
+# ---- the command line ----
+"$moe" serve --help > help.txt && grep -q -- "--max-tokens-in-flight" help.txt && pass "serve --help" || fail "serve --help"
+"$moe" serve > usage.txt 2>&1; [ $? = 2 ] && grep -q "give --model DIR or --checkpoint FILE" usage.txt && pass "no model: exit 2" || fail "no model"
+"$moe" serve --model "$fixture" --port "$port" > busy.txt 2>&1; [ $? = 1 ] && grep -q "cannot listen" busy.txt && pass "port in use: exit 1" || fail "port in use"
+
 # ---- endpoints ----
 http "GET /health" 200 '"ok"' "$url/health"
 http "GET /v1/models" 200 '"qwen3-moe-tiny"' "$url/v1/models"

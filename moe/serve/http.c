@@ -347,9 +347,10 @@ moe_status serve_http_start(serve_http *h, const serve_http_opts *opts, serve_sc
     h->opts = *opts;
     struct sockaddr_in a4 = {.sin_family = AF_INET, .sin_port = htons((uint16_t)opts->port)};
     struct sockaddr_in6 a6 = {.sin6_family = AF_INET6, .sin6_port = htons((uint16_t)opts->port)};
-    bool v6 = strchr(opts->host, ':') != NULL;
-    if (v6 ? inet_pton(AF_INET6, opts->host, &a6.sin6_addr) != 1 : inet_pton(AF_INET, opts->host, &a4.sin_addr) != 1)
-        return moe_error(MOE_ERR_CONFIG, "--host %s is not an IP address", opts->host);
+    const char *host = strcmp(opts->host, "localhost") ? opts->host : "127.0.0.1";
+    bool v6 = strchr(host, ':') != NULL;
+    if (v6 ? inet_pton(AF_INET6, host, &a6.sin6_addr) != 1 : inet_pton(AF_INET, host, &a4.sin_addr) != 1)
+        return moe_error(MOE_ERR_CONFIG, "--host %s is not an IP address (or localhost)", opts->host);
     unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_POLL | MHD_USE_ITC |
                      (v6 ? MHD_USE_IPv6 : 0);
     h->daemon = MHD_start_daemon(flags, (uint16_t)opts->port, NULL, NULL, on_request, h,

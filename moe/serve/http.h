@@ -13,7 +13,7 @@
 #include "moe/serve/sched.h"
 
 typedef struct serve_http_opts {
-    const char *host;       /* an IPv4 or IPv6 address */
+    const char *host;       /* an IPv4 or IPv6 address, or localhost */
     int port;               /* 0: any free port */
     unsigned timeout_s;     /* idle / slow client connection timeout */
     unsigned max_conns;     /* simultaneous connections */
