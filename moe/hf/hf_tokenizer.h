@@ -16,8 +16,10 @@
  * normalized=false on the raw text, the others on the normalised text), the rest is
  * normalised, pre-tokenised (regexes run by PCRE2 in UTF + UCP mode, JIT-compiled) and each
  * pre-token is merged by rank with a heap over a linked list of symbols; the ids of every
- * pre-token of up to 256 bytes are cached. Invalid UTF-8 in the input is not refused: each
- * invalid byte becomes U+FFFD before encoding.
+ * pre-token of up to 256 bytes are cached. Without a pre-tokenizer (SentencePiece style) the
+ * text is one word, cut before each U+2581 when the vocabulary shows no merge can span that
+ * cut. Invalid UTF-8 in the input is not refused: each maximal invalid sequence becomes U+FFFD
+ * (as Python's errors="replace" decoding does) before encoding.
  *
  * A tokenizer is immutable after loading except for its pre-token cache, so encode calls on
  * one tokenizer must not run concurrently (load one per thread instead). */
