@@ -337,6 +337,8 @@ static void *sched_main(void *arg) {
     serve_sched *s = arg;
     pthread_mutex_lock(&s->mu);
     for (;;) {
+        if (s->n_running == 0 && !s->head) /* idle: the gauges say so */
+            serve_metrics_step(s->metrics, 0, 0, 0, s->eng->kv_tokens / MOE_KV_BLOCK);
         while (!s->stop && s->n_running == 0 && !s->head) pthread_cond_wait(&s->cv, &s->mu);
         if (s->stop) break;
         admit(s);
