@@ -634,6 +634,22 @@ static moe_status poll_signals(const trainer *t, moe_signal_watch *w, int *stop_
     return MOE_OK;
 }
 
+/* At a step boundary: a stop signal saves and ends the run (MOE_ERR_INTERRUPTED, the
+ * signal in sum->stop_signal); SIGUSR1 saves and training goes on. */
+static moe_status act_on_signals(trainer *t, moe_signal_watch *w, moe_train_summary *sum) {
+    int sig = 0;
+    bool ask_checkpoint = false;
+    MOE_TRY(poll_signals(t, w, &sig, &ask_checkpoint));
+    if (!sig && !ask_checkpoint) return MOE_OK;
+    if (t->rank == 0)
+        fprintf(stderr, "\nSIG%s: saving a checkpoint at step %lld\n", sig ? signal_name(sig) : "USR1", (long long)t->st.step);
+    MOE_TRY(save_checkpoint(t, sum));
+    if (!sig) return MOE_OK;
+    sum->stop_signal = sig;
+    return moe_error(MOE_ERR_INTERRUPTED, "training stopped by SIG%s at step %lld; resume with --resume %s",
+                     signal_name(sig), (long long)t->st.step, t->dir);
+}
+
 /* A failure every rank saw (forward, backward, evaluation) with the training state
  * intact: save first, then stop with the failure's message. mid_step: the failing step's
  * batch was drawn, so the loader goes back to `step_start` and the grads are dropped. */
@@ -688,21 +704,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
     moe_loader_state step_start = {0};
     while (s == MOE_OK && t.st.step < tc->steps) {
         if (o->stop_after > 0 && t.st.step >= o->stop_after) break;
-        int sig = 0;
-        bool ask_checkpoint = false;
-        if ((s = poll_signals(&t, o->signals, &sig, &ask_checkpoint)) != MOE_OK) break;
-        if (sig) {
-            if (t.rank == 0) fprintf(stderr, "\nSIG%s: saving a checkpoint at step %lld\n", signal_name(sig), (long long)t.st.step);
-            s = save_checkpoint(&t, sum);
-            sum->stop_signal = sig;
-            if (s == MOE_OK) s = moe_error(MOE_ERR_INTERRUPTED, "training stopped by SIG%s at step %lld; resume with --resume %s",
-                                           signal_name(sig), (long long)t.st.step, t.dir);
-            break;
-        }
-        if (ask_checkpoint) {
-            if (t.rank == 0) fprintf(stderr, "\nSIGUSR1: saving a checkpoint at step %lld\n", (long long)t.st.step);
-            if ((s = save_checkpoint(&t, sum)) != MOE_OK) break;
-        }
+        if ((s = act_on_signals(&t, o->signals, sum)) != MOE_OK) break;
         double t0 = (moe_clock_ms() / 1e3);
         moe_dist_reset_stats();
         double lr = moe_lr_at(&sched, t.st.step);
