@@ -219,8 +219,8 @@ static void test_config_template_forms(void) {
         moe_hf_tokenizer *tok = NULL;
         CU_ASSERT_EQUAL_FATAL(moe_hf_tokenizer_load_dir(&tok, config_dir(name, forms[i])), MOE_OK);
         char *text = NULL;
-        CU_ASSERT_EQUAL(moe_hf_apply_chat_template(tok, "[{\"role\": \"user\", \"content\": \"hi\"}]", true, NULL, &text),
-                        MOE_OK);
+        const char *messages = "[{\"role\": \"user\", \"content\": \"hi\"}]";
+        CU_ASSERT_EQUAL(moe_hf_apply_chat_template(tok, messages, true, NULL, &text), MOE_OK);
         CU_ASSERT_STRING_EQUAL(text, "1:<|endoftext|>");
         free(text);
         moe_hf_tokenizer_free(tok);

@@ -1708,7 +1708,8 @@ static moe_status load_post(moe_hf_tokenizer *t, const cJSON *o, const char *pat
             const cJSON *sp = cJSON_GetObjectItemCaseSensitive(e, "SpecialToken");
             if (sp) MOE_TRY(template_ids(specials, jstr(sp, "id") ? jstr(sp, "id") : "", path, &pp->items[i]));
             else if (cJSON_GetObjectItemCaseSensitive(e, "Sequence")) pp->items[i].is_sequence = true;
-            else return bad(MOE_ERR_FORMAT, path, "TemplateProcessing item %zu is neither SpecialToken nor Sequence", i);
+            else
+                return bad(MOE_ERR_FORMAT, path, "TemplateProcessing item %zu is neither SpecialToken nor Sequence", i);
             i++;
         }
         return MOE_OK;
@@ -1884,7 +1885,8 @@ static moe_status load_added(moe_hf_tokenizer *t, const cJSON *arr, const char *
         added_token *a = &t->added[i++];
         const char *content = jstr(e, "content");
         const cJSON *id = cJSON_GetObjectItemCaseSensitive(e, "id");
-        if (!content || !cJSON_IsNumber(id)) return bad(MOE_ERR_FORMAT, path, "added_tokens[%zu] needs content and id", i - 1);
+        if (!content || !cJSON_IsNumber(id))
+            return bad(MOE_ERR_FORMAT, path, "added_tokens[%zu] needs content and id", i - 1);
         a->id = (int32_t)id->valuedouble;
         a->special = jbool(e, "special", false);
         a->lstrip = jbool(e, "lstrip", false);
