@@ -1,13 +1,13 @@
 /* Fuzz target: the HDF5 checkpoint reader (moe_checkpoint_read_config, moe_checkpoint_load,
- * and the generic dataset reader of core/h5file.h that `moe inspect` uses).
+ * whose verification pass reads every dataset through the generic reader of
+ * core/h5file.h, as `moe inspect` does).
  *
  * Input: a checkpoint file. Seeds are checkpoints of the harness's tiny model (below);
  * MOE_FUZZ_SAVE_SEED=PATH makes the harness write a fresh one there at start-up. Each
  * start-up also saves and reloads one, so the harness fails when a valid checkpoint is
  * refused. Checks: a refused file gives a message and never MOE_ERR_OOM (replay.c caps the
  * address space, libFuzzer the allocation size); a loaded one has no negative step
- * counter; every dataset the reader lists can be described, and read back with the
- * shape it reports.
+ * counter; no HDF5 object is left open.
  *
  * Only our code is instrumented: libhdf5 itself (Debian's build) is a black box that
  * the fuzzer drives through our calls. On some damaged files libhdf5 asks malloc for
@@ -61,31 +61,6 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     return 0;
 }
 
-/* Describes every listed dataset and reads it back with the reported shape (up to 1 MiB). */
-static moe_status read_any(const char *name, void *user) {
-    moe_h5 *f = user;
-    moe_h5_dtype dt;
-    int ndim = 0;
-    int64_t shape[MOE_H5_MAX_NDIM];
-    if (moe_h5_shape(f, name, &dt, &ndim, shape) != MOE_OK) {
-        char *text = NULL;
-        if (moe_h5_get_string(f, name, &text) == MOE_OK) free(text);
-        return MOE_OK;
-    }
-    FUZZ_CHECK(ndim >= 0 && ndim <= MOE_H5_MAX_NDIM, "'%s' has rank %d", name, ndim);
-    double bytes = (double)moe_h5_dtype_size(dt);
-    for (int i = 0; i < ndim; i++) {
-        FUZZ_CHECK(shape[i] >= 0, "'%s' has dim %d = %lld", name, i, (long long)shape[i]);
-        bytes *= (double)shape[i];
-    }
-    if (bytes > (1 << 20)) return MOE_OK;
-    void *buf = malloc(bytes > 0 ? (size_t)bytes : 1);
-    FUZZ_CHECK(buf, "out of memory");
-    moe_h5_get_array(f, name, dt, ndim, shape, buf);
-    free(buf);
-    return MOE_OK;
-}
-
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     const char *path = fuzz_write_file("checkpoint", data, size);
     char *text = NULL;
@@ -103,12 +78,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     FUZZ_CHECK(st != MOE_ERR_OOM, "a %zu-byte file ran out of memory: %s", size, moe_last_error());
     FUZZ_CHECK(st != MOE_OK || (ts.step >= 0 && ts.bad_steps >= 0), "loaded step %lld, bad_steps %lld",
                (long long)ts.step, (long long)ts.bad_steps);
-    moe_h5 *f = NULL;
-    if (moe_h5_open(path, &f) == MOE_OK) {
-        FUZZ_CHECK(moe_h5_list(f, "", read_any, f) == MOE_OK || *moe_last_error(),
-                   "list failed without a message");
-        moe_h5_close(f);
-    }
     FUZZ_CHECK(moe_h5_open_object_count() == 0, "%lld HDF5 objects left open",
                (long long)moe_h5_open_object_count());
     return 0;
