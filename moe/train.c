@@ -734,6 +734,8 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
         }
         grad_sync_start(&t.grads, true); /* on every rank, whatever happened: the collectives stay matched */
         if (s == MOE_OK && t.grads.status != MOE_OK) s = moe_error(t.grads.status, "%s", t.grads.msg);
+        if (s == MOE_OK && o->fail_at_step > 0 && t.st.step + 1 == o->fail_at_step)
+            s = moe_error(MOE_ERR_DEVICE, "step %lld failed (moe_train_options.fail_at_step)", (long long)o->fail_at_step);
         s = moe_dist_check_all(s);
         save_first = mid_step = s != MOE_OK; /* every rank failed here together */
         double local_loss = loss;

@@ -17,6 +17,7 @@ typedef struct moe_train_options {
     bool quiet;                /* no progress line */
     bool overwrite;            /* a fresh run may replace the run in checkpoint.dir (deletes its files) */
     int64_t stop_after;        /* > 0: save a checkpoint and stop after this many steps (as if interrupted) */
+    int64_t fail_at_step;      /* > 0 (tests): step N's backward fails, as a device fault would */
     moe_signal_watch *signals; /* stop / checkpoint requests (signals.h), or NULL */
 } moe_train_options;
 

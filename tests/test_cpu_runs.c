@@ -264,12 +264,43 @@ static void test_inputs_checked(void) {
     CU_ASSERT_FALSE(exists(at("in")));
 }
 
+/* A failure in the middle of a step saves the state before that step first, and --resume
+ * then continues with the losses of a run that never failed. */
+static void test_save_on_failure(void) {
+    make_data();
+    moe_config c;
+    tiny(&c, "plain", 6);
+    CU_ASSERT_EQUAL_FATAL(train(&c, NULL, false), MOE_OK);
+    tiny(&c, "fails", 6);
+    moe_train_options o = {.quiet = true, .fail_at_step = 4};
+    moe_train_summary s;
+    CU_ASSERT_EQUAL_FATAL(moe_train_run(&c, &o, &s), MOE_ERR_DEVICE);
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "step 4 failed"));
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "a checkpoint of step 3 was saved first"));
+    CU_ASSERT_TRUE(exists(at("fails/ckpt-000003.h5")));
+    CU_ASSERT_EQUAL_FATAL(train(&c, at("fails"), false), MOE_OK);
+    char line[8192], other[8192];
+    FILE *a = fopen(at("plain/metrics.jsonl"), "r"), *b = fopen(at("fails/metrics.jsonl"), "r");
+    CU_ASSERT_FATAL(a && b);
+    int n = 0;
+    while (fgets(line, sizeof line, a)) {
+        CU_ASSERT_PTR_NOT_NULL_FATAL(fgets(other, sizeof other, b));
+        *strstr(line, ",\"tokens_per_s\"") = *strstr(other, ",\"tokens_per_s\"") = '\0'; /* step, loss, ..., grad_norm */
+        CU_ASSERT_STRING_EQUAL(line, other);
+        n++;
+    }
+    CU_ASSERT_EQUAL(n, 6);
+    fclose(a);
+    fclose(b);
+}
+
 static void register_suites(void) {
     moe_test_add_suite("runs", (moe_test_entry[]){{"signal watcher", test_signal_watch},
                                                    {"fresh run refused, --overwrite", test_fresh_run_refused},
                                                    {"clean-up of this run's files only", test_keep_owned},
                                                    {"resume falls back past a CRC failure", test_resume_fallback},
                                                    {"inputs checked at start-up", test_inputs_checked},
+                                                   {"a failed step saves first", test_save_on_failure},
                                                    {NULL, NULL}});
 }
 
