@@ -88,31 +88,41 @@ int serve_sched_active(serve_sched *s) {
 
 /* ---- publishing (scheduler thread) ---- */
 
-/* Appends a piece text[from, to) (+ lp) and, when `finish`, ends r; wakes the HTTP side. */
-static void publish(serve_sched *s, serve_request *r, size_t to, const serve_logprob *lp, serve_finish finish) {
-    char *text = NULL;
-    if (to > r->sent || lp) {
-        text = malloc(to - r->sent + 1);
-        if (text) {
-            memcpy(text, r->text + r->sent, to - r->sent);
-            text[to - r->sent] = '\0';
-        }
-        r->sent = to;
-    }
-    pthread_mutex_lock(&s->mu);
-    if (text && r->n_pieces == r->cap_pieces) {
+static void leave(serve_sched *s, serve_request *r);
+
+/* Stores a piece (caller holds s->mu); false when out of memory. */
+static bool store_piece(serve_request *r, char *text, const serve_logprob *lp) {
+    if (!text) return false;
+    if (r->n_pieces == r->cap_pieces) {
         int cap = r->cap_pieces ? 2 * r->cap_pieces : 16;
         serve_piece *p = realloc(r->pieces, sizeof *p * (size_t)cap);
-        if (p) {
-            r->pieces = p;
-            r->cap_pieces = cap;
+        if (!p) {
+            free(text);
+            return false;
         }
+        r->pieces = p;
+        r->cap_pieces = cap;
     }
-    if (text && r->n_pieces < r->cap_pieces) r->pieces[r->n_pieces++] = (serve_piece){.text = text, .lp = lp ? *lp : (serve_logprob){0}};
-    else if (text) {
-        free(text);
+    r->pieces[r->n_pieces++] = (serve_piece){.text = text, .lp = lp ? *lp : (serve_logprob){0}};
+    return true;
+}
+
+/* Publishes r->text[sent, to) (+ lp) as a piece and, when `finish`, ends r; wakes the
+ * HTTP side. Out of memory ends r with an error. Returns whether r runs on (if not, r may
+ * be gone). */
+static bool publish(serve_sched *s, serve_request *r, size_t to, const serve_logprob *lp, serve_finish finish) {
+    bool want = to > r->sent || lp;
+    char *text = NULL;
+    if (want && (text = malloc(to - r->sent + 1))) {
+        if (to > r->sent) memcpy(text, r->text + r->sent, to - r->sent);
+        text[to - r->sent] = '\0';
+    }
+    r->sent = to;
+    pthread_mutex_lock(&s->mu);
+    if (want && !store_piece(r, text, lp)) {
         finish = SERVE_FINISH_ERROR;
-        snprintf(r->error, sizeof r->error, "out of memory");
+        snprintf(r->error, sizeof r->error, "out of memory for the generated text");
+        leave(s, r);
     }
     if (finish != SERVE_RUNNING) {
         r->finish = finish;
@@ -121,6 +131,7 @@ static void publish(serve_sched *s, serve_request *r, size_t to, const serve_log
     pthread_cond_broadcast(&r->cv);
     if (finish != SERVE_RUNNING) unref(r);
     pthread_mutex_unlock(&s->mu);
+    return finish == SERVE_RUNNING;
 }
 
 /* Gives r's slot back (scheduler thread). */
@@ -212,8 +223,7 @@ static void next_token(serve_sched *s, serve_request *r, const float *row) {
     size_t end = safe_end(r, eos || length, &stopped);
     serve_finish fin = stopped || eos ? SERVE_FINISH_STOP : length ? SERVE_FINISH_LENGTH : SERVE_RUNNING;
     if (fin != SERVE_RUNNING) leave(s, r);
-    publish(s, r, end, eos ? NULL : lpp, fin);
-    if (fin == SERVE_RUNNING) r->last = tok;
+    if (publish(s, r, end, eos ? NULL : lpp, fin)) r->last = tok;
 }
 
 /* ---- admission and batches ---- */
