@@ -315,8 +315,7 @@ static void regex_free(regex *re) {
 /* The regex dialects of tokenizer.json (Oniguruma, Rust) write \uXXXX; PCRE2 wants \x{XXXX}. */
 static void translate_pattern(sbuf *out, const char *p, size_t n) {
     for (size_t i = 0; i < n; i++) {
-        if (p[i] == '\\' && i + 1 < n && p[i + 1] == 'u' && i + 5 < n + 0 &&
-            strspn(p + i + 2, "0123456789abcdefABCDEF") >= 4) {
+        if (p[i] == '\\' && i + 5 < n && p[i + 1] == 'u' && strspn(p + i + 2, "0123456789abcdefABCDEF") >= 4) {
             sb_adds(out, "\\x{");
             sb_add(out, p + i + 2, 4);
             sb_adds(out, "}");
@@ -688,9 +687,14 @@ static void normalize(const normalizer *nz, const char *s, size_t n, sbuf *out, 
                 break;
             }
             sb_add(out, s + at, ms - at);
-            if (me > ms) sb_adds(out, nz->content);
-            else if (ms < n) sb_add(out, s + ms, utf8_len_at(s + ms, n - ms)), me = ms + utf8_len_at(s + ms, n - ms);
+            if (ms >= n) break; /* no match is looked for at the very end */
+            sb_adds(out, nz->content);
             at = me;
+            if (me == ms) { /* an empty match: keep the next character and search after it */
+                size_t k = utf8_len_at(s + ms, n - ms);
+                sb_add(out, s + ms, k);
+                at += k;
+            }
         }
         return;
     case NORM_NFC: normalize_unicode(out, s, n, UTF8PROC_COMPOSE); return;
