@@ -422,6 +422,18 @@ static void test_normalizers(void) {
     moe_token_buf_free(&a);
     moe_token_buf_free(&b);
     moe_hf_tokenizer_free(nrm);
+    /* Replace with a regex: runs of spaces become one */
+    nrm = olmoe_with("replace.json", "normalizer",
+                     "{\"type\":\"Replace\",\"pattern\":{\"Regex\":\" {2,}\"},\"content\":\" \"}");
+    CU_ASSERT_TRUE(same_ids(nrm, base, "the jury said it did"));
+    moe_token_buf x = {0}, y = {0};
+    CU_ASSERT_EQUAL(moe_hf_encode(nrm, "the   jury  said", 16, false, &x), MOE_OK);
+    CU_ASSERT_EQUAL(moe_hf_encode(base, "the jury said", 13, false, &y), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(x.len, y.len);
+    CU_ASSERT_EQUAL(memcmp(x.data, y.data, x.len * sizeof *x.data), 0);
+    moe_token_buf_free(&x);
+    moe_token_buf_free(&y);
+    moe_hf_tokenizer_free(nrm);
     moe_hf_tokenizer_free(base);
 }
 
