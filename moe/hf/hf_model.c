@@ -53,7 +53,7 @@ static const moe_st_view *lookup(loader *L, const char *const *names) {
 }
 
 static const float *as_f32(loader *L, const moe_st_view *v) {
-    if (v->dtype == MOE_ST_F32) return v->data;
+    if (v->dtype == MOE_ST_F32 && (uintptr_t)v->data % sizeof(float) == 0) return v->data;
     int64_t n = moe_st_numel(v);
     if (n > L->scratch_n) {
         free(L->scratch);

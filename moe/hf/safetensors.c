@@ -258,13 +258,19 @@ static float f16_to_f32(uint16_t h) {
     return v.f;
 }
 
+/* Element i of 2-byte values at p (the format does not promise aligned data). */
+static uint16_t half_at(const void *p, int64_t i) {
+    uint16_t h;
+    memcpy(&h, (const char *)p + 2 * i, 2);
+    return h;
+}
+
 moe_status moe_st_read_f32(const moe_st_view *v, float *out) {
     int64_t n = moe_st_numel(v);
-    const uint16_t *h = v->data;
     switch (v->dtype) {
     case MOE_ST_F32: memcpy(out, v->data, v->nbytes); return MOE_OK;
-    case MOE_ST_BF16: for (int64_t i = 0; i < n; i++) out[i] = moe_bf16_to_f32(h[i]); return MOE_OK;
-    case MOE_ST_F16: for (int64_t i = 0; i < n; i++) out[i] = f16_to_f32(h[i]); return MOE_OK;
+    case MOE_ST_BF16: for (int64_t i = 0; i < n; i++) out[i] = moe_bf16_to_f32(half_at(v->data, i)); return MOE_OK;
+    case MOE_ST_F16: for (int64_t i = 0; i < n; i++) out[i] = f16_to_f32(half_at(v->data, i)); return MOE_OK;
     default:
         return moe_error(MOE_ERR_FORMAT, "%s: tensor '%s' is %s (expected a float dtype: F32, BF16 or F16)", v->file,
                          v->name, dtype_names[v->dtype]);
@@ -275,7 +281,11 @@ moe_status moe_st_read_i64(const moe_st_view *v, int64_t *out) {
     int64_t n = moe_st_numel(v);
     if (v->dtype == MOE_ST_I64) memcpy(out, v->data, v->nbytes);
     else if (v->dtype == MOE_ST_I32)
-        for (int64_t i = 0; i < n; i++) out[i] = ((const int32_t *)v->data)[i];
+        for (int64_t i = 0; i < n; i++) {
+            int32_t x;
+            memcpy(&x, (const char *)v->data + 4 * i, 4);
+            out[i] = x;
+        }
     else
         return moe_error(MOE_ERR_FORMAT, "%s: tensor '%s' is %s (expected I64 or I32)", v->file, v->name,
                          dtype_names[v->dtype]);
