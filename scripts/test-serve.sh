@@ -201,8 +201,10 @@ else
   sleep 1
   g1=$(metric moe_generated_tokens_total); sleep 0.5; g2=$(metric moe_generated_tokens_total)
   after=$(metric moe_requests_cancelled_total)
-  if [ "$after" -gt "$before" ] && [ "$g1" = "$g2" ]; then pass "a hung-up stream is cancelled and stops generating"
-  else fail "hang-up: cancelled $before -> $after, generated $g1 -> $g2"; fi
+  blocks=$(metric moe_kv_blocks_used)
+  if [ "$after" -gt "$before" ] && [ "$g1" = "$g2" ] && [ "$blocks" = 0 ]; then
+    pass "a hung-up stream is cancelled, stops generating and frees its KV blocks"
+  else fail "hang-up: cancelled $before -> $after, generated $g1 -> $g2, KV blocks used $blocks"; fi
 
   # ---- SIGTERM drains a running stream and exits 0 ----
   curl -sN --max-time 180 "$url/v1/completions" -d '{"prompt":"Hello","max_tokens":1000,"stream":true,"temperature":0}' > drain.txt &

@@ -320,16 +320,20 @@ static int build_batch(serve_sched *s, int *n_tokens) {
     return rows;
 }
 
+/* KV blocks the engine's pool has handed out. */
+static int64_t blocks_used(serve_sched *s) {
+    int64_t free_tok = s->eng->free_tokens(s->eng->impl);
+    return free_tok >= s->eng->kv_tokens ? 0 : (s->eng->kv_tokens - free_tok) / MOE_KV_BLOCK;
+}
+
 /* One forward of the running requests and what follows from it. */
 static void step(serve_sched *s) {
     int nt = 0, rows = build_batch(s, &nt);
     if (rows == 0) return;
     moe_batch b = {.n_tokens = nt, .tokens = s->b_tokens, .pos = s->b_pos, .seq = s->b_seq, .logits = MOE_LOGITS_LAST};
     moe_status st = s->eng->forward(s->eng->impl, &b, s->logits);
-    int64_t free_tok = s->eng->free_tokens(s->eng->impl);
-    int64_t total = s->eng->kv_tokens / MOE_KV_BLOCK, used = free_tok >= s->eng->kv_tokens ? 0 : total - free_tok / MOE_KV_BLOCK;
     pthread_mutex_lock(&s->mu);
-    serve_metrics_step(s->metrics, s->n_queued, rows, used, total);
+    serve_metrics_step(s->metrics, s->n_queued, rows, blocks_used(s), s->eng->kv_tokens / MOE_KV_BLOCK);
     pthread_mutex_unlock(&s->mu);
     for (int i = 0; i < rows; i++) {
         serve_request *r = s->b_rows[i];
@@ -348,7 +352,7 @@ static void *sched_main(void *arg) {
     pthread_mutex_lock(&s->mu);
     for (;;) {
         if (s->n_running == 0 && !s->head) /* idle: the gauges say so */
-            serve_metrics_step(s->metrics, 0, 0, 0, s->eng->kv_tokens / MOE_KV_BLOCK);
+            serve_metrics_step(s->metrics, 0, 0, blocks_used(s), s->eng->kv_tokens / MOE_KV_BLOCK);
         while (!s->stop && s->n_running == 0 && !s->head) pthread_cond_wait(&s->cv, &s->mu);
         if (s->stop) break;
         admit(s);
