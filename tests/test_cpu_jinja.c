@@ -239,6 +239,19 @@ static void test_config_template_forms(void) {
     CU_ASSERT_PTR_NULL(tok);
     CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "tokenizer_config.json:"));
     CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "endif"));
+    /* chat_template.jinja wins over the config's field, and its errors name it */
+    dir = config_dir("file", "{\"chat_template\": \"from the config\"}");
+    char path[800];
+    snprintf(path, sizeof path, "%s/chat_template.jinja", dir);
+    write_file(path, "{{ messages|length }}\n{{ x|nosuchfilter }}");
+    CU_ASSERT_EQUAL(moe_hf_tokenizer_load_dir(&tok, dir), MOE_ERR_UNSUPPORTED);
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "chat_template.jinja:2: filter 'nosuchfilter' is not supported"));
+    write_file(path, "file: {{ messages|length }}");
+    CU_ASSERT_EQUAL_FATAL(moe_hf_tokenizer_load_dir(&tok, dir), MOE_OK);
+    CU_ASSERT_EQUAL(moe_hf_apply_chat_template(tok, "[{}, {}]", false, NULL, &text), MOE_OK);
+    CU_ASSERT_STRING_EQUAL(text, "file: 2");
+    free(text);
+    moe_hf_tokenizer_free(tok);
 }
 
 /* ---------- errors ---------- */
