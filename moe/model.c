@@ -18,12 +18,13 @@ static moe_status add_param(moe_model *m, moe_tensor *t, const char *name, bool 
     return MOE_OK;
 }
 
-/* Drawn on the host (STEP, handed back at once: init never holds a second copy of the
- * model in the arena), then moved to the device. */
+/* Drawn on the host, in place for a CPU model; for a device, in STEP memory handed back at
+ * once (init never holds a second copy of the model), then moved. */
 static moe_tensor *randn_param(moe_model *m, const char *name, int ndim, const int64_t *shape, double std) {
+    uint64_t seed = moe_param_seed((uint64_t)m->cfg.train.seed, name);
+    if (m->dev == MOE_CPU) return moe_tensor_randn(MOE_LIFE_PERSIST, MOE_CPU, MOE_F32, ndim, shape, seed, 0, std);
     moe_mem_mark mark = moe_mem_step_mark(MOE_CPU);
-    moe_tensor *h = moe_tensor_randn(MOE_LIFE_STEP, MOE_CPU, MOE_F32, ndim, shape,
-                                     moe_param_seed((uint64_t)m->cfg.train.seed, name), 0, std);
+    moe_tensor *h = moe_tensor_randn(MOE_LIFE_STEP, MOE_CPU, MOE_F32, ndim, shape, seed, 0, std);
     moe_tensor *t = h ? moe_tensor_to(h, m->dev, MOE_LIFE_PERSIST) : NULL;
     moe_mem_step_release(MOE_CPU, mark);
     return t;

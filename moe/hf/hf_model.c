@@ -18,8 +18,8 @@ typedef struct loader {
     const char *dir;
     moe_st_set set;
     bool **used;      /* [file][tensor] */
-    float *scratch;   /* one widened tensor (bf16 / f16 sources) */
-    int64_t scratch_n;
+    float *row;       /* one widened row of a tensor */
+    int64_t row_cap;
     const moe_hf_info *info;
     bool exporting;   /* collect the tensors into `entries` instead of reading them */
     export_entry *entries;
@@ -52,19 +52,19 @@ static const moe_st_view *lookup(loader *L, const char *const *names) {
     return NULL;
 }
 
-static const float *as_f32(loader *L, const moe_st_view *v) {
-    if (v->dtype == MOE_ST_F32 && (uintptr_t)v->data % sizeof(float) == 0) return v->data;
-    int64_t n = moe_st_numel(v);
-    if (n > L->scratch_n) {
-        free(L->scratch);
-        L->scratch = malloc(sizeof(float) * (size_t)n);
-        L->scratch_n = L->scratch ? n : 0;
-        if (!L->scratch) {
+/* Row r of W [rows, in] widened to f32 (a view into the mapping when it is aligned f32). */
+static const float *row_f32(loader *L, const moe_st_view *v, int64_t r, int64_t in) {
+    if (v->dtype == MOE_ST_F32 && (uintptr_t)v->data % sizeof(float) == 0) return (const float *)v->data + r * in;
+    if (in > L->row_cap) {
+        free(L->row);
+        L->row = malloc(sizeof(float) * (size_t)in);
+        L->row_cap = L->row ? in : 0;
+        if (!L->row) {
             moe_error(MOE_ERR_OOM, "%s: out of host memory widening tensor '%s'", v->file, v->name);
             return NULL;
         }
     }
-    return moe_st_read_f32(v, L->scratch) == MOE_OK ? L->scratch : NULL;
+    return moe_st_read_f32_range(v, r * in, in, L->row) == MOE_OK ? L->row : NULL;
 }
 
 /* One tensor for export: names[0] of shape [rows, cols] (cols 0: [rows]), read back from d. */
@@ -103,11 +103,10 @@ static moe_status put(loader *L, const char *const *names, int64_t rows, int64_t
         return moe_error(MOE_ERR_FORMAT, "%s: tensor '%s' has shape %s; config.json implies [%lld%s%.0lld]", v->file,
                          v->name, got, (long long)rows, cols ? ", " : "", (long long)cols);
     }
-    const float *w = as_f32(L, v);
-    if (!w) return moe_last_status();
     int64_t in = cols ? cols : 1;
     for (int64_t o = 0; o < rows; o++) {
-        const float *src = w + (d.row_map ? d.row_map[o] : o) * in;
+        const float *src = row_f32(L, v, d.row_map ? d.row_map[o] : o, in);
+        if (!src) return moe_last_status();
         if (d.transpose)
             for (int64_t i = 0; i < in; i++) d.dst[i * d.ld + d.col0 + o] = src[i];
         else
@@ -306,7 +305,7 @@ moe_status moe_hf_load(const char *dir, moe_model *m, moe_hf_info *info) {
     if (s == MOE_OK) s = load_all(&L, m);
     for (int f = 0; L.used && f < L.set.n_files; f++) free(L.used[f]);
     free(L.used);
-    free(L.scratch);
+    free(L.row);
     moe_st_set_close(&L.set);
     if (s != MOE_OK) moe_model_free(m);
     return s;

@@ -265,17 +265,22 @@ static uint16_t half_at(const void *p, int64_t i) {
     return h;
 }
 
-moe_status moe_st_read_f32(const moe_st_view *v, float *out) {
-    int64_t n = moe_st_numel(v);
+moe_status moe_st_read_f32_range(const moe_st_view *v, int64_t first, int64_t n, float *out) {
+    MOE_ASSERT(first >= 0 && n >= 0 && first + n <= moe_st_numel(v), "range [%lld, +%lld) outside tensor '%s'",
+               (long long)first, (long long)n, v->name);
     switch (v->dtype) {
-    case MOE_ST_F32: memcpy(out, v->data, v->nbytes); return MOE_OK;
-    case MOE_ST_BF16: for (int64_t i = 0; i < n; i++) out[i] = moe_bf16_to_f32(half_at(v->data, i)); return MOE_OK;
-    case MOE_ST_F16: for (int64_t i = 0; i < n; i++) out[i] = f16_to_f32(half_at(v->data, i)); return MOE_OK;
+    case MOE_ST_F32: memcpy(out, (const char *)v->data + 4 * first, sizeof(float) * (size_t)n); return MOE_OK;
+    case MOE_ST_BF16:
+        for (int64_t i = 0; i < n; i++) out[i] = moe_bf16_to_f32(half_at(v->data, first + i));
+        return MOE_OK;
+    case MOE_ST_F16: for (int64_t i = 0; i < n; i++) out[i] = f16_to_f32(half_at(v->data, first + i)); return MOE_OK;
     default:
         return moe_error(MOE_ERR_FORMAT, "%s: tensor '%s' is %s (expected a float dtype: F32, BF16 or F16)", v->file,
                          v->name, dtype_names[v->dtype]);
     }
 }
+
+moe_status moe_st_read_f32(const moe_st_view *v, float *out) { return moe_st_read_f32_range(v, 0, moe_st_numel(v), out); }
 
 moe_status moe_st_read_i64(const moe_st_view *v, int64_t *out) {
     int64_t n = moe_st_numel(v);

@@ -59,6 +59,8 @@ const moe_st_view *moe_st_set_find(const moe_st_set *s, const char *name);
 
 /* The tensor widened to f32 (F32 / BF16 / F16; out holds numel floats). */
 moe_status moe_st_read_f32(const moe_st_view *v, float *out);
+/* Elements [first, first + n) (row-major) widened to f32 into out. */
+moe_status moe_st_read_f32_range(const moe_st_view *v, int64_t first, int64_t n, float *out);
 /* The tensor as int64 (I64 / I32). */
 moe_status moe_st_read_i64(const moe_st_view *v, int64_t *out);
 /* Drops the tensor's pages from this process's resident memory (they are re-read from
