@@ -571,6 +571,34 @@ static void test_export_round_trip(void) {
     moe_step_reset();
 }
 
+/* The comparison can fail: a fixture whose config.json misstates one feature (the rope
+ * order of MLA, gate renormalisation) gives logits far outside the bar. */
+static void test_misread_feature_caught(void) {
+    tmp = moe_test_tmpdir("hf-misread");
+    const char *cases[][4] = {{"deepseek-v3-tiny", "\"rope_interleave\": true", "\"rope_interleave\": false", "rope"},
+                              {"qwen2-moe-tiny", "\"norm_topk_prob\": false", "\"norm_topk_prob\": true", "renorm"},
+                              {"olmoe-tiny", "\"norm_topk_prob\": false", "\"norm_topk_prob\": true", "renorm2"}};
+    for (int c = 0; c < 3; c++) {
+        char *cfg = edited_config(cases[c][0], cases[c][1], cases[c][2]);
+        const char *dir = copy_fixture(cases[c][0], cases[c][3], cfg);
+        free(cfg);
+        moe_model m;
+        moe_hf_info info;
+        CU_ASSERT_EQUAL_FATAL(moe_hf_load(dir, &m, &info), MOE_OK);
+        expected e;
+        read_expected(fixture_dir(cases[c][0]), &e);
+        int V = m.cfg.model.vocab_size, pad;
+        float *out = malloc(sizeof(float) * 24 * (size_t)V);
+        int32_t *route = malloc(sizeof(int32_t) * 24 * (size_t)(m.cfg.model.top_k * m.cfg.model.n_layers));
+        double err = row_err(&m, &e, 0, 0, out, route, &pad);
+        CU_ASSERT(err > 1e-3);
+        free(out), free(route), free(e.logits);
+        moe_st_close(&e.f);
+        moe_model_free(&m);
+        moe_step_reset();
+    }
+}
+
 static void register_suites(void) {
     moe_test_add_suite("hf_model", (moe_test_entry[]){{"peak host memory of a load", test_load_peak_memory},
                                                        {"mixtral", test_mixtral},
@@ -578,6 +606,7 @@ static void register_suites(void) {
                                                        {"qwen2-moe", test_qwen2_moe},
                                                        {"qwen3-moe", test_qwen3_moe},
                                                        {"deepseek-v3", test_deepseek_v3},
+                                                       {"a misread feature is caught", test_misread_feature_caught},
                                                        {"malformed safetensors files", test_bad_files},
                                                        {"malformed hub folders", test_bad_folders},
                                                        {"gradcheck: mha features", test_gradcheck_mha_features},
