@@ -1,0 +1,142 @@
+/* The decoder on CUDA: the same model (weights drawn on the host from the same seed)
+ * decoded with paged KV blocks and recurrent states on the GPU gives the CPU decoder's
+ * logits in f32, and in bf16 (weights cast once) the CUDA training forward's; a packed
+ * prefill of three sequences, then one-token steps of all three. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/autograd.h"
+#include "core/memory.h"
+#include "core/ops.h"
+#include "moe/infer/decoder.h"
+#include "moe/model.h"
+#include "tests/harness/testlib.h"
+
+enum { V = 48, N_TOK = 22 };
+
+static void config(moe_config *c, bool mla, moe_device dev) {
+    moe_config_defaults(c);
+    c->model.vocab_size = V;
+    c->model.d_model = 32;
+    c->model.n_layers = 3;
+    c->model.n_heads = 4;
+    c->model.seq_len = 64;
+    c->model.ffn_dim = 16;
+    c->model.n_experts = 4;
+    c->model.top_k = 2;
+    c->model.init_std = 0.2;
+    c->model.mom_heads = 2;
+    c->model.mixer = (moe_yaml_list){.count = 3, .values = {MOE_CFG_MIXER_ATTENTION, MOE_CFG_MIXER_GDN,
+                                                            MOE_CFG_MIXER_ATTENTION}};
+    if (mla) {
+        c->model.attention = MOE_CFG_ATTENTION_MLA;
+        c->model.kv_lora_rank = 8;
+        c->model.q_lora_rank = 12;
+        c->model.qk_nope_dim = 6;
+        c->model.qk_rope_dim = 4;
+        c->model.v_head_dim = 12;
+    }
+    c->train.device = dev == MOE_CUDA ? MOE_CFG_DEVICE_CUDA : MOE_CFG_DEVICE_CPU;
+}
+
+static const int lens[3] = {7, 3, 12};
+
+/* Token t of sequence q: its prompt, then the tokens of the four steps. */
+static int32_t token(int q, int t) {
+    int at = q == 0 ? 0 : q == 1 ? lens[0] : lens[0] + lens[1];
+    return t < lens[q] ? (int32_t)(((at + t) * 11 + 5) % V) : (int32_t)(((t - lens[q] + 1) * 7 + q * 3) % V);
+}
+
+/* Three sequences: a packed prefill (7, 3, 12 tokens, LAST rows) then four one-token steps
+ * of all three; the logits of every call into out [(1 + 4) * 3, V]. */
+static void run(moe_model *m, moe_dtype dt, float *out) {
+    moe_decoder *d;
+    moe_decode_state *s;
+    CU_ASSERT_EQUAL_FATAL(moe_decoder_open(m, dt, &d), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(moe_decode_state_create(d, 3, 96, &s), MOE_OK);
+    int32_t tok[N_TOK], pos[N_TOK], seq[N_TOK];
+    int at = 0;
+    for (int q = 0; q < 3; q++)
+        for (int t = 0; t < lens[q]; t++, at++) tok[at] = token(q, t), pos[at] = t, seq[at] = q;
+    moe_batch b = {.n_tokens = N_TOK, .tokens = tok, .pos = pos, .seq = seq, .logits = MOE_LOGITS_LAST};
+    moe_step_reset();
+    CU_ASSERT_EQUAL_FATAL(moe_decoder_forward(d, s, &b, out, NULL), MOE_OK);
+    for (int step = 1; step <= 4; step++) {
+        int32_t t3[3], p3[3], s3[3] = {0, 1, 2};
+        for (int q = 0; q < 3; q++) t3[q] = token(q, lens[q] + step - 1), p3[q] = lens[q] + step - 1;
+        moe_batch bs = {.n_tokens = 3, .tokens = t3, .pos = p3, .seq = s3, .logits = MOE_LOGITS_LAST};
+        moe_step_reset();
+        CU_ASSERT_EQUAL_FATAL(moe_decoder_forward(d, s, &bs, out + (int64_t)step * 3 * V, NULL), MOE_OK);
+    }
+    moe_decode_state_free(s);
+    moe_decoder_close(d);
+    moe_step_reset();
+}
+
+/* The same rows from the training forward of each whole sequence, in m->compute. */
+static void run_full(moe_model *m, float *out) {
+    bool was = moe_grad_set_enabled(false);
+    for (int q = 0; q < 3; q++) {
+        int T = lens[q] + 4;
+        int32_t tok[16];
+        for (int t = 0; t < T; t++) tok[t] = token(q, t);
+        moe_step_reset();
+        moe_tensor *ids = moe_tensor_from_host(MOE_LIFE_STEP, m->dev, MOE_I32, 2, (int64_t[]){1, T}, tok);
+        moe_forward f = {.mode = MOE_FORWARD_TRAIN, .B = 1, .T = T};
+        moe_tensor *lg = moe_cast(moe_matmul(moe_model_forward(m, ids, &f), moe_transpose(moe_model_head(m), 0, 1)),
+                                  MOE_F32);
+        moe_tensor *h = lg ? moe_tensor_to(lg, MOE_CPU, MOE_LIFE_STEP) : NULL;
+        CU_ASSERT_PTR_NOT_NULL_FATAL(h);
+        for (int step = 0; step <= 4; step++) /* after the prompt, then after each step */
+            memcpy(out + ((int64_t)step * 3 + q) * V, (float *)h->data + (int64_t)(lens[q] - 1 + step) * V,
+                   sizeof(float) * V);
+    }
+    moe_grad_set_enabled(was);
+    moe_step_reset();
+}
+
+static double rel_err(const float *a, const float *b, int64_t n) {
+    double d = 0, s = 0;
+    for (int64_t i = 0; i < n; i++) {
+        d = fmax(d, fabs((double)a[i] - b[i]));
+        s = fmax(s, fabs((double)b[i]));
+    }
+    return d / s;
+}
+
+static void check(bool mla) {
+    moe_config cc, gc;
+    config(&cc, mla, MOE_CPU);
+    config(&gc, mla, MOE_CUDA);
+    CU_ASSERT_EQUAL_FATAL(moe_config_validate(&cc), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(moe_config_validate(&gc), MOE_OK);
+    moe_model cpu, gpu;
+    CU_ASSERT_EQUAL_FATAL(moe_model_init(&cpu, &cc, 0, 1), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(moe_model_init(&gpu, &gc, 0, 1), MOE_OK);
+    float ref[15 * V], f32[15 * V], bf16[15 * V], full16[15 * V];
+    run(&cpu, MOE_F32, ref);
+    run(&gpu, MOE_F32, f32);
+    run(&gpu, MOE_BF16, bf16);
+    gpu.compute = MOE_BF16;
+    run_full(&gpu, full16);
+    double e32 = rel_err(f32, ref, 15 * V), e16 = rel_err(bf16, full16, 15 * V);
+    fprintf(stderr, "  %s: CUDA decode vs the CPU's in f32 %.3g; in bf16 vs the CUDA training forward %.3g\n",
+            mla ? "mla" : "mha + gdn", e32, e16);
+    CU_ASSERT(e32 < 1e-3);
+    CU_ASSERT(e16 < 3e-2);
+    moe_model_free(&cpu);
+    moe_model_free(&gpu);
+}
+
+static void test_mha_gdn(void) { check(false); }
+static void test_mla(void) { check(true); }
+
+static void register_suites(void) {
+    moe_test_add_suite("cuda_decode", (moe_test_entry[]){{"decode on CUDA == CPU, mha + gdn", test_mha_gdn},
+                                                          {"decode on CUDA == CPU, mla", test_mla},
+                                                          {NULL, NULL}});
+}
+
+int main(int argc, char **argv) { return moe_test_main(argc, argv, register_suites); }
