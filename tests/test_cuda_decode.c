@@ -1,7 +1,7 @@
 /* The decoder on CUDA: the same model (weights drawn on the host from the same seed)
  * decoded with paged KV blocks and recurrent states on the GPU gives the CPU decoder's
- * logits in f32, and in bf16 (weights cast once) the CUDA training forward's; a packed
- * prefill of three sequences, then one-token steps of all three. */
+ * logits in f32, and in bf16 (weights cast once) comes no further from them than the bf16
+ * training forward; a packed prefill of three sequences, then one-token steps of all three. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -121,11 +121,13 @@ static void check(bool mla) {
     run(&gpu, MOE_BF16, bf16);
     gpu.compute = MOE_BF16;
     run_full(&gpu, full16);
-    double e32 = rel_err(f32, ref, 15 * V), e16 = rel_err(bf16, full16, 15 * V);
-    fprintf(stderr, "  %s: CUDA decode vs the CPU's in f32 %.3g; in bf16 vs the CUDA training forward %.3g\n",
-            mla ? "mla" : "mha + gdn", e32, e16);
+    /* bf16 differs from f32 by its rounding (and the routing flips it causes): decoding in
+     * bf16 must be no further from the CPU's f32 than the training forward in bf16 is */
+    double e32 = rel_err(f32, ref, 15 * V), e16 = rel_err(bf16, ref, 15 * V), t16 = rel_err(full16, ref, 15 * V);
+    fprintf(stderr, "  %s: CUDA decode vs the CPU's, f32 %.3g; bf16 %.3g (the bf16 training forward: %.3g)\n",
+            mla ? "mla" : "mha + gdn", e32, e16, t16);
     CU_ASSERT(e32 < 1e-3);
-    CU_ASSERT(e16 < 3e-2);
+    CU_ASSERT(e16 < 2 * t16 + 1e-2);
     moe_model_free(&cpu);
     moe_model_free(&gpu);
 }
