@@ -15,13 +15,18 @@
  * time, so nothing is reserved for a maximum length. moe_decode_state_seq_free gives a
  * sequence's blocks back to the pool and restarts its recurrent state.
  *
+ * Cost: every projection, router and expert runs once over all the batch's tokens; the
+ * attention runs sequence by sequence over the sequence's keys gathered from its blocks
+ * (a first, CPU-friendly form: no paged-attention kernel yet), MoM / GDN layers as one
+ * forward when the sequences bring equally many tokens (a decode step), else one by one.
+ *
  * Typical use (one thread; every call may use the step arena: moe_step_reset between
  * batches is the caller's):
  *   moe_decoder *d; moe_decode_state *s;
  *   moe_decoder_open(&model, MOE_F32, &d);
  *   moe_decode_state_create(d, 8, 4096, &s);
  *   moe_batch b = {.n_tokens = n, .tokens = ids, .pos = pos, .seq = seq, .logits = MOE_LOGITS_LAST};
- *   moe_decoder_forward(d, s, &b, logits);        -> logits [n_seqs in b, V]
+ *   moe_decoder_forward(d, s, &b, logits, NULL);  -> logits [n_seqs in b, V]
  *   moe_decode_state_seq_free(s, seq);            -> when a request ends
  *   moe_decode_state_free(s); moe_decoder_close(d); */
 #ifndef MOE_INFER_DECODER_H
