@@ -533,6 +533,23 @@ static void test_train_after_generate(void) {
     check_train_after_generate(MOE_CFG_MIXER_MOM);
 }
 
+/* Loading a model (for generation too) does not time the experts, even under latency
+ * balancing: the trainer asks for that (moe_model_measure_latency). */
+static void test_init_does_not_time(void) {
+    moe_config c;
+    small_config(&c, MOE_CFG_MIXER_ATTENTION);
+    c.router.balance = MOE_CFG_BALANCE_LATENCY;
+    moe_model m;
+    open_model(&m, &c, MOE_F32);
+    for (int e = 0; e < 4; e++) CU_ASSERT_EQUAL(m.blocks[0].moe.latency[e], 0.0);
+    CU_ASSERT_PTR_NULL(m.blocks[0].moe.router.latency_alpha);
+    CU_ASSERT_EQUAL_FATAL(moe_model_measure_latency(&m), MOE_OK);
+    for (int e = 0; e < 4; e++) CU_ASSERT(m.blocks[0].moe.latency[e] > 0.0);
+    CU_ASSERT_PTR_NOT_NULL(m.blocks[0].moe.router.latency_alpha);
+    moe_model_free(&m);
+    moe_step_reset();
+}
+
 static void register_suites(void) {
     moe_test_add_suite("decode", (moe_test_entry[]){{"cached decode == full forward, attention", test_decode_attention},
                                                      {"cached decode == full forward, mom", test_decode_mom},
@@ -547,6 +564,7 @@ static void register_suites(void) {
                                                      {NULL, NULL}});
     moe_test_add_suite("seams", (moe_test_entry[]){{"router selection alone", test_router_select},
                                                     {"weights cast once", test_cast_view},
+                                                    {"model init does not time the experts", test_init_does_not_time},
                                                     {"train after generate: gradients equal a fresh model's",
                                                      test_train_after_generate},
                                                     {NULL, NULL}});
