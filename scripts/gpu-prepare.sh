@@ -35,6 +35,9 @@ for deb in .devdeps/*.deb; do dpkg -x "$deb" /opt/deps; done
 # pkg-config files name /usr as their prefix (some name libdir and includedir directly).
 sed -i -E 's#^(prefix|exec_prefix|libdir|includedir)=/usr#\1=/opt/deps/usr#' \
     /opt/deps/usr/lib/x86_64-linux-gnu/pkgconfig/*.pc
+# libmicrohttpd's .pc names gnutls as a private requirement (static linking only); a machine
+# with the gnutls runtime but not its .pc would fail pkg-config for nothing.
+sed -i '/^Requires.private:/d' /opt/deps/usr/lib/x86_64-linux-gnu/pkgconfig/libmicrohttpd.pc
 export CMAKE_PREFIX_PATH=/opt/deps/usr${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}
 export PKG_CONFIG_PATH=/opt/deps/usr/lib/x86_64-linux-gnu/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
 export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
