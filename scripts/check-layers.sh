@@ -3,14 +3,14 @@
 # include only the rooms below it.
 #   core/                                  nothing above core/
 #   router/                                core/
-#   model: moe/config, model, moe_layer, mom   core/, router/
-#   inference: moe/infer/, moe/sample       core/, router/, the model (never optim/ or the trainer)
+#   model: moe/model/                      core/, router/
+#   inference: moe/infer/                  core/, router/, the model (never optim/ or the trainer)
 # Prints every include that breaks a rule and exits 1 when there is one.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
-model='moe/(config|model|moe_layer|mom)\.h'
+model='moe/model/(config|model|moe_layer|mom|tokenizer)\.h'
 bad=0
 # check ROOM_FILES... -- ALLOWED_REGEX: every quoted include of the files must match
 check() {
@@ -29,7 +29,7 @@ check() {
 shopt -s nullglob
 check core/*.[ch] core/cpu/*.[ch] 'core/.*'
 check router/*.[ch] 'core/.*|router/.*'
-check moe/config.[ch] moe/model.[ch] moe/moe_layer.[ch] moe/mom.[ch] "core/.*|router/.*|$model"
-check moe/infer/*.[ch] moe/sample.[ch] "core/.*|router/.*|$model|moe/infer/.*|moe/sample\.h"
+check moe/model/*.[ch] "core/.*|router/.*|$model"
+check moe/infer/*.[ch] "core/.*|router/.*|$model|moe/infer/.*"
 if [ "$bad" -eq 0 ]; then echo "check-layers: every include stays in its layer"; fi
 exit "$bad"

@@ -1,4 +1,4 @@
-/* Smoke test of `moe bench` (moe/bench.h): every case at a reduced size for one rep,
+/* Smoke test of `moe bench` (moe/bench/bench.h): every case at a reduced size for one rep,
  * checking the JSON lines' fields (present, finite, FLOPs as bench_reference.py counts
  * them), the argument parser, and the clean failure of the cuda cases without a device. */
 #include <math.h>
@@ -7,7 +7,7 @@
 #include <string.h>
 
 #include "core/device.h"
-#include "moe/bench.h"
+#include "moe/bench/bench.h"
 #include "tests/harness/testlib.h"
 
 #define MAX_LINES 8

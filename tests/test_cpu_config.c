@@ -8,7 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "moe/config.h"
+#include "moe/model/config.h"
 
 /* ---------- helpers ---------- */
 

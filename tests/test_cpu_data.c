@@ -6,8 +6,8 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "moe/data.h"
-#include "moe/tokenizer.h"
+#include "moe/train/data.h"
+#include "moe/model/tokenizer.h"
 
 static const char SAMPLE[] =
     "The river rises in the hills above the town, where the snow lies late into the spring. "

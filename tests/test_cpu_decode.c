@@ -12,7 +12,7 @@
 #include "core/ops.h"
 #include "moe/hf/hf_model.h"
 #include "moe/infer/decoder.h"
-#include "moe/model.h"
+#include "moe/model/model.h"
 #include "tests/harness/testlib.h"
 
 enum { V = 32 };

@@ -11,8 +11,8 @@
 
 #include "core/autograd.h"
 #include "core/memory.h"
-#include "moe/checkpoint.h"
-#include "moe/model.h"
+#include "moe/train/checkpoint.h"
+#include "moe/model/model.h"
 #include "tests/harness/testlib.h"
 
 /* PyTorch 1.13 (Debian), model in float64: loss = cross-entropy + Switch aux (mean over

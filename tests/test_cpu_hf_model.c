@@ -13,7 +13,7 @@
 
 #include "core/autograd.h"
 #include "core/memory.h"
-#include "moe/checkpoint.h"
+#include "moe/train/checkpoint.h"
 #include "moe/hf/hf_cli.h"
 #include "moe/hf/hf_model.h"
 #include "moe/hf/safetensors.h"

@@ -14,8 +14,8 @@
 #include "core/h5file.h"
 #include "core/memory.h"
 #include "core/ops.h"
-#include "moe/checkpoint.h"
-#include "moe/model.h"
+#include "moe/train/checkpoint.h"
+#include "moe/model/model.h"
 #include "tests/harness/testlib.h"
 
 /* ---- acceptance: shares follow 1 / measured latency ---- */

@@ -9,7 +9,7 @@
 #include "core/autograd.h"
 #include "core/memory.h"
 #include "core/ops.h"
-#include "moe/moe_layer.h"
+#include "moe/model/moe_layer.h"
 #include "tests/harness/testlib.h"
 
 enum { T = 12, D = 8, F = 6, E_MAX = 8 };

@@ -9,7 +9,7 @@
 #include "core/autograd.h"
 #include "core/memory.h"
 #include "core/ops.h"
-#include "moe/mom.h"
+#include "moe/model/mom.h"
 #include "tests/harness/testlib.h"
 
 static moe_tensor *randn(moe_dtype dt, int ndim, const int64_t *shape, uint64_t seed, double std) {

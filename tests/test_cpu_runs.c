@@ -13,11 +13,11 @@
 #include <unistd.h>
 
 #include "core/h5file.h"
-#include "moe/checkpoint.h"
-#include "moe/data.h"
-#include "moe/signals.h"
-#include "moe/tokenizer.h"
-#include "moe/train.h"
+#include "moe/train/checkpoint.h"
+#include "moe/train/data.h"
+#include "moe/train/signals.h"
+#include "moe/model/tokenizer.h"
+#include "moe/train/train.h"
 #include "tests/harness/testlib.h"
 
 static char dir[256];

@@ -1,4 +1,4 @@
-/* The sampler (moe/sample.h): greedy is the argmax; with a temperature the empirical
+/* The sampler (moe/infer/sample.h): greedy is the argmax; with a temperature the empirical
  * frequencies match softmax(logits / T); top-k and top-p never leave their candidate
  * sets and reach every member; (seed, counter) fixes the draw; bad settings and
  * non-finite logits are refused with a status. */
@@ -9,7 +9,7 @@
 #include <string.h>
 
 #include "core/philox.h"
-#include "moe/sample.h"
+#include "moe/infer/sample.h"
 #include "tests/harness/testlib.h"
 
 enum { DRAWS = 20000 };

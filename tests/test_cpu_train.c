@@ -11,11 +11,11 @@
 #include "core/h5file.h"
 #include "core/memory.h"
 #include "core/ops.h"
-#include "moe/checkpoint.h"
-#include "moe/data.h"
-#include "moe/model.h"
-#include "moe/tokenizer.h"
-#include "moe/train.h"
+#include "moe/train/checkpoint.h"
+#include "moe/train/data.h"
+#include "moe/model/model.h"
+#include "moe/model/tokenizer.h"
+#include "moe/train/train.h"
 #include "tests/harness/testlib.h"
 
 static char data_dir[200];

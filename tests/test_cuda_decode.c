@@ -11,7 +11,7 @@
 #include "core/memory.h"
 #include "core/ops.h"
 #include "moe/infer/decoder.h"
-#include "moe/model.h"
+#include "moe/model/model.h"
 #include "tests/harness/testlib.h"
 
 enum { V = 48, N_TOK = 22 };

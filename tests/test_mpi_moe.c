@@ -10,7 +10,7 @@
 #include "core/dist.h"
 #include "core/memory.h"
 #include "core/ops.h"
-#include "moe/moe_layer.h"
+#include "moe/model/moe_layer.h"
 #include "tests/harness/testlib.h"
 
 enum { T = 16, D = 8, F = 12, E = 8 };

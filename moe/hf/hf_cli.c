@@ -12,7 +12,7 @@
 #include <string.h>
 
 #include "core/memory.h"
-#include "moe/checkpoint.h"
+#include "moe/train/checkpoint.h"
 #include "moe/hf/hf_model.h"
 
 static int cli_fail(moe_status s) {

@@ -10,7 +10,7 @@
 #include <stdbool.h>
 
 #include "core/status.h"
-#include "moe/config.h"
+#include "moe/model/config.h"
 
 #define MOE_HF_MAX_EOS 8
 

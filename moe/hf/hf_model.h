@@ -9,7 +9,7 @@
 
 #include "moe/hf/hf_config.h"
 #include "moe/infer/decoder.h"
-#include "moe/model.h"
+#include "moe/model/model.h"
 
 /* dir -> a freshly initialised *m (free with moe_model_free) and info (eos ids etc.).
  * On error *m is freed. */

@@ -31,7 +31,7 @@
 #include <stdint.h>
 
 #include "core/status.h"
-#include "moe/tokenizer.h"
+#include "moe/model/tokenizer.h"
 
 typedef struct moe_hf_tokenizer moe_hf_tokenizer;
 

@@ -34,7 +34,7 @@
 
 #include <stdint.h>
 
-#include "moe/model.h"
+#include "moe/model/model.h"
 
 /* Tokens per KV block. */
 #define MOE_KV_BLOCK 16

@@ -20,7 +20,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "moe/sample.h"
+#include "moe/infer/sample.h"
 #include "moe/serve/engine.h"
 #include "moe/serve/metrics.h"
 #include "moe/serve/text.h"

@@ -11,7 +11,7 @@
 #include <time.h>
 
 #include "core/fileio.h"
-#include "moe/checkpoint.h"
+#include "moe/train/checkpoint.h"
 #include "moe/cli/args.h"
 #include "moe/hf/hf_model.h"
 #include "moe/serve/http.h"

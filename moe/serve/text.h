@@ -21,7 +21,7 @@
 
 #include "moe/hf/hf_tokenizer.h"
 #include "moe/hf/jinja.h"
-#include "moe/tokenizer.h"
+#include "moe/model/tokenizer.h"
 
 #define SERVE_MAX_EOS 8
 

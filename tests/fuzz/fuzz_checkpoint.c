@@ -19,7 +19,7 @@
 #include <unistd.h>
 
 #include "core/h5file.h"
-#include "moe/checkpoint.h"
+#include "moe/train/checkpoint.h"
 #include "tests/fuzz/common.h"
 
 static const char model_yaml[] =

@@ -7,7 +7,7 @@
  * struct (the checkpoint stores a config that way and resume reads it back). */
 #include <string.h>
 
-#include "moe/config.h"
+#include "moe/model/config.h"
 #include "tests/fuzz/common.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv) { return 0; }

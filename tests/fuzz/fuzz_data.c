@@ -1,12 +1,12 @@
 /* Fuzz target: the token-file reader (moe_data_open, moe_data_read, the batch sampler and
  * the evaluation iterator on top of it).
  *
- * Input: a token file (moe/data.h). Checks: a refused file gives a message; an accepted
+ * Input: a token file (moe/train/data.h). Checks: a refused file gives a message; an accepted
  * one has a header consistent with its size, every token read back is below the vocab
  * size, and batches of every size the file allows have targets = inputs shifted by one. */
 #include <string.h>
 
-#include "moe/data.h"
+#include "moe/train/data.h"
 #include "tests/fuzz/common.h"
 
 int LLVMFuzzerInitialize(int *argc, char ***argv) { return 0; }

@@ -8,10 +8,10 @@
  * token bytes) and round-trips a text made of fixed words and the input's own bytes. */
 #include <string.h>
 
-#include "moe/tokenizer.h"
+#include "moe/model/tokenizer.h"
 #include "tests/fuzz/common.h"
 
-#define HEADER_BYTES 28 /* moe/tokenizer.h: magic, version, kind, vocab, merges, max piece */
+#define HEADER_BYTES 28 /* moe/model/tokenizer.h: magic, version, kind, vocab, merges, max piece */
 
 int LLVMFuzzerInitialize(int *argc, char ***argv) { return 0; }
 

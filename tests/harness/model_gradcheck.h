@@ -2,7 +2,7 @@
 #ifndef MOE_TESTS_MODEL_GRADCHECK_H
 #define MOE_TESTS_MODEL_GRADCHECK_H
 
-#include "moe/model.h"
+#include "moe/model/model.h"
 
 typedef struct moe_gradcheck_result {
     int checked; /* sampled elements compared (those at a routing kink are skipped) */

@@ -20,7 +20,7 @@
 #define MOE_MOE_MOM_H
 
 #include "core/tensor.h"
-#include "moe/config.h"
+#include "moe/model/config.h"
 #include "router/router.h"
 
 typedef struct moe_mom_settings {

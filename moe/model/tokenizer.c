@@ -1,6 +1,6 @@
 /* Byte and byte-level BPE tokenizers: pre-tokenization, BPE training with incremental
  * pair counts, encoding, decoding and the tokenizer file. See tokenizer.h. */
-#include "moe/tokenizer.h"
+#include "moe/model/tokenizer.h"
 
 
 #include <errno.h>

@@ -1,5 +1,5 @@
 /* Sampling (see sample.h). */
-#include "moe/sample.h"
+#include "moe/infer/sample.h"
 
 #include <math.h>
 #include <stdlib.h>

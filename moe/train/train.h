@@ -4,8 +4,8 @@
 #ifndef MOE_MOE_TRAIN_H
 #define MOE_MOE_TRAIN_H
 
-#include "moe/config.h"
-#include "moe/signals.h"
+#include "moe/model/config.h"
+#include "moe/train/signals.h"
 
 /* The run directory (checkpoint.dir, or the --resume one) holds metrics.jsonl and the
  * checkpoints ckpt-<step>.h5. Each fresh run draws a run id, stored in its checkpoints

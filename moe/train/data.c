@@ -1,6 +1,6 @@
 /* Data pipeline: text -> train/val token files, the token file reader, the
  * deterministic batch sampler and the evaluation iterator. See data.h. */
-#include "moe/data.h"
+#include "moe/train/data.h"
 
 
 #include <errno.h>

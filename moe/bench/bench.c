@@ -1,6 +1,6 @@
 /* The benchmark cases of `moe bench` (see bench.h): build the case, time its phases,
  * write one line per figure. */
-#include "moe/bench.h"
+#include "moe/bench/bench.h"
 
 #include <math.h>
 #include <omp.h>
@@ -14,8 +14,8 @@
 #include "core/memory.h"
 #include "core/ops.h"
 #include "moe/cli/args.h"
-#include "moe/model.h"
-#include "moe/moe_layer.h"
+#include "moe/model/model.h"
+#include "moe/model/moe_layer.h"
 #include "optim/optim.h"
 #ifdef MOE_HAVE_CUDA
 #include "core/cuda_info.h"

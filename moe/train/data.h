@@ -23,7 +23,7 @@
 #include <stdint.h>
 
 #include "core/status.h"
-#include "moe/tokenizer.h"
+#include "moe/model/tokenizer.h"
 
 #define MOE_TOKEN_FILE_HEADER_BYTES 64
 

@@ -1,5 +1,5 @@
 /* Saving and loading training state (layout in checkpoint.h). */
-#include "moe/checkpoint.h"
+#include "moe/train/checkpoint.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -8,7 +8,7 @@
 #include "core/dist.h"
 #include "core/h5file.h"
 #include "core/memory.h"
-#include "moe/tokenizer.h"
+#include "moe/model/tokenizer.h"
 
 /* Receives one stored tensor (a whole parameter or one expert's slice) by its name. */
 typedef moe_status (*piece_fn)(const char *name, moe_tensor *piece, void *ctx);

@@ -10,9 +10,9 @@
 #ifndef MOE_MOE_MODEL_H
 #define MOE_MOE_MODEL_H
 
-#include "moe/config.h"
-#include "moe/moe_layer.h"
-#include "moe/mom.h"
+#include "moe/model/config.h"
+#include "moe/model/moe_layer.h"
+#include "moe/model/mom.h"
 #include "router/rmoe.h"
 
 /* A block's own parameters (the index of each one's name in moe_block.names). */

@@ -1,6 +1,6 @@
 /* The `moe` config schema (one table: types, ranges, defaults, help) and the
  * cross-field checks and resolved-value helpers built on it. */
-#include "moe/config.h"
+#include "moe/model/config.h"
 
 #include <limits.h>
 #include <stddef.h>

@@ -1,5 +1,5 @@
 /* The Mixture-of-Memories layer and the gated delta net, built from ops (see mom.h). */
-#include "moe/mom.h"
+#include "moe/model/mom.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -7,7 +7,7 @@
 
 #include "core/autograd.h"
 #include "core/ops.h"
-#include "moe/moe_layer.h"
+#include "moe/model/moe_layer.h"
 
 enum { P_WQ, P_WK, P_WV, P_WB, P_WA, P_ALOG, P_DTB, P_NORM, P_WGATE, P_WO };
 

@@ -13,8 +13,8 @@
 #ifndef MOE_MOE_CHECKPOINT_H
 #define MOE_MOE_CHECKPOINT_H
 
-#include "moe/model.h"
-#include "moe/tokenizer.h"
+#include "moe/model/model.h"
+#include "moe/model/tokenizer.h"
 #include "optim/optim.h"
 
 typedef struct moe_train_state {

@@ -1,5 +1,5 @@
 /* The training loop (see train.h). */
-#include "moe/train.h"
+#include "moe/train/train.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -21,10 +21,10 @@
 #include "core/h5file.h"
 #include "core/memory.h"
 #include "core/ops.h"
-#include "moe/checkpoint.h"
-#include "moe/data.h"
-#include "moe/model.h"
-#include "moe/signals.h"
+#include "moe/train/checkpoint.h"
+#include "moe/train/data.h"
+#include "moe/model/model.h"
+#include "moe/train/signals.h"
 #include "optim/optim.h"
 #include "optim/schedule.h"
 

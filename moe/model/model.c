@@ -1,6 +1,6 @@
 /* The MoE transformer: parameters, the one forward (training rows or a packed inference
  * batch against caches the caller keeps), the loss, a view with weights cast once. */
-#include "moe/model.h"
+#include "moe/model/model.h"
 
 #include <math.h>
 #include <stdio.h>

@@ -1,7 +1,7 @@
 /* The MoE layer pipeline (see moe_layer.h). Routing metadata (the permutation, per-expert
  * offsets in group-major slot order) is computed on the host from the expert ids, read
  * back once per layer. */
-#include "moe/moe_layer.h"
+#include "moe/model/moe_layer.h"
 
 #include <math.h>
 #include <stdio.h>

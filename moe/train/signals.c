@@ -1,5 +1,5 @@
 /* The signal watcher thread (see signals.h). */
-#include "moe/signals.h"
+#include "moe/train/signals.h"
 
 #include <errno.h>
 #include <pthread.h>
