@@ -158,6 +158,12 @@ void moe_arg_list_free(moe_arg_list *l) {
 static void describe(const moe_flag_spec *s, char *buf, size_t n) {
     char range[96];
     range_text(s, range, sizeof range);
+    if (s->default_text && s->kind != MOE_FLAG_BOOL && s->kind != MOE_FLAG_MULTI) {
+        snprintf(buf, n, "%s%s%sdefault %s", s->kind == MOE_FLAG_STRING ? "" : s->kind == MOE_FLAG_DOUBLE ? "number in " : "integer in ",
+                 s->kind == MOE_FLAG_STRING ? (s->choices ? s->choices : "") : range,
+                 s->kind == MOE_FLAG_STRING && !s->choices ? "" : ", ", s->default_text);
+        return;
+    }
     switch (s->kind) {
     case MOE_FLAG_BOOL: snprintf(buf, n, "%s", ""); break;
     case MOE_FLAG_INT: snprintf(buf, n, "integer in %s, default %d", range, *(const int *)s->dest); break;

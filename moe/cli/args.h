@@ -50,6 +50,8 @@ typedef struct moe_flag_spec {
     const char *help;    /* one line */
     void *dest;
     bool min_excluded, max_excluded; /* an open end of the range: (0, 1) */
+    const char *default_text; /* --help shows this as the default instead of dest's value (a
+                               * default decided later, e.g. "the model's"), or NULL */
 } moe_flag_spec;
 
 /* What is left after the flags. */

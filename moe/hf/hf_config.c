@@ -230,10 +230,23 @@ static void read_special_ids(const cJSON *root, moe_hf_info *info) {
     }
 }
 
+/* do_sample, temperature, top_k, top_p (absent or of the wrong type: the default). */
+static void read_sampling(const cJSON *root, moe_hf_sampling *g) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, "do_sample");
+    if (cJSON_IsBool(v)) g->do_sample = cJSON_IsTrue(v);
+    v = cJSON_GetObjectItemCaseSensitive(root, "temperature");
+    if (cJSON_IsNumber(v) && v->valuedouble >= 0 && v->valuedouble <= 100) g->temperature = v->valuedouble;
+    v = cJSON_GetObjectItemCaseSensitive(root, "top_k");
+    if (cJSON_IsNumber(v) && v->valuedouble >= 0 && v->valuedouble <= 1 << 24) g->top_k = (int)v->valuedouble;
+    v = cJSON_GetObjectItemCaseSensitive(root, "top_p");
+    if (cJSON_IsNumber(v) && v->valuedouble >= 0 && v->valuedouble <= 1) g->top_p = v->valuedouble;
+}
+
 moe_status moe_hf_config_parse(const char *text, const char *origin, moe_config *cfg, moe_hf_info *info) {
     moe_config_defaults(cfg);
     memset(info, 0, sizeof *info);
     info->bos_id = -1;
+    info->sampling = (moe_hf_sampling){.temperature = 1, .top_k = 50, .top_p = 1};
     cJSON *root = cJSON_Parse(text);
     if (!cJSON_IsObject(root)) {
         cJSON_Delete(root);
@@ -267,6 +280,7 @@ moe_status moe_hf_config_read(const char *dir, moe_config *cfg, moe_hf_info *inf
     text = moe_hf_read_text(path);
     cJSON *gen = text ? cJSON_Parse(text) : NULL;
     if (gen) read_special_ids(gen, info);
+    if (gen) read_sampling(gen, &info->sampling);
     cJSON_Delete(gen);
     free(text);
     return MOE_OK;

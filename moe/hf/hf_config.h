@@ -14,6 +14,14 @@
 
 #define MOE_HF_MAX_EOS 8
 
+/* generation_config.json's sampling (transformers' defaults where a field is absent). */
+typedef struct moe_hf_sampling {
+    bool do_sample;     /* false: greedy decoding */
+    double temperature; /* 1 */
+    int top_k;          /* 50; 0 = off */
+    double top_p;       /* 1 = off */
+} moe_hf_sampling;
+
 typedef struct moe_hf_info {
     char model_type[64];
     bool rope_interleave; /* mla: the checkpoint's rope dims are interleaved (DeepSeek-V3): the
@@ -21,10 +29,11 @@ typedef struct moe_hf_info {
     int bos_id;           /* -1: none */
     int eos_ids[MOE_HF_MAX_EOS];
     int n_eos;
+    moe_hf_sampling sampling;
 } moe_hf_info;
 
 /* dir/config.json -> cfg (defaults for everything else, validated) and info; reads
- * dir/generation_config.json for the eos/bos ids when present. */
+ * dir/generation_config.json for the eos/bos ids and the sampling when present. */
 moe_status moe_hf_config_read(const char *dir, moe_config *cfg, moe_hf_info *info);
 
 /* The same from config.json text (`origin` names it in messages). */
