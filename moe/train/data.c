@@ -385,20 +385,13 @@ static moe_status token_image(const moe_token_buf *toks, int vocab, size_t text_
     return MOE_OK;
 }
 
-moe_status moe_data_open_text(const char *path, const moe_tokenizer *tok, moe_token_file **out) {
+moe_status moe_data_open_tokens(const char *name, const moe_token_buf *toks, int vocab, size_t text_bytes,
+                                moe_token_file **out) {
     *out = NULL;
-    const uint8_t *text = NULL;
-    size_t len = 0;
-    MOE_TRY(map_file(path, &text, &len));
-    moe_token_buf toks = {0};
-    moe_status st = moe_tokenizer_encode(tok, (const char *)text, len, &toks);
-    unmap_file(text, len);
-    moe_token_file *tf = st == MOE_OK ? calloc(1, sizeof *tf) : NULL;
-    if (st == MOE_OK && (!tf || !(tf->path = strdup(path))))
-        st = moe_error(MOE_ERR_OOM, "out of memory opening %s", path);
+    moe_token_file *tf = calloc(1, sizeof *tf);
+    moe_status st = tf && (tf->path = strdup(name)) ? MOE_OK : moe_error(MOE_ERR_OOM, "out of memory opening %s", name);
     uint8_t *img = NULL;
-    if (st == MOE_OK) st = token_image(&toks, moe_tokenizer_vocab_size(tok), len, &img, &tf->map_len);
-    moe_token_buf_free(&toks);
+    if (st == MOE_OK) st = token_image(toks, vocab, text_bytes, &img, &tf->map_len);
     if (tf) tf->map = img, tf->owned = true;
     if (st == MOE_OK) st = validate_token_file(tf);
     if (st != MOE_OK) {
@@ -407,6 +400,19 @@ moe_status moe_data_open_text(const char *path, const moe_tokenizer *tok, moe_to
     }
     *out = tf;
     return MOE_OK;
+}
+
+moe_status moe_data_open_text(const char *path, const moe_tokenizer *tok, moe_token_file **out) {
+    *out = NULL;
+    const uint8_t *text = NULL;
+    size_t len = 0;
+    MOE_TRY(map_file(path, &text, &len));
+    moe_token_buf toks = {0};
+    moe_status st = moe_tokenizer_encode(tok, (const char *)text, len, &toks);
+    unmap_file(text, len);
+    if (st == MOE_OK) st = moe_data_open_tokens(path, &toks, moe_tokenizer_vocab_size(tok), len, out);
+    moe_token_buf_free(&toks);
+    return st;
 }
 
 uint64_t moe_data_count(const moe_token_file *tf) { return tf->count; }

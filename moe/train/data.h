@@ -61,6 +61,11 @@ moe_status moe_data_open(const char *path, moe_token_file **out);
 /* A text file tokenized with `tok`, held in memory with the same reader API (bytes per
  * token from the text; no unigram baseline: 0). MOE_ERR_IO when it cannot be read. */
 moe_status moe_data_open_text(const char *path, const moe_tokenizer *tok, moe_token_file **out);
+/* Tokens already in memory (e.g. from a hub folder's tokenizer) with the same reader API:
+ * `name` for messages, ids below `vocab` (checked), text_bytes of source text (bytes per
+ * token), no unigram baseline. */
+moe_status moe_data_open_tokens(const char *name, const moe_token_buf *toks, int vocab, size_t text_bytes,
+                                moe_token_file **out);
 /* True when `path` starts with the token file magic (a file to moe_data_open). */
 bool moe_data_is_token_file(const char *path);
 void moe_data_close(moe_token_file *tf);
