@@ -14,6 +14,7 @@
 struct moe_decoder {
     moe_model *m;   /* borrowed */
     moe_model view; /* m's weights in the compute dtype (moe_model_cast_view) */
+    const moe_expert_provider *provider; /* installed on view's MoE layers, or NULL: all resident */
 };
 
 /* One sequence slot: its KV block table and where it stands. */
@@ -41,18 +42,30 @@ struct moe_decode_state {
 };
 
 moe_status moe_decoder_open(moe_model *m, moe_dtype dtype, moe_decoder **out) {
+    moe_decoder_options o = {.dtype = dtype, .experts = MOE_EXPERTS_RESIDENT};
+    return moe_decoder_open_with(m, &o, out);
+}
+
+moe_status moe_decoder_open_with(moe_model *m, const moe_decoder_options *o, moe_decoder **out) {
     *out = NULL;
+    MOE_ASSERT((o->experts == MOE_EXPERTS_PROVIDED) == (o->provider != NULL),
+               "decoder: a provider goes with MOE_EXPERTS_PROVIDED and only with it");
     moe_decoder *d = calloc(1, sizeof *d);
     if (!d) return moe_error(MOE_ERR_OOM, "decoder: out of host memory");
     d->m = m;
-    moe_status s = moe_model_cast_view(m, dtype, &d->view);
+    moe_status s = moe_model_cast_view(m, o->dtype, &d->view);
     if (s != MOE_OK) {
         free(d);
         return s;
     }
+    d->provider = o->provider;
+    for (int i = 0; d->provider && i < d->view.cfg.model.n_layers; i++)
+        if (!d->view.blocks[i].dense) moe_moe_layer_set_provider(&d->view.blocks[i].moe, d->provider, i);
     *out = d;
     return MOE_OK;
 }
+
+const moe_model *moe_decoder_view(const moe_decoder *d) { return &d->view; }
 
 void moe_decoder_close(moe_decoder *d) {
     if (!d) return;
@@ -323,6 +336,8 @@ static moe_status run_forward(moe_decoder *d, moe_decode_state *s, const moe_bat
     moe_cache_ops ops = {.ctx = s, .kv = cache_kv, .state = cache_state, .set_state = cache_set_state};
     moe_forward f = {.mode = MOE_FORWARD_INFER, .B = 1, .T = b->n_tokens, .spans = spans, .n_spans = s->n_spans,
                      .cache = &ops, .route_ids = info ? info->route_ids : NULL};
+    if (d->provider && d->provider->begin)
+        MOE_TRY(d->provider->begin(d->provider->ctx, b->tokens, b->pos, b->seq, b->n_tokens));
     moe_tensor *ids = moe_tensor_from_host(MOE_LIFE_STEP, v->dev, MOE_I32, 2, (int64_t[]){1, b->n_tokens}, b->tokens);
     moe_tensor *hidden = ids ? moe_model_forward(v, ids, &f) : NULL;
     if (!hidden) return moe_last_status();

@@ -66,10 +66,29 @@ typedef struct moe_decode_info {
 
 /* A decoder over model m (borrowed: m must outlive it and keep its weights unchanged):
  * m's parameters cast once to `dtype` (MOE_F32, MOE_BF16 on CUDA, MOE_F64 for reference
- * checks); with dtype F32 on f32 masters the decoder shares m's tensors. */
+ * checks); with dtype F32 on f32 masters the decoder shares m's tensors. Every routed
+ * expert is resident. */
 moe_status moe_decoder_open(moe_model *m, moe_dtype dtype, moe_decoder **out);
+
+/* Where the routed experts of a decoder's MoE layers come from, said at open. */
+typedef enum moe_expert_placement {
+    MOE_EXPERTS_RESIDENT, /* the view's expert stacks, all in place */
+    MOE_EXPERTS_PROVIDED  /* `provider` (e.g. an expert offload cache) runs each expert group */
+} moe_expert_placement;
+
+typedef struct moe_decoder_options {
+    moe_dtype dtype;
+    moe_expert_placement experts;
+    const moe_expert_provider *provider; /* PROVIDED: installed on every MoE layer of the view and
+                                          * its begin called before each forward; it must
+                                          * outlive the decoder. RESIDENT: must be NULL */
+} moe_decoder_options;
+moe_status moe_decoder_open_with(moe_model *m, const moe_decoder_options *o, moe_decoder **out);
 void moe_decoder_close(moe_decoder *d);
 const moe_model *moe_decoder_model(const moe_decoder *d);
+/* The decoder's view of the model: its weights in the compute dtype (what an expert
+ * provider serves the routed experts from). */
+const moe_model *moe_decoder_view(const moe_decoder *d);
 
 /* Caches for up to max_seqs sequence slots sharing a pool of kv_tokens KV positions per
  * attention layer (rounded up to whole blocks); recurrent states for every slot are

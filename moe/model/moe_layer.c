@@ -254,21 +254,31 @@ static moe_status plan_routes(const moe_moe_layer *L, const moe_routing *r, moe_
     return MOE_OK;
 }
 
-moe_status moe_moe_layer_expert_stacks(moe_moe_layer *L, int group, const int64_t *rows, moe_dtype compute,
-                                       moe_tensor **w13, moe_tensor **w2) {
-    (void)rows; /* every local expert is resident */
+moe_status moe_moe_layer_expert_stacks(moe_moe_layer *L, int group, moe_dtype compute, moe_tensor **w13,
+                                       moe_tensor **w2) {
     MOE_ASSERT(group >= 0 && group < L->n_groups, "moe layer: group %d of %d", group, L->n_groups);
     *w13 = moe_cast(L->groups[group].w13, compute);
     *w2 = moe_cast(L->groups[group].w2, compute);
     return *w13 && *w2 ? MOE_OK : moe_last_status();
 }
 
-/* Group g's SwiGLU on its rows; offsets[n + 1] from 0. */
-static moe_tensor *run_group(moe_moe_layer *L, int g, moe_tensor *xs, const int64_t *offsets, moe_dtype compute) {
-    moe_tensor *w13, *w2;
-    if (moe_moe_layer_expert_stacks(L, g, offsets, compute, &w13, &w2) != MOE_OK) return NULL;
+void moe_moe_layer_set_provider(moe_moe_layer *L, const moe_expert_provider *p, int layer) {
+    L->provider = p;
+    L->provider_layer = layer;
+}
+
+moe_tensor *moe_grouped_swiglu(moe_tensor *xs, moe_tensor *w13, moe_tensor *w2, const int64_t *offsets) {
     moe_tensor *h = moe_grouped_matmul(xs, w13, offsets);   /* [N, 2f] */
     return moe_grouped_matmul(moe_swiglu(h), w2, offsets);  /* [N, d] */
+}
+
+/* Group g's SwiGLU on its rows; offsets[n + 1] from 0. The one place where experts that
+ * are not all resident (an installed provider) take over. */
+static moe_tensor *run_group(moe_moe_layer *L, int g, moe_tensor *xs, const int64_t *offsets, moe_dtype compute) {
+    if (L->provider) return L->provider->run(L->provider->ctx, L->provider_layer, L, g, xs, offsets, compute);
+    moe_tensor *w13, *w2;
+    if (moe_moe_layer_expert_stacks(L, g, compute, &w13, &w2) != MOE_OK) return NULL;
+    return moe_grouped_swiglu(xs, w13, w2, offsets);
 }
 
 /* The local experts on rows grouped by slot (offsets[n_local + 1]): each group on its row

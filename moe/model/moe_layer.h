@@ -54,6 +54,23 @@ typedef struct moe_expert_group {
     char name_w13[112], name_w2[112];
 } moe_expert_group;
 
+struct moe_moe_layer;
+
+/* Where a layer's routed experts come from at inference when they are not all resident
+ * (an expert offload cache implements it; the model room never sees how). The decoder
+ * installs one on the MoE layers of its view of the model; training never has one. */
+typedef struct moe_expert_provider {
+    void *ctx;
+    /* Before each forward, the batch's tokens [n] with their positions and sequence slots
+     * (to predict the experts the forward will route to); NULL when not needed. */
+    moe_status (*begin)(void *ctx, const int32_t *tokens, const int32_t *pos, const int32_t *seq, int n);
+    /* Group `group` of MoE layer L (block `layer`) on xs [N, d] (compute dtype, rows grouped
+     * by the group's experts: offsets [n + 1] from 0) -> [N, d] in `compute`, each expert's
+     * rows through moe_grouped_swiglu with that expert's weights. NULL with an error set. */
+    moe_tensor *(*run)(void *ctx, int layer, struct moe_moe_layer *L, int group, moe_tensor *xs,
+                       const int64_t *offsets, moe_dtype compute);
+} moe_expert_provider;
+
 typedef struct moe_moe_layer {
     moe_moe_layer_settings s;
     moe_router router;
@@ -67,6 +84,8 @@ typedef struct moe_moe_layer {
     double *latency;                    /* [n_experts] ms per row (start-up, then running average); 0 = unknown */
     char name_w13[96], name_w2[96];     /* "<prefix>.experts.w13" / ".w2": the per-expert checkpoint names */
     char name_sw13[96], name_sw2[96], name_sgate[96];
+    const moe_expert_provider *provider; /* NULL: every local expert resident in its stacks */
+    int provider_layer;                  /* the block index handed to provider->run */
 } moe_moe_layer;
 
 typedef struct moe_moe_layer_result {
@@ -92,13 +111,19 @@ moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_tensor *s
 moe_tensor *moe_moe_layer_apply(moe_moe_layer *L, moe_tensor *x, const moe_routing *routing, moe_dtype compute,
                                 moe_moe_layer_result *res);
 
-/* The expert weights of group `group` for a forward: makes the experts with rows
- * (rows [n + 1] offsets of the group's experts, rows[i + 1] > rows[i]: expert i has rows)
- * resident and gives the group's stacks in the compute dtype, w13 [n, d, 2 w_g],
- * w2 [n, w_g, d] (STEP casts, or the stacks themselves when already in `compute`). Today
- * every local expert is resident; this is the hook an expert offload cache implements. */
-moe_status moe_moe_layer_expert_stacks(moe_moe_layer *L, int group, const int64_t *rows, moe_dtype compute,
-                                       moe_tensor **w13, moe_tensor **w2);
+/* The expert weights of group `group` for a forward when every local expert is resident:
+ * the group's stacks in the compute dtype, w13 [n, d, 2 w_g], w2 [n, w_g, d] (STEP casts,
+ * or the stacks themselves when already in `compute`). With a provider installed
+ * (moe_moe_layer_set_provider) the group runs through provider->run instead. */
+moe_status moe_moe_layer_expert_stacks(moe_moe_layer *L, int group, moe_dtype compute, moe_tensor **w13,
+                                       moe_tensor **w2);
+
+/* Installs p (NULL: none) on L as block `layer`; p must outlive its use. */
+void moe_moe_layer_set_provider(moe_moe_layer *L, const moe_expert_provider *p, int layer);
+
+/* The grouped SwiGLU of a group's experts: xs [N, d] grouped by expert (offsets [n + 1]
+ * from 0) with w13 [n, d, 2 w], w2 [n, w, d] -> [N, d]. */
+moe_tensor *moe_grouped_swiglu(moe_tensor *xs, moe_tensor *w13, moe_tensor *w2, const int64_t *offsets);
 
 /* Times each local expert's forward on `tokens` random rows (the fastest of five runs after a
  * warm-up, the one least disturbed by other work on the machine; ms, into

@@ -1,0 +1,162 @@
+/* The copy queue (see xfer.h): a doubly linked list of caller-owned jobs under one lock,
+ * served by one copy thread. On the CPU the thread copies with memcpy; the CUDA backend's
+ * copy stream is not written yet (moe_xfer_create refuses other devices). */
+#include "core/xfer.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/fileio.h"
+
+struct moe_xfer {
+    moe_device dev;
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t work, done; /* a job was queued / a job finished */
+    moe_xfer_job *head, *tail;
+    bool stop;
+    size_t bytes;
+    double busy_ms;
+};
+
+static void unlink_job(moe_xfer *x, moe_xfer_job *j) {
+    if (j->prev) j->prev->next = j->next;
+    else x->head = j->next;
+    if (j->next) j->next->prev = j->prev;
+    else x->tail = j->prev;
+    j->prev = j->next = NULL;
+}
+
+/* Inserts j before `at` (NULL: at the tail). */
+static void insert_before(moe_xfer *x, moe_xfer_job *j, moe_xfer_job *at) {
+    j->next = at;
+    j->prev = at ? at->prev : x->tail;
+    if (j->prev) j->prev->next = j;
+    else x->head = j;
+    if (at) at->prev = j;
+    else x->tail = j;
+}
+
+/* The first queued job that is not urgent (where an urgent one goes), or NULL. */
+static moe_xfer_job *first_plain(moe_xfer *x) {
+    moe_xfer_job *j = x->head;
+    while (j && j->urgent) j = j->next;
+    return j;
+}
+
+static void *copy_thread(void *arg) {
+    moe_xfer *x = arg;
+    pthread_mutex_lock(&x->mu);
+    for (;;) {
+        while (!x->head && !x->stop) pthread_cond_wait(&x->work, &x->mu);
+        if (!x->head) break;
+        moe_xfer_job *j = x->head;
+        unlink_job(x, j);
+        j->state = MOE_XFER_COPYING;
+        pthread_mutex_unlock(&x->mu);
+        double t0 = moe_clock_ms();
+        memcpy(j->dst, j->src, j->bytes);
+        double ms = moe_clock_ms() - t0;
+        pthread_mutex_lock(&x->mu);
+        x->bytes += j->bytes;
+        x->busy_ms += ms;
+        j->state = MOE_XFER_DONE;
+        pthread_cond_broadcast(&x->done);
+    }
+    pthread_mutex_unlock(&x->mu);
+    return NULL;
+}
+
+moe_status moe_xfer_create(moe_device dev, moe_xfer **out) {
+    *out = NULL;
+    if (dev != MOE_CPU) return moe_error(MOE_ERR_UNSUPPORTED, "copy queue: only the CPU stand-in is built (asked %s)",
+                                         moe_device_name(dev));
+    moe_xfer *x = calloc(1, sizeof *x);
+    if (!x) return moe_error(MOE_ERR_OOM, "copy queue: out of host memory");
+    x->dev = dev;
+    pthread_mutex_init(&x->mu, NULL);
+    pthread_cond_init(&x->work, NULL);
+    pthread_cond_init(&x->done, NULL);
+    if (pthread_create(&x->thread, NULL, copy_thread, x) != 0) {
+        pthread_mutex_destroy(&x->mu);
+        pthread_cond_destroy(&x->work);
+        pthread_cond_destroy(&x->done);
+        free(x);
+        return moe_error(MOE_ERR_DEVICE, "copy queue: cannot start the copy thread");
+    }
+    *out = x;
+    return MOE_OK;
+}
+
+void moe_xfer_free(moe_xfer *x) {
+    if (!x) return;
+    pthread_mutex_lock(&x->mu);
+    while (x->head) {
+        moe_xfer_job *j = x->head;
+        unlink_job(x, j);
+        j->state = MOE_XFER_IDLE;
+    }
+    x->stop = true;
+    pthread_cond_signal(&x->work);
+    pthread_mutex_unlock(&x->mu);
+    pthread_join(x->thread, NULL);
+    pthread_mutex_destroy(&x->mu);
+    pthread_cond_destroy(&x->work);
+    pthread_cond_destroy(&x->done);
+    free(x);
+}
+
+void moe_xfer_submit(moe_xfer *x, moe_xfer_job *j, bool urgent) {
+    pthread_mutex_lock(&x->mu);
+    MOE_ASSERT(j->state == MOE_XFER_IDLE || j->state == MOE_XFER_DONE, "copy queue: job submitted twice");
+    j->urgent = urgent;
+    j->state = MOE_XFER_QUEUED;
+    insert_before(x, j, urgent ? first_plain(x) : NULL);
+    pthread_cond_signal(&x->work);
+    pthread_mutex_unlock(&x->mu);
+}
+
+void moe_xfer_expedite(moe_xfer *x, moe_xfer_job *j) {
+    pthread_mutex_lock(&x->mu);
+    if (j->state == MOE_XFER_QUEUED && !j->urgent) {
+        unlink_job(x, j);
+        j->urgent = true;
+        insert_before(x, j, first_plain(x));
+    }
+    pthread_mutex_unlock(&x->mu);
+}
+
+bool moe_xfer_done(moe_xfer *x, moe_xfer_job *j) {
+    pthread_mutex_lock(&x->mu);
+    bool done = j->state == MOE_XFER_DONE;
+    pthread_mutex_unlock(&x->mu);
+    return done;
+}
+
+moe_status moe_xfer_wait(moe_xfer *x, moe_xfer_job *j) {
+    pthread_mutex_lock(&x->mu);
+    MOE_ASSERT(j->state != MOE_XFER_IDLE, "copy queue: waiting on a job never submitted");
+    while (j->state != MOE_XFER_DONE) pthread_cond_wait(&x->done, &x->mu);
+    pthread_mutex_unlock(&x->mu);
+    return MOE_OK;
+}
+
+bool moe_xfer_cancel(moe_xfer *x, moe_xfer_job *j) {
+    pthread_mutex_lock(&x->mu);
+    if (j->state == MOE_XFER_QUEUED) {
+        unlink_job(x, j);
+        j->state = MOE_XFER_IDLE;
+    }
+    while (j->state == MOE_XFER_COPYING) pthread_cond_wait(&x->done, &x->mu);
+    bool copied = j->state == MOE_XFER_DONE;
+    pthread_mutex_unlock(&x->mu);
+    return copied;
+}
+
+void moe_xfer_stats(moe_xfer *x, size_t *bytes, double *busy_ms) {
+    pthread_mutex_lock(&x->mu);
+    *bytes = x->bytes;
+    *busy_ms = x->busy_ms;
+    pthread_mutex_unlock(&x->mu);
+}

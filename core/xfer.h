@@ -1,0 +1,50 @@
+/* Host-to-device transfers off the compute path: a copy queue per device (a dedicated copy
+ * stream on CUDA; on the CPU, a copy thread that moves bytes from the host store into a
+ * second host arena standing in for device memory).
+ *
+ * The caller owns each job (a struct it embeds, e.g. in an expert cache slot) and keeps it
+ * alive until it is done or cancelled. Jobs run in queue order; an urgent job goes ahead
+ * of every queued non-urgent one (after earlier urgent ones), and moe_xfer_expedite moves
+ * a queued job there. Compute waits on one job (moe_xfer_wait), never on the whole queue. */
+#ifndef MOE_CORE_XFER_H
+#define MOE_CORE_XFER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "core/status.h"
+#include "core/tensor.h"
+
+typedef enum moe_xfer_state { MOE_XFER_IDLE, MOE_XFER_QUEUED, MOE_XFER_COPYING, MOE_XFER_DONE } moe_xfer_state;
+
+typedef struct moe_xfer_job {
+    void *dst;       /* device memory */
+    const void *src; /* host memory */
+    size_t bytes;
+    bool urgent;
+    moe_xfer_state state; /* read it through moe_xfer_done (the queue's lock guards it) */
+    struct moe_xfer_job *prev, *next;
+} moe_xfer_job;
+
+typedef struct moe_xfer moe_xfer;
+
+/* A copy queue for device `dev` (its thread or stream starts here). */
+moe_status moe_xfer_create(moe_device dev, moe_xfer **out);
+/* Waits for the job in progress, drops the queued ones (their state goes back to IDLE). */
+void moe_xfer_free(moe_xfer *x);
+
+/* Queues job j (state IDLE or DONE) copying j->bytes from j->src to j->dst. */
+void moe_xfer_submit(moe_xfer *x, moe_xfer_job *j, bool urgent);
+/* A queued job jumps ahead of the non-urgent ones; no-op once it is copying or done. */
+void moe_xfer_expedite(moe_xfer *x, moe_xfer_job *j);
+bool moe_xfer_done(moe_xfer *x, moe_xfer_job *j);
+/* Blocks until job j is done (the compute path's wait on one transfer). */
+moe_status moe_xfer_wait(moe_xfer *x, moe_xfer_job *j);
+/* Takes a queued job off the queue (back to IDLE), or waits for it when it is copying.
+ * Returns whether it had been copied (DONE). */
+bool moe_xfer_cancel(moe_xfer *x, moe_xfer_job *j);
+
+/* Bytes copied and the copy engine's busy time so far (the achieved rate is their ratio). */
+void moe_xfer_stats(moe_xfer *x, size_t *bytes, double *busy_ms);
+
+#endif

@@ -1,0 +1,517 @@
+/* Offloaded inference (see offload.h): the budget split, opening the decoder with this
+ * file's expert provider, the prefetch of predicted experts and each step's expert groups
+ * gathered from the cache slots and the host store. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/autograd.h"
+#include "core/fileio.h"
+#include "core/memory.h"
+#include "core/ops.h"
+#include "moe/offload/offload_internal.h"
+
+static const char *const policy_names[MOE_OFFLOAD_POLICY_COUNT] = {"resident", "lru", "lfu", "predict", "cpu", "auto"};
+
+const char *moe_offload_policy_name(moe_offload_policy p) { return policy_names[p]; }
+
+moe_status moe_offload_policy_parse(const char *name, moe_offload_policy *out) {
+    for (int p = 0; p < MOE_OFFLOAD_POLICY_COUNT; p++)
+        if (!strcmp(name, policy_names[p])) {
+            *out = (moe_offload_policy)p;
+            return MOE_OK;
+        }
+    return moe_error(MOE_ERR_CONFIG, "--policy %s: not a policy (predict|lru|lfu|resident|cpu|auto)", name);
+}
+
+moe_status moe_parse_bytes(const char *text, size_t *out) {
+    char *end = NULL;
+    double v = strtod(text, &end);
+    static const struct { const char *suffix; double scale; } units[] = {
+        {"", 1}, {"B", 1}, {"K", 1e3}, {"KB", 1e3}, {"KiB", 1024.0}, {"M", 1e6}, {"MB", 1e6}, {"MiB", 1048576.0},
+        {"G", 1e9}, {"GB", 1e9}, {"GiB", 1073741824.0}, {"T", 1e12}, {"TB", 1e12}, {"TiB", 1099511627776.0}};
+    for (size_t i = 0; end != text && v >= 0 && i < sizeof units / sizeof units[0]; i++)
+        if (!strcmp(end, units[i].suffix) && v * units[i].scale < 1.8e19) {
+            *out = (size_t)(v * units[i].scale);
+            return MOE_OK;
+        }
+    return moe_error(MOE_ERR_CONFIG, "'%s' is not a size (e.g. 6GiB, 512MiB, 1.5G or bytes)", text);
+}
+
+/* ---- the budget ---- */
+
+static void fmt_bytes(size_t b, char *buf, size_t cap) {
+    if (b >= (size_t)1 << 30) snprintf(buf, cap, "%.2f GiB", (double)b / (1 << 30));
+    else if (b >= (size_t)1 << 20) snprintf(buf, cap, "%.1f MiB", (double)b / (1 << 20));
+    else snprintf(buf, cap, "%.1f KiB", (double)b / 1024);
+}
+
+/* Elements of expert e of a layer's slot: w13 [d, 2 w] and w2 [w, d]. */
+static int64_t expert_elems(const moe_model *m, int e) {
+    return 3 * (int64_t)m->cfg.model.d_model * moe_config_expert_ffn_dim(&m->cfg, e);
+}
+
+/* KV blocks of every attention layer and the recurrent states of the others. */
+static moe_status state_bytes(const moe_model *m, const moe_offload_options *o, size_t *out) {
+    int64_t Hc, Dc, kv = (o->kv_tokens + MOE_KV_BLOCK - 1) / MOE_KV_BLOCK * MOE_KV_BLOCK;
+    moe_model_kv_shape(m, &Hc, &Dc);
+    size_t es = moe_dtype_size(o->dtype), total = 0;
+    for (int i = 0; i < m->cfg.model.n_layers; i++) {
+        const moe_block *b = &m->blocks[i];
+        if (b->mixer == MOE_CFG_MIXER_ATTENTION) {
+            total += 2 * (size_t)(kv * Hc * Dc) * es;
+            continue;
+        }
+        moe_mem_mark mark = moe_mem_step_mark(m->dev);
+        moe_tensor *st = moe_mom_state_zeros(&b->mom, 1, o->dtype, m->dev, MOE_LIFE_STEP);
+        if (!st) return moe_last_status();
+        total += (size_t)moe_tensor_numel(st) * es * (size_t)o->max_seqs;
+        moe_mem_step_release(m->dev, mark);
+    }
+    *out = total;
+    return MOE_OK;
+}
+
+moe_status moe_offload_plan(const moe_model *m, const moe_offload_options *o, moe_offload_split *sp,
+                            size_t *min_budget) {
+    const moe_cfg_model *c = &m->cfg.model;
+    memset(sp, 0, sizeof *sp);
+    size_t es = moe_dtype_size(o->dtype);
+    int64_t widest = 0, moe_layers = 0;
+    for (int e = 0; e < c->n_experts; e++)
+        if (expert_elems(m, e) > widest) widest = expert_elems(m, e);
+    for (int i = 0; i < c->n_layers; i++) moe_layers += !m->blocks[i].dense;
+    for (int p = 0; p < m->n_params; p++)
+        if (!m->params[p].expert_stack) sp->dense += (size_t)moe_tensor_numel(m->params[p].t) * es;
+        else sp->store += (size_t)moe_tensor_numel(m->params[p].t) * es;
+    MOE_TRY(state_bytes(m, o, &sp->kv));
+    int64_t gathered = (int64_t)o->max_batch_tokens * c->top_k < c->n_experts ? (int64_t)o->max_batch_tokens * c->top_k
+                                                                               : c->n_experts;
+    int64_t per_token = 8 * (int64_t)c->d_model + c->vocab_size + c->top_k * (2 * (int64_t)c->d_model + widest);
+    sp->scratch = (size_t)(gathered * widest + (int64_t)o->max_batch_tokens * per_token) * es;
+    sp->slot_bytes = (size_t)widest * es;
+    sp->experts = (int)(moe_layers * c->n_experts);
+    sp->budget = o->budget;
+    size_t fixed = sp->dense + sp->kv + sp->scratch;
+    *min_budget = fixed + (size_t)c->top_k * sp->slot_bytes;
+    if (o->policy == MOE_OFFLOAD_RESIDENT) *min_budget = fixed + (size_t)sp->experts * sp->slot_bytes;
+    if (o->budget >= fixed) {
+        sp->cache = o->budget - fixed;
+        size_t slots = sp->cache / sp->slot_bytes;
+        sp->slots = (int)(slots < (size_t)sp->experts ? slots : (size_t)sp->experts);
+    }
+    return MOE_OK;
+}
+
+void moe_offload_print_split(const moe_offload *o, FILE *f) {
+    const moe_offload_split *s = &o->split;
+    char b[6][32];
+    fmt_bytes(s->budget, b[0], 32);
+    fmt_bytes(s->dense, b[1], 32);
+    fmt_bytes(s->kv, b[2], 32);
+    fmt_bytes(s->scratch, b[3], 32);
+    fmt_bytes(s->cache, b[4], 32);
+    fmt_bytes(s->slot_bytes, b[5], 32);
+    fprintf(f, "offload: budget %s = dense %s + KV cache %s + scratch %s + expert cache %s (%d slots of %s for %d "
+            "experts, %.0f%%; policy %s)\n", b[0], b[1], b[2], b[3], b[4], s->slots, b[5], s->experts,
+            100.0 * s->slots / s->experts, moe_offload_policy_name(o->opt.policy));
+    fmt_bytes(s->store, b[0], 32);
+    fprintf(f, "offload: host store %s (the experts as the decoder holds them), host-to-device copy %.2f GB/s "
+            "(measured at start-up)\n", b[0], o->rate0 / 1e9);
+}
+
+/* ---- counters ---- */
+
+moe_offload_counts moe_offload_get_counts(const moe_offload *o, int layer) {
+    if (layer >= 0) return o->counts[layer];
+    moe_offload_counts t = {0};
+    for (int i = 0; i < o->n_layers; i++) {
+        const moe_offload_counts *c = &o->counts[i];
+        t.uses += c->uses, t.hits += c->hits, t.misses += c->misses, t.late += c->late;
+        t.host += c->host, t.wasted += c->wasted, t.copies += c->copies, t.bytes += c->bytes;
+    }
+    return t;
+}
+
+void moe_offload_reset_counts(moe_offload *o) { memset(o->counts, 0, sizeof *o->counts * (size_t)o->n_layers); }
+
+double moe_offload_copy_rate(const moe_offload *o) {
+    size_t bytes;
+    double ms;
+    moe_xfer_stats(o->xfer, &bytes, &ms);
+    return ms > 0 ? (double)bytes / (ms / 1e3) : 0;
+}
+
+static void print_count_line(FILE *f, const char *what, const moe_offload_counts *c) {
+    fprintf(f, "offload: %s uses %lld hits %lld (late %lld) misses %lld (host %lld) wasted %lld copies %lld "
+            "(%.1f MiB) hit_rate %.3f\n", what, (long long)c->uses, (long long)c->hits, (long long)c->late,
+            (long long)c->misses, (long long)c->host, (long long)c->wasted, (long long)c->copies,
+            (double)c->bytes / (1 << 20), c->uses ? (double)c->hits / (double)c->uses : 1.0);
+}
+
+void moe_offload_print_counts(const moe_offload *o, FILE *f) {
+    char what[32];
+    for (int i = 0; i < o->n_layers; i++) {
+        if (o->moe_ord[i] < 0) continue;
+        snprintf(what, sizeof what, "layer %d", i);
+        print_count_line(f, what, &o->counts[i]);
+    }
+    moe_offload_counts t = moe_offload_get_counts(o, -1);
+    print_count_line(f, "total", &t);
+    fprintf(f, "offload: host-to-device %.2f GB/s achieved, prefetch depth %d\n", moe_offload_copy_rate(o) / 1e9,
+            o->depth);
+}
+
+/* ---- prediction and prefetch ---- */
+
+/* Marks the top-k experts of every token and MoE layer of scores [n_moe, n, E] as predicted. */
+static void mark_predicted(moe_offload *o, const float *scores, int n) {
+    for (int l = 0; l < o->n_moe; l++)
+        for (int t = 0; t < n; t++) {
+            const float *row = scores + ((int64_t)l * n + t) * o->E;
+            float bar = INFINITY; /* the token's k best: k passes, each the best below the last */
+            int last = -1;
+            for (int j = 0; j < o->top_k; j++) {
+                int best = -1;
+                for (int e = 0; e < o->E; e++) {
+                    bool below = row[e] < bar || (row[e] == bar && e > last);
+                    if (below && (best < 0 || row[e] > row[best])) best = e;
+                }
+                if (best < 0) break;
+                o->predicted[o->moe_block[l] * o->E + best] = o->step;
+                bar = row[best];
+                last = best;
+            }
+        }
+}
+
+/* Copies the predicted experts of MoE layers (ordinals) up to `to` that are not cached. */
+static void prefetch_to(moe_offload *o, int to) {
+    if (!cache_policy_predicts(o)) return;
+    if (to >= o->n_moe) to = o->n_moe - 1;
+    for (; o->prefetched_to < to; o->prefetched_to++) {
+        int layer = o->moe_block[o->prefetched_to + 1];
+        for (int e = 0; e < o->E; e++) {
+            if (o->predicted[layer * o->E + e] != o->step || o->where[layer * o->E + e] >= 0) continue;
+            int s = cache_take_slot(o, layer, true);
+            if (s < 0) return; /* the cache is full of what this step still needs */
+            cache_load(o, s, layer, e, false, true);
+        }
+    }
+}
+
+static moe_status provider_begin(void *ctx, const int32_t *tokens, const int32_t *pos, const int32_t *seq, int n) {
+    moe_offload *o = ctx;
+    o->step++;
+    o->cur_ord = 0;
+    o->prefetched_to = -1;
+    o->last_t = moe_clock_ms();
+    if (!cache_policy_predicts(o)) return MOE_OK;
+    MOE_ASSERT(n <= o->opt.max_batch_tokens, "offload: a batch of %d tokens beyond max_batch_tokens %d", n,
+               o->opt.max_batch_tokens);
+    for (int a = 0; a < n;) { /* one prediction per sequence run */
+        int b = a + 1;
+        while (b < n && seq[b] == seq[a]) b++;
+        MOE_TRY(o->opt.predict(o->opt.predict_ctx, tokens + a, pos + a, b - a, o->scores));
+        mark_predicted(o, o->scores, b - a);
+        a = b;
+    }
+    prefetch_to(o, o->depth - 1);
+    return MOE_OK;
+}
+
+/* At the start of MoE layer `layer`: its time into the running mean, the depth adapted
+ * (copy time of a layer's top-k over a layer's compute time), the layers ahead prefetched. */
+static void enter_layer(moe_offload *o, int layer) {
+    double now = moe_clock_ms();
+    int ord = o->moe_ord[layer];
+    if (ord > o->cur_ord) o->layer_ms = o->layer_ms > 0 ? 0.8 * o->layer_ms + 0.2 * (now - o->last_t) : now - o->last_t;
+    o->last_t = now;
+    o->cur_ord = ord;
+    if (o->opt.prefetch_depth > 0) o->depth = o->opt.prefetch_depth;
+    else if (o->layer_ms > 0) {
+        double rate = moe_offload_copy_rate(o) > 0 ? moe_offload_copy_rate(o) : o->rate0;
+        double copy_ms = 1e3 * (double)(o->top_k * o->split.slot_bytes) / rate;
+        int d = (int)ceil(copy_ms / o->layer_ms);
+        o->depth = d < 1 ? 1 : d > o->n_moe ? o->n_moe : d;
+    }
+    prefetch_to(o, ord + o->depth);
+}
+
+/* ---- one expert group of a step ---- */
+
+enum { SRC_SLOT, SRC_HOST, SRC_DEFERRED };
+
+/* Whether a missed expert with `rows` rows runs from the host copy instead of a copy. */
+static bool compute_on_host(const moe_offload *o, int64_t rows) {
+    if (o->opt.policy == MOE_OFFLOAD_CPU) return rows <= (o->opt.cpu_rows > 0 ? o->opt.cpu_rows : 4);
+    if (o->opt.policy != MOE_OFFLOAD_AUTO) return false;
+    double rate = moe_offload_copy_rate(o) > 0 ? moe_offload_copy_rate(o) : o->rate0;
+    return (double)rows * o->host_row_ms < 1e3 * (double)o->split.slot_bytes / rate;
+}
+
+/* Classifies expert e (rows rows) of `layer`: a hit (pinned; a copy in flight jumps the
+ * queue), a miss run from the host copy, or a miss to copy (slot taken now if one is free,
+ * else deferred). Returns its source; *slot the slot or -1. */
+static int classify(moe_offload *o, int layer, int e, int64_t rows, int *slot) {
+    moe_offload_counts *c = &o->counts[layer];
+    c->uses++;
+    *slot = o->where[layer * o->E + e];
+    if (*slot >= 0) {
+        c->hits++;
+        o->slots[*slot].pin = o->epoch;
+        if (!cache_slot_ready(o, *slot)) {
+            c->late++;
+            cache_slot_expedite(o, *slot);
+        }
+        return SRC_SLOT;
+    }
+    c->misses++;
+    if (compute_on_host(o, rows)) {
+        c->host++;
+        return SRC_HOST;
+    }
+    *slot = cache_take_slot(o, layer, false);
+    if (*slot < 0) return SRC_DEFERRED;
+    cache_load(o, *slot, layer, e, true, false);
+    o->slots[*slot].pin = o->epoch;
+    return SRC_SLOT;
+}
+
+/* Copies expert e's weights (slot or host store) into slice j of the scratch stacks. */
+static moe_status gather(moe_offload *o, int layer, int e, int src, int slot, moe_tensor *w13, moe_tensor *w2, int j) {
+    const store_entry *se = &o->store[layer * o->E + e];
+    int64_t d = w13->shape[1], w = w2->shape[1];
+    moe_tensor *d13 = moe_tensor_view_raw(w13, 2, (int64_t[]){d, 2 * w}, (int64_t[]){2 * w, 1}, j * se->n13);
+    moe_tensor *d2 = moe_tensor_view_raw(w2, 2, (int64_t[]){w, d}, (int64_t[]){d, 1}, j * se->n2);
+    moe_tensor *s13, *s2;
+    if (src == SRC_SLOT) {
+        MOE_TRY(cache_slot_wait(o, slot));
+        cache_slot_views(o, slot, &s13, &s2);
+        cache_slot *c = &o->slots[slot];
+        c->used = true;
+        c->last_use = ++o->clock;
+        c->pin = 0;
+    } else { /* the host copy: computed there (cpu, auto), or copied straight into scratch */
+        s13 = moe_tensor_view_raw(se->stack13, 2, d13->shape, d13->strides, se->at13);
+        s2 = moe_tensor_view_raw(se->stack2, 2, d2->shape, d2->strides, se->at2);
+    }
+    o->freq[layer * o->E + e]++;
+    if (!d13 || !d2 || !s13 || !s2) return moe_last_status();
+    MOE_TRY(moe_tensor_copy_(d13, s13));
+    return moe_tensor_copy_(d2, s2);
+}
+
+static moe_tensor *provider_run(void *ctx, int layer, moe_moe_layer *L, int g, moe_tensor *xs, const int64_t *off,
+                                moe_dtype compute) {
+    moe_offload *o = ctx;
+    MOE_ASSERT(compute == o->arena->dtype, "offload: compute dtype %s, the cache holds %s", moe_dtype_name(compute),
+               moe_dtype_name(o->arena->dtype));
+    if (g == 0) enter_layer(o, layer);
+    const moe_expert_group *G = &L->groups[g];
+    int *src = moe_step_host_alloc(sizeof(int) * (size_t)G->n), *slot = moe_step_host_alloc(sizeof(int) * (size_t)G->n);
+    int64_t *coff = moe_step_host_alloc(sizeof(int64_t) * (size_t)(G->n + 1));
+    if (!src || !slot || !coff) {
+        moe_error(MOE_ERR_OOM, "offload: out of host memory");
+        return NULL;
+    }
+    o->epoch++;
+    int nu = 0;
+    coff[0] = 0;
+    for (int i = 0; i < G->n; i++) { /* hits and misses; misses start copying at once */
+        int64_t rows = off[i + 1] - off[i];
+        if (rows == 0) continue;
+        src[i] = classify(o, layer, G->experts[i], rows, &slot[i]);
+        coff[nu + 1] = coff[nu] + rows;
+        nu++;
+    }
+    int64_t d = L->s.d_model, w = G->ffn_dim;
+    moe_tensor *w13 = moe_tensor_empty(MOE_LIFE_STEP, xs->device, compute, 3, (int64_t[]){nu > 0 ? nu : 1, d, 2 * w});
+    moe_tensor *w2 = moe_tensor_empty(MOE_LIFE_STEP, xs->device, compute, 3, (int64_t[]){nu > 0 ? nu : 1, w, d});
+    if (!w13 || !w2) return NULL;
+    for (int i = 0, j = 0; i < G->n; i++) { /* in order: wait, gather, free the slot for the deferred */
+        if (off[i + 1] == off[i]) continue;
+        if (src[i] == SRC_DEFERRED) {
+            slot[i] = cache_take_slot(o, layer, false);
+            if (slot[i] >= 0) cache_load(o, slot[i], layer, G->experts[i], true, false);
+            src[i] = slot[i] >= 0 ? SRC_SLOT : SRC_HOST; /* every slot pinned: straight into scratch */
+        }
+        if (gather(o, layer, G->experts[i], src[i], slot[i], w13, w2, j++) != MOE_OK) return NULL;
+    }
+    if (nu == 0) coff[1] = 0; /* no rows: one empty expert */
+    return moe_grouped_swiglu(xs, w13, w2, coff);
+}
+
+/* ---- open and close ---- */
+
+/* The store: every routed expert of the view as pointers into its group stacks. */
+static void fill_store(moe_offload *o) {
+    for (int i = 0; i < o->n_layers; i++) {
+        const moe_block *b = &o->v->blocks[i];
+        if (b->dense) continue;
+        for (int g = 0; g < b->moe.n_groups; g++) {
+            const moe_expert_group *G = &b->moe.groups[g];
+            int64_t n13 = G->w13->shape[1] * G->w13->shape[2], n2 = G->w2->shape[1] * G->w2->shape[2];
+            size_t es = moe_dtype_size(G->w13->dtype);
+            for (int j = 0; j < G->n; j++)
+                o->store[i * o->E + G->experts[j]] = (store_entry){
+                    .stack13 = G->w13, .stack2 = G->w2, .at13 = j * n13, .at2 = j * n2,
+                    .w13 = (const char *)G->w13->data + (size_t)(j * n13) * es,
+                    .w2 = (const char *)G->w2->data + (size_t)(j * n2) * es, .n13 = n13, .n2 = n2, .ffn_dim = G->ffn_dim};
+        }
+    }
+}
+
+static moe_status alloc_tables(moe_offload *o) {
+    size_t le = (size_t)o->n_layers * (size_t)o->E;
+    o->moe_ord = malloc(sizeof(int) * (size_t)o->n_layers);
+    o->moe_block = malloc(sizeof(int) * (size_t)o->n_layers);
+    o->store = calloc(le, sizeof *o->store);
+    o->slots = calloc((size_t)o->n_slots, sizeof *o->slots);
+    o->where = malloc(sizeof(int) * le);
+    o->held = calloc((size_t)o->n_layers, sizeof(int));
+    o->freq = calloc(le, sizeof(uint64_t));
+    o->predicted = calloc(le, sizeof(uint64_t));
+    o->counts = calloc((size_t)o->n_layers, sizeof *o->counts);
+    o->scores = o->opt.predict ? malloc(sizeof(float) * (size_t)o->n_layers * (size_t)o->opt.max_batch_tokens * (size_t)o->E)
+                               : NULL;
+    if (!o->moe_ord || !o->moe_block || !o->store || !o->slots || !o->where || !o->held || !o->freq || !o->predicted ||
+        !o->counts || (o->opt.predict && !o->scores))
+        return moe_error(MOE_ERR_OOM, "offload: out of host memory for the cache tables");
+    for (size_t i = 0; i < le; i++) o->where[i] = -1;
+    for (int s = 0; s < o->n_slots; s++) o->slots[s].layer = o->slots[s].expert = -1;
+    for (int i = 0; i < o->n_layers; i++) {
+        o->moe_ord[i] = o->v->blocks[i].dense ? -1 : o->n_moe;
+        if (!o->v->blocks[i].dense) o->moe_block[o->n_moe++] = i;
+    }
+    return MOE_OK;
+}
+
+/* The copy rate (one expert copied into slot 0 and back out) and the host's time per row
+ * of one expert's SwiGLU, measured once (auto compares them; the split line prints the rate). */
+static moe_status calibrate(moe_offload *o) {
+    int layer = o->moe_block[0];
+    double best = 0;
+    for (int r = 0; r < 3; r++) {
+        double t0 = moe_clock_ms();
+        cache_load(o, 0, layer, 0, true, false);
+        MOE_TRY(cache_slot_wait(o, 0));
+        double ms = moe_clock_ms() - t0;
+        cache_evict(o, 0);
+        if (r == 0 || ms < best) best = ms;
+    }
+    o->rate0 = (double)o->split.slot_bytes / (best > 1e-6 ? best / 1e3 : 1e-9);
+    const store_entry *se = &o->store[layer * o->E];
+    int64_t d = o->v->cfg.model.d_model, w = se->ffn_dim;
+    moe_mem_mark mark = moe_mem_step_mark(o->v->dev);
+    moe_tensor *x = moe_tensor_zeros(MOE_LIFE_STEP, o->v->dev, o->opt.dtype, 2, (int64_t[]){1, d});
+    moe_tensor *w13 = moe_tensor_view_raw(se->stack13, 3, (int64_t[]){1, d, 2 * w}, (int64_t[]){d * 2 * w, 2 * w, 1}, se->at13);
+    moe_tensor *w2 = moe_tensor_view_raw(se->stack2, 3, (int64_t[]){1, w, d}, (int64_t[]){w * d, d, 1}, se->at2);
+    const int64_t off[2] = {0, 1};
+    bool ok = x && w13 && w2, was = moe_grad_set_enabled(false);
+    for (int r = 0; r < 3 && ok; r++) {
+        double t0 = moe_clock_ms();
+        ok = moe_grouped_swiglu(x, w13, w2, off) != NULL;
+        double ms = moe_clock_ms() - t0;
+        if (r == 0 || ms < o->host_row_ms) o->host_row_ms = ms;
+    }
+    moe_grad_set_enabled(was);
+    moe_mem_step_release(o->v->dev, mark);
+    memset(o->counts, 0, sizeof *o->counts * (size_t)o->n_layers);
+    return ok ? MOE_OK : moe_last_status();
+}
+
+/* resident: every expert into its slot now. */
+static moe_status load_all(moe_offload *o) {
+    for (int l = 0, s = 0; l < o->n_moe; l++)
+        for (int e = 0; e < o->E; e++) cache_load(o, s++, o->moe_block[l], e, false, false);
+    for (int s = 0; s < o->n_slots; s++) MOE_TRY(cache_slot_wait(o, s));
+    memset(o->counts, 0, sizeof *o->counts * (size_t)o->n_layers);
+    return MOE_OK;
+}
+
+static moe_status check_options(const moe_model *m, const moe_offload_options *o, const moe_offload_split *sp,
+                                size_t min_budget) {
+    if (o->policy == MOE_OFFLOAD_PREDICT && !o->predict)
+        return moe_error(MOE_ERR_CONFIG, "offload: policy predict needs a predictor (--predictor FILE)");
+    if (m->ep_size != 1) return moe_error(MOE_ERR_UNSUPPORTED, "offload: expert parallelism is not offloaded");
+    if (o->budget < min_budget) {
+        char need[32], have[32], dense[32];
+        fmt_bytes(min_budget, need, sizeof need);
+        fmt_bytes(o->budget, have, sizeof have);
+        fmt_bytes(sp->dense + sp->kv + sp->scratch, dense, sizeof dense);
+        return moe_error(MOE_ERR_OOM, "offload: a budget of %s (%zu bytes) is too small: it needs at least %s "
+                         "(%zu bytes): dense weights, KV cache and scratch %s plus %s %d expert slots of %zu bytes",
+                         have, o->budget, need, min_budget, dense,
+                         o->policy == MOE_OFFLOAD_RESIDENT ? "every expert's" : "one layer's top-k:",
+                         o->policy == MOE_OFFLOAD_RESIDENT ? sp->experts : m->cfg.model.top_k, sp->slot_bytes);
+    }
+    return MOE_OK;
+}
+
+static moe_status open_cache(moe_offload *o) {
+    const moe_model *v = o->v;
+    o->n_layers = v->cfg.model.n_layers;
+    o->E = v->cfg.model.n_experts;
+    o->top_k = v->cfg.model.top_k;
+    o->n_slots = o->split.slots;
+    o->slot_elems = (int64_t)(o->split.slot_bytes / moe_dtype_size(o->opt.dtype));
+    MOE_TRY(alloc_tables(o));
+    o->floor = o->n_slots / o->n_moe < o->top_k ? o->n_slots / o->n_moe : o->top_k;
+    o->depth = o->opt.prefetch_depth > 0 ? o->opt.prefetch_depth : 1;
+    fill_store(o);
+    MOE_TRY(moe_xfer_create(v->dev, &o->xfer));
+    o->arena = moe_tensor_empty(MOE_LIFE_PERSIST, v->dev, o->opt.dtype, 1, (int64_t[]){o->n_slots * o->slot_elems});
+    if (!o->arena) return moe_error_context(moe_last_status(), "offload: the expert cache arena: ");
+    MOE_TRY(calibrate(o));
+    return o->opt.policy == MOE_OFFLOAD_RESIDENT ? load_all(o) : MOE_OK;
+}
+
+moe_status moe_offload_open(moe_model *m, const moe_offload_options *opt, moe_offload **out) {
+    *out = NULL;
+    MOE_ASSERT(opt->max_seqs > 0 && opt->max_batch_tokens > 0, "offload: max_seqs and max_batch_tokens must be > 0");
+    moe_offload_split sp;
+    size_t min_budget;
+    MOE_TRY(moe_offload_plan(m, opt, &sp, &min_budget));
+    MOE_TRY(check_options(m, opt, &sp, min_budget));
+    moe_offload *o = calloc(1, sizeof *o);
+    if (!o) return moe_error(MOE_ERR_OOM, "offload: out of host memory");
+    o->opt = *opt;
+    o->split = sp;
+    o->m = m;
+    o->provider = (moe_expert_provider){.ctx = o, .begin = provider_begin, .run = provider_run};
+    moe_decoder_options dopt = {.dtype = opt->dtype, .experts = MOE_EXPERTS_PROVIDED, .provider = &o->provider};
+    moe_status s = moe_decoder_open_with(m, &dopt, &o->dec);
+    if (s == MOE_OK) {
+        o->v = moe_decoder_view(o->dec);
+        s = open_cache(o);
+    }
+    if (s != MOE_OK) {
+        moe_offload_close(o);
+        return s;
+    }
+    *out = o;
+    return MOE_OK;
+}
+
+void moe_offload_close(moe_offload *o) {
+    if (!o) return;
+    moe_xfer_free(o->xfer); /* first: no copy into the arena after this */
+    moe_tensor_free(o->arena);
+    moe_decoder_close(o->dec);
+    free(o->moe_ord);
+    free(o->moe_block);
+    free(o->store);
+    free(o->slots);
+    free(o->where);
+    free(o->held);
+    free(o->freq);
+    free(o->predicted);
+    free(o->counts);
+    free(o->scores);
+    free(o);
+}
+
+moe_decoder *moe_offload_decoder(moe_offload *o) { return o->dec; }
+
+const moe_offload_split *moe_offload_get_split(const moe_offload *o) { return &o->split; }
