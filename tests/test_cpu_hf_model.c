@@ -14,7 +14,7 @@
 #include "core/autograd.h"
 #include "core/memory.h"
 #include "moe/train/checkpoint.h"
-#include "moe/hf/hf_cli.h"
+#include "moe/cli/commands.h"
 #include "moe/hf/hf_model.h"
 #include "moe/hf/safetensors.h"
 #include "tests/harness/model_gradcheck.h"
@@ -285,6 +285,17 @@ static void test_bad_files(void) {
     snprintf(p, sizeof p, "%s/json.safetensors", tmp);
     write_st(p, "{\"y\": [1, 2", 0);
     expect_refused(p, "json.safetensors", "JSON");
+    /* found by fuzzing: these opened */
+    snprintf(p, sizeof p, "%s/twice.safetensors", tmp);
+    write_st(p, "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+                "\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8);
+    expect_refused(p, "twice.safetensors", "'a' appears twice");
+    snprintf(p, sizeof p, "%s/offsets.safetensors", tmp);
+    write_st(p, "{\"e\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[\"0\",\"0\"]}}", 0);
+    expect_refused(p, "offsets.safetensors", "'e': data_offsets");
+    snprintf(p, sizeof p, "%s/numel.safetensors", tmp); /* 2^64 x 0 elements: the count overflows int64 */
+    write_st(p, "{\"z\":{\"dtype\":\"F32\",\"shape\":[4294967296,4294967296,0],\"data_offsets\":[0,0]}}", 0);
+    expect_refused(p, "numel.safetensors", "'z'");
 }
 
 /* A copy of a fixture's folder with config.json replaced (NULL: kept). */
@@ -484,8 +495,8 @@ static void test_cached_equals_full(void) {
     }
 }
 
-/* hf-convert writes our checkpoint; its config (with the new keys) reloads and the model
- * loaded from it gives the imported model's logits bit for bit. hf-logits runs. */
+/* moe convert writes our checkpoint; its config (with the new keys) reloads and the model
+ * loaded from it gives the imported model's logits bit for bit. moe logits runs. */
 static void test_convert_round_trip(void) {
     tmp = moe_test_tmpdir("hf-convert");
     for (int f = 0; f < 2; f++) {
@@ -493,8 +504,8 @@ static void test_convert_round_trip(void) {
         char out[700], dir[1100];
         snprintf(out, sizeof out, "%s/%s.h5", tmp, name);
         snprintf(dir, sizeof dir, "%s", fixture_dir(name));
-        CU_ASSERT_EQUAL_FATAL(moe_cli_convert(4, (char *[]){"hf-convert", dir, "--out", out, NULL}), 0);
-        CU_ASSERT_EQUAL(moe_cli_logits(6, (char *[]){"hf-logits", dir, "--ids", "5,6,7", "--generate", "2", NULL}), 0);
+        CU_ASSERT_EQUAL_FATAL(moe_cmd_convert(3, (char *[]){dir, "--out", out, NULL}), 0);
+        CU_ASSERT_EQUAL(moe_cmd_logits(4, (char *[]){"--model", dir, "--prompt-ids", "5,6,7", NULL}), 0);
         char *text = NULL;
         moe_config cfg;
         CU_ASSERT_EQUAL_FATAL(moe_checkpoint_read_config(out, &text), MOE_OK);

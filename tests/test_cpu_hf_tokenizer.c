@@ -338,6 +338,43 @@ static void test_split_unicode_escape(void) {
     moe_hf_tokenizer_free(tok);
 }
 
+/* Literal patterns (a Split {"String": ...}, Metaspace's split) compile: a Split at " " that
+ * keeps the space with the next word cuts plain words as the GPT-2 regex does (same ids), and
+ * mixtral-tiny with a splitting Metaspace pre-tokenizer decodes back to its text. */
+static void test_literal_patterns(void) {
+    moe_hf_tokenizer *base = load_fixture("olmoe-tiny");
+    moe_hf_tokenizer *spaces = olmoe_with(
+        "split-string.json", "pre_tokenizer",
+        "{\"type\":\"Sequence\",\"pretokenizers\":[{\"type\":\"Split\",\"pattern\":{\"String\":\" \"},"
+        "\"behavior\":\"MergedWithNext\",\"invert\":false},"
+        "{\"type\":\"ByteLevel\",\"add_prefix_space\":false,\"trim_offsets\":false,\"use_regex\":false}]}");
+    CU_ASSERT_TRUE(same_ids(base, spaces, "The jury said it did find that the city election was conducted"));
+    moe_hf_tokenizer_free(spaces);
+    moe_hf_tokenizer_free(base);
+
+    cJSON *j = load_json("tests/fixtures/hf/mixtral-tiny/tokenizer.json");
+    cJSON_ReplaceItemInObject(j, "normalizer", cJSON_CreateNull());
+    cJSON_ReplaceItemInObject(j, "pre_tokenizer",
+                              cJSON_Parse("{\"type\":\"Metaspace\",\"replacement\":\"\\u2581\","
+                                          "\"prepend_scheme\":\"first\",\"split\":true}"));
+    char *text = cJSON_PrintUnformatted(j);
+    cJSON_Delete(j);
+    moe_hf_tokenizer *meta = NULL;
+    moe_status st = moe_hf_tokenizer_load(&meta, write_file("meta-split.json", text));
+    free(text);
+    if (st != MOE_OK) fprintf(stderr, "\n  %s\n", moe_last_error());
+    CU_ASSERT_EQUAL_FATAL(st, MOE_OK);
+    const char *say = "The jury said it did find that";
+    moe_token_buf ids = {0};
+    char *back = NULL;
+    CU_ASSERT_EQUAL(moe_hf_encode(meta, say, strlen(say), false, &ids), MOE_OK);
+    CU_ASSERT_EQUAL(moe_hf_decode(meta, ids.data, ids.len, false, &back), MOE_OK);
+    CU_ASSERT_STRING_EQUAL(back ? back : "", say);
+    free(back);
+    moe_token_buf_free(&ids);
+    moe_hf_tokenizer_free(meta);
+}
+
 /* mixtral-tiny with its normalizer moved into a Metaspace pre-tokenizer (prepend first, no
  * split) gives the same pieces, so the same ids. */
 static void test_metaspace_pretokenizer(void) {
@@ -499,6 +536,26 @@ static void test_load_errors(void) {
                       "{\"pre_tokenizer\": {\"type\": \"Split\", \"pattern\": {\"Regex\": \"(a\"}}, \"model\": "
                       "{\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []}}",
                       MOE_ERR_FORMAT, "does not compile");
+    /* found by fuzzing: each of these loaded, then failed later (an endless decode, ids outside
+     * the vocabulary, a pattern run on invalid UTF-8, an undefined float-to-int conversion) */
+    expect_load_error("empty-metaspace.json",
+                      "{\"decoder\": {\"type\": \"Metaspace\", \"replacement\": \"\"}, \"model\": "
+                      "{\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []}}",
+                      MOE_ERR_FORMAT, "replacement");
+    expect_load_error("empty-strip.json",
+                      "{\"decoder\": {\"type\": \"Strip\", \"content\": \"\", \"start\": 2000000000}, \"model\": "
+                      "{\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []}}",
+                      MOE_ERR_FORMAT, "Strip decoder");
+    expect_load_error("post-id.json",
+                      "{\"post_processor\": {\"type\": \"BertProcessing\", \"cls\": [\"x\", 7], \"sep\": [\"a\", 0]}, "
+                      "\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []}}",
+                      MOE_ERR_FORMAT, "id 7");
+    expect_load_error("utf8.json",
+                      "{\"normalizer\": {\"type\": \"Prepend\", \"prepend\": \"\xff\"}, \"model\": "
+                      "{\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []}}",
+                      MOE_ERR_FORMAT, "UTF-8");
+    expect_load_error("huge-id.json", "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 1e300}, \"merges\": []}}",
+                      MOE_ERR_FORMAT, "not a token id");
     moe_hf_tokenizer *tok = NULL;
     CU_ASSERT_EQUAL(moe_hf_tokenizer_load(&tok, "/nonexistent/tokenizer.json"), MOE_ERR_IO);
     CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "/nonexistent/tokenizer.json"));
@@ -541,6 +598,7 @@ static void register_suites(void) {
         {"split regex pre-tokenizer", test_split_regex_pretokenizer},
         {"split unicode escape", test_split_unicode_escape},
         {"metaspace pre-tokenizer", test_metaspace_pretokenizer},
+        {"literal patterns", test_literal_patterns},
         {"normalizers", test_normalizers},
         {"sentencepiece word cut", test_sentencepiece_word_cut},
         {"added token options", test_added_token_options},

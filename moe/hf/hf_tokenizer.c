@@ -336,7 +336,7 @@ static moe_status regex_compile(regex **out, const char *pattern, bool literal, 
     if (pat.oom) return moe_error(MOE_ERR_OOM, "tokenizer %s: out of memory", path);
     int err = 0;
     PCRE2_SIZE off = 0;
-    uint32_t opts = PCRE2_UTF | PCRE2_UCP | (literal ? PCRE2_LITERAL : 0);
+    uint32_t opts = PCRE2_UTF | (literal ? PCRE2_LITERAL : PCRE2_UCP); /* PCRE2 refuses UCP with LITERAL */
     pcre2_code *code = pcre2_compile((PCRE2_SPTR)(pat.p ? pat.p : ""), pat.n, opts, &err, &off, NULL);
     sb_free(&pat);
     if (!code) {
@@ -1480,6 +1480,10 @@ static moe_status parse_json_file(const char *path, cJSON **out) {
     char *text;
     size_t len;
     MOE_TRY(read_text(path, &text, &len));
+    if (!utf8_valid(text, len)) { /* as serde_json, which tokenizers reads it with */
+        free(text);
+        return moe_error(MOE_ERR_FORMAT, "%s: not valid UTF-8", path);
+    }
     const char *end = NULL;
     cJSON *j = cJSON_ParseWithLengthOpts(text, len, &end, false);
     if (!j) {
@@ -1506,6 +1510,17 @@ static bool jbool(const cJSON *o, const char *key, bool dflt) {
 static bool jnull(const cJSON *v) { return !v || cJSON_IsNull(v); }
 
 static char *dupstr(const char *s) { return s ? strdup(s) : NULL; }
+
+#define MAX_TOKEN_ID (1 << 28)
+
+/* A token id: a JSON number with an integral value in [0, MAX_TOKEN_ID]. */
+static bool json_id(const cJSON *v, int32_t *id) {
+    if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0 && v->valuedouble <= MAX_TOKEN_ID) ||
+        v->valuedouble != (double)(int32_t)v->valuedouble)
+        return false;
+    *id = (int32_t)v->valuedouble;
+    return true;
+}
 
 /* A {"String": s} or {"Regex": r} pattern: a literal (into *literal) or a compiled regex. */
 static moe_status load_pattern(const cJSON *o, const char *path, const char *what, char **literal, regex **re) {
@@ -1593,7 +1608,7 @@ static moe_status load_prepend_scheme(const cJSON *o, const char *path, prepend_
 static moe_status load_replacement(const cJSON *o, const char *path, char out[8]) {
     const char *r = jstr(o, "replacement");
     if (!r) r = "\xE2\x96\x81"; /* U+2581 */
-    if (strlen(r) >= 8) return bad(MOE_ERR_FORMAT, path, "Metaspace replacement \"%s\" is too long", r);
+    if (!*r || strlen(r) >= 8) return bad(MOE_ERR_FORMAT, path, "Metaspace replacement \"%s\" is empty or too long", r);
     strcpy(out, r);
     return MOE_OK;
 }
@@ -1666,7 +1681,11 @@ static moe_status template_ids(const cJSON *specials, const char *name, const ch
     if (!it->ids) return moe_error(MOE_ERR_OOM, "out of memory");
     size_t i = 0;
     const cJSON *e;
-    cJSON_ArrayForEach(e, ids) it->ids[i++] = (int32_t)e->valuedouble;
+    cJSON_ArrayForEach(e, ids) {
+        if (!json_id(e, &it->ids[i++]))
+            return bad(MOE_ERR_FORMAT, path, "TemplateProcessing special token \"%s\": ids[%zu] is not a token id",
+                       name, i - 1);
+    }
     return MOE_OK;
 }
 
@@ -1683,8 +1702,9 @@ static moe_status pair_item(const cJSON *o, const char *key, const char *path, p
     if (cJSON_GetArraySize(p) != 2) return bad(MOE_ERR_FORMAT, path, "post_processor \"%s\" is not [token, id]", key);
     it->ids = calloc(1, sizeof *it->ids);
     if (!it->ids) return moe_error(MOE_ERR_OOM, "out of memory");
-    it->ids[0] = (int32_t)cJSON_GetArrayItem(p, 1)->valuedouble;
     it->n_ids = 1;
+    if (!json_id(cJSON_GetArrayItem(p, 1), &it->ids[0]))
+        return bad(MOE_ERR_FORMAT, path, "post_processor \"%s\": the id is not a token id", key);
     return MOE_OK;
 }
 
@@ -1762,6 +1782,8 @@ static moe_status load_decoder(moe_hf_tokenizer *t, const cJSON *o, const char *
     } else if (!strcmp(type, "Strip")) {
         d->kind = DEC_STRIP;
         d->content = dupstr(jstr(o, "content") ? jstr(o, "content") : " ");
+        if (!d->content) return moe_error(MOE_ERR_OOM, "out of memory");
+        if (!*d->content) return bad(MOE_ERR_FORMAT, path, "Strip decoder with an empty \"content\"");
         const cJSON *a = cJSON_GetObjectItemCaseSensitive(o, "start"), *b = cJSON_GetObjectItemCaseSensitive(o, "stop");
         d->start = cJSON_IsNumber(a) ? a->valueint : 0;
         d->stop = cJSON_IsNumber(b) ? b->valueint : 0;
@@ -1779,7 +1801,7 @@ static moe_status load_decoder(moe_hf_tokenizer *t, const cJSON *o, const char *
 /* Puts token `s` at id (growing the id table). An id given a second, different string keeps
  * both strings mapped to it; the last one is what decoding shows. */
 static moe_status set_token(moe_hf_tokenizer *t, int32_t id, const char *s, const char *path) {
-    if (id < 0 || id > (1 << 28)) return bad(MOE_ERR_FORMAT, path, "token \"%s\" has id %d out of range", s, id);
+    if (id < 0 || id > MAX_TOKEN_ID) return bad(MOE_ERR_FORMAT, path, "token \"%s\" has id %d out of range", s, id);
     if ((size_t)id >= t->n_tokens) {
         size_t n = (size_t)id + 1;
         char **tk = realloc(t->tokens, n * sizeof *tk);
@@ -1859,8 +1881,11 @@ static moe_status load_model(moe_hf_tokenizer *t, const cJSON *model, const char
         return bad(MOE_ERR_UNSUPPORTED, path, "BPE dropout (%g) is not supported", dropout->valuedouble);
     const cJSON *e;
     cJSON_ArrayForEach(e, vocab) {
-        if (!cJSON_IsNumber(e)) return bad(MOE_ERR_FORMAT, path, "vocab entry \"%s\" is not a number", e->string);
-        MOE_TRY(set_token(t, (int32_t)e->valuedouble, e->string, path));
+        int32_t id;
+        if (!json_id(e, &id))
+            return bad(MOE_ERR_FORMAT, path, "vocab entry \"%s\" is not a token id (an integer in [0, %d])", e->string,
+                       MAX_TOKEN_ID);
+        MOE_TRY(set_token(t, id, e->string, path));
     }
     t->byte_fallback = jbool(model, "byte_fallback", false);
     t->fuse_unk = jbool(model, "fuse_unk", false);
@@ -1889,9 +1914,9 @@ static moe_status load_added(moe_hf_tokenizer *t, const cJSON *arr, const char *
         added_token *a = &t->added[i++];
         const char *content = jstr(e, "content");
         const cJSON *id = cJSON_GetObjectItemCaseSensitive(e, "id");
-        if (!content || !cJSON_IsNumber(id))
-            return bad(MOE_ERR_FORMAT, path, "added_tokens[%zu] needs content and id", i - 1);
-        a->id = (int32_t)id->valuedouble;
+        if (!content || !json_id(id, &a->id))
+            return bad(MOE_ERR_FORMAT, path, "added_tokens[%zu] needs content and an id (an integer in [0, %d])",
+                       i - 1, MAX_TOKEN_ID);
         a->special = jbool(e, "special", false);
         a->lstrip = jbool(e, "lstrip", false);
         a->rstrip = jbool(e, "rstrip", false);
@@ -1917,6 +1942,18 @@ static moe_status load_added(moe_hf_tokenizer *t, const cJSON *arr, const char *
     return matcher_build(t, &t->norm_match, true);
 }
 
+/* The ids a post-processor adds name tokens (encode never gives an id outside the vocabulary). */
+static moe_status check_post_ids(const moe_hf_tokenizer *t, const char *path) {
+    for (size_t p = 0; p < t->n_post; p++)
+        for (size_t i = 0; i < t->post[p].n_items; i++)
+            for (size_t k = 0; k < t->post[p].items[i].n_ids; k++) {
+                int32_t id = t->post[p].items[i].ids[k];
+                if ((size_t)id >= t->n_tokens || !t->tokens[id])
+                    return bad(MOE_ERR_FORMAT, path, "post_processor adds id %d, which is not in the vocabulary", id);
+            }
+    return MOE_OK;
+}
+
 static moe_status load_json(moe_hf_tokenizer *t, const cJSON *j, const char *path) {
     if (!cJSON_IsObject(j)) return bad(MOE_ERR_FORMAT, path, "the top level is not a JSON object");
     const cJSON *model = cJSON_GetObjectItemCaseSensitive(j, "model");
@@ -1940,6 +1977,7 @@ static moe_status load_json(moe_hf_tokenizer *t, const cJSON *j, const char *pat
     t->has_decoder = !jnull(o);
     if (t->has_decoder) MOE_TRY(load_decoder(t, o, path));
     MOE_TRY(load_added(t, cJSON_GetObjectItemCaseSensitive(j, "added_tokens"), path));
+    MOE_TRY(check_post_ids(t, path));
     t->cut_words = !t->ignore_merges && !t->subword_prefix && !t->word_suffix && words_cuttable(t);
     return MOE_OK;
 }

@@ -4,6 +4,8 @@
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +34,14 @@ static int by_offset(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
+#define COUNT_MAX 9007199254740992.0 /* 2^53: every integer up to it is exact in a double */
+
+/* A JSON number that is an integer in [0, 2^53] (so it converts to int64 exactly). */
+static bool json_count(const cJSON *v) {
+    return cJSON_IsNumber(v) && v->valuedouble >= 0 && v->valuedouble <= COUNT_MAX &&
+           v->valuedouble == floor(v->valuedouble);
+}
+
 /* One header entry -> view; data_base is the first byte of the data area of `avail` bytes. */
 static moe_status parse_entry(const char *path, const cJSON *e, const char *data_base, uint64_t avail,
                               moe_st_view *v) {
@@ -51,17 +61,24 @@ static moe_status parse_entry(const char *path, const cJSON *e, const char *data
     if (v->ndim > MOE_MAX_DIMS)
         return moe_error(MOE_ERR_FORMAT, "%s: tensor '%s': %d dimensions (at most %d)", path, e->string, v->ndim,
                          MOE_MAX_DIMS);
-    double numel = 1;
+    double numel = 1, nonzero = 1; /* nonzero: the product of the non-zero entries */
     for (int i = 0; i < v->ndim; i++) {
         const cJSON *s = cJSON_GetArrayItem(sh, i);
-        if (!cJSON_IsNumber(s) || s->valuedouble < 0 || s->valuedouble != (double)(int64_t)s->valuedouble)
+        if (!json_count(s))
             return moe_error(MOE_ERR_FORMAT, "%s: tensor '%s': shape entry %d is not a non-negative integer", path,
                              e->string, i);
         v->shape[i] = (int64_t)s->valuedouble;
         numel *= s->valuedouble;
+        nonzero *= s->valuedouble ? s->valuedouble : 1;
     }
-    double b = cJSON_GetArrayItem(off, 0)->valuedouble, en = cJSON_GetArrayItem(off, 1)->valuedouble;
-    if (!(b >= 0 && en >= b && en <= (double)avail))
+    if (nonzero > COUNT_MAX) /* an empty tensor may not hide a shape whose element count overflows */
+        return moe_error(MOE_ERR_FORMAT, "%s: tensor '%s': the shape's entries multiply past 2^53", path, e->string);
+    const cJSON *ob = cJSON_GetArrayItem(off, 0), *oe = cJSON_GetArrayItem(off, 1);
+    if (!json_count(ob) || !json_count(oe))
+        return moe_error(MOE_ERR_FORMAT, "%s: tensor '%s': data_offsets are not two non-negative integers", path,
+                         e->string);
+    double b = ob->valuedouble, en = oe->valuedouble;
+    if (!(en >= b && en <= (double)avail))
         return moe_error(MOE_ERR_FORMAT, "%s: tensor '%s': data_offsets [%.0f, %.0f] leave the data area of %llu "
                          "bytes", path, e->string, b, en, (unsigned long long)avail);
     if (en - b != numel * (double)dtype_sizes[d])
@@ -118,6 +135,9 @@ static moe_status parse_header(moe_st_file *f) {
     cJSON_Delete(root);
     MOE_TRY(s);
     qsort(f->tensors, (size_t)f->n, sizeof *f->tensors, by_name);
+    for (int i = 1; i < f->n; i++)
+        if (!strcmp(f->tensors[i - 1].name, f->tensors[i].name))
+            return moe_error(MOE_ERR_FORMAT, "%s: tensor '%s' appears twice in the header", f->path, f->tensors[i].name);
     return check_overlaps(f);
 }
 

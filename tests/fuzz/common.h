@@ -18,6 +18,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
  * cannot be written: the harness cannot run. */
 const char *fuzz_write_file(const char *tag, const uint8_t *data, size_t size);
 
+/* A per-process scratch directory "<TMPDIR>/moe-fuzz-<tag>-<pid>.d" for readers that take
+ * a folder (created on the first call; removed with the files in it at exit). Aborts when it
+ * cannot be created. */
+const char *fuzz_scratch_dir(const char *tag);
+
+/* Writes data[0..size) to dir/name (replaced); data NULL removes dir/name instead. Aborts
+ * when the file cannot be written. */
+void fuzz_put_file(const char *dir, const char *name, const uint8_t *data, size_t size);
+
 /* A property of the reader failed: print it and abort (libFuzzer saves the input). */
 #define FUZZ_CHECK(cond, ...)                                                  \
     do {                                                                       \
