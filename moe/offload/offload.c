@@ -164,10 +164,11 @@ void moe_offload_print_counts(const moe_offload *o, FILE *f) {
 
 /* ---- prediction and prefetch ---- */
 
-/* Marks the top-k experts of every token and MoE layer of scores [n_moe, n, E] as predicted. */
-static void mark_predicted(moe_offload *o, const float *scores, int n) {
+/* Marks the top-k experts of tokens [skip, n) of every MoE layer of scores [n_moe, n, E]
+ * as predicted. */
+static void mark_predicted(moe_offload *o, const float *scores, int n, int skip) {
     for (int l = 0; l < o->n_moe; l++)
-        for (int t = 0; t < n; t++) {
+        for (int t = skip; t < n; t++) {
             const float *row = scores + ((int64_t)l * n + t) * o->E;
             float bar = INFINITY; /* the token's k best: k passes, each the best below the last */
             int last = -1;
@@ -200,6 +201,28 @@ static void prefetch_to(moe_offload *o, int to) {
     }
 }
 
+/* Predicts the run of n tokens of sequence q (positions pos) with the sequence's last
+ * tokens before them as context (a decode step's token alone has none), and keeps the
+ * newest MOE_OFFLOAD_CONTEXT tokens as the next run's context. */
+static moe_status predict_run(moe_offload *o, const int32_t *tokens, const int32_t *pos, int q, int n) {
+    seq_context *h = q < o->opt.max_seqs ? &o->context[q] : NULL;
+    int c = h && h->n > 0 && h->next_pos == pos[0] ? h->n : 0;
+    for (int i = 0; i < c; i++) {
+        o->ctx_tok[i] = h->tok[i];
+        o->ctx_pos[i] = pos[0] - c + i;
+    }
+    memcpy(o->ctx_tok + c, tokens, sizeof(int32_t) * (size_t)n);
+    memcpy(o->ctx_pos + c, pos, sizeof(int32_t) * (size_t)n);
+    MOE_TRY(o->opt.predict(o->opt.predict_ctx, o->ctx_tok, o->ctx_pos, c + n, o->scores));
+    mark_predicted(o, o->scores, c + n, c);
+    if (!h) return MOE_OK;
+    int keep = c + n < MOE_OFFLOAD_CONTEXT ? c + n : MOE_OFFLOAD_CONTEXT;
+    memcpy(h->tok, o->ctx_tok + c + n - keep, sizeof(int32_t) * (size_t)keep);
+    h->n = keep;
+    h->next_pos = pos[n - 1] + 1;
+    return MOE_OK;
+}
+
 static moe_status provider_begin(void *ctx, const int32_t *tokens, const int32_t *pos, const int32_t *seq, int n) {
     moe_offload *o = ctx;
     o->step++;
@@ -212,8 +235,7 @@ static moe_status provider_begin(void *ctx, const int32_t *tokens, const int32_t
     for (int a = 0; a < n;) { /* one prediction per sequence run */
         int b = a + 1;
         while (b < n && seq[b] == seq[a]) b++;
-        MOE_TRY(o->opt.predict(o->opt.predict_ctx, tokens + a, pos + a, b - a, o->scores));
-        mark_predicted(o, o->scores, b - a);
+        MOE_TRY(predict_run(o, tokens + a, pos + a, seq[a], b - a));
         a = b;
     }
     prefetch_to(o, o->depth - 1);
@@ -373,10 +395,15 @@ static moe_status alloc_tables(moe_offload *o) {
     o->freq = calloc(le, sizeof(uint64_t));
     o->predicted = calloc(le, sizeof(uint64_t));
     o->counts = calloc((size_t)o->n_layers, sizeof *o->counts);
-    o->scores = o->opt.predict ? malloc(sizeof(float) * (size_t)o->n_layers * (size_t)o->opt.max_batch_tokens * (size_t)o->E)
-                               : NULL;
+    size_t rows = (size_t)o->opt.max_batch_tokens + MOE_OFFLOAD_CONTEXT;
+    if (o->opt.predict) {
+        o->scores = malloc(sizeof(float) * (size_t)o->n_layers * rows * (size_t)o->E);
+        o->ctx_tok = malloc(sizeof(int32_t) * rows);
+        o->ctx_pos = malloc(sizeof(int32_t) * rows);
+        o->context = calloc((size_t)o->opt.max_seqs, sizeof *o->context);
+    }
     if (!o->moe_ord || !o->moe_block || !o->store || !o->slots || !o->where || !o->held || !o->freq || !o->predicted ||
-        !o->counts || (o->opt.predict && !o->scores))
+        !o->counts || (o->opt.predict && (!o->scores || !o->ctx_tok || !o->ctx_pos || !o->context)))
         return moe_error(MOE_ERR_OOM, "offload: out of host memory for the cache tables");
     for (size_t i = 0; i < le; i++) o->where[i] = -1;
     for (int s = 0; s < o->n_slots; s++) o->slots[s].layer = o->slots[s].expert = -1;
@@ -509,9 +536,14 @@ void moe_offload_close(moe_offload *o) {
     free(o->predicted);
     free(o->counts);
     free(o->scores);
+    free(o->ctx_tok);
+    free(o->ctx_pos);
+    free(o->context);
     free(o);
 }
 
 moe_decoder *moe_offload_decoder(moe_offload *o) { return o->dec; }
 
 const moe_offload_split *moe_offload_get_split(const moe_offload *o) { return &o->split; }
+
+moe_offload_policy moe_offload_get_policy(const moe_offload *o) { return o->opt.policy; }

@@ -93,6 +93,7 @@ moe_status moe_offload_open(moe_model *m, const moe_offload_options *o, moe_offl
 void moe_offload_close(moe_offload *o);
 moe_decoder *moe_offload_decoder(moe_offload *o);
 const moe_offload_split *moe_offload_get_split(const moe_offload *o);
+moe_offload_policy moe_offload_get_policy(const moe_offload *o);
 
 /* Counters of block `layer` (an MoE layer), or of all layers with layer = -1. */
 moe_offload_counts moe_offload_get_counts(const moe_offload *o, int layer);

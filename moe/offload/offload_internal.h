@@ -24,6 +24,15 @@ typedef struct cache_slot {
     uint64_t pin;               /* == o->epoch: needed by the expert group in progress */
 } cache_slot;
 
+/* Tokens of a sequence's context the predictor sees before a run of new ones. */
+#define MOE_OFFLOAD_CONTEXT 8
+
+typedef struct seq_context {
+    int32_t tok[MOE_OFFLOAD_CONTEXT]; /* the sequence's newest tokens, oldest first */
+    int n;
+    int32_t next_pos;                 /* the position that continues them */
+} seq_context;
+
 struct moe_offload {
     moe_offload_options opt;
     moe_offload_split split;
@@ -46,7 +55,9 @@ struct moe_offload {
     uint64_t *predicted;        /* [n_layers * E] the step whose prediction named it, 0: none */
     uint64_t clock, epoch, step;
     int cur_ord, prefetched_to; /* MoE layer running now; last ordinal prefetched this step */
-    float *scores;              /* [n_moe * max_batch_tokens * E] the predictor's output */
+    float *scores;              /* [n_moe, max_batch_tokens + context, E] the predictor's output */
+    int32_t *ctx_tok, *ctx_pos; /* [max_batch_tokens + context] a run with its context */
+    seq_context *context;       /* [max_seqs] */
     moe_offload_counts *counts; /* [n_layers] */
     double host_row_ms;         /* measured: one expert's SwiGLU on the host, per row */
     double rate0;               /* bytes/s of the copy measured at open */
