@@ -322,6 +322,22 @@ static void test_limits(void) {
     CU_ASSERT_EQUAL(render("{{ 2 ** 100 > 0 }} {{ 'ab' * 3 }}", NULL, &out), MOE_OK);
     CU_ASSERT_STRING_EQUAL(out, "True ababab");
     free(out);
+    /* found by fuzzing (undefined behaviour, a division trap): integers past 64 bits become
+     * floats, as Python's unbounded ones compare; huge slice steps, ranges and indexes stay
+     * in bounds; `divisibleby 0` and an out-of-range int() fail with a message */
+    CU_ASSERT_EQUAL(render("{{ 9223372036854775807 + 1 > 0 }} {{ -(-9223372036854775807 - 1) > 0 }} "
+                           "{{ (-9223372036854775807 - 1) // -1 > 0 }} {{ (-9223372036854775807 - 1) % -1 }} "
+                           "{{ 3 ** 50 > 3 ** 49 }} {{ (-2) ** 3 }} {{ 1 ** -1 }} {{ (-9223372036854775807 - 1)|abs > 0 }} "
+                           "{{ 'abcdef'[1::9223372036854775807] }} {{ 'abcdef'[::-9223372036854775807 - 1] }} "
+                           "{{ range(-9223372036854775807 - 1, 9223372036854775807, 4611686018427387904)|list }}",
+                           NULL, &out), MOE_OK);
+    CU_ASSERT_STRING_EQUAL(out, "True True True 0 True -8 1.0 True b f "
+                                "[-9223372036854775808, -4611686018427387904, 0, 4611686018427387904]");
+    free(out);
+    CU_ASSERT_EQUAL(render("{{ 4 is divisibleby 0 }}", NULL, &out), MOE_ERR_INVALID);
+    CU_ASSERT_EQUAL(render("{{ 1e300|int }}", NULL, &out), MOE_ERR_INVALID);
+    CU_ASSERT_EQUAL(render("{{ 'abc'[1.5:] }}", NULL, &out), MOE_ERR_INVALID);
+    CU_ASSERT_EQUAL(render("{{ 0 ** -1 }}", NULL, &out), MOE_ERR_INVALID);
 }
 
 /* Random templates made of template syntax fragments: parse and render either succeed or fail

@@ -526,21 +526,28 @@ static int64_t length(render *r, int line, value v) {
 
 static int64_t slice_bound(value v, int64_t n, int64_t step, bool is_start) {
     if (v.t == V_NONE || v.t == V_UNDEF) return step > 0 ? (is_start ? 0 : n) : (is_start ? n - 1 : -1);
-    int64_t i = v.t == V_INT ? v.i : (int64_t)num(v);
+    int64_t i = v.t == V_INT ? v.i : v.b; /* slice() checks the type */
     if (i < 0) i += n;
     if (step > 0) return i < 0 ? 0 : i > n ? n : i;
     return i < -1 ? -1 : i > n - 1 ? n - 1 : i;
 }
 
+static bool slice_index(value v) { return v.t == V_INT || v.t == V_BOOL || v.t == V_NONE || v.t == V_UNDEF; }
+
 static value slice(render *r, int line, value obj, value a, value b, value c) {
-    int64_t step = c.t == V_INT ? c.i : 1;
+    if (!slice_index(a) || !slice_index(b) || !slice_index(c))
+        rerr(r, line, MOE_ERR_INVALID, "slice indices must be integers or none");
+    int64_t step = c.t == V_INT ? c.i : c.t == V_BOOL ? c.b : 1;
     if (step == 0) rerr(r, line, MOE_ERR_INVALID, "slice step cannot be zero");
     vlist *src = obj.t == V_LIST ? obj.l : obj.t == V_STR ? iterate(r, line, obj) : NULL;
     if (!src) rerr(r, line, MOE_ERR_INVALID, "a value of type %s cannot be sliced", type_name(obj));
     int64_t n = (int64_t)src->n, from = slice_bound(a, n, step, true), to = slice_bound(b, n, step, false);
     vlist *l = mklist(r, (size_t)(n ? n : 1));
     l->n = 0;
-    for (int64_t i = from; step > 0 ? i < to : i > to; i += step) l->v[l->n++] = src->v[i];
+    for (int64_t i = from; step > 0 ? i < to : i > to; i += step) {
+        l->v[l->n++] = src->v[i];
+        if (step > 0 ? to - i <= step : (uint64_t)(i - to) <= 0 - (uint64_t)step) break; /* i + step would pass `to` */
+    }
     if (obj.t == V_LIST) return list_value(l);
     stream *o = open_stream(r);
     for (size_t i = 0; i < l->n; i++) fwrite(l->v[i].s.s, 1, l->v[i].s.n, o->f);
@@ -632,6 +639,37 @@ static value repeat(render *r, int line, value seq, int64_t times) {
     return list_value(l);
 }
 
+/* Python's integer + - * // % ** (j != 0 for // and %). Python's integers have no bounds: a
+ * result past 64 bits becomes the nearest float here (so 2 ** 100 > 0 still holds), as does a
+ * negative power. */
+static value int_arith(render *r, int line, binop op, int64_t i, int64_t j) {
+    int64_t k;
+    double x = (double)i, y = (double)j;
+    switch (op) {
+    case OP_ADD: return __builtin_add_overflow(i, j, &k) ? (value){.t = V_FLOAT, .f = x + y} : mkint(k);
+    case OP_SUB: return __builtin_sub_overflow(i, j, &k) ? (value){.t = V_FLOAT, .f = x - y} : mkint(k);
+    case OP_MUL: return __builtin_mul_overflow(i, j, &k) ? (value){.t = V_FLOAT, .f = x * y} : mkint(k);
+    case OP_FLOORDIV:
+        if (j == -1) return int_arith(r, line, OP_SUB, 0, i);
+        return mkint(i / j - ((i % j != 0) && ((i < 0) != (j < 0))));
+    case OP_MOD:
+        if (j == -1) return mkint(0);
+        k = i % j;
+        return mkint(k != 0 && (k < 0) != (j < 0) ? k + j : k);
+    case OP_POW:
+        if (j < 0) {
+            if (!i) rerr(r, line, MOE_ERR_INVALID, "division by zero (0 to a negative power)");
+            return (value){.t = V_FLOAT, .f = pow(x, y)};
+        }
+        if (i == 0 || i == 1) return mkint(j ? i : 1);
+        if (i == -1) return mkint(j % 2 ? -1 : 1);
+        for (k = 1; j > 0; j--) /* |i| >= 2: overflows within 63 steps */
+            if (__builtin_mul_overflow(k, i, &k)) return (value){.t = V_FLOAT, .f = pow(x, y)};
+        return mkint(k);
+    default: rerr(r, line, MOE_ERR_INVALID, "not an integer operation");
+    }
+}
+
 static value arith(render *r, int line, binop op, value a, value b) {
     if (op == OP_CONCAT) return concat_strs(r, to_string(r, a).s, to_string(r, b).s);
     if (op == OP_ADD && a.t == V_STR && b.t == V_STR) return concat_strs(r, a.s, b.s);
@@ -646,25 +684,15 @@ static value arith(render *r, int line, binop op, value a, value b) {
     double x = num(a), y = num(b);
     if ((op == OP_DIV || op == OP_FLOORDIV || op == OP_MOD) && y == 0)
         rerr(r, line, MOE_ERR_INVALID, "division by zero");
-    int64_t i = (int64_t)x, j = (int64_t)y;
+    if (ints && op != OP_DIV) return int_arith(r, line, op, a.t == V_INT ? a.i : a.b, b.t == V_INT ? b.i : b.b);
     switch (op) {
-    case OP_ADD: return ints ? mkint(i + j) : (value){.t = V_FLOAT, .f = x + y};
-    case OP_SUB: return ints ? mkint(i - j) : (value){.t = V_FLOAT, .f = x - y};
-    case OP_MUL: return ints ? mkint(i * j) : (value){.t = V_FLOAT, .f = x * y};
+    case OP_ADD: return (value){.t = V_FLOAT, .f = x + y};
+    case OP_SUB: return (value){.t = V_FLOAT, .f = x - y};
+    case OP_MUL: return (value){.t = V_FLOAT, .f = x * y};
     case OP_DIV: return (value){.t = V_FLOAT, .f = x / y};
-    case OP_FLOORDIV:
-        if (ints) return mkint(i / j - ((i % j != 0) && ((i < 0) != (j < 0))));
-        return (value){.t = V_FLOAT, .f = floor(x / y)};
-    case OP_MOD:
-        if (ints) return mkint(((i % j) + j) % j);
-        return (value){.t = V_FLOAT, .f = x - y * floor(x / y)};
-    case OP_POW:
-        if (ints && j >= 0 && j < 64) {
-            int64_t p = 1;
-            for (int64_t k = 0; k < j; k++) p *= i;
-            return mkint(p);
-        }
-        return (value){.t = V_FLOAT, .f = pow(x, y)};
+    case OP_FLOORDIV: return (value){.t = V_FLOAT, .f = floor(x / y)};
+    case OP_MOD: return (value){.t = V_FLOAT, .f = x - y * floor(x / y)};
+    case OP_POW: return (value){.t = V_FLOAT, .f = pow(x, y)};
     default: type_error(r, line, "combine", a, b);
     }
 }
@@ -866,11 +894,13 @@ static value call_func(render *r, int line, func f, const args *a) {
             if (a->n > 2) step = want_int(r, line, a->pos[2], "range");
         } else rerr(r, line, MOE_ERR_INVALID, "range needs 1 to 3 arguments");
         if (step == 0) rerr(r, line, MOE_ERR_INVALID, "range step cannot be zero");
-        int64_t count = step > 0 ? (hi - lo + step - 1) / step : (lo - hi - step - 1) / -step;
-        if (count < 0) count = 0;
+        /* ceil((hi - lo) / step) items, computed without overflow */
+        uint64_t span = step > 0 ? (hi > lo ? (uint64_t)hi - (uint64_t)lo : 0) : (lo > hi ? (uint64_t)lo - (uint64_t)hi : 0);
+        uint64_t by = step > 0 ? (uint64_t)step : 0 - (uint64_t)step;
+        int64_t count = span ? (int64_t)((span - 1) / by + 1) : 0;
         if (count > 1000000) rerr(r, line, MOE_ERR_INVALID, "range of %lld items is too long", (long long)count);
         vlist *l = mklist(r, (size_t)count);
-        for (int64_t i = 0; i < count; i++) l->v[i] = mkint(lo + i * step);
+        for (int64_t i = 0; i < count; i++) l->v[i] = mkint((int64_t)((uint64_t)lo + (uint64_t)i * (uint64_t)step));
         return list_value(l);
     }
     case F_STRFTIME: {
@@ -924,7 +954,11 @@ static bool run_test(render *r, int line, const char *name, value v, const args 
     case 13: return v.t == V_FUNC || v.t == V_METHOD || v.t == V_MACRO;     /* callable */
     case 14: return want_int(r, line, v, "even") % 2 == 0;
     case 15: return want_int(r, line, v, "odd") % 2 != 0;
-    case 16: return want_int(r, line, v, "divisibleby") % want_int(r, line, x, "divisibleby") == 0;
+    case 16: { /* divisibleby */
+        int64_t i = want_int(r, line, v, "divisibleby"), j = want_int(r, line, x, "divisibleby");
+        if (!j) rerr(r, line, MOE_ERR_INVALID, "divisibleby 0");
+        return j == -1 || i % j == 0;
+    }
     case 17: case 18: case 19: return equal(v, x);
     case 20: case 21: return !equal(v, x);
     case 22: case 23: return order(r, line, v, x) < 0;
@@ -1060,6 +1094,7 @@ static value apply_filter(render *r, int line, const char *name, value v, const 
     case 1: case 2: return mkint(length(r, line, v)); /* length, count */
     case 3: { /* tojson */
         value ind = arg(a, 0, "indent", none);
+        if (ind.t == V_INT && ind.i > 1000) rerr(r, line, MOE_ERR_INVALID, "tojson: indent %lld is over 1000", (long long)ind.i);
         stream *o = open_stream(r);
         write_json(r, line, o->f, v, ind.t == V_INT ? (int)ind.i : -1, 0);
         return take_stream(r, o);
@@ -1089,7 +1124,12 @@ static value apply_filter(render *r, int line, const char *name, value v, const 
     case 14: return to_string(r, v);                 /* string */
     case 15: { /* int */
         if (v.t == V_INT) return v;
-        if (v.t == V_FLOAT || v.t == V_BOOL) return mkint((int64_t)num(v));
+        if (v.t == V_BOOL) return mkint(v.b);
+        if (v.t == V_FLOAT) {
+            if (!(fabs(v.f) < 9223372036854775808.0)) /* Python: OverflowError / ValueError */
+                rerr(r, line, MOE_ERR_INVALID, "int: %g does not fit 64 bits", v.f);
+            return mkint((int64_t)v.f);
+        }
         if (v.t == V_STR) {
             char b[64], *end;
             snprintf(b, sizeof b, "%.*s", (int)v.s.n, v.s.s);
@@ -1106,7 +1146,7 @@ static value apply_filter(render *r, int line, const char *name, value v, const 
         return end != b ? (value){.t = V_FLOAT, .f = d} : arg(a, 0, "default", (value){.t = V_FLOAT});
     }
     case 17: /* abs */
-        if (v.t == V_INT) return mkint(v.i < 0 ? -v.i : v.i);
+        if (v.t == V_INT) return v.i < 0 ? arith(r, line, OP_SUB, mkint(0), v) : v;
         if (v.t == V_FLOAT) return (value){.t = V_FLOAT, .f = fabs(v.f)};
         rerr(r, line, MOE_ERR_INVALID, "abs needs a number, not %s", type_name(v));
     case 18: { /* reverse */
@@ -1202,7 +1242,7 @@ static value eval(render *r, const node *e) {
         value v = eval(r, e->a);
         if (!is_number(v)) rerr(r, e->line, MOE_ERR_INVALID, "unary minus needs a number, not %s", type_name(v));
         if (e->kind == E_POS) return v;
-        return v.t == V_FLOAT ? (value){.t = V_FLOAT, .f = -v.f} : mkint(-(int64_t)num(v));
+        return v.t == V_FLOAT ? (value){.t = V_FLOAT, .f = -v.f} : arith(r, e->line, OP_SUB, mkint(0), v);
     }
     case E_NOT: return mkbool(!truthy(eval(r, e->a)));
     case E_AND: {
