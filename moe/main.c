@@ -11,7 +11,7 @@
 #include "core/h5file.h"
 #include "core/memory.h"
 #include "core/version.h"
-#include "moe/bench/bench.h"
+#include "moe/cli/bench.h"
 #include "moe/train/checkpoint.h"
 #include "moe/cli/args.h"
 #include "moe/model/config.h"

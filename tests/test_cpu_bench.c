@@ -7,7 +7,7 @@
 #include <string.h>
 
 #include "core/device.h"
-#include "moe/bench/bench.h"
+#include "moe/cli/bench.h"
 #include "tests/harness/testlib.h"
 
 #define MAX_LINES 8

@@ -13,7 +13,6 @@
 #include "core/fileio.h"
 #include "core/memory.h"
 #include "core/ops.h"
-#include "moe/cli/args.h"
 #include "moe/model/model.h"
 #include "moe/model/moe_layer.h"
 #include "optim/optim.h"
@@ -24,7 +23,6 @@
 #define H200_BF16_PEAK 790e12 /* measured cuBLAS bf16 GEMM rate: the MFU denominator (results/README.md) */
 #define AUX_ALPHA 0.01        /* Switch balance loss weight, as bench_reference.py */
 #define INIT_STD 0.02
-#define MAX_REPS 100000
 
 typedef enum bench_kind { KIND_LAYER, KIND_LM, KIND_GEMM } bench_kind;
 
@@ -56,41 +54,6 @@ const char *const *moe_bench_case_names(void) {
 moe_bench_options moe_bench_options_default(void) {
     return (moe_bench_options){.device = -1, .dtype = -1, .warmup = 3, .reps = 10, .threads = 0, .scale = 1,
                                .json = true, .out = stdout};
-}
-
-moe_status moe_bench_parse_args(int argc, char **argv, const char **case_name, moe_bench_options *o) {
-    *o = moe_bench_options_default();
-    o->json = false;
-    *case_name = NULL;
-    const char *device = NULL, *dtype = NULL;
-    const moe_flag_spec specs[] = {
-        {"--device", MOE_FLAG_STRING, "DEV", 0, 0, "cpu|cuda", "run on this device (default: the case's)", &device},
-        {"--dtype", MOE_FLAG_STRING, "T", 0, 0, "f32|bf16", "compute dtype (default: the case's)", &dtype},
-        {"--warmup", MOE_FLAG_INT, "W", 0, MAX_REPS, NULL, "untimed runs first", &o->warmup},
-        {"--reps", MOE_FLAG_INT, "R", 1, MAX_REPS, NULL, "timed runs", &o->reps},
-        {"--threads", MOE_FLAG_INT, "N", 0, 4096, NULL, "OpenMP threads, 0 = as set", &o->threads},
-        {"--scale", MOE_FLAG_INT, "S", 1, 1 << 20, NULL, "divide the case's sizes by S (smoke tests)", &o->scale},
-        {"--json", MOE_FLAG_BOOL, NULL, 0, 0, NULL, "JSON lines instead of readable lines", &o->json},
-        {0}};
-    moe_args a;
-    MOE_TRY(moe_args_parse("bench", specs, argc, argv, &a));
-    moe_status s = MOE_OK;
-    if (a.help) {
-        moe_args_print_help(o->out, "moe bench CASE [flags]   (cases: moe-layer-cpu, lm-step-cpu, moe-layer-gpu, "
-                            "moe-layer-gpu-fine, lm-train-gpu, sgemm)", specs);
-        o->help = true;
-    } else if (a.n_positional != 1) {
-        s = a.n_positional ? moe_error(MOE_ERR_CONFIG, "bench: one case at a time (got '%s' and '%s')", a.positional[0],
-                                       a.positional[1])
-                           : moe_error(MOE_ERR_CONFIG, "bench: name a case (moe-layer-cpu, lm-step-cpu, moe-layer-gpu, "
-                                       "moe-layer-gpu-fine, lm-train-gpu, sgemm)");
-    } else {
-        *case_name = a.positional[0];
-        if (device) o->device = strcmp(device, "cpu") ? MOE_CUDA : MOE_CPU;
-        if (dtype) o->dtype = strcmp(dtype, "f32") ? MOE_BF16 : MOE_F32;
-    }
-    moe_args_free(&a);
-    return s;
 }
 
 /* ---- timing and output ---- */
@@ -439,9 +402,9 @@ moe_status moe_bench_run(const char *case_name, const moe_bench_options *o) {
     if (!c)
         return moe_error(MOE_ERR_CONFIG, "moe bench: unknown case '%s' (moe-layer-cpu, lm-step-cpu, moe-layer-gpu, "
                          "moe-layer-gpu-fine, lm-train-gpu, sgemm)", case_name);
-    if (o->reps < 1 || o->reps > MAX_REPS || o->warmup < 0 || o->warmup > MAX_REPS || o->threads < 0 || o->scale < 1)
+    if (o->reps < 1 || o->reps > MOE_BENCH_MAX_REPS || o->warmup < 0 || o->warmup > MOE_BENCH_MAX_REPS || o->threads < 0 || o->scale < 1)
         return moe_error(MOE_ERR_CONFIG, "moe bench: need 1 <= reps <= %d, 0 <= warmup <= %d, threads >= 0, scale >= 1 "
-                         "(got reps %d, warmup %d, threads %d, scale %d)", MAX_REPS, MAX_REPS, o->reps, o->warmup,
+                         "(got reps %d, warmup %d, threads %d, scale %d)", MOE_BENCH_MAX_REPS, MOE_BENCH_MAX_REPS, o->reps, o->warmup,
                          o->threads, o->scale);
     bench_run r = {.c = c, .o = o, .dev = o->device >= 0 ? (moe_device)o->device : c->dev};
     r.dt = o->dtype >= 0 ? (moe_dtype)o->dtype : r.dev == MOE_CUDA ? MOE_BF16 : MOE_F32;

@@ -28,6 +28,8 @@
 
 #include "core/status.h"
 
+#define MOE_BENCH_MAX_REPS 100000 /* the most timed (and warm-up) runs */
+
 typedef struct moe_bench_options {
     int device;  /* -1: the case's device; else a moe_device */
     int dtype;   /* -1: the case's dtype; else MOE_F32 or MOE_BF16 */
@@ -37,7 +39,7 @@ typedef struct moe_bench_options {
     int scale;   /* >= 1: divides T (layer cases), the batch (LM cases) and n (sgemm),
                     each kept >= 1, for smoke tests */
     bool json;   /* JSON lines instead of readable lines */
-    bool help;   /* moe_bench_parse_args printed the flags (--help): nothing to run */
+    bool help;   /* the flags were printed (--help, moe/cli/bench.h): nothing to run */
     FILE *out;   /* where the lines go (the `moe` program passes stdout) */
 } moe_bench_options;
 
@@ -46,12 +48,6 @@ moe_bench_options moe_bench_options_default(void);
 
 /* The case names, NULL-terminated. */
 const char *const *moe_bench_case_names(void);
-
-/* Parses `moe bench` arguments: CASE [--device cpu|cuda] [--dtype f32|bf16]
- * [--warmup W] [--reps R] [--threads N] [--scale S] [--json] (moe/cli/args.h). Starts
- * from moe_bench_options_default() with json off; MOE_ERR_CONFIG naming the bad argument.
- * --help prints the flags to o->out and sets o->help. */
-moe_status moe_bench_parse_args(int argc, char **argv, const char **case_name, moe_bench_options *o);
 
 /* Runs one case and writes its figures. MOE_ERR_CONFIG for an unknown case or a bad
  * option, MOE_ERR_UNSUPPORTED ("no cuda device ...") when the device is missing,

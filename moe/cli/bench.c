@@ -1,0 +1,42 @@
+/* `moe bench`'s argument parser (the cases run in moe/bench/bench.c). */
+#include "moe/cli/bench.h"
+
+#include <string.h>
+
+#include "core/tensor.h"
+#include "moe/cli/args.h"
+
+moe_status moe_bench_parse_args(int argc, char **argv, const char **case_name, moe_bench_options *o) {
+    *o = moe_bench_options_default();
+    o->json = false;
+    *case_name = NULL;
+    const char *device = NULL, *dtype = NULL;
+    const moe_flag_spec specs[] = {
+        {"--device", MOE_FLAG_STRING, "DEV", 0, 0, "cpu|cuda", "run on this device (default: the case's)", &device},
+        {"--dtype", MOE_FLAG_STRING, "T", 0, 0, "f32|bf16", "compute dtype (default: the case's)", &dtype},
+        {"--warmup", MOE_FLAG_INT, "W", 0, MOE_BENCH_MAX_REPS, NULL, "untimed runs first", &o->warmup},
+        {"--reps", MOE_FLAG_INT, "R", 1, MOE_BENCH_MAX_REPS, NULL, "timed runs", &o->reps},
+        {"--threads", MOE_FLAG_INT, "N", 0, 4096, NULL, "OpenMP threads, 0 = as set", &o->threads},
+        {"--scale", MOE_FLAG_INT, "S", 1, 1 << 20, NULL, "divide the case's sizes by S (smoke tests)", &o->scale},
+        {"--json", MOE_FLAG_BOOL, NULL, 0, 0, NULL, "JSON lines instead of readable lines", &o->json},
+        {0}};
+    moe_args a;
+    MOE_TRY(moe_args_parse("bench", specs, argc, argv, &a));
+    moe_status s = MOE_OK;
+    if (a.help) {
+        moe_args_print_help(o->out, "moe bench CASE [flags]   (cases: moe-layer-cpu, lm-step-cpu, moe-layer-gpu, "
+                            "moe-layer-gpu-fine, lm-train-gpu, sgemm)", specs);
+        o->help = true;
+    } else if (a.n_positional != 1) {
+        s = a.n_positional ? moe_error(MOE_ERR_CONFIG, "bench: one case at a time (got '%s' and '%s')", a.positional[0],
+                                       a.positional[1])
+                           : moe_error(MOE_ERR_CONFIG, "bench: name a case (moe-layer-cpu, lm-step-cpu, moe-layer-gpu, "
+                                       "moe-layer-gpu-fine, lm-train-gpu, sgemm)");
+    } else {
+        *case_name = a.positional[0];
+        if (device) o->device = strcmp(device, "cpu") ? MOE_CUDA : MOE_CPU;
+        if (dtype) o->dtype = strcmp(dtype, "f32") ? MOE_BF16 : MOE_F32;
+    }
+    moe_args_free(&a);
+    return s;
+}
