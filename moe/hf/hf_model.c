@@ -9,7 +9,6 @@
 
 #include "core/fileio.h"
 #include "core/memory.h"
-#include <cjson/cJSON.h>
 #include "moe/hf/safetensors.h"
 
 typedef struct export_entry export_entry;
@@ -358,55 +357,19 @@ static void gather_entry(const export_entry *e, float *w) {
     }
 }
 
-/* The safetensors header of the entries (f32, in walk order), padded to 8 bytes. */
-static char *export_header(const loader *L, uint64_t *len) {
-    cJSON *h = cJSON_CreateObject(), *meta = cJSON_AddObjectToObject(h, "__metadata__");
-    cJSON_AddStringToObject(meta, "format", "pt");
-    double off = 0;
+static void fill_entry(void *user, int i, float *w) { gather_entry(&((const loader *)user)->entries[i], w); }
+
+/* The entries (f32, in walk order) as dir/model.safetensors. */
+static moe_status write_model_file(loader *L, const char *path) {
+    moe_st_out *t = calloc((size_t)L->n_entries + 1, sizeof *t);
+    if (!t) return moe_error(MOE_ERR_OOM, "%s: out of host memory", path);
     for (int i = 0; i < L->n_entries; i++) {
         const export_entry *e = &L->entries[i];
-        cJSON *t = cJSON_AddObjectToObject(h, e->name), *shape = cJSON_AddArrayToObject(t, "shape");
-        cJSON_AddStringToObject(t, "dtype", "F32");
-        cJSON_AddItemToArray(shape, cJSON_CreateNumber((double)e->rows));
-        if (e->cols) cJSON_AddItemToArray(shape, cJSON_CreateNumber((double)e->cols));
-        double n = 4.0 * (double)e->rows * (double)(e->cols ? e->cols : 1);
-        cJSON_AddItemToObject(t, "data_offsets", cJSON_CreateDoubleArray((double[]){off, off + n}, 2));
-        off += n;
+        t[i] = (moe_st_out){.name = e->name, .ndim = e->cols ? 2 : 1, .shape = {e->rows, e->cols}};
     }
-    char *text = cJSON_PrintUnformatted(h);
-    cJSON_Delete(h);
-    if (!text) return NULL;
-    size_t n = strlen(text), padded = (n + 7) & ~(size_t)7;
-    char *out = realloc(text, padded + 1);
-    if (!out) {
-        free(text);
-        return NULL;
-    }
-    memset(out + n, ' ', padded - n);
-    out[padded] = '\0';
-    *len = padded;
-    return out;
-}
-
-static moe_status write_model_file(loader *L, const char *path) {
-    uint64_t hlen = 0;
-    char *header = export_header(L, &hlen);
-    if (!header) return moe_error(MOE_ERR_OOM, "%s: out of host memory", path);
-    moe_atomic_file af;
-    moe_status s = moe_atomic_open(&af, path, "safetensors export");
-    bool ok = s == MOE_OK && fwrite(&hlen, 8, 1, af.f) == 1 && fwrite(header, 1, hlen, af.f) == hlen;
-    for (int i = 0; ok && i < L->n_entries; i++) {
-        const export_entry *e = &L->entries[i];
-        size_t n = (size_t)(e->rows * (e->cols ? e->cols : 1));
-        float *w = malloc(sizeof(float) * n);
-        if (w) gather_entry(e, w);
-        ok = w && fwrite(w, sizeof(float), n, af.f) == n;
-        free(w);
-    }
-    free(header);
-    if (s != MOE_OK) return s;
-    moe_status c = moe_atomic_close(&af, ok, "safetensors export");
-    return ok ? c : moe_error(MOE_ERR_IO, "%s: write failed", path);
+    moe_status s = moe_st_write_f32(path, t, L->n_entries, fill_entry, L);
+    free(t);
+    return s;
 }
 
 moe_status moe_hf_export(const moe_model *m, const char *model_type, const char *dir) {

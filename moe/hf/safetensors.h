@@ -68,6 +68,23 @@ moe_status moe_st_read_i64(const moe_st_view *v, int64_t *out);
  * each one, so the mapping never adds a second copy of the model to the peak. */
 void moe_st_release(const moe_st_view *v);
 
+/* ---- writing (st_write.c) ---- */
+
+/* One f32 tensor to write; its values come from the writer's fill callback. */
+typedef struct moe_st_out {
+    const char *name;
+    int ndim;
+    int64_t shape[MOE_MAX_DIMS];
+} moe_st_out;
+
+/* Writes tensor i's values (row-major, numel floats) into `values`. */
+typedef void (*moe_st_fill_fn)(void *user, int i, float *values);
+
+/* Writes tensors[0..n) as F32 into a safetensors file at `path`, in the given order (header
+ * padded to 8 bytes, "__metadata__": {"format": "pt"}), one tensor in memory at a time; the
+ * file appears whole or not at all (written to a temporary name, then renamed). */
+moe_status moe_st_write_f32(const char *path, const moe_st_out *tensors, int n, moe_st_fill_fn fill, void *user);
+
 /* A small file's whole text, NUL-terminated (malloc'd), or NULL when it cannot be read
  * (the hub folder's JSON files). */
 char *moe_hf_read_text(const char *path);

@@ -1,0 +1,76 @@
+/* `moe convert`: a Hugging Face hub folder into our checkpoint, or back.
+ *   moe convert DIR --out FILE.h5            the imported model as a checkpoint (step 0, no
+ *                                            optimizer state) for eval, generate and
+ *                                            logits --checkpoint
+ *   moe convert FILE.h5 --to-hf OUTDIR       config.json + model.safetensors (f32) of the
+ *                                            nearest family (--family to choose); features
+ *                                            no family can express are refused by name */
+#include "moe/cli/commands.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "moe/cli/cli.h"
+#include "moe/cli/source.h"
+#include "moe/hf/hf_model.h"
+#include "moe/train/checkpoint.h"
+
+typedef struct convert_flags {
+    const char *out, *to_hf, *family;
+} convert_flags;
+
+static moe_status hub_to_checkpoint(const char *dir, const char *out) {
+    moe_source src;
+    MOE_TRY(moe_source_open(&src, &(moe_source_flags){.model_dir = dir}, MOE_SOURCE_MODEL));
+    moe_train_state ts;
+    memset(&ts, 0, sizeof ts);
+    moe_status s = moe_checkpoint_save(out, &src.model, NULL, &ts);
+    if (s == MOE_OK) printf("%s: %lld parameters from %s\n", out, (long long)moe_model_param_count(&src.model, false), dir);
+    moe_source_close(&src);
+    return s;
+}
+
+static moe_status checkpoint_to_hub(const char *ckpt, const char *dir, const char *family) {
+    if (mkdir(dir, 0777) != 0 && errno != EEXIST) return moe_error(MOE_ERR_IO, "cannot create %s: %s", dir, strerror(errno));
+    moe_source src;
+    MOE_TRY(moe_source_open(&src, &(moe_source_flags){.checkpoint = ckpt, .device = "cpu", .dtype = "f32"}, MOE_SOURCE_MODEL));
+    moe_status s = moe_hf_export(&src.model, family, dir);
+    if (s == MOE_OK) printf("%s: config.json and model.safetensors from %s\n", dir, ckpt);
+    moe_source_close(&src);
+    return s;
+}
+
+static moe_status run_convert(const char *in, const convert_flags *f) {
+    struct stat st;
+    if (stat(in, &st) != 0) return moe_error(MOE_ERR_IO, "convert: %s: %s", in, strerror(errno));
+    if (S_ISDIR(st.st_mode)) {
+        if (!f->out || f->to_hf)
+            return moe_error(MOE_ERR_CONFIG, "convert: a hub folder (%s) converts with --out FILE.h5", in);
+        return hub_to_checkpoint(in, f->out);
+    }
+    if (!f->to_hf || f->out)
+        return moe_error(MOE_ERR_CONFIG, "convert: a checkpoint (%s) converts with --to-hf OUTDIR", in);
+    return checkpoint_to_hub(in, f->to_hf, f->family);
+}
+
+int moe_cmd_convert(int argc, char **argv) {
+    convert_flags f = {0};
+    const moe_flag_spec specs[] = {
+        {"--out", MOE_FLAG_STRING, "FILE", 0, 0, NULL, "hub folder -> this checkpoint (.h5)", &f.out},
+        {"--to-hf", MOE_FLAG_STRING, "OUTDIR", 0, 0, NULL, "checkpoint -> a hub folder here (created when missing)",
+         &f.to_hf},
+        {"--family", MOE_FLAG_STRING, "T", 0, 0, "mixtral|olmoe|qwen2_moe|qwen3_moe|deepseek_v3",
+         "--to-hf: the model_type to write", &f.family, .default_text = "the nearest family"},
+        {0}};
+    moe_args a;
+    const char *usage = "moe convert DIR --out FILE.h5 | moe convert FILE.h5 --to-hf OUTDIR [--family T]";
+    int rc = moe_cli_parse("convert", usage, specs, argc, argv, 1, 1, "the folder or checkpoint to convert is", &a);
+    if (rc < 0) {
+        moe_status s = run_convert(a.positional[0], &f);
+        moe_args_free(&a);
+        rc = s == MOE_OK ? 0 : moe_cli_fail(s);
+    }
+    return rc;
+}

@@ -1,0 +1,161 @@
+/* Opening a hub folder or a checkpoint for a command (see source.h). */
+#include "moe/cli/source.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "moe/hf/hf_model.h"
+#include "moe/train/checkpoint.h"
+
+static moe_status apply_sets(moe_config *cfg, const moe_arg_list *sets) {
+    for (int i = 0; i < sets->n; i++) MOE_TRY(moe_config_set(cfg, sets->items[i]));
+    return MOE_OK;
+}
+
+/* --device / --dtype as config overrides. Without --dtype a cpu run computes in f32 (the
+ * checkpoint holds f32 master weights; the CPU has no bf16 compute). */
+static moe_status apply_device(moe_config *cfg, const moe_source_flags *f) {
+    char set[64];
+    if (f->device) {
+        snprintf(set, sizeof set, "train.device=%s", f->device);
+        MOE_TRY(moe_config_set(cfg, set));
+    }
+    if (f->dtype) {
+        snprintf(set, sizeof set, "train.dtype=%s", f->dtype);
+        return moe_config_set(cfg, set);
+    }
+    if (cfg->train.device == MOE_CFG_DEVICE_CPU) cfg->train.dtype = MOE_CFG_DTYPE_F32;
+    return MOE_OK;
+}
+
+/* ---- our checkpoints ---- */
+
+static moe_status checkpoint_config(moe_source *src, const moe_source_flags *f) {
+    char *text = NULL;
+    MOE_TRY(moe_checkpoint_read_config(f->checkpoint, &text));
+    moe_status s = moe_config_load_text(&src->cfg, text, f->checkpoint);
+    free(text);
+    MOE_TRY(s);
+    MOE_TRY(apply_device(&src->cfg, f));
+    MOE_TRY(apply_sets(&src->cfg, &f->sets));
+    return moe_config_validate(&src->cfg);
+}
+
+/* The tokenizer stored in the checkpoint, else the config's BPE file, else bytes; refused
+ * when it has more tokens than the model. */
+static moe_status checkpoint_text(moe_source *src) {
+    moe_tokenizer *tok = NULL;
+    MOE_TRY(moe_checkpoint_read_tokenizer(src->name, &tok));
+    if (!tok && src->cfg.data.tokenizer == MOE_CFG_TOKENIZER_BPE) MOE_TRY(moe_tokenizer_load(src->cfg.data.tokenizer_path, &tok));
+    if (!tok && !(tok = moe_tokenizer_byte())) return moe_error(MOE_ERR_OOM, "out of memory making the byte tokenizer");
+    if (moe_tokenizer_vocab_size(tok) > src->cfg.model.vocab_size) {
+        moe_status s = moe_error(MOE_ERR_CONFIG, "%s: the tokenizer has %d tokens, the model's vocabulary %d", src->name,
+                                 moe_tokenizer_vocab_size(tok), src->cfg.model.vocab_size);
+        moe_tokenizer_free(tok);
+        return s;
+    }
+    src->has_text = true;
+    return serve_text_open_own(&src->text, tok, -1);
+}
+
+static moe_status open_checkpoint(moe_source *src, const moe_source_flags *f, unsigned parts) {
+    src->sampling = (moe_sampler){.temperature = 0.8, .top_p = 0.95};
+    MOE_TRY(checkpoint_config(src, f));
+    if (parts & MOE_SOURCE_MODEL) {
+        MOE_TRY(moe_model_init(&src->model, &src->cfg, 0, 1));
+        src->has_model = true;
+        moe_train_state ts;
+        MOE_TRY(moe_checkpoint_load(f->checkpoint, &src->model, NULL, &ts));
+    }
+    if (parts & (MOE_SOURCE_TEXT | MOE_SOURCE_TEXT_IF_ANY)) MOE_TRY(checkpoint_text(src));
+    return MOE_OK;
+}
+
+/* ---- hub folders ---- */
+
+/* --set on a hub model: anything but the model.* keys config.json fixes (seq_len apart). */
+static moe_status hub_sets(moe_source *src, const moe_source_flags *f) {
+    moe_cfg_model before = src->cfg.model;
+    MOE_TRY(apply_sets(&src->cfg, &f->sets));
+    moe_cfg_model after = src->cfg.model;
+    after.seq_len = before.seq_len;
+    if (memcmp(&before, &after, sizeof before))
+        return moe_error(MOE_ERR_CONFIG, "--set: the model.* keys of %s come from its config.json (only model.seq_len "
+                                         "may be set)", src->name);
+    return moe_config_validate(&src->cfg);
+}
+
+static void hub_sampling(moe_source *src, const moe_hf_info *info) {
+    const moe_hf_sampling *g = &info->sampling;
+    src->sampling = (moe_sampler){.temperature = g->do_sample ? g->temperature : 0, .top_k = g->top_k, .top_p = g->top_p};
+}
+
+static bool has_file(const char *dir, const char *name) {
+    char path[4096];
+    struct stat st;
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    return stat(path, &st) == 0;
+}
+
+static moe_status hub_text(moe_source *src, unsigned parts) {
+    if (!(parts & MOE_SOURCE_TEXT) && !has_file(src->name, "tokenizer.json")) return MOE_OK;
+    src->has_text = true;
+    MOE_TRY(serve_text_open_hf(&src->text, src->name, src->eos, src->n_eos));
+    if (src->has_model && src->text.vocab > src->cfg.model.vocab_size)
+        return moe_error(MOE_ERR_CONFIG, "%s: the tokenizer has %d tokens, the model's vocabulary %d", src->name,
+                         src->text.vocab, src->cfg.model.vocab_size);
+    return MOE_OK;
+}
+
+static moe_status open_hub(moe_source *src, const moe_source_flags *f, unsigned parts) {
+    if (f->device && strcmp(f->device, "cpu"))
+        return moe_error(MOE_ERR_CONFIG, "--device %s: a hub folder runs on the cpu (moe convert %s --out FILE.h5, then "
+                                         "--checkpoint FILE)", f->device, src->name);
+    if (f->dtype && strcmp(f->dtype, "f32"))
+        return moe_error(MOE_ERR_CONFIG, "--dtype %s: a hub folder runs in f32", f->dtype);
+    moe_hf_info info;
+    if (parts & MOE_SOURCE_MODEL) {
+        MOE_TRY(moe_hf_load(src->name, &src->model, &info));
+        src->has_model = true;
+        src->cfg = src->model.cfg;
+    } else if (has_file(src->name, "config.json")) {
+        MOE_TRY(moe_hf_config_read(src->name, &src->cfg, &info));
+    } else { /* the tokenizer alone */
+        moe_config_defaults(&src->cfg);
+        info = (moe_hf_info){.bos_id = -1};
+    }
+    for (int i = 0; i < info.n_eos && src->n_eos < SERVE_MAX_EOS; i++) src->eos[src->n_eos++] = info.eos_ids[i];
+    hub_sampling(src, &info);
+    MOE_TRY(hub_sets(src, f));
+    if (src->has_model) src->model.cfg = src->cfg;
+    if (parts & (MOE_SOURCE_TEXT | MOE_SOURCE_TEXT_IF_ANY)) MOE_TRY(hub_text(src, parts));
+    return MOE_OK;
+}
+
+moe_status moe_source_open(moe_source *src, const moe_source_flags *f, unsigned parts) {
+    memset(src, 0, sizeof *src);
+    if (!f->model_dir == !f->checkpoint) return moe_error(MOE_ERR_CONFIG, "give --model DIR or --checkpoint FILE (one of them)");
+    src->hub = f->model_dir != NULL;
+    src->name = src->hub ? f->model_dir : f->checkpoint;
+    struct stat st;
+    moe_status s = MOE_OK;
+    if (stat(src->name, &st) != 0)
+        s = moe_error(MOE_ERR_IO, "%s: no such %s", src->name, src->hub ? "folder" : "file");
+    else if (src->hub && !S_ISDIR(st.st_mode))
+        s = moe_error(MOE_ERR_CONFIG, "--model %s: not a folder (a checkpoint file goes with --checkpoint)", src->name);
+    else if (!src->hub && S_ISDIR(st.st_mode))
+        s = moe_error(MOE_ERR_CONFIG, "--checkpoint %s: a folder (a hub folder goes with --model)", src->name);
+    if (s == MOE_OK) s = src->hub ? open_hub(src, f, parts) : open_checkpoint(src, f, parts);
+    if (s != MOE_OK) moe_source_close(src);
+    return s;
+}
+
+void moe_source_close(moe_source *src) {
+    if (src->has_text) serve_text_close(&src->text);
+    if (src->has_model) moe_model_free(&src->model);
+    src->has_text = src->has_model = false;
+}
+
+int moe_source_vocab(const moe_source *src) { return src->has_text ? src->text.vocab : src->cfg.model.vocab_size; }

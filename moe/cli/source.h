@@ -1,0 +1,65 @@
+/* The model a command runs on: a Hugging Face hub folder (--model DIR: config.json,
+ * safetensors, tokenizer.json, generation_config.json) or one of our checkpoints
+ * (--checkpoint FILE: the stored config, weights and byte/BPE tokenizer), opened the same
+ * way for generate, eval, logits and tokenize.
+ *
+ * A hub folder loads on the CPU in f32; `--set` may change anything but its model.* keys
+ * (they come from config.json), except model.seq_len (the context). A checkpoint is built
+ * from its stored config with the --device / --dtype / --set overrides. */
+#ifndef MOE_CLI_SOURCE_H
+#define MOE_CLI_SOURCE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "core/status.h"
+#include "moe/cli/args.h"
+#include "moe/infer/sample.h"
+#include "moe/model/model.h"
+#include "moe/serve/text.h"
+
+typedef struct moe_source_flags {
+    const char *model_dir, *checkpoint, *device, *dtype;
+    moe_arg_list sets;
+} moe_source_flags;
+
+/* The flag table entries of moe_source_flags (inside a moe_flag_spec array). */
+#define MOE_SOURCE_FLAG_SPECS(sf)                                                                                    \
+    {"--model", MOE_FLAG_STRING, "DIR", 0, 0, NULL, "a Hugging Face hub folder (config.json, safetensors, tokenizer.json)", \
+     &(sf).model_dir},                                                                                              \
+    {"--checkpoint", MOE_FLAG_STRING, "FILE", 0, 0, NULL, "one of our checkpoints (.h5)", &(sf).checkpoint},          \
+    {"--device", MOE_FLAG_STRING, "DEV", 0, 0, "cpu|cuda", "where to run (default: the checkpoint's train.device)",  \
+     &(sf).device},                                                                                                 \
+    {"--dtype", MOE_FLAG_STRING, "T", 0, 0, "f32|bf16", "compute dtype (default: the checkpoint's; f32 on the cpu)", \
+     &(sf).dtype},                                                                                                  \
+    {"--set", MOE_FLAG_MULTI, "KEY=VALUE", 0, 0, NULL, "override a config key", &(sf).sets}
+
+/* What to open. */
+typedef enum moe_source_parts {
+    MOE_SOURCE_MODEL = 1,         /* the weights */
+    MOE_SOURCE_TEXT = 2,          /* the tokenizer; its absence is an error naming the file */
+    MOE_SOURCE_TEXT_IF_ANY = 4,   /* the tokenizer when the hub folder has tokenizer.json */
+} moe_source_parts;
+
+typedef struct moe_source {
+    const char *name;        /* the folder or file, for messages */
+    bool hub;                /* a hub folder */
+    moe_config cfg;          /* the effective config (the model's, when loaded) */
+    moe_model model;
+    bool has_model;
+    serve_text text;         /* tokenizer, chat template, end-of-sequence ids */
+    bool has_text;
+    int32_t eos[SERVE_MAX_EOS]; /* the model's end-of-sequence ids (hub: generation_config.json) */
+    int n_eos;
+    moe_sampler sampling;    /* default sampling: generation_config.json (do_sample false: greedy),
+                              * for checkpoints temperature 0.8, top-p 0.95 */
+} moe_source;
+
+/* Opens `parts` of the source the flags name (exactly one of --model, --checkpoint). */
+moe_status moe_source_open(moe_source *src, const moe_source_flags *f, unsigned parts);
+void moe_source_close(moe_source *src);
+
+/* Tokens the tokenizer knows, else the model's vocabulary. */
+int moe_source_vocab(const moe_source *src);
+
+#endif
