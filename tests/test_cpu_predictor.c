@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "core/memory.h"
+#include "moe/infer/decoder.h"
 #include "moe/model/model.h"
 #include "moe/model/tokenizer.h"
 #include "moe/offload/predictor.h"
@@ -21,7 +22,7 @@
 #include "moe/train/train.h"
 #include "tests/harness/testlib.h"
 
-static char dir[300], text_path[400], ckpt[700];
+static char dir[200], text_path[300], ckpt[700];
 static moe_config cfg;
 
 static void write_text(const char *path, int lines, int variants) {

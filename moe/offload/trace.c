@@ -39,6 +39,7 @@ moe_status moe_route_fingerprint_of(const moe_model *m, moe_route_fingerprint *f
         const char *names[4];
         int n = moe_router_params(&m->blocks[i].moe.router, ts, names, 4);
         for (int j = 0; j < n && j < 4; j++) MOE_TRY(hash_tensor(ts[j], &crc));
+        if (m->blocks[i].moe.router.bias) MOE_TRY(hash_tensor(m->blocks[i].moe.router.bias, &crc));
     }
     fp->router_hash = (uint32_t)crc;
     return MOE_OK;
@@ -226,18 +227,17 @@ moe_status moe_trace_save(const moe_trace *t, const char *path) {
     return moe_h5_commit(f);
 }
 
-/* Ids, positions and sequences that a reader may index by: values in range, sequences
- * numbered 0, 1, ... in order, each at positions 0, 1, 2, ... */
+/* Ids, positions and sequences that a reader may index by: values in range, sequences of
+ * `context` tokens numbered 0, 1, ... in order, each at positions 0, 1, 2, ... */
 static moe_status trace_check(const moe_trace *t) {
     const moe_route_fingerprint *fp = &t->fp;
-    for (int64_t i = 0; i < t->n; i++) {
-        bool next = i > 0 && t->seq[i] == t->seq[i - 1] + 1 && t->pos[i] == 0;
-        bool same = i > 0 && t->seq[i] == t->seq[i - 1] && t->pos[i] == t->pos[i - 1] + 1;
-        bool start = i == 0 && t->seq[i] == 0 && t->pos[i] == 0;
-        if (t->tokens[i] < 0 || t->tokens[i] >= fp->vocab || !(next || same || start))
+    if (t->context < 1 || t->n % t->context)
+        return moe_error(MOE_ERR_FORMAT, "%lld tokens do not make whole sequences of %lld", (long long)t->n,
+                         (long long)t->context);
+    for (int64_t i = 0; i < t->n; i++)
+        if (t->tokens[i] < 0 || t->tokens[i] >= fp->vocab || t->pos[i] != i % t->context || t->seq[i] != i / t->context)
             return moe_error(MOE_ERR_FORMAT, "token %lld (id %d, sequence %d, position %d) is out of range or order",
                              (long long)i, t->tokens[i], t->seq[i], t->pos[i]);
-    }
     for (int64_t i = 0; i < fp->n_moe_layers * t->n * fp->top_k; i++)
         if (t->ids[i] < 0 || t->ids[i] >= fp->n_experts)
             return moe_error(MOE_ERR_FORMAT, "route_ids holds expert %d of %d", t->ids[i], fp->n_experts);

@@ -13,7 +13,7 @@
  *   /tokens /pos /seq     i32 [N]: token id, position in its sequence, sequence number
  *   /moe_layers           i32 [Lm]: the model layer of each MoE layer
  *   /route_ids            i32 [Lm, N, k]: the experts chosen (the router's order)
- * Sequences are stored one after another, each at positions 0, 1, 2, ...
+ * Sequences of `context` tokens are stored one after another, each at positions 0, 1, 2, ...
  *
  * Also here: the model fingerprint that ties traces and predictors to one model, the
  * per-layer top-k recall of any scores against a trace, and the token-identity baseline. */
@@ -28,7 +28,8 @@
 /* What routing depends on, to refuse a predictor or trace of another model. */
 typedef struct moe_route_fingerprint {
     int32_t n_layers, n_moe_layers, n_experts, top_k, vocab;
-    uint32_t router_hash; /* CRC-32 of every MoE layer's router parameters as f32, in layer order */
+    uint32_t router_hash; /* CRC-32 of every MoE layer's router parameters (and aux-free selection
+                           * bias) as f32, in layer order */
 } moe_route_fingerprint;
 
 moe_status moe_route_fingerprint_of(const moe_model *m, moe_route_fingerprint *fp);
@@ -56,7 +57,8 @@ typedef struct moe_trace {
 /* Runs model m (on its device, in m->compute) over tokens [n_tokens] cut into sequences of
  * `context` tokens (a shorter tail is dropped, unless it is the only sequence), `batch`
  * sequences per forward, and records their routes into *out (free with moe_trace_free).
- * `name` names the model in the trace. Needs a model with at least one MoE layer. */
+ * `name` names the model in the trace. Needs a model with at least one MoE layer. Resets
+ * the step arena (moe_step_reset) after each forward, as moe_trace_time_decode after each step. */
 moe_status moe_trace_record(moe_model *m, const char *name, const int32_t *tokens, int64_t n_tokens, int context,
                             int batch, moe_trace *out);
 /* Seconds per single-token decode step of m (one sequence, after a prompt of `prompt`

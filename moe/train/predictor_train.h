@@ -40,7 +40,7 @@ typedef struct moe_predictor_report {
 } moe_predictor_report;
 
 /* Trains a fresh net (*net: free with moe_route_net_free) on trace t and fills *rep
- * (free with moe_predictor_report_free). */
+ * (free with moe_predictor_report_free). Resets the step arena after every step. */
 moe_status moe_predictor_train(const moe_trace *t, const moe_predictor_train_options *o, moe_route_net *net,
                                moe_predictor_report *rep);
 void moe_predictor_report_free(moe_predictor_report *rep);
