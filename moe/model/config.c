@@ -35,7 +35,7 @@ static const char *const balance_names[] = {
 static const char *const latency_source_names[] = {
     [MOE_CFG_LATENCY_STARTUP] = "startup", [MOE_CFG_LATENCY_RUNNING] = "running", NULL};
 static const char *const tokenizer_names[] = {
-    [MOE_CFG_TOKENIZER_BYTE] = "byte", [MOE_CFG_TOKENIZER_BPE] = "bpe", NULL};
+    [MOE_CFG_TOKENIZER_BYTE] = "byte", [MOE_CFG_TOKENIZER_BPE] = "bpe", [MOE_CFG_TOKENIZER_HF] = "hf", NULL};
 static const char *const device_names[] = {
     [MOE_CFG_DEVICE_CPU] = "cpu", [MOE_CFG_DEVICE_CUDA] = "cuda", NULL};
 static const char *const dtype_names[] = {
@@ -107,6 +107,8 @@ static const moe_yaml_key config_keys[] = {
     ENUM(model.mom_update, mom_update_names, "delta", "MoM: memory update rule"),
     INT(model.mom_chunk, 1, 4096, "64", "MoM: chunk length of the parallel training form"),
     FLT(model.mom_aux_coef, 0.0, 100.0, "1e-3", "MoM: memory-router balance loss coefficient"),
+    STR(model.init_from, "", "a hub folder: a fresh `moe train` starts from its weights, its config.json gives "
+                             "the model.* keys (those set here must agree)"),
     /* router */
     ENUM(router.type, router_names, "topk", "router: top-k softmax, recurrent (RMoE) or optimal transport"),
     ENUM(router.balance, balance_names, "switch", "load balancing method"),
@@ -134,7 +136,7 @@ static const moe_yaml_key config_keys[] = {
     STR(data.train_path, "data/brown/train.bin", "training token file"),
     STR(data.val_path, "data/brown/val.bin", "validation token file"),
     ENUM(data.tokenizer, tokenizer_names, "byte", "tokenizer"),
-    STR(data.tokenizer_path, "", "tokenizer file (bpe)"),
+    STR(data.tokenizer_path, "", "tokenizer file (bpe), or hub folder (hf)"),
     INT(data.batch_size, 1, 1 << 20, "8", "sequences per optimizer step, over all ranks"),
     /* train */
     ENUM(train.device, device_names, "cpu", "compute device"),
@@ -320,6 +322,9 @@ moe_status moe_config_validate(const moe_config *cfg) {
                          "config: data.tokenizer=bpe needs data.tokenizer_path (the BPE "
                          "tokenizer file)");
     }
+    if (cfg->data.tokenizer == MOE_CFG_TOKENIZER_HF && cfg->data.tokenizer_path[0] == '\0')
+        return moe_error(MOE_ERR_CONFIG, "config: data.tokenizer=hf needs data.tokenizer_path (a hub folder with "
+                                         "tokenizer.json)");
     return validate_mla_and_groups(cfg);
 }
 

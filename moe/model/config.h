@@ -64,6 +64,7 @@ typedef enum moe_cfg_latency_source {
 typedef enum moe_cfg_tokenizer {
     MOE_CFG_TOKENIZER_BYTE, /* byte */
     MOE_CFG_TOKENIZER_BPE,  /* bpe */
+    MOE_CFG_TOKENIZER_HF,   /* hf: data.tokenizer_path is a Hugging Face hub folder (tokenizer.json) */
 } moe_cfg_tokenizer;
 
 typedef enum moe_cfg_device {
@@ -126,6 +127,7 @@ typedef struct moe_cfg_model {
     moe_cfg_mom_update mom_update;
     int mom_chunk;
     double mom_aux_coef;
+    char init_from[MOE_YAML_STRING_MAX]; /* a hub folder whose weights (and config.json) a fresh run starts from */
 } moe_cfg_model;
 
 typedef struct moe_cfg_router {
