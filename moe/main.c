@@ -12,6 +12,7 @@
 #include "core/memory.h"
 #include "core/version.h"
 #include "moe/cli/bench.h"
+#include "moe/cli/offload.h"
 #include "moe/train/checkpoint.h"
 #include "moe/cli/args.h"
 #include "moe/cli/cli.h"
@@ -37,6 +38,8 @@ static void usage(FILE *f) {
             "  generate MODEL [--prompt TEXT | --prompt-file F | --prompt-ids 5,17,42] [--chat] [--tokens N]\n"
             "           [--temperature T] [--top-k K] [--top-p P] [--seed S] [--eos ID] [--ignore-eos] [--print-ids]\n"
             "           [--device cpu|cuda] [--dtype f32|bf16] [--set ...]\n"
+            "           [--offload --gpu-memory SIZE [--policy predict|lru|lfu|resident|cpu|auto] [--predictor P.h5]\n"
+            "           [--verbose]]   routed experts in host memory, a device expert cache of the budget\n"
             "  tokenize MODEL --text TEXT | --decode 5,17,42 | --chat JSON   ids of a text, or the text of ids\n"
             "  logits MODEL --prompt-ids 5,17,42 [--out FILE.safetensors]   the logits of every position\n"
             "  convert DIR --out FILE.h5 | convert FILE.h5 --to-hf OUTDIR   hub folder <-> our checkpoint\n"
@@ -46,6 +49,8 @@ static void usage(FILE *f) {
             "  bench CASE [--device cpu|cuda] [--dtype f32|bf16] [--warmup W] [--reps R] [--threads N]\n"
             "        [--scale S] [--json]   time a benchmark case (moe-layer-cpu, lm-step-cpu, moe-layer-gpu,\n"
             "        moe-layer-gpu-fine, lm-train-gpu, sgemm)\n"
+            "  bench offload MODEL --gpu-memory SIZE [--policy P] [--predictor P.h5] [--batch N] [--tokens N]\n"
+            "        [--prompt N] [--verbose]   one line OFFLOAD policy=... tokens_per_s=... hit_rate=...\n"
             "  inspect FILE.h5 [--verify] list a checkpoint's contents and config (--verify: every CRC)\n"
             "  serve --model DIR | --checkpoint FILE [--host H] [--port P] [--max-batch N] [--max-tokens-in-flight M]\n"
             "        [--prefill-tokens P]   an OpenAI-compatible HTTP server with continuous batching\n"
@@ -281,6 +286,7 @@ static int cmd_inspect(int argc, char **argv) {
 }
 
 static int cmd_bench(int argc, char **argv) {
+    if (argc > 0 && !strcmp(argv[0], "offload")) return moe_cmd_bench_offload(argc - 1, argv + 1);
     const char *name = NULL;
     moe_bench_options o;
     moe_status s = moe_bench_parse_args(argc, argv, &name, &o);

@@ -224,6 +224,19 @@ static void test_policies_ours(void) {
     moe_model_free(&m);
 }
 
+/* Heterogeneous experts: two width groups per layer, slots of the widest expert. */
+static void test_policies_widths(void) {
+    moe_config c;
+    small_config(&c);
+    c.model.expert_ffn_dims = (moe_yaml_list){.count = 8, .values = {8, 4, 8, 4, 12, 4, 8, 12}};
+    moe_model m;
+    CU_ASSERT_EQUAL_FATAL(moe_config_validate(&c), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(moe_model_init(&m, &c, 0, 1), MOE_OK);
+    m.compute = MOE_F32;
+    check_model(&m, "widths 4/8/12");
+    moe_model_free(&m);
+}
+
 static void test_policies_olmoe(void) {
     char dir[1024];
     snprintf(dir, sizeof dir, "%s", __FILE__);
@@ -277,6 +290,7 @@ static void test_budget_refused(void) {
 
 static void register_suites(void) {
     static const moe_test_entry tests[] = {{"every policy == resident, our model", test_policies_ours},
+                                           {"every policy == resident, expert widths", test_policies_widths},
                                            {"every policy == resident, olmoe-tiny", test_policies_olmoe},
                                            {"budget checks", test_budget_refused},
                                            {NULL, NULL}};

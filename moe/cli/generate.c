@@ -15,12 +15,14 @@
 #include "core/fileio.h"
 #include "core/memory.h"
 #include "moe/cli/cli.h"
+#include "moe/cli/offload.h"
 #include "moe/cli/source.h"
 #include "moe/infer/decoder.h"
 #include "moe/infer/sample.h"
 
 typedef struct gen_flags {
     moe_source_flags src;
+    moe_offload_flags offload;
     const char *prompt, *prompt_file, *prompt_ids;
     int tokens, eos, top_k;
     int64_t seed;
@@ -223,7 +225,9 @@ static moe_status run_generation(const gen_flags *gf, moe_source *src) {
     moe_status s = encode_prompt(gf, src, &g, &out);
     if (s == MOE_OK && !(g.logits = malloc(sizeof *g.logits * (size_t)src->cfg.model.vocab_size)))
         s = moe_error(MOE_ERR_OOM, "out of memory for the logits");
-    if (s == MOE_OK) s = moe_decoder_open(m, m->compute, &g.dec);
+    moe_cli_decoder cd = {0};
+    if (s == MOE_OK) s = moe_cli_decoder_open(&gf->offload, m, 1, g.window, g.window, &cd);
+    g.dec = cd.dec;
     if (s == MOE_OK) s = moe_decode_state_create(g.dec, 1, g.window, &g.st);
     if (s == MOE_OK && g.len > g.window)
         fprintf(stderr, "generate: the prompt has %d tokens, the model's context %d: it sees the last %d\n", g.len,
@@ -250,7 +254,7 @@ static moe_status run_generation(const gen_flags *gf, moe_source *src) {
     if (out.text) serve_detok_free(&out.detok);
     free(out.buf);
     moe_decode_state_free(g.st);
-    moe_decoder_close(g.dec);
+    moe_cli_decoder_close(&cd);
     free(g.ctx);
     free(g.logits);
     return s;
@@ -272,6 +276,7 @@ int moe_cmd_generate(int argc, char **argv) {
     gen_flags gf = {.tokens = 200, .eos = EOS_MODEL, .top_k = TOP_K_MODEL, .seed = 1, .temperature = NAN, .top_p = NAN};
     const moe_flag_spec specs[] = {
         MOE_SOURCE_FLAG_SPECS(gf.src),
+        MOE_OFFLOAD_FLAG_SPECS(gf.offload),
         {"--prompt", MOE_FLAG_STRING, "TEXT", 0, 0, NULL, "the text to continue (default \"The \")", &gf.prompt},
         {"--prompt-file", MOE_FLAG_STRING, "F", 0, 0, NULL, "read the prompt from a file (- = standard input)",
          &gf.prompt_file},

@@ -129,6 +129,7 @@ moe_offload_counts moe_offload_get_counts(const moe_offload *o, int layer) {
         const moe_offload_counts *c = &o->counts[i];
         t.uses += c->uses, t.hits += c->hits, t.misses += c->misses, t.late += c->late;
         t.host += c->host, t.wasted += c->wasted, t.copies += c->copies, t.bytes += c->bytes;
+        t.gather_ms += c->gather_ms, t.expert_ms += c->expert_ms;
     }
     return t;
 }
@@ -144,9 +145,10 @@ double moe_offload_copy_rate(const moe_offload *o) {
 
 static void print_count_line(FILE *f, const char *what, const moe_offload_counts *c) {
     fprintf(f, "offload: %s uses %lld hits %lld (late %lld) misses %lld (host %lld) wasted %lld copies %lld "
-            "(%.1f MiB) hit_rate %.3f\n", what, (long long)c->uses, (long long)c->hits, (long long)c->late,
-            (long long)c->misses, (long long)c->host, (long long)c->wasted, (long long)c->copies,
-            (double)c->bytes / (1 << 20), c->uses ? (double)c->hits / (double)c->uses : 1.0);
+            "(%.1f MiB) hit_rate %.3f gather %.2f ms experts %.2f ms\n", what, (long long)c->uses, (long long)c->hits,
+            (long long)c->late, (long long)c->misses, (long long)c->host, (long long)c->wasted, (long long)c->copies,
+            (double)c->bytes / (1 << 20), c->uses ? (double)c->hits / (double)c->uses : 1.0, c->gather_ms,
+            c->expert_ms);
 }
 
 void moe_offload_print_counts(const moe_offload *o, FILE *f) {
@@ -320,8 +322,11 @@ static moe_status gather(moe_offload *o, int layer, int e, int src, int slot, mo
     }
     o->freq[layer * o->E + e]++;
     if (!d13 || !d2 || !s13 || !s2) return moe_last_status();
+    double t0 = moe_clock_ms();
     MOE_TRY(moe_tensor_copy_(d13, s13));
-    return moe_tensor_copy_(d2, s2);
+    MOE_TRY(moe_tensor_copy_(d2, s2));
+    o->counts[layer].gather_ms += moe_clock_ms() - t0;
+    return MOE_OK;
 }
 
 static moe_tensor *provider_run(void *ctx, int layer, moe_moe_layer *L, int g, moe_tensor *xs, const int64_t *off,
@@ -361,7 +366,10 @@ static moe_tensor *provider_run(void *ctx, int layer, moe_moe_layer *L, int g, m
         if (gather(o, layer, G->experts[i], src[i], slot[i], w13, w2, j++) != MOE_OK) return NULL;
     }
     if (nu == 0) coff[1] = 0; /* no rows: one empty expert */
-    return moe_grouped_swiglu(xs, w13, w2, coff);
+    double t0 = moe_clock_ms();
+    moe_tensor *y = moe_grouped_swiglu(xs, w13, w2, coff);
+    o->counts[layer].expert_ms += moe_clock_ms() - t0;
+    return y;
 }
 
 /* ---- open and close ---- */

@@ -78,6 +78,8 @@ typedef struct moe_offload_split {
 typedef struct moe_offload_counts {
     int64_t uses, hits, misses, late, host, wasted, copies;
     size_t bytes; /* host-to-device bytes of expert copies */
+    double gather_ms, expert_ms; /* copying the used experts into the scratch stacks; their
+                                  * grouped GEMMs (host clock: exact on the CPU) */
 } moe_offload_counts;
 
 typedef struct moe_offload moe_offload;

@@ -1,0 +1,184 @@
+/* The offload flags of `moe generate` and `moe bench offload` (see offload.h): a decoder
+ * resident or offloaded with the routing-path predictor behind policy predict / auto, and
+ * the benchmark's batch of greedy sequences (time to first token, tokens/s, hit rate and
+ * host-to-device bytes per generated token). */
+#include "moe/cli/offload.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/fileio.h"
+#include "core/memory.h"
+#include "moe/cli/cli.h"
+#include "moe/cli/source.h"
+
+static moe_status predictor_scores(void *ctx, const int32_t *tokens, const int32_t *pos, int n, float *scores) {
+    return moe_predictor_predict(ctx, tokens, pos, n, scores);
+}
+
+/* The options the flags ask for (policy default: predict with a predictor, else lru). */
+static moe_status offload_options(const moe_offload_flags *f, const moe_model *m, moe_offload_options *o) {
+    if (!f->gpu_memory) return moe_error(MOE_ERR_CONFIG, "--offload needs --gpu-memory SIZE (e.g. 6GiB)");
+    *o = (moe_offload_options){.dtype = m->compute, .policy = f->predictor ? MOE_OFFLOAD_PREDICT : MOE_OFFLOAD_LRU};
+    MOE_TRY(moe_parse_bytes(f->gpu_memory, &o->budget));
+    if (f->policy) MOE_TRY(moe_offload_policy_parse(f->policy, &o->policy));
+    if (f->predictor && o->policy != MOE_OFFLOAD_PREDICT && o->policy != MOE_OFFLOAD_AUTO)
+        return moe_error(MOE_ERR_CONFIG, "--predictor goes with --policy predict or auto (got %s)",
+                         moe_offload_policy_name(o->policy));
+    return MOE_OK;
+}
+
+moe_status moe_cli_decoder_open(const moe_offload_flags *f, moe_model *m, int max_seqs, int64_t kv_tokens,
+                                int max_batch, moe_cli_decoder *out) {
+    memset(out, 0, sizeof *out);
+    if (!f->offload) {
+        if (f->gpu_memory || f->policy || f->predictor || f->verbose)
+            return moe_error(MOE_ERR_CONFIG, "--gpu-memory, --policy, --predictor and --verbose go with --offload");
+        return moe_decoder_open(m, m->compute, &out->dec);
+    }
+    moe_offload_options o;
+    MOE_TRY(offload_options(f, m, &o));
+    o.max_seqs = max_seqs;
+    o.kv_tokens = kv_tokens;
+    o.max_batch_tokens = max_batch;
+    if (f->predictor) {
+        MOE_TRY(moe_predictor_load(f->predictor, m, &out->pred));
+        o.predict = predictor_scores;
+        o.predict_ctx = out->pred;
+    }
+    moe_status s = moe_offload_open(m, &o, &out->off);
+    if (s != MOE_OK) {
+        moe_cli_decoder_close(out);
+        return s;
+    }
+    moe_offload_print_split(out->off, stderr);
+    out->dec = moe_offload_decoder(out->off);
+    out->verbose = f->verbose;
+    return MOE_OK;
+}
+
+void moe_cli_decoder_close(moe_cli_decoder *d) {
+    if (d->off && d->verbose) moe_offload_print_counts(d->off, stderr);
+    if (d->off) moe_offload_close(d->off);
+    else moe_decoder_close(d->dec);
+    moe_predictor_free(d->pred);
+    memset(d, 0, sizeof *d);
+}
+
+/* ---- moe bench offload ---- */
+
+typedef struct bench_flags {
+    moe_source_flags src;
+    moe_offload_flags off;
+    int batch, tokens, prompt;
+} bench_flags;
+
+/* The greedy id of each row of logits [n, V]. */
+static void argmax_rows(const float *logits, int n, int V, int32_t *ids) {
+    for (int i = 0; i < n; i++) {
+        const float *row = logits + (int64_t)i * V;
+        int best = 0;
+        for (int v = 1; v < V; v++)
+            if (row[v] > row[best]) best = v;
+        ids[i] = best;
+    }
+}
+
+typedef struct bench_result {
+    double ttft_ms, decode_ms;
+    moe_offload_counts decode; /* the counters of the decode steps */
+} bench_result;
+
+/* batch prompts of `prompt` ids in one forward, then `tokens` greedy steps of one token
+ * per sequence. */
+static moe_status bench_run(const bench_flags *f, moe_model *m, moe_offload *off, moe_decoder *dec, bench_result *r) {
+    int B = f->batch, P = f->prompt, V = m->cfg.model.vocab_size, n = B * P;
+    moe_decode_state *st = NULL;
+    int32_t *tok = malloc(sizeof(int32_t) * (size_t)n), *pos = malloc(sizeof(int32_t) * (size_t)n),
+            *seq = malloc(sizeof(int32_t) * (size_t)n);
+    float *logits = malloc(sizeof(float) * (size_t)B * (size_t)V);
+    moe_status s = tok && pos && seq && logits ? moe_decode_state_create(dec, B, (int64_t)B * (P + f->tokens), &st)
+                                               : moe_error(MOE_ERR_OOM, "bench offload: out of host memory");
+    uint64_t x = 0x9E3779B97F4A7C15ull;
+    for (int i = 0; i < n; i++) { /* fixed pseudo-random prompts */
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        tok[i] = (int32_t)((x >> 33) % (uint64_t)V);
+        pos[i] = i % P;
+        seq[i] = i / P;
+    }
+    moe_batch b = {.n_tokens = n, .tokens = tok, .pos = pos, .seq = seq, .logits = MOE_LOGITS_LAST};
+    double t0 = moe_clock_ms();
+    if (s == MOE_OK) s = moe_decoder_forward(dec, st, &b, logits, NULL);
+    r->ttft_ms = moe_clock_ms() - t0;
+    moe_offload_reset_counts(off);
+    t0 = moe_clock_ms();
+    for (int step = 0; step < f->tokens && s == MOE_OK; step++) {
+        argmax_rows(logits, B, V, tok);
+        for (int q = 0; q < B; q++) pos[q] = P + step, seq[q] = q;
+        b.n_tokens = B;
+        moe_step_reset();
+        s = moe_decoder_forward(dec, st, &b, logits, NULL);
+    }
+    r->decode_ms = moe_clock_ms() - t0;
+    r->decode = moe_offload_get_counts(off, -1);
+    moe_step_reset();
+    moe_decode_state_free(st);
+    free(tok);
+    free(pos);
+    free(seq);
+    free(logits);
+    return s;
+}
+
+static moe_status bench_offload(const bench_flags *f) {
+    moe_source src;
+    MOE_TRY(moe_source_open(&src, &f->src, MOE_SOURCE_MODEL));
+    moe_offload_flags of = f->off;
+    of.offload = true;
+    moe_cli_decoder d;
+    int64_t kv = (int64_t)f->batch * (f->prompt + f->tokens);
+    moe_status s = moe_cli_decoder_open(&of, &src.model, f->batch, kv, f->batch * f->prompt, &d);
+    bench_result r = {0};
+    if (s == MOE_OK) s = bench_run(f, &src.model, d.off, d.dec, &r);
+    if (s == MOE_OK) {
+        const moe_offload_counts *c = &r.decode;
+        double made = (double)f->batch * f->tokens;
+        printf("OFFLOAD policy=%s budget=%zu batch=%d tokens_per_s=%.2f hit_rate=%.4f bytes_per_token=%.0f "
+               "ttft_ms=%.2f\n", moe_offload_policy_name(moe_offload_get_policy(d.off)),
+               moe_offload_get_split(d.off)->budget, f->batch, made / (r.decode_ms / 1e3),
+               c->uses ? (double)c->hits / (double)c->uses : 1.0, (double)c->bytes / made, r.ttft_ms);
+        fflush(stdout);
+    }
+    moe_cli_decoder_close(&d);
+    moe_source_close(&src);
+    return s;
+}
+
+int moe_cmd_bench_offload(int argc, char **argv) {
+    bench_flags f = {.batch = 1, .tokens = 32, .prompt = 32};
+    const moe_flag_spec specs[] = {
+        MOE_SOURCE_FLAG_SPECS(f.src),
+        {"--gpu-memory", MOE_FLAG_STRING, "SIZE", 0, 0, NULL, "the device memory for everything, e.g. 6GiB",
+         &f.off.gpu_memory},
+        {"--policy", MOE_FLAG_STRING, "P", 0, 0, "predict|lru|lfu|resident|cpu|auto",
+         "expert cache policy (default: predict with --predictor, else lru)", &f.off.policy},
+        {"--predictor", MOE_FLAG_STRING, "P.h5", 0, 0, NULL, "the routing-path predictor", &f.off.predictor},
+        {"--batch", MOE_FLAG_INT, "N", 1, 4096, NULL, "sequences decoded together", &f.batch},
+        {"--tokens", MOE_FLAG_INT, "N", 1, 1 << 20, NULL, "new tokens per sequence", &f.tokens},
+        {"--prompt", MOE_FLAG_INT, "N", 1, 1 << 20, NULL, "prompt tokens per sequence (fixed pseudo-random ids)",
+         &f.prompt},
+        {"--verbose", MOE_FLAG_BOOL, NULL, 0, 0, NULL, "per-layer counters of the decode steps", &f.off.verbose},
+        {0}};
+    moe_args a;
+    int rc = moe_cli_parse("bench offload",
+                           "moe bench offload --model DIR | --checkpoint FILE --gpu-memory SIZE [--policy P] [flags]",
+                           specs, argc, argv, 0, 0, NULL, &a);
+    if (rc < 0) {
+        moe_args_free(&a);
+        moe_status s = bench_offload(&f);
+        rc = s == MOE_OK ? 0 : moe_cli_fail(s);
+    }
+    moe_arg_list_free(&f.src.sets);
+    return rc;
+}

@@ -1,0 +1,50 @@
+/* The offload flags of `moe generate` (--offload, --gpu-memory, --policy, --predictor,
+ * --verbose), opening a decoder with them, and `moe bench offload`. */
+#ifndef MOE_CLI_OFFLOAD_H
+#define MOE_CLI_OFFLOAD_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "moe/cli/args.h"
+#include "moe/infer/decoder.h"
+#include "moe/offload/offload.h"
+#include "moe/offload/predictor.h"
+
+typedef struct moe_offload_flags {
+    bool offload, verbose;
+    const char *gpu_memory, *policy, *predictor;
+} moe_offload_flags;
+
+/* The flag table entries of moe_offload_flags (inside a moe_flag_spec array). */
+#define MOE_OFFLOAD_FLAG_SPECS(of)                                                                                   \
+    {"--offload", MOE_FLAG_BOOL, NULL, 0, 0, NULL, "routed experts in host memory, a device expert cache of the budget", \
+     &(of).offload},                                                                                                 \
+    {"--gpu-memory", MOE_FLAG_STRING, "SIZE", 0, 0, NULL,                                                            \
+     "--offload: the device memory for everything, e.g. 6GiB (dense + KV cache + scratch + expert cache)",           \
+     &(of).gpu_memory},                                                                                              \
+    {"--policy", MOE_FLAG_STRING, "P", 0, 0, "predict|lru|lfu|resident|cpu|auto",                                    \
+     "--offload: expert cache policy (default: predict with --predictor, else lru)", &(of).policy},                  \
+    {"--predictor", MOE_FLAG_STRING, "P.h5", 0, 0, NULL, "--offload: the routing-path predictor (moe predictor train)", \
+     &(of).predictor},                                                                                               \
+    {"--verbose", MOE_FLAG_BOOL, NULL, 0, 0, NULL, "--offload: per-layer hits, misses, late prefetches, wasted copies", \
+     &(of).verbose}
+
+/* A decoder over m: resident without --offload, else offloaded per the flags for up to
+ * max_seqs sequences, kv_tokens KV positions and batches of max_batch tokens (the split
+ * line goes to stderr). Flags of --offload without it are refused. */
+typedef struct moe_cli_decoder {
+    moe_decoder *dec;
+    moe_offload *off;    /* NULL: resident */
+    moe_predictor *pred; /* NULL: none */
+    bool verbose;
+} moe_cli_decoder;
+moe_status moe_cli_decoder_open(const moe_offload_flags *f, moe_model *m, int max_seqs, int64_t kv_tokens,
+                                int max_batch, moe_cli_decoder *out);
+/* With --offload --verbose, the counters to stderr; then everything freed. */
+void moe_cli_decoder_close(moe_cli_decoder *d);
+
+/* `moe bench offload` (argv: the words after "offload"). Returns the exit code. */
+int moe_cmd_bench_offload(int argc, char **argv);
+
+#endif

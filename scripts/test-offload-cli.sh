@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Offloaded generation end to end (ctest label cpu): a checkpoint converted from the OLMoE
+# fixture generates the same ids with --offload under every policy as without it, at the
+# least budget the refusal message names (one layer's top-k experts) and at a larger one;
+# a budget below it is refused; the offload flags go with --offload only; --verbose prints
+# the counters; predict and auto run with a predictor trained on the model's routing
+# traces; `moe bench offload` prints its OFFLOAD line.
+#   scripts/test-offload-cli.sh path/to/moe [workdir]
+set -uo pipefail
+moe=$(realpath "$1")
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+work=${2:-$(mktemp -d)}
+rm -rf "$work"; mkdir -p "$work"; cd "$work"
+export OMP_NUM_THREADS=1
+fails=0
+ok() { echo "ok   $1"; }
+fail() { echo "FAIL $1"; tail -5 out.txt; fails=$((fails + 1)); }
+expect() { # description, exit code, text in the output, command...
+  local what=$1 code=$2 text=$3; shift 3
+  "$@" > out.txt 2>&1
+  local rc=$?
+  if [ "$rc" = "$code" ] && grep -qF -- "$text" out.txt; then ok "$what"; else echo "(exit $rc, want $code and '$text')"; fail "$what"; fi
+}
+
+"$moe" convert "$root/tests/fixtures/hf/olmoe-tiny" --out olmoe.h5 > out.txt 2>&1 || fail "convert the fixture"
+gen=("$moe" generate --checkpoint olmoe.h5 --prompt-ids 5,17,42,7,99,3 --tokens 16 --temperature 0 --print-ids --set model.seq_len=64)
+"${gen[@]}" > ref.txt 2> ref.err || { cp ref.err out.txt; fail "generate without --offload"; }
+ref=$(grep '^IDS' ref.txt)
+[ -n "$ref" ] && ok "resident ids: $ref" || fail "resident ids"
+
+expect "a budget below the dense part is refused with the bytes it needs" 1 "needs at least" \
+  "${gen[@]}" --offload --gpu-memory 1000
+least=$(sed -n 's/.*needs at least [^(]*(\([0-9]*\) bytes).*/\1/p' out.txt)
+[ -n "$least" ] && ok "least budget $least bytes" || fail "the least budget in the message"
+
+# a routing-path predictor of the model, for predict and auto
+for i in $(seq 1 40); do echo "It was the best of times, it was the worst of times, number $i."; done > text.txt
+"$moe" trace --checkpoint olmoe.h5 --data text.txt --out traces.h5 --tokens 1000 > out.txt 2>&1 || fail "trace"
+"$moe" predictor train traces.h5 --out predictor.h5 --steps 30 > out.txt 2>&1 || fail "predictor train"
+
+slot=36864 # one OLMoE-tiny expert: 3 x 64 x 48 f32 (32 experts in all)
+run_policy() { # policy budget [flags...]: the resident ids, the split line and the counters
+  local policy=$1 budget=$2; shift 2
+  "${gen[@]}" --offload --gpu-memory "$budget" --policy "$policy" --verbose "$@" > out.txt 2> err.txt
+  local rc=$?
+  cat err.txt >> out.txt
+  local ids=$(grep '^IDS' out.txt)
+  if [ "$rc" = 0 ] && [ "$ids" = "$ref" ]; then ok "--offload --policy $policy --gpu-memory $budget: the resident ids"
+  else fail "--offload --policy $policy --gpu-memory $budget: ids '$ids' (exit $rc)"; fi
+  grep -q '^offload: budget .* = dense .* + KV cache .* + scratch .* + expert cache .* slots of' err.txt \
+    && grep -q '^offload: total uses [0-9]* hits' err.txt \
+    && ok "  the split line and the counters" || fail "  the split line and the counters"
+}
+for budget in "$least" $((least + 8 * slot)); do
+  for policy in lru lfu cpu auto; do run_policy $policy "$budget"; done
+  run_policy predict "$budget" --predictor predictor.h5
+  run_policy auto "$budget" --predictor predictor.h5
+done
+run_policy resident $((least + 32 * slot))
+expect "resident refuses a budget short of every expert" 1 "every expert's 32 expert slots" \
+  "${gen[@]}" --offload --gpu-memory $((least + 8 * slot)) --policy resident
+expect "--predictor goes with predict or auto" 2 "goes with --policy predict or auto" \
+  "${gen[@]}" --offload --gpu-memory 6GiB --policy lru --predictor predictor.h5
+
+expect "--gpu-memory without --offload" 2 "go with --offload" "${gen[@]}" --gpu-memory 6GiB
+expect "--offload without --gpu-memory" 2 "needs --gpu-memory" "${gen[@]}" --offload
+expect "a malformed size" 2 "is not a size" "${gen[@]}" --offload --gpu-memory 6XB
+expect "an unknown policy" 2 "--policy" "${gen[@]}" --offload --gpu-memory 6GiB --policy fifo
+expect "predict without a predictor" 2 "needs a predictor" "${gen[@]}" --offload --gpu-memory 6GiB --policy predict
+expect "bench offload" 0 "OFFLOAD policy=lru budget=" \
+  "$moe" bench offload --checkpoint olmoe.h5 --gpu-memory 64MiB --policy lru --batch 2 --tokens 4 --prompt 8
+grep -Eq '^OFFLOAD policy=lru budget=[0-9]+ batch=2 tokens_per_s=[0-9.]+ hit_rate=[0-9.]+ bytes_per_token=[0-9]+ ttft_ms=[0-9.]+$' \
+  out.txt && ok "bench offload line format" || fail "bench offload line format"
+
+if [ "$fails" -gt 0 ]; then echo "$fails failed"; exit 1; fi
+echo "all passed"
