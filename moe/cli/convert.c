@@ -4,14 +4,19 @@
  *                                            logits --checkpoint
  *   moe convert FILE.h5 --to-hf OUTDIR       config.json + model.safetensors (f32) of the
  *                                            nearest family (--family to choose); features
- *                                            no family can express are refused by name */
+ *                                            no family can express are refused by name; a
+ *                                            hub tokenizer (data.tokenizer: hf) comes along */
 #include "moe/cli/commands.h"
 
 #include <errno.h>
+#include <limits.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include "core/fileio.h"
 #include "moe/cli/cli.h"
 #include "moe/cli/source.h"
 #include "moe/hf/hf_model.h"
@@ -21,15 +26,52 @@ typedef struct convert_flags {
     const char *out, *to_hf, *family;
 } convert_flags;
 
+/* The checkpoint's tokenizer: the folder's tokenizer.json (by absolute path), when it has one. */
+static moe_status set_hub_tokenizer(moe_config *cfg, const char *dir) {
+    char path[4096], abs[PATH_MAX];
+    struct stat st;
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    if (stat(path, &st) != 0) return MOE_OK;
+    if (!realpath(dir, abs)) return moe_error(MOE_ERR_IO, "%s: %s", dir, strerror(errno));
+    if (strlen(abs) >= sizeof cfg->data.tokenizer_path)
+        return moe_error(MOE_ERR_CONFIG, "%s: the path is too long for data.tokenizer_path", abs);
+    cfg->data.tokenizer = MOE_CFG_TOKENIZER_HF;
+    snprintf(cfg->data.tokenizer_path, sizeof cfg->data.tokenizer_path, "%s", abs);
+    return MOE_OK;
+}
+
 static moe_status hub_to_checkpoint(const char *dir, const char *out) {
     moe_source src;
     MOE_TRY(moe_source_open(&src, &(moe_source_flags){.model_dir = dir}, MOE_SOURCE_MODEL));
     moe_train_state ts;
     memset(&ts, 0, sizeof ts);
-    moe_status s = moe_checkpoint_save(out, &src.model, NULL, &ts);
+    moe_status s = set_hub_tokenizer(&src.model.cfg, dir);
+    if (s == MOE_OK) s = moe_checkpoint_save(out, &src.model, NULL, &ts);
     if (s == MOE_OK) printf("%s: %lld parameters from %s\n", out, (long long)moe_model_param_count(&src.model, false), dir);
     moe_source_close(&src);
     return s;
+}
+
+/* A checkpoint with a hub tokenizer (data.tokenizer: hf) takes its files along. */
+static moe_status copy_tokenizer(const moe_config *cfg, const char *dir) {
+    static const char *const files[] = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                                        "generation_config.json"};
+    if (cfg->data.tokenizer != MOE_CFG_TOKENIZER_HF) return MOE_OK;
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        char from[4096], to[4096];
+        snprintf(from, sizeof from, "%s/%s", cfg->data.tokenizer_path, files[i]);
+        snprintf(to, sizeof to, "%s/%s", dir, files[i]);
+        char *text = NULL;
+        size_t len = 0;
+        if (access(from, R_OK) != 0) continue;
+        MOE_TRY(moe_cli_read_text(from, &text, &len));
+        moe_atomic_file af;
+        moe_status s = moe_atomic_open(&af, to, files[i]);
+        if (s == MOE_OK) s = moe_atomic_close(&af, fwrite(text, 1, len, af.f) == len, files[i]);
+        free(text);
+        MOE_TRY(s);
+    }
+    return MOE_OK;
 }
 
 static moe_status checkpoint_to_hub(const char *ckpt, const char *dir, const char *family) {
@@ -37,7 +79,9 @@ static moe_status checkpoint_to_hub(const char *ckpt, const char *dir, const cha
     moe_source src;
     MOE_TRY(moe_source_open(&src, &(moe_source_flags){.checkpoint = ckpt, .device = "cpu", .dtype = "f32"}, MOE_SOURCE_MODEL));
     moe_status s = moe_hf_export(&src.model, family, dir);
-    if (s == MOE_OK) printf("%s: config.json and model.safetensors from %s\n", dir, ckpt);
+    if (s == MOE_OK) s = copy_tokenizer(&src.cfg, dir);
+    if (s == MOE_OK) printf("%s: config.json and model.safetensors from %s%s\n", dir, ckpt,
+                            src.cfg.data.tokenizer == MOE_CFG_TOKENIZER_HF ? " (and the tokenizer)" : "");
     moe_source_close(&src);
     return s;
 }

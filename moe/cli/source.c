@@ -43,9 +43,30 @@ static moe_status checkpoint_config(moe_source *src, const moe_source_flags *f) 
     return moe_config_validate(&src->cfg);
 }
 
-/* The tokenizer stored in the checkpoint, else the config's BPE file, else bytes; refused
- * when it has more tokens than the model. */
+static void hub_sampling(moe_source *src, const moe_hf_info *info);
+
+/* data.tokenizer: hf: the hub folder's tokenizer, end ids and sampling (a checkpoint made
+ * by moe convert or by training from model.init_from). */
+static moe_status checkpoint_hub_text(moe_source *src) {
+    const char *dir = src->cfg.data.tokenizer_path;
+    moe_config hub_cfg;
+    moe_hf_info info;
+    if (moe_hf_config_read(dir, &hub_cfg, &info) == MOE_OK) {
+        for (int i = 0; i < info.n_eos && src->n_eos < SERVE_MAX_EOS; i++) src->eos[src->n_eos++] = info.eos_ids[i];
+        hub_sampling(src, &info);
+    }
+    src->has_text = true;
+    MOE_TRY(serve_text_open_hf(&src->text, dir, src->eos, src->n_eos));
+    if (src->text.vocab > src->cfg.model.vocab_size)
+        return moe_error(MOE_ERR_CONFIG, "%s: the tokenizer has %d tokens, the model's vocabulary %d", dir,
+                         src->text.vocab, src->cfg.model.vocab_size);
+    return MOE_OK;
+}
+
+/* The tokenizer stored in the checkpoint, else the config's BPE file or hub folder, else
+ * bytes; refused when it has more tokens than the model. */
 static moe_status checkpoint_text(moe_source *src) {
+    if (src->cfg.data.tokenizer == MOE_CFG_TOKENIZER_HF) return checkpoint_hub_text(src);
     moe_tokenizer *tok = NULL;
     MOE_TRY(moe_checkpoint_read_tokenizer(src->name, &tok));
     if (!tok && src->cfg.data.tokenizer == MOE_CFG_TOKENIZER_BPE) MOE_TRY(moe_tokenizer_load(src->cfg.data.tokenizer_path, &tok));
