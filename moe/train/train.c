@@ -504,7 +504,11 @@ static moe_status trainer_open(trainer *t, const moe_config *cfg, const moe_trai
     if (!t->opt) return moe_last_status();
     MOE_TRY(moe_loader_create(t->train, (uint64_t)cfg->train.seed, cfg->data.batch_size, cfg->model.seq_len, &t->loader));
     if (o->resume_dir) MOE_TRY(resume(t, cfg));
-    else new_run_id(t->st.run_id, sizeof t->st.run_id);
+    else {
+        new_run_id(t->st.run_id, sizeof t->st.run_id);
+        moe_train_state ignored; /* a fresh run from another model's weights: its own step 0 */
+        if (o->init_weights) MOE_TRY(moe_checkpoint_load(o->init_weights, &t->model, NULL, &ignored));
+    }
     MOE_TRY(grad_sync_init(&t->grads, &t->model));
     if (t->world > 1) MOE_TRY(moe_dist_prepare(t->model.dev));
     if (t->world > 1 && !(t->rank_log = moe_dist_log_file(t->dir))) return moe_last_status();

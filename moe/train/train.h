@@ -14,6 +14,8 @@
  * `overwrite`; --resume never creates one. */
 typedef struct moe_train_options {
     const char *resume_dir;    /* continue from the newest good checkpoint there, or NULL */
+    const char *init_weights;  /* a fresh run starts from this checkpoint's parameters (not its step
+                                * or optimizer state), or NULL */
     bool quiet;                /* no progress line */
     bool overwrite;            /* a fresh run may replace the run in checkpoint.dir (deletes its files) */
     int64_t stop_after;        /* > 0: save a checkpoint and stop after this many steps (as if interrupted) */
