@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "core/autograd.h"
 #include "core/dist.h"
@@ -17,6 +18,7 @@
 #include "moe/cli/args.h"
 #include "moe/cli/cli.h"
 #include "moe/cli/commands.h"
+#include "moe/cli/init_from.h"
 #include "moe/cli/data_mqar.h"
 #include "moe/cli/routing.h"
 #include "moe/model/config.h"
@@ -77,8 +79,13 @@ static int run_train(const char *path, const moe_arg_list *sets, moe_train_optio
     if (s == MOE_OK) s = moe_config_validate(&cfg);
     if (s == MOE_OK && o->resume_dir && o->overwrite)
         s = moe_error(MOE_ERR_CONFIG, "--overwrite starts a fresh run and cannot go with --resume");
+    char init_weights[4096] = ""; /* model.init_from: the folder's weights for a fresh run */
+    if (s == MOE_OK && cfg.model.init_from[0])
+        s = moe_cli_init_from(&cfg, !o->resume_dir, init_weights, sizeof init_weights);
+    o->init_weights = init_weights[0] ? init_weights : NULL;
     if (s == MOE_OK) s = moe_dist_init(NULL, NULL, cfg.parallel.expert_parallel);
     if (s != MOE_OK) {
+        if (init_weights[0]) unlink(init_weights);
         if (moe_dist_world_size() > 1) moe_dist_abort(s, moe_last_error());
         return moe_cli_fail(s);
     }
@@ -91,6 +98,7 @@ static int run_train(const char *path, const moe_arg_list *sets, moe_train_optio
     o->signals = signals;
     moe_train_summary sum;
     s = moe_train_run(&cfg, o, &sum);
+    if (init_weights[0]) unlink(init_weights);
     if (s != MOE_OK && s != MOE_ERR_INTERRUPTED && moe_dist_world_size() > 1) moe_dist_abort(s, moe_last_error());
     moe_dist_finalize();
     if (s == MOE_ERR_INTERRUPTED) {
