@@ -57,7 +57,9 @@ static void tiny_model(void) {
     CU_ASSERT_EQUAL_FATAL(moe_config_validate(&cfg), MOE_OK);
     moe_train_options opt = {.quiet = true};
     moe_train_summary ts;
-    CU_ASSERT_EQUAL_FATAL(moe_train_run(&cfg, &opt, &ts), MOE_OK);
+    moe_status s = moe_train_run(&cfg, &opt, &ts);
+    if (s != MOE_OK) printf("\n  training the tiny model: %s\n", moe_last_error());
+    CU_ASSERT_EQUAL_FATAL(s, MOE_OK);
     snprintf(ckpt, sizeof ckpt, "%s", ts.last_checkpoint);
 }
 

@@ -146,7 +146,7 @@ moe_status moe_route_net_save(const moe_route_net *net, const char *path, const 
     moe_status s = net_put(f, net, model_name, fp);
     if (s != MOE_OK) {
         moe_h5_abort(f);
-        return moe_error_context(s, "writing predictor %s: ", path);
+        return moe_error_context(s, "writing predictor %s", path);
     }
     return moe_h5_commit(f);
 }
@@ -208,7 +208,7 @@ moe_status moe_predictor_load_for(const char *path, const moe_route_fingerprint 
     if (s != MOE_OK) {
         moe_predictor_free(p);
         /* a refusal already names the file; other faults get it in front */
-        return s == MOE_ERR_INVALID ? s : moe_error_context(s, "reading predictor %s: ", path);
+        return s == MOE_ERR_INVALID ? s : moe_error_context(s, "reading predictor %s", path);
     }
     *out = p;
     return MOE_OK;

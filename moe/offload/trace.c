@@ -222,7 +222,7 @@ moe_status moe_trace_save(const moe_trace *t, const char *path) {
     moe_status s = trace_put(f, t);
     if (s != MOE_OK) {
         moe_h5_abort(f);
-        return moe_error_context(s, "writing trace %s: ", path);
+        return moe_error_context(s, "writing trace %s", path);
     }
     return moe_h5_commit(f);
 }
@@ -276,12 +276,12 @@ moe_status moe_trace_load(const char *path, moe_trace *t) {
     *t = (moe_trace){0};
     moe_h5 *f;
     moe_status s = moe_h5_open(path, &f);
-    if (s != MOE_OK) return moe_error_context(s, "reading trace %s: ", path);
+    if (s != MOE_OK) return moe_error_context(s, "reading trace %s", path);
     s = trace_get(f, t);
     moe_h5_close(f);
     if (s == MOE_OK) return MOE_OK;
     moe_trace_free(t);
-    return moe_error_context(s, "reading trace %s: ", path);
+    return moe_error_context(s, "reading trace %s", path);
 }
 
 void moe_trace_free(moe_trace *t) {

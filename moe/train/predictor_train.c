@@ -13,7 +13,7 @@
 
 moe_predictor_train_options moe_predictor_train_defaults(void) {
     return (moe_predictor_train_options){.steps = 2000, .batch = 256, .context = 3, .embed = 32, .hidden = 128,
-                                         .lr = 3e-3, .weight_decay = 0.0, .holdout = 0.1, .context_dropout = 0.2,
+                                         .lr = 3e-3, .weight_decay = 1.0, .holdout = 0.1, .context_dropout = 0.2,
                                          .seed = 1, .log_every = 200, .log = stderr};
 }
 
