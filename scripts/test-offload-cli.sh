@@ -57,6 +57,11 @@ for budget in "$least" $((least + 8 * slot)); do
   run_policy auto "$budget" --predictor predictor.h5
 done
 run_policy resident $((least + 32 * slot))
+"${gen[@]}" --offload --gpu-memory 1000 --max-gather 1 > out.txt 2>&1
+small=$(sed -n 's/.*needs at least [^(]*(\([0-9]*\) bytes).*/\1/p' out.txt)
+[ -n "$small" ] && [ "$small" -lt "$least" ] && ok "--max-gather 1 needs less scratch ($small < $least bytes)" \
+  || fail "--max-gather 1 needs less scratch ('$small' < $least bytes)"
+run_policy lru "$small" --max-gather 1
 expect "resident refuses a budget short of every expert" 1 "every expert's 32 expert slots" \
   "${gen[@]}" --offload --gpu-memory $((least + 8 * slot)) --policy resident
 expect "--predictor goes with predict or auto" 2 "goes with --policy predict or auto" \

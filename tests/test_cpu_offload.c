@@ -181,6 +181,10 @@ static void check_model(moe_model *m, const char *name) {
         o.budget = min + (size_t)(3 * m->cfg.model.n_experts / 2) * sp.slot_bytes;
         snprintf(what, sizeof what, "%s, 1.5 layers more", name);
         check_policy(m, o, ref, what);
+        o.max_gather = p % 2 ? 1 : m->cfg.model.top_k; /* a prefill's layer in waves */
+        o.budget = min_budget(m, &o);
+        snprintf(what, sizeof what, "%s, waves of %d", name, o.max_gather);
+        check_policy(m, o, ref, what);
     }
     /* the oracle's prefetch beats lru at the same budget */
     moe_offload_options o = options(m, MOE_OFFLOAD_LRU);

@@ -20,7 +20,8 @@ static moe_status predictor_scores(void *ctx, const int32_t *tokens, const int32
 /* The options the flags ask for (policy default: predict with a predictor, else lru). */
 static moe_status offload_options(const moe_offload_flags *f, const moe_model *m, moe_offload_options *o) {
     if (!f->gpu_memory) return moe_error(MOE_ERR_CONFIG, "--offload needs --gpu-memory SIZE (e.g. 6GiB)");
-    *o = (moe_offload_options){.dtype = m->compute, .policy = f->predictor ? MOE_OFFLOAD_PREDICT : MOE_OFFLOAD_LRU};
+    *o = (moe_offload_options){.dtype = m->compute, .policy = f->predictor ? MOE_OFFLOAD_PREDICT : MOE_OFFLOAD_LRU,
+                               .max_gather = f->max_gather};
     MOE_TRY(moe_parse_bytes(f->gpu_memory, &o->budget));
     if (f->policy) MOE_TRY(moe_offload_policy_parse(f->policy, &o->policy));
     if (f->predictor && o->policy != MOE_OFFLOAD_PREDICT && o->policy != MOE_OFFLOAD_AUTO)
@@ -33,8 +34,9 @@ moe_status moe_cli_decoder_open(const moe_offload_flags *f, moe_model *m, int ma
                                 int max_batch, moe_cli_decoder *out) {
     memset(out, 0, sizeof *out);
     if (!f->offload) {
-        if (f->gpu_memory || f->policy || f->predictor || f->verbose)
-            return moe_error(MOE_ERR_CONFIG, "--gpu-memory, --policy, --predictor and --verbose go with --offload");
+        if (f->gpu_memory || f->policy || f->predictor || f->verbose || f->max_gather)
+            return moe_error(MOE_ERR_CONFIG, "--gpu-memory, --policy, --predictor, --max-gather and --verbose go with "
+                             "--offload");
         return moe_decoder_open(m, m->compute, &out->dec);
     }
     moe_offload_options o;
@@ -168,6 +170,8 @@ int moe_cmd_bench_offload(int argc, char **argv) {
         {"--tokens", MOE_FLAG_INT, "N", 1, 1 << 20, NULL, "new tokens per sequence", &f.tokens},
         {"--prompt", MOE_FLAG_INT, "N", 1, 1 << 20, NULL, "prompt tokens per sequence (fixed pseudo-random ids)",
          &f.prompt},
+        {"--max-gather", MOE_FLAG_INT, "N", 0, 1 << 20, NULL, "experts gathered into scratch at once, 0 = a layer's",
+         &f.off.max_gather},
         {"--verbose", MOE_FLAG_BOOL, NULL, 0, 0, NULL, "per-layer counters of the decode steps", &f.off.verbose},
         {0}};
     moe_args a;

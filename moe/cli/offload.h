@@ -14,6 +14,7 @@
 typedef struct moe_offload_flags {
     bool offload, verbose;
     const char *gpu_memory, *policy, *predictor;
+    int max_gather;
 } moe_offload_flags;
 
 /* The flag table entries of moe_offload_flags (inside a moe_flag_spec array). */
@@ -27,6 +28,9 @@ typedef struct moe_offload_flags {
      "--offload: expert cache policy (default: predict with --predictor, else lru)", &(of).policy},                  \
     {"--predictor", MOE_FLAG_STRING, "P.h5", 0, 0, NULL, "--offload: the routing-path predictor (moe predictor train)", \
      &(of).predictor},                                                                                               \
+    {"--max-gather", MOE_FLAG_INT, "N", 0, 1 << 20, NULL,                                                          \
+     "--offload: experts gathered into scratch at once (a prompt's layer runs in waves), 0 = a whole layer's",      \
+     &(of).max_gather},                                                                                              \
     {"--verbose", MOE_FLAG_BOOL, NULL, 0, 0, NULL, "--offload: per-layer hits, misses, late prefetches, wasted copies", \
      &(of).verbose}
 

@@ -87,6 +87,7 @@ moe_status moe_offload_plan(const moe_model *m, const moe_offload_options *o, mo
     MOE_TRY(state_bytes(m, o, &sp->kv));
     int64_t gathered = (int64_t)o->max_batch_tokens * c->top_k < c->n_experts ? (int64_t)o->max_batch_tokens * c->top_k
                                                                                : c->n_experts;
+    if (o->max_gather > 0 && o->max_gather < gathered) gathered = o->max_gather;
     int64_t per_token = 8 * (int64_t)c->d_model + c->vocab_size + c->top_k * (2 * (int64_t)c->d_model + widest);
     sp->scratch = (size_t)(gathered * widest + (int64_t)o->max_batch_tokens * per_token) * es;
     sp->slot_bytes = (size_t)widest * es;
@@ -329,6 +330,62 @@ static moe_status gather(moe_offload *o, int layer, int e, int src, int slot, mo
     return MOE_OK;
 }
 
+/* Gathers the next n used experts of group G (from index *i of G's experts; off [G->n + 1]
+ * their rows) into slices 0 .. n - 1 of the scratch stacks; a deferred miss takes a slot now. */
+static moe_status gather_wave(moe_offload *o, int layer, const moe_expert_group *G, const int64_t *off, int *src,
+                              int *slot, int *i, int n, moe_tensor *w13, moe_tensor *w2) {
+    for (int j = 0; j < n; (*i)++) {
+        if (off[*i + 1] == off[*i]) continue;
+        if (src[*i] == SRC_DEFERRED) {
+            slot[*i] = cache_take_slot(o, layer, false);
+            if (slot[*i] >= 0) cache_load(o, slot[*i], layer, G->experts[*i], true, false);
+            src[*i] = slot[*i] >= 0 ? SRC_SLOT : SRC_HOST; /* every slot pinned: straight into scratch */
+        }
+        MOE_TRY(gather(o, layer, G->experts[*i], src[*i], slot[*i], w13, w2, j++));
+    }
+    return MOE_OK;
+}
+
+/* The first n experts of a scratch stack [cap, a, b]. */
+static moe_tensor *first_experts(moe_tensor *stack, int n) {
+    if (n == stack->shape[0]) return stack;
+    return moe_tensor_view_raw(stack, 3, (int64_t[]){n, stack->shape[1], stack->shape[2]}, stack->strides, 0);
+}
+
+/* The nu used experts of G in waves of at most o->wave: each wave gathered into the one
+ * scratch stack (a slot is free again once gathered) and run as one grouped GEMM on its
+ * rows; the outputs concatenated in row order. off [G->n + 1]: rows per expert of G;
+ * coff [nu + 1]: rows per used expert. */
+static moe_tensor *run_waves(moe_offload *o, int layer, const moe_expert_group *G, moe_tensor *xs, const int64_t *off,
+                             int *src, int *slot, const int64_t *coff, int nu, moe_dtype compute) {
+    int cap = nu == 0 ? 1 : nu < o->wave ? nu : o->wave;
+    int64_t d = xs->shape[1], w = G->ffn_dim;
+    moe_tensor *w13 = moe_tensor_empty(MOE_LIFE_STEP, xs->device, compute, 3, (int64_t[]){cap, d, 2 * w});
+    moe_tensor *w2 = moe_tensor_empty(MOE_LIFE_STEP, xs->device, compute, 3, (int64_t[]){cap, w, d});
+    int64_t *wo = moe_step_host_alloc(sizeof(int64_t) * (size_t)(cap + 1));
+    if (!wo) moe_error(MOE_ERR_OOM, "offload: out of host memory");
+    if (!w13 || !w2 || !wo) return NULL;
+    moe_tensor *parts[MOE_NODE_MAX_INPUTS];
+    int n_parts = 0, i = 0;
+    for (int w0 = 0; w0 < nu || w0 == 0; w0 += cap) {
+        int n = nu - w0 < cap ? nu - w0 : cap;
+        if (gather_wave(o, layer, G, off, src, slot, &i, n, w13, w2) != MOE_OK) return NULL;
+        for (int q = 0; q <= n; q++) wo[q] = coff[w0 + q] - coff[w0];
+        if (n == 0) wo[1] = 0; /* no rows at all: one empty expert */
+        moe_tensor *xw = nu <= cap ? xs : moe_slice(xs, 0, coff[w0], coff[w0 + n]);
+        double t0 = moe_clock_ms();
+        moe_tensor *y = moe_grouped_swiglu(xw, first_experts(w13, n ? n : 1), first_experts(w2, n ? n : 1), wo);
+        o->counts[layer].expert_ms += moe_clock_ms() - t0;
+        if (!y) return NULL;
+        if (n_parts == MOE_NODE_MAX_INPUTS) { /* concat takes a bounded number of inputs */
+            parts[0] = moe_concat(parts, n_parts, 0);
+            n_parts = 1;
+        }
+        parts[n_parts++] = y;
+    }
+    return n_parts == 1 ? parts[0] : moe_concat(parts, n_parts, 0);
+}
+
 static moe_tensor *provider_run(void *ctx, int layer, moe_moe_layer *L, int g, moe_tensor *xs, const int64_t *off,
                                 moe_dtype compute) {
     moe_offload *o = ctx;
@@ -352,24 +409,7 @@ static moe_tensor *provider_run(void *ctx, int layer, moe_moe_layer *L, int g, m
         coff[nu + 1] = coff[nu] + rows;
         nu++;
     }
-    int64_t d = L->s.d_model, w = G->ffn_dim;
-    moe_tensor *w13 = moe_tensor_empty(MOE_LIFE_STEP, xs->device, compute, 3, (int64_t[]){nu > 0 ? nu : 1, d, 2 * w});
-    moe_tensor *w2 = moe_tensor_empty(MOE_LIFE_STEP, xs->device, compute, 3, (int64_t[]){nu > 0 ? nu : 1, w, d});
-    if (!w13 || !w2) return NULL;
-    for (int i = 0, j = 0; i < G->n; i++) { /* in order: wait, gather, free the slot for the deferred */
-        if (off[i + 1] == off[i]) continue;
-        if (src[i] == SRC_DEFERRED) {
-            slot[i] = cache_take_slot(o, layer, false);
-            if (slot[i] >= 0) cache_load(o, slot[i], layer, G->experts[i], true, false);
-            src[i] = slot[i] >= 0 ? SRC_SLOT : SRC_HOST; /* every slot pinned: straight into scratch */
-        }
-        if (gather(o, layer, G->experts[i], src[i], slot[i], w13, w2, j++) != MOE_OK) return NULL;
-    }
-    if (nu == 0) coff[1] = 0; /* no rows: one empty expert */
-    double t0 = moe_clock_ms();
-    moe_tensor *y = moe_grouped_swiglu(xs, w13, w2, coff);
-    o->counts[layer].expert_ms += moe_clock_ms() - t0;
-    return y;
+    return run_waves(o, layer, G, xs, off, src, slot, coff, nu, compute);
 }
 
 /* ---- open and close ---- */
@@ -494,6 +534,7 @@ static moe_status open_cache(moe_offload *o) {
     MOE_TRY(alloc_tables(o));
     o->floor = o->n_slots / o->n_moe < o->top_k ? o->n_slots / o->n_moe : o->top_k;
     o->depth = o->opt.prefetch_depth > 0 ? o->opt.prefetch_depth : 1;
+    o->wave = o->opt.max_gather > 0 && o->opt.max_gather < o->E ? o->opt.max_gather : o->E;
     fill_store(o);
     MOE_TRY(moe_xfer_create(v->dev, &o->xfer));
     o->arena = moe_tensor_empty(MOE_LIFE_PERSIST, v->dev, o->opt.dtype, 1, (int64_t[]){o->n_slots * o->slot_elems});

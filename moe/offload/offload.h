@@ -5,8 +5,8 @@
  *
  * The budget (--gpu-memory) is the whole device memory the run may use:
  *   dense weights + KV cache (+ recurrent states) + scratch + expert cache.
- * Scratch is the per-step gather stack of one expert group plus the activations of the
- * largest batch; the expert cache is what remains, cut into equal slots (one expert's w13
+ * Scratch is the gather stack (max_gather experts, or as many as a layer can use at once)
+ * plus the activations of the largest batch; the expert cache is what remains, cut into equal slots (one expert's w13
  * and w2 in the compute dtype, the widest expert's size). A budget that cannot hold the
  * dense part, the KV cache, the scratch and one layer's top-k experts is refused with the
  * bytes it needs.
@@ -64,6 +64,8 @@ typedef struct moe_offload_options {
     void *predict_ctx;
     int prefetch_depth;        /* layers ahead to prefetch, 0 = adapt to the copy rate */
     int cpu_rows;              /* cpu: misses with at most this many rows run from the host copy (0 = 4) */
+    int max_gather;            /* experts gathered into scratch at once (a prefill's layer runs in waves
+                                * of this many grouped GEMMs), 0 = a whole layer's */
 } moe_offload_options;
 
 /* How the budget is split (bytes). */

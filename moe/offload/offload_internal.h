@@ -63,6 +63,7 @@ struct moe_offload {
     double rate0;               /* bytes/s of the copy measured at open */
     double layer_ms, last_t;    /* running mean of a MoE layer's time; when the last one began */
     int depth;                  /* layers prefetched ahead */
+    int wave;                   /* experts gathered and run at once */
 };
 
 /* cache.c */
