@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# Hugging Face hub folders through the moe program (ctest hub_cli, label cpu), against what
+# transformers computed from the five fixtures in tests/fixtures/hf/: for each one, greedy
+# `generate --model DIR --prompt-ids ... --print-ids` gives the fixture's ids, `tokenize` its
+# tokenizer cases (ids and decoded text), `logits --out` its logits within 1e-4; `convert DIR
+# --out` then `generate --checkpoint` and `convert --to-hf` then `generate --model` give the
+# same ids; `eval --model` on text; `train --set model.init_from=DIR` runs 2 steps whose first
+# loss is the imported model's eval loss on the same batch; bad input exits non-zero naming the
+# file or flag.
+#   scripts/test-hub-cli.sh path/to/moe [workdir]
+set -uo pipefail
+moe=$(realpath "$1")
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+fix=$root/tests/fixtures/hf
+work=${2:-$(mktemp -d)}
+rm -rf "$work"; mkdir -p "$work"; cd "$work"
+export OMP_NUM_THREADS=1
+fails=0
+ok() { echo "ok   $1"; }
+bad() { echo "FAIL $1"; [ -f out.txt ] && tail -5 out.txt; fails=$((fails + 1)); }
+check() { # description, command...: the command must succeed
+  local what=$1; shift
+  if "$@" > out.txt 2>&1; then ok "$what"; else bad "$what"; fi
+}
+expect() { # description, exit code, text in the output, command...
+  local what=$1 code=$2 text=$3; shift 3
+  "$@" > out.txt 2>&1
+  local rc=$?
+  if [ "$rc" = "$code" ] && grep -qF -- "$text" out.txt; then ok "$what"
+  else bad "$what (exit $rc, want $code and '$text')"; fi
+}
+
+# st.py: what the test reads from safetensors files and the tokenizer cases (python3, no numpy).
+cat > st.py << 'PY'
+import json, struct, subprocess, sys
+
+def tensors(path):
+    b = open(path, 'rb').read()
+    n = struct.unpack('<Q', b[:8])[0]
+    out = {}
+    for k, v in json.loads(b[8:8 + n]).items():
+        if k == '__metadata__':
+            continue
+        s, e = v['data_offsets']
+        fmt = {'F32': 'f', 'I64': 'q', 'I32': 'i'}[v['dtype']]
+        raw = b[8 + n + s:8 + n + e]
+        out[k] = (v['shape'], struct.unpack('<%d%s' % (len(raw) // struct.calcsize(fmt), fmt), raw))
+    return out
+
+def row(path, name, r, sep):  # row r of a [R, C] tensor
+    shape, vals = tensors(path)[name]
+    c = shape[-1]
+    print(sep.join(str(int(x)) for x in vals[r * c:(r + 1) * c]))
+
+def close(a, na, b, nb, tol):  # two tensors of the same size within tol (max |a - b|)
+    (sa, va), (sb, vb) = tensors(a)[na], tensors(b)[nb]
+    if len(va) != len(vb):
+        sys.exit('%s %s %s vs %s %s %s: sizes differ' % (a, na, sa, b, nb, sb))
+    d = max(abs(x - y) for x, y in zip(va, vb))
+    print('max |diff| %.3g over %d logits' % (d, len(va)))
+    sys.exit(0 if d <= float(tol) else 1)
+
+def tokcases(moe, d):  # every case: encode gives its ids, decode its text
+    bad = 0
+    for c in json.load(open(d + '/tokenizer_cases.json')):
+        out = subprocess.run([moe, 'tokenize', '--model', d, '--text', c['text']], capture_output=True, text=True)
+        ids = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ''
+        if out.returncode or ids != ' '.join(['IDS'] + [str(i) for i in c['ids']]):
+            print('encode %r: got %r (%s)' % (c['text'], ids, out.stderr.strip())); bad += 1
+        if not c['ids']:
+            continue
+        out = subprocess.run([moe, 'tokenize', '--model', d, '--skip-special', '--decode',
+                              ','.join(str(i) for i in c['ids'])], capture_output=True, text=True)
+        if out.returncode or out.stdout[:-1] != c['decoded']:
+            print('decode %r: got %r (%s)' % (c['decoded'], out.stdout, out.stderr.strip())); bad += 1
+    sys.exit(1 if bad else 0)
+
+def tokenfile(path, ids, vocab):  # a token file (moe/train/data.h) holding exactly these ids
+    h = b'MOETOK1\0' + struct.pack('<IIQII', 1, vocab, len(ids), 2, 0) + struct.pack('<ddQQ', 1.0, 0.0, len(ids), 0)
+    open(path, 'wb').write(h + struct.pack('<%dH' % len(ids), *ids))
+
+def first_loss(path):  # the cross-entropy of step 1 in a metrics.jsonl (its loss less the aux and z losses)
+    m = json.loads(open(path).readline())
+    print('%.6f' % (m['loss'] - m['aux_loss'] - m['z_loss']))
+
+cmd = sys.argv[1]
+if cmd == 'row': row(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
+elif cmd == 'close': close(*sys.argv[2:7])
+elif cmd == 'tokcases': tokcases(sys.argv[2], sys.argv[3])
+elif cmd == 'tokenfile': tokenfile(sys.argv[2], [int(x) for x in sys.argv[3].split(',')], int(sys.argv[4]))
+elif cmd == 'first_loss': first_loss(sys.argv[2])
+PY
+
+last_ids() { "$@" 2> err.txt | tail -1; } # the last stdout line of a command
+
+for name in mixtral-tiny olmoe-tiny qwen2-moe-tiny qwen3-moe-tiny deepseek-v3-tiny; do
+  d=$fix/$name
+  exp=$d/expected.safetensors
+  prompt=$(python3 st.py row "$exp" gen_prompt 0 ,)
+  want="IDS $(python3 st.py row "$exp" gen_ids 0 ' ')"
+  n_new=$(( $(wc -w <<< "$want") - 1 - $(tr ',' ' ' <<< "$prompt" | wc -w) ))
+  gen=(--prompt-ids "$prompt" --tokens "$n_new" --temperature 0 --ignore-eos --print-ids)
+  got=$(last_ids "$moe" generate --model "$d" "${gen[@]}")
+  if [ "$got" = "$want" ]; then ok "$name: generate --model gives transformers' greedy ids"
+  else bad "$name: generate --model: got '$got', want '$want' ($(tail -1 err.txt))"; fi
+  check "$name: tokenize gives the tokenizer cases' ids and texts" python3 st.py tokcases "$moe" "$d"
+  ids=$(python3 st.py row "$exp" input_ids 0 ,)
+  check "$name: logits --out" "$moe" logits --model "$d" --prompt-ids "$ids" --out "$name.safetensors"
+  check "$name: logits within 1e-4 of transformers'" python3 st.py close "$name.safetensors" logits "$exp" \
+    logits_unpadded_row0 1e-4
+  check "$name: convert DIR --out" "$moe" convert "$d" --out "$name.h5"
+  got=$(last_ids "$moe" generate --checkpoint "$name.h5" "${gen[@]}")
+  if [ "$got" = "$want" ]; then ok "$name: generate --checkpoint of the converted folder: the same ids"
+  else bad "$name: generate --checkpoint: got '$got', want '$want' ($(tail -1 err.txt))"; fi
+  check "$name: convert --to-hf" "$moe" convert "$name.h5" --to-hf "hf-$name"
+  got=$(last_ids "$moe" generate --model "hf-$name" "${gen[@]}")
+  if [ "$got" = "$want" ]; then ok "$name: generate --model of the exported folder: the same ids"
+  else bad "$name: generate --model of the export: got '$got', want '$want' ($(tail -1 err.txt))"; fi
+done
+
+d=$fix/qwen3-moe-tiny
+expect "generate with text and the chat template" 0 "new tokens in" "$moe" generate --model "$d" --prompt "Hello" --chat \
+  --tokens 4
+expect "generate --chat renders the template" 0 "<|im_start|>user" "$moe" generate --model "$d" --prompt "Hello" --chat \
+  --tokens 2 --temperature 0
+expect "tokenize --checkpoint of a converted folder" 0 "IDS" "$moe" tokenize --checkpoint qwen3-moe-tiny.h5 --text "Hello"
+for i in $(seq 1 40); do echo "The jury said it did find that the city's election was conducted, number $i."; done > text.txt
+expect "eval --model over a text file" 0 "val_bpb" "$moe" eval --model "$d" --data text.txt --set model.seq_len=32 \
+  --set data.batch_size=2 --set train.eval_batches=2
+
+# Fine-tuning: one batch of one sequence (the token file holds seq_len + 1 ids, so the loader
+# has one window), the first step's loss against eval of the imported model on the same ids.
+d=$fix/olmoe-tiny
+python3 st.py tokenfile one.bin "$(python3 st.py row "$d/expected.safetensors" input_ids 0 ,)" 600
+ft=(--set model.init_from="$d" --set data.train_path=one.bin --set data.val_path=one.bin --set model.seq_len=23
+    --set data.batch_size=1 --set train.eval_batches=1 --set train.steps=2 --set train.eval_every=2
+    --set train.log_every=1 --set train.warmup=0)
+check "train --set model.init_from=DIR: 2 steps" "$moe" train "$root/configs/tiny-cpu.yaml" "${ft[@]}" \
+  --set checkpoint.dir=ft --quiet
+train_loss=$(python3 st.py first_loss ft/metrics.jsonl 2> /dev/null)
+eval_loss=$("$moe" eval --model "$d" --data one.bin --set model.seq_len=23 --set data.batch_size=1 \
+  --set train.eval_batches=1 2> /dev/null | sed -n 's/^val_loss \([0-9.]*\).*/\1/p')
+if [ -n "$train_loss" ] && [ -n "$eval_loss" ] && \
+   python3 -c "import sys; sys.exit(abs(float('$train_loss') - float('$eval_loss')) > 1e-4)"; then
+  ok "the first fine-tuning loss ($train_loss) is the imported model's eval loss ($eval_loss)"
+else bad "first fine-tuning loss '$train_loss' vs the imported model's eval loss '$eval_loss'"; fi
+ckpt=$(ls ft/ckpt-*.h5 2> /dev/null | tail -1)
+expect "the fine-tuned checkpoint generates text through the folder's tokenizer" 0 "The jury" \
+  "$moe" generate --checkpoint "$ckpt" --prompt "The jury" --tokens 3
+expect "init_from: a model key that disagrees with config.json is refused by name" 2 "model.d_model: 48" \
+  "$moe" train "$root/configs/tiny-cpu.yaml" "${ft[@]}" --set model.d_model=48 --set checkpoint.dir=ft2
+
+# Bad input: non-zero exit and a message naming the file or flag.
+expect "missing folder" 1 "no-such-dir" "$moe" generate --model no-such-dir --prompt hi
+mkdir -p no-tok && cp "$d/config.json" "$d/model.safetensors" no-tok/
+expect "missing tokenizer.json" 1 "no-tok/tokenizer.json" "$moe" generate --model no-tok --prompt hi
+expect "missing tokenizer.json: tokenize" 1 "no-tok/tokenizer.json" "$moe" tokenize --model no-tok --text hi
+expect "--prompt-ids with a non-number" 2 "--prompt-ids: 'x7' is not a token id" "$moe" generate --model "$d" \
+  --prompt-ids 5,x7
+expect "--prompt-ids: id beyond the vocabulary" 2 "--prompt-ids: id 99999 is outside the vocabulary" "$moe" generate \
+  --model "$d" --prompt-ids 5,99999
+expect "logits --prompt-ids: id beyond the vocabulary" 2 "--prompt-ids: id 99999" "$moe" logits --model "$d" \
+  --prompt-ids 99999
+expect "tokenize --decode with a non-number" 2 "--decode: 'abc'" "$moe" tokenize --model "$d" --decode abc
+expect "--model and --checkpoint together" 2 "give --model DIR or --checkpoint FILE" "$moe" generate --model "$d" \
+  --checkpoint x.h5
+expect "convert: a folder needs --out" 2 "--out FILE.h5" "$moe" convert "$d" --to-hf x
+expect "convert: missing input" 1 "nope.h5" "$moe" convert nope.h5 --to-hf x
+expect "a flag typo gets a suggestion" 2 "did you mean --prompt-ids?" "$moe" generate --model "$d" --prompt-idz 5
+for c in generate eval tokenize logits convert; do expect "$c --help" 0 "usage: moe $c" "$moe" $c --help; done
+expect "the interim hf-logits name is gone" 2 "unknown command 'hf-logits'" "$moe" hf-logits "$d"
+
+echo "$fails failure(s)"
+[ "$fails" = 0 ]
