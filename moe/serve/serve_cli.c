@@ -11,9 +11,9 @@
 #include <time.h>
 
 #include "core/fileio.h"
-#include "moe/train/checkpoint.h"
 #include "moe/cli/args.h"
 #include "moe/hf/hf_model.h"
+#include "moe/model/weights.h"
 #include "moe/serve/http.h"
 #include "moe/serve/serve_cli.h"
 
@@ -38,7 +38,7 @@ typedef struct server {
     char name[256];
 } server;
 
-/* Our checkpoint on the CPU in f32 and its tokenizer (stored, the config's BPE file, or bytes). */
+/* Our checkpoint on the CPU in f32 and its tokenizer (stored, the config's BPE file or hub folder, or bytes). */
 static moe_status load_checkpoint(server *sv, const serve_flags *f) {
     char *text = NULL;
     moe_config cfg;
@@ -51,8 +51,11 @@ static moe_status load_checkpoint(server *sv, const serve_flags *f) {
     MOE_TRY(moe_config_validate(&cfg));
     MOE_TRY(moe_model_init(&sv->model, &cfg, 0, 1));
     sv->model_loaded = true;
-    moe_train_state ts;
-    MOE_TRY(moe_checkpoint_load(f->checkpoint, &sv->model, NULL, &ts));
+    MOE_TRY(moe_checkpoint_load_weights(f->checkpoint, &sv->model));
+    if (cfg.data.tokenizer == MOE_CFG_TOKENIZER_HF) { /* a converted or fine-tuned hub model: the folder's tokenizer */
+        sv->text_loaded = true;
+        return serve_text_open_hf(&sv->text, cfg.data.tokenizer_path, &f->eos, f->eos >= 0);
+    }
     moe_tokenizer *tok = NULL;
     MOE_TRY(moe_checkpoint_read_tokenizer(f->checkpoint, &tok));
     if (!tok && cfg.data.tokenizer == MOE_CFG_TOKENIZER_BPE) MOE_TRY(moe_tokenizer_load(cfg.data.tokenizer_path, &tok));
