@@ -7,7 +7,7 @@
 #include <sys/stat.h>
 
 #include "moe/hf/hf_model.h"
-#include "moe/train/checkpoint.h"
+#include "moe/model/weights.h"
 
 static moe_status apply_sets(moe_config *cfg, const moe_arg_list *sets) {
     for (int i = 0; i < sets->n; i++) MOE_TRY(moe_config_set(cfg, sets->items[i]));
@@ -87,8 +87,7 @@ static moe_status open_checkpoint(moe_source *src, const moe_source_flags *f, un
     if (parts & MOE_SOURCE_MODEL) {
         MOE_TRY(moe_model_init(&src->model, &src->cfg, 0, 1));
         src->has_model = true;
-        moe_train_state ts;
-        MOE_TRY(moe_checkpoint_load(f->checkpoint, &src->model, NULL, &ts));
+        MOE_TRY(moe_checkpoint_load_weights(f->checkpoint, &src->model));
     }
     if (parts & (MOE_SOURCE_TEXT | MOE_SOURCE_TEXT_IF_ANY)) MOE_TRY(checkpoint_text(src));
     return MOE_OK;
