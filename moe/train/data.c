@@ -25,6 +25,8 @@ struct moe_token_file {
     uint64_t count;
     int vocab, width;
     double bytes_per_token, unigram_bpb;
+    uint32_t record_len;  /* 0: running text */
+    const uint8_t *mask;  /* the loss mask bits in map, or NULL */
 };
 
 struct moe_loader {
@@ -94,8 +96,7 @@ static void unmap_file(const uint8_t *data, size_t len) {
     if (data) munmap((void *)data, len);
 }
 
-/* mkdir -p */
-static moe_status make_dirs(const char *dir) {
+moe_status moe_data_make_dirs(const char *dir) {
     size_t n = strlen(dir);
     char *p = malloc(n + 1);
     if (!p) return moe_error(MOE_ERR_OOM, "out of memory creating directory %s", dir);
@@ -116,37 +117,116 @@ static moe_status make_dirs(const char *dir) {
     return MOE_OK;
 }
 
-/* Writes one token file through `path`.tmp and a rename. */
-static moe_status write_token_file(const char *path, int vocab, const int32_t *tokens, size_t count,
-                                   double bytes_per_token, double unigram_bpb, uint64_t src_bytes) {
-    int width = vocab <= 65536 ? 2 : 4;
-    uint8_t header[MOE_TOKEN_FILE_HEADER_BYTES] = {0};
-    memcpy(header, TOKEN_MAGIC, 8);
-    put_le(header + 8, TOKEN_VERSION, 4);
-    put_le(header + 12, (uint64_t)vocab, 4);
-    put_le(header + 16, count, 8);
-    put_le(header + 24, (uint64_t)width, 4);
-    put_f64(header + 32, bytes_per_token);
-    put_f64(header + 40, unigram_bpb);
-    put_le(header + 48, src_bytes, 8);
+static int token_width(int vocab) { return vocab <= 65536 ? 2 : 4; }
 
-    enum { CHUNK = 1 << 16 };
-    uint8_t *chunk = malloc(CHUNK * 4);
-    if (!chunk) return moe_error(MOE_ERR_OOM, "out of memory writing %s", path);
+static uint64_t mask_bytes(uint64_t count) { return (count + 7) / 8; }
+
+#define FLAG_MASK 1u /* header flags: a loss mask follows the tokens */
+
+static void put_header(uint8_t *h, const moe_token_file_info *info) {
+    memset(h, 0, MOE_TOKEN_FILE_HEADER_BYTES);
+    memcpy(h, TOKEN_MAGIC, 8);
+    put_le(h + 8, TOKEN_VERSION, 4);
+    put_le(h + 12, (uint64_t)info->vocab, 4);
+    put_le(h + 16, info->count, 8);
+    put_le(h + 24, (uint64_t)token_width(info->vocab), 4);
+    put_le(h + 28, info->record_len, 4);
+    put_f64(h + 32, info->bytes_per_token);
+    put_f64(h + 40, info->unigram_bpb);
+    put_le(h + 48, info->src_bytes, 8);
+    put_le(h + 56, info->has_mask ? FLAG_MASK : 0, 8);
+}
+
+/* ---- writer ------------------------------------------------------------------------------- */
+
+enum { WRITE_CHUNK = 1 << 16 }; /* tokens encoded per fwrite */
+
+struct moe_token_writer {
     moe_atomic_file af;
-    moe_status st = moe_atomic_open(&af, path, "token file");
+    moe_token_file_info info;
+    uint64_t written;
+    uint8_t *chunk; /* [WRITE_CHUNK * width] */
+    uint8_t *mask;  /* [mask_bytes(count)] when info.has_mask, written at the end */
+    bool ok;        /* every write so far succeeded */
+};
+
+moe_status moe_token_writer_open(const char *path, const moe_token_file_info *info, moe_token_writer **out) {
+    *out = NULL;
+    MOE_ASSERT(info->vocab >= 1 && info->vocab <= MAX_VOCAB, "token writer: vocab %d", info->vocab);
+    moe_token_writer *w = calloc(1, sizeof *w);
+    if (w) {
+        w->info = *info;
+        w->chunk = malloc((size_t)WRITE_CHUNK * 4);
+        w->mask = info->has_mask ? calloc(mask_bytes(info->count) ? mask_bytes(info->count) : 1, 1) : NULL;
+    }
+    if (!w || !w->chunk || (info->has_mask && !w->mask)) {
+        if (w) free(w->chunk), free(w->mask), free(w);
+        return moe_error(MOE_ERR_OOM, "out of memory writing %s", path);
+    }
+    moe_status st = moe_atomic_open(&w->af, path, "token file");
     if (st != MOE_OK) {
-        free(chunk);
+        free(w->chunk), free(w->mask), free(w);
         return st;
     }
-    bool ok = fwrite(header, 1, sizeof header, af.f) == sizeof header;
-    for (size_t i = 0; ok && i < count; i += CHUNK) {
-        size_t n = count - i < CHUNK ? count - i : CHUNK;
-        for (size_t j = 0; j < n; j++) put_le(chunk + j * width, (uint32_t)tokens[i + j], width);
-        ok = fwrite(chunk, (size_t)width, n, af.f) == n;
+    uint8_t header[MOE_TOKEN_FILE_HEADER_BYTES];
+    put_header(header, info);
+    w->ok = fwrite(header, 1, sizeof header, w->af.f) == sizeof header;
+    *out = w;
+    return MOE_OK;
+}
+
+moe_status moe_token_writer_append(moe_token_writer *w, const int32_t *tokens, const uint8_t *scored, size_t n) {
+    MOE_ASSERT(n <= w->info.count - w->written, "token writer: %zu more tokens than the %llu announced", n,
+               (unsigned long long)w->info.count);
+    MOE_ASSERT(!scored || w->mask, "token writer: mask bits for a file without a mask");
+    const int width = token_width(w->info.vocab);
+    for (size_t i = 0; w->ok && i < n; i += WRITE_CHUNK) {
+        size_t m = n - i < WRITE_CHUNK ? n - i : WRITE_CHUNK;
+        for (size_t j = 0; j < m; j++) {
+            MOE_ASSERT(tokens[i + j] >= 0 && tokens[i + j] < w->info.vocab, "token writer: id %d", tokens[i + j]);
+            put_le(w->chunk + j * width, (uint32_t)tokens[i + j], width);
+        }
+        w->ok = fwrite(w->chunk, (size_t)width, m, w->af.f) == m;
     }
-    free(chunk);
-    return moe_atomic_close(&af, ok, "token file");
+    for (size_t i = 0; scored && i < n; i++) {
+        uint64_t at = w->written + i;
+        if (scored[i]) w->mask[at / 8] |= (uint8_t)(1u << (at % 8));
+    }
+    w->written += n;
+    return w->ok ? MOE_OK : moe_error(MOE_ERR_IO, "cannot write token file %s: %s", w->af.path, strerror(errno));
+}
+
+moe_status moe_token_writer_close(moe_token_writer *w, bool ok) {
+    /* A failure of the caller's keeps its own message; the temp file goes either way. */
+    moe_status earlier = ok ? MOE_OK : moe_last_status();
+    char msg[512] = "";
+    if (!ok) snprintf(msg, sizeof msg, "%s", moe_last_error());
+    bool complete = w->written == w->info.count;
+    ok = ok && w->ok && complete;
+    if (ok && w->mask) {
+        size_t nb = (size_t)mask_bytes(w->info.count);
+        ok = fwrite(w->mask, 1, nb, w->af.f) == nb;
+    }
+    moe_status st = moe_atomic_close(&w->af, ok, "token file");
+    if (earlier == MOE_OK && w->ok && !complete)
+        st = moe_error(MOE_ERR_INVALID, "token writer: %llu tokens written of the %llu announced",
+                       (unsigned long long)w->written, (unsigned long long)w->info.count);
+    free(w->chunk);
+    free(w->mask);
+    free(w);
+    return earlier != MOE_OK ? moe_error(earlier, "%s", msg) : st;
+}
+
+/* Writes one token file of running text. */
+static moe_status write_token_file(const char *path, int vocab, const int32_t *tokens, size_t count,
+                                   double bytes_per_token, double unigram_bpb, uint64_t src_bytes) {
+    moe_token_file_info info = {.vocab = vocab, .count = count, .bytes_per_token = bytes_per_token,
+                                .unigram_bpb = unigram_bpb, .src_bytes = src_bytes};
+    moe_token_writer *w;
+    MOE_TRY(moe_token_writer_open(path, &info, &w));
+    moe_status st = moe_token_writer_append(w, tokens, NULL, count);
+    moe_status closed = moe_token_writer_close(w, st == MOE_OK);
+    return st != MOE_OK ? st : closed;
 }
 
 /* ---- prepare ---------------------------------------------------------------------------- */
@@ -262,7 +342,7 @@ moe_status moe_data_prepare(const char *const *input_paths, int n_inputs, const 
     if (st == MOE_OK)
         sum.unigram_bpb = unigram_bits_per_byte(&train, &val, vocab, sum.val_bytes, &oom);
     if (oom) st = moe_error(MOE_ERR_OOM, "out of memory counting token frequencies");
-    if (st == MOE_OK) st = make_dirs(out_dir);
+    if (st == MOE_OK) st = moe_data_make_dirs(out_dir);
     const char *names[2] = {"train.bin", "val.bin"};
     const moe_token_buf *bufs[2] = {&train, &val};
     double bpt[2] = {sum.train_bytes_per_token, sum.val_bytes_per_token};
@@ -300,7 +380,7 @@ static moe_status validate_token_file(moe_token_file *tf) {
     const char *path = tf->path;
     const uint8_t *h = tf->map;
     size_t size = tf->map_len;
-    const char *fix = "re-create it with `moe data prepare`";
+    const char *fix = "re-create it with `moe data prepare` (or `moe data mqar`)";
     if (size < MOE_TOKEN_FILE_HEADER_BYTES)
         return moe_error(MOE_ERR_FORMAT, "token file %s is truncated: %zu bytes, shorter than the "
                          "%d-byte header; %s", path, size, MOE_TOKEN_FILE_HEADER_BYTES, fix);
@@ -316,13 +396,20 @@ static moe_status validate_token_file(moe_token_file *tf) {
                          "token file %s is damaged: vocab %llu with token width "
                          "%llu; %s",
                          path, (unsigned long long)vocab, (unsigned long long)width, fix);
-    uint64_t body = size - MOE_TOKEN_FILE_HEADER_BYTES;
-    if (count > body / width || body != count * width)
+    uint64_t record = get_le(h + 28, 4), flags = get_le(h + 56, 8);
+    if (flags & ~(uint64_t)FLAG_MASK)
+        return moe_error(MOE_ERR_FORMAT, "token file %s is damaged: unknown header flags 0x%llx; %s", path,
+                         (unsigned long long)flags, fix);
+    uint64_t body = size - MOE_TOKEN_FILE_HEADER_BYTES, mask = flags & FLAG_MASK ? mask_bytes(count) : 0;
+    if (count > body / width || body != count * width + mask)
         return moe_error(MOE_ERR_FORMAT, "token file %s size mismatch: the header says %llu tokens "
-                         "of %llu bytes (%llu bytes after the header) but %llu bytes follow it "
+                         "of %llu bytes%s (%llu bytes after the header) but %llu bytes follow it "
                          "(truncated or appended to?); %s", path, (unsigned long long)count,
-                         (unsigned long long)width, (unsigned long long)(count * width),
-                         (unsigned long long)body, fix);
+                         (unsigned long long)width, mask ? " and their loss mask" : "",
+                         (unsigned long long)(count * width + mask), (unsigned long long)body, fix);
+    if (record && count % record)
+        return moe_error(MOE_ERR_FORMAT, "token file %s is damaged: %llu tokens are not whole records of "
+                         "%llu; %s", path, (unsigned long long)count, (unsigned long long)record, fix);
     double bpt = get_f64(h + 32), ubpb = get_f64(h + 40);
     if (!isfinite(bpt) || bpt < 0 || !isfinite(ubpb) || ubpb < 0)
         return moe_error(MOE_ERR_FORMAT, "token file %s is damaged: bytes per token %g, unigram "
@@ -339,6 +426,8 @@ static moe_status validate_token_file(moe_token_file *tf) {
     tf->width = (int)width;
     tf->bytes_per_token = bpt;
     tf->unigram_bpb = ubpb;
+    tf->record_len = (uint32_t)record;
+    tf->mask = mask ? p + count * width : NULL;
     return MOE_OK;
 }
 
@@ -369,17 +458,12 @@ bool moe_data_is_token_file(const char *path) {
 
 /* A token file image in memory: the header, then the tokens (bytes per token from the text). */
 static moe_status token_image(const moe_token_buf *toks, int vocab, size_t text_len, uint8_t **img, size_t *size) {
-    int width = vocab <= 65536 ? 2 : 4;
+    int width = token_width(vocab);
     *size = MOE_TOKEN_FILE_HEADER_BYTES + toks->len * (size_t)width;
     uint8_t *h = *img = calloc(1, *size);
     if (!h) return moe_error(MOE_ERR_OOM, "out of memory for %zu tokens", toks->len);
-    memcpy(h, TOKEN_MAGIC, 8);
-    put_le(h + 8, TOKEN_VERSION, 4);
-    put_le(h + 12, (uint64_t)vocab, 4);
-    put_le(h + 16, toks->len, 8);
-    put_le(h + 24, (uint64_t)width, 4);
-    put_f64(h + 32, (double)text_len / (double)(toks->len ? toks->len : 1));
-    put_le(h + 48, text_len, 8);
+    put_header(h, &(moe_token_file_info){.vocab = vocab, .count = toks->len, .src_bytes = text_len,
+                                         .bytes_per_token = (double)text_len / (double)(toks->len ? toks->len : 1)});
     for (size_t i = 0; i < toks->len; i++)
         put_le(h + MOE_TOKEN_FILE_HEADER_BYTES + i * (size_t)width, (uint32_t)toks->data[i], width);
     return MOE_OK;
@@ -420,6 +504,8 @@ int moe_data_vocab(const moe_token_file *tf) { return tf->vocab; }
 double moe_data_bytes_per_token(const moe_token_file *tf) { return tf->bytes_per_token; }
 double moe_data_unigram_bpb(const moe_token_file *tf) { return tf->unigram_bpb; }
 const char *moe_data_path(const moe_token_file *tf) { return tf->path; }
+uint32_t moe_data_record_len(const moe_token_file *tf) { return tf->record_len; }
+bool moe_data_has_mask(const moe_token_file *tf) { return tf->mask != NULL; }
 
 void moe_data_read(const moe_token_file *tf, uint64_t start, size_t n, int32_t *dst) {
     MOE_ASSERT(start <= tf->count && n <= tf->count - start,
@@ -455,6 +541,11 @@ static moe_status check_window(const moe_token_file *tf, int batch_size, int seq
                          "shorter sequence",
                          what, tf->path, (unsigned long long)tf->count, (unsigned long long)need,
                          batch_size, seq_len);
+    if (tf->record_len && (uint64_t)seq_len + 1 != tf->record_len)
+        return moe_error(MOE_ERR_INVALID,
+                         "%s: token file %s holds examples of %u tokens, read with sequence length "
+                         "%u; the sequence length is %d (set model.seq_len=%u)",
+                         what, tf->path, tf->record_len, tf->record_len - 1, seq_len, tf->record_len - 1);
     return MOE_OK;
 }
 
@@ -484,7 +575,12 @@ static void fill_rows(const moe_token_file *tf, int batch_size, int seq_len, int
     for (int i = 0; i < rows; i++) {
         uint64_t start = start_of(ctx, (uint64_t)rank * rows + i);
         moe_data_read(tf, start, (size_t)seq_len, inputs + (size_t)i * seq_len);
-        moe_data_read(tf, start + 1, (size_t)seq_len, targets + (size_t)i * seq_len);
+        int32_t *tg = targets + (size_t)i * seq_len;
+        moe_data_read(tf, start + 1, (size_t)seq_len, tg);
+        for (int t = 0; tf->mask && t < seq_len; t++) {
+            uint64_t at = start + 1 + (uint64_t)t;
+            if (!(tf->mask[at / 8] >> (at % 8) & 1)) tg[t] = -1;
+        }
     }
 }
 
@@ -495,9 +591,11 @@ typedef struct sample_ctx {
 
 static uint64_t sample_start(const void *ctx, uint64_t row) {
     const sample_ctx *c = ctx;
-    uint64_t n_starts = c->loader->file->count - (uint64_t)c->loader->seq_len;
+    const moe_token_file *tf = c->loader->file;
+    uint64_t R = tf->record_len, n_starts = R ? tf->count / R : tf->count - (uint64_t)c->loader->seq_len;
     uint64_t h = splitmix64(splitmix64(splitmix64(c->loader->state.seed) ^ c->step) ^ row);
-    return (uint64_t)(((unsigned __int128)h * n_starts) >> 64);
+    uint64_t pick = (uint64_t)(((unsigned __int128)h * n_starts) >> 64);
+    return R ? pick * R : pick;
 }
 
 void moe_loader_batch(const moe_loader *l, uint64_t step, int rank_in_dp, int dp_size,
@@ -520,10 +618,12 @@ void moe_loader_set_state(moe_loader *l, moe_loader_state state) { l->state = st
 
 moe_status moe_eval_iter_init(moe_eval_iter *it, const moe_token_file *tf, int batch_size,
                               int seq_len, uint64_t max_batches) {
-    uint64_t need =
-        batch_size > 0 && seq_len > 0 ? (uint64_t)batch_size * (uint64_t)seq_len + 1 : 0;
+    const uint64_t R = tf->record_len;
+    uint64_t need = batch_size > 0 && seq_len > 0
+                        ? (R ? (uint64_t)batch_size * R : (uint64_t)batch_size * (uint64_t)seq_len + 1)
+                        : 0;
     MOE_TRY(check_window(tf, batch_size, seq_len, need, "evaluation"));
-    uint64_t n = (tf->count - 1) / (uint64_t)seq_len / (uint64_t)batch_size;
+    uint64_t n = (R ? tf->count / R : (tf->count - 1) / (uint64_t)seq_len) / (uint64_t)batch_size;
     *it = (moe_eval_iter){tf, batch_size, seq_len, max_batches && max_batches < n ? max_batches : n,
                           0};
     return MOE_OK;
@@ -531,7 +631,8 @@ moe_status moe_eval_iter_init(moe_eval_iter *it, const moe_token_file *tf, int b
 
 static uint64_t eval_start(const void *ctx, uint64_t row) {
     const moe_eval_iter *it = ctx;
-    return ((it->next * (uint64_t)it->batch_size) + row) * (uint64_t)it->seq_len;
+    uint64_t stride = it->file->record_len ? it->file->record_len : (uint64_t)it->seq_len;
+    return ((it->next * (uint64_t)it->batch_size) + row) * stride;
 }
 
 bool moe_eval_iter_next(moe_eval_iter *it, int rank_in_dp, int dp_size, int32_t *inputs,

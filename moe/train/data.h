@@ -7,14 +7,20 @@
  *   12 u32      vocab size
  *   16 u64      token count
  *   24 u32      token byte width: 2 when vocab <= 65536, else 4
- *   28 u32      reserved, 0
+ *   28 u32      record length R: 0 for running text; else the tokens are count / R records
+ *               (examples, e.g. moe/train/mqar.h) of R tokens and the sampler and the
+ *               evaluation read whole records (model.seq_len = R - 1)
  *   32 f64      bytes per token of this split's source text (bits/byte = nats/token /
  *               ln 2 / bytes_per_token)
  *   40 f64      unigram baseline of the validation split, bits per byte (the same value
  *               in both files; see moe_data_summary)
  *   48 u64      source text bytes of this split
- *   56 u64      reserved, 0
- *   64 tokens, count * width bytes, nothing after them. */
+ *   56 u64      flags: bit 0 = a loss mask follows the tokens; the other bits are 0
+ *   64 tokens, count * width bytes; then, when flagged, the loss mask: ceil(count / 8)
+ *      bytes, bit i % 8 of byte i / 8 set when token i counts in the loss as a target
+ *      (the sampler and the evaluation give the other targets as -1, which the
+ *      cross-entropy ignores); nothing after. Files without a mask or records (every
+ *      `moe data prepare` file) train exactly as before these fields existed. */
 #ifndef MOE_MOE_DATA_H
 #define MOE_MOE_DATA_H
 
@@ -49,6 +55,30 @@ typedef struct moe_data_summary {
 moe_status moe_data_prepare(const char *const *input_paths, int n_inputs, const moe_tokenizer *tok,
                             double val_fraction, const char *out_dir, moe_data_summary *summary);
 
+/* What a token file's header says (see the layout above). */
+typedef struct moe_token_file_info {
+    int vocab;
+    uint64_t count;       /* tokens */
+    uint32_t record_len;  /* 0, or R: count is a multiple of R */
+    bool has_mask;        /* a loss mask follows the tokens */
+    double bytes_per_token, unigram_bpb;
+    uint64_t src_bytes;
+} moe_token_file_info;
+
+/* ---- token file writer ----
+ * Streams info->count tokens (and their mask bits) into `path` through path.tmp and a
+ * rename: moe_token_writer_append as often as needed, then moe_token_writer_close, which
+ * renames only when `ok` and exactly count tokens came (else it removes the temp file;
+ * always frees the writer). `scored` is NULL without a mask, else n flags (nonzero:
+ * scored). Ids below info->vocab are asserted. */
+typedef struct moe_token_writer moe_token_writer;
+moe_status moe_token_writer_open(const char *path, const moe_token_file_info *info, moe_token_writer **out);
+moe_status moe_token_writer_append(moe_token_writer *w, const int32_t *tokens, const uint8_t *scored, size_t n);
+moe_status moe_token_writer_close(moe_token_writer *w, bool ok);
+
+/* mkdir -p */
+moe_status moe_data_make_dirs(const char *dir);
+
 /* ---- token file reader ---- */
 
 typedef struct moe_token_file moe_token_file;
@@ -75,6 +105,8 @@ int moe_data_vocab(const moe_token_file *tf);
 double moe_data_bytes_per_token(const moe_token_file *tf);
 double moe_data_unigram_bpb(const moe_token_file *tf);
 const char *moe_data_path(const moe_token_file *tf);
+uint32_t moe_data_record_len(const moe_token_file *tf); /* 0: running text */
+bool moe_data_has_mask(const moe_token_file *tf);
 
 /* Copies tokens [start, start + n) as int32 into dst (range asserted). */
 void moe_data_read(const moe_token_file *tf, uint64_t start, size_t n, int32_t *dst);
@@ -93,14 +125,16 @@ typedef struct moe_loader moe_loader;
  * (which must outlive the loader). Row r of step s starts at a position drawn uniformly
  * from [0, count - seq_len - 1] by a counter-based hash (splitmix64) of (seed, s, r), so
  * a batch depends only on (seed, step) and not on the world size or on earlier calls.
- * MOE_ERR_INVALID when the file holds fewer than seq_len + 1 tokens. */
+ * A file of records starts rows only at records (one drawn uniformly the same way).
+ * MOE_ERR_INVALID when the file holds fewer than seq_len + 1 tokens, or has records of
+ * other than seq_len + 1 tokens. */
 moe_status moe_loader_create(const moe_token_file *tf, uint64_t seed, int batch_size, int seq_len,
                              moe_loader **out);
 void moe_loader_free(moe_loader *l);
 
 /* Fills this rank's rows [rank*B/dp, (rank+1)*B/dp) of the current step's global batch:
  * inputs and targets are (B/dp) x seq_len, row-major; targets are inputs shifted by one
- * token. Then advances to the next step. B % dp == 0 and 0 <= rank < dp are asserted.
+ * token (-1 where the file's loss mask leaves a target out). Then advances to the next step. B % dp == 0 and 0 <= rank < dp are asserted.
  * Every rank of a data-parallel group calls it once per step. */
 void moe_loader_next(moe_loader *l, int rank_in_dp, int dp_size, int32_t *inputs, int32_t *targets);
 
@@ -114,8 +148,9 @@ void moe_loader_set_state(moe_loader *l, moe_loader_state state);
 /* ---- sequential evaluation iterator ---- */
 
 /* Non-overlapping windows from the start of the file: window w holds tokens
- * [w*T, w*T + T] (inputs the first T, targets the last T), batch b holds windows
- * [b*B, (b+1)*B). Only full batches are used, at most max_batches of them (0: all). */
+ * [w*T, w*T + T] (inputs the first T, targets the last T; a file of records: record w),
+ * batch b holds windows [b*B, (b+1)*B). Only full batches are used, at most max_batches
+ * of them (0: all). Targets are masked as the sampler's. */
 typedef struct moe_eval_iter {
     const moe_token_file *file;
     int batch_size, seq_len;
@@ -123,7 +158,8 @@ typedef struct moe_eval_iter {
     uint64_t next;      /* index of the next batch */
 } moe_eval_iter;
 
-/* MOE_ERR_INVALID when the file is too short for one batch (B*T + 1 tokens). */
+/* MOE_ERR_INVALID when the file is too short for one batch (B*T + 1 tokens, or B
+ * records) or has records of other than T + 1 tokens. */
 moe_status moe_eval_iter_init(moe_eval_iter *it, const moe_token_file *tf, int batch_size,
                               int seq_len, uint64_t max_batches);
 

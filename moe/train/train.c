@@ -23,16 +23,38 @@
 #include "core/ops.h"
 #include "moe/train/checkpoint.h"
 #include "moe/train/data.h"
+#include "moe/train/mqar.h"
 #include "moe/model/model.h"
 #include "moe/train/signals.h"
 #include "optim/optim.h"
 #include "optim/schedule.h"
 
 
-moe_status moe_evaluate(moe_model *m, const moe_token_file *val, int batches, double *loss, double *bpb) {
+/* One evaluation batch of B x T rows: the cross-entropy, and with `recall` the hits and
+ * scored targets of the argmax (one forward gives both). */
+static moe_status eval_batch(moe_model *m, const int32_t *in, const int32_t *tg, int B, int T, bool recall, double *ce,
+                             int64_t *hits, int64_t *scored) {
+    if (!recall) {
+        moe_loss_parts parts;
+        MOE_TRY(moe_model_loss(m, in, tg, B, T, &parts));
+        *ce = parts.ce;
+        return MOE_OK;
+    }
+    moe_tensor *ids = moe_tensor_from_host(MOE_LIFE_STEP, m->dev, MOE_I32, 2, (int64_t[]){B, T}, in);
+    moe_tensor *targets = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_I32, 1, (int64_t[]){(int64_t)B * T}, tg);
+    moe_forward f = {.mode = MOE_FORWARD_TRAIN, .B = B, .T = T};
+    moe_tensor *h = ids && targets ? moe_model_forward(m, ids, &f) : NULL; /* [B T, d] */
+    moe_tensor *loss = moe_cross_entropy(h, moe_model_head(m), targets);
+    if (!loss) return moe_last_status();
+    *ce = moe_tensor_item(loss);
+    return moe_recall_count(h, moe_model_head(m), tg, hits, scored);
+}
+
+moe_status moe_evaluate_full(moe_model *m, const moe_token_file *val, int batches, moe_eval_result *r) {
     /* Every rank takes its rows of each batch (the MoE exchange needs all ranks in step). */
     int W = moe_dist_world_size(), rank = moe_dist_world_rank();
     int B = m->cfg.data.batch_size, T = m->cfg.model.seq_len, Bl = B / W;
+    bool recall = moe_data_has_mask(val);
     moe_eval_iter it;
     MOE_TRY(moe_eval_iter_init(&it, val, B, T, (uint64_t)batches));
     int32_t *in = malloc(sizeof(int32_t) * (size_t)B * (size_t)T), *tg = malloc(sizeof(int32_t) * (size_t)B * (size_t)T);
@@ -43,14 +65,15 @@ moe_status moe_evaluate(moe_model *m, const moe_token_file *val, int batches, do
     }
     bool was = moe_grad_set_enabled(false);
     double sum = 0;
+    int64_t counts[2] = {0, 0}; /* recall hits, scored targets */
     int n = 0;
     moe_status s = MOE_OK;
     while (s == MOE_OK && moe_eval_iter_next(&it, rank, W, in, tg)) {
         moe_step_reset();
-        moe_loss_parts parts;
-        s = moe_model_loss(m, in, tg, Bl, T, &parts);
+        double ce = 0;
+        s = eval_batch(m, in, tg, Bl, T, recall, &ce, &counts[0], &counts[1]);
         if (s == MOE_OK) {
-            sum += parts.ce;
+            sum += ce;
             n++;
         }
     }
@@ -62,8 +85,19 @@ moe_status moe_evaluate(moe_model *m, const moe_token_file *val, int batches, do
     if (n == 0) return moe_error(MOE_ERR_INVALID, "evaluation: the validation file %s is too short for one batch of %dx%d",
                                  moe_data_path(val), B, T);
     MOE_TRY(moe_dist_allreduce_f64(MOE_GROUP_WORLD, &sum, 1));
-    *loss = sum / n / W;
-    *bpb = *loss / log(2.0) / moe_data_bytes_per_token(val);
+    if (recall) MOE_TRY(moe_dist_allreduce_i64(MOE_GROUP_WORLD, counts, 2));
+    r->loss = sum / n / W;
+    r->bpb = r->loss / log(2.0) / moe_data_bytes_per_token(val);
+    r->scored = counts[1];
+    r->recall = recall && counts[1] > 0 ? (double)counts[0] / (double)counts[1] : NAN;
+    return MOE_OK;
+}
+
+moe_status moe_evaluate(moe_model *m, const moe_token_file *val, int batches, double *loss, double *bpb) {
+    moe_eval_result r;
+    MOE_TRY(moe_evaluate_full(m, val, batches, &r));
+    *loss = r.loss;
+    *bpb = r.bpb;
     return MOE_OK;
 }
 
@@ -675,6 +709,7 @@ static moe_status save_then_fail(trainer *t, moe_train_summary *sum, moe_status 
 
 moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_train_summary *sum) {
     memset(sum, 0, sizeof *sum);
+    sum->val_recall = NAN;
     trainer t;
     if (cfg->train.threads > 0) omp_set_num_threads(capped_threads(cfg->train.threads));
     moe_status s = moe_dist_check_all(trainer_open(&t, cfg, o));
@@ -791,17 +826,19 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
         tokens_done += (double)nb;
         double tps = nb / dt;
         bool do_eval = (tc->eval_every > 0 && t.st.step % tc->eval_every == 0) || t.st.step == tc->steps;
-        char extra[128] = "";
+        char extra[160] = "";
         if (do_eval) {
-            double vl, vb;
-            s = moe_evaluate(&t.model, t.val, tc->eval_batches, &vl, &vb);
+            moe_eval_result ev;
+            s = moe_evaluate_full(&t.model, t.val, tc->eval_batches, &ev);
             if (s != MOE_OK) {
                 save_first = true; /* moe_evaluate fails on every rank together */
                 break;
             }
-            sum->val_loss = vl;
-            sum->val_bpb = vb;
-            snprintf(extra, sizeof extra, ",\"val_loss\":%.6f,\"val_bpb\":%.6f", vl, vb);
+            sum->val_loss = ev.loss;
+            sum->val_bpb = ev.bpb;
+            sum->val_recall = ev.recall;
+            int at = snprintf(extra, sizeof extra, ",\"val_loss\":%.6f,\"val_bpb\":%.6f", ev.loss, ev.bpb);
+            if (!isnan(ev.recall)) snprintf(extra + at, sizeof extra - (size_t)at, ",\"val_recall\":%.6f", ev.recall);
         }
         if (t.st.step % tc->log_every == 0 || do_eval || t.st.step == tc->steps) {
             write_metrics(&t, extra, loss, aux, z, lr, gnorm, tps, load);
@@ -823,8 +860,10 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
                         tty ? "\r" : "", (long long)t.st.step, tc->steps, loss, aux, lr, gnorm, tps, mn, mx, cvmax, eta,
                         do_eval ? "" : "   ", (do_eval || !tty) ? "\n" : "");
             if (do_eval && !quiet) {
-                fprintf(stderr, "  eval: val_loss %.4f  val_bpb %.4f  (unigram baseline %.4f bpb)\n", sum->val_loss,
+                fprintf(stderr, "  eval: val_loss %.4f  val_bpb %.4f  (unigram baseline %.4f bpb)", sum->val_loss,
                         sum->val_bpb, sum->unigram_bpb);
+                if (!isnan(sum->val_recall)) fprintf(stderr, "  recall %.4f", sum->val_recall);
+                fputc('\n', stderr);
                 const moe_mem_stats ms = moe_mem_get_stats(t.model.dev);
                 fprintf(stderr, "  memory on %s: step arena peak %.2f GiB, persistent %.2f GiB (weights, grads, "
                         "optimizer state)\n", moe_device_name(t.model.dev), (double)ms.step_peak / (1 << 30),

@@ -26,6 +26,7 @@ typedef struct moe_train_options {
 typedef struct moe_train_summary {
     int64_t steps_done;
     double final_loss, val_loss, val_bpb, unigram_bpb;
+    double val_recall; /* a validation file with a loss mask (MQAR): the recall at the last evaluation, else NAN */
     double tokens_per_s;
     int64_t bad_steps;
     int stop_signal; /* with MOE_ERR_INTERRUPTED: the signal that stopped the run */
@@ -38,5 +39,15 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *opt, mo
 typedef struct moe_model moe_model;
 typedef struct moe_token_file moe_token_file;
 moe_status moe_evaluate(moe_model *m, const moe_token_file *val, int batches, double *loss, double *bpb);
+
+/* The same, and on a file with a loss mask (moe/train/mqar.h) the recall: the share of
+ * the scored targets whose largest logit is the target (loss and bpb then count the
+ * scored targets only: bpb is bits per scored token when the file says one byte per token). */
+typedef struct moe_eval_result {
+    double loss, bpb;
+    double recall;  /* NAN without a loss mask */
+    int64_t scored; /* scored targets counted (0 without a mask) */
+} moe_eval_result;
+moe_status moe_evaluate_full(moe_model *m, const moe_token_file *val, int batches, moe_eval_result *r);
 
 #endif
