@@ -1,6 +1,5 @@
 /* The copy queue (see xfer.h): a doubly linked list of caller-owned jobs under one lock,
- * served by one copy thread. On the CPU the thread copies with memcpy; the CUDA backend's
- * copy stream is not written yet (moe_xfer_create refuses other devices). */
+ * served by one copy thread: memcpy on the CPU, the copy stream on CUDA (xfer_cuda.cu). */
 #include "core/xfer.h"
 
 #include <pthread.h>
@@ -8,6 +7,9 @@
 #include <string.h>
 
 #include "core/fileio.h"
+#ifdef MOE_HAVE_CUDA
+#include "core/cuda/xfer_cuda.h"
+#endif
 
 struct moe_xfer {
     moe_device dev;
@@ -18,7 +20,19 @@ struct moe_xfer {
     bool stop;
     size_t bytes;
     double busy_ms;
+    void *stream;  /* CUDA: the copy stream */
+    int device;    /* CUDA: its device */
+    char err[512]; /* the message of the last failed copy */
 };
+
+/* One copy on the copy thread. */
+static moe_status copy_bytes(moe_xfer *x, moe_xfer_job *j) {
+#ifdef MOE_HAVE_CUDA
+    if (x->dev == MOE_CUDA) return moe_cuda_copy_h2d(x->stream, x->device, j->fence, j->dst, j->src, j->bytes);
+#endif
+    memcpy(j->dst, j->src, j->bytes);
+    return MOE_OK;
+}
 
 static void unlink_job(moe_xfer *x, moe_xfer_job *j) {
     if (j->prev) j->prev->next = j->next;
@@ -56,9 +70,11 @@ static void *copy_thread(void *arg) {
         j->state = MOE_XFER_COPYING;
         pthread_mutex_unlock(&x->mu);
         double t0 = moe_clock_ms();
-        memcpy(j->dst, j->src, j->bytes);
+        moe_status st = copy_bytes(x, j);
         double ms = moe_clock_ms() - t0;
         pthread_mutex_lock(&x->mu);
+        j->status = st;
+        if (st != MOE_OK) snprintf(x->err, sizeof x->err, "%s", moe_last_error());
         x->bytes += j->bytes;
         x->busy_ms += ms;
         j->state = MOE_XFER_DONE;
@@ -70,11 +86,21 @@ static void *copy_thread(void *arg) {
 
 moe_status moe_xfer_create(moe_device dev, moe_xfer **out) {
     *out = NULL;
-    if (dev != MOE_CPU) return moe_error(MOE_ERR_UNSUPPORTED, "copy queue: only the CPU stand-in is built (asked %s)",
-                                         moe_device_name(dev));
+#ifndef MOE_HAVE_CUDA
+    if (dev != MOE_CPU) return moe_error(MOE_ERR_UNSUPPORTED, "copy queue: %s is not built", moe_device_name(dev));
+#endif
     moe_xfer *x = calloc(1, sizeof *x);
     if (!x) return moe_error(MOE_ERR_OOM, "copy queue: out of host memory");
     x->dev = dev;
+#ifdef MOE_HAVE_CUDA
+    if (dev == MOE_CUDA) {
+        moe_status s = moe_cuda_copy_stream_create(&x->stream, &x->device);
+        if (s != MOE_OK) {
+            free(x);
+            return s;
+        }
+    }
+#endif
     pthread_mutex_init(&x->mu, NULL);
     pthread_cond_init(&x->work, NULL);
     pthread_cond_init(&x->done, NULL);
@@ -82,6 +108,9 @@ moe_status moe_xfer_create(moe_device dev, moe_xfer **out) {
         pthread_mutex_destroy(&x->mu);
         pthread_cond_destroy(&x->work);
         pthread_cond_destroy(&x->done);
+#ifdef MOE_HAVE_CUDA
+        moe_cuda_copy_stream_free(x->stream);
+#endif
         free(x);
         return moe_error(MOE_ERR_DEVICE, "copy queue: cannot start the copy thread");
     }
@@ -104,17 +133,32 @@ void moe_xfer_free(moe_xfer *x) {
     pthread_mutex_destroy(&x->mu);
     pthread_cond_destroy(&x->work);
     pthread_cond_destroy(&x->done);
+#ifdef MOE_HAVE_CUDA
+    moe_cuda_copy_stream_free(x->stream);
+#endif
     free(x);
 }
 
-void moe_xfer_submit(moe_xfer *x, moe_xfer_job *j, bool urgent) {
-    pthread_mutex_lock(&x->mu);
+moe_status moe_xfer_submit(moe_xfer *x, moe_xfer_job *j, bool urgent) {
     MOE_ASSERT(j->state == MOE_XFER_IDLE || j->state == MOE_XFER_DONE, "copy queue: job submitted twice");
+#ifdef MOE_HAVE_CUDA
+    if (x->dev == MOE_CUDA) MOE_TRY(moe_cuda_fence_record(&j->fence));
+#endif
+    pthread_mutex_lock(&x->mu);
+    j->status = MOE_OK;
     j->urgent = urgent;
     j->state = MOE_XFER_QUEUED;
     insert_before(x, j, urgent ? first_plain(x) : NULL);
     pthread_cond_signal(&x->work);
     pthread_mutex_unlock(&x->mu);
+    return MOE_OK;
+}
+
+void moe_xfer_job_release(moe_xfer_job *j) {
+#ifdef MOE_HAVE_CUDA
+    moe_cuda_fence_free(j->fence);
+#endif
+    j->fence = NULL;
 }
 
 void moe_xfer_expedite(moe_xfer *x, moe_xfer_job *j) {
@@ -138,8 +182,26 @@ moe_status moe_xfer_wait(moe_xfer *x, moe_xfer_job *j) {
     pthread_mutex_lock(&x->mu);
     MOE_ASSERT(j->state != MOE_XFER_IDLE, "copy queue: waiting on a job never submitted");
     while (j->state != MOE_XFER_DONE) pthread_cond_wait(&x->done, &x->mu);
+    moe_status st = j->status;
+    char err[sizeof x->err];
+    memcpy(err, x->err, sizeof err);
     pthread_mutex_unlock(&x->mu);
+    return st == MOE_OK ? MOE_OK : moe_error(st, "%s", err);
+}
+
+moe_status moe_xfer_pin(moe_device dev, void *p, size_t bytes) {
+#ifdef MOE_HAVE_CUDA
+    if (dev == MOE_CUDA) return moe_cuda_host_register(p, bytes);
+#endif
+    (void)dev, (void)p, (void)bytes;
     return MOE_OK;
+}
+
+void moe_xfer_unpin(moe_device dev, void *p) {
+#ifdef MOE_HAVE_CUDA
+    if (dev == MOE_CUDA) moe_cuda_host_unregister(p);
+#endif
+    (void)dev, (void)p;
 }
 
 bool moe_xfer_cancel(moe_xfer *x, moe_xfer_job *j) {

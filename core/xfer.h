@@ -1,6 +1,8 @@
-/* Host-to-device transfers off the compute path: a copy queue per device (a dedicated copy
- * stream on CUDA; on the CPU, a copy thread that moves bytes from the host store into a
- * second host arena standing in for device memory).
+/* Host-to-device transfers off the compute path: a copy queue per device, served by a copy
+ * thread (on CUDA it issues each copy on a copy stream of its own, after a fence of the
+ * compute stream recorded when the job was submitted, so device memory is never overwritten
+ * before the kernels queued to read it have run; on the CPU it moves the bytes from the host
+ * store into a second host arena standing in for device memory).
  *
  * The caller owns each job (a struct it embeds, e.g. in an expert cache slot) and keeps it
  * alive until it is done or cancelled. Jobs run in queue order; an urgent job goes ahead
@@ -23,6 +25,8 @@ typedef struct moe_xfer_job {
     size_t bytes;
     bool urgent;
     moe_xfer_state state; /* read it through moe_xfer_done (the queue's lock guards it) */
+    moe_status status;    /* of the copy, once DONE */
+    void *fence;          /* CUDA: the compute stream's point the copy waits for */
     struct moe_xfer_job *prev, *next;
 } moe_xfer_job;
 
@@ -34,15 +38,21 @@ moe_status moe_xfer_create(moe_device dev, moe_xfer **out);
 void moe_xfer_free(moe_xfer *x);
 
 /* Queues job j (state IDLE or DONE) copying j->bytes from j->src to j->dst. */
-void moe_xfer_submit(moe_xfer *x, moe_xfer_job *j, bool urgent);
+moe_status moe_xfer_submit(moe_xfer *x, moe_xfer_job *j, bool urgent);
+/* What a job holds besides its fields (its fence); the job may be submitted again. */
+void moe_xfer_job_release(moe_xfer_job *j);
 /* A queued job jumps ahead of the non-urgent ones; no-op once it is copying or done. */
 void moe_xfer_expedite(moe_xfer *x, moe_xfer_job *j);
 bool moe_xfer_done(moe_xfer *x, moe_xfer_job *j);
-/* Blocks until job j is done (the compute path's wait on one transfer). */
+/* Blocks until job j is done (the compute path's wait on one transfer); its copy's status. */
 moe_status moe_xfer_wait(moe_xfer *x, moe_xfer_job *j);
 /* Takes a queued job off the queue (back to IDLE), or waits for it when it is copying.
  * Returns whether it had been copied (DONE). */
 bool moe_xfer_cancel(moe_xfer *x, moe_xfer_job *j);
+
+/* Page-locks host memory the copies read (CUDA; a no-op on the CPU), and unlocks it. */
+moe_status moe_xfer_pin(moe_device dev, void *p, size_t bytes);
+void moe_xfer_unpin(moe_device dev, void *p);
 
 /* Bytes copied and the copy engine's busy time so far (the achieved rate is their ratio). */
 void moe_xfer_stats(moe_xfer *x, size_t *bytes, double *busy_ms);

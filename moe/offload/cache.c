@@ -69,7 +69,7 @@ void cache_slot_views(moe_offload *o, int s, moe_tensor **w13, moe_tensor **w2) 
     *w2 = moe_tensor_view_raw(o->arena, 2, (int64_t[]){w, d}, (int64_t[]){d, 1}, at + se->n13);
 }
 
-void cache_load(moe_offload *o, int s, int layer, int e, bool urgent, bool prefetch) {
+moe_status cache_load(moe_offload *o, int s, int layer, int e, bool urgent, bool prefetch) {
     cache_slot *c = &o->slots[s];
     MOE_ASSERT(c->layer < 0 && o->where[layer * o->E + e] < 0, "expert cache: slot %d is taken", s);
     const store_entry *se = &o->store[layer * o->E + e];
@@ -79,14 +79,15 @@ void cache_load(moe_offload *o, int s, int layer, int e, bool urgent, bool prefe
     c->expert = e;
     c->prefetched = prefetch;
     c->used = false;
-    c->j13 = (moe_xfer_job){.dst = dst, .src = se->w13, .bytes = (size_t)se->n13 * es};
-    c->j2 = (moe_xfer_job){.dst = dst + (size_t)se->n13 * es, .src = se->w2, .bytes = (size_t)se->n2 * es};
+    c->j13 = (moe_xfer_job){.dst = dst, .src = se->w13, .bytes = (size_t)se->n13 * es, .fence = c->j13.fence};
+    c->j2 = (moe_xfer_job){.dst = dst + (size_t)se->n13 * es, .src = se->w2, .bytes = (size_t)se->n2 * es,
+                           .fence = c->j2.fence};
     o->where[layer * o->E + e] = s;
     o->held[layer]++;
     o->counts[layer].copies++;
     o->counts[layer].bytes += c->j13.bytes + c->j2.bytes;
-    moe_xfer_submit(o->xfer, &c->j13, urgent);
-    moe_xfer_submit(o->xfer, &c->j2, urgent);
+    MOE_TRY(moe_xfer_submit(o->xfer, &c->j13, urgent));
+    return moe_xfer_submit(o->xfer, &c->j2, urgent);
 }
 
 bool cache_slot_ready(moe_offload *o, int s) {

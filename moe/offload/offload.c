@@ -190,18 +190,19 @@ static void mark_predicted(moe_offload *o, const float *scores, int n, int skip)
 }
 
 /* Copies the predicted experts of MoE layers (ordinals) up to `to` that are not cached. */
-static void prefetch_to(moe_offload *o, int to) {
-    if (!cache_policy_predicts(o)) return;
+static moe_status prefetch_to(moe_offload *o, int to) {
+    if (!cache_policy_predicts(o)) return MOE_OK;
     if (to >= o->n_moe) to = o->n_moe - 1;
     for (; o->prefetched_to < to; o->prefetched_to++) {
         int layer = o->moe_block[o->prefetched_to + 1];
         for (int e = 0; e < o->E; e++) {
             if (o->predicted[layer * o->E + e] != o->step || o->where[layer * o->E + e] >= 0) continue;
             int s = cache_take_slot(o, layer, true);
-            if (s < 0) return; /* the cache is full of what this step still needs */
-            cache_load(o, s, layer, e, false, true);
+            if (s < 0) return MOE_OK; /* the cache is full of what this step still needs */
+            MOE_TRY(cache_load(o, s, layer, e, false, true));
         }
     }
+    return MOE_OK;
 }
 
 /* Predicts the run of n tokens of sequence q (positions pos) with the sequence's last
@@ -241,13 +242,12 @@ static moe_status provider_begin(void *ctx, const int32_t *tokens, const int32_t
         MOE_TRY(predict_run(o, tokens + a, pos + a, seq[a], b - a));
         a = b;
     }
-    prefetch_to(o, o->depth - 1);
-    return MOE_OK;
+    return prefetch_to(o, o->depth - 1);
 }
 
 /* At the start of MoE layer `layer`: its time into the running mean, the depth adapted
  * (copy time of a layer's top-k over a layer's compute time), the layers ahead prefetched. */
-static void enter_layer(moe_offload *o, int layer) {
+static moe_status enter_layer(moe_offload *o, int layer) {
     double now = moe_clock_ms();
     int ord = o->moe_ord[layer];
     if (ord > o->cur_ord) o->layer_ms = o->layer_ms > 0 ? 0.8 * o->layer_ms + 0.2 * (now - o->last_t) : now - o->last_t;
@@ -260,7 +260,7 @@ static void enter_layer(moe_offload *o, int layer) {
         int d = (int)ceil(copy_ms / o->layer_ms);
         o->depth = d < 1 ? 1 : d > o->n_moe ? o->n_moe : d;
     }
-    prefetch_to(o, ord + o->depth);
+    return prefetch_to(o, ord + o->depth);
 }
 
 /* ---- one expert group of a step ---- */
@@ -277,8 +277,8 @@ static bool compute_on_host(const moe_offload *o, int64_t rows) {
 
 /* Classifies expert e (rows rows) of `layer`: a hit (pinned; a copy in flight jumps the
  * queue), a miss run from the host copy, or a miss to copy (slot taken now if one is free,
- * else deferred). Returns its source; *slot the slot or -1. */
-static int classify(moe_offload *o, int layer, int e, int64_t rows, int *slot) {
+ * else deferred). *src its source, *slot the slot or -1. */
+static moe_status classify(moe_offload *o, int layer, int e, int64_t rows, int *src, int *slot) {
     moe_offload_counts *c = &o->counts[layer];
     c->uses++;
     *slot = o->where[layer * o->E + e];
@@ -289,18 +289,20 @@ static int classify(moe_offload *o, int layer, int e, int64_t rows, int *slot) {
             c->late++;
             cache_slot_expedite(o, *slot);
         }
-        return SRC_SLOT;
+        *src = SRC_SLOT;
+        return MOE_OK;
     }
     c->misses++;
-    if (compute_on_host(o, rows)) {
+    *src = compute_on_host(o, rows) ? SRC_HOST : SRC_DEFERRED;
+    if (*src == SRC_HOST) {
         c->host++;
-        return SRC_HOST;
+        return MOE_OK;
     }
     *slot = cache_take_slot(o, layer, false);
-    if (*slot < 0) return SRC_DEFERRED;
-    cache_load(o, *slot, layer, e, true, false);
+    if (*slot < 0) return MOE_OK;
+    *src = SRC_SLOT;
     o->slots[*slot].pin = o->epoch;
-    return SRC_SLOT;
+    return cache_load(o, *slot, layer, e, true, false);
 }
 
 /* Copies expert e's weights (slot or host store) into slice j of the scratch stacks. */
@@ -338,7 +340,7 @@ static moe_status gather_wave(moe_offload *o, int layer, const moe_expert_group 
         if (off[*i + 1] == off[*i]) continue;
         if (src[*i] == SRC_DEFERRED) {
             slot[*i] = cache_take_slot(o, layer, false);
-            if (slot[*i] >= 0) cache_load(o, slot[*i], layer, G->experts[*i], true, false);
+            if (slot[*i] >= 0) MOE_TRY(cache_load(o, slot[*i], layer, G->experts[*i], true, false));
             src[*i] = slot[*i] >= 0 ? SRC_SLOT : SRC_HOST; /* every slot pinned: straight into scratch */
         }
         MOE_TRY(gather(o, layer, G->experts[*i], src[*i], slot[*i], w13, w2, j++));
@@ -391,7 +393,7 @@ static moe_tensor *provider_run(void *ctx, int layer, moe_moe_layer *L, int g, m
     moe_offload *o = ctx;
     MOE_ASSERT(compute == o->arena->dtype, "offload: compute dtype %s, the cache holds %s", moe_dtype_name(compute),
                moe_dtype_name(o->arena->dtype));
-    if (g == 0) enter_layer(o, layer);
+    if (g == 0 && enter_layer(o, layer) != MOE_OK) return NULL;
     const moe_expert_group *G = &L->groups[g];
     int *src = moe_step_host_alloc(sizeof(int) * (size_t)G->n), *slot = moe_step_host_alloc(sizeof(int) * (size_t)G->n);
     int64_t *coff = moe_step_host_alloc(sizeof(int64_t) * (size_t)(G->n + 1));
@@ -405,7 +407,7 @@ static moe_tensor *provider_run(void *ctx, int layer, moe_moe_layer *L, int g, m
     for (int i = 0; i < G->n; i++) { /* hits and misses; misses start copying at once */
         int64_t rows = off[i + 1] - off[i];
         if (rows == 0) continue;
-        src[i] = classify(o, layer, G->experts[i], rows, &slot[i]);
+        if (classify(o, layer, G->experts[i], rows, &src[i], &slot[i]) != MOE_OK) return NULL;
         coff[nu + 1] = coff[nu] + rows;
         nu++;
     }
@@ -414,22 +416,38 @@ static moe_tensor *provider_run(void *ctx, int layer, moe_moe_layer *L, int g, m
 
 /* ---- open and close ---- */
 
-/* The store: every routed expert of the view as pointers into its group stacks. */
-static void fill_store(moe_offload *o) {
+/* An expert stack as the store holds it: the view's own on the CPU; for a model on the
+ * device (whose loader put every weight there), a page-locked host copy. */
+static moe_tensor *store_stack(moe_offload *o, moe_tensor *t) {
+    if (t->device == MOE_CPU) return t;
+    moe_tensor *h = moe_tensor_to(t, MOE_CPU, MOE_LIFE_PERSIST);
+    if (!h) return NULL;
+    o->host_copies[o->n_host_copies++] = h;
+    if (moe_xfer_pin(t->device, h->data, (size_t)moe_tensor_numel(h) * moe_dtype_size(h->dtype)) != MOE_OK) return NULL;
+    return h;
+}
+
+/* The store: every routed expert as pointers into its group's stacks. */
+static moe_status fill_store(moe_offload *o) {
+    o->host_copies = calloc((size_t)o->n_layers * (size_t)o->E * 2, sizeof *o->host_copies);
+    if (!o->host_copies) return moe_error(MOE_ERR_OOM, "offload: out of host memory");
     for (int i = 0; i < o->n_layers; i++) {
         const moe_block *b = &o->v->blocks[i];
         if (b->dense) continue;
         for (int g = 0; g < b->moe.n_groups; g++) {
             const moe_expert_group *G = &b->moe.groups[g];
-            int64_t n13 = G->w13->shape[1] * G->w13->shape[2], n2 = G->w2->shape[1] * G->w2->shape[2];
-            size_t es = moe_dtype_size(G->w13->dtype);
+            moe_tensor *s13 = store_stack(o, G->w13), *s2 = s13 ? store_stack(o, G->w2) : NULL;
+            if (!s13 || !s2) return moe_last_status();
+            int64_t n13 = s13->shape[1] * s13->shape[2], n2 = s2->shape[1] * s2->shape[2];
+            size_t es = moe_dtype_size(s13->dtype);
             for (int j = 0; j < G->n; j++)
                 o->store[i * o->E + G->experts[j]] = (store_entry){
-                    .stack13 = G->w13, .stack2 = G->w2, .at13 = j * n13, .at2 = j * n2,
-                    .w13 = (const char *)G->w13->data + (size_t)(j * n13) * es,
-                    .w2 = (const char *)G->w2->data + (size_t)(j * n2) * es, .n13 = n13, .n2 = n2, .ffn_dim = G->ffn_dim};
+                    .stack13 = s13, .stack2 = s2, .at13 = j * n13, .at2 = j * n2,
+                    .w13 = (const char *)s13->data + (size_t)(j * n13) * es,
+                    .w2 = (const char *)s2->data + (size_t)(j * n2) * es, .n13 = n13, .n2 = n2, .ffn_dim = G->ffn_dim};
         }
     }
+    return MOE_OK;
 }
 
 static moe_status alloc_tables(moe_offload *o) {
@@ -469,13 +487,16 @@ static moe_status calibrate(moe_offload *o) {
     double best = 0;
     for (int r = 0; r < 3; r++) {
         double t0 = moe_clock_ms();
-        cache_load(o, 0, layer, 0, true, false);
+        MOE_TRY(cache_load(o, 0, layer, 0, true, false));
         MOE_TRY(cache_slot_wait(o, 0));
         double ms = moe_clock_ms() - t0;
         cache_evict(o, 0);
         if (r == 0 || ms < best) best = ms;
     }
     o->rate0 = (double)o->split.slot_bytes / (best > 1e-6 ? best / 1e3 : 1e-9);
+    memset(o->counts, 0, sizeof *o->counts * (size_t)o->n_layers);
+    o->host_row_ms = INFINITY; /* a device model has no host kernels here: misses are copied */
+    if (o->v->dev != MOE_CPU) return MOE_OK;
     const store_entry *se = &o->store[layer * o->E];
     int64_t d = o->v->cfg.model.d_model, w = se->ffn_dim;
     moe_mem_mark mark = moe_mem_step_mark(o->v->dev);
@@ -492,14 +513,13 @@ static moe_status calibrate(moe_offload *o) {
     }
     moe_grad_set_enabled(was);
     moe_mem_step_release(o->v->dev, mark);
-    memset(o->counts, 0, sizeof *o->counts * (size_t)o->n_layers);
     return ok ? MOE_OK : moe_last_status();
 }
 
 /* resident: every expert into its slot now. */
 static moe_status load_all(moe_offload *o) {
     for (int l = 0, s = 0; l < o->n_moe; l++)
-        for (int e = 0; e < o->E; e++) cache_load(o, s++, o->moe_block[l], e, false, false);
+        for (int e = 0; e < o->E; e++) MOE_TRY(cache_load(o, s++, o->moe_block[l], e, false, false));
     for (int s = 0; s < o->n_slots; s++) MOE_TRY(cache_slot_wait(o, s));
     memset(o->counts, 0, sizeof *o->counts * (size_t)o->n_layers);
     return MOE_OK;
@@ -510,6 +530,9 @@ static moe_status check_options(const moe_model *m, const moe_offload_options *o
     if (o->policy == MOE_OFFLOAD_PREDICT && !o->predict)
         return moe_error(MOE_ERR_CONFIG, "offload: policy predict needs a predictor (--predictor FILE)");
     if (m->ep_size != 1) return moe_error(MOE_ERR_UNSUPPORTED, "offload: expert parallelism is not offloaded");
+    if (o->policy == MOE_OFFLOAD_CPU && m->dev != MOE_CPU)
+        return moe_error(MOE_ERR_UNSUPPORTED, "offload: policy cpu needs host kernels beside the %s ones (not written "
+                         "yet; auto copies every miss there)", moe_device_name(m->dev));
     if (o->budget < min_budget) {
         char need[32], have[32], dense[32];
         fmt_bytes(min_budget, need, sizeof need);
@@ -535,8 +558,8 @@ static moe_status open_cache(moe_offload *o) {
     o->floor = o->n_slots / o->n_moe < o->top_k ? o->n_slots / o->n_moe : o->top_k;
     o->depth = o->opt.prefetch_depth > 0 ? o->opt.prefetch_depth : 1;
     o->wave = o->opt.max_gather > 0 && o->opt.max_gather < o->E ? o->opt.max_gather : o->E;
-    fill_store(o);
     MOE_TRY(moe_xfer_create(v->dev, &o->xfer));
+    MOE_TRY(fill_store(o));
     o->arena = moe_tensor_empty(MOE_LIFE_PERSIST, v->dev, o->opt.dtype, 1, (int64_t[]){o->n_slots * o->slot_elems});
     if (!o->arena) return moe_error_context(moe_last_status(), "offload: the expert cache arena: ");
     MOE_TRY(calibrate(o));
@@ -573,6 +596,15 @@ moe_status moe_offload_open(moe_model *m, const moe_offload_options *opt, moe_of
 void moe_offload_close(moe_offload *o) {
     if (!o) return;
     moe_xfer_free(o->xfer); /* first: no copy into the arena after this */
+    for (int s = 0; o->slots && s < o->n_slots; s++) {
+        moe_xfer_job_release(&o->slots[s].j13);
+        moe_xfer_job_release(&o->slots[s].j2);
+    }
+    for (int i = 0; i < o->n_host_copies; i++) {
+        moe_xfer_unpin(o->v->dev, o->host_copies[i]->data);
+        moe_tensor_free(o->host_copies[i]);
+    }
+    free(o->host_copies);
     moe_tensor_free(o->arena);
     moe_decoder_close(o->dec);
     free(o->moe_ord);

@@ -64,6 +64,8 @@ struct moe_offload {
     double layer_ms, last_t;    /* running mean of a MoE layer's time; when the last one began */
     int depth;                  /* layers prefetched ahead */
     int wave;                   /* experts gathered and run at once */
+    moe_tensor **host_copies;   /* device models: the store's host copies of the expert stacks */
+    int n_host_copies;
 };
 
 /* cache.c */
@@ -73,7 +75,7 @@ bool cache_policy_predicts(const moe_offload *o);
  * predicted for a layer still to run. */
 int cache_take_slot(moe_offload *o, int layer, bool prefetch);
 /* Starts copying expert e of block `layer` into slot s (urgent: ahead of prefetches). */
-void cache_load(moe_offload *o, int s, int layer, int e, bool urgent, bool prefetch);
+moe_status cache_load(moe_offload *o, int s, int layer, int e, bool urgent, bool prefetch);
 bool cache_slot_ready(moe_offload *o, int s);
 void cache_slot_expedite(moe_offload *o, int s);
 moe_status cache_slot_wait(moe_offload *o, int s);

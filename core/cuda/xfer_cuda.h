@@ -1,0 +1,25 @@
+/* The CUDA side of the copy queue (core/xfer.c): a copy stream of its own, host-to-device
+ * copies on it that first wait for a fence recorded on the compute stream (so a slot is
+ * never overwritten before the kernels queued to read it have run), and page-locking of
+ * host memory the copies read. Plain C declarations; defined in xfer_cuda.cu. */
+#ifndef MOE_CORE_CUDA_XFER_CUDA_H
+#define MOE_CORE_CUDA_XFER_CUDA_H
+
+#include <stddef.h>
+
+#include "core/status.h"
+
+/* A non-blocking stream on the current device (*device: that device). */
+moe_status moe_cuda_copy_stream_create(void **stream, int *device);
+void moe_cuda_copy_stream_free(void *stream);
+/* Records *fence (created on first use) on the compute stream: what is queued there now. */
+moe_status moe_cuda_fence_record(void **fence);
+void moe_cuda_fence_free(void *fence);
+/* On the copy stream: waits for fence (or not, NULL), copies bytes host -> device, then
+ * blocks the calling thread until that copy has landed. */
+moe_status moe_cuda_copy_h2d(void *stream, int device, void *fence, void *dst, const void *src, size_t bytes);
+/* Page-locks host memory [p, p + bytes) for fast asynchronous copies (and unlocks it). */
+moe_status moe_cuda_host_register(void *p, size_t bytes);
+void moe_cuda_host_unregister(void *p);
+
+#endif
