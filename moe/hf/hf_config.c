@@ -307,7 +307,10 @@ static const char *family_for(const moe_config *cfg, const char **why) {
             return "qwen2_moe";
         *why = "qkv_bias or shared_gate beside features qwen2_moe lacks";
     } else if (!m->n_shared_experts && !m->dense_layers && m->qk_norm != MOE_CFG_QK_NORM_FULL) {
-        if (m->qk_norm == MOE_CFG_QK_NORM_HEAD || dense || m->head_dim || !r->renormalize) return "qwen3_moe";
+        if (m->qk_norm == MOE_CFG_QK_NORM_HEAD) return "qwen3_moe";
+        /* without q/k norms: mixtral (which keeps head_dim) unless it needs dense layers or
+         * unrenormalised gates, which qwen2_moe has (qwen3_moe would add q/k norms) */
+        if (dense || !r->renormalize) return "qwen2_moe";
         return "mixtral";
     } else *why = "this combination of shared experts, dense layers and q/k norms";
     return NULL;
