@@ -88,6 +88,19 @@ static void params_of(const char *ckpt, moe_config *c, double **out, int64_t *n)
         at += moe_tensor_numel(m.params[i].t);
     }
     moe_model_free(&m);
+    /* the model-level reader (no optimizer) gives the same weights */
+    CU_ASSERT_EQUAL_FATAL(moe_model_init(&m, c, 0, 1), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(moe_checkpoint_load_weights(ckpt, &m), MOE_OK);
+    double *w = malloc(sizeof(double) * (size_t)*n);
+    at = 0;
+    for (int i = 0; i < m.n_params; i++) {
+        moe_tensor_to_host_f64(m.params[i].t, w + at);
+        at += moe_tensor_numel(m.params[i].t);
+    }
+    CU_ASSERT_EQUAL(at, *n);
+    CU_ASSERT_EQUAL(memcmp(w, *out, sizeof(double) * (size_t)*n), 0);
+    free(w);
+    moe_model_free(&m);
 }
 
 static void test_exact_resume(void) {

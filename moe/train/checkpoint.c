@@ -1,4 +1,5 @@
-/* Saving and loading training state (layout in checkpoint.h). */
+/* Saving and loading training state (layout in checkpoint.h; the model-only reader and the
+ * piece naming are moe/model/weights.c). */
 #include "moe/train/checkpoint.h"
 
 #include <stdio.h>
@@ -9,40 +10,6 @@
 #include "core/h5file.h"
 #include "core/memory.h"
 #include "moe/model/tokenizer.h"
-
-/* Receives one stored tensor (a whole parameter or one expert's slice) by its name. */
-typedef moe_status (*piece_fn)(const char *name, moe_tensor *piece, void *ctx);
-
-/* The dataset name base of an expert stack ("layers.3.moe.experts.w13") and the name of
- * its expert e in the file ("layers.3.moe.experts.<e>.w13"). */
-static const char *stack_base(const moe_param_ref *p) { return p->expert_name ? p->expert_name : p->name; }
-static void expert_piece_name(const char *base, int64_t e, char *name, size_t cap) {
-    const char *dot = strrchr(base, '.');
-    MOE_ASSERT(dot, "checkpoint: expert stack name '%s' has no '.'", base);
-    snprintf(name, cap, "%.*s.%lld%s", (int)(dot - base), base, (long long)e, dot);
-}
-
-/* Calls fn for each stored tensor of a parameter held on this rank: the whole tensor, or
- * one 2-D slice per expert of a stack with its global expert name (moe_param_ref). */
-static moe_status for_each_piece(const moe_param_ref *p, moe_tensor *t, piece_fn fn, void *ctx) {
-    if (!p->expert_stack) return fn(p->name, t, ctx);
-    int64_t rows = t->shape[1], cols = t->shape[2];
-    for (int64_t j = 0; j < t->shape[0]; j++) {
-        char name[192];
-        expert_piece_name(stack_base(p), p->expert_ids ? p->expert_ids[j] : p->expert_begin + j, name, sizeof name);
-        moe_tensor *v = moe_tensor_view_raw(t, 2, (int64_t[]){rows, cols}, (int64_t[]){cols, 1}, j * rows * cols);
-        if (!v) return moe_last_status();
-        MOE_TRY(fn(name, v, ctx));
-    }
-    return MOE_OK;
-}
-
-/* Slice j of parameter i's stack when it holds global expert e, else -1. */
-static int64_t local_slot(const moe_param_ref *p, int64_t e) {
-    for (int64_t j = 0; j < p->t->shape[0]; j++)
-        if ((p->expert_ids ? p->expert_ids[j] : p->expert_begin + j) == e) return j;
-    return -1;
-}
 
 typedef struct { moe_h5 *f; const char *group; } put_ctx;
 
@@ -85,9 +52,9 @@ static moe_status put_experts_ep(moe_h5 *f, const moe_model *m, const moe_optimi
         if (!p->expert_stack) continue;
         bool first = true; /* this base not seen in an earlier parameter */
         for (int j = 0; j < i && first; j++)
-            first = !(m->params[j].expert_stack && strcmp(stack_base(&m->params[j]), stack_base(p)) == 0);
+            first = !(m->params[j].expert_stack && strcmp(moe_ckpt_stack_base(&m->params[j]), moe_ckpt_stack_base(p)) == 0);
         if (!first) continue;
-        const char *base = stack_base(p), *suffix = strrchr(base, '.');
+        const char *base = moe_ckpt_stack_base(p), *suffix = strrchr(base, '.');
         MOE_ASSERT(suffix && (strcmp(suffix, ".w13") == 0 || strcmp(suffix, ".w2") == 0),
                    "checkpoint: expert stack '%s' is neither w13 nor w2", base);
         bool w13 = strcmp(suffix, ".w13") == 0;
@@ -100,13 +67,13 @@ static moe_status put_experts_ep(moe_h5 *f, const moe_model *m, const moe_optimi
             int owner = -1;
             int64_t slot = -1;
             for (int j = 0; j < m->n_params && owner < 0; j++)
-                if (m->params[j].expert_stack && strcmp(stack_base(&m->params[j]), base) == 0 &&
-                    (slot = local_slot(&m->params[j], e)) >= 0)
+                if (m->params[j].expert_stack && strcmp(moe_ckpt_stack_base(&m->params[j]), base) == 0 &&
+                    (slot = moe_ckpt_local_slot(&m->params[j], e)) >= 0)
                     owner = j;
             moe_tensor *src[3] = {NULL, NULL, NULL};
             if (owner >= 0) param_sources(m, opt, owner, src);
             char name[192];
-            expert_piece_name(base, e, name, sizeof name);
+            moe_ckpt_expert_piece_name(base, e, name, sizeof name);
             for (int k = 0; k < 3; k++) {
                 if (!probe[k]) continue; /* same optimizer on every rank: same states everywhere */
                 const moe_mem_mark mark = moe_mem_step_mark(MOE_CPU); /* one expert's buffers at a time */
@@ -178,7 +145,7 @@ static moe_status save_all(moe_h5 *f, const moe_model *m, const moe_optimizer *o
         param_sources(m, opt, i, src);
         for (int k = 0; k < 3; k++) {
             put_ctx pc = {f, groups[k]};
-            if (src[k]) MOE_TRY(for_each_piece(&m->params[i], src[k], put_piece, &pc));
+            if (src[k]) MOE_TRY(moe_ckpt_for_each_piece(&m->params[i], src[k], put_piece, &pc));
         }
     }
     if (ep) MOE_TRY(put_experts_ep(f, m, opt, groups));
@@ -209,22 +176,6 @@ moe_status moe_checkpoint_save(const char *path, const moe_model *m, const moe_o
     return s == MOE_OK ? MOE_OK : moe_error_context(s, "saving checkpoint %s", path);
 }
 
-typedef struct { moe_h5 *f; const char *group; } get_ctx;
-
-static moe_status get_piece(const char *name, moe_tensor *piece, void *ctx) {
-    get_ctx *c = ctx;
-    char full[256];
-    snprintf(full, sizeof full, "%s/%s", c->group, name);
-    if (!moe_h5_has(c->f, full))
-        return moe_error(MOE_ERR_FORMAT, "dataset '%s' is missing (was the checkpoint written with another model config?)", full);
-    const moe_mem_mark mark = moe_mem_step_mark(MOE_CPU); /* the host copy goes back after */
-    moe_tensor *h = moe_tensor_empty(MOE_LIFE_STEP, MOE_CPU, MOE_F32, piece->ndim, piece->shape);
-    moe_status s = h ? moe_h5_get_array(c->f, full, MOE_H5_F32, piece->ndim, piece->shape, h->data) : moe_last_status();
-    if (s == MOE_OK) s = moe_tensor_copy_(piece, h);
-    moe_mem_step_release(MOE_CPU, mark);
-    return s;
-}
-
 static moe_status load_all(moe_h5 *f, moe_model *m, moe_optimizer *opt, moe_train_state *ts) {
     int64_t v;
     memset(ts, 0, sizeof *ts);
@@ -243,70 +194,18 @@ static moe_status load_all(moe_h5 *f, moe_model *m, moe_optimizer *opt, moe_trai
     if (ts->step < 0 || ts->bad_steps < 0)
         return moe_error(MOE_ERR_FORMAT, "step %lld or bad_steps %lld is negative",
                          (long long)ts->step, (long long)ts->bad_steps);
-    get_ctx gc = {f, "params"};
-    for (int i = 0; i < m->n_params; i++) MOE_TRY(for_each_piece(&m->params[i], m->params[i].t, get_piece, &gc));
-    if (opt) {
-        MOE_TRY(moe_h5_get_i64(f, "optim_step", &v));
-        if (v < 0) return moe_error(MOE_ERR_FORMAT, "optim_step %lld is negative", (long long)v);
-        moe_optimizer_set_step(opt, v);
-        for (int i = 0; i < m->n_params; i++) {
-            moe_tensor *mm = NULL, *vv = NULL;
-            moe_optimizer_state(opt, i, &mm, &vv);
-            get_ctx cm = {f, "optim/m"}, cv = {f, "optim/v"};
-            if (mm) MOE_TRY(for_each_piece(&m->params[i], mm, get_piece, &cm));
-            if (vv) MOE_TRY(for_each_piece(&m->params[i], vv, get_piece, &cv));
-        }
-    }
-    for (int i = 0; i < m->cfg.model.n_layers; i++) {
-        moe_block *b = &m->blocks[i];
-        if (b->dense || !b->moe.router.bias) continue;
-        char name[96];
-        snprintf(name, sizeof name, "layers.%d.moe", i);
-        get_ctx rb = {f, "router_bias"};
-        MOE_TRY(get_piece(name, b->moe.router.bias, &rb));
+    MOE_TRY(moe_ckpt_read_model(f, m));
+    if (!opt) return MOE_OK;
+    MOE_TRY(moe_h5_get_i64(f, "optim_step", &v));
+    if (v < 0) return moe_error(MOE_ERR_FORMAT, "optim_step %lld is negative", (long long)v);
+    moe_optimizer_set_step(opt, v);
+    for (int i = 0; i < m->n_params; i++) {
+        moe_tensor *mm = NULL, *vv = NULL;
+        moe_optimizer_state(opt, i, &mm, &vv);
+        if (mm) MOE_TRY(moe_ckpt_read_pieces(f, "optim/m", &m->params[i], mm));
+        if (vv) MOE_TRY(moe_ckpt_read_pieces(f, "optim/v", &m->params[i], vv));
     }
     return MOE_OK;
-}
-
-/* Reads dataset `name` whole, which checks its CRC (moe_h5_get_array / _get_string). */
-static moe_status verify_dataset(const char *name, void *user) {
-    moe_h5 *f = user;
-    moe_h5_dtype dt;
-    int nd = 0;
-    int64_t shape[MOE_H5_MAX_NDIM];
-    if (moe_h5_shape(f, name, &dt, &nd, shape) != MOE_OK) { /* not an array: a text */
-        char *text = NULL;
-        moe_status s = moe_h5_get_string(f, name, &text);
-        free(text);
-        return s;
-    }
-    size_t bytes = moe_h5_dtype_size(dt);
-    for (int i = 0; i < nd; i++) bytes *= (size_t)shape[i];
-    void *buf = malloc(bytes ? bytes : 1);
-    if (!buf) return moe_error(MOE_ERR_OOM, "out of host memory verifying dataset '%s' (%zu bytes)", name, bytes);
-    moe_status s = moe_h5_get_array(f, name, dt, nd, shape, buf);
-    free(buf);
-    return s;
-}
-
-moe_status moe_checkpoint_verify(const char *path) {
-    static const char *const required[] = {"config", "version", "step", "loader_seed", "loader_step", "bad_steps"};
-    moe_h5 *f = NULL;
-    MOE_TRY(moe_h5_open(path, &f));
-    moe_status s = MOE_OK;
-    for (size_t i = 0; i < sizeof required / sizeof *required && s == MOE_OK; i++)
-        if (!moe_h5_has(f, required[i]))
-            s = moe_error(MOE_ERR_FORMAT, "checkpoint %s has no dataset '%s' (not a training checkpoint, or damaged)",
-                          path, required[i]);
-    if (s == MOE_OK) s = moe_h5_list(f, "", verify_dataset, f);
-    moe_h5_close(f);
-    return s;
-}
-
-static moe_status verify_accept(const char *path, void *unused) { return moe_checkpoint_verify(path); }
-
-moe_status moe_checkpoint_find_latest(const char *dir, char *path, size_t cap) {
-    return moe_h5_find_latest_where(dir, "ckpt-", ".h5", verify_accept, NULL, path, cap);
 }
 
 moe_status moe_checkpoint_load(const char *path, moe_model *m, moe_optimizer *opt, moe_train_state *ts) {
@@ -316,41 +215,4 @@ moe_status moe_checkpoint_load(const char *path, moe_model *m, moe_optimizer *op
     moe_status s = load_all(f, m, opt, ts);
     moe_h5_close(f);
     return s == MOE_OK ? MOE_OK : moe_error_context(s, "loading checkpoint %s", path);
-}
-
-moe_status moe_checkpoint_read_config(const char *path, char **text) {
-    moe_h5 *f = NULL;
-    MOE_TRY(moe_h5_open(path, &f));
-    moe_status s = moe_h5_get_string(f, "config", text);
-    moe_h5_close(f);
-    return s == MOE_OK ? MOE_OK : moe_error_context(s, "reading the config of checkpoint %s", path);
-}
-
-moe_status moe_checkpoint_read_tokenizer(const char *path, moe_tokenizer **tok) {
-    *tok = NULL;
-    moe_h5 *f = NULL;
-    MOE_TRY(moe_h5_open(path, &f));
-    moe_status s = MOE_OK;
-    uint8_t *img = NULL;
-    int64_t shape[MOE_H5_MAX_NDIM] = {0};
-    if (moe_h5_has(f, "tokenizer")) {
-        moe_h5_dtype dt;
-        int nd = 0;
-        s = moe_h5_shape(f, "tokenizer", &dt, &nd, shape);
-        if (s == MOE_OK && (dt != MOE_H5_U8 || nd != 1))
-            s = moe_error(MOE_ERR_FORMAT, "dataset /tokenizer is not a byte array");
-        if (s == MOE_OK && !(img = malloc(shape[0] > 0 ? (size_t)shape[0] : 1)))
-            s = moe_error(MOE_ERR_OOM, "out of memory reading /tokenizer (%lld bytes)", (long long)shape[0]);
-        if (s == MOE_OK) s = moe_h5_get_array(f, "tokenizer", MOE_H5_U8, 1, shape, img);
-    }
-    moe_h5_close(f);
-    if (s == MOE_OK && img) {
-        size_t n = strlen(path) + 32;
-        char *src = malloc(n);
-        if (src) snprintf(src, n, "checkpoint %s: /tokenizer", path);
-        s = src ? moe_tokenizer_from_bytes(img, (size_t)shape[0], src, tok) : moe_error(MOE_ERR_OOM, "out of memory");
-        free(src);
-    }
-    free(img);
-    return s == MOE_OK ? MOE_OK : moe_error_context(s, "reading the tokenizer of checkpoint %s", path);
 }

@@ -9,12 +9,14 @@
  *   /optim/m/<name>, /optim/v/<name>  optimizer moments, same names and shapes
  *   /router_bias/layers.3.moe         [E] f32 (aux-loss-free balancing only)
  *   /tokenizer                        u8 [n]: the BPE tokenizer's file image (BPE runs only)
- * Written to a temporary file and renamed: a crash never damages the last checkpoint. */
+ * Written to a temporary file and renamed: a crash never damages the last checkpoint.
+ * Reading the model alone (verify, find the newest, config, tokenizer, weights) needs no
+ * optimizer: moe/model/weights.h, included here. */
 #ifndef MOE_MOE_CHECKPOINT_H
 #define MOE_MOE_CHECKPOINT_H
 
 #include "moe/model/model.h"
-#include "moe/model/tokenizer.h"
+#include "moe/model/weights.h"
 #include "optim/optim.h"
 
 typedef struct moe_train_state {
@@ -28,21 +30,9 @@ typedef struct moe_train_state {
  * group and world rank 0 writes the file. */
 moe_status moe_checkpoint_save(const char *path, const moe_model *m, const moe_optimizer *opt,
                                const moe_train_state *ts);
-/* Checks every dataset's CRC-32 and that the training state is there: MOE_OK, or
- * MOE_ERR_FORMAT / MOE_ERR_IO with a message naming the file and the first fault. The one
- * verification behind every reader: load, resume's choice of checkpoint, inspect --verify. */
-moe_status moe_checkpoint_verify(const char *path);
-/* The newest checkpoint "ckpt-<step>.h5" of `dir` that passes moe_checkpoint_verify;
- * newer ones that fail are skipped with a warning naming them. */
-moe_status moe_checkpoint_find_latest(const char *dir, char *path, size_t cap);
 /* Verifies the whole file (moe_checkpoint_verify), then loads into an initialised model
  * (and optimizer, when given). Shapes must match the model's config; a missing, extra or
  * mis-shaped parameter is refused by name. */
 moe_status moe_checkpoint_load(const char *path, moe_model *m, moe_optimizer *opt, moe_train_state *ts);
-/* The config text stored in a checkpoint (malloc'd). */
-moe_status moe_checkpoint_read_config(const char *path, char **text);
-/* The tokenizer stored in a checkpoint, or *tok = NULL when it holds none (byte-level
- * runs, or a BPE file that could not be read at save time). */
-moe_status moe_checkpoint_read_tokenizer(const char *path, moe_tokenizer **tok);
 
 #endif
