@@ -416,35 +416,57 @@ static moe_tensor *provider_run(void *ctx, int layer, moe_moe_layer *L, int g, m
 
 /* ---- open and close ---- */
 
-/* An expert stack as the store holds it: the view's own on the CPU; for a model on the
- * device (whose loader put every weight there), a page-locked host copy. */
-static moe_tensor *store_stack(moe_offload *o, moe_tensor *t) {
-    if (t->device == MOE_CPU) return t;
-    moe_tensor *h = moe_tensor_to(t, MOE_CPU, MOE_LIFE_PERSIST);
-    if (!h) return NULL;
-    o->host_copies[o->n_host_copies++] = h;
-    if (moe_xfer_pin(t->device, h->data, (size_t)moe_tensor_numel(h) * moe_dtype_size(h->dtype)) != MOE_OK) return NULL;
-    return h;
+/* Where a stack's experts are in the store: the view's own stack on the CPU; for a model
+ * on the device (whose loader put every weight there), a copy at *at of the one page-locked
+ * host tensor o->store_host (*at advances past it). */
+static moe_status store_stack(moe_offload *o, moe_tensor *t, moe_tensor **base, int64_t *first, int64_t *at) {
+    if (t->device == MOE_CPU) {
+        *base = t;
+        *first = 0;
+        return MOE_OK;
+    }
+    moe_tensor *dst = moe_tensor_view_raw(o->store_host, t->ndim, t->shape, t->strides, *at);
+    if (!dst) return moe_last_status();
+    MOE_TRY(moe_tensor_copy_(dst, t));
+    *base = o->store_host;
+    *first = *at;
+    *at += moe_tensor_numel(t);
+    return MOE_OK;
+}
+
+/* A device model's store: one host tensor for every expert stack, page-locked once. */
+static moe_status alloc_store_host(moe_offload *o) {
+    int64_t total = 0;
+    for (int i = 0; i < o->n_layers; i++)
+        for (int g = 0; !o->v->blocks[i].dense && g < o->v->blocks[i].moe.n_groups; g++)
+            total += moe_tensor_numel(o->v->blocks[i].moe.groups[g].w13) + moe_tensor_numel(o->v->blocks[i].moe.groups[g].w2);
+    o->store_host = moe_tensor_empty(MOE_LIFE_PERSIST, MOE_CPU, o->opt.dtype, 1, (int64_t[]){total});
+    if (!o->store_host) return moe_error_context(moe_last_status(), "offload: the host store: ");
+    MOE_TRY(moe_xfer_pin(o->v->dev, o->store_host->data, (size_t)total * moe_dtype_size(o->opt.dtype)));
+    o->store_pinned = true;
+    return MOE_OK;
 }
 
 /* The store: every routed expert as pointers into its group's stacks. */
 static moe_status fill_store(moe_offload *o) {
-    o->host_copies = calloc((size_t)o->n_layers * (size_t)o->E * 2, sizeof *o->host_copies);
-    if (!o->host_copies) return moe_error(MOE_ERR_OOM, "offload: out of host memory");
+    if (o->v->dev != MOE_CPU) MOE_TRY(alloc_store_host(o));
+    int64_t at = 0;
     for (int i = 0; i < o->n_layers; i++) {
         const moe_block *b = &o->v->blocks[i];
         if (b->dense) continue;
         for (int g = 0; g < b->moe.n_groups; g++) {
             const moe_expert_group *G = &b->moe.groups[g];
-            moe_tensor *s13 = store_stack(o, G->w13), *s2 = s13 ? store_stack(o, G->w2) : NULL;
-            if (!s13 || !s2) return moe_last_status();
-            int64_t n13 = s13->shape[1] * s13->shape[2], n2 = s2->shape[1] * s2->shape[2];
+            moe_tensor *s13 = NULL, *s2 = NULL;
+            int64_t f13 = 0, f2 = 0;
+            MOE_TRY(store_stack(o, G->w13, &s13, &f13, &at));
+            MOE_TRY(store_stack(o, G->w2, &s2, &f2, &at));
+            int64_t n13 = G->w13->shape[1] * G->w13->shape[2], n2 = G->w2->shape[1] * G->w2->shape[2];
             size_t es = moe_dtype_size(s13->dtype);
             for (int j = 0; j < G->n; j++)
                 o->store[i * o->E + G->experts[j]] = (store_entry){
-                    .stack13 = s13, .stack2 = s2, .at13 = j * n13, .at2 = j * n2,
-                    .w13 = (const char *)s13->data + (size_t)(j * n13) * es,
-                    .w2 = (const char *)s2->data + (size_t)(j * n2) * es, .n13 = n13, .n2 = n2, .ffn_dim = G->ffn_dim};
+                    .stack13 = s13, .stack2 = s2, .at13 = f13 + j * n13, .at2 = f2 + j * n2,
+                    .w13 = (const char *)s13->data + (size_t)(f13 + j * n13) * es,
+                    .w2 = (const char *)s2->data + (size_t)(f2 + j * n2) * es, .n13 = n13, .n2 = n2, .ffn_dim = G->ffn_dim};
         }
     }
     return MOE_OK;
@@ -600,11 +622,8 @@ void moe_offload_close(moe_offload *o) {
         moe_xfer_job_release(&o->slots[s].j13);
         moe_xfer_job_release(&o->slots[s].j2);
     }
-    for (int i = 0; i < o->n_host_copies; i++) {
-        moe_xfer_unpin(o->v->dev, o->host_copies[i]->data);
-        moe_tensor_free(o->host_copies[i]);
-    }
-    free(o->host_copies);
+    if (o->store_pinned) moe_xfer_unpin(o->v->dev, o->store_host->data);
+    moe_tensor_free(o->store_host);
     moe_tensor_free(o->arena);
     moe_decoder_close(o->dec);
     free(o->moe_ord);
