@@ -2,12 +2,15 @@
 """Checks a hub folder written by `moe convert FILE.h5 --to-hf OUTDIR` in transformers.
 
     python3 scripts/check-export.py OUTDIR --moe build/moe [--ids 5,17,42] [--tol 1e-4]
+    python3 scripts/check-export.py OUTDIR --logits FILE.safetensors [--tol 1e-4]
 
 Loads OUTDIR with transformers' AutoModelForCausalLM (float32, eager attention, no remote
 code), runs the ids (default: 32 ids drawn with a fixed seed) through it, runs
 `moe logits --model OUTDIR --prompt-ids IDS --out FILE` and compares the two [T, V] logits.
 Passes when max |transformers - moe| <= --tol (an absolute bound; the largest logit is
-printed beside it). Also reports where the greedy (argmax) tokens differ.
+printed beside it). Also reports where the greedy (argmax) tokens differ. With --logits the
+moe side is a file `moe logits --out` wrote elsewhere (its "input_ids" are the ids), for a
+machine with transformers but no moe build.
 
 Exit codes: 0 the logits agree; 1 they do not, or a step failed (the message says which);
 2 the script cannot run here (torch / transformers missing). Needs torch and transformers;
@@ -86,6 +89,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[1])
     ap.add_argument('folder', help='the exported hub folder (config.json, model.safetensors)')
     ap.add_argument('--moe', default='build/moe', help='the moe program (default build/moe)')
+    ap.add_argument('--logits', help='a file `moe logits --out` wrote (instead of running --moe)')
     ap.add_argument('--ids', help='comma-separated token ids (default: 32 random ids, seed 0)')
     ap.add_argument('--tol', type=float, default=1e-4, help='largest allowed |difference| (default 1e-4)')
     a = ap.parse_args()
@@ -96,7 +100,10 @@ def main():
     with open(cfg_path) as f:
         cfg = json.load(f)
     vocab = int(cfg['vocab_size'])
-    if a.ids:
+    if a.logits:
+        shape, ids = read_f32(a.logits, 'input_ids')
+        ids = [int(x) for x in ids]
+    elif a.ids:
         try:
             ids = [int(x) for x in a.ids.split(',')]
         except ValueError:
@@ -108,7 +115,7 @@ def main():
         rng = random.Random(0)
         ids = [rng.randrange(vocab) for _ in range(n)]
 
-    shape, ours = moe_logits(a.moe, a.folder, ids)
+    shape, ours = read_f32(a.logits, 'logits') if a.logits else moe_logits(a.moe, a.folder, ids)
     ref = transformers_logits(a.folder, ids)
     if list(ref.shape) != list(shape):
         die(1, 'FAIL: shapes differ: transformers %s, moe %s' % (list(ref.shape), shape))
