@@ -338,6 +338,34 @@ static void test_limits(void) {
     CU_ASSERT_EQUAL(render("{{ 1e300|int }}", NULL, &out), MOE_ERR_INVALID);
     CU_ASSERT_EQUAL(render("{{ 'abc'[1.5:] }}", NULL, &out), MOE_ERR_INVALID);
     CU_ASSERT_EQUAL(render("{{ 0 ** -1 }}", NULL, &out), MOE_ERR_INVALID);
+    /* a render has a budget of steps and bytes: endless loops, quadratic filters and huge
+     * strings fail with a message; a 5000-message chat through a real template stays far
+     * inside it */
+    CU_ASSERT_EQUAL(render("{% for a in range(1000000) %}{% for b in range(1000000) %}{% endfor %}{% endfor %}",
+                           NULL, &out), MOE_ERR_INVALID);
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "steps"));
+    CU_ASSERT_EQUAL(render("{{ range(1000000)|unique|length }}", NULL, &out), MOE_ERR_INVALID);
+    CU_ASSERT_EQUAL(render("{% set s = 'x' * 60000000 %}{{ [s, s, s, s, s, s, s]|join }}", NULL, &out),
+                    MOE_ERR_INVALID);
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "MiB"));
+    char *source = slurp(source_path("tests/fixtures/chat/qwen3.jinja"));
+    cJSON *vars = cJSON_CreateObject(), *msgs = cJSON_AddArrayToObject(vars, "messages");
+    for (int i = 0; i < 5000; i++) {
+        cJSON *m = cJSON_CreateObject();
+        cJSON_AddStringToObject(m, "role", i % 2 ? "assistant" : "user");
+        cJSON_AddStringToObject(m, "content", "Some words of a message, about as long as a short one.");
+        cJSON_AddItemToArray(msgs, m);
+    }
+    moe_jinja *t = NULL;
+    CU_ASSERT_EQUAL_FATAL(moe_jinja_parse(&t, source, "qwen3.jinja"), MOE_OK);
+    moe_status st = moe_jinja_render(t, vars, &out);
+    if (st != MOE_OK) fprintf(stderr, "\n  %s\n", moe_last_error());
+    CU_ASSERT_EQUAL(st, MOE_OK);
+    CU_ASSERT_TRUE(out && strlen(out) > 5000 * 55);
+    free(out);
+    moe_jinja_free(t);
+    cJSON_Delete(vars);
+    free(source);
 }
 
 /* Random templates made of template syntax fragments: parse and render either succeed or fail

@@ -1,8 +1,11 @@
 /* Chat-template renderer: walks the AST of jinja.c with the variables of a JSON object. Values
- * live in one arena per render, strings are built in memstreams; a runtime error (undefined
- * value, bad operands, raise_exception) unwinds with longjmp to moe_jinja_render, which frees
- * everything and returns a moe_status with "chat template NAME:LINE: ...". */
-#define _GNU_SOURCE /* open_memstream, memmem */
+ * live in one arena per render, strings are built in streams; a runtime error (undefined
+ * value, bad operands, raise_exception, a budget spent) unwinds with longjmp to
+ * moe_jinja_render, which frees everything and returns a moe_status with
+ * "chat template NAME:LINE: ...". A template comes with the model, so a render has budgets:
+ * RENDER_STEPS expressions and statements (loops in filters count their items) and
+ * RENDER_BYTES of values and output, far above what a chat of any length needs. */
+#define _GNU_SOURCE /* fopencookie, memmem */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -21,10 +24,17 @@ typedef struct scope {
 
 typedef enum flow { FLOW_NONE, FLOW_BREAK, FLOW_CONTINUE } flow;
 
+#define RENDER_STEPS 2000000L            /* a chat takes about 100 per message */
+#define RENDER_BYTES ((size_t)128 << 20) /* values and output: about 7x the text rendered */
+
+struct render;
+
+/* A string being written (fopencookie: every byte counts against the render's budget). */
 typedef struct stream {
     FILE *f;
-    char *buf;
-    size_t len;
+    struct render *r;
+    char *buf; /* NUL-terminated */
+    size_t len, cap;
     struct stream *next;
 } stream;
 
@@ -36,6 +46,9 @@ typedef struct render {
     flow ctl;
     stream *streams; /* every memstream opened, for cleanup */
     int depth;       /* macro calls in progress */
+    long steps;      /* budgets spent: RENDER_STEPS, RENDER_BYTES */
+    size_t bytes;
+    bool over, oom;  /* a stream write passed the byte budget / failed to allocate */
     jmp_buf jb;
     moe_status code;
     char err[600];
@@ -54,7 +67,24 @@ static _Noreturn void rerr(render *r, int line, moe_status code, const char *fmt
     longjmp(r->jb, 1);
 }
 
+/* Charges n bytes (of a value or of output) to the render. */
+static void spend_bytes(render *r, int line, size_t n) {
+    r->bytes += n;
+    if (r->over || r->bytes > RENDER_BYTES)
+        rerr(r, line, MOE_ERR_INVALID, "the template's values and output pass %zu MiB", RENDER_BYTES >> 20);
+    if (r->oom) rerr(r, line, MOE_ERR_OOM, "out of memory");
+}
+
+/* Charges n steps (expressions, statements, items a filter walks) to the render. */
+static void spend(render *r, int line, size_t n) {
+    r->steps += (long)(n < (size_t)RENDER_STEPS ? n : (size_t)RENDER_STEPS);
+    if (r->steps > RENDER_STEPS)
+        rerr(r, line, MOE_ERR_INVALID, "the template takes over %ld steps to render", RENDER_STEPS);
+    spend_bytes(r, line, 0);
+}
+
 static void *ralloc(render *r, size_t n) {
+    spend_bytes(r, 0, n);
     void *x = arena_alloc(&r->mem, n);
     if (!x) rerr(r, 0, MOE_ERR_OOM, "out of memory");
     return x;
@@ -79,11 +109,37 @@ static vlist *mklist(render *r, size_t n) {
 
 static value list_value(vlist *l) { return (value){.t = V_LIST, .l = l}; }
 
-/* A memstream for building strings, in the render's list so an error unwinding past it
- * closes it; take_stream turns it into a string value. */
+/* The stream's write function: appends, or fails once the render's bytes are spent. */
+static ssize_t stream_write(void *cookie, const char *p, size_t n) {
+    stream *s = cookie;
+    if (s->r->bytes + n > RENDER_BYTES) {
+        s->r->over = true;
+        return 0;
+    }
+    if (s->len + n + 1 > s->cap) {
+        size_t cap = s->cap ? s->cap : 256;
+        while (cap < s->len + n + 1) cap *= 2;
+        char *b = realloc(s->buf, cap);
+        if (!b) {
+            s->r->oom = true;
+            return 0;
+        }
+        s->buf = b;
+        s->cap = cap;
+    }
+    memcpy(s->buf + s->len, p, n);
+    s->len += n;
+    s->buf[s->len] = '\0';
+    s->r->bytes += n;
+    return (ssize_t)n;
+}
+
+/* A stream for building strings, in the render's list so an error unwinding past it closes
+ * it; take_stream turns it into a string value. */
 static stream *open_stream(render *r) {
     stream *s = ralloc(r, sizeof *s);
-    s->f = open_memstream(&s->buf, &s->len);
+    s->r = r;
+    s->f = fopencookie(s, "w", (cookie_io_functions_t){.write = stream_write});
     if (!s->f) rerr(r, 0, MOE_ERR_OOM, "out of memory");
     s->next = r->streams;
     r->streams = s;
@@ -93,6 +149,7 @@ static stream *open_stream(render *r) {
 static value take_stream(render *r, stream *s) {
     fclose(s->f);
     s->f = NULL;
+    spend_bytes(r, 0, 0);
     value v = mkstr(r, s->buf ? s->buf : "", s->buf ? s->len : 0);
     free(s->buf);
     s->buf = NULL;
@@ -493,6 +550,7 @@ static value replace(render *r, str s, str from, str to, int64_t count) {
 
 /* What a for loop walks: lists as they are, dict keys, string characters. */
 static vlist *iterate(render *r, int line, value v) {
+    spend(r, line, v.t == V_LIST ? v.l->n : v.t == V_DICT ? v.d->n : v.t == V_STR ? v.s.n : 0);
     switch (v.t) {
     case V_LIST: return v.l;
     case V_UNDEF: return mklist(r, 0);
@@ -704,6 +762,7 @@ static bool contains(render *r, int line, value hay, value needle) {
             rerr(r, line, MOE_ERR_INVALID, "'in <string>' needs a string, not %s", type_name(needle));
         return str_has(hay.s, needle.s);
     case V_LIST:
+        spend(r, line, hay.l->n);
         for (size_t i = 0; i < hay.l->n; i++)
             if (equal(hay.l->v[i], needle)) return true;
         return false;
@@ -1168,6 +1227,7 @@ static value apply_filter(render *r, int line, const char *name, value v, const 
         vlist *src = iterate(r, line, v), *l = mklist(r, src->n);
         l->n = 0;
         for (size_t i = 0; i < src->n; i++) {
+            spend(r, line, l->n); /* quadratic */
             bool seen = false;
             for (size_t j = 0; j < l->n && !seen; j++) seen = equal(l->v[j], src->v[i]);
             if (!seen) l->v[l->n++] = src->v[i];
@@ -1216,6 +1276,7 @@ static value eval_seq(render *r, const node *e) {
 }
 
 static value eval(render *r, const node *e) {
+    spend(r, e->line, 1);
     switch (e->kind) {
     case E_LIT: return e->lit;
     case E_NAME: return lookup(r, e->name);
@@ -1351,6 +1412,7 @@ static void exec_set(render *r, const node *s) {
 }
 
 static void exec(render *r, const node *s) {
+    spend(r, s->line, 1);
     switch (s->kind) {
     case N_BLOCK:
         for (size_t i = 0; i < s->n_kids && r->ctl == FLOW_NONE; i++) exec(r, s->kids[i]);
@@ -1397,17 +1459,17 @@ moe_status moe_jinja_render(const moe_jinja *t, const cJSON *vars, char **out) {
         exec(r, t->root);
         fclose(top->f);
         top->f = NULL;
+        spend_bytes(r, 0, 0);
         *out = top->buf ? top->buf : calloc(1, 1);
         top->buf = NULL;
         if (!*out) st = moe_error(MOE_ERR_OOM, "out of memory");
     } else {
         st = moe_error(r->code, "%s", r->err);
     }
-    for (stream *s = r->streams; s; s = s->next)
-        if (s->f) {
-            fclose(s->f);
-            free(s->buf);
-        }
+    for (stream *s = r->streams; s; s = s->next) {
+        if (s->f) fclose(s->f);
+        free(s->buf);
+    }
     arena_free(&r->mem);
     free(r);
     return st;
