@@ -228,7 +228,9 @@ static moe_status run_generation(const gen_flags *gf, moe_source *src) {
     moe_cli_decoder cd = {0};
     if (s == MOE_OK) s = moe_cli_decoder_open(&gf->offload, m, 1, g.window, g.window, &cd);
     g.dec = cd.dec;
-    if (s == MOE_OK) s = moe_decode_state_create(g.dec, 1, g.window, &g.st);
+    /* the cache never holds more than the window, nor more than the whole context */
+    int64_t kv = (int64_t)g.len + gf->tokens < g.window ? (int64_t)g.len + gf->tokens : g.window;
+    if (s == MOE_OK) s = moe_decode_state_create(g.dec, 1, kv, &g.st);
     if (s == MOE_OK && g.len > g.window)
         fprintf(stderr, "generate: the prompt has %d tokens, the model's context %d: it sees the last %d\n", g.len,
                 g.window, g.window);
