@@ -1,10 +1,14 @@
-/* `moe bench`'s argument parser (the cases run in moe/bench/bench.c). */
+/* `moe bench`: its argument parser and the command (the cases run in moe/bench/bench.c;
+ * `moe bench offload` is offload.c). */
 #include "moe/cli/bench.h"
 
 #include <string.h>
 
 #include "core/tensor.h"
 #include "moe/cli/args.h"
+#include "moe/cli/cli.h"
+#include "moe/cli/commands.h"
+#include "moe/cli/offload.h"
 
 moe_status moe_bench_parse_args(int argc, char **argv, const char **case_name, moe_bench_options *o) {
     *o = moe_bench_options_default();
@@ -39,4 +43,14 @@ moe_status moe_bench_parse_args(int argc, char **argv, const char **case_name, m
     }
     moe_args_free(&a);
     return s;
+}
+
+int moe_cmd_bench(int argc, char **argv) {
+    if (argc > 0 && !strcmp(argv[0], "offload")) return moe_cmd_bench_offload(argc - 1, argv + 1);
+    const char *name = NULL;
+    moe_bench_options o;
+    moe_status s = moe_bench_parse_args(argc, argv, &name, &o);
+    if (s == MOE_OK && o.help) return 0;
+    if (s == MOE_OK) s = moe_bench_run(name, &o);
+    return s == MOE_OK ? 0 : moe_cli_fail(s);
 }

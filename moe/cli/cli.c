@@ -96,3 +96,33 @@ moe_status moe_cli_parse_ids(const char *flag, const char *list, int vocab, moe_
     if (ids->len == first) return moe_error(MOE_ERR_CONFIG, "%s: no token ids given (expected ids like 5,17,42)", flag);
     return MOE_OK;
 }
+
+moe_status moe_cli_read_texts(const char *const *paths, int n, char **text, size_t *len) {
+    char *all = NULL;
+    size_t total = 0;
+    for (int i = 0; i < n; i++) {
+        char *one = NULL;
+        size_t one_len = 0;
+        moe_status s = moe_cli_read_text(paths[i], &one, &one_len);
+        char *grown = s == MOE_OK ? realloc(all, total + one_len + 1) : NULL;
+        if (s == MOE_OK && !grown) s = moe_error(MOE_ERR_OOM, "out of memory reading %s", paths[i]);
+        if (s != MOE_OK) {
+            free(one);
+            free(all);
+            return s;
+        }
+        all = grown;
+        memcpy(all + total, one, one_len);
+        total += one_len;
+        all[total] = '\0';
+        free(one);
+    }
+    *text = all;
+    *len = total;
+    return MOE_OK;
+}
+
+moe_status moe_cli_apply_sets(moe_config *cfg, const moe_arg_list *sets) {
+    for (int i = 0; i < sets->n; i++) MOE_TRY(moe_config_set(cfg, sets->items[i]));
+    return MOE_OK;
+}

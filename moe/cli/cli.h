@@ -7,6 +7,7 @@
 
 #include "core/status.h"
 #include "moe/cli/args.h"
+#include "moe/model/config.h"
 #include "moe/model/tokenizer.h"
 
 /* Prints "moe: error (STATUS): message" and returns the exit code: 2 for a usage or config
@@ -26,5 +27,11 @@ moe_status moe_cli_read_text(const char *path, char **text, size_t *len);
  * messages. Each id must be an integer in [0, vocab) (vocab <= 0: no upper bound); anything
  * else is MOE_ERR_CONFIG naming the flag and the offending entry. An empty list is refused. */
 moe_status moe_cli_parse_ids(const char *flag, const char *list, int vocab, moe_token_buf *ids);
+
+/* Text files ("-": standard input) concatenated into one malloc'd NUL-terminated buffer. */
+moe_status moe_cli_read_texts(const char *const *paths, int n, char **text, size_t *len);
+
+/* Every "section.key=value" of a --set list, in order (moe_config_set). */
+moe_status moe_cli_apply_sets(moe_config *cfg, const moe_arg_list *sets);
 
 #endif

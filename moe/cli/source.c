@@ -6,13 +6,9 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "moe/cli/cli.h"
 #include "moe/hf/hf_model.h"
 #include "moe/model/weights.h"
-
-static moe_status apply_sets(moe_config *cfg, const moe_arg_list *sets) {
-    for (int i = 0; i < sets->n; i++) MOE_TRY(moe_config_set(cfg, sets->items[i]));
-    return MOE_OK;
-}
 
 /* --device / --dtype as config overrides. Without --dtype a cpu run computes in f32 (the
  * checkpoint holds f32 master weights; the CPU has no bf16 compute). */
@@ -39,7 +35,7 @@ static moe_status checkpoint_config(moe_source *src, const moe_source_flags *f) 
     free(text);
     MOE_TRY(s);
     MOE_TRY(apply_device(&src->cfg, f));
-    MOE_TRY(apply_sets(&src->cfg, &f->sets));
+    MOE_TRY(moe_cli_apply_sets(&src->cfg, &f->sets));
     return moe_config_validate(&src->cfg);
 }
 
@@ -98,7 +94,7 @@ static moe_status open_checkpoint(moe_source *src, const moe_source_flags *f, un
 /* --set on a hub model: anything but the model.* keys config.json fixes (seq_len apart). */
 static moe_status hub_sets(moe_source *src, const moe_source_flags *f) {
     moe_cfg_model before = src->cfg.model;
-    MOE_TRY(apply_sets(&src->cfg, &f->sets));
+    MOE_TRY(moe_cli_apply_sets(&src->cfg, &f->sets));
     moe_cfg_model after = src->cfg.model;
     after.seq_len = before.seq_len;
     if (memcmp(&before, &after, sizeof before))

@@ -12,10 +12,11 @@
 
 #include "core/fileio.h"
 #include "moe/cli/args.h"
+#include "moe/cli/cli.h"
+#include "moe/cli/commands.h"
 #include "moe/hf/hf_model.h"
 #include "moe/model/weights.h"
 #include "moe/serve/http.h"
-#include "moe/serve/serve_cli.h"
 
 typedef struct serve_flags {
     const char *model_dir, *checkpoint, *host, *name;
@@ -154,11 +155,6 @@ static void shutdown_all(server *sv) {
     if (sv->model_loaded) moe_model_free(&sv->model);
 }
 
-static int fail(moe_status s) {
-    fprintf(stderr, "moe: error (%s): %s\n", moe_status_name(s), moe_last_error());
-    return s == MOE_ERR_CONFIG ? 2 : 1;
-}
-
 static int run(const serve_flags *f) {
     sigset_t set;
     sigemptyset(&set);
@@ -167,7 +163,7 @@ static int run(const serve_flags *f) {
     pthread_sigmask(SIG_BLOCK, &set, NULL); /* before any thread: they all inherit it */
     signal(SIGPIPE, SIG_IGN);
     server *sv = calloc(1, sizeof *sv);
-    if (!sv) return fail(moe_error(MOE_ERR_OOM, "out of memory"));
+    if (!sv) return moe_cli_fail(moe_error(MOE_ERR_OOM, "out of memory"));
     moe_status s = start(sv, f);
     int sig = 0;
     while (s == MOE_OK && !(sig = wait_signal(&set, 1000))) {}
@@ -177,12 +173,12 @@ static int run(const serve_flags *f) {
     }
     shutdown_all(sv);
     free(sv);
-    if (s != MOE_OK) return fail(s);
+    if (s != MOE_OK) return moe_cli_fail(s);
     fprintf(stderr, "serve: stopped\n");
     return 0;
 }
 
-int moe_cli_serve(int argc, char **argv) {
+int moe_cmd_serve(int argc, char **argv) {
     serve_flags f = {.host = "127.0.0.1", .port = 8080, .max_batch = 8, .prefill_tokens = 512, .max_queue = 64,
                      .timeout_s = 30, .max_conns = 512, .drain_s = 30, .eos = -1, .kv_tokens = 0,
                      .max_body = 4 << 20};
@@ -206,13 +202,13 @@ int moe_cli_serve(int argc, char **argv) {
         {0}};
     moe_args a;
     moe_status s = moe_args_parse("serve", specs, argc, argv, &a);
-    if (s != MOE_OK) return fail(s);
+    if (s != MOE_OK) return moe_cli_fail(s);
     int rc = -1;
     if (a.help) {
         moe_args_print_help(stdout, usage, specs);
         rc = 0;
     } else if (a.n_positional > 0) {
-        rc = fail(moe_error(MOE_ERR_CONFIG, "serve: unexpected argument '%s' (moe serve --help lists the flags)", a.positional[0]));
+        rc = moe_cli_fail(moe_error(MOE_ERR_CONFIG, "serve: unexpected argument '%s' (moe serve --help lists the flags)", a.positional[0]));
     }
     moe_args_free(&a);
     return rc >= 0 ? rc : run(&f);
