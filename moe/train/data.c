@@ -304,8 +304,18 @@ static double unigram_bits_per_byte(const moe_token_buf *train, const moe_token_
     return bits / (double)val_bytes;
 }
 
+static moe_status encode_own(void *tok, const char *text, size_t len, moe_token_buf *out) {
+    return moe_tokenizer_encode(tok, text, len, out);
+}
+
 moe_status moe_data_prepare(const char *const *input_paths, int n_inputs, const moe_tokenizer *tok,
                             double val_fraction, const char *out_dir, moe_data_summary *summary) {
+    moe_text_encoder enc = {encode_own, (void *)tok, moe_tokenizer_vocab_size(tok)};
+    return moe_data_prepare_with(input_paths, n_inputs, &enc, val_fraction, out_dir, summary);
+}
+
+moe_status moe_data_prepare_with(const char *const *input_paths, int n_inputs, const moe_text_encoder *enc,
+                                 double val_fraction, const char *out_dir, moe_data_summary *summary) {
     if (n_inputs < 1) return moe_error(MOE_ERR_INVALID, "data prepare: no input text files given");
     if (!(val_fraction > 0 && val_fraction < 1))
         return moe_error(MOE_ERR_INVALID, "data prepare: validation fraction %g must be in (0, 1)",
@@ -324,10 +334,15 @@ moe_status moe_data_prepare(const char *const *input_paths, int n_inputs, const 
     size_t radius = (size_t)(val_fraction * (double)len / 2);
     size_t split = find_split(text, len, target, radius);
 
-    int vocab = moe_tokenizer_vocab_size(tok);
+    int vocab = enc->vocab;
     moe_token_buf train = {0}, val = {0};
-    moe_status st = moe_tokenizer_encode(tok, (const char *)text, split, &train);
-    if (st == MOE_OK) st = moe_tokenizer_encode(tok, (const char *)text + split, len - split, &val);
+    moe_status st = enc->encode(enc->user, (const char *)text, split, &train);
+    if (st == MOE_OK) st = enc->encode(enc->user, (const char *)text + split, len - split, &val);
+    for (size_t i = 0; st == MOE_OK && i < train.len + val.len; i++) {
+        int32_t id = i < train.len ? train.data[i] : val.data[i - train.len];
+        if (id < 0 || id >= vocab)
+            st = moe_error(MOE_ERR_INVALID, "data prepare: the tokenizer gave id %d, outside its vocabulary of %d", id, vocab);
+    }
     free(text);
     moe_data_summary sum = {
         .vocab_size = vocab,

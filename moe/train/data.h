@@ -55,6 +55,16 @@ typedef struct moe_data_summary {
 moe_status moe_data_prepare(const char *const *input_paths, int n_inputs, const moe_tokenizer *tok,
                             double val_fraction, const char *out_dir, moe_data_summary *summary);
 
+/* Text -> ids for moe_data_prepare_with: our tokenizers (moe_data_prepare) or any other,
+ * e.g. a hub folder's tokenizer.json; ids must be below `vocab`. */
+typedef struct moe_text_encoder {
+    moe_status (*encode)(void *user, const char *text, size_t len, moe_token_buf *out); /* appends to out */
+    void *user;
+    int vocab;
+} moe_text_encoder;
+moe_status moe_data_prepare_with(const char *const *input_paths, int n_inputs, const moe_text_encoder *enc,
+                                 double val_fraction, const char *out_dir, moe_data_summary *summary);
+
 /* What a token file's header says (see the layout above). */
 typedef struct moe_token_file_info {
     int vocab;
