@@ -348,6 +348,13 @@ static void test_limits(void) {
     CU_ASSERT_EQUAL(render("{% set s = 'x' * 60000000 %}{{ [s, s, s, s, s, s, s]|join }}", NULL, &out),
                     MOE_ERR_INVALID);
     CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "MiB"));
+    /* values nested past 500 levels, or holding themselves, fail to print (no stack overflow) */
+    CU_ASSERT_EQUAL(render("{% set ns = namespace(x=[]) %}{% for i in range(50000) %}{% set ns.x = [ns.x] %}"
+                           "{% endfor %}{{ ns.x == ns.x }}{{ ns.x }}", NULL, &out), MOE_ERR_INVALID);
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "nests deeper"));
+    CU_ASSERT_EQUAL(render("{% set ns = namespace(a=1) %}{% set ns.b = ns %}{{ ns == ns }}{{ ns|tojson }}", NULL, &out),
+                    MOE_ERR_INVALID);
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "holds itself"));
     char *source = slurp(source_path("tests/fixtures/chat/qwen3.jinja"));
     cJSON *vars = cJSON_CreateObject(), *msgs = cJSON_AddArrayToObject(vars, "messages");
     for (int i = 0; i < 5000; i++) {

@@ -251,7 +251,13 @@ static void write_float(FILE *f, double d) {
     }
 }
 
-static void write_value(FILE *f, value v, bool repr);
+#define VALUE_DEPTH 500 /* lists and dicts nested deeper (or holding themselves) are not printed or compared */
+
+static _Noreturn void too_deep(render *r) {
+    rerr(r, 0, MOE_ERR_INVALID, "a value nests deeper than %d levels (or holds itself)", VALUE_DEPTH);
+}
+
+static void write_value(render *r, FILE *f, value v, bool repr, int depth);
 
 static void write_repr_str(FILE *f, str s) {
     char q = memchr(s.s, '\'', s.n) && !memchr(s.s, '"', s.n) ? '"' : '\'';
@@ -268,7 +274,8 @@ static void write_repr_str(FILE *f, str s) {
     fputc(q, f);
 }
 
-static void write_value(FILE *f, value v, bool repr) {
+static void write_value(render *r, FILE *f, value v, bool repr, int depth) {
+    if (depth > VALUE_DEPTH) too_deep(r);
     switch (v.t) {
     case V_UNDEF: break;
     case V_NONE: fputs("None", f); break;
@@ -283,7 +290,7 @@ static void write_value(FILE *f, value v, bool repr) {
         fputc(v.l->tuple ? '(' : '[', f);
         for (size_t i = 0; i < v.l->n; i++) {
             if (i) fputs(", ", f);
-            write_value(f, v.l->v[i], true);
+            write_value(r, f, v.l->v[i], true, depth + 1);
         }
         fputs(v.l->tuple ? (v.l->n == 1 ? ",)" : ")") : "]", f);
         break;
@@ -293,7 +300,7 @@ static void write_value(FILE *f, value v, bool repr) {
             if (i) fputs(", ", f);
             write_repr_str(f, v.d->k[i]);
             fputs(": ", f);
-            write_value(f, v.d->v[i], true);
+            write_value(r, f, v.d->v[i], true, depth + 1);
         }
         fputc('}', f);
         break;
@@ -324,6 +331,7 @@ static void json_newline(FILE *f, int indent, int level) {
 
 /* json.dumps(v, ensure_ascii=False, indent=indent) (indent < 0: none). */
 static void write_json(render *r, int line, FILE *f, value v, int indent, int level) {
+    if (level > VALUE_DEPTH) too_deep(r);
     switch (v.t) {
     case V_NONE: fputs("null", f); return;
     case V_BOOL: fputs(v.b ? "true" : "false", f); return;
@@ -358,7 +366,7 @@ static void write_json(render *r, int line, FILE *f, value v, int indent, int le
 static value to_string(render *r, value v) {
     if (v.t == V_STR) return v;
     stream *s = open_stream(r);
-    write_value(s->f, v, false);
+    write_value(r, s->f, v, false, 0);
     return take_stream(r, s);
 }
 
@@ -380,8 +388,10 @@ static bool truthy(value v) {
 static bool is_number(value v) { return v.t == V_INT || v.t == V_FLOAT || v.t == V_BOOL; }
 static double num(value v) { return v.t == V_FLOAT ? v.f : v.t == V_INT ? (double)v.i : (double)v.b; }
 
-static bool equal(value a, value b) {
+static bool equal_at(render *r, value a, value b, int depth) {
+    if (depth > VALUE_DEPTH) too_deep(r);
     if (is_number(a) && is_number(b)) return num(a) == num(b);
+    if ((a.t == V_LIST && b.t == V_LIST && a.l == b.l) || (a.t == V_DICT && b.t == V_DICT && a.d == b.d)) return true;
     if (a.t != b.t) return false;
     switch (a.t) {
     case V_UNDEF: case V_NONE: return true;
@@ -389,18 +399,20 @@ static bool equal(value a, value b) {
     case V_LIST:
         if (a.l->n != b.l->n) return false;
         for (size_t i = 0; i < a.l->n; i++)
-            if (!equal(a.l->v[i], b.l->v[i])) return false;
+            if (!equal_at(r, a.l->v[i], b.l->v[i], depth + 1)) return false;
         return true;
     case V_DICT:
         if (a.d->n != b.d->n) return false;
         for (size_t i = 0; i < a.d->n; i++) {
             value *o = dict_get(b.d, a.d->k[i].s, a.d->k[i].n);
-            if (!o || !equal(a.d->v[i], *o)) return false;
+            if (!o || !equal_at(r, a.d->v[i], *o, depth + 1)) return false;
         }
         return true;
     default: return a.d == b.d;
     }
 }
+
+static bool equal(render *r, value a, value b) { return equal_at(r, a, b, 0); }
 
 static int order(render *r, int line, value a, value b) {
     if (is_number(a) && is_number(b)) return num(a) < num(b) ? -1 : num(a) > num(b);
@@ -764,7 +776,7 @@ static bool contains(render *r, int line, value hay, value needle) {
     case V_LIST:
         spend(r, line, hay.l->n);
         for (size_t i = 0; i < hay.l->n; i++)
-            if (equal(hay.l->v[i], needle)) return true;
+            if (equal(r, hay.l->v[i], needle)) return true;
         return false;
     case V_DICT: return needle.t == V_STR && dict_get(hay.d, needle.s.s, needle.s.n);
     case V_UNDEF: return false;
@@ -1018,14 +1030,14 @@ static bool run_test(render *r, int line, const char *name, value v, const args 
         if (!j) rerr(r, line, MOE_ERR_INVALID, "divisibleby 0");
         return j == -1 || i % j == 0;
     }
-    case 17: case 18: case 19: return equal(v, x);
-    case 20: case 21: return !equal(v, x);
+    case 17: case 18: case 19: return equal(r, v, x);
+    case 20: case 21: return !equal(r, v, x);
     case 22: case 23: return order(r, line, v, x) < 0;
     case 24: case 25: return order(r, line, v, x) <= 0;
     case 26: case 27: return order(r, line, v, x) > 0;
     case 28: case 29: return order(r, line, v, x) >= 0;
     case 30: return contains(r, line, x, v);                /* in */
-    case 31: return v.t == x.t && (v.t == V_NONE || (v.t == V_BOOL && v.b == x.b) || equal(v, x)); /* sameas */
+    case 31: return v.t == x.t && (v.t == V_NONE || (v.t == V_BOOL && v.b == x.b) || equal(r, v, x)); /* sameas */
     }
     rerr(r, line, MOE_ERR_UNSUPPORTED, "test '%s' is not supported", name);
 }
@@ -1229,7 +1241,7 @@ static value apply_filter(render *r, int line, const char *name, value v, const 
         for (size_t i = 0; i < src->n; i++) {
             spend(r, line, l->n); /* quadratic */
             bool seen = false;
-            for (size_t j = 0; j < l->n && !seen; j++) seen = equal(l->v[j], src->v[i]);
+            for (size_t j = 0; j < l->n && !seen; j++) seen = equal(r, l->v[j], src->v[i]);
             if (!seen) l->v[l->n++] = src->v[i];
         }
         return list_value(l);
@@ -1250,8 +1262,8 @@ static value apply_filter(render *r, int line, const char *name, value v, const 
 static value eval_bin(render *r, const node *e) {
     value a = eval(r, e->a), b = eval(r, e->b);
     switch (e->op) {
-    case OP_EQ: return mkbool(equal(a, b));
-    case OP_NE: return mkbool(!equal(a, b));
+    case OP_EQ: return mkbool(equal(r, a, b));
+    case OP_NE: return mkbool(!equal(r, a, b));
     case OP_LT: return mkbool(order(r, e->line, a, b) < 0);
     case OP_LE: return mkbool(order(r, e->line, a, b) <= 0);
     case OP_GT: return mkbool(order(r, e->line, a, b) > 0);
@@ -1418,7 +1430,7 @@ static void exec(render *r, const node *s) {
         for (size_t i = 0; i < s->n_kids && r->ctl == FLOW_NONE; i++) exec(r, s->kids[i]);
         return;
     case N_TEXT: fwrite(s->lit.s.s, 1, s->lit.s.n, r->out); return;
-    case N_OUT: write_value(r->out, eval(r, s->a), false); return;
+    case N_OUT: write_value(r, r->out, eval(r, s->a), false, 0); return;
     case N_IF:
         for (size_t i = 0; i + 1 < s->n_kids; i += 2)
             if (truthy(eval(r, s->kids[i]))) {
