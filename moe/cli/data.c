@@ -1,14 +1,38 @@
-/* `moe data prepare`: text files into token files (moe/train/data.h); `moe data mqar` is
- * data_mqar.c. */
+/* `moe data prepare`: text files into token files (moe/train/data.h) through our byte or
+ * BPE tokenizer or a hub folder's tokenizer.json; `moe data mqar` is data_mqar.c. */
 #include "moe/cli/commands.h"
 
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "moe/cli/cli.h"
 #include "moe/cli/data_mqar.h"
+#include "moe/cli/source.h"
 #include "moe/train/data.h"
+
+static moe_status hub_encode(void *text, const char *s, size_t len, moe_token_buf *out) {
+    return serve_text_encode(text, s, len, false, out);
+}
+
+/* The text files through --tokenizer: byte, a BPE file, or a hub folder's tokenizer. */
+static moe_status prepare(const moe_args *a, const char *tk, double frac, const char *out, moe_data_summary *sum) {
+    struct stat st;
+    if (strcmp(tk, "byte") && stat(tk, &st) == 0 && S_ISDIR(st.st_mode)) {
+        moe_source src;
+        MOE_TRY(moe_source_open(&src, &(moe_source_flags){.model_dir = tk}, MOE_SOURCE_TEXT));
+        moe_text_encoder enc = {hub_encode, &src.text, src.text.vocab};
+        moe_status s = moe_data_prepare_with(a->positional, a->n_positional, &enc, frac, out, sum);
+        moe_source_close(&src);
+        return s;
+    }
+    moe_tokenizer *tok = NULL;
+    MOE_TRY(!strcmp(tk, "byte") ? ((tok = moe_tokenizer_byte()) ? MOE_OK : moe_last_status()) : moe_tokenizer_load(tk, &tok));
+    moe_status s = moe_data_prepare(a->positional, a->n_positional, tok, frac, out, sum);
+    moe_tokenizer_free(tok);
+    return s;
+}
 
 int moe_cmd_data(int argc, char **argv) {
     const char *usage_line = "moe data prepare --out DIR [flags] TEXT...";
@@ -23,18 +47,15 @@ int moe_cmd_data(int argc, char **argv) {
     double frac = 0.05;
     const moe_flag_spec specs[] = {
         {"--out", MOE_FLAG_STRING, "DIR", 0, 0, NULL, "where train.bin and val.bin go (required)", &out},
-        {"--tokenizer", MOE_FLAG_STRING, "T", 0, 0, NULL, "byte, or a BPE file from moe tokenizer train", &tk},
+        {"--tokenizer", MOE_FLAG_STRING, "T", 0, 0, NULL,
+         "byte, a BPE file from moe tokenizer train, or a hub folder (its tokenizer.json)", &tk},
         {"--val-fraction", MOE_FLAG_DOUBLE, "F", 0, 1, NULL, "share of the text kept for validation", &frac, true, true},
         {0}};
     moe_args a;
     int rc = moe_cli_parse("data prepare", usage_line, specs, argc - 1, argv + 1, 1, INT32_MAX, "one or more TEXT files are", &a);
     if (rc >= 0) return rc;
-    moe_tokenizer *tok = NULL;
-    moe_status s = out ? MOE_OK : moe_error(MOE_ERR_CONFIG, "data prepare: --out DIR is required");
-    if (s == MOE_OK) s = !strcmp(tk, "byte") ? ((tok = moe_tokenizer_byte()) ? MOE_OK : moe_last_status()) : moe_tokenizer_load(tk, &tok);
     moe_data_summary sum;
-    if (s == MOE_OK) s = moe_data_prepare(a.positional, a.n_positional, tok, frac, out, &sum);
-    moe_tokenizer_free(tok);
+    moe_status s = out ? prepare(&a, tk, frac, out, &sum) : moe_error(MOE_ERR_CONFIG, "data prepare: --out DIR is required");
     moe_args_free(&a);
     if (s != MOE_OK) return moe_cli_fail(s);
     printf("prepared %s: vocab %d, %llu train tokens, %llu val tokens, %.3f bytes/token, unigram baseline %.4f bits/byte\n",
