@@ -12,7 +12,7 @@
 #include "optim/schedule.h"
 
 moe_predictor_train_options moe_predictor_train_defaults(void) {
-    return (moe_predictor_train_options){.steps = 2000, .batch = 256, .context = 3, .embed = 32, .hidden = 128,
+    return (moe_predictor_train_options){.steps = 2000, .batch = 256, .context = 3, .embed = 32, .hidden = 0,
                                          .lr = 3e-3, .weight_decay = 1.0, .holdout = 0.1, .context_dropout = 0.2,
                                          .seed = 1, .log_every = 200, .log = stderr};
 }
@@ -110,6 +110,15 @@ static moe_status held_out_report(const moe_trace *t, int64_t split, const moe_r
     return s;
 }
 
+/* The largest hidden width up to 128 whose net fits 2% of the model's active parameters
+ * (at least 16: a net whose embedding table alone passes the budget gets that). */
+static int auto_hidden(const moe_trace *t, const moe_predictor_train_options *o) {
+    double budget = 0.02 * (double)t->active_params, out = (double)t->fp.n_moe_layers * t->fp.n_experts;
+    double fixed = (double)t->fp.vocab * o->embed + out, per_unit = (double)(o->context + 1) * o->embed + o->context + 1 + out;
+    double h = (budget - fixed) / per_unit;
+    return h >= 128 ? 128 : h <= 16 ? 16 : (int)h;
+}
+
 moe_status moe_predictor_train(const moe_trace *t, const moe_predictor_train_options *o, moe_route_net *net,
                                moe_predictor_report *rep) {
     MOE_ASSERT(o->steps > 0 && o->batch > 0 && o->context >= 0 && o->context < 64, "predictor training: bad options");
@@ -118,7 +127,8 @@ moe_status moe_predictor_train(const moe_trace *t, const moe_predictor_train_opt
     int64_t split;
     MOE_TRY(moe_trace_holdout_split(t, o->holdout, &split));
     rep->n_train = split, rep->n_held = t->n - split;
-    moe_route_net_shape shape = {.vocab = t->fp.vocab, .context = o->context, .embed = o->embed, .hidden = o->hidden,
+    moe_route_net_shape shape = {.vocab = t->fp.vocab, .context = o->context, .embed = o->embed,
+                                 .hidden = o->hidden > 0 ? o->hidden : auto_hidden(t, o),
                                  .n_moe_layers = t->fp.n_moe_layers, .n_experts = t->fp.n_experts, .top_k = t->fp.top_k};
     MOE_TRY(moe_route_net_init(net, &shape, o->seed));
     moe_status s = train_loop(t, split, o, net, &rep->final_loss);

@@ -18,7 +18,8 @@ typedef struct moe_predictor_train_options {
     int steps;              /* optimizer steps */
     int batch;              /* tokens per step */
     int context;            /* previous tokens the net sees */
-    int embed, hidden;      /* embedding width r, hidden width H */
+    int embed, hidden;      /* embedding width r, hidden width H (0: the largest up to 128 whose net
+                             * fits 2% of the model's active parameters, at least 16) */
     double lr, weight_decay;
     double holdout;         /* share of the trace's sequences held out */
     double context_dropout; /* share of training tokens whose context is cut to a random length */
@@ -27,7 +28,7 @@ typedef struct moe_predictor_train_options {
     FILE *log;
 } moe_predictor_train_options;
 
-/* steps 2000, batch 256, context 3, embed 32, hidden 128, lr 3e-3, weight decay 1 (decoupled:
+/* steps 2000, batch 256, context 3, embed 32, hidden 0 (fit to 2%), lr 3e-3, weight decay 1 (decoupled:
  * keeps the net from fitting context that carries no signal on small traces),
  * holdout 0.1, context dropout 0.2, seed 1, log every 200 steps to stderr. */
 moe_predictor_train_options moe_predictor_train_defaults(void);
