@@ -2,13 +2,17 @@
 # Router and token-mixer ablations: trains one model per variant and seed, then writes a
 # results table and plots. scripts/ablate-routers.sh and scripts/ablate-mixers.sh call this.
 #
-# Usage: scripts/ablate.sh routers|mixers [cpu|gpu] [--seeds N] [--steps S] [--jobs J]
-#                          [--variants a,b,...] [--set key=value ...]
+# Usage: scripts/ablate.sh routers|mixers [cpu|gpu] [--seeds N] [--steps S | --horizon H]
+#                          [--jobs J] [--variants a,b,...] [--set key=value ...]
 #   cpu (default): configs/tiny-cpu.yaml.  gpu: configs/ablate-gpu.yaml (byte-level,
 #       bf16 on one GPU; MOE_BIN defaults to build-gpu/moe when it exists).
 #   --seeds N     seeds 1..N (default 3); the same N seeds for every variant
 #   --first-seed S  train only seeds S..N (the table still covers 1..N from disk)
 #   --steps S     train.steps (default: the config's); also sets train.eval_every to S/5
+#   --horizon H   train.steps = H x the config's (as --steps). The longer router ablation
+#                 is `--seeds 3 --horizon 4`: on gpu 2400 steps of 16k tokens, 39M tokens
+#                 per run, 4.8x the 500-step H200 table (8.2M) and about 7 passes over
+#                 Brown's 5.7M training bytes (watch val_curves.png for overfitting)
 #   --jobs J      trainings run at once (default 1 on cpu, 4 on gpu); on cpu with J > 1
 #                 each run gets train.threads = cores / J. Runs on a GPU share it.
 #   --variants    run only these (comma-separated); the table and plots still cover
@@ -46,13 +50,14 @@ case "$kind" in
   -h|--help) usage; exit 0 ;;
   *) usage >&2; exit 2 ;;
 esac
-mode=cpu seeds=3 first_seed=1 steps="" jobs="" only="" report=0 extra=()
+mode=cpu seeds=3 first_seed=1 steps="" horizon="" jobs="" only="" report=0 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     cpu|gpu) mode=$1 ;;
     --seeds) seeds=${2:-}; shift ;;
     --first-seed) first_seed=${2:-}; shift ;;
     --steps) steps=${2:-}; shift ;;
+    --horizon) horizon=${2:-}; shift ;;
     --jobs) jobs=${2:-}; shift ;;
     --variants) only=${2:-}; shift ;;
     --report) report=1 ;;
@@ -66,6 +71,8 @@ posint() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
 posint "$seeds" || die "--seeds needs a positive integer"
 posint "$first_seed" && [ "$first_seed" -le "$seeds" ] || die "--first-seed needs an integer in 1..--seeds"
 [ -z "$steps" ] || posint "$steps" || die "--steps needs a positive integer"
+[ -z "$horizon" ] || posint "$horizon" || die "--horizon needs a positive integer"
+[ -z "$steps" ] || [ -z "$horizon" ] || die "give --steps or --horizon, not both"
 [ -n "$jobs" ] || { [ "$mode" = gpu ] && jobs=4 || jobs=1; }
 posint "$jobs" || die "--jobs needs a positive integer"
 
@@ -94,6 +101,12 @@ if [ ! -s data/brown/train.bin ] || [ ! -s data/brown/val.bin ]; then
 fi
 
 # Settings every run shares; the user's --set come last so they win.
+if [ -n "$horizon" ]; then # H x the config's train.steps
+  config_steps=$("$moe" config "$config" "${extra[@]}" 2>/dev/null |
+    awk '/^[a-z]/ { in_s = ($1 == "train:") } in_s && $1 == "steps:" { print $2; exit }')
+  posint "${config_steps:-}" || die "could not read train.steps of $config"
+  steps=$(( config_steps * horizon ))
+fi
 base=(--set checkpoint.keep=1)
 [ -z "$steps" ] || base+=(--set "train.steps=$steps" --set "train.eval_every=$(( steps / 5 > 0 ? steps / 5 : 1 ))")
 if [ "$jobs" -gt 1 ]; then

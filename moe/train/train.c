@@ -728,8 +728,9 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
     if (t.rank == 0 && !o->quiet)
         fprintf(stderr, "world: %d rank(s), expert parallel %d, data parallel %d\n", t.world, moe_dist_ep_size(), moe_dist_dp_size());
     if (t.rank == 0)
-    fprintf(stderr, "model: %.2fM parameters (%.2fM active per token), %d layers, %d experts top-%d, on %s %s\n",
-            moe_model_param_count(&t.model, false) / 1e6, moe_model_param_count(&t.model, true) / 1e6, mc->n_layers,
+    fprintf(stderr, "model: %.2fM parameters (%lld; %.2fM active per token), %d layers, %d experts top-%d, on %s %s\n",
+            moe_model_param_count(&t.model, false) / 1e6, (long long)moe_model_param_count(&t.model, false),
+            moe_model_param_count(&t.model, true) / 1e6, mc->n_layers,
             mc->n_experts, mc->top_k, moe_device_name(t.model.dev), moe_dtype_name(t.model.compute));
     if (t.rank == 0 && !o->quiet && cfg->router.balance == MOE_CFG_BALANCE_LATENCY) print_latency(&t.model);
     moe_lr_schedule sched = {tc->schedule == MOE_CFG_SCHEDULE_COSINE ? MOE_LR_COSINE : MOE_LR_CONSTANT, tc->lr,
