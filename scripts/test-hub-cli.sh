@@ -5,8 +5,8 @@
 # tokenizer cases (ids and decoded text), `logits --out` its logits within 1e-4; `convert DIR
 # --out` then `generate --checkpoint` and `convert --to-hf` then `generate --model` give the
 # same ids; `eval --model` on text; `train --set model.init_from=DIR` runs 2 steps whose first
-# loss is the imported model's eval loss on the same batch; bad input exits non-zero naming the
-# file or flag.
+# loss is the imported model's eval loss on the same batch, and trains on text prepared with
+# `data prepare --tokenizer DIR`; bad input exits non-zero naming the file or flag.
 #   scripts/test-hub-cli.sh path/to/moe [workdir]
 set -uo pipefail
 moe=$(realpath "$1")
@@ -144,6 +144,12 @@ if [ -n "$train_loss" ] && [ -n "$eval_loss" ] && \
    python3 -c "import sys; sys.exit(abs(float('$train_loss') - float('$eval_loss')) > 1e-4)"; then
   ok "the first fine-tuning loss ($train_loss) is the imported model's eval loss ($eval_loss)"
 else bad "first fine-tuning loss '$train_loss' vs the imported model's eval loss '$eval_loss'"; fi
+expect "data prepare --tokenizer DIR: the folder's vocabulary" 0 "vocab 602" "$moe" data prepare --tokenizer "$d" \
+  --out data-hf text.txt
+check "fine-tuning on text prepared with the folder's tokenizer" "$moe" train "$root/configs/tiny-cpu.yaml" \
+  --set model.init_from="$d" --set data.train_path=data-hf/train.bin --set data.val_path=data-hf/val.bin \
+  --set model.seq_len=16 --set data.batch_size=2 --set train.eval_batches=1 --set train.steps=1 \
+  --set checkpoint.dir=ft3 --quiet
 ckpt=$(ls ft/ckpt-*.h5 2> /dev/null | tail -1)
 expect "the fine-tuned checkpoint generates text through the folder's tokenizer" 0 "The jury" \
   "$moe" generate --checkpoint "$ckpt" --prompt "The jury" --tokens 3

@@ -22,7 +22,7 @@ static void usage(FILE *f) {
             "  tokenize MODEL --text TEXT | --decode 5,17,42 | --chat JSON   ids of a text, or the text of ids\n"
             "  logits MODEL --prompt-ids 5,17,42 [--out FILE.safetensors]   the logits of every position\n"
             "  convert DIR --out FILE.h5 | convert FILE.h5 --to-hf OUTDIR   hub folder <-> our checkpoint\n"
-            "  data prepare --out DIR [--tokenizer byte|FILE.tok] [--val-fraction F] TEXT...\n"
+            "  data prepare --out DIR [--tokenizer byte|FILE.tok|DIR] [--val-fraction F] TEXT...\n"
             "  data mqar --out DIR --seq-len T --pairs P [--vocab V] [--train N] [--val M] [--seed S]   recall task\n"
             "  tokenizer train --vocab N --out FILE.tok TEXT...\n"
             "  bench CASE [--device cpu|cuda] [--dtype f32|bf16] [--warmup W] [--reps R] [--threads N]\n"
