@@ -537,7 +537,8 @@ static void test_load_errors(void) {
                       "{\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []}}",
                       MOE_ERR_FORMAT, "does not compile");
     /* found by fuzzing: each of these loaded, then failed later (an endless decode, ids outside
-     * the vocabulary, a pattern run on invalid UTF-8, an undefined float-to-int conversion) */
+     * the vocabulary, a pattern run on invalid UTF-8, 2 GB of id table for a 60-byte file, an
+     * undefined float-to-int conversion) */
     expect_load_error("empty-metaspace.json",
                       "{\"decoder\": {\"type\": \"Metaspace\", \"replacement\": \"\"}, \"model\": "
                       "{\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []}}",
@@ -554,6 +555,8 @@ static void test_load_errors(void) {
                       "{\"normalizer\": {\"type\": \"Prepend\", \"prepend\": \"\xff\"}, \"model\": "
                       "{\"type\": \"BPE\", \"vocab\": {\"a\": 0}, \"merges\": []}}",
                       MOE_ERR_FORMAT, "UTF-8");
+    expect_load_error("sparse-id.json", "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 200000000}, \"merges\": []}}",
+                      MOE_ERR_FORMAT, "beyond the 1 entries");
     expect_load_error("huge-id.json", "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 1e300}, \"merges\": []}}",
                       MOE_ERR_FORMAT, "not a token id");
     moe_hf_tokenizer *tok = NULL;

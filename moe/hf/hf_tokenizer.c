@@ -559,6 +559,7 @@ struct moe_hf_tokenizer {
     char *path;
     /* model */
     char **tokens;      /* id -> string (NULL for holes) */
+    size_t max_id;      /* ids past it are refused: the file's entries + MAX_ID_GAP */
     uint32_t *token_len;
     size_t n_tokens;
     smap vocab;         /* model vocab and added tokens */
@@ -1512,6 +1513,7 @@ static bool jnull(const cJSON *v) { return !v || cJSON_IsNull(v); }
 static char *dupstr(const char *s) { return s ? strdup(s) : NULL; }
 
 #define MAX_TOKEN_ID (1 << 28)
+#define MAX_ID_GAP 65536 /* ids may leave holes, but not more than this beyond the entries */
 
 /* A token id: a JSON number with an integral value in [0, MAX_TOKEN_ID]. */
 static bool json_id(const cJSON *v, int32_t *id) {
@@ -1801,7 +1803,9 @@ static moe_status load_decoder(moe_hf_tokenizer *t, const cJSON *o, const char *
 /* Puts token `s` at id (growing the id table). An id given a second, different string keeps
  * both strings mapped to it; the last one is what decoding shows. */
 static moe_status set_token(moe_hf_tokenizer *t, int32_t id, const char *s, const char *path) {
-    if (id < 0 || id > MAX_TOKEN_ID) return bad(MOE_ERR_FORMAT, path, "token \"%s\" has id %d out of range", s, id);
+    if (id < 0 || id > MAX_TOKEN_ID || (size_t)id > t->max_id)
+        return bad(MOE_ERR_FORMAT, path, "token \"%s\" has id %d, beyond the %zu entries of the file by over %d", s,
+                   id, t->max_id - MAX_ID_GAP, MAX_ID_GAP);
     if ((size_t)id >= t->n_tokens) {
         size_t n = (size_t)id + 1;
         char **tk = realloc(t->tokens, n * sizeof *tk);
@@ -1958,6 +1962,8 @@ static moe_status load_json(moe_hf_tokenizer *t, const cJSON *j, const char *pat
     if (!cJSON_IsObject(j)) return bad(MOE_ERR_FORMAT, path, "the top level is not a JSON object");
     const cJSON *model = cJSON_GetObjectItemCaseSensitive(j, "model");
     if (!cJSON_IsObject(model)) return bad(MOE_ERR_FORMAT, path, "no \"model\" object");
+    t->max_id = (size_t)cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(model, "vocab")) +
+                (size_t)cJSON_GetArraySize(cJSON_GetObjectItemCaseSensitive(j, "added_tokens")) + MAX_ID_GAP;
     MOE_TRY(load_model(t, model, path));
     const cJSON *o = cJSON_GetObjectItemCaseSensitive(j, "normalizer");
     if (!jnull(o)) {
