@@ -61,12 +61,23 @@ void cache_evict(moe_offload *o, int s) {
     c->j13.state = c->j2.state = MOE_XFER_IDLE;
 }
 
+/* Where slot s's w13 and w2 start in the arena: [n_slots, d, 2 W] then [n_slots, W, d]. */
+static int64_t slot_at13(const moe_offload *o, int s) { return (int64_t)s * 2 * o->slot_w * o->d; }
+static int64_t slot_at2(const moe_offload *o, int s) {
+    return (int64_t)o->n_slots * 2 * o->slot_w * o->d + (int64_t)s * o->slot_w * o->d;
+}
+
 void cache_slot_views(moe_offload *o, int s, moe_tensor **w13, moe_tensor **w2) {
     const cache_slot *c = &o->slots[s];
-    const store_entry *se = &o->store[c->layer * o->E + c->expert];
-    int64_t d = o->v->cfg.model.d_model, w = se->ffn_dim, at = (int64_t)s * o->slot_elems;
-    *w13 = moe_tensor_view_raw(o->arena, 2, (int64_t[]){d, 2 * w}, (int64_t[]){2 * w, 1}, at);
-    *w2 = moe_tensor_view_raw(o->arena, 2, (int64_t[]){w, d}, (int64_t[]){d, 1}, at + se->n13);
+    int64_t d = o->d, w = o->store[c->layer * o->E + c->expert].ffn_dim;
+    *w13 = moe_tensor_view_raw(o->arena, 2, (int64_t[]){d, 2 * w}, (int64_t[]){2 * w, 1}, slot_at13(o, s));
+    *w2 = moe_tensor_view_raw(o->arena, 2, (int64_t[]){w, d}, (int64_t[]){d, 1}, slot_at2(o, s));
+}
+
+void cache_stacks(moe_offload *o, moe_tensor **w13, moe_tensor **w2) {
+    int64_t n = o->n_slots, d = o->d, w = o->slot_w;
+    *w13 = moe_tensor_view_raw(o->arena, 3, (int64_t[]){n, d, 2 * w}, (int64_t[]){2 * w * d, 2 * w, 1}, 0);
+    *w2 = moe_tensor_view_raw(o->arena, 3, (int64_t[]){n, w, d}, (int64_t[]){w * d, d, 1}, slot_at2(o, 0));
 }
 
 moe_status cache_load(moe_offload *o, int s, int layer, int e, bool urgent, bool prefetch) {
@@ -74,13 +85,14 @@ moe_status cache_load(moe_offload *o, int s, int layer, int e, bool urgent, bool
     MOE_ASSERT(c->layer < 0 && o->where[layer * o->E + e] < 0, "expert cache: slot %d is taken", s);
     const store_entry *se = &o->store[layer * o->E + e];
     size_t es = moe_dtype_size(o->arena->dtype);
-    char *dst = (char *)o->arena->data + (size_t)s * (size_t)o->slot_elems * es;
+    char *base = o->arena->data;
     c->layer = layer;
     c->expert = e;
     c->prefetched = prefetch;
     c->used = false;
-    c->j13 = (moe_xfer_job){.dst = dst, .src = se->w13, .bytes = (size_t)se->n13 * es, .fence = c->j13.fence};
-    c->j2 = (moe_xfer_job){.dst = dst + (size_t)se->n13 * es, .src = se->w2, .bytes = (size_t)se->n2 * es,
+    c->j13 = (moe_xfer_job){.dst = base + (size_t)slot_at13(o, s) * es, .src = se->w13, .bytes = (size_t)se->n13 * es,
+                            .fence = c->j13.fence};
+    c->j2 = (moe_xfer_job){.dst = base + (size_t)slot_at2(o, s) * es, .src = se->w2, .bytes = (size_t)se->n2 * es,
                            .fence = c->j2.fence};
     o->where[layer * o->E + e] = s;
     o->held[layer]++;

@@ -388,6 +388,70 @@ static moe_tensor *run_waves(moe_offload *o, int layer, const moe_expert_group *
     return n_parts == 1 ? parts[0] : moe_concat(parts, n_parts, 0);
 }
 
+/* Whether group G runs on the slots in place: its experts are of the slots' width and every
+ * used one has a slot (no host copy, none deferred). */
+static bool in_place(const moe_offload *o, const moe_expert_group *G, const int64_t *off, const int *src) {
+    bool any = false;
+    for (int i = 0; i < G->n; i++) {
+        if (off[i + 1] == off[i]) continue;
+        if (src[i] != SRC_SLOT) return false;
+        any = true;
+    }
+    return any && G->ffn_dim == o->slot_w;
+}
+
+/* An index tensor of n rows (host ids), or NULL for the identity. */
+static moe_tensor *row_index(const int32_t *ids, int64_t n, moe_device dev, bool *identity) {
+    *identity = true;
+    for (int64_t j = 0; j < n && *identity; j++) *identity = ids[j] == j;
+    return *identity ? NULL : moe_tensor_from_host(MOE_LIFE_STEP, dev, MOE_I32, 1, (int64_t[]){n}, ids);
+}
+
+/* Group G on the cache's stacks (cache_stacks) with its rows put in slot order: the expert
+ * in slot s takes rows soff[s] .. soff[s + 1], empty slots none. No gather: the same
+ * grouped GEMM over the same rows, in place. */
+static moe_tensor *run_in_place(moe_offload *o, int layer, const moe_expert_group *G, moe_tensor *xs,
+                                const int64_t *off, const int *slot) {
+    int S = o->n_slots;
+    int64_t N = xs->shape[0];
+    int64_t *soff = moe_step_host_alloc(sizeof(int64_t) * (size_t)(S + 1));
+    int *at = moe_step_host_alloc(sizeof(int) * (size_t)S);
+    int32_t *perm = moe_step_host_alloc(sizeof(int32_t) * (size_t)(N + 1)), *inv = moe_step_host_alloc(sizeof(int32_t) * (size_t)(N + 1));
+    if (!soff || !at || !perm || !inv) {
+        moe_error(MOE_ERR_OOM, "offload: out of host memory");
+        return NULL;
+    }
+    for (int s = 0; s < S; s++) at[s] = -1;
+    for (int i = 0; i < G->n; i++) {
+        if (off[i + 1] == off[i]) continue;
+        at[slot[i]] = i;
+        if (cache_slot_wait(o, slot[i]) != MOE_OK) return NULL;
+        cache_slot *c = &o->slots[slot[i]];
+        c->used = true;
+        c->last_use = ++o->clock;
+        c->pin = 0;
+        o->freq[layer * o->E + G->experts[i]]++;
+    }
+    soff[0] = 0;
+    for (int s = 0; s < S; s++) {
+        int i = at[s];
+        int64_t rows = i < 0 ? 0 : off[i + 1] - off[i];
+        for (int64_t r = 0; r < rows; r++) perm[soff[s] + r] = (int32_t)(off[i] + r);
+        soff[s + 1] = soff[s] + rows;
+    }
+    for (int64_t j = 0; j < N; j++) inv[perm[j]] = (int32_t)j;
+    bool same;
+    moe_tensor *p = row_index(perm, N, xs->device, &same), *w13, *w2;
+    moe_tensor *xp = same ? xs : p ? moe_index_select(xs, p) : NULL; /* [N, d] in slot order */
+    cache_stacks(o, &w13, &w2);
+    double t0 = moe_clock_ms();
+    moe_tensor *y = xp && w13 && w2 ? moe_grouped_swiglu(xp, w13, w2, soff) : NULL;
+    o->counts[layer].expert_ms += moe_clock_ms() - t0;
+    if (same || !y) return y;
+    moe_tensor *back = row_index(inv, N, xs->device, &same);
+    return back ? moe_index_select(y, back) : NULL;
+}
+
 static moe_tensor *provider_run(void *ctx, int layer, moe_moe_layer *L, int g, moe_tensor *xs, const int64_t *off,
                                 moe_dtype compute) {
     moe_offload *o = ctx;
@@ -411,6 +475,7 @@ static moe_tensor *provider_run(void *ctx, int layer, moe_moe_layer *L, int g, m
         coff[nu + 1] = coff[nu] + rows;
         nu++;
     }
+    if (in_place(o, G, off, src)) return run_in_place(o, layer, G, xs, off, slot);
     return run_waves(o, layer, G, xs, off, src, slot, coff, nu, compute);
 }
 
@@ -576,6 +641,8 @@ static moe_status open_cache(moe_offload *o) {
     o->top_k = v->cfg.model.top_k;
     o->n_slots = o->split.slots;
     o->slot_elems = (int64_t)(o->split.slot_bytes / moe_dtype_size(o->opt.dtype));
+    o->d = v->cfg.model.d_model;
+    o->slot_w = o->slot_elems / (3 * o->d);
     MOE_TRY(alloc_tables(o));
     o->floor = o->n_slots / o->n_moe < o->top_k ? o->n_slots / o->n_moe : o->top_k;
     o->depth = o->opt.prefetch_depth > 0 ? o->opt.prefetch_depth : 1;

@@ -46,8 +46,8 @@ struct moe_offload {
     int *moe_block;             /* [n_moe] block index of each MoE layer */
     store_entry *store;         /* [n_layers * E] (dense layers' entries unused) */
     moe_xfer *xfer;
-    moe_tensor *arena;          /* [n_slots * slot_elems] on the device, compute dtype */
-    int64_t slot_elems;
+    moe_tensor *arena;          /* on the device, compute dtype: w13 [n_slots, d, 2 W], then w2 [n_slots, W, d] */
+    int64_t slot_elems, d, slot_w; /* 3 d W; d_model; W the widest expert */
     cache_slot *slots;
     int n_slots, floor;         /* floor: slots a layer keeps against other layers' demand */
     int *where;                 /* [n_layers * E] slot of each expert or -1 */
@@ -82,6 +82,9 @@ void cache_slot_expedite(moe_offload *o, int s);
 moe_status cache_slot_wait(moe_offload *o, int s);
 /* Empties slot s (cancelling its copies; an unused prefetch counts as wasted). */
 void cache_evict(moe_offload *o, int s);
+/* The arena as stacks of every slot, w13 [n_slots, d, 2 W] and w2 [n_slots, W, d] (W: the
+ * widest expert; a group of that width runs on them in place, its rows in slot order). */
+void cache_stacks(moe_offload *o, moe_tensor **w13, moe_tensor **w2);
 /* Slot s's w13 [d, 2 w] and w2 [w, d] as views of the arena. */
 void cache_slot_views(moe_offload *o, int s, moe_tensor **w13, moe_tensor **w2);
 
