@@ -559,6 +559,30 @@ static void test_load_errors(void) {
                       MOE_ERR_FORMAT, "beyond the 1 entries");
     expect_load_error("huge-id.json", "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 1e300}, \"merges\": []}}",
                       MOE_ERR_FORMAT, "not a token id");
+    /* 14 chained Replace steps, each making a space four: encoding refuses the 4^14-fold text
+     * by name instead of running out of memory; other texts still encode */
+    {
+        cJSON *j = load_json("tests/fixtures/hf/olmoe-tiny/tokenizer.json"), *seq = cJSON_CreateArray();
+        for (int i = 0; i < 14; i++)
+            cJSON_AddItemToArray(seq, cJSON_Parse("{\"type\":\"Replace\",\"pattern\":{\"String\":\" \"},"
+                                                  "\"content\":\"    \"}"));
+        cJSON *norm = cJSON_CreateObject();
+        cJSON_AddStringToObject(norm, "type", "Sequence");
+        cJSON_AddItemToObject(norm, "normalizers", seq);
+        cJSON_ReplaceItemInObject(j, "normalizer", norm);
+        char *text = cJSON_PrintUnformatted(j);
+        cJSON_Delete(j);
+        moe_hf_tokenizer *grow = NULL;
+        CU_ASSERT_EQUAL_FATAL(moe_hf_tokenizer_load(&grow, write_file("grow.json", text)), MOE_OK);
+        free(text);
+        moe_token_buf ids = {0};
+        CU_ASSERT_EQUAL(moe_hf_encode(grow, "a few words", 11, false, &ids), MOE_ERR_FORMAT);
+        CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "normalizers"));
+        CU_ASSERT_EQUAL(moe_hf_encode(grow, "one", 3, false, &ids), MOE_OK);
+        CU_ASSERT_TRUE(ids.len > 0);
+        moe_token_buf_free(&ids);
+        moe_hf_tokenizer_free(grow);
+    }
     moe_hf_tokenizer *tok = NULL;
     CU_ASSERT_EQUAL(moe_hf_tokenizer_load(&tok, "/nonexistent/tokenizer.json"), MOE_ERR_IO);
     CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "/nonexistent/tokenizer.json"));

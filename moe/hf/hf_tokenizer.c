@@ -20,6 +20,7 @@
 #define MAX_CACHED_WORD 256     /* pre-tokens longer than this are not cached */
 #define MAX_CACHE_ENTRIES 65536 /* the cache is emptied when it holds this many words */
 #define REPLACEMENT_CHAR "\xEF\xBF\xBD"
+#define NORM_GROWTH 32 /* normalizers may make a text at most this many times longer (+ 4 KiB) */
 
 /* ---------- growable byte string with a sticky out-of-memory flag ---------- */
 
@@ -27,6 +28,7 @@ typedef struct sbuf {
     char *p;
     size_t n, cap;
     bool oom;
+    bool over; /* normalize: the text grew past its cap (oom is set too, to stop appends) */
 } sbuf;
 
 static bool sb_reserve(sbuf *b, size_t extra) {
@@ -589,6 +591,7 @@ struct moe_hf_tokenizer {
     smap cache;
     ivec cache_ids;
     sbuf norm_a, norm_b;
+    bool norm_over; /* the last encode failed because the normalizers grew the text past its cap */
     pieces pa, pb;
     spans sp;
     struct bpe_sym *syms;
@@ -657,19 +660,22 @@ static void normalize_unicode(sbuf *out, const char *s, size_t n, utf8proc_optio
     free(dst);
 }
 
-/* Writes normalize(s) to out (cleared first); tmp is scratch for sequences. */
-static void normalize(const normalizer *nz, const char *s, size_t n, sbuf *out, sbuf *tmp) {
+/* Writes normalize(s) to out (cleared first); tmp is scratch for sequences. A sequence whose
+ * steps make the text longer than `cap` bytes stops there with out->over (and out->oom) set:
+ * chained Replace steps could otherwise grow it exponentially. */
+static void normalize(const normalizer *nz, const char *s, size_t n, sbuf *out, sbuf *tmp, size_t cap) {
     out->n = 0;
     switch (nz->kind) {
     case NORM_SEQUENCE: {
         sb_add(out, s, n);
-        for (size_t i = 0; i < nz->n_sub; i++) {
+        for (size_t i = 0; i < nz->n_sub && !out->oom; i++) {
             sbuf swap = *tmp;
             *tmp = *out;
             *out = swap;
             sbuf scratch = {0};
-            normalize(&nz->sub[i], tmp->p ? tmp->p : "", tmp->n, out, &scratch);
+            normalize(&nz->sub[i], tmp->p ? tmp->p : "", tmp->n, out, &scratch, cap);
             sb_free(&scratch);
+            if (out->n > cap) out->over = out->oom = true;
         }
         return;
     }
@@ -1096,8 +1102,10 @@ static void encode_segment(moe_hf_tokenizer *t, const char *s, size_t n, bool at
     const char *ns = s;
     size_t nn = n;
     if (t->norm) {
-        normalize(t->norm, s, n, &t->norm_a, &t->norm_b);
+        t->norm_a.oom = t->norm_a.over = t->norm_b.oom = t->norm_b.over = false;
+        normalize(t->norm, s, n, &t->norm_a, &t->norm_b, NORM_GROWTH * n + 4096);
         if (t->norm_a.oom) {
+            t->norm_over = t->norm_a.over;
             out->oom = true;
             return;
         }
@@ -1147,6 +1155,7 @@ moe_status moe_hf_encode(moe_hf_tokenizer *t, const char *text, size_t len, bool
         len = clean.n;
     }
     ivec ids = {out->data, out->len, out->cap, false}; /* appends to out's array in place */
+    t->norm_over = false;
     size_t first = out->len, at = 0, ms, me, which;
     while (at < len && added_next(t, &t->raw_match, text, len, at, &ms, &me, &which)) {
         if (ms > at) encode_segment(t, text + at, ms - at, at == 0, &ids);
@@ -1159,6 +1168,9 @@ moe_status moe_hf_encode(moe_hf_tokenizer *t, const char *text, size_t len, bool
     out->data = ids.v;
     out->cap = ids.cap;
     out->len = ids.oom ? first : ids.n;
+    if (ids.oom && t->norm_over)
+        return moe_error(MOE_ERR_FORMAT, "tokenizer %s: its normalizers make the text over %dx longer", t->path,
+                         NORM_GROWTH);
     return ids.oom ? moe_error(MOE_ERR_OOM, "tokenizer %s: out of memory while encoding", t->path) : MOE_OK;
 }
 
@@ -1929,8 +1941,15 @@ static moe_status load_added(moe_hf_tokenizer *t, const cJSON *arr, const char *
         MOE_TRY(set_token(t, a->id, content, path));
         if (a->normalized && t->norm) { /* matched against normalised text */
             sbuf o = {0}, tmp = {0};
-            normalize(t->norm, content, strlen(content), &o, &tmp);
+            normalize(t->norm, content, strlen(content), &o, &tmp, NORM_GROWTH * strlen(content) + 4096);
             sb_free(&tmp);
+            if (o.oom) {
+                bool over = o.over;
+                sb_free(&o);
+                return over ? bad(MOE_ERR_FORMAT, path, "the normalizers make added token \"%s\" over %dx longer",
+                                    content, NORM_GROWTH)
+                              : moe_error(MOE_ERR_OOM, "out of memory");
+            }
             a->content = o.p ? o.p : strdup("");
             a->len = o.n;
         } else {

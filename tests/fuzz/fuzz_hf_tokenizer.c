@@ -5,7 +5,8 @@
  * accents, the added tokens of the fixtures, U+2581, an invalid byte) with and without the
  * post-processor, decodes the ids with and without special tokens, and streams them.
  * Checks: a refused file gives a message and never MOE_ERR_OOM (a file this small never
- * needs much memory); every id encoding gives is inside the vocabulary and names a token;
+ * needs much memory); encoding succeeds (or refuses normalizers that blow the text up,
+ * never running out of memory); every id it gives is inside the vocabulary and names a token;
  * decoding those ids succeeds (so does streaming them); the token <-> id accessors agree on
  * every id. */
 #include <string.h>
@@ -65,7 +66,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     check_accessors(tok);
     for (int special = 0; special < 2; special++) {
         moe_token_buf ids = {0};
-        FUZZ_CHECK(moe_hf_encode(tok, text, sizeof text - 1, special, &ids) == MOE_OK, "encode: %s", moe_last_error());
+        moe_status st = moe_hf_encode(tok, text, sizeof text - 1, special, &ids);
+        /* the one encode failure a loaded tokenizer may give: normalizers that blow the text up */
+        FUZZ_CHECK(st == MOE_OK || (st == MOE_ERR_FORMAT && strstr(moe_last_error(), "normalizers")), "encode: %s",
+                   moe_last_error());
         check_ids(tok, &ids);
         check_decode(tok, &ids);
         moe_token_buf_free(&ids);
