@@ -23,6 +23,7 @@
 #include "core/ops.h"
 #include "moe/train/checkpoint.h"
 #include "moe/train/data.h"
+#include "moe/train/grad_buckets.h"
 #include "moe/train/mqar.h"
 #include "moe/model/model.h"
 #include "moe/train/signals.h"
@@ -134,192 +135,6 @@ static void load_stats(const int64_t *load, int E, double *min_share, double *ma
     *cv = mean > 0 ? sqrt(var) / mean : 0;
 }
 
-/* ---- gradient all-reduce, overlapped with the backward ----
- * Each rank sums its grads with the ranks that hold the same parameters: dense ones over
- * the world, experts over the data-parallel group (1/world of the mean goes into the
- * optimizer's grad_scale, so it costs no extra pass). The grads of the parameters to sum
- * live in buckets: flat PERSIST buffers of up to 32 MiB on CUDA, 64 MiB on the CPU
- * (MOE_GRAD_BUCKET_KB overrides), filled in reverse registration order, roughly the order
- * in which the backward finishes them; each grad is a view into its bucket, so nothing
- * is packed or unpacked. During the backward of the last micro-step the autograd
- * readiness hook counts each bucket's final grads, and a complete bucket's all-reduce
- * starts at once (MPI_Iallreduce on the CPU; on CUDA an NCCL sum on a communication
- * stream, after the kernels that made the grads) while the backward goes on. Buckets
- * start strictly in index order, so every rank starts the same collectives in the same
- * order whatever order its backward finishes them in. After the backward every rank
- * starts the buckets not yet started (parameters the tape did not use, or a failed
- * backward), and the clip and the optimizer come after moe_dist_wait on all of them.
- * MOE_GRAD_OVERLAP=0 starts every bucket after the backward instead. */
-typedef struct grad_bucket {
-    moe_dist_group group;
-    moe_dtype dtype;
-    int64_t elems;
-    moe_tensor *flat;      /* the grads of its parameters are views into it */
-    int n_params, n_ready; /* its parameters, and those whose grad is final in this backward */
-    moe_dist_request *req; /* started, not yet waited for */
-} grad_bucket;
-
-typedef struct grad_sync {
-    grad_bucket *b;
-    int n, started;    /* buckets [0, started) have been started this step */
-    moe_status status; /* the first failure to start one, with its message */
-    char msg[512];
-} grad_sync;
-
-static int64_t grad_bucket_bytes(moe_device dev) {
-    const char *kb = getenv("MOE_GRAD_BUCKET_KB");
-    if (kb && atoll(kb) > 0) return atoll(kb) << 10;
-    return (int64_t)(dev == MOE_CUDA ? 32 : 64) << 20;
-}
-
-/* A bucket in planning. The buckets run by decreasing key, the smallest registration
- * index among their parameters: the backward finishes late-registered parameters first,
- * so a bucket is complete about when its earliest-registered parameter is. */
-typedef struct { int64_t key; int id; } bucket_order;
-
-static int bucket_order_cmp(const void *a, const void *b) {
-    int64_t ka = ((const bucket_order *)a)->key, kb = ((const bucket_order *)b)->key;
-    return (ka < kb) - (ka > kb);
-}
-
-/* A PERSIST view of `flat` at element `at` with p's shape, to be p's grad: freed with p,
- * leaving flat's storage alone (a view owns none). */
-static moe_tensor *grad_view(const moe_tensor *flat, const moe_tensor *p, int64_t at) {
-    int64_t st[MOE_MAX_DIMS];
-    moe_strides_contiguous(p->ndim, p->shape, st);
-    moe_tensor *v = moe_tensor_view_raw(flat, p->ndim, p->shape, st, at);
-    if (!v) return NULL;
-    moe_tensor *keep = malloc(sizeof *keep);
-    if (!keep) {
-        moe_error(MOE_ERR_OOM, "gradient buckets: out of host memory");
-        return NULL;
-    }
-    *keep = *v;
-    keep->life = MOE_LIFE_PERSIST;
-    return keep;
-}
-
-/* Plans the buckets, allocates them zeroed and makes the grad of every parameter to sum a
- * view into its bucket (a grad already there is copied in). No buckets on one rank. */
-static moe_status grad_sync_init(grad_sync *gs, moe_model *m) {
-    memset(gs, 0, sizeof *gs);
-    int n = m->n_params, nb = 0;
-    int *bucket_of = malloc(sizeof(int) * (size_t)n);
-    int64_t *at = malloc(sizeof(int64_t) * (size_t)n);
-    bucket_order *order = malloc(sizeof *order * (size_t)n);
-    grad_bucket *plan = calloc((size_t)n, sizeof *plan); /* at most one bucket per parameter */
-    gs->b = calloc((size_t)n, sizeof *gs->b);
-    moe_status s = MOE_OK;
-    if (!bucket_of || !at || !order || !plan || !gs->b)
-        s = moe_error(MOE_ERR_OOM, "gradient buckets: out of host memory");
-    int64_t cap = grad_bucket_bytes(m->dev);
-    int open[MOE_GROUP_COUNT] = {-1, -1, -1};
-    for (int i = n - 1; i >= 0 && s == MOE_OK; i--) {
-        moe_tensor *p = m->params[i].t;
-        moe_dist_group g = m->params[i].expert_stack ? MOE_GROUP_DP : MOE_GROUP_WORLD;
-        bucket_of[i] = -1;
-        if (moe_dist_size(g) == 1) continue;
-        moe_dtype dt = p->dtype == MOE_BF16 ? MOE_F32 : p->dtype; /* the grad's dtype (autograd.c) */
-        int64_t numel = moe_tensor_numel(p), es = (int64_t)moe_dtype_size(dt);
-        int o = open[g];
-        if (o < 0 || plan[o].dtype != dt || (plan[o].elems > 0 && (plan[o].elems + numel) * es > cap)) {
-            o = open[g] = nb++;
-            plan[o] = (grad_bucket){.group = g, .dtype = dt};
-        }
-        bucket_of[i] = o;
-        at[i] = plan[o].elems;
-        plan[o].elems += numel;
-        plan[o].n_params++;
-        order[o] = (bucket_order){.key = i, .id = o};
-    }
-    if (s == MOE_OK) qsort(order, (size_t)nb, sizeof *order, bucket_order_cmp);
-    for (int k = 0; k < nb && s == MOE_OK; k++) { /* bucket k of the run is planned bucket order[k].id */
-        grad_bucket *b = &gs->b[k];
-        *b = plan[order[k].id];
-        b->flat = moe_tensor_zeros(MOE_LIFE_PERSIST, m->dev, b->dtype, 1, (int64_t[]){b->elems});
-        if (!b->flat) s = moe_last_status();
-        else gs->n = k + 1;
-        for (int i = 0; i < n && s == MOE_OK; i++) {
-            if (bucket_of[i] != order[k].id) continue;
-            moe_tensor *p = m->params[i].t, *v = grad_view(b->flat, p, at[i]);
-            if (!v) s = moe_last_status();
-            else if (p->grad && (s = moe_tensor_copy_(v, p->grad)) != MOE_OK) moe_tensor_free(v);
-            else {
-                moe_tensor_free(p->grad);
-                p->grad = v;
-            }
-        }
-    }
-    free(bucket_of);
-    free(at);
-    free(order);
-    free(plan);
-    return s;
-}
-
-static void grad_sync_free(grad_sync *gs) {
-    for (int k = 0; k < gs->n; k++) moe_tensor_free(gs->b[k].flat);
-    free(gs->b);
-    gs->b = NULL;
-    gs->n = 0;
-}
-
-/* A new step: no bucket started, no grad final yet. */
-static void grad_sync_begin(grad_sync *gs) {
-    gs->started = 0;
-    gs->status = MOE_OK;
-    for (int k = 0; k < gs->n; k++) gs->b[k].n_ready = 0;
-}
-
-/* Starts, in index order, the next buckets whose grads are all final (all: every bucket
- * left). A failure is kept for grad_sync_finish; the starts go on, to keep the ranks'
- * collectives matched. */
-static void grad_sync_start(grad_sync *gs, bool all) {
-    while (gs->started < gs->n) {
-        grad_bucket *b = &gs->b[gs->started];
-        if (!all && b->n_ready < b->n_params) break;
-        gs->started++;
-        moe_status s = moe_dist_allreduce_sum_start(b->group, b->flat, &b->req);
-        if (s != MOE_OK && gs->status == MOE_OK) {
-            gs->status = s;
-            snprintf(gs->msg, sizeof gs->msg, "%s", moe_last_error());
-        }
-    }
-}
-
-/* The autograd readiness hook: p's grad is final; it counts for the bucket holding it. */
-static void grad_ready(moe_tensor *p, void *user) {
-    grad_sync *gs = user;
-    const char *g = p->grad ? (const char *)p->grad->data : NULL;
-    for (int k = 0; k < gs->n && g; k++) {
-        const char *lo = gs->b[k].flat->data;
-        if (g >= lo && g < lo + gs->b[k].elems * (int64_t)moe_dtype_size(gs->b[k].dtype)) {
-            gs->b[k].n_ready++;
-            grad_sync_start(gs, false);
-            return;
-        }
-    }
-}
-
-/* Waits for every started bucket; returns the first failure to start or finish one. */
-static moe_status grad_sync_finish(grad_sync *gs) {
-    for (int k = 0; k < gs->started; k++) {
-        moe_status w = moe_dist_wait(gs->b[k].req);
-        gs->b[k].req = NULL;
-        if (w != MOE_OK && gs->status == MOE_OK) {
-            gs->status = w;
-            snprintf(gs->msg, sizeof gs->msg, "%s", moe_last_error());
-        }
-    }
-    return gs->status == MOE_OK ? MOE_OK : moe_error(gs->status, "%s", gs->msg);
-}
-
-/* MOE_GRAD_OVERLAP=0: no bucket starts before the backward has finished. */
-static bool grad_overlap(void) {
-    const char *v = getenv("MOE_GRAD_OVERLAP");
-    return !(v && strcmp(v, "0") == 0);
-}
-
 typedef struct trainer {
     const moe_config *cfg;
     moe_model model;
@@ -331,7 +146,7 @@ typedef struct trainer {
     moe_train_state st;
     FILE *metrics;     /* rank 0 only */
     FILE *rank_log;    /* under MPI: RUN_DIR/rank-R.log, every rank's own step line */
-    grad_sync grads;   /* the gradient buckets (none on one rank) */
+    moe_grad_buckets grads;   /* the gradient buckets (none on one rank) */
     char dir[512];
     int world, rank;
 } trainer;
@@ -543,7 +358,7 @@ static moe_status trainer_open(trainer *t, const moe_config *cfg, const moe_trai
         moe_train_state ignored; /* a fresh run from another model's weights: its own step 0 */
         if (o->init_weights) MOE_TRY(moe_checkpoint_load(o->init_weights, &t->model, NULL, &ignored));
     }
-    MOE_TRY(grad_sync_init(&t->grads, &t->model));
+    MOE_TRY(moe_grad_buckets_init(&t->grads, &t->model));
     if (t->world > 1) MOE_TRY(moe_dist_prepare(t->model.dev));
     if (t->world > 1 && !(t->rank_log = moe_dist_log_file(t->dir))) return moe_last_status();
     if (t->rank != 0) return MOE_OK;
@@ -560,7 +375,7 @@ static void trainer_close(trainer *t) {
     moe_optimizer_free(t->opt);
     free(t->params);
     moe_model_free(&t->model); /* with the grads, views into the buckets */
-    grad_sync_free(&t->grads);
+    moe_grad_buckets_free(&t->grads);
     moe_loader_free(t->loader);
     moe_data_close(t->train);
     moe_data_close(t->val);
@@ -754,7 +569,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
         double loss = 0, aux = 0, z = 0;
         memset(load, 0, sizeof(int64_t) * (size_t)(mc->n_layers * mc->n_experts));
         bool bad = false;
-        grad_sync_begin(&t.grads);
+        moe_grad_buckets_begin(&t.grads);
         for (int a = 0; a < A && s == MOE_OK; a++) {
             moe_step_reset();
             moe_loss_parts parts;
@@ -768,11 +583,11 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
             for (int i = 0; i < mc->n_layers * mc->n_experts; i++) load[i] += parts.load[i];
             /* The backward runs even after a non-finite loss: under expert parallelism it
              * exchanges tokens with the other ranks, which must all take part. */
-            if (a == A - 1 && grad_overlap()) moe_set_grad_ready_hook(grad_ready, &t.grads);
+            if (a == A - 1 && moe_grad_buckets_overlap()) moe_set_grad_ready_hook(moe_grad_buckets_ready, &t.grads);
             s = moe_backward(A > 1 ? moe_mul_scalar(parts.loss, 1.0 / A) : parts.loss);
             moe_set_grad_ready_hook(NULL, NULL);
         }
-        grad_sync_start(&t.grads, true); /* on every rank, whatever happened: the collectives stay matched */
+        moe_grad_buckets_start(&t.grads, true); /* on every rank, whatever happened: the collectives stay matched */
         if (s == MOE_OK && t.grads.status != MOE_OK) s = moe_error(t.grads.status, "%s", t.grads.msg);
         if (s == MOE_OK && o->fail_at_step > 0 && t.st.step + 1 == o->fail_at_step)
             s = moe_error(MOE_ERR_DEVICE, "step %lld failed (moe_train_options.fail_at_step)", (long long)o->fail_at_step);
@@ -788,7 +603,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
             z = v[2] / t.world;
             bad = !isfinite(loss);
         }
-        moe_status ws = grad_sync_finish(&t.grads); /* the summed grads, before the clip reads them */
+        moe_status ws = moe_grad_buckets_finish(&t.grads); /* the summed grads, before the clip reads them */
         if (s == MOE_OK) s = ws;
         if (s != MOE_OK) break;
         double gnorm = 0, scale = 1;
