@@ -144,8 +144,25 @@ static void test_bad_trace_files(void) {
     moe_model m;
     load_model(&m);
     trace_text(&m, 20, 13, "damaged", &t);
-    moe_trace_free(&t);
     moe_model_free(&m);
+    /* intact files (every CRC right) whose contents a reader would index out of range */
+    struct { const char *name, *why; int32_t *at, value; } bad[] = {
+        {"bad-expert", "route_ids holds expert 8 of 8", &t.ids[5], 8},
+        {"bad-token", "out of range or order", &t.tokens[3], 256},
+        {"bad-position", "out of range or order", &t.pos[40], 7},
+        {"bad-layer", "moe_layers names layer 5", &t.moe_layers[1], 5},
+    };
+    for (int i = 0; i < 4; i++) {
+        int32_t keep = *bad[i].at;
+        *bad[i].at = bad[i].value;
+        moe_trace back;
+        snprintf(path, sizeof path, "%s/%s.h5", dir, bad[i].name);
+        CU_ASSERT_EQUAL(moe_trace_save(&t, path), MOE_OK);
+        expect_refusal(moe_trace_load(path, &back), MOE_ERR_FORMAT, path);
+        expect_refusal(MOE_ERR_FORMAT, MOE_ERR_FORMAT, bad[i].why);
+        *bad[i].at = keep;
+    }
+    moe_trace_free(&t);
     snprintf(path, sizeof path, "%s/damaged.h5", dir);
     f = fopen(path, "r+b");
     fseek(f, 0, SEEK_END);

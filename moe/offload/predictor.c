@@ -183,14 +183,18 @@ static moe_status predictor_get(moe_h5 *f, const char *path, const moe_route_fin
     MOE_TRY(moe_route_fingerprint_check(&p->fp, p->model_name, fp, model_name, path));
     moe_route_net_shape shape;
     MOE_TRY(shape_get(f, fp, &shape));
+    int ndim[NET_PARAMS];
+    int64_t sh[NET_PARAMS][2];
+    param_shapes(&shape, ndim, sh);
+    char name[NET_PARAMS][64];
+    for (int i = 0; i < NET_PARAMS; i++) { /* before allocating by the shape */
+        snprintf(name[i], sizeof name[i], "params/%s", param_names[i]);
+        MOE_TRY(moe_trace_expect_shape(f, name[i], MOE_H5_F32, ndim[i], sh[i]));
+    }
     MOE_TRY(moe_route_net_init(&p->net, &shape, 0));
     moe_tensor *t[NET_PARAMS];
     moe_route_net_params(&p->net, t);
-    for (int i = 0; i < NET_PARAMS; i++) {
-        char name[64];
-        snprintf(name, sizeof name, "params/%s", param_names[i]);
-        MOE_TRY(moe_h5_get_array(f, name, MOE_H5_F32, t[i]->ndim, t[i]->shape, t[i]->data));
-    }
+    for (int i = 0; i < NET_PARAMS; i++) MOE_TRY(moe_h5_get_array(f, name[i], MOE_H5_F32, ndim[i], sh[i], t[i]->data));
     return MOE_OK;
 }
 

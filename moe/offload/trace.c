@@ -197,7 +197,24 @@ moe_status moe_route_fingerprint_put(moe_h5 *f, const char *name, const moe_rout
 moe_status moe_route_fingerprint_get(moe_h5 *f, const char *name, moe_route_fingerprint *fp) {
     int64_t v[6];
     MOE_TRY(moe_h5_get_array(f, name, MOE_H5_I64, 1, (int64_t[]){6}, v));
+    bool ok = v[0] >= 1 && v[0] <= 1 << 16 && v[1] >= 1 && v[1] <= v[0] && v[2] >= 1 && v[2] <= 1 << 16 && v[3] >= 1 &&
+              v[3] <= 64 && v[3] <= v[2] && v[4] >= 1 && v[4] <= 1 << 24 && v[5] >= 0 && v[5] <= UINT32_MAX;
+    if (!ok)
+        return moe_error(MOE_ERR_FORMAT, "%s is malformed: layers %lld, MoE layers %lld, experts %lld, top_k %lld, "
+                         "vocabulary %lld", name, (long long)v[0], (long long)v[1], (long long)v[2], (long long)v[3],
+                         (long long)v[4]);
     fingerprint_unpack(v, fp);
+    return MOE_OK;
+}
+
+moe_status moe_trace_expect_shape(moe_h5 *f, const char *name, moe_h5_dtype dt, int ndim, const int64_t *shape) {
+    moe_h5_dtype have_dt;
+    int have_nd;
+    int64_t have[MOE_H5_MAX_NDIM];
+    MOE_TRY(moe_h5_shape(f, name, &have_dt, &have_nd, have));
+    bool same = have_dt == dt && have_nd == ndim;
+    for (int i = 0; same && i < ndim; i++) same = have[i] == shape[i];
+    if (!same) return moe_error(MOE_ERR_FORMAT, "dataset %s is not %s of the expected shape", name, moe_h5_dtype_name(dt));
     return MOE_OK;
 }
 
@@ -231,6 +248,9 @@ moe_status moe_trace_save(const moe_trace *t, const char *path) {
  * `context` tokens numbered 0, 1, ... in order, each at positions 0, 1, 2, ... */
 static moe_status trace_check(const moe_trace *t) {
     const moe_route_fingerprint *fp = &t->fp;
+    for (int l = 0; l < fp->n_moe_layers; l++)
+        if (t->moe_layers[l] < (l ? t->moe_layers[l - 1] + 1 : 0) || t->moe_layers[l] >= fp->n_layers)
+            return moe_error(MOE_ERR_FORMAT, "moe_layers names layer %d of %d out of order", t->moe_layers[l], fp->n_layers);
     if (t->context < 1 || t->n % t->context)
         return moe_error(MOE_ERR_FORMAT, "%lld tokens do not make whole sequences of %lld", (long long)t->n,
                          (long long)t->context);
@@ -260,10 +280,10 @@ static moe_status trace_get(moe_h5 *f, moe_trace *t) {
     int64_t shape[MOE_H5_MAX_NDIM];
     MOE_TRY(moe_h5_shape(f, "tokens", &dt, &nd, shape));
     const moe_route_fingerprint *fp = &t->fp;
-    if (nd != 1 || fp->n_moe_layers < 1 || fp->top_k < 1 || fp->top_k > fp->n_experts || fp->vocab < 1)
-        return moe_error(MOE_ERR_FORMAT, "the fingerprint or the tokens' shape is malformed");
-    MOE_TRY(trace_alloc(t, shape[0]));
-    int64_t n = t->n, lm = fp->n_moe_layers;
+    int64_t n = shape[0], lm = fp->n_moe_layers;
+    if (nd != 1 || n < 1) return moe_error(MOE_ERR_FORMAT, "dataset tokens is not a list of tokens");
+    MOE_TRY(moe_trace_expect_shape(f, "route_ids", MOE_H5_I32, 3, (int64_t[]){lm, n, fp->top_k}));
+    MOE_TRY(trace_alloc(t, n));
     MOE_TRY(moe_h5_get_array(f, "tokens", MOE_H5_I32, 1, &n, t->tokens));
     MOE_TRY(moe_h5_get_array(f, "pos", MOE_H5_I32, 1, &n, t->pos));
     MOE_TRY(moe_h5_get_array(f, "seq", MOE_H5_I32, 1, &n, t->seq));

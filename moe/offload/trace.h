@@ -41,6 +41,9 @@ moe_status moe_route_fingerprint_check(const moe_route_fingerprint *want, const 
 /* The fingerprint as an i64 [6] dataset of a trace or predictor file. */
 moe_status moe_route_fingerprint_put(moe_h5 *f, const char *name, const moe_route_fingerprint *fp);
 moe_status moe_route_fingerprint_get(moe_h5 *f, const char *name, moe_route_fingerprint *fp);
+/* MOE_OK when dataset `name` has exactly that dtype and shape (so a reader may allocate by
+ * it: core/h5file.h checks that the file holds its bytes); else MOE_ERR_FORMAT naming it. */
+moe_status moe_trace_expect_shape(moe_h5 *f, const char *name, moe_h5_dtype dt, int ndim, const int64_t *shape);
 
 typedef struct moe_trace {
     char *model_name;           /* malloc'd */
