@@ -8,7 +8,7 @@
 #   cpu: moe-layer-cpu lm-step-cpu, 2 threads pinned to cores 0,1 when taskset works
 #   gpu: moe-layer-gpu moe-layer-gpu-fine lm-train-gpu
 # Each program finds its own libmoe through its build folder (or LD_LIBRARY_PATH: set
-# MOE_A_LIB / MOE_B_LIB to the folder of each build's libmoe.so when they are copies).
+# MOE_A_LIB / MOE_B_LIB to the folder of each build's libmoe_*.so when they are copies).
 # Output: a markdown table, then one line per figure
 #   BUILDS <case>-<phase> a_ms=<ms> b_ms=<ms> speed_b_over_a=<ratio>
 # Raw JSON lines go to $BENCH_OUT (default bench-results/<date>-builds-<mode>/).
