@@ -11,6 +11,7 @@
 #include "core/memory.h"
 #include "core/ops.h"
 #include "moe/model/config.h"
+#include "moe/model/tokenizer.h"
 #include "moe/train/data.h"
 #include "moe/train/mqar.h"
 #include "moe/train/train.h"
@@ -189,6 +190,59 @@ static void test_damaged_mask(void) {
     free(img);
 }
 
+static uint64_t splitmix64(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ULL;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+/* Files of running text are what they were before records and masks: both header fields
+ * 0, nothing after the tokens, rows drawn at any position by the same hash, every target
+ * the next token (none -1). */
+static void test_text_files_unchanged(void) {
+    const char *dir = moe_test_tmpdir("mqar-text");
+    char text[600], path[600];
+    path_in(text, sizeof text, dir, "text.txt");
+    FILE *f = fopen(text, "w");
+    CU_ASSERT_FATAL(f != NULL);
+    for (int i = 0; i < 200; i++) fprintf(f, "line %d of some running text, to be cut anywhere.\n", i * 7919 % 1000);
+    fclose(f);
+    moe_tokenizer *tok = moe_tokenizer_byte();
+    const char *inputs[1] = {text};
+    CU_ASSERT_EQUAL_FATAL(moe_data_prepare(inputs, 1, tok, 0.1, dir, NULL), MOE_OK);
+    moe_tokenizer_free(tok);
+    path_in(path, sizeof path, dir, "train.bin");
+    size_t len;
+    uint8_t *img = slurp(path, &len);
+    moe_token_file *tf = NULL;
+    CU_ASSERT_EQUAL_FATAL(moe_data_open(path, &tf), MOE_OK);
+    const uint64_t n = moe_data_count(tf);
+    CU_ASSERT_EQUAL(len, MOE_TOKEN_FILE_HEADER_BYTES + 2 * n);
+    for (int b = 28; b < 32; b++) CU_ASSERT_EQUAL(img[b], 0);
+    for (int b = 56; b < 64; b++) CU_ASSERT_EQUAL(img[b], 0);
+    free(img);
+    CU_ASSERT_EQUAL(moe_data_record_len(tf), 0);
+    CU_ASSERT(!moe_data_has_mask(tf));
+    enum { B = 4, L = 16 };
+    const uint64_t seed = 9;
+    moe_loader *l = NULL;
+    CU_ASSERT_EQUAL_FATAL(moe_loader_create(tf, seed, B, L, &l), MOE_OK);
+    int32_t in[B * L], tg[B * L], want[L + 1];
+    for (uint64_t step = 0; step < 5; step++) {
+        moe_loader_next(l, 0, 1, in, tg);
+        for (uint64_t r = 0; r < B; r++) {
+            uint64_t h = splitmix64(splitmix64(splitmix64(seed) ^ step) ^ r);
+            uint64_t start = (uint64_t)(((unsigned __int128)h * (n - L)) >> 64);
+            moe_data_read(tf, start, L + 1, want);
+            CU_ASSERT(memcmp(in + r * L, want, sizeof(int32_t) * L) == 0);
+            CU_ASSERT(memcmp(tg + r * L, want + 1, sizeof(int32_t) * L) == 0);
+        }
+    }
+    moe_loader_free(l);
+    moe_data_close(tf);
+}
+
 /* The validation targets of dir/val.bin (n examples), -1 where not scored. */
 static int32_t *val_targets(const char *dir, int n) {
     char path[600];
@@ -298,6 +352,7 @@ static void register_suites(void) {
                                                    {"spec checked", test_spec_checked},
                                                    {"deterministic seed", test_deterministic},
                                                    {"damaged mask refused", test_damaged_mask},
+                                                   {"text files unchanged", test_text_files_unchanged},
                                                    {"recall: oracle 1, constant at chance", test_recall_oracle_and_constant},
                                                    {"attention learns recall", test_attention_learns_recall},
                                                    {NULL, NULL}});

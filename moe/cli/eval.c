@@ -1,7 +1,9 @@
 /* `moe eval`: validation loss and bits per byte of a model (hub folder or checkpoint) over
- * a token file, or over a text file tokenized with the model's tokenizer. */
+ * a token file, or over a text file tokenized with the model's tokenizer; on a file with a
+ * loss mask (moe data mqar) also the recall. */
 #include "moe/cli/commands.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -35,11 +37,12 @@ static moe_status run_eval(const moe_source_flags *f, const char *data) {
     if (s == MOE_OK && moe_data_vocab(val) > cfg->model.vocab_size)
         s = moe_error(MOE_ERR_CONFIG, "%s has a vocabulary of %d tokens, the model %d", path, moe_data_vocab(val),
                       cfg->model.vocab_size);
-    double loss = 0, bpb = 0;
-    if (s == MOE_OK) s = moe_evaluate(&src.model, val, cfg->train.eval_batches, &loss, &bpb);
+    moe_eval_result r;
+    if (s == MOE_OK) s = moe_evaluate_full(&src.model, val, cfg->train.eval_batches, &r);
     if (s == MOE_OK) {
-        printf("val_loss %.4f  val_bpb %.4f", loss, bpb);
+        printf("val_loss %.4f  val_bpb %.4f", r.loss, r.bpb);
         if (moe_data_unigram_bpb(val) > 0) printf("  unigram_bpb %.4f", moe_data_unigram_bpb(val));
+        if (!isnan(r.recall)) printf("  recall %.4f of %lld queries", r.recall, (long long)r.scored);
         printf("  (%d batches of %dx%d from %s)\n", cfg->train.eval_batches, cfg->data.batch_size, cfg->model.seq_len,
                path);
     }

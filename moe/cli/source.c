@@ -61,12 +61,16 @@ static moe_status checkpoint_hub_text(moe_source *src) {
 
 /* The tokenizer stored in the checkpoint, else the config's BPE file or hub folder, else
  * bytes; refused when it has more tokens than the model. */
-static moe_status checkpoint_text(moe_source *src) {
+static moe_status checkpoint_text(moe_source *src, unsigned parts) {
     if (src->cfg.data.tokenizer == MOE_CFG_TOKENIZER_HF) return checkpoint_hub_text(src);
     moe_tokenizer *tok = NULL;
     MOE_TRY(moe_checkpoint_read_tokenizer(src->name, &tok));
     if (!tok && src->cfg.data.tokenizer == MOE_CFG_TOKENIZER_BPE) MOE_TRY(moe_tokenizer_load(src->cfg.data.tokenizer_path, &tok));
     if (!tok && !(tok = moe_tokenizer_byte())) return moe_error(MOE_ERR_OOM, "out of memory making the byte tokenizer");
+    if (moe_tokenizer_vocab_size(tok) > src->cfg.model.vocab_size && !(parts & MOE_SOURCE_TEXT)) {
+        moe_tokenizer_free(tok); /* TEXT_IF_ANY: a model of fewer ids than bytes (e.g. moe data mqar's) has no text */
+        return MOE_OK;
+    }
     if (moe_tokenizer_vocab_size(tok) > src->cfg.model.vocab_size) {
         moe_status s = moe_error(MOE_ERR_CONFIG, "%s: the tokenizer has %d tokens, the model's vocabulary %d", src->name,
                                  moe_tokenizer_vocab_size(tok), src->cfg.model.vocab_size);
@@ -85,7 +89,7 @@ static moe_status open_checkpoint(moe_source *src, const moe_source_flags *f, un
         src->has_model = true;
         MOE_TRY(moe_checkpoint_load_weights(f->checkpoint, &src->model));
     }
-    if (parts & (MOE_SOURCE_TEXT | MOE_SOURCE_TEXT_IF_ANY)) MOE_TRY(checkpoint_text(src));
+    if (parts & (MOE_SOURCE_TEXT | MOE_SOURCE_TEXT_IF_ANY)) MOE_TRY(checkpoint_text(src, parts));
     return MOE_OK;
 }
 
