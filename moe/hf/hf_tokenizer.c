@@ -1378,8 +1378,9 @@ void moe_hf_stream_free(moe_hf_stream *s) {
 static moe_status stream_step(moe_hf_stream *s, bool final, char **piece) {
     char *before = NULL, *after = NULL;
     *piece = NULL;
-    moe_status st = moe_hf_decode(s->tok, s->ids + s->prefix, s->read - s->prefix, s->skip_special, &before);
-    if (st == MOE_OK) st = moe_hf_decode(s->tok, s->ids + s->prefix, s->n - s->prefix, s->skip_special, &after);
+    const int32_t *from = s->ids ? s->ids + s->prefix : NULL; /* finish before any push: no ids yet */
+    moe_status st = moe_hf_decode(s->tok, from, s->read - s->prefix, s->skip_special, &before);
+    if (st == MOE_OK) st = moe_hf_decode(s->tok, from, s->n - s->prefix, s->skip_special, &after);
     if (st != MOE_OK) {
         free(before);
         return st;

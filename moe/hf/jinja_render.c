@@ -24,7 +24,7 @@ typedef struct scope {
 
 typedef enum flow { FLOW_NONE, FLOW_BREAK, FLOW_CONTINUE } flow;
 
-#define RENDER_STEPS 2000000L            /* a chat takes about 100 per message */
+#define RENDER_STEPS 1000000L            /* a chat takes about 100 per message */
 #define RENDER_BYTES ((size_t)128 << 20) /* values and output: about 7x the text rendered */
 
 struct render;
@@ -141,6 +141,7 @@ static stream *open_stream(render *r) {
     s->r = r;
     s->f = fopencookie(s, "w", (cookie_io_functions_t){.write = stream_write});
     if (!s->f) rerr(r, 0, MOE_ERR_OOM, "out of memory");
+    setvbuf(s->f, NULL, _IONBF, 0); /* most streams hold a short string: no 4 KiB buffer for each */
     s->next = r->streams;
     r->streams = s;
     return s;
