@@ -125,7 +125,7 @@ expect "generate --chat renders the template" 0 "<|im_start|>user" "$moe" genera
   --tokens 2 --temperature 0
 expect "tokenize --checkpoint of a converted folder" 0 "IDS" "$moe" tokenize --checkpoint qwen3-moe-tiny.h5 --text "Hello"
 for i in $(seq 1 40); do echo "The jury said it did find that the city's election was conducted, number $i."; done > text.txt
-expect "eval --model over a text file" 0 "val_bpb" "$moe" eval --model "$d" --data text.txt --set model.seq_len=32 \
+expect "eval --model over a text file: loss, bits per byte, perplexity" 0 "perplexity" "$moe" eval --model "$d" --data text.txt --set model.seq_len=32 \
   --set data.batch_size=2 --set train.eval_batches=2
 
 # Fine-tuning: one batch of one sequence (the token file holds seq_len + 1 ids, so the loader

@@ -40,7 +40,7 @@ static moe_status run_eval(const moe_source_flags *f, const char *data) {
     moe_eval_result r;
     if (s == MOE_OK) s = moe_evaluate_full(&src.model, val, cfg->train.eval_batches, &r);
     if (s == MOE_OK) {
-        printf("val_loss %.4f  val_bpb %.4f", r.loss, r.bpb);
+        printf("val_loss %.4f  val_bpb %.4f  perplexity %.3f", r.loss, r.bpb, exp(r.loss));
         if (moe_data_unigram_bpb(val) > 0) printf("  unigram_bpb %.4f", moe_data_unigram_bpb(val));
         if (!isnan(r.recall)) printf("  recall %.4f of %lld queries", r.recall, (long long)r.scored);
         printf("  (%d batches of %dx%d from %s)\n", cfg->train.eval_batches, cfg->data.batch_size, cfg->model.seq_len,
