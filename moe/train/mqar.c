@@ -53,8 +53,8 @@ moe_status moe_mqar_create(const moe_mqar_spec *spec, moe_mqar **out) {
         return moe_error(MOE_ERR_INVALID, "mqar: %d pairs need a sequence of at least 4 x pairs = %d tokens "
                          "(the context and room to query every key), got %d", s->pairs, 4 * s->pairs, s->seq_len);
     if (s->vocab < 4 || s->vocab > (1 << 24) || s->pairs >= s->vocab / 2)
-        return moe_error(MOE_ERR_INVALID, "mqar: vocabulary %d must be in [4, 2^24] and hold more than 2 x "
-                         "pairs = %d tokens (%d distinct keys from [1, V/2))", s->vocab, 2 * s->pairs, s->pairs);
+        return moe_error(MOE_ERR_INVALID, "mqar: vocabulary %d must be in [4, 2^24] and at least 2 x (pairs + 1) = %d "
+                         "(%d distinct keys from [1, V/2))", s->vocab, 2 * (s->pairs + 1), s->pairs);
     moe_mqar *g = calloc(1, sizeof *g);
     int space = (s->seq_len - 2 * s->pairs) / 2;
     double *cdf = g ? malloc(sizeof *cdf * (size_t)space) : NULL;
