@@ -18,8 +18,8 @@ static const char *const param_names[NET_PARAMS] = {"embed", "w1", "b1", "w2", "
 
 /* The shapes of the five parameters. */
 static void param_shapes(const moe_route_net_shape *s, int *ndim, int64_t shape[NET_PARAMS][2]) {
-    int64_t in = (int64_t)(s->context + 1) * s->embed + s->context, out = (int64_t)s->n_moe_layers * s->n_experts;
-    const int64_t sh[NET_PARAMS][2] = {{s->vocab, s->embed}, {in, s->hidden}, {s->hidden, 1}, {s->hidden, out}, {out, 1}};
+    int64_t in = (int64_t)(s->context + 1) * s->embed, out = (int64_t)s->n_moe_layers * s->n_experts;
+    const int64_t sh[NET_PARAMS][2] = {{s->vocab + 1, s->embed}, {in, s->hidden}, {s->hidden, 1}, {s->hidden, out}, {out, 1}};
     for (int i = 0; i < NET_PARAMS; i++) {
         ndim[i] = sh[i][1] == 1 && (i == 2 || i == 4) ? 1 : 2;
         shape[i][0] = sh[i][0], shape[i][1] = sh[i][1];
@@ -88,31 +88,20 @@ void moe_route_net_slots(int context, const int32_t *tokens, const int32_t *pos,
 
 moe_tensor *moe_route_net_forward(const moe_route_net *net, const int32_t *slots, int64_t n) {
     const moe_route_net_shape *s = &net->shape;
-    int64_t S = s->context + 1, C = s->context;
+    int64_t S = s->context + 1;
     int32_t *ids = moe_step_host_alloc(sizeof *ids * (size_t)(n * S));
-    float *present = moe_step_host_alloc(sizeof *present * (size_t)(n * S));
-    float *ctx = moe_step_host_alloc(sizeof *ctx * (size_t)(n * (C ? C : 1)));
-    if (!ids || !present || !ctx) {
+    if (!ids) {
         moe_error(MOE_ERR_OOM, "route net: out of host memory");
         return NULL;
     }
     for (int64_t i = 0; i < n * S; i++) {
         MOE_ASSERT(slots[i] < s->vocab, "route net: token %d of a vocabulary of %d", slots[i], s->vocab);
-        ids[i] = slots[i] < 0 ? 0 : slots[i];
-        present[i] = slots[i] >= 0;
+        ids[i] = slots[i] < 0 ? s->vocab : slots[i]; /* row V: "no token here" */
     }
-    for (int64_t i = 0; i < n; i++)
-        for (int64_t j = 0; j < C; j++) ctx[i * C + j] = present[i * S + 1 + j];
     moe_tensor *idt = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_I32, 1, (int64_t[]){n * S}, ids);
-    moe_tensor *pt = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 3, (int64_t[]){n, S, 1}, present);
-    moe_tensor *e = moe_reshape(moe_embedding(net->embed, idt), 3, (int64_t[]){n, S, s->embed}); /* [n, S, r] */
-    moe_tensor *x = moe_reshape(moe_mul(e, pt), 2, (int64_t[]){n, S * s->embed});                 /* [n, S r] */
-    if (C > 0) {
-        moe_tensor *parts[2] = {x, moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 2, (int64_t[]){n, C}, ctx)};
-        x = moe_concat(parts, 2, 1); /* [n, S r + C] */
-    }
-    moe_tensor *h = moe_gelu(moe_add(moe_matmul(x, net->w1), net->b1)); /* [n, H] */
-    return moe_add(moe_matmul(h, net->w2), net->b2);                     /* [n, Lm E] */
+    moe_tensor *x = moe_reshape(moe_embedding(net->embed, idt), 2, (int64_t[]){n, S * s->embed}); /* [n, S r] */
+    moe_tensor *h = moe_gelu(moe_add(moe_matmul(x, net->w1), net->b1));                            /* [n, H] */
+    return moe_add(moe_matmul(h, net->w2), net->b2);                                                /* [n, Lm E] */
 }
 
 /* ---- the file ---- */

@@ -6,8 +6,7 @@
  * The network (moe_route_net), one definition for training (moe/train/predictor_train.h)
  * and prediction, built from the engine's ops on the CPU in f32:
  *   slots [n, C+1]: the token and its C previous tokens (-1 where there is none)
- *   e = embed[slots] * present           [n, C+1, r]   own embedding table [V, r]
- *   x = [e flattened | present of 1..C]  [n, (C+1) r + C]
+ *   x = embed[slots, with -1 as row V]   [n, (C+1) r]  own embedding table [V+1, r]
  *   h = gelu(x w1 + b1)                  [n, H]
  *   z = h w2 + b2                        [n, Lm E]      logits: layer l's experts at [l E, (l+1) E)
  * trained with a per-layer softmax cross-entropy against the traced top-k sets.
@@ -15,7 +14,7 @@
  * The predictor file (HDF5, our checkpoint format):
  *   /kind "moe-route-predictor", /model/name, /model/fingerprint (trace.h)
  *   /shape i64 [7]: vocab, context C, embed r, hidden H, Lm, E, top_k
- *   /params/embed [V, r], /params/w1, /params/b1, /params/w2, /params/b2 (f32) */
+ *   /params/embed [V+1, r], /params/w1, /params/b1, /params/w2, /params/b2 (f32) */
 #ifndef MOE_OFFLOAD_PREDICTOR_H
 #define MOE_OFFLOAD_PREDICTOR_H
 

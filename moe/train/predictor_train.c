@@ -114,7 +114,7 @@ static moe_status held_out_report(const moe_trace *t, int64_t split, const moe_r
  * (at least 16: a net whose embedding table alone passes the budget gets that). */
 static int auto_hidden(const moe_trace *t, const moe_predictor_train_options *o) {
     double budget = 0.02 * (double)t->active_params, out = (double)t->fp.n_moe_layers * t->fp.n_experts;
-    double fixed = (double)t->fp.vocab * o->embed + out, per_unit = (double)(o->context + 1) * o->embed + o->context + 1 + out;
+    double fixed = (double)(t->fp.vocab + 1) * o->embed + out, per_unit = (double)(o->context + 1) * o->embed + 1 + out;
     double h = (budget - fixed) / per_unit;
     return h >= 128 ? 128 : h <= 16 ? 16 : (int)h;
 }
