@@ -124,6 +124,20 @@ expect "generate with text and the chat template" 0 "new tokens in" "$moe" gener
 expect "generate --chat renders the template" 0 "<|im_start|>user" "$moe" generate --model "$d" --prompt "Hello" --chat \
   --tokens 2 --temperature 0
 expect "tokenize --checkpoint of a converted folder" 0 "IDS" "$moe" tokenize --checkpoint qwen3-moe-tiny.h5 --text "Hello"
+# generation_config.json: its sampling is the default (flags override), its eos ids stop.
+mkdir -p gc && cp "$d"/* gc/ && rm gc/expected.safetensors
+printf '{"do_sample": true, "temperature": 0.7, "top_k": 5, "top_p": 0.9, "eos_token_id": 7}\n' > gc/generation_config.json
+a=$(last_ids "$moe" generate --model gc --prompt-ids 5,6 --tokens 12 --seed 3 --eos -1 --print-ids)
+b=$(last_ids "$moe" generate --model gc --prompt-ids 5,6 --tokens 12 --seed 3 --eos -1 --print-ids --temperature 0.7 \
+  --top-k 5 --top-p 0.9)
+c=$(last_ids "$moe" generate --model gc --prompt-ids 5,6 --tokens 12 --seed 3 --eos -1 --print-ids --temperature 0)
+if [ -n "$a" ] && [ "$a" = "$b" ] && [ "$a" != "$c" ]; then ok "generation_config.json's sampling is the default"
+else bad "generation_config.json's sampling: default '$a', explicit '$b', greedy '$c'"; fi
+first=$(last_ids "$moe" generate --model "$d" --prompt-ids 5,6 --tokens 1 --temperature 0 --print-ids | cut -d' ' -f4)
+printf '{"eos_token_id": %s}\n' "$first" > gc/generation_config.json
+expect "generation_config.json's eos id stops generation" 0 "stopped at the end-of-sequence token $first" \
+  "$moe" generate --model gc --prompt-ids 5,6 --tokens 5 --temperature 0
+
 for i in $(seq 1 40); do echo "The jury said it did find that the city's election was conducted, number $i."; done > text.txt
 expect "eval --model over a text file: loss, bits per byte, perplexity" 0 "perplexity" "$moe" eval --model "$d" --data text.txt --set model.seq_len=32 \
   --set data.batch_size=2 --set train.eval_batches=2
