@@ -8,6 +8,7 @@
  *                                            hub tokenizer (data.tokenizer: hf) comes along */
 #include "moe/cli/commands.h"
 
+#include <cjson/cJSON.h>
 #include <errno.h>
 #include <limits.h>
 #include <stdlib.h>
@@ -18,6 +19,7 @@
 
 #include "core/fileio.h"
 #include "moe/cli/cli.h"
+#include "moe/hf/safetensors.h"
 #include "moe/cli/source.h"
 #include "moe/hf/hf_model.h"
 #include "moe/train/checkpoint.h"
@@ -74,12 +76,40 @@ static moe_status copy_tokenizer(const moe_config *cfg, const char *dir) {
     return MOE_OK;
 }
 
+/* The source folder's bos/eos/pad ids into the exported config.json (transformers reads
+ * them there; without them it takes the family's defaults, which may lie outside the
+ * vocabulary). */
+static moe_status copy_special_ids(const char *from_dir, const char *dir) {
+    char from[4096], to[4096];
+    snprintf(from, sizeof from, "%s/config.json", from_dir);
+    snprintf(to, sizeof to, "%s/config.json", dir);
+    char *a = moe_hf_read_text(from), *b = moe_hf_read_text(to);
+    cJSON *src = a ? cJSON_Parse(a) : NULL, *dst = b ? cJSON_Parse(b) : NULL;
+    free(a);
+    free(b);
+    static const char *const keys[] = {"bos_token_id", "eos_token_id", "pad_token_id"};
+    for (size_t i = 0; src && dst && i < sizeof keys / sizeof *keys; i++) {
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(src, keys[i]);
+        if (v && !cJSON_IsNull(v)) cJSON_AddItemToObject(dst, keys[i], cJSON_Duplicate(v, true));
+    }
+    char *text = src && dst ? cJSON_Print(dst) : NULL;
+    cJSON_Delete(src);
+    cJSON_Delete(dst);
+    if (!text) return MOE_OK; /* no source config.json: the export stands as written */
+    moe_atomic_file af;
+    moe_status s = moe_atomic_open(&af, to, "config.json");
+    if (s == MOE_OK) s = moe_atomic_close(&af, fputs(text, af.f) >= 0, "config.json");
+    free(text);
+    return s;
+}
+
 static moe_status checkpoint_to_hub(const char *ckpt, const char *dir, const char *family) {
     if (mkdir(dir, 0777) != 0 && errno != EEXIST) return moe_error(MOE_ERR_IO, "cannot create %s: %s", dir, strerror(errno));
     moe_source src;
     MOE_TRY(moe_source_open(&src, &(moe_source_flags){.checkpoint = ckpt, .device = "cpu", .dtype = "f32"}, MOE_SOURCE_MODEL));
     moe_status s = moe_hf_export(&src.model, family, dir);
     if (s == MOE_OK) s = copy_tokenizer(&src.cfg, dir);
+    if (s == MOE_OK && src.cfg.data.tokenizer == MOE_CFG_TOKENIZER_HF) s = copy_special_ids(src.cfg.data.tokenizer_path, dir);
     if (s == MOE_OK) printf("%s: config.json and model.safetensors from %s%s\n", dir, ckpt,
                             src.cfg.data.tokenizer == MOE_CFG_TOKENIZER_HF ? " (and the tokenizer)" : "");
     moe_source_close(&src);
