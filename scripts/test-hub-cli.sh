@@ -164,6 +164,12 @@ check "fine-tuning on text prepared with the folder's tokenizer" "$moe" train "$
   --set model.init_from="$d" --set data.train_path=data-hf/train.bin --set data.val_path=data-hf/val.bin \
   --set model.seq_len=16 --set data.batch_size=2 --set train.eval_batches=1 --set train.steps=1 \
   --set checkpoint.dir=ft3 --quiet
+check "a MoM model of our own trains a step" "$moe" train "$root/configs/tiny-cpu.yaml" --set data.train_path=data-hf/train.bin \
+  --set data.val_path=data-hf/val.bin --set model.vocab_size=602 --set model.d_model=32 --set model.n_layers=2 \
+  --set model.n_heads=2 --set model.seq_len=16 --set model.ffn_dim=24 --set model.n_experts=4 --set data.batch_size=2 \
+  --set train.eval_batches=1 --set train.steps=1 --set model.mixer=mom --set checkpoint.dir=mom --quiet
+expect "convert --to-hf refuses what no family can express, by name" 1 "model.mixer" "$moe" convert mom/ckpt-000001.h5 \
+  --to-hf mom-hf
 ckpt=$(ls ft/ckpt-*.h5 2> /dev/null | tail -1)
 expect "the fine-tuned checkpoint generates text through the folder's tokenizer" 0 "The jury" \
   "$moe" generate --checkpoint "$ckpt" --prompt "The jury" --tokens 3
