@@ -19,7 +19,7 @@ fail() { echo "FAIL $*"; fails=$((fails + 1)); }
 
 for i in $(seq 1 400); do echo "It was the best of times, it was the worst of times, number $((i % 7))."; done > text.txt
 "$moe" data prepare --out data text.txt > /dev/null || { echo "FAIL data prepare"; exit 1; }
-steps=150
+steps=300
 small=(--quiet --set data.train_path=data/train.bin --set data.val_path=data/val.bin --set model.d_model=32
   --set model.n_layers=2 --set model.n_heads=2 --set model.seq_len=16 --set model.ffn_dim=24 --set model.n_experts=4
   --set data.batch_size=4 --set train.eval_every=0 --set train.eval_batches=2 --set train.log_every=1
@@ -67,7 +67,7 @@ one_run() {
 
 one_run_checks() {
   local name=$1 sigs=$2 k=$3 th=$((1 + $3 % 2)) dir=$1-$3 delay want
-  delay=$(awk -v s="$RANDOM" 'BEGIN { srand(s); printf "%.2f", rand() * 1.5 }')
+  delay=$(awk -v s="$RANDOM" 'BEGIN { srand(s); printf "%.2f", rand() * 0.5 }')
   "$moe" train "$cfg" "${small[@]}" --set train.threads=$th --set checkpoint.dir=$dir > $dir.log 2>&1 &
   local pid=$!
   wait_watching $pid
