@@ -84,6 +84,17 @@ static void *copy_thread(void *arg) {
     return NULL;
 }
 
+/* Frees what moe_xfer_create made once the copy thread is gone (or never started). */
+static void release_queue(moe_xfer *x) {
+    pthread_mutex_destroy(&x->mu);
+    pthread_cond_destroy(&x->work);
+    pthread_cond_destroy(&x->done);
+#ifdef MOE_HAVE_CUDA
+    moe_cuda_copy_stream_free(x->stream);
+#endif
+    free(x);
+}
+
 moe_status moe_xfer_create(moe_device dev, moe_xfer **out) {
     *out = NULL;
 #ifndef MOE_HAVE_CUDA
@@ -105,13 +116,7 @@ moe_status moe_xfer_create(moe_device dev, moe_xfer **out) {
     pthread_cond_init(&x->work, NULL);
     pthread_cond_init(&x->done, NULL);
     if (pthread_create(&x->thread, NULL, copy_thread, x) != 0) {
-        pthread_mutex_destroy(&x->mu);
-        pthread_cond_destroy(&x->work);
-        pthread_cond_destroy(&x->done);
-#ifdef MOE_HAVE_CUDA
-        moe_cuda_copy_stream_free(x->stream);
-#endif
-        free(x);
+        release_queue(x);
         return moe_error(MOE_ERR_DEVICE, "copy queue: cannot start the copy thread");
     }
     *out = x;
@@ -130,13 +135,7 @@ void moe_xfer_free(moe_xfer *x) {
     pthread_cond_signal(&x->work);
     pthread_mutex_unlock(&x->mu);
     pthread_join(x->thread, NULL);
-    pthread_mutex_destroy(&x->mu);
-    pthread_cond_destroy(&x->work);
-    pthread_cond_destroy(&x->done);
-#ifdef MOE_HAVE_CUDA
-    moe_cuda_copy_stream_free(x->stream);
-#endif
-    free(x);
+    release_queue(x);
 }
 
 moe_status moe_xfer_submit(moe_xfer *x, moe_xfer_job *j, bool urgent) {
