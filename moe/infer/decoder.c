@@ -65,6 +65,13 @@ moe_status moe_decoder_open_with(moe_model *m, const moe_decoder_options *o, moe
     return MOE_OK;
 }
 
+moe_status moe_decoder_open_on(moe_model *m, moe_device dev, moe_dtype dtype, moe_decoder **out) {
+    if (dev != m->dev)
+        return moe_error(MOE_ERR_CONFIG, "decoder: a %s view of a %s model is not supported yet", moe_device_name(dev),
+                         moe_device_name(m->dev));
+    return moe_decoder_open(m, dtype, out);
+}
+
 const moe_model *moe_decoder_view(const moe_decoder *d) { return &d->view; }
 
 void moe_decoder_close(moe_decoder *d) {

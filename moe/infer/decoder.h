@@ -69,6 +69,9 @@ typedef struct moe_decode_info {
  * checks); with dtype F32 on f32 masters the decoder shares m's tensors. Every routed
  * expert is resident. */
 moe_status moe_decoder_open(moe_model *m, moe_dtype dtype, moe_decoder **out);
+/* The same with the view on device `dev`, whatever device m's masters live on (e.g. a model
+ * loaded on the host, run on CUDA: only the cast view takes device memory). */
+moe_status moe_decoder_open_on(moe_model *m, moe_device dev, moe_dtype dtype, moe_decoder **out);
 
 /* Where the routed experts of a decoder's MoE layers come from, said at open. */
 typedef enum moe_expert_placement {
