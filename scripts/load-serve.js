@@ -2,8 +2,8 @@
 // Load test of `moe serve`: N concurrent streaming chat clients, M requests each, on a
 // loopback address only. Prints throughput, p50/p99 time to first token and inter-token
 // latency; exits 1 if any request failed or its stream was truncated (no finish_reason or
-// no [DONE]).
-//   node scripts/load-serve.js http://127.0.0.1:PORT [--clients N] [--requests M] [--max-tokens T]
+// no [DONE]). --json FILE also writes the numbers there as one JSON object.
+//   node scripts/load-serve.js http://127.0.0.1:PORT [--clients N] [--requests M] [--max-tokens T] [--json FILE]
 "use strict";
 
 const args = process.argv.slice(2);
@@ -13,9 +13,11 @@ function opt(name, dflt) {
   return i > 0 ? +args[i + 1] : dflt;
 }
 const clients = opt("--clients", 8), requests = opt("--requests", 4), maxTokens = opt("--max-tokens", 32);
+const jsonPath = args.indexOf("--json") > 0 ? args[args.indexOf("--json") + 1] : null;
 if (!base || !/^http:\/\/(127\.0\.0\.1|localhost|\[::1\])(:\d+)?$/.test(base) || !(clients >= 1 && clients <= 256) ||
-    !(requests >= 1 && requests <= 1000) || !(maxTokens >= 1 && maxTokens <= 4096)) {
-  console.error("usage: load-serve.js http://127.0.0.1:PORT [--clients 1-256] [--requests 1-1000] [--max-tokens 1-4096]");
+    !(requests >= 1 && requests <= 1000) || !(maxTokens >= 1 && maxTokens <= 4096) || jsonPath === undefined) {
+  console.error("usage: load-serve.js http://127.0.0.1:PORT [--clients 1-256] [--requests 1-1000] [--max-tokens 1-4096] " +
+                "[--json FILE]");
   process.exit(2);
 }
 
@@ -79,5 +81,13 @@ function pct(a, p) {
   console.log(`time to first token p50 ${pct(ttft, 50).toFixed(1)} ms, p99 ${pct(ttft, 99).toFixed(1)} ms; ` +
               `inter-token p50 ${pct(itl, 50).toFixed(1)} ms, p99 ${pct(itl, 99).toFixed(1)} ms`);
   console.log(`failed ${failed}, truncated ${truncated}`);
+  if (jsonPath) {
+    const num = (x) => (Number.isFinite(x) ? +x.toFixed(3) : null);
+    require("fs").writeFileSync(jsonPath, JSON.stringify({
+      clients, requests, max_tokens: maxTokens, seconds: num(secs), output_tokens: tokens,
+      tokens_per_s: num(tokens / secs), requests_per_s: num((clients * requests) / secs),
+      ttft_p50_ms: num(pct(ttft, 50)), ttft_p99_ms: num(pct(ttft, 99)),
+      itl_p50_ms: num(pct(itl, 50)), itl_p99_ms: num(pct(itl, 99)), failed, truncated }) + "\n");
+  }
   process.exit(failed || truncated ? 1 : 0);
 })();
