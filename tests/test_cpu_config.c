@@ -1,6 +1,7 @@
 /* Tests of the YAML config: defaults, the shipped configs, every error message
  * (status + file:line:col + key), --set overrides and the emit/reload round trip. */
 #include "tests/harness/testlib.h"
+#include "tests/harness/files.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -11,22 +12,6 @@
 #include "moe/model/config.h"
 
 /* ---------- helpers ---------- */
-
-/* The source tree: $MOE_SOURCE_DIR, else ".." (tests run in the build dir), else ".",
- * else the tree this file was compiled from (CMake passes __FILE__ as an absolute path). */
-static const char *source_path(const char *rel) {
-    static char path[1024], compiled[1024];
-    snprintf(compiled, sizeof compiled, "%s", __FILE__);
-    char *tail = strstr(compiled, "/tests/test_cpu_config.c");
-    if (tail) *tail = '\0';
-    const char *dirs[] = {getenv("MOE_SOURCE_DIR"), "..", ".", tail ? compiled : NULL};
-    for (size_t i = 0; i < sizeof dirs / sizeof dirs[0]; i++) {
-        if (!dirs[i]) continue;
-        snprintf(path, sizeof path, "%s/%s", dirs[i], rel);
-        if (access(path, R_OK) == 0) return path;
-    }
-    return rel;
-}
 
 static bool contains(const char *text, const char *part) {
     bool ok = strstr(text, part) != NULL;
@@ -153,7 +138,7 @@ static void test_defaults(void) {
 
 static void test_tiny_cpu(void) {
     moe_config cfg;
-    moe_status st = moe_config_load_file(&cfg, source_path("configs/tiny-cpu.yaml"));
+    moe_status st = moe_config_load_file(&cfg, moe_test_source_path("configs/tiny-cpu.yaml"));
     if (st != MOE_OK) fprintf(stderr, "\n%s\n", moe_last_error());
     CU_ASSERT_EQUAL_FATAL(st, MOE_OK);
     CU_ASSERT_EQUAL(moe_config_validate(&cfg), MOE_OK);
@@ -172,7 +157,7 @@ static void test_tiny_cpu(void) {
 
 static void test_small_gpu(void) {
     moe_config cfg;
-    moe_status st = moe_config_load_file(&cfg, source_path("configs/small-gpu.yaml"));
+    moe_status st = moe_config_load_file(&cfg, moe_test_source_path("configs/small-gpu.yaml"));
     if (st != MOE_OK) fprintf(stderr, "\n%s\n", moe_last_error());
     CU_ASSERT_EQUAL_FATAL(st, MOE_OK);
     CU_ASSERT_EQUAL(moe_config_validate(&cfg), MOE_OK);

@@ -1,6 +1,7 @@
 /* Tests of the tokenizers (byte, BPE: round trips, determinism, a naive reference
  * trainer, files) and the data pipeline (prepare, token files, batch sampler, eval). */
 #include "tests/harness/testlib.h"
+#include "tests/harness/files.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -61,19 +62,6 @@ static void write_bytes(const char *path, const void *data, size_t len) {
     CU_ASSERT_FATAL(f != NULL);
     CU_ASSERT_FATAL(fwrite(data, 1, len, f) == len);
     fclose(f);
-}
-
-/* Reads a whole file; *len gets its size. Caller frees. */
-static uint8_t *read_bytes(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    CU_ASSERT_FATAL(f != NULL);
-    fseek(f, 0, SEEK_END);
-    *len = (size_t)ftell(f);
-    rewind(f);
-    uint8_t *p = malloc(*len + 1);
-    CU_ASSERT_FATAL(fread(p, 1, *len, f) == *len);
-    fclose(f);
-    return p;
 }
 
 static void join(char *out, size_t n, const char *dir, const char *name) {
@@ -407,7 +395,7 @@ static void test_tokenizer_damaged(void) {
     CU_ASSERT_EQUAL_FATAL(moe_tokenizer_save(tok, good), MOE_OK);
     moe_tokenizer_free(tok);
     size_t len;
-    uint8_t *img = read_bytes(good, &len);
+    uint8_t *img = moe_test_read_file(good, &len);
     CU_ASSERT_EQUAL_FATAL(len, 28 + 8 * 144 + 4);
 
     write_bytes(bad, img, len - 1); /* truncated */
@@ -496,7 +484,7 @@ static void test_prepare_byte(void) {
     char path[700];
     join(path, sizeof path, out, "val.bin");
     size_t flen;
-    free(read_bytes(path, &flen));
+    free(moe_test_read_file(path, &flen));
     CU_ASSERT_EQUAL(flen, 64 + 2 * s.val_tokens);
     free(t);
     free(v);
@@ -597,7 +585,7 @@ static void test_token_file_damaged(void) {
     CU_ASSERT_EQUAL_FATAL(moe_data_prepare(inputs, 1, tok, 0.1, dir, NULL), MOE_OK);
     moe_tokenizer_free(tok);
     size_t len;
-    uint8_t *img = read_bytes(good, &len);
+    uint8_t *img = moe_test_read_file(good, &len);
     expect_data_refused(bad, img, 10, MOE_ERR_FORMAT, "truncated");
     expect_data_refused(bad, img, 0, MOE_ERR_FORMAT, "truncated");
     expect_data_refused(bad, img, len - 1, MOE_ERR_FORMAT, "size mismatch");

@@ -2,6 +2,7 @@
  * missing, truncated, uncommitted and bit-flipped files with clear messages; atomic
  * replacement; retention (keep_last) and find_latest; no leaked HDF5 ids. */
 #include "tests/harness/testlib.h"
+#include "tests/harness/files.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -11,13 +12,6 @@
 #include <unistd.h>
 
 #include "core/h5file.h"
-
-#define CHECK_OK(expr)                                                          \
-    do {                                                                        \
-        moe_status s_ = (expr);                                                 \
-        if (s_ != MOE_OK) fprintf(stderr, "%s: %s\n", #expr, moe_last_error()); \
-        CU_ASSERT_EQUAL_FATAL(s_, MOE_OK);                                      \
-    } while (0)
 
 #define CHECK_ERROR_HAS(text) CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), (text)))
 
@@ -29,19 +23,6 @@ static void scratch(const char *name, char *dir, size_t cap) {
     const char *d = moe_test_tmpdir(name);
     CU_ASSERT_PTR_NOT_NULL_FATAL(d);
     snprintf(dir, cap, "%s", d);
-}
-
-static unsigned char *read_all(const char *path, size_t *size) {
-    FILE *fp = fopen(path, "rb");
-    CU_ASSERT_PTR_NOT_NULL_FATAL(fp);
-    fseek(fp, 0, SEEK_END);
-    long n = ftell(fp);
-    fseek(fp, 0, SEEK_SET);
-    unsigned char *buf = malloc((size_t)n + 1);
-    CU_ASSERT_EQUAL_FATAL(fread(buf, 1, (size_t)n, fp), (size_t)n);
-    fclose(fp);
-    *size = (size_t)n;
-    return buf;
 }
 
 static void write_all(const char *path, const void *data, size_t n) {
@@ -372,7 +353,7 @@ static void test_truncated(void) {
     snprintf(path, sizeof path, "%s/c.h5", dir);
     write_small(path, 7);
     size_t size;
-    unsigned char *bytes = read_all(path, &size);
+    unsigned char *bytes = moe_test_read_file(path, &size);
     CU_ASSERT_FATAL(size > 4000);
     int64_t ids_before = moe_h5_open_object_count();
     CU_ASSERT_EQUAL(ids_before, 0);
@@ -420,7 +401,7 @@ static void test_flipped_byte(void) {
     CHECK_OK(moe_h5_commit(w));
 
     size_t size;
-    unsigned char *bytes = read_all(path, &size);
+    unsigned char *bytes = moe_test_read_file(path, &size);
     long at = find_unique(bytes, size, pattern, sizeof pattern);
     long text_at = find_unique(bytes, size, text, strlen(text));
     CU_ASSERT_FATAL(at >= 0 && text_at >= 0);
@@ -568,7 +549,7 @@ static void test_find_latest(void) {
 
     /* damage the newest (truncate) and the next (not HDF5): step 2 is picked */
     size_t size;
-    unsigned char *bytes = read_all(path, &size);
+    unsigned char *bytes = moe_test_read_file(path, &size);
     write_all(path, bytes, size / 2);
     free(bytes);
     snprintf(path, sizeof path, "%s/ckpt-9.h5", dir);

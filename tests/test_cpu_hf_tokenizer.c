@@ -2,6 +2,7 @@
  * decoded text as transformers gives them), the streaming decoder, invalid UTF-8 input, other
  * components of the format built from a fixture's vocabulary, and the load errors. */
 #include "tests/harness/testlib.h"
+#include "tests/harness/files.h"
 
 #include <cjson/cJSON.h>
 #include <stdint.h>
@@ -18,49 +19,11 @@ static const char *FIXTURES[] = {"mixtral-tiny", "olmoe-tiny", "qwen2-moe-tiny",
 
 /* ---------- helpers ---------- */
 
-/* The source tree: $MOE_SOURCE_DIR, else ".." (tests run in the build dir), else ".",
- * else the tree this file was compiled from. */
-static const char *source_path(const char *rel) {
-    static char path[1024], compiled[1024];
-    snprintf(compiled, sizeof compiled, "%s", __FILE__);
-    char *tail = strstr(compiled, "/tests/test_cpu_hf_tokenizer.c");
-    if (tail) *tail = '\0';
-    const char *dirs[] = {getenv("MOE_SOURCE_DIR"), "..", ".", tail ? compiled : NULL};
-    for (size_t i = 0; i < sizeof dirs / sizeof dirs[0]; i++) {
-        if (!dirs[i]) continue;
-        snprintf(path, sizeof path, "%s/%s", dirs[i], rel);
-        if (access(path, R_OK) == 0) return path;
-    }
-    return rel;
-}
-
-static char *slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *s = malloc((size_t)n + 1);
-    if (s && fread(s, 1, (size_t)n, f) != (size_t)n) n = 0;
-    if (s) s[n] = '\0';
-    fclose(f);
-    return s;
-}
-
-static cJSON *load_json(const char *rel) {
-    char *text = slurp(source_path(rel));
-    CU_ASSERT_PTR_NOT_NULL_FATAL(text);
-    cJSON *j = cJSON_Parse(text);
-    free(text);
-    CU_ASSERT_PTR_NOT_NULL_FATAL(j);
-    return j;
-}
-
 static moe_hf_tokenizer *load_fixture(const char *name) {
     char rel[256];
     snprintf(rel, sizeof rel, "tests/fixtures/hf/%s", name);
     moe_hf_tokenizer *tok = NULL;
-    moe_status st = moe_hf_tokenizer_load_dir(&tok, source_path(rel));
+    moe_status st = moe_hf_tokenizer_load_dir(&tok, moe_test_source_path(rel));
     if (st != MOE_OK) fprintf(stderr, "\n  %s\n", moe_last_error());
     CU_ASSERT_EQUAL_FATAL(st, MOE_OK);
     return tok;
@@ -117,7 +80,7 @@ static void test_fixture_cases(void) {
         moe_hf_tokenizer *tok = load_fixture(FIXTURES[f]);
         char rel[256];
         snprintf(rel, sizeof rel, "tests/fixtures/hf/%s/tokenizer_cases.json", FIXTURES[f]);
-        cJSON *cases = load_json(rel);
+        cJSON *cases = moe_test_load_json(rel);
         CU_ASSERT_TRUE(cJSON_GetArraySize(cases) >= 8);
         const cJSON *c;
         cJSON_ArrayForEach(c, cases) {
@@ -282,7 +245,7 @@ static void test_random_text(void) {
 
 /* olmoe-tiny's tokenizer.json with its pre_tokenizer replaced by `pre` (JSON). */
 static moe_hf_tokenizer *olmoe_with(const char *file, const char *key, const char *json) {
-    cJSON *j = load_json("tests/fixtures/hf/olmoe-tiny/tokenizer.json");
+    cJSON *j = moe_test_load_json("tests/fixtures/hf/olmoe-tiny/tokenizer.json");
     cJSON_ReplaceItemInObject(j, key, cJSON_Parse(json));
     char *text = cJSON_PrintUnformatted(j);
     cJSON_Delete(j);
@@ -352,7 +315,7 @@ static void test_literal_patterns(void) {
     moe_hf_tokenizer_free(spaces);
     moe_hf_tokenizer_free(base);
 
-    cJSON *j = load_json("tests/fixtures/hf/mixtral-tiny/tokenizer.json");
+    cJSON *j = moe_test_load_json("tests/fixtures/hf/mixtral-tiny/tokenizer.json");
     cJSON_ReplaceItemInObject(j, "normalizer", cJSON_CreateNull());
     cJSON_ReplaceItemInObject(j, "pre_tokenizer",
                               cJSON_Parse("{\"type\":\"Metaspace\",\"replacement\":\"\\u2581\","
@@ -378,7 +341,7 @@ static void test_literal_patterns(void) {
 /* mixtral-tiny with its normalizer moved into a Metaspace pre-tokenizer (prepend first, no
  * split) gives the same pieces, so the same ids. */
 static void test_metaspace_pretokenizer(void) {
-    cJSON *j = load_json("tests/fixtures/hf/mixtral-tiny/tokenizer.json");
+    cJSON *j = moe_test_load_json("tests/fixtures/hf/mixtral-tiny/tokenizer.json");
     cJSON_ReplaceItemInObject(j, "normalizer", cJSON_CreateNull());
     cJSON_ReplaceItemInObject(j, "pre_tokenizer",
                               cJSON_Parse("{\"type\":\"Metaspace\",\"replacement\":\"\\u2581\","
@@ -404,7 +367,7 @@ static bool leading_meta_only(const char *tok) {
  * then cut into words before encoding; the ids must equal those of the same tokenizer made to
  * merge the text whole (a Split that never matches keeps it one piece). */
 static void test_sentencepiece_word_cut(void) {
-    cJSON *j = load_json("tests/fixtures/hf/mixtral-tiny/tokenizer.json");
+    cJSON *j = moe_test_load_json("tests/fixtures/hf/mixtral-tiny/tokenizer.json");
     cJSON *model = cJSON_GetObjectItem(j, "model"), *vocab = cJSON_GetObjectItem(model, "vocab");
     cJSON *merges = cJSON_GetObjectItem(model, "merges");
     int removed = 0;
@@ -431,7 +394,7 @@ static void test_sentencepiece_word_cut(void) {
     CU_ASSERT_EQUAL_FATAL(moe_hf_tokenizer_load(&whole, write_file("whole.json", text)), MOE_OK);
     free(text);
     cJSON_Delete(j);
-    cJSON *cases = load_json("tests/fixtures/hf/mixtral-tiny/tokenizer_cases.json");
+    cJSON *cases = moe_test_load_json("tests/fixtures/hf/mixtral-tiny/tokenizer_cases.json");
     const cJSON *c;
     cJSON_ArrayForEach(c, cases) {
         const char *t = cJSON_GetObjectItem(c, "text")->valuestring;
@@ -562,7 +525,7 @@ static void test_load_errors(void) {
     /* 14 chained Replace steps, each making a space four: encoding refuses the 4^14-fold text
      * by name instead of running out of memory; other texts still encode */
     {
-        cJSON *j = load_json("tests/fixtures/hf/olmoe-tiny/tokenizer.json"), *seq = cJSON_CreateArray();
+        cJSON *j = moe_test_load_json("tests/fixtures/hf/olmoe-tiny/tokenizer.json"), *seq = cJSON_CreateArray();
         for (int i = 0; i < 14; i++)
             cJSON_AddItemToArray(seq, cJSON_Parse("{\"type\":\"Replace\",\"pattern\":{\"String\":\" \"},"
                                                   "\"content\":\"    \"}"));
@@ -593,7 +556,7 @@ static void test_load_errors(void) {
 /* Encoding speed on about 1 MB of the fixture texts (repeated with a counter so the word cache
  * does not see only a handful of words); printed, and must be positive. */
 static void test_bench(void) {
-    cJSON *cases = load_json("tests/fixtures/hf/olmoe-tiny/tokenizer_cases.json");
+    cJSON *cases = moe_test_load_json("tests/fixtures/hf/olmoe-tiny/tokenizer_cases.json");
     size_t cap = 1100000, n = 0;
     char *text = malloc(cap);
     for (int r = 0; n < 1000000; r++) {

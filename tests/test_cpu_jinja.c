@@ -3,6 +3,7 @@
  * transformers sets it up), short templates for each feature, the Hugging Face fixtures' chat
  * cases (text, then its ids), the tokenizer_config.json chat_template forms, and the errors. */
 #include "tests/harness/testlib.h"
+#include "tests/harness/files.h"
 
 #include <cjson/cJSON.h>
 #include <stdint.h>
@@ -16,44 +17,6 @@
 #include "moe/hf/jinja.h"
 
 /* ---------- helpers ---------- */
-
-/* The source tree: $MOE_SOURCE_DIR, else ".." (tests run in the build dir), else ".",
- * else the tree this file was compiled from. */
-static const char *source_path(const char *rel) {
-    static char path[1024], compiled[1024];
-    snprintf(compiled, sizeof compiled, "%s", __FILE__);
-    char *tail = strstr(compiled, "/tests/test_cpu_jinja.c");
-    if (tail) *tail = '\0';
-    const char *dirs[] = {getenv("MOE_SOURCE_DIR"), "..", ".", tail ? compiled : NULL};
-    for (size_t i = 0; i < sizeof dirs / sizeof dirs[0]; i++) {
-        if (!dirs[i]) continue;
-        snprintf(path, sizeof path, "%s/%s", dirs[i], rel);
-        if (access(path, R_OK) == 0) return path;
-    }
-    return rel;
-}
-
-static char *slurp(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *s = malloc((size_t)n + 1);
-    if (s && fread(s, 1, (size_t)n, f) != (size_t)n) n = 0;
-    if (s) s[n] = '\0';
-    fclose(f);
-    return s;
-}
-
-static cJSON *load_json(const char *rel) {
-    char *text = slurp(source_path(rel));
-    CU_ASSERT_PTR_NOT_NULL_FATAL(text);
-    cJSON *j = cJSON_Parse(text);
-    free(text);
-    CU_ASSERT_PTR_NOT_NULL_FATAL(j);
-    return j;
-}
 
 static const char *tmpdir(void) {
     static char dir[512];
@@ -118,7 +81,7 @@ static void check_case(const cJSON *c, const char *source, const char *label) {
 /* ---------- the real templates and the feature templates ---------- */
 
 static void test_real_templates(void) {
-    cJSON *cases = load_json("tests/fixtures/chat/cases.json");
+    cJSON *cases = moe_test_load_json("tests/fixtures/chat/cases.json");
     CU_ASSERT_TRUE(cJSON_GetArraySize(cases) >= 25);
     int i = 0, errors = 0;
     const cJSON *c;
@@ -126,8 +89,7 @@ static void test_real_templates(void) {
         char rel[256], label[300];
         snprintf(rel, sizeof rel, "tests/fixtures/chat/%s", cJSON_GetObjectItem(c, "template")->valuestring);
         snprintf(label, sizeof label, "%s case %d", rel, i++);
-        char *source = slurp(source_path(rel));
-        CU_ASSERT_PTR_NOT_NULL_FATAL(source);
+        char *source = moe_test_read_file(moe_test_source_path(rel), NULL);
         /* transformers passes tools and documents (None unless given) */
         cJSON *vars = cJSON_GetObjectItem(c, "vars");
         if (!cJSON_GetObjectItem(vars, "tools")) cJSON_AddNullToObject(vars, "tools");
@@ -141,7 +103,7 @@ static void test_real_templates(void) {
 }
 
 static void test_feature_templates(void) {
-    cJSON *cases = load_json("tests/fixtures/chat/expr_cases.json");
+    cJSON *cases = moe_test_load_json("tests/fixtures/chat/expr_cases.json");
     CU_ASSERT_TRUE(cJSON_GetArraySize(cases) >= 20);
     int i = 0;
     const cJSON *c;
@@ -161,12 +123,12 @@ static void test_fixture_chats(void) {
         char rel[256];
         snprintf(rel, sizeof rel, "tests/fixtures/hf/%s", names[f]);
         moe_hf_tokenizer *tok = NULL;
-        moe_status st = moe_hf_tokenizer_load_dir(&tok, source_path(rel));
+        moe_status st = moe_hf_tokenizer_load_dir(&tok, moe_test_source_path(rel));
         if (st != MOE_OK) fprintf(stderr, "\n  %s\n", moe_last_error());
         CU_ASSERT_EQUAL_FATAL(st, MOE_OK);
         CU_ASSERT_PTR_NOT_NULL(strstr(moe_hf_chat_template_origin(tok), "chat_template.jinja"));
         snprintf(rel, sizeof rel, "tests/fixtures/hf/%s/chat_cases.json", names[f]);
-        cJSON *cases = load_json(rel);
+        cJSON *cases = moe_test_load_json(rel);
         CU_ASSERT_TRUE(cJSON_GetArraySize(cases) >= 1);
         const cJSON *c;
         cJSON_ArrayForEach(c, cases) {
@@ -197,8 +159,7 @@ static const char *config_dir(const char *name, const char *config) {
     snprintf(dir, sizeof dir, "%s/%s", tmpdir(), name);
     mkdir(dir, 0755);
     char path[800];
-    char *tok = slurp(source_path("tests/fixtures/hf/olmoe-tiny/tokenizer.json"));
-    CU_ASSERT_PTR_NOT_NULL_FATAL(tok);
+    char *tok = moe_test_read_file(moe_test_source_path("tests/fixtures/hf/olmoe-tiny/tokenizer.json"), NULL);
     snprintf(path, sizeof path, "%s/tokenizer.json", dir);
     write_file(path, tok);
     free(tok);
@@ -355,7 +316,7 @@ static void test_limits(void) {
     CU_ASSERT_EQUAL(render("{% set ns = namespace(a=1) %}{% set ns.b = ns %}{{ ns == ns }}{{ ns|tojson }}", NULL, &out),
                     MOE_ERR_INVALID);
     CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "holds itself"));
-    char *source = slurp(source_path("tests/fixtures/chat/qwen3.jinja"));
+    char *source = moe_test_read_file(moe_test_source_path("tests/fixtures/chat/qwen3.jinja"), NULL);
     cJSON *vars = cJSON_CreateObject(), *msgs = cJSON_AddArrayToObject(vars, "messages");
     for (int i = 0; i < 5000; i++) {
         cJSON *m = cJSON_CreateObject();

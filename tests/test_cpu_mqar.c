@@ -16,6 +16,7 @@
 #include "moe/train/mqar.h"
 #include "moe/train/train.h"
 #include "tests/harness/testlib.h"
+#include "tests/harness/files.h"
 
 enum { T = 32, P = 4, V = 64, R = T + 1 };
 
@@ -115,21 +116,9 @@ static void test_spec_checked(void) {
     moe_mqar_free(g);
 }
 
-static uint8_t *slurp(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    CU_ASSERT_FATAL(f != NULL);
-    fseek(f, 0, SEEK_END);
-    *len = (size_t)ftell(f);
-    rewind(f);
-    uint8_t *p = malloc(*len ? *len : 1);
-    CU_ASSERT_FATAL(fread(p, 1, *len, f) == *len);
-    fclose(f);
-    return p;
-}
-
 static bool same_file(const char *a, const char *b) {
     size_t la, lb;
-    uint8_t *pa = slurp(a, &la), *pb = slurp(b, &lb);
+    uint8_t *pa = moe_test_read_file(a, &la), *pb = moe_test_read_file(b, &lb);
     bool same = la == lb && memcmp(pa, pb, la) == 0;
     free(pa);
     free(pb);
@@ -173,7 +162,7 @@ static void test_damaged_mask(void) {
     char path[600], bad[700];
     path_in(path, sizeof path, dir, "val.bin");
     size_t len;
-    uint8_t *img = slurp(path, &len);
+    uint8_t *img = moe_test_read_file(path, &len);
     path_in(bad, sizeof bad, dir, "bad.bin");
     FILE *f = fopen(bad, "wb");
     CU_ASSERT_FATAL(f && fwrite(img, 1, len - 1, f) == len - 1); /* the mask's last byte cut */
@@ -214,7 +203,7 @@ static void test_text_files_unchanged(void) {
     moe_tokenizer_free(tok);
     path_in(path, sizeof path, dir, "train.bin");
     size_t len;
-    uint8_t *img = slurp(path, &len);
+    uint8_t *img = moe_test_read_file(path, &len);
     moe_token_file *tf = NULL;
     CU_ASSERT_EQUAL_FATAL(moe_data_open(path, &tf), MOE_OK);
     const uint64_t n = moe_data_count(tf);

@@ -15,13 +15,6 @@
 #include "optim/optim.h"
 #include "optim/schedule.h"
 
-#define CHECK_OK(expr)                                                          \
-    do {                                                                        \
-        moe_status s_ = (expr);                                                 \
-        if (s_ != MOE_OK) fprintf(stderr, "%s: %s\n", #expr, moe_last_error()); \
-        CU_ASSERT_EQUAL_FATAL(s_, MOE_OK);                                      \
-    } while (0)
-
 #define CHECK_ERROR_HAS(text)                                                    \
     do {                                                                         \
         if (!strstr(moe_last_error(), (text)))                                   \

@@ -10,6 +10,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "core/status.h"
+
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -28,14 +30,6 @@ const char *fuzz_scratch_dir(const char *tag);
 void fuzz_put_file(const char *dir, const char *name, const uint8_t *data, size_t size);
 
 /* A property of the reader failed: print it and abort (libFuzzer saves the input). */
-#define FUZZ_CHECK(cond, ...)                                                  \
-    do {                                                                       \
-        if (!(cond)) {                                                         \
-            fprintf(stderr, "%s:%d: fuzz check '%s' failed: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                      \
-            fputc('\n', stderr);                                               \
-            abort();                                                           \
-        }                                                                      \
-    } while (0)
+#define FUZZ_CHECK(cond, ...) MOE_ASSERT(cond, __VA_ARGS__)
 
 #endif

@@ -4,6 +4,9 @@
 #define MOE_TESTS_TESTLIB_H
 
 #include <CUnit/Basic.h>
+#include <stdio.h>
+
+#include "core/status.h"
 
 /* Runs CUnit over the suites added by `register_suites` and returns the process exit
  * code (0 when every assertion passed). Test programs do:
@@ -20,5 +23,13 @@ void moe_test_add_suite(const char *suite, const moe_test_entry *tests);
 
 /* A fresh scratch directory under the build tree (tests/tmp/<name>-<pid>), created empty. */
 const char *moe_test_tmpdir(const char *name);
+
+/* Fails the test (fatal) when `expr` is not MOE_OK, printing the expression and the message. */
+#define CHECK_OK(expr)                                                          \
+    do {                                                                        \
+        moe_status s_ = (expr);                                                 \
+        if (s_ != MOE_OK) fprintf(stderr, "%s: %s\n", #expr, moe_last_error()); \
+        CU_ASSERT_EQUAL_FATAL(s_, MOE_OK);                                      \
+    } while (0)
 
 #endif
