@@ -34,6 +34,7 @@ typedef struct prompts {
     int64_t *off;  /* [n] start of prompt i in ids */
     int32_t *ids;  /* [real] */
     int64_t real;  /* sum of len */
+    int64_t id_sum; /* sum of ids: both sides of a comparison drew the same prompts */
 } prompts;
 
 /* One forward's tokens (capacity cap) and its last-token logits [max_seqs, V]. */
@@ -69,7 +70,10 @@ static moe_status prompts_draw(int n, int lo, int hi, int vocab, uint64_t seed, 
     }
     p->ids = malloc(sizeof(int32_t) * (size_t)p->real);
     if (!p->ids) return moe_error(MOE_ERR_OOM, "bench prefill: out of host memory");
-    for (int64_t t = 0; t < p->real; t++) p->ids[t] = 1 + (int32_t)(moe_prefill_lcg_next(&x) % (uint32_t)(vocab - 1));
+    for (int64_t t = 0; t < p->real; t++) {
+        p->ids[t] = 1 + (int32_t)(moe_prefill_lcg_next(&x) % (uint32_t)(vocab - 1));
+        p->id_sum += p->ids[t];
+    }
     return MOE_OK;
 }
 
@@ -159,10 +163,11 @@ static void print_line(const prefill_flags *f, prefill_mode mode, const moe_deco
     const moe_model *v = moe_decoder_view(dec);
     moe_mem_stats m = moe_mem_get_stats(v->dev);
     printf("PREFILL mode=%s prompts=%d real_tokens=%lld computed_tokens=%lld ms=%.2f tokens_per_s=%.1f "
-           "peak_bytes=%zu device=%s dtype=%s batch=%d max_tokens=%d min_len=%d max_len=%d seed=%lld\n",
+           "peak_bytes=%zu device=%s dtype=%s batch=%d max_tokens=%d min_len=%d max_len=%d seed=%lld id_sum=%lld\n",
            mode == PREFILL_PACKED ? "packed" : "padded", p->n, (long long)p->real, (long long)computed, ms,
            (double)p->real / (ms / 1e3), m.persist_peak + m.step_peak, moe_device_name(v->dev),
-           moe_dtype_name(v->compute), f->batch, f->max_tokens, f->min_len, f->max_len, (long long)f->seed);
+           moe_dtype_name(v->compute), f->batch, f->max_tokens, f->min_len, f->max_len, (long long)f->seed,
+           (long long)p->id_sum);
     fflush(stdout);
 }
 
