@@ -10,9 +10,11 @@
 # rounds (time, tokens/s of real tokens, computed tokens, peak memory, packed's speed-up)
 # and one line  SPEEDUP packed_over_padded=<x>  (target: >= 2 at lengths 16..2048).
 #
-# Usage: scripts/bench-prefill.sh --model DIR | --checkpoint FILE [--device cuda|cpu] [--dtype bf16|f32]
-#          [--prompts N] [--min-len L] [--max-len L] [--seed S] [--batch B] [--rounds R]
-#          [--warmup W] [--no-reference]
+# Usage: scripts/bench-prefill.sh --model DIR | --checkpoint FILE [--hub DIR] [--device cuda|cpu]
+#          [--dtype bf16|f32] [--prompts N] [--min-len L] [--max-len L] [--seed S] [--batch B]
+#          [--rounds R] [--warmup W] [--no-reference]
+#   --hub DIR: the transformers side's hub folder when moe runs a checkpoint made from it
+#   (moe convert DIR --out FILE.h5); default: the --model folder.
 #   defaults: cuda (bf16; f32 on the cpu), 64 prompts of 16..2048 tokens (clamped to the
 #   model's context, said in the output), seed 1, batch 8, 3 rounds, 1 warm-up pass.
 # Environment: MOE_BIN (default build/moe; with cuda build-gpu/moe when it exists), PYTHON
@@ -21,10 +23,11 @@
 set -uo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-src=() device=cuda dtype= prompts=64 min_len=16 max_len=2048 seed=1 batch=8 rounds=3 warmup=1 reference=yes
+src=() hub= device=cuda dtype= prompts=64 min_len=16 max_len=2048 seed=1 batch=8 rounds=3 warmup=1 reference=yes
 while [ $# -gt 0 ]; do
     case "$1" in
     --model | --checkpoint) src=("$1" "$(realpath "${2:?$1 needs a path}")"); shift ;;
+    --hub) hub=$(realpath "${2:?--hub needs a hub folder}"); shift ;;
     --device) device=${2:?--device needs cuda or cpu}; shift ;;
     --dtype) dtype=${2:?--dtype needs bf16 or f32}; shift ;;
     --prompts) prompts=${2:?}; shift ;;
@@ -35,12 +38,13 @@ while [ $# -gt 0 ]; do
     --rounds) rounds=${2:?}; shift ;;
     --warmup) warmup=${2:?}; shift ;;
     --no-reference) reference=no ;;
-    -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-prefill.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
 [ ${#src[@]} -eq 2 ] || { echo "bench-prefill.sh: give --model DIR or --checkpoint FILE" >&2; exit 2; }
+[ -z "$hub" ] && [ "${src[0]}" = --model ] && hub=${src[1]}
 : "${dtype:=$([ "$device" = cuda ] && echo bf16 || echo f32)}"
 
 moe_bin=${MOE_BIN:-$root/build/moe}
@@ -54,8 +58,8 @@ mkdir -p "$out"
 draw=(--prompts "$prompts" --min-len "$min_len" --max-len "$max_len" --seed "$seed" --batch "$batch" --warmup "$warmup")
 
 py=${PYTHON:-python3}
-if [ "$reference" = yes ] && [ "${src[0]}" != --model ]; then
-    echo "bench-prefill.sh: the transformers side needs a hub folder (--model); skipped" >&2
+if [ "$reference" = yes ] && [ -z "$hub" ]; then
+    echo "bench-prefill.sh: the transformers side needs a hub folder (--model or --hub); skipped" >&2
     reference=no
 fi
 if [ "$reference" = yes ] && ! "$py" -c 'import torch, transformers' 2> /dev/null; then
@@ -73,7 +77,7 @@ run_moe() { # mode
 run_reference() {
     [ "$reference" = yes ] || return 0
     echo "== round $round: bench_prefill_reference.py" >> "$out/reference.log"
-    "$py" "$root/scripts/bench_prefill_reference.py" "${src[1]}" "${draw[@]}" --device "$device" --dtype "$dtype" \
+    "$py" "$root/scripts/bench_prefill_reference.py" "$hub" "${draw[@]}" --device "$device" --dtype "$dtype" \
         2>> "$out/reference.log" | tee -a "$out/reference.log" | grep '^PREFILL ' >> "$out/prefill.txt"
     [ "${PIPESTATUS[0]}" -eq 0 ] ||
         { echo "bench-prefill.sh: the reference failed (see $out/reference.log)" >&2; failures=$((failures + 1)); }
@@ -84,8 +88,8 @@ for round in $(seq 1 "$rounds"); do
     if [ $((round % 2)) -eq 1 ]; then run_moe packed; run_moe padded; run_reference
     else run_reference; run_moe padded; run_moe packed; fi
 done
-if [ "${src[0]}" = --model ]; then # the reference's draw, whether or not it ran
-    python3 "$root/scripts/bench_prefill_reference.py" "${src[1]}" "${draw[@]}" --dry-run 2>> "$out/reference.log" |
+if [ -n "$hub" ]; then # the reference's draw, whether or not it ran
+    python3 "$root/scripts/bench_prefill_reference.py" "$hub" "${draw[@]}" --dry-run 2>> "$out/reference.log" |
         grep '^DRAW ' >> "$out/prefill.txt"
 fi
 grep -h '^#' "$out/moe.log" | sort -u

@@ -27,7 +27,7 @@ while [ $# -gt 0 ]; do
     --requests) requests=${2:?--requests needs a number}; shift ;;
     --max-tokens) max_tokens=${2:?--max-tokens needs a number}; shift ;;
     --) shift; server_flags=("$@"); break ;;
-    -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-serve.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
