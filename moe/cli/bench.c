@@ -1,6 +1,6 @@
 /* `moe bench`: its argument parser and the command (the cases run in moe/bench/bench.c;
- * `moe bench offload` is offload.c, `moe bench decode` and `tokenize` bench_decode.c and
- * bench_tokenize.c). */
+ * `moe bench offload` is offload.c, `moe bench prefill` bench_prefill.c, `moe bench decode` and
+ * `tokenize` bench_decode.c and bench_tokenize.c). */
 #include "moe/cli/bench.h"
 
 #include <string.h>
@@ -8,6 +8,7 @@
 #include "core/tensor.h"
 #include "moe/cli/args.h"
 #include "moe/cli/bench_decode.h"
+#include "moe/cli/bench_prefill.h"
 #include "moe/cli/cli.h"
 #include "moe/cli/commands.h"
 #include "moe/cli/offload.h"
@@ -49,6 +50,7 @@ moe_status moe_bench_parse_args(int argc, char **argv, const char **case_name, m
 
 int moe_cmd_bench(int argc, char **argv) {
     if (argc > 0 && !strcmp(argv[0], "offload")) return moe_cmd_bench_offload(argc - 1, argv + 1);
+    if (argc > 0 && !strcmp(argv[0], "prefill")) return moe_cmd_bench_prefill(argc - 1, argv + 1);
     if (argc > 0 && !strcmp(argv[0], "decode")) return moe_cmd_bench_decode(argc - 1, argv + 1);
     if (argc > 0 && !strcmp(argv[0], "tokenize")) return moe_cmd_bench_tokenize(argc - 1, argv + 1);
     const char *name = NULL;
