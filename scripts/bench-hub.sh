@@ -224,7 +224,7 @@ if [ -z "$data" ]; then
     else # ~5 MB of the repository's own prose
         data=$out/text.txt
         : >"$data"
-        while [ "$(stat -c %s "$data")" -lt 5000000 ]; do cat README.md ./*/README.md results/README.md >>"$data" 2>/dev/null || true; done
+        while [ "$(stat -c %s "$data")" -lt 5000000 ]; do cat README.md ./*/README.md >>"$data" 2>/dev/null || true; done
     fi
 fi
 

@@ -85,7 +85,11 @@ class Decode:
         self.cuda = a.device == "cuda"
         dtype = torch.bfloat16 if self.cuda else torch.float32
         t0 = time.perf_counter()
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(a.dir, dtype=dtype, device_map=a.device).eval()
+        auto = transformers.AutoModelForCausalLM
+        try:  # straight onto the device; without accelerate, loaded on the host and moved
+            self.model = auto.from_pretrained(a.dir, dtype=dtype, device_map=a.device).eval()
+        except (ImportError, ValueError):
+            self.model = auto.from_pretrained(a.dir, dtype=dtype).to(a.device).eval()
         self.V = self.model.config.vocab_size
         print(f"bench_hub_reference: {a.dir} on {a.device} {dtype}, transformers {transformers.__version__}, "
               f"torch {torch.__version__}, loaded in {time.perf_counter() - t0:.1f} s, cache {a.cache}",

@@ -15,7 +15,7 @@
  * second of a large device-to-device copy, a memcpy on the CPU, timed in the same run)
  * that is the shortest step the memory allows; bound_fraction = that / the measured step.
  * peak_bytes: the device's PERSIST peak + STEP arena peak so far in the process (batch
- * sizes run in the order given: increasing, each figure is its batch's own). */
+ * sizes run in the order given; in increasing order each figure is its batch's own). */
 #include "moe/cli/bench_decode.h"
 
 #include <stdio.h>
