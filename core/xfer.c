@@ -203,6 +203,22 @@ void moe_xfer_unpin(moe_device dev, void *p) {
     (void)dev, (void)p;
 }
 
+moe_tensor *moe_xfer_pinned_empty(moe_device dev, moe_dtype dt, int ndim, const int64_t *shape) {
+    moe_tensor *t = moe_tensor_empty(MOE_LIFE_PERSIST, MOE_CPU, dt, ndim, shape);
+    size_t bytes = t ? (size_t)moe_tensor_numel(t) * moe_dtype_size(dt) : 0;
+    if (bytes && moe_xfer_pin(dev, t->base, bytes) != MOE_OK) {
+        moe_tensor_free(t);
+        return NULL;
+    }
+    return t;
+}
+
+void moe_xfer_pinned_free(moe_device dev, moe_tensor *t) {
+    if (!t) return;
+    if (moe_tensor_numel(t) > 0) moe_xfer_unpin(dev, t->base);
+    moe_tensor_free(t);
+}
+
 bool moe_xfer_cancel(moe_xfer *x, moe_xfer_job *j) {
     pthread_mutex_lock(&x->mu);
     if (j->state == MOE_XFER_QUEUED) {

@@ -53,6 +53,10 @@ bool moe_xfer_cancel(moe_xfer *x, moe_xfer_job *j);
 /* Page-locks host memory the copies read (CUDA; a no-op on the CPU), and unlocks it. */
 moe_status moe_xfer_pin(moe_device dev, void *p, size_t bytes);
 void moe_xfer_unpin(moe_device dev, void *p);
+/* A PERSIST host tensor page-locked for copies to `dev` (plain host memory when dev is the
+ * CPU); free it with moe_xfer_pinned_free for the same dev. */
+moe_tensor *moe_xfer_pinned_empty(moe_device dev, moe_dtype dt, int ndim, const int64_t *shape);
+void moe_xfer_pinned_free(moe_device dev, moe_tensor *t);
 
 /* Bytes copied and the copy engine's busy time so far (the achieved rate is their ratio). */
 void moe_xfer_stats(moe_xfer *x, size_t *bytes, double *busy_ms);

@@ -17,148 +17,40 @@
 #include "moe/cli/commands.h"
 #include "moe/hf/hf_model.h"
 #include "moe/hf/safetensors.h"
+#include "tests/harness/hf_fixture.h"
 #include "tests/harness/model_gradcheck.h"
 #include "tests/harness/testlib.h"
 
-static const char *fixture_dir(const char *name) {
-    static char path[1024];
-    const char *src = getenv("MOE_SOURCE_DIR");
-    if (src) snprintf(path, sizeof path, "%s/tests/fixtures/hf/%s", src, name);
-    else {
-        snprintf(path, sizeof path, "%s", __FILE__);
-        char *slash = strrchr(path, '/');
-        if (slash) *slash = '\0';
-        size_t n = strlen(path);
-        snprintf(path + n, sizeof path - n, "/fixtures/hf/%s", name);
-    }
-    return path;
-}
-
-typedef struct expected {
-    moe_st_file f;
-    int64_t ids[48], mask[48];
-    float *logits; /* [2, 24, V] */
-} expected;
-
-static void read_expected(const char *dir, expected *e) {
-    char path[1200];
-    snprintf(path, sizeof path, "%s/expected.safetensors", dir);
-    CU_ASSERT_EQUAL_FATAL(moe_st_open(&e->f, path), MOE_OK);
-    const moe_st_view *ids = moe_st_find(&e->f, "input_ids"), *mask = moe_st_find(&e->f, "attention_mask");
-    const moe_st_view *lg = moe_st_find(&e->f, "logits");
-    CU_ASSERT_FATAL(ids && mask && lg && moe_st_numel(ids) == 48);
-    moe_st_read_i64(ids, e->ids);
-    moe_st_read_i64(mask, e->mask);
-    e->logits = malloc(lg->nbytes);
-    moe_st_read_f32(lg, e->logits);
-}
-
-/* max |a - b| / max |b| over n values. */
-static double rel_err(const float *a, const float *b, int64_t n) {
-    double d = 0, s = 0;
-    for (int64_t i = 0; i < n; i++) {
-        d = fmax(d, fabs((double)a[i] - b[i]));
-        s = fmax(s, fabs((double)b[i]));
-    }
-    return d / s;
-}
-
-/* Row r's real tokens (after the left padding) at positions pos0..: logits and route ids. */
-static double row_err(moe_model *m, const expected *e, int r, int64_t pos0, float *out, int32_t *route, int *pad) {
-    int V = m->cfg.model.vocab_size, p = 0;
-    while (p < 24 && e->mask[r * 24 + p] == 0) p++;
-    int32_t tok[24];
-    for (int t = p; t < 24; t++) tok[t - p] = (int32_t)e->ids[r * 24 + t];
-    moe_step_reset();
-    CU_ASSERT_EQUAL_FATAL(moe_model_logits(m, tok, 1, 24 - p, pos0 < 0 ? p : pos0, out, route), MOE_OK);
-    *pad = p;
-    return rel_err(out, e->logits + ((int64_t)r * 24 + p) * V, (int64_t)(24 - p) * V);
-}
-
-/* Our top-k sets per MoE layer against router_topk.<i> (i counts the MoE layers); a token
- * whose k-th and (k+1)-th router logits are within 1e-5 may differ (a near-tie). */
-static int route_mismatches(moe_model *m, const expected *e, int r, int pad, const int32_t *route) {
-    int k = m->cfg.model.top_k, E = m->cfg.model.n_experts, T = 24 - pad, bad = 0, moe_i = 0, compared = 0;
-    for (int L = 0; L < m->cfg.model.n_layers; L++) {
-        if (m->blocks[L].dense) continue;
-        char nt[64], nl[64];
-        snprintf(nt, sizeof nt, "router_topk.%d", moe_i);
-        snprintf(nl, sizeof nl, "router_logits.%d", moe_i++);
-        const moe_st_view *vt = moe_st_find(&e->f, nt), *vl = moe_st_find(&e->f, nl);
-        if (!vt) continue; /* DeepSeek-V3 reports no router logits */
-        CU_ASSERT_FATAL(vl && moe_st_numel(vt) == 48 * k);
-        compared++;
-        int64_t *want = malloc(sizeof(int64_t) * (size_t)moe_st_numel(vt));
-        float *lg = malloc(sizeof(float) * (size_t)moe_st_numel(vl));
-        moe_st_read_i64(vt, want);
-        moe_st_read_f32(vl, lg);
-        for (int t = 0; t < T; t++) {
-            int64_t row = (int64_t)r * 24 + pad + t;
-            const int32_t *got = route + ((int64_t)L * T + t) * k;
-            int same = 0;
-            for (int a = 0; a < k; a++)
-                for (int b = 0; b < k; b++) same += got[a] == want[row * k + b];
-            if (same == k) continue;
-            float *l = lg + row * E, kth = l[want[row * k + k - 1]], next = -INFINITY;
-            for (int x = 0; x < E; x++) {
-                bool in = false;
-                for (int b = 0; b < k; b++) in = in || want[row * k + b] == x;
-                if (!in && l[x] > next) next = l[x];
-            }
-            if (kth - next > 1e-5) bad++;
-        }
-        free(want);
-        free(lg);
-    }
-    /* every MoE layer's ids are there, unless the family reports none */
-    CU_ASSERT(compared == moe_i || (compared == 0 && !moe_st_find(&e->f, "router_topk.0")));
-    return bad;
-}
-
-static void greedy_matches(moe_model *m, const moe_hf_info *info, const expected *e) {
-    const moe_st_view *vp = moe_st_find(&e->f, "gen_prompt"), *vg = moe_st_find(&e->f, "gen_ids");
-    CU_ASSERT_FATAL(vp && vg);
-    int P = (int)moe_st_numel(vp), G = (int)moe_st_numel(vg);
-    int64_t *p64 = malloc(sizeof(int64_t) * (size_t)G), *g64 = malloc(sizeof(int64_t) * (size_t)G);
-    int32_t *prompt = malloc(sizeof(int32_t) * (size_t)G), *out = malloc(sizeof(int32_t) * (size_t)G);
-    moe_st_read_i64(vp, p64);
-    moe_st_read_i64(vg, g64);
-    for (int i = 0; i < P; i++) prompt[i] = (int32_t)p64[i];
-    /* transformers generated with min_new_tokens = all of them: eos was never allowed */
-    CU_ASSERT_EQUAL_FATAL(moe_hf_generate_greedy(m, prompt, P, G - P, info->eos_ids, info->n_eos, out), MOE_OK);
-    int first_bad = -1;
-    for (int i = 0; i < G && first_bad < 0; i++)
-        if (out[i] != g64[i]) first_bad = i;
-    if (first_bad >= 0) fprintf(stderr, "  greedy differs at %d: %d vs %lld\n", first_bad, out[first_bad], (long long)g64[first_bad]);
-    CU_ASSERT_EQUAL(first_bad, -1);
-    free(p64), free(g64), free(prompt), free(out);
-}
-
 static void check_fixture(const char *name) {
-    const char *dir = fixture_dir(name);
+    const char *dir = hf_fixture_dir(name);
     moe_model m;
     moe_hf_info info;
     moe_status s = moe_hf_load(dir, &m, &info);
     if (s != MOE_OK) fprintf(stderr, "  %s: %s\n", name, moe_last_error());
     CU_ASSERT_EQUAL_FATAL(s, MOE_OK);
-    expected e;
-    read_expected(dir, &e);
+    hf_expected e;
+    hf_expected_read(dir, &e);
     int V = m.cfg.model.vocab_size, k = m.cfg.model.top_k, pad0, pad1, padx;
     float *out = malloc(sizeof(float) * 24 * (size_t)V);
     int32_t *route = malloc(sizeof(int32_t) * 24 * (size_t)(k * m.cfg.model.n_layers));
-    double e0 = row_err(&m, &e, 0, 0, out, route, &pad0);
-    int bad0 = route_mismatches(&m, &e, 0, pad0, route);
-    double e1 = row_err(&m, &e, 1, -1, out, route, &pad1); /* the real tokens keep positions pad.. */
-    int bad1 = route_mismatches(&m, &e, 1, pad1, route);
-    double e1_restart = row_err(&m, &e, 1, 0, out, route, &padx);
+    moe_decoder *d = NULL;
+    CHECK_OK(moe_decoder_open(&m, m.compute, &d));
+    double e0 = hf_row_err(d, &e, 0, 0, out, route, &pad0);
+    int bad0 = hf_route_mismatches(&m, &e, 0, pad0, route);
+    double e1 = hf_row_err(d, &e, 1, -1, out, route, &pad1); /* the real tokens keep positions pad.. */
+    int bad1 = hf_route_mismatches(&m, &e, 1, pad1, route);
+    double e1_restart = hf_row_err(d, &e, 1, 0, out, route, &padx);
     fprintf(stderr, "  %s: logits rel err row0 %.2e row1 %.2e (positions restarted at 0: %.2e), route mismatches "
             "%d %d\n", name, e0, e1, e1_restart, bad0, bad1);
     CU_ASSERT(e0 < 1e-4);
     CU_ASSERT(e1 < 1e-4);
     CU_ASSERT_EQUAL(bad0 + bad1, 0);
-    greedy_matches(&m, &info, &e);
-    free(out), free(route), free(e.logits);
-    moe_st_close(&e.f);
+    int32_t *ids = NULL;
+    int n_ids = 0;
+    CU_ASSERT_EQUAL(hf_greedy_first_mismatch(d, &info, &e, &ids, &n_ids), -1);
+    free(ids), free(out), free(route);
+    hf_expected_close(&e);
+    moe_decoder_close(d);
     moe_model_free(&m);
     moe_step_reset();
 }
@@ -178,7 +70,7 @@ static long status_kb(const char *key) {
  * about the file's size; the mapping is dropped tensor by tensor and the random init's
  * host draws are handed back one parameter at a time. */
 static void test_load_peak_memory(void) {
-    const char *dir = fixture_dir("olmoe-tiny");
+    const char *dir = hf_fixture_dir("olmoe-tiny");
     char path[1200];
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
     struct stat st;
@@ -306,7 +198,7 @@ static const char *copy_fixture(const char *name, const char *as, const char *co
     const char *files[] = {"config.json", "model.safetensors", "generation_config.json"};
     for (int i = 0; i < 3; i++) {
         char a[1200], b[1200];
-        snprintf(a, sizeof a, "%s/%s", fixture_dir(name), files[i]);
+        snprintf(a, sizeof a, "%s/%s", hf_fixture_dir(name), files[i]);
         snprintf(b, sizeof b, "%s/%s", dst, files[i]);
         FILE *in = fopen(a, "rb");
         CU_ASSERT_FATAL(in != NULL);
@@ -326,7 +218,7 @@ static const char *copy_fixture(const char *name, const char *as, const char *co
 /* fixture config.json text with `from` replaced by `to`. */
 static char *edited_config(const char *name, const char *from, const char *to) {
     char path[1200];
-    snprintf(path, sizeof path, "%s/config.json", fixture_dir(name));
+    snprintf(path, sizeof path, "%s/config.json", hf_fixture_dir(name));
     char *t = moe_hf_read_text(path), *at = t ? strstr(t, from) : NULL;
     CU_ASSERT_FATAL(at != NULL);
     char *out = malloc(strlen(t) + strlen(to) + 1);
@@ -483,10 +375,10 @@ static void test_cached_equals_full(void) {
         CU_ASSERT_EQUAL_FATAL(moe_decode_state_create(d, 1, 8, &ds), MOE_OK);
         moe_step_reset();
         CU_ASSERT_EQUAL_FATAL(moe_decoder_feed(d, ds, 0, tok, 5, step), MOE_OK);
-        CU_ASSERT(rel_err(step, full + 4 * 32, 32) < 1e-5);
+        CU_ASSERT(hf_rel_err(step, full + 4 * 32, 32) < 1e-5);
         moe_step_reset();
         CU_ASSERT_EQUAL_FATAL(moe_decoder_feed(d, ds, 0, tok + 5, 1, step), MOE_OK);
-        double err = rel_err(step, full + 5 * 32, 32);
+        double err = hf_rel_err(step, full + 5 * 32, 32);
         CU_ASSERT(err < 1e-5);
         moe_decode_state_free(ds);
         moe_decoder_close(d);
@@ -503,7 +395,7 @@ static void test_convert_round_trip(void) {
         const char *name = f ? "deepseek-v3-tiny" : "qwen2-moe-tiny";
         char out[700], dir[1100];
         snprintf(out, sizeof out, "%s/%s.h5", tmp, name);
-        snprintf(dir, sizeof dir, "%s", fixture_dir(name));
+        snprintf(dir, sizeof dir, "%s", hf_fixture_dir(name));
         CU_ASSERT_EQUAL_FATAL(moe_cmd_convert(3, (char *[]){dir, "--out", out, NULL}), 0);
         CU_ASSERT_EQUAL(moe_cmd_logits(4, (char *[]){"--model", dir, "--prompt-ids", "5,6,7", NULL}), 0);
         char *text = NULL;
@@ -545,7 +437,7 @@ static void test_export_round_trip(void) {
         mkdir(out, 0755);
         moe_model a, b;
         moe_hf_info ia, ib;
-        CU_ASSERT_EQUAL_FATAL(moe_hf_load(fixture_dir(names[f]), &a, &ia), MOE_OK);
+        CU_ASSERT_EQUAL_FATAL(moe_hf_load(hf_fixture_dir(names[f]), &a, &ia), MOE_OK);
         moe_status s = moe_hf_export(&a, ia.model_type, out);
         if (s != MOE_OK) fprintf(stderr, "  %s\n", moe_last_error());
         CU_ASSERT_EQUAL_FATAL(s, MOE_OK);
@@ -596,15 +488,18 @@ static void test_misread_feature_caught(void) {
         moe_model m;
         moe_hf_info info;
         CU_ASSERT_EQUAL_FATAL(moe_hf_load(dir, &m, &info), MOE_OK);
-        expected e;
-        read_expected(fixture_dir(cases[c][0]), &e);
+        hf_expected e;
+        hf_expected_read(hf_fixture_dir(cases[c][0]), &e);
         int V = m.cfg.model.vocab_size, pad;
         float *out = malloc(sizeof(float) * 24 * (size_t)V);
         int32_t *route = malloc(sizeof(int32_t) * 24 * (size_t)(m.cfg.model.top_k * m.cfg.model.n_layers));
-        double err = row_err(&m, &e, 0, 0, out, route, &pad);
+        moe_decoder *d = NULL;
+        CHECK_OK(moe_decoder_open(&m, m.compute, &d));
+        double err = hf_row_err(d, &e, 0, 0, out, route, &pad);
         CU_ASSERT(err > 1e-3);
-        free(out), free(route), free(e.logits);
-        moe_st_close(&e.f);
+        free(out), free(route);
+        hf_expected_close(&e);
+        moe_decoder_close(d);
         moe_model_free(&m);
         moe_step_reset();
     }

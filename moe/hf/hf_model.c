@@ -320,16 +320,14 @@ static int argmax_allowed(const float *v, int n, const int *banned, int n_banned
     return best;
 }
 
-moe_status moe_hf_generate_greedy(moe_model *m, const int32_t *prompt, int n_prompt, int n_new, const int *banned,
+moe_status moe_hf_generate_greedy(moe_decoder *d, const int32_t *prompt, int n_prompt, int n_new, const int *banned,
                                   int n_banned, int32_t *out) {
-    int V = m->cfg.model.vocab_size;
+    int V = moe_decoder_model(d)->cfg.model.vocab_size;
     float *lg = malloc(sizeof(float) * (size_t)V);
     if (!lg) return moe_error(MOE_ERR_OOM, "generate: out of host memory");
     memcpy(out, prompt, sizeof(int32_t) * (size_t)n_prompt);
-    moe_decoder *d = NULL;
     moe_decode_state *ds = NULL;
-    moe_status s = moe_decoder_open(m, m->compute, &d);
-    if (s == MOE_OK) s = moe_decode_state_create(d, 1, n_prompt + n_new, &ds);
+    moe_status s = moe_decode_state_create(d, 1, n_prompt + n_new, &ds);
     for (int t = 0; s == MOE_OK && t < n_new; t++) {
         moe_step_reset();
         const int32_t *in = t == 0 ? prompt : out + n_prompt + t - 1;
@@ -338,7 +336,6 @@ moe_status moe_hf_generate_greedy(moe_model *m, const int32_t *prompt, int n_pro
     }
     moe_step_reset();
     moe_decode_state_free(ds);
-    moe_decoder_close(d);
     free(lg);
     return s;
 }

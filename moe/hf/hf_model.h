@@ -20,10 +20,10 @@ moe_status moe_hf_load(const char *dir, moe_model *m, moe_hf_info *info);
  * exist. moe_hf_load of the result gives back the same parameters bit for bit. */
 moe_status moe_hf_export(const moe_model *m, const char *model_type, const char *dir);
 
-/* Greedy decoding through the KV cache: prompt [n_prompt] then n_new tokens into out
- * [n_prompt + n_new] (prompt included). Ids in `banned` (e.g. the eos ids while a minimum
- * length is asked for) are never chosen; n_banned may be 0. */
-moe_status moe_hf_generate_greedy(moe_model *m, const int32_t *prompt, int n_prompt, int n_new, const int *banned,
+/* Greedy decoding through decoder d (a decode state of its own): prompt [n_prompt] then
+ * n_new tokens into out [n_prompt + n_new] (prompt included). Ids in `banned` (e.g. the eos
+ * ids while a minimum length is asked for) are never chosen; n_banned may be 0. */
+moe_status moe_hf_generate_greedy(moe_decoder *d, const int32_t *prompt, int n_prompt, int n_new, const int *banned,
                                   int n_banned, int32_t *out);
 
 #endif

@@ -42,8 +42,7 @@ struct moe_decode_state {
 };
 
 moe_status moe_decoder_open(moe_model *m, moe_dtype dtype, moe_decoder **out) {
-    moe_decoder_options o = {.dtype = dtype, .experts = MOE_EXPERTS_RESIDENT};
-    return moe_decoder_open_with(m, &o, out);
+    return moe_decoder_open_on(m, m->dev, dtype, out);
 }
 
 moe_status moe_decoder_open_with(moe_model *m, const moe_decoder_options *o, moe_decoder **out) {
@@ -53,7 +52,8 @@ moe_status moe_decoder_open_with(moe_model *m, const moe_decoder_options *o, moe
     moe_decoder *d = calloc(1, sizeof *d);
     if (!d) return moe_error(MOE_ERR_OOM, "decoder: out of host memory");
     d->m = m;
-    moe_status s = moe_model_cast_view(m, o->dtype, &d->view);
+    moe_view_spec spec = {.dtype = o->dtype, .dev = o->dev, .experts_host = o->experts == MOE_EXPERTS_PROVIDED};
+    moe_status s = moe_model_cast_view_to(m, &spec, &d->view);
     if (s != MOE_OK) {
         free(d);
         return s;
@@ -66,10 +66,8 @@ moe_status moe_decoder_open_with(moe_model *m, const moe_decoder_options *o, moe
 }
 
 moe_status moe_decoder_open_on(moe_model *m, moe_device dev, moe_dtype dtype, moe_decoder **out) {
-    if (dev != m->dev)
-        return moe_error(MOE_ERR_CONFIG, "decoder: a %s view of a %s model is not supported yet", moe_device_name(dev),
-                         moe_device_name(m->dev));
-    return moe_decoder_open(m, dtype, out);
+    moe_decoder_options o = {.dtype = dtype, .dev = dev, .experts = MOE_EXPERTS_RESIDENT};
+    return moe_decoder_open_with(m, &o, out);
 }
 
 const moe_model *moe_decoder_view(const moe_decoder *d) { return &d->view; }
@@ -396,11 +394,19 @@ moe_status moe_decoder_feed(moe_decoder *d, moe_decode_state *s, int seq, const 
 
 moe_status moe_model_logits(moe_model *m, const int32_t *tokens, int B, int T, int64_t pos0, float *logits,
                             int32_t *route_ids) {
+    moe_decoder *d = NULL;
+    moe_status st = moe_decoder_open(m, m->compute, &d);
+    if (st == MOE_OK) st = moe_decoder_logits(d, tokens, B, T, pos0, logits, route_ids);
+    moe_decoder_close(d);
+    return st;
+}
+
+moe_status moe_decoder_logits(moe_decoder *d, const int32_t *tokens, int B, int T, int64_t pos0, float *logits,
+                              int32_t *route_ids) {
     int64_t n = (int64_t)B * T;
     int32_t *pos = malloc(sizeof *pos * (size_t)n), *seq = malloc(sizeof *seq * (size_t)n);
-    moe_decoder *d = NULL;
     moe_decode_state *s = NULL;
-    moe_status st = pos && seq ? moe_decoder_open(m, m->compute, &d) : moe_error(MOE_ERR_OOM, "logits: out of host memory");
+    moe_status st = pos && seq ? MOE_OK : moe_error(MOE_ERR_OOM, "logits: out of host memory");
     int64_t per_seq = (T + MOE_KV_BLOCK - 1) / MOE_KV_BLOCK * MOE_KV_BLOCK; /* whole blocks each */
     if (st == MOE_OK) st = moe_decode_state_create(d, B, B * per_seq, &s);
     for (int64_t i = 0; st == MOE_OK && i < n; i++) {
@@ -411,7 +417,6 @@ moe_status moe_model_logits(moe_model *m, const int32_t *tokens, int B, int T, i
     moe_decode_info info = {.route_ids = route_ids};
     if (st == MOE_OK) st = moe_decoder_forward(d, s, &b, logits, &info);
     moe_decode_state_free(s);
-    moe_decoder_close(d);
     free(pos);
     free(seq);
     return st;

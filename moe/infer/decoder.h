@@ -66,11 +66,12 @@ typedef struct moe_decode_info {
 
 /* A decoder over model m (borrowed: m must outlive it and keep its weights unchanged):
  * m's parameters cast once to `dtype` (MOE_F32, MOE_BF16 on CUDA, MOE_F64 for reference
- * checks); with dtype F32 on f32 masters the decoder shares m's tensors. Every routed
- * expert is resident. */
+ * checks) on m's device; with dtype F32 on f32 masters the decoder shares m's tensors.
+ * Every routed expert is resident. */
 moe_status moe_decoder_open(moe_model *m, moe_dtype dtype, moe_decoder **out);
-/* The same with the view on device `dev`, whatever device m's masters live on (e.g. a model
- * loaded on the host, run on CUDA: only the cast view takes device memory). */
+/* The same with the view (and the decode states) on device `dev`: m's own, or MOE_CUDA for
+ * a model on the host, whose parameters are cast there and copied once to the device (only
+ * the view takes device memory; MOE_ERR_UNSUPPORTED for masters on another device). */
 moe_status moe_decoder_open_on(moe_model *m, moe_device dev, moe_dtype dtype, moe_decoder **out);
 
 /* Where the routed experts of a decoder's MoE layers come from, said at open. */
@@ -81,7 +82,10 @@ typedef enum moe_expert_placement {
 
 typedef struct moe_decoder_options {
     moe_dtype dtype;
-    moe_expert_placement experts;
+    moe_device dev;                      /* the view's device (as moe_decoder_open_on) */
+    moe_expert_placement experts;        /* PROVIDED on a device view: the view's routed expert
+                                          * stacks are in page-locked host memory (the provider's
+                                          * store), none of them on the device */
     const moe_expert_provider *provider; /* PROVIDED: installed on every MoE layer of the view and
                                           * its begin called before each forward; it must
                                           * outlive the decoder. RESIDENT: must be NULL */
@@ -122,10 +126,13 @@ moe_status moe_decoder_forward(moe_decoder *d, moe_decode_state *s, const moe_ba
 moe_status moe_decoder_feed(moe_decoder *d, moe_decode_state *s, int seq, const int32_t *tokens, int n,
                             float *logits);
 
-/* Logits of every position without gradient (a decoder opened in m->compute over a
- * decode state of B sequences): tokens [B, T] (host) at positions pos0 .. pos0 + T - 1 into
+/* Logits of every position without gradient through decoder d over a fresh decode state
+ * of B sequences: tokens [B, T] (host) at positions pos0 .. pos0 + T - 1 into
  * logits [B, T, V] (host f32). route_ids, when not NULL, receives the experts chosen per
  * layer: [n_layers, B * T, top_k] (the router's order; -1 in dense layers). */
+moe_status moe_decoder_logits(moe_decoder *d, const int32_t *tokens, int B, int T, int64_t pos0, float *logits,
+                              int32_t *route_ids);
+/* The same through a decoder of m in m->compute on m's device. */
 moe_status moe_model_logits(moe_model *m, const int32_t *tokens, int B, int T, int64_t pos0, float *logits,
                             int32_t *route_ids);
 

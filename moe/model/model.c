@@ -10,6 +10,7 @@
 #include "core/autograd.h"
 #include "core/memory.h"
 #include "core/ops.h"
+#include "core/xfer.h"
 
 static moe_status add_param(moe_model *m, moe_tensor *t, const char *name, bool stack, int begin) {
     if (!t) return moe_last_status();
@@ -308,39 +309,112 @@ static moe_status view_arrays(const moe_model *m, moe_model *v) {
     return MOE_OK;
 }
 
-moe_status moe_model_cast_view(const moe_model *m, moe_dtype dt, moe_model *v) {
-    *v = *m;
-    v->blocks = NULL;
-    v->params = NULL;
-    v->compute = dt;
-    moe_status s = view_arrays(m, v);
-    for (int i = 0; i < m->n_params && s == MOE_OK; i++) {
-        moe_tensor *t = m->params[i].t;
-        moe_dtype want = view_dtype(m, t, dt);
-        if (t->dtype == want) continue;
-        moe_tensor *c = moe_tensor_empty(MOE_LIFE_PERSIST, t->device, want, t->ndim, t->shape);
-        if (c && moe_tensor_copy_(c, t) == MOE_OK) v->params[i].t = c;
-        else s = moe_last_status(), moe_tensor_free(c);
+/* t on the host as `want` (t itself when it already is; else a PERSIST cast to free). */
+static moe_tensor *host_cast(const moe_tensor *t, moe_dtype want) {
+    if (t->dtype == want) return (moe_tensor *)t;
+    moe_tensor *h = moe_tensor_empty(MOE_LIFE_PERSIST, MOE_CPU, want, t->ndim, t->shape);
+    if (h && moe_tensor_copy_(h, t) != MOE_OK) {
+        moe_tensor_free(h);
+        return NULL;
     }
+    return h;
+}
+
+/* Parameter t of m as the view wants it: `want` on device `dev` (t itself when nothing
+ * changes); pinned: in page-locked host memory for copies to `dev` (an expert stack kept
+ * on the host). Host masters for a device view are cast on the host, then copied once. */
+static moe_tensor *view_tensor(const moe_tensor *t, moe_dtype want, moe_device dev, bool pinned) {
+    if (pinned) {
+        moe_tensor *c = moe_xfer_pinned_empty(dev, want, t->ndim, t->shape);
+        if (c && moe_tensor_copy_(c, t) != MOE_OK) moe_xfer_pinned_free(dev, c), c = NULL;
+        return c;
+    }
+    if (t->device == dev) {
+        if (t->dtype == want) return (moe_tensor *)t;
+        moe_tensor *c = moe_tensor_empty(MOE_LIFE_PERSIST, dev, want, t->ndim, t->shape);
+        if (c && moe_tensor_copy_(c, t) != MOE_OK) moe_tensor_free(c), c = NULL;
+        return c;
+    }
+    MOE_ASSERT(t->device == MOE_CPU && moe_tensor_is_contiguous(t), "model view: parameter not contiguous on the host");
+    moe_tensor *h = host_cast(t, want);
+    moe_tensor *c = h ? moe_tensor_from_host(MOE_LIFE_PERSIST, dev, want, t->ndim, t->shape, h->data) : NULL;
+    if (h != t) moe_tensor_free(h);
+    return c;
+}
+
+/* Frees a view's own tensor t (pinned host memory on a device view: an expert stack). */
+static void view_tensor_free(const moe_model *v, moe_tensor *t) {
+    if (t && t->device == MOE_CPU && v->dev != MOE_CPU) moe_xfer_pinned_free(v->dev, t);
+    else moe_tensor_free(t);
+}
+
+/* The routers' selection biases (not parameters) on a view of another device. */
+static moe_status view_router_biases(const moe_model *m, moe_model *v) {
+    for (int i = 0; v->dev != m->dev && i < m->cfg.model.n_layers; i++) {
+        moe_tensor **b[2] = {&v->blocks[i].moe.router.bias, &v->blocks[i].mom.router.bias};
+        for (int j = 0; j < 2; j++) {
+            if (!*b[j] || (j == 0 && v->blocks[i].dense)) continue;
+            *b[j] = view_tensor(*b[j], (*b[j])->dtype, v->dev, false);
+            if (!*b[j]) return moe_last_status();
+        }
+    }
+    return MOE_OK;
+}
+
+/* Points every field of v holding a parameter of m at the view's tensor for it. */
+static moe_status view_fields(const moe_model *m, moe_model *v) {
     int cap = m->n_params + 64 + m->cfg.model.n_layers * (40 + 2 * m->cfg.model.n_experts);
-    moe_tensor ***fields = s == MOE_OK ? malloc(sizeof *fields * (size_t)cap) : NULL;
-    if (s == MOE_OK && !fields) s = moe_error(MOE_ERR_OOM, "model view: out of host memory");
-    int nf = s == MOE_OK ? tensor_fields(v, fields, cap) : 0;
-    for (int f = 0; f < nf; f++) /* every field holding a parameter of m now holds its cast */
+    moe_tensor ***fields = malloc(sizeof *fields * (size_t)cap);
+    if (!fields) return moe_error(MOE_ERR_OOM, "model view: out of host memory");
+    int nf = tensor_fields(v, fields, cap);
+    for (int f = 0; f < nf; f++)
         for (int i = 0; *fields[f] && i < m->n_params; i++)
             if (*fields[f] == m->params[i].t) {
                 *fields[f] = v->params[i].t;
                 break;
             }
     free(fields);
+    return MOE_OK;
+}
+
+moe_status moe_model_cast_view_to(const moe_model *m, const moe_view_spec *spec, moe_model *v) {
+    *v = *m;
+    v->blocks = NULL;
+    v->params = NULL;
+    v->compute = spec->dtype;
+    v->dev = spec->dev;
+    if (spec->dev != m->dev && m->dev != MOE_CPU)
+        return moe_error(MOE_ERR_UNSUPPORTED, "model view: a %s view of a %s model (masters on the host or on the "
+                         "view's device)", moe_device_name(spec->dev), moe_device_name(m->dev));
+    moe_status s = view_arrays(m, v);
+    for (int i = 0; i < m->n_params && s == MOE_OK; i++) {
+        const moe_tensor *t = m->params[i].t;
+        bool pinned = spec->experts_host && spec->dev != MOE_CPU && m->params[i].expert_stack;
+        v->params[i].t = view_tensor(t, view_dtype(m, t, spec->dtype), spec->dev, pinned);
+        if (!v->params[i].t) {
+            s = moe_last_status();
+            v->params[i].t = m->params[i].t;
+        }
+    }
+    if (s == MOE_OK) s = view_fields(m, v);
+    if (s == MOE_OK) s = view_router_biases(m, v);
     if (s != MOE_OK) moe_model_cast_view_free(v, m);
     return s;
 }
 
+moe_status moe_model_cast_view(const moe_model *m, moe_dtype dt, moe_model *v) {
+    moe_view_spec spec = {.dtype = dt, .dev = m->dev};
+    return moe_model_cast_view_to(m, &spec, v);
+}
+
 void moe_model_cast_view_free(moe_model *v, const moe_model *m) {
     for (int i = 0; v->params && i < m->n_params; i++)
-        if (v->params[i].t != m->params[i].t) moe_tensor_free(v->params[i].t);
-    for (int i = 0; v->blocks && i < m->cfg.model.n_layers; i++) free(v->blocks[i].moe.groups);
+        if (v->params[i].t != m->params[i].t) view_tensor_free(v, v->params[i].t);
+    for (int i = 0; v->blocks && i < m->cfg.model.n_layers; i++) {
+        if (v->blocks[i].moe.router.bias != m->blocks[i].moe.router.bias) moe_tensor_free(v->blocks[i].moe.router.bias);
+        if (v->blocks[i].mom.router.bias != m->blocks[i].mom.router.bias) moe_tensor_free(v->blocks[i].mom.router.bias);
+        free(v->blocks[i].moe.groups);
+    }
     free(v->blocks);
     free(v->params);
     memset(v, 0, sizeof *v);

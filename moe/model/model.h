@@ -140,10 +140,22 @@ moe_tensor *moe_model_head(moe_model *m);
  * [Hkv, head_dim], or under MLA [H, max(nope + rope, v_head_dim)]. */
 void moe_model_kv_shape(const moe_model *m, int64_t *heads, int64_t *width);
 
-/* A view of m whose parameters are in `dt`, cast once (F32 on f32 masters: the same
- * tensors; the router-dtype ones, the RMoE GRU and heads, stay f32 or become f64 for F64).
- * It shares m's host metadata and must not outlive m; free it with
- * moe_model_cast_view_free, never moe_model_free. */
+/* Where a view's weights go. */
+typedef struct moe_view_spec {
+    moe_dtype dtype;   /* compute dtype of the view */
+    moe_device dev;    /* the view's device: m->dev, or MOE_CUDA for masters on the host */
+    bool experts_host; /* on a device view: the routed expert stacks in page-locked host memory
+                        * (an expert offload store), not on the device */
+} moe_view_spec;
+
+/* A view of m whose parameters are in spec->dtype on spec->dev, cast once (F32 on f32
+ * masters on the same device: the same tensors; the router-dtype ones, the RMoE GRU and
+ * heads, stay f32 or become f64 for F64). Masters on the host and a CUDA view: each
+ * parameter is cast on the host and copied once to the device (nothing else of the masters
+ * goes there), as is the routers' selection bias. It shares m's host metadata and must not
+ * outlive m; free it with moe_model_cast_view_free, never moe_model_free. */
+moe_status moe_model_cast_view_to(const moe_model *m, const moe_view_spec *spec, moe_model *view);
+/* The view on m's own device, every expert there. */
 moe_status moe_model_cast_view(const moe_model *m, moe_dtype dt, moe_model *view);
 void moe_model_cast_view_free(moe_model *view, const moe_model *m);
 

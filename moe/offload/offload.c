@@ -62,11 +62,11 @@ static moe_status state_bytes(const moe_model *m, const moe_offload_options *o, 
             total += 2 * (size_t)(kv * Hc * Dc) * es;
             continue;
         }
-        moe_mem_mark mark = moe_mem_step_mark(m->dev);
-        moe_tensor *st = moe_mom_state_zeros(&b->mom, 1, o->dtype, m->dev, MOE_LIFE_STEP);
+        moe_mem_mark mark = moe_mem_step_mark(MOE_CPU);
+        moe_tensor *st = moe_mom_state_zeros(&b->mom, 1, o->dtype, MOE_CPU, MOE_LIFE_STEP); /* only its size */
         if (!st) return moe_last_status();
         total += (size_t)moe_tensor_numel(st) * es * (size_t)o->max_seqs;
-        moe_mem_step_release(m->dev, mark);
+        moe_mem_step_release(MOE_CPU, mark);
     }
     *out = total;
     return MOE_OK;
@@ -481,57 +481,23 @@ static moe_tensor *provider_run(void *ctx, int layer, moe_moe_layer *L, int g, m
 
 /* ---- open and close ---- */
 
-/* Where a stack's experts are in the store: the view's own stack on the CPU; for a model
- * on the device (whose loader put every weight there), a copy at *at of the one page-locked
- * host tensor o->store_host (*at advances past it). */
-static moe_status store_stack(moe_offload *o, moe_tensor *t, moe_tensor **base, int64_t *first, int64_t *at) {
-    if (t->device == MOE_CPU) {
-        *base = t;
-        *first = 0;
-        return MOE_OK;
-    }
-    moe_tensor *dst = moe_tensor_view_raw(o->store_host, t->ndim, t->shape, t->strides, *at);
-    if (!dst) return moe_last_status();
-    MOE_TRY(moe_tensor_copy_(dst, t));
-    *base = o->store_host;
-    *first = *at;
-    *at += moe_tensor_numel(t);
-    return MOE_OK;
-}
-
-/* A device model's store: one host tensor for every expert stack, page-locked once. */
-static moe_status alloc_store_host(moe_offload *o) {
-    int64_t total = 0;
-    for (int i = 0; i < o->n_layers; i++)
-        for (int g = 0; !o->v->blocks[i].dense && g < o->v->blocks[i].moe.n_groups; g++)
-            total += moe_tensor_numel(o->v->blocks[i].moe.groups[g].w13) + moe_tensor_numel(o->v->blocks[i].moe.groups[g].w2);
-    o->store_host = moe_tensor_empty(MOE_LIFE_PERSIST, MOE_CPU, o->opt.dtype, 1, (int64_t[]){total});
-    if (!o->store_host) return moe_error_context(moe_last_status(), "offload: the host store: ");
-    MOE_TRY(moe_xfer_pin(o->v->dev, o->store_host->data, (size_t)total * moe_dtype_size(o->opt.dtype)));
-    o->store_pinned = true;
-    return MOE_OK;
-}
-
-/* The store: every routed expert as pointers into its group's stacks. */
+/* The store: every routed expert as pointers into its group's stacks, the view's own (in
+ * host memory: on a device view the decoder put them in page-locked host memory). */
 static moe_status fill_store(moe_offload *o) {
-    if (o->v->dev != MOE_CPU) MOE_TRY(alloc_store_host(o));
-    int64_t at = 0;
     for (int i = 0; i < o->n_layers; i++) {
         const moe_block *b = &o->v->blocks[i];
         if (b->dense) continue;
         for (int g = 0; g < b->moe.n_groups; g++) {
             const moe_expert_group *G = &b->moe.groups[g];
-            moe_tensor *s13 = NULL, *s2 = NULL;
-            int64_t f13 = 0, f2 = 0;
-            MOE_TRY(store_stack(o, G->w13, &s13, &f13, &at));
-            MOE_TRY(store_stack(o, G->w2, &s2, &f2, &at));
+            moe_tensor *s13 = G->w13, *s2 = G->w2;
+            MOE_ASSERT(s13->device == MOE_CPU && s2->device == MOE_CPU, "offload: the view's expert stacks are not on the host");
             int64_t n13 = G->w13->shape[1] * G->w13->shape[2], n2 = G->w2->shape[1] * G->w2->shape[2];
             size_t es = moe_dtype_size(s13->dtype);
             for (int j = 0; j < G->n; j++)
                 o->store[i * o->E + G->experts[j]] = (store_entry){
-                    .stack13 = s13, .stack2 = s2, .at13 = f13 + j * n13, .at2 = f2 + j * n2,
-                    .w13 = (const char *)s13->data + (size_t)(f13 + j * n13) * es,
-                    .w2 = (const char *)s2->data + (size_t)(f2 + j * n2) * es, .n13 = n13, .n2 = n2, .ffn_dim = G->ffn_dim};
+                    .stack13 = s13, .stack2 = s2, .at13 = j * n13, .at2 = j * n2,
+                    .w13 = (const char *)s13->data + (size_t)(j * n13) * es,
+                    .w2 = (const char *)s2->data + (size_t)(j * n2) * es, .n13 = n13, .n2 = n2, .ffn_dim = G->ffn_dim};
         }
     }
     return MOE_OK;
@@ -617,9 +583,12 @@ static moe_status check_options(const moe_model *m, const moe_offload_options *o
     if (o->policy == MOE_OFFLOAD_PREDICT && !o->predict)
         return moe_error(MOE_ERR_CONFIG, "offload: policy predict needs a predictor (--predictor FILE)");
     if (m->ep_size != 1) return moe_error(MOE_ERR_UNSUPPORTED, "offload: expert parallelism is not offloaded");
-    if (o->policy == MOE_OFFLOAD_CPU && m->dev != MOE_CPU)
+    if (o->dev != m->dev && m->dev != MOE_CPU)
+        return moe_error(MOE_ERR_UNSUPPORTED, "offload: a %s decoder of a %s model (masters on the host or on the "
+                         "decoder's device)", moe_device_name(o->dev), moe_device_name(m->dev));
+    if (o->policy == MOE_OFFLOAD_CPU && o->dev != MOE_CPU)
         return moe_error(MOE_ERR_UNSUPPORTED, "offload: policy cpu needs host kernels beside the %s ones (not written "
-                         "yet; auto copies every miss there)", moe_device_name(m->dev));
+                         "yet; auto copies every miss there)", moe_device_name(o->dev));
     if (o->budget < min_budget) {
         char need[32], have[32], dense[32];
         fmt_bytes(min_budget, need, sizeof need);
@@ -668,7 +637,7 @@ moe_status moe_offload_open(moe_model *m, const moe_offload_options *opt, moe_of
     o->split = sp;
     o->m = m;
     o->provider = (moe_expert_provider){.ctx = o, .begin = provider_begin, .run = provider_run};
-    moe_decoder_options dopt = {.dtype = opt->dtype, .experts = MOE_EXPERTS_PROVIDED, .provider = &o->provider};
+    moe_decoder_options dopt = {.dtype = opt->dtype, .dev = opt->dev, .experts = MOE_EXPERTS_PROVIDED, .provider = &o->provider};
     moe_status s = moe_decoder_open_with(m, &dopt, &o->dec);
     if (s == MOE_OK) {
         o->v = moe_decoder_view(o->dec);
@@ -689,8 +658,6 @@ void moe_offload_close(moe_offload *o) {
         moe_xfer_job_release(&o->slots[s].j13);
         moe_xfer_job_release(&o->slots[s].j2);
     }
-    if (o->store_pinned) moe_xfer_unpin(o->v->dev, o->store_host->data);
-    moe_tensor_free(o->store_host);
     moe_tensor_free(o->arena);
     moe_decoder_close(o->dec);
     free(o->moe_ord);

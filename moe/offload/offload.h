@@ -1,6 +1,6 @@
 /* Offloaded inference: a decoder whose routed experts live in host memory (the expert
- * store: the decoder view's own stacks, no second copy) while a device expert cache of a
- * byte budget holds the ones in use. Dense parts (embeddings, attention, norms, routers,
+ * store: the decoder view's own stacks, page-locked on a device, no second copy and none
+ * on the device) while a device expert cache of a byte budget holds the ones in use. Dense parts (embeddings, attention, norms, routers,
  * shared experts) and the KV cache stay on the device.
  *
  * The budget (--gpu-memory) is the whole device memory the run may use:
@@ -55,6 +55,7 @@ typedef moe_status (*moe_offload_predict_fn)(void *ctx, const int32_t *tokens, c
 
 typedef struct moe_offload_options {
     moe_dtype dtype;           /* compute dtype of the decoder */
+    moe_device dev;            /* its device: the model's, or MOE_CUDA for a model on the host */
     moe_offload_policy policy;
     size_t budget;             /* bytes of device memory for everything (see above) */
     int max_seqs;              /* the decode state the budget holds: sequence slots */

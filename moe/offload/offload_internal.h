@@ -9,7 +9,7 @@
 /* One routed expert in the host store: pointers into the decoder view's stacks. */
 typedef struct store_entry {
     moe_tensor *stack13, *stack2; /* host tensors holding its w13 and w2 (compute dtype): the
-                                   * group's stacks [n, d, 2 w], [n, w, d], or o->store_host */
+                                   * group's stacks [n, d, 2 w], [n, w, d] */
     int64_t at13, at2;            /* the expert's first element in each */
     const void *w13, *w2;         /* its w13 [d, 2 w] and w2 [w, d] */
     int64_t n13, n2;              /* their elements */
@@ -65,8 +65,6 @@ struct moe_offload {
     double layer_ms, last_t;    /* running mean of a MoE layer's time; when the last one began */
     int depth;                  /* layers prefetched ahead */
     int wave;                   /* experts gathered and run at once */
-    moe_tensor *store_host;     /* device models: the store, every expert stack copied to the host */
-    bool store_pinned;
 };
 
 /* cache.c */
