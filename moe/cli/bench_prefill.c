@@ -224,7 +224,7 @@ static moe_status bench_prefill(prefill_flags *f) {
     if (sf.model_dir) sf.device = sf.dtype = NULL; /* a hub folder loads on the host; the view goes to --device */
     moe_source src;
     MOE_TRY(moe_source_open(&src, &sf, MOE_SOURCE_MODEL));
-    moe_device dev = device ? (strcmp(device, "cpu") ? MOE_CUDA : MOE_CPU) : src.model.dev;
+    moe_device dev = device ? (strcmp(device, "cpu") ? MOE_CUDA : MOE_CPU) : src.dev;
     moe_dtype dt = dtype ? (strcmp(dtype, "f32") ? MOE_BF16 : MOE_F32) : dev == MOE_CUDA ? MOE_BF16 : MOE_F32;
     int vocab = src.model.cfg.model.vocab_size;
     prompts p = {0};

@@ -38,7 +38,10 @@ static moe_status run_eval(const moe_source_flags *f, const char *data) {
         s = moe_error(MOE_ERR_CONFIG, "%s has a vocabulary of %d tokens, the model %d", path, moe_data_vocab(val),
                       cfg->model.vocab_size);
     moe_eval_result r;
-    if (s == MOE_OK) s = moe_evaluate_full(&src.model, val, cfg->train.eval_batches, &r);
+    moe_decoder *dec = NULL; /* the loss through the decoder's view: the weights on --device in --dtype */
+    if (s == MOE_OK) s = moe_source_decoder_open(&src, &dec);
+    if (s == MOE_OK) s = moe_evaluate_full((moe_model *)moe_decoder_view(dec), val, cfg->train.eval_batches, &r);
+    moe_decoder_close(dec);
     if (s == MOE_OK) {
         printf("val_loss %.4f  val_bpb %.4f  perplexity %.3f", r.loss, r.bpb, exp(r.loss));
         if (moe_data_unigram_bpb(val) > 0) printf("  unigram_bpb %.4f", moe_data_unigram_bpb(val));

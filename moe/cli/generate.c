@@ -226,7 +226,7 @@ static moe_status run_generation(const gen_flags *gf, moe_source *src) {
     if (s == MOE_OK && !(g.logits = malloc(sizeof *g.logits * (size_t)src->cfg.model.vocab_size)))
         s = moe_error(MOE_ERR_OOM, "out of memory for the logits");
     moe_cli_decoder cd = {0};
-    if (s == MOE_OK) s = moe_cli_decoder_open(&gf->offload, m, 1, g.window, g.window, &cd);
+    if (s == MOE_OK) s = moe_cli_decoder_open(&gf->offload, src, 1, g.window, g.window, &cd);
     g.dec = cd.dec;
     /* the cache never holds more than the window, nor more than the whole context */
     int64_t kv = (int64_t)g.len + gf->tokens < g.window ? (int64_t)g.len + gf->tokens : g.window;
@@ -252,7 +252,7 @@ static moe_status run_generation(const gen_flags *gf, moe_source *src) {
     if (s == MOE_OK)
         fprintf(stderr, "generate: prompt of %d tokens in %.1f ms, %d new tokens in %.1f ms (%.1f tokens/s) on %s %s\n",
                 g.len - made, t_prompt - t0, made, t_end - t_prompt, made > 0 ? 1e3 * made / (t_end - t_prompt) : 0.0,
-                moe_device_name(m->dev), moe_dtype_name(m->compute));
+                moe_device_name(src->dev), moe_dtype_name(src->dtype));
     if (out.text) serve_detok_free(&out.detok);
     free(out.buf);
     moe_decode_state_free(g.st);

@@ -74,7 +74,10 @@ static moe_status run_logits(const logits_flags *f) {
         s = moe_error(MOE_ERR_CONFIG, "logits: %zu tokens, the model's context is %d", ids.len, src.cfg.model.seq_len);
     if (s == MOE_OK && !(lg = malloc(sizeof(float) * ids.len * (size_t)V)))
         s = moe_error(MOE_ERR_OOM, "logits: out of host memory for %zu x %d logits", ids.len, V);
-    if (s == MOE_OK) s = moe_model_logits(&src.model, ids.data, 1, (int)ids.len, 0, lg, NULL);
+    moe_decoder *dec = NULL;
+    if (s == MOE_OK) s = moe_source_decoder_open(&src, &dec);
+    if (s == MOE_OK) s = moe_decoder_logits(dec, ids.data, 1, (int)ids.len, 0, lg, NULL);
+    moe_decoder_close(dec);
     if (s == MOE_OK && f->out) s = write_logits(f->out, lg, &ids, V);
     for (size_t t = 0; s == MOE_OK && !f->out && t < ids.len; t++)
         print_position(lg + t * (size_t)V, V, f->top, (int)t, ids.data[t]);

@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "moe/cli/args.h"
+#include "moe/cli/source.h"
 #include "moe/infer/decoder.h"
 #include "moe/offload/offload.h"
 #include "moe/offload/predictor.h"
@@ -34,7 +35,8 @@ typedef struct moe_offload_flags {
     {"--verbose", MOE_FLAG_BOOL, NULL, 0, 0, NULL, "--offload: per-layer hits, misses, late prefetches, wasted copies", \
      &(of).verbose}
 
-/* A decoder over m: resident without --offload, else offloaded per the flags for up to
+/* A decoder over src's model on src->dev in src->dtype: resident without --offload, else
+ * offloaded per the flags (the routed experts on the host, a cache of them on the device) for up to
  * max_seqs sequences, kv_tokens KV positions and batches of max_batch tokens (the split
  * line goes to stderr). Flags of --offload without it are refused. */
 typedef struct moe_cli_decoder {
@@ -43,7 +45,7 @@ typedef struct moe_cli_decoder {
     moe_predictor *pred; /* NULL: none */
     bool verbose;
 } moe_cli_decoder;
-moe_status moe_cli_decoder_open(const moe_offload_flags *f, moe_model *m, int max_seqs, int64_t kv_tokens,
+moe_status moe_cli_decoder_open(const moe_offload_flags *f, moe_source *src, int max_seqs, int64_t kv_tokens,
                                 int max_batch, moe_cli_decoder *out);
 /* With --offload --verbose, the counters to stderr; then everything freed. */
 void moe_cli_decoder_close(moe_cli_decoder *d);

@@ -19,7 +19,7 @@
 #include "moe/serve/http.h"
 
 typedef struct serve_flags {
-    const char *model_dir, *checkpoint, *host, *name;
+    const char *model_dir, *checkpoint, *host, *name, *device, *dtype;
     int port, max_batch, prefill_tokens, max_queue, timeout_s, max_conns, drain_s, eos;
     int64_t kv_tokens, max_body;
 } serve_flags;
@@ -39,7 +39,8 @@ typedef struct server {
     char name[256];
 } server;
 
-/* Our checkpoint on the CPU in f32 and its tokenizer (stored, the config's BPE file or hub folder, or bytes). */
+/* Our checkpoint's master weights on the host in f32 and its tokenizer (stored, the config's BPE
+ * file or hub folder, or bytes). */
 static moe_status load_checkpoint(server *sv, const serve_flags *f) {
     char *text = NULL;
     moe_config cfg;
@@ -102,7 +103,10 @@ static moe_status start(server *sv, const serve_flags *f) {
     model_name(sv, f);
     int64_t ctx = sv->model.cfg.model.seq_len;
     int64_t kv = f->kv_tokens > 0 ? f->kv_tokens : (int64_t)f->max_batch * ctx;
-    MOE_TRY(serve_engine_open(&sv->model, f->max_batch, kv, &sv->engine));
+    moe_device dev = f->device && !strcmp(f->device, "cuda") ? MOE_CUDA : MOE_CPU;
+    moe_dtype dt = f->dtype ? (strcmp(f->dtype, "bf16") ? MOE_F32 : MOE_BF16) : dev == MOE_CUDA ? MOE_BF16 : MOE_F32;
+    if (dev == MOE_CPU && dt == MOE_BF16) return moe_error(MOE_ERR_CONFIG, "serve: --dtype bf16 needs --device cuda");
+    MOE_TRY(serve_engine_open(&sv->model, dev, dt, f->max_batch, kv, &sv->engine));
     serve_metrics_init(&sv->metrics);
     serve_sched_opts so = {.max_queue = f->max_queue, .prefill_tokens = f->prefill_tokens};
     MOE_TRY(serve_sched_start(&sv->sched, &sv->engine, &sv->text, &sv->metrics, so));
@@ -116,8 +120,9 @@ static moe_status start(server *sv, const serve_flags *f) {
     MOE_TRY(serve_http_start(&sv->http, &ho, &sv->sched, &sv->metrics, &sv->api));
     printf("listening on http://%s%s%s:%d\n", strchr(f->host, ':') ? "[" : "", f->host, strchr(f->host, ':') ? "]" : "",
            sv->http.port);
-    fprintf(stderr, "serve: %s, context %lld tokens, %d sequences, KV pool %lld tokens, prefill %d tokens per step\n",
-            sv->name, (long long)ctx, f->max_batch, (long long)sv->engine.kv_tokens, f->prefill_tokens);
+    fprintf(stderr, "serve: %s on %s %s, context %lld tokens, %d sequences, KV pool %lld tokens, prefill %d tokens per "
+            "step\n", sv->name, moe_device_name(dev), moe_dtype_name(dt), (long long)ctx, f->max_batch,
+            (long long)sv->engine.kv_tokens, f->prefill_tokens);
     fflush(stdout);
     return MOE_OK;
 }
@@ -185,7 +190,10 @@ int moe_cmd_serve(int argc, char **argv) {
     const char *usage = "moe serve --model DIR | --checkpoint FILE [flags]";
     const moe_flag_spec specs[] = {
         {"--model", MOE_FLAG_STRING, "DIR", 0, 0, NULL, "a Hugging Face hub folder (config.json, safetensors, tokenizer.json)", &f.model_dir},
-        {"--checkpoint", MOE_FLAG_STRING, "FILE", 0, 0, NULL, "one of our checkpoints (runs on the CPU in f32)", &f.checkpoint},
+        {"--checkpoint", MOE_FLAG_STRING, "FILE", 0, 0, NULL, "one of our checkpoints (.h5)", &f.checkpoint},
+        {"--device", MOE_FLAG_STRING, "DEV", 0, 0, "cpu|cuda", "where to run (the weights load on the host; on cuda only "
+         "the cast copy takes device memory)", &f.device},
+        {"--dtype", MOE_FLAG_STRING, "T", 0, 0, "f32|bf16", "compute dtype (default: bf16 on cuda, f32 on the cpu)", &f.dtype},
         {"--host", MOE_FLAG_STRING, "ADDR", 0, 0, NULL, "address to listen on", &f.host},
         {"--port", MOE_FLAG_INT, "PORT", 0, 65535, NULL, "port to listen on, 0 = any free one (printed)", &f.port},
         {"--max-batch", MOE_FLAG_INT, "N", 1, 1024, NULL, "sequences decoded together", &f.max_batch},

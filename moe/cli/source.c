@@ -10,9 +10,10 @@
 #include "moe/hf/hf_model.h"
 #include "moe/model/weights.h"
 
-/* --device / --dtype as config overrides. Without --dtype a cpu run computes in f32 (the
- * checkpoint holds f32 master weights; the CPU has no bf16 compute). */
-static moe_status apply_device(moe_config *cfg, const moe_source_flags *f) {
+/* --device / --dtype as config overrides, then where decoders run. Without --dtype a cpu
+ * run computes in f32 (the CPU has no bf16 compute), a cuda one in bf16. */
+static moe_status apply_device(moe_source *src, const moe_source_flags *f) {
+    moe_config *cfg = &src->cfg;
     char set[64];
     if (f->device) {
         snprintf(set, sizeof set, "train.device=%s", f->device);
@@ -20,10 +21,21 @@ static moe_status apply_device(moe_config *cfg, const moe_source_flags *f) {
     }
     if (f->dtype) {
         snprintf(set, sizeof set, "train.dtype=%s", f->dtype);
-        return moe_config_set(cfg, set);
+        MOE_TRY(moe_config_set(cfg, set));
+    } else {
+        cfg->train.dtype = cfg->train.device == MOE_CFG_DEVICE_CPU ? MOE_CFG_DTYPE_F32 : MOE_CFG_DTYPE_BF16;
     }
-    if (cfg->train.device == MOE_CFG_DEVICE_CPU) cfg->train.dtype = MOE_CFG_DTYPE_F32;
+    src->dev = cfg->train.device == MOE_CFG_DEVICE_CUDA ? MOE_CUDA : MOE_CPU;
+    src->dtype = cfg->train.dtype == MOE_CFG_DTYPE_BF16 ? MOE_BF16 : MOE_F32;
     return MOE_OK;
+}
+
+/* cfg as the master weights' config: on the host in f32. */
+static moe_config host_config(const moe_config *cfg) {
+    moe_config h = *cfg;
+    h.train.device = MOE_CFG_DEVICE_CPU;
+    h.train.dtype = MOE_CFG_DTYPE_F32;
+    return h;
 }
 
 /* ---- our checkpoints ---- */
@@ -34,7 +46,7 @@ static moe_status checkpoint_config(moe_source *src, const moe_source_flags *f) 
     moe_status s = moe_config_load_text(&src->cfg, text, f->checkpoint);
     free(text);
     MOE_TRY(s);
-    MOE_TRY(apply_device(&src->cfg, f));
+    MOE_TRY(apply_device(src, f));
     MOE_TRY(moe_cli_apply_sets(&src->cfg, &f->sets));
     return moe_config_validate(&src->cfg);
 }
@@ -85,7 +97,8 @@ static moe_status open_checkpoint(moe_source *src, const moe_source_flags *f, un
     src->sampling = (moe_sampler){.temperature = 0.8, .top_p = 0.95};
     MOE_TRY(checkpoint_config(src, f));
     if (parts & MOE_SOURCE_MODEL) {
-        MOE_TRY(moe_model_init(&src->model, &src->cfg, 0, 1));
+        moe_config host = host_config(&src->cfg);
+        MOE_TRY(moe_model_init(&src->model, &host, 0, 1));
         src->has_model = true;
         MOE_TRY(moe_checkpoint_load_weights(f->checkpoint, &src->model));
     }
@@ -130,11 +143,6 @@ static moe_status hub_text(moe_source *src, unsigned parts) {
 }
 
 static moe_status open_hub(moe_source *src, const moe_source_flags *f, unsigned parts) {
-    if (f->device && strcmp(f->device, "cpu"))
-        return moe_error(MOE_ERR_CONFIG, "--device %s: a hub folder runs on the cpu (moe convert %s --out FILE.h5, then "
-                                         "--checkpoint FILE)", f->device, src->name);
-    if (f->dtype && strcmp(f->dtype, "f32"))
-        return moe_error(MOE_ERR_CONFIG, "--dtype %s: a hub folder runs in f32", f->dtype);
     moe_hf_info info;
     if (parts & MOE_SOURCE_MODEL) {
         MOE_TRY(moe_hf_load(src->name, &src->model, &info));
@@ -148,8 +156,10 @@ static moe_status open_hub(moe_source *src, const moe_source_flags *f, unsigned 
     }
     for (int i = 0; i < info.n_eos && src->n_eos < SERVE_MAX_EOS; i++) src->eos[src->n_eos++] = info.eos_ids[i];
     hub_sampling(src, &info);
+    src->cfg.train.device = MOE_CFG_DEVICE_CPU; /* the flags' default */
+    MOE_TRY(apply_device(src, f));
     MOE_TRY(hub_sets(src, f));
-    if (src->has_model) src->model.cfg = src->cfg;
+    if (src->has_model) src->model.cfg = host_config(&src->cfg);
     if (parts & (MOE_SOURCE_TEXT | MOE_SOURCE_TEXT_IF_ANY)) MOE_TRY(hub_text(src, parts));
     return MOE_OK;
 }
@@ -176,6 +186,10 @@ void moe_source_close(moe_source *src) {
     if (src->has_text) serve_text_close(&src->text);
     if (src->has_model) moe_model_free(&src->model);
     src->has_text = src->has_model = false;
+}
+
+moe_status moe_source_decoder_open(moe_source *src, moe_decoder **out) {
+    return moe_decoder_open_on(&src->model, src->dev, src->dtype, out);
 }
 
 int moe_source_vocab(const moe_source *src) { return src->has_text ? src->text.vocab : src->cfg.model.vocab_size; }

@@ -3,9 +3,12 @@
  * (--checkpoint FILE: the stored config, weights and byte/BPE tokenizer), opened the same
  * way for generate, eval, logits and tokenize.
  *
- * A hub folder loads on the CPU in f32; `--set` may change anything but its model.* keys
- * (they come from config.json), except model.seq_len (the context). A checkpoint is built
- * from its stored config with the --device / --dtype / --set overrides. */
+ * The master weights load on the host in f32 (hub folders and checkpoints alike); --device
+ * and --dtype say where and in what a decoder over them runs (moe_source_decoder_open: on
+ * cuda only the cast view takes device memory; default dtype bf16 on cuda, f32 on the cpu).
+ * `--set` on a hub folder may change anything but its model.* keys (they come from
+ * config.json), except model.seq_len (the context). A checkpoint is built from its stored
+ * config with the --set overrides. */
 #ifndef MOE_CLI_SOURCE_H
 #define MOE_CLI_SOURCE_H
 
@@ -14,6 +17,7 @@
 
 #include "core/status.h"
 #include "moe/cli/args.h"
+#include "moe/infer/decoder.h"
 #include "moe/infer/sample.h"
 #include "moe/model/model.h"
 #include "moe/serve/text.h"
@@ -28,9 +32,9 @@ typedef struct moe_source_flags {
     {"--model", MOE_FLAG_STRING, "DIR", 0, 0, NULL, "a Hugging Face hub folder (config.json, safetensors, tokenizer.json)", \
      &(sf).model_dir},                                                                                              \
     {"--checkpoint", MOE_FLAG_STRING, "FILE", 0, 0, NULL, "one of our checkpoints (.h5)", &(sf).checkpoint},          \
-    {"--device", MOE_FLAG_STRING, "DEV", 0, 0, "cpu|cuda", "where to run (default: the checkpoint's train.device)",  \
-     &(sf).device},                                                                                                 \
-    {"--dtype", MOE_FLAG_STRING, "T", 0, 0, "f32|bf16", "compute dtype (default: the checkpoint's; f32 on the cpu)", \
+    {"--device", MOE_FLAG_STRING, "DEV", 0, 0, "cpu|cuda", "where to run (default: a checkpoint's train.device, cpu " \
+     "for a hub folder)", &(sf).device},                                                                            \
+    {"--dtype", MOE_FLAG_STRING, "T", 0, 0, "f32|bf16", "compute dtype (default: bf16 on cuda, f32 on the cpu)",     \
      &(sf).dtype},                                                                                                  \
     {"--set", MOE_FLAG_MULTI, "KEY=VALUE", 0, 0, NULL, "override a config key", &(sf).sets}
 
@@ -44,8 +48,10 @@ typedef enum moe_source_parts {
 typedef struct moe_source {
     const char *name;        /* the folder or file, for messages */
     bool hub;                /* a hub folder */
-    moe_config cfg;          /* the effective config (the model's, when loaded) */
-    moe_model model;
+    moe_config cfg;          /* the effective config (train.device / dtype: where decoders run) */
+    moe_model model;         /* the master weights, on the host in f32 */
+    moe_device dev;          /* where decoders over the model run (--device) */
+    moe_dtype dtype;         /* and their compute dtype (--dtype) */
     bool has_model;
     serve_text text;         /* tokenizer, chat template, end-of-sequence ids */
     bool has_text;
@@ -58,6 +64,8 @@ typedef struct moe_source {
 /* Opens `parts` of the source the flags name (exactly one of --model, --checkpoint). */
 moe_status moe_source_open(moe_source *src, const moe_source_flags *f, unsigned parts);
 void moe_source_close(moe_source *src);
+/* A decoder over the source's model on src->dev in src->dtype. */
+moe_status moe_source_decoder_open(moe_source *src, moe_decoder **out);
 
 /* Tokens the tokenizer knows, else the model's vocabulary. */
 int moe_source_vocab(const moe_source *src);

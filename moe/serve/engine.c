@@ -32,11 +32,12 @@ static void dec_close(void *impl) {
     free(e);
 }
 
-moe_status serve_engine_open(moe_model *m, int max_seqs, int64_t kv_tokens, serve_engine *out) {
+moe_status serve_engine_open(moe_model *m, moe_device dev, moe_dtype dtype, int max_seqs, int64_t kv_tokens,
+                             serve_engine *out) {
     MOE_ASSERT(m && max_seqs > 0 && kv_tokens > 0, "bad engine arguments");
     decoder_engine *e = calloc(1, sizeof *e);
     if (!e) return moe_error(MOE_ERR_OOM, "out of memory");
-    moe_status st = moe_decoder_open(m, MOE_F32, &e->d);
+    moe_status st = moe_decoder_open_on(m, dev, dtype, &e->d);
     if (st == MOE_OK) st = moe_decode_state_create(e->d, max_seqs, kv_tokens, &e->s);
     if (st != MOE_OK) {
         dec_close(e);

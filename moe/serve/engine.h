@@ -25,9 +25,10 @@ typedef struct serve_engine {
     void (*close)(void *impl);
 } serve_engine;
 
-/* Binds model m (borrowed, f32 on the CPU) with max_seqs slots and a pool of kv_tokens
- * positions. */
-moe_status serve_engine_open(moe_model *m, int max_seqs, int64_t kv_tokens, serve_engine *out);
+/* Binds model m (borrowed, f32 masters on the host) through a decoder on dev in dtype with
+ * max_seqs slots and a pool of kv_tokens positions. */
+moe_status serve_engine_open(moe_model *m, moe_device dev, moe_dtype dtype, int max_seqs, int64_t kv_tokens,
+                             serve_engine *out);
 void serve_engine_close(serve_engine *e);
 
 #endif
