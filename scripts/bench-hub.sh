@@ -21,6 +21,9 @@
 #   --data    the tokenizer's text (default data/brown/brown.txt when present, else ~5 MB of the
 #             repository's READMEs repeated)
 #   --cache   transformers' KV cache in generate (default dynamic)
+#   --keep    add these rounds to the results already in $BENCH_OUT (numbering and the side
+#             that goes first go on from there), so that rounds may be spread over several
+#             runs; the table covers them all
 #   defaults: 3 rounds, 2 timed runs per round and side, cuda when nvidia-smi works, batch 1,16,
 #             prompt 128, 128 new tokens
 #        scripts/bench-hub.sh --smoke MOE_BIN   (ctest): moe bench decode and tokenize on
@@ -177,7 +180,7 @@ if [ "${1:-}" = --smoke ]; then
     exit
 fi
 
-model=bench-results/hub-model make="" rounds=3 reps=2 batch=1,16 prompt=128 tokens=128 data="" cache=dynamic
+model=bench-results/hub-model make="" rounds=3 reps=2 batch=1,16 prompt=128 tokens=128 data="" cache=dynamic keep=0
 device=cpu
 command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 && device=cuda
 while [ $# -gt 0 ]; do
@@ -192,7 +195,8 @@ while [ $# -gt 0 ]; do
     --tokens) tokens=${2:?--tokens needs a number}; shift ;;
     --data) data=${2:?--data needs a file}; shift ;;
     --cache) cache=${2:?--cache needs dynamic or static}; shift ;;
-    -h | --help) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --keep) keep=1 ;;
+    -h | --help) sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-hub.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -204,10 +208,10 @@ moe_bin=${MOE_BIN:-build-gpu/moe}
 py=${PYTHON:-python3}
 out=${BENCH_OUT:-bench-results/$(date +%Y%m%d-%H%M%S)-hub}
 mkdir -p "$out"
-: >"$out/ours.txt"
-: >"$out/ref.txt"
-: >"$out/ours.log"
-: >"$out/ref.log"
+for f in ours.txt ref.txt ours.log ref.log; do
+    [ "$keep" = 1 ] && [ -f "$out/$f" ] || : >"$out/$f"
+done
+done_rounds=$(grep -c '^== round .*moe bench decode' "$out/ours.log" || true)
 
 if [ -n "$make" ]; then
     if [ -f "$model/config.json" ]; then
@@ -250,8 +254,8 @@ ref_tokenize() {
         { echo "bench-hub.sh: the tokenizers side failed (see $out/ref.log)" >&2; failures=$((failures + 1)); }
 }
 
-for round in $(seq 1 "$rounds"); do
-    echo "bench-hub.sh: round $round of $rounds ($model on $device, batch $batch)" >&2
+for round in $(seq $((done_rounds + 1)) $((done_rounds + rounds))); do
+    echo "bench-hub.sh: round $round of $((done_rounds + rounds)) ($model on $device, batch $batch)" >&2
     if [ $((round % 2)) -eq 1 ]; then
         ours_decode; ref_decode; ours_tokenize; ref_tokenize
     else

@@ -90,7 +90,7 @@ def main():
     model, device = build(args, torch, transformers)
     n = sum(p.numel() for p in model.parameters())
     os.makedirs(args.outdir, exist_ok=True)
-    model.save_pretrained(args.outdir, max_shard_size="5GB", safe_serialization=True)
+    model.save_pretrained(args.outdir, max_shard_size="5GB")  # safetensors shards + index
     for f in TOKENIZER_FILES:
         src = os.path.join(TOKENIZER_DIR, f)
         if os.path.exists(src):
