@@ -1,6 +1,7 @@
 /* Training end to end on a tiny generated corpus: exact resume (N steps + save + resume
  * + N steps == 2N steps), loss decreases, damaged checkpoints are refused, a bad config
- * is refused, and the whole model's gradients pass a finite-difference check. */
+ * is refused, the whole model's gradients pass a finite-difference check, and router
+ * biases come back from a checkpoint. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -252,11 +253,64 @@ static void test_model_gradcheck(void) {
     moe_step_reset();
 }
 
+/* Fills each MoE layer's router bias [E] with values of its own and returns how many
+ * layers hold one. */
+static int set_router_biases(moe_model *m) {
+    int n = 0;
+    for (int i = 0; i < m->cfg.model.n_layers; i++) {
+        moe_tensor *b = m->blocks[i].moe.router.bias;
+        if (!b) continue;
+        double v[64];
+        CU_ASSERT_FATAL(moe_tensor_numel(b) <= 64);
+        for (int64_t j = 0; j < moe_tensor_numel(b); j++) v[j] = 0.5 * (i + 1) - 0.125 * (double)j;
+        moe_tensor *h = moe_tensor_from_host(MOE_LIFE_PERSIST, MOE_CPU, MOE_F64, b->ndim, b->shape, v);
+        CU_ASSERT_EQUAL_FATAL(moe_tensor_copy_(b, h), MOE_OK);
+        moe_tensor_free(h);
+        n++;
+    }
+    return n;
+}
+
+/* The aux-loss-free router biases go into a checkpoint and come back through the training
+ * reader and the model-level reader. */
+static void test_router_bias_round_trip(void) {
+    const char *dir = moe_test_tmpdir("train-bias");
+    CU_ASSERT_PTR_NOT_NULL_FATAL(dir);
+    char path[600];
+    snprintf(path, sizeof path, "%s/ckpt-000001.h5", dir);
+    moe_config c;
+    tiny_config(&c, dir);
+    c.router.balance = MOE_CFG_BALANCE_AUX_FREE;
+    CU_ASSERT_EQUAL_FATAL(moe_config_validate(&c), MOE_OK);
+    moe_model m, back;
+    CU_ASSERT_EQUAL_FATAL(moe_model_init(&m, &c, 0, 1), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(set_router_biases(&m), c.model.n_layers);
+    moe_train_state ts = {.step = 1};
+    CU_ASSERT_EQUAL_FATAL(moe_checkpoint_save(path, &m, NULL, &ts), MOE_OK);
+    for (int reader = 0; reader < 2; reader++) {
+        CU_ASSERT_EQUAL_FATAL(moe_model_init(&back, &c, 0, 1), MOE_OK);
+        moe_status s = reader ? moe_checkpoint_load_weights(path, &back) : moe_checkpoint_load(path, &back, NULL, &ts);
+        CU_ASSERT_EQUAL_FATAL(s, MOE_OK);
+        for (int i = 0; i < c.model.n_layers; i++) {
+            const moe_tensor *want = m.blocks[i].moe.router.bias, *got = back.blocks[i].moe.router.bias;
+            CU_ASSERT_PTR_NOT_NULL_FATAL(got);
+            double w[64], g[64];
+            moe_tensor_to_host_f64(want, w);
+            moe_tensor_to_host_f64(got, g);
+            CU_ASSERT_EQUAL(memcmp(w, g, sizeof(double) * (size_t)moe_tensor_numel(want)), 0);
+            CU_ASSERT_EQUAL(g[1], 0.5 * (i + 1) - 0.125);
+        }
+        moe_model_free(&back);
+    }
+    moe_model_free(&m);
+}
+
 static void register_suites(void) {
     moe_test_add_suite("train", (moe_test_entry[]){{"exact resume", test_exact_resume},
                                                     {"damaged and mismatched checkpoints", test_damaged_checkpoint},
                                                     {"missing data file", test_missing_data},
                                                     {"whole-model gradcheck", test_model_gradcheck},
+                                                    {"router biases round trip", test_router_bias_round_trip},
                                                     {NULL, NULL}});
 }
 

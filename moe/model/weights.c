@@ -35,6 +35,17 @@ int64_t moe_ckpt_local_slot(const moe_param_ref *p, int64_t e) {
     return -1;
 }
 
+moe_status moe_ckpt_for_each_router_bias(const moe_model *m, moe_ckpt_piece_fn fn, void *ctx) {
+    for (int i = 0; i < m->cfg.model.n_layers; i++) {
+        const moe_block *b = &m->blocks[i];
+        if (b->dense || !b->moe.router.bias) continue;
+        char name[96];
+        snprintf(name, sizeof name, "layers.%d.moe", i);
+        MOE_TRY(fn(name, b->moe.router.bias, ctx));
+    }
+    return MOE_OK;
+}
+
 typedef struct { moe_h5 *f; const char *group; } get_ctx;
 
 static moe_status get_piece(const char *name, moe_tensor *piece, void *ctx) {
@@ -58,15 +69,8 @@ moe_status moe_ckpt_read_pieces(moe_h5 *f, const char *group, const moe_param_re
 
 moe_status moe_ckpt_read_model(moe_h5 *f, moe_model *m) {
     for (int i = 0; i < m->n_params; i++) MOE_TRY(moe_ckpt_read_pieces(f, "params", &m->params[i], m->params[i].t));
-    for (int i = 0; i < m->cfg.model.n_layers; i++) {
-        moe_block *b = &m->blocks[i];
-        if (b->dense || !b->moe.router.bias) continue;
-        char name[96];
-        snprintf(name, sizeof name, "layers.%d.moe", i);
-        get_ctx rb = {f, "router_bias"};
-        MOE_TRY(get_piece(name, b->moe.router.bias, &rb));
-    }
-    return MOE_OK;
+    get_ctx rb = {f, "router_bias"};
+    return moe_ckpt_for_each_router_bias(m, get_piece, &rb);
 }
 
 /* Reads dataset `name` whole, which checks its CRC (moe_h5_get_array / _get_string). */

@@ -47,6 +47,8 @@ int64_t moe_ckpt_local_slot(const moe_param_ref *p, int64_t e);
 /* Calls fn for each stored tensor of parameter p held on this rank, with t its values (or
  * an optimizer state of the same shape): t whole, or one 2-D view per expert of a stack. */
 moe_status moe_ckpt_for_each_piece(const moe_param_ref *p, moe_tensor *t, moe_ckpt_piece_fn fn, void *ctx);
+/* Calls fn for each MoE layer's router bias ("layers.<i>.moe"; layers without one skipped). */
+moe_status moe_ckpt_for_each_router_bias(const moe_model *m, moe_ckpt_piece_fn fn, void *ctx);
 /* Fills t (parameter p's values or a state of its shape) from group/<piece name>. */
 moe_status moe_ckpt_read_pieces(moe_h5 *f, const char *group, const moe_param_ref *p, moe_tensor *t);
 /* Every parameter from /params and every router bias from /router_bias of an open file. */

@@ -149,15 +149,8 @@ static moe_status save_all(moe_h5 *f, const moe_model *m, const moe_optimizer *o
         }
     }
     if (ep) MOE_TRY(put_experts_ep(f, m, opt, groups));
-    for (int i = 0; i < m->cfg.model.n_layers; i++) {
-        const moe_block *b = &m->blocks[i];
-        if (b->dense || !b->moe.router.bias) continue;
-        char name[96];
-        snprintf(name, sizeof name, "layers.%d.moe", i);
-        put_ctx rb = {f, "router_bias"};
-        MOE_TRY(put_piece(name, b->moe.router.bias, &rb));
-    }
-    return MOE_OK;
+    put_ctx rb = {f, "router_bias"};
+    return moe_ckpt_for_each_router_bias(m, put_piece, &rb);
 }
 
 moe_status moe_checkpoint_save(const char *path, const moe_model *m, const moe_optimizer *opt,
