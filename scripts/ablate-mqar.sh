@@ -45,9 +45,10 @@
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root" || exit 1
+prog=ablate-mqar
+source scripts/lib-ablate.sh
 
 usage() { sed -n '2,/^# Environment/p' "$root/scripts/ablate-mqar.sh" | sed 's/^# \{0,1\}//'; }
-die() { echo "ablate-mqar: $*" >&2; exit 2; }
 
 mode=gpu seeds="" first_seed=1 seq_lens="" pairs="" mixers="attention,gdn,mom" steps="" jobs="" gpus="" vocab="" n_train=""
 report=0 out="" extra=()
@@ -83,7 +84,6 @@ else
   fi
   : "${jobs:=$((3 * gpus))}" "${out:=results/mqar/$(date -u +%F)}"
 fi
-posint() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
 for v in "$seeds" "$first_seed" "$jobs" "$gpus" "$vocab" "$n_train"; do posint "$v" || die "expected a positive integer, got '$v'"; done
 [ "$first_seed" -le "$seeds" ] || die "--first-seed must be at most --seeds"
 [ -z "$steps" ] || posint "$steps" || die "--steps needs a positive integer"
@@ -91,24 +91,12 @@ for v in $seq_lens $pairs; do posint "$v" || die "--seq-lens and --pairs take po
 IFS=, read -r -a mixer_list <<<"$mixers"
 for m in "${mixer_list[@]}"; do [ -f "configs/mqar-$m.yaml" ] || die "--mixers: no configs/mqar-$m.yaml"; done
 
-# The program: MOE_BIN, else build-gpu/moe (gpu, when built) or build/moe (built if missing).
-if [ -n "${MOE_BIN:-}" ]; then
-  moe=$MOE_BIN
-  [ -x "$moe" ] || die "MOE_BIN=$moe is not an executable"
-elif [ "$mode" = gpu ] && [ -x build-gpu/moe ]; then
-  moe=build-gpu/moe
-else
-  moe=build/moe
-  if [ ! -x "$moe" ]; then
-    echo "ablate-mqar: $moe not found; building (scripts/build.sh)" >&2
-    scripts/build.sh || { echo "ablate-mqar: build failed" >&2; exit 1; }
-  fi
-fi
+find_moe "$mode"
 
 base=(--set "model.vocab_size=$vocab" --set checkpoint.keep=1 --set checkpoint.every=0)
 [ -z "$steps" ] || base+=(--set "train.steps=$steps" --set "train.eval_every=$(( steps / 4 > 0 ? steps / 4 : 1 ))")
 [ "$mode" = gpu ] || base+=(--set train.device=cpu --set train.dtype=f32 --set train.threads=1)
-runs=runs/ablate-mqar
+runs=runs/ablate-mqar run_root=runs/ablate-mqar
 mkdir -p "$runs" "$out"
 setup="$mode vocab=$vocab train=$n_train ${base[*]} ${extra[*]}"
 echo "$setup" >"$out/setup.txt"
@@ -124,32 +112,9 @@ data_for() { # T P -> prints the directory
   echo "$dir"
 }
 
-declare -A running=() started=() # pid -> run name / start time
-failed=() n=0 slot=0 interrupted=0
-finish() {
-  local pid=$1 name=${running[$1]} rc
-  wait "$pid"; rc=$?
-  unset "running[$pid]"
-  if [ "$interrupted" = 1 ]; then failed+=("$name"); echo "!! $name stopped (exit $rc)" >&2
-  elif [ "$rc" -eq 0 ]; then
-    echo "   done $name in $(( SECONDS - ${started[$pid]} ))s: recall $(grep -o '"val_recall":[0-9.]*' "$runs/$name/metrics.jsonl" | tail -n1 | cut -d: -f2)" >&2
-  else
-    failed+=("$name"); echo "!! $name FAILED (exit $rc); the end of $runs/$name/train.log:" >&2
-    tail -n 3 "$runs/$name/train.log" | sed 's/^/     /' >&2
-  fi
-}
-reap() { # wait until fewer than $1 runs are going
-  local pid
-  while [ ${#running[@]} -ge "$1" ] && [ ${#running[@]} -gt 0 ]; do
-    wait -n 2>/dev/null
-    for pid in "${!running[@]}"; do kill -0 "$pid" 2>/dev/null || finish "$pid"; done
-  done
-}
-stop() {
-  local pids=("${!running[@]}")
-  interrupted=1
-  echo "ablate-mqar: interrupted; stopping ${#pids[@]} run(s), then writing the results so far" >&2
-  [ ${#pids[@]} -eq 0 ] || kill "${pids[@]}" 2>/dev/null
+n=0 slot=0
+run_summary() { # name: its last validation recall
+  echo "recall $(grep -o '"val_recall":[0-9.]*' "$runs/$1/metrics.jsonl" | tail -n1 | cut -d: -f2)"
 }
 trap stop INT TERM
 
@@ -177,7 +142,7 @@ if [ "$report" = 0 ]; then
         n=$((n + 1))
         echo "== [$n/$total] $name: $moe ${args[*]}" >&2
         CUDA_VISIBLE_DEVICES=$((slot % gpus)) "$moe" "${args[@]}" >"$dir/train.log" 2>&1 &
-        running[$!]=$name started[$!]=$SECONDS
+        pool_add "$name"
         slot=$((slot + 1))
       done
     done

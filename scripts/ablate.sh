@@ -40,9 +40,10 @@
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root" || exit 1
+prog=ablate
+source scripts/lib-ablate.sh
 
 usage() { sed -n '5,/^# Environment/p' "$root/scripts/ablate.sh" | sed 's/^# \{0,1\}//'; }
-die() { echo "ablate: $*" >&2; exit 2; }
 
 kind=${1:-}
 case "$kind" in
@@ -67,7 +68,6 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-posint() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
 posint "$seeds" || die "--seeds needs a positive integer"
 posint "$first_seed" && [ "$first_seed" -le "$seeds" ] || die "--first-seed needs an integer in 1..--seeds"
 [ -z "$steps" ] || posint "$steps" || die "--steps needs a positive integer"
@@ -76,19 +76,7 @@ posint "$first_seed" && [ "$first_seed" -le "$seeds" ] || die "--first-seed need
 [ -n "$jobs" ] || { [ "$mode" = gpu ] && jobs=4 || jobs=1; }
 posint "$jobs" || die "--jobs needs a positive integer"
 
-# The program: MOE_BIN, else build-gpu/moe (gpu, when built) or build/moe (built if missing).
-if [ -n "${MOE_BIN:-}" ]; then
-  moe=$MOE_BIN
-  [ -x "$moe" ] || die "MOE_BIN=$moe is not an executable"
-elif [ "$mode" = gpu ] && [ -x build-gpu/moe ]; then
-  moe=build-gpu/moe
-else
-  moe=build/moe
-  if [ ! -x "$moe" ]; then
-    echo "ablate: $moe not found; building (scripts/build.sh)" >&2
-    scripts/build.sh || { echo "ablate: build failed" >&2; exit 1; }
-  fi
-fi
+find_moe "$mode"
 
 if [ "$mode" = gpu ]; then config=configs/ablate-gpu.yaml; else config=configs/tiny-cpu.yaml; fi
 # Both configs read byte tokens of the Brown corpus.
@@ -154,7 +142,7 @@ if [ -n "$only" ]; then
   done
 fi
 
-out=runs/ablate-$kind
+out=runs/ablate-$kind run_root=runs/ablate-$kind
 mkdir -p "$out"
 # The table reads every run on disk: say so when a partial re-run (--variants) mixes setups.
 setup="$mode $config ${base[*]} ${extra[*]}"
@@ -166,40 +154,11 @@ echo "ablate $kind ($mode): $config, $moe, ${#run_variants[@]} variants x $seeds
   "$jobs at a time, $tokens_per_run tokens per run; runs in $out/" >&2
 
 # The run loop: seed-major order, so every variant has seed 1 before any has seed 2.
-declare -A running=() started=() # pid -> run name / start time
-failed=() total=$(( ${#run_variants[@]} * (seeds - first_seed + 1) )) n=0
-finish() { # pid: report a finished run
-  local pid=$1 name=${running[$1]} rc line
-  wait "$pid"; rc=$?
-  unset "running[$pid]"
-  if [ "$interrupted" = 1 ]; then
-    failed+=("$name")
-    echo "!! $name stopped (exit $rc)" >&2
-  elif [ "$rc" -eq 0 ]; then
-    line=$(grep -m1 '^trained' "$out/$name/train.log")
-    echo "   done $name in $(( SECONDS - ${started[$pid]} ))s: ${line#trained }" >&2
-  else
-    failed+=("$name")
-    echo "!! $name FAILED (exit $rc); the end of $out/$name/train.log:" >&2
-    tail -n 3 "$out/$name/train.log" | sed 's/^/     /' >&2
-  fi
-}
-reap() { # wait until fewer than $1 runs are going
-  local pid
-  while [ ${#running[@]} -ge "$1" ] && [ ${#running[@]} -gt 0 ]; do
-    wait -n 2>/dev/null
-    for pid in "${!running[@]}"; do
-      kill -0 "$pid" 2>/dev/null || finish "$pid"
-    done
-  done
-}
-interrupted=0
-stop() { # Ctrl-C / TERM (e.g. from timeout): end the runs by pid (background runs ignore
-  # SIGINT), start no more, then write the table and plots of the finished runs; exit 130
-  local pids=("${!running[@]}")
-  interrupted=1
-  echo "ablate: interrupted; stopping ${#pids[@]} run(s), then writing the results so far" >&2
-  [ ${#pids[@]} -eq 0 ] || kill "${pids[@]}" 2>/dev/null
+total=$(( ${#run_variants[@]} * (seeds - first_seed + 1) )) n=0
+run_summary() { # name: the trained line of its log
+  local line
+  line=$(grep -m1 '^trained' "$out/$1/train.log")
+  echo "${line#trained }"
 }
 trap stop INT TERM
 
@@ -216,7 +175,7 @@ for ((s = first_seed; s <= seeds; s++)); do
     n=$((n + 1))
     echo "== [$n/$total] $name: $moe ${args[*]}" >&2
     "$moe" "${args[@]}" >"$dir/train.log" 2>&1 &
-    running[$!]=$name started[$!]=$SECONDS
+    pool_add "$name"
   done
 done
 reap 1

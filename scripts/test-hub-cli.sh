@@ -9,26 +9,8 @@
 # `data prepare --tokenizer DIR`; bad input exits non-zero naming the file or flag.
 #   scripts/test-hub-cli.sh path/to/moe [workdir]
 set -uo pipefail
-moe=$(realpath "$1")
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+source "$(dirname "${BASH_SOURCE[0]}")/lib-test.sh" "$@"
 fix=$root/tests/fixtures/hf
-work=${2:-$(mktemp -d)}
-rm -rf "$work"; mkdir -p "$work"; cd "$work"
-export OMP_NUM_THREADS=1
-fails=0
-ok() { echo "ok   $1"; }
-bad() { echo "FAIL $1"; [ -f out.txt ] && tail -5 out.txt; fails=$((fails + 1)); }
-check() { # description, command...: the command must succeed
-  local what=$1; shift
-  if "$@" > out.txt 2>&1; then ok "$what"; else bad "$what"; fi
-}
-expect() { # description, exit code, text in the output, command...
-  local what=$1 code=$2 text=$3; shift 3
-  "$@" > out.txt 2>&1
-  local rc=$?
-  if [ "$rc" = "$code" ] && grep -qF -- "$text" out.txt; then ok "$what"
-  else bad "$what (exit $rc, want $code and '$text')"; fi
-}
 
 # st.py: what the test reads from safetensors files and the tokenizer cases (python3, no numpy).
 cat > st.py << 'PY'
@@ -102,7 +84,7 @@ for name in mixtral-tiny olmoe-tiny qwen2-moe-tiny qwen3-moe-tiny deepseek-v3-ti
   gen=(--prompt-ids "$prompt" --tokens "$n_new" --temperature 0 --ignore-eos --print-ids)
   got=$(last_ids "$moe" generate --model "$d" "${gen[@]}")
   if [ "$got" = "$want" ]; then ok "$name: generate --model gives transformers' greedy ids"
-  else bad "$name: generate --model: got '$got', want '$want' ($(tail -1 err.txt))"; fi
+  else fail "$name: generate --model: got '$got', want '$want' ($(tail -1 err.txt))"; fi
   check "$name: tokenize gives the tokenizer cases' ids and texts" python3 st.py tokcases "$moe" "$d"
   ids=$(python3 st.py row "$exp" input_ids 0 ,)
   check "$name: logits --out" "$moe" logits --model "$d" --prompt-ids "$ids" --out "$name.safetensors"
@@ -111,11 +93,11 @@ for name in mixtral-tiny olmoe-tiny qwen2-moe-tiny qwen3-moe-tiny deepseek-v3-ti
   check "$name: convert DIR --out" "$moe" convert "$d" --out "$name.h5"
   got=$(last_ids "$moe" generate --checkpoint "$name.h5" "${gen[@]}")
   if [ "$got" = "$want" ]; then ok "$name: generate --checkpoint of the converted folder: the same ids"
-  else bad "$name: generate --checkpoint: got '$got', want '$want' ($(tail -1 err.txt))"; fi
+  else fail "$name: generate --checkpoint: got '$got', want '$want' ($(tail -1 err.txt))"; fi
   check "$name: convert --to-hf" "$moe" convert "$name.h5" --to-hf "hf-$name"
   got=$(last_ids "$moe" generate --model "hf-$name" "${gen[@]}")
   if [ "$got" = "$want" ]; then ok "$name: generate --model of the exported folder: the same ids"
-  else bad "$name: generate --model of the export: got '$got', want '$want' ($(tail -1 err.txt))"; fi
+  else fail "$name: generate --model of the export: got '$got', want '$want' ($(tail -1 err.txt))"; fi
 done
 
 d=$fix/qwen3-moe-tiny
@@ -132,7 +114,7 @@ b=$(last_ids "$moe" generate --model gc --prompt-ids 5,6 --tokens 12 --seed 3 --
   --top-k 5 --top-p 0.9)
 c=$(last_ids "$moe" generate --model gc --prompt-ids 5,6 --tokens 12 --seed 3 --eos -1 --print-ids --temperature 0)
 if [ -n "$a" ] && [ "$a" = "$b" ] && [ "$a" != "$c" ]; then ok "generation_config.json's sampling is the default"
-else bad "generation_config.json's sampling: default '$a', explicit '$b', greedy '$c'"; fi
+else fail "generation_config.json's sampling: default '$a', explicit '$b', greedy '$c'"; fi
 first=$(last_ids "$moe" generate --model "$d" --prompt-ids 5,6 --tokens 1 --temperature 0 --print-ids | cut -d' ' -f4)
 printf '{"eos_token_id": %s}\n' "$first" > gc/generation_config.json
 expect "generation_config.json's eos id stops generation" 0 "stopped at the end-of-sequence token $first" \
@@ -157,7 +139,7 @@ eval_loss=$("$moe" eval --model "$d" --data one.bin --set model.seq_len=23 --set
 if [ -n "$train_loss" ] && [ -n "$eval_loss" ] && \
    python3 -c "import sys; sys.exit(abs(float('$train_loss') - float('$eval_loss')) > 1e-4)"; then
   ok "the first fine-tuning loss ($train_loss) is the imported model's eval loss ($eval_loss)"
-else bad "first fine-tuning loss '$train_loss' vs the imported model's eval loss '$eval_loss'"; fi
+else fail "first fine-tuning loss '$train_loss' vs the imported model's eval loss '$eval_loss'"; fi
 expect "data prepare --tokenizer DIR: the folder's vocabulary" 0 "vocab 602" "$moe" data prepare --tokenizer "$d" \
   --out data-hf text.txt
 check "fine-tuning on text prepared with the folder's tokenizer" "$moe" train "$root/configs/tiny-cpu.yaml" \

@@ -7,20 +7,7 @@
 # traces; `moe bench offload` prints its OFFLOAD line.
 #   scripts/test-offload-cli.sh path/to/moe [workdir]
 set -uo pipefail
-moe=$(realpath "$1")
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-work=${2:-$(mktemp -d)}
-rm -rf "$work"; mkdir -p "$work"; cd "$work"
-export OMP_NUM_THREADS=1
-fails=0
-ok() { echo "ok   $1"; }
-fail() { echo "FAIL $1"; tail -5 out.txt; fails=$((fails + 1)); }
-expect() { # description, exit code, text in the output, command...
-  local what=$1 code=$2 text=$3; shift 3
-  "$@" > out.txt 2>&1
-  local rc=$?
-  if [ "$rc" = "$code" ] && grep -qF -- "$text" out.txt; then ok "$what"; else echo "(exit $rc, want $code and '$text')"; fail "$what"; fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib-test.sh" "$@"
 
 "$moe" convert "$root/tests/fixtures/hf/olmoe-tiny" --out olmoe.h5 > out.txt 2>&1 || fail "convert the fixture"
 gen=("$moe" generate --checkpoint olmoe.h5 --prompt-ids 5,17,42,7,99,3 --tokens 16 --temperature 0 --print-ids --set model.seq_len=64)

@@ -7,20 +7,7 @@
 # refused with the file or flag named.
 #   scripts/test-predictor-cli.sh path/to/moe [workdir]
 set -uo pipefail
-moe=$(realpath "$1")
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-work=${2:-$(mktemp -d)}
-rm -rf "$work"; mkdir -p "$work"; cd "$work"
-export OMP_NUM_THREADS=1
-fails=0
-ok() { echo "ok   $1"; }
-fail() { echo "FAIL $1"; tail -5 out.txt; fails=$((fails + 1)); }
-expect() { # description, exit code, text in the output, command...
-  local what=$1 code=$2 text=$3; shift 3
-  "$@" > out.txt 2>&1
-  local rc=$?
-  if [ "$rc" = "$code" ] && grep -qF -- "$text" out.txt; then ok "$what"; else echo "(exit $rc, want $code and '$text')"; fail "$what"; fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib-test.sh" "$@"
 
 olmoe=$root/tests/fixtures/hf/olmoe-tiny
 for i in $(seq 1 60); do echo "It was the best of times, it was the worst of times, number $((i % 7))."; done > text.txt

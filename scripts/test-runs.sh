@@ -7,23 +7,7 @@
 # disk (a 64 KiB tmpfs when this user may mount one).
 #   scripts/test-runs.sh path/to/moe [workdir]
 set -uo pipefail
-moe=$(realpath "$1")
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-work=${2:-$(mktemp -d)}
-rm -rf "$work"; mkdir -p "$work"; cd "$work"
-export OMP_NUM_THREADS=1
-fails=0
-expect() { # description, exit code, text in the output, command...
-  local what=$1 code=$2 text=$3; shift 3
-  "$@" > out.txt 2>&1
-  local rc=$?
-  if [ "$rc" = "$code" ] && grep -qF -- "$text" out.txt; then echo "ok   $what"
-  else echo "FAIL $what (exit $rc, want $code and '$text')"; tail -5 out.txt; fails=$((fails + 1)); fi
-}
-check() { # description, command...: the command must succeed
-  local what=$1; shift
-  if "$@" > out.txt 2>&1; then echo "ok   $what"; else echo "FAIL $what"; tail -5 out.txt; fails=$((fails + 1)); fi
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib-test.sh" "$@"
 
 for i in $(seq 1 300); do echo "It was the best of times, it was the worst of times, number $((i % 7))."; done > text.txt
 "$moe" data prepare --out data text.txt > /dev/null
