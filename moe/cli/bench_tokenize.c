@@ -90,7 +90,7 @@ int moe_cmd_bench_tokenize(int argc, char **argv) {
         {"--model", MOE_FLAG_STRING, "DIR", 0, 0, NULL, "a Hugging Face hub folder (its tokenizer.json)", &f.src.model_dir},
         {"--checkpoint", MOE_FLAG_STRING, "FILE", 0, 0, NULL, "one of our checkpoints (its tokenizer)", &f.src.checkpoint},
         {"--data", MOE_FLAG_STRING, "FILE", 0, 0, NULL, "the text, encoded line by line", &f.data},
-        {"--reps", MOE_FLAG_INT, "R", 1, MAX_REPS, NULL, "timed passes after one untimed (default 3)", &f.reps},
+        {"--reps", MOE_FLAG_INT, "R", 1, MAX_REPS, NULL, "timed passes after one untimed", &f.reps},
         {0}};
     moe_args a;
     int rc = moe_cli_parse("bench tokenize", "moe bench tokenize --model DIR | --checkpoint FILE --data FILE [--reps R]",
