@@ -125,11 +125,12 @@ static moe_status copy_rate(moe_device dev, double *rate) {
 }
 
 /* Weight bytes one decode step of B tokens reads besides the routed experts: every dense
- * parameter but the embedding table, and B embedding rows. */
+ * parameter but the embedding table (unless it is also the head), and B embedding rows. */
 static double dense_step_bytes(const moe_model *m, int B, size_t elt) {
     int64_t n = 0;
     for (int i = 0; i < m->n_params; i++)
-        if (!m->params[i].expert_stack && m->params[i].t != m->embed) n += moe_tensor_numel(m->params[i].t);
+        if (!m->params[i].expert_stack && (m->params[i].t != m->embed || !m->lm_head))
+            n += moe_tensor_numel(m->params[i].t);
     return ((double)n + (double)B * m->cfg.model.d_model) * (double)elt;
 }
 
