@@ -120,10 +120,12 @@ t = ("TOKENIZE", "")
 om, rm = med(ours, t, "mb_per_s"), med(ref, t, "mb_per_s")
 ot, rt = vals(ours, t, "tokens"), vals(ref, t, "tokens")
 print()
-print("| tokenizer (one thread) | MB/s ours | MB/s tokenizers | ratio | tokens ours | tokens tokenizers |")
-print("|---|---|---|---|---|---|")
+print("| tokenizer (one thread) | MB/s ours | MB/s tokenizers | ratio | tokens/s ours | tokens/s tokenizers "
+      "| tokens ours | tokens tokenizers |")
+print("|---|---|---|---|---|---|---|---|")
 print(f"| encode | {cell(ours, t, 'mb_per_s', spec='.2f')} | {cell(ref, t, 'mb_per_s', spec='.2f')} "
-      f"| {fmt(ratio(om, rm), '.2f')} | {fmt(first(ot), '.0f')} | {fmt(first(rt), '.0f')} |")
+      f"| {fmt(ratio(om, rm), '.2f')} | {cell(ours, t, 'tokens_per_s', spec='.0f')} "
+      f"| {cell(ref, t, 'tokens_per_s', spec='.0f')} | {fmt(first(ot), '.0f')} | {fmt(first(rt), '.0f')} |")
 lines.append(f"HUB tokenize ours={fmt(om, '.2f')} ref={fmt(rm, '.2f')} ratio={fmt(ratio(om, rm))} "
              f"tokens={fmt(first(ot), '.0f')}")
 bad |= om is None or rm is None
@@ -156,7 +158,7 @@ smoke() {
         "^DECODE impl=moe batch=1 tokens_per_s=$num ms_per_step=$num bound_fraction=$num peak_bytes=[0-9]+ step_bytes=[0-9]+ copy_gb_per_s=$num$"
         "^PREFILL impl=moe batch=3 tokens=24 "
         "^DECODE impl=moe batch=3 "
-        "^TOKENIZE impl=moe mb_per_s=$num tokens=[0-9]+ bytes=[0-9]+ lines=[0-9]+ ms=$num$")
+        "^TOKENIZE impl=moe mb_per_s=$num tokens=[0-9]+ bytes=[0-9]+ lines=[0-9]+ ms=$num tokens_per_s=[0-9]+$")
     for re in "${want[@]}"; do
         grep -Eq "$re" "$tmp/ours.txt" || { echo "bench-hub smoke: no line matches '$re'" >&2; return 1; }
     done
@@ -246,7 +248,8 @@ ref_decode() {
         { echo "bench-hub.sh: the transformers side failed (see $out/ref.log)" >&2; failures=$((failures + 1)); }
 }
 ours_tokenize() {
-    "$moe_bin" bench tokenize --model "$model" --data "$data" --reps "$reps" >>"$out/ours.txt" 2>>"$out/ours.log" ||
+    OMP_NUM_THREADS=1 "$moe_bin" bench tokenize --model "$model" --data "$data" --reps "$reps" \
+        >>"$out/ours.txt" 2>>"$out/ours.log" ||
         { echo "bench-hub.sh: moe bench tokenize failed (see $out/ours.log)" >&2; failures=$((failures + 1)); }
 }
 ref_tokenize() {

@@ -23,7 +23,7 @@ bound_fraction is NA here: bench-hub.sh derives it from the moe side's bytes per
 Tokenize: tokenizer.json through the `tokenizers` library on one thread (RAYON_NUM_THREADS=1,
 TOKENIZERS_PARALLELISM=false), FILE split at newlines, empty lines left out, each line encoded
 without special tokens (encode_batch, serial); one untimed pass, then --reps timed ones:
-  TOKENIZE impl=tokenizers mb_per_s=X tokens=N bytes=B lines=L ms=T
+  TOKENIZE impl=tokenizers mb_per_s=X tokens=N bytes=B lines=L ms=T tokens_per_s=Y
 """
 import argparse
 import os
@@ -76,7 +76,7 @@ def bench_tokenize(a):
         ms.append((time.perf_counter() - t0) * 1e3)
     med = statistics.median(ms)
     print(f"TOKENIZE impl=tokenizers mb_per_s={nbytes / 1e3 / med:.3f} tokens={tokens} bytes={nbytes} "
-          f"lines={len(lines)} ms={med:.2f}", flush=True)
+          f"lines={len(lines)} ms={med:.2f} tokens_per_s={tokens * 1e3 / med:.0f}", flush=True)
 
 
 class Decode:

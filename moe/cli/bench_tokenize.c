@@ -6,7 +6,7 @@
  * Lines: the file split at '\n', empty lines left out, each encoded without its newline
  * and without special tokens. One untimed pass first (it counts the tokens), then --reps
  * timed passes; prints
- *   TOKENIZE impl=moe mb_per_s=X tokens=N bytes=B lines=L ms=T
+ *   TOKENIZE impl=moe mb_per_s=X tokens=N bytes=B lines=L ms=T tokens_per_s=Y
  * with X = B / 1e6 / (the median pass's seconds), B the bytes of the encoded lines. */
 #include "moe/cli/bench_decode.h"
 
@@ -74,8 +74,9 @@ static moe_status bench_tokenize(const tokenize_flags *f) {
     if (s == MOE_OK) {
         qsort(ms, (size_t)f->reps, sizeof *ms, cmp_double);
         double med = f->reps % 2 ? ms[f->reps / 2] : 0.5 * (ms[f->reps / 2 - 1] + ms[f->reps / 2]);
-        printf("TOKENIZE impl=moe mb_per_s=%.3f tokens=%zu bytes=%zu lines=%zu ms=%.2f\n",
-               med > 0 ? (double)c.bytes / 1e3 / med : 0.0, c.tokens, c.bytes, c.lines, med);
+        printf("TOKENIZE impl=moe mb_per_s=%.3f tokens=%zu bytes=%zu lines=%zu ms=%.2f tokens_per_s=%.0f\n",
+               med > 0 ? (double)c.bytes / 1e3 / med : 0.0, c.tokens, c.bytes, c.lines, med,
+               med > 0 ? (double)c.tokens * 1e3 / med : 0.0);
         fflush(stdout);
     }
     moe_token_buf_free(&buf);
