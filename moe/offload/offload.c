@@ -117,8 +117,10 @@ void moe_offload_print_split(const moe_offload *o, FILE *f) {
             "experts, %.0f%%; policy %s)\n", b[0], b[1], b[2], b[3], b[4], s->slots, b[5], s->experts,
             100.0 * s->slots / s->experts, moe_offload_policy_name(o->opt.policy));
     fmt_bytes(s->store, b[0], 32);
+    fmt_bytes(o->device_bytes, b[1], 32);
     fprintf(f, "offload: host store %s (the experts as the decoder holds them), host-to-device copy %.2f GB/s "
-            "(measured at start-up)\n", b[0], o->rate0 / 1e9);
+            "(measured at start-up); %s of %s memory held after open (dense weights and expert cache; KV cache and "
+            "scratch come with the first batches)\n", b[0], o->rate0 / 1e9, b[1], moe_device_name(o->opt.dev));
 }
 
 /* ---- counters ---- */
@@ -638,11 +640,13 @@ moe_status moe_offload_open(moe_model *m, const moe_offload_options *opt, moe_of
     o->m = m;
     o->provider = (moe_expert_provider){.ctx = o, .begin = provider_begin, .run = provider_run};
     moe_decoder_options dopt = {.dtype = opt->dtype, .dev = opt->dev, .experts = MOE_EXPERTS_PROVIDED, .provider = &o->provider};
+    size_t before = moe_mem_get_stats(opt->dev).persist_bytes;
     moe_status s = moe_decoder_open_with(m, &dopt, &o->dec);
     if (s == MOE_OK) {
         o->v = moe_decoder_view(o->dec);
         s = open_cache(o);
     }
+    o->device_bytes = moe_mem_get_stats(opt->dev).persist_bytes - before;
     if (s != MOE_OK) {
         moe_offload_close(o);
         return s;

@@ -62,6 +62,7 @@ struct moe_offload {
     moe_offload_counts *counts; /* [n_layers] */
     double host_row_ms;         /* measured: one expert's SwiGLU on the host, per row */
     double rate0;               /* bytes/s of the copy measured at open */
+    size_t device_bytes;        /* device PERSIST bytes the open took (view and cache arena) */
     double layer_ms, last_t;    /* running mean of a MoE layer's time; when the last one began */
     int depth;                  /* layers prefetched ahead */
     int wave;                   /* experts gathered and run at once */

@@ -105,7 +105,7 @@ static moe_status oracle_predict(void *ctx, const int32_t *tokens, const int32_t
 /* ---- the checks ---- */
 
 moe_offload_options offload_check_options(const moe_model *m, moe_offload_policy p) {
-    return (moe_offload_options){.dtype = m->compute, .policy = p, .max_seqs = 1, .kv_tokens = PROMPT + NEW,
+    return (moe_offload_options){.dtype = m->compute, .dev = m->dev, .policy = p, .max_seqs = 1, .kv_tokens = PROMPT + NEW,
                                  .max_batch_tokens = PROMPT};
 }
 
@@ -116,16 +116,39 @@ size_t offload_check_min_budget(const moe_model *m, const moe_offload_options *o
     return min;
 }
 
-/* Offloaded generation under o against the resident run ref: ids and logits equal, the
- * counters adding up. Returns the hit rate. */
-static double check_policy(moe_model *m, moe_offload_options o, const run *ref, const char *what, double max_rel) {
+/* The resident run and the device bytes its decoder held; memory: checked (a device
+ * decoder of host masters: the view alone takes device memory). */
+typedef struct resident {
+    const run *ref;
+    size_t held;
+    bool memory;
+} resident;
+
+/* On a device: the bytes the open took are the resident decoder's less the routed experts
+ * plus the cache arena (1% slack: tensors the counters round). */
+static void check_memory(const moe_offload *off, const moe_offload_options *o, const resident *res, size_t held) {
+    if (!res->memory) return;
+    const moe_offload_split *sp = moe_offload_get_split(off);
+    double want = (double)res->held - (double)sp->store + (double)sp->slots * (double)sp->slot_bytes;
+    fprintf(stderr, "  %s memory after open: %zu bytes (resident %zu, experts %zu, cache %d x %zu)\n",
+            moe_device_name(o->dev), held, res->held, sp->store, sp->slots, sp->slot_bytes);
+    CU_ASSERT(fabs((double)held - want) <= 0.01 * (double)res->held + 4096);
+    if ((size_t)sp->slots < (size_t)sp->experts) CU_ASSERT(held < res->held);
+}
+
+/* Offloaded generation under o against the resident run: ids and logits equal, the
+ * counters adding up, the device memory (check_memory). Returns the hit rate. */
+static double check_policy(moe_model *m, moe_offload_options o, const resident *res, const char *what, double max_rel) {
     int V = m->cfg.model.vocab_size;
+    const run *ref = res->ref;
     run *r = calloc(1, sizeof *r);
     r->logits = malloc(sizeof(float) * (size_t)(STEPS * V));
     moe_offload *off = NULL;
+    size_t before = moe_mem_get_stats(o.dev).persist_bytes;
     moe_status s = moe_offload_open(m, &o, &off);
     if (s != MOE_OK) fprintf(stderr, "%s\n", moe_last_error());
     CU_ASSERT_EQUAL_FATAL(s, MOE_OK);
+    check_memory(off, &o, res, moe_mem_get_stats(o.dev).persist_bytes - before);
     generate(moe_offload_decoder(off), r);
     CU_ASSERT_EQUAL(memcmp(r->ids, ref->ids, sizeof r->ids), 0);
     if (max_rel == 0) CU_ASSERT_EQUAL(memcmp(r->logits, ref->logits, sizeof(float) * (size_t)(STEPS * V)), 0);
@@ -154,47 +177,54 @@ static double check_policy(moe_model *m, moe_offload_options o, const run *ref, 
     return c.uses ? (double)c.hits / (double)c.uses : 0;
 }
 
-void offload_check_model(moe_model *m, const char *name, double max_rel) {
+void offload_check_model(moe_model *m, const char *name, double max_rel) { offload_check_model_on(m, m->dev, name, max_rel); }
+
+void offload_check_model_on(moe_model *m, moe_device dev, const char *name, double max_rel) {
     int V = m->cfg.model.vocab_size;
     CU_ASSERT_FATAL(m->cfg.model.n_layers <= MAXL && m->cfg.model.top_k <= MAXK && m->cfg.model.n_experts <= 256);
     run *ref = calloc(1, sizeof *ref);
     ref->logits = malloc(sizeof(float) * (size_t)(STEPS * V));
     moe_decoder *d;
-    CU_ASSERT_EQUAL_FATAL(moe_decoder_open(m, m->compute, &d), MOE_OK);
+    size_t before = moe_mem_get_stats(dev).persist_bytes;
+    CU_ASSERT_EQUAL_FATAL(moe_decoder_open_on(m, dev, m->compute, &d), MOE_OK);
+    resident res = {.ref = ref, .held = moe_mem_get_stats(dev).persist_bytes - before,
+                    .memory = dev != MOE_CPU && m->dev == MOE_CPU};
     generate(d, ref);
     moe_decoder_close(d);
     oracle orc = {.m = m, .r = ref};
     char what[64];
     for (int p = 0; p < MOE_OFFLOAD_POLICY_COUNT; p++) {
-        if (p == MOE_OFFLOAD_CPU && m->dev != MOE_CPU) continue; /* no host kernels beside a device yet */
+        if (p == MOE_OFFLOAD_CPU && dev != MOE_CPU) continue; /* no host kernels beside a device yet */
         moe_offload_options o = offload_check_options(m, (moe_offload_policy)p);
+        o.dev = dev;
         if (p == MOE_OFFLOAD_PREDICT || p == MOE_OFFLOAD_AUTO) o.predict = oracle_predict, o.predict_ctx = &orc;
         o.budget = offload_check_min_budget(m, &o);
         snprintf(what, sizeof what, "%s, least budget", name);
-        check_policy(m, o, ref, what, max_rel);
+        check_policy(m, o, &res, what, max_rel);
         if (p == MOE_OFFLOAD_RESIDENT) continue;
         moe_offload_split sp;
         size_t min;
         CU_ASSERT_EQUAL_FATAL(moe_offload_plan(m, &o, &sp, &min), MOE_OK);
         o.budget = min + (size_t)(3 * m->cfg.model.n_experts / 2) * sp.slot_bytes;
         snprintf(what, sizeof what, "%s, 1.5 layers more", name);
-        check_policy(m, o, ref, what, max_rel);
+        check_policy(m, o, &res, what, max_rel);
         o.max_gather = p % 2 ? 1 : m->cfg.model.top_k; /* a prefill's layer in waves */
         o.budget = offload_check_min_budget(m, &o);
         snprintf(what, sizeof what, "%s, waves of %d", name, o.max_gather);
-        check_policy(m, o, ref, what, max_rel);
+        check_policy(m, o, &res, what, max_rel);
     }
     /* the oracle's prefetch beats lru at the same budget */
     moe_offload_options o = offload_check_options(m, MOE_OFFLOAD_LRU);
+    o.dev = dev;
     moe_offload_split sp;
     size_t min;
     CU_ASSERT_EQUAL_FATAL(moe_offload_plan(m, &o, &sp, &min), MOE_OK);
     o.budget = min + (size_t)(3 * m->cfg.model.n_experts / 2) * sp.slot_bytes;
-    double lru = check_policy(m, o, ref, "lru vs oracle", max_rel);
+    double lru = check_policy(m, o, &res, "lru vs oracle", max_rel);
     o.policy = MOE_OFFLOAD_PREDICT;
     o.predict = oracle_predict;
     o.predict_ctx = &orc;
-    double pred = check_policy(m, o, ref, "oracle vs lru", max_rel);
+    double pred = check_policy(m, o, &res, "oracle vs lru", max_rel);
     CU_ASSERT(pred > lru);
     free(ref->logits);
     free(ref);

@@ -16,5 +16,10 @@ size_t offload_check_min_budget(const moe_model *m, const moe_offload_options *o
 /* Every policy against the resident decoder of m; max_rel 0: the logits bit for bit, else
  * their largest difference over the largest logit (the ids always equal). */
 void offload_check_model(moe_model *m, const char *name, double max_rel);
+/* The same with the decoders on device dev (m's own, or MOE_CUDA for a model on the host).
+ * For a model on the host and a device, also the memory: the device's live PERSIST bytes
+ * (moe_mem_get_stats) an offloaded open takes are the resident decoder's minus the routed
+ * experts' (the store, on the host) plus the cache arena. */
+void offload_check_model_on(moe_model *m, moe_device dev, const char *name, double max_rel);
 
 #endif
