@@ -51,25 +51,13 @@ typedef struct parser {
     const char **macros;
     size_t n_macros, cap_macros;
     int depth; /* nesting of expressions and blocks being parsed */
-    jmp_buf jb;
-    moe_status code;
-    char err[600];
+    jinja_fault fault;
 } parser;
 
 #define MAX_NESTING 200 /* deeper templates are refused rather than overflowing the stack */
 
-static _Noreturn void perr(parser *p, int line, moe_status code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static _Noreturn void perr(parser *p, int line, moe_status code, const char *fmt, ...) {
-    char msg[480];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    snprintf(p->err, sizeof p->err, "chat template %s:%d: %s", p->name, line, msg);
-    p->code = code;
-    longjmp(p->jb, 1);
-}
+/* Stops the parse: "chat template NAME:LINE: <message>" (jinja_fail). */
+#define perr(p, line, code, ...) jinja_fail(&(p)->fault, (p)->name, line, code, __VA_ARGS__)
 
 /* One level deeper into expressions or blocks; too deep is refused. */
 static void enter(parser *p, int line, const char *what) {
@@ -883,7 +871,7 @@ moe_status moe_jinja_parse(moe_jinja **out, const char *source, const char *name
     p->name = t->name;
     p->mem = &t->mem;
     moe_status st = MOE_OK;
-    if (setjmp(p->jb) == 0) {
+    if (setjmp(p->fault.jb) == 0) {
         lex(p, source);
         t->root = parse_body(p, NULL, NULL);
         for (size_t i = 0; i < p->n_calls; i++) {
@@ -893,7 +881,7 @@ moe_status moe_jinja_parse(moe_jinja **out, const char *source, const char *name
             if (!known) perr(p, p->calls[i]->line, MOE_ERR_UNSUPPORTED, "function '%s' is not supported", fn);
         }
     } else {
-        st = moe_error(p->code, "%s", p->err);
+        st = moe_error(p->fault.code, "%s", p->fault.err);
     }
     free(p->tk);
     free(p->calls);

@@ -4,9 +4,12 @@
 #ifndef MOE_HF_JINJA_INTERNAL_H
 #define MOE_HF_JINJA_INTERNAL_H
 
+#include <setjmp.h>
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -137,6 +140,31 @@ static inline int name_index(const char *const *names, const char *s) {
     for (int i = 0; names[i]; i++)
         if (!strcmp(names[i], s)) return i;
     return -1;
+}
+
+/* ---------- errors ---------- */
+
+/* A parse or a render stops at its first error and unwinds to its entry point, which did
+ * setjmp(f->jb) and then returns moe_error(f->code, "%s", f->err). */
+typedef struct jinja_fault {
+    jmp_buf jb;
+    moe_status code;
+    char err[600];
+} jinja_fault;
+
+/* Records code and "chat template NAME:LINE: <message>" in f, then unwinds to f->jb. */
+static inline _Noreturn void jinja_fail(jinja_fault *f, const char *name, int line, moe_status code,
+                                        const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+static inline _Noreturn void jinja_fail(jinja_fault *f, const char *name, int line, moe_status code,
+                                        const char *fmt, ...) {
+    char msg[480];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    snprintf(f->err, sizeof f->err, "chat template %s:%d: %s", name, line, msg);
+    f->code = code;
+    longjmp(f->jb, 1);
 }
 
 #endif

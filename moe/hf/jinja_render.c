@@ -49,23 +49,11 @@ typedef struct render {
     long steps;      /* budgets spent: RENDER_STEPS, RENDER_BYTES */
     size_t bytes;
     bool over, oom;  /* a stream write passed the byte budget / failed to allocate */
-    jmp_buf jb;
-    moe_status code;
-    char err[600];
+    jinja_fault fault;
 } render;
 
-static _Noreturn void rerr(render *r, int line, moe_status code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static _Noreturn void rerr(render *r, int line, moe_status code, const char *fmt, ...) {
-    char msg[480];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    snprintf(r->err, sizeof r->err, "chat template %s:%d: %s", r->t->name, line, msg);
-    r->code = code;
-    longjmp(r->jb, 1);
-}
+/* Stops the render: "chat template NAME:LINE: <message>" (jinja_fail). */
+#define rerr(r, line, code, ...) jinja_fail(&(r)->fault, (r)->t->name, line, code, __VA_ARGS__)
 
 /* Charges n bytes (of a value or of output) to the render. */
 static void spend_bytes(render *r, int line, size_t n) {
@@ -1463,7 +1451,7 @@ moe_status moe_jinja_render(const moe_jinja *t, const cJSON *vars, char **out) {
     if (!r) return moe_error(MOE_ERR_OOM, "out of memory");
     r->t = t;
     moe_status st = MOE_OK;
-    if (setjmp(r->jb) == 0) {
+    if (setjmp(r->fault.jb) == 0) {
         r->global = push_scope(r, NULL);
         const cJSON *e = cJSON_IsObject(vars) ? vars->child : NULL;
         for (; e; e = e->next) assign(r, mkstr(r, e->string, strlen(e->string)).s.s, from_json(r, e));
@@ -1477,7 +1465,7 @@ moe_status moe_jinja_render(const moe_jinja *t, const cJSON *vars, char **out) {
         top->buf = NULL;
         if (!*out) st = moe_error(MOE_ERR_OOM, "out of memory");
     } else {
-        st = moe_error(r->code, "%s", r->err);
+        st = moe_error(r->fault.code, "%s", r->fault.err);
     }
     for (stream *s = r->streams; s; s = s->next) {
         if (s->f) fclose(s->f);
