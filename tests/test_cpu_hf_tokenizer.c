@@ -243,18 +243,38 @@ static void test_random_text(void) {
 
 /* ---------- other components, built from a fixture's vocabulary ---------- */
 
-/* olmoe-tiny's tokenizer.json with its pre_tokenizer replaced by `pre` (JSON). */
-static moe_hf_tokenizer *olmoe_with(const char *file, const char *key, const char *json) {
-    cJSON *j = moe_test_load_json("tests/fixtures/hf/olmoe-tiny/tokenizer.json");
-    cJSON_ReplaceItemInObject(j, key, cJSON_Parse(json));
+/* The tokenizer of the tokenizer.json document `j`, written to `file` in the scratch directory. */
+static moe_hf_tokenizer *load_document(const cJSON *j, const char *file) {
     char *text = cJSON_PrintUnformatted(j);
-    cJSON_Delete(j);
     const char *path = write_file(file, text);
     free(text);
     moe_hf_tokenizer *tok = NULL;
     moe_status st = moe_hf_tokenizer_load(&tok, path);
     if (st != MOE_OK) fprintf(stderr, "\n  %s\n", moe_last_error());
     CU_ASSERT_EQUAL_FATAL(st, MOE_OK);
+    return tok;
+}
+
+/* olmoe-tiny's tokenizer.json with its component `key` replaced by `json`. */
+static moe_hf_tokenizer *olmoe_with(const char *file, const char *key, const char *json) {
+    cJSON *j = moe_test_load_json("tests/fixtures/hf/olmoe-tiny/tokenizer.json");
+    cJSON_ReplaceItemInObject(j, key, cJSON_Parse(json));
+    moe_hf_tokenizer *tok = load_document(j, file);
+    cJSON_Delete(j);
+    return tok;
+}
+
+/* mixtral-tiny with its normalizer moved into a Metaspace pre-tokenizer (prepend first,
+ * splitting at the replacement character or not). */
+static moe_hf_tokenizer *mixtral_metaspace(const char *file, bool split) {
+    cJSON *j = moe_test_load_json("tests/fixtures/hf/mixtral-tiny/tokenizer.json");
+    cJSON_ReplaceItemInObject(j, "normalizer", cJSON_CreateNull());
+    char pre[160];
+    snprintf(pre, sizeof pre, "{\"type\":\"Metaspace\",\"replacement\":\"\\u2581\",\"prepend_scheme\":\"first\","
+             "\"split\":%s}", split ? "true" : "false");
+    cJSON_ReplaceItemInObject(j, "pre_tokenizer", cJSON_Parse(pre));
+    moe_hf_tokenizer *tok = load_document(j, file);
+    cJSON_Delete(j);
     return tok;
 }
 
@@ -315,18 +335,7 @@ static void test_literal_patterns(void) {
     moe_hf_tokenizer_free(spaces);
     moe_hf_tokenizer_free(base);
 
-    cJSON *j = moe_test_load_json("tests/fixtures/hf/mixtral-tiny/tokenizer.json");
-    cJSON_ReplaceItemInObject(j, "normalizer", cJSON_CreateNull());
-    cJSON_ReplaceItemInObject(j, "pre_tokenizer",
-                              cJSON_Parse("{\"type\":\"Metaspace\",\"replacement\":\"\\u2581\","
-                                          "\"prepend_scheme\":\"first\",\"split\":true}"));
-    char *text = cJSON_PrintUnformatted(j);
-    cJSON_Delete(j);
-    moe_hf_tokenizer *meta = NULL;
-    moe_status st = moe_hf_tokenizer_load(&meta, write_file("meta-split.json", text));
-    free(text);
-    if (st != MOE_OK) fprintf(stderr, "\n  %s\n", moe_last_error());
-    CU_ASSERT_EQUAL_FATAL(st, MOE_OK);
+    moe_hf_tokenizer *meta = mixtral_metaspace("meta-split.json", true);
     const char *say = "The jury said it did find that";
     moe_token_buf ids = {0};
     char *back = NULL;
@@ -341,16 +350,7 @@ static void test_literal_patterns(void) {
 /* mixtral-tiny with its normalizer moved into a Metaspace pre-tokenizer (prepend first, no
  * split) gives the same pieces, so the same ids. */
 static void test_metaspace_pretokenizer(void) {
-    cJSON *j = moe_test_load_json("tests/fixtures/hf/mixtral-tiny/tokenizer.json");
-    cJSON_ReplaceItemInObject(j, "normalizer", cJSON_CreateNull());
-    cJSON_ReplaceItemInObject(j, "pre_tokenizer",
-                              cJSON_Parse("{\"type\":\"Metaspace\",\"replacement\":\"\\u2581\","
-                                          "\"prepend_scheme\":\"first\",\"split\":false}"));
-    char *text = cJSON_PrintUnformatted(j);
-    cJSON_Delete(j);
-    moe_hf_tokenizer *meta = NULL, *base = load_fixture("mixtral-tiny");
-    CU_ASSERT_EQUAL_FATAL(moe_hf_tokenizer_load(&meta, write_file("meta.json", text)), MOE_OK);
-    free(text);
+    moe_hf_tokenizer *meta = mixtral_metaspace("meta.json", false), *base = load_fixture("mixtral-tiny");
     CU_ASSERT_TRUE(same_ids(base, meta, "The jury said it did find that the city's election was conducted."));
     CU_ASSERT_TRUE(same_ids(base, meta, "  leading spaces, trailing spaces   "));
     moe_hf_tokenizer_free(meta);
@@ -384,15 +384,10 @@ static void test_sentencepiece_word_cut(void) {
             cJSON_DetachItemViaPointer(merges, m), cJSON_Delete(m);
     }
     CU_ASSERT_TRUE(removed > 10);
-    char *text = cJSON_PrintUnformatted(j);
-    moe_hf_tokenizer *cut = NULL, *whole = NULL;
-    CU_ASSERT_EQUAL_FATAL(moe_hf_tokenizer_load(&cut, write_file("cut.json", text)), MOE_OK);
-    free(text);
+    moe_hf_tokenizer *cut = load_document(j, "cut.json");
     cJSON_ReplaceItemInObject(j, "pre_tokenizer", cJSON_Parse("{\"type\":\"Split\",\"pattern\":{\"Regex\":"
                                                              "\"\\\\x{10FFFF}\"},\"behavior\":\"Isolated\"}"));
-    text = cJSON_PrintUnformatted(j);
-    CU_ASSERT_EQUAL_FATAL(moe_hf_tokenizer_load(&whole, write_file("whole.json", text)), MOE_OK);
-    free(text);
+    moe_hf_tokenizer *whole = load_document(j, "whole.json");
     cJSON_Delete(j);
     cJSON *cases = moe_test_load_json("tests/fixtures/hf/mixtral-tiny/tokenizer_cases.json");
     const cJSON *c;
