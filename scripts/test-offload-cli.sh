@@ -4,7 +4,8 @@
 # least budget the refusal message names (one layer's top-k experts) and at a larger one;
 # a budget below it is refused; the offload flags go with --offload only; --verbose prints
 # the counters; predict and auto run with a predictor trained on the model's routing
-# traces; `moe bench offload` prints its OFFLOAD line.
+# traces; `moe bench offload` prints its OFFLOAD line, and --budget-fraction F gives the
+# budget of the rest plus ceil(F x experts) expert slots (1: exactly what resident needs).
 #   scripts/test-offload-cli.sh path/to/moe [workdir]
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib-test.sh" "$@"
@@ -63,6 +64,29 @@ expect "bench offload" 0 "OFFLOAD policy=lru budget=" \
   "$moe" bench offload --checkpoint olmoe.h5 --gpu-memory 64MiB --policy lru --batch 2 --tokens 4 --prompt 8
 grep -Eq '^OFFLOAD policy=lru budget=[0-9]+ batch=2 tokens_per_s=[0-9.]+ hit_rate=[0-9.]+ bytes_per_token=[0-9]+ ttft_ms=[0-9.]+$' \
   out.txt && ok "bench offload line format" || fail "bench offload line format"
+
+# --budget-fraction F: the least resident budget less the experts, plus ceil(F x 32) slots
+bench=("$moe" bench offload --checkpoint olmoe.h5 --batch 2 --tokens 4 --prompt 8)
+"${bench[@]}" --gpu-memory 1000 --policy resident > out.txt 2>&1
+all=$(sed -n 's/.*needs at least [^(]*(\([0-9]*\) bytes).*/\1/p' out.txt)
+[ -n "$all" ] && ok "bench: every expert needs $all bytes" || fail "bench: the resident least budget"
+for frac in 0.25 0.3 1; do
+  slots=$(awk -v f=$frac 'BEGIN { s = f * 32; print (s == int(s)) ? s : int(s) + 1 }')
+  want=$((all - 32 * slot + slots * slot))
+  expect "bench --budget-fraction $frac: $slots slots, budget $want" 0 "OFFLOAD policy=lru budget=$want " \
+    "${bench[@]}" --budget-fraction $frac --policy lru
+  grep -q "budget-fraction $frac: $slots of 32 expert slots of $slot bytes (expert bytes $((32 * slot)))" out.txt \
+    && grep -q "expert cache .* ($slots slots of" out.txt && ok "  said on stderr, $slots cache slots" \
+    || fail "  the --budget-fraction line and the cache slots"
+done
+expect "bench --budget-fraction 1 holds resident" 0 "OFFLOAD policy=resident budget=$all " \
+  "${bench[@]}" --budget-fraction 1 --policy resident
+expect "bench --budget-fraction 0.5 does not" 1 "every expert's 32 expert slots" \
+  "${bench[@]}" --budget-fraction 0.5 --policy resident
+expect "bench: --gpu-memory or --budget-fraction, not both" 2 "one of them" \
+  "${bench[@]}" --budget-fraction 0.5 --gpu-memory 64MiB
+expect "bench: one of them is needed" 2 "one of them" "${bench[@]}" --policy lru
+expect "bench: --budget-fraction 0 is out of range" 2 "out of range" "${bench[@]}" --budget-fraction 0
 
 if [ "$fails" -gt 0 ]; then echo "$fails failed"; exit 1; fi
 echo "all passed"

@@ -4,6 +4,7 @@
  * host-to-device bytes per generated token). */
 #include "moe/cli/offload.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -75,6 +76,7 @@ typedef struct bench_flags {
     moe_source_flags src;
     moe_offload_flags off;
     int batch, tokens, prompt;
+    double budget_fraction; /* > 0: the budget is the rest plus this share of the expert bytes */
 } bench_flags;
 
 /* The greedy id of each row of logits [n, V]. */
@@ -134,14 +136,38 @@ static moe_status bench_run(const bench_flags *f, moe_model *m, moe_offload *off
     return s;
 }
 
+/* --budget-fraction F: the dense part, KV cache and scratch of this run plus ceil(F x experts)
+ * expert slots, as bytes in buf (said on stderr with the expert bytes it is a share of). */
+static moe_status fraction_budget(const bench_flags *f, const moe_source *src, int64_t kv, char *buf, size_t cap) {
+    moe_offload_options o = {.dtype = src->dtype, .dev = src->dev, .max_seqs = f->batch, .kv_tokens = kv,
+                             .max_batch_tokens = f->batch * f->prompt, .max_gather = f->off.max_gather};
+    moe_offload_split sp;
+    size_t least;
+    MOE_TRY(moe_offload_plan(&src->model, &o, &sp, &least));
+    size_t slots = (size_t)ceil(f->budget_fraction * sp.experts - 1e-9), fixed = sp.dense + sp.kv + sp.scratch;
+    snprintf(buf, cap, "%zu", fixed + slots * sp.slot_bytes);
+    fprintf(stderr, "bench offload: --budget-fraction %g: %zu of %d expert slots of %zu bytes (expert bytes %zu) + "
+            "dense, KV cache and scratch %zu bytes = budget %s bytes\n", f->budget_fraction, slots, sp.experts,
+            sp.slot_bytes, (size_t)sp.experts * sp.slot_bytes, fixed, buf);
+    return MOE_OK;
+}
+
 static moe_status bench_offload(const bench_flags *f) {
+    if ((f->budget_fraction > 0) == (f->off.gpu_memory != NULL))
+        return moe_error(MOE_ERR_CONFIG, "bench offload: give --gpu-memory SIZE or --budget-fraction F (one of them)");
     moe_source src;
     MOE_TRY(moe_source_open(&src, &f->src, MOE_SOURCE_MODEL));
     moe_offload_flags of = f->off;
     of.offload = true;
-    moe_cli_decoder d;
+    moe_cli_decoder d = {0};
     int64_t kv = (int64_t)f->batch * (f->prompt + f->tokens);
-    moe_status s = moe_cli_decoder_open(&of, &src, f->batch, kv, f->batch * f->prompt, &d);
+    char budget[32];
+    moe_status s = MOE_OK;
+    if (f->budget_fraction > 0) {
+        s = fraction_budget(f, &src, kv, budget, sizeof budget);
+        of.gpu_memory = budget;
+    }
+    if (s == MOE_OK) s = moe_cli_decoder_open(&of, &src, f->batch, kv, f->batch * f->prompt, &d);
     bench_result r = {0};
     if (s == MOE_OK) s = bench_run(f, &src.model, d.off, d.dec, &r);
     if (s == MOE_OK) {
@@ -164,6 +190,9 @@ int moe_cmd_bench_offload(int argc, char **argv) {
         MOE_SOURCE_FLAG_SPECS(f.src),
         {"--gpu-memory", MOE_FLAG_STRING, "SIZE", 0, 0, NULL, "the device memory for everything, e.g. 6GiB",
          &f.off.gpu_memory},
+        {"--budget-fraction", MOE_FLAG_DOUBLE, "F", 0, 1, NULL,
+         "instead of --gpu-memory: what the run needs beside the experts plus this share of the expert bytes",
+         &f.budget_fraction, .min_excluded = true, .default_text = "off"},
         {"--policy", MOE_FLAG_STRING, "P", 0, 0, "predict|lru|lfu|resident|cpu|auto",
          "expert cache policy (default: predict with --predictor, else lru)", &f.off.policy},
         {"--predictor", MOE_FLAG_STRING, "P.h5", 0, 0, NULL, "the routing-path predictor", &f.off.predictor},
@@ -177,7 +206,8 @@ int moe_cmd_bench_offload(int argc, char **argv) {
         {0}};
     moe_args a;
     int rc = moe_cli_parse("bench offload",
-                           "moe bench offload --model DIR | --checkpoint FILE --gpu-memory SIZE [--policy P] [flags]",
+                           "moe bench offload --model DIR | --checkpoint FILE --gpu-memory SIZE | --budget-fraction F [--policy P] "
+                           "[flags]",
                            specs, argc, argv, 0, 0, NULL, &a);
     if (rc < 0) {
         moe_args_free(&a);
