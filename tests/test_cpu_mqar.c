@@ -323,17 +323,12 @@ static void test_attention_learns_recall(void) {
     CU_ASSERT(sum.val_recall > 0.5);
     CU_ASSERT(sum.val_loss < log(P)); /* below the loss of a uniform guess among the P context values */
     /* metrics.jsonl carries the recall of the evaluation */
-    char path[700], line[8192];
+    char path[700];
     snprintf(path, sizeof path, "%s/run/metrics.jsonl", data);
-    FILE *f = fopen(path, "r");
-    CU_ASSERT_FATAL(f != NULL);
-    double logged = -1;
-    while (fgets(line, sizeof line, f)) {
-        char *p = strstr(line, "\"val_recall\":");
-        if (p) logged = atof(p + strlen("\"val_recall\":"));
-    }
-    fclose(f);
-    CU_ASSERT_DOUBLE_EQUAL(logged, sum.val_recall, 1e-6);
+    double logged[64];
+    int n = moe_test_jsonl_values(path, "val_recall", logged, 64);
+    CU_ASSERT_FATAL(n >= 1 && n < 64);
+    CU_ASSERT_DOUBLE_EQUAL(logged[n - 1], sum.val_recall, 1e-6);
 }
 
 static void register_suites(void) {

@@ -18,6 +18,7 @@
 #include "moe/train/signals.h"
 #include "moe/model/tokenizer.h"
 #include "moe/train/train.h"
+#include "tests/harness/files.h"
 #include "tests/harness/testlib.h"
 
 static char dir[256];
@@ -115,20 +116,6 @@ static void damage_text(const char *path, const char *text) {
     fclose(f);
 }
 
-/* The steps of metrics.jsonl lines, in order. */
-static int metric_steps(const char *path, int *steps, int cap) {
-    FILE *f = fopen(path, "r");
-    if (!f) return 0;
-    char line[8192];
-    int n = 0;
-    while (fgets(line, sizeof line, f) && n < cap) {
-        char *p = strstr(line, "\"step\":");
-        if (p) steps[n++] = atoi(p + 7);
-    }
-    fclose(f);
-    return n;
-}
-
 static void test_signal_watch(void) {
     moe_signal_watch *w = NULL;
     CU_ASSERT_EQUAL_FATAL(moe_signal_watch_start(&w), MOE_OK);
@@ -170,8 +157,8 @@ static void test_fresh_run_refused(void) {
     CU_ASSERT_EQUAL(train(&c, NULL, true), MOE_OK);
     CU_ASSERT_TRUE(exists(at("d/ckpt-000002.h5"))); /* the old run's clean-up used to delete it */
     CU_ASSERT_FALSE(exists(at("d/ckpt-000009.h5")));
-    int steps[64];
-    CU_ASSERT_EQUAL(metric_steps(at("d/metrics.jsonl"), steps, 64), 2);
+    double steps[64];
+    CU_ASSERT_EQUAL(moe_test_jsonl_values(at("d/metrics.jsonl"), "step", steps, 64), 2);
     /* --resume of a missing directory fails and creates nothing; an empty dir is refused */
     CU_ASSERT_EQUAL(train(&c, at("none/deeper"), false), MOE_ERR_IO);
     CU_ASSERT_FALSE(exists(at("none")));
@@ -235,10 +222,11 @@ static void test_resume_fallback(void) {
     CU_ASSERT_EQUAL_FATAL(train(&c, at("r"), false), MOE_OK);
     CU_ASSERT_TRUE(exists(at("r/ckpt-000008.h5")));
     CU_ASSERT_FALSE(exists(at("r/ckpt-000003.h5"))); /* this run's, older: cleaned */
-    int steps[64], n = metric_steps(at("r/metrics.jsonl"), steps, 64);
+    double steps[64];
+    int n = moe_test_jsonl_values(at("r/metrics.jsonl"), "step", steps, 64);
     CU_ASSERT_EQUAL(n, 8);
     for (int i = 0; i < n; i++) CU_ASSERT_EQUAL(steps[i], i + 1);
-    n = metric_steps(at("r/metrics-discarded.jsonl"), steps, 64);
+    n = moe_test_jsonl_values(at("r/metrics-discarded.jsonl"), "step", steps, 64);
     CU_ASSERT_EQUAL(n, 3);
     for (int i = 0; i < n; i++) CU_ASSERT_EQUAL(steps[i], i + 4);
 }

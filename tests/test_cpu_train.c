@@ -17,6 +17,7 @@
 #include "moe/model/model.h"
 #include "moe/model/tokenizer.h"
 #include "moe/train/train.h"
+#include "tests/harness/files.h"
 #include "tests/harness/testlib.h"
 
 static char data_dir[200];
@@ -62,17 +63,9 @@ static void tiny_config(moe_config *c, const char *run_dir) {
 
 /* Reads the "loss" of each step line of metrics.jsonl. */
 static int read_losses(const char *dir, double *loss, int cap) {
-    char path[600], line[8192];
+    char path[700];
     snprintf(path, sizeof path, "%s/metrics.jsonl", dir);
-    FILE *f = fopen(path, "r");
-    if (!f) return 0;
-    int n = 0;
-    while (fgets(line, sizeof line, f) && n < cap) {
-        char *p = strstr(line, "\"loss\":");
-        if (p) loss[n++] = atof(p + 7);
-    }
-    fclose(f);
-    return n;
+    return moe_test_jsonl_values(path, "loss", loss, cap);
 }
 
 static void params_of(const char *ckpt, moe_config *c, double **out, int64_t *n) {

@@ -1,4 +1,4 @@
-/* Files the tests read: source-tree paths, whole files, JSON fixtures. */
+/* Files the tests read: source-tree paths, whole files, JSON fixtures, JSON-lines fields. */
 #include "tests/harness/files.h"
 
 #include <stdio.h>
@@ -45,4 +45,18 @@ cJSON *moe_test_load_json(const char *rel) {
     free(text);
     CU_ASSERT_PTR_NOT_NULL_FATAL(j);
     return j;
+}
+
+int moe_test_jsonl_values(const char *path, const char *key, double *out, int cap) {
+    char quoted[128], line[8192];
+    snprintf(quoted, sizeof quoted, "\"%s\":", key);
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    int n = 0;
+    while (n < cap && fgets(line, sizeof line, f)) {
+        const char *p = strstr(line, quoted);
+        if (p) out[n++] = atof(p + strlen(quoted));
+    }
+    fclose(f);
+    return n;
 }

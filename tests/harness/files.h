@@ -1,5 +1,6 @@
 /* Files the tests read: paths inside the source tree (fixtures, shipped configs) and
- * whole-file reads that fail the running test when the file cannot be read. */
+ * whole-file reads that fail the running test when the file cannot be read, and fields of
+ * JSON-lines files. */
 #ifndef MOE_TESTS_FILES_H
 #define MOE_TESTS_FILES_H
 
@@ -20,5 +21,10 @@ void *moe_test_read_file(const char *path, size_t *len);
 /* The JSON document at `rel` inside the source tree; fails the test (fatal) when it cannot
  * be read or parsed. Caller frees with cJSON_Delete. */
 cJSON *moe_test_load_json(const char *rel);
+
+/* The numbers after "`key`": in the lines of the file at `path` that hold one (at most `cap`
+ * of them, in order, e.g. one field of a run's metrics.jsonl); returns how many were read,
+ * 0 when the file cannot be opened. */
+int moe_test_jsonl_values(const char *path, const char *key, double *out, int cap);
 
 #endif
