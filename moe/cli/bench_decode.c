@@ -124,19 +124,24 @@ static moe_status copy_rate(moe_device dev, double *rate) {
     return MOE_OK;
 }
 
-/* Weight bytes one decode step of B tokens reads besides the routed experts: every dense
- * parameter but the embedding table (unless it is also the head), and B embedding rows. */
-static double dense_step_bytes(const moe_model *m, int B, size_t elt) {
-    int64_t n = 0;
-    for (int i = 0; i < m->n_params; i++)
-        if (!m->params[i].expert_stack && (m->params[i].t != m->embed || !m->lm_head))
-            n += moe_tensor_numel(m->params[i].t);
-    return ((double)n + (double)B * m->cfg.model.d_model) * (double)elt;
+/* Weight bytes one decode step of B tokens reads besides the routed experts, from the
+ * decoder's view v (each tensor in its own dtype): every dense parameter but the embedding
+ * table (unless it is also the head), and B embedding rows. */
+static double dense_step_bytes(const moe_model *v, int B) {
+    double bytes = 0;
+    for (int i = 0; i < v->n_params; i++) {
+        const moe_tensor *t = v->params[i].t;
+        if (!v->params[i].expert_stack && (t != v->embed || !v->lm_head))
+            bytes += (double)moe_tensor_numel(t) * (double)moe_dtype_size(t->dtype);
+    }
+    return bytes + (double)B * v->cfg.model.d_model * (double)moe_dtype_size(v->embed->dtype);
 }
 
-/* Bytes of the distinct experts in route ids [n_layers, B, top_k] (-1: dense layer). */
-static double routed_bytes(const moe_model *m, const int32_t *route, int B, size_t elt, unsigned char *seen) {
-    const moe_cfg_model *c = &m->cfg.model;
+/* Bytes of the distinct experts in route ids [n_layers, B, top_k] (-1: dense layer), in
+ * the view's compute dtype. */
+static double routed_bytes(const moe_model *v, const int32_t *route, int B, unsigned char *seen) {
+    const moe_cfg_model *c = &v->cfg.model;
+    const double elt = (double)moe_dtype_size(v->compute);
     double bytes = 0;
     for (int l = 0; l < c->n_layers; l++) {
         memset(seen, 0, (size_t)c->n_experts);
@@ -144,7 +149,7 @@ static double routed_bytes(const moe_model *m, const int32_t *route, int B, size
             int e = route[(int64_t)l * B * c->top_k + i];
             if (e < 0 || e >= c->n_experts || seen[e]) continue;
             seen[e] = 1;
-            bytes += 3.0 * c->d_model * moe_config_expert_ffn_dim(&m->cfg, e) * (double)elt;
+            bytes += 3.0 * c->d_model * moe_config_expert_ffn_dim(&v->cfg, e) * elt;
         }
     }
     return bytes;
@@ -181,9 +186,8 @@ static moe_status bufs_alloc(decode_bufs *b, const moe_model *m, int B, int P) {
  * the steps report their routes and *bytes gets the mean weight bytes read per step. */
 static moe_status decode_run(const decode_flags *f, moe_decoder *dec, int B, decode_bufs *bf, double *prefill_ms,
                              double *step_ms, double *bytes) {
-    const moe_model *m = moe_decoder_model(dec);
-    const int P = f->prompt, V = m->cfg.model.vocab_size;
-    const size_t elt = moe_dtype_size(moe_decoder_view(dec)->compute);
+    const moe_model *v = moe_decoder_view(dec);
+    const int P = f->prompt, V = v->cfg.model.vocab_size;
     moe_decode_state *st = NULL;
     int64_t per_seq = ((int64_t)P + f->tokens + MOE_KV_BLOCK - 1) / MOE_KV_BLOCK * MOE_KV_BLOCK; /* whole blocks */
     MOE_TRY(moe_decode_state_create(dec, B, B * per_seq, &st));
@@ -202,11 +206,11 @@ static moe_status decode_run(const decode_flags *f, moe_decoder *dec, int B, dec
         b.n_tokens = B;
         moe_step_reset();
         s = moe_decoder_forward(dec, st, &b, bf->logits, bytes ? &info : NULL);
-        if (s == MOE_OK && bytes) routed += routed_bytes(m, bf->route, B, elt, bf->seen);
+        if (s == MOE_OK && bytes) routed += routed_bytes(v, bf->route, B, bf->seen);
     }
     int steps = f->tokens - 1;
     *step_ms = steps > 0 ? (moe_clock_ms() - t0) / steps : 0;
-    if (bytes) *bytes = dense_step_bytes(m, B, elt) + (steps > 0 ? routed / steps : 0);
+    if (bytes) *bytes = dense_step_bytes(v, B) + (steps > 0 ? routed / steps : 0);
     moe_step_reset();
     moe_decode_state_free(st);
     return s;
