@@ -230,9 +230,15 @@ if [ -z "$data" ]; then
     else # ~5 MB of the repository's own prose
         data=$out/text.txt
         : >"$data"
-        while [ "$(stat -c %s "$data")" -lt 5000000 ]; do cat README.md ./*/README.md >>"$data" 2>/dev/null || true; done
+        while [ "$(stat -c %s "$data")" -lt 5000000 ]; do cat README.md ./*/README.md >>"$data"; done
     fi
 fi
+
+{
+    date -Is
+    [ "$device" = cuda ] && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1
+    "$moe_bin" --version 2>&1 | head -3
+} >"$out/machine.txt" || true
 
 failures=0
 ours_decode() {
