@@ -22,18 +22,9 @@ static bool contains(const char *text, const char *part) {
 /* Writes `text` to a fresh file and returns its path. */
 static const char *write_fixture(const char *text) {
     static char path[600];
-    static char dir[512];
     static int serial;
-    if (!dir[0]) {
-        const char *made = moe_test_tmpdir("config");
-        CU_ASSERT_PTR_NOT_NULL_FATAL(made);
-        snprintf(dir, sizeof dir, "%s", made);
-    }
-    snprintf(path, sizeof path, "%s/case%d.yaml", dir, serial++);
-    FILE *f = fopen(path, "w");
-    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
-    fputs(text, f);
-    fclose(f);
+    snprintf(path, sizeof path, "%s/case%d.yaml", moe_test_scratch_dir("config"), serial++);
+    moe_test_write_file(path, text, strlen(text));
     return path;
 }
 

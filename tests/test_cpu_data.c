@@ -57,13 +57,6 @@ static void random_bytes(char *dst, size_t n) {
     for (size_t i = 0; i < n; i++) dst[i] = (char)(rng_u32() & 0xff);
 }
 
-static void write_bytes(const char *path, const void *data, size_t len) {
-    FILE *f = fopen(path, "wb");
-    CU_ASSERT_FATAL(f != NULL);
-    CU_ASSERT_FATAL(fwrite(data, 1, len, f) == len);
-    fclose(f);
-}
-
 static void join(char *out, size_t n, const char *dir, const char *name) {
     int k = snprintf(out, n, "%s/%s", dir, name);
     CU_ASSERT_FATAL(k > 0 && (size_t)k < n);
@@ -398,19 +391,19 @@ static void test_tokenizer_damaged(void) {
     uint8_t *img = moe_test_read_file(good, &len);
     CU_ASSERT_EQUAL_FATAL(len, 28 + 8 * 144 + 4);
 
-    write_bytes(bad, img, len - 1); /* truncated */
+    moe_test_write_file(bad, img, len - 1); /* truncated */
     expect_tokenizer_refused(bad, MOE_ERR_FORMAT);
-    write_bytes(bad, img, 5); /* shorter than the header */
+    moe_test_write_file(bad, img, 5); /* shorter than the header */
     expect_tokenizer_refused(bad, MOE_ERR_FORMAT);
-    write_bytes(bad, "", 0);
+    moe_test_write_file(bad, "", 0);
     expect_tokenizer_refused(bad, MOE_ERR_FORMAT);
     img[100] ^= 0x10; /* a flipped bit in a merge */
-    write_bytes(bad, img, len);
+    moe_test_write_file(bad, img, len);
     expect_tokenizer_refused(bad, MOE_ERR_FORMAT);
     CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "checksum"));
     img[100] ^= 0x10;
     img[0] = 'X'; /* foreign file */
-    write_bytes(bad, img, len);
+    moe_test_write_file(bad, img, len);
     expect_tokenizer_refused(bad, MOE_ERR_FORMAT);
     CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "magic"));
     join(bad, sizeof bad, dir, "missing.bin");
@@ -443,13 +436,13 @@ static void test_prepare_byte(void) {
     join(in2, sizeof in2, dir, "b.txt");
     join(out, sizeof out, dir, "out/nested");
     /* doc 1 ends without a newline: prepare adds a blank line after it */
-    write_bytes(in1, "first doc", 9);
+    moe_test_write_file(in1, "first doc", 9);
     char text[4000];
     size_t len = 0;
     for (int p = 0; p < 40; p++)
         len += (size_t)sprintf(text + len, "Paragraph %02d has some words.\n\n", p);
     CU_ASSERT_EQUAL_FATAL(len, 40 * 30);
-    write_bytes(in2, text, len);
+    moe_test_write_file(in2, text, len);
 
     moe_tokenizer *tok = moe_tokenizer_byte();
     const char *inputs[2] = {in1, in2};
@@ -498,7 +491,7 @@ static void test_prepare_bpe(void) {
     CU_ASSERT_FATAL(dir != NULL);
     char in[600];
     join(in, sizeof in, dir, "s.txt");
-    write_bytes(in, SAMPLE, sizeof SAMPLE - 1);
+    moe_test_write_file(in, SAMPLE, sizeof SAMPLE - 1);
     moe_tokenizer *tok = train_sample(500);
     const char *inputs[1] = {in};
     moe_data_summary s;
@@ -539,7 +532,7 @@ static double prepare_unigram(const char *name, const char *text, size_t len) {
     CU_ASSERT_FATAL(dir != NULL);
     char in[600];
     join(in, sizeof in, dir, "in.txt");
-    write_bytes(in, text, len);
+    moe_test_write_file(in, text, len);
     moe_tokenizer *tok = moe_tokenizer_byte();
     const char *inputs[1] = {in};
     moe_data_summary s;
@@ -564,7 +557,7 @@ static void test_unigram_baseline(void) {
 
 static void expect_data_refused(const char *path, const void *data, size_t len, moe_status want,
                                 const char *why) {
-    write_bytes(path, data, len);
+    moe_test_write_file(path, data, len);
     moe_token_file *tf = (moe_token_file *)1;
     CU_ASSERT_EQUAL(moe_data_open(path, &tf), want);
     CU_ASSERT_PTR_NULL(tf);
@@ -579,7 +572,7 @@ static void test_token_file_damaged(void) {
     join(in, sizeof in, dir, "in.txt");
     join(good, sizeof good, dir, "train.bin");
     join(bad, sizeof bad, dir, "bad.bin");
-    write_bytes(in, SAMPLE, sizeof SAMPLE - 1);
+    moe_test_write_file(in, SAMPLE, sizeof SAMPLE - 1);
     moe_tokenizer *tok = moe_tokenizer_byte();
     const char *inputs[1] = {in};
     CU_ASSERT_EQUAL_FATAL(moe_data_prepare(inputs, 1, tok, 0.1, dir, NULL), MOE_OK);
@@ -625,7 +618,7 @@ static void test_token_file_wide(void) {
     memcpy(img + 40, &bpb, 8);
     for (int t = 0; t < 3; t++)
         for (int i = 0; i < 4; i++) img[64 + 4 * t + i] = (uint8_t)(toks[t] >> (8 * i));
-    write_bytes(path, img, sizeof img);
+    moe_test_write_file(path, img, sizeof img);
     moe_token_file *tf = NULL;
     CU_ASSERT_EQUAL_FATAL(moe_data_open(path, &tf), MOE_OK);
     CU_ASSERT_EQUAL(moe_data_vocab(tf), 70000);
@@ -637,7 +630,7 @@ static void test_token_file_wide(void) {
     CU_ASSERT(got[0] == 69999 && got[1] == 65536);
     moe_data_close(tf);
     img[24] = 2; /* a 2-byte width cannot hold this vocab */
-    write_bytes(path, img, sizeof img);
+    moe_test_write_file(path, img, sizeof img);
     CU_ASSERT_EQUAL(moe_data_open(path, &tf), MOE_ERR_FORMAT);
 }
 
@@ -651,7 +644,7 @@ static moe_token_file *letters_file(const char *name, size_t n) {
     join(in, sizeof in, dir, "in.txt");
     char *text = malloc(n + 1);
     for (size_t i = 0; i < n; i++) text[i] = (char)('a' + rng_u32() % 26);
-    write_bytes(in, text, n);
+    moe_test_write_file(in, text, n);
     free(text);
     moe_tokenizer *tok = moe_tokenizer_byte();
     const char *inputs[1] = {in};

@@ -25,13 +25,6 @@ static void scratch(const char *name, char *dir, size_t cap) {
     snprintf(dir, cap, "%s", d);
 }
 
-static void write_all(const char *path, const void *data, size_t n) {
-    FILE *fp = fopen(path, "wb");
-    CU_ASSERT_PTR_NOT_NULL_FATAL(fp);
-    CU_ASSERT_EQUAL_FATAL(fwrite(data, 1, n, fp), n);
-    fclose(fp);
-}
-
 static bool file_exists(const char *path) {
     struct stat sb;
     return stat(path, &sb) == 0;
@@ -335,14 +328,14 @@ static void test_open_errors(void) {
     CHECK_ERROR_HAS("is a directory");
 
     snprintf(path, sizeof path, "%s/text.h5", dir);
-    write_all(path, yaml_text, strlen(yaml_text));
+    moe_test_write_file(path, yaml_text, strlen(yaml_text));
     CU_ASSERT_EQUAL(moe_h5_open(path, &r), MOE_ERR_FORMAT);
     CHECK_ERROR_HAS("checkpoint ");
     CHECK_ERROR_HAS(path);
     CHECK_ERROR_HAS("is damaged or incomplete");
 
     snprintf(path, sizeof path, "%s/empty.h5", dir);
-    write_all(path, "", 0);
+    moe_test_write_file(path, "", 0);
     CU_ASSERT_EQUAL(moe_h5_open(path, &r), MOE_ERR_FORMAT);
     CHECK_ERROR_HAS("is damaged or incomplete");
 }
@@ -360,7 +353,7 @@ static void test_truncated(void) {
     const size_t lengths[] = {0, 8, 100, size / 10, size / 2, size * 9 / 10, size - 1};
     for (size_t i = 0; i < sizeof lengths / sizeof lengths[0]; i++) {
         snprintf(cut, sizeof cut, "%s/cut-%zu.h5", dir, lengths[i]);
-        write_all(cut, bytes, lengths[i]);
+        moe_test_write_file(cut, bytes, lengths[i]);
         moe_h5 *r = (moe_h5 *)dir;
         moe_status st = moe_h5_open(cut, &r);
         CU_ASSERT_EQUAL(st, MOE_ERR_FORMAT);
@@ -407,7 +400,7 @@ static void test_flipped_byte(void) {
     CU_ASSERT_FATAL(at >= 0 && text_at >= 0);
     bytes[at + 100] ^= 0x01;
     bytes[text_at + 3] ^= 0x20;
-    write_all(path, bytes, size);
+    moe_test_write_file(path, bytes, size);
     free(bytes);
 
     moe_h5 *r;
@@ -499,15 +492,15 @@ static void test_keep_last(void) {
                             "ckpt-.h5", "ckpt-000003.h5.tmp-x"};
     for (size_t i = 0; i < 5; i++) {
         snprintf(path, sizeof path, "%s/%s", dir, ckpts[i]);
-        write_all(path, "x", 1);
+        moe_test_write_file(path, "x", 1);
         snprintf(path, sizeof path, "%s/%s", dir, others[i]);
-        write_all(path, "x", 1);
+        moe_test_write_file(path, "x", 1);
     }
     char stale[400], live[400];
     snprintf(stale, sizeof stale, "%s/ckpt-000200.h5.tmp-%d", dir, (int)dead_pid());
     snprintf(live, sizeof live, "%s/ckpt-000200.h5.tmp-%d", dir, (int)getpid());
-    write_all(stale, "x", 1);
-    write_all(live, "x", 1);
+    moe_test_write_file(stale, "x", 1);
+    moe_test_write_file(live, "x", 1);
 
     CHECK_OK(moe_h5_keep_last(dir, "ckpt-", ".h5", 3));
     const bool expect_kept[] = {false, false, true, true, true};
@@ -550,10 +543,10 @@ static void test_find_latest(void) {
     /* damage the newest (truncate) and the next (not HDF5): step 2 is picked */
     size_t size;
     unsigned char *bytes = moe_test_read_file(path, &size);
-    write_all(path, bytes, size / 2);
+    moe_test_write_file(path, bytes, size / 2);
     free(bytes);
     snprintf(path, sizeof path, "%s/ckpt-9.h5", dir);
-    write_all(path, "garbage", 7);
+    moe_test_write_file(path, "garbage", 7);
     CHECK_OK(moe_h5_find_latest(dir, "ckpt-", ".h5", found, sizeof found));
     snprintf(path, sizeof path, "%s/ckpt-2.h5", dir);
     CU_ASSERT_STRING_EQUAL(found, path);

@@ -59,17 +59,8 @@ static int32_t *json_ids(const cJSON *arr, size_t *n) {
 /* Writes text to a fresh file in the scratch directory; returns its path. */
 static const char *write_file(const char *name, const char *text) {
     static char path[700];
-    static char dir[512];
-    if (!dir[0]) {
-        const char *made = moe_test_tmpdir("hf_tokenizer");
-        CU_ASSERT_PTR_NOT_NULL_FATAL(made);
-        snprintf(dir, sizeof dir, "%s", made);
-    }
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    FILE *f = fopen(path, "w");
-    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
-    fputs(text, f);
-    fclose(f);
+    snprintf(path, sizeof path, "%s/%s", moe_test_scratch_dir("hf_tokenizer"), name);
+    moe_test_write_file(path, text, strlen(text));
     return path;
 }
 

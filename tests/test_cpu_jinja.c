@@ -18,22 +18,7 @@
 
 /* ---------- helpers ---------- */
 
-static const char *tmpdir(void) {
-    static char dir[512];
-    if (!dir[0]) {
-        const char *made = moe_test_tmpdir("jinja");
-        CU_ASSERT_PTR_NOT_NULL_FATAL(made);
-        snprintf(dir, sizeof dir, "%s", made);
-    }
-    return dir;
-}
-
-static void write_file(const char *path, const char *text) {
-    FILE *f = fopen(path, "w");
-    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
-    fputs(text, f);
-    fclose(f);
-}
+static void write_file(const char *path, const char *text) { moe_test_write_file(path, text, strlen(text)); }
 
 /* Renders `source` with `vars` (JSON text); returns the status, the output in *out. */
 static moe_status render(const char *source, const char *vars_json, char **out) {
@@ -156,7 +141,7 @@ static void test_fixture_chats(void) {
 /* A directory with olmoe-tiny's tokenizer.json and the given tokenizer_config.json. */
 static const char *config_dir(const char *name, const char *config) {
     static char dir[700];
-    snprintf(dir, sizeof dir, "%s/%s", tmpdir(), name);
+    snprintf(dir, sizeof dir, "%s/%s", moe_test_scratch_dir("jinja"), name);
     mkdir(dir, 0755);
     char path[800];
     char *tok = moe_test_read_file(moe_test_source_path("tests/fixtures/hf/olmoe-tiny/tokenizer.json"), NULL);

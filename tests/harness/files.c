@@ -1,4 +1,5 @@
-/* Files the tests read: source-tree paths, whole files, JSON fixtures, JSON-lines fields. */
+/* Files of the tests: source-tree paths, whole files read and written, JSON fixtures,
+ * JSON-lines fields. */
 #include "tests/harness/files.h"
 
 #include <stdio.h>
@@ -37,6 +38,15 @@ void *moe_test_read_file(const char *path, size_t *len) {
     bytes[n] = '\0';
     if (len) *len = (size_t)n;
     return bytes;
+}
+
+void moe_test_write_file(const char *path, const void *data, size_t len) {
+    FILE *f = fopen(path, "wb");
+    if (!f) fprintf(stderr, "\n  cannot create %s\n", path);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(f);
+    size_t put = fwrite(data, 1, len, f);
+    CU_ASSERT_EQUAL_FATAL(fclose(f), 0);
+    CU_ASSERT_EQUAL_FATAL(put, len);
 }
 
 cJSON *moe_test_load_json(const char *rel) {

@@ -1,5 +1,5 @@
 /* Files the tests read: paths inside the source tree (fixtures, shipped configs) and
- * whole-file reads that fail the running test when the file cannot be read, and fields of
+ * whole-file reads and writes that fail the running test when they cannot be done, fields of
  * JSON-lines files. */
 #ifndef MOE_TESTS_FILES_H
 #define MOE_TESTS_FILES_H
@@ -17,6 +17,10 @@ const char *moe_test_source_path(const char *rel);
  * *len gets its size when len is not NULL. Fails the test (fatal) when it cannot be read.
  * Caller frees. */
 void *moe_test_read_file(const char *path, size_t *len);
+
+/* Writes data[0..len) to the file at `path` (replaced). Fails the test (fatal) when it
+ * cannot be written. */
+void moe_test_write_file(const char *path, const void *data, size_t len);
 
 /* The JSON document at `rel` inside the source tree; fails the test (fatal) when it cannot
  * be read or parsed. Caller frees with cJSON_Delete. */

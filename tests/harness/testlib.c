@@ -52,3 +52,15 @@ const char *moe_test_tmpdir(const char *name) {
     mkdir(path, 0755);
     return path;
 }
+
+const char *moe_test_scratch_dir(const char *name) {
+    static char dir[512], first[128];
+    if (!dir[0]) {
+        const char *made = moe_test_tmpdir(name);
+        CU_ASSERT_PTR_NOT_NULL_FATAL(made);
+        snprintf(dir, sizeof dir, "%s", made);
+        snprintf(first, sizeof first, "%s", name);
+    }
+    MOE_ASSERT(!strcmp(name, first), "moe_test_scratch_dir(%s) after moe_test_scratch_dir(%s)", name, first);
+    return dir;
+}

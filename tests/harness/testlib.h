@@ -24,6 +24,10 @@ void moe_test_add_suite(const char *suite, const moe_test_entry *tests);
 /* A fresh scratch directory under the build tree (tests/tmp/<name>-<pid>), created empty. */
 const char *moe_test_tmpdir(const char *name);
 
+/* The program's own scratch directory: moe_test_tmpdir(name) on the first call, the same
+ * directory (kept) on later calls, which must give the same name. */
+const char *moe_test_scratch_dir(const char *name);
+
 /* Fails the test (fatal) when `expr` is not MOE_OK, printing the expression and the message. */
 #define CHECK_OK(expr)                                                          \
     do {                                                                        \
