@@ -33,8 +33,8 @@
 #define MAX_REPS 100
 
 typedef struct decode_flags {
-    moe_source_flags src;      /* --model / --checkpoint / --set */
-    const char *device, *dtype, *batches;
+    moe_source_flags src; /* --model / --checkpoint, --device / --dtype, --set */
+    const char *batches;
     int prompt, tokens, reps;
     bool json;
 } decode_flags;
@@ -256,16 +256,10 @@ static void print_result(const decode_flags *f, const decode_plan *p, int B, con
     fflush(stdout);
 }
 
-/* --device, --dtype and --batch into the plan (batch sizes in 1..4096, at most MAX_BATCHES). */
-static moe_status make_plan(const decode_flags *f, decode_plan *p) {
-    p->dev = f->device && !strcmp(f->device, "cuda") ? MOE_CUDA : MOE_CPU;
-    p->dtype = f->dtype ? (strcmp(f->dtype, "f32") ? MOE_BF16 : MOE_F32) : (p->dev == MOE_CUDA ? MOE_BF16 : MOE_F32);
-    if (p->dev == MOE_CPU && p->dtype == MOE_BF16)
-        return moe_error(MOE_ERR_CONFIG, "bench decode: --dtype bf16 runs on cuda (the cpu computes in f32)");
-    if (p->dev == MOE_CUDA && !moe_device_available(MOE_CUDA))
-        return moe_error_context(MOE_ERR_UNSUPPORTED, "bench decode");
+/* --batch into the plan: sizes in 1..4096, at most MAX_BATCHES. */
+static moe_status parse_batches(const char *list, decode_plan *p) {
     moe_token_buf ids = {0};
-    MOE_TRY(moe_cli_parse_ids("--batch", f->batches, 4097, &ids));
+    MOE_TRY(moe_cli_parse_ids("--batch", list, 4097, &ids));
     moe_status s = ids.len > MAX_BATCHES ? moe_error(MOE_ERR_CONFIG, "--batch: at most %d sizes", MAX_BATCHES) : MOE_OK;
     p->n_batch = (int)ids.len;
     for (int i = 0; s == MOE_OK && i < p->n_batch; i++) {
@@ -276,17 +270,21 @@ static moe_status make_plan(const decode_flags *f, decode_plan *p) {
     return s;
 }
 
+/* The source opened as `moe generate` opens it (masters on the host, the decoder's view on
+ * --device in --dtype), the copy rate, then each batch size. */
 static moe_status bench_decode(const decode_flags *f) {
     decode_plan p = {0};
-    MOE_TRY(make_plan(f, &p));
-    moe_source_flags sf = f->src; /* a checkpoint loads on the device asked; a hub folder on the cpu */
-    if (sf.checkpoint) sf.device = f->device, sf.dtype = f->dtype;
-    MOE_TRY(copy_rate(p.dev, &p.copy_bytes_per_s));
+    MOE_TRY(parse_batches(f->batches, &p));
     moe_source src;
-    MOE_TRY(moe_source_open(&src, &sf, MOE_SOURCE_MODEL));
+    MOE_TRY(moe_source_open(&src, &f->src, MOE_SOURCE_MODEL));
+    p.dev = src.dev;
+    p.dtype = src.dtype;
     moe_decoder *dec = NULL;
+    moe_status s = p.dev == MOE_CPU || moe_device_available(p.dev) ? MOE_OK
+                   : moe_error_context(MOE_ERR_UNSUPPORTED, "bench decode");
+    if (s == MOE_OK) s = copy_rate(p.dev, &p.copy_bytes_per_s);
     double t0 = moe_clock_ms();
-    moe_status s = moe_decoder_open_on(&src.model, p.dev, p.dtype, &dec);
+    if (s == MOE_OK) s = moe_source_decoder_open(&src, &dec);
     if (s == MOE_OK)
         fprintf(stderr, "bench decode: %s on %s %s (view made in %.0f ms), prompt %d, %d new tokens, %d timed runs, "
                 "copy rate %.1f GB/s\n", src.name, moe_device_name(p.dev), moe_dtype_name(p.dtype), moe_clock_ms() - t0,
@@ -304,12 +302,7 @@ static moe_status bench_decode(const decode_flags *f) {
 int moe_cmd_bench_decode(int argc, char **argv) {
     decode_flags f = {.batches = "1,16", .prompt = 128, .tokens = 128, .reps = 3};
     const moe_flag_spec specs[] = {
-        {"--model", MOE_FLAG_STRING, "DIR", 0, 0, NULL, "a Hugging Face hub folder", &f.src.model_dir},
-        {"--checkpoint", MOE_FLAG_STRING, "FILE", 0, 0, NULL, "one of our checkpoints (.h5)", &f.src.checkpoint},
-        {"--set", MOE_FLAG_MULTI, "KEY=VALUE", 0, 0, NULL, "override a config key", &f.src.sets},
-        {"--device", MOE_FLAG_STRING, "DEV", 0, 0, "cpu|cuda", "where the decoder runs (default cpu)", &f.device},
-        {"--dtype", MOE_FLAG_STRING, "T", 0, 0, "f32|bf16", "compute dtype (default: bf16 on cuda, f32 on the cpu)",
-         &f.dtype},
+        MOE_SOURCE_FLAG_SPECS(f.src),
         {"--batch", MOE_FLAG_STRING, "B,B", 0, 0, NULL, "batch sizes, in increasing order", &f.batches},
         {"--prompt-len", MOE_FLAG_INT, "P", 1, 1 << 20, NULL, "prompt tokens per sequence", &f.prompt},
         {"--tokens", MOE_FLAG_INT, "N", 2, 1 << 20, NULL, "new tokens per sequence (N - 1 decode steps)",
