@@ -4,7 +4,7 @@
 # `moe bench offload` beside transformers + accelerate, in one call.
 #
 # Usage: scripts/bench-offload.sh [--quick] [--device cuda|cpu] [--checkpoint CKPT | --train]
-#                                 [--model HUBDIR] [--hub-predictor]
+#                                 [--model HUBDIR [--make olmoe-1b-7b|small]] [--hub-predictor]
 #   --device      where the model runs (default: cuda when nvidia-smi sees a GPU, else cpu)
 #   --train       (the default without --checkpoint / --model) train the learned model:
 #                 configs/offload-brown-gpu.yaml on cuda (about 3 minutes on one H100,
@@ -15,7 +15,8 @@
 #                 same sweep; no predictor unless --hub-predictor (random weights route by a
 #                 fixed random function of the token, so a predictor's gain there says
 #                 nothing about learned routing: the trained model is where predict is
-#                 measured)
+#                 measured); --make writes a random-weight one there first
+#                 (scripts/make-hub-model.py, torch) unless it already has config.json
 #   --quick       tiny sizes: the tiny config, short traces, few predictor steps, 16 tokens
 #   --report      run nothing: write table.md and runs.csv again from $BENCH_OUT's logs
 # What it does, per model: `moe convert --to-hf` (a hub folder for the reference) and back
@@ -35,7 +36,10 @@
 # predictor-<model>.txt, logs/ (every command's output), work/ (checkpoints, traces).
 # Environment: MOE_BIN (default build-gpu/moe on cuda when present, else build/moe; built
 # when missing), PYTHON (the reference's python, default python3), TRAIN_SECONDS (cap on
-# training, default 170), RUN_TIMEOUT (cap per bench run, default 150 s), GPU (index, 0).
+# training, default 170), RUN_TIMEOUT (cap per bench run, default 150 s), GPU (index, 0);
+# FRACTIONS, BATCHES, POLICIES (space-separated; defaults "0.25 0.5", "1 8", "lru lfu predict
+# auto cpu": resident always runs), REFERENCE=0 (no transformers + accelerate runs): a 7B hub
+# folder loads for every run, so its sweep fits a 10-minute call only in parts.
 # Exit status: 0 when every step ran (a refused policy, e.g. cpu on cuda, is a table row,
 # not a failure), 1 when a step failed, 2 on bad arguments.
 set -uo pipefail
@@ -45,7 +49,7 @@ cd "$root" || exit 1
 usage() { sed -n '2,/^# Exit status/p' "$root/scripts/bench-offload.sh" | sed 's/^# \{0,1\}//'; }
 die() { echo "bench-offload: $*" >&2; exit 2; }
 
-quick=0 device="" ckpt="" train=0 hub="" hub_predictor=0 report=0 args_text="$*"
+quick=0 device="" ckpt="" train=0 hub="" make="" hub_predictor=0 report=0 args_text="$*"
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) quick=1 ;;
@@ -53,6 +57,7 @@ while [ $# -gt 0 ]; do
     --checkpoint) ckpt=${2:-}; [ -n "$ckpt" ] || die "--checkpoint needs a file"; shift ;;
     --train) train=1 ;;
     --model) hub=${2:-}; [ -n "$hub" ] || die "--model needs a folder"; shift ;;
+    --make) make=${2:-}; case "$make" in olmoe-1b-7b|small) ;; *) die "--make olmoe-1b-7b or small" ;; esac; shift ;;
     --hub-predictor) hub_predictor=1 ;;
     --report) report=1 ;;
     -h|--help) usage; exit 0 ;;
@@ -63,7 +68,8 @@ done
 [ -z "$ckpt" ] || [ "$train" = 0 ] || die "give --checkpoint or --train, not both"
 [ -n "$ckpt" ] || [ -n "$hub" ] || train=1
 [ -z "$ckpt" ] || [ -f "$ckpt" ] || die "--checkpoint $ckpt: no such file"
-[ -z "$hub" ] || [ -f "$hub/config.json" ] || die "--model $hub: no config.json there"
+[ -z "$make" ] || [ -n "$hub" ] || die "--make goes with --model DIR (where to write it)"
+[ -z "$hub" ] || [ -n "$make" ] || [ -f "$hub/config.json" ] || die "--model $hub: no config.json there"
 if [ -z "$device" ]; then
   if nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then device=cuda; else device=cpu; fi
 fi
@@ -76,9 +82,10 @@ if [ "$quick" = 1 ]; then
 else
   trace_tokens=32768 heldout_tokens=8192 pred_steps=2000 tokens=64 prompt=64
 fi
-fractions=(0.25 0.5)
-batches=(1 8)
-policies=(lru lfu predict auto cpu)
+read -r -a fractions <<<"${FRACTIONS:-0.25 0.5}"
+read -r -a batches <<<"${BATCHES:-1 8}"
+read -r -a policies <<<"${POLICIES:-lru lfu predict auto cpu}"
+reference=${REFERENCE:-1}
 train_seconds=${TRAIN_SECONDS:-170}
 run_timeout=${RUN_TIMEOUT:-150}
 gpu=${GPU:-0}
@@ -406,7 +413,7 @@ sweep() { # name predictor hubdir source-args...
       done
     done
   done
-  [ -n "$hubdir" ] || return 0
+  [ -n "$hubdir" ] && [ "$reference" != 0 ] || return 0
   say "$name: transformers + accelerate ($py scripts/bench_offload_reference.py), the same budgets in bytes"
   for b in "${batches[@]}"; do
     for frac in "${fractions[@]}"; do
@@ -433,31 +440,25 @@ if [ "$train" = 1 ] || [ -n "$ckpt" ]; then
   train_predictor trained data/brown/train.bin data/brown/val.bin --checkpoint "$lean"
   sweep trained "$pred" "$ckpt_hub" --checkpoint "$lean"
 fi
+if [ -n "$hub" ] && [ -n "$make" ] && [ ! -f "$hub/config.json" ]; then
+  say "making $hub ($py scripts/make-hub-model.py --shape $make)"
+  "$py" scripts/make-hub-model.py "$hub" --shape "$make" >"$logs/make-hub-model.log" 2>&1 ||
+    { tail -5 "$logs/make-hub-model.log" >&2; step_fail "make-hub-model.py failed"; hub=""; }
+fi
 if [ -n "$hub" ]; then
   hub=$(cd "$hub" && pwd)
-  hub_src=(--model "$hub")
-  # A moe that runs hub folders on the CPU only: its checkpoint form instead.
-  if [ "$device" = cuda ] && "$moe" bench offload --model "$hub" --device cuda --gpu-memory 1 2>&1 |
-    grep -q 'a hub folder runs on the cpu'; then
-    say "hub: moe convert $hub --out $work/hub.h5 (this moe runs hub folders on the cpu only)"
-    "$moe" convert "$hub" --out "$work/hub.h5" >"$logs/hub-convert.log" 2>&1 ||
-      { step_fail "hub: convert failed ($logs/hub-convert.log)"; hub=""; }
-    hub_src=(--checkpoint "$work/hub.h5")
-  fi
-  if [ -n "$hub" ]; then
-    echo "hub $hub ${hub_src[1]} $hub" >>"$out/models.txt"
-    pred=""
-    if [ "$hub_predictor" = 1 ]; then
-      prepare_data
-      text=data/brown/train.bin heldout=data/brown/val.bin
-      if [ -f "$hub/tokenizer.json" ]; then # text through its tokenizer: the head, and the tail held out
-        text=data/brown/brown.txt heldout=$work/brown-tail.txt
-        tail -c 300000 data/brown/brown.txt >"$heldout"
-      fi
-      train_predictor hub "$text" "$heldout" "${hub_src[@]}"
+  echo "hub $hub" >>"$out/models.txt"
+  pred=""
+  if [ "$hub_predictor" = 1 ]; then
+    prepare_data
+    text=data/brown/train.bin heldout=data/brown/val.bin
+    if [ -f "$hub/tokenizer.json" ]; then # text through its tokenizer: the head, and the tail held out
+      text=data/brown/brown.txt heldout=$work/brown-tail.txt
+      tail -c 300000 data/brown/brown.txt >"$heldout"
     fi
-    sweep hub "$pred" "$hub" "${hub_src[@]}"
+    train_predictor hub "$text" "$heldout" --model "$hub"
   fi
+  sweep hub "$pred" "$hub" --model "$hub"
 fi
 
 write_table || step_fail "the table failed"
