@@ -129,6 +129,9 @@ static moe_tensor *tensor_generate(moe_lifetime life, moe_device dev, moe_dtype 
         moe_error(MOE_ERR_OOM, "out of host memory generating %lld values", (long long)n);
         return NULL;
     }
+    /* The generators are counter-based (value i depends on i alone): any split of the loop
+     * gives the same values, and a model of billions of parameters initialises in seconds. */
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
     for (int64_t i = 0; i < n; i++) {
         double v = gen(i, ctx);
         switch (dt) {
