@@ -33,7 +33,8 @@
 # Peak GPU memory: nvidia-smi's memory.used sampled every 50 ms during each run, less the
 # idle value (includes the CUDA context; the same for the reference).
 # Output under $BENCH_OUT (default bench-results/<date>-offload/): table.md, runs.csv,
-# predictor-<model>.txt, logs/ (every command's output), work/ (checkpoints, traces).
+# predictor-<model>.txt, logs/ (every command's output), work/ (checkpoints, traces); when
+# $OUT names a folder (a remote run's), offload-table.md and bench-offload.tgz (all but work/).
 # Environment: MOE_BIN (default build-gpu/moe on cuda when present, else build/moe; built
 # when missing), PYTHON (the reference's python, default python3), TRAIN_SECONDS (cap on
 # training, default 170), RUN_TIMEOUT (cap per bench run, default 150 s), GPU (index, 0);
@@ -263,23 +264,22 @@ if [ -f .devdeps/prelude.sh ]; then
 fi
 export NCCL_NVLS_ENABLE=0
 
-# The program: built when missing or older than --budget-fraction (CUDA: the moe target only).
+# The program: built when missing or older than --budget-fraction (the moe target only).
 has_flag() { [ -x "$1" ] && "$1" bench offload --help 2>&1 | grep -q -- --budget-fraction; }
+build_moe() { # build-folder cmake-options...
+  local dir=$1; shift
+  say "building $dir/moe (cmake $*, the moe target)"
+  { cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release "$@" && cmake --build "$dir" --target moe -j"$(nproc)"; } \
+    >"$logs/build.log" 2>&1 || { tail -20 "$logs/build.log" >&2; die "the build failed ($logs/build.log)"; }
+}
 if [ -n "${MOE_BIN:-}" ]; then
   moe=$MOE_BIN
 elif [ "$device" = cuda ]; then
   moe=build-gpu/moe
-  if ! has_flag "$moe"; then
-    say "building $moe (CUDA on, the moe target only)"
-    { cmake -S . -B build-gpu -DMOE_CUDA=ON -DCMAKE_BUILD_TYPE=Release && cmake --build build-gpu --target moe -j"$(nproc)"; } \
-      >"$logs/build.log" 2>&1 || { tail -20 "$logs/build.log" >&2; die "the build failed ($logs/build.log)"; }
-  fi
+  has_flag "$moe" || build_moe build-gpu -DMOE_CUDA=ON
 else
   moe=build/moe
-  if ! has_flag "$moe"; then
-    say "building $moe (scripts/build.sh)"
-    scripts/build.sh >"$logs/build.log" 2>&1 || { tail -20 "$logs/build.log" >&2; die "the build failed ($logs/build.log)"; }
-  fi
+  has_flag "$moe" || build_moe build
 fi
 [ -x "$moe" ] || die "$moe is not an executable"
 moe=$(cd "$(dirname "$moe")" && pwd)/$(basename "$moe")
@@ -462,4 +462,9 @@ if [ -n "$hub" ]; then
 fi
 
 write_table || step_fail "the table failed"
+# A remote run's results folder ($OUT): the table beside one archive of everything but work/.
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+  cp "$out/table.md" "$OUT/offload-table.md" 2>/dev/null
+  tar czf "$OUT/bench-offload.tgz" -C "$out" --exclude=./work . 2>/dev/null || step_fail "could not pack into $OUT"
+fi
 exit $failed
