@@ -15,8 +15,9 @@ it placed, activations, KV cache; not the CUDA context); gpu_layers: decoder lay
 on the GPU. accelerate caps only the weights it places: activations and the KV cache come
 on top of G (moe bench offload's budget holds everything).
 
-Without torch with a GPU, transformers or accelerate, the line says tokens_per_s=NA and
-why (reason=...) and the exit status is 0; a failure while running exits 1.
+Without torch with a GPU or transformers, or without accelerate where transformers needs it
+for device_map, the line says tokens_per_s=NA and why (reason=...) and the exit status is
+0; another failure prints NA lines with the reason and exits 1.
 
   python3 scripts/bench_offload_reference.py HUBDIR --max-gpu-memory 6GiB [--batch 1,8]
           [--tokens 32] [--prompt 32] [--cpu-memory SIZE]
@@ -138,14 +139,20 @@ def main():
     except ImportError as e:
         not_available(args, "transformers not importable: %s" % e)
     try:
-        import accelerate  # noqa: F401
-    except ImportError as e:
-        not_available(args, "accelerate not importable (device_map=auto needs it): %s" % e)
+        import accelerate
+        accelerate_version = accelerate.__version__
+    except ImportError:
+        accelerate_version = None  # transformers may still place with device_map; if not, NA below
     if not torch.cuda.is_available():
         not_available(args, "no CUDA device for torch")
     done = 0
     try:
-        model, gpu_layers = load(args, torch)
+        try:
+            model, gpu_layers = load(args, torch)
+        except (ImportError, ValueError) as e:
+            if accelerate_version is None and "accelerate" in str(e):  # exits 0 (SystemExit passes below)
+                not_available(args, "accelerate not importable and device_map=auto needs it: %s" % e)
+            raise
         for b in args.batch:
             tps, ttft, peak = run_batch(args, torch, model, b)
             line(args, b, tokens_per_s="%.2f" % tps, hit_rate="NA", bytes_per_token="NA", ttft_ms="%.2f" % ttft,
@@ -155,8 +162,9 @@ def main():
         for b in args.batch[done:]:
             line(args, b, tokens_per_s="NA", reason=re.sub(r"\s+", "_", ("%s: %s" % (type(e).__name__, e)))[:200])
         raise
-    print("reference: transformers %s, accelerate %s, torch %s" % (transformers.__version__, accelerate.__version__,
-                                                                     torch.__version__), file=sys.stderr)
+    print("reference: transformers %s, accelerate %s, torch %s, device map %s" % (
+        transformers.__version__, accelerate_version, torch.__version__, getattr(model, "hf_device_map", None)),
+        file=sys.stderr)
 
 
 if __name__ == "__main__":
