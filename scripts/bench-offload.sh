@@ -432,6 +432,7 @@ sweep() { # name predictor hubdir source-args...
 
 : >"$out/runs.index"
 : >"$out/models.txt"
+rm -f "$out/train-summary.txt" "$out"/predictor-*.txt
 if [ "$train" = 1 ] || [ -n "$ckpt" ]; then
   prepare_data
   [ -n "$ckpt" ] || train_model
