@@ -106,7 +106,7 @@ say() { echo "== $*" >&2; }
 write_table() {
   say "table: $out/table.md"
   "$py" - "$out" <<'PY'
-import csv, math, os, re, sys
+import csv, os, re, sys
 out = sys.argv[1]
 setup = open(os.path.join(out, "setup.txt")).read()
 device = re.search(r"^device: (\S+)", setup, re.M).group(1)
