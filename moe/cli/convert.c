@@ -1,7 +1,9 @@
 /* `moe convert`: a Hugging Face hub folder into our checkpoint, or back.
  *   moe convert DIR --out FILE.h5            the imported model as a checkpoint (step 0, no
  *                                            optimizer state) for eval, generate and
- *                                            logits --checkpoint
+ *                                            logits --checkpoint, written block by block
+ *                                            (one block's f32 masters on the host at a
+ *                                            time); ends with the peak resident memory
  *   moe convert FILE.h5 --to-hf OUTDIR       config.json + model.safetensors (f32) of the
  *                                            nearest family (--family to choose); features
  *                                            no family can express are refused by name; a
@@ -14,10 +16,12 @@
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "core/fileio.h"
+#include "core/h5file.h"
 #include "moe/cli/cli.h"
 #include "moe/hf/safetensors.h"
 #include "moe/cli/source.h"
@@ -42,15 +46,84 @@ static moe_status set_hub_tokenizer(moe_config *cfg, const char *dir) {
     return MOE_OK;
 }
 
+/* The config of a model whose one block is layer `layer` of cfg's (dense or MoE, its
+ * mixer); without `vocab` its embedding and head shrink to one row, as they are not
+ * loaded there. */
+static moe_config layer_window(const moe_config *cfg, int layer, bool vocab) {
+    moe_config w = *cfg;
+    moe_cfg_model *m = &w.model;
+    m->mixer.values[0] = moe_config_layer_mixer(cfg, layer);
+    m->mixer.count = 1;
+    m->dense_layers = moe_config_layer_is_dense(cfg, layer);
+    m->dense_layer_ids.count = 0;
+    m->moe_layer_step = 1;
+    m->n_layers = 1;
+    if (!vocab) m->vocab_size = 1;
+    return w;
+}
+
+/* Parameters of m's block 0 (and, with top, of the rest: embedding, final norm, head). */
+static int64_t window_params(const moe_model *m, bool top) {
+    int64_t n = moe_model_param_count(m, false);
+    if (top) return n;
+    moe_tensor *outer[] = {m->embed, m->final_norm, m->lm_head};
+    for (size_t i = 0; i < sizeof outer / sizeof *outer; i++) n -= outer[i] ? moe_tensor_numel(outer[i]) : 0;
+    return n;
+}
+
+/* One block at a time: a model holding only layer i (and, for i = 0, the embedding, final
+ * norm and head) is initialised, filled from the mapped files, written and freed, so the
+ * host holds one block's f32 masters at most. */
+static moe_status stream_blocks(moe_hf_reader *r, moe_h5 *f, int64_t *n_params) {
+    const moe_config *cfg = moe_hf_reader_config(r);
+    *n_params = 0;
+    for (int i = 0; i < cfg->model.n_layers; i++) {
+        bool top = i == 0;
+        moe_config w = layer_window(cfg, i, top);
+        moe_model m;
+        moe_status s = moe_model_init(&m, &w, 0, 1);
+        if (s == MOE_OK && top) s = moe_hf_reader_load_top(r, &m);
+        if (s == MOE_OK) s = moe_hf_reader_load_block(r, &m, 0, i);
+        if (s == MOE_OK) s = moe_checkpoint_put_block(f, &m, i, top);
+        if (s == MOE_OK) *n_params += window_params(&m, top);
+        moe_model_free(&m);
+        MOE_TRY(s);
+    }
+    return moe_hf_reader_finish(r);
+}
+
+/* "peak host memory X GiB = Y x the model's Z GiB": this process's peak resident set. */
+static void print_peak_memory(int64_t model_bytes) {
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) != 0 || model_bytes <= 0) return;
+    double peak = (double)ru.ru_maxrss * 1024.0, gib = 1024.0 * 1024.0 * 1024.0;
+    printf("peak host memory %.3g GiB = %.3g x the model's %.3g GiB\n", peak / gib, peak / (double)model_bytes,
+           (double)model_bytes / gib);
+}
+
+/* The folder as a checkpoint at step 0 without optimizer state, block by block. */
 static moe_status hub_to_checkpoint(const char *dir, const char *out) {
-    moe_source src;
-    MOE_TRY(moe_source_open(&src, &(moe_source_flags){.model_dir = dir}, MOE_SOURCE_MODEL));
+    moe_hf_reader *r = NULL;
+    MOE_TRY(moe_hf_reader_open(dir, &r));
+    moe_config cfg = *moe_hf_reader_config(r);
     moe_train_state ts;
     memset(&ts, 0, sizeof ts);
-    moe_status s = set_hub_tokenizer(&src.model.cfg, dir);
-    if (s == MOE_OK) s = moe_checkpoint_save(out, &src.model, NULL, &ts);
-    if (s == MOE_OK) printf("%s: %lld parameters from %s\n", out, (long long)moe_model_param_count(&src.model, false), dir);
-    moe_source_close(&src);
+    moe_h5 *f = NULL;
+    int64_t n_params = 0;
+    moe_status s = set_hub_tokenizer(&cfg, dir);
+    if (s == MOE_OK) s = moe_h5_create(out, &f);
+    if (s == MOE_OK) s = moe_checkpoint_put_header(f, &cfg, NULL, &ts);
+    if (s == MOE_OK) s = stream_blocks(r, f, &n_params);
+    if (f) {
+        if (s == MOE_OK) s = moe_h5_commit(f);
+        else moe_h5_abort(f);
+        if (s != MOE_OK) s = moe_error_context(s, "saving checkpoint %s", out);
+    }
+    if (s == MOE_OK) {
+        printf("%s: %lld parameters from %s\n", out, (long long)n_params, dir);
+        print_peak_memory(moe_hf_reader_bytes(r));
+    }
+    moe_hf_reader_close(r);
     return s;
 }
 

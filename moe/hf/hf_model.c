@@ -243,11 +243,12 @@ static moe_status load_moe(loader *L, moe_model *m, moe_block *b, const char *p)
     return MOE_OK;
 }
 
-static moe_status load_block(loader *L, moe_model *m, int i) {
-    moe_block *b = &m->blocks[i];
+/* The folder's layer `layer` ("model.layers.<layer>") into m->blocks[block]. */
+static moe_status load_block(loader *L, moe_model *m, int block, int layer) {
+    moe_block *b = &m->blocks[block];
     int64_t d = m->cfg.model.d_model;
     char p[64], n[160], mlp[96];
-    snprintf(p, sizeof p, "model.layers.%d", i);
+    snprintf(p, sizeof p, "model.layers.%d", layer);
     snprintf(n, sizeof n, "%s.input_layernorm.weight", p);
     MOE_TRY(put(L, NAMES(n), d, 0, vec(b->attn_norm, 0)));
     snprintf(n, sizeof n, "%s.post_attention_layernorm.weight", p);
@@ -275,37 +276,95 @@ static moe_status check_all_used(loader *L, int n_layers) {
     return MOE_OK;
 }
 
-static moe_status load_all(loader *L, moe_model *m) {
+/* The parameters outside the blocks: embedding, final norm, LM head. */
+static moe_status load_top(loader *L, moe_model *m) {
     const moe_cfg_model *c = &m->cfg.model;
     int64_t V = c->vocab_size, d = c->d_model;
     MOE_TRY(put(L, NAMES("model.embed_tokens.weight"), V, d, (dst_spec){F(m->embed), d, 0, false, NULL}));
     MOE_TRY(put(L, NAMES("model.norm.weight"), d, 0, vec(m->final_norm, 0)));
-    if (m->lm_head) MOE_TRY(put(L, NAMES("lm_head.weight"), V, d, (dst_spec){F(m->lm_head), d, 0, false, NULL}));
-    else if (has(L, "lm_head.weight")) /* tied: the copy some savers keep is ignored */
+    if (m->lm_head) return put(L, NAMES("lm_head.weight"), V, d, (dst_spec){F(m->lm_head), d, 0, false, NULL});
+    if (has(L, "lm_head.weight")) /* tied: the copy some savers keep is ignored */
         mark_used(L, moe_st_set_find(&L->set, "lm_head.weight"));
-    for (int i = 0; i < c->n_layers; i++) MOE_TRY(load_block(L, m, i));
-    return L->exporting ? MOE_OK : check_all_used(L, c->n_layers);
+    return MOE_OK;
+}
+
+/* The whole model (export: the walk that names every tensor). */
+static moe_status load_all(loader *L, moe_model *m) {
+    MOE_TRY(load_top(L, m));
+    for (int i = 0; i < m->cfg.model.n_layers; i++) MOE_TRY(load_block(L, m, i, i));
+    return L->exporting ? MOE_OK : check_all_used(L, m->cfg.model.n_layers);
+}
+
+/* ---- loading, whole or block by block ---- */
+
+struct moe_hf_reader {
+    loader L;
+    moe_config cfg;
+    moe_hf_info info;
+};
+
+moe_status moe_hf_reader_open(const char *dir, moe_hf_reader **out) {
+    *out = NULL;
+    moe_hf_reader *r = calloc(1, sizeof *r);
+    if (!r) return moe_error(MOE_ERR_OOM, "%s: out of host memory", dir);
+    moe_status s = moe_hf_config_read(dir, &r->cfg, &r->info);
+    if (s != MOE_OK) {
+        free(r);
+        return s;
+    }
+    r->L = (loader){.dir = dir, .info = &r->info};
+    s = moe_st_set_open_dir(&r->L.set, dir);
+    if (s != MOE_OK) {
+        free(r);
+        return s;
+    }
+    r->L.used = calloc((size_t)r->L.set.n_files, sizeof *r->L.used);
+    for (int f = 0; r->L.used && f < r->L.set.n_files; f++)
+        if (!(r->L.used[f] = calloc((size_t)r->L.set.files[f].n + 1, sizeof **r->L.used))) s = MOE_ERR_OOM;
+    if (!r->L.used || s != MOE_OK) s = moe_error(MOE_ERR_OOM, "%s: out of host memory", dir);
+    if (s == MOE_OK && r->cfg.train.device != MOE_CFG_DEVICE_CPU)
+        s = moe_error(MOE_ERR_UNSUPPORTED, "%s: loading a hub folder needs train.device=cpu", dir);
+    if (s != MOE_OK) moe_hf_reader_close(r);
+    else *out = r;
+    return s;
+}
+
+const moe_config *moe_hf_reader_config(const moe_hf_reader *r) { return &r->cfg; }
+const moe_hf_info *moe_hf_reader_info(const moe_hf_reader *r) { return &r->info; }
+
+int64_t moe_hf_reader_bytes(const moe_hf_reader *r) {
+    int64_t n = 0;
+    for (int f = 0; f < r->L.set.n_files; f++) n += (int64_t)r->L.set.files[f].size;
+    return n;
+}
+
+moe_status moe_hf_reader_load_top(moe_hf_reader *r, moe_model *m) { return load_top(&r->L, m); }
+
+moe_status moe_hf_reader_load_block(moe_hf_reader *r, moe_model *m, int block, int layer) {
+    MOE_ASSERT(block >= 0 && block < m->cfg.model.n_layers && layer >= 0 && layer < r->cfg.model.n_layers,
+               "block %d of %d, layer %d of %d", block, m->cfg.model.n_layers, layer, r->cfg.model.n_layers);
+    return load_block(&r->L, m, block, layer);
+}
+
+moe_status moe_hf_reader_finish(moe_hf_reader *r) { return check_all_used(&r->L, r->cfg.model.n_layers); }
+
+void moe_hf_reader_close(moe_hf_reader *r) {
+    if (!r) return;
+    for (int f = 0; r->L.used && f < r->L.set.n_files; f++) free(r->L.used[f]);
+    free(r->L.used);
+    free(r->L.row);
+    moe_st_set_close(&r->L.set);
+    free(r);
 }
 
 moe_status moe_hf_load(const char *dir, moe_model *m, moe_hf_info *info) {
     memset(m, 0, sizeof *m);
-    moe_config cfg;
-    MOE_TRY(moe_hf_config_read(dir, &cfg, info));
-    loader L = {.dir = dir, .info = info};
-    MOE_TRY(moe_st_set_open_dir(&L.set, dir));
-    moe_status s = MOE_OK;
-    L.used = calloc((size_t)L.set.n_files, sizeof *L.used);
-    for (int f = 0; L.used && f < L.set.n_files; f++)
-        if (!(L.used[f] = calloc((size_t)L.set.files[f].n + 1, sizeof **L.used))) s = MOE_ERR_OOM;
-    if (!L.used || s != MOE_OK) s = moe_error(MOE_ERR_OOM, "%s: out of host memory", dir);
-    if (s == MOE_OK && cfg.train.device != MOE_CFG_DEVICE_CPU)
-        s = moe_error(MOE_ERR_UNSUPPORTED, "%s: loading a hub folder needs train.device=cpu", dir);
-    if (s == MOE_OK) s = moe_model_init(m, &cfg, 0, 1);
-    if (s == MOE_OK) s = load_all(&L, m);
-    for (int f = 0; L.used && f < L.set.n_files; f++) free(L.used[f]);
-    free(L.used);
-    free(L.row);
-    moe_st_set_close(&L.set);
+    moe_hf_reader *r = NULL;
+    MOE_TRY(moe_hf_reader_open(dir, &r));
+    *info = r->info;
+    moe_status s = moe_model_init(m, &r->cfg, 0, 1);
+    if (s == MOE_OK) s = load_all(&r->L, m);
+    moe_hf_reader_close(r);
     if (s != MOE_OK) moe_model_free(m);
     return s;
 }

@@ -15,6 +15,23 @@
  * On error *m is freed. */
 moe_status moe_hf_load(const char *dir, moe_model *m, moe_hf_info *info);
 
+/* The same load block by block, for a caller that keeps one block at a time (moe convert
+ * streams a folder into a checkpoint so): the folder's config and mapped files; the
+ * parameters outside the blocks into any model of the same widths and vocabulary; the
+ * folder's layer `layer` into m->blocks[block], a block of the same structure (dense or
+ * MoE, its experts, its attention); then the check that every tensor found a place. Each
+ * tensor's mapped pages are dropped once copied. moe_hf_load is these steps on one model. */
+typedef struct moe_hf_reader moe_hf_reader;
+moe_status moe_hf_reader_open(const char *dir, moe_hf_reader **out);
+const moe_config *moe_hf_reader_config(const moe_hf_reader *r);
+const moe_hf_info *moe_hf_reader_info(const moe_hf_reader *r);
+/* The bytes of its safetensors files (the model's size on disk). */
+int64_t moe_hf_reader_bytes(const moe_hf_reader *r);
+moe_status moe_hf_reader_load_top(moe_hf_reader *r, moe_model *m);
+moe_status moe_hf_reader_load_block(moe_hf_reader *r, moe_model *m, int block, int layer);
+moe_status moe_hf_reader_finish(moe_hf_reader *r);
+void moe_hf_reader_close(moe_hf_reader *r);
+
 /* Writes m as dir/config.json + dir/model.safetensors (f32) in the layout of model_type
  * (NULL: the family whose features cover the model's, see moe_hf_config_format); dir must
  * exist. moe_hf_load of the result gives back the same parameters bit for bit. */

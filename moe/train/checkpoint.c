@@ -11,7 +11,17 @@
 #include "core/memory.h"
 #include "moe/model/tokenizer.h"
 
-typedef struct { moe_h5 *f; const char *group; } put_ctx;
+/* Where a piece goes: group/<name>, with a layer number "layers.<j>." stored as
+ * "layers.<j + first_layer>." (a streamed block; 0 for a whole model). */
+typedef struct { moe_h5 *f; const char *group; int first_layer; } put_ctx;
+
+static void stored_name(const put_ctx *c, const char *name, char *full, size_t cap) {
+    int j, n = 0;
+    if (c->first_layer && sscanf(name, "layers.%d.%n", &j, &n) == 1 && n > 0)
+        snprintf(full, cap, "%s/layers.%d.%s", c->group, j + c->first_layer, name + n);
+    else
+        snprintf(full, cap, "%s/%s", c->group, name);
+}
 
 /* Writes one piece through host f32 copies, whose step-arena bytes go back afterwards (a
  * checkpoint of a large model passes far more bytes than one step holds). */
@@ -24,7 +34,7 @@ static moe_status put_piece(const char *name, moe_tensor *piece, void *ctx) {
     moe_status s = h32 ? moe_tensor_copy_(h32, h) : moe_last_status();
     if (s == MOE_OK) {
         char full[256];
-        snprintf(full, sizeof full, "%s/%s", c->group, name);
+        stored_name(c, name, full, sizeof full);
         s = moe_h5_put_array(c->f, full, MOE_H5_F32, h32->ndim, h32->shape, h32->data);
     }
     moe_mem_step_release(MOE_CPU, mark);
@@ -91,7 +101,7 @@ static moe_status put_experts_ep(moe_h5 *f, const moe_model *m, const moe_optimi
                     if (!h || moe_tensor_copy_(buf, h) != MOE_OK) return moe_last_status();
                 }
                 MOE_TRY(moe_dist_allreduce_sum(MOE_GROUP_EP, buf));
-                put_ctx pc = {f, groups[k]};
+                put_ctx pc = {f, groups[k], 0};
                 MOE_TRY(put_piece(name, buf, &pc));
                 moe_mem_step_release(MOE_CPU, mark);
             }
@@ -118,39 +128,53 @@ static moe_status put_tokenizer(moe_h5 *f, const moe_config *cfg) {
     return s;
 }
 
-/* f is NULL on the ranks that do not write (they still join the expert gathers). */
-static moe_status save_all(moe_h5 *f, const moe_model *m, const moe_optimizer *opt, const moe_train_state *ts) {
-    if (f) {
-        char *cfg_text = NULL;
-        MOE_TRY(moe_config_to_yaml(&m->cfg, &cfg_text));
-        moe_status s = moe_h5_put_string(f, "config", cfg_text);
-        free(cfg_text);
-        MOE_TRY(s);
-        MOE_TRY(moe_h5_put_string(f, "version", MOE_VERSION));
-        if (ts->run_id[0]) MOE_TRY(moe_h5_put_string(f, "run_id", ts->run_id));
-        MOE_TRY(put_tokenizer(f, &m->cfg));
-        MOE_TRY(moe_h5_put_i64(f, "step", ts->step));
-        MOE_TRY(moe_h5_put_i64(f, "loader_seed", (int64_t)ts->loader_seed));
-        MOE_TRY(moe_h5_put_i64(f, "loader_step", (int64_t)ts->loader_step));
-        MOE_TRY(moe_h5_put_i64(f, "bad_steps", ts->bad_steps));
-        if (opt) MOE_TRY(moe_h5_put_i64(f, "optim_step", moe_optimizer_get_step(opt)));
-    }
-    /* pieces of this rank's parameters (and optimizer states); under expert parallelism
-     * the expert stacks go through put_experts_ep instead */
+moe_status moe_checkpoint_put_header(moe_h5 *f, const moe_config *cfg, const moe_optimizer *opt,
+                                     const moe_train_state *ts) {
+    char *cfg_text = NULL;
+    MOE_TRY(moe_config_to_yaml(cfg, &cfg_text));
+    moe_status s = moe_h5_put_string(f, "config", cfg_text);
+    free(cfg_text);
+    MOE_TRY(s);
+    MOE_TRY(moe_h5_put_string(f, "version", MOE_VERSION));
+    if (ts->run_id[0]) MOE_TRY(moe_h5_put_string(f, "run_id", ts->run_id));
+    MOE_TRY(put_tokenizer(f, cfg));
+    MOE_TRY(moe_h5_put_i64(f, "step", ts->step));
+    MOE_TRY(moe_h5_put_i64(f, "loader_seed", (int64_t)ts->loader_seed));
+    MOE_TRY(moe_h5_put_i64(f, "loader_step", (int64_t)ts->loader_step));
+    MOE_TRY(moe_h5_put_i64(f, "bad_steps", ts->bad_steps));
+    if (opt) MOE_TRY(moe_h5_put_i64(f, "optim_step", moe_optimizer_get_step(opt)));
+    return MOE_OK;
+}
+
+/* Each parameter of m (and its optimizer states) but the expert stacks under expert
+ * parallelism, and the router biases; the parameters outside the layers only with `top`. */
+static moe_status put_params(moe_h5 *f, const moe_model *m, const moe_optimizer *opt, int first_layer, bool top) {
     bool ep = moe_dist_ep_size() > 1;
     static const char *const groups[3] = {"params", "optim/m", "optim/v"};
     for (int i = 0; i < m->n_params; i++) {
         if (ep && m->params[i].expert_stack) continue;
+        if (!top && strncmp(m->params[i].name, "layers.", 7) != 0) continue;
         moe_tensor *src[3];
         param_sources(m, opt, i, src);
         for (int k = 0; k < 3; k++) {
-            put_ctx pc = {f, groups[k]};
+            put_ctx pc = {f, groups[k], first_layer};
             if (src[k]) MOE_TRY(moe_ckpt_for_each_piece(&m->params[i], src[k], put_piece, &pc));
         }
     }
     if (ep) MOE_TRY(put_experts_ep(f, m, opt, groups));
-    put_ctx rb = {f, "router_bias"};
+    put_ctx rb = {f, "router_bias", first_layer};
     return moe_ckpt_for_each_router_bias(m, put_piece, &rb);
+}
+
+moe_status moe_checkpoint_put_block(moe_h5 *f, const moe_model *m, int first_layer, bool top) {
+    MOE_ASSERT(moe_dist_ep_size() == 1, "checkpoint: a block-by-block write is for one process");
+    return put_params(f, m, NULL, first_layer, top);
+}
+
+/* f is NULL on the ranks that do not write (they still join the expert gathers). */
+static moe_status save_all(moe_h5 *f, const moe_model *m, const moe_optimizer *opt, const moe_train_state *ts) {
+    if (f) MOE_TRY(moe_checkpoint_put_header(f, &m->cfg, opt, ts));
+    return put_params(f, m, opt, 0, true);
 }
 
 moe_status moe_checkpoint_save(const char *path, const moe_model *m, const moe_optimizer *opt,

@@ -30,6 +30,15 @@ typedef struct moe_train_state {
  * group and world rank 0 writes the file. */
 moe_status moe_checkpoint_save(const char *path, const moe_model *m, const moe_optimizer *opt,
                                const moe_train_state *ts);
+/* The same file written piece by piece into f (moe_h5_create .. moe_h5_commit), one
+ * process: the header (config text, version, run id, tokenizer, training position, the
+ * optimizer step when opt is given), then the parameters and router biases of models
+ * that each hold some of the layers: m's layer j is stored as layer first_layer + j, and
+ * the parameters outside the layers (embed, final_norm, lm_head, the RMoE GRU) only with
+ * `top`. No optimizer state. moe convert streams a hub folder's blocks through it. */
+moe_status moe_checkpoint_put_header(moe_h5 *f, const moe_config *cfg, const moe_optimizer *opt,
+                                     const moe_train_state *ts);
+moe_status moe_checkpoint_put_block(moe_h5 *f, const moe_model *m, int first_layer, bool top);
 /* Verifies the whole file (moe_checkpoint_verify), then loads into an initialised model
  * (and optimizer, when given). Shapes must match the model's config; a missing, extra or
  * mis-shaped parameter is refused by name. */
