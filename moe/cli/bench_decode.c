@@ -28,6 +28,7 @@
 #include "moe/cli/cli.h"
 #include "moe/cli/source.h"
 #include "moe/infer/decoder.h"
+#include "moe/infer/sample.h"
 
 #define MAX_BATCHES 16
 #define MAX_REPS 100
@@ -72,16 +73,6 @@ static void prompt_ids(int32_t *tok, int32_t *pos, int32_t *seq, int B, int P, i
         tok[i] = (int32_t)((x >> 33) % (uint64_t)V);
         pos[i] = i % P;
         seq[i] = i / P;
-    }
-}
-
-static void argmax_rows(const float *logits, int n, int V, int32_t *ids) {
-    for (int i = 0; i < n; i++) {
-        const float *row = logits + (int64_t)i * V;
-        int best = 0;
-        for (int v = 1; v < V; v++)
-            if (row[v] > row[best]) best = v;
-        ids[i] = best;
     }
 }
 
@@ -201,7 +192,7 @@ static moe_status decode_run(const decode_flags *f, moe_decoder *dec, int B, dec
     double routed = 0;
     t0 = moe_clock_ms();
     for (int step = 0; step + 1 < f->tokens && s == MOE_OK; step++) {
-        argmax_rows(bf->logits, B, V, bf->tok);
+        moe_argmax_rows(bf->logits, B, V, bf->tok);
         for (int q = 0; q < B; q++) bf->pos[q] = P + step, bf->seq[q] = q;
         b.n_tokens = B;
         moe_step_reset();

@@ -216,7 +216,6 @@ static moe_status setup_run(const gen_flags *gf, moe_source *src, gen_run *g, in
 
 /* Generation after the model and tokenizer are loaded: prompt, tokens, timing line. */
 static moe_status run_generation(const gen_flags *gf, moe_source *src) {
-    moe_model *m = &src->model;
     gen_run g;
     int32_t eos_flag;
     MOE_TRY(setup_run(gf, src, &g, &eos_flag));

@@ -13,6 +13,7 @@
 #include "core/memory.h"
 #include "moe/cli/cli.h"
 #include "moe/cli/source.h"
+#include "moe/infer/sample.h"
 
 static moe_status predictor_scores(void *ctx, const int32_t *tokens, const int32_t *pos, int n, float *scores) {
     return moe_predictor_predict(ctx, tokens, pos, n, scores);
@@ -79,17 +80,6 @@ typedef struct bench_flags {
     double budget_fraction; /* > 0: the budget is the rest plus this share of the expert bytes */
 } bench_flags;
 
-/* The greedy id of each row of logits [n, V]. */
-static void argmax_rows(const float *logits, int n, int V, int32_t *ids) {
-    for (int i = 0; i < n; i++) {
-        const float *row = logits + (int64_t)i * V;
-        int best = 0;
-        for (int v = 1; v < V; v++)
-            if (row[v] > row[best]) best = v;
-        ids[i] = best;
-    }
-}
-
 typedef struct bench_result {
     double ttft_ms, decode_ms;
     moe_offload_counts decode; /* the counters of the decode steps */
@@ -119,7 +109,7 @@ static moe_status bench_run(const bench_flags *f, moe_model *m, moe_offload *off
     moe_offload_reset_counts(off);
     t0 = moe_clock_ms();
     for (int step = 0; step < f->tokens && s == MOE_OK; step++) {
-        argmax_rows(logits, B, V, tok);
+        moe_argmax_rows(logits, B, V, tok);
         for (int q = 0; q < B; q++) pos[q] = P + step, seq[q] = q;
         b.n_tokens = B;
         moe_step_reset();

@@ -38,11 +38,20 @@ static int32_t draw(moe_sampler *s, const cand *c, int m, double mass) {
     return c[m - 1].id; /* u rounded up to the whole mass */
 }
 
-moe_status moe_sample(moe_sampler *s, const float *logits, int V, int32_t *out) {
-    MOE_TRY(check(s, logits, V));
+static int32_t argmax(const float *v, int V) {
     int32_t best = 0;
     for (int i = 1; i < V; i++)
-        if (logits[i] > logits[best]) best = i;
+        if (v[i] > v[best]) best = i;
+    return best;
+}
+
+void moe_argmax_rows(const float *logits, int n, int V, int32_t *ids) {
+    for (int i = 0; i < n; i++) ids[i] = argmax(logits + (int64_t)i * V, V);
+}
+
+moe_status moe_sample(moe_sampler *s, const float *logits, int V, int32_t *out) {
+    MOE_TRY(check(s, logits, V));
+    int32_t best = argmax(logits, V);
     if (s->temperature == 0) {
         *out = best;
         return MOE_OK;

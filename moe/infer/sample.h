@@ -26,4 +26,8 @@ typedef struct moe_sampler {
  * allocated; *out is untouched on failure. */
 moe_status moe_sample(moe_sampler *s, const float *logits, int V, int32_t *out);
 
+/* Greedy ids of n rows of logits [n, V] into ids [n]: each row's first largest logit (what
+ * moe_sample picks at temperature 0, without its checks). */
+void moe_argmax_rows(const float *logits, int n, int V, int32_t *ids);
+
 #endif
