@@ -4,7 +4,8 @@
 # unknown fields, prompt over the context, max_tokens 0 / negative / huge, invalid UTF-8,
 # 10 MB bodies, slow clients, 200 idle connections, a client that hangs up mid-stream);
 # the official OpenAI client (scripts/serve-client.js: completion, chat, streaming, stop
-# strings, logprobs, batch invariance over concurrent streams); the load script; the chat
+# strings, logprobs, batch invariance over concurrent streams); the load script (also 64
+# clients x 16 greedy requests, each answer equal to its prompt served alone); the chat
 # page in headless Chromium (DOM and screenshot); SIGTERM draining a running stream and
 # exiting 0; one of our checkpoints served with the plain chat format; the queue bound (429);
 # no sanitizer report in the server logs (the ASan build runs the same script).
@@ -166,6 +167,14 @@ PY
 fi
 
 if stop_server; then pass "SIGTERM when idle: exit 0"; else fail "SIGTERM exit code"; tail -3 hub.err; fi
+
+# ---- load: 64 streaming clients x 16 requests, every greedy answer equal to its prompt alone ----
+start_server load --model "$fixture" --max-batch 16 --max-queue 128 --max-tokens-in-flight 4096
+if timeout 300 node "$root/scripts/load-serve.js" "$url" --clients 64 --requests 16 --max-tokens 8 --greedy-alone 16 \
+     > load64.txt 2>&1; then pass "load: 64 clients x 16 streams, none failed or truncated, every greedy answer equal to its prompt served alone"
+else fail "load: 64 clients x 16 streams"; fi
+sed 's/^/     /' load64.txt
+if stop_server; then pass "SIGTERM after the load: exit 0"; else fail "SIGTERM exit code after the load"; tail -3 load.err; fi
 
 # ---- one of our checkpoints: byte tokens, the plain chat format; a long context (slow enough to
 # hang up on a running stream and to SIGTERM one) ----
