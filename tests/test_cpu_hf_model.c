@@ -22,14 +22,10 @@
 #include "tests/harness/testlib.h"
 
 static void check_fixture(const char *name) {
-    const char *dir = hf_fixture_dir(name);
     moe_model m;
     moe_hf_info info;
-    moe_status s = moe_hf_load(dir, &m, &info);
-    if (s != MOE_OK) fprintf(stderr, "  %s: %s\n", name, moe_last_error());
-    CU_ASSERT_EQUAL_FATAL(s, MOE_OK);
     hf_expected e;
-    hf_expected_read(dir, &e);
+    hf_fixture_open(name, &m, &info, &e);
     int V = m.cfg.model.vocab_size, k = m.cfg.model.top_k, pad0, pad1, padx;
     float *out = malloc(sizeof(float) * 24 * (size_t)V);
     int32_t *route = malloc(sizeof(int32_t) * 24 * (size_t)(k * m.cfg.model.n_layers));

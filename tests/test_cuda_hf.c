@@ -134,14 +134,10 @@ static double gap(moe_decoder *f32, const int32_t *ids, int n, int a, int b) {
 
 static void check_fixture(const char *name) {
     if (!have_cuda()) return;
-    const char *dir = hf_fixture_dir(name);
     moe_model m;
     moe_hf_info info;
-    moe_status s = moe_hf_load(dir, &m, &info);
-    if (s != MOE_OK) fprintf(stderr, "  %s: %s\n", name, moe_last_error());
-    CU_ASSERT_EQUAL_FATAL(s, MOE_OK);
     hf_expected e;
-    hf_expected_read(dir, &e);
+    hf_fixture_open(name, &m, &info, &e);
     size_t held = moe_mem_get_stats(MOE_CUDA).persist_bytes;
     moe_decoder *f32 = open_on_cuda(&m, MOE_F32), *bf16 = open_on_cuda(&m, MOE_BF16);
     for (int r = 0; r < 2; r++) {

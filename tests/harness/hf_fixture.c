@@ -39,6 +39,14 @@ void hf_expected_read(const char *dir, hf_expected *e) {
     moe_st_read_f32(lg, e->logits);
 }
 
+void hf_fixture_open(const char *name, moe_model *m, moe_hf_info *info, hf_expected *e) {
+    const char *dir = hf_fixture_dir(name);
+    moe_status s = moe_hf_load(dir, m, info);
+    if (s != MOE_OK) fprintf(stderr, "  %s: %s\n", name, moe_last_error());
+    CU_ASSERT_EQUAL_FATAL(s, MOE_OK);
+    hf_expected_read(dir, e);
+}
+
 void hf_expected_close(hf_expected *e) {
     free(e->logits);
     moe_st_close(&e->f);

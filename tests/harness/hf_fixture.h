@@ -21,6 +21,9 @@ typedef struct hf_expected {
 } hf_expected;
 
 void hf_expected_read(const char *dir, hf_expected *e);
+/* Fixture `name` loaded (*m, *info; a failure prints the loader's message and ends the
+ * test) with its expected values (*e). */
+void hf_fixture_open(const char *name, moe_model *m, moe_hf_info *info, hf_expected *e);
 void hf_expected_close(hf_expected *e);
 
 /* max |a - b| / max |b| over n values. */
