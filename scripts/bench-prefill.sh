@@ -23,7 +23,7 @@
 set -uo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-src=() hub= device=cuda dtype= prompts=64 min_len=16 max_len=2048 seed=1 batch=8 rounds=3 warmup=1 reference=yes
+src=() hub= device=cuda dtype= prompts=64 min_len=16 max_len=2048 seed=1 batch=8 rounds=3 warmup=2 reference=yes
 while [ $# -gt 0 ]; do
     case "$1" in
     --model | --checkpoint) src=("$1" "$(realpath "${2:?$1 needs a path}")"); shift ;;

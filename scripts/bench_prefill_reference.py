@@ -126,7 +126,7 @@ def main():
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--mode", choices=["padded", "generate", "both"], default="both")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--dtype", choices=["bf16", "f32"], default="bf16")

@@ -240,7 +240,7 @@ static moe_status bench_prefill(prefill_flags *f) {
 }
 
 int moe_cmd_bench_prefill(int argc, char **argv) {
-    prefill_flags f = {.mode = "packed", .prompts = 64, .min_len = 16, .max_len = 2048, .batch = 8, .warmup = 1,
+    prefill_flags f = {.mode = "packed", .prompts = 64, .min_len = 16, .max_len = 2048, .batch = 8, .warmup = 2,
                        .seed = 1};
     const moe_flag_spec specs[] = {
         MOE_SOURCE_FLAG_SPECS(f.src),
@@ -253,7 +253,8 @@ int moe_cmd_bench_prefill(int argc, char **argv) {
         {"--batch", MOE_FLAG_INT, "B", 1, 4096, NULL, "padded: prompts per forward", &f.batch},
         {"--max-tokens", MOE_FLAG_INT, "T", 0, 1 << 24, NULL, "packed: tokens per forward, 0 = batch x max-len",
          &f.max_tokens},
-        {"--warmup", MOE_FLAG_INT, "W", 0, 100, NULL, "untimed passes over all prompts first", &f.warmup},
+        {"--warmup", MOE_FLAG_INT, "W", 0, 100, NULL, "untimed passes first (the early ones pay page faults and set-up)",
+         &f.warmup},
         {0}};
     moe_args a;
     int rc = moe_cli_parse("bench prefill",
