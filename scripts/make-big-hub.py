@@ -4,6 +4,7 @@ torch), for measuring `moe convert`'s host memory on a model of several GB.
 
 usage: make-big-hub.py OUTDIR [--layers 24] [--hidden 1024] [--heads 16] [--kv-heads 8]
                        [--experts 32] [--top-k 8] [--intermediate 1024] [--vocab 32000]
+                       [--context 4096]
                        [--shard-gb 2] [--seed 0]
 
 The defaults give 2.55 B parameters, 5.1 GB in bf16. config.json is
@@ -104,7 +105,7 @@ def main():
     ap.add_argument("outdir")
     for flag, default in [("--layers", 24), ("--hidden", 1024), ("--heads", 16), ("--kv-heads", 8),
                           ("--experts", 32), ("--top-k", 8), ("--intermediate", 1024), ("--vocab", 32000),
-                          ("--seed", 0)]:
+                          ("--context", 4096), ("--seed", 0)]:
         ap.add_argument(flag, type=int, default=default)
     ap.add_argument("--shard-gb", type=float, default=2.0)
     a = ap.parse_args()
@@ -115,7 +116,8 @@ def main():
         cfg = json.load(f)
     cfg.update({"hidden_size": a.hidden, "num_attention_heads": a.heads, "num_key_value_heads": a.kv_heads,
                 "num_experts": a.experts, "num_experts_per_tok": a.top_k, "intermediate_size": a.intermediate,
-                "num_hidden_layers": a.layers, "vocab_size": a.vocab, "dtype": "bfloat16"})
+                "num_hidden_layers": a.layers, "vocab_size": a.vocab, "max_position_embeddings": a.context,
+                "dtype": "bfloat16"})
     with open(os.path.join(a.outdir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     block, offset, weight_map, total = bf16_block(a.seed), 0, {}, 0
