@@ -57,6 +57,10 @@ http() {
 post() { local what=$1 want=$2 text=$3 path=$4 body=$5; http "$what" "$want" "$text" "$url$path" -H 'Content-Type: application/json' --data-binary "$body"; }
 metric() { curl -s "$url/metrics" | awk -v n="$1" '$1 == n {print $2}'; }
 
+# bf16 compute needs cuda: refused by the config's rule, before anything listens
+"$moe" serve --model "$fixture" --dtype bf16 --port 0 > bf16.out 2> bf16.err; rc=$?
+if [ "$rc" = 2 ] && grep -q "train.dtype=bf16 needs train.device=cuda" bf16.err && ! grep -q "^listening" bf16.out
+then pass "--dtype bf16 on the cpu: refused (exit 2) naming the rule"; else fail "--dtype bf16 on the cpu (exit $rc)"; cat bf16.err; fi
 start_server hub --model "$fixture" --max-batch 4 --max-queue 32 --timeout 2 --max-tokens-in-flight 1024
 port=${url##*:}
 case "$url" in http://127.0.0.1:*) pass "binds 127.0.0.1 and prints its free port ($port)";; *) fail "listening line: $url";; esac

@@ -14,6 +14,7 @@
 #include "moe/cli/args.h"
 #include "moe/cli/cli.h"
 #include "moe/cli/commands.h"
+#include "moe/cli/source.h"
 #include "moe/hf/hf_model.h"
 #include "moe/model/weights.h"
 #include "moe/serve/http.h"
@@ -103,9 +104,9 @@ static moe_status start(server *sv, const serve_flags *f) {
     model_name(sv, f);
     int64_t ctx = sv->model.cfg.model.seq_len;
     int64_t kv = f->kv_tokens > 0 ? f->kv_tokens : (int64_t)f->max_batch * ctx;
-    moe_device dev = f->device && !strcmp(f->device, "cuda") ? MOE_CUDA : MOE_CPU;
-    moe_dtype dt = f->dtype ? (strcmp(f->dtype, "bf16") ? MOE_F32 : MOE_BF16) : dev == MOE_CUDA ? MOE_BF16 : MOE_F32;
-    if (dev == MOE_CPU && dt == MOE_BF16) return moe_error(MOE_ERR_CONFIG, "serve: --dtype bf16 needs --device cuda");
+    moe_device dev;
+    moe_dtype dt;
+    MOE_TRY(moe_source_placement(f->device, f->dtype, &dev, &dt));
     MOE_TRY(serve_engine_open(&sv->model, dev, dt, f->max_batch, kv, &sv->engine));
     serve_metrics_init(&sv->metrics);
     serve_sched_opts so = {.max_queue = f->max_queue, .prefill_tokens = f->prefill_tokens};

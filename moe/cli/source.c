@@ -10,23 +10,23 @@
 #include "moe/hf/hf_model.h"
 #include "moe/model/weights.h"
 
-/* --device / --dtype as config overrides, then where decoders run. Without --dtype a cpu
- * run computes in f32 (the CPU has no bf16 compute), a cuda one in bf16. */
-static moe_status apply_device(moe_source *src, const moe_source_flags *f) {
-    moe_config *cfg = &src->cfg;
+/* --device / --dtype (either may be NULL) as config overrides, then where decoders run.
+ * Without --dtype a cpu run computes in f32 (the CPU has no bf16 compute), a cuda one in
+ * bf16; the config's validation refuses bf16 on the cpu. */
+static moe_status apply_device(moe_config *cfg, const char *device, const char *dtype, moe_device *dev, moe_dtype *dt) {
     char set[64];
-    if (f->device) {
-        snprintf(set, sizeof set, "train.device=%s", f->device);
+    if (device) {
+        snprintf(set, sizeof set, "train.device=%s", device);
         MOE_TRY(moe_config_set(cfg, set));
     }
-    if (f->dtype) {
-        snprintf(set, sizeof set, "train.dtype=%s", f->dtype);
+    if (dtype) {
+        snprintf(set, sizeof set, "train.dtype=%s", dtype);
         MOE_TRY(moe_config_set(cfg, set));
     } else {
         cfg->train.dtype = cfg->train.device == MOE_CFG_DEVICE_CPU ? MOE_CFG_DTYPE_F32 : MOE_CFG_DTYPE_BF16;
     }
-    src->dev = cfg->train.device == MOE_CFG_DEVICE_CUDA ? MOE_CUDA : MOE_CPU;
-    src->dtype = cfg->train.dtype == MOE_CFG_DTYPE_BF16 ? MOE_BF16 : MOE_F32;
+    *dev = cfg->train.device == MOE_CFG_DEVICE_CUDA ? MOE_CUDA : MOE_CPU;
+    *dt = cfg->train.dtype == MOE_CFG_DTYPE_BF16 ? MOE_BF16 : MOE_F32;
     return MOE_OK;
 }
 
@@ -46,7 +46,7 @@ static moe_status checkpoint_config(moe_source *src, const moe_source_flags *f) 
     moe_status s = moe_config_load_text(&src->cfg, text, f->checkpoint);
     free(text);
     MOE_TRY(s);
-    MOE_TRY(apply_device(src, f));
+    MOE_TRY(apply_device(&src->cfg, f->device, f->dtype, &src->dev, &src->dtype));
     MOE_TRY(moe_cli_apply_sets(&src->cfg, &f->sets));
     return moe_config_validate(&src->cfg);
 }
@@ -157,7 +157,7 @@ static moe_status open_hub(moe_source *src, const moe_source_flags *f, unsigned 
     for (int i = 0; i < info.n_eos && src->n_eos < SERVE_MAX_EOS; i++) src->eos[src->n_eos++] = info.eos_ids[i];
     hub_sampling(src, &info);
     src->cfg.train.device = MOE_CFG_DEVICE_CPU; /* the flags' default */
-    MOE_TRY(apply_device(src, f));
+    MOE_TRY(apply_device(&src->cfg, f->device, f->dtype, &src->dev, &src->dtype));
     MOE_TRY(hub_sets(src, f));
     if (src->has_model) src->model.cfg = host_config(&src->cfg);
     if (parts & (MOE_SOURCE_TEXT | MOE_SOURCE_TEXT_IF_ANY)) MOE_TRY(hub_text(src, parts));
@@ -186,6 +186,14 @@ void moe_source_close(moe_source *src) {
     if (src->has_text) serve_text_close(&src->text);
     if (src->has_model) moe_model_free(&src->model);
     src->has_text = src->has_model = false;
+}
+
+moe_status moe_source_placement(const char *device, const char *dtype, moe_device *dev, moe_dtype *dt) {
+    moe_config c;
+    MOE_TRY(moe_config_defaults(&c));
+    c.train.device = MOE_CFG_DEVICE_CPU;
+    MOE_TRY(apply_device(&c, device, dtype, dev, dt));
+    return moe_config_validate(&c);
 }
 
 moe_status moe_source_decoder_open(moe_source *src, moe_decoder **out) {

@@ -64,6 +64,9 @@ typedef struct moe_source {
 /* Opens `parts` of the source the flags name (exactly one of --model, --checkpoint). */
 moe_status moe_source_open(moe_source *src, const moe_source_flags *f, unsigned parts);
 void moe_source_close(moe_source *src);
+/* Where a decoder runs for --device / --dtype (either may be NULL) without a source: the
+ * defaults and checks of moe_source_open with the cpu as the default device. */
+moe_status moe_source_placement(const char *device, const char *dtype, moe_device *dev, moe_dtype *dt);
 /* A decoder over the source's model on src->dev in src->dtype. */
 moe_status moe_source_decoder_open(moe_source *src, moe_decoder **out);
 

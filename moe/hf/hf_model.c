@@ -330,7 +330,6 @@ moe_status moe_hf_reader_open(const char *dir, moe_hf_reader **out) {
 }
 
 const moe_config *moe_hf_reader_config(const moe_hf_reader *r) { return &r->cfg; }
-const moe_hf_info *moe_hf_reader_info(const moe_hf_reader *r) { return &r->info; }
 
 int64_t moe_hf_reader_bytes(const moe_hf_reader *r) {
     int64_t n = 0;

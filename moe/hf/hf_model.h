@@ -24,7 +24,6 @@ moe_status moe_hf_load(const char *dir, moe_model *m, moe_hf_info *info);
 typedef struct moe_hf_reader moe_hf_reader;
 moe_status moe_hf_reader_open(const char *dir, moe_hf_reader **out);
 const moe_config *moe_hf_reader_config(const moe_hf_reader *r);
-const moe_hf_info *moe_hf_reader_info(const moe_hf_reader *r);
 /* The bytes of its safetensors files (the model's size on disk). */
 int64_t moe_hf_reader_bytes(const moe_hf_reader *r);
 moe_status moe_hf_reader_load_top(moe_hf_reader *r, moe_model *m);
