@@ -11,7 +11,7 @@
 #include "core/tensor.h"
 
 #define MOE_NODE_MAX_INPUTS 6
-#define MOE_NODE_MAX_SAVED 4
+#define MOE_NODE_MAX_SAVED 5
 #define MOE_NODE_ATTR_BYTES 128
 
 typedef struct moe_node {

@@ -107,6 +107,7 @@ extern const moe_op_info moe_op_table[MOE_OP_COUNT];
     X(GROUPED_MATMUL, grouped_matmul)      /* per-expert row groups, attrs: offsets, transposes */     \
     X(INDEX_SELECT, index_select)        /* out row i <- in[0] row in[1][i] (rows of [N, ...]) */     \
     X(INDEX_ADD, index_add)           /* out[in[1][i]] += in[0][i] (rows, in place on out) */     \
+    X(INDEX_COPY, index_copy)          /* out[in[1][i]] = in[0][i] (rows, in place on out, distinct rows) */ \
     X(GATHER, gather)              /* out[r, j] <- in[0][r, in[1][r, j]], last axis */         \
     X(COMBINE, combine)           /* out [T, d] <- sum_j in[1][t, j] * in[0][in[2][t, j]] (-1: none; in[1] NULL: 1) */ \
     X(COMBINE_BWD, combine_bwd)       /* in: g, y, w, src; out = gy (src a bijection onto y's rows), out2 = gw */ \
@@ -116,9 +117,9 @@ extern const moe_op_info moe_op_table[MOE_OP_COUNT];
     X(BINCOUNT, bincount)            /* out [nbins] I32 <- counts of in[0]; attrs moe_int_attrs */ \
     X(CUMSUM, cumsum)              /* out I32 <- (exclusive) prefix sums of in[0] */           \
     X(DROPOUT, dropout)             /* out <- x * mask / (1-p), keep i iff philox_uniform(counter + i, seed) >= p */ \
-    X(ROPE, rope)                /* attrs: pos0, theta, inverse (for the backward) */       \
-    X(ATTENTION, attention)           /* out, out2 = logsumexp [B, H, Tq] F32 (F64 for F64) */    \
-    X(ATTENTION_BWD, attention_bwd)       /* in: q k v o g lse; out=dq; attrs hold dk, dv; all written fully */ \
+    X(ROPE, rope)                /* in[1] = positions [T] I32 or NULL (pos0 + t); attrs: pos0, theta, inverse */ \
+    X(ATTENTION, attention)           /* out, out2 = logsumexp [B, H, Tq] F32 (F64 for F64); attrs.seg */ \
+    X(ATTENTION_BWD, attention_bwd)       /* in: q k v o g lse; out=dq; attrs hold dk, dv, seg; all written fully */ \
     X(CROSS_ENTROPY, cross_entropy)       /* in: h w targets; out = per-row loss [T], out2 = lse [T], F32 (F64 for F64) */ \
     X(CROSS_ENTROPY_BWD, cross_entropy_bwd)   /* in: h w targets lse g(0-d); out = dh, out2 = dw, written fully, either NULL */ \
     X(ADAMW, adamw)               /* in place: out=param, out2=m, in[0]=grad, in[1]=v */      \
@@ -191,7 +192,39 @@ typedef struct { int k; } moe_topk_attrs;
 typedef struct { int64_t nbins; bool exclusive; } moe_int_attrs;
 typedef struct { double p; uint64_t seed, counter; } moe_dropout_attrs;
 typedef struct { int64_t pos0; double theta; bool inverse; } moe_rope_attrs;
-typedef struct { bool causal; float scale; moe_tensor *dk, *dv; } moe_attention_attrs;
+/* Attention segments: with seg NULL, segment s is batch s (B segments of Tq queries and Tk
+ * keys); with seg = an I32 [2, n_seg + 1] table on the op's device (query offsets, then key
+ * offsets, ascending from 0 to Tq and Tk), segment s is queries [q_off[s], q_off[s + 1]) and
+ * keys [k_off[s], k_off[s + 1]) of batch 0. max_q, max_k: the longest segment (grid sizes). */
+typedef struct {
+    bool causal;
+    float scale;
+    int64_t n_seg, max_q, max_k;
+    const moe_tensor *seg; /* the segment table or NULL (uniform batches) */
+    moe_tensor *dk, *dv;
+} moe_attention_attrs;
+
+#ifdef __CUDACC__
+#define MOE_HOST_DEVICE __host__ __device__
+#else
+#define MOE_HOST_DEVICE
+#endif
+/* One attention segment: batch b, queries [q0, q0 + nq), keys [k0, k0 + nk). */
+typedef struct { int64_t b, q0, nq, k0, nk; } moe_att_seg;
+/* Segment s of a call with Tq queries and Tk keys per batch; seg = the table's data or NULL. */
+static inline MOE_HOST_DEVICE moe_att_seg moe_att_seg_at(const int32_t *seg, int64_t n_seg, int64_t s, int64_t Tq,
+                                                         int64_t Tk) {
+    moe_att_seg r = {s, 0, Tq, 0, Tk};
+    if (seg) {
+        const int32_t *ko = seg + n_seg + 1;
+        r.b = 0;
+        r.q0 = seg[s];
+        r.nq = seg[s + 1] - seg[s];
+        r.k0 = ko[s];
+        r.nk = ko[s + 1] - ko[s];
+    }
+    return r;
+}
 typedef struct { int64_t block; float inv_count; } moe_ce_attrs;
 /* Optimizer kernels (core/fused.c launches them; all tensors contiguous, same shape and
  * dtype, F32 master weights; arithmetic in the param dtype), per element i:

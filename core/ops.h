@@ -76,6 +76,13 @@ moe_tensor *moe_dispatch(moe_tensor *x, moe_tensor *tok, moe_tensor *src);
  * once) -> [T, d] with row t = sum over j (in order) of w[t, j] * y[src[t, j]]. */
 moe_tensor *moe_combine(moe_tensor *y, moe_tensor *w, moe_tensor *src);
 moe_tensor *moe_index_add(moe_tensor *x, moe_tensor *idx, moe_tensor *src); /* x + rows of src added at idx */
+/* In place, not recorded (like moe_tensor_copy_): dst[idx[i]] = src[i] for the rows of
+ * dst [M, ...] (contiguous), idx [N] I32 on dst's device naming distinct rows in [0, M),
+ * src [N, ...] of the same trailing shape and dtype (any strides). A host idx is checked
+ * (range and duplicates: MOE_ERR_INVALID, dst untouched); a device idx is range-checked on
+ * the device (the bad row skipped, the fault reported at the next synchronisation) and
+ * its distinctness is the caller's to guarantee. */
+moe_status moe_index_copy_(moe_tensor *dst, moe_tensor *idx, moe_tensor *src);
 moe_tensor *moe_gather(moe_tensor *x, moe_tensor *idx);            /* last axis */
 moe_tensor *moe_scatter_add(moe_tensor *x, moe_tensor *idx, moe_tensor *src); /* last axis */
 /* Largest k along the last axis, sorted descending; indices (I32) into *indices. */
@@ -90,10 +97,21 @@ moe_tensor *moe_cumsum(moe_tensor *x, bool exclusive);  /* 1-D I32 */
 moe_tensor *moe_dropout(moe_tensor *x, double p, uint64_t seed, uint64_t counter);
 /* Rotary embedding on x [B, T, H, hd] (HF rotate-half form); positions pos0 + t. */
 moe_tensor *moe_rope(moe_tensor *x, int64_t pos0, double theta);
+/* The same rotation at given positions: pos [T] I32 on x's device, token t of every batch
+ * row at position pos[t] (>= 0; the CPU kernel refuses a negative one). */
+moe_tensor *moe_rope_at(moe_tensor *x, moe_tensor *pos, double theta);
 /* Multi-head attention, q [B, Tq, H, hd], k/v [B, Tk, Hkv, hd] (H % Hkv == 0: grouped-query).
  * Causal: query i sits at absolute position Tk - Tq + i (so a decode step with a KV cache
  * sees every cached key). Never materialises the [Tq, Tk] score matrix in memory. */
 moe_tensor *moe_attention(moe_tensor *q, moe_tensor *k, moe_tensor *v, bool causal);
+/* Block-diagonal (variable-length) attention over packed sequences: q [1, Tq, H, hd],
+ * k/v [1, Tk, Hkv, hd]; q_off, k_off host arrays of n_seg + 1 ascending offsets from 0 to
+ * Tq and Tk. Segment s: queries [q_off[s], q_off[s+1]) see only keys [k_off[s], k_off[s+1]),
+ * exactly as moe_attention on that segment alone (causal: query i of the segment sits at
+ * key position klen - qlen + i, so qlen <= klen). A segment with no queries does nothing;
+ * one with queries needs keys. Same kernels (and speed per segment) as moe_attention. */
+moe_tensor *moe_attention_varlen(moe_tensor *q, moe_tensor *k, moe_tensor *v, const int64_t *q_off,
+                                 const int64_t *k_off, int n_seg, bool causal);
 /* Mean over rows of -log softmax(h @ w^T)[target], computed block by block over the
  * vocabulary without materialising [T, V] logits. h [T, d], w [V, d], targets [T] I32;
  * target -1 is ignored (all ignored: loss 0); any other target outside [0, V) is

@@ -1,4 +1,4 @@
-/* Index ops: embedding lookup, row select / row add, last-axis gather / scatter-add,
+/* Index ops: embedding lookup, row select / row add / in-place row copy, last-axis gather / scatter-add,
  * top-k, and the integer routing helpers argsort, bincount, cumsum.
  *
  * Index tensors are I32. Kernels take contiguous operands (core/cpu/index_cpu.c), so the
@@ -119,6 +119,48 @@ void moe_backward_index_add(moe_node *n) {
     moe_tensor *g = n->out->grad;
     if (n->in[2]->requires_grad) moe_grad_give(n->in[2], moe_index_select(g, n->in[1]));
     moe_grad_give(n->in[0], g); /* g itself: its one other use was just above */
+}
+
+/* ---- index_copy_: dst[idx[i]] = src[i], in place, not recorded ---- */
+
+/* A host idx [N] names distinct rows of [0, m): MOE_ERR_INVALID naming the first fault. */
+static moe_status index_copy_check_host(const moe_tensor *idx, int64_t m) {
+    const int32_t *pi = (const int32_t *)idx->data;
+    unsigned char *seen = moe_step_host_alloc((size_t)m + 1);
+    if (!seen) return moe_last_status();
+    for (int64_t i = 0; i < idx->shape[0]; i++) {
+        if (pi[i] < 0 || pi[i] >= m)
+            return moe_error(MOE_ERR_INVALID, "index_copy_: index %d at position %lld is out of range [0, %lld)",
+                             (int)pi[i], (long long)i, (long long)m);
+        if (seen[pi[i]]++)
+            return moe_error(MOE_ERR_INVALID, "index_copy_: row %d is named twice (again at position %lld)",
+                             (int)pi[i], (long long)i);
+    }
+    return MOE_OK;
+}
+
+moe_status moe_index_copy_(moe_tensor *dst, moe_tensor *idx, moe_tensor *src) {
+    if (!dst || !idx || !src) return moe_last_status() != MOE_OK ? moe_last_status()
+                                                                 : moe_error(MOE_ERR_INVALID, "index_copy_: a NULL operand");
+    bool ok = dst->ndim >= 1 && idx->ndim == 1 && idx->dtype == MOE_I32 && src->ndim == dst->ndim &&
+              src->shape[0] == idx->shape[0] && src->dtype == dst->dtype && src->device == dst->device &&
+              (idx->device == dst->device || idx->device == MOE_CPU) && moe_tensor_is_contiguous(dst);
+    for (int d = 1; ok && d < dst->ndim; d++) ok = src->shape[d] == dst->shape[d];
+    if (!moe_check(ok, "index_copy_",
+                   "expects dst [M, ...] contiguous, idx [N] i32 (on the CPU or dst's device), src [N, ...] with "
+                   "dst's row shape, dtype and device; got %s, %s, %s",
+                   D(dst), D(idx), D(src)))
+        return MOE_ERR_INVALID;
+    const moe_tensor *ic = op_contiguous_nograd(idx);
+    if (!ic) return moe_last_status();
+    if (ic->device == MOE_CPU) {
+        MOE_TRY(index_copy_check_host(ic, dst->shape[0]));
+        if (dst->device != MOE_CPU && !(ic = moe_tensor_to(ic, dst->device, MOE_LIFE_STEP))) return moe_last_status();
+    }
+    const moe_tensor *sc = op_contiguous_nograd(src);
+    if (!sc) return moe_last_status();
+    moe_kernel_args args = {.out = dst, .in = {sc, ic}};
+    return moe_kernel_run(MOE_K_INDEX_COPY, &args);
 }
 
 /* ---- dispatch: the rows of x by assignment; the backward sums them back through src ---- */

@@ -5,8 +5,9 @@
 
 #include "core/op_internal.h"
 
-/* Runs kernel k (with attrs) on the output grad into a fresh x-shaped grad and hands it
- * to the single input: the backward of the elementwise-linear ops dropout and rope. */
+/* Runs kernel k (with attrs, and saved[0] as its second input: rope's positions) on the
+ * output grad into a fresh x-shaped grad and hands it to the single input: the backward
+ * of the elementwise-linear ops dropout and rope. */
 static void give_kernel_of_grad(moe_node *n, moe_kernel_id k, const void *attrs) {
     moe_tensor *x = n->in[0];
     moe_tensor *gx = op_new(x, x->dtype, x->ndim, x->shape);
@@ -14,7 +15,7 @@ static void give_kernel_of_grad(moe_node *n, moe_kernel_id k, const void *attrs)
         moe_grad_give(x, NULL);
         return;
     }
-    BWD_RUN(k, .out = gx, .in = {n->out->grad}, .attrs = attrs);
+    BWD_RUN(k, .out = gx, .in = {n->out->grad, n->saved[0]}, .attrs = attrs);
     moe_grad_give(x, gx);
 }
 
@@ -40,21 +41,40 @@ moe_tensor *moe_dropout(moe_tensor *x, double p, uint64_t seed, uint64_t counter
 void moe_backward_dropout(moe_node *n) { give_kernel_of_grad(n, MOE_K_DROPOUT, n->attrs); }
 
 /* ---- rotary embedding ---- */
-moe_tensor *moe_rope(moe_tensor *x, int64_t pos0, double theta) {
-    OP_NEED(x);
-    if (!need_float(x, "rope")) return NULL;
-    if (!moe_check(x->ndim == 4 && x->shape[3] >= 2 && x->shape[3] % 2 == 0, "rope",
+
+/* The shared body of moe_rope and moe_rope_at: pos NULL means positions pos0 + t. */
+static moe_tensor *rope_record(moe_tensor *x, moe_tensor *pos, int64_t pos0, double theta, const char *op) {
+    if (!need_float(x, op)) return NULL;
+    if (!moe_check(x->ndim == 4 && x->shape[3] >= 2 && x->shape[3] % 2 == 0, op,
                    "expects x [B, T, H, hd] with an even head dim, got %s", D(x)))
         return NULL;
-    if (!moe_check(theta > 0, "rope", "theta = %g must be positive", theta)) return NULL;
-    moe_tensor *o = op_new(x, x->dtype, 4, x->shape);
+    if (!moe_check(theta > 0, op, "theta = %g must be positive", theta)) return NULL;
+    if (pos && !moe_check(pos->dtype == MOE_I32 && pos->ndim == 1 && pos->shape[0] == x->shape[1] &&
+                              pos->device == x->device,
+                          op, "positions must be [%lld] i32 on the device of x %s, got %s", (long long)x->shape[1],
+                          D(x), D(pos)))
+        return NULL;
+    moe_tensor *pc = pos ? op_contiguous_nograd(pos) : NULL;
+    moe_tensor *o = !pos || pc ? op_new(x, x->dtype, 4, x->shape) : NULL;
     if (!o) return NULL;
     moe_rope_attrs at = {.pos0 = pos0, .theta = theta, .inverse = false};
-    OP_RUN(MOE_K_ROPE, .out = o, .in = {x}, .attrs = &at);
-    moe_autograd_record(MOE_OP_ROPE, o, 1, &x, &at, sizeof at);
+    OP_RUN(MOE_K_ROPE, .out = o, .in = {x, pc}, .attrs = &at);
+    moe_node *node = moe_autograd_record(MOE_OP_ROPE, o, 1, &x, &at, sizeof at);
+    if (node) node->saved[0] = pc;
     return o;
 }
 
+moe_tensor *moe_rope(moe_tensor *x, int64_t pos0, double theta) {
+    OP_NEED(x);
+    return rope_record(x, NULL, pos0, theta, "rope");
+}
+
+moe_tensor *moe_rope_at(moe_tensor *x, moe_tensor *pos, double theta) {
+    OP_NEED(x, pos);
+    return rope_record(x, pos, 0, theta, "rope_at");
+}
+
+/* The inverse rotation at the same positions (saved[0], or pos0 + t). */
 void moe_backward_rope(moe_node *n) {
     moe_rope_attrs at = *(const moe_rope_attrs *)n->attrs;
     at.inverse = true;
@@ -70,28 +90,30 @@ static moe_tensor *unit_last_stride(moe_tensor *x) {
     return op_contiguous_nograd(x);
 }
 
-moe_tensor *moe_attention(moe_tensor *q, moe_tensor *k, moe_tensor *v, bool causal) {
-    OP_NEED(q, k, v);
+/* q, k, v same device and float dtype, [B, Tq, H, hd] and [B, Tk, Hkv, hd], H % Hkv == 0. */
+static bool attention_shapes_ok(moe_tensor *q, moe_tensor *k, moe_tensor *v, const char *op) {
     moe_tensor *qkv[3] = {q, k, v};
-    if (!op_check_same("attention", 3, qkv, true) || !need_float(q, "attention")) return NULL;
-    if (!moe_check(q->ndim == 4 && k->ndim == 4 && moe_tensor_same_shape(k, v) && k->shape[0] == q->shape[0] &&
-                       k->shape[3] == q->shape[3] && q->shape[3] > 0 && k->shape[2] > 0 &&
-                       q->shape[2] % k->shape[2] == 0,
-                   "attention",
-                   "expects q [B, Tq, H, hd] and k, v [B, Tk, Hkv, hd] with H %% Hkv == 0, got q %s, k %s, v %s",
-                   D(q), D(k), D(v)))
-        return NULL;
-    const int64_t Tq = q->shape[1], Tk = k->shape[1];
-    if (!moe_check(Tk > 0 && (!causal || Tq <= Tk), "attention",
-                   "needs at least one key and, when causal, Tq <= Tk; got q %s, k %s", D(q), D(k)))
-        return NULL;
+    if (!op_check_same(op, 3, qkv, true) || !need_float(q, op)) return false;
+    return moe_check(q->ndim == 4 && k->ndim == 4 && moe_tensor_same_shape(k, v) && k->shape[0] == q->shape[0] &&
+                         k->shape[3] == q->shape[3] && q->shape[3] > 0 && k->shape[2] > 0 &&
+                         q->shape[2] % k->shape[2] == 0,
+                     op, "expects q [B, Tq, H, hd] and k, v [B, Tk, Hkv, hd] with H %% Hkv == 0, got q %s, k %s, v %s",
+                     D(q), D(k), D(v));
+}
+
+/* The shared body of moe_attention and moe_attention_varlen, shapes checked; at carries
+ * causal, the segments (seg NULL: the B batches) and their longest lengths. */
+static moe_tensor *attention_record(moe_tensor *q, moe_tensor *k, moe_tensor *v, moe_tensor *seg,
+                                    moe_attention_attrs at) {
+    moe_tensor *qkv[3] = {q, k, v};
     moe_tensor *qc = unit_last_stride(q), *kc = unit_last_stride(k), *vc = unit_last_stride(v);
     if (!qc || !kc || !vc) return NULL;
     moe_tensor *o = op_new(q, q->dtype, 4, q->shape);
     moe_tensor *lse = op_new(q, q->dtype == MOE_F64 ? MOE_F64 : MOE_F32, 3,
-                             (int64_t[]){q->shape[0], q->shape[2], Tq});
+                             (int64_t[]){q->shape[0], q->shape[2], q->shape[1]});
     if (!o || !lse) return NULL;
-    moe_attention_attrs at = {.causal = causal, .scale = (float)(1.0 / sqrt((double)q->shape[3]))};
+    at.scale = (float)(1.0 / sqrt((double)q->shape[3]));
+    at.seg = seg;
     OP_RUN(MOE_K_ATTENTION, .out = o, .out2 = lse, .in = {qc, kc, vc}, .attrs = &at);
     moe_node *node = moe_autograd_record(MOE_OP_ATTENTION, o, 3, qkv, &at, sizeof at);
     if (node) {
@@ -99,8 +121,63 @@ moe_tensor *moe_attention(moe_tensor *q, moe_tensor *k, moe_tensor *v, bool caus
         node->saved[1] = qc;
         node->saved[2] = kc;
         node->saved[3] = vc;
+        node->saved[4] = seg;
     }
     return o;
+}
+
+moe_tensor *moe_attention(moe_tensor *q, moe_tensor *k, moe_tensor *v, bool causal) {
+    OP_NEED(q, k, v);
+    if (!attention_shapes_ok(q, k, v, "attention")) return NULL;
+    const int64_t Tq = q->shape[1], Tk = k->shape[1];
+    if (!moe_check(Tk > 0 && (!causal || Tq <= Tk), "attention",
+                   "needs at least one key and, when causal, Tq <= Tk; got q %s, k %s", D(q), D(k)))
+        return NULL;
+    moe_attention_attrs at = {.causal = causal, .n_seg = q->shape[0], .max_q = Tq, .max_k = Tk};
+    return attention_record(q, k, v, NULL, at);
+}
+
+/* Checks the offsets of moe_attention_varlen (recording the first fault) and finds the
+ * longest query and key segments. */
+static bool varlen_offsets_ok(const int64_t *q_off, const int64_t *k_off, int n_seg, int64_t Tq, int64_t Tk,
+                              bool causal, int64_t *max_q, int64_t *max_k) {
+    const char *op = "attention_varlen";
+    if (!moe_check(n_seg > 0 && q_off && k_off && q_off[0] == 0 && k_off[0] == 0 && q_off[n_seg] == Tq &&
+                       k_off[n_seg] == Tk && Tq < INT32_MAX && Tk < INT32_MAX,
+                   op, "offsets of %d segments must run from 0 to Tq = %lld and Tk = %lld", n_seg, (long long)Tq,
+                   (long long)Tk))
+        return false;
+    *max_q = *max_k = 0;
+    for (int s = 0; s < n_seg; s++) {
+        const int64_t nq = q_off[s + 1] - q_off[s], nk = k_off[s + 1] - k_off[s];
+        if (!moe_check(nq >= 0 && nk >= 0, op, "offsets must ascend: segment %d has %lld queries and %lld keys", s,
+                       (long long)nq, (long long)nk) ||
+            !moe_check(nq == 0 || nk > 0, op, "segment %d has %lld queries and no keys", s, (long long)nq) ||
+            !moe_check(!causal || nq <= nk, op, "causal segment %d has more queries (%lld) than keys (%lld)", s,
+                       (long long)nq, (long long)nk))
+            return false;
+        *max_q = nq > *max_q ? nq : *max_q;
+        *max_k = nk > *max_k ? nk : *max_k;
+    }
+    return true;
+}
+
+moe_tensor *moe_attention_varlen(moe_tensor *q, moe_tensor *k, moe_tensor *v, const int64_t *q_off,
+                                 const int64_t *k_off, int n_seg, bool causal) {
+    OP_NEED(q, k, v);
+    if (!attention_shapes_ok(q, k, v, "attention_varlen")) return NULL;
+    if (!moe_check(q->shape[0] == 1, "attention_varlen", "expects packed q [1, Tq, H, hd], got %s", D(q))) return NULL;
+    moe_attention_attrs at = {.causal = causal, .n_seg = n_seg};
+    if (!varlen_offsets_ok(q_off, k_off, n_seg, q->shape[1], k->shape[1], causal, &at.max_q, &at.max_k)) return NULL;
+    int32_t *table = moe_step_host_alloc(sizeof(int32_t) * 2 * (size_t)(n_seg + 1));
+    if (!table) return NULL;
+    for (int s = 0; s <= n_seg; s++) {
+        table[s] = (int32_t)q_off[s];
+        table[n_seg + 1 + s] = (int32_t)k_off[s];
+    }
+    moe_tensor *seg = moe_tensor_from_host(MOE_LIFE_STEP, q->device, MOE_I32, 2, (int64_t[]){2, n_seg + 1}, table);
+    if (!seg) return NULL;
+    return attention_record(q, k, v, seg, at);
 }
 
 void moe_backward_attention(moe_node *n) {
@@ -112,6 +189,7 @@ void moe_backward_attention(moe_node *n) {
         return;
     }
     moe_attention_attrs at = *(const moe_attention_attrs *)n->attrs;
+    at.seg = n->saved[4];
     at.dk = dk;
     at.dv = dv;
     BWD_RUN(MOE_K_ATTENTION_BWD, .out = dq,

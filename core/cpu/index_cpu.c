@@ -1,4 +1,4 @@
-/* CPU kernels of the index family: row select / row add, the fused MoE combine
+/* CPU kernels of the index family: row select / row add / row copy, the fused MoE combine
  * (combine: weighted sum of each token's expert rows, and its backward), last-axis
  * gather / scatter-add, top-k, stable argsort, bincount, cumsum.
  *
@@ -88,6 +88,23 @@ _Pragma("omp parallel for schedule(static) if (m * r > 32768)")
                 for (int64_t c = c0; c < c1; c++) dst[c] += s[c];
             }
         })
+    return MOE_OK;
+}
+
+/* INDEX_COPY, in place: out [N, ...] (N rows of R elements), in[0] = src with M * R
+ * elements, in[1] = idx with M elements naming distinct rows: out row idx[i] = src row i.
+ * Any dtype (rows are copied as bytes). */
+moe_status moe_cpu_index_copy(const moe_kernel_args *a) {
+    moe_tensor *o = a->out;
+    const moe_tensor *src = a->in[0], *idx = a->in[1];
+    int64_t n = o->ndim ? o->shape[0] : 1, r = row_width(o), m = moe_tensor_numel(idx);
+    const int32_t *pi = (const int32_t *)idx->data;
+    MOE_TRY(check_indices("index_copy", "index", pi, m, n));
+    size_t row_bytes = (size_t)r * moe_dtype_size(o->dtype);
+    const char *ps = (const char *)src->data;
+    char *po = (char *)o->data;
+#pragma omp parallel for schedule(static) if (m * r > 32768)
+    for (int64_t i = 0; i < m; i++) memcpy(po + (size_t)pi[i] * row_bytes, ps + (size_t)i * row_bytes, row_bytes);
     return MOE_OK;
 }
 

@@ -114,9 +114,11 @@ static moe_status rope_table_cover(double theta, int64_t hd, int64_t n_pos) {
     return MOE_OK;
 }
 
-/* ROPE: in[0] = x [B, T, H, hd] (any strides, hd even), out = y [B, T, H, hd] contiguous;
- * attrs moe_rope_attrs {pos0, theta, inverse}. HF-Llama rotate-half form: for pair
- * i < hd/2, angle = (pos0 + t) * theta^(-2i/hd) computed in double, a = inverse ? -angle : angle,
+/* ROPE: in[0] = x [B, T, H, hd] (any strides, hd even), in[1] = positions [T] I32
+ * contiguous or NULL, out = y [B, T, H, hd] contiguous; attrs moe_rope_attrs {pos0, theta,
+ * inverse}. Token t sits at p = in[1][t] (>= 0), or pos0 + t without positions. HF-Llama
+ * rotate-half form: for pair i < hd/2, angle = p * theta^(-2i/hd) computed in double,
+ * a = inverse ? -angle : angle,
  *   y[i]        = x[i] cos a - x[i + hd/2] sin a
  *   y[i + hd/2] = x[i + hd/2] cos a + x[i] sin a
  * The rotation is orthogonal, so the backward is this kernel with inverse = true. */
@@ -135,14 +137,26 @@ moe_status moe_cpu_rope(const moe_kernel_args *a) {
     const moe_tensor *x = a->in[0];
     const int64_t B = x->shape[0], Tn = x->shape[1], H = x->shape[2], hd = x->shape[3], half = hd / 2;
     const int64_t *xs = x->strides;
-    MOE_TRY(rope_table_cover(at->theta, hd, at->pos0 + Tn));
+    const int32_t *pos = a->in[1] ? (const int32_t *)a->in[1]->data : NULL;
+    int64_t n_pos = at->pos0 + Tn;
+    if (pos) {
+        int64_t lo = 0, hi = -1;
+        for (int64_t t = 0; t < Tn; t++) {
+            lo = pos[t] < lo ? pos[t] : lo;
+            hi = pos[t] > hi ? pos[t] : hi;
+        }
+        if (lo < 0) return moe_error(MOE_ERR_INVALID, "rope: position %lld is negative", (long long)lo);
+        n_pos = hi + 1;
+    }
+    MOE_TRY(rope_table_cover(at->theta, hd, n_pos));
     CPU_FLOAT_DISPATCH(x->dtype, "rope",
         const T *px = (const T *)x->data;
         T *py = (T *)a->out->data;
 _Pragma("omp parallel for schedule(static) if (B * Tn * H * hd > 16384)")
         for (int64_t t = 0; t < Tn; t++) {
             T cs[half], sn[half];
-            const double *tc = rope_table.cos + (at->pos0 + t) * half, *ts = rope_table.sin + (at->pos0 + t) * half;
+            const int64_t p = pos ? pos[t] : at->pos0 + t;
+            const double *tc = rope_table.cos + p * half, *ts = rope_table.sin + p * half;
             for (int64_t i = 0; i < half; i++) {
                 cs[i] = (T)tc[i];
                 sn[i] = (T)(at->inverse ? -ts[i] : ts[i]);
@@ -187,22 +201,37 @@ static inline int64_t attn_visible(bool causal, int64_t shift, int64_t q0, int64
     return causal ? nn_min(nk, shift + q0 + i + 1 - k0) : nk;
 }
 
+/* The segments of an attention call (moe_attention_attrs): their count, the longest query
+ * run, and the table's data (NULL: segment b is batch b). */
+typedef struct {
+    const int32_t *seg;
+    int64_t n, max_q;
+} attn_segs;
+static attn_segs attn_segs_of(const moe_attention_attrs *at, const moe_tensor *q) {
+    if (!at->seg) return (attn_segs){NULL, q->shape[0], q->shape[1]};
+    return (attn_segs){(const int32_t *)at->seg->data, at->n_seg, at->max_q};
+}
+
 /* ATTENTION: in[0] = q [B, Tq, H, hd], in[1] = k, in[2] = v [B, Tk, Hkv, hd] (any strides
  * with last stride 1; H % Hkv == 0), out = o [B, Tq, H, hd], out2 = lse [B, H, Tq]
- * contiguous in the dtype of q; attrs moe_attention_attrs {causal, scale} (dk, dv unused).
- * Head h reads kv head h / (H / Hkv). s_ij = scale * q_i . k_j; with causal, query i
- * sees keys j <= Tk - Tq + i (the front-end guarantees Tq <= Tk, so every row sees key 0).
+ * contiguous in the dtype of q; attrs moe_attention_attrs {causal, scale, segments} (dk, dv
+ * unused). Each segment (moe_att_seg_at: a batch, or a block of a packed row) is attended
+ * alone: with nq queries and nk keys, head h reads kv head h / (H / Hkv),
+ * s_ij = scale * q_i . k_j, and with causal query i sees keys j <= nk - nq + i (the
+ * front-end guarantees nq <= nk, so every row sees key 0; a segment with queries has keys).
  * o_i = sum_j softmax_j(s_ij) v_j and lse_i = logsumexp_j s_ij, both by an online softmax
  * over key blocks of ATTN_BK (running max m, running sum l, accumulator rescaled by
- * exp(m_old - m_new)), accumulated in T. Tasks = (b, h, query block of ATTN_BQ); per key
- * block the scores S = scale Q K^T and the update acc += P V are two block products
- * (cpu_gemm), the softmax in between runs row by row over the visible keys. */
+ * exp(m_old - m_new)), accumulated in T. Tasks = (segment, h, query block of ATTN_BQ),
+ * blocks past a segment's queries idle; per key block the scores S = scale Q K^T and the
+ * update acc += P V are two block products (cpu_gemm), the softmax in between runs row by
+ * row over the visible keys. */
 moe_status moe_cpu_attention(const moe_kernel_args *a) {
     const moe_attention_attrs *at = a->attrs;
     const moe_tensor *q = a->in[0], *k = a->in[1], *v = a->in[2], *o = a->out;
-    const int64_t B = q->shape[0], Tq = q->shape[1], H = q->shape[2], hd = q->shape[3];
-    const int64_t Tk = k->shape[1], group = H / k->shape[2], shift = Tk - Tq;
-    const int64_t nqb = (Tq + ATTN_BQ - 1) / ATTN_BQ;
+    const int64_t Tq = q->shape[1], H = q->shape[2], hd = q->shape[3];
+    const int64_t Tk = k->shape[1], group = H / k->shape[2];
+    const attn_segs sgs = attn_segs_of(at, q);
+    const int64_t nqb = (sgs.max_q + ATTN_BQ - 1) / ATTN_BQ;
     const size_t per_thread = (size_t)(ATTN_BQ * hd + ATTN_BQ * ATTN_BK + 2 * ATTN_BQ);
     bool ok = true;
     CPU_FLOAT_DISPATCH(q->dtype, "attention",
@@ -212,21 +241,25 @@ moe_status moe_cpu_attention(const moe_kernel_args *a) {
         T *po = (T *)o->data, *plse = (T *)a->out2->data;
         const T scale = (T)at->scale;
 _Pragma("omp parallel for collapse(3) schedule(dynamic) reduction(&& : ok)")
-        for (int64_t b = 0; b < B; b++) {
+        for (int64_t sid = 0; sid < sgs.n; sid++) {
             for (int64_t h = 0; h < H; h++) {
                 for (int64_t qb = 0; qb < nqb; qb++) {
+                    const moe_att_seg sg = moe_att_seg_at(sgs.seg, sgs.n, sid, Tq, Tk);
+                    const int64_t q0 = qb * ATTN_BQ, b = sg.b;
+                    if (q0 >= sg.nq) continue;
                     T *acc = scratch + per_thread * (size_t)omp_get_thread_num();
                     T *S = acc + ATTN_BQ * hd, *m = S + ATTN_BQ * ATTN_BK, *l = m + ATTN_BQ;
-                    const int64_t q0 = qb * ATTN_BQ, nq = nn_min(ATTN_BQ, Tq - q0), kvh = h / group;
-                    const int64_t kend = at->causal ? nn_min(Tk, shift + q0 + nq) : Tk;
+                    const int64_t nq = nn_min(ATTN_BQ, sg.nq - q0), kvh = h / group, shift = sg.nk - sg.nq;
+                    const int64_t kend = at->causal ? nn_min(sg.nk, shift + q0 + nq) : sg.nk;
                     for (int64_t i = 0; i < nq; i++) {
                         m[i] = -INFINITY;
                         l[i] = 0;
                     }
                     for (int64_t k0 = 0; k0 < kend; k0 += ATTN_BK) {
                         const int64_t nk = nn_min(ATTN_BK, kend - k0);
-                        ok = ok && cpu_gemm(false, true, nq, nk, hd, scale, pq + attn_row(q, b, q0, h), q->strides[1],
-                                            pk + attn_row(k, b, k0, kvh), k->strides[1], (T)0, S, ATTN_BK);
+                        ok = ok && cpu_gemm(false, true, nq, nk, hd, scale, pq + attn_row(q, b, sg.q0 + q0, h),
+                                            q->strides[1], pk + attn_row(k, b, sg.k0 + k0, kvh), k->strides[1], (T)0,
+                                            S, ATTN_BK);
                         for (int64_t i = 0; i < nq; i++) {
                             const int64_t cnt = attn_visible(at->causal, shift, q0, i, k0, nk);
                             T *si = S + i * ATTN_BK;
@@ -238,14 +271,14 @@ _Pragma("omp parallel for collapse(3) schedule(dynamic) reduction(&& : ok)")
                             if (k0 > 0 && corr != 1) nn_scale(acc + i * hd, corr, hd);
                         }
                         /* the first block overwrites acc (every row sees key 0) */
-                        ok = ok && cpu_gemm(false, false, nq, hd, nk, (T)1, S, ATTN_BK, pv + attn_row(v, b, k0, kvh),
-                                            v->strides[1], (T)(k0 > 0), acc, hd);
+                        ok = ok && cpu_gemm(false, false, nq, hd, nk, (T)1, S, ATTN_BK,
+                                            pv + attn_row(v, b, sg.k0 + k0, kvh), v->strides[1], (T)(k0 > 0), acc, hd);
                     }
                     for (int64_t i = 0; i < nq; i++) {
-                        T *oi = po + attn_row(o, b, q0 + i, h);
+                        T *oi = po + attn_row(o, b, sg.q0 + q0 + i, h);
                         const T inv = 1 / l[i];
                         for (int64_t e = 0; e < hd; e++) oi[e] = acc[i * hd + e] * inv;
-                        plse[(b * H + h) * Tq + q0 + i] = m[i] + log(l[i]);
+                        plse[(b * H + h) * Tq + sg.q0 + q0 + i] = m[i] + log(l[i]);
                     }
                 }
             }
@@ -258,22 +291,24 @@ _Pragma("omp parallel for collapse(3) schedule(dynamic) reduction(&& : ok)")
 
 /* ATTENTION_BWD: in[0] = q, in[1] = k, in[2] = v (as in ATTENTION), in[3] = o, in[4] = g
  * (grad of o) [B, Tq, H, hd], in[5] = lse [B, H, Tq] contiguous; out = dq [B, Tq, H, hd];
- * attrs.dk, attrs.dv = [B, Tk, Hkv, hd]. All [.., hd] operands: last stride 1. The kernel
- * writes dq, dk and dv fully (no pre-zeroing needed). Probabilities are recomputed block
+ * attrs.dk, attrs.dv = [B, Tk, Hkv, hd], attrs' segments as in ATTENTION. All [.., hd]
+ * operands: last stride 1. The kernel writes dq, dk and dv fully (no pre-zeroing needed;
+ * the segments cover every query and key). Per segment, probabilities are recomputed block
  * by block, p_ij = exp(scale * q_i . k_j - lse_i) (0 where masked), with D_i = g_i . o_i:
  *   dv_j += p_ij g_i,   ds_ij = scale * p_ij (g_i . v_j - D_i),
  *   dq_i += ds_ij k_j,  dk_j += ds_ij q_i.
  * Per (query block, key block): S = Q K^T and dP = G V^T, then P and dS row by row, then
  * dV += P^T G, dK += dS^T Q, dQ += dS K, all five products block GEMMs (cpu_gemm).
- * One task per (b, kv head) walks its query heads, query blocks and key blocks in a fixed
- * order, so no two tasks write the same element and the result is deterministic. */
+ * One task per (segment, kv head) walks its query heads, query blocks and key blocks in a
+ * fixed order, so no two tasks write the same element and the result is deterministic. */
 moe_status moe_cpu_attention_bwd(const moe_kernel_args *a) {
     const moe_attention_attrs *at = a->attrs;
     const moe_tensor *q = a->in[0], *k = a->in[1], *v = a->in[2], *o = a->in[3], *g = a->in[4];
     const moe_tensor *dq = a->out, *dk = at->dk, *dv = at->dv;
-    const int64_t B = q->shape[0], Tq = q->shape[1], H = q->shape[2], hd = q->shape[3];
-    const int64_t Tk = k->shape[1], Hkv = k->shape[2], group = H / Hkv, shift = Tk - Tq;
+    const int64_t Tq = q->shape[1], H = q->shape[2], hd = q->shape[3];
+    const int64_t Tk = k->shape[1], Hkv = k->shape[2], group = H / Hkv;
     const int64_t qs = q->strides[1], ks = k->strides[1], vs = v->strides[1], gs = g->strides[1];
+    const attn_segs sgs = attn_segs_of(at, q);
     const size_t per_thread = (size_t)(2 * ATTN_BQ * ATTN_BK + ATTN_BQ);
     bool ok = true;
     CPU_FLOAT_DISPATCH(q->dtype, "attention_bwd",
@@ -284,28 +319,30 @@ moe_status moe_cpu_attention_bwd(const moe_kernel_args *a) {
         T *pdq = (T *)dq->data, *pdk = (T *)dk->data, *pdv = (T *)dv->data;
         const T scale = (T)at->scale;
 _Pragma("omp parallel for collapse(2) schedule(dynamic) reduction(&& : ok)")
-        for (int64_t b = 0; b < B; b++) {
+        for (int64_t sid = 0; sid < sgs.n; sid++) {
             for (int64_t kvh = 0; kvh < Hkv; kvh++) {
+                const moe_att_seg sg = moe_att_seg_at(sgs.seg, sgs.n, sid, Tq, Tk);
+                const int64_t b = sg.b, shift = sg.nk - sg.nq;
                 /* P, DS: [ATTN_BQ, ATTN_BK] blocks of p_ij and ds_ij (S and dP before them) */
                 T *P = scratch + per_thread * (size_t)omp_get_thread_num(), *DS = P + ATTN_BQ * ATTN_BK;
                 T *D = DS + ATTN_BQ * ATTN_BK;
-                for (int64_t j = 0; j < Tk; j++) {
+                for (int64_t j = sg.k0; j < sg.k0 + sg.nk; j++) {
                     memset(pdk + attn_row(dk, b, j, kvh), 0, sizeof(T) * (size_t)hd);
                     memset(pdv + attn_row(dv, b, j, kvh), 0, sizeof(T) * (size_t)hd);
                 }
                 for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
-                    for (int64_t q0 = 0; q0 < Tq; q0 += ATTN_BQ) {
-                        const int64_t nq = nn_min(ATTN_BQ, Tq - q0);
-                        const int64_t kend = at->causal ? nn_min(Tk, shift + q0 + nq) : Tk;
-                        const T *qb = pq + attn_row(q, b, q0, h), *gb = pg + attn_row(g, b, q0, h);
-                        const T *lse = plse + (b * H + h) * Tq + q0;
-                        T *dqb = pdq + attn_row(dq, b, q0, h);
-                        for (int64_t i = 0; i < nq; i++) D[i] = nn_dot(gb + i * gs, po + attn_row(o, b, q0 + i, h), hd);
+                    for (int64_t q0 = 0; q0 < sg.nq; q0 += ATTN_BQ) {
+                        const int64_t nq = nn_min(ATTN_BQ, sg.nq - q0), qr = sg.q0 + q0;
+                        const int64_t kend = at->causal ? nn_min(sg.nk, shift + q0 + nq) : sg.nk;
+                        const T *qb = pq + attn_row(q, b, qr, h), *gb = pg + attn_row(g, b, qr, h);
+                        const T *lse = plse + (b * H + h) * Tq + qr;
+                        T *dqb = pdq + attn_row(dq, b, qr, h);
+                        for (int64_t i = 0; i < nq; i++) D[i] = nn_dot(gb + i * gs, po + attn_row(o, b, qr + i, h), hd);
                         for (int64_t k0 = 0; k0 < kend; k0 += ATTN_BK) {
-                            const int64_t nk = nn_min(ATTN_BK, kend - k0);
-                            const T *kb = pk + attn_row(k, b, k0, kvh);
+                            const int64_t nk = nn_min(ATTN_BK, kend - k0), kr = sg.k0 + k0;
+                            const T *kb = pk + attn_row(k, b, kr, kvh);
                             ok = ok && cpu_gemm(false, true, nq, nk, hd, scale, qb, qs, kb, ks, (T)0, P, ATTN_BK) &&
-                                 cpu_gemm(false, true, nq, nk, hd, (T)1, gb, gs, pv + attn_row(v, b, k0, kvh), vs, (T)0,
+                                 cpu_gemm(false, true, nq, nk, hd, (T)1, gb, gs, pv + attn_row(v, b, kr, kvh), vs, (T)0,
                                           DS, ATTN_BK);
                             for (int64_t i = 0; i < nq; i++) {
                                 const int64_t cnt = attn_visible(at->causal, shift, q0, i, k0, nk);
@@ -317,9 +354,9 @@ _Pragma("omp parallel for collapse(2) schedule(dynamic) reduction(&& : ok)")
                             /* the first key block overwrites dq (every query row sees key 0) */
                             ok = ok &&
                                  cpu_gemm(true, false, nk, hd, nq, (T)1, P, ATTN_BK, gb, gs, (T)1,
-                                          pdv + attn_row(dv, b, k0, kvh), dv->strides[1]) &&
+                                          pdv + attn_row(dv, b, kr, kvh), dv->strides[1]) &&
                                  cpu_gemm(true, false, nk, hd, nq, (T)1, DS, ATTN_BK, qb, qs, (T)1,
-                                          pdk + attn_row(dk, b, k0, kvh), dk->strides[1]) &&
+                                          pdk + attn_row(dk, b, kr, kvh), dk->strides[1]) &&
                                  cpu_gemm(false, false, nq, hd, nk, (T)1, DS, ATTN_BK, kb, ks, (T)(k0 > 0), dqb,
                                           dq->strides[1]);
                         }

@@ -41,12 +41,27 @@ struct tc_view {
     int64_t sb, st, sh;
 };
 
-/* Sequence lengths, query and kv heads, causal offset shift = Tk - Tq, softmax scale. */
+/* Sequence lengths, query and kv heads, causal offset shift = Tk - Tq, softmax scale, and
+ * the segments (moe_attention_attrs: seg the table on the device or NULL, n_seg the grid's
+ * z). The kernels take the call's geometry (Tq, Tk per batch) and work in their segment's
+ * (tc_seg: Tq, Tk, shift of the segment, rows numbered within it). */
 struct tc_geom {
     int64_t Tq, Tk, H, Hkv, shift;
     bool causal;
     float scale;
+    const int32_t *seg;
+    int64_t n_seg;
 };
+
+/* This block's segment (blockIdx.z); *local = g with the segment's Tq, Tk and shift. */
+__device__ __forceinline__ moe_att_seg tc_seg(const tc_geom &g, tc_geom *local) {
+    const moe_att_seg s = moe_att_seg_at(g.seg, g.n_seg, blockIdx.z, g.Tq, g.Tk);
+    *local = g;
+    local->Tq = s.nq;
+    local->Tk = s.nk;
+    local->shift = s.nk - s.nq;
+    return s;
+}
 
 /* Query tiles of the dK, dV loop: 32 rows for hd 128 keep its four accumulator sets
  * (dK, dV, S^T, dP^T) in registers. */
@@ -249,21 +264,26 @@ __device__ __forceinline__ int64_t tc_key_end(int64_t q0, const tc_geom &g) {
 /* ---- forward ---- */
 
 /* o [B, Tq, H, HD] contiguous, lse [B, H, Tq]. Shared: Q [TC_ROWS], K and V [2][TC_TILE]
- * rows of HD + 8. Blocks run the longest causal rows first. */
+ * rows of HD + 8. Blocks run the longest causal rows first; those past their segment's
+ * queries exit. */
 template <int HD>
 __global__ void __launch_bounds__(TC_THREADS)
     att_tc_fwd_kernel(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
-                      bf16 *__restrict__ o, float *__restrict__ lse, tc_view vq, tc_view vk, tc_view vv, tc_geom g) {
+                      bf16 *__restrict__ o, float *__restrict__ lse, tc_view vq, tc_view vk, tc_view vv,
+                      tc_geom gcall) {
     constexpr int LD = HD + 8, BC = TC_TILE;
     extern __shared__ __align__(16) unsigned char tc_smem[];
+    tc_geom g;
+    const moe_att_seg sg = tc_seg(gcall, &g);
+    const int64_t q0 = (int64_t)(gridDim.x - 1 - blockIdx.x) * TC_ROWS;
+    if (q0 >= g.Tq) return;
     bf16 *sQ = reinterpret_cast<bf16 *>(tc_smem), *sK = sQ + TC_ROWS * LD, *sV = sK + 2 * BC * LD;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, t = lane & 3;
-    const int64_t b = blockIdx.z, h = blockIdx.y, kvh = h / (g.H / g.Hkv);
-    const int64_t q0 = (int64_t)(gridDim.x - 1 - blockIdx.x) * TC_ROWS, row0 = q0 + w * 16 + (lane >> 2);
-    const bf16 *kh = k + b * vk.sb + kvh * vk.sh, *vh = v + b * vv.sb + kvh * vv.sh;
+    const int64_t b = sg.b, h = blockIdx.y, kvh = h / (g.H / g.Hkv), row0 = q0 + w * 16 + (lane >> 2);
+    const bf16 *kh = k + b * vk.sb + sg.k0 * vk.st + kvh * vk.sh, *vh = v + b * vv.sb + sg.k0 * vv.st + kvh * vv.sh;
     const int nkt = (int)((tc_key_end(q0, g) + BC - 1) / BC);
 
-    tc_load_tile<HD, TC_ROWS>(sQ, q + b * vq.sb + h * vq.sh, vq.st, q0, g.Tq);
+    tc_load_tile<HD, TC_ROWS>(sQ, q + b * vq.sb + sg.q0 * vq.st + h * vq.sh, vq.st, q0, g.Tq);
     tc_load_tile<HD, BC>(sK, kh, vk.st, 0, g.Tk);
     tc_load_tile<HD, BC>(sV, vh, vv.st, 0, g.Tk);
     cp_async_commit();
@@ -329,12 +349,13 @@ __global__ void __launch_bounds__(TC_THREADS)
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
     }
-    tc_store_rows<HD>(acc, 1.0f / l[0], 1.0f / l[1], sQ + w * 16 * LD, o + (b * g.Tq * g.H + h) * HD, g.H * HD,
-                      q0 + w * 16, g.Tq);
+    tc_store_rows<HD>(acc, 1.0f / l[0], 1.0f / l[1], sQ + w * 16 * LD, o + ((b * gcall.Tq + sg.q0) * g.H + h) * HD,
+                      g.H * HD, q0 + w * 16, g.Tq);
     if (t == 0) {
+        float *lse_h = lse + (b * g.H + h) * gcall.Tq + sg.q0;
 #pragma unroll
         for (int r = 0; r < 2; r++)
-            if (row0 + 8 * r < g.Tq) lse[(b * g.H + h) * g.Tq + row0 + 8 * r] = m[r] * TC_LN2 + logf(l[r]);
+            if (row0 + 8 * r < g.Tq) lse_h[row0 + 8 * r] = m[r] * TC_LN2 + logf(l[r]);
     }
 }
 
@@ -345,19 +366,23 @@ template <int HD>
 __global__ void __launch_bounds__(TC_THREADS)
     att_tc_dq_kernel(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                      const bf16 *__restrict__ gr, const float *__restrict__ lse, const float *__restrict__ D,
-                     bf16 *__restrict__ dq, tc_view vq, tc_view vk, tc_view vv, tc_view vg, tc_geom g) {
+                     bf16 *__restrict__ dq, tc_view vq, tc_view vk, tc_view vv, tc_view vg, tc_geom gcall) {
     constexpr int LD = HD + 8, BC = TC_TILE;
     extern __shared__ __align__(16) unsigned char tc_smem[];
+    tc_geom g;
+    const moe_att_seg sg = tc_seg(gcall, &g);
+    const int64_t q0 = (int64_t)(gridDim.x - 1 - blockIdx.x) * TC_ROWS;
+    if (q0 >= g.Tq) return;
     bf16 *sQ = reinterpret_cast<bf16 *>(tc_smem), *sG = sQ + TC_ROWS * LD, *sK = sG + TC_ROWS * LD,
          *sV = sK + 2 * BC * LD;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    const int64_t b = blockIdx.z, h = blockIdx.y, kvh = h / (g.H / g.Hkv);
-    const int64_t q0 = (int64_t)(gridDim.x - 1 - blockIdx.x) * TC_ROWS, row0 = q0 + w * 16 + (lane >> 2);
-    const bf16 *kh = k + b * vk.sb + kvh * vk.sh, *vh = v + b * vv.sb + kvh * vv.sh;
+    const int64_t b = sg.b, h = blockIdx.y, kvh = h / (g.H / g.Hkv), row0 = q0 + w * 16 + (lane >> 2);
+    const bf16 *kh = k + b * vk.sb + sg.k0 * vk.st + kvh * vk.sh, *vh = v + b * vv.sb + sg.k0 * vv.st + kvh * vv.sh;
     const int nkt = (int)((tc_key_end(q0, g) + BC - 1) / BC);
+    const int64_t lrow = (b * g.H + h) * gcall.Tq + sg.q0; /* row 0 of the segment's head h in lse and D */
 
-    tc_load_tile<HD, TC_ROWS>(sQ, q + b * vq.sb + h * vq.sh, vq.st, q0, g.Tq);
-    tc_load_tile<HD, TC_ROWS>(sG, gr + b * vg.sb + h * vg.sh, vg.st, q0, g.Tq);
+    tc_load_tile<HD, TC_ROWS>(sQ, q + b * vq.sb + sg.q0 * vq.st + h * vq.sh, vq.st, q0, g.Tq);
+    tc_load_tile<HD, TC_ROWS>(sG, gr + b * vg.sb + sg.q0 * vg.st + h * vg.sh, vg.st, q0, g.Tq);
     tc_load_tile<HD, BC>(sK, kh, vk.st, 0, g.Tk);
     tc_load_tile<HD, BC>(sV, vh, vv.st, 0, g.Tk);
     cp_async_commit();
@@ -367,8 +392,8 @@ __global__ void __launch_bounds__(TC_THREADS)
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         const int64_t i = row0 + 8 * r;
-        lse2[r] = i < g.Tq ? lse[(b * g.H + h) * g.Tq + i] * TC_LOG2E : 0.0f;
-        Dr[r] = i < g.Tq ? D[(b * g.H + h) * g.Tq + i] : 0.0f;
+        lse2[r] = i < g.Tq ? lse[lrow + i] * TC_LOG2E : 0.0f;
+        Dr[r] = i < g.Tq ? D[lrow + i] : 0.0f;
     }
     float acc[HD / 8][4] = {};
     for (int kt = 0; kt < nkt; kt++) {
@@ -386,8 +411,8 @@ __global__ void __launch_bounds__(TC_THREADS)
         }
         warp_gemm_pkn<LD, BC, HD>(acc, s, cK); /* dQ += dS K */
     }
-    tc_store_rows<HD>(acc, g.scale, g.scale, sQ + w * 16 * LD, dq + (b * g.Tq * g.H + h) * HD, g.H * HD, q0 + w * 16,
-                      g.Tq);
+    tc_store_rows<HD>(acc, g.scale, g.scale, sQ + w * 16 * LD, dq + ((b * gcall.Tq + sg.q0) * g.H + h) * HD, g.H * HD,
+                      q0 + w * 16, g.Tq);
 }
 
 /* dk, dv [B, Tk, Hkv, HD] contiguous. Shared: K and V [TC_ROWS], Q and dO [2][BQ] rows,
@@ -398,15 +423,18 @@ __global__ void __launch_bounds__(TC_THREADS)
     att_tc_dkv_kernel(const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,
                       const bf16 *__restrict__ gr, const float *__restrict__ lse, const float *__restrict__ D,
                       bf16 *__restrict__ dk, bf16 *__restrict__ dv, tc_view vq, tc_view vk, tc_view vv, tc_view vg,
-                      tc_geom g) {
+                      tc_geom gcall) {
     constexpr int LD = HD + 8, BQ = tc_dkv_rows(HD);
     extern __shared__ __align__(16) unsigned char tc_smem[];
+    tc_geom g;
+    const moe_att_seg sg = tc_seg(gcall, &g);
+    const int64_t j0 = (int64_t)blockIdx.x * TC_ROWS;
+    if (j0 >= g.Tk) return;
     bf16 *sK = reinterpret_cast<bf16 *>(tc_smem), *sV = sK + TC_ROWS * LD, *sQ = sV + TC_ROWS * LD,
          *sG = sQ + 2 * BQ * LD;
     float *sL = reinterpret_cast<float *>(sG + 2 * BQ * LD), *sD = sL + 2 * BQ;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, t = lane & 3;
-    const int64_t b = blockIdx.z, kvh = blockIdx.y, group = g.H / g.Hkv;
-    const int64_t j0 = (int64_t)blockIdx.x * TC_ROWS, key0 = j0 + w * 16 + (lane >> 2);
+    const int64_t b = sg.b, kvh = blockIdx.y, group = g.H / g.Hkv, key0 = j0 + w * 16 + (lane >> 2);
     /* causal: query i sees key j iff i >= j - shift, so tiles below j0 - shift are skipped */
     const int64_t qt0 = g.causal ? max((int64_t)0, j0 - g.shift) / BQ : 0, nqt = (g.Tq + BQ - 1) / BQ - qt0;
     const int64_t nit = group * nqt; /* (query head, query tile) pairs */
@@ -414,17 +442,17 @@ __global__ void __launch_bounds__(TC_THREADS)
     /* Query tile `it` (head kvh * group + it / nqt, rows from (qt0 + it % nqt) BQ) into buffer nb. */
     auto load_q = [&](int64_t it, int nb) {
         const int64_t h = kvh * group + it / nqt, i0 = (qt0 + it % nqt) * BQ;
-        tc_load_tile<HD, BQ>(sQ + nb * BQ * LD, q + b * vq.sb + h * vq.sh, vq.st, i0, g.Tq);
-        tc_load_tile<HD, BQ>(sG + nb * BQ * LD, gr + b * vg.sb + h * vg.sh, vg.st, i0, g.Tq);
+        tc_load_tile<HD, BQ>(sQ + nb * BQ * LD, q + b * vq.sb + sg.q0 * vq.st + h * vq.sh, vq.st, i0, g.Tq);
+        tc_load_tile<HD, BQ>(sG + nb * BQ * LD, gr + b * vg.sb + sg.q0 * vg.st + h * vg.sh, vg.st, i0, g.Tq);
         static_assert(2 * BQ <= TC_THREADS, "one thread per lse and D element");
         const int i = threadIdx.x % BQ;
         const bool ok = i0 + i < g.Tq;
-        const float *src = (threadIdx.x < BQ ? lse : D) + (b * g.H + h) * g.Tq;
+        const float *src = (threadIdx.x < BQ ? lse : D) + (b * g.H + h) * gcall.Tq + sg.q0;
         if (threadIdx.x < 2 * BQ) cp_async4((threadIdx.x < BQ ? sL : sD) + nb * BQ + i, ok ? src + i0 + i : src, ok);
     };
-    tc_load_tile<HD, TC_ROWS>(sK, k + b * vk.sb + kvh * vk.sh, vk.st, j0, g.Tk);
-    tc_load_tile<HD, TC_ROWS>(sV, v + b * vv.sb + kvh * vv.sh, vv.st, j0, g.Tk);
-    load_q(0, 0);
+    tc_load_tile<HD, TC_ROWS>(sK, k + b * vk.sb + sg.k0 * vk.st + kvh * vk.sh, vk.st, j0, g.Tk);
+    tc_load_tile<HD, TC_ROWS>(sV, v + b * vv.sb + sg.k0 * vv.st + kvh * vv.sh, vv.st, j0, g.Tk);
+    if (nit > 0) load_q(0, 0);
     cp_async_commit();
 
     const float sl2 = g.scale * TC_LOG2E;
@@ -464,7 +492,11 @@ __global__ void __launch_bounds__(TC_THREADS)
         }
         warp_gemm_pkn<LD, BQ, HD>(adk, st, cQ); /* dK += dS^T Q */
     }
-    const int64_t st_rows = g.Hkv * HD, off = b * g.Tk * g.Hkv * HD + kvh * HD;
+    if (nit == 0) { /* a segment without queries: its keys get zero grads once K and V landed */
+        cp_async_wait_all();
+        __syncthreads();
+    }
+    const int64_t st_rows = g.Hkv * HD, off = (b * gcall.Tk + sg.k0) * g.Hkv * HD + kvh * HD;
     tc_store_rows<HD>(adk, g.scale, g.scale, sK + w * 16 * LD, dk + off, st_rows, j0 + w * 16, g.Tk);
     tc_store_rows<HD>(adv, 1.0f, 1.0f, sV + w * 16 * LD, dv + off, st_rows, j0 + w * 16, g.Tk);
 }
@@ -476,7 +508,26 @@ tc_view tc_view_of(const moe_tensor *t) { return {t->strides[0], t->strides[1], 
 tc_geom tc_geom_of(const moe_kernel_args *a) {
     const moe_attention_attrs *at = (const moe_attention_attrs *)a->attrs;
     const moe_tensor *q = a->in[0], *k = a->in[1];
-    return {q->shape[1], k->shape[1], q->shape[2], k->shape[2], k->shape[1] - q->shape[1], at->causal, at->scale};
+    return {q->shape[1],
+            k->shape[1],
+            q->shape[2],
+            k->shape[2],
+            k->shape[1] - q->shape[1],
+            at->causal,
+            at->scale,
+            at->seg ? (const int32_t *)at->seg->data : NULL,
+            at->seg ? at->n_seg : q->shape[0]};
+}
+
+/* Grid extents: the longest segment's queries and keys, and the segment count. */
+struct tc_grid {
+    int64_t max_q, max_k;
+    unsigned n_seg;
+};
+tc_grid tc_grid_of(const moe_kernel_args *a) {
+    const moe_attention_attrs *at = (const moe_attention_attrs *)a->attrs;
+    if (at->seg) return {at->max_q, at->max_k, (unsigned)at->n_seg};
+    return {a->in[0]->shape[1], a->in[1]->shape[1], (unsigned)a->in[0]->shape[0]};
 }
 
 template <int HD> moe_status tc_forward(const moe_kernel_args *a) {
@@ -484,7 +535,8 @@ template <int HD> moe_status tc_forward(const moe_kernel_args *a) {
     const tc_geom g = tc_geom_of(a);
     const size_t smem = sizeof(bf16) * (TC_ROWS + 4 * TC_TILE) * (HD + 8);
     MOE_TRY(cu_allow_smem(att_tc_fwd_kernel<HD>, smem, "attention"));
-    dim3 grid((unsigned)((g.Tq + TC_ROWS - 1) / TC_ROWS), (unsigned)g.H, (unsigned)q->shape[0]);
+    const tc_grid gr = tc_grid_of(a);
+    dim3 grid((unsigned)((gr.max_q + TC_ROWS - 1) / TC_ROWS), (unsigned)g.H, gr.n_seg);
     att_tc_fwd_kernel<HD><<<grid, TC_THREADS, smem, moe_cu.stream>>>(
         (const bf16 *)q->data, (const bf16 *)k->data, (const bf16 *)v->data, (bf16 *)a->out->data,
         (float *)a->out2->data, tc_view_of(q), tc_view_of(k), tc_view_of(v), g);
@@ -500,11 +552,11 @@ template <int HD> moe_status tc_backward(const moe_kernel_args *a, const float *
     const float *pl = (const float *)a->in[5]->data;
     const tc_view vq = tc_view_of(q), vk = tc_view_of(k), vv = tc_view_of(v), vg = tc_view_of(gr);
     const tc_geom g = tc_geom_of(a);
-    const unsigned B = (unsigned)q->shape[0];
+    const tc_grid grd = tc_grid_of(a);
 
     const size_t smem_q = sizeof(bf16) * (2 * TC_ROWS + 4 * TC_TILE) * (HD + 8);
     MOE_TRY(cu_allow_smem(att_tc_dq_kernel<HD>, smem_q, "attention_bwd"));
-    dim3 gq((unsigned)((g.Tq + TC_ROWS - 1) / TC_ROWS), (unsigned)g.H, B);
+    dim3 gq((unsigned)((grd.max_q + TC_ROWS - 1) / TC_ROWS), (unsigned)g.H, grd.n_seg);
     att_tc_dq_kernel<HD><<<gq, TC_THREADS, smem_q, moe_cu.stream>>>(pq, pk, pv, pg, pl, D, (bf16 *)a->out->data, vq,
                                                                     vk, vv, vg, g);
     CU_LAUNCHED("attention_bwd (tensor cores, dq)");
@@ -512,7 +564,7 @@ template <int HD> moe_status tc_backward(const moe_kernel_args *a, const float *
     constexpr int BQ = tc_dkv_rows(HD);
     const size_t smem_kv = sizeof(bf16) * (2 * TC_ROWS + 4 * BQ) * (HD + 8) + sizeof(float) * 4 * BQ;
     MOE_TRY(cu_allow_smem(att_tc_dkv_kernel<HD>, smem_kv, "attention_bwd"));
-    dim3 gk((unsigned)((g.Tk + TC_ROWS - 1) / TC_ROWS), (unsigned)g.Hkv, B);
+    dim3 gk((unsigned)((grd.max_k + TC_ROWS - 1) / TC_ROWS), (unsigned)g.Hkv, grd.n_seg);
     att_tc_dkv_kernel<HD><<<gk, TC_THREADS, smem_kv, moe_cu.stream>>>(pq, pk, pv, pg, pl, D, (bf16 *)at->dk->data,
                                                                       (bf16 *)at->dv->data, vq, vk, vv, vg, g);
     CU_LAUNCHED("attention_bwd (tensor cores, dk, dv)");

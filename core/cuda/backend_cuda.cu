@@ -95,8 +95,8 @@ static void cuda_free(void *p) {
     if (e != cudaSuccess) moe_cu_fail(e, "cudaFree", "freeing device memory at %p", p);
 }
 
-static const char *const index_kernel_names[] = {"index_select", "index_add", "gather", "scatter_add", "bincount",
-                                                 "combine"};
+static const char *const index_kernel_names[] = {"index_select", "index_add", "gather",    "scatter_add",
+                                                 "bincount",     "combine",   "index_copy"};
 
 moe_status cu_index_fault_check(void) {
     volatile cu_index_fault *f = moe_cu.index_fault;

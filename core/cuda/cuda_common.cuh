@@ -34,7 +34,10 @@ struct cu_index_fault {
     long long pos;   /* its position in the index tensor */
     long long hi;    /* the valid range is [0, hi) */
 };
-enum { CU_IDX_INDEX_SELECT, CU_IDX_INDEX_ADD, CU_IDX_GATHER, CU_IDX_SCATTER_ADD, CU_IDX_BINCOUNT, CU_IDX_COMBINE };
+enum {
+    CU_IDX_INDEX_SELECT, CU_IDX_INDEX_ADD, CU_IDX_GATHER, CU_IDX_SCATTER_ADD, CU_IDX_BINCOUNT, CU_IDX_COMBINE,
+    CU_IDX_INDEX_COPY
+};
 
 struct moe_cuda_ctx {
     cudaStream_t stream;

@@ -1,4 +1,4 @@
-/* CUDA index kernels (core/cpu/index_cpu.c is the specification): row select / row add,
+/* CUDA index kernels (core/cpu/index_cpu.c is the specification): row select / row add / row copy,
  * last-axis gather / scatter-add, top-k, stable argsort, bincount, cumsum. Operands are
  * contiguous (core/ops_index.c). Indices are checked inside the kernels without a host
  * synchronisation: an out-of-range one is skipped (its output row is zero) and recorded,
@@ -71,6 +71,29 @@ extern "C" moe_status moe_cuda_index_add(const moe_kernel_args *a) {
         index_add_kernel<T><<<cu_blocks(m * r), CU_THREADS, 0, moe_cu.stream>>>(
             (T *)o->data, (const T *)src->data, pi, n, m, r, moe_cu.index_fault);)
     CU_LAUNCHED("index_add");
+    return MOE_OK;
+}
+
+/* ---- INDEX_COPY: out row idx[i] = src row i (distinct rows, the caller's contract); any dtype ---- */
+template <class U>
+__global__ void index_copy_kernel(U *o, const U *src, const int32_t *idx, int64_t n, int64_t m, int64_t r,
+                                  cu_index_fault *f) {
+    CU_GRID_LOOP(i, m * r) {
+        int64_t row = i / r;
+        int32_t v = idx[row];
+        if (cu_index_ok(f, CU_IDX_INDEX_COPY, v, row, n)) o[(int64_t)v * r + (i - row * r)] = src[i];
+    }
+}
+
+extern "C" moe_status moe_cuda_index_copy(const moe_kernel_args *a) {
+    moe_tensor *o = a->out;
+    const moe_tensor *src = a->in[0], *idx = a->in[1];
+    int64_t n = o->ndim ? o->shape[0] : 1, r = row_width(o), m = moe_tensor_numel(idx);
+    if (m * r == 0) return MOE_OK;
+    BITS_DISPATCH(moe_dtype_size(o->dtype), "index_copy",
+        index_copy_kernel<U><<<cu_blocks(m * r), CU_THREADS, 0, moe_cu.stream>>>(
+            (U *)o->data, (const U *)src->data, (const int32_t *)idx->data, n, m, r, moe_cu.index_fault);)
+    CU_LAUNCHED("index_copy");
     return MOE_OK;
 }
 

@@ -41,11 +41,13 @@ extern "C" moe_status moe_cuda_dropout(const moe_kernel_args *a) {
     return MOE_OK;
 }
 
-/* ---- rotary embedding: a [T, hd/2] cos/sin table (angles in double), then the rotation ---- */
-__global__ void rope_table_kernel(float *cs, float *sn, int64_t Tn, int64_t half, int64_t hd, moe_rope_attrs at) {
+/* ---- rotary embedding: a [T, hd/2] cos/sin table (angles in double, at positions in[1][t]
+ * or pos0 + t), then the rotation ---- */
+__global__ void rope_table_kernel(float *cs, float *sn, int64_t Tn, int64_t half, int64_t hd, moe_rope_attrs at,
+                                  const int32_t *pos) {
     CU_GRID_LOOP(i, Tn * half) {
         int64_t t = i / half, p = i % half;
-        double ang = (double)(at.pos0 + t) * pow(at.theta, -2.0 * (double)p / (double)hd);
+        double ang = (double)(pos ? pos[t] : at.pos0 + t) * pow(at.theta, -2.0 * (double)p / (double)hd);
         cs[i] = (float)cos(ang);
         sn[i] = (float)(at.inverse ? -sin(ang) : sin(ang));
     }
@@ -77,7 +79,9 @@ extern "C" moe_status moe_cuda_rope(const moe_kernel_args *a) {
     float *cs = (float *)cu_scratch(sizeof(float) * 2 * (size_t)(g.Tn * g.half));
     if (!cs) return moe_last_status();
     float *sn = cs + g.Tn * g.half;
-    rope_table_kernel<<<cu_blocks(g.Tn * g.half), CU_THREADS, 0, moe_cu.stream>>>(cs, sn, g.Tn, g.half, x->shape[3], at);
+    rope_table_kernel<<<cu_blocks(g.Tn * g.half), CU_THREADS, 0, moe_cu.stream>>>(cs, sn, g.Tn, g.half, x->shape[3], at,
+                                                                              a->in[1] ? (const int32_t *)a->in[1]->data
+                                                                                       : NULL);
     CU_LAUNCHED("rope (table)");
     CU_FLOAT_DISPATCH(x->dtype, "rope",
         rope_kernel<T><<<cu_blocks(n), CU_THREADS, 0, moe_cu.stream>>>((const T *)x->data, (T *)a->out->data, cs, sn,
@@ -98,20 +102,33 @@ struct att_view {
 };
 static att_view att_view_of(const moe_tensor *t) { return {t->strides[0], t->strides[1], t->strides[2]}; }
 
+/* Tq, Tk: queries and keys per batch; segments as in moe_attention_attrs (seg: the table
+ * on the device or NULL, n_seg: their count, the grid's z). */
 struct att_geom {
-    int64_t B, Tq, Tk, H, Hkv, hd, shift;
+    int64_t B, Tq, Tk, H, Hkv, hd;
     bool causal;
     float scale;
+    const int32_t *seg;
+    int64_t n_seg, max_q, max_k;
 };
 
-/* Rows [r0, r0 + ATT_TILE) of head h of batch b into tile[ATT_TILE][hd + 1] (f32, zeros
- * past `rows`). Every thread of the block takes part. */
+/* The segment of this block (blockIdx.z). */
+__device__ __forceinline__ moe_att_seg att_seg(const att_geom &g) {
+    return moe_att_seg_at(g.seg, g.n_seg, blockIdx.z, g.Tq, g.Tk);
+}
+
+/* Row r0 of a segment's head h: row r0 of batch b, offset by the segment's first row. */
+template <class T> __device__ __forceinline__ const T *att_at(const T *x, att_view v, int64_t b, int64_t r0, int64_t h) {
+    return x + b * v.sb + r0 * v.st + h * v.sh;
+}
+
+/* Rows [r0, r0 + ATT_TILE) of one head (base = its row 0) into tile[ATT_TILE][hd + 1] (f32,
+ * zeros past `rows`). Every thread of the block takes part. */
 template <class T>
-__device__ void att_load_tile(float *tile, const T *base, att_view v, int64_t b, int64_t h, int64_t r0, int64_t rows,
-                              int64_t hd) {
+__device__ void att_load_tile(float *tile, const T *base, att_view v, int64_t r0, int64_t rows, int64_t hd) {
     for (int64_t i = threadIdx.x; i < ATT_TILE * hd; i += blockDim.x) {
         int64_t r = i / hd, d = i - r * hd;
-        tile[r * (hd + 1) + d] = r0 + r < rows ? ldf(base + b * v.sb + (r0 + r) * v.st + h * v.sh + d) : 0.0f;
+        tile[r * (hd + 1) + d] = r0 + r < rows ? ldf(base + (r0 + r) * v.st + d) : 0.0f;
     }
 }
 
@@ -126,33 +143,38 @@ __device__ __forceinline__ float att_dot(const float *a, const float *b, int64_t
     return s;
 }
 
-/* Forward: grid (query tiles of ATT_ROWS, H, B). */
+/* Forward: grid (query tiles of ATT_ROWS, H, segments); blocks past their segment's
+ * queries exit. Rows and keys below are numbered within the segment. */
 template <class T>
 __global__ void attention_fwd_kernel(const T *q, const T *k, const T *v, T *o, float *lse, att_view vq, att_view vk,
                                      att_view vv, att_geom g) {
     extern __shared__ float smem[];
+    const moe_att_seg sg = att_seg(g);
+    const int64_t Tq = sg.nq, Tk = sg.nk, shift = Tk - Tq;
+    const int64_t q0 = (int64_t)blockIdx.x * ATT_ROWS;
+    if (q0 >= Tq) return;
     const int64_t hd = g.hd, ld = hd + 1;
     float *Kt = smem, *Vt = Kt + ATT_TILE * ld, *Qr = Vt + ATT_TILE * ld;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int64_t b = blockIdx.z, h = blockIdx.y, kvh = h / (g.H / g.Hkv);
-    const int64_t q0 = (int64_t)blockIdx.x * ATT_ROWS, qi = q0 + warp;
-    const bool live = qi < g.Tq;
+    const int64_t b = sg.b, h = blockIdx.y, kvh = h / (g.H / g.Hkv), qi = q0 + warp;
+    const T *kh = att_at(k, vk, b, sg.k0, kvh), *vh = att_at(v, vv, b, sg.k0, kvh);
+    const bool live = qi < Tq;
     float *qrow = Qr + warp * hd;
-    if (live) att_load_row(qrow, q + b * vq.sb + qi * vq.st + h * vq.sh, hd);
-    const int64_t qlast = min(q0 + ATT_ROWS, g.Tq) - 1;
-    const int64_t kend = g.causal ? min(g.Tk, g.shift + qlast + 1) : g.Tk;
-    const int64_t klim = g.causal ? g.shift + qi + 1 : g.Tk; /* keys this row sees */
+    if (live) att_load_row(qrow, att_at(q, vq, b, sg.q0 + qi, h), hd);
+    const int64_t qlast = min(q0 + ATT_ROWS, Tq) - 1;
+    const int64_t kend = g.causal ? min(Tk, shift + qlast + 1) : Tk;
+    const int64_t klim = g.causal ? shift + qi + 1 : Tk; /* keys this row sees */
     float m = -INFINITY, l = 0, acc[ATT_E];
 #pragma unroll
     for (int e = 0; e < ATT_E; e++) acc[e] = 0;
     for (int64_t k0 = 0; k0 < kend; k0 += ATT_TILE) {
         __syncthreads(); /* the previous tile is consumed; the q rows are written */
-        att_load_tile(Kt, k, vk, b, kvh, k0, g.Tk, hd);
-        att_load_tile(Vt, v, vv, b, kvh, k0, g.Tk, hd);
+        att_load_tile(Kt, kh, vk, k0, Tk, hd);
+        att_load_tile(Vt, vh, vv, k0, Tk, hd);
         __syncthreads();
         if (!live) continue;
         const int64_t j = k0 + lane;
-        float s = (j < g.Tk && j < klim) ? g.scale * att_dot(qrow, Kt + lane * ld, hd) : -INFINITY;
+        float s = (j < Tk && j < klim) ? g.scale * att_dot(qrow, Kt + lane * ld, hd) : -INFINITY;
         float mx = fmaxf(m, cu_warp_max(s));
         if (mx == -INFINITY) continue; /* nothing visible yet (cannot happen: key 0 is always seen) */
         float corr = expf(m - mx), p = expf(s - mx);
@@ -170,14 +192,15 @@ __global__ void attention_fwd_kernel(const T *q, const T *k, const T *v, T *o, f
     }
     if (!live) return;
     float inv = 1.0f / l;
-    T *orow = o + ((b * g.Tq + qi) * g.H + h) * hd;
+    T *orow = o + ((b * g.Tq + sg.q0 + qi) * g.H + h) * hd;
 #pragma unroll
     for (int e = 0; e < ATT_E; e++)
         if (lane + 32 * e < hd) stf(orow + lane + 32 * e, acc[e] * inv);
-    if (lane == 0) lse[(b * g.H + h) * g.Tq + qi] = m + logf(l);
+    if (lane == 0) lse[(b * g.H + h) * g.Tq + sg.q0 + qi] = m + logf(l);
 }
 
-static moe_status att_check(const moe_tensor *q, const moe_tensor *k, const moe_tensor *v, const char *kname) {
+static moe_status att_check(const moe_tensor *q, const moe_tensor *k, const moe_tensor *v,
+                            const moe_attention_attrs *at, const char *kname) {
     const moe_tensor *t[3] = {q, k, v};
     for (int i = 0; i < 3; i++)
         if (t[i]->strides[3] != 1 && t[i]->shape[3] != 1)
@@ -185,27 +208,35 @@ static moe_status att_check(const moe_tensor *q, const moe_tensor *k, const moe_
     if (q->shape[3] > ATT_MAX_HD)
         return moe_error(MOE_ERR_UNSUPPORTED, "%s: head dim %lld is larger than %d on cuda", kname,
                          (long long)q->shape[3], ATT_MAX_HD);
-    if (q->shape[0] > 65535 || q->shape[2] > 65535)
-        return moe_error(MOE_ERR_UNSUPPORTED, "%s: more than 65535 batches or heads do not fit the cuda grid", kname);
+    if (q->shape[0] > 65535 || q->shape[2] > 65535 || (at->seg && at->n_seg > 65535))
+        return moe_error(MOE_ERR_UNSUPPORTED, "%s: more than 65535 batches, segments or heads do not fit the cuda grid",
+                         kname);
     return MOE_OK;
 }
 
 static att_geom att_geom_of(const moe_tensor *q, const moe_tensor *k, const moe_attention_attrs *at) {
-    return {q->shape[0], q->shape[1], k->shape[1], q->shape[2], k->shape[2], q->shape[3],
-            k->shape[1] - q->shape[1], at->causal, at->scale};
+    att_geom g = {q->shape[0], q->shape[1], k->shape[1], q->shape[2], k->shape[2], q->shape[3], at->causal, at->scale,
+                  NULL, q->shape[0], q->shape[1], k->shape[1]};
+    if (at->seg) {
+        g.seg = (const int32_t *)at->seg->data;
+        g.n_seg = at->n_seg;
+        g.max_q = at->max_q;
+        g.max_k = at->max_k;
+    }
+    return g;
 }
 
 extern "C" moe_status moe_cuda_attention(const moe_kernel_args *a) {
     const moe_attention_attrs *at = (const moe_attention_attrs *)a->attrs;
     const moe_tensor *q = a->in[0], *k = a->in[1], *v = a->in[2];
-    MOE_TRY(att_check(q, k, v, "attention"));
+    MOE_TRY(att_check(q, k, v, at, "attention"));
     if (a->out2->dtype != MOE_F32) return moe_error(MOE_ERR_UNSUPPORTED, "attention: lse must be f32 on cuda");
     att_geom g = att_geom_of(q, k, at);
     if (g.B * g.Tq * g.H == 0) return MOE_OK;
     const moe_tensor *tc[4] = {q, k, v, a->out};
     if (att_tc_fits(tc, 4)) return att_tc_forward(a);
     size_t smem = sizeof(float) * (size_t)(2 * ATT_TILE * (g.hd + 1) + ATT_ROWS * g.hd);
-    dim3 grid((unsigned)((g.Tq + ATT_ROWS - 1) / ATT_ROWS), (unsigned)g.H, (unsigned)g.B);
+    dim3 grid((unsigned)((g.max_q + ATT_ROWS - 1) / ATT_ROWS), (unsigned)g.H, (unsigned)g.n_seg);
     CU_FLOAT_DISPATCH(q->dtype, "attention",
         MOE_TRY(cu_allow_smem(attention_fwd_kernel<T>, smem, "attention"));
         attention_fwd_kernel<T><<<grid, ATT_ROWS * 32, smem, moe_cu.stream>>>(
@@ -231,41 +262,46 @@ __global__ void att_rowdot_kernel(const T *gr, const T *o, float *D, att_view vg
     }
 }
 
-/* dq: grid (query tiles, H, B); per query row i, over its visible keys j:
+/* dq: grid (query tiles, H, segments); per query row i, over its visible keys j:
  * p = exp(scale q.k - lse), ds = scale p (g.v - D), dq += ds k. */
 template <class T>
 __global__ void attention_dq_kernel(const T *q, const T *k, const T *v, const T *gr, const float *lse, const float *D,
                                     T *dq, att_view vq, att_view vk, att_view vv, att_view vg, att_geom g) {
     extern __shared__ float smem[];
+    const moe_att_seg sg = att_seg(g);
+    const int64_t Tq = sg.nq, Tk = sg.nk, shift = Tk - Tq;
+    const int64_t q0 = (int64_t)blockIdx.x * ATT_ROWS;
+    if (q0 >= Tq) return;
     const int64_t hd = g.hd, ld = hd + 1;
     float *Kt = smem, *Vt = Kt + ATT_TILE * ld, *Qr = Vt + ATT_TILE * ld, *Gr = Qr + ATT_ROWS * hd;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int64_t b = blockIdx.z, h = blockIdx.y, kvh = h / (g.H / g.Hkv);
-    const int64_t q0 = (int64_t)blockIdx.x * ATT_ROWS, qi = q0 + warp;
-    const bool live = qi < g.Tq;
+    const int64_t b = sg.b, h = blockIdx.y, kvh = h / (g.H / g.Hkv), qi = q0 + warp;
+    const T *kh = att_at(k, vk, b, sg.k0, kvh), *vh = att_at(v, vv, b, sg.k0, kvh);
+    const int64_t r = (b * g.H + h) * g.Tq + sg.q0 + qi; /* the row of lse and D */
+    const bool live = qi < Tq;
     float *qrow = Qr + warp * hd, *grow = Gr + warp * hd;
     float lse_i = 0, D_i = 0;
     if (live) {
-        att_load_row(qrow, q + b * vq.sb + qi * vq.st + h * vq.sh, hd);
-        att_load_row(grow, gr + b * vg.sb + qi * vg.st + h * vg.sh, hd);
-        lse_i = lse[(b * g.H + h) * g.Tq + qi];
-        D_i = D[(b * g.H + h) * g.Tq + qi];
+        att_load_row(qrow, att_at(q, vq, b, sg.q0 + qi, h), hd);
+        att_load_row(grow, att_at(gr, vg, b, sg.q0 + qi, h), hd);
+        lse_i = lse[r];
+        D_i = D[r];
     }
-    const int64_t qlast = min(q0 + ATT_ROWS, g.Tq) - 1;
-    const int64_t kend = g.causal ? min(g.Tk, g.shift + qlast + 1) : g.Tk;
-    const int64_t klim = g.causal ? g.shift + qi + 1 : g.Tk;
+    const int64_t qlast = min(q0 + ATT_ROWS, Tq) - 1;
+    const int64_t kend = g.causal ? min(Tk, shift + qlast + 1) : Tk;
+    const int64_t klim = g.causal ? shift + qi + 1 : Tk;
     float acc[ATT_E];
 #pragma unroll
     for (int e = 0; e < ATT_E; e++) acc[e] = 0;
     for (int64_t k0 = 0; k0 < kend; k0 += ATT_TILE) {
         __syncthreads();
-        att_load_tile(Kt, k, vk, b, kvh, k0, g.Tk, hd);
-        att_load_tile(Vt, v, vv, b, kvh, k0, g.Tk, hd);
+        att_load_tile(Kt, kh, vk, k0, Tk, hd);
+        att_load_tile(Vt, vh, vv, k0, Tk, hd);
         __syncthreads();
         if (!live) continue;
         const int64_t j = k0 + lane;
         float ds = 0;
-        if (j < g.Tk && j < klim) {
+        if (j < Tk && j < klim) {
             float p = expf(g.scale * att_dot(qrow, Kt + lane * ld, hd) - lse_i);
             ds = g.scale * p * (att_dot(grow, Vt + lane * ld, hd) - D_i);
         }
@@ -278,51 +314,55 @@ __global__ void attention_dq_kernel(const T *q, const T *k, const T *v, const T 
         }
     }
     if (!live) return;
-    T *out = dq + ((b * g.Tq + qi) * g.H + h) * hd;
+    T *out = dq + ((b * g.Tq + sg.q0 + qi) * g.H + h) * hd;
 #pragma unroll
     for (int e = 0; e < ATT_E; e++)
         if (lane + 32 * e < hd) stf(out + lane + 32 * e, acc[e]);
 }
 
-/* dk, dv: grid (key tiles, Hkv, B); per key row j, over the query heads of its group and
- * the queries that see it: dv += p g_i, dk += ds q_i. */
+/* dk, dv: grid (key tiles, Hkv, segments); per key row j, over the query heads of its
+ * group and the queries that see it: dv += p g_i, dk += ds q_i. */
 template <class T>
 __global__ void attention_dkv_kernel(const T *q, const T *k, const T *v, const T *gr, const float *lse, const float *D,
                                      T *dk, T *dv, att_view vq, att_view vk, att_view vv, att_view vg, att_geom g) {
     extern __shared__ float smem[];
+    const moe_att_seg sg = att_seg(g);
+    const int64_t Tq = sg.nq, Tk = sg.nk, shift = Tk - Tq;
+    const int64_t j0 = (int64_t)blockIdx.x * ATT_ROWS;
+    if (j0 >= Tk) return;
     const int64_t hd = g.hd, ld = hd + 1;
     float *Qt = smem, *Gt = Qt + ATT_TILE * ld, *Kr = Gt + ATT_TILE * ld, *Vr = Kr + ATT_ROWS * hd;
     __shared__ float s_lse[ATT_TILE], s_D[ATT_TILE];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int64_t b = blockIdx.z, kvh = blockIdx.y, group = g.H / g.Hkv;
-    const int64_t j0 = (int64_t)blockIdx.x * ATT_ROWS, kj = j0 + warp;
-    const bool live = kj < g.Tk;
+    const int64_t b = sg.b, kvh = blockIdx.y, group = g.H / g.Hkv, kj = j0 + warp;
+    const bool live = kj < Tk;
     float *krow = Kr + warp * hd, *vrow = Vr + warp * hd;
     if (live) {
-        att_load_row(krow, k + b * vk.sb + kj * vk.st + kvh * vk.sh, hd);
-        att_load_row(vrow, v + b * vv.sb + kj * vv.st + kvh * vv.sh, hd);
+        att_load_row(krow, att_at(k, vk, b, sg.k0 + kj, kvh), hd);
+        att_load_row(vrow, att_at(v, vv, b, sg.k0 + kj, kvh), hd);
     }
     /* causal: query i sees key j iff j <= shift + i, i.e. i >= j - shift */
-    const int64_t qstart = g.causal ? max((int64_t)0, j0 - g.shift) : 0;
-    const int64_t qfirst = g.causal ? kj - g.shift : 0; /* first query this key row meets */
+    const int64_t qstart = g.causal ? max((int64_t)0, j0 - shift) : 0;
+    const int64_t qfirst = g.causal ? kj - shift : 0; /* first query this key row meets */
     float adk[ATT_E], adv[ATT_E];
 #pragma unroll
     for (int e = 0; e < ATT_E; e++) adk[e] = adv[e] = 0;
     for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
-        for (int64_t i0 = qstart - qstart % ATT_TILE; i0 < g.Tq; i0 += ATT_TILE) {
+        const float *lse_h = lse + (b * g.H + h) * g.Tq + sg.q0, *D_h = D + (b * g.H + h) * g.Tq + sg.q0;
+        for (int64_t i0 = qstart - qstart % ATT_TILE; i0 < Tq; i0 += ATT_TILE) {
             __syncthreads();
-            att_load_tile(Qt, q, vq, b, h, i0, g.Tq, hd);
-            att_load_tile(Gt, gr, vg, b, h, i0, g.Tq, hd);
+            att_load_tile(Qt, att_at(q, vq, b, sg.q0, h), vq, i0, Tq, hd);
+            att_load_tile(Gt, att_at(gr, vg, b, sg.q0, h), vg, i0, Tq, hd);
             if (threadIdx.x < ATT_TILE) {
                 int64_t i = i0 + threadIdx.x;
-                s_lse[threadIdx.x] = i < g.Tq ? lse[(b * g.H + h) * g.Tq + i] : 0.0f;
-                s_D[threadIdx.x] = i < g.Tq ? D[(b * g.H + h) * g.Tq + i] : 0.0f;
+                s_lse[threadIdx.x] = i < Tq ? lse_h[i] : 0.0f;
+                s_D[threadIdx.x] = i < Tq ? D_h[i] : 0.0f;
             }
             __syncthreads();
             if (!live) continue;
             const int64_t i = i0 + lane;
             float p = 0, ds = 0;
-            if (i < g.Tq && i >= qfirst) {
+            if (i < Tq && i >= qfirst) {
                 p = expf(g.scale * att_dot(Qt + lane * ld, krow, hd) - s_lse[lane]);
                 ds = g.scale * p * (att_dot(Gt + lane * ld, vrow, hd) - s_D[lane]);
             }
@@ -340,7 +380,7 @@ __global__ void attention_dkv_kernel(const T *q, const T *k, const T *v, const T
         }
     }
     if (!live) return;
-    T *pk = dk + ((b * g.Tk + kj) * g.Hkv + kvh) * hd, *pv = dv + ((b * g.Tk + kj) * g.Hkv + kvh) * hd;
+    T *pk = dk + ((b * g.Tk + sg.k0 + kj) * g.Hkv + kvh) * hd, *pv = dv + ((b * g.Tk + sg.k0 + kj) * g.Hkv + kvh) * hd;
 #pragma unroll
     for (int e = 0; e < ATT_E; e++) {
         if (lane + 32 * e < hd) {
@@ -354,7 +394,7 @@ extern "C" moe_status moe_cuda_attention_bwd(const moe_kernel_args *a) {
     const moe_attention_attrs *at = (const moe_attention_attrs *)a->attrs;
     const moe_tensor *q = a->in[0], *k = a->in[1], *v = a->in[2], *o = a->in[3], *gr = a->in[4], *lse = a->in[5];
     moe_tensor *dq = a->out, *dk = at->dk, *dv = at->dv;
-    MOE_TRY(att_check(q, k, v, "attention_bwd"));
+    MOE_TRY(att_check(q, k, v, at, "attention_bwd"));
     const moe_tensor *og[2] = {o, gr};
     for (int i = 0; i < 2; i++)
         if (og[i]->strides[3] != 1 && og[i]->shape[3] != 1)
@@ -367,8 +407,8 @@ extern "C" moe_status moe_cuda_attention_bwd(const moe_kernel_args *a) {
     float *D = (float *)cu_scratch(sizeof(float) * (size_t)(g.B * g.H * (g.Tq ? g.Tq : 1)));
     if (!D) return moe_last_status();
     size_t smem = sizeof(float) * (size_t)(2 * ATT_TILE * (g.hd + 1) + 2 * ATT_ROWS * g.hd);
-    dim3 gq((unsigned)((g.Tq + ATT_ROWS - 1) / ATT_ROWS), (unsigned)g.H, (unsigned)g.B);
-    dim3 gk((unsigned)((g.Tk + ATT_ROWS - 1) / ATT_ROWS), (unsigned)g.Hkv, (unsigned)g.B);
+    dim3 gq((unsigned)((g.max_q + ATT_ROWS - 1) / ATT_ROWS), (unsigned)g.H, (unsigned)g.n_seg);
+    dim3 gk((unsigned)((g.max_k + ATT_ROWS - 1) / ATT_ROWS), (unsigned)g.Hkv, (unsigned)g.n_seg);
     att_view vq = att_view_of(q), vk = att_view_of(k), vv = att_view_of(v), vo = att_view_of(o), vg = att_view_of(gr);
     const moe_tensor *tcs[7] = {q, k, v, gr, dq, dk, dv};
     const bool tc = att_tc_fits(tcs, 7);

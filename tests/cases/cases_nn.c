@@ -1,10 +1,38 @@
-/* Op cases: nn family (dropout, rope, attention, cut cross-entropy). */
+/* Op cases: nn family (dropout, rope and rope_at, attention and attention_varlen, cut
+ * cross-entropy). */
 #include "tests/harness/opcheck.h"
 
 static moe_tensor *run_dropout(moe_tensor **in) { return moe_dropout(in[0], 0.3, 1234, 5); }
 static moe_tensor *run_rope(moe_tensor **in) { return moe_rope(in[0], 3, 100.0); }
 static moe_tensor *run_attention_causal(moe_tensor **in) { return moe_attention(in[0], in[1], in[2], true); }
 static moe_tensor *run_attention_full(moe_tensor **in) { return moe_attention(in[0], in[1], in[2], false); }
+
+/* rope_at over T = 5 tokens at restarting, unordered positions (two packed prompts). */
+static moe_tensor *run_rope_at(moe_tensor **in) {
+    const int32_t pos[5] = {4, 0, 1, 2, 9};
+    return moe_rope_at(in[0], moe_tensor_from_host(MOE_LIFE_STEP, in[0]->device, MOE_I32, 1, (int64_t[]){5}, pos),
+                       100.0);
+}
+
+/* Segment layouts of attention_varlen (query offsets, key offsets). */
+typedef struct {
+    int n;
+    int64_t q[5], k[5];
+} seg_layout;
+/* q 9 rows, k 12: qlen/klen 3/3, 1/4 (a decode step over a cache), 5/5 */
+static const seg_layout SEG_UNEVEN = {3, {0, 3, 4, 9}, {0, 3, 7, 12}};
+/* q 6 rows, k 9: 2/3, a segment of keys without queries 0/2, 4/4 */
+static const seg_layout SEG_EMPTY_Q = {3, {0, 2, 2, 6}, {0, 3, 5, 9}};
+/* q 100 rows, k 130: 70/70 (two tiles), 1/30, 29/30: the tensor-core tiles on CUDA */
+static const seg_layout SEG_TILES = {3, {0, 70, 71, 100}, {0, 70, 100, 130}};
+
+static moe_tensor *varlen(moe_tensor **in, const seg_layout *s, bool causal) {
+    return moe_attention_varlen(in[0], in[1], in[2], s->q, s->k, s->n, causal);
+}
+static moe_tensor *run_varlen_uneven_causal(moe_tensor **in) { return varlen(in, &SEG_UNEVEN, true); }
+static moe_tensor *run_varlen_uneven_full(moe_tensor **in) { return varlen(in, &SEG_UNEVEN, false); }
+static moe_tensor *run_varlen_empty_q_causal(moe_tensor **in) { return varlen(in, &SEG_EMPTY_Q, true); }
+static moe_tensor *run_varlen_tiles_full(moe_tensor **in) { return varlen(in, &SEG_TILES, false); }
 
 /* q, k, v as unit-stride slices of one fused [B, T, H, 3 * hd] projection (hd = 4). */
 static moe_tensor *run_attention_fused(moe_tensor **in) {
@@ -19,18 +47,21 @@ static moe_tensor *run_attention_fused(moe_tensor **in) {
  * some of these grads by more than the 2e-2 bf16 parity tolerance. Gradcheck tolerance
  * 1e-5: the central differences of these larger losses carry about 1e-9 of rounding,
  * more than the default allows on their smallest grads. */
-static moe_tensor *attention_lifted(moe_tensor **in, int64_t hd, bool causal) {
+static moe_tensor *attention_lifted(moe_tensor **in, int64_t hd, bool causal, const seg_layout *segs) {
     moe_tensor *qkv[3];
     for (int i = 0; i < 3; i++) {
         moe_tensor *w = moe_tensor_randn(MOE_LIFE_STEP, in[i]->device, in[i]->dtype, 2, (int64_t[]){2, hd},
                                          101 + (uint64_t)i, 0, 0.5);
         qkv[i] = moe_matmul(in[i], w);
     }
-    return moe_attention(qkv[0], qkv[1], qkv[2], causal);
+    return segs ? varlen(qkv, segs, causal) : moe_attention(qkv[0], qkv[1], qkv[2], causal);
 }
-static moe_tensor *run_attention_hd64_causal(moe_tensor **in) { return attention_lifted(in, 64, true); }
-static moe_tensor *run_attention_hd64_full(moe_tensor **in) { return attention_lifted(in, 64, false); }
-static moe_tensor *run_attention_hd128_causal(moe_tensor **in) { return attention_lifted(in, 128, true); }
+static moe_tensor *run_attention_hd64_causal(moe_tensor **in) { return attention_lifted(in, 64, true, NULL); }
+static moe_tensor *run_attention_hd64_full(moe_tensor **in) { return attention_lifted(in, 64, false, NULL); }
+static moe_tensor *run_attention_hd128_causal(moe_tensor **in) { return attention_lifted(in, 128, true, NULL); }
+static moe_tensor *run_varlen_hd64_causal(moe_tensor **in) { return attention_lifted(in, 64, true, &SEG_TILES); }
+static moe_tensor *run_varlen_hd128_causal(moe_tensor **in) { return attention_lifted(in, 128, true, &SEG_TILES); }
+static moe_tensor *run_varlen_hd64_empty_q(moe_tensor **in) { return attention_lifted(in, 64, true, &SEG_EMPTY_Q); }
 
 /* Targets of in[2] with row 2 set to -1 (ignored), vocabulary blocks of 8 rows so that
  * V = 37 spans five blocks, the last one partial. */
@@ -56,6 +87,8 @@ static const op_case cases[] = {
     {"dropout", "p=0.3 transposed 5x4", 1, {FT(2, 5, 4)}, run_dropout},
     {"rope", "[2,3,2,4] pos0=3", 1, {F(4, 2, 3, 2, 4)}, run_rope},
     {"rope", "[1,4,2,6] strided", 1, {FT(4, 1, 4, 2, 6)}, run_rope},
+    {"rope", "rope_at [2,5,2,4] positions 4 0 1 2 9", 1, {F(4, 2, 5, 2, 4)}, run_rope_at},
+    {"rope", "rope_at [1,5,3,6] strided", 1, {FT(4, 1, 5, 3, 6)}, run_rope_at},
     {"attention", "causal GQA H=4 Hkv=2, Tq=5 < Tk=6, transposed q", 3,
      {FT(4, 1, 5, 4, 4), F(4, 1, 6, 2, 4), F(4, 1, 6, 2, 4)}, run_attention_causal},
     {"attention", "non-causal B=2 Tq=3 Tk=5", 3, {F(4, 2, 3, 2, 4), F(4, 2, 5, 2, 4), F(4, 2, 5, 2, 4)},
@@ -71,6 +104,22 @@ static const op_case cases[] = {
      {F(4, 2, 70, 1, 2), F(4, 2, 20, 1, 2), F(4, 2, 20, 1, 2)}, run_attention_hd64_full, 1e-5},
     {"attention", "hd=128 causal Tq=20 < Tk=66", 3, {F(4, 1, 20, 1, 2), F(4, 1, 66, 1, 2), F(4, 1, 66, 1, 2)},
      run_attention_hd128_causal, 1e-5},
+    {"attention", "varlen causal GQA H=4 Hkv=2, segments 3/3 1/4 5/5", 3,
+     {F(4, 1, 9, 4, 4), F(4, 1, 12, 2, 4), F(4, 1, 12, 2, 4)}, run_varlen_uneven_causal},
+    {"attention", "varlen non-causal GQA, segments 3/3 1/4 5/5, transposed k", 3,
+     {F(4, 1, 9, 4, 4), FT(4, 1, 12, 2, 4), F(4, 1, 12, 2, 4)}, run_varlen_uneven_full},
+    {"attention", "varlen causal, a segment of keys without queries", 3,
+     {F(4, 1, 6, 2, 4), F(4, 1, 9, 1, 4), F(4, 1, 9, 1, 4)}, run_varlen_empty_q_causal},
+    {"attention", "varlen non-causal, segments 70/70 1/30 29/30", 3,
+     {F(4, 1, 100, 2, 2), F(4, 1, 130, 1, 2), F(4, 1, 130, 1, 2)}, run_varlen_tiles_full, 0, 0, NULL, false, 40},
+    {"attention", "varlen hd=64 causal GQA H=2 Hkv=1, segments 70/70 1/30 29/30", 3,
+     {F(4, 1, 100, 2, 2), F(4, 1, 130, 1, 2), F(4, 1, 130, 1, 2)}, run_varlen_hd64_causal, 1e-5, 0, NULL, false,
+     40},
+    {"attention", "varlen hd=128 causal, segments 70/70 1/30 29/30", 3,
+     {F(4, 1, 100, 1, 2), F(4, 1, 130, 1, 2), F(4, 1, 130, 1, 2)}, run_varlen_hd128_causal, 1e-5, 0, NULL, false,
+     40},
+    {"attention", "varlen hd=64 causal, a segment of keys without queries", 3,
+     {F(4, 1, 6, 2, 2), F(4, 1, 9, 1, 2), F(4, 1, 9, 1, 2)}, run_varlen_hd64_empty_q, 1e-5},
     {"cross_entropy", "V=37 block 8, an ignored row, transposed h", 3,
      {FT(2, 6, 5), F(2, 37, 5), {1, {6}, IN_INDEX, 37, false, false}}, run_cross_entropy_block8},
     {"cross_entropy", "V=11 one block, transposed w", 3,
