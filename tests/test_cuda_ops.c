@@ -3,6 +3,7 @@
  * A kernel missing on CUDA makes its cases fail with the dispatcher's message. Plus the
  * out-of-memory path of the CUDA allocator. MOE_TEST_OPS=op1,op2 runs only those ops'
  * cases (scripts/gpu-check.sh --racecheck). */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,9 +85,51 @@ static void test_oom_message(void) {
     moe_step_reset();
 }
 
+/* moe_index_copy_ on CUDA equals the CPU (f32 and bf16 rows, device and host indices, a
+ * strided source); a device index out of range is reported at the next synchronisation
+ * and a host one at once, dst untouched. */
+static void test_index_copy(void) {
+    const int64_t M = 9, N = 4, R = 5;
+    const int32_t rows[4] = {7, 0, 3, 8};
+    const moe_dtype dts[2] = {MOE_F32, MOE_BF16};
+    for (int d = 0; d < 2; d++) {
+        for (int on_dev = 0; on_dev < 2; on_dev++) {
+            double want[45], got[45];
+            for (int dev = 0; dev < 2; dev++) {
+                moe_device where = dev ? MOE_CUDA : MOE_CPU;
+                moe_dtype dt = dev ? dts[d] : MOE_F32;
+                moe_tensor *dst = moe_tensor_randn(MOE_LIFE_STEP, where, dt, 2, (int64_t[]){M, R}, 61, 0, 1.0);
+                moe_tensor *src = moe_transpose(moe_tensor_randn(MOE_LIFE_STEP, where, dt, 2, (int64_t[]){R, N}, 62, 0, 1.0), 0, 1);
+                moe_tensor *idx = moe_tensor_from_host(MOE_LIFE_STEP, dev && on_dev ? MOE_CUDA : MOE_CPU, MOE_I32, 1,
+                                                       (int64_t[]){N}, rows);
+                CU_ASSERT_EQUAL_FATAL(moe_index_copy_(dst, idx, src), MOE_OK);
+                CU_ASSERT_EQUAL_FATAL(moe_tensor_to_host_f64(dst, dev ? got : want), MOE_OK);
+            }
+            /* the same draws rounded to bf16 on CUDA: compare after rounding the CPU side */
+            double e = 0;
+            for (int i = 0; i < M * R; i++) e = fmax(e, fabs(got[i] - want[i]) / fmax(1.0, fabs(want[i])));
+            CU_ASSERT(e <= (dts[d] == MOE_BF16 ? 1e-2 : 0));
+        }
+    }
+    moe_tensor *dst = moe_tensor_zeros(MOE_LIFE_STEP, MOE_CUDA, MOE_F32, 2, (int64_t[]){M, R});
+    moe_tensor *src = moe_tensor_zeros(MOE_LIFE_STEP, MOE_CUDA, MOE_F32, 2, (int64_t[]){2, R});
+    const int32_t bad[2] = {1, 9};
+    moe_tensor *bad_dev = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CUDA, MOE_I32, 1, (int64_t[]){2}, bad);
+    moe_tensor *bad_host = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_I32, 1, (int64_t[]){2}, bad);
+    CU_ASSERT_EQUAL(moe_index_copy_(dst, bad_host, src), MOE_ERR_INVALID);
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "index_copy_"));
+    moe_status st = moe_index_copy_(dst, bad_dev, src);
+    double h[45];
+    if (st == MOE_OK) st = moe_tensor_to_host_f64(dst, h); /* the synchronisation reports it */
+    CU_ASSERT_EQUAL(st, MOE_ERR_INVALID);
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "index_copy"));
+    moe_step_reset();
+}
+
 static void register_suites(void) {
     moe_test_add_suite("cuda_ops", (moe_test_entry[]){{"parity of every op case", test_parity_all},
                                                        {"out of memory", test_oom_message},
+                                                       {"index_copy_ against the CPU", test_index_copy},
                                                        {NULL, NULL}});
 }
 
