@@ -38,6 +38,9 @@ struct moe_decode_state {
     /* the forward in flight */
     const int32_t *span_seq;   /* [n_spans] the slot of each span */
     int n_spans;
+    moe_tensor *kv_write;      /* I32 [T]: the pool row of each new token */
+    moe_tensor *kv_read;       /* I32 [K]: the pool rows of every position of each span's sequence, span after span */
+    int64_t *kv_off;           /* [n_spans + 1] offsets of the spans' rows in kv_read */
     moe_tensor **staged;       /* [n_layers * n_spans] recurrent states after each span */
 };
 
@@ -229,39 +232,48 @@ static moe_status batch_spans(const moe_decode_state *s, const moe_batch *b, int
 
 /* ---- the cache callbacks of the model's forward ---- */
 
-/* Pool rows of slot q's positions [0, n): block * MOE_KV_BLOCK + offset (host). */
-static int32_t *pool_rows(const seq_slot *q, int64_t n) {
-    int32_t *rows = moe_step_host_alloc(sizeof *rows * (size_t)n);
-    for (int64_t p = 0; rows && p < n; p++) rows[p] = q->blocks[p / MOE_KV_BLOCK] * MOE_KV_BLOCK + (int32_t)(p % MOE_KV_BLOCK);
-    return rows;
+/* Pool row of position p of slot q. */
+static int32_t pool_row(const seq_slot *q, int64_t p) {
+    return q->blocks[p / MOE_KV_BLOCK] * MOE_KV_BLOCK + (int32_t)(p % MOE_KV_BLOCK);
 }
 
-/* x [1, n, Hc, Dc] into pool at slot q's positions past .. past + n - 1, block by block. */
-static moe_status write_rows(moe_tensor *pool, const seq_slot *q, int64_t past, moe_tensor *x) {
-    int64_t n = x->shape[1];
-    for (int64_t t = 0; t < n;) {
-        int64_t p = past + t, off = p % MOE_KV_BLOCK, run = MOE_KV_BLOCK - off < n - t ? MOE_KV_BLOCK - off : n - t;
-        int64_t row = (int64_t)q->blocks[p / MOE_KV_BLOCK] * MOE_KV_BLOCK + off;
-        moe_tensor *dst = moe_reshape(moe_slice(pool, 0, row, row + run), 4, (int64_t[]){1, run, x->shape[2], x->shape[3]});
-        if (!dst || moe_tensor_copy_(dst, moe_slice(x, 1, t, t + run)) != MOE_OK) return moe_last_status();
-        t += run;
+/* The forward's KV rows (kv_write, kv_read, kv_off), once for all attention layers; the
+ * spans' blocks are reserved. */
+static moe_status plan_kv_rows(moe_decode_state *s, const moe_span *spans, int64_t n_tokens) {
+    int64_t *off = moe_step_host_alloc(sizeof *off * (size_t)(s->n_spans + 1));
+    if (!off) return moe_error(MOE_ERR_OOM, "decoder: out of host memory");
+    off[0] = 0;
+    for (int j = 0; j < s->n_spans; j++) off[j + 1] = off[j] + s->seqs[s->span_seq[j]].len + spans[j].len;
+    int32_t *wr = moe_step_host_alloc(sizeof *wr * (size_t)n_tokens);
+    int32_t *rd = moe_step_host_alloc(sizeof *rd * (size_t)off[s->n_spans]);
+    if (!wr || !rd) return moe_error(MOE_ERR_OOM, "decoder: out of host memory");
+    for (int j = 0; j < s->n_spans; j++) {
+        const seq_slot *q = &s->seqs[s->span_seq[j]];
+        for (int64_t t = 0; t < spans[j].len; t++) wr[spans[j].begin + t] = pool_row(q, q->len + t);
+        for (int64_t p = 0; p < off[j + 1] - off[j]; p++) rd[off[j] + p] = pool_row(q, p);
     }
-    return MOE_OK;
+    moe_device dev = s->d->view.dev;
+    s->kv_write = moe_tensor_from_host(MOE_LIFE_STEP, dev, MOE_I32, 1, (int64_t[]){n_tokens}, wr);
+    s->kv_read = moe_tensor_from_host(MOE_LIFE_STEP, dev, MOE_I32, 1, (int64_t[]){off[s->n_spans]}, rd);
+    s->kv_off = off;
+    return s->kv_write && s->kv_read ? MOE_OK : moe_last_status();
 }
 
-static moe_status cache_kv(void *ctx, int layer, int span, moe_tensor *k, moe_tensor *v, moe_tensor **k_all,
-                           moe_tensor **v_all) {
+/* x [1, T, Hc, Dc] into pool's write rows. */
+static moe_status write_rows(const moe_decode_state *s, moe_tensor *pool, moe_tensor *x) {
+    moe_tensor *rows = moe_reshape(x, 3, (int64_t[]){x->shape[1], x->shape[2], x->shape[3]});
+    return rows ? moe_index_copy_(pool, s->kv_write, rows) : moe_last_status();
+}
+
+static moe_status cache_kv(void *ctx, int layer, moe_tensor *k, moe_tensor *v, moe_tensor **k_all,
+                           moe_tensor **v_all, const int64_t **k_off) {
     moe_decode_state *s = ctx;
-    const seq_slot *q = &s->seqs[s->span_seq[span]];
-    int64_t past = q->len, total = past + k->shape[1];
-    MOE_TRY(write_rows(s->k_pool[layer], q, past, k));
-    MOE_TRY(write_rows(s->v_pool[layer], q, past, v));
-    int32_t *rows = pool_rows(q, total);
-    moe_tensor *idx = rows ? moe_tensor_from_host(MOE_LIFE_STEP, k->device, MOE_I32, 1, (int64_t[]){total}, rows) : NULL;
-    if (!idx) return rows ? moe_last_status() : moe_error(MOE_ERR_OOM, "decoder: out of host memory");
-    int64_t shape[4] = {1, total, k->shape[2], k->shape[3]};
-    *k_all = moe_reshape(moe_index_select(s->k_pool[layer], idx), 4, shape);
-    *v_all = moe_reshape(moe_index_select(s->v_pool[layer], idx), 4, shape);
+    MOE_TRY(write_rows(s, s->k_pool[layer], k));
+    MOE_TRY(write_rows(s, s->v_pool[layer], v));
+    int64_t shape[4] = {1, s->kv_read->shape[0], k->shape[2], k->shape[3]};
+    *k_all = moe_reshape(moe_index_select(s->k_pool[layer], s->kv_read), 4, shape);
+    *v_all = moe_reshape(moe_index_select(s->v_pool[layer], s->kv_read), 4, shape);
+    *k_off = s->kv_off;
     return *k_all && *v_all ? MOE_OK : moe_last_status();
 }
 
@@ -339,8 +351,11 @@ static moe_status run_forward(moe_decoder *d, moe_decode_state *s, const moe_bat
                               float *logits, moe_decode_info *info) {
     moe_model *v = &d->view;
     moe_cache_ops ops = {.ctx = s, .kv = cache_kv, .state = cache_state, .set_state = cache_set_state};
+    moe_tensor *pos = moe_tensor_from_host(MOE_LIFE_STEP, v->dev, MOE_I32, 1, (int64_t[]){b->n_tokens}, b->pos);
     moe_forward f = {.mode = MOE_FORWARD_INFER, .B = 1, .T = b->n_tokens, .spans = spans, .n_spans = s->n_spans,
-                     .cache = &ops, .route_ids = info ? info->route_ids : NULL};
+                     .cache = &ops, .positions = pos, .route_ids = info ? info->route_ids : NULL};
+    if (!pos) return moe_last_status();
+    if (s->has_kv) MOE_TRY(plan_kv_rows(s, spans, b->n_tokens));
     if (d->provider && d->provider->begin)
         MOE_TRY(d->provider->begin(d->provider->ctx, b->tokens, b->pos, b->seq, b->n_tokens));
     moe_tensor *ids = moe_tensor_from_host(MOE_LIFE_STEP, v->dev, MOE_I32, 2, (int64_t[]){1, b->n_tokens}, b->tokens);
@@ -375,6 +390,8 @@ moe_status moe_decoder_forward(moe_decoder *d, moe_decode_state *s, const moe_ba
     s->span_seq = NULL;
     s->staged = NULL;
     s->n_spans = 0;
+    s->kv_write = s->kv_read = NULL;
+    s->kv_off = NULL;
     return st;
 }
 

@@ -474,12 +474,6 @@ static attn_proj mla_project(moe_model *m, moe_block *b, moe_tensor *h) {
         .kpe = moe_reshape(moe_contiguous(moe_slice(kva, 2, rkv, rkv + rope)), 4, (int64_t[]){B, T, 1, rope})};
 }
 
-/* Tokens [t0, t1) of p (axis 1). */
-static attn_proj proj_slice(attn_proj p, int64_t t0, int64_t t1) {
-    return (attn_proj){.q = moe_slice(p.q, 1, t0, t1), .k = moe_slice(p.k, 1, t0, t1),
-                       .v = p.v ? moe_slice(p.v, 1, t0, t1) : NULL, .kpe = p.kpe ? moe_slice(p.kpe, 1, t0, t1) : NULL};
-}
-
 /* x [B, T, n, w] padded with zeros to width D (x itself when w == D). */
 static moe_tensor *pad_heads(moe_model *m, moe_tensor *x, int64_t D) {
     if (!x || x->shape[3] == D) return x;
@@ -494,35 +488,58 @@ static moe_tensor *cat_last(moe_tensor *a, moe_tensor *b) {
     return a->shape[a->ndim - 1] == 0 ? b : moe_concat((moe_tensor *[]){a, b}, 2, a->ndim - 1);
 }
 
-/* The q, k, v of projections p of tokens at positions pos0..: rope applied; under mla all
+/* x [B, T, n, w] rotated at the forward's positions: each token's own (inference) or
+ * 0 .. T - 1 (training). */
+static moe_tensor *rope(moe_model *m, moe_tensor *x, const moe_forward *f) {
+    double th = m->cfg.model.rope_theta;
+    return f->mode == MOE_FORWARD_TRAIN ? moe_rope(x, 0, th) : moe_rope_at(x, f->positions, th);
+}
+
+/* The q, k, v of projections p at the forward's positions, rope applied; under mla all
  * [B, T, H, D], D = max(nope + rope, v_head_dim): v zero-padded to D (or q, k, with q
  * rescaled so that the softmax scale stays (nope + rope)^-1/2), the rope key shared by
  * every head. */
-static attn_proj positioned(moe_model *m, attn_proj p, int64_t pos0) {
+static attn_proj positioned(moe_model *m, attn_proj p, const moe_forward *f) {
     const moe_cfg_model *c = &m->cfg.model;
-    double th = c->rope_theta;
-    if (c->attention != MOE_CFG_ATTENTION_MLA)
-        return (attn_proj){.q = moe_rope(p.q, pos0, th), .k = moe_rope(p.k, pos0, th), .v = p.v};
+    if (c->attention != MOE_CFG_ATTENTION_MLA) return (attn_proj){.q = rope(m, p.q, f), .k = rope(m, p.k, f), .v = p.v};
     int64_t H = m->n_heads, nope = c->qk_nope_dim, Dq = nope + c->qk_rope_dim, vd = c->v_head_dim;
     int64_t D = Dq > vd ? Dq : vd;
     moe_tensor *heads = moe_tensor_zeros(MOE_LIFE_STEP, m->dev, m->compute, 4, (int64_t[]){1, 1, H, 1});
-    moe_tensor *kpe = moe_add(moe_rope(p.kpe, pos0, th), heads); /* [B, T, H, rope] */
-    moe_tensor *q = cat_last(moe_slice(p.q, 3, 0, nope), moe_rope(moe_slice(p.q, 3, nope, Dq), pos0, th));
+    moe_tensor *kpe = moe_add(rope(m, p.kpe, f), heads); /* [B, T, H, rope] */
+    moe_tensor *q = cat_last(moe_slice(p.q, 3, 0, nope), rope(m, moe_slice(p.q, 3, nope, Dq), f));
     if (D > Dq) q = moe_mul_scalar(pad_heads(m, q, D), sqrt((double)D / (double)Dq));
     return (attn_proj){.q = q, .k = pad_heads(m, cat_last(moe_slice(p.k, 3, 0, nope), kpe), D),
                        .v = pad_heads(m, moe_slice(p.k, 3, nope, nope + vd), D)};
 }
 
-/* Attention of projections p (one piece [B, T] at positions pos0..) -> [B, T, H w] (before
- * wo). With `cache` (inference, B == 1), the piece's k, v join its sequence's cached ones
- * and the queries attend over all of them. */
-static moe_tensor *attend(moe_model *m, int layer, int span, attn_proj p, int64_t pos0, const moe_cache_ops *cache) {
+/* Query offsets of the forward's spans in the packed row (host, n_spans + 1). */
+static const int64_t *span_offsets(const moe_forward *f) {
+    int64_t *off = moe_step_host_alloc(sizeof *off * (size_t)(f->n_spans + 1));
+    if (!off) {
+        moe_error(MOE_ERR_OOM, "model: out of host memory");
+        return NULL;
+    }
+    for (int j = 0; j < f->n_spans; j++) off[j] = f->spans[j].begin;
+    off[f->n_spans] = f->T;
+    return off;
+}
+
+/* Attention of projections p [B, T] -> [B, T, H w] (before wo): training, causal over each
+ * row; inference, every span's keys and values into the caches and one variable-length
+ * attention in which span j's queries see its sequence's cached keys and its own. */
+static moe_tensor *attend(moe_model *m, int layer, attn_proj p, const moe_forward *f) {
     const moe_cfg_model *c = &m->cfg.model;
-    attn_proj x = positioned(m, p, pos0);
+    attn_proj x = positioned(m, p, f);
     if (!x.q || !x.k || !x.v) return NULL;
-    moe_tensor *k = x.k, *v = x.v;
-    if (cache && cache->kv(cache->ctx, layer, span, x.k, x.v, &k, &v) != MOE_OK) return NULL;
-    moe_tensor *a = moe_attention(x.q, k, v, true); /* [B, T, H, D] */
+    moe_tensor *a; /* [B, T, H, D] */
+    if (f->mode == MOE_FORWARD_TRAIN) {
+        a = moe_attention(x.q, x.k, x.v, true);
+    } else {
+        moe_tensor *k = NULL, *v = NULL;
+        const int64_t *k_off = NULL, *q_off = span_offsets(f);
+        if (!q_off || f->cache->kv(f->cache->ctx, layer, x.k, x.v, &k, &v, &k_off) != MOE_OK) return NULL;
+        a = moe_attention_varlen(x.q, k, v, q_off, k_off, f->n_spans, true);
+    }
     int64_t w = c->attention == MOE_CFG_ATTENTION_MLA ? c->v_head_dim : m->head_dim;
     if (a && a->shape[3] != w) a = moe_contiguous(moe_slice(a, 3, 0, w));
     return moe_reshape(a, 3, (int64_t[]){x.q->shape[0], x.q->shape[1], m->n_heads * w});
@@ -585,37 +602,29 @@ static bool spans_equal(const moe_forward *f) {
     return true;
 }
 
-/* Block i's token mixer on h [B, T, d] -> [B, T, d]: the whole batch (training), or span by
- * span against the caches (inference; an attention layer's projections still run once
- * over every token, only rope, the cache and the attention itself per span; MoM spans of
- * one length run as the rows of one forward). */
+/* Block i's token mixer on h [B, T, d] -> [B, T, d]: attention over the whole batch (its
+ * caches and spans handled inside attend), a MoM layer over the batch (training), as rows
+ * of one forward (inference, spans of one length: a decode step) or span by span. */
 static moe_tensor *mix(moe_model *m, int i, moe_tensor *h, const moe_forward *f, moe_tensor **aux) {
     moe_block *b = &m->blocks[i];
-    bool attn = b->mixer == MOE_CFG_MIXER_ATTENTION;
     if (!h) return NULL;
-    attn_proj p = {NULL};
-    if (attn) p = m->cfg.model.attention == MOE_CFG_ATTENTION_MLA ? mla_project(m, b, h) : mha_project(m, b, h);
-    moe_tensor *y;
-    if (f->mode == MOE_FORWARD_TRAIN) {
-        y = attn ? attend(m, i, 0, p, 0, NULL) : mom_mix(m, b, i, 0, h, NULL, aux);
-    } else if (!attn && spans_equal(f)) {
-        y = mom_rows(m, b, i, h, f);
-    } else {
-        moe_tensor **parts = moe_step_host_alloc(sizeof *parts * (size_t)f->n_spans);
-        if (!parts) {
-            moe_error(MOE_ERR_OOM, "model: out of host memory");
-            return NULL;
-        }
-        for (int j = 0; j < f->n_spans; j++) {
-            const moe_span *sp = &f->spans[j];
-            int64_t t0 = sp->begin, t1 = sp->begin + sp->len;
-            parts[j] = attn ? attend(m, i, j, proj_slice(p, t0, t1), sp->pos0, f->cache)
-                            : mom_mix(m, b, i, j, moe_slice(h, 1, t0, t1), f->cache, aux);
-            if (!parts[j]) return NULL;
-        }
-        y = concat_pieces(parts, f->n_spans, 1);
+    if (b->mixer == MOE_CFG_MIXER_ATTENTION) {
+        attn_proj p = m->cfg.model.attention == MOE_CFG_ATTENTION_MLA ? mla_project(m, b, h) : mha_project(m, b, h);
+        return moe_matmul(attend(m, i, p, f), C(b->wo));
     }
-    return attn ? moe_matmul(y, C(b->wo)) : y;
+    if (f->mode == MOE_FORWARD_TRAIN) return mom_mix(m, b, i, 0, h, NULL, aux);
+    if (spans_equal(f)) return mom_rows(m, b, i, h, f);
+    moe_tensor **parts = moe_step_host_alloc(sizeof *parts * (size_t)f->n_spans);
+    if (!parts) {
+        moe_error(MOE_ERR_OOM, "model: out of host memory");
+        return NULL;
+    }
+    for (int j = 0; j < f->n_spans; j++) {
+        const moe_span *sp = &f->spans[j];
+        parts[j] = mom_mix(m, b, i, j, moe_slice(h, 1, sp->begin, sp->begin + sp->len), f->cache, aux);
+        if (!parts[j]) return NULL;
+    }
+    return concat_pieces(parts, f->n_spans, 1);
 }
 
 /* Block i's feed-forward on h2 [B T, d] -> [B T, d]: dense, or the MoE layer routed with
@@ -660,9 +669,11 @@ static moe_tensor *feed_forward(moe_model *m, int i, moe_tensor *h2, const moe_f
 /* Checks a forward's layout against its mode (misuse: asserts). */
 static void check_forward(const moe_forward *f) {
     bool train = f->mode == MOE_FORWARD_TRAIN;
-    MOE_ASSERT(train ? !f->spans && !f->cache : f->B == 1 && f->spans && f->n_spans > 0 && f->cache,
-               "model forward: TRAIN takes [B, T] rows without spans or cache; INFER one packed row of spans "
-               "with a cache");
+    MOE_ASSERT(train ? !f->spans && !f->cache && !f->positions
+                     : f->B == 1 && f->spans && f->n_spans > 0 && f->cache && f->positions &&
+                           f->positions->dtype == MOE_I32 && moe_tensor_numel(f->positions) == f->T,
+               "model forward: TRAIN takes [B, T] rows without spans, cache or positions; INFER one packed row of "
+               "spans with a cache and the tokens' positions");
     for (int j = 0; !train && j < f->n_spans; j++)
         MOE_ASSERT(f->spans[j].len > 0 && f->spans[j].begin == (j ? f->spans[j - 1].begin + f->spans[j - 1].len : 0) &&
                        f->spans[j].begin + f->spans[j].len <= f->T,

@@ -93,9 +93,11 @@ moe_status moe_model_loss(moe_model *m, const int32_t *inputs, const int32_t *ta
  * TRAIN: x [B, T, d] holds B sequences at positions 0 .. T-1; routers add their balance
  * losses (and noise, dropout while gradients are on); MoM layers run the chunked form.
  * INFER: B == 1 and the T tokens are n_spans pieces of sequences packed one after another;
- * routers select only (moe_router_select); each attention and MoM layer runs per span
- * against the span's cache through `cache` (a loop over spans: the first, CPU-friendly
- * form of attention with sequence boundaries). */
+ * routers select only (moe_router_select); an attention layer runs once over all spans
+ * (rope at each token's position, one variable-length attention in which a span sees only
+ * its own sequence's keys: the block-diagonal mask of prepacked prefill, and batched
+ * decode), a MoM layer span by span (spans of one length as the rows of one forward),
+ * both against the caches through `cache`. */
 typedef enum moe_forward_mode { MOE_FORWARD_TRAIN, MOE_FORWARD_INFER } moe_forward_mode;
 
 /* A piece of one sequence in a packed batch: tokens [begin, begin + len) of the batch at
@@ -108,11 +110,13 @@ typedef struct moe_span {
  * moe/infer; the model stores nothing). `span` indexes the forward's spans. */
 typedef struct moe_cache_ops {
     void *ctx;
-    /* Attention layer `layer`: stores the span's new keys and values k, v [1, len, Hc, Dc]
-     * (Hc, Dc: moe_model_kv_shape) and returns its sequence's keys and values of every
-     * position so far, *k_all, *v_all [1, past + len, Hc, Dc] (STEP tensors). */
-    moe_status (*kv)(void *ctx, int layer, int span, moe_tensor *k, moe_tensor *v, moe_tensor **k_all,
-                     moe_tensor **v_all);
+    /* Attention layer `layer`: stores every span's new keys and values k, v [1, T, Hc, Dc]
+     * (Hc, Dc: moe_model_kv_shape; span j's rows at spans[j].begin ..) and returns the
+     * keys and values of every position so far of each span's sequence, packed span after
+     * span: *k_all, *v_all [1, K, Hc, Dc] (STEP tensors), span j's at rows
+     * [(*k_off)[j], (*k_off)[j + 1]) (host, n_spans + 1 offsets, valid for the forward). */
+    moe_status (*kv)(void *ctx, int layer, moe_tensor *k, moe_tensor *v, moe_tensor **k_all, moe_tensor **v_all,
+                     const int64_t **k_off);
     /* MoM / GDN layer `layer`: the span's sequence's recurrent state before the span,
      * [n_mem, H, dk, dv] (moe_mom_state_zeros' dtype), or NULL with an error set. */
     moe_tensor *(*state)(void *ctx, int layer, int span);
@@ -126,6 +130,8 @@ typedef struct moe_forward {
     const moe_span *spans;      /* INFER: [n_spans] tiling [0, T) in order; TRAIN: NULL */
     int n_spans;
     const moe_cache_ops *cache; /* INFER: required; TRAIN: NULL */
+    moe_tensor *positions;      /* INFER: I32 [T] on the model's device, each token's position in its
+                                 * sequence (rope); TRAIN: NULL (positions 0 .. T - 1 of every row) */
     int32_t *route_ids;         /* NULL or [n_layers, B T, top_k]: the experts chosen per layer and
                                  * token (the router's order; -1 in dense layers) */
 } moe_forward;
