@@ -123,7 +123,7 @@ static void test_sgemm_cpu(void) {
 
 /* Without a device the cuda cases fail cleanly and write nothing; with one they run. */
 static void test_cuda_cases(void) {
-    static const char *names[] = {"moe-layer-gpu", "moe-layer-gpu-fine", "lm-train-gpu", NULL};
+    static const char *names[] = {"moe-layer-gpu", "moe-layer-gpu-fine", "lm-train-gpu", "index-add-gpu", NULL};
     if (moe_device_available(MOE_CUDA)) {
         check_layer_case("moe-layer-gpu", "cuda", 64, 16384 / 64, 1024, 2816, 2);
         check_layer_case("moe-layer-gpu-fine", "cuda", 64, 16384 / 64, 2048, 1408, 6);
@@ -132,6 +132,14 @@ static void test_cuda_cases(void) {
         CU_ASSERT_EQUAL_FATAL(r.n_lines, 1);
         double mfu = num_field(r.lines[0], "mfu");
         CU_ASSERT_TRUE(isfinite(mfu) && mfu > 0 && mfu < 1);
+        free(r.text);
+        /* 1024 bf16 rows of 768 into 256: src + ids read, the table read and written */
+        CU_ASSERT_EQUAL_FATAL(run_case("index-add-gpu", 16, &r), MOE_OK);
+        CU_ASSERT_EQUAL_FATAL(r.n_lines, 1);
+        check_line(r.lines[0], "index-add-gpu", "index_add", "cuda", 1024.0 * 768, 16);
+        CU_ASSERT_EQUAL(num_field(r.lines[0], "bytes"), 1024.0 * 768 * 2 + 4 * 1024 + 2 * 256.0 * 768 * 2);
+        double gbs = num_field(r.lines[0], "gb_per_s");
+        CU_ASSERT_TRUE(isfinite(gbs) && gbs > 0);
         free(r.text);
         return;
     }

@@ -10,7 +10,9 @@
  *    `out` untouched (this matters for the in-place INDEX_ADD / SCATTER_ADD);
  *  - the accumulating kernels (INDEX_ADD, SCATTER_ADD) are deterministic: each target
  *    element receives its contributions in ascending source order, whatever the thread
- *    count (the CUDA port may use atomics and then differs by rounding only). */
+ *    count. On CUDA, INDEX_ADD is deterministic too (each target's sources summed in f32
+ *    in a fixed order, rounded once); SCATTER_ADD uses atomics there and differs by
+ *    rounding only. */
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>

@@ -4,8 +4,9 @@
  * synchronisation: an out-of-range one is skipped (its output row is zero) and recorded,
  * and the next synchronisation reports MOE_ERR_INVALID with the kernel, the value, its
  * position and the range (cu_index_ok, cu_index_fault_check).
- * INDEX_ADD / SCATTER_ADD accumulate with atomics: they differ from the CPU by rounding
- * order only. ARGSORT and CUMSUM use CUB (stable radix sort, device scan). */
+ * INDEX_ADD sorts its indices and sums each target row's sources in order (deterministic,
+ * no atomics); SCATTER_ADD accumulates with atomics and differs from the CPU by rounding
+ * order only. INDEX_ADD, ARGSORT and CUMSUM use CUB (stable radix sort, device scan). */
 #include <cub/cub.cuh>
 
 #include "core/cuda/cuda_common.cuh"
@@ -50,27 +51,132 @@ extern "C" moe_status moe_cuda_index_select(const moe_kernel_args *a) {
 __device__ __forceinline__ void atomic_addf(float *p, float v) { atomicAdd(p, v); }
 __device__ __forceinline__ void atomic_addf(bf16 *p, float v) { atomicAdd(p, __float2bfloat16_rn(v)); }
 
-/* ---- INDEX_ADD: out row idx[i] += src row i ---- */
-template <class T>
-__global__ void index_add_kernel(T *o, const T *src, const int32_t *idx, int64_t n, int64_t m, int64_t r,
-                                 cu_index_fault *f) {
-    CU_GRID_LOOP(i, m * r) {
-        int64_t row = i / r;
-        int32_t v = idx[row];
-        if (cu_index_ok(f, CU_IDX_INDEX_ADD, v, row, n)) atomic_addf(o + (int64_t)v * r + (i - row * r), ldf(src + i));
+/* ---- INDEX_ADD: out row idx[i] += src row i, deterministic ----
+ * The (index, position) pairs are radix-sorted (stable: equal indices keep ascending
+ * positions), so the src rows of one out row form a run of the sorted order. The sorted
+ * order is cut into chunks of IA_CHUNK positions; one block per (chunk, column tile) sums
+ * the pieces of runs in its chunk in f32, in sorted order. A run inside one chunk is added
+ * to out at once; a run crossing chunks leaves a partial sum per chunk (slot 1 of the chunk
+ * where it starts, slot 0 of each later one), and index_add_spans_kernel adds those in
+ * chunk order. No atomics: the same bits every run, and each out element is rounded to its
+ * dtype once. An out-of-range index is recorded and its row sorted under key 0 with
+ * position -1, which the sums skip. */
+#define IA_CHUNK 32
+
+__global__ void index_add_keys_kernel(const int32_t *idx, uint32_t *key, int32_t *pos, int64_t m, int64_t n,
+                                      cu_index_fault *f) {
+    CU_GRID_LOOP(i, m) {
+        int32_t v = idx[i];
+        bool ok = cu_index_ok(f, CU_IDX_INDEX_ADD, v, i, n);
+        key[i] = ok ? (uint32_t)v : 0u;
+        pos[i] = ok ? (int32_t)i : -1;
     }
+}
+
+/* The sum of one run piece, ending at sorted position e (last of its run or of chunk c
+ * [c0, c1)): a run that began before the chunk goes to slot 0, one that goes on past it to
+ * slot 1 (part: [chunks, 2, r] f32), a run wholly inside the chunk straight to out. */
+template <class T>
+__device__ __forceinline__ void index_add_flush(T *o, float *part, const uint32_t *key, int64_t m, int64_t r,
+                                                int64_t col, int64_t c, int64_t c0, int64_t c1, int64_t begin,
+                                                uint32_t k, float acc) {
+    if (begin == c0 && c0 > 0 && key[c0 - 1] == k) part[(2 * c) * r + col] = acc;
+    else if (c1 < m && key[c1] == k) part[(2 * c + 1) * r + col] = acc;
+    else stf(o + (int64_t)k * r + col, ldf(o + (int64_t)k * r + col) + acc);
+}
+
+/* grid (chunks, column tiles); blockDim.x >= IA_CHUNK. key, pos [m] sorted; src [m, r]. */
+template <class T>
+__global__ void index_add_chunks_kernel(T *o, const T *src, const uint32_t *key, const int32_t *pos, int64_t m,
+                                        int64_t r, float *part) {
+    __shared__ uint32_t sk[IA_CHUNK];
+    __shared__ int32_t sp[IA_CHUNK];
+    const int64_t c = blockIdx.x, c0 = c * IA_CHUNK, c1 = c0 + IA_CHUNK < m ? c0 + IA_CHUNK : m;
+    const int64_t col = (int64_t)blockIdx.y * blockDim.x + threadIdx.x;
+    if (threadIdx.x < c1 - c0) {
+        sk[threadIdx.x] = key[c0 + threadIdx.x];
+        sp[threadIdx.x] = pos[c0 + threadIdx.x];
+    }
+    __syncthreads();
+    if (col >= r) return;
+    float v[IA_CHUNK]; /* all loads first, independent of each other */
+#pragma unroll
+    for (int j = 0; j < IA_CHUNK; j++) v[j] = c0 + j < c1 && sp[j] >= 0 ? ldf(src + (int64_t)sp[j] * r + col) : 0.0f;
+    float acc = 0;
+    int64_t begin = c0;
+#pragma unroll
+    for (int j = 0; j < IA_CHUNK; j++) {
+        if (c0 + j >= c1) break;
+        acc += v[j];
+        if (j + 1 < IA_CHUNK && c0 + j + 1 < c1 && sk[j + 1] == sk[j]) continue;
+        index_add_flush(o, part, key, m, r, col, c, c0, c1, begin, sk[j], acc);
+        acc = 0;
+        begin = c0 + j + 1;
+    }
+}
+
+/* The runs that cross chunks, each by the block of the chunk where it starts: slot 1 there,
+ * then slot 0 of each following chunk it covers, added to out once. */
+template <class T>
+__global__ void index_add_spans_kernel(T *o, const uint32_t *key, int64_t m, int64_t r, const float *part) {
+    const int64_t c = blockIdx.x, c0 = c * IA_CHUNK, c1 = c0 + IA_CHUNK;
+    const int64_t col = (int64_t)blockIdx.y * blockDim.x + threadIdx.x;
+    if (col >= r || c1 >= m) return;
+    const uint32_t k = key[c1 - 1];
+    if (key[c1] != k || (c0 > 0 && key[c0 - 1] == k)) return;
+    float acc = part[(2 * c + 1) * r + col];
+    for (int64_t d = c + 1;; d++) {
+        acc += part[(2 * d) * r + col];
+        int64_t e = (d + 1) * IA_CHUNK;
+        if (e >= m || key[e] != k) break;
+    }
+    stf(o + (int64_t)k * r + col, ldf(o + (int64_t)k * r + col) + acc);
+}
+
+/* Sorts the indices of idx [m] (in [0, n) once checked) with their positions. */
+static moe_status index_add_sort(const int32_t *idx, int64_t m, int64_t n, uint32_t **key, int32_t **pos) {
+    uint32_t *k0 = (uint32_t *)cu_scratch(sizeof(uint32_t) * (size_t)m);
+    int32_t *p0 = (int32_t *)cu_scratch(sizeof(int32_t) * (size_t)m);
+    *key = (uint32_t *)cu_scratch(sizeof(uint32_t) * (size_t)m);
+    *pos = (int32_t *)cu_scratch(sizeof(int32_t) * (size_t)m);
+    if (!k0 || !p0 || !*key || !*pos) return moe_last_status();
+    index_add_keys_kernel<<<cu_blocks(m), CU_THREADS, 0, moe_cu.stream>>>(idx, k0, p0, m, n, moe_cu.index_fault);
+    CU_LAUNCHED("index_add (keys)");
+    int bits = 1;
+    while (bits < 32 && ((int64_t)1 << bits) < n) bits++;
+    size_t bytes = 0;
+    void *tmp = NULL;
+    for (int pass = 0; pass < 2; pass++) { /* pass 0 sizes the temporary storage */
+        if (pass == 1 && !(tmp = cu_scratch(bytes ? bytes : 1))) return moe_last_status();
+        CU_TRY(cub::DeviceRadixSort::SortPairs(tmp, bytes, k0, *key, p0, *pos, (int)m, 0, bits, moe_cu.stream),
+               "index_add: sorting %lld indices (cub::DeviceRadixSort)", (long long)m);
+    }
+    CU_LAUNCHED("index_add (sort)");
+    return MOE_OK;
 }
 
 extern "C" moe_status moe_cuda_index_add(const moe_kernel_args *a) {
     moe_tensor *o = a->out;
     const moe_tensor *src = a->in[0], *idx = a->in[1];
     int64_t n = o->ndim ? o->shape[0] : 1, r = row_width(o), m = moe_tensor_numel(idx);
-    const int32_t *pi = (const int32_t *)idx->data;
     if (m * r == 0) return MOE_OK;
+    const int th = cu_row_threads(r) > 256 ? 256 : cu_row_threads(r);
+    const int64_t chunks = (m + IA_CHUNK - 1) / IA_CHUNK, tiles = (r + th - 1) / th;
+    if (m > INT32_MAX || tiles > 65535)
+        return moe_error(MOE_ERR_UNSUPPORTED, "index_add: %lld rows of %lld elements are more than cuda handles",
+                         (long long)m, (long long)r);
+    uint32_t *key = NULL;
+    int32_t *pos = NULL;
+    MOE_TRY(index_add_sort((const int32_t *)idx->data, m, n, &key, &pos));
+    float *part = (float *)cu_scratch(sizeof(float) * (size_t)(2 * chunks * r));
+    if (!part) return moe_last_status();
+    dim3 grid((unsigned)chunks, (unsigned)tiles);
     CU_FLOAT_DISPATCH(o->dtype, "index_add",
-        index_add_kernel<T><<<cu_blocks(m * r), CU_THREADS, 0, moe_cu.stream>>>(
-            (T *)o->data, (const T *)src->data, pi, n, m, r, moe_cu.index_fault);)
-    CU_LAUNCHED("index_add");
+        index_add_chunks_kernel<T><<<grid, th, 0, moe_cu.stream>>>((T *)o->data, (const T *)src->data, key, pos, m,
+                                                                 r, part);
+        CU_LAUNCHED("index_add (chunks)");
+        index_add_spans_kernel<T><<<grid, th, 0, moe_cu.stream>>>((T *)o->data, key, m, r, part);)
+    CU_LAUNCHED("index_add (spans)");
     return MOE_OK;
 }
 

@@ -24,14 +24,14 @@
 #define AUX_ALPHA 0.01        /* Switch balance loss weight, as bench_reference.py */
 #define INIT_STD 0.02
 
-typedef enum bench_kind { KIND_LAYER, KIND_LM, KIND_GEMM } bench_kind;
+typedef enum bench_kind { KIND_LAYER, KIND_LM, KIND_GEMM, KIND_INDEX_ADD } bench_kind;
 
 /* Shapes exactly as results/README.md's table (and bench_reference.py's CASES). */
 typedef struct bench_case {
     const char *name;
     bench_kind kind;
     moe_device dev;
-    int V, d, L, H, E, k, f, B, S; /* LM: all; layer: d, E, k, f and T in S */
+    int V, d, L, H, E, k, f, B, S; /* LM: all; layer: d, E, k, f and T in S; index_add: V, d, rows in S */
 } bench_case;
 
 static const bench_case CASES[] = {
@@ -42,6 +42,7 @@ static const bench_case CASES[] = {
     {"lm-train-gpu", KIND_LM, MOE_CUDA, .V = 32768, .d = 1024, .L = 8, .H = 16, .E = 8, .k = 2, .f = 2816, .B = 16,
      .S = 1024},
     {"sgemm", KIND_GEMM, MOE_CPU}, /* n = 2048 f32 on the CPU, 8192 bf16 on cuda */
+    {"index-add-gpu", KIND_INDEX_ADD, MOE_CUDA, .V = 256, .d = 768, .S = 16384}, /* the byte-vocab embedding backward */
 };
 #define N_CASES ((int)(sizeof CASES / sizeof *CASES))
 
@@ -76,6 +77,7 @@ typedef struct bench_phase {
     void *ctx;
     int64_t flops;
     int64_t tokens, active_params; /* LM only (0 otherwise) */
+    int64_t bytes;                 /* memory an ideal kernel moves: GB/s printed when > 0 */
 } bench_phase;
 
 /* Median without disturbing the samples (they are printed in order). */
@@ -109,6 +111,7 @@ static void write_figure(const bench_run *r, const bench_phase *p, const double 
                 rate / 1e9, peak / 1048576.0, moe_device_name(r->dev), moe_dtype_name(r->dt), omp_get_max_threads());
         if (p->tokens) fprintf(f, "  %.1f tokens/s", (double)p->tokens / (ms * 1e-3));
         if (p->tokens && r->dev == MOE_CUDA) fprintf(f, "  MFU %.4f", rate / H200_BF16_PEAK);
+        if (p->bytes) fprintf(f, "  %.1f GB/s", (double)p->bytes / (ms * 1e-3) / 1e9);
         fputc('\n', f);
         fflush(f);
         return;
@@ -121,6 +124,7 @@ static void write_figure(const bench_run *r, const bench_phase *p, const double 
             (long long)p->flops, rate / 1e9, peak, moe_device_name(r->dev), moe_dtype_name(r->dt),
             omp_get_max_threads(), o->warmup, o->reps, o->scale, MOE_VERSION);
     if (r->c->kind == KIND_GEMM) fprintf(f, ",\"n\":%d", r->n);
+    if (p->bytes) fprintf(f, ",\"bytes\":%lld,\"gb_per_s\":%.2f", (long long)p->bytes, (double)p->bytes / (ms * 1e-3) / 1e9);
     if (p->tokens) {
         fprintf(f, ",\"tokens\":%lld,\"active_matmul_params\":%lld,\"tokens_per_s\":%.1f", (long long)p->tokens,
                 (long long)p->active_params, (double)p->tokens / (ms * 1e-3));
@@ -394,6 +398,40 @@ static moe_status bench_gemm(const bench_run *r) {
     return st;
 }
 
+/* ---- the embedding backward alone: T rows of width d added into a V-row table ---- */
+
+typedef struct index_add_ctx {
+    moe_tensor *table, *ids, *src; /* [V, d], [T] uniform in [0, V), [T, d] */
+} index_add_ctx;
+
+static moe_status index_add_body(void *p) {
+    index_add_ctx *c = p;
+    bool was = moe_grad_set_enabled(false);
+    moe_tensor *y = moe_index_add(c->table, c->ids, c->src);
+    moe_grad_set_enabled(was);
+    return y ? MOE_OK : moe_last_status();
+}
+
+static moe_status bench_index_add(const bench_run *r) {
+    const bench_case *k = r->c;
+    int64_t V = k->V, d = k->d, T = r->T, es = (int64_t)moe_dtype_size(r->dt);
+    index_add_ctx c = {moe_tensor_zeros(MOE_LIFE_PERSIST, r->dev, r->dt, 2, (int64_t[]){V, d}),
+                       moe_tensor_randint(MOE_LIFE_PERSIST, r->dev, MOE_I32, 1, (int64_t[]){T}, 3, 0, V),
+                       moe_tensor_randn(MOE_LIFE_PERSIST, r->dev, r->dt, 2, (int64_t[]){T, d}, 4, 0, 1.0)};
+    moe_status st;
+    if (c.table && c.ids && c.src) { /* traffic: src and ids read, the table read and written */
+        bench_phase phase = {"index_add", step_reset_prepare, index_add_body, &c, T * d, 0, 0,
+                             .bytes = T * d * es + 4 * T + 2 * V * d * es};
+        st = run_phases(r, &phase, 1);
+    } else {
+        st = moe_last_status();
+    }
+    moe_tensor_free(c.table);
+    moe_tensor_free(c.ids);
+    moe_tensor_free(c.src);
+    return st;
+}
+
 moe_status moe_bench_run(const char *case_name, const moe_bench_options *o) {
     MOE_ASSERT(case_name && o && o->out, "moe_bench_run needs a case name, options and an output stream");
     const bench_case *c = NULL;
@@ -401,7 +439,7 @@ moe_status moe_bench_run(const char *case_name, const moe_bench_options *o) {
         if (!strcmp(CASES[i].name, case_name)) c = &CASES[i];
     if (!c)
         return moe_error(MOE_ERR_CONFIG, "moe bench: unknown case '%s' (moe-layer-cpu, lm-step-cpu, moe-layer-gpu, "
-                         "moe-layer-gpu-fine, lm-train-gpu, sgemm)", case_name);
+                         "moe-layer-gpu-fine, lm-train-gpu, sgemm, index-add-gpu)", case_name);
     if (o->reps < 1 || o->reps > MOE_BENCH_MAX_REPS || o->warmup < 0 || o->warmup > MOE_BENCH_MAX_REPS || o->threads < 0 || o->scale < 1)
         return moe_error(MOE_ERR_CONFIG, "moe bench: need 1 <= reps <= %d, 0 <= warmup <= %d, threads >= 0, scale >= 1 "
                          "(got reps %d, warmup %d, threads %d, scale %d)", MOE_BENCH_MAX_REPS, MOE_BENCH_MAX_REPS, o->reps, o->warmup,
@@ -422,6 +460,7 @@ moe_status moe_bench_run(const char *case_name, const moe_bench_options *o) {
     case KIND_LAYER: return bench_layer(&r);
     case KIND_LM: return bench_lm(&r);
     case KIND_GEMM: return bench_gemm(&r);
+    case KIND_INDEX_ADD: return bench_index_add(&r);
     }
     MOE_ASSERT(0, "bad case kind %d", (int)c->kind);
     return MOE_ERR_INVALID;

@@ -4,10 +4,12 @@
  *
  * Cases: moe-layer-cpu, lm-step-cpu (cpu, f32); moe-layer-gpu, moe-layer-gpu-fine,
  * lm-train-gpu (cuda, bf16); sgemm, the machine's matmul ceiling through moe_matmul
- * (cpu: f32 n=2048; cuda: bf16 n=8192). Layer cases time "fwd" (grad mode off) and
- * "fwd_bwd" (loss = sum(out * R), backward, input and parameter grads); LM cases time
- * "step" (one whole AdamW step: loss, backward, clip, update, zero grads); sgemm times
- * "gemm". Each figure is the median of `reps` runs after `warmup` runs.
+ * (cpu: f32 n=2048; cuda: bf16 n=8192); index-add-gpu (cuda, bf16), the embedding
+ * backward alone: INDEX_ADD of 16384 rows of width 768 into a 256-row table. Layer cases
+ * time "fwd" (grad mode off) and "fwd_bwd" (loss = sum(out * R), backward, input and
+ * parameter grads); LM cases time "step" (one whole AdamW step: loss, backward, clip,
+ * update, zero grads); sgemm times "gemm", index-add-gpu "index_add". Each figure is the
+ * median of `reps` runs after `warmup` runs.
  *
  * Output: one line per figure on `out`. JSON (`json`): the fields of
  * bench_reference.py where they apply:
@@ -15,7 +17,8 @@
  *    "peak_kind":"step_arena+persist","device","dtype","threads","warmup","reps",
  *    "scale","impl":"moe","version"}, plus "tokens","active_matmul_params",
  *   "tokens_per_s" for LM cases, "mfu" (vs 790 TFLOP/s) for LM cases on cuda, "n" for
- * sgemm and "gpu" on cuda. FLOPs are counted exactly as bench_reference.py counts them.
+ * sgemm, "bytes" and "gb_per_s" (the traffic of an ideal kernel) for index-add-gpu, and "gpu"
+ * on cuda. FLOPs are counted exactly as bench_reference.py counts them.
  * peak_bytes = the device's PERSIST peak + STEP arena peak, both process-wide so far
  * (an upper bound of the true peak; later figures include earlier phases). Otherwise
  * one human-readable line per figure. moe_bench_run also logs one line describing the run
@@ -36,7 +39,7 @@ typedef struct moe_bench_options {
     int warmup;  /* runs before timing, >= 0 */
     int reps;    /* timed runs, >= 1 */
     int threads; /* OpenMP threads for the CPU (omp_set_num_threads); 0: leave as is */
-    int scale;   /* >= 1: divides T (layer cases), the batch (LM cases) and n (sgemm),
+    int scale;   /* >= 1: divides T (layer cases, index-add rows), the batch (LM cases) and n (sgemm),
                     each kept >= 1, for smoke tests */
     bool json;   /* JSON lines instead of readable lines */
     bool help;   /* the flags were printed (--help, moe/cli/bench.h): nothing to run */
