@@ -13,8 +13,6 @@
 
 #include "core/h5file.h"
 
-#define CHECK_ERROR_HAS(text) CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), (text)))
-
 static const char *const yaml_text =
     "model:\n  d_model: 64\n  experts: 8 # comment\n\ntrain:\n  lr: 3.0e-4\n  name: \"x y\"\n";
 

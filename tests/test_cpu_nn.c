@@ -13,35 +13,8 @@
 #include "core/memory.h"
 #include "core/ops.h"
 #include "core/philox.h"
+#include "tests/harness/tensors.h"
 #include "tests/harness/testlib.h"
-
-#define CHECK_ERROR_HAS(text)                                                            \
-    do {                                                                                 \
-        bool has_ = strstr(moe_last_error(), (text)) != NULL;                            \
-        CU_ASSERT(has_);                                                                 \
-        if (!has_) fprintf(stderr, "    '%s' not in '%s'\n", (text), moe_last_error()); \
-    } while (0)
-
-/* A host copy of t (malloc'd). */
-static double *host(const moe_tensor *t) {
-    CU_ASSERT_PTR_NOT_NULL_FATAL(t);
-    double *h = malloc(sizeof(double) * (size_t)moe_tensor_numel(t));
-    CU_ASSERT_EQUAL_FATAL(moe_tensor_to_host_f64(t, h), MOE_OK);
-    return h;
-}
-
-static moe_tensor *randn(moe_dtype dt, int ndim, const int64_t *shape, uint64_t seed) {
-    return moe_tensor_randn(MOE_LIFE_STEP, MOE_CPU, dt, ndim, shape, seed, 0, 1.0);
-}
-
-/* A PERSIST parameter (its grad persists across steps), holding N(0, 1) draws. */
-static moe_tensor *leaf(moe_dtype dt, int ndim, const int64_t *shape, uint64_t seed) {
-    moe_tensor *t = moe_tensor_randn(MOE_LIFE_PERSIST, MOE_CPU, dt, ndim, shape, seed, 0, 1.0);
-    CU_ASSERT_PTR_NOT_NULL_FATAL(t);
-    t->requires_grad = true;
-    t->is_param = true;
-    return t;
-}
 
 /* max |a - b| / max(1, |b|) over n elements. */
 static double max_rel_err(const double *a, const double *b, int64_t n) {
@@ -57,10 +30,10 @@ static void test_dropout_mask(void) {
     const double p = 0.25;
     moe_tensor *ones = moe_tensor_empty(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 1, &n);
     CU_ASSERT_EQUAL_FATAL(moe_tensor_fill(ones, 1.0), MOE_OK);
-    double *y = host(moe_dropout(ones, p, 77, 1000));
-    double *y2 = host(moe_dropout(ones, p, 77, 1000));
-    double *y3 = host(moe_dropout(ones, p, 78, 1000));
-    double *y4 = host(moe_dropout(ones, p, 77, 1001));
+    double *y = test_host_f64(moe_dropout(ones, p, 77, 1000));
+    double *y2 = test_host_f64(moe_dropout(ones, p, 77, 1000));
+    double *y3 = test_host_f64(moe_dropout(ones, p, 78, 1000));
+    double *y4 = test_host_f64(moe_dropout(ones, p, 77, 1001));
     int64_t kept = 0, same_other_seed = 0;
     bool values_ok = true, repeat_ok = true, formula_ok = true, shift_ok = true;
     for (int64_t i = 0; i < n; i++) {
@@ -89,11 +62,11 @@ static void test_dropout_mask(void) {
 
 static void test_dropout_grad_and_edges(void) {
     int64_t s[2] = {3, 50};
-    moe_tensor *x = leaf(MOE_F64, 2, s, 5);
+    moe_tensor *x = test_leaf(MOE_F64, 2, s, 5);
     CU_ASSERT_PTR_EQUAL(moe_dropout(x, 0.0, 1, 0), x); /* p = 0: x itself, no node */
     moe_tensor *y = moe_dropout(x, 0.5, 9, 3);
     CU_ASSERT_EQUAL_FATAL(moe_backward(moe_sum_all(y)), MOE_OK);
-    double *g = host(x->grad), *yv = host(y), *xv = host(x);
+    double *g = test_host_f64(x->grad), *yv = test_host_f64(y), *xv = test_host_f64(x);
     bool ok = true;
     for (int i = 0; i < 150; i++) ok &= g[i] == (yv[i] != 0 ? 2.0 : 0.0) && yv[i] == g[i] * xv[i];
     CU_ASSERT(ok);
@@ -114,14 +87,14 @@ static void test_rope_values(void) {
     /* hd = 2: one pair at frequency 1, so position p rotates (x0, x1) by p radians. */
     moe_tensor *x = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 4, (int64_t[]){1, 3, 1, 2},
                                          (double[]){1, 0, 1, 0, 0.5, 2});
-    double *y = host(moe_rope(x, 0, 10000.0));
+    double *y = test_host_f64(moe_rope(x, 0, 10000.0));
     double want[6] = {1, 0, cos(1.0), sin(1.0), 0.5 * cos(2.0) - 2 * sin(2.0), 2 * cos(2.0) + 0.5 * sin(2.0)};
     CU_ASSERT(max_rel_err(y, want, 6) < 1e-15);
     free(y);
     /* hd = 4, theta = 100: pair 1 turns at 100^(-1/2) = 0.1 rad per position. */
     moe_tensor *x4 = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 4, (int64_t[]){1, 1, 1, 4},
                                           (double[]){1, 2, 3, 4});
-    double *y4 = host(moe_rope(x4, 5, 100.0));
+    double *y4 = test_host_f64(moe_rope(x4, 5, 100.0));
     double want4[4] = {1 * cos(5.0) - 3 * sin(5.0), 2 * cos(0.5) - 4 * sin(0.5), 3 * cos(5.0) + 1 * sin(5.0),
                        4 * cos(0.5) + 2 * sin(0.5)};
     CU_ASSERT(max_rel_err(y4, want4, 4) < 1e-14);
@@ -133,16 +106,16 @@ static void test_rope_identity_inverse_relative(void) {
     const int64_t s[4] = {2, 5, 3, 8};
     const int64_t n = 2 * 5 * 3 * 8;
     /* position 0 is the identity: token t = 0 with pos0 = 0 */
-    moe_tensor *x = leaf(MOE_F64, 4, s, 11);
-    double *xv = host(x), *y0 = host(moe_rope(x, 0, 10000.0));
+    moe_tensor *x = test_leaf(MOE_F64, 4, s, 11);
+    double *xv = test_host_f64(x), *y0 = test_host_f64(moe_rope(x, 0, 10000.0));
     bool ident = true;
     for (int64_t b = 0; b < 2; b++)
         for (int64_t i = 0; i < 24; i++) ident &= y0[b * 120 + i] == xv[b * 120 + i];
     CU_ASSERT(ident);
     /* inverse undoes forward: the grad of sum(rope(x) * r) is rope^-1(r), and rope of it is r */
-    moe_tensor *r = randn(MOE_F64, 4, s, 12);
+    moe_tensor *r = test_randn(MOE_F64, 4, s, 12);
     CU_ASSERT_EQUAL_FATAL(moe_backward(moe_sum_all(moe_mul(moe_rope(x, 7, 500.0), r))), MOE_OK);
-    double *back = host(moe_rope(x->grad, 7, 500.0)), *rv = host(r);
+    double *back = test_host_f64(moe_rope(x->grad, 7, 500.0)), *rv = test_host_f64(r);
     CU_ASSERT(max_rel_err(back, rv, n) < 1e-13);
     free(back);
     free(rv);
@@ -151,11 +124,12 @@ static void test_rope_identity_inverse_relative(void) {
     moe_tensor_free(x);
     /* relative position: rope(q, m) . rope(k, n) depends on m - n only */
     const int64_t one[4] = {1, 1, 1, 16};
-    moe_tensor *q = randn(MOE_F64, 4, one, 21), *k = randn(MOE_F64, 4, one, 22);
+    moe_tensor *q = test_randn(MOE_F64, 4, one, 21), *k = test_randn(MOE_F64, 4, one, 22);
     double dots[3];
     const int64_t ms[3] = {3, 10, 1003}, ns[3] = {1, 8, 1001};
     for (int c = 0; c < 3; c++) {
-        double *qa = host(moe_rope(q, ms[c], 10000.0)), *ka = host(moe_rope(k, ns[c], 10000.0));
+        double *qa = test_host_f64(moe_rope(q, ms[c], 10000.0));
+        double *ka = test_host_f64(moe_rope(k, ns[c], 10000.0));
         dots[c] = 0;
         for (int i = 0; i < 16; i++) dots[c] += qa[i] * ka[i];
         free(qa);
@@ -164,7 +138,8 @@ static void test_rope_identity_inverse_relative(void) {
     CU_ASSERT(fabs(dots[0] - dots[1]) < 1e-12);
     CU_ASSERT(fabs(dots[0] - dots[2]) < 1e-10);
     /* and it does depend on the offset */
-    double *qa = host(moe_rope(q, 4, 10000.0)), *ka = host(moe_rope(k, 1, 10000.0));
+    double *qa = test_host_f64(moe_rope(q, 4, 10000.0));
+    double *ka = test_host_f64(moe_rope(k, 1, 10000.0));
     double other = 0;
     for (int i = 0; i < 16; i++) other += qa[i] * ka[i];
     CU_ASSERT(fabs(other - dots[0]) > 1e-3);
@@ -174,12 +149,12 @@ static void test_rope_identity_inverse_relative(void) {
 }
 
 static void test_rope_errors(void) {
-    moe_tensor *x = randn(MOE_F32, 4, (int64_t[]){1, 2, 2, 5}, 1);
+    moe_tensor *x = test_randn(MOE_F32, 4, (int64_t[]){1, 2, 2, 5}, 1);
     CU_ASSERT_PTR_NULL(moe_rope(x, 0, 10000.0));
     CU_ASSERT_EQUAL(moe_last_status(), MOE_ERR_INVALID);
     CHECK_ERROR_HAS("rope");
     CHECK_ERROR_HAS("[1, 2, 2, 5] f32 cpu");
-    CU_ASSERT_PTR_NULL(moe_rope(randn(MOE_F32, 3, (int64_t[]){2, 2, 4}, 1), 0, 10000.0));
+    CU_ASSERT_PTR_NULL(moe_rope(test_randn(MOE_F32, 3, (int64_t[]){2, 2, 4}, 1), 0, 10000.0));
     CHECK_ERROR_HAS("[2, 2, 4]");
     moe_step_reset();
 }
@@ -221,16 +196,20 @@ static void naive_attention(const double *q, const double *k, const double *v, d
 /* moe_attention against the naive reference in f64 (and f32 within 1e-5). */
 static void check_attention(int64_t B, int64_t Tq, int64_t Tk, int64_t H, int64_t Hkv, int64_t hd, bool causal) {
     const int64_t sq[4] = {B, Tq, H, hd}, sk[4] = {B, Tk, Hkv, hd};
-    moe_tensor *q = randn(MOE_F64, 4, sq, 31), *k = randn(MOE_F64, 4, sk, 32), *v = randn(MOE_F64, 4, sk, 33);
-    double *qv = host(q), *kv = host(k), *vv = host(v);
+    moe_tensor *q = test_randn(MOE_F64, 4, sq, 31);
+    moe_tensor *k = test_randn(MOE_F64, 4, sk, 32);
+    moe_tensor *v = test_randn(MOE_F64, 4, sk, 33);
+    double *qv = test_host_f64(q), *kv = test_host_f64(k), *vv = test_host_f64(v);
     int64_t no = B * Tq * H * hd;
     double *want = malloc(sizeof(double) * (size_t)no);
     naive_attention(qv, kv, vv, want, B, Tq, Tk, H, Hkv, hd, causal);
-    double *got = host(moe_attention(q, k, v, causal));
+    double *got = test_host_f64(moe_attention(q, k, v, causal));
     double e64 = max_rel_err(got, want, no);
     CU_ASSERT(e64 < 1e-12);
-    moe_tensor *q32 = moe_cast(q, MOE_F32), *k32 = moe_cast(k, MOE_F32), *v32 = moe_cast(v, MOE_F32);
-    double *got32 = host(moe_attention(q32, k32, v32, causal));
+    moe_tensor *q32 = moe_cast(q, MOE_F32);
+    moe_tensor *k32 = moe_cast(k, MOE_F32);
+    moe_tensor *v32 = moe_cast(v, MOE_F32);
+    double *got32 = test_host_f64(moe_attention(q32, k32, v32, causal));
     double e32 = max_rel_err(got32, want, no);
     CU_ASSERT(e32 < 1e-5);
     if (!(e64 < 1e-12) || !(e32 < 1e-5))
@@ -260,11 +239,15 @@ static void test_attention_naive(void) {
 /* Decode: one causal query over 7 cached keys equals the non-causal result. */
 static void test_attention_decode(void) {
     const int64_t sq[4] = {2, 1, 4, 8}, sk[4] = {2, 7, 2, 8};
-    moe_tensor *q = randn(MOE_F64, 4, sq, 41), *k = randn(MOE_F64, 4, sk, 42), *v = randn(MOE_F64, 4, sk, 43);
-    double *a = host(moe_attention(q, k, v, true)), *b = host(moe_attention(q, k, v, false));
+    moe_tensor *q = test_randn(MOE_F64, 4, sq, 41);
+    moe_tensor *k = test_randn(MOE_F64, 4, sk, 42);
+    moe_tensor *v = test_randn(MOE_F64, 4, sk, 43);
+    double *a = test_host_f64(moe_attention(q, k, v, true));
+    double *b = test_host_f64(moe_attention(q, k, v, false));
     CU_ASSERT(max_rel_err(a, b, 64) == 0);
     /* and differs from attending to the first key only */
-    double *first = host(moe_attention(q, moe_slice(k, 1, 0, 1), moe_slice(v, 1, 0, 1), true));
+    double *first =
+        test_host_f64(moe_attention(q, moe_slice(k, 1, 0, 1), moe_slice(v, 1, 0, 1), true));
     CU_ASSERT(max_rel_err(a, first, 64) > 1e-3);
     free(a);
     free(b);
@@ -277,11 +260,11 @@ static void test_attention_decode(void) {
  * deterministic across runs. */
 static void test_attention_strided_and_deterministic(void) {
     const int64_t B = 2, T = 48, H = 4, Hkv = 2, hd = 8;
-    moe_tensor *fused = leaf(MOE_F32, 3, (int64_t[]){B * T, H + 2 * Hkv, hd}, 51);
+    moe_tensor *fused = test_leaf(MOE_F32, 3, (int64_t[]){B * T, H + 2 * Hkv, hd}, 51);
     double *g1 = NULL, *g2 = NULL, *o1 = NULL;
     int64_t nf = moe_tensor_numel(fused);
     for (int run = 0; run < 3; run++) {
-        moe_tensor *q, *k, *v, *r = randn(MOE_F32, 4, (int64_t[]){B, T, H, hd}, 52);
+        moe_tensor *q, *k, *v, *r = test_randn(MOE_F32, 4, (int64_t[]){B, T, H, hd}, 52);
         if (run < 2) { /* slices of the fused [B*T, H + 2 Hkv, hd] rows: unit last stride */
             moe_tensor *f4 = moe_reshape(fused, 4, (int64_t[]){B, T, H + 2 * Hkv, hd});
             q = moe_slice(f4, 2, 0, H);
@@ -297,7 +280,7 @@ static void test_attention_strided_and_deterministic(void) {
         moe_status st = moe_backward(moe_sum_all(moe_mul(o, r)));
         if (st != MOE_OK) fprintf(stderr, "    backward: %s\n", moe_last_error());
         CU_ASSERT_EQUAL_FATAL(st, MOE_OK);
-        double *g = host(fused->grad), *ov = host(o);
+        double *g = test_host_f64(fused->grad), *ov = test_host_f64(o);
         if (run == 0) {
             g1 = g;
             o1 = ov;
@@ -324,17 +307,18 @@ static void test_attention_strided_and_deterministic(void) {
 }
 
 static void test_attention_errors(void) {
-    moe_tensor *q = randn(MOE_F32, 4, (int64_t[]){1, 5, 3, 4}, 1), *k = randn(MOE_F32, 4, (int64_t[]){1, 5, 2, 4}, 2);
+    moe_tensor *q = test_randn(MOE_F32, 4, (int64_t[]){1, 5, 3, 4}, 1);
+    moe_tensor *k = test_randn(MOE_F32, 4, (int64_t[]){1, 5, 2, 4}, 2);
     CU_ASSERT_PTR_NULL(moe_attention(q, k, k, true));
     CU_ASSERT_EQUAL(moe_last_status(), MOE_ERR_INVALID);
     CHECK_ERROR_HAS("attention");
     CHECK_ERROR_HAS("[1, 5, 3, 4] f32 cpu");
     CHECK_ERROR_HAS("[1, 5, 2, 4] f32 cpu");
-    moe_tensor *q2 = randn(MOE_F32, 4, (int64_t[]){1, 6, 2, 4}, 3);
+    moe_tensor *q2 = test_randn(MOE_F32, 4, (int64_t[]){1, 6, 2, 4}, 3);
     CU_ASSERT_PTR_NULL(moe_attention(q2, k, k, true)); /* causal with Tq > Tk */
     CHECK_ERROR_HAS("Tq <= Tk");
     CU_ASSERT_PTR_NOT_NULL(moe_attention(q2, k, k, false));
-    moe_tensor *k64 = randn(MOE_F64, 4, (int64_t[]){1, 5, 2, 4}, 2);
+    moe_tensor *k64 = test_randn(MOE_F64, 4, (int64_t[]){1, 5, 2, 4}, 2);
     CU_ASSERT_PTR_NULL(moe_attention(q2, k64, k64, false));
     CHECK_ERROR_HAS("dtype mismatch");
     moe_step_reset();
@@ -376,10 +360,12 @@ static double naive_ce(const double *h, const double *w, const int32_t *tg, int6
 
 /* moe_cross_entropy (f64) loss and grads against the naive ones for a block size. */
 static void check_ce(int64_t T, int64_t V, int64_t d, int64_t block, const int32_t *tg, double tol) {
-    moe_tensor *h = leaf(MOE_F64, 2, (int64_t[]){T, d}, 61), *w = leaf(MOE_F64, 2, (int64_t[]){V, d}, 62);
+    moe_tensor *h = test_leaf(MOE_F64, 2, (int64_t[]){T, d}, 61);
+    moe_tensor *w = test_leaf(MOE_F64, 2, (int64_t[]){V, d}, 62);
     moe_tensor *tt = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_I32, 1, &T, tg);
-    double *hv = host(h), *wv = host(w);
-    double *dh = malloc(sizeof(double) * (size_t)(T * d)), *dw = malloc(sizeof(double) * (size_t)(V * d));
+    double *hv = test_host_f64(h), *wv = test_host_f64(w);
+    double *dh = malloc(sizeof(double) * (size_t)(T * d));
+    double *dw = malloc(sizeof(double) * (size_t)(V * d));
     double want = naive_ce(hv, wv, tg, T, V, d, dh, dw);
     moe_cross_entropy_set_block(block);
     moe_tensor *loss = moe_cross_entropy(h, w, tt);
@@ -389,7 +375,7 @@ static void check_ce(int64_t T, int64_t V, int64_t d, int64_t block, const int32
     double got = moe_tensor_item(loss);
     CU_ASSERT(fabs(got - want) <= tol * fmax(1.0, fabs(want)));
     CU_ASSERT_EQUAL_FATAL(moe_backward(loss), MOE_OK);
-    double *gh = host(h->grad), *gw = host(w->grad);
+    double *gh = test_host_f64(h->grad), *gw = test_host_f64(w->grad);
     double eh = max_rel_err(gh, dh, T * d), ew = max_rel_err(gw, dw, V * d);
     CU_ASSERT(eh <= tol && ew <= tol);
     if (!(fabs(got - want) <= tol * fmax(1.0, fabs(want))) || !(eh <= tol && ew <= tol))
@@ -421,7 +407,8 @@ static void test_ce_f32(void) {
     int32_t tg[16];
     for (int i = 0; i < 16; i++) tg[i] = i == 5 ? -1 : (i * 37) % 301;
     moe_tensor *tt = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_I32, 1, &T, tg);
-    moe_tensor *h = randn(MOE_F64, 2, (int64_t[]){T, d}, 71), *w = randn(MOE_F64, 2, (int64_t[]){V, d}, 72);
+    moe_tensor *h = test_randn(MOE_F64, 2, (int64_t[]){T, d}, 71);
+    moe_tensor *w = test_randn(MOE_F64, 2, (int64_t[]){V, d}, 72);
     double ref = moe_tensor_item(moe_cross_entropy(h, w, tt));
     moe_cross_entropy_set_block(8);
     double b8 = moe_tensor_item(moe_cross_entropy(moe_cast(h, MOE_F32), moe_cast(w, MOE_F32), tt));
@@ -435,13 +422,14 @@ static void test_ce_f32(void) {
 static void test_ce_all_ignored(void) {
     const int64_t T = 4;
     const int32_t tg[4] = {-1, -1, -1, -1};
-    moe_tensor *h = leaf(MOE_F32, 2, (int64_t[]){T, 3}, 81), *w = leaf(MOE_F32, 2, (int64_t[]){10, 3}, 82);
+    moe_tensor *h = test_leaf(MOE_F32, 2, (int64_t[]){T, 3}, 81);
+    moe_tensor *w = test_leaf(MOE_F32, 2, (int64_t[]){10, 3}, 82);
     moe_tensor *tt = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_I32, 1, &T, tg);
     moe_tensor *loss = moe_cross_entropy(h, w, tt);
     CU_ASSERT_PTR_NOT_NULL_FATAL(loss);
     CU_ASSERT_EQUAL(moe_tensor_item(loss), 0.0);
     CU_ASSERT_EQUAL_FATAL(moe_backward(loss), MOE_OK);
-    double *gh = host(h->grad), *gw = host(w->grad);
+    double *gh = test_host_f64(h->grad), *gw = test_host_f64(w->grad);
     bool zero = true;
     for (int i = 0; i < 12; i++) zero &= gh[i] == 0;
     for (int i = 0; i < 30; i++) zero &= gw[i] == 0;
@@ -455,7 +443,8 @@ static void test_ce_all_ignored(void) {
 
 static void test_ce_errors(void) {
     const int64_t T = 5;
-    moe_tensor *h = randn(MOE_F32, 2, (int64_t[]){T, 3}, 1), *w = randn(MOE_F32, 2, (int64_t[]){37, 3}, 2);
+    moe_tensor *h = test_randn(MOE_F32, 2, (int64_t[]){T, 3}, 1);
+    moe_tensor *w = test_randn(MOE_F32, 2, (int64_t[]){37, 3}, 2);
     const int32_t bad_hi[5] = {0, 1, -1, 37, 2}, bad_lo[5] = {0, -2, 1, 1, 1};
     CU_ASSERT_PTR_NULL(moe_cross_entropy(h, w, moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_I32, 1, &T, bad_hi)));
     CU_ASSERT_EQUAL(moe_last_status(), MOE_ERR_INVALID);
@@ -463,7 +452,7 @@ static void test_ce_errors(void) {
     CU_ASSERT_PTR_NULL(moe_cross_entropy(h, w, moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_I32, 1, &T, bad_lo)));
     CHECK_ERROR_HAS("target -2 at row 1");
     /* shape mismatch: d differs */
-    moe_tensor *w4 = randn(MOE_F32, 2, (int64_t[]){37, 4}, 3);
+    moe_tensor *w4 = test_randn(MOE_F32, 2, (int64_t[]){37, 4}, 3);
     moe_tensor *ok_t = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_I32, 1, &T, (int32_t[]){0, 1, 2, 3, 4});
     CU_ASSERT_PTR_NULL(moe_cross_entropy(h, w4, ok_t));
     CU_ASSERT_EQUAL(moe_last_status(), MOE_ERR_INVALID);

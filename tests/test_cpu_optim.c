@@ -15,13 +15,6 @@
 #include "optim/optim.h"
 #include "optim/schedule.h"
 
-#define CHECK_ERROR_HAS(text)                                                    \
-    do {                                                                         \
-        if (!strstr(moe_last_error(), (text)))                                   \
-            fprintf(stderr, "message '%s' lacks '%s'\n", moe_last_error(), (text)); \
-        CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), (text)));                \
-    } while (0)
-
 #define STEPS 5
 #define NW 6 /* the [2, 3] weight */
 #define NB 3 /* the [3] bias */

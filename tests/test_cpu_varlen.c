@@ -9,35 +9,8 @@
 #include "core/autograd.h"
 #include "core/memory.h"
 #include "core/ops.h"
+#include "tests/harness/tensors.h"
 #include "tests/harness/testlib.h"
-
-#define CHECK_ERROR_HAS(text)                                                            \
-    do {                                                                                 \
-        bool has_ = strstr(moe_last_error(), (text)) != NULL;                            \
-        CU_ASSERT(has_);                                                                 \
-        if (!has_) fprintf(stderr, "    '%s' not in '%s'\n", (text), moe_last_error()); \
-    } while (0)
-
-/* A host copy of t (malloc'd). */
-static double *host(const moe_tensor *t) {
-    CU_ASSERT_PTR_NOT_NULL_FATAL(t);
-    double *h = malloc(sizeof(double) * (size_t)moe_tensor_numel(t));
-    CU_ASSERT_EQUAL_FATAL(moe_tensor_to_host_f64(t, h), MOE_OK);
-    return h;
-}
-
-static moe_tensor *randn(moe_dtype dt, int ndim, const int64_t *shape, uint64_t seed) {
-    return moe_tensor_randn(MOE_LIFE_STEP, MOE_CPU, dt, ndim, shape, seed, 0, 1.0);
-}
-
-/* A PERSIST leaf that requires grad, holding N(0, 1) draws. */
-static moe_tensor *leaf(moe_dtype dt, int ndim, const int64_t *shape, uint64_t seed) {
-    moe_tensor *t = moe_tensor_randn(MOE_LIFE_PERSIST, MOE_CPU, dt, ndim, shape, seed, 0, 1.0);
-    CU_ASSERT_PTR_NOT_NULL_FATAL(t);
-    t->requires_grad = true;
-    t->is_param = true;
-    return t;
-}
 
 static double max_abs_diff(const double *a, const double *b, int64_t n) {
     double e = 0;
@@ -64,9 +37,9 @@ static const layout LAYOUTS[] = {
  * call (segmented) or from moe_attention per segment, concatenated. */
 static void varlen_run(const layout *L, moe_dtype dt, bool causal, bool segmented, double *out[4]) {
     const int64_t hd = 8, Tq = L->q[L->n], Tk = L->k[L->n];
-    moe_tensor *q = leaf(dt, 4, (int64_t[]){1, Tq, L->H, hd}, 11);
-    moe_tensor *k = leaf(dt, 4, (int64_t[]){1, Tk, L->Hkv, hd}, 12);
-    moe_tensor *v = leaf(dt, 4, (int64_t[]){1, Tk, L->Hkv, hd}, 13);
+    moe_tensor *q = test_leaf(dt, 4, (int64_t[]){1, Tq, L->H, hd}, 11);
+    moe_tensor *k = test_leaf(dt, 4, (int64_t[]){1, Tk, L->Hkv, hd}, 12);
+    moe_tensor *v = test_leaf(dt, 4, (int64_t[]){1, Tk, L->Hkv, hd}, 13);
     moe_tensor *o;
     if (segmented) {
         o = moe_attention_varlen(q, k, v, L->q, L->k, L->n, causal);
@@ -82,12 +55,12 @@ static void varlen_run(const layout *L, moe_dtype dt, bool causal, bool segmente
     }
     if (!o) fprintf(stderr, "    %s: %s\n", L->name, moe_last_error());
     CU_ASSERT_PTR_NOT_NULL_FATAL(o);
-    moe_tensor *r = randn(dt, 4, o->shape, 14);
+    moe_tensor *r = test_randn(dt, 4, o->shape, 14);
     CU_ASSERT_EQUAL_FATAL(moe_backward(moe_sum_all(moe_mul(o, r))), MOE_OK);
-    out[0] = host(o);
-    out[1] = host(q->grad);
-    out[2] = host(k->grad);
-    out[3] = host(v->grad);
+    out[0] = test_host_f64(o);
+    out[1] = test_host_f64(q->grad);
+    out[2] = test_host_f64(k->grad);
+    out[3] = test_host_f64(v->grad);
     moe_tensor_free(q);
     moe_tensor_free(k);
     moe_tensor_free(v);
@@ -124,13 +97,14 @@ static void test_varlen_equals_per_segment(void) {
  * segment's outputs. */
 static void test_varlen_isolated(void) {
     const int64_t qo[3] = {0, 4, 9}, ko[3] = {0, 6, 11};
-    moe_tensor *q = randn(MOE_F64, 4, (int64_t[]){1, 9, 2, 4}, 21);
-    moe_tensor *k = randn(MOE_F64, 4, (int64_t[]){1, 11, 2, 4}, 22), *v = randn(MOE_F64, 4, (int64_t[]){1, 11, 2, 4}, 23);
-    double *a = host(moe_attention_varlen(q, k, v, qo, ko, 2, true));
-    double *kh = host(k);
+    moe_tensor *q = test_randn(MOE_F64, 4, (int64_t[]){1, 9, 2, 4}, 21);
+    moe_tensor *k = test_randn(MOE_F64, 4, (int64_t[]){1, 11, 2, 4}, 22);
+    moe_tensor *v = test_randn(MOE_F64, 4, (int64_t[]){1, 11, 2, 4}, 23);
+    double *a = test_host_f64(moe_attention_varlen(q, k, v, qo, ko, 2, true));
+    double *kh = test_host_f64(k);
     for (int64_t i = 8 * 8; i < 9 * 8; i++) kh[i] += 1.0; /* key 8, in the second segment */
     moe_tensor *k3 = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 4, k->shape, kh);
-    double *b = host(moe_attention_varlen(q, k3, v, qo, ko, 2, true));
+    double *b = test_host_f64(moe_attention_varlen(q, k3, v, qo, ko, 2, true));
     CU_ASSERT(max_abs_diff(a, b, 4 * 8) == 0);        /* segment 0: untouched */
     CU_ASSERT(max_abs_diff(a + 32, b + 32, 5 * 8) > 1e-6); /* segment 1: moved */
     free(a);
@@ -140,7 +114,8 @@ static void test_varlen_isolated(void) {
 }
 
 static void test_varlen_errors(void) {
-    moe_tensor *q = randn(MOE_F32, 4, (int64_t[]){1, 5, 2, 4}, 1), *k = randn(MOE_F32, 4, (int64_t[]){1, 6, 2, 4}, 2);
+    moe_tensor *q = test_randn(MOE_F32, 4, (int64_t[]){1, 5, 2, 4}, 1);
+    moe_tensor *k = test_randn(MOE_F32, 4, (int64_t[]){1, 6, 2, 4}, 2);
     struct {
         int n;
         int64_t q[4], k[4];
@@ -163,7 +138,8 @@ static void test_varlen_errors(void) {
         CHECK_ERROR_HAS(bad[i].msg);
     }
     /* packed rows only: B = 2 is refused */
-    moe_tensor *q2 = randn(MOE_F32, 4, (int64_t[]){2, 5, 2, 4}, 3), *k2 = randn(MOE_F32, 4, (int64_t[]){2, 6, 2, 4}, 4);
+    moe_tensor *q2 = test_randn(MOE_F32, 4, (int64_t[]){2, 5, 2, 4}, 3);
+    moe_tensor *k2 = test_randn(MOE_F32, 4, (int64_t[]){2, 6, 2, 4}, 4);
     CU_ASSERT_PTR_NULL(moe_attention_varlen(q2, k2, k2, (int64_t[]){0, 5}, (int64_t[]){0, 6}, 1, true));
     CHECK_ERROR_HAS("packed");
     /* a good call after the refusals works */
@@ -185,12 +161,12 @@ static void test_rope_at_equals_rope(void) {
         const int32_t pos[6] = {37, 38, 39, 40, 41, 42};
         double *y[2], *g[2];
         for (int at = 0; at < 2; at++) {
-            moe_tensor *x = leaf(dts[d], 4, shape, 31);
+            moe_tensor *x = test_leaf(dts[d], 4, shape, 31);
             moe_tensor *o = at ? moe_rope_at(x, positions(6, pos), 10000.0) : moe_rope(x, 37, 10000.0);
-            moe_tensor *r = randn(dts[d], 4, shape, 32);
+            moe_tensor *r = test_randn(dts[d], 4, shape, 32);
             CU_ASSERT_EQUAL_FATAL(moe_backward(moe_sum_all(moe_mul(o, r))), MOE_OK);
-            y[at] = host(o);
-            g[at] = host(x->grad);
+            y[at] = test_host_f64(o);
+            g[at] = test_host_f64(x->grad);
             moe_tensor_free(x);
             moe_step_reset();
         }
@@ -205,14 +181,15 @@ static void test_rope_at_equals_rope(void) {
 
 /* Two packed prompts with positions restarting at 0 equal each prompt roped alone. */
 static void test_rope_at_restarting(void) {
-    moe_tensor *x = randn(MOE_F64, 4, (int64_t[]){1, 7, 2, 4}, 33);
+    moe_tensor *x = test_randn(MOE_F64, 4, (int64_t[]){1, 7, 2, 4}, 33);
     const int32_t pos[7] = {0, 1, 2, 0, 1, 2, 3};
-    double *packed = host(moe_rope_at(x, positions(7, pos), 500.0));
-    double *a = host(moe_rope(moe_slice(x, 1, 0, 3), 0, 500.0)), *b = host(moe_rope(moe_slice(x, 1, 3, 7), 0, 500.0));
+    double *packed = test_host_f64(moe_rope_at(x, positions(7, pos), 500.0));
+    double *a = test_host_f64(moe_rope(moe_slice(x, 1, 0, 3), 0, 500.0));
+    double *b = test_host_f64(moe_rope(moe_slice(x, 1, 3, 7), 0, 500.0));
     CU_ASSERT(max_abs_diff(packed, a, 3 * 8) == 0);
     CU_ASSERT(max_abs_diff(packed + 3 * 8, b, 4 * 8) == 0);
     /* and differs from positions 0..6 */
-    double *plain = host(moe_rope(x, 0, 500.0));
+    double *plain = test_host_f64(moe_rope(x, 0, 500.0));
     CU_ASSERT(max_abs_diff(packed + 3 * 8, plain + 3 * 8, 4 * 8) > 1e-3);
     free(packed);
     free(a);
@@ -222,7 +199,7 @@ static void test_rope_at_restarting(void) {
 }
 
 static void test_rope_at_errors(void) {
-    moe_tensor *x = randn(MOE_F32, 4, (int64_t[]){1, 3, 2, 4}, 34);
+    moe_tensor *x = test_randn(MOE_F32, 4, (int64_t[]){1, 3, 2, 4}, 34);
     const int32_t p3[3] = {0, 1, 2}, neg[3] = {0, -1, 2};
     CU_ASSERT_PTR_NULL(moe_rope_at(x, positions(2, p3), 100.0)); /* wrong length */
     CHECK_ERROR_HAS("rope_at");

@@ -4,7 +4,9 @@
 #define MOE_TESTS_TESTLIB_H
 
 #include <CUnit/Basic.h>
+#include <stdbool.h>
 #include <stdio.h>
+#include <string.h>
 
 #include "core/status.h"
 
@@ -34,6 +36,14 @@ const char *moe_test_scratch_dir(const char *name);
         moe_status s_ = (expr);                                                 \
         if (s_ != MOE_OK) fprintf(stderr, "%s: %s\n", #expr, moe_last_error()); \
         CU_ASSERT_EQUAL_FATAL(s_, MOE_OK);                                      \
+    } while (0)
+
+/* Fails the test (not fatal) when the last error message lacks `text`, printing both. */
+#define CHECK_ERROR_HAS(text)                                                            \
+    do {                                                                                 \
+        bool has_ = strstr(moe_last_error(), (text)) != NULL;                            \
+        CU_ASSERT(has_);                                                                 \
+        if (!has_) fprintf(stderr, "    '%s' not in '%s'\n", (text), moe_last_error()); \
     } while (0)
 
 #endif
