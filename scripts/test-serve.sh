@@ -143,6 +143,10 @@ if [ "${m200:-0}" -gt 50 ] && [ "${m400:-0}" -gt 15 ] && [ "${gen:-0}" -gt 500 ]
    [ "$(metric moe_queue_length)" = 0 ] && [ "$(metric moe_kv_blocks_used)" = 0 ] && [ "$(metric moe_kv_blocks_total)" = 64 ]
 then pass "metrics: 200s $m200, 400s $m400, $gen tokens, $ttft first tokens, idle gauges 0"
 else fail "metrics"; curl -s "$url/metrics" | grep -v "^#" | head -40; fi
+if [ "$(metric moe_expert_cache_offloaded)" = 0 ] && [ "$(metric moe_expert_cache_hit_rate)" = 1.000000 ]
+then pass "metrics: every expert resident, hit rate 1"; else fail "metrics: resident expert cache"; curl -s "$url/metrics" | grep expert; fi
+greedy='{"prompt":"The capital of France is","max_tokens":24,"temperature":0}'
+curl -s "$url/v1/completions" -d "$greedy" > resident.json
 
 # ---- the chat page in headless Chromium ----
 chrome=$(command -v chromium || command -v chromium-browser || true)
@@ -167,10 +171,31 @@ print("page answer:", repr(html.unescape(got.group(1)) if got else None), "expec
 sys.exit(0 if ok else 1)
 PY
   then [ -s chat.png ] && pass "chat page: the streamed answer is on the page, screenshot $work/chat.png" || fail "no screenshot"
+    grep -q "tokens/s, all experts resident" dom.html && pass "chat page: shows tokens/s and the expert cache" ||
+      { fail "chat page stats"; grep -o 'id="stats"[^<]*' dom.html; }
   else fail "chat page answer"; head -c 600 dom.html; tail -5 chrome.txt; fi
 fi
 
 if stop_server; then pass "SIGTERM when idle: exit 0"; else fail "SIGTERM exit code"; tail -3 hub.err; fi
+
+# ---- offloaded experts: a cache of two layers' top-k slots, answers equal to resident ----
+"$moe" serve --model "$fixture" --max-batch 4 --max-tokens-in-flight 1024 --offload --gpu-memory 1KiB --port 0 \
+  > small.out 2> small.err
+need=$(sed -n 's/.*needs at least .* (\([0-9]*\) bytes).*/\1/p' small.err); slot=$(sed -n 's/.*slots of \([0-9]*\) bytes.*/\1/p' small.err)
+if [ -n "$need" ] && [ -n "$slot" ] && ! grep -q "^listening" small.out
+then pass "--offload with too small a budget: refused, saying it needs $need bytes"
+else fail "--offload budget refusal"; cat small.err; need=100000000 slot=0; fi
+start_server offload --model "$fixture" --max-batch 4 --max-tokens-in-flight 1024 --offload --gpu-memory $((need + 4 * slot)) --policy lru
+curl -s "$url/v1/completions" -d "$greedy" > offloaded.json
+if python3 -c 'import json, sys; a, b = (json.load(open(f))["choices"][0]["text"] for f in sys.argv[1:]); sys.exit(not (a == b and a))' \
+     resident.json offloaded.json; then pass "offloaded serving: the greedy answer equals resident"
+else fail "offloaded answer differs"; cat resident.json offloaded.json; fi
+hits=$(metric moe_expert_cache_hits_total); misses=$(metric moe_expert_cache_misses_total); rate=$(metric moe_expert_cache_hit_rate)
+if [ "$(metric moe_expert_cache_offloaded)" = 1 ] && [ "${misses:-0}" -gt 0 ] && [ "${hits:-0}" -gt 0 ] &&
+   python3 -c "import sys; sys.exit(abs($rate - $hits / ($hits + $misses)) > 1e-6)"
+then pass "metrics: expert cache offloaded, $hits hits, $misses misses, hit rate $rate"
+else fail "metrics: offloaded expert cache"; curl -s "$url/metrics" | grep expert; fi
+if stop_server; then pass "SIGTERM (offloaded): exit 0"; else fail "SIGTERM exit code (offloaded)"; tail -3 offload.err; fi
 
 # ---- load: 64 streaming clients x 16 requests, every greedy answer equal to its prompt alone ----
 start_server load --model "$fixture" --max-batch 16 --max-queue 128 --max-tokens-in-flight 4096

@@ -64,6 +64,8 @@ static moe_status fake_seq_free(void *impl, int seq) {
 
 static int64_t fake_free_tokens(const void *impl) { return 1 << 20; }
 
+static bool fake_expert_cache(const void *impl, int64_t *hits, int64_t *misses) { return false; }
+
 /* Everything one test needs. */
 typedef struct rig {
     fake f;
@@ -79,7 +81,8 @@ static void rig_start(rig *r, int64_t kv_tokens, int prefill, int max_queue, boo
     pthread_cond_init(&r->f.cv, NULL);
     r->f.gated = gated;
     r->eng = (serve_engine){.impl = &r->f, .vocab = V, .max_seqs = SLOTS, .context = 128, .kv_tokens = kv_tokens,
-                            .forward = fake_forward, .seq_free = fake_seq_free, .free_tokens = fake_free_tokens};
+                            .forward = fake_forward, .seq_free = fake_seq_free, .free_tokens = fake_free_tokens,
+                            .expert_cache = fake_expert_cache};
     CU_ASSERT_EQUAL_FATAL(serve_text_open_own(&r->text, moe_tokenizer_byte(), -1), MOE_OK);
     serve_metrics_init(&r->metrics);
     serve_sched_opts o = {.max_queue = max_queue, .prefill_tokens = prefill};

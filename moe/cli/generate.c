@@ -225,7 +225,7 @@ static moe_status run_generation(const gen_flags *gf, moe_source *src) {
     if (s == MOE_OK && !(g.logits = malloc(sizeof *g.logits * (size_t)src->cfg.model.vocab_size)))
         s = moe_error(MOE_ERR_OOM, "out of memory for the logits");
     moe_cli_decoder cd = {0};
-    if (s == MOE_OK) s = moe_cli_decoder_open(&gf->offload, src, 1, g.window, g.window, &cd);
+    if (s == MOE_OK) s = moe_cli_decoder_open(&gf->offload, &src->model, src->dev, src->dtype, 1, g.window, g.window, &cd);
     g.dec = cd.dec;
     /* the cache never holds more than the window, nor more than the whole context */
     int64_t kv = (int64_t)g.len + gf->tokens < g.window ? (int64_t)g.len + gf->tokens : g.window;

@@ -20,9 +20,9 @@ static moe_status predictor_scores(void *ctx, const int32_t *tokens, const int32
 }
 
 /* The options the flags ask for (policy default: predict with a predictor, else lru). */
-static moe_status offload_options(const moe_offload_flags *f, const moe_source *src, moe_offload_options *o) {
+static moe_status offload_options(const moe_offload_flags *f, moe_device dev, moe_dtype dtype, moe_offload_options *o) {
     if (!f->gpu_memory) return moe_error(MOE_ERR_CONFIG, "--offload needs --gpu-memory SIZE (e.g. 6GiB)");
-    *o = (moe_offload_options){.dtype = src->dtype, .dev = src->dev, .policy = f->predictor ? MOE_OFFLOAD_PREDICT : MOE_OFFLOAD_LRU,
+    *o = (moe_offload_options){.dtype = dtype, .dev = dev, .policy = f->predictor ? MOE_OFFLOAD_PREDICT : MOE_OFFLOAD_LRU,
                                .max_gather = f->max_gather};
     MOE_TRY(moe_parse_bytes(f->gpu_memory, &o->budget));
     if (f->policy) MOE_TRY(moe_offload_policy_parse(f->policy, &o->policy));
@@ -32,18 +32,17 @@ static moe_status offload_options(const moe_offload_flags *f, const moe_source *
     return MOE_OK;
 }
 
-moe_status moe_cli_decoder_open(const moe_offload_flags *f, moe_source *src, int max_seqs, int64_t kv_tokens,
-                                int max_batch, moe_cli_decoder *out) {
+moe_status moe_cli_decoder_open(const moe_offload_flags *f, moe_model *m, moe_device dev, moe_dtype dtype, int max_seqs,
+                                int64_t kv_tokens, int max_batch, moe_cli_decoder *out) {
     memset(out, 0, sizeof *out);
-    moe_model *m = &src->model;
     if (!f->offload) {
         if (f->gpu_memory || f->policy || f->predictor || f->verbose || f->max_gather)
             return moe_error(MOE_ERR_CONFIG, "--gpu-memory, --policy, --predictor, --max-gather and --verbose go with "
                              "--offload");
-        return moe_source_decoder_open(src, &out->dec);
+        return moe_decoder_open_on(m, dev, dtype, &out->dec);
     }
     moe_offload_options o;
-    MOE_TRY(offload_options(f, src, &o));
+    MOE_TRY(offload_options(f, dev, dtype, &o));
     o.max_seqs = max_seqs;
     o.kv_tokens = kv_tokens;
     o.max_batch_tokens = max_batch;
@@ -157,7 +156,7 @@ static moe_status bench_offload(const bench_flags *f) {
         s = fraction_budget(f, &src, kv, budget, sizeof budget);
         of.gpu_memory = budget;
     }
-    if (s == MOE_OK) s = moe_cli_decoder_open(&of, &src, f->batch, kv, f->batch * f->prompt, &d);
+    if (s == MOE_OK) s = moe_cli_decoder_open(&of, &src.model, src.dev, src.dtype, f->batch, kv, f->batch * f->prompt, &d);
     bench_result r = {0};
     if (s == MOE_OK) s = bench_run(f, &src.model, d.off, d.dec, &r);
     if (s == MOE_OK) {

@@ -35,18 +35,19 @@ typedef struct moe_offload_flags {
     {"--verbose", MOE_FLAG_BOOL, NULL, 0, 0, NULL, "--offload: per-layer hits, misses, late prefetches, wasted copies", \
      &(of).verbose}
 
-/* A decoder over src's model on src->dev in src->dtype: resident without --offload, else
- * offloaded per the flags (the routed experts on the host, a cache of them on the device) for up to
- * max_seqs sequences, kv_tokens KV positions and batches of max_batch tokens (the split
- * line goes to stderr). Flags of --offload without it are refused. */
+/* A decoder over model m (f32 masters on the host) on dev in dtype: resident without
+ * --offload, else offloaded per the flags (the routed experts on the host, a cache of them
+ * on the device) for up to max_seqs sequences, kv_tokens KV positions and batches of
+ * max_batch tokens (the split line goes to stderr). Flags of --offload without it are
+ * refused. */
 typedef struct moe_cli_decoder {
     moe_decoder *dec;
     moe_offload *off;    /* NULL: resident */
     moe_predictor *pred; /* NULL: none */
     bool verbose;
 } moe_cli_decoder;
-moe_status moe_cli_decoder_open(const moe_offload_flags *f, moe_source *src, int max_seqs, int64_t kv_tokens,
-                                int max_batch, moe_cli_decoder *out);
+moe_status moe_cli_decoder_open(const moe_offload_flags *f, moe_model *m, moe_device dev, moe_dtype dtype, int max_seqs,
+                                int64_t kv_tokens, int max_batch, moe_cli_decoder *out);
 /* With --offload --verbose, the counters to stderr; then everything freed. */
 void moe_cli_decoder_close(moe_cli_decoder *d);
 

@@ -14,6 +14,7 @@
 #include "moe/cli/args.h"
 #include "moe/cli/cli.h"
 #include "moe/cli/commands.h"
+#include "moe/cli/offload.h"
 #include "moe/cli/source.h"
 #include "moe/hf/hf_model.h"
 #include "moe/model/weights.h"
@@ -23,12 +24,15 @@ typedef struct serve_flags {
     const char *model_dir, *checkpoint, *host, *name, *device, *dtype;
     int port, max_batch, prefill_tokens, max_queue, timeout_s, max_conns, drain_s, eos;
     int64_t kv_tokens, max_body;
+    moe_offload_flags offload;
 } serve_flags;
 
 /* Everything the server holds. */
 typedef struct server {
     moe_model model;
     bool model_loaded;
+    moe_cli_decoder decoder; /* resident or offloaded */
+    bool decoder_open;
     serve_text text;
     bool text_loaded;
     serve_engine engine;
@@ -98,6 +102,12 @@ static void model_name(server *sv, const serve_flags *f) {
     snprintf(sv->name, sizeof sv->name, "%.*s", (int)(n - (size_t)(base - src)), base);
 }
 
+static void expert_counts(void *ctx, int64_t *hits, int64_t *misses) {
+    moe_offload_counts c = moe_offload_get_counts(ctx, -1);
+    *hits = c.hits;
+    *misses = c.misses;
+}
+
 static moe_status start(server *sv, const serve_flags *f) {
     if (!f->model_dir == !f->checkpoint) return moe_error(MOE_ERR_CONFIG, "serve: give --model DIR or --checkpoint FILE");
     MOE_TRY(f->model_dir ? load_hub(sv, f) : load_checkpoint(sv, f));
@@ -107,7 +117,11 @@ static moe_status start(server *sv, const serve_flags *f) {
     moe_device dev;
     moe_dtype dt;
     MOE_TRY(moe_source_placement(f->device, f->dtype, &dev, &dt));
-    MOE_TRY(serve_engine_open(&sv->model, dev, dt, f->max_batch, kv, &sv->engine));
+    MOE_TRY(moe_cli_decoder_open(&f->offload, &sv->model, dev, dt, f->max_batch, kv, f->max_batch + f->prefill_tokens,
+                                 &sv->decoder));
+    sv->decoder_open = true;
+    serve_expert_counts counts = {.offloaded = sv->decoder.off != NULL, .counts = expert_counts, .ctx = sv->decoder.off};
+    MOE_TRY(serve_engine_open(sv->decoder.dec, counts, f->max_batch, kv, &sv->engine));
     serve_metrics_init(&sv->metrics);
     serve_sched_opts so = {.max_queue = f->max_queue, .prefill_tokens = f->prefill_tokens};
     MOE_TRY(serve_sched_start(&sv->sched, &sv->engine, &sv->text, &sv->metrics, so));
@@ -157,6 +171,7 @@ static void shutdown_all(server *sv) {
         serve_metrics_free(&sv->metrics);
     }
     serve_engine_close(&sv->engine);
+    if (sv->decoder_open) moe_cli_decoder_close(&sv->decoder);
     if (sv->text_loaded) serve_text_close(&sv->text);
     if (sv->model_loaded) moe_model_free(&sv->model);
 }
@@ -208,6 +223,7 @@ int moe_cmd_serve(int argc, char **argv) {
         {"--drain-seconds", MOE_FLAG_INT, "S", 0, 3600, NULL, "on SIGINT/SIGTERM, how long running requests may finish", &f.drain_s},
         {"--eos", MOE_FLAG_INT, "ID", -1, 1 << 24, NULL, "checkpoints: the end-of-sequence token, -1 = none", &f.eos},
         {"--name", MOE_FLAG_STRING, "NAME", 0, 0, NULL, "the model's name in the API (default: the folder or file name)", &f.name},
+        MOE_OFFLOAD_FLAG_SPECS(f.offload),
         {0}};
     moe_args a;
     moe_status s = moe_args_parse("serve", specs, argc, argv, &a);

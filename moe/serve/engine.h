@@ -1,11 +1,13 @@
 /* The model as the server's scheduler sees it: explicit batches (moe/infer/decoder.h's
  * moe_batch: tokens with positions and sequence slots) in, one logits row per sequence of
  * the batch out, and sequence slots freed when a request ends. A small table of functions
- * so the scheduler can be tested against any engine; serve_engine_open binds the model's
- * decoder (paged KV cache). Only the scheduler thread calls an engine. */
+ * so the scheduler can be tested against any engine; serve_engine_open binds a decoder
+ * (resident or offloaded) with a paged KV cache. Only the scheduler thread calls an
+ * engine. */
 #ifndef MOE_SERVE_ENGINE_H
 #define MOE_SERVE_ENGINE_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "moe/infer/decoder.h"
@@ -22,12 +24,23 @@ typedef struct serve_engine {
     moe_status (*seq_free)(void *impl, int seq);
     /* KV positions still free (for the metrics). */
     int64_t (*free_tokens)(const void *impl);
+    /* Expert-cache counters of routed experts so far (for the metrics): true with *hits and
+     * *misses when the experts are offloaded, false when all are resident. */
+    bool (*expert_cache)(const void *impl, int64_t *hits, int64_t *misses);
     void (*close)(void *impl);
 } serve_engine;
 
-/* Binds model m (borrowed, f32 masters on the host) through a decoder on dev in dtype with
- * max_seqs slots and a pool of kv_tokens positions. */
-moe_status serve_engine_open(moe_model *m, moe_device dev, moe_dtype dtype, int max_seqs, int64_t kv_tokens,
+/* Where an engine's expert-cache counters come from: an offloaded decoder's (counts(ctx,
+ * hits, misses)) or none, every expert resident. */
+typedef struct serve_expert_counts {
+    bool offloaded;
+    void (*counts)(void *ctx, int64_t *hits, int64_t *misses);
+    void *ctx;
+} serve_expert_counts;
+
+/* Binds decoder d (borrowed: it outlives the engine) with max_seqs slots and a pool of
+ * kv_tokens positions. */
+moe_status serve_engine_open(moe_decoder *d, serve_expert_counts counts, int max_seqs, int64_t kv_tokens,
                              serve_engine *out);
 void serve_engine_close(serve_engine *e);
 

@@ -16,6 +16,7 @@ void serve_metrics_init(serve_metrics *m) {
     m->ttft.bounds = latency_bounds;
     m->token_latency.bounds = latency_bounds;
     m->batch.bounds = batch_bounds;
+    m->offloaded = -1;
 }
 
 void serve_metrics_free(serve_metrics *m) { pthread_mutex_destroy(&m->mu); }
@@ -54,6 +55,14 @@ void serve_metrics_step(serve_metrics *m, int64_t queue_len, int64_t batch_size,
     m->kv_blocks_used = kv_used;
     m->kv_blocks_total = kv_total;
     if (batch_size > 0) hist_add(&m->batch, (double)batch_size);
+    pthread_mutex_unlock(&m->mu);
+}
+
+void serve_metrics_expert_cache(serve_metrics *m, bool offloaded, int64_t hits, int64_t misses) {
+    pthread_mutex_lock(&m->mu);
+    m->offloaded = offloaded;
+    m->expert_hits = hits;
+    m->expert_misses = misses;
     pthread_mutex_unlock(&m->mu);
 }
 
@@ -110,6 +119,23 @@ static void put_hist(text_buf *b, const char *name, const char *help, const serv
         name, (unsigned long long)cum);
 }
 
+/* The expert-cache lines (none before the first forward says whether experts are offloaded). */
+static void put_expert_cache(text_buf *b, const serve_metrics *m) {
+    if (m->offloaded < 0) return;
+    put(b, "# HELP moe_expert_cache_offloaded 1 when routed experts live in host memory behind a device cache, 0 when "
+           "all are resident.\n# TYPE moe_expert_cache_offloaded gauge\nmoe_expert_cache_offloaded %d\n", m->offloaded);
+    int64_t uses = m->expert_hits + m->expert_misses;
+    double rate = !m->offloaded ? 1.0 : uses > 0 ? (double)m->expert_hits / (double)uses : 0.0;
+    if (m->offloaded)
+        put(b, "# HELP moe_expert_cache_hits_total Routed-expert uses found in the device cache.\n"
+               "# TYPE moe_expert_cache_hits_total counter\nmoe_expert_cache_hits_total %lld\n"
+               "# HELP moe_expert_cache_misses_total Routed-expert uses not in the device cache.\n"
+               "# TYPE moe_expert_cache_misses_total counter\nmoe_expert_cache_misses_total %lld\n",
+            (long long)m->expert_hits, (long long)m->expert_misses);
+    put(b, "# HELP moe_expert_cache_hit_rate Hits over uses of routed experts so far (1 when all are resident).\n"
+           "# TYPE moe_expert_cache_hit_rate gauge\nmoe_expert_cache_hit_rate %.6f\n", rate);
+}
+
 char *serve_metrics_text(serve_metrics *m) {
     text_buf b = {0};
     pthread_mutex_lock(&m->mu);
@@ -132,6 +158,7 @@ char *serve_metrics_text(serve_metrics *m) {
         (long long)m->kv_blocks_used);
     put(&b, "# HELP moe_kv_blocks_total KV cache blocks in the pool.\n# TYPE moe_kv_blocks_total gauge\n"
             "moe_kv_blocks_total %lld\n", (long long)m->kv_blocks_total);
+    put_expert_cache(&b, m);
     put_hist(&b, "moe_time_to_first_token_seconds", "Time from arrival to the first generated token.", &m->ttft);
     put_hist(&b, "moe_time_per_output_token_seconds", "Time between two generated tokens of a request.",
              &m->token_latency);

@@ -326,12 +326,20 @@ static int64_t blocks_used(serve_sched *s) {
     return free_tok >= s->eng->kv_tokens ? 0 : (s->eng->kv_tokens - free_tok) / MOE_KV_BLOCK;
 }
 
+/* The engine's expert-cache counters into the metrics. */
+static void note_expert_cache(serve_sched *s) {
+    int64_t hits = 0, misses = 0;
+    bool offloaded = s->eng->expert_cache(s->eng->impl, &hits, &misses);
+    serve_metrics_expert_cache(s->metrics, offloaded, hits, misses);
+}
+
 /* One forward of the running requests and what follows from it. */
 static void step(serve_sched *s) {
     int nt = 0, rows = build_batch(s, &nt);
     if (rows == 0) return;
     moe_batch b = {.n_tokens = nt, .tokens = s->b_tokens, .pos = s->b_pos, .seq = s->b_seq, .logits = MOE_LOGITS_LAST};
     moe_status st = s->eng->forward(s->eng->impl, &b, s->logits);
+    note_expert_cache(s);
     pthread_mutex_lock(&s->mu);
     serve_metrics_step(s->metrics, s->n_queued, rows, blocks_used(s), s->eng->kv_tokens / MOE_KV_BLOCK);
     pthread_mutex_unlock(&s->mu);
@@ -400,6 +408,7 @@ moe_status serve_sched_start(serve_sched *s, serve_engine *eng, serve_text *text
         serve_sched_free(s);
         return moe_error(MOE_ERR_OOM, "out of memory for the scheduler's batch buffers");
     }
+    note_expert_cache(s); /* before the thread: /metrics says resident or offloaded from the start */
     if (pthread_create(&s->thread, NULL, sched_main, s) != 0) {
         serve_sched_free(s);
         return moe_error(MOE_ERR_OOM, "cannot start the scheduler thread");
