@@ -82,7 +82,10 @@ static void trace_text(moe_model *m, int lines, int variants, const char *name, 
     size_t n = fread(text, 1, sizeof text, f);
     fclose(f);
     CU_ASSERT_EQUAL_FATAL(moe_tokenizer_encode(tok, text, n, &buf), MOE_OK);
-    CU_ASSERT_EQUAL_FATAL(moe_trace_record(m, ckpt, buf.data, (int64_t)buf.len, 32, 16, t), MOE_OK);
+    moe_decoder *d = NULL;
+    CU_ASSERT_EQUAL_FATAL(moe_decoder_open(m, m->compute, &d), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(moe_trace_record(d, ckpt, buf.data, (int64_t)buf.len, 32, 16, t), MOE_OK);
+    moe_decoder_close(d);
     moe_token_buf_free(&buf);
     moe_tokenizer_free(tok);
     snprintf(path, sizeof path, "%s/%s.h5", dir, name);

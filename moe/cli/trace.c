@@ -51,9 +51,12 @@ static moe_status run_trace(const trace_flags *f) {
     moe_status s = context <= seq_len ? read_tokens(&src, f->data, f->tokens, &ids)
                                       : moe_error(MOE_ERR_CONFIG, "--context %d exceeds the model's context %d", context, seq_len);
     if (s == MOE_OK && ids.len == 0) s = moe_error(MOE_ERR_INVALID, "%s holds no tokens", f->data);
-    if (s == MOE_OK) s = moe_trace_record(&src.model, src.name, ids.data, (int64_t)ids.len, context, f->batch, &t);
+    moe_decoder *dec = NULL; /* on --device in --dtype: the decode step timed is the one offloading speeds up */
+    if (s == MOE_OK) s = moe_source_decoder_open(&src, &dec);
+    if (s == MOE_OK) s = moe_trace_record(dec, src.name, ids.data, (int64_t)ids.len, context, f->batch, &t);
     int prompt = seq_len / 2 < 16 ? seq_len / 2 : 16, reps = seq_len - prompt < 16 ? seq_len - prompt : 16;
-    if (s == MOE_OK && prompt > 0 && reps > 0) s = moe_trace_time_decode(&src.model, prompt, reps, &t.decode_step_s);
+    if (s == MOE_OK && prompt > 0 && reps > 0) s = moe_trace_time_decode(dec, prompt, reps, &t.decode_step_s);
+    moe_decoder_close(dec);
     if (s == MOE_OK) s = moe_trace_save(&t, f->out);
     if (s == MOE_OK)
         printf("traced %lld tokens (%lld sequences of %lld) of %s: %d MoE layers, %d experts, top-%d; decode step %.3f ms; "

@@ -102,31 +102,31 @@ static moe_status trace_batch(moe_decoder *d, moe_decode_state *st, moe_trace *t
     return MOE_OK;
 }
 
-static moe_status trace_run(moe_model *m, moe_trace *t, int T, int batch) {
+static moe_status trace_run(moe_decoder *d, moe_trace *t, int T, int batch) {
+    const moe_model *m = moe_decoder_model(d);
     int64_t n_seqs = t->n / T;
     int64_t kv = (int64_t)batch * ((T + MOE_KV_BLOCK - 1) / MOE_KV_BLOCK * MOE_KV_BLOCK);
     size_t per = (size_t)batch * (size_t)T;
     int32_t *route = malloc(sizeof(int32_t) * per * (size_t)(m->cfg.model.n_layers * t->fp.top_k));
     int32_t *pos = malloc(sizeof(int32_t) * per), *seq = malloc(sizeof(int32_t) * per);
-    moe_decoder *d = NULL;
     moe_decode_state *st = NULL;
-    moe_status s = route && pos && seq ? moe_decoder_open(m, m->compute, &d) : moe_error(MOE_ERR_OOM, "trace: out of host memory");
-    if (s == MOE_OK) s = moe_decode_state_create(d, batch, kv, &st);
+    moe_status s = route && pos && seq ? moe_decode_state_create(d, batch, kv, &st)
+                                       : moe_error(MOE_ERR_OOM, "trace: out of host memory");
     for (int64_t s0 = 0; s == MOE_OK && s0 < n_seqs; s0 += batch) {
         int nb = (int)(n_seqs - s0 < batch ? n_seqs - s0 : batch);
         s = trace_batch(d, st, t, s0, nb, T, route, pos, seq);
     }
     moe_decode_state_free(st);
-    moe_decoder_close(d);
     free(route);
     free(pos);
     free(seq);
     return s;
 }
 
-moe_status moe_trace_record(moe_model *m, const char *name, const int32_t *tokens, int64_t n_tokens, int context,
+moe_status moe_trace_record(moe_decoder *d, const char *name, const int32_t *tokens, int64_t n_tokens, int context,
                             int batch, moe_trace *out) {
     MOE_ASSERT(context > 0 && batch > 0 && n_tokens >= 0, "trace: context %d, batch %d", context, batch);
+    const moe_model *m = moe_decoder_model(d);
     *out = (moe_trace){0};
     MOE_TRY(moe_route_fingerprint_of(m, &out->fp));
     if (out->fp.n_moe_layers == 0) return moe_error(MOE_ERR_INVALID, "trace: model %s has no MoE layer", name);
@@ -139,23 +139,23 @@ moe_status moe_trace_record(moe_model *m, const char *name, const int32_t *token
     for (int i = 0, l = 0; s == MOE_OK && i < m->cfg.model.n_layers; i++)
         if (!m->blocks[i].dense) out->moe_layers[l++] = i;
     if (s == MOE_OK) memcpy(out->tokens, tokens, sizeof(int32_t) * (size_t)out->n);
-    if (s == MOE_OK) s = trace_run(m, out, T, batch);
+    if (s == MOE_OK) s = trace_run(d, out, T, batch);
     if (s != MOE_OK) moe_trace_free(out);
     return s;
 }
 
-moe_status moe_trace_time_decode(moe_model *m, int prompt, int reps, double *seconds) {
+moe_status moe_trace_time_decode(moe_decoder *d, int prompt, int reps, double *seconds) {
     MOE_ASSERT(prompt > 0 && reps > 0, "trace: time %d steps after %d tokens", reps, prompt);
+    const moe_model *m = moe_decoder_model(d);
     int64_t len = prompt + reps;
     if (len > m->cfg.model.seq_len) return moe_error(MOE_ERR_INVALID, "trace: %d + %d tokens exceed the context %d",
                                                      prompt, reps, m->cfg.model.seq_len);
     int32_t *ids = calloc((size_t)len, sizeof *ids);
     double *t = malloc(sizeof *t * (size_t)reps);
     float *logits = malloc(sizeof *logits * (size_t)m->cfg.model.vocab_size);
-    moe_decoder *d = NULL;
     moe_decode_state *st = NULL;
-    moe_status s = ids && t && logits ? moe_decoder_open(m, m->compute, &d) : moe_error(MOE_ERR_OOM, "trace: out of host memory");
-    if (s == MOE_OK) s = moe_decode_state_create(d, 1, len, &st);
+    moe_status s = ids && t && logits ? moe_decode_state_create(d, 1, len, &st)
+                                      : moe_error(MOE_ERR_OOM, "trace: out of host memory");
     for (int64_t i = 0; i < len; i++) ids[i] = (int32_t)((i * 7919) % m->cfg.model.vocab_size);
     if (s == MOE_OK) s = moe_decoder_feed(d, st, 0, ids, prompt, logits);
     moe_step_reset();
@@ -169,7 +169,6 @@ moe_status moe_trace_time_decode(moe_model *m, int prompt, int reps, double *sec
         *seconds = moe_median(t, reps);
     }
     moe_decode_state_free(st);
-    moe_decoder_close(d);
     free(ids);
     free(t);
     free(logits);

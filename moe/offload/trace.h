@@ -23,6 +23,7 @@
 #include <stdint.h>
 
 #include "core/h5file.h"
+#include "moe/infer/decoder.h"
 #include "moe/model/model.h"
 
 /* What routing depends on, to refuse a predictor or trace of another model. */
@@ -57,16 +58,16 @@ typedef struct moe_trace {
     int32_t *ids;               /* [fp.n_moe_layers, n, fp.top_k] */
 } moe_trace;
 
-/* Runs model m (on its device, in m->compute) over tokens [n_tokens] cut into sequences of
+/* Runs decoder d (its model on its device and dtype) over tokens [n_tokens] cut into sequences of
  * `context` tokens (a shorter tail is dropped, unless it is the only sequence), `batch`
  * sequences per forward, and records their routes into *out (free with moe_trace_free).
  * `name` names the model in the trace. Needs a model with at least one MoE layer. Resets
  * the step arena (moe_step_reset) after each forward, as moe_trace_time_decode after each step. */
-moe_status moe_trace_record(moe_model *m, const char *name, const int32_t *tokens, int64_t n_tokens, int context,
+moe_status moe_trace_record(moe_decoder *d, const char *name, const int32_t *tokens, int64_t n_tokens, int context,
                             int batch, moe_trace *out);
-/* Seconds per single-token decode step of m (one sequence, after a prompt of `prompt`
+/* Seconds per single-token decode step of d (one sequence, after a prompt of `prompt`
  * tokens; the median of `reps` steps). */
-moe_status moe_trace_time_decode(moe_model *m, int prompt, int reps, double *seconds);
+moe_status moe_trace_time_decode(moe_decoder *d, int prompt, int reps, double *seconds);
 
 moe_status moe_trace_save(const moe_trace *t, const char *path);
 /* Refuses a missing or damaged file, or one that is not a trace, naming the file. */

@@ -30,7 +30,10 @@ static void save_seeds(const char *dir) {
     for (int i = 0; i < 24; i++) tokens[i] = (i * 5 + 3) % 16;
     moe_trace t;
     char path[600];
-    FUZZ_CHECK(moe_trace_record(&model, "fuzz", tokens, 24, 8, 2, &t) == MOE_OK, "trace: %s", moe_last_error());
+    moe_decoder *d = NULL;
+    FUZZ_CHECK(moe_decoder_open(&model, model.compute, &d) == MOE_OK, "decoder: %s", moe_last_error());
+    FUZZ_CHECK(moe_trace_record(d, "fuzz", tokens, 24, 8, 2, &t) == MOE_OK, "trace: %s", moe_last_error());
+    moe_decoder_close(d);
     snprintf(path, sizeof path, "%s/trace.h5", dir);
     FUZZ_CHECK(moe_trace_save(&t, path) == MOE_OK, "save trace: %s", moe_last_error());
     moe_route_net net;
