@@ -11,8 +11,9 @@
 #              cores 0,1; BENCH_CPU_ARGS, default "--reps 5 --rounds 2") in the background
 #              from the start, while the GPU work stays off cores 0,1 (--multi runs after it)
 #   --racecheck  compute-sanitizer racecheck and memcheck of the kernels with shared-memory
-#              barriers worth checking (tensor-core attention, delta scan): test_cuda_ops
-#              with MOE_TEST_OPS=attention,delta_scan (logs racecheck.log, memcheck.log)
+#              barriers worth checking (tensor-core and variable-length attention, delta
+#              scan, the sorted index_add): test_cuda_ops with MOE_TEST_OPS=attention,delta_scan
+#              and test_cuda_ops_index (logs racecheck.log, memcheck.log, *-index.log)
 #   --multi    with 2+ GPUs: NCCL collectives (tests/test_mpi_overlap, one rank per GPU),
 #              N GPUs = 1 GPU in bf16 (scripts/test-mpi-train.sh --device cuda --dtype
 #              bf16) and weak scaling (scripts/scale-gpu.sh)
@@ -112,6 +113,9 @@ if [ "$racecheck" = 1 ]; then
             compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 3 build-gpu/tests/test_cuda_ops ||
             { [ $rc -ne 0 ] || rc=1; }
         grep -E "ERROR SUMMARY|hazard|parity:" "$logs/$tool.log" | tail -3
+        step "$tool-index" timeout 200 compute-sanitizer --tool "$tool" --report-api-errors no --error-exitcode 3 \
+            build-gpu/tests/test_cuda_ops_index || { [ $rc -ne 0 ] || rc=1; }
+        grep -E "ERROR SUMMARY|hazard" "$logs/$tool-index.log" | tail -2
     done
 fi
 
