@@ -13,7 +13,10 @@
 # Usage: scripts/bench.sh [cpu|gpu] [--reps N] [--warmup W] [--rounds R] [--cases "A B"]
 #   cpu (default): moe-layer-cpu, lm-step-cpu; both sides pinned to the same 2 cores
 #                  (taskset -c 0,1) with 2 threads each.
-#   gpu:           moe-layer-gpu, moe-layer-gpu-fine, lm-train-gpu on the H200.
+#   gpu:           moe-layer-gpu, moe-layer-gpu-fine, lm-train-gpu on the H200. The reference
+#                  runs each case with its experts as the transformers loop (lm-train-gpu also
+#                  compiled: -vs-compile) and as torch._grouped_mm (--experts grouped_mm),
+#                  eager (-vs-grouped) and compiled (-vs-grouped-compile).
 # Environment: MOE_BIN (default build/moe; gpu: build-gpu/moe when it exists),
 #   PYTHON (the reference's python; falls back to /usr/bin/python3 when it lacks torch),
 #   BENCH_OUT (results folder; default bench-results/<date>-<mode>/, git-ignored).
@@ -35,7 +38,7 @@ while [ $# -gt 0 ]; do
     --warmup) warmup=${2:?--warmup needs a number}; shift ;;
     --rounds) rounds=${2:?--rounds needs a number}; shift ;;
     --cases) cases=${2:?--cases needs case names}; shift ;;
-    -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -90,12 +93,23 @@ run_ours() { # case [extra moe bench args]
         { echo "bench.sh: ours failed on $c (see $out/ours.log)" >&2; failures=$((failures + 1)); }
 }
 
-run_ref() { # case [--compile]
+run_ref() { # case [--compile] [--experts loop|grouped_mm]
     [ -n "$py" ] || return 0
     echo "== round $round: bench_reference.py $*" >>"$out/ref.log"
     "${pin[@]}" "$py" scripts/bench_reference.py "$@" --reps "$reps" --warmup "$warmup" "${thread_args[@]}" \
         >>"$out/ref.jsonl" 2>>"$out/ref.log" ||
-        { echo "bench.sh: the reference failed on $1 (see $out/ref.log)" >&2; failures=$((failures + 1)); }
+        { echo "bench.sh: the reference failed on $* (see $out/ref.log)" >&2; failures=$((failures + 1)); }
+}
+
+run_refs() { # case: every reference variant of the case, one after another
+    local c=$1 v variants=("")
+    # the whole-model GPU step is also compared with torch.compile
+    if [ "$c" = lm-train-gpu ]; then variants+=("--compile"); fi
+    if [ "$mode" = gpu ]; then variants+=("--experts grouped_mm" "--experts grouped_mm --compile"); fi
+    for v in "${variants[@]}"; do
+        # shellcheck disable=SC2086 # a variant is a list of flags
+        run_ref "$c" $v
+    done
 }
 
 failures=0
@@ -106,13 +120,11 @@ for round in $(seq 1 "$rounds"); do
     for c in $cases; do
         if [ $((round % 2)) -eq 1 ]; then
             run_ours "$c"
-            run_ref "$c"
+            run_refs "$c"
         else
-            run_ref "$c"
+            run_refs "$c"
             run_ours "$c"
         fi
-        # the whole-model GPU step is also compared with torch.compile (issue targets)
-        [ "$c" = lm-train-gpu ] && run_ref "$c" --compile
     done
 done
 
@@ -128,7 +140,8 @@ def load(name):
             line = line.strip()
             if line.startswith("{"):
                 r = json.loads(line)
-                case = r["case"] + ("-compile" if r.get("compile") else "")
+                case = (r["case"] + ("-grouped" if r.get("experts") == "grouped_mm" else "")
+                        + ("-compile" if r.get("compile") else ""))
                 recs.setdefault((case, r["phase"]), []).append(r)
     return recs
 
@@ -154,9 +167,12 @@ print("| case | ours ms | ref ms | speedup (ref/ours) | ceiling | ours peak MiB 
 print("|---|---|---|---|---|---|---|")
 lines = []
 for case in cases:
-    phases = [("fwd", case + "-fwd", case), ("fwd_bwd", case, case)] if "layer" in case else [("step", case, case)]
-    if (case + "-compile", "step") in ref:
-        phases.append(("step", case + "-vs-compile", case + "-compile"))
+    base = [("fwd", "-fwd"), ("fwd_bwd", "")] if "layer" in case else [("step", "")]
+    phases = []  # (phase, label, reference key): the eager loop always, other variants when run
+    for variant in ("", "-compile", "-grouped", "-grouped-compile"):
+        for phase, suffix in base:
+            if not variant or (case + variant, phase) in ref:
+                phases.append((phase, case + suffix + (variant and "-vs" + variant), case + variant))
     for phase, label, ref_case in phases:
         o, r = ours.get((case, phase), []), ref.get((ref_case, phase), [])
         oms, rms = med(o, "ms"), med(r, "ms")

@@ -2,14 +2,19 @@
 """PyTorch reference for the side-by-side benchmarks in results/README.md.
 
 An HF-Mixtral-style MoE (softmax router in fp32, top-k, renormalised gates,
-SwiGLU experts run one after another with index_select / index_add_) inside
-a pre-norm RMSNorm transformer with RoPE causal attention, trained with
-AdamW. The model matches the one the `moe` framework builds, so both sides
-of a comparison do the same arithmetic on the same shapes.
+SwiGLU experts) inside a pre-norm RMSNorm transformer with RoPE causal
+attention, trained with AdamW. The model matches the one the `moe` framework
+builds, so both sides of a comparison do the same arithmetic on the same shapes.
+--experts picks how the experts run: "loop" (default) is the transformers
+Mixtral loop, one expert after another with index_select / index_add_ and a
+host sync per expert; "grouped_mm" is the torchtitan path: the T*k token
+copies sorted by expert, every expert in one torch._grouped_mm per projection
+(bf16, stacked weights), no host sync (needs torch >= 2.8; sm90 for the fast
+bf16 kernel).
 
 Usage:
     python3 scripts/bench_reference.py CASE [--device cpu|cuda] [--dtype f32|bf16]
-        [--threads N] [--warmup W] [--reps R] [--compile]
+        [--threads N] [--warmup W] [--reps R] [--compile] [--experts loop|grouped_mm]
 CASE: moe-layer-cpu, lm-step-cpu, moe-layer-gpu, moe-layer-gpu-fine, lm-train-gpu.
 Layer cases time "fwd" (no_grad) and "fwd_bwd"; LM cases time "step"
 (zero_grad, forward, backward, AdamW step). One JSON line per figure on
@@ -108,13 +113,23 @@ class Expert(nn.Module):
 
 
 class MoE(nn.Module):
-    """HF Mixtral sparse MoE block; returns (output, Switch aux loss)."""
+    """Sparse MoE block (HF Mixtral routing); returns (output, Switch aux loss).
 
-    def __init__(self, d, f, E, k):
+    experts="loop": nn.Linear experts run one after another (the transformers loop).
+    experts="grouped_mm": the same SwiGLU experts as stacked parameters
+    w13 [E, d, 2f] (w1 | w3 side by side) and w2 [E, f, d], run by torch._grouped_mm
+    in mm_dtype (the run's dtype: bf16 under autocast or for bf16 models); same
+    parameter count, same maths."""
+
+    def __init__(self, d, f, E, k, experts="loop", mm_dtype=torch.bfloat16):
         super().__init__()
-        self.E, self.k = E, k
+        self.E, self.k, self.f, self.kind, self.mm_dtype = E, k, f, experts, mm_dtype
         self.gate = nn.Linear(d, E, bias=False)
-        self.experts = nn.ModuleList(Expert(d, f) for _ in range(E))
+        if experts == "grouped_mm":
+            self.w13 = nn.Parameter(torch.empty(E, d, 2 * f))
+            self.w2 = nn.Parameter(torch.empty(E, f, d))
+        else:
+            self.experts = nn.ModuleList(Expert(d, f) for _ in range(E))
 
     def forward(self, x):
         shape = x.shape
@@ -123,9 +138,18 @@ class MoE(nn.Module):
         gates, idx = torch.topk(probs, self.k, dim=-1)
         gates = (gates / gates.sum(dim=-1, keepdim=True)).to(x.dtype)
         # aux = α·E·Σ_e f_e·P_e; f_e = share of the T·k assignments (no grad), P_e = mean prob.
-        counts = torch.bincount(idx.flatten(), minlength=self.E)
+        if self.kind == "grouped_mm":
+            # tokens per expert, [E] int64: a scatter-add, since CUDA bincount reads its
+            # max back to the host (and torch.compile breaks its graph on it)
+            flat = idx.reshape(-1)
+            counts = torch.zeros(self.E, dtype=torch.int64, device=x.device).scatter_add_(
+                0, flat, torch.ones_like(flat))
+        else:
+            counts = torch.bincount(idx.flatten(), minlength=self.E)
         f_e = counts.float() / idx.numel()
         aux = AUX_ALPHA * self.E * (f_e * probs.mean(0)).sum()
+        if self.kind == "grouped_mm":
+            return self.grouped(x, gates, idx, counts).view(shape), aux
         out = torch.zeros_like(x)
         mask = F.one_hot(idx, self.E).permute(2, 1, 0)  # (E, k, T)
         # The classic HF loop: counts.tolist() and each torch.where wait for the device, as in HF.
@@ -137,13 +161,26 @@ class MoE(nn.Module):
             out.index_add_(0, tok, y.to(x.dtype))
         return out.view(shape), aux
 
+    def grouped(self, x, gates, idx, counts):
+        """Experts by grouped GEMMs: x [T, d], gates [T, k] (x's dtype), idx [T, k],
+        counts [E] -> [T, d]. No host sync: offsets stay on the device."""
+        order = torch.argsort(idx.reshape(-1), stable=True)  # [T*k] copies by expert, token order kept
+        tok = order // self.k                                 # [T*k] token of each sorted copy
+        xs = x.index_select(0, tok).to(self.mm_dtype)         # [T*k, d]
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)     # [E] end row of each expert's group
+        h13 = torch._grouped_mm(xs, self.w13.to(self.mm_dtype), offs=offs)  # [T*k, 2f]
+        h = F.silu(h13[:, :self.f]) * h13[:, self.f:]                        # [T*k, f]
+        y = torch._grouped_mm(h, self.w2.to(self.mm_dtype), offs=offs)      # [T*k, d]
+        y = y * gates.reshape(-1).index_select(0, order)[:, None]            # [T*k, d]
+        return torch.zeros_like(x).index_add_(0, tok, y.to(x.dtype))
+
 
 class Block(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.attn_norm, self.moe_norm = RMSNorm(c["d"]), RMSNorm(c["d"])
         self.attn = Attention(c["d"], c["H"], c["S"])
-        self.moe = MoE(c["d"], c["f"], c["E"], c["k"])
+        self.moe = MoE(c["d"], c["f"], c["E"], c["k"], c["experts"], c["mm_dtype"])
 
     def forward(self, x):
         h = x + self.attn(self.attn_norm(x))
@@ -173,6 +210,9 @@ def init_weights(model):
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=INIT_STD)
+        elif isinstance(m, MoE) and m.kind == "grouped_mm":  # stacked experts: the same law
+            nn.init.normal_(m.w13, mean=0.0, std=INIT_STD)
+            nn.init.normal_(m.w2, mean=0.0, std=INIT_STD)
 
 
 def make_adamw(params, device):
@@ -225,7 +265,7 @@ def lm_flops(c):
 
 
 def bench_layer(c, args, dev, dtype, gen):
-    moe = MoE(c["d"], c["f"], c["E"], c["k"])
+    moe = MoE(c["d"], c["f"], c["E"], c["k"], c["experts"], c["mm_dtype"])
     init_weights(moe)
     moe = moe.to(device=dev, dtype=dtype)
     x = torch.randn(c["T"], c["d"], generator=gen).to(device=dev, dtype=dtype)
@@ -267,6 +307,22 @@ def bench_lm(c, args, dev, dtype, gen):
                                    "fused_adamw": fused, "amp": use_amp})]
 
 
+def check_grouped_mm(c, device):
+    """Exits unless torch._grouped_mm can run the case's expert GEMMs."""
+    if not hasattr(torch, "_grouped_mm"):
+        sys.exit(f"bench_reference: --experts grouped_mm needs torch._grouped_mm (torch >= 2.8); "
+                 f"this is torch {torch.__version__}")
+    # _grouped_mm's kernel loads its operands by TMA: every row stride 16-byte aligned and, as its
+    # input checks demand, the contraction and output dims (d, f, 2f) multiples of 16.
+    bad = [f"{n}={c[n]}" for n in ("d", "f") if c[n] % 16]
+    if bad:
+        sys.exit(f"bench_reference: --experts grouped_mm needs d and f multiples of 16 "
+                 f"(torch._grouped_mm), case {c} has {', '.join(bad)}")
+    if device != "cuda" or torch.cuda.get_device_capability() < (9, 0) or c["mm_dtype"] != torch.bfloat16:
+        print("bench_reference: torch._grouped_mm's fused kernel needs bf16 on sm90+; "
+              "this run takes its per-expert fallback", file=sys.stderr)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("case", choices=sorted(CASES))
@@ -276,8 +332,10 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    ap.add_argument("--experts", choices=["loop", "grouped_mm"], default="loop",
+                    help="loop: transformers' expert loop; grouped_mm: torch._grouped_mm (torchtitan)")
     args = ap.parse_args()
-    c = CASES[args.case]
+    c = dict(CASES[args.case])
     args.device = args.device or c["device"]
     args.dtype = args.dtype or c["dtype"]
     if args.reps < 1 or args.warmup < 0 or args.threads < 1:
@@ -292,6 +350,9 @@ def main():
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    c["experts"], c["mm_dtype"] = args.experts, dtype
+    if args.experts == "grouped_mm":
+        check_grouped_mm(c, args.device)
     torch.manual_seed(0)  # weights
     gen = torch.Generator().manual_seed(1)  # inputs, drawn on the CPU so every device sees the same data
     print(f"bench_reference: {args.case} {c} device={args.device} dtype={args.dtype} "
@@ -307,7 +368,8 @@ def main():
                "gflops_per_s": round(flops / (ms * 1e-3) / 1e9, 2),
                "peak_bytes": peak, "peak_kind": peak_kind, "torch": torch.__version__,
                "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
-               "compile": args.compile, "warmup": args.warmup, "reps": args.reps}
+               "compile": args.compile, "experts": args.experts, "warmup": args.warmup,
+               "reps": args.reps}
         rec.update(extra)
         if "tokens" in extra:
             rec["tokens_per_s"] = round(extra["tokens"] / (ms * 1e-3), 1)
