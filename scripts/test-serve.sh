@@ -157,9 +157,7 @@ fi
 if [ -z "$chrome" ]; then echo "skip chat page: chromium is not installed (apt-get install chromium)"
 else
   curl -s "$url/v1/chat/completions" -d '{"messages":[{"role":"user","content":"Hi"}],"max_tokens":16,"temperature":0}' > want.json
-  chrome_args=(--headless --no-sandbox --disable-gpu --disable-dev-shm-usage --virtual-time-budget=60000)
-  timeout 120 "$chrome" "${chrome_args[@]}" --dump-dom "$url/?q=Hi&max=16" > dom.html 2> chrome.txt
-  timeout 120 "$chrome" "${chrome_args[@]}" --window-size=900,700 --screenshot="$work/chat.png" "$url/?q=Hi&max=16" > /dev/null 2>> chrome.txt
+  timeout 150 node "$root/scripts/chat-page.js" "$chrome" "$url/?q=Hi&max=16" dom.html "$work/chat.png" 120 2> chrome.txt
   if [ ! -s dom.html ] && grep -qi "sandbox\|running as root" chrome.txt; then echo "skip chat page: chromium cannot run here"; cat chrome.txt
   elif python3 - want.json dom.html <<'PY'
 import html, json, re, sys
