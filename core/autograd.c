@@ -39,6 +39,13 @@ void moe_tape_reset(void) {
     tape_count = 0;
 }
 
+moe_tape moe_tape_swap(moe_tape t) {
+    moe_tape was = {tape_top, tape_count};
+    tape_top = t.top;
+    tape_count = t.count;
+    return was;
+}
+
 int moe_tape_size(void) { return tape_count; }
 
 moe_node *moe_autograd_record(int op, moe_tensor *out, int n_in, moe_tensor *const *in,
@@ -171,23 +178,19 @@ static void ready_report(const ready_table *rt, const moe_node *node, int k) {
     }
 }
 
-moe_status moe_backward(moe_tensor *loss) {
-    if (!loss) return moe_last_status() ? moe_last_status() : MOE_ERR_INVALID;
-    MOE_ASSERT(moe_tensor_numel(loss) == 1, "backward needs a scalar loss");
-    if (!loss->requires_grad) return moe_error(MOE_ERR_INVALID, "backward: the loss does not require grad");
+/* The sweep: the current tape in reverse recording order from out, whose grad is seed;
+ * report: call the readiness hook (when one is set). */
+static moe_status sweep(moe_tensor *out, moe_tensor *seed, bool report) {
     backward_error = MOE_OK;
-    moe_tensor *seed = moe_tensor_empty(MOE_LIFE_STEP, loss->device, loss->dtype, loss->ndim, loss->shape);
-    if (!seed) return moe_last_status();
-    MOE_TRY(moe_tensor_fill(seed, 1.0));
-    /* the sweep: the tape in reverse recording order */
     moe_node **order = moe_step_host_alloc(sizeof *order * (size_t)(tape_count ? tape_count : 1));
     if (!order) return moe_last_status();
     int n = 0;
     for (tape_block *b = tape_top; b; b = b->prev)
         for (int i = b->n - 1; i >= 0; i--) order[n++] = b->nodes[i];
+    report = report && ready_fn;
     ready_table rt = {0};
-    if (ready_fn) MOE_TRY(ready_build(order, n, &rt));
-    loss->grad = seed;
+    if (report) MOE_TRY(ready_build(order, n, &rt));
+    out->grad = seed;
     bool was = moe_grad_set_enabled(false);
     for (int k = 0; k < n && backward_error == MOE_OK; k++) {
         moe_node *node = order[k];
@@ -196,10 +199,27 @@ moe_status moe_backward(moe_tensor *loss) {
             MOE_ASSERT(info->backward, "op %s has no backward", info->name);
             info->backward(node);
         }
-        if (ready_fn && backward_error == MOE_OK) ready_report(&rt, node, k);
+        if (report && backward_error == MOE_OK) ready_report(&rt, node, k);
     }
     moe_grad_set_enabled(was);
     return backward_error;
+}
+
+moe_status moe_backward(moe_tensor *loss) {
+    if (!loss) return moe_last_status() ? moe_last_status() : MOE_ERR_INVALID;
+    MOE_ASSERT(moe_tensor_numel(loss) == 1, "backward needs a scalar loss");
+    if (!loss->requires_grad) return moe_error(MOE_ERR_INVALID, "backward: the loss does not require grad");
+    moe_tensor *seed = moe_tensor_empty(MOE_LIFE_STEP, loss->device, loss->dtype, loss->ndim, loss->shape);
+    if (!seed) return moe_last_status();
+    MOE_TRY(moe_tensor_fill(seed, 1.0));
+    return sweep(loss, seed, true);
+}
+
+moe_status moe_backward_from(moe_tensor *out, moe_tensor *grad) {
+    char b1[96], b2[96];
+    MOE_ASSERT(out && grad && moe_tensor_same_shape(out, grad), "backward_from: grad %s does not match %s",
+               grad ? moe_tensor_describe(grad, b1, sizeof b1) : "NULL", out ? moe_tensor_describe(out, b2, sizeof b2) : "NULL");
+    return out->requires_grad ? sweep(out, grad, false) : MOE_OK;
 }
 
 moe_status moe_zero_grad(moe_tensor *const *params, int n) {

@@ -39,6 +39,19 @@ moe_node *moe_autograd_record(int op, moe_tensor *out, int n_in, moe_tensor *con
  * Returns the first error an op's backward met (e.g. out of memory). */
 moe_status moe_backward(moe_tensor *loss);
 
+/* The tape as a value: an op whose backward records a piece of the graph again and
+ * differentiates through it (moe_recompute) swaps in an empty tape of its own, sweeps it
+ * with moe_backward_from and swaps the outer tape back. */
+typedef struct moe_tape {
+    struct tape_block *top;
+    int count;
+} moe_tape;
+/* Installs t (a zeroed moe_tape: an empty one) and returns the tape that was current. */
+moe_tape moe_tape_swap(moe_tape t);
+/* Runs the current tape backwards from out with d out = grad (out's shape), without the
+ * readiness hook (the outer sweep reports the parameters the op takes as inputs). */
+moe_status moe_backward_from(moe_tensor *out, moe_tensor *grad);
+
 /* Gradient readiness, to overlap gradient communication with the backward. With a hook
  * set, moe_backward calls fn(param, user) once for each parameter (is_param leaf that
  * requires grad) that the tape uses, as soon as its grad is final for this backward:

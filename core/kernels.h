@@ -65,7 +65,8 @@
     X(ATTENTION, attention, 1)               \
     X(CROSS_ENTROPY, cross_entropy, 1)       \
     X(ALL_TO_ALL, all_to_all, 1)             \
-    X(DELTA_SCAN, delta_scan, 1)
+    X(DELTA_SCAN, delta_scan, 1)             \
+    X(RECOMPUTE, recompute, 1)
 
 typedef enum moe_op_id {
 #define MOE_X_ENUM(ID, name, diff) MOE_OP_##ID,

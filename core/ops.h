@@ -146,4 +146,19 @@ moe_tensor *moe_delta_scan_chunked(moe_tensor *q, moe_tensor *k, moe_tensor *v, 
                                    moe_tensor *alpha, moe_tensor *state0, bool delta, int64_t chunk,
                                    moe_tensor **state_out);
 
+/* ---- recomputation (activation checkpointing) ---- */
+/* A piece of the graph run without keeping its intermediates: out = fn(ctx, in) with the
+ * tape off, copied out, and the step memory fn took handed back. The backward runs fn
+ * again with the tape on (parameters in in[] as they are, other inputs as fresh leaves),
+ * sweeps that tape from d out and frees its memory again, so the piece's activations live
+ * only while its own backward runs. Trades one more forward of the piece for its memory.
+ * Contract (misuse asserts where it can be seen): fn returns a tensor of in[0]'s shape,
+ * dtype and device; is deterministic (the same inputs give the same result: dropout and
+ * noise from fixed counters); changes no state outside its result and talks to no other
+ * rank; every tensor whose grad depends on the result is one of in[] (at most
+ * MOE_NODE_MAX_INPUTS; parameters as themselves, so the readiness hook sees them); ctx
+ * stays valid until the backward has run. Without grad recording it is fn(ctx, in). */
+typedef moe_tensor *(*moe_recompute_fn)(void *ctx, moe_tensor *const *in);
+moe_tensor *moe_recompute(moe_recompute_fn fn, void *ctx, int n_in, moe_tensor *const *in);
+
 #endif
