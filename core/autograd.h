@@ -10,7 +10,7 @@
 
 #include "core/tensor.h"
 
-#define MOE_NODE_MAX_INPUTS 6
+#define MOE_NODE_MAX_INPUTS 8
 #define MOE_NODE_MAX_SAVED 5
 #define MOE_NODE_ATTR_BYTES 128
 

@@ -165,3 +165,8 @@ void moe_step_reset(void) {
 }
 
 moe_mem_stats moe_mem_get_stats(moe_device dev) { return stats[dev]; }
+
+void moe_mem_reset_peaks(moe_device dev) {
+    stats[dev].step_peak = stats[dev].step_bytes;
+    stats[dev].persist_peak = stats[dev].persist_bytes;
+}

@@ -42,5 +42,7 @@ typedef struct moe_mem_stats {
     size_t backend_allocs;                /* calls into the backend allocator */
 } moe_mem_stats;
 moe_mem_stats moe_mem_get_stats(moe_device dev);
+/* Starts the peaks afresh from the bytes in use now (a run's own peak). */
+void moe_mem_reset_peaks(moe_device dev);
 
 #endif

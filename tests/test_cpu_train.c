@@ -1,7 +1,7 @@
 /* Training end to end on a tiny generated corpus: exact resume (N steps + save + resume
  * + N steps == 2N steps), loss decreases, damaged checkpoints are refused, a bad config
- * is refused, the whole model's gradients pass a finite-difference check, and router
- * biases come back from a checkpoint. */
+ * is refused, the whole model's gradients pass a finite-difference check, router
+ * biases come back from a checkpoint, and recomputation changes memory, not the run. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -298,12 +298,64 @@ static void test_router_bias_round_trip(void) {
     moe_model_free(&m);
 }
 
+/* A 4-step run of the tiny model with the given --set assignments (NULL-terminated):
+ * its losses, final weights (*w, *nw) and step-arena peak. */
+static size_t recompute_run(const char *name, const char *const *sets, double *loss, double **w, int64_t *nw) {
+    char run[600];
+    snprintf(run, sizeof run, "%s/run-recompute-%s", data_dir, name);
+    moe_config c;
+    tiny_config(&c, run);
+    c.model.seq_len = 64;
+    c.model.ffn_dim = 64;
+    c.train.steps = 4;
+    for (int i = 0; sets[i]; i++) CHECK_OK(moe_config_set(&c, sets[i]));
+    CHECK_OK(moe_config_validate(&c));
+    moe_train_summary sum;
+    CHECK_OK(moe_train_run(&c, &(moe_train_options){.quiet = true}, &sum));
+    CU_ASSERT_EQUAL(read_losses(run, loss, 4), 4);
+    params_of(sum.last_checkpoint, &c, w, nw);
+    return sum.step_mem_peak;
+}
+
+static void check_same_run(const double *la, const double *wa, int64_t na, const double *lb, const double *wb,
+                           int64_t nb) {
+    CU_ASSERT_EQUAL(memcmp(la, lb, sizeof(double) * 4), 0);
+    CU_ASSERT_EQUAL_FATAL(na, nb);
+    CU_ASSERT_EQUAL(memcmp(wa, wb, sizeof(double) * (size_t)na), 0);
+}
+
+/* train.recompute: the same losses and weights, bit for bit, as keeping every activation,
+ * in a lower step-arena peak (experts alone, then experts and attention lower still); MLA
+ * attention (eight inputs to the recomputed piece) likewise. */
+static void test_recompute(void) {
+    const char *none[] = {"train.recompute=[]", NULL}, *experts[] = {"train.recompute=[experts]", NULL},
+               *both[] = {"train.recompute=[experts, attention]", NULL};
+    const char *mla[] = {"model.attention=mla", "model.q_lora_rank=8", "model.kv_lora_rank=8", "model.qk_nope_dim=8",
+                         "model.qk_rope_dim=4", "model.v_head_dim=8", NULL, NULL};
+    double loss[5][4], *w[5];
+    int64_t nw[5];
+    size_t peak[5];
+    peak[0] = recompute_run("none", none, loss[0], &w[0], &nw[0]);
+    peak[1] = recompute_run("experts", experts, loss[1], &w[1], &nw[1]);
+    peak[2] = recompute_run("both", both, loss[2], &w[2], &nw[2]);
+    peak[3] = recompute_run("mla", mla, loss[3], &w[3], &nw[3]);
+    mla[6] = "train.recompute=[attention]";
+    peak[4] = recompute_run("mla-attention", mla, loss[4], &w[4], &nw[4]);
+    printf("\n    step arena peak: %zu bytes keeping everything, %zu recomputing experts, %zu experts and attention;"
+           " mla %zu, recomputing attention %zu\n", peak[0], peak[1], peak[2], peak[3], peak[4]);
+    CU_ASSERT(peak[1] < peak[0] && peak[2] < peak[1] && peak[4] < peak[3]);
+    for (int r = 1; r < 3; r++) check_same_run(loss[0], w[0], nw[0], loss[r], w[r], nw[r]);
+    check_same_run(loss[3], w[3], nw[3], loss[4], w[4], nw[4]);
+    for (int r = 0; r < 5; r++) free(w[r]);
+}
+
 static void register_suites(void) {
     moe_test_add_suite("train", (moe_test_entry[]){{"exact resume", test_exact_resume},
                                                     {"damaged and mismatched checkpoints", test_damaged_checkpoint},
                                                     {"missing data file", test_missing_data},
                                                     {"whole-model gradcheck", test_model_gradcheck},
                                                     {"router biases round trip", test_router_bias_round_trip},
+                                                    {"recompute: same run, less memory", test_recompute},
                                                     {NULL, NULL}});
 }
 

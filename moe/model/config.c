@@ -44,6 +44,8 @@ static const char *const optimizer_names[] = {
     [MOE_CFG_OPTIMIZER_ADAMW] = "adamw", [MOE_CFG_OPTIMIZER_SGD] = "sgd", NULL};
 static const char *const schedule_names[] = {
     [MOE_CFG_SCHEDULE_COSINE] = "cosine", [MOE_CFG_SCHEDULE_CONSTANT] = "constant", NULL};
+static const char *const recompute_names[] = {
+    [MOE_CFG_RECOMPUTE_EXPERTS] = "experts", [MOE_CFG_RECOMPUTE_ATTENTION] = "attention", NULL};
 
 /* The path is the field's own designator ("model.d_model"); the _Generic makes a
  * field of the wrong C type a compile error. */
@@ -160,6 +162,9 @@ static const moe_yaml_key config_keys[] = {
     INT(train.log_every, 1, BIG, "10", "steps between log lines"),
     INT(train.max_bad_steps, 1, 1 << 20, "5", "consecutive NaN/Inf steps before training stops"),
     INT(train.threads, 0, 4096, "0", "CPU threads; 0 = all cores"),
+    LIST(train.recompute, MOE_YAML_ENUM_LIST, 0, 0, recompute_names, "[]",
+         "pieces whose activations the backward recomputes instead of keeping (less memory, one more "
+         "forward of each): experts, attention"),
     /* checkpoint */
     STR(checkpoint.dir, "runs/tiny", "directory for checkpoints and logs"),
     INT(checkpoint.every, 0, BIG, "100", "steps between checkpoints; 0 = only at the end"),
@@ -345,6 +350,13 @@ bool moe_config_layer_is_dense(const moe_config *cfg, int layer) {
     for (int i = 0; i < m->dense_layer_ids.count; i++)
         if (m->dense_layer_ids.values[i] == layer) return true;
     return layer < m->dense_layers || (layer + 1) % m->moe_layer_step != 0;
+}
+
+bool moe_config_recomputes(const moe_config *cfg, moe_cfg_recompute piece) {
+    const moe_yaml_list *r = &cfg->train.recompute;
+    for (int i = 0; i < r->count; i++)
+        if (r->values[i] == (int)piece) return true;
+    return false;
 }
 
 int moe_config_head_dim(const moe_config *cfg) {

@@ -87,6 +87,12 @@ typedef enum moe_cfg_schedule {
     MOE_CFG_SCHEDULE_CONSTANT, /* constant */
 } moe_cfg_schedule;
 
+/* Entries of train.recompute: pieces whose activations the backward recomputes. */
+typedef enum moe_cfg_recompute {
+    MOE_CFG_RECOMPUTE_EXPERTS,   /* experts: each expert group's SwiGLU (grouped GEMMs) */
+    MOE_CFG_RECOMPUTE_ATTENTION, /* attention: projections, rope, attention, output projection */
+} moe_cfg_recompute;
+
 typedef struct moe_cfg_model {
     int vocab_size;
     int d_model;
@@ -181,6 +187,7 @@ typedef struct moe_cfg_train {
     int log_every;
     int max_bad_steps;
     int threads;                   /* 0 = all cores */
+    moe_yaml_list recompute;       /* moe_cfg_recompute entries */
 } moe_cfg_train;
 
 typedef struct moe_cfg_checkpoint {
@@ -241,5 +248,7 @@ int moe_config_expert_ffn_dim(const moe_config *cfg, int expert);
 int moe_config_kv_heads(const moe_config *cfg);
 int moe_config_shared_ffn_dim(const moe_config *cfg);
 int moe_config_dense_ffn_dim(const moe_config *cfg);
+/* train.recompute lists the piece. */
+bool moe_config_recomputes(const moe_config *cfg, moe_cfg_recompute piece);
 
 #endif

@@ -157,6 +157,7 @@ moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int 
             .capacity_factor = cfg->router.capacity_factor,
             .latency_running = cfg->router.balance == MOE_CFG_BALANCE_LATENCY &&
                                cfg->router.latency_source == MOE_CFG_LATENCY_RUNNING,
+            .recompute_experts = moe_config_recomputes(cfg, MOE_CFG_RECOMPUTE_EXPERTS),
             .router = {.n_experts = c->n_experts, .top_k = c->top_k, .d_model = c->d_model,
                        .balance = (moe_balance_kind)cfg->router.balance, .aux_coef = cfg->router.aux_coef,
                        .z_coef = cfg->router.z_coef, .renormalize = cfg->router.renormalize,
@@ -602,15 +603,63 @@ static bool spans_equal(const moe_forward *f) {
     return true;
 }
 
+/* The attention sublayer of block b on h [B, T, d] -> [B, T, d] (before the residual). */
+static moe_tensor *attention_sublayer(moe_model *m, moe_block *b, int i, moe_tensor *h, const moe_forward *f) {
+    attn_proj p = m->cfg.model.attention == MOE_CFG_ATTENTION_MLA ? mla_project(m, b, h) : mha_project(m, b, h);
+    return moe_matmul(attend(m, i, p, f), C(b->wo));
+}
+
+enum { ATTENTION_PARAMS_MAX = 11 };
+
+/* The attention parameters a block has (NULL fields left out) into ps; returns how many. */
+static int attention_params(moe_block *b, moe_tensor **ps[ATTENTION_PARAMS_MAX]) {
+    moe_tensor **all[] = {&b->wqkv, &b->bqkv, &b->q_norm, &b->k_norm, &b->wq_a, &b->q_a_norm,
+                          &b->wq_b, &b->wkv_a, &b->kv_a_norm, &b->wkv_b, &b->wo};
+    int n = 0;
+    for (size_t j = 0; j < sizeof all / sizeof *all; j++)
+        if (*all[j]) ps[n++] = all[j];
+    return n;
+}
+
+/* The training attention sublayer as a recomputed piece: in = {h, the block's attention
+ * parameters in attention_params' order}; it runs on a copy of the block holding them. */
+typedef struct attention_piece {
+    moe_model *m;
+    int layer;
+} attention_piece;
+
+static moe_tensor *attention_replay(void *ctx, moe_tensor *const *in) {
+    const attention_piece *a = ctx;
+    moe_block b = a->m->blocks[a->layer];
+    moe_tensor **ps[ATTENTION_PARAMS_MAX];
+    int n = attention_params(&b, ps);
+    for (int j = 0; j < n; j++) *ps[j] = in[1 + j];
+    const moe_forward train = {.mode = MOE_FORWARD_TRAIN};
+    return attention_sublayer(a->m, &b, a->layer, in[0], &train);
+}
+
+static moe_tensor *attention_recomputed(moe_model *m, int i, moe_tensor *h) {
+    moe_tensor **ps[ATTENTION_PARAMS_MAX], *in[MOE_NODE_MAX_INPUTS] = {h};
+    int n = attention_params(&m->blocks[i], ps);
+    MOE_ASSERT(n + 1 <= MOE_NODE_MAX_INPUTS, "model: %d attention parameters for one recomputed piece", n);
+    for (int j = 0; j < n; j++) in[1 + j] = *ps[j];
+    attention_piece *a = moe_step_host_alloc(sizeof *a);
+    if (!a) return NULL;
+    *a = (attention_piece){m, i};
+    return moe_recompute(attention_replay, a, n + 1, in);
+}
+
 /* Block i's token mixer on h [B, T, d] -> [B, T, d]: attention over the whole batch (its
- * caches and spans handled inside attend), a MoM layer over the batch (training), as rows
- * of one forward (inference, spans of one length: a decode step) or span by span. */
+ * caches and spans handled inside attend; recomputed in the backward when training asks),
+ * a MoM layer over the batch (training), as rows of one forward (inference, spans of one
+ * length: a decode step) or span by span. */
 static moe_tensor *mix(moe_model *m, int i, moe_tensor *h, const moe_forward *f, moe_tensor **aux) {
     moe_block *b = &m->blocks[i];
     if (!h) return NULL;
     if (b->mixer == MOE_CFG_MIXER_ATTENTION) {
-        attn_proj p = m->cfg.model.attention == MOE_CFG_ATTENTION_MLA ? mla_project(m, b, h) : mha_project(m, b, h);
-        return moe_matmul(attend(m, i, p, f), C(b->wo));
+        if (f->mode == MOE_FORWARD_TRAIN && moe_config_recomputes(&m->cfg, MOE_CFG_RECOMPUTE_ATTENTION))
+            return attention_recomputed(m, i, h);
+        return attention_sublayer(m, b, i, h, f);
     }
     if (f->mode == MOE_FORWARD_TRAIN) return mom_mix(m, b, i, 0, h, NULL, aux);
     if (spans_equal(f)) return mom_rows(m, b, i, h, f);

@@ -272,10 +272,28 @@ moe_tensor *moe_grouped_swiglu(moe_tensor *xs, moe_tensor *w13, moe_tensor *w2, 
     return moe_grouped_matmul(moe_swiglu(h), w2, offsets);  /* [N, d] */
 }
 
-/* Group g's SwiGLU on its rows; offsets[n + 1] from 0. The one place where experts that
- * are not all resident (an installed provider) take over. */
+/* A group's SwiGLU as a recomputed piece: in = {xs [N, d], w13 stack, w2 stack} (the
+ * parameters themselves, cast inside, so the casts are recomputed too). */
+typedef struct group_piece {
+    const int64_t *offsets; /* step host memory: lives until the backward */
+    moe_dtype compute;
+} group_piece;
+
+static moe_tensor *group_swiglu(void *ctx, moe_tensor *const *in) {
+    const group_piece *p = ctx;
+    return moe_grouped_swiglu(in[0], moe_cast(in[1], p->compute), moe_cast(in[2], p->compute), p->offsets);
+}
+
+/* Group g's SwiGLU on its rows; offsets[n + 1] from 0 (step host memory). The one place
+ * where experts that are not all resident (an installed provider) take over. */
 static moe_tensor *run_group(moe_moe_layer *L, int g, moe_tensor *xs, const int64_t *offsets, moe_dtype compute) {
     if (L->provider) return L->provider->run(L->provider->ctx, L->provider_layer, L, g, xs, offsets, compute);
+    if (L->s.recompute_experts) {
+        group_piece *p = moe_step_host_alloc(sizeof *p);
+        if (!p) return NULL;
+        *p = (group_piece){offsets, compute};
+        return moe_recompute(group_swiglu, p, 3, (moe_tensor *[]){xs, L->groups[g].w13, L->groups[g].w2});
+    }
     moe_tensor *w13, *w2;
     if (moe_moe_layer_expert_stacks(L, g, compute, &w13, &w2) != MOE_OK) return NULL;
     return moe_grouped_swiglu(xs, w13, w2, offsets);

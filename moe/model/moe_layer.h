@@ -42,6 +42,7 @@ typedef struct moe_moe_layer_settings {
     bool shared_gate;       /* the shared experts' output times sigmoid(x w_sg), w_sg [d, 1] */
     double capacity_factor; /* 0 = dropless */
     bool latency_running;   /* router.latency_source = running: time every training forward */
+    bool recompute_experts; /* training: each group's SwiGLU recomputed in the backward (moe_recompute) */
     moe_router_settings router;
 } moe_moe_layer_settings;
 

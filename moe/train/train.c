@@ -413,8 +413,8 @@ static void write_metrics(trainer *t, const char *fmt_extra, double loss, double
     FILE *f = t->metrics;
     if (!f) return;
     fprintf(f, "{\"step\":%lld,\"loss\":%.6f,\"aux_loss\":%.6g,\"z_loss\":%.6g,\"lr\":%.6g,\"grad_norm\":%.6g,"
-               "\"tokens_per_s\":%.1f%s",
-            (long long)t->st.step, loss, aux, z, lr, gnorm, tps, fmt_extra);
+               "\"tokens_per_s\":%.1f,\"step_mem_peak\":%zu%s",
+            (long long)t->st.step, loss, aux, z, lr, gnorm, tps, moe_mem_get_stats(t->model.dev).step_peak, fmt_extra);
     if (load) {
         fputs(",\"expert_load\":[", f);
         bool first = true;
@@ -555,6 +555,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
     step_timing timing = {0};
     int64_t steps_run = 0;
     double t_start = (moe_clock_ms() / 1e3), tokens_done = 0, last_loss = NAN;
+    moe_mem_reset_peaks(t.model.dev);
     bool save_first = false, mid_step = false; /* how to stop after a failure that every rank saw */
     moe_loader_state step_start = {0};
     while (s == MOE_OK && t.st.step < tc->steps) {
@@ -696,6 +697,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
     sum->final_loss = last_loss;
     sum->bad_steps = t.st.bad_steps;
     sum->tokens_per_s = tokens_done / ((moe_clock_ms() / 1e3) - t_start);
+    sum->step_mem_peak = moe_mem_get_stats(t.model.dev).step_peak;
     free(in);
     free(tg);
     free(load);

@@ -28,6 +28,7 @@ typedef struct moe_train_summary {
     double final_loss, val_loss, val_bpb, unigram_bpb;
     double val_recall; /* a validation file with a loss mask (MQAR): the recall at the last evaluation, else NAN */
     double tokens_per_s;
+    size_t step_mem_peak; /* bytes: the step arena's peak during the run (activations, grads of activations, scratch) */
     int64_t bad_steps;
     int stop_signal; /* with MOE_ERR_INTERRUPTED: the signal that stopped the run */
     char last_checkpoint[640];
