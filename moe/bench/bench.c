@@ -110,6 +110,7 @@ static void write_figure(const bench_run *r, const bench_phase *p, const double 
         fprintf(f, "%-20s %-8s %10.3f ms  %9.2f GFLOP/s  peak %8.1f MiB  %s %s, %d threads", r->c->name, p->name, ms,
                 rate / 1e9, peak / 1048576.0, moe_device_name(r->dev), moe_dtype_name(r->dt), omp_get_max_threads());
         if (p->tokens) fprintf(f, "  %.1f tokens/s", (double)p->tokens / (ms * 1e-3));
+        if (p->tokens && o->recompute && strcmp(o->recompute, "none")) fprintf(f, "  recompute %s", o->recompute);
         if (p->tokens && r->dev == MOE_CUDA) fprintf(f, "  MFU %.4f", rate / H200_BF16_PEAK);
         if (p->bytes) fprintf(f, "  %.1f GB/s", (double)p->bytes / (ms * 1e-3) / 1e9);
         fputc('\n', f);
@@ -119,15 +120,17 @@ static void write_figure(const bench_run *r, const bench_phase *p, const double 
     fprintf(f, "{\"case\":\"%s\",\"phase\":\"%s\",\"ms\":%.4f,\"ms_all\":[", r->c->name, p->name, ms);
     for (int i = 0; i < o->reps; i++) fprintf(f, "%s%.4f", i ? "," : "", ms_all[i]);
     fprintf(f, "],\"flops\":%lld,\"gflops_per_s\":%.2f,\"peak_bytes\":%zu,\"peak_kind\":\"step_arena+persist\","
+               "\"step_peak_bytes\":%zu,"
                "\"device\":\"%s\",\"dtype\":\"%s\",\"threads\":%d,\"warmup\":%d,\"reps\":%d,\"scale\":%d,"
                "\"impl\":\"moe\",\"version\":\"%s\"",
-            (long long)p->flops, rate / 1e9, peak, moe_device_name(r->dev), moe_dtype_name(r->dt),
+            (long long)p->flops, rate / 1e9, peak, st.step_peak, moe_device_name(r->dev), moe_dtype_name(r->dt),
             omp_get_max_threads(), o->warmup, o->reps, o->scale, MOE_VERSION);
     if (r->c->kind == KIND_GEMM) fprintf(f, ",\"n\":%d", r->n);
     if (p->bytes) fprintf(f, ",\"bytes\":%lld,\"gb_per_s\":%.2f", (long long)p->bytes, (double)p->bytes / (ms * 1e-3) / 1e9);
     if (p->tokens) {
         fprintf(f, ",\"tokens\":%lld,\"active_matmul_params\":%lld,\"tokens_per_s\":%.1f", (long long)p->tokens,
                 (long long)p->active_params, (double)p->tokens / (ms * 1e-3));
+        fprintf(f, ",\"recompute\":\"%s\"", o->recompute && strcmp(o->recompute, "none") ? o->recompute : "none");
         if (r->dev == MOE_CUDA) fprintf(f, ",\"mfu\":%.4f", rate / H200_BF16_PEAK);
     }
 #ifdef MOE_HAVE_CUDA
@@ -320,6 +323,12 @@ static moe_status lm_config(const bench_run *r, moe_config *cfg) {
     cfg->train.dtype = r->dt == MOE_BF16 ? MOE_CFG_DTYPE_BF16 : MOE_CFG_DTYPE_F32;
     cfg->train.seed = 0;
     cfg->train.grad_accum = 1;
+    const char *rc = r->o->recompute;
+    if (rc && strcmp(rc, "none")) {
+        char set[256];
+        snprintf(set, sizeof set, "train.recompute=[%s]", rc);
+        MOE_TRY(moe_config_set(cfg, set));
+    }
     return moe_config_validate(cfg);
 }
 

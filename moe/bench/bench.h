@@ -14,7 +14,7 @@
  * Output: one line per figure on `out`. JSON (`json`): the fields of
  * bench_reference.py where they apply:
  *   {"case","phase","ms","ms_all":[..],"flops","gflops_per_s","peak_bytes",
- *    "peak_kind":"step_arena+persist","device","dtype","threads","warmup","reps",
+ *    "peak_kind":"step_arena+persist","step_peak_bytes" (ours only),"device","dtype","threads","warmup","reps",
  *    "scale","impl":"moe","version"}, plus "tokens","active_matmul_params",
  *   "tokens_per_s" for LM cases, "mfu" (vs 790 TFLOP/s) for LM cases on cuda, "n" for
  * sgemm, "bytes" and "gb_per_s" (the traffic of an ideal kernel) for index-add-gpu, and "gpu"
@@ -41,6 +41,7 @@ typedef struct moe_bench_options {
     int threads; /* OpenMP threads for the CPU (omp_set_num_threads); 0: leave as is */
     int scale;   /* >= 1: divides T (layer cases, index-add rows), the batch (LM cases) and n (sgemm),
                     each kept >= 1, for smoke tests */
+    const char *recompute; /* LM cases: train.recompute as a comma list ("experts,attention"), or NULL / "none" */
     bool json;   /* JSON lines instead of readable lines */
     bool help;   /* the flags were printed (--help, moe/cli/bench.h): nothing to run */
     FILE *out;   /* where the lines go (the `moe` program passes stdout) */

@@ -25,6 +25,8 @@ moe_status moe_bench_parse_args(int argc, char **argv, const char **case_name, m
         {"--reps", MOE_FLAG_INT, "R", 1, MOE_BENCH_MAX_REPS, NULL, "timed runs", &o->reps},
         {"--threads", MOE_FLAG_INT, "N", 0, 4096, NULL, "OpenMP threads, 0 = as set", &o->threads},
         {"--scale", MOE_FLAG_INT, "S", 1, 1 << 20, NULL, "divide the case's sizes by S (smoke tests)", &o->scale},
+        {"--recompute", MOE_FLAG_STRING, "LIST", 0, 0, NULL,
+         "LM cases: recompute these pieces in the backward (experts,attention; default none)", &o->recompute},
         {"--json", MOE_FLAG_BOOL, NULL, 0, 0, NULL, "JSON lines instead of readable lines", &o->json},
         {0}};
     moe_args a;
