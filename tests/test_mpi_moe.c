@@ -1,7 +1,8 @@
 /* Expert parallelism equals one process at the layer level (run under mpirun -np 4): an
  * MoE layer with its experts sharded over the EP group gives the same outputs and input
  * grads as the whole layer on each rank's tokens, and its expert grads equal the sum of
- * the whole layer's grads over the EP group; also when every token picks one expert. */
+ * the whole layer's grads over the EP group; also when every token picks one expert, and
+ * when the sharded layer recomputes its experts in the backward. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,7 +25,8 @@ static double max_rel(const double *a, const double *b, int64_t n) {
     return num / fmax(den, 1e-30);
 }
 
-static void check(int ep, int k, bool skew) {
+/* recompute: the sharded layer recomputes its experts in the backward (train.recompute). */
+static void check(int ep, int k, bool skew, bool recompute) {
     CU_ASSERT_EQUAL_FATAL(moe_dist_set_expert_parallel(ep), MOE_OK);
     int El = E / ep, begin = moe_dist_ep_rank() * El;
     moe_moe_layer_settings s = {.d_model = D, .n_experts = E, .top_k = k, .ffn_dim = F,
@@ -32,6 +34,7 @@ static void check(int ep, int k, bool skew) {
                                            .aux_coef = 0.01, .renormalize = true}};
     moe_moe_layer full, part;
     CU_ASSERT_EQUAL_FATAL(moe_moe_layer_init(&full, &s, "l", MOE_CPU, 5, 0.3, 0, E), MOE_OK);
+    s.recompute_experts = recompute;
     CU_ASSERT_EQUAL_FATAL(moe_moe_layer_init(&part, &s, "l", MOE_CPU, 5, 0.3, begin, El), MOE_OK);
     if (skew) { /* every token's first choice is expert 3 */
         float *w = full.router.w_gate->data, *w2 = part.router.w_gate->data;
@@ -84,11 +87,12 @@ static void check(int ep, int k, bool skew) {
     moe_step_reset();
 }
 
-static void test_ep2_k2(void) { check(2, 2, false); }
-static void test_ep4_k2(void) { check(4, 2, false); }
-static void test_ep4_k1(void) { check(4, 1, false); }
-static void test_ep4_one_expert(void) { check(4, 2, true); }
-static void test_ep2_one_expert(void) { check(2, 1, true); }
+static void test_ep2_k2(void) { check(2, 2, false, false); }
+static void test_ep4_k2(void) { check(4, 2, false, false); }
+static void test_ep4_k1(void) { check(4, 1, false, false); }
+static void test_ep4_one_expert(void) { check(4, 2, true, false); }
+static void test_ep2_one_expert(void) { check(2, 1, true, false); }
+static void test_ep4_recompute(void) { check(4, 2, false, true); }
 
 static void register_suites(void) {
     moe_test_add_suite("expert_parallel", (moe_test_entry[]){{"EP=2, k=2 equals one process", test_ep2_k2},
@@ -96,6 +100,7 @@ static void register_suites(void) {
                                                              {"EP=4, k=1 equals one process", test_ep4_k1},
                                                              {"EP=4, all tokens to one expert", test_ep4_one_expert},
                                                              {"EP=2, k=1, all tokens to one expert", test_ep2_one_expert},
+                                                             {"EP=4, k=2, experts recomputed", test_ep4_recompute},
                                                              {NULL, NULL}});
 }
 
