@@ -18,9 +18,11 @@ typedef struct bench_output {
     char *lines[MAX_LINES];
 } bench_output;
 
-/* Runs a case with JSON into memory and splits the lines. */
-static moe_status run_case(const char *name, int scale, bench_output *res) {
+/* Runs a case with JSON into memory and splits the lines; recompute: the LM cases'
+ * --recompute (NULL: none). */
+static moe_status run_case(const char *name, int scale, const char *recompute, bench_output *res) {
     moe_bench_options o = moe_bench_options_default();
+    o.recompute = recompute;
     o.warmup = 0;
     o.reps = 1;
     o.threads = 2;
@@ -84,7 +86,7 @@ static double layer_flops(double T, double k, double d, double f) { return 2 * T
 
 static void check_layer_case(const char *name, const char *device, int scale, double T, double d, double f, double k) {
     bench_output r;
-    CU_ASSERT_EQUAL_FATAL(run_case(name, scale, &r), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(run_case(name, scale, NULL, &r), MOE_OK);
     CU_ASSERT_EQUAL_FATAL(r.n_lines, 2);
     check_line(r.lines[0], name, "fwd", device, layer_flops(T, k, d, f), scale);
     check_line(r.lines[1], name, "fwd_bwd", device, 3 * layer_flops(T, k, d, f), scale);
@@ -97,7 +99,7 @@ static void test_layer_cpu(void) {
 
 static void test_lm_cpu(void) {
     bench_output r;
-    CU_ASSERT_EQUAL_FATAL(run_case("lm-step-cpu", 8, &r), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(run_case("lm-step-cpu", 8, NULL, &r), MOE_OK);
     CU_ASSERT_EQUAL_FATAL(r.n_lines, 1);
     const char *l = r.lines[0];
     /* bench_reference.py's lm_flops for V 256, d 256, L 4, E 8, k 2, f 704, B 8/8, S 256:
@@ -109,12 +111,26 @@ static void test_lm_cpu(void) {
     CU_ASSERT_EQUAL(num_field(l, "tokens"), 256);
     CU_ASSERT_DOUBLE_EQUAL(num_field(l, "tokens_per_s"), 256 / (num_field(l, "ms") * 1e-3), 0.1);
     CU_ASSERT_PTR_NULL(strstr(l, "\"mfu\"")); /* MFU is against the H200 bf16 rate: cuda only */
+    CU_ASSERT_TRUE(str_field(l, "recompute", "none"));
+    double step_peak = num_field(l, "step_peak_bytes");
+    CU_ASSERT_TRUE(step_peak > 0 && step_peak < num_field(l, "peak_bytes"));
+    free(r.text);
+    /* recomputing: the same FLOPs counted (the useful work), the setting named; a bad entry
+     * refused by name */
+    CU_ASSERT_EQUAL_FATAL(run_case("lm-step-cpu", 8, "experts,attention", &r), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(r.n_lines, 1);
+    check_line(r.lines[0], "lm-step-cpu", "step", "cpu", 6 * active * 256 + 6.0 * 4 * 256 * 256 * 256, 8);
+    CU_ASSERT_TRUE(str_field(r.lines[0], "recompute", "experts,attention"));
+    free(r.text);
+    CU_ASSERT_EQUAL(run_case("lm-step-cpu", 8, "expert", &r), MOE_ERR_CONFIG);
+    CHECK_ERROR_HAS("'expert' is not allowed");
+    CU_ASSERT_EQUAL(r.n_lines, 0);
     free(r.text);
 }
 
 static void test_sgemm_cpu(void) {
     bench_output r;
-    CU_ASSERT_EQUAL_FATAL(run_case("sgemm", 16, &r), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(run_case("sgemm", 16, NULL, &r), MOE_OK);
     CU_ASSERT_EQUAL_FATAL(r.n_lines, 1);
     check_line(r.lines[0], "sgemm", "gemm", "cpu", 2.0 * 128 * 128 * 128, 16);
     CU_ASSERT_EQUAL(num_field(r.lines[0], "n"), 128);
@@ -128,13 +144,13 @@ static void test_cuda_cases(void) {
         check_layer_case("moe-layer-gpu", "cuda", 64, 16384 / 64, 1024, 2816, 2);
         check_layer_case("moe-layer-gpu-fine", "cuda", 64, 16384 / 64, 2048, 1408, 6);
         bench_output r;
-        CU_ASSERT_EQUAL_FATAL(run_case("lm-train-gpu", 16, &r), MOE_OK);
+        CU_ASSERT_EQUAL_FATAL(run_case("lm-train-gpu", 16, NULL, &r), MOE_OK);
         CU_ASSERT_EQUAL_FATAL(r.n_lines, 1);
         double mfu = num_field(r.lines[0], "mfu");
         CU_ASSERT_TRUE(isfinite(mfu) && mfu > 0 && mfu < 1);
         free(r.text);
         /* 1024 bf16 rows of 768 into 256: src + ids read, the table read and written */
-        CU_ASSERT_EQUAL_FATAL(run_case("index-add-gpu", 16, &r), MOE_OK);
+        CU_ASSERT_EQUAL_FATAL(run_case("index-add-gpu", 16, NULL, &r), MOE_OK);
         CU_ASSERT_EQUAL_FATAL(r.n_lines, 1);
         check_line(r.lines[0], "index-add-gpu", "index_add", "cuda", 1024.0 * 768, 16);
         CU_ASSERT_EQUAL(num_field(r.lines[0], "bytes"), 1024.0 * 768 * 2 + 4 * 1024 + 2 * 256.0 * 768 * 2);
@@ -145,7 +161,7 @@ static void test_cuda_cases(void) {
     }
     for (int i = 0; names[i]; i++) {
         bench_output r;
-        CU_ASSERT_EQUAL(run_case(names[i], 1, &r), MOE_ERR_UNSUPPORTED);
+        CU_ASSERT_EQUAL(run_case(names[i], 1, NULL, &r), MOE_ERR_UNSUPPORTED);
         CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "no cuda device"));
         CU_ASSERT_EQUAL(r.n_lines, 0);
         free(r.text);
@@ -156,8 +172,9 @@ static void test_parse_args(void) {
     const char *name = NULL;
     moe_bench_options o;
     char *ok[] = {"moe-layer-cpu", "--reps", "7", "--warmup", "0", "--threads", "2", "--scale", "4",
-                  "--device", "cuda", "--dtype", "f32", "--json"};
-    CU_ASSERT_EQUAL_FATAL(moe_bench_parse_args(14, ok, &name, &o), MOE_OK);
+                  "--device", "cuda", "--dtype", "f32", "--json", "--recompute", "experts"};
+    CU_ASSERT_EQUAL_FATAL(moe_bench_parse_args(16, ok, &name, &o), MOE_OK);
+    CU_ASSERT_STRING_EQUAL(o.recompute, "experts");
     CU_ASSERT_STRING_EQUAL(name, "moe-layer-cpu");
     CU_ASSERT_EQUAL(o.reps, 7);
     CU_ASSERT_EQUAL(o.warmup, 0);
@@ -177,7 +194,7 @@ static void test_parse_args(void) {
     CU_ASSERT_EQUAL(moe_bench_parse_args(2, two, &name, &o), MOE_ERR_CONFIG);
     CU_ASSERT_EQUAL(moe_bench_parse_args(2, missing, &name, &o), MOE_ERR_CONFIG);
     bench_output r;
-    CU_ASSERT_EQUAL(run_case("no-such-case", 1, &r), MOE_ERR_CONFIG);
+    CU_ASSERT_EQUAL(run_case("no-such-case", 1, NULL, &r), MOE_ERR_CONFIG);
     CU_ASSERT_EQUAL(r.n_lines, 0);
     free(r.text);
 }

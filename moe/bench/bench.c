@@ -327,7 +327,8 @@ static moe_status lm_config(const bench_run *r, moe_config *cfg) {
     if (rc && strcmp(rc, "none")) {
         char set[256];
         snprintf(set, sizeof set, "train.recompute=[%s]", rc);
-        MOE_TRY(moe_config_set(cfg, set));
+        if (moe_config_set(cfg, set) != MOE_OK)
+            return moe_error_context(MOE_ERR_CONFIG, "bench --recompute %s", rc);
     }
     return moe_config_validate(cfg);
 }
