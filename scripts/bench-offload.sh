@@ -24,8 +24,9 @@
 # of held-out text (data/brown/val.bin); `moe predictor train` on the first, `predictor
 # eval` on the second (held-out recall); then `moe bench offload` at budgets of 25% and 50%
 # of the expert bytes (--budget-fraction: what the run needs beside the experts plus that
-# share of them) with policies lru, lfu, predict, auto (with the predictor), cpu, and
-# resident (every expert, fraction 1), at batch 1 and 8, each with --verbose; and
+# share of them) with policies lru, lfu, predict, lookahead, predict+lookahead, auto (with the
+# predictor), cpu, and resident (every expert, fraction 1), at batch 1 and 8, each with
+# --verbose; and
 # scripts/bench_offload_reference.py on the hub folder with the same budget in bytes.
 # PCIe bound: tokens/s <= H2D rate / ((1 - hit rate) x expert bytes per token), counting
 # the misses that were copied (misses computed from the host copy move no expert); H2D
@@ -37,10 +38,13 @@
 # $OUT names a folder (a remote run's), offload-table.md and bench-offload.tgz (all but work/).
 # Environment: MOE_BIN (default build-gpu/moe on cuda when present, else build/moe; built
 # when missing), PYTHON (the reference's python, default python3), TRAIN_SECONDS (cap on
-# training, default 170), RUN_TIMEOUT (cap per bench run, default 150 s), GPU (index, 0);
+# training, default 170), RUN_TIMEOUT (cap per bench run, default 150 s), GPU (index, 0),
+# TOKENS and PROMPT (decode steps and prompt length of each bench run; default 64, --quick 16);
 # FRACTIONS, BATCHES, POLICIES (space-separated; defaults "0.25 0.5", "1 8", "lru lfu predict
-# auto cpu": resident always runs), REFERENCE=0 (no transformers + accelerate runs): a 7B hub
-# folder loads for every run, so its sweep fits a 10-minute call only in parts.
+# lookahead predict+lookahead auto cpu": resident always runs; lookahead = policy predict with
+# --lookahead and no predictor, P+lookahead = policy P with --lookahead), REFERENCE=0 (no
+# transformers + accelerate runs): a 7B hub folder loads for every run, so its sweep fits a
+# 10-minute call only in parts.
 # Exit status: 0 when every step ran (a refused policy, e.g. cpu on cuda, is a table row,
 # not a failure), 1 when a step failed, 2 on bad arguments.
 set -uo pipefail
@@ -83,9 +87,10 @@ if [ "$quick" = 1 ]; then
 else
   trace_tokens=32768 heldout_tokens=8192 pred_steps=2000 tokens=64 prompt=64
 fi
+tokens=${TOKENS:-$tokens} prompt=${PROMPT:-$prompt}
 read -r -a fractions <<<"${FRACTIONS:-0.25 0.5}"
 read -r -a batches <<<"${BATCHES:-1 8}"
-read -r -a policies <<<"${POLICIES:-lru lfu predict auto cpu}"
+read -r -a policies <<<"${POLICIES:-lru lfu predict lookahead predict+lookahead auto cpu}"
 reference=${REFERENCE:-1}
 train_seconds=${TRAIN_SECONDS:-170}
 run_timeout=${RUN_TIMEOUT:-150}
@@ -386,9 +391,13 @@ train_predictor() { # name text heldout source-args...
 # One bench run; a line of runs.index: model fraction batch policy rc log
 bench_one() { # name fraction batch policy predictor source-args...
   local name=$1 frac=$2 b=$3 policy=$4 p=$5; shift 5
-  local log=$logs/$name-f$frac-b$b-$policy.log extra=()
-  [ -z "$p" ] || extra=(--predictor "$p")
-  measured "$log" "$moe" bench offload "$@" "${dev_args[@]}" --budget-fraction "$frac" --policy "$policy" \
+  local log=$logs/$name-f$frac-b$b-$policy.log extra=() flag=$policy
+  case "$policy" in # lookahead: predict on the next layers' routers alone; P+lookahead: policy P with it
+    lookahead) flag=predict extra=(--lookahead) ;;
+    *+lookahead) flag=${policy%+lookahead} extra=(--lookahead) ;;
+  esac
+  [ -z "$p" ] || extra+=(--predictor "$p")
+  measured "$log" "$moe" bench offload "$@" "${dev_args[@]}" --budget-fraction "$frac" --policy "$flag" \
     "${extra[@]}" --batch "$b" --tokens "$tokens" --prompt "$prompt" --verbose
   local rc=$?
   echo "$name $frac $b $policy $rc $log" >>"$out/runs.index"
@@ -405,9 +414,10 @@ sweep() { # name predictor hubdir source-args...
     for frac in "${fractions[@]}"; do
       for policy in "${policies[@]}"; do
         case "$policy" in
-          predict) if [ -z "$p" ]; then echo "$name $frac $b predict skip -" >>"$out/runs.index"; continue; fi
-                   bench_one "$name" "$frac" "$b" predict "$p" "$@" ;;
-          auto) bench_one "$name" "$frac" "$b" auto "$p" "$@" ;;
+          predict | predict+lookahead)
+                   if [ -z "$p" ]; then echo "$name $frac $b $policy skip -" >>"$out/runs.index"; continue; fi
+                   bench_one "$name" "$frac" "$b" "$policy" "$p" "$@" ;;
+          auto | auto+lookahead) bench_one "$name" "$frac" "$b" "$policy" "$p" "$@" ;;
           *) bench_one "$name" "$frac" "$b" "$policy" "" "$@" ;;
         esac
       done

@@ -4,7 +4,7 @@
 # least budget the refusal message names (one layer's top-k experts) and at a larger one;
 # a budget below it is refused; the offload flags go with --offload only; --verbose prints
 # the counters; predict and auto run with a predictor trained on the model's routing
-# traces; `moe bench offload` prints its OFFLOAD line, and --budget-fraction F gives the
+# traces, predict also with --lookahead (alone and with the predictor); `moe bench offload` prints its OFFLOAD line, and --budget-fraction F gives the
 # budget of the rest plus ceil(F x experts) expert slots (1: exactly what resident needs).
 #   scripts/test-offload-cli.sh path/to/moe [workdir]
 set -uo pipefail
@@ -43,6 +43,8 @@ for budget in "$least" $((least + 8 * slot)); do
   for policy in lru lfu cpu auto; do run_policy $policy "$budget"; done
   run_policy predict "$budget" --predictor predictor.h5
   run_policy auto "$budget" --predictor predictor.h5
+  run_policy predict "$budget" --lookahead
+  run_policy predict "$budget" --lookahead --predictor predictor.h5
 done
 run_policy resident $((least + 32 * slot))
 "${gen[@]}" --offload --gpu-memory 1000 --max-gather 1 > out.txt 2>&1
@@ -54,6 +56,9 @@ expect "resident refuses a budget short of every expert" 1 "every expert's 32 ex
   "${gen[@]}" --offload --gpu-memory $((least + 8 * slot)) --policy resident
 expect "--predictor goes with predict or auto" 2 "goes with --policy predict or auto" \
   "${gen[@]}" --offload --gpu-memory 6GiB --policy lru --predictor predictor.h5
+expect "--lookahead goes with predict or auto" 2 "--lookahead goes with --policy predict or auto (got lfu)" \
+  "${gen[@]}" --offload --gpu-memory 6GiB --policy lfu --lookahead
+expect "--lookahead without --offload" 2 "go with --offload" "${gen[@]}" --lookahead
 
 expect "--gpu-memory without --offload" 2 "go with --offload" "${gen[@]}" --gpu-memory 6GiB
 expect "--offload without --gpu-memory" 2 "needs --gpu-memory" "${gen[@]}" --offload

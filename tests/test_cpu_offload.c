@@ -2,8 +2,9 @@
  * second host arena filled by a copy thread: for every policy (resident, lru, lfu, cpu,
  * auto, predict with an oracle that replays the recorded routes) greedy generation gives
  * the resident decoder's ids and the same logits bit for bit, on our model and on the
- * OLMoE fixture; a budget of one layer's top-k works; a smaller one is refused with the
- * bytes it needs; the counters add up to the expert uses the routes imply. */
+ * OLMoE fixture, also with lookahead (the next layer's router on this layer's rows, with
+ * the oracle and alone); a budget of one layer's top-k works; a smaller one is refused
+ * with the bytes it needs; the counters add up to the expert uses the routes imply. */
 #include <stdio.h>
 #include <string.h>
 
@@ -67,7 +68,8 @@ static void test_policies_olmoe(void) {
 }
 
 /* A byte short of the least budget is refused, the message naming the bytes it needs;
- * resident refuses a budget that cannot hold every expert; predict needs a predictor. */
+ * resident refuses a budget that cannot hold every expert; predict needs a predictor or
+ * lookahead; lookahead needs a prefetching policy. */
 static void test_budget_refused(void) {
     moe_config c;
     small_config(&c);
@@ -89,6 +91,15 @@ static void test_budget_refused(void) {
     CU_ASSERT_EQUAL(moe_offload_open(&m, &o, &off), MOE_ERR_OOM);
     o.policy = MOE_OFFLOAD_PREDICT;
     CU_ASSERT_EQUAL(moe_offload_open(&m, &o, &off), MOE_ERR_CONFIG);
+    CHECK_ERROR_HAS("--predictor FILE) or --lookahead");
+    o.policy = MOE_OFFLOAD_LRU; /* lookahead prefetches: lru never does */
+    o.lookahead = true;
+    CU_ASSERT_EQUAL(moe_offload_open(&m, &o, &off), MOE_ERR_CONFIG);
+    CHECK_ERROR_HAS("lookahead goes with policy predict or auto (got lru)");
+    o.policy = MOE_OFFLOAD_PREDICT; /* with it, predict needs no predictor */
+    CU_ASSERT_EQUAL_FATAL(moe_offload_open(&m, &o, &off), MOE_OK);
+    moe_offload_close(off);
+    off = NULL;
     size_t b = 0;
     CU_ASSERT_EQUAL(moe_parse_bytes("6GiB", &b), MOE_OK);
     CU_ASSERT_EQUAL(b, (size_t)6 << 30);

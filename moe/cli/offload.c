@@ -22,13 +22,14 @@ static moe_status predictor_scores(void *ctx, const int32_t *tokens, const int32
 /* The options the flags ask for (policy default: predict with a predictor, else lru). */
 static moe_status offload_options(const moe_offload_flags *f, moe_device dev, moe_dtype dtype, moe_offload_options *o) {
     if (!f->gpu_memory) return moe_error(MOE_ERR_CONFIG, "--offload needs --gpu-memory SIZE (e.g. 6GiB)");
-    *o = (moe_offload_options){.dtype = dtype, .dev = dev, .policy = f->predictor ? MOE_OFFLOAD_PREDICT : MOE_OFFLOAD_LRU,
-                               .max_gather = f->max_gather};
+    *o = (moe_offload_options){.dtype = dtype, .dev = dev,
+                               .policy = f->predictor || f->lookahead ? MOE_OFFLOAD_PREDICT : MOE_OFFLOAD_LRU,
+                               .max_gather = f->max_gather, .lookahead = f->lookahead};
     MOE_TRY(moe_parse_bytes(f->gpu_memory, &o->budget));
     if (f->policy) MOE_TRY(moe_offload_policy_parse(f->policy, &o->policy));
-    if (f->predictor && o->policy != MOE_OFFLOAD_PREDICT && o->policy != MOE_OFFLOAD_AUTO)
-        return moe_error(MOE_ERR_CONFIG, "--predictor goes with --policy predict or auto (got %s)",
-                         moe_offload_policy_name(o->policy));
+    if ((f->predictor || f->lookahead) && o->policy != MOE_OFFLOAD_PREDICT && o->policy != MOE_OFFLOAD_AUTO)
+        return moe_error(MOE_ERR_CONFIG, "%s goes with --policy predict or auto (got %s)",
+                         f->predictor ? "--predictor" : "--lookahead", moe_offload_policy_name(o->policy));
     return MOE_OK;
 }
 
@@ -36,9 +37,9 @@ moe_status moe_cli_decoder_open(const moe_offload_flags *f, moe_model *m, moe_de
                                 int64_t kv_tokens, int max_batch, moe_cli_decoder *out) {
     memset(out, 0, sizeof *out);
     if (!f->offload) {
-        if (f->gpu_memory || f->policy || f->predictor || f->verbose || f->max_gather)
-            return moe_error(MOE_ERR_CONFIG, "--gpu-memory, --policy, --predictor, --max-gather and --verbose go with "
-                             "--offload");
+        if (f->gpu_memory || f->policy || f->predictor || f->verbose || f->max_gather || f->lookahead)
+            return moe_error(MOE_ERR_CONFIG, "--gpu-memory, --policy, --predictor, --lookahead, --max-gather and "
+                             "--verbose go with --offload");
         return moe_decoder_open_on(m, dev, dtype, &out->dec);
     }
     moe_offload_options o;
@@ -162,8 +163,11 @@ static moe_status bench_offload(const bench_flags *f) {
     if (s == MOE_OK) {
         const moe_offload_counts *c = &r.decode;
         double made = (double)f->batch * f->tokens;
-        printf("OFFLOAD policy=%s budget=%zu batch=%d tokens_per_s=%.2f hit_rate=%.4f bytes_per_token=%.0f "
-               "ttft_ms=%.2f\n", moe_offload_policy_name(moe_offload_get_policy(d.off)),
+        /* lookahead without a predictor is named alone; with one, after the policy */
+        const char *pol = moe_offload_policy_name(moe_offload_get_policy(d.off));
+        bool alone = f->off.lookahead && !f->off.predictor;
+        printf("OFFLOAD policy=%s%s budget=%zu batch=%d tokens_per_s=%.2f hit_rate=%.4f bytes_per_token=%.0f "
+               "ttft_ms=%.2f\n", alone ? "lookahead" : pol, f->off.lookahead && !alone ? "+lookahead" : "",
                moe_offload_get_split(d.off)->budget, f->batch, made / (r.decode_ms / 1e3),
                c->uses ? (double)c->hits / (double)c->uses : 1.0, (double)c->bytes / made, r.ttft_ms);
         fflush(stdout);
@@ -183,8 +187,11 @@ int moe_cmd_bench_offload(int argc, char **argv) {
          "instead of --gpu-memory: what the run needs beside the experts plus this share of the expert bytes",
          &f.budget_fraction, .min_excluded = true, .default_text = "off"},
         {"--policy", MOE_FLAG_STRING, "P", 0, 0, "predict|lru|lfu|resident|cpu|auto",
-         "expert cache policy (default: predict with --predictor, else lru)", &f.off.policy},
+         "expert cache policy (default: predict with --predictor or --lookahead, else lru)", &f.off.policy},
         {"--predictor", MOE_FLAG_STRING, "P.h5", 0, 0, NULL, "the routing-path predictor", &f.off.predictor},
+        {"--lookahead", MOE_FLAG_BOOL, NULL, 0, 0, NULL,
+         "also prefetch the next MoE layer's experts as its router picks them from this layer's rows (predict, auto)",
+         &f.off.lookahead},
         {"--batch", MOE_FLAG_INT, "N", 1, 4096, NULL, "sequences decoded together", &f.batch},
         {"--tokens", MOE_FLAG_INT, "N", 1, 1 << 20, NULL, "new tokens per sequence", &f.tokens},
         {"--prompt", MOE_FLAG_INT, "N", 1, 1 << 20, NULL, "prompt tokens per sequence (fixed pseudo-random ids)",

@@ -1,5 +1,5 @@
-/* The offload flags of `moe generate` (--offload, --gpu-memory, --policy, --predictor,
- * --verbose), opening a decoder with them, and `moe bench offload`. */
+/* The offload flags of `moe generate` and `moe serve` (--offload, --gpu-memory, --policy,
+ * --predictor, --lookahead, --max-gather, --verbose), opening a decoder with them, and `moe bench offload`. */
 #ifndef MOE_CLI_OFFLOAD_H
 #define MOE_CLI_OFFLOAD_H
 
@@ -13,7 +13,7 @@
 #include "moe/offload/predictor.h"
 
 typedef struct moe_offload_flags {
-    bool offload, verbose;
+    bool offload, verbose, lookahead;
     const char *gpu_memory, *policy, *predictor;
     int max_gather;
 } moe_offload_flags;
@@ -26,9 +26,12 @@ typedef struct moe_offload_flags {
      "--offload: the device memory for everything, e.g. 6GiB (dense + KV cache + scratch + expert cache)",           \
      &(of).gpu_memory},                                                                                              \
     {"--policy", MOE_FLAG_STRING, "P", 0, 0, "predict|lru|lfu|resident|cpu|auto",                                    \
-     "--offload: expert cache policy (default: predict with --predictor, else lru)", &(of).policy},                  \
+     "--offload: expert cache policy (default: predict with --predictor or --lookahead, else lru)", &(of).policy}, \
     {"--predictor", MOE_FLAG_STRING, "P.h5", 0, 0, NULL, "--offload: the routing-path predictor (moe predictor train)", \
      &(of).predictor},                                                                                               \
+    {"--lookahead", MOE_FLAG_BOOL, NULL, 0, 0, NULL,                                                                 \
+     "--offload: also prefetch the next MoE layer's experts as its router picks them from this layer's rows "      \
+     "(predict, auto; no predictor needed)", &(of).lookahead},                                                      \
     {"--max-gather", MOE_FLAG_INT, "N", 0, 1 << 20, NULL,                                                          \
      "--offload: experts gathered into scratch at once (a prompt's layer runs in waves), 0 = a whole layer's",      \
      &(of).max_gather},                                                                                              \

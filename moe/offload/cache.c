@@ -5,7 +5,8 @@
 #include "moe/offload/offload_internal.h"
 
 bool cache_policy_predicts(const moe_offload *o) {
-    return o->opt.predict && (o->opt.policy == MOE_OFFLOAD_PREDICT || o->opt.policy == MOE_OFFLOAD_AUTO);
+    return (o->opt.predict || o->opt.lookahead) &&
+           (o->opt.policy == MOE_OFFLOAD_PREDICT || o->opt.policy == MOE_OFFLOAD_AUTO);
 }
 
 /* Whether slot s holds an expert the current step's prediction wants in a layer still to run. */

@@ -191,20 +191,49 @@ static void mark_predicted(moe_offload *o, const float *scores, int n, int skip)
         }
 }
 
+/* Copies the predicted experts of block `layer` that are not cached; *room turns false
+ * when the cache is full of what this step still needs. */
+static moe_status prefetch_layer(moe_offload *o, int layer, bool *room) {
+    *room = true;
+    for (int e = 0; e < o->E && *room; e++) {
+        if (o->predicted[layer * o->E + e] != o->step || o->where[layer * o->E + e] >= 0) continue;
+        int s = cache_take_slot(o, layer, true);
+        *room = s >= 0;
+        if (*room) MOE_TRY(cache_load(o, s, layer, e, false, true));
+    }
+    return MOE_OK;
+}
+
 /* Copies the predicted experts of MoE layers (ordinals) up to `to` that are not cached. */
 static moe_status prefetch_to(moe_offload *o, int to) {
     if (!cache_policy_predicts(o)) return MOE_OK;
     if (to >= o->n_moe) to = o->n_moe - 1;
-    for (; o->prefetched_to < to; o->prefetched_to++) {
-        int layer = o->moe_block[o->prefetched_to + 1];
-        for (int e = 0; e < o->E; e++) {
-            if (o->predicted[layer * o->E + e] != o->step || o->where[layer * o->E + e] >= 0) continue;
-            int s = cache_take_slot(o, layer, true);
-            if (s < 0) return MOE_OK; /* the cache is full of what this step still needs */
-            MOE_TRY(cache_load(o, s, layer, e, false, true));
-        }
-    }
+    bool room = true;
+    for (; room && o->prefetched_to < to; o->prefetched_to++)
+        MOE_TRY(prefetch_layer(o, o->moe_block[o->prefetched_to + 1], &room));
     return MOE_OK;
+}
+
+/* Lookahead: the experts the next MoE layer's router picks from rows xs [N, d] of block
+ * `layer` (the rows its experts get: normalised hidden states) are marked predicted and
+ * copied while this layer computes. */
+static moe_status lookahead(moe_offload *o, int layer, moe_tensor *xs) {
+    int next = o->moe_ord[layer] + 1;
+    if (!o->opt.lookahead || !cache_policy_predicts(o) || next >= o->n_moe || xs->shape[0] == 0) return MOE_OK;
+    int nb = o->moe_block[next];
+    moe_router *r = (moe_router *)&o->v->blocks[nb].moe.router; /* logits and select change nothing */
+    bool was = moe_grad_set_enabled(false);
+    moe_tensor *state = NULL, *logits = moe_router_logits(r, xs, NULL, &state);
+    moe_routing pick;
+    moe_status s = logits ? moe_router_select(r, logits, &pick) : moe_last_status();
+    moe_grad_set_enabled(was);
+    MOE_TRY(s);
+    for (int64_t i = 0; i < pick.n_tokens * o->top_k; i++) {
+        int e = pick.host_experts[i];
+        if (e >= 0 && e < o->E) o->predicted[nb * o->E + e] = o->step;
+    }
+    bool room;
+    return prefetch_layer(o, nb, &room);
 }
 
 /* Predicts the run of n tokens of sequence q (positions pos) with the sequence's last
@@ -235,7 +264,7 @@ static moe_status provider_begin(void *ctx, const int32_t *tokens, const int32_t
     o->cur_ord = 0;
     o->prefetched_to = -1;
     o->last_t = moe_clock_ms();
-    if (!cache_policy_predicts(o)) return MOE_OK;
+    if (!cache_policy_predicts(o) || !o->opt.predict) return MOE_OK;
     MOE_ASSERT(n <= o->opt.max_batch_tokens, "offload: a batch of %d tokens beyond max_batch_tokens %d", n,
                o->opt.max_batch_tokens);
     for (int a = 0; a < n;) { /* one prediction per sequence run */
@@ -477,6 +506,7 @@ static moe_tensor *provider_run(void *ctx, int layer, moe_moe_layer *L, int g, m
         coff[nu + 1] = coff[nu] + rows;
         nu++;
     }
+    if (g == 0 && lookahead(o, layer, xs) != MOE_OK) return NULL; /* this layer's experts are pinned now */
     if (in_place(o, G, off, src)) return run_in_place(o, layer, G, xs, off, slot);
     return run_waves(o, layer, G, xs, off, src, slot, coff, nu, compute);
 }
@@ -582,8 +612,11 @@ static moe_status load_all(moe_offload *o) {
 
 static moe_status check_options(const moe_model *m, const moe_offload_options *o, const moe_offload_split *sp,
                                 size_t min_budget) {
-    if (o->policy == MOE_OFFLOAD_PREDICT && !o->predict)
-        return moe_error(MOE_ERR_CONFIG, "offload: policy predict needs a predictor (--predictor FILE)");
+    if (o->policy == MOE_OFFLOAD_PREDICT && !o->predict && !o->lookahead)
+        return moe_error(MOE_ERR_CONFIG, "offload: policy predict needs a predictor (--predictor FILE) or --lookahead");
+    if (o->lookahead && o->policy != MOE_OFFLOAD_PREDICT && o->policy != MOE_OFFLOAD_AUTO)
+        return moe_error(MOE_ERR_CONFIG, "offload: lookahead goes with policy predict or auto (got %s)",
+                         moe_offload_policy_name(o->policy));
     if (m->ep_size != 1) return moe_error(MOE_ERR_UNSUPPORTED, "offload: expert parallelism is not offloaded");
     if (o->dev != m->dev && m->dev != MOE_CPU)
         return moe_error(MOE_ERR_UNSUPPORTED, "offload: a %s decoder of a %s model (masters on the host or on the "

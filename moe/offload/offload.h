@@ -26,6 +26,9 @@
  *   predict   the predictor's experts of layers l .. l + depth are copied before layer l
  *             runs (depth adapts to copy rate over layer time); victims are experts not
  *             predicted ahead, then least recently used
+ *             (with lookahead: also, once MoE layer l's experts are known, the experts the
+ *             next MoE layer's router picks from layer l's rows, copied while layer l and
+ *             the next mixer compute; a predictor is then optional)
  *   cpu       lru, and a missed expert with at most cpu_rows rows is computed from the host
  *             copy instead of being copied
  *   auto      per expert per step, host compute when rows x measured host time per row is
@@ -64,6 +67,9 @@ typedef struct moe_offload_options {
     moe_offload_predict_fn predict; /* predict (required), auto (optional); NULL otherwise */
     void *predict_ctx;
     int prefetch_depth;        /* layers ahead to prefetch, 0 = adapt to the copy rate */
+    bool lookahead;            /* predict, auto: also prefetch the next MoE layer's router's choice on this
+                                * layer's rows (its input is this layer's plus what the layer and the next
+                                * mixer add: an approximation that needs no training) */
     int cpu_rows;              /* cpu: misses with at most this many rows run from the host copy (0 = 4) */
     int max_gather;            /* experts gathered into scratch at once (a prefill's layer runs in waves
                                 * of this many grouped GEMMs), 0 = a whole layer's */

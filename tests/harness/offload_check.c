@@ -171,6 +171,7 @@ static double check_policy(moe_model *m, moe_offload_options o, const resident *
             (long long)c.late, (long long)c.misses, (long long)c.host, (long long)c.wasted);
     if (o.policy == MOE_OFFLOAD_RESIDENT) CU_ASSERT_EQUAL(c.misses, 0);
     if (o.policy == MOE_OFFLOAD_LRU || o.policy == MOE_OFFLOAD_LFU) CU_ASSERT_EQUAL(c.host, 0);
+    if (o.lookahead && !o.predict) CU_ASSERT(c.copies > c.misses - c.host); /* it prefetched */
     moe_offload_close(off);
     free(r->logits);
     free(r);
@@ -211,6 +212,16 @@ void offload_check_model_on(moe_model *m, moe_device dev, const char *name, doub
         o.max_gather = p % 2 ? 1 : m->cfg.model.top_k; /* a prefill's layer in waves */
         o.budget = offload_check_min_budget(m, &o);
         snprintf(what, sizeof what, "%s, waves of %d", name, o.max_gather);
+        check_policy(m, o, &res, what, max_rel);
+        if (p != MOE_OFFLOAD_PREDICT && p != MOE_OFFLOAD_AUTO) continue;
+        o.max_gather = 0; /* the next layer's router on this layer's rows, with the oracle and alone */
+        o.lookahead = true;
+        o.budget = min + (size_t)(3 * m->cfg.model.n_experts / 2) * sp.slot_bytes;
+        snprintf(what, sizeof what, "%s, lookahead", name);
+        check_policy(m, o, &res, what, max_rel);
+        o.predict = NULL;
+        o.predict_ctx = NULL;
+        snprintf(what, sizeof what, "%s, lookahead alone", name);
         check_policy(m, o, &res, what, max_rel);
     }
     /* the oracle's prefetch beats lru at the same budget */
