@@ -44,7 +44,7 @@ for budget in "$least" $((least + 8 * slot)); do
   run_policy predict "$budget" --predictor predictor.h5
   run_policy auto "$budget" --predictor predictor.h5
   run_policy predict "$budget" --lookahead
-  run_policy predict "$budget" --lookahead --predictor predictor.h5
+  run_policy predict "$budget" --lookahead --predictor predictor.h5 --predict-width 4
 done
 run_policy resident $((least + 32 * slot))
 "${gen[@]}" --offload --gpu-memory 1000 --max-gather 1 > out.txt 2>&1
@@ -59,6 +59,8 @@ expect "--predictor goes with predict or auto" 2 "goes with --policy predict or 
 expect "--lookahead goes with predict or auto" 2 "--lookahead goes with --policy predict or auto (got lfu)" \
   "${gen[@]}" --offload --gpu-memory 6GiB --policy lfu --lookahead
 expect "--lookahead without --offload" 2 "go with --offload" "${gen[@]}" --lookahead
+expect "--predict-width without --predictor" 2 "--predict-width goes with --predictor" \
+  "${gen[@]}" --offload --gpu-memory 6GiB --lookahead --predict-width 4
 
 expect "--gpu-memory without --offload" 2 "go with --offload" "${gen[@]}" --gpu-memory 6GiB
 expect "--offload without --gpu-memory" 2 "needs --gpu-memory" "${gen[@]}" --offload

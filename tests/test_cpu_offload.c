@@ -100,6 +100,10 @@ static void test_budget_refused(void) {
     CU_ASSERT_EQUAL_FATAL(moe_offload_open(&m, &o, &off), MOE_OK);
     moe_offload_close(off);
     off = NULL;
+    o.predict_width = c.model.n_experts + 1;
+    CU_ASSERT_EQUAL(moe_offload_open(&m, &o, &off), MOE_ERR_CONFIG);
+    CHECK_ERROR_HAS("a prediction width of 9 experts (0 .. 8)");
+    o.predict_width = 0;
     size_t b = 0;
     CU_ASSERT_EQUAL(moe_parse_bytes("6GiB", &b), MOE_OK);
     CU_ASSERT_EQUAL(b, (size_t)6 << 30);

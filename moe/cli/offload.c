@@ -24,9 +24,12 @@ static moe_status offload_options(const moe_offload_flags *f, moe_device dev, mo
     if (!f->gpu_memory) return moe_error(MOE_ERR_CONFIG, "--offload needs --gpu-memory SIZE (e.g. 6GiB)");
     *o = (moe_offload_options){.dtype = dtype, .dev = dev,
                                .policy = f->predictor || f->lookahead ? MOE_OFFLOAD_PREDICT : MOE_OFFLOAD_LRU,
-                               .max_gather = f->max_gather, .lookahead = f->lookahead};
+                               .max_gather = f->max_gather, .lookahead = f->lookahead,
+                               .predict_width = f->predict_width};
     MOE_TRY(moe_parse_bytes(f->gpu_memory, &o->budget));
     if (f->policy) MOE_TRY(moe_offload_policy_parse(f->policy, &o->policy));
+    if (f->predict_width && !f->predictor)
+        return moe_error(MOE_ERR_CONFIG, "--predict-width goes with --predictor");
     if ((f->predictor || f->lookahead) && o->policy != MOE_OFFLOAD_PREDICT && o->policy != MOE_OFFLOAD_AUTO)
         return moe_error(MOE_ERR_CONFIG, "%s goes with --policy predict or auto (got %s)",
                          f->predictor ? "--predictor" : "--lookahead", moe_offload_policy_name(o->policy));
@@ -37,9 +40,10 @@ moe_status moe_cli_decoder_open(const moe_offload_flags *f, moe_model *m, moe_de
                                 int64_t kv_tokens, int max_batch, moe_cli_decoder *out) {
     memset(out, 0, sizeof *out);
     if (!f->offload) {
-        if (f->gpu_memory || f->policy || f->predictor || f->verbose || f->max_gather || f->lookahead)
-            return moe_error(MOE_ERR_CONFIG, "--gpu-memory, --policy, --predictor, --lookahead, --max-gather and "
-                             "--verbose go with --offload");
+        if (f->gpu_memory || f->policy || f->predictor || f->verbose || f->max_gather || f->lookahead ||
+            f->predict_width)
+            return moe_error(MOE_ERR_CONFIG, "--gpu-memory, --policy, --predictor, --lookahead, --predict-width, "
+                             "--max-gather and --verbose go with --offload");
         return moe_decoder_open_on(m, dev, dtype, &out->dec);
     }
     moe_offload_options o;
@@ -192,6 +196,8 @@ int moe_cmd_bench_offload(int argc, char **argv) {
         {"--lookahead", MOE_FLAG_BOOL, NULL, 0, 0, NULL,
          "also prefetch the next MoE layer's experts as its router picks them from this layer's rows (predict, auto)",
          &f.off.lookahead},
+        {"--predict-width", MOE_FLAG_INT, "W", 0, 4096, NULL,
+         "experts per token and layer the predictor names for prefetch, 0 = top-k", &f.off.predict_width},
         {"--batch", MOE_FLAG_INT, "N", 1, 4096, NULL, "sequences decoded together", &f.batch},
         {"--tokens", MOE_FLAG_INT, "N", 1, 1 << 20, NULL, "new tokens per sequence", &f.tokens},
         {"--prompt", MOE_FLAG_INT, "N", 1, 1 << 20, NULL, "prompt tokens per sequence (fixed pseudo-random ids)",

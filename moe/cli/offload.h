@@ -15,7 +15,7 @@
 typedef struct moe_offload_flags {
     bool offload, verbose, lookahead;
     const char *gpu_memory, *policy, *predictor;
-    int max_gather;
+    int max_gather, predict_width;
 } moe_offload_flags;
 
 /* The flag table entries of moe_offload_flags (inside a moe_flag_spec array). */
@@ -32,6 +32,9 @@ typedef struct moe_offload_flags {
     {"--lookahead", MOE_FLAG_BOOL, NULL, 0, 0, NULL,                                                                 \
      "--offload: also prefetch the next MoE layer's experts as its router picks them from this layer's rows "      \
      "(predict, auto; no predictor needed)", &(of).lookahead},                                                      \
+    {"--predict-width", MOE_FLAG_INT, "W", 0, 4096, NULL,                                                          \
+     "--offload: experts per token and layer the predictor names for prefetch, 0 = top-k (more: hits and bytes)",  \
+     &(of).predict_width},                                                                                           \
     {"--max-gather", MOE_FLAG_INT, "N", 0, 1 << 20, NULL,                                                          \
      "--offload: experts gathered into scratch at once (a prompt's layer runs in waves), 0 = a whole layer's",      \
      &(of).max_gather},                                                                                              \

@@ -169,15 +169,16 @@ void moe_offload_print_counts(const moe_offload *o, FILE *f) {
 
 /* ---- prediction and prefetch ---- */
 
-/* Marks the top-k experts of tokens [skip, n) of every MoE layer of scores [n_moe, n, E]
- * as predicted. */
+/* Marks the best predict_width (default top-k) experts of tokens [skip, n) of every MoE
+ * layer of scores [n_moe, n, E] as predicted. */
 static void mark_predicted(moe_offload *o, const float *scores, int n, int skip) {
+    int width = o->opt.predict_width > 0 ? o->opt.predict_width : o->top_k;
     for (int l = 0; l < o->n_moe; l++)
         for (int t = skip; t < n; t++) {
             const float *row = scores + ((int64_t)l * n + t) * o->E;
             float bar = INFINITY; /* the token's k best: k passes, each the best below the last */
             int last = -1;
-            for (int j = 0; j < o->top_k; j++) {
+            for (int j = 0; j < width; j++) {
                 int best = -1;
                 for (int e = 0; e < o->E; e++) {
                     bool below = row[e] < bar || (row[e] == bar && e > last);
@@ -614,6 +615,9 @@ static moe_status check_options(const moe_model *m, const moe_offload_options *o
                                 size_t min_budget) {
     if (o->policy == MOE_OFFLOAD_PREDICT && !o->predict && !o->lookahead)
         return moe_error(MOE_ERR_CONFIG, "offload: policy predict needs a predictor (--predictor FILE) or --lookahead");
+    if (o->predict_width < 0 || o->predict_width > m->cfg.model.n_experts)
+        return moe_error(MOE_ERR_CONFIG, "offload: a prediction width of %d experts (0 .. %d)", o->predict_width,
+                         m->cfg.model.n_experts);
     if (o->lookahead && o->policy != MOE_OFFLOAD_PREDICT && o->policy != MOE_OFFLOAD_AUTO)
         return moe_error(MOE_ERR_CONFIG, "offload: lookahead goes with policy predict or auto (got %s)",
                          moe_offload_policy_name(o->policy));

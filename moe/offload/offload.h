@@ -67,6 +67,8 @@ typedef struct moe_offload_options {
     moe_offload_predict_fn predict; /* predict (required), auto (optional); NULL otherwise */
     void *predict_ctx;
     int prefetch_depth;        /* layers ahead to prefetch, 0 = adapt to the copy rate */
+    int predict_width;         /* experts per token and MoE layer the predictor names for prefetch (its best
+                                * scores), 0 = the model's top-k; more raises hits and bytes copied */
     bool lookahead;            /* predict, auto: also prefetch the next MoE layer's router's choice on this
                                 * layer's rows (its input is this layer's plus what the layer and the next
                                 * mixer add: an approximation that needs no training) */

@@ -219,6 +219,10 @@ void offload_check_model_on(moe_model *m, moe_device dev, const char *name, doub
         o.budget = min + (size_t)(3 * m->cfg.model.n_experts / 2) * sp.slot_bytes;
         snprintf(what, sizeof what, "%s, lookahead", name);
         check_policy(m, o, &res, what, max_rel);
+        o.predict_width = m->cfg.model.top_k + 2; /* the predictor names more experts */
+        snprintf(what, sizeof what, "%s, lookahead, width %d", name, o.predict_width);
+        check_policy(m, o, &res, what, max_rel);
+        o.predict_width = 0;
         o.predict = NULL;
         o.predict_ctx = NULL;
         snprintf(what, sizeof what, "%s, lookahead alone", name);
