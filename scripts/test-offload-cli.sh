@@ -5,7 +5,8 @@
 # a budget below it is refused; the offload flags go with --offload only; --verbose prints
 # the counters; predict and auto run with a predictor trained on the model's routing
 # traces, predict also with --lookahead (alone and with the predictor); `moe bench offload` prints its OFFLOAD line, and --budget-fraction F gives the
-# budget of the rest plus ceil(F x experts) expert slots (1: exactly what resident needs).
+# budget of the rest plus ceil(F x experts) expert slots (1: exactly what resident needs);
+# --micro-batch (token scheduling) keeps the greedy ids of the whole batch.
 #   scripts/test-offload-cli.sh path/to/moe [workdir]
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib-test.sh" "$@"
@@ -71,6 +72,22 @@ expect "bench offload" 0 "OFFLOAD policy=lru budget=" \
   "$moe" bench offload --checkpoint olmoe.h5 --gpu-memory 64MiB --policy lru --batch 2 --tokens 4 --prompt 8
 grep -Eq '^OFFLOAD policy=lru budget=[0-9]+ batch=2 tokens_per_s=[0-9.]+ hit_rate=[0-9.]+ bytes_per_token=[0-9]+ ttft_ms=[0-9.]+$' \
   out.txt && ok "bench offload line format" || fail "bench offload line format"
+
+# token scheduling: micro-batches in arrival order or by predicted paths give the ids of
+# the whole batch at once (the hash of every greedy id), and say how many experts a
+# micro-batch needed
+sched=("$moe" bench offload --checkpoint olmoe.h5 --gpu-memory 64MiB --batch 6 --tokens 4 --prompt 8)
+whole=$("${sched[@]}" --policy lru --micro-batch 6 --schedule arrival 2>/dev/null | sed -n 's/^OFFLOAD_SCHEDULE .* ids=\([0-9a-f]*\)$/\1/p')
+for args in "--policy lru --micro-batch 2 --schedule arrival" "--predictor predictor.h5 --micro-batch 2" \
+            "--predictor predictor.h5 --lookahead --micro-batch 4"; do
+  "${sched[@]}" $args > out.txt 2>&1
+  ids=$(sed -n 's/^OFFLOAD_SCHEDULE micro_batch=[0-9]* schedule=[a-z]* forwards=[0-9]* experts_per_layer=[0-9.]* ids=\([0-9a-f]*\)$/\1/p' out.txt)
+  [ -n "$whole" ] && [ "$ids" = "$whole" ] && ok "bench offload $args: the ids of the whole batch ($ids)" \
+    || { fail "bench offload $args: ids '$ids', whole batch '$whole'"; tail -3 out.txt; }
+done
+expect "--schedule paths needs a predictor" 2 "--schedule paths needs --predictor" \
+  "${sched[@]}" --policy lru --micro-batch 2 --schedule paths
+expect "--schedule without --micro-batch" 2 "--schedule goes with --micro-batch" "${sched[@]}" --schedule arrival
 
 # --budget-fraction F: the least resident budget less the experts, plus ceil(F x 32) slots
 bench=("$moe" bench offload --checkpoint olmoe.h5 --batch 2 --tokens 4 --prompt 8)

@@ -14,6 +14,7 @@
 #include "moe/cli/cli.h"
 #include "moe/cli/source.h"
 #include "moe/infer/sample.h"
+#include "moe/offload/schedule.h"
 
 static moe_status predictor_scores(void *ctx, const int32_t *tokens, const int32_t *pos, int n, float *scores) {
     return moe_predictor_predict(ctx, tokens, pos, n, scores);
@@ -82,23 +83,130 @@ typedef struct bench_flags {
     moe_offload_flags off;
     int batch, tokens, prompt;
     double budget_fraction; /* > 0: the budget is the rest plus this share of the expert bytes */
+    int micro;              /* > 0: decode steps in micro-batches of this many sequences */
+    const char *schedule;   /* "paths" (default with a predictor) or "arrival" */
 } bench_flags;
+
+/* KV positions the run holds: each sequence's prompt and new tokens in whole blocks. */
+static int64_t bench_kv_tokens(const bench_flags *f) {
+    int64_t per = f->prompt + f->tokens;
+    return (int64_t)f->batch * ((per + MOE_KV_BLOCK - 1) / MOE_KV_BLOCK * MOE_KV_BLOCK);
+}
+
+/* Token scheduling of the decode steps (after ExpertFlow, offload/schedule.h): the batch's
+ * sequences run in micro-batches of M, in arrival order or grouped by the predicted routing
+ * paths of their next tokens, so that a micro-batch routes to fewer distinct experts. */
+typedef struct micro_sched {
+    int B, M, ctx, n_moe, E, k, words;
+    moe_predictor *pred; /* NULL: arrival order */
+    int32_t *hist;       /* [B, ctx] each sequence's last ctx tokens, oldest first */
+    int32_t *order;      /* [B] sequences by micro-batch */
+    uint64_t *paths;     /* [B, words] */
+    float *scores;       /* [n_moe, ctx + 1, E] */
+    int32_t *toks, *pos; /* [ctx + 1] one sequence's prediction input */
+} micro_sched;
+
+static void micro_sched_free(micro_sched *ms) {
+    free(ms->hist);
+    free(ms->order);
+    free(ms->paths);
+    free(ms->scores);
+    free(ms->toks);
+    free(ms->pos);
+}
+
+/* prompts [B, P]: each sequence's history starts from its prompt's tail. */
+static moe_status micro_sched_init(micro_sched *ms, const bench_flags *f, moe_predictor *pred, const int32_t *prompts) {
+    memset(ms, 0, sizeof *ms);
+    ms->B = f->batch;
+    ms->M = f->micro;
+    ms->pred = pred;
+    const moe_route_net_shape *sh = pred ? &moe_predictor_net(pred)->shape : NULL;
+    ms->ctx = sh ? sh->context : 0;
+    ms->n_moe = sh ? sh->n_moe_layers : 0;
+    ms->E = sh ? sh->n_experts : 0;
+    ms->k = sh ? sh->top_k : 0;
+    ms->words = sh ? moe_path_words(ms->n_moe, ms->E) : 0;
+    ms->hist = malloc(sizeof(int32_t) * (size_t)(ms->B * ms->ctx + 1));
+    ms->order = malloc(sizeof(int32_t) * (size_t)ms->B);
+    ms->paths = malloc(sizeof(uint64_t) * (size_t)(ms->B * ms->words + 1));
+    ms->scores = malloc(sizeof(float) * (size_t)(ms->n_moe * (ms->ctx + 1) * ms->E + 1));
+    ms->toks = malloc(sizeof(int32_t) * (size_t)(ms->ctx + 1));
+    ms->pos = malloc(sizeof(int32_t) * (size_t)(ms->ctx + 1));
+    if (!ms->hist || !ms->order || !ms->paths || !ms->scores || !ms->toks || !ms->pos)
+        return moe_error(MOE_ERR_OOM, "bench offload: out of host memory for the token scheduler");
+    for (int q = 0; q < ms->B; q++) {
+        ms->order[q] = q;
+        for (int j = 0; j < ms->ctx; j++) { /* the last ctx prompt tokens; -1 before the prompt */
+            int at = f->prompt - ms->ctx + j;
+            ms->hist[q * ms->ctx + j] = at >= 0 ? prompts[q * f->prompt + at] : -1;
+        }
+    }
+    return MOE_OK;
+}
+
+/* The order of this step's micro-batches for next tokens next [B] at position p; then the
+ * tokens join the histories. */
+static moe_status micro_sched_step(micro_sched *ms, const int32_t *next, int p) {
+    for (int q = 0; q < ms->B && ms->pred; q++) {
+        int n = 0;
+        for (int j = 0; j < ms->ctx; j++) {
+            int32_t t = ms->hist[q * ms->ctx + j];
+            if (t < 0) continue;
+            ms->toks[n] = t;
+            ms->pos[n++] = p - ms->ctx + j;
+        }
+        ms->toks[n] = next[q];
+        ms->pos[n++] = p;
+        MOE_TRY(moe_predictor_predict(ms->pred, ms->toks, ms->pos, n, ms->scores));
+        moe_paths_from_scores(ms->scores, ms->n_moe, n, ms->E, ms->k, (const int64_t[]){n - 1}, 1,
+                              ms->paths + (size_t)q * ms->words);
+    }
+    if (ms->pred) MOE_TRY(moe_schedule_group(ms->paths, ms->B, ms->words, ms->M, ms->order));
+    for (int q = 0; q < ms->B && ms->ctx > 0; q++) {
+        memmove(ms->hist + q * ms->ctx, ms->hist + q * ms->ctx + 1, sizeof(int32_t) * (size_t)(ms->ctx - 1));
+        ms->hist[q * ms->ctx + ms->ctx - 1] = next[q];
+    }
+    return MOE_OK;
+}
+
+/* One decode step of every sequence (next [B] at position p) in the scheduler's
+ * micro-batches; logits [B, V] by sequence. tok, pos, seq: [B] scratch; mb [B, V] scratch. */
+static moe_status micro_step(micro_sched *ms, moe_decoder *dec, moe_decode_state *st, const int32_t *next, int p, int V,
+                             float *logits, float *mb, int32_t *tok, int32_t *pos, int32_t *seq, int *forwards) {
+    MOE_TRY(micro_sched_step(ms, next, p));
+    for (int b0 = 0; b0 < ms->B; b0 += ms->M) {
+        int n = ms->B - b0 < ms->M ? ms->B - b0 : ms->M;
+        for (int i = 0; i < n; i++) tok[i] = next[ms->order[b0 + i]], pos[i] = p, seq[i] = ms->order[b0 + i];
+        moe_batch b = {.n_tokens = n, .tokens = tok, .pos = pos, .seq = seq, .logits = MOE_LOGITS_LAST};
+        moe_step_reset();
+        MOE_TRY(moe_decoder_forward(dec, st, &b, mb, NULL));
+        for (int i = 0; i < n; i++) memcpy(logits + (size_t)ms->order[b0 + i] * V, mb + (size_t)i * V, sizeof(float) * (size_t)V);
+        (*forwards)++;
+    }
+    return MOE_OK;
+}
 
 typedef struct bench_result {
     double ttft_ms, decode_ms;
     moe_offload_counts decode; /* the counters of the decode steps */
+    int forwards;              /* decode forwards (micro-batches) */
+    uint64_t ids_hash;         /* FNV-1a of the greedy ids, step by step in sequence order */
 } bench_result;
 
 /* batch prompts of `prompt` ids in one forward, then `tokens` greedy steps of one token
- * per sequence. */
-static moe_status bench_run(const bench_flags *f, moe_model *m, moe_offload *off, moe_decoder *dec, bench_result *r) {
+ * per sequence (in micro-batches with --micro-batch). */
+static moe_status bench_run(const bench_flags *f, moe_model *m, const moe_cli_decoder *d, bench_result *r) {
     int B = f->batch, P = f->prompt, V = m->cfg.model.vocab_size, n = B * P;
+    moe_decoder *dec = d->dec;
     moe_decode_state *st = NULL;
     int32_t *tok = malloc(sizeof(int32_t) * (size_t)n), *pos = malloc(sizeof(int32_t) * (size_t)n),
-            *seq = malloc(sizeof(int32_t) * (size_t)n);
-    float *logits = malloc(sizeof(float) * (size_t)B * (size_t)V);
-    moe_status s = tok && pos && seq && logits ? moe_decode_state_create(dec, B, (int64_t)B * (P + f->tokens), &st)
-                                               : moe_error(MOE_ERR_OOM, "bench offload: out of host memory");
+            *seq = malloc(sizeof(int32_t) * (size_t)n), *next = malloc(sizeof(int32_t) * (size_t)B);
+    float *logits = malloc(sizeof(float) * (size_t)B * (size_t)V), *mb = malloc(sizeof(float) * (size_t)B * (size_t)V);
+    micro_sched ms = {0};
+    moe_status s = tok && pos && seq && next && logits && mb
+                       ? moe_decode_state_create(dec, B, bench_kv_tokens(f), &st)
+                       : moe_error(MOE_ERR_OOM, "bench offload: out of host memory");
     uint64_t x = 0x9E3779B97F4A7C15ull;
     for (int i = 0; i < n; i++) { /* fixed pseudo-random prompts */
         x = x * 6364136223846793005ull + 1442695040888963407ull;
@@ -107,26 +215,38 @@ static moe_status bench_run(const bench_flags *f, moe_model *m, moe_offload *off
         seq[i] = i / P;
     }
     moe_batch b = {.n_tokens = n, .tokens = tok, .pos = pos, .seq = seq, .logits = MOE_LOGITS_LAST};
+    bool by_paths = f->micro > 0 && (f->schedule ? !strcmp(f->schedule, "paths") : d->pred != NULL);
+    if (s == MOE_OK && f->micro > 0) s = micro_sched_init(&ms, f, by_paths ? d->pred : NULL, tok);
     double t0 = moe_clock_ms();
     if (s == MOE_OK) s = moe_decoder_forward(dec, st, &b, logits, NULL);
     r->ttft_ms = moe_clock_ms() - t0;
-    moe_offload_reset_counts(off);
+    moe_offload_reset_counts(d->off);
     t0 = moe_clock_ms();
+    r->ids_hash = 0xcbf29ce484222325ull;
     for (int step = 0; step < f->tokens && s == MOE_OK; step++) {
-        moe_argmax_rows(logits, B, V, tok);
-        for (int q = 0; q < B; q++) pos[q] = P + step, seq[q] = q;
+        moe_argmax_rows(logits, B, V, next);
+        for (int q = 0; q < B; q++) r->ids_hash = (r->ids_hash ^ (uint32_t)next[q]) * 0x100000001b3ull;
+        if (f->micro > 0) {
+            s = micro_step(&ms, dec, st, next, P + step, V, logits, mb, tok, pos, seq, &r->forwards);
+            continue;
+        }
+        for (int q = 0; q < B; q++) tok[q] = next[q], pos[q] = P + step, seq[q] = q;
         b.n_tokens = B;
         moe_step_reset();
         s = moe_decoder_forward(dec, st, &b, logits, NULL);
+        r->forwards++;
     }
     r->decode_ms = moe_clock_ms() - t0;
-    r->decode = moe_offload_get_counts(off, -1);
+    r->decode = moe_offload_get_counts(d->off, -1);
     moe_step_reset();
     moe_decode_state_free(st);
+    micro_sched_free(&ms);
     free(tok);
     free(pos);
     free(seq);
+    free(next);
     free(logits);
+    free(mb);
     return s;
 }
 
@@ -146,15 +266,24 @@ static moe_status fraction_budget(const bench_flags *f, const moe_source *src, i
     return MOE_OK;
 }
 
+static int moe_layers(const moe_model *m) {
+    int n = 0;
+    for (int i = 0; i < m->cfg.model.n_layers; i++) n += !m->blocks[i].dense;
+    return n > 0 ? n : 1;
+}
+
 static moe_status bench_offload(const bench_flags *f) {
     if ((f->budget_fraction > 0) == (f->off.gpu_memory != NULL))
         return moe_error(MOE_ERR_CONFIG, "bench offload: give --gpu-memory SIZE or --budget-fraction F (one of them)");
+    if (f->schedule && !f->micro) return moe_error(MOE_ERR_CONFIG, "bench offload: --schedule goes with --micro-batch M");
+    if (f->schedule && !strcmp(f->schedule, "paths") && !f->off.predictor)
+        return moe_error(MOE_ERR_CONFIG, "bench offload: --schedule paths needs --predictor (the predicted paths)");
     moe_source src;
     MOE_TRY(moe_source_open(&src, &f->src, MOE_SOURCE_MODEL));
     moe_offload_flags of = f->off;
     of.offload = true;
     moe_cli_decoder d = {0};
-    int64_t kv = (int64_t)f->batch * (f->prompt + f->tokens);
+    int64_t kv = bench_kv_tokens(f);
     char budget[32];
     moe_status s = MOE_OK;
     if (f->budget_fraction > 0) {
@@ -163,7 +292,7 @@ static moe_status bench_offload(const bench_flags *f) {
     }
     if (s == MOE_OK) s = moe_cli_decoder_open(&of, &src.model, src.dev, src.dtype, f->batch, kv, f->batch * f->prompt, &d);
     bench_result r = {0};
-    if (s == MOE_OK) s = bench_run(f, &src.model, d.off, d.dec, &r);
+    if (s == MOE_OK) s = bench_run(f, &src.model, &d, &r);
     if (s == MOE_OK) {
         const moe_offload_counts *c = &r.decode;
         double made = (double)f->batch * f->tokens;
@@ -174,6 +303,10 @@ static moe_status bench_offload(const bench_flags *f) {
                "ttft_ms=%.2f\n", alone ? "lookahead" : pol, f->off.lookahead && !alone ? "+lookahead" : "",
                moe_offload_get_split(d.off)->budget, f->batch, made / (r.decode_ms / 1e3),
                c->uses ? (double)c->hits / (double)c->uses : 1.0, (double)c->bytes / made, r.ttft_ms);
+        if (f->micro > 0) /* distinct experts per MoE layer and forward: what a micro-batch needs resident */
+            printf("OFFLOAD_SCHEDULE micro_batch=%d schedule=%s forwards=%d experts_per_layer=%.3f ids=%016llx\n",
+                   f->micro, f->schedule ? f->schedule : d.pred ? "paths" : "arrival", r.forwards,
+                   (double)c->uses / ((double)r.forwards * moe_layers(&src.model)), (unsigned long long)r.ids_hash);
         fflush(stdout);
     }
     moe_cli_decoder_close(&d);
@@ -199,6 +332,11 @@ int moe_cmd_bench_offload(int argc, char **argv) {
         {"--predict-width", MOE_FLAG_INT, "W", 0, 4096, NULL,
          "experts per token and layer the predictor names for prefetch, 0 = top-k", &f.off.predict_width},
         {"--batch", MOE_FLAG_INT, "N", 1, 4096, NULL, "sequences decoded together", &f.batch},
+        {"--micro-batch", MOE_FLAG_INT, "M", 0, 4096, NULL,
+         "decode steps in micro-batches of M sequences (token scheduling), 0 = the whole batch at once", &f.micro},
+        {"--schedule", MOE_FLAG_STRING, "S", 0, 0, "paths|arrival",
+         "--micro-batch: group by predicted routing paths (needs --predictor; its default) or arrival order",
+         &f.schedule},
         {"--tokens", MOE_FLAG_INT, "N", 1, 1 << 20, NULL, "new tokens per sequence", &f.tokens},
         {"--prompt", MOE_FLAG_INT, "N", 1, 1 << 20, NULL, "prompt tokens per sequence (fixed pseudo-random ids)",
          &f.prompt},
