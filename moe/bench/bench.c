@@ -57,6 +57,11 @@ moe_bench_options moe_bench_options_default(void) {
                                .json = true, .out = stdout};
 }
 
+/* LM cases: the train.recompute list asked for, or NULL for none. */
+static const char *recompute_list(const moe_bench_options *o) {
+    return o->recompute && strcmp(o->recompute, "none") ? o->recompute : NULL;
+}
+
 /* ---- timing and output ---- */
 
 typedef struct bench_run {
@@ -110,7 +115,7 @@ static void write_figure(const bench_run *r, const bench_phase *p, const double 
         fprintf(f, "%-20s %-8s %10.3f ms  %9.2f GFLOP/s  peak %8.1f MiB  %s %s, %d threads", r->c->name, p->name, ms,
                 rate / 1e9, peak / 1048576.0, moe_device_name(r->dev), moe_dtype_name(r->dt), omp_get_max_threads());
         if (p->tokens) fprintf(f, "  %.1f tokens/s", (double)p->tokens / (ms * 1e-3));
-        if (p->tokens && o->recompute && strcmp(o->recompute, "none")) fprintf(f, "  recompute %s", o->recompute);
+        if (p->tokens && recompute_list(o)) fprintf(f, "  recompute %s", recompute_list(o));
         if (p->tokens && r->dev == MOE_CUDA) fprintf(f, "  MFU %.4f", rate / H200_BF16_PEAK);
         if (p->bytes) fprintf(f, "  %.1f GB/s", (double)p->bytes / (ms * 1e-3) / 1e9);
         fputc('\n', f);
@@ -130,7 +135,7 @@ static void write_figure(const bench_run *r, const bench_phase *p, const double 
     if (p->tokens) {
         fprintf(f, ",\"tokens\":%lld,\"active_matmul_params\":%lld,\"tokens_per_s\":%.1f", (long long)p->tokens,
                 (long long)p->active_params, (double)p->tokens / (ms * 1e-3));
-        fprintf(f, ",\"recompute\":\"%s\"", o->recompute && strcmp(o->recompute, "none") ? o->recompute : "none");
+        fprintf(f, ",\"recompute\":\"%s\"", recompute_list(o) ? recompute_list(o) : "none");
         if (r->dev == MOE_CUDA) fprintf(f, ",\"mfu\":%.4f", rate / H200_BF16_PEAK);
     }
 #ifdef MOE_HAVE_CUDA
@@ -323,8 +328,8 @@ static moe_status lm_config(const bench_run *r, moe_config *cfg) {
     cfg->train.dtype = r->dt == MOE_BF16 ? MOE_CFG_DTYPE_BF16 : MOE_CFG_DTYPE_F32;
     cfg->train.seed = 0;
     cfg->train.grad_accum = 1;
-    const char *rc = r->o->recompute;
-    if (rc && strcmp(rc, "none")) {
+    const char *rc = recompute_list(r->o);
+    if (rc) {
         char set[256];
         snprintf(set, sizeof set, "train.recompute=[%s]", rc);
         if (moe_config_set(cfg, set) != MOE_OK)

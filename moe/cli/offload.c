@@ -115,11 +115,18 @@ static void micro_sched_free(micro_sched *ms) {
     free(ms->pos);
 }
 
-/* prompts [B, P]: each sequence's history starts from its prompt's tail. */
+/* Whether --micro-batch groups by predicted paths: --schedule paths, or by default with a
+ * predictor. */
+static bool schedule_by_paths(const bench_flags *f) {
+    return f->micro > 0 && (f->schedule ? !strcmp(f->schedule, "paths") : f->off.predictor != NULL);
+}
+
+/* prompts [B, P]: each sequence's history starts from its prompt's tail. Without
+ * --micro-batch the whole batch is one micro-batch in arrival order. */
 static moe_status micro_sched_init(micro_sched *ms, const bench_flags *f, moe_predictor *pred, const int32_t *prompts) {
     memset(ms, 0, sizeof *ms);
     ms->B = f->batch;
-    ms->M = f->micro;
+    ms->M = f->micro > 0 ? f->micro : f->batch;
     ms->pred = pred;
     const moe_route_net_shape *sh = pred ? &moe_predictor_net(pred)->shape : NULL;
     ms->ctx = sh ? sh->context : 0;
@@ -195,7 +202,7 @@ typedef struct bench_result {
 } bench_result;
 
 /* batch prompts of `prompt` ids in one forward, then `tokens` greedy steps of one token
- * per sequence (in micro-batches with --micro-batch). */
+ * per sequence (the whole batch at once, or in micro-batches with --micro-batch). */
 static moe_status bench_run(const bench_flags *f, moe_model *m, const moe_cli_decoder *d, bench_result *r) {
     int B = f->batch, P = f->prompt, V = m->cfg.model.vocab_size, n = B * P;
     moe_decoder *dec = d->dec;
@@ -215,8 +222,7 @@ static moe_status bench_run(const bench_flags *f, moe_model *m, const moe_cli_de
         seq[i] = i / P;
     }
     moe_batch b = {.n_tokens = n, .tokens = tok, .pos = pos, .seq = seq, .logits = MOE_LOGITS_LAST};
-    bool by_paths = f->micro > 0 && (f->schedule ? !strcmp(f->schedule, "paths") : d->pred != NULL);
-    if (s == MOE_OK && f->micro > 0) s = micro_sched_init(&ms, f, by_paths ? d->pred : NULL, tok);
+    if (s == MOE_OK) s = micro_sched_init(&ms, f, schedule_by_paths(f) ? d->pred : NULL, tok);
     double t0 = moe_clock_ms();
     if (s == MOE_OK) s = moe_decoder_forward(dec, st, &b, logits, NULL);
     r->ttft_ms = moe_clock_ms() - t0;
@@ -226,15 +232,7 @@ static moe_status bench_run(const bench_flags *f, moe_model *m, const moe_cli_de
     for (int step = 0; step < f->tokens && s == MOE_OK; step++) {
         moe_argmax_rows(logits, B, V, next);
         for (int q = 0; q < B; q++) r->ids_hash = (r->ids_hash ^ (uint32_t)next[q]) * 0x100000001b3ull;
-        if (f->micro > 0) {
-            s = micro_step(&ms, dec, st, next, P + step, V, logits, mb, tok, pos, seq, &r->forwards);
-            continue;
-        }
-        for (int q = 0; q < B; q++) tok[q] = next[q], pos[q] = P + step, seq[q] = q;
-        b.n_tokens = B;
-        moe_step_reset();
-        s = moe_decoder_forward(dec, st, &b, logits, NULL);
-        r->forwards++;
+        s = micro_step(&ms, dec, st, next, P + step, V, logits, mb, tok, pos, seq, &r->forwards);
     }
     r->decode_ms = moe_clock_ms() - t0;
     r->decode = moe_offload_get_counts(d->off, -1);
@@ -305,7 +303,7 @@ static moe_status bench_offload(const bench_flags *f) {
                c->uses ? (double)c->hits / (double)c->uses : 1.0, (double)c->bytes / made, r.ttft_ms);
         if (f->micro > 0) /* distinct experts per MoE layer and forward: what a micro-batch needs resident */
             printf("OFFLOAD_SCHEDULE micro_batch=%d schedule=%s forwards=%d experts_per_layer=%.3f ids=%016llx\n",
-                   f->micro, f->schedule ? f->schedule : d.pred ? "paths" : "arrival", r.forwards,
+                   f->micro, schedule_by_paths(f) ? "paths" : "arrival", r.forwards,
                    (double)c->uses / ((double)r.forwards * moe_layers(&src.model)), (unsigned long long)r.ids_hash);
         fflush(stdout);
     }

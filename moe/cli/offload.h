@@ -1,5 +1,6 @@
 /* The offload flags of `moe generate` and `moe serve` (--offload, --gpu-memory, --policy,
- * --predictor, --lookahead, --max-gather, --verbose), opening a decoder with them, and `moe bench offload`. */
+ * --predictor, --lookahead, --predict-width, --max-gather, --verbose), opening a decoder
+ * with them, and `moe bench offload`. */
 #ifndef MOE_CLI_OFFLOAD_H
 #define MOE_CLI_OFFLOAD_H
 
