@@ -8,7 +8,9 @@
 # clients x 16 greedy requests, each answer equal to its prompt served alone); the chat
 # page in headless Chromium (DOM and screenshot); SIGTERM draining a running stream and
 # exiting 0; one of our checkpoints served with the plain chat format; the queue bound (429);
-# no sanitizer report in the server logs (the ASan build runs the same script).
+# --offload --micro-batch (token scheduling by a predictor's paths): the flags' refusals, the
+# answers unchanged, more forwards than steps in /metrics; no sanitizer report in the server
+# logs (the ASan build runs the same script).
 #   scripts/test-serve.sh path/to/moe WORKDIR NODE_DIR
 set -uo pipefail
 moe=$(realpath "$1")
@@ -194,6 +196,35 @@ if [ "$(metric moe_expert_cache_offloaded)" = 1 ] && [ "${misses:-0}" -gt 0 ] &&
 then pass "metrics: expert cache offloaded, $hits hits, $misses misses, hit rate $rate"
 else fail "metrics: offloaded expert cache"; curl -s "$url/metrics" | grep expert; fi
 if stop_server; then pass "SIGTERM (offloaded): exit 0"; else fail "SIGTERM exit code (offloaded)"; tail -3 offload.err; fi
+
+# ---- token scheduling: decode rows in micro-batches by predicted paths, answers unchanged ----
+for case in "--micro-batch 2|serve: --micro-batch goes with --offload" \
+            "--offload --gpu-memory 6GiB --micro-batch 2 --schedule paths|serve: --schedule paths needs --predictor" \
+            "--offload --gpu-memory 6GiB --schedule arrival|serve: --schedule goes with --micro-batch M"; do
+  args=${case%%|*} want=${case#*|}
+  "$moe" serve --model "$fixture" $args --port 0 > micro.out 2> micro.err; rc=$?
+  if [ "$rc" = 2 ] && grep -qF -- "$want" micro.err && ! grep -q "^listening" micro.out; then pass "serve $args: refused (exit 2)"
+  else fail "serve $args (exit $rc)"; cat micro.err; fi
+done
+for i in $(seq 1 40); do echo "It was the best of times, it was the worst of times, number $i."; done > trace.txt
+"$moe" trace --model "$fixture" --data trace.txt --out traces.h5 --tokens 1000 > trace.log 2>&1 &&
+  "$moe" predictor train traces.h5 --out predictor.h5 --steps 30 > predictor.log 2>&1 || { fail "a predictor of the fixture"; cat trace.log predictor.log; }
+start_server micro --model "$fixture" --max-batch 4 --max-tokens-in-flight 1024 --offload --gpu-memory $((need + 4 * slot)) \
+  --predictor predictor.h5 --micro-batch 2
+grep -q "micro-batches of 2 sequences, grouped by predicted routing paths" micro.err && pass "--micro-batch 2: said on stderr" \
+  || { fail "--micro-batch line"; cat micro.err; }
+curl -s "$url/v1/completions" -d "$greedy" > micro.json
+if python3 -c 'import json, sys; a, b = (json.load(open(f))["choices"][0]["text"] for f in sys.argv[1:]); sys.exit(not (a == b and a))' \
+     resident.json micro.json; then pass "micro-batches: the greedy answer equals resident"
+else fail "micro-batched answer differs"; cat resident.json micro.json; fi
+if timeout 120 node "$root/scripts/load-serve.js" "$url" --clients 8 --requests 2 --max-tokens 16 --greedy-alone 4 > loadmicro.txt 2>&1
+then pass "micro-batches: 8 clients x 2 streams, every greedy answer equal to its prompt served alone"
+else fail "micro-batches under load"; sed 's/^/     /' loadmicro.txt; fi
+dec=$(metric 'moe_forwards_total{kind="decode"}'); pre=$(metric 'moe_forwards_total{kind="prefill"}'); fwd=$((${dec:-0} + ${pre:-0}))
+steps=$(metric moe_batch_sequences_count); experts=$(metric 'moe_forward_experts_total{kind="decode"}')
+if [ "$fwd" -gt "${steps:-0}" ] && [ "${experts:-0}" -gt 0 ]; then pass "metrics: $fwd forwards in $steps steps, $experts distinct experts in decode forwards"
+else fail "metrics: forwards $fwd, steps $steps, experts $experts"; curl -s "$url/metrics" | grep forward; fi
+if stop_server; then pass "SIGTERM (micro-batches): exit 0"; else fail "SIGTERM exit code (micro-batches)"; tail -3 micro.err; fi
 
 # ---- load: 64 streaming clients x 16 requests, every greedy answer equal to its prompt alone ----
 start_server load --model "$fixture" --max-batch 16 --max-queue 128 --max-tokens-in-flight 4096

@@ -2,12 +2,16 @@
  * last one plus 1 (byte tokens): generation, stop strings held back until they are told
  * apart, max_tokens; prompts packed first-fit-decreasing beside the running decode tokens;
  * admission bounded by the KV budget; a cancelled request gives its slot back; the queue
- * bound; and the UTF-8 helpers (moe/serve/text.h). */
+ * bound; and the UTF-8 helpers (moe/serve/text.h). Against a real engine (a small model):
+ * decode rows in micro-batches (arrival order, predicted paths, an offloaded decoder)
+ * give the greedy tokens of one forward per step, in more forwards than steps. */
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "moe/offload/offload.h"
 #include "moe/serve/sched.h"
+#include "tests/harness/sched_fixture.h"
 #include "tests/harness/testlib.h"
 
 enum { V = 256, SLOTS = 4, MAX_CALLS = 256 };
@@ -91,6 +95,7 @@ static void rig_start(rig *r, int64_t kv_tokens, int prefill, int max_queue, boo
 
 static void rig_stop(rig *r) {
     serve_sched_free(&r->sched);
+    serve_engine_close(&r->eng);
     serve_metrics_free(&r->metrics);
     serve_text_close(&r->text);
 }
@@ -109,8 +114,8 @@ static void wait_entered(rig *r, int n) {
     pthread_mutex_unlock(&r->f.mu);
 }
 
-/* A greedy request for `prompt` (bytes), max_tokens, an optional stop string; submitted. */
-static serve_request *submit(rig *r, const char *prompt, int max_tokens, const char *stop, serve_submit_result want) {
+/* A greedy request for `prompt` (bytes), max_tokens, an optional stop string. */
+static serve_request *request(const char *prompt, int max_tokens, const char *stop) {
     serve_request *q = serve_request_new();
     CU_ASSERT_PTR_NOT_NULL_FATAL(q);
     q->n_prompt = (int)strlen(prompt);
@@ -119,15 +124,25 @@ static serve_request *submit(rig *r, const char *prompt, int max_tokens, const c
     q->p.max_tokens = max_tokens;
     q->p.sampler = (moe_sampler){.temperature = 0, .top_p = 1};
     if (stop) q->p.stop[q->p.n_stop++] = strdup(stop);
+    return q;
+}
+
+/* The same, submitted. */
+static serve_request *submit(rig *r, const char *prompt, int max_tokens, const char *stop, serve_submit_result want) {
+    serve_request *q = request(prompt, max_tokens, stop);
     CU_ASSERT_EQUAL(serve_sched_submit(&r->sched, q), want);
     return q;
 }
 
-/* Waits for the end of q; returns its text (malloc'd) and finish reason, and releases it. */
-static char *finish(rig *r, serve_request *q, serve_finish *why, bool *held_ok, const char *never) {
+static void wait_done(rig *r, serve_request *q) {
     pthread_mutex_lock(&r->sched.mu);
     while (q->finish == SERVE_RUNNING) pthread_cond_wait(&q->cv, &r->sched.mu);
     pthread_mutex_unlock(&r->sched.mu);
+}
+
+/* Waits for the end of q; returns its text (malloc'd) and finish reason, and releases it. */
+static char *finish(rig *r, serve_request *q, serve_finish *why, bool *held_ok, const char *never) {
+    wait_done(r, q);
     char *text = calloc(1, 4096);
     for (int i = 0; i < q->n_pieces; i++) {
         strcat(text, q->pieces[i].text);
@@ -241,12 +256,98 @@ static void test_utf8(void) {
     free(buf);
 }
 
+/* ---- a real engine: micro-batched decode rows give the greedy tokens of one forward ---- */
+
+enum { RSLOTS = 6, RNEW = 8, RPREFILL = 8 };
+static const char *const real_prompts[RSLOTS] = {"a", "hello there", "xyz", "the quick brown fox jumps over",
+                                                 "0123456", "mixture of experts"};
+
+typedef struct real_run {
+    int32_t ids[RSLOTS][RNEW]; /* each request's greedy tokens */
+    int64_t forwards, steps;   /* the engine's forwards; the scheduler's steps */
+    int64_t decode_experts;    /* distinct experts of the decode forwards, summed */
+} real_run;
+
+/* The prompts submitted at once to a scheduler over decoder d with engine options eo
+ * (prompts longer than RPREFILL go in chunks beside the decoding rows). */
+static void serve_real(moe_decoder *d, serve_engine_opts eo, real_run *out) {
+    rig r;
+    memset(&r, 0, sizeof r);
+    serve_metrics_init(&r.metrics);
+    eo.metrics = &r.metrics;
+    CHECK_OK(serve_engine_open(d, (serve_expert_counts){0}, &eo, RSLOTS, RSLOTS * 64, &r.eng));
+    CU_ASSERT_EQUAL_FATAL(serve_text_open_own(&r.text, moe_tokenizer_byte(), -1), MOE_OK);
+    CHECK_OK(serve_sched_start(&r.sched, &r.eng, &r.text, &r.metrics,
+                               (serve_sched_opts){.max_queue = RSLOTS, .prefill_tokens = RPREFILL}));
+    serve_request *q[RSLOTS];
+    for (int i = 0; i < RSLOTS; i++) {
+        q[i] = request(real_prompts[i], RNEW, NULL);
+        q[i]->p.logprobs = 0; /* every piece carries its token's id */
+        CU_ASSERT_EQUAL(serve_sched_submit(&r.sched, q[i]), SERVE_SUBMIT_OK);
+    }
+    for (int i = 0; i < RSLOTS; i++) {
+        wait_done(&r, q[i]);
+        CU_ASSERT_EQUAL(q[i]->n_pieces, RNEW);
+        for (int j = 0; j < RNEW && j < q[i]->n_pieces; j++) out->ids[i][j] = q[i]->pieces[j].lp.id;
+        serve_request_release(&r.sched, q[i]);
+    }
+    serve_sched_stop(&r.sched);
+    const moe_token_sched_counts *c = &r.metrics.forwards;
+    out->forwards = c->decode.forwards + c->prefill.forwards;
+    out->decode_experts = c->decode.experts;
+    out->steps = 0;
+    for (int b = 0; b <= SERVE_HIST_BUCKETS; b++) out->steps += (int64_t)r.metrics.batch.count[b];
+    rig_stop(&r);
+}
+
+/* An offloaded decoder of m (lru) at the least budget for the engine of serve_real. */
+static moe_offload *offloaded(moe_model *m) {
+    moe_offload_options o = {.dtype = MOE_F32, .dev = MOE_CPU, .policy = MOE_OFFLOAD_LRU, .max_seqs = RSLOTS,
+                             .kv_tokens = RSLOTS * 64, .max_batch_tokens = RSLOTS + RPREFILL};
+    moe_offload_split split;
+    CHECK_OK(moe_offload_plan(m, &o, &split, &o.budget));
+    moe_offload *off = NULL;
+    CHECK_OK(moe_offload_open(m, &o, &off));
+    return off;
+}
+
+static void test_micro_batches(void) {
+    sched_fixture fx;
+    sched_fixture_open(&fx, V, 7);
+    moe_decoder *d = fx.dec;
+    moe_predictor *p = fx.pred;
+    moe_offload *off = offloaded(&fx.m);
+    real_run want = {0};
+    serve_real(d, (serve_engine_opts){0}, &want);
+    CU_ASSERT_EQUAL(want.forwards, want.steps);
+    int distinct = 0; /* answers that differ from the first: a row put back in the wrong place would show */
+    for (int i = 1; i < RSLOTS; i++) distinct += memcmp(want.ids[i], want.ids[0], sizeof want.ids[0]) != 0;
+    CU_ASSERT(distinct > 0);
+    struct { moe_decoder *d; serve_engine_opts o; const char *name; } runs[] = {
+        {d, {.micro_batch = 2}, "arrival, micro-batches of 2"},
+        {d, {.micro_batch = 2, .predictor = p}, "paths, micro-batches of 2"},
+        {moe_offload_decoder(off), {.micro_batch = 3, .predictor = p}, "paths, micro-batches of 3, offloaded"}};
+    printf("\n  one forward per step: %lld steps, %lld distinct experts in decode forwards\n", (long long)want.steps,
+           (long long)want.decode_experts);
+    for (size_t i = 0; i < sizeof runs / sizeof *runs; i++) {
+        real_run got = {0};
+        serve_real(runs[i].d, runs[i].o, &got);
+        printf("  %s: %lld forwards in %lld steps, %lld distinct experts in decode forwards\n", runs[i].name,
+               (long long)got.forwards, (long long)got.steps, (long long)got.decode_experts);
+        CU_ASSERT_EQUAL(memcmp(got.ids, want.ids, sizeof want.ids), 0);
+        CU_ASSERT(got.forwards > got.steps);
+    }
+    moe_offload_close(off);
+    sched_fixture_close(&fx);
+}
+
 static void register_suites(void) {
     moe_test_add_suite("serve", (moe_test_entry[]){{"generate_stop_length", test_generate_stop_length},
                                                    {"packing", test_packing},
                                                    {"kv_admission", test_kv_admission},
                                                    {"cancel_and_queue_bound", test_cancel_and_queue_bound},
                                                    {"utf8", test_utf8},
+                                                   {"micro_batches", test_micro_batches},
                                                    {NULL, NULL}});
 }
 

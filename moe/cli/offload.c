@@ -14,7 +14,7 @@
 #include "moe/cli/cli.h"
 #include "moe/cli/source.h"
 #include "moe/infer/sample.h"
-#include "moe/offload/schedule.h"
+#include "moe/offload/token_sched.h"
 
 static moe_status predictor_scores(void *ctx, const int32_t *tokens, const int32_t *pos, int n, float *scores) {
     return moe_predictor_predict(ctx, tokens, pos, n, scores);
@@ -76,6 +76,17 @@ void moe_cli_decoder_close(moe_cli_decoder *d) {
     memset(d, 0, sizeof *d);
 }
 
+moe_status moe_cli_schedule_check(const char *cmd, const moe_schedule_flags *sf, const char *predictor) {
+    if (sf->schedule && !sf->micro) return moe_error(MOE_ERR_CONFIG, "%s: --schedule goes with --micro-batch M", cmd);
+    if (sf->schedule && !strcmp(sf->schedule, "paths") && !predictor)
+        return moe_error(MOE_ERR_CONFIG, "%s: --schedule paths needs --predictor (the predicted paths)", cmd);
+    return MOE_OK;
+}
+
+bool moe_cli_schedule_by_paths(const moe_schedule_flags *sf, const char *predictor) {
+    return sf->micro > 0 && (sf->schedule ? !strcmp(sf->schedule, "paths") : predictor != NULL);
+}
+
 /* ---- moe bench offload ---- */
 
 typedef struct bench_flags {
@@ -83,115 +94,13 @@ typedef struct bench_flags {
     moe_offload_flags off;
     int batch, tokens, prompt;
     double budget_fraction; /* > 0: the budget is the rest plus this share of the expert bytes */
-    int micro;              /* > 0: decode steps in micro-batches of this many sequences */
-    const char *schedule;   /* "paths" (default with a predictor) or "arrival" */
+    moe_schedule_flags sched;
 } bench_flags;
 
 /* KV positions the run holds: each sequence's prompt and new tokens in whole blocks. */
 static int64_t bench_kv_tokens(const bench_flags *f) {
     int64_t per = f->prompt + f->tokens;
     return (int64_t)f->batch * ((per + MOE_KV_BLOCK - 1) / MOE_KV_BLOCK * MOE_KV_BLOCK);
-}
-
-/* Token scheduling of the decode steps (after ExpertFlow, offload/schedule.h): the batch's
- * sequences run in micro-batches of M, in arrival order or grouped by the predicted routing
- * paths of their next tokens, so that a micro-batch routes to fewer distinct experts. */
-typedef struct micro_sched {
-    int B, M, ctx, n_moe, E, k, words;
-    moe_predictor *pred; /* NULL: arrival order */
-    int32_t *hist;       /* [B, ctx] each sequence's last ctx tokens, oldest first */
-    int32_t *order;      /* [B] sequences by micro-batch */
-    uint64_t *paths;     /* [B, words] */
-    float *scores;       /* [n_moe, ctx + 1, E] */
-    int32_t *toks, *pos; /* [ctx + 1] one sequence's prediction input */
-} micro_sched;
-
-static void micro_sched_free(micro_sched *ms) {
-    free(ms->hist);
-    free(ms->order);
-    free(ms->paths);
-    free(ms->scores);
-    free(ms->toks);
-    free(ms->pos);
-}
-
-/* Whether --micro-batch groups by predicted paths: --schedule paths, or by default with a
- * predictor. */
-static bool schedule_by_paths(const bench_flags *f) {
-    return f->micro > 0 && (f->schedule ? !strcmp(f->schedule, "paths") : f->off.predictor != NULL);
-}
-
-/* prompts [B, P]: each sequence's history starts from its prompt's tail. Without
- * --micro-batch the whole batch is one micro-batch in arrival order. */
-static moe_status micro_sched_init(micro_sched *ms, const bench_flags *f, moe_predictor *pred, const int32_t *prompts) {
-    memset(ms, 0, sizeof *ms);
-    ms->B = f->batch;
-    ms->M = f->micro > 0 ? f->micro : f->batch;
-    ms->pred = pred;
-    const moe_route_net_shape *sh = pred ? &moe_predictor_net(pred)->shape : NULL;
-    ms->ctx = sh ? sh->context : 0;
-    ms->n_moe = sh ? sh->n_moe_layers : 0;
-    ms->E = sh ? sh->n_experts : 0;
-    ms->k = sh ? sh->top_k : 0;
-    ms->words = sh ? moe_path_words(ms->n_moe, ms->E) : 0;
-    ms->hist = malloc(sizeof(int32_t) * (size_t)(ms->B * ms->ctx + 1));
-    ms->order = malloc(sizeof(int32_t) * (size_t)ms->B);
-    ms->paths = malloc(sizeof(uint64_t) * (size_t)(ms->B * ms->words + 1));
-    ms->scores = malloc(sizeof(float) * (size_t)(ms->n_moe * (ms->ctx + 1) * ms->E + 1));
-    ms->toks = malloc(sizeof(int32_t) * (size_t)(ms->ctx + 1));
-    ms->pos = malloc(sizeof(int32_t) * (size_t)(ms->ctx + 1));
-    if (!ms->hist || !ms->order || !ms->paths || !ms->scores || !ms->toks || !ms->pos)
-        return moe_error(MOE_ERR_OOM, "bench offload: out of host memory for the token scheduler");
-    for (int q = 0; q < ms->B; q++) {
-        ms->order[q] = q;
-        for (int j = 0; j < ms->ctx; j++) { /* the last ctx prompt tokens; -1 before the prompt */
-            int at = f->prompt - ms->ctx + j;
-            ms->hist[q * ms->ctx + j] = at >= 0 ? prompts[q * f->prompt + at] : -1;
-        }
-    }
-    return MOE_OK;
-}
-
-/* The order of this step's micro-batches for next tokens next [B] at position p; then the
- * tokens join the histories. */
-static moe_status micro_sched_step(micro_sched *ms, const int32_t *next, int p) {
-    for (int q = 0; q < ms->B && ms->pred; q++) {
-        int n = 0;
-        for (int j = 0; j < ms->ctx; j++) {
-            int32_t t = ms->hist[q * ms->ctx + j];
-            if (t < 0) continue;
-            ms->toks[n] = t;
-            ms->pos[n++] = p - ms->ctx + j;
-        }
-        ms->toks[n] = next[q];
-        ms->pos[n++] = p;
-        MOE_TRY(moe_predictor_predict(ms->pred, ms->toks, ms->pos, n, ms->scores));
-        moe_paths_from_scores(ms->scores, ms->n_moe, n, ms->E, ms->k, (const int64_t[]){n - 1}, 1,
-                              ms->paths + (size_t)q * ms->words);
-    }
-    if (ms->pred) MOE_TRY(moe_schedule_group(ms->paths, ms->B, ms->words, ms->M, ms->order));
-    for (int q = 0; q < ms->B && ms->ctx > 0; q++) {
-        memmove(ms->hist + q * ms->ctx, ms->hist + q * ms->ctx + 1, sizeof(int32_t) * (size_t)(ms->ctx - 1));
-        ms->hist[q * ms->ctx + ms->ctx - 1] = next[q];
-    }
-    return MOE_OK;
-}
-
-/* One decode step of every sequence (next [B] at position p) in the scheduler's
- * micro-batches; logits [B, V] by sequence. tok, pos, seq: [B] scratch; mb [B, V] scratch. */
-static moe_status micro_step(micro_sched *ms, moe_decoder *dec, moe_decode_state *st, const int32_t *next, int p, int V,
-                             float *logits, float *mb, int32_t *tok, int32_t *pos, int32_t *seq, int *forwards) {
-    MOE_TRY(micro_sched_step(ms, next, p));
-    for (int b0 = 0; b0 < ms->B; b0 += ms->M) {
-        int n = ms->B - b0 < ms->M ? ms->B - b0 : ms->M;
-        for (int i = 0; i < n; i++) tok[i] = next[ms->order[b0 + i]], pos[i] = p, seq[i] = ms->order[b0 + i];
-        moe_batch b = {.n_tokens = n, .tokens = tok, .pos = pos, .seq = seq, .logits = MOE_LOGITS_LAST};
-        moe_step_reset();
-        MOE_TRY(moe_decoder_forward(dec, st, &b, mb, NULL));
-        for (int i = 0; i < n; i++) memcpy(logits + (size_t)ms->order[b0 + i] * V, mb + (size_t)i * V, sizeof(float) * (size_t)V);
-        (*forwards)++;
-    }
-    return MOE_OK;
 }
 
 typedef struct bench_result {
@@ -202,49 +111,53 @@ typedef struct bench_result {
 } bench_result;
 
 /* batch prompts of `prompt` ids in one forward, then `tokens` greedy steps of one token
- * per sequence (the whole batch at once, or in micro-batches with --micro-batch). */
+ * per sequence (the whole batch at once, or in micro-batches with --micro-batch: the token
+ * scheduler, offload/token_sched.h). */
 static moe_status bench_run(const bench_flags *f, moe_model *m, const moe_cli_decoder *d, bench_result *r) {
     int B = f->batch, P = f->prompt, V = m->cfg.model.vocab_size, n = B * P;
     moe_decoder *dec = d->dec;
     moe_decode_state *st = NULL;
+    moe_token_sched *ts = NULL;
     int32_t *tok = malloc(sizeof(int32_t) * (size_t)n), *pos = malloc(sizeof(int32_t) * (size_t)n),
             *seq = malloc(sizeof(int32_t) * (size_t)n), *next = malloc(sizeof(int32_t) * (size_t)B);
-    float *logits = malloc(sizeof(float) * (size_t)B * (size_t)V), *mb = malloc(sizeof(float) * (size_t)B * (size_t)V);
-    micro_sched ms = {0};
-    moe_status s = tok && pos && seq && next && logits && mb
-                       ? moe_decode_state_create(dec, B, bench_kv_tokens(f), &st)
-                       : moe_error(MOE_ERR_OOM, "bench offload: out of host memory");
+    float *logits = malloc(sizeof(float) * (size_t)B * (size_t)V);
+    moe_status s = tok && pos && seq && next && logits ? moe_decode_state_create(dec, B, bench_kv_tokens(f), &st)
+                                                       : moe_error(MOE_ERR_OOM, "bench offload: out of host memory");
+    bool by_paths = moe_cli_schedule_by_paths(&f->sched, f->off.predictor);
+    if (s == MOE_OK) s = moe_token_sched_create(dec, B, f->sched.micro, by_paths ? d->pred : NULL, &ts);
     uint64_t x = 0x9E3779B97F4A7C15ull;
-    for (int i = 0; i < n; i++) { /* fixed pseudo-random prompts */
+    for (int i = 0; i < n && s == MOE_OK; i++) { /* fixed pseudo-random prompts */
         x = x * 6364136223846793005ull + 1442695040888963407ull;
         tok[i] = (int32_t)((x >> 33) % (uint64_t)V);
         pos[i] = i % P;
         seq[i] = i / P;
     }
     moe_batch b = {.n_tokens = n, .tokens = tok, .pos = pos, .seq = seq, .logits = MOE_LOGITS_LAST};
-    if (s == MOE_OK) s = micro_sched_init(&ms, f, schedule_by_paths(f) ? d->pred : NULL, tok);
     double t0 = moe_clock_ms();
     if (s == MOE_OK) s = moe_decoder_forward(dec, st, &b, logits, NULL);
     r->ttft_ms = moe_clock_ms() - t0;
+    if (s == MOE_OK) moe_token_sched_observe(ts, &b); /* the histories start from the prompts' tails */
     moe_offload_reset_counts(d->off);
     t0 = moe_clock_ms();
     r->ids_hash = 0xcbf29ce484222325ull;
     for (int step = 0; step < f->tokens && s == MOE_OK; step++) {
         moe_argmax_rows(logits, B, V, next);
         for (int q = 0; q < B; q++) r->ids_hash = (r->ids_hash ^ (uint32_t)next[q]) * 0x100000001b3ull;
-        s = micro_step(&ms, dec, st, next, P + step, V, logits, mb, tok, pos, seq, &r->forwards);
+        for (int q = 0; q < B; q++) pos[q] = P + step, seq[q] = q;
+        moe_batch db = {.n_tokens = B, .tokens = next, .pos = pos, .seq = seq, .logits = MOE_LOGITS_LAST};
+        s = moe_token_sched_forward(ts, st, &db, logits);
     }
     r->decode_ms = moe_clock_ms() - t0;
     r->decode = moe_offload_get_counts(d->off, -1);
+    if (ts) r->forwards = (int)moe_token_sched_get_counts(ts).decode.forwards;
     moe_step_reset();
+    moe_token_sched_free(ts);
     moe_decode_state_free(st);
-    micro_sched_free(&ms);
     free(tok);
     free(pos);
     free(seq);
     free(next);
     free(logits);
-    free(mb);
     return s;
 }
 
@@ -273,9 +186,7 @@ static int moe_layers(const moe_model *m) {
 static moe_status bench_offload(const bench_flags *f) {
     if ((f->budget_fraction > 0) == (f->off.gpu_memory != NULL))
         return moe_error(MOE_ERR_CONFIG, "bench offload: give --gpu-memory SIZE or --budget-fraction F (one of them)");
-    if (f->schedule && !f->micro) return moe_error(MOE_ERR_CONFIG, "bench offload: --schedule goes with --micro-batch M");
-    if (f->schedule && !strcmp(f->schedule, "paths") && !f->off.predictor)
-        return moe_error(MOE_ERR_CONFIG, "bench offload: --schedule paths needs --predictor (the predicted paths)");
+    MOE_TRY(moe_cli_schedule_check("bench offload", &f->sched, f->off.predictor));
     moe_source src;
     MOE_TRY(moe_source_open(&src, &f->src, MOE_SOURCE_MODEL));
     moe_offload_flags of = f->off;
@@ -301,9 +212,10 @@ static moe_status bench_offload(const bench_flags *f) {
                "ttft_ms=%.2f\n", alone ? "lookahead" : pol, f->off.lookahead && !alone ? "+lookahead" : "",
                moe_offload_get_split(d.off)->budget, f->batch, made / (r.decode_ms / 1e3),
                c->uses ? (double)c->hits / (double)c->uses : 1.0, (double)c->bytes / made, r.ttft_ms);
-        if (f->micro > 0) /* distinct experts per MoE layer and forward: what a micro-batch needs resident */
+        bool by_paths = moe_cli_schedule_by_paths(&f->sched, f->off.predictor);
+        if (f->sched.micro > 0) /* distinct experts per MoE layer and forward: what a micro-batch needs resident */
             printf("OFFLOAD_SCHEDULE micro_batch=%d schedule=%s forwards=%d experts_per_layer=%.3f ids=%016llx\n",
-                   f->micro, schedule_by_paths(f) ? "paths" : "arrival", r.forwards,
+                   f->sched.micro, by_paths ? "paths" : "arrival", r.forwards,
                    (double)c->uses / ((double)r.forwards * moe_layers(&src.model)), (unsigned long long)r.ids_hash);
         fflush(stdout);
     }
@@ -330,11 +242,7 @@ int moe_cmd_bench_offload(int argc, char **argv) {
         {"--predict-width", MOE_FLAG_INT, "W", 0, 4096, NULL,
          "experts per token and layer the predictor names for prefetch, 0 = top-k", &f.off.predict_width},
         {"--batch", MOE_FLAG_INT, "N", 1, 4096, NULL, "sequences decoded together", &f.batch},
-        {"--micro-batch", MOE_FLAG_INT, "M", 0, 4096, NULL,
-         "decode steps in micro-batches of M sequences (token scheduling), 0 = the whole batch at once", &f.micro},
-        {"--schedule", MOE_FLAG_STRING, "S", 0, 0, "paths|arrival",
-         "--micro-batch: group by predicted routing paths (needs --predictor; its default) or arrival order",
-         &f.schedule},
+        MOE_SCHEDULE_FLAG_SPECS(f.sched),
         {"--tokens", MOE_FLAG_INT, "N", 1, 1 << 20, NULL, "new tokens per sequence", &f.tokens},
         {"--prompt", MOE_FLAG_INT, "N", 1, 1 << 20, NULL, "prompt tokens per sequence (fixed pseudo-random ids)",
          &f.prompt},

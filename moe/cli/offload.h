@@ -1,6 +1,7 @@
 /* The offload flags of `moe generate` and `moe serve` (--offload, --gpu-memory, --policy,
  * --predictor, --lookahead, --predict-width, --max-gather, --verbose), opening a decoder
- * with them, and `moe bench offload`. */
+ * with them, the token-scheduling flags of `moe bench offload` and `moe serve` (--micro-batch,
+ * --schedule), and `moe bench offload`. */
 #ifndef MOE_CLI_OFFLOAD_H
 #define MOE_CLI_OFFLOAD_H
 
@@ -57,6 +58,28 @@ moe_status moe_cli_decoder_open(const moe_offload_flags *f, moe_model *m, moe_de
                                 int64_t kv_tokens, int max_batch, moe_cli_decoder *out);
 /* With --offload --verbose, the counters to stderr; then everything freed. */
 void moe_cli_decoder_close(moe_cli_decoder *d);
+
+/* Token scheduling (moe/offload/token_sched.h) of `moe bench offload` and `moe serve`:
+ * --micro-batch M, --schedule paths|arrival. */
+typedef struct moe_schedule_flags {
+    int micro;            /* > 0: decode steps in micro-batches of this many sequences */
+    const char *schedule; /* "paths" (the default with a predictor), "arrival" or NULL */
+} moe_schedule_flags;
+
+#define MOE_SCHEDULE_FLAG_SPECS(sf)                                                                                 \
+    {"--micro-batch", MOE_FLAG_INT, "M", 0, 4096, NULL,                                                            \
+     "decode steps in micro-batches of M sequences (token scheduling; serve: with --offload), 0 = all at once",    \
+     &(sf).micro},                                                                                                 \
+    {"--schedule", MOE_FLAG_STRING, "S", 0, 0, "paths|arrival",                                                    \
+     "--micro-batch: group by predicted routing paths (needs --predictor; its default) or arrival order",          \
+     &(sf).schedule}
+
+/* Refuses --schedule without --micro-batch and paths without --predictor (the message
+ * starts with cmd, e.g. "serve"). */
+moe_status moe_cli_schedule_check(const char *cmd, const moe_schedule_flags *sf, const char *predictor);
+/* Whether micro-batches group by predicted paths: --schedule paths, or by default with a
+ * predictor. */
+bool moe_cli_schedule_by_paths(const moe_schedule_flags *sf, const char *predictor);
 
 /* `moe bench offload` (argv: the words after "offload"). Returns the exit code. */
 int moe_cmd_bench_offload(int argc, char **argv);

@@ -25,6 +25,7 @@ typedef struct serve_flags {
     int port, max_batch, prefill_tokens, max_queue, timeout_s, max_conns, drain_s, eos;
     int64_t kv_tokens, max_body;
     moe_offload_flags offload;
+    moe_schedule_flags sched; /* --micro-batch, --schedule: with --offload */
 } serve_flags;
 
 /* Everything the server holds. */
@@ -37,6 +38,7 @@ typedef struct server {
     bool text_loaded;
     serve_engine engine;
     serve_metrics metrics;
+    bool metrics_init;
     serve_sched sched;
     bool sched_started;
     serve_api_ctx api;
@@ -110,6 +112,10 @@ static void expert_counts(void *ctx, int64_t *hits, int64_t *misses) {
 
 static moe_status start(server *sv, const serve_flags *f) {
     if (!f->model_dir == !f->checkpoint) return moe_error(MOE_ERR_CONFIG, "serve: give --model DIR or --checkpoint FILE");
+    MOE_TRY(moe_cli_schedule_check("serve", &f->sched, f->offload.predictor));
+    if (f->sched.micro && !f->offload.offload)
+        return moe_error(MOE_ERR_CONFIG, "serve: --micro-batch goes with --offload (it groups the experts a forward "
+                         "needs in the cache)");
     MOE_TRY(f->model_dir ? load_hub(sv, f) : load_checkpoint(sv, f));
     model_name(sv, f);
     int64_t ctx = sv->model.cfg.model.seq_len;
@@ -120,9 +126,13 @@ static moe_status start(server *sv, const serve_flags *f) {
     MOE_TRY(moe_cli_decoder_open(&f->offload, &sv->model, dev, dt, f->max_batch, kv, f->max_batch + f->prefill_tokens,
                                  &sv->decoder));
     sv->decoder_open = true;
-    serve_expert_counts counts = {.offloaded = sv->decoder.off != NULL, .counts = expert_counts, .ctx = sv->decoder.off};
-    MOE_TRY(serve_engine_open(sv->decoder.dec, counts, f->max_batch, kv, &sv->engine));
     serve_metrics_init(&sv->metrics);
+    sv->metrics_init = true;
+    serve_expert_counts counts = {.offloaded = sv->decoder.off != NULL, .counts = expert_counts, .ctx = sv->decoder.off};
+    bool by_paths = moe_cli_schedule_by_paths(&f->sched, f->offload.predictor);
+    serve_engine_opts eo = {.micro_batch = f->sched.micro, .predictor = by_paths ? sv->decoder.pred : NULL,
+                            .metrics = &sv->metrics};
+    MOE_TRY(serve_engine_open(sv->decoder.dec, counts, &eo, f->max_batch, kv, &sv->engine));
     serve_sched_opts so = {.max_queue = f->max_queue, .prefill_tokens = f->prefill_tokens};
     MOE_TRY(serve_sched_start(&sv->sched, &sv->engine, &sv->text, &sv->metrics, so));
     sv->sched_started = true;
@@ -138,6 +148,9 @@ static moe_status start(server *sv, const serve_flags *f) {
     fprintf(stderr, "serve: %s on %s %s, context %lld tokens, %d sequences, KV pool %lld tokens, prefill %d tokens per "
             "step\n", sv->name, moe_device_name(dev), moe_dtype_name(dt), (long long)ctx, f->max_batch,
             (long long)sv->engine.kv_tokens, f->prefill_tokens);
+    if (f->sched.micro)
+        fprintf(stderr, "serve: decode rows in micro-batches of %d sequences, %s\n", f->sched.micro,
+                by_paths ? "grouped by predicted routing paths" : "in arrival order");
     fflush(stdout);
     return MOE_OK;
 }
@@ -166,11 +179,9 @@ static void drain(server *sv, const sigset_t *set, int seconds) {
 static void shutdown_all(server *sv) {
     if (sv->sched_started) serve_sched_stop(&sv->sched);
     serve_http_stop(&sv->http);
-    if (sv->sched_started) {
-        serve_sched_free(&sv->sched);
-        serve_metrics_free(&sv->metrics);
-    }
+    if (sv->sched_started) serve_sched_free(&sv->sched);
     serve_engine_close(&sv->engine);
+    if (sv->metrics_init) serve_metrics_free(&sv->metrics);
     if (sv->decoder_open) moe_cli_decoder_close(&sv->decoder);
     if (sv->text_loaded) serve_text_close(&sv->text);
     if (sv->model_loaded) moe_model_free(&sv->model);
@@ -224,6 +235,7 @@ int moe_cmd_serve(int argc, char **argv) {
         {"--eos", MOE_FLAG_INT, "ID", -1, 1 << 24, NULL, "checkpoints: the end-of-sequence token, -1 = none", &f.eos},
         {"--name", MOE_FLAG_STRING, "NAME", 0, 0, NULL, "the model's name in the API (default: the folder or file name)", &f.name},
         MOE_OFFLOAD_FLAG_SPECS(f.offload),
+        MOE_SCHEDULE_FLAG_SPECS(f.sched),
         {0}};
     moe_args a;
     moe_status s = moe_args_parse("serve", specs, argc, argv, &a);

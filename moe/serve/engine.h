@@ -2,8 +2,8 @@
  * moe_batch: tokens with positions and sequence slots) in, one logits row per sequence of
  * the batch out, and sequence slots freed when a request ends. A small table of functions
  * so the scheduler can be tested against any engine; serve_engine_open binds a decoder
- * (resident or offloaded) with a paged KV cache. Only the scheduler thread calls an
- * engine. */
+ * (resident or offloaded) with a paged KV cache, optionally running each batch's decode
+ * rows in micro-batches (token scheduling). Only the scheduler thread calls an engine. */
 #ifndef MOE_SERVE_ENGINE_H
 #define MOE_SERVE_ENGINE_H
 
@@ -11,6 +11,8 @@
 #include <stdint.h>
 
 #include "moe/infer/decoder.h"
+#include "moe/offload/predictor.h"
+#include "moe/serve/metrics.h"
 
 typedef struct serve_engine {
     void *impl;
@@ -38,10 +40,21 @@ typedef struct serve_expert_counts {
     void *ctx;
 } serve_expert_counts;
 
+/* How an engine over a decoder runs a batch (all zero: one forward per batch). */
+typedef struct serve_engine_opts {
+    int micro_batch;          /* > 0: the decode rows (sequences bringing one token) in forwards of
+                               * this many, the prompt chunks in one forward after them
+                               * (moe/offload/token_sched.h): the logits of one forward up
+                               * to their last bits, the same greedy outputs but for near ties */
+    moe_predictor *predictor; /* with micro_batch: micro-batches grouped by the predicted routing
+                               * paths of their tokens; NULL: arrival order (borrowed) */
+    serve_metrics *metrics;   /* NULL, or where every forward and its distinct experts are counted */
+} serve_engine_opts;
+
 /* Binds decoder d (borrowed: it outlives the engine) with max_seqs slots and a pool of
- * kv_tokens positions. */
-moe_status serve_engine_open(moe_decoder *d, serve_expert_counts counts, int max_seqs, int64_t kv_tokens,
-                             serve_engine *out);
+ * kv_tokens positions; opts may be NULL. */
+moe_status serve_engine_open(moe_decoder *d, serve_expert_counts counts, const serve_engine_opts *opts, int max_seqs,
+                             int64_t kv_tokens, serve_engine *out);
 void serve_engine_close(serve_engine *e);
 
 #endif

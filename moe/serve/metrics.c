@@ -66,6 +66,12 @@ void serve_metrics_expert_cache(serve_metrics *m, bool offloaded, int64_t hits, 
     pthread_mutex_unlock(&m->mu);
 }
 
+void serve_metrics_forwards(serve_metrics *m, const moe_token_sched_counts *c) {
+    pthread_mutex_lock(&m->mu);
+    m->forwards = *c;
+    pthread_mutex_unlock(&m->mu);
+}
+
 void serve_metrics_ttft(serve_metrics *m, double s) {
     pthread_mutex_lock(&m->mu);
     hist_add(&m->ttft, s);
@@ -136,6 +142,19 @@ static void put_expert_cache(text_buf *b, const serve_metrics *m) {
            "# TYPE moe_expert_cache_hit_rate gauge\nmoe_expert_cache_hit_rate %.6f\n", rate);
 }
 
+/* Forwards and their distinct (MoE layer, routed expert) pairs, by kind. */
+static void put_forwards(text_buf *b, const serve_metrics *m) {
+    const moe_token_sched_counts *c = &m->forwards;
+    put(b, "# HELP moe_forwards_total Model forwards: decode (one token per sequence; with --micro-batch one per "
+           "micro-batch) or prefill (with prompt tokens).\n# TYPE moe_forwards_total counter\n"
+           "moe_forwards_total{kind=\"decode\"} %lld\nmoe_forwards_total{kind=\"prefill\"} %lld\n",
+        (long long)c->decode.forwards, (long long)c->prefill.forwards);
+    put(b, "# HELP moe_forward_experts_total Distinct (MoE layer, routed expert) pairs per forward, summed: over "
+           "moe_forwards_total, the experts a forward needs resident.\n# TYPE moe_forward_experts_total counter\n"
+           "moe_forward_experts_total{kind=\"decode\"} %lld\nmoe_forward_experts_total{kind=\"prefill\"} %lld\n",
+        (long long)c->decode.experts, (long long)c->prefill.experts);
+}
+
 char *serve_metrics_text(serve_metrics *m) {
     text_buf b = {0};
     pthread_mutex_lock(&m->mu);
@@ -159,6 +178,7 @@ char *serve_metrics_text(serve_metrics *m) {
     put(&b, "# HELP moe_kv_blocks_total KV cache blocks in the pool.\n# TYPE moe_kv_blocks_total gauge\n"
             "moe_kv_blocks_total %lld\n", (long long)m->kv_blocks_total);
     put_expert_cache(&b, m);
+    put_forwards(&b, m);
     put_hist(&b, "moe_time_to_first_token_seconds", "Time from arrival to the first generated token.", &m->ttft);
     put_hist(&b, "moe_time_per_output_token_seconds", "Time between two generated tokens of a request.",
              &m->token_latency);

@@ -1,6 +1,7 @@
 /* The server's counters for GET /metrics (Prometheus text format 0.0.4): requests by HTTP
  * status, prompt and generated tokens, queue length, running batch size, KV blocks used,
- * the expert cache's hits, misses and hit rate (offloaded experts; resident: rate 1), and
+ * the expert cache's hits, misses and hit rate (offloaded experts; resident: rate 1), the
+ * model forwards and the distinct experts each routed to (decode and prefill), and
  * histograms of time to first token, time per generated token and batch size. Every
  * function may be called from any thread. */
 #ifndef MOE_SERVE_METRICS_H
@@ -9,6 +10,8 @@
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
+
+#include "moe/offload/token_sched.h"
 
 #define SERVE_HIST_BUCKETS 14
 
@@ -25,6 +28,7 @@ typedef struct serve_metrics {
     int64_t queue_len, batch_size, kv_blocks_used, kv_blocks_total;
     int offloaded;                      /* -1: not known yet, 0: experts resident, 1: offloaded */
     int64_t expert_hits, expert_misses; /* offloaded: routed-expert uses found / not found in the cache */
+    moe_token_sched_counts forwards;    /* the engine's forwards and their distinct experts so far */
     serve_hist ttft, token_latency, batch;
 } serve_metrics;
 
@@ -39,6 +43,8 @@ void serve_metrics_step(serve_metrics *m, int64_t queue_len, int64_t batch_size,
                         int64_t kv_blocks_total);
 /* The expert cache's counters so far (offloaded), or that every expert is resident. */
 void serve_metrics_expert_cache(serve_metrics *m, bool offloaded, int64_t hits, int64_t misses);
+/* The engine's forward counters so far. */
+void serve_metrics_forwards(serve_metrics *m, const moe_token_sched_counts *c);
 void serve_metrics_ttft(serve_metrics *m, double seconds);
 void serve_metrics_token_latency(serve_metrics *m, double seconds);
 /* The text of GET /metrics (malloc'd), or NULL when out of memory. */
