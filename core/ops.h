@@ -160,5 +160,10 @@ moe_tensor *moe_delta_scan_chunked(moe_tensor *q, moe_tensor *k, moe_tensor *v, 
  * stays valid until the backward has run. Without grad recording it is fn(ctx, in). */
 typedef moe_tensor *(*moe_recompute_fn)(void *ctx, moe_tensor *const *in);
 moe_tensor *moe_recompute(moe_recompute_fn fn, void *ctx, int n_in, moe_tensor *const *in);
+/* out = fn(ctx, in) off the tape (no grad recording, or no input that needs a grad),
+ * keeping only the result: it is copied to memory taken before fn ran and the step memory
+ * fn took is handed back at once (inference: a layer's intermediates do not outlive the
+ * layer). The same contract on fn as above; fn must leave nothing it allocated in use. */
+moe_tensor *moe_keep_result(moe_recompute_fn fn, void *ctx, int n_in, moe_tensor *const *in);
 
 #endif

@@ -16,6 +16,21 @@ static void check_result(const moe_tensor *y, const moe_tensor *x) {
                moe_tensor_describe(x, b2, sizeof b2));
 }
 
+moe_tensor *moe_keep_result(moe_recompute_fn fn, void *ctx, int n_in, moe_tensor *const *in) {
+    MOE_ASSERT(fn && n_in >= 1 && in[0], "keep_result: a piece and its first input");
+    for (int i = 0; moe_grad_enabled() && i < n_in; i++)
+        MOE_ASSERT(!in[i] || !in[i]->requires_grad, "keep_result: a piece on the tape (use moe_recompute)");
+    moe_tensor *x = in[0];
+    moe_tensor *out = op_new(x, x->dtype, x->ndim, x->shape); /* [like in[0]], before the mark: it stays */
+    if (!out) return NULL;
+    moe_mem_mark mark = moe_mem_step_mark(x->device);
+    moe_tensor *y = fn(ctx, in);
+    if (y) check_result(y, x);
+    moe_status s = y ? moe_tensor_copy_(out, y) : moe_last_status();
+    moe_mem_step_release(x->device, mark); /* later kernels reusing it run after the copy */
+    return s == MOE_OK ? out : NULL;
+}
+
 moe_tensor *moe_recompute(moe_recompute_fn fn, void *ctx, int n_in, moe_tensor *const *in) {
     MOE_ASSERT(fn && n_in >= 1 && n_in <= MOE_NODE_MAX_INPUTS, "recompute: a piece and 1 to %d inputs",
                MOE_NODE_MAX_INPUTS);
@@ -25,17 +40,10 @@ moe_tensor *moe_recompute(moe_recompute_fn fn, void *ctx, int n_in, moe_tensor *
         any |= in[i]->requires_grad;
     }
     if (!moe_grad_enabled() || !any) return fn(ctx, in);
-    moe_tensor *x = in[0];
-    moe_tensor *out = op_new(x, x->dtype, x->ndim, x->shape); /* [like in[0]], before the mark: it stays */
-    if (!out) return NULL;
-    moe_mem_mark mark = moe_mem_step_mark(x->device);
     moe_grad_set_enabled(false);
-    moe_tensor *y = fn(ctx, in);
+    moe_tensor *out = moe_keep_result(fn, ctx, n_in, in);
     moe_grad_set_enabled(true);
-    if (y) check_result(y, x);
-    moe_status s = y ? moe_tensor_copy_(out, y) : moe_last_status();
-    moe_mem_step_release(x->device, mark); /* later kernels reusing it run after the copy */
-    if (s != MOE_OK) return NULL;
+    if (!out) return NULL;
     recompute_attrs at = {fn, ctx};
     moe_autograd_record(MOE_OP_RECOMPUTE, out, n_in, in, &at, sizeof at);
     return out;

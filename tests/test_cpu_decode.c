@@ -397,6 +397,47 @@ static void test_model_logits(void) {
 
 /* The selection alone equals the training router's choice (top-k, sigmoid with groups,
  * the bias), and OT selects by plain top-k at inference. */
+/* Step memory of one prefill forward of T tokens through a model of n_layers attention
+ * blocks (d 64, 8 experts of 64, top-2). */
+static size_t prefill_step_peak(int n_layers, int T) {
+    moe_config c;
+    small_config(&c, MOE_CFG_MIXER_ATTENTION);
+    c.model.n_layers = n_layers;
+    c.model.mixer = (moe_yaml_list){.count = 1, .values = {MOE_CFG_MIXER_ATTENTION}};
+    c.model.d_model = 64;
+    c.model.ffn_dim = 64;
+    c.model.n_experts = 8;
+    c.model.seq_len = T;
+    moe_model m;
+    open_model(&m, &c, MOE_F32);
+    moe_decoder *d = NULL;
+    moe_decode_state *s = NULL;
+    CU_ASSERT_EQUAL_FATAL(moe_decoder_open(&m, MOE_F32, &d), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(moe_decode_state_create(d, 1, T, &s), MOE_OK);
+    int32_t *tokens = malloc(sizeof(int32_t) * (size_t)T);
+    float logits[V];
+    fill_tokens(tokens, T, 1);
+    moe_step_reset();
+    moe_mem_reset_peaks(MOE_CPU);
+    CU_ASSERT_EQUAL(moe_decoder_feed(d, s, 0, tokens, T, logits), MOE_OK);
+    size_t peak = moe_mem_get_stats(MOE_CPU).step_peak;
+    moe_step_reset();
+    free(tokens);
+    moe_decode_state_free(s);
+    moe_decoder_close(d);
+    moe_model_free(&m);
+    return peak;
+}
+
+/* Inference hands each sublayer's intermediates back when the sublayer ends: a forward's
+ * step memory hardly grows with depth (keeping them all it grows with every layer). */
+static void test_infer_step_memory(void) {
+    size_t one = prefill_step_peak(1, 256), eight = prefill_step_peak(8, 256);
+    CU_ASSERT(one > 0);
+    CU_ASSERT(eight < one + one / 2);
+    if (!(eight < one + one / 2)) fprintf(stderr, "step peak: 1 layer %zu bytes, 8 layers %zu\n", one, eight);
+}
+
 static void test_router_select(void) {
     const moe_router_settings base = {.n_experts = 8, .top_k = 2, .d_model = 6, .renormalize = true, .aux_coef = 0.01};
     moe_router_settings variants[3] = {base, base, base};
@@ -561,6 +602,7 @@ static void register_suites(void) {
                                                      {"paged KV blocks freed and reused", test_paged_reuse},
                                                      {"batch checks", test_batch_checks},
                                                      {"moe_model_logits", test_model_logits},
+                                                     {"inference step memory of one sublayer", test_infer_step_memory},
                                                      {NULL, NULL}});
     moe_test_add_suite("seams", (moe_test_entry[]){{"router selection alone", test_router_select},
                                                     {"weights cast once", test_cast_view},

@@ -729,6 +729,59 @@ static void check_forward(const moe_forward *f) {
                    "model forward: spans must tile the %d tokens in order", f->T);
 }
 
+/* Inference keeps each block's and sublayer's result alone (moe_keep_result): the
+ * attention's and the experts' intermediates go back to the step arena when the sublayer
+ * ends and the block's residual stream when the block ends, so a forward's step memory is
+ * one sublayer's, not every layer's. Not for recurrent mixers (their staged states live
+ * until the forward commits them) nor for RMoE (its router state passes from layer to
+ * layer). */
+typedef struct infer_piece {
+    moe_model *m;
+    int i;
+    const moe_forward *f;
+} infer_piece;
+
+static moe_tensor *infer_mix(void *ctx, moe_tensor *const *in) {
+    infer_piece *p = ctx;
+    return mix(p->m, p->i, in[0], p->f, NULL);
+}
+
+static moe_tensor *infer_feed_forward(void *ctx, moe_tensor *const *in) {
+    infer_piece *p = ctx;
+    moe_tensor *router_state = NULL;
+    return feed_forward(p->m, p->i, in[0], p->f, &router_state, NULL, NULL);
+}
+
+static bool infer_scoped_mix(const moe_model *m, int i, const moe_forward *f) {
+    return f->mode == MOE_FORWARD_INFER && m->blocks[i].mixer == MOE_CFG_MIXER_ATTENTION;
+}
+
+static bool infer_scoped_ffn(const moe_model *m, const moe_forward *f) {
+    return f->mode == MOE_FORWARD_INFER && m->cfg.router.type != MOE_CFG_ROUTER_RMOE;
+}
+
+/* Block i's mixer and feed-forward sublayers on x [B, T, d]. */
+static moe_tensor *block_forward(moe_model *m, int i, moe_tensor *x, const moe_forward *f, moe_tensor **router_state,
+                                 moe_loss_parts *parts, moe_tensor **aux) {
+    const moe_cfg_model *c = &m->cfg.model;
+    moe_block *b = &m->blocks[i];
+    int64_t d = c->d_model, bt = (int64_t)f->B * f->T;
+    infer_piece piece = {m, i, f};
+    moe_tensor *hn = moe_rmsnorm(x, C(b->attn_norm), c->norm_eps);
+    moe_tensor *mixed = hn && infer_scoped_mix(m, i, f) ? moe_keep_result(infer_mix, &piece, 1, &hn) : mix(m, i, hn, f, aux);
+    x = moe_add(x, dropout(m, f, mixed));
+    moe_tensor *h2 = moe_reshape(moe_rmsnorm(x, C(b->ffn_norm), c->norm_eps), 2, (int64_t[]){bt, d});
+    moe_tensor *ffn = h2 && infer_scoped_ffn(m, f) ? moe_keep_result(infer_feed_forward, &piece, 1, &h2)
+                                                   : feed_forward(m, i, h2, f, router_state, parts, aux);
+    return moe_add(x, dropout(m, f, moe_reshape(ffn, 3, (int64_t[]){f->B, f->T, d})));
+}
+
+static moe_tensor *infer_block(void *ctx, moe_tensor *const *in) {
+    infer_piece *p = ctx;
+    moe_tensor *router_state = NULL;
+    return block_forward(p->m, p->i, in[0], p->f, &router_state, NULL, NULL);
+}
+
 /* Embedding, blocks and final norm: ids [B, T] -> [B T, d]; fills parts and aux (TRAIN). */
 static moe_tensor *forward_hidden(moe_model *m, moe_tensor *ids, const moe_forward *f, moe_loss_parts *parts,
                                   moe_tensor **aux) {
@@ -737,11 +790,9 @@ static moe_tensor *forward_hidden(moe_model *m, moe_tensor *ids, const moe_forwa
     int64_t d = c->d_model, bt = (int64_t)f->B * f->T;
     moe_tensor *x = moe_embedding(C(m->embed), ids), *router_state = NULL;
     for (int i = 0; i < c->n_layers && x; i++) {
-        moe_block *b = &m->blocks[i];
-        x = moe_add(x, dropout(m, f, mix(m, i, moe_rmsnorm(x, C(b->attn_norm), c->norm_eps), f, aux)));
-        moe_tensor *h2 = moe_reshape(moe_rmsnorm(x, C(b->ffn_norm), c->norm_eps), 2, (int64_t[]){bt, d});
-        moe_tensor *ffn = feed_forward(m, i, h2, f, &router_state, parts, aux);
-        x = moe_add(x, dropout(m, f, moe_reshape(ffn, 3, (int64_t[]){f->B, f->T, d})));
+        infer_piece piece = {m, i, f};
+        x = infer_scoped_mix(m, i, f) && infer_scoped_ffn(m, f) ? moe_keep_result(infer_block, &piece, 1, &x)
+                                                                 : block_forward(m, i, x, f, &router_state, parts, aux);
     }
     return moe_rmsnorm(moe_reshape(x, 2, (int64_t[]){bt, d}), C(m->final_norm), c->norm_eps);
 }
