@@ -58,20 +58,21 @@ static void *arena_alloc(arena *a, size_t bytes, moe_device dev, bool host_struc
         a->cur++;
         a->used = 0;
     }
+    size_t held = 0;
+    for (int i = 0; i < a->n_chunks; i++) held += a->size[i];
     if (a->n_chunks == ARENA_MAX_CHUNKS) {
-        moe_error(MOE_ERR_OOM, "step arena on %s: more than %d chunks", moe_device_name(dev), ARENA_MAX_CHUNKS);
+        moe_error(MOE_ERR_OOM, "step arena on %s: out of memory: %d chunks hold %.2f GiB and the step asks %zu bytes more",
+                  moe_device_name(dev), ARENA_MAX_CHUNKS, (double)held / (1u << 30), bytes);
         return NULL;
     }
     /* Geometric growth: a new chunk is at least as large as all earlier ones together. */
-    size_t held = 0;
-    for (int i = 0; i < a->n_chunks; i++) held += a->size[i];
     size_t want = bytes > ARENA_MIN_CHUNK ? bytes : ARENA_MIN_CHUNK;
     if (want < held) want = held;
     if (host_structs) want = bytes > (4u << 20) ? bytes : (4u << 20);
     void *p = host_structs ? host_malloc(want) : backend_alloc(dev, want);
     size_t least = bytes > ARENA_MIN_CHUNK ? bytes : ARENA_MIN_CHUNK;
-    if (!p && !host_structs && want > least) { /* a shared device may not have the doubling: just what fits */
-        want = least;
+    while (!p && !host_structs && want > least) { /* a shared device may not have the doubling: halve to what fits */
+        want = want / 2 > least ? want / 2 : least;
         p = backend_alloc(dev, want);
     }
     if (!p) {
