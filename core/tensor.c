@@ -169,6 +169,12 @@ moe_tensor *moe_tensor_randn(moe_lifetime life, moe_device dev, moe_dtype dt, in
     return tensor_generate(life, dev, dt, ndim, shape, gen_normal, &g);
 }
 
+moe_tensor *moe_tensor_init_normal(moe_init_mode mode, moe_lifetime life, moe_device dev, moe_dtype dt, int ndim,
+                                   const int64_t *shape, uint64_t seed, uint64_t offset, double std) {
+    if (mode == MOE_INIT_ZEROS) return moe_tensor_zeros(life, dev, dt, ndim, shape);
+    return moe_tensor_randn(life, dev, dt, ndim, shape, seed, offset, std);
+}
+
 moe_tensor *moe_tensor_randint(moe_lifetime life, moe_device dev, moe_dtype dt, int ndim,
                                const int64_t *shape, uint64_t seed, int64_t lo, int64_t hi) {
     MOE_ASSERT(hi > lo, "empty range [%lld, %lld)", (long long)lo, (long long)hi);

@@ -59,6 +59,12 @@ moe_tensor *moe_tensor_from_host(moe_lifetime life, moe_device dev, moe_dtype dt
  * the values do not depend on the device or the number of ranks. */
 moe_tensor *moe_tensor_randn(moe_lifetime life, moe_device dev, moe_dtype dt, int ndim,
                              const int64_t *shape, uint64_t seed, uint64_t offset, double std);
+/* How a parameter is first filled: drawn (training from scratch) or zeros (a loader
+ * then writes every value, so drawing would be wasted). */
+typedef enum moe_init_mode { MOE_INIT_RANDOM = 0, MOE_INIT_ZEROS } moe_init_mode;
+/* moe_tensor_randn under MOE_INIT_RANDOM, moe_tensor_zeros under MOE_INIT_ZEROS. */
+moe_tensor *moe_tensor_init_normal(moe_init_mode mode, moe_lifetime life, moe_device dev, moe_dtype dt, int ndim,
+                                   const int64_t *shape, uint64_t seed, uint64_t offset, double std);
 /* Uniform[lo, hi) integers, stored as `dt` (I32/I64), same counters rule. */
 moe_tensor *moe_tensor_randint(moe_lifetime life, moe_device dev, moe_dtype dt, int ndim,
                                const int64_t *shape, uint64_t seed, int64_t lo, int64_t hi);

@@ -10,7 +10,7 @@
 static const char *const gru_suffix[6] = {"ir", "iz", "in", "hr", "hz", "hn"};
 
 moe_status moe_rmoe_gru_init(moe_rmoe_gru *g, int dim, moe_device dev, moe_dtype dt, const char *prefix,
-                             uint64_t seed, double init_std) {
+                             uint64_t seed, double init_std, moe_init_mode mode) {
     MOE_ASSERT(dim > 0, "rmoe: GRU width must be positive, got %d", dim);
     memset(g, 0, sizeof *g);
     g->dim = dim;
@@ -18,7 +18,8 @@ moe_status moe_rmoe_gru_init(moe_rmoe_gru *g, int dim, moe_device dev, moe_dtype
     for (int j = 0; j < 6; j++) {
         snprintf(g->names[j], sizeof g->names[j], "%s.w_%s", prefix, gru_suffix[j]);
         snprintf(g->names[6 + j], sizeof g->names[6 + j], "%s.b_%s", prefix, gru_suffix[j]);
-        g->w[j] = moe_tensor_randn(MOE_LIFE_PERSIST, dev, dt, 2, (int64_t[]){p, p}, seed, (uint64_t)(j * p * p), init_std);
+        g->w[j] = moe_tensor_init_normal(mode, MOE_LIFE_PERSIST, dev, dt, 2, (int64_t[]){p, p}, seed,
+                                         (uint64_t)(j * p * p), init_std);
         g->b[j] = moe_tensor_zeros(MOE_LIFE_PERSIST, dev, dt, 1, (int64_t[]){p});
         if (!g->w[j] || !g->b[j]) {
             moe_status st = moe_last_status();

@@ -21,10 +21,10 @@ typedef struct moe_rmoe_gru {
     char names[MOE_RMOE_GRU_NPARAMS][96];     /* "<prefix>.w_ir", ..., "<prefix>.b_hn" */
 } moe_rmoe_gru;
 
-/* Weights normal(init_std) from `seed` (each weight its own counter range), biases zero.
- * The model uses prefix "router.gru". */
+/* Weights normal(init_std) from `seed` (each weight its own counter range; zeros under
+ * MOE_INIT_ZEROS), biases zero. The model uses prefix "router.gru". */
 moe_status moe_rmoe_gru_init(moe_rmoe_gru *g, int dim, moe_device dev, moe_dtype dt, const char *prefix,
-                             uint64_t seed, double init_std);
+                             uint64_t seed, double init_std, moe_init_mode mode);
 void moe_rmoe_gru_free(moe_rmoe_gru *g);
 
 /* The 12 parameters with their names, in the order above. Writes min(12, cap), returns 12. */

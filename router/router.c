@@ -15,9 +15,9 @@
 #include "router/ot.h"
 #include "router/rmoe.h"
 
-static moe_tensor *named_param(moe_device dev, moe_dtype dt, int64_t rows, int64_t cols, uint64_t seed,
-                               uint64_t offset, double std, const char *name) {
-    moe_tensor *t = moe_tensor_randn(MOE_LIFE_PERSIST, dev, dt, 2, (int64_t[]){rows, cols}, seed, offset, std);
+static moe_tensor *named_param(moe_init_mode mode, moe_device dev, moe_dtype dt, int64_t rows, int64_t cols,
+                               uint64_t seed, uint64_t offset, double std, const char *name) {
+    moe_tensor *t = moe_tensor_init_normal(mode, MOE_LIFE_PERSIST, dev, dt, 2, (int64_t[]){rows, cols}, seed, offset, std);
     if (t) moe_param_init(t, name);
     return t;
 }
@@ -33,12 +33,12 @@ moe_status moe_router_init(moe_router *r, const moe_router_settings *s, moe_devi
         int64_t p = s->rmoe_dim;
         snprintf(r->name_proj, sizeof r->name_proj, "%s.proj", name);
         snprintf(r->name_head, sizeof r->name_head, "%s.head", name);
-        r->proj = named_param(dev, dt, d, p, seed, 0, init_std, r->name_proj);
-        r->head = r->proj ? named_param(dev, dt, p, E, seed, (uint64_t)(d * p), init_std, r->name_head) : NULL;
+        r->proj = named_param(s->init, dev, dt, d, p, seed, 0, init_std, r->name_proj);
+        r->head = r->proj ? named_param(s->init, dev, dt, p, E, seed, (uint64_t)(d * p), init_std, r->name_head) : NULL;
         if (!r->head) return moe_last_status();
     } else {
         snprintf(r->name, sizeof r->name, "%s.w_gate", name);
-        r->w_gate = named_param(dev, dt, d, E, seed, 0, init_std, r->name);
+        r->w_gate = named_param(s->init, dev, dt, d, E, seed, 0, init_std, r->name);
         if (!r->w_gate) return moe_last_status();
     }
     if (s->noisy_gating) { /* zero init: noise std softplus(0) = 0.69 at the start, as in Shazeer et al. */

@@ -44,6 +44,7 @@ typedef struct moe_router_settings {
     int n_groups, topk_groups; /* group-limited top-k (> 1 groups): only the experts of the topk_groups
                                 * groups with the largest sum of their top-2 selection scores are chosen */
     double scale;             /* gates multiplied by it after renormalisation (0 taken as 1) */
+    moe_init_mode init;       /* parameters drawn (zero value) or zeros for a loader to fill */
 } moe_router_settings;
 
 typedef struct moe_router {

@@ -591,6 +591,65 @@ static void test_init_does_not_time(void) {
     moe_step_reset();
 }
 
+/* Zeros in every parameter of the load-mode init, the same names, shapes and devices as
+ * the drawn init, and the drawn weights not all zero. */
+static void check_init_for_load(const moe_config *c) {
+    CU_ASSERT_EQUAL_FATAL(moe_config_validate(c), MOE_OK);
+    moe_model r, z;
+    CU_ASSERT_EQUAL_FATAL(moe_model_init(&r, c, 0, 1), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(moe_model_init_for_load(&z, c, 0, 1), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(z.n_params, r.n_params);
+    int drawn = 0;
+    for (int i = 0; i < r.n_params; i++) {
+        const moe_tensor *a = r.params[i].t, *b = z.params[i].t;
+        CU_ASSERT_STRING_EQUAL(z.params[i].name, r.params[i].name);
+        CU_ASSERT_EQUAL(b->ndim, a->ndim);
+        for (int k = 0; k < a->ndim && k < b->ndim; k++) CU_ASSERT_EQUAL(b->shape[k], a->shape[k]);
+        CU_ASSERT_EQUAL(b->device, a->device);
+        CU_ASSERT_EQUAL(b->dtype, a->dtype);
+        CU_ASSERT_EQUAL(z.params[i].expert_stack, r.params[i].expert_stack);
+        int64_t n = moe_tensor_numel(a);
+        double *va = malloc(sizeof(double) * (size_t)n), *vb = malloc(sizeof(double) * (size_t)n);
+        CU_ASSERT_FATAL(va && vb);
+        CU_ASSERT_EQUAL_FATAL(moe_tensor_to_host_f64(a, va), MOE_OK);
+        CU_ASSERT_EQUAL_FATAL(moe_tensor_to_host_f64(b, vb), MOE_OK);
+        int64_t nonzero_b = 0, nonzero_a = 0;
+        for (int64_t j = 0; j < n; j++) {
+            nonzero_b += vb[j] != 0.0;
+            nonzero_a += va[j] != 0.0;
+        }
+        CU_ASSERT_EQUAL(nonzero_b, 0);
+        drawn += nonzero_a > 0;
+        free(va);
+        free(vb);
+    }
+    CU_ASSERT(drawn > r.n_params / 2);
+    moe_model_free(&r);
+    moe_model_free(&z);
+    moe_step_reset();
+}
+
+static void test_init_for_load(void) {
+    moe_config c;
+    small_config(&c, MOE_CFG_MIXER_MOM);
+    c.model.n_shared_experts = 1;
+    c.model.shared_gate = true;
+    check_init_for_load(&c);
+    small_config(&c, MOE_CFG_MIXER_GDN);
+    c.router.type = MOE_CFG_ROUTER_RMOE;
+    c.model.qkv_bias = true;
+    c.model.qk_norm = MOE_CFG_QK_NORM_HEAD;
+    check_init_for_load(&c);
+    small_config(&c, MOE_CFG_MIXER_ATTENTION);
+    c.model.attention = MOE_CFG_ATTENTION_MLA;
+    c.model.q_lora_rank = 6;
+    c.model.kv_lora_rank = 5;
+    c.model.qk_nope_dim = 4;
+    c.model.qk_rope_dim = 2;
+    c.model.v_head_dim = 8;
+    check_init_for_load(&c);
+}
+
 static void register_suites(void) {
     moe_test_add_suite("decode", (moe_test_entry[]){{"cached decode == full forward, attention", test_decode_attention},
                                                      {"cached decode == full forward, mom", test_decode_mom},
@@ -607,6 +666,7 @@ static void register_suites(void) {
     moe_test_add_suite("seams", (moe_test_entry[]){{"router selection alone", test_router_select},
                                                     {"weights cast once", test_cast_view},
                                                     {"model init does not time the experts", test_init_does_not_time},
+                                                    {"init for load: zeros, same parameters", test_init_for_load},
                                                     {"train after generate: gradients equal a fresh model's",
                                                      test_train_after_generate},
                                                     {NULL, NULL}});

@@ -43,7 +43,7 @@ static void gru_reference(const moe_rmoe_gru *g, const double *xp, const double 
 
 static void test_gru_reference(void) {
     moe_rmoe_gru g;
-    CU_ASSERT_EQUAL_FATAL(moe_rmoe_gru_init(&g, P, MOE_CPU, MOE_F64, "router.gru", 9, 0.7), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(moe_rmoe_gru_init(&g, P, MOE_CPU, MOE_F64, "router.gru", 9, 0.7, MOE_INIT_RANDOM), MOE_OK);
     for (int j = 0; j < 6; j++) /* non-zero biases, so every term is exercised */
         moe_tensor_copy_(g.b[j], moe_tensor_randn(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 1, (int64_t[]){P}, 20 + j, 0, 0.5));
     moe_tensor *xp = moe_tensor_randn(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 2, (int64_t[]){T, P}, 1, 0, 1.0);
@@ -78,7 +78,7 @@ typedef struct rmoe_stack {
 } rmoe_stack;
 
 static void stack_init(rmoe_stack *st, bool detach) {
-    CU_ASSERT_EQUAL_FATAL(moe_rmoe_gru_init(&st->gru, P, MOE_CPU, MOE_F64, "router.gru", 3, 0.8), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(moe_rmoe_gru_init(&st->gru, P, MOE_CPU, MOE_F64, "router.gru", 3, 0.8, MOE_INIT_RANDOM), MOE_OK);
     for (int j = 0; j < 6; j++)
         moe_tensor_copy_(st->gru.b[j], moe_tensor_randn(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 1, (int64_t[]){P}, 40 + j, 0, 0.3));
     moe_router_settings s = {.n_experts = E, .top_k = K, .d_model = D, .balance = MOE_BALANCE_SWITCH, .aux_coef = 0.3,
@@ -204,7 +204,7 @@ static void test_rmoe_detach(void) {
 
 static void test_router_params(void) {
     moe_rmoe_gru g;
-    CU_ASSERT_EQUAL_FATAL(moe_rmoe_gru_init(&g, P, MOE_CPU, MOE_F32, "router.gru", 1, 0.02), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(moe_rmoe_gru_init(&g, P, MOE_CPU, MOE_F32, "router.gru", 1, 0.02, MOE_INIT_RANDOM), MOE_OK);
     moe_router_settings s = {.n_experts = E, .top_k = K, .d_model = D, .balance = MOE_BALANCE_SWITCH,
                              .type = MOE_ROUTER_RMOE, .rmoe_dim = P, .gru = &g};
     moe_router r, t;

@@ -81,7 +81,7 @@ static moe_status stream_blocks(moe_hf_reader *r, moe_h5 *f, int64_t *n_params) 
         bool top = i == 0;
         moe_config w = layer_window(cfg, i, top);
         moe_model m;
-        moe_status s = moe_model_init(&m, &w, 0, 1);
+        moe_status s = moe_model_init_for_load(&m, &w, 0, 1);
         if (s == MOE_OK && top) s = moe_hf_reader_load_top(r, &m);
         if (s == MOE_OK) s = moe_hf_reader_load_block(r, &m, 0, i);
         if (s == MOE_OK) s = moe_checkpoint_put_block(f, &m, i, top);

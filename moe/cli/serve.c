@@ -58,9 +58,11 @@ static moe_status load_checkpoint(server *sv, const serve_flags *f) {
     cfg.train.device = MOE_CFG_DEVICE_CPU;
     cfg.train.dtype = MOE_CFG_DTYPE_F32;
     MOE_TRY(moe_config_validate(&cfg));
-    MOE_TRY(moe_model_init(&sv->model, &cfg, 0, 1));
+    double t0 = moe_source_load_begin(f->checkpoint, false);
+    MOE_TRY(moe_model_init_for_load(&sv->model, &cfg, 0, 1)); /* the weights below fill every parameter */
     sv->model_loaded = true;
     MOE_TRY(moe_checkpoint_load_weights(f->checkpoint, &sv->model));
+    moe_source_load_end(&sv->model, t0);
     if (cfg.data.tokenizer == MOE_CFG_TOKENIZER_HF) { /* a converted or fine-tuned hub model: the folder's tokenizer */
         sv->text_loaded = true;
         return serve_text_open_hf(&sv->text, cfg.data.tokenizer_path, &f->eos, f->eos >= 0);
@@ -84,8 +86,10 @@ static moe_status load_checkpoint(server *sv, const serve_flags *f) {
 
 static moe_status load_hub(server *sv, const serve_flags *f) {
     moe_hf_info info;
+    double t0 = moe_source_load_begin(f->model_dir, true);
     MOE_TRY(moe_hf_load(f->model_dir, &sv->model, &info));
     sv->model_loaded = true;
+    moe_source_load_end(&sv->model, t0);
     sv->text_loaded = true;
     MOE_TRY(serve_text_open_hf(&sv->text, f->model_dir, info.eos_ids, info.n_eos));
     if (sv->text.vocab > sv->model.cfg.model.vocab_size)

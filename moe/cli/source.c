@@ -4,7 +4,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/stat.h>
+#include <time.h>
 
 #include "moe/cli/cli.h"
 #include "moe/hf/hf_model.h"
@@ -28,6 +30,43 @@ static moe_status apply_device(moe_config *cfg, const char *device, const char *
     *dev = cfg->train.device == MOE_CFG_DEVICE_CUDA ? MOE_CUDA : MOE_CPU;
     *dt = cfg->train.dtype == MOE_CFG_DTYPE_BF16 ? MOE_BF16 : MOE_F32;
     return MOE_OK;
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* The *.safetensors files of dir (0 when it cannot be read). */
+static int count_shards(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return 0;
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d));) {
+        size_t len = strlen(e->d_name), ext = strlen(".safetensors");
+        n += len > ext && strcmp(e->d_name + len - ext, ".safetensors") == 0;
+    }
+    closedir(d);
+    return n;
+}
+
+double moe_source_load_begin(const char *path, bool hub) {
+    if (hub) {
+        int shards = count_shards(path);
+        fprintf(stderr, "moe: loading %s (hub folder, %d shard%s) ...\n", path, shards, shards == 1 ? "" : "s");
+    } else {
+        fprintf(stderr, "moe: loading %s (checkpoint) ...\n", path);
+    }
+    return now_s();
+}
+
+void moe_source_load_end(const moe_model *m, double started) {
+    int64_t n = moe_model_param_count(m, false);
+    double secs = now_s() - started;
+    if (n >= 1000000000) fprintf(stderr, "moe: loaded %.2f B parameters in %.1f s\n", (double)n / 1e9, secs);
+    else if (n >= 1000000) fprintf(stderr, "moe: loaded %.2f M parameters in %.1f s\n", (double)n / 1e6, secs);
+    else fprintf(stderr, "moe: loaded %lld parameters in %.1f s\n", (long long)n, secs);
 }
 
 /* cfg as the master weights' config: on the host in f32. */
@@ -98,9 +137,11 @@ static moe_status open_checkpoint(moe_source *src, const moe_source_flags *f, un
     MOE_TRY(checkpoint_config(src, f));
     if (parts & MOE_SOURCE_MODEL) {
         moe_config host = host_config(&src->cfg);
-        MOE_TRY(moe_model_init(&src->model, &host, 0, 1));
+        double t0 = moe_source_load_begin(f->checkpoint, false);
+        MOE_TRY(moe_model_init_for_load(&src->model, &host, 0, 1)); /* the weights below fill every parameter */
         src->has_model = true;
         MOE_TRY(moe_checkpoint_load_weights(f->checkpoint, &src->model));
+        moe_source_load_end(&src->model, t0);
     }
     if (parts & (MOE_SOURCE_TEXT | MOE_SOURCE_TEXT_IF_ANY)) MOE_TRY(checkpoint_text(src, parts));
     return MOE_OK;
@@ -145,8 +186,10 @@ static moe_status hub_text(moe_source *src, unsigned parts) {
 static moe_status open_hub(moe_source *src, const moe_source_flags *f, unsigned parts) {
     moe_hf_info info;
     if (parts & MOE_SOURCE_MODEL) {
+        double t0 = moe_source_load_begin(src->name, true);
         MOE_TRY(moe_hf_load(src->name, &src->model, &info));
         src->has_model = true;
+        moe_source_load_end(&src->model, t0);
         src->cfg = src->model.cfg;
     } else if (has_file(src->name, "config.json")) {
         MOE_TRY(moe_hf_config_read(src->name, &src->cfg, &info));

@@ -63,6 +63,11 @@ typedef struct moe_source {
 
 /* Opens `parts` of the source the flags name (exactly one of --model, --checkpoint). */
 moe_status moe_source_open(moe_source *src, const moe_source_flags *f, unsigned parts);
+/* Progress of loading a model's weights, on stderr (stdout is left to the command): a line
+ * as it starts (the path; a hub folder's shard count) and one when it is done with the
+ * parameter count and the seconds taken. begin returns the start time for end. */
+double moe_source_load_begin(const char *path, bool hub);
+void moe_source_load_end(const moe_model *m, double started);
 void moe_source_close(moe_source *src);
 /* Where a decoder runs for --device / --dtype (either may be NULL) without a source: the
  * defaults and checks of moe_source_open with the cpu as the default device. */

@@ -361,7 +361,7 @@ moe_status moe_hf_load(const char *dir, moe_model *m, moe_hf_info *info) {
     moe_hf_reader *r = NULL;
     MOE_TRY(moe_hf_reader_open(dir, &r));
     *info = r->info;
-    moe_status s = moe_model_init(m, &r->cfg, 0, 1);
+    moe_status s = moe_model_init_for_load(m, &r->cfg, 0, 1); /* load_all writes every parameter */
     if (s == MOE_OK) s = load_all(&r->L, m);
     moe_hf_reader_close(r);
     if (s != MOE_OK) moe_model_free(m);

@@ -20,8 +20,11 @@ static moe_status add_param(moe_model *m, moe_tensor *t, const char *name, bool 
 }
 
 /* Drawn on the host, in place for a CPU model; for a device, in STEP memory handed back at
- * once (init never holds a second copy of the model), then moved. */
-static moe_tensor *randn_param(moe_model *m, const char *name, int ndim, const int64_t *shape, double std) {
+ * once (init never holds a second copy of the model), then moved. Zeros in place under
+ * MOE_INIT_ZEROS. */
+static moe_tensor *randn_param(moe_model *m, moe_init_mode mode, const char *name, int ndim, const int64_t *shape,
+                               double std) {
+    if (mode == MOE_INIT_ZEROS) return moe_tensor_zeros(MOE_LIFE_PERSIST, m->dev, MOE_F32, ndim, shape);
     uint64_t seed = moe_param_seed((uint64_t)m->cfg.train.seed, name);
     if (m->dev == MOE_CPU) return moe_tensor_randn(MOE_LIFE_PERSIST, MOE_CPU, MOE_F32, ndim, shape, seed, 0, std);
     moe_mem_mark mark = moe_mem_step_mark(MOE_CPU);
@@ -31,7 +34,9 @@ static moe_tensor *randn_param(moe_model *m, const char *name, int ndim, const i
     return t;
 }
 
-static moe_tensor *ones_param(moe_model *m, int64_t n) {
+/* Ones (zeros under MOE_INIT_ZEROS). */
+static moe_tensor *ones_param(moe_model *m, moe_init_mode mode, int64_t n) {
+    if (mode == MOE_INIT_ZEROS) return moe_tensor_zeros(MOE_LIFE_PERSIST, m->dev, MOE_F32, 1, (int64_t[]){n});
     moe_tensor *t = moe_tensor_empty(MOE_LIFE_PERSIST, m->dev, MOE_F32, 1, (int64_t[]){n});
     if (t && moe_tensor_fill(t, 1.0) != MOE_OK) {
         moe_tensor_free(t);
@@ -44,19 +49,19 @@ static moe_tensor *zeros_param(moe_model *m, int64_t n) {
     return moe_tensor_zeros(MOE_LIFE_PERSIST, m->dev, MOE_F32, 1, (int64_t[]){n});
 }
 
-static moe_status add_matrix(moe_model *m, moe_block *b, moe_tensor **t, moe_block_param which, int64_t rows,
-                             int64_t cols, double std) {
-    return add_param(m, *t = randn_param(m, b->names[which], 2, (int64_t[]){rows, cols}, std), b->names[which],
+static moe_status add_matrix(moe_model *m, moe_init_mode mode, moe_block *b, moe_tensor **t, moe_block_param which,
+                             int64_t rows, int64_t cols, double std) {
+    return add_param(m, *t = randn_param(m, mode, b->names[which], 2, (int64_t[]){rows, cols}, std), b->names[which],
                      false, 0);
 }
 
-static moe_status add_vector(moe_model *m, moe_block *b, moe_tensor **t, moe_block_param which, int64_t n,
-                             bool ones) {
-    return add_param(m, *t = ones ? ones_param(m, n) : zeros_param(m, n), b->names[which], false, 0);
+static moe_status add_vector(moe_model *m, moe_init_mode mode, moe_block *b, moe_tensor **t, moe_block_param which,
+                             int64_t n, bool ones) {
+    return add_param(m, *t = ones ? ones_param(m, mode, n) : zeros_param(m, n), b->names[which], false, 0);
 }
 
 /* The attention parameters of block b: mha (+ biases, q/k norms) or mla. */
-static moe_status init_attention(moe_model *m, moe_block *b) {
+static moe_status init_attention(moe_model *m, moe_init_mode mode, moe_block *b) {
     const moe_cfg_model *c = &m->cfg.model;
     int64_t d = c->d_model, hd = m->head_dim, H = m->n_heads, Hkv = m->n_kv_heads;
     double std = c->init_std, out_std = c->init_std / sqrt(2.0 * c->n_layers);
@@ -64,27 +69,28 @@ static moe_status init_attention(moe_model *m, moe_block *b) {
         int64_t rq = c->q_lora_rank, rkv = c->kv_lora_rank, rope = c->qk_rope_dim, nope = c->qk_nope_dim;
         int64_t vd = c->v_head_dim;
         if (rq) {
-            MOE_TRY(add_matrix(m, b, &b->wq_a, MOE_BP_WQ_A, d, rq, std));
-            MOE_TRY(add_vector(m, b, &b->q_a_norm, MOE_BP_Q_A_NORM, rq, true));
+            MOE_TRY(add_matrix(m, mode, b, &b->wq_a, MOE_BP_WQ_A, d, rq, std));
+            MOE_TRY(add_vector(m, mode, b, &b->q_a_norm, MOE_BP_Q_A_NORM, rq, true));
         }
-        MOE_TRY(add_matrix(m, b, &b->wq_b, MOE_BP_WQ_B, rq ? rq : d, H * hd, std));
-        MOE_TRY(add_matrix(m, b, &b->wkv_a, MOE_BP_WKV_A, d, rkv + rope, std));
-        MOE_TRY(add_vector(m, b, &b->kv_a_norm, MOE_BP_KV_A_NORM, rkv, true));
-        MOE_TRY(add_matrix(m, b, &b->wkv_b, MOE_BP_WKV_B, rkv, H * (nope + vd), std));
-        return add_matrix(m, b, &b->wo, MOE_BP_WO, H * vd, d, out_std);
+        MOE_TRY(add_matrix(m, mode, b, &b->wq_b, MOE_BP_WQ_B, rq ? rq : d, H * hd, std));
+        MOE_TRY(add_matrix(m, mode, b, &b->wkv_a, MOE_BP_WKV_A, d, rkv + rope, std));
+        MOE_TRY(add_vector(m, mode, b, &b->kv_a_norm, MOE_BP_KV_A_NORM, rkv, true));
+        MOE_TRY(add_matrix(m, mode, b, &b->wkv_b, MOE_BP_WKV_B, rkv, H * (nope + vd), std));
+        return add_matrix(m, mode, b, &b->wo, MOE_BP_WO, H * vd, d, out_std);
     }
-    MOE_TRY(add_matrix(m, b, &b->wqkv, MOE_BP_WQKV, d, (H + 2 * Hkv) * hd, std));
-    MOE_TRY(add_matrix(m, b, &b->wo, MOE_BP_WO, H * hd, d, out_std));
-    if (c->qkv_bias) MOE_TRY(add_vector(m, b, &b->bqkv, MOE_BP_BQKV, (H + 2 * Hkv) * hd, false));
+    MOE_TRY(add_matrix(m, mode, b, &b->wqkv, MOE_BP_WQKV, d, (H + 2 * Hkv) * hd, std));
+    MOE_TRY(add_matrix(m, mode, b, &b->wo, MOE_BP_WO, H * hd, d, out_std));
+    if (c->qkv_bias) MOE_TRY(add_vector(m, mode, b, &b->bqkv, MOE_BP_BQKV, (H + 2 * Hkv) * hd, false));
     if (c->qk_norm != MOE_CFG_QK_NORM_NONE) {
         bool full = c->qk_norm == MOE_CFG_QK_NORM_FULL;
-        MOE_TRY(add_vector(m, b, &b->q_norm, MOE_BP_Q_NORM, full ? H * hd : hd, true));
-        MOE_TRY(add_vector(m, b, &b->k_norm, MOE_BP_K_NORM, full ? Hkv * hd : hd, true));
+        MOE_TRY(add_vector(m, mode, b, &b->q_norm, MOE_BP_Q_NORM, full ? H * hd : hd, true));
+        MOE_TRY(add_vector(m, mode, b, &b->k_norm, MOE_BP_K_NORM, full ? Hkv * hd : hd, true));
     }
     return MOE_OK;
 }
 
-moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int ep_size) {
+/* The parameters, drawn (MOE_INIT_RANDOM) or zeros for a loader to fill (MOE_INIT_ZEROS). */
+static moe_status model_init(moe_model *m, const moe_config *cfg, int ep_rank, int ep_size, moe_init_mode mode) {
     memset(m, 0, sizeof *m);
     m->cfg = *cfg;
     const moe_cfg_model *c = &cfg->model;
@@ -106,11 +112,11 @@ moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int 
                        sizeof *m->params);
     m->blocks = calloc((size_t)c->n_layers, sizeof *m->blocks);
     if (!m->params || !m->blocks) return moe_error(MOE_ERR_OOM, "model: out of host memory");
-    MOE_TRY(add_param(m, m->embed = randn_param(m, "embed", 2, (int64_t[]){V, d}, std), "embed", false, 0));
+    MOE_TRY(add_param(m, m->embed = randn_param(m, mode, "embed", 2, (int64_t[]){V, d}, std), "embed", false, 0));
     int n_local = c->n_experts / ep_size;
     if (cfg->router.type == MOE_CFG_ROUTER_RMOE) { /* RMoE: one GRU cell shared by every MoE layer */
         MOE_TRY(moe_rmoe_gru_init(&m->gru, cfg->router.rmoe_dim, m->dev, MOE_F32, "router.gru",
-                                  moe_param_seed((uint64_t)cfg->train.seed, "router.gru"), std));
+                                  moe_param_seed((uint64_t)cfg->train.seed, "router.gru"), std, mode));
         m->has_gru = true;
         moe_tensor *gts[MOE_RMOE_GRU_NPARAMS];
         const char *gnames[MOE_RMOE_GRU_NPARAMS];
@@ -127,26 +133,27 @@ moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int 
             [MOE_BP_WKV_A] = "attn.wkv_a", [MOE_BP_KV_A_NORM] = "attn.kv_a_norm", [MOE_BP_WKV_B] = "attn.wkv_b"};
         char (*nm)[96] = b->names;
         for (int j = 0; j < MOE_BP_COUNT; j++) snprintf(nm[j], 96, "layers.%d.%s", i, what[j]);
-        MOE_TRY(add_vector(m, b, &b->attn_norm, MOE_BP_ATTN_NORM, d, true));
+        MOE_TRY(add_vector(m, mode, b, &b->attn_norm, MOE_BP_ATTN_NORM, d, true));
         b->mixer = moe_config_layer_mixer(cfg, i);
         if (b->mixer == MOE_CFG_MIXER_ATTENTION) {
-            MOE_TRY(init_attention(m, b));
+            MOE_TRY(init_attention(m, mode, b));
         } else {
             char mp[64];
             snprintf(mp, sizeof mp, "layers.%d.mom", i);
             moe_mom_settings ms = moe_mom_settings_from_config(cfg, b->mixer == MOE_CFG_MIXER_GDN);
+            ms.init = mode;
             MOE_TRY(moe_mom_layer_init(&b->mom, &ms, mp, m->dev, (uint64_t)cfg->train.seed, std));
             moe_tensor *ts[MOE_MOM_MAX_PARAMS];
             const char *pn[MOE_MOM_MAX_PARAMS];
             int np = moe_mom_layer_params(&b->mom, ts, pn, MOE_MOM_MAX_PARAMS);
             for (int j = 0; j < np; j++) m->params[m->n_params++] = (moe_param_ref){ts[j], pn[j], false, 0};
         }
-        MOE_TRY(add_vector(m, b, &b->ffn_norm, MOE_BP_FFN_NORM, d, true));
+        MOE_TRY(add_vector(m, mode, b, &b->ffn_norm, MOE_BP_FFN_NORM, d, true));
         b->dense = moe_config_layer_is_dense(cfg, i);
         if (b->dense) {
             int64_t fd = moe_config_dense_ffn_dim(cfg);
-            MOE_TRY(add_matrix(m, b, &b->dense_w13, MOE_BP_FFN_W13, d, 2 * fd, std));
-            MOE_TRY(add_matrix(m, b, &b->dense_w2, MOE_BP_FFN_W2, fd, d, out_std));
+            MOE_TRY(add_matrix(m, mode, b, &b->dense_w13, MOE_BP_FFN_W13, d, 2 * fd, std));
+            MOE_TRY(add_matrix(m, mode, b, &b->dense_w2, MOE_BP_FFN_W2, fd, d, out_std));
             continue;
         }
         moe_moe_layer_settings s = {
@@ -169,6 +176,7 @@ moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int 
                        .sigmoid_scores = cfg->router.score == MOE_CFG_SCORE_SIGMOID,
                        .n_groups = cfg->router.n_groups, .topk_groups = cfg->router.topk_groups,
                        .scale = cfg->router.scale},
+            .init = mode,
         };
         char prefix[64];
         snprintf(prefix, sizeof prefix, "layers.%d.moe", i);
@@ -190,10 +198,18 @@ moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int 
         }
         if (L->shared_gate) m->params[m->n_params++] = (moe_param_ref){L->shared_gate, L->name_sgate, false, 0};
     }
-    MOE_TRY(add_param(m, m->final_norm = ones_param(m, d), "final_norm", false, 0));
+    MOE_TRY(add_param(m, m->final_norm = ones_param(m, mode, d), "final_norm", false, 0));
     if (!c->tie_embeddings)
-        MOE_TRY(add_param(m, m->lm_head = randn_param(m, "lm_head", 2, (int64_t[]){V, d}, std), "lm_head", false, 0));
+        MOE_TRY(add_param(m, m->lm_head = randn_param(m, mode, "lm_head", 2, (int64_t[]){V, d}, std), "lm_head", false, 0));
     return MOE_OK;
+}
+
+moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int ep_size) {
+    return model_init(m, cfg, ep_rank, ep_size, MOE_INIT_RANDOM);
+}
+
+moe_status moe_model_init_for_load(moe_model *m, const moe_config *cfg, int ep_rank, int ep_size) {
+    return model_init(m, cfg, ep_rank, ep_size, MOE_INIT_ZEROS);
 }
 
 moe_status moe_model_measure_latency(moe_model *m) {

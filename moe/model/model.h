@@ -78,6 +78,9 @@ typedef struct moe_loss_parts {
 /* model.expert_ffn_dims (heterogeneous experts) needs ep_size 1 (MOE_ERR_UNSUPPORTED
  * otherwise): the expert-parallel exchange and checkpoint gather assume equal widths. */
 moe_status moe_model_init(moe_model *m, const moe_config *cfg, int ep_rank, int ep_size);
+/* The same parameters (names, shapes, order, devices) all zeros, nothing drawn: for a
+ * loader that then writes every one (a hub folder, a checkpoint's weights). */
+moe_status moe_model_init_for_load(moe_model *m, const moe_config *cfg, int ep_rank, int ep_size);
 void moe_model_free(moe_model *m);
 /* All parameters, or the active ones per token: the dense parameters plus top_k experts of
  * the mean expert size of each MoE layer (exact for equal widths). */

@@ -22,9 +22,11 @@ uint64_t moe_param_seed(uint64_t base, const char *name) {
     return h;
 }
 
-/* A [n, rows, cols] stack whose slice j is drawn as the named expert ids[j]. */
+/* A [n, rows, cols] stack whose slice j is drawn as the named expert ids[j] (all zeros
+ * under MOE_INIT_ZEROS). */
 static moe_tensor *expert_stack(const char *prefix, const char *what, const int *ids, int n, int64_t rows,
-                                int64_t cols, moe_device dev, uint64_t seed, double std) {
+                                int64_t cols, moe_device dev, uint64_t seed, double std, moe_init_mode mode) {
+    if (mode == MOE_INIT_ZEROS) return moe_tensor_zeros(MOE_LIFE_PERSIST, dev, MOE_F32, 3, (int64_t[]){n, rows, cols});
     moe_tensor *t = moe_tensor_empty(MOE_LIFE_PERSIST, dev, MOE_F32, 3, (int64_t[]){n, rows, cols});
     if (!t) return NULL;
     for (int j = 0; j < n; j++) { /* each expert drawn on the host, its STEP memory handed back at once */
@@ -44,8 +46,10 @@ static moe_tensor *expert_stack(const char *prefix, const char *what, const int 
     return t;
 }
 
-static moe_tensor *named_randn(const char *name, int64_t rows, int64_t cols, moe_device dev, uint64_t seed, double std) {
-    return moe_tensor_randn(MOE_LIFE_PERSIST, dev, MOE_F32, 2, (int64_t[]){rows, cols}, moe_param_seed(seed, name), 0, std);
+static moe_tensor *named_randn(const char *name, int64_t rows, int64_t cols, moe_device dev, uint64_t seed, double std,
+                               moe_init_mode mode) {
+    return moe_tensor_init_normal(mode, MOE_LIFE_PERSIST, dev, MOE_F32, 2, (int64_t[]){rows, cols},
+                                  moe_param_seed(seed, name), 0, std);
 }
 
 /* Groups the local experts by width (order of first appearance) and numbers the slots:
@@ -102,7 +106,9 @@ moe_status moe_moe_layer_init(moe_moe_layer *L, const moe_moe_layer_settings *s,
     L->n_local = n_local;
     char rname[96];
     snprintf(rname, sizeof rname, "%s.router", prefix);
-    MOE_TRY(moe_router_init(&L->router, &s->router, dev, MOE_F32, rname, moe_param_seed(seed, rname), init_std));
+    moe_router_settings rs = s->router;
+    rs.init = s->init; /* the layer's mode governs its router too */
+    MOE_TRY(moe_router_init(&L->router, &rs, dev, MOE_F32, rname, moe_param_seed(seed, rname), init_std));
     snprintf(L->name_w13, sizeof L->name_w13, "%s.experts.w13", prefix);
     snprintf(L->name_w2, sizeof L->name_w2, "%s.experts.w2", prefix);
     MOE_TRY(make_groups(L, s->expert_ffn_dims));
@@ -116,8 +122,9 @@ moe_status moe_moe_layer_init(moe_moe_layer *L, const moe_moe_layer_settings *s,
             snprintf(G->name_w13, sizeof G->name_w13, "%s.g%d", L->name_w13, G->ffn_dim);
             snprintf(G->name_w2, sizeof G->name_w2, "%s.g%d", L->name_w2, G->ffn_dim);
         }
-        G->w13 = expert_stack(prefix, "w13", G->experts, G->n, d, 2 * (int64_t)G->ffn_dim, dev, seed, init_std);
-        G->w2 = expert_stack(prefix, "w2", G->experts, G->n, G->ffn_dim, d, dev, seed, init_std);
+        G->w13 = expert_stack(prefix, "w13", G->experts, G->n, d, 2 * (int64_t)G->ffn_dim, dev, seed, init_std,
+                              s->init);
+        G->w2 = expert_stack(prefix, "w2", G->experts, G->n, G->ffn_dim, d, dev, seed, init_std, s->init);
         if (!G->w13 || !G->w2) return moe_last_status();
         moe_param_init(G->w13, G->name_w13);
         moe_param_init(G->w2, G->name_w2);
@@ -130,15 +137,15 @@ moe_status moe_moe_layer_init(moe_moe_layer *L, const moe_moe_layer_settings *s,
         int64_t fs = (int64_t)s->n_shared * s->shared_ffn_dim;
         snprintf(L->name_sw13, sizeof L->name_sw13, "%s.shared.w13", prefix);
         snprintf(L->name_sw2, sizeof L->name_sw2, "%s.shared.w2", prefix);
-        L->shared_w13 = named_randn(L->name_sw13, d, 2 * fs, dev, seed, init_std);
-        L->shared_w2 = named_randn(L->name_sw2, fs, d, dev, seed, init_std);
+        L->shared_w13 = named_randn(L->name_sw13, d, 2 * fs, dev, seed, init_std, s->init);
+        L->shared_w2 = named_randn(L->name_sw2, fs, d, dev, seed, init_std, s->init);
         if (!L->shared_w13 || !L->shared_w2) return moe_last_status();
         moe_param_init(L->shared_w13, L->name_sw13);
         moe_param_init(L->shared_w2, L->name_sw2);
     }
     if (s->n_shared > 0 && s->shared_gate) {
         snprintf(L->name_sgate, sizeof L->name_sgate, "%s.shared.gate", prefix);
-        L->shared_gate = named_randn(L->name_sgate, d, 1, dev, seed, init_std);
+        L->shared_gate = named_randn(L->name_sgate, d, 1, dev, seed, init_std, s->init);
         if (!L->shared_gate) return moe_last_status();
         moe_param_init(L->shared_gate, L->name_sgate);
     }

@@ -44,6 +44,7 @@ typedef struct moe_moe_layer_settings {
     bool latency_running;   /* router.latency_source = running: time every training forward */
     bool recompute_experts; /* training: each group's SwiGLU recomputed in the backward (moe_recompute) */
     moe_router_settings router;
+    moe_init_mode init;     /* every weight (router's too) drawn (zero value) or zeros for a loader */
 } moe_moe_layer_settings;
 
 /* The local experts of one hidden width, stacked. */

@@ -41,14 +41,15 @@ static moe_tensor *param(moe_mom_layer *L, int i, moe_tensor *t) {
 static moe_tensor *randn2(moe_mom_layer *L, int i, const char *prefix, const char *what, int64_t rows, int64_t cols,
                           moe_device dev, uint64_t seed, double std) {
     const char *name = slot(L, i, prefix, what);
-    return param(L, i, moe_tensor_randn(MOE_LIFE_PERSIST, dev, MOE_F32, 2, (int64_t[]){rows, cols},
-                                        moe_param_seed(seed, name), 0, std));
+    return param(L, i, moe_tensor_init_normal(L->s.init, MOE_LIFE_PERSIST, dev, MOE_F32, 2, (int64_t[]){rows, cols},
+                                              moe_param_seed(seed, name), 0, std));
 }
 
-/* A PERSIST [n] F32 parameter from host values. */
+/* A PERSIST [n] F32 parameter from host values (zeros under MOE_INIT_ZEROS). */
 static moe_tensor *vec_param(moe_mom_layer *L, int i, const char *prefix, const char *what, const float *vals,
                              int64_t n, moe_device dev) {
     slot(L, i, prefix, what);
+    if (L->s.init == MOE_INIT_ZEROS) return param(L, i, moe_tensor_zeros(MOE_LIFE_PERSIST, dev, MOE_F32, 1, &n));
     return param(L, i, moe_tensor_from_host(MOE_LIFE_PERSIST, dev, MOE_F32, 1, &n, vals));
 }
 
@@ -91,7 +92,8 @@ moe_status moe_mom_layer_init(moe_mom_layer *L, const moe_mom_settings *s, const
         char rname[112];
         snprintf(rname, sizeof rname, "%s.router", prefix);
         moe_router_settings rs = {.n_experts = s->n_memories, .top_k = s->top_k, .d_model = s->d_model,
-                                  .balance = MOE_BALANCE_SWITCH, .aux_coef = s->aux_coef, .renormalize = true};
+                                  .balance = MOE_BALANCE_SWITCH, .aux_coef = s->aux_coef, .renormalize = true,
+                                  .init = s->init};
         MOE_TRY(moe_router_init(&L->router, &rs, dev, MOE_F32, rname, moe_param_seed(seed, rname), init_std));
     }
     return MOE_OK;

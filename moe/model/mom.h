@@ -33,6 +33,7 @@ typedef struct moe_mom_settings {
     int chunk;      /* chunk length of the training form */
     double aux_coef;
     double norm_eps;
+    moe_init_mode init; /* projections (router's too) drawn (zero value) or zeros for a loader */
 } moe_mom_settings;
 
 #define MOE_MOM_MAX_PARAMS 11
