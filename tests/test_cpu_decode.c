@@ -35,6 +35,17 @@ static void small_config(moe_config *c, moe_cfg_mixer mixer) {
     c->model.mixer = (moe_yaml_list){.count = 3, .values = {MOE_CFG_MIXER_ATTENTION, mixer, mixer}};
 }
 
+/* Multi-head latent attention at the small config's sizes: low-rank q and kv, v wider
+ * than q/k. */
+static void small_mla(moe_config *c) {
+    c->model.attention = MOE_CFG_ATTENTION_MLA;
+    c->model.q_lora_rank = 6;
+    c->model.kv_lora_rank = 5;
+    c->model.qk_nope_dim = 4;
+    c->model.qk_rope_dim = 2;
+    c->model.v_head_dim = 8;
+}
+
 static void open_model(moe_model *m, const moe_config *c, moe_dtype compute) {
     CU_ASSERT_EQUAL_FATAL(moe_config_validate(c), MOE_OK);
     CU_ASSERT_EQUAL_FATAL(moe_model_init(m, c, 0, 1), MOE_OK);
@@ -134,12 +145,7 @@ static void test_decode_gdn(void) { check_decode(MOE_CFG_MIXER_GDN, "gdn"); }
 static void test_decode_features(void) {
     moe_config c;
     small_config(&c, MOE_CFG_MIXER_ATTENTION);
-    c.model.attention = MOE_CFG_ATTENTION_MLA;
-    c.model.q_lora_rank = 6;
-    c.model.kv_lora_rank = 5;
-    c.model.qk_nope_dim = 4;
-    c.model.qk_rope_dim = 2;
-    c.model.v_head_dim = 8;
+    small_mla(&c);
     c.router.score = MOE_CFG_SCORE_SIGMOID;
     c.router.n_groups = 2;
     c.router.topk_groups = 1;
@@ -641,12 +647,7 @@ static void test_init_for_load(void) {
     c.model.qk_norm = MOE_CFG_QK_NORM_HEAD;
     check_init_for_load(&c);
     small_config(&c, MOE_CFG_MIXER_ATTENTION);
-    c.model.attention = MOE_CFG_ATTENTION_MLA;
-    c.model.q_lora_rank = 6;
-    c.model.kv_lora_rank = 5;
-    c.model.qk_nope_dim = 4;
-    c.model.qk_rope_dim = 2;
-    c.model.v_head_dim = 8;
+    small_mla(&c);
     check_init_for_load(&c);
 }
 
