@@ -46,7 +46,8 @@
 # transformers + accelerate runs): a 7B hub folder loads for every run, so its sweep fits a
 # 10-minute call only in parts.
 # Exit status: 0 when every step ran (a refused policy, e.g. cpu on cuda, is a table row,
-# not a failure), 1 when a step failed, 2 on bad arguments.
+# not a failure), 1 when a step failed, 2 on bad arguments, 143 when stopped by TERM or INT
+# (a time limit: table.md then holds the runs that finished).
 set -uo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root" || exit 1
@@ -260,6 +261,26 @@ PY
 
 [ "$report" = 0 ] || { write_table; exit $?; }
 
+# The table of the runs so far, and (for a run whose results are fetched from $OUT) the table
+# beside one archive of everything but work/. Also on TERM or INT (a time limit): the run
+# in progress is stopped, what ran is kept, and the exit status is 143.
+finish() {
+  write_table || step_fail "the table failed"
+  if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+    cp "$out/table.md" "$OUT/offload-table.md" 2>/dev/null
+    tar czf "$OUT/bench-offload.tgz" -C "$out" --exclude=./work . 2>/dev/null || step_fail "could not pack into $OUT"
+  fi
+}
+child=""
+on_signal() {
+  trap - TERM INT
+  [ -z "$child" ] || kill "$child" 2>/dev/null
+  echo "bench-offload: stopped by a signal; the table holds the runs that finished" >&2
+  finish
+  exit 143
+}
+trap on_signal TERM INT
+
 # The GPU machine's libraries (scripts/gpu-prepare.sh), when carried along.
 if [ -f .devdeps/prelude.sh ]; then
   set +u
@@ -302,8 +323,11 @@ measured() { # log command...: the command's output into log; log.mem the memory
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i "$gpu" -lms 50 >"$log.mem" 2>/dev/null &
     sampler=$!
   fi
-  timeout -s TERM "$run_timeout" "$@" >"$log" 2>&1
+  timeout -s TERM "$run_timeout" "$@" >"$log" 2>&1 &
+  child=$! # waited for in the background, so that a TERM to this script is handled at once
+  wait "$child"
   local rc=$?
+  child=""
   if [ -n "$sampler" ]; then kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null; fi
   return $rc
 }
@@ -472,10 +496,5 @@ if [ -n "$hub" ]; then
   sweep hub "$pred" "$hub" --model "$hub"
 fi
 
-write_table || step_fail "the table failed"
-# A remote run's results folder ($OUT): the table beside one archive of everything but work/.
-if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
-  cp "$out/table.md" "$OUT/offload-table.md" 2>/dev/null
-  tar czf "$OUT/bench-offload.tgz" -C "$out" --exclude=./work . 2>/dev/null || step_fail "could not pack into $OUT"
-fi
+finish
 exit $failed
