@@ -750,7 +750,10 @@ static void check_forward(const moe_forward *f) {
  * ends and the block's residual stream when the block ends, so a forward's step memory is
  * one sublayer's, not every layer's. Not for recurrent mixers (their staged states live
  * until the forward commits them) nor for RMoE (its router state passes from layer to
- * layer). */
+ * layer), and only for forwards of INFER_SCOPED_TOKENS tokens or more: a decode step's
+ * intermediates are small, and the result copies would add kernel launches to every step. */
+#define INFER_SCOPED_TOKENS 128
+
 typedef struct infer_piece {
     moe_model *m;
     int i;
@@ -769,11 +772,13 @@ static moe_tensor *infer_feed_forward(void *ctx, moe_tensor *const *in) {
 }
 
 static bool infer_scoped_mix(const moe_model *m, int i, const moe_forward *f) {
-    return f->mode == MOE_FORWARD_INFER && m->blocks[i].mixer == MOE_CFG_MIXER_ATTENTION;
+    return f->mode == MOE_FORWARD_INFER && f->T >= INFER_SCOPED_TOKENS &&
+           m->blocks[i].mixer == MOE_CFG_MIXER_ATTENTION;
 }
 
 static bool infer_scoped_ffn(const moe_model *m, const moe_forward *f) {
-    return f->mode == MOE_FORWARD_INFER && m->cfg.router.type != MOE_CFG_ROUTER_RMOE;
+    return f->mode == MOE_FORWARD_INFER && f->T >= INFER_SCOPED_TOKENS &&
+           m->cfg.router.type != MOE_CFG_ROUTER_RMOE;
 }
 
 /* Block i's mixer and feed-forward sublayers on x [B, T, d]. */
