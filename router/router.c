@@ -340,11 +340,17 @@ static moe_status alloc_host(const moe_router *r, int64_t T, moe_routing *out) {
 
 /* From the chosen p (vals [T, k]) and ids: gates (renormalised, scaled), the counts and
  * the rest of out. */
+/* The gates of the chosen p (vals [T, k]): renormalised and scaled per the settings. */
+static moe_tensor *gates_of(const moe_router *r, moe_tensor *vals, const bool *valid) {
+    const moe_router_settings *s = &r->s;
+    moe_tensor *gates = s->renormalize && (s->top_k > 1 || s->sigmoid_scores) ? renormalize(vals, valid) : vals;
+    return s->scale > 0 && s->scale != 1.0 ? moe_mul_scalar(gates, s->scale) : gates;
+}
+
 static moe_status finish(const moe_router *r, moe_tensor *p, moe_tensor *vals, moe_tensor *idx, moe_routing *out) {
     const moe_router_settings *s = &r->s;
     int64_t T = p->shape[0], n = T * s->top_k;
-    moe_tensor *gates = s->renormalize && (s->top_k > 1 || s->sigmoid_scores) ? renormalize(vals, out->valid) : vals;
-    if (s->scale > 0 && s->scale != 1.0) gates = moe_mul_scalar(gates, s->scale);
+    moe_tensor *gates = gates_of(r, vals, out->valid);
     if (!gates) return moe_last_status();
     for (int64_t i = 0; i < n; i++)
         if (!out->valid || out->valid[i]) out->load[out->host_experts[i]]++;
@@ -366,6 +372,16 @@ moe_status moe_router_select(const moe_router *r, moe_tensor *logits, moe_routin
     if (!ids_host) return moe_last_status();
     memcpy(out->host_experts, ids_host->data, sizeof(int32_t) * (size_t)(p->shape[0] * r->s.top_k));
     return finish(r, p, vals, idx, out);
+}
+
+bool moe_router_selects_on_device(const moe_router *r) { return r->s.n_groups <= 1; }
+
+moe_status moe_router_select_device(const moe_router *r, moe_tensor *logits, moe_tensor **gates, moe_tensor **experts) {
+    MOE_ASSERT(moe_router_selects_on_device(r), "router: group-limited selection runs on the host");
+    *gates = *experts = NULL;
+    moe_tensor *p = scores(r, logits), *vals = p ? select_topk(r, p, experts) : NULL;
+    *gates = vals ? gates_of(r, vals, NULL) : NULL;
+    return *gates && *experts ? MOE_OK : moe_last_status();
 }
 
 /* The balance losses of a routing (Switch or latency, and the z-loss) into out. */

@@ -1,7 +1,9 @@
 /* CPU grouped expert matmul: one oneDNN product per non-empty expert row range. */
 #include <omp.h>
+#include <stdlib.h>
 
 #include "core/cpu/cpu_common.h"
+#include "core/cpu/fast_math.h"
 
 /* A 2-D view of rows [r0, r1) of a contiguous [N, C] tensor. */
 static moe_tensor rows_view(const moe_tensor *t, int64_t r0, int64_t r1) {
@@ -72,4 +74,61 @@ moe_status moe_cpu_grouped_matmul(const moe_kernel_args *a) {
 #pragma omp parallel for schedule(dynamic, 1) reduction(&& : ok)
     for (int j = i; j < n; j++) ok = ok && group_product(a, order[j]) == MOE_OK;
     return ok ? MOE_OK : moe_error(MOE_ERR_DEVICE, "grouped_matmul: oneDNN sgemm failed on an expert's rows");
+}
+
+/* Gathered SwiGLU experts (see moe_gathered_swiglu): every (token, slot) pair streams its
+ * expert's rows straight from the stacks, an axpy per row, in column blocks spread over
+ * the threads: h [P, 2f] = x[t] @ w13[e], out2 [P, f] = swiglu(h), out [P, d] = out2 @ w2[e]. */
+#define GATHER_BLOCK 256
+
+moe_status moe_cpu_gathered_swiglu(const moe_kernel_args *a) {
+    const moe_tensor *x = a->in[0], *ids = a->in[1], *w13 = a->in[2], *w2 = a->in[3];
+    const int64_t k = ids->shape[1], P = x->shape[0] * k, d = x->shape[1], f = w2->shape[1], E = w13->shape[0];
+    const int32_t *id = ids->data;
+    for (int64_t p = 0; p < P; p++)
+        if (id[p] < 0 || id[p] >= E)
+            return moe_error(MOE_ERR_INVALID, "gathered_swiglu: expert id %d at position %lld is out of range [0, %lld)",
+                             (int)id[p], (long long)p, (long long)E);
+    const int64_t nb13 = (2 * f + GATHER_BLOCK - 1) / GATHER_BLOCK, nb2 = (d + GATHER_BLOCK - 1) / GATHER_BLOCK;
+    CPU_FLOAT_DISPATCH(x->dtype, "gathered_swiglu",
+        T *h = malloc(sizeof(T) * (size_t)(P * 2 * f));
+        if (!h) return moe_error(MOE_ERR_OOM, "gathered_swiglu: out of host memory for %lld rows", (long long)P);
+        const T *xs = x->data, *W13 = w13->data, *W2 = w2->data;
+        T *out = a->out->data, *act = a->out2->data;
+_Pragma("omp parallel for schedule(static) collapse(2)")
+        for (int64_t p = 0; p < P; p++)
+            for (int64_t b = 0; b < nb13; b++) {
+                int64_t c0 = b * GATHER_BLOCK, c1 = c0 + GATHER_BLOCK < 2 * f ? c0 + GATHER_BLOCK : 2 * f;
+                T *hp = h + p * 2 * f;
+                const T *xt = xs + (p / k) * d, *we = W13 + (int64_t)id[p] * d * 2 * f;
+                for (int64_t c = c0; c < c1; c++) hp[c] = 0;
+                for (int64_t i = 0; i < d; i++) {
+                    const T xi = xt[i], *row = we + i * 2 * f;
+_Pragma("omp simd")
+                    for (int64_t c = c0; c < c1; c++) hp[c] += xi * row[c];
+                }
+            }
+_Pragma("omp parallel for schedule(static)")
+        for (int64_t p = 0; p < P; p++) {
+            const T *hp = h + p * 2 * f;
+            T *ap = act + p * f;
+_Pragma("omp simd")
+            for (int64_t c = 0; c < f; c++) ap[c] = hp[c] / ((T)1 + cpu_exp(-hp[c])) * hp[f + c];
+        }
+_Pragma("omp parallel for schedule(static) collapse(2)")
+        for (int64_t p = 0; p < P; p++)
+            for (int64_t b = 0; b < nb2; b++) {
+                int64_t c0 = b * GATHER_BLOCK, c1 = c0 + GATHER_BLOCK < d ? c0 + GATHER_BLOCK : d;
+                T *yp = out + p * d;
+                const T *ap = act + p * f, *we = W2 + (int64_t)id[p] * f * d;
+                for (int64_t c = c0; c < c1; c++) yp[c] = 0;
+                for (int64_t i = 0; i < f; i++) {
+                    const T ai = ap[i], *row = we + i * d;
+_Pragma("omp simd")
+                    for (int64_t c = c0; c < c1; c++) yp[c] += ai * row[c];
+                }
+            }
+        free(h);
+    )
+    return MOE_OK;
 }

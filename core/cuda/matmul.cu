@@ -392,3 +392,103 @@ extern "C" moe_status moe_cuda_grouped_matmul(const moe_kernel_args *a) {
     free(gg);
     return st;
 }
+
+/* ---- gathered SwiGLU experts (few tokens, no routing read back) ----
+ * One block per (pair, column tile): pair p = (token p / k, slot p % k) reads its expert id
+ * on the device and streams that expert's rows, 16 warps splitting the rows, each lane
+ * holding 8 consecutive columns (one 16-byte load per row in bf16), partial sums reduced
+ * across the warps in shared memory in a fixed order. The up pass reads the gate and up
+ * halves of w13 [E, d, 2f] side by side and applies SwiGLU on the rounded sums (as the
+ * grouped path rounds its products); the down pass reads w2 [E, f, d]. */
+#define GS_TILE 64
+#define GS_THREADS 512
+
+template <class T> __device__ __forceinline__ float cu_round(float v) { return v; }
+template <> __device__ __forceinline__ float cu_round<bf16>(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
+/* 8 consecutive values at p, those at or past n (columns left) as 0 in the unaligned form. */
+template <class T, bool VEC> __device__ __forceinline__ void gs_load8(const T *p, int64_t n, float *v) {
+    if (VEC)
+        cu_ld8(p, v);
+    else
+#pragma unroll
+        for (int q = 0; q < 8; q++) v[q] = q < n ? ldf(p + q) : 0.0f;
+}
+
+/* out [P, cols] <- act(in row @ w[e]) for the block's pair and tile; in row p / in_div of
+ * in [., rows]; w [E, rows, NSEG cols] (SWIGLU: NSEG 2, gate then up). */
+template <class T, bool SWIGLU, bool VEC>
+__global__ void __launch_bounds__(GS_THREADS) gathered_rows_kernel(const T *in, int64_t in_div, const int32_t *ids,
+                                                                   int64_t E, const T *w, int64_t rows, int64_t cols,
+                                                                   T *out, cu_index_fault *fault) {
+    constexpr int NSEG = SWIGLU ? 2 : 1, SEG_LANES = GS_TILE / 8, LANES = NSEG * SEG_LANES, STEP = 32 / LANES;
+    extern __shared__ float red[]; /* [warps * STEP][NSEG * GS_TILE] */
+    const int64_t p = blockIdx.y, c0 = (int64_t)blockIdx.x * GS_TILE, ld = NSEG * cols;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    const int sub = lane / LANES, l = lane % LANES, seg = l / SEG_LANES;
+    const int64_t col = c0 + (int64_t)(l % SEG_LANES) * 8;
+    const int32_t e = ids[p];
+    const bool ok = e >= 0 && e < E;
+    if (threadIdx.x == 0 && blockIdx.x == 0 && !ok) cu_index_ok(fault, CU_IDX_GATHERED_SWIGLU, e, p, E);
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (ok && col < cols) {
+        const T *x = in + (p / in_div) * rows, *wr = w + (int64_t)e * rows * ld + seg * cols + col;
+#pragma unroll 4
+        for (int64_t i = warp * STEP + sub; i < rows; i += (int64_t)nw * STEP) {
+            float v[8];
+            gs_load8<T, VEC>(wr + i * ld, cols - col, v);
+            const float a = ldf(x + i);
+#pragma unroll
+            for (int q = 0; q < 8; q++) acc[q] = fmaf(a, v[q], acc[q]);
+        }
+    }
+    float *r = red + (warp * STEP + sub) * (NSEG * GS_TILE) + l * 8;
+#pragma unroll
+    for (int q = 0; q < 8; q++) r[q] = acc[q];
+    __syncthreads();
+    for (int j = threadIdx.x; j < GS_TILE && c0 + j < cols; j += blockDim.x) {
+        float s[NSEG];
+#pragma unroll
+        for (int g = 0; g < NSEG; g++) s[g] = 0.0f;
+        for (int q = 0; q < nw * STEP; q++)
+#pragma unroll
+            for (int g = 0; g < NSEG; g++) s[g] += red[q * NSEG * GS_TILE + g * GS_TILE + j];
+        float v = s[0];
+        if (SWIGLU) {
+            const float gate = cu_round<T>(s[0]), up = cu_round<T>(s[NSEG - 1]);
+            v = gate / (1.0f + expf(-gate)) * up;
+        }
+        stf(out + p * cols + c0 + j, ok ? v : 0.0f);
+    }
+}
+
+template <class T, bool VEC>
+static moe_status gathered_launch(const moe_kernel_args *a, int64_t P, int64_t k, int64_t d, int64_t f, int64_t E) {
+    const int warps = GS_THREADS / 32;
+    const size_t shared_up = sizeof(float) * warps * (32 / (GS_TILE / 4)) * 2 * GS_TILE,
+                 shared_down = sizeof(float) * warps * (32 / (GS_TILE / 8)) * GS_TILE;
+    const int32_t *ids = (const int32_t *)a->in[1]->data;
+    T *act = (T *)a->out2->data;
+    gathered_rows_kernel<T, true, VEC><<<dim3((unsigned)((f + GS_TILE - 1) / GS_TILE), (unsigned)P), GS_THREADS, shared_up,
+                                         moe_cu.stream>>>((const T *)a->in[0]->data, k, ids, E,
+                                                          (const T *)a->in[2]->data, d, f, act, moe_cu.index_fault);
+    CU_LAUNCHED("gathered_swiglu (up)");
+    gathered_rows_kernel<T, false, VEC><<<dim3((unsigned)((d + GS_TILE - 1) / GS_TILE), (unsigned)P), GS_THREADS,
+                                          shared_down, moe_cu.stream>>>(act, 1, ids, E, (const T *)a->in[3]->data, f, d,
+                                                                        (T *)a->out->data, moe_cu.index_fault);
+    CU_LAUNCHED("gathered_swiglu (down)");
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_gathered_swiglu(const moe_kernel_args *a) {
+    const moe_tensor *x = a->in[0], *ids = a->in[1], *w13 = a->in[2], *w2 = a->in[3];
+    const int64_t k = ids->shape[1], P = x->shape[0] * k, d = x->shape[1], f = w2->shape[1], E = w13->shape[0];
+    if (P == 0) return MOE_OK;
+    if (P > 65535)
+        return moe_error(MOE_ERR_UNSUPPORTED, "gathered_swiglu: %lld (token, slot) pairs on cuda (at most 65535)",
+                         (long long)P);
+    const bool vec = f % 8 == 0 && d % 8 == 0 && (uintptr_t)w13->data % 16 == 0 && (uintptr_t)w2->data % 16 == 0;
+    CU_FLOAT_DISPATCH(x->dtype, "gathered_swiglu",
+        return vec ? gathered_launch<T, true>(a, P, k, d, f, E) : gathered_launch<T, false>(a, P, k, d, f, E);)
+    return MOE_OK;
+}

@@ -711,6 +711,12 @@ static moe_tensor *feed_forward(moe_model *m, int i, moe_tensor *h2, const moe_f
         /* gating noise: a counter range per (step, call, layer), so resume replays it */
         b->moe.router.noise_counter = m->dropout_counter + ((uint64_t)i << 34);
         ffn = moe_moe_layer_forward(&b->moe, h2, *router_state, m->compute, &res);
+    } else if (!ids && !parts && moe_moe_layer_gathers(&b->moe, bt)) { /* a decode step: nothing read back */
+        moe_tensor *state = NULL, *gates, *experts, *logits = moe_router_logits(&b->moe.router, h2, *router_state, &state);
+        *router_state = state;
+        return logits && moe_router_select_device(&b->moe.router, logits, &gates, &experts) == MOE_OK
+                   ? moe_moe_layer_apply_gathered(&b->moe, h2, gates, experts, m->compute)
+                   : NULL;
     } else {
         moe_routing r;
         moe_tensor *state = NULL, *logits = moe_router_logits(&b->moe.router, h2, *router_state, &state);

@@ -406,6 +406,14 @@ static moe_tensor *exchange_and_run(moe_moe_layer *L, moe_tensor *xs, const int6
     return moe_all_to_all(moe_index_select(yl, bk), recv, send, MOE_GROUP_EP);
 }
 
+/* out + the shared expert of x (sigmoid-gated where the layer has a gate). */
+static moe_tensor *add_shared(moe_moe_layer *L, moe_tensor *x, moe_tensor *out, moe_dtype compute) {
+    if (!L->shared_w13 || !out) return out;
+    moe_tensor *sh = moe_swiglu_ffn(x, moe_cast(L->shared_w13, compute), moe_cast(L->shared_w2, compute));
+    if (L->shared_gate) sh = moe_mul(sh, moe_sigmoid(moe_matmul(x, moe_cast(L->shared_gate, compute)))); /* [T, 1] */
+    return moe_add(out, sh);
+}
+
 /* Running latency: folds this forward's per-row times into the average, hands it on. */
 static moe_status update_running_latency(moe_moe_layer *L, double *sample) {
     int E = L->s.n_experts;
@@ -466,12 +474,34 @@ moe_tensor *moe_moe_layer_apply(moe_moe_layer *L, moe_tensor *x, const moe_routi
                                                 : run_experts(L, xs, plan.offsets, compute, sample); /* [N, d] */
     if (y && sample && update_running_latency(L, sample) != MOE_OK) return NULL;
     moe_tensor *out = moe_combine(y, moe_cast(res->routing.gates, compute), src); /* [T, d] */
-    if (L->shared_w13) {
-        moe_tensor *sh = moe_swiglu_ffn(x, moe_cast(L->shared_w13, compute), moe_cast(L->shared_w2, compute));
-        if (L->shared_gate) sh = moe_mul(sh, moe_sigmoid(moe_matmul(x, moe_cast(L->shared_gate, compute)))); /* [T, 1] */
-        out = moe_add(out, sh);
+    return add_shared(L, x, out, compute);
+}
+
+bool moe_moe_layer_gathers(const moe_moe_layer *L, int64_t T) {
+    int E = L->s.n_experts;
+    bool resident = !L->provider && L->n_local == E && L->n_groups == 1 && L->groups[0].n == E;
+    for (int i = 0; resident && i < E; i++) resident = L->groups[0].experts[i] == i;
+    return resident && T * L->s.top_k <= MOE_GATHER_MAX_ROWS && (L->s.capacity_factor <= 0 || T == 1) &&
+           moe_router_selects_on_device(&L->router);
+}
+
+moe_tensor *moe_moe_layer_apply_gathered(moe_moe_layer *L, moe_tensor *x, moe_tensor *gates, moe_tensor *experts,
+                                         moe_dtype compute) {
+    MOE_ASSERT(!x || moe_moe_layer_gathers(L, x->shape[0]), "moe layer: %lld tokens do not take the gathered path",
+               x ? (long long)x->shape[0] : 0LL);
+    if (!x || !gates || !experts) return NULL;
+    int64_t T = x->shape[0], k = L->s.top_k;
+    int32_t *rows = moe_step_host_alloc(sizeof(int32_t) * (size_t)(T * k > 0 ? T * k : 1));
+    if (!rows) {
+        moe_error(MOE_ERR_OOM, "moe layer: out of host memory for the combine map");
+        return NULL;
     }
-    return out;
+    for (int64_t i = 0; i < T * k; i++) rows[i] = (int32_t)i; /* row t k + j holds assignment (t, j) */
+    moe_tensor *src = moe_tensor_from_host(MOE_LIFE_STEP, x->device, MOE_I32, 2, (int64_t[]){T, k}, rows);
+    moe_tensor *w13, *w2;
+    if (moe_moe_layer_expert_stacks(L, 0, compute, &w13, &w2) != MOE_OK) return NULL;
+    moe_tensor *y = moe_gathered_swiglu(x, experts, w13, w2); /* [T k, d] */
+    return add_shared(L, x, moe_combine(y, moe_cast(gates, compute), src), compute);
 }
 
 moe_status moe_moe_layer_measure_latency(moe_moe_layer *L, int64_t tokens, moe_dtype compute, double *latency_ms) {

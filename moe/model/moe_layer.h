@@ -108,6 +108,16 @@ void moe_moe_layer_free(moe_moe_layer *L);
 moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_tensor *state_in, moe_dtype compute,
                                   moe_moe_layer_result *res);
 
+/* Few tokens at inference (T k rows at most, one process, every expert resident in one
+ * group, no capacity drops, selection on the device): the experts run where their
+ * weights lie, with nothing read back to the host (moe_gathered_swiglu). */
+#define MOE_GATHER_MAX_ROWS 128
+bool moe_moe_layer_gathers(const moe_moe_layer *L, int64_t T);
+/* x [T, d] -> [T, d] with gates [T, k] and experts [T, k] I32 from moe_router_select_device
+ * (only where moe_moe_layer_gathers): equal to moe_moe_layer_apply up to rounding. */
+moe_tensor *moe_moe_layer_apply_gathered(moe_moe_layer *L, moe_tensor *x, moe_tensor *gates, moe_tensor *experts,
+                                         moe_dtype compute);
+
 /* The pipeline after routing: x [T, d] -> [T, d] with the experts and gates of `routing`
  * (moe_router_forward's, or moe_router_select's at inference); res->routing is a copy. */
 moe_tensor *moe_moe_layer_apply(moe_moe_layer *L, moe_tensor *x, const moe_routing *routing, moe_dtype compute,

@@ -1,4 +1,9 @@
-/* Op cases: matmul (2-D, batched, shared right operand, transposed views), grouped matmul. */
+/* Op cases: matmul (2-D, batched, shared right operand, transposed views), grouped matmul,
+ * gathered SwiGLU experts (inference only: checked against a host reference). */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
 #include "tests/harness/opcheck.h"
 
 static moe_tensor *run_mm(moe_tensor **in) { return moe_matmul(in[0], in[1]); }
@@ -7,12 +12,52 @@ static moe_tensor *run_grouped(moe_tensor **in) {
     return moe_grouped_matmul(in[0], in[1], (int64_t[]){0, 3, 3, 7});
 }
 
+static moe_tensor *run_gathered(moe_tensor **in) { return moe_gathered_swiglu(in[0], in[1], in[2], in[3]); }
+
+/* Row t k + j of the output against swiglu(x[t] @ w13[e]) @ w2[e], e = ids[t, j], in f64. */
+static bool check_gathered(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {
+    int64_t T = in[0]->shape[0], d = in[0]->shape[1], k = in[1]->shape[1], E = in[2]->shape[0], f = in[3]->shape[1];
+    double *x = malloc(sizeof(double) * (size_t)(T * d)), *id = malloc(sizeof(double) * (size_t)(T * k)),
+           *w13 = malloc(sizeof(double) * (size_t)(E * d * 2 * f)), *w2 = malloc(sizeof(double) * (size_t)(E * f * d)),
+           *o = malloc(sizeof(double) * (size_t)(T * k * d)), *h = malloc(sizeof(double) * (size_t)(2 * f));
+    bool ok = out->ndim == 2 && out->shape[0] == T * k && out->shape[1] == d &&
+              moe_tensor_to_host_f64(in[0], x) == MOE_OK && moe_tensor_to_host_f64(in[1], id) == MOE_OK &&
+              moe_tensor_to_host_f64(in[2], w13) == MOE_OK && moe_tensor_to_host_f64(in[3], w2) == MOE_OK &&
+              moe_tensor_to_host_f64(out, o) == MOE_OK;
+    if (!ok) snprintf(why, cap, "output has the wrong shape, or a tensor could not be read");
+    for (int64_t p = 0; ok && p < T * k; p++) {
+        const double *we13 = w13 + (int64_t)id[p] * d * 2 * f, *we2 = w2 + (int64_t)id[p] * f * d, *xt = x + p / k * d;
+        for (int64_t c = 0; c < 2 * f; c++) {
+            h[c] = 0;
+            for (int64_t i = 0; i < d; i++) h[c] += xt[i] * we13[i * 2 * f + c];
+        }
+        for (int64_t c = 0; c < f; c++) h[c] = h[c] / (1 + exp(-h[c])) * h[f + c];
+        for (int64_t j = 0; ok && j < d; j++) {
+            double y = 0;
+            for (int64_t c = 0; c < f; c++) y += h[c] * we2[c * d + j];
+            if (fabs(y - o[p * d + j]) > 1e-10 * (1 + fabs(y))) {
+                snprintf(why, cap, "row %lld column %lld: got %.12g, want %.12g", (long long)p, (long long)j, o[p * d + j], y);
+                ok = false;
+            }
+        }
+    }
+    free(x), free(id), free(w13), free(w2), free(o), free(h);
+    return ok;
+}
+
+#define N(nd, ...) {nd, {__VA_ARGS__}, IN_NORMAL, 0, false, false}
+#define IDX(hi, nd, ...) {nd, {__VA_ARGS__}, IN_INDEX, hi, false, false}
+
 static const op_case cases[] = {
     {"matmul", "2-d", 2, {{2, {3, 4}, IN_NORMAL, 0, true, false}, {2, {4, 5}, IN_NORMAL, 0, true, false}}, run_mm},
     {"matmul", "transposed operands", 2, {{2, {3, 4}, IN_NORMAL, 0, true, true}, {2, {4, 5}, IN_NORMAL, 0, true, true}}, run_mm},
     {"matmul", "batched", 2, {{3, {2, 3, 4}, IN_NORMAL, 0, true, false}, {3, {2, 4, 2}, IN_NORMAL, 0, true, true}}, run_mm},
     {"matmul", "batched @ shared 2-d", 2, {{3, {2, 3, 4}, IN_NORMAL, 0, true, false}, {2, {4, 3}, IN_NORMAL, 0, true, false}}, run_mm},
     {"grouped_matmul", "3 experts, one empty", 2, {{2, {7, 4}, IN_NORMAL, 0, true, false}, {3, {3, 4, 5}, IN_NORMAL, 0, true, false}}, run_grouped},
+    {"gathered_swiglu", "3 tokens x 2 of 4 experts, d 5, f 3 (unaligned)", 4,
+     {N(2, 3, 5), IDX(4, 2, 3, 2), N(3, 4, 5, 6), N(3, 4, 3, 5)}, run_gathered, .check = check_gathered},
+    {"gathered_swiglu", "2 tokens x 3 of 5 experts, d 136, f 72 (16-byte rows, a partial tile)", 4,
+     {N(2, 2, 136), IDX(5, 2, 2, 3), N(3, 5, 136, 144), N(3, 5, 72, 136)}, run_gathered, .check = check_gathered},
 };
 
 const op_case_list cases_matmul = {cases, sizeof cases / sizeof *cases};
