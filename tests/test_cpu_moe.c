@@ -184,6 +184,46 @@ static void test_hetero_init_by_name(void) {
     moe_step_reset();
 }
 
+/* A decode step's layer on the gathered path (routing left on the device) equals the
+ * grouped path on the read-back routing: top-k 2 of 4, a gated shared expert, f64; and the
+ * path is refused where it cannot hold (capacity drops over several tokens, several
+ * expert widths). */
+static void test_gathered_equals_grouped(void) {
+    moe_moe_layer_settings s = {.d_model = D, .n_experts = 4, .top_k = 2, .ffn_dim = F, .n_shared = 1,
+                                .shared_ffn_dim = 5, .shared_gate = true,
+                                .router = {.n_experts = 4, .top_k = 2, .d_model = D, .renormalize = true}};
+    moe_moe_layer L;
+    CU_ASSERT_EQUAL_FATAL(moe_moe_layer_init(&L, &s, "g", MOE_CPU, 7, 0.5, 0, 4), MOE_OK);
+    CU_ASSERT_TRUE(moe_moe_layer_gathers(&L, 3));
+    CU_ASSERT_FALSE(moe_moe_layer_gathers(&L, MOE_GATHER_MAX_ROWS / 2 + 1));
+    bool was = moe_grad_set_enabled(false);
+    moe_tensor *x = moe_tensor_randn(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 2, (int64_t[]){3, D}, 21, 0, 1.0);
+    moe_tensor *state = NULL, *logits = moe_router_logits(&L.router, x, NULL, &state), *gates, *experts;
+    moe_routing r;
+    CU_ASSERT_EQUAL_FATAL(moe_router_select(&L.router, logits, &r), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(moe_router_select_device(&L.router, logits, &gates, &experts), MOE_OK);
+    CU_ASSERT(rel_err(gates, r.gates) < 1e-15 && rel_err(experts, r.experts) == 0);
+    moe_moe_layer_result res;
+    moe_tensor *grouped = moe_moe_layer_apply(&L, x, &r, MOE_F64, &res),
+               *gathered = moe_moe_layer_apply_gathered(&L, x, gates, experts, MOE_F64);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(grouped);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(gathered);
+    CU_ASSERT(rel_err(gathered, grouped) < 1e-12);
+    moe_grad_set_enabled(was);
+    moe_moe_layer_free(&L);
+    s.capacity_factor = 1.0; /* one token never drops; three may */
+    CU_ASSERT_EQUAL_FATAL(moe_moe_layer_init(&L, &s, "g", MOE_CPU, 7, 0.5, 0, 4), MOE_OK);
+    CU_ASSERT_TRUE(moe_moe_layer_gathers(&L, 1));
+    CU_ASSERT_FALSE(moe_moe_layer_gathers(&L, 3));
+    moe_moe_layer_free(&L);
+    s.capacity_factor = 0;
+    s.expert_ffn_dims = (int[]){6, 4, 6, 4};
+    CU_ASSERT_EQUAL_FATAL(moe_moe_layer_init(&L, &s, "g", MOE_CPU, 7, 0.5, 0, 4), MOE_OK);
+    CU_ASSERT_FALSE(moe_moe_layer_gathers(&L, 1)); /* two stacks */
+    moe_moe_layer_free(&L);
+    moe_step_reset();
+}
+
 /* The Switch aux loss and z-loss equal their formulas on the routing's own numbers. */
 static void test_router_losses(void) {
     enum { E = 4 };
@@ -229,6 +269,7 @@ static void register_suites(void) {
                                                         {"heterogeneous widths: capacity and shared", test_hetero_capacity_shared},
                                                         {"heterogeneous widths: 8 groups", test_hetero_many_groups},
                                                         {"heterogeneous widths: init keyed by expert", test_hetero_init_by_name},
+                                                        {"gathered experts equal the grouped path", test_gathered_equals_grouped},
                                                         {"router aux and z losses", test_router_losses},
                                                         {NULL, NULL}});
 }

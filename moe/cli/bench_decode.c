@@ -38,6 +38,7 @@ typedef struct decode_flags {
     const char *batches;
     int prompt, tokens, reps;
     bool json;
+    bool grouped_experts;
 } decode_flags;
 
 typedef struct decode_plan {
@@ -229,19 +230,20 @@ static void print_result(const decode_flags *f, const decode_plan *p, int B, con
     double bound = r->step_ms > 0 ? r->step_bytes / p->copy_bytes_per_s * 1e3 / r->step_ms : 0;
     int T = B * f->prompt;
     double ptps = r->prefill_ms > 0 ? 1e3 * T / r->prefill_ms : 0;
+    const char *impl = f->grouped_experts ? "moe-grouped" : "moe";
     if (f->json) {
-        printf("{\"kind\":\"PREFILL\",\"impl\":\"moe\",\"batch\":%d,\"tokens\":%d,\"ms\":%.3f,\"tokens_per_s\":%.2f,"
-               "\"peak_bytes\":%zu,\"device\":\"%s\",\"dtype\":\"%s\"}\n", B, T, r->prefill_ms, ptps, r->peak_bytes,
+        printf("{\"kind\":\"PREFILL\",\"impl\":\"%s\",\"batch\":%d,\"tokens\":%d,\"ms\":%.3f,\"tokens_per_s\":%.2f,"
+               "\"peak_bytes\":%zu,\"device\":\"%s\",\"dtype\":\"%s\"}\n", impl, B, T, r->prefill_ms, ptps, r->peak_bytes,
                moe_device_name(p->dev), moe_dtype_name(p->dtype));
-        printf("{\"kind\":\"DECODE\",\"impl\":\"moe\",\"batch\":%d,\"tokens_per_s\":%.2f,\"ms_per_step\":%.4f,"
+        printf("{\"kind\":\"DECODE\",\"impl\":\"%s\",\"batch\":%d,\"tokens_per_s\":%.2f,\"ms_per_step\":%.4f,"
                "\"bound_fraction\":%.4f,\"peak_bytes\":%zu,\"step_bytes\":%.0f,\"copy_bytes_per_s\":%.0f,"
-               "\"device\":\"%s\",\"dtype\":\"%s\"}\n", B, tps, r->step_ms, bound, r->peak_bytes, r->step_bytes,
+               "\"device\":\"%s\",\"dtype\":\"%s\"}\n", impl, B, tps, r->step_ms, bound, r->peak_bytes, r->step_bytes,
                p->copy_bytes_per_s, moe_device_name(p->dev), moe_dtype_name(p->dtype));
     } else {
-        printf("PREFILL impl=moe batch=%d tokens=%d ms=%.3f tokens_per_s=%.2f peak_bytes=%zu\n", B, T, r->prefill_ms,
+        printf("PREFILL impl=%s batch=%d tokens=%d ms=%.3f tokens_per_s=%.2f peak_bytes=%zu\n", impl, B, T, r->prefill_ms,
                ptps, r->peak_bytes);
-        printf("DECODE impl=moe batch=%d tokens_per_s=%.2f ms_per_step=%.4f bound_fraction=%.4f peak_bytes=%zu "
-               "step_bytes=%.0f copy_gb_per_s=%.2f\n", B, tps, r->step_ms, bound, r->peak_bytes, r->step_bytes,
+        printf("DECODE impl=%s batch=%d tokens_per_s=%.2f ms_per_step=%.4f bound_fraction=%.4f peak_bytes=%zu "
+               "step_bytes=%.0f copy_gb_per_s=%.2f\n", impl, B, tps, r->step_ms, bound, r->peak_bytes, r->step_bytes,
                p->copy_bytes_per_s / 1e9);
     }
     fflush(stdout);
@@ -276,6 +278,7 @@ static moe_status bench_decode(const decode_flags *f) {
     if (s == MOE_OK) s = copy_rate(p.dev, &p.copy_bytes_per_s);
     double t0 = moe_clock_ms();
     if (s == MOE_OK) s = moe_source_decoder_open(&src, &dec);
+    if (s == MOE_OK) moe_decoder_set_grouped_experts(dec, f->grouped_experts);
     if (s == MOE_OK)
         fprintf(stderr, "bench decode: %s on %s %s (view made in %.0f ms), prompt %d, %d new tokens, %d timed runs, "
                 "copy rate %.1f GB/s\n", src.name, moe_device_name(p.dev), moe_dtype_name(p.dtype), moe_clock_ms() - t0,
@@ -301,6 +304,8 @@ int moe_cmd_bench_decode(int argc, char **argv) {
         {"--reps", MOE_FLAG_INT, "R", 1, MAX_REPS, NULL, "timed runs per batch size, after one warm-up",
          &f.reps},
         {"--json", MOE_FLAG_BOOL, NULL, 0, 0, NULL, "JSON lines instead of PREFILL / DECODE lines", &f.json},
+        {"--grouped-experts", MOE_FLAG_BOOL, NULL, 0, 0, NULL,
+         "every MoE layer on the grouped path (routing read back), also for decode steps", &f.grouped_experts},
         {0}};
     moe_args a;
     int rc = moe_cli_parse("bench decode", "moe bench decode --model DIR | --checkpoint FILE [flags]", specs, argc, argv,

@@ -692,6 +692,15 @@ static moe_tensor *mix(moe_model *m, int i, moe_tensor *h, const moe_forward *f,
     return concat_pieces(parts, f->n_spans, 1);
 }
 
+/* Whether block b's MoE layer runs an inference forward on the gathered experts: few
+ * tokens on a device (on the host, reading the routing back costs nothing and the grouped
+ * GEMMs read each expert once), nobody asking for the routes or the load. */
+static bool gather_experts(const moe_block *b, const moe_tensor *h2, const moe_forward *f, const int32_t *ids,
+                           const moe_loss_parts *parts) {
+    return h2 && h2->device != MOE_CPU && !ids && !parts && !f->grouped_experts &&
+           moe_moe_layer_gathers(&b->moe, h2->shape[0]);
+}
+
 /* Block i's feed-forward on h2 [B T, d] -> [B T, d]: dense, or the MoE layer routed with
  * its balance terms (training) or by selection alone (inference). *router_state: RMoE's
  * state carried from MoE layer to MoE layer. */
@@ -711,7 +720,7 @@ static moe_tensor *feed_forward(moe_model *m, int i, moe_tensor *h2, const moe_f
         /* gating noise: a counter range per (step, call, layer), so resume replays it */
         b->moe.router.noise_counter = m->dropout_counter + ((uint64_t)i << 34);
         ffn = moe_moe_layer_forward(&b->moe, h2, *router_state, m->compute, &res);
-    } else if (!ids && !parts && moe_moe_layer_gathers(&b->moe, bt)) { /* a decode step: nothing read back */
+    } else if (gather_experts(b, h2, f, ids, parts)) { /* a decode step: nothing read back */
         moe_tensor *state = NULL, *gates, *experts, *logits = moe_router_logits(&b->moe.router, h2, *router_state, &state);
         *router_state = state;
         return logits && moe_router_select_device(&b->moe.router, logits, &gates, &experts) == MOE_OK

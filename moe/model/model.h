@@ -137,6 +137,9 @@ typedef struct moe_forward {
                                  * sequence (rope); TRAIN: NULL (positions 0 .. T - 1 of every row) */
     int32_t *route_ids;         /* NULL or [n_layers, B T, top_k]: the experts chosen per layer and
                                  * token (the router's order; -1 in dense layers) */
+    bool grouped_experts;       /* INFER: every MoE layer reads its routing back and runs the grouped
+                                 * path, also where few tokens would take the gathered one (the
+                                 * reference the gathered path is measured against) */
 } moe_forward;
 
 /* The blocks and the final RMSNorm on ids [B, T] (I32 on the model's device) -> hidden

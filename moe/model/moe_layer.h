@@ -108,9 +108,10 @@ void moe_moe_layer_free(moe_moe_layer *L);
 moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_tensor *state_in, moe_dtype compute,
                                   moe_moe_layer_result *res);
 
-/* Few tokens at inference (T k rows at most, one process, every expert resident in one
- * group, no capacity drops, selection on the device): the experts run where their
- * weights lie, with nothing read back to the host (moe_gathered_swiglu). */
+/* Whether a forward of T tokens at inference can run the experts where their weights lie,
+ * with nothing read back to the host (moe_gathered_swiglu): T k rows at most, one process,
+ * every expert resident in one group, no capacity drops, selection on the device. (The
+ * model takes this path on a GPU only; see model.c.) */
 #define MOE_GATHER_MAX_ROWS 128
 bool moe_moe_layer_gathers(const moe_moe_layer *L, int64_t T);
 /* x [T, d] -> [T, d] with gates [T, k] and experts [T, k] I32 from moe_router_select_device
