@@ -94,6 +94,18 @@ moe_tensor *moe_scatter_add(moe_tensor *x, moe_tensor *idx, moe_tensor *src); /*
 /* Largest k along the last axis, sorted descending; indices (I32) into *indices. */
 moe_tensor *moe_topk(moe_tensor *x, int k, moe_tensor **indices);
 
+/* A router's selection of few tokens in one pass per token (inference only; logits that
+ * need grads are refused): p = softmax(logits) or sigmoid(logits) per row, the k largest
+ * of p + bias (descending, ties to the lower index; bias [E] or NULL), gates = p at them,
+ * divided by their sum when renormalize, times scale when scale > 0. logits [T, E] f32
+ * (f64 on the CPU) -> gates [T, k] of logits' dtype, *ids [T, k] I32. */
+typedef struct moe_route_spec {
+    int k;
+    bool sigmoid, renormalize;
+    double scale;
+} moe_route_spec;
+moe_tensor *moe_route_topk(moe_tensor *logits, moe_tensor *bias, const moe_route_spec *spec, moe_tensor **ids);
+
 /* ---- integer ops for routing (not differentiable) ---- */
 moe_tensor *moe_argsort(moe_tensor *x);                 /* stable ascending, last axis, I32 */
 moe_tensor *moe_bincount(moe_tensor *x, int64_t nbins); /* 1-D I32 -> [nbins] I32 */

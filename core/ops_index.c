@@ -287,6 +287,36 @@ moe_tensor *moe_topk(moe_tensor *x, int k, moe_tensor **indices) {
     return v;
 }
 
+moe_tensor *moe_route_topk(moe_tensor *logits, moe_tensor *bias, const moe_route_spec *spec, moe_tensor **ids) {
+    *ids = NULL;
+    OP_NEED(logits);
+    if (!moe_check(moe_dtype_is_float(logits->dtype) && logits->ndim == 2, "route_topk",
+                   "needs float logits [T, E], got %s", D(logits)))
+        return NULL;
+    int64_t T = logits->shape[0], E = logits->shape[1];
+    if (!moe_check(spec->k >= 1 && spec->k <= E, "route_topk", "k = %d out of range [1, %lld]", spec->k, (long long)E))
+        return NULL;
+    if (bias) {
+        moe_tensor *lb[2] = {logits, bias};
+        if (!op_check_same("route_topk", 2, lb, false)) return NULL;
+        if (!moe_check(bias->ndim == 1 && bias->shape[0] == E, "route_topk", "bias must be [%lld], got %s", (long long)E,
+                       D(bias)))
+            return NULL;
+    }
+    if (!moe_check(!(moe_grad_enabled() && logits->requires_grad), "route_topk",
+                   "inference only: the logits need grads (training selects with topk)"))
+        return NULL;
+    const moe_tensor *lc = op_contiguous_nograd(logits);
+    moe_tensor *bc = bias ? moe_contiguous(moe_cast(bias, logits->dtype)) : NULL;
+    if (!lc || (bias && !bc)) return NULL;
+    moe_tensor *gates = op_new(logits, logits->dtype, 2, (int64_t[]){T, spec->k}),
+               *idx = op_new(logits, MOE_I32, 2, (int64_t[]){T, spec->k});
+    if (!gates || !idx) return NULL;
+    OP_RUN(MOE_K_ROUTE_TOPK, .out = gates, .out2 = idx, .in = {lc, bc}, .attrs = spec);
+    *ids = idx;
+    return gates;
+}
+
 /* The grad of the values goes to the selected positions (scatter into zeros). */
 void moe_backward_topk(moe_node *n) {
     moe_grad_give(n->in[0], zeros_accumulate(MOE_K_SCATTER_ADD, n->in[0], n->saved[0], n->out->grad));

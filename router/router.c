@@ -378,10 +378,12 @@ bool moe_router_selects_on_device(const moe_router *r) { return r->s.n_groups <=
 
 moe_status moe_router_select_device(const moe_router *r, moe_tensor *logits, moe_tensor **gates, moe_tensor **experts) {
     MOE_ASSERT(moe_router_selects_on_device(r), "router: group-limited selection runs on the host");
-    *gates = *experts = NULL;
-    moe_tensor *p = scores(r, logits), *vals = p ? select_topk(r, p, experts) : NULL;
-    *gates = vals ? gates_of(r, vals, NULL) : NULL;
-    return *gates && *experts ? MOE_OK : moe_last_status();
+    const moe_router_settings *s = &r->s;
+    moe_route_spec spec = {.k = s->top_k, .sigmoid = s->sigmoid_scores,
+                           .renormalize = s->renormalize && (s->top_k > 1 || s->sigmoid_scores),
+                           .scale = s->scale > 0 && s->scale != 1.0 ? s->scale : 0};
+    *gates = moe_route_topk(logits, r->bias, &spec, experts);
+    return *gates ? MOE_OK : moe_last_status();
 }
 
 /* The balance losses of a routing (Switch or latency, and the z-loss) into out. */

@@ -106,8 +106,9 @@ moe_tensor *moe_router_logits(moe_router *r, moe_tensor *x, moe_tensor *state_in
  * why). out's tensors are STEP tensors. */
 moe_status moe_router_select(const moe_router *r, moe_tensor *logits, moe_routing *out);
 
-/* The same selection left on the device: gates [T, k] and experts [T, k] I32 as
- * moe_router_select computes them, without the read back (nothing on the host waits).
+/* The same selection left on the device, fused into one kernel (moe_route_topk): gates
+ * [T, k] and experts [T, k] I32 as moe_router_select computes them up to rounding, without
+ * the read back (nothing on the host waits).
  * Only where moe_router_selects_on_device: group-limited selection runs on the host. */
 bool moe_router_selects_on_device(const moe_router *r);
 moe_status moe_router_select_device(const moe_router *r, moe_tensor *logits, moe_tensor **gates, moe_tensor **experts);

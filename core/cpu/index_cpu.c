@@ -18,6 +18,8 @@
 #include <string.h>
 
 #include "core/cpu/cpu_common.h"
+#include "core/cpu/fast_math.h"
+#include "core/ops.h"
 
 /* Runs the statements with T = an unsigned integer as wide as the element: kernels that
  * only move elements (select, gather) handle every dtype that way. */
@@ -421,5 +423,50 @@ moe_status moe_cpu_cumsum(const moe_kernel_args *a) {
             po[i] = (int32_t)acc;
         }
     }
+    return MOE_OK;
+}
+
+/* ROUTE_TOPK: per row, p = softmax or sigmoid of the logits, then k rounds each taking the
+ * best p + bias ordered after the previous pick (descending, ties to the lower index; NaNs
+ * never picked, index 0 when nothing is left), gates = p there, renormalised and scaled. */
+moe_status moe_cpu_route_topk(const moe_kernel_args *a) {
+    const moe_tensor *lg = a->in[0], *bias = a->in[1];
+    const moe_route_spec *sp = a->attrs;
+    const int64_t rows = lg->shape[0], E = lg->shape[1];
+    int32_t *ids = a->out2->data;
+    CPU_FLOAT_DISPATCH(lg->dtype, "route_topk",
+        const T *pb = bias ? (const T *)bias->data : NULL;
+        T *gates = a->out->data;
+_Pragma("omp parallel for schedule(static) if (rows * E > 8192)")
+        for (int64_t r = 0; r < rows; r++) {
+            const T *row = (const T *)lg->data + r * E;
+            T mx = -INFINITY, sum = 0;
+            for (int64_t e = 0; e < E && !sp->sigmoid; e++) mx = row[e] > mx ? row[e] : mx;
+            for (int64_t e = 0; e < E && !sp->sigmoid; e++) sum += cpu_exp(row[e] - mx);
+            T prev = INFINITY, total = 0;
+            int64_t prev_i = -1;
+            for (int t = 0; t < sp->k; t++) {
+                T best = 0;
+                int64_t bi = -1;
+                for (int64_t e = 0; e < E; e++) {
+                    T p = sp->sigmoid ? (T)1 / ((T)1 + cpu_exp(-row[e])) : cpu_exp(row[e] - mx) / sum;
+                    T v = p + (pb ? pb[e] : (T)0);
+                    bool after = v < prev || (v == prev && e > prev_i);
+                    if (after && (bi < 0 || v > best)) best = v, bi = e;
+                }
+                int64_t id = bi < 0 ? 0 : bi;
+                T g = sp->sigmoid ? (T)1 / ((T)1 + cpu_exp(-row[id])) : cpu_exp(row[id] - mx) / sum;
+                ids[r * sp->k + t] = (int32_t)id;
+                gates[r * sp->k + t] = g;
+                total += g;
+                prev = best, prev_i = bi;
+            }
+            for (int t = 0; t < sp->k; t++) {
+                T *g = gates + r * sp->k + t;
+                if (sp->renormalize) *g /= total;
+                if (sp->scale > 0) *g *= (T)sp->scale;
+            }
+        }
+    )
     return MOE_OK;
 }

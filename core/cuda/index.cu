@@ -11,6 +11,10 @@
 
 #include "core/cuda/cuda_common.cuh"
 
+extern "C" {
+#include "core/ops.h" /* moe_route_spec */
+}
+
 #define BITS_DISPATCH(es, kname, ...)                                                          \
     switch (es) {                                                                              \
     case 2: { typedef uint16_t U; __VA_ARGS__ } break;                                         \
@@ -467,5 +471,73 @@ extern "C" moe_status moe_cuda_cumsum(const moe_kernel_args *a) {
                    (long long)n);
     }
     CU_LAUNCHED("cumsum");
+    return MOE_OK;
+}
+
+/* ---- ROUTE_TOPK: one warp per row; the softmax's max and sum first, then topk_kernel's k
+ * rounds over p + bias with p recomputed from the logits, gates renormalised and scaled. ---- */
+__device__ __forceinline__ float route_score(float l, float mx, float sum, bool sigmoid) {
+    return sigmoid ? 1.0f / (1.0f + expf(-l)) : expf(l - mx) / sum;
+}
+
+__global__ void route_topk_kernel(const float *lg, const float *bias, float *gates, int32_t *ids, int64_t rows, int E,
+                                  moe_route_spec sp) {
+    const int lane = threadIdx.x & 31;
+    for (int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows;
+         r += ((int64_t)gridDim.x * blockDim.x) >> 5) {
+        const float *row = lg + r * E;
+        float mx = -INFINITY, sum = 0.0f;
+        if (!sp.sigmoid) {
+            for (int e = lane; e < E; e += 32) mx = fmaxf(mx, row[e]);
+            mx = cu_warp_max(mx);
+            for (int e = lane; e < E; e += 32) sum += expf(row[e] - mx);
+            sum = cu_warp_sum(sum);
+        }
+        float pv = INFINITY, total = 0.0f;
+        int pi = -1;
+        for (int t = 0; t < sp.k; t++) {
+            float bv = NAN;
+            int bi = INT_MAX;
+            for (int e = lane; e < E; e += 32) {
+                float v = route_score(row[e], mx, sum, sp.sigmoid) + (bias ? bias[e] : 0.0f);
+                if (v < pv || (v == pv && e > pi)) topk_merge(bv, bi, v, e);
+            }
+            for (int o = 16; o > 0; o >>= 1) {
+                float v2 = __shfl_xor_sync(0xffffffffu, bv, o);
+                int i2 = __shfl_xor_sync(0xffffffffu, bi, o);
+                topk_merge(bv, bi, v2, i2);
+            }
+            const int id = bi == INT_MAX ? 0 : bi;
+            const float g = route_score(row[id], mx, sum, sp.sigmoid);
+            total += g;
+            if (lane == 0) {
+                ids[r * sp.k + t] = id;
+                gates[r * sp.k + t] = g;
+            }
+            pv = bv;
+            pi = bi;
+        }
+        for (int t = lane; t < sp.k; t += 32) {
+            float g = gates[r * sp.k + t];
+            if (sp.renormalize) g /= total;
+            if (sp.scale > 0) g *= (float)sp.scale;
+            gates[r * sp.k + t] = g;
+        }
+    }
+}
+
+extern "C" moe_status moe_cuda_route_topk(const moe_kernel_args *a) {
+    const moe_tensor *lg = a->in[0], *bias = a->in[1];
+    const int64_t rows = lg->shape[0], E = lg->shape[1];
+    if (lg->dtype != MOE_F32)
+        return moe_error(MOE_ERR_UNSUPPORTED, "route_topk: dtype %s is not supported on cuda (f32 logits)",
+                         moe_dtype_name(lg->dtype));
+    if (rows == 0) return MOE_OK;
+    if (E > INT32_MAX) return moe_error(MOE_ERR_INVALID, "route_topk: %lld experts are too many", (long long)E);
+    const int warps = 4;
+    route_topk_kernel<<<cu_blocks(rows * 32, warps * 32), warps * 32, 0, moe_cu.stream>>>(
+        (const float *)lg->data, bias ? (const float *)bias->data : NULL, (float *)a->out->data,
+        (int32_t *)a->out2->data, rows, (int)E, *(const moe_route_spec *)a->attrs);
+    CU_LAUNCHED("route_topk");
     return MOE_OK;
 }

@@ -1,5 +1,7 @@
 /* Op cases: index family (embedding, row select / add, gather / scatter-add, top-k) and
- * the integer routing ops (argsort, bincount, cumsum) checked against references. */
+ * the integer routing ops (argsort, bincount, cumsum) and the fused router selection
+ * (route_topk) checked against references. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -113,9 +115,73 @@ static bool check_cumsum_excl(moe_tensor **in, moe_tensor *out, char *why, size_
 #define F(nd, ...) {nd, {__VA_ARGS__}, IN_NORMAL, 0, true, false}
 #define FT(nd, ...) {nd, {__VA_ARGS__}, IN_NORMAL, 0, true, true}
 #define IDX(hi, nd, ...) {nd, {__VA_ARGS__}, IN_INDEX, hi, false, false}
+#define NOGRAD(nd, ...) {nd, {__VA_ARGS__}, IN_NORMAL, 0, false, false}
 #define IDXT(hi, nd, ...) {nd, {__VA_ARGS__}, IN_INDEX, hi, false, true}
 #define DIST(nd, ...) {nd, {__VA_ARGS__}, IN_DISTINCT, 0, true, false}
 #define DISTT(nd, ...) {nd, {__VA_ARGS__}, IN_DISTINCT, 0, true, true}
+
+/* route_topk's gates and ids side by side ([T, 2k]: the ids as floats) for the checks. */
+static moe_tensor *route_pair(moe_tensor *logits, moe_tensor *bias, moe_route_spec sp) {
+    moe_tensor *ids, *g = moe_route_topk(logits, bias, &sp, &ids);
+    return g ? moe_concat((moe_tensor *[]){g, moe_cast(ids, g->dtype)}, 2, 1) : NULL;
+}
+static moe_tensor *run_route_softmax(moe_tensor **in) {
+    return route_pair(in[0], NULL, (moe_route_spec){.k = 2, .renormalize = true});
+}
+static moe_tensor *run_route_sigmoid(moe_tensor **in) {
+    return route_pair(in[0], in[1], (moe_route_spec){.k = 3, .sigmoid = true, .renormalize = true, .scale = 2.5});
+}
+static moe_tensor *run_route_plain(moe_tensor **in) { return route_pair(in[0], NULL, (moe_route_spec){.k = 1}); }
+
+/* The host reference of route_pair's [T, 2k] for a spec (see moe_route_topk). */
+static bool check_route(moe_tensor **in, moe_tensor *out, moe_route_spec sp, bool with_bias, char *why, size_t cap) {
+    int64_t T = in[0]->shape[0], E = in[0]->shape[1], k = sp.k;
+    double *lg = malloc(sizeof(double) * (size_t)(T * E)), *b = malloc(sizeof(double) * (size_t)E),
+           *o = malloc(sizeof(double) * (size_t)(T * 2 * k)), *p = malloc(sizeof(double) * (size_t)E);
+    bool ok = out->ndim == 2 && out->shape[0] == T && out->shape[1] == 2 * k &&
+              moe_tensor_to_host_f64(in[0], lg) == MOE_OK && moe_tensor_to_host_f64(out, o) == MOE_OK &&
+              (!with_bias || moe_tensor_to_host_f64(in[1], b) == MOE_OK);
+    if (!ok) snprintf(why, cap, "output has the wrong shape, or a tensor could not be read");
+    for (int64_t t = 0; ok && t < T; t++) {
+        double mx = -INFINITY, sum = 0, total = 0, g[8];
+        int id[8];
+        for (int64_t e = 0; e < E; e++) mx = fmax(mx, lg[t * E + e]);
+        for (int64_t e = 0; e < E; e++) sum += exp(lg[t * E + e] - mx);
+        for (int64_t e = 0; e < E; e++)
+            p[e] = sp.sigmoid ? 1 / (1 + exp(-lg[t * E + e])) : exp(lg[t * E + e] - mx) / sum;
+        for (int j = 0; j < k; j++) { /* the best not taken yet, ties to the lower index */
+            id[j] = -1;
+            for (int e = 0; e < E; e++) {
+                bool taken = false;
+                for (int q = 0; q < j; q++) taken = taken || id[q] == e;
+                double v = p[e] + (with_bias ? b[e] : 0);
+                if (!taken && (id[j] < 0 || v > p[id[j]] + (with_bias ? b[id[j]] : 0))) id[j] = e;
+            }
+            g[j] = p[id[j]];
+            total += g[j];
+        }
+        for (int j = 0; ok && j < k; j++) {
+            double want = (sp.renormalize ? g[j] / total : g[j]) * (sp.scale > 0 ? sp.scale : 1);
+            if (o[t * 2 * k + k + j] != id[j] || fabs(o[t * 2 * k + j] - want) > 1e-12) {
+                snprintf(why, cap, "token %lld pick %d: got expert %g gate %.15g, want %d and %.15g", (long long)t, j,
+                         o[t * 2 * k + k + j], o[t * 2 * k + j], id[j], want);
+                ok = false;
+            }
+        }
+    }
+    free(lg), free(b), free(o), free(p);
+    return ok;
+}
+static bool check_route_softmax(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {
+    return check_route(in, out, (moe_route_spec){.k = 2, .renormalize = true}, false, why, cap);
+}
+static bool check_route_sigmoid(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {
+    return check_route(in, out, (moe_route_spec){.k = 3, .sigmoid = true, .renormalize = true, .scale = 2.5}, true, why,
+                       cap);
+}
+static bool check_route_plain(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {
+    return check_route(in, out, (moe_route_spec){.k = 1}, false, why, cap);
+}
 
 static const op_case cases[] = {
     {"embedding", "table 7x4, ids 2x5", 2, {F(2, 7, 4), IDX(7, 2, 2, 5)}, run_embedding},
@@ -135,6 +201,12 @@ static const op_case cases[] = {
     {"topk", "router 5x8, k = 3", 1, {DIST(2, 5, 8)}, run_topk3},
     {"topk", "transposed 3-D, k = n", 1, {DISTT(3, 2, 4, 6)}, run_topk_all},
     {"topk", "sort path 3x40, k = 20", 1, {DIST(2, 3, 40)}, run_topk_large},
+    {"route_topk", "softmax, 5 tokens of 8 experts, k = 2, renormalised", 1, {NOGRAD(2, 5, 8)}, run_route_softmax,
+     .check = check_route_softmax, .f32_parity_only = true},
+    {"route_topk", "sigmoid + bias, 4 tokens of 40 experts, k = 3, renormalised, scale 2.5", 2,
+     {NOGRAD(2, 4, 40), NOGRAD(1, 40)}, run_route_sigmoid, .check = check_route_sigmoid, .f32_parity_only = true},
+    {"route_topk", "softmax, 3 tokens of 6 experts, k = 1, plain", 1, {NOGRAD(2, 3, 6)}, run_route_plain,
+     .check = check_route_plain, .f32_parity_only = true},
     {"argsort", "i32 keys with ties (counting sort)", 1, {IDX(4, 2, 4, 25)}, run_argsort, .check = check_argsort},
     {"argsort", "i32 keys, wide range (merge sort)", 1, {IDX(1000000, 1, 120)}, run_argsort, .check = check_argsort},
     {"argsort", "float keys", 1, {{2, {3, 50}, IN_NORMAL, 0, false, false}}, run_argsort, .check = check_argsort,
