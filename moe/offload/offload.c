@@ -77,9 +77,11 @@ moe_status moe_offload_plan(const moe_model *m, const moe_offload_options *o, mo
     const moe_cfg_model *c = &m->cfg.model;
     memset(sp, 0, sizeof *sp);
     size_t es = moe_dtype_size(o->dtype);
-    int64_t widest = 0, moe_layers = 0;
-    for (int e = 0; e < c->n_experts; e++)
+    int64_t widest = 0, widest_ffn = 0, moe_layers = 0; /* an expert's elements, its hidden width */
+    for (int e = 0; e < c->n_experts; e++) {
         if (expert_elems(m, e) > widest) widest = expert_elems(m, e);
+        if (moe_config_expert_ffn_dim(&m->cfg, e) > widest_ffn) widest_ffn = moe_config_expert_ffn_dim(&m->cfg, e);
+    }
     for (int i = 0; i < c->n_layers; i++) moe_layers += !m->blocks[i].dense;
     for (int p = 0; p < m->n_params; p++)
         if (!m->params[p].expert_stack) sp->dense += (size_t)moe_tensor_numel(m->params[p].t) * es;
@@ -88,7 +90,9 @@ moe_status moe_offload_plan(const moe_model *m, const moe_offload_options *o, mo
     int64_t gathered = (int64_t)o->max_batch_tokens * c->top_k < c->n_experts ? (int64_t)o->max_batch_tokens * c->top_k
                                                                                : c->n_experts;
     if (o->max_gather > 0 && o->max_gather < gathered) gathered = o->max_gather;
-    int64_t per_token = 8 * (int64_t)c->d_model + c->vocab_size + c->top_k * (2 * (int64_t)c->d_model + widest);
+    /* a token's activations: the attention block's, its logits, and per routed slot its row,
+     * the expert's gate and up products, the SwiGLU and the output row */
+    int64_t per_token = 8 * (int64_t)c->d_model + c->vocab_size + c->top_k * (2 * (int64_t)c->d_model + 3 * widest_ffn);
     sp->scratch = (size_t)(gathered * widest + (int64_t)o->max_batch_tokens * per_token) * es;
     sp->slot_bytes = (size_t)widest * es;
     sp->experts = (int)(moe_layers * c->n_experts);
