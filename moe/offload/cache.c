@@ -2,6 +2,7 @@
  * with a floor per layer, copies through the device's copy queue (see offload.h). */
 #include <string.h>
 
+#include "core/fileio.h"
 #include "moe/offload/offload_internal.h"
 
 bool cache_policy_predicts(const moe_offload *o) {
@@ -53,8 +54,10 @@ int cache_take_slot(moe_offload *o, int layer, bool prefetch) {
 void cache_evict(moe_offload *o, int s) {
     cache_slot *c = &o->slots[s];
     if (c->layer < 0) return;
+    double t0 = moe_clock_ms();
     moe_xfer_cancel(o->xfer, &c->j13);
     moe_xfer_cancel(o->xfer, &c->j2);
+    o->counts[c->layer].wait_ms += moe_clock_ms() - t0;
     if (c->prefetched && !c->used) o->counts[c->layer].wasted++;
     o->where[c->layer * o->E + c->expert] = -1;
     o->held[c->layer]--;
@@ -113,6 +116,9 @@ void cache_slot_expedite(moe_offload *o, int s) {
 }
 
 moe_status cache_slot_wait(moe_offload *o, int s) {
-    MOE_TRY(moe_xfer_wait(o->xfer, &o->slots[s].j13));
-    return moe_xfer_wait(o->xfer, &o->slots[s].j2);
+    double t0 = moe_clock_ms();
+    moe_status st = moe_xfer_wait(o->xfer, &o->slots[s].j13);
+    if (st == MOE_OK) st = moe_xfer_wait(o->xfer, &o->slots[s].j2);
+    o->counts[o->slots[s].layer].wait_ms += moe_clock_ms() - t0;
+    return st;
 }

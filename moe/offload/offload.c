@@ -136,12 +136,15 @@ moe_offload_counts moe_offload_get_counts(const moe_offload *o, int layer) {
         const moe_offload_counts *c = &o->counts[i];
         t.uses += c->uses, t.hits += c->hits, t.misses += c->misses, t.late += c->late;
         t.host += c->host, t.wasted += c->wasted, t.copies += c->copies, t.bytes += c->bytes;
-        t.gather_ms += c->gather_ms, t.expert_ms += c->expert_ms;
+        t.gather_ms += c->gather_ms, t.expert_ms += c->expert_ms, t.wait_ms += c->wait_ms;
     }
     return t;
 }
 
-void moe_offload_reset_counts(moe_offload *o) { memset(o->counts, 0, sizeof *o->counts * (size_t)o->n_layers); }
+void moe_offload_reset_counts(moe_offload *o) {
+    memset(o->counts, 0, sizeof *o->counts * (size_t)o->n_layers);
+    o->predict_ms = 0;
+}
 
 double moe_offload_copy_rate(const moe_offload *o) {
     size_t bytes;
@@ -152,10 +155,10 @@ double moe_offload_copy_rate(const moe_offload *o) {
 
 static void print_count_line(FILE *f, const char *what, const moe_offload_counts *c) {
     fprintf(f, "offload: %s uses %lld hits %lld (late %lld) misses %lld (host %lld) wasted %lld copies %lld "
-            "(%.1f MiB) hit_rate %.3f gather %.2f ms experts %.2f ms\n", what, (long long)c->uses, (long long)c->hits,
-            (long long)c->late, (long long)c->misses, (long long)c->host, (long long)c->wasted, (long long)c->copies,
-            (double)c->bytes / (1 << 20), c->uses ? (double)c->hits / (double)c->uses : 1.0, c->gather_ms,
-            c->expert_ms);
+            "(%.1f MiB) hit_rate %.3f gather %.2f ms experts %.2f ms waited %.2f ms\n", what, (long long)c->uses,
+            (long long)c->hits, (long long)c->late, (long long)c->misses, (long long)c->host, (long long)c->wasted,
+            (long long)c->copies, (double)c->bytes / (1 << 20), c->uses ? (double)c->hits / (double)c->uses : 1.0,
+            c->gather_ms, c->expert_ms, c->wait_ms);
 }
 
 void moe_offload_print_counts(const moe_offload *o, FILE *f) {
@@ -167,8 +170,8 @@ void moe_offload_print_counts(const moe_offload *o, FILE *f) {
     }
     moe_offload_counts t = moe_offload_get_counts(o, -1);
     print_count_line(f, "total", &t);
-    fprintf(f, "offload: host-to-device %.2f GB/s achieved, prefetch depth %d\n", moe_offload_copy_rate(o) / 1e9,
-            o->depth);
+    fprintf(f, "offload: host-to-device %.2f GB/s achieved, prefetch depth %d, predictor %.2f ms\n",
+            moe_offload_copy_rate(o) / 1e9, o->depth, o->predict_ms);
 }
 
 /* ---- prediction and prefetch ---- */
@@ -253,7 +256,9 @@ static moe_status predict_run(moe_offload *o, const int32_t *tokens, const int32
     }
     memcpy(o->ctx_tok + c, tokens, sizeof(int32_t) * (size_t)n);
     memcpy(o->ctx_pos + c, pos, sizeof(int32_t) * (size_t)n);
+    double t0 = moe_clock_ms();
     MOE_TRY(o->opt.predict(o->opt.predict_ctx, o->ctx_tok, o->ctx_pos, c + n, o->scores));
+    o->predict_ms += moe_clock_ms() - t0;
     mark_predicted(o, o->scores, c + n, c);
     if (!h) return MOE_OK;
     int keep = c + n < MOE_OFFLOAD_CONTEXT ? c + n : MOE_OFFLOAD_CONTEXT;

@@ -91,6 +91,8 @@ typedef struct moe_offload_counts {
     size_t bytes; /* host-to-device bytes of expert copies */
     double gather_ms, expert_ms; /* copying the used experts into the scratch stacks; their
                                   * grouped GEMMs (host clock: exact on the CPU) */
+    double wait_ms;              /* the host blocked on this layer's copies: a slot's copy still
+                                  * running when its expert is needed, or when it is evicted */
 } moe_offload_counts;
 
 typedef struct moe_offload moe_offload;

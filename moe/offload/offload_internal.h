@@ -64,6 +64,7 @@ struct moe_offload {
     double rate0;               /* bytes/s of the copy measured at open */
     size_t device_bytes;        /* device PERSIST bytes the open took (view and cache arena) */
     double layer_ms, last_t;    /* running mean of a MoE layer's time; when the last one began */
+    double predict_ms;          /* the predictor's runs since the counts were reset (host clock) */
     int depth;                  /* layers prefetched ahead */
     int wave;                   /* experts gathered and run at once */
 };
