@@ -25,12 +25,22 @@ struct moe_xfer {
     char err[512]; /* the message of the last failed copy */
 };
 
-/* One copy on the copy thread. */
-static moe_status copy_bytes(moe_xfer *x, moe_xfer_job *j) {
+/* One copy on the copy thread, issued (on the CPU: done). */
+static moe_status copy_issue(moe_xfer *x, moe_xfer_job *j) {
 #ifdef MOE_HAVE_CUDA
-    if (x->dev == MOE_CUDA) return moe_cuda_copy_h2d(x->stream, x->device, j->fence, j->dst, j->src, j->bytes);
+    if (x->dev == MOE_CUDA)
+        return moe_cuda_copy_issue(x->stream, x->device, j->fence, &j->landed, j->dst, j->src, j->bytes);
 #endif
     memcpy(j->dst, j->src, j->bytes);
+    return MOE_OK;
+}
+
+/* Blocks until an issued copy has landed (CUDA). */
+static moe_status copy_settle(moe_xfer *x, moe_xfer_job *j) {
+#ifdef MOE_HAVE_CUDA
+    if (x->dev == MOE_CUDA) return moe_cuda_copy_settle(j->landed);
+#endif
+    (void)x, (void)j;
     return MOE_OK;
 }
 
@@ -70,7 +80,14 @@ static void *copy_thread(void *arg) {
         j->state = MOE_XFER_COPYING;
         pthread_mutex_unlock(&x->mu);
         double t0 = moe_clock_ms();
-        moe_status st = copy_bytes(x, j);
+        moe_status st = copy_issue(x, j);
+        if (st == MOE_OK) { /* waiters may go on from here (CUDA: on the landing event) */
+            pthread_mutex_lock(&x->mu);
+            j->issued = true;
+            pthread_cond_broadcast(&x->done);
+            pthread_mutex_unlock(&x->mu);
+            st = copy_settle(x, j);
+        }
         double ms = moe_clock_ms() - t0;
         pthread_mutex_lock(&x->mu);
         j->status = st;
@@ -146,6 +163,7 @@ moe_status moe_xfer_submit(moe_xfer *x, moe_xfer_job *j, bool urgent) {
     pthread_mutex_lock(&x->mu);
     j->status = MOE_OK;
     j->urgent = urgent;
+    j->issued = false;
     j->state = MOE_XFER_QUEUED;
     insert_before(x, j, urgent ? first_plain(x) : NULL);
     pthread_cond_signal(&x->work);
@@ -155,9 +173,10 @@ moe_status moe_xfer_submit(moe_xfer *x, moe_xfer_job *j, bool urgent) {
 
 void moe_xfer_job_release(moe_xfer_job *j) {
 #ifdef MOE_HAVE_CUDA
-    moe_cuda_fence_free(j->fence);
+    moe_cuda_event_free(j->fence);
+    moe_cuda_event_free(j->landed);
 #endif
-    j->fence = NULL;
+    j->fence = j->landed = NULL;
 }
 
 void moe_xfer_expedite(moe_xfer *x, moe_xfer_job *j) {
@@ -180,7 +199,16 @@ bool moe_xfer_done(moe_xfer *x, moe_xfer_job *j) {
 moe_status moe_xfer_wait(moe_xfer *x, moe_xfer_job *j) {
     pthread_mutex_lock(&x->mu);
     MOE_ASSERT(j->state != MOE_XFER_IDLE, "copy queue: waiting on a job never submitted");
-    while (j->state != MOE_XFER_DONE) pthread_cond_wait(&x->done, &x->mu);
+    bool on_device = x->dev != MOE_CPU;
+    while (j->state != MOE_XFER_DONE && !(on_device && j->state == MOE_XFER_COPYING && j->issued))
+        pthread_cond_wait(&x->done, &x->mu);
+#ifdef MOE_HAVE_CUDA
+    if (j->state != MOE_XFER_DONE) { /* issued, landing: the compute stream waits for it */
+        void *landed = j->landed;
+        pthread_mutex_unlock(&x->mu);
+        return moe_cuda_compute_wait(landed);
+    }
+#endif
     moe_status st = j->status;
     char err[sizeof x->err];
     memcpy(err, x->err, sizeof err);

@@ -7,7 +7,9 @@
  * The caller owns each job (a struct it embeds, e.g. in an expert cache slot) and keeps it
  * alive until it is done or cancelled. Jobs run in queue order; an urgent job goes ahead
  * of every queued non-urgent one (after earlier urgent ones), and moe_xfer_expedite moves
- * a queued job there. Compute waits on one job (moe_xfer_wait), never on the whole queue. */
+ * a queued job there. Compute waits on one job (moe_xfer_wait), never on the whole queue;
+ * on CUDA the compute stream waits for the copy's event, so the host goes on queueing
+ * kernels while the copy lands. */
 #ifndef MOE_CORE_XFER_H
 #define MOE_CORE_XFER_H
 
@@ -27,6 +29,8 @@ typedef struct moe_xfer_job {
     moe_xfer_state state; /* read it through moe_xfer_done (the queue's lock guards it) */
     moe_status status;    /* of the copy, once DONE */
     void *fence;          /* CUDA: the compute stream's point the copy waits for */
+    void *landed;         /* CUDA: an event on the copy stream after the copy */
+    bool issued;          /* CUDA: the copy and its event are on the copy stream */
     struct moe_xfer_job *prev, *next;
 } moe_xfer_job;
 
@@ -39,12 +43,15 @@ void moe_xfer_free(moe_xfer *x);
 
 /* Queues job j (state IDLE or DONE) copying j->bytes from j->src to j->dst. */
 moe_status moe_xfer_submit(moe_xfer *x, moe_xfer_job *j, bool urgent);
-/* What a job holds besides its fields (its fence); the job may be submitted again. */
+/* What a job holds besides its fields (its events); the job may be submitted again. */
 void moe_xfer_job_release(moe_xfer_job *j);
 /* A queued job jumps ahead of the non-urgent ones; no-op once it is copying or done. */
 void moe_xfer_expedite(moe_xfer *x, moe_xfer_job *j);
 bool moe_xfer_done(moe_xfer *x, moe_xfer_job *j);
-/* Blocks until job j is done (the compute path's wait on one transfer); its copy's status. */
+/* The compute path's wait on one transfer: on the CPU, blocks until job j is done; on CUDA,
+ * blocks only until the copy is on the copy stream, then makes the compute stream wait for
+ * it to land. The copy's status (a CUDA copy that fails after its issue surfaces at the next
+ * synchronisation). */
 moe_status moe_xfer_wait(moe_xfer *x, moe_xfer_job *j);
 /* Takes a queued job off the queue (back to IDLE), or waits for it when it is copying.
  * Returns whether it had been copied (DONE). */

@@ -27,18 +27,33 @@ extern "C" moe_status moe_cuda_fence_record(void **fence) {
     return MOE_OK;
 }
 
-extern "C" void moe_cuda_fence_free(void *fence) {
-    if (fence) cudaEventDestroy((cudaEvent_t)fence);
+extern "C" void moe_cuda_event_free(void *event) {
+    if (event) cudaEventDestroy((cudaEvent_t)event);
 }
 
-extern "C" moe_status moe_cuda_copy_h2d(void *stream, int device, void *fence, void *dst, const void *src,
-                                        size_t bytes) {
+extern "C" moe_status moe_cuda_copy_issue(void *stream, int device, void *fence, void **landed, void *dst,
+                                          const void *src, size_t bytes) {
     cudaStream_t s = (cudaStream_t)stream;
     CU_TRY(cudaSetDevice(device), "selecting CUDA device %d on the copy thread", device);
+    if (!*landed) {
+        cudaEvent_t e;
+        CU_TRY(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "creating a copy's landing event");
+        *landed = (void *)e;
+    }
     if (fence) CU_TRY(cudaStreamWaitEvent(s, (cudaEvent_t)fence, 0), "ordering a copy after the compute stream");
     CU_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, s), "copying %zu bytes of an expert to the device",
            bytes);
-    CU_TRY(cudaStreamSynchronize(s), "waiting for an expert copy");
+    CU_TRY(cudaEventRecord((cudaEvent_t)*landed, s), "recording an expert copy's landing event");
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_copy_settle(void *landed) {
+    CU_TRY(cudaEventSynchronize((cudaEvent_t)landed), "waiting for an expert copy");
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_compute_wait(void *landed) {
+    CU_TRY(cudaStreamWaitEvent(moe_cu.stream, (cudaEvent_t)landed, 0), "ordering compute after an expert copy");
     return MOE_OK;
 }
 

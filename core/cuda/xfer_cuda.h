@@ -14,10 +14,16 @@ moe_status moe_cuda_copy_stream_create(void **stream, int *device);
 void moe_cuda_copy_stream_free(void *stream);
 /* Records *fence (created on first use) on the compute stream: what is queued there now. */
 moe_status moe_cuda_fence_record(void **fence);
-void moe_cuda_fence_free(void *fence);
-/* On the copy stream: waits for fence (or not, NULL), copies bytes host -> device, then
- * blocks the calling thread until that copy has landed. */
-moe_status moe_cuda_copy_h2d(void *stream, int device, void *fence, void *dst, const void *src, size_t bytes);
+/* Frees an event of the above (a fence or a landing event); NULL is a no-op. */
+void moe_cuda_event_free(void *event);
+/* On the copy stream: waits for fence (or not, NULL), copies bytes host -> device and
+ * records *landed (created on first use) after the copy; returns once they are queued. */
+moe_status moe_cuda_copy_issue(void *stream, int device, void *fence, void **landed, void *dst, const void *src,
+                               size_t bytes);
+/* Blocks the calling thread until the copy before `landed` has landed. */
+moe_status moe_cuda_copy_settle(void *landed);
+/* The compute stream waits (on the device) for the copy before `landed`. */
+moe_status moe_cuda_compute_wait(void *landed);
 /* Page-locks host memory [p, p + bytes) for fast asynchronous copies (and unlocks it). */
 moe_status moe_cuda_host_register(void *p, size_t bytes);
 void moe_cuda_host_unregister(void *p);
