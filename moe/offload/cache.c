@@ -95,9 +95,9 @@ moe_status cache_load(moe_offload *o, int s, int layer, int e, bool urgent, bool
     c->prefetched = prefetch;
     c->used = false;
     c->j13 = (moe_xfer_job){.dst = base + (size_t)slot_at13(o, s) * es, .src = se->w13, .bytes = (size_t)se->n13 * es,
-                            .fence = c->j13.fence};
+                            .fence = c->j13.fence, .landed = c->j13.landed}; /* the job's events are reused */
     c->j2 = (moe_xfer_job){.dst = base + (size_t)slot_at2(o, s) * es, .src = se->w2, .bytes = (size_t)se->n2 * es,
-                           .fence = c->j2.fence};
+                           .fence = c->j2.fence, .landed = c->j2.landed};
     o->where[layer * o->E + e] = s;
     o->held[layer]++;
     o->counts[layer].copies++;
