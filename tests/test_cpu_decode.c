@@ -91,9 +91,9 @@ static double rel_err_f(const float *a, const float *b, int64_t n) {
     return d / s;
 }
 
-/* Prefill `prefill` tokens, then one token at a time up to T: each step's logits against
- * the training forward's row; returns the worst relative error. */
-static double decode_vs_full(moe_model *m, moe_dtype dt, int T, int prefill) {
+/* Prefill `prefill` tokens, then one token at a time up to T, the experts run by `path`:
+ * each step's logits against the training forward's row; returns the worst relative error. */
+static double decode_vs_full_by(moe_model *m, moe_dtype dt, int T, int prefill, moe_expert_path path) {
     const int64_t Vm = m->cfg.model.vocab_size;
     int32_t tok[64];
     double *full = malloc(sizeof(double) * (size_t)(T * Vm));
@@ -104,6 +104,7 @@ static double decode_vs_full(moe_model *m, moe_dtype dt, int T, int prefill) {
     moe_decoder *d;
     moe_decode_state *s;
     CU_ASSERT_EQUAL_FATAL(moe_decoder_open(m, dt, &d), MOE_OK);
+    moe_decoder_set_expert_path(d, path);
     CU_ASSERT_EQUAL_FATAL(moe_decode_state_create(d, 2, 64, &s), MOE_OK);
     moe_step_reset();
     CU_ASSERT_EQUAL_FATAL(moe_decoder_feed(d, s, 1, tok, prefill, step), MOE_OK);
@@ -121,6 +122,63 @@ static double decode_vs_full(moe_model *m, moe_dtype dt, int T, int prefill) {
     free(step);
     moe_step_reset();
     return worst;
+}
+
+static double decode_vs_full(moe_model *m, moe_dtype dt, int T, int prefill) {
+    return decode_vs_full_by(m, dt, T, prefill, MOE_EXPERT_PATH_AUTO);
+}
+
+/* The routes of a prefill of 3 sequences x 4 tokens and of one decode step of the 3, their
+ * experts run by `path`: routes [2][n_layers, 12, top_k] (the decode step's in the first
+ * 3 x top_k entries of each layer's block of the second). */
+static void routes_by(moe_model *m, moe_expert_path path, int32_t *routes) {
+    const int L = m->cfg.model.n_layers, k = m->cfg.model.top_k;
+    moe_decoder *d;
+    moe_decode_state *s;
+    CU_ASSERT_EQUAL_FATAL(moe_decoder_open(m, MOE_F64, &d), MOE_OK);
+    moe_decoder_set_expert_path(d, path);
+    CU_ASSERT_EQUAL_FATAL(moe_decode_state_create(d, 3, 48, &s), MOE_OK);
+    int32_t tok[12], pos[12], seq[12];
+    for (int i = 0; i < 12; i++) tok[i] = tok_at(i, 2), pos[i] = i % 4, seq[i] = i / 4;
+    float logits[3 * V];
+    for (int pass = 0; pass < 2; pass++) {
+        int n = pass == 0 ? 12 : 3;
+        if (pass == 1)
+            for (int q = 0; q < 3; q++) tok[q] = tok_at(q, 5), pos[q] = 4, seq[q] = q;
+        moe_batch b = {.n_tokens = n, .tokens = tok, .pos = pos, .seq = seq, .logits = MOE_LOGITS_LAST};
+        int32_t *r = routes + (int64_t)pass * L * 12 * k;
+        for (int i = 0; i < L * 12 * k; i++) r[i] = -7;
+        moe_decode_info info = {.route_ids = r};
+        moe_step_reset();
+        CU_ASSERT_EQUAL_FATAL(moe_decoder_forward(d, s, &b, logits, &info), MOE_OK);
+    }
+    moe_decode_state_free(s);
+    moe_decoder_close(d);
+    moe_step_reset();
+}
+
+/* The gathered experts (forced on the host) decode as the full forward does, and report
+ * the grouped path's routes through their device-side route sink. */
+static void test_decode_gathered(void) {
+    moe_config c;
+    small_config(&c, MOE_CFG_MIXER_ATTENTION);
+    c.model.dense_layers = 1; /* a dense layer's routes are -1 either way */
+    moe_model m;
+    open_model(&m, &c, MOE_F64);
+    double e = decode_vs_full_by(&m, MOE_F64, 21, 5, MOE_EXPERT_PATH_GATHERED);
+    fprintf(stderr, "  gathered decode vs full forward, f64 %.3g\n", e);
+    CU_ASSERT(e < 1e-6);
+    const int n = 2 * c.model.n_layers * 12 * c.model.top_k;
+    int32_t *grouped = malloc(sizeof(int32_t) * n), *gathered = malloc(sizeof(int32_t) * n);
+    routes_by(&m, MOE_EXPERT_PATH_GROUPED, grouped);
+    routes_by(&m, MOE_EXPERT_PATH_GATHERED, gathered);
+    CU_ASSERT_EQUAL(memcmp(grouped, gathered, sizeof(int32_t) * n), 0);
+    int sunk = 0;
+    for (int i = 0; i < n; i++) sunk += gathered[i] >= 0 && gathered[i] < c.model.n_experts;
+    CU_ASSERT(sunk > 0);
+    free(grouped);
+    free(gathered);
+    moe_model_free(&m);
 }
 
 static void check_decode(moe_cfg_mixer mixer, const char *name) {
@@ -661,6 +719,7 @@ static void register_suites(void) {
                                                      {"cached decode == full forward, gdn", test_decode_gdn},
                                                      {"cached decode == full forward, model features", test_decode_features},
                                                      {"cached decode == full forward, HF fixtures", test_decode_hf_fixtures},
+                                                     {"gathered experts: decode and routes", test_decode_gathered},
                                                      {"packed batch == sequences alone, attention", test_packed_attention},
                                                      {"packed batch == sequences alone, mom", test_packed_mom},
                                                      {"paged KV blocks freed and reused", test_paged_reuse},

@@ -38,7 +38,7 @@ typedef struct decode_flags {
     const char *batches;
     int prompt, tokens, reps;
     bool json;
-    bool grouped_experts;
+    const char *experts;
 } decode_flags;
 
 typedef struct decode_plan {
@@ -230,7 +230,9 @@ static void print_result(const decode_flags *f, const decode_plan *p, int B, con
     double bound = r->step_ms > 0 ? r->step_bytes / p->copy_bytes_per_s * 1e3 / r->step_ms : 0;
     int T = B * f->prompt;
     double ptps = r->prefill_ms > 0 ? 1e3 * T / r->prefill_ms : 0;
-    const char *impl = f->grouped_experts ? "moe-grouped" : "moe";
+    const char *impl = !f->experts || !strcmp(f->experts, "auto") ? "moe"
+                       : !strcmp(f->experts, "grouped")          ? "moe-grouped"
+                                                                  : "moe-gathered";
     if (f->json) {
         printf("{\"kind\":\"PREFILL\",\"impl\":\"%s\",\"batch\":%d,\"tokens\":%d,\"ms\":%.3f,\"tokens_per_s\":%.2f,"
                "\"peak_bytes\":%zu,\"device\":\"%s\",\"dtype\":\"%s\"}\n", impl, B, T, r->prefill_ms, ptps, r->peak_bytes,
@@ -278,7 +280,10 @@ static moe_status bench_decode(const decode_flags *f) {
     if (s == MOE_OK) s = copy_rate(p.dev, &p.copy_bytes_per_s);
     double t0 = moe_clock_ms();
     if (s == MOE_OK) s = moe_source_decoder_open(&src, &dec);
-    if (s == MOE_OK) moe_decoder_set_grouped_experts(dec, f->grouped_experts);
+    if (s == MOE_OK && f->experts)
+        moe_decoder_set_expert_path(dec, !strcmp(f->experts, "grouped")    ? MOE_EXPERT_PATH_GROUPED
+                                         : !strcmp(f->experts, "gathered") ? MOE_EXPERT_PATH_GATHERED
+                                                                           : MOE_EXPERT_PATH_AUTO);
     if (s == MOE_OK)
         fprintf(stderr, "bench decode: %s on %s %s (view made in %.0f ms), prompt %d, %d new tokens, %d timed runs, "
                 "copy rate %.1f GB/s\n", src.name, moe_device_name(p.dev), moe_dtype_name(p.dtype), moe_clock_ms() - t0,
@@ -304,8 +309,9 @@ int moe_cmd_bench_decode(int argc, char **argv) {
         {"--reps", MOE_FLAG_INT, "R", 1, MAX_REPS, NULL, "timed runs per batch size, after one warm-up",
          &f.reps},
         {"--json", MOE_FLAG_BOOL, NULL, 0, 0, NULL, "JSON lines instead of PREFILL / DECODE lines", &f.json},
-        {"--grouped-experts", MOE_FLAG_BOOL, NULL, 0, 0, NULL,
-         "every MoE layer on the grouped path (routing read back), also for decode steps", &f.grouped_experts},
+        {"--experts", MOE_FLAG_STRING, "PATH", 0, 0, "auto|grouped|gathered",
+         "how MoE layers run their experts: auto (gathered for few tokens on a device), grouped (routing read back: "
+         "the reference), gathered (wherever a layer allows it)", &f.experts},
         {0}};
     moe_args a;
     int rc = moe_cli_parse("bench decode", "moe bench decode --model DIR | --checkpoint FILE [flags]", specs, argc, argv,

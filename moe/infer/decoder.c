@@ -15,7 +15,7 @@ struct moe_decoder {
     moe_model *m;   /* borrowed */
     moe_model view; /* m's weights in the compute dtype (moe_model_cast_view) */
     const moe_expert_provider *provider; /* installed on view's MoE layers, or NULL: all resident */
-    bool grouped_experts;                /* moe_forward.grouped_experts of every forward */
+    moe_expert_path experts;             /* moe_forward.experts of every forward */
 };
 
 /* One sequence slot: its KV block table and where it stands. */
@@ -76,7 +76,7 @@ moe_status moe_decoder_open_on(moe_model *m, moe_device dev, moe_dtype dtype, mo
 
 const moe_model *moe_decoder_view(const moe_decoder *d) { return &d->view; }
 
-void moe_decoder_set_grouped_experts(moe_decoder *d, bool grouped) { d->grouped_experts = grouped; }
+void moe_decoder_set_expert_path(moe_decoder *d, moe_expert_path path) { d->experts = path; }
 
 void moe_decoder_close(moe_decoder *d) {
     if (!d) return;
@@ -357,7 +357,7 @@ static moe_status run_forward(moe_decoder *d, moe_decode_state *s, const moe_bat
     moe_tensor *pos = moe_tensor_from_host(MOE_LIFE_STEP, v->dev, MOE_I32, 1, (int64_t[]){b->n_tokens}, b->pos);
     moe_forward f = {.mode = MOE_FORWARD_INFER, .B = 1, .T = b->n_tokens, .spans = spans, .n_spans = s->n_spans,
                      .cache = &ops, .positions = pos, .route_ids = info ? info->route_ids : NULL,
-                     .grouped_experts = d->grouped_experts};
+                     .experts = d->experts};
     if (!pos) return moe_last_status();
     if (s->has_kv) MOE_TRY(plan_kv_rows(s, spans, b->n_tokens));
     if (d->provider && d->provider->begin)

@@ -96,9 +96,8 @@ const moe_model *moe_decoder_model(const moe_decoder *d);
 /* The decoder's view of the model: its weights in the compute dtype (what an expert
  * provider serves the routed experts from). */
 const moe_model *moe_decoder_view(const moe_decoder *d);
-/* Whether every forward runs its MoE layers on the grouped path (routing read back) even
- * where few tokens take the gathered one (moe_forward.grouped_experts); off at open. */
-void moe_decoder_set_grouped_experts(moe_decoder *d, bool grouped);
+/* How every forward runs its MoE layers' experts (moe_forward.experts); AUTO at open. */
+void moe_decoder_set_expert_path(moe_decoder *d, moe_expert_path path);
 
 /* Caches for up to max_seqs sequence slots sharing a pool of kv_tokens KV positions per
  * attention layer (rounded up to whole blocks); recurrent states for every slot are

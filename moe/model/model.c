@@ -692,20 +692,44 @@ static moe_tensor *mix(moe_model *m, int i, moe_tensor *h, const moe_forward *f,
     return concat_pieces(parts, f->n_spans, 1);
 }
 
-/* Whether block b's MoE layer runs an inference forward on the gathered experts: few
- * tokens on a device (on the host, reading the routing back costs nothing and the grouped
- * GEMMs read each expert once), nobody asking for the routes or the load. */
-static bool gather_experts(const moe_block *b, const moe_tensor *h2, const moe_forward *f, const int32_t *ids,
-                           const moe_loss_parts *parts) {
-    return h2 && h2->device != MOE_CPU && !ids && !parts && !f->grouped_experts &&
-           moe_moe_layer_gathers(&b->moe, h2->shape[0]);
+/* Where a forward's routes go when its MoE layers select on the device: every layer's
+ * experts into one device tensor t [n_layers, B T, top_k], read back once after the
+ * blocks (sunk[i]: layer i wrote its rows there). */
+typedef struct route_sink {
+    moe_tensor *t;
+    bool *sunk;
+} route_sink;
+
+/* Whether block b's MoE layer runs an inference forward on the gathered experts: where the
+ * layer allows it, by f->experts; AUTO only on a device (on the host, reading the routing
+ * back costs nothing and the grouped GEMMs read each expert once); never when the load is
+ * counted. */
+static bool gather_experts(const moe_block *b, const moe_tensor *h2, const moe_forward *f, const moe_loss_parts *parts) {
+    if (!h2 || parts || f->experts == MOE_EXPERT_PATH_GROUPED || !moe_moe_layer_gathers(&b->moe, h2->shape[0]))
+        return false;
+    return f->experts == MOE_EXPERT_PATH_GATHERED || h2->device != MOE_CPU;
+}
+
+/* Block i's gathered experts on h2 [B T, d]; the routes, when asked for, into the sink. */
+static moe_tensor *gathered_feed_forward(moe_model *m, int i, moe_tensor *h2, moe_tensor **router_state,
+                                         route_sink *sink) {
+    moe_block *b = &m->blocks[i];
+    moe_tensor *state = NULL, *gates, *experts, *logits = moe_router_logits(&b->moe.router, h2, *router_state, &state);
+    *router_state = state;
+    if (!logits || moe_router_select_device(&b->moe.router, logits, &gates, &experts) != MOE_OK) return NULL;
+    if (sink && sink->t) {
+        moe_tensor *rows = moe_reshape(moe_slice(sink->t, 0, i, i + 1), 2, experts->shape);
+        if (!rows || moe_tensor_copy_(rows, experts) != MOE_OK) return NULL;
+        sink->sunk[i] = true;
+    }
+    return moe_moe_layer_apply_gathered(&b->moe, h2, gates, experts, m->compute);
 }
 
 /* Block i's feed-forward on h2 [B T, d] -> [B T, d]: dense, or the MoE layer routed with
  * its balance terms (training) or by selection alone (inference). *router_state: RMoE's
  * state carried from MoE layer to MoE layer. */
 static moe_tensor *feed_forward(moe_model *m, int i, moe_tensor *h2, const moe_forward *f, moe_tensor **router_state,
-                                moe_loss_parts *parts, moe_tensor **aux) {
+                                moe_loss_parts *parts, moe_tensor **aux, route_sink *sink) {
     const moe_cfg_model *c = &m->cfg.model;
     moe_block *b = &m->blocks[i];
     int64_t bt = h2 ? h2->shape[0] : 0;
@@ -720,12 +744,8 @@ static moe_tensor *feed_forward(moe_model *m, int i, moe_tensor *h2, const moe_f
         /* gating noise: a counter range per (step, call, layer), so resume replays it */
         b->moe.router.noise_counter = m->dropout_counter + ((uint64_t)i << 34);
         ffn = moe_moe_layer_forward(&b->moe, h2, *router_state, m->compute, &res);
-    } else if (gather_experts(b, h2, f, ids, parts)) { /* a decode step: nothing read back */
-        moe_tensor *state = NULL, *gates, *experts, *logits = moe_router_logits(&b->moe.router, h2, *router_state, &state);
-        *router_state = state;
-        return logits && moe_router_select_device(&b->moe.router, logits, &gates, &experts) == MOE_OK
-                   ? moe_moe_layer_apply_gathered(&b->moe, h2, gates, experts, m->compute)
-                   : NULL;
+    } else if (gather_experts(b, h2, f, parts)) { /* a decode step: nothing read back */
+        return gathered_feed_forward(m, i, h2, router_state, ids ? sink : NULL);
     } else {
         moe_routing r;
         moe_tensor *state = NULL, *logits = moe_router_logits(&b->moe.router, h2, *router_state, &state);
@@ -783,7 +803,7 @@ static moe_tensor *infer_mix(void *ctx, moe_tensor *const *in) {
 static moe_tensor *infer_feed_forward(void *ctx, moe_tensor *const *in) {
     infer_piece *p = ctx;
     moe_tensor *router_state = NULL;
-    return feed_forward(p->m, p->i, in[0], p->f, &router_state, NULL, NULL);
+    return feed_forward(p->m, p->i, in[0], p->f, &router_state, NULL, NULL, NULL);
 }
 
 static bool infer_scoped_mix(const moe_model *m, int i, const moe_forward *f) {
@@ -798,7 +818,7 @@ static bool infer_scoped_ffn(const moe_model *m, const moe_forward *f) {
 
 /* Block i's mixer and feed-forward sublayers on x [B, T, d]. */
 static moe_tensor *block_forward(moe_model *m, int i, moe_tensor *x, const moe_forward *f, moe_tensor **router_state,
-                                 moe_loss_parts *parts, moe_tensor **aux) {
+                                 moe_loss_parts *parts, moe_tensor **aux, route_sink *sink) {
     const moe_cfg_model *c = &m->cfg.model;
     moe_block *b = &m->blocks[i];
     int64_t d = c->d_model, bt = (int64_t)f->B * f->T;
@@ -808,14 +828,43 @@ static moe_tensor *block_forward(moe_model *m, int i, moe_tensor *x, const moe_f
     x = moe_add(x, dropout(m, f, mixed));
     moe_tensor *h2 = moe_reshape(moe_rmsnorm(x, C(b->ffn_norm), c->norm_eps), 2, (int64_t[]){bt, d});
     moe_tensor *ffn = h2 && infer_scoped_ffn(m, f) ? moe_keep_result(infer_feed_forward, &piece, 1, &h2)
-                                                   : feed_forward(m, i, h2, f, router_state, parts, aux);
+                                                   : feed_forward(m, i, h2, f, router_state, parts, aux, sink);
     return moe_add(x, dropout(m, f, moe_reshape(ffn, 3, (int64_t[]){f->B, f->T, d})));
 }
 
 static moe_tensor *infer_block(void *ctx, moe_tensor *const *in) {
     infer_piece *p = ctx;
     moe_tensor *router_state = NULL;
-    return block_forward(p->m, p->i, in[0], p->f, &router_state, NULL, NULL);
+    return block_forward(p->m, p->i, in[0], p->f, &router_state, NULL, NULL, NULL);
+}
+
+/* A route sink for an inference forward that asks for its routes and may gather (else none). */
+static moe_status open_route_sink(const moe_model *m, const moe_forward *f, route_sink *sink) {
+    const moe_cfg_model *c = &m->cfg.model;
+    int64_t bt = (int64_t)f->B * f->T;
+    if (f->mode != MOE_FORWARD_INFER || !f->route_ids || f->experts == MOE_EXPERT_PATH_GROUPED ||
+        bt * c->top_k > MOE_GATHER_MAX_ROWS)
+        return MOE_OK;
+    sink->t = moe_tensor_empty(MOE_LIFE_STEP, m->dev, MOE_I32, 3, (int64_t[]){c->n_layers, bt, c->top_k});
+    sink->sunk = moe_step_host_alloc(sizeof(bool) * (size_t)c->n_layers);
+    if (!sink->t || !sink->sunk) return sink->t ? moe_error(MOE_ERR_OOM, "model: out of host memory") : moe_last_status();
+    memset(sink->sunk, 0, sizeof(bool) * (size_t)c->n_layers);
+    return MOE_OK;
+}
+
+/* The sunk layers' routes into f->route_ids: one read back for the whole forward. */
+static moe_status close_route_sink(const moe_model *m, const moe_forward *f, const route_sink *sink) {
+    const moe_cfg_model *c = &m->cfg.model;
+    bool any = false;
+    for (int i = 0; sink->t && i < c->n_layers; i++) any = any || sink->sunk[i];
+    if (!any) return MOE_OK;
+    moe_tensor *host = moe_tensor_to(sink->t, MOE_CPU, MOE_LIFE_STEP);
+    if (!host) return moe_last_status();
+    size_t per_layer = (size_t)f->B * (size_t)f->T * (size_t)c->top_k;
+    for (int i = 0; i < c->n_layers; i++)
+        if (sink->sunk[i])
+            memcpy(f->route_ids + i * per_layer, (const int32_t *)host->data + i * per_layer, sizeof(int32_t) * per_layer);
+    return MOE_OK;
 }
 
 /* Embedding, blocks and final norm: ids [B, T] -> [B T, d]; fills parts and aux (TRAIN). */
@@ -824,12 +873,15 @@ static moe_tensor *forward_hidden(moe_model *m, moe_tensor *ids, const moe_forwa
     const moe_cfg_model *c = &m->cfg.model;
     check_forward(f);
     int64_t d = c->d_model, bt = (int64_t)f->B * f->T;
+    route_sink sink = {NULL, NULL};
+    if (open_route_sink(m, f, &sink) != MOE_OK) return NULL;
     moe_tensor *x = moe_embedding(C(m->embed), ids), *router_state = NULL;
     for (int i = 0; i < c->n_layers && x; i++) {
         infer_piece piece = {m, i, f};
         x = infer_scoped_mix(m, i, f) && infer_scoped_ffn(m, f) ? moe_keep_result(infer_block, &piece, 1, &x)
-                                                                 : block_forward(m, i, x, f, &router_state, parts, aux);
+                                                                 : block_forward(m, i, x, f, &router_state, parts, aux, &sink);
     }
+    if (x && close_route_sink(m, f, &sink) != MOE_OK) return NULL;
     return moe_rmsnorm(moe_reshape(x, 2, (int64_t[]){bt, d}), C(m->final_norm), c->norm_eps);
 }
 

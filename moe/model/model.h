@@ -127,6 +127,13 @@ typedef struct moe_cache_ops {
     moe_status (*set_state)(void *ctx, int layer, int span, moe_tensor *state);
 } moe_cache_ops;
 
+/* How an inference forward runs its MoE layers' routed experts. */
+typedef enum moe_expert_path {
+    MOE_EXPERT_PATH_AUTO,     /* gathered where it pays (few tokens on a device), else grouped */
+    MOE_EXPERT_PATH_GROUPED,  /* the routing read back, grouped GEMMs: the reference */
+    MOE_EXPERT_PATH_GATHERED, /* gathered wherever the layer allows it, on the host too (tests) */
+} moe_expert_path;
+
 typedef struct moe_forward {
     moe_forward_mode mode;
     int B, T;                   /* ids [B, T] */
@@ -137,9 +144,8 @@ typedef struct moe_forward {
                                  * sequence (rope); TRAIN: NULL (positions 0 .. T - 1 of every row) */
     int32_t *route_ids;         /* NULL or [n_layers, B T, top_k]: the experts chosen per layer and
                                  * token (the router's order; -1 in dense layers) */
-    bool grouped_experts;       /* INFER: every MoE layer reads its routing back and runs the grouped
-                                 * path, also where few tokens would take the gathered one (the
-                                 * reference the gathered path is measured against) */
+    moe_expert_path experts;    /* INFER: how the MoE layers run their experts (see moe_expert_path);
+                                 * route_ids come back on every path */
 } moe_forward;
 
 /* The blocks and the final RMSNorm on ids [B, T] (I32 on the model's device) -> hidden
