@@ -1,7 +1,8 @@
 /* The decoder on CUDA: the same model (weights drawn on the host from the same seed)
  * decoded with paged KV blocks and recurrent states on the GPU gives the CPU decoder's
  * logits in f32, and in bf16 (weights cast once) comes no further from them than the bf16
- * training forward; a packed prefill of three sequences, then one-token steps of all three. */
+ * training forward; a packed prefill of three sequences, then one-token steps of all three.
+ * A decode step on the gathered experts gives the grouped path's routes and logits. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -132,12 +133,63 @@ static void check(bool mla) {
     moe_model_free(&gpu);
 }
 
+/* One decode step of the three sequences after their prefill, on CUDA in f32, the experts
+ * run by `path`: its logits [3, V] and routes [n_layers, 3, top_k]. */
+static void step_routes(moe_model *m, moe_expert_path path, float *logits, int32_t *routes) {
+    moe_decoder *d;
+    moe_decode_state *s;
+    CU_ASSERT_EQUAL_FATAL(moe_decoder_open(m, MOE_F32, &d), MOE_OK);
+    moe_decoder_set_expert_path(d, path);
+    CU_ASSERT_EQUAL_FATAL(moe_decode_state_create(d, 3, 96, &s), MOE_OK);
+    int32_t tok[N_TOK], pos[N_TOK], seq[N_TOK];
+    int at = 0;
+    for (int q = 0; q < 3; q++)
+        for (int t = 0; t < lens[q]; t++, at++) tok[at] = token(q, t), pos[at] = t, seq[at] = q;
+    moe_batch b = {.n_tokens = N_TOK, .tokens = tok, .pos = pos, .seq = seq, .logits = MOE_LOGITS_LAST};
+    float prefill[3 * V];
+    moe_step_reset();
+    CU_ASSERT_EQUAL_FATAL(moe_decoder_forward(d, s, &b, prefill, NULL), MOE_OK);
+    int32_t t3[3], p3[3], s3[3] = {0, 1, 2};
+    for (int q = 0; q < 3; q++) t3[q] = token(q, lens[q]), p3[q] = lens[q];
+    moe_batch bs = {.n_tokens = 3, .tokens = t3, .pos = p3, .seq = s3, .logits = MOE_LOGITS_LAST};
+    moe_decode_info info = {.route_ids = routes};
+    moe_step_reset();
+    CU_ASSERT_EQUAL_FATAL(moe_decoder_forward(d, s, &bs, logits, &info), MOE_OK);
+    moe_decode_state_free(s);
+    moe_decoder_close(d);
+    moe_step_reset();
+}
+
+/* A decode step on the gathered experts (the route sink read back once) gives the grouped
+ * path's routes and, within f32 rounding, its logits. */
+static void test_gathered_routes(void) {
+    moe_config c;
+    config(&c, false, MOE_CUDA);
+    CU_ASSERT_EQUAL_FATAL(moe_config_validate(&c), MOE_OK);
+    moe_model m;
+    CU_ASSERT_EQUAL_FATAL(moe_model_init(&m, &c, 0, 1), MOE_OK);
+    enum { R = 3 * 3 * 2 }; /* layers x tokens x top-k */
+    float lg_auto[3 * V], lg_grouped[3 * V];
+    int32_t r_auto[R], r_grouped[R];
+    for (int i = 0; i < R; i++) r_auto[i] = r_grouped[i] = -7;
+    step_routes(&m, MOE_EXPERT_PATH_AUTO, lg_auto, r_auto);
+    step_routes(&m, MOE_EXPERT_PATH_GROUPED, lg_grouped, r_grouped);
+    double e = rel_err(lg_auto, lg_grouped, 3 * V);
+    fprintf(stderr, "  gathered vs grouped decode step on CUDA, f32: logits %.3g\n", e);
+    CU_ASSERT(e < 1e-5);
+    CU_ASSERT_EQUAL(memcmp(r_auto, r_grouped, sizeof r_auto), 0);
+    CU_ASSERT(r_auto[0] >= 0 && r_auto[0] < c.model.n_experts);
+    moe_model_free(&m);
+}
+
 static void test_mha_gdn(void) { check(false); }
 static void test_mla(void) { check(true); }
 
 static void register_suites(void) {
     moe_test_add_suite("cuda_decode", (moe_test_entry[]){{"decode on CUDA == CPU, mha + gdn", test_mha_gdn},
                                                           {"decode on CUDA == CPU, mla", test_mla},
+                                                          {"gathered experts: routes and logits == grouped",
+                                                           test_gathered_routes},
                                                           {NULL, NULL}});
 }
 
