@@ -280,10 +280,7 @@ static moe_status bench_decode(const decode_flags *f) {
     if (s == MOE_OK) s = copy_rate(p.dev, &p.copy_bytes_per_s);
     double t0 = moe_clock_ms();
     if (s == MOE_OK) s = moe_source_decoder_open(&src, &dec);
-    if (s == MOE_OK && f->experts)
-        moe_decoder_set_expert_path(dec, !strcmp(f->experts, "grouped")    ? MOE_EXPERT_PATH_GROUPED
-                                         : !strcmp(f->experts, "gathered") ? MOE_EXPERT_PATH_GATHERED
-                                                                           : MOE_EXPERT_PATH_AUTO);
+    if (s == MOE_OK) moe_decoder_set_expert_path(dec, moe_cli_expert_path(f->experts));
     if (s == MOE_OK)
         fprintf(stderr, "bench decode: %s on %s %s (view made in %.0f ms), prompt %d, %d new tokens, %d timed runs, "
                 "copy rate %.1f GB/s\n", src.name, moe_device_name(p.dev), moe_dtype_name(p.dtype), moe_clock_ms() - t0,
@@ -309,9 +306,7 @@ int moe_cmd_bench_decode(int argc, char **argv) {
         {"--reps", MOE_FLAG_INT, "R", 1, MAX_REPS, NULL, "timed runs per batch size, after one warm-up",
          &f.reps},
         {"--json", MOE_FLAG_BOOL, NULL, 0, 0, NULL, "JSON lines instead of PREFILL / DECODE lines", &f.json},
-        {"--experts", MOE_FLAG_STRING, "PATH", 0, 0, "auto|grouped|gathered",
-         "how MoE layers run their experts: auto (gathered for few tokens on a device), grouped (routing read back: "
-         "the reference), gathered (wherever a layer allows it)", &f.experts},
+        {"--experts", MOE_FLAG_STRING, "PATH", 0, 0, "auto|grouped|gathered", MOE_CLI_EXPERTS_HELP, &f.experts},
         {0}};
     moe_args a;
     int rc = moe_cli_parse("bench decode", "moe bench decode --model DIR | --checkpoint FILE [flags]", specs, argc, argv,

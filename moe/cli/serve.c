@@ -21,7 +21,7 @@
 #include "moe/serve/http.h"
 
 typedef struct serve_flags {
-    const char *model_dir, *checkpoint, *host, *name, *device, *dtype;
+    const char *model_dir, *checkpoint, *host, *name, *device, *dtype, *experts;
     int port, max_batch, prefill_tokens, max_queue, timeout_s, max_conns, drain_s, eos;
     int64_t kv_tokens, max_body;
     moe_offload_flags offload;
@@ -130,6 +130,7 @@ static moe_status start(server *sv, const serve_flags *f) {
     MOE_TRY(moe_cli_decoder_open(&f->offload, &sv->model, dev, dt, f->max_batch, kv, f->max_batch + f->prefill_tokens,
                                  &sv->decoder));
     sv->decoder_open = true;
+    moe_decoder_set_expert_path(sv->decoder.dec, moe_cli_expert_path(f->experts));
     serve_metrics_init(&sv->metrics);
     sv->metrics_init = true;
     serve_expert_counts counts = {.offloaded = sv->decoder.off != NULL, .counts = expert_counts, .ctx = sv->decoder.off};
@@ -231,6 +232,7 @@ int moe_cmd_serve(int argc, char **argv) {
         {"--max-tokens-in-flight", MOE_FLAG_I64, "M", 0, 1e12, NULL,
          "KV cache positions of all sequences together, 0 = max-batch x context", &f.kv_tokens},
         {"--prefill-tokens", MOE_FLAG_INT, "P", 1, 1 << 20, NULL, "prompt tokens packed into one forward", &f.prefill_tokens},
+        {"--experts", MOE_FLAG_STRING, "PATH", 0, 0, "auto|grouped|gathered", MOE_CLI_EXPERTS_HELP, &f.experts},
         {"--max-queue", MOE_FLAG_INT, "Q", 1, 1 << 20, NULL, "waiting requests before answering 429", &f.max_queue},
         {"--timeout", MOE_FLAG_INT, "S", 1, 3600, NULL, "seconds before an idle or slow connection is closed", &f.timeout_s},
         {"--max-connections", MOE_FLAG_INT, "N", 1, 100000, NULL, "simultaneous connections", &f.max_conns},

@@ -239,6 +239,12 @@ moe_status moe_source_placement(const char *device, const char *dtype, moe_devic
     return moe_config_validate(&c);
 }
 
+moe_expert_path moe_cli_expert_path(const char *name) {
+    if (name && !strcmp(name, "grouped")) return MOE_EXPERT_PATH_GROUPED;
+    if (name && !strcmp(name, "gathered")) return MOE_EXPERT_PATH_GATHERED;
+    return MOE_EXPERT_PATH_AUTO;
+}
+
 moe_status moe_source_decoder_open(moe_source *src, moe_decoder **out) {
     return moe_decoder_open_on(&src->model, src->dev, src->dtype, out);
 }
