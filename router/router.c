@@ -338,15 +338,24 @@ static moe_status alloc_host(const moe_router *r, int64_t T, moe_routing *out) {
     return out->host_experts && out->load ? MOE_OK : moe_error(MOE_ERR_OOM, "router: out of host memory");
 }
 
-/* From the chosen p (vals [T, k]) and ids: gates (renormalised, scaled), the counts and
- * the rest of out. */
-/* The gates of the chosen p (vals [T, k]): renormalised and scaled per the settings. */
-static moe_tensor *gates_of(const moe_router *r, moe_tensor *vals, const bool *valid) {
+/* The selection the settings ask for: k, the scores, whether the gates are renormalised
+ * (one gate of a softmax top-1 is left as it is) and their scale (0: none). */
+static moe_route_spec route_spec(const moe_router *r) {
     const moe_router_settings *s = &r->s;
-    moe_tensor *gates = s->renormalize && (s->top_k > 1 || s->sigmoid_scores) ? renormalize(vals, valid) : vals;
-    return s->scale > 0 && s->scale != 1.0 ? moe_mul_scalar(gates, s->scale) : gates;
+    return (moe_route_spec){.k = s->top_k, .sigmoid = s->sigmoid_scores,
+                            .renormalize = s->renormalize && (s->top_k > 1 || s->sigmoid_scores),
+                            .scale = s->scale > 0 && s->scale != 1.0 ? s->scale : 0};
 }
 
+/* The gates of the chosen p (vals [T, k]): renormalised and scaled per the settings. */
+static moe_tensor *gates_of(const moe_router *r, moe_tensor *vals, const bool *valid) {
+    moe_route_spec spec = route_spec(r);
+    moe_tensor *gates = spec.renormalize ? renormalize(vals, valid) : vals;
+    return spec.scale > 0 ? moe_mul_scalar(gates, spec.scale) : gates;
+}
+
+/* From the chosen p (vals [T, k]) and ids: gates (renormalised, scaled), the counts and
+ * the rest of out. */
 static moe_status finish(const moe_router *r, moe_tensor *p, moe_tensor *vals, moe_tensor *idx, moe_routing *out) {
     const moe_router_settings *s = &r->s;
     int64_t T = p->shape[0], n = T * s->top_k;
@@ -378,10 +387,7 @@ bool moe_router_selects_on_device(const moe_router *r) { return r->s.n_groups <=
 
 moe_status moe_router_select_device(const moe_router *r, moe_tensor *logits, moe_tensor **gates, moe_tensor **experts) {
     MOE_ASSERT(moe_router_selects_on_device(r), "router: group-limited selection runs on the host");
-    const moe_router_settings *s = &r->s;
-    moe_route_spec spec = {.k = s->top_k, .sigmoid = s->sigmoid_scores,
-                           .renormalize = s->renormalize && (s->top_k > 1 || s->sigmoid_scores),
-                           .scale = s->scale > 0 && s->scale != 1.0 ? s->scale : 0};
+    moe_route_spec spec = route_spec(r);
     *gates = moe_route_topk(logits, r->bias, &spec, experts);
     return *gates ? MOE_OK : moe_last_status();
 }

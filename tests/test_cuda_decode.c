@@ -50,13 +50,9 @@ static int32_t token(int q, int t) {
     return t < lens[q] ? (int32_t)(((at + t) * 11 + 5) % V) : (int32_t)(((t - lens[q] + 1) * 7 + q * 3) % V);
 }
 
-/* Three sequences: a packed prefill (7, 3, 12 tokens, LAST rows) then four one-token steps
- * of all three; the logits of every call into out [(1 + 4) * 3, V]. */
-static void run(moe_model *m, moe_dtype dt, float *out) {
-    moe_decoder *d;
-    moe_decode_state *s;
-    CU_ASSERT_EQUAL_FATAL(moe_decoder_open(m, dt, &d), MOE_OK);
-    CU_ASSERT_EQUAL_FATAL(moe_decode_state_create(d, 3, 96, &s), MOE_OK);
+/* The packed prefill of the three sequences (7, 3, 12 tokens), their last rows' logits
+ * into out [3, V]. */
+static void prefill_three(moe_decoder *d, moe_decode_state *s, float *out) {
     int32_t tok[N_TOK], pos[N_TOK], seq[N_TOK];
     int at = 0;
     for (int q = 0; q < 3; q++)
@@ -64,6 +60,16 @@ static void run(moe_model *m, moe_dtype dt, float *out) {
     moe_batch b = {.n_tokens = N_TOK, .tokens = tok, .pos = pos, .seq = seq, .logits = MOE_LOGITS_LAST};
     moe_step_reset();
     CU_ASSERT_EQUAL_FATAL(moe_decoder_forward(d, s, &b, out, NULL), MOE_OK);
+}
+
+/* Three sequences: a packed prefill (LAST rows) then four one-token steps of all three;
+ * the logits of every call into out [(1 + 4) * 3, V]. */
+static void run(moe_model *m, moe_dtype dt, float *out) {
+    moe_decoder *d;
+    moe_decode_state *s;
+    CU_ASSERT_EQUAL_FATAL(moe_decoder_open(m, dt, &d), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(moe_decode_state_create(d, 3, 96, &s), MOE_OK);
+    prefill_three(d, s, out);
     for (int step = 1; step <= 4; step++) {
         int32_t t3[3], p3[3], s3[3] = {0, 1, 2};
         for (int q = 0; q < 3; q++) t3[q] = token(q, lens[q] + step - 1), p3[q] = lens[q] + step - 1;
@@ -141,14 +147,8 @@ static void step_routes(moe_model *m, moe_expert_path path, float *logits, int32
     CU_ASSERT_EQUAL_FATAL(moe_decoder_open(m, MOE_F32, &d), MOE_OK);
     moe_decoder_set_expert_path(d, path);
     CU_ASSERT_EQUAL_FATAL(moe_decode_state_create(d, 3, 96, &s), MOE_OK);
-    int32_t tok[N_TOK], pos[N_TOK], seq[N_TOK];
-    int at = 0;
-    for (int q = 0; q < 3; q++)
-        for (int t = 0; t < lens[q]; t++, at++) tok[at] = token(q, t), pos[at] = t, seq[at] = q;
-    moe_batch b = {.n_tokens = N_TOK, .tokens = tok, .pos = pos, .seq = seq, .logits = MOE_LOGITS_LAST};
     float prefill[3 * V];
-    moe_step_reset();
-    CU_ASSERT_EQUAL_FATAL(moe_decoder_forward(d, s, &b, prefill, NULL), MOE_OK);
+    prefill_three(d, s, prefill);
     int32_t t3[3], p3[3], s3[3] = {0, 1, 2};
     for (int q = 0; q < 3; q++) t3[q] = token(q, lens[q]), p3[q] = lens[q];
     moe_batch bs = {.n_tokens = 3, .tokens = t3, .pos = p3, .seq = s3, .logits = MOE_LOGITS_LAST};

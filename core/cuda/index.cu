@@ -517,6 +517,7 @@ __global__ void route_topk_kernel(const float *lg, const float *bias, float *gat
             pv = bv;
             pi = bi;
         }
+        __syncwarp(); /* lane 0's gate writes, visible to the lanes that scale them */
         for (int t = lane; t < sp.k; t += 32) {
             float g = gates[r * sp.k + t];
             if (sp.renormalize) g /= total;
