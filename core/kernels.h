@@ -65,6 +65,7 @@
     X(DROPOUT, dropout, 1)                   \
     X(ROPE, rope, 1)                         \
     X(ATTENTION, attention, 1)               \
+    X(ATTENTION_PAGED, attention_paged, 0)   \
     X(CROSS_ENTROPY, cross_entropy, 1)       \
     X(ALL_TO_ALL, all_to_all, 1)             \
     X(DELTA_SCAN, delta_scan, 1)             \
@@ -125,6 +126,7 @@ extern const moe_op_info moe_op_table[MOE_OP_COUNT];
     X(ROPE, rope)                /* in[1] = positions [T] I32 or NULL (pos0 + t); attrs: pos0, theta, inverse */ \
     X(ATTENTION, attention)           /* out, out2 = logsumexp [B, H, Tq] F32 (F64 for F64); attrs.seg */ \
     X(ATTENTION_BWD, attention_bwd)       /* in: q k v o g lse; out=dq; attrs hold dk, dv, seg; all written fully */ \
+    X(ATTENTION_PAGED, attention_paged)     /* in: q [1, Tq, H, hd], k, v pools [R, Hkv, hd], rows [Tk] I32; out = o; attrs.seg (no lse) */ \
     X(CROSS_ENTROPY, cross_entropy)       /* in: h w targets; out = per-row loss [T], out2 = lse [T], F32 (F64 for F64) */ \
     X(CROSS_ENTROPY_BWD, cross_entropy_bwd)   /* in: h w targets lse g(0-d); out = dh, out2 = dw, written fully, either NULL */ \
     X(ADAMW, adamw)               /* in place: out=param, out2=m, in[0]=grad, in[1]=v */      \

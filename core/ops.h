@@ -130,6 +130,16 @@ moe_tensor *moe_attention(moe_tensor *q, moe_tensor *k, moe_tensor *v, bool caus
  * one with queries needs keys. Same kernels (and speed per segment) as moe_attention. */
 moe_tensor *moe_attention_varlen(moe_tensor *q, moe_tensor *k, moe_tensor *v, const int64_t *q_off,
                                  const int64_t *k_off, int n_seg, bool causal);
+/* moe_attention_varlen over keys and values kept in pools: k_pool, v_pool [R, Hkv, hd]
+ * (contiguous), rows I32 [Tk] on their device: packed key j is pool row rows[j] (a paged
+ * KV cache's block table, flattened). Equal to moe_attention_varlen(q, k_pool[rows],
+ * v_pool[rows], ...) without gathering the keys: segments of at most
+ * MOE_ATTENTION_PAGED_MAX_Q queries (decode steps) run a kernel that reads the pools through
+ * rows and splits long key runs over blocks; longer ones gather and take the varlen
+ * kernels. Inference only (refuses inputs that need grads). */
+#define MOE_ATTENTION_PAGED_MAX_Q 16
+moe_tensor *moe_attention_paged(moe_tensor *q, moe_tensor *k_pool, moe_tensor *v_pool, moe_tensor *rows,
+                                const int64_t *q_off, const int64_t *k_off, int n_seg, bool causal);
 /* Mean over rows of -log softmax(h @ w^T)[target], computed block by block over the
  * vocabulary without materialising [T, V] logits. h [T, d], w [V, d], targets [T] I32;
  * target -1 is ignored (all ignored: loss 0); any other target outside [0, V) is

@@ -162,6 +162,17 @@ static bool varlen_offsets_ok(const int64_t *q_off, const int64_t *k_off, int n_
     return true;
 }
 
+/* The segment table of moe_attention_attrs for host offsets (checked), on q's device. */
+static moe_tensor *segment_table(const moe_tensor *q, const int64_t *q_off, const int64_t *k_off, int n_seg) {
+    int32_t *table = moe_step_host_alloc(sizeof(int32_t) * 2 * (size_t)(n_seg + 1));
+    if (!table) return NULL;
+    for (int s = 0; s <= n_seg; s++) {
+        table[s] = (int32_t)q_off[s];
+        table[n_seg + 1 + s] = (int32_t)k_off[s];
+    }
+    return moe_tensor_from_host(MOE_LIFE_STEP, q->device, MOE_I32, 2, (int64_t[]){2, n_seg + 1}, table);
+}
+
 moe_tensor *moe_attention_varlen(moe_tensor *q, moe_tensor *k, moe_tensor *v, const int64_t *q_off,
                                  const int64_t *k_off, int n_seg, bool causal) {
     OP_NEED(q, k, v);
@@ -169,15 +180,47 @@ moe_tensor *moe_attention_varlen(moe_tensor *q, moe_tensor *k, moe_tensor *v, co
     if (!moe_check(q->shape[0] == 1, "attention_varlen", "expects packed q [1, Tq, H, hd], got %s", D(q))) return NULL;
     moe_attention_attrs at = {.causal = causal, .n_seg = n_seg};
     if (!varlen_offsets_ok(q_off, k_off, n_seg, q->shape[1], k->shape[1], causal, &at.max_q, &at.max_k)) return NULL;
-    int32_t *table = moe_step_host_alloc(sizeof(int32_t) * 2 * (size_t)(n_seg + 1));
-    if (!table) return NULL;
-    for (int s = 0; s <= n_seg; s++) {
-        table[s] = (int32_t)q_off[s];
-        table[n_seg + 1 + s] = (int32_t)k_off[s];
+    moe_tensor *seg = segment_table(q, q_off, k_off, n_seg);
+    return seg ? attention_record(q, k, v, seg, at) : NULL;
+}
+
+/* q [1, Tq, H, hd], pools [R, Hkv, hd] contiguous, rows [Tk] I32, inputs without grads. */
+static bool paged_inputs_ok(moe_tensor *q, moe_tensor *kp, moe_tensor *vp, moe_tensor *rows) {
+    const char *op = "attention_paged";
+    moe_tensor *qkv[3] = {q, kp, vp}, *all[4] = {q, kp, vp, rows};
+    if (!op_check_same(op, 3, qkv, true) || !op_check_same(op, 4, all, false) || !need_float(q, op)) return false;
+    bool shapes = q->ndim == 4 && q->shape[0] == 1 && kp->ndim == 3 && moe_tensor_same_shape(kp, vp) &&
+                  kp->shape[2] == q->shape[3] && q->shape[3] > 0 && kp->shape[1] > 0 && q->shape[2] % kp->shape[1] == 0 &&
+                  rows->ndim == 1 && rows->dtype == MOE_I32;
+    if (!moe_check(shapes, op, "expects q [1, Tq, H, hd], pools [R, Hkv, hd] with H %% Hkv == 0 and rows [Tk] i32, "
+                   "got q %s, k %s, v %s, rows %s", D(q), D(kp), D(vp), D(rows)))
+        return false;
+    if (!moe_check(moe_tensor_is_contiguous(kp) && moe_tensor_is_contiguous(vp), op, "the pools must be contiguous (%s, %s)",
+                   D(kp), D(vp)))
+        return false;
+    bool grads = moe_grad_enabled() && (q->requires_grad || kp->requires_grad || vp->requires_grad);
+    return moe_check(!grads, op, "inference only: its inputs need grads");
+}
+
+moe_tensor *moe_attention_paged(moe_tensor *q, moe_tensor *k_pool, moe_tensor *v_pool, moe_tensor *rows,
+                                const int64_t *q_off, const int64_t *k_off, int n_seg, bool causal) {
+    OP_NEED(q, k_pool, v_pool, rows);
+    if (!paged_inputs_ok(q, k_pool, v_pool, rows)) return NULL;
+    moe_attention_attrs at = {.causal = causal, .n_seg = n_seg};
+    if (!varlen_offsets_ok(q_off, k_off, n_seg, q->shape[1], rows->shape[0], causal, &at.max_q, &at.max_k)) return NULL;
+    if (at.max_q > MOE_ATTENTION_PAGED_MAX_Q) { /* prefill: gathered keys, the tensor-core kernels */
+        int64_t shape[4] = {1, rows->shape[0], k_pool->shape[1], k_pool->shape[2]};
+        moe_tensor *k = moe_reshape(moe_index_select(k_pool, rows), 4, shape);
+        moe_tensor *v = moe_reshape(moe_index_select(v_pool, rows), 4, shape);
+        return k && v ? moe_attention_varlen(q, k, v, q_off, k_off, n_seg, causal) : NULL;
     }
-    moe_tensor *seg = moe_tensor_from_host(MOE_LIFE_STEP, q->device, MOE_I32, 2, (int64_t[]){2, n_seg + 1}, table);
-    if (!seg) return NULL;
-    return attention_record(q, k, v, seg, at);
+    moe_tensor *qc = unit_last_stride(q), *rc = moe_tensor_is_contiguous(rows) ? rows : moe_contiguous(rows);
+    at.seg = segment_table(q, q_off, k_off, n_seg);
+    moe_tensor *o = op_new(q, q->dtype, 4, q->shape);
+    if (!qc || !rc || !at.seg || !o) return NULL;
+    at.scale = (float)(1.0 / sqrt((double)q->shape[3]));
+    OP_RUN(MOE_K_ATTENTION_PAGED, .out = o, .in = {qc, k_pool, v_pool, rc}, .attrs = &at);
+    return o;
 }
 
 void moe_backward_attention(moe_node *n) {

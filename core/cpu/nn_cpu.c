@@ -212,6 +212,13 @@ static attn_segs attn_segs_of(const moe_attention_attrs *at, const moe_tensor *q
     return (attn_segs){(const int32_t *)at->seg->data, at->n_seg, at->max_q};
 }
 
+/* Where an attention call's keys and values live: [B, Tk, Hkv, hd] views (in[1], in[2]),
+ * or (paged) pools [R, Hkv, hd] of which packed key j is row rows[j]. */
+typedef struct {
+    bool paged;
+    const int32_t *rows;
+} attn_keys;
+
 /* ATTENTION: in[0] = q [B, Tq, H, hd], in[1] = k, in[2] = v [B, Tk, Hkv, hd] (any strides
  * with last stride 1; H % Hkv == 0), out = o [B, Tq, H, hd], out2 = lse [B, H, Tq]
  * contiguous in the dtype of q; attrs moe_attention_attrs {causal, scale, segments} (dk, dv
@@ -224,21 +231,23 @@ static attn_segs attn_segs_of(const moe_attention_attrs *at, const moe_tensor *q
  * exp(m_old - m_new)), accumulated in T. Tasks = (segment, h, query block of ATTN_BQ),
  * blocks past a segment's queries idle; per key block the scores S = scale Q K^T and the
  * update acc += P V are two block products (cpu_gemm), the softmax in between runs row by
- * row over the visible keys. */
-moe_status moe_cpu_attention(const moe_kernel_args *a) {
+ * row over the visible keys. Paged keys (ATTENTION_PAGED, no out2): each key block's rows
+ * are first copied out of the pools into per-thread scratch. */
+static moe_status attention_forward(const moe_kernel_args *a, attn_keys keys, const char *kname) {
     const moe_attention_attrs *at = a->attrs;
     const moe_tensor *q = a->in[0], *k = a->in[1], *v = a->in[2], *o = a->out;
     const int64_t Tq = q->shape[1], H = q->shape[2], hd = q->shape[3];
-    const int64_t Tk = k->shape[1], group = H / k->shape[2];
+    const int64_t Hkv = keys.paged ? k->shape[1] : k->shape[2], Tk = keys.paged ? a->in[3]->shape[0] : k->shape[1];
+    const int64_t group = H / Hkv;
     const attn_segs sgs = attn_segs_of(at, q);
     const int64_t nqb = (sgs.max_q + ATTN_BQ - 1) / ATTN_BQ;
-    const size_t per_thread = (size_t)(ATTN_BQ * hd + ATTN_BQ * ATTN_BK + 2 * ATTN_BQ);
+    const size_t per_thread = (size_t)(ATTN_BQ * hd + ATTN_BQ * ATTN_BK + 2 * ATTN_BQ + 2 * ATTN_BK * hd * keys.paged);
     bool ok = true;
-    CPU_FLOAT_DISPATCH(q->dtype, "attention",
-        T *scratch = attn_scratch(per_thread, sizeof(T), "attention");
+    CPU_FLOAT_DISPATCH(q->dtype, kname,
+        T *scratch = attn_scratch(per_thread, sizeof(T), kname);
         if (!scratch) return moe_last_status();
         const T *pq = (const T *)q->data, *pk = (const T *)k->data, *pv = (const T *)v->data;
-        T *po = (T *)o->data, *plse = (T *)a->out2->data;
+        T *po = (T *)o->data, *plse = a->out2 ? (T *)a->out2->data : NULL;
         const T scale = (T)at->scale;
 _Pragma("omp parallel for collapse(3) schedule(dynamic) reduction(&& : ok)")
         for (int64_t sid = 0; sid < sgs.n; sid++) {
@@ -249,6 +258,7 @@ _Pragma("omp parallel for collapse(3) schedule(dynamic) reduction(&& : ok)")
                     if (q0 >= sg.nq) continue;
                     T *acc = scratch + per_thread * (size_t)omp_get_thread_num();
                     T *S = acc + ATTN_BQ * hd, *m = S + ATTN_BQ * ATTN_BK, *l = m + ATTN_BQ;
+                    T *Kb = l + ATTN_BQ, *Vb = Kb + ATTN_BK * hd; /* paged key blocks */
                     const int64_t nq = nn_min(ATTN_BQ, sg.nq - q0), kvh = h / group, shift = sg.nk - sg.nq;
                     const int64_t kend = at->causal ? nn_min(sg.nk, shift + q0 + nq) : sg.nk;
                     for (int64_t i = 0; i < nq; i++) {
@@ -257,9 +267,20 @@ _Pragma("omp parallel for collapse(3) schedule(dynamic) reduction(&& : ok)")
                     }
                     for (int64_t k0 = 0; k0 < kend; k0 += ATTN_BK) {
                         const int64_t nk = nn_min(ATTN_BK, kend - k0);
+                        const T *kb = Kb, *vb = Vb;
+                        int64_t ldk = hd, ldv = hd;
+                        if (keys.paged) {
+                            for (int64_t j = 0; j < nk; j++) {
+                                const int64_t r = (int64_t)keys.rows[sg.k0 + k0 + j] * Hkv + kvh;
+                                memcpy(Kb + j * hd, pk + r * hd, sizeof(T) * (size_t)hd);
+                                memcpy(Vb + j * hd, pv + r * hd, sizeof(T) * (size_t)hd);
+                            }
+                        } else {
+                            kb = pk + attn_row(k, b, sg.k0 + k0, kvh), ldk = k->strides[1];
+                            vb = pv + attn_row(v, b, sg.k0 + k0, kvh), ldv = v->strides[1];
+                        }
                         ok = ok && cpu_gemm(false, true, nq, nk, hd, scale, pq + attn_row(q, b, sg.q0 + q0, h),
-                                            q->strides[1], pk + attn_row(k, b, sg.k0 + k0, kvh), k->strides[1], (T)0,
-                                            S, ATTN_BK);
+                                            q->strides[1], kb, ldk, (T)0, S, ATTN_BK);
                         for (int64_t i = 0; i < nq; i++) {
                             const int64_t cnt = attn_visible(at->causal, shift, q0, i, k0, nk);
                             T *si = S + i * ATTN_BK;
@@ -271,22 +292,39 @@ _Pragma("omp parallel for collapse(3) schedule(dynamic) reduction(&& : ok)")
                             if (k0 > 0 && corr != 1) nn_scale(acc + i * hd, corr, hd);
                         }
                         /* the first block overwrites acc (every row sees key 0) */
-                        ok = ok && cpu_gemm(false, false, nq, hd, nk, (T)1, S, ATTN_BK,
-                                            pv + attn_row(v, b, sg.k0 + k0, kvh), v->strides[1], (T)(k0 > 0), acc, hd);
+                        ok = ok && cpu_gemm(false, false, nq, hd, nk, (T)1, S, ATTN_BK, vb, ldv, (T)(k0 > 0), acc, hd);
                     }
                     for (int64_t i = 0; i < nq; i++) {
                         T *oi = po + attn_row(o, b, sg.q0 + q0 + i, h);
                         const T inv = 1 / l[i];
                         for (int64_t e = 0; e < hd; e++) oi[e] = acc[i * hd + e] * inv;
-                        plse[(b * H + h) * Tq + sg.q0 + q0 + i] = m[i] + log(l[i]);
+                        if (plse) plse[(b * H + h) * Tq + sg.q0 + q0 + i] = m[i] + log(l[i]);
                     }
                 }
             }
         }
         free(scratch);
     )
-    return ok ? MOE_OK : moe_error(MOE_ERR_DEVICE, "attention: oneDNN sgemm rejected a block product (hd %lld)",
+    return ok ? MOE_OK : moe_error(MOE_ERR_DEVICE, "%s: oneDNN sgemm rejected a block product (hd %lld)", kname,
                                    (long long)hd);
+}
+
+moe_status moe_cpu_attention(const moe_kernel_args *a) {
+    return attention_forward(a, (attn_keys){.paged = false}, "attention");
+}
+
+/* ATTENTION_PAGED: in[0] = q [1, Tq, H, hd] (last stride 1), in[1], in[2] = pools
+ * [R, Hkv, hd] contiguous, in[3] = rows [Tk] I32; out = o [1, Tq, H, hd]; attrs as in
+ * ATTENTION with the segment table. The same arithmetic as ATTENTION on the gathered keys. */
+moe_status moe_cpu_attention_paged(const moe_kernel_args *a) {
+    const moe_tensor *rows = a->in[3];
+    const int32_t *r = rows->data;
+    const int64_t R = a->in[1]->shape[0];
+    for (int64_t j = 0; j < rows->shape[0]; j++)
+        if (r[j] < 0 || r[j] >= R)
+            return moe_error(MOE_ERR_INVALID, "attention_paged: row %d at position %lld is out of range [0, %lld)", r[j],
+                             (long long)j, (long long)R);
+    return attention_forward(a, (attn_keys){.paged = true, .rows = r}, "attention_paged");
 }
 
 /* ATTENTION_BWD: in[0] = q, in[1] = k, in[2] = v (as in ATTENTION), in[3] = o, in[4] = g

@@ -246,6 +246,181 @@ extern "C" moe_status moe_cuda_attention(const moe_kernel_args *a) {
     return MOE_OK;
 }
 
+/* ---- paged attention (decode) ----
+ * ATTENTION_PAGED for segments of few queries: the keys are read out of the pools
+ * [R, Hkv, hd] through rows, and a segment's key run is split over n_split blocks (the
+ * flash-decoding split: at batch 1 there are only Hkv (segment, kv head) pairs, too few
+ * blocks to stream a long cache at the device's rate). Grid (row tiles of ATT_ROWS, Hkv,
+ * n_seg * n_split): a block's warps own rows r = query * group + head-in-group of its kv
+ * head and walk the split's keys in tiles of ATT_TILE with an online softmax. With one
+ * split the rows are written normalised; else each split writes its normalised part and
+ * (max, sum) and paged_merge_kernel combines them: o = sum_c w_c o_c / sum_c w_c,
+ * w_c = l_c exp(m_c - max_c m_c). */
+struct paged_geom {
+    int64_t Tq, H, Hkv, hd, R;
+    bool causal;
+    float scale;
+    const int32_t *seg, *rows;
+    int64_t n_seg, n_split, chunk; /* keys per split (a multiple of ATT_TILE) */
+};
+
+/* Keys [j0, j0 + ATT_TILE) of a segment (rows from its first key) for kv head kvh into
+ * tile[ATT_TILE][hd + 1] f32, zeros past `end`; a row outside the pools is reported. */
+template <class T>
+__device__ void paged_load_tile(float *tile, const T *pool, const int32_t *rows, int64_t j0, int64_t end,
+                                int64_t kvh, const paged_geom &g, cu_index_fault *fault) {
+    const int64_t hd = g.hd;
+    for (int64_t i = threadIdx.x; i < ATT_TILE * hd; i += blockDim.x) {
+        int64_t r = i / hd, d = i - r * hd;
+        float x = 0.0f;
+        if (j0 + r < end) {
+            int32_t row = rows[j0 + r];
+            bool ok = d != 0 ? row >= 0 && row < g.R : cu_index_ok(fault, CU_IDX_ATTENTION_PAGED, row, j0 + r, g.R);
+            if (ok) x = ldf(pool + ((int64_t)row * g.Hkv + kvh) * hd + d);
+        }
+        tile[r * (hd + 1) + d] = x;
+    }
+}
+
+template <class T>
+__global__ void paged_attention_kernel(const T *q, const T *kp, const T *vp, T *o, float *part, float *ml, att_view vq,
+                                       paged_geom g, cu_index_fault *fault) {
+    extern __shared__ float smem[];
+    const int64_t sid = blockIdx.z / g.n_split, split = blockIdx.z % g.n_split;
+    const moe_att_seg sg = moe_att_seg_at(g.seg, g.n_seg, sid, g.Tq, 0);
+    const int64_t group = g.H / g.Hkv, kvh = blockIdx.y, r0 = (int64_t)blockIdx.x * ATT_ROWS;
+    if (r0 >= sg.nq * group) return;
+    const int64_t hd = g.hd, ld = hd + 1, shift = sg.nk - sg.nq;
+    float *Kt = smem, *Vt = Kt + ATT_TILE * ld, *Qr = Vt + ATT_TILE * ld;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t r = r0 + warp, qi = r / group, h = kvh * group + r % group;
+    const bool live = r < sg.nq * group;
+    float *qrow = Qr + warp * hd;
+    if (live) att_load_row(qrow, q + (sg.q0 + qi) * vq.st + h * vq.sh, hd);
+    const int64_t rlast = min(r0 + ATT_ROWS, sg.nq * group) - 1;
+    const int64_t kend = g.causal ? min(sg.nk, shift + rlast / group + 1) : sg.nk; /* keys the block needs */
+    const int64_t klim = g.causal ? shift + qi + 1 : sg.nk;                      /* keys this row sees */
+    const int64_t kbeg = split * g.chunk, kstop = min(kend, kbeg + g.chunk);
+    const int32_t *rows = g.rows + sg.k0;
+    float m = -INFINITY, l = 0, acc[ATT_E];
+#pragma unroll
+    for (int e = 0; e < ATT_E; e++) acc[e] = 0;
+    for (int64_t k0 = kbeg; k0 < kstop; k0 += ATT_TILE) {
+        __syncthreads(); /* the previous tile is consumed; the q rows are written */
+        paged_load_tile(Kt, kp, rows, k0, kstop, kvh, g, fault);
+        paged_load_tile(Vt, vp, rows, k0, kstop, kvh, g, fault);
+        __syncthreads();
+        if (!live) continue;
+        const int64_t j = k0 + lane;
+        float s = (j < kstop && j < klim) ? g.scale * att_dot(qrow, Kt + lane * ld, hd) : -INFINITY;
+        float mx = fmaxf(m, cu_warp_max(s));
+        if (mx == -INFINITY) continue; /* no key of this tile is visible to the row */
+        float corr = expf(m - mx), p = expf(s - mx);
+        l = l * corr + cu_warp_sum(p);
+        m = mx;
+#pragma unroll
+        for (int e = 0; e < ATT_E; e++) acc[e] *= corr;
+        for (int jj = 0; jj < ATT_TILE; jj++) {
+            float pj = __shfl_sync(0xffffffffu, p, jj);
+            const float *vr = Vt + jj * ld;
+#pragma unroll
+            for (int e = 0; e < ATT_E; e++)
+                if (lane + 32 * e < hd) acc[e] += pj * vr[lane + 32 * e];
+        }
+    }
+    if (!live) return;
+    const int64_t row = (sg.q0 + qi) * g.H + h; /* of o [Tq, H, hd] */
+    const float inv = l > 0 ? 1.0f / l : 0.0f;
+    if (g.n_split == 1) {
+#pragma unroll
+        for (int e = 0; e < ATT_E; e++)
+            if (lane + 32 * e < hd) stf(o + row * hd + lane + 32 * e, acc[e] * inv);
+        return;
+    }
+    float *pr = part + (split * g.Tq * g.H + row) * hd;
+#pragma unroll
+    for (int e = 0; e < ATT_E; e++)
+        if (lane + 32 * e < hd) pr[lane + 32 * e] = acc[e] * inv;
+    if (lane == 0) {
+        ml[(split * g.Tq * g.H + row) * 2] = m;
+        ml[(split * g.Tq * g.H + row) * 2 + 1] = l;
+    }
+}
+
+/* One warp per (query, head) row of o [Tq, H, hd]: the splits' parts combined. */
+template <class T> __global__ void paged_merge_kernel(const float *part, const float *ml, T *o, paged_geom g) {
+    const int64_t rows = g.Tq * g.H;
+    const int lane = threadIdx.x & 31;
+    const int64_t row = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (row >= rows) return;
+    float mx = -INFINITY;
+    for (int64_t c = 0; c < g.n_split; c++)
+        if (ml[(c * rows + row) * 2 + 1] > 0) mx = fmaxf(mx, ml[(c * rows + row) * 2]);
+    float wsum = 0, acc[ATT_E];
+#pragma unroll
+    for (int e = 0; e < ATT_E; e++) acc[e] = 0;
+    for (int64_t c = 0; c < g.n_split; c++) {
+        const float lc = ml[(c * rows + row) * 2 + 1];
+        if (lc <= 0) continue; /* a split past the row's keys */
+        const float w = lc * expf(ml[(c * rows + row) * 2] - mx);
+        wsum += w;
+        const float *pr = part + (c * rows + row) * g.hd;
+#pragma unroll
+        for (int e = 0; e < ATT_E; e++)
+            if (lane + 32 * e < g.hd) acc[e] += w * pr[lane + 32 * e];
+    }
+#pragma unroll
+    for (int e = 0; e < ATT_E; e++)
+        if (lane + 32 * e < g.hd) stf(o + row * g.hd + lane + 32 * e, acc[e] / wsum);
+}
+
+/* Splits per segment: enough blocks for two waves over the SMs, at least 64 keys each. */
+static int64_t paged_splits(int64_t blocks, int64_t max_k) {
+    int64_t by_keys = (max_k + 63) / 64, by_sms = (2 * (int64_t)moe_cu.sms + blocks - 1) / blocks;
+    int64_t n = by_keys < by_sms ? by_keys : by_sms;
+    return n < 1 ? 1 : n;
+}
+
+extern "C" moe_status moe_cuda_attention_paged(const moe_kernel_args *a) {
+    const moe_attention_attrs *at = (const moe_attention_attrs *)a->attrs;
+    const moe_tensor *q = a->in[0], *kp = a->in[1], *vp = a->in[2];
+    if (q->strides[3] != 1 && q->shape[3] != 1)
+        return moe_error(MOE_ERR_INVALID, "attention_paged: q needs a unit last stride");
+    if (q->shape[3] > ATT_MAX_HD)
+        return moe_error(MOE_ERR_UNSUPPORTED, "attention_paged: head dim %lld is larger than %d on cuda",
+                         (long long)q->shape[3], ATT_MAX_HD);
+    paged_geom g = {q->shape[1], q->shape[2], kp->shape[1], q->shape[3], kp->shape[0], at->causal, at->scale,
+                    (const int32_t *)at->seg->data, (const int32_t *)a->in[3]->data, at->n_seg, 1, 0};
+    if (g.Tq == 0) return MOE_OK;
+    const int64_t tiles = (at->max_q * (g.H / g.Hkv) + ATT_ROWS - 1) / ATT_ROWS;
+    g.n_split = paged_splits(tiles * g.Hkv * g.n_seg, at->max_k);
+    if (g.n_seg * g.n_split > 65535) g.n_split = 65535 / g.n_seg;
+    if (g.n_split < 1 || g.Hkv > 65535 || tiles > INT32_MAX)
+        return moe_error(MOE_ERR_UNSUPPORTED, "attention_paged: %lld segments or %lld kv heads do not fit the cuda grid",
+                         (long long)g.n_seg, (long long)g.Hkv);
+    g.chunk = ((at->max_k + g.n_split - 1) / g.n_split + ATT_TILE - 1) / ATT_TILE * ATT_TILE;
+    float *part = NULL, *ml = NULL;
+    if (g.n_split > 1) {
+        part = (float *)cu_scratch(sizeof(float) * (size_t)(g.n_split * g.Tq * g.H * g.hd));
+        ml = (float *)cu_scratch(sizeof(float) * 2 * (size_t)(g.n_split * g.Tq * g.H));
+        if (!part || !ml) return moe_last_status();
+    }
+    size_t smem = sizeof(float) * (size_t)(2 * ATT_TILE * (g.hd + 1) + ATT_ROWS * g.hd);
+    dim3 grid((unsigned)tiles, (unsigned)g.Hkv, (unsigned)(g.n_seg * g.n_split));
+    CU_FLOAT_DISPATCH(q->dtype, "attention_paged",
+        MOE_TRY(cu_allow_smem(paged_attention_kernel<T>, smem, "attention_paged"));
+        paged_attention_kernel<T><<<grid, ATT_ROWS * 32, smem, moe_cu.stream>>>(
+            (const T *)q->data, (const T *)kp->data, (const T *)vp->data, (T *)a->out->data, part, ml, att_view_of(q), g,
+            moe_cu.index_fault);
+        CU_LAUNCHED("attention_paged");
+        if (g.n_split > 1) {
+            paged_merge_kernel<T><<<cu_blocks(g.Tq * g.H * 32), CU_THREADS, 0, moe_cu.stream>>>(part, ml, (T *)a->out->data,
+                                                                                              g);
+            CU_LAUNCHED("attention_paged (merge)");
+        })
+    return MOE_OK;
+}
+
 /* D[b, h, i] = g_i . o_i (f32), one warp per row. */
 template <class T>
 __global__ void att_rowdot_kernel(const T *gr, const T *o, float *D, att_view vg, att_view vo, att_geom g) {

@@ -268,16 +268,12 @@ static moe_status write_rows(const moe_decode_state *s, moe_tensor *pool, moe_te
     return rows ? moe_index_copy_(pool, s->kv_write, rows) : moe_last_status();
 }
 
-static moe_status cache_kv(void *ctx, int layer, moe_tensor *k, moe_tensor *v, moe_tensor **k_all,
-                           moe_tensor **v_all, const int64_t **k_off) {
+static moe_status cache_kv(void *ctx, int layer, moe_tensor *k, moe_tensor *v, moe_kv_pages *out) {
     moe_decode_state *s = ctx;
     MOE_TRY(write_rows(s, s->k_pool[layer], k));
     MOE_TRY(write_rows(s, s->v_pool[layer], v));
-    int64_t shape[4] = {1, s->kv_read->shape[0], k->shape[2], k->shape[3]};
-    *k_all = moe_reshape(moe_index_select(s->k_pool[layer], s->kv_read), 4, shape);
-    *v_all = moe_reshape(moe_index_select(s->v_pool[layer], s->kv_read), 4, shape);
-    *k_off = s->kv_off;
-    return *k_all && *v_all ? MOE_OK : moe_last_status();
+    *out = (moe_kv_pages){.k_pool = s->k_pool[layer], .v_pool = s->v_pool[layer], .rows = s->kv_read, .k_off = s->kv_off};
+    return MOE_OK;
 }
 
 static moe_tensor *cache_state(void *ctx, int layer, int span) {

@@ -543,7 +543,8 @@ static const int64_t *span_offsets(const moe_forward *f) {
 
 /* Attention of projections p [B, T] -> [B, T, H w] (before wo): training, causal over each
  * row; inference, every span's keys and values into the caches and one variable-length
- * attention in which span j's queries see its sequence's cached keys and its own. */
+ * attention in which span j's queries see its sequence's cached keys and its own, read
+ * where the cache keeps them (moe_attention_paged). */
 static moe_tensor *attend(moe_model *m, int layer, attn_proj p, const moe_forward *f) {
     const moe_cfg_model *c = &m->cfg.model;
     attn_proj x = positioned(m, p, f);
@@ -552,10 +553,10 @@ static moe_tensor *attend(moe_model *m, int layer, attn_proj p, const moe_forwar
     if (f->mode == MOE_FORWARD_TRAIN) {
         a = moe_attention(x.q, x.k, x.v, true);
     } else {
-        moe_tensor *k = NULL, *v = NULL;
-        const int64_t *k_off = NULL, *q_off = span_offsets(f);
-        if (!q_off || f->cache->kv(f->cache->ctx, layer, x.k, x.v, &k, &v, &k_off) != MOE_OK) return NULL;
-        a = moe_attention_varlen(x.q, k, v, q_off, k_off, f->n_spans, true);
+        moe_kv_pages kv;
+        const int64_t *q_off = span_offsets(f);
+        if (!q_off || f->cache->kv(f->cache->ctx, layer, x.k, x.v, &kv) != MOE_OK) return NULL;
+        a = moe_attention_paged(x.q, kv.k_pool, kv.v_pool, kv.rows, q_off, kv.k_off, f->n_spans, true);
     }
     int64_t w = c->attention == MOE_CFG_ATTENTION_MLA ? c->v_head_dim : m->head_dim;
     if (a && a->shape[3] != w) a = moe_contiguous(moe_slice(a, 3, 0, w));

@@ -111,15 +111,24 @@ typedef struct moe_span {
 
 /* Where inference keeps what a sequence carries from forward to forward (implemented by
  * moe/infer; the model stores nothing). `span` indexes the forward's spans. */
+/* An attention layer's keys and values where the cache keeps them: pools [R, Hc, Dc] and
+ * the rows of every position so far of each span's sequence, packed span after span
+ * (a paged cache's block tables, flattened): span j's keys are packed rows
+ * [k_off[j], k_off[j + 1]). */
+typedef struct moe_kv_pages {
+    moe_tensor *k_pool, *v_pool; /* [R, Hc, Dc] */
+    moe_tensor *rows;            /* I32 [K] on the pools' device (a STEP tensor) */
+    const int64_t *k_off;        /* host, n_spans + 1 offsets, valid for the forward */
+} moe_kv_pages;
+
+/* Where inference keeps what a sequence carries from forward to forward (implemented by
+ * moe/infer; the model stores nothing). `span` indexes the forward's spans. */
 typedef struct moe_cache_ops {
     void *ctx;
     /* Attention layer `layer`: stores every span's new keys and values k, v [1, T, Hc, Dc]
-     * (Hc, Dc: moe_model_kv_shape; span j's rows at spans[j].begin ..) and returns the
-     * keys and values of every position so far of each span's sequence, packed span after
-     * span: *k_all, *v_all [1, K, Hc, Dc] (STEP tensors), span j's at rows
-     * [(*k_off)[j], (*k_off)[j + 1]) (host, n_spans + 1 offsets, valid for the forward). */
-    moe_status (*kv)(void *ctx, int layer, moe_tensor *k, moe_tensor *v, moe_tensor **k_all, moe_tensor **v_all,
-                     const int64_t **k_off);
+     * (Hc, Dc: moe_model_kv_shape; span j's rows at spans[j].begin ..) and says where the
+     * keys and values of each span's sequence are, the new ones included. */
+    moe_status (*kv)(void *ctx, int layer, moe_tensor *k, moe_tensor *v, moe_kv_pages *out);
     /* MoM / GDN layer `layer`: the span's sequence's recurrent state before the span,
      * [n_mem, H, dk, dv] (moe_mom_state_zeros' dtype), or NULL with an error set. */
     moe_tensor *(*state)(void *ctx, int layer, int span);

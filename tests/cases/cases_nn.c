@@ -1,5 +1,9 @@
-/* Op cases: nn family (dropout, rope and rope_at, attention and attention_varlen, cut
- * cross-entropy). */
+/* Op cases: nn family (dropout, rope and rope_at, attention, attention_varlen and
+ * attention_paged, cut cross-entropy). */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
 #include "tests/harness/opcheck.h"
 
 static moe_tensor *run_dropout(moe_tensor **in) { return moe_dropout(in[0], 0.3, 1234, 5); }
@@ -63,6 +67,51 @@ static moe_tensor *run_varlen_hd64_causal(moe_tensor **in) { return attention_li
 static moe_tensor *run_varlen_hd128_causal(moe_tensor **in) { return attention_lifted(in, 128, true, &SEG_TILES); }
 static moe_tensor *run_varlen_hd64_empty_q(moe_tensor **in) { return attention_lifted(in, 64, true, &SEG_EMPTY_Q); }
 
+/* attention_paged (inference only): q [1, Tq, H, hd], pools [R, Hkv, hd], rows [Tk], checked
+ * against attention_varlen on the keys gathered out of the pools. Layouts: decode steps
+ * 1/5 1/9 1/2; 3/40, an empty segment and 1/68; 1/150 and 2/150 (key runs longer than
+ * one split of the CUDA kernel); 20/24 and 1/6 (more queries than MOE_ATTENTION_PAGED_MAX_Q:
+ * the gathered route). */
+static const seg_layout PAGED_DECODE = {3, {0, 1, 2, 3}, {0, 5, 14, 16}};
+static const seg_layout PAGED_MIXED = {3, {0, 3, 3, 4}, {0, 40, 42, 110}};
+static const seg_layout PAGED_LONG = {2, {0, 1, 3}, {0, 150, 300}};
+static const seg_layout PAGED_PREFILL = {2, {0, 20, 21}, {0, 24, 30}};
+
+static moe_tensor *paged(moe_tensor **in, const seg_layout *s, bool causal) {
+    return moe_attention_paged(in[0], in[1], in[2], in[3], s->q, s->k, s->n, causal);
+}
+
+/* out against attention_varlen(q, k_pool[rows], v_pool[rows]) elementwise (rel 1e-12). */
+static bool paged_check(moe_tensor **in, moe_tensor *out, const seg_layout *s, bool causal, char *why, size_t cap) {
+    int64_t shape[4] = {1, in[3]->shape[0], in[1]->shape[1], in[1]->shape[2]};
+    moe_tensor *k = moe_reshape(moe_index_select(in[1], in[3]), 4, shape);
+    moe_tensor *v = moe_reshape(moe_index_select(in[2], in[3]), 4, shape);
+    moe_tensor *ref = k && v ? moe_attention_varlen(in[0], k, v, s->q, s->k, s->n, causal) : NULL;
+    int64_t n = moe_tensor_numel(out);
+    double *a = malloc(sizeof(double) * (size_t)n), *b = malloc(sizeof(double) * (size_t)n);
+    bool ok = ref && a && b && moe_tensor_same_shape(ref, out) && moe_tensor_to_host_f64(out, a) == MOE_OK &&
+              moe_tensor_to_host_f64(ref, b) == MOE_OK;
+    if (!ok) snprintf(why, cap, "the reference failed or the output has the wrong shape");
+    for (int64_t i = 0; ok && i < n; i++)
+        if (fabs(a[i] - b[i]) > 1e-12 * (1 + fabs(b[i]))) {
+            snprintf(why, cap, "element %lld: got %.15g, gathered keys give %.15g", (long long)i, a[i], b[i]);
+            ok = false;
+        }
+    free(a), free(b);
+    return ok;
+}
+
+#define PAGED_CASE(fn, layout, causal)                                                                          \
+    static moe_tensor *run_##fn(moe_tensor **in) { return paged(in, &layout, causal); }                        \
+    static bool check_##fn(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {                           \
+        return paged_check(in, out, &layout, causal, why, cap);                                                 \
+    }
+PAGED_CASE(paged_decode, PAGED_DECODE, true)
+PAGED_CASE(paged_mixed, PAGED_MIXED, true)
+PAGED_CASE(paged_long_causal, PAGED_LONG, true)
+PAGED_CASE(paged_long_full, PAGED_LONG, false)
+PAGED_CASE(paged_prefill, PAGED_PREFILL, true)
+
 /* Targets of in[2] with row 2 set to -1 (ignored), vocabulary blocks of 8 rows so that
  * V = 37 spans five blocks, the last one partial. */
 static moe_tensor *run_cross_entropy_block8(moe_tensor **in) {
@@ -81,6 +130,8 @@ static moe_tensor *run_cross_entropy(moe_tensor **in) { return moe_cross_entropy
 
 #define F(nd, ...) {nd, {__VA_ARGS__}, IN_NORMAL, 0, true, false}
 #define FT(nd, ...) {nd, {__VA_ARGS__}, IN_NORMAL, 0, true, true}
+#define N(nd, ...) {nd, {__VA_ARGS__}, IN_NORMAL, 0, false, false}
+#define ROWS(hi, n) {1, {n}, IN_INDEX, hi, false, false}
 
 static const op_case cases[] = {
     {"dropout", "p=0.3 4x6", 1, {F(2, 4, 6)}, run_dropout},
@@ -120,6 +171,20 @@ static const op_case cases[] = {
      40},
     {"attention", "varlen hd=64 causal, a segment of keys without queries", 3,
      {F(4, 1, 6, 2, 2), F(4, 1, 9, 1, 2), F(4, 1, 9, 1, 2)}, run_varlen_hd64_empty_q, 1e-5},
+    {"attention_paged", "decode steps 1/5 1/9 1/2, GQA H=4 Hkv=2, rows of a 24-row pool", 4,
+     {N(4, 1, 3, 4, 8), N(3, 24, 2, 8), N(3, 24, 2, 8), ROWS(24, 16)}, run_paged_decode, .check = check_paged_decode},
+    {"attention_paged", "hd=128 causal 3/40, an empty segment, 1/68", 4,
+     {N(4, 1, 4, 2, 128), N(3, 64, 1, 128), N(3, 64, 1, 128), ROWS(64, 110)}, run_paged_mixed,
+     .check = check_paged_mixed},
+    {"attention_paged", "hd=64 causal 1/150 2/150 (key runs split over blocks)", 4,
+     {N(4, 1, 3, 2, 64), N(3, 256, 2, 64), N(3, 256, 2, 64), ROWS(256, 300)}, run_paged_long_causal,
+     .check = check_paged_long_causal},
+    {"attention_paged", "hd=64 non-causal 1/150 2/150", 4,
+     {N(4, 1, 3, 2, 64), N(3, 256, 2, 64), N(3, 256, 2, 64), ROWS(256, 300)}, run_paged_long_full,
+     .check = check_paged_long_full},
+    {"attention_paged", "20 queries over 24 keys and 1/6: the gathered route", 4,
+     {N(4, 1, 21, 2, 8), N(3, 40, 1, 8), N(3, 40, 1, 8), ROWS(40, 30)}, run_paged_prefill,
+     .check = check_paged_prefill},
     {"cross_entropy", "V=37 block 8, an ignored row, transposed h", 3,
      {FT(2, 6, 5), F(2, 37, 5), {1, {6}, IN_INDEX, 37, false, false}}, run_cross_entropy_block8},
     {"cross_entropy", "V=11 one block, transposed w", 3,
