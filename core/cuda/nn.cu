@@ -262,23 +262,36 @@ struct paged_geom {
     float scale;
     const int32_t *seg, *rows;
     int64_t n_seg, n_split, chunk; /* keys per split (a multiple of ATT_TILE) */
+    bool vec;                      /* rows load in 16-byte pieces */
 };
 
 /* Keys [j0, j0 + ATT_TILE) of a segment (rows from its first key) for kv head kvh into
- * tile[ATT_TILE][hd + 1] f32, zeros past `end`; a row outside the pools is reported. */
+ * tile[ATT_TILE][hd + 1] f32, zeros past `end`; a row outside the pools is reported (and
+ * read as zeros). Each thread moves 16-byte pieces of rows (hd a multiple of 16 / sizeof T,
+ * the pools 16-byte aligned), else single elements. */
 template <class T>
 __device__ void paged_load_tile(float *tile, const T *pool, const int32_t *rows, int64_t j0, int64_t end,
                                 int64_t kvh, const paged_geom &g, cu_index_fault *fault) {
-    const int64_t hd = g.hd;
-    for (int64_t i = threadIdx.x; i < ATT_TILE * hd; i += blockDim.x) {
-        int64_t r = i / hd, d = i - r * hd;
-        float x = 0.0f;
-        if (j0 + r < end) {
-            int32_t row = rows[j0 + r];
-            bool ok = d != 0 ? row >= 0 && row < g.R : cu_index_ok(fault, CU_IDX_ATTENTION_PAGED, row, j0 + r, g.R);
-            if (ok) x = ldf(pool + ((int64_t)row * g.Hkv + kvh) * hd + d);
+    constexpr int VEC = 16 / sizeof(T);
+    const int hd = (int)g.hd, ld = hd + 1, per_row = g.vec ? hd / VEC : hd, step = g.vec ? VEC : 1;
+    for (int i = threadIdx.x; i < ATT_TILE * per_row; i += blockDim.x) {
+        const int r = i / per_row, d = (i - r * per_row) * step;
+        float *dst = tile + r * ld + d;
+        int32_t row = j0 + r < end ? rows[j0 + r] : -1;
+        bool ok = row >= 0 && row < g.R;
+        if (j0 + r < end && !ok && d == 0) cu_index_ok(fault, CU_IDX_ATTENTION_PAGED, row, j0 + r, g.R);
+        const T *src = pool + ((int64_t)row * g.Hkv + kvh) * hd + d;
+        if (!g.vec) {
+            *dst = ok ? ldf(src) : 0.0f;
+            continue;
         }
-        tile[r * (hd + 1) + d] = x;
+        union {
+            uint4 raw;
+            T x[VEC];
+        } u;
+        u.raw = ok ? *(const uint4 *)src : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int e = 0; e < VEC; e++) dst[e] = ldf(&u.x[e]);
     }
 }
 
@@ -374,9 +387,10 @@ template <class T> __global__ void paged_merge_kernel(const float *part, const f
         if (lane + 32 * e < g.hd) stf(o + row * g.hd + lane + 32 * e, acc[e] / wsum);
 }
 
-/* Splits per segment: enough blocks for two waves over the SMs, at least 64 keys each. */
+/* Splits per segment: enough blocks for two waves over the SMs, at least 256 keys each
+ * (shorter runs are cheaper in one block than with the merge's launch). */
 static int64_t paged_splits(int64_t blocks, int64_t max_k) {
-    int64_t by_keys = (max_k + 63) / 64, by_sms = (2 * (int64_t)moe_cu.sms + blocks - 1) / blocks;
+    int64_t by_keys = (max_k + 255) / 256, by_sms = (2 * (int64_t)moe_cu.sms + blocks - 1) / blocks;
     int64_t n = by_keys < by_sms ? by_keys : by_sms;
     return n < 1 ? 1 : n;
 }
@@ -390,7 +404,9 @@ extern "C" moe_status moe_cuda_attention_paged(const moe_kernel_args *a) {
         return moe_error(MOE_ERR_UNSUPPORTED, "attention_paged: head dim %lld is larger than %d on cuda",
                          (long long)q->shape[3], ATT_MAX_HD);
     paged_geom g = {q->shape[1], q->shape[2], kp->shape[1], q->shape[3], kp->shape[0], at->causal, at->scale,
-                    (const int32_t *)at->seg->data, (const int32_t *)a->in[3]->data, at->n_seg, 1, 0};
+                    (const int32_t *)at->seg->data, (const int32_t *)a->in[3]->data, at->n_seg, 1, 0, false};
+    const size_t elem = moe_dtype_size(kp->dtype);
+    g.vec = (g.hd * elem) % 16 == 0 && (uintptr_t)kp->data % 16 == 0 && (uintptr_t)vp->data % 16 == 0;
     if (g.Tq == 0) return MOE_OK;
     const int64_t tiles = (at->max_q * (g.H / g.Hkv) + ATT_ROWS - 1) / ATT_ROWS;
     g.n_split = paged_splits(tiles * g.Hkv * g.n_seg, at->max_k);

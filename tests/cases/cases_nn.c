@@ -69,12 +69,12 @@ static moe_tensor *run_varlen_hd64_empty_q(moe_tensor **in) { return attention_l
 
 /* attention_paged (inference only): q [1, Tq, H, hd], pools [R, Hkv, hd], rows [Tk], checked
  * against attention_varlen on the keys gathered out of the pools. Layouts: decode steps
- * 1/5 1/9 1/2; 3/40, an empty segment and 1/68; 1/150 and 2/150 (key runs longer than
- * one split of the CUDA kernel); 20/24 and 1/6 (more queries than MOE_ATTENTION_PAGED_MAX_Q:
- * the gathered route). */
+ * 1/5 1/9 1/2 (hd 6: rows too short for the CUDA kernel's 16-byte loads); 3/40, an empty
+ * segment and 1/68; 1/600 and 2/600 (key runs the CUDA kernel splits over blocks); 20/24
+ * and 1/6 (more queries than MOE_ATTENTION_PAGED_MAX_Q: the gathered route). */
 static const seg_layout PAGED_DECODE = {3, {0, 1, 2, 3}, {0, 5, 14, 16}};
 static const seg_layout PAGED_MIXED = {3, {0, 3, 3, 4}, {0, 40, 42, 110}};
-static const seg_layout PAGED_LONG = {2, {0, 1, 3}, {0, 150, 300}};
+static const seg_layout PAGED_LONG = {2, {0, 1, 3}, {0, 600, 1200}};
 static const seg_layout PAGED_PREFILL = {2, {0, 20, 21}, {0, 24, 30}};
 
 static moe_tensor *paged(moe_tensor **in, const seg_layout *s, bool causal) {
@@ -171,16 +171,16 @@ static const op_case cases[] = {
      40},
     {"attention", "varlen hd=64 causal, a segment of keys without queries", 3,
      {F(4, 1, 6, 2, 2), F(4, 1, 9, 1, 2), F(4, 1, 9, 1, 2)}, run_varlen_hd64_empty_q, 1e-5},
-    {"attention_paged", "decode steps 1/5 1/9 1/2, GQA H=4 Hkv=2, rows of a 24-row pool", 4,
-     {N(4, 1, 3, 4, 8), N(3, 24, 2, 8), N(3, 24, 2, 8), ROWS(24, 16)}, run_paged_decode, .check = check_paged_decode},
+    {"attention_paged", "decode steps 1/5 1/9 1/2, GQA H=4 Hkv=2, hd 6, rows of a 24-row pool", 4,
+     {N(4, 1, 3, 4, 6), N(3, 24, 2, 6), N(3, 24, 2, 6), ROWS(24, 16)}, run_paged_decode, .check = check_paged_decode},
     {"attention_paged", "hd=128 causal 3/40, an empty segment, 1/68", 4,
      {N(4, 1, 4, 2, 128), N(3, 64, 1, 128), N(3, 64, 1, 128), ROWS(64, 110)}, run_paged_mixed,
      .check = check_paged_mixed},
-    {"attention_paged", "hd=64 causal 1/150 2/150 (key runs split over blocks)", 4,
-     {N(4, 1, 3, 2, 64), N(3, 256, 2, 64), N(3, 256, 2, 64), ROWS(256, 300)}, run_paged_long_causal,
+    {"attention_paged", "hd=64 causal 1/600 2/600 (key runs split over blocks)", 4,
+     {N(4, 1, 3, 2, 64), N(3, 256, 2, 64), N(3, 256, 2, 64), ROWS(256, 1200)}, run_paged_long_causal,
      .check = check_paged_long_causal},
-    {"attention_paged", "hd=64 non-causal 1/150 2/150", 4,
-     {N(4, 1, 3, 2, 64), N(3, 256, 2, 64), N(3, 256, 2, 64), ROWS(256, 300)}, run_paged_long_full,
+    {"attention_paged", "hd=64 non-causal 1/600 2/600", 4,
+     {N(4, 1, 3, 2, 64), N(3, 256, 2, 64), N(3, 256, 2, 64), ROWS(256, 1200)}, run_paged_long_full,
      .check = check_paged_long_full},
     {"attention_paged", "20 queries over 24 keys and 1/6: the gathered route", 4,
      {N(4, 1, 21, 2, 8), N(3, 40, 1, 8), N(3, 40, 1, 8), ROWS(40, 30)}, run_paged_prefill,
