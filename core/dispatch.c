@@ -36,7 +36,11 @@ const moe_backend *moe_backend_get(moe_device dev) {
 
 /* MOE_PROFILE=1: wall time and calls per kernel (the device is synchronised after each
  * kernel, so CUDA figures are per-kernel too), printed to stderr by moe_profile_report and
- * at exit. MOE_PROFILE=2 splits each kernel by dtype and operand shapes. */
+ * at exit. MOE_PROFILE=2 splits each kernel by dtype and operand shapes. MOE_PROFILE=3 and
+ * 4 are 1 and 2 timed on the device by marks around each kernel, without synchronising:
+ * the host runs ahead as it does unprofiled, and each report adds how much of its window
+ * (the first kernel's start to the last one's end) the device spent in kernels; the rest
+ * it waited for the host or ran copies. Backends without marks (the CPU) time as 1 and 2. */
 static int profile_level = -1;
 #define PROFILE_SLOTS 1024
 typedef struct {
@@ -46,6 +50,49 @@ typedef struct {
     long calls;
 } profile_slot;
 static profile_slot profile_tab[PROFILE_SLOTS];
+
+/* Kernels launched but not yet timed (MOE_PROFILE=3, 4): their slot and marks. */
+typedef struct {
+    profile_slot *slot;
+    int from, to;
+} profile_pending;
+static profile_pending *pending;
+static int n_pending, cap_pending;
+static const moe_backend *pending_backend;
+
+static void pending_push(const moe_backend *be, profile_slot *sl, int from, int to) {
+    if (n_pending == cap_pending) {
+        int cap = cap_pending ? 2 * cap_pending : 4096;
+        profile_pending *p = realloc(pending, sizeof *p * (size_t)cap);
+        if (!p) return; /* the call goes untimed */
+        pending = p;
+        cap_pending = cap;
+    }
+    pending[n_pending++] = (profile_pending){sl, from, to};
+    pending_backend = be;
+}
+
+/* Waits for the marked kernels, adds their device times to their slots, and prints how
+ * busy the device was over the window. */
+static void pending_settle(const char *title) {
+    const moe_backend *be = pending_backend;
+    if (!n_pending || be->sync() != MOE_OK) {
+        n_pending = 0;
+        return;
+    }
+    double busy = 0;
+    for (int i = 0; i < n_pending; i++) {
+        double ms = be->mark_ms(pending[i].from, pending[i].to);
+        pending[i].slot->s += ms / 1e3;
+        busy += ms;
+    }
+    double window = be->mark_ms(pending[0].from, pending[n_pending - 1].to);
+    fprintf(stderr, "device timeline (MOE_PROFILE) %s: %d kernel calls, %.3f ms in kernels of a %.3f ms window "
+            "(%.1f%% busy; the rest waits for the host or copies)\n", title, n_pending, busy, window,
+            window > 0 ? 100 * busy / window : 0);
+    n_pending = 0;
+    be->marks_reset();
+}
 
 static void shape_text(char *buf, size_t cap, const moe_kernel_args *a) {
     size_t n = 0;
@@ -82,11 +129,12 @@ static int profile_by_time(const void *a, const void *b) {
 
 void moe_profile_report(const char *title) {
     if (profile_level <= 0) return;
+    pending_settle(title);
     profile_slot *rows = malloc(sizeof profile_tab);
     if (!rows) return;
     int n = 0;
     double total = 0;
-    if (profile_level == 1) { /* merge the shapes of each kernel */
+    if (profile_level != 2 && profile_level != 4) { /* merge the shapes of each kernel */
         for (int i = 0; i < PROFILE_SLOTS; i++) {
             if (!profile_tab[i].calls) continue;
             int j = 0;
@@ -114,6 +162,30 @@ void moe_profile_report(const char *title) {
 
 static void profile_report_at_exit(void) { moe_profile_report("(rest of the run)"); }
 
+/* One kernel under MOE_PROFILE: timed by the device's marks (levels 3, 4, where the
+ * backend has them) or by the host clock around the kernel and a synchronisation. */
+static moe_status profiled_run(const moe_backend *be, moe_kernel_id k, const moe_kernel_args *a, moe_mem_mark mark) {
+    const moe_device dev = (a->out ? a->out : a->in[0])->device;
+    char shape[120] = "";
+    if (profile_level == 2 || profile_level == 4) shape_text(shape, sizeof shape, a);
+    profile_slot *sl = profile_slot_of((int)k, shape);
+    if (sl) sl->calls++;
+    if (profile_level >= 3 && be->mark) {
+        int from = be->mark();
+        moe_status s = be->kernels[k](a);
+        moe_mem_step_release(dev, mark);
+        int to = be->mark();
+        if (sl && from >= 0 && to >= 0) pending_push(be, sl, from, to);
+        return s;
+    }
+    double t0 = moe_clock_ms();
+    moe_status s = be->kernels[k](a);
+    moe_mem_step_release(dev, mark);
+    if (s == MOE_OK) s = be->sync();
+    if (sl) sl->s += (moe_clock_ms() - t0) / 1e3;
+    return s;
+}
+
 moe_status moe_kernel_run(moe_kernel_id k, const moe_kernel_args *a) {
     const moe_tensor *t = a->out ? a->out : a->in[0];
     MOE_ASSERT(t, "kernel %s without tensors", moe_kernel_names[k]);
@@ -133,16 +205,5 @@ moe_status moe_kernel_run(moe_kernel_id k, const moe_kernel_args *a) {
         moe_mem_step_release(t->device, mark);
         return s;
     }
-    char shape[120] = "";
-    if (profile_level > 1) shape_text(shape, sizeof shape, a);
-    double t0 = moe_clock_ms();
-    moe_status s = be->kernels[k](a);
-    moe_mem_step_release(t->device, mark);
-    if (s == MOE_OK) s = be->sync();
-    profile_slot *sl = profile_slot_of((int)k, shape);
-    if (sl) {
-        sl->s += (moe_clock_ms() - t0) / 1e3;
-        sl->calls++;
-    }
-    return s;
+    return profiled_run(be, k, a, mark);
 }

@@ -164,6 +164,13 @@ typedef struct moe_backend {
     moe_status (*memcpy_from)(void *dst_host, const void *src, size_t bytes);
     moe_status (*memset)(void *p, int byte, size_t bytes);
     moe_status (*sync)(void);
+    /* Device-side timing (MOE_PROFILE=3, 4), NULL where kernels run on the calling thread:
+     * mark records an event in stream order and returns its index (-1: none), mark_ms the
+     * time between two marks once both have completed (after sync), marks_reset reuses
+     * the indices from 0. */
+    int (*mark)(void);
+    double (*mark_ms)(int from, int to);
+    void (*marks_reset)(void);
     moe_kernel_fn kernels[MOE_KERNEL_COUNT];
 } moe_backend;
 

@@ -166,6 +166,35 @@ static moe_status cuda_sync(void) {
     return cu_index_fault_check();
 }
 
+/* ---- device-side timing marks (MOE_PROFILE=3, 4) ---- */
+static cudaEvent_t *marks;
+static int n_marks, cap_marks;
+#define MARKS_MAX (1 << 20)
+
+static int cuda_mark(void) {
+    if (n_marks == cap_marks) {
+        int cap = cap_marks ? 2 * cap_marks : 4096;
+        cudaEvent_t *m = cap <= MARKS_MAX ? (cudaEvent_t *)realloc(marks, sizeof *m * (size_t)cap) : NULL;
+        if (!m) return -1;
+        for (int i = cap_marks; i < cap; i++)
+            if (cudaEventCreate(&m[i]) != cudaSuccess) {
+                marks = m;
+                cap_marks = i;
+                return -1;
+            }
+        marks = m;
+        cap_marks = cap;
+    }
+    return cudaEventRecord(marks[n_marks], moe_cu.stream) == cudaSuccess ? n_marks++ : -1;
+}
+
+static double cuda_mark_ms(int from, int to) {
+    float ms = 0;
+    return cudaEventElapsedTime(&ms, marks[from], marks[to]) == cudaSuccess ? ms : 0.0;
+}
+
+static void cuda_marks_reset(void) { n_marks = 0; }
+
 /* ---- the kernel table ---- */
 #define MOE_X_DECL_CUDA(ID, name) extern "C" moe_status moe_cuda_##name(const moe_kernel_args *a) __attribute__((weak));
 MOE_KERNEL_LIST(MOE_X_DECL_CUDA)
@@ -180,6 +209,9 @@ static const moe_backend cuda_backend = {
     .memcpy_from = cuda_memcpy_from,
     .memset = cuda_memset,
     .sync = cuda_sync,
+    .mark = cuda_mark,
+    .mark_ms = cuda_mark_ms,
+    .marks_reset = cuda_marks_reset,
     .kernels = {
 #define MOE_X_CUDA_ENTRY(ID, name) moe_cuda_##name,
         MOE_KERNEL_LIST(MOE_X_CUDA_ENTRY)

@@ -189,6 +189,9 @@ static moe_status decode_run(const decode_flags *f, moe_decoder *dec, int B, dec
     double t0 = moe_clock_ms();
     moe_status s = moe_decoder_forward(dec, st, &b, bf->logits, NULL);
     *prefill_ms = moe_clock_ms() - t0;
+    char title[64];
+    snprintf(title, sizeof title, "batch %d prefill", B);
+    moe_profile_report(title); /* MOE_PROFILE: the prefill's window apart from the steps' */
     moe_decode_info info = {.route_ids = bf->route};
     double routed = 0;
     t0 = moe_clock_ms();
@@ -202,6 +205,8 @@ static moe_status decode_run(const decode_flags *f, moe_decoder *dec, int B, dec
     }
     int steps = f->tokens - 1;
     *step_ms = steps > 0 ? (moe_clock_ms() - t0) / steps : 0;
+    snprintf(title, sizeof title, "batch %d, %d decode steps", B, steps);
+    moe_profile_report(title);
     if (bytes) *bytes = dense_step_bytes(v, B) + (steps > 0 ? routed / steps : 0);
     moe_step_reset();
     moe_decode_state_free(st);
