@@ -248,117 +248,115 @@ extern "C" moe_status moe_cuda_attention(const moe_kernel_args *a) {
 
 /* ---- paged attention (decode) ----
  * ATTENTION_PAGED for segments of few queries: the keys are read out of the pools
- * [R, Hkv, hd] through rows. Grid (rows of a segment: query * group + head in the group,
- * Hkv, n_seg * n_split): each block owns one (query, head) row and one split of its
- * segment's visible keys, and its PG_WARPS warps share that split out in tiles of 32 keys
- * (warp w takes tiles w, w + PG_WARPS, ...). In a tile each lane scores one key (its row
- * of K read whole, 16 bytes at a time where the rows allow), the warp keeps an online
- * softmax (max m, sum l, the unnormalised sum acc of p v with lanes splitting the head
- * dims) and reads the tile's V rows coalesced; at the end the warps' (m, l, acc) are
- * combined in shared memory. With one split the row is written normalised; else each
- * split writes its normalised part and (max, sum), and paged_merge_kernel combines them:
- * o = sum_c w_c o_c / sum_c w_c, w_c = l_c exp(m_c - max_c m_c). At batch 1 a decode step
- * has only Hkv (segment, kv head) pairs, so the warps and the splits are what spread a
- * long cache over the device. */
-#define PG_WARPS 8
-
+ * [R, Hkv, hd] through rows, and a segment's key run is split over n_split blocks (the
+ * flash-decoding split: at batch 1 there are only Hkv (segment, kv head) pairs, too few
+ * blocks to stream a long cache at the device's rate). Grid (row tiles of ATT_ROWS, Hkv,
+ * n_seg * n_split): a block's warps own rows r = query * group + head-in-group of its kv
+ * head and walk the split's keys in tiles of ATT_TILE with an online softmax. With one
+ * split the rows are written normalised; else each split writes its normalised part and
+ * (max, sum) and paged_merge_kernel combines them: o = sum_c w_c o_c / sum_c w_c,
+ * w_c = l_c exp(m_c - max_c m_c). */
 struct paged_geom {
     int64_t Tq, H, Hkv, hd, R;
     bool causal;
     float scale;
     const int32_t *seg, *rows;
-    int64_t n_seg, n_split, chunk; /* keys per split */
-    bool vec;                      /* K rows load 8 values at a time (hd % 8 == 0, 16-byte aligned pools) */
+    int64_t n_seg, n_split, chunk; /* keys per split (a multiple of ATT_TILE) */
+    bool vec;                      /* rows load in 16-byte pieces */
 };
 
-/* scale * q . K[row] for kvh (q in shared memory as f32). */
+/* Keys [j0, j0 + ATT_TILE) of a segment (rows from its first key) for kv head kvh into
+ * tile[ATT_TILE][hd + 1] f32, zeros past `end`; a row outside the pools is reported (and
+ * read as zeros). Each thread moves 16-byte pieces of rows (hd a multiple of 16 / sizeof T,
+ * the pools 16-byte aligned), else single elements. */
 template <class T>
-__device__ __forceinline__ float paged_score(const float *q, const T *kp, int32_t row, int64_t kvh, const paged_geom &g) {
-    const T *k = kp + ((int64_t)row * g.Hkv + kvh) * g.hd;
-    float s = 0;
-    if (g.vec) {
-#pragma unroll 4
-        for (int64_t d = 0; d < g.hd; d += 8) {
-            float v[8];
-            cu_ld8(k + d, v);
-#pragma unroll
-            for (int e = 0; e < 8; e++) s = fmaf(q[d + e], v[e], s);
+__device__ void paged_load_tile(float *tile, const T *pool, const int32_t *rows, int64_t j0, int64_t end,
+                                int64_t kvh, const paged_geom &g, cu_index_fault *fault) {
+    constexpr int VEC = 16 / sizeof(T);
+    const int hd = (int)g.hd, ld = hd + 1, per_row = g.vec ? hd / VEC : hd, step = g.vec ? VEC : 1;
+    for (int i = threadIdx.x; i < ATT_TILE * per_row; i += blockDim.x) {
+        const int r = i / per_row, d = (i - r * per_row) * step;
+        float *dst = tile + r * ld + d;
+        int32_t row = j0 + r < end ? rows[j0 + r] : -1;
+        bool ok = row >= 0 && row < g.R;
+        if (j0 + r < end && !ok && d == 0) cu_index_ok(fault, CU_IDX_ATTENTION_PAGED, row, j0 + r, g.R);
+        const T *src = pool + ((int64_t)row * g.Hkv + kvh) * hd + d;
+        if (!g.vec) {
+            *dst = ok ? ldf(src) : 0.0f;
+            continue;
         }
-    } else {
-        for (int64_t d = 0; d < g.hd; d++) s = fmaf(q[d], ldf(k + d), s);
+        union {
+            uint4 raw;
+            T x[VEC];
+        } u;
+        u.raw = ok ? *(const uint4 *)src : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int e = 0; e < VEC; e++) dst[e] = ldf(&u.x[e]);
     }
-    return g.scale * s;
 }
 
 template <class T>
-__global__ void __launch_bounds__(PG_WARPS * 32) paged_attention_kernel(const T *q, const T *kp, const T *vp, T *o,
-                                                                         float *part, float *ml, att_view vq,
-                                                                         paged_geom g, cu_index_fault *fault) {
-    extern __shared__ float smem[]; /* q [hd], then per warp m, l, then per warp acc [hd] */
+__global__ void paged_attention_kernel(const T *q, const T *kp, const T *vp, T *o, float *part, float *ml, att_view vq,
+                                       paged_geom g, cu_index_fault *fault) {
+    extern __shared__ float smem[];
     const int64_t sid = blockIdx.z / g.n_split, split = blockIdx.z % g.n_split;
     const moe_att_seg sg = moe_att_seg_at(g.seg, g.n_seg, sid, g.Tq, 0);
-    const int64_t group = g.H / g.Hkv, kvh = blockIdx.y, r = blockIdx.x;
-    if (r >= sg.nq * group) return;
-    const int64_t qi = r / group, h = kvh * group + r % group, hd = g.hd;
-    float *qs = smem, *wm = qs + hd, *wl = wm + PG_WARPS, *wacc = wl + PG_WARPS;
+    const int64_t group = g.H / g.Hkv, kvh = blockIdx.y, r0 = (int64_t)blockIdx.x * ATT_ROWS;
+    if (r0 >= sg.nq * group) return;
+    const int64_t hd = g.hd, ld = hd + 1, shift = sg.nk - sg.nq;
+    float *Kt = smem, *Vt = Kt + ATT_TILE * ld, *Qr = Vt + ATT_TILE * ld;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) qs[d] = ldf(q + (sg.q0 + qi) * vq.st + h * vq.sh + d);
-    __syncthreads();
-    const int64_t klim = g.causal ? sg.nk - sg.nq + qi + 1 : sg.nk; /* keys this row sees */
-    const int64_t kbeg = split * g.chunk, kstop = min(klim, kbeg + g.chunk);
+    const int64_t r = r0 + warp, qi = r / group, h = kvh * group + r % group;
+    const bool live = r < sg.nq * group;
+    float *qrow = Qr + warp * hd;
+    if (live) att_load_row(qrow, q + (sg.q0 + qi) * vq.st + h * vq.sh, hd);
+    const int64_t rlast = min(r0 + ATT_ROWS, sg.nq * group) - 1;
+    const int64_t kend = g.causal ? min(sg.nk, shift + rlast / group + 1) : sg.nk; /* keys the block needs */
+    const int64_t klim = g.causal ? shift + qi + 1 : sg.nk;                      /* keys this row sees */
+    const int64_t kbeg = split * g.chunk, kstop = min(kend, kbeg + g.chunk);
     const int32_t *rows = g.rows + sg.k0;
     float m = -INFINITY, l = 0, acc[ATT_E];
 #pragma unroll
     for (int e = 0; e < ATT_E; e++) acc[e] = 0;
-    for (int64_t j0 = kbeg + 32 * warp; j0 < kstop; j0 += 32 * PG_WARPS) {
-        const int64_t j = j0 + lane;
-        int32_t row = j < kstop ? rows[j] : 0;
-        bool ok = row >= 0 && row < g.R;
-        if (j < kstop && !ok) cu_index_ok(fault, CU_IDX_ATTENTION_PAGED, row, sg.k0 + j, g.R);
-        if (!ok) row = 0; /* reported; read as row 0 */
-        const float s = j < kstop ? paged_score(qs, kp, row, kvh, g) : -INFINITY;
-        const float mx = fmaxf(m, cu_warp_max(s)); /* finite: the tile's first key is visible */
-        const float corr = expf(m - mx), p = expf(s - mx);
+    for (int64_t k0 = kbeg; k0 < kstop; k0 += ATT_TILE) {
+        __syncthreads(); /* the previous tile is consumed; the q rows are written */
+        paged_load_tile(Kt, kp, rows, k0, kstop, kvh, g, fault);
+        paged_load_tile(Vt, vp, rows, k0, kstop, kvh, g, fault);
+        __syncthreads();
+        if (!live) continue;
+        const int64_t j = k0 + lane;
+        float s = (j < kstop && j < klim) ? g.scale * att_dot(qrow, Kt + lane * ld, hd) : -INFINITY;
+        float mx = fmaxf(m, cu_warp_max(s));
+        if (mx == -INFINITY) continue; /* no key of this tile is visible to the row */
+        float corr = expf(m - mx), p = expf(s - mx);
         l = l * corr + cu_warp_sum(p);
         m = mx;
 #pragma unroll
         for (int e = 0; e < ATT_E; e++) acc[e] *= corr;
-        const int n = (int)min((int64_t)32, kstop - j0);
-#pragma unroll 4
-        for (int jj = 0; jj < n; jj++) {
-            const float pj = __shfl_sync(0xffffffffu, p, jj);
-            const T *vr = vp + ((int64_t)__shfl_sync(0xffffffffu, row, jj) * g.Hkv + kvh) * hd;
+        for (int jj = 0; jj < ATT_TILE; jj++) {
+            float pj = __shfl_sync(0xffffffffu, p, jj);
+            const float *vr = Vt + jj * ld;
 #pragma unroll
             for (int e = 0; e < ATT_E; e++)
-                if (lane + 32 * e < hd) acc[e] = fmaf(pj, ldf(vr + lane + 32 * e), acc[e]);
+                if (lane + 32 * e < hd) acc[e] += pj * vr[lane + 32 * e];
         }
     }
-    if (lane == 0) wm[warp] = m, wl[warp] = l;
+    if (!live) return;
+    const int64_t row = (sg.q0 + qi) * g.H + h; /* of o [Tq, H, hd] */
+    const float inv = l > 0 ? 1.0f / l : 0.0f;
+    if (g.n_split == 1) {
+#pragma unroll
+        for (int e = 0; e < ATT_E; e++)
+            if (lane + 32 * e < hd) stf(o + row * hd + lane + 32 * e, acc[e] * inv);
+        return;
+    }
+    float *pr = part + (split * g.Tq * g.H + row) * hd;
 #pragma unroll
     for (int e = 0; e < ATT_E; e++)
-        if (lane + 32 * e < hd) wacc[warp * hd + lane + 32 * e] = acc[e];
-    __syncthreads();
-    if (warp != 0) return;
-    float M = -INFINITY, L = 0;
-    for (int w = 0; w < PG_WARPS; w++)
-        if (wl[w] > 0) M = fmaxf(M, wm[w]);
-    for (int w = 0; w < PG_WARPS; w++)
-        if (wl[w] > 0) L += wl[w] * expf(wm[w] - M);
-    const float inv = L > 0 ? 1.0f / L : 0.0f;
-    const int64_t orow = (sg.q0 + qi) * g.H + h; /* of o [Tq, H, hd] */
-    float *pr = g.n_split == 1 ? NULL : part + (split * g.Tq * g.H + orow) * hd;
-    for (int64_t d = lane; d < hd; d += 32) {
-        float v = 0;
-        for (int w = 0; w < PG_WARPS; w++)
-            if (wl[w] > 0) v += wacc[w * hd + d] * expf(wm[w] - M);
-        if (pr)
-            pr[d] = v * inv;
-        else
-            stf(o + orow * hd + d, v * inv);
-    }
-    if (pr && lane == 0) {
-        ml[(split * g.Tq * g.H + orow) * 2] = M;
-        ml[(split * g.Tq * g.H + orow) * 2 + 1] = L;
+        if (lane + 32 * e < hd) pr[lane + 32 * e] = acc[e] * inv;
+    if (lane == 0) {
+        ml[(split * g.Tq * g.H + row) * 2] = m;
+        ml[(split * g.Tq * g.H + row) * 2 + 1] = l;
     }
 }
 
@@ -389,10 +387,10 @@ template <class T> __global__ void paged_merge_kernel(const float *part, const f
         if (lane + 32 * e < g.hd) stf(o + row * g.hd + lane + 32 * e, acc[e] / wsum);
 }
 
-/* Splits per segment: enough blocks for two waves over the SMs, at least 256 keys (one
- * tile per warp) each. */
+/* Splits per segment: enough blocks for two waves over the SMs, at least 256 keys each
+ * (shorter runs are cheaper in one block than with the merge's launch). */
 static int64_t paged_splits(int64_t blocks, int64_t max_k) {
-    int64_t by_keys = (max_k + 32 * PG_WARPS - 1) / (32 * PG_WARPS), by_sms = (2 * (int64_t)moe_cu.sms + blocks - 1) / blocks;
+    int64_t by_keys = (max_k + 255) / 256, by_sms = (2 * (int64_t)moe_cu.sms + blocks - 1) / blocks;
     int64_t n = by_keys < by_sms ? by_keys : by_sms;
     return n < 1 ? 1 : n;
 }
@@ -407,26 +405,27 @@ extern "C" moe_status moe_cuda_attention_paged(const moe_kernel_args *a) {
                          (long long)q->shape[3], ATT_MAX_HD);
     paged_geom g = {q->shape[1], q->shape[2], kp->shape[1], q->shape[3], kp->shape[0], at->causal, at->scale,
                     (const int32_t *)at->seg->data, (const int32_t *)a->in[3]->data, at->n_seg, 1, 0, false};
-    g.vec = g.hd % 8 == 0 && (uintptr_t)kp->data % 16 == 0 && (uintptr_t)vp->data % 16 == 0;
+    const size_t elem = moe_dtype_size(kp->dtype);
+    g.vec = (g.hd * elem) % 16 == 0 && (uintptr_t)kp->data % 16 == 0 && (uintptr_t)vp->data % 16 == 0;
     if (g.Tq == 0) return MOE_OK;
-    const int64_t rows = at->max_q * (g.H / g.Hkv); /* (query, head) rows of the longest segment */
-    g.n_split = paged_splits(rows * g.Hkv * g.n_seg, at->max_k);
+    const int64_t tiles = (at->max_q * (g.H / g.Hkv) + ATT_ROWS - 1) / ATT_ROWS;
+    g.n_split = paged_splits(tiles * g.Hkv * g.n_seg, at->max_k);
     if (g.n_seg * g.n_split > 65535) g.n_split = 65535 / g.n_seg;
-    if (g.n_split < 1 || g.Hkv > 65535 || rows > INT32_MAX)
+    if (g.n_split < 1 || g.Hkv > 65535 || tiles > INT32_MAX)
         return moe_error(MOE_ERR_UNSUPPORTED, "attention_paged: %lld segments or %lld kv heads do not fit the cuda grid",
                          (long long)g.n_seg, (long long)g.Hkv);
-    g.chunk = (at->max_k + g.n_split - 1) / g.n_split;
+    g.chunk = ((at->max_k + g.n_split - 1) / g.n_split + ATT_TILE - 1) / ATT_TILE * ATT_TILE;
     float *part = NULL, *ml = NULL;
     if (g.n_split > 1) {
         part = (float *)cu_scratch(sizeof(float) * (size_t)(g.n_split * g.Tq * g.H * g.hd));
         ml = (float *)cu_scratch(sizeof(float) * 2 * (size_t)(g.n_split * g.Tq * g.H));
         if (!part || !ml) return moe_last_status();
     }
-    size_t smem = sizeof(float) * (size_t)((PG_WARPS + 1) * g.hd + 2 * PG_WARPS);
-    dim3 grid((unsigned)rows, (unsigned)g.Hkv, (unsigned)(g.n_seg * g.n_split));
+    size_t smem = sizeof(float) * (size_t)(2 * ATT_TILE * (g.hd + 1) + ATT_ROWS * g.hd);
+    dim3 grid((unsigned)tiles, (unsigned)g.Hkv, (unsigned)(g.n_seg * g.n_split));
     CU_FLOAT_DISPATCH(q->dtype, "attention_paged",
         MOE_TRY(cu_allow_smem(paged_attention_kernel<T>, smem, "attention_paged"));
-        paged_attention_kernel<T><<<grid, PG_WARPS * 32, smem, moe_cu.stream>>>(
+        paged_attention_kernel<T><<<grid, ATT_ROWS * 32, smem, moe_cu.stream>>>(
             (const T *)q->data, (const T *)kp->data, (const T *)vp->data, (T *)a->out->data, part, ml, att_view_of(q), g,
             moe_cu.index_fault);
         CU_LAUNCHED("attention_paged");
