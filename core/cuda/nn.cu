@@ -143,6 +143,28 @@ __device__ __forceinline__ float att_dot(const float *a, const float *b, int64_t
     return s;
 }
 
+/* One key tile of a row's online softmax: s = this lane's score of key lane (-inf: not
+ * visible), Vt the tile's values in shared memory [ATT_TILE][hd + 1]; updates the warp's
+ * running max m, sum l and accumulator acc (lanes split the head dims). A tile with no
+ * visible key leaves them as they are. */
+__device__ __forceinline__ void att_tile_update(float s, const float *Vt, int64_t ld, int64_t hd, int lane, float &m,
+                                                float &l, float (&acc)[ATT_E]) {
+    float mx = fmaxf(m, cu_warp_max(s));
+    if (mx == -INFINITY) return;
+    float corr = expf(m - mx), p = expf(s - mx);
+    l = l * corr + cu_warp_sum(p);
+    m = mx;
+#pragma unroll
+    for (int e = 0; e < ATT_E; e++) acc[e] *= corr;
+    for (int jj = 0; jj < ATT_TILE; jj++) {
+        float pj = __shfl_sync(0xffffffffu, p, jj);
+        const float *vr = Vt + jj * ld;
+#pragma unroll
+        for (int e = 0; e < ATT_E; e++)
+            if (lane + 32 * e < hd) acc[e] += pj * vr[lane + 32 * e];
+    }
+}
+
 /* Forward: grid (query tiles of ATT_ROWS, H, segments); blocks past their segment's
  * queries exit. Rows and keys below are numbered within the segment. */
 template <class T>
@@ -175,20 +197,7 @@ __global__ void attention_fwd_kernel(const T *q, const T *k, const T *v, T *o, f
         if (!live) continue;
         const int64_t j = k0 + lane;
         float s = (j < Tk && j < klim) ? g.scale * att_dot(qrow, Kt + lane * ld, hd) : -INFINITY;
-        float mx = fmaxf(m, cu_warp_max(s));
-        if (mx == -INFINITY) continue; /* nothing visible yet (cannot happen: key 0 is always seen) */
-        float corr = expf(m - mx), p = expf(s - mx);
-        l = l * corr + cu_warp_sum(p);
-        m = mx;
-#pragma unroll
-        for (int e = 0; e < ATT_E; e++) acc[e] *= corr;
-        for (int jj = 0; jj < ATT_TILE; jj++) {
-            float pj = __shfl_sync(0xffffffffu, p, jj);
-            const float *vr = Vt + jj * ld;
-#pragma unroll
-            for (int e = 0; e < ATT_E; e++)
-                if (lane + 32 * e < hd) acc[e] += pj * vr[lane + 32 * e];
-        }
+        att_tile_update(s, Vt, ld, hd, lane, m, l, acc); /* key 0 is always seen */
     }
     if (!live) return;
     float inv = 1.0f / l;
@@ -326,20 +335,7 @@ __global__ void paged_attention_kernel(const T *q, const T *kp, const T *vp, T *
         if (!live) continue;
         const int64_t j = k0 + lane;
         float s = (j < kstop && j < klim) ? g.scale * att_dot(qrow, Kt + lane * ld, hd) : -INFINITY;
-        float mx = fmaxf(m, cu_warp_max(s));
-        if (mx == -INFINITY) continue; /* no key of this tile is visible to the row */
-        float corr = expf(m - mx), p = expf(s - mx);
-        l = l * corr + cu_warp_sum(p);
-        m = mx;
-#pragma unroll
-        for (int e = 0; e < ATT_E; e++) acc[e] *= corr;
-        for (int jj = 0; jj < ATT_TILE; jj++) {
-            float pj = __shfl_sync(0xffffffffu, p, jj);
-            const float *vr = Vt + jj * ld;
-#pragma unroll
-            for (int e = 0; e < ATT_E; e++)
-                if (lane + 32 * e < hd) acc[e] += pj * vr[lane + 32 * e];
-        }
+        att_tile_update(s, Vt, ld, hd, lane, m, l, acc);
     }
     if (!live) return;
     const int64_t row = (sg.q0 + qi) * g.H + h; /* of o [Tq, H, hd] */
