@@ -76,8 +76,10 @@ static void pending_push(const moe_backend *be, profile_slot *sl, int from, int 
  * busy the device was over the window. */
 static void pending_settle(const char *title) {
     const moe_backend *be = pending_backend;
-    if (!n_pending || be->sync() != MOE_OK) {
+    if (!n_pending) return;
+    if (be->sync() != MOE_OK) { /* the run's own error reports it; the marks start afresh */
         n_pending = 0;
+        be->marks_reset();
         return;
     }
     double busy = 0;
