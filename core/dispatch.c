@@ -166,8 +166,8 @@ static void profile_report_at_exit(void) { moe_profile_report("(rest of the run)
 
 /* One kernel under MOE_PROFILE: timed by the device's marks (levels 3, 4, where the
  * backend has them) or by the host clock around the kernel and a synchronisation. */
-static moe_status profiled_run(const moe_backend *be, moe_kernel_id k, const moe_kernel_args *a, moe_mem_mark mark) {
-    const moe_device dev = (a->out ? a->out : a->in[0])->device;
+static moe_status profiled_run(const moe_backend *be, moe_kernel_id k, const moe_kernel_args *a, moe_device dev,
+                                moe_mem_mark mark) {
     char shape[120] = "";
     if (profile_level == 2 || profile_level == 4) shape_text(shape, sizeof shape, a);
     profile_slot *sl = profile_slot_of((int)k, shape);
@@ -207,5 +207,5 @@ moe_status moe_kernel_run(moe_kernel_id k, const moe_kernel_args *a) {
         moe_mem_step_release(t->device, mark);
         return s;
     }
-    return profiled_run(be, k, a, mark);
+    return profiled_run(be, k, a, t->device, mark);
 }

@@ -170,6 +170,15 @@ smoke() {
     awk '/^DECODE/ { for (i = 2; i <= NF; i++) if ($i ~ /^step_bytes=/) { split($i, kv, "="); b[n++] = kv[2] } }
          END { if (!(b[1] > b[0])) { print "bench-hub smoke: batch 3 reads no more bytes than batch 1" > "/dev/stderr"; exit 1 } }' \
         "$tmp/ours.txt"
+    # MOE_PROFILE=3 (on the CPU: timed as level 1): the prefill's and the decode steps' windows
+    # apart, and decode steps attend through the paged cache
+    MOE_PROFILE=3 OMP_NUM_THREADS=1 "$moe_bin" bench decode --model "$fixture" --device cpu --batch 1 --prompt-len 8 \
+        --tokens 4 --reps 1 >/dev/null 2>"$tmp/profile.txt"
+    grep -q '^kernel profile (MOE_PROFILE) batch 1 prefill: ' "$tmp/profile.txt" &&
+        awk '/^kernel profile \(MOE_PROFILE\) batch 1, 3 decode steps: /{f = 1; next} /^kernel profile/{f = 0}
+             f && $1 == "attention_paged" {ok = 1} END {exit !ok}' "$tmp/profile.txt" ||
+        { echo "bench-hub smoke: MOE_PROFILE=3 gave no prefill window or no attention_paged in the decode steps" >&2
+          cat "$tmp/profile.txt" >&2; return 1; }
     report "$tmp" >"$tmp/report.md" || true # the reference side is absent here: NA, status 1
     grep -q '^HUB decode-b3 ours=[0-9.]* ref=NA' "$tmp/report.md" &&
         grep -q '^HUB tokenize ours=[0-9.]* ref=NA' "$tmp/report.md" ||

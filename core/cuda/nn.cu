@@ -271,18 +271,17 @@ struct paged_geom {
     float scale;
     const int32_t *seg, *rows;
     int64_t n_seg, n_split, chunk; /* keys per split (a multiple of ATT_TILE) */
-    bool vec;                      /* rows load in 16-byte pieces */
+    bool vec;                      /* rows load 8 values at a time (cu_ld8) */
 };
 
 /* Keys [j0, j0 + ATT_TILE) of a segment (rows from its first key) for kv head kvh into
  * tile[ATT_TILE][hd + 1] f32, zeros past `end`; a row outside the pools is reported (and
- * read as zeros). Each thread moves 16-byte pieces of rows (hd a multiple of 16 / sizeof T,
- * the pools 16-byte aligned), else single elements. */
+ * read as zeros). Each thread moves 8 values of a row at a time (cu_ld8: hd a multiple of
+ * 8, the pools 16-byte aligned), else single elements. */
 template <class T>
 __device__ void paged_load_tile(float *tile, const T *pool, const int32_t *rows, int64_t j0, int64_t end,
                                 int64_t kvh, const paged_geom &g, cu_index_fault *fault) {
-    constexpr int VEC = 16 / sizeof(T);
-    const int hd = (int)g.hd, ld = hd + 1, per_row = g.vec ? hd / VEC : hd, step = g.vec ? VEC : 1;
+    const int hd = (int)g.hd, ld = hd + 1, step = g.vec ? 8 : 1, per_row = hd / step;
     for (int i = threadIdx.x; i < ATT_TILE * per_row; i += blockDim.x) {
         const int r = i / per_row, d = (i - r * per_row) * step;
         float *dst = tile + r * ld + d;
@@ -292,15 +291,12 @@ __device__ void paged_load_tile(float *tile, const T *pool, const int32_t *rows,
         const T *src = pool + ((int64_t)row * g.Hkv + kvh) * hd + d;
         if (!g.vec) {
             *dst = ok ? ldf(src) : 0.0f;
-            continue;
-        }
-        union {
-            uint4 raw;
-            T x[VEC];
-        } u;
-        u.raw = ok ? *(const uint4 *)src : make_uint4(0, 0, 0, 0);
+        } else if (ok) {
+            cu_ld8(src, dst);
+        } else {
 #pragma unroll
-        for (int e = 0; e < VEC; e++) dst[e] = ldf(&u.x[e]);
+            for (int e = 0; e < 8; e++) dst[e] = 0.0f;
+        }
     }
 }
 
@@ -401,8 +397,7 @@ extern "C" moe_status moe_cuda_attention_paged(const moe_kernel_args *a) {
                          (long long)q->shape[3], ATT_MAX_HD);
     paged_geom g = {q->shape[1], q->shape[2], kp->shape[1], q->shape[3], kp->shape[0], at->causal, at->scale,
                     (const int32_t *)at->seg->data, (const int32_t *)a->in[3]->data, at->n_seg, 1, 0, false};
-    const size_t elem = moe_dtype_size(kp->dtype);
-    g.vec = (g.hd * elem) % 16 == 0 && (uintptr_t)kp->data % 16 == 0 && (uintptr_t)vp->data % 16 == 0;
+    g.vec = g.hd % 8 == 0 && (uintptr_t)kp->data % 16 == 0 && (uintptr_t)vp->data % 16 == 0;
     if (g.Tq == 0) return MOE_OK;
     const int64_t tiles = (at->max_q * (g.H / g.Hkv) + ATT_ROWS - 1) / ATT_ROWS;
     g.n_split = paged_splits(tiles * g.Hkv * g.n_seg, at->max_k);

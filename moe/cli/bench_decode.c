@@ -235,9 +235,9 @@ static void print_result(const decode_flags *f, const decode_plan *p, int B, con
     double bound = r->step_ms > 0 ? r->step_bytes / p->copy_bytes_per_s * 1e3 / r->step_ms : 0;
     int T = B * f->prompt;
     double ptps = r->prefill_ms > 0 ? 1e3 * T / r->prefill_ms : 0;
-    const char *impl = !f->experts || !strcmp(f->experts, "auto") ? "moe"
-                       : !strcmp(f->experts, "grouped")          ? "moe-grouped"
-                                                                  : "moe-gathered";
+    static const char *const impls[] = {[MOE_EXPERT_PATH_AUTO] = "moe", [MOE_EXPERT_PATH_GROUPED] = "moe-grouped",
+                                        [MOE_EXPERT_PATH_GATHERED] = "moe-gathered"};
+    const char *impl = impls[moe_cli_expert_path(f->experts)];
     if (f->json) {
         printf("{\"kind\":\"PREFILL\",\"impl\":\"%s\",\"batch\":%d,\"tokens\":%d,\"ms\":%.3f,\"tokens_per_s\":%.2f,"
                "\"peak_bytes\":%zu,\"device\":\"%s\",\"dtype\":\"%s\"}\n", impl, B, T, r->prefill_ms, ptps, r->peak_bytes,

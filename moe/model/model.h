@@ -109,8 +109,6 @@ typedef struct moe_span {
     int64_t begin, len, pos0;
 } moe_span;
 
-/* Where inference keeps what a sequence carries from forward to forward (implemented by
- * moe/infer; the model stores nothing). `span` indexes the forward's spans. */
 /* An attention layer's keys and values where the cache keeps them: pools [R, Hc, Dc] and
  * the rows of every position so far of each span's sequence, packed span after span
  * (a paged cache's block tables, flattened): span j's keys are packed rows

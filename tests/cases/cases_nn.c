@@ -69,7 +69,7 @@ static moe_tensor *run_varlen_hd64_empty_q(moe_tensor **in) { return attention_l
 
 /* attention_paged (inference only): q [1, Tq, H, hd], pools [R, Hkv, hd], rows [Tk], checked
  * against attention_varlen on the keys gathered out of the pools. Layouts: decode steps
- * 1/5 1/9 1/2 (hd 6: rows too short for the CUDA kernel's 16-byte loads); 3/40, an empty
+ * 1/5 1/9 1/2 (hd 6: rows too short for the CUDA kernel's 8-value loads); 3/40, an empty
  * segment and 1/68; 1/600 and 2/600 (key runs the CUDA kernel splits over blocks); 20/24
  * and 1/6 (more queries than MOE_ATTENTION_PAGED_MAX_Q: the gathered route). */
 static const seg_layout PAGED_DECODE = {3, {0, 1, 2, 3}, {0, 5, 14, 16}};
