@@ -43,8 +43,9 @@ typedef enum moe_dist_group {
     MOE_GROUP_COUNT
 } moe_dist_group;
 
-/* Initialises MPI (MPI_Init_thread, FUNNELED) unless it already is (a program run
- * without mpirun is a world of 1), makes failures on our communicators return
+/* Initialises MPI (MPI_Init_thread, FUNNELED) unless it already is or no MPI launcher
+ * started the process (no mpirun / mpiexec / srun rank variable: a world of 1 without
+ * MPI), makes failures on our communicators return
  * statuses (MPI_ERRORS_RETURN), picks this rank's GPU in CUDA builds (local rank modulo
  * the node's GPUs; none: nothing to do) and builds the groups for `expert_parallel`.
  * MOE_ERR_CONFIG when expert_parallel < 1 or does not divide the world size. */

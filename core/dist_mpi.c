@@ -7,6 +7,7 @@
 #include "core/dist.h"
 
 #include <limits.h>
+#include <stdlib.h>
 #include <mpi.h>
 #include <string.h>
 
@@ -125,6 +126,17 @@ moe_status moe_dist_set_expert_parallel(int expert_parallel) {
     return adopt_comm(op, MOE_GROUP_DP, dp);
 }
 
+/* Whether an MPI launcher started this process (mpirun / mpiexec of Open MPI, MPICH or
+ * Intel MPI, srun): the rank variables they set. A process started alone stays a world of
+ * one without MPI_Init, so no singleton daemon is spawned: Open MPI's singletons race for
+ * one session directory when several start at the same moment, and the loser aborts. */
+static bool launched_by_mpi(void) {
+    static const char *const vars[] = {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE"};
+    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++)
+        if (getenv(vars[i])) return true;
+    return false;
+}
+
 moe_status moe_dist_init(int *argc, char ***argv, int expert_parallel) {
     static const char op[] = "moe_dist_init";
     if (dist.active) return moe_dist_set_expert_parallel(expert_parallel);
@@ -134,6 +146,7 @@ moe_status moe_dist_init(int *argc, char ***argv, int expert_parallel) {
     if (finalised)
         return moe_error(MOE_ERR_DIST, "%s: MPI was already finalised; initialise the "
                          "distributed layer once, before moe_dist_finalize", op);
+    if (!initialised && !launched_by_mpi()) return moe_dist_check_ep_(expert_parallel, 1);
     if (!initialised) {
         int provided = 0;
         int err = MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided);
