@@ -207,21 +207,23 @@ extern "C" moe_status moe_cuda_index_copy(const moe_kernel_args *a) {
     return MOE_OK;
 }
 
-/* ---- COMBINE: out[t] = sum_j w[t, j] * y[src[t, j]] (src -1: none; w NULL: 1), one block per
- * token, f32 accumulation in j order (deterministic, no atomics) ---- */
+/* ---- COMBINE: out[t] = sum_j w[t, j] * y[src[t, j]] (src -1: none; w NULL: 1). Grid
+ * (column tiles, tokens): one thread per output column, so a few tokens (decode) still
+ * spread over d / blockDim blocks; f32 accumulation in j order (deterministic, no atomics) ---- */
 template <class T>
 __global__ void combine_kernel(const T *y, const T *w, const int32_t *src, T *o, int64_t N, int64_t d, int64_t Tn,
                                  int64_t k, cu_index_fault *f) {
-    for (int64_t t = blockIdx.x; t < Tn; t += gridDim.x)
-        for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
-            float acc = 0;
-            for (int64_t j = 0; j < k; j++) {
-                int32_t r = src[t * k + j];
-                if (r != -1 && cu_index_ok(f, CU_IDX_COMBINE, r, t * k + j, N))
-                    acc += (w ? ldf(w + t * k + j) : 1.0f) * ldf(y + (int64_t)r * d + c);
-            }
-            stf(o + t * d + c, acc);
+    const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= d) return;
+    for (int64_t t = blockIdx.y; t < Tn; t += gridDim.y) {
+        float acc = 0;
+        for (int64_t j = 0; j < k; j++) {
+            int32_t r = src[t * k + j];
+            if (r != -1 && cu_index_ok(f, CU_IDX_COMBINE, r, t * k + j, N))
+                acc += (w ? ldf(w + t * k + j) : 1.0f) * ldf(y + (int64_t)r * d + c);
         }
+        stf(o + t * d + c, acc);
+    }
 }
 
 extern "C" moe_status moe_cuda_combine(const moe_kernel_args *a) {
@@ -229,8 +231,9 @@ extern "C" moe_status moe_cuda_combine(const moe_kernel_args *a) {
     const int64_t N = y->shape[0], d = y->shape[1], Tn = src->shape[0], k = src->shape[1];
     if (Tn * d == 0) return MOE_OK;
     const int th = cu_row_threads(d) > 256 ? 256 : cu_row_threads(d);
+    dim3 grid((unsigned)((d + th - 1) / th), (unsigned)(Tn < 65535 ? Tn : 65535));
     CU_FLOAT_DISPATCH(y->dtype, "combine",
-        combine_kernel<T><<<cu_blocks(Tn * th, th), th, 0, moe_cu.stream>>>(
+        combine_kernel<T><<<grid, th, 0, moe_cu.stream>>>(
             (const T *)y->data, w ? (const T *)w->data : NULL, (const int32_t *)src->data, (T *)a->out->data, N, d,
             Tn, k, moe_cu.index_fault);)
     CU_LAUNCHED("combine");

@@ -41,51 +41,55 @@ extern "C" moe_status moe_cuda_dropout(const moe_kernel_args *a) {
     return MOE_OK;
 }
 
-/* ---- rotary embedding: a [T, hd/2] cos/sin table (angles in double, at positions in[1][t]
- * or pos0 + t), then the rotation ---- */
-__global__ void rope_table_kernel(float *cs, float *sn, int64_t Tn, int64_t half, int64_t hd, moe_rope_attrs at,
-                                  const int32_t *pos) {
-    CU_GRID_LOOP(i, Tn * half) {
-        int64_t t = i / half, p = i % half;
-        double ang = (double)(pos ? pos[t] : at.pos0 + t) * pow(at.theta, -2.0 * (double)p / (double)hd);
-        cs[i] = (float)cos(ang);
-        sn[i] = (float)(at.inverse ? -sin(ang) : sin(ang));
-    }
-}
+/* ---- rotary embedding. Grid (pairs of all positions, groups of ROPE_HEADS (batch row,
+ * head)s): a thread computes the angle of its (position t, pair p) once (in double, at
+ * position in[1][t] or pos0 + t) and rotates that pair in its group's heads; one kernel
+ * per call, the trigonometry once per (t, p, group) ---- */
+#define ROPE_HEADS 8
 
 struct rope_geom {
-    int64_t B, Tn, H, half, s[4];
+    int64_t B, Tn, H, half, hd, s[4];
 };
 
-template <class T> __global__ void rope_kernel(const T *x, T *y, const float *cs, const float *sn, rope_geom g) {
-    CU_GRID_LOOP(i, g.B * g.Tn * g.H * g.half) {
-        int64_t p = i % g.half, r = i / g.half, h = r % g.H, t = (r / g.H) % g.Tn, b = r / (g.H * g.Tn);
-        const T *xr = x + b * g.s[0] + t * g.s[1] + h * g.s[2];
-        T *yr = y + r * 2 * g.half;
-        float c = cs[t * g.half + p], s = sn[t * g.half + p];
-        float x1 = ldf(xr + p * g.s[3]), x2 = ldf(xr + (p + g.half) * g.s[3]);
-        stf(yr + p, x1 * c - x2 * s);
-        stf(yr + p + g.half, x2 * c + x1 * s);
+template <class T>
+__global__ void rope_kernel(const T *x, T *y, const int32_t *pos, moe_rope_attrs at, rope_geom g) {
+    const int64_t BH = g.B * g.H;
+    CU_GRID_LOOP(i, g.Tn * g.half) {
+        const int64_t t = i / g.half, p = i % g.half;
+        const double ang = (double)(pos ? pos[t] : at.pos0 + t) * pow(at.theta, -2.0 * (double)p / (double)g.hd);
+        const float c = (float)cos(ang), s = (float)(at.inverse ? -sin(ang) : sin(ang));
+        for (int64_t bh0 = (int64_t)blockIdx.y * ROPE_HEADS; bh0 < BH; bh0 += (int64_t)gridDim.y * ROPE_HEADS) {
+            float x1[ROPE_HEADS], x2[ROPE_HEADS]; /* all loads first, then the stores */
+#pragma unroll
+            for (int u = 0; u < ROPE_HEADS; u++) {
+                const int64_t b = (bh0 + u) / g.H, h = (bh0 + u) % g.H;
+                const T *xr = x + b * g.s[0] + t * g.s[1] + h * g.s[2];
+                x1[u] = bh0 + u < BH ? ldf(xr + p * g.s[3]) : 0.0f;
+                x2[u] = bh0 + u < BH ? ldf(xr + (p + g.half) * g.s[3]) : 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < ROPE_HEADS; u++) {
+                if (bh0 + u >= BH) break;
+                const int64_t b = (bh0 + u) / g.H, h = (bh0 + u) % g.H;
+                T *yr = y + ((b * g.Tn + t) * g.H + h) * 2 * g.half; /* y [B, Tn, H, hd] */
+                stf(yr + p, x1[u] * c - x2[u] * s);
+                stf(yr + p + g.half, x2[u] * c + x1[u] * s);
+            }
+        }
     }
 }
 
 extern "C" moe_status moe_cuda_rope(const moe_kernel_args *a) {
     const moe_rope_attrs at = *(const moe_rope_attrs *)a->attrs;
     const moe_tensor *x = a->in[0];
-    rope_geom g = {x->shape[0], x->shape[1], x->shape[2], x->shape[3] / 2,
+    rope_geom g = {x->shape[0], x->shape[1], x->shape[2], x->shape[3] / 2, x->shape[3],
                    {x->strides[0], x->strides[1], x->strides[2], x->strides[3]}};
-    int64_t n = g.B * g.Tn * g.H * g.half;
-    if (n == 0) return MOE_OK;
-    float *cs = (float *)cu_scratch(sizeof(float) * 2 * (size_t)(g.Tn * g.half));
-    if (!cs) return moe_last_status();
-    float *sn = cs + g.Tn * g.half;
-    rope_table_kernel<<<cu_blocks(g.Tn * g.half), CU_THREADS, 0, moe_cu.stream>>>(cs, sn, g.Tn, g.half, x->shape[3], at,
-                                                                              a->in[1] ? (const int32_t *)a->in[1]->data
-                                                                                       : NULL);
-    CU_LAUNCHED("rope (table)");
+    const int64_t groups = (g.B * g.H + ROPE_HEADS - 1) / ROPE_HEADS;
+    if (g.Tn * g.half * groups == 0) return MOE_OK;
+    const int32_t *pos = a->in[1] ? (const int32_t *)a->in[1]->data : NULL;
+    dim3 grid(cu_blocks(g.Tn * g.half), (unsigned)(groups < 65535 ? groups : 65535));
     CU_FLOAT_DISPATCH(x->dtype, "rope",
-        rope_kernel<T><<<cu_blocks(n), CU_THREADS, 0, moe_cu.stream>>>((const T *)x->data, (T *)a->out->data, cs, sn,
-                                                                     g);)
+        rope_kernel<T><<<grid, CU_THREADS, 0, moe_cu.stream>>>((const T *)x->data, (T *)a->out->data, pos, at, g);)
     CU_LAUNCHED("rope");
     return MOE_OK;
 }
@@ -257,98 +261,123 @@ extern "C" moe_status moe_cuda_attention(const moe_kernel_args *a) {
 
 /* ---- paged attention (decode) ----
  * ATTENTION_PAGED for segments of few queries: the keys are read out of the pools
- * [R, Hkv, hd] through rows, and a segment's key run is split over n_split blocks (the
- * flash-decoding split: at batch 1 there are only Hkv (segment, kv head) pairs, too few
- * blocks to stream a long cache at the device's rate). Grid (row tiles of ATT_ROWS, Hkv,
- * n_seg * n_split): a block's warps own rows r = query * group + head-in-group of its kv
- * head and walk the split's keys in tiles of ATT_TILE with an online softmax. With one
- * split the rows are written normalised; else each split writes its normalised part and
- * (max, sum) and paged_merge_kernel combines them: o = sum_c w_c o_c / sum_c w_c,
- * w_c = l_c exp(m_c - max_c m_c). */
+ * [R, Hkv, hd] through rows. Grid (query-head rows, Hkv, n_seg * n_split): one block per
+ * (query, head) row r = query * group + head-in-group of its kv head and per split of the
+ * segment's key run (the flash-decoding split: at batch 1 there are only H rows, too few
+ * blocks to stream a long cache at the device's rate). The block's PAGED_WARPS warps share
+ * out the split's keys PAGED_UNROLL at a time, each with its own online softmax (lanes
+ * split the head dims, so every key row is one coalesced read), and merge their states
+ * through shared memory. With one split the row is written normalised; else each split
+ * writes its normalised part and (max, sum) and paged_merge_kernel combines them:
+ * o = sum_c w_c o_c / sum_c w_c, w_c = l_c exp(m_c - max_c m_c). */
+#define PAGED_WARPS 8
+#define PAGED_UNROLL 4 /* keys a warp has in flight */
+
 struct paged_geom {
     int64_t Tq, H, Hkv, hd, R;
     bool causal;
     float scale;
     const int32_t *seg, *rows;
-    int64_t n_seg, n_split, chunk; /* keys per split (a multiple of ATT_TILE) */
-    bool vec;                      /* rows load 8 values at a time (cu_ld8) */
+    int64_t n_seg, n_split, chunk; /* keys per split */
 };
 
-/* Keys [j0, j0 + ATT_TILE) of a segment (rows from its first key) for kv head kvh into
- * tile[ATT_TILE][hd + 1] f32, zeros past `end`; a row outside the pools is reported (and
- * read as zeros). Each thread moves 8 values of a row at a time (cu_ld8: hd a multiple of
- * 8, the pools 16-byte aligned), else single elements. */
+/* A warp's running softmax state: max m, sum l, accumulator acc (lane + 32 e). */
+struct paged_state {
+    float m, l, acc[ATT_E];
+};
+
+/* Keys j0 .. j0 + PAGED_UNROLL - 1 (those below jend) of one warp into its state: every
+ * key's and value's piece of this lane is loaded first (all in flight at once), then the
+ * scores q . k_j (q holds this lane's dims) and one online-softmax update for all of them.
+ * A row outside the pools is reported and its key skipped. */
 template <class T>
-__device__ void paged_load_tile(float *tile, const T *pool, const int32_t *rows, int64_t j0, int64_t end,
-                                int64_t kvh, const paged_geom &g, cu_index_fault *fault) {
-    const int hd = (int)g.hd, ld = hd + 1, step = g.vec ? 8 : 1, per_row = hd / step;
-    for (int i = threadIdx.x; i < ATT_TILE * per_row; i += blockDim.x) {
-        const int r = i / per_row, d = (i - r * per_row) * step;
-        float *dst = tile + r * ld + d;
-        int32_t row = j0 + r < end ? rows[j0 + r] : -1;
-        bool ok = row >= 0 && row < g.R;
-        if (j0 + r < end && !ok && d == 0) cu_index_ok(fault, CU_IDX_ATTENTION_PAGED, row, j0 + r, g.R);
-        const T *src = pool + ((int64_t)row * g.Hkv + kvh) * hd + d;
-        if (!g.vec) {
-            *dst = ok ? ldf(src) : 0.0f;
-        } else if (ok) {
-            cu_ld8(src, dst);
-        } else {
+__device__ __forceinline__ void paged_keys(paged_state &st, const float (&q)[ATT_E], const T *kp, const T *vp,
+                                           const int32_t *rows, int64_t j0, int64_t jend, int64_t kvh,
+                                           const paged_geom &g, cu_index_fault *fault) {
+    const int lane = threadIdx.x & 31;
+    float kv[PAGED_UNROLL][ATT_E], vv[PAGED_UNROLL][ATT_E], s[PAGED_UNROLL];
+    bool ok[PAGED_UNROLL];
 #pragma unroll
-            for (int e = 0; e < 8; e++) dst[e] = 0.0f;
+    for (int u = 0; u < PAGED_UNROLL; u++) {
+        const int64_t j = j0 + u;
+        const int32_t row = j < jend ? rows[j] : -1;
+        ok[u] = j < jend && row >= 0 && row < g.R;
+        if (j < jend && !ok[u] && lane == 0) cu_index_ok(fault, CU_IDX_ATTENTION_PAGED, row, j, g.R);
+        const int64_t off = ((int64_t)(ok[u] ? row : 0) * g.Hkv + kvh) * g.hd;
+#pragma unroll
+        for (int e = 0; e < ATT_E; e++) {
+            const bool in = ok[u] && lane + 32 * e < g.hd;
+            kv[u][e] = in ? ldf(kp + off + lane + 32 * e) : 0.0f;
+            vv[u][e] = in ? ldf(vp + off + lane + 32 * e) : 0.0f;
         }
     }
+    float mx = st.m;
+#pragma unroll
+    for (int u = 0; u < PAGED_UNROLL; u++) {
+        float dot = 0;
+#pragma unroll
+        for (int e = 0; e < ATT_E; e++) dot += q[e] * kv[u][e];
+        dot = cu_warp_sum(dot); /* every lane: ok[u] is the same across the warp */
+        s[u] = ok[u] ? dot * g.scale : -INFINITY;
+        mx = fmaxf(mx, s[u]);
+    }
+    if (mx == -INFINITY) return;
+    const float corr = expf(st.m - mx);
+    st.l *= corr;
+#pragma unroll
+    for (int e = 0; e < ATT_E; e++) st.acc[e] *= corr;
+#pragma unroll
+    for (int u = 0; u < PAGED_UNROLL; u++) {
+        const float p = ok[u] ? expf(s[u] - mx) : 0.0f;
+        st.l += p;
+#pragma unroll
+        for (int e = 0; e < ATT_E; e++) st.acc[e] += p * vv[u][e];
+    }
+    st.m = mx;
 }
 
 template <class T>
 __global__ void paged_attention_kernel(const T *q, const T *kp, const T *vp, T *o, float *part, float *ml, att_view vq,
                                        paged_geom g, cu_index_fault *fault) {
-    extern __shared__ float smem[];
+    __shared__ float wm[PAGED_WARPS], wl[PAGED_WARPS], wacc[PAGED_WARPS][ATT_MAX_HD];
     const int64_t sid = blockIdx.z / g.n_split, split = blockIdx.z % g.n_split;
     const moe_att_seg sg = moe_att_seg_at(g.seg, g.n_seg, sid, g.Tq, 0);
-    const int64_t group = g.H / g.Hkv, kvh = blockIdx.y, r0 = (int64_t)blockIdx.x * ATT_ROWS;
-    if (r0 >= sg.nq * group) return;
-    const int64_t hd = g.hd, ld = hd + 1, shift = sg.nk - sg.nq;
-    float *Kt = smem, *Vt = Kt + ATT_TILE * ld, *Qr = Vt + ATT_TILE * ld;
+    const int64_t group = g.H / g.Hkv, kvh = blockIdx.y, r = blockIdx.x;
+    if (r >= sg.nq * group) return;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int64_t r = r0 + warp, qi = r / group, h = kvh * group + r % group;
-    const bool live = r < sg.nq * group;
-    float *qrow = Qr + warp * hd;
-    if (live) att_load_row(qrow, q + (sg.q0 + qi) * vq.st + h * vq.sh, hd);
-    const int64_t rlast = min(r0 + ATT_ROWS, sg.nq * group) - 1;
-    const int64_t kend = g.causal ? min(sg.nk, shift + rlast / group + 1) : sg.nk; /* keys the block needs */
-    const int64_t klim = g.causal ? shift + qi + 1 : sg.nk;                      /* keys this row sees */
-    const int64_t kbeg = split * g.chunk, kstop = min(kend, kbeg + g.chunk);
+    const int64_t qi = r / group, h = kvh * group + r % group, hd = g.hd;
+    const int64_t klim = g.causal ? min(sg.nk, sg.nk - sg.nq + qi + 1) : sg.nk; /* keys this row sees */
+    const int64_t kbeg = split * g.chunk, kstop = min(klim, kbeg + g.chunk);
+    const T *qrow = q + (sg.q0 + qi) * vq.st + h * vq.sh;
+    float qv[ATT_E];
+#pragma unroll
+    for (int e = 0; e < ATT_E; e++) qv[e] = lane + 32 * e < hd ? ldf(qrow + lane + 32 * e) : 0.0f;
+    paged_state st = {-INFINITY, 0, {}};
     const int32_t *rows = g.rows + sg.k0;
-    float m = -INFINITY, l = 0, acc[ATT_E];
-#pragma unroll
-    for (int e = 0; e < ATT_E; e++) acc[e] = 0;
-    for (int64_t k0 = kbeg; k0 < kstop; k0 += ATT_TILE) {
-        __syncthreads(); /* the previous tile is consumed; the q rows are written */
-        paged_load_tile(Kt, kp, rows, k0, kstop, kvh, g, fault);
-        paged_load_tile(Vt, vp, rows, k0, kstop, kvh, g, fault);
-        __syncthreads();
-        if (!live) continue;
-        const int64_t j = k0 + lane;
-        float s = (j < kstop && j < klim) ? g.scale * att_dot(qrow, Kt + lane * ld, hd) : -INFINITY;
-        att_tile_update(s, Vt, ld, hd, lane, m, l, acc);
-    }
-    if (!live) return;
-    const int64_t row = (sg.q0 + qi) * g.H + h; /* of o [Tq, H, hd] */
-    const float inv = l > 0 ? 1.0f / l : 0.0f;
-    if (g.n_split == 1) {
-#pragma unroll
-        for (int e = 0; e < ATT_E; e++)
-            if (lane + 32 * e < hd) stf(o + row * hd + lane + 32 * e, acc[e] * inv);
-        return;
-    }
-    float *pr = part + (split * g.Tq * g.H + row) * hd;
+    for (int64_t j0 = kbeg + warp * PAGED_UNROLL; j0 < kstop; j0 += PAGED_WARPS * PAGED_UNROLL)
+        paged_keys(st, qv, kp, vp, rows, j0, kstop, kvh, g, fault);
+    if (lane == 0) wm[warp] = st.m, wl[warp] = st.l;
 #pragma unroll
     for (int e = 0; e < ATT_E; e++)
-        if (lane + 32 * e < hd) pr[lane + 32 * e] = acc[e] * inv;
-    if (lane == 0) {
-        ml[(split * g.Tq * g.H + row) * 2] = m;
-        ml[(split * g.Tq * g.H + row) * 2 + 1] = l;
+        if (lane + 32 * e < hd) wacc[warp][lane + 32 * e] = st.acc[e];
+    __syncthreads();
+    float mx = -INFINITY, lsum = 0;
+    for (int w = 0; w < PAGED_WARPS; w++) mx = fmaxf(mx, wm[w]);
+    for (int w = 0; w < PAGED_WARPS; w++) lsum += wm[w] == -INFINITY ? 0.0f : wl[w] * expf(wm[w] - mx);
+    const float inv = lsum > 0 ? 1.0f / lsum : 0.0f;
+    const int64_t orow = (sg.q0 + qi) * g.H + h; /* of o [Tq, H, hd] */
+    for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) {
+        float acc = 0;
+        for (int w = 0; w < PAGED_WARPS; w++)
+            if (wm[w] != -INFINITY) acc += wacc[w][d] * expf(wm[w] - mx);
+        if (g.n_split == 1)
+            stf(o + orow * hd + d, acc * inv);
+        else
+            part[(split * g.Tq * g.H + orow) * hd + d] = acc * inv;
+    }
+    if (g.n_split > 1 && threadIdx.x == 0) {
+        ml[(split * g.Tq * g.H + orow) * 2] = mx;
+        ml[(split * g.Tq * g.H + orow) * 2 + 1] = lsum;
     }
 }
 
@@ -396,27 +425,25 @@ extern "C" moe_status moe_cuda_attention_paged(const moe_kernel_args *a) {
         return moe_error(MOE_ERR_UNSUPPORTED, "attention_paged: head dim %lld is larger than %d on cuda",
                          (long long)q->shape[3], ATT_MAX_HD);
     paged_geom g = {q->shape[1], q->shape[2], kp->shape[1], q->shape[3], kp->shape[0], at->causal, at->scale,
-                    (const int32_t *)at->seg->data, (const int32_t *)a->in[3]->data, at->n_seg, 1, 0, false};
-    g.vec = g.hd % 8 == 0 && (uintptr_t)kp->data % 16 == 0 && (uintptr_t)vp->data % 16 == 0;
+                    (const int32_t *)at->seg->data, (const int32_t *)a->in[3]->data, at->n_seg, 1, 0};
     if (g.Tq == 0) return MOE_OK;
-    const int64_t tiles = (at->max_q * (g.H / g.Hkv) + ATT_ROWS - 1) / ATT_ROWS;
-    g.n_split = paged_splits(tiles * g.Hkv * g.n_seg, at->max_k);
+    const int64_t rows = at->max_q * (g.H / g.Hkv);
+    g.n_split = paged_splits(rows * g.Hkv * g.n_seg, at->max_k);
     if (g.n_seg * g.n_split > 65535) g.n_split = 65535 / g.n_seg;
-    if (g.n_split < 1 || g.Hkv > 65535 || tiles > INT32_MAX)
+    if (g.n_split < 1 || g.Hkv > 65535 || rows > INT32_MAX)
         return moe_error(MOE_ERR_UNSUPPORTED, "attention_paged: %lld segments or %lld kv heads do not fit the cuda grid",
                          (long long)g.n_seg, (long long)g.Hkv);
-    g.chunk = ((at->max_k + g.n_split - 1) / g.n_split + ATT_TILE - 1) / ATT_TILE * ATT_TILE;
+    const int64_t step = PAGED_WARPS * PAGED_UNROLL;
+    g.chunk = ((at->max_k + g.n_split - 1) / g.n_split + step - 1) / step * step;
     float *part = NULL, *ml = NULL;
     if (g.n_split > 1) {
         part = (float *)cu_scratch(sizeof(float) * (size_t)(g.n_split * g.Tq * g.H * g.hd));
         ml = (float *)cu_scratch(sizeof(float) * 2 * (size_t)(g.n_split * g.Tq * g.H));
         if (!part || !ml) return moe_last_status();
     }
-    size_t smem = sizeof(float) * (size_t)(2 * ATT_TILE * (g.hd + 1) + ATT_ROWS * g.hd);
-    dim3 grid((unsigned)tiles, (unsigned)g.Hkv, (unsigned)(g.n_seg * g.n_split));
+    dim3 grid((unsigned)rows, (unsigned)g.Hkv, (unsigned)(g.n_seg * g.n_split));
     CU_FLOAT_DISPATCH(q->dtype, "attention_paged",
-        MOE_TRY(cu_allow_smem(paged_attention_kernel<T>, smem, "attention_paged"));
-        paged_attention_kernel<T><<<grid, ATT_ROWS * 32, smem, moe_cu.stream>>>(
+        paged_attention_kernel<T><<<grid, PAGED_WARPS * 32, 0, moe_cu.stream>>>(
             (const T *)q->data, (const T *)kp->data, (const T *)vp->data, (T *)a->out->data, part, ml, att_view_of(q), g,
             moe_cu.index_fault);
         CU_LAUNCHED("attention_paged");

@@ -192,6 +192,7 @@ static const op_case cases[] = {
     {"dispatch", "d=24, transposed x", 1, {FT(2, 4, 24)}, run_dispatch},
     {"combine", "6 rows of d=5 to 4 tokens, two dropped", 2, {F(2, 6, 5), F(2, 4, 2)}, run_combine},
     {"combine", "d=24, transposed y", 2, {FT(2, 6, 24), F(2, 4, 2)}, run_combine},
+    {"combine", "d=300: two column tiles on cuda", 2, {F(2, 6, 300), F(2, 4, 2)}, run_combine},
     {"index_add", "duplicate targets", 3, {F(2, 4, 3), IDX(4, 1, 10), F(2, 10, 3)}, run_index_add},
     {"index_add", "transposed x and src", 3, {FT(2, 5, 4), IDX(5, 1, 6), FT(2, 6, 4)}, run_index_add},
     {"gather", "3-D, repeated picks", 2, {F(3, 2, 3, 5), IDX(5, 3, 2, 3, 7)}, run_gather},

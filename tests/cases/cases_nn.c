@@ -138,6 +138,7 @@ static const op_case cases[] = {
     {"dropout", "p=0.3 transposed 5x4", 1, {FT(2, 5, 4)}, run_dropout},
     {"rope", "[2,3,2,4] pos0=3", 1, {F(4, 2, 3, 2, 4)}, run_rope},
     {"rope", "[1,4,2,6] strided", 1, {FT(4, 1, 4, 2, 6)}, run_rope},
+    {"rope", "[2,3,5,4]: 10 (batch row, head)s, two head groups on cuda", 1, {F(4, 2, 3, 5, 4)}, run_rope},
     {"rope", "rope_at [2,5,2,4] positions 4 0 1 2 9", 1, {F(4, 2, 5, 2, 4)}, run_rope_at},
     {"rope", "rope_at [1,5,3,6] strided", 1, {FT(4, 1, 5, 3, 6)}, run_rope_at},
     {"attention", "causal GQA H=4 Hkv=2, Tq=5 < Tk=6, transposed q", 3,
