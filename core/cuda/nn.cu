@@ -265,13 +265,15 @@ extern "C" moe_status moe_cuda_attention(const moe_kernel_args *a) {
  * (query, head) row r = query * group + head-in-group of its kv head and per split of the
  * segment's key run (the flash-decoding split: at batch 1 there are only H rows, too few
  * blocks to stream a long cache at the device's rate). The block's PAGED_WARPS warps share
- * out the split's keys PAGED_UNROLL at a time, each with its own online softmax (lanes
- * split the head dims, so every key row is one coalesced read), and merge their states
- * through shared memory. With one split the row is written normalised; else each split
- * writes its normalised part and (max, sum) and paged_merge_kernel combines them:
- * o = sum_c w_c o_c / sum_c w_c, w_c = l_c exp(m_c - max_c m_c). */
+ * out the split's keys PAGED_KEYS at a time, each with its own online softmax (lane l
+ * holds head dims l + 32 e, e < E, so every key row is a coalesced read; E = hd / 32
+ * rounded up, a template parameter so that the registers fit the head), and merge their
+ * states through shared memory. A warp loads the row indices of its next keys while the
+ * current keys' loads are in flight. With one split the row is written normalised; else
+ * each split writes its normalised part and (max, sum) and paged_merge_kernel combines
+ * them: o = sum_c w_c o_c / sum_c w_c, w_c = l_c exp(m_c - max_c m_c). */
 #define PAGED_WARPS 8
-#define PAGED_UNROLL 4 /* keys a warp has in flight */
+#define PAGED_KEYS 8 /* keys (rows of K and V) a warp has in flight */
 
 struct paged_geom {
     int64_t Tq, H, Hkv, hd, R;
@@ -281,31 +283,40 @@ struct paged_geom {
     int64_t n_seg, n_split, chunk; /* keys per split */
 };
 
-/* A warp's running softmax state: max m, sum l, accumulator acc (lane + 32 e). */
-struct paged_state {
-    float m, l, acc[ATT_E];
+/* A warp's running softmax state: max m, sum l, accumulator acc (dims lane + 32 e). */
+template <int E> struct paged_state {
+    float m, l, acc[E];
 };
 
-/* Keys j0 .. j0 + PAGED_UNROLL - 1 (those below jend) of one warp into its state: every
- * key's and value's piece of this lane is loaded first (all in flight at once), then the
- * scores q . k_j (q holds this lane's dims) and one online-softmax update for all of them.
- * A row outside the pools is reported and its key skipped. */
-template <class T>
-__device__ __forceinline__ void paged_keys(paged_state &st, const float (&q)[ATT_E], const T *kp, const T *vp,
-                                           const int32_t *rows, int64_t j0, int64_t jend, int64_t kvh,
-                                           const paged_geom &g, cu_index_fault *fault) {
+/* Pool row of key j0 + lane for lanes < PAGED_KEYS (-1: past jend); a row outside the
+ * pools is reported and read as -1. */
+__device__ __forceinline__ int32_t paged_row(const int32_t *rows, int64_t j0, int64_t jend, const paged_geom &g,
+                                             cu_index_fault *fault) {
     const int lane = threadIdx.x & 31;
-    float kv[PAGED_UNROLL][ATT_E], vv[PAGED_UNROLL][ATT_E], s[PAGED_UNROLL];
-    bool ok[PAGED_UNROLL];
+    const int64_t j = j0 + lane;
+    if (lane >= PAGED_KEYS || j >= jend) return -1;
+    const int32_t row = rows[j];
+    if (row >= 0 && row < g.R) return row;
+    cu_index_ok(fault, CU_IDX_ATTENTION_PAGED, row, j, g.R);
+    return -1;
+}
+
+/* The keys whose pool rows lane u < PAGED_KEYS holds in `row` (-1: none) into a warp's
+ * state: every key's and value's dims of this lane are loaded first (all in flight at
+ * once), then the scores q . k (q: this lane's dims) and one online-softmax update. */
+template <class T, int E>
+__device__ __forceinline__ void paged_keys(paged_state<E> &st, const float (&q)[E], const T *kp, const T *vp,
+                                           int32_t row, int64_t kvh, const paged_geom &g) {
+    const int lane = threadIdx.x & 31;
+    float kv[PAGED_KEYS][E], vv[PAGED_KEYS][E], s[PAGED_KEYS];
+    bool ok[PAGED_KEYS];
 #pragma unroll
-    for (int u = 0; u < PAGED_UNROLL; u++) {
-        const int64_t j = j0 + u;
-        const int32_t row = j < jend ? rows[j] : -1;
-        ok[u] = j < jend && row >= 0 && row < g.R;
-        if (j < jend && !ok[u] && lane == 0) cu_index_ok(fault, CU_IDX_ATTENTION_PAGED, row, j, g.R);
-        const int64_t off = ((int64_t)(ok[u] ? row : 0) * g.Hkv + kvh) * g.hd;
+    for (int u = 0; u < PAGED_KEYS; u++) {
+        const int32_t r = __shfl_sync(0xffffffffu, row, u);
+        ok[u] = r >= 0;
+        const int64_t off = ((int64_t)(r < 0 ? 0 : r) * g.Hkv + kvh) * g.hd;
 #pragma unroll
-        for (int e = 0; e < ATT_E; e++) {
+        for (int e = 0; e < E; e++) {
             const bool in = ok[u] && lane + 32 * e < g.hd;
             kv[u][e] = in ? ldf(kp + off + lane + 32 * e) : 0.0f;
             vv[u][e] = in ? ldf(vp + off + lane + 32 * e) : 0.0f;
@@ -313,11 +324,11 @@ __device__ __forceinline__ void paged_keys(paged_state &st, const float (&q)[ATT
     }
     float mx = st.m;
 #pragma unroll
-    for (int u = 0; u < PAGED_UNROLL; u++) {
+    for (int u = 0; u < PAGED_KEYS; u++) {
         float dot = 0;
 #pragma unroll
-        for (int e = 0; e < ATT_E; e++) dot += q[e] * kv[u][e];
-        dot = cu_warp_sum(dot); /* every lane: ok[u] is the same across the warp */
+        for (int e = 0; e < E; e++) dot += q[e] * kv[u][e];
+        dot = cu_warp_sum(dot);
         s[u] = ok[u] ? dot * g.scale : -INFINITY;
         mx = fmaxf(mx, s[u]);
     }
@@ -325,21 +336,22 @@ __device__ __forceinline__ void paged_keys(paged_state &st, const float (&q)[ATT
     const float corr = expf(st.m - mx);
     st.l *= corr;
 #pragma unroll
-    for (int e = 0; e < ATT_E; e++) st.acc[e] *= corr;
+    for (int e = 0; e < E; e++) st.acc[e] *= corr;
 #pragma unroll
-    for (int u = 0; u < PAGED_UNROLL; u++) {
-        const float p = ok[u] ? expf(s[u] - mx) : 0.0f;
+    for (int u = 0; u < PAGED_KEYS; u++) {
+        const float p = expf(s[u] - mx); /* 0 for a missing key */
         st.l += p;
 #pragma unroll
-        for (int e = 0; e < ATT_E; e++) st.acc[e] += p * vv[u][e];
+        for (int e = 0; e < E; e++) st.acc[e] += p * vv[u][e];
     }
     st.m = mx;
 }
 
-template <class T>
-__global__ void paged_attention_kernel(const T *q, const T *kp, const T *vp, T *o, float *part, float *ml, att_view vq,
-                                       paged_geom g, cu_index_fault *fault) {
-    __shared__ float wm[PAGED_WARPS], wl[PAGED_WARPS], wacc[PAGED_WARPS][ATT_MAX_HD];
+template <class T, int E>
+__global__ void __launch_bounds__(PAGED_WARPS * 32)
+    paged_attention_kernel(const T *q, const T *kp, const T *vp, T *o, float *part, float *ml, att_view vq,
+                           paged_geom g, cu_index_fault *fault) {
+    __shared__ float wm[PAGED_WARPS], wl[PAGED_WARPS], wacc[PAGED_WARPS][32 * E];
     const int64_t sid = blockIdx.z / g.n_split, split = blockIdx.z % g.n_split;
     const moe_att_seg sg = moe_att_seg_at(g.seg, g.n_seg, sid, g.Tq, 0);
     const int64_t group = g.H / g.Hkv, kvh = blockIdx.y, r = blockIdx.x;
@@ -349,17 +361,22 @@ __global__ void paged_attention_kernel(const T *q, const T *kp, const T *vp, T *
     const int64_t klim = g.causal ? min(sg.nk, sg.nk - sg.nq + qi + 1) : sg.nk; /* keys this row sees */
     const int64_t kbeg = split * g.chunk, kstop = min(klim, kbeg + g.chunk);
     const T *qrow = q + (sg.q0 + qi) * vq.st + h * vq.sh;
-    float qv[ATT_E];
+    float qv[E];
 #pragma unroll
-    for (int e = 0; e < ATT_E; e++) qv[e] = lane + 32 * e < hd ? ldf(qrow + lane + 32 * e) : 0.0f;
-    paged_state st = {-INFINITY, 0, {}};
+    for (int e = 0; e < E; e++) qv[e] = lane + 32 * e < hd ? ldf(qrow + lane + 32 * e) : 0.0f;
+    paged_state<E> st = {-INFINITY, 0, {}};
     const int32_t *rows = g.rows + sg.k0;
-    for (int64_t j0 = kbeg + warp * PAGED_UNROLL; j0 < kstop; j0 += PAGED_WARPS * PAGED_UNROLL)
-        paged_keys(st, qv, kp, vp, rows, j0, kstop, kvh, g, fault);
+    const int64_t stride = PAGED_WARPS * PAGED_KEYS;
+    int64_t j0 = kbeg + warp * PAGED_KEYS;
+    int32_t row = paged_row(rows, j0, kstop, g, fault);
+    for (; j0 < kstop; j0 += stride) {
+        const int32_t next = paged_row(rows, j0 + stride, kstop, g, fault);
+        paged_keys<T, E>(st, qv, kp, vp, row, kvh, g);
+        row = next;
+    }
     if (lane == 0) wm[warp] = st.m, wl[warp] = st.l;
 #pragma unroll
-    for (int e = 0; e < ATT_E; e++)
-        if (lane + 32 * e < hd) wacc[warp][lane + 32 * e] = st.acc[e];
+    for (int e = 0; e < E; e++) wacc[warp][lane + 32 * e] = st.acc[e];
     __syncthreads();
     float mx = -INFINITY, lsum = 0;
     for (int w = 0; w < PAGED_WARPS; w++) mx = fmaxf(mx, wm[w]);
@@ -416,9 +433,16 @@ static int64_t paged_splits(int64_t blocks, int64_t max_k) {
     return n < 1 ? 1 : n;
 }
 
+template <class T, int E>
+static void paged_launch(const moe_kernel_args *a, dim3 grid, float *part, float *ml, const paged_geom &g) {
+    paged_attention_kernel<T, E><<<grid, PAGED_WARPS * 32, 0, moe_cu.stream>>>(
+        (const T *)a->in[0]->data, (const T *)a->in[1]->data, (const T *)a->in[2]->data, (T *)a->out->data, part, ml,
+        att_view_of(a->in[0]), g, moe_cu.index_fault);
+}
+
 extern "C" moe_status moe_cuda_attention_paged(const moe_kernel_args *a) {
     const moe_attention_attrs *at = (const moe_attention_attrs *)a->attrs;
-    const moe_tensor *q = a->in[0], *kp = a->in[1], *vp = a->in[2];
+    const moe_tensor *q = a->in[0], *kp = a->in[1];
     if (q->strides[3] != 1 && q->shape[3] != 1)
         return moe_error(MOE_ERR_INVALID, "attention_paged: q needs a unit last stride");
     if (q->shape[3] > ATT_MAX_HD)
@@ -433,7 +457,7 @@ extern "C" moe_status moe_cuda_attention_paged(const moe_kernel_args *a) {
     if (g.n_split < 1 || g.Hkv > 65535 || rows > INT32_MAX)
         return moe_error(MOE_ERR_UNSUPPORTED, "attention_paged: %lld segments or %lld kv heads do not fit the cuda grid",
                          (long long)g.n_seg, (long long)g.Hkv);
-    const int64_t step = PAGED_WARPS * PAGED_UNROLL;
+    const int64_t step = PAGED_WARPS * PAGED_KEYS;
     g.chunk = ((at->max_k + g.n_split - 1) / g.n_split + step - 1) / step * step;
     float *part = NULL, *ml = NULL;
     if (g.n_split > 1) {
@@ -443,9 +467,10 @@ extern "C" moe_status moe_cuda_attention_paged(const moe_kernel_args *a) {
     }
     dim3 grid((unsigned)rows, (unsigned)g.Hkv, (unsigned)(g.n_seg * g.n_split));
     CU_FLOAT_DISPATCH(q->dtype, "attention_paged",
-        paged_attention_kernel<T><<<grid, PAGED_WARPS * 32, 0, moe_cu.stream>>>(
-            (const T *)q->data, (const T *)kp->data, (const T *)vp->data, (T *)a->out->data, part, ml, att_view_of(q), g,
-            moe_cu.index_fault);
+        if (g.hd <= 32) paged_launch<T, 1>(a, grid, part, ml, g);
+        else if (g.hd <= 64) paged_launch<T, 2>(a, grid, part, ml, g);
+        else if (g.hd <= 128) paged_launch<T, 4>(a, grid, part, ml, g);
+        else paged_launch<T, 8>(a, grid, part, ml, g);
         CU_LAUNCHED("attention_paged");
         if (g.n_split > 1) {
             paged_merge_kernel<T><<<cu_blocks(g.Tq * g.H * 32), CU_THREADS, 0, moe_cu.stream>>>(part, ml, (T *)a->out->data,
