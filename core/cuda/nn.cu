@@ -43,12 +43,14 @@ extern "C" moe_status moe_cuda_dropout(const moe_kernel_args *a) {
 
 /* ---- rotary embedding. Grid (pairs of all positions, groups of ROPE_HEADS (batch row,
  * head)s): a thread computes the angle of its (position t, pair p) once (in double, at
- * position in[1][t] or pos0 + t) and rotates that pair in its group's heads; one kernel
- * per call, the trigonometry once per (t, p, group) ---- */
+ * position in[1][t] or pos0 + t; theta^(-2p/hd) as exp2(p * lg), lg = -2 log2(theta) / hd
+ * from the host, and sin and cos in one sincos) and rotates that pair in its group's heads;
+ * one kernel per call, the trigonometry once per (t, p, group) ---- */
 #define ROPE_HEADS 8
 
 struct rope_geom {
-    int64_t B, Tn, H, half, hd, s[4];
+    int64_t B, Tn, H, half, s[4];
+    double lg; /* log2 of the pair-to-pair frequency ratio */
 };
 
 template <class T>
@@ -56,8 +58,9 @@ __global__ void rope_kernel(const T *x, T *y, const int32_t *pos, moe_rope_attrs
     const int64_t BH = g.B * g.H;
     CU_GRID_LOOP(i, g.Tn * g.half) {
         const int64_t t = i / g.half, p = i % g.half;
-        const double ang = (double)(pos ? pos[t] : at.pos0 + t) * pow(at.theta, -2.0 * (double)p / (double)g.hd);
-        const float c = (float)cos(ang), s = (float)(at.inverse ? -sin(ang) : sin(ang));
+        double sd, cd;
+        sincos((double)(pos ? pos[t] : at.pos0 + t) * exp2((double)p * g.lg), &sd, &cd);
+        const float c = (float)cd, s = (float)(at.inverse ? -sd : sd);
         for (int64_t bh0 = (int64_t)blockIdx.y * ROPE_HEADS; bh0 < BH; bh0 += (int64_t)gridDim.y * ROPE_HEADS) {
             float x1[ROPE_HEADS], x2[ROPE_HEADS]; /* all loads first, then the stores */
 #pragma unroll
@@ -82,8 +85,8 @@ __global__ void rope_kernel(const T *x, T *y, const int32_t *pos, moe_rope_attrs
 extern "C" moe_status moe_cuda_rope(const moe_kernel_args *a) {
     const moe_rope_attrs at = *(const moe_rope_attrs *)a->attrs;
     const moe_tensor *x = a->in[0];
-    rope_geom g = {x->shape[0], x->shape[1], x->shape[2], x->shape[3] / 2, x->shape[3],
-                   {x->strides[0], x->strides[1], x->strides[2], x->strides[3]}};
+    rope_geom g = {x->shape[0], x->shape[1], x->shape[2], x->shape[3] / 2,
+                   {x->strides[0], x->strides[1], x->strides[2], x->strides[3]}, -2.0 * log2(at.theta) / (double)x->shape[3]};
     const int64_t groups = (g.B * g.H + ROPE_HEADS - 1) / ROPE_HEADS;
     if (g.Tn * g.half * groups == 0) return MOE_OK;
     const int32_t *pos = a->in[1] ? (const int32_t *)a->in[1]->data : NULL;
