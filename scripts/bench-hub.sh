@@ -155,7 +155,7 @@ smoke() {
     local num='[0-9]+(\.[0-9]+)?'
     local want=(
         "^PREFILL impl=moe batch=1 tokens=8 ms=$num tokens_per_s=$num peak_bytes=[0-9]+$"
-        "^DECODE impl=moe batch=1 tokens_per_s=$num ms_per_step=$num bound_fraction=$num peak_bytes=[0-9]+ step_bytes=[0-9]+ copy_gb_per_s=$num$"
+        "^DECODE impl=moe batch=1 tokens_per_s=$num ms_per_step=$num bound_fraction=$num peak_bytes=[0-9]+ step_bytes=[0-9]+ copy_gb_per_s=$num issue_ms_per_step=$num$"
         "^PREFILL impl=moe batch=3 tokens=24 "
         "^DECODE impl=moe batch=3 "
         "^TOKENIZE impl=moe mb_per_s=$num tokens=[0-9]+ bytes=[0-9]+ lines=[0-9]+ ms=$num tokens_per_s=[0-9]+$")

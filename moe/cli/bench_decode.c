@@ -15,7 +15,10 @@
  * second of a large device-to-device copy, a memcpy on the CPU, timed in the same run)
  * that is the shortest step the memory allows; bound_fraction = that / the measured step.
  * peak_bytes: the device's PERSIST peak + STEP arena peak so far in the process (batch
- * sizes run in the order given; in increasing order each figure is its batch's own). */
+ * sizes run in the order given; in increasing order each figure is its batch's own).
+ * issue_ms_per_step: the host's time per step until the step's last kernel was queued
+ * (moe_decode_info.issue_ms): close to ms_per_step, the host holds the step up; well
+ * below it, the device does. */
 #include "moe/cli/bench_decode.h"
 
 #include <stdio.h>
@@ -51,6 +54,7 @@ typedef struct decode_plan {
 /* The figures of one batch size (medians over the timed runs). */
 typedef struct decode_result {
     double prefill_ms, step_ms;
+    double issue_ms; /* host ms per decode step until its last kernel was queued (moe_decode_info) */
     double step_bytes; /* weight bytes read per decode step, mean over the warm-up's steps */
     size_t peak_bytes;
 } decode_result;
@@ -174,10 +178,15 @@ static moe_status bufs_alloc(decode_bufs *b, const moe_model *m, int B, int P) {
     return moe_error(MOE_ERR_OOM, "bench decode: out of host memory for a batch of %d x %d tokens", B, P);
 }
 
+/* Per-run times in ms: the prefill, a decode step, the host's issue time of a step. */
+typedef struct run_times {
+    double prefill, step, issue;
+} run_times;
+
 /* One run: the prefill of B prompts, then N - 1 greedy steps. With `bytes` (the warm-up)
  * the steps report their routes and *bytes gets the mean weight bytes read per step. */
-static moe_status decode_run(const decode_flags *f, moe_decoder *dec, int B, decode_bufs *bf, double *prefill_ms,
-                             double *step_ms, double *bytes) {
+static moe_status decode_run(const decode_flags *f, moe_decoder *dec, int B, decode_bufs *bf, run_times *rt,
+                             double *bytes) {
     const moe_model *v = moe_decoder_view(dec);
     const int P = f->prompt, V = v->cfg.model.vocab_size;
     moe_decode_state *st = NULL;
@@ -188,23 +197,25 @@ static moe_status decode_run(const decode_flags *f, moe_decoder *dec, int B, dec
     moe_step_reset();
     double t0 = moe_clock_ms();
     moe_status s = moe_decoder_forward(dec, st, &b, bf->logits, NULL);
-    *prefill_ms = moe_clock_ms() - t0;
+    rt->prefill = moe_clock_ms() - t0;
     char title[64];
     snprintf(title, sizeof title, "batch %d prefill", B);
     moe_profile_report(title); /* MOE_PROFILE: the prefill's window apart from the steps' */
-    moe_decode_info info = {.route_ids = bf->route};
-    double routed = 0;
+    moe_decode_info info = {.route_ids = bytes ? bf->route : NULL};
+    double routed = 0, issue = 0;
     t0 = moe_clock_ms();
     for (int step = 0; step + 1 < f->tokens && s == MOE_OK; step++) {
         moe_argmax_rows(bf->logits, B, V, bf->tok);
         for (int q = 0; q < B; q++) bf->pos[q] = P + step, bf->seq[q] = q;
         b.n_tokens = B;
         moe_step_reset();
-        s = moe_decoder_forward(dec, st, &b, bf->logits, bytes ? &info : NULL);
+        s = moe_decoder_forward(dec, st, &b, bf->logits, &info);
+        issue += info.issue_ms;
         if (s == MOE_OK && bytes) routed += routed_bytes(v, bf->route, B, bf->seen);
     }
     int steps = f->tokens - 1;
-    *step_ms = steps > 0 ? (moe_clock_ms() - t0) / steps : 0;
+    rt->step = steps > 0 ? (moe_clock_ms() - t0) / steps : 0;
+    rt->issue = steps > 0 ? issue / steps : 0;
     snprintf(title, sizeof title, "batch %d, %d decode steps", B, steps);
     moe_profile_report(title);
     if (bytes) *bytes = dense_step_bytes(v, B) + (steps > 0 ? routed / steps : 0);
@@ -217,12 +228,17 @@ static moe_status decode_run(const decode_flags *f, moe_decoder *dec, int B, dec
 static moe_status bench_batch(const decode_flags *f, const decode_plan *p, moe_decoder *dec, int B, decode_result *r) {
     decode_bufs bf;
     MOE_TRY(bufs_alloc(&bf, moe_decoder_model(dec), B, f->prompt));
-    double pre[MAX_REPS], step[MAX_REPS], unused;
-    moe_status s = decode_run(f, dec, B, &bf, &unused, &unused, &r->step_bytes);
-    for (int i = 0; i < f->reps && s == MOE_OK; i++) s = decode_run(f, dec, B, &bf, &pre[i], &step[i], NULL);
+    double pre[MAX_REPS], step[MAX_REPS], issue[MAX_REPS];
+    run_times rt;
+    moe_status s = decode_run(f, dec, B, &bf, &rt, &r->step_bytes);
+    for (int i = 0; i < f->reps && s == MOE_OK; i++) {
+        s = decode_run(f, dec, B, &bf, &rt, NULL);
+        pre[i] = rt.prefill, step[i] = rt.step, issue[i] = rt.issue;
+    }
     if (s == MOE_OK) {
         r->prefill_ms = median(pre, f->reps);
         r->step_ms = median(step, f->reps);
+        r->issue_ms = median(issue, f->reps);
         moe_mem_stats ms = moe_mem_get_stats(p->dev);
         r->peak_bytes = ms.persist_peak + ms.step_peak;
     }
@@ -244,14 +260,15 @@ static void print_result(const decode_flags *f, const decode_plan *p, int B, con
                moe_device_name(p->dev), moe_dtype_name(p->dtype));
         printf("{\"kind\":\"DECODE\",\"impl\":\"%s\",\"batch\":%d,\"tokens_per_s\":%.2f,\"ms_per_step\":%.4f,"
                "\"bound_fraction\":%.4f,\"peak_bytes\":%zu,\"step_bytes\":%.0f,\"copy_bytes_per_s\":%.0f,"
-               "\"device\":\"%s\",\"dtype\":\"%s\"}\n", impl, B, tps, r->step_ms, bound, r->peak_bytes, r->step_bytes,
-               p->copy_bytes_per_s, moe_device_name(p->dev), moe_dtype_name(p->dtype));
+               "\"issue_ms_per_step\":%.4f,\"device\":\"%s\",\"dtype\":\"%s\"}\n", impl, B, tps, r->step_ms, bound,
+               r->peak_bytes, r->step_bytes, p->copy_bytes_per_s, r->issue_ms, moe_device_name(p->dev),
+               moe_dtype_name(p->dtype));
     } else {
         printf("PREFILL impl=%s batch=%d tokens=%d ms=%.3f tokens_per_s=%.2f peak_bytes=%zu\n", impl, B, T, r->prefill_ms,
                ptps, r->peak_bytes);
         printf("DECODE impl=%s batch=%d tokens_per_s=%.2f ms_per_step=%.4f bound_fraction=%.4f peak_bytes=%zu "
-               "step_bytes=%.0f copy_gb_per_s=%.2f\n", impl, B, tps, r->step_ms, bound, r->peak_bytes, r->step_bytes,
-               p->copy_bytes_per_s / 1e9);
+               "step_bytes=%.0f copy_gb_per_s=%.2f issue_ms_per_step=%.4f\n", impl, B, tps, r->step_ms, bound,
+               r->peak_bytes, r->step_bytes, p->copy_bytes_per_s / 1e9, r->issue_ms);
     }
     fflush(stdout);
 }

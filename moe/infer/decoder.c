@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "core/autograd.h"
+#include "core/fileio.h"
 #include "core/memory.h"
 #include "core/ops.h"
 
@@ -323,12 +324,17 @@ static moe_tensor *logit_rows(moe_tensor *hidden, const moe_batch *b, const moe_
     return moe_index_select(hidden, idx);
 }
 
-/* hidden [N, d] -> the asked-for logits rows (host f32). */
+/* hidden [N, d] -> the asked-for logits rows (host f32); info->issue_ms (since t0) once the
+ * last kernel is queued, before the read that waits for it. */
 static moe_status write_logits(moe_decoder *d, moe_tensor *hidden, const moe_batch *b, const moe_span *spans,
-                               int n_spans, float *logits) {
-    if (b->logits == MOE_LOGITS_NONE) return MOE_OK;
+                               int n_spans, float *logits, double t0, moe_decode_info *info) {
+    if (b->logits == MOE_LOGITS_NONE) {
+        if (info) info->issue_ms = moe_clock_ms() - t0;
+        return MOE_OK;
+    }
     moe_tensor *h = logit_rows(hidden, b, spans, n_spans);
     moe_tensor *lg = moe_cast(moe_matmul(h, moe_transpose(moe_model_head(&d->view), 0, 1)), MOE_F32); /* [rows, V] */
+    if (info) info->issue_ms = moe_clock_ms() - t0;
     moe_tensor *host = lg ? moe_tensor_to(lg, MOE_CPU, MOE_LIFE_STEP) : NULL;
     if (!host) return moe_last_status();
     memcpy(logits, host->data, sizeof(float) * (size_t)moe_tensor_numel(host));
@@ -347,7 +353,7 @@ static moe_status reserve_all(moe_decode_state *s, const moe_span *spans, int n_
 }
 
 static moe_status run_forward(moe_decoder *d, moe_decode_state *s, const moe_batch *b, const moe_span *spans,
-                              float *logits, moe_decode_info *info) {
+                              float *logits, double t0, moe_decode_info *info) {
     moe_model *v = &d->view;
     moe_cache_ops ops = {.ctx = s, .kv = cache_kv, .state = cache_state, .set_state = cache_set_state};
     moe_tensor *pos = moe_tensor_from_host(MOE_LIFE_STEP, v->dev, MOE_I32, 1, (int64_t[]){b->n_tokens}, b->pos);
@@ -361,7 +367,7 @@ static moe_status run_forward(moe_decoder *d, moe_decode_state *s, const moe_bat
     moe_tensor *ids = moe_tensor_from_host(MOE_LIFE_STEP, v->dev, MOE_I32, 2, (int64_t[]){1, b->n_tokens}, b->tokens);
     moe_tensor *hidden = ids ? moe_model_forward(v, ids, &f) : NULL;
     if (!hidden) return moe_last_status();
-    MOE_TRY(write_logits(d, hidden, b, spans, s->n_spans, logits));
+    MOE_TRY(write_logits(d, hidden, b, spans, s->n_spans, logits, t0, info));
     return commit(s, spans);
 }
 
@@ -369,6 +375,7 @@ moe_status moe_decoder_forward(moe_decoder *d, moe_decode_state *s, const moe_ba
                                moe_decode_info *info) {
     MOE_ASSERT(s->d == d, "decoder: the decode state belongs to another decoder");
     MOE_ASSERT(logits || b->logits == MOE_LOGITS_NONE, "decoder: logits needed for mode %d", (int)b->logits);
+    const double t0 = moe_clock_ms();
     size_t n = (size_t)(b->n_tokens > 0 ? b->n_tokens : 1);
     moe_span *spans = moe_step_host_alloc(sizeof *spans * n);
     int32_t *span_seq = moe_step_host_alloc(sizeof *span_seq * n);
@@ -383,7 +390,7 @@ moe_status moe_decoder_forward(moe_decoder *d, moe_decode_state *s, const moe_ba
     memset(s->staged, 0, sizeof *s->staged * (size_t)(s->n_layers * n_spans));
     bool was = moe_grad_set_enabled(false);
     moe_status st = reserve_all(s, spans, n_spans, held);
-    if (st == MOE_OK) st = run_forward(d, s, b, spans, logits, info);
+    if (st == MOE_OK) st = run_forward(d, s, b, spans, logits, t0, info);
     moe_grad_set_enabled(was);
     if (st != MOE_OK) /* the new blocks go back; lengths and states were not touched */
         for (int j = 0; j < n_spans; j++) release_blocks(s, &s->seqs[span_seq[j]], held[j]);

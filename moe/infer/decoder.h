@@ -62,6 +62,10 @@ typedef struct moe_batch {
 typedef struct moe_decode_info {
     int32_t *route_ids; /* in: NULL or [n_layers, n_tokens, top_k]: the experts chosen per layer
                          * and token, the router's order; -1 in dense layers */
+    double issue_ms;    /* out: host milliseconds from the call until the forward's last kernel
+                         * was queued, before waiting for its logits (on a GPU: how long the
+                         * host takes to issue the step; it includes any mid-forward read-back,
+                         * as the grouped experts' routing). On the CPU, the whole forward. */
 } moe_decode_info;
 
 /* A decoder over model m (borrowed: m must outlive it and keep its weights unchanged):
