@@ -98,7 +98,9 @@ moe_tensor *moe_topk(moe_tensor *x, int k, moe_tensor **indices);
  * need grads are refused): p = softmax(logits) or sigmoid(logits) per row, the k largest
  * of p + bias (descending, ties to the lower index; bias [E] or NULL), gates = p at them,
  * divided by their sum when renormalize, times scale when scale > 0. logits [T, E] f32
- * (f64 on the CPU) -> gates [T, k] of logits' dtype, *ids [T, k] I32. */
+ * (f64 on the CPU; bf16 on CUDA, converted exactly and computed in f32) -> gates [T, k] of
+ * logits' dtype (rounded once, at the end), *ids [T, k] I32. The bias is used in f32 (f64
+ * for f64 logits) whatever its dtype. */
 typedef struct moe_route_spec {
     int k;
     bool sigmoid, renormalize;

@@ -307,7 +307,7 @@ moe_tensor *moe_route_topk(moe_tensor *logits, moe_tensor *bias, const moe_route
                    "inference only: the logits need grads (training selects with topk)"))
         return NULL;
     const moe_tensor *lc = op_contiguous_nograd(logits);
-    moe_tensor *bc = bias ? moe_contiguous(moe_cast(bias, logits->dtype)) : NULL;
+    moe_tensor *bc = bias ? moe_contiguous(moe_cast(bias, logits->dtype == MOE_F64 ? MOE_F64 : MOE_F32)) : NULL;
     if (!lc || (bias && !bc)) return NULL;
     moe_tensor *gates = op_new(logits, logits->dtype, 2, (int64_t[]){T, spec->k}),
                *idx = op_new(logits, MOE_I32, 2, (int64_t[]){T, spec->k});

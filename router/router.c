@@ -385,6 +385,12 @@ moe_status moe_router_select(const moe_router *r, moe_tensor *logits, moe_routin
 
 bool moe_router_selects_on_device(const moe_router *r) { return r->s.n_groups <= 1; }
 
+moe_tensor *moe_router_select_logits(moe_router *r, moe_tensor *x, moe_tensor *state_in, moe_tensor **state_out) {
+    if (!x) return NULL;
+    if (r->s.type == MOE_ROUTER_RMOE) return moe_router_logits(r, x, state_in, state_out);
+    return moe_matmul(x, moe_cast(r->w_gate, x->dtype));
+}
+
 moe_status moe_router_select_device(const moe_router *r, moe_tensor *logits, moe_tensor **gates, moe_tensor **experts) {
     MOE_ASSERT(moe_router_selects_on_device(r), "router: group-limited selection runs on the host");
     moe_route_spec spec = route_spec(r);

@@ -477,23 +477,26 @@ extern "C" moe_status moe_cuda_cumsum(const moe_kernel_args *a) {
     return MOE_OK;
 }
 
-/* ---- ROUTE_TOPK: one warp per row; the softmax's max and sum first, then topk_kernel's k
- * rounds over p + bias with p recomputed from the logits, gates renormalised and scaled. ---- */
+/* ---- ROUTE_TOPK: one warp per row of logits (f32 or bf16, read as f32); the softmax's max
+ * and sum first, then topk_kernel's k rounds over p + bias with p recomputed from the
+ * logits; at the end each lane recomputes the gates of its slots from their ids, and
+ * renormalises and scales them in f32 before the one rounding to the gates' dtype. ---- */
 __device__ __forceinline__ float route_score(float l, float mx, float sum, bool sigmoid) {
     return sigmoid ? 1.0f / (1.0f + expf(-l)) : expf(l - mx) / sum;
 }
 
-__global__ void route_topk_kernel(const float *lg, const float *bias, float *gates, int32_t *ids, int64_t rows, int E,
+template <class T>
+__global__ void route_topk_kernel(const T *lg, const float *bias, T *gates, int32_t *ids, int64_t rows, int E,
                                   moe_route_spec sp) {
     const int lane = threadIdx.x & 31;
     for (int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows;
          r += ((int64_t)gridDim.x * blockDim.x) >> 5) {
-        const float *row = lg + r * E;
+        const T *row = lg + r * E;
         float mx = -INFINITY, sum = 0.0f;
         if (!sp.sigmoid) {
-            for (int e = lane; e < E; e += 32) mx = fmaxf(mx, row[e]);
+            for (int e = lane; e < E; e += 32) mx = fmaxf(mx, ldf(row + e));
             mx = cu_warp_max(mx);
-            for (int e = lane; e < E; e += 32) sum += expf(row[e] - mx);
+            for (int e = lane; e < E; e += 32) sum += expf(ldf(row + e) - mx);
             sum = cu_warp_sum(sum);
         }
         float pv = INFINITY, total = 0.0f;
@@ -502,7 +505,7 @@ __global__ void route_topk_kernel(const float *lg, const float *bias, float *gat
             float bv = NAN;
             int bi = INT_MAX;
             for (int e = lane; e < E; e += 32) {
-                float v = route_score(row[e], mx, sum, sp.sigmoid) + (bias ? bias[e] : 0.0f);
+                float v = route_score(ldf(row + e), mx, sum, sp.sigmoid) + (bias ? bias[e] : 0.0f);
                 if (v < pv || (v == pv && e > pi)) topk_merge(bv, bi, v, e);
             }
             for (int o = 16; o > 0; o >>= 1) {
@@ -511,21 +514,17 @@ __global__ void route_topk_kernel(const float *lg, const float *bias, float *gat
                 topk_merge(bv, bi, v2, i2);
             }
             const int id = bi == INT_MAX ? 0 : bi;
-            const float g = route_score(row[id], mx, sum, sp.sigmoid);
-            total += g;
-            if (lane == 0) {
-                ids[r * sp.k + t] = id;
-                gates[r * sp.k + t] = g;
-            }
+            total += route_score(ldf(row + id), mx, sum, sp.sigmoid);
+            if (lane == 0) ids[r * sp.k + t] = id;
             pv = bv;
             pi = bi;
         }
-        __syncwarp(); /* lane 0's gate writes, visible to the lanes that scale them */
+        __syncwarp(); /* lane 0's id writes, visible to the lanes that read them */
         for (int t = lane; t < sp.k; t += 32) {
-            float g = gates[r * sp.k + t];
+            float g = route_score(ldf(row + ids[r * sp.k + t]), mx, sum, sp.sigmoid);
             if (sp.renormalize) g /= total;
             if (sp.scale > 0) g *= (float)sp.scale;
-            gates[r * sp.k + t] = g;
+            stf(gates + r * sp.k + t, g);
         }
     }
 }
@@ -533,15 +532,16 @@ __global__ void route_topk_kernel(const float *lg, const float *bias, float *gat
 extern "C" moe_status moe_cuda_route_topk(const moe_kernel_args *a) {
     const moe_tensor *lg = a->in[0], *bias = a->in[1];
     const int64_t rows = lg->shape[0], E = lg->shape[1];
-    if (lg->dtype != MOE_F32)
-        return moe_error(MOE_ERR_UNSUPPORTED, "route_topk: dtype %s is not supported on cuda (f32 logits)",
-                         moe_dtype_name(lg->dtype));
+    if (bias && bias->dtype != MOE_F32)
+        return moe_error(MOE_ERR_UNSUPPORTED, "route_topk: the bias must be f32 on cuda, got %s",
+                         moe_dtype_name(bias->dtype));
     if (rows == 0) return MOE_OK;
     if (E > INT32_MAX) return moe_error(MOE_ERR_INVALID, "route_topk: %lld experts are too many", (long long)E);
     const int warps = 4;
-    route_topk_kernel<<<cu_blocks(rows * 32, warps * 32), warps * 32, 0, moe_cu.stream>>>(
-        (const float *)lg->data, bias ? (const float *)bias->data : NULL, (float *)a->out->data,
-        (int32_t *)a->out2->data, rows, (int)E, *(const moe_route_spec *)a->attrs);
+    CU_FLOAT_DISPATCH(lg->dtype, "route_topk",
+        route_topk_kernel<T><<<cu_blocks(rows * 32, warps * 32), warps * 32, 0, moe_cu.stream>>>(
+            (const T *)lg->data, bias ? (const float *)bias->data : NULL, (T *)a->out->data, (int32_t *)a->out2->data,
+            rows, (int)E, *(const moe_route_spec *)a->attrs);)
     CU_LAUNCHED("route_topk");
     return MOE_OK;
 }

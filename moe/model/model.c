@@ -715,7 +715,8 @@ static bool gather_experts(const moe_block *b, const moe_tensor *h2, const moe_f
 static moe_tensor *gathered_feed_forward(moe_model *m, int i, moe_tensor *h2, moe_tensor **router_state,
                                          route_sink *sink) {
     moe_block *b = &m->blocks[i];
-    moe_tensor *state = NULL, *gates, *experts, *logits = moe_router_logits(&b->moe.router, h2, *router_state, &state);
+    moe_tensor *state = NULL, *gates, *experts;
+    moe_tensor *logits = moe_router_select_logits(&b->moe.router, h2, *router_state, &state);
     *router_state = state;
     if (!logits || moe_router_select_device(&b->moe.router, logits, &gates, &experts) != MOE_OK) return NULL;
     if (sink && sink->t) {

@@ -208,6 +208,8 @@ static const op_case cases[] = {
      {NOGRAD(2, 4, 40), NOGRAD(1, 40)}, run_route_sigmoid, .check = check_route_sigmoid, .f32_parity_only = true},
     {"route_topk", "softmax, 3 tokens of 6 experts, k = 1, plain", 1, {NOGRAD(2, 3, 6)}, run_route_plain,
      .check = check_route_plain, .f32_parity_only = true},
+    {"route_topk", "softmax, 8 tokens of 8 experts on a grid of 1/32 (exact in bf16: also runs in bf16 on cuda)", 1,
+     {{2, {8, 8}, IN_DISTINCT, 0, false, false}}, run_route_softmax, .check = check_route_softmax},
     {"argsort", "i32 keys with ties (counting sort)", 1, {IDX(4, 2, 4, 25)}, run_argsort, .check = check_argsort},
     {"argsort", "i32 keys, wide range (merge sort)", 1, {IDX(1000000, 1, 120)}, run_argsort, .check = check_argsort},
     {"argsort", "float keys", 1, {{2, {3, 50}, IN_NORMAL, 0, false, false}}, run_argsort, .check = check_argsort,
