@@ -1,4 +1,5 @@
-/* Runs are never lost: the signal watcher's state, run ids and clean-up (only this run's
+/* Runs are never lost: the signal watcher's state (and its third stop signal quitting at
+ * once with 128 + signal), run ids and clean-up (only this run's
  * checkpoints, never the one just written), a fresh run refused in a directory holding a
  * run (--overwrite starts over), --resume of a missing directory creates nothing, resume
  * falls back past a checkpoint whose CRC fails (any dataset, the config included) and moves
@@ -9,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -138,6 +140,29 @@ static void test_signal_watch(void) {
     nanosleep(&(struct timespec){0, 300000000}, NULL);
     CU_ASSERT_EQUAL(moe_signal_watch_stop_signal(w), SIGTERM);
     moe_signal_watch_stop(w);
+}
+
+/* The third stop signal quits at once: a child with a watcher signals itself three times
+ * (each taken before the next, so none merge) and must end with exit status 128 + SIGTERM;
+ * one that outlives them exits 0. */
+static void test_signal_watch_third_quits(void) {
+    fflush(NULL);
+    pid_t pid = fork();
+    CU_ASSERT_FATAL(pid >= 0);
+    if (pid == 0) {
+        moe_signal_watch *w = NULL;
+        if (moe_signal_watch_start(&w) != MOE_OK) _exit(1);
+        moe_signal_watch_set_verbose(w, false);
+        for (int n = 0; n < 3; n++) {
+            kill(getpid(), SIGTERM);
+            nanosleep(&(struct timespec){0, 200000000}, NULL); /* the watcher takes it well within */
+        }
+        _exit(0);
+    }
+    int wstatus = 0;
+    CU_ASSERT_EQUAL_FATAL(waitpid(pid, &wstatus, 0), pid);
+    CU_ASSERT_TRUE(WIFEXITED(wstatus));
+    CU_ASSERT_EQUAL(WEXITSTATUS(wstatus), 128 + SIGTERM);
 }
 
 /* A fresh run refuses a directory holding a run (files untouched); --overwrite starts over. */
@@ -284,6 +309,7 @@ static void test_save_on_failure(void) {
 
 static void register_suites(void) {
     moe_test_add_suite("runs", (moe_test_entry[]){{"signal watcher", test_signal_watch},
+                                                   {"a third stop signal quits at once", test_signal_watch_third_quits},
                                                    {"fresh run refused, --overwrite", test_fresh_run_refused},
                                                    {"clean-up of this run's files only", test_keep_owned},
                                                    {"resume falls back past a CRC failure", test_resume_fallback},
