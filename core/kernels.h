@@ -272,7 +272,11 @@ typedef struct {
     moe_tensor *dk, *dv, *dbeta, *dalpha, *dstate0;
 } moe_scan_attrs;
 
-/* Shape-check helper for front-ends: on failure records "op: what (shapes)" and returns false. */
-bool moe_check(bool cond, const char *op, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* Shape-check helper for front-ends: on failure records "op: what (shapes)" and is false.
+ * A macro, so that the message's arguments (shape descriptions, formatted by snprintf) are
+ * evaluated only when the check fails, not on every op call. */
+#define moe_check(cond, op, ...) ((cond) || moe_check_failed((op), __VA_ARGS__))
+/* Records "op: message" (MOE_ERR_INVALID) and returns false. */
+bool moe_check_failed(const char *op, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #endif

@@ -272,8 +272,7 @@ moe_tensor *moe_tensor_view_raw(const moe_tensor *t, int ndim, const int64_t *sh
     return v;
 }
 
-bool moe_check(bool cond, const char *op, const char *fmt, ...) {
-    if (cond) return true;
+bool moe_check_failed(const char *op, const char *fmt, ...) {
     char msg[1024];
     va_list ap;
     va_start(ap, fmt);
