@@ -83,10 +83,15 @@ int moe_router_params(const moe_router *r, moe_tensor **ts, const char **names, 
     return count;
 }
 
+/* topk's and ot's logits x W_g in x's dtype. */
+static moe_tensor *gate_projection(const moe_router *r, moe_tensor *x) {
+    return moe_matmul(x, moe_cast(r->w_gate, x->dtype));
+}
+
 moe_tensor *moe_router_logits(moe_router *r, moe_tensor *x, moe_tensor *state_in, moe_tensor **state_out) {
     if (!x) return NULL;
     moe_dtype rdt = x->dtype == MOE_F64 ? MOE_F64 : MOE_F32; /* the projection runs in x's dtype */
-    if (r->s.type != MOE_ROUTER_RMOE) return moe_cast(moe_matmul(x, moe_cast(r->w_gate, x->dtype)), rdt);
+    if (r->s.type != MOE_ROUTER_RMOE) return moe_cast(gate_projection(r, x), rdt);
     moe_tensor *xp = moe_cast(moe_matmul(x, moe_cast(r->proj, x->dtype)), rdt);
     moe_tensor *h = state_in;
     if (h && r->s.rmoe_detach) /* the same values, no tape history: no gradient into earlier layers */
@@ -388,7 +393,7 @@ bool moe_router_selects_on_device(const moe_router *r) { return r->s.n_groups <=
 moe_tensor *moe_router_select_logits(moe_router *r, moe_tensor *x, moe_tensor *state_in, moe_tensor **state_out) {
     if (!x) return NULL;
     if (r->s.type == MOE_ROUTER_RMOE) return moe_router_logits(r, x, state_in, state_out);
-    return moe_matmul(x, moe_cast(r->w_gate, x->dtype));
+    return gate_projection(r, x);
 }
 
 moe_status moe_router_select_device(const moe_router *r, moe_tensor *logits, moe_tensor **gates, moe_tensor **experts) {
