@@ -112,7 +112,7 @@ extern const moe_op_info moe_op_table[MOE_OP_COUNT];
     X(GATHERED_SWIGLU, gathered_swiglu)    /* out [T k, d]: row t k + j <- swiglu(x[t] @ w13[e]) @ w2[e], e = ids[t, j]; in: x ids w13 w2; out2: swiglu [T k, f] */ \
     X(INDEX_SELECT, index_select)        /* out row i <- in[0] row in[1][i] (rows of [N, ...]) */     \
     X(INDEX_ADD, index_add)           /* out[in[1][i]] += in[0][i] (rows, in place on out) */     \
-    X(INDEX_COPY, index_copy)          /* out[in[1][i]] = in[0][i] (rows, in place on out, distinct rows) */ \
+    X(INDEX_COPY, index_copy)          /* out[in[1][i]] = in[0][i] (rows, in place, distinct; in[0] contiguous or rows at one stride) */ \
     X(GATHER, gather)              /* out[r, j] <- in[0][r, in[1][r, j]], last axis */         \
     X(COMBINE, combine)           /* out [T, d] <- sum_j in[1][t, j] * in[0][in[2][t, j]] (-1: none; in[1] NULL: 1) */ \
     X(COMBINE_BWD, combine_bwd)       /* in: g, y, w, src; out = gy (src a bijection onto y's rows), out2 = gw */ \

@@ -157,7 +157,8 @@ moe_status moe_index_copy_(moe_tensor *dst, moe_tensor *idx, moe_tensor *src) {
         MOE_TRY(index_copy_check_host(ic, dst->shape[0]));
         if (dst->device != MOE_CPU && !(ic = moe_tensor_to(ic, dst->device, MOE_LIFE_STEP))) return moe_last_status();
     }
-    const moe_tensor *sc = op_contiguous_nograd(src);
+    /* a matrix whose rows are at a uniform stride (a slice of columns) is read in place */
+    const moe_tensor *sc = src->ndim == 2 && moe_tensor_row_stride(src) ? src : op_contiguous_nograd(src);
     if (!sc) return moe_last_status();
     moe_kernel_args args = {.out = dst, .in = {sc, ic}};
     return moe_kernel_run(MOE_K_INDEX_COPY, &args);

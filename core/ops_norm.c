@@ -77,8 +77,10 @@ void moe_backward_logsumexp(moe_node *n) {
 /* ---- RMSNorm and LayerNorm ----
  * Both take n_par optional [d] parameters (RMSNorm: w; LayerNorm: w, b) and keep n_par
  * statistics per row (RMSNorm: rstd -> [rows]; LayerNorm: mean, rstd -> [rows, 2]).
- * Node layout: in = {x, params...} (NULL where absent), saved = {stats, x, w} with x and
- * w contiguous; attrs = moe_norm_attrs. */
+ * Node layout: in = {x, params...} (NULL where absent), saved = {stats, x, w} with w
+ * contiguous and x's rows contiguous (x itself when its rows are at a uniform stride, as
+ * in a slice of columns; the kernels read row r at r * moe_tensor_row_stride(x)); attrs =
+ * moe_norm_attrs. */
 static moe_tensor *norm_forward(const char *name, int op_id, moe_kernel_id k, moe_tensor *x,
                                 moe_tensor *const *par, int n_par, double eps) {
     OP_NEED(x);
@@ -92,7 +94,8 @@ static moe_tensor *norm_forward(const char *name, int op_id, moe_kernel_id k, mo
                                   D(par[i]), D(x))))
             return NULL;
     }
-    moe_tensor *xc = op_contiguous_nograd(x), *pc[2] = {NULL, NULL};
+    /* rows at a uniform stride (a slice of a wider row) are read in place */
+    moe_tensor *xc = moe_tensor_row_stride(x) ? x : op_contiguous_nograd(x), *pc[2] = {NULL, NULL};
     if (!xc) return NULL;
     for (int i = 0; i < n_par; i++)
         if (par[i] && !(pc[i] = op_contiguous_nograd(par[i]))) return NULL;
@@ -126,7 +129,12 @@ static void norm_backward(moe_node *n, moe_kernel_id k, int n_par) {
         moe_grad_give(x, NULL);
         return;
     }
-    BWD_RUN(k, .out = gx, .out2 = gp, .in = {g, n->saved[1], n->saved[2], stats}, .attrs = n->attrs);
+    moe_tensor *xc = op_contiguous_nograd(n->saved[1]);
+    if (!xc) {
+        moe_grad_give(x, NULL);
+        return;
+    }
+    BWD_RUN(k, .out = gx, .out2 = gp, .in = {g, xc, n->saved[2], stats}, .attrs = n->attrs);
     moe_grad_give(x, gx);
     for (int i = 0; i < n_par; i++) {
         moe_tensor *p = n->in[1 + i];

@@ -51,12 +51,10 @@ moe_tensor *moe_reshape(moe_tensor *x, int ndim, const int64_t *shape) {
     if (!moe_check(total == n, "reshape", "cannot reshape %s into %d dims with %lld elements", D(x), ndim,
                    (long long)total))
         return NULL;
-    moe_tensor *src = x;
-    if (!moe_tensor_is_contiguous(x)) {
-        src = moe_contiguous(x);
-        if (!src) return NULL;
-    }
     int64_t st[MOE_MAX_DIMS];
+    if (moe_view_strides(x, ndim, s, st)) return view_of(x, MOE_OP_RESHAPE, ndim, s, st, 0, NULL, 0);
+    moe_tensor *src = moe_contiguous(x);
+    if (!src) return NULL;
     moe_strides_contiguous(ndim, s, st);
     return view_of(src, MOE_OP_RESHAPE, ndim, s, st, 0, NULL, 0);
 }

@@ -45,6 +45,46 @@ bool moe_tensor_is_contiguous(const moe_tensor *t) {
     return true;
 }
 
+int64_t moe_tensor_row_stride(const moe_tensor *t) {
+    if (t->ndim == 0) return 1;
+    const int64_t d = t->shape[t->ndim - 1];
+    if (d != 1 && t->strides[t->ndim - 1] != 1) return 0;
+    int64_t ld = 0, next = 0; /* ld: the row stride; next: what the axis above must step by */
+    for (int i = t->ndim - 2; i >= 0; i--) {
+        if (t->shape[i] == 1) continue;
+        if (!ld) ld = t->strides[i];
+        else if (t->strides[i] != next) return 0;
+        next = t->strides[i] * t->shape[i];
+    }
+    if (!ld) return d;
+    return ld >= d ? ld : 0;
+}
+
+bool moe_view_strides(const moe_tensor *t, int ndim, const int64_t *shape, int64_t *strides) {
+    if (moe_tensor_numel(t) == 0 || moe_tensor_is_contiguous(t)) {
+        moe_strides_contiguous(ndim, shape, strides);
+        return true;
+    }
+    int view_d = ndim - 1;
+    int64_t base = t->strides[t->ndim - 1], tensor_n = 1, view_n = 1;
+    for (int d = t->ndim - 1; d >= 0; d--) {
+        tensor_n *= t->shape[d];
+        if (d > 0 && (t->shape[d - 1] == 1 || t->strides[d - 1] == tensor_n * base)) continue;
+        /* axes d .. end of this chunk are contiguous among themselves: the view's axes take them */
+        while (view_d >= 0 && (view_n < tensor_n || shape[view_d] == 1)) {
+            strides[view_d] = view_n * base;
+            view_n *= shape[view_d];
+            view_d--;
+        }
+        if (view_n != tensor_n) return false;
+        if (d > 0) {
+            base = t->strides[d - 1];
+            tensor_n = view_n = 1;
+        }
+    }
+    return view_d == -1;
+}
+
 bool moe_tensor_same_shape(const moe_tensor *a, const moe_tensor *b) {
     if (a->ndim != b->ndim) return false;
     for (int i = 0; i < a->ndim; i++)

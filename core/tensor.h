@@ -81,6 +81,14 @@ double moe_tensor_item(const moe_tensor *t);
 
 int64_t moe_tensor_numel(const moe_tensor *t);
 bool moe_tensor_is_contiguous(const moe_tensor *t);
+/* The stride between rows when t is a stack of contiguous rows (its last axis of unit
+ * stride, all leading axes collapsing to one stride, as a slice of the columns of a
+ * contiguous matrix does); 0 otherwise. A contiguous t gives its row length. */
+int64_t moe_tensor_row_stride(const moe_tensor *t);
+/* Strides of t's elements seen as `shape` (same count) without moving them, when its
+ * layout allows (PyTorch's view rule: only runs of axes that are contiguous among
+ * themselves merge or split); false when a copy is needed. */
+bool moe_view_strides(const moe_tensor *t, int ndim, const int64_t *shape, int64_t *strides);
 bool moe_tensor_same_shape(const moe_tensor *a, const moe_tensor *b);
 /* "[2, 3, 4] f32 cuda" into buf; returns buf. */
 const char *moe_tensor_describe(const moe_tensor *t, char *buf, size_t cap);

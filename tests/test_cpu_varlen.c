@@ -1,7 +1,8 @@
 /* The ops of packed inference on the CPU: moe_attention_varlen against moe_attention run
  * segment by segment (outputs and grads, f32 and f64, several layouts), its refusals;
  * moe_rope_at against moe_rope (positions pos0 + t, restarting positions, grads) and its
- * refusals; moe_index_copy_ (values, strided sources, bad and repeated rows). */
+ * refusals; moe_index_copy_ (values, strided sources, bad and repeated rows); the views a
+ * decode step reads in place (reshape of a slice, rows at a stride). */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -244,6 +245,15 @@ static void test_index_copy_values(void) {
     CU_ASSERT_EQUAL_FATAL(moe_index_copy_(d2, host_i32(2, rows2), st), MOE_OK);
     const int32_t want2[12] = {0, 0, 0, 2, 4, 6, 0, 0, 0, 1, 3, 5};
     CU_ASSERT(memcmp(d2->data, want2, sizeof want2) == 0);
+    /* a slice of columns of a wider matrix (rows at a stride of 5) is read in place */
+    const int32_t wide[10] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
+    moe_tensor *w25 = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_I32, 2, (int64_t[]){2, 5}, wide);
+    moe_tensor *cols = moe_slice(w25, 1, 1, 4); /* rows {2, 3, 4}, {7, 8, 9} */
+    CU_ASSERT_EQUAL(moe_tensor_row_stride(cols), 5);
+    CU_ASSERT_EQUAL_FATAL(moe_index_copy_(d2, host_i32(2, rows2), cols), MOE_OK);
+    const int32_t want3[12] = {0, 0, 0, 7, 8, 9, 0, 0, 0, 2, 3, 4};
+    CU_ASSERT(memcmp(d2->data, want3, sizeof want3) == 0);
+    memcpy(d2->data, want2, sizeof want2);
     /* no rows: nothing happens */
     moe_tensor *s0 = moe_tensor_empty(MOE_LIFE_STEP, MOE_CPU, MOE_I32, 2, (int64_t[]){0, 3});
     CU_ASSERT_EQUAL(moe_index_copy_(d2, host_i32(0, rows2), s0), MOE_OK);
@@ -277,6 +287,34 @@ static void test_index_copy_errors(void) {
     moe_step_reset();
 }
 
+/* ---------------- views read in place ---------------- */
+
+static void test_reshape_views(void) {
+    /* heads 1..4 of q [2, 3, 6, 2] merged per token: a view at a row stride of 12 */
+    moe_tensor *x = moe_tensor_randn(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 4, (int64_t[]){2, 3, 6, 2}, 5, 0, 1.0);
+    moe_tensor *s = moe_slice(x, 2, 1, 5), *r = moe_reshape(s, 3, (int64_t[]){2, 3, 8});
+    CU_ASSERT_PTR_NOT_NULL_FATAL(r);
+    CU_ASSERT_PTR_EQUAL(r->data, s->data);
+    CU_ASSERT(r->strides[0] == 36 && r->strides[1] == 12 && r->strides[2] == 1);
+    CU_ASSERT_EQUAL(moe_tensor_row_stride(r), 12);
+    double got[48], want[48];
+    CU_ASSERT_EQUAL_FATAL(moe_tensor_to_host_f64(r, got), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(moe_tensor_to_host_f64(moe_contiguous(s), want), MOE_OK);
+    CU_ASSERT(memcmp(got, want, sizeof got) == 0);
+    /* a transpose cannot be merged in place: reshape copies */
+    moe_tensor *t = moe_transpose(moe_tensor_randn(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 2, (int64_t[]){3, 4}, 6, 0, 1.0), 0, 1);
+    moe_tensor *flat = moe_reshape(t, 1, (int64_t[]){12});
+    CU_ASSERT_PTR_NOT_NULL_FATAL(flat);
+    CU_ASSERT(flat->data != t->data && moe_tensor_is_contiguous(flat));
+    CU_ASSERT_EQUAL(moe_tensor_row_stride(t), 0);
+    /* rows at one stride: contiguous matrices, row slices, size-1 axes; not the per-head rows of s */
+    CU_ASSERT_EQUAL(moe_tensor_row_stride(x), 2);
+    CU_ASSERT_EQUAL(moe_tensor_row_stride(moe_slice(x, 0, 1, 2)), 2);
+    CU_ASSERT_EQUAL(moe_tensor_row_stride(moe_slice(moe_slice(x, 0, 0, 1), 1, 0, 1)), 2);
+    CU_ASSERT_EQUAL(moe_tensor_row_stride(s), 0);
+    moe_step_reset();
+}
+
 static void register_suites(void) {
     moe_test_add_suite("attention_varlen",
                        (moe_test_entry[]){{"equals moe_attention per segment (o, dq, dk, dv)", test_varlen_equals_per_segment},
@@ -290,6 +328,8 @@ static void register_suites(void) {
     moe_test_add_suite("index_copy_", (moe_test_entry[]){{"values", test_index_copy_values},
                                                          {"errors leave dst untouched", test_index_copy_errors},
                                                          {NULL, NULL}});
+    moe_test_add_suite("views", (moe_test_entry[]){{"reshape of a slice, rows at a stride", test_reshape_views},
+                                                   {NULL, NULL}});
 }
 
 int main(int argc, char **argv) { return moe_test_main(argc, argv, register_suites); }

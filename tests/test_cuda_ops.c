@@ -85,21 +85,30 @@ static void test_oom_message(void) {
     moe_step_reset();
 }
 
+/* index_copy_'s source: a transposed view (copied first) or a slice of columns of a wider
+ * matrix (read in place through its row stride). */
+static moe_tensor *index_copy_source(moe_device where, moe_dtype dt, int64_t N, int64_t R, bool column_slice) {
+    if (column_slice)
+        return moe_slice(moe_tensor_randn(MOE_LIFE_STEP, where, dt, 2, (int64_t[]){N, R + 3}, 63, 0, 1.0), 1, 2, R + 2);
+    return moe_transpose(moe_tensor_randn(MOE_LIFE_STEP, where, dt, 2, (int64_t[]){R, N}, 62, 0, 1.0), 0, 1);
+}
+
 /* moe_index_copy_ on CUDA equals the CPU (f32 and bf16 rows, device and host indices, a
- * strided source); a device index out of range is reported at the next synchronisation
- * and a host one at once, dst untouched. */
+ * transposed source and a slice of columns); a device index out of range is reported at
+ * the next synchronisation and a host one at once, dst untouched. */
 static void test_index_copy(void) {
     const int64_t M = 9, N = 4, R = 5;
     const int32_t rows[4] = {7, 0, 3, 8};
     const moe_dtype dts[2] = {MOE_F32, MOE_BF16};
     for (int d = 0; d < 2; d++) {
-        for (int on_dev = 0; on_dev < 2; on_dev++) {
+        for (int variant = 0; variant < 4; variant++) {
+            const bool on_dev = variant & 1, column_slice = variant & 2;
             double want[45], got[45];
             for (int dev = 0; dev < 2; dev++) {
                 moe_device where = dev ? MOE_CUDA : MOE_CPU;
                 moe_dtype dt = dev ? dts[d] : MOE_F32;
                 moe_tensor *dst = moe_tensor_randn(MOE_LIFE_STEP, where, dt, 2, (int64_t[]){M, R}, 61, 0, 1.0);
-                moe_tensor *src = moe_transpose(moe_tensor_randn(MOE_LIFE_STEP, where, dt, 2, (int64_t[]){R, N}, 62, 0, 1.0), 0, 1);
+                moe_tensor *src = index_copy_source(where, dt, N, R, column_slice);
                 moe_tensor *idx = moe_tensor_from_host(MOE_LIFE_STEP, dev && on_dev ? MOE_CUDA : MOE_CPU, MOE_I32, 1,
                                                        (int64_t[]){N}, rows);
                 CU_ASSERT_EQUAL_FATAL(moe_index_copy_(dst, idx, src), MOE_OK);

@@ -104,11 +104,12 @@ moe_status moe_cpu_index_copy(const moe_kernel_args *a) {
     int64_t n = o->ndim ? o->shape[0] : 1, r = row_width(o), m = moe_tensor_numel(idx);
     const int32_t *pi = (const int32_t *)idx->data;
     MOE_TRY(check_indices("index_copy", "index", pi, m, n));
-    size_t row_bytes = (size_t)r * moe_dtype_size(o->dtype);
+    size_t es = moe_dtype_size(o->dtype), row_bytes = (size_t)r * es;
+    size_t src_step = src->ndim == 2 ? (size_t)moe_tensor_row_stride(src) * es : row_bytes;
     const char *ps = (const char *)src->data;
     char *po = (char *)o->data;
 #pragma omp parallel for schedule(static) if (m * r > 32768)
-    for (int64_t i = 0; i < m; i++) memcpy(po + (size_t)pi[i] * row_bytes, ps + (size_t)i * row_bytes, row_bytes);
+    for (int64_t i = 0; i < m; i++) memcpy(po + (size_t)pi[i] * row_bytes, ps + (size_t)i * src_step, row_bytes);
     return MOE_OK;
 }
 

@@ -115,13 +115,13 @@ _Pragma("omp parallel for schedule(static) if (rows * d > 16384)")
 moe_status moe_cpu_rmsnorm(const moe_kernel_args *a) {
     const moe_tensor *x = a->in[0], *w = a->in[1];
     double eps = ((const moe_norm_attrs *)a->attrs)->eps;
-    int64_t rows = cpu_rows(x), d = cpu_cols(x);
+    int64_t rows = cpu_rows(x), d = cpu_cols(x), ld = moe_tensor_row_stride(x);
     CPU_FLOAT_DISPATCH(x->dtype, "rmsnorm",
         const T *pw = w ? (const T *)w->data : NULL;
         T *prs = (T *)a->out2->data;
 _Pragma("omp parallel for schedule(static) if (rows * d > 16384)")
         for (int64_t r = 0; r < rows; r++) {
-            const T *px = (const T *)x->data + r * d;
+            const T *px = (const T *)x->data + r * ld;
             T *po = (T *)a->out->data + r * d;
             double ss = 0;
 _Pragma("omp simd reduction(+:ss)")
@@ -141,13 +141,13 @@ _Pragma("omp simd reduction(+:ss)")
 moe_status moe_cpu_layernorm(const moe_kernel_args *a) {
     const moe_tensor *x = a->in[0], *w = a->in[1], *b = a->in[2];
     double eps = ((const moe_norm_attrs *)a->attrs)->eps;
-    int64_t rows = cpu_rows(x), d = cpu_cols(x);
+    int64_t rows = cpu_rows(x), d = cpu_cols(x), ld = moe_tensor_row_stride(x);
     CPU_FLOAT_DISPATCH(x->dtype, "layernorm",
         const T *pw = w ? (const T *)w->data : NULL, *pb = b ? (const T *)b->data : NULL;
         T *pst = (T *)a->out2->data;
 _Pragma("omp parallel for schedule(static) if (rows * d > 16384)")
         for (int64_t r = 0; r < rows; r++) {
-            const T *px = (const T *)x->data + r * d;
+            const T *px = (const T *)x->data + r * ld;
             T *po = (T *)a->out->data + r * d;
             double s = 0, v = 0;
 _Pragma("omp simd reduction(+:s)")

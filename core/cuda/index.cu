@@ -184,14 +184,15 @@ extern "C" moe_status moe_cuda_index_add(const moe_kernel_args *a) {
     return MOE_OK;
 }
 
-/* ---- INDEX_COPY: out row idx[i] = src row i (distinct rows, the caller's contract); any dtype ---- */
+/* ---- INDEX_COPY: out row idx[i] = src row i (distinct rows, the caller's contract; src row i at
+ * i * ls); any dtype ---- */
 template <class U>
-__global__ void index_copy_kernel(U *o, const U *src, const int32_t *idx, int64_t n, int64_t m, int64_t r,
+__global__ void index_copy_kernel(U *o, const U *src, int64_t ls, const int32_t *idx, int64_t n, int64_t m, int64_t r,
                                   cu_index_fault *f) {
     CU_GRID_LOOP(i, m * r) {
-        int64_t row = i / r;
+        int64_t row = i / r, c = i - row * r;
         int32_t v = idx[row];
-        if (cu_index_ok(f, CU_IDX_INDEX_COPY, v, row, n)) o[(int64_t)v * r + (i - row * r)] = src[i];
+        if (cu_index_ok(f, CU_IDX_INDEX_COPY, v, row, n)) o[(int64_t)v * r + c] = src[row * ls + c];
     }
 }
 
@@ -202,7 +203,8 @@ extern "C" moe_status moe_cuda_index_copy(const moe_kernel_args *a) {
     if (m * r == 0) return MOE_OK;
     BITS_DISPATCH(moe_dtype_size(o->dtype), "index_copy",
         index_copy_kernel<U><<<cu_blocks(m * r), CU_THREADS, 0, moe_cu.stream>>>(
-            (U *)o->data, (const U *)src->data, (const int32_t *)idx->data, n, m, r, moe_cu.index_fault);)
+            (U *)o->data, (const U *)src->data, src->ndim == 2 ? moe_tensor_row_stride(src) : r,
+            (const int32_t *)idx->data, n, m, r, moe_cu.index_fault);)
     CU_LAUNCHED("index_copy");
     return MOE_OK;
 }

@@ -106,13 +106,14 @@ extern "C" moe_status moe_cuda_logsumexp(const moe_kernel_args *a) {
     return MOE_OK;
 }
 
-/* ---- RMSNorm / LayerNorm forward: ns = 1 (rstd) or 2 (mean, rstd) statistics per row ---- */
+/* ---- RMSNorm / LayerNorm forward: ns = 1 (rstd) or 2 (mean, rstd) statistics per row; x's
+ * row r at r * ld (a slice of wider rows is read in place) ---- */
 template <class T>
-__global__ void norm_kernel(const T *x, const T *w, const T *b, T *o, float *st, int64_t rows, int64_t d, float eps,
-                            int ns) {
+__global__ void norm_kernel(const T *x, int64_t ld, const T *w, const T *b, T *o, float *st, int64_t rows, int64_t d,
+                            float eps, int ns) {
     __shared__ float sh[32];
     ROW_LOOP(r, rows) {
-        const T *p = x + r * d;
+        const T *p = x + r * ld;
         T *q = o + r * d;
         float mu = 0;
         if (ns == 2) {
@@ -150,8 +151,8 @@ static moe_status norm_forward(const moe_kernel_args *a, int ns, const char *kna
     int th = row_threads(d);
     CU_FLOAT_DISPATCH(x->dtype, kname,
         norm_kernel<T><<<cu_blocks(rows * th, th), th, 0, moe_cu.stream>>>(
-            (const T *)x->data, w ? (const T *)w->data : NULL, b ? (const T *)b->data : NULL, (T *)a->out->data,
-            (float *)a->out2->data, rows, d, eps, ns);)
+            (const T *)x->data, moe_tensor_row_stride(x), w ? (const T *)w->data : NULL,
+            b ? (const T *)b->data : NULL, (T *)a->out->data, (float *)a->out2->data, rows, d, eps, ns);)
     CU_LAUNCHED(kname);
     return MOE_OK;
 }

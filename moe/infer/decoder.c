@@ -263,10 +263,14 @@ static moe_status plan_kv_rows(moe_decode_state *s, const moe_span *spans, int64
     return s->kv_write && s->kv_read ? MOE_OK : moe_last_status();
 }
 
-/* x [1, T, Hc, Dc] into pool's write rows. */
+/* x [1, T, Hc, Dc] into pool [R, Hc, Dc]'s write rows; both as matrices of Hc Dc columns,
+ * so that x's tokens are read in place when they are a slice of wider rows (v of a fused
+ * qkv projection). */
 static moe_status write_rows(const moe_decode_state *s, moe_tensor *pool, moe_tensor *x) {
-    moe_tensor *rows = moe_reshape(x, 3, (int64_t[]){x->shape[1], x->shape[2], x->shape[3]});
-    return rows ? moe_index_copy_(pool, s->kv_write, rows) : moe_last_status();
+    const int64_t w = x->shape[2] * x->shape[3];
+    moe_tensor *rows = moe_reshape(x, 2, (int64_t[]){x->shape[1], w});
+    moe_tensor *dst = moe_reshape(pool, 2, (int64_t[]){pool->shape[0], w});
+    return rows && dst ? moe_index_copy_(dst, s->kv_write, rows) : moe_last_status();
 }
 
 static moe_status cache_kv(void *ctx, int layer, moe_tensor *k, moe_tensor *v, moe_kv_pages *out) {

@@ -454,7 +454,6 @@ static moe_tensor *dropout(moe_model *m, const moe_forward *f, moe_tensor *x) {
 static moe_tensor *qk_norm(moe_model *m, moe_tensor *x, moe_tensor *w) {
     const moe_cfg_model *c = &m->cfg.model;
     if (!w || !x) return x;
-    x = moe_contiguous(x);
     if (c->qk_norm == MOE_CFG_QK_NORM_HEAD) return moe_rmsnorm(x, C(w), c->norm_eps);
     int64_t shape[4] = {x->shape[0], x->shape[1], x->shape[2], x->shape[3]};
     moe_tensor *flat = moe_reshape(x, 3, (int64_t[]){shape[0], shape[1], shape[2] * shape[3]});

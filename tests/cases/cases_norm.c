@@ -6,6 +6,13 @@ static moe_tensor *run_log_softmax(moe_tensor **in) { return moe_log_softmax(in[
 static moe_tensor *run_logsumexp(moe_tensor **in) { return moe_logsumexp(in[0]); }
 static moe_tensor *run_rmsnorm(moe_tensor **in) { return moe_rmsnorm(in[0], in[1], 1e-5); }
 static moe_tensor *run_rmsnorm_now(moe_tensor **in) { return moe_rmsnorm(in[0], NULL, 1e-5); }
+/* Columns 2 .. 9 of in[0] [..., 12]: rows at a stride of 12, normalised where they lie. */
+static moe_tensor *run_rmsnorm_cols(moe_tensor **in) {
+    return moe_rmsnorm(moe_slice(in[0], in[0]->ndim - 1, 2, 10), in[1], 1e-5);
+}
+static moe_tensor *run_layernorm_cols(moe_tensor **in) {
+    return moe_layernorm(moe_slice(in[0], in[0]->ndim - 1, 2, 10), in[1], in[2], 1e-5);
+}
 static moe_tensor *run_layernorm(moe_tensor **in) { return moe_layernorm(in[0], in[1], in[2], 1e-5); }
 static moe_tensor *run_layernorm_noparams(moe_tensor **in) { return moe_layernorm(in[0], NULL, NULL, 1e-5); }
 static moe_tensor *run_layernorm_bias_only(moe_tensor **in) { return moe_layernorm(in[0], NULL, in[1], 1e-5); }
@@ -24,11 +31,13 @@ static const op_case cases[] = {
     {"rmsnorm", "3x8 with weight", 2, {X(2, false, 3, 8), P(8)}, run_rmsnorm},
     {"rmsnorm", "2x6x3 transposed", 2, {X(3, true, 2, 6, 3), V(3)}, run_rmsnorm},
     {"rmsnorm", "no weight", 1, {X(2, false, 4, 6)}, run_rmsnorm_now},
+    {"rmsnorm", "2x3x8 columns of wider rows (read in place)", 2, {X(3, false, 2, 3, 12), P(8)}, run_rmsnorm_cols},
     {"rmsnorm", "520x2 (cuda: weight grad summed over row chunks)", 2, {X(2, false, 520, 2), P(2)}, run_rmsnorm},
     {"layernorm", "520x8 with weight and bias (row chunks; width 2 would make dx ~0, all rounding)", 3, {X(2, false, 520, 8), P(8), V(8)}, run_layernorm, .grad_samples = 300},
     {"layernorm", "3x8 with weight and bias", 3, {X(2, false, 3, 8), P(8), V(8)}, run_layernorm},
     {"layernorm", "2x4x5 transposed", 3, {X(3, true, 2, 4, 5), V(5), V(5)}, run_layernorm},
     {"layernorm", "no parameters", 1, {X(2, false, 4, 6)}, run_layernorm_noparams},
+    {"layernorm", "5x8 columns of wider rows (read in place)", 3, {X(2, false, 5, 12), P(8), V(8)}, run_layernorm_cols},
     {"layernorm", "bias only", 2, {X(2, true, 5, 4), V(4)}, run_layernorm_bias_only},
 };
 
