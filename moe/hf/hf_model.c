@@ -56,6 +56,10 @@ static const moe_st_view *lookup(loader *L, const char *const *names) {
  * layers are nearly all transposed on the way in). */
 #define PUT_ROWS 64
 
+#define PUT_PARALLEL (1 << 16) /* elements of a block worth spreading over threads */
+
+static int64_t row_of(const dst_spec *d, int64_t o) { return d->row_map ? d->row_map[o] : o; }
+
 /* Rows src(o0 .. o0 + n - 1) of W [rows, in] widened to f32 into L->rows [n, in]. */
 static const float *rows_f32(loader *L, const moe_st_view *v, const dst_spec *d, int64_t o0, int64_t n, int64_t in) {
     if (n * in > L->rows_cap) {
@@ -67,10 +71,10 @@ static const float *rows_f32(loader *L, const moe_st_view *v, const dst_spec *d,
             return NULL;
         }
     }
-    for (int64_t j = 0; j < n; j++) {
-        const int64_t r = d->row_map ? d->row_map[o0 + j] : o0 + j;
-        if (moe_st_read_f32_range(v, r * in, in, L->rows + j * in) != MOE_OK) return NULL;
-    }
+    /* the first row checks the dtype; the others cannot fail then */
+    if (moe_st_read_f32_range(v, row_of(d, o0) * in, in, L->rows) != MOE_OK) return NULL;
+#pragma omp parallel for schedule(static) if (n * in >= PUT_PARALLEL)
+    for (int64_t j = 1; j < n; j++) (void)moe_st_read_f32_range(v, row_of(d, o0 + j) * in, in, L->rows + j * in);
     return L->rows;
 }
 
@@ -115,13 +119,16 @@ static moe_status put(loader *L, const char *const *names, int64_t rows, int64_t
         const int64_t n = rows - o0 < PUT_ROWS ? rows - o0 : PUT_ROWS;
         const float *src = rows_f32(L, v, &d, o0, n, in);
         if (!src) return moe_last_status();
-        if (d.transpose)
+        if (d.transpose) {
+#pragma omp parallel for schedule(static) if (n * in >= PUT_PARALLEL)
             for (int64_t i = 0; i < in; i++) {
                 float *dst = d.dst + i * d.ld + d.col0 + o0;
                 for (int64_t j = 0; j < n; j++) dst[j] = src[j * in + i];
             }
-        else
+        } else {
+#pragma omp parallel for schedule(static) if (n * in >= PUT_PARALLEL)
             for (int64_t j = 0; j < n; j++) memcpy(d.dst + (o0 + j) * d.ld + d.col0, src + j * in, sizeof(float) * (size_t)in);
+        }
     }
     mark_used(L, v);
     moe_st_release(v);
