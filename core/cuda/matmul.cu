@@ -396,7 +396,8 @@ extern "C" moe_status moe_cuda_grouped_matmul(const moe_kernel_args *a) {
 /* ---- gathered SwiGLU experts (few tokens, no routing read back) ----
  * One block per (pair, column tile): pair p = (token p / k, slot p % k) reads its expert id
  * on the device and streams that expert's rows, 16 warps splitting the rows, each lane
- * holding 8 consecutive columns (one 16-byte load per row in bf16), partial sums reduced
+ * holding 8 consecutive columns (one 16-byte load per row in bf16; the next GS_BATCH
+ * rows' loads in flight while it sums the current ones), partial sums reduced
  * across the warps in shared memory in a fixed order. The up pass reads the gate and up
  * halves of w13 [E, d, 2f] side by side and applies SwiGLU on the rounded sums (as the
  * grouped path rounds its products); the down pass reads w2 [E, f, d]. */
@@ -415,10 +416,57 @@ template <class T, bool VEC> __device__ __forceinline__ void gs_load8(const T *p
         for (int q = 0; q < 8; q++) v[q] = q < n ? ldf(p + q) : 0.0f;
 }
 
+/* 8 consecutive values as loaded (16 bytes of bf16, 32 of f32), widened only when used, so
+ * that a lane can have several rows' loads in flight while it sums earlier ones. */
+template <class T> struct gs_raw8 {
+    uint4 r[sizeof(T) / 2];
+};
+template <class T> __device__ __forceinline__ void gs_raw8_load(const T *p, gs_raw8<T> &v) {
+#pragma unroll
+    for (int k = 0; k < (int)(sizeof(T) / 2); k++) v.r[k] = reinterpret_cast<const uint4 *>(p)[k];
+}
+
+#define GS_BATCH 4 /* bf16 rows a lane loads ahead while it sums the previous ones (aligned form) */
+
+/* acc[0..8) += sum over rows i = i0, i0 + stride, ... < rows of x[i] * w[i * ld .. + 8), in
+ * that order; batch b + 1's loads are issued before batch b is summed. */
+template <class T>
+__device__ __forceinline__ void gs_rows_pipelined(const T *x, const T *w, int64_t ld, int64_t i0, int64_t stride,
+                                                  int64_t rows, float *acc) {
+    constexpr int NB = GS_BATCH * 2 / (int)sizeof(T); /* f32 rows are twice the registers */
+    gs_raw8<T> cur[NB], nxt[NB];
+    float xc[NB], xn[NB];
+#pragma unroll
+    for (int u = 0; u < NB; u++) {
+        const int64_t i = i0 + u * stride;
+        cur[u] = gs_raw8<T>{};
+        if (i < rows) gs_raw8_load(w + i * ld, cur[u]);
+        xc[u] = i < rows ? ldf(x + i) : 0.0f;
+    }
+    for (int64_t i = i0; i < rows; i += NB * stride) {
+#pragma unroll
+        for (int u = 0; u < NB; u++) {
+            const int64_t j = i + (NB + u) * stride;
+            nxt[u] = gs_raw8<T>{};
+            if (j < rows) gs_raw8_load(w + j * ld, nxt[u]);
+            xn[u] = j < rows ? ldf(x + j) : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < NB; u++) {
+            float v[8];
+            cu_ld8(reinterpret_cast<const T *>(cur[u].r), v);
+#pragma unroll
+            for (int q = 0; q < 8; q++) acc[q] = fmaf(xc[u], v[q], acc[q]);
+            cur[u] = nxt[u];
+            xc[u] = xn[u];
+        }
+    }
+}
+
 /* out [P, cols] <- act(in row @ w[e]) for the block's pair and tile; in row p / in_div of
  * in [., rows]; w [E, rows, NSEG cols] (SWIGLU: NSEG 2, gate then up). */
 template <class T, bool SWIGLU, bool VEC>
-__global__ void __launch_bounds__(GS_THREADS) gathered_rows_kernel(const T *in, int64_t in_div, const int32_t *ids,
+__global__ void __launch_bounds__(GS_THREADS, 2) gathered_rows_kernel(const T *in, int64_t in_div, const int32_t *ids,
                                                                    int64_t E, const T *w, int64_t rows, int64_t cols,
                                                                    T *out, cu_index_fault *fault) {
     constexpr int NSEG = SWIGLU ? 2 : 1, SEG_LANES = GS_TILE / 8, LANES = NSEG * SEG_LANES, STEP = 32 / LANES;
@@ -433,14 +481,16 @@ __global__ void __launch_bounds__(GS_THREADS) gathered_rows_kernel(const T *in, 
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     if (ok && col < cols) {
         const T *x = in + (p / in_div) * rows, *wr = w + (int64_t)e * rows * ld + seg * cols + col;
-#pragma unroll 4
-        for (int64_t i = warp * STEP + sub; i < rows; i += (int64_t)nw * STEP) {
-            float v[8];
-            gs_load8<T, VEC>(wr + i * ld, cols - col, v);
-            const float a = ldf(x + i);
+        if (VEC)
+            gs_rows_pipelined<T>(x, wr, ld, warp * STEP + sub, (int64_t)nw * STEP, rows, acc);
+        else
+            for (int64_t i = warp * STEP + sub; i < rows; i += (int64_t)nw * STEP) {
+                float v[8];
+                gs_load8<T, VEC>(wr + i * ld, cols - col, v);
+                const float a = ldf(x + i);
 #pragma unroll
-            for (int q = 0; q < 8; q++) acc[q] = fmaf(a, v[q], acc[q]);
-        }
+                for (int q = 0; q < 8; q++) acc[q] = fmaf(a, v[q], acc[q]);
+            }
     }
     float *r = red + (warp * STEP + sub) * (NSEG * GS_TILE) + l * 8;
 #pragma unroll
