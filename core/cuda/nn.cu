@@ -269,8 +269,9 @@ extern "C" moe_status moe_cuda_attention(const moe_kernel_args *a) {
  * segment's key run (the flash-decoding split: at batch 1 there are only H rows, too few
  * blocks to stream a long cache at the device's rate). The block's PAGED_WARPS warps share
  * out the split's keys PAGED_KEYS at a time, each with its own online softmax (lane l
- * holds head dims l + 32 e, e < E, so every key row is a coalesced read; E = hd / 32
- * rounded up, a template parameter so that the registers fit the head), and merge their
+ * holds head dims l E .. l E + E - 1, E = hd / 32 rounded up, a template parameter so that
+ * the registers fit the head: a key row is one coalesced vector load per lane when hd is
+ * 32 E (VEC), element loads otherwise), and merge their
  * states through shared memory. A warp loads the row indices of its next keys while the
  * current keys' loads are in flight. With one split the row is written normalised; else
  * each split writes its normalised part and (max, sum) and paged_merge_kernel combines
@@ -286,7 +287,7 @@ struct paged_geom {
     int64_t n_seg, n_split, chunk; /* keys per split */
 };
 
-/* A warp's running softmax state: max m, sum l, accumulator acc (dims lane + 32 e). */
+/* A warp's running softmax state: max m, sum l, accumulator acc (dims lane E + e). */
 template <int E> struct paged_state {
     float m, l, acc[E];
 };
@@ -307,10 +308,37 @@ __device__ __forceinline__ int32_t paged_row(const int32_t *rows, int64_t j0, in
 /* The keys whose pool rows lane u < PAGED_KEYS holds in `row` (-1: none) into a warp's
  * state: every key's and value's dims of this lane are loaded first (all in flight at
  * once), then the scores q . k (q: this lane's dims) and one online-softmax update. */
-template <class T, int E>
+/* The E values of a lane's dims lane E .. lane E + E - 1 as loaded (one vector load under
+ * VEC), widened only when used. */
+template <class T, int E> struct paged_raw {
+    T v[E];
+};
+template <class T, int E, bool VEC>
+__device__ __forceinline__ void paged_load(const T *row, bool ok, int64_t hd, paged_raw<T, E> &out) {
+    const int lane = threadIdx.x & 31;
+    constexpr int BYTES = E * (int)sizeof(T);
+    if (VEC) {
+        static_assert(!VEC || BYTES == 4 || BYTES == 8 || BYTES % 16 == 0, "vector width");
+        const T *p = row + lane * E;
+        if (BYTES == 4) *reinterpret_cast<uint32_t *>(out.v) = ok ? *reinterpret_cast<const uint32_t *>(p) : 0u;
+        else if (BYTES == 8) *reinterpret_cast<uint2 *>(out.v) = ok ? *reinterpret_cast<const uint2 *>(p) : make_uint2(0, 0);
+        else
+#pragma unroll
+            for (int k = 0; k < BYTES / 16; k++)
+                reinterpret_cast<uint4 *>(out.v)[k] = ok ? reinterpret_cast<const uint4 *>(p)[k] : make_uint4(0, 0, 0, 0);
+    } else {
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            const bool in = ok && lane * E + e < hd;
+            out.v[e] = in ? row[lane * E + e] : T(0.0f);
+        }
+    }
+}
+
+template <class T, int E, bool VEC>
 __device__ __forceinline__ void paged_keys(paged_state<E> &st, const float (&q)[E], const T *kp, const T *vp,
                                            int32_t row, int64_t kvh, const paged_geom &g) {
-    const int lane = threadIdx.x & 31;
+    paged_raw<T, E> kr[PAGED_KEYS], vr[PAGED_KEYS];
     float kv[PAGED_KEYS][E], vv[PAGED_KEYS][E], s[PAGED_KEYS];
     bool ok[PAGED_KEYS];
 #pragma unroll
@@ -318,13 +346,13 @@ __device__ __forceinline__ void paged_keys(paged_state<E> &st, const float (&q)[
         const int32_t r = __shfl_sync(0xffffffffu, row, u);
         ok[u] = r >= 0;
         const int64_t off = ((int64_t)(r < 0 ? 0 : r) * g.Hkv + kvh) * g.hd;
-#pragma unroll
-        for (int e = 0; e < E; e++) {
-            const bool in = ok[u] && lane + 32 * e < g.hd;
-            kv[u][e] = in ? ldf(kp + off + lane + 32 * e) : 0.0f;
-            vv[u][e] = in ? ldf(vp + off + lane + 32 * e) : 0.0f;
-        }
+        paged_load<T, E, VEC>(kp + off, ok[u], g.hd, kr[u]);
+        paged_load<T, E, VEC>(vp + off, ok[u], g.hd, vr[u]);
     }
+#pragma unroll
+    for (int u = 0; u < PAGED_KEYS; u++)
+#pragma unroll
+        for (int e = 0; e < E; e++) kv[u][e] = ldf(&kr[u].v[e]), vv[u][e] = ldf(&vr[u].v[e]);
     float mx = st.m;
 #pragma unroll
     for (int u = 0; u < PAGED_KEYS; u++) {
@@ -350,7 +378,7 @@ __device__ __forceinline__ void paged_keys(paged_state<E> &st, const float (&q)[
     st.m = mx;
 }
 
-template <class T, int E>
+template <class T, int E, bool VEC>
 __global__ void __launch_bounds__(PAGED_WARPS * 32)
     paged_attention_kernel(const T *q, const T *kp, const T *vp, T *o, float *part, float *ml, att_view vq,
                            paged_geom g, cu_index_fault *fault) {
@@ -366,7 +394,7 @@ __global__ void __launch_bounds__(PAGED_WARPS * 32)
     const T *qrow = q + (sg.q0 + qi) * vq.st + h * vq.sh;
     float qv[E];
 #pragma unroll
-    for (int e = 0; e < E; e++) qv[e] = lane + 32 * e < hd ? ldf(qrow + lane + 32 * e) : 0.0f;
+    for (int e = 0; e < E; e++) qv[e] = lane * E + e < hd ? ldf(qrow + lane * E + e) : 0.0f;
     paged_state<E> st = {-INFINITY, 0, {}};
     const int32_t *rows = g.rows + sg.k0;
     const int64_t stride = PAGED_WARPS * PAGED_KEYS;
@@ -374,12 +402,12 @@ __global__ void __launch_bounds__(PAGED_WARPS * 32)
     int32_t row = paged_row(rows, j0, kstop, g, fault);
     for (; j0 < kstop; j0 += stride) {
         const int32_t next = paged_row(rows, j0 + stride, kstop, g, fault);
-        paged_keys<T, E>(st, qv, kp, vp, row, kvh, g);
+        paged_keys<T, E, VEC>(st, qv, kp, vp, row, kvh, g);
         row = next;
     }
     if (lane == 0) wm[warp] = st.m, wl[warp] = st.l;
 #pragma unroll
-    for (int e = 0; e < E; e++) wacc[warp][lane + 32 * e] = st.acc[e];
+    for (int e = 0; e < E; e++) wacc[warp][lane * E + e] = st.acc[e];
     __syncthreads();
     float mx = -INFINITY, lsum = 0;
     for (int w = 0; w < PAGED_WARPS; w++) mx = fmaxf(mx, wm[w]);
@@ -436,11 +464,18 @@ static int64_t paged_splits(int64_t blocks, int64_t max_k) {
     return n < 1 ? 1 : n;
 }
 
+/* VEC when the lanes cover the head exactly with naturally aligned pieces (hd = 32 E, a
+ * power-of-two piece of at least 4 bytes, 16-byte aligned pools). */
 template <class T, int E>
 static void paged_launch(const moe_kernel_args *a, dim3 grid, float *part, float *ml, const paged_geom &g) {
-    paged_attention_kernel<T, E><<<grid, PAGED_WARPS * 32, 0, moe_cu.stream>>>(
-        (const T *)a->in[0]->data, (const T *)a->in[1]->data, (const T *)a->in[2]->data, (T *)a->out->data, part, ml,
-        att_view_of(a->in[0]), g, moe_cu.index_fault);
+    constexpr int BYTES = E * (int)sizeof(T);
+    constexpr bool can_vec = BYTES == 4 || BYTES == 8 || BYTES % 16 == 0;
+    const bool vec = can_vec && g.hd == 32 * E && (uintptr_t)a->in[1]->data % 16 == 0 &&
+                     (uintptr_t)a->in[2]->data % 16 == 0;
+    auto kernel = vec ? paged_attention_kernel<T, E, can_vec> : paged_attention_kernel<T, E, false>;
+    kernel<<<grid, PAGED_WARPS * 32, 0, moe_cu.stream>>>((const T *)a->in[0]->data, (const T *)a->in[1]->data,
+                                                         (const T *)a->in[2]->data, (T *)a->out->data, part, ml,
+                                                         att_view_of(a->in[0]), g, moe_cu.index_fault);
 }
 
 extern "C" moe_status moe_cuda_attention_paged(const moe_kernel_args *a) {

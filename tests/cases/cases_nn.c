@@ -70,7 +70,7 @@ static moe_tensor *run_varlen_hd64_empty_q(moe_tensor **in) { return attention_l
 /* attention_paged (inference only): q [1, Tq, H, hd], pools [R, Hkv, hd], rows [Tk], checked
  * against attention_varlen on the keys gathered out of the pools. Layouts: decode steps
  * 1/5 1/9 1/2 (hd 6: rows too short for the CUDA kernel's 8-value loads); 3/40, an empty
- * segment and 1/68; 1/600 and 2/600 (key runs the CUDA kernel splits over blocks); 20/24
+ * segment and 1/68 (hd 128, 96 and 256); 1/600 and 2/600 (key runs the CUDA kernel splits over blocks); 20/24
  * and 1/6 (more queries than MOE_ATTENTION_PAGED_MAX_Q: the gathered route). */
 static const seg_layout PAGED_DECODE = {3, {0, 1, 2, 3}, {0, 5, 14, 16}};
 static const seg_layout PAGED_MIXED = {3, {0, 3, 3, 4}, {0, 40, 42, 110}};
@@ -176,6 +176,12 @@ static const op_case cases[] = {
      {N(4, 1, 3, 4, 6), N(3, 24, 2, 6), N(3, 24, 2, 6), ROWS(24, 16)}, run_paged_decode, .check = check_paged_decode},
     {"attention_paged", "hd=128 causal 3/40, an empty segment, 1/68", 4,
      {N(4, 1, 4, 2, 128), N(3, 64, 1, 128), N(3, 64, 1, 128), ROWS(64, 110)}, run_paged_mixed,
+     .check = check_paged_mixed},
+    {"attention_paged", "hd=96 causal 3/40, an empty segment, 1/68 (cuda: element loads, lanes past the head)", 4,
+     {N(4, 1, 4, 2, 96), N(3, 64, 1, 96), N(3, 64, 1, 96), ROWS(64, 110)}, run_paged_mixed,
+     .check = check_paged_mixed},
+    {"attention_paged", "hd=256 causal 3/40, an empty segment, 1/68 (cuda: 8 dims per lane)", 4,
+     {N(4, 1, 4, 2, 256), N(3, 64, 1, 256), N(3, 64, 1, 256), ROWS(64, 110)}, run_paged_mixed,
      .check = check_paged_mixed},
     {"attention_paged", "hd=64 causal 1/600 2/600 (key runs split over blocks)", 4,
      {N(4, 1, 3, 2, 64), N(3, 256, 2, 64), N(3, 256, 2, 64), ROWS(256, 1200)}, run_paged_long_causal,
