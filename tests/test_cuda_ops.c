@@ -86,10 +86,14 @@ static void test_oom_message(void) {
 }
 
 /* index_copy_'s source: a transposed view (copied first) or a slice of columns of a wider
- * matrix (read in place through its row stride). */
+ * matrix (read in place through its row stride). Rows of 8 are 16-byte units (in f32 and
+ * bf16, the slice aligned too), rows of 5 are not. */
 static moe_tensor *index_copy_source(moe_device where, moe_dtype dt, int64_t N, int64_t R, bool column_slice) {
-    if (column_slice)
-        return moe_slice(moe_tensor_randn(MOE_LIFE_STEP, where, dt, 2, (int64_t[]){N, R + 3}, 63, 0, 1.0), 1, 2, R + 2);
+    if (column_slice) {
+        const int64_t wide = R == 8 ? 16 : R + 3, start = R == 8 ? 8 : 2;
+        return moe_slice(moe_tensor_randn(MOE_LIFE_STEP, where, dt, 2, (int64_t[]){N, wide}, 63, 0, 1.0), 1, start,
+                         start + R);
+    }
     return moe_transpose(moe_tensor_randn(MOE_LIFE_STEP, where, dt, 2, (int64_t[]){R, N}, 62, 0, 1.0), 0, 1);
 }
 
@@ -97,13 +101,14 @@ static moe_tensor *index_copy_source(moe_device where, moe_dtype dt, int64_t N, 
  * transposed source and a slice of columns); a device index out of range is reported at
  * the next synchronisation and a host one at once, dst untouched. */
 static void test_index_copy(void) {
-    const int64_t M = 9, N = 4, R = 5;
+    const int64_t M = 9, N = 4;
     const int32_t rows[4] = {7, 0, 3, 8};
     const moe_dtype dts[2] = {MOE_F32, MOE_BF16};
     for (int d = 0; d < 2; d++) {
-        for (int variant = 0; variant < 4; variant++) {
+        for (int variant = 0; variant < 8; variant++) {
             const bool on_dev = variant & 1, column_slice = variant & 2;
-            double want[45], got[45];
+            const int64_t R = variant & 4 ? 8 : 5;
+            double want[72], got[72];
             for (int dev = 0; dev < 2; dev++) {
                 moe_device where = dev ? MOE_CUDA : MOE_CPU;
                 moe_dtype dt = dev ? dts[d] : MOE_F32;
@@ -120,6 +125,7 @@ static void test_index_copy(void) {
             CU_ASSERT(e <= (dts[d] == MOE_BF16 ? 1e-2 : 0));
         }
     }
+    const int64_t R = 5;
     moe_tensor *dst = moe_tensor_zeros(MOE_LIFE_STEP, MOE_CUDA, MOE_F32, 2, (int64_t[]){M, R});
     moe_tensor *src = moe_tensor_zeros(MOE_LIFE_STEP, MOE_CUDA, MOE_F32, 2, (int64_t[]){2, R});
     const int32_t bad[2] = {1, 9};

@@ -29,6 +29,18 @@ static int64_t row_width(const moe_tensor *t) {
     return r;
 }
 
+/* Row copies move 16-byte units when every row (and row stride) is a whole number of
+ * them and the pointers are aligned: es-byte elements otherwise. */
+static bool rows_in_units(size_t es, int64_t r, std::initializer_list<int64_t> strides,
+                          std::initializer_list<const void *> ptrs) {
+    if (((size_t)r * es) % 16) return false;
+    for (int64_t st : strides)
+        if (((size_t)st * es) % 16) return false;
+    for (const void *p : ptrs)
+        if ((uintptr_t)p % 16) return false;
+    return true;
+}
+
 /* ---- INDEX_SELECT: out row i = x row idx[i]; any dtype ---- */
 template <class U>
 __global__ void index_select_kernel(const U *x, const int32_t *idx, U *o, int64_t n, int64_t m, int64_t r,
@@ -36,7 +48,7 @@ __global__ void index_select_kernel(const U *x, const int32_t *idx, U *o, int64_
     CU_GRID_LOOP(i, m * r) {
         int64_t row = i / r;
         int32_t v = idx[row];
-        o[i] = cu_index_ok(f, CU_IDX_INDEX_SELECT, v, row, n) ? x[(int64_t)v * r + (i - row * r)] : (U)0;
+        o[i] = cu_index_ok(f, CU_IDX_INDEX_SELECT, v, row, n) ? x[(int64_t)v * r + (i - row * r)] : U{};
     }
 }
 
@@ -45,9 +57,16 @@ extern "C" moe_status moe_cuda_index_select(const moe_kernel_args *a) {
     int64_t n = x->ndim ? x->shape[0] : 1, r = row_width(x), m = moe_tensor_numel(idx);
     const int32_t *pi = (const int32_t *)idx->data;
     if (m * r == 0) return MOE_OK;
-    BITS_DISPATCH(moe_dtype_size(x->dtype), "index_select",
-        index_select_kernel<U><<<cu_blocks(m * r), CU_THREADS, 0, moe_cu.stream>>>(
-            (const U *)x->data, pi, (U *)a->out->data, n, m, r, moe_cu.index_fault);)
+    const size_t es = moe_dtype_size(x->dtype);
+    if (rows_in_units(es, r, {}, {x->data, a->out->data})) {
+        const int64_t ru = r * (int64_t)es / 16;
+        index_select_kernel<uint4><<<cu_blocks(m * ru), CU_THREADS, 0, moe_cu.stream>>>(
+            (const uint4 *)x->data, pi, (uint4 *)a->out->data, n, m, ru, moe_cu.index_fault);
+    } else {
+        BITS_DISPATCH(es, "index_select",
+            index_select_kernel<U><<<cu_blocks(m * r), CU_THREADS, 0, moe_cu.stream>>>(
+                (const U *)x->data, pi, (U *)a->out->data, n, m, r, moe_cu.index_fault);)
+    }
     CU_LAUNCHED("index_select");
     return MOE_OK;
 }
@@ -201,30 +220,45 @@ extern "C" moe_status moe_cuda_index_copy(const moe_kernel_args *a) {
     const moe_tensor *src = a->in[0], *idx = a->in[1];
     int64_t n = o->ndim ? o->shape[0] : 1, r = row_width(o), m = moe_tensor_numel(idx);
     if (m * r == 0) return MOE_OK;
-    BITS_DISPATCH(moe_dtype_size(o->dtype), "index_copy",
-        index_copy_kernel<U><<<cu_blocks(m * r), CU_THREADS, 0, moe_cu.stream>>>(
-            (U *)o->data, (const U *)src->data, src->ndim == 2 ? moe_tensor_row_stride(src) : r,
-            (const int32_t *)idx->data, n, m, r, moe_cu.index_fault);)
+    const int64_t ls = src->ndim == 2 ? moe_tensor_row_stride(src) : r;
+    const size_t es = moe_dtype_size(o->dtype);
+    if (rows_in_units(es, r, {ls}, {o->data, src->data})) {
+        const int64_t k = 16 / (int64_t)es;
+        index_copy_kernel<uint4><<<cu_blocks(m * r / k), CU_THREADS, 0, moe_cu.stream>>>(
+            (uint4 *)o->data, (const uint4 *)src->data, ls / k, (const int32_t *)idx->data, n, m, r / k,
+            moe_cu.index_fault);
+    } else {
+        BITS_DISPATCH(es, "index_copy",
+            index_copy_kernel<U><<<cu_blocks(m * r), CU_THREADS, 0, moe_cu.stream>>>(
+                (U *)o->data, (const U *)src->data, ls, (const int32_t *)idx->data, n, m, r, moe_cu.index_fault);)
+    }
     CU_LAUNCHED("index_copy");
     return MOE_OK;
 }
 
 /* ---- COMBINE: out[t] = sum_j w[t, j] * y[src[t, j]] (src -1: none; w NULL: 1). Grid
- * (column tiles, tokens): one thread per output column, so a few tokens (decode) still
- * spread over d / blockDim blocks; f32 accumulation in j order (deterministic, no atomics) ---- */
-template <class T>
+ * (column tiles, tokens): one thread per 8 output columns (16-byte loads; one column when
+ * d is not a multiple of 8 or a row is unaligned), so a few tokens (decode) still spread
+ * over blocks; f32 accumulation in j order (deterministic, no atomics) ---- */
+template <class T, int V>
 __global__ void combine_kernel(const T *y, const T *w, const int32_t *src, T *o, int64_t N, int64_t d, int64_t Tn,
                                  int64_t k, cu_index_fault *f) {
-    const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const int64_t c = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * V; /* V columns c .. c + V - 1 */
     if (c >= d) return;
     for (int64_t t = blockIdx.y; t < Tn; t += gridDim.y) {
-        float acc = 0;
+        float acc[V] = {};
         for (int64_t j = 0; j < k; j++) {
             int32_t r = src[t * k + j];
-            if (r != -1 && cu_index_ok(f, CU_IDX_COMBINE, r, t * k + j, N))
-                acc += (w ? ldf(w + t * k + j) : 1.0f) * ldf(y + (int64_t)r * d + c);
+            if (r == -1 || !cu_index_ok(f, CU_IDX_COMBINE, r, t * k + j, N)) continue;
+            const float wj = w ? ldf(w + t * k + j) : 1.0f;
+            float v[V];
+            if (V == 8) cu_ld8(y + (int64_t)r * d + c, v);
+            else v[0] = ldf(y + (int64_t)r * d + c);
+#pragma unroll
+            for (int q = 0; q < V; q++) acc[q] += wj * v[q];
         }
-        stf(o + t * d + c, acc);
+        if (V == 8) cu_st8(o + t * d + c, acc);
+        else stf(o + t * d + c, acc[0]);
     }
 }
 
@@ -232,10 +266,12 @@ extern "C" moe_status moe_cuda_combine(const moe_kernel_args *a) {
     const moe_tensor *y = a->in[0], *w = a->in[1], *src = a->in[2]; /* w NULL: weights 1 */
     const int64_t N = y->shape[0], d = y->shape[1], Tn = src->shape[0], k = src->shape[1];
     if (Tn * d == 0) return MOE_OK;
-    const int th = cu_row_threads(d) > 256 ? 256 : cu_row_threads(d);
-    dim3 grid((unsigned)((d + th - 1) / th), (unsigned)(Tn < 65535 ? Tn : 65535));
+    const int V = cu_vec8_ok(d, {y->data, a->out->data}) ? 8 : 1;
+    const int th = cu_row_threads(d / V) > 256 ? 256 : cu_row_threads(d / V);
+    dim3 grid((unsigned)((d / V + th - 1) / th), (unsigned)(Tn < 65535 ? Tn : 65535));
     CU_FLOAT_DISPATCH(y->dtype, "combine",
-        combine_kernel<T><<<grid, th, 0, moe_cu.stream>>>(
+        auto kernel = V == 8 ? combine_kernel<T, 8> : combine_kernel<T, 1>;
+        kernel<<<grid, th, 0, moe_cu.stream>>>(
             (const T *)y->data, w ? (const T *)w->data : NULL, (const int32_t *)src->data, (T *)a->out->data, N, d,
             Tn, k, moe_cu.index_fault);)
     CU_LAUNCHED("combine");

@@ -44,8 +44,9 @@ extern "C" moe_status moe_cuda_dropout(const moe_kernel_args *a) {
 /* ---- rotary embedding. Grid (pairs of all positions, groups of ROPE_HEADS (batch row,
  * head)s): a thread computes the angle of its (position t, pair p) once (in double, at
  * position in[1][t] or pos0 + t; theta^(-2p/hd) as exp2(p * lg), lg = -2 log2(theta) / hd
- * from the host, and sin and cos in one sincos) and rotates that pair in its group's heads;
- * one kernel per call, the trigonometry once per (t, p, group) ---- */
+ * from the host; reduced modulo 2 pi in double, then sin and cos in one single-precision
+ * sincosf) and rotates that pair in its group's heads; one kernel per call, the
+ * trigonometry once per (t, p, group) ---- */
 #define ROPE_HEADS 8
 
 struct rope_geom {
@@ -58,9 +59,14 @@ __global__ void rope_kernel(const T *x, T *y, const int32_t *pos, moe_rope_attrs
     const int64_t BH = g.B * g.H;
     CU_GRID_LOOP(i, g.Tn * g.half) {
         const int64_t t = i / g.half, p = i % g.half;
-        double sd, cd;
-        sincos((double)(pos ? pos[t] : at.pos0 + t) * exp2((double)p * g.lg), &sd, &cd);
-        const float c = (float)cd, s = (float)(at.inverse ? -sd : sd);
+        /* the angle in double, reduced to [-pi, pi] in double (2 pi split in two parts),
+         * then sine and cosine in single precision (the result's precision) */
+        const double ang = (double)(pos ? pos[t] : at.pos0 + t) * exp2((double)p * g.lg);
+        const double turns = rint(ang * 0.15915494309189535);
+        const float red = (float)fma(-turns, 2.4492935982947064e-16, fma(-turns, 6.283185307179586, ang));
+        float sf, c;
+        sincosf(red, &sf, &c);
+        const float s = at.inverse ? -sf : sf;
         for (int64_t bh0 = (int64_t)blockIdx.y * ROPE_HEADS; bh0 < BH; bh0 += (int64_t)gridDim.y * ROPE_HEADS) {
             float x1[ROPE_HEADS], x2[ROPE_HEADS]; /* all loads first, then the stores */
 #pragma unroll

@@ -107,35 +107,51 @@ extern "C" moe_status moe_cuda_logsumexp(const moe_kernel_args *a) {
 }
 
 /* ---- RMSNorm / LayerNorm forward: ns = 1 (rstd) or 2 (mean, rstd) statistics per row; x's
- * row r at r * ld (a slice of wider rows is read in place) ---- */
-template <class T>
+ * row r at r * ld (a slice of wider rows is read in place); V = 8: each thread moves 8
+ * consecutive values per access (16 bytes in bf16), V = 1 where rows are not aligned so ---- */
+template <class T, int V> __device__ __forceinline__ void norm_ld(const T *p, float *v) {
+    if (V == 8) cu_ld8(p, v);
+    else v[0] = ldf(p);
+}
+
+template <class T, int V>
 __global__ void norm_kernel(const T *x, int64_t ld, const T *w, const T *b, T *o, float *st, int64_t rows, int64_t d,
                             float eps, int ns) {
     __shared__ float sh[32];
+    const int64_t c0 = (int64_t)threadIdx.x * V, cstep = (int64_t)blockDim.x * V;
     ROW_LOOP(r, rows) {
         const T *p = x + r * ld;
         T *q = o + r * d;
-        float mu = 0;
+        float mu = 0, v[V];
         if (ns == 2) {
             float s = 0;
-            COL_LOOP(c, d) s += ldf(p + c);
+            for (int64_t c = c0; c < d; c += cstep) {
+                norm_ld<T, V>(p + c, v);
+#pragma unroll
+                for (int k = 0; k < V; k++) s += v[k];
+            }
             mu = cu_block_sum(s, sh) / (float)d;
         }
-        float v = 0;
-        COL_LOOP(c, d) {
-            float t = ldf(p + c) - mu;
-            v += t * t;
+        float var = 0;
+        for (int64_t c = c0; c < d; c += cstep) {
+            norm_ld<T, V>(p + c, v);
+#pragma unroll
+            for (int k = 0; k < V; k++) var += (v[k] - mu) * (v[k] - mu);
         }
-        float rs = 1.0f / sqrtf(cu_block_sum(v, sh) / (float)d + eps);
+        float rs = 1.0f / sqrtf(cu_block_sum(var, sh) / (float)d + eps);
         if (threadIdx.x == 0) {
             if (ns == 2) st[2 * r] = mu;
             st[ns * r + ns - 1] = rs;
         }
-        COL_LOOP(c, d) {
-            float y = (ldf(p + c) - mu) * rs;
-            if (w) y *= ldf(w + c);
-            if (b) y += ldf(b + c);
-            stf(q + c, y);
+        for (int64_t c = c0; c < d; c += cstep) {
+            float wv[V], bv[V], y[V];
+            norm_ld<T, V>(p + c, v);
+            if (w) norm_ld<T, V>(w + c, wv);
+            if (b) norm_ld<T, V>(b + c, bv);
+#pragma unroll
+            for (int k = 0; k < V; k++) y[k] = (v[k] - mu) * rs * (w ? wv[k] : 1.0f) + (b ? bv[k] : 0.0f);
+            if (V == 8) cu_st8(q + c, y);
+            else stf(q + c, y[0]);
         }
     }
 }
@@ -143,16 +159,18 @@ __global__ void norm_kernel(const T *x, int64_t ld, const T *w, const T *b, T *o
 static moe_status norm_forward(const moe_kernel_args *a, int ns, const char *kname) {
     const moe_tensor *x = a->in[0], *w = a->in[1], *b = ns == 2 ? a->in[2] : NULL;
     float eps = (float)((const moe_norm_attrs *)a->attrs)->eps;
-    int64_t rows = cu_rows(x), d = cu_cols(x);
+    int64_t rows = cu_rows(x), d = cu_cols(x), ld = moe_tensor_row_stride(x);
     if (rows * d == 0) return MOE_OK;
     if (a->out2->dtype != MOE_F32)
         return moe_error(MOE_ERR_UNSUPPORTED, "%s: statistics must be f32 on cuda, got %s", kname,
                          moe_dtype_name(a->out2->dtype));
-    int th = row_threads(d);
+    const bool vec = ld % 8 == 0 && cu_vec8_ok(d, {x->data, a->out->data, w ? w->data : NULL, b ? b->data : NULL});
+    int th = row_threads(vec ? d / 8 : d);
     CU_FLOAT_DISPATCH(x->dtype, kname,
-        norm_kernel<T><<<cu_blocks(rows * th, th), th, 0, moe_cu.stream>>>(
-            (const T *)x->data, moe_tensor_row_stride(x), w ? (const T *)w->data : NULL,
-            b ? (const T *)b->data : NULL, (T *)a->out->data, (float *)a->out2->data, rows, d, eps, ns);)
+        auto kernel = vec ? norm_kernel<T, 8> : norm_kernel<T, 1>;
+        kernel<<<cu_blocks(rows * th, th), th, 0, moe_cu.stream>>>(
+            (const T *)x->data, ld, w ? (const T *)w->data : NULL, b ? (const T *)b->data : NULL,
+            (T *)a->out->data, (float *)a->out2->data, rows, d, eps, ns);)
     CU_LAUNCHED(kname);
     return MOE_OK;
 }

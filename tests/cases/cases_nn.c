@@ -18,6 +18,14 @@ static moe_tensor *run_rope_at(moe_tensor **in) {
                        100.0);
 }
 
+/* rope_at at far positions (the angles reach 1.3e5 radians: the CUDA kernel's range
+ * reduction before its single-precision sine and cosine). */
+static moe_tensor *run_rope_far(moe_tensor **in) {
+    const int32_t pos[5] = {131071, 70000, 4095, 99999, 1};
+    return moe_rope_at(in[0], moe_tensor_from_host(MOE_LIFE_STEP, in[0]->device, MOE_I32, 1, (int64_t[]){5}, pos),
+                       10000.0);
+}
+
 /* Segment layouts of attention_varlen (query offsets, key offsets). */
 typedef struct {
     int n;
@@ -141,6 +149,7 @@ static const op_case cases[] = {
     {"rope", "[2,3,5,4]: 10 (batch row, head)s, two head groups on cuda", 1, {F(4, 2, 3, 5, 4)}, run_rope},
     {"rope", "rope_at [2,5,2,4] positions 4 0 1 2 9", 1, {F(4, 2, 5, 2, 4)}, run_rope_at},
     {"rope", "rope_at [1,5,3,6] strided", 1, {FT(4, 1, 5, 3, 6)}, run_rope_at},
+    {"rope", "rope_at [1,5,2,8] positions up to 131071", 1, {F(4, 1, 5, 2, 8)}, run_rope_far},
     {"attention", "causal GQA H=4 Hkv=2, Tq=5 < Tk=6, transposed q", 3,
      {FT(4, 1, 5, 4, 4), F(4, 1, 6, 2, 4), F(4, 1, 6, 2, 4)}, run_attention_causal},
     {"attention", "non-causal B=2 Tq=3 Tk=5", 3, {F(4, 2, 3, 2, 4), F(4, 2, 5, 2, 4), F(4, 2, 5, 2, 4)},
