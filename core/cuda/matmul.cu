@@ -401,7 +401,7 @@ extern "C" moe_status moe_cuda_grouped_matmul(const moe_kernel_args *a) {
  * across the warps in shared memory in a fixed order. The up pass reads the gate and up
  * halves of w13 [E, d, 2f] side by side and applies SwiGLU on the rounded sums (as the
  * grouped path rounds its products); the down pass reads w2 [E, f, d]. */
-#define GS_TILE 64 /* columns a block covers; GS_TILE / 2 for a pass of too few blocks */
+#define GS_TILE 64
 #define GS_THREADS 512
 
 template <class T> __device__ __forceinline__ float cu_round(float v) { return v; }
@@ -465,13 +465,13 @@ __device__ __forceinline__ void gs_rows_pipelined(const T *x, const T *w, int64_
 
 /* out [P, cols] <- act(in row @ w[e]) for the block's pair and tile; in row p / in_div of
  * in [., rows]; w [E, rows, NSEG cols] (SWIGLU: NSEG 2, gate then up). */
-template <class T, bool SWIGLU, bool VEC, int TILE>
+template <class T, bool SWIGLU, bool VEC>
 __global__ void __launch_bounds__(GS_THREADS, 2) gathered_rows_kernel(const T *in, int64_t in_div, const int32_t *ids,
                                                                    int64_t E, const T *w, int64_t rows, int64_t cols,
                                                                    T *out, cu_index_fault *fault) {
-    constexpr int NSEG = SWIGLU ? 2 : 1, SEG_LANES = TILE / 8, LANES = NSEG * SEG_LANES, STEP = 32 / LANES;
-    extern __shared__ float red[]; /* [warps * STEP][NSEG * TILE] */
-    const int64_t p = blockIdx.y, c0 = (int64_t)blockIdx.x * TILE, ld = NSEG * cols;
+    constexpr int NSEG = SWIGLU ? 2 : 1, SEG_LANES = GS_TILE / 8, LANES = NSEG * SEG_LANES, STEP = 32 / LANES;
+    extern __shared__ float red[]; /* [warps * STEP][NSEG * GS_TILE] */
+    const int64_t p = blockIdx.y, c0 = (int64_t)blockIdx.x * GS_TILE, ld = NSEG * cols;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
     const int sub = lane / LANES, l = lane % LANES, seg = l / SEG_LANES;
     const int64_t col = c0 + (int64_t)(l % SEG_LANES) * 8;
@@ -492,17 +492,17 @@ __global__ void __launch_bounds__(GS_THREADS, 2) gathered_rows_kernel(const T *i
                 for (int q = 0; q < 8; q++) acc[q] = fmaf(a, v[q], acc[q]);
             }
     }
-    float *r = red + (warp * STEP + sub) * (NSEG * TILE) + l * 8;
+    float *r = red + (warp * STEP + sub) * (NSEG * GS_TILE) + l * 8;
 #pragma unroll
     for (int q = 0; q < 8; q++) r[q] = acc[q];
     __syncthreads();
-    for (int j = threadIdx.x; j < TILE && c0 + j < cols; j += blockDim.x) {
+    for (int j = threadIdx.x; j < GS_TILE && c0 + j < cols; j += blockDim.x) {
         float s[NSEG];
 #pragma unroll
         for (int g = 0; g < NSEG; g++) s[g] = 0.0f;
         for (int q = 0; q < nw * STEP; q++)
 #pragma unroll
-            for (int g = 0; g < NSEG; g++) s[g] += red[q * NSEG * TILE + g * TILE + j];
+            for (int g = 0; g < NSEG; g++) s[g] += red[q * NSEG * GS_TILE + g * GS_TILE + j];
         float v = s[0];
         if (SWIGLU) {
             const float gate = cu_round<T>(s[0]), up = cu_round<T>(s[NSEG - 1]);
@@ -512,35 +512,20 @@ __global__ void __launch_bounds__(GS_THREADS, 2) gathered_rows_kernel(const T *i
     }
 }
 
-/* One pass over P pairs: out [P, cols] from in [., rows] (row p / in_div) and w [E, rows,
- * NSEG cols]. Columns in tiles of GS_TILE, or half that when the pass would have fewer than
- * two blocks per SM (batch 1's up pass): twice the blocks keep twice the loads in flight. */
-template <class T, bool SWIGLU, bool VEC, int TILE>
-static void gathered_pass_tiled(const T *in, int64_t in_div, const int32_t *ids, int64_t E, const T *w, int64_t rows,
-                                int64_t cols, T *out, int64_t P) {
-    const int lanes = (SWIGLU ? 2 : 1) * TILE / 8;
-    const size_t shared = sizeof(float) * (GS_THREADS / 32) * (32 / lanes) * (SWIGLU ? 2 : 1) * TILE;
-    gathered_rows_kernel<T, SWIGLU, VEC, TILE><<<dim3((unsigned)((cols + TILE - 1) / TILE), (unsigned)P), GS_THREADS,
-                                                 shared, moe_cu.stream>>>(in, in_div, ids, E, w, rows, cols, out,
-                                                                          moe_cu.index_fault);
-}
-
-template <class T, bool SWIGLU, bool VEC>
-static void gathered_pass(const T *in, int64_t in_div, const int32_t *ids, int64_t E, const T *w, int64_t rows,
-                          int64_t cols, T *out, int64_t P) {
-    if (P * ((cols + GS_TILE - 1) / GS_TILE) >= 2 * (int64_t)moe_cu.sms)
-        gathered_pass_tiled<T, SWIGLU, VEC, GS_TILE>(in, in_div, ids, E, w, rows, cols, out, P);
-    else
-        gathered_pass_tiled<T, SWIGLU, VEC, GS_TILE / 2>(in, in_div, ids, E, w, rows, cols, out, P);
-}
-
 template <class T, bool VEC>
 static moe_status gathered_launch(const moe_kernel_args *a, int64_t P, int64_t k, int64_t d, int64_t f, int64_t E) {
+    const int warps = GS_THREADS / 32;
+    const size_t shared_up = sizeof(float) * warps * (32 / (GS_TILE / 4)) * 2 * GS_TILE,
+                 shared_down = sizeof(float) * warps * (32 / (GS_TILE / 8)) * GS_TILE;
     const int32_t *ids = (const int32_t *)a->in[1]->data;
     T *act = (T *)a->out2->data;
-    gathered_pass<T, true, VEC>((const T *)a->in[0]->data, k, ids, E, (const T *)a->in[2]->data, d, f, act, P);
+    gathered_rows_kernel<T, true, VEC><<<dim3((unsigned)((f + GS_TILE - 1) / GS_TILE), (unsigned)P), GS_THREADS, shared_up,
+                                         moe_cu.stream>>>((const T *)a->in[0]->data, k, ids, E,
+                                                          (const T *)a->in[2]->data, d, f, act, moe_cu.index_fault);
     CU_LAUNCHED("gathered_swiglu (up)");
-    gathered_pass<T, false, VEC>(act, 1, ids, E, (const T *)a->in[3]->data, f, d, (T *)a->out->data, P);
+    gathered_rows_kernel<T, false, VEC><<<dim3((unsigned)((d + GS_TILE - 1) / GS_TILE), (unsigned)P), GS_THREADS,
+                                          shared_down, moe_cu.stream>>>(act, 1, ids, E, (const T *)a->in[3]->data, f, d,
+                                                                        (T *)a->out->data, moe_cu.index_fault);
     CU_LAUNCHED("gathered_swiglu (down)");
     return MOE_OK;
 }
