@@ -120,6 +120,12 @@ moe_tensor *moe_rope(moe_tensor *x, int64_t pos0, double theta);
 /* The same rotation at given positions: pos [T] I32 on x's device, token t of every batch
  * row at position pos[t] (>= 0; the CPU kernel refuses a negative one). */
 moe_tensor *moe_rope_at(moe_tensor *x, moe_tensor *pos, double theta);
+/* Inference only, one kernel: moe_rope_at(rmsnorm(x), pos, theta) for q or k of an
+ * attention layer with q/k norms. x [B, T, n, hd]; the norm runs per head (per_head, w
+ * [hd]) or over each token's n hd values (w [n hd]); each token's heads are read in place
+ * when they lie side by side (a slice of a fused qkv projection). The same values as the
+ * two ops (on the CPU the same arithmetic). Refused when an input needs a grad. */
+moe_tensor *moe_rmsnorm_rope(moe_tensor *x, moe_tensor *w, double eps, bool per_head, moe_tensor *pos, double theta);
 /* Multi-head attention, q [B, Tq, H, hd], k/v [B, Tk, Hkv, hd] (H % Hkv == 0: grouped-query).
  * Causal: query i sits at absolute position Tk - Tq + i (so a decode step with a KV cache
  * sees every cached key). Never materialises the [Tq, Tk] score matrix in memory. */

@@ -132,23 +132,30 @@ static moe_status rope_table_cover(double theta, int64_t hd, int64_t n_pos) {
         yr[i + half] = x2 * cs[i] + x1 * sn[i];                                                  \
     }
 
-moe_status moe_cpu_rope(const moe_kernel_args *a) {
-    const moe_rope_attrs *at = a->attrs;
-    const moe_tensor *x = a->in[0];
-    const int64_t B = x->shape[0], Tn = x->shape[1], H = x->shape[2], hd = x->shape[3], half = hd / 2;
-    const int64_t *xs = x->strides;
-    const int32_t *pos = a->in[1] ? (const int32_t *)a->in[1]->data : NULL;
-    int64_t n_pos = at->pos0 + Tn;
+/* The angle table over the positions pos[0 .. Tn) (or pos0 + t without pos); a negative
+ * position is refused. */
+static moe_status rope_table_for(const char *kname, double theta, int64_t hd, const int32_t *pos, int64_t pos0,
+                                 int64_t Tn) {
+    int64_t n_pos = pos0 + Tn;
     if (pos) {
         int64_t lo = 0, hi = -1;
         for (int64_t t = 0; t < Tn; t++) {
             lo = pos[t] < lo ? pos[t] : lo;
             hi = pos[t] > hi ? pos[t] : hi;
         }
-        if (lo < 0) return moe_error(MOE_ERR_INVALID, "rope: position %lld is negative", (long long)lo);
+        if (lo < 0) return moe_error(MOE_ERR_INVALID, "%s: position %lld is negative", kname, (long long)lo);
         n_pos = hi + 1;
     }
-    MOE_TRY(rope_table_cover(at->theta, hd, n_pos));
+    return rope_table_cover(theta, hd, n_pos);
+}
+
+moe_status moe_cpu_rope(const moe_kernel_args *a) {
+    const moe_rope_attrs *at = a->attrs;
+    const moe_tensor *x = a->in[0];
+    const int64_t B = x->shape[0], Tn = x->shape[1], H = x->shape[2], hd = x->shape[3], half = hd / 2;
+    const int64_t *xs = x->strides;
+    const int32_t *pos = a->in[1] ? (const int32_t *)a->in[1]->data : NULL;
+    MOE_TRY(rope_table_for("rope", at->theta, hd, pos, at->pos0, Tn));
     CPU_FLOAT_DISPATCH(x->dtype, "rope",
         const T *px = (const T *)x->data;
         T *py = (T *)a->out->data;
@@ -174,6 +181,41 @@ _Pragma("omp parallel for schedule(static) if (B * Tn * H * hd > 16384)")
             }
         }
     )
+    return MOE_OK;
+}
+
+/* RMSNORM_ROPE: each token's n heads (unit last stride, heads at stride hd) normalised
+ * per head or together, as moe_cpu_rmsnorm computes (y = x * rstd * w in the dtype), into
+ * the output, then rotated there in place as moe_cpu_rope rotates. */
+moe_status moe_cpu_rmsnorm_rope(const moe_kernel_args *a) {
+    const moe_norm_rope_attrs *at = a->attrs;
+    const moe_tensor *x = a->in[0], *w = a->in[1];
+    const int64_t B = x->shape[0], Tn = x->shape[1], n = x->shape[2], hd = x->shape[3], half = hd / 2, W = n * hd;
+    const int64_t group = at->per_head ? hd : W, *xs = x->strides;
+    const int32_t *pos = (const int32_t *)a->in[2]->data;
+    MOE_TRY(rope_table_for("rmsnorm_rope", at->theta, hd, pos, 0, Tn));
+    CPU_FLOAT_DISPATCH(x->dtype, "rmsnorm_rope",
+        const T *pw = (const T *)w->data;
+_Pragma("omp parallel for schedule(static) if (B * Tn * W > 16384)")
+        for (int64_t r = 0; r < B * Tn; r++) {
+            const int64_t t = r % Tn;
+            const T *px = (const T *)x->data + (r / Tn) * xs[0] + t * xs[1];
+            T *py = (T *)a->out->data + r * W, cs[half], sn[half];
+            for (int64_t g0 = 0; g0 < W; g0 += group) {
+                double ss = 0;
+_Pragma("omp simd reduction(+:ss)")
+                for (int64_t c = 0; c < group; c++) ss += (double)px[g0 + c] * px[g0 + c];
+                T rs = (T)(1.0 / sqrt(ss / (double)group + at->eps));
+                for (int64_t c = 0; c < group; c++) py[g0 + c] = px[g0 + c] * rs * pw[at->per_head ? c : g0 + c];
+            }
+            const double *tc = rope_table.cos + pos[t] * half, *ts = rope_table.sin + pos[t] * half;
+            for (int64_t i = 0; i < half; i++) cs[i] = (T)tc[i], sn[i] = (T)ts[i];
+            for (int64_t h = 0; h < n; h++) {
+                T *yr = py + h * hd;
+                const T *xr = yr;
+                ROPE_ROW(1)
+            }
+        })
     return MOE_OK;
 }
 

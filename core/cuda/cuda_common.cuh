@@ -210,6 +210,16 @@ __device__ __forceinline__ void cu_st8(bf16 *p, const float *v) {
     *reinterpret_cast<uint4 *>(p) = r;
 }
 
+/* V (8 or 1) consecutive values at p widened: one 16-byte load, or one element. */
+template <class T, int V> __device__ __forceinline__ void cu_ldv(const T *p, float *v) {
+    if (V == 8) cu_ld8(p, v);
+    else v[0] = ldf(p);
+}
+
+/* v rounded to T's precision (what storing it as T and reading it back gives). */
+template <class T> __device__ __forceinline__ float cu_round(float v) { return v; }
+template <> __device__ __forceinline__ float cu_round<bf16>(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
 /* True when n is a multiple of 8 and every pointer is 16-byte aligned. */
 static inline bool cu_vec8_ok(int64_t n, std::initializer_list<const void *> ptrs) {
     if (n % 8) return false;

@@ -404,8 +404,6 @@ extern "C" moe_status moe_cuda_grouped_matmul(const moe_kernel_args *a) {
 #define GS_TILE 64
 #define GS_THREADS 512
 
-template <class T> __device__ __forceinline__ float cu_round(float v) { return v; }
-template <> __device__ __forceinline__ float cu_round<bf16>(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
 
 /* 8 consecutive values at p, those at or past n (columns left) as 0 in the unaligned form. */
 template <class T, bool VEC> __device__ __forceinline__ void gs_load8(const T *p, int64_t n, float *v) {

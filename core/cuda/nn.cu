@@ -54,18 +54,21 @@ struct rope_geom {
     double lg; /* log2 of the pair-to-pair frequency ratio */
 };
 
+/* cos and sin of the angle p theta^(-2i/hd) = p exp2(i lg): the angle in double, reduced to
+ * [-pi, pi] in double (2 pi split in two parts), sine and cosine in single precision. */
+__device__ __forceinline__ void rope_cos_sin(int64_t p, int64_t i, double lg, float *c, float *s) {
+    const double ang = (double)p * exp2((double)i * lg);
+    const double turns = rint(ang * 0.15915494309189535);
+    sincosf((float)fma(-turns, 2.4492935982947064e-16, fma(-turns, 6.283185307179586, ang)), s, c);
+}
+
 template <class T>
 __global__ void rope_kernel(const T *x, T *y, const int32_t *pos, moe_rope_attrs at, rope_geom g) {
     const int64_t BH = g.B * g.H;
     CU_GRID_LOOP(i, g.Tn * g.half) {
         const int64_t t = i / g.half, p = i % g.half;
-        /* the angle in double, reduced to [-pi, pi] in double (2 pi split in two parts),
-         * then sine and cosine in single precision (the result's precision) */
-        const double ang = (double)(pos ? pos[t] : at.pos0 + t) * exp2((double)p * g.lg);
-        const double turns = rint(ang * 0.15915494309189535);
-        const float red = (float)fma(-turns, 2.4492935982947064e-16, fma(-turns, 6.283185307179586, ang));
         float sf, c;
-        sincosf(red, &sf, &c);
+        rope_cos_sin(pos ? pos[t] : at.pos0 + t, p, g.lg, &c, &sf);
         const float s = at.inverse ? -sf : sf;
         for (int64_t bh0 = (int64_t)blockIdx.y * ROPE_HEADS; bh0 < BH; bh0 += (int64_t)gridDim.y * ROPE_HEADS) {
             float x1[ROPE_HEADS], x2[ROPE_HEADS]; /* all loads first, then the stores */
@@ -100,6 +103,76 @@ extern "C" moe_status moe_cuda_rope(const moe_kernel_args *a) {
     CU_FLOAT_DISPATCH(x->dtype, "rope",
         rope_kernel<T><<<grid, CU_THREADS, 0, moe_cu.stream>>>((const T *)x->data, (T *)a->out->data, pos, at, g);)
     CU_LAUNCHED("rope");
+    return MOE_OK;
+}
+
+/* ---- RMSNORM_ROPE (inference): one block per token. Its n hd values (V at a time) go to
+ * shared memory with their squares summed per V-chunk; the chunk sums are added per head
+ * (per_head) or over the token (a block sum), in a fixed order; the values are normalised
+ * and weighted there and rounded to T, as RMSNorm writes them; then every pair is rotated
+ * with the token's angles (rope_cos_sin, once per pair index) and stored, as rope does. ---- */
+template <class T, int V>
+__global__ void rmsnorm_rope_kernel(const T *x, int64_t s0, int64_t s1, const T *w, const int32_t *pos, T *y,
+                                    int64_t Tn, int64_t n, int64_t hd, float eps, bool per_head, double lg) {
+    extern __shared__ float sm[]; /* values [n hd], cos [hd/2], sin [hd/2], chunk sums [n hd / V], rstd [n] */
+    __shared__ float red[32];
+    const int64_t r = blockIdx.x, t = r % Tn, W = n * hd, half = hd / 2, chunks = W / V;
+    float *yn = sm, *cs = yn + W, *sn = cs + half, *part = sn + half, *rs = part + chunks;
+    const T *px = x + (r / Tn) * s0 + t * s1;
+    for (int64_t i = threadIdx.x; i < half; i += blockDim.x) rope_cos_sin(pos[t], i, lg, &cs[i], &sn[i]);
+    for (int64_t q = threadIdx.x; q < chunks; q += blockDim.x) {
+        float v[V], s = 0;
+        cu_ldv<T, V>(px + q * V, v);
+#pragma unroll
+        for (int k = 0; k < V; k++) yn[q * V + k] = v[k], s += v[k] * v[k];
+        part[q] = s;
+    }
+    __syncthreads();
+    if (per_head) {
+        for (int64_t h = threadIdx.x; h < n; h += blockDim.x) {
+            float s = 0;
+            for (int64_t q = h * hd / V; q < (h + 1) * hd / V; q++) s += part[q];
+            rs[h] = 1.0f / sqrtf(s / (float)hd + eps);
+        }
+    } else {
+        float s = 0;
+        for (int64_t q = threadIdx.x; q < chunks; q += blockDim.x) s += part[q];
+        s = cu_block_sum(s, red);
+        if (threadIdx.x == 0) rs[0] = 1.0f / sqrtf(s / (float)W + eps);
+    }
+    __syncthreads();
+    for (int64_t c = threadIdx.x; c < W; c += blockDim.x)
+        yn[c] = cu_round<T>(yn[c] * rs[per_head ? c / hd : 0] * ldf(w + (per_head ? c % hd : c)));
+    __syncthreads();
+    T *py = y + r * W;
+    for (int64_t j = threadIdx.x; j < n * half; j += blockDim.x) {
+        const int64_t h = j / half, i = j % half;
+        const float a1 = yn[h * hd + i], a2 = yn[h * hd + i + half];
+        stf(py + h * hd + i, a1 * cs[i] - a2 * sn[i]);
+        stf(py + h * hd + i + half, a2 * cs[i] + a1 * sn[i]);
+    }
+}
+
+extern "C" moe_status moe_cuda_rmsnorm_rope(const moe_kernel_args *a) {
+    const moe_norm_rope_attrs at = *(const moe_norm_rope_attrs *)a->attrs;
+    const moe_tensor *x = a->in[0];
+    const int64_t B = x->shape[0], Tn = x->shape[1], n = x->shape[2], hd = x->shape[3], W = n * hd;
+    if (B * Tn * W == 0) return MOE_OK;
+    const int64_t s0 = x->strides[0], s1 = x->strides[1];
+    const bool vec = hd % 8 == 0 && s0 % 8 == 0 && s1 % 8 == 0 && (uintptr_t)x->data % 16 == 0;
+    const int V = vec ? 8 : 1;
+    const size_t smem = sizeof(float) * (size_t)(W + hd + W / V + n);
+    int th = cu_row_threads(W / V);
+    th = th < 64 ? 64 : th > 512 ? 512 : th;
+    if (B * Tn > INT32_MAX) return moe_error(MOE_ERR_UNSUPPORTED, "rmsnorm_rope: %lld tokens", (long long)(B * Tn));
+    const double lg = -2.0 * log2(at.theta) / (double)hd;
+    CU_FLOAT_DISPATCH(x->dtype, "rmsnorm_rope",
+        auto kernel = vec ? rmsnorm_rope_kernel<T, 8> : rmsnorm_rope_kernel<T, 1>;
+        MOE_TRY(cu_allow_smem(kernel, smem, "rmsnorm_rope"));
+        kernel<<<(unsigned)(B * Tn), th, smem, moe_cu.stream>>>(
+            (const T *)x->data, s0, s1, (const T *)a->in[1]->data, (const int32_t *)a->in[2]->data, (T *)a->out->data,
+            Tn, n, hd, (float)at.eps, at.per_head, lg);)
+    CU_LAUNCHED("rmsnorm_rope");
     return MOE_OK;
 }
 

@@ -109,11 +109,6 @@ extern "C" moe_status moe_cuda_logsumexp(const moe_kernel_args *a) {
 /* ---- RMSNorm / LayerNorm forward: ns = 1 (rstd) or 2 (mean, rstd) statistics per row; x's
  * row r at r * ld (a slice of wider rows is read in place); V = 8: each thread moves 8
  * consecutive values per access (16 bytes in bf16), V = 1 where rows are not aligned so ---- */
-template <class T, int V> __device__ __forceinline__ void norm_ld(const T *p, float *v) {
-    if (V == 8) cu_ld8(p, v);
-    else v[0] = ldf(p);
-}
-
 template <class T, int V>
 __global__ void norm_kernel(const T *x, int64_t ld, const T *w, const T *b, T *o, float *st, int64_t rows, int64_t d,
                             float eps, int ns) {
@@ -126,7 +121,7 @@ __global__ void norm_kernel(const T *x, int64_t ld, const T *w, const T *b, T *o
         if (ns == 2) {
             float s = 0;
             for (int64_t c = c0; c < d; c += cstep) {
-                norm_ld<T, V>(p + c, v);
+                cu_ldv<T, V>(p + c, v);
 #pragma unroll
                 for (int k = 0; k < V; k++) s += v[k];
             }
@@ -134,7 +129,7 @@ __global__ void norm_kernel(const T *x, int64_t ld, const T *w, const T *b, T *o
         }
         float var = 0;
         for (int64_t c = c0; c < d; c += cstep) {
-            norm_ld<T, V>(p + c, v);
+            cu_ldv<T, V>(p + c, v);
 #pragma unroll
             for (int k = 0; k < V; k++) var += (v[k] - mu) * (v[k] - mu);
         }
@@ -145,9 +140,9 @@ __global__ void norm_kernel(const T *x, int64_t ld, const T *w, const T *b, T *o
         }
         for (int64_t c = c0; c < d; c += cstep) {
             float wv[V], bv[V], y[V];
-            norm_ld<T, V>(p + c, v);
-            if (w) norm_ld<T, V>(w + c, wv);
-            if (b) norm_ld<T, V>(b + c, bv);
+            cu_ldv<T, V>(p + c, v);
+            if (w) cu_ldv<T, V>(w + c, wv);
+            if (b) cu_ldv<T, V>(b + c, bv);
 #pragma unroll
             for (int k = 0; k < V; k++) y[k] = (v[k] - mu) * rs * (w ? wv[k] : 1.0f) + (b ? bv[k] : 0.0f);
             if (V == 8) cu_st8(q + c, y);

@@ -460,22 +460,42 @@ static moe_tensor *qk_norm(moe_model *m, moe_tensor *x, moe_tensor *w) {
     return moe_reshape(moe_rmsnorm(flat, C(w), c->norm_eps), 4, shape);
 }
 
-/* An attention layer's projections of some tokens, before rotary embedding (the only part
- * that depends on positions): mha q [B, T, H, hd], k, v [B, T, Hkv, hd] (q/k norms
- * applied); mla q [B, T, H, nope + rope], k = [k_nope | v] [B, T, H, nope + v_head_dim]
- * (v NULL) and kpe [B, T, 1, rope], the rope key shared by every head. */
+/* An attention layer's projections of some tokens: mha q [B, T, H, hd], k, v [B, T, Hkv,
+ * hd] (q/k norms applied); mla q [B, T, H, nope + rope], k = [k_nope | v] [B, T, H, nope +
+ * v_head_dim] (v NULL) and kpe [B, T, 1, rope], the rope key shared by every head.
+ * Rotary embedding (the only part that depends on positions) comes later (positioned),
+ * unless `rotated`: mha's inference projections come rotated, their norm and rotation in
+ * one kernel. */
 typedef struct attn_proj {
     moe_tensor *q, *k, *v, *kpe;
+    bool rotated;
 } attn_proj;
 
-static attn_proj mha_project(moe_model *m, moe_block *b, moe_tensor *h) {
+/* x [B, T, n, w] rotated at the forward's positions: each token's own (inference) or
+ * 0 .. T - 1 (training). */
+static moe_tensor *rope(moe_model *m, moe_tensor *x, const moe_forward *f) {
+    double th = m->cfg.model.rope_theta;
+    return f->mode == MOE_FORWARD_TRAIN ? moe_rope(x, 0, th) : moe_rope_at(x, f->positions, th);
+}
+
+/* q or k [B, T, n, hd] (a slice of the fused projection) through its norm when the block
+ * has one, and rotated in inference (moe_rmsnorm_rope when both apply). */
+static moe_tensor *qk_prepared(moe_model *m, moe_tensor *x, moe_tensor *w, const moe_forward *f) {
+    const moe_cfg_model *c = &m->cfg.model;
+    if (f->mode == MOE_FORWARD_TRAIN) return qk_norm(m, x, w);
+    if (!w) return rope(m, x, f);
+    return moe_rmsnorm_rope(x, C(w), c->norm_eps, c->qk_norm == MOE_CFG_QK_NORM_HEAD, f->positions, c->rope_theta);
+}
+
+static attn_proj mha_project(moe_model *m, moe_block *b, moe_tensor *h, const moe_forward *f) {
     int64_t B = h->shape[0], T = h->shape[1], H = m->n_heads, Hkv = m->n_kv_heads, hd = m->head_dim;
     moe_tensor *lin = moe_matmul(h, C(b->wqkv)); /* [B, T, (H + 2 Hkv) hd] */
     if (b->bqkv) lin = moe_add(lin, C(b->bqkv));
     moe_tensor *qkv = moe_reshape(lin, 4, (int64_t[]){B, T, H + 2 * Hkv, hd});
-    return (attn_proj){.q = qk_norm(m, moe_slice(qkv, 2, 0, H), b->q_norm),
-                       .k = qk_norm(m, moe_slice(qkv, 2, H, H + Hkv), b->k_norm),
-                       .v = moe_slice(qkv, 2, H + Hkv, H + 2 * Hkv)};
+    return (attn_proj){.q = qk_prepared(m, moe_slice(qkv, 2, 0, H), b->q_norm, f),
+                       .k = qk_prepared(m, moe_slice(qkv, 2, H, H + Hkv), b->k_norm, f),
+                       .v = moe_slice(qkv, 2, H + Hkv, H + 2 * Hkv),
+                       .rotated = f->mode != MOE_FORWARD_TRAIN};
 }
 
 static attn_proj mla_project(moe_model *m, moe_block *b, moe_tensor *h) {
@@ -504,12 +524,6 @@ static moe_tensor *cat_last(moe_tensor *a, moe_tensor *b) {
     return a->shape[a->ndim - 1] == 0 ? b : moe_concat((moe_tensor *[]){a, b}, 2, a->ndim - 1);
 }
 
-/* x [B, T, n, w] rotated at the forward's positions: each token's own (inference) or
- * 0 .. T - 1 (training). */
-static moe_tensor *rope(moe_model *m, moe_tensor *x, const moe_forward *f) {
-    double th = m->cfg.model.rope_theta;
-    return f->mode == MOE_FORWARD_TRAIN ? moe_rope(x, 0, th) : moe_rope_at(x, f->positions, th);
-}
 
 /* The q, k, v of projections p at the forward's positions, rope applied; under mla all
  * [B, T, H, D], D = max(nope + rope, v_head_dim): v zero-padded to D (or q, k, with q
@@ -517,6 +531,7 @@ static moe_tensor *rope(moe_model *m, moe_tensor *x, const moe_forward *f) {
  * every head. */
 static attn_proj positioned(moe_model *m, attn_proj p, const moe_forward *f) {
     const moe_cfg_model *c = &m->cfg.model;
+    if (p.rotated) return p;
     if (c->attention != MOE_CFG_ATTENTION_MLA) return (attn_proj){.q = rope(m, p.q, f), .k = rope(m, p.k, f), .v = p.v};
     int64_t H = m->n_heads, nope = c->qk_nope_dim, Dq = nope + c->qk_rope_dim, vd = c->v_head_dim;
     int64_t D = Dq > vd ? Dq : vd;
@@ -621,7 +636,7 @@ static bool spans_equal(const moe_forward *f) {
 
 /* The attention sublayer of block b on h [B, T, d] -> [B, T, d] (before the residual). */
 static moe_tensor *attention_sublayer(moe_model *m, moe_block *b, int i, moe_tensor *h, const moe_forward *f) {
-    attn_proj p = m->cfg.model.attention == MOE_CFG_ATTENTION_MLA ? mla_project(m, b, h) : mha_project(m, b, h);
+    attn_proj p = m->cfg.model.attention == MOE_CFG_ATTENTION_MLA ? mla_project(m, b, h) : mha_project(m, b, h, f);
     return moe_matmul(attend(m, i, p, f), C(b->wo));
 }
 

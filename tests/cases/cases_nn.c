@@ -1,4 +1,4 @@
-/* Op cases: nn family (dropout, rope and rope_at, attention, attention_varlen and
+/* Op cases: nn family (dropout, rope and rope_at, rmsnorm_rope, attention, attention_varlen and
  * attention_paged, cut cross-entropy). */
 #include <math.h>
 #include <stdio.h>
@@ -109,6 +109,51 @@ static bool paged_check(moe_tensor **in, moe_tensor *out, const seg_layout *s, b
     return ok;
 }
 
+/* rmsnorm_rope (inference only) against moe_rope_at(moe_rmsnorm(x)) in f64 (rel 1e-12). x is
+ * heads 1 .. n of in[0] [B, T, n + 2, hd] (a slice of a fused projection, read in place)
+ * or in[0] itself; the norm runs over all n heads (w [n hd]) or per head (w [hd]). */
+static const int32_t NORM_ROPE_POS[5] = {7, 0, 3, 1000, 2};
+
+static moe_tensor *norm_rope_x(moe_tensor **in, bool slice) {
+    return slice ? moe_slice(in[0], 2, 1, in[0]->shape[2] - 1) : in[0];
+}
+static moe_tensor *norm_rope_pos(moe_tensor *x) {
+    return moe_tensor_from_host(MOE_LIFE_STEP, x->device, MOE_I32, 1, (int64_t[]){x->shape[1]}, NORM_ROPE_POS);
+}
+static moe_tensor *norm_rope_ref(moe_tensor *x, moe_tensor *w, bool per_head) {
+    int64_t shape[4] = {x->shape[0], x->shape[1], x->shape[2], x->shape[3]};
+    moe_tensor *n = per_head ? moe_rmsnorm(x, w, 1e-5)
+                             : moe_reshape(moe_rmsnorm(moe_reshape(x, 3, (int64_t[]){shape[0], shape[1], shape[2] * shape[3]}),
+                                                       w, 1e-5), 4, shape);
+    return moe_rope_at(n, norm_rope_pos(x), 10000.0);
+}
+static bool norm_rope_check(moe_tensor **in, moe_tensor *out, bool slice, bool per_head, char *why, size_t cap) {
+    moe_tensor *ref = norm_rope_ref(norm_rope_x(in, slice), in[1], per_head);
+    int64_t n = moe_tensor_numel(out);
+    double *a = malloc(sizeof(double) * (size_t)n), *b = malloc(sizeof(double) * (size_t)n);
+    bool ok = ref && a && b && moe_tensor_same_shape(ref, out) && moe_tensor_to_host_f64(out, a) == MOE_OK &&
+              moe_tensor_to_host_f64(ref, b) == MOE_OK;
+    if (!ok) snprintf(why, cap, "the reference failed or the output has the wrong shape");
+    for (int64_t i = 0; ok && i < n; i++)
+        if (fabs(a[i] - b[i]) > 1e-12 * (1 + fabs(b[i]))) {
+            snprintf(why, cap, "element %lld: got %.15g, rmsnorm then rope_at give %.15g", (long long)i, a[i], b[i]);
+            ok = false;
+        }
+    free(a), free(b);
+    return ok;
+}
+#define NORM_ROPE_CASE(fn, slice, per_head)                                                                      \
+    static moe_tensor *run_##fn(moe_tensor **in) {                                                             \
+        moe_tensor *x = norm_rope_x(in, slice);                                                                \
+        return moe_rmsnorm_rope(x, in[1], 1e-5, per_head, norm_rope_pos(x), 10000.0);                          \
+    }                                                                                                          \
+    static bool check_##fn(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {                          \
+        return norm_rope_check(in, out, slice, per_head, why, cap);                                            \
+    }
+NORM_ROPE_CASE(norm_rope_slice_all, true, false)
+NORM_ROPE_CASE(norm_rope_heads, false, true)
+NORM_ROPE_CASE(norm_rope_slice_heads, true, true)
+
 #define PAGED_CASE(fn, layout, causal)                                                                          \
     static moe_tensor *run_##fn(moe_tensor **in) { return paged(in, &layout, causal); }                        \
     static bool check_##fn(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {                           \
@@ -140,6 +185,7 @@ static moe_tensor *run_cross_entropy(moe_tensor **in) { return moe_cross_entropy
 #define FT(nd, ...) {nd, {__VA_ARGS__}, IN_NORMAL, 0, true, true}
 #define N(nd, ...) {nd, {__VA_ARGS__}, IN_NORMAL, 0, false, false}
 #define ROWS(hi, n) {1, {n}, IN_INDEX, hi, false, false}
+#define NP(d) {1, {d}, IN_POSITIVE, 0, false, false}
 
 static const op_case cases[] = {
     {"dropout", "p=0.3 4x6", 1, {F(2, 4, 6)}, run_dropout},
@@ -150,6 +196,13 @@ static const op_case cases[] = {
     {"rope", "rope_at [2,5,2,4] positions 4 0 1 2 9", 1, {F(4, 2, 5, 2, 4)}, run_rope_at},
     {"rope", "rope_at [1,5,3,6] strided", 1, {FT(4, 1, 5, 3, 6)}, run_rope_at},
     {"rope", "rope_at [1,5,2,8] positions up to 131071", 1, {F(4, 1, 5, 2, 8)}, run_rope_far},
+    {"rmsnorm_rope", "heads 1..3 of [1,5,5,8], norm over the 3 heads (cuda: element loads)", 2,
+     {N(4, 1, 5, 5, 8), NP(24)}, run_norm_rope_slice_all, .check = check_norm_rope_slice_all},
+    {"rmsnorm_rope", "[2,5,3,6] per head", 2, {N(4, 2, 5, 3, 6), NP(6)}, run_norm_rope_heads, .check = check_norm_rope_heads},
+    {"rmsnorm_rope", "heads 1..4 of [1,5,6,64] per head (cuda: 16-byte loads)", 2, {N(4, 1, 5, 6, 64), NP(64)},
+     run_norm_rope_slice_heads, .check = check_norm_rope_slice_heads},
+    {"rmsnorm_rope", "heads 1..4 of [1,5,6,64], norm over the 4 heads (cuda: 16-byte loads)", 2,
+     {N(4, 1, 5, 6, 64), NP(256)}, run_norm_rope_slice_all, .check = check_norm_rope_slice_all},
     {"attention", "causal GQA H=4 Hkv=2, Tq=5 < Tk=6, transposed q", 3,
      {FT(4, 1, 5, 4, 4), F(4, 1, 6, 2, 4), F(4, 1, 6, 2, 4)}, run_attention_causal},
     {"attention", "non-causal B=2 Tq=3 Tk=5", 3, {F(4, 2, 3, 2, 4), F(4, 2, 5, 2, 4), F(4, 2, 5, 2, 4)},
