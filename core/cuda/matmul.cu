@@ -1,4 +1,5 @@
-/* CUDA matmul through cuBLAS (f32 accumulate; exact f32 unless MOE_CUDA_TF32=1) and the
+/* CUDA matmul through cuBLAS (f32 accumulate; exact f32 unless MOE_CUDA_TF32=1; products
+ * of at most 4 rows with a narrow right operand through our skinny kernels below) and the
  * grouped expert matmul: one cublasGemmEx per non-empty expert, or one
  * cublasGemmGroupedBatchedEx for all of them, whichever measures faster: neither wins
  * everywhere on the H200 (cuBLAS 13.1, bf16: the loop took moe-layer-gpu fwd+bwd to 8.4 ms
@@ -124,6 +125,108 @@ static moe_status gemm_batched(const moe_tensor *A, mat_layout LA, int64_t sA, c
     return MOE_OK;
 }
 
+/* ---- skinny GEMM: C [M, N] = A [M, K] @ B [K, N] for at most SK_MAX_ROWS rows of A and a
+ * row-major B of at most SK_MAX_COLS columns (a decode step's output and router
+ * projections). cuBLAS gives such a product one block per column tile, a few dozen
+ * blocks, well under the memory rate. Here B's rows are also split over blocks: grid
+ * (column tiles of SK_TILE, splits of K), each lane summing 8 columns (16-byte loads of B)
+ * for every row of A in registers; a block's warps are reduced in shared memory in a fixed
+ * order, and the splits' sums are added in split order by a second kernel (one kernel
+ * when there is one split). Deterministic; f32 accumulation as cuBLAS's. ---- */
+#define SK_MAX_ROWS 4
+#define SK_MAX_COLS 4096
+#define SK_TILE 64
+#define SK_THREADS 256
+#define SK_ROWS_PER_SPLIT 128 /* at least this many rows of B per split */
+
+template <class T, int MR>
+__global__ void __launch_bounds__(SK_THREADS)
+    skinny_kernel(const T *A, int64_t lda, const T *B, int64_t ldb, int64_t K, int64_t N, int64_t rows_per_split,
+                  float *part, T *C, int64_t ldc) {
+    constexpr int LANES = SK_TILE / 8, STEP = 32 / LANES, WARPS = SK_THREADS / 32;
+    __shared__ float red[WARPS * STEP][MR][SK_TILE];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sub = lane / LANES, l = lane % LANES;
+    const int64_t c0 = (int64_t)blockIdx.x * SK_TILE, col = c0 + l * 8;
+    const int64_t r0 = (int64_t)blockIdx.y * rows_per_split, r1 = min(K, r0 + rows_per_split);
+    float acc[MR][8] = {};
+    if (col < N) /* N is a multiple of 8 */
+#pragma unroll 4
+        for (int64_t i = r0 + warp * STEP + sub; i < r1; i += WARPS * STEP) {
+            float v[8];
+            cu_ld8(B + i * ldb + col, v);
+#pragma unroll
+            for (int m = 0; m < MR; m++) {
+                const float a = ldf(A + m * lda + i);
+#pragma unroll
+                for (int q = 0; q < 8; q++) acc[m][q] = fmaf(a, v[q], acc[m][q]);
+            }
+        }
+#pragma unroll
+    for (int m = 0; m < MR; m++)
+#pragma unroll
+        for (int q = 0; q < 8; q++) red[warp * STEP + sub][m][l * 8 + q] = acc[m][q];
+    __syncthreads();
+    for (int j = threadIdx.x; j < MR * SK_TILE; j += blockDim.x) {
+        const int m = j / SK_TILE, c = j % SK_TILE;
+        if (c0 + c >= N) continue;
+        float sum = 0;
+        for (int q = 0; q < WARPS * STEP; q++) sum += red[q][m][c];
+        if (part) part[((int64_t)blockIdx.y * MR + m) * N + c0 + c] = sum;
+        else stf(C + m * ldc + c0 + c, sum);
+    }
+}
+
+template <class T, int MR>
+__global__ void skinny_sum_kernel(const float *part, int64_t splits, int64_t N, T *C, int64_t ldc) {
+    CU_GRID_LOOP(j, MR * N) {
+        const int64_t m = j / N, c = j % N;
+        float sum = 0;
+        for (int64_t k = 0; k < splits; k++) sum += part[(k * MR + m) * N + c];
+        stf(C + m * ldc + c, sum);
+    }
+}
+
+template <class T, int MR>
+static moe_status skinny_launch(const T *A, int64_t lda, const T *B, int64_t ldb, int64_t K, int64_t N, T *C,
+                                int64_t ldc) {
+    const int64_t tiles = (N + SK_TILE - 1) / SK_TILE, max_splits = K / SK_ROWS_PER_SPLIT > 1 ? K / SK_ROWS_PER_SPLIT : 1;
+    int64_t splits = (2 * (int64_t)moe_cu.sms + tiles - 1) / tiles;
+    splits = splits < max_splits ? splits : max_splits;
+    const int64_t rows_per_split = (K + splits - 1) / splits;
+    splits = (K + rows_per_split - 1) / rows_per_split;
+    float *part = NULL;
+    if (splits > 1 && !(part = (float *)cu_scratch(sizeof(float) * (size_t)(splits * MR * N)))) return moe_last_status();
+    skinny_kernel<T, MR><<<dim3((unsigned)tiles, (unsigned)splits), SK_THREADS, 0, moe_cu.stream>>>(
+        A, lda, B, ldb, K, N, rows_per_split, part, C, ldc);
+    CU_LAUNCHED("matmul (skinny)");
+    if (splits > 1) {
+        skinny_sum_kernel<T, MR><<<cu_blocks(MR * N), CU_THREADS, 0, moe_cu.stream>>>(part, splits, N, C, ldc);
+        CU_LAUNCHED("matmul (skinny sum)");
+    }
+    return MOE_OK;
+}
+
+/* C [rows, N] = A [rows, K] @ B [K, N], all row-major with leading strides lda, ldb, ldc. */
+template <class T>
+static moe_status skinny_gemm(const T *A, int64_t lda, const T *B, int64_t ldb, int64_t K, int64_t N, T *C,
+                              int64_t ldc, int64_t rows) {
+    switch (rows) {
+    case 1: return skinny_launch<T, 1>(A, lda, B, ldb, K, N, C, ldc);
+    case 2: return skinny_launch<T, 2>(A, lda, B, ldb, K, N, C, ldc);
+    case 3: return skinny_launch<T, 3>(A, lda, B, ldb, K, N, C, ldc);
+    default: return skinny_launch<T, 4>(A, lda, B, ldb, K, N, C, ldc);
+    }
+}
+
+/* Whether C [rows, N] = A @ B takes the skinny kernels: few rows, a narrow row-major B with
+ * 16-byte rows, row-major A and C of B's dtype, a plain product (alpha 1, beta 0). */
+static bool skinny_fits(int64_t rows, int64_t N, const moe_tensor *A, mat_layout LA, const moe_tensor *B,
+                        mat_layout LB, const moe_tensor *C, mat_layout LC, float alpha, float beta) {
+    return rows >= 1 && rows <= SK_MAX_ROWS && N <= SK_MAX_COLS && N % 8 == 0 && LA.row_major && LB.row_major &&
+           LC.row_major && LB.ld % 8 == 0 && (uintptr_t)B->data % 16 == 0 && C->dtype == A->dtype && alpha == 1.0f &&
+           beta == 0.0f;
+}
+
 moe_status moe_cuda_gemm(const moe_tensor *a_in, const moe_tensor *b_in, moe_tensor *c_out, bool trans_a, bool trans_b,
                          float alpha, float beta) {
     moe_tensor A = *a_in, B = *b_in, C = *c_out;
@@ -164,6 +267,15 @@ moe_status moe_cuda_gemm(const moe_tensor *a_in, const moe_tensor *b_in, moe_ten
         Cw = &Ccopy;
         LC = layout_of(M, N, Cw->strides[nd - 2], Cw->strides[nd - 1]);
         batch_stride(Cw, nb, &sC);
+    }
+    /* A few rows in all (a decode step's projection): the skinny kernels. */
+    const int64_t K = A.shape[A.ndim - 1];
+    const bool one_matrix = batch == 1 || (shared_b && sA == M * LA.ld && sC == M * LC.ld);
+    if (c_direct && (nb == 0 || shared_b || batch == 1) && one_matrix &&
+        skinny_fits(M * batch, N, &A, LA, &B, LB, Cw, LC, alpha, beta)) {
+        CU_FLOAT_DISPATCH(A.dtype, "matmul",
+            return skinny_gemm<T>((const T *)A.data, LA.ld, (const T *)B.data, LB.ld, K, N, (T *)Cw->data, LC.ld,
+                                  M * batch);)
     }
     /* b shared and a, C row-major with rows evenly spaced across batches: one big GEMM. */
     if (shared_b && batch > 1 && LA.row_major && LC.row_major && sA == M * LA.ld && sC == M * LC.ld) {
