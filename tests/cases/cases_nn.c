@@ -186,6 +186,10 @@ static moe_tensor *run_cross_entropy(moe_tensor **in) { return moe_cross_entropy
 #define N(nd, ...) {nd, {__VA_ARGS__}, IN_NORMAL, 0, false, false}
 #define ROWS(hi, n) {1, {n}, IN_INDEX, hi, false, false}
 #define NP(d) {1, {d}, IN_POSITIVE, 0, false, false}
+/* PAGED_MIXED at head dim hd: 2 query heads over 1 kv head, a 64-row pool. */
+#define PAGED_MIXED_ROW(hd, what)                                                                                    \
+    {"attention_paged", "hd=" #hd " causal 3/40, an empty segment, 1/68" what, 4,                                   \
+     {N(4, 1, 4, 2, hd), N(3, 64, 1, hd), N(3, 64, 1, hd), ROWS(64, 110)}, run_paged_mixed, .check = check_paged_mixed}
 
 static const op_case cases[] = {
     {"dropout", "p=0.3 4x6", 1, {F(2, 4, 6)}, run_dropout},
@@ -236,15 +240,9 @@ static const op_case cases[] = {
      {F(4, 1, 6, 2, 2), F(4, 1, 9, 1, 2), F(4, 1, 9, 1, 2)}, run_varlen_hd64_empty_q, 1e-5},
     {"attention_paged", "decode steps 1/5 1/9 1/2, GQA H=4 Hkv=2, hd 6, rows of a 24-row pool", 4,
      {N(4, 1, 3, 4, 6), N(3, 24, 2, 6), N(3, 24, 2, 6), ROWS(24, 16)}, run_paged_decode, .check = check_paged_decode},
-    {"attention_paged", "hd=128 causal 3/40, an empty segment, 1/68", 4,
-     {N(4, 1, 4, 2, 128), N(3, 64, 1, 128), N(3, 64, 1, 128), ROWS(64, 110)}, run_paged_mixed,
-     .check = check_paged_mixed},
-    {"attention_paged", "hd=96 causal 3/40, an empty segment, 1/68 (cuda: element loads, lanes past the head)", 4,
-     {N(4, 1, 4, 2, 96), N(3, 64, 1, 96), N(3, 64, 1, 96), ROWS(64, 110)}, run_paged_mixed,
-     .check = check_paged_mixed},
-    {"attention_paged", "hd=256 causal 3/40, an empty segment, 1/68 (cuda: 8 dims per lane)", 4,
-     {N(4, 1, 4, 2, 256), N(3, 64, 1, 256), N(3, 64, 1, 256), ROWS(64, 110)}, run_paged_mixed,
-     .check = check_paged_mixed},
+    PAGED_MIXED_ROW(128, ""),
+    PAGED_MIXED_ROW(96, " (cuda: element loads, lanes past the head)"),
+    PAGED_MIXED_ROW(256, " (cuda: 8 dims per lane)"),
     {"attention_paged", "hd=64 causal 1/600 2/600 (key runs split over blocks)", 4,
      {N(4, 1, 3, 2, 64), N(3, 256, 2, 64), N(3, 256, 2, 64), ROWS(256, 1200)}, run_paged_long_causal,
      .check = check_paged_long_causal},
