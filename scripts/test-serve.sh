@@ -127,9 +127,12 @@ post "and generates" 200 '"text_completion"' /v1/completions '{"prompt":"Hello",
 for c in "${conns[@]}"; do exec {c}>&-; done
 
 # ---- the OpenAI client and the load script ----
-if [ ! -d "$node_dir/node_modules/openai" ]; then
-  npm install --prefix "$node_dir" --no-audit --no-fund openai > npm.txt 2>&1 || { echo "npm install failed:"; tail -5 npm.txt; }
-fi
+# from the npm registry: tried three times, so that one dropped connection does not fail the test
+for try in 1 2 3; do
+  [ -d "$node_dir/node_modules/openai" ] && break
+  npm install --prefix "$node_dir" --no-audit --no-fund openai > npm.txt 2>&1 && break
+  echo "npm install failed (try $try):"; tail -5 npm.txt; sleep 5
+done
 if NODE_PATH="$node_dir/node_modules" node "$root/scripts/serve-client.js" "$url" 10 > client.txt 2>&1; then pass "openai client checks"
 else fail "openai client checks"; fi
 cat client.txt | sed 's/^/     /'
