@@ -312,6 +312,22 @@ static void test_reshape_views(void) {
     CU_ASSERT_EQUAL(moe_tensor_row_stride(moe_slice(x, 0, 1, 2)), 2);
     CU_ASSERT_EQUAL(moe_tensor_row_stride(moe_slice(moe_slice(x, 0, 0, 1), 1, 0, 1)), 2);
     CU_ASSERT_EQUAL(moe_tensor_row_stride(s), 0);
+    /* batch rows and tokens merged (one stride between tokens): a view ... */
+    moe_tensor *rows = moe_reshape(s, 2, (int64_t[]){6, 8});
+    CU_ASSERT_PTR_NOT_NULL_FATAL(rows);
+    CU_ASSERT(rows->data == s->data && rows->strides[0] == 12 && rows->strides[1] == 1);
+    /* ... tokens and heads merged across the slice's gap: a copy */
+    moe_tensor *across = moe_reshape(s, 2, (int64_t[]){2, 24});
+    CU_ASSERT_PTR_NOT_NULL_FATAL(across);
+    CU_ASSERT(across->data != s->data && moe_tensor_is_contiguous(across));
+    /* a head split into halves and size-1 axes added: a view, with the slice's strides kept */
+    moe_tensor *split = moe_reshape(s, 6, (int64_t[]){2, 3, 1, 4, 2, 1});
+    CU_ASSERT_PTR_NOT_NULL_FATAL(split);
+    CU_ASSERT_PTR_EQUAL(split->data, s->data);
+    CU_ASSERT(split->strides[0] == 36 && split->strides[1] == 12 && split->strides[3] == 2 && split->strides[4] == 1);
+    double got6[48];
+    CU_ASSERT_EQUAL_FATAL(moe_tensor_to_host_f64(split, got6), MOE_OK);
+    CU_ASSERT(memcmp(got6, want, sizeof got6) == 0);
     moe_step_reset();
 }
 
