@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Did a change make training slower? Runs the same `moe bench` cases with two builds of the
-# program (A = before, B = after) on the same machine in one run, alternating which goes
-# first every round, and prints per case and phase the median ms of each, the spread over
-# rounds, and the speed of B relative to A (A's ms / B's ms: above 1 = B is faster).
+# Did a change make training or inference slower? Runs the same `moe bench` cases with two
+# builds of the program (A = before, B = after) on the same machine in one run, alternating
+# which goes first every round, and prints per case and phase the median ms of each, the
+# spread over rounds, and the speed of B relative to A (A's ms / B's ms: above 1 = B is
+# faster).
 #
 # Usage: scripts/bench-builds.sh cpu|gpu MOE_A MOE_B [--rounds R] [--reps N] [--warmup W] [--cases "A B"]
+#        scripts/bench-builds.sh decode MOE_A MOE_B --model DIR [--device cuda|cpu] [--batch 1,4,16]
+#                                [--prompt-len P] [--tokens N] [--rounds R] [--reps N]
 #   cpu: moe-layer-cpu lm-step-cpu, 2 threads pinned to cores 0,1 when taskset works
 #   gpu: moe-layer-gpu moe-layer-gpu-fine lm-train-gpu
+#   decode: `moe bench decode` of a hub folder (or --checkpoint FILE): per batch, the prefill
+#     (case prefill-b<B>) and the ms per decode step (decode-b<B>); defaults cuda when
+#     nvidia-smi works, batch 1,4,16, prompt 128, 64 new tokens, 2 timed runs a round
 # Each program finds its own libmoe through its build folder (or LD_LIBRARY_PATH: set
 # MOE_A_LIB / MOE_B_LIB to the folder of each build's libmoe_*.so when they are copies).
 # Output: a markdown table, then one line per figure
@@ -15,18 +21,25 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-mode=${1:?usage: bench-builds.sh cpu|gpu MOE_A MOE_B [--rounds R] [--reps N] [--cases "..."]}
+case "${1:-}" in -h | --help) sed -n '2,/^# Raw JSON/p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
+mode=${1:?usage: bench-builds.sh cpu|gpu|decode MOE_A MOE_B [options] (--help)}
 moe_a=${2:?the first (before) moe program}
 moe_b=${3:?the second (after) moe program}
 shift 3
-rounds=3 reps=10 warmup=3 cases=""
+rounds=3 reps=10 warmup=3 cases="" source=() device="" batch=1,4,16 prompt=128 tokens=64
+[ "$mode" = decode ] && reps=2
 while [ $# -gt 0 ]; do
     case "$1" in
     --rounds) rounds=${2:?--rounds needs a number}; shift ;;
     --reps) reps=${2:?--reps needs a number}; shift ;;
     --warmup) warmup=${2:?--warmup needs a number}; shift ;;
     --cases) cases=${2:?--cases needs case names}; shift ;;
-    -h | --help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --model | --checkpoint) source=("$1" "${2:?$1 needs a path}"); shift ;;
+    --device) device=${2:?--device needs cuda or cpu}; shift ;;
+    --batch) batch=${2:?--batch needs sizes}; shift ;;
+    --prompt-len) prompt=${2:?--prompt-len needs a length}; shift ;;
+    --tokens) tokens=${2:?--tokens needs a count}; shift ;;
+    -h | --help) sed -n '2,/^# Raw JSON/p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-builds.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -34,7 +47,11 @@ done
 for p in "$moe_a" "$moe_b"; do [ -x "$p" ] || { echo "bench-builds.sh: no program at $p" >&2; exit 1; }; done
 
 extra=() pin=()
-if [ "$mode" = cpu ]; then
+if [ "$mode" = decode ]; then
+    [ ${#source[@]} = 2 ] || { echo "bench-builds.sh: decode needs --model DIR or --checkpoint FILE" >&2; exit 2; }
+    if [ -z "$device" ]; then device=cpu; nvidia-smi >/dev/null 2>&1 && device=cuda; fi
+    cases=decode
+elif [ "$mode" = cpu ]; then
     : "${cases:=moe-layer-cpu lm-step-cpu}"
     export OMP_NUM_THREADS=2
     extra=(--threads 2)
@@ -49,9 +66,14 @@ mkdir -p "$out"
 : >"$out/b.jsonl"
 
 run() { # side program libdir case
-    local side=$1 prog=$2 lib=$3 c=$4
+    local side=$1 prog=$2 lib=$3 c=$4 args
+    if [ "$mode" = decode ]; then
+        args=(--json --reps "$reps" "${source[@]}" --device "$device" --batch "$batch" --prompt-len "$prompt" --tokens "$tokens")
+    else
+        args=(--json --reps "$reps" --warmup "$warmup" "${extra[@]}")
+    fi
     env ${lib:+LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"} "${pin[@]}" \
-        "$prog" bench "$c" --json --reps "$reps" --warmup "$warmup" "${extra[@]}" \
+        "$prog" bench "$c" "${args[@]}" \
         >>"$out/$side.jsonl" 2>>"$out/$side.log" || echo "bench-builds.sh: $side failed on $c (see $out/$side.log)" >&2
 }
 
@@ -77,7 +99,11 @@ def load(side):
         for line in f:
             if line.startswith("{"):
                 r = json.loads(line)
-                recs.setdefault(r["case"] + "-" + r["phase"], []).append(r["ms"])
+                if "kind" in r:  # moe bench decode: PREFILL ms, DECODE ms per step, per batch
+                    key = "%s-b%d" % (r["kind"].lower(), r["batch"])
+                    recs.setdefault(key, []).append(r["ms"] if r["kind"] == "PREFILL" else r["ms_per_step"])
+                else:
+                    recs.setdefault(r["case"] + "-" + r["phase"], []).append(r["ms"])
     return recs
 
 a, b = load("a"), load("b")
