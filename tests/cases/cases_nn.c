@@ -89,12 +89,8 @@ static moe_tensor *paged(moe_tensor **in, const seg_layout *s, bool causal) {
     return moe_attention_paged(in[0], in[1], in[2], in[3], s->q, s->k, s->n, causal);
 }
 
-/* out against attention_varlen(q, k_pool[rows], v_pool[rows]) elementwise (rel 1e-12). */
-static bool paged_check(moe_tensor **in, moe_tensor *out, const seg_layout *s, bool causal, char *why, size_t cap) {
-    int64_t shape[4] = {1, in[3]->shape[0], in[1]->shape[1], in[1]->shape[2]};
-    moe_tensor *k = moe_reshape(moe_index_select(in[1], in[3]), 4, shape);
-    moe_tensor *v = moe_reshape(moe_index_select(in[2], in[3]), 4, shape);
-    moe_tensor *ref = k && v ? moe_attention_varlen(in[0], k, v, s->q, s->k, s->n, causal) : NULL;
+/* out equal to ref elementwise (rel 1e-12); `ref_name` says in the message what ref is. */
+static bool matches_reference(moe_tensor *out, moe_tensor *ref, const char *ref_name, char *why, size_t cap) {
     int64_t n = moe_tensor_numel(out);
     double *a = malloc(sizeof(double) * (size_t)n), *b = malloc(sizeof(double) * (size_t)n);
     bool ok = ref && a && b && moe_tensor_same_shape(ref, out) && moe_tensor_to_host_f64(out, a) == MOE_OK &&
@@ -102,14 +98,23 @@ static bool paged_check(moe_tensor **in, moe_tensor *out, const seg_layout *s, b
     if (!ok) snprintf(why, cap, "the reference failed or the output has the wrong shape");
     for (int64_t i = 0; ok && i < n; i++)
         if (fabs(a[i] - b[i]) > 1e-12 * (1 + fabs(b[i]))) {
-            snprintf(why, cap, "element %lld: got %.15g, gathered keys give %.15g", (long long)i, a[i], b[i]);
+            snprintf(why, cap, "element %lld: got %.15g, %s give %.15g", (long long)i, a[i], ref_name, b[i]);
             ok = false;
         }
     free(a), free(b);
     return ok;
 }
 
-/* rmsnorm_rope (inference only) against moe_rope_at(moe_rmsnorm(x)) in f64 (rel 1e-12). x is
+/* out against attention_varlen(q, k_pool[rows], v_pool[rows]). */
+static bool paged_check(moe_tensor **in, moe_tensor *out, const seg_layout *s, bool causal, char *why, size_t cap) {
+    int64_t shape[4] = {1, in[3]->shape[0], in[1]->shape[1], in[1]->shape[2]};
+    moe_tensor *k = moe_reshape(moe_index_select(in[1], in[3]), 4, shape);
+    moe_tensor *v = moe_reshape(moe_index_select(in[2], in[3]), 4, shape);
+    moe_tensor *ref = k && v ? moe_attention_varlen(in[0], k, v, s->q, s->k, s->n, causal) : NULL;
+    return matches_reference(out, ref, "gathered keys", why, cap);
+}
+
+/* rmsnorm_rope (inference only) against moe_rope_at(moe_rmsnorm(x)) in f64. x is
  * heads 1 .. n of in[0] [B, T, n + 2, hd] (a slice of a fused projection, read in place)
  * or in[0] itself; the norm runs over all n heads (w [n hd]) or per head (w [hd]). */
 static const int32_t NORM_ROPE_POS[5] = {7, 0, 3, 1000, 2};
@@ -128,19 +133,8 @@ static moe_tensor *norm_rope_ref(moe_tensor *x, moe_tensor *w, bool per_head) {
     return moe_rope_at(n, norm_rope_pos(x), 10000.0);
 }
 static bool norm_rope_check(moe_tensor **in, moe_tensor *out, bool slice, bool per_head, char *why, size_t cap) {
-    moe_tensor *ref = norm_rope_ref(norm_rope_x(in, slice), in[1], per_head);
-    int64_t n = moe_tensor_numel(out);
-    double *a = malloc(sizeof(double) * (size_t)n), *b = malloc(sizeof(double) * (size_t)n);
-    bool ok = ref && a && b && moe_tensor_same_shape(ref, out) && moe_tensor_to_host_f64(out, a) == MOE_OK &&
-              moe_tensor_to_host_f64(ref, b) == MOE_OK;
-    if (!ok) snprintf(why, cap, "the reference failed or the output has the wrong shape");
-    for (int64_t i = 0; ok && i < n; i++)
-        if (fabs(a[i] - b[i]) > 1e-12 * (1 + fabs(b[i]))) {
-            snprintf(why, cap, "element %lld: got %.15g, rmsnorm then rope_at give %.15g", (long long)i, a[i], b[i]);
-            ok = false;
-        }
-    free(a), free(b);
-    return ok;
+    return matches_reference(out, norm_rope_ref(norm_rope_x(in, slice), in[1], per_head), "rmsnorm then rope_at", why,
+                             cap);
 }
 #define NORM_ROPE_CASE(fn, slice, per_head)                                                                      \
     static moe_tensor *run_##fn(moe_tensor **in) {                                                             \
