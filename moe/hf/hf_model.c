@@ -55,7 +55,6 @@ static const moe_st_view *lookup(loader *L, const char *const *names) {
  * one run of PUT_ROWS floats instead of PUT_ROWS scattered stores (a hub model's linear
  * layers are nearly all transposed on the way in). */
 #define PUT_ROWS 64
-
 #define PUT_PARALLEL (1 << 16) /* elements of a block worth spreading over threads */
 
 static int64_t row_of(const dst_spec *d, int64_t o) { return d->row_map ? d->row_map[o] : o; }
@@ -127,7 +126,8 @@ static moe_status put(loader *L, const char *const *names, int64_t rows, int64_t
             }
         } else {
 #pragma omp parallel for schedule(static) if (n * in >= PUT_PARALLEL)
-            for (int64_t j = 0; j < n; j++) memcpy(d.dst + (o0 + j) * d.ld + d.col0, src + j * in, sizeof(float) * (size_t)in);
+            for (int64_t j = 0; j < n; j++)
+                memcpy(d.dst + (o0 + j) * d.ld + d.col0, src + j * in, sizeof(float) * (size_t)in);
         }
     }
     mark_used(L, v);

@@ -524,7 +524,6 @@ static moe_tensor *cat_last(moe_tensor *a, moe_tensor *b) {
     return a->shape[a->ndim - 1] == 0 ? b : moe_concat((moe_tensor *[]){a, b}, 2, a->ndim - 1);
 }
 
-
 /* The q, k, v of projections p at the forward's positions, rope applied; under mla all
  * [B, T, H, D], D = max(nope + rope, v_head_dim): v zero-padded to D (or q, k, with q
  * rescaled so that the softmax scale stays (nope + rope)^-1/2), the rope key shared by
