@@ -82,7 +82,7 @@ post "chat with content parts" 200 '"assistant"' /v1/chat/completions \
   '{"messages":[{"role":"user","content":[{"type":"text","text":"Hi"}]}],"max_tokens":2}'
 post "unknown fields are ignored" 200 '"usage"' /v1/completions '{"prompt":"Hello","max_tokens":2,"frobnicate":{"x":1}}'
 post "token-id prompt" 200 '"prompt_tokens":3' /v1/completions '{"prompt":[1,2,3],"max_tokens":2}'
-curl -sN --max-time 60 "$url/v1/chat/completions" -d '{"messages":[{"role":"user","content":"Hi"}],"max_tokens":5,"stream":true,"stream_options":{"include_usage":true}}' > sse.txt
+curl -sN --max-time 60 "$url/v1/chat/completions" -d '{"messages":[{"role":"user","content":"Hi"}],"max_tokens":5,"temperature":0,"stream":true,"stream_options":{"include_usage":true}}' > sse.txt
 if [ "$(tail -n 2 sse.txt | head -n 1)" = "data: [DONE]" ] && grep -q '"finish_reason":"length"' sse.txt && grep -q '"completion_tokens":5' sse.txt
 then pass "SSE stream ends with finish_reason, usage and data: [DONE]"; else fail "SSE stream"; cat sse.txt; fi
 
