@@ -64,6 +64,8 @@ moe_node *moe_autograd_record(int op, moe_tensor *out, int n_in, moe_tensor *con
     moe_node *n = moe_step_host_alloc(sizeof *n);
     if (!n) return NULL;
     n->op = op;
+    n->index = tape_count;
+    for (int d = 0; d < MOE_DEVICE_COUNT; d++) n->fill[d] = moe_mem_step_mark((moe_device)d);
     n->out = out;
     n->n_in = n_in;
     for (int i = 0; i < n_in; i++) n->in[i] = in[i];
@@ -76,6 +78,85 @@ moe_node *moe_autograd_record(int op, moe_tensor *out, int n_in, moe_tensor *con
 }
 
 static moe_status backward_error;
+
+/* A freeing sweep's plan (moe_backward_freeing). Forward index f is the node recorded
+ * f-th. For each device: fill[f], the forward-end fill at node f's record (running
+ * maximum); a tensor at position p is kept by rewinding to fill[m] when p lies before it.
+ * need[f]: the smallest m that keeps the tensors of every node before f. Grads never lie
+ * in forward memory: a backward that hands a forward buffer on as a grad has it copied. */
+typedef struct free_plan {
+    int n;
+    moe_mem_mark *fill[MOE_DEVICE_COUNT];
+    int *need[MOE_DEVICE_COUNT];
+} free_plan;
+
+static free_plan *freeing; /* the plan of the sweep running now; NULL: keep everything */
+
+/* The smallest m >= from whose fill keeps the step memory at p on dev; -1 when p is not
+ * forward-end memory, n when no recorded fill keeps it. */
+static int hold_index(const free_plan *p, int dev, const void *ptr, int from) {
+    moe_mem_mark at;
+    if (!moe_mem_step_position((moe_device)dev, ptr, &at)) return -1;
+    int lo = from, hi = p->n;
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (moe_mem_mark_before(at, p->fill[dev][mid])) hi = mid;
+        else lo = mid + 1;
+    }
+    return lo;
+}
+
+static int tensor_hold(const free_plan *p, const moe_tensor *t, int from) {
+    if (!t || t->life != MOE_LIFE_STEP || moe_tensor_numel(t) == 0) return -1;
+    return hold_index(p, t->device, t->data, from);
+}
+
+/* The smallest m that keeps node f's tensors on dev (its output, inputs and saved). */
+static int node_hold(const free_plan *p, const moe_node *node, int f, int dev) {
+    const moe_tensor *ts[MOE_NODE_MAX_INPUTS + MOE_NODE_MAX_SAVED + 1] = {node->out};
+    int nt = 1, h = -1;
+    for (int i = 0; i < node->n_in; i++) ts[nt++] = node->in[i];
+    for (int i = 0; i < MOE_NODE_MAX_SAVED; i++) ts[nt++] = node->saved[i];
+    for (int i = 0; i < nt; i++) {
+        if (!ts[i] || ts[i]->device != (moe_device)dev) continue;
+        int th = tensor_hold(p, ts[i], f);
+        if (th > h) h = th;
+    }
+    return h;
+}
+
+/* order: the nodes in sweep (reverse) order. */
+static moe_status plan_build(moe_node *const *order, int n, free_plan *p) {
+    *p = (free_plan){.n = n};
+    for (int d = 0; d < MOE_DEVICE_COUNT; d++) {
+        p->fill[d] = moe_step_host_alloc(sizeof *p->fill[d] * (size_t)(n ? n : 1));
+        p->need[d] = moe_step_host_alloc(sizeof *p->need[d] * (size_t)(n + 1));
+        if (!p->fill[d] || !p->need[d]) return moe_last_status();
+        for (int f = 0; f < n; f++) {
+            moe_mem_mark m = order[n - 1 - f]->fill[d];
+            MOE_ASSERT(!m.top, "a freeing backward over nodes recorded during a backward");
+            p->fill[d][f] = f > 0 && moe_mem_mark_before(m, p->fill[d][f - 1]) ? p->fill[d][f - 1] : m;
+        }
+        p->need[d][0] = -1;
+        for (int f = 1; f <= n; f++) {
+            int h = node_hold(p, order[n - f], f - 1, d);
+            p->need[d][f] = h > p->need[d][f - 1] ? h : p->need[d][f - 1];
+        }
+    }
+    return MOE_OK;
+}
+
+/* After the backward of node f: rewinds each device's forward end as far as the nodes
+ * before f allow. */
+static void plan_release(const free_plan *p, int f) {
+    for (int d = 0; d < MOE_DEVICE_COUNT; d++) {
+        int m = f > p->need[d][f] ? f : p->need[d][f];
+        if (m < p->n) moe_mem_step_rewind_forward((moe_device)d, p->fill[d][m]);
+    }
+}
+
+/* g lies in memory a freeing sweep will hand back. */
+static bool in_forward_memory(const moe_tensor *g) { return freeing && tensor_hold(freeing, g, 0) >= 0; }
 
 static moe_status grad_add(moe_tensor *t, moe_tensor *g, bool owned) {
     if (!g) return backward_error = moe_last_status() ? moe_last_status() : MOE_ERR_OOM;
@@ -90,7 +171,7 @@ static moe_status grad_add(moe_tensor *t, moe_tensor *g, bool owned) {
             t->grad = moe_tensor_empty(MOE_LIFE_PERSIST, t->device, t->dtype == MOE_BF16 ? MOE_F32 : t->dtype,
                                        t->ndim, t->shape);
             s = t->grad ? moe_tensor_copy_(t->grad, g) : moe_last_status();
-        } else if (owned && moe_tensor_is_contiguous(g) && g->dtype == t->dtype) {
+        } else if (owned && moe_tensor_is_contiguous(g) && g->dtype == t->dtype && !in_forward_memory(g)) {
             t->grad = g;
         } else {
             t->grad = moe_tensor_empty(MOE_LIFE_STEP, t->device, t->dtype, t->ndim, t->shape);
@@ -179,8 +260,10 @@ static void ready_report(const ready_table *rt, const moe_node *node, int k) {
 }
 
 /* The sweep: the current tape in reverse recording order from out, whose grad is seed;
- * report: call the readiness hook (when one is set). */
-static moe_status sweep(moe_tensor *out, moe_tensor *seed, bool report) {
+ * report: call the readiness hook (when one is set); free_forward: hand the forward's
+ * memory back as the sweep passes it. A sweep inside an op's backward (moe_recompute)
+ * runs without the outer plan. */
+static moe_status sweep(moe_tensor *out, moe_tensor *seed, bool report, bool free_forward) {
     backward_error = MOE_OK;
     moe_node **order = moe_step_host_alloc(sizeof *order * (size_t)(tape_count ? tape_count : 1));
     if (!order) return moe_last_status();
@@ -190,6 +273,9 @@ static moe_status sweep(moe_tensor *out, moe_tensor *seed, bool report) {
     report = report && ready_fn;
     ready_table rt = {0};
     if (report) MOE_TRY(ready_build(order, n, &rt));
+    free_plan plan, *outer = freeing;
+    if (free_forward) MOE_TRY(plan_build(order, n, &plan));
+    freeing = free_forward ? &plan : NULL;
     out->grad = seed;
     bool was = moe_grad_set_enabled(false);
     for (int k = 0; k < n && backward_error == MOE_OK; k++) {
@@ -200,26 +286,37 @@ static moe_status sweep(moe_tensor *out, moe_tensor *seed, bool report) {
             info->backward(node);
         }
         if (report && backward_error == MOE_OK) ready_report(&rt, node, k);
+        if (free_forward && backward_error == MOE_OK) plan_release(&plan, n - 1 - k);
     }
     moe_grad_set_enabled(was);
+    freeing = outer;
     return backward_error;
 }
 
-moe_status moe_backward(moe_tensor *loss) {
+static moe_status backward_seeded(moe_tensor *loss, bool free_forward) {
     if (!loss) return moe_last_status() ? moe_last_status() : MOE_ERR_INVALID;
     MOE_ASSERT(moe_tensor_numel(loss) == 1, "backward needs a scalar loss");
     if (!loss->requires_grad) return moe_error(MOE_ERR_INVALID, "backward: the loss does not require grad");
+    if (free_forward) moe_mem_step_from_top(true);
     moe_tensor *seed = moe_tensor_empty(MOE_LIFE_STEP, loss->device, loss->dtype, loss->ndim, loss->shape);
-    if (!seed) return moe_last_status();
-    MOE_TRY(moe_tensor_fill(seed, 1.0));
-    return sweep(loss, seed, true);
+    moe_status s = seed ? moe_tensor_fill(seed, 1.0) : moe_last_status();
+    if (s == MOE_OK) s = sweep(loss, seed, true, free_forward);
+    if (free_forward) {
+        moe_mem_step_from_top(false);
+        moe_tape_reset(); /* its tensors' memory went back */
+    }
+    return s;
 }
+
+moe_status moe_backward(moe_tensor *loss) { return backward_seeded(loss, false); }
+
+moe_status moe_backward_freeing(moe_tensor *loss) { return backward_seeded(loss, true); }
 
 moe_status moe_backward_from(moe_tensor *out, moe_tensor *grad) {
     char b1[96], b2[96];
     MOE_ASSERT(out && grad && moe_tensor_same_shape(out, grad), "backward_from: grad %s does not match %s",
                grad ? moe_tensor_describe(grad, b1, sizeof b1) : "NULL", out ? moe_tensor_describe(out, b2, sizeof b2) : "NULL");
-    return out->requires_grad ? sweep(out, grad, false) : MOE_OK;
+    return out->requires_grad ? sweep(out, grad, false, false) : MOE_OK;
 }
 
 moe_status moe_zero_grad(moe_tensor *const *params, int n) {

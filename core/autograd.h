@@ -8,6 +8,7 @@
 #ifndef MOE_CORE_AUTOGRAD_H
 #define MOE_CORE_AUTOGRAD_H
 
+#include "core/memory.h"
 #include "core/tensor.h"
 
 #define MOE_NODE_MAX_INPUTS 8
@@ -21,6 +22,8 @@ typedef struct moe_node {
     moe_tensor *in[MOE_NODE_MAX_INPUTS];
     moe_tensor *saved[MOE_NODE_MAX_SAVED];
     _Alignas(16) unsigned char attrs[MOE_NODE_ATTR_BYTES];
+    int index;                            /* position on its tape, in recording order */
+    moe_mem_mark fill[MOE_DEVICE_COUNT];  /* each device's step-arena fill when recorded */
 } moe_node;
 
 /* Grad mode (on by default). moe_grad_set_enabled returns the previous value. */
@@ -38,6 +41,15 @@ moe_node *moe_autograd_record(int op, moe_tensor *out, int n_in, moe_tensor *con
 /* Seeds d loss / d loss = 1 (loss must be a scalar) and runs the tape backwards.
  * Returns the first error an op's backward met (e.g. out of memory). */
 moe_status moe_backward(moe_tensor *loss);
+/* moe_backward that hands the forward's step memory back as the sweep passes it: after
+ * node k's backward, what was allocated after k was recorded goes back, unless a node
+ * still to run or a grad still to be used lies there. New memory during the sweep comes
+ * from the arena's top end (moe_mem_step_from_top), so the rewound memory is reused by
+ * the backward's own grads: the step's peak is about the forward plus the live grads
+ * instead of the forward plus every grad. Afterwards the tape is forgotten and the
+ * forward's STEP tensors (outputs, the loss itself) must not be read; grads of
+ * parameters and of leaves stay. Read what the caller needs from the forward first. */
+moe_status moe_backward_freeing(moe_tensor *loss);
 
 /* The tape as a value: an op whose backward records a piece of the graph again and
  * differentiates through it (moe_recompute) swaps in an empty tape of its own, sweeps it

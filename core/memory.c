@@ -1,4 +1,7 @@
-/* Lifetime-based allocation: bump arenas for STEP memory, backend allocations for PERSIST. */
+/* Lifetime-based allocation: bump arenas for STEP memory, backend allocations for PERSIST.
+ * A step arena has two ends: the forward fills chunks from their starts; during a
+ * freeing backward (moe_mem_step_from_top) new memory comes from the last chunk's end
+ * downwards, so the forward end can be rewound as the sweep passes its activations. */
 #include "core/memory.h"
 
 #include <stdint.h>
@@ -15,16 +18,22 @@
 typedef struct arena {
     void *chunk[ARENA_MAX_CHUNKS];
     size_t size[ARENA_MAX_CHUNKS];
+    size_t top_used[ARENA_MAX_CHUNKS]; /* bytes the top end holds at the chunk's end */
     int n_chunks;
-    int cur;        /* chunk being filled */
-    size_t used;    /* bytes used in chunk[cur] */
-    size_t total_used;
+    int cur;           /* chunk the forward end fills */
+    size_t used;       /* bytes the forward end uses from chunk[cur]'s start */
+    size_t total_used; /* bytes the forward end holds */
+    bool from_top;     /* new memory comes from the top end */
+    int top;           /* chunk the top end fills */
+    size_t top_total;  /* bytes the top end holds */
+    size_t peak;       /* most bytes both ends held at once since the last reset */
 } arena;
 
 static arena step_arena[MOE_DEVICE_COUNT];
 static arena host_struct_arena; /* tensor structs and tape nodes, always host */
 static moe_mem_stats stats[MOE_DEVICE_COUNT];
 static bool poison_step;
+static bool snug; /* tests: small chunks, consolidated to the step's exact peak */
 
 void moe_mem_set_poison(bool on) { poison_step = on; }
 
@@ -45,19 +54,14 @@ static void backend_free(moe_device dev, void *p) {
     if (be && p) be->free(p);
 }
 
-static void *arena_alloc(arena *a, size_t bytes, moe_device dev, bool host_structs) {
-    bytes = (bytes + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN;
-    if (bytes == 0) bytes = ARENA_ALIGN;
-    while (a->cur < a->n_chunks) {
-        if (a->used + bytes <= a->size[a->cur]) {
-            void *p = (char *)a->chunk[a->cur] + a->used;
-            a->used += bytes;
-            a->total_used += bytes;
-            return p;
-        }
-        a->cur++;
-        a->used = 0;
-    }
+static size_t align_up(size_t bytes) { return (bytes + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN; }
+
+/* The bytes of chunk i the forward end may use: all but what the top end holds. */
+static size_t bottom_room(const arena *a, int i) { return a->size[i] - a->top_used[i]; }
+
+/* A new chunk for `bytes` (taken from its start, or from its end for the top end);
+ * geometric growth: at least as large as all earlier chunks together. */
+static void *arena_grow(arena *a, size_t bytes, moe_device dev, bool host_structs, bool top) {
     size_t held = 0;
     for (int i = 0; i < a->n_chunks; i++) held += a->size[i];
     if (a->n_chunks == ARENA_MAX_CHUNKS) {
@@ -65,48 +69,92 @@ static void *arena_alloc(arena *a, size_t bytes, moe_device dev, bool host_struc
                   moe_device_name(dev), ARENA_MAX_CHUNKS, (double)held / (1u << 30), bytes);
         return NULL;
     }
-    /* Geometric growth: a new chunk is at least as large as all earlier ones together. */
-    size_t want = bytes > ARENA_MIN_CHUNK ? bytes : ARENA_MIN_CHUNK;
+    size_t min_chunk = snug ? 4096 : ARENA_MIN_CHUNK;
+    size_t want = bytes > min_chunk ? bytes : min_chunk;
     if (want < held) want = held;
     if (host_structs) want = bytes > (4u << 20) ? bytes : (4u << 20);
     void *p = host_structs ? host_malloc(want) : backend_alloc(dev, want);
-    size_t least = bytes > ARENA_MIN_CHUNK ? bytes : ARENA_MIN_CHUNK;
+    size_t least = bytes > min_chunk ? bytes : min_chunk;
     while (!p && !host_structs && want > least) { /* a shared device may not have the doubling: halve to what fits */
-        want = want / 2 > least ? want / 2 : least;
+        want = align_up(want / 2 > least ? want / 2 : least);
         p = backend_alloc(dev, want);
     }
     if (!p) {
         if (host_structs) moe_error(MOE_ERR_OOM, "out of host memory: asked %zu bytes", want);
         return NULL;
     }
-    a->chunk[a->n_chunks] = p;
-    a->size[a->n_chunks] = want;
-    a->cur = a->n_chunks++;
+    int i = a->n_chunks++;
+    a->chunk[i] = p;
+    a->size[i] = want;
+    a->top_used[i] = 0;
+    if (top) {
+        a->top = i;
+        a->top_used[i] = bytes;
+        return (char *)p + want - bytes;
+    }
+    a->cur = i;
     a->used = bytes;
-    a->total_used += bytes;
     return p;
 }
 
-/* Rewinds; when the step needed several chunks, replaces them by one that fits it all. */
+/* The top end's next `bytes`, below what it holds in chunk[top]; the forward end's fill
+ * of that chunk is the floor. */
+static void *top_alloc(arena *a, size_t bytes) {
+    int i = a->top;
+    if (i >= a->n_chunks) return NULL;
+    size_t floor = i == a->cur ? a->used : i < a->cur ? a->size[i] : 0;
+    if (a->top_used[i] + bytes + floor > a->size[i]) return NULL;
+    a->top_used[i] += bytes;
+    return (char *)a->chunk[i] + a->size[i] - a->top_used[i];
+}
+
+static void *bottom_alloc(arena *a, size_t bytes) {
+    while (a->cur < a->n_chunks) {
+        if (a->used + bytes <= bottom_room(a, a->cur)) {
+            void *p = (char *)a->chunk[a->cur] + a->used;
+            a->used += bytes;
+            return p;
+        }
+        a->cur++;
+        a->used = 0;
+    }
+    return NULL;
+}
+
+static void *arena_alloc(arena *a, size_t bytes, moe_device dev, bool host_structs) {
+    bytes = align_up(bytes ? bytes : 1);
+    bool top = a->from_top;
+    void *p = top ? top_alloc(a, bytes) : bottom_alloc(a, bytes);
+    if (!p) p = arena_grow(a, bytes, dev, host_structs, top);
+    if (!p) return NULL;
+    if (top) a->top_total += bytes;
+    else a->total_used += bytes;
+    if (a->total_used + a->top_total > a->peak) a->peak = a->total_used + a->top_total;
+    return p;
+}
+
+/* Rewinds; when the step needed several chunks, replaces them by one that holds the
+ * step's peak with a quarter to spare (a step that asks the same fits it; one that asks
+ * more grows it geometrically), or exactly in snug mode. */
 static void arena_reset(arena *a, moe_device dev, bool host_structs) {
     if (a->n_chunks > 1) {
-        size_t total = 0;
         for (int i = 0; i < a->n_chunks; i++) {
-            total += a->size[i];
             if (host_structs) free(a->chunk[i]);
             else backend_free(dev, a->chunk[i]);
         }
         a->n_chunks = 0;
-        void *p = host_structs ? host_malloc(total) : backend_alloc(dev, total);
+        size_t want = align_up(snug ? a->peak : a->peak + a->peak / 4);
+        void *p = host_structs ? host_malloc(want) : backend_alloc(dev, want);
         if (p) {
             a->chunk[0] = p;
-            a->size[0] = total;
+            a->size[0] = want;
             a->n_chunks = 1;
         }
     }
-    a->cur = 0;
-    a->used = 0;
-    a->total_used = 0;
+    a->top_used[0] = 0;
+    a->cur = a->top = 0;
+    a->used = a->total_used = a->top_total = a->peak = 0;
+    a->from_top = false;
 }
 
 void *moe_mem_alloc(moe_device dev, moe_lifetime life, size_t bytes) {
@@ -115,7 +163,7 @@ void *moe_mem_alloc(moe_device dev, moe_lifetime life, size_t bytes) {
         if (p && poison_step) moe_backend_get(dev)->memset(p, 0xff, bytes);
         if (p) {
             moe_mem_stats *s = &stats[dev];
-            s->step_bytes = step_arena[dev].total_used;
+            s->step_bytes = step_arena[dev].total_used + step_arena[dev].top_total;
             if (s->step_bytes > s->step_peak) s->step_peak = s->step_bytes;
         }
         return p;
@@ -135,18 +183,65 @@ void moe_mem_free(moe_device dev, moe_lifetime life, void *p, size_t bytes) {
 
 moe_mem_mark moe_mem_step_mark(moe_device dev) {
     const arena *a = &step_arena[dev];
-    return (moe_mem_mark){a->cur, a->used, a->total_used};
+    if (a->from_top) return (moe_mem_mark){true, a->top, a->top < a->n_chunks ? a->top_used[a->top] : 0, a->top_total};
+    return (moe_mem_mark){false, a->cur, a->used, a->total_used};
 }
 
 void moe_mem_step_release(moe_device dev, moe_mem_mark mark) {
     arena *a = &step_arena[dev];
-    MOE_ASSERT(mark.total_used <= a->total_used, "step arena on %s: releasing to a mark past the fill (%zu > %zu bytes)",
-               moe_device_name(dev), mark.total_used, a->total_used);
+    MOE_ASSERT(mark.top == a->from_top, "step arena on %s: releasing a mark of the %s end while the %s end fills",
+               moe_device_name(dev), mark.top ? "top" : "forward", a->from_top ? "top" : "forward");
+    size_t held = mark.top ? a->top_total : a->total_used;
+    MOE_ASSERT(mark.total_used <= held, "step arena on %s: releasing to a mark past the fill (%zu > %zu bytes)",
+               moe_device_name(dev), mark.total_used, held);
     if (a->n_chunks == 0) return; /* nothing was ever taken */
-    a->cur = mark.cur < a->n_chunks ? mark.cur : 0;
+    if (mark.top) {
+        for (int i = mark.cur + 1; i <= a->top && i < a->n_chunks; i++) a->top_used[i] = 0;
+        a->top = mark.cur;
+        a->top_used[mark.cur] = mark.used;
+        a->top_total = mark.total_used;
+    } else {
+        a->cur = mark.cur < a->n_chunks ? mark.cur : 0;
+        a->used = mark.used;
+        a->total_used = mark.total_used;
+    }
+    stats[dev].step_bytes = a->total_used + a->top_total;
+}
+
+void moe_mem_step_from_top(bool on) {
+    for (int d = 0; d < MOE_DEVICE_COUNT; d++) {
+        arena *a = &step_arena[d];
+        a->from_top = on;
+        if (on && a->top_total == 0) a->top = a->n_chunks ? a->n_chunks - 1 : 0;
+    }
+}
+
+bool moe_mem_mark_before(moe_mem_mark a, moe_mem_mark b) {
+    MOE_ASSERT(!a.top && !b.top, "only forward-end marks are ordered");
+    return a.cur < b.cur || (a.cur == b.cur && a.used < b.used);
+}
+
+void moe_mem_step_rewind_forward(moe_device dev, moe_mem_mark mark) {
+    arena *a = &step_arena[dev];
+    MOE_ASSERT(!mark.top && mark.total_used <= a->total_used, "rewinding the forward end past its fill");
+    if (a->n_chunks == 0 || !moe_mem_mark_before(mark, (moe_mem_mark){false, a->cur, a->used, 0})) return;
+    a->cur = mark.cur;
     a->used = mark.used;
     a->total_used = mark.total_used;
-    stats[dev].step_bytes = a->total_used;
+    stats[dev].step_bytes = a->total_used + a->top_total;
+}
+
+bool moe_mem_step_position(moe_device dev, const void *p, moe_mem_mark *at) {
+    const arena *a = &step_arena[dev];
+    for (int i = 0; i <= a->cur && i < a->n_chunks; i++) {
+        const char *c = a->chunk[i];
+        if ((const char *)p < c || (const char *)p >= c + bottom_room(a, i)) continue;
+        size_t off = (size_t)((const char *)p - c);
+        if (i == a->cur && off >= a->used) return false;
+        *at = (moe_mem_mark){false, i, off, 0};
+        return true;
+    }
+    return false;
 }
 
 void *moe_step_host_alloc(size_t bytes) {
@@ -163,6 +258,17 @@ void moe_step_reset(void) {
         stats[d].step_capacity = step_arena[d].n_chunks ? step_arena[d].size[0] : 0;
     }
     arena_reset(&host_struct_arena, MOE_CPU, true);
+}
+
+void moe_mem_set_snug(bool on) {
+    for (int d = 0; d < MOE_DEVICE_COUNT; d++) {
+        arena *a = &step_arena[d];
+        MOE_ASSERT(a->total_used == 0 && a->top_total == 0, "moe_mem_set_snug between steps only");
+        for (int i = 0; i < a->n_chunks; i++) backend_free((moe_device)d, a->chunk[i]);
+        a->n_chunks = 0;
+        stats[d].step_capacity = 0;
+    }
+    snug = on;
 }
 
 moe_mem_stats moe_mem_get_stats(moe_device dev) { return stats[dev]; }

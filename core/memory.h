@@ -22,11 +22,26 @@ void *moe_step_host_alloc(size_t bytes);
  * allocated before the call; device work is ordered on the one compute stream, so later
  * kernels that reuse the bytes run after the ones that used them). */
 typedef struct moe_mem_mark {
+    bool top; /* a point of the top end (taken while moe_mem_step_from_top is on) */
     int cur;
     size_t used, total_used;
 } moe_mem_mark;
+/* The end that new memory comes from now; release rewinds that end. */
 moe_mem_mark moe_mem_step_mark(moe_device dev);
 void moe_mem_step_release(moe_device dev, moe_mem_mark mark);
+
+/* A freeing backward (moe_backward_freeing): while on, every device's new STEP memory
+ * comes from the top end, below the forward's activations, so that the sweep can rewind
+ * the forward end behind it with moe_mem_step_rewind_forward. What the top end holds
+ * stays until moe_step_reset (or a release of a top mark). */
+void moe_mem_step_from_top(bool on);
+/* Rewinds dev's forward end to mark (a forward-end mark) when mark lies below its fill. */
+void moe_mem_step_rewind_forward(moe_device dev, moe_mem_mark mark);
+/* Where p lies in dev's forward end, as a mark to compare with moe_mem_mark_before;
+ * false when p is not memory the forward end holds. */
+bool moe_mem_step_position(moe_device dev, const void *p, moe_mem_mark *at);
+/* a lies before b in the forward end's fill order. */
+bool moe_mem_mark_before(moe_mem_mark a, moe_mem_mark b);
 
 /* Ends a step: forgets the tape and every STEP tensor, rewinds the arenas. */
 void moe_step_reset(void);
@@ -34,6 +49,11 @@ void moe_step_reset(void);
 /* Tests: fill every new STEP allocation with 0xff bytes (NaN for floats), so an
  * element a kernel forgot to write shows up. */
 void moe_mem_set_poison(bool on);
+/* Tests: snug step arenas. Chunks start at 4 KiB instead of 64 MiB, and a step that
+ * needed several leaves one of exactly its peak, so that the next such step fills it
+ * and reuses rewound memory at once, as a large step does. Between steps only: hands the
+ * arenas' chunks back. */
+void moe_mem_set_snug(bool on);
 
 typedef struct moe_mem_stats {
     size_t persist_bytes, persist_peak;   /* live PERSIST bytes */

@@ -3,20 +3,24 @@
 # builds of the program (A = before, B = after) on the same machine in one run, alternating
 # which goes first every round, and prints per case and phase the median ms of each, the
 # spread over rounds, and the speed of B relative to A (A's ms / B's ms: above 1 = B is
-# faster).
+# faster), and the peak memory of each (persistent + step arena, the largest over rounds)
+# with B's over A's.
 #
 # Usage: scripts/bench-builds.sh cpu|gpu MOE_A MOE_B [--rounds R] [--reps N] [--warmup W] [--cases "A B"]
+#                                [--device cpu|cuda] [--scale S]
 #        scripts/bench-builds.sh decode MOE_A MOE_B --model DIR [--device cuda|cpu] [--batch 1,4,16]
 #                                [--prompt-len P] [--tokens N] [--rounds R] [--reps N]
 #   cpu: moe-layer-cpu lm-step-cpu, 2 threads pinned to cores 0,1 when taskset works
 #   gpu: moe-layer-gpu moe-layer-gpu-fine lm-train-gpu
+#   --device runs the cases there (e.g. lm-train-gpu on the cpu, f32), --scale divides their
+#   batch (`moe bench --scale`)
 #   decode: `moe bench decode` of a hub folder (or --checkpoint FILE): per batch, the prefill
 #     (case prefill-b<B>) and the ms per decode step (decode-b<B>); defaults cuda when
 #     nvidia-smi works, batch 1,4,16, prompt 128, 64 new tokens, 2 timed runs a round
 # Each program finds its own libmoe through its build folder (or LD_LIBRARY_PATH: set
 # MOE_A_LIB / MOE_B_LIB to the folder of each build's libmoe_*.so when they are copies).
 # Output: a markdown table, then one line per figure
-#   BUILDS <case>-<phase> a_ms=<ms> b_ms=<ms> speed_b_over_a=<ratio>
+#   BUILDS <case>-<phase> a_ms=<ms> b_ms=<ms> speed_b_over_a=<ratio> a_peak_mib=<MiB> b_peak_mib=<MiB>
 # Raw JSON lines go to $BENCH_OUT (default bench-results/<date>-builds-<mode>/).
 set -euo pipefail
 
@@ -26,7 +30,7 @@ mode=${1:?usage: bench-builds.sh cpu|gpu|decode MOE_A MOE_B [options] (--help)}
 moe_a=${2:?the first (before) moe program}
 moe_b=${3:?the second (after) moe program}
 shift 3
-rounds=3 reps=10 warmup=3 cases="" source=() device="" batch=1,4,16 prompt=128 tokens=64
+rounds=3 reps=10 warmup=3 cases="" source=() device="" batch=1,4,16 prompt=128 tokens=64 scale=1
 [ "$mode" = decode ] && reps=2
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -39,6 +43,7 @@ while [ $# -gt 0 ]; do
     --batch) batch=${2:?--batch needs sizes}; shift ;;
     --prompt-len) prompt=${2:?--prompt-len needs a length}; shift ;;
     --tokens) tokens=${2:?--tokens needs a count}; shift ;;
+    --scale) scale=${2:?--scale needs a number}; shift ;;
     -h | --help) sed -n '2,/^# Raw JSON/p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-builds.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
@@ -70,7 +75,7 @@ run() { # side program libdir case
     if [ "$mode" = decode ]; then
         args=(--json --reps "$reps" "${source[@]}" --device "$device" --batch "$batch" --prompt-len "$prompt" --tokens "$tokens")
     else
-        args=(--json --reps "$reps" --warmup "$warmup" "${extra[@]}")
+        args=(--json --reps "$reps" --warmup "$warmup" --scale "$scale" ${device:+--device "$device"} "${extra[@]}")
     fi
     env ${lib:+LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"} "${pin[@]}" \
         "$prog" bench "$c" "${args[@]}" \
@@ -94,30 +99,36 @@ import json, os, statistics, sys
 out = sys.argv[1]
 
 def load(side):
-    recs = {}
+    ms, peak = {}, {}
     with open(os.path.join(out, side + ".jsonl")) as f:
         for line in f:
             if line.startswith("{"):
                 r = json.loads(line)
                 if "kind" in r:  # moe bench decode: PREFILL ms, DECODE ms per step, per batch
                     key = "%s-b%d" % (r["kind"].lower(), r["batch"])
-                    recs.setdefault(key, []).append(r["ms"] if r["kind"] == "PREFILL" else r["ms_per_step"])
+                    ms.setdefault(key, []).append(r["ms"] if r["kind"] == "PREFILL" else r["ms_per_step"])
                 else:
-                    recs.setdefault(r["case"] + "-" + r["phase"], []).append(r["ms"])
-    return recs
+                    key = r["case"] + "-" + r["phase"]
+                    ms.setdefault(key, []).append(r["ms"])
+                if r.get("peak_bytes"):
+                    peak[key] = max(peak.get(key, 0), r["peak_bytes"] / 2**20)
+    return ms, peak
 
-a, b = load("a"), load("b")
-print("| case-phase | A ms (median, min-max) | B ms (median, min-max) | speed B/A |")
-print("|---|---|---|---|")
+(a, pa), (b, pb) = load("a"), load("b")
+print("| case-phase | A ms (median, min-max) | B ms (median, min-max) | speed B/A | A peak MiB | B peak MiB | peak B/A |")
+print("|---|---|---|---|---|---|---|")
 lines = []
 for key in sorted(set(a) | set(b)):
     ma = statistics.median(a[key]) if key in a else None
     mb = statistics.median(b[key]) if key in b else None
     span = lambda v: "%.2f (%.2f-%.2f)" % (statistics.median(v), min(v), max(v)) if v else "NA"
     ratio = "%.3f" % (ma / mb) if ma and mb else "NA"
-    print("| %s | %s | %s | %s |" % (key, span(a.get(key)), span(b.get(key)), ratio))
-    lines.append("BUILDS %s a_ms=%s b_ms=%s speed_b_over_a=%s" % (
-        key, "%.3f" % ma if ma else "NA", "%.3f" % mb if mb else "NA", ratio))
+    fa, fb = pa.get(key), pb.get(key)
+    mib = lambda v: "%.1f" % v if v else "NA"
+    pratio = "%.3f" % (fb / fa) if fa and fb else "NA"
+    print("| %s | %s | %s | %s | %s | %s | %s |" % (key, span(a.get(key)), span(b.get(key)), ratio, mib(fa), mib(fb), pratio))
+    lines.append("BUILDS %s a_ms=%s b_ms=%s speed_b_over_a=%s a_peak_mib=%s b_peak_mib=%s" % (
+        key, "%.3f" % ma if ma else "NA", "%.3f" % mb if mb else "NA", ratio, mib(fa), mib(fb)))
 print()
 print("\n".join(lines))
 PY

@@ -1,7 +1,9 @@
 /* moe_recompute beyond the gradient check: a stack of recomputed pieces gives the same
  * loss and grads, bit for bit, as the plain graph while its step arena peaks lower; the
  * readiness hook reports each parameter once, after the piece that uses it; a piece that
- * fails in its replay fails the backward with its message. */
+ * fails in its replay fails the backward with its message. The freeing backward
+ * (moe_backward_freeing), plain and recomputed: the same grads bit for bit with freshly
+ * taken step memory poisoned, in a lower peak, and the second step fits the first's arena. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -45,7 +47,7 @@ static void stack_free(stack *s) {
 }
 
 /* loss = sum(stack(x) * r) with x = 0.5 * x0; returns the backward's status. */
-static moe_status stack_loss(stack *s, bool recompute, double *loss) {
+static moe_status stack_loss_as(stack *s, bool recompute, bool free_forward, double *loss) {
     moe_tensor *x0 = test_leaf(MOE_F32, 2, (int64_t[]){T, D}, 7), *r = test_randn(MOE_F32, 2, (int64_t[]){T, D}, 8);
     moe_tensor *x = moe_mul_scalar(x0, 0.5);
     for (int l = 0; l < LAYERS; l++) {
@@ -54,18 +56,20 @@ static moe_status stack_loss(stack *s, bool recompute, double *loss) {
     }
     moe_tensor *L = moe_sum_all(moe_mul(x, r));
     *loss = L ? moe_tensor_item(L) : 0;
-    moe_status st = moe_backward(L);
+    moe_status st = free_forward ? moe_backward_freeing(L) : moe_backward(L);
     moe_tensor_free(x0);
     return st;
 }
 
-/* Every parameter's grad, concatenated (host f64). */
+static moe_status stack_loss(stack *s, bool recompute, double *loss) { return stack_loss_as(s, recompute, false, loss); }
+
+/* Every parameter's grad, concatenated (host f64): per layer w13's 2DF, then w2's DF. */
 static double *grads(const stack *s) {
-    double *g = malloc(sizeof(double) * LAYERS * 2 * 2 * D * F);
+    double *g = malloc(sizeof(double) * LAYERS * 3 * D * F);
     for (int l = 0; l < LAYERS; l++) {
         double *a = test_host_f64(s->w13[l]->grad), *b = test_host_f64(s->w2[l]->grad);
-        memcpy(g + (size_t)l * 4 * D * F, a, sizeof(double) * 2 * D * F);
-        memcpy(g + (size_t)l * 4 * D * F + 2 * D * F, b, sizeof(double) * D * F);
+        memcpy(g + (size_t)l * 3 * D * F, a, sizeof(double) * 2 * D * F);
+        memcpy(g + (size_t)l * 3 * D * F + 2 * D * F, b, sizeof(double) * D * F);
         free(a);
         free(b);
     }
@@ -89,7 +93,7 @@ static void test_equal_and_smaller(void) {
         moe_step_reset();
     }
     CU_ASSERT_EQUAL(loss[0], loss[1]);
-    CU_ASSERT_EQUAL(memcmp(g[0], g[1], sizeof(double) * LAYERS * 4 * D * F), 0);
+    CU_ASSERT_EQUAL(memcmp(g[0], g[1], sizeof(double) * LAYERS * 3 * D * F), 0);
     CU_ASSERT_EQUAL(calls[0], LAYERS);
     CU_ASSERT_EQUAL(calls[1], 2 * LAYERS); /* each piece once more in the backward */
     /* the plain graph keeps h [T, 2F], a [T, F] and more per layer; the recomputed one one
@@ -149,11 +153,59 @@ static void test_replay_failure(void) {
     moe_step_reset();
 }
 
+/* Keeping and freeing backward of the same stack: loss and grads equal bit for bit (new
+ * step memory is poisoned and the second step runs in an arena sized to the first's
+ * peak, so a rewound buffer that were still read shows); the freeing peak is lower; the
+ * second step fits the arena the first left. */
+static void check_freeing(bool recompute) {
+    double loss[2];
+    double *g[2];
+    size_t peak[2], capacity = 0;
+    moe_mem_set_poison(true);
+    for (int fr = 0; fr < 2; fr++) {
+        stack s;
+        stack_init(&s);
+        moe_step_reset();
+        moe_mem_set_snug(true); /* small chunks: the second step runs in a snug arena */
+        for (int step = 0; step < 2; step++) {
+            moe_step_reset();
+            if (step == 1) capacity = moe_mem_get_stats(MOE_CPU).step_capacity; /* sized by the first */
+            moe_mem_reset_peaks(MOE_CPU);
+            moe_tensor *ps[2 * LAYERS];
+            for (int l = 0; l < LAYERS; l++) ps[2 * l] = s.w13[l], ps[2 * l + 1] = s.w2[l];
+            CHECK_OK(moe_zero_grad(ps, 2 * LAYERS));
+            CHECK_OK(stack_loss_as(&s, recompute, fr, &loss[fr]));
+        }
+        peak[fr] = moe_mem_get_stats(MOE_CPU).step_peak;
+        moe_step_reset();
+        CU_ASSERT_EQUAL(moe_mem_get_stats(MOE_CPU).step_capacity, capacity); /* the second step fit */
+        g[fr] = grads(&s);
+        stack_free(&s);
+        moe_step_reset();
+    }
+    moe_mem_set_poison(false);
+    moe_mem_set_snug(false);
+    CU_ASSERT_EQUAL(loss[0], loss[1]);
+    CU_ASSERT_EQUAL(memcmp(g[0], g[1], sizeof(double) * LAYERS * 3 * D * F), 0);
+    printf("\n    step arena peak%s: keeping %zu bytes, freeing %zu bytes\n", recompute ? " (recomputed)" : "", peak[0],
+           peak[1]);
+    /* plain: the forward's activations go back as the grads grow; recomputed, each
+     * replay's own memory already goes back, and the pieces' results are what is left */
+    CU_ASSERT(recompute ? peak[1] < peak[0] : peak[1] * 4 < peak[0] * 3);
+    free(g[0]);
+    free(g[1]);
+}
+
+static void test_freeing_plain(void) { check_freeing(false); }
+static void test_freeing_recomputed(void) { check_freeing(true); }
+
 static void register_suites(void) {
     moe_test_add_suite("recompute", (moe_test_entry[]){
                                         {"same loss and grads, bit for bit, in less step memory", test_equal_and_smaller},
                                         {"readiness hook: each parameter once, after its replay", test_ready_hook},
                                         {"a replay that fails fails the backward", test_replay_failure},
+                                        {"freeing backward: same grads, lower peak", test_freeing_plain},
+                                        {"freeing backward through recomputed pieces", test_freeing_recomputed},
                                         {NULL, NULL}});
 }
 

@@ -349,6 +349,83 @@ static void test_recompute(void) {
     for (int r = 0; r < 5; r++) free(w[r]);
 }
 
+/* The loss and every parameter's grad of one step (host f64, concatenated) and the
+ * step-arena peak, with new step memory poisoned; free_forward: moe_backward_freeing. */
+static size_t model_grads(moe_model *m, bool free_forward, double *loss, double **g, int64_t *ng) {
+    enum { B = 4, T = 64 };
+    int32_t in[B * T], tg[B * T];
+    for (int i = 0; i < B * T; i++) {
+        in[i] = (i * 7 + 3) % m->cfg.model.vocab_size;
+        tg[i] = (i * 5 + 1) % m->cfg.model.vocab_size;
+    }
+    moe_tensor **ps = malloc(sizeof *ps * (size_t)m->n_params);
+    *ng = 0;
+    for (int i = 0; i < m->n_params; i++) *ng += moe_tensor_numel(ps[i] = m->params[i].t);
+    CHECK_OK(moe_zero_grad(ps, m->n_params));
+    moe_step_reset();
+    moe_mem_reset_peaks(MOE_CPU);
+    moe_mem_set_poison(true);
+    moe_loss_parts parts;
+    CHECK_OK(moe_model_loss(m, in, tg, B, T, &parts));
+    *loss = parts.ce + parts.aux + parts.z;
+    CHECK_OK(free_forward ? moe_backward_freeing(parts.loss) : moe_backward(parts.loss));
+    moe_mem_set_poison(false);
+    size_t peak = moe_mem_get_stats(MOE_CPU).step_peak;
+    *g = calloc((size_t)*ng, sizeof(double));
+    int64_t at = 0;
+    for (int i = 0; i < m->n_params; i++) {
+        if (ps[i]->grad) CHECK_OK(moe_tensor_to_host_f64(ps[i]->grad, *g + at));
+        at += moe_tensor_numel(ps[i]);
+    }
+    free(ps);
+    moe_step_reset();
+    return peak;
+}
+
+/* moe_backward_freeing hands each activation back once the sweep has passed it: the same
+ * loss and grads, bit for bit, as keeping everything, in a lower step-arena peak, for
+ * attention, MLA, MoM, the RMoE router and recomputed experts and attention. The freeing
+ * step runs in an arena sized to its peak, with new memory poisoned, so that rewound
+ * memory is reused within the sweep and a buffer still read after its reuse shows. */
+static void test_freeing_backward(void) {
+    const char *variants[][6] = {
+        {NULL},
+        {"model.attention=mla", "model.q_lora_rank=8", "model.kv_lora_rank=8", "model.qk_nope_dim=8",
+         "model.qk_rope_dim=4", "model.v_head_dim=8"},
+        {"model.mixer=mom", "model.mom_memories=4", "model.mom_top_k=2", "model.mom_heads=2", NULL},
+        {"router.type=rmoe", "router.rmoe_dim=8", NULL},
+        {"train.recompute=[experts, attention]", NULL},
+    };
+    for (size_t v = 0; v < sizeof variants / sizeof variants[0]; v++) {
+        moe_config c;
+        tiny_config(&c, "tests/tmp/never");
+        c.model.seq_len = 64;
+        c.model.n_layers = 3;
+        for (int i = 0; i < 6 && variants[v][i]; i++) CHECK_OK(moe_config_set(&c, variants[v][i]));
+        CHECK_OK(moe_config_validate(&c));
+        moe_model m;
+        CU_ASSERT_EQUAL_FATAL(moe_model_init(&m, &c, 0, 1), MOE_OK);
+        double loss[2], *g[2];
+        int64_t ng[2];
+        size_t peak[2];
+        peak[0] = model_grads(&m, false, &loss[0], &g[0], &ng[0]);
+        moe_mem_set_snug(true); /* the first freeing step sizes the arena to its peak */
+        model_grads(&m, true, &loss[1], &g[1], &ng[1]);
+        free(g[1]);
+        peak[1] = model_grads(&m, true, &loss[1], &g[1], &ng[1]); /* in that snug arena */
+        moe_mem_set_snug(false);
+        printf("\n    %s: step arena peak %zu bytes keeping, %zu freeing", variants[v][0] ? variants[v][0] : "attention",
+               peak[0], peak[1]);
+        CU_ASSERT_EQUAL(loss[0], loss[1]);
+        CU_ASSERT_EQUAL(memcmp(g[0], g[1], sizeof(double) * (size_t)ng[0]), 0);
+        CU_ASSERT(peak[1] < peak[0]);
+        free(g[0]);
+        free(g[1]);
+        moe_model_free(&m);
+    }
+    printf("\n");
+}
+
 static void register_suites(void) {
     moe_test_add_suite("train", (moe_test_entry[]){{"exact resume", test_exact_resume},
                                                     {"damaged and mismatched checkpoints", test_damaged_checkpoint},
@@ -356,6 +433,7 @@ static void register_suites(void) {
                                                     {"whole-model gradcheck", test_model_gradcheck},
                                                     {"router biases round trip", test_router_bias_round_trip},
                                                     {"recompute: same run, less memory", test_recompute},
+                                                    {"freeing backward: same grads, less memory", test_freeing_backward},
                                                     {NULL, NULL}});
 }
 

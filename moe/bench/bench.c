@@ -207,7 +207,7 @@ static moe_status layer_forward_backward(void *p) {
     moe_moe_layer_result res;
     moe_tensor *y = moe_moe_layer_forward(&c->layer, c->x, NULL, c->dt, &res);
     moe_tensor *loss = moe_sum_all(moe_mul(y, c->r));
-    return loss ? moe_backward(loss) : moe_last_status();
+    return loss ? moe_backward_freeing(loss) : moe_last_status();
 }
 
 /* The expert weights as `dt` parameters, as the reference holds them (moe.to(dtype)):
@@ -283,7 +283,7 @@ static moe_status lm_step(void *p) {
     lm_ctx *c = p;
     moe_loss_parts parts;
     MOE_TRY(moe_model_loss(&c->model, c->inputs, c->targets, c->B, c->S, &parts));
-    MOE_TRY(moe_backward(parts.loss));
+    MOE_TRY(moe_backward_freeing(parts.loss));
     double norm = 0, scale = 1;
     MOE_TRY(moe_clip_grad_norm(c->params, c->n_params, 1.0, &norm, &scale));
     MOE_TRY(moe_optimizer_step(c->opt, 1e-3, scale));

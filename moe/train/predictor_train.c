@@ -72,7 +72,7 @@ static moe_status train_loop(const moe_trace *t, int64_t n_train, const moe_pred
         draw_batch(t, n_train, o, &rng, slots, target);
         moe_tensor *loss = batch_loss(net, slots, target, o->batch);
         double v = loss ? moe_tensor_item(loss) : NAN;
-        s = loss ? moe_backward(loss) : moe_last_status();
+        s = loss ? moe_backward_freeing(loss) : moe_last_status();
         if (s == MOE_OK) s = moe_optimizer_step(opt, moe_lr_at(&sched, step), 1.0);
         if (s == MOE_OK) s = moe_optimizer_zero_grad(opt);
         moe_step_reset();

@@ -585,7 +585,7 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
             /* The backward runs even after a non-finite loss: under expert parallelism it
              * exchanges tokens with the other ranks, which must all take part. */
             if (a == A - 1 && moe_grad_buckets_overlap()) moe_set_grad_ready_hook(moe_grad_buckets_ready, &t.grads);
-            s = moe_backward(A > 1 ? moe_mul_scalar(parts.loss, 1.0 / A) : parts.loss);
+            s = moe_backward_freeing(A > 1 ? moe_mul_scalar(parts.loss, 1.0 / A) : parts.loss);
             moe_set_grad_ready_hook(NULL, NULL);
         }
         moe_grad_buckets_start(&t.grads, true); /* on every rank, whatever happened: the collectives stay matched */
