@@ -155,6 +155,20 @@ static void plan_release(const free_plan *p, int f) {
     }
 }
 
+/* After node f's backward in a freeing sweep: its output's grad is read no more (every
+ * consumer ran before it), unless an input took it over, whole or in part. */
+static void give_back_out_grad(moe_node *node) {
+    moe_tensor *g = node->out->grad;
+    if (!g || g->life != MOE_LIFE_STEP || !moe_tensor_is_contiguous(g) || moe_tensor_numel(g) == 0) return;
+    size_t bytes = (size_t)moe_tensor_numel(g) * moe_dtype_size(g->dtype);
+    const char *lo = g->data, *hi = lo + bytes;
+    for (int i = 0; i < node->n_in; i++) {
+        const moe_tensor *ig = node->in[i] ? node->in[i]->grad : NULL;
+        if (ig && (const char *)ig->data >= lo && (const char *)ig->data < hi) return;
+    }
+    if (moe_mem_step_give_back(g->device, g->data, bytes)) node->out->grad = NULL;
+}
+
 /* g lies in memory a freeing sweep will hand back. */
 static bool in_forward_memory(const moe_tensor *g) { return freeing && tensor_hold(freeing, g, 0) >= 0; }
 
@@ -286,7 +300,10 @@ static moe_status sweep(moe_tensor *out, moe_tensor *seed, bool report, bool fre
             info->backward(node);
         }
         if (report && backward_error == MOE_OK) ready_report(&rt, node, k);
-        if (free_forward && backward_error == MOE_OK) plan_release(&plan, n - 1 - k);
+        if (free_forward && backward_error == MOE_OK) {
+            give_back_out_grad(node);
+            plan_release(&plan, n - 1 - k);
+        }
     }
     moe_grad_set_enabled(was);
     freeing = outer;

@@ -43,12 +43,13 @@ moe_node *moe_autograd_record(int op, moe_tensor *out, int n_in, moe_tensor *con
 moe_status moe_backward(moe_tensor *loss);
 /* moe_backward that hands the forward's step memory back as the sweep passes it: after
  * node k's backward, what was allocated after k was recorded goes back, unless a node
- * still to run or a grad still to be used lies there. New memory during the sweep comes
- * from the arena's top end (moe_mem_step_from_top), so the rewound memory is reused by
- * the backward's own grads: the step's peak is about the forward plus the live grads
- * instead of the forward plus every grad. Afterwards the tape is forgotten and the
- * forward's STEP tensors (outputs, the loss itself) must not be read; grads of
- * parameters and of leaves stay. Read what the caller needs from the forward first. */
+ * still to run refers to it, and so does the grad of k's output (no input took it
+ * over). New memory during the sweep comes from the arena's top end
+ * (moe_mem_step_from_top), which reuses both: the step's peak is about the forward plus
+ * the grads alive at once instead of the forward plus every grad. Afterwards the tape is
+ * forgotten and the forward's STEP tensors (outputs, the loss itself) and the grads of
+ * non-leaf tensors must not be read; grads of parameters and of leaves stay. Read what
+ * the caller needs from the forward first. */
 moe_status moe_backward_freeing(moe_tensor *loss);
 
 /* The tape as a value: an op whose backward records a piece of the graph again and

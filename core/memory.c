@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/arena_top.h"
 #include "core/autograd.h"
 #include "core/kernels.h"
 
@@ -24,9 +25,11 @@ typedef struct arena {
     size_t used;       /* bytes the forward end uses from chunk[cur]'s start */
     size_t total_used; /* bytes the forward end holds */
     bool from_top;     /* new memory comes from the top end */
-    int top;           /* chunk the top end fills */
-    size_t top_total;  /* bytes the top end holds */
-    size_t peak;       /* most bytes both ends held at once since the last reset */
+    int top;           /* chunk the top end's bump front moves in */
+    size_t top_total;  /* bytes of live top blocks */
+    size_t top_span;   /* the top_used of all chunks together (live blocks and holes) */
+    size_t span_peak;  /* most bytes both ends spanned at once since the last reset */
+    top_heap heap;     /* the top end's blocks and holes */
 } arena;
 
 static arena step_arena[MOE_DEVICE_COUNT];
@@ -90,6 +93,7 @@ static void *arena_grow(arena *a, size_t bytes, moe_device dev, bool host_struct
     if (top) {
         a->top = i;
         a->top_used[i] = bytes;
+        a->top_span += bytes;
         return (char *)p + want - bytes;
     }
     a->cur = i;
@@ -97,15 +101,32 @@ static void *arena_grow(arena *a, size_t bytes, moe_device dev, bool host_struct
     return p;
 }
 
-/* The top end's next `bytes`, below what it holds in chunk[top]; the forward end's fill
- * of that chunk is the floor. */
-static void *top_alloc(arena *a, size_t bytes) {
-    int i = a->top;
+/* The top end's next `bytes`: a hole that fits, else below the bump front of chunk[top],
+ * whose floor is the forward end's fill of that chunk. */
+static void *top_alloc(arena *a, size_t bytes, int *chunk) {
+    char *p = top_heap_reuse(&a->heap, bytes, chunk);
+    if (p) return p;
+    int i = *chunk = a->top;
     if (i >= a->n_chunks) return NULL;
     size_t floor = i == a->cur ? a->used : i < a->cur ? a->size[i] : 0;
     if (a->top_used[i] + bytes + floor > a->size[i]) return NULL;
     a->top_used[i] += bytes;
+    a->top_span += bytes;
     return (char *)a->chunk[i] + a->size[i] - a->top_used[i];
+}
+
+/* Top block i back: a hole, and the holes that reach their chunk's bump front taken back
+ * into it. */
+static void top_give(arena *a, int i) {
+    top_block b = a->heap.log[i];
+    top_heap_give(&a->heap, i);
+    a->top_total -= b.bytes;
+    size_t back;
+    while ((back = top_heap_take_front(&a->heap, b.chunk,
+                                       (char *)a->chunk[b.chunk] + a->size[b.chunk] - a->top_used[b.chunk]))) {
+        a->top_used[b.chunk] -= back;
+        a->top_span -= back;
+    }
 }
 
 static void *bottom_alloc(arena *a, size_t bytes) {
@@ -121,21 +142,30 @@ static void *bottom_alloc(arena *a, size_t bytes) {
     return NULL;
 }
 
-static void *arena_alloc(arena *a, size_t bytes, moe_device dev, bool host_structs) {
-    bytes = align_up(bytes ? bytes : 1);
+static void *arena_alloc(arena *a, size_t asked, moe_device dev, bool host_structs) {
+    size_t bytes = align_up(asked ? asked : 1);
     bool top = a->from_top;
-    void *p = top ? top_alloc(a, bytes) : bottom_alloc(a, bytes);
-    if (!p) p = arena_grow(a, bytes, dev, host_structs, top);
+    if (top && !top_heap_reserve(&a->heap)) {
+        moe_error(MOE_ERR_OOM, "out of host memory for the step arena's block list on %s", moe_device_name(dev));
+        return NULL;
+    }
+    int chunk = 0;
+    void *p = top ? top_alloc(a, bytes, &chunk) : bottom_alloc(a, bytes);
+    if (!p && (p = arena_grow(a, bytes, dev, host_structs, top))) chunk = a->n_chunks - 1;
     if (!p) return NULL;
-    if (top) a->top_total += bytes;
-    else a->total_used += bytes;
-    if (a->total_used + a->top_total > a->peak) a->peak = a->total_used + a->top_total;
+    if (top) {
+        top_heap_log(&a->heap, p, bytes, asked, chunk);
+        a->top_total += bytes;
+    } else {
+        a->total_used += bytes;
+    }
+    if (a->total_used + a->top_span > a->span_peak) a->span_peak = a->total_used + a->top_span;
     return p;
 }
 
 /* Rewinds; when the step needed several chunks, replaces them by one that holds the
- * step's peak with a quarter to spare (a step that asks the same fits it; one that asks
- * more grows it geometrically), or exactly in snug mode. */
+ * step's peak span with a quarter to spare (a step that asks the same fits it; one that
+ * asks more grows it geometrically), or exactly in snug mode. */
 static void arena_reset(arena *a, moe_device dev, bool host_structs) {
     if (a->n_chunks > 1) {
         for (int i = 0; i < a->n_chunks; i++) {
@@ -143,7 +173,7 @@ static void arena_reset(arena *a, moe_device dev, bool host_structs) {
             else backend_free(dev, a->chunk[i]);
         }
         a->n_chunks = 0;
-        size_t want = align_up(snug ? a->peak : a->peak + a->peak / 4);
+        size_t want = align_up(snug ? a->span_peak : a->span_peak + a->span_peak / 4);
         void *p = host_structs ? host_malloc(want) : backend_alloc(dev, want);
         if (p) {
             a->chunk[0] = p;
@@ -153,8 +183,9 @@ static void arena_reset(arena *a, moe_device dev, bool host_structs) {
     }
     a->top_used[0] = 0;
     a->cur = a->top = 0;
-    a->used = a->total_used = a->top_total = a->peak = 0;
+    a->used = a->total_used = a->top_total = a->top_span = a->span_peak = 0;
     a->from_top = false;
+    top_heap_clear(&a->heap);
 }
 
 void *moe_mem_alloc(moe_device dev, moe_lifetime life, size_t bytes) {
@@ -183,7 +214,7 @@ void moe_mem_free(moe_device dev, moe_lifetime life, void *p, size_t bytes) {
 
 moe_mem_mark moe_mem_step_mark(moe_device dev) {
     const arena *a = &step_arena[dev];
-    if (a->from_top) return (moe_mem_mark){true, a->top, a->top < a->n_chunks ? a->top_used[a->top] : 0, a->top_total};
+    if (a->from_top) return (moe_mem_mark){true, a->heap.n_log, 0, a->top_total};
     return (moe_mem_mark){false, a->cur, a->used, a->total_used};
 }
 
@@ -191,21 +222,29 @@ void moe_mem_step_release(moe_device dev, moe_mem_mark mark) {
     arena *a = &step_arena[dev];
     MOE_ASSERT(mark.top == a->from_top, "step arena on %s: releasing a mark of the %s end while the %s end fills",
                moe_device_name(dev), mark.top ? "top" : "forward", a->from_top ? "top" : "forward");
-    size_t held = mark.top ? a->top_total : a->total_used;
-    MOE_ASSERT(mark.total_used <= held, "step arena on %s: releasing to a mark past the fill (%zu > %zu bytes)",
-               moe_device_name(dev), mark.total_used, held);
-    if (a->n_chunks == 0) return; /* nothing was ever taken */
-    if (mark.top) {
-        for (int i = mark.cur + 1; i <= a->top && i < a->n_chunks; i++) a->top_used[i] = 0;
-        a->top = mark.cur;
-        a->top_used[mark.cur] = mark.used;
-        a->top_total = mark.total_used;
+    if (mark.top) { /* every block taken since goes back */
+        MOE_ASSERT(mark.cur <= a->heap.n_log, "step arena on %s: releasing to a top mark past the fill",
+                   moe_device_name(dev));
+        for (; a->heap.n_log > mark.cur; a->heap.n_log--)
+            if (a->heap.log[a->heap.n_log - 1].live) top_give(a, a->heap.n_log - 1);
     } else {
+        MOE_ASSERT(mark.total_used <= a->total_used, "step arena on %s: releasing to a mark past the fill (%zu > %zu bytes)",
+                   moe_device_name(dev), mark.total_used, a->total_used);
+        if (a->n_chunks == 0) return; /* nothing was ever taken */
         a->cur = mark.cur < a->n_chunks ? mark.cur : 0;
         a->used = mark.used;
         a->total_used = mark.total_used;
     }
     stats[dev].step_bytes = a->total_used + a->top_total;
+}
+
+bool moe_mem_step_give_back(moe_device dev, const void *p, size_t bytes) {
+    arena *a = &step_arena[dev];
+    int i = top_heap_find(&a->heap, p);
+    if (i < 0 || bytes == 0 || a->heap.log[i].asked != bytes) return false;
+    top_give(a, i);
+    stats[dev].step_bytes = a->total_used + a->top_total;
+    return true;
 }
 
 void moe_mem_step_from_top(bool on) {

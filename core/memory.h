@@ -40,6 +40,11 @@ void moe_mem_step_rewind_forward(moe_device dev, moe_mem_mark mark);
 /* Where p lies in dev's forward end, as a mark to compare with moe_mem_mark_before;
  * false when p is not memory the forward end holds. */
 bool moe_mem_step_position(moe_device dev, const void *p, moe_mem_mark *at);
+/* Gives back the top-end block that starts at p, when it is live and was asked for with
+ * exactly `bytes` (> 0): the next top allocations may reuse it. false (nothing done)
+ * otherwise, e.g. for a view of part of a block. For a freeing backward handing back
+ * grads nothing will read any more. */
+bool moe_mem_step_give_back(moe_device dev, const void *p, size_t bytes);
 /* a lies before b in the forward end's fill order. */
 bool moe_mem_mark_before(moe_mem_mark a, moe_mem_mark b);
 

@@ -493,6 +493,41 @@ static void test_kernel_scratch_released(void) {
     moe_step_reset();
 }
 
+/* The step arena's top end (a freeing backward's memory): it grows downwards; a block
+ * given back is reused, best fit, from its upper end; a top mark gives back every block
+ * taken since; blocks given back at the front return to it, so the next block is at the
+ * very top again. */
+static void test_top_end_blocks(void) {
+    moe_step_reset();
+    moe_mem_step_from_top(true);
+    const size_t base = moe_mem_get_stats(MOE_CPU).step_bytes;
+    char *a = moe_mem_alloc(MOE_CPU, MOE_LIFE_STEP, 1000), *b = moe_mem_alloc(MOE_CPU, MOE_LIFE_STEP, 4096),
+         *c = moe_mem_alloc(MOE_CPU, MOE_LIFE_STEP, 1000);
+    CU_ASSERT_FATAL(a && b && c);
+    CU_ASSERT(b + 4096 == a && c + 1024 == b);
+    CU_ASSERT(moe_mem_step_give_back(MOE_CPU, b, 4096));
+    CU_ASSERT(!moe_mem_step_give_back(MOE_CPU, b, 4096)); /* not live any more */
+    CU_ASSERT(!moe_mem_step_give_back(MOE_CPU, a, 500));  /* not its size */
+    CU_ASSERT(!moe_mem_step_give_back(MOE_CPU, a, 1024)); /* its aligned size, not the size asked */
+    CU_ASSERT(!moe_mem_step_give_back(MOE_CPU, a, 0));    /* an empty view at its start */
+    CU_ASSERT(!moe_mem_step_give_back(MOE_CPU, a + 256, 512)); /* not a block's start */
+    CU_ASSERT_EQUAL(moe_mem_get_stats(MOE_CPU).step_bytes, base + 2048);
+    moe_mem_mark m = moe_mem_step_mark(MOE_CPU);
+    char *d = moe_mem_alloc(MOE_CPU, MOE_LIFE_STEP, 2048), *e = moe_mem_alloc(MOE_CPU, MOE_LIFE_STEP, 256);
+    CU_ASSERT_PTR_EQUAL(d, b + 2048);
+    CU_ASSERT_PTR_EQUAL(e, b + 2048 - 256);
+    moe_mem_step_release(MOE_CPU, m); /* d and e back: b's hole is whole again */
+    char *f = moe_mem_alloc(MOE_CPU, MOE_LIFE_STEP, 4096);
+    CU_ASSERT_PTR_EQUAL(f, b);
+    CU_ASSERT(moe_mem_step_give_back(MOE_CPU, c, 1000));
+    CU_ASSERT(moe_mem_step_give_back(MOE_CPU, a, 1000)); /* a hole between two live blocks' ends */
+    CU_ASSERT(moe_mem_step_give_back(MOE_CPU, f, 4096)); /* reaches the front: all three return */
+    CU_ASSERT_EQUAL(moe_mem_get_stats(MOE_CPU).step_bytes, base);
+    CU_ASSERT_PTR_EQUAL(moe_mem_alloc(MOE_CPU, MOE_LIFE_STEP, 1000), a);
+    moe_mem_step_from_top(false);
+    moe_step_reset();
+}
+
 static void register_suites(void) {
     moe_test_add_suite("dropout", (moe_test_entry[]){{"mask statistics and reproducibility", test_dropout_mask},
                                                      {"grad, p = 0 and bad p", test_dropout_grad_and_edges},
@@ -513,6 +548,7 @@ static void register_suites(void) {
                                                            {"all targets ignored", test_ce_all_ignored},
                                                            {"errors", test_ce_errors},
                                                            {"kernel scratch goes back", test_kernel_scratch_released},
+                                                           {"the top end's blocks", test_top_end_blocks},
                                                            {NULL, NULL}});
 }
 

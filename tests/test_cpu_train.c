@@ -325,7 +325,7 @@ static void check_same_run(const double *la, const double *wa, int64_t na, const
 }
 
 /* train.recompute: the same losses and weights, bit for bit, as keeping every activation,
- * in a lower step-arena peak (experts alone, then experts and attention lower still); MLA
+ * in a lower step-arena peak (experts alone, then experts and attention no higher); MLA
  * attention (eight inputs to the recomputed piece) likewise. */
 static void test_recompute(void) {
     const char *none[] = {"train.recompute=[]", NULL}, *experts[] = {"train.recompute=[experts]", NULL},
@@ -343,7 +343,9 @@ static void test_recompute(void) {
     peak[4] = recompute_run("mla-attention", mla, loss[4], &w[4], &nw[4]);
     printf("\n    step arena peak: %zu bytes keeping everything, %zu recomputing experts, %zu experts and attention;"
            " mla %zu, recomputing attention %zu\n", peak[0], peak[1], peak[2], peak[3], peak[4]);
-    CU_ASSERT(peak[1] < peak[0] && peak[2] < peak[1] && peak[4] < peak[3]);
+    /* with the freeing backward the step can peak where the recomputed pieces do not decide
+     * it: attention on top of the experts lowers it or leaves it */
+    CU_ASSERT(peak[1] < peak[0] && peak[2] <= peak[1] && peak[4] < peak[3]);
     for (int r = 1; r < 3; r++) check_same_run(loss[0], w[0], nw[0], loss[r], w[r], nw[r]);
     check_same_run(loss[3], w[3], nw[3], loss[4], w[4], nw[4]);
     for (int r = 0; r < 5; r++) free(w[r]);
