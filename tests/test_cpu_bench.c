@@ -114,6 +114,7 @@ static void test_lm_cpu(void) {
     CU_ASSERT_TRUE(str_field(l, "recompute", "none"));
     double step_peak = num_field(l, "step_peak_bytes");
     CU_ASSERT_TRUE(step_peak > 0 && step_peak < num_field(l, "peak_bytes"));
+    CU_ASSERT_TRUE(num_field(l, "step_capacity_bytes") >= step_peak); /* the arena held covers the peak */
     free(r.text);
     /* recomputing: the same FLOPs counted (the useful work), the setting named; a bad entry
      * refused by name */

@@ -125,10 +125,10 @@ static void write_figure(const bench_run *r, const bench_phase *p, const double 
     fprintf(f, "{\"case\":\"%s\",\"phase\":\"%s\",\"ms\":%.4f,\"ms_all\":[", r->c->name, p->name, ms);
     for (int i = 0; i < o->reps; i++) fprintf(f, "%s%.4f", i ? "," : "", ms_all[i]);
     fprintf(f, "],\"flops\":%lld,\"gflops_per_s\":%.2f,\"peak_bytes\":%zu,\"peak_kind\":\"step_arena+persist\","
-               "\"step_peak_bytes\":%zu,"
+               "\"step_peak_bytes\":%zu,\"step_capacity_bytes\":%zu,"
                "\"device\":\"%s\",\"dtype\":\"%s\",\"threads\":%d,\"warmup\":%d,\"reps\":%d,\"scale\":%d,"
                "\"impl\":\"moe\",\"version\":\"%s\"",
-            (long long)p->flops, rate / 1e9, peak, st.step_peak, moe_device_name(r->dev), moe_dtype_name(r->dt),
+            (long long)p->flops, rate / 1e9, peak, st.step_peak, st.step_capacity, moe_device_name(r->dev), moe_dtype_name(r->dt),
             omp_get_max_threads(), o->warmup, o->reps, o->scale, MOE_VERSION);
     if (r->c->kind == KIND_GEMM) fprintf(f, ",\"n\":%d", r->n);
     if (p->bytes) fprintf(f, ",\"bytes\":%lld,\"gb_per_s\":%.2f", (long long)p->bytes, (double)p->bytes / (ms * 1e-3) / 1e9);

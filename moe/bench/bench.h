@@ -14,8 +14,9 @@
  * Output: one line per figure on `out`. JSON (`json`): the fields of
  * bench_reference.py where they apply:
  *   {"case","phase","ms","ms_all":[..],"flops","gflops_per_s","peak_bytes",
- *    "peak_kind":"step_arena+persist","step_peak_bytes" (ours only),"device","dtype","threads","warmup","reps",
- *    "scale","impl":"moe","version"}, plus "tokens","active_matmul_params",
+ *    "peak_kind":"step_arena+persist","step_peak_bytes" (ours only: live step-arena bytes),
+ *    "step_capacity_bytes" (ours only: the arena held),"device","dtype","threads","warmup",
+ *    "reps","scale","impl":"moe","version"}, plus "tokens","active_matmul_params",
  *   "tokens_per_s" for LM cases, "mfu" (vs 790 TFLOP/s) for LM cases on cuda, "n" for
  * sgemm, "bytes" and "gb_per_s" (the traffic of an ideal kernel) for index-add-gpu, and "gpu"
  * on cuda. FLOPs are counted exactly as bench_reference.py counts them.
