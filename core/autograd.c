@@ -64,7 +64,6 @@ moe_node *moe_autograd_record(int op, moe_tensor *out, int n_in, moe_tensor *con
     moe_node *n = moe_step_host_alloc(sizeof *n);
     if (!n) return NULL;
     n->op = op;
-    n->index = tape_count;
     for (int d = 0; d < MOE_DEVICE_COUNT; d++) n->fill[d] = moe_mem_step_mark((moe_device)d);
     n->out = out;
     n->n_in = n_in;

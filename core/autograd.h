@@ -22,7 +22,6 @@ typedef struct moe_node {
     moe_tensor *in[MOE_NODE_MAX_INPUTS];
     moe_tensor *saved[MOE_NODE_MAX_SAVED];
     _Alignas(16) unsigned char attrs[MOE_NODE_ATTR_BYTES];
-    int index;                            /* position on its tape, in recording order */
     moe_mem_mark fill[MOE_DEVICE_COUNT];  /* each device's step-arena fill when recorded */
 } moe_node;
 
