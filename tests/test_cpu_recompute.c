@@ -139,18 +139,20 @@ static void test_ready_hook(void) {
 }
 
 static void test_replay_failure(void) {
-    stack s;
-    stack_init(&s);
-    s.fail_at = LAYERS + 2; /* the second replay */
-    double loss;
-    CU_ASSERT_EQUAL(stack_loss(&s, true, &loss), MOE_ERR_OOM);
-    CHECK_ERROR_HAS("no memory left");
-    stack_free(&s);
-    moe_step_reset();
-    stack_init(&s); /* the next step runs as usual */
-    CHECK_OK(stack_loss(&s, true, &loss));
-    stack_free(&s);
-    moe_step_reset();
+    for (int fr = 0; fr < 2; fr++) { /* keeping and freeing backward */
+        stack s;
+        stack_init(&s);
+        s.fail_at = LAYERS + 2; /* the second replay */
+        double loss;
+        CU_ASSERT_EQUAL(stack_loss_as(&s, true, fr, &loss), MOE_ERR_OOM);
+        CHECK_ERROR_HAS("no memory left");
+        stack_free(&s);
+        moe_step_reset();
+        stack_init(&s); /* the next step runs as usual */
+        CHECK_OK(stack_loss_as(&s, true, fr, &loss));
+        stack_free(&s);
+        moe_step_reset();
+    }
 }
 
 /* Keeping and freeing backward of the same stack: loss and grads equal bit for bit (new
@@ -203,7 +205,7 @@ static void register_suites(void) {
     moe_test_add_suite("recompute", (moe_test_entry[]){
                                         {"same loss and grads, bit for bit, in less step memory", test_equal_and_smaller},
                                         {"readiness hook: each parameter once, after its replay", test_ready_hook},
-                                        {"a replay that fails fails the backward", test_replay_failure},
+                                        {"a replay that fails fails the backward (keeping and freeing)", test_replay_failure},
                                         {"freeing backward: same grads, lower peak", test_freeing_plain},
                                         {"freeing backward through recomputed pieces", test_freeing_recomputed},
                                         {NULL, NULL}});
