@@ -166,13 +166,18 @@ static void *arena_alloc(arena *a, size_t asked, moe_device dev, bool host_struc
 /* Rewinds; when the step needed several chunks, replaces them by one that holds the
  * step's peak span with a quarter to spare (a step that asks the same fits it; one that
  * asks more grows it geometrically), or exactly in snug mode. */
+/* Hands every chunk back to its allocator. */
+static void arena_free_chunks(arena *a, moe_device dev, bool host_structs) {
+    for (int i = 0; i < a->n_chunks; i++) {
+        if (host_structs) free(a->chunk[i]);
+        else backend_free(dev, a->chunk[i]);
+    }
+    a->n_chunks = 0;
+}
+
 static void arena_reset(arena *a, moe_device dev, bool host_structs) {
     if (a->n_chunks > 1) {
-        for (int i = 0; i < a->n_chunks; i++) {
-            if (host_structs) free(a->chunk[i]);
-            else backend_free(dev, a->chunk[i]);
-        }
-        a->n_chunks = 0;
+        arena_free_chunks(a, dev, host_structs);
         size_t want = align_up(snug ? a->span_peak : a->span_peak + a->span_peak / 4);
         void *p = host_structs ? host_malloc(want) : backend_alloc(dev, want);
         if (p) {
@@ -218,6 +223,14 @@ moe_mem_mark moe_mem_step_mark(moe_device dev) {
     return (moe_mem_mark){false, a->cur, a->used, a->total_used};
 }
 
+/* The forward end back to mark (a point it passed). */
+static void forward_rewind(arena *a, moe_mem_mark mark) {
+    if (a->n_chunks == 0) return; /* nothing was ever taken */
+    a->cur = mark.cur < a->n_chunks ? mark.cur : 0;
+    a->used = mark.used;
+    a->total_used = mark.total_used;
+}
+
 void moe_mem_step_release(moe_device dev, moe_mem_mark mark) {
     arena *a = &step_arena[dev];
     MOE_ASSERT(mark.top == a->from_top, "step arena on %s: releasing a mark of the %s end while the %s end fills",
@@ -230,10 +243,7 @@ void moe_mem_step_release(moe_device dev, moe_mem_mark mark) {
     } else {
         MOE_ASSERT(mark.total_used <= a->total_used, "step arena on %s: releasing to a mark past the fill (%zu > %zu bytes)",
                    moe_device_name(dev), mark.total_used, a->total_used);
-        if (a->n_chunks == 0) return; /* nothing was ever taken */
-        a->cur = mark.cur < a->n_chunks ? mark.cur : 0;
-        a->used = mark.used;
-        a->total_used = mark.total_used;
+        forward_rewind(a, mark);
     }
     stats[dev].step_bytes = a->total_used + a->top_total;
 }
@@ -263,10 +273,8 @@ bool moe_mem_mark_before(moe_mem_mark a, moe_mem_mark b) {
 void moe_mem_step_rewind_forward(moe_device dev, moe_mem_mark mark) {
     arena *a = &step_arena[dev];
     MOE_ASSERT(!mark.top && mark.total_used <= a->total_used, "rewinding the forward end past its fill");
-    if (a->n_chunks == 0 || !moe_mem_mark_before(mark, (moe_mem_mark){false, a->cur, a->used, 0})) return;
-    a->cur = mark.cur;
-    a->used = mark.used;
-    a->total_used = mark.total_used;
+    if (!moe_mem_mark_before(mark, (moe_mem_mark){false, a->cur, a->used, 0})) return;
+    forward_rewind(a, mark);
     stats[dev].step_bytes = a->total_used + a->top_total;
 }
 
@@ -303,8 +311,8 @@ void moe_mem_set_snug(bool on) {
     for (int d = 0; d < MOE_DEVICE_COUNT; d++) {
         arena *a = &step_arena[d];
         MOE_ASSERT(a->total_used == 0 && a->top_total == 0, "moe_mem_set_snug between steps only");
-        for (int i = 0; i < a->n_chunks; i++) backend_free((moe_device)d, a->chunk[i]);
-        a->n_chunks = 0;
+        arena_free_chunks(a, (moe_device)d, false);
+        arena_reset(a, (moe_device)d, false); /* forgets the top end's blocks and holes too */
         stats[d].step_capacity = 0;
     }
     snug = on;

@@ -22,9 +22,10 @@ void *moe_step_host_alloc(size_t bytes);
  * allocated before the call; device work is ordered on the one compute stream, so later
  * kernels that reuse the bytes run after the ones that used them). */
 typedef struct moe_mem_mark {
-    bool top; /* a point of the top end (taken while moe_mem_step_from_top is on) */
-    int cur;
-    size_t used, total_used;
+    bool top;          /* a point of the top end (taken while moe_mem_step_from_top is on) */
+    int cur;           /* forward end: its chunk; top end: how many blocks it had handed out */
+    size_t used;       /* forward end: bytes used in that chunk */
+    size_t total_used; /* bytes the end held */
 } moe_mem_mark;
 /* The end that new memory comes from now; release rewinds that end. */
 moe_mem_mark moe_mem_step_mark(moe_device dev);
