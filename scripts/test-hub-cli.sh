@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # Hugging Face hub folders through the moe program (ctest hub_cli, label cpu), against what
-# transformers computed from the five fixtures in tests/fixtures/hf/: for each one, greedy
-# `generate --model DIR --prompt-ids ... --print-ids` gives the fixture's ids, `tokenize` its
-# tokenizer cases (ids and decoded text), `logits --out` its logits within 1e-4; `convert DIR
-# --out` then `generate --checkpoint` and `convert --to-hf` then `generate --model` give the
-# same ids; `eval --model` on text; `train --set model.init_from=DIR` runs 2 steps whose first
-# loss is the imported model's eval loss on the same batch, and trains on text prepared with
-# `data prepare --tokenizer DIR`; bad input exits non-zero naming the file or flag.
+# transformers computed from the five fixtures in tests/fixtures/hf/: for each one,
+# scripts/check-hub-fixture.py (greedy `generate --print-ids`, `logits --out` within 1e-4,
+# `tokenize` on the tokenizer and chat cases); `convert DIR --out` then `generate
+# --checkpoint` and `convert --to-hf` then `generate --model` give the same ids; `eval
+# --model` on text; `train --set model.init_from=DIR` runs 2 steps whose first loss is the
+# imported model's eval loss on the same batch, and trains on text prepared with `data
+# prepare --tokenizer DIR`; bad input exits non-zero naming the file or flag.
 #   scripts/test-hub-cli.sh path/to/moe [workdir]
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib-test.sh" "$@"
 fix=$root/tests/fixtures/hf
 
-# st.py: what the test reads from safetensors files and the tokenizer cases (python3, no numpy).
+# st.py: what the test reads from safetensors files and writes as token files (python3, no numpy).
 cat > st.py << 'PY'
 import json, struct, subprocess, sys
 
@@ -34,29 +34,6 @@ def row(path, name, r, sep):  # row r of a [R, C] tensor
     c = shape[-1]
     print(sep.join(str(int(x)) for x in vals[r * c:(r + 1) * c]))
 
-def close(a, na, b, nb, tol):  # two tensors of the same size within tol (max |a - b|)
-    (sa, va), (sb, vb) = tensors(a)[na], tensors(b)[nb]
-    if len(va) != len(vb):
-        sys.exit('%s %s %s vs %s %s %s: sizes differ' % (a, na, sa, b, nb, sb))
-    d = max(abs(x - y) for x, y in zip(va, vb))
-    print('max |diff| %.3g over %d logits' % (d, len(va)))
-    sys.exit(0 if d <= float(tol) else 1)
-
-def tokcases(moe, d):  # every case: encode gives its ids, decode its text
-    bad = 0
-    for c in json.load(open(d + '/tokenizer_cases.json')):
-        out = subprocess.run([moe, 'tokenize', '--model', d, '--text', c['text']], capture_output=True, text=True)
-        ids = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ''
-        if out.returncode or ids != ' '.join(['IDS'] + [str(i) for i in c['ids']]):
-            print('encode %r: got %r (%s)' % (c['text'], ids, out.stderr.strip())); bad += 1
-        if not c['ids']:
-            continue
-        out = subprocess.run([moe, 'tokenize', '--model', d, '--skip-special', '--decode',
-                              ','.join(str(i) for i in c['ids'])], capture_output=True, text=True)
-        if out.returncode or out.stdout[:-1] != c['decoded']:
-            print('decode %r: got %r (%s)' % (c['decoded'], out.stdout, out.stderr.strip())); bad += 1
-    sys.exit(1 if bad else 0)
-
 def tokenfile(path, ids, vocab):  # a token file (moe/train/data.h) holding exactly these ids
     h = b'MOETOK1\0' + struct.pack('<IIQII', 1, vocab, len(ids), 2, 0) + struct.pack('<ddQQ', 1.0, 0.0, len(ids), 0)
     open(path, 'wb').write(h + struct.pack('<%dH' % len(ids), *ids))
@@ -67,8 +44,6 @@ def first_loss(path):  # the cross-entropy of step 1 in a metrics.jsonl (its los
 
 cmd = sys.argv[1]
 if cmd == 'row': row(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
-elif cmd == 'close': close(*sys.argv[2:7])
-elif cmd == 'tokcases': tokcases(sys.argv[2], sys.argv[3])
 elif cmd == 'tokenfile': tokenfile(sys.argv[2], [int(x) for x in sys.argv[3].split(',')], int(sys.argv[4]))
 elif cmd == 'first_loss': first_loss(sys.argv[2])
 PY
@@ -82,14 +57,8 @@ for name in mixtral-tiny olmoe-tiny qwen2-moe-tiny qwen3-moe-tiny deepseek-v3-ti
   want="IDS $(python3 st.py row "$exp" gen_ids 0 ' ')"
   n_new=$(( $(wc -w <<< "$want") - 1 - $(tr ',' ' ' <<< "$prompt" | wc -w) ))
   gen=(--prompt-ids "$prompt" --tokens "$n_new" --temperature 0 --ignore-eos --print-ids)
-  got=$(last_ids "$moe" generate --model "$d" "${gen[@]}")
-  if [ "$got" = "$want" ]; then ok "$name: generate --model gives transformers' greedy ids"
-  else fail "$name: generate --model: got '$got', want '$want' ($(tail -1 err.txt))"; fi
-  check "$name: tokenize gives the tokenizer cases' ids and texts" python3 st.py tokcases "$moe" "$d"
-  ids=$(python3 st.py row "$exp" input_ids 0 ,)
-  check "$name: logits --out" "$moe" logits --model "$d" --prompt-ids "$ids" --out "$name.safetensors"
-  check "$name: logits within 1e-4 of transformers'" python3 st.py close "$name.safetensors" logits "$exp" \
-    logits_unpadded_row0 1e-4
+  check "$name: logits, greedy ids, tokenizer and chat cases equal transformers' (check-hub-fixture.py)" \
+    python3 "$root/scripts/check-hub-fixture.py" --moe "$moe" "$d"
   check "$name: convert DIR --out" "$moe" convert "$d" --out "$name.h5"
   got=$(last_ids "$moe" generate --checkpoint "$name.h5" "${gen[@]}")
   if [ "$got" = "$want" ]; then ok "$name: generate --checkpoint of the converted folder: the same ids"
@@ -170,6 +139,7 @@ expect "--prompt-ids: id beyond the vocabulary" 2 "--prompt-ids: id 99999 is out
 expect "logits --prompt-ids: id beyond the vocabulary" 2 "--prompt-ids: id 99999" "$moe" logits --model "$d" \
   --prompt-ids 99999
 expect "tokenize --decode with a non-number" 2 "--decode: 'abc'" "$moe" tokenize --model "$d" --decode abc
+expect "--prompt-ids with no ids" 2 "--prompt-ids: no token ids given" "$moe" generate --model "$d" --prompt-ids ","
 expect "--model and --checkpoint together" 2 "give --model DIR or --checkpoint FILE" "$moe" generate --model "$d" \
   --checkpoint x.h5
 expect "convert: a folder needs --out" 2 "--out FILE.h5" "$moe" convert "$d" --to-hf x

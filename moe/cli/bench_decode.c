@@ -276,7 +276,7 @@ static void print_result(const decode_flags *f, const decode_plan *p, int B, con
 /* --batch into the plan: sizes in 1..4096, at most MAX_BATCHES. */
 static moe_status parse_batches(const char *list, decode_plan *p) {
     moe_token_buf ids = {0};
-    MOE_TRY(moe_cli_parse_ids("--batch", list, 4097, &ids));
+    MOE_TRY(moe_cli_parse_ids("--batch", list, 4097, MOE_IDS_EMPTY_REFUSED, &ids));
     moe_status s = ids.len > MAX_BATCHES ? moe_error(MOE_ERR_CONFIG, "--batch: at most %d sizes", MAX_BATCHES) : MOE_OK;
     p->n_batch = (int)ids.len;
     for (int i = 0; s == MOE_OK && i < p->n_batch; i++) {

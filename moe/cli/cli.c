@@ -76,7 +76,8 @@ static moe_status push_id(moe_token_buf *ids, int32_t v) {
     return MOE_OK;
 }
 
-moe_status moe_cli_parse_ids(const char *flag, const char *list, int vocab, moe_token_buf *ids) {
+moe_status moe_cli_parse_ids(const char *flag, const char *list, int vocab, moe_cli_ids_empty empty,
+                             moe_token_buf *ids) {
     const char *p = list;
     size_t first = ids->len;
     for (;;) {
@@ -93,7 +94,8 @@ moe_status moe_cli_parse_ids(const char *flag, const char *list, int vocab, moe_
         MOE_TRY(push_id(ids, (int32_t)v));
         p = end;
     }
-    if (ids->len == first) return moe_error(MOE_ERR_CONFIG, "%s: no token ids given (expected ids like 5,17,42)", flag);
+    if (ids->len == first && empty == MOE_IDS_EMPTY_REFUSED)
+        return moe_error(MOE_ERR_CONFIG, "%s: no token ids given (expected ids like 5,17,42)", flag);
     return MOE_OK;
 }
 

@@ -23,10 +23,15 @@ int moe_cli_parse(const char *cmd, const char *usage_line, const moe_flag_spec *
 /* A whole file ("-": standard input) into a malloc'd NUL-terminated buffer of *len bytes. */
 moe_status moe_cli_read_text(const char *path, char **text, size_t *len);
 
+/* Whether a list of token ids may be empty (decoding nothing is fine, a prompt of nothing is not). */
+typedef enum moe_cli_ids_empty { MOE_IDS_EMPTY_REFUSED, MOE_IDS_EMPTY_ALLOWED } moe_cli_ids_empty;
+
 /* "5,17,42" (commas and/or spaces) -> ids appended to *ids; `flag` names the list in
  * messages. Each id must be an integer in [0, vocab) (vocab <= 0: no upper bound); anything
- * else is MOE_ERR_CONFIG naming the flag and the offending entry. An empty list is refused. */
-moe_status moe_cli_parse_ids(const char *flag, const char *list, int vocab, moe_token_buf *ids);
+ * else is MOE_ERR_CONFIG naming the flag and the offending entry, and so is an empty list
+ * when `empty` refuses it. */
+moe_status moe_cli_parse_ids(const char *flag, const char *list, int vocab, moe_cli_ids_empty empty,
+                             moe_token_buf *ids);
 
 /* Text files ("-": standard input) concatenated into one malloc'd NUL-terminated buffer. */
 moe_status moe_cli_read_texts(const char *const *paths, int n, char **text, size_t *len);

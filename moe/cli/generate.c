@@ -168,7 +168,7 @@ static moe_status encode_prompt(const gen_flags *gf, moe_source *src, gen_run *g
     size_t len = 0;
     moe_status s;
     if (gf->prompt_ids) {
-        s = moe_cli_parse_ids("--prompt-ids", gf->prompt_ids, src->cfg.model.vocab_size, &buf);
+        s = moe_cli_parse_ids("--prompt-ids", gf->prompt_ids, src->cfg.model.vocab_size, MOE_IDS_EMPTY_REFUSED, &buf);
     } else {
         s = prompt_text(gf, src, &text, &len);
         if (s == MOE_OK) s = serve_text_encode(&src->text, text, len, !gf->chat, &buf);

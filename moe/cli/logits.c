@@ -58,7 +58,7 @@ static moe_status write_logits(const char *path, const float *lg, const moe_toke
 
 static moe_status prompt_ids(const logits_flags *f, moe_source *src, moe_token_buf *ids) {
     if (!f->prompt == !f->prompt_ids) return moe_error(MOE_ERR_CONFIG, "logits: give --prompt-ids IDS or --prompt TEXT");
-    if (f->prompt_ids) return moe_cli_parse_ids("--prompt-ids", f->prompt_ids, src->cfg.model.vocab_size, ids);
+    if (f->prompt_ids) return moe_cli_parse_ids("--prompt-ids", f->prompt_ids, src->cfg.model.vocab_size, MOE_IDS_EMPTY_REFUSED, ids);
     MOE_TRY(serve_text_encode(&src->text, f->prompt, strlen(f->prompt), true, ids));
     return ids->len ? MOE_OK : moe_error(MOE_ERR_INVALID, "logits: the prompt is empty");
 }

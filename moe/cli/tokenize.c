@@ -43,7 +43,7 @@ static moe_status run_decode(serve_text *t, const tok_args *a) {
     moe_token_buf ids = {0};
     char *text = NULL;
     size_t len = 0;
-    moe_status s = moe_cli_parse_ids("--decode", a->decode, t->vocab, &ids);
+    moe_status s = moe_cli_parse_ids("--decode", a->decode, t->vocab, MOE_IDS_EMPTY_ALLOWED, &ids);
     if (s == MOE_OK && t->hf) s = moe_hf_decode(t->hf, ids.data, ids.len, a->skip_special, &text);
     if (s == MOE_OK && t->own) s = moe_tokenizer_decode(t->own, ids.data, ids.len, &text, &len);
     if (s == MOE_OK) printf("%s\n", text);
