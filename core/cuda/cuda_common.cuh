@@ -215,6 +215,11 @@ template <class T, int V> __device__ __forceinline__ void cu_ldv(const T *p, flo
     if (V == 8) cu_ld8(p, v);
     else v[0] = ldf(p);
 }
+/* Stores V (8 or 1) values at p in T: one 16-byte store, or one element. */
+template <class T, int V> __device__ __forceinline__ void cu_stv(T *p, const float *v) {
+    if (V == 8) cu_st8(p, v);
+    else stf(p, v[0]);
+}
 
 /* v rounded to T's precision (what storing it as T and reading it back gives). */
 template <class T> __device__ __forceinline__ float cu_round(float v) { return v; }

@@ -252,13 +252,11 @@ __global__ void combine_kernel(const T *y, const T *w, const int32_t *src, T *o,
             if (r == -1 || !cu_index_ok(f, CU_IDX_COMBINE, r, t * k + j, N)) continue;
             const float wj = w ? ldf(w + t * k + j) : 1.0f;
             float v[V];
-            if (V == 8) cu_ld8(y + (int64_t)r * d + c, v);
-            else v[0] = ldf(y + (int64_t)r * d + c);
+            cu_ldv<T, V>(y + (int64_t)r * d + c, v);
 #pragma unroll
             for (int q = 0; q < V; q++) acc[q] += wj * v[q];
         }
-        if (V == 8) cu_st8(o + t * d + c, acc);
-        else stf(o + t * d + c, acc[0]);
+        cu_stv<T, V>(o + t * d + c, acc);
     }
 }
 

@@ -145,8 +145,7 @@ __global__ void norm_kernel(const T *x, int64_t ld, const T *w, const T *b, T *o
             if (b) cu_ldv<T, V>(b + c, bv);
 #pragma unroll
             for (int k = 0; k < V; k++) y[k] = (v[k] - mu) * rs * (w ? wv[k] : 1.0f) + (b ? bv[k] : 0.0f);
-            if (V == 8) cu_st8(q + c, y);
-            else stf(q + c, y[0]);
+            cu_stv<T, V>(q + c, y);
         }
     }
 }
