@@ -53,10 +53,10 @@ static uint64_t expected_path(moe_predictor *p, const int32_t *h, int32_t tok, i
     for (int j = 0; j < CTX; j++)
         if (h[j] >= 0) toks[n] = h[j], ps[n++] = pos - CTX + j;
     toks[n] = tok, ps[n++] = pos;
-    float scores[MOE_LAYERS * (CTX + 1) * 8];
-    CHECK_OK(moe_predictor_predict(p, toks, ps, n, scores));
+    float scores[MOE_LAYERS * 8];
+    CHECK_OK(moe_predictor_predict(p, toks, ps, NULL, n, (const int32_t[]){n - 1}, 1, scores));
     uint64_t path;
-    moe_paths_from_scores(scores, MOE_LAYERS, n, 8, TOP_K, (const int64_t[]){n - 1}, 1, &path);
+    moe_paths_from_scores(scores, MOE_LAYERS, 1, 8, TOP_K, (const int64_t[]){0}, 1, &path);
     return path;
 }
 

@@ -200,17 +200,32 @@ static void test_predictor(void) {
     moe_predictor *p = NULL;
     CU_ASSERT_EQUAL_FATAL(moe_predictor_load(path, &m, &p), MOE_OK);
     int64_t first = t.n - 32; /* the last sequence, whole */
-    float *a = malloc(sizeof(float) * 2 * 32 * 8), *b = malloc(sizeof(float) * 2 * 32 * 8);
-    CU_ASSERT_EQUAL(moe_predictor_predict(p, t.tokens + first, t.pos + first, 32, a), MOE_OK);
+    float *a = malloc(sizeof(float) * 2 * 40 * 8), *b = malloc(sizeof(float) * 2 * 40 * 8);
+    int32_t all[32];
+    for (int i = 0; i < 32; i++) all[i] = i;
+    CU_ASSERT_EQUAL(moe_predictor_predict(p, t.tokens + first, t.pos + first, NULL, 32, all, 32, a), MOE_OK);
     CU_ASSERT_EQUAL(moe_route_net_score_trace(&net, &t, first, 32, b), MOE_OK);
     double diff = 0;
     for (int i = 0; i < 2 * 32 * 8; i++) diff = fmax(diff, fabs(a[i] - b[i]));
     CU_ASSERT(diff < 1e-5);
+    /* a list over two sequences (its seq numbers from the trace), two rows scored: the
+     * previous sequence's last token and this one's; the other tokens are context only */
+    CU_ASSERT_EQUAL_FATAL(t.seq[first - 1] != t.seq[first], true);
+    CU_ASSERT_EQUAL(moe_predictor_predict(p, t.tokens + first - 8, t.pos + first - 8, t.seq + first - 8, 40,
+                                          (const int32_t[]){7, 39}, 2, a), MOE_OK);
+    CU_ASSERT_EQUAL(moe_route_net_score_trace(&net, &t, first - 8, 40, b), MOE_OK);
+    diff = 0;
+    for (int l = 0; l < 2; l++)
+        for (int e = 0; e < 8; e++) {
+            diff = fmax(diff, fabs(a[(l * 2 + 0) * 8 + e] - b[(l * 40 + 7) * 8 + e]));
+            diff = fmax(diff, fabs(a[(l * 2 + 1) * 8 + e] - b[(l * 40 + 39) * 8 + e]));
+        }
+    CU_ASSERT(diff < 1e-5);
     moe_mem_stats before = moe_mem_get_stats(MOE_CPU);
-    CU_ASSERT_EQUAL(moe_predictor_predict(p, t.tokens + first, t.pos + first, 32, a), MOE_OK);
+    CU_ASSERT_EQUAL(moe_predictor_predict(p, t.tokens + first, t.pos + first, NULL, 32, all, 32, a), MOE_OK);
     CU_ASSERT_EQUAL(moe_mem_get_stats(MOE_CPU).step_bytes, before.step_bytes); /* step memory given back */
     int32_t bad = 100000;
-    CU_ASSERT_EQUAL(moe_predictor_predict(p, &bad, t.pos, 1, a), MOE_ERR_INVALID);
+    CU_ASSERT_EQUAL(moe_predictor_predict(p, &bad, t.pos, NULL, 1, all, 1, a), MOE_ERR_INVALID);
     moe_predictor_free(p);
     free(a);
     free(b);

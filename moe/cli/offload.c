@@ -16,8 +16,9 @@
 #include "moe/infer/sample.h"
 #include "moe/offload/token_sched.h"
 
-static moe_status predictor_scores(void *ctx, const int32_t *tokens, const int32_t *pos, int n, float *scores) {
-    return moe_predictor_predict(ctx, tokens, pos, n, scores);
+static moe_status predictor_scores(void *ctx, const int32_t *tokens, const int32_t *pos, const int32_t *seq, int n,
+                                   const int32_t *rows, int m, float *scores) {
+    return moe_predictor_predict(ctx, tokens, pos, seq, n, rows, m, scores);
 }
 
 /* The options the flags ask for (policy default: predict with a predictor, else lru). */

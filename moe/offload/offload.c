@@ -176,12 +176,12 @@ void moe_offload_print_counts(const moe_offload *o, FILE *f) {
 
 /* ---- prediction and prefetch ---- */
 
-/* Marks the best predict_width (default top-k) experts of tokens [skip, n) of every MoE
- * layer of scores [n_moe, n, E] as predicted. */
-static void mark_predicted(moe_offload *o, const float *scores, int n, int skip) {
+/* Marks the best predict_width (default top-k) experts of every token of scores [n_moe, n, E]
+ * in every MoE layer as predicted. */
+static void mark_predicted(moe_offload *o, const float *scores, int n) {
     int width = o->opt.predict_width > 0 ? o->opt.predict_width : o->top_k;
     for (int l = 0; l < o->n_moe; l++)
-        for (int t = skip; t < n; t++) {
+        for (int t = 0; t < n; t++) {
             const float *row = scores + ((int64_t)l * n + t) * o->E;
             float bar = INFINITY; /* the token's k best: k passes, each the best below the last */
             int last = -1;
@@ -244,27 +244,42 @@ static moe_status lookahead(moe_offload *o, int layer, moe_tensor *xs) {
     return prefetch_layer(o, nb, &room);
 }
 
-/* Predicts the run of n tokens of sequence q (positions pos) with the sequence's last
- * tokens before them as context (a decode step's token alone has none), and keeps the
- * newest MOE_OFFLOAD_CONTEXT tokens as the next run's context. */
-static moe_status predict_run(moe_offload *o, const int32_t *tokens, const int32_t *pos, int q, int n) {
-    seq_context *h = q < o->opt.max_seqs ? &o->context[q] : NULL;
-    int c = h && h->n > 0 && h->next_pos == pos[0] ? h->n : 0;
-    for (int i = 0; i < c; i++) {
-        o->ctx_tok[i] = h->tok[i];
-        o->ctx_pos[i] = pos[0] - c + i;
+/* Appends a token to the predictor's list. */
+static void list_push(moe_offload *o, int at, int32_t tok, int32_t pos, int32_t seq) {
+    o->ctx_tok[at] = tok;
+    o->ctx_pos[at] = pos;
+    o->ctx_seq[at] = seq;
+}
+
+/* Predicts the batch's tokens in one predictor call: the list holds each sequence run of the
+ * batch after its sequence's newest tokens (MOE_OFFLOAD_CONTEXT at most, when the run's
+ * positions continue them), and only the runs' tokens are scored. Each run's newest tokens
+ * become its sequence's context for the next call. */
+static moe_status predict_batch(moe_offload *o, const int32_t *tokens, const int32_t *pos, const int32_t *seq, int n) {
+    int len = 0, m = 0;
+    for (int a = 0; a < n;) { /* the runs: consecutive tokens of one sequence */
+        int b = a + 1;
+        while (b < n && seq[b] == seq[a]) b++;
+        seq_context *h = seq[a] < o->opt.max_seqs ? &o->context[seq[a]] : NULL;
+        int c = h && h->n > 0 && h->next_pos == pos[a] ? h->n : 0;
+        MOE_ASSERT(len + c + (b - a) <= o->list_cap, "offload: the predictor's list of %d tokens is full", o->list_cap);
+        for (int i = 0; i < c; i++) list_push(o, len++, h->tok[i], pos[a] - c + i, seq[a]);
+        for (int i = a; i < b; i++) {
+            o->ctx_rows[m++] = len;
+            list_push(o, len++, tokens[i], pos[i], seq[a]);
+        }
+        if (h) {
+            int keep = c + (b - a) < MOE_OFFLOAD_CONTEXT ? c + (b - a) : MOE_OFFLOAD_CONTEXT;
+            memcpy(h->tok, o->ctx_tok + len - keep, sizeof(int32_t) * (size_t)keep);
+            h->n = keep;
+            h->next_pos = pos[b - 1] + 1;
+        }
+        a = b;
     }
-    memcpy(o->ctx_tok + c, tokens, sizeof(int32_t) * (size_t)n);
-    memcpy(o->ctx_pos + c, pos, sizeof(int32_t) * (size_t)n);
     double t0 = moe_clock_ms();
-    MOE_TRY(o->opt.predict(o->opt.predict_ctx, o->ctx_tok, o->ctx_pos, c + n, o->scores));
+    MOE_TRY(o->opt.predict(o->opt.predict_ctx, o->ctx_tok, o->ctx_pos, o->ctx_seq, len, o->ctx_rows, m, o->scores));
     o->predict_ms += moe_clock_ms() - t0;
-    mark_predicted(o, o->scores, c + n, c);
-    if (!h) return MOE_OK;
-    int keep = c + n < MOE_OFFLOAD_CONTEXT ? c + n : MOE_OFFLOAD_CONTEXT;
-    memcpy(h->tok, o->ctx_tok + c + n - keep, sizeof(int32_t) * (size_t)keep);
-    h->n = keep;
-    h->next_pos = pos[n - 1] + 1;
+    mark_predicted(o, o->scores, m);
     return MOE_OK;
 }
 
@@ -277,12 +292,7 @@ static moe_status provider_begin(void *ctx, const int32_t *tokens, const int32_t
     if (!cache_policy_predicts(o) || !o->opt.predict) return MOE_OK;
     MOE_ASSERT(n <= o->opt.max_batch_tokens, "offload: a batch of %d tokens beyond max_batch_tokens %d", n,
                o->opt.max_batch_tokens);
-    for (int a = 0; a < n;) { /* one prediction per sequence run */
-        int b = a + 1;
-        while (b < n && seq[b] == seq[a]) b++;
-        MOE_TRY(predict_run(o, tokens + a, pos + a, seq[a], b - a));
-        a = b;
-    }
+    MOE_TRY(predict_batch(o, tokens, pos, seq, n));
     return prefetch_to(o, o->depth - 1);
 }
 
@@ -556,15 +566,19 @@ static moe_status alloc_tables(moe_offload *o) {
     o->freq = calloc(le, sizeof(uint64_t));
     o->predicted = calloc(le, sizeof(uint64_t));
     o->counts = calloc((size_t)o->n_layers, sizeof *o->counts);
-    size_t rows = (size_t)o->opt.max_batch_tokens + MOE_OFFLOAD_CONTEXT;
+    const int B = o->opt.max_batch_tokens;
+    o->list_cap = B + MOE_OFFLOAD_CONTEXT * (o->opt.max_seqs < B ? o->opt.max_seqs : B);
     if (o->opt.predict) {
-        o->scores = malloc(sizeof(float) * (size_t)o->n_layers * rows * (size_t)o->E);
-        o->ctx_tok = malloc(sizeof(int32_t) * rows);
-        o->ctx_pos = malloc(sizeof(int32_t) * rows);
+        o->scores = malloc(sizeof(float) * (size_t)o->n_layers * (size_t)B * (size_t)o->E);
+        o->ctx_tok = malloc(sizeof(int32_t) * (size_t)o->list_cap);
+        o->ctx_pos = malloc(sizeof(int32_t) * (size_t)o->list_cap);
+        o->ctx_seq = malloc(sizeof(int32_t) * (size_t)o->list_cap);
+        o->ctx_rows = malloc(sizeof(int32_t) * (size_t)B);
         o->context = calloc((size_t)o->opt.max_seqs, sizeof *o->context);
     }
     if (!o->moe_ord || !o->moe_block || !o->store || !o->slots || !o->where || !o->held || !o->freq || !o->predicted ||
-        !o->counts || (o->opt.predict && (!o->scores || !o->ctx_tok || !o->ctx_pos || !o->context)))
+        !o->counts || (o->opt.predict && (!o->scores || !o->ctx_tok || !o->ctx_pos || !o->ctx_seq || !o->ctx_rows ||
+                                          !o->context)))
         return moe_error(MOE_ERR_OOM, "offload: out of host memory for the cache tables");
     for (size_t i = 0; i < le; i++) o->where[i] = -1;
     for (int s = 0; s < o->n_slots; s++) o->slots[s].layer = o->slots[s].expert = -1;
@@ -722,6 +736,8 @@ void moe_offload_close(moe_offload *o) {
     free(o->scores);
     free(o->ctx_tok);
     free(o->ctx_pos);
+    free(o->ctx_seq);
+    free(o->ctx_rows);
     free(o->context);
     free(o);
 }

@@ -51,10 +51,13 @@ const char *moe_offload_policy_name(moe_offload_policy p);
 /* "lru" -> MOE_OFFLOAD_LRU; MOE_ERR_CONFIG naming the choices otherwise. */
 moe_status moe_offload_policy_parse(const char *name, moe_offload_policy *out);
 
-/* Routing-path prediction: scores [n_moe_layers, n, n_experts] (higher: more likely
- * routed) for tokens [n] of one sequence at positions pos [n]. */
-typedef moe_status (*moe_offload_predict_fn)(void *ctx, const int32_t *tokens, const int32_t *pos, int n,
-                                             float *scores);
+/* Routing-path prediction: scores [n_moe_layers, m, n_experts] (higher: more likely
+ * routed) of the tokens rows[0..m) of a token list: tokens [n] at positions pos [n] of
+ * sequences seq [n], where the tokens before a row of the same sequence at the positions
+ * just before its own are its context (see moe_predictor_predict). One call per step: the
+ * list holds every sequence run of the batch after its sequence's newest tokens. */
+typedef moe_status (*moe_offload_predict_fn)(void *ctx, const int32_t *tokens, const int32_t *pos, const int32_t *seq,
+                                             int n, const int32_t *rows, int m, float *scores);
 
 typedef struct moe_offload_options {
     moe_dtype dtype;           /* compute dtype of the decoder */

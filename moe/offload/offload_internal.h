@@ -56,8 +56,10 @@ struct moe_offload {
     uint64_t *predicted;        /* [n_layers * E] the step whose prediction named it, 0: none */
     uint64_t clock, epoch, step;
     int cur_ord, prefetched_to; /* MoE layer running now; last ordinal prefetched this step */
-    float *scores;              /* [n_moe, max_batch_tokens + context, E] the predictor's output */
-    int32_t *ctx_tok, *ctx_pos; /* [max_batch_tokens + context] a run with its context */
+    float *scores;              /* [n_moe, max_batch_tokens, E] the predictor's output for a batch's tokens */
+    int32_t *ctx_tok, *ctx_pos, *ctx_seq; /* [list_cap] the batch's runs, each after its sequence's context */
+    int32_t *ctx_rows;          /* [max_batch_tokens] where the batch's tokens are in that list */
+    int list_cap;               /* max_batch_tokens + MOE_OFFLOAD_CONTEXT x min(max_seqs, max_batch_tokens) */
     seq_context *context;       /* [max_seqs] */
     moe_offload_counts *counts; /* [n_layers] */
     double host_row_ms;         /* measured: one expert's SwiGLU on the host, per row */

@@ -241,16 +241,21 @@ static moe_status score_slots(const moe_route_net *net, const int32_t *slots, in
     return st;
 }
 
-moe_status moe_predictor_predict(moe_predictor *p, const int32_t *tokens, const int32_t *pos, int n, float *scores) {
-    MOE_ASSERT(n > 0, "predictor: %d tokens", n);
+moe_status moe_predictor_predict(moe_predictor *p, const int32_t *tokens, const int32_t *pos, const int32_t *seq, int n,
+                                 const int32_t *rows, int m, float *scores) {
+    MOE_ASSERT(n > 0 && m > 0, "predictor: %d rows of a list of %d tokens", m, n);
     for (int i = 0; i < n; i++)
         if (tokens[i] < 0 || tokens[i] >= p->net.shape.vocab)
             return moe_error(MOE_ERR_INVALID, "predictor: token %d is outside the vocabulary of %d", tokens[i],
                              p->net.shape.vocab);
-    int32_t *slots = malloc(sizeof *slots * (size_t)n * (size_t)(p->net.shape.context + 1));
+    const int64_t S = p->net.shape.context + 1;
+    int32_t *slots = malloc(sizeof *slots * (size_t)m * (size_t)S);
     if (!slots) return moe_error(MOE_ERR_OOM, "predictor: out of host memory");
-    moe_route_net_slots(p->net.shape.context, tokens, pos, NULL, 0, n, slots);
-    moe_status s = score_slots(&p->net, slots, n, scores);
+    for (int i = 0; i < m; i++) {
+        MOE_ASSERT(rows[i] >= 0 && rows[i] < n, "predictor: row %d of a list of %d tokens", rows[i], n);
+        moe_route_net_slots(p->net.shape.context, tokens, pos, seq, rows[i], 1, slots + i * S);
+    }
+    moe_status s = score_slots(&p->net, slots, m, scores);
     free(slots);
     return s;
 }

@@ -60,12 +60,16 @@ moe_status moe_predictor_load(const char *path, const moe_model *m, moe_predicto
 moe_status moe_predictor_load_for(const char *path, const moe_route_fingerprint *fp, const char *model_name,
                                   moe_predictor **out);
 void moe_predictor_free(moe_predictor *p);
-/* scores [n_moe_layers, n, n_experts] (higher = more likely used) for tokens [n] of one
- * sequence at positions pos [n]. A token's context is the earlier tokens of the same call
- * at the positions just before its own: to predict one decode step with context, pass the
- * last few tokens too. Uses the CPU step arena and gives its memory back before returning
- * (moe_mem_step_mark / release); no gradient is recorded. */
-moe_status moe_predictor_predict(moe_predictor *p, const int32_t *tokens, const int32_t *pos, int n, float *scores);
+/* scores [n_moe_layers, m, n_experts] (higher = more likely used) of the tokens rows[0..m)
+ * (indices) of a token list: tokens [n] at positions pos [n] of sequences seq [n] (NULL:
+ * one sequence). A token's context is the tokens just before it in the list of the same
+ * sequence at the positions just before its own, so the list's other tokens serve as
+ * context only: to predict a decode step of several sequences in one call, list each
+ * sequence's last few tokens before its new one and name the new ones' rows. Uses the CPU
+ * step arena and gives its memory back before returning (moe_mem_step_mark / release); no
+ * gradient is recorded. */
+moe_status moe_predictor_predict(moe_predictor *p, const int32_t *tokens, const int32_t *pos, const int32_t *seq, int n,
+                                 const int32_t *rows, int m, float *scores);
 const moe_route_net *moe_predictor_net(const moe_predictor *p);
 
 /* Scores [Lm, count, E] of net for the trace's tokens [first, first + count), each with

@@ -19,8 +19,10 @@ struct moe_token_sched {
     int32_t *hist;                /* [max_seqs, ctx] each slot's last tokens, oldest first, -1: none */
     int32_t *next_pos;            /* [max_seqs] the position after each slot's history, -1: empty */
     uint64_t *paths;              /* [max_seqs, words] the decode rows' predicted paths */
-    float *scores;                /* [n_moe, ctx + 1, pE] one row's prediction */
-    int32_t *ptok, *ppos;         /* [ctx + 1] one row's prediction input */
+    float *scores;                /* [n_moe, max_seqs, pE] the decode rows' prediction */
+    int32_t *ptok, *ppos, *pseq;  /* [max_seqs (ctx + 1)] the predictor's list: each row after its history */
+    int32_t *prow;                /* [max_seqs] where the decode rows are in that list */
+    int64_t *pidx;                /* [max_seqs] 0, 1, ...: the scored rows, for the paths */
     float *rows;                  /* [max_seqs, V] one forward's logits */
     bool *slot_seen;              /* [max_seqs] */
     bool *expert_seen;            /* [n_layers, E] */
@@ -36,7 +38,7 @@ struct moe_token_sched {
 
 void moe_token_sched_free(moe_token_sched *t) {
     if (!t) return;
-    void *bufs[] = {t->hist, t->next_pos, t->paths, t->scores, t->ptok, t->ppos, t->rows, t->slot_seen,
+    void *bufs[] = {t->hist, t->next_pos, t->paths, t->scores, t->ptok, t->ppos, t->pseq, t->prow, t->pidx, t->rows, t->slot_seen,
                     t->expert_seen, t->span_at, t->span_len, t->dec, t->part, t->order, t->dtok, t->dpos,
                     t->dseq, t->tok, t->pos, t->seq, t->route};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
@@ -57,9 +59,12 @@ static bool alloc_fixed(moe_token_sched *t) {
     t->hist = alloc_n(S * C, sizeof *t->hist, &ok);
     t->next_pos = alloc_n(S, sizeof *t->next_pos, &ok);
     t->paths = alloc_n(S * (size_t)t->words, sizeof *t->paths, &ok);
-    t->scores = alloc_n((size_t)t->n_moe * (C + 1) * (size_t)t->pE, sizeof *t->scores, &ok);
-    t->ptok = alloc_n(C + 1, sizeof *t->ptok, &ok);
-    t->ppos = alloc_n(C + 1, sizeof *t->ppos, &ok);
+    t->scores = alloc_n((size_t)t->n_moe * S * (size_t)t->pE, sizeof *t->scores, &ok);
+    t->ptok = alloc_n(S * (C + 1), sizeof *t->ptok, &ok);
+    t->ppos = alloc_n(S * (C + 1), sizeof *t->ppos, &ok);
+    t->pseq = alloc_n(S * (C + 1), sizeof *t->pseq, &ok);
+    t->prow = alloc_n(S, sizeof *t->prow, &ok);
+    t->pidx = alloc_n(S, sizeof *t->pidx, &ok);
     t->rows = alloc_n(S * (size_t)t->V, sizeof *t->rows, &ok);
     t->slot_seen = alloc_n(S, sizeof *t->slot_seen, &ok);
     t->expert_seen = alloc_n((size_t)t->n_layers * (size_t)t->E, sizeof *t->expert_seen, &ok);
@@ -124,21 +129,24 @@ moe_token_sched_counts moe_token_sched_get_counts(const moe_token_sched *t) { re
 
 /* ---- the order of decode rows ---- */
 
-/* path [words]: the predicted top-k of token tok at position pos of slot q, read with the
- * slot's history when pos continues it. */
-static moe_status predict_path(moe_token_sched *t, int32_t tok, int32_t pos, int q, uint64_t *path) {
-    const int32_t *h = t->hist + (size_t)q * t->ctx;
-    bool continues = t->next_pos[q] == pos;
-    int n = 0;
-    for (int j = 0; j < t->ctx && continues; j++) {
-        if (h[j] < 0) continue;
-        t->ptok[n] = h[j];
-        t->ppos[n++] = pos - t->ctx + j;
+/* The predicted paths [n, words] of decode rows (tok, pos) of slots seq [n], in one
+ * predictor call: each row follows its slot's history in the list when pos continues it. */
+static moe_status predict_paths(moe_token_sched *t, const int32_t *tokens, const int32_t *pos, const int32_t *seq,
+                                int n) {
+    int len = 0;
+    for (int i = 0; i < n; i++) {
+        const int32_t *h = t->hist + (size_t)seq[i] * t->ctx;
+        bool continues = t->next_pos[seq[i]] == pos[i];
+        for (int j = 0; j < t->ctx && continues; j++) {
+            if (h[j] < 0) continue;
+            t->ptok[len] = h[j], t->ppos[len] = pos[i] - t->ctx + j, t->pseq[len++] = seq[i];
+        }
+        t->prow[i] = len;
+        t->ptok[len] = tokens[i], t->ppos[len] = pos[i], t->pseq[len++] = seq[i];
+        t->pidx[i] = i;
     }
-    t->ptok[n] = tok;
-    t->ppos[n++] = pos;
-    MOE_TRY(moe_predictor_predict(t->pred, t->ptok, t->ppos, n, t->scores));
-    moe_paths_from_scores(t->scores, t->n_moe, n, t->pE, t->pk, (const int64_t[]){n - 1}, 1, path);
+    MOE_TRY(moe_predictor_predict(t->pred, t->ptok, t->ppos, t->pseq, len, t->prow, n, t->scores));
+    moe_paths_from_scores(t->scores, t->n_moe, n, t->pE, t->pk, t->pidx, n, t->paths);
     return MOE_OK;
 }
 
@@ -150,8 +158,8 @@ moe_status moe_token_sched_order(moe_token_sched *t, const int32_t *tokens, cons
             return moe_error(MOE_ERR_INVALID, "token scheduler: slot %d of %d", seq[i], t->max_seqs);
         order[i] = i;
     }
-    if (!t->pred || t->micro <= 0) return MOE_OK;
-    for (int i = 0; i < n; i++) MOE_TRY(predict_path(t, tokens[i], pos[i], seq[i], t->paths + (size_t)i * t->words));
+    if (!t->pred || t->micro <= 0 || n == 0) return MOE_OK;
+    MOE_TRY(predict_paths(t, tokens, pos, seq, n));
     return moe_schedule_group(t->paths, n, t->words, t->micro, order);
 }
 

@@ -84,7 +84,8 @@ static bool try_predictor(const char *path, size_t size) {
     if (st != MOE_OK) return false;
     int32_t tokens[3] = {1, 15, 0}, pos[3] = {0, 1, 2};
     float scores[3 * 2 * 4];
-    FUZZ_CHECK(moe_predictor_predict(p, tokens, pos, 3, scores) == MOE_OK, "predict: %s", moe_last_error());
+    FUZZ_CHECK(moe_predictor_predict(p, tokens, pos, NULL, 3, (const int32_t[]){0, 1, 2}, 3, scores) == MOE_OK,
+               "predict: %s", moe_last_error());
     moe_predictor_free(p);
     moe_step_reset();
     return true;

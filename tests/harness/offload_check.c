@@ -85,17 +85,18 @@ typedef struct oracle {
     const run *r;
 } oracle;
 
-static moe_status oracle_predict(void *ctx, const int32_t *tokens, const int32_t *pos, int n, float *scores) {
-    (void)tokens;
+static moe_status oracle_predict(void *ctx, const int32_t *tokens, const int32_t *pos, const int32_t *seq, int n,
+                                 const int32_t *rows, int m, float *scores) {
+    (void)tokens, (void)seq, (void)n;
     const oracle *o = ctx;
     const moe_cfg_model *c = &o->m->cfg.model;
     int E = c->n_experts, lm = 0;
     for (int l = 0; l < c->n_layers; l++) {
         if (o->m->blocks[l].dense) continue;
-        for (int t = 0; t < n; t++) {
-            float *row = scores + ((int64_t)lm * n + t) * E;
+        for (int t = 0; t < m; t++) {
+            float *row = scores + ((int64_t)lm * m + t) * E;
             for (int e = 0; e < E; e++) row[e] = 0;
-            for (int j = 0; j < c->top_k; j++) row[o->r->routes[pos[t]][l][j]] = 1;
+            for (int j = 0; j < c->top_k; j++) row[o->r->routes[pos[rows[t]]][l][j]] = 1;
         }
         lm++;
     }
