@@ -248,6 +248,9 @@ static void test_bad_folders(void) {
     c = edited_config("olmoe-tiny", "\"clip_qkv\": null", "\"clip_qkv\": 8.0");
     expect_load_refused(copy_fixture("olmoe-tiny", "clip", c), "clip/config.json", "clip_qkv");
     free(c);
+    c = edited_config("mixtral-tiny", "\"rope_theta\": 10000.0", "\"rope_theta\": 1e999");
+    expect_load_refused(copy_fixture("mixtral-tiny", "inf", c), "inf/config.json", "rope_theta: expected a finite number");
+    free(c);
     c = edited_config("mixtral-tiny", "\"rope_type\": \"default\"", "\"rope_type\": \"yarn\"");
     expect_load_refused(copy_fixture("mixtral-tiny", "yarn", c), "yarn/config.json", "\"yarn\"");
     free(c);

@@ -42,7 +42,8 @@ static moe_status get_num(const json_ctx *j, const char *key, double dflt, doubl
         *out = dflt;
         return MOE_OK;
     }
-    if (!cJSON_IsNumber(v)) return moe_error(MOE_ERR_CONFIG, "%s: %s: expected a number", j->origin, key);
+    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble)) /* 1e999 parses as infinity */
+        return moe_error(MOE_ERR_CONFIG, "%s: %s: expected a finite number", j->origin, key);
     *out = v->valuedouble;
     return MOE_OK;
 }

@@ -3,7 +3,8 @@
  *
  * Input: a token file (moe/train/data.h). Checks: a refused file gives a message; an accepted
  * one has a header consistent with its size, every token read back is below the vocab
- * size, and batches of every size the file allows have targets = inputs shifted by one. */
+ * size, and batches (of the file's record length, for a file of records) have targets =
+ * inputs shifted by one. */
 #include <string.h>
 
 #include "moe/train/data.h"
@@ -29,8 +30,9 @@ static void check_tokens(const moe_token_file *tf, size_t file_size) {
 
 static void check_batches(const moe_token_file *tf) {
     uint64_t count = moe_data_count(tf);
-    int seq_len = count > 9 ? 8 : (int)count - 1, batch = 2;
-    if (seq_len < 1) return;
+    uint32_t rec = moe_data_record_len(tf); /* a file of records is read at its own length */
+    int seq_len = rec ? (int)rec - 1 : count > 9 ? 8 : (int)count - 1, batch = 2;
+    if (seq_len < 1 || seq_len > 8) return;
     int32_t in[16], tg[16];
     moe_loader *l = NULL;
     FUZZ_CHECK(moe_loader_create(tf, 7, batch, seq_len, &l) == MOE_OK, "loader: %s", moe_last_error());
