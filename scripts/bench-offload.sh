@@ -152,6 +152,10 @@ def parse(model, frac, batch, policy, rc, log):
     r["uses"] = g(r"^offload: total uses (\d+)", int)
     r["misses"] = g(r"^offload: total .* misses (\d+)", int)
     r["host"] = g(r"^offload: total .* \(host (\d+)\)", int)
+    r["late"] = g(r"^offload: total .* \(late (\d+)\)", int)
+    r["wasted"] = g(r"^offload: total .* wasted (\d+)", int)
+    r["waited_ms"] = g(r"^offload: total .* waited ([0-9.]+) ms", float)
+    r["predictor_ms"] = g(r"^offload: host-to-device .* predictor ([0-9.]+) ms", float)
     r["peak_mib"] = peak_mib(log)
     return r
 
@@ -175,7 +179,7 @@ for r in rows:  # the PCIe bound: H2D rate / ((1 - hit rate) x expert bytes per 
             r["bound_fraction"] = tps / r["bound"]
 
 fields = ["model", "fraction", "batch", "policy", "budget", "tokens_per_s", "hit_rate", "bytes_per_token", "ttft_ms",
-          "peak_mib", "rate", "uses", "misses", "host", "slot_bytes", "expert_bytes", "bound", "bound_fraction",
+          "peak_mib", "rate", "uses", "misses", "host", "late", "wasted", "waited_ms", "predictor_ms", "slot_bytes", "expert_bytes", "bound", "bound_fraction",
           "peak_bytes", "gpu_layers", "rc", "note", "log"]
 with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -201,6 +205,9 @@ lines += ["Columns: decode tokens/s (batch x tokens over the decode steps, prefi
           "(misses and prefetches copied); TTFT: the prompt's forward; peak GPU MiB: nvidia-smi memory.used above idle",
           "(CUDA context included); PCIe bound: H2D rate at start-up / ((1 - hit rate) x expert bytes per token), the",
           "misses computed from the host copy left out (none copied: no bound); of bound: tokens/s over it.",
+          "Host per decode step: ms the host blocked on copies (a copy still running when its expert was needed",
+          "or evicted) and ms in the predictor; late: hits that waited on a copy in flight; wasted: prefetched",
+          "experts evicted before any use (counts over the decode steps).",
           "resident holds every expert (its budget: fraction 1). The reference (transformers + accelerate,",
           "device_map=auto) gets the lru budget in bytes as its GPU max_memory, which caps its weights only.", ""]
 models = {}
@@ -241,17 +248,21 @@ for name in models:
             budget = next((r.get("budget") for r in sel if r["policy"] == "lru" and r.get("budget")), None)
             lines += ["### %s, budget %s%% of the expert bytes (%s MiB in all), batch %d" % (
                 name, fmt(float(frac) * 100, ".0f"), mib(float(budget)) if budget else "?", b), "",
-                "| policy | tokens/s | x lru | hit rate | H2D bytes/token | TTFT ms | peak GPU MiB | PCIe bound tok/s | of bound | note |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                "| policy | tokens/s | x lru | hit rate | H2D bytes/token | TTFT ms | peak GPU MiB | PCIe bound tok/s | of bound "
+                "| host waits ms/step | predictor ms/step | late, wasted | note |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
             for r in ([res] if res else []) + sel:
                 tps = num(r, "tokens_per_s")
                 ratio = tps / lru if tps is not None and lru else None
                 bpt = num(r, "bytes_per_token")
                 pol = r["policy"] + (" (all experts)" if r["policy"] == "resident" else "")
-                lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                per_step = lambda k: r[k] / tokens if r.get(k) is not None else None  # noqa: E731
+                lw = "%d, %d" % (r["late"], r["wasted"]) if r.get("late") is not None and r.get("wasted") is not None else "—"
+                lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
                     pol, fmt(tps, ".1f"), fmt(ratio, ".2f"), fmt(num(r, "hit_rate"), ".3f"), fmt(bpt, ".0f"),
                     fmt(num(r, "ttft_ms"), ".1f"), fmt(r.get("peak_mib"), "d"), fmt(r["bound"], ".0f"),
-                    fmt(r["bound_fraction"], ".2f"), r["note"]))
+                    fmt(r["bound_fraction"], ".2f"), fmt(per_step("waited_ms"), ".3f"),
+                    fmt(per_step("predictor_ms"), ".3f"), lw, r["note"]))
             lines.append("")
 with open(os.path.join(out, "table.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
