@@ -13,21 +13,14 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib-test.sh" "$@"
 fix=$root/tests/fixtures/hf
 
 # st.py: what the test reads from safetensors files and writes as token files (python3, no numpy).
+export HUB_CHECKER=$root/scripts/check-hub-fixture.py
 cat > st.py << 'PY'
-import json, struct, subprocess, sys
+import importlib.util, json, os, struct, sys
 
-def tensors(path):
-    b = open(path, 'rb').read()
-    n = struct.unpack('<Q', b[:8])[0]
-    out = {}
-    for k, v in json.loads(b[8:8 + n]).items():
-        if k == '__metadata__':
-            continue
-        s, e = v['data_offsets']
-        fmt = {'F32': 'f', 'I64': 'q', 'I32': 'i'}[v['dtype']]
-        raw = b[8 + n + s:8 + n + e]
-        out[k] = (v['shape'], struct.unpack('<%d%s' % (len(raw) // struct.calcsize(fmt), fmt), raw))
-    return out
+spec = importlib.util.spec_from_file_location("check_hub_fixture", os.environ["HUB_CHECKER"])
+hub = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(hub)  # its safetensors reader
+tensors = hub.read_safetensors
 
 def row(path, name, r, sep):  # row r of a [R, C] tensor
     shape, vals = tensors(path)[name]
