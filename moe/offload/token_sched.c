@@ -22,7 +22,7 @@ struct moe_token_sched {
     float *scores;                /* [n_moe, max_seqs, pE] the decode rows' prediction */
     int32_t *ptok, *ppos, *pseq;  /* [max_seqs (ctx + 1)] the predictor's list: each row after its history */
     int32_t *prow;                /* [max_seqs] where the decode rows are in that list */
-    int64_t *pidx;                /* [max_seqs] 0, 1, ...: the scored rows, for the paths */
+    int64_t *pidx;                /* [max_seqs] 0, 1, ... (set once): the scored rows, for the paths */
     float *rows;                  /* [max_seqs, V] one forward's logits */
     bool *slot_seen;              /* [max_seqs] */
     bool *expert_seen;            /* [n_layers, E] */
@@ -38,9 +38,9 @@ struct moe_token_sched {
 
 void moe_token_sched_free(moe_token_sched *t) {
     if (!t) return;
-    void *bufs[] = {t->hist, t->next_pos, t->paths, t->scores, t->ptok, t->ppos, t->pseq, t->prow, t->pidx, t->rows, t->slot_seen,
-                    t->expert_seen, t->span_at, t->span_len, t->dec, t->part, t->order, t->dtok, t->dpos,
-                    t->dseq, t->tok, t->pos, t->seq, t->route};
+    void *bufs[] = {t->hist, t->next_pos, t->paths, t->scores, t->ptok, t->ppos, t->pseq, t->prow,
+                    t->pidx, t->rows, t->slot_seen, t->expert_seen, t->span_at, t->span_len, t->dec,
+                    t->part, t->order, t->dtok, t->dpos, t->dseq, t->tok, t->pos, t->seq, t->route};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
     free(t);
 }
@@ -70,6 +70,7 @@ static bool alloc_fixed(moe_token_sched *t) {
     t->expert_seen = alloc_n((size_t)t->n_layers * (size_t)t->E, sizeof *t->expert_seen, &ok);
     int32_t **per_slot[] = {&t->span_at, &t->span_len, &t->dec, &t->part, &t->order, &t->dtok, &t->dpos, &t->dseq};
     for (size_t i = 0; i < sizeof per_slot / sizeof *per_slot; i++) *per_slot[i] = alloc_n(S, sizeof(int32_t), &ok);
+    for (size_t i = 0; ok && i < S; i++) t->pidx[i] = (int64_t)i;
     return ok;
 }
 
@@ -143,7 +144,6 @@ static moe_status predict_paths(moe_token_sched *t, const int32_t *tokens, const
         }
         t->prow[i] = len;
         t->ptok[len] = tokens[i], t->ppos[len] = pos[i], t->pseq[len++] = seq[i];
-        t->pidx[i] = i;
     }
     MOE_TRY(moe_predictor_predict(t->pred, t->ptok, t->ppos, t->pseq, len, t->prow, n, t->scores));
     moe_paths_from_scores(t->scores, t->n_moe, n, t->pE, t->pk, t->pidx, n, t->paths);
