@@ -263,8 +263,8 @@ typedef struct { float lr, momentum, weight_decay, grad_scale; } moe_sgd_attrs;
  * or, !delta (gated linear attention): S_t = alpha_t S_{t-1} + k_t v_t^T (beta unused).
  * DELTA_SCAN: in = {q, k, v, beta, alpha, state0 or NULL (zeros)}; out = o [N, T, H, dv];
  *   out2 = the final state or NULL; ckpt (NULL: skip) = [N, H, ceil(T / chunk), dk, dv] S,
- *   the state before steps 0, chunk, 2 chunk, ...; chunked: the chunked (WY) form (CPU;
- *   CUDA runs the step-by-step form for both), else step by step. Same result either way.
+ *   the state before steps 0, chunk, 2 chunk, ...; chunked: the chunked (WY) form (on CUDA
+ *   for chunks of 2..128 steps), else step by step. Same result either way.
  * DELTA_SCAN_BWD: in = {q, k, v, beta, alpha, g = dL/do}, ckpt from DELTA_SCAN with the same
  *   chunk; out = dq; dk, dv, dbeta, dalpha written fully (dbeta = 0 when !delta), dstate0
  *   (NULL: skip) = dL/d state0. Reverse-time recurrence, states recomputed chunk by chunk. */

@@ -2,8 +2,9 @@
  * DELTA_SCAN_BWD; conventions in core/kernels.h at moe_scan_attrs, reference: the CPU
  * kernels in core/cpu/scan_cpu.c). Storage f32 or bf16, compute and states f32.
  *
- * The recurrence runs step by step (the `chunked` attribute is ignored here: the
- * step-by-step form gives the same result). The delta rule updates the columns of the
+ * With the `chunked` attribute and a chunk of 2..128 steps the forward runs the chunked
+ * form (core/cuda/scan_chunked.cu); otherwise the recurrence runs step by step here, and
+ * the backward always walks it step by step. The delta rule updates the columns of the
  * state S [dk, dv] independently of each other:
  *   u_j = sum_i k_i S_ij, w_j = beta (v_j - alpha u_j) (gla: v_j), S_ij = alpha S_ij + k_i w_j,
  *   o_j = sum_i q_i S_ij,
@@ -23,6 +24,10 @@
  *   dS <- alpha D + k du^T, with S' the state before the step, w~ = v - alpha u and
  *   du = -alpha beta (k.D). */
 #include "core/cuda/cuda_common.cuh"
+
+/* core/cuda/scan_chunked.cu */
+bool moe_cuda_scan_chunked_fits(const moe_scan_attrs *at);
+moe_status moe_cuda_delta_scan_chunked(const moe_kernel_args *a);
 
 #define SCAN_FULL 0xffffffffu
 /* Rows of the state per block: 8 warps of 32 (a thread holds up to 3 x 32 values in registers,
@@ -159,6 +164,7 @@ extern "C" moe_status moe_cuda_delta_scan(const moe_kernel_args *a) {
     if (dk > SCAN_MAX_DK || (dv + 31) / 32 > 65535)
         return moe_error(MOE_ERR_UNSUPPORTED, "delta_scan: key width %lld (at most %d on cuda: use more heads) or value "
                          "width %lld too large", (long long)dk, SCAN_MAX_DK, (long long)dv);
+    if (moe_cuda_scan_chunked_fits(at)) return moe_cuda_delta_scan_chunked(a);
     const int RG = scan_warps(dk);
     const size_t smem = sizeof(float) * 2 * 32 * (size_t)RG;
     const float *s0 = a->in[5] ? (const float *)a->in[5]->data : NULL;

@@ -36,6 +36,15 @@ static moe_tensor *run_big_gla_c20_state(moe_tensor **in) {
     return moe_delta_scan_chunked(scaled(in[0]), scaled(in[1]), in[2], in[3], in[4], s0(in), false, 20, NULL);
 }
 
+/* The CUDA chunked form at a layer's chunk length: T = 150 leaves a partial third chunk. */
+static moe_tensor *run_c64_delta_state(moe_tensor **in) {
+    return moe_delta_scan_chunked(scaled(in[0]), scaled(in[1]), in[2], in[3], in[4], s0(in), true, 64, NULL);
+}
+static moe_tensor *run_c64_gla(moe_tensor **in) {
+    return moe_delta_scan_chunked(scaled(in[0]), scaled(in[1]), in[2], in[3], in[4], NULL, false, 64, NULL);
+}
+#define C64_IN(qspec) qspec, F(4, 2, 150, 2, 64), F(4, 2, 150, 2, 48), U(3, 2, 150, 2), U(3, 2, 150, 2)
+
 /* Sized for the CUDA kernels' tiling: dk = 40 spans two warps of rows (the second partly
  * used), dv = 37 two slices of 32 columns; T = 70 crosses the step-by-step form's
  * checkpoint interval (64) and the backward's sub-chunks. Gradcheck on a sample. */
@@ -52,6 +61,11 @@ static const op_case cases[] = {
      {BIG_IN(F(4, 1, 70, 2, 40)), F(4, 1, 2, 40, 37)}, run_big_delta_state, .grad_samples = 40},
     {"delta_scan", "gla, chunked C=20, state0, dk 40, dv 37, T 70", 6,
      {BIG_IN(F(4, 1, 70, 2, 40)), F(4, 1, 2, 40, 37)}, run_big_gla_c20_state, .grad_samples = 40},
+    {"delta_scan", "delta, chunked C=64, state0, dk 64, dv 48, T 150", 6,
+     {C64_IN(F(4, 2, 150, 2, 64)), F(4, 2, 2, 64, 48)}, run_c64_delta_state, .grad_samples = 30,
+     .grad_tol = 1e-5},
+    {"delta_scan", "gla, chunked C=64, dk 64, dv 48, T 150", 5, {C64_IN(F(4, 2, 150, 2, 64))}, run_c64_gla,
+     .grad_samples = 30, .grad_tol = 1e-5},
 };
 
 const op_case_list cases_scan = {cases, sizeof cases / sizeof *cases};
