@@ -267,7 +267,8 @@ typedef struct { float lr, momentum, weight_decay, grad_scale; } moe_sgd_attrs;
  *   for chunks of 2..128 steps), else step by step. Same result either way.
  * DELTA_SCAN_BWD: in = {q, k, v, beta, alpha, g = dL/do}, ckpt from DELTA_SCAN with the same
  *   chunk; out = dq; dk, dv, dbeta, dalpha written fully (dbeta = 0 when !delta), dstate0
- *   (NULL: skip) = dL/d state0. Reverse-time recurrence, states recomputed chunk by chunk. */
+ *   (NULL: skip) = dL/d state0. Reverse-time recurrence, states recomputed chunk by chunk
+ *   (CUDA with `chunked` and 2..128 steps: the chunked form's own backward). */
 typedef struct {
     bool delta, chunked;
     int64_t chunk;

@@ -2,9 +2,9 @@
  * DELTA_SCAN_BWD; conventions in core/kernels.h at moe_scan_attrs, reference: the CPU
  * kernels in core/cpu/scan_cpu.c). Storage f32 or bf16, compute and states f32.
  *
- * With the `chunked` attribute and a chunk of 2..128 steps the forward runs the chunked
- * form (core/cuda/scan_chunked.cu); otherwise the recurrence runs step by step here, and
- * the backward always walks it step by step. The delta rule updates the columns of the
+ * With the `chunked` attribute and a chunk of 2..128 steps, forward and backward run the
+ * chunked form (core/cuda/scan_chunked.cu, scan_chunked_bwd.cu); otherwise the recurrence
+ * runs step by step here. The delta rule updates the columns of the
  * state S [dk, dv] independently of each other:
  *   u_j = sum_i k_i S_ij, w_j = beta (v_j - alpha u_j) (gla: v_j), S_ij = alpha S_ij + k_i w_j,
  *   o_j = sum_i q_i S_ij,
@@ -28,6 +28,8 @@
 /* core/cuda/scan_chunked.cu */
 bool moe_cuda_scan_chunked_fits(const moe_scan_attrs *at);
 moe_status moe_cuda_delta_scan_chunked(const moe_kernel_args *a);
+/* core/cuda/scan_chunked_bwd.cu */
+moe_status moe_cuda_delta_scan_bwd_chunked(const moe_kernel_args *a);
 
 #define SCAN_FULL 0xffffffffu
 /* Rows of the state per block: 8 warps of 32 (a thread holds up to 3 x 32 values in registers,
@@ -349,6 +351,7 @@ extern "C" moe_status moe_cuda_delta_scan_bwd(const moe_kernel_args *a) {
     if (dk > SCAN_MAX_DK || (dv + 31) / 32 > 65535)
         return moe_error(MOE_ERR_UNSUPPORTED, "delta_scan_bwd: key width %lld (at most %d on cuda: use more heads) or "
                          "value width %lld too large", (long long)dk, SCAN_MAX_DK, (long long)dv);
+    if (moe_cuda_scan_chunked_fits(at)) return moe_cuda_delta_scan_bwd_chunked(a);
     const int RG = scan_warps(dk);
     /* sub-chunk length: as many state slots as fit in 64 KiB (at least one) */
     int64_t L = (64 * 1024) / ((int64_t)RG * 32 * 32 * (int64_t)sizeof(float));

@@ -17,48 +17,8 @@
  * gamma and solves X by forward substitution (one thread per column); two more batched
  * GEMMs give U and Wk; then the chunks run in order, each step four GEMMs batched over the
  * pairs and one scaling of the state; the outputs go back to [N, T, H, dv]. The state before
- * each chunk is the backward's checkpoint (the recurrent backward of scan.cu reads it). */
-#include "core/cuda/cuda_common.cuh"
-
-/* Longest chunk of this form: its prep block holds two [C, C + 1] f32 matrices. */
-#define SCAN_CHUNKED_MAX_C 128
-
-/* Row-major batched GEMM on f32 buffers: C_b = alpha op(A_b) op(B_b) + beta C_b for b < batch,
- * C_b [M, N]; op(A) = A^T when ta (A stored [K, M]), likewise B. */
-static moe_status rm_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
-                          int64_t sA, const float *B, int64_t ldb, int64_t sB, float beta, float *C, int64_t ldc,
-                          int64_t sC, int64_t batch, cublasComputeType_t ct) {
-    /* column-major view: C^T [N, M] = op(B)^T op(A)^T */
-    const cublasOperation_t opA = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opB = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
-    CUBLAS_TRY(cublasGemmStridedBatchedEx_64(moe_cu.blas, opB, opA, N, M, K, &alpha, B, CUDA_R_32F, ldb, sB, A,
-                                             CUDA_R_32F, lda, sA, &beta, C, CUDA_R_32F, ldc, sC, batch, ct,
-                                             CUBLAS_GEMM_DEFAULT),
-               "delta_scan (chunked): [%lld x %lld] @ [%lld x %lld] x %lld", (long long)M, (long long)K, (long long)K,
-               (long long)N, (long long)batch);
-    return MOE_OK;
-}
-
-/* x [N, T, H, d] (storage T) -> xc [N H, nc, C, d] f32, zero rows past T. */
-template <class T>
-__global__ void scan_gather_kernel(const T *x, float *xc, int64_t Tn, int64_t H, int64_t d, int64_t C, int64_t nc,
-                                   int64_t n_all) {
-    CU_GRID_LOOP(i, n_all) {
-        const int64_t col = i % d, row = i / d, r = row % C, b = row / C, c = b % nc, p = b / nc;
-        const int64_t t = c * C + r;
-        xc[i] = t < Tn ? ldf(x + (((p / H) * Tn + t) * H + p % H) * d + col) : 0.0f;
-    }
-}
-
-/* oc [N H, nc, C, dv] f32 -> o [N, T, H, dv] (storage T), rows t < T. */
-template <class T>
-__global__ void scan_scatter_kernel(const float *oc, T *o, int64_t Tn, int64_t H, int64_t d, int64_t C, int64_t nc,
-                                    int64_t n_all) {
-    CU_GRID_LOOP(i, n_all) {
-        const int64_t col = i % d, row = i / d, r = row % C, b = row / C, c = b % nc, p = b / nc;
-        const int64_t t = c * C + r;
-        if (t < Tn) stf(o + (((p / H) * Tn + t) * H + p % H) * d + col, oc[i]);
-    }
-}
+ * each chunk is the backward's checkpoint (core/cuda/scan_chunked_bwd.cu reads it). */
+#include "core/cuda/scan_chunked.cuh"
 
 /* One block per chunk b = p nc + c. In: qk = Q K^T, kk = K K^T (delta) [B, C, C]. Out: qk
  * becomes M o Q K^T; tm = X diag(beta), tg = X diag(beta gamma) (delta); gam [B, C] = gamma;
@@ -68,20 +28,11 @@ __global__ void scan_chunk_prep_kernel(const T *alpha, const T *beta, float *qk,
                                        float *gam, float *rl, float *qc, int64_t Tn, int64_t H, int64_t C, int64_t nc,
                                        int64_t dk, bool delta) {
     extern __shared__ float sm[];
-    const int64_t ld = C + 1, b = blockIdx.x, c = b % nc, p = b / nc, CC = C * C;
+    const int64_t ld = C + 1, b = blockIdx.x, CC = C * C;
     float *R = sm, *X = sm + C * ld, *av = X + C * ld, *bv = av + C;
-    for (int64_t r = threadIdx.x; r < C; r += blockDim.x) {
-        const int64_t t = c * C + r, e = ((p / H) * Tn + t) * H + p % H;
-        av[r] = t < Tn ? ldf(alpha + e) : 1.0f;
-        bv[r] = t < Tn ? ldf(beta + e) : 0.0f;
-    }
+    scan_chunk_load_ab(alpha, beta, av, bv, b, C, nc, Tn, H);
     __syncthreads();
-    for (int64_t r = threadIdx.x; r < C; r += blockDim.x) { /* row r of R by products: an alpha of 0 is exact */
-        float prod = 1.0f;
-        R[r * ld + r] = 1.0f;
-        for (int64_t s = r; s > 0; s--) R[r * ld + s - 1] = prod *= av[s];
-        gam[b * C + r] = prod * av[0];
-    }
+    scan_chunk_decays(av, R, ld, gam + b * C, C);
     __syncthreads();
     float *qkb = qk + b * CC, *tmb = tm + b * CC, *tgb = tg + b * CC;
     for (int64_t i = threadIdx.x; i < CC; i += blockDim.x) {
@@ -97,14 +48,7 @@ __global__ void scan_chunk_prep_kernel(const T *alpha, const T *beta, float *qk,
         if (s < r) R[r * ld + s] *= bv[r] * kk[b * CC + i];
     }
     __syncthreads();
-    /* X = (I + L)^{-1}, unit lower triangular: column j alone, row by row */
-    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
-        for (int64_t r = 0; r < C; r++) {
-            float acc = 0.0f;
-            for (int64_t s = j; s < r; s++) acc += R[r * ld + s] * X[s * ld + j];
-            X[r * ld + j] = r < j ? 0.0f : (r == j ? 1.0f : -acc);
-        }
-    }
+    scan_chunk_unit_lower_inverse(R, X, ld, C);
     __syncthreads();
     for (int64_t i = threadIdx.x; i < CC; i += blockDim.x) {
         const int64_t r = i / C, s = i % C;
@@ -114,14 +58,9 @@ __global__ void scan_chunk_prep_kernel(const T *alpha, const T *beta, float *qk,
     }
 }
 
-/* rows of xc [B, C, d] times v [B, C]. */
-__global__ void scan_scale_rows_kernel(float *xc, const float *v, int64_t d, int64_t n_all) {
-    CU_GRID_LOOP(i, n_all) xc[i] *= v[i / d];
-}
-
 /* S [P, SS] times gamma_{C-1} of chunk c of each pair. */
-__global__ void scan_decay_state_kernel(float *S, const float *gam, int64_t SS, int64_t C, int64_t nc, int64_t c,
-                                        int64_t n_all) {
+static __global__ void scan_decay_state_kernel(float *S, const float *gam, int64_t SS, int64_t C, int64_t nc,
+                                               int64_t c, int64_t n_all) {
     CU_GRID_LOOP(i, n_all) S[i] *= gam[((i / SS) * nc + c) * C + C - 1];
 }
 
