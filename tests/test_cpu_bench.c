@@ -20,8 +20,10 @@ typedef struct bench_output {
 
 /* Runs a case with JSON into memory and splits the lines; recompute: the LM cases'
  * --recompute (NULL: none). */
-static moe_status run_case(const char *name, int scale, const char *recompute, bench_output *res) {
+/* One warm-up-free rep of a case at `scale` on its own device (device < 0) or on `device`. */
+static moe_status run_case_on(const char *name, int scale, int device, const char *recompute, bench_output *res) {
     moe_bench_options o = moe_bench_options_default();
+    o.device = device;
     o.recompute = recompute;
     o.warmup = 0;
     o.reps = 1;
@@ -37,6 +39,10 @@ static moe_status run_case(const char *name, int scale, const char *recompute, b
          l = strtok_r(NULL, "\n", &save))
         res->lines[res->n_lines++] = l;
     return s;
+}
+
+static moe_status run_case(const char *name, int scale, const char *recompute, bench_output *res) {
+    return run_case_on(name, scale, -1, recompute, res);
 }
 
 /* The number after "key": in a JSON line; NAN when the key is missing. */
@@ -138,9 +144,22 @@ static void test_sgemm_cpu(void) {
     free(r.text);
 }
 
+/* The scan case on the CPU (f32), scale 16: 10 sequences of 32 steps, 4 heads of 128; four
+ * phases, the step-by-step and chunked forms, forward and forward + backward. */
+static void test_scan_cpu(void) {
+    bench_output r;
+    CU_ASSERT_EQUAL_FATAL(run_case_on("scan-gpu", 16, MOE_CPU, NULL, &r), MOE_OK);
+    CU_ASSERT_EQUAL_FATAL(r.n_lines, 4);
+    const char *phases[4] = {"step_fwd", "step_fwd_bwd", "chunk_fwd", "chunk_fwd_bwd"};
+    const double flops = 6.0 * 10 * 32 * 4 * 128 * 128;
+    for (int i = 0; i < 4; i++) check_line(r.lines[i], "scan-gpu", phases[i], "cpu", i % 2 ? 3 * flops : flops, 16);
+    free(r.text);
+}
+
 /* Without a device the cuda cases fail cleanly and write nothing; with one they run. */
 static void test_cuda_cases(void) {
-    static const char *names[] = {"moe-layer-gpu", "moe-layer-gpu-fine", "lm-train-gpu", "index-add-gpu", NULL};
+    static const char *names[] = {"moe-layer-gpu", "moe-layer-gpu-fine", "lm-train-gpu", "index-add-gpu", "scan-gpu",
+                                  NULL};
     if (moe_device_available(MOE_CUDA)) {
         check_layer_case("moe-layer-gpu", "cuda", 64, 16384 / 64, 1024, 2816, 2);
         check_layer_case("moe-layer-gpu-fine", "cuda", 64, 16384 / 64, 2048, 1408, 6);
@@ -157,6 +176,9 @@ static void test_cuda_cases(void) {
         CU_ASSERT_EQUAL(num_field(r.lines[0], "bytes"), 1024.0 * 768 * 2 + 4 * 1024 + 2 * 256.0 * 768 * 2);
         double gbs = num_field(r.lines[0], "gb_per_s");
         CU_ASSERT_TRUE(isfinite(gbs) && gbs > 0);
+        free(r.text);
+        CU_ASSERT_EQUAL_FATAL(run_case("scan-gpu", 16, NULL, &r), MOE_OK);
+        CU_ASSERT_EQUAL(r.n_lines, 4);
         free(r.text);
         return;
     }
@@ -205,6 +227,7 @@ static void register_suites(void) {
                                                    {"sgemm_cpu", test_sgemm_cpu},
                                                    {"layer_cpu", test_layer_cpu},
                                                    {"lm_cpu", test_lm_cpu},
+                                                   {"scan_cpu", test_scan_cpu},
                                                    {"cuda_cases", test_cuda_cases},
                                                    {NULL, NULL}});
 }

@@ -24,14 +24,15 @@
 #define AUX_ALPHA 0.01        /* Switch balance loss weight, as bench_reference.py */
 #define INIT_STD 0.02
 
-typedef enum bench_kind { KIND_LAYER, KIND_LM, KIND_GEMM, KIND_INDEX_ADD } bench_kind;
+typedef enum bench_kind { KIND_LAYER, KIND_LM, KIND_GEMM, KIND_INDEX_ADD, KIND_SCAN } bench_kind;
 
 /* Shapes exactly as results/README.md's table (and bench_reference.py's CASES). */
 typedef struct bench_case {
     const char *name;
     bench_kind kind;
     moe_device dev;
-    int V, d, L, H, E, k, f, B, S; /* LM: all; layer: d, E, k, f and T in S; index_add: V, d, rows in S */
+    int V, d, L, H, E, k, f, B, S; /* LM: all; layer: d, E, k, f and T in S; index_add: V, d, rows in S;
+                                    * scan: B sequences of S steps, H heads of width d */
 } bench_case;
 
 static const bench_case CASES[] = {
@@ -43,6 +44,8 @@ static const bench_case CASES[] = {
      .S = 1024},
     {"sgemm", KIND_GEMM, MOE_CPU}, /* n = 2048 f32 on the CPU, 8192 bf16 on cuda */
     {"index-add-gpu", KIND_INDEX_ADD, MOE_CUDA, .V = 256, .d = 768, .S = 16384}, /* the byte-vocab embedding backward */
+    /* the gated delta scan of a MoM layer of configs/ablate-gpu.yaml: 32 sequences x (4 memories + shared) */
+    {"scan-gpu", KIND_SCAN, MOE_CUDA, .d = 128, .H = 4, .B = 160, .S = 512},
 };
 #define N_CASES ((int)(sizeof CASES / sizeof *CASES))
 
@@ -447,6 +450,65 @@ static moe_status bench_index_add(const bench_run *r) {
     return st;
 }
 
+/* ---- the gated delta-rule scan: step by step against the chunked form (chunks of 64) ---- */
+
+typedef struct scan_ctx {
+    moe_tensor *leaf[5]; /* q, k [B, T, H, d], v [B, T, H, d], beta and alpha logits [B, T, H] */
+    bool chunked;
+} scan_ctx;
+
+static moe_tensor *scan_run(scan_ctx *c) {
+    const double s = 1.0 / sqrt((double)c->leaf[0]->shape[3]);
+    moe_tensor *q = moe_mul_scalar(c->leaf[0], s), *k = moe_mul_scalar(c->leaf[1], s);
+    moe_tensor *beta = moe_sigmoid(c->leaf[3]), *alpha = moe_sigmoid(c->leaf[4]);
+    return c->chunked ? moe_delta_scan_chunked(q, k, c->leaf[2], beta, alpha, NULL, true, 64, NULL)
+                      : moe_delta_scan(q, k, c->leaf[2], beta, alpha, NULL, true, NULL);
+}
+
+static moe_status scan_prepare(void *p) {
+    moe_step_reset();
+    return moe_zero_grad(((scan_ctx *)p)->leaf, 5);
+}
+
+static moe_status scan_forward(void *p) {
+    bool was = moe_grad_set_enabled(false);
+    moe_tensor *o = scan_run(p);
+    moe_grad_set_enabled(was);
+    return o ? MOE_OK : moe_last_status();
+}
+
+static moe_status scan_forward_backward(void *p) {
+    moe_tensor *loss = moe_sum_all(scan_run(p));
+    return loss ? moe_backward_freeing(loss) : moe_last_status();
+}
+
+static moe_status bench_scan(const bench_run *r) {
+    const bench_case *k = r->c;
+    const int64_t B = r->B, T = r->T, H = k->H, d = k->d;
+    scan_ctx step = {{NULL}, false};
+    const char *names[5] = {"q", "k", "v", "beta", "alpha"};
+    moe_status st = MOE_OK;
+    for (int i = 0; i < 5 && st == MOE_OK; i++) {
+        int64_t shape[4] = {B, T, H, d};
+        step.leaf[i] = moe_tensor_randn(MOE_LIFE_PERSIST, r->dev, r->dt, i < 3 ? 4 : 3, shape, 11 + (uint64_t)i, 0,
+                                        1.0);
+        if (step.leaf[i]) moe_param_init(step.leaf[i], names[i]);
+        else st = moe_last_status();
+    }
+    scan_ctx chunked = step;
+    chunked.chunked = true;
+    const int64_t flops = 6 * B * T * H * d * d; /* the recurrence's multiply-adds, forward */
+    if (st == MOE_OK) {
+        bench_phase phases[4] = {{"step_fwd", scan_prepare, scan_forward, &step, flops, 0, 0},
+                                 {"step_fwd_bwd", scan_prepare, scan_forward_backward, &step, 3 * flops, 0, 0},
+                                 {"chunk_fwd", scan_prepare, scan_forward, &chunked, flops, 0, 0},
+                                 {"chunk_fwd_bwd", scan_prepare, scan_forward_backward, &chunked, 3 * flops, 0, 0}};
+        st = run_phases(r, phases, 4);
+    }
+    for (int i = 0; i < 5; i++) moe_tensor_free(step.leaf[i]);
+    return st;
+}
+
 moe_status moe_bench_run(const char *case_name, const moe_bench_options *o) {
     MOE_ASSERT(case_name && o && o->out, "moe_bench_run needs a case name, options and an output stream");
     const bench_case *c = NULL;
@@ -454,7 +516,7 @@ moe_status moe_bench_run(const char *case_name, const moe_bench_options *o) {
         if (!strcmp(CASES[i].name, case_name)) c = &CASES[i];
     if (!c)
         return moe_error(MOE_ERR_CONFIG, "moe bench: unknown case '%s' (moe-layer-cpu, lm-step-cpu, moe-layer-gpu, "
-                         "moe-layer-gpu-fine, lm-train-gpu, sgemm, index-add-gpu)", case_name);
+                         "moe-layer-gpu-fine, lm-train-gpu, sgemm, index-add-gpu, scan-gpu)", case_name);
     if (o->reps < 1 || o->reps > MOE_BENCH_MAX_REPS || o->warmup < 0 || o->warmup > MOE_BENCH_MAX_REPS || o->threads < 0 || o->scale < 1)
         return moe_error(MOE_ERR_CONFIG, "moe bench: need 1 <= reps <= %d, 0 <= warmup <= %d, threads >= 0, scale >= 1 "
                          "(got reps %d, warmup %d, threads %d, scale %d)", MOE_BENCH_MAX_REPS, MOE_BENCH_MAX_REPS, o->reps, o->warmup,
@@ -476,6 +538,7 @@ moe_status moe_bench_run(const char *case_name, const moe_bench_options *o) {
     case KIND_LM: return bench_lm(&r);
     case KIND_GEMM: return bench_gemm(&r);
     case KIND_INDEX_ADD: return bench_index_add(&r);
+    case KIND_SCAN: return bench_scan(&r);
     }
     MOE_ASSERT(0, "bad case kind %d", (int)c->kind);
     return MOE_ERR_INVALID;

@@ -5,10 +5,13 @@
  * Cases: moe-layer-cpu, lm-step-cpu (cpu, f32); moe-layer-gpu, moe-layer-gpu-fine,
  * lm-train-gpu (cuda, bf16); sgemm, the machine's matmul ceiling through moe_matmul
  * (cpu: f32 n=2048; cuda: bf16 n=8192); index-add-gpu (cuda, bf16), the embedding
- * backward alone: INDEX_ADD of 16384 rows of width 768 into a 256-row table. Layer cases
+ * backward alone: INDEX_ADD of 16384 rows of width 768 into a 256-row table; scan-gpu (cuda,
+ * bf16), the gated delta-rule scan of a MoM layer (160 sequences of 512 steps, 4 heads of
+ * 128) in the step-by-step form and the chunked form (chunks of 64). Layer cases
  * time "fwd" (grad mode off) and "fwd_bwd" (loss = sum(out * R), backward, input and
  * parameter grads); LM cases time "step" (one whole AdamW step: loss, backward, clip,
- * update, zero grads); sgemm times "gemm", index-add-gpu "index_add". Each figure is the
+ * update, zero grads); sgemm times "gemm", index-add-gpu "index_add", scan-gpu "step_fwd",
+ * "step_fwd_bwd", "chunk_fwd", "chunk_fwd_bwd" (loss = sum(out)). Each figure is the
  * median of `reps` runs after `warmup` runs.
  *
  * Output: one line per figure on `out`. JSON (`json`): the fields of

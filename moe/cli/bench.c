@@ -34,13 +34,13 @@ moe_status moe_bench_parse_args(int argc, char **argv, const char **case_name, m
     moe_status s = MOE_OK;
     if (a.help) {
         moe_args_print_help(o->out, "moe bench CASE [flags]   (cases: moe-layer-cpu, lm-step-cpu, moe-layer-gpu, "
-                            "moe-layer-gpu-fine, lm-train-gpu, sgemm, index-add-gpu)", specs);
+                            "moe-layer-gpu-fine, lm-train-gpu, sgemm, index-add-gpu, scan-gpu)", specs);
         o->help = true;
     } else if (a.n_positional != 1) {
         s = a.n_positional ? moe_error(MOE_ERR_CONFIG, "bench: one case at a time (got '%s' and '%s')", a.positional[0],
                                        a.positional[1])
                            : moe_error(MOE_ERR_CONFIG, "bench: name a case (moe-layer-cpu, lm-step-cpu, moe-layer-gpu, "
-                                       "moe-layer-gpu-fine, lm-train-gpu, sgemm, index-add-gpu)");
+                                       "moe-layer-gpu-fine, lm-train-gpu, sgemm, index-add-gpu, scan-gpu)");
     } else {
         *case_name = a.positional[0];
         if (device) o->device = strcmp(device, "cpu") ? MOE_CUDA : MOE_CPU;
