@@ -25,25 +25,30 @@ static moe_status rm_gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, flo
     return MOE_OK;
 }
 
+/* Element i of a chunk-major buffer [N H, nc, C, d]: its offset in [N, T, H, d], or -1 for a
+ * padding row past T. */
+__device__ inline int64_t scan_chunk_source(int64_t i, int64_t Tn, int64_t H, int64_t d, int64_t C, int64_t nc) {
+    const int64_t col = i % d, row = i / d, b = row / C, p = b / nc, t = (b % nc) * C + row % C;
+    return t < Tn ? (((p / H) * Tn + t) * H + p % H) * d + col : -1;
+}
+
 /* x [N, T, H, d] (storage T) -> xc [N H, nc, C, d] f32, zero rows past T. */
 template <class T>
 __global__ void scan_gather_kernel(const T *x, float *xc, int64_t Tn, int64_t H, int64_t d, int64_t C, int64_t nc,
                                    int64_t n_all) {
     CU_GRID_LOOP(i, n_all) {
-        const int64_t col = i % d, row = i / d, r = row % C, b = row / C, c = b % nc, p = b / nc;
-        const int64_t t = c * C + r;
-        xc[i] = t < Tn ? ldf(x + (((p / H) * Tn + t) * H + p % H) * d + col) : 0.0f;
+        const int64_t e = scan_chunk_source(i, Tn, H, d, C, nc);
+        xc[i] = e >= 0 ? ldf(x + e) : 0.0f;
     }
 }
 
-/* oc [N H, nc, C, dv] f32 -> o [N, T, H, dv] (storage T), rows t < T. */
+/* oc [N H, nc, C, d] f32 -> o [N, T, H, d] (storage T), rows t < T. */
 template <class T>
 __global__ void scan_scatter_kernel(const float *oc, T *o, int64_t Tn, int64_t H, int64_t d, int64_t C, int64_t nc,
                                     int64_t n_all) {
     CU_GRID_LOOP(i, n_all) {
-        const int64_t col = i % d, row = i / d, r = row % C, b = row / C, c = b % nc, p = b / nc;
-        const int64_t t = c * C + r;
-        if (t < Tn) stf(o + (((p / H) * Tn + t) * H + p % H) * d + col, oc[i]);
+        const int64_t e = scan_chunk_source(i, Tn, H, d, C, nc);
+        if (e >= 0) stf(o + e, oc[i]);
     }
 }
 
