@@ -18,9 +18,9 @@ typedef struct bench_output {
     char *lines[MAX_LINES];
 } bench_output;
 
-/* Runs a case with JSON into memory and splits the lines; recompute: the LM cases'
+/* Runs one warm-up-free rep of a case at `scale` on its own device (device < 0) or on
+ * `device`, with JSON into memory, and splits the lines; recompute: the LM cases'
  * --recompute (NULL: none). */
-/* One warm-up-free rep of a case at `scale` on its own device (device < 0) or on `device`. */
 static moe_status run_case_on(const char *name, int scale, int device, const char *recompute, bench_output *res) {
     moe_bench_options o = moe_bench_options_default();
     o.device = device;
@@ -214,10 +214,12 @@ static void test_parse_args(void) {
     CU_ASSERT_EQUAL(moe_bench_parse_args(3, bad_reps, &name, &o), MOE_ERR_CONFIG);
     CU_ASSERT_EQUAL(moe_bench_parse_args(2, bad_opt, &name, &o), MOE_ERR_CONFIG);
     CU_ASSERT_EQUAL(moe_bench_parse_args(1, no_case, &name, &o), MOE_ERR_CONFIG);
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "sgemm, index-add-gpu, scan-gpu)")); /* the list of CASES */
     CU_ASSERT_EQUAL(moe_bench_parse_args(2, two, &name, &o), MOE_ERR_CONFIG);
     CU_ASSERT_EQUAL(moe_bench_parse_args(2, missing, &name, &o), MOE_ERR_CONFIG);
     bench_output r;
     CU_ASSERT_EQUAL(run_case("no-such-case", 1, NULL, &r), MOE_ERR_CONFIG);
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "'no-such-case' (moe-layer-cpu, lm-step-cpu,"));
     CU_ASSERT_EQUAL(r.n_lines, 0);
     free(r.text);
 }

@@ -187,7 +187,7 @@ __global__ void scan_bwd_grad_kernel(const T *alpha, const T *beta, T *dalpha, T
     float *red = db + C, *gm = f.gam + b * C;
     scan_chunk_load_ab(alpha, beta, av, bv, b, C, d.nc, d.Tn, d.H);
     __syncthreads();
-    scan_chunk_decays(av, R, ld, dg, C); /* gamma again, into dg until dgamma replaces it */
+    scan_chunk_decays(av, R, ld, gm, C); /* R again; gamma rewritten with the values the prep block left */
     __syncthreads();
     scan_bwd_row_dots(f, d, ckpt + b * SS, f.ds1 + b * SS, bv, dg, kd, db, red, b);
     __syncthreads();

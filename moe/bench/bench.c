@@ -49,10 +49,12 @@ static const bench_case CASES[] = {
 };
 #define N_CASES ((int)(sizeof CASES / sizeof *CASES))
 
-const char *const *moe_bench_case_names(void) {
-    static const char *names[N_CASES + 1];
-    for (int i = 0; i < N_CASES; i++) names[i] = CASES[i].name;
-    return names;
+void moe_bench_case_list(char *buf, size_t cap) {
+    MOE_ASSERT(cap > 0, "moe_bench_case_list needs room");
+    size_t n = 0;
+    buf[0] = '\0';
+    for (int i = 0; i < N_CASES && n < cap; i++)
+        n += (size_t)snprintf(buf + n, cap - n, "%s%s", i ? ", " : "", CASES[i].name);
 }
 
 moe_bench_options moe_bench_options_default(void) {
@@ -514,9 +516,11 @@ moe_status moe_bench_run(const char *case_name, const moe_bench_options *o) {
     const bench_case *c = NULL;
     for (int i = 0; i < N_CASES; i++)
         if (!strcmp(CASES[i].name, case_name)) c = &CASES[i];
-    if (!c)
-        return moe_error(MOE_ERR_CONFIG, "moe bench: unknown case '%s' (moe-layer-cpu, lm-step-cpu, moe-layer-gpu, "
-                         "moe-layer-gpu-fine, lm-train-gpu, sgemm, index-add-gpu, scan-gpu)", case_name);
+    if (!c) {
+        char list[256];
+        moe_bench_case_list(list, sizeof list);
+        return moe_error(MOE_ERR_CONFIG, "moe bench: unknown case '%s' (%s)", case_name, list);
+    }
     if (o->reps < 1 || o->reps > MOE_BENCH_MAX_REPS || o->warmup < 0 || o->warmup > MOE_BENCH_MAX_REPS || o->threads < 0 || o->scale < 1)
         return moe_error(MOE_ERR_CONFIG, "moe bench: need 1 <= reps <= %d, 0 <= warmup <= %d, threads >= 0, scale >= 1 "
                          "(got reps %d, warmup %d, threads %d, scale %d)", MOE_BENCH_MAX_REPS, MOE_BENCH_MAX_REPS, o->reps, o->warmup,

@@ -54,8 +54,8 @@ typedef struct moe_bench_options {
 /* warmup 3, reps 10, threads 0, scale 1, case defaults, JSON on stdout. */
 moe_bench_options moe_bench_options_default(void);
 
-/* The case names, NULL-terminated. */
-const char *const *moe_bench_case_names(void);
+/* The case names into buf as "a, b, c" (cut to cap). */
+void moe_bench_case_list(char *buf, size_t cap);
 
 /* Runs one case and writes its figures. MOE_ERR_CONFIG for an unknown case or a bad
  * option, MOE_ERR_UNSUPPORTED ("no cuda device ...") when the device is missing,

@@ -3,6 +3,7 @@
  * `tokenize` bench_decode.c and bench_tokenize.c). */
 #include "moe/cli/bench.h"
 
+#include <stdio.h>
 #include <string.h>
 
 #include "core/tensor.h"
@@ -32,15 +33,16 @@ moe_status moe_bench_parse_args(int argc, char **argv, const char **case_name, m
     moe_args a;
     MOE_TRY(moe_args_parse("bench", specs, argc, argv, &a));
     moe_status s = MOE_OK;
+    char cases[256], usage[320];
+    moe_bench_case_list(cases, sizeof cases);
     if (a.help) {
-        moe_args_print_help(o->out, "moe bench CASE [flags]   (cases: moe-layer-cpu, lm-step-cpu, moe-layer-gpu, "
-                            "moe-layer-gpu-fine, lm-train-gpu, sgemm, index-add-gpu, scan-gpu)", specs);
+        snprintf(usage, sizeof usage, "moe bench CASE [flags]   (cases: %s)", cases);
+        moe_args_print_help(o->out, usage, specs);
         o->help = true;
     } else if (a.n_positional != 1) {
         s = a.n_positional ? moe_error(MOE_ERR_CONFIG, "bench: one case at a time (got '%s' and '%s')", a.positional[0],
                                        a.positional[1])
-                           : moe_error(MOE_ERR_CONFIG, "bench: name a case (moe-layer-cpu, lm-step-cpu, moe-layer-gpu, "
-                                       "moe-layer-gpu-fine, lm-train-gpu, sgemm, index-add-gpu, scan-gpu)");
+                           : moe_error(MOE_ERR_CONFIG, "bench: name a case (%s)", cases);
     } else {
         *case_name = a.positional[0];
         if (device) o->device = strcmp(device, "cpu") ? MOE_CUDA : MOE_CPU;
