@@ -167,13 +167,27 @@ _Pragma("omp simd reduction(+:v)")
     return MOE_OK;
 }
 
+/* Row 0 of part [nch, n] += rows 1 .. nch - 1, added in row order: per column the same
+ * sums, in the same order, as a loop down the column, but read row by row (contiguous,
+ * vectorised) with the columns split into blocks over the threads. */
+#define NORM_SUM_COLS 64
+static void norm_sum_rows(double *part, int64_t nch, int64_t n) {
+#pragma omp parallel for schedule(static) if (nch * n > 16384)
+    for (int64_t c0 = 0; c0 < n; c0 += NORM_SUM_COLS) {
+        const int64_t c1 = c0 + NORM_SUM_COLS < n ? c0 + NORM_SUM_COLS : n;
+        for (int64_t ch = 1; ch < nch; ch++)
+#pragma omp simd
+            for (int64_t c = c0; c < c1; c++) part[c] += part[ch * n + c];
+    }
+}
+
 /* Backward of both norms; ns = 1: RMSNorm (stats row = rstd, mean 0), ns = 2: LayerNorm
  * (stats row = mean, rstd). in: g, x, w (NULL = 1), stats. With xh = (x - mean) * rstd and
  * gh = g * w:  gx = rstd * (gh - [ns = 2] mean(gh) - xh * mean(gh * xh)).
  * out2 (when given) += the row sums [sum g * xh; and for ns = 2, sum g]. They are formed
  * in the same pass: each chunk of rows (a size fixed by `rows` alone, so the result does
  * not depend on the thread count) sums into its own double partial, and the partials are
- * then added in chunk order. */
+ * then added in chunk order (norm_sum_rows). */
 static moe_status norm_bwd(const moe_kernel_args *a, int ns, const char *kname) {
     const moe_tensor *g = a->in[0], *x = a->in[1], *w = a->in[2], *st = a->in[3];
     int64_t rows = cpu_rows(x), d = cpu_cols(x);
@@ -217,12 +231,8 @@ _Pragma("omp simd")
         }
         if (part) {
             T *gp = (T *)a->out2->data;
-_Pragma("omp parallel for schedule(static) if (nch * ns * d > 65536)")
-            for (int64_t c = 0; c < ns * d; c++) {
-                double s = 0;
-                for (int64_t ch = 0; ch < nch; ch++) s += part[ch * ns * d + c];
-                gp[c] += (T)s;
-            }
+            norm_sum_rows(part, nch, ns * d);
+            for (int64_t c = 0; c < ns * d; c++) gp[c] += (T)part[c];
         })
     free(part);
     return MOE_OK;
