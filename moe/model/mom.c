@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "core/autograd.h"
+#include "core/memory.h"
 #include "core/ops.h"
 #include "moe/model/moe_layer.h"
 
@@ -151,21 +152,21 @@ static moe_tensor *to_buckets(moe_tensor *x, int64_t B, int64_t T, int64_t P) {
 /* Router gates and the routed mask as dense [B T, P] tensors (the shared memory's column
  * is 1 in both); gate NULL when only the shared memory exists. */
 static moe_status route(moe_mom_layer *L, moe_tensor *x2, moe_dtype compute, bool infer, moe_mom_result *res,
-                        moe_tensor **gate, moe_tensor **mask) {
+                        moe_routing *r, moe_tensor **gate, moe_tensor **mask) {
     *gate = *mask = NULL;
     const int M = L->s.n_memories, k = L->s.top_k;
     if (M == 0) return MOE_OK;
     const int64_t BT = x2->shape[0];
-    moe_routing r; /* inference: the selection alone (no balance loss) */
-    MOE_TRY(infer ? moe_router_select(&L->router, moe_router_logits(&L->router, x2, NULL, NULL), &r)
-                  : moe_router_forward(&L->router, x2, NULL, &r));
-    res->aux_loss = r.aux_loss;
-    res->load = r.load;
+    /* inference: the selection alone (no balance loss) */
+    MOE_TRY(infer ? moe_router_select(&L->router, moe_router_logits(&L->router, x2, NULL, NULL), r)
+                  : moe_router_forward(&L->router, x2, NULL, r));
+    res->aux_loss = r->aux_loss;
+    res->load = r->load;
     moe_tensor *z1 = moe_tensor_zeros(MOE_LIFE_STEP, x2->device, compute, 2, (int64_t[]){BT, M});
     moe_tensor *z2 = moe_tensor_zeros(MOE_LIFE_STEP, x2->device, compute, 2, (int64_t[]){BT, M});
-    moe_tensor *g = moe_scatter_add(z1, r.experts, moe_cast(r.gates, compute));
+    moe_tensor *g = moe_scatter_add(z1, r->experts, moe_cast(r->gates, compute));
     bool was = moe_grad_set_enabled(false);
-    moe_tensor *m = moe_scatter_add(z2, r.experts, ones(x2->device, compute, 2, (int64_t[]){BT, k}));
+    moe_tensor *m = moe_scatter_add(z2, r->experts, ones(x2->device, compute, 2, (int64_t[]){BT, k}));
     moe_grad_set_enabled(was);
     if (L->s.shared) {
         moe_tensor *one = ones(x2->device, compute, 2, (int64_t[]){BT, 1});
@@ -178,59 +179,164 @@ static moe_status route(moe_mom_layer *L, moe_tensor *x2, moe_dtype compute, boo
     return MOE_OK;
 }
 
+/* The projections of one layer call, [B, T, ...] in the compute dtype: q [B, T, H, hd]
+ * (shared by the memories), per memory k, v [B, T, P, H, hd], beta, alpha [B, T, P, H];
+ * gate and mask [B T, P] as route() makes them (NULL without routed memories). */
+typedef struct {
+    int64_t B, T;
+    moe_tensor *q, *k, *v, *beta, *alpha, *gate, *mask;
+} mom_inputs;
+
+/* Inference form: every (sequence, memory) bucket steps from its state; tokens not routed to
+ * a memory leave its state unchanged (delta rule: beta = 0; gated linear attention: k = 0;
+ * both alpha = 1). Returns sum_m g_m o^m, [B, T, H, hd]. */
+static moe_tensor *dense_memories(moe_mom_layer *L, const mom_inputs *in, moe_dtype compute, moe_tensor *state,
+                                  moe_tensor **state_out) {
+    const int64_t B = in->B, T = in->T, H = L->s.n_heads, hd = L->s.d_model / H, P = L->n_mem;
+    moe_dtype sdt = compute == MOE_F64 ? MOE_F64 : MOE_F32;
+    if (state->ndim != 4 || state->shape[0] != B * P || state->dtype != sdt) {
+        char got[160];
+        moe_error(MOE_ERR_INVALID, "mom layer: the recurrent state must be [%lld, %lld, %lld, %lld] %s, got %s",
+                  (long long)(B * P), (long long)H, (long long)hd, (long long)hd, moe_dtype_name(sdt),
+                  moe_tensor_describe(state, got, sizeof got));
+        return NULL;
+    }
+    moe_tensor *k = in->k, *beta = in->beta, *alpha = in->alpha;
+    if (in->mask) {
+        if (L->s.delta) beta = moe_mul(beta, moe_reshape(in->mask, 4, (int64_t[]){B, T, P, 1}));
+        else k = moe_mul(k, moe_reshape(in->mask, 5, (int64_t[]){B, T, P, 1, 1}));
+        alpha = moe_add_scalar(moe_mul(moe_add_scalar(alpha, -1.0), moe_reshape(in->mask, 4, (int64_t[]){B, T, P, 1})),
+                               1.0);
+    }
+    moe_tensor *qn = in->q;
+    if (P > 1)
+        qn = moe_reshape(moe_mul(moe_reshape(in->q, 5, (int64_t[]){B, 1, T, H, hd}),
+                                 ones(in->q->device, compute, 5, (int64_t[]){1, P, 1, 1, 1})),
+                         4, (int64_t[]){B * P, T, H, hd});
+    moe_tensor *o = moe_delta_scan(qn, to_buckets(k, B, T, P), to_buckets(in->v, B, T, P), to_buckets(beta, B, T, P),
+                                   to_buckets(alpha, B, T, P), state, L->s.delta, state_out);
+    moe_tensor *o5 = moe_reshape(o, 5, (int64_t[]){B, P, T, H, hd});
+    if (in->gate)
+        o5 = moe_mul(o5, moe_reshape(moe_permute(moe_reshape(in->gate, 3, (int64_t[]){B, T, P}), (int[]){0, 2, 1}), 5,
+                                     (int64_t[]){B, P, T, 1, 1}));
+    return P > 1 ? moe_sum(o5, 1, false) : moe_reshape(o5, 4, (int64_t[]){B, T, H, hd});
+}
+
+/* Where the training form gathers the routed memories' inputs: for routed memory m and
+ * sequence b, the tokens routed to m in time order, padded to the longest such run T_r
+ * (padding repeats the sequence's first token with pad 0). tok [M B T_r] I32: the token's
+ * row b T + t; mem [M B T_r] I32: its row (b T + t) P + m in the [B T P, ...] views of the
+ * per-memory projections and of the gates; pad [M B T_r, 1] (compute dtype): 1 or 0. */
+typedef struct {
+    int64_t T_r;
+    moe_tensor *tok, *mem, *pad;
+} mom_plan;
+
+static moe_status mom_plan_make(const moe_mom_layer *L, const moe_routing *r, int64_t B, int64_t T, moe_dtype compute,
+                                moe_device dev, mom_plan *pl) {
+    const int64_t M = L->s.n_memories, k = L->s.top_k, P = L->n_mem;
+    int64_t *count = moe_step_host_alloc(sizeof(int64_t) * (size_t)(M * B)), T_r = 1;
+    if (!count) return moe_error(MOE_ERR_OOM, "mom layer: out of host memory for the routing plan");
+    memset(count, 0, sizeof(int64_t) * (size_t)(M * B));
+    for (int64_t i = 0; i < B * T * k; i++)
+        if (!r->valid || r->valid[i]) count[r->host_experts[i] * B + i / k / T]++;
+    for (int64_t j = 0; j < M * B; j++) T_r = count[j] > T_r ? count[j] : T_r;
+    const int64_t n = M * B * T_r;
+    int32_t *tok = moe_step_host_alloc(sizeof(int32_t) * (size_t)(2 * n));
+    float *pad = moe_step_host_alloc(sizeof(float) * (size_t)n);
+    if (!tok || !pad) return moe_error(MOE_ERR_OOM, "mom layer: out of host memory for the routing plan");
+    int32_t *mem = tok + n;
+    for (int64_t j = 0; j < n; j++) { /* padding first: row b T of each bucket */
+        const int64_t m = j / (B * T_r), b = j / T_r % B;
+        tok[j] = (int32_t)(b * T), mem[j] = (int32_t)(b * T * P + m), pad[j] = 0.0f;
+    }
+    memset(count, 0, sizeof(int64_t) * (size_t)(M * B));
+    for (int64_t i = 0; i < B * T * k; i++) { /* tokens in time order within each sequence */
+        if (r->valid && !r->valid[i]) continue;
+        const int64_t row = i / k, m = r->host_experts[i], b = row / T, j = (m * B + b) * T_r + count[m * B + b]++;
+        tok[j] = (int32_t)row, mem[j] = (int32_t)(row * P + m), pad[j] = 1.0f;
+    }
+    pl->T_r = T_r;
+    pl->tok = moe_tensor_from_host(MOE_LIFE_STEP, dev, MOE_I32, 1, &n, tok);
+    pl->mem = moe_tensor_from_host(MOE_LIFE_STEP, dev, MOE_I32, 1, &n, mem);
+    pl->pad = moe_cast(moe_tensor_from_host(MOE_LIFE_STEP, dev, MOE_F32, 2, (int64_t[]){n, 1}, pad), compute);
+    return pl->tok && pl->mem && pl->pad ? MOE_OK : moe_last_status();
+}
+
+/* Rows idx of x seen as [rows, cols], shaped `shape`. */
+static moe_tensor *pick(moe_tensor *x, int64_t rows, int64_t cols, moe_tensor *idx, int ndim, const int64_t *shape) {
+    return moe_reshape(moe_index_select(moe_reshape(x, 2, (int64_t[]){rows, cols}), idx), ndim, shape);
+}
+
+/* Training form, routed memories: each (memory, sequence) bucket holds only the tokens
+ * routed to it (mom_plan), scanned from a zero state by the chunked form; the padding steps
+ * change nothing (delta rule: beta = 0; gated linear attention: k = 0; both alpha = 1) and
+ * their outputs are weighted 0. Returns sum_{m in topk} g_m o^m, [B T, H hd]. */
+static moe_tensor *routed_memories(moe_mom_layer *L, const mom_inputs *in, const mom_plan *pl, moe_dtype compute) {
+    const int64_t H = L->s.n_heads, hd = L->s.d_model / H, P = L->n_mem, BT = in->B * in->T;
+    const int64_t N = L->s.n_memories * in->B, Tr = pl->T_r;
+    const int64_t s4[] = {N, Tr, H, hd}, s3[] = {N, Tr, H};
+    moe_tensor *k = pick(in->k, BT * P, H * hd, pl->mem, 4, s4), *beta = pick(in->beta, BT * P, H, pl->mem, 3, s3);
+    moe_tensor *alpha = pick(in->alpha, BT * P, H, pl->mem, 3, s3), *pad3 = moe_reshape(pl->pad, 3, (int64_t[]){N, Tr, 1});
+    if (L->s.delta) beta = moe_mul(beta, pad3);
+    else k = moe_mul(k, moe_reshape(pl->pad, 4, (int64_t[]){N, Tr, 1, 1}));
+    alpha = moe_add_scalar(moe_mul(moe_add_scalar(alpha, -1.0), pad3), 1.0);
+    moe_tensor *o = moe_delta_scan_chunked(pick(in->q, BT, H * hd, pl->tok, 4, s4), k,
+                                           pick(in->v, BT * P, H * hd, pl->mem, 4, s4), beta, alpha, NULL, L->s.delta,
+                                           L->s.chunk, NULL);
+    moe_tensor *g = moe_mul(moe_index_select(moe_reshape(in->gate, 2, (int64_t[]){BT * P, 1}), pl->mem), pl->pad);
+    moe_tensor *acc = moe_tensor_zeros(MOE_LIFE_STEP, in->q->device, compute, 2, (int64_t[]){BT, H * hd});
+    return moe_index_add(acc, pl->tok, moe_mul(moe_reshape(o, 2, (int64_t[]){N * Tr, H * hd}), g));
+}
+
+/* Memory m's slice of a [B, T, P, ...] projection as a contiguous [B, T, ...rest] tensor. */
+static moe_tensor *memory_slice(moe_tensor *x, int64_t m, int ndim, const int64_t *shape) {
+    if (!x) return NULL;
+    return moe_reshape(x->shape[2] == 1 ? x : moe_contiguous(moe_slice(x, 2, m, m + 1)), ndim, shape);
+}
+
+/* Training form, the shared memory (index n_memories): every token, from a zero state. */
+static moe_tensor *shared_memory(moe_mom_layer *L, const mom_inputs *in) {
+    const int64_t B = in->B, T = in->T, H = L->s.n_heads, hd = L->s.d_model / H, m = L->s.n_memories;
+    const int64_t s4[] = {B, T, H, hd}, s3[] = {B, T, H};
+    return moe_delta_scan_chunked(in->q, memory_slice(in->k, m, 4, s4), memory_slice(in->v, m, 4, s4),
+                                  memory_slice(in->beta, m, 3, s3), memory_slice(in->alpha, m, 3, s3), NULL,
+                                  L->s.delta, L->s.chunk, NULL);
+}
+
+/* Training form: sum_{m in topk} g_m o^m (+ the shared memory's o), [B, T, H, hd]. */
+static moe_tensor *trained_memories(moe_mom_layer *L, const mom_inputs *in, const moe_routing *r, moe_dtype compute) {
+    const int64_t B = in->B, T = in->T, H = L->s.n_heads, hd = L->s.d_model / H;
+    moe_tensor *routed = NULL, *shared = L->s.shared ? shared_memory(L, in) : NULL;
+    if (L->s.n_memories > 0) {
+        mom_plan pl = {0};
+        if (mom_plan_make(L, r, B, T, compute, in->q->device, &pl) != MOE_OK) return NULL;
+        routed = moe_reshape(routed_memories(L, in, &pl, compute), 4, (int64_t[]){B, T, H, hd});
+        if (!routed) return NULL;
+    }
+    return routed && L->s.shared ? moe_add(routed, shared) : routed ? routed : shared;
+}
+
 moe_tensor *moe_mom_layer_forward(moe_mom_layer *L, moe_tensor *x, moe_dtype compute, moe_tensor *state,
                                   moe_tensor **state_out, moe_mom_result *res) {
     memset(res, 0, sizeof *res);
     if (!x) return NULL;
     MOE_ASSERT(x->ndim == 3 && x->shape[2] == L->s.d_model, "mom layer: x must be [B, T, %d]", L->s.d_model);
     const int64_t B = x->shape[0], T = x->shape[1], d = L->s.d_model, H = L->s.n_heads, hd = d / H, P = L->n_mem;
-    moe_device dev = x->device;
 #define CP(t) moe_cast((t), compute)
     moe_tensor *x2 = moe_reshape(x, 2, (int64_t[]){B * T, d});
-    moe_tensor *gate, *mask;
-    if (!x2 || route(L, x2, compute, state != NULL, res, &gate, &mask) != MOE_OK) return NULL;
-
-    moe_tensor *q = l2norm(moe_reshape(moe_matmul(x2, CP(L->w_q)), 4, (int64_t[]){B, T, H, hd}), hd);
-    moe_tensor *k = l2norm(moe_reshape(moe_matmul(x2, CP(L->w_k)), 5, (int64_t[]){B, T, P, H, hd}), hd);
-    moe_tensor *v = moe_reshape(moe_matmul(x2, CP(L->w_v)), 5, (int64_t[]){B, T, P, H, hd});
-    moe_tensor *beta = moe_sigmoid(moe_reshape(moe_matmul(x2, CP(L->w_b)), 4, (int64_t[]){B, T, P, H}));
+    mom_inputs in = {.B = B, .T = T};
+    moe_routing r;
+    if (!x2 || route(L, x2, compute, state != NULL, res, &r, &in.gate, &in.mask) != MOE_OK) return NULL;
+    in.q = l2norm(moe_reshape(moe_matmul(x2, CP(L->w_q)), 4, (int64_t[]){B, T, H, hd}), hd);
+    in.k = l2norm(moe_reshape(moe_matmul(x2, CP(L->w_k)), 5, (int64_t[]){B, T, P, H, hd}), hd);
+    in.v = moe_reshape(moe_matmul(x2, CP(L->w_v)), 5, (int64_t[]){B, T, P, H, hd});
+    in.beta = moe_sigmoid(moe_reshape(moe_matmul(x2, CP(L->w_b)), 4, (int64_t[]){B, T, P, H}));
     moe_tensor *dt = moe_softplus(moe_add(moe_reshape(moe_matmul(x2, CP(L->w_a)), 4, (int64_t[]){B, T, P, H}),
                                           CP(L->dt_bias)));
-    moe_tensor *alpha = moe_exp(moe_neg(moe_mul(dt, moe_exp(CP(L->a_log)))));
-    if (mask) {
-        /* Unrouted tokens leave the memory's state unchanged: alpha = 1 and no write, which
-         * the delta rule gets from beta = 0 ([B, T, P, H], a fraction of k's size) and
-         * gated linear attention (no beta) from k = 0. */
-        if (L->s.delta) beta = moe_mul(beta, moe_reshape(mask, 4, (int64_t[]){B, T, P, 1}));
-        else k = moe_mul(k, moe_reshape(mask, 5, (int64_t[]){B, T, P, 1, 1}));
-        alpha = moe_add_scalar(moe_mul(moe_add_scalar(alpha, -1.0), moe_reshape(mask, 4, (int64_t[]){B, T, P, 1})), 1.0);
-    }
-    moe_tensor *qn = q;
-    if (P > 1)
-        qn = moe_reshape(moe_mul(moe_reshape(q, 5, (int64_t[]){B, 1, T, H, hd}),
-                                 ones(dev, compute, 5, (int64_t[]){1, P, 1, 1, 1})),
-                         4, (int64_t[]){B * P, T, H, hd});
-    moe_tensor *kn = to_buckets(k, B, T, P), *vn = to_buckets(v, B, T, P);
-    moe_tensor *bn = to_buckets(beta, B, T, P), *an = to_buckets(alpha, B, T, P);
-    moe_tensor *o;
-    if (state) {
-        moe_dtype sdt = compute == MOE_F64 ? MOE_F64 : MOE_F32;
-        if (state->ndim != 4 || state->shape[0] != B * P || state->dtype != sdt) {
-            char got[160];
-            moe_error(MOE_ERR_INVALID, "mom layer: the recurrent state must be [%lld, %lld, %lld, %lld] %s, got %s",
-                      (long long)(B * P), (long long)H, (long long)hd, (long long)hd, moe_dtype_name(sdt),
-                      moe_tensor_describe(state, got, sizeof got));
-            return NULL;
-        }
-        o = moe_delta_scan(qn, kn, vn, bn, an, state, L->s.delta, state_out);
-    } else {
-        o = moe_delta_scan_chunked(qn, kn, vn, bn, an, NULL, L->s.delta, L->s.chunk, NULL);
-    }
-    moe_tensor *o5 = moe_reshape(o, 5, (int64_t[]){B, P, T, H, hd});
-    if (gate)
-        o5 = moe_mul(o5, moe_reshape(moe_permute(moe_reshape(gate, 3, (int64_t[]){B, T, P}), (int[]){0, 2, 1}), 5,
-                                     (int64_t[]){B, P, T, 1, 1}));
-    moe_tensor *os = P > 1 ? moe_sum(o5, 1, false) : moe_reshape(o5, 4, (int64_t[]){B, T, H, hd});
+    in.alpha = moe_exp(moe_neg(moe_mul(dt, moe_exp(CP(L->a_log)))));
+    if (!in.q || !in.k || !in.v || !in.beta || !in.alpha) return NULL;
+    moe_tensor *os = state ? dense_memories(L, &in, compute, state, state_out) : trained_memories(L, &in, &r, compute);
     moe_tensor *gt = moe_silu(moe_reshape(moe_matmul(x2, CP(L->w_gate)), 4, (int64_t[]){B, T, H, hd}));
     moe_tensor *y = moe_mul(moe_rmsnorm(os, CP(L->norm), L->s.norm_eps), gt);
     return moe_reshape(moe_matmul(moe_reshape(y, 2, (int64_t[]){B * T, d}), CP(L->w_o)), 3, (int64_t[]){B, T, d});

@@ -9,10 +9,11 @@
  *   (or gated linear attention) over the tokens routed to it, the shared memory over all;
  *   o = sum_{m in topk} g_m q S^m + q S^shared, per-head RMSNorm(o) * silu(x W_gate), then W_o.
  *
- * Training form: one chunked scan over N = B * (M + shared) sequences of length T; the
- * tokens not routed to memory m enter its sequence with k = 0 and alpha = 1, which leaves
- * S^m unchanged (the same recurrence as running each (sequence, memory) bucket alone, at
- * the cost of M full-length scans instead of bucket-length ones). Inference form (a state
+ * Training form: each (sequence, routed memory) bucket holds the tokens routed to it in
+ * time order, padded to the longest bucket with steps that change nothing (beta = 0 and
+ * alpha = 1; gla: k = 0); one chunked scan runs over the B * M buckets, one over the B
+ * sequences for the shared memory, and the routed outputs are added back onto their tokens
+ * weighted by the gates (one host read of the routing per layer). Inference form (a state
  * given): the step-by-step scan continuing from per-(sequence, memory) states
  * [B * (M + shared), H, dk, dv] that the caller keeps (moe/infer: the decode state), the
  * same size however many tokens pass; the layer itself holds no state. */
