@@ -208,22 +208,25 @@ static double train_vs_generate(moe_mom_layer *L, int64_t B, int64_t T, uint64_t
     return sqrt(num / den);
 }
 
-static void check_train_vs_generate(int M, int k, bool shared, bool delta) {
+/* The training form (routed tokens gathered into padded buckets) against the generation
+ * form (every memory steps on every token) on B sequences of T tokens. */
+static void check_train_vs_generate(int M, int k, bool shared, bool delta, int64_t B, int64_t T) {
     moe_mom_layer L;
     moe_mom_settings s = settings(M, k, shared, delta);
     CU_ASSERT_FATAL(moe_mom_layer_init(&L, &s, "t.mom", MOE_CPU, 5, 0.5) == MOE_OK);
-    double e = train_vs_generate(&L, 2, 10, 77);
-    fprintf(stderr, "  M=%d k=%d shared=%d %s: training (chunked, C=3) vs generation relative error %.3g\n", M, k,
-            shared, delta ? "delta" : "gla", e);
+    double e = train_vs_generate(&L, B, T, 77);
+    fprintf(stderr, "  M=%d k=%d shared=%d %s, %lld x %lld tokens: training vs generation relative error %.3g\n", M, k,
+            shared, delta ? "delta" : "gla", (long long)B, (long long)T, e);
     CU_ASSERT(e < 1e-10);
     moe_mom_layer_free(&L);
 }
 
 static void test_layer_train_equals_generate(void) {
-    check_train_vs_generate(3, 2, true, true);
-    check_train_vs_generate(3, 2, true, false);
-    check_train_vs_generate(4, 1, false, true); /* mom_shared = false */
-    check_train_vs_generate(0, 0, true, true);  /* gdn */
+    check_train_vs_generate(8, 1, true, true, 1, 4); /* 4 tokens, 8 memories: empty buckets */
+    check_train_vs_generate(3, 2, true, true, 2, 10);
+    check_train_vs_generate(3, 2, true, false, 2, 10);
+    check_train_vs_generate(4, 1, false, true, 2, 10); /* mom_shared = false */
+    check_train_vs_generate(0, 0, true, true, 2, 10);  /* gdn */
 }
 
 /* The inference state is one fixed-size tensor whatever the number of tokens; the layer

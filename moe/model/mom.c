@@ -277,7 +277,8 @@ static moe_tensor *routed_memories(moe_mom_layer *L, const mom_inputs *in, const
     const int64_t N = L->s.n_memories * in->B, Tr = pl->T_r;
     const int64_t s4[] = {N, Tr, H, hd}, s3[] = {N, Tr, H};
     moe_tensor *k = pick(in->k, BT * P, H * hd, pl->mem, 4, s4), *beta = pick(in->beta, BT * P, H, pl->mem, 3, s3);
-    moe_tensor *alpha = pick(in->alpha, BT * P, H, pl->mem, 3, s3), *pad3 = moe_reshape(pl->pad, 3, (int64_t[]){N, Tr, 1});
+    moe_tensor *alpha = pick(in->alpha, BT * P, H, pl->mem, 3, s3);
+    moe_tensor *pad3 = moe_reshape(pl->pad, 3, (int64_t[]){N, Tr, 1});
     if (L->s.delta) beta = moe_mul(beta, pad3);
     else k = moe_mul(k, moe_reshape(pl->pad, 4, (int64_t[]){N, Tr, 1, 1}));
     alpha = moe_add_scalar(moe_mul(moe_add_scalar(alpha, -1.0), pad3), 1.0);
