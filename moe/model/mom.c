@@ -149,42 +149,46 @@ static moe_tensor *to_buckets(moe_tensor *x, int64_t B, int64_t T, int64_t P) {
     return moe_reshape(moe_permute(x, perm), x->ndim - 1, shape);
 }
 
-/* Router gates and the routed mask as dense [B T, P] tensors (the shared memory's column
- * is 1 in both); gate NULL when only the shared memory exists. */
-static moe_status route(moe_mom_layer *L, moe_tensor *x2, moe_dtype compute, bool infer, moe_mom_result *res,
-                        moe_routing *r, moe_tensor **gate, moe_tensor **mask) {
-    *gate = *mask = NULL;
-    const int M = L->s.n_memories, k = L->s.top_k;
-    if (M == 0) return MOE_OK;
-    const int64_t BT = x2->shape[0];
-    /* inference: the selection alone (no balance loss) */
+/* Runs the router over the M routed memories (no-op without them: r zeroed); the
+ * inference form selects alone (no balance loss). */
+static moe_status route(moe_mom_layer *L, moe_tensor *x2, bool infer, moe_mom_result *res, moe_routing *r) {
+    memset(r, 0, sizeof *r);
+    if (L->s.n_memories == 0) return MOE_OK;
     MOE_TRY(infer ? moe_router_select(&L->router, moe_router_logits(&L->router, x2, NULL, NULL), r)
                   : moe_router_forward(&L->router, x2, NULL, r));
     res->aux_loss = r->aux_loss;
     res->load = r->load;
-    moe_tensor *z1 = moe_tensor_zeros(MOE_LIFE_STEP, x2->device, compute, 2, (int64_t[]){BT, M});
-    moe_tensor *z2 = moe_tensor_zeros(MOE_LIFE_STEP, x2->device, compute, 2, (int64_t[]){BT, M});
+    return MOE_OK;
+}
+
+/* Router gates and the routed mask of the inference form as dense [B T, P] tensors (the
+ * shared memory's column is 1 in both). */
+static moe_status dense_gates(const moe_mom_layer *L, const moe_routing *r, int64_t BT, moe_dtype compute,
+                              moe_device dev, moe_tensor **gate, moe_tensor **mask) {
+    const int M = L->s.n_memories, k = L->s.top_k;
+    moe_tensor *z1 = moe_tensor_zeros(MOE_LIFE_STEP, dev, compute, 2, (int64_t[]){BT, M});
+    moe_tensor *z2 = moe_tensor_zeros(MOE_LIFE_STEP, dev, compute, 2, (int64_t[]){BT, M});
     moe_tensor *g = moe_scatter_add(z1, r->experts, moe_cast(r->gates, compute));
     bool was = moe_grad_set_enabled(false);
-    moe_tensor *m = moe_scatter_add(z2, r->experts, ones(x2->device, compute, 2, (int64_t[]){BT, k}));
+    moe_tensor *m = moe_scatter_add(z2, r->experts, ones(dev, compute, 2, (int64_t[]){BT, k}));
     moe_grad_set_enabled(was);
     if (L->s.shared) {
-        moe_tensor *one = ones(x2->device, compute, 2, (int64_t[]){BT, 1});
+        moe_tensor *one = ones(dev, compute, 2, (int64_t[]){BT, 1});
         g = moe_concat((moe_tensor *[]){g, one}, 2, 1);
         m = moe_concat((moe_tensor *[]){m, one}, 2, 1);
     }
-    if (!g || !m) return moe_last_status();
     *gate = g;
     *mask = m;
-    return MOE_OK;
+    return g && m ? MOE_OK : moe_last_status();
 }
 
 /* The projections of one layer call, [B, T, ...] in the compute dtype: q [B, T, H, hd]
  * (shared by the memories), per memory k, v [B, T, P, H, hd], beta, alpha [B, T, P, H];
- * gate and mask [B T, P] as route() makes them (NULL without routed memories). */
+ * the routing over the M routed memories (zeroed without them). */
 typedef struct {
     int64_t B, T;
-    moe_tensor *q, *k, *v, *beta, *alpha, *gate, *mask;
+    moe_tensor *q, *k, *v, *beta, *alpha;
+    moe_routing r;
 } mom_inputs;
 
 /* Inference form: every (sequence, memory) bucket steps from its state; tokens not routed to
@@ -201,11 +205,12 @@ static moe_tensor *dense_memories(moe_mom_layer *L, const mom_inputs *in, moe_dt
                   moe_tensor_describe(state, got, sizeof got));
         return NULL;
     }
-    moe_tensor *k = in->k, *beta = in->beta, *alpha = in->alpha;
-    if (in->mask) {
-        if (L->s.delta) beta = moe_mul(beta, moe_reshape(in->mask, 4, (int64_t[]){B, T, P, 1}));
-        else k = moe_mul(k, moe_reshape(in->mask, 5, (int64_t[]){B, T, P, 1, 1}));
-        alpha = moe_add_scalar(moe_mul(moe_add_scalar(alpha, -1.0), moe_reshape(in->mask, 4, (int64_t[]){B, T, P, 1})),
+    moe_tensor *k = in->k, *beta = in->beta, *alpha = in->alpha, *gate = NULL, *mask;
+    if (L->s.n_memories > 0) {
+        if (dense_gates(L, &in->r, B * T, compute, in->q->device, &gate, &mask) != MOE_OK) return NULL;
+        if (L->s.delta) beta = moe_mul(beta, moe_reshape(mask, 4, (int64_t[]){B, T, P, 1}));
+        else k = moe_mul(k, moe_reshape(mask, 5, (int64_t[]){B, T, P, 1, 1}));
+        alpha = moe_add_scalar(moe_mul(moe_add_scalar(alpha, -1.0), moe_reshape(mask, 4, (int64_t[]){B, T, P, 1})),
                                1.0);
     }
     moe_tensor *qn = in->q;
@@ -216,8 +221,8 @@ static moe_tensor *dense_memories(moe_mom_layer *L, const mom_inputs *in, moe_dt
     moe_tensor *o = moe_delta_scan(qn, to_buckets(k, B, T, P), to_buckets(in->v, B, T, P), to_buckets(beta, B, T, P),
                                    to_buckets(alpha, B, T, P), state, L->s.delta, state_out);
     moe_tensor *o5 = moe_reshape(o, 5, (int64_t[]){B, P, T, H, hd});
-    if (in->gate)
-        o5 = moe_mul(o5, moe_reshape(moe_permute(moe_reshape(in->gate, 3, (int64_t[]){B, T, P}), (int[]){0, 2, 1}), 5,
+    if (gate)
+        o5 = moe_mul(o5, moe_reshape(moe_permute(moe_reshape(gate, 3, (int64_t[]){B, T, P}), (int[]){0, 2, 1}), 5,
                                      (int64_t[]){B, P, T, 1, 1}));
     return P > 1 ? moe_sum(o5, 1, false) : moe_reshape(o5, 4, (int64_t[]){B, T, H, hd});
 }
@@ -226,10 +231,11 @@ static moe_tensor *dense_memories(moe_mom_layer *L, const mom_inputs *in, moe_dt
  * sequence b, the tokens routed to m in time order, padded to the longest such run T_r
  * (padding repeats the sequence's first token with pad 0). tok [M B T_r] I32: the token's
  * row b T + t; mem [M B T_r] I32: its row (b T + t) P + m in the [B T P, ...] views of the
- * per-memory projections and of the gates; pad [M B T_r, 1] (compute dtype): 1 or 0. */
+ * per-memory projections; slot [M B T_r] I32: its routing slot (row k + j, the row of the
+ * gates seen as [B T k, 1]); pad [M B T_r, 1] (compute dtype): 1 or 0. */
 typedef struct {
     int64_t T_r;
-    moe_tensor *tok, *mem, *pad;
+    moe_tensor *tok, *mem, *slot, *pad;
 } mom_plan;
 
 static moe_status mom_plan_make(const moe_mom_layer *L, const moe_routing *r, int64_t B, int64_t T, moe_dtype compute,
@@ -242,25 +248,26 @@ static moe_status mom_plan_make(const moe_mom_layer *L, const moe_routing *r, in
         if (!r->valid || r->valid[i]) count[r->host_experts[i] * B + i / k / T]++;
     for (int64_t j = 0; j < M * B; j++) T_r = count[j] > T_r ? count[j] : T_r;
     const int64_t n = M * B * T_r;
-    int32_t *tok = moe_step_host_alloc(sizeof(int32_t) * (size_t)(2 * n));
+    int32_t *tok = moe_step_host_alloc(sizeof(int32_t) * (size_t)(3 * n));
     float *pad = moe_step_host_alloc(sizeof(float) * (size_t)n);
     if (!tok || !pad) return moe_error(MOE_ERR_OOM, "mom layer: out of host memory for the routing plan");
-    int32_t *mem = tok + n;
+    int32_t *mem = tok + n, *slot = mem + n;
     for (int64_t j = 0; j < n; j++) { /* padding first: row b T of each bucket */
         const int64_t m = j / (B * T_r), b = j / T_r % B;
-        tok[j] = (int32_t)(b * T), mem[j] = (int32_t)(b * T * P + m), pad[j] = 0.0f;
+        tok[j] = (int32_t)(b * T), mem[j] = (int32_t)(b * T * P + m), slot[j] = (int32_t)(b * T * k), pad[j] = 0.0f;
     }
     memset(count, 0, sizeof(int64_t) * (size_t)(M * B));
     for (int64_t i = 0; i < B * T * k; i++) { /* tokens in time order within each sequence */
         if (r->valid && !r->valid[i]) continue;
         const int64_t row = i / k, m = r->host_experts[i], b = row / T, j = (m * B + b) * T_r + count[m * B + b]++;
-        tok[j] = (int32_t)row, mem[j] = (int32_t)(row * P + m), pad[j] = 1.0f;
+        tok[j] = (int32_t)row, mem[j] = (int32_t)(row * P + m), slot[j] = (int32_t)i, pad[j] = 1.0f;
     }
     pl->T_r = T_r;
     pl->tok = moe_tensor_from_host(MOE_LIFE_STEP, dev, MOE_I32, 1, &n, tok);
     pl->mem = moe_tensor_from_host(MOE_LIFE_STEP, dev, MOE_I32, 1, &n, mem);
+    pl->slot = moe_tensor_from_host(MOE_LIFE_STEP, dev, MOE_I32, 1, &n, slot);
     pl->pad = moe_cast(moe_tensor_from_host(MOE_LIFE_STEP, dev, MOE_F32, 2, (int64_t[]){n, 1}, pad), compute);
-    return pl->tok && pl->mem && pl->pad ? MOE_OK : moe_last_status();
+    return pl->tok && pl->mem && pl->slot && pl->pad ? MOE_OK : moe_last_status();
 }
 
 /* Rows idx of x seen as [rows, cols], shaped `shape`. */
@@ -285,7 +292,8 @@ static moe_tensor *routed_memories(moe_mom_layer *L, const mom_inputs *in, const
     moe_tensor *o = moe_delta_scan_chunked(pick(in->q, BT, H * hd, pl->tok, 4, s4), k,
                                            pick(in->v, BT * P, H * hd, pl->mem, 4, s4), beta, alpha, NULL, L->s.delta,
                                            L->s.chunk, NULL);
-    moe_tensor *g = moe_mul(moe_index_select(moe_reshape(in->gate, 2, (int64_t[]){BT * P, 1}), pl->mem), pl->pad);
+    moe_tensor *gates = moe_reshape(moe_cast(in->r.gates, compute), 2, (int64_t[]){BT * L->s.top_k, 1});
+    moe_tensor *g = moe_mul(moe_index_select(gates, pl->slot), pl->pad);
     moe_tensor *acc = moe_tensor_zeros(MOE_LIFE_STEP, in->q->device, compute, 2, (int64_t[]){BT, H * hd});
     return moe_index_add(acc, pl->tok, moe_mul(moe_reshape(o, 2, (int64_t[]){N * Tr, H * hd}), g));
 }
@@ -306,12 +314,12 @@ static moe_tensor *shared_memory(moe_mom_layer *L, const mom_inputs *in) {
 }
 
 /* Training form: sum_{m in topk} g_m o^m (+ the shared memory's o), [B, T, H, hd]. */
-static moe_tensor *trained_memories(moe_mom_layer *L, const mom_inputs *in, const moe_routing *r, moe_dtype compute) {
+static moe_tensor *trained_memories(moe_mom_layer *L, const mom_inputs *in, moe_dtype compute) {
     const int64_t B = in->B, T = in->T, H = L->s.n_heads, hd = L->s.d_model / H;
     moe_tensor *routed = NULL, *shared = L->s.shared ? shared_memory(L, in) : NULL;
     if (L->s.n_memories > 0) {
         mom_plan pl = {0};
-        if (mom_plan_make(L, r, B, T, compute, in->q->device, &pl) != MOE_OK) return NULL;
+        if (mom_plan_make(L, &in->r, B, T, compute, in->q->device, &pl) != MOE_OK) return NULL;
         routed = moe_reshape(routed_memories(L, in, &pl, compute), 4, (int64_t[]){B, T, H, hd});
         if (!routed) return NULL;
     }
@@ -327,8 +335,7 @@ moe_tensor *moe_mom_layer_forward(moe_mom_layer *L, moe_tensor *x, moe_dtype com
 #define CP(t) moe_cast((t), compute)
     moe_tensor *x2 = moe_reshape(x, 2, (int64_t[]){B * T, d});
     mom_inputs in = {.B = B, .T = T};
-    moe_routing r;
-    if (!x2 || route(L, x2, compute, state != NULL, res, &r, &in.gate, &in.mask) != MOE_OK) return NULL;
+    if (!x2 || route(L, x2, state != NULL, res, &in.r) != MOE_OK) return NULL;
     in.q = l2norm(moe_reshape(moe_matmul(x2, CP(L->w_q)), 4, (int64_t[]){B, T, H, hd}), hd);
     in.k = l2norm(moe_reshape(moe_matmul(x2, CP(L->w_k)), 5, (int64_t[]){B, T, P, H, hd}), hd);
     in.v = moe_reshape(moe_matmul(x2, CP(L->w_v)), 5, (int64_t[]){B, T, P, H, hd});
@@ -337,7 +344,7 @@ moe_tensor *moe_mom_layer_forward(moe_mom_layer *L, moe_tensor *x, moe_dtype com
                                           CP(L->dt_bias)));
     in.alpha = moe_exp(moe_neg(moe_mul(dt, moe_exp(CP(L->a_log)))));
     if (!in.q || !in.k || !in.v || !in.beta || !in.alpha) return NULL;
-    moe_tensor *os = state ? dense_memories(L, &in, compute, state, state_out) : trained_memories(L, &in, &r, compute);
+    moe_tensor *os = state ? dense_memories(L, &in, compute, state, state_out) : trained_memories(L, &in, compute);
     moe_tensor *gt = moe_silu(moe_reshape(moe_matmul(x2, CP(L->w_gate)), 4, (int64_t[]){B, T, H, hd}));
     moe_tensor *y = moe_mul(moe_rmsnorm(os, CP(L->norm), L->s.norm_eps), gt);
     return moe_reshape(moe_matmul(moe_reshape(y, 2, (int64_t[]){B * T, d}), CP(L->w_o)), 3, (int64_t[]){B, T, d});
