@@ -1,6 +1,7 @@
 /* Device availability and synchronisation through the backend table (see device.h). */
 #include "core/device.h"
 
+#include "core/graph.h"
 #include "core/kernels.h"
 
 static moe_status unavailable(moe_device dev, moe_status prior) {
@@ -23,5 +24,6 @@ moe_status moe_device_sync(moe_device dev) {
     moe_error_clear();
     const moe_backend *be = moe_backend_get(dev);
     if (!be) return unavailable(dev, moe_last_status());
+    MOE_TRY(moe_graph_guard(dev, "a wait for the device"));
     return be->sync();
 }

@@ -188,6 +188,15 @@ static moe_status profiled_run(const moe_backend *be, moe_kernel_id k, const moe
     return s;
 }
 
+int moe_profile_level(void) {
+    if (profile_level < 0) {
+        const char *e = getenv("MOE_PROFILE");
+        profile_level = e && *e ? atoi(e) : 0;
+        if (profile_level > 0) atexit(profile_report_at_exit);
+    }
+    return profile_level;
+}
+
 moe_status moe_kernel_run(moe_kernel_id k, const moe_kernel_args *a) {
     const moe_tensor *t = a->out ? a->out : a->in[0];
     MOE_ASSERT(t, "kernel %s without tensors", moe_kernel_names[k]);
@@ -195,11 +204,7 @@ moe_status moe_kernel_run(moe_kernel_id k, const moe_kernel_args *a) {
     if (!be) return moe_error(MOE_ERR_UNSUPPORTED, "no %s backend in this build", moe_device_name(t->device));
     if (!be->kernels[k])
         return moe_error(MOE_ERR_UNSUPPORTED, "kernel %s is not implemented on %s", moe_kernel_names[k], be->name);
-    if (profile_level < 0) {
-        const char *e = getenv("MOE_PROFILE");
-        profile_level = e && *e ? atoi(e) : 0;
-        if (profile_level > 0) atexit(profile_report_at_exit);
-    }
+    moe_profile_level();
     /* what the kernel takes from the step arena for itself goes back when it returns */
     const moe_mem_mark mark = moe_mem_step_mark(t->device);
     if (profile_level <= 0) {

@@ -173,11 +173,21 @@ typedef struct moe_backend {
     int (*mark)(void);
     double (*mark_ms)(int from, int to);
     void (*marks_reset)(void);
+    /* Recording (core/graph.h), NULL where kernels run on the calling thread: capture_begin
+     * records the device's queue instead of running it; capture_end stops, and with keep
+     * instantiates the recording into *exec (else drops it); graph_launch queues *exec's
+     * work; graph_free releases it. */
+    moe_status (*capture_begin)(void);
+    moe_status (*capture_end)(bool keep, void **exec);
+    moe_status (*graph_launch)(void *exec);
+    void (*graph_free)(void *exec);
     moe_kernel_fn kernels[MOE_KERNEL_COUNT];
 } moe_backend;
 
 /* The backend of a device: NULL when it was not built or has no device. */
 const moe_backend *moe_backend_get(moe_device dev);
+/* MOE_PROFILE's level (0: off), read once from the environment. */
+int moe_profile_level(void);
 /* Runs kernel `k` on the device of a.out (or a.in[0]); error when the backend lacks it. */
 moe_status moe_kernel_run(moe_kernel_id k, const moe_kernel_args *a);
 

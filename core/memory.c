@@ -30,6 +30,7 @@ typedef struct arena {
     size_t top_span;   /* the top_used of all chunks together (live blocks and holes) */
     size_t span_peak;  /* most bytes both ends spanned at once since the last reset */
     top_heap heap;     /* the top end's blocks and holes */
+    uint64_t generation; /* counts the times chunks were handed back (addresses moved) */
 } arena;
 
 static arena step_arena[MOE_DEVICE_COUNT];
@@ -168,6 +169,7 @@ static void *arena_alloc(arena *a, size_t asked, moe_device dev, bool host_struc
  * asks more grows it geometrically), or exactly in snug mode. */
 /* Hands every chunk back to its allocator. */
 static void arena_free_chunks(arena *a, moe_device dev, bool host_structs) {
+    if (a->n_chunks) a->generation++;
     for (int i = 0; i < a->n_chunks; i++) {
         if (host_structs) free(a->chunk[i]);
         else backend_free(dev, a->chunk[i]);
@@ -319,6 +321,8 @@ void moe_mem_set_snug(bool on) {
 }
 
 moe_mem_stats moe_mem_get_stats(moe_device dev) { return stats[dev]; }
+
+uint64_t moe_mem_step_generation(moe_device dev) { return step_arena[dev].generation; }
 
 void moe_mem_reset_peaks(moe_device dev) {
     stats[dev].step_peak = stats[dev].step_bytes;

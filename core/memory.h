@@ -6,6 +6,7 @@
 #define MOE_CORE_MEMORY_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "core/tensor.h"
 
@@ -46,6 +47,9 @@ bool moe_mem_step_position(moe_device dev, const void *p, moe_mem_mark *at);
  * otherwise, e.g. for a view of part of a block. For a freeing backward handing back
  * grads nothing will read any more. */
 bool moe_mem_step_give_back(moe_device dev, const void *p, size_t bytes);
+/* Changes whenever dev's step arena hands chunks back to the allocator (so that memory
+ * at a mark may now lie elsewhere); equal generations and marks mean equal addresses. */
+uint64_t moe_mem_step_generation(moe_device dev);
 /* a lies before b in the forward end's fill order. */
 bool moe_mem_mark_before(moe_mem_mark a, moe_mem_mark b);
 

@@ -148,6 +148,14 @@ moe_tensor *moe_attention_varlen(moe_tensor *q, moe_tensor *k, moe_tensor *v, co
 #define MOE_ATTENTION_PAGED_MAX_Q 16
 moe_tensor *moe_attention_paged(moe_tensor *q, moe_tensor *k_pool, moe_tensor *v_pool, moe_tensor *rows,
                                 const int64_t *q_off, const int64_t *k_off, int n_seg, bool causal);
+/* moe_attention_paged with its segments already in a table on the device: seg I32
+ * [2, n_seg + 1] (query offsets, then key offsets into rows, as moe_attention_paged's), read
+ * only by the kernels, so that a recorded graph (core/graph.h) may replay it with new
+ * contents. max_q: the longest segment's queries; max_k bounds every segment's keys (the
+ * grid is sized by it; any bound >= the longest works where max_q <= MOE_ATTENTION_PAGED_MAX_Q,
+ * else it must be the longest). The table's contents are trusted (the caller built them). */
+moe_tensor *moe_attention_paged_table(moe_tensor *q, moe_tensor *k_pool, moe_tensor *v_pool, moe_tensor *rows,
+                                      moe_tensor *seg, int64_t max_q, int64_t max_k, bool causal);
 /* Mean over rows of -log softmax(h @ w^T)[target], computed block by block over the
  * vocabulary without materialising [T, V] logits. h [T, d], w [V, d], targets [T] I32;
  * target -1 is ignored (all ignored: loss 0); any other target outside [0, V) is

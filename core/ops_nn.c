@@ -237,18 +237,32 @@ moe_tensor *moe_attention_paged(moe_tensor *q, moe_tensor *k_pool, moe_tensor *v
                                 const int64_t *q_off, const int64_t *k_off, int n_seg, bool causal) {
     OP_NEED(q, k_pool, v_pool, rows);
     if (!paged_inputs_ok(q, k_pool, v_pool, rows)) return NULL;
-    moe_attention_attrs at = {.causal = causal, .n_seg = n_seg};
-    if (!varlen_offsets_ok(q_off, k_off, n_seg, q->shape[1], rows->shape[0], causal, &at.max_q, &at.max_k)) return NULL;
-    if (at.max_q > MOE_ATTENTION_PAGED_MAX_Q) { /* prefill: gathered keys, the tensor-core kernels */
+    int64_t max_q, max_k;
+    if (!varlen_offsets_ok(q_off, k_off, n_seg, q->shape[1], rows->shape[0], causal, &max_q, &max_k)) return NULL;
+    moe_tensor *seg = segment_table(q, q_off, k_off, n_seg);
+    return seg ? moe_attention_paged_table(q, k_pool, v_pool, rows, seg, max_q, max_k, causal) : NULL;
+}
+
+moe_tensor *moe_attention_paged_table(moe_tensor *q, moe_tensor *k_pool, moe_tensor *v_pool, moe_tensor *rows,
+                                      moe_tensor *seg, int64_t max_q, int64_t max_k, bool causal) {
+    OP_NEED(q, k_pool, v_pool, rows, seg);
+    if (!paged_inputs_ok(q, k_pool, v_pool, rows)) return NULL;
+    bool table = seg->ndim == 2 && seg->shape[0] == 2 && seg->shape[1] >= 2 && seg->dtype == MOE_I32 &&
+                 seg->device == q->device && moe_tensor_is_contiguous(seg);
+    if (!moe_check(table && max_q >= 1 && max_k >= max_q, "attention_paged", "expects a contiguous i32 segment table "
+                   "[2, n_seg + 1] on q's device and bounds 1 <= max_q <= max_k, got %s, %lld, %lld", D(seg),
+                   (long long)max_q, (long long)max_k))
+        return NULL;
+    moe_attention_attrs at = {.causal = causal, .n_seg = seg->shape[1] - 1, .max_q = max_q, .max_k = max_k, .seg = seg};
+    if (max_q > MOE_ATTENTION_PAGED_MAX_Q) { /* prefill: gathered keys, the tensor-core kernels */
         int64_t shape[4] = {1, rows->shape[0], k_pool->shape[1], k_pool->shape[2]};
         moe_tensor *k = moe_reshape(moe_index_select(k_pool, rows), 4, shape);
         moe_tensor *v = moe_reshape(moe_index_select(v_pool, rows), 4, shape);
-        return k && v ? moe_attention_varlen(q, k, v, q_off, k_off, n_seg, causal) : NULL;
+        return k && v && attention_shapes_ok(q, k, v, "attention_paged") ? attention_record(q, k, v, seg, at) : NULL;
     }
     moe_tensor *qc = unit_last_stride(q), *rc = moe_tensor_is_contiguous(rows) ? rows : moe_contiguous(rows);
-    at.seg = segment_table(q, q_off, k_off, n_seg);
     moe_tensor *o = op_new(q, q->dtype, 4, q->shape);
-    if (!qc || !rc || !at.seg || !o) return NULL;
+    if (!qc || !rc || !o) return NULL;
     at.scale = (float)(1.0 / sqrt((double)q->shape[3]));
     OP_RUN(MOE_K_ATTENTION_PAGED, .out = o, .in = {qc, k_pool, v_pool, rc}, .attrs = &at);
     return o;

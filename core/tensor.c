@@ -4,6 +4,7 @@
 #include <stdarg.h>
 #include <string.h>
 
+#include "core/graph.h"
 #include "core/kernels.h"
 #include "core/memory.h"
 #include "core/philox.h"
@@ -148,6 +149,7 @@ moe_tensor *moe_tensor_zeros(moe_lifetime life, moe_device dev, moe_dtype dt, in
 
 moe_tensor *moe_tensor_from_host(moe_lifetime life, moe_device dev, moe_dtype dt, int ndim,
                                  const int64_t *shape, const void *host) {
+    if (moe_graph_guard(dev, "a tensor from host memory") != MOE_OK) return NULL;
     moe_tensor *t = moe_tensor_empty(life, dev, dt, ndim, shape);
     if (!t) return NULL;
     size_t bytes = (size_t)moe_tensor_numel(t) * moe_dtype_size(dt);
@@ -248,6 +250,8 @@ moe_status moe_tensor_copy_(moe_tensor *dst, const moe_tensor *src) {
         return moe_kernel_run(MOE_K_COPY, &args);
     }
     /* Across devices: make src contiguous in its dtype on its device, transfer, then cast/scatter. */
+    MOE_TRY(moe_graph_guard(src->device, "a copy between devices"));
+    MOE_TRY(moe_graph_guard(dst->device, "a copy between devices"));
     const moe_tensor *s = src;
     if (!moe_tensor_is_contiguous(src)) {
         moe_tensor *c = moe_tensor_empty(MOE_LIFE_STEP, src->device, src->dtype, src->ndim, src->shape);
@@ -266,6 +270,13 @@ moe_status moe_tensor_copy_(moe_tensor *dst, const moe_tensor *src) {
     }
     moe_kernel_args args = {.out = dst, .in = {staged}};
     return moe_kernel_run(MOE_K_COPY, &args);
+}
+
+moe_status moe_tensor_write_host(moe_tensor *t, const void *host) {
+    MOE_ASSERT(moe_tensor_is_contiguous(t), "write_host: needs a contiguous tensor");
+    MOE_TRY(moe_graph_guard(t->device, "a write of host data"));
+    size_t bytes = (size_t)moe_tensor_numel(t) * moe_dtype_size(t->dtype);
+    return bytes ? moe_backend_get(t->device)->memcpy_to(t->data, host, bytes, MOE_CPU) : MOE_OK;
 }
 
 moe_tensor *moe_tensor_to(const moe_tensor *t, moe_device dev, moe_lifetime life) {

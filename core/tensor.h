@@ -73,6 +73,9 @@ void moe_tensor_free(moe_tensor *t);
 /* Fills in place (no autograd). */
 moe_status moe_tensor_fill(moe_tensor *t, double value);
 moe_status moe_tensor_copy_(moe_tensor *dst, const moe_tensor *src); /* any strides, dtype cast */
+/* Host data of t's dtype into contiguous t, in stream order (the host buffer may be reused
+ * at once): new contents for a persistent input of a recorded graph. */
+moe_status moe_tensor_write_host(moe_tensor *t, const void *host);
 /* A contiguous copy of `t` on `dev` (same lifetime rules as empty). */
 moe_tensor *moe_tensor_to(const moe_tensor *t, moe_device dev, moe_lifetime life);
 /* Reads the whole tensor into a host double array (test and logging helper). */

@@ -8,6 +8,8 @@
 #include <string.h>
 
 #include "core/autograd.h"
+#include "core/device.h"
+#include "core/graph.h"
 #include "core/memory.h"
 #include "core/ops.h"
 #include "moe/hf/hf_model.h"
@@ -116,6 +118,8 @@ static double decode_vs_full_by(moe_model *m, moe_dtype dt, int T, int prefill, 
     }
     CU_ASSERT_EQUAL(moe_decode_state_seq_len(s, 1), T);
     CU_ASSERT_EQUAL(moe_decode_state_seq_len(s, 0), 0);
+    if (path == MOE_EXPERT_PATH_GATHERED && m->cfg.model.mixer.values[1] == MOE_CFG_MIXER_ATTENTION)
+        CU_ASSERT_PTR_NULL(moe_decoder_graphs_off(d)); /* its steps ran the recordable way */
     moe_decode_state_free(s);
     moe_decoder_close(d);
     free(full);
@@ -179,6 +183,94 @@ static void test_decode_gathered(void) {
     free(grouped);
     free(gathered);
     moe_model_free(&m);
+}
+
+/* Three sequences prefilled together (5, 2 and 11 tokens), then `steps` one-token steps
+ * of the sequences still running (the second stops after 3 steps: batches of 3, then 2),
+ * on decoder d: every step's logits, one after the other, into out. Returns the rows. */
+static int decode_three(moe_decoder *d, int steps, float *out) {
+    moe_decode_state *s;
+    CU_ASSERT_EQUAL_FATAL(moe_decode_state_create(d, 3, 96, &s), MOE_OK);
+    const int lens[3] = {5, 2, 11};
+    int32_t tok[18], pos[18], seq[18];
+    int n = 0, rows = 0;
+    for (int q = 0; q < 3; q++)
+        for (int t = 0; t < lens[q]; t++, n++) tok[n] = tok_at(n, q), pos[n] = t, seq[n] = q;
+    moe_batch b = {.n_tokens = n, .tokens = tok, .pos = pos, .seq = seq, .logits = MOE_LOGITS_LAST};
+    moe_step_reset();
+    CU_ASSERT_EQUAL_FATAL(moe_decoder_forward(d, s, &b, out, NULL), MOE_OK);
+    rows += 3;
+    for (int step = 0; step < steps; step++) {
+        n = 0;
+        for (int q = 0; q < 3; q++) {
+            if (q == 1 && step >= 3) continue;
+            tok[n] = tok_at(step, q + 5), pos[n] = (int32_t)moe_decode_state_seq_len(s, q), seq[n++] = q;
+        }
+        b = (moe_batch){.n_tokens = n, .tokens = tok, .pos = pos, .seq = seq, .logits = MOE_LOGITS_LAST};
+        moe_step_reset();
+        CU_ASSERT_EQUAL_FATAL(moe_decoder_forward(d, s, &b, out + (int64_t)rows * V, NULL), MOE_OK);
+        rows += n;
+    }
+    moe_decode_state_free(s);
+    moe_step_reset();
+    return rows;
+}
+
+/* Recordable decode steps (attention, gathered experts) on the host run through the fixed
+ * inputs under the recording rule (no host data in or out): the same logits, bit for bit,
+ * as op by op, for batches of 3 and then 2 sequences. */
+static void test_recorded_steps(void) {
+    for (int mla = 0; mla < 2; mla++) {
+        moe_config c;
+        small_config(&c, MOE_CFG_MIXER_ATTENTION);
+        if (mla) small_mla(&c);
+        moe_model m;
+        open_model(&m, &c, MOE_F64);
+        moe_decoder *rec, *ops;
+        CU_ASSERT_EQUAL_FATAL(moe_decoder_open(&m, MOE_F64, &rec), MOE_OK);
+        CU_ASSERT_EQUAL_FATAL(moe_decoder_open(&m, MOE_F64, &ops), MOE_OK);
+        moe_decoder_set_expert_path(rec, MOE_EXPERT_PATH_GATHERED);
+        moe_decoder_set_expert_path(ops, MOE_EXPERT_PATH_GATHERED);
+        moe_decoder_set_graphs(ops, false);
+        enum { STEPS = 6, ROWS = 3 + 3 * 3 + 3 * 2 };
+        float *a = malloc(sizeof(float) * ROWS * V), *b = malloc(sizeof(float) * ROWS * V);
+        CU_ASSERT_EQUAL(decode_three(rec, STEPS, a), ROWS);
+        CU_ASSERT_EQUAL(decode_three(ops, STEPS, b), ROWS);
+        CU_ASSERT_EQUAL(memcmp(a, b, sizeof(float) * ROWS * V), 0);
+        if (moe_decoder_graphs_off(rec)) fprintf(stderr, "  recording off: %s\n", moe_decoder_graphs_off(rec));
+        CU_ASSERT_PTR_NULL(moe_decoder_graphs_off(rec));
+        CU_ASSERT_STRING_EQUAL(moe_decoder_graphs_off(ops), "turned off");
+        free(a);
+        free(b);
+        moe_decoder_close(rec);
+        moe_decoder_close(ops);
+        moe_model_free(&m);
+    }
+}
+
+/* While a device records (core/graph.h), host data neither enters nor leaves it and the
+ * host does not wait for it; device ops still run (the CPU runs them at once); a second
+ * recording is refused; after the end every transfer works again. */
+static void test_recording_rule(void) {
+    int32_t host[4] = {1, 2, 3, 4};
+    moe_tensor *t = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_I32, 1, (int64_t[]){4}, host);
+    moe_tensor *x = moe_tensor_zeros(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 1, (int64_t[]){4});
+    CU_ASSERT_EQUAL_FATAL(moe_graph_begin(MOE_CPU), MOE_OK);
+    CU_ASSERT_TRUE(moe_graph_recording(MOE_CPU));
+    CU_ASSERT_EQUAL(moe_graph_begin(MOE_CPU), MOE_ERR_INVALID);
+    CU_ASSERT_PTR_NULL(moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_I32, 1, (int64_t[]){4}, host));
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "while recording"));
+    CU_ASSERT_EQUAL(moe_tensor_write_host(t, host), MOE_ERR_INVALID);
+    CU_ASSERT_EQUAL(moe_device_sync(MOE_CPU), MOE_ERR_INVALID);
+    CU_ASSERT_EQUAL(moe_tensor_fill(x, 2.0), MOE_OK);
+    moe_graph *g = (moe_graph *)&g;
+    CU_ASSERT_EQUAL(moe_graph_end(MOE_CPU, true, &g), MOE_OK);
+    CU_ASSERT_PTR_NULL(g); /* the CPU ran the work as it went */
+    CU_ASSERT_FALSE(moe_graph_recording(MOE_CPU));
+    CU_ASSERT_EQUAL(((float *)x->data)[3], 2.0f);
+    CU_ASSERT_EQUAL(moe_tensor_write_host(t, host), MOE_OK);
+    CU_ASSERT_EQUAL(moe_device_sync(MOE_CPU), MOE_OK);
+    moe_step_reset();
 }
 
 static void check_decode(moe_cfg_mixer mixer, const char *name) {
@@ -720,6 +812,7 @@ static void register_suites(void) {
                                                      {"cached decode == full forward, model features", test_decode_features},
                                                      {"cached decode == full forward, HF fixtures", test_decode_hf_fixtures},
                                                      {"gathered experts: decode and routes", test_decode_gathered},
+                                                     {"recordable steps == op by op", test_recorded_steps},
                                                      {"packed batch == sequences alone, attention", test_packed_attention},
                                                      {"packed batch == sequences alone, mom", test_packed_mom},
                                                      {"paged KV blocks freed and reused", test_paged_reuse},
@@ -728,6 +821,7 @@ static void register_suites(void) {
                                                      {"inference step memory of one sublayer", test_infer_step_memory},
                                                      {NULL, NULL}});
     moe_test_add_suite("seams", (moe_test_entry[]){{"router selection alone", test_router_select},
+                                                    {"recording: no host data in or out", test_recording_rule},
                                                     {"weights cast once", test_cast_view},
                                                     {"model init does not time the experts", test_init_does_not_time},
                                                     {"init for load: zeros, same parameters", test_init_for_load},

@@ -204,8 +204,9 @@ static void test_gathered_equals_grouped(void) {
     CU_ASSERT_EQUAL_FATAL(moe_router_select_device(&L.router, logits, &gates, &experts), MOE_OK);
     CU_ASSERT(rel_err(gates, r.gates) < 1e-15 && rel_err(experts, r.experts) == 0);
     moe_moe_layer_result res;
+    moe_tensor *src = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_I32, 2, (int64_t[]){3, 2}, (int32_t[]){0, 1, 2, 3, 4, 5});
     moe_tensor *grouped = moe_moe_layer_apply(&L, x, &r, MOE_F64, &res),
-               *gathered = moe_moe_layer_apply_gathered(&L, x, gates, experts, MOE_F64);
+               *gathered = moe_moe_layer_apply_gathered(&L, x, gates, experts, src, MOE_F64);
     CU_ASSERT_PTR_NOT_NULL_FATAL(grouped);
     CU_ASSERT_PTR_NOT_NULL_FATAL(gathered);
     CU_ASSERT(rel_err(gathered, grouped) < 1e-12);

@@ -2,7 +2,8 @@
  * decoded with paged KV blocks and recurrent states on the GPU gives the CPU decoder's
  * logits in f32, and in bf16 (weights cast once) comes no further from them than the bf16
  * training forward; a packed prefill of three sequences, then one-token steps of all three.
- * A decode step on the gathered experts gives the grouped path's routes and logits. */
+ * A decode step on the gathered experts gives the grouped path's routes and logits. Decode
+ * steps replayed from recorded graphs give the op-by-op steps' logits. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -182,6 +183,78 @@ static void test_gathered_routes(void) {
     moe_model_free(&m);
 }
 
+/* Prefill lens {7, 3, 250}, then `steps` one-token steps (the second sequence stops after
+ * 4: batches of 3, then 2; the third passes 256 keys, so the recorded steps' key bound
+ * changes) on a fresh state of decoder d: all the steps' logits into out. Returns the rows
+ * written. */
+static int decode_long(moe_decoder *d, int steps, float *out) {
+    moe_decode_state *s;
+    CU_ASSERT_EQUAL_FATAL(moe_decode_state_create(d, 3, 400, &s), MOE_OK);
+    const int plen[3] = {7, 3, 250};
+    int32_t *tok = malloc(sizeof(int32_t) * 260), pos[260], seq[260];
+    int n = 0, rows = 0;
+    for (int q = 0; q < 3; q++)
+        for (int t = 0; t < plen[q]; t++, n++) tok[n] = (int32_t)((n * 11 + 5) % V), pos[n] = t, seq[n] = q;
+    moe_batch b = {.n_tokens = n, .tokens = tok, .pos = pos, .seq = seq, .logits = MOE_LOGITS_LAST};
+    float last[3 * V];
+    moe_step_reset();
+    CU_ASSERT_EQUAL_FATAL(moe_decoder_forward(d, s, &b, last, NULL), MOE_OK);
+    for (int step = 0; step < steps; step++) {
+        int32_t t3[3], p3[3], s3[3];
+        n = 0;
+        for (int q = 0; q < 3; q++) {
+            if (q == 1 && step >= 4) continue;
+            t3[n] = (int32_t)((step * 7 + q * 3 + 1) % V), p3[n] = (int32_t)moe_decode_state_seq_len(s, q), s3[n++] = q;
+        }
+        b = (moe_batch){.n_tokens = n, .tokens = t3, .pos = p3, .seq = s3, .logits = MOE_LOGITS_LAST};
+        moe_step_reset();
+        CU_ASSERT_EQUAL_FATAL(moe_decoder_forward(d, s, &b, last, NULL), MOE_OK);
+        memcpy(out + (int64_t)rows * V, last, sizeof(float) * (size_t)(n * V));
+        rows += n;
+    }
+    free(tok);
+    moe_decode_state_free(s);
+    moe_step_reset();
+    return rows;
+}
+
+/* Decode steps replayed from recorded graphs give the op-by-op steps' logits (f32: within
+ * the attention splits' summation order; bf16: within a few bf16 roundings), MHA and MLA,
+ * batches of 3 and 2, across a change of key bound. */
+static void test_recorded_steps(void) {
+    for (int mla = 0; mla < 2; mla++)
+        for (int bf = 0; bf < 2; bf++) {
+            moe_config c;
+            config(&c, mla, MOE_CUDA);
+            c.model.seq_len = 512;
+            c.model.mixer = (moe_yaml_list){.count = 1, .values = {MOE_CFG_MIXER_ATTENTION}};
+            CU_ASSERT_EQUAL_FATAL(moe_config_validate(&c), MOE_OK);
+            moe_model m;
+            CU_ASSERT_EQUAL_FATAL(moe_model_init(&m, &c, 0, 1), MOE_OK);
+            moe_dtype dt = bf ? MOE_BF16 : MOE_F32;
+            moe_decoder *rec, *ops;
+            CU_ASSERT_EQUAL_FATAL(moe_decoder_open(&m, dt, &rec), MOE_OK);
+            CU_ASSERT_EQUAL_FATAL(moe_decoder_open(&m, dt, &ops), MOE_OK);
+            moe_decoder_set_graphs(ops, false);
+            enum { STEPS = 12, ROWS = 4 * 3 + 8 * 2 };
+            float *a = malloc(sizeof(float) * ROWS * V), *b = malloc(sizeof(float) * ROWS * V);
+            CU_ASSERT_EQUAL(decode_long(rec, STEPS, a), ROWS);
+            CU_ASSERT_EQUAL(decode_long(ops, STEPS, b), ROWS);
+            const char *off = moe_decoder_graphs_off(rec);
+            if (off) fprintf(stderr, "  recording off: %s\n", off);
+            CU_ASSERT_PTR_NULL(off);
+            double e = rel_err(a, b, ROWS * V);
+            fprintf(stderr, "  %s %s: recorded vs op-by-op decode steps %.3g\n", mla ? "mla" : "mha", bf ? "bf16" : "f32",
+                    e);
+            CU_ASSERT(e < (bf ? 3e-2 : 1e-5));
+            free(a);
+            free(b);
+            moe_decoder_close(rec);
+            moe_decoder_close(ops);
+            moe_model_free(&m);
+        }
+}
+
 static void test_mha_gdn(void) { check(false); }
 static void test_mla(void) { check(true); }
 
@@ -190,6 +263,7 @@ static void register_suites(void) {
                                                           {"decode on CUDA == CPU, mla", test_mla},
                                                           {"gathered experts: routes and logits == grouped",
                                                            test_gathered_routes},
+                                                          {"recorded decode steps == op by op", test_recorded_steps},
                                                           {NULL, NULL}});
 }
 

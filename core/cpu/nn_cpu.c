@@ -359,10 +359,10 @@ moe_status moe_cpu_attention(const moe_kernel_args *a) {
  * [R, Hkv, hd] contiguous, in[3] = rows [Tk] I32; out = o [1, Tq, H, hd]; attrs as in
  * ATTENTION with the segment table. The same arithmetic as ATTENTION on the gathered keys. */
 moe_status moe_cpu_attention_paged(const moe_kernel_args *a) {
-    const moe_tensor *rows = a->in[3];
-    const int32_t *r = rows->data;
+    const moe_attention_attrs *at = a->attrs;
+    const int32_t *r = a->in[3]->data, *k_off = (const int32_t *)at->seg->data + at->n_seg + 1;
     const int64_t R = a->in[1]->shape[0];
-    for (int64_t j = 0; j < rows->shape[0]; j++)
+    for (int64_t j = 0; j < k_off[at->n_seg]; j++) /* the rows the segments use (rows may be longer) */
         if (r[j] < 0 || r[j] >= R)
             return moe_error(MOE_ERR_INVALID, "attention_paged: row %d at position %lld is out of range [0, %lld)", r[j],
                              (long long)j, (long long)R);

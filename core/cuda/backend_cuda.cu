@@ -166,6 +166,41 @@ static moe_status cuda_sync(void) {
     return cu_index_fault_check();
 }
 
+/* ---- recording (CUDA graphs) ----
+ * Relaxed capture: the step arena may still call cudaMalloc while a first recording runs
+ * (the recording is then invalidated at the next step by the arena's generation). */
+static moe_status cuda_capture_begin(void) {
+    CU_TRY(cudaStreamBeginCapture(moe_cu.stream, cudaStreamCaptureModeRelaxed), "starting a graph capture");
+    return MOE_OK;
+}
+
+static moe_status cuda_capture_end(bool keep, void **exec) {
+    *exec = NULL;
+    cudaGraph_t graph = NULL;
+    cudaError_t e = cudaStreamEndCapture(moe_cu.stream, &graph);
+    if (!keep || e != cudaSuccess) {
+        if (graph) cudaGraphDestroy(graph);
+        cudaGetLastError(); /* a failed capture leaves its error behind */
+        if (!keep) return MOE_OK;
+        CU_TRY(e, "ending a graph capture");
+    }
+    cudaGraphExec_t g = NULL;
+    e = cudaGraphInstantiate(&g, graph, 0);
+    cudaGraphDestroy(graph);
+    CU_TRY(e, "instantiating a captured graph");
+    *exec = g;
+    return MOE_OK;
+}
+
+static moe_status cuda_graph_launch(void *exec) {
+    CU_TRY(cudaGraphLaunch((cudaGraphExec_t)exec, moe_cu.stream), "launching a graph");
+    return MOE_OK;
+}
+
+static void cuda_graph_free(void *exec) {
+    if (exec) cudaGraphExecDestroy((cudaGraphExec_t)exec);
+}
+
 /* ---- device-side timing marks (MOE_PROFILE=3, 4) ---- */
 static cudaEvent_t *marks;
 static int n_marks, cap_marks;
@@ -212,6 +247,10 @@ static const moe_backend cuda_backend = {
     .mark = cuda_mark,
     .mark_ms = cuda_mark_ms,
     .marks_reset = cuda_marks_reset,
+    .capture_begin = cuda_capture_begin,
+    .capture_end = cuda_capture_end,
+    .graph_launch = cuda_graph_launch,
+    .graph_free = cuda_graph_free,
     .kernels = {
 #define MOE_X_CUDA_ENTRY(ID, name) moe_cuda_##name,
         MOE_KERNEL_LIST(MOE_X_CUDA_ENTRY)

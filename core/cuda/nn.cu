@@ -346,7 +346,9 @@ extern "C" moe_status moe_cuda_attention(const moe_kernel_args *a) {
  * [R, Hkv, hd] through rows. Grid (query-head rows, Hkv, n_seg * n_split): one block per
  * (query, head) row r = query * group + head-in-group of its kv head and per split of the
  * segment's key run (the flash-decoding split: at batch 1 there are only H rows, too few
- * blocks to stream a long cache at the device's rate). The block's PAGED_WARPS warps share
+ * blocks to stream a long cache at the device's rate). The split count comes from max_k
+ * (a bound: a recorded graph replays one grid for many lengths), the split length from
+ * each segment's own keys, read on the device. The block's PAGED_WARPS warps share
  * out the split's keys PAGED_KEYS at a time, each with its own online softmax (lane l
  * holds head dims l E .. l E + E - 1, E = hd / 32 rounded up, a template parameter so that
  * the registers fit the head: a key row is one coalesced vector load per lane when hd is
@@ -363,7 +365,7 @@ struct paged_geom {
     bool causal;
     float scale;
     const int32_t *seg, *rows;
-    int64_t n_seg, n_split, chunk; /* keys per split */
+    int64_t n_seg, n_split; /* a segment's keys are split in n_split runs of whole warp steps */
 };
 
 /* A warp's running softmax state: max m, sum l, accumulator acc (dims lane E + e). */
@@ -469,14 +471,15 @@ __global__ void __launch_bounds__(PAGED_WARPS * 32)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int64_t qi = r / group, h = kvh * group + r % group, hd = g.hd;
     const int64_t klim = g.causal ? min(sg.nk, sg.nk - sg.nq + qi + 1) : sg.nk; /* keys this row sees */
-    const int64_t kbeg = split * g.chunk, kstop = min(klim, kbeg + g.chunk);
+    const int64_t stride = PAGED_WARPS * PAGED_KEYS;
+    const int64_t chunk = ((sg.nk + g.n_split - 1) / g.n_split + stride - 1) / stride * stride; /* this segment's */
+    const int64_t kbeg = split * chunk, kstop = min(klim, kbeg + chunk);
     const T *qrow = q + (sg.q0 + qi) * vq.st + h * vq.sh;
     float qv[E];
 #pragma unroll
     for (int e = 0; e < E; e++) qv[e] = lane * E + e < hd ? ldf(qrow + lane * E + e) : 0.0f;
     paged_state<E> st = {-INFINITY, 0, {}};
     const int32_t *rows = g.rows + sg.k0;
-    const int64_t stride = PAGED_WARPS * PAGED_KEYS;
     int64_t j0 = kbeg + warp * PAGED_KEYS;
     int32_t row = paged_row(rows, j0, kstop, g, fault);
     for (; j0 < kstop; j0 += stride) {
@@ -566,7 +569,7 @@ extern "C" moe_status moe_cuda_attention_paged(const moe_kernel_args *a) {
         return moe_error(MOE_ERR_UNSUPPORTED, "attention_paged: head dim %lld is larger than %d on cuda",
                          (long long)q->shape[3], ATT_MAX_HD);
     paged_geom g = {q->shape[1], q->shape[2], kp->shape[1], q->shape[3], kp->shape[0], at->causal, at->scale,
-                    (const int32_t *)at->seg->data, (const int32_t *)a->in[3]->data, at->n_seg, 1, 0};
+                    (const int32_t *)at->seg->data, (const int32_t *)a->in[3]->data, at->n_seg, 1};
     if (g.Tq == 0) return MOE_OK;
     const int64_t rows = at->max_q * (g.H / g.Hkv);
     g.n_split = paged_splits(rows * g.Hkv * g.n_seg, at->max_k);
@@ -574,8 +577,6 @@ extern "C" moe_status moe_cuda_attention_paged(const moe_kernel_args *a) {
     if (g.n_split < 1 || g.Hkv > 65535 || rows > INT32_MAX)
         return moe_error(MOE_ERR_UNSUPPORTED, "attention_paged: %lld segments or %lld kv heads do not fit the cuda grid",
                          (long long)g.n_seg, (long long)g.Hkv);
-    const int64_t step = PAGED_WARPS * PAGED_KEYS;
-    g.chunk = ((at->max_k + g.n_split - 1) / g.n_split + step - 1) / step * step;
     float *part = NULL, *ml = NULL;
     if (g.n_split > 1) {
         part = (float *)cu_scratch(sizeof(float) * (size_t)(g.n_split * g.Tq * g.H * g.hd));

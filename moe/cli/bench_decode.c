@@ -18,7 +18,8 @@
  * sizes run in the order given; in increasing order each figure is its batch's own).
  * issue_ms_per_step: the host's time per step until the step's last kernel was queued
  * (moe_decode_info.issue_ms): close to ms_per_step, the host holds the step up; well
- * below it, the device does. */
+ * below it, the device does. graphs: on when every timed step ran from a recorded graph
+ * (--graphs on, and a step the decoder can record: moe_decoder_set_graphs). */
 #include "moe/cli/bench_decode.h"
 
 #include <stdio.h>
@@ -42,6 +43,7 @@ typedef struct decode_flags {
     int prompt, tokens, reps;
     bool json;
     const char *experts;
+    const char *graphs; /* on|off: decode steps replayed from recorded graphs */
 } decode_flags;
 
 typedef struct decode_plan {
@@ -57,6 +59,7 @@ typedef struct decode_result {
     double issue_ms; /* host ms per decode step until its last kernel was queued (moe_decode_info) */
     double step_bytes; /* weight bytes read per decode step, mean over the warm-up's steps */
     size_t peak_bytes;
+    bool graphs; /* every timed step ran from a recorded graph */
 } decode_result;
 
 static int cmp_double(const void *a, const void *b) {
@@ -178,9 +181,11 @@ static moe_status bufs_alloc(decode_bufs *b, const moe_model *m, int B, int P) {
     return moe_error(MOE_ERR_OOM, "bench decode: out of host memory for a batch of %d x %d tokens", B, P);
 }
 
-/* Per-run times in ms: the prefill, a decode step, the host's issue time of a step. */
+/* Per-run times in ms: the prefill, a decode step, the host's issue time of a step; and
+ * whether every step ran from a recorded graph. */
 typedef struct run_times {
     double prefill, step, issue;
+    bool recorded;
 } run_times;
 
 /* One run: the prefill of B prompts, then N - 1 greedy steps. With `bytes` (the warm-up)
@@ -203,6 +208,7 @@ static moe_status decode_run(const decode_flags *f, moe_decoder *dec, int B, dec
     moe_profile_report(title); /* MOE_PROFILE: the prefill's window apart from the steps' */
     moe_decode_info info = {.route_ids = bytes ? bf->route : NULL};
     double routed = 0, issue = 0;
+    rt->recorded = true;
     t0 = moe_clock_ms();
     for (int step = 0; step + 1 < f->tokens && s == MOE_OK; step++) {
         moe_argmax_rows(bf->logits, B, V, bf->tok);
@@ -211,6 +217,7 @@ static moe_status decode_run(const decode_flags *f, moe_decoder *dec, int B, dec
         moe_step_reset();
         s = moe_decoder_forward(dec, st, &b, bf->logits, &info);
         issue += info.issue_ms;
+        rt->recorded = rt->recorded && info.recorded;
         if (s == MOE_OK && bytes) routed += routed_bytes(v, bf->route, B, bf->seen);
     }
     int steps = f->tokens - 1;
@@ -234,6 +241,7 @@ static moe_status bench_batch(const decode_flags *f, const decode_plan *p, moe_d
     for (int i = 0; i < f->reps && s == MOE_OK; i++) {
         s = decode_run(f, dec, B, &bf, &rt, NULL);
         pre[i] = rt.prefill, step[i] = rt.step, issue[i] = rt.issue;
+        r->graphs = rt.recorded;
     }
     if (s == MOE_OK) {
         r->prefill_ms = median(pre, f->reps);
@@ -260,15 +268,15 @@ static void print_result(const decode_flags *f, const decode_plan *p, int B, con
                moe_device_name(p->dev), moe_dtype_name(p->dtype));
         printf("{\"kind\":\"DECODE\",\"impl\":\"%s\",\"batch\":%d,\"tokens_per_s\":%.2f,\"ms_per_step\":%.4f,"
                "\"bound_fraction\":%.4f,\"peak_bytes\":%zu,\"step_bytes\":%.0f,\"copy_bytes_per_s\":%.0f,"
-               "\"issue_ms_per_step\":%.4f,\"device\":\"%s\",\"dtype\":\"%s\"}\n", impl, B, tps, r->step_ms, bound,
-               r->peak_bytes, r->step_bytes, p->copy_bytes_per_s, r->issue_ms, moe_device_name(p->dev),
-               moe_dtype_name(p->dtype));
+               "\"issue_ms_per_step\":%.4f,\"graphs\":%s,\"device\":\"%s\",\"dtype\":\"%s\"}\n", impl, B, tps,
+               r->step_ms, bound, r->peak_bytes, r->step_bytes, p->copy_bytes_per_s, r->issue_ms,
+               r->graphs ? "true" : "false", moe_device_name(p->dev), moe_dtype_name(p->dtype));
     } else {
         printf("PREFILL impl=%s batch=%d tokens=%d ms=%.3f tokens_per_s=%.2f peak_bytes=%zu\n", impl, B, T, r->prefill_ms,
                ptps, r->peak_bytes);
         printf("DECODE impl=%s batch=%d tokens_per_s=%.2f ms_per_step=%.4f bound_fraction=%.4f peak_bytes=%zu "
-               "step_bytes=%.0f copy_gb_per_s=%.2f issue_ms_per_step=%.4f\n", impl, B, tps, r->step_ms, bound,
-               r->peak_bytes, r->step_bytes, p->copy_bytes_per_s / 1e9, r->issue_ms);
+               "step_bytes=%.0f copy_gb_per_s=%.2f issue_ms_per_step=%.4f graphs=%s\n", impl, B, tps, r->step_ms, bound,
+               r->peak_bytes, r->step_bytes, p->copy_bytes_per_s / 1e9, r->issue_ms, r->graphs ? "on" : "off");
     }
     fflush(stdout);
 }
@@ -303,6 +311,7 @@ static moe_status bench_decode(const decode_flags *f) {
     double t0 = moe_clock_ms();
     if (s == MOE_OK) s = moe_source_decoder_open(&src, &dec);
     if (s == MOE_OK) moe_decoder_set_expert_path(dec, moe_cli_expert_path(f->experts));
+    if (s == MOE_OK) moe_decoder_set_graphs(dec, !f->graphs || strcmp(f->graphs, "off") != 0);
     if (s == MOE_OK)
         fprintf(stderr, "bench decode: %s on %s %s (view made in %.0f ms), prompt %d, %d new tokens, %d timed runs, "
                 "copy rate %.1f GB/s\n", src.name, moe_device_name(p.dev), moe_dtype_name(p.dtype), moe_clock_ms() - t0,
@@ -329,6 +338,9 @@ int moe_cmd_bench_decode(int argc, char **argv) {
          &f.reps},
         {"--json", MOE_FLAG_BOOL, NULL, 0, 0, NULL, "JSON lines instead of PREFILL / DECODE lines", &f.json},
         {"--experts", MOE_FLAG_STRING, "PATH", 0, 0, "auto|grouped|gathered", MOE_CLI_EXPERTS_HELP, &f.experts},
+        {"--graphs", MOE_FLAG_STRING, "on|off", 0, 0, "on|off",
+         "decode steps of one token per sequence replayed from recorded graphs where the forward allows it (on)",
+         &f.graphs},
         {0}};
     moe_args a;
     int rc = moe_cli_parse("bench decode", "moe bench decode --model DIR | --checkpoint FILE [flags]", specs, argc, argv,

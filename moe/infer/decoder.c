@@ -9,6 +9,7 @@
 
 #include "core/autograd.h"
 #include "core/fileio.h"
+#include "core/graph.h"
 #include "core/memory.h"
 #include "core/ops.h"
 
@@ -17,6 +18,9 @@ struct moe_decoder {
     moe_model view; /* m's weights in the compute dtype (moe_model_cast_view) */
     const moe_expert_provider *provider; /* installed on view's MoE layers, or NULL: all resident */
     moe_expert_path experts;             /* moe_forward.experts of every forward */
+    moe_tensor *assign_rows;             /* moe_forward.assign_rows (PERSIST, on the view's device) */
+    bool graphs;                         /* decode steps may replay recorded graphs */
+    char graphs_off[256];                /* why recording was given up ("" while it works) */
 };
 
 /* One sequence slot: its KV block table and where it stands. */
@@ -42,8 +46,15 @@ struct moe_decode_state {
     int n_spans;
     moe_tensor *kv_write;      /* I32 [T]: the pool row of each new token */
     moe_tensor *kv_read;       /* I32 [K]: the pool rows of every position of each span's sequence, span after span */
-    int64_t *kv_off;           /* [n_spans + 1] offsets of the spans' rows in kv_read */
+    moe_tensor *kv_seg;        /* I32 [2, n_spans + 1]: the spans' query offsets, then their offsets in kv_read */
+    int64_t kv_max_k;          /* the longest span's keys, or a bound on them (recorded steps) */
     moe_tensor **staged;       /* [n_layers * n_spans] recurrent states after each span */
+    /* recorded decode steps (one token per sequence): inputs at fixed addresses, rewritten
+     * before each launch, and one graph per batch size */
+    moe_tensor *in_ids, *in_pos, *in_write, *in_seg, *in_rows; /* I32 [max_seqs] x 3, [2 (max_seqs + 1)], [pool rows] */
+    moe_tensor *out_logits;    /* F32 [max_seqs V] */
+    moe_graph **graphs;        /* [max_seqs]: by batch size - 1, or NULL */
+    int64_t *graph_bound;      /* [max_seqs]: the key bound each graph's attention grid was sized for */
 };
 
 moe_status moe_decoder_open(moe_model *m, moe_dtype dtype, moe_decoder **out) {
@@ -63,6 +74,12 @@ moe_status moe_decoder_open_with(moe_model *m, const moe_decoder_options *o, moe
         free(d);
         return s;
     }
+    d->assign_rows = moe_model_assign_rows(&d->view);
+    if (!d->assign_rows) {
+        moe_decoder_close(d);
+        return moe_last_status();
+    }
+    d->graphs = true;
     d->provider = o->provider;
     for (int i = 0; d->provider && i < d->view.cfg.model.n_layers; i++)
         if (!d->view.blocks[i].dense) moe_moe_layer_set_provider(&d->view.blocks[i].moe, d->provider, i);
@@ -79,8 +96,19 @@ const moe_model *moe_decoder_view(const moe_decoder *d) { return &d->view; }
 
 void moe_decoder_set_expert_path(moe_decoder *d, moe_expert_path path) { d->experts = path; }
 
+void moe_decoder_set_graphs(moe_decoder *d, bool on) {
+    d->graphs = on;
+    d->graphs_off[0] = '\0';
+}
+
+const char *moe_decoder_graphs_off(const moe_decoder *d) {
+    if (!d->graphs) return "turned off";
+    return d->graphs_off[0] ? d->graphs_off : NULL;
+}
+
 void moe_decoder_close(moe_decoder *d) {
     if (!d) return;
+    moe_tensor_free(d->assign_rows);
     moe_model_cast_view_free(&d->view, d->m);
     free(d);
 }
@@ -147,6 +175,11 @@ void moe_decode_state_free(moe_decode_state *s) {
         if (s->rec) moe_tensor_free(s->rec[i]);
     }
     for (int q = 0; s->seqs && q < s->max_seqs; q++) free(s->seqs[q].blocks);
+    for (int b = 0; s->graphs && b < s->max_seqs; b++) moe_graph_free(s->graphs[b]);
+    moe_tensor *ins[] = {s->in_ids, s->in_pos, s->in_write, s->in_seg, s->in_rows, s->out_logits};
+    for (size_t i = 0; i < sizeof ins / sizeof *ins; i++) moe_tensor_free(ins[i]);
+    free(s->graphs);
+    free(s->graph_bound);
     free(s->k_pool);
     free(s->v_pool);
     free(s->rec);
@@ -241,26 +274,49 @@ static int32_t pool_row(const seq_slot *q, int64_t p) {
     return q->blocks[p / MOE_KV_BLOCK] * MOE_KV_BLOCK + (int32_t)(p % MOE_KV_BLOCK);
 }
 
-/* The forward's KV rows (kv_write, kv_read, kv_off), once for all attention layers; the
- * spans' blocks are reserved. */
-static moe_status plan_kv_rows(moe_decode_state *s, const moe_span *spans, int64_t n_tokens) {
-    int64_t *off = moe_step_host_alloc(sizeof *off * (size_t)(s->n_spans + 1));
-    if (!off) return moe_error(MOE_ERR_OOM, "decoder: out of host memory");
-    off[0] = 0;
-    for (int j = 0; j < s->n_spans; j++) off[j + 1] = off[j] + s->seqs[s->span_seq[j]].len + spans[j].len;
-    int32_t *wr = moe_step_host_alloc(sizeof *wr * (size_t)n_tokens);
-    int32_t *rd = moe_step_host_alloc(sizeof *rd * (size_t)off[s->n_spans]);
-    if (!wr || !rd) return moe_error(MOE_ERR_OOM, "decoder: out of host memory");
-    for (int j = 0; j < s->n_spans; j++) {
-        const seq_slot *q = &s->seqs[s->span_seq[j]];
-        for (int64_t t = 0; t < spans[j].len; t++) wr[spans[j].begin + t] = pool_row(q, q->len + t);
-        for (int64_t p = 0; p < off[j + 1] - off[j]; p++) rd[off[j] + p] = pool_row(q, p);
+/* The forward's KV tables on the host, once for all attention layers (the spans' blocks
+ * are reserved): wr [T] the pool row of each new token, rd [K] the pool rows of every
+ * position of each span's sequence, span after span, seg [2, n_spans + 1] the spans' query
+ * offsets and then their offsets in rd; *max_k the longest span's keys. */
+typedef struct kv_tables {
+    int32_t *wr, *rd, *seg;
+    int64_t K, max_k;
+} kv_tables;
+
+static moe_status plan_kv_tables(const moe_decode_state *s, const moe_span *spans, int64_t n_tokens, kv_tables *t) {
+    int n = s->n_spans;
+    t->seg = moe_step_host_alloc(sizeof *t->seg * 2 * (size_t)(n + 1));
+    t->wr = moe_step_host_alloc(sizeof *t->wr * (size_t)n_tokens);
+    if (!t->seg || !t->wr) return moe_error(MOE_ERR_OOM, "decoder: out of host memory");
+    int32_t *q_off = t->seg, *k_off = t->seg + n + 1;
+    t->K = t->max_k = 0;
+    for (int j = 0; j < n; j++) {
+        int64_t keys = s->seqs[s->span_seq[j]].len + spans[j].len;
+        q_off[j] = (int32_t)spans[j].begin;
+        k_off[j] = (int32_t)t->K;
+        t->K += keys;
+        t->max_k = keys > t->max_k ? keys : t->max_k;
     }
+    q_off[n] = (int32_t)n_tokens;
+    k_off[n] = (int32_t)t->K;
+    t->rd = moe_step_host_alloc(sizeof *t->rd * (size_t)(t->K ? t->K : 1));
+    if (!t->rd) return moe_error(MOE_ERR_OOM, "decoder: out of host memory");
+    for (int j = 0; j < n; j++) {
+        const seq_slot *q = &s->seqs[s->span_seq[j]];
+        for (int64_t i = 0; i < spans[j].len; i++) t->wr[spans[j].begin + i] = pool_row(q, q->len + i);
+        for (int64_t p = 0; p < k_off[j + 1] - k_off[j]; p++) t->rd[k_off[j] + p] = pool_row(q, p);
+    }
+    return MOE_OK;
+}
+
+/* The KV tables as STEP tensors of this forward. */
+static moe_status upload_kv_tables(moe_decode_state *s, const kv_tables *t, int64_t n_tokens) {
     moe_device dev = s->d->view.dev;
-    s->kv_write = moe_tensor_from_host(MOE_LIFE_STEP, dev, MOE_I32, 1, (int64_t[]){n_tokens}, wr);
-    s->kv_read = moe_tensor_from_host(MOE_LIFE_STEP, dev, MOE_I32, 1, (int64_t[]){off[s->n_spans]}, rd);
-    s->kv_off = off;
-    return s->kv_write && s->kv_read ? MOE_OK : moe_last_status();
+    s->kv_write = moe_tensor_from_host(MOE_LIFE_STEP, dev, MOE_I32, 1, (int64_t[]){n_tokens}, t->wr);
+    s->kv_read = moe_tensor_from_host(MOE_LIFE_STEP, dev, MOE_I32, 1, (int64_t[]){t->K}, t->rd);
+    s->kv_seg = moe_tensor_from_host(MOE_LIFE_STEP, dev, MOE_I32, 2, (int64_t[]){2, s->n_spans + 1}, t->seg);
+    s->kv_max_k = t->max_k;
+    return s->kv_write && s->kv_read && s->kv_seg ? MOE_OK : moe_last_status();
 }
 
 /* x [1, T, Hc, Dc] into pool [R, Hc, Dc]'s write rows; both as matrices of Hc Dc columns,
@@ -277,7 +333,8 @@ static moe_status cache_kv(void *ctx, int layer, moe_tensor *k, moe_tensor *v, m
     moe_decode_state *s = ctx;
     MOE_TRY(write_rows(s, s->k_pool[layer], k));
     MOE_TRY(write_rows(s, s->v_pool[layer], v));
-    *out = (moe_kv_pages){.k_pool = s->k_pool[layer], .v_pool = s->v_pool[layer], .rows = s->kv_read, .k_off = s->kv_off};
+    *out = (moe_kv_pages){.k_pool = s->k_pool[layer], .v_pool = s->v_pool[layer], .rows = s->kv_read, .seg = s->kv_seg,
+                          .max_k = s->kv_max_k};
     return MOE_OK;
 }
 
@@ -315,9 +372,10 @@ static moe_status commit(moe_decode_state *s, const moe_span *spans) {
 
 /* ---- the forward ---- */
 
-/* Rows of hidden [N, d] to project: every token, or each span's last. */
+/* Rows of hidden [N, d] to project: every token, or each span's last (every token again
+ * when each span is one token). */
 static moe_tensor *logit_rows(moe_tensor *hidden, const moe_batch *b, const moe_span *spans, int n_spans) {
-    if (b->logits == MOE_LOGITS_ALL) return hidden;
+    if (b->logits == MOE_LOGITS_ALL || n_spans == b->n_tokens) return hidden;
     int32_t *rows = moe_step_host_alloc(sizeof *rows * (size_t)n_spans);
     if (!rows) {
         moe_error(MOE_ERR_OOM, "decoder: out of host memory");
@@ -328,18 +386,28 @@ static moe_tensor *logit_rows(moe_tensor *hidden, const moe_batch *b, const moe_
     return moe_index_select(hidden, idx);
 }
 
-/* hidden [N, d] -> the asked-for logits rows (host f32); info->issue_ms (since t0) once the
- * last kernel is queued, before the read that waits for it. */
-static moe_status write_logits(moe_decoder *d, moe_tensor *hidden, const moe_batch *b, const moe_span *spans,
-                               int n_spans, float *logits, double t0, moe_decode_info *info) {
-    if (b->logits == MOE_LOGITS_NONE) {
-        if (info) info->issue_ms = moe_clock_ms() - t0;
-        return MOE_OK;
-    }
-    moe_tensor *h = logit_rows(hidden, b, spans, n_spans);
-    moe_tensor *lg = moe_cast(moe_matmul(h, moe_transpose(moe_model_head(&d->view), 0, 1)), MOE_F32); /* [rows, V] */
+/* The model's forward of batch b on ids [1, T] at positions pos [T] (device), against the
+ * caches of s (the KV tables in place): the asked-for logits rows [rows, V] f32 on the
+ * device, or (MOE_LOGITS_NONE) the hidden states. */
+static moe_tensor *forward_logits(moe_decoder *d, moe_decode_state *s, const moe_batch *b, const moe_span *spans,
+                                  moe_tensor *ids, moe_tensor *pos, moe_decode_info *info) {
+    moe_model *v = &d->view;
+    moe_cache_ops ops = {.ctx = s, .kv = cache_kv, .state = cache_state, .set_state = cache_set_state};
+    moe_forward f = {.mode = MOE_FORWARD_INFER, .B = 1, .T = b->n_tokens, .spans = spans, .n_spans = s->n_spans,
+                     .cache = &ops, .positions = pos, .route_ids = info ? info->route_ids : NULL,
+                     .experts = d->experts, .assign_rows = d->assign_rows};
+    moe_tensor *hidden = moe_model_forward(v, ids, &f);
+    if (!hidden || b->logits == MOE_LOGITS_NONE) return hidden;
+    moe_tensor *h = logit_rows(hidden, b, spans, s->n_spans);
+    return moe_cast(moe_matmul(h, moe_transpose(moe_model_head(v), 0, 1)), MOE_F32); /* [rows, V] */
+}
+
+/* Device logits lg into the host (none under MOE_LOGITS_NONE); info->issue_ms (since t0)
+ * first, before the read waits for the device. */
+static moe_status read_logits(moe_tensor *lg, const moe_batch *b, float *logits, double t0, moe_decode_info *info) {
     if (info) info->issue_ms = moe_clock_ms() - t0;
-    moe_tensor *host = lg ? moe_tensor_to(lg, MOE_CPU, MOE_LIFE_STEP) : NULL;
+    if (b->logits == MOE_LOGITS_NONE) return MOE_OK;
+    moe_tensor *host = moe_tensor_to(lg, MOE_CPU, MOE_LIFE_STEP);
     if (!host) return moe_last_status();
     memcpy(logits, host->data, sizeof(float) * (size_t)moe_tensor_numel(host));
     return MOE_OK;
@@ -356,23 +424,130 @@ static moe_status reserve_all(moe_decode_state *s, const moe_span *spans, int n_
     return st;
 }
 
+/* Any batch, op by op. */
 static moe_status run_forward(moe_decoder *d, moe_decode_state *s, const moe_batch *b, const moe_span *spans,
                               float *logits, double t0, moe_decode_info *info) {
-    moe_model *v = &d->view;
-    moe_cache_ops ops = {.ctx = s, .kv = cache_kv, .state = cache_state, .set_state = cache_set_state};
-    moe_tensor *pos = moe_tensor_from_host(MOE_LIFE_STEP, v->dev, MOE_I32, 1, (int64_t[]){b->n_tokens}, b->pos);
-    moe_forward f = {.mode = MOE_FORWARD_INFER, .B = 1, .T = b->n_tokens, .spans = spans, .n_spans = s->n_spans,
-                     .cache = &ops, .positions = pos, .route_ids = info ? info->route_ids : NULL,
-                     .experts = d->experts};
-    if (!pos) return moe_last_status();
-    if (s->has_kv) MOE_TRY(plan_kv_rows(s, spans, b->n_tokens));
+    moe_device dev = d->view.dev;
+    moe_tensor *pos = moe_tensor_from_host(MOE_LIFE_STEP, dev, MOE_I32, 1, (int64_t[]){b->n_tokens}, b->pos);
+    moe_tensor *ids = moe_tensor_from_host(MOE_LIFE_STEP, dev, MOE_I32, 2, (int64_t[]){1, b->n_tokens}, b->tokens);
+    if (!pos || !ids) return moe_last_status();
+    if (s->has_kv) {
+        kv_tables t;
+        MOE_TRY(plan_kv_tables(s, spans, b->n_tokens, &t));
+        MOE_TRY(upload_kv_tables(s, &t, b->n_tokens));
+    }
     if (d->provider && d->provider->begin)
         MOE_TRY(d->provider->begin(d->provider->ctx, b->tokens, b->pos, b->seq, b->n_tokens));
-    moe_tensor *ids = moe_tensor_from_host(MOE_LIFE_STEP, v->dev, MOE_I32, 2, (int64_t[]){1, b->n_tokens}, b->tokens);
-    moe_tensor *hidden = ids ? moe_model_forward(v, ids, &f) : NULL;
-    if (!hidden) return moe_last_status();
-    MOE_TRY(write_logits(d, hidden, b, spans, s->n_spans, logits, t0, info));
+    moe_tensor *lg = forward_logits(d, s, b, spans, ids, pos, info);
+    if (!lg) return moe_last_status();
+    MOE_TRY(read_logits(lg, b, logits, t0, info));
     return commit(s, spans);
+}
+
+/* ---- recorded decode steps ---- */
+
+/* Whether batch b (n_spans spans) is a step this decoder records: one token per sequence,
+ * logits wanted, no routes asked for, every expert resident, a forward that issues no
+ * host transfer. */
+static bool recordable_step(const moe_decoder *d, const moe_batch *b, int n_spans, const moe_decode_info *info) {
+    return d->graphs && !d->graphs_off[0] && !d->provider && n_spans == b->n_tokens && b->logits != MOE_LOGITS_NONE &&
+           !(info && info->route_ids) && moe_model_decode_recordable(&d->view, b->n_tokens, d->experts);
+}
+
+/* The fixed-address inputs of recorded steps, once per state. */
+static moe_status alloc_step_inputs(moe_decode_state *s) {
+    if (s->graphs) return MOE_OK;
+    const moe_model *v = &s->d->view;
+    int64_t n = s->max_seqs, R = (int64_t)s->n_blocks * MOE_KV_BLOCK, V = v->cfg.model.vocab_size;
+    moe_tensor **in[] = {&s->in_ids, &s->in_pos, &s->in_write, &s->in_seg, &s->in_rows, &s->out_logits};
+    int64_t len[] = {n, n, n, 2 * (n + 1), R > 0 ? R : 1, n * V};
+    for (int i = 0; i < 6; i++) {
+        *in[i] = moe_tensor_empty(MOE_LIFE_PERSIST, v->dev, i < 5 ? MOE_I32 : MOE_F32, 1, &len[i]);
+        if (!*in[i]) return moe_last_status();
+    }
+    s->graph_bound = calloc((size_t)n, sizeof *s->graph_bound);
+    s->graphs = calloc((size_t)n, sizeof *s->graphs);
+    return s->graphs && s->graph_bound ? MOE_OK : moe_error(MOE_ERR_OOM, "decoder: out of host memory");
+}
+
+/* The first n elements of flat t as `shape` (a view). */
+static moe_tensor *head_view(moe_tensor *t, int64_t n, int ndim, const int64_t *shape) {
+    return moe_reshape(moe_slice(t, 0, 0, n), ndim, shape);
+}
+
+/* Batch b and its KV tables t into the fixed inputs; the forward's views of them. */
+static moe_status write_step_inputs(moe_decode_state *s, const moe_batch *b, const kv_tables *t, int64_t bound,
+                                    moe_tensor **ids, moe_tensor **pos) {
+    int64_t B = b->n_tokens, W = 2 * (B + 1);
+    *ids = head_view(s->in_ids, B, 2, (int64_t[]){1, B});
+    *pos = head_view(s->in_pos, B, 1, &B);
+    s->kv_write = head_view(s->in_write, B, 1, &B);
+    s->kv_seg = head_view(s->in_seg, W, 2, (int64_t[]){2, B + 1});
+    s->kv_read = s->in_rows;
+    s->kv_max_k = bound;
+    if (!*ids || !*pos || !s->kv_write || !s->kv_seg) return moe_last_status();
+    MOE_TRY(moe_tensor_write_host(*ids, b->tokens));
+    MOE_TRY(moe_tensor_write_host(*pos, b->pos));
+    MOE_TRY(moe_tensor_write_host(s->kv_write, t->wr));
+    MOE_TRY(moe_tensor_write_host(s->kv_seg, t->seg));
+    moe_tensor *rd = moe_slice(s->in_rows, 0, 0, t->K);
+    return rd ? moe_tensor_write_host(rd, t->rd) : moe_last_status();
+}
+
+/* Records batch b's forward with its logits into out [B, V]: *g the graph to launch, or
+ * NULL when the device ran it as it went (the CPU). */
+static moe_status record_step(moe_decoder *d, moe_decode_state *s, const moe_batch *b, const moe_span *spans,
+                              moe_tensor *ids, moe_tensor *pos, moe_tensor *out, moe_graph **g) {
+    moe_device dev = d->view.dev;
+    MOE_TRY(moe_graph_begin(dev));
+    moe_tensor *lg = forward_logits(d, s, b, spans, ids, pos, NULL);
+    moe_status st = lg ? moe_tensor_copy_(out, lg) : moe_last_status();
+    moe_status end = moe_graph_end(dev, st == MOE_OK, g);
+    return st != MOE_OK ? st : end;
+}
+
+/* A decode step from its recorded graph (recorded first where there is none for this batch
+ * size and key bound, or the step arena moved): the inputs are rewritten, the graph
+ * launched. The attention grid is sized for a key bound of a power of two >= 256. */
+static moe_status run_recorded(moe_decoder *d, moe_decode_state *s, const moe_batch *b, const moe_span *spans,
+                               float *logits, double t0, moe_decode_info *info) {
+    int B = b->n_tokens;
+    kv_tables t;
+    moe_tensor *ids, *pos;
+    MOE_TRY(alloc_step_inputs(s));
+    MOE_TRY(plan_kv_tables(s, spans, B, &t));
+    int64_t bound = 256;
+    while (bound < t.max_k) bound *= 2;
+    MOE_TRY(write_step_inputs(s, b, &t, bound, &ids, &pos));
+    int64_t V = d->view.cfg.model.vocab_size;
+    moe_tensor *out = head_view(s->out_logits, B * V, 2, (int64_t[]){B, V});
+    moe_graph **g = &s->graphs[B - 1];
+    if (*g && (s->graph_bound[B - 1] != bound || !moe_graph_replayable(*g))) {
+        moe_graph_free(*g);
+        *g = NULL;
+    }
+    if (*g) {
+        MOE_TRY(moe_graph_launch(*g));
+    } else {
+        MOE_TRY(out ? record_step(d, s, b, spans, ids, pos, out, g) : moe_last_status());
+        s->graph_bound[B - 1] = bound;
+        if (*g) MOE_TRY(moe_graph_launch(*g));
+    }
+    MOE_TRY(read_logits(out, b, logits, t0, info));
+    return commit(s, spans);
+}
+
+/* A decode step recorded where it can be, else (and for good once recording failed: the
+ * reason stays in graphs_off) op by op. */
+static moe_status run_step(moe_decoder *d, moe_decode_state *s, const moe_batch *b, const moe_span *spans,
+                           float *logits, double t0, moe_decode_info *info) {
+    if (info) info->recorded = false;
+    if (!recordable_step(d, b, s->n_spans, info)) return run_forward(d, s, b, spans, logits, t0, info);
+    moe_status st = run_recorded(d, s, b, spans, logits, t0, info);
+    if (info) info->recorded = st == MOE_OK;
+    if (st == MOE_OK) return MOE_OK;
+    snprintf(d->graphs_off, sizeof d->graphs_off, "%s", moe_last_error());
+    return run_forward(d, s, b, spans, logits, t0, info);
 }
 
 moe_status moe_decoder_forward(moe_decoder *d, moe_decode_state *s, const moe_batch *b, float *logits,
@@ -394,15 +569,14 @@ moe_status moe_decoder_forward(moe_decoder *d, moe_decode_state *s, const moe_ba
     memset(s->staged, 0, sizeof *s->staged * (size_t)(s->n_layers * n_spans));
     bool was = moe_grad_set_enabled(false);
     moe_status st = reserve_all(s, spans, n_spans, held);
-    if (st == MOE_OK) st = run_forward(d, s, b, spans, logits, t0, info);
+    if (st == MOE_OK) st = run_step(d, s, b, spans, logits, t0, info);
     moe_grad_set_enabled(was);
     if (st != MOE_OK) /* the new blocks go back; lengths and states were not touched */
         for (int j = 0; j < n_spans; j++) release_blocks(s, &s->seqs[span_seq[j]], held[j]);
     s->span_seq = NULL;
     s->staged = NULL;
     s->n_spans = 0;
-    s->kv_write = s->kv_read = NULL;
-    s->kv_off = NULL;
+    s->kv_write = s->kv_read = s->kv_seg = NULL;
     return st;
 }
 

@@ -15,10 +15,11 @@
  * time, so nothing is reserved for a maximum length. moe_decode_state_seq_free gives a
  * sequence's blocks back to the pool and restarts its recurrent state.
  *
- * Cost: every projection, router and expert runs once over all the batch's tokens; the
- * attention runs sequence by sequence over the sequence's keys gathered from its blocks
- * (a first, CPU-friendly form: no paged-attention kernel yet), MoM / GDN layers as one
- * forward when the sequences bring equally many tokens (a decode step), else one by one.
+ * Cost: every projection, router and expert runs once over all the batch's tokens; one
+ * variable-length attention reads every sequence's keys in place in the pool
+ * (moe_attention_paged_table), MoM / GDN layers run as one forward when the sequences
+ * bring equally many tokens (a decode step), else one by one. Decode steps replay recorded
+ * graphs where they can (moe_decoder_set_graphs).
  *
  * Typical use (one thread; every call may use the step arena: moe_step_reset between
  * batches is the caller's):
@@ -66,6 +67,7 @@ typedef struct moe_decode_info {
                          * was queued, before waiting for its logits (on a GPU: how long the
                          * host takes to issue the step; it includes any mid-forward read-back,
                          * as the grouped experts' routing). On the CPU, the whole forward. */
+    bool recorded;      /* out: the step ran from a recorded graph (on the CPU: the recordable way) */
 } moe_decode_info;
 
 /* A decoder over model m (borrowed: m must outlive it and keep its weights unchanged):
@@ -102,6 +104,17 @@ const moe_model *moe_decoder_model(const moe_decoder *d);
 const moe_model *moe_decoder_view(const moe_decoder *d);
 /* How every forward runs its MoE layers' experts (moe_forward.experts); AUTO at open. */
 void moe_decoder_set_expert_path(moe_decoder *d, moe_expert_path path);
+/* Recorded decode steps (on at open). A batch of one token per sequence whose forward
+ * issues no host transfer (moe_model_decode_recordable: attention mixers, gathered experts,
+ * no routes asked for, no expert provider) is recorded once per batch size and key bound
+ * (core/graph.h) and then replayed with one launch, its inputs (token ids, positions, KV
+ * tables) rewritten in place; other batches run op by op. The CPU cannot record: it runs
+ * such steps op by op through the same fixed inputs, under the recording rule. A recording
+ * that fails (e.g. MOE_PROFILE on) turns recording off for the decoder, with the reason
+ * kept (moe_decoder_graphs_off); the step then runs op by op. Setting it again clears it. */
+void moe_decoder_set_graphs(moe_decoder *d, bool on);
+/* NULL while steps may be recorded; else why not ("turned off", or the failure). */
+const char *moe_decoder_graphs_off(const moe_decoder *d);
 
 /* Caches for up to max_seqs sequence slots sharing a pool of kv_tokens KV positions per
  * attention layer (rounded up to whole blocks); recurrent states for every slot are

@@ -542,16 +542,11 @@ static attn_proj positioned(moe_model *m, attn_proj p, const moe_forward *f) {
                        .v = pad_heads(m, moe_slice(p.k, 3, nope, nope + vd), D)};
 }
 
-/* Query offsets of the forward's spans in the packed row (host, n_spans + 1). */
-static const int64_t *span_offsets(const moe_forward *f) {
-    int64_t *off = moe_step_host_alloc(sizeof *off * (size_t)(f->n_spans + 1));
-    if (!off) {
-        moe_error(MOE_ERR_OOM, "model: out of host memory");
-        return NULL;
-    }
-    for (int j = 0; j < f->n_spans; j++) off[j] = f->spans[j].begin;
-    off[f->n_spans] = f->T;
-    return off;
+/* The longest span's tokens. */
+static int64_t longest_span(const moe_forward *f) {
+    int64_t n = 0;
+    for (int j = 0; j < f->n_spans; j++) n = f->spans[j].len > n ? f->spans[j].len : n;
+    return n;
 }
 
 /* Attention of projections p [B, T] -> [B, T, H w] (before wo): training, causal over each
@@ -567,9 +562,8 @@ static moe_tensor *attend(moe_model *m, int layer, attn_proj p, const moe_forwar
         a = moe_attention(x.q, x.k, x.v, true);
     } else {
         moe_kv_pages kv;
-        const int64_t *q_off = span_offsets(f);
-        if (!q_off || f->cache->kv(f->cache->ctx, layer, x.k, x.v, &kv) != MOE_OK) return NULL;
-        a = moe_attention_paged(x.q, kv.k_pool, kv.v_pool, kv.rows, q_off, kv.k_off, f->n_spans, true);
+        if (f->cache->kv(f->cache->ctx, layer, x.k, x.v, &kv) != MOE_OK) return NULL;
+        a = moe_attention_paged_table(x.q, kv.k_pool, kv.v_pool, kv.rows, kv.seg, longest_span(f), kv.max_k, true);
     }
     int64_t w = c->attention == MOE_CFG_ATTENTION_MLA ? c->v_head_dim : m->head_dim;
     if (a && a->shape[3] != w) a = moe_contiguous(moe_slice(a, 3, 0, w));
@@ -725,8 +719,8 @@ static bool gather_experts(const moe_block *b, const moe_tensor *h2, const moe_f
 }
 
 /* Block i's gathered experts on h2 [B T, d]; the routes, when asked for, into the sink. */
-static moe_tensor *gathered_feed_forward(moe_model *m, int i, moe_tensor *h2, moe_tensor **router_state,
-                                         route_sink *sink) {
+static moe_tensor *gathered_feed_forward(moe_model *m, int i, moe_tensor *h2, const moe_forward *f,
+                                         moe_tensor **router_state, route_sink *sink) {
     moe_block *b = &m->blocks[i];
     moe_tensor *state = NULL, *gates, *experts;
     moe_tensor *logits = moe_router_select_logits(&b->moe.router, h2, *router_state, &state);
@@ -737,7 +731,24 @@ static moe_tensor *gathered_feed_forward(moe_model *m, int i, moe_tensor *h2, mo
         if (!rows || moe_tensor_copy_(rows, experts) != MOE_OK) return NULL;
         sink->sunk[i] = true;
     }
-    return moe_moe_layer_apply_gathered(&b->moe, h2, gates, experts, m->compute);
+    int64_t pairs = experts->shape[0] * experts->shape[1];
+    moe_tensor *rows = moe_reshape(moe_slice(f->assign_rows, 0, 0, pairs), 2, experts->shape);
+    return moe_moe_layer_apply_gathered(&b->moe, h2, gates, experts, rows, m->compute);
+}
+
+moe_tensor *moe_model_assign_rows(const moe_model *m) {
+    int32_t rows[MOE_GATHER_MAX_ROWS];
+    for (int i = 0; i < MOE_GATHER_MAX_ROWS; i++) rows[i] = i;
+    return moe_tensor_from_host(MOE_LIFE_PERSIST, m->dev, MOE_I32, 1, (int64_t[]){MOE_GATHER_MAX_ROWS}, rows);
+}
+
+bool moe_model_decode_recordable(const moe_model *m, int T, moe_expert_path path) {
+    if (path == MOE_EXPERT_PATH_GROUPED || (path == MOE_EXPERT_PATH_AUTO && m->dev == MOE_CPU)) return false;
+    for (int i = 0; i < m->cfg.model.n_layers; i++) {
+        const moe_block *b = &m->blocks[i];
+        if (b->mixer != MOE_CFG_MIXER_ATTENTION || (!b->dense && !moe_moe_layer_gathers(&b->moe, T))) return false;
+    }
+    return true;
 }
 
 /* Block i's feed-forward on h2 [B T, d] -> [B T, d]: dense, or the MoE layer routed with
@@ -760,7 +771,7 @@ static moe_tensor *feed_forward(moe_model *m, int i, moe_tensor *h2, const moe_f
         b->moe.router.noise_counter = m->dropout_counter + ((uint64_t)i << 34);
         ffn = moe_moe_layer_forward(&b->moe, h2, *router_state, m->compute, &res);
     } else if (gather_experts(b, h2, f, parts)) { /* a decode step: nothing read back */
-        return gathered_feed_forward(m, i, h2, router_state, ids ? sink : NULL);
+        return gathered_feed_forward(m, i, h2, f, router_state, ids ? sink : NULL);
     } else {
         moe_routing r;
         moe_tensor *state = NULL, *logits = moe_router_logits(&b->moe.router, h2, *router_state, &state);
@@ -786,9 +797,10 @@ static void check_forward(const moe_forward *f) {
     bool train = f->mode == MOE_FORWARD_TRAIN;
     MOE_ASSERT(train ? !f->spans && !f->cache && !f->positions
                      : f->B == 1 && f->spans && f->n_spans > 0 && f->cache && f->positions &&
-                           f->positions->dtype == MOE_I32 && moe_tensor_numel(f->positions) == f->T,
+                           f->positions->dtype == MOE_I32 && moe_tensor_numel(f->positions) == f->T &&
+                           f->assign_rows && moe_tensor_numel(f->assign_rows) == MOE_GATHER_MAX_ROWS,
                "model forward: TRAIN takes [B, T] rows without spans, cache or positions; INFER one packed row of "
-               "spans with a cache and the tokens' positions");
+               "spans with a cache, the tokens' positions and the assignment rows");
     for (int j = 0; !train && j < f->n_spans; j++)
         MOE_ASSERT(f->spans[j].len > 0 && f->spans[j].begin == (j ? f->spans[j - 1].begin + f->spans[j - 1].len : 0) &&
                        f->spans[j].begin + f->spans[j].len <= f->T,

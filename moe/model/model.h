@@ -112,11 +112,13 @@ typedef struct moe_span {
 /* An attention layer's keys and values where the cache keeps them: pools [R, Hc, Dc] and
  * the rows of every position so far of each span's sequence, packed span after span
  * (a paged cache's block tables, flattened): span j's keys are packed rows
- * [k_off[j], k_off[j + 1]). */
+ * [k_off[j], k_off[j + 1]), as the segment table says (moe_attention_paged_table). */
 typedef struct moe_kv_pages {
     moe_tensor *k_pool, *v_pool; /* [R, Hc, Dc] */
-    moe_tensor *rows;            /* I32 [K] on the pools' device (a STEP tensor) */
-    const int64_t *k_off;        /* host, n_spans + 1 offsets, valid for the forward */
+    moe_tensor *rows;            /* I32 [K] on the pools' device */
+    moe_tensor *seg;             /* I32 [2, n_spans + 1] on the pools' device: the spans' query
+                                  * offsets in the forward, then their k_off */
+    int64_t max_k;               /* keys of the longest span's sequence, or (decode steps) a bound */
 } moe_kv_pages;
 
 /* Where inference keeps what a sequence carries from forward to forward (implemented by
@@ -153,7 +155,16 @@ typedef struct moe_forward {
                                  * token (the router's order; -1 in dense layers) */
     moe_expert_path experts;    /* INFER: how the MoE layers run their experts (see moe_expert_path);
                                  * route_ids come back on every path */
+    moe_tensor *assign_rows;    /* INFER: I32 [MOE_GATHER_MAX_ROWS] holding 0, 1, 2, .. on the model's
+                                 * device (moe_model_assign_rows): the gathered experts' combine map */
 } moe_forward;
+
+/* The I32 [MOE_GATHER_MAX_ROWS] tensor 0, 1, 2, .. that INFER forwards take (PERSIST). */
+moe_tensor *moe_model_assign_rows(const moe_model *m);
+/* Whether an INFER forward of T spans of one token each issues no host transfer, so that
+ * it can be recorded as a graph (core/graph.h): every mixer attention, every MoE layer on
+ * the gathered experts under `path` on the model's device, no routes asked for. */
+bool moe_model_decode_recordable(const moe_model *m, int T, moe_expert_path path);
 
 /* The blocks and the final RMSNorm on ids [B, T] (I32 on the model's device) -> hidden
  * states [B T, d] in m->compute. TRAIN balance terms are left out here (moe_model_loss

@@ -486,18 +486,10 @@ bool moe_moe_layer_gathers(const moe_moe_layer *L, int64_t T) {
 }
 
 moe_tensor *moe_moe_layer_apply_gathered(moe_moe_layer *L, moe_tensor *x, moe_tensor *gates, moe_tensor *experts,
-                                         moe_dtype compute) {
+                                         moe_tensor *src, moe_dtype compute) {
     MOE_ASSERT(!x || moe_moe_layer_gathers(L, x->shape[0]), "moe layer: %lld tokens do not take the gathered path",
                x ? (long long)x->shape[0] : 0LL);
-    if (!x || !gates || !experts) return NULL;
-    int64_t T = x->shape[0], k = L->s.top_k;
-    int32_t *rows = moe_step_host_alloc(sizeof(int32_t) * (size_t)(T * k > 0 ? T * k : 1));
-    if (!rows) {
-        moe_error(MOE_ERR_OOM, "moe layer: out of host memory for the combine map");
-        return NULL;
-    }
-    for (int64_t i = 0; i < T * k; i++) rows[i] = (int32_t)i; /* row t k + j holds assignment (t, j) */
-    moe_tensor *src = moe_tensor_from_host(MOE_LIFE_STEP, x->device, MOE_I32, 2, (int64_t[]){T, k}, rows);
+    if (!x || !gates || !experts || !src) return NULL;
     moe_tensor *w13, *w2;
     if (moe_moe_layer_expert_stacks(L, 0, compute, &w13, &w2) != MOE_OK) return NULL;
     moe_tensor *y = moe_gathered_swiglu(x, experts, w13, w2); /* [T k, d] */
