@@ -155,7 +155,7 @@ smoke() {
     local num='[0-9]+(\.[0-9]+)?'
     local want=(
         "^PREFILL impl=moe batch=1 tokens=8 ms=$num tokens_per_s=$num peak_bytes=[0-9]+$"
-        "^DECODE impl=moe batch=1 tokens_per_s=$num ms_per_step=$num bound_fraction=$num peak_bytes=[0-9]+ step_bytes=[0-9]+ copy_gb_per_s=$num issue_ms_per_step=$num$"
+        "^DECODE impl=moe batch=1 tokens_per_s=$num ms_per_step=$num bound_fraction=$num peak_bytes=[0-9]+ step_bytes=[0-9]+ copy_gb_per_s=$num issue_ms_per_step=$num graphs=(on|off)$"
         "^PREFILL impl=moe batch=3 tokens=24 "
         "^DECODE impl=moe batch=3 "
         "^TOKENIZE impl=moe mb_per_s=$num tokens=[0-9]+ bytes=[0-9]+ lines=[0-9]+ ms=$num tokens_per_s=[0-9]+$")
@@ -163,7 +163,7 @@ smoke() {
         grep -Eq "$re" "$tmp/ours.txt" || { echo "bench-hub smoke: no line matches '$re'" >&2; return 1; }
     done
     # every number positive (a zero rate or size means the bench measured nothing)
-    awk '{for (i = 2; i <= NF; i++) { split($i, kv, "="); if (kv[1] != "impl" && !(kv[2] + 0 > 0)) {
+    awk '{for (i = 2; i <= NF; i++) { split($i, kv, "="); if (kv[1] != "impl" && kv[1] != "graphs" && !(kv[2] + 0 > 0)) {
             print "bench-hub smoke: " kv[1] " is not positive: " $0 > "/dev/stderr"; bad = 1 } } }
          END { exit bad }' "$tmp/ours.txt"
     # bytes per step: more experts are read for 3 sequences than for 1

@@ -448,10 +448,13 @@ static moe_status run_forward(moe_decoder *d, moe_decode_state *s, const moe_bat
 
 /* Whether batch b (n_spans spans) is a step this decoder records: one token per sequence,
  * logits wanted, no routes asked for, every expert resident, a forward that issues no
- * host transfer. */
+ * host transfer, and nothing in the device's step arena yet (so that every such step finds
+ * it where the recording did). */
 static bool recordable_step(const moe_decoder *d, const moe_batch *b, int n_spans, const moe_decode_info *info) {
+    moe_mem_mark at = moe_mem_step_mark(d->view.dev); /* a fresh step: a replay finds the arena as recorded */
     return d->graphs && !d->graphs_off[0] && !d->provider && n_spans == b->n_tokens && b->logits != MOE_LOGITS_NONE &&
-           !(info && info->route_ids) && moe_model_decode_recordable(&d->view, b->n_tokens, d->experts);
+           !(info && info->route_ids) && !at.top && at.total_used == 0 &&
+           moe_model_decode_recordable(&d->view, b->n_tokens, d->experts);
 }
 
 /* The fixed-address inputs of recorded steps, once per state. */

@@ -106,7 +106,8 @@ const moe_model *moe_decoder_view(const moe_decoder *d);
 void moe_decoder_set_expert_path(moe_decoder *d, moe_expert_path path);
 /* Recorded decode steps (on at open). A batch of one token per sequence whose forward
  * issues no host transfer (moe_model_decode_recordable: attention mixers, gathered experts,
- * no routes asked for, no expert provider) is recorded once per batch size and key bound
+ * no routes asked for, no expert provider), issued first in its step (after moe_step_reset,
+ * nothing in the step arena yet), is recorded once per batch size and key bound
  * (core/graph.h) and then replayed with one launch, its inputs (token ids, positions, KV
  * tables) rewritten in place; other batches run op by op. The CPU cannot record: it runs
  * such steps op by op through the same fixed inputs, under the recording rule. A recording
