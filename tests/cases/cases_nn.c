@@ -79,7 +79,8 @@ static moe_tensor *run_varlen_hd64_empty_q(moe_tensor **in) { return attention_l
  * against attention_varlen on the keys gathered out of the pools. Layouts: decode steps
  * 1/5 1/9 1/2 (hd 6: rows too short for the CUDA kernel's 8-value loads); 3/40, an empty
  * segment and 1/68 (hd 128, 96 and 256); 1/600 and 2/600 (key runs the CUDA kernel splits over blocks); 20/24
- * and 1/6 (more queries than MOE_ATTENTION_PAGED_MAX_Q: the gathered route). */
+ * and 1/6 (more queries than MOE_ATTENTION_PAGED_MAX_Q: the gathered route); two of them
+ * again with the table on the device and a key bound far above their keys. */
 static const seg_layout PAGED_DECODE = {3, {0, 1, 2, 3}, {0, 5, 14, 16}};
 static const seg_layout PAGED_MIXED = {3, {0, 3, 3, 4}, {0, 40, 42, 110}};
 static const seg_layout PAGED_LONG = {2, {0, 1, 3}, {0, 600, 1200}};
@@ -158,6 +159,20 @@ PAGED_CASE(paged_mixed, PAGED_MIXED, true)
 PAGED_CASE(paged_long_causal, PAGED_LONG, true)
 PAGED_CASE(paged_long_full, PAGED_LONG, false)
 PAGED_CASE(paged_prefill, PAGED_PREFILL, true)
+
+/* The same through moe_attention_paged_table with the segment table on the device and a
+ * key bound far above the longest segment (a recorded decode step's grid: more splits
+ * than keys need, each segment's split length from its own keys). */
+static moe_tensor *paged_bound(moe_tensor **in, const seg_layout *s, bool causal, int64_t bound) {
+    int32_t t[10];
+    int64_t max_q = 0;
+    for (int i = 0; i <= s->n; i++) t[i] = (int32_t)s->q[i], t[s->n + 1 + i] = (int32_t)s->k[i];
+    for (int i = 0; i < s->n; i++) max_q = s->q[i + 1] - s->q[i] > max_q ? s->q[i + 1] - s->q[i] : max_q;
+    moe_tensor *seg = moe_tensor_from_host(MOE_LIFE_STEP, in[0]->device, MOE_I32, 2, (int64_t[]){2, s->n + 1}, t);
+    return seg ? moe_attention_paged_table(in[0], in[1], in[2], in[3], seg, max_q, bound, causal) : NULL;
+}
+static moe_tensor *run_paged_bound_long(moe_tensor **in) { return paged_bound(in, &PAGED_LONG, true, 1 << 16); }
+static moe_tensor *run_paged_bound_decode(moe_tensor **in) { return paged_bound(in, &PAGED_DECODE, true, 4096); }
 
 /* Targets of in[2] with row 2 set to -1 (ignored), vocabulary blocks of 8 rows so that
  * V = 37 spans five blocks, the last one partial. */
@@ -243,6 +258,12 @@ static const op_case cases[] = {
     {"attention_paged", "hd=64 non-causal 1/600 2/600", 4,
      {N(4, 1, 3, 2, 64), N(3, 256, 2, 64), N(3, 256, 2, 64), ROWS(256, 1200)}, run_paged_long_full,
      .check = check_paged_long_full},
+    {"attention_paged", "table on the device, key bound 65536: hd=64 causal 1/600 2/600", 4,
+     {N(4, 1, 3, 2, 64), N(3, 256, 2, 64), N(3, 256, 2, 64), ROWS(256, 1200)}, run_paged_bound_long,
+     .check = check_paged_long_causal},
+    {"attention_paged", "table on the device, key bound 4096: decode steps 1/5 1/9 1/2", 4,
+     {N(4, 1, 3, 4, 6), N(3, 24, 2, 6), N(3, 24, 2, 6), ROWS(24, 16)}, run_paged_bound_decode,
+     .check = check_paged_decode},
     {"attention_paged", "20 queries over 24 keys and 1/6: the gathered route", 4,
      {N(4, 1, 21, 2, 8), N(3, 40, 1, 8), N(3, 40, 1, 8), ROWS(40, 30)}, run_paged_prefill,
      .check = check_paged_prefill},
