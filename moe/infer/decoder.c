@@ -466,7 +466,12 @@ static moe_status alloc_step_inputs(moe_decode_state *s) {
     int64_t len[] = {n, n, n, 2 * (n + 1), R > 0 ? R : 1, n * V};
     for (int i = 0; i < 6; i++) {
         *in[i] = moe_tensor_empty(MOE_LIFE_PERSIST, v->dev, i < 5 ? MOE_I32 : MOE_F32, 1, &len[i]);
-        if (!*in[i]) return moe_last_status();
+        if (*in[i]) continue;
+        for (int j = 0; j < i; j++) {
+            moe_tensor_free(*in[j]);
+            *in[j] = NULL;
+        }
+        return moe_last_status();
     }
     s->graph_bound = calloc((size_t)n, sizeof *s->graph_bound);
     s->graphs = calloc((size_t)n, sizeof *s->graphs);
