@@ -33,6 +33,7 @@ moe_status moe_graph_end(moe_device dev, bool keep, moe_graph **out) {
     *out = NULL;
     MOE_ASSERT(recording[dev], "graph: %s is not recording", moe_device_name(dev));
     recording[dev] = false;
+    moe_mem_step_release(dev, recording_at[dev]); /* the recording's step memory is the graph's own */
     const moe_backend *be = moe_backend_get(dev);
     if (!be->capture_begin) return MOE_OK; /* the work ran as it was issued */
     void *exec = NULL;

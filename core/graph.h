@@ -29,7 +29,10 @@ typedef struct moe_graph moe_graph; /* opaque: recorded work of one device */
 moe_status moe_graph_begin(moe_device dev);
 /* Ends the recording. keep: the recorded work succeeded and is wanted; then *out is the
  * graph (not yet run: launch it), or NULL on a device that ran the work as it went (the
- * CPU). Without keep the recording is dropped (*out NULL). */
+ * CPU). Without keep the recording is dropped (*out NULL). Either way the step memory
+ * taken since moe_graph_begin goes back to the arena (it is the graph's own: results
+ * meant to outlive it go into persistent tensors), so the arena stands where a launch
+ * needs it. */
 moe_status moe_graph_end(moe_device dev, bool keep, moe_graph **out);
 /* Whether dev is recording now. */
 bool moe_graph_recording(moe_device dev);
