@@ -321,6 +321,9 @@ static moe_status bench_decode(const decode_flags *f) {
         s = bench_batch(f, &p, dec, p.batch[i], &r);
         if (s == MOE_OK) print_result(f, &p, p.batch[i], &r);
     }
+    const char *off = dec ? moe_decoder_graphs_off(dec) : NULL;
+    if (s == MOE_OK && off && strcmp(off, "turned off") != 0)
+        fprintf(stderr, "bench decode: decode steps ran kernel by kernel after a recording failed: %s\n", off);
     moe_decoder_close(dec);
     moe_source_close(&src);
     return s;
