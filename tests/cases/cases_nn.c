@@ -195,6 +195,10 @@ static moe_tensor *run_cross_entropy(moe_tensor **in) { return moe_cross_entropy
 #define N(nd, ...) {nd, {__VA_ARGS__}, IN_NORMAL, 0, false, false}
 #define ROWS(hi, n) {1, {n}, IN_INDEX, hi, false, false}
 #define NP(d) {1, {d}, IN_POSITIVE, 0, false, false}
+/* The inputs of PAGED_DECODE (GQA 4 over 2 heads of 6, a 24-row pool) and PAGED_LONG (hd 64,
+ * a 256-row pool). */
+#define PAGED_DECODE_IN {N(4, 1, 3, 4, 6), N(3, 24, 2, 6), N(3, 24, 2, 6), ROWS(24, 16)}
+#define PAGED_LONG_IN {N(4, 1, 3, 2, 64), N(3, 256, 2, 64), N(3, 256, 2, 64), ROWS(256, 1200)}
 /* PAGED_MIXED at head dim hd: 2 query heads over 1 kv head, a 64-row pool. */
 #define PAGED_MIXED_ROW(hd, what)                                                                                    \
     {"attention_paged", "hd=" #hd " causal 3/40, an empty segment, 1/68" what, 4,                                   \
@@ -247,23 +251,19 @@ static const op_case cases[] = {
      40},
     {"attention", "varlen hd=64 causal, a segment of keys without queries", 3,
      {F(4, 1, 6, 2, 2), F(4, 1, 9, 1, 2), F(4, 1, 9, 1, 2)}, run_varlen_hd64_empty_q, 1e-5},
-    {"attention_paged", "decode steps 1/5 1/9 1/2, GQA H=4 Hkv=2, hd 6, rows of a 24-row pool", 4,
-     {N(4, 1, 3, 4, 6), N(3, 24, 2, 6), N(3, 24, 2, 6), ROWS(24, 16)}, run_paged_decode, .check = check_paged_decode},
+    {"attention_paged", "decode steps 1/5 1/9 1/2, GQA H=4 Hkv=2, hd 6, rows of a 24-row pool", 4, PAGED_DECODE_IN,
+     run_paged_decode, .check = check_paged_decode},
     PAGED_MIXED_ROW(128, ""),
     PAGED_MIXED_ROW(96, " (cuda: element loads, lanes past the head)"),
     PAGED_MIXED_ROW(256, " (cuda: 8 dims per lane)"),
-    {"attention_paged", "hd=64 causal 1/600 2/600 (key runs split over blocks)", 4,
-     {N(4, 1, 3, 2, 64), N(3, 256, 2, 64), N(3, 256, 2, 64), ROWS(256, 1200)}, run_paged_long_causal,
-     .check = check_paged_long_causal},
-    {"attention_paged", "hd=64 non-causal 1/600 2/600", 4,
-     {N(4, 1, 3, 2, 64), N(3, 256, 2, 64), N(3, 256, 2, 64), ROWS(256, 1200)}, run_paged_long_full,
+    {"attention_paged", "hd=64 causal 1/600 2/600 (key runs split over blocks)", 4, PAGED_LONG_IN,
+     run_paged_long_causal, .check = check_paged_long_causal},
+    {"attention_paged", "hd=64 non-causal 1/600 2/600", 4, PAGED_LONG_IN, run_paged_long_full,
      .check = check_paged_long_full},
-    {"attention_paged", "table on the device, key bound 65536: hd=64 causal 1/600 2/600", 4,
-     {N(4, 1, 3, 2, 64), N(3, 256, 2, 64), N(3, 256, 2, 64), ROWS(256, 1200)}, run_paged_bound_long,
-     .check = check_paged_long_causal},
-    {"attention_paged", "table on the device, key bound 4096: decode steps 1/5 1/9 1/2", 4,
-     {N(4, 1, 3, 4, 6), N(3, 24, 2, 6), N(3, 24, 2, 6), ROWS(24, 16)}, run_paged_bound_decode,
-     .check = check_paged_decode},
+    {"attention_paged", "table on the device, key bound 65536: hd=64 causal 1/600 2/600", 4, PAGED_LONG_IN,
+     run_paged_bound_long, .check = check_paged_long_causal},
+    {"attention_paged", "table on the device, key bound 4096: decode steps 1/5 1/9 1/2", 4, PAGED_DECODE_IN,
+     run_paged_bound_decode, .check = check_paged_decode},
     {"attention_paged", "20 queries over 24 keys and 1/6: the gathered route", 4,
      {N(4, 1, 21, 2, 8), N(3, 40, 1, 8), N(3, 40, 1, 8), ROWS(40, 30)}, run_paged_prefill,
      .check = check_paged_prefill},
