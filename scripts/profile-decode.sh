@@ -3,10 +3,11 @@
 #   1. `moe bench decode`: ms per step, the HBM-bound fraction and issue_ms_per_step (the
 #      host's time to queue a step; close to ms_per_step means the host holds the step up);
 #   2. MOE_PROFILE=3: the device timeline (kernel share of the window, kernels per step; the
-#      CPU falls back to wall time per kernel);
+#      CPU falls back to wall time per kernel), with the steps run kernel by kernel
+#      (--graphs off: a recorded graph hides its kernels from the timing marks);
 #   3. with --ncu and Nsight Compute installed: every kernel's own duration over --ncu-steps
-#      decode steps (caches flushed and clocks locked per kernel, so small kernels read long),
-#      summed per kernel into a table.
+#      decode steps (caches flushed and clocks locked per kernel, so small kernels read long;
+#      kernel by kernel as in 2), summed per kernel into a table.
 # Writes into --out: decode.txt, timeline.txt, and with --ncu ncu.csv, kernels.txt; prints
 # the DECODE line and the tables.
 #
@@ -58,7 +59,7 @@ echo "== decode: ${bench[*]} --tokens $tokens --reps 2" >&2
 grep '^DECODE' "$out/decode.txt"
 
 echo "== device timeline (MOE_PROFILE=3)" >&2
-MOE_PROFILE=3 "${bench[@]}" --tokens "$tokens" --reps 1 > "$out/timeline.txt" 2>&1
+MOE_PROFILE=3 "${bench[@]}" --tokens "$tokens" --reps 1 --graphs off > "$out/timeline.txt" 2>&1
 # the timed run's decode window: its timeline line and its kernel table
 grep 'device timeline.*decode steps' "$out/timeline.txt" | tail -1 || true
 awk '/kernel profile.*decode steps/ { buf = $0; on = 1; next } on && /^  / { buf = buf "\n" $0; next } { on = 0 }
@@ -76,7 +77,7 @@ per_step=$(( ${calls% *} / ${calls#* } + 1 ))
 skip=$(( per_step * (tokens / 2) ))
 echo "== Nsight Compute: $ncu_steps steps (~$per_step kernels each) after $skip kernels" >&2
 "$nsight" --metrics gpu__time_duration.sum --launch-skip "$skip" --launch-count $(( per_step * ncu_steps )) \
-    --csv --page raw "${bench[@]}" --tokens "$tokens" --reps 1 > "$out/ncu.csv" 2> "$out/ncu.log"
+    --csv --page raw "${bench[@]}" --tokens "$tokens" --reps 1 --graphs off > "$out/ncu.csv" 2> "$out/ncu.log"
 python3 - "$out/ncu.csv" "$ncu_steps" > "$out/kernels.txt" << 'EOF'
 import collections, csv, sys
 rows = list(csv.reader(open(sys.argv[1])))
