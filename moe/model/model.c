@@ -712,10 +712,12 @@ typedef struct route_sink {
  * layer allows it, by f->experts; AUTO only on a device (on the host, reading the routing
  * back costs nothing and the grouped GEMMs read each expert once); never when the load is
  * counted. */
+static bool path_gathers(moe_expert_path path, moe_device dev) {
+    return path == MOE_EXPERT_PATH_GATHERED || (path == MOE_EXPERT_PATH_AUTO && dev != MOE_CPU);
+}
+
 static bool gather_experts(const moe_block *b, const moe_tensor *h2, const moe_forward *f, const moe_loss_parts *parts) {
-    if (!h2 || parts || f->experts == MOE_EXPERT_PATH_GROUPED || !moe_moe_layer_gathers(&b->moe, h2->shape[0]))
-        return false;
-    return f->experts == MOE_EXPERT_PATH_GATHERED || h2->device != MOE_CPU;
+    return h2 && !parts && path_gathers(f->experts, h2->device) && moe_moe_layer_gathers(&b->moe, h2->shape[0]);
 }
 
 /* Block i's gathered experts on h2 [B T, d]; the routes, when asked for, into the sink. */
@@ -743,7 +745,7 @@ moe_tensor *moe_model_assign_rows(const moe_model *m) {
 }
 
 bool moe_model_decode_recordable(const moe_model *m, int T, moe_expert_path path) {
-    if (path == MOE_EXPERT_PATH_GROUPED || (path == MOE_EXPERT_PATH_AUTO && m->dev == MOE_CPU)) return false;
+    if (!path_gathers(path, m->dev)) return false;
     for (int i = 0; i < m->cfg.model.n_layers; i++) {
         const moe_block *b = &m->blocks[i];
         if (b->mixer != MOE_CFG_MIXER_ATTENTION || (!b->dense && !moe_moe_layer_gathers(&b->moe, T))) return false;
