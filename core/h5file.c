@@ -110,10 +110,7 @@ static moe_status damaged(const char *path, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(detail, sizeof detail, fmt, ap);
     va_end(ap);
-    return moe_error(MOE_ERR_FORMAT,
-                     "checkpoint %s is damaged or incomplete: %s; move it away and resume "
-                     "from an earlier checkpoint",
-                     path, detail);
+    return moe_error(MOE_ERR_FORMAT, "%s is damaged or incomplete: %s", path, detail);
 }
 
 static uint32_t crc32_bytes(const void *data, size_t n) {

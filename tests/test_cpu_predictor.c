@@ -140,6 +140,7 @@ static void test_bad_trace_files(void) {
     for (int i = 0; i < 4096; i++) fputc((i * 131) & 0xff, f);
     fclose(f);
     expect_refusal(moe_trace_load(path, &t), MOE_ERR_FORMAT, path);
+    CU_ASSERT_PTR_NULL(strstr(moe_last_error(), "checkpoint")); /* a trace, not a checkpoint, is damaged */
     /* a checkpoint is an HDF5 file of ours but not a trace */
     expect_refusal(moe_trace_load(ckpt, &t), MOE_ERR_FORMAT, ckpt);
     CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "not a routing trace"));

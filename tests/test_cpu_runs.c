@@ -233,6 +233,8 @@ static void test_resume_fallback(void) {
     damage_text(at("r/ckpt-000006.h5"), "expert_parallel");
     CU_ASSERT_EQUAL(moe_checkpoint_verify(at("r/ckpt-000006.h5")), MOE_ERR_FORMAT);
     CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "'config'"));
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "checkpoint "));
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "resume from an earlier checkpoint")); /* what to do */
     moe_model m;
     moe_train_state ts;
     CU_ASSERT_EQUAL_FATAL(moe_model_init(&m, &c, 0, 1), MOE_OK);

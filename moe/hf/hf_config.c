@@ -2,6 +2,7 @@
 #include "moe/hf/hf_config.h"
 
 #include <cjson/cJSON.h>
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -272,8 +273,11 @@ moe_status moe_hf_config_parse(const char *text, const char *origin, moe_config 
 moe_status moe_hf_config_read(const char *dir, moe_config *cfg, moe_hf_info *info) {
     char path[4096];
     snprintf(path, sizeof path, "%s/config.json", dir);
+    errno = 0;
     char *text = moe_hf_read_text(path);
-    if (!text) return moe_error(MOE_ERR_IO, "%s: cannot read", path);
+    if (!text)
+        return moe_error(MOE_ERR_IO, "%s: cannot read (%s; a hub folder holds config.json beside its safetensors)",
+                         path, errno ? strerror(errno) : "read error");
     moe_status s = moe_hf_config_parse(text, path, cfg, info);
     free(text);
     MOE_TRY(s);

@@ -94,18 +94,28 @@ static moe_status verify_dataset(const char *name, void *user) {
     return s;
 }
 
+/* A checkpoint that fails its checks: the finding, then what to do about it. */
+static moe_status checkpoint_damaged(moe_status s) {
+    if (s != MOE_ERR_FORMAT) return s;
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", moe_last_error());
+    return moe_error(s, "checkpoint %s; move it away and resume from an earlier checkpoint", msg);
+}
+
+static moe_status checkpoint_open(const char *path, moe_h5 **f) { return checkpoint_damaged(moe_h5_open(path, f)); }
+
 moe_status moe_checkpoint_verify(const char *path) {
     static const char *const required[] = {"config", "version", "step", "loader_seed", "loader_step", "bad_steps"};
     moe_h5 *f = NULL;
-    MOE_TRY(moe_h5_open(path, &f));
+    MOE_TRY(checkpoint_open(path, &f));
     moe_status s = MOE_OK;
     for (size_t i = 0; i < sizeof required / sizeof *required && s == MOE_OK; i++)
         if (!moe_h5_has(f, required[i]))
-            s = moe_error(MOE_ERR_FORMAT, "checkpoint %s has no dataset '%s' (not a training checkpoint, or damaged)",
-                          path, required[i]);
+            s = moe_error(MOE_ERR_FORMAT, "%s has no dataset '%s' (not a training checkpoint, or damaged)", path,
+                          required[i]);
     if (s == MOE_OK) s = moe_h5_list(f, "", verify_dataset, f);
     moe_h5_close(f);
-    return s;
+    return checkpoint_damaged(s);
 }
 
 static moe_status verify_accept(const char *path, void *unused) { return moe_checkpoint_verify(path); }
@@ -117,7 +127,7 @@ moe_status moe_checkpoint_find_latest(const char *dir, char *path, size_t cap) {
 moe_status moe_checkpoint_load_weights(const char *path, moe_model *m) {
     MOE_TRY(moe_checkpoint_verify(path));
     moe_h5 *f = NULL;
-    MOE_TRY(moe_h5_open(path, &f));
+    MOE_TRY(checkpoint_open(path, &f));
     moe_status s = moe_ckpt_read_model(f, m);
     moe_h5_close(f);
     return s == MOE_OK ? MOE_OK : moe_error_context(s, "loading checkpoint %s", path);
@@ -125,7 +135,7 @@ moe_status moe_checkpoint_load_weights(const char *path, moe_model *m) {
 
 moe_status moe_checkpoint_read_config(const char *path, char **text) {
     moe_h5 *f = NULL;
-    MOE_TRY(moe_h5_open(path, &f));
+    MOE_TRY(checkpoint_open(path, &f));
     moe_status s = moe_h5_get_string(f, "config", text);
     moe_h5_close(f);
     return s == MOE_OK ? MOE_OK : moe_error_context(s, "reading the config of checkpoint %s", path);
@@ -134,7 +144,7 @@ moe_status moe_checkpoint_read_config(const char *path, char **text) {
 moe_status moe_checkpoint_read_tokenizer(const char *path, moe_tokenizer **tok) {
     *tok = NULL;
     moe_h5 *f = NULL;
-    MOE_TRY(moe_h5_open(path, &f));
+    MOE_TRY(checkpoint_open(path, &f));
     moe_status s = MOE_OK;
     uint8_t *img = NULL;
     int64_t shape[MOE_H5_MAX_NDIM] = {0};
