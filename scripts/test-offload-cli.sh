@@ -19,6 +19,8 @@ ref=$(grep '^IDS' ref.txt)
 
 expect "a budget below the dense part is refused with the bytes it needs" 1 "needs at least" \
   "${gen[@]}" --offload --gpu-memory 1000
+"${gen[@]}" --offload --gpu-memory 1000 2> /dev/null | grep -q . && fail "a refused budget wrote to stdout" \
+  || ok "a refused budget writes nothing to stdout (no prompt echo)"
 least=$(sed -n 's/.*needs at least [^(]*(\([0-9]*\) bytes).*/\1/p' out.txt)
 [ -n "$least" ] && ok "least budget $least bytes" || fail "the least budget in the message"
 
@@ -66,6 +68,8 @@ expect "--predict-width without --predictor" 2 "--predict-width goes with --pred
 expect "--gpu-memory without --offload" 2 "go with --offload" "${gen[@]}" --gpu-memory 6GiB
 expect "--offload without --gpu-memory" 2 "needs --gpu-memory" "${gen[@]}" --offload
 expect "a malformed size" 2 "is not a size" "${gen[@]}" --offload --gpu-memory 6XB
+grep -q "loading" out.txt && fail "a malformed size is refused only after the model loads" \
+  || ok "a malformed size is refused before the model loads"
 expect "an unknown policy" 2 "--policy" "${gen[@]}" --offload --gpu-memory 6GiB --policy fifo
 expect "predict without a predictor" 2 "needs a predictor" "${gen[@]}" --offload --gpu-memory 6GiB --policy predict
 expect "bench offload" 0 "OFFLOAD policy=lru budget=" \

@@ -221,12 +221,13 @@ static moe_status run_generation(const gen_flags *gf, moe_source *src) {
     MOE_TRY(setup_run(gf, src, &g, &eos_flag));
     gen_out out = {.text = src->has_text ? &src->text : NULL};
     if (out.text) serve_detok_init(&out.detok, out.text);
-    moe_status s = encode_prompt(gf, src, &g, &out);
+    /* the decoder first: a budget it refuses stops the run before the prompt is echoed */
+    moe_cli_decoder cd = {0};
+    moe_status s = moe_cli_decoder_open(&gf->offload, &src->model, src->dev, src->dtype, 1, g.window, g.window, &cd);
+    g.dec = cd.dec;
+    if (s == MOE_OK) s = encode_prompt(gf, src, &g, &out);
     if (s == MOE_OK && !(g.logits = malloc(sizeof *g.logits * (size_t)src->cfg.model.vocab_size)))
         s = moe_error(MOE_ERR_OOM, "out of memory for the logits");
-    moe_cli_decoder cd = {0};
-    if (s == MOE_OK) s = moe_cli_decoder_open(&gf->offload, &src->model, src->dev, src->dtype, 1, g.window, g.window, &cd);
-    g.dec = cd.dec;
     /* the cache never holds more than the window, nor more than the whole context */
     int64_t kv = (int64_t)g.len + gf->tokens < g.window ? (int64_t)g.len + gf->tokens : g.window;
     if (s == MOE_OK) s = moe_decode_state_create(g.dec, 1, kv, &g.st);
@@ -265,6 +266,7 @@ static moe_status run_generate(const gen_flags *gf) {
     int prompts = !!gf->prompt + !!gf->prompt_file + !!gf->prompt_ids;
     if (prompts > 1) return moe_error(MOE_ERR_CONFIG, "generate: give --prompt, --prompt-file or --prompt-ids, not both");
     if (gf->chat && gf->prompt_ids) return moe_error(MOE_ERR_CONFIG, "generate: --chat renders a text prompt, not --prompt-ids");
+    MOE_TRY(moe_cli_offload_flags_check(&gf->offload));
     moe_source src;
     unsigned parts = MOE_SOURCE_MODEL | (gf->prompt_ids ? MOE_SOURCE_TEXT_IF_ANY : MOE_SOURCE_TEXT);
     MOE_TRY(moe_source_open(&src, &gf->src, parts));

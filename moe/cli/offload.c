@@ -21,11 +21,11 @@ static moe_status predictor_scores(void *ctx, const int32_t *tokens, const int32
     return moe_predictor_predict(ctx, tokens, pos, seq, n, rows, m, scores);
 }
 
-/* The options the flags ask for (policy default: predict with a predictor, else lru). */
-static moe_status offload_options(const moe_offload_flags *f, moe_device dev, moe_dtype dtype, moe_offload_options *o) {
+/* The options the flags ask for (policy default: predict with a predictor, else lru); the
+ * caller sets the device and dtype. */
+static moe_status offload_options(const moe_offload_flags *f, moe_offload_options *o) {
     if (!f->gpu_memory) return moe_error(MOE_ERR_CONFIG, "--offload needs --gpu-memory SIZE (e.g. 6GiB)");
-    *o = (moe_offload_options){.dtype = dtype, .dev = dev,
-                               .policy = f->predictor || f->lookahead ? MOE_OFFLOAD_PREDICT : MOE_OFFLOAD_LRU,
+    *o = (moe_offload_options){.policy = f->predictor || f->lookahead ? MOE_OFFLOAD_PREDICT : MOE_OFFLOAD_LRU,
                                .max_gather = f->max_gather, .lookahead = f->lookahead,
                                .predict_width = f->predict_width};
     MOE_TRY(moe_parse_bytes(f->gpu_memory, &o->budget));
@@ -38,18 +38,27 @@ static moe_status offload_options(const moe_offload_flags *f, moe_device dev, mo
     return MOE_OK;
 }
 
-moe_status moe_cli_decoder_open(const moe_offload_flags *f, moe_model *m, moe_device dev, moe_dtype dtype, int max_seqs,
-                                int64_t kv_tokens, int max_batch, moe_cli_decoder *out) {
-    memset(out, 0, sizeof *out);
+moe_status moe_cli_offload_flags_check(const moe_offload_flags *f) {
     if (!f->offload) {
         if (f->gpu_memory || f->policy || f->predictor || f->verbose || f->max_gather || f->lookahead ||
             f->predict_width)
             return moe_error(MOE_ERR_CONFIG, "--gpu-memory, --policy, --predictor, --lookahead, --predict-width, "
                              "--max-gather and --verbose go with --offload");
-        return moe_decoder_open_on(m, dev, dtype, &out->dec);
+        return MOE_OK;
     }
     moe_offload_options o;
-    MOE_TRY(offload_options(f, dev, dtype, &o));
+    return offload_options(f, &o);
+}
+
+moe_status moe_cli_decoder_open(const moe_offload_flags *f, moe_model *m, moe_device dev, moe_dtype dtype, int max_seqs,
+                                int64_t kv_tokens, int max_batch, moe_cli_decoder *out) {
+    memset(out, 0, sizeof *out);
+    MOE_TRY(moe_cli_offload_flags_check(f));
+    if (!f->offload) return moe_decoder_open_on(m, dev, dtype, &out->dec);
+    moe_offload_options o;
+    MOE_TRY(offload_options(f, &o));
+    o.dev = dev;
+    o.dtype = dtype;
     o.max_seqs = max_seqs;
     o.kv_tokens = kv_tokens;
     o.max_batch_tokens = max_batch;

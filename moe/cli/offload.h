@@ -48,6 +48,10 @@ typedef struct moe_offload_flags {
  * on the device) for up to max_seqs sequences, kv_tokens KV positions and batches of
  * max_batch tokens (the split line goes to stderr). Flags of --offload without it are
  * refused. */
+/* The flags alone, before anything loads: --offload's companions without it, a missing
+ * or malformed --gpu-memory, an unknown --policy, flags that do not go together. */
+moe_status moe_cli_offload_flags_check(const moe_offload_flags *f);
+
 typedef struct moe_cli_decoder {
     moe_decoder *dec;
     moe_offload *off;    /* NULL: resident */

@@ -116,6 +116,7 @@ static void expert_counts(void *ctx, int64_t *hits, int64_t *misses) {
 
 static moe_status start(server *sv, const serve_flags *f) {
     if (!f->model_dir == !f->checkpoint) return moe_error(MOE_ERR_CONFIG, "serve: give --model DIR or --checkpoint FILE");
+    MOE_TRY(moe_cli_offload_flags_check(&f->offload));
     MOE_TRY(moe_cli_schedule_check("serve", &f->sched, f->offload.predictor));
     if (f->sched.micro && !f->offload.offload)
         return moe_error(MOE_ERR_CONFIG, "serve: --micro-batch goes with --offload (it groups the experts a forward "
