@@ -233,6 +233,8 @@ static void test_render_errors(void) {
     CU_ASSERT_EQUAL(render("ok\n{{ raise_exception('bad input') }}", NULL, &out), MOE_ERR_INVALID);
     CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "inline.jinja:2: raise_exception: bad input"));
     CU_ASSERT_PTR_NULL(out);
+    CU_ASSERT_EQUAL(render("{{ ['a'] | map('nosuch') | list }}", NULL, &out), MOE_ERR_UNSUPPORTED);
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "filter 'nosuch' is not supported"));
     CU_ASSERT_EQUAL(render("{{ 1 // 0 }}", NULL, &out), MOE_ERR_INVALID);
     CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "division by zero"));
     CU_ASSERT_EQUAL(render("{% set x = 1 %}{% set x.a = 2 %}", NULL, &out), MOE_ERR_INVALID);

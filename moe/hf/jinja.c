@@ -11,11 +11,6 @@
 
 #include "moe/hf/jinja_internal.h"
 
-const char *const moe_jinja_filters[] = {
-    "trim", "length", "count", "tojson", "upper", "lower", "title", "capitalize", "first", "last", "join", "default",
-    "d", "list", "string", "int", "float", "abs", "reverse", "items", "replace", "safe", "unique", "selectattr",
-    "rejectattr", "map", "dictsort", "indent", "wordcount", "select", "reject", "sort", NULL};
-
 const char *const moe_jinja_tests[] = {
     "defined", "undefined", "none", "string", "number", "integer", "float", "boolean", "true", "false", "mapping",
     "iterable", "sequence", "callable", "even", "odd", "divisibleby", "eq", "equalto", "==", "ne", "!=", "lt", "<",
@@ -491,7 +486,7 @@ static node *parse_filter(parser *p, node *operand) {
     node *n = mk(p, E_FILTER, t->line);
     n->a = operand;
     n->name = expect_name(p);
-    if (name_index(moe_jinja_filters, n->name) < 0)
+    if (!moe_jinja_filter_known(n->name))
         perr(p, t->line, MOE_ERR_UNSUPPORTED, "filter '%s' is not supported", n->name);
     if (is_op(peek(p), "(")) parse_args(p, n);
     return n;

@@ -131,8 +131,10 @@ struct moe_jinja {
 
 /* ---------- names the parser accepts (NULL-terminated; the renderer dispatches on the index) ---------- */
 
-extern const char *const moe_jinja_filters[], *const moe_jinja_tests[], *const moe_jinja_methods[],
-    *const moe_jinja_funcs[];
+extern const char *const moe_jinja_tests[], *const moe_jinja_methods[], *const moe_jinja_funcs[];
+
+/* True for a filter the renderer has (its table of filters is the one list of them). */
+bool moe_jinja_filter_known(const char *name);
 
 typedef enum func { F_RAISE, F_NAMESPACE, F_RANGE, F_DICT, F_STRFTIME } func;
 

@@ -1061,7 +1061,7 @@ static value select_items(render *r, int line, value seq, const args *a, bool re
 }
 
 /* sort(reverse=false, case_sensitive=false, attribute=none): a stable insertion sort. */
-static value sort_items(render *r, int line, value seq, const args *a) {
+static value sort_items(render *r, int line, const char *name, value seq, const args *a) {
     vlist *in = iterate(r, line, seq), *l = mklist(r, in->n);
     memcpy(l->v, in->v, in->n * sizeof *l->v);
     bool rev = truthy(arg(a, 0, "reverse", mkbool(false))), cs = truthy(arg(a, 1, "case_sensitive", mkbool(false)));
@@ -1083,7 +1083,8 @@ static value sort_items(render *r, int line, value seq, const args *a) {
     return list_value(l);
 }
 
-static value map_items(render *r, int line, value seq, const args *a) {
+/* map(filter, *args): each item through the filter; map(attribute=, default=): each item's attribute. */
+static value map_items(render *r, int line, const char *name, value seq, const args *a) {
     vlist *in = iterate(r, line, seq), *out = mklist(r, in->n);
     value attr = arg(a, 99, "attribute", (value){.t = V_NONE});
     for (size_t i = 0; i < in->n; i++) {
@@ -1096,8 +1097,6 @@ static value map_items(render *r, int line, value seq, const args *a) {
             str f = want_str(r, line, arg(a, 0, NULL, (value){.t = V_NONE}), "map");
             char fn[64];
             snprintf(fn, sizeof fn, "%.*s", (int)f.n, f.s);
-            if (name_index(moe_jinja_filters, fn) < 0)
-                rerr(r, line, MOE_ERR_UNSUPPORTED, "filter '%s' is not supported", fn);
             args rest = {a->pos + 1, a->n ? a->n - 1 : 0, NULL, NULL, 0};
             out->v[i] = apply_filter(r, line, fn, in->v[i], &rest);
         }
@@ -1105,7 +1104,8 @@ static value map_items(render *r, int line, value seq, const args *a) {
     return list_value(out);
 }
 
-static value dictsort(render *r, int line, value v) {
+/* dictsort: a dict's [key, value] pairs by case-folded key. */
+static value dictsort(render *r, int line, const char *name, value v, const args *a) {
     if (v.t != V_DICT) rerr(r, line, MOE_ERR_INVALID, "dictsort needs a dict, not %s", type_name(v));
     value pairs = kv_pairs(r, v.d, false, false);
     vlist *l = pairs.l;
@@ -1120,7 +1120,8 @@ static value dictsort(render *r, int line, value v) {
     return pairs;
 }
 
-static value indent_filter(render *r, int line, value v, const args *a) {
+/* indent(width=4, first=false, blank=false): every line but the first (and blank ones) padded. */
+static value indent_filter(render *r, int line, const char *name, value v, const args *a) {
     str s = to_string(r, v).s;
     value w = arg(a, 0, "width", mkint(4));
     bool first = truthy(arg(a, 1, "first", mkbool(false))), blank = truthy(arg(a, 2, "blank", mkbool(false)));
@@ -1143,107 +1144,180 @@ static value indent_filter(render *r, int line, value v, const args *a) {
     return take_stream(r, o);
 }
 
-static value apply_filter(render *r, int line, const char *name, value v, const args *a) {
-    value none = {.t = V_NONE};
-    switch (name_index(moe_jinja_filters, name)) {
-    case 0: { /* trim */
-        value c = arg(a, 0, "chars", none);
-        str chars = c.t == V_STR ? c.s : (str){0};
-        return strip(r, to_string(r, v).s, c.t == V_STR ? &chars : NULL, true, true);
+/* trim(chars=none). */
+static value trim_filter(render *r, int line, const char *name, value v, const args *a) {
+    value c = arg(a, 0, "chars", (value){.t = V_NONE});
+    str chars = c.t == V_STR ? c.s : (str){0};
+    return strip(r, to_string(r, v).s, c.t == V_STR ? &chars : NULL, true, true);
+}
+
+/* length, count. */
+static value length_filter(render *r, int line, const char *name, value v, const args *a) {
+    return mkint(length(r, line, v));
+}
+
+/* tojson(indent=none). */
+static value tojson_filter(render *r, int line, const char *name, value v, const args *a) {
+    value ind = arg(a, 0, "indent", (value){.t = V_NONE});
+    if (ind.t == V_INT && ind.i > 1000)
+        rerr(r, line, MOE_ERR_INVALID, "tojson: indent %lld is over 1000", (long long)ind.i);
+    stream *o = open_stream(r);
+    write_json(r, line, o->f, v, ind.t == V_INT ? (int)ind.i : -1, 0);
+    return take_stream(r, o);
+}
+
+/* upper, lower, title, capitalize: the map_case mode the name asks for. */
+static value case_filter(render *r, int line, const char *name, value v, const args *a) {
+    int mode = !strcmp(name, "upper") ? 1 : !strcmp(name, "lower") ? 0 : !strcmp(name, "title") ? 2 : 3;
+    return map_case(r, to_string(r, v).s, mode);
+}
+
+/* first, last: the end item, undefined for an empty sequence. */
+static value end_item_filter(render *r, int line, const char *name, value v, const args *a) {
+    vlist *l = iterate(r, line, v);
+    return l->n ? l->v[name[0] == 'f' ? 0 : l->n - 1] : undef(name);
+}
+
+/* join(d="", attribute=none). */
+static value join_filter(render *r, int line, const char *name, value v, const args *a) {
+    value attr = arg(a, 1, "attribute", (value){.t = V_NONE});
+    if (attr.t == V_STR) {
+        args m = {NULL, 0, (const char *[]){"attribute"}, &attr, 1};
+        v = map_items(r, line, "map", v, &m);
     }
-    case 1: case 2: return mkint(length(r, line, v)); /* length, count */
-    case 3: { /* tojson */
-        value ind = arg(a, 0, "indent", none);
-        if (ind.t == V_INT && ind.i > 1000) rerr(r, line, MOE_ERR_INVALID, "tojson: indent %lld is over 1000", (long long)ind.i);
-        stream *o = open_stream(r);
-        write_json(r, line, o->f, v, ind.t == V_INT ? (int)ind.i : -1, 0);
-        return take_stream(r, o);
+    value sep = arg(a, 0, "d", mkstr(r, "", 0));
+    return join(r, line, v, want_str(r, line, sep, "join"));
+}
+
+/* default, d (default_value="", boolean=false). */
+static value default_filter(render *r, int line, const char *name, value v, const args *a) {
+    bool boolean = truthy(arg(a, 1, "boolean", mkbool(false)));
+    return v.t == V_UNDEF || (boolean && !truthy(v)) ? arg(a, 0, "default_value", mkstr(r, "", 0)) : v;
+}
+
+/* list: a list's items, a dict's keys or a string's characters. */
+static value list_filter(render *r, int line, const char *name, value v, const args *a) {
+    return list_value(iterate(r, line, v));
+}
+
+/* string: any value as text. */
+static value string_filter(render *r, int line, const char *name, value v, const args *a) { return to_string(r, v); }
+
+/* int(default=0): Python's int() of a number, or of a string's leading decimal digits. */
+static value int_filter(render *r, int line, const char *name, value v, const args *a) {
+    if (v.t == V_INT) return v;
+    if (v.t == V_BOOL) return mkint(v.b);
+    if (v.t == V_FLOAT) {
+        if (!(fabs(v.f) < 9223372036854775808.0)) /* Python: OverflowError / ValueError */
+            rerr(r, line, MOE_ERR_INVALID, "int: %g does not fit 64 bits", v.f);
+        return mkint((int64_t)v.f);
     }
-    case 4: return map_case(r, to_string(r, v).s, 1);
-    case 5: return map_case(r, to_string(r, v).s, 0);
-    case 6: return map_case(r, to_string(r, v).s, 2);
-    case 7: return map_case(r, to_string(r, v).s, 3);
-    case 8: case 9: { /* first, last */
-        vlist *l = iterate(r, line, v);
-        return l->n ? l->v[name[0] == 'f' ? 0 : l->n - 1] : undef(name);
-    }
-    case 10: { /* join */
-        value attr = arg(a, 1, "attribute", none);
-        if (attr.t == V_STR) {
-            args m = {NULL, 0, (const char *[]){"attribute"}, &attr, 1};
-            v = map_items(r, line, v, &m);
-        }
-        value sep = arg(a, 0, "d", mkstr(r, "", 0));
-        return join(r, line, v, want_str(r, line, sep, "join"));
-    }
-    case 11: case 12: { /* default, d */
-        bool boolean = truthy(arg(a, 1, "boolean", mkbool(false)));
-        return v.t == V_UNDEF || (boolean && !truthy(v)) ? arg(a, 0, "default_value", mkstr(r, "", 0)) : v;
-    }
-    case 13: return list_value(iterate(r, line, v)); /* list */
-    case 14: return to_string(r, v);                 /* string */
-    case 15: { /* int */
-        if (v.t == V_INT) return v;
-        if (v.t == V_BOOL) return mkint(v.b);
-        if (v.t == V_FLOAT) {
-            if (!(fabs(v.f) < 9223372036854775808.0)) /* Python: OverflowError / ValueError */
-                rerr(r, line, MOE_ERR_INVALID, "int: %g does not fit 64 bits", v.f);
-            return mkint((int64_t)v.f);
-        }
-        if (v.t == V_STR) {
-            char b[64], *end;
-            snprintf(b, sizeof b, "%.*s", (int)v.s.n, v.s.s);
-            long long k = strtoll(b, &end, 10);
-            if (end != b) return mkint(k);
-        }
-        return arg(a, 0, "default", mkint(0));
-    }
-    case 16: { /* float */
-        if (is_number(v)) return (value){.t = V_FLOAT, .f = num(v)};
+    if (v.t == V_STR) {
         char b[64], *end;
-        snprintf(b, sizeof b, "%.*s", v.t == V_STR ? (int)v.s.n : 0, v.t == V_STR ? v.s.s : "");
-        double d = strtod(b, &end);
-        return end != b ? (value){.t = V_FLOAT, .f = d} : arg(a, 0, "default", (value){.t = V_FLOAT});
+        snprintf(b, sizeof b, "%.*s", (int)v.s.n, v.s.s);
+        long long k = strtoll(b, &end, 10);
+        if (end != b) return mkint(k);
     }
-    case 17: /* abs */
-        if (v.t == V_INT) return v.i < 0 ? arith(r, line, OP_SUB, mkint(0), v) : v;
-        if (v.t == V_FLOAT) return (value){.t = V_FLOAT, .f = fabs(v.f)};
-        rerr(r, line, MOE_ERR_INVALID, "abs needs a number, not %s", type_name(v));
-    case 18: { /* reverse */
-        vlist *src = iterate(r, line, v), *l = mklist(r, src->n);
-        for (size_t i = 0; i < src->n; i++) l->v[i] = src->v[src->n - 1 - i];
-        if (v.t != V_STR) return list_value(l);
-        return join(r, line, list_value(l), (str){"", 0});
+    return arg(a, 0, "default", mkint(0));
+}
+
+/* float(default=0.0). */
+static value float_filter(render *r, int line, const char *name, value v, const args *a) {
+    if (is_number(v)) return (value){.t = V_FLOAT, .f = num(v)};
+    char b[64], *end;
+    snprintf(b, sizeof b, "%.*s", v.t == V_STR ? (int)v.s.n : 0, v.t == V_STR ? v.s.s : "");
+    double d = strtod(b, &end);
+    return end != b ? (value){.t = V_FLOAT, .f = d} : arg(a, 0, "default", (value){.t = V_FLOAT});
+}
+
+/* abs: of an int or a float. */
+static value abs_filter(render *r, int line, const char *name, value v, const args *a) {
+    if (v.t == V_INT) return v.i < 0 ? arith(r, line, OP_SUB, mkint(0), v) : v;
+    if (v.t == V_FLOAT) return (value){.t = V_FLOAT, .f = fabs(v.f)};
+    rerr(r, line, MOE_ERR_INVALID, "abs needs a number, not %s", type_name(v));
+}
+
+/* reverse: a list, or a string for a string. */
+static value reverse_filter(render *r, int line, const char *name, value v, const args *a) {
+    vlist *src = iterate(r, line, v), *l = mklist(r, src->n);
+    for (size_t i = 0; i < src->n; i++) l->v[i] = src->v[src->n - 1 - i];
+    if (v.t != V_STR) return list_value(l);
+    return join(r, line, list_value(l), (str){"", 0});
+}
+
+/* items: a dict's [key, value] pairs; an empty list for undefined. */
+static value items_filter(render *r, int line, const char *name, value v, const args *a) {
+    if (v.t == V_UNDEF) return list_value(mklist(r, 0));
+    if (v.t != V_DICT) rerr(r, line, MOE_ERR_INVALID, "items needs a dict, not %s", type_name(v));
+    return kv_pairs(r, v.d, false, false);
+}
+
+/* replace(old, new, count=-1). */
+static value replace_filter(render *r, int line, const char *name, value v, const args *a) {
+    value none = {.t = V_NONE};
+    return replace(r, to_string(r, v).s, want_str(r, line, arg(a, 0, "old", none), "replace"),
+                   want_str(r, line, arg(a, 1, "new", none), "replace"),
+                   want_int(r, line, arg(a, 2, "count", mkint(-1)), "replace"));
+}
+
+/* safe: the value unchanged (nothing is auto-escaped). */
+static value safe_filter(render *r, int line, const char *name, value v, const args *a) { return v; }
+
+/* unique: the items in order, each first occurrence only. */
+static value unique_filter(render *r, int line, const char *name, value v, const args *a) {
+    vlist *src = iterate(r, line, v), *l = mklist(r, src->n);
+    l->n = 0;
+    for (size_t i = 0; i < src->n; i++) {
+        spend(r, line, l->n); /* quadratic */
+        bool seen = false;
+        for (size_t j = 0; j < l->n && !seen; j++) seen = equal(r, l->v[j], src->v[i]);
+        if (!seen) l->v[l->n++] = src->v[i];
     }
-    case 19: /* items */
-        if (v.t == V_UNDEF) return list_value(mklist(r, 0));
-        if (v.t != V_DICT) rerr(r, line, MOE_ERR_INVALID, "items needs a dict, not %s", type_name(v));
-        return kv_pairs(r, v.d, false, false);
-    case 20: /* replace */
-        return replace(r, to_string(r, v).s, want_str(r, line, arg(a, 0, "old", none), "replace"),
-                       want_str(r, line, arg(a, 1, "new", none), "replace"),
-                       want_int(r, line, arg(a, 2, "count", mkint(-1)), "replace"));
-    case 21: return v; /* safe */
-    case 22: { /* unique */
-        vlist *src = iterate(r, line, v), *l = mklist(r, src->n);
-        l->n = 0;
-        for (size_t i = 0; i < src->n; i++) {
-            spend(r, line, l->n); /* quadratic */
-            bool seen = false;
-            for (size_t j = 0; j < l->n && !seen; j++) seen = equal(r, l->v[j], src->v[i]);
-            if (!seen) l->v[l->n++] = src->v[i];
-        }
-        return list_value(l);
-    }
-    case 23: case 24: return select_items(r, line, v, a, name[0] == 'r', true);
-    case 25: return map_items(r, line, v, a);
-    case 26: return dictsort(r, line, v);
-    case 27: return indent_filter(r, line, v, a);
-    case 28: return mkint((int64_t)split(r, to_string(r, v).s, NULL, -1, false).l->n); /* wordcount */
-    case 29: case 30: return select_items(r, line, v, a, name[0] == 'r', false);    /* select, reject */
-    case 31: return sort_items(r, line, v, a);
-    }
-    rerr(r, line, MOE_ERR_UNSUPPORTED, "filter '%s' is not supported", name);
+    return list_value(l);
+}
+
+/* selectattr, rejectattr. */
+static value select_attr_filter(render *r, int line, const char *name, value v, const args *a) {
+    return select_items(r, line, v, a, name[0] == 'r', true);
+}
+
+/* select, reject. */
+static value select_filter(render *r, int line, const char *name, value v, const args *a) {
+    return select_items(r, line, v, a, name[0] == 'r', false);
+}
+
+/* wordcount: the whitespace-separated words. */
+static value wordcount_filter(render *r, int line, const char *name, value v, const args *a) {
+    return mkint((int64_t)split(r, to_string(r, v).s, NULL, -1, false).l->n);
+}
+
+/* The filters by name (the parser accepts these); one function may serve several names. */
+static const struct {
+    const char *name;
+    value (*fn)(render *r, int line, const char *name, value v, const args *a);
+} filters[] = {
+    {"trim", trim_filter}, {"length", length_filter}, {"count", length_filter}, {"tojson", tojson_filter},
+    {"upper", case_filter}, {"lower", case_filter}, {"title", case_filter}, {"capitalize", case_filter},
+    {"first", end_item_filter}, {"last", end_item_filter}, {"join", join_filter}, {"default", default_filter},
+    {"d", default_filter}, {"list", list_filter}, {"string", string_filter}, {"int", int_filter},
+    {"float", float_filter}, {"abs", abs_filter}, {"reverse", reverse_filter}, {"items", items_filter},
+    {"replace", replace_filter}, {"safe", safe_filter}, {"unique", unique_filter},
+    {"selectattr", select_attr_filter}, {"rejectattr", select_attr_filter}, {"map", map_items},
+    {"dictsort", dictsort}, {"indent", indent_filter}, {"wordcount", wordcount_filter}, {"select", select_filter},
+    {"reject", select_filter}, {"sort", sort_items}};
+
+static int filter_index(const char *name) {
+    for (size_t i = 0; i < sizeof filters / sizeof filters[0]; i++)
+        if (!strcmp(filters[i].name, name)) return (int)i;
+    return -1;
+}
+
+bool moe_jinja_filter_known(const char *name) { return filter_index(name) >= 0; }
+
+static value apply_filter(render *r, int line, const char *name, value v, const args *a) {
+    int i = filter_index(name);
+    if (i < 0) rerr(r, line, MOE_ERR_UNSUPPORTED, "filter '%s' is not supported", name);
+    return filters[i].fn(r, line, name, v, a);
 }
 
 /* ---------- expressions ---------- */

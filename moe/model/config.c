@@ -241,9 +241,8 @@ static moe_status validate_mla_and_groups(const moe_config *cfg) {
     return MOE_OK;
 }
 
-moe_status moe_config_validate(const moe_config *cfg) {
-    MOE_ASSERT(cfg, "NULL config");
-    const moe_cfg_model *m = &cfg->model;
+/* Attention head counts and widths: whole heads, even RoPE widths, kv heads dividing the heads. */
+static moe_status validate_heads(const moe_cfg_model *m) {
     if (m->head_dim == 0 && m->attention == MOE_CFG_ATTENTION_MHA && m->d_model % m->n_heads != 0) {
         return moe_error(MOE_ERR_CONFIG,
                          "config: model.n_heads=%d does not divide model.d_model=%d; choose "
@@ -270,6 +269,11 @@ moe_status moe_config_validate(const moe_config *cfg) {
                          "divisor of n_heads, or 0 for n_heads",
                          m->n_kv_heads, m->n_heads);
     }
+    return MOE_OK;
+}
+
+/* Routed experts: top_k within them, one width per expert when widths are listed. */
+static moe_status validate_experts(const moe_cfg_model *m) {
     if (m->top_k > m->n_experts) {
         return moe_error(MOE_ERR_CONFIG,
                          "config: model.top_k=%d is larger than model.n_experts=%d; lower top_k "
@@ -282,6 +286,12 @@ moe_status moe_config_validate(const moe_config *cfg) {
                          "give one width per expert, or [] for ffn_dim everywhere",
                          m->expert_ffn_dims.count, m->n_experts);
     }
+    return MOE_OK;
+}
+
+/* The per-layer plan: mixer list length, dense layers, and the MoM mixer's memories and heads. */
+static moe_status validate_layers(const moe_config *cfg) {
+    const moe_cfg_model *m = &cfg->model;
     if (m->mixer.count != 1 && m->mixer.count != m->n_layers) {
         return moe_error(MOE_ERR_CONFIG,
                          "config: model.mixer has %d entries but model.n_layers=%d; give one "
@@ -306,6 +316,11 @@ moe_status moe_config_validate(const moe_config *cfg) {
                              m->mom_heads, m->d_model, layer);
         }
     }
+    return MOE_OK;
+}
+
+/* Training and data: dtype on device, learning rates, micro-batches, tokenizer files. */
+static moe_status validate_training_and_data(const moe_config *cfg) {
     if (cfg->train.dtype == MOE_CFG_DTYPE_BF16 && cfg->train.device == MOE_CFG_DEVICE_CPU) {
         return moe_error(MOE_ERR_CONFIG,
                          "config: train.dtype=bf16 needs train.device=cuda (the CPU computes in "
@@ -330,6 +345,15 @@ moe_status moe_config_validate(const moe_config *cfg) {
     if (cfg->data.tokenizer == MOE_CFG_TOKENIZER_HF && cfg->data.tokenizer_path[0] == '\0')
         return moe_error(MOE_ERR_CONFIG, "config: data.tokenizer=hf needs data.tokenizer_path (a hub folder with "
                                          "tokenizer.json)");
+    return MOE_OK;
+}
+
+moe_status moe_config_validate(const moe_config *cfg) {
+    MOE_ASSERT(cfg, "NULL config");
+    MOE_TRY(validate_heads(&cfg->model));
+    MOE_TRY(validate_experts(&cfg->model));
+    MOE_TRY(validate_layers(cfg));
+    MOE_TRY(validate_training_and_data(cfg));
     return validate_mla_and_groups(cfg);
 }
 

@@ -60,11 +60,15 @@ static moe_status add_vector(moe_model *m, moe_init_mode mode, moe_block *b, moe
     return add_param(m, *t = ones ? ones_param(m, mode, n) : zeros_param(m, n), b->names[which], false, 0);
 }
 
+/* The init std of a projection back into the residual stream (attention out, dense w2): scaled
+ * down with depth. */
+static double residual_init_std(const moe_cfg_model *c) { return c->init_std / sqrt(2.0 * c->n_layers); }
+
 /* The attention parameters of block b: mha (+ biases, q/k norms) or mla. */
 static moe_status init_attention(moe_model *m, moe_init_mode mode, moe_block *b) {
     const moe_cfg_model *c = &m->cfg.model;
     int64_t d = c->d_model, hd = m->head_dim, H = m->n_heads, Hkv = m->n_kv_heads;
-    double std = c->init_std, out_std = c->init_std / sqrt(2.0 * c->n_layers);
+    double std = c->init_std, out_std = residual_init_std(c);
     if (c->attention == MOE_CFG_ATTENTION_MLA) {
         int64_t rq = c->q_lora_rank, rkv = c->kv_lora_rank, rope = c->qk_rope_dim, nope = c->qk_nope_dim;
         int64_t vd = c->v_head_dim;
@@ -89,8 +93,20 @@ static moe_status init_attention(moe_model *m, moe_init_mode mode, moe_block *b)
     return MOE_OK;
 }
 
-/* The parameters, drawn (MOE_INIT_RANDOM) or zeros for a loader to fill (MOE_INIT_ZEROS). */
-static moe_status model_init(moe_model *m, const moe_config *cfg, int ep_rank, int ep_size, moe_init_mode mode) {
+/* Appends the n parameters a sub-module (the GRU, a MoM mixer, a router) has named itself. */
+static void add_owned_params(moe_model *m, moe_tensor *const *ts, const char *const *names, int n) {
+    for (int j = 0; j < n; j++) m->params[m->n_params++] = (moe_param_ref){ts[j], names[j], false, 0};
+}
+
+/* A [vocab_size, d_model] matrix: the embedding, or the output head when not tied to it. */
+static moe_status add_vocab_matrix(moe_model *m, moe_init_mode mode, moe_tensor **t, const char *name) {
+    const moe_cfg_model *c = &m->cfg.model;
+    *t = randn_param(m, mode, name, 2, (int64_t[]){c->vocab_size, c->d_model}, c->init_std);
+    return add_param(m, *t, name, false, 0);
+}
+
+/* m's settings from cfg and its place in the expert-parallel group, whose size must divide the experts. */
+static moe_status init_model_fields(moe_model *m, const moe_config *cfg, int ep_rank, int ep_size) {
     memset(m, 0, sizeof *m);
     m->cfg = *cfg;
     const moe_cfg_model *c = &cfg->model;
@@ -104,103 +120,145 @@ static moe_status model_init(moe_model *m, const moe_config *cfg, int ep_rank, i
     if (c->n_experts % ep_size)
         return moe_error(MOE_ERR_CONFIG, "model.n_experts=%d is not divisible by the expert-parallel size %d",
                          c->n_experts, ep_size);
-    int64_t d = c->d_model, V = c->vocab_size;
-    double std = c->init_std, out_std = c->init_std / sqrt(2.0 * c->n_layers);
+    return MOE_OK;
+}
+
+/* The parameter table, sized for the most the layers can add, and the blocks. */
+static moe_status alloc_model_tables(moe_model *m) {
+    const moe_cfg_model *c = &m->cfg.model;
     /* per layer at most: the block's own (MOE_BP_COUNT) or the MoM's, 3 router, 3 shared, 2 per expert width */
     m->params = calloc((size_t)((MOE_BP_COUNT + 6 + 2 * c->n_experts + MOE_MOM_MAX_PARAMS) * c->n_layers + 4 +
                                 MOE_RMOE_GRU_NPARAMS),
                        sizeof *m->params);
     m->blocks = calloc((size_t)c->n_layers, sizeof *m->blocks);
     if (!m->params || !m->blocks) return moe_error(MOE_ERR_OOM, "model: out of host memory");
-    MOE_TRY(add_param(m, m->embed = randn_param(m, mode, "embed", 2, (int64_t[]){V, d}, std), "embed", false, 0));
-    int n_local = c->n_experts / ep_size;
-    if (cfg->router.type == MOE_CFG_ROUTER_RMOE) { /* RMoE: one GRU cell shared by every MoE layer */
-        MOE_TRY(moe_rmoe_gru_init(&m->gru, cfg->router.rmoe_dim, m->dev, MOE_F32, "router.gru",
-                                  moe_param_seed((uint64_t)cfg->train.seed, "router.gru"), std, mode));
-        m->has_gru = true;
-        moe_tensor *gts[MOE_RMOE_GRU_NPARAMS];
-        const char *gnames[MOE_RMOE_GRU_NPARAMS];
-        int ng = moe_rmoe_gru_params(&m->gru, gts, gnames, MOE_RMOE_GRU_NPARAMS);
-        for (int j = 0; j < ng; j++) m->params[m->n_params++] = (moe_param_ref){gts[j], gnames[j], false, 0};
+    return MOE_OK;
+}
+
+/* RMoE: one GRU cell shared by every MoE layer. */
+static moe_status init_rmoe_gru(moe_model *m, moe_init_mode mode) {
+    const moe_config *cfg = &m->cfg;
+    MOE_TRY(moe_rmoe_gru_init(&m->gru, cfg->router.rmoe_dim, m->dev, MOE_F32, "router.gru",
+                              moe_param_seed((uint64_t)cfg->train.seed, "router.gru"), cfg->model.init_std, mode));
+    m->has_gru = true;
+    moe_tensor *ts[MOE_RMOE_GRU_NPARAMS];
+    const char *names[MOE_RMOE_GRU_NPARAMS];
+    int n = moe_rmoe_gru_params(&m->gru, ts, names, MOE_RMOE_GRU_NPARAMS);
+    add_owned_params(m, ts, names, n);
+    return MOE_OK;
+}
+
+/* Names block i's own parameters "layers.<i>.<what>". */
+static void name_block_params(moe_block *b, int i) {
+    static const char *const what[MOE_BP_COUNT] = {
+        [MOE_BP_ATTN_NORM] = "attn_norm", [MOE_BP_WQKV] = "attn.wqkv", [MOE_BP_WO] = "attn.wo",
+        [MOE_BP_FFN_NORM] = "ffn_norm", [MOE_BP_FFN_W13] = "ffn.w13", [MOE_BP_FFN_W2] = "ffn.w2",
+        [MOE_BP_BQKV] = "attn.bqkv", [MOE_BP_Q_NORM] = "attn.q_norm", [MOE_BP_K_NORM] = "attn.k_norm",
+        [MOE_BP_WQ_A] = "attn.wq_a", [MOE_BP_Q_A_NORM] = "attn.q_a_norm", [MOE_BP_WQ_B] = "attn.wq_b",
+        [MOE_BP_WKV_A] = "attn.wkv_a", [MOE_BP_KV_A_NORM] = "attn.kv_a_norm", [MOE_BP_WKV_B] = "attn.wkv_b"};
+    for (int j = 0; j < MOE_BP_COUNT; j++) snprintf(b->names[j], sizeof b->names[j], "layers.%d.%s", i, what[j]);
+}
+
+/* The mom or gdn mixer that replaces attention in block i ("layers.<i>.mom.*"). */
+static moe_status init_mom_mixer(moe_model *m, moe_init_mode mode, moe_block *b, int i) {
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "layers.%d.mom", i);
+    moe_mom_settings ms = moe_mom_settings_from_config(&m->cfg, b->mixer == MOE_CFG_MIXER_GDN);
+    ms.init = mode;
+    MOE_TRY(moe_mom_layer_init(&b->mom, &ms, prefix, m->dev, (uint64_t)m->cfg.train.seed, m->cfg.model.init_std));
+    moe_tensor *ts[MOE_MOM_MAX_PARAMS];
+    const char *names[MOE_MOM_MAX_PARAMS];
+    int n = moe_mom_layer_params(&b->mom, ts, names, MOE_MOM_MAX_PARAMS);
+    add_owned_params(m, ts, names, n);
+    return MOE_OK;
+}
+
+/* The dense SwiGLU feed-forward of a block that has no MoE layer. */
+static moe_status init_dense_ffn(moe_model *m, moe_init_mode mode, moe_block *b) {
+    const moe_cfg_model *c = &m->cfg.model;
+    int64_t d = c->d_model, fd = moe_config_dense_ffn_dim(&m->cfg);
+    MOE_TRY(add_matrix(m, mode, b, &b->dense_w13, MOE_BP_FFN_W13, d, 2 * fd, c->init_std));
+    return add_matrix(m, mode, b, &b->dense_w2, MOE_BP_FFN_W2, fd, d, residual_init_std(c));
+}
+
+/* The MoE layer's settings from the config; an RMoE router reads the model's shared GRU. */
+static moe_moe_layer_settings moe_ffn_settings(moe_model *m, moe_init_mode mode) {
+    const moe_config *cfg = &m->cfg;
+    const moe_cfg_model *c = &cfg->model;
+    return (moe_moe_layer_settings){
+        .d_model = c->d_model, .n_experts = c->n_experts, .top_k = c->top_k, .ffn_dim = c->ffn_dim,
+        .expert_ffn_dims = c->expert_ffn_dims.count ? c->expert_ffn_dims.values : NULL,
+        .n_shared = c->n_shared_experts, .shared_ffn_dim = moe_config_shared_ffn_dim(cfg),
+        .shared_gate = c->shared_gate,
+        .capacity_factor = cfg->router.capacity_factor,
+        .latency_running = cfg->router.balance == MOE_CFG_BALANCE_LATENCY &&
+                           cfg->router.latency_source == MOE_CFG_LATENCY_RUNNING,
+        .recompute_experts = moe_config_recomputes(cfg, MOE_CFG_RECOMPUTE_EXPERTS),
+        .router = {.n_experts = c->n_experts, .top_k = c->top_k, .d_model = c->d_model,
+                   .balance = (moe_balance_kind)cfg->router.balance, .aux_coef = cfg->router.aux_coef,
+                   .z_coef = cfg->router.z_coef, .renormalize = cfg->router.renormalize,
+                   .aux_free_rate = cfg->router.aux_free_rate, .type = (moe_router_type)cfg->router.type,
+                   .rmoe_dim = cfg->router.rmoe_dim, .rmoe_detach = cfg->router.rmoe_detach,
+                   .gru = m->has_gru ? &m->gru : NULL, .ot_iters = cfg->router.ot_iters,
+                   .ot_gamma = cfg->router.ot_gamma,
+                   .ot_plan_gates = cfg->router.ot_plan_gates, .noisy_gating = cfg->router.noisy_gating,
+                   .sigmoid_scores = cfg->router.score == MOE_CFG_SCORE_SIGMOID,
+                   .n_groups = cfg->router.n_groups, .topk_groups = cfg->router.topk_groups,
+                   .scale = cfg->router.scale},
+        .init = mode,
+    };
+}
+
+/* Block i's MoE layer holding this rank's experts; its parameters: router, one expert stack per
+ * width group, shared experts and their gate. */
+static moe_status init_moe_ffn(moe_model *m, moe_init_mode mode, moe_block *b, int i) {
+    moe_moe_layer_settings s = moe_ffn_settings(m, mode);
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "layers.%d.moe", i);
+    int n_local = m->cfg.model.n_experts / m->ep_size;
+    MOE_TRY(moe_moe_layer_init(&b->moe, &s, prefix, m->dev, (uint64_t)m->cfg.train.seed, m->cfg.model.init_std,
+                               m->ep_rank * n_local, n_local));
+    moe_moe_layer *L = &b->moe;
+    moe_tensor *rts[4];
+    const char *rnames[4];
+    int nr = moe_router_params(&L->router, rts, rnames, 4);
+    add_owned_params(m, rts, rnames, nr);
+    for (int g = 0; g < L->n_groups; g++) {
+        const moe_expert_group *G = &L->groups[g];
+        const int *ids = L->n_groups > 1 ? G->experts : NULL; /* one group: contiguous */
+        m->params[m->n_params++] = (moe_param_ref){G->w13, G->name_w13, true, L->expert_begin, ids, L->name_w13};
+        m->params[m->n_params++] = (moe_param_ref){G->w2, G->name_w2, true, L->expert_begin, ids, L->name_w2};
     }
-    for (int i = 0; i < c->n_layers; i++) {
-        moe_block *b = &m->blocks[i];
-        static const char *const what[MOE_BP_COUNT] = {
-            [MOE_BP_ATTN_NORM] = "attn_norm", [MOE_BP_WQKV] = "attn.wqkv", [MOE_BP_WO] = "attn.wo",
-            [MOE_BP_FFN_NORM] = "ffn_norm", [MOE_BP_FFN_W13] = "ffn.w13", [MOE_BP_FFN_W2] = "ffn.w2",
-            [MOE_BP_BQKV] = "attn.bqkv", [MOE_BP_Q_NORM] = "attn.q_norm", [MOE_BP_K_NORM] = "attn.k_norm",
-            [MOE_BP_WQ_A] = "attn.wq_a", [MOE_BP_Q_A_NORM] = "attn.q_a_norm", [MOE_BP_WQ_B] = "attn.wq_b",
-            [MOE_BP_WKV_A] = "attn.wkv_a", [MOE_BP_KV_A_NORM] = "attn.kv_a_norm", [MOE_BP_WKV_B] = "attn.wkv_b"};
-        char (*nm)[96] = b->names;
-        for (int j = 0; j < MOE_BP_COUNT; j++) snprintf(nm[j], 96, "layers.%d.%s", i, what[j]);
-        MOE_TRY(add_vector(m, mode, b, &b->attn_norm, MOE_BP_ATTN_NORM, d, true));
-        b->mixer = moe_config_layer_mixer(cfg, i);
-        if (b->mixer == MOE_CFG_MIXER_ATTENTION) {
-            MOE_TRY(init_attention(m, mode, b));
-        } else {
-            char mp[64];
-            snprintf(mp, sizeof mp, "layers.%d.mom", i);
-            moe_mom_settings ms = moe_mom_settings_from_config(cfg, b->mixer == MOE_CFG_MIXER_GDN);
-            ms.init = mode;
-            MOE_TRY(moe_mom_layer_init(&b->mom, &ms, mp, m->dev, (uint64_t)cfg->train.seed, std));
-            moe_tensor *ts[MOE_MOM_MAX_PARAMS];
-            const char *pn[MOE_MOM_MAX_PARAMS];
-            int np = moe_mom_layer_params(&b->mom, ts, pn, MOE_MOM_MAX_PARAMS);
-            for (int j = 0; j < np; j++) m->params[m->n_params++] = (moe_param_ref){ts[j], pn[j], false, 0};
-        }
-        MOE_TRY(add_vector(m, mode, b, &b->ffn_norm, MOE_BP_FFN_NORM, d, true));
-        b->dense = moe_config_layer_is_dense(cfg, i);
-        if (b->dense) {
-            int64_t fd = moe_config_dense_ffn_dim(cfg);
-            MOE_TRY(add_matrix(m, mode, b, &b->dense_w13, MOE_BP_FFN_W13, d, 2 * fd, std));
-            MOE_TRY(add_matrix(m, mode, b, &b->dense_w2, MOE_BP_FFN_W2, fd, d, out_std));
-            continue;
-        }
-        moe_moe_layer_settings s = {
-            .d_model = c->d_model, .n_experts = c->n_experts, .top_k = c->top_k, .ffn_dim = c->ffn_dim,
-            .expert_ffn_dims = c->expert_ffn_dims.count ? c->expert_ffn_dims.values : NULL,
-            .n_shared = c->n_shared_experts, .shared_ffn_dim = moe_config_shared_ffn_dim(cfg),
-            .shared_gate = c->shared_gate,
-            .capacity_factor = cfg->router.capacity_factor,
-            .latency_running = cfg->router.balance == MOE_CFG_BALANCE_LATENCY &&
-                               cfg->router.latency_source == MOE_CFG_LATENCY_RUNNING,
-            .recompute_experts = moe_config_recomputes(cfg, MOE_CFG_RECOMPUTE_EXPERTS),
-            .router = {.n_experts = c->n_experts, .top_k = c->top_k, .d_model = c->d_model,
-                       .balance = (moe_balance_kind)cfg->router.balance, .aux_coef = cfg->router.aux_coef,
-                       .z_coef = cfg->router.z_coef, .renormalize = cfg->router.renormalize,
-                       .aux_free_rate = cfg->router.aux_free_rate, .type = (moe_router_type)cfg->router.type,
-                       .rmoe_dim = cfg->router.rmoe_dim, .rmoe_detach = cfg->router.rmoe_detach,
-                       .gru = m->has_gru ? &m->gru : NULL, .ot_iters = cfg->router.ot_iters,
-                       .ot_gamma = cfg->router.ot_gamma,
-                       .ot_plan_gates = cfg->router.ot_plan_gates, .noisy_gating = cfg->router.noisy_gating,
-                       .sigmoid_scores = cfg->router.score == MOE_CFG_SCORE_SIGMOID,
-                       .n_groups = cfg->router.n_groups, .topk_groups = cfg->router.topk_groups,
-                       .scale = cfg->router.scale},
-            .init = mode,
-        };
-        char prefix[64];
-        snprintf(prefix, sizeof prefix, "layers.%d.moe", i);
-        MOE_TRY(moe_moe_layer_init(&b->moe, &s, prefix, m->dev, (uint64_t)cfg->train.seed, std, ep_rank * n_local, n_local));
-        moe_moe_layer *L = &b->moe;
-        moe_tensor *rts[4];
-        const char *rnames[4];
-        int nr = moe_router_params(&L->router, rts, rnames, 4);
-        for (int j = 0; j < nr; j++) m->params[m->n_params++] = (moe_param_ref){rts[j], rnames[j], false, 0};
-        for (int g = 0; g < L->n_groups; g++) {
-            const moe_expert_group *G = &L->groups[g];
-            const int *ids = L->n_groups > 1 ? G->experts : NULL; /* one group: contiguous */
-            m->params[m->n_params++] = (moe_param_ref){G->w13, G->name_w13, true, L->expert_begin, ids, L->name_w13};
-            m->params[m->n_params++] = (moe_param_ref){G->w2, G->name_w2, true, L->expert_begin, ids, L->name_w2};
-        }
-        if (L->shared_w13) {
-            m->params[m->n_params++] = (moe_param_ref){L->shared_w13, L->name_sw13, false, 0};
-            m->params[m->n_params++] = (moe_param_ref){L->shared_w2, L->name_sw2, false, 0};
-        }
-        if (L->shared_gate) m->params[m->n_params++] = (moe_param_ref){L->shared_gate, L->name_sgate, false, 0};
+    if (L->shared_w13) {
+        m->params[m->n_params++] = (moe_param_ref){L->shared_w13, L->name_sw13, false, 0};
+        m->params[m->n_params++] = (moe_param_ref){L->shared_w2, L->name_sw2, false, 0};
     }
-    MOE_TRY(add_param(m, m->final_norm = ones_param(m, mode, d), "final_norm", false, 0));
-    if (!c->tie_embeddings)
-        MOE_TRY(add_param(m, m->lm_head = randn_param(m, mode, "lm_head", 2, (int64_t[]){V, d}, std), "lm_head", false, 0));
+    if (L->shared_gate) m->params[m->n_params++] = (moe_param_ref){L->shared_gate, L->name_sgate, false, 0};
+    return MOE_OK;
+}
+
+/* Block i: attention norm, token mixer, FFN norm, then a dense or an MoE feed-forward. */
+static moe_status init_block(moe_model *m, moe_init_mode mode, int i) {
+    moe_block *b = &m->blocks[i];
+    int64_t d = m->cfg.model.d_model;
+    name_block_params(b, i);
+    MOE_TRY(add_vector(m, mode, b, &b->attn_norm, MOE_BP_ATTN_NORM, d, true));
+    b->mixer = moe_config_layer_mixer(&m->cfg, i);
+    MOE_TRY(b->mixer == MOE_CFG_MIXER_ATTENTION ? init_attention(m, mode, b) : init_mom_mixer(m, mode, b, i));
+    MOE_TRY(add_vector(m, mode, b, &b->ffn_norm, MOE_BP_FFN_NORM, d, true));
+    b->dense = moe_config_layer_is_dense(&m->cfg, i);
+    return b->dense ? init_dense_ffn(m, mode, b) : init_moe_ffn(m, mode, b, i);
+}
+
+/* The parameters, drawn (MOE_INIT_RANDOM) or zeros for a loader to fill (MOE_INIT_ZEROS). */
+static moe_status model_init(moe_model *m, const moe_config *cfg, int ep_rank, int ep_size, moe_init_mode mode) {
+    MOE_TRY(init_model_fields(m, cfg, ep_rank, ep_size));
+    MOE_TRY(alloc_model_tables(m));
+    MOE_TRY(add_vocab_matrix(m, mode, &m->embed, "embed"));
+    if (cfg->router.type == MOE_CFG_ROUTER_RMOE) MOE_TRY(init_rmoe_gru(m, mode));
+    for (int i = 0; i < cfg->model.n_layers; i++) MOE_TRY(init_block(m, mode, i));
+    MOE_TRY(add_param(m, m->final_norm = ones_param(m, mode, cfg->model.d_model), "final_norm", false, 0));
+    if (!cfg->model.tie_embeddings) MOE_TRY(add_vocab_matrix(m, mode, &m->lm_head, "lm_head"));
     return MOE_OK;
 }
 
