@@ -522,6 +522,262 @@ static moe_status save_then_fail(trainer *t, moe_train_summary *sum, moe_status 
     return moe_error(failure, "%s (saving a checkpoint failed too: %s)", msg, moe_last_error());
 }
 
+/* The loop's state over the whole run: the batch buffers, the schedule, the clock and
+ * the counters behind the progress line and the summary, and how to stop after a failure. */
+typedef struct run_state {
+    int32_t *in, *tg;      /* this rank's rows of the batch: inputs and targets */
+    int64_t *load;         /* [n_layers * n_experts] tokens per expert in the current step */
+    size_t tokens_per_step; /* B x T, over all ranks */
+    moe_lr_schedule sched;
+    step_timing timing;
+    int64_t steps_run;     /* good steps of this run (the timing leaves out the first) */
+    double t_start, tokens_done, last_loss;
+    int consecutive_bad;   /* skipped steps in a row */
+    bool quiet, tty;       /* no progress lines (options or rank > 0); stderr is a terminal */
+    bool save_first, mid_step; /* how to stop after a failure that every rank saw (see save_then_fail) */
+    moe_loader_state step_start; /* the loader before the current step's batch */
+} run_state;
+
+/* One step's values: the loss parts (means over the micro-batches, and over the ranks
+ * once reduce_step_values ran), the expert load, the lr, grad norm and throughput. */
+typedef struct step_values {
+    double loss, aux, z;
+    double local_loss;     /* this rank's loss, before the reduction */
+    bool bad;              /* the loss or the gradient is not finite: the step is skipped */
+    int64_t *load;         /* run_state.load */
+    double lr, grad_norm, tokens_per_s;
+} step_values;
+
+/* Rank 0's start-up lines: the world, the model and the latency balance. */
+static void print_banner(const trainer *t, const moe_train_options *o) {
+    const moe_cfg_model *mc = &t->cfg->model;
+    if (t->rank == 0 && !o->quiet)
+        fprintf(stderr, "world: %d rank(s), expert parallel %d, data parallel %d\n", t->world, moe_dist_ep_size(), moe_dist_dp_size());
+    if (t->rank == 0)
+        fprintf(stderr, "model: %.2fM parameters (%lld; %.2fM active per token), %d layers, %d experts top-%d, on %s %s\n",
+                moe_model_param_count(&t->model, false) / 1e6, (long long)moe_model_param_count(&t->model, false),
+                moe_model_param_count(&t->model, true) / 1e6, mc->n_layers, mc->n_experts, mc->top_k,
+                moe_device_name(t->model.dev), moe_dtype_name(t->model.compute));
+    if (t->rank == 0 && !o->quiet && t->cfg->router.balance == MOE_CFG_BALANCE_LATENCY) print_latency(&t->model);
+}
+
+/* Before the first step: the batch buffers, the start-up lines, the schedule and the clock
+ * (MOE_ERR_OOM when a buffer cannot be had). */
+static moe_status run_begin(trainer *t, const moe_train_options *o, run_state *r, moe_train_summary *sum) {
+    const moe_cfg_train *tc = &t->cfg->train;
+    const moe_cfg_model *mc = &t->cfg->model;
+    memset(r, 0, sizeof *r);
+    r->tokens_per_step = (size_t)t->cfg->data.batch_size * (size_t)mc->seq_len;
+    r->in = malloc(sizeof(int32_t) * r->tokens_per_step);
+    r->tg = malloc(sizeof(int32_t) * r->tokens_per_step);
+    r->load = calloc((size_t)(mc->n_layers * mc->n_experts), sizeof(int64_t));
+    if (!r->in || !r->tg || !r->load)
+        return moe_error(MOE_ERR_OOM, "train: out of host memory for a batch of %zu tokens", r->tokens_per_step);
+    sum->unigram_bpb = moe_data_unigram_bpb(t->val);
+    print_banner(t, o);
+    r->sched = (moe_lr_schedule){tc->schedule == MOE_CFG_SCHEDULE_COSINE ? MOE_LR_COSINE : MOE_LR_CONSTANT, tc->lr,
+                                 tc->min_lr, tc->warmup, tc->steps > tc->warmup ? tc->steps : tc->warmup};
+    r->quiet = o->quiet || t->rank != 0;
+    r->tty = isatty(STDERR_FILENO) && !r->quiet;
+    r->t_start = moe_clock_ms() / 1e3;
+    r->last_loss = NAN;
+    moe_mem_reset_peaks(t->model.dev);
+    return MOE_OK;
+}
+
+/* Forward and backward over the step's A micro-batches of this rank's B / world rows: the
+ * loss parts and the expert load into v, the gradients into the buckets. The buckets'
+ * reduction starts on every rank whatever happened, and the status is agreed by all ranks. */
+static moe_status forward_backward(trainer *t, const moe_train_options *o, const run_state *r, step_values *v) {
+    const moe_cfg_model *mc = &t->cfg->model;
+    const int A = t->cfg->train.grad_accum, T = mc->seq_len, Bm = t->cfg->data.batch_size / t->world / A;
+    memset(v->load, 0, sizeof(int64_t) * (size_t)(mc->n_layers * mc->n_experts));
+    moe_status s = MOE_OK;
+    moe_grad_buckets_begin(&t->grads);
+    for (int a = 0; a < A && s == MOE_OK; a++) {
+        moe_step_reset();
+        moe_loss_parts parts;
+        s = moe_model_loss(&t->model, r->in + (size_t)a * Bm * T, r->tg + (size_t)a * Bm * T, Bm, T, &parts);
+        if (s != MOE_OK) break;
+        double lv = parts.ce + parts.aux + parts.z; /* already on the host: no extra device read */
+        v->bad |= !isfinite(lv);
+        v->loss += lv / A;
+        v->aux += parts.aux / A;
+        v->z += parts.z / A;
+        for (int i = 0; i < mc->n_layers * mc->n_experts; i++) v->load[i] += parts.load[i];
+        /* The backward runs even after a non-finite loss: under expert parallelism it
+         * exchanges tokens with the other ranks, which must all take part. */
+        if (a == A - 1 && moe_grad_buckets_overlap()) moe_set_grad_ready_hook(moe_grad_buckets_ready, &t->grads);
+        s = moe_backward_freeing(A > 1 ? moe_mul_scalar(parts.loss, 1.0 / A) : parts.loss);
+        moe_set_grad_ready_hook(NULL, NULL);
+    }
+    moe_grad_buckets_start(&t->grads, true); /* on every rank, whatever happened: the collectives stay matched */
+    if (s == MOE_OK && t->grads.status != MOE_OK) s = moe_error(t->grads.status, "%s", t->grads.msg);
+    if (s == MOE_OK && o->fail_at_step > 0 && t->st.step + 1 == o->fail_at_step)
+        s = moe_error(MOE_ERR_DEVICE, "step %lld failed (moe_train_options.fail_at_step)", (long long)o->fail_at_step);
+    return moe_dist_check_all(s);
+}
+
+/* Under MPI: the global mean loss parts and the total expert load; a NaN anywhere makes
+ * the sum NaN, so every rank sees the same `bad`. */
+static moe_status reduce_step_values(const trainer *t, step_values *v) {
+    double sums[3] = {v->loss, v->aux, v->z};
+    moe_status s = moe_dist_allreduce_f64(MOE_GROUP_WORLD, sums, 3);
+    if (s == MOE_OK) s = moe_dist_allreduce_i64(MOE_GROUP_WORLD, v->load, t->cfg->model.n_layers * t->cfg->model.n_experts);
+    v->loss = sums[0] / t->world;
+    v->aux = sums[1] / t->world;
+    v->z = sums[2] / t->world;
+    v->bad = !isfinite(v->loss);
+    return s;
+}
+
+/* A step with a non-finite loss or gradient: no update, a "skipped" metrics line, and a
+ * failure once train.max_bad_steps come in a row. */
+static moe_status skip_bad_step(trainer *t, run_state *r, const moe_train_summary *sum) {
+    const int max_bad_steps = t->cfg->train.max_bad_steps;
+    t->st.bad_steps++;
+    r->consecutive_bad++;
+    if (t->rank == 0) {
+        fprintf(stderr, "\nstep %lld: non-finite loss or gradient, step skipped (%d in a row, %lld in all)\n",
+                (long long)t->st.step, r->consecutive_bad, (long long)t->st.bad_steps);
+        fprintf(t->metrics, "{\"step\":%lld,\"skipped\":true,\"bad_steps\":%lld}\n", (long long)t->st.step,
+                (long long)t->st.bad_steps);
+    }
+    moe_status s = moe_optimizer_zero_grad(t->opt);
+    if (s == MOE_OK && r->consecutive_bad >= max_bad_steps)
+        s = moe_error(MOE_ERR_NUMERIC, "%d steps in a row had a non-finite loss or gradient (train.max_bad_steps=%d); %s%s",
+                      r->consecutive_bad, max_bad_steps,
+                      sum->last_checkpoint[0] ? "the last good checkpoint is " : "no checkpoint was written yet",
+                      sum->last_checkpoint);
+    t->st.step++;
+    return s;
+}
+
+/* The evaluation after a step (collective): the results into the summary, and as
+ * metrics.jsonl fields into `extra`. */
+static moe_status evaluate_step(trainer *t, moe_train_summary *sum, char *extra, size_t cap) {
+    moe_eval_result ev;
+    MOE_TRY(moe_evaluate_full(&t->model, t->val, t->cfg->train.eval_batches, &ev));
+    sum->val_loss = ev.loss;
+    sum->val_bpb = ev.bpb;
+    sum->val_recall = ev.recall;
+    int at = snprintf(extra, cap, ",\"val_loss\":%.6f,\"val_bpb\":%.6f", ev.loss, ev.bpb);
+    if (!isnan(ev.recall)) snprintf(extra + at, cap - (size_t)at, ",\"val_recall\":%.6f", ev.recall);
+    return MOE_OK;
+}
+
+/* Over the MoE layers: the smallest and the largest expert share and the largest
+ * coefficient of variation of the load. */
+static void load_range(const trainer *t, const int64_t *load, double *min_share, double *max_share, double *max_cv) {
+    const int E = t->cfg->model.n_experts;
+    *min_share = 1;
+    *max_share = 0;
+    *max_cv = 0;
+    for (int i = 0; i < t->cfg->model.n_layers; i++) {
+        if (t->model.blocks[i].dense) continue;
+        double layer_min, layer_max, layer_cv;
+        load_stats(load + i * E, E, &layer_min, &layer_max, &layer_cv);
+        *min_share = fmin(*min_share, layer_min);
+        *max_share = fmax(*max_share, layer_max);
+        *max_cv = fmax(*max_cv, layer_cv);
+    }
+}
+
+/* The progress line on stderr (rewritten in place on a terminal), and after an
+ * evaluation its results and the memory in use. */
+static void print_progress(const trainer *t, const run_state *r, const moe_train_summary *sum, const step_values *v,
+                           bool evaluated) {
+    const moe_cfg_train *tc = &t->cfg->train;
+    double min_share, max_share, max_cv;
+    load_range(t, v->load, &min_share, &max_share, &max_cv);
+    double elapsed = (moe_clock_ms() / 1e3) - r->t_start,
+           eta = elapsed / r->tokens_done * (double)r->tokens_per_step * (tc->steps - t->st.step);
+    fprintf(stderr, "%sstep %5lld/%d  loss %.4f  aux %.4f  lr %.2e  |g| %.3f  %.0f tok/s  load %.2f..%.2f cv %.2f  eta %.0fs%s%s",
+            r->tty ? "\r" : "", (long long)t->st.step, tc->steps, v->loss, v->aux, v->lr, v->grad_norm, v->tokens_per_s,
+            min_share, max_share, max_cv, eta, evaluated ? "" : "   ", (evaluated || !r->tty) ? "\n" : "");
+    if (!evaluated) return;
+    fprintf(stderr, "  eval: val_loss %.4f  val_bpb %.4f  (unigram baseline %.4f bpb)", sum->val_loss, sum->val_bpb,
+            sum->unigram_bpb);
+    if (!isnan(sum->val_recall)) fprintf(stderr, "  recall %.4f", sum->val_recall);
+    fputc('\n', stderr);
+    const moe_mem_stats ms = moe_mem_get_stats(t->model.dev);
+    fprintf(stderr, "  memory on %s: step arena peak %.2f GiB, persistent %.2f GiB (weights, grads, "
+            "optimizer state)\n", moe_device_name(t->model.dev), (double)ms.step_peak / (1 << 30),
+            (double)ms.persist_bytes / (1 << 30));
+}
+
+/* After a good step: the evaluation when one is due (its failure saves first), then at
+ * train.log_every, evaluations and the last step, the metrics, rank log and progress lines. */
+static moe_status report_step(trainer *t, run_state *r, moe_train_summary *sum, const step_values *v) {
+    const moe_cfg_train *tc = &t->cfg->train;
+    bool do_eval = (tc->eval_every > 0 && t->st.step % tc->eval_every == 0) || t->st.step == tc->steps;
+    char extra[160] = "";
+    if (do_eval) {
+        moe_status s = evaluate_step(t, sum, extra, sizeof extra);
+        if (s != MOE_OK) {
+            r->save_first = true; /* moe_evaluate fails on every rank together */
+            return s;
+        }
+    }
+    if (!(t->st.step % tc->log_every == 0 || do_eval || t->st.step == tc->steps)) return MOE_OK;
+    write_metrics(t, extra, v->loss, v->aux, v->z, v->lr, v->grad_norm, v->tokens_per_s, v->load);
+    if (t->rank_log)
+        fprintf(t->rank_log, "step %lld local loss %.6f global loss %.6f tokens/s %.0f\n", (long long)t->st.step,
+                v->local_loss, v->loss, v->tokens_per_s);
+    if (!r->quiet) print_progress(t, r, sum, v, do_eval);
+    return MOE_OK;
+}
+
+/* One training step: forward and backward, the sums over the ranks, then the update (or
+ * a skipped step), the report and the periodic checkpoint. */
+static moe_status train_step(trainer *t, const moe_train_options *o, run_state *r, moe_train_summary *sum) {
+    const moe_cfg_train *tc = &t->cfg->train;
+    double t0 = (moe_clock_ms() / 1e3);
+    moe_dist_reset_stats();
+    step_values v = {.load = r->load, .lr = moe_lr_at(&r->sched, t->st.step)};
+    r->step_start = moe_loader_get_state(t->loader);
+    moe_loader_next(t->loader, t->rank, t->world, r->in, r->tg);
+    t->model.dropout_counter = (uint64_t)t->st.step << 48; /* masks and noise depend on the step: exact resume */
+    moe_status s = forward_backward(t, o, r, &v);
+    r->save_first = r->mid_step = s != MOE_OK; /* every rank failed here together */
+    v.local_loss = v.loss;
+    if (s == MOE_OK && t->world > 1) s = reduce_step_values(t, &v);
+    moe_status ws = moe_grad_buckets_finish(&t->grads); /* the summed grads, before the clip reads them */
+    if (s == MOE_OK) s = ws;
+    MOE_TRY(s);
+    double scale = 1;
+    if (!v.bad) {
+        moe_status cs = clip_scale(t, tc->grad_clip, &v.grad_norm, &scale);
+        if (cs == MOE_ERR_NUMERIC) v.bad = true;
+        else MOE_TRY(cs);
+    }
+    if (v.bad) return skip_bad_step(t, r, sum);
+    r->consecutive_bad = 0;
+    s = moe_optimizer_step(t->opt, v.lr, scale / t->world);
+    if (s == MOE_OK) s = moe_optimizer_zero_grad(t->opt);
+    if (s == MOE_OK) s = moe_model_update_router_bias(&t->model, v.load);
+    MOE_TRY(s);
+    t->st.step++;
+    r->last_loss = v.loss;
+    double dt = (moe_clock_ms() / 1e3) - t0;
+    if (r->steps_run++ > 0) step_timing_add(&r->timing, dt * 1e3);
+    r->tokens_done += (double)r->tokens_per_step;
+    v.tokens_per_s = r->tokens_per_step / dt;
+    MOE_TRY(report_step(t, r, sum, &v));
+    if (t->cfg->checkpoint.every > 0 && t->st.step % t->cfg->checkpoint.every == 0 && t->st.step < tc->steps)
+        return save_checkpoint(t, sum);
+    return MOE_OK;
+}
+
+/* What the run did, for the caller. */
+static void fill_summary(const trainer *t, const run_state *r, moe_train_summary *sum) {
+    sum->steps_done = t->st.step;
+    sum->final_loss = r->last_loss;
+    sum->bad_steps = t->st.bad_steps;
+    sum->tokens_per_s = r->tokens_done / ((moe_clock_ms() / 1e3) - r->t_start);
+    sum->step_mem_peak = moe_mem_get_stats(t->model.dev).step_peak;
+}
+
 moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_train_summary *sum) {
     memset(sum, 0, sizeof *sum);
     sum->val_recall = NAN;
@@ -532,175 +788,20 @@ moe_status moe_train_run(const moe_config *cfg, const moe_train_options *o, moe_
         trainer_close(&t);
         return s;
     }
-    const moe_cfg_train *tc = &cfg->train;
-    const moe_cfg_model *mc = &cfg->model;
-    /* Each rank takes B / world rows of the global batch, in A micro-batches. */
-    int B = cfg->data.batch_size, T = mc->seq_len, A = tc->grad_accum, Bl = B / t.world, Bm = Bl / A;
-    size_t nb = (size_t)B * (size_t)T;
-    int32_t *in = malloc(sizeof(int32_t) * nb), *tg = malloc(sizeof(int32_t) * nb);
-    int64_t *load = calloc((size_t)(mc->n_layers * mc->n_experts), sizeof(int64_t));
-    sum->unigram_bpb = moe_data_unigram_bpb(t.val);
-    if (t.rank == 0 && !o->quiet)
-        fprintf(stderr, "world: %d rank(s), expert parallel %d, data parallel %d\n", t.world, moe_dist_ep_size(), moe_dist_dp_size());
-    if (t.rank == 0)
-    fprintf(stderr, "model: %.2fM parameters (%lld; %.2fM active per token), %d layers, %d experts top-%d, on %s %s\n",
-            moe_model_param_count(&t.model, false) / 1e6, (long long)moe_model_param_count(&t.model, false),
-            moe_model_param_count(&t.model, true) / 1e6, mc->n_layers,
-            mc->n_experts, mc->top_k, moe_device_name(t.model.dev), moe_dtype_name(t.model.compute));
-    if (t.rank == 0 && !o->quiet && cfg->router.balance == MOE_CFG_BALANCE_LATENCY) print_latency(&t.model);
-    moe_lr_schedule sched = {tc->schedule == MOE_CFG_SCHEDULE_COSINE ? MOE_LR_COSINE : MOE_LR_CONSTANT, tc->lr,
-                             tc->min_lr, tc->warmup, tc->steps > tc->warmup ? tc->steps : tc->warmup};
-    bool quiet = o->quiet || t.rank != 0, tty = isatty(STDERR_FILENO) && !quiet;
-    int consecutive_bad = 0;
-    step_timing timing = {0};
-    int64_t steps_run = 0;
-    double t_start = (moe_clock_ms() / 1e3), tokens_done = 0, last_loss = NAN;
-    moe_mem_reset_peaks(t.model.dev);
-    bool save_first = false, mid_step = false; /* how to stop after a failure that every rank saw */
-    moe_loader_state step_start = {0};
-    while (s == MOE_OK && t.st.step < tc->steps) {
+    run_state r;
+    s = moe_dist_check_all(run_begin(&t, o, &r, sum)); /* every rank starts, or none */
+    while (s == MOE_OK && t.st.step < cfg->train.steps) {
         if (o->stop_after > 0 && t.st.step >= o->stop_after) break;
         if ((s = act_on_signals(&t, o->signals, sum)) != MOE_OK) break;
-        double t0 = (moe_clock_ms() / 1e3);
-        moe_dist_reset_stats();
-        double lr = moe_lr_at(&sched, t.st.step);
-        step_start = moe_loader_get_state(t.loader);
-        moe_loader_next(t.loader, t.rank, t.world, in, tg);
-        t.model.dropout_counter = (uint64_t)t.st.step << 48; /* masks and noise depend on the step: exact resume */
-        double loss = 0, aux = 0, z = 0;
-        memset(load, 0, sizeof(int64_t) * (size_t)(mc->n_layers * mc->n_experts));
-        bool bad = false;
-        moe_grad_buckets_begin(&t.grads);
-        for (int a = 0; a < A && s == MOE_OK; a++) {
-            moe_step_reset();
-            moe_loss_parts parts;
-            s = moe_model_loss(&t.model, in + (size_t)a * Bm * T, tg + (size_t)a * Bm * T, Bm, T, &parts);
-            if (s != MOE_OK) break;
-            double lv = parts.ce + parts.aux + parts.z; /* already on the host: no extra device read */
-            bad |= !isfinite(lv);
-            loss += lv / A;
-            aux += parts.aux / A;
-            z += parts.z / A;
-            for (int i = 0; i < mc->n_layers * mc->n_experts; i++) load[i] += parts.load[i];
-            /* The backward runs even after a non-finite loss: under expert parallelism it
-             * exchanges tokens with the other ranks, which must all take part. */
-            if (a == A - 1 && moe_grad_buckets_overlap()) moe_set_grad_ready_hook(moe_grad_buckets_ready, &t.grads);
-            s = moe_backward_freeing(A > 1 ? moe_mul_scalar(parts.loss, 1.0 / A) : parts.loss);
-            moe_set_grad_ready_hook(NULL, NULL);
-        }
-        moe_grad_buckets_start(&t.grads, true); /* on every rank, whatever happened: the collectives stay matched */
-        if (s == MOE_OK && t.grads.status != MOE_OK) s = moe_error(t.grads.status, "%s", t.grads.msg);
-        if (s == MOE_OK && o->fail_at_step > 0 && t.st.step + 1 == o->fail_at_step)
-            s = moe_error(MOE_ERR_DEVICE, "step %lld failed (moe_train_options.fail_at_step)", (long long)o->fail_at_step);
-        s = moe_dist_check_all(s);
-        save_first = mid_step = s != MOE_OK; /* every rank failed here together */
-        double local_loss = loss;
-        if (s == MOE_OK && t.world > 1) { /* global mean loss and total load; a NaN anywhere makes the sum NaN */
-            double v[3] = {loss, aux, z};
-            s = moe_dist_allreduce_f64(MOE_GROUP_WORLD, v, 3);
-            if (s == MOE_OK) s = moe_dist_allreduce_i64(MOE_GROUP_WORLD, load, mc->n_layers * mc->n_experts);
-            loss = v[0] / t.world;
-            aux = v[1] / t.world;
-            z = v[2] / t.world;
-            bad = !isfinite(loss);
-        }
-        moe_status ws = moe_grad_buckets_finish(&t.grads); /* the summed grads, before the clip reads them */
-        if (s == MOE_OK) s = ws;
-        if (s != MOE_OK) break;
-        double gnorm = 0, scale = 1;
-        if (!bad) {
-            moe_status cs = clip_scale(&t, tc->grad_clip, &gnorm, &scale);
-            if (cs == MOE_ERR_NUMERIC) bad = true;
-            else if (cs != MOE_OK) { s = cs; break; }
-        }
-        if (bad) {
-            t.st.bad_steps++;
-            consecutive_bad++;
-            if (t.rank == 0) {
-                fprintf(stderr, "\nstep %lld: non-finite loss or gradient, step skipped (%d in a row, %lld in all)\n",
-                        (long long)t.st.step, consecutive_bad, (long long)t.st.bad_steps);
-                fprintf(t.metrics, "{\"step\":%lld,\"skipped\":true,\"bad_steps\":%lld}\n", (long long)t.st.step,
-                        (long long)t.st.bad_steps);
-            }
-            s = moe_optimizer_zero_grad(t.opt);
-            if (s == MOE_OK && consecutive_bad >= tc->max_bad_steps)
-                s = moe_error(MOE_ERR_NUMERIC, "%d steps in a row had a non-finite loss or gradient (train.max_bad_steps=%d); %s%s",
-                              consecutive_bad, tc->max_bad_steps,
-                              sum->last_checkpoint[0] ? "the last good checkpoint is " : "no checkpoint was written yet",
-                              sum->last_checkpoint);
-            t.st.step++;
-            continue;
-        }
-        consecutive_bad = 0;
-        s = moe_optimizer_step(t.opt, lr, scale / t.world);
-        if (s == MOE_OK) s = moe_optimizer_zero_grad(t.opt);
-        if (s == MOE_OK) s = moe_model_update_router_bias(&t.model, load);
-        if (s != MOE_OK) break;
-        t.st.step++;
-        last_loss = loss;
-        double dt = (moe_clock_ms() / 1e3) - t0;
-        if (steps_run++ > 0) step_timing_add(&timing, dt * 1e3);
-        tokens_done += (double)nb;
-        double tps = nb / dt;
-        bool do_eval = (tc->eval_every > 0 && t.st.step % tc->eval_every == 0) || t.st.step == tc->steps;
-        char extra[160] = "";
-        if (do_eval) {
-            moe_eval_result ev;
-            s = moe_evaluate_full(&t.model, t.val, tc->eval_batches, &ev);
-            if (s != MOE_OK) {
-                save_first = true; /* moe_evaluate fails on every rank together */
-                break;
-            }
-            sum->val_loss = ev.loss;
-            sum->val_bpb = ev.bpb;
-            sum->val_recall = ev.recall;
-            int at = snprintf(extra, sizeof extra, ",\"val_loss\":%.6f,\"val_bpb\":%.6f", ev.loss, ev.bpb);
-            if (!isnan(ev.recall)) snprintf(extra + at, sizeof extra - (size_t)at, ",\"val_recall\":%.6f", ev.recall);
-        }
-        if (t.st.step % tc->log_every == 0 || do_eval || t.st.step == tc->steps) {
-            write_metrics(&t, extra, loss, aux, z, lr, gnorm, tps, load);
-            if (t.rank_log)
-                fprintf(t.rank_log, "step %lld local loss %.6f global loss %.6f tokens/s %.0f\n", (long long)t.st.step,
-                        local_loss, loss, tps);
-            double mn = 1, mx = 0, cvmax = 0;
-            for (int i = 0; i < mc->n_layers; i++) {
-                if (t.model.blocks[i].dense) continue;
-                double a, b, c;
-                load_stats(load + i * mc->n_experts, mc->n_experts, &a, &b, &c);
-                mn = fmin(mn, a);
-                mx = fmax(mx, b);
-                cvmax = fmax(cvmax, c);
-            }
-            double elapsed = (moe_clock_ms() / 1e3) - t_start, eta = elapsed / tokens_done * (double)nb * (tc->steps - t.st.step);
-            if (!quiet)
-                fprintf(stderr, "%sstep %5lld/%d  loss %.4f  aux %.4f  lr %.2e  |g| %.3f  %.0f tok/s  load %.2f..%.2f cv %.2f  eta %.0fs%s%s",
-                        tty ? "\r" : "", (long long)t.st.step, tc->steps, loss, aux, lr, gnorm, tps, mn, mx, cvmax, eta,
-                        do_eval ? "" : "   ", (do_eval || !tty) ? "\n" : "");
-            if (do_eval && !quiet) {
-                fprintf(stderr, "  eval: val_loss %.4f  val_bpb %.4f  (unigram baseline %.4f bpb)", sum->val_loss,
-                        sum->val_bpb, sum->unigram_bpb);
-                if (!isnan(sum->val_recall)) fprintf(stderr, "  recall %.4f", sum->val_recall);
-                fputc('\n', stderr);
-                const moe_mem_stats ms = moe_mem_get_stats(t.model.dev);
-                fprintf(stderr, "  memory on %s: step arena peak %.2f GiB, persistent %.2f GiB (weights, grads, "
-                        "optimizer state)\n", moe_device_name(t.model.dev), (double)ms.step_peak / (1 << 30),
-                        (double)ms.persist_bytes / (1 << 30));
-            }
-        }
-        if (cfg->checkpoint.every > 0 && t.st.step % cfg->checkpoint.every == 0 && t.st.step < tc->steps)
-            s = save_checkpoint(&t, sum);
+        s = train_step(&t, o, &r, sum);
     }
-    if (s != MOE_OK && save_first) s = save_then_fail(&t, sum, s, mid_step, step_start);
-    if (s == MOE_OK && moe_dist_timing()) s = step_timing_report(&t, &timing, (double)nb);
+    if (s != MOE_OK && r.save_first) s = save_then_fail(&t, sum, s, r.mid_step, r.step_start);
+    if (s == MOE_OK && moe_dist_timing()) s = step_timing_report(&t, &r.timing, (double)r.tokens_per_step);
     if (s == MOE_OK) s = save_checkpoint(&t, sum);
-    sum->steps_done = t.st.step;
-    sum->final_loss = last_loss;
-    sum->bad_steps = t.st.bad_steps;
-    sum->tokens_per_s = tokens_done / ((moe_clock_ms() / 1e3) - t_start);
-    sum->step_mem_peak = moe_mem_get_stats(t.model.dev).step_peak;
-    free(in);
-    free(tg);
-    free(load);
+    fill_summary(&t, &r, sum);
+    free(r.in);
+    free(r.tg);
+    free(r.load);
     trainer_close(&t);
     return s;
 }
