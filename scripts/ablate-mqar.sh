@@ -7,7 +7,7 @@
 # Usage: scripts/ablate-mqar.sh [cpu|gpu] [--seeds N] [--seq-lens "256 512 1024"]
 #                               [--pairs "16 32 64"] [--mixers attention,gdn,mom]
 #                               [--steps S] [--jobs J] [--gpus G] [--vocab V] [--train N]
-#                               [--set key=value ...] [--report] [--out DIR]
+#                               [--set key=value ...] [--report] [--continue] [--out DIR] [--work DIR]
 #   gpu (default): the configs as they are (cuda, bf16, vocabulary 1024, 4000 steps of 64
 #       examples); MOE_BIN defaults to build-gpu/moe when it exists.
 #   cpu: a smoke run of the pipeline, not a measurement: cpu f32, one thread per run,
@@ -25,10 +25,14 @@
 #   --train N     training examples per grid point (default 100000 gpu; val: 1024)
 #   --set k=v     passed to every run, after the script's own settings
 #   --report      train nothing: the table and plot of the runs on disk
+#   --continue    go on where an earlier call with the same settings stopped (trained runs
+#                 kept, runs stopped by a signal resumed from their checkpoint; see
+#                 scripts/ablate.sh --help)
 #   --out DIR     where table.md etc. go (default results/mqar/<UTC date>[-cpu])
+#   --work DIR    where data/ and runs/ below go (default: the source tree)
 # Data: data/mqar/V<V>-T<T>-P<P>/ (train.bin, val.bin; made with --seed 1 when missing or
 # made with other settings). Runs: runs/ablate-mqar/<mixer>-T<T>-P<P>-s<seed>/ (train.log,
-# metrics.jsonl, last checkpoint). Results in --out: table.md (final recall, mean ± std
+# metrics.jsonl, last checkpoint, args.txt). Results in --out: table.md (final recall, mean ± std
 # over seeds, and the best recall seen at any evaluation), runs.csv (every run), recall.png
 # (recall against sequence length, one panel per pairs value, one line per mixer with
 # the seeds' min-max band), setup.txt. A failed run is reported, the others go on, exit 1.
@@ -36,7 +40,9 @@
 # the finished ones; exit 130.
 # Cost: on an H100 alone at seq_len 1024, attention trained at 5.6M tokens/s (vocabulary
 # 1024); gdn at 1.6M and mom at 0.7M (vocabulary 8192; faster at 1024). The default grid
-# is 4.1G training tokens per mixer: about 2 GPU-hours in all, most of it MoM. Split it
+# is 4.1G training tokens per mixer: about 2 GPU-hours in all, most of it MoM. On one
+# machine over several time-limited calls, repeat the same command with --continue
+# (`timeout -s TERM` stops it with checkpoints). Across machines, split it
 # over calls (--mixers, --seq-lens, --pairs, --first-seed), bring back each call's runs
 # without checkpoints (tar czf runs.tgz --exclude='*.h5' runs/ablate-mqar), unpack them
 # into one runs/ablate-mqar/ and write the table with --report.
@@ -51,7 +57,7 @@ source scripts/lib-ablate.sh
 usage() { sed -n '2,/^# Environment/p' "$root/scripts/ablate-mqar.sh" | sed 's/^# \{0,1\}//'; }
 
 mode=gpu seeds="" first_seed=1 seq_lens="" pairs="" mixers="attention,gdn,mom" steps="" jobs="" gpus="" vocab="" n_train=""
-report=0 out="" extra=()
+report=0 out="" work=. extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     cpu|gpu) mode=$1 ;;
@@ -66,7 +72,9 @@ while [ $# -gt 0 ]; do
     --vocab) vocab=${2:-}; shift ;;
     --train) n_train=${2:-}; shift ;;
     --out) out=${2:-}; shift ;;
+    --work) work=${2:-}; shift ;;
     --report) report=1 ;;
+    --continue) continue_runs=1 ;;
     --set) [ -n "${2:-}" ] || die "--set needs key=value"; extra+=(--set "$2"); shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "ablate-mqar: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
@@ -96,14 +104,14 @@ find_moe "$mode"
 base=(--set "model.vocab_size=$vocab" --set checkpoint.keep=1 --set checkpoint.every=0)
 [ -z "$steps" ] || base+=(--set "train.steps=$steps" --set "train.eval_every=$(( steps / 4 > 0 ? steps / 4 : 1 ))")
 [ "$mode" = gpu ] || base+=(--set train.device=cpu --set train.dtype=f32 --set train.threads=1)
-runs=runs/ablate-mqar run_root=runs/ablate-mqar
+runs=$work/runs/ablate-mqar run_root=$work/runs/ablate-mqar
 mkdir -p "$runs" "$out"
 setup="$mode vocab=$vocab train=$n_train ${base[*]} ${extra[*]}"
 echo "$setup" >"$out/setup.txt"
 
 # The files of one grid point, made when missing or made with other settings.
 data_for() { # T P -> prints the directory
-  local dir=data/mqar/V$vocab-T$1-P$2 stamp="mqar seq_len=$1 pairs=$2 vocab=$vocab train=$n_train val=1024 seed=1"
+  local dir=$work/data/mqar/V$vocab-T$1-P$2 stamp="mqar seq_len=$1 pairs=$2 vocab=$vocab train=$n_train val=1024 seed=1"
   if [ ! -s "$dir/val.bin" ] || [ "$(cat "$dir/stamp" 2>/dev/null)" != "$stamp" ]; then
     "$moe" data mqar --out "$dir" --seq-len "$1" --pairs "$2" --vocab "$vocab" --train "$n_train" --val 1024 \
       --seed 1 >&2 || return 1
@@ -136,14 +144,11 @@ if [ "$report" = 0 ]; then
         reap "$jobs"
         [ "$interrupted" = 0 ] || break 3
         name=$m-T$T-P$P-s$s dir=$runs/$m-T$T-P$P-s$s
-        rm -rf "$dir" && mkdir -p "$dir"
         args=(train "configs/mqar-$m.yaml" "${base[@]}" --set "model.seq_len=$T" --set "data.train_path=$data/train.bin"
               --set "data.val_path=$data/val.bin" --set "train.seed=$s" --set "checkpoint.dir=$dir" "${extra[@]}")
-        n=$((n + 1))
-        echo "== [$n/$total] $name: $moe ${args[*]}" >&2
-        CUDA_VISIBLE_DEVICES=$((slot % gpus)) "$moe" "${args[@]}" >"$dir/train.log" 2>&1 &
-        pool_add "$name"
-        slot=$((slot + 1))
+        prepare_run "$dir" "${args[@]}"
+        start_run "$name" "$dir" "CUDA_VISIBLE_DEVICES=$((slot % gpus))" "${args[@]}"
+        [ "$run_start" = done ] || slot=$((slot + 1))
       done
     done
   done

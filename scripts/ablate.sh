@@ -3,7 +3,7 @@
 # results table and plots. scripts/ablate-routers.sh and scripts/ablate-mixers.sh call this.
 #
 # Usage: scripts/ablate.sh routers|mixers [cpu|gpu] [--seeds N] [--steps S | --horizon H]
-#                          [--jobs J] [--variants a,b,...] [--set key=value ...]
+#                          [--jobs J] [--variants a,b,...] [--set key=value ...] [--continue]
 #   cpu (default): configs/tiny-cpu.yaml.  gpu: configs/ablate-gpu.yaml (byte-level,
 #       bf16 on one GPU; MOE_BIN defaults to build-gpu/moe when it exists).
 #   --seeds N     seeds 1..N (default 3); the same N seeds for every variant
@@ -21,6 +21,10 @@
 #   --set k=v     passed to every run, after the variant's own settings
 #   --report      train nothing: write the table and plots from the runs on disk (e.g. runs
 #                 gathered from several GPU calls into runs/ablate-<kind>/)
+#   --continue    go on where an earlier call with the same settings stopped: runs that
+#                 trained are kept, runs stopped by a signal (TERM from timeout saves a
+#                 checkpoint) resume from their checkpoint; the rest start
+#                 (a long grid over several time-limited calls on one machine)
 # Variants (every run: same config, parameter budget and tokens, except as noted):
 #   routers: topk (router.type=topk, balance switch), rmoe (type rmoe), rmoe-detach
 #            (rmoe, router.rmoe_detach=true), ot (type ot), topk-auxfree (topk, balance
@@ -62,6 +66,7 @@ while [ $# -gt 0 ]; do
     --jobs) jobs=${2:-}; shift ;;
     --variants) only=${2:-}; shift ;;
     --report) report=1 ;;
+    --continue) continue_runs=1 ;;
     --set) [ -n "${2:-}" ] || die "--set needs key=value"; extra+=(--set "$2"); shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "ablate: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
@@ -168,14 +173,11 @@ for ((s = first_seed; s <= seeds; s++)); do
     reap "$jobs"
     [ "$interrupted" = 0 ] || break 2
     name=$v-s$s dir=$out/$v-s$s
-    rm -rf "$dir" && mkdir -p "$dir"
     args=(train "$config" "${base[@]}")
     for kv in ${sets[$v]}; do args+=(--set "$kv"); done
     args+=(--set "train.seed=$((seed_base + s))" --set "checkpoint.dir=$dir" "${extra[@]}")
-    n=$((n + 1))
-    echo "== [$n/$total] $name: $moe ${args[*]}" >&2
-    "$moe" "${args[@]}" >"$dir/train.log" 2>&1 &
-    pool_add "$name"
+    prepare_run "$dir" "${args[@]}"
+    start_run "$name" "$dir" "" "${args[@]}"
   done
 done
 reap 1

@@ -23,6 +23,40 @@ find_moe() { # mode: sets moe to MOE_BIN, else build-gpu/moe (gpu, when built) o
   fi
 }
 
+# --continue (continue_runs=1): a long grid goes on over several calls. prepare_run DIR
+# ARGS... sets run_start to how the run in DIR starts: "fresh" (DIR emptied, ARGS kept in
+# DIR/args.txt); with --continue, "done" when its log says it trained (kept as it is) or
+# "resume" when it has a checkpoint (moe train --resume DIR; the log goes on). A run made
+# with other ARGS, or before args.txt existed, stops the script: nothing is thrown away.
+continue_runs=0 run_start=""
+prepare_run() {
+  local dir=$1
+  shift
+  if [ "$continue_runs" = 1 ] && [ -n "$(ls -A "$dir" 2>/dev/null)" ]; then
+    [ -f "$dir/args.txt" ] && [ "$(cat "$dir/args.txt")" = "$*" ] ||
+      die "--continue: $dir holds a run made with other settings (see $dir/args.txt); move it away, or run without --continue to start afresh"
+    if grep -q '^trained' "$dir/train.log" 2>/dev/null; then run_start=done; return; fi
+    if compgen -G "$dir/ckpt-*.h5" >/dev/null; then run_start=resume; return; fi
+  fi
+  rm -rf "$dir" && mkdir -p "$dir" && echo "$*" >"$dir/args.txt" || die "cannot make $dir"
+  run_start=fresh
+}
+
+# Starts `moe ARGS...` for the run NAME in DIR as prepare_run decided (env ENV... first,
+# e.g. CUDA_VISIBLE_DEVICES=1), announcing it as run n of total; a kept run starts nothing.
+start_run() {
+  local name=$1 dir=$2 env=$3
+  shift 3
+  n=$((n + 1))
+  case "$run_start" in
+    done) echo "== [$n/$total] $name: trained before, kept (--continue)" >&2; return ;;
+    resume) set -- "$@" --resume "$dir"; echo "== [$n/$total] $name: resuming from its checkpoint" >&2 ;;
+  esac
+  echo "== [$n/$total] $name: $moe $*" >&2
+  env $env "$moe" "$@" >>"$dir/train.log" 2>&1 &
+  pool_add "$name"
+}
+
 declare -A running=() started=() # pid -> run name / start time
 failed=() interrupted=0
 pool_add() { running[$!]=$1 started[$!]=$SECONDS; } # name: the training just started in the background

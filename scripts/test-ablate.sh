@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The recall ablation's pipeline on the CPU (ctest label cpu): a tiny grid (attention and
+# gdn on MQAR) trains and writes its table; the same grid stopped by TERM while a run
+# trains, then run again with --continue, resumes that run from its checkpoint to the
+# same per-step losses as the uninterrupted grid, and a third --continue call keeps every
+# trained run; --continue with other settings is refused and leaves the runs as they were.
+#   scripts/test-ablate.sh path/to/moe [workdir]
+set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib-test.sh" "$@"
+export MOE_BIN=$moe
+
+grid=("$root/scripts/ablate-mqar.sh" cpu --mixers attention,gdn --seq-lens 32 --pairs 4 --vocab 64 --train 2000
+      --steps 120 --set data.batch_size=16 --set train.log_every=1)
+losses() { sed -nE 's/.*"step":([0-9]+),"loss":([-0-9.e+naif]+).*/\1 \2/p' "$1/metrics.jsonl"; }
+runs_of() { echo "$work/$1/runs/ablate-mqar"; }
+
+check "the grid trains and writes its table" "${grid[@]}" --work "$work/a" --out "$work/a/out"
+grep -q '^| attention | 32 |' a/out/table.md && grep -q '^| gdn | 32 |' a/out/table.md \
+  && ok "table.md has both mixers" || fail "table.md has both mixers"
+ref=$(runs_of a)/attention-T32-P4-s1
+[ "$(losses "$ref" | wc -l)" = 120 ] && ok "the reference run logged 120 steps" || fail "the reference run logged 120 steps"
+
+# The same grid, stopped by TERM (as `timeout` stops it) once attention has logged 20 steps.
+"${grid[@]}" --work "$work/b" --out "$work/b/out" > stopped.txt 2>&1 &
+pid=$!
+run=$(runs_of b)/attention-T32-P4-s1
+for _ in $(seq 1 600); do [ "$(losses "$run" 2>/dev/null | wc -l)" -ge 20 ] && break; sleep 0.1; done
+kill -TERM $pid
+wait $pid
+if ls "$run"/ckpt-*.h5 > /dev/null 2>&1 && ! grep -q '^trained' "$run/train.log"; then ok "TERM left a checkpoint of an unfinished run"
+else fail "TERM left a checkpoint of an unfinished run"; cat stopped.txt | tail -5; fi
+
+expect "--continue resumes the stopped run" 0 "attention-T32-P4-s1: resuming from its checkpoint" \
+  "${grid[@]}" --work "$work/b" --out "$work/b/out" --continue
+cmp -s <(losses "$run") <(losses "$ref") && ok "the resumed run has the uninterrupted run's losses" \
+  || { fail "the resumed run has the uninterrupted run's losses"; diff <(losses "$run") <(losses "$ref") | head -4; }
+expect "a second --continue keeps the trained runs" 0 "gdn-T32-P4-s1: trained before, kept" \
+  "${grid[@]}" --work "$work/b" --out "$work/b/out" --continue
+grep -q "attention-T32-P4-s1: trained before, kept" out.txt && ! grep -q "resuming" out.txt \
+  && ok "nothing trained again" || fail "nothing trained again"
+
+before=$(cat "$run/args.txt")
+expect "--continue with other settings is refused" 2 "holds a run made with other settings" \
+  "${grid[@]}" --work "$work/b" --out "$work/b/out" --continue --set train.lr=0.01
+[ "$(cat "$run/args.txt")" = "$before" ] && grep -q '^trained' "$run/train.log" \
+  && ok "the refused call left the runs as they were" || fail "the refused call left the runs as they were"
+
+[ $fails = 0 ] && echo "ablate: all checks passed" || { echo "ablate: $fails check(s) failed"; exit 1; }
