@@ -10,6 +10,10 @@ cd "$root"
 scripts/deps.sh
 scripts/build.sh
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 MOE_SOURCE_DIR="$root"
+# Two tests share the cores at a time (-j2): OpenMP threads that sleep while they wait,
+# rather than spin, took the tests from 150 to 121 s and the sanitizer tests from 267 to
+# 180 s on a 2-core machine.
+export OMP_WAIT_POLICY=passive
 (cd build && ctest --output-on-failure -L 'cpu|mpi' -j2)
 if [ "${MOE_SKIP_SANITIZE:-0}" != 1 ]; then
   echo "== sanitizer build (address, undefined): cpu tests =="
