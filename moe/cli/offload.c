@@ -53,8 +53,10 @@ moe_status moe_cli_offload_flags_check(const moe_offload_flags *f) {
 moe_status moe_cli_decoder_open(const moe_offload_flags *f, moe_model *m, moe_device dev, moe_dtype dtype, int max_seqs,
                                 int64_t kv_tokens, int max_batch, moe_cli_decoder *out) {
     memset(out, 0, sizeof *out);
-    MOE_TRY(moe_cli_offload_flags_check(f));
-    if (!f->offload) return moe_decoder_open_on(m, dev, dtype, &out->dec);
+    if (!f->offload) {
+        MOE_TRY(moe_cli_offload_flags_check(f)); /* no offload flags without --offload */
+        return moe_decoder_open_on(m, dev, dtype, &out->dec);
+    }
     moe_offload_options o;
     MOE_TRY(offload_options(f, &o));
     o.dev = dev;
