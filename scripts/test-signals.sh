@@ -50,12 +50,13 @@ done
 
 # Waits (at most 30 s) until `moe train` pid $1 takes signals: its watcher blocks SIGTERM
 # (bit 15) first thing; before that a signal ends the process by its default action
-# (nothing to save yet), which would tell nothing.
+# (nothing to save yet), which would tell nothing. The process must be moe already: the
+# shell's child may block SIGTERM itself between fork and exec.
 wait_watching() {
   local mask
   for _ in $(seq 1 300); do
     mask=$(awk '/^SigBlk:/ { print $2 }' /proc/$1/status 2> /dev/null)
-    [ -n "$mask" ] && (( 0x$mask & 0x4000 )) && return
+    [ "$(readlink /proc/$1/exe 2> /dev/null)" = "$moe" ] && [ -n "$mask" ] && (( 0x$mask & 0x4000 )) && return
     sleep 0.1
   done
 }
