@@ -627,14 +627,18 @@ template <class T> __device__ __forceinline__ void gs_raw8_load(const T *p, gs_r
     for (int k = 0; k < (int)(sizeof(T) / 2); k++) v.r[k] = reinterpret_cast<const uint4 *>(p)[k];
 }
 
-#define GS_BATCH 4 /* bf16 rows a lane loads ahead while it sums the previous ones (aligned form) */
+/* bf16 rows a lane loads ahead while it sums the previous ones (aligned form): GS_BATCH
+ * where two blocks share an SM, GS_BATCH_DEEP where a pass has at most one block per SM and
+ * its registers can hold twice the loads in flight. */
+#define GS_BATCH 4
+#define GS_BATCH_DEEP 8
 
 /* acc[0..8) += sum over rows i = i0, i0 + stride, ... < rows of x[i] * w[i * ld .. + 8), in
  * that order; batch b + 1's loads are issued before batch b is summed. */
-template <class T>
+template <class T, int BATCH>
 __device__ __forceinline__ void gs_rows_pipelined(const T *x, const T *w, int64_t ld, int64_t i0, int64_t stride,
                                                   int64_t rows, float *acc) {
-    constexpr int NB = GS_BATCH * 2 / (int)sizeof(T); /* f32 rows are twice the registers */
+    constexpr int NB = BATCH * 2 / (int)sizeof(T); /* f32 rows are twice the registers */
     gs_raw8<T> cur[NB], nxt[NB];
     float xc[NB], xn[NB];
 #pragma unroll
@@ -666,8 +670,8 @@ __device__ __forceinline__ void gs_rows_pipelined(const T *x, const T *w, int64_
 
 /* out [P, cols] <- act(in row @ w[e]) for the block's pair and tile; in row p / in_div of
  * in [., rows]; w [E, rows, NSEG cols] (SWIGLU: NSEG 2, gate then up). */
-template <class T, bool SWIGLU, bool VEC>
-__global__ void __launch_bounds__(GS_THREADS, 2) gathered_rows_kernel(const T *in, int64_t in_div, const int32_t *ids,
+template <class T, bool SWIGLU, bool VEC, int BATCH, int MIN_BLOCKS>
+__global__ void __launch_bounds__(GS_THREADS, MIN_BLOCKS) gathered_rows_kernel(const T *in, int64_t in_div, const int32_t *ids,
                                                                    int64_t E, const T *w, int64_t rows, int64_t cols,
                                                                    T *out, cu_index_fault *fault) {
     constexpr int NSEG = SWIGLU ? 2 : 1, SEG_LANES = GS_TILE / 8, LANES = NSEG * SEG_LANES, STEP = 32 / LANES;
@@ -683,7 +687,7 @@ __global__ void __launch_bounds__(GS_THREADS, 2) gathered_rows_kernel(const T *i
     if (ok && col < cols) {
         const T *x = in + (p / in_div) * rows, *wr = w + (int64_t)e * rows * ld + seg * cols + col;
         if (VEC)
-            gs_rows_pipelined<T>(x, wr, ld, warp * STEP + sub, (int64_t)nw * STEP, rows, acc);
+            gs_rows_pipelined<T, BATCH>(x, wr, ld, warp * STEP + sub, (int64_t)nw * STEP, rows, acc);
         else
             for (int64_t i = warp * STEP + sub; i < rows; i += (int64_t)nw * STEP) {
                 float v[8];
@@ -720,13 +724,16 @@ static moe_status gathered_launch(const moe_kernel_args *a, int64_t P, int64_t k
                  shared_down = sizeof(float) * warps * (32 / (GS_TILE / 8)) * GS_TILE;
     const int32_t *ids = (const int32_t *)a->in[1]->data;
     T *act = (T *)a->out2->data;
-    gathered_rows_kernel<T, true, VEC><<<dim3((unsigned)((f + GS_TILE - 1) / GS_TILE), (unsigned)P), GS_THREADS, shared_up,
-                                         moe_cu.stream>>>((const T *)a->in[0]->data, k, ids, E,
-                                                          (const T *)a->in[2]->data, d, f, act, moe_cu.index_fault);
+    const dim3 up((unsigned)((f + GS_TILE - 1) / GS_TILE), (unsigned)P), down((unsigned)((d + GS_TILE - 1) / GS_TILE), (unsigned)P);
+    auto up_kernel = (int64_t)up.x * up.y <= moe_cu.sms ? gathered_rows_kernel<T, true, VEC, GS_BATCH_DEEP, 1>
+                                                        : gathered_rows_kernel<T, true, VEC, GS_BATCH, 2>;
+    auto down_kernel = (int64_t)down.x * down.y <= moe_cu.sms ? gathered_rows_kernel<T, false, VEC, GS_BATCH_DEEP, 1>
+                                                              : gathered_rows_kernel<T, false, VEC, GS_BATCH, 2>;
+    up_kernel<<<up, GS_THREADS, shared_up, moe_cu.stream>>>((const T *)a->in[0]->data, k, ids, E, (const T *)a->in[2]->data,
+                                                            d, f, act, moe_cu.index_fault);
     CU_LAUNCHED("gathered_swiglu (up)");
-    gathered_rows_kernel<T, false, VEC><<<dim3((unsigned)((d + GS_TILE - 1) / GS_TILE), (unsigned)P), GS_THREADS,
-                                          shared_down, moe_cu.stream>>>(act, 1, ids, E, (const T *)a->in[3]->data, f, d,
-                                                                        (T *)a->out->data, moe_cu.index_fault);
+    down_kernel<<<down, GS_THREADS, shared_down, moe_cu.stream>>>(act, 1, ids, E, (const T *)a->in[3]->data, f, d,
+                                                                  (T *)a->out->data, moe_cu.index_fault);
     CU_LAUNCHED("gathered_swiglu (down)");
     return MOE_OK;
 }
