@@ -68,6 +68,10 @@ moe_tensor *moe_logsumexp(moe_tensor *x);    /* over the last axis, drops it */
 /* ---- normalisation ---- */
 moe_tensor *moe_rmsnorm(moe_tensor *x, moe_tensor *w, double eps);  /* w may be NULL */
 moe_tensor *moe_layernorm(moe_tensor *x, moe_tensor *w, moe_tensor *b, double eps);
+/* Inference (no grads): *sum = x + r (rounded to x's dtype) and rmsnorm(*sum) * w, in one
+ * pass: the residual add and the norm that follows it in a pre-norm block. x, r [..., d] of
+ * one shape, w [d]; equal to moe_add then moe_rmsnorm, bit for bit. */
+moe_tensor *moe_add_rmsnorm(moe_tensor *x, moe_tensor *r, moe_tensor *w, double eps, moe_tensor **sum);
 
 /* ---- indexing ---- */
 moe_tensor *moe_embedding(moe_tensor *table, moe_tensor *ids);     /* [V,d], ids[...] -> [..., d] */

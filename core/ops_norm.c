@@ -150,5 +150,26 @@ moe_tensor *moe_layernorm(moe_tensor *x, moe_tensor *w, moe_tensor *b, double ep
     return norm_forward("layernorm", MOE_OP_LAYERNORM, MOE_K_LAYERNORM, x, (moe_tensor *[]){w, b}, 2, eps);
 }
 
+moe_tensor *moe_add_rmsnorm(moe_tensor *x, moe_tensor *r, moe_tensor *w, double eps, moe_tensor **sum) {
+    *sum = NULL;
+    OP_NEED(x, r, w);
+    const char *op = "add_rmsnorm";
+    moe_tensor *all[3] = {x, r, w};
+    if (!op_check_same(op, 3, all, true) || !check_rows(op, x)) return NULL;
+    int64_t d = x->shape[x->ndim - 1];
+    if (!moe_check(moe_tensor_same_shape(x, r) && w->ndim == 1 && w->shape[0] == d, op,
+                   "expects x and r of one shape and w [d], got x %s, r %s, w %s", D(x), D(r), D(w)))
+        return NULL;
+    bool grads = moe_grad_enabled() && (x->requires_grad || r->requires_grad || w->requires_grad);
+    if (!moe_check(!grads, op, "inference only: its inputs need grads")) return NULL;
+    moe_tensor *xc = op_contiguous_nograd(x), *rc = op_contiguous_nograd(r), *wc = op_contiguous_nograd(w);
+    moe_tensor *o = op_new(x, x->dtype, x->ndim, x->shape), *s = op_new(x, x->dtype, x->ndim, x->shape);
+    if (!xc || !rc || !wc || !o || !s) return NULL;
+    moe_norm_attrs at = {eps};
+    OP_RUN(MOE_K_ADD_RMSNORM, .out = o, .out2 = s, .in = {xc, rc, wc}, .attrs = &at);
+    *sum = s;
+    return o;
+}
+
 void moe_backward_rmsnorm(moe_node *n) { norm_backward(n, MOE_K_RMSNORM_BWD, 1); }
 void moe_backward_layernorm(moe_node *n) { norm_backward(n, MOE_K_LAYERNORM_BWD, 2); }

@@ -136,6 +136,27 @@ _Pragma("omp simd reduction(+:ss)")
     return MOE_OK;
 }
 
+/* s = x + r -> out2, y = s * rstd * w -> out, rstd as in RMSNORM: the same arithmetic as
+ * an ADD kernel then RMSNORM. */
+moe_status moe_cpu_add_rmsnorm(const moe_kernel_args *a) {
+    const moe_tensor *x = a->in[0], *res = a->in[1], *w = a->in[2];
+    double eps = ((const moe_norm_attrs *)a->attrs)->eps;
+    int64_t rows = cpu_rows(x), d = cpu_cols(x);
+    CPU_FLOAT_DISPATCH(x->dtype, "add_rmsnorm",
+_Pragma("omp parallel for schedule(static) if (rows * d > 16384)")
+        for (int64_t r = 0; r < rows; r++) {
+            const T *px = (const T *)x->data + r * d, *pr = (const T *)res->data + r * d, *pw = (const T *)w->data;
+            T *ps = (T *)a->out2->data + r * d, *po = (T *)a->out->data + r * d;
+            double ss = 0;
+            for (int64_t c = 0; c < d; c++) ps[c] = px[c] + pr[c];
+_Pragma("omp simd reduction(+:ss)")
+            for (int64_t c = 0; c < d; c++) ss += (double)ps[c] * ps[c];
+            T rs = (T)(1.0 / sqrt(ss / (double)d + eps));
+            for (int64_t c = 0; c < d; c++) po[c] = ps[c] * rs * pw[c];
+        })
+    return MOE_OK;
+}
+
 /* y = (x - mean) * rstd * w + b (w, b = in[1], in[2] may be NULL); out2[r] = (mean, rstd),
  * rstd = 1 / sqrt(var + eps) with the biased variance, computed in two passes. */
 moe_status moe_cpu_layernorm(const moe_kernel_args *a) {

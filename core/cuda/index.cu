@@ -515,8 +515,9 @@ extern "C" moe_status moe_cuda_cumsum(const moe_kernel_args *a) {
 
 /* ---- ROUTE_TOPK: one warp per row of logits (f32 or bf16, read as f32); the softmax's max
  * and sum first, then topk_kernel's k rounds over p + bias with p recomputed from the
- * logits; at the end each lane recomputes the gates of its slots from their ids, and
- * renormalises and scales them in f32 before the one rounding to the gates' dtype. ---- */
+ * logits (rows of up to 128 experts keep them in registers: route_topk_regs_kernel); at the
+ * end each lane recomputes the gates of its slots from their ids, and renormalises and
+ * scales them in f32 before the one rounding to the gates' dtype. ---- */
 __device__ __forceinline__ float route_score(float l, float mx, float sum, bool sigmoid) {
     return sigmoid ? 1.0f / (1.0f + expf(-l)) : expf(l - mx) / sum;
 }
@@ -565,6 +566,68 @@ __global__ void route_topk_kernel(const T *lg, const float *bias, T *gates, int3
     }
 }
 
+/* route_topk_kernel for rows of at most 32 RT experts: each lane keeps its RT logits and
+ * scores in registers, so the k rounds read no memory and compute no exp (the same
+ * values and comparisons, in the same order: the same ids and gates). */
+template <class T, int RT>
+__global__ void route_topk_regs_kernel(const T *lg, const float *bias, T *gates, int32_t *ids, int64_t rows, int E,
+                                       moe_route_spec sp) {
+    const int lane = threadIdx.x & 31;
+    for (int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows;
+         r += ((int64_t)gridDim.x * blockDim.x) >> 5) {
+        const T *row = lg + r * E;
+        float l[RT], sc[RT], mx = -INFINITY, sum = 0.0f;
+#pragma unroll
+        for (int q = 0; q < RT; q++) l[q] = lane + 32 * q < E ? ldf(row + lane + 32 * q) : 0.0f;
+        if (!sp.sigmoid) {
+#pragma unroll
+            for (int q = 0; q < RT; q++)
+                if (lane + 32 * q < E) mx = fmaxf(mx, l[q]);
+            mx = cu_warp_max(mx);
+#pragma unroll
+            for (int q = 0; q < RT; q++)
+                if (lane + 32 * q < E) sum += expf(l[q] - mx);
+            sum = cu_warp_sum(sum);
+        }
+#pragma unroll
+        for (int q = 0; q < RT; q++)
+            sc[q] = route_score(l[q], mx, sum, sp.sigmoid) + (bias && lane + 32 * q < E ? bias[lane + 32 * q] : 0.0f);
+        float pv = INFINITY, total = 0.0f;
+        int pi = -1;
+        for (int t = 0; t < sp.k; t++) {
+            float bv = NAN;
+            int bi = INT_MAX;
+#pragma unroll
+            for (int q = 0; q < RT; q++) {
+                const int e = lane + 32 * q;
+                if (e < E && (sc[q] < pv || (sc[q] == pv && e > pi))) topk_merge(bv, bi, sc[q], e);
+            }
+            for (int o = 16; o > 0; o >>= 1) {
+                float v2 = __shfl_xor_sync(0xffffffffu, bv, o);
+                int i2 = __shfl_xor_sync(0xffffffffu, bi, o);
+                topk_merge(bv, bi, v2, i2);
+            }
+            const int id = bi == INT_MAX ? 0 : bi;
+            float lid = 0.0f; /* the chosen expert's logit, from the lane that holds it */
+#pragma unroll
+            for (int q = 0; q < RT; q++)
+                if (q == id / 32) lid = l[q];
+            lid = __shfl_sync(0xffffffffu, lid, id % 32);
+            total += route_score(lid, mx, sum, sp.sigmoid);
+            if (lane == 0) ids[r * sp.k + t] = id;
+            pv = bv;
+            pi = bi;
+        }
+        __syncwarp(); /* lane 0's id writes, visible to the lanes that read them */
+        for (int t = lane; t < sp.k; t += 32) {
+            float g = route_score(ldf(row + ids[r * sp.k + t]), mx, sum, sp.sigmoid);
+            if (sp.renormalize) g /= total;
+            if (sp.scale > 0) g *= (float)sp.scale;
+            stf(gates + r * sp.k + t, g);
+        }
+    }
+}
+
 extern "C" moe_status moe_cuda_route_topk(const moe_kernel_args *a) {
     const moe_tensor *lg = a->in[0], *bias = a->in[1];
     const int64_t rows = lg->shape[0], E = lg->shape[1];
@@ -575,7 +638,9 @@ extern "C" moe_status moe_cuda_route_topk(const moe_kernel_args *a) {
     if (E > INT32_MAX) return moe_error(MOE_ERR_INVALID, "route_topk: %lld experts are too many", (long long)E);
     const int warps = 4;
     CU_FLOAT_DISPATCH(lg->dtype, "route_topk",
-        route_topk_kernel<T><<<cu_blocks(rows * 32, warps * 32), warps * 32, 0, moe_cu.stream>>>(
+        auto kernel = E <= 32 ? route_topk_regs_kernel<T, 1> : E <= 64 ? route_topk_regs_kernel<T, 2>
+                    : E <= 128 ? route_topk_regs_kernel<T, 4> : route_topk_kernel<T>;
+        kernel<<<cu_blocks(rows * 32, warps * 32), warps * 32, 0, moe_cu.stream>>>(
             (const T *)lg->data, bias ? (const float *)bias->data : NULL, (T *)a->out->data, (int32_t *)a->out2->data,
             rows, (int)E, *(const moe_route_spec *)a->attrs);)
     CU_LAUNCHED("route_topk");

@@ -1,11 +1,12 @@
 /* CUDA matmul through cuBLAS (f32 accumulate; exact f32 unless MOE_CUDA_TF32=1; products
  * of at most 4 rows with a narrow right operand through our skinny kernels below) and the
- * grouped expert matmul: one cublasGemmEx per non-empty expert, or one
- * cublasGemmGroupedBatchedEx for all of them, whichever measures faster: neither wins
- * everywhere on the H200 (cuBLAS 13.1, bf16: the loop took moe-layer-gpu fwd+bwd to 8.4 ms
- * from 10.3, the grouped call took the LM training step to 96 ms from 133). The first six
- * calls of each (mode, dtype, shape, expert count) alternate the two under CUDA events;
- * the faster median is kept from then on (gg_tune). MOE_GROUPED_CUBLAS=0 or 1 forces one.
+ * grouped expert matmul: one cublasGemmEx per non-empty expert, one
+ * cublasGemmGroupedBatchedEx for all of them, or the rows all experts have as one batched
+ * GEMM and the rest grouped, whichever measures fastest: none wins everywhere (H200, cuBLAS
+ * 13.1, bf16: the loop took moe-layer-gpu fwd+bwd to 8.4 ms from 10.3, the grouped call took
+ * the LM training step to 96 ms from 133). The first nine calls of each (mode, dtype, shape,
+ * expert count) take the three ways in turn under CUDA events; the fastest median is kept
+ * from then on (gg_tune). MOE_GROUPED_CUBLAS=0, 1 or 2 forces one.
  *
  * Row-major operands map onto column-major cuBLAS by computing C^T = B^T A^T: a row-major
  * [r, c] matrix with leading stride ld is a column-major [c, r] one with the same ld, and
@@ -338,25 +339,32 @@ typedef struct {
     void *C;
 } group_gemm;
 
-/* ---- choosing loop or grouped call by measurement ---- */
-#define GG_TRIES 6 /* alternating: loop, grouped, loop, ... */
+/* ---- choosing the way by measurement ----
+ * 0 loop: one cublasGemmEx per expert; 1 grouped: one cublasGemmGroupedBatchedEx; 2 split:
+ * the rows every expert has (rounded down to whole 64-row tiles) as one pointer-array
+ * batched GEMM of equal problems, the rest of each expert's rows as a grouped call (the
+ * batched kernel tiles all experts at once at full size; per-expert problems of a few
+ * hundred rows leave the tensor cores idle between tiles). */
+#define GG_WAYS 3
+#define GG_TRIES (3 * GG_WAYS) /* the ways in turn, three times each */
+#define GG_SPLIT_MIN 64        /* the least common rows worth a batched call (auto mode) */
 typedef struct {
     int mode, ng;
     moe_dtype dt;
     int64_t K, M;
     int tries, pending_way; /* pending_way: the way timed by ev (-1: none) */
-    float ms[2][GG_TRIES / 2];
+    float ms[GG_WAYS][GG_TRIES / GG_WAYS];
     cudaEvent_t ev[2];
-    int way; /* -1 while measuring, else 0 = loop, 1 = grouped */
+    int way; /* -1 while measuring, else the way kept */
 } gg_tune;
 static gg_tune gg_tunes[128];
 static int gg_tune_count;
 
-static int gg_forced(void) { /* -1: measure, 0: loop, 1: grouped */
+static int gg_forced(void) { /* -1: measure, else the way MOE_GROUPED_CUBLAS names (0, 1, 2) */
     static int v = -2;
     if (v == -2) {
         const char *e = getenv("MOE_GROUPED_CUBLAS");
-        v = e && *e ? (strcmp(e, "1") == 0) : -1;
+        v = e && (!strcmp(e, "0") || !strcmp(e, "1") || !strcmp(e, "2")) ? e[0] - '0' : -1;
     }
     return v;
 }
@@ -366,43 +374,194 @@ static float gg_median3(const float *x) {
     return fmaxf(fminf(a, b), fminf(fmaxf(a, b), c));
 }
 
-/* The way to run this call (0 loop, 1 grouped) and, while measuring, its tune slot
- * (*timed != NULL: record ev[0] before and ev[1] after the call). */
-static int gg_choose(int mode, moe_dtype dt, int64_t K, int64_t M, int ng, gg_tune **timed) {
-    *timed = NULL;
-    int forced = gg_forced();
-    if (forced >= 0 || ng <= 1) return ng <= 1 ? 0 : forced;
-    gg_tune *t = NULL;
-    for (int i = 0; i < gg_tune_count && !t; i++)
+static gg_tune *gg_tune_slot(int mode, moe_dtype dt, int64_t K, int64_t M, int ng) {
+    for (int i = 0; i < gg_tune_count; i++)
         if (gg_tunes[i].mode == mode && gg_tunes[i].dt == dt && gg_tunes[i].K == K && gg_tunes[i].M == M &&
             gg_tunes[i].ng == ng)
-            t = &gg_tunes[i];
-    if (!t) {
-        if (gg_tune_count == (int)(sizeof gg_tunes / sizeof *gg_tunes)) return 0; /* table full: the loop */
-        t = &gg_tunes[gg_tune_count];
-        *t = (gg_tune){mode, ng, dt, K, M, 0, -1, {{0}}, {NULL, NULL}, -1};
-        if (cudaEventCreate(&t->ev[0]) != cudaSuccess || cudaEventCreate(&t->ev[1]) != cudaSuccess) {
-            (void)cudaGetLastError();
-            return 0;
-        }
-        gg_tune_count++;
+            return &gg_tunes[i];
+    if (gg_tune_count == (int)(sizeof gg_tunes / sizeof *gg_tunes)) return NULL; /* table full */
+    gg_tune *t = &gg_tunes[gg_tune_count];
+    *t = (gg_tune){mode, ng, dt, K, M, 0, -1, {{0}}, {NULL, NULL}, -1};
+    if (cudaEventCreate(&t->ev[0]) != cudaSuccess || cudaEventCreate(&t->ev[1]) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return NULL;
     }
-    if (t->way >= 0) return t->way;
+    gg_tune_count++;
+    return t;
+}
+
+/* The way to run this call and, while measuring, its tune slot (*timed != NULL: record
+ * ev[0] before and ev[1] after the call). can_split: way 2 applies to this call. */
+static int gg_choose(int mode, moe_dtype dt, int64_t K, int64_t M, int ng, bool can_split, gg_tune **timed) {
+    *timed = NULL;
+    int forced = gg_forced();
+    if (ng <= 1) return 0;
+    if (forced >= 0) return forced == 2 && !can_split ? 1 : forced;
+    gg_tune *t = gg_tune_slot(mode, dt, K, M, ng);
+    if (!t) return 0;
+    if (t->way >= 0) return t->way == 2 && !can_split ? 1 : t->way;
     if (t->pending_way >= 0) { /* the previous timed call has long finished: no real wait */
         float ms = 0;
         if (cudaEventSynchronize(t->ev[1]) == cudaSuccess && cudaEventElapsedTime(&ms, t->ev[0], t->ev[1]) == cudaSuccess)
-            t->ms[t->pending_way][t->tries / 2] = ms;
+            t->ms[t->pending_way][t->tries / GG_WAYS] = ms;
         else
             (void)cudaGetLastError();
         t->pending_way = -1;
-        if (++t->tries == GG_TRIES) {
-            t->way = gg_median3(t->ms[1]) < gg_median3(t->ms[0]) ? 1 : 0;
-            return t->way;
-        }
+        t->tries++;
     }
-    t->pending_way = t->tries % 2;
+    while (t->tries < GG_TRIES && t->tries % GG_WAYS == 2 && !can_split) /* no common rows here: way 2 loses this try */
+        t->ms[2][t->tries++ / GG_WAYS] = INFINITY;
+    if (t->tries == GG_TRIES) {
+        int best = 0;
+        for (int w = 1; w < GG_WAYS; w++)
+            if (gg_median3(t->ms[w]) < gg_median3(t->ms[best])) best = w;
+        t->way = best;
+        return t->way == 2 && !can_split ? 1 : t->way;
+    }
+    t->pending_way = t->tries % GG_WAYS;
     *timed = t;
     return t->pending_way;
+}
+
+/* The per-expert problems, one cublasGemmEx each. */
+static moe_status gg_run_loop(const group_gemm *gg, int ng, int mode, moe_dtype dt, const float *beta) {
+    const float alpha = 1.0f;
+    for (int i = 0; i < ng; i++) {
+        const group_gemm *g = &gg[i];
+        cublasStatus_t s = cublasGemmEx_64(moe_cu.blas, g->ta, g->tb, g->m, g->n, g->k, &alpha, g->A, cu_type(dt), g->lda,
+                                           g->B, cu_type(dt), g->ldb, beta, g->C, cu_type(dt), g->ldc, cu_compute(dt),
+                                           CUBLAS_GEMM_DEFAULT);
+        if (s != CUBLAS_STATUS_SUCCESS)
+            return moe_cublas_fail(s, "cublasGemmEx_64", "grouped_matmul mode %d, problem %d of %d (%lld x %lld x %lld), %s",
+                                   mode, i, ng, (long long)g->m, (long long)g->n, (long long)g->k, moe_dtype_name(dt));
+    }
+    return MOE_OK;
+}
+
+/* The per-expert problems as one grouped call (one group of one problem each); *done false
+ * when cuBLAS does not support it for these types (then nothing ran). */
+static moe_status gg_run_grouped(const group_gemm *gg, int ng, int mode, moe_dtype dt, float beta, bool *done) {
+    *done = false;
+    size_t n = (size_t)ng;
+    cublasOperation_t *ta = (cublasOperation_t *)malloc(2 * n * sizeof *ta);
+    int64_t *dims = (int64_t *)malloc(7 * n * sizeof *dims);
+    float *ab = (float *)malloc(2 * n * sizeof *ab);
+    void **hp = (void **)malloc(3 * n * sizeof *hp);
+    void **dp = (void **)cu_scratch(3 * n * sizeof *dp);
+    moe_status st = !ta || !dims || !ab || !hp ? moe_error(MOE_ERR_OOM, "grouped_matmul: out of host memory")
+                    : !dp                       ? moe_last_status()
+                                                : MOE_OK;
+    for (size_t i = 0; st == MOE_OK && i < n; i++) {
+        ta[i] = gg[i].ta;
+        ta[n + i] = gg[i].tb;
+        int64_t v[7] = {gg[i].m, gg[i].n, gg[i].k, gg[i].lda, gg[i].ldb, gg[i].ldc, 1};
+        for (int j = 0; j < 7; j++) dims[j * n + i] = v[j];
+        ab[i] = 1.0f;
+        ab[n + i] = beta;
+        hp[i] = (void *)gg[i].A;
+        hp[n + i] = (void *)gg[i].B;
+        hp[2 * n + i] = gg[i].C;
+    }
+    if (st == MOE_OK) st = upload_ptrs(dp, hp, (int)(3 * n));
+    if (st == MOE_OK) {
+        cudaDataType ty = cu_type(dt);
+        cublasStatus_t s = cublasGemmGroupedBatchedEx_64(
+            moe_cu.blas, ta, ta + n, dims, dims + n, dims + 2 * n, ab, (const void *const *)dp, ty, dims + 3 * n,
+            (const void *const *)(dp + n), ty, dims + 4 * n, ab + n, dp + 2 * n, ty, dims + 5 * n, (int64_t)ng, dims + 6 * n,
+            cu_compute(dt));
+        *done = s == CUBLAS_STATUS_SUCCESS;
+        if (s != CUBLAS_STATUS_SUCCESS && s != CUBLAS_STATUS_NOT_SUPPORTED)
+            st = moe_cublas_fail(s, "cublasGemmGroupedBatchedEx_64", "grouped_matmul mode %d over %d experts, %s", mode, ng,
+                                 moe_dtype_name(dt));
+    }
+    free(ta);
+    free(dims);
+    free(ab);
+    free(hp);
+    return st;
+}
+
+/* Loop or grouped call, whichever `grouped` asks (the loop where cuBLAS has no grouped form). */
+static moe_status gg_run(const group_gemm *gg, int ng, int mode, moe_dtype dt, float beta, bool grouped) {
+    bool done = false;
+    if (grouped && ng > 1) MOE_TRY(gg_run_grouped(gg, ng, mode, dt, beta, &done));
+    return done ? MOE_OK : gg_run_loop(gg, ng, mode, dt, &beta);
+}
+
+/* The rows (n in modes 0 and 1, k in mode 2, column-major) that every problem has. */
+static int64_t gg_common_rows(const group_gemm *gg, int ng, int mode) {
+    int64_t c = INT64_MAX;
+    for (int i = 0; i < ng; i++) c = min(c, mode == 2 ? gg[i].k : gg[i].n);
+    return ng ? c : 0;
+}
+
+/* Way 2: the first c rows of every problem as one batched GEMM (equal shapes, pointer
+ * arrays), then the rest of each as a grouped call; in mode 2 both accumulate (beta 1). */
+static moe_status gg_run_split(const group_gemm *gg, int ng, int mode, moe_dtype dt, float beta, int64_t c) {
+    size_t es = moe_dtype_size(dt);
+    void **hp = (void **)malloc(3 * (size_t)ng * sizeof *hp);
+    void **dp = (void **)cu_scratch(3 * (size_t)ng * sizeof *dp);
+    group_gemm *rest = (group_gemm *)malloc(sizeof *rest * (size_t)ng);
+    moe_status st = !hp || !rest ? moe_error(MOE_ERR_OOM, "grouped_matmul: out of host memory")
+                    : !dp        ? moe_last_status()
+                                 : MOE_OK;
+    int nr = 0;
+    for (int i = 0; st == MOE_OK && i < ng; i++) {
+        group_gemm g = gg[i];
+        hp[i] = (void *)g.A, hp[ng + i] = (void *)g.B, hp[2 * ng + i] = g.C;
+        if (mode == 2) { /* rows run along k: A's and B's columns c.. */
+            if (g.k == c) continue;
+            g.A = (const char *)g.A + c * g.lda * es, g.B = (const char *)g.B + c * g.ldb * es, g.k -= c;
+        } else { /* rows run along n: B's and C's columns c.. */
+            if (g.n == c) continue;
+            g.B = (const char *)g.B + c * g.ldb * es, g.C = (char *)g.C + c * g.ldc * es, g.n -= c;
+        }
+        rest[nr++] = g;
+    }
+    if (st == MOE_OK) st = upload_ptrs(dp, hp, 3 * ng);
+    if (st == MOE_OK) {
+        const group_gemm *g = &gg[0];
+        const float alpha = 1.0f;
+        cudaDataType ty = cu_type(dt);
+        cublasStatus_t s = cublasGemmBatchedEx_64(moe_cu.blas, g->ta, g->tb, g->m, mode == 2 ? g->n : c,
+                                                  mode == 2 ? c : g->k, &alpha, (const void *const *)dp, ty, g->lda,
+                                                  (const void *const *)(dp + ng), ty, g->ldb, &beta, dp + 2 * ng, ty,
+                                                  g->ldc, (int64_t)ng, cu_compute(dt), CUBLAS_GEMM_DEFAULT);
+        if (s != CUBLAS_STATUS_SUCCESS)
+            st = moe_cublas_fail(s, "cublasGemmBatchedEx_64", "grouped_matmul mode %d, %d experts x %lld common rows, %s",
+                                 mode, ng, (long long)c, moe_dtype_name(dt));
+    }
+    if (st == MOE_OK && nr) st = gg_run(rest, nr, mode, dt, mode == 2 ? 1.0f : beta, true);
+    free(hp);
+    free(rest);
+    return st;
+}
+
+/* Each non-empty expert's product in column-major terms (see the modes in core/kernels.h);
+ * returns how many. */
+static int gg_problems(const moe_grouped_attrs *at, const moe_tensor *const *in, moe_tensor *out, group_gemm *gg) {
+    size_t es = moe_dtype_size(out->dtype);
+    const char *x = (const char *)in[0]->data, *w = (const char *)in[1]->data;
+    char *y = (char *)out->data;
+    int ng = 0;
+    for (int e = 0; e < at->n_groups; e++) {
+        int64_t r0 = at->offsets[e], rows = at->offsets[e + 1] - r0;
+        if (rows <= 0) continue;
+        group_gemm g;
+        if (at->mode == 0) { /* y_g [rows, M] = x_g [rows, K] @ w[e] [K, M] */
+            int64_t K = in[1]->shape[1], M = in[1]->shape[2];
+            g = {CUBLAS_OP_N, CUBLAS_OP_N, M, rows, K, M, K, M, w + e * K * M * es, x + r0 * K * es, y + r0 * M * es};
+        } else if (at->mode == 1) { /* y_g [rows, K] = x_g [rows, M] @ w[e]^T */
+            int64_t K = in[1]->shape[1], M = in[1]->shape[2];
+            g = {CUBLAS_OP_T, CUBLAS_OP_N, K, rows, M, M, M, K, w + e * K * M * es, x + r0 * M * es, y + r0 * K * es};
+        } else { /* out[e] [K, M] += x_g^T [K, rows] @ y_g [rows, M]; in[1] is y */
+            int64_t K = in[0]->shape[1], M = in[1]->shape[1];
+            const char *yy = (const char *)in[1]->data;
+            g = {CUBLAS_OP_N, CUBLAS_OP_T, M, K, rows, M, K, M, yy + r0 * M * es, x + r0 * K * es, y + e * K * M * es};
+        }
+        gg[ng++] = g;
+    }
+    return ng;
 }
 
 extern "C" moe_status moe_cuda_grouped_matmul(const moe_kernel_args *a) {
@@ -421,85 +580,17 @@ extern "C" moe_status moe_cuda_grouped_matmul(const moe_kernel_args *a) {
     }
     if (!moe_tensor_is_contiguous(out))
         return moe_error(MOE_ERR_INVALID, "grouped_matmul: the output must be contiguous");
-    size_t es = moe_dtype_size(dt);
-    const char *x = (const char *)in[0]->data, *w = (const char *)in[1]->data;
-    char *y = (char *)out->data;
     int G = at->n_groups;
     group_gemm *gg = (group_gemm *)malloc(sizeof(group_gemm) * (size_t)(G ? G : 1));
     if (!gg) return moe_error(MOE_ERR_OOM, "grouped_matmul: out of host memory for %d groups", G);
-    int ng = 0;
-    for (int e = 0; e < G; e++) {
-        int64_t r0 = at->offsets[e], rows = at->offsets[e + 1] - r0;
-        if (rows <= 0) continue;
-        group_gemm g;
-        if (at->mode == 0) { /* y_g [rows, M] = x_g [rows, K] @ w[e] [K, M] */
-            int64_t K = in[1]->shape[1], M = in[1]->shape[2];
-            g = {CUBLAS_OP_N, CUBLAS_OP_N, M, rows, K, M, K, M, w + e * K * M * es, x + r0 * K * es, y + r0 * M * es};
-        } else if (at->mode == 1) { /* y_g [rows, K] = x_g [rows, M] @ w[e]^T */
-            int64_t K = in[1]->shape[1], M = in[1]->shape[2];
-            g = {CUBLAS_OP_T, CUBLAS_OP_N, K, rows, M, M, M, K, w + e * K * M * es, x + r0 * M * es, y + r0 * K * es};
-        } else { /* out[e] [K, M] += x_g^T [K, rows] @ y_g [rows, M]; in[1] is y */
-            int64_t K = in[0]->shape[1], M = in[1]->shape[1];
-            const char *yy = (const char *)in[1]->data;
-            g = {CUBLAS_OP_N, CUBLAS_OP_T, M, K, rows, M, K, M, yy + r0 * M * es, x + r0 * K * es, y + e * K * M * es};
-        }
-        gg[ng++] = g;
-    }
-    float alpha = 1.0f, beta = at->mode == 2 ? 1.0f : 0.0f;
-    cudaDataType ty = cu_type(dt);
-    cublasComputeType_t ct = cu_compute(dt);
-    moe_status st = MOE_OK;
+    int ng = gg_problems(at, in, out, gg);
+    float beta = at->mode == 2 ? 1.0f : 0.0f;
+    int64_t c = gg_common_rows(gg, ng, at->mode);
+    if (gg_forced() != 2) c = c / GG_SPLIT_MIN * GG_SPLIT_MIN; /* whole tiles (forced: any, for the tests) */
     gg_tune *timed = NULL;
-    bool grouped = ng > 1 && gg_choose(at->mode, dt, in[0]->shape[in[0]->ndim - 1],
-                                               out->shape[out->ndim - 1], ng, &timed) == 1;
+    int way = gg_choose(at->mode, dt, in[0]->shape[in[0]->ndim - 1], out->shape[out->ndim - 1], ng, c > 0, &timed);
     if (timed) cudaEventRecord(timed->ev[0], moe_cu.stream);
-    if (grouped) {
-        /* host arrays: one group (of one problem) per non-empty expert */
-        size_t n = (size_t)ng;
-        cublasOperation_t *ta = (cublasOperation_t *)malloc(2 * n * sizeof *ta);
-        int64_t *dims = (int64_t *)malloc(7 * n * sizeof *dims);
-        float *ab = (float *)malloc(2 * n * sizeof *ab);
-        void **hp = (void **)malloc(3 * n * sizeof *hp);
-        void **dp = (void **)cu_scratch(3 * n * sizeof *dp);
-        if (!ta || !dims || !ab || !hp) st = moe_error(MOE_ERR_OOM, "grouped_matmul: out of host memory");
-        else if (!dp) st = moe_last_status();
-        if (st == MOE_OK) {
-            for (size_t i = 0; i < n; i++) {
-                ta[i] = gg[i].ta;
-                ta[n + i] = gg[i].tb;
-                int64_t v[7] = {gg[i].m, gg[i].n, gg[i].k, gg[i].lda, gg[i].ldb, gg[i].ldc, 1};
-                for (int j = 0; j < 7; j++) dims[j * n + i] = v[j];
-                ab[i] = alpha;
-                ab[n + i] = beta;
-                hp[i] = (void *)gg[i].A;
-                hp[n + i] = (void *)gg[i].B;
-                hp[2 * n + i] = gg[i].C;
-            }
-            st = upload_ptrs(dp, hp, (int)(3 * n));
-        }
-        if (st == MOE_OK) {
-            cublasStatus_t s = cublasGemmGroupedBatchedEx_64(
-                moe_cu.blas, ta, ta + n, dims, dims + n, dims + 2 * n, ab, (const void *const *)dp, ty, dims + 3 * n,
-                (const void *const *)(dp + n), ty, dims + 4 * n, ab + n, dp + 2 * n, ty, dims + 5 * n, (int64_t)ng,
-                dims + 6 * n, ct);
-            if (s == CUBLAS_STATUS_NOT_SUPPORTED) grouped = false; /* this type combination: use the loop */
-            else if (s != CUBLAS_STATUS_SUCCESS)
-                st = moe_cublas_fail(s, "cublasGemmGroupedBatchedEx_64", "grouped_matmul mode %d over %d experts, %s",
-                                     at->mode, ng, moe_dtype_name(dt));
-        }
-        free(ta);
-        free(dims);
-        free(ab);
-        free(hp);
-    }
-    for (int i = 0; st == MOE_OK && !grouped && i < ng; i++) {
-        const group_gemm *g = &gg[i];
-        cublasStatus_t s = cublasGemmEx_64(moe_cu.blas, g->ta, g->tb, g->m, g->n, g->k, &alpha, g->A, ty, g->lda, g->B,
-                                           ty, g->ldb, &beta, g->C, ty, g->ldc, ct, CUBLAS_GEMM_DEFAULT);
-        if (s != CUBLAS_STATUS_SUCCESS)
-            st = moe_cublas_fail(s, "cublasGemmEx_64", "grouped_matmul mode %d, problem %d of %d (%lld x %lld x %lld), %s",
-                                 at->mode, i, ng, (long long)g->m, (long long)g->n, (long long)g->k, moe_dtype_name(dt));
-    }
+    moe_status st = way == 2 ? gg_run_split(gg, ng, at->mode, dt, beta, c) : gg_run(gg, ng, at->mode, dt, beta, way == 1);
     if (timed) cudaEventRecord(timed->ev[1], moe_cu.stream);
     free(gg);
     return st;
@@ -536,14 +627,18 @@ template <class T> __device__ __forceinline__ void gs_raw8_load(const T *p, gs_r
     for (int k = 0; k < (int)(sizeof(T) / 2); k++) v.r[k] = reinterpret_cast<const uint4 *>(p)[k];
 }
 
-#define GS_BATCH 4 /* bf16 rows a lane loads ahead while it sums the previous ones (aligned form) */
+/* bf16 rows a lane loads ahead while it sums the previous ones (aligned form): GS_BATCH
+ * where two blocks share an SM, GS_BATCH_DEEP where a pass has at most one block per SM and
+ * its registers can hold twice the loads in flight. */
+#define GS_BATCH 4
+#define GS_BATCH_DEEP 8
 
 /* acc[0..8) += sum over rows i = i0, i0 + stride, ... < rows of x[i] * w[i * ld .. + 8), in
  * that order; batch b + 1's loads are issued before batch b is summed. */
-template <class T>
+template <class T, int BATCH>
 __device__ __forceinline__ void gs_rows_pipelined(const T *x, const T *w, int64_t ld, int64_t i0, int64_t stride,
                                                   int64_t rows, float *acc) {
-    constexpr int NB = GS_BATCH * 2 / (int)sizeof(T); /* f32 rows are twice the registers */
+    constexpr int NB = BATCH * 2 / (int)sizeof(T); /* f32 rows are twice the registers */
     gs_raw8<T> cur[NB], nxt[NB];
     float xc[NB], xn[NB];
 #pragma unroll
@@ -575,8 +670,8 @@ __device__ __forceinline__ void gs_rows_pipelined(const T *x, const T *w, int64_
 
 /* out [P, cols] <- act(in row @ w[e]) for the block's pair and tile; in row p / in_div of
  * in [., rows]; w [E, rows, NSEG cols] (SWIGLU: NSEG 2, gate then up). */
-template <class T, bool SWIGLU, bool VEC>
-__global__ void __launch_bounds__(GS_THREADS, 2) gathered_rows_kernel(const T *in, int64_t in_div, const int32_t *ids,
+template <class T, bool SWIGLU, bool VEC, int BATCH, int MIN_BLOCKS>
+__global__ void __launch_bounds__(GS_THREADS, MIN_BLOCKS) gathered_rows_kernel(const T *in, int64_t in_div, const int32_t *ids,
                                                                    int64_t E, const T *w, int64_t rows, int64_t cols,
                                                                    T *out, cu_index_fault *fault) {
     constexpr int NSEG = SWIGLU ? 2 : 1, SEG_LANES = GS_TILE / 8, LANES = NSEG * SEG_LANES, STEP = 32 / LANES;
@@ -592,7 +687,7 @@ __global__ void __launch_bounds__(GS_THREADS, 2) gathered_rows_kernel(const T *i
     if (ok && col < cols) {
         const T *x = in + (p / in_div) * rows, *wr = w + (int64_t)e * rows * ld + seg * cols + col;
         if (VEC)
-            gs_rows_pipelined<T>(x, wr, ld, warp * STEP + sub, (int64_t)nw * STEP, rows, acc);
+            gs_rows_pipelined<T, BATCH>(x, wr, ld, warp * STEP + sub, (int64_t)nw * STEP, rows, acc);
         else
             for (int64_t i = warp * STEP + sub; i < rows; i += (int64_t)nw * STEP) {
                 float v[8];
@@ -629,13 +724,16 @@ static moe_status gathered_launch(const moe_kernel_args *a, int64_t P, int64_t k
                  shared_down = sizeof(float) * warps * (32 / (GS_TILE / 8)) * GS_TILE;
     const int32_t *ids = (const int32_t *)a->in[1]->data;
     T *act = (T *)a->out2->data;
-    gathered_rows_kernel<T, true, VEC><<<dim3((unsigned)((f + GS_TILE - 1) / GS_TILE), (unsigned)P), GS_THREADS, shared_up,
-                                         moe_cu.stream>>>((const T *)a->in[0]->data, k, ids, E,
-                                                          (const T *)a->in[2]->data, d, f, act, moe_cu.index_fault);
+    const dim3 up((unsigned)((f + GS_TILE - 1) / GS_TILE), (unsigned)P), down((unsigned)((d + GS_TILE - 1) / GS_TILE), (unsigned)P);
+    auto up_kernel = (int64_t)up.x * up.y <= moe_cu.sms ? gathered_rows_kernel<T, true, VEC, GS_BATCH_DEEP, 1>
+                                                        : gathered_rows_kernel<T, true, VEC, GS_BATCH, 2>;
+    auto down_kernel = (int64_t)down.x * down.y <= moe_cu.sms ? gathered_rows_kernel<T, false, VEC, GS_BATCH_DEEP, 1>
+                                                              : gathered_rows_kernel<T, false, VEC, GS_BATCH, 2>;
+    up_kernel<<<up, GS_THREADS, shared_up, moe_cu.stream>>>((const T *)a->in[0]->data, k, ids, E, (const T *)a->in[2]->data,
+                                                            d, f, act, moe_cu.index_fault);
     CU_LAUNCHED("gathered_swiglu (up)");
-    gathered_rows_kernel<T, false, VEC><<<dim3((unsigned)((d + GS_TILE - 1) / GS_TILE), (unsigned)P), GS_THREADS,
-                                          shared_down, moe_cu.stream>>>(act, 1, ids, E, (const T *)a->in[3]->data, f, d,
-                                                                        (T *)a->out->data, moe_cu.index_fault);
+    down_kernel<<<down, GS_THREADS, shared_down, moe_cu.stream>>>(act, 1, ids, E, (const T *)a->in[3]->data, f, d,
+                                                                  (T *)a->out->data, moe_cu.index_fault);
     CU_LAUNCHED("gathered_swiglu (down)");
     return MOE_OK;
 }

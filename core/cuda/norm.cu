@@ -1,5 +1,5 @@
 /* CUDA row-wise kernels: softmax / log-softmax and the backward, logsumexp, RMSNorm and
- * LayerNorm with their backwards (core/cpu/norm_cpu.c is the specification). Every tensor
+ * LayerNorm with their backwards, the fused residual add + RMSNorm of inference (core/cpu/norm_cpu.c is the specification). Every tensor
  * is contiguous [rows, d]; one block handles a row (grid-stride over rows), row sums are
  * block reductions in f32. Statistics and parameter grads are F32 (x is F32 or BF16).
  * Parameter grads are summed over rows by a column kernel in a fixed order, so they are
@@ -170,6 +170,54 @@ static moe_status norm_forward(const moe_kernel_args *a, int ns, const char *kna
 }
 
 extern "C" moe_status moe_cuda_rmsnorm(const moe_kernel_args *a) { return norm_forward(a, 1, "rmsnorm"); }
+
+/* ---- ADD_RMSNORM: s = x + r rounded to T (the ADD kernel's value) -> sum, then norm_kernel's
+ * RMSNorm arithmetic on s; the second pass adds again instead of reading s back ---- */
+template <class T, int V>
+__global__ void add_norm_kernel(const T *x, const T *res, const T *w, T *o, T *sum, int64_t rows, int64_t d, float eps) {
+    __shared__ float sh[32];
+    const int64_t c0 = (int64_t)threadIdx.x * V, cstep = (int64_t)blockDim.x * V;
+    ROW_LOOP(r, rows) {
+        const T *px = x + r * d, *pr = res + r * d;
+        float var = 0, v[V], u[V];
+        for (int64_t c = c0; c < d; c += cstep) {
+            cu_ldv<T, V>(px + c, v);
+            cu_ldv<T, V>(pr + c, u);
+#pragma unroll
+            for (int k = 0; k < V; k++) {
+                v[k] = cu_round<T>(v[k] + u[k]);
+                var += v[k] * v[k];
+            }
+            cu_stv<T, V>(sum + r * d + c, v);
+        }
+        float rs = 1.0f / sqrtf(cu_block_sum(var, sh) / (float)d + eps);
+        for (int64_t c = c0; c < d; c += cstep) {
+            float wv[V], y[V];
+            cu_ldv<T, V>(px + c, v);
+            cu_ldv<T, V>(pr + c, u);
+            cu_ldv<T, V>(w + c, wv);
+#pragma unroll
+            for (int k = 0; k < V; k++) y[k] = cu_round<T>(v[k] + u[k]) * rs * wv[k];
+            cu_stv<T, V>(o + r * d + c, y);
+        }
+    }
+}
+
+extern "C" moe_status moe_cuda_add_rmsnorm(const moe_kernel_args *a) {
+    const moe_tensor *x = a->in[0], *r = a->in[1], *w = a->in[2];
+    float eps = (float)((const moe_norm_attrs *)a->attrs)->eps;
+    int64_t rows = cu_rows(x), d = cu_cols(x);
+    if (rows * d == 0) return MOE_OK;
+    const bool vec = cu_vec8_ok(d, {x->data, r->data, w->data, a->out->data, a->out2->data});
+    int th = row_threads(vec ? d / 8 : d);
+    CU_FLOAT_DISPATCH(x->dtype, "add_rmsnorm",
+        auto kernel = vec ? add_norm_kernel<T, 8> : add_norm_kernel<T, 1>;
+        kernel<<<cu_blocks(rows * th, th), th, 0, moe_cu.stream>>>((const T *)x->data, (const T *)r->data,
+                                                                  (const T *)w->data, (T *)a->out->data,
+                                                                  (T *)a->out2->data, rows, d, eps);)
+    CU_LAUNCHED("add_rmsnorm");
+    return MOE_OK;
+}
 extern "C" moe_status moe_cuda_layernorm(const moe_kernel_args *a) { return norm_forward(a, 2, "layernorm"); }
 
 /* ---- backward: gx per row; gw (and gb) summed over rows by a column kernel ----

@@ -919,6 +919,29 @@ static moe_tensor *block_forward(moe_model *m, int i, moe_tensor *x, const moe_f
     return moe_add(x, dropout(m, f, moe_reshape(ffn, 3, (int64_t[]){f->B, f->T, d})));
 }
 
+/* Whether an inference forward runs its blocks on the fused residual stream below: every
+ * forward too short for the scoped pieces (decode steps, short prompts). */
+static bool infer_fused(const moe_forward *f) { return f->mode == MOE_FORWARD_INFER && f->T < INFER_SCOPED_TOKENS; }
+
+/* Block i of an inference forward on the residual stream x [B, T, d] with *pending, the
+ * previous block's feed-forward output not yet added into x (NULL for the first block):
+ * each residual add runs fused with the norm that reads its sum (moe_add_rmsnorm), and this
+ * block's own feed-forward output is left in *pending for the next block's (or the final)
+ * norm. Returns the new x. The same values as block_forward, bit for bit on the host. */
+static moe_tensor *infer_block_fused(moe_model *m, int i, moe_tensor *x, moe_tensor **pending, const moe_forward *f,
+                                     moe_tensor **router_state, route_sink *sink) {
+    const moe_cfg_model *c = &m->cfg.model;
+    moe_block *b = &m->blocks[i];
+    int64_t d = c->d_model, bt = (int64_t)f->B * f->T;
+    moe_tensor *hn = *pending ? moe_add_rmsnorm(x, *pending, C(b->attn_norm), c->norm_eps, &x)
+                              : moe_rmsnorm(x, C(b->attn_norm), c->norm_eps);
+    moe_tensor *mixed = hn ? mix(m, i, hn, f, NULL) : NULL;
+    moe_tensor *h2 = mixed ? moe_add_rmsnorm(x, mixed, C(b->ffn_norm), c->norm_eps, &x) : NULL;
+    moe_tensor *ffn = feed_forward(m, i, moe_reshape(h2, 2, (int64_t[]){bt, d}), f, router_state, NULL, NULL, sink);
+    *pending = moe_reshape(ffn, 3, (int64_t[]){f->B, f->T, d});
+    return *pending ? x : NULL;
+}
+
 static moe_tensor *infer_block(void *ctx, moe_tensor *const *in) {
     infer_piece *p = ctx;
     moe_tensor *router_state = NULL;
@@ -962,14 +985,18 @@ static moe_tensor *forward_hidden(moe_model *m, moe_tensor *ids, const moe_forwa
     int64_t d = c->d_model, bt = (int64_t)f->B * f->T;
     route_sink sink = {NULL, NULL};
     if (open_route_sink(m, f, &sink) != MOE_OK) return NULL;
-    moe_tensor *x = moe_embedding(C(m->embed), ids), *router_state = NULL;
+    moe_tensor *x = moe_embedding(C(m->embed), ids), *router_state = NULL, *pending = NULL;
     for (int i = 0; i < c->n_layers && x; i++) {
         infer_piece piece = {m, i, f};
-        x = infer_scoped_mix(m, i, f) && infer_scoped_ffn(m, f) ? moe_keep_result(infer_block, &piece, 1, &x)
-                                                                 : block_forward(m, i, x, f, &router_state, parts, aux, &sink);
+        if (infer_fused(f)) x = infer_block_fused(m, i, x, &pending, f, &router_state, &sink);
+        else if (infer_scoped_mix(m, i, f) && infer_scoped_ffn(m, f)) x = moe_keep_result(infer_block, &piece, 1, &x);
+        else x = block_forward(m, i, x, f, &router_state, parts, aux, &sink);
     }
     if (x && close_route_sink(m, f, &sink) != MOE_OK) return NULL;
-    return moe_rmsnorm(moe_reshape(x, 2, (int64_t[]){bt, d}), C(m->final_norm), c->norm_eps);
+    moe_tensor *rows = moe_reshape(x, 2, (int64_t[]){bt, d});
+    if (!pending) return moe_rmsnorm(rows, C(m->final_norm), c->norm_eps);
+    moe_tensor *sum = NULL;
+    return moe_add_rmsnorm(rows, moe_reshape(pending, 2, (int64_t[]){bt, d}), C(m->final_norm), c->norm_eps, &sum);
 }
 
 moe_tensor *moe_model_forward(moe_model *m, moe_tensor *ids, const moe_forward *f) {

@@ -90,20 +90,8 @@ static moe_tensor *paged(moe_tensor **in, const seg_layout *s, bool causal) {
     return moe_attention_paged(in[0], in[1], in[2], in[3], s->q, s->k, s->n, causal);
 }
 
-/* out equal to ref elementwise (rel 1e-12); `ref_name` says in the message what ref is. */
 static bool matches_reference(moe_tensor *out, moe_tensor *ref, const char *ref_name, char *why, size_t cap) {
-    int64_t n = moe_tensor_numel(out);
-    double *a = malloc(sizeof(double) * (size_t)n), *b = malloc(sizeof(double) * (size_t)n);
-    bool ok = ref && a && b && moe_tensor_same_shape(ref, out) && moe_tensor_to_host_f64(out, a) == MOE_OK &&
-              moe_tensor_to_host_f64(ref, b) == MOE_OK;
-    if (!ok) snprintf(why, cap, "the reference failed or the output has the wrong shape");
-    for (int64_t i = 0; ok && i < n; i++)
-        if (fabs(a[i] - b[i]) > 1e-12 * (1 + fabs(b[i]))) {
-            snprintf(why, cap, "element %lld: got %.15g, %s give %.15g", (long long)i, a[i], ref_name, b[i]);
-            ok = false;
-        }
-    free(a), free(b);
-    return ok;
+    return opcheck_matches(out, ref, 1e-12, ref_name, why, cap);
 }
 
 /* out against attention_varlen(q, k_pool[rows], v_pool[rows]). */

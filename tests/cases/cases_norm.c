@@ -1,4 +1,5 @@
-/* Op cases: softmax, log-softmax, logsumexp over the last axis; RMSNorm, LayerNorm. */
+/* Op cases: softmax, log-softmax, logsumexp over the last axis; RMSNorm, LayerNorm, the fused
+ * residual add + RMSNorm. */
 #include "tests/harness/opcheck.h"
 
 static moe_tensor *run_softmax(moe_tensor **in) { return moe_softmax(in[0]); }
@@ -14,12 +15,24 @@ static moe_tensor *run_layernorm_cols(moe_tensor **in) {
     return moe_layernorm(moe_slice(in[0], in[0]->ndim - 1, 2, 10), in[1], in[2], 1e-5);
 }
 static moe_tensor *run_layernorm(moe_tensor **in) { return moe_layernorm(in[0], in[1], in[2], 1e-5); }
+/* add_rmsnorm (inference only): [y | s] against [rmsnorm(x + r) | x + r], bit for bit on the host. */
+static moe_tensor *run_add_rmsnorm(moe_tensor **in) {
+    moe_tensor *s = NULL, *y = moe_add_rmsnorm(in[0], in[1], in[2], 1e-5, &s);
+    return y && s ? moe_concat((moe_tensor *[]){y, s}, 2, in[0]->ndim - 1) : NULL;
+}
+static bool check_add_rmsnorm(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {
+    moe_tensor *s = moe_add(in[0], in[1]), *y = moe_rmsnorm(s, in[2], 1e-5);
+    moe_tensor *ref = y ? moe_concat((moe_tensor *[]){y, s}, 2, in[0]->ndim - 1) : NULL;
+    return opcheck_matches(out, ref, 0, "add then rmsnorm", why, cap);
+}
 static moe_tensor *run_layernorm_noparams(moe_tensor **in) { return moe_layernorm(in[0], NULL, NULL, 1e-5); }
 static moe_tensor *run_layernorm_bias_only(moe_tensor **in) { return moe_layernorm(in[0], NULL, in[1], 1e-5); }
 
 #define X(nd, tr, ...) {nd, {__VA_ARGS__}, IN_NORMAL, 0, true, tr}
 #define P(d) {1, {d}, IN_POSITIVE, 0, true, false}
 #define V(d) {1, {d}, IN_NORMAL, 0, true, false}
+#define N(nd, ...) {nd, {__VA_ARGS__}, IN_NORMAL, 0, false, false}
+#define NP(d) {1, {d}, IN_POSITIVE, 0, false, false}
 
 static const op_case cases[] = {
     {"softmax", "3x5", 1, {X(2, false, 3, 5)}, run_softmax},
@@ -33,6 +46,10 @@ static const op_case cases[] = {
     {"rmsnorm", "no weight", 1, {X(2, false, 4, 6)}, run_rmsnorm_now},
     {"rmsnorm", "2x3x8 columns of wider rows (read in place)", 2, {X(3, false, 2, 3, 12), P(8)}, run_rmsnorm_cols},
     {"rmsnorm", "520x2 (cuda: weight grad summed over row chunks)", 2, {X(2, false, 520, 2), P(2)}, run_rmsnorm},
+    {"add_rmsnorm", "3x8 (cuda: element loads)", 3, {N(2, 3, 8), N(2, 3, 8), NP(8)}, run_add_rmsnorm,
+     .check = check_add_rmsnorm},
+    {"add_rmsnorm", "2x3x64 (cuda: 16-byte loads)", 3, {N(3, 2, 3, 64), N(3, 2, 3, 64), NP(64)}, run_add_rmsnorm,
+     .check = check_add_rmsnorm},
     {"layernorm", "520x8 with weight and bias (row chunks; width 2 would make dx ~0, all rounding)", 3, {X(2, false, 520, 8), P(8), V(8)}, run_layernorm, .grad_samples = 300},
     {"layernorm", "3x8 with weight and bias", 3, {X(2, false, 3, 8), P(8), V(8)}, run_layernorm},
     {"layernorm", "2x4x5 transposed", 3, {X(3, true, 2, 4, 5), V(5), V(5)}, run_layernorm},

@@ -232,3 +232,18 @@ bool opcheck_parity(const op_case *c, moe_device dev, moe_dtype dt, uint64_t see
     }
     return ok;
 }
+
+bool opcheck_matches(moe_tensor *out, moe_tensor *ref, double rel, const char *ref_name, char *why, size_t cap) {
+    int64_t n = moe_tensor_numel(out);
+    double *a = malloc(sizeof(double) * (size_t)n), *b = malloc(sizeof(double) * (size_t)n);
+    bool ok = ref && a && b && moe_tensor_same_shape(ref, out) && moe_tensor_to_host_f64(out, a) == MOE_OK &&
+              moe_tensor_to_host_f64(ref, b) == MOE_OK;
+    if (!ok) snprintf(why, cap, "the reference failed or the output has the wrong shape");
+    for (int64_t i = 0; ok && i < n; i++)
+        if (fabs(a[i] - b[i]) > rel * (1 + fabs(b[i]))) {
+            snprintf(why, cap, "element %lld: got %.17g, %s give %.17g", (long long)i, a[i], ref_name, b[i]);
+            ok = false;
+        }
+    free(a), free(b);
+    return ok;
+}

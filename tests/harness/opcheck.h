@@ -60,5 +60,8 @@ void opcheck_make_inputs(const op_case *c, moe_device dev, moe_dtype float_dt, u
 /* Returns true on success; otherwise writes the reason into why. */
 bool opcheck_gradcheck(const op_case *c, uint64_t seed, char *why, size_t cap);
 bool opcheck_parity(const op_case *c, moe_device dev, moe_dtype dt, uint64_t seed, char *why, size_t cap);
+/* For a case's check: out equal to ref elementwise within rel * (1 + |ref|) (rel 0: bit for
+ * bit); `ref_name` says in the message what ref is. */
+bool opcheck_matches(moe_tensor *out, moe_tensor *ref, double rel, const char *ref_name, char *why, size_t cap);
 
 #endif
