@@ -11,21 +11,28 @@
 #include "core/cuda/xfer_cuda.h"
 #endif
 
+/* Jobs linked through their prev/next: the queue (not yet issued, in issue order) or the
+ * flight (CUDA: issued on the copy stream, landing, in the order issued). */
+typedef struct job_list {
+    moe_xfer_job *head, *tail;
+} job_list;
+
 struct moe_xfer {
     moe_device dev;
     pthread_t thread;
     pthread_mutex_t mu;
-    pthread_cond_t work, done; /* a job was queued / a job finished */
-    moe_xfer_job *head, *tail;
+    pthread_cond_t work, done; /* a job was queued or issued / a job was issued or finished */
+    job_list queue, flight;
+    int n_flight, max_flight;  /* jobs the copy thread keeps issued ahead of their landing */
     bool stop;
     size_t bytes;
-    double busy_ms;
+    double busy_ms, busy_since; /* copy engine busy: while the flight is not empty (CUDA) */
     void *stream;  /* CUDA: the copy stream */
     int device;    /* CUDA: its device */
     char err[512]; /* the message of the last failed copy */
 };
 
-/* One copy on the copy thread, issued (on the CPU: done). */
+/* One copy issued (on the CPU: done) by whichever thread takes the job off the queue. */
 static moe_status copy_issue(moe_xfer *x, moe_xfer_job *j) {
 #ifdef MOE_HAVE_CUDA
     if (x->dev == MOE_CUDA)
@@ -44,58 +51,89 @@ static moe_status copy_settle(moe_xfer *x, moe_xfer_job *j) {
     return MOE_OK;
 }
 
-static void unlink_job(moe_xfer *x, moe_xfer_job *j) {
+static void list_unlink(job_list *l, moe_xfer_job *j) {
     if (j->prev) j->prev->next = j->next;
-    else x->head = j->next;
+    else l->head = j->next;
     if (j->next) j->next->prev = j->prev;
-    else x->tail = j->prev;
+    else l->tail = j->prev;
     j->prev = j->next = NULL;
 }
 
 /* Inserts j before `at` (NULL: at the tail). */
-static void insert_before(moe_xfer *x, moe_xfer_job *j, moe_xfer_job *at) {
+static void list_insert_before(job_list *l, moe_xfer_job *j, moe_xfer_job *at) {
     j->next = at;
-    j->prev = at ? at->prev : x->tail;
+    j->prev = at ? at->prev : l->tail;
     if (j->prev) j->prev->next = j;
-    else x->head = j;
+    else l->head = j;
     if (at) at->prev = j;
-    else x->tail = j;
+    else l->tail = j;
 }
 
 /* The first queued job that is not urgent (where an urgent one goes), or NULL. */
 static moe_xfer_job *first_plain(moe_xfer *x) {
-    moe_xfer_job *j = x->head;
+    moe_xfer_job *j = x->queue.head;
     while (j && j->urgent) j = j->next;
     return j;
 }
 
+/* Job j leaves the state COPYING (lock held): done, with the copy's status. */
+static void finish_job(moe_xfer *x, moe_xfer_job *j, moe_status st) {
+    j->status = st;
+    if (st != MOE_OK) snprintf(x->err, sizeof x->err, "%s", moe_last_error());
+    else x->bytes += j->bytes;
+    j->state = MOE_XFER_DONE;
+    pthread_cond_broadcast(&x->done);
+}
+
+/* Takes queued job j and issues its copy (lock held on entry and exit, released during
+ * the copy): on CUDA it joins the flight, which the copy thread settles; on the CPU the
+ * copy is done here. */
+static void issue_job(moe_xfer *x, moe_xfer_job *j) {
+    list_unlink(&x->queue, j);
+    j->state = MOE_XFER_COPYING;
+    pthread_mutex_unlock(&x->mu);
+    double t0 = moe_clock_ms();
+    moe_status st = copy_issue(x, j);
+    double t1 = moe_clock_ms();
+    pthread_mutex_lock(&x->mu);
+    if (st != MOE_OK || x->dev == MOE_CPU) {
+        if (x->dev == MOE_CPU) x->busy_ms += t1 - t0;
+        finish_job(x, j, st);
+        return;
+    }
+    if (!x->flight.head) x->busy_since = t0;
+    j->issued = true;
+    list_insert_before(&x->flight, j, NULL);
+    x->n_flight++;
+    pthread_cond_broadcast(&x->done);
+    pthread_cond_signal(&x->work); /* the copy thread settles it */
+}
+
+/* The copy thread settles the oldest issued copy (lock held on entry and exit). */
+static void settle_oldest(moe_xfer *x) {
+    moe_xfer_job *j = x->flight.head;
+    pthread_mutex_unlock(&x->mu);
+    moe_status st = copy_settle(x, j);
+    double now = moe_clock_ms();
+    pthread_mutex_lock(&x->mu);
+    list_unlink(&x->flight, j);
+    x->n_flight--;
+    if (!x->flight.head) x->busy_ms += now - x->busy_since;
+    finish_job(x, j, st);
+}
+
+/* Issues queued jobs while fewer than max_flight are landing, settles the landing ones in
+ * order; on stop, once the flight has landed. A job the compute path waits on may be
+ * issued there first (moe_xfer_wait), so that a demanded copy never waits for this thread
+ * to wake. */
 static void *copy_thread(void *arg) {
     moe_xfer *x = arg;
     pthread_mutex_lock(&x->mu);
     for (;;) {
-        while (!x->head && !x->stop) pthread_cond_wait(&x->work, &x->mu);
-        if (!x->head) break;
-        moe_xfer_job *j = x->head;
-        unlink_job(x, j);
-        j->state = MOE_XFER_COPYING;
-        pthread_mutex_unlock(&x->mu);
-        double t0 = moe_clock_ms();
-        moe_status st = copy_issue(x, j);
-        if (st == MOE_OK) { /* waiters may go on from here (CUDA: on the landing event) */
-            pthread_mutex_lock(&x->mu);
-            j->issued = true;
-            pthread_cond_broadcast(&x->done);
-            pthread_mutex_unlock(&x->mu);
-            st = copy_settle(x, j);
-        }
-        double ms = moe_clock_ms() - t0;
-        pthread_mutex_lock(&x->mu);
-        j->status = st;
-        if (st != MOE_OK) snprintf(x->err, sizeof x->err, "%s", moe_last_error());
-        x->bytes += j->bytes;
-        x->busy_ms += ms;
-        j->state = MOE_XFER_DONE;
-        pthread_cond_broadcast(&x->done);
+        if (x->queue.head && !x->stop && x->n_flight < x->max_flight) issue_job(x, x->queue.head);
+        else if (x->flight.head) settle_oldest(x);
+        else if (x->stop) break;
+        else pthread_cond_wait(&x->work, &x->mu);
     }
     pthread_mutex_unlock(&x->mu);
     return NULL;
@@ -120,6 +158,7 @@ moe_status moe_xfer_create(moe_device dev, moe_xfer **out) {
     moe_xfer *x = calloc(1, sizeof *x);
     if (!x) return moe_error(MOE_ERR_OOM, "copy queue: out of host memory");
     x->dev = dev;
+    x->max_flight = 2; /* one expert's two tensors: the next starts as the last lands */
 #ifdef MOE_HAVE_CUDA
     if (dev == MOE_CUDA) {
         moe_status s = moe_cuda_copy_stream_create(&x->stream, &x->device);
@@ -143,9 +182,9 @@ moe_status moe_xfer_create(moe_device dev, moe_xfer **out) {
 void moe_xfer_free(moe_xfer *x) {
     if (!x) return;
     pthread_mutex_lock(&x->mu);
-    while (x->head) {
-        moe_xfer_job *j = x->head;
-        unlink_job(x, j);
+    while (x->queue.head) {
+        moe_xfer_job *j = x->queue.head;
+        list_unlink(&x->queue, j);
         j->state = MOE_XFER_IDLE;
     }
     x->stop = true;
@@ -165,7 +204,7 @@ moe_status moe_xfer_submit(moe_xfer *x, moe_xfer_job *j, bool urgent) {
     j->urgent = urgent;
     j->issued = false;
     j->state = MOE_XFER_QUEUED;
-    insert_before(x, j, urgent ? first_plain(x) : NULL);
+    list_insert_before(&x->queue, j, urgent ? first_plain(x) : NULL);
     pthread_cond_signal(&x->work);
     pthread_mutex_unlock(&x->mu);
     return MOE_OK;
@@ -182,9 +221,9 @@ void moe_xfer_job_release(moe_xfer_job *j) {
 void moe_xfer_expedite(moe_xfer *x, moe_xfer_job *j) {
     pthread_mutex_lock(&x->mu);
     if (j->state == MOE_XFER_QUEUED && !j->urgent) {
-        unlink_job(x, j);
+        list_unlink(&x->queue, j);
         j->urgent = true;
-        insert_before(x, j, first_plain(x));
+        list_insert_before(&x->queue, j, first_plain(x));
     }
     pthread_mutex_unlock(&x->mu);
 }
@@ -199,6 +238,7 @@ bool moe_xfer_done(moe_xfer *x, moe_xfer_job *j) {
 moe_status moe_xfer_wait(moe_xfer *x, moe_xfer_job *j) {
     pthread_mutex_lock(&x->mu);
     MOE_ASSERT(j->state != MOE_XFER_IDLE, "copy queue: waiting on a job never submitted");
+    if (j->state == MOE_XFER_QUEUED) issue_job(x, j); /* behind what is landing, ahead of the queue */
     bool on_device = x->dev != MOE_CPU;
     while (j->state != MOE_XFER_DONE && !(on_device && j->state == MOE_XFER_COPYING && j->issued))
         pthread_cond_wait(&x->done, &x->mu);
@@ -250,7 +290,7 @@ void moe_xfer_pinned_free(moe_device dev, moe_tensor *t) {
 bool moe_xfer_cancel(moe_xfer *x, moe_xfer_job *j) {
     pthread_mutex_lock(&x->mu);
     if (j->state == MOE_XFER_QUEUED) {
-        unlink_job(x, j);
+        list_unlink(&x->queue, j);
         j->state = MOE_XFER_IDLE;
     }
     while (j->state == MOE_XFER_COPYING) pthread_cond_wait(&x->done, &x->mu);

@@ -1,5 +1,6 @@
 /* Host-to-device transfers off the compute path: a copy queue per device, served by a copy
- * thread (on CUDA it issues each copy on a copy stream of its own, after a fence of the
+ * thread (on CUDA it issues each copy on a copy stream of its own, two ahead of their
+ * landing so that the next starts as the last lands, each after a fence of the
  * compute stream recorded when the job was submitted, so device memory is never overwritten
  * before the kernels queued to read it have run; on the CPU it moves the bytes from the host
  * store into a second host arena standing in for device memory).
@@ -48,10 +49,11 @@ void moe_xfer_job_release(moe_xfer_job *j);
 /* A queued job jumps ahead of the non-urgent ones; no-op once it is copying or done. */
 void moe_xfer_expedite(moe_xfer *x, moe_xfer_job *j);
 bool moe_xfer_done(moe_xfer *x, moe_xfer_job *j);
-/* The compute path's wait on one transfer: on the CPU, blocks until job j is done; on CUDA,
- * blocks only until the copy is on the copy stream, then makes the compute stream wait for
- * it to land. The copy's status (a CUDA copy that fails after its issue surfaces at the next
- * synchronisation). */
+/* The compute path's wait on one transfer: a job still queued is issued here, on the
+ * caller's thread (behind the copies landing, ahead of the rest of the queue). On the CPU,
+ * blocks until job j is done; on CUDA, blocks only until the copy is on the copy stream,
+ * then makes the compute stream wait for it to land. The copy's status (a CUDA copy that
+ * fails after its issue surfaces at the next synchronisation). */
 moe_status moe_xfer_wait(moe_xfer *x, moe_xfer_job *j);
 /* Takes a queued job off the queue (back to IDLE), or waits for it when it is copying.
  * Returns whether it had been copied (DONE). */
