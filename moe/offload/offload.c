@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "core/autograd.h"
+#include "core/device.h"
 #include "core/fileio.h"
 #include "core/memory.h"
 #include "core/ops.h"
@@ -598,6 +599,7 @@ static moe_status calibrate(moe_offload *o) {
         double t0 = moe_clock_ms();
         MOE_TRY(cache_load(o, 0, layer, 0, true, false));
         MOE_TRY(cache_slot_wait(o, 0));
+        MOE_TRY(moe_device_sync(o->v->dev)); /* the wait may only order compute after the copy */
         double ms = moe_clock_ms() - t0;
         cache_evict(o, 0);
         if (r == 0 || ms < best) best = ms;
