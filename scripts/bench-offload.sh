@@ -45,7 +45,7 @@
 # --lookahead and no predictor, P+lookahead = policy P with --lookahead), REFERENCE=0 (no
 # transformers + accelerate runs): a 7B hub folder loads for every run, so its sweep fits a
 # 10-minute call only in parts.
-# Exit status: 0 when every step ran (a refused policy, e.g. cpu on cuda, is a table row,
+# Exit status: 0 when every step ran (a policy the run refuses is a table row,
 # not a failure), 1 when a step failed, 2 on bad arguments, 143 when stopped by TERM or INT
 # (a time limit: table.md then holds the runs that finished).
 set -uo pipefail

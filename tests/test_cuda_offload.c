@@ -2,7 +2,8 @@
  * page-locked host store (the decoder view's own expert stacks) through the copy stream,
  * gives the resident decoder's greedy ids and logits (f32; the grouped GEMM as a loop of
  * per-expert GEMMs, so each expert's product is the same kernel whatever the others) under
- * every policy but cpu (no host kernels beside the device yet), at the least budget, a
+ * every policy (cpu and auto run missed experts of few rows on the host kernels from the
+ * store, so their products are the host's: f32 within 1e-5), at the least budget, a
  * larger one and in waves; with the master weights on the host, the device memory an open
  * takes is the resident decoder's less every routed expert plus the cache (no device copy
  * of an expert outside the cache slots); with them on the device, the same equalities. */

@@ -317,7 +317,10 @@ static moe_status enter_layer(moe_offload *o, int layer) {
 
 /* ---- one expert group of a step ---- */
 
-enum { SRC_SLOT, SRC_HOST, SRC_DEFERRED };
+/* Where a used expert's weights come from: its cache slot; the host, where it runs from
+ * the store (cpu, auto); the store copied straight into scratch (every slot pinned); a
+ * slot still to take (deferred until its wave). */
+enum { SRC_SLOT, SRC_HOST, SRC_SCRATCH, SRC_DEFERRED };
 
 /* Whether a missed expert with `rows` rows runs from the host copy instead of a copy. */
 static bool compute_on_host(const moe_offload *o, int64_t rows) {
@@ -371,7 +374,7 @@ static moe_status gather(moe_offload *o, int layer, int e, int src, int slot, mo
         c->used = true;
         c->last_use = ++o->clock;
         c->pin = 0;
-    } else { /* the host copy: computed there (cpu, auto), or copied straight into scratch */
+    } else { /* SRC_SCRATCH: the host copy straight into scratch */
         s13 = moe_tensor_view_raw(se->stack13, 2, d13->shape, d13->strides, se->at13);
         s2 = moe_tensor_view_raw(se->stack2, 2, d2->shape, d2->strides, se->at2);
     }
@@ -393,7 +396,7 @@ static moe_status gather_wave(moe_offload *o, int layer, const moe_expert_group 
         if (src[*i] == SRC_DEFERRED) {
             slot[*i] = cache_take_slot(o, layer, false);
             if (slot[*i] >= 0) MOE_TRY(cache_load(o, slot[*i], layer, G->experts[*i], true, false));
-            src[*i] = slot[*i] >= 0 ? SRC_SLOT : SRC_HOST; /* every slot pinned: straight into scratch */
+            src[*i] = slot[*i] >= 0 ? SRC_SLOT : SRC_SCRATCH; /* every slot pinned */
         }
         MOE_TRY(gather(o, layer, G->experts[*i], src[*i], slot[*i], w13, w2, j++));
     }
@@ -406,10 +409,51 @@ static moe_tensor *first_experts(moe_tensor *stack, int n) {
     return moe_tensor_view_raw(stack, 3, (int64_t[]){n, stack->shape[1], stack->shape[2]}, stack->strides, 0);
 }
 
-/* The nu used experts of G in waves of at most o->wave: each wave gathered into the one
- * scratch stack (a slot is free again once gathered) and run as one grouped GEMM on its
- * rows; the outputs concatenated in row order. off [G->n + 1]: rows per expert of G;
- * coff [nu + 1]: rows per used expert. */
+/* Expert e of block `layer` run on the host from its store copy: rows x [n, d] (on the
+ * model's device) go to the host, the expert's SwiGLU runs there on the host kernels in
+ * the compute dtype, and its output [n, d] comes back to x's device. */
+static moe_tensor *host_expert(moe_offload *o, int layer, int e, moe_tensor *x) {
+    const store_entry *se = &o->store[layer * o->E + e];
+    int64_t d = o->d, w = se->ffn_dim, n = x->shape[0];
+    bool on_host = x->device == MOE_CPU;
+    double t0 = moe_clock_ms();
+    moe_tensor *xh = on_host ? x : moe_tensor_to(x, MOE_CPU, MOE_LIFE_STEP);
+    moe_tensor *w13 = moe_tensor_view_raw(se->stack13, 3, (int64_t[]){1, d, 2 * w}, (int64_t[]){d * 2 * w, 2 * w, 1}, se->at13);
+    moe_tensor *w2 = moe_tensor_view_raw(se->stack2, 3, (int64_t[]){1, w, d}, (int64_t[]){w * d, d, 1}, se->at2);
+    const int64_t off[2] = {0, n};
+    moe_tensor *yh = xh && w13 && w2 ? moe_grouped_swiglu(xh, w13, w2, off) : NULL;
+    moe_tensor *y = on_host || !yh ? yh : moe_tensor_to(yh, x->device, MOE_LIFE_STEP);
+    o->counts[layer].expert_ms += moe_clock_ms() - t0;
+    return y;
+}
+
+/* The number of used experts of G from index i on (empty ones skipped) that run on the
+ * device, consecutive and at most cap; *i moves to the first of them. */
+static int next_wave(const moe_expert_group *G, const int64_t *off, const int *src, int *i, int cap) {
+    while (*i < G->n && off[*i + 1] == off[*i]) (*i)++;
+    int n = 0;
+    for (int j = *i; j < G->n && n < cap; j++) {
+        if (off[j + 1] == off[j]) continue;
+        if (src[j] == SRC_HOST) break;
+        n++;
+    }
+    return n;
+}
+
+/* Appends part y to parts (a concat first when they are as many as it takes). */
+static void push_part(moe_tensor **parts, int *n_parts, moe_tensor *y) {
+    if (*n_parts == MOE_NODE_MAX_INPUTS) {
+        parts[0] = moe_concat(parts, *n_parts, 0);
+        *n_parts = 1;
+    }
+    parts[(*n_parts)++] = y;
+}
+
+/* The nu used experts of G in row order: runs of device experts in waves of at most
+ * o->wave, each gathered into the one scratch stack (a slot is free again once gathered)
+ * and run as one grouped GEMM on its rows; an expert to run on the host alone
+ * (host_expert). The outputs concatenated in row order. off [G->n + 1]: rows per expert
+ * of G; coff [nu + 1]: rows per used expert. */
 static moe_tensor *run_waves(moe_offload *o, int layer, const moe_expert_group *G, moe_tensor *xs, const int64_t *off,
                              int *src, int *slot, const int64_t *coff, int nu, moe_dtype compute) {
     int cap = nu == 0 ? 1 : nu < o->wave ? nu : o->wave;
@@ -421,21 +465,25 @@ static moe_tensor *run_waves(moe_offload *o, int layer, const moe_expert_group *
     if (!w13 || !w2 || !wo) return NULL;
     moe_tensor *parts[MOE_NODE_MAX_INPUTS];
     int n_parts = 0, i = 0;
-    for (int w0 = 0; w0 < nu || w0 == 0; w0 += cap) {
-        int n = nu - w0 < cap ? nu - w0 : cap;
-        if (gather_wave(o, layer, G, off, src, slot, &i, n, w13, w2) != MOE_OK) return NULL;
-        for (int q = 0; q <= n; q++) wo[q] = coff[w0 + q] - coff[w0];
-        if (n == 0) wo[1] = 0; /* no rows at all: one empty expert */
-        moe_tensor *xw = nu <= cap ? xs : moe_slice(xs, 0, coff[w0], coff[w0 + n]);
-        double t0 = moe_clock_ms();
-        moe_tensor *y = moe_grouped_swiglu(xw, first_experts(w13, n ? n : 1), first_experts(w2, n ? n : 1), wo);
-        o->counts[layer].expert_ms += moe_clock_ms() - t0;
-        if (!y) return NULL;
-        if (n_parts == MOE_NODE_MAX_INPUTS) { /* concat takes a bounded number of inputs */
-            parts[0] = moe_concat(parts, n_parts, 0);
-            n_parts = 1;
+    for (int u = 0; u < nu || u == 0;) {
+        int n = next_wave(G, off, src, &i, cap);
+        moe_tensor *y;
+        if (n == 0 && u < nu) { /* G->experts[i] runs on the host */
+            o->freq[layer * o->E + G->experts[i]]++;
+            y = host_expert(o, layer, G->experts[i++], nu == 1 ? xs : moe_slice(xs, 0, coff[u], coff[u + 1]));
+            u++;
+        } else {
+            if (gather_wave(o, layer, G, off, src, slot, &i, n, w13, w2) != MOE_OK) return NULL;
+            for (int q = 0; q <= n; q++) wo[q] = coff[u + q] - coff[u];
+            if (n == 0) wo[1] = 0; /* no rows at all: one empty expert */
+            moe_tensor *xw = n == nu ? xs : moe_slice(xs, 0, coff[u], coff[u + n]);
+            double t0 = moe_clock_ms();
+            y = moe_grouped_swiglu(xw, first_experts(w13, n ? n : 1), first_experts(w2, n ? n : 1), wo);
+            o->counts[layer].expert_ms += moe_clock_ms() - t0;
+            u += n ? n : 1;
         }
-        parts[n_parts++] = y;
+        if (!y) return NULL;
+        push_part(parts, &n_parts, y);
     }
     return n_parts == 1 ? parts[0] : moe_concat(parts, n_parts, 0);
 }
@@ -590,8 +638,9 @@ static moe_status alloc_tables(moe_offload *o) {
     return MOE_OK;
 }
 
-/* The copy rate (one expert copied into slot 0 and back out) and the host's time per row
- * of one expert's SwiGLU, measured once (auto compares them; the split line prints the rate). */
+/* The copy rate (one expert copied into slot 0 and back out) and the time of one row
+ * through one expert on the host (host_expert: on a device, its row's trips there and back
+ * included), measured once (auto compares them; the split line prints the rate). */
 static moe_status calibrate(moe_offload *o) {
     int layer = o->moe_block[0];
     double best = 0;
@@ -605,25 +654,19 @@ static moe_status calibrate(moe_offload *o) {
         if (r == 0 || ms < best) best = ms;
     }
     o->rate0 = (double)o->split.slot_bytes / (best > 1e-6 ? best / 1e3 : 1e-9);
-    memset(o->counts, 0, sizeof *o->counts * (size_t)o->n_layers);
-    o->host_row_ms = INFINITY; /* a device model has no host kernels here: misses are copied */
-    if (o->v->dev != MOE_CPU) return MOE_OK;
-    const store_entry *se = &o->store[layer * o->E];
-    int64_t d = o->v->cfg.model.d_model, w = se->ffn_dim;
-    moe_mem_mark mark = moe_mem_step_mark(o->v->dev);
-    moe_tensor *x = moe_tensor_zeros(MOE_LIFE_STEP, o->v->dev, o->opt.dtype, 2, (int64_t[]){1, d});
-    moe_tensor *w13 = moe_tensor_view_raw(se->stack13, 3, (int64_t[]){1, d, 2 * w}, (int64_t[]){d * 2 * w, 2 * w, 1}, se->at13);
-    moe_tensor *w2 = moe_tensor_view_raw(se->stack2, 3, (int64_t[]){1, w, d}, (int64_t[]){w * d, d, 1}, se->at2);
-    const int64_t off[2] = {0, 1};
-    bool ok = x && w13 && w2, was = moe_grad_set_enabled(false);
+    moe_mem_mark mark = moe_mem_step_mark(o->v->dev), host_mark = moe_mem_step_mark(MOE_CPU);
+    moe_tensor *x = moe_tensor_zeros(MOE_LIFE_STEP, o->v->dev, o->opt.dtype, 2, (int64_t[]){1, o->d});
+    bool ok = x != NULL, was = moe_grad_set_enabled(false);
     for (int r = 0; r < 3 && ok; r++) {
         double t0 = moe_clock_ms();
-        ok = moe_grouped_swiglu(x, w13, w2, off) != NULL;
+        ok = host_expert(o, layer, 0, x) != NULL && moe_device_sync(o->v->dev) == MOE_OK;
         double ms = moe_clock_ms() - t0;
         if (r == 0 || ms < o->host_row_ms) o->host_row_ms = ms;
     }
     moe_grad_set_enabled(was);
+    moe_mem_step_release(MOE_CPU, host_mark);
     moe_mem_step_release(o->v->dev, mark);
+    memset(o->counts, 0, sizeof *o->counts * (size_t)o->n_layers);
     return ok ? MOE_OK : moe_last_status();
 }
 
@@ -650,9 +693,6 @@ static moe_status check_options(const moe_model *m, const moe_offload_options *o
     if (o->dev != m->dev && m->dev != MOE_CPU)
         return moe_error(MOE_ERR_UNSUPPORTED, "offload: a %s decoder of a %s model (masters on the host or on the "
                          "decoder's device)", moe_device_name(o->dev), moe_device_name(m->dev));
-    if (o->policy == MOE_OFFLOAD_CPU && o->dev != MOE_CPU)
-        return moe_error(MOE_ERR_UNSUPPORTED, "offload: policy cpu needs host kernels beside the %s ones (not written "
-                         "yet; auto copies every miss there)", moe_device_name(o->dev));
     if (o->budget < min_budget) {
         char need[32], have[32], dense[32];
         fmt_bytes(min_budget, need, sizeof need);
