@@ -365,6 +365,15 @@ __device__ __forceinline__ void topk_merge(float &v, int &i, float v2, int i2) {
     }
 }
 
+/* The warp's best (value, index) under topk_merge's order, in every lane. */
+__device__ __forceinline__ void topk_warp_merge(float &v, int &i) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float v2 = __shfl_xor_sync(0xffffffffu, v, o);
+        int i2 = __shfl_xor_sync(0xffffffffu, i, o);
+        topk_merge(v, i, v2, i2);
+    }
+}
+
 template <class T> __global__ void topk_kernel(const T *x, T *vals, int32_t *ids, int64_t rows, int64_t n, int k) {
     __shared__ float sv[32];
     __shared__ int si[32];
@@ -380,11 +389,7 @@ template <class T> __global__ void topk_kernel(const T *x, T *vals, int32_t *ids
                 float v = ldf(p + c);
                 if (v < pv || (v == pv && (int)c > pi)) topk_merge(bv, bi, v, (int)c);
             }
-            for (int o = 16; o > 0; o >>= 1) {
-                float v2 = __shfl_xor_sync(0xffffffffu, bv, o);
-                int i2 = __shfl_xor_sync(0xffffffffu, bi, o);
-                topk_merge(bv, bi, v2, i2);
-            }
+            topk_warp_merge(bv, bi);
             __syncthreads();
             if (lane == 0) {
                 sv[warp] = bv;
@@ -522,6 +527,20 @@ __device__ __forceinline__ float route_score(float l, float mx, float sum, bool 
     return sigmoid ? 1.0f / (1.0f + expf(-l)) : expf(l - mx) / sum;
 }
 
+/* After a row's k rounds: each lane's slots' gates recomputed from their ids (lane 0
+ * wrote them), renormalised by the picks' total and scaled, in f32. */
+template <class T>
+__device__ __forceinline__ void route_write_gates(const T *row, const int32_t *row_ids, T *row_gates, int lane, float mx,
+                                                  float sum, float total, const moe_route_spec &sp) {
+    __syncwarp(); /* lane 0's id writes, visible to the lanes that read them */
+    for (int t = lane; t < sp.k; t += 32) {
+        float g = route_score(ldf(row + row_ids[t]), mx, sum, sp.sigmoid);
+        if (sp.renormalize) g /= total;
+        if (sp.scale > 0) g *= (float)sp.scale;
+        stf(row_gates + t, g);
+    }
+}
+
 template <class T>
 __global__ void route_topk_kernel(const T *lg, const float *bias, T *gates, int32_t *ids, int64_t rows, int E,
                                   moe_route_spec sp) {
@@ -545,24 +564,14 @@ __global__ void route_topk_kernel(const T *lg, const float *bias, T *gates, int3
                 float v = route_score(ldf(row + e), mx, sum, sp.sigmoid) + (bias ? bias[e] : 0.0f);
                 if (v < pv || (v == pv && e > pi)) topk_merge(bv, bi, v, e);
             }
-            for (int o = 16; o > 0; o >>= 1) {
-                float v2 = __shfl_xor_sync(0xffffffffu, bv, o);
-                int i2 = __shfl_xor_sync(0xffffffffu, bi, o);
-                topk_merge(bv, bi, v2, i2);
-            }
+            topk_warp_merge(bv, bi);
             const int id = bi == INT_MAX ? 0 : bi;
             total += route_score(ldf(row + id), mx, sum, sp.sigmoid);
             if (lane == 0) ids[r * sp.k + t] = id;
             pv = bv;
             pi = bi;
         }
-        __syncwarp(); /* lane 0's id writes, visible to the lanes that read them */
-        for (int t = lane; t < sp.k; t += 32) {
-            float g = route_score(ldf(row + ids[r * sp.k + t]), mx, sum, sp.sigmoid);
-            if (sp.renormalize) g /= total;
-            if (sp.scale > 0) g *= (float)sp.scale;
-            stf(gates + r * sp.k + t, g);
-        }
+        route_write_gates(row, ids + r * sp.k, gates + r * sp.k, lane, mx, sum, total, sp);
     }
 }
 
@@ -602,11 +611,7 @@ __global__ void route_topk_regs_kernel(const T *lg, const float *bias, T *gates,
                 const int e = lane + 32 * q;
                 if (e < E && (sc[q] < pv || (sc[q] == pv && e > pi))) topk_merge(bv, bi, sc[q], e);
             }
-            for (int o = 16; o > 0; o >>= 1) {
-                float v2 = __shfl_xor_sync(0xffffffffu, bv, o);
-                int i2 = __shfl_xor_sync(0xffffffffu, bi, o);
-                topk_merge(bv, bi, v2, i2);
-            }
+            topk_warp_merge(bv, bi);
             const int id = bi == INT_MAX ? 0 : bi;
             float lid = 0.0f; /* the chosen expert's logit, from the lane that holds it */
 #pragma unroll
@@ -618,13 +623,7 @@ __global__ void route_topk_regs_kernel(const T *lg, const float *bias, T *gates,
             pv = bv;
             pi = bi;
         }
-        __syncwarp(); /* lane 0's id writes, visible to the lanes that read them */
-        for (int t = lane; t < sp.k; t += 32) {
-            float g = route_score(ldf(row + ids[r * sp.k + t]), mx, sum, sp.sigmoid);
-            if (sp.renormalize) g /= total;
-            if (sp.scale > 0) g *= (float)sp.scale;
-            stf(gates + r * sp.k + t, g);
-        }
+        route_write_gates(row, ids + r * sp.k, gates + r * sp.k, lane, mx, sum, total, sp);
     }
 }
 
