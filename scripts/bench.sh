@@ -158,13 +158,15 @@ ceiling_rate = med(gemm, "gflops_per_s")
 first = (next(iter(ours.values()), None) or [{}])[0]
 print(f"# moe bench, {mode}: ours = moe {first.get('version', '?')}, reference = PyTorch {torch_version}")
 print()
-print(f"{rounds} round(s); each figure is the median over rounds of per-round medians; device "
+print(f"{rounds} round(s); each figure is the median over rounds of per-round medians (speedup per round: "
+      f"the lowest and highest of round i's reference over round i's ours); device "
       f"{first.get('device', '?')}, {first.get('threads', '?')} threads.")
 if torch_version.startswith("1."):
     print("Reference is PyTorch 1.x (Debian's stand-in): a smoke run, not a reported ratio (results/README.md).")
 print()
-print("| case | ours ms | ref ms | speedup (ref/ours) | ceiling | ours peak MiB | ref peak MiB |")
-print("|---|---|---|---|---|---|---|")
+print("| case | ours ms | ref ms | speedup (ref/ours) | speedup per round | ours ms per round | ref ms per round "
+      "| ceiling | ours peak MiB | ref peak MiB |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 lines = []
 for case in cases:
     base = [("fwd", "-fwd"), ("fwd_bwd", "")] if "layer" in case else [("step", "")]
@@ -181,10 +183,14 @@ for case in cases:
         if oms and ceiling_rate:
             ceiling = o[0]["flops"] / (oms * 1e-3) / 1e9 / ceiling_rate
         opk, rpk = med(o, "peak_bytes"), med(r, "peak_bytes")
-        print(f"| {label} | {fmt(oms, '.3f')} | {fmt(rms, '.3f')} | {fmt(speedup, '.2f')} | {fmt(ceiling, '.3f')} "
-              f"| {fmt(opk and opk / 2**20, '.1f')} | {fmt(rpk and rpk / 2**20, '.1f')} |")
+        ratios = [b["ms"] / a["ms"] for a, b in zip(o, r) if a["ms"] > 0]  # round i against round i
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "NA"
+        per_round = lambda recs: ", ".join(format(x["ms"], ".2f") for x in recs) or "NA"  # noqa: E731
+        print(f"| {label} | {fmt(oms, '.3f')} | {fmt(rms, '.3f')} | {fmt(speedup, '.2f')} | {spread} | {per_round(o)} "
+              f"| {per_round(r)} | {fmt(ceiling, '.3f')} | {fmt(opk and opk / 2**20, '.1f')} "
+              f"| {fmt(rpk and rpk / 2**20, '.1f')} |")
         lines.append(f"BENCH {label} ours={fmt(oms, '.3f')} ref={fmt(rms, '.3f')} speedup={fmt(speedup, '.3f')} "
-                     f"ceiling={fmt(ceiling, '.3f')}")
+                     f"ceiling={fmt(ceiling, '.3f')} rounds={spread}")
 print()
 unit = "GFLOP/s" if mode == "cpu" else "TFLOP/s"
 scale = 1 if mode == "cpu" else 1e-3
