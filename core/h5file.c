@@ -429,57 +429,62 @@ void moe_h5_abort(moe_h5 *f) {
 
 /* ---- reading ---- */
 
-moe_status moe_h5_open(const char *path, moe_h5 **out) {
-    MOE_ASSERT(path && out, "moe_h5_open needs a path and an output pointer");
-    h5_init();
-    *out = NULL;
+/* The size of the file at path, refused when it cannot be opened or is a directory. */
+static moe_status regular_file_size(const char *path, uint64_t *bytes) {
     struct stat sb;
     int fd = open(path, O_RDONLY);
     if (fd < 0 || fstat(fd, &sb) != 0) {
         int err = errno;
         if (fd >= 0) close(fd);
-        return moe_error(MOE_ERR_IO, "cannot open checkpoint %s: %s", path, strerror(err));
+        return moe_error(MOE_ERR_IO, "cannot open %s: %s", path, strerror(err));
     }
     close(fd);
-    if (S_ISDIR(sb.st_mode))
-        return moe_error(MOE_ERR_IO,
-                         "checkpoint %s is a directory; give a checkpoint file (or use "
-                         "--resume on the directory)",
-                         path);
-    hid_t fapl = file_access_plist();
-    hid_t file = fapl < 0 ? -1 : H5Fopen(path, H5F_ACC_RDONLY, fapl);
-    if (fapl >= 0) H5Pclose(fapl);
-    if (file < 0) return damaged(path, "it is not a readable HDF5 file (HDF5: %s)", h5_reason());
+    if (S_ISDIR(sb.st_mode)) return moe_error(MOE_ERR_IO, "%s is a directory; give a file", path);
+    *bytes = (uint64_t)sb.st_size;
+    return MOE_OK;
+}
 
+/* The root attributes of an open file: moe's format name and version, marked complete. */
+static moe_status check_root_attrs(hid_t file, const char *path) {
     char format[64];
     int64_t version = 0, complete = 0;
     int has_format = read_string_attr(file, "format", format, sizeof format);
     int has_version = read_int_attr(file, "format_version", &version);
     int has_complete = read_int_attr(file, "complete", &complete);
-    moe_status st = MOE_OK;
     if (has_format < 0 || has_version < 0 || has_complete < 0)
-        st = damaged(path, "its root attributes cannot be read (HDF5: %s)", h5_reason());
-    else if (has_format == 0 && has_complete == 0)
-        st = damaged(path, "it has no 'complete' mark (the save never finished, or this is "
-                           "not a moe checkpoint)");
-    else if (has_format == 0 || strcmp(format, MOE_H5_FORMAT_NAME) != 0)
-        st = moe_error(MOE_ERR_FORMAT, "%s is not a moe checkpoint (format attribute is '%s')",
-                       path, has_format ? format : "missing");
-    else if (has_version == 0 || version != MOE_H5_FORMAT_VERSION)
-        st = moe_error(MOE_ERR_FORMAT,
-                       "checkpoint %s has format_version %lld, this build reads version %d; "
-                       "use a matching moe build",
-                       path, (long long)version, MOE_H5_FORMAT_VERSION);
-    else if (has_complete == 0 || complete != 1)
-        st = damaged(path, "it is not marked complete");
+        return damaged(path, "its root attributes cannot be read (HDF5: %s)", h5_reason());
+    if (has_format == 0 && has_complete == 0)
+        return damaged(path, "it has no 'complete' mark (the save never finished, or this is "
+                             "not a file written by moe)");
+    if (has_format == 0 || strcmp(format, MOE_H5_FORMAT_NAME) != 0)
+        return moe_error(MOE_ERR_FORMAT, "%s is not a file written by moe (format attribute is '%s')", path,
+                         has_format ? format : "missing");
+    if (has_version == 0 || version != MOE_H5_FORMAT_VERSION)
+        return moe_error(MOE_ERR_FORMAT, "%s has format_version %lld, this build reads version %d; use a matching "
+                         "moe build", path, (long long)version, MOE_H5_FORMAT_VERSION);
+    if (has_complete == 0 || complete != 1) return damaged(path, "it is not marked complete");
+    return MOE_OK;
+}
+
+moe_status moe_h5_open(const char *path, moe_h5 **out) {
+    MOE_ASSERT(path && out, "moe_h5_open needs a path and an output pointer");
+    h5_init();
+    *out = NULL;
+    uint64_t bytes = 0;
+    MOE_TRY(regular_file_size(path, &bytes));
+    hid_t fapl = file_access_plist();
+    hid_t file = fapl < 0 ? -1 : H5Fopen(path, H5F_ACC_RDONLY, fapl);
+    if (fapl >= 0) H5Pclose(fapl);
+    if (file < 0) return damaged(path, "it is not a readable HDF5 file (HDF5: %s)", h5_reason());
+    moe_status st = check_root_attrs(file, path);
     moe_h5 *f = st == MOE_OK ? calloc(1, sizeof *f) : NULL;
-    if (st == MOE_OK && f) {
+    if (f) {
         f->path = strdup(path);
-        f->file_bytes = (uint64_t)sb.st_size;
+        f->file_bytes = bytes;
     }
-    if (st == MOE_OK && (!f || !f->path))
-        st = moe_error(MOE_ERR_OOM, "out of memory opening checkpoint %s", path);
+    if (st == MOE_OK && (!f || !f->path)) st = moe_error(MOE_ERR_OOM, "out of memory opening %s", path);
     if (st != MOE_OK) {
+        if (f) free(f->path);
         free(f);
         H5Fclose(file);
         return st;

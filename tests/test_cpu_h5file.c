@@ -321,9 +321,11 @@ static void test_open_errors(void) {
     CU_ASSERT_PTR_NULL(r);
     CHECK_ERROR_HAS(path);
     CHECK_ERROR_HAS("No such file");
+    CU_ASSERT_PTR_NULL(strstr(moe_last_error(), "checkpoint")); /* a trace or a predictor too: no kind named */
 
     CU_ASSERT_EQUAL(moe_h5_open(dir, &r), MOE_ERR_IO);
     CHECK_ERROR_HAS("is a directory");
+    CU_ASSERT_PTR_NULL(strstr(moe_last_error(), "checkpoint"));
 
     snprintf(path, sizeof path, "%s/text.h5", dir);
     moe_test_write_file(path, yaml_text, strlen(yaml_text));

@@ -196,6 +196,45 @@ typedef struct {
     int64_t kept, dropped;
 } route_plan;
 
+/* Counting sort of the valid assignments by expert slot, assignment (token) order within
+ * a slot: sorted [n] and start [E + 1], where slot e's run begins; *invalid: assignments
+ * the router marked invalid (OT: a zero plan entry). */
+static moe_status sort_by_slot(const moe_moe_layer *L, const moe_routing *r, int64_t n, int32_t **sorted,
+                               int64_t **start, int64_t *invalid) {
+    int E = L->s.n_experts;
+    *start = moe_step_host_alloc(sizeof(int64_t) * (size_t)(E + 1));
+    *sorted = moe_step_host_alloc(sizeof(int32_t) * (size_t)(n + 1));
+    int64_t *fill = moe_step_host_alloc(sizeof(int64_t) * (size_t)(E + 1));
+    if (!*start || !*sorted || !fill) return moe_error(MOE_ERR_OOM, "moe layer: out of host memory");
+    *invalid = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (r->valid && !r->valid[i]) (*invalid)++;
+        else (*start)[L->slot[r->host_experts[i]] + 1]++;
+    }
+    for (int e = 0; e < E; e++) (*start)[e + 1] += (*start)[e];
+    memcpy(fill, *start, sizeof(int64_t) * (size_t)(E + 1));
+    for (int64_t i = 0; i < n; i++)
+        if (!r->valid || r->valid[i]) (*sorted)[fill[L->slot[r->host_experts[i]]]++] = (int32_t)i;
+    return MOE_OK;
+}
+
+/* Puts the cap assignments of grp [m] with the highest gates g first (ties: the earlier
+ * token), in token order. */
+static void keep_highest_gates(int32_t *grp, int64_t m, int64_t cap, const float *g) {
+    for (int64_t i = 1; i < m; i++) { /* insertion sort by gate, descending, stable */
+        int32_t v = grp[i];
+        int64_t j = i;
+        while (j > 0 && g[grp[j - 1]] < g[v]) { grp[j] = grp[j - 1]; j--; }
+        grp[j] = v;
+    }
+    for (int64_t i = 1; i < cap; i++) { /* token order among the kept ones */
+        int32_t v = grp[i];
+        int64_t j = i;
+        while (j > 0 && grp[j - 1] > v) { grp[j] = grp[j - 1]; j--; }
+        grp[j] = v;
+    }
+}
+
 static moe_status plan_routes(const moe_moe_layer *L, const moe_routing *r, moe_tensor *gates, route_plan *p) {
     int E = L->s.n_experts, k = L->s.top_k;
     int64_t n = r->n_tokens * k;
@@ -211,43 +250,15 @@ static moe_status plan_routes(const moe_moe_layer *L, const moe_routing *r, moe_
         if (!gh) return moe_last_status();
         g = gh->data;
     }
-    /* Counting sort by expert slot; within an expert, assignment order (token order). */
-    int64_t *start = moe_step_host_alloc(sizeof(int64_t) * (size_t)(E + 1));
-    if (!start) return moe_error(MOE_ERR_OOM, "moe layer: out of host memory");
-    /* Assignments the router marked invalid (OT: a zero plan entry) count as dropped. */
-    int64_t invalid = 0;
-    for (int64_t i = 0; i < n; i++) {
-        if (r->valid && !r->valid[i]) invalid++;
-        else start[L->slot[r->host_experts[i]] + 1]++;
-    }
-    for (int e = 0; e < E; e++) start[e + 1] += start[e];
-    int32_t *sorted = moe_step_host_alloc(sizeof(int32_t) * (size_t)(n + 1));
-    int64_t *fill = moe_step_host_alloc(sizeof(int64_t) * (size_t)(E + 1));
-    if (!sorted || !fill) return moe_error(MOE_ERR_OOM, "moe layer: out of host memory");
-    memcpy(fill, start, sizeof(int64_t) * (size_t)(E + 1));
-    for (int64_t i = 0; i < n; i++)
-        if (!r->valid || r->valid[i]) sorted[fill[L->slot[r->host_experts[i]]]++] = (int32_t)i;
+    int32_t *sorted;
+    int64_t *start;
+    MOE_TRY(sort_by_slot(L, r, n, &sorted, &start, &p->dropped));
     p->kept = 0;
-    p->dropped = invalid;
     for (int e = 0; e < E; e++) {
         int64_t b = start[e], m = start[e + 1] - b;
         p->offsets[e] = p->kept;
         if (m > cap) {
-            /* Keep the cap assignments with the highest gates (ties: earlier token). */
-            int32_t *grp = sorted + b;
-            for (int64_t i = 1; i < m; i++) { /* insertion sort by gate, descending, stable */
-                int32_t v = grp[i];
-                int64_t j = i;
-                while (j > 0 && g[grp[j - 1]] < g[v]) { grp[j] = grp[j - 1]; j--; }
-                grp[j] = v;
-            }
-            /* restore token order among the kept ones */
-            for (int64_t i = 1; i < cap; i++) {
-                int32_t v = grp[i];
-                int64_t j = i;
-                while (j > 0 && grp[j - 1] > v) { grp[j] = grp[j - 1]; j--; }
-                grp[j] = v;
-            }
+            keep_highest_gates(sorted + b, m, cap, g);
             p->dropped += m - cap;
             m = cap;
         }
