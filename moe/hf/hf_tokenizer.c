@@ -660,49 +660,68 @@ static void normalize_unicode(sbuf *out, const char *s, size_t n, utf8proc_optio
     free(dst);
 }
 
+static void normalize(const normalizer *nz, const char *s, size_t n, sbuf *out, sbuf *tmp, size_t cap);
+
+/* A Sequence normalizer: each step reads the previous step's text; stops once the text passes `cap`. */
+static void normalize_sequence(const normalizer *nz, const char *s, size_t n, sbuf *out, sbuf *tmp, size_t cap) {
+    sb_add(out, s, n);
+    for (size_t i = 0; i < nz->n_sub && !out->oom; i++) {
+        sbuf swap = *tmp;
+        *tmp = *out;
+        *out = swap;
+        sbuf scratch = {0};
+        normalize(&nz->sub[i], tmp->p ? tmp->p : "", tmp->n, out, &scratch, cap);
+        sb_free(&scratch);
+        if (out->n > cap) out->over = out->oom = true;
+    }
+}
+
+/* Appends s with every match of `re` replaced by `content`. */
+static void replace_matches(sbuf *out, const char *s, size_t n, const regex *re, const char *content) {
+    for (size_t at = 0, ms, me; at < n;) {
+        if (!regex_next(re, s, n, at, &ms, &me)) {
+            sb_add(out, s + at, n - at);
+            break;
+        }
+        sb_add(out, s + at, ms - at);
+        if (ms >= n) break; /* no match is looked for at the very end */
+        sb_adds(out, content);
+        at = me;
+        if (me == ms) { /* an empty match: keep the next character and search after it */
+            size_t k = utf8_len_at(s + ms, n - ms);
+            sb_add(out, s + ms, k);
+            at += k;
+        }
+    }
+}
+
+/* Appends s without its leading (`left`) and trailing (`right`) white space. */
+static void strip_spaces(sbuf *out, const char *s, size_t n, bool left, bool right) {
+    size_t a = 0, b = n, k;
+    while (left && a < b && is_space_cp(utf8_decode(s + a, b - a, &k))) a += k;
+    while (right && b > a) {
+        size_t c = b - 1;
+        while (c > a && ((uint8_t)s[c] & 0xC0) == 0x80) c--;
+        if (!is_space_cp(utf8_decode(s + c, b - c, &k))) break;
+        b = c;
+    }
+    sb_add(out, s + a, b - a);
+}
+
 /* Writes normalize(s) to out (cleared first); tmp is scratch for sequences. A sequence whose
  * steps make the text longer than `cap` bytes stops there with out->over (and out->oom) set:
  * chained Replace steps could otherwise grow it exponentially. */
 static void normalize(const normalizer *nz, const char *s, size_t n, sbuf *out, sbuf *tmp, size_t cap) {
     out->n = 0;
     switch (nz->kind) {
-    case NORM_SEQUENCE: {
-        sb_add(out, s, n);
-        for (size_t i = 0; i < nz->n_sub && !out->oom; i++) {
-            sbuf swap = *tmp;
-            *tmp = *out;
-            *out = swap;
-            sbuf scratch = {0};
-            normalize(&nz->sub[i], tmp->p ? tmp->p : "", tmp->n, out, &scratch, cap);
-            sb_free(&scratch);
-            if (out->n > cap) out->over = out->oom = true;
-        }
-        return;
-    }
+    case NORM_SEQUENCE: normalize_sequence(nz, s, n, out, tmp, cap); return;
     case NORM_PREPEND:
         if (n) sb_adds(out, nz->text);
         sb_add(out, s, n);
         return;
     case NORM_REPLACE:
-        if (!nz->re) {
-            replace_all(out, s, n, nz->text, strlen(nz->text), nz->content);
-            return;
-        }
-        for (size_t at = 0, ms, me; at < n;) {
-            if (!regex_next(nz->re, s, n, at, &ms, &me)) {
-                sb_add(out, s + at, n - at);
-                break;
-            }
-            sb_add(out, s + at, ms - at);
-            if (ms >= n) break; /* no match is looked for at the very end */
-            sb_adds(out, nz->content);
-            at = me;
-            if (me == ms) { /* an empty match: keep the next character and search after it */
-                size_t k = utf8_len_at(s + ms, n - ms);
-                sb_add(out, s + ms, k);
-                at += k;
-            }
-        }
+        if (nz->re) replace_matches(out, s, n, nz->re, nz->content);
+        else replace_all(out, s, n, nz->text, strlen(nz->text), nz->content);
         return;
     case NORM_NFC: normalize_unicode(out, s, n, UTF8PROC_COMPOSE); return;
     case NORM_NFD: normalize_unicode(out, s, n, UTF8PROC_DECOMPOSE); return;
@@ -716,18 +735,7 @@ static void normalize(const normalizer *nz, const char *s, size_t n, sbuf *out, 
             else if (utf8proc_category(cp) != UTF8PROC_CATEGORY_MN) sb_add(out, s + i, k);
         }
         return;
-    case NORM_STRIP: {
-        size_t a = 0, b = n, k;
-        while (nz->left && a < b && is_space_cp(utf8_decode(s + a, b - a, &k))) a += k;
-        while (nz->right && b > a) {
-            size_t c = b - 1;
-            while (c > a && ((uint8_t)s[c] & 0xC0) == 0x80) c--;
-            if (!is_space_cp(utf8_decode(s + c, b - c, &k))) break;
-            b = c;
-        }
-        sb_add(out, s + a, b - a);
-        return;
-    }
+    case NORM_STRIP: strip_spaces(out, s, n, nz->left, nz->right); return;
     }
 }
 
@@ -1236,19 +1244,54 @@ static void strip_token(toks *out, const char *s, size_t n, const char *c, int s
     toks_push(out, s + a, b - a);
 }
 
+/* Pushes the token s with every `pat` in it replaced by `with`; tmp is scratch. */
+static void push_replaced(toks *out, sbuf *tmp, const char *s, size_t n, const char *pat, const char *with) {
+    tmp->n = 0;
+    replace_all(tmp, s, n, pat, strlen(pat), with);
+    toks_push(out, tmp->p ? tmp->p : "", tmp->n);
+}
+
+/* ByteLevel: appends the bytes the token's characters stand for, or the token itself when one of
+ * them is outside the byte map. */
+static void byte_level_decode(sbuf *bytes, const char *s, size_t n) {
+    size_t start = bytes->n, k;
+    for (size_t j = 0; j < n; j += k) {
+        int32_t cp = utf8_decode(s + j, n - j, &k);
+        int b = cp < 324 ? BL.cp_to_byte[cp] : -1;
+        if (b < 0) {
+            bytes->n = start;
+            sb_add(bytes, s, n);
+            return;
+        }
+        uint8_t byte = (uint8_t)b;
+        sb_add(bytes, &byte, 1);
+    }
+}
+
+/* Pushes the bytes as one token, invalid UTF-8 replaced by U+FFFD. */
+static void push_lossy(toks *out, const sbuf *bytes) {
+    sbuf lossy = {0};
+    utf8_lossy(&lossy, bytes->p ? bytes->p : "", bytes->n);
+    toks_push(out, lossy.p ? lossy.p : "", lossy.n);
+    if (lossy.oom) out->oom = true;
+    sb_free(&lossy);
+}
+
 static void decode_step(const decoder *d, const toks *in, toks *out) {
     sbuf tmp = {0};
     for (size_t i = 0; i < in->n; i++) {
         const char *s = in->text.p + in->off[i];
-        size_t n = in->off[i + 1] - in->off[i], k;
+        size_t n = in->off[i + 1] - in->off[i];
         uint8_t b;
         switch (d->kind) {
         case DEC_REPLACE:
+            push_replaced(out, &tmp, s, n, d->pattern, d->content);
+            break;
         case DEC_BPE_SUFFIX:
-            tmp.n = 0;
-            replace_all(&tmp, s, n, d->pattern, strlen(d->pattern),
-                        d->kind == DEC_REPLACE ? d->content : (i + 1 == in->n ? "" : " "));
-            toks_push(out, tmp.p ? tmp.p : "", tmp.n);
+            push_replaced(out, &tmp, s, n, d->pattern, i + 1 == in->n ? "" : " ");
+            break;
+        case DEC_METASPACE:
+            push_replaced(out, &tmp, s, n, d->replacement, i == 0 && d->scheme != PREPEND_NEVER ? "" : " ");
             break;
         case DEC_BYTE_FALLBACK:
             if (byte_token(s, n, &b)) sb_add(&tmp, &b, 1);
@@ -1263,52 +1306,14 @@ static void decode_step(const decoder *d, const toks *in, toks *out) {
         case DEC_STRIP:
             strip_token(out, s, n, d->content, d->start, d->stop);
             break;
-        case DEC_METASPACE: {
-            size_t rl = strlen(d->replacement);
-            sbuf w = {0};
-            for (size_t j = 0; j < n;) {
-                if (n - j >= rl && memcmp(s + j, d->replacement, rl) == 0) {
-                    if (!(i == 0 && d->scheme != PREPEND_NEVER)) sb_adds(&w, " ");
-                    j += rl;
-                } else {
-                    sb_add(&w, s + j, 1);
-                    j++;
-                }
-            }
-            toks_push(out, w.p ? w.p : "", w.n);
-            sb_free(&w);
+        case DEC_BYTE_LEVEL:
+            byte_level_decode(&tmp, s, n);
             break;
-        }
-        case DEC_BYTE_LEVEL: {
-            size_t start = tmp.n;
-            bool all = true;
-            for (size_t j = 0; j < n; j += k) {
-                int32_t cp = utf8_decode(s + j, n - j, &k);
-                int b2 = cp < 324 ? BL.cp_to_byte[cp] : -1;
-                if (b2 < 0) {
-                    all = false;
-                    break;
-                }
-                uint8_t bb = (uint8_t)b2;
-                sb_add(&tmp, &bb, 1);
-            }
-            if (!all) {
-                tmp.n = start;
-                sb_add(&tmp, s, n);
-            }
-            break;
-        }
         }
     }
     if (d->kind == DEC_BYTE_FALLBACK) flush_bytes(out, &tmp);
     if (d->kind == DEC_FUSE) toks_push(out, tmp.p ? tmp.p : "", tmp.n);
-    if (d->kind == DEC_BYTE_LEVEL) {
-        sbuf lossy = {0};
-        utf8_lossy(&lossy, tmp.p ? tmp.p : "", tmp.n);
-        toks_push(out, lossy.p ? lossy.p : "", lossy.n);
-        if (lossy.oom) out->oom = true;
-        sb_free(&lossy);
-    }
+    if (d->kind == DEC_BYTE_LEVEL) push_lossy(out, &tmp);
     if (tmp.oom) out->oom = true;
     sb_free(&tmp);
 }
@@ -1628,6 +1633,29 @@ static moe_status load_replacement(const cJSON *o, const char *path, char out[8]
     return MOE_OK;
 }
 
+/* The pre-tokenizers that split on one fixed regex (Digits, WhitespaceSplit, Whitespace,
+ * Punctuation); any other type is refused. */
+static moe_status load_fixed_split(const cJSON *o, const char *path, const char *type, pretok *pt) {
+    if (!strcmp(type, "Digits"))
+        return regex_compile(&pt->re, jbool(o, "individual_digits", false) ? "\\p{N}" : "\\p{N}+", false, path);
+    if (!strcmp(type, "WhitespaceSplit")) {
+        pt->behavior = SPLIT_REMOVED;
+        return regex_compile(&pt->re, "\\s+", false, path);
+    }
+    if (!strcmp(type, "Whitespace")) {
+        pt->behavior = SPLIT_REMOVED;
+        pt->invert = true;
+        return regex_compile(&pt->re, "\\w+|[^\\w\\s]+", false, path);
+    }
+    if (!strcmp(type, "Punctuation")) {
+        MOE_TRY(load_behavior(o, path, SPLIT_ISOLATED, &pt->behavior));
+        return regex_compile(&pt->re, "[\\p{P}$+<=>^`|~]", false, path);
+    }
+    return bad(MOE_ERR_UNSUPPORTED, path,
+               "pre_tokenizer type \"%s\" is not supported (supported: ByteLevel, Split, Metaspace, Digits, "
+               "WhitespaceSplit, Whitespace, Punctuation, Sequence)", type);
+}
+
 static moe_status load_pretok(const cJSON *o, const char *path, pretok *pt) {
     const char *type = jstr(o, "type");
     if (!type) return bad(MOE_ERR_FORMAT, path, "pre_tokenizer without a \"type\"");
@@ -1665,24 +1693,7 @@ static moe_status load_pretok(const cJSON *o, const char *path, pretok *pt) {
         pt->split = jbool(o, "split", true);
         return pt->split ? regex_compile(&pt->re, pt->replacement, true, path) : MOE_OK;
     }
-    if (!strcmp(type, "Digits"))
-        return regex_compile(&pt->re, jbool(o, "individual_digits", false) ? "\\p{N}" : "\\p{N}+", false, path);
-    if (!strcmp(type, "WhitespaceSplit")) {
-        pt->behavior = SPLIT_REMOVED;
-        return regex_compile(&pt->re, "\\s+", false, path);
-    }
-    if (!strcmp(type, "Whitespace")) {
-        pt->behavior = SPLIT_REMOVED;
-        pt->invert = true;
-        return regex_compile(&pt->re, "\\w+|[^\\w\\s]+", false, path);
-    }
-    if (!strcmp(type, "Punctuation")) {
-        MOE_TRY(load_behavior(o, path, SPLIT_ISOLATED, &pt->behavior));
-        return regex_compile(&pt->re, "[\\p{P}$+<=>^`|~]", false, path);
-    }
-    return bad(MOE_ERR_UNSUPPORTED, path,
-               "pre_tokenizer type \"%s\" is not supported (supported: ByteLevel, Split, Metaspace, Digits, "
-               "WhitespaceSplit, Whitespace, Punctuation, Sequence)", type);
+    return load_fixed_split(o, path, type, pt);
 }
 
 /* The ids of a special token named in a TemplateProcessing item. */

@@ -340,20 +340,61 @@ static node *literal(parser *p, int line, value v) {
     return n;
 }
 
+/* A string literal and the ones right after it, concatenated. */
+static node *parse_strings(parser *p, const token *t) {
+    node *n = literal(p, t->line, (value){.t = V_STR, .s = {t->s, t->n}});
+    while (peek(p)->type == T_STR) { /* adjacent literals concatenate */
+        token *u = next(p);
+        char *c = palloc(p, n->lit.s.n + u->n + 1);
+        memcpy(c, n->lit.s.s, n->lit.s.n);
+        memcpy(c + n->lit.s.n, u->s, u->n);
+        n->lit.s = (str){c, n->lit.s.n + u->n};
+    }
+    return n;
+}
+
+/* After '(': the empty tuple, a parenthesised expression or a tuple. */
+static node *parse_parens(parser *p, int line) {
+    if (is_op(peek(p), ")")) {
+        next(p);
+        return mk(p, E_TUPLE, line);
+    }
+    node *e = parse_expr(p);
+    if (!is_op(peek(p), ",")) {
+        expect_op(p, ")");
+        return e;
+    }
+    node *tup = mk(p, E_TUPLE, line);
+    add_kid(p, tup, e);
+    while (is_op(peek(p), ",")) {
+        next(p);
+        if (is_op(peek(p), ")")) break;
+        add_kid(p, tup, parse_expr(p));
+    }
+    expect_op(p, ")");
+    return tup;
+}
+
+/* After '[' or '{': the items of a list, or the key: value pairs of a dict, up to `close`. */
+static node *parse_collection(parser *p, nkind kind, int line, const char *close) {
+    node *c = mk(p, kind, line);
+    while (!is_op(peek(p), close)) {
+        add_kid(p, c, parse_expr(p));
+        if (kind == E_DICT) {
+            expect_op(p, ":");
+            add_kid(p, c, parse_expr(p));
+        }
+        if (!is_op(peek(p), ",")) break;
+        next(p);
+    }
+    expect_op(p, close);
+    return c;
+}
+
 static node *parse_primary(parser *p) {
     token *t = next(p);
     switch (t->type) {
-    case T_STR: {
-        node *n = literal(p, t->line, (value){.t = V_STR, .s = {t->s, t->n}});
-        while (peek(p)->type == T_STR) { /* adjacent literals concatenate */
-            token *u = next(p);
-            char *c = palloc(p, n->lit.s.n + u->n + 1);
-            memcpy(c, n->lit.s.s, n->lit.s.n);
-            memcpy(c + n->lit.s.n, u->s, u->n);
-            n->lit.s = (str){c, n->lit.s.n + u->n};
-        }
-        return n;
-    }
+    case T_STR: return parse_strings(p, t);
     case T_INT: return literal(p, t->line, (value){.t = V_INT, .i = t->i});
     case T_FLOAT: return literal(p, t->line, (value){.t = V_FLOAT, .f = t->f});
     case T_NAME:
@@ -366,48 +407,9 @@ static node *parse_primary(parser *p) {
             return n;
         }
     case T_OP:
-        if (is_op(t, "(")) {
-            if (is_op(peek(p), ")")) {
-                next(p);
-                return mk(p, E_TUPLE, t->line);
-            }
-            node *e = parse_expr(p);
-            if (!is_op(peek(p), ",")) {
-                expect_op(p, ")");
-                return e;
-            }
-            node *tup = mk(p, E_TUPLE, t->line);
-            add_kid(p, tup, e);
-            while (is_op(peek(p), ",")) {
-                next(p);
-                if (is_op(peek(p), ")")) break;
-                add_kid(p, tup, parse_expr(p));
-            }
-            expect_op(p, ")");
-            return tup;
-        }
-        if (is_op(t, "[")) {
-            node *l = mk(p, E_LIST, t->line);
-            while (!is_op(peek(p), "]")) {
-                add_kid(p, l, parse_expr(p));
-                if (!is_op(peek(p), ",")) break;
-                next(p);
-            }
-            expect_op(p, "]");
-            return l;
-        }
-        if (is_op(t, "{")) {
-            node *d = mk(p, E_DICT, t->line);
-            while (!is_op(peek(p), "}")) {
-                add_kid(p, d, parse_expr(p));
-                expect_op(p, ":");
-                add_kid(p, d, parse_expr(p));
-                if (!is_op(peek(p), ",")) break;
-                next(p);
-            }
-            expect_op(p, "}");
-            return d;
-        }
+        if (is_op(t, "(")) return parse_parens(p, t->line);
+        if (is_op(t, "[")) return parse_collection(p, E_LIST, t->line, "]");
+        if (is_op(t, "{")) return parse_collection(p, E_DICT, t->line, "}");
         /* fallthrough */
     default:
         perr(p, t->line, MOE_ERR_FORMAT, "unexpected %s in an expression", describe(t));
