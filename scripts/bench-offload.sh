@@ -40,6 +40,7 @@
 # when missing), PYTHON (the reference's python, default python3), TRAIN_SECONDS (cap on
 # training, default 170), RUN_TIMEOUT (cap per bench run, default 150 s), GPU (index, 0),
 # TOKENS and PROMPT (decode steps and prompt length of each bench run; default 64, --quick 16);
+# PREDICTOR_ARGS (more `moe predictor train` flags, e.g. "--context 16 --hidden 256");
 # FRACTIONS, BATCHES, POLICIES (space-separated; defaults "0.25 0.5", "1 8", "lru lfu predict
 # lookahead predict+lookahead auto cpu": resident always runs; lookahead = policy predict with
 # --lookahead and no predictor, P+lookahead = policy P with --lookahead), REFERENCE=0 (no
@@ -350,8 +351,8 @@ measured() { # log command...: the command's output into log; log.mem the memory
   echo "device: $device ($dtype); cpu: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
   [ "$smi" = 0 ] || echo "gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader -i "$gpu"), idle memory.used ${idle_mib} MiB"
   "$moe" --version 2>&1 | head -3 | sed 's/^/moe: /'
-  echo "sizes: config $config, traces $trace_tokens + $heldout_tokens held-out tokens, predictor $pred_steps steps," \
-    "bench --prompt $prompt --tokens $tokens"
+  echo "sizes: config $config, traces $trace_tokens + $heldout_tokens held-out tokens, predictor $pred_steps steps" \
+    "${PREDICTOR_ARGS:+($PREDICTOR_ARGS)}, bench --prompt $prompt --tokens $tokens"
 } >"$out/setup.txt"
 cat "$out/setup.txt" >&2
 
@@ -411,7 +412,8 @@ train_predictor() { # name text heldout source-args...
     "$moe" trace "$@" "${dev_args[@]}" --data "$heldout" --out "$work/$name-heldout.h5" --tokens "$heldout_tokens" \
       >>"$logs/$name-trace.log" 2>&1 || { step_fail "$name: moe trace failed ($logs/$name-trace.log)"; return; }
   { echo "## moe predictor train (recall on the last 10% of the traced training text)"
-    "$moe" predictor train "$work/$name-traces.h5" --out "$work/$name-predictor.h5" --steps "$pred_steps" --log-every 0
+    "$moe" predictor train "$work/$name-traces.h5" --out "$work/$name-predictor.h5" --steps "$pred_steps" --log-every 0 \
+      ${PREDICTOR_ARGS:-}
   } >"$f" 2>&1 || { step_fail "$name: predictor train failed ($f)"; return; }
   { echo; echo "## moe predictor eval (held-out text)"
     "$moe" predictor eval "$work/$name-heldout.h5" --predictor "$work/$name-predictor.h5"

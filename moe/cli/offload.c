@@ -68,6 +68,7 @@ moe_status moe_cli_decoder_open(const moe_offload_flags *f, moe_model *m, moe_de
         MOE_TRY(moe_predictor_load(f->predictor, m, &out->pred));
         o.predict = predictor_scores;
         o.predict_ctx = out->pred;
+        o.predict_context = moe_predictor_net(out->pred)->shape.context;
     }
     moe_status s = moe_offload_open(m, &o, &out->off);
     if (s != MOE_OK) {

@@ -253,7 +253,7 @@ static void list_push(moe_offload *o, int at, int32_t tok, int32_t pos, int32_t 
 }
 
 /* Predicts the batch's tokens in one predictor call: the list holds each sequence run of the
- * batch after its sequence's newest tokens (MOE_OFFLOAD_CONTEXT at most, when the run's
+ * batch after its sequence's newest tokens (opt.predict_context at most, when the run's
  * positions continue them), and only the runs' tokens are scored. Each run's newest tokens
  * become its sequence's context for the next call. */
 static moe_status predict_batch(moe_offload *o, const int32_t *tokens, const int32_t *pos, const int32_t *seq, int n) {
@@ -270,7 +270,7 @@ static moe_status predict_batch(moe_offload *o, const int32_t *tokens, const int
             list_push(o, len++, tokens[i], pos[i], seq[a]);
         }
         if (h) {
-            int keep = c + (b - a) < MOE_OFFLOAD_CONTEXT ? c + (b - a) : MOE_OFFLOAD_CONTEXT;
+            int keep = c + (b - a) < o->opt.predict_context ? c + (b - a) : o->opt.predict_context;
             memcpy(h->tok, o->ctx_tok + len - keep, sizeof(int32_t) * (size_t)keep);
             h->n = keep;
             h->next_pos = pos[b - 1] + 1;
@@ -616,7 +616,8 @@ static moe_status alloc_tables(moe_offload *o) {
     o->predicted = calloc(le, sizeof(uint64_t));
     o->counts = calloc((size_t)o->n_layers, sizeof *o->counts);
     const int B = o->opt.max_batch_tokens;
-    o->list_cap = B + MOE_OFFLOAD_CONTEXT * (o->opt.max_seqs < B ? o->opt.max_seqs : B);
+    const int C = o->opt.predict_context;
+    o->list_cap = B + C * (o->opt.max_seqs < B ? o->opt.max_seqs : B);
     if (o->opt.predict) {
         o->scores = malloc(sizeof(float) * (size_t)o->n_layers * (size_t)B * (size_t)o->E);
         o->ctx_tok = malloc(sizeof(int32_t) * (size_t)o->list_cap);
@@ -624,10 +625,12 @@ static moe_status alloc_tables(moe_offload *o) {
         o->ctx_seq = malloc(sizeof(int32_t) * (size_t)o->list_cap);
         o->ctx_rows = malloc(sizeof(int32_t) * (size_t)B);
         o->context = calloc((size_t)o->opt.max_seqs, sizeof *o->context);
+        o->ctx_store = malloc(sizeof(int32_t) * (size_t)o->opt.max_seqs * (size_t)(C > 0 ? C : 1));
+        for (int i = 0; o->context && o->ctx_store && i < o->opt.max_seqs; i++) o->context[i].tok = o->ctx_store + (size_t)i * C;
     }
     if (!o->moe_ord || !o->moe_block || !o->store || !o->slots || !o->where || !o->held || !o->freq || !o->predicted ||
         !o->counts || (o->opt.predict && (!o->scores || !o->ctx_tok || !o->ctx_pos || !o->ctx_seq || !o->ctx_rows ||
-                                          !o->context)))
+                                          !o->context || !o->ctx_store)))
         return moe_error(MOE_ERR_OOM, "offload: out of host memory for the cache tables");
     for (size_t i = 0; i < le; i++) o->where[i] = -1;
     for (int s = 0; s < o->n_slots; s++) o->slots[s].layer = o->slots[s].expert = -1;
@@ -683,6 +686,8 @@ static moe_status check_options(const moe_model *m, const moe_offload_options *o
                                 size_t min_budget) {
     if (o->policy == MOE_OFFLOAD_PREDICT && !o->predict && !o->lookahead)
         return moe_error(MOE_ERR_CONFIG, "offload: policy predict needs a predictor (--predictor FILE) or --lookahead");
+    if (o->predict_context < 0 || o->predict_context > 63)
+        return moe_error(MOE_ERR_CONFIG, "offload: a predictor context of %d tokens (0 .. 63)", o->predict_context);
     if (o->predict_width < 0 || o->predict_width > m->cfg.model.n_experts)
         return moe_error(MOE_ERR_CONFIG, "offload: a prediction width of %d experts (0 .. %d)", o->predict_width,
                          m->cfg.model.n_experts);
@@ -781,6 +786,7 @@ void moe_offload_close(moe_offload *o) {
     free(o->ctx_seq);
     free(o->ctx_rows);
     free(o->context);
+    free(o->ctx_store);
     free(o);
 }
 

@@ -69,6 +69,8 @@ typedef struct moe_offload_options {
     int max_batch_tokens;      /* the largest batch a forward gets (scratch) */
     moe_offload_predict_fn predict; /* predict (required), auto (optional); NULL otherwise */
     void *predict_ctx;
+    int predict_context;       /* tokens before a new one that the predictor reads (its own context
+                                * length, at most 63): each sequence keeps this many between steps */
     int prefetch_depth;        /* layers ahead to prefetch, 0 = adapt to the copy rate */
     int predict_width;         /* experts per token and MoE layer the predictor names for prefetch (its best
                                 * scores), 0 = the model's top-k; more raises hits and bytes copied */

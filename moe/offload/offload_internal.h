@@ -25,13 +25,12 @@ typedef struct cache_slot {
     uint64_t pin;               /* == o->epoch: needed by the expert group in progress */
 } cache_slot;
 
-/* Tokens of a sequence's context the predictor sees before a run of new ones. */
-#define MOE_OFFLOAD_CONTEXT 8
-
+/* The newest tokens of a sequence (at most opt.predict_context), which the predictor sees
+ * before a run of new ones. */
 typedef struct seq_context {
-    int32_t tok[MOE_OFFLOAD_CONTEXT]; /* the sequence's newest tokens, oldest first */
+    int32_t *tok;     /* [opt.predict_context], oldest first (in ctx_store) */
     int n;
-    int32_t next_pos;                 /* the position that continues them */
+    int32_t next_pos; /* the position that continues them */
 } seq_context;
 
 struct moe_offload {
@@ -59,8 +58,9 @@ struct moe_offload {
     float *scores;              /* [n_moe, max_batch_tokens, E] the predictor's output for a batch's tokens */
     int32_t *ctx_tok, *ctx_pos, *ctx_seq; /* [list_cap] the batch's runs, each after its sequence's context */
     int32_t *ctx_rows;          /* [max_batch_tokens] where the batch's tokens are in that list */
-    int list_cap;               /* max_batch_tokens + MOE_OFFLOAD_CONTEXT x min(max_seqs, max_batch_tokens) */
+    int list_cap;               /* max_batch_tokens + predict_context x min(max_seqs, max_batch_tokens) */
     seq_context *context;       /* [max_seqs] */
+    int32_t *ctx_store;         /* [max_seqs, predict_context] their tokens */
     moe_offload_counts *counts; /* [n_layers] */
     double host_row_ms;         /* measured: one expert's SwiGLU on the host, per row */
     double rate0;               /* bytes/s of the copy measured at open */

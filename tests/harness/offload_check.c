@@ -83,12 +83,25 @@ static int64_t expected_uses(const moe_model *m, const run *r) {
 typedef struct oracle {
     const moe_model *m;
     const run *r;
+    int context; /* the options' predict_context */
 } oracle;
+
+/* Whether the list gives scored row `at` its sequence's min(context, position) previous
+ * tokens, right before it, with the run's ids. */
+static bool context_given(const oracle *o, const int32_t *tokens, const int32_t *pos, const int32_t *seq, int at) {
+    int want = pos[at] < o->context ? pos[at] : o->context, have = 0;
+    for (int i = at - 1; i >= 0 && seq[i] == seq[at] && pos[i] == pos[at] - (at - i); i--) {
+        if (tokens[i] != o->r->ids[pos[i]]) return false;
+        have++;
+    }
+    return have >= want;
+}
 
 static moe_status oracle_predict(void *ctx, const int32_t *tokens, const int32_t *pos, const int32_t *seq, int n,
                                  const int32_t *rows, int m, float *scores) {
-    (void)tokens, (void)seq, (void)n;
+    (void)n;
     const oracle *o = ctx;
+    for (int t = 0; t < m; t++) CU_ASSERT(context_given(o, tokens, pos, seq, rows[t]));
     const moe_cfg_model *c = &o->m->cfg.model;
     int E = c->n_experts, lm = 0;
     for (int l = 0; l < c->n_layers; l++) {
@@ -107,7 +120,7 @@ static moe_status oracle_predict(void *ctx, const int32_t *tokens, const int32_t
 
 moe_offload_options offload_check_options(const moe_model *m, moe_offload_policy p) {
     return (moe_offload_options){.dtype = m->compute, .dev = m->dev, .policy = p, .max_seqs = 1, .kv_tokens = PROMPT + NEW,
-                                 .max_batch_tokens = PROMPT};
+                                 .max_batch_tokens = PROMPT, .predict_context = 8};
 }
 
 size_t offload_check_min_budget(const moe_model *m, const moe_offload_options *o) {
@@ -194,7 +207,7 @@ void offload_check_model_on(moe_model *m, moe_device dev, const char *name, doub
                     .memory = dev != MOE_CPU && m->dev == MOE_CPU};
     generate(d, ref);
     moe_decoder_close(d);
-    oracle orc = {.m = m, .r = ref};
+    oracle orc = {.m = m, .r = ref, .context = offload_check_options(m, MOE_OFFLOAD_PREDICT).predict_context};
     char what[64];
     for (int p = 0; p < MOE_OFFLOAD_POLICY_COUNT; p++) {
         moe_offload_options o = offload_check_options(m, (moe_offload_policy)p);
