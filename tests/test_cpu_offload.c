@@ -4,11 +4,19 @@
  * the resident decoder's ids and the same logits bit for bit, on our model and on the
  * OLMoE fixture, also with lookahead (the next layer's router on this layer's rows, with
  * the oracle and alone); a budget of one layer's top-k works; a smaller one is refused
- * with the bytes it needs; the counters add up to the expert uses the routes imply. */
+ * with the bytes it needs; the counters add up to the expert uses the routes imply; the
+ * host kernels an expert runs on beside a GPU work in bf16. */
+#include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "core/autograd.h"
+#include "core/memory.h"
+#include "core/ops.h"
+#include "core/philox.h"
 #include "moe/hf/hf_model.h"
+#include "moe/model/moe_layer.h"
 #include "moe/model/model.h"
 #include "moe/offload/offload.h"
 #include "tests/harness/offload_check.h"
@@ -118,11 +126,46 @@ static void test_budget_refused(void) {
     moe_model_free(&m);
 }
 
+/* [n] values from a Philox stream as an f32 tensor rounded to bf16 and back (so that the
+ * f32 and the bf16 runs read the same numbers), shape [a, b, c] or [b, c] (a 0). */
+static moe_tensor *rounded(int64_t a, int64_t b, int64_t c, uint64_t key) {
+    int64_t n = (a ? a : 1) * b * c;
+    float *v = malloc(sizeof(float) * (size_t)n);
+    for (int64_t i = 0; i < n; i++) v[i] = moe_bf16_to_f32(moe_f32_to_bf16((float)(0.5 * moe_philox_normal((uint64_t)i, key))));
+    moe_tensor *t = a ? moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 3, (int64_t[]){a, b, c}, v)
+                      : moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_F32, 2, (int64_t[]){b, c}, v);
+    free(v);
+    return t;
+}
+
+/* Beside a GPU, a missed expert runs on the host kernels from its bf16 host copy: the
+ * host's grouped SwiGLU in bf16 (oneDNN's bf16 products, the SwiGLU through f32) gives the
+ * f32 one within bf16 rounding. */
+static void test_host_expert_bf16(void) {
+    const int64_t n = 5, d = 48, w = 40, off[3] = {0, 2, 5};
+    bool was = moe_grad_set_enabled(false);
+    moe_tensor *x = rounded(0, n, d, 1), *w13 = rounded(2, d, 2 * w, 2), *w2 = rounded(2, w, d, 3);
+    moe_tensor *ref = moe_grouped_swiglu(x, w13, w2, off);
+    moe_tensor *out = moe_grouped_swiglu(moe_cast(x, MOE_BF16), moe_cast(w13, MOE_BF16), moe_cast(w2, MOE_BF16), off);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(ref);
+    CU_ASSERT_PTR_NOT_NULL_FATAL(out);
+    CU_ASSERT_EQUAL(out->dtype, MOE_BF16);
+    double a[5 * 48], b[5 * 48], err = 0, scale = 0;
+    CHECK_OK(moe_tensor_to_host_f64(ref, a));
+    CHECK_OK(moe_tensor_to_host_f64(out, b));
+    for (int i = 0; i < n * d; i++) err = fmax(err, fabs(a[i] - b[i])), scale = fmax(scale, fabs(a[i]));
+    printf("\n  host expert bf16 vs f32: max difference %.3g of max |y| %.3g\n", err, scale);
+    CU_ASSERT(scale > 0.1 && err <= 2e-2 * scale);
+    moe_grad_set_enabled(was);
+    moe_step_reset();
+}
+
 static void register_suites(void) {
     static const moe_test_entry tests[] = {{"every policy == resident, our model", test_policies_ours},
                                            {"every policy == resident, expert widths", test_policies_widths},
                                            {"every policy == resident, olmoe-tiny", test_policies_olmoe},
                                            {"budget checks", test_budget_refused},
+                                           {"host expert in bf16", test_host_expert_bf16},
                                            {NULL, NULL}};
     moe_test_add_suite("offload", tests);
 }

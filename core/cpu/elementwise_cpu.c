@@ -181,12 +181,29 @@ _Pragma("omp parallel for schedule(static) if (gr.numel > 16384)")
     return MOE_OK;
 }
 
+/* The packed SwiGLU in bf16 (an expert run on the host beside a GPU, from its bf16 host
+ * copy): each value through f32, one rounding, as the CUDA kernel does. */
+static void swiglu_bf16(moe_tensor *o, const moe_tensor *h, int64_t rows, int64_t f, int64_t so, int64_t sh) {
+    for (int64_t r = 0; r < rows; r++) {
+        uint16_t *po = (uint16_t *)o->data + cpu_row_offset(o, r);
+        const uint16_t *px = (const uint16_t *)h->data + cpu_row_offset(h, r), *py = px + f * sh;
+        for (int64_t c = 0; c < f; c++) {
+            float v = moe_bf16_to_f32(px[c * sh]);
+            po[c * so] = moe_f32_to_bf16(v / (1.0f + expf(-v)) * moe_bf16_to_f32(py[c * sh]));
+        }
+    }
+}
+
 /* Packed SwiGLU: row r of h holds the gate [0, f) then the up projection [f, 2f). */
 moe_status moe_cpu_swiglu(const moe_kernel_args *a) {
     moe_tensor *o = a->out;
     const moe_tensor *h = a->in[0];
     int64_t rows = cpu_rows(o), f = cpu_cols(o);
     int64_t so = cpu_col_stride(o), sh = cpu_col_stride(h);
+    if (o->dtype == MOE_BF16) {
+        swiglu_bf16(o, h, rows, f, so, sh);
+        return MOE_OK;
+    }
     CPU_FLOAT_DISPATCH(o->dtype, "swiglu",
 _Pragma("omp parallel for schedule(static) if (rows * f > 16384)")
         for (int64_t r = 0; r < rows; r++) {
