@@ -205,7 +205,9 @@ lines += ["Columns: decode tokens/s (batch x tokens over the decode steps, prefi
           "same budget and batch; hit rate of the expert cache over the decode steps; H2D bytes per generated token",
           "(misses and prefetches copied); TTFT: the prompt's forward; peak GPU MiB: nvidia-smi memory.used above idle",
           "(CUDA context included); PCIe bound: H2D rate at start-up / ((1 - hit rate) x expert bytes per token), the",
-          "misses computed from the host copy left out (none copied: no bound); of bound: tokens/s over it.",
+          "misses computed from the host copy left out (none copied: no bound); of bound: tokens/s over it; of",
+          "min(bound, resident): over the lower of the bound and the resident speed at the same batch (the bound",
+          "counts copies only, so a model whose step is compute-bound cannot reach it).",
           "Host per decode step: ms the host blocked on copies (a copy still running when its expert was needed",
           "or evicted) and ms in the predictor; late: hits that waited on a copy in flight; wasted: prefetched",
           "experts evicted before any use (counts over the decode steps).",
@@ -250,8 +252,9 @@ for name in models:
             lines += ["### %s, budget %s%% of the expert bytes (%s MiB in all), batch %d" % (
                 name, fmt(float(frac) * 100, ".0f"), mib(float(budget)) if budget else "?", b), "",
                 "| policy | tokens/s | x lru | hit rate | H2D bytes/token | TTFT ms | peak GPU MiB | PCIe bound tok/s | of bound "
-                "| host waits ms/step | predictor ms/step | late, wasted | note |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+                "| of min(bound, resident) | host waits ms/step | predictor ms/step | late, wasted | note |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+            res_tps = num(res, "tokens_per_s") if res else None
             for r in ([res] if res else []) + sel:
                 tps = num(r, "tokens_per_s")
                 ratio = tps / lru if tps is not None and lru else None
@@ -259,10 +262,12 @@ for name in models:
                 pol = r["policy"] + (" (all experts)" if r["policy"] == "resident" else "")
                 per_step = lambda k: r[k] / tokens if r.get(k) is not None else None  # noqa: E731
                 lw = "%d, %d" % (r["late"], r["wasted"]) if r.get("late") is not None and r.get("wasted") is not None else "—"
-                lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                ceiling = min(r["bound"], res_tps) if r["bound"] and res_tps else None
+                lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
                     pol, fmt(tps, ".1f"), fmt(ratio, ".2f"), fmt(num(r, "hit_rate"), ".3f"), fmt(bpt, ".0f"),
                     fmt(num(r, "ttft_ms"), ".1f"), fmt(r.get("peak_mib"), "d"), fmt(r["bound"], ".0f"),
-                    fmt(r["bound_fraction"], ".2f"), fmt(per_step("waited_ms"), ".3f"),
+                    fmt(r["bound_fraction"], ".2f"), fmt(tps / ceiling if tps is not None and ceiling else None, ".2f"),
+                    fmt(per_step("waited_ms"), ".3f"),
                     fmt(per_step("predictor_ms"), ".3f"), lw, r["note"]))
             lines.append("")
 with open(os.path.join(out, "table.md"), "w") as f:
