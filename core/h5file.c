@@ -15,6 +15,8 @@
 #include <hdf5.h>
 #include <zlib.h>
 
+#include "core/contain.h"
+
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "h5file.c stores host arrays as little-endian datasets and checksums their bytes"
 #endif
@@ -466,12 +468,35 @@ static moe_status check_root_attrs(hid_t file, const char *path) {
     return MOE_OK;
 }
 
+/* Touches an object's header (basic information only): its link was decoded to get here. */
+static herr_t probe_object(hid_t group, const char *name, const H5L_info_t *info, void *unused) {
+    (void)info, (void)unused;
+    H5O_info_t oi;
+    return H5Oget_info_by_name2(group, name, &oi, H5O_INFO_BASIC, H5P_DEFAULT) < 0 ? -1 : 0;
+}
+
+/* Walks the file's groups, links and object headers as libhdf5 decodes them, no data. Run
+ * in a child process before the file is read here (moe_run_contained): metadata damaged
+ * so that libhdf5 crashes on it fails the open instead of the program. HDF5's own errors
+ * are left to the open here, which says what they are. */
+static moe_status probe_structure(void *path) {
+    hid_t fapl = file_access_plist();
+    hid_t file = fapl < 0 ? -1 : H5Fopen(path, H5F_ACC_RDONLY, fapl);
+    if (fapl >= 0) H5Pclose(fapl);
+    if (file >= 0) {
+        H5Lvisit(file, H5_INDEX_NAME, H5_ITER_INC, probe_object, NULL);
+        H5Fclose(file);
+    }
+    return MOE_OK;
+}
+
 moe_status moe_h5_open(const char *path, moe_h5 **out) {
     MOE_ASSERT(path && out, "moe_h5_open needs a path and an output pointer");
     h5_init();
     *out = NULL;
     uint64_t bytes = 0;
     MOE_TRY(regular_file_size(path, &bytes));
+    MOE_TRY(moe_run_contained(probe_structure, (void *)path, path));
     hid_t fapl = file_access_plist();
     hid_t file = fapl < 0 ? -1 : H5Fopen(path, H5F_ACC_RDONLY, fapl);
     if (fapl >= 0) H5Pclose(fapl);

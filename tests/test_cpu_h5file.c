@@ -1,9 +1,11 @@
 /* Tests for core/h5file: round trips of every dtype, strings and scalars; refusal of
  * missing, truncated, uncommitted and bit-flipped files with clear messages; atomic
- * replacement; retention (keep_last) and find_latest; no leaked HDF5 ids. */
+ * replacement; retention (keep_last) and find_latest; no leaked HDF5 ids; reads run in a
+ * child process (a fault there fails the read). */
 #include "tests/harness/testlib.h"
 #include "tests/harness/files.h"
 
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -11,6 +13,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "core/contain.h"
 #include "core/h5file.h"
 
 static const char *const yaml_text =
@@ -559,6 +562,40 @@ static void test_find_latest(void) {
     CHECK_ERROR_HAS("cannot read checkpoint directory");
 }
 
+static moe_status contained_ok(void *unused) {
+    (void)unused;
+    return MOE_OK;
+}
+
+static moe_status contained_refusal(void *unused) {
+    (void)unused;
+    return moe_error(MOE_ERR_INVALID, "the child's own message");
+}
+
+static moe_status contained_fault(void *unused) {
+    (void)unused;
+    raise(SIGSEGV);
+    return MOE_OK;
+}
+
+static moe_status contained_kill(void *unused) {
+    (void)unused;
+    raise(SIGKILL);
+    return MOE_OK;
+}
+
+/* A read run in a child process: its status and message come back; a fault in it fails
+ * the read as a damaged file (a sanitizer's report included), a kill as an i/o fault. */
+static void test_contained(void) {
+    CU_ASSERT_EQUAL(moe_run_contained(contained_ok, NULL, "f.h5"), MOE_OK);
+    CU_ASSERT_EQUAL(moe_run_contained(contained_refusal, NULL, "f.h5"), MOE_ERR_INVALID);
+    CHECK_ERROR_HAS("the child's own message");
+    CU_ASSERT_EQUAL(moe_run_contained(contained_fault, NULL, "f.h5"), MOE_ERR_FORMAT);
+    CHECK_ERROR_HAS("f.h5 is damaged: reading it");
+    CU_ASSERT_EQUAL(moe_run_contained(contained_kill, NULL, "f.h5"), MOE_ERR_IO);
+    CHECK_ERROR_HAS("signal 9");
+}
+
 static void register_suites(void) {
     moe_test_add_suite("h5file", (moe_test_entry[]){
                                      {"roundtrip", test_roundtrip},
@@ -571,6 +608,7 @@ static void register_suites(void) {
                                      {"uncommitted", test_uncommitted},
                                      {"keep_last", test_keep_last},
                                      {"find_latest", test_find_latest},
+                                     {"contained", test_contained},
                                      {NULL, NULL},
                                  });
 }
