@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The moe program end to end (ctest label cpu): data prepare, train, eval, generate,
-# inspect, BPE tokenizer, config errors, missing and damaged checkpoints, the generate
-# timing line and the latency-balance start-up line, Ctrl-C (a checkpoint, exit 130,
-# then --resume continues), strict flags (ranges, unknown flags, --help), and what
+# inspect, BPE tokenizer, config errors, missing and damaged checkpoints (one that crashes
+# libhdf5 too), the generate timing line and the latency-balance start-up line, Ctrl-C (a
+# checkpoint, exit 130, then --resume continues), strict flags (ranges, unknown flags, --help), and what
 # generate produces: its new tokens, the sliding window, --eos, --prompt-file, and a BPE
 # checkpoint's own tokenizer.
 #   scripts/test-cli.sh path/to/moe [workdir]
@@ -34,6 +34,9 @@ expect "bf16 on the cpu: a config error naming the fix" 2 "train.dtype=f32" "$mo
 expect "missing checkpoint" 1 "nope.h5" "$moe" eval --checkpoint nope.h5
 head -c 3000 "$ckpt" > damaged.h5
 expect "damaged checkpoint" 1 "damaged" "$moe" generate --checkpoint damaged.h5
+# metadata damaged so that libhdf5 itself crashes on it: refused, the program goes on
+expect "checkpoint that crashes libhdf5" 1 "reading it crashed the file library" "$moe" generate \
+  --checkpoint "$root/tests/fuzz/checkpoint/crashers/symbol-table-segv-in-hdf5.h5"
 expect "missing data file" 1 "missing.bin" "$moe" train "$cfg" "${small[@]}" --set data.train_path=missing.bin --set checkpoint.dir=run2
 
 # Diverging training (SGD, lr 10, no clipping): non-finite steps are skipped and counted, and
