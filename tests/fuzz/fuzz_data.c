@@ -32,7 +32,7 @@ static void check_batches(const moe_token_file *tf) {
     uint64_t count = moe_data_count(tf);
     uint32_t rec = moe_data_record_len(tf); /* a file of records is read at its own length */
     int seq_len = rec ? (int)rec - 1 : count > 9 ? 8 : (int)count - 1, batch = 2;
-    if (seq_len < 1 || seq_len > 8) return;
+    if (seq_len < 1 || seq_len > 8 || count < (uint64_t)seq_len + 1) return; /* too short: the loader refuses it */
     int32_t in[16], tg[16];
     moe_loader *l = NULL;
     FUZZ_CHECK(moe_loader_create(tf, 7, batch, seq_len, &l) == MOE_OK, "loader: %s", moe_last_error());
