@@ -641,10 +641,9 @@ static moe_status alloc_tables(moe_offload *o) {
     return MOE_OK;
 }
 
-/* The copy rate (one expert copied into slot 0 and back out) and the time of one row
- * through one expert on the host (host_expert: on a device, its row's trips there and back
- * included), measured once (auto compares them; the split line prints the rate). */
-static moe_status calibrate(moe_offload *o) {
+/* The copy rate (one expert copied into slot 0 and back out), measured once: the split
+ * line prints it, the prefetch depth and auto read it. */
+static moe_status measure_copy_rate(moe_offload *o) {
     int layer = o->moe_block[0];
     double best = 0;
     for (int r = 0; r < 3; r++) {
@@ -657,19 +656,29 @@ static moe_status calibrate(moe_offload *o) {
         if (r == 0 || ms < best) best = ms;
     }
     o->rate0 = (double)o->split.slot_bytes / (best > 1e-6 ? best / 1e3 : 1e-9);
+    memset(o->counts, 0, sizeof *o->counts * (size_t)o->n_layers);
+    return MOE_OK;
+}
+
+/* auto: the time of one row through one expert on the host (host_expert: on a device, its
+ * row's trips there and back included), measured once; the other policies never compare
+ * it (host_row_ms stays infinite). */
+static moe_status measure_host_row(moe_offload *o) {
+    o->host_row_ms = INFINITY;
+    if (o->opt.policy != MOE_OFFLOAD_AUTO) return MOE_OK;
     moe_mem_mark mark = moe_mem_step_mark(o->v->dev), host_mark = moe_mem_step_mark(MOE_CPU);
     moe_tensor *x = moe_tensor_zeros(MOE_LIFE_STEP, o->v->dev, o->opt.dtype, 2, (int64_t[]){1, o->d});
     bool ok = x != NULL, was = moe_grad_set_enabled(false);
     for (int r = 0; r < 3 && ok; r++) {
         double t0 = moe_clock_ms();
-        ok = host_expert(o, layer, 0, x) != NULL && moe_device_sync(o->v->dev) == MOE_OK;
+        ok = host_expert(o, o->moe_block[0], 0, x) != NULL && moe_device_sync(o->v->dev) == MOE_OK;
         double ms = moe_clock_ms() - t0;
-        if (r == 0 || ms < o->host_row_ms) o->host_row_ms = ms;
+        if (ms < o->host_row_ms) o->host_row_ms = ms;
     }
     moe_grad_set_enabled(was);
     moe_mem_step_release(MOE_CPU, host_mark);
     moe_mem_step_release(o->v->dev, mark);
-    memset(o->counts, 0, sizeof *o->counts * (size_t)o->n_layers);
+    memset(o->counts, 0, sizeof *o->counts * (size_t)o->n_layers); /* host_expert counted its time */
     return ok ? MOE_OK : moe_last_status();
 }
 
@@ -729,7 +738,8 @@ static moe_status open_cache(moe_offload *o) {
     MOE_TRY(fill_store(o));
     o->arena = moe_tensor_empty(MOE_LIFE_PERSIST, v->dev, o->opt.dtype, 1, (int64_t[]){o->n_slots * o->slot_elems});
     if (!o->arena) return moe_error_context(moe_last_status(), "offload: the expert cache arena: ");
-    MOE_TRY(calibrate(o));
+    MOE_TRY(measure_copy_rate(o));
+    MOE_TRY(measure_host_row(o));
     return o->opt.policy == MOE_OFFLOAD_RESIDENT ? load_all(o) : MOE_OK;
 }
 
