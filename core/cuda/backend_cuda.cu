@@ -67,6 +67,8 @@ static moe_status init_device(void) {
     CU_TRY(cudaHostAlloc((void **)&moe_cu.index_fault, sizeof *moe_cu.index_fault, cudaHostAllocMapped),
            "allocating the index-fault word (host-mapped)");
     memset(moe_cu.index_fault, 0, sizeof *moe_cu.index_fault);
+    CU_TRY(cudaMalloc((void **)&moe_cu.tickets, CU_TICKETS * sizeof *moe_cu.tickets), "allocating the block tickets");
+    CU_TRY(cudaMemset(moe_cu.tickets, 0, CU_TICKETS * sizeof *moe_cu.tickets), "zeroing the block tickets");
     const char *tf = getenv("MOE_CUDA_TF32");
     moe_cu.tf32 = tf && strcmp(tf, "1") == 0;
     return MOE_OK;

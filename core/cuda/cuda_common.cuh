@@ -39,9 +39,12 @@ enum {
     CU_IDX_INDEX_COPY, CU_IDX_GATHERED_SWIGLU, CU_IDX_ATTENTION_PAGED
 };
 
+#define CU_TICKETS 1024
 struct moe_cuda_ctx {
     cudaStream_t stream;
     cu_index_fault *index_fault; /* host-mapped, also a valid device pointer (UVA) */
+    unsigned *tickets;   /* CU_TICKETS zeroed counters of blocks done, for kernels whose last block
+                            finishes the work (each kernel leaves the ones it used at zero) */
     cublasHandle_t blas;
     int sms;             /* multiprocessors */
     size_t smem_optin;   /* max dynamic shared memory per block after opt-in */

@@ -239,7 +239,11 @@ extern "C" moe_status moe_cuda_index_copy(const moe_kernel_args *a) {
 /* ---- COMBINE: out[t] = sum_j w[t, j] * y[src[t, j]] (src -1: none; w NULL: 1). Grid
  * (column tiles, tokens): one thread per 8 output columns (16-byte loads; one column when
  * d is not a multiple of 8 or a row is unaligned), so a few tokens (decode) still spread
- * over blocks; f32 accumulation in j order (deterministic, no atomics) ---- */
+ * over blocks; COMBINE_SLOTS slots at a time, their ids and weights read first and then all
+ * their rows' loads issued together (a decode step's one token would otherwise wait for
+ * each slot's id, then its row, k times over); f32 accumulation in j order
+ * (deterministic, no atomics) ---- */
+#define COMBINE_SLOTS 8
 template <class T, int V>
 __global__ void combine_kernel(const T *y, const T *w, const int32_t *src, T *o, int64_t N, int64_t d, int64_t Tn,
                                  int64_t k, cu_index_fault *f) {
@@ -247,14 +251,24 @@ __global__ void combine_kernel(const T *y, const T *w, const int32_t *src, T *o,
     if (c >= d) return;
     for (int64_t t = blockIdx.y; t < Tn; t += gridDim.y) {
         float acc[V] = {};
-        for (int64_t j = 0; j < k; j++) {
-            int32_t r = src[t * k + j];
-            if (r == -1 || !cu_index_ok(f, CU_IDX_COMBINE, r, t * k + j, N)) continue;
-            const float wj = w ? ldf(w + t * k + j) : 1.0f;
-            float v[V];
-            cu_ldv<T, V>(y + (int64_t)r * d + c, v);
+        for (int64_t j0 = 0; j0 < k; j0 += COMBINE_SLOTS) {
+            int32_t r[COMBINE_SLOTS];
+            float wj[COMBINE_SLOTS], v[COMBINE_SLOTS][V];
 #pragma unroll
-            for (int q = 0; q < V; q++) acc[q] += wj * v[q];
+            for (int u = 0; u < COMBINE_SLOTS; u++) {
+                const int64_t j = j0 + u;
+                r[u] = j < k ? src[t * k + j] : -1;
+                if (r[u] != -1 && !cu_index_ok(f, CU_IDX_COMBINE, r[u], t * k + j, N)) r[u] = -1;
+                wj[u] = r[u] != -1 && w ? ldf(w + t * k + j) : 1.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < COMBINE_SLOTS; u++)
+                if (r[u] != -1) cu_ldv<T, V>(y + (int64_t)r[u] * d + c, v[u]);
+#pragma unroll
+            for (int u = 0; u < COMBINE_SLOTS; u++)
+                if (r[u] != -1)
+#pragma unroll
+                    for (int q = 0; q < V; q++) acc[q] += wj[u] * v[u][q];
         }
         cu_stv<T, V>(o + t * d + c, acc);
     }
@@ -527,18 +541,21 @@ __device__ __forceinline__ float route_score(float l, float mx, float sum, bool 
     return sigmoid ? 1.0f / (1.0f + expf(-l)) : expf(l - mx) / sum;
 }
 
+/* A pick's gate from its logit: its score, renormalised by the picks' total and scaled, in f32. */
+__device__ __forceinline__ float route_gate(float l, float mx, float sum, float total, const moe_route_spec &sp) {
+    float g = route_score(l, mx, sum, sp.sigmoid);
+    if (sp.renormalize) g /= total;
+    if (sp.scale > 0) g *= (float)sp.scale;
+    return g;
+}
+
 /* After a row's k rounds: each lane's slots' gates recomputed from their ids (lane 0
- * wrote them), renormalised by the picks' total and scaled, in f32. */
+ * wrote them). */
 template <class T>
 __device__ __forceinline__ void route_write_gates(const T *row, const int32_t *row_ids, T *row_gates, int lane, float mx,
                                                   float sum, float total, const moe_route_spec &sp) {
     __syncwarp(); /* lane 0's id writes, visible to the lanes that read them */
-    for (int t = lane; t < sp.k; t += 32) {
-        float g = route_score(ldf(row + row_ids[t]), mx, sum, sp.sigmoid);
-        if (sp.renormalize) g /= total;
-        if (sp.scale > 0) g *= (float)sp.scale;
-        stf(row_gates + t, g);
-    }
+    for (int t = lane; t < sp.k; t += 32) stf(row_gates + t, route_gate(ldf(row + row_ids[t]), mx, sum, total, sp));
 }
 
 template <class T>
@@ -577,7 +594,8 @@ __global__ void route_topk_kernel(const T *lg, const float *bias, T *gates, int3
 
 /* route_topk_kernel for rows of at most 32 RT experts: each lane keeps its RT logits and
  * scores in registers, so the k rounds read no memory and compute no exp (the same
- * values and comparisons, in the same order: the same ids and gates). */
+ * values and comparisons, in the same order: the same ids and gates); for k <= 32 lane t
+ * also keeps pick t's id and logit and writes both at the end. */
 template <class T, int RT>
 __global__ void route_topk_regs_kernel(const T *lg, const float *bias, T *gates, int32_t *ids, int64_t rows, int E,
                                        moe_route_spec sp) {
@@ -601,8 +619,8 @@ __global__ void route_topk_regs_kernel(const T *lg, const float *bias, T *gates,
 #pragma unroll
         for (int q = 0; q < RT; q++)
             sc[q] = route_score(l[q], mx, sum, sp.sigmoid) + (bias && lane + 32 * q < E ? bias[lane + 32 * q] : 0.0f);
-        float pv = INFINITY, total = 0.0f;
-        int pi = -1;
+        float pv = INFINITY, total = 0.0f, my_l = 0.0f;
+        int pi = -1, my_id = 0;
         for (int t = 0; t < sp.k; t++) {
             float bv = NAN;
             int bi = INT_MAX;
@@ -619,11 +637,17 @@ __global__ void route_topk_regs_kernel(const T *lg, const float *bias, T *gates,
                 if (q == id / 32) lid = l[q];
             lid = __shfl_sync(0xffffffffu, lid, id % 32);
             total += route_score(lid, mx, sum, sp.sigmoid);
-            if (lane == 0) ids[r * sp.k + t] = id;
+            if (lane == t) my_id = id, my_l = lid;
+            if (sp.k > 32 && lane == 0) ids[r * sp.k + t] = id;
             pv = bv;
             pi = bi;
         }
-        route_write_gates(row, ids + r * sp.k, gates + r * sp.k, lane, mx, sum, total, sp);
+        if (sp.k > 32) {
+            route_write_gates(row, ids + r * sp.k, gates + r * sp.k, lane, mx, sum, total, sp);
+        } else if (lane < sp.k) {
+            ids[r * sp.k + lane] = my_id;
+            stf(gates + r * sp.k + lane, route_gate(my_l, mx, sum, total, sp));
+        }
     }
 }
 

@@ -132,18 +132,32 @@ static moe_status gemm_batched(const moe_tensor *A, mat_layout LA, int64_t sA, c
  * blocks, well under the memory rate. Here B's rows are also split over blocks: grid
  * (column tiles of SK_TILE, splits of K), each lane summing 8 columns (16-byte loads of B)
  * for every row of A in registers; a block's warps are reduced in shared memory in a fixed
- * order, and the splits' sums are added in split order by a second kernel (one kernel
- * when there is one split). Deterministic; f32 accumulation as cuBLAS's. ---- */
+ * order; with several splits each block leaves its sums in f32 and the last of a column
+ * tile's blocks to finish (a ticket per tile) adds the tile's sums in split order and
+ * writes C, so one launch does it all. Deterministic; f32 accumulation as cuBLAS's. ---- */
 #define SK_MAX_ROWS 4
-#define SK_MAX_COLS 4096
+#define SK_MAX_COLS 8192
 #define SK_TILE 64
 #define SK_THREADS 256
 #define SK_ROWS_PER_SPLIT 128 /* at least this many rows of B per split */
+static_assert(SK_MAX_COLS / SK_TILE <= CU_TICKETS, "a ticket per column tile");
+
+/* The last of tile c0's splits: every split's sums of the tile, added in split order. */
+template <class T, int MR>
+__device__ void skinny_finish(const float *part, int64_t splits, int64_t c0, int64_t N, T *C, int64_t ldc) {
+    for (int j = threadIdx.x; j < MR * SK_TILE; j += blockDim.x) {
+        const int m = j / SK_TILE, c = j % SK_TILE;
+        if (c0 + c >= N) continue;
+        float sum = 0;
+        for (int64_t k = 0; k < splits; k++) sum += __ldcg(part + (k * MR + m) * N + c0 + c);
+        stf(C + m * ldc + c0 + c, sum);
+    }
+}
 
 template <class T, int MR>
 __global__ void __launch_bounds__(SK_THREADS)
     skinny_kernel(const T *A, int64_t lda, const T *B, int64_t ldb, int64_t K, int64_t N, int64_t rows_per_split,
-                  float *part, T *C, int64_t ldc) {
+                  float *part, unsigned *tickets, T *C, int64_t ldc) {
     constexpr int LANES = SK_TILE / 8, STEP = 32 / LANES, WARPS = SK_THREADS / 32;
     __shared__ float red[WARPS * STEP][MR][SK_TILE];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sub = lane / LANES, l = lane % LANES;
@@ -175,15 +189,18 @@ __global__ void __launch_bounds__(SK_THREADS)
         if (part) part[((int64_t)blockIdx.y * MR + m) * N + c0 + c] = sum;
         else stf(C + m * ldc + c0 + c, sum);
     }
-}
-
-template <class T, int MR>
-__global__ void skinny_sum_kernel(const float *part, int64_t splits, int64_t N, T *C, int64_t ldc) {
-    CU_GRID_LOOP(j, MR * N) {
-        const int64_t m = j / N, c = j % N;
-        float sum = 0;
-        for (int64_t k = 0; k < splits; k++) sum += part[(k * MR + m) * N + c];
-        stf(C + m * ldc + c, sum);
+    if (!part) return;
+    __shared__ bool last;
+    __threadfence(); /* this block's sums, visible before its ticket */
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(&tickets[blockIdx.x], 1u) == gridDim.y - 1;
+        if (last) tickets[blockIdx.x] = 0; /* every split has counted: zero for the next launch */
+    }
+    __syncthreads();
+    if (last) {
+        __threadfence();
+        skinny_finish<T, MR>(part, gridDim.y, c0, N, C, ldc);
     }
 }
 
@@ -198,12 +215,8 @@ static moe_status skinny_launch(const T *A, int64_t lda, const T *B, int64_t ldb
     float *part = NULL;
     if (splits > 1 && !(part = (float *)cu_scratch(sizeof(float) * (size_t)(splits * MR * N)))) return moe_last_status();
     skinny_kernel<T, MR><<<dim3((unsigned)tiles, (unsigned)splits), SK_THREADS, 0, moe_cu.stream>>>(
-        A, lda, B, ldb, K, N, rows_per_split, part, C, ldc);
+        A, lda, B, ldb, K, N, rows_per_split, part, moe_cu.tickets, C, ldc);
     CU_LAUNCHED("matmul (skinny)");
-    if (splits > 1) {
-        skinny_sum_kernel<T, MR><<<cu_blocks(MR * N), CU_THREADS, 0, moe_cu.stream>>>(part, splits, N, C, ldc);
-        CU_LAUNCHED("matmul (skinny sum)");
-    }
     return MOE_OK;
 }
 

@@ -106,25 +106,28 @@ extern "C" moe_status moe_cuda_rope(const moe_kernel_args *a) {
     return MOE_OK;
 }
 
-/* ---- RMSNORM_ROPE (inference): one block per token. Its n hd values (V at a time) go to
- * shared memory with their squares summed per V-chunk; the chunk sums are added per head
+/* ---- RMSNORM_ROPE (inference): one block per token. Its n hd values and their weights (V
+ * at a time, all loads issued in one pass) go to shared memory with the values' squares
+ * summed per V-chunk; the chunk sums are added per head
  * (per_head) or over the token (a block sum), in a fixed order; the values are normalised
  * and weighted there and rounded to T, as RMSNorm writes them; then every pair is rotated
  * with the token's angles (rope_cos_sin, once per pair index) and stored, as rope does. ---- */
 template <class T, int V>
 __global__ void rmsnorm_rope_kernel(const T *x, int64_t s0, int64_t s1, const T *w, const int32_t *pos, T *y,
                                     int64_t Tn, int64_t n, int64_t hd, float eps, bool per_head, double lg) {
-    extern __shared__ float sm[]; /* values [n hd], cos [hd/2], sin [hd/2], chunk sums [n hd / V], rstd [n] */
+    extern __shared__ float sm[]; /* values [n hd], weights [n hd], cos [hd/2], sin [hd/2], chunk sums [n hd / V],
+                                     rstd [n] */
     __shared__ float red[32];
     const int64_t r = blockIdx.x, t = r % Tn, W = n * hd, half = hd / 2, chunks = W / V;
-    float *yn = sm, *cs = yn + W, *sn = cs + half, *part = sn + half, *rs = part + chunks;
+    float *yn = sm, *wn = yn + W, *cs = wn + W, *sn = cs + half, *part = sn + half, *rs = part + chunks;
     const T *px = x + (r / Tn) * s0 + t * s1;
     for (int64_t i = threadIdx.x; i < half; i += blockDim.x) rope_cos_sin(pos[t], i, lg, &cs[i], &sn[i]);
     for (int64_t q = threadIdx.x; q < chunks; q += blockDim.x) {
-        float v[V], s = 0;
+        float v[V], wv[V], s = 0;
         cu_ldv<T, V>(px + q * V, v);
+        cu_ldv<T, V>(w + (per_head ? q * V % hd : q * V), wv);
 #pragma unroll
-        for (int k = 0; k < V; k++) yn[q * V + k] = v[k], s += v[k] * v[k];
+        for (int k = 0; k < V; k++) yn[q * V + k] = v[k], wn[q * V + k] = wv[k], s += v[k] * v[k];
         part[q] = s;
     }
     __syncthreads();
@@ -142,7 +145,7 @@ __global__ void rmsnorm_rope_kernel(const T *x, int64_t s0, int64_t s1, const T 
     }
     __syncthreads();
     for (int64_t c = threadIdx.x; c < W; c += blockDim.x)
-        yn[c] = cu_round<T>(yn[c] * rs[per_head ? c / hd : 0] * ldf(w + (per_head ? c % hd : c)));
+        yn[c] = cu_round<T>(yn[c] * rs[per_head ? c / hd : 0] * wn[c]);
     __syncthreads();
     T *py = y + r * W;
     for (int64_t j = threadIdx.x; j < n * half; j += blockDim.x) {
@@ -159,9 +162,10 @@ extern "C" moe_status moe_cuda_rmsnorm_rope(const moe_kernel_args *a) {
     const int64_t B = x->shape[0], Tn = x->shape[1], n = x->shape[2], hd = x->shape[3], W = n * hd;
     if (B * Tn * W == 0) return MOE_OK;
     const int64_t s0 = x->strides[0], s1 = x->strides[1];
-    const bool vec = hd % 8 == 0 && s0 % 8 == 0 && s1 % 8 == 0 && (uintptr_t)x->data % 16 == 0;
+    const bool vec = hd % 8 == 0 && s0 % 8 == 0 && s1 % 8 == 0 && (uintptr_t)x->data % 16 == 0 &&
+                     (uintptr_t)a->in[1]->data % 16 == 0;
     const int V = vec ? 8 : 1;
-    const size_t smem = sizeof(float) * (size_t)(W + hd + W / V + n);
+    const size_t smem = sizeof(float) * (size_t)(2 * W + hd + W / V + n);
     int th = cu_row_threads(W / V);
     th = th < 64 ? 64 : th > 512 ? 512 : th;
     if (B * Tn > INT32_MAX) return moe_error(MOE_ERR_UNSUPPORTED, "rmsnorm_rope: %lld tokens", (long long)(B * Tn));
@@ -355,8 +359,9 @@ extern "C" moe_status moe_cuda_attention(const moe_kernel_args *a) {
  * 32 E (VEC), element loads otherwise), and merge their
  * states through shared memory. A warp loads the row indices of its next keys while the
  * current keys' loads are in flight. With one split the row is written normalised; else
- * each split writes its normalised part and (max, sum) and paged_merge_kernel combines
- * them: o = sum_c w_c o_c / sum_c w_c, w_c = l_c exp(m_c - max_c m_c). */
+ * each split writes its normalised part and (max, sum), and the last of the row's splits to
+ * finish (a ticket per row) combines them: o = sum_c w_c o_c / sum_c w_c,
+ * w_c = l_c exp(m_c - max_c m_c), in split order. */
 #define PAGED_WARPS 8
 #define PAGED_KEYS 8 /* keys (rows of K and V) a warp has in flight */
 
@@ -366,6 +371,7 @@ struct paged_geom {
     float scale;
     const int32_t *seg, *rows;
     int64_t n_seg, n_split; /* a segment's keys are split in n_split runs of whole warp steps */
+    unsigned *tickets;      /* with n_split > 1: a zeroed counter per (row, kv head, segment) */
 };
 
 /* A warp's running softmax state: max m, sum l, accumulator acc (dims lane E + e). */
@@ -459,6 +465,26 @@ __device__ __forceinline__ void paged_keys(paged_state<E> &st, const float (&q)[
     st.m = mx;
 }
 
+/* Row `row` of o [Tq, H, hd] from its splits' parts (the block's threads over the dims). */
+template <class T>
+__device__ void paged_merge_row(const float *part, const float *ml, T *o, const paged_geom &g, int64_t row) {
+    const int64_t rows = g.Tq * g.H;
+    float mx = -INFINITY;
+    for (int64_t c = 0; c < g.n_split; c++)
+        if (__ldcg(ml + (c * rows + row) * 2 + 1) > 0) mx = fmaxf(mx, __ldcg(ml + (c * rows + row) * 2));
+    for (int64_t d = threadIdx.x; d < g.hd; d += blockDim.x) {
+        float wsum = 0, acc = 0;
+        for (int64_t c = 0; c < g.n_split; c++) {
+            const float lc = __ldcg(ml + (c * rows + row) * 2 + 1);
+            if (lc <= 0) continue; /* a split past the row's keys */
+            const float w = lc * expf(__ldcg(ml + (c * rows + row) * 2) - mx);
+            wsum += w;
+            acc += w * __ldcg(part + (c * rows + row) * g.hd + d);
+        }
+        stf(o + row * g.hd + d, acc / wsum);
+    }
+}
+
 template <class T, int E, bool VEC>
 __global__ void __launch_bounds__(PAGED_WARPS * 32)
     paged_attention_kernel(const T *q, const T *kp, const T *vp, T *o, float *part, float *ml, att_view vq,
@@ -505,45 +531,35 @@ __global__ void __launch_bounds__(PAGED_WARPS * 32)
         else
             part[(split * g.Tq * g.H + orow) * hd + d] = acc * inv;
     }
-    if (g.n_split > 1 && threadIdx.x == 0) {
+    if (g.n_split == 1) return;
+    if (threadIdx.x == 0) {
         ml[(split * g.Tq * g.H + orow) * 2] = mx;
         ml[(split * g.Tq * g.H + orow) * 2 + 1] = lsum;
     }
-}
-
-/* One warp per (query, head) row of o [Tq, H, hd]: the splits' parts combined. */
-template <class T> __global__ void paged_merge_kernel(const float *part, const float *ml, T *o, paged_geom g) {
-    const int64_t rows = g.Tq * g.H;
-    const int lane = threadIdx.x & 31;
-    const int64_t row = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    if (row >= rows) return;
-    float mx = -INFINITY;
-    for (int64_t c = 0; c < g.n_split; c++)
-        if (ml[(c * rows + row) * 2 + 1] > 0) mx = fmaxf(mx, ml[(c * rows + row) * 2]);
-    float wsum = 0, acc[ATT_E];
-#pragma unroll
-    for (int e = 0; e < ATT_E; e++) acc[e] = 0;
-    for (int64_t c = 0; c < g.n_split; c++) {
-        const float lc = ml[(c * rows + row) * 2 + 1];
-        if (lc <= 0) continue; /* a split past the row's keys */
-        const float w = lc * expf(ml[(c * rows + row) * 2] - mx);
-        wsum += w;
-        const float *pr = part + (c * rows + row) * g.hd;
-#pragma unroll
-        for (int e = 0; e < ATT_E; e++)
-            if (lane + 32 * e < g.hd) acc[e] += w * pr[lane + 32 * e];
+    __shared__ bool last;
+    __threadfence(); /* this split's part, visible before its ticket */
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned *ticket = g.tickets + (sid * gridDim.y + kvh) * gridDim.x + r;
+        last = atomicAdd(ticket, 1u) == g.n_split - 1;
+        if (last) *ticket = 0; /* every split has counted: zero for the next launch */
     }
-#pragma unroll
-    for (int e = 0; e < ATT_E; e++)
-        if (lane + 32 * e < g.hd) stf(o + row * g.hd + lane + 32 * e, acc[e] / wsum);
+    __syncthreads();
+    if (last) {
+        __threadfence();
+        paged_merge_row(part, ml, o, g, orow);
+    }
 }
 
-/* Splits per segment: enough blocks for two waves over the SMs, at least 256 keys each
- * (shorter runs are cheaper in one block than with the merge's launch). */
+/* Splits per segment: enough blocks for two waves over the SMs, at least PAGED_SPLIT_KEYS
+ * keys each (one pass of a block's warps: a block's passes over the keys run one after
+ * another, so a decode step's few rows over a short cache gain from splitting even
+ * that); one split where the rows alone fill the waves or outnumber the tickets. */
+#define PAGED_SPLIT_KEYS (PAGED_WARPS * PAGED_KEYS)
 static int64_t paged_splits(int64_t blocks, int64_t max_k) {
-    int64_t by_keys = (max_k + 255) / 256, by_sms = (2 * (int64_t)moe_cu.sms + blocks - 1) / blocks;
+    int64_t by_keys = (max_k + PAGED_SPLIT_KEYS - 1) / PAGED_SPLIT_KEYS, by_sms = (2 * (int64_t)moe_cu.sms + blocks - 1) / blocks;
     int64_t n = by_keys < by_sms ? by_keys : by_sms;
-    return n < 1 ? 1 : n;
+    return n < 1 || blocks > CU_TICKETS ? 1 : n;
 }
 
 /* VEC when the lanes cover the head exactly with naturally aligned pieces (hd = 32 E, a
@@ -569,7 +585,7 @@ extern "C" moe_status moe_cuda_attention_paged(const moe_kernel_args *a) {
         return moe_error(MOE_ERR_UNSUPPORTED, "attention_paged: head dim %lld is larger than %d on cuda",
                          (long long)q->shape[3], ATT_MAX_HD);
     paged_geom g = {q->shape[1], q->shape[2], kp->shape[1], q->shape[3], kp->shape[0], at->causal, at->scale,
-                    (const int32_t *)at->seg->data, (const int32_t *)a->in[3]->data, at->n_seg, 1};
+                    (const int32_t *)at->seg->data, (const int32_t *)a->in[3]->data, at->n_seg, 1, moe_cu.tickets};
     if (g.Tq == 0) return MOE_OK;
     const int64_t rows = at->max_q * (g.H / g.Hkv);
     g.n_split = paged_splits(rows * g.Hkv * g.n_seg, at->max_k);
@@ -589,12 +605,7 @@ extern "C" moe_status moe_cuda_attention_paged(const moe_kernel_args *a) {
         else if (g.hd <= 64) paged_launch<T, 2>(a, grid, part, ml, g);
         else if (g.hd <= 128) paged_launch<T, 4>(a, grid, part, ml, g);
         else paged_launch<T, 8>(a, grid, part, ml, g);
-        CU_LAUNCHED("attention_paged");
-        if (g.n_split > 1) {
-            paged_merge_kernel<T><<<cu_blocks(g.Tq * g.H * 32), CU_THREADS, 0, moe_cu.stream>>>(part, ml, (T *)a->out->data,
-                                                                                              g);
-            CU_LAUNCHED("attention_paged (merge)");
-        })
+        CU_LAUNCHED("attention_paged");)
     return MOE_OK;
 }
 

@@ -1,6 +1,7 @@
 /* Op cases: index family (embedding, row select / add, gather / scatter-add, top-k) and
  * the integer routing ops (argsort, bincount, cumsum) and the fused router selection
  * (route_topk) checked against references. */
+#include <assert.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -132,9 +133,14 @@ static moe_tensor *run_route_sigmoid(moe_tensor **in) {
     return route_pair(in[0], in[1], (moe_route_spec){.k = 3, .sigmoid = true, .renormalize = true, .scale = 2.5});
 }
 static moe_tensor *run_route_plain(moe_tensor **in) { return route_pair(in[0], NULL, (moe_route_spec){.k = 1}); }
+static moe_tensor *run_route_wide(moe_tensor **in) {
+    return route_pair(in[0], NULL, (moe_route_spec){.k = 36, .renormalize = true});
+}
 
 /* The host reference of route_pair's [T, 2k] for a spec (see moe_route_topk). */
+#define ROUTE_MAX_K 64
 static bool check_route(moe_tensor **in, moe_tensor *out, moe_route_spec sp, bool with_bias, char *why, size_t cap) {
+    assert(sp.k <= ROUTE_MAX_K);
     int64_t T = in[0]->shape[0], E = in[0]->shape[1], k = sp.k;
     double *lg = malloc(sizeof(double) * (size_t)(T * E)), *b = malloc(sizeof(double) * (size_t)E),
            *o = malloc(sizeof(double) * (size_t)(T * 2 * k)), *p = malloc(sizeof(double) * (size_t)E);
@@ -143,8 +149,8 @@ static bool check_route(moe_tensor **in, moe_tensor *out, moe_route_spec sp, boo
               (!with_bias || moe_tensor_to_host_f64(in[1], b) == MOE_OK);
     if (!ok) snprintf(why, cap, "output has the wrong shape, or a tensor could not be read");
     for (int64_t t = 0; ok && t < T; t++) {
-        double mx = -INFINITY, sum = 0, total = 0, g[8];
-        int id[8];
+        double mx = -INFINITY, sum = 0, total = 0, g[ROUTE_MAX_K];
+        int id[ROUTE_MAX_K];
         for (int64_t e = 0; e < E; e++) mx = fmax(mx, lg[t * E + e]);
         for (int64_t e = 0; e < E; e++) sum += exp(lg[t * E + e] - mx);
         for (int64_t e = 0; e < E; e++)
@@ -182,6 +188,9 @@ static bool check_route_sigmoid(moe_tensor **in, moe_tensor *out, char *why, siz
 static bool check_route_plain(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {
     return check_route(in, out, (moe_route_spec){.k = 1}, false, why, cap);
 }
+static bool check_route_wide(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {
+    return check_route(in, out, (moe_route_spec){.k = 36, .renormalize = true}, false, why, cap);
+}
 
 static const op_case cases[] = {
     {"embedding", "table 7x4, ids 2x5", 2, {F(2, 7, 4), IDX(7, 2, 2, 5)}, run_embedding},
@@ -213,6 +222,8 @@ static const op_case cases[] = {
      .check = check_route_plain, .f32_parity_only = true},
     {"route_topk", "softmax, 3 tokens of 100 experts, k = 2 (cuda: 4 logits a lane in registers)", 1,
      {NOGRAD(2, 3, 100)}, run_route_softmax, .check = check_route_softmax, .f32_parity_only = true},
+    {"route_topk", "softmax, 2 tokens of 64 experts, k = 36 (cuda: more picks than lanes, gates from memory)", 1,
+     {NOGRAD(2, 2, 64)}, run_route_wide, .check = check_route_wide, .f32_parity_only = true},
     {"route_topk", "softmax, 3 tokens of 160 experts, k = 2 (cuda: the row read from memory each round)", 1,
      {NOGRAD(2, 3, 160)}, run_route_softmax, .check = check_route_softmax, .f32_parity_only = true},
     {"route_topk", "softmax, 8 tokens of 8 experts on a grid of 1/32 (exact in bf16: also runs in bf16 on cuda)", 1,
