@@ -136,7 +136,7 @@ static moe_status gemm_batched(const moe_tensor *A, mat_layout LA, int64_t sA, c
  * tile's blocks to finish (a ticket per tile) adds the tile's sums in split order and
  * writes C, so one launch does it all. Deterministic; f32 accumulation as cuBLAS's. ---- */
 #define SK_MAX_ROWS 4
-#define SK_MAX_COLS 8192
+#define SK_MAX_COLS 4096
 #define SK_TILE 64
 #define SK_THREADS 256
 #define SK_ROWS_PER_SPLIT 128 /* at least this many rows of B per split */
