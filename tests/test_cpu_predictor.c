@@ -5,6 +5,7 @@
  * files are refused by name; token scheduling is a permutation that needs fewer experts
  * on clustered paths. */
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -223,7 +224,11 @@ static void test_predictor(void) {
         }
     CU_ASSERT(diff < 1e-5);
     moe_mem_stats before = moe_mem_get_stats(MOE_CPU);
+    const int threads = omp_get_max_threads();
+    omp_set_num_threads(3); /* the predictor runs on one thread and gives the caller its count back */
     CU_ASSERT_EQUAL(moe_predictor_predict(p, t.tokens + first, t.pos + first, NULL, 32, all, 32, a), MOE_OK);
+    CU_ASSERT_EQUAL(omp_get_max_threads(), 3);
+    omp_set_num_threads(threads);
     CU_ASSERT_EQUAL(moe_mem_get_stats(MOE_CPU).step_bytes, before.step_bytes); /* step memory given back */
     int32_t bad = 100000;
     CU_ASSERT_EQUAL(moe_predictor_predict(p, &bad, t.pos, NULL, 1, all, 1, a), MOE_ERR_INVALID);
