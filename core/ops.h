@@ -130,6 +130,26 @@ moe_tensor *moe_rope_at(moe_tensor *x, moe_tensor *pos, double theta);
  * when they lie side by side (a slice of a fused qkv projection). The same values as the
  * two ops (on the CPU the same arithmetic). Refused when an input needs a grad. */
 moe_tensor *moe_rmsnorm_rope(moe_tensor *x, moe_tensor *w, double eps, bool per_head, moe_tensor *pos, double theta);
+/* How moe_rope_append normalises q and k before rotating them. */
+typedef enum moe_qk_norm_mode {
+    MOE_QK_NORM_NONE,     /* rotated as they are (moe_rope_at) */
+    MOE_QK_NORM_PER_HEAD, /* RMSNorm of each head, weights [hd] */
+    MOE_QK_NORM_ALL,      /* RMSNorm of each token's heads together, weights [n hd] */
+} moe_qk_norm_mode;
+typedef struct moe_rope_append_spec {
+    moe_qk_norm_mode norm;
+    moe_tensor *q_w, *k_w; /* the norms' weights (not read with MOE_QK_NORM_NONE) */
+    double eps, theta;
+    moe_tensor *pos;       /* I32 [T] on q's device: each token's position */
+} moe_rope_append_spec;
+/* Inference only, one kernel: an attention layer's new tokens made ready and stored.
+ * q [1, T, H, hd], k, v [1, T, Hkv, hd] (unit last stride, heads at stride hd: slices of a
+ * fused qkv projection are read in place). Returns q normalised as spec says and rotated
+ * at spec->pos, [1, T, H, hd]; writes k so prepared, and v as it is, into row rows[t] (I32
+ * [T] on q's device, distinct rows) of k_pool and v_pool [R, Hkv, hd] (contiguous). The
+ * same values as moe_rmsnorm_rope (moe_rope_at without a norm) and moe_index_copy_. */
+moe_tensor *moe_rope_append(moe_tensor *q, moe_tensor *k, moe_tensor *v, const moe_rope_append_spec *spec,
+                            moe_tensor *k_pool, moe_tensor *v_pool, moe_tensor *rows);
 /* Multi-head attention, q [B, Tq, H, hd], k/v [B, Tk, Hkv, hd] (H % Hkv == 0: grouped-query).
  * Causal: query i sits at absolute position Tk - Tq + i (so a decode step with a KV cache
  * sees every cached key). Never materialises the [Tq, Tk] score matrix in memory. */

@@ -105,6 +105,64 @@ moe_tensor *moe_rmsnorm_rope(moe_tensor *x, moe_tensor *w, double eps, bool per_
     return o;
 }
 
+/* x itself when each token's heads lie side by side (unit last stride, heads at stride hd),
+ * else a contiguous copy. */
+static moe_tensor *heads_side_by_side(moe_tensor *x) {
+    bool ok = x->strides[3] == 1 && (x->shape[2] == 1 || x->strides[2] == x->shape[3]);
+    return ok ? x : op_contiguous_nograd(x);
+}
+
+/* The norm weight of q or k with n heads under `norm` (NULL when there is none), checked. */
+static bool rope_append_weight(const char *op, const moe_rope_append_spec *s, moe_tensor *w, moe_tensor *x,
+                               const char *name) {
+    if (s->norm == MOE_QK_NORM_NONE) return true;
+    int64_t wd = s->norm == MOE_QK_NORM_PER_HEAD ? x->shape[3] : x->shape[2] * x->shape[3];
+    return moe_check(w && w->ndim == 1 && w->shape[0] == wd && w->dtype == x->dtype && w->device == x->device, op,
+                     "%s's norm weight must be [%lld] %s on %s's device, got %s", name, (long long)wd,
+                     moe_dtype_name(x->dtype), name, w ? D(w) : "none");
+}
+
+moe_tensor *moe_rope_append(moe_tensor *q, moe_tensor *k, moe_tensor *v, const moe_rope_append_spec *spec,
+                            moe_tensor *k_pool, moe_tensor *v_pool, moe_tensor *rows) {
+    OP_NEED(q, k, v, k_pool, v_pool, rows);
+    const char *op = "rope_append";
+    MOE_ASSERT(spec && spec->norm >= MOE_QK_NORM_NONE && spec->norm <= MOE_QK_NORM_ALL, "rope_append: a bad spec");
+    moe_tensor *all[5] = {q, k, v, k_pool, v_pool};
+    if (!need_float(q, op) || !op_check_same(op, 5, all, true)) return NULL;
+    const int64_t T = q->shape[1], hd = q->shape[3];
+    bool shapes = q->ndim == 4 && k->ndim == 4 && v->ndim == 4 && q->shape[0] == 1 && hd >= 2 && hd % 2 == 0 &&
+                  moe_tensor_same_shape(k, v) && k->shape[0] == 1 && k->shape[1] == T && k->shape[3] == hd &&
+                  k_pool->ndim == 3 && moe_tensor_same_shape(k_pool, v_pool) && k_pool->shape[1] == k->shape[2] &&
+                  k_pool->shape[2] == hd && moe_tensor_is_contiguous(k_pool) && moe_tensor_is_contiguous(v_pool);
+    if (!moe_check(shapes, op, "expects q [1, T, H, hd] (hd even), k, v [1, T, Hkv, hd], pools [R, Hkv, hd] contiguous; "
+                   "got %s, %s, %s, %s, %s", D(q), D(k), D(v), D(k_pool), D(v_pool)))
+        return NULL;
+    if (!rope_append_weight(op, spec, spec->q_w, q, "q") || !rope_append_weight(op, spec, spec->k_w, k, "k")) return NULL;
+    if (!moe_check(spec->theta > 0 && spec->eps >= 0, op, "theta = %g must be positive and eps = %g not negative",
+                   spec->theta, spec->eps))
+        return NULL;
+    moe_tensor *pos = spec->pos;
+    for (int i = 0; i < 2; i++) {
+        moe_tensor *ix = i ? rows : pos;
+        if (!moe_check(ix && ix->dtype == MOE_I32 && ix->ndim == 1 && ix->shape[0] == T && ix->device == q->device, op,
+                       "%s must be [%lld] i32 on q's device %s, got %s", i ? "rows" : "positions", (long long)T, D(q),
+                       ix ? D(ix) : "none"))
+            return NULL;
+    }
+    bool grads = moe_grad_enabled() && (q->requires_grad || k->requires_grad || v->requires_grad);
+    if (!moe_check(!grads, op, "inference only: its inputs need grads")) return NULL;
+    bool norm = spec->norm != MOE_QK_NORM_NONE;
+    moe_tensor *qc = heads_side_by_side(q), *kc = heads_side_by_side(k), *vc = heads_side_by_side(v),
+               *pc = op_contiguous_nograd(pos), *rc = op_contiguous_nograd(rows);
+    moe_tensor *qw = norm ? op_contiguous_nograd(spec->q_w) : NULL, *kw = norm ? op_contiguous_nograd(spec->k_w) : NULL;
+    moe_tensor *o = qc && kc && vc && pc && rc && (!norm || (qw && kw)) ? op_new(q, q->dtype, 4, q->shape) : NULL;
+    if (!o) return NULL;
+    moe_rope_append_attrs at = {.eps = spec->eps, .theta = spec->theta, .norm = spec->norm, .k_pool = k_pool,
+                                .v_pool = v_pool};
+    OP_RUN(MOE_K_ROPE_APPEND, .out = o, .in = {qc, kc, vc, qw, kw, pc, rc}, .attrs = &at);
+    return o;
+}
+
 /* The inverse rotation at the same positions (saved[0], or pos0 + t). */
 void moe_backward_rope(moe_node *n) {
     moe_rope_attrs at = *(const moe_rope_attrs *)n->attrs;

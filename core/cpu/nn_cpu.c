@@ -10,6 +10,7 @@
 
 #include "core/cpu/cpu_common.h"
 #include "core/cpu/fast_math.h"
+#include "core/ops.h"
 #include "core/philox.h"
 
 /* ---- contiguous vector helpers, one per float type, picked by the element type ---- */
@@ -216,6 +217,45 @@ _Pragma("omp simd reduction(+:ss)")
                 ROPE_ROW(1)
             }
         })
+    return MOE_OK;
+}
+
+/* x [1, T, n, hd] normalised (w non-NULL) and rotated into out, as RMSNORM_ROPE (ROPE
+ * without a norm) computes. */
+static moe_status rope_append_prepare(const moe_rope_append_attrs *at, const moe_tensor *x, const moe_tensor *w,
+                                      const moe_tensor *pos, moe_tensor *out) {
+    if (at->norm == MOE_QK_NORM_NONE) {
+        moe_rope_attrs ra = {.pos0 = 0, .theta = at->theta, .inverse = false};
+        return moe_cpu_rope(&(moe_kernel_args){.out = out, .in = {x, pos}, .attrs = &ra});
+    }
+    moe_norm_rope_attrs na = {.eps = at->eps, .theta = at->theta, .per_head = at->norm == MOE_QK_NORM_PER_HEAD};
+    return moe_cpu_rmsnorm_rope(&(moe_kernel_args){.out = out, .in = {x, w, pos}, .attrs = &na});
+}
+
+/* Token t's n hd values of x (heads side by side at token stride s1) into pool row rows[t]. */
+static void rope_append_store(moe_tensor *pool, const moe_tensor *x, int64_t s1, const int32_t *rows) {
+    const size_t es = moe_dtype_size(x->dtype), W = (size_t)(x->shape[2] * x->shape[3]);
+    for (int64_t t = 0; t < x->shape[1]; t++)
+        memcpy((char *)pool->data + (size_t)rows[t] * W * es, (const char *)x->data + (size_t)(t * s1) * es, W * es);
+}
+
+/* ROPE_APPEND: q into out and k into a scratch through rope_append_prepare, then k's and
+ * v's rows into the pools (INDEX_COPY's placement). */
+moe_status moe_cpu_rope_append(const moe_kernel_args *a) {
+    const moe_rope_append_attrs *at = a->attrs;
+    const moe_tensor *q = a->in[0], *k = a->in[1], *v = a->in[2], *pos = a->in[5];
+    const int32_t *rows = (const int32_t *)a->in[6]->data;
+    const int64_t R = at->k_pool->shape[0];
+    for (int64_t t = 0; t < k->shape[1]; t++)
+        if (rows[t] < 0 || rows[t] >= R)
+            return moe_error(MOE_ERR_INVALID, "rope_append: row %d at position %lld is out of range [0, %lld)",
+                             (int)rows[t], (long long)t, (long long)R);
+    moe_tensor *kr = moe_tensor_empty_like(k);
+    if (!kr) return moe_last_status();
+    MOE_TRY(rope_append_prepare(at, q, a->in[3], pos, a->out));
+    MOE_TRY(rope_append_prepare(at, k, a->in[4], pos, kr));
+    rope_append_store(at->k_pool, kr, kr->strides[1], rows);
+    rope_append_store(at->v_pool, v, v->strides[1], rows);
     return MOE_OK;
 }
 

@@ -99,7 +99,7 @@ static void cuda_free(void *p) {
 
 static const char *const index_kernel_names[] = {"index_select", "index_add", "gather",    "scatter_add",
                                                  "bincount",     "combine",   "index_copy",
-                                                 "gathered_swiglu", "attention_paged"};
+                                                 "gathered_swiglu", "attention_paged", "rope_append"};
 
 moe_status cu_index_fault_check(void) {
     volatile cu_index_fault *f = moe_cu.index_fault;

@@ -106,48 +106,81 @@ extern "C" moe_status moe_cuda_rope(const moe_kernel_args *a) {
     return MOE_OK;
 }
 
-/* ---- RMSNORM_ROPE (inference): one block per token. Its n hd values and their weights (V
- * at a time, all loads issued in one pass) go to shared memory with the values' squares
- * summed per V-chunk; the chunk sums are added per head
- * (per_head) or over the token (a block sum), in a fixed order; the values are normalised
- * and weighted there and rounded to T, as RMSNorm writes them; then every pair is rotated
- * with the token's angles (rope_cos_sin, once per pair index) and stored, as rope does. ---- */
+/* ---- RMSNORM_ROPE and ROPE_APPEND (inference): one block per (token, job). A job is a
+ * stream of rows: q, k or v of an attention layer. The block's n hd values and their weights
+ * (V at a time, all loads issued in one pass) go to shared memory with the values' squares
+ * summed per V-chunk; with a norm, the chunk sums are added per head or over the token (a
+ * block sum), in a fixed order, and the values normalised and weighted there and rounded to
+ * T, as RMSNorm writes them; then, when the job rotates, every pair is rotated with the
+ * token's angles (rope_cos_sin, once per pair index) as rope does; the row is stored at its
+ * own place or at a cache pool's row. ---- */
+enum { NR_NONE, NR_PER_HEAD, NR_ALL }; /* = moe_qk_norm_mode */
+
+template <class T>
+struct nr_job {
+    const T *x;          /* token r at x + (r / Tn) s0 + (r % Tn) s1, its n heads side by side */
+    int64_t s0, s1, n;
+    const T *w;          /* [hd] (NR_PER_HEAD) or [n hd] (NR_ALL) */
+    int norm;
+    bool rotate;
+    T *y;                /* rows of n hd: row r, or pool row rows[r] of R */
+    const int32_t *rows;
+    int64_t R;
+};
+template <class T>
+struct nr_jobs {
+    nr_job<T> j[3];
+};
+
 template <class T, int V>
-__global__ void rmsnorm_rope_kernel(const T *x, int64_t s0, int64_t s1, const T *w, const int32_t *pos, T *y,
-                                    int64_t Tn, int64_t n, int64_t hd, float eps, bool per_head, double lg) {
+__global__ void norm_rope_kernel(nr_jobs<T> jobs, const int32_t *pos, int64_t Tn, int64_t hd, float eps, double lg,
+                                 cu_index_fault *fault) {
     extern __shared__ float sm[]; /* values [n hd], weights [n hd], cos [hd/2], sin [hd/2], chunk sums [n hd / V],
                                      rstd [n] */
     __shared__ float red[32];
-    const int64_t r = blockIdx.x, t = r % Tn, W = n * hd, half = hd / 2, chunks = W / V;
+    const nr_job<T> &J = jobs.j[blockIdx.y];
+    const int64_t r = blockIdx.x, t = r % Tn, n = J.n, W = n * hd, half = hd / 2, chunks = W / V;
+    int64_t dst = r;
+    if (J.rows) {
+        dst = J.rows[r];
+        if (!cu_index_ok(fault, CU_IDX_ROPE_APPEND, (int32_t)dst, r, J.R)) return; /* the whole block leaves */
+    }
     float *yn = sm, *wn = yn + W, *cs = wn + W, *sn = cs + half, *part = sn + half, *rs = part + chunks;
-    const T *px = x + (r / Tn) * s0 + t * s1;
-    for (int64_t i = threadIdx.x; i < half; i += blockDim.x) rope_cos_sin(pos[t], i, lg, &cs[i], &sn[i]);
+    const T *px = J.x + (r / Tn) * J.s0 + t * J.s1;
+    if (J.rotate)
+        for (int64_t i = threadIdx.x; i < half; i += blockDim.x) rope_cos_sin(pos[t], i, lg, &cs[i], &sn[i]);
     for (int64_t q = threadIdx.x; q < chunks; q += blockDim.x) {
         float v[V], wv[V], s = 0;
         cu_ldv<T, V>(px + q * V, v);
-        cu_ldv<T, V>(w + (per_head ? q * V % hd : q * V), wv);
+        if (J.norm != NR_NONE) cu_ldv<T, V>(J.w + (J.norm == NR_PER_HEAD ? q * V % hd : q * V), wv);
 #pragma unroll
         for (int k = 0; k < V; k++) yn[q * V + k] = v[k], wn[q * V + k] = wv[k], s += v[k] * v[k];
         part[q] = s;
     }
     __syncthreads();
-    if (per_head) {
+    if (J.norm == NR_PER_HEAD) {
         for (int64_t h = threadIdx.x; h < n; h += blockDim.x) {
             float s = 0;
             for (int64_t q = h * hd / V; q < (h + 1) * hd / V; q++) s += part[q];
             rs[h] = 1.0f / sqrtf(s / (float)hd + eps);
         }
-    } else {
+    } else if (J.norm == NR_ALL) {
         float s = 0;
         for (int64_t q = threadIdx.x; q < chunks; q += blockDim.x) s += part[q];
         s = cu_block_sum(s, red);
         if (threadIdx.x == 0) rs[0] = 1.0f / sqrtf(s / (float)W + eps);
     }
     __syncthreads();
-    for (int64_t c = threadIdx.x; c < W; c += blockDim.x)
-        yn[c] = cu_round<T>(yn[c] * rs[per_head ? c / hd : 0] * wn[c]);
-    __syncthreads();
-    T *py = y + r * W;
+    if (J.norm != NR_NONE) {
+        for (int64_t c = threadIdx.x; c < W; c += blockDim.x)
+            yn[c] = cu_round<T>(yn[c] * rs[J.norm == NR_PER_HEAD ? c / hd : 0] * wn[c]);
+        __syncthreads();
+    }
+    T *py = J.y + dst * W;
+    if (!J.rotate) {
+        for (int64_t c = threadIdx.x; c < W; c += blockDim.x) stf(py + c, yn[c]);
+        return;
+    }
     for (int64_t j = threadIdx.x; j < n * half; j += blockDim.x) {
         const int64_t h = j / half, i = j % half;
         const float a1 = yn[h * hd + i], a2 = yn[h * hd + i + half];
@@ -156,27 +189,65 @@ __global__ void rmsnorm_rope_kernel(const T *x, int64_t s0, int64_t s1, const T 
     }
 }
 
-extern "C" moe_status moe_cuda_rmsnorm_rope(const moe_kernel_args *a) {
-    const moe_norm_rope_attrs at = *(const moe_norm_rope_attrs *)a->attrs;
-    const moe_tensor *x = a->in[0];
-    const int64_t B = x->shape[0], Tn = x->shape[1], n = x->shape[2], hd = x->shape[3], W = n * hd;
+/* Whether x's rows load 8 at a time: hd, its strides and its address aligned. */
+static bool nr_vec_ok(const moe_tensor *x) {
+    return x->shape[3] % 8 == 0 && x->strides[0] % 8 == 0 && x->strides[1] % 8 == 0 && (uintptr_t)x->data % 16 == 0;
+}
+
+/* The job of x [B, T, n, hd] (heads side by side) into y. */
+template <class T>
+static nr_job<T> nr_job_of(const moe_tensor *x, const moe_tensor *w, int norm, bool rotate, void *y,
+                           const moe_tensor *rows, int64_t R) {
+    return nr_job<T>{(const T *)x->data, x->strides[0], x->strides[1], x->shape[2], w ? (const T *)w->data : NULL,
+                     norm, rotate, (T *)y, rows ? (const int32_t *)rows->data : NULL, R};
+}
+
+/* One launch of n_jobs jobs over B Tn tokens, the widest job's n heads sizing the block. */
+template <class T>
+static moe_status nr_launch(const nr_jobs<T> &jobs, int n_jobs, bool vec, int64_t B, int64_t Tn, int64_t hd,
+                            const int32_t *pos, double eps, double theta, const char *kname) {
+    int64_t n = 0;
+    for (int i = 0; i < n_jobs; i++) n = jobs.j[i].n > n ? jobs.j[i].n : n;
+    const int64_t W = n * hd;
     if (B * Tn * W == 0) return MOE_OK;
-    const int64_t s0 = x->strides[0], s1 = x->strides[1];
-    const bool vec = hd % 8 == 0 && s0 % 8 == 0 && s1 % 8 == 0 && (uintptr_t)x->data % 16 == 0 &&
-                     (uintptr_t)a->in[1]->data % 16 == 0;
+    if (B * Tn > INT32_MAX) return moe_error(MOE_ERR_UNSUPPORTED, "%s: %lld tokens", kname, (long long)(B * Tn));
     const int V = vec ? 8 : 1;
     const size_t smem = sizeof(float) * (size_t)(2 * W + hd + W / V + n);
     int th = cu_row_threads(W / V);
     th = th < 64 ? 64 : th > 512 ? 512 : th;
-    if (B * Tn > INT32_MAX) return moe_error(MOE_ERR_UNSUPPORTED, "rmsnorm_rope: %lld tokens", (long long)(B * Tn));
-    const double lg = -2.0 * log2(at.theta) / (double)hd;
+    auto kernel = vec ? norm_rope_kernel<T, 8> : norm_rope_kernel<T, 1>;
+    MOE_TRY(cu_allow_smem(kernel, smem, kname));
+    kernel<<<dim3((unsigned)(B * Tn), (unsigned)n_jobs), th, smem, moe_cu.stream>>>(
+        jobs, pos, Tn, hd, (float)eps, -2.0 * log2(theta) / (double)hd, moe_cu.index_fault);
+    CU_LAUNCHED(kname);
+    return MOE_OK;
+}
+
+extern "C" moe_status moe_cuda_rmsnorm_rope(const moe_kernel_args *a) {
+    const moe_norm_rope_attrs at = *(const moe_norm_rope_attrs *)a->attrs;
+    const moe_tensor *x = a->in[0], *w = a->in[1];
+    const bool vec = nr_vec_ok(x) && (uintptr_t)w->data % 16 == 0;
     CU_FLOAT_DISPATCH(x->dtype, "rmsnorm_rope",
-        auto kernel = vec ? rmsnorm_rope_kernel<T, 8> : rmsnorm_rope_kernel<T, 1>;
-        MOE_TRY(cu_allow_smem(kernel, smem, "rmsnorm_rope"));
-        kernel<<<(unsigned)(B * Tn), th, smem, moe_cu.stream>>>(
-            (const T *)x->data, s0, s1, (const T *)a->in[1]->data, (const int32_t *)a->in[2]->data, (T *)a->out->data,
-            Tn, n, hd, (float)at.eps, at.per_head, lg);)
-    CU_LAUNCHED("rmsnorm_rope");
+        nr_jobs<T> jobs = {{nr_job_of<T>(x, w, at.per_head ? NR_PER_HEAD : NR_ALL, true, a->out->data, NULL, 0)}};
+        return nr_launch<T>(jobs, 1, vec, x->shape[0], x->shape[1], x->shape[3], (const int32_t *)a->in[2]->data, at.eps,
+                            at.theta, "rmsnorm_rope");)
+    return MOE_OK;
+}
+
+/* q into out; k and v into the pools' rows, one launch (grid y: q, k, v). */
+extern "C" moe_status moe_cuda_rope_append(const moe_kernel_args *a) {
+    const moe_rope_append_attrs at = *(const moe_rope_append_attrs *)a->attrs;
+    const moe_tensor *q = a->in[0], *k = a->in[1], *v = a->in[2], *qw = a->in[3], *kw = a->in[4], *rows = a->in[6];
+    const int64_t R = at.k_pool->shape[0];
+    bool vec = nr_vec_ok(q) && nr_vec_ok(k) && nr_vec_ok(v) && (uintptr_t)at.k_pool->data % 16 == 0 &&
+               (uintptr_t)at.v_pool->data % 16 == 0;
+    if (at.norm != NR_NONE) vec = vec && (uintptr_t)qw->data % 16 == 0 && (uintptr_t)kw->data % 16 == 0;
+    CU_FLOAT_DISPATCH(q->dtype, "rope_append",
+        nr_jobs<T> jobs = {{nr_job_of<T>(q, qw, at.norm, true, a->out->data, NULL, 0),
+                            nr_job_of<T>(k, kw, at.norm, true, at.k_pool->data, rows, R),
+                            nr_job_of<T>(v, NULL, NR_NONE, false, at.v_pool->data, rows, R)}};
+        return nr_launch<T>(jobs, 3, vec, 1, q->shape[1], q->shape[3], (const int32_t *)a->in[5]->data, at.eps, at.theta,
+                            "rope_append");)
     return MOE_OK;
 }
 

@@ -319,22 +319,11 @@ static moe_status upload_kv_tables(moe_decode_state *s, const kv_tables *t, int6
     return s->kv_write && s->kv_read && s->kv_seg ? MOE_OK : moe_last_status();
 }
 
-/* x [1, T, Hc, Dc] into pool [R, Hc, Dc]'s write rows; both as matrices of Hc Dc columns,
- * so that x's tokens are read in place when they are a slice of wider rows (v of a fused
- * qkv projection). */
-static moe_status write_rows(const moe_decode_state *s, moe_tensor *pool, moe_tensor *x) {
-    const int64_t w = x->shape[2] * x->shape[3];
-    moe_tensor *rows = moe_reshape(x, 2, (int64_t[]){x->shape[1], w});
-    moe_tensor *dst = moe_reshape(pool, 2, (int64_t[]){pool->shape[0], w});
-    return rows && dst ? moe_index_copy_(dst, s->kv_write, rows) : moe_last_status();
-}
-
-static moe_status cache_kv(void *ctx, int layer, moe_tensor *k, moe_tensor *v, moe_kv_pages *out) {
+static moe_status cache_kv(void *ctx, int layer, moe_kv_pages *out, moe_tensor **write_rows) {
     moe_decode_state *s = ctx;
-    MOE_TRY(write_rows(s, s->k_pool[layer], k));
-    MOE_TRY(write_rows(s, s->v_pool[layer], v));
     *out = (moe_kv_pages){.k_pool = s->k_pool[layer], .v_pool = s->v_pool[layer], .rows = s->kv_read, .seg = s->kv_seg,
                           .max_k = s->kv_max_k};
+    *write_rows = s->kv_write;
     return MOE_OK;
 }
 

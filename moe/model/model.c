@@ -519,14 +519,14 @@ static moe_tensor *qk_norm(moe_model *m, moe_tensor *x, moe_tensor *w) {
 }
 
 /* An attention layer's projections of some tokens: mha q [B, T, H, hd], k, v [B, T, Hkv,
- * hd] (q/k norms applied); mla q [B, T, H, nope + rope], k = [k_nope | v] [B, T, H, nope +
- * v_head_dim] (v NULL) and kpe [B, T, 1, rope], the rope key shared by every head.
- * Rotary embedding (the only part that depends on positions) comes later (positioned),
- * unless `rotated`: mha's inference projections come rotated, their norm and rotation in
- * one kernel. */
+ * hd] (q/k norms applied in training; in inference the norms' weights come along, for the
+ * one kernel that normalises, rotates and stores: store_mha); mla q [B, T, H, nope + rope],
+ * k = [k_nope | v] [B, T, H, nope + v_head_dim] (v NULL) and kpe [B, T, 1, rope], the rope
+ * key shared by every head. Rotary embedding (the only part that depends on positions)
+ * comes later. */
 typedef struct attn_proj {
     moe_tensor *q, *k, *v, *kpe;
-    bool rotated;
+    moe_tensor *q_norm, *k_norm; /* mha inference: the norms still to apply, or NULL */
 } attn_proj;
 
 /* x [B, T, n, w] rotated at the forward's positions: each token's own (inference) or
@@ -536,24 +536,14 @@ static moe_tensor *rope(moe_model *m, moe_tensor *x, const moe_forward *f) {
     return f->mode == MOE_FORWARD_TRAIN ? moe_rope(x, 0, th) : moe_rope_at(x, f->positions, th);
 }
 
-/* q or k [B, T, n, hd] (a slice of the fused projection) through its norm when the block
- * has one, and rotated in inference (moe_rmsnorm_rope when both apply). */
-static moe_tensor *qk_prepared(moe_model *m, moe_tensor *x, moe_tensor *w, const moe_forward *f) {
-    const moe_cfg_model *c = &m->cfg.model;
-    if (f->mode == MOE_FORWARD_TRAIN) return qk_norm(m, x, w);
-    if (!w) return rope(m, x, f);
-    return moe_rmsnorm_rope(x, C(w), c->norm_eps, c->qk_norm == MOE_CFG_QK_NORM_HEAD, f->positions, c->rope_theta);
-}
-
 static attn_proj mha_project(moe_model *m, moe_block *b, moe_tensor *h, const moe_forward *f) {
     int64_t B = h->shape[0], T = h->shape[1], H = m->n_heads, Hkv = m->n_kv_heads, hd = m->head_dim;
     moe_tensor *lin = moe_matmul(h, C(b->wqkv)); /* [B, T, (H + 2 Hkv) hd] */
     if (b->bqkv) lin = moe_add(lin, C(b->bqkv));
     moe_tensor *qkv = moe_reshape(lin, 4, (int64_t[]){B, T, H + 2 * Hkv, hd});
-    return (attn_proj){.q = qk_prepared(m, moe_slice(qkv, 2, 0, H), b->q_norm, f),
-                       .k = qk_prepared(m, moe_slice(qkv, 2, H, H + Hkv), b->k_norm, f),
-                       .v = moe_slice(qkv, 2, H + Hkv, H + 2 * Hkv),
-                       .rotated = f->mode != MOE_FORWARD_TRAIN};
+    moe_tensor *q = moe_slice(qkv, 2, 0, H), *k = moe_slice(qkv, 2, H, H + Hkv), *v = moe_slice(qkv, 2, H + Hkv, H + 2 * Hkv);
+    if (f->mode == MOE_FORWARD_TRAIN) return (attn_proj){.q = qk_norm(m, q, b->q_norm), .k = qk_norm(m, k, b->k_norm), .v = v};
+    return (attn_proj){.q = q, .k = k, .v = v, .q_norm = b->q_norm, .k_norm = b->k_norm};
 }
 
 static attn_proj mla_project(moe_model *m, moe_block *b, moe_tensor *h) {
@@ -588,7 +578,6 @@ static moe_tensor *cat_last(moe_tensor *a, moe_tensor *b) {
  * every head. */
 static attn_proj positioned(moe_model *m, attn_proj p, const moe_forward *f) {
     const moe_cfg_model *c = &m->cfg.model;
-    if (p.rotated) return p;
     if (c->attention != MOE_CFG_ATTENTION_MLA) return (attn_proj){.q = rope(m, p.q, f), .k = rope(m, p.k, f), .v = p.v};
     int64_t H = m->n_heads, nope = c->qk_nope_dim, Dq = nope + c->qk_rope_dim, vd = c->v_head_dim;
     int64_t D = Dq > vd ? Dq : vd;
@@ -607,25 +596,58 @@ static int64_t longest_span(const moe_forward *f) {
     return n;
 }
 
+/* x [1, T, Hc, Dc] into pool [R, Hc, Dc]'s rows; both as matrices of Hc Dc columns, so
+ * that x's tokens are read in place when they are a slice of wider rows. */
+static moe_status store_rows(moe_tensor *pool, moe_tensor *rows, moe_tensor *x) {
+    const int64_t w = x->shape[2] * x->shape[3];
+    moe_tensor *src = moe_reshape(x, 2, (int64_t[]){x->shape[1], w});
+    moe_tensor *dst = moe_reshape(pool, 2, (int64_t[]){pool->shape[0], w});
+    return src && dst ? moe_index_copy_(dst, rows, src) : moe_last_status();
+}
+
+/* mha's projections p normalised (when the block has q/k norms) and rotated, k and v stored
+ * at the cache's rows: one kernel (moe_rope_append). Returns q [1, T, H, hd]. */
+static moe_tensor *store_mha(moe_model *m, attn_proj p, const moe_forward *f, const moe_kv_pages *kv,
+                             moe_tensor *rows) {
+    const moe_cfg_model *c = &m->cfg.model;
+    moe_qk_norm_mode norm = !p.q_norm                          ? MOE_QK_NORM_NONE
+                            : c->qk_norm == MOE_CFG_QK_NORM_HEAD ? MOE_QK_NORM_PER_HEAD
+                                                                 : MOE_QK_NORM_ALL;
+    moe_rope_append_spec spec = {.norm = norm, .q_w = p.q_norm ? C(p.q_norm) : NULL, .k_w = p.k_norm ? C(p.k_norm) : NULL,
+                                 .eps = c->norm_eps, .theta = c->rope_theta, .pos = f->positions};
+    return moe_rope_append(p.q, p.k, p.v, &spec, kv->k_pool, kv->v_pool, rows);
+}
+
+/* Inference: the new tokens' keys and values into the cache; the queries ready, [1, T, H, D]. */
+static moe_tensor *store_new_keys(moe_model *m, int layer, attn_proj p, const moe_forward *f, moe_kv_pages *kv) {
+    moe_tensor *rows;
+    if (f->cache->kv(f->cache->ctx, layer, kv, &rows) != MOE_OK) return NULL;
+    if (m->cfg.model.attention != MOE_CFG_ATTENTION_MLA) return store_mha(m, p, f, kv, rows);
+    attn_proj x = positioned(m, p, f);
+    if (!x.q || !x.k || !x.v) return NULL;
+    if (store_rows(kv->k_pool, rows, x.k) != MOE_OK || store_rows(kv->v_pool, rows, x.v) != MOE_OK) return NULL;
+    return x.q;
+}
+
 /* Attention of projections p [B, T] -> [B, T, H w] (before wo): training, causal over each
  * row; inference, every span's keys and values into the caches and one variable-length
  * attention in which span j's queries see its sequence's cached keys and its own, read
  * where the cache keeps them (moe_attention_paged). */
 static moe_tensor *attend(moe_model *m, int layer, attn_proj p, const moe_forward *f) {
     const moe_cfg_model *c = &m->cfg.model;
-    attn_proj x = positioned(m, p, f);
-    if (!x.q || !x.k || !x.v) return NULL;
-    moe_tensor *a; /* [B, T, H, D] */
+    moe_tensor *a, *q; /* a [B, T, H, D] */
     if (f->mode == MOE_FORWARD_TRAIN) {
+        attn_proj x = positioned(m, p, f);
+        if (!(q = x.q) || !x.k || !x.v) return NULL;
         a = moe_attention(x.q, x.k, x.v, true);
     } else {
         moe_kv_pages kv;
-        if (f->cache->kv(f->cache->ctx, layer, x.k, x.v, &kv) != MOE_OK) return NULL;
-        a = moe_attention_paged_table(x.q, kv.k_pool, kv.v_pool, kv.rows, kv.seg, longest_span(f), kv.max_k, true);
+        if (!(q = store_new_keys(m, layer, p, f, &kv))) return NULL;
+        a = moe_attention_paged_table(q, kv.k_pool, kv.v_pool, kv.rows, kv.seg, longest_span(f), kv.max_k, true);
     }
     int64_t w = c->attention == MOE_CFG_ATTENTION_MLA ? c->v_head_dim : m->head_dim;
     if (a && a->shape[3] != w) a = moe_contiguous(moe_slice(a, 3, 0, w));
-    return moe_reshape(a, 3, (int64_t[]){x.q->shape[0], x.q->shape[1], m->n_heads * w});
+    return moe_reshape(a, 3, (int64_t[]){q->shape[0], q->shape[1], m->n_heads * w});
 }
 
 /* The MoM / GDN mixer of one piece h [B, T, d]: the training form, or (cache) the piece's

@@ -125,10 +125,12 @@ typedef struct moe_kv_pages {
  * moe/infer; the model stores nothing). `span` indexes the forward's spans. */
 typedef struct moe_cache_ops {
     void *ctx;
-    /* Attention layer `layer`: stores every span's new keys and values k, v [1, T, Hc, Dc]
-     * (Hc, Dc: moe_model_kv_shape; span j's rows at spans[j].begin ..) and says where the
-     * keys and values of each span's sequence are, the new ones included. */
-    moe_status (*kv)(void *ctx, int layer, moe_tensor *k, moe_tensor *v, moe_kv_pages *out);
+    /* Attention layer `layer`: where the keys and values of each span's sequence are, the
+     * forward's new ones included (out), and the pool rows that the forward's T new tokens
+     * take (*write_rows, I32 [T] on the pools' device, distinct; token i of the forward is
+     * span j's token i - spans[j].begin): the model stores the new keys and values there
+     * (pools [R, Hc, Dc]; Hc, Dc: moe_model_kv_shape) before it reads the pages. */
+    moe_status (*kv)(void *ctx, int layer, moe_kv_pages *out, moe_tensor **write_rows);
     /* MoM / GDN layer `layer`: the span's sequence's recurrent state before the span,
      * [n_mem, H, dk, dv] (moe_mom_state_zeros' dtype), or NULL with an error set. */
     moe_tensor *(*state)(void *ctx, int layer, int span);

@@ -1,4 +1,4 @@
-/* Op cases: nn family (dropout, rope and rope_at, rmsnorm_rope, attention, attention_varlen and
+/* Op cases: nn family (dropout, rope and rope_at, rmsnorm_rope, rope_append, attention, attention_varlen and
  * attention_paged, cut cross-entropy). */
 #include <math.h>
 #include <stdio.h>
@@ -137,6 +137,52 @@ NORM_ROPE_CASE(norm_rope_slice_all, true, false)
 NORM_ROPE_CASE(norm_rope_heads, false, true)
 NORM_ROPE_CASE(norm_rope_slice_heads, true, true)
 
+/* rope_append (inference only) against rmsnorm then rope_at (rope_at alone without a norm)
+ * and index_copy_: q, k, v are heads [0, 4), [4, 6), [6, 8) of in[0] [1, 5, 8, hd] (a fused
+ * projection with 4 query and 2 key-value heads), k and v written into pools of 7 rows at
+ * rows APPEND_ROWS; the result is q's output, then both pools, flattened. */
+static const int32_t APPEND_ROWS[5] = {5, 0, 3, 6, 2};
+
+static moe_tensor *flat(moe_tensor *x) { return x ? moe_reshape(moe_contiguous(x), 1, (int64_t[]){moe_tensor_numel(x)}) : NULL; }
+
+/* x [1, 5, n, hd] written at APPEND_ROWS into pool [7, n, hd]. */
+static moe_status append_rows(moe_tensor *pool, moe_tensor *x) {
+    int64_t w = x->shape[2] * x->shape[3];
+    moe_tensor *rows = moe_tensor_from_host(MOE_LIFE_STEP, x->device, MOE_I32, 1, (int64_t[]){5}, APPEND_ROWS);
+    return moe_index_copy_(moe_reshape(pool, 2, (int64_t[]){7, w}), rows,
+                           moe_reshape(moe_contiguous(x), 2, (int64_t[]){5, w}));
+}
+
+static moe_tensor *rope_append_case(moe_tensor **in, moe_qk_norm_mode norm, bool reference) {
+    moe_tensor *x = in[0], *q = moe_slice(x, 2, 0, 4), *k = moe_slice(x, 2, 4, 6), *v = moe_slice(x, 2, 6, 8);
+    int64_t pool_shape[3] = {7, 2, x->shape[3]};
+    moe_tensor *kp = moe_tensor_zeros(MOE_LIFE_STEP, x->device, x->dtype, 3, pool_shape),
+               *vp = moe_tensor_zeros(MOE_LIFE_STEP, x->device, x->dtype, 3, pool_shape), *qo;
+    if (!kp || !vp) return NULL;
+    if (reference) {
+        moe_tensor *pos = norm_rope_pos(x), *ko;
+        bool per_head = norm == MOE_QK_NORM_PER_HEAD;
+        qo = norm == MOE_QK_NORM_NONE ? moe_rope_at(q, pos, 10000.0) : norm_rope_ref(q, in[1], per_head);
+        ko = norm == MOE_QK_NORM_NONE ? moe_rope_at(k, pos, 10000.0) : norm_rope_ref(k, in[2], per_head);
+        if (!ko || append_rows(kp, ko) != MOE_OK || append_rows(vp, v) != MOE_OK) return NULL;
+    } else {
+        moe_tensor *rows = moe_tensor_from_host(MOE_LIFE_STEP, x->device, MOE_I32, 1, (int64_t[]){5}, APPEND_ROWS);
+        moe_rope_append_spec spec = {.norm = norm, .q_w = norm ? in[1] : NULL, .k_w = norm ? in[2] : NULL,
+                                     .eps = 1e-5, .theta = 10000.0, .pos = norm_rope_pos(x)};
+        qo = moe_rope_append(q, k, v, &spec, kp, vp, rows);
+    }
+    return moe_concat((moe_tensor *[]){flat(qo), flat(kp), flat(vp)}, 3, 0);
+}
+#define ROPE_APPEND_CASE(fn, norm)                                                                               \
+    static moe_tensor *run_##fn(moe_tensor **in) { return rope_append_case(in, norm, false); }                  \
+    static bool check_##fn(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {                           \
+        return matches_reference(out, rope_append_case(in, norm, true), "rmsnorm, rope_at and index_copy_", why,  \
+                                 cap);                                                                          \
+    }
+ROPE_APPEND_CASE(rope_append_heads, MOE_QK_NORM_PER_HEAD)
+ROPE_APPEND_CASE(rope_append_all, MOE_QK_NORM_ALL)
+ROPE_APPEND_CASE(rope_append_plain, MOE_QK_NORM_NONE)
+
 #define PAGED_CASE(fn, layout, causal)                                                                          \
     static moe_tensor *run_##fn(moe_tensor **in) { return paged(in, &layout, causal); }                        \
     static bool check_##fn(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {                           \
@@ -208,6 +254,12 @@ static const op_case cases[] = {
      run_norm_rope_slice_heads, .check = check_norm_rope_slice_heads},
     {"rmsnorm_rope", "heads 1..4 of [1,5,6,64], norm over the 4 heads (cuda: 16-byte loads)", 2,
      {N(4, 1, 5, 6, 64), NP(256)}, run_norm_rope_slice_all, .check = check_norm_rope_slice_all},
+    {"rope_append", "q, k, v of [1,5,8,64], per-head norms, into 7-row pools (cuda: 16-byte loads)", 3,
+     {N(4, 1, 5, 8, 64), NP(64), NP(64)}, run_rope_append_heads, .check = check_rope_append_heads},
+    {"rope_append", "q, k, v of [1,5,8,6], norms over all heads (cuda: element loads)", 3,
+     {N(4, 1, 5, 8, 6), NP(24), NP(12)}, run_rope_append_all, .check = check_rope_append_all},
+    {"rope_append", "q, k, v of [1,5,8,16] without norms", 1, {N(4, 1, 5, 8, 16)}, run_rope_append_plain,
+     .check = check_rope_append_plain},
     {"attention", "causal GQA H=4 Hkv=2, Tq=5 < Tk=6, transposed q", 3,
      {FT(4, 1, 5, 4, 4), F(4, 1, 6, 2, 4), F(4, 1, 6, 2, 4)}, run_attention_causal},
     {"attention", "non-causal B=2 Tq=3 Tk=5", 3, {F(4, 2, 3, 2, 4), F(4, 2, 5, 2, 4), F(4, 2, 5, 2, 4)},
