@@ -113,7 +113,7 @@ extern const moe_op_info moe_op_table[MOE_OP_COUNT];
     X(LAYERNORM_BWD, layernorm_bwd)       /* in: g, x, w, stats; out=gx; out2 (NULL: skip) = [2, d] S gw;gb, += */ \
     X(MATMUL, matmul)              /* out <- alpha * a @ b + beta * out, batched, strided */   \
     X(GROUPED_MATMUL, grouped_matmul)      /* per-expert row groups, attrs: offsets, transposes */     \
-    X(GATHERED_SWIGLU, gathered_swiglu)    /* out [T k, d]: row t k + j <- swiglu(x[t] @ w13[e]) @ w2[e], e = ids[t, j]; in: x ids w13 w2; out2: swiglu [T k, f] */ \
+    X(GATHERED_SWIGLU, gathered_swiglu)    /* out [T, d] <- sum_j gates[t, j] * swiglu(x[t] @ w13[e]) @ w2[e], e = ids[t, j]; in: x ids gates w13 w2; out2: swiglu [T k, f] */ \
     X(INDEX_SELECT, index_select)        /* out row i <- in[0] row in[1][i] (rows of [N, ...]) */     \
     X(INDEX_ADD, index_add)           /* out[in[1][i]] += in[0][i] (rows, in place on out) */     \
     X(INDEX_COPY, index_copy)          /* out[in[1][i]] = in[0][i] (rows, in place, distinct; in[0] contiguous or rows at one stride) */ \

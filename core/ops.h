@@ -28,12 +28,14 @@ moe_tensor *moe_matmul(moe_tensor *a, moe_tensor *b);
 /* x [N, K] with rows grouped by expert, w [E, K, M], offsets[E+1] (host, offsets[0] = 0,
  * offsets[E] = N): y[offsets[e]:offsets[e+1]] = x[...] @ w[e]. One call for all experts. */
 moe_tensor *moe_grouped_matmul(moe_tensor *x, moe_tensor *w, const int64_t *offsets);
-/* The SwiGLU experts of a few tokens, each reading its experts' weights where they lie:
- * x [T, d], ids [T, k] I32 (on the device, never read back), w13 [E, d, 2f], w2 [E, f, d]
- * contiguous -> [T k, d], row t k + j = swiglu(x[t] @ w13[e]) @ w2[e] for e = ids[t, j]
- * (rounded to x's dtype after each product, as the grouped path rounds). Inference only:
- * inputs that need grads are refused (training runs the grouped path). */
-moe_tensor *moe_gathered_swiglu(moe_tensor *x, moe_tensor *ids, moe_tensor *w13, moe_tensor *w2);
+/* The SwiGLU experts of a few tokens, each reading its experts' weights where they lie,
+ * and their combine: x [T, d], ids [T, k] I32 (on the device, never read back), gates
+ * [T, k] in x's dtype, w13 [E, d, 2f], w2 [E, f, d] contiguous -> [T, d], row t = sum over
+ * j = 0 .. k-1 in order of gates[t, j] * (swiglu(x[t] @ w13[e]) @ w2[e]), e = ids[t, j]
+ * (each product rounded to x's dtype, as the grouped path rounds; the sum accumulated as
+ * moe_combine does, f32 for bf16, and rounded once). Inference only: inputs that need
+ * grads are refused (training runs the grouped path). */
+moe_tensor *moe_gathered_swiglu(moe_tensor *x, moe_tensor *ids, moe_tensor *gates, moe_tensor *w13, moe_tensor *w2);
 
 /* ---- elementwise (binary ops broadcast numpy-style) ---- */
 moe_tensor *moe_add(moe_tensor *a, moe_tensor *b);

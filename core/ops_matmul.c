@@ -1,5 +1,5 @@
-/* Matmul (batched, strided, broadcasting a 2-D right operand) and the grouped expert
- * matmul over per-expert row ranges. */
+/* Matmul (batched, strided, broadcasting a 2-D right operand), the grouped expert matmul
+ * over per-expert row ranges and the gathered SwiGLU experts with their combine. */
 #include <string.h>
 
 #include "core/op_internal.h"
@@ -88,10 +88,10 @@ moe_tensor *moe_grouped_matmul(moe_tensor *x, moe_tensor *w, const int64_t *offs
     return o;
 }
 
-moe_tensor *moe_gathered_swiglu(moe_tensor *x, moe_tensor *ids, moe_tensor *w13, moe_tensor *w2) {
-    OP_NEED(x, ids, w13, w2);
-    moe_tensor *xw[3] = {x, w13, w2}, *all[4] = {x, ids, w13, w2};
-    if (!op_check_same("gathered_swiglu", 3, xw, true) || !op_check_same("gathered_swiglu", 4, all, false)) return NULL;
+moe_tensor *moe_gathered_swiglu(moe_tensor *x, moe_tensor *ids, moe_tensor *gates, moe_tensor *w13, moe_tensor *w2) {
+    OP_NEED(x, ids, gates, w13, w2);
+    moe_tensor *xw[3] = {x, w13, w2}, *all[5] = {x, ids, gates, w13, w2};
+    if (!op_check_same("gathered_swiglu", 3, xw, true) || !op_check_same("gathered_swiglu", 5, all, false)) return NULL;
     if (!moe_check(ids->dtype == MOE_I32, "gathered_swiglu", "ids must be i32, got %s", D(ids))) return NULL;
     bool shapes = x->ndim == 2 && ids->ndim == 2 && w13->ndim == 3 && w2->ndim == 3 && ids->shape[0] == x->shape[0] &&
                   w13->shape[1] == x->shape[1] && w13->shape[2] == 2 * w2->shape[1] && w2->shape[0] == w13->shape[0] &&
@@ -99,20 +99,26 @@ moe_tensor *moe_gathered_swiglu(moe_tensor *x, moe_tensor *ids, moe_tensor *w13,
     if (!moe_check(shapes, "gathered_swiglu", "expects x [T, d], ids [T, k], w13 [E, d, 2f], w2 [E, f, d], got %s, %s, %s, %s",
                    D(x), D(ids), D(w13), D(w2)))
         return NULL;
+    if (!moe_check(gates->dtype == x->dtype && gates->ndim == 2 && gates->shape[0] == ids->shape[0] &&
+                       gates->shape[1] == ids->shape[1],
+                   "gathered_swiglu", "gates must be [T, k] like ids %s in x's dtype (x %s), got %s", D(ids), D(x), D(gates)))
+        return NULL;
     if (!moe_check(moe_tensor_is_contiguous(w13) && moe_tensor_is_contiguous(w2), "gathered_swiglu",
                    "the expert stacks must be contiguous (%s, %s)", D(w13), D(w2)))
         return NULL;
-    bool grads = moe_grad_enabled() && (x->requires_grad || w13->requires_grad || w2->requires_grad);
+    bool grads = moe_grad_enabled() &&
+                 (x->requires_grad || gates->requires_grad || w13->requires_grad || w2->requires_grad);
     if (!moe_check(!grads, "gathered_swiglu", "inference only: its inputs need grads (training takes the grouped path)"))
         return NULL;
     x = moe_tensor_is_contiguous(x) ? x : moe_contiguous(x);
     ids = moe_tensor_is_contiguous(ids) ? ids : moe_contiguous(ids);
-    if (!x || !ids) return NULL;
+    gates = moe_tensor_is_contiguous(gates) ? gates : moe_contiguous(gates);
+    if (!x || !ids || !gates) return NULL;
     int64_t P = x->shape[0] * ids->shape[1];
-    moe_tensor *o = op_new(x, x->dtype, 2, (int64_t[]){P, x->shape[1]}),
+    moe_tensor *o = op_new(x, x->dtype, 2, x->shape),
                *act = op_new(x, x->dtype, 2, (int64_t[]){P, w2->shape[1]}); /* [P, f] scratch */
     if (!o || !act) return NULL;
-    OP_RUN(MOE_K_GATHERED_SWIGLU, .out = o, .out2 = act, .in = {x, ids, w13, w2});
+    OP_RUN(MOE_K_GATHERED_SWIGLU, .out = o, .out2 = act, .in = {x, ids, gates, w13, w2});
     return o;
 }
 

@@ -185,9 +185,9 @@ static void test_hetero_init_by_name(void) {
 }
 
 /* A decode step's layer on the gathered path (routing left on the device) equals the
- * grouped path on the read-back routing: top-k 2 of 4, a gated shared expert, f64; and the
- * path is refused where it cannot hold (capacity drops over several tokens, several
- * expert widths). */
+ * grouped path on the read-back routing: top-k 2 of 4, a gated shared expert, f64; the op
+ * refuses gates in another dtype than x; and the path is refused where it cannot hold
+ * (capacity drops over several tokens, several expert widths). */
 static void test_gathered_equals_grouped(void) {
     moe_moe_layer_settings s = {.d_model = D, .n_experts = 4, .top_k = 2, .ffn_dim = F, .n_shared = 1,
                                 .shared_ffn_dim = 5, .shared_gate = true,
@@ -204,12 +204,16 @@ static void test_gathered_equals_grouped(void) {
     CU_ASSERT_EQUAL_FATAL(moe_router_select_device(&L.router, logits, &gates, &experts), MOE_OK);
     CU_ASSERT(rel_err(gates, r.gates) < 1e-15 && rel_err(experts, r.experts) == 0);
     moe_moe_layer_result res;
-    moe_tensor *src = moe_tensor_from_host(MOE_LIFE_STEP, MOE_CPU, MOE_I32, 2, (int64_t[]){3, 2}, (int32_t[]){0, 1, 2, 3, 4, 5});
     moe_tensor *grouped = moe_moe_layer_apply(&L, x, &r, MOE_F64, &res),
-               *gathered = moe_moe_layer_apply_gathered(&L, x, gates, experts, src, MOE_F64);
+               *gathered = moe_moe_layer_apply_gathered(&L, x, gates, experts, MOE_F64);
     CU_ASSERT_PTR_NOT_NULL_FATAL(grouped);
     CU_ASSERT_PTR_NOT_NULL_FATAL(gathered);
     CU_ASSERT(rel_err(gathered, grouped) < 1e-12);
+    moe_tensor *w13, *w2; /* gates in another dtype than x: refused, by name */
+    CU_ASSERT_EQUAL_FATAL(moe_moe_layer_expert_stacks(&L, 0, MOE_F64, &w13, &w2), MOE_OK);
+    CU_ASSERT_PTR_NULL(moe_gathered_swiglu(x, experts, moe_cast(gates, MOE_F32), w13, w2));
+    CU_ASSERT_PTR_NOT_NULL(strstr(moe_last_error(), "gates must be [T, k]"));
+    moe_error_clear();
     moe_grad_set_enabled(was);
     moe_moe_layer_free(&L);
     s.capacity_factor = 1.0; /* one token never drops; three may */

@@ -70,6 +70,12 @@ bool cpu_gemm_f64(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alph
 #define cpu_gemm(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc) \
     _Generic((C), float *: cpu_gemm_f32, double *: cpu_gemm_f64)(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc)
 
+/* The combine's sum (core/cpu/index_cpu.c) on raw rows: out [Tn, d] row t = sum over j in
+ * order of w[t, j] * y[src[t, j]] in the dtype's type, y [N, d] (w NULL: weights 1; src
+ * NULL: row t k + j; a src of -1: none, others already checked). F32 / F64. */
+moe_status cpu_combine_rows(moe_dtype dt, const void *y, const void *w, const int32_t *src, int64_t Tn, int64_t k,
+                            int64_t d, void *out);
+
 /* Rows = all dims but the last; a 0-d tensor is one row of one element. */
 static inline int64_t cpu_rows(const moe_tensor *t) {
     int64_t r = 1;

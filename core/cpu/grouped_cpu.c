@@ -1,4 +1,5 @@
-/* CPU grouped expert matmul: one oneDNN product per non-empty expert row range. */
+/* CPU grouped expert matmul (one oneDNN product per non-empty expert row range) and the
+ * gathered SwiGLU experts with their combine. */
 #include <omp.h>
 #include <stdlib.h>
 
@@ -78,11 +79,12 @@ moe_status moe_cpu_grouped_matmul(const moe_kernel_args *a) {
 
 /* Gathered SwiGLU experts (see moe_gathered_swiglu): every (token, slot) pair streams its
  * expert's rows straight from the stacks, an axpy per row, in column blocks spread over
- * the threads: h [P, 2f] = x[t] @ w13[e], out2 [P, f] = swiglu(h), out [P, d] = out2 @ w2[e]. */
+ * the threads: h [P, 2f] = x[t] @ w13[e], out2 [P, f] = swiglu(h), rows [P, d] = out2 @
+ * w2[e]; then out [T, d] = the combine of the rows with the gates (the map t k + j). */
 #define GATHER_BLOCK 256
 
 moe_status moe_cpu_gathered_swiglu(const moe_kernel_args *a) {
-    const moe_tensor *x = a->in[0], *ids = a->in[1], *w13 = a->in[2], *w2 = a->in[3];
+    const moe_tensor *x = a->in[0], *ids = a->in[1], *gates = a->in[2], *w13 = a->in[3], *w2 = a->in[4];
     const int64_t k = ids->shape[1], P = x->shape[0] * k, d = x->shape[1], f = w2->shape[1], E = w13->shape[0];
     const int32_t *id = ids->data;
     for (int64_t p = 0; p < P; p++)
@@ -90,11 +92,12 @@ moe_status moe_cpu_gathered_swiglu(const moe_kernel_args *a) {
             return moe_error(MOE_ERR_INVALID, "gathered_swiglu: expert id %d at position %lld is out of range [0, %lld)",
                              (int)id[p], (long long)p, (long long)E);
     const int64_t nb13 = (2 * f + GATHER_BLOCK - 1) / GATHER_BLOCK, nb2 = (d + GATHER_BLOCK - 1) / GATHER_BLOCK;
+    moe_status st = MOE_OK;
     CPU_FLOAT_DISPATCH(x->dtype, "gathered_swiglu",
-        T *h = malloc(sizeof(T) * (size_t)(P * 2 * f));
+        T *h = malloc(sizeof(T) * (size_t)(P * (2 * f + d))), *rows = h + P * 2 * f; /* h [P, 2f], rows [P, d] */
         if (!h) return moe_error(MOE_ERR_OOM, "gathered_swiglu: out of host memory for %lld rows", (long long)P);
         const T *xs = x->data, *W13 = w13->data, *W2 = w2->data;
-        T *out = a->out->data, *act = a->out2->data;
+        T *act = a->out2->data;
 _Pragma("omp parallel for schedule(static) collapse(2)")
         for (int64_t p = 0; p < P; p++)
             for (int64_t b = 0; b < nb13; b++) {
@@ -119,7 +122,7 @@ _Pragma("omp parallel for schedule(static) collapse(2)")
         for (int64_t p = 0; p < P; p++)
             for (int64_t b = 0; b < nb2; b++) {
                 int64_t c0 = b * GATHER_BLOCK, c1 = c0 + GATHER_BLOCK < d ? c0 + GATHER_BLOCK : d;
-                T *yp = out + p * d;
+                T *yp = rows + p * d;
                 const T *ap = act + p * f, *we = W2 + (int64_t)id[p] * f * d;
                 for (int64_t c = c0; c < c1; c++) yp[c] = 0;
                 for (int64_t i = 0; i < f; i++) {
@@ -128,7 +131,8 @@ _Pragma("omp simd")
                     for (int64_t c = c0; c < c1; c++) yp[c] += ai * row[c];
                 }
             }
+        st = cpu_combine_rows(x->dtype, rows, gates->data, NULL, x->shape[0], k, d, a->out->data);
         free(h);
     )
-    return MOE_OK;
+    return st;
 }

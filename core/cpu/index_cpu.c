@@ -142,17 +142,22 @@ moe_status moe_cpu_combine(const moe_kernel_args *a) {
         if (ps[i] < -1 || ps[i] >= N)
             return moe_error(MOE_ERR_INVALID, "combine: source row %d at position %lld is out of range [-1, %lld)",
                              (int)ps[i], (long long)i, (long long)N);
-    CPU_FLOAT_DISPATCH(o->dtype, "combine",
-        const T *py = (const T *)y->data, *pw = w ? (const T *)w->data : NULL;
-        T *po = (T *)o->data;
+    return cpu_combine_rows(o->dtype, y->data, w ? w->data : NULL, ps, Tn, k, d, o->data);
+}
+
+moe_status cpu_combine_rows(moe_dtype dt, const void *y, const void *w, const int32_t *src, int64_t Tn, int64_t k,
+                            int64_t d, void *out) {
+    CPU_FLOAT_DISPATCH(dt, "combine",
+        const T *py = y, *pw = w;
+        T *po = out;
 _Pragma("omp parallel for schedule(static) if (Tn * d > 32768)")
         for (int64_t t = 0; t < Tn; t++) {
             T *row = po + t * d;
             for (int64_t c = 0; c < d; c++) row[c] = 0;
             for (int64_t j = 0; j < k; j++) {
-                int32_t r = ps[t * k + j];
+                const int64_t r = src ? src[t * k + j] : t * k + j;
                 if (r < 0) continue;
-                const T wv = pw ? pw[t * k + j] : (T)1, *yr = py + (int64_t)r * d;
+                const T wv = pw ? pw[t * k + j] : (T)1, *yr = py + r * d;
                 _Pragma("omp simd")
                 for (int64_t c = 0; c < d; c++) row[c] += wv * yr[c];
             }

@@ -89,6 +89,9 @@ __device__ __forceinline__ float ldf(const float *p) { return *p; }
 __device__ __forceinline__ float ldf(const bf16 *p) { return __bfloat162float(*p); }
 __device__ __forceinline__ void stf(float *p, float v) { *p = v; }
 __device__ __forceinline__ void stf(bf16 *p, float v) { *p = __float2bfloat16_rn(v); }
+/* ldf through L2 only (__ldcg): for what other blocks of the launch wrote before a ticket. */
+__device__ __forceinline__ float ldcgf(const float *p) { return __ldcg(p); }
+__device__ __forceinline__ float ldcgf(const bf16 *p) { return __bfloat162float(__ldcg(p)); }
 
 /* Records (once) that index `v` at position `pos` is outside [0, hi); the kernel then
  * skips that element, so memory stays safe and the host reports the fault at the next

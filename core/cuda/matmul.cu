@@ -616,7 +616,10 @@ extern "C" moe_status moe_cuda_grouped_matmul(const moe_kernel_args *a) {
  * rows' loads in flight while it sums the current ones), partial sums reduced
  * across the warps in shared memory in a fixed order. The up pass reads the gate and up
  * halves of w13 [E, d, 2f] side by side and applies SwiGLU on the rounded sums (as the
- * grouped path rounds its products); the down pass reads w2 [E, f, d]. */
+ * grouped path rounds its products); the down pass reads w2 [E, f, d] and also does the
+ * combine: each block leaves its pair's rounded tile in a scratch [P, d], and the last of
+ * a token's k blocks of a tile to finish (a ticket per token and tile) sums the token's k
+ * tiles weighted by its gates in slot order, f32 as the combine kernel, into y [T, d]. */
 #define GS_TILE 64
 #define GS_THREADS 512
 
@@ -681,12 +684,48 @@ __device__ __forceinline__ void gs_rows_pipelined(const T *x, const T *w, int64_
     }
 }
 
+/* The down pass's combine: y [T, d] row t = sum over j < k of gates[t, j] * row t k + j of
+ * the pass's out [P, d]; tickets: T x (column tiles) zeroed counters. */
+template <class T> struct gs_combine {
+    const T *gates; /* [T, k] */
+    unsigned *tickets;
+    T *y;
+    int64_t k;
+};
+
+/* After pair p's tile [c0, c0 + GS_TILE) of pairs [P, cols] is stored: the last of its
+ * token's k blocks of the tile to land re-zeroes their ticket and writes the token's tile
+ * of y (slots in order, f32 accumulation as combine_kernel). Every thread of the block
+ * calls it. */
+template <class T>
+__device__ void gs_combine_tile(const T *pairs, const gs_combine<T> &cb, int64_t p, int64_t c0, int64_t cols) {
+    __shared__ bool last;
+    const int64_t t = p / cb.k;
+    __threadfence(); /* this block's tile, visible before its ticket */
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned *ticket = cb.tickets + t * gridDim.x + blockIdx.x;
+        last = atomicAdd(ticket, 1u) == (unsigned)(cb.k - 1);
+        if (last) *ticket = 0; /* every slot has counted: zero for the next launch */
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const T *g = cb.gates + t * cb.k, *tiles = pairs + t * cb.k * cols + c0; /* the token's k tiles */
+    for (int j = threadIdx.x; j < GS_TILE && c0 + j < cols; j += blockDim.x) {
+        float acc = 0.0f;
+        for (int64_t s = 0; s < cb.k; s++) acc += ldf(g + s) * ldcgf(tiles + s * cols + j);
+        stf(cb.y + t * cols + c0 + j, acc);
+    }
+}
+
 /* out [P, cols] <- act(in row @ w[e]) for the block's pair and tile; in row p / in_div of
- * in [., rows]; w [E, rows, NSEG cols] (SWIGLU: NSEG 2, gate then up). */
+ * in [., rows]; w [E, rows, NSEG cols] (SWIGLU: NSEG 2, gate then up). The down pass
+ * (!SWIGLU) then combines out into cb.y; the up pass takes no combine (cb unused). */
 template <class T, bool SWIGLU, bool VEC, int BATCH, int MIN_BLOCKS>
 __global__ void __launch_bounds__(GS_THREADS, MIN_BLOCKS) gathered_rows_kernel(const T *in, int64_t in_div, const int32_t *ids,
                                                                    int64_t E, const T *w, int64_t rows, int64_t cols,
-                                                                   T *out, cu_index_fault *fault) {
+                                                                   T *out, gs_combine<T> cb, cu_index_fault *fault) {
     constexpr int NSEG = SWIGLU ? 2 : 1, SEG_LANES = GS_TILE / 8, LANES = NSEG * SEG_LANES, STEP = 32 / LANES;
     extern __shared__ float red[]; /* [warps * STEP][NSEG * GS_TILE] */
     const int64_t p = blockIdx.y, c0 = (int64_t)blockIdx.x * GS_TILE, ld = NSEG * cols;
@@ -728,6 +767,18 @@ __global__ void __launch_bounds__(GS_THREADS, MIN_BLOCKS) gathered_rows_kernel(c
         }
         stf(out + p * cols + c0 + j, ok ? v : 0.0f);
     }
+    if constexpr (!SWIGLU) gs_combine_tile<T>(out, cb, p, c0, cols);
+}
+
+/* n zeroed tickets: the backend's when they are enough, else step scratch zeroed in stream
+ * order (no host synchronisation, so that a recorded graph replays it). */
+static moe_status gs_tickets(int64_t n, unsigned **tickets) {
+    *tickets = moe_cu.tickets;
+    if (n <= CU_TICKETS) return MOE_OK;
+    if (!(*tickets = (unsigned *)cu_scratch(sizeof(unsigned) * (size_t)n))) return moe_last_status();
+    CU_TRY(cudaMemsetAsync(*tickets, 0, sizeof(unsigned) * (size_t)n, moe_cu.stream),
+           "gathered_swiglu: zeroing %lld tickets", (long long)n);
+    return MOE_OK;
 }
 
 template <class T, bool VEC>
@@ -736,25 +787,32 @@ static moe_status gathered_launch(const moe_kernel_args *a, int64_t P, int64_t k
     const size_t shared_up = sizeof(float) * warps * (32 / (GS_TILE / 4)) * 2 * GS_TILE,
                  shared_down = sizeof(float) * warps * (32 / (GS_TILE / 8)) * GS_TILE;
     const int32_t *ids = (const int32_t *)a->in[1]->data;
-    T *act = (T *)a->out2->data;
+    T *act = (T *)a->out2->data, *pairs = (T *)cu_scratch(sizeof(T) * (size_t)(P * d)); /* act [P, f], pairs [P, d] */
+    if (!pairs) return moe_last_status();
     const dim3 up((unsigned)((f + GS_TILE - 1) / GS_TILE), (unsigned)P), down((unsigned)((d + GS_TILE - 1) / GS_TILE), (unsigned)P);
+    gs_combine<T> cb = {(const T *)a->in[2]->data, NULL, (T *)a->out->data, k};
+    MOE_TRY(gs_tickets(P / k * down.x, &cb.tickets));
     auto up_kernel = (int64_t)up.x * up.y <= moe_cu.sms ? gathered_rows_kernel<T, true, VEC, GS_BATCH_DEEP, 1>
                                                         : gathered_rows_kernel<T, true, VEC, GS_BATCH, 2>;
     auto down_kernel = (int64_t)down.x * down.y <= moe_cu.sms ? gathered_rows_kernel<T, false, VEC, GS_BATCH_DEEP, 1>
                                                               : gathered_rows_kernel<T, false, VEC, GS_BATCH, 2>;
-    up_kernel<<<up, GS_THREADS, shared_up, moe_cu.stream>>>((const T *)a->in[0]->data, k, ids, E, (const T *)a->in[2]->data,
-                                                            d, f, act, moe_cu.index_fault);
+    up_kernel<<<up, GS_THREADS, shared_up, moe_cu.stream>>>((const T *)a->in[0]->data, k, ids, E, (const T *)a->in[3]->data,
+                                                            d, f, act, gs_combine<T>{}, moe_cu.index_fault);
     CU_LAUNCHED("gathered_swiglu (up)");
-    down_kernel<<<down, GS_THREADS, shared_down, moe_cu.stream>>>(act, 1, ids, E, (const T *)a->in[3]->data, f, d,
-                                                                  (T *)a->out->data, moe_cu.index_fault);
-    CU_LAUNCHED("gathered_swiglu (down)");
+    down_kernel<<<down, GS_THREADS, shared_down, moe_cu.stream>>>(act, 1, ids, E, (const T *)a->in[4]->data, f, d, pairs,
+                                                                  cb, moe_cu.index_fault);
+    CU_LAUNCHED("gathered_swiglu (down and combine)");
     return MOE_OK;
 }
 
 extern "C" moe_status moe_cuda_gathered_swiglu(const moe_kernel_args *a) {
-    const moe_tensor *x = a->in[0], *ids = a->in[1], *w13 = a->in[2], *w2 = a->in[3];
+    const moe_tensor *x = a->in[0], *ids = a->in[1], *w13 = a->in[3], *w2 = a->in[4];
     const int64_t k = ids->shape[1], P = x->shape[0] * k, d = x->shape[1], f = w2->shape[1], E = w13->shape[0];
-    if (P == 0) return MOE_OK;
+    if (P == 0) { /* no pairs: every token's sum is empty */
+        CU_TRY(cudaMemsetAsync(a->out->data, 0, (size_t)moe_tensor_numel(a->out) * moe_dtype_size(x->dtype), moe_cu.stream),
+               "gathered_swiglu: zeroing the output");
+        return MOE_OK;
+    }
     if (P > 65535)
         return moe_error(MOE_ERR_UNSUPPORTED, "gathered_swiglu: %lld (token, slot) pairs on cuda (at most 65535)",
                          (long long)P);

@@ -18,7 +18,6 @@ struct moe_decoder {
     moe_model view; /* m's weights in the compute dtype (moe_model_cast_view) */
     const moe_expert_provider *provider; /* installed on view's MoE layers, or NULL: all resident */
     moe_expert_path experts;             /* moe_forward.experts of every forward */
-    moe_tensor *assign_rows;             /* moe_forward.assign_rows (PERSIST, on the view's device) */
     bool graphs;                         /* decode steps may replay recorded graphs */
     char graphs_off[256];                /* why recording was given up ("" while it works) */
 };
@@ -74,11 +73,6 @@ moe_status moe_decoder_open_with(moe_model *m, const moe_decoder_options *o, moe
         free(d);
         return s;
     }
-    d->assign_rows = moe_model_assign_rows(&d->view);
-    if (!d->assign_rows) {
-        moe_decoder_close(d);
-        return moe_last_status();
-    }
     d->graphs = true;
     d->provider = o->provider;
     for (int i = 0; d->provider && i < d->view.cfg.model.n_layers; i++)
@@ -108,7 +102,6 @@ const char *moe_decoder_graphs_off(const moe_decoder *d) {
 
 void moe_decoder_close(moe_decoder *d) {
     if (!d) return;
-    moe_tensor_free(d->assign_rows);
     moe_model_cast_view_free(&d->view, d->m);
     free(d);
 }
@@ -384,7 +377,7 @@ static moe_tensor *forward_logits(moe_decoder *d, moe_decode_state *s, const moe
     moe_cache_ops ops = {.ctx = s, .kv = cache_kv, .state = cache_state, .set_state = cache_set_state};
     moe_forward f = {.mode = MOE_FORWARD_INFER, .B = 1, .T = b->n_tokens, .spans = spans, .n_spans = s->n_spans,
                      .cache = &ops, .positions = pos, .route_ids = info ? info->route_ids : NULL,
-                     .experts = d->experts, .assign_rows = d->assign_rows};
+                     .experts = d->experts};
     moe_tensor *hidden = moe_model_forward(v, ids, &f);
     if (!hidden || b->logits == MOE_LOGITS_NONE) return hidden;
     moe_tensor *h = logit_rows(hidden, b, spans, s->n_spans);

@@ -801,8 +801,8 @@ static bool gather_experts(const moe_block *b, const moe_tensor *h2, const moe_f
 }
 
 /* Block i's gathered experts on h2 [B T, d]; the routes, when asked for, into the sink. */
-static moe_tensor *gathered_feed_forward(moe_model *m, int i, moe_tensor *h2, const moe_forward *f,
-                                         moe_tensor **router_state, route_sink *sink) {
+static moe_tensor *gathered_feed_forward(moe_model *m, int i, moe_tensor *h2, moe_tensor **router_state,
+                                         route_sink *sink) {
     moe_block *b = &m->blocks[i];
     moe_tensor *state = NULL, *gates, *experts;
     moe_tensor *logits = moe_router_select_logits(&b->moe.router, h2, *router_state, &state);
@@ -813,15 +813,7 @@ static moe_tensor *gathered_feed_forward(moe_model *m, int i, moe_tensor *h2, co
         if (!rows || moe_tensor_copy_(rows, experts) != MOE_OK) return NULL;
         sink->sunk[i] = true;
     }
-    int64_t pairs = experts->shape[0] * experts->shape[1];
-    moe_tensor *rows = moe_reshape(moe_slice(f->assign_rows, 0, 0, pairs), 2, experts->shape);
-    return moe_moe_layer_apply_gathered(&b->moe, h2, gates, experts, rows, m->compute);
-}
-
-moe_tensor *moe_model_assign_rows(const moe_model *m) {
-    int32_t rows[MOE_GATHER_MAX_ROWS];
-    for (int i = 0; i < MOE_GATHER_MAX_ROWS; i++) rows[i] = i;
-    return moe_tensor_from_host(MOE_LIFE_PERSIST, m->dev, MOE_I32, 1, (int64_t[]){MOE_GATHER_MAX_ROWS}, rows);
+    return moe_moe_layer_apply_gathered(&b->moe, h2, gates, experts, m->compute);
 }
 
 bool moe_model_decode_recordable(const moe_model *m, int T, moe_expert_path path) {
@@ -853,7 +845,7 @@ static moe_tensor *feed_forward(moe_model *m, int i, moe_tensor *h2, const moe_f
         b->moe.router.noise_counter = m->dropout_counter + ((uint64_t)i << 34);
         ffn = moe_moe_layer_forward(&b->moe, h2, *router_state, m->compute, &res);
     } else if (gather_experts(b, h2, f, parts)) { /* a decode step: nothing read back */
-        return gathered_feed_forward(m, i, h2, f, router_state, ids ? sink : NULL);
+        return gathered_feed_forward(m, i, h2, router_state, ids ? sink : NULL);
     } else {
         moe_routing r;
         moe_tensor *state = NULL, *logits = moe_router_logits(&b->moe.router, h2, *router_state, &state);
@@ -879,10 +871,9 @@ static void check_forward(const moe_forward *f) {
     bool train = f->mode == MOE_FORWARD_TRAIN;
     MOE_ASSERT(train ? !f->spans && !f->cache && !f->positions
                      : f->B == 1 && f->spans && f->n_spans > 0 && f->cache && f->positions &&
-                           f->positions->dtype == MOE_I32 && moe_tensor_numel(f->positions) == f->T &&
-                           f->assign_rows && moe_tensor_numel(f->assign_rows) == MOE_GATHER_MAX_ROWS,
+                           f->positions->dtype == MOE_I32 && moe_tensor_numel(f->positions) == f->T,
                "model forward: TRAIN takes [B, T] rows without spans, cache or positions; INFER one packed row of "
-               "spans with a cache, the tokens' positions and the assignment rows");
+               "spans with a cache and the tokens' positions");
     for (int j = 0; !train && j < f->n_spans; j++)
         MOE_ASSERT(f->spans[j].len > 0 && f->spans[j].begin == (j ? f->spans[j - 1].begin + f->spans[j - 1].len : 0) &&
                        f->spans[j].begin + f->spans[j].len <= f->T,

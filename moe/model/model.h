@@ -157,12 +157,8 @@ typedef struct moe_forward {
                                  * token (the router's order; -1 in dense layers) */
     moe_expert_path experts;    /* INFER: how the MoE layers run their experts (see moe_expert_path);
                                  * route_ids come back on every path */
-    moe_tensor *assign_rows;    /* INFER: I32 [MOE_GATHER_MAX_ROWS] holding 0, 1, 2, .. on the model's
-                                 * device (moe_model_assign_rows): the gathered experts' combine map */
 } moe_forward;
 
-/* The I32 [MOE_GATHER_MAX_ROWS] tensor 0, 1, 2, .. that INFER forwards take (PERSIST). */
-moe_tensor *moe_model_assign_rows(const moe_model *m);
 /* Whether an INFER forward of T spans of one token each issues no host transfer, so that
  * it can be recorded as a graph (core/graph.h): every mixer attention, every MoE layer on
  * the gathered experts under `path` on the model's device, no routes asked for. */

@@ -497,14 +497,13 @@ bool moe_moe_layer_gathers(const moe_moe_layer *L, int64_t T) {
 }
 
 moe_tensor *moe_moe_layer_apply_gathered(moe_moe_layer *L, moe_tensor *x, moe_tensor *gates, moe_tensor *experts,
-                                         moe_tensor *src, moe_dtype compute) {
+                                         moe_dtype compute) {
     MOE_ASSERT(!x || moe_moe_layer_gathers(L, x->shape[0]), "moe layer: %lld tokens do not take the gathered path",
                x ? (long long)x->shape[0] : 0LL);
-    if (!x || !gates || !experts || !src) return NULL;
+    if (!x || !gates || !experts) return NULL;
     moe_tensor *w13, *w2;
     if (moe_moe_layer_expert_stacks(L, 0, compute, &w13, &w2) != MOE_OK) return NULL;
-    moe_tensor *y = moe_gathered_swiglu(x, experts, w13, w2); /* [T k, d] */
-    return add_shared(L, x, moe_combine(y, moe_cast(gates, compute), src), compute);
+    return add_shared(L, x, moe_gathered_swiglu(x, experts, moe_cast(gates, compute), w13, w2), compute); /* [T, d] */
 }
 
 moe_status moe_moe_layer_measure_latency(moe_moe_layer *L, int64_t tokens, moe_dtype compute, double *latency_ms) {

@@ -118,11 +118,11 @@ moe_tensor *moe_moe_layer_forward(moe_moe_layer *L, moe_tensor *x, moe_tensor *s
 #define MOE_GATHER_MAX_ROWS 32
 bool moe_moe_layer_gathers(const moe_moe_layer *L, int64_t T);
 /* x [T, d] -> [T, d] with gates [T, k] and experts [T, k] I32 from moe_router_select_device
- * (only where moe_moe_layer_gathers): equal to moe_moe_layer_apply up to rounding. src
- * [T, k] I32 on x's device holds t k + j at (t, j): the combine map of the gathered rows
- * (the caller keeps it on the device, so that nothing comes from the host per layer). */
+ * (only where moe_moe_layer_gathers): equal to moe_moe_layer_apply up to rounding. The
+ * experts and the gated combine run in one op (moe_gathered_swiglu), nothing comes from
+ * the host. */
 moe_tensor *moe_moe_layer_apply_gathered(moe_moe_layer *L, moe_tensor *x, moe_tensor *gates, moe_tensor *experts,
-                                         moe_tensor *src, moe_dtype compute);
+                                         moe_dtype compute);
 
 /* The pipeline after routing: x [T, d] -> [T, d] with the experts and gates of `routing`
  * (moe_router_forward's, or moe_router_select's at inference); res->routing is a copy. */
