@@ -64,7 +64,6 @@
     X(CUMSUM, cumsum, 0)                     \
     X(DROPOUT, dropout, 1)                   \
     X(ROPE, rope, 1)                         \
-    X(RMSNORM_ROPE, rmsnorm_rope, 0)         \
     X(ROPE_APPEND, rope_append, 0)           \
     X(ADD_RMSNORM, add_rmsnorm, 0)           \
     X(ATTENTION, attention, 1)               \
@@ -128,8 +127,7 @@ extern const moe_op_info moe_op_table[MOE_OP_COUNT];
     X(CUMSUM, cumsum)              /* out I32 <- (exclusive) prefix sums of in[0] */           \
     X(DROPOUT, dropout)             /* out <- x * mask / (1-p), keep i iff philox_uniform(counter + i, seed) >= p */ \
     X(ROPE, rope)                /* in[1] = positions [T] I32 or NULL (pos0 + t); attrs: pos0, theta, inverse */ \
-    X(RMSNORM_ROPE, rmsnorm_rope)        /* in: x [B, T, n, hd] (unit last stride, heads at stride hd), w, pos [T]; out y contiguous; attrs moe_norm_rope_attrs */ \
-    X(ROPE_APPEND, rope_append)         /* in: q k v [1, T, n, hd] (as RMSNORM_ROPE's x), q_w k_w (NULL: no norm), pos, rows [T]; out q's result; attrs moe_rope_append_attrs (the pools) */ \
+    X(ROPE_APPEND, rope_append)         /* in: q k v [1, T, n, hd] (unit last stride, heads at stride hd), q_w k_w (NULL: no norm), pos, rows [T]; out q's result; attrs moe_rope_append_attrs (the pools) */ \
     X(ATTENTION, attention)           /* out, out2 = logsumexp [B, H, Tq] F32 (F64 for F64); attrs.seg */ \
     X(ATTENTION_BWD, attention_bwd)       /* in: q k v o g lse; out=dq; attrs hold dk, dv, seg; all written fully */ \
     X(ATTENTION_PAGED, attention_paged)     /* in: q [1, Tq, H, hd], k, v pools [R, Hkv, hd], rows [Tk] I32; out = o; attrs.seg (no lse) */ \
@@ -222,7 +220,6 @@ typedef struct { int k; } moe_topk_attrs;
 typedef struct { int64_t nbins; bool exclusive; } moe_int_attrs;
 typedef struct { double p; uint64_t seed, counter; } moe_dropout_attrs;
 typedef struct { int64_t pos0; double theta; bool inverse; } moe_rope_attrs;
-typedef struct { double eps, theta; bool per_head; } moe_norm_rope_attrs;
 typedef struct {
     double eps, theta;
     int norm;                  /* moe_qk_norm_mode */

@@ -126,12 +126,6 @@ moe_tensor *moe_rope(moe_tensor *x, int64_t pos0, double theta);
 /* The same rotation at given positions: pos [T] I32 on x's device, token t of every batch
  * row at position pos[t] (>= 0; the CPU kernel refuses a negative one). */
 moe_tensor *moe_rope_at(moe_tensor *x, moe_tensor *pos, double theta);
-/* Inference only, one kernel: moe_rope_at(rmsnorm(x), pos, theta) for q or k of an
- * attention layer with q/k norms. x [B, T, n, hd]; the norm runs per head (per_head, w
- * [hd]) or over each token's n hd values (w [n hd]); each token's heads are read in place
- * when they lie side by side (a slice of a fused qkv projection). The same values as the
- * two ops (on the CPU the same arithmetic). Refused when an input needs a grad. */
-moe_tensor *moe_rmsnorm_rope(moe_tensor *x, moe_tensor *w, double eps, bool per_head, moe_tensor *pos, double theta);
 /* How moe_rope_append normalises q and k before rotating them. */
 typedef enum moe_qk_norm_mode {
     MOE_QK_NORM_NONE,     /* rotated as they are (moe_rope_at) */
@@ -149,7 +143,8 @@ typedef struct moe_rope_append_spec {
  * fused qkv projection are read in place). Returns q normalised as spec says and rotated
  * at spec->pos, [1, T, H, hd]; writes k so prepared, and v as it is, into row rows[t] (I32
  * [T] on q's device, distinct rows) of k_pool and v_pool [R, Hkv, hd] (contiguous). The
- * same values as moe_rmsnorm_rope (moe_rope_at without a norm) and moe_index_copy_. */
+ * same values as rmsnorm then moe_rope_at (the CPU computes them with RMSNorm's and rope's
+ * arithmetic) and moe_index_copy_. */
 moe_tensor *moe_rope_append(moe_tensor *q, moe_tensor *k, moe_tensor *v, const moe_rope_append_spec *spec,
                             moe_tensor *k_pool, moe_tensor *v_pool, moe_tensor *rows);
 /* Multi-head attention, q [B, Tq, H, hd], k/v [B, Tk, Hkv, hd] (H % Hkv == 0: grouped-query).

@@ -74,37 +74,6 @@ moe_tensor *moe_rope_at(moe_tensor *x, moe_tensor *pos, double theta) {
     return rope_record(x, pos, 0, theta, "rope_at");
 }
 
-moe_tensor *moe_rmsnorm_rope(moe_tensor *x, moe_tensor *w, double eps, bool per_head, moe_tensor *pos, double theta) {
-    OP_NEED(x, w, pos);
-    const char *op = "rmsnorm_rope";
-    if (!need_float(x, op)) return NULL;
-    if (!moe_check(x->ndim == 4 && x->shape[3] >= 2 && x->shape[3] % 2 == 0, op,
-                   "expects x [B, T, n, hd] with an even head dim, got %s", D(x)))
-        return NULL;
-    const int64_t T = x->shape[1], n = x->shape[2], hd = x->shape[3], wd = per_head ? hd : n * hd;
-    moe_tensor *xw[2] = {x, w};
-    if (!op_check_same(op, 2, xw, true) ||
-        !moe_check(w->ndim == 1 && w->shape[0] == wd, op, "weight %s does not match x %s (norm over %s)", D(w), D(x),
-                   per_head ? "each head" : "all heads"))
-        return NULL;
-    if (!moe_check(theta > 0 && eps >= 0, op, "theta = %g must be positive and eps = %g not negative", theta, eps))
-        return NULL;
-    if (!moe_check(pos->dtype == MOE_I32 && pos->ndim == 1 && pos->shape[0] == T && pos->device == x->device, op,
-                   "positions must be [%lld] i32 on the device of x %s, got %s", (long long)T, D(x), D(pos)))
-        return NULL;
-    bool grads = moe_grad_enabled() && (x->requires_grad || w->requires_grad);
-    if (!moe_check(!grads, op, "inference only: its inputs need grads (training composes rmsnorm and rope)"))
-        return NULL;
-    bool side_by_side = x->strides[3] == 1 && (n == 1 || x->strides[2] == hd);
-    moe_tensor *xc = side_by_side ? x : op_contiguous_nograd(x), *wc = op_contiguous_nograd(w),
-               *pc = op_contiguous_nograd(pos);
-    moe_tensor *o = xc && wc && pc ? op_new(x, x->dtype, 4, x->shape) : NULL;
-    if (!o) return NULL;
-    moe_norm_rope_attrs at = {.eps = eps, .theta = theta, .per_head = per_head};
-    OP_RUN(MOE_K_RMSNORM_ROPE, .out = o, .in = {xc, wc, pc}, .attrs = &at);
-    return o;
-}
-
 /* x itself when each token's heads lie side by side (unit last stride, heads at stride hd),
  * else a contiguous copy. */
 static moe_tensor *heads_side_by_side(moe_tensor *x) {

@@ -185,29 +185,28 @@ _Pragma("omp parallel for schedule(static) if (B * Tn * H * hd > 16384)")
     return MOE_OK;
 }
 
-/* RMSNORM_ROPE: each token's n heads (unit last stride, heads at stride hd) normalised
- * per head or together, as moe_cpu_rmsnorm computes (y = x * rstd * w in the dtype), into
- * the output, then rotated there in place as moe_cpu_rope rotates. */
-moe_status moe_cpu_rmsnorm_rope(const moe_kernel_args *a) {
-    const moe_norm_rope_attrs *at = a->attrs;
-    const moe_tensor *x = a->in[0], *w = a->in[1];
+/* Each token's n heads of x [B, T, n, hd] (unit last stride, heads at stride hd)
+ * normalised per head or together, as moe_cpu_rmsnorm computes (y = x * rstd * w in the
+ * dtype), into out, then rotated there in place as moe_cpu_rope rotates. */
+static moe_status rmsnorm_rope(const moe_tensor *x, const moe_tensor *w, const moe_tensor *positions, double eps,
+                               bool per_head, double theta, moe_tensor *out) {
     const int64_t B = x->shape[0], Tn = x->shape[1], n = x->shape[2], hd = x->shape[3], half = hd / 2, W = n * hd;
-    const int64_t group = at->per_head ? hd : W, *xs = x->strides;
-    const int32_t *pos = (const int32_t *)a->in[2]->data;
-    MOE_TRY(rope_table_for("rmsnorm_rope", at->theta, hd, pos, 0, Tn));
-    CPU_FLOAT_DISPATCH(x->dtype, "rmsnorm_rope",
+    const int64_t group = per_head ? hd : W, *xs = x->strides;
+    const int32_t *pos = (const int32_t *)positions->data;
+    MOE_TRY(rope_table_for("rope_append", theta, hd, pos, 0, Tn));
+    CPU_FLOAT_DISPATCH(x->dtype, "rope_append",
         const T *pw = (const T *)w->data;
 _Pragma("omp parallel for schedule(static) if (B * Tn * W > 16384)")
         for (int64_t r = 0; r < B * Tn; r++) {
             const int64_t t = r % Tn;
             const T *px = (const T *)x->data + (r / Tn) * xs[0] + t * xs[1];
-            T *py = (T *)a->out->data + r * W, cs[half], sn[half];
+            T *py = (T *)out->data + r * W, cs[half], sn[half];
             for (int64_t g0 = 0; g0 < W; g0 += group) {
                 double ss = 0;
 _Pragma("omp simd reduction(+:ss)")
                 for (int64_t c = 0; c < group; c++) ss += (double)px[g0 + c] * px[g0 + c];
-                T rs = (T)(1.0 / sqrt(ss / (double)group + at->eps));
-                for (int64_t c = 0; c < group; c++) py[g0 + c] = px[g0 + c] * rs * pw[at->per_head ? c : g0 + c];
+                T rs = (T)(1.0 / sqrt(ss / (double)group + eps));
+                for (int64_t c = 0; c < group; c++) py[g0 + c] = px[g0 + c] * rs * pw[per_head ? c : g0 + c];
             }
             const double *tc = rope_table.cos + pos[t] * half, *ts = rope_table.sin + pos[t] * half;
             for (int64_t i = 0; i < half; i++) cs[i] = (T)tc[i], sn[i] = (T)ts[i];
@@ -220,16 +219,14 @@ _Pragma("omp simd reduction(+:ss)")
     return MOE_OK;
 }
 
-/* x [1, T, n, hd] normalised (w non-NULL) and rotated into out, as RMSNORM_ROPE (ROPE
- * without a norm) computes. */
+/* x [1, T, n, hd] normalised as at->norm says and rotated into out. */
 static moe_status rope_append_prepare(const moe_rope_append_attrs *at, const moe_tensor *x, const moe_tensor *w,
                                       const moe_tensor *pos, moe_tensor *out) {
     if (at->norm == MOE_QK_NORM_NONE) {
         moe_rope_attrs ra = {.pos0 = 0, .theta = at->theta, .inverse = false};
         return moe_cpu_rope(&(moe_kernel_args){.out = out, .in = {x, pos}, .attrs = &ra});
     }
-    moe_norm_rope_attrs na = {.eps = at->eps, .theta = at->theta, .per_head = at->norm == MOE_QK_NORM_PER_HEAD};
-    return moe_cpu_rmsnorm_rope(&(moe_kernel_args){.out = out, .in = {x, w, pos}, .attrs = &na});
+    return rmsnorm_rope(x, w, pos, at->eps, at->norm == MOE_QK_NORM_PER_HEAD, at->theta, out);
 }
 
 /* Token t's n hd values of x (heads side by side at token stride s1) into pool row rows[t]. */

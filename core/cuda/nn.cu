@@ -106,7 +106,7 @@ extern "C" moe_status moe_cuda_rope(const moe_kernel_args *a) {
     return MOE_OK;
 }
 
-/* ---- RMSNORM_ROPE and ROPE_APPEND (inference): one block per (token, job). A job is a
+/* ---- ROPE_APPEND (inference): one block per (token, job). A job is a
  * stream of rows: q, k or v of an attention layer. The block's n hd values and their weights
  * (V at a time, all loads issued in one pass) go to shared memory with the values' squares
  * summed per V-chunk; with a norm, the chunk sums are added per head or over the token (a
@@ -220,17 +220,6 @@ static moe_status nr_launch(const nr_jobs<T> &jobs, int n_jobs, bool vec, int64_
     kernel<<<dim3((unsigned)(B * Tn), (unsigned)n_jobs), th, smem, moe_cu.stream>>>(
         jobs, pos, Tn, hd, (float)eps, -2.0 * log2(theta) / (double)hd, moe_cu.index_fault);
     CU_LAUNCHED(kname);
-    return MOE_OK;
-}
-
-extern "C" moe_status moe_cuda_rmsnorm_rope(const moe_kernel_args *a) {
-    const moe_norm_rope_attrs at = *(const moe_norm_rope_attrs *)a->attrs;
-    const moe_tensor *x = a->in[0], *w = a->in[1];
-    const bool vec = nr_vec_ok(x) && (uintptr_t)w->data % 16 == 0;
-    CU_FLOAT_DISPATCH(x->dtype, "rmsnorm_rope",
-        nr_jobs<T> jobs = {{nr_job_of<T>(x, w, at.per_head ? NR_PER_HEAD : NR_ALL, true, a->out->data, NULL, 0)}};
-        return nr_launch<T>(jobs, 1, vec, x->shape[0], x->shape[1], x->shape[3], (const int32_t *)a->in[2]->data, at.eps,
-                            at.theta, "rmsnorm_rope");)
     return MOE_OK;
 }
 

@@ -1,4 +1,4 @@
-/* Op cases: nn family (dropout, rope and rope_at, rmsnorm_rope, rope_append, attention, attention_varlen and
+/* Op cases: nn family (dropout, rope and rope_at, rope_append, attention, attention_varlen and
  * attention_paged, cut cross-entropy). */
 #include <math.h>
 #include <stdio.h>
@@ -103,14 +103,10 @@ static bool paged_check(moe_tensor **in, moe_tensor *out, const seg_layout *s, b
     return matches_reference(out, ref, "gathered keys", why, cap);
 }
 
-/* rmsnorm_rope (inference only) against moe_rope_at(moe_rmsnorm(x)) in f64. x is
- * heads 1 .. n of in[0] [B, T, n + 2, hd] (a slice of a fused projection, read in place)
- * or in[0] itself; the norm runs over all n heads (w [n hd]) or per head (w [hd]). */
+/* The reference of rope_append's q and k: moe_rope_at(moe_rmsnorm(x)) in f64, the norm over
+ * all n heads of x [B, T, n, hd] (w [n hd]) or per head (w [hd]). */
 static const int32_t NORM_ROPE_POS[5] = {7, 0, 3, 1000, 2};
 
-static moe_tensor *norm_rope_x(moe_tensor **in, bool slice) {
-    return slice ? moe_slice(in[0], 2, 1, in[0]->shape[2] - 1) : in[0];
-}
 static moe_tensor *norm_rope_pos(moe_tensor *x) {
     return moe_tensor_from_host(MOE_LIFE_STEP, x->device, MOE_I32, 1, (int64_t[]){x->shape[1]}, NORM_ROPE_POS);
 }
@@ -121,21 +117,6 @@ static moe_tensor *norm_rope_ref(moe_tensor *x, moe_tensor *w, bool per_head) {
                                                        w, 1e-5), 4, shape);
     return moe_rope_at(n, norm_rope_pos(x), 10000.0);
 }
-static bool norm_rope_check(moe_tensor **in, moe_tensor *out, bool slice, bool per_head, char *why, size_t cap) {
-    return matches_reference(out, norm_rope_ref(norm_rope_x(in, slice), in[1], per_head), "rmsnorm then rope_at", why,
-                             cap);
-}
-#define NORM_ROPE_CASE(fn, slice, per_head)                                                                      \
-    static moe_tensor *run_##fn(moe_tensor **in) {                                                             \
-        moe_tensor *x = norm_rope_x(in, slice);                                                                \
-        return moe_rmsnorm_rope(x, in[1], 1e-5, per_head, norm_rope_pos(x), 10000.0);                          \
-    }                                                                                                          \
-    static bool check_##fn(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {                          \
-        return norm_rope_check(in, out, slice, per_head, why, cap);                                            \
-    }
-NORM_ROPE_CASE(norm_rope_slice_all, true, false)
-NORM_ROPE_CASE(norm_rope_heads, false, true)
-NORM_ROPE_CASE(norm_rope_slice_heads, true, true)
 
 /* rope_append (inference only) against rmsnorm then rope_at (rope_at alone without a norm)
  * and index_copy_: q, k, v are heads [0, 4), [4, 6), [6, 8) of in[0] [1, 5, 8, hd] (a fused
@@ -247,17 +228,12 @@ static const op_case cases[] = {
     {"rope", "rope_at [2,5,2,4] positions 4 0 1 2 9", 1, {F(4, 2, 5, 2, 4)}, run_rope_at},
     {"rope", "rope_at [1,5,3,6] strided", 1, {FT(4, 1, 5, 3, 6)}, run_rope_at},
     {"rope", "rope_at [1,5,2,8] positions up to 131071", 1, {F(4, 1, 5, 2, 8)}, run_rope_far},
-    {"rmsnorm_rope", "heads 1..3 of [1,5,5,8], norm over the 3 heads (cuda: element loads)", 2,
-     {N(4, 1, 5, 5, 8), NP(24)}, run_norm_rope_slice_all, .check = check_norm_rope_slice_all},
-    {"rmsnorm_rope", "[2,5,3,6] per head", 2, {N(4, 2, 5, 3, 6), NP(6)}, run_norm_rope_heads, .check = check_norm_rope_heads},
-    {"rmsnorm_rope", "heads 1..4 of [1,5,6,64] per head (cuda: 16-byte loads)", 2, {N(4, 1, 5, 6, 64), NP(64)},
-     run_norm_rope_slice_heads, .check = check_norm_rope_slice_heads},
-    {"rmsnorm_rope", "heads 1..4 of [1,5,6,64], norm over the 4 heads (cuda: 16-byte loads)", 2,
-     {N(4, 1, 5, 6, 64), NP(256)}, run_norm_rope_slice_all, .check = check_norm_rope_slice_all},
     {"rope_append", "q, k, v of [1,5,8,64], per-head norms, into 7-row pools (cuda: 16-byte loads)", 3,
      {N(4, 1, 5, 8, 64), NP(64), NP(64)}, run_rope_append_heads, .check = check_rope_append_heads},
     {"rope_append", "q, k, v of [1,5,8,6], norms over all heads (cuda: element loads)", 3,
      {N(4, 1, 5, 8, 6), NP(24), NP(12)}, run_rope_append_all, .check = check_rope_append_all},
+    {"rope_append", "q, k, v of [1,5,8,64], norms over all heads (cuda: 16-byte loads)", 3,
+     {N(4, 1, 5, 8, 64), NP(256), NP(128)}, run_rope_append_all, .check = check_rope_append_all},
     {"rope_append", "q, k, v of [1,5,8,16] without norms", 1, {N(4, 1, 5, 8, 16)}, run_rope_append_plain,
      .check = check_rope_append_plain},
     {"attention", "causal GQA H=4 Hkv=2, Tq=5 < Tk=6, transposed q", 3,
