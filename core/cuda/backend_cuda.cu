@@ -71,6 +71,8 @@ static moe_status init_device(void) {
     CU_TRY(cudaMemset(moe_cu.tickets, 0, CU_TICKETS * sizeof *moe_cu.tickets), "zeroing the block tickets");
     const char *tf = getenv("MOE_CUDA_TF32");
     moe_cu.tf32 = tf && strcmp(tf, "1") == 0;
+    const char *early = getenv("MOE_CUDA_EARLY_LAUNCH");
+    moe_cu.early_launch = !early || strcmp(early, "0") != 0;
     return MOE_OK;
 }
 

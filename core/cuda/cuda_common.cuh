@@ -49,6 +49,7 @@ struct moe_cuda_ctx {
     int sms;             /* multiprocessors */
     size_t smem_optin;   /* max dynamic shared memory per block after opt-in */
     bool tf32;           /* MOE_CUDA_TF32=1: f32 matmuls may use TF32 tensor cores */
+    bool early_launch;   /* cu_launch's kernels may start before the one ahead ends (MOE_CUDA_EARLY_LAUNCH=0: off) */
 };
 extern moe_cuda_ctx moe_cu;
 
@@ -67,6 +68,37 @@ extern moe_cuda_ctx moe_cu;
 
 /* After a launch: configuration errors and earlier asynchronous faults. */
 #define CU_LAUNCHED(kname) CU_TRY(cudaGetLastError(), "launching the %s kernel", kname)
+
+/* ---- early launch (programmatic dependent launch, sm_90). A chain of small kernels (a decode
+ * step's) spends a few microseconds between each kernel's end and the next one's start.
+ * cu_launch lets the GPU launch a kernel while the one ahead of it in the stream still runs;
+ * such a kernel calls cu_prior_done() before it reads or writes global memory: that waits
+ * until the kernels ahead have finished and their writes are visible, then lets the kernel
+ * behind start launching in turn. Called in a kernel launched the ordinary way, it returns
+ * at once. Graph capture records the early starts as programmatic edges. ---- */
+__device__ __forceinline__ void cu_prior_done() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+/* kernel<<<grid, block, smem, moe_cu.stream>>>(args...), early when moe_cu.early_launch; the
+ * kernel must begin with cu_prior_done(). Errors surface through CU_LAUNCHED. */
+template <typename... P, typename... A>
+static inline void cu_launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, A... args) {
+    cudaLaunchAttribute early;
+    early.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    early.val.programmaticStreamSerializationAllowed = moe_cu.early_launch ? 1 : 0;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = moe_cu.stream;
+    cfg.attrs = &early;
+    cfg.numAttrs = 1;
+    (void)cudaLaunchKernelEx(&cfg, kernel, ((P)args)...);
+}
 
 moe_status moe_cu_fail(cudaError_t e, const char *call, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 /* After a stream synchronisation: MOE_ERR_INVALID naming the kernel, value, position and

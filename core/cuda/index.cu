@@ -561,6 +561,7 @@ __device__ __forceinline__ void route_write_gates(const T *row, const int32_t *r
 template <class T>
 __global__ void route_topk_kernel(const T *lg, const float *bias, T *gates, int32_t *ids, int64_t rows, int E,
                                   moe_route_spec sp) {
+    cu_prior_done();
     const int lane = threadIdx.x & 31;
     for (int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows;
          r += ((int64_t)gridDim.x * blockDim.x) >> 5) {
@@ -599,6 +600,7 @@ __global__ void route_topk_kernel(const T *lg, const float *bias, T *gates, int3
 template <class T, int RT>
 __global__ void route_topk_regs_kernel(const T *lg, const float *bias, T *gates, int32_t *ids, int64_t rows, int E,
                                        moe_route_spec sp) {
+    cu_prior_done();
     const int lane = threadIdx.x & 31;
     for (int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows;
          r += ((int64_t)gridDim.x * blockDim.x) >> 5) {
@@ -663,9 +665,9 @@ extern "C" moe_status moe_cuda_route_topk(const moe_kernel_args *a) {
     CU_FLOAT_DISPATCH(lg->dtype, "route_topk",
         auto kernel = E <= 32 ? route_topk_regs_kernel<T, 1> : E <= 64 ? route_topk_regs_kernel<T, 2>
                     : E <= 128 ? route_topk_regs_kernel<T, 4> : route_topk_kernel<T>;
-        kernel<<<cu_blocks(rows * 32, warps * 32), warps * 32, 0, moe_cu.stream>>>(
-            (const T *)lg->data, bias ? (const float *)bias->data : NULL, (T *)a->out->data, (int32_t *)a->out2->data,
-            rows, (int)E, *(const moe_route_spec *)a->attrs);)
+        cu_launch(kernel, cu_blocks(rows * 32, warps * 32), warps * 32, 0, (const T *)lg->data,
+                  bias ? (const float *)bias->data : NULL, (T *)a->out->data, (int32_t *)a->out2->data, rows, (int)E,
+                  *(const moe_route_spec *)a->attrs);)
     CU_LAUNCHED("route_topk");
     return MOE_OK;
 }

@@ -160,6 +160,7 @@ __global__ void __launch_bounds__(SK_THREADS)
                   float *part, unsigned *tickets, T *C, int64_t ldc) {
     constexpr int LANES = SK_TILE / 8, STEP = 32 / LANES, WARPS = SK_THREADS / 32;
     __shared__ float red[WARPS * STEP][MR][SK_TILE];
+    cu_prior_done();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sub = lane / LANES, l = lane % LANES;
     const int64_t c0 = (int64_t)blockIdx.x * SK_TILE, col = c0 + l * 8;
     const int64_t r0 = (int64_t)blockIdx.y * rows_per_split, r1 = min(K, r0 + rows_per_split);
@@ -214,8 +215,8 @@ static moe_status skinny_launch(const T *A, int64_t lda, const T *B, int64_t ldb
     splits = (K + rows_per_split - 1) / rows_per_split;
     float *part = NULL;
     if (splits > 1 && !(part = (float *)cu_scratch(sizeof(float) * (size_t)(splits * MR * N)))) return moe_last_status();
-    skinny_kernel<T, MR><<<dim3((unsigned)tiles, (unsigned)splits), SK_THREADS, 0, moe_cu.stream>>>(
-        A, lda, B, ldb, K, N, rows_per_split, part, moe_cu.tickets, C, ldc);
+    cu_launch(skinny_kernel<T, MR>, dim3((unsigned)tiles, (unsigned)splits), SK_THREADS, 0, A, lda, B, ldb, K, N,
+              rows_per_split, part, moe_cu.tickets, C, ldc);
     CU_LAUNCHED("matmul (skinny)");
     return MOE_OK;
 }
@@ -728,6 +729,7 @@ __global__ void __launch_bounds__(GS_THREADS, MIN_BLOCKS) gathered_rows_kernel(c
                                                                    T *out, gs_combine<T> cb, cu_index_fault *fault) {
     constexpr int NSEG = SWIGLU ? 2 : 1, SEG_LANES = GS_TILE / 8, LANES = NSEG * SEG_LANES, STEP = 32 / LANES;
     extern __shared__ float red[]; /* [warps * STEP][NSEG * GS_TILE] */
+    cu_prior_done();
     const int64_t p = blockIdx.y, c0 = (int64_t)blockIdx.x * GS_TILE, ld = NSEG * cols;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
     const int sub = lane / LANES, l = lane % LANES, seg = l / SEG_LANES;
@@ -796,11 +798,11 @@ static moe_status gathered_launch(const moe_kernel_args *a, int64_t P, int64_t k
                                                         : gathered_rows_kernel<T, true, VEC, GS_BATCH, 2>;
     auto down_kernel = (int64_t)down.x * down.y <= moe_cu.sms ? gathered_rows_kernel<T, false, VEC, GS_BATCH_DEEP, 1>
                                                               : gathered_rows_kernel<T, false, VEC, GS_BATCH, 2>;
-    up_kernel<<<up, GS_THREADS, shared_up, moe_cu.stream>>>((const T *)a->in[0]->data, k, ids, E, (const T *)a->in[3]->data,
-                                                            d, f, act, gs_combine<T>{}, moe_cu.index_fault);
+    cu_launch(up_kernel, up, GS_THREADS, shared_up, (const T *)a->in[0]->data, k, ids, E, (const T *)a->in[3]->data, d, f,
+              act, gs_combine<T>{}, moe_cu.index_fault);
     CU_LAUNCHED("gathered_swiglu (up)");
-    down_kernel<<<down, GS_THREADS, shared_down, moe_cu.stream>>>(act, 1, ids, E, (const T *)a->in[4]->data, f, d, pairs,
-                                                                  cb, moe_cu.index_fault);
+    cu_launch(down_kernel, down, GS_THREADS, shared_down, (const T *)act, (int64_t)1, ids, E, (const T *)a->in[4]->data, f,
+              d, pairs, cb, moe_cu.index_fault);
     CU_LAUNCHED("gathered_swiglu (down and combine)");
     return MOE_OK;
 }

@@ -138,6 +138,7 @@ __global__ void norm_rope_kernel(nr_jobs<T> jobs, const int32_t *pos, int64_t Tn
     extern __shared__ float sm[]; /* values [n hd], weights [n hd], cos [hd/2], sin [hd/2], chunk sums [n hd / V],
                                      rstd [n] */
     __shared__ float red[32];
+    cu_prior_done();
     const nr_job<T> &J = jobs.j[blockIdx.y];
     const int64_t r = blockIdx.x, t = r % Tn, n = J.n, W = n * hd, half = hd / 2, chunks = W / V;
     int64_t dst = r;
@@ -217,8 +218,8 @@ static moe_status nr_launch(const nr_jobs<T> &jobs, int n_jobs, bool vec, int64_
     th = th < 64 ? 64 : th > 512 ? 512 : th;
     auto kernel = vec ? norm_rope_kernel<T, 8> : norm_rope_kernel<T, 1>;
     MOE_TRY(cu_allow_smem(kernel, smem, kname));
-    kernel<<<dim3((unsigned)(B * Tn), (unsigned)n_jobs), th, smem, moe_cu.stream>>>(
-        jobs, pos, Tn, hd, (float)eps, -2.0 * log2(theta) / (double)hd, moe_cu.index_fault);
+    cu_launch(kernel, dim3((unsigned)(B * Tn), (unsigned)n_jobs), th, smem, jobs, pos, Tn, hd, (float)eps,
+              -2.0 * log2(theta) / (double)hd, moe_cu.index_fault);
     CU_LAUNCHED(kname);
     return MOE_OK;
 }
@@ -550,6 +551,7 @@ __global__ void __launch_bounds__(PAGED_WARPS * 32)
     paged_attention_kernel(const T *q, const T *kp, const T *vp, T *o, float *part, float *ml, att_view vq,
                            paged_geom g, cu_index_fault *fault) {
     __shared__ float wm[PAGED_WARPS], wl[PAGED_WARPS], wacc[PAGED_WARPS][32 * E];
+    cu_prior_done();
     const int64_t sid = blockIdx.z / g.n_split, split = blockIdx.z % g.n_split;
     const moe_att_seg sg = moe_att_seg_at(g.seg, g.n_seg, sid, g.Tq, 0);
     const int64_t group = g.H / g.Hkv, kvh = blockIdx.y, r = blockIdx.x;
@@ -631,9 +633,8 @@ static void paged_launch(const moe_kernel_args *a, dim3 grid, float *part, float
     const bool vec = can_vec && g.hd == 32 * E && (uintptr_t)a->in[1]->data % 16 == 0 &&
                      (uintptr_t)a->in[2]->data % 16 == 0;
     auto kernel = vec ? paged_attention_kernel<T, E, can_vec> : paged_attention_kernel<T, E, false>;
-    kernel<<<grid, PAGED_WARPS * 32, 0, moe_cu.stream>>>((const T *)a->in[0]->data, (const T *)a->in[1]->data,
-                                                         (const T *)a->in[2]->data, (T *)a->out->data, part, ml,
-                                                         att_view_of(a->in[0]), g, moe_cu.index_fault);
+    cu_launch(kernel, grid, PAGED_WARPS * 32, 0, (const T *)a->in[0]->data, (const T *)a->in[1]->data,
+              (const T *)a->in[2]->data, (T *)a->out->data, part, ml, att_view_of(a->in[0]), g, moe_cu.index_fault);
 }
 
 extern "C" moe_status moe_cuda_attention_paged(const moe_kernel_args *a) {

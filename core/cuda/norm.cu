@@ -176,6 +176,7 @@ extern "C" moe_status moe_cuda_rmsnorm(const moe_kernel_args *a) { return norm_f
 template <class T, int V>
 __global__ void add_norm_kernel(const T *x, const T *res, const T *w, T *o, T *sum, int64_t rows, int64_t d, float eps) {
     __shared__ float sh[32];
+    cu_prior_done();
     const int64_t c0 = (int64_t)threadIdx.x * V, cstep = (int64_t)blockDim.x * V;
     ROW_LOOP(r, rows) {
         const T *px = x + r * d, *pr = res + r * d;
@@ -212,9 +213,8 @@ extern "C" moe_status moe_cuda_add_rmsnorm(const moe_kernel_args *a) {
     int th = row_threads(vec ? d / 8 : d);
     CU_FLOAT_DISPATCH(x->dtype, "add_rmsnorm",
         auto kernel = vec ? add_norm_kernel<T, 8> : add_norm_kernel<T, 1>;
-        kernel<<<cu_blocks(rows * th, th), th, 0, moe_cu.stream>>>((const T *)x->data, (const T *)r->data,
-                                                                  (const T *)w->data, (T *)a->out->data,
-                                                                  (T *)a->out2->data, rows, d, eps);)
+        cu_launch(kernel, cu_blocks(rows * th, th), th, 0, (const T *)x->data, (const T *)r->data, (const T *)w->data,
+                  (T *)a->out->data, (T *)a->out2->data, rows, d, eps);)
     CU_LAUNCHED("add_rmsnorm");
     return MOE_OK;
 }
