@@ -59,6 +59,7 @@
     X(SCATTER_ADD, scatter_add, 1)           \
     X(TOPK, topk, 1)                         \
     X(ROUTE_TOPK, route_topk, 0)             \
+    X(ROUTE_SELECT, route_select, 0)         \
     X(ARGSORT, argsort, 0)                   \
     X(BINCOUNT, bincount, 0)                 \
     X(CUMSUM, cumsum, 0)                     \
@@ -122,6 +123,7 @@ extern const moe_op_info moe_op_table[MOE_OP_COUNT];
     X(SCATTER_ADD, scatter_add)         /* out[r, in[1][r, j]] += in[0][r, j], in place on out */   \
     X(TOPK, topk)                /* out = values, out2 = indices */                          \
     X(ROUTE_TOPK, route_topk)          /* out = gates [T, k], out2 = ids [T, k] I32; in: logits [T, E], bias [E] or NULL; attrs moe_route_spec */ \
+    X(ROUTE_SELECT, route_select)        /* out = gates [T, k], out2 = ids [T, k] I32; in: x [T, d], w [d, E] (x's dtype), bias [E] or NULL; route_topk of x @ w */ \
     X(ARGSORT, argsort)             /* out I32 <- stable ascending positions, last axis */      \
     X(BINCOUNT, bincount)            /* out [nbins] I32 <- counts of in[0]; attrs moe_int_attrs */ \
     X(CUMSUM, cumsum)              /* out I32 <- (exclusive) prefix sums of in[0] */           \

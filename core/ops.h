@@ -113,6 +113,12 @@ typedef struct moe_route_spec {
     double scale;
 } moe_route_spec;
 moe_tensor *moe_route_topk(moe_tensor *logits, moe_tensor *bias, const moe_route_spec *spec, moe_tensor **ids);
+/* The gate projection and the selection in one (inference only): logits = x [T, d] @ w [d, E]
+ * rounded to x's dtype as moe_matmul leaves them, then moe_route_topk on them. The same
+ * gates and ids as those two ops; on CUDA a few tokens take one kernel, whose last block
+ * selects. */
+moe_tensor *moe_route_select(moe_tensor *x, moe_tensor *w, moe_tensor *bias, const moe_route_spec *spec,
+                             moe_tensor **ids);
 
 /* ---- integer ops for routing (not differentiable) ---- */
 moe_tensor *moe_argsort(moe_tensor *x);                 /* stable ascending, last axis, I32 */

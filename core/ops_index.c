@@ -288,32 +288,60 @@ moe_tensor *moe_topk(moe_tensor *x, int k, moe_tensor **indices) {
     return v;
 }
 
+/* route_topk's and route_select's checks on a selection among E experts for `what` (the
+ * logits or x, whose dtype the gates take), then the gates and ids made; the bias as f32
+ * (f64 for f64) and contiguous into *bc. */
+static bool route_prepare(const char *fn, const moe_tensor *what, int64_t E, moe_tensor *bias,
+                          const moe_route_spec *spec, moe_tensor **bc, moe_tensor **gates, moe_tensor **idx) {
+    if (!moe_check(spec->k >= 1 && spec->k <= E, fn, "k = %d out of range [1, %lld]", spec->k, (long long)E))
+        return false;
+    if (bias) {
+        moe_tensor *lb[2] = {(moe_tensor *)what, bias};
+        if (!op_check_same(fn, 2, lb, false)) return false;
+        if (!moe_check(bias->ndim == 1 && bias->shape[0] == E, fn, "bias must be [%lld], got %s", (long long)E, D(bias)))
+            return false;
+    }
+    if (!moe_check(!(moe_grad_enabled() && what->requires_grad), fn,
+                   "inference only: the input needs grads (training selects with topk)"))
+        return false;
+    *bc = bias ? moe_contiguous(moe_cast(bias, what->dtype == MOE_F64 ? MOE_F64 : MOE_F32)) : NULL;
+    *gates = op_new(what, what->dtype, 2, (int64_t[]){what->shape[0], spec->k});
+    *idx = op_new(what, MOE_I32, 2, (int64_t[]){what->shape[0], spec->k});
+    return (!bias || *bc) && *gates && *idx;
+}
+
 moe_tensor *moe_route_topk(moe_tensor *logits, moe_tensor *bias, const moe_route_spec *spec, moe_tensor **ids) {
     *ids = NULL;
     OP_NEED(logits);
     if (!moe_check(moe_dtype_is_float(logits->dtype) && logits->ndim == 2, "route_topk",
                    "needs float logits [T, E], got %s", D(logits)))
         return NULL;
-    int64_t T = logits->shape[0], E = logits->shape[1];
-    if (!moe_check(spec->k >= 1 && spec->k <= E, "route_topk", "k = %d out of range [1, %lld]", spec->k, (long long)E))
-        return NULL;
-    if (bias) {
-        moe_tensor *lb[2] = {logits, bias};
-        if (!op_check_same("route_topk", 2, lb, false)) return NULL;
-        if (!moe_check(bias->ndim == 1 && bias->shape[0] == E, "route_topk", "bias must be [%lld], got %s", (long long)E,
-                       D(bias)))
-            return NULL;
-    }
-    if (!moe_check(!(moe_grad_enabled() && logits->requires_grad), "route_topk",
-                   "inference only: the logits need grads (training selects with topk)"))
-        return NULL;
+    moe_tensor *bc, *gates, *idx;
+    if (!route_prepare("route_topk", logits, logits->shape[1], bias, spec, &bc, &gates, &idx)) return NULL;
     const moe_tensor *lc = op_contiguous_nograd(logits);
-    moe_tensor *bc = bias ? moe_contiguous(moe_cast(bias, logits->dtype == MOE_F64 ? MOE_F64 : MOE_F32)) : NULL;
-    if (!lc || (bias && !bc)) return NULL;
-    moe_tensor *gates = op_new(logits, logits->dtype, 2, (int64_t[]){T, spec->k}),
-               *idx = op_new(logits, MOE_I32, 2, (int64_t[]){T, spec->k});
-    if (!gates || !idx) return NULL;
+    if (!lc) return NULL;
     OP_RUN(MOE_K_ROUTE_TOPK, .out = gates, .out2 = idx, .in = {lc, bc}, .attrs = spec);
+    *ids = idx;
+    return gates;
+}
+
+moe_tensor *moe_route_select(moe_tensor *x, moe_tensor *w, moe_tensor *bias, const moe_route_spec *spec,
+                             moe_tensor **ids) {
+    *ids = NULL;
+    OP_NEED(x);
+    OP_NEED(w);
+    if (!moe_check(moe_dtype_is_float(x->dtype) && x->ndim == 2 && w->ndim == 2 && w->shape[0] == x->shape[1],
+                   "route_select", "needs x [T, d] and w [d, E], got %s and %s", D(x), D(w)))
+        return NULL;
+    moe_tensor *xw[2] = {x, w}, *bc, *gates, *idx;
+    if (!op_check_same("route_select", 2, xw, true) ||
+        !moe_check(!(moe_grad_enabled() && w->requires_grad), "route_select",
+                   "inference only: the projection needs grads (training selects with topk)") ||
+        !route_prepare("route_select", x, w->shape[1], bias, spec, &bc, &gates, &idx))
+        return NULL;
+    const moe_tensor *xc = op_contiguous_nograd(x), *wc = op_contiguous_nograd(w);
+    if (!xc || !wc) return NULL;
+    OP_RUN(MOE_K_ROUTE_SELECT, .out = gates, .out2 = idx, .in = {xc, wc, bc}, .attrs = spec);
     *ids = idx;
     return gates;
 }

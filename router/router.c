@@ -390,16 +390,16 @@ moe_status moe_router_select(const moe_router *r, moe_tensor *logits, moe_routin
 
 bool moe_router_selects_on_device(const moe_router *r) { return r->s.n_groups <= 1; }
 
-moe_tensor *moe_router_select_logits(moe_router *r, moe_tensor *x, moe_tensor *state_in, moe_tensor **state_out) {
-    if (!x) return NULL;
-    if (r->s.type == MOE_ROUTER_RMOE) return moe_router_logits(r, x, state_in, state_out);
-    return gate_projection(r, x);
-}
-
-moe_status moe_router_select_device(const moe_router *r, moe_tensor *logits, moe_tensor **gates, moe_tensor **experts) {
+moe_status moe_router_select_device(moe_router *r, moe_tensor *x, moe_tensor *state_in, moe_tensor **state_out,
+                                    moe_tensor **gates, moe_tensor **experts) {
     MOE_ASSERT(moe_router_selects_on_device(r), "router: group-limited selection runs on the host");
     moe_route_spec spec = route_spec(r);
-    *gates = moe_route_topk(logits, r->bias, &spec, experts);
+    *state_out = NULL;
+    if (!x) return moe_last_status();
+    if (r->s.type == MOE_ROUTER_RMOE)
+        *gates = moe_route_topk(moe_router_logits(r, x, state_in, state_out), r->bias, &spec, experts);
+    else
+        *gates = moe_route_select(x, moe_cast(r->w_gate, x->dtype), r->bias, &spec, experts);
     return *gates ? MOE_OK : moe_last_status();
 }
 

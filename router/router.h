@@ -106,16 +106,16 @@ moe_tensor *moe_router_logits(moe_router *r, moe_tensor *x, moe_tensor *state_in
  * why). out's tensors are STEP tensors. */
 moe_status moe_router_select(const moe_router *r, moe_tensor *logits, moe_routing *out);
 
-/* The same selection left on the device, fused into one kernel (moe_route_topk): gates
- * [T, k] (logits' dtype) and experts [T, k] I32 as moe_router_select computes them up to
- * rounding, without the read back (nothing on the host waits).
+/* The same selection left on the device, from the layer's input x [T, d]: gates [T, k] (x's
+ * dtype) and experts [T, k] I32 as moe_router_select computes them up to rounding, without
+ * the read back (nothing on the host waits). topk's and ot's projection and selection are
+ * one op (moe_route_select: the logits in x's dtype, read exactly and selected on in f32);
+ * rmoe's logits come from moe_router_logits with its state carried from state_in into
+ * *state_out (NULL for the others), then moe_route_topk selects.
  * Only where moe_router_selects_on_device: group-limited selection runs on the host. */
 bool moe_router_selects_on_device(const moe_router *r);
-moe_status moe_router_select_device(const moe_router *r, moe_tensor *logits, moe_tensor **gates, moe_tensor **experts);
-/* Logits for moe_router_select_device alone: topk's and ot's projection in x's dtype as it
- * comes out (moe_route_topk reads bf16 exactly and computes in f32, so the selection and
- * gates are those of the f32 logits, without the two casts); rmoe's as moe_router_logits. */
-moe_tensor *moe_router_select_logits(moe_router *r, moe_tensor *x, moe_tensor *state_in, moe_tensor **state_out);
+moe_status moe_router_select_device(moe_router *r, moe_tensor *x, moe_tensor *state_in, moe_tensor **state_out,
+                                    moe_tensor **gates, moe_tensor **experts);
 
 /* After the optimizer step: aux-loss-free bias update b_e += rate * sign(mean load - load_e). */
 moe_status moe_router_update_bias(moe_router *r, const int64_t *load);

@@ -476,3 +476,13 @@ _Pragma("omp parallel for schedule(static) if (rows * E > 8192)")
     )
     return MOE_OK;
 }
+
+/* ROUTE_SELECT: the logits x @ w into step memory in x's dtype, then ROUTE_TOPK on them. */
+moe_status moe_cpu_route_select(const moe_kernel_args *a) {
+    const moe_tensor *x = a->in[0], *w = a->in[1];
+    moe_tensor *logits = moe_tensor_empty(MOE_LIFE_STEP, MOE_CPU, x->dtype, 2, (int64_t[]){x->shape[0], w->shape[1]});
+    if (!logits) return moe_last_status();
+    MOE_TRY(moe_cpu_gemm(x, w, logits, 1.0f, 0.0f));
+    moe_kernel_args topk = {.out = a->out, .out2 = a->out2, .in = {logits, a->in[2]}, .attrs = a->attrs};
+    return moe_cpu_route_topk(&topk);
+}

@@ -10,10 +10,7 @@
 #include <cub/cub.cuh>
 
 #include "core/cuda/cuda_common.cuh"
-
-extern "C" {
-#include "core/ops.h" /* moe_route_spec */
-}
+#include "core/cuda/route.cuh"
 
 #define BITS_DISPATCH(es, kname, ...)                                                          \
     switch (es) {                                                                              \
@@ -372,22 +369,6 @@ extern "C" moe_status moe_cuda_scatter_add(const moe_kernel_args *a) {
 /* ---- TOPK: k rounds per row, each the best element ordered after the previous pick
  * (descending value, ascending index among equals): no scratch, any row length. NaNs are
  * never picked; a row with fewer than k non-NaN values gets (NaN, index 0) fillers. ---- */
-__device__ __forceinline__ void topk_merge(float &v, int &i, float v2, int i2) {
-    if (v2 > v || (v2 == v && i2 < i) || (v != v && v2 == v2)) {
-        v = v2;
-        i = i2;
-    }
-}
-
-/* The warp's best (value, index) under topk_merge's order, in every lane. */
-__device__ __forceinline__ void topk_warp_merge(float &v, int &i) {
-    for (int o = 16; o > 0; o >>= 1) {
-        float v2 = __shfl_xor_sync(0xffffffffu, v, o);
-        int i2 = __shfl_xor_sync(0xffffffffu, i, o);
-        topk_merge(v, i, v2, i2);
-    }
-}
-
 template <class T> __global__ void topk_kernel(const T *x, T *vals, int32_t *ids, int64_t rows, int64_t n, int k) {
     __shared__ float sv[32];
     __shared__ int si[32];
@@ -532,125 +513,15 @@ extern "C" moe_status moe_cuda_cumsum(const moe_kernel_args *a) {
     return MOE_OK;
 }
 
-/* ---- ROUTE_TOPK: one warp per row of logits (f32 or bf16, read as f32); the softmax's max
- * and sum first, then topk_kernel's k rounds over p + bias with p recomputed from the
- * logits (rows of up to 128 experts keep them in registers: route_topk_regs_kernel); at the
- * end each lane recomputes the gates of its slots from their ids, and renormalises and
- * scales them in f32 before the one rounding to the gates' dtype. ---- */
-__device__ __forceinline__ float route_score(float l, float mx, float sum, bool sigmoid) {
-    return sigmoid ? 1.0f / (1.0f + expf(-l)) : expf(l - mx) / sum;
-}
-
-/* A pick's gate from its logit: its score, renormalised by the picks' total and scaled, in f32. */
-__device__ __forceinline__ float route_gate(float l, float mx, float sum, float total, const moe_route_spec &sp) {
-    float g = route_score(l, mx, sum, sp.sigmoid);
-    if (sp.renormalize) g /= total;
-    if (sp.scale > 0) g *= (float)sp.scale;
-    return g;
-}
-
-/* After a row's k rounds: each lane's slots' gates recomputed from their ids (lane 0
- * wrote them). */
-template <class T>
-__device__ __forceinline__ void route_write_gates(const T *row, const int32_t *row_ids, T *row_gates, int lane, float mx,
-                                                  float sum, float total, const moe_route_spec &sp) {
-    __syncwarp(); /* lane 0's id writes, visible to the lanes that read them */
-    for (int t = lane; t < sp.k; t += 32) stf(row_gates + t, route_gate(ldf(row + row_ids[t]), mx, sum, total, sp));
-}
-
+/* ---- ROUTE_TOPK: one warp per row of logits (f32 or bf16, read as f32): route_row ---- */
 template <class T>
 __global__ void route_topk_kernel(const T *lg, const float *bias, T *gates, int32_t *ids, int64_t rows, int E,
                                   moe_route_spec sp) {
     cu_prior_done();
     const int lane = threadIdx.x & 31;
     for (int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows;
-         r += ((int64_t)gridDim.x * blockDim.x) >> 5) {
-        const T *row = lg + r * E;
-        float mx = -INFINITY, sum = 0.0f;
-        if (!sp.sigmoid) {
-            for (int e = lane; e < E; e += 32) mx = fmaxf(mx, ldf(row + e));
-            mx = cu_warp_max(mx);
-            for (int e = lane; e < E; e += 32) sum += expf(ldf(row + e) - mx);
-            sum = cu_warp_sum(sum);
-        }
-        float pv = INFINITY, total = 0.0f;
-        int pi = -1;
-        for (int t = 0; t < sp.k; t++) {
-            float bv = NAN;
-            int bi = INT_MAX;
-            for (int e = lane; e < E; e += 32) {
-                float v = route_score(ldf(row + e), mx, sum, sp.sigmoid) + (bias ? bias[e] : 0.0f);
-                if (v < pv || (v == pv && e > pi)) topk_merge(bv, bi, v, e);
-            }
-            topk_warp_merge(bv, bi);
-            const int id = bi == INT_MAX ? 0 : bi;
-            total += route_score(ldf(row + id), mx, sum, sp.sigmoid);
-            if (lane == 0) ids[r * sp.k + t] = id;
-            pv = bv;
-            pi = bi;
-        }
-        route_write_gates(row, ids + r * sp.k, gates + r * sp.k, lane, mx, sum, total, sp);
-    }
-}
-
-/* route_topk_kernel for rows of at most 32 RT experts: each lane keeps its RT logits and
- * scores in registers, so the k rounds read no memory and compute no exp (the same
- * values and comparisons, in the same order: the same ids and gates); for k <= 32 lane t
- * also keeps pick t's id and logit and writes both at the end. */
-template <class T, int RT>
-__global__ void route_topk_regs_kernel(const T *lg, const float *bias, T *gates, int32_t *ids, int64_t rows, int E,
-                                       moe_route_spec sp) {
-    cu_prior_done();
-    const int lane = threadIdx.x & 31;
-    for (int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < rows;
-         r += ((int64_t)gridDim.x * blockDim.x) >> 5) {
-        const T *row = lg + r * E;
-        float l[RT], sc[RT], mx = -INFINITY, sum = 0.0f;
-#pragma unroll
-        for (int q = 0; q < RT; q++) l[q] = lane + 32 * q < E ? ldf(row + lane + 32 * q) : 0.0f;
-        if (!sp.sigmoid) {
-#pragma unroll
-            for (int q = 0; q < RT; q++)
-                if (lane + 32 * q < E) mx = fmaxf(mx, l[q]);
-            mx = cu_warp_max(mx);
-#pragma unroll
-            for (int q = 0; q < RT; q++)
-                if (lane + 32 * q < E) sum += expf(l[q] - mx);
-            sum = cu_warp_sum(sum);
-        }
-#pragma unroll
-        for (int q = 0; q < RT; q++)
-            sc[q] = route_score(l[q], mx, sum, sp.sigmoid) + (bias && lane + 32 * q < E ? bias[lane + 32 * q] : 0.0f);
-        float pv = INFINITY, total = 0.0f, my_l = 0.0f;
-        int pi = -1, my_id = 0;
-        for (int t = 0; t < sp.k; t++) {
-            float bv = NAN;
-            int bi = INT_MAX;
-#pragma unroll
-            for (int q = 0; q < RT; q++) {
-                const int e = lane + 32 * q;
-                if (e < E && (sc[q] < pv || (sc[q] == pv && e > pi))) topk_merge(bv, bi, sc[q], e);
-            }
-            topk_warp_merge(bv, bi);
-            const int id = bi == INT_MAX ? 0 : bi;
-            float lid = 0.0f; /* the chosen expert's logit, from the lane that holds it */
-#pragma unroll
-            for (int q = 0; q < RT; q++)
-                if (q == id / 32) lid = l[q];
-            lid = __shfl_sync(0xffffffffu, lid, id % 32);
-            total += route_score(lid, mx, sum, sp.sigmoid);
-            if (lane == t) my_id = id, my_l = lid;
-            if (sp.k > 32 && lane == 0) ids[r * sp.k + t] = id;
-            pv = bv;
-            pi = bi;
-        }
-        if (sp.k > 32) {
-            route_write_gates(row, ids + r * sp.k, gates + r * sp.k, lane, mx, sum, total, sp);
-        } else if (lane < sp.k) {
-            ids[r * sp.k + lane] = my_id;
-            stf(gates + r * sp.k + lane, route_gate(my_l, mx, sum, total, sp));
-        }
-    }
+         r += ((int64_t)gridDim.x * blockDim.x) >> 5)
+        route_row<T>(lg + r * E, bias, gates + r * sp.k, ids + r * sp.k, E, sp, lane);
 }
 
 extern "C" moe_status moe_cuda_route_topk(const moe_kernel_args *a) {
@@ -663,9 +534,7 @@ extern "C" moe_status moe_cuda_route_topk(const moe_kernel_args *a) {
     if (E > INT32_MAX) return moe_error(MOE_ERR_INVALID, "route_topk: %lld experts are too many", (long long)E);
     const int warps = 4;
     CU_FLOAT_DISPATCH(lg->dtype, "route_topk",
-        auto kernel = E <= 32 ? route_topk_regs_kernel<T, 1> : E <= 64 ? route_topk_regs_kernel<T, 2>
-                    : E <= 128 ? route_topk_regs_kernel<T, 4> : route_topk_kernel<T>;
-        cu_launch(kernel, cu_blocks(rows * 32, warps * 32), warps * 32, 0, (const T *)lg->data,
+        cu_launch(route_topk_kernel<T>, cu_blocks(rows * 32, warps * 32), warps * 32, 0, (const T *)lg->data,
                   bias ? (const float *)bias->data : NULL, (T *)a->out->data, (int32_t *)a->out2->data, rows, (int)E,
                   *(const moe_route_spec *)a->attrs);)
     CU_LAUNCHED("route_topk");

@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "core/cuda/cuda_common.cuh"
+#include "core/cuda/route.cuh"
 
 extern "C" moe_status moe_cuda_copy(const moe_kernel_args *a);
 extern "C" moe_status moe_cuda_fill(const moe_kernel_args *a);
@@ -140,7 +141,7 @@ static moe_status gemm_batched(const moe_tensor *A, mat_layout LA, int64_t sA, c
 #define SK_TILE 64
 #define SK_THREADS 256
 #define SK_ROWS_PER_SPLIT 128 /* at least this many rows of B per split */
-static_assert(SK_MAX_COLS / SK_TILE <= CU_TICKETS, "a ticket per column tile");
+static_assert(SK_MAX_COLS / SK_TILE < CU_TICKETS, "a ticket per column tile, and the last one for route_select");
 
 /* The last of tile c0's splits: every split's sums of the tile, added in split order. */
 template <class T, int MR>
@@ -154,10 +155,40 @@ __device__ void skinny_finish(const float *part, int64_t splits, int64_t c0, int
     }
 }
 
+/* A fused selection on the product's rows of logits (route_select): where the gates and
+ * ids go, and a zeroed ticket counting the blocks that finished a column tile. */
+template <class T> struct sk_route {
+    const float *bias; /* [N] or NULL */
+    T *gates;          /* [rows, sp.k] */
+    int32_t *ids;      /* [rows, sp.k] */
+    unsigned *ticket;
+    moe_route_spec sp;
+};
+
+/* After a block wrote a column tile of C [MR, N] whole: the last such block of the grid
+ * selects on C's rows, a warp a row (route_row). */
 template <class T, int MR>
+__device__ void skinny_select(const T *C, int64_t ldc, int64_t N, const sk_route<T> &rt) {
+    static_assert(MR <= SK_THREADS / 32, "a warp a row");
+    __shared__ bool last;
+    __threadfence(); /* this block's tile, visible before its ticket */
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = gridDim.x == 1 || atomicAdd(rt.ticket, 1u) == gridDim.x - 1;
+        if (last && gridDim.x > 1) *rt.ticket = 0; /* every tile has counted: zero for the next launch */
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (warp < MR)
+        route_row<T>(C + warp * ldc, rt.bias, rt.gates + warp * rt.sp.k, rt.ids + warp * rt.sp.k, (int)N, rt.sp, lane);
+}
+
+template <class T, int MR, bool ROUTE>
 __global__ void __launch_bounds__(SK_THREADS)
     skinny_kernel(const T *A, int64_t lda, const T *B, int64_t ldb, int64_t K, int64_t N, int64_t rows_per_split,
-                  float *part, unsigned *tickets, T *C, int64_t ldc) {
+                  float *part, unsigned *tickets, T *C, int64_t ldc, sk_route<T> rt) {
     constexpr int LANES = SK_TILE / 8, STEP = 32 / LANES, WARPS = SK_THREADS / 32;
     __shared__ float red[WARPS * STEP][MR][SK_TILE];
     cu_prior_done();
@@ -190,24 +221,25 @@ __global__ void __launch_bounds__(SK_THREADS)
         if (part) part[((int64_t)blockIdx.y * MR + m) * N + c0 + c] = sum;
         else stf(C + m * ldc + c0 + c, sum);
     }
-    if (!part) return;
-    __shared__ bool last;
-    __threadfence(); /* this block's sums, visible before its ticket */
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        last = atomicAdd(&tickets[blockIdx.x], 1u) == gridDim.y - 1;
-        if (last) tickets[blockIdx.x] = 0; /* every split has counted: zero for the next launch */
-    }
-    __syncthreads();
-    if (last) {
+    if (part) {
+        __shared__ bool last;
+        __threadfence(); /* this block's sums, visible before its ticket */
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            last = atomicAdd(&tickets[blockIdx.x], 1u) == gridDim.y - 1;
+            if (last) tickets[blockIdx.x] = 0; /* every split has counted: zero for the next launch */
+        }
+        __syncthreads();
+        if (!last) return;
         __threadfence();
         skinny_finish<T, MR>(part, gridDim.y, c0, N, C, ldc);
     }
+    if constexpr (ROUTE) skinny_select<T, MR>(C, ldc, N, rt);
 }
 
-template <class T, int MR>
+template <class T, int MR, bool ROUTE>
 static moe_status skinny_launch(const T *A, int64_t lda, const T *B, int64_t ldb, int64_t K, int64_t N, T *C,
-                                int64_t ldc) {
+                                int64_t ldc, const sk_route<T> &rt) {
     const int64_t tiles = (N + SK_TILE - 1) / SK_TILE, max_splits = K / SK_ROWS_PER_SPLIT > 1 ? K / SK_ROWS_PER_SPLIT : 1;
     int64_t splits = (2 * (int64_t)moe_cu.sms + tiles - 1) / tiles;
     splits = splits < max_splits ? splits : max_splits;
@@ -215,21 +247,22 @@ static moe_status skinny_launch(const T *A, int64_t lda, const T *B, int64_t ldb
     splits = (K + rows_per_split - 1) / rows_per_split;
     float *part = NULL;
     if (splits > 1 && !(part = (float *)cu_scratch(sizeof(float) * (size_t)(splits * MR * N)))) return moe_last_status();
-    cu_launch(skinny_kernel<T, MR>, dim3((unsigned)tiles, (unsigned)splits), SK_THREADS, 0, A, lda, B, ldb, K, N,
-              rows_per_split, part, moe_cu.tickets, C, ldc);
-    CU_LAUNCHED("matmul (skinny)");
+    cu_launch(skinny_kernel<T, MR, ROUTE>, dim3((unsigned)tiles, (unsigned)splits), SK_THREADS, 0, A, lda, B, ldb, K,
+              N, rows_per_split, part, moe_cu.tickets, C, ldc, rt);
+    CU_LAUNCHED(ROUTE ? "route_select (skinny)" : "matmul (skinny)");
     return MOE_OK;
 }
 
-/* C [rows, N] = A [rows, K] @ B [K, N], all row-major with leading strides lda, ldb, ldc. */
-template <class T>
+/* C [rows, N] = A [rows, K] @ B [K, N], all row-major with leading strides lda, ldb, ldc;
+ * ROUTE: then the selection rt on C's rows. */
+template <class T, bool ROUTE>
 static moe_status skinny_gemm(const T *A, int64_t lda, const T *B, int64_t ldb, int64_t K, int64_t N, T *C,
-                              int64_t ldc, int64_t rows) {
+                              int64_t ldc, int64_t rows, const sk_route<T> &rt) {
     switch (rows) {
-    case 1: return skinny_launch<T, 1>(A, lda, B, ldb, K, N, C, ldc);
-    case 2: return skinny_launch<T, 2>(A, lda, B, ldb, K, N, C, ldc);
-    case 3: return skinny_launch<T, 3>(A, lda, B, ldb, K, N, C, ldc);
-    default: return skinny_launch<T, 4>(A, lda, B, ldb, K, N, C, ldc);
+    case 1: return skinny_launch<T, 1, ROUTE>(A, lda, B, ldb, K, N, C, ldc, rt);
+    case 2: return skinny_launch<T, 2, ROUTE>(A, lda, B, ldb, K, N, C, ldc, rt);
+    case 3: return skinny_launch<T, 3, ROUTE>(A, lda, B, ldb, K, N, C, ldc, rt);
+    default: return skinny_launch<T, 4, ROUTE>(A, lda, B, ldb, K, N, C, ldc, rt);
     }
 }
 
@@ -289,8 +322,8 @@ moe_status moe_cuda_gemm(const moe_tensor *a_in, const moe_tensor *b_in, moe_ten
     if (c_direct && (nb == 0 || shared_b || batch == 1) && one_matrix &&
         skinny_fits(M * batch, N, &A, LA, &B, LB, Cw, LC, alpha, beta)) {
         CU_FLOAT_DISPATCH(A.dtype, "matmul",
-            return skinny_gemm<T>((const T *)A.data, LA.ld, (const T *)B.data, LB.ld, K, N, (T *)Cw->data, LC.ld,
-                                  M * batch);)
+            return skinny_gemm<T, false>((const T *)A.data, LA.ld, (const T *)B.data, LB.ld, K, N, (T *)Cw->data,
+                                         LC.ld, M * batch, sk_route<T>{});)
     }
     /* b shared and a, C row-major with rows evenly spaced across batches: one big GEMM. */
     if (shared_b && batch > 1 && LA.row_major && LC.row_major && sA == M * LA.ld && sC == M * LC.ld) {
@@ -319,6 +352,43 @@ moe_status moe_cuda_gemm(const moe_tensor *a_in, const moe_tensor *b_in, moe_ten
 extern "C" moe_status moe_cuda_matmul(const moe_kernel_args *a) {
     const moe_matmul_attrs *at = (const moe_matmul_attrs *)a->attrs;
     return moe_cuda_gemm(a->in[0], a->in[1], a->out, false, false, at->alpha, at->beta); /* transposes arrive as views */
+}
+
+extern "C" moe_status moe_cuda_route_topk(const moe_kernel_args *a);
+
+/* ROUTE_SELECT: the logits x [n, d] @ w [d, E] into step scratch; up to SK_MAX_ROWS tokens
+ * one skinny kernel whose last block selects, else the product then route_topk. */
+extern "C" moe_status moe_cuda_route_select(const moe_kernel_args *a) {
+    const moe_tensor *x = a->in[0], *w = a->in[1], *bias = a->in[2];
+    const int64_t n = x->shape[0], d = x->shape[1], E = w->shape[1];
+    if (bias && bias->dtype != MOE_F32)
+        return moe_error(MOE_ERR_UNSUPPORTED, "route_select: the bias must be f32 on cuda, got %s",
+                         moe_dtype_name(bias->dtype));
+    if (E > INT32_MAX) return moe_error(MOE_ERR_INVALID, "route_select: %lld experts are too many", (long long)E);
+    if (n == 0) return MOE_OK;
+    moe_tensor logits = *x;
+    logits.shape[1] = E;
+    logits.strides[0] = E;
+    logits.base = NULL;
+    logits.data = cu_scratch(moe_dtype_size(x->dtype) * (size_t)(n * E));
+    if (!logits.data) return moe_last_status();
+    const moe_route_spec *sp = (const moe_route_spec *)a->attrs;
+    const bool fused = (x->dtype == MOE_F32 || x->dtype == MOE_BF16) && n <= SK_MAX_ROWS && E <= SK_MAX_COLS &&
+                       E % 8 == 0 && d > 0 && (uintptr_t)w->data % 16 == 0;
+    if (fused) {
+        CU_FLOAT_DISPATCH(x->dtype, "route_select",
+            sk_route<T> rt = {bias ? (const float *)bias->data : NULL, (T *)a->out->data, (int32_t *)a->out2->data,
+                              moe_cu.tickets + CU_TICKETS - 1, *sp};
+            return skinny_gemm<T, true>((const T *)x->data, d, (const T *)w->data, E, d, E, (T *)logits.data, E, n, rt);)
+    }
+    MOE_TRY(moe_cuda_gemm(x, w, &logits, false, false, 1.0f, 0.0f));
+    moe_kernel_args topk = {};
+    topk.out = a->out;
+    topk.out2 = a->out2;
+    topk.in[0] = &logits;
+    topk.in[1] = bias;
+    topk.attrs = sp;
+    return moe_cuda_route_topk(&topk);
 }
 
 /* ---- grouped matmul ---- */

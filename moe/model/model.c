@@ -805,9 +805,9 @@ static moe_tensor *gathered_feed_forward(moe_model *m, int i, moe_tensor *h2, mo
                                          route_sink *sink) {
     moe_block *b = &m->blocks[i];
     moe_tensor *state = NULL, *gates, *experts;
-    moe_tensor *logits = moe_router_select_logits(&b->moe.router, h2, *router_state, &state);
+    moe_status st = moe_router_select_device(&b->moe.router, h2, *router_state, &state, &gates, &experts);
     *router_state = state;
-    if (!logits || moe_router_select_device(&b->moe.router, logits, &gates, &experts) != MOE_OK) return NULL;
+    if (st != MOE_OK) return NULL;
     if (sink && sink->t) {
         moe_tensor *rows = moe_reshape(moe_slice(sink->t, 0, i, i + 1), 2, experts->shape);
         if (!rows || moe_tensor_copy_(rows, experts) != MOE_OK) return NULL;

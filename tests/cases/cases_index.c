@@ -1,6 +1,6 @@
 /* Op cases: index family (embedding, row select / add, gather / scatter-add, top-k) and
  * the integer routing ops (argsort, bincount, cumsum) and the fused router selection
- * (route_topk) checked against references. */
+ * (route_topk, route_select) checked against references. */
 #include <assert.h>
 #include <math.h>
 #include <stdio.h>
@@ -192,6 +192,39 @@ static bool check_route_wide(moe_tensor **in, moe_tensor *out, char *why, size_t
     return check_route(in, out, (moe_route_spec){.k = 36, .renormalize = true}, false, why, cap);
 }
 
+/* route_select's pair against the host reference of route_topk on x @ w computed in f64. */
+static moe_tensor *route_select_pair(moe_tensor **in, moe_tensor *bias, moe_route_spec sp) {
+    moe_tensor *ids, *g = moe_route_select(in[0], in[1], bias, &sp, &ids);
+    return g ? moe_concat((moe_tensor *[]){g, moe_cast(ids, g->dtype)}, 2, 1) : NULL;
+}
+static moe_tensor *run_select_softmax(moe_tensor **in) {
+    return route_select_pair(in, NULL, (moe_route_spec){.k = 2, .renormalize = true});
+}
+static moe_tensor *run_select_sigmoid(moe_tensor **in) {
+    return route_select_pair(in, in[2], (moe_route_spec){.k = 3, .sigmoid = true, .renormalize = true, .scale = 2.5});
+}
+static moe_tensor *run_select_olmoe(moe_tensor **in) {
+    return route_select_pair(in, NULL, (moe_route_spec){.k = 8});
+}
+static bool check_select(moe_tensor **in, moe_tensor *out, moe_route_spec sp, bool with_bias, char *why, size_t cap) {
+    moe_tensor *logits = moe_matmul(in[0], in[1]);
+    if (!logits) {
+        snprintf(why, cap, "reference logits failed: %s", moe_last_error());
+        return false;
+    }
+    return check_route((moe_tensor *[]){logits, with_bias ? in[2] : NULL}, out, sp, with_bias, why, cap);
+}
+static bool check_select_softmax(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {
+    return check_select(in, out, (moe_route_spec){.k = 2, .renormalize = true}, false, why, cap);
+}
+static bool check_select_sigmoid(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {
+    return check_select(in, out, (moe_route_spec){.k = 3, .sigmoid = true, .renormalize = true, .scale = 2.5}, true,
+                        why, cap);
+}
+static bool check_select_olmoe(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {
+    return check_select(in, out, (moe_route_spec){.k = 8}, false, why, cap);
+}
+
 static const op_case cases[] = {
     {"embedding", "table 7x4, ids 2x5", 2, {F(2, 7, 4), IDX(7, 2, 2, 5)}, run_embedding},
     {"embedding", "transposed table, transposed ids", 2, {FT(2, 6, 3), IDXT(6, 2, 3, 4)}, run_embedding},
@@ -228,6 +261,15 @@ static const op_case cases[] = {
      {NOGRAD(2, 3, 160)}, run_route_softmax, .check = check_route_softmax, .f32_parity_only = true},
     {"route_topk", "softmax, 8 tokens of 8 experts on a grid of 1/32 (exact in bf16: also runs in bf16 on cuda)", 1,
      {{2, {8, 8}, IN_DISTINCT, 0, false, false}}, run_route_softmax, .check = check_route_softmax},
+    {"route_select", "3 tokens, d = 40, 8 experts, k = 2 (cuda: one block projects and selects)", 2,
+     {NOGRAD(2, 3, 40), NOGRAD(2, 40, 8)}, run_select_softmax, .check = check_select_softmax, .f32_parity_only = true},
+    {"route_select", "sigmoid + bias, 4 tokens, d = 300, 72 experts (cuda: two column tiles, two splits)", 3,
+     {NOGRAD(2, 4, 300), NOGRAD(2, 300, 72), NOGRAD(1, 72)}, run_select_sigmoid, .check = check_select_sigmoid,
+     .f32_parity_only = true},
+    {"route_select", "6 tokens, d = 64, 16 experts (cuda: the product, then route_topk)", 2,
+     {NOGRAD(2, 6, 64), NOGRAD(2, 64, 16)}, run_select_softmax, .check = check_select_softmax, .f32_parity_only = true},
+    {"route_select", "1 token, d = 2048, 64 experts, k = 8 (cuda: 16 splits, the last selects)", 2,
+     {NOGRAD(2, 1, 2048), NOGRAD(2, 2048, 64)}, run_select_olmoe, .check = check_select_olmoe, .f32_parity_only = true},
     {"argsort", "i32 keys with ties (counting sort)", 1, {IDX(4, 2, 4, 25)}, run_argsort, .check = check_argsort},
     {"argsort", "i32 keys, wide range (merge sort)", 1, {IDX(1000000, 1, 120)}, run_argsort, .check = check_argsort},
     {"argsort", "float keys", 1, {{2, {3, 50}, IN_NORMAL, 0, false, false}}, run_argsort, .check = check_argsort,
