@@ -67,6 +67,7 @@
     X(ROPE, rope, 1)                         \
     X(ROPE_APPEND, rope_append, 0)           \
     X(ADD_RMSNORM, add_rmsnorm, 0)           \
+    X(MATMUL_ADD_RMSNORM, matmul_add_rmsnorm, 0) \
     X(ATTENTION, attention, 1)               \
     X(ATTENTION_PAGED, attention_paged, 0)   \
     X(CROSS_ENTROPY, cross_entropy, 1)       \
@@ -108,6 +109,7 @@ extern const moe_op_info moe_op_table[MOE_OP_COUNT];
     X(LOGSUMEXP, logsumexp)           /* out [rows] <- logsumexp of in[0] rows; all -inf row gives -inf */ \
     X(RMSNORM, rmsnorm)             /* in: x, w; out = y, out2 = rstd [rows] S; attrs moe_norm_attrs */ \
     X(ADD_RMSNORM, add_rmsnorm)         /* in: x, r [rows, d] contiguous, w; out = rmsnorm(s) w, out2 = s = x + r (x's dtype); attrs moe_norm_attrs */ \
+    X(MATMUL_ADD_RMSNORM, matmul_add_rmsnorm) /* in: x [rows, d], a [rows, K], b [K, d], w; as ADD_RMSNORM with r = a @ b rounded to x's dtype */ \
     X(RMSNORM_BWD, rmsnorm_bwd)         /* in: g, x, w, rstd; out=gx; out2 (NULL: skip) = gw [d] S, += sum over rows */ \
     X(LAYERNORM, layernorm)           /* in: x, w, b; out = y, out2 = [rows, 2] S mean and rstd */ \
     X(LAYERNORM_BWD, layernorm_bwd)       /* in: g, x, w, stats; out=gx; out2 (NULL: skip) = [2, d] S gw;gb, += */ \

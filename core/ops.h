@@ -74,6 +74,12 @@ moe_tensor *moe_layernorm(moe_tensor *x, moe_tensor *w, moe_tensor *b, double ep
  * pass: the residual add and the norm that follows it in a pre-norm block. x, r [..., d] of
  * one shape, w [d]; equal to moe_add then moe_rmsnorm, bit for bit. */
 moe_tensor *moe_add_rmsnorm(moe_tensor *x, moe_tensor *r, moe_tensor *w, double eps, moe_tensor **sum);
+/* The same with r = a @ b, the output projection before the residual add: a [..., K] with
+ * x's leading shape, b [K, d], r rounded to x's dtype as moe_matmul leaves it. The values of
+ * moe_matmul then moe_add_rmsnorm; on CUDA a few rows take one kernel, whose last block adds
+ * and normalises. */
+moe_tensor *moe_matmul_add_rmsnorm(moe_tensor *x, moe_tensor *a, moe_tensor *b, moe_tensor *w, double eps,
+                                   moe_tensor **sum);
 
 /* ---- indexing ---- */
 moe_tensor *moe_embedding(moe_tensor *table, moe_tensor *ids);     /* [V,d], ids[...] -> [..., d] */

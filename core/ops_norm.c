@@ -171,5 +171,31 @@ moe_tensor *moe_add_rmsnorm(moe_tensor *x, moe_tensor *r, moe_tensor *w, double 
     return o;
 }
 
+moe_tensor *moe_matmul_add_rmsnorm(moe_tensor *x, moe_tensor *a, moe_tensor *b, moe_tensor *w, double eps,
+                                   moe_tensor **sum) {
+    *sum = NULL;
+    OP_NEED(x, a, b, w);
+    const char *op = "matmul_add_rmsnorm";
+    moe_tensor *all[4] = {x, a, b, w};
+    if (!op_check_same(op, 4, all, true) || !check_rows(op, x)) return NULL;
+    int64_t d = x->shape[x->ndim - 1], K = a->shape[a->ndim - 1];
+    bool lead = a->ndim == x->ndim;
+    for (int i = 0; lead && i < x->ndim - 1; i++) lead = a->shape[i] == x->shape[i];
+    if (!moe_check(lead && b->ndim == 2 && b->shape[0] == K && b->shape[1] == d && w->ndim == 1 && w->shape[0] == d, op,
+                   "expects x [..., d], a [..., K] of x's leading shape, b [K, d] and w [d], got x %s, a %s, b %s, w %s",
+                   D(x), D(a), D(b), D(w)))
+        return NULL;
+    bool grads = moe_grad_enabled() && (x->requires_grad || a->requires_grad || b->requires_grad || w->requires_grad);
+    if (!moe_check(!grads, op, "inference only: its inputs need grads")) return NULL;
+    moe_tensor *xc = op_contiguous_nograd(x), *ac = op_contiguous_nograd(a), *bc = op_contiguous_nograd(b),
+               *wc = op_contiguous_nograd(w);
+    moe_tensor *o = op_new(x, x->dtype, x->ndim, x->shape), *s = op_new(x, x->dtype, x->ndim, x->shape);
+    if (!xc || !ac || !bc || !wc || !o || !s) return NULL;
+    moe_norm_attrs at = {eps};
+    OP_RUN(MOE_K_MATMUL_ADD_RMSNORM, .out = o, .out2 = s, .in = {xc, ac, bc, wc}, .attrs = &at);
+    *sum = s;
+    return o;
+}
+
 void moe_backward_rmsnorm(moe_node *n) { norm_backward(n, MOE_K_RMSNORM_BWD, 1); }
 void moe_backward_layernorm(moe_node *n) { norm_backward(n, MOE_K_LAYERNORM_BWD, 2); }

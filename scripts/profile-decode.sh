@@ -7,12 +7,13 @@
 #      (--graphs off: a recorded graph hides its kernels from the timing marks);
 #   3. with --ncu and Nsight Compute installed: every kernel's own duration over --ncu-steps
 #      decode steps (caches flushed and clocks locked per kernel, so small kernels read long;
-#      kernel by kernel as in 2), summed per kernel into a table.
+#      with --ncu-live clocks and caches as a real run leaves them; kernel by kernel as in 2),
+#      summed per kernel into a table.
 # Writes into --out: decode.txt, timeline.txt, and with --ncu ncu.csv, kernels.txt; prints
 # the DECODE line and the tables.
 #
 # Usage: scripts/profile-decode.sh --model DIR | --checkpoint FILE [--device cuda|cpu]
-#          [--batch B] [--prompt-len P] [--tokens N] [--ncu] [--ncu-steps S] [--out DIR]
+#          [--batch B] [--prompt-len P] [--tokens N] [--ncu] [--ncu-live] [--ncu-steps S] [--out DIR]
 #   defaults: cuda when nvidia-smi works, batch 1, prompt 128, 32 new tokens, 2 steps under
 #   Nsight, out bench-results/<UTC date>-decode-profile/
 # Environment: MOE_BIN (default build-gpu/moe when it exists, else build/moe), NCU (the
@@ -24,7 +25,7 @@ cd "$root"
 
 usage() { sed -n '2,/^# Environment/p' "$0" | sed 's/^# \{0,1\}//'; }
 
-source_args=() device="" batch=1 prompt=128 tokens=32 ncu=0 ncu_steps=2 out=""
+source_args=() device="" batch=1 prompt=128 tokens=32 ncu=0 ncu_live=() ncu_steps=2 out=""
 while [ $# -gt 0 ]; do
     case "$1" in
     --model | --checkpoint) source_args=("$1" "${2:?$1 needs a value}"); shift ;;
@@ -33,6 +34,7 @@ while [ $# -gt 0 ]; do
     --prompt-len) prompt=${2:?--prompt-len needs a length}; shift ;;
     --tokens) tokens=${2:?--tokens needs a count}; shift ;;
     --ncu) ncu=1 ;;
+    --ncu-live) ncu=1; ncu_live=(--clock-control none --cache-control none) ;;
     --ncu-steps) ncu_steps=${2:?--ncu-steps needs a count}; shift ;;
     --out) out=${2:?--out needs a folder}; shift ;;
     -h | --help) usage; exit 0 ;;
@@ -76,7 +78,7 @@ calls=$(sed -nE 's/.*batch [0-9]+, ([0-9]+) decode steps: ([0-9]+) kernel calls.
 per_step=$(( ${calls% *} / ${calls#* } + 1 ))
 skip=$(( per_step * (tokens / 2) ))
 echo "== Nsight Compute: $ncu_steps steps (~$per_step kernels each) after $skip kernels" >&2
-"$nsight" --metrics gpu__time_duration.sum --launch-skip "$skip" --launch-count $(( per_step * ncu_steps )) \
+"$nsight" "${ncu_live[@]}" --metrics gpu__time_duration.sum --launch-skip "$skip" --launch-count $(( per_step * ncu_steps )) \
     --csv --page raw "${bench[@]}" --tokens "$tokens" --reps 1 --graphs off > "$out/ncu.csv" 2> "$out/ncu.log"
 python3 - "$out/ncu.csv" "$ncu_steps" > "$out/kernels.txt" << 'EOF'
 import collections, csv, sys
@@ -94,13 +96,13 @@ for r in rows[head + 2:]:
         t = float(r[time_col].replace(",", "")) * scale
     except ValueError:
         continue
-    name = r[name_col].split("(")[0].split("<")[0].replace("void ", "").strip()
+    name = r[name_col].split("(")[0].replace("void ", "").replace("__nv_bfloat16", "bf16").strip()
     total[name] += t
     calls[name] += 1
 steps = float(sys.argv[2])
 print(f"{sum(calls.values())} kernels over about {steps:g} decode steps, {sum(total.values()):.1f} us in all")
-print(f"{'kernel':48s} {'us/call':>9s} {'calls/step':>10s} {'us/step':>9s}")
+print(f"{'kernel':60s} {'us/call':>9s} {'calls/step':>10s} {'us/step':>9s}")
 for k, v in sorted(total.items(), key=lambda kv: -kv[1]):
-    print(f"{k[:48]:48s} {v / calls[k]:9.2f} {calls[k] / steps:10.1f} {v / steps:9.1f}")
+    print(f"{k[:60]:60s} {v / calls[k]:9.2f} {calls[k] / steps:10.1f} {v / steps:9.1f}")
 EOF
 cat "$out/kernels.txt"

@@ -40,6 +40,9 @@ enum {
 };
 
 #define CU_TICKETS 1024
+/* Loads a thread issues together before it uses them, where a loop would otherwise wait for
+ * each (L2 round trips in a reduction over another block's partial results). */
+#define CU_LOADS_AHEAD 8
 struct moe_cuda_ctx {
     cudaStream_t stream;
     cu_index_fault *index_fault; /* host-mapped, also a valid device pointer (UVA) */
@@ -223,12 +226,10 @@ static moe_status cu_elementwise(const char *kname, const moe_tensor *const (&t)
  * Loads and stores of 8 consecutive values as 16-byte (bf16) or 2 x 16-byte (f32)
  * accesses: the generic path moves 2-4 bytes per thread and access, far too few in
  * flight for HBM. A functor f(i) handles elements [i, i + 8). */
-__device__ __forceinline__ void cu_ld8(const float *p, float *v) {
-    float4 a = reinterpret_cast<const float4 *>(p)[0], b = reinterpret_cast<const float4 *>(p)[1];
+__device__ __forceinline__ void cu_f32x8(float4 a, float4 b, float *v) {
     v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 }
-__device__ __forceinline__ void cu_ld8(const bf16 *p, float *v) {
-    uint4 r = *reinterpret_cast<const uint4 *>(p);
+__device__ __forceinline__ void cu_bf16x8(uint4 r, float *v) {
     const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&r);
 #pragma unroll
     for (int i = 0; i < 4; i++) {
@@ -236,6 +237,15 @@ __device__ __forceinline__ void cu_ld8(const bf16 *p, float *v) {
         v[2 * i] = f.x, v[2 * i + 1] = f.y;
     }
 }
+__device__ __forceinline__ void cu_ld8(const float *p, float *v) {
+    cu_f32x8(reinterpret_cast<const float4 *>(p)[0], reinterpret_cast<const float4 *>(p)[1], v);
+}
+__device__ __forceinline__ void cu_ld8(const bf16 *p, float *v) { cu_bf16x8(*reinterpret_cast<const uint4 *>(p), v); }
+/* cu_ld8 through L2 (__ldcg): values that other blocks of the running kernel wrote. */
+__device__ __forceinline__ void cu_ld8cg(const float *p, float *v) {
+    cu_f32x8(__ldcg(reinterpret_cast<const float4 *>(p)), __ldcg(reinterpret_cast<const float4 *>(p) + 1), v);
+}
+__device__ __forceinline__ void cu_ld8cg(const bf16 *p, float *v) { cu_bf16x8(__ldcg(reinterpret_cast<const uint4 *>(p)), v); }
 __device__ __forceinline__ void cu_st8(float *p, const float *v) {
     reinterpret_cast<float4 *>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
     reinterpret_cast<float4 *>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
@@ -252,6 +262,11 @@ __device__ __forceinline__ void cu_st8(bf16 *p, const float *v) {
 template <class T, int V> __device__ __forceinline__ void cu_ldv(const T *p, float *v) {
     if (V == 8) cu_ld8(p, v);
     else v[0] = ldf(p);
+}
+/* cu_ldv through L2 (__ldcg). */
+template <class T, int V> __device__ __forceinline__ void cu_ldvcg(const T *p, float *v) {
+    if (V == 8) cu_ld8cg(p, v);
+    else v[0] = ldcgf(p);
 }
 /* Stores V (8 or 1) values at p in T: one 16-byte store, or one element. */
 template <class T, int V> __device__ __forceinline__ void cu_stv(T *p, const float *v) {

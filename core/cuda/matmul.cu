@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "core/cuda/cuda_common.cuh"
+#include "core/cuda/norm.cuh"
 #include "core/cuda/route.cuh"
 
 extern "C" moe_status moe_cuda_copy(const moe_kernel_args *a);
@@ -141,54 +142,78 @@ static moe_status gemm_batched(const moe_tensor *A, mat_layout LA, int64_t sA, c
 #define SK_TILE 64
 #define SK_THREADS 256
 #define SK_ROWS_PER_SPLIT 128 /* at least this many rows of B per split */
-static_assert(SK_MAX_COLS / SK_TILE < CU_TICKETS, "a ticket per column tile, and the last one for route_select");
+static_assert(SK_MAX_COLS / SK_TILE < CU_TICKETS, "a ticket per column tile, and the last one for the epilogues");
 
-/* The last of tile c0's splits: every split's sums of the tile, added in split order. */
+/* The last of tile c0's splits: every split's sums of the tile, added in split order, a
+ * thread's loads of CU_LOADS_AHEAD splits in flight at once. */
 template <class T, int MR>
 __device__ void skinny_finish(const float *part, int64_t splits, int64_t c0, int64_t N, T *C, int64_t ldc) {
     for (int j = threadIdx.x; j < MR * SK_TILE; j += blockDim.x) {
         const int m = j / SK_TILE, c = j % SK_TILE;
         if (c0 + c >= N) continue;
+        const float *p = part + m * N + c0 + c; /* split k's sum at p + k MR N */
         float sum = 0;
-        for (int64_t k = 0; k < splits; k++) sum += __ldcg(part + (k * MR + m) * N + c0 + c);
+        for (int64_t k0 = 0; k0 < splits; k0 += CU_LOADS_AHEAD) {
+            float v[CU_LOADS_AHEAD];
+#pragma unroll
+            for (int u = 0; u < CU_LOADS_AHEAD; u++) v[u] = k0 + u < splits ? __ldcg(p + (k0 + u) * MR * N) : 0.0f;
+#pragma unroll
+            for (int u = 0; u < CU_LOADS_AHEAD; u++)
+                if (k0 + u < splits) sum += v[u];
+        }
         stf(C + m * ldc + c0 + c, sum);
     }
 }
 
-/* A fused selection on the product's rows of logits (route_select): where the gates and
- * ids go, and a zeroed ticket counting the blocks that finished a column tile. */
-template <class T> struct sk_route {
-    const float *bias; /* [N] or NULL */
-    T *gates;          /* [rows, sp.k] */
-    int32_t *ids;      /* [rows, sp.k] */
+/* What the last block of a skinny product does with C [MR, N] once every column tile is
+ * written: nothing (SK_PLAIN); select on C's rows of logits (SK_ROUTE, route_select: gates
+ * and ids); or add C to the residual rows x and normalise them (SK_ADD_NORM,
+ * matmul_add_rmsnorm: y and sum, rows of N, 16-byte aligned). ticket: a zeroed counter of
+ * the blocks that finished a column tile. */
+enum sk_epilogue_kind { SK_PLAIN, SK_ROUTE, SK_ADD_NORM };
+template <class T> struct sk_epilogue {
     unsigned *ticket;
+    const float *bias; /* SK_ROUTE: [N] or NULL */
+    T *gates;          /* SK_ROUTE: [MR, sp.k] */
+    int32_t *ids;      /* SK_ROUTE: [MR, sp.k] */
     moe_route_spec sp;
+    const T *x, *w; /* SK_ADD_NORM: residual [MR, N], norm weight [N] */
+    T *y, *sum;     /* SK_ADD_NORM: [MR, N] */
+    float eps;
 };
 
-/* After a block wrote a column tile of C [MR, N] whole: the last such block of the grid
- * selects on C's rows, a warp a row (route_row). */
-template <class T, int MR>
-__device__ void skinny_select(const T *C, int64_t ldc, int64_t N, const sk_route<T> &rt) {
+/* After a block wrote a column tile of C whole: the last such block of the grid runs the
+ * epilogue (a warp a row selects: route_row; the block adds and normalises row after row:
+ * add_norm_row, C read through L2). */
+template <class T, int MR, int EPI>
+__device__ void skinny_epilogue(const T *C, int64_t ldc, int64_t N, const sk_epilogue<T> &ep) {
     static_assert(MR <= SK_THREADS / 32, "a warp a row");
     __shared__ bool last;
+    __shared__ float sh[32];
     __threadfence(); /* this block's tile, visible before its ticket */
     __syncthreads();
     if (threadIdx.x == 0) {
-        last = gridDim.x == 1 || atomicAdd(rt.ticket, 1u) == gridDim.x - 1;
-        if (last && gridDim.x > 1) *rt.ticket = 0; /* every tile has counted: zero for the next launch */
+        last = gridDim.x == 1 || atomicAdd(ep.ticket, 1u) == gridDim.x - 1;
+        if (last && gridDim.x > 1) *ep.ticket = 0; /* every tile has counted: zero for the next launch */
     }
     __syncthreads();
     if (!last) return;
     __threadfence();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (warp < MR)
-        route_row<T>(C + warp * ldc, rt.bias, rt.gates + warp * rt.sp.k, rt.ids + warp * rt.sp.k, (int)N, rt.sp, lane);
+    if constexpr (EPI == SK_ROUTE) {
+        if (warp < MR)
+            route_row<T>(C + warp * ldc, ep.bias, ep.gates + warp * ep.sp.k, ep.ids + warp * ep.sp.k, (int)N, ep.sp, lane);
+    } else {
+#pragma unroll 1
+        for (int m = 0; m < MR; m++)
+            add_norm_row<T, 8, true>(ep.x + m * N, C + m * ldc, ep.w, ep.y + m * N, ep.sum + m * N, N, ep.eps, sh);
+    }
 }
 
-template <class T, int MR, bool ROUTE>
+template <class T, int MR, int EPI>
 __global__ void __launch_bounds__(SK_THREADS)
     skinny_kernel(const T *A, int64_t lda, const T *B, int64_t ldb, int64_t K, int64_t N, int64_t rows_per_split,
-                  float *part, unsigned *tickets, T *C, int64_t ldc, sk_route<T> rt) {
+                  float *part, unsigned *tickets, T *C, int64_t ldc, sk_epilogue<T> ep) {
     constexpr int LANES = SK_TILE / 8, STEP = 32 / LANES, WARPS = SK_THREADS / 32;
     __shared__ float red[WARPS * STEP][MR][SK_TILE];
     cu_prior_done();
@@ -234,12 +259,12 @@ __global__ void __launch_bounds__(SK_THREADS)
         __threadfence();
         skinny_finish<T, MR>(part, gridDim.y, c0, N, C, ldc);
     }
-    if constexpr (ROUTE) skinny_select<T, MR>(C, ldc, N, rt);
+    if constexpr (EPI != SK_PLAIN) skinny_epilogue<T, MR, EPI>(C, ldc, N, ep);
 }
 
-template <class T, int MR, bool ROUTE>
+template <class T, int MR, int EPI>
 static moe_status skinny_launch(const T *A, int64_t lda, const T *B, int64_t ldb, int64_t K, int64_t N, T *C,
-                                int64_t ldc, const sk_route<T> &rt) {
+                                int64_t ldc, const sk_epilogue<T> &ep) {
     const int64_t tiles = (N + SK_TILE - 1) / SK_TILE, max_splits = K / SK_ROWS_PER_SPLIT > 1 ? K / SK_ROWS_PER_SPLIT : 1;
     int64_t splits = (2 * (int64_t)moe_cu.sms + tiles - 1) / tiles;
     splits = splits < max_splits ? splits : max_splits;
@@ -247,22 +272,23 @@ static moe_status skinny_launch(const T *A, int64_t lda, const T *B, int64_t ldb
     splits = (K + rows_per_split - 1) / rows_per_split;
     float *part = NULL;
     if (splits > 1 && !(part = (float *)cu_scratch(sizeof(float) * (size_t)(splits * MR * N)))) return moe_last_status();
-    cu_launch(skinny_kernel<T, MR, ROUTE>, dim3((unsigned)tiles, (unsigned)splits), SK_THREADS, 0, A, lda, B, ldb, K,
-              N, rows_per_split, part, moe_cu.tickets, C, ldc, rt);
-    CU_LAUNCHED(ROUTE ? "route_select (skinny)" : "matmul (skinny)");
+    cu_launch(skinny_kernel<T, MR, EPI>, dim3((unsigned)tiles, (unsigned)splits), SK_THREADS, 0, A, lda, B, ldb, K, N,
+              rows_per_split, part, moe_cu.tickets, C, ldc, ep);
+    CU_LAUNCHED(EPI == SK_ROUTE ? "route_select (skinny)" : EPI == SK_ADD_NORM ? "matmul_add_rmsnorm (skinny)"
+                                                                            : "matmul (skinny)");
     return MOE_OK;
 }
 
 /* C [rows, N] = A [rows, K] @ B [K, N], all row-major with leading strides lda, ldb, ldc;
- * ROUTE: then the selection rt on C's rows. */
-template <class T, bool ROUTE>
+ * then the epilogue EPI (ep) on C's rows. */
+template <class T, int EPI>
 static moe_status skinny_gemm(const T *A, int64_t lda, const T *B, int64_t ldb, int64_t K, int64_t N, T *C,
-                              int64_t ldc, int64_t rows, const sk_route<T> &rt) {
+                              int64_t ldc, int64_t rows, const sk_epilogue<T> &ep) {
     switch (rows) {
-    case 1: return skinny_launch<T, 1, ROUTE>(A, lda, B, ldb, K, N, C, ldc, rt);
-    case 2: return skinny_launch<T, 2, ROUTE>(A, lda, B, ldb, K, N, C, ldc, rt);
-    case 3: return skinny_launch<T, 3, ROUTE>(A, lda, B, ldb, K, N, C, ldc, rt);
-    default: return skinny_launch<T, 4, ROUTE>(A, lda, B, ldb, K, N, C, ldc, rt);
+    case 1: return skinny_launch<T, 1, EPI>(A, lda, B, ldb, K, N, C, ldc, ep);
+    case 2: return skinny_launch<T, 2, EPI>(A, lda, B, ldb, K, N, C, ldc, ep);
+    case 3: return skinny_launch<T, 3, EPI>(A, lda, B, ldb, K, N, C, ldc, ep);
+    default: return skinny_launch<T, 4, EPI>(A, lda, B, ldb, K, N, C, ldc, ep);
     }
 }
 
@@ -322,8 +348,8 @@ moe_status moe_cuda_gemm(const moe_tensor *a_in, const moe_tensor *b_in, moe_ten
     if (c_direct && (nb == 0 || shared_b || batch == 1) && one_matrix &&
         skinny_fits(M * batch, N, &A, LA, &B, LB, Cw, LC, alpha, beta)) {
         CU_FLOAT_DISPATCH(A.dtype, "matmul",
-            return skinny_gemm<T, false>((const T *)A.data, LA.ld, (const T *)B.data, LB.ld, K, N, (T *)Cw->data,
-                                         LC.ld, M * batch, sk_route<T>{});)
+            return skinny_gemm<T, SK_PLAIN>((const T *)A.data, LA.ld, (const T *)B.data, LB.ld, K, N,
+                                            (T *)Cw->data, LC.ld, M * batch, sk_epilogue<T>{});)
     }
     /* b shared and a, C row-major with rows evenly spaced across batches: one big GEMM. */
     if (shared_b && batch > 1 && LA.row_major && LC.row_major && sA == M * LA.ld && sC == M * LC.ld) {
@@ -377,9 +403,14 @@ extern "C" moe_status moe_cuda_route_select(const moe_kernel_args *a) {
                        E % 8 == 0 && d > 0 && (uintptr_t)w->data % 16 == 0;
     if (fused) {
         CU_FLOAT_DISPATCH(x->dtype, "route_select",
-            sk_route<T> rt = {bias ? (const float *)bias->data : NULL, (T *)a->out->data, (int32_t *)a->out2->data,
-                              moe_cu.tickets + CU_TICKETS - 1, *sp};
-            return skinny_gemm<T, true>((const T *)x->data, d, (const T *)w->data, E, d, E, (T *)logits.data, E, n, rt);)
+            sk_epilogue<T> ep = {};
+            ep.ticket = moe_cu.tickets + CU_TICKETS - 1;
+            ep.bias = bias ? (const float *)bias->data : NULL;
+            ep.gates = (T *)a->out->data;
+            ep.ids = (int32_t *)a->out2->data;
+            ep.sp = *sp;
+            return skinny_gemm<T, SK_ROUTE>((const T *)x->data, d, (const T *)w->data, E, d, E, (T *)logits.data, E, n,
+                                            ep);)
     }
     MOE_TRY(moe_cuda_gemm(x, w, &logits, false, false, 1.0f, 0.0f));
     moe_kernel_args topk = {};
@@ -389,6 +420,46 @@ extern "C" moe_status moe_cuda_route_select(const moe_kernel_args *a) {
     topk.in[1] = bias;
     topk.attrs = sp;
     return moe_cuda_route_topk(&topk);
+}
+
+extern "C" moe_status moe_cuda_add_rmsnorm(const moe_kernel_args *a);
+
+/* MATMUL_ADD_RMSNORM: r = a [n, K] @ b [K, d] into step scratch; up to SK_MAX_ROWS rows one
+ * skinny kernel whose last block adds r to x and normalises, else the product then
+ * add_rmsnorm. */
+extern "C" moe_status moe_cuda_matmul_add_rmsnorm(const moe_kernel_args *a) {
+    const moe_tensor *x = a->in[0], *A = a->in[1], *B = a->in[2], *w = a->in[3];
+    const int64_t n = cu_rows(x), d = cu_cols(x), K = A->shape[A->ndim - 1];
+    if (n * d == 0) return MOE_OK;
+    moe_tensor r = *x, A2 = *A;
+    r.base = NULL;
+    if (!(r.data = cu_scratch(moe_dtype_size(x->dtype) * (size_t)(n * d)))) return moe_last_status();
+    A2.ndim = 2;
+    A2.shape[0] = n, A2.shape[1] = K;
+    A2.strides[0] = K, A2.strides[1] = 1;
+    const bool fused = (x->dtype == MOE_F32 || x->dtype == MOE_BF16) && n <= SK_MAX_ROWS && d <= SK_MAX_COLS &&
+                       d % 8 == 0 && K > 0 && cu_vec8_ok(d, {B->data, x->data, w->data, a->out->data, a->out2->data});
+    if (fused) {
+        CU_FLOAT_DISPATCH(x->dtype, "matmul_add_rmsnorm",
+            sk_epilogue<T> ep = {};
+            ep.ticket = moe_cu.tickets + CU_TICKETS - 1;
+            ep.x = (const T *)x->data;
+            ep.w = (const T *)w->data;
+            ep.y = (T *)a->out->data;
+            ep.sum = (T *)a->out2->data;
+            ep.eps = (float)((const moe_norm_attrs *)a->attrs)->eps;
+            return skinny_gemm<T, SK_ADD_NORM>((const T *)A->data, K, (const T *)B->data, d, K, d, (T *)r.data, d, n,
+                                               ep);)
+    }
+    MOE_TRY(moe_cuda_gemm(&A2, B, &r, false, false, 1.0f, 0.0f));
+    moe_kernel_args norm = {};
+    norm.out = a->out;
+    norm.out2 = a->out2;
+    norm.in[0] = x;
+    norm.in[1] = &r;
+    norm.in[2] = w;
+    norm.attrs = a->attrs;
+    return moe_cuda_add_rmsnorm(&norm);
 }
 
 /* ---- grouped matmul ---- */
@@ -785,7 +856,18 @@ __device__ void gs_combine_tile(const T *pairs, const gs_combine<T> &cb, int64_t
     const T *g = cb.gates + t * cb.k, *tiles = pairs + t * cb.k * cols + c0; /* the token's k tiles */
     for (int j = threadIdx.x; j < GS_TILE && c0 + j < cols; j += blockDim.x) {
         float acc = 0.0f;
-        for (int64_t s = 0; s < cb.k; s++) acc += ldf(g + s) * ldcgf(tiles + s * cols + j);
+        for (int64_t s0 = 0; s0 < cb.k; s0 += CU_LOADS_AHEAD) { /* the loads of CU_LOADS_AHEAD slots at once */
+            float gv[CU_LOADS_AHEAD], tv[CU_LOADS_AHEAD];
+#pragma unroll
+            for (int u = 0; u < CU_LOADS_AHEAD; u++) {
+                const bool in = s0 + u < cb.k;
+                gv[u] = in ? ldf(g + s0 + u) : 0.0f;
+                tv[u] = in ? ldcgf(tiles + (s0 + u) * cols + j) : 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < CU_LOADS_AHEAD; u++)
+                if (s0 + u < cb.k) acc += gv[u] * tv[u];
+        }
         stf(cb.y + t * cols + c0 + j, acc);
     }
 }

@@ -529,18 +529,39 @@ __device__ __forceinline__ void paged_keys(paged_state<E> &st, const float (&q)[
 /* Row `row` of o [Tq, H, hd] from its splits' parts (the block's threads over the dims). */
 template <class T>
 __device__ void paged_merge_row(const float *part, const float *ml, T *o, const paged_geom &g, int64_t row) {
+    constexpr int AHEAD = CU_LOADS_AHEAD; /* splits whose values a thread loads at once */
     const int64_t rows = g.Tq * g.H;
     float mx = -INFINITY;
-    for (int64_t c = 0; c < g.n_split; c++)
-        if (__ldcg(ml + (c * rows + row) * 2 + 1) > 0) mx = fmaxf(mx, __ldcg(ml + (c * rows + row) * 2));
+    for (int64_t c0 = 0; c0 < g.n_split; c0 += AHEAD) {
+        float m[AHEAD], l[AHEAD];
+#pragma unroll
+        for (int u = 0; u < AHEAD; u++) {
+            const bool in = c0 + u < g.n_split;
+            m[u] = in ? __ldcg(ml + ((c0 + u) * rows + row) * 2) : -INFINITY;
+            l[u] = in ? __ldcg(ml + ((c0 + u) * rows + row) * 2 + 1) : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < AHEAD; u++)
+            if (l[u] > 0) mx = fmaxf(mx, m[u]);
+    }
     for (int64_t d = threadIdx.x; d < g.hd; d += blockDim.x) {
         float wsum = 0, acc = 0;
-        for (int64_t c = 0; c < g.n_split; c++) {
-            const float lc = __ldcg(ml + (c * rows + row) * 2 + 1);
-            if (lc <= 0) continue; /* a split past the row's keys */
-            const float w = lc * expf(__ldcg(ml + (c * rows + row) * 2) - mx);
-            wsum += w;
-            acc += w * __ldcg(part + (c * rows + row) * g.hd + d);
+        for (int64_t c0 = 0; c0 < g.n_split; c0 += AHEAD) {
+            float m[AHEAD], l[AHEAD], pv[AHEAD];
+#pragma unroll
+            for (int u = 0; u < AHEAD; u++) {
+                const int64_t c = c0 + u < g.n_split ? c0 + u : c0;
+                m[u] = __ldcg(ml + (c * rows + row) * 2);
+                l[u] = c0 + u < g.n_split ? __ldcg(ml + (c * rows + row) * 2 + 1) : 0.0f;
+                pv[u] = __ldcg(part + (c * rows + row) * g.hd + d);
+            }
+#pragma unroll
+            for (int u = 0; u < AHEAD; u++) {
+                if (l[u] <= 0) continue; /* a split past the row's keys (or past the last split) */
+                const float w = l[u] * expf(m[u] - mx);
+                wsum += w;
+                acc += w * pv[u];
+            }
         }
         stf(o + row * g.hd + d, acc / wsum);
     }

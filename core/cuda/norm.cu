@@ -5,6 +5,7 @@
  * Parameter grads are summed over rows by a column kernel in a fixed order, so they are
  * deterministic. */
 #include "core/cuda/cuda_common.cuh"
+#include "core/cuda/norm.cuh"
 
 static inline int row_threads(int64_t d) { return cu_row_threads(d) > 512 ? 512 : cu_row_threads(d); }
 #define ROW_LOOP(r, rows) for (int64_t r = blockIdx.x; r < (rows); r += gridDim.x)
@@ -172,36 +173,12 @@ static moe_status norm_forward(const moe_kernel_args *a, int ns, const char *kna
 extern "C" moe_status moe_cuda_rmsnorm(const moe_kernel_args *a) { return norm_forward(a, 1, "rmsnorm"); }
 
 /* ---- ADD_RMSNORM: s = x + r rounded to T (the ADD kernel's value) -> sum, then norm_kernel's
- * RMSNorm arithmetic on s; the second pass adds again instead of reading s back ---- */
+ * RMSNorm arithmetic on s (add_norm_row) ---- */
 template <class T, int V>
 __global__ void add_norm_kernel(const T *x, const T *res, const T *w, T *o, T *sum, int64_t rows, int64_t d, float eps) {
     __shared__ float sh[32];
     cu_prior_done();
-    const int64_t c0 = (int64_t)threadIdx.x * V, cstep = (int64_t)blockDim.x * V;
-    ROW_LOOP(r, rows) {
-        const T *px = x + r * d, *pr = res + r * d;
-        float var = 0, v[V], u[V];
-        for (int64_t c = c0; c < d; c += cstep) {
-            cu_ldv<T, V>(px + c, v);
-            cu_ldv<T, V>(pr + c, u);
-#pragma unroll
-            for (int k = 0; k < V; k++) {
-                v[k] = cu_round<T>(v[k] + u[k]);
-                var += v[k] * v[k];
-            }
-            cu_stv<T, V>(sum + r * d + c, v);
-        }
-        float rs = 1.0f / sqrtf(cu_block_sum(var, sh) / (float)d + eps);
-        for (int64_t c = c0; c < d; c += cstep) {
-            float wv[V], y[V];
-            cu_ldv<T, V>(px + c, v);
-            cu_ldv<T, V>(pr + c, u);
-            cu_ldv<T, V>(w + c, wv);
-#pragma unroll
-            for (int k = 0; k < V; k++) y[k] = cu_round<T>(v[k] + u[k]) * rs * wv[k];
-            cu_stv<T, V>(o + r * d + c, y);
-        }
-    }
+    ROW_LOOP(r, rows) add_norm_row<T, V, false>(x + r * d, res + r * d, w, o + r * d, sum + r * d, d, eps, sh);
 }
 
 extern "C" moe_status moe_cuda_add_rmsnorm(const moe_kernel_args *a) {

@@ -707,10 +707,15 @@ static bool spans_equal(const moe_forward *f) {
     return true;
 }
 
+/* The attention of block b on h [B, T, d] before its output projection: [B, T, heads * v width]. */
+static moe_tensor *attention_context(moe_model *m, moe_block *b, int i, moe_tensor *h, const moe_forward *f) {
+    attn_proj p = m->cfg.model.attention == MOE_CFG_ATTENTION_MLA ? mla_project(m, b, h) : mha_project(m, b, h, f);
+    return attend(m, i, p, f);
+}
+
 /* The attention sublayer of block b on h [B, T, d] -> [B, T, d] (before the residual). */
 static moe_tensor *attention_sublayer(moe_model *m, moe_block *b, int i, moe_tensor *h, const moe_forward *f) {
-    attn_proj p = m->cfg.model.attention == MOE_CFG_ATTENTION_MLA ? mla_project(m, b, h) : mha_project(m, b, h, f);
-    return moe_matmul(attend(m, i, p, f), C(b->wo));
+    return moe_matmul(attention_context(m, b, i, h, f), C(b->wo));
 }
 
 enum { ATTENTION_PARAMS_MAX = 11 };
@@ -938,7 +943,8 @@ static bool infer_fused(const moe_forward *f) { return f->mode == MOE_FORWARD_IN
 
 /* Block i of an inference forward on the residual stream x [B, T, d] with *pending, the
  * previous block's feed-forward output not yet added into x (NULL for the first block):
- * each residual add runs fused with the norm that reads its sum (moe_add_rmsnorm), and this
+ * each residual add runs fused with the norm that reads its sum (moe_add_rmsnorm; after an
+ * attention mixer also with its output projection: moe_matmul_add_rmsnorm), and this
  * block's own feed-forward output is left in *pending for the next block's (or the final)
  * norm. Returns the new x. The same values as block_forward, bit for bit on the host. */
 static moe_tensor *infer_block_fused(moe_model *m, int i, moe_tensor *x, moe_tensor **pending, const moe_forward *f,
@@ -948,8 +954,14 @@ static moe_tensor *infer_block_fused(moe_model *m, int i, moe_tensor *x, moe_ten
     int64_t d = c->d_model, bt = (int64_t)f->B * f->T;
     moe_tensor *hn = *pending ? moe_add_rmsnorm(x, *pending, C(b->attn_norm), c->norm_eps, &x)
                               : moe_rmsnorm(x, C(b->attn_norm), c->norm_eps);
-    moe_tensor *mixed = hn ? mix(m, i, hn, f, NULL) : NULL;
-    moe_tensor *h2 = mixed ? moe_add_rmsnorm(x, mixed, C(b->ffn_norm), c->norm_eps, &x) : NULL;
+    moe_tensor *h2;
+    if (b->mixer == MOE_CFG_MIXER_ATTENTION) { /* the output projection runs with the add and the norm */
+        moe_tensor *ctx = hn ? attention_context(m, b, i, hn, f) : NULL;
+        h2 = ctx ? moe_matmul_add_rmsnorm(x, ctx, C(b->wo), C(b->ffn_norm), c->norm_eps, &x) : NULL;
+    } else {
+        moe_tensor *mixed = hn ? mix(m, i, hn, f, NULL) : NULL;
+        h2 = mixed ? moe_add_rmsnorm(x, mixed, C(b->ffn_norm), c->norm_eps, &x) : NULL;
+    }
     moe_tensor *ffn = feed_forward(m, i, moe_reshape(h2, 2, (int64_t[]){bt, d}), f, router_state, NULL, NULL, sink);
     *pending = moe_reshape(ffn, 3, (int64_t[]){f->B, f->T, d});
     return *pending ? x : NULL;

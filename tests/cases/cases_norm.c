@@ -1,5 +1,5 @@
 /* Op cases: softmax, log-softmax, logsumexp over the last axis; RMSNorm, LayerNorm, the fused
- * residual add + RMSNorm. */
+ * residual add + RMSNorm, alone and after the output projection. */
 #include "tests/harness/opcheck.h"
 
 static moe_tensor *run_softmax(moe_tensor **in) { return moe_softmax(in[0]); }
@@ -24,6 +24,17 @@ static bool check_add_rmsnorm(moe_tensor **in, moe_tensor *out, char *why, size_
     moe_tensor *s = moe_add(in[0], in[1]), *y = moe_rmsnorm(s, in[2], 1e-5);
     moe_tensor *ref = y ? moe_concat((moe_tensor *[]){y, s}, 2, in[0]->ndim - 1) : NULL;
     return opcheck_matches(out, ref, 0, "add then rmsnorm", why, cap);
+}
+/* matmul_add_rmsnorm (inference only): [y | s] against add_rmsnorm(x, a @ b), bit for bit on
+ * the host. */
+static moe_tensor *run_matmul_add_rmsnorm(moe_tensor **in) {
+    moe_tensor *s = NULL, *y = moe_matmul_add_rmsnorm(in[0], in[1], in[2], in[3], 1e-5, &s);
+    return y && s ? moe_concat((moe_tensor *[]){y, s}, 2, in[0]->ndim - 1) : NULL;
+}
+static bool check_matmul_add_rmsnorm(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {
+    moe_tensor *s = NULL, *y = moe_add_rmsnorm(in[0], moe_matmul(in[1], in[2]), in[3], 1e-5, &s);
+    moe_tensor *ref = y ? moe_concat((moe_tensor *[]){y, s}, 2, in[0]->ndim - 1) : NULL;
+    return opcheck_matches(out, ref, 0, "matmul then add_rmsnorm", why, cap);
 }
 static moe_tensor *run_layernorm_noparams(moe_tensor **in) { return moe_layernorm(in[0], NULL, NULL, 1e-5); }
 static moe_tensor *run_layernorm_bias_only(moe_tensor **in) { return moe_layernorm(in[0], NULL, in[1], 1e-5); }
@@ -50,6 +61,16 @@ static const op_case cases[] = {
      .check = check_add_rmsnorm},
     {"add_rmsnorm", "2x3x64 (cuda: 16-byte loads)", 3, {N(3, 2, 3, 64), N(3, 2, 3, 64), NP(64)}, run_add_rmsnorm,
      .check = check_add_rmsnorm},
+    {"matmul_add_rmsnorm", "3 rows, K = 40, d = 24 (cuda: one block, the last adds and normalises)", 4,
+     {N(2, 3, 24), N(2, 3, 40), N(2, 40, 24), NP(24)}, run_matmul_add_rmsnorm, .check = check_matmul_add_rmsnorm},
+    {"matmul_add_rmsnorm", "1x2 rows of [.., 2, K = 300], d = 136 (cuda: three column tiles, two splits)", 4,
+     {N(3, 1, 2, 136), N(3, 1, 2, 300), N(2, 300, 136), NP(136)}, run_matmul_add_rmsnorm,
+     .check = check_matmul_add_rmsnorm},
+    {"matmul_add_rmsnorm", "6 rows, d = 20 (cuda: the product, then add_rmsnorm)", 4,
+     {N(2, 6, 20), N(2, 6, 32), N(2, 32, 20), NP(20)}, run_matmul_add_rmsnorm, .check = check_matmul_add_rmsnorm},
+    {"matmul_add_rmsnorm", "1 row, K = d = 2048 (cuda: 32 column tiles of 9 splits)", 4,
+     {N(2, 1, 2048), N(2, 1, 2048), N(2, 2048, 2048), NP(2048)}, run_matmul_add_rmsnorm,
+     .check = check_matmul_add_rmsnorm},
     {"layernorm", "520x8 with weight and bias (row chunks; width 2 would make dx ~0, all rounding)", 3, {X(2, false, 520, 8), P(8), V(8)}, run_layernorm, .grad_samples = 300},
     {"layernorm", "3x8 with weight and bias", 3, {X(2, false, 3, 8), P(8), V(8)}, run_layernorm},
     {"layernorm", "2x4x5 transposed", 3, {X(3, true, 2, 4, 5), V(5), V(5)}, run_layernorm},
