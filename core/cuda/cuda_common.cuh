@@ -258,6 +258,17 @@ __device__ __forceinline__ void cu_st8(bf16 *p, const float *v) {
     *reinterpret_cast<uint4 *>(p) = r;
 }
 
+/* 8 consecutive values as loaded (16 bytes of bf16, 32 of f32), widened only when used
+ * (cu_ld8 on r), so that a lane can have several rows' loads in flight while it sums
+ * earlier ones. */
+template <class T> struct cu_raw8 {
+    uint4 r[sizeof(T) / 2];
+};
+template <class T> __device__ __forceinline__ void cu_raw8_load(const T *p, cu_raw8<T> &v) {
+#pragma unroll
+    for (int k = 0; k < (int)(sizeof(T) / 2); k++) v.r[k] = reinterpret_cast<const uint4 *>(p)[k];
+}
+
 /* V (8 or 1) consecutive values at p widened: one 16-byte load, or one element. */
 template <class T, int V> __device__ __forceinline__ void cu_ldv(const T *p, float *v) {
     if (V == 8) cu_ld8(p, v);

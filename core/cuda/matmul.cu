@@ -210,29 +210,59 @@ __device__ void skinny_epilogue(const T *C, int64_t ldc, int64_t N, const sk_epi
     }
 }
 
+/* The rows of B a lane loads at once before summing, and before the wait for the kernel ahead
+ * when B is not its output (b_early: weights, which that kernel's tail then hides). */
+#define SK_AHEAD 8
+template <class T>
+__device__ __forceinline__ void skinny_load_ahead(const T *B, int64_t ldb, int64_t col, int64_t i0, int64_t stride,
+                                                  int64_t r1, cu_raw8<T> (&ahead)[SK_AHEAD]) {
+#pragma unroll
+    for (int u = 0; u < SK_AHEAD; u++)
+        if (i0 + u * stride < r1) cu_raw8_load(B + (i0 + u * stride) * ldb + col, ahead[u]);
+}
+
+/* acc[m][0..8) += A[m, i] * v for the MR rows of A. */
+template <class T, int MR>
+__device__ __forceinline__ void skinny_fma(const T *A, int64_t lda, int64_t i, const float (&v)[8],
+                                           float (&acc)[MR][8]) {
+#pragma unroll
+    for (int m = 0; m < MR; m++) {
+        const float a = ldf(A + m * lda + i);
+#pragma unroll
+        for (int q = 0; q < 8; q++) acc[m][q] = fmaf(a, v[q], acc[m][q]);
+    }
+}
+
 template <class T, int MR, int EPI>
 __global__ void __launch_bounds__(SK_THREADS)
     skinny_kernel(const T *A, int64_t lda, const T *B, int64_t ldb, int64_t K, int64_t N, int64_t rows_per_split,
-                  float *part, unsigned *tickets, T *C, int64_t ldc, sk_epilogue<T> ep) {
+                  float *part, unsigned *tickets, T *C, int64_t ldc, bool b_early, sk_epilogue<T> ep) {
     constexpr int LANES = SK_TILE / 8, STEP = 32 / LANES, WARPS = SK_THREADS / 32;
     __shared__ float red[WARPS * STEP][MR][SK_TILE];
-    cu_prior_done();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sub = lane / LANES, l = lane % LANES;
     const int64_t c0 = (int64_t)blockIdx.x * SK_TILE, col = c0 + l * 8;
     const int64_t r0 = (int64_t)blockIdx.y * rows_per_split, r1 = min(K, r0 + rows_per_split);
+    const int64_t i0 = r0 + warp * STEP + sub, stride = WARPS * STEP, ahead_end = min(r1, i0 + SK_AHEAD * stride);
+    cu_raw8<T> ahead[SK_AHEAD]; /* the lane's first rows of B, loaded before the wait when b_early */
+    if (b_early && col < N) skinny_load_ahead(B, ldb, col, i0, stride, r1, ahead);
+    cu_prior_done();
+    if (!b_early && col < N) skinny_load_ahead(B, ldb, col, i0, stride, r1, ahead);
     float acc[MR][8] = {};
-    if (col < N) /* N is a multiple of 8 */
+    if (col < N) { /* N is a multiple of 8 */
+#pragma unroll
+        for (int u = 0; u < SK_AHEAD; u++)
+            if (i0 + u * stride < r1) {
+                float v[8];
+                cu_ld8(reinterpret_cast<const T *>(ahead[u].r), v);
+                skinny_fma<T, MR>(A, lda, i0 + u * stride, v, acc);
+            }
 #pragma unroll 4
-        for (int64_t i = r0 + warp * STEP + sub; i < r1; i += WARPS * STEP) {
+        for (int64_t i = ahead_end; i < r1; i += stride) {
             float v[8];
             cu_ld8(B + i * ldb + col, v);
-#pragma unroll
-            for (int m = 0; m < MR; m++) {
-                const float a = ldf(A + m * lda + i);
-#pragma unroll
-                for (int q = 0; q < 8; q++) acc[m][q] = fmaf(a, v[q], acc[m][q]);
-            }
+            skinny_fma<T, MR>(A, lda, i, v, acc);
         }
+    }
 #pragma unroll
     for (int m = 0; m < MR; m++)
 #pragma unroll
@@ -264,7 +294,7 @@ __global__ void __launch_bounds__(SK_THREADS)
 
 template <class T, int MR, int EPI>
 static moe_status skinny_launch(const T *A, int64_t lda, const T *B, int64_t ldb, int64_t K, int64_t N, T *C,
-                                int64_t ldc, const sk_epilogue<T> &ep) {
+                                int64_t ldc, bool b_early, const sk_epilogue<T> &ep) {
     const int64_t tiles = (N + SK_TILE - 1) / SK_TILE, max_splits = K / SK_ROWS_PER_SPLIT > 1 ? K / SK_ROWS_PER_SPLIT : 1;
     int64_t splits = (2 * (int64_t)moe_cu.sms + tiles - 1) / tiles;
     splits = splits < max_splits ? splits : max_splits;
@@ -273,22 +303,25 @@ static moe_status skinny_launch(const T *A, int64_t lda, const T *B, int64_t ldb
     float *part = NULL;
     if (splits > 1 && !(part = (float *)cu_scratch(sizeof(float) * (size_t)(splits * MR * N)))) return moe_last_status();
     cu_launch(skinny_kernel<T, MR, EPI>, dim3((unsigned)tiles, (unsigned)splits), SK_THREADS, 0, A, lda, B, ldb, K, N,
-              rows_per_split, part, moe_cu.tickets, C, ldc, ep);
+              rows_per_split, part, moe_cu.tickets, C, ldc, b_early, ep);
     CU_LAUNCHED(EPI == SK_ROUTE ? "route_select (skinny)" : EPI == SK_ADD_NORM ? "matmul_add_rmsnorm (skinny)"
                                                                             : "matmul (skinny)");
     return MOE_OK;
 }
 
 /* C [rows, N] = A [rows, K] @ B [K, N], all row-major with leading strides lda, ldb, ldc;
- * then the epilogue EPI (ep) on C's rows. */
+ * then the epilogue EPI (ep) on C's rows. b_persist: B is a persistent tensor (weights),
+ * which no kernel of the chain ahead writes (those that start their dependents early are
+ * a forward's, whose outputs are step tensors and the KV pools), so its first rows are
+ * loaded before the wait for that chain. */
 template <class T, int EPI>
 static moe_status skinny_gemm(const T *A, int64_t lda, const T *B, int64_t ldb, int64_t K, int64_t N, T *C,
-                              int64_t ldc, int64_t rows, const sk_epilogue<T> &ep) {
+                              int64_t ldc, int64_t rows, bool b_persist, const sk_epilogue<T> &ep) {
     switch (rows) {
-    case 1: return skinny_launch<T, 1, EPI>(A, lda, B, ldb, K, N, C, ldc, ep);
-    case 2: return skinny_launch<T, 2, EPI>(A, lda, B, ldb, K, N, C, ldc, ep);
-    case 3: return skinny_launch<T, 3, EPI>(A, lda, B, ldb, K, N, C, ldc, ep);
-    default: return skinny_launch<T, 4, EPI>(A, lda, B, ldb, K, N, C, ldc, ep);
+    case 1: return skinny_launch<T, 1, EPI>(A, lda, B, ldb, K, N, C, ldc, b_persist, ep);
+    case 2: return skinny_launch<T, 2, EPI>(A, lda, B, ldb, K, N, C, ldc, b_persist, ep);
+    case 3: return skinny_launch<T, 3, EPI>(A, lda, B, ldb, K, N, C, ldc, b_persist, ep);
+    default: return skinny_launch<T, 4, EPI>(A, lda, B, ldb, K, N, C, ldc, b_persist, ep);
     }
 }
 
@@ -349,7 +382,8 @@ moe_status moe_cuda_gemm(const moe_tensor *a_in, const moe_tensor *b_in, moe_ten
         skinny_fits(M * batch, N, &A, LA, &B, LB, Cw, LC, alpha, beta)) {
         CU_FLOAT_DISPATCH(A.dtype, "matmul",
             return skinny_gemm<T, SK_PLAIN>((const T *)A.data, LA.ld, (const T *)B.data, LB.ld, K, N,
-                                            (T *)Cw->data, LC.ld, M * batch, sk_epilogue<T>{});)
+                                            (T *)Cw->data, LC.ld, M * batch, b_in->life == MOE_LIFE_PERSIST,
+                                            sk_epilogue<T>{});)
     }
     /* b shared and a, C row-major with rows evenly spaced across batches: one big GEMM. */
     if (shared_b && batch > 1 && LA.row_major && LC.row_major && sA == M * LA.ld && sC == M * LC.ld) {
@@ -410,7 +444,7 @@ extern "C" moe_status moe_cuda_route_select(const moe_kernel_args *a) {
             ep.ids = (int32_t *)a->out2->data;
             ep.sp = *sp;
             return skinny_gemm<T, SK_ROUTE>((const T *)x->data, d, (const T *)w->data, E, d, E, (T *)logits.data, E, n,
-                                            ep);)
+                                            w->life == MOE_LIFE_PERSIST, ep);)
     }
     MOE_TRY(moe_cuda_gemm(x, w, &logits, false, false, 1.0f, 0.0f));
     moe_kernel_args topk = {};
@@ -449,7 +483,7 @@ extern "C" moe_status moe_cuda_matmul_add_rmsnorm(const moe_kernel_args *a) {
             ep.sum = (T *)a->out2->data;
             ep.eps = (float)((const moe_norm_attrs *)a->attrs)->eps;
             return skinny_gemm<T, SK_ADD_NORM>((const T *)A->data, K, (const T *)B->data, d, K, d, (T *)r.data, d, n,
-                                               ep);)
+                                               B->life == MOE_LIFE_PERSIST, ep);)
     }
     MOE_TRY(moe_cuda_gemm(&A2, B, &r, false, false, 1.0f, 0.0f));
     moe_kernel_args norm = {};
@@ -775,43 +809,45 @@ template <class T, bool VEC> __device__ __forceinline__ void gs_load8(const T *p
         for (int q = 0; q < 8; q++) v[q] = q < n ? ldf(p + q) : 0.0f;
 }
 
-/* 8 consecutive values as loaded (16 bytes of bf16, 32 of f32), widened only when used, so
- * that a lane can have several rows' loads in flight while it sums earlier ones. */
-template <class T> struct gs_raw8 {
-    uint4 r[sizeof(T) / 2];
-};
-template <class T> __device__ __forceinline__ void gs_raw8_load(const T *p, gs_raw8<T> &v) {
-#pragma unroll
-    for (int k = 0; k < (int)(sizeof(T) / 2); k++) v.r[k] = reinterpret_cast<const uint4 *>(p)[k];
-}
-
 /* bf16 rows a lane loads ahead while it sums the previous ones (aligned form): GS_BATCH
  * where two blocks share an SM, GS_BATCH_DEEP where a pass has at most one block per SM and
  * its registers can hold twice the loads in flight. */
 #define GS_BATCH 4
 #define GS_BATCH_DEEP 8
 
+/* f32 rows are twice a bf16 row's registers: rows of w a lane has in flight for BATCH. */
+template <class T, int BATCH> __host__ __device__ constexpr int gs_batch_rows() { return BATCH * 2 / (int)sizeof(T); }
+
+/* The first batch of rows i0, i0 + stride, ... of w (8 columns at w) into cur. */
+template <class T, int BATCH>
+__device__ __forceinline__ void gs_rows_first(const T *w, int64_t ld, int64_t i0, int64_t stride, int64_t rows,
+                                              cu_raw8<T> (&cur)[gs_batch_rows<T, BATCH>()]) {
+#pragma unroll
+    for (int u = 0; u < gs_batch_rows<T, BATCH>(); u++) {
+        const int64_t i = i0 + u * stride;
+        cur[u] = cu_raw8<T>{};
+        if (i < rows) cu_raw8_load(w + i * ld, cur[u]);
+    }
+}
+
 /* acc[0..8) += sum over rows i = i0, i0 + stride, ... < rows of x[i] * w[i * ld .. + 8), in
- * that order; batch b + 1's loads are issued before batch b is summed. */
+ * that order, from cur, the first batch (gs_rows_first); batch b + 1's loads are issued
+ * before batch b is summed. */
 template <class T, int BATCH>
 __device__ __forceinline__ void gs_rows_pipelined(const T *x, const T *w, int64_t ld, int64_t i0, int64_t stride,
-                                                  int64_t rows, float *acc) {
-    constexpr int NB = BATCH * 2 / (int)sizeof(T); /* f32 rows are twice the registers */
-    gs_raw8<T> cur[NB], nxt[NB];
+                                                  int64_t rows, cu_raw8<T> (&cur)[gs_batch_rows<T, BATCH>()],
+                                                  float *acc) {
+    constexpr int NB = gs_batch_rows<T, BATCH>();
+    cu_raw8<T> nxt[NB];
     float xc[NB], xn[NB];
 #pragma unroll
-    for (int u = 0; u < NB; u++) {
-        const int64_t i = i0 + u * stride;
-        cur[u] = gs_raw8<T>{};
-        if (i < rows) gs_raw8_load(w + i * ld, cur[u]);
-        xc[u] = i < rows ? ldf(x + i) : 0.0f;
-    }
+    for (int u = 0; u < NB; u++) xc[u] = i0 + u * stride < rows ? ldf(x + i0 + u * stride) : 0.0f;
     for (int64_t i = i0; i < rows; i += NB * stride) {
 #pragma unroll
         for (int u = 0; u < NB; u++) {
             const int64_t j = i + (NB + u) * stride;
-            nxt[u] = gs_raw8<T>{};
-            if (j < rows) gs_raw8_load(w + j * ld, nxt[u]);
+            nxt[u] = cu_raw8<T>{};
+            if (j < rows) cu_raw8_load(w + j * ld, nxt[u]);
             xn[u] = j < rows ? ldf(x + j) : 0.0f;
         }
 #pragma unroll
@@ -881,21 +917,35 @@ __global__ void __launch_bounds__(GS_THREADS, MIN_BLOCKS) gathered_rows_kernel(c
                                                                    T *out, gs_combine<T> cb, cu_index_fault *fault) {
     constexpr int NSEG = SWIGLU ? 2 : 1, SEG_LANES = GS_TILE / 8, LANES = NSEG * SEG_LANES, STEP = 32 / LANES;
     extern __shared__ float red[]; /* [warps * STEP][NSEG * GS_TILE] */
-    cu_prior_done();
     const int64_t p = blockIdx.y, c0 = (int64_t)blockIdx.x * GS_TILE, ld = NSEG * cols;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
     const int sub = lane / LANES, l = lane % LANES, seg = l / SEG_LANES;
-    const int64_t col = c0 + (int64_t)(l % SEG_LANES) * 8;
-    const int32_t e = ids[p];
-    const bool ok = e >= 0 && e < E;
+    const int64_t col = c0 + (int64_t)(l % SEG_LANES) * 8, i0 = warp * STEP + sub, stride = (int64_t)nw * STEP;
+    /* The up pass's ids come from the kernel just ahead: it reads them after the wait. The
+     * down pass's were written two kernels back, complete once this kernel runs (the up
+     * pass's blocks started it after their own wait), so it loads its first rows of w2
+     * before the wait, while the up pass finishes. */
+    int32_t e = 0;
+    bool ok = false;
+    const T *wr = NULL;
+    cu_raw8<T> first[gs_batch_rows<T, BATCH>()];
+    auto locate = [&]() {
+        e = __ldcg(ids + p);
+        ok = e >= 0 && e < E;
+        wr = w + (int64_t)(ok ? e : 0) * rows * ld + seg * cols + col;
+        if (VEC && ok && col < cols) gs_rows_first<T, BATCH>(wr, ld, i0, stride, rows, first);
+    };
+    if (!SWIGLU) locate();
+    cu_prior_done();
+    if (SWIGLU) locate();
     if (threadIdx.x == 0 && blockIdx.x == 0 && !ok) cu_index_ok(fault, CU_IDX_GATHERED_SWIGLU, e, p, E);
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     if (ok && col < cols) {
-        const T *x = in + (p / in_div) * rows, *wr = w + (int64_t)e * rows * ld + seg * cols + col;
+        const T *x = in + (p / in_div) * rows;
         if (VEC)
-            gs_rows_pipelined<T, BATCH>(x, wr, ld, warp * STEP + sub, (int64_t)nw * STEP, rows, acc);
+            gs_rows_pipelined<T, BATCH>(x, wr, ld, i0, stride, rows, first, acc);
         else
-            for (int64_t i = warp * STEP + sub; i < rows; i += (int64_t)nw * STEP) {
+            for (int64_t i = i0; i < rows; i += stride) {
                 float v[8];
                 gs_load8<T, VEC>(wr + i * ld, cols - col, v);
                 const float a = ldf(x + i);
