@@ -118,8 +118,8 @@ enum { NR_NONE, NR_PER_HEAD, NR_ALL }; /* = moe_qk_norm_mode */
 
 template <class T>
 struct nr_job {
-    const T *x;          /* token r at x + (r / Tn) s0 + (r % Tn) s1, its n heads side by side */
-    int64_t s0, s1, n;
+    const T *x;          /* token r at x + r s1, its n heads side by side */
+    int64_t s1, n;
     const T *w;          /* [hd] (NR_PER_HEAD) or [n hd] (NR_ALL) */
     int norm;
     bool rotate;
@@ -133,25 +133,25 @@ struct nr_jobs {
 };
 
 template <class T, int V>
-__global__ void norm_rope_kernel(nr_jobs<T> jobs, const int32_t *pos, int64_t Tn, int64_t hd, float eps, double lg,
+__global__ void norm_rope_kernel(nr_jobs<T> jobs, const int32_t *pos, int64_t hd, float eps, double lg,
                                  cu_index_fault *fault) {
     extern __shared__ float sm[]; /* values [n hd], weights [n hd], cos [hd/2], sin [hd/2], chunk sums [n hd / V],
                                      rstd [n] */
     __shared__ float red[32];
     cu_prior_done();
     const nr_job<T> &J = jobs.j[blockIdx.y];
-    const int64_t r = blockIdx.x, t = r % Tn, n = J.n, W = n * hd, half = hd / 2, chunks = W / V;
+    const int64_t r = blockIdx.x, n = J.n, W = n * hd, half = hd / 2, chunks = W / V;
     int64_t dst = r;
     if (J.rows) {
         dst = J.rows[r];
         if (!cu_index_ok(fault, CU_IDX_ROPE_APPEND, (int32_t)dst, r, J.R)) return; /* the whole block leaves */
     }
     float *yn = sm, *wn = yn + W, *cs = wn + W, *sn = cs + half, *part = sn + half, *rs = part + chunks;
-    const T *px = J.x + (r / Tn) * J.s0 + t * J.s1;
+    const T *px = J.x + r * J.s1;
     if (J.rotate)
-        for (int64_t i = threadIdx.x; i < half; i += blockDim.x) rope_cos_sin(pos[t], i, lg, &cs[i], &sn[i]);
+        for (int64_t i = threadIdx.x; i < half; i += blockDim.x) rope_cos_sin(pos[r], i, lg, &cs[i], &sn[i]);
     for (int64_t q = threadIdx.x; q < chunks; q += blockDim.x) {
-        float v[V], wv[V], s = 0;
+        float v[V], wv[V] = {}, s = 0;
         cu_ldv<T, V>(px + q * V, v);
         if (J.norm != NR_NONE) cu_ldv<T, V>(J.w + (J.norm == NR_PER_HEAD ? q * V % hd : q * V), wv);
 #pragma unroll
@@ -195,30 +195,30 @@ static bool nr_vec_ok(const moe_tensor *x) {
     return x->shape[3] % 8 == 0 && x->strides[0] % 8 == 0 && x->strides[1] % 8 == 0 && (uintptr_t)x->data % 16 == 0;
 }
 
-/* The job of x [B, T, n, hd] (heads side by side) into y. */
+/* The job of x [1, T, n, hd] (heads side by side) into y. */
 template <class T>
 static nr_job<T> nr_job_of(const moe_tensor *x, const moe_tensor *w, int norm, bool rotate, void *y,
                            const moe_tensor *rows, int64_t R) {
-    return nr_job<T>{(const T *)x->data, x->strides[0], x->strides[1], x->shape[2], w ? (const T *)w->data : NULL,
+    return nr_job<T>{(const T *)x->data, x->strides[1], x->shape[2], w ? (const T *)w->data : NULL,
                      norm, rotate, (T *)y, rows ? (const int32_t *)rows->data : NULL, R};
 }
 
-/* One launch of n_jobs jobs over B Tn tokens, the widest job's n heads sizing the block. */
+/* One launch of n_jobs jobs over Tn tokens, the widest job's n heads sizing the block. */
 template <class T>
-static moe_status nr_launch(const nr_jobs<T> &jobs, int n_jobs, bool vec, int64_t B, int64_t Tn, int64_t hd,
+static moe_status nr_launch(const nr_jobs<T> &jobs, int n_jobs, bool vec, int64_t Tn, int64_t hd,
                             const int32_t *pos, double eps, double theta, const char *kname) {
     int64_t n = 0;
     for (int i = 0; i < n_jobs; i++) n = jobs.j[i].n > n ? jobs.j[i].n : n;
     const int64_t W = n * hd;
-    if (B * Tn * W == 0) return MOE_OK;
-    if (B * Tn > INT32_MAX) return moe_error(MOE_ERR_UNSUPPORTED, "%s: %lld tokens", kname, (long long)(B * Tn));
+    if (Tn * W == 0) return MOE_OK;
+    if (Tn > INT32_MAX) return moe_error(MOE_ERR_UNSUPPORTED, "%s: %lld tokens", kname, (long long)Tn);
     const int V = vec ? 8 : 1;
     const size_t smem = sizeof(float) * (size_t)(2 * W + hd + W / V + n);
     int th = cu_row_threads(W / V);
     th = th < 64 ? 64 : th > 512 ? 512 : th;
     auto kernel = vec ? norm_rope_kernel<T, 8> : norm_rope_kernel<T, 1>;
     MOE_TRY(cu_allow_smem(kernel, smem, kname));
-    cu_launch(kernel, dim3((unsigned)(B * Tn), (unsigned)n_jobs), th, smem, jobs, pos, Tn, hd, (float)eps,
+    cu_launch(kernel, dim3((unsigned)Tn, (unsigned)n_jobs), th, smem, jobs, pos, hd, (float)eps,
               -2.0 * log2(theta) / (double)hd, moe_cu.index_fault);
     CU_LAUNCHED(kname);
     return MOE_OK;
@@ -236,7 +236,7 @@ extern "C" moe_status moe_cuda_rope_append(const moe_kernel_args *a) {
         nr_jobs<T> jobs = {{nr_job_of<T>(q, qw, at.norm, true, a->out->data, NULL, 0),
                             nr_job_of<T>(k, kw, at.norm, true, at.k_pool->data, rows, R),
                             nr_job_of<T>(v, NULL, NR_NONE, false, at.v_pool->data, rows, R)}};
-        return nr_launch<T>(jobs, 3, vec, 1, q->shape[1], q->shape[3], (const int32_t *)a->in[5]->data, at.eps, at.theta,
+        return nr_launch<T>(jobs, 3, vec, q->shape[1], q->shape[3], (const int32_t *)a->in[5]->data, at.eps, at.theta,
                             "rope_append");)
     return MOE_OK;
 }
