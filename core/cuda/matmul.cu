@@ -465,12 +465,13 @@ extern "C" moe_status moe_cuda_matmul_add_rmsnorm(const moe_kernel_args *a) {
     const moe_tensor *x = a->in[0], *A = a->in[1], *B = a->in[2], *w = a->in[3];
     const int64_t n = cu_rows(x), d = cu_cols(x), K = A->shape[A->ndim - 1];
     if (n * d == 0) return MOE_OK;
-    moe_tensor r = *x, A2 = *A;
+    moe_tensor r = *x, r2, A2 = *A; /* r in x's shape; r2 and A2: r and a as [n, d] and [n, K] */
     r.base = NULL;
     if (!(r.data = cu_scratch(moe_dtype_size(x->dtype) * (size_t)(n * d)))) return moe_last_status();
-    A2.ndim = 2;
-    A2.shape[0] = n, A2.shape[1] = K;
-    A2.strides[0] = K, A2.strides[1] = 1;
+    r2 = r;
+    A2.ndim = r2.ndim = 2;
+    A2.shape[0] = r2.shape[0] = n, A2.shape[1] = K, r2.shape[1] = d;
+    A2.strides[0] = K, r2.strides[0] = d, A2.strides[1] = r2.strides[1] = 1;
     const bool fused = (x->dtype == MOE_F32 || x->dtype == MOE_BF16) && n <= SK_MAX_ROWS && d <= SK_MAX_COLS &&
                        d % 8 == 0 && K > 0 && cu_vec8_ok(d, {B->data, x->data, w->data, a->out->data, a->out2->data});
     if (fused) {
@@ -485,7 +486,7 @@ extern "C" moe_status moe_cuda_matmul_add_rmsnorm(const moe_kernel_args *a) {
             return skinny_gemm<T, SK_ADD_NORM>((const T *)A->data, K, (const T *)B->data, d, K, d, (T *)r.data, d, n,
                                                B->life == MOE_LIFE_PERSIST, ep);)
     }
-    MOE_TRY(moe_cuda_gemm(&A2, B, &r, false, false, 1.0f, 0.0f));
+    MOE_TRY(moe_cuda_gemm(&A2, B, &r2, false, false, 1.0f, 0.0f));
     moe_kernel_args norm = {};
     norm.out = a->out;
     norm.out2 = a->out2;

@@ -68,6 +68,8 @@ static const op_case cases[] = {
      .check = check_matmul_add_rmsnorm},
     {"matmul_add_rmsnorm", "6 rows, d = 20 (cuda: the product, then add_rmsnorm)", 4,
      {N(2, 6, 20), N(2, 6, 32), N(2, 32, 20), NP(20)}, run_matmul_add_rmsnorm, .check = check_matmul_add_rmsnorm},
+    {"matmul_add_rmsnorm", "2x3 rows of [.., K = 40], d = 16 (cuda: the product of the rows as one matrix)", 4,
+     {N(3, 2, 3, 16), N(3, 2, 3, 40), N(2, 40, 16), NP(16)}, run_matmul_add_rmsnorm, .check = check_matmul_add_rmsnorm},
     {"matmul_add_rmsnorm", "1 row, K = d = 2048 (cuda: 32 column tiles of 9 splits)", 4,
      {N(2, 1, 2048), N(2, 1, 2048), N(2, 2048, 2048), NP(2048)}, run_matmul_add_rmsnorm,
      .check = check_matmul_add_rmsnorm},
