@@ -7,7 +7,8 @@
 # Usage: scripts/ablate-mqar.sh [cpu|gpu] [--seeds N] [--seq-lens "256 512 1024"]
 #                               [--pairs "16 32 64"] [--mixers attention,gdn,mom]
 #                               [--steps S] [--jobs J] [--gpus G] [--vocab V] [--train N]
-#                               [--set key=value ...] [--report] [--continue] [--out DIR] [--work DIR]
+#                               [--set key=value ...] [--report] [--merge "CSV ..."] [--continue]
+#                               [--out DIR] [--work DIR]
 #   gpu (default): the configs as they are (cuda, bf16, vocabulary 1024, 4000 steps of 64
 #       examples); MOE_BIN defaults to build-gpu/moe when it exists.
 #   cpu: a smoke run of the pipeline, not a measurement: cpu f32, one thread per run,
@@ -25,6 +26,8 @@
 #   --train N     training examples per grid point (default 100000 gpu; val: 1024)
 #   --set k=v     passed to every run, after the script's own settings
 #   --report      train nothing: the table and plot of the runs on disk
+#   --merge "CSV ..."  runs.csv files of earlier calls (e.g. results/mqar/<date>/runs.csv):
+#                 their runs join the table and plot where the runs on disk lack them
 #   --continue    go on where an earlier call with the same settings stopped (trained runs
 #                 kept, runs stopped by a signal resumed from their checkpoint; see
 #                 scripts/ablate.sh --help)
@@ -45,7 +48,8 @@
 # (`timeout -s TERM` stops it with checkpoints). Across machines, split it
 # over calls (--mixers, --seq-lens, --pairs, --first-seed), bring back each call's runs
 # without checkpoints (tar czf runs.tgz --exclude='*.h5' runs/ablate-mqar), unpack them
-# into one runs/ablate-mqar/ and write the table with --report.
+# into one runs/ablate-mqar/ and write the table with --report, or merge the calls'
+# runs.csv files (--report --merge) where the runs themselves were not kept.
 # Throughput is not comparable between runs sharing a GPU (--jobs > 1).
 # Environment: MOE_BIN (the moe program; default build/moe, built when missing).
 set -uo pipefail
@@ -57,7 +61,7 @@ source scripts/lib-ablate.sh
 usage() { sed -n '2,/^# Environment/p' "$root/scripts/ablate-mqar.sh" | sed 's/^# \{0,1\}//'; }
 
 mode=gpu seeds="" first_seed=1 seq_lens="" pairs="" mixers="attention,gdn,mom" steps="" jobs="" gpus="" vocab="" n_train=""
-report=0 out="" work=. extra=()
+report=0 merge="" out="" work=. extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     cpu|gpu) mode=$1 ;;
@@ -74,6 +78,7 @@ while [ $# -gt 0 ]; do
     --out) out=${2:-}; shift ;;
     --work) work=${2:-}; shift ;;
     --report) report=1 ;;
+    --merge) merge=${2:-}; shift ;;
     --continue) continue_runs=1 ;;
     --set) [ -n "${2:-}" ] || die "--set needs key=value"; extra+=(--set "$2"); shift ;;
     -h|--help) usage; exit 0 ;;
@@ -98,6 +103,7 @@ for v in "$seeds" "$first_seed" "$jobs" "$gpus" "$vocab" "$n_train"; do posint "
 for v in $seq_lens $pairs; do posint "$v" || die "--seq-lens and --pairs take positive integers, got '$v'"; done
 IFS=, read -r -a mixer_list <<<"$mixers"
 for m in "${mixer_list[@]}"; do [ -f "configs/mqar-$m.yaml" ] || die "--mixers: no configs/mqar-$m.yaml"; done
+for f in $merge; do [ -f "$f" ] || die "--merge: no file $f"; done
 
 find_moe "$mode"
 
@@ -106,7 +112,7 @@ base=(--set "model.vocab_size=$vocab" --set checkpoint.keep=1 --set checkpoint.e
 [ "$mode" = gpu ] || base+=(--set train.device=cpu --set train.dtype=f32 --set train.threads=1)
 runs=$work/runs/ablate-mqar run_root=$work/runs/ablate-mqar
 mkdir -p "$runs" "$out"
-setup="$mode vocab=$vocab train=$n_train ${base[*]} ${extra[*]}"
+setup="$mode vocab=$vocab train=$n_train ${base[*]} ${extra[*]}${merge:+ merged: $merge}"
 echo "$setup" >"$out/setup.txt"
 
 # The files of one grid point, made when missing or made with other settings.
@@ -156,10 +162,10 @@ if [ "$report" = 0 ]; then
 fi
 trap - INT TERM
 
-/usr/bin/python3 - "$runs" "$out" "$mode" "$seeds" "$seq_lens" "$pairs" "$vocab" "$setup" <<'PY' || echo "ablate-mqar: table or plot failed" >&2
+/usr/bin/python3 - "$runs" "$out" "$mode" "$seeds" "$seq_lens" "$pairs" "$vocab" "$setup" "$merge" <<'PY' || echo "ablate-mqar: table or plot failed" >&2
 import json, math, os, re, sys
 
-runs, out, mode, seeds, seq_lens, pairs, vocab, setup = sys.argv[1:9]
+runs, out, mode, seeds, seq_lens, pairs, vocab, setup, merge = sys.argv[1:10]
 seeds, vocab = int(seeds), int(vocab)
 seq_lens = [int(x) for x in seq_lens.split()]
 pairs = [int(x) for x in pairs.split()]
@@ -202,6 +208,20 @@ for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
     r = run_result(os.path.join(runs, name))
     if r:
         results.setdefault((mixer, T, P), {})[s] = r
+
+for path in merge.split():  # earlier calls' runs.csv: the runs the disk lacks
+    with open(path) as f:
+        head = f.readline().strip().split(",")
+        for line in f:
+            row = dict(zip(head, line.strip().split(",")))
+            mixer, T, P, s = row["mixer"], int(row["seq_len"]), int(row["pairs"]), int(row["seed"])
+            if T not in seq_lens or P not in pairs or s > seeds or s in results.get((mixer, T, P), {}):
+                continue
+            results.setdefault((mixer, T, P), {})[s] = {
+                "final": float(row["final_recall"]), "best": float(row["best_recall"]),
+                "val_loss": float(row["val_loss"]) if row["val_loss"] not in ("", "None") else None,
+                "params": int(row["params"]) if row["params"] not in ("", "None") else None,
+                "steps": int(row["steps"]), "tokens_per_s": float(row["tokens_per_s"])}
 
 def stats(xs):
     if not xs:
