@@ -4,7 +4,8 @@
 # seed 1 trains, then run again with --continue, resumes that run from its checkpoint to
 # the same per-step losses as the uninterrupted grid and trains seed 2, and a third
 # --continue call keeps every trained run; --continue with other settings is refused and
-# leaves the runs as they were.
+# leaves the runs as they were; --report --merge of the first grid's runs.csv alone gives
+# back its runs.
 #   scripts/test-ablate.sh path/to/moe [workdir]
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib-test.sh" "$@"
@@ -19,6 +20,12 @@ check "the grid trains and writes its table" "${grid[@]}" --work "$work/a" --out
 grep -q '^| attention | 32 |' a/out/table.md && ok "table.md has the mixer" || fail "table.md has the mixer"
 ref=$(runs_of a)/attention-T32-P4-s1
 [ "$(losses "$ref" | wc -l)" = 80 ] && ok "the reference run logged 80 steps" || fail "the reference run logged 80 steps"
+
+check "--report --merge rebuilds the runs from runs.csv alone" "$root/scripts/ablate-mqar.sh" cpu --report \
+  --mixers attention --seeds 2 --seq-lens 32 --pairs 4 --vocab 64 --work "$work/m" --out "$work/m/out" \
+  --merge "$work/a/out/runs.csv"
+cmp -s a/out/runs.csv m/out/runs.csv && grep -q '^| attention | 32 |' m/out/table.md \
+  && ok "the merged runs and table are the trained ones" || fail "the merged runs and table are the trained ones"
 
 # The same grid, stopped by TERM (as `timeout` stops it) once attention has logged 20 steps.
 "${grid[@]}" --work "$work/b" --out "$work/b/out" > stopped.txt 2>&1 &
