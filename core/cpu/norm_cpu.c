@@ -157,21 +157,17 @@ _Pragma("omp simd reduction(+:ss)")
     return MOE_OK;
 }
 
-/* r = a @ b into step memory in x's shape (a as [rows, K]), then ADD_RMSNORM on x and r. */
+/* r [rows, d] = a (as [rows, K]) @ b into step memory, then ADD_RMSNORM on x and r. */
 moe_status moe_cpu_matmul_add_rmsnorm(const moe_kernel_args *a) {
     const moe_tensor *x = a->in[0], *A = a->in[1];
     int64_t rows = cpu_rows(x), K = A->shape[A->ndim - 1];
-    moe_tensor *r = moe_tensor_empty(MOE_LIFE_STEP, MOE_CPU, x->dtype, x->ndim, x->shape);
+    moe_tensor *r = moe_tensor_empty(MOE_LIFE_STEP, MOE_CPU, x->dtype, 2, (int64_t[]){rows, cpu_cols(x)});
     if (!r) return moe_last_status();
     moe_tensor a2 = *A;
     a2.ndim = 2;
     a2.shape[0] = rows, a2.shape[1] = K;
     a2.strides[0] = K, a2.strides[1] = 1;
-    moe_tensor r2 = *r;
-    r2.ndim = 2;
-    r2.shape[0] = rows, r2.shape[1] = cpu_cols(x);
-    r2.strides[0] = r2.shape[1], r2.strides[1] = 1;
-    MOE_TRY(moe_cpu_gemm(&a2, a->in[2], &r2, 1.0f, 0.0f));
+    MOE_TRY(moe_cpu_gemm(&a2, a->in[2], r, 1.0f, 0.0f));
     moe_kernel_args norm = {.out = a->out, .out2 = a->out2, .in = {x, r, a->in[3]}, .attrs = a->attrs};
     return moe_cpu_add_rmsnorm(&norm);
 }

@@ -343,6 +343,24 @@ template <class A> __device__ __forceinline__ A cu_block_sum(A v, A *scratch) {
     return cu_warp_sum(v);
 }
 
+/* Whether this block is the last of n to count on ticket (a zeroed counter, which the last
+ * zeroes again for the next launch). Every thread of the block calls it after its writes;
+ * those are visible to the last block, whose reads after the call see every counted
+ * block's writes (read them through L2: __ldcg). n = 1: the block alone, no count. */
+__device__ __forceinline__ bool cu_last_block(unsigned *ticket, unsigned n) {
+    __shared__ bool last;
+    __threadfence(); /* this block's writes, visible before its count */
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = n == 1 || atomicAdd(ticket, 1u) == n - 1;
+        if (last && n > 1) *ticket = 0;
+    }
+    __syncthreads();
+    const bool is_last = last;
+    if (is_last) __threadfence();
+    return is_last;
+}
+
 __device__ __forceinline__ float cu_block_max(float v, float *scratch) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
     v = cu_warp_max(v);

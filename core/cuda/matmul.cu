@@ -188,17 +188,8 @@ template <class T> struct sk_epilogue {
 template <class T, int MR, int EPI>
 __device__ void skinny_epilogue(const T *C, int64_t ldc, int64_t N, const sk_epilogue<T> &ep) {
     static_assert(MR <= SK_THREADS / 32, "a warp a row");
-    __shared__ bool last;
     __shared__ float sh[32];
-    __threadfence(); /* this block's tile, visible before its ticket */
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        last = gridDim.x == 1 || atomicAdd(ep.ticket, 1u) == gridDim.x - 1;
-        if (last && gridDim.x > 1) *ep.ticket = 0; /* every tile has counted: zero for the next launch */
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    if (!cu_last_block(ep.ticket, gridDim.x)) return;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     if constexpr (EPI == SK_ROUTE) {
         if (warp < MR)
@@ -276,17 +267,8 @@ __global__ void __launch_bounds__(SK_THREADS)
         if (part) part[((int64_t)blockIdx.y * MR + m) * N + c0 + c] = sum;
         else stf(C + m * ldc + c0 + c, sum);
     }
-    if (part) {
-        __shared__ bool last;
-        __threadfence(); /* this block's sums, visible before its ticket */
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            last = atomicAdd(&tickets[blockIdx.x], 1u) == gridDim.y - 1;
-            if (last) tickets[blockIdx.x] = 0; /* every split has counted: zero for the next launch */
-        }
-        __syncthreads();
-        if (!last) return;
-        __threadfence();
+    if (part) { /* the last of the tile's splits adds their sums */
+        if (!cu_last_block(&tickets[blockIdx.x], gridDim.y)) return;
         skinny_finish<T, MR>(part, gridDim.y, c0, N, C, ldc);
     }
     if constexpr (EPI != SK_PLAIN) skinny_epilogue<T, MR, EPI>(C, ldc, N, ep);
@@ -465,13 +447,12 @@ extern "C" moe_status moe_cuda_matmul_add_rmsnorm(const moe_kernel_args *a) {
     const moe_tensor *x = a->in[0], *A = a->in[1], *B = a->in[2], *w = a->in[3];
     const int64_t n = cu_rows(x), d = cu_cols(x), K = A->shape[A->ndim - 1];
     if (n * d == 0) return MOE_OK;
-    moe_tensor r = *x, r2, A2 = *A; /* r in x's shape; r2 and A2: r and a as [n, d] and [n, K] */
+    moe_tensor r = *x, A2 = *A; /* r [n, d] and a as [n, K] */
     r.base = NULL;
     if (!(r.data = cu_scratch(moe_dtype_size(x->dtype) * (size_t)(n * d)))) return moe_last_status();
-    r2 = r;
-    A2.ndim = r2.ndim = 2;
-    A2.shape[0] = r2.shape[0] = n, A2.shape[1] = K, r2.shape[1] = d;
-    A2.strides[0] = K, r2.strides[0] = d, A2.strides[1] = r2.strides[1] = 1;
+    A2.ndim = r.ndim = 2;
+    A2.shape[0] = r.shape[0] = n, A2.shape[1] = K, r.shape[1] = d;
+    A2.strides[0] = K, r.strides[0] = d, A2.strides[1] = r.strides[1] = 1;
     const bool fused = (x->dtype == MOE_F32 || x->dtype == MOE_BF16) && n <= SK_MAX_ROWS && d <= SK_MAX_COLS &&
                        d % 8 == 0 && K > 0 && cu_vec8_ok(d, {B->data, x->data, w->data, a->out->data, a->out2->data});
     if (fused) {
@@ -486,7 +467,7 @@ extern "C" moe_status moe_cuda_matmul_add_rmsnorm(const moe_kernel_args *a) {
             return skinny_gemm<T, SK_ADD_NORM>((const T *)A->data, K, (const T *)B->data, d, K, d, (T *)r.data, d, n,
                                                B->life == MOE_LIFE_PERSIST, ep);)
     }
-    MOE_TRY(moe_cuda_gemm(&A2, B, &r2, false, false, 1.0f, 0.0f));
+    MOE_TRY(moe_cuda_gemm(&A2, B, &r, false, false, 1.0f, 0.0f));
     moe_kernel_args norm = {};
     norm.out = a->out;
     norm.out2 = a->out2;
@@ -878,18 +859,8 @@ template <class T> struct gs_combine {
  * calls it. */
 template <class T>
 __device__ void gs_combine_tile(const T *pairs, const gs_combine<T> &cb, int64_t p, int64_t c0, int64_t cols) {
-    __shared__ bool last;
     const int64_t t = p / cb.k;
-    __threadfence(); /* this block's tile, visible before its ticket */
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        unsigned *ticket = cb.tickets + t * gridDim.x + blockIdx.x;
-        last = atomicAdd(ticket, 1u) == (unsigned)(cb.k - 1);
-        if (last) *ticket = 0; /* every slot has counted: zero for the next launch */
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    if (!cu_last_block(cb.tickets + t * gridDim.x + blockIdx.x, (unsigned)cb.k)) return;
     const T *g = cb.gates + t * cb.k, *tiles = pairs + t * cb.k * cols + c0; /* the token's k tiles */
     for (int j = threadIdx.x; j < GS_TILE && c0 + j < cols; j += blockDim.x) {
         float acc = 0.0f;

@@ -619,19 +619,8 @@ __global__ void __launch_bounds__(PAGED_WARPS * 32)
         ml[(split * g.Tq * g.H + orow) * 2] = mx;
         ml[(split * g.Tq * g.H + orow) * 2 + 1] = lsum;
     }
-    __shared__ bool last;
-    __threadfence(); /* this split's part, visible before its ticket */
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        unsigned *ticket = g.tickets + (sid * gridDim.y + kvh) * gridDim.x + r;
-        last = atomicAdd(ticket, 1u) == g.n_split - 1;
-        if (last) *ticket = 0; /* every split has counted: zero for the next launch */
-    }
-    __syncthreads();
-    if (last) {
-        __threadfence();
-        paged_merge_row(part, ml, o, g, orow);
-    }
+    if (cu_last_block(g.tickets + (sid * gridDim.y + kvh) * gridDim.x + r, (unsigned)g.n_split))
+        paged_merge_row(part, ml, o, g, orow); /* the last of the row's splits merges them */
 }
 
 /* Splits per segment: enough blocks for two waves over the SMs, at least PAGED_SPLIT_KEYS
