@@ -349,11 +349,15 @@ template <class A> __device__ __forceinline__ A cu_block_sum(A v, A *scratch) {
  * block's writes (read them through L2: __ldcg). n = 1: the block alone, no count. */
 __device__ __forceinline__ bool cu_last_block(unsigned *ticket, unsigned n) {
     __shared__ bool last;
+    if (n == 1) { /* the only block: its threads' writes are visible to one another after the barrier */
+        __syncthreads();
+        return true;
+    }
     __threadfence(); /* this block's writes, visible before its count */
     __syncthreads();
     if (threadIdx.x == 0) {
-        last = n == 1 || atomicAdd(ticket, 1u) == n - 1;
-        if (last && n > 1) *ticket = 0;
+        last = atomicAdd(ticket, 1u) == n - 1;
+        if (last) *ticket = 0;
     }
     __syncthreads();
     const bool is_last = last;

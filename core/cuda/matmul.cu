@@ -145,7 +145,9 @@ static moe_status gemm_batched(const moe_tensor *A, mat_layout LA, int64_t sA, c
 static_assert(SK_MAX_COLS / SK_TILE < CU_TICKETS, "a ticket per column tile, and the last one for the epilogues");
 
 /* The last of tile c0's splits: every split's sums of the tile, added in split order, a
- * thread's loads of CU_LOADS_AHEAD splits in flight at once. */
+ * thread's loads of SK_SPLITS_AHEAD splits in flight at once (one round for a decode step's
+ * products: K = 2048 makes at most 16 splits). */
+#define SK_SPLITS_AHEAD 16
 template <class T, int MR>
 __device__ void skinny_finish(const float *part, int64_t splits, int64_t c0, int64_t N, T *C, int64_t ldc) {
     for (int j = threadIdx.x; j < MR * SK_TILE; j += blockDim.x) {
@@ -153,12 +155,12 @@ __device__ void skinny_finish(const float *part, int64_t splits, int64_t c0, int
         if (c0 + c >= N) continue;
         const float *p = part + m * N + c0 + c; /* split k's sum at p + k MR N */
         float sum = 0;
-        for (int64_t k0 = 0; k0 < splits; k0 += CU_LOADS_AHEAD) {
-            float v[CU_LOADS_AHEAD];
+        for (int64_t k0 = 0; k0 < splits; k0 += SK_SPLITS_AHEAD) {
+            float v[SK_SPLITS_AHEAD];
 #pragma unroll
-            for (int u = 0; u < CU_LOADS_AHEAD; u++) v[u] = k0 + u < splits ? __ldcg(p + (k0 + u) * MR * N) : 0.0f;
+            for (int u = 0; u < SK_SPLITS_AHEAD; u++) v[u] = k0 + u < splits ? __ldcg(p + (k0 + u) * MR * N) : 0.0f;
 #pragma unroll
-            for (int u = 0; u < CU_LOADS_AHEAD; u++)
+            for (int u = 0; u < SK_SPLITS_AHEAD; u++)
                 if (k0 + u < splits) sum += v[u];
         }
         stf(C + m * ldc + c0 + c, sum);

@@ -413,13 +413,15 @@ extern "C" moe_status moe_cuda_attention(const moe_kernel_args *a) {
  * segment's key run (the flash-decoding split: at batch 1 there are only H rows, too few
  * blocks to stream a long cache at the device's rate). The split count comes from max_k
  * (a bound: a recorded graph replays one grid for many lengths), the split length from
- * each segment's own keys, read on the device. The block's PAGED_WARPS warps share
+ * each segment's own keys, read on the device (splits past them return at once). The
+ * block's PAGED_WARPS warps share
  * out the split's keys PAGED_KEYS at a time, each with its own online softmax (lane l
  * holds head dims l E .. l E + E - 1, E = hd / 32 rounded up, a template parameter so that
  * the registers fit the head: a key row is one coalesced vector load per lane when hd is
  * 32 E (VEC), element loads otherwise), and merge their
  * states through shared memory. A warp loads the row indices of its next keys while the
- * current keys' loads are in flight. With one split the row is written normalised; else
+ * current keys' scores are summed, and its first keys from earlier steps before the wait
+ * for the kernel ahead. With one split that has keys the row is written normalised; else
  * each split writes its normalised part and (max, sum), and the last of the row's splits to
  * finish (a ticket per row) combines them: o = sum_c w_c o_c / sum_c w_c,
  * w_c = l_c exp(m_c - max_c m_c), in split order. */
@@ -453,9 +455,6 @@ __device__ __forceinline__ int32_t paged_row(const int32_t *rows, int64_t j0, in
     return -1;
 }
 
-/* The keys whose pool rows lane u < PAGED_KEYS holds in `row` (-1: none) into a warp's
- * state: every key's and value's dims of this lane are loaded first (all in flight at
- * once), then the scores q . k (q: this lane's dims) and one online-softmax update. */
 /* The E values of a lane's dims lane E .. lane E + E - 1 as loaded (one vector load under
  * VEC), widened only when used. */
 template <class T, int E> struct paged_raw {
@@ -483,24 +482,43 @@ __device__ __forceinline__ void paged_load(const T *row, bool ok, int64_t hd, pa
     }
 }
 
-template <class T, int E, bool VEC>
-__device__ __forceinline__ void paged_keys(paged_state<E> &st, const float (&q)[E], const T *kp, const T *vp,
-                                           int32_t row, int64_t kvh, const paged_geom &g) {
-    paged_raw<T, E> kr[PAGED_KEYS], vr[PAGED_KEYS];
-    float kv[PAGED_KEYS][E], vv[PAGED_KEYS][E], s[PAGED_KEYS];
+/* A warp's PAGED_KEYS keys in flight: this lane's dims of each key and value row, and
+ * whether the key exists. */
+template <class T, int E> struct paged_keyset {
+    paged_raw<T, E> k[PAGED_KEYS], v[PAGED_KEYS];
     bool ok[PAGED_KEYS];
+};
+
+/* Which of a warp's keys paged_fetch loads: those earlier steps wrote (positions before
+ * `fresh`), this step's (appended by the kernel ahead), or all. */
+enum paged_part { PAGED_EARLIER = 1, PAGED_THIS_STEP = 2, PAGED_ALL = 3 };
+
+/* The loads of key j0 + u, whose pool row lane u < PAGED_KEYS holds in `row` (-1: none),
+ * for the keys of `part`: every such key's and value's dims of this lane in flight at once. */
+template <class T, int E, bool VEC>
+__device__ __forceinline__ void paged_fetch(paged_keyset<T, E> &ks, const T *kp, const T *vp, int32_t row, int64_t j0,
+                                            int64_t fresh, int part, int64_t kvh, const paged_geom &g) {
 #pragma unroll
     for (int u = 0; u < PAGED_KEYS; u++) {
         const int32_t r = __shfl_sync(0xffffffffu, row, u);
-        ok[u] = r >= 0;
+        if (!(part & (j0 + u < fresh ? PAGED_EARLIER : PAGED_THIS_STEP))) continue; /* uniform over the warp */
+        ks.ok[u] = r >= 0;
         const int64_t off = ((int64_t)(r < 0 ? 0 : r) * g.Hkv + kvh) * g.hd;
-        paged_load<T, E, VEC>(kp + off, ok[u], g.hd, kr[u]);
-        paged_load<T, E, VEC>(vp + off, ok[u], g.hd, vr[u]);
+        paged_load<T, E, VEC>(kp + off, ks.ok[u], g.hd, ks.k[u]);
+        paged_load<T, E, VEC>(vp + off, ks.ok[u], g.hd, ks.v[u]);
     }
+}
+
+/* The fetched keys into a warp's state: the scores q . k (q: this lane's dims) and one
+ * online-softmax update. */
+template <class T, int E>
+__device__ __forceinline__ void paged_scores(paged_state<E> &st, const float (&q)[E], const paged_keyset<T, E> &ks,
+                                             const paged_geom &g) {
+    float kv[PAGED_KEYS][E], vv[PAGED_KEYS][E], s[PAGED_KEYS];
 #pragma unroll
     for (int u = 0; u < PAGED_KEYS; u++)
 #pragma unroll
-        for (int e = 0; e < E; e++) kv[u][e] = ldf(&kr[u].v[e]), vv[u][e] = ldf(&vr[u].v[e]);
+        for (int e = 0; e < E; e++) kv[u][e] = ldf(&ks.k[u].v[e]), vv[u][e] = ldf(&ks.v[u].v[e]);
     float mx = st.m;
 #pragma unroll
     for (int u = 0; u < PAGED_KEYS; u++) {
@@ -508,7 +526,7 @@ __device__ __forceinline__ void paged_keys(paged_state<E> &st, const float (&q)[
 #pragma unroll
         for (int e = 0; e < E; e++) dot += q[e] * kv[u][e];
         dot = cu_warp_sum(dot);
-        s[u] = ok[u] ? dot * g.scale : -INFINITY;
+        s[u] = ks.ok[u] ? dot * g.scale : -INFINITY;
         mx = fmaxf(mx, s[u]);
     }
     if (mx == -INFINITY) return;
@@ -526,75 +544,82 @@ __device__ __forceinline__ void paged_keys(paged_state<E> &st, const float (&q)[
     st.m = mx;
 }
 
-/* Row `row` of o [Tq, H, hd] from its splits' parts (the block's threads over the dims). */
+/* Row `row` of o [Tq, H, hd] from its first n splits' parts (the block's threads over the
+ * dims), one pass: CU_LOADS_AHEAD splits' (max, sum) and values loaded at once, the running
+ * sums rescaled to each batch's max (for n <= CU_LOADS_AHEAD, w_c = l_c exp(m_c - max m)). */
 template <class T>
-__device__ void paged_merge_row(const float *part, const float *ml, T *o, const paged_geom &g, int64_t row) {
-    constexpr int AHEAD = CU_LOADS_AHEAD; /* splits whose values a thread loads at once */
+__device__ void paged_merge_row(const float *part, const float *ml, T *o, const paged_geom &g, int64_t row, int64_t n) {
+    constexpr int AHEAD = CU_LOADS_AHEAD;
     const int64_t rows = g.Tq * g.H;
-    float mx = -INFINITY;
-    for (int64_t c0 = 0; c0 < g.n_split; c0 += AHEAD) {
-        float m[AHEAD], l[AHEAD];
-#pragma unroll
-        for (int u = 0; u < AHEAD; u++) {
-            const bool in = c0 + u < g.n_split;
-            m[u] = in ? __ldcg(ml + ((c0 + u) * rows + row) * 2) : -INFINITY;
-            l[u] = in ? __ldcg(ml + ((c0 + u) * rows + row) * 2 + 1) : 0.0f;
-        }
-#pragma unroll
-        for (int u = 0; u < AHEAD; u++)
-            if (l[u] > 0) mx = fmaxf(mx, m[u]);
-    }
     for (int64_t d = threadIdx.x; d < g.hd; d += blockDim.x) {
-        float wsum = 0, acc = 0;
-        for (int64_t c0 = 0; c0 < g.n_split; c0 += AHEAD) {
+        float mx = -INFINITY, wsum = 0, acc = 0;
+        for (int64_t c0 = 0; c0 < n; c0 += AHEAD) {
             float m[AHEAD], l[AHEAD], pv[AHEAD];
 #pragma unroll
             for (int u = 0; u < AHEAD; u++) {
-                const int64_t c = c0 + u < g.n_split ? c0 + u : c0;
+                const int64_t c = c0 + u < n ? c0 + u : c0;
                 m[u] = __ldcg(ml + (c * rows + row) * 2);
-                l[u] = c0 + u < g.n_split ? __ldcg(ml + (c * rows + row) * 2 + 1) : 0.0f;
+                l[u] = c0 + u < n ? __ldcg(ml + (c * rows + row) * 2 + 1) : 0.0f;
                 pv[u] = __ldcg(part + (c * rows + row) * g.hd + d);
             }
+            float bmax = mx;
+#pragma unroll
+            for (int u = 0; u < AHEAD; u++)
+                if (l[u] > 0) bmax = fmaxf(bmax, m[u]); /* l 0: a split past the row's keys */
+            if (bmax == -INFINITY) continue;
+            const float corr = expf(mx - bmax);
+            wsum *= corr, acc *= corr;
 #pragma unroll
             for (int u = 0; u < AHEAD; u++) {
-                if (l[u] <= 0) continue; /* a split past the row's keys (or past the last split) */
-                const float w = l[u] * expf(m[u] - mx);
+                if (l[u] <= 0) continue;
+                const float w = l[u] * expf(m[u] - bmax);
                 wsum += w;
                 acc += w * pv[u];
             }
+            mx = bmax;
         }
-        stf(o + row * g.hd + d, acc / wsum);
+        stf(o + row * g.hd + d, wsum > 0 ? acc / wsum : 0.0f);
     }
 }
 
+/* Before the wait for the kernel ahead (rope_append, which appends this step's keys: each
+ * segment's last nq) a block reads only what was complete before the step: the segment
+ * table, the row table and the keys of earlier steps. The segment's keys are cut in
+ * chunks of whole warp passes, at most g.n_split of them; a block past the last chunk
+ * has nothing to do, and the row's splits that have keys merge among themselves. */
 template <class T, int E, bool VEC>
 __global__ void __launch_bounds__(PAGED_WARPS * 32)
     paged_attention_kernel(const T *q, const T *kp, const T *vp, T *o, float *part, float *ml, att_view vq,
                            paged_geom g, cu_index_fault *fault) {
     __shared__ float wm[PAGED_WARPS], wl[PAGED_WARPS], wacc[PAGED_WARPS][32 * E];
-    cu_prior_done();
     const int64_t sid = blockIdx.z / g.n_split, split = blockIdx.z % g.n_split;
     const moe_att_seg sg = moe_att_seg_at(g.seg, g.n_seg, sid, g.Tq, 0);
     const int64_t group = g.H / g.Hkv, kvh = blockIdx.y, r = blockIdx.x;
-    if (r >= sg.nq * group) return;
+    const int64_t stride = PAGED_WARPS * PAGED_KEYS;
+    const int64_t chunk = ((sg.nk + g.n_split - 1) / g.n_split + stride - 1) / stride * stride; /* this segment's */
+    const int64_t n_used = chunk > 0 ? (sg.nk + chunk - 1) / chunk : 1;                           /* splits with keys */
+    if (r >= sg.nq * group || split >= n_used) return;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int64_t qi = r / group, h = kvh * group + r % group, hd = g.hd;
     const int64_t klim = g.causal ? min(sg.nk, sg.nk - sg.nq + qi + 1) : sg.nk; /* keys this row sees */
-    const int64_t stride = PAGED_WARPS * PAGED_KEYS;
-    const int64_t chunk = ((sg.nk + g.n_split - 1) / g.n_split + stride - 1) / stride * stride; /* this segment's */
-    const int64_t kbeg = split * chunk, kstop = min(klim, kbeg + chunk);
+    const int64_t kbeg = split * chunk, kstop = min(klim, kbeg + chunk), fresh = sg.nk - sg.nq;
+    const int32_t *rows = g.rows + sg.k0;
+    int64_t j0 = kbeg + warp * PAGED_KEYS;
+    int32_t row = paged_row(rows, j0, kstop, g, fault);
+    paged_keyset<T, E> ks;
+    paged_fetch<T, E, VEC>(ks, kp, vp, row, j0, fresh, PAGED_EARLIER, kvh, g);
+    cu_prior_done();
+    paged_fetch<T, E, VEC>(ks, kp, vp, row, j0, fresh, PAGED_THIS_STEP, kvh, g);
     const T *qrow = q + (sg.q0 + qi) * vq.st + h * vq.sh;
     float qv[E];
 #pragma unroll
     for (int e = 0; e < E; e++) qv[e] = lane * E + e < hd ? ldf(qrow + lane * E + e) : 0.0f;
     paged_state<E> st = {-INFINITY, 0, {}};
-    const int32_t *rows = g.rows + sg.k0;
-    int64_t j0 = kbeg + warp * PAGED_KEYS;
-    int32_t row = paged_row(rows, j0, kstop, g, fault);
-    for (; j0 < kstop; j0 += stride) {
+    for (;;) { /* the next keys' rows load while these keys are scored */
         const int32_t next = paged_row(rows, j0 + stride, kstop, g, fault);
-        paged_keys<T, E, VEC>(st, qv, kp, vp, row, kvh, g);
-        row = next;
+        paged_scores<T, E>(st, qv, ks, g);
+        if ((j0 += stride) >= kstop) break;
+        paged_fetch<T, E, VEC>(ks, kp, vp, next, j0, fresh, PAGED_ALL, kvh, g);
     }
     if (lane == 0) wm[warp] = st.m, wl[warp] = st.l;
 #pragma unroll
@@ -609,18 +634,18 @@ __global__ void __launch_bounds__(PAGED_WARPS * 32)
         float acc = 0;
         for (int w = 0; w < PAGED_WARPS; w++)
             if (wm[w] != -INFINITY) acc += wacc[w][d] * expf(wm[w] - mx);
-        if (g.n_split == 1)
+        if (n_used == 1)
             stf(o + orow * hd + d, acc * inv);
         else
             part[(split * g.Tq * g.H + orow) * hd + d] = acc * inv;
     }
-    if (g.n_split == 1) return;
+    if (n_used == 1) return;
     if (threadIdx.x == 0) {
         ml[(split * g.Tq * g.H + orow) * 2] = mx;
         ml[(split * g.Tq * g.H + orow) * 2 + 1] = lsum;
     }
-    if (cu_last_block(g.tickets + (sid * gridDim.y + kvh) * gridDim.x + r, (unsigned)g.n_split))
-        paged_merge_row(part, ml, o, g, orow); /* the last of the row's splits merges them */
+    if (cu_last_block(g.tickets + (sid * gridDim.y + kvh) * gridDim.x + r, (unsigned)n_used))
+        paged_merge_row(part, ml, o, g, orow, n_used); /* the last of the row's splits merges them */
 }
 
 /* Splits per segment: enough blocks for two waves over the SMs, at least PAGED_SPLIT_KEYS
