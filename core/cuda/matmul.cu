@@ -170,8 +170,8 @@ __device__ void skinny_finish(const float *part, int64_t splits, int64_t c0, int
 /* What the last block of a skinny product does with C [MR, N] once every column tile is
  * written: nothing (SK_PLAIN); select on C's rows of logits (SK_ROUTE, route_select: gates
  * and ids); or add C to the residual rows x and normalise them (SK_ADD_NORM,
- * matmul_add_rmsnorm: y and sum, rows of N, 16-byte aligned). ticket: a zeroed counter of
- * the blocks that finished a column tile. */
+ * matmul_add_rmsnorm: y and sum, rows of N, 16-byte aligned). ticket (skinny_launch sets
+ * it): a zeroed counter of the blocks that finished a column tile. */
 enum sk_epilogue_kind { SK_PLAIN, SK_ROUTE, SK_ADD_NORM };
 template <class T> struct sk_epilogue {
     unsigned *ticket;
@@ -286,8 +286,10 @@ static moe_status skinny_launch(const T *A, int64_t lda, const T *B, int64_t ldb
     splits = (K + rows_per_split - 1) / rows_per_split;
     float *part = NULL;
     if (splits > 1 && !(part = (float *)cu_scratch(sizeof(float) * (size_t)(splits * MR * N)))) return moe_last_status();
+    sk_epilogue<T> e = ep;
+    e.ticket = moe_cu.tickets + CU_TICKETS - 1; /* the epilogue's: past the column tiles' */
     cu_launch(skinny_kernel<T, MR, EPI>, dim3((unsigned)tiles, (unsigned)splits), SK_THREADS, 0, A, lda, B, ldb, K, N,
-              rows_per_split, part, moe_cu.tickets, C, ldc, b_early, ep);
+              rows_per_split, part, moe_cu.tickets, C, ldc, b_early, e);
     CU_LAUNCHED(EPI == SK_ROUTE ? "route_select (skinny)" : EPI == SK_ADD_NORM ? "matmul_add_rmsnorm (skinny)"
                                                                             : "matmul (skinny)");
     return MOE_OK;
@@ -422,7 +424,6 @@ extern "C" moe_status moe_cuda_route_select(const moe_kernel_args *a) {
     if (fused) {
         CU_FLOAT_DISPATCH(x->dtype, "route_select",
             sk_epilogue<T> ep = {};
-            ep.ticket = moe_cu.tickets + CU_TICKETS - 1;
             ep.bias = bias ? (const float *)bias->data : NULL;
             ep.gates = (T *)a->out->data;
             ep.ids = (int32_t *)a->out2->data;
@@ -460,7 +461,6 @@ extern "C" moe_status moe_cuda_matmul_add_rmsnorm(const moe_kernel_args *a) {
     if (fused) {
         CU_FLOAT_DISPATCH(x->dtype, "matmul_add_rmsnorm",
             sk_epilogue<T> ep = {};
-            ep.ticket = moe_cu.tickets + CU_TICKETS - 1;
             ep.x = (const T *)x->data;
             ep.w = (const T *)w->data;
             ep.y = (T *)a->out->data;
