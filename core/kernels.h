@@ -63,6 +63,7 @@
     X(ARGSORT, argsort, 0)                   \
     X(BINCOUNT, bincount, 0)                 \
     X(CUMSUM, cumsum, 0)                     \
+    X(ROUTE_PLAN, route_plan, 0)             \
     X(DROPOUT, dropout, 1)                   \
     X(ROPE, rope, 1)                         \
     X(ROPE_APPEND, rope_append, 0)           \
@@ -129,6 +130,7 @@ extern const moe_op_info moe_op_table[MOE_OP_COUNT];
     X(ARGSORT, argsort)             /* out I32 <- stable ascending positions, last axis */      \
     X(BINCOUNT, bincount)            /* out [nbins] I32 <- counts of in[0]; attrs moe_int_attrs */ \
     X(CUMSUM, cumsum)              /* out I32 <- (exclusive) prefix sums of in[0] */           \
+    X(ROUTE_PLAN, route_plan)          /* in: ids [T, k] I32; out = [tok (T k) | offsets (E + 1)] I32, out2 = src [T, k] I32; attrs moe_int_attrs.nbins = E (moe_route_plan) */ \
     X(DROPOUT, dropout)             /* out <- x * mask / (1-p), keep i iff philox_uniform(counter + i, seed) >= p */ \
     X(ROPE, rope)                /* in[1] = positions [T] I32 or NULL (pos0 + t); attrs: pos0, theta, inverse */ \
     X(ROPE_APPEND, rope_append)         /* in: q k v [1, T, n, hd] (unit last stride, heads at stride hd), q_w k_w (NULL: no norm), pos, rows [T]; out q's result; attrs moe_rope_append_attrs (the pools) */ \

@@ -130,6 +130,13 @@ moe_tensor *moe_route_select(moe_tensor *x, moe_tensor *w, moe_tensor *bias, con
 moe_tensor *moe_argsort(moe_tensor *x);                 /* stable ascending, last axis, I32 */
 moe_tensor *moe_bincount(moe_tensor *x, int64_t nbins); /* 1-D I32 -> [nbins] I32 */
 moe_tensor *moe_cumsum(moe_tensor *x, bool exclusive);  /* 1-D I32 */
+/* A routing of T tokens to k experts each (ids [T, k] I32, each in [0, n_experts)) sorted by
+ * expert, stably (an expert's assignments in token order), on the routing's device:
+ * returns tok [T k] I32, the token of each assignment in that order; *src [T, k] I32, the
+ * position in it of assignment (t, j); *offsets [n_experts + 1] I32, where each expert's run
+ * begins (the last is T k). What moe_dispatch, moe_grouped_matmul and moe_combine take, with
+ * only the offsets to read back. */
+moe_tensor *moe_route_plan(moe_tensor *ids, int64_t n_experts, moe_tensor **src, moe_tensor **offsets);
 
 /* ---- neural-network ops ---- */
 moe_tensor *moe_dropout(moe_tensor *x, double p, uint64_t seed, uint64_t counter);

@@ -1,5 +1,5 @@
 /* Index ops: embedding lookup, row select / row add / in-place row copy, last-axis gather / scatter-add,
- * top-k, and the integer routing helpers argsort, bincount, cumsum.
+ * top-k, and the integer routing helpers argsort, bincount, cumsum and the device-side routing plan (route_plan).
  *
  * Index tensors are I32. Kernels take contiguous operands (core/cpu/index_cpu.c), so the
  * front-ends copy strided inputs first; the accumulating ops are out of place (a copy of
@@ -344,6 +344,27 @@ moe_tensor *moe_route_select(moe_tensor *x, moe_tensor *w, moe_tensor *bias, con
     OP_RUN(MOE_K_ROUTE_SELECT, .out = gates, .out2 = idx, .in = {xc, wc, bc}, .attrs = spec);
     *ids = idx;
     return gates;
+}
+
+moe_tensor *moe_route_plan(moe_tensor *ids, int64_t n_experts, moe_tensor **src, moe_tensor **offsets) {
+    *src = *offsets = NULL;
+    OP_NEED(ids);
+    if (!moe_check(ids->ndim == 2 && ids->dtype == MOE_I32, "route_plan", "needs ids [T, k] i32, got %s", D(ids)))
+        return NULL;
+    int64_t n = moe_tensor_numel(ids), len = n + n_experts + 1;
+    if (!moe_check(n_experts >= 1 && len <= INT32_MAX, "route_plan", "%lld experts for %s: out of range",
+                   (long long)n_experts, D(ids)))
+        return NULL;
+    moe_tensor *plan = op_new(ids, MOE_I32, 1, &len), *s = plan ? op_new(ids, MOE_I32, 2, ids->shape) : NULL;
+    const moe_tensor *ic = s ? op_contiguous_nograd(ids) : NULL;
+    if (!ic) return NULL;
+    moe_int_attrs at = {.nbins = n_experts};
+    OP_RUN(MOE_K_ROUTE_PLAN, .out = plan, .out2 = s, .in = {ic}, .attrs = &at);
+    moe_tensor *tok = moe_slice(plan, 0, 0, n);
+    *offsets = tok ? moe_slice(plan, 0, n, len) : NULL;
+    if (!*offsets) return NULL;
+    *src = s;
+    return tok;
 }
 
 /* The grad of the values goes to the selected positions (scatter into zeros). */

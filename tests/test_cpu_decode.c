@@ -161,27 +161,31 @@ static void routes_by(moe_model *m, moe_expert_path path, int32_t *routes) {
     moe_step_reset();
 }
 
-/* The gathered experts (forced on the host) decode as the full forward does, and report
- * the grouped path's routes through their device-side route sink. */
-static void test_decode_gathered(void) {
+/* The gathered experts and the routing sorted where it was made (both forced on the host)
+ * decode as the full forward does, and report the grouped path's routes through their
+ * route sink. */
+static void test_decode_device_paths(void) {
     moe_config c;
     small_config(&c, MOE_CFG_MIXER_ATTENTION);
     c.model.dense_layers = 1; /* a dense layer's routes are -1 either way */
     moe_model m;
     open_model(&m, &c, MOE_F64);
-    double e = decode_vs_full_by(&m, MOE_F64, 21, 5, MOE_EXPERT_PATH_GATHERED);
-    fprintf(stderr, "  gathered decode vs full forward, f64 %.3g\n", e);
-    CU_ASSERT(e < 1e-6);
     const int n = 2 * c.model.n_layers * 12 * c.model.top_k;
-    int32_t *grouped = malloc(sizeof(int32_t) * n), *gathered = malloc(sizeof(int32_t) * n);
+    int32_t *grouped = malloc(sizeof(int32_t) * n), *routes = malloc(sizeof(int32_t) * n);
     routes_by(&m, MOE_EXPERT_PATH_GROUPED, grouped);
-    routes_by(&m, MOE_EXPERT_PATH_GATHERED, gathered);
-    CU_ASSERT_EQUAL(memcmp(grouped, gathered, sizeof(int32_t) * n), 0);
-    int sunk = 0;
-    for (int i = 0; i < n; i++) sunk += gathered[i] >= 0 && gathered[i] < c.model.n_experts;
-    CU_ASSERT(sunk > 0);
+    const moe_expert_path paths[2] = {MOE_EXPERT_PATH_GATHERED, MOE_EXPERT_PATH_SORTED};
+    for (int p = 0; p < 2; p++) {
+        double e = decode_vs_full_by(&m, MOE_F64, 21, 5, paths[p]);
+        fprintf(stderr, "  %s decode vs full forward, f64 %.3g\n", p == 0 ? "gathered" : "sorted", e);
+        CU_ASSERT(e < 1e-6);
+        routes_by(&m, paths[p], routes);
+        CU_ASSERT_EQUAL(memcmp(grouped, routes, sizeof(int32_t) * n), 0);
+        int sunk = 0;
+        for (int i = 0; i < n; i++) sunk += routes[i] >= 0 && routes[i] < c.model.n_experts;
+        CU_ASSERT(sunk > 0);
+    }
     free(grouped);
-    free(gathered);
+    free(routes);
     moe_model_free(&m);
 }
 
@@ -319,7 +323,8 @@ static void test_decode_features(void) {
     moe_model_free(&m);
 }
 
-/* The tiny Hugging Face fixtures (tests/fixtures/hf) through the cache. */
+/* The tiny Hugging Face fixtures (tests/fixtures/hf) through the cache, on the host's path
+ * and with the routing sorted as on a device. */
 static void test_decode_hf_fixtures(void) {
     static const char *const names[] = {"mixtral-tiny", "olmoe-tiny", "qwen2-moe-tiny", "qwen3-moe-tiny",
                                         "deepseek-v3-tiny"};
@@ -333,9 +338,10 @@ static void test_decode_hf_fixtures(void) {
         moe_model m;
         moe_hf_info info;
         CU_ASSERT_EQUAL_FATAL(moe_hf_load(dir, &m, &info), MOE_OK);
-        double e = decode_vs_full(&m, MOE_F32, 20, 6);
-        fprintf(stderr, "  %s: decode vs full forward %.3g\n", names[i], e);
+        double e = decode_vs_full(&m, MOE_F32, 20, 6), es = decode_vs_full_by(&m, MOE_F32, 20, 6, MOE_EXPERT_PATH_SORTED);
+        fprintf(stderr, "  %s: decode vs full forward %.3g (routing sorted as on a device: %.3g)\n", names[i], e, es);
         CU_ASSERT(e < 1e-4);
+        CU_ASSERT(es < 1e-4);
         moe_model_free(&m);
     }
 }
@@ -811,7 +817,7 @@ static void register_suites(void) {
                                                      {"cached decode == full forward, gdn", test_decode_gdn},
                                                      {"cached decode == full forward, model features", test_decode_features},
                                                      {"cached decode == full forward, HF fixtures", test_decode_hf_fixtures},
-                                                     {"gathered experts: decode and routes", test_decode_gathered},
+                                                     {"gathered and sorted experts: decode and routes", test_decode_device_paths},
                                                      {"recordable steps == op by op", test_recorded_steps},
                                                      {"packed batch == sequences alone, attention", test_packed_attention},
                                                      {"packed batch == sequences alone, mom", test_packed_mom},

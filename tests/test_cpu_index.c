@@ -1,7 +1,8 @@
 /* Index ops beyond the generic cases: hand-computed values and grads, error messages for
  * bad shapes and out-of-range indices, duplicate indices, combine's row contract,
  * top-k ties and k = 1 / k = n,
- * argsort stability (counting-sort and merge-sort paths), empty bincount, cumsum. */
+ * argsort stability (counting-sort and merge-sort paths), empty bincount, cumsum, the
+ * routing plan's values and errors. */
 #include "tests/harness/testlib.h"
 
 #include <stdlib.h>
@@ -329,6 +330,26 @@ static void test_cumsum(void) {
     EXPECT_INVALID(moe_cumsum(F64(SHAPE(2), 1, 2), false), "cumsum", "f64");
 }
 
+/* Assignments (t, j) of 3 tokens to 2 of 4 experts: (0,0)->2 (0,1)->0 (1,0)->2 (1,1)->3
+ * (2,0)->0 (2,1)->2. By expert: 0 takes assignments 1, 4 (tokens 0, 2); 1 none; 2 takes
+ * 0, 2, 5 (tokens 0, 1, 2); 3 takes 3 (token 1). */
+static void test_route_plan(void) {
+    moe_step_reset();
+    moe_tensor *src, *offsets, *tok = moe_route_plan(I32(SHAPE(3, 2), 2, 0, 2, 3, 0, 2), 4, &src, &offsets);
+    EXPECT(tok, 0, 2, 0, 1, 2, 1);
+    EXPECT(src, 2, 0, 3, 5, 1, 4);
+    EXPECT(offsets, 0, 2, 2, 5, 6);
+    CU_ASSERT(src->ndim == 2 && src->shape[0] == 3 && src->shape[1] == 2 && src->dtype == MOE_I32);
+    moe_tensor *empty = moe_tensor_empty(MOE_LIFE_STEP, MOE_CPU, MOE_I32, 2, (int64_t[]){0, 2});
+    CU_ASSERT_EQUAL(moe_tensor_numel(moe_route_plan(empty, 3, &src, &offsets)), 0);
+    EXPECT(offsets, 0, 0, 0, 0);
+    EXPECT_INVALID(moe_route_plan(I32(SHAPE(2, 1), 1, 4), 4, &src, &offsets), "route_plan", "expert id 4",
+                   "position 1", "[0, 4)");
+    CU_ASSERT_PTR_NULL(src);
+    EXPECT_INVALID(moe_route_plan(I32(SHAPE(2), 1, 0), 4, &src, &offsets), "route_plan", "[T, k]", "[2]");
+    EXPECT_INVALID(moe_route_plan(I32(SHAPE(2, 1), 1, 0), 0, &src, &offsets), "route_plan", "0 experts");
+}
+
 static void register_suites(void) {
     moe_test_add_suite("select", (moe_test_entry[]){{"embedding values and grad", test_embedding_values_and_grad},
                                                     {"embedding bad ids", test_embedding_bad_ids},
@@ -348,6 +369,7 @@ static void register_suites(void) {
                                                      {"argsort large", test_argsort_large},
                                                      {"bincount", test_bincount},
                                                      {"cumsum", test_cumsum},
+                                                     {"route_plan", test_route_plan},
                                                      {NULL, NULL}});
 }
 

@@ -140,15 +140,15 @@ static void check(bool mla) {
     moe_model_free(&gpu);
 }
 
-/* One decode step of the three sequences after their prefill, on CUDA in f32, the experts
- * run by `path`: its logits [3, V] and routes [n_layers, 3, top_k]. */
-static void step_routes(moe_model *m, moe_expert_path path, float *logits, int32_t *routes) {
+/* The three sequences' prefill and one decode step after it, on CUDA in f32, the experts
+ * run by `path`: the prefill's last rows' logits [3, V], the step's logits [3, V] and its
+ * routes [n_layers, 3, top_k]. */
+static void step_routes(moe_model *m, moe_expert_path path, float *prefill, float *logits, int32_t *routes) {
     moe_decoder *d;
     moe_decode_state *s;
     CU_ASSERT_EQUAL_FATAL(moe_decoder_open(m, MOE_F32, &d), MOE_OK);
     moe_decoder_set_expert_path(d, path);
     CU_ASSERT_EQUAL_FATAL(moe_decode_state_create(d, 3, 96, &s), MOE_OK);
-    float prefill[3 * V];
     prefill_three(d, s, prefill);
     int32_t t3[3], p3[3], s3[3] = {0, 1, 2};
     for (int q = 0; q < 3; q++) t3[q] = token(q, lens[q]), p3[q] = lens[q];
@@ -161,25 +161,32 @@ static void step_routes(moe_model *m, moe_expert_path path, float *logits, int32
     moe_step_reset();
 }
 
-/* A decode step on the gathered experts (the route sink read back once) gives the grouped
- * path's routes and, within f32 rounding, its logits. */
-static void test_gathered_routes(void) {
+/* The prefill (44 rows: auto sorts the routing on the device) and a decode step (auto
+ * gathers; sorted forced) give the grouped path's logits within f32 rounding, and the
+ * step's routes come back through the route sink equal to the grouped path's. */
+static void test_device_paths(void) {
     moe_config c;
     config(&c, false, MOE_CUDA);
     CU_ASSERT_EQUAL_FATAL(moe_config_validate(&c), MOE_OK);
     moe_model m;
     CU_ASSERT_EQUAL_FATAL(moe_model_init(&m, &c, 0, 1), MOE_OK);
     enum { R = 3 * 3 * 2 }; /* layers x tokens x top-k */
-    float lg_auto[3 * V], lg_grouped[3 * V];
-    int32_t r_auto[R], r_grouped[R];
-    for (int i = 0; i < R; i++) r_auto[i] = r_grouped[i] = -7;
-    step_routes(&m, MOE_EXPERT_PATH_AUTO, lg_auto, r_auto);
-    step_routes(&m, MOE_EXPERT_PATH_GROUPED, lg_grouped, r_grouped);
-    double e = rel_err(lg_auto, lg_grouped, 3 * V);
-    fprintf(stderr, "  gathered vs grouped decode step on CUDA, f32: logits %.3g\n", e);
-    CU_ASSERT(e < 1e-5);
-    CU_ASSERT_EQUAL(memcmp(r_auto, r_grouped, sizeof r_auto), 0);
-    CU_ASSERT(r_auto[0] >= 0 && r_auto[0] < c.model.n_experts);
+    float pre_ref[3 * V], lg_ref[3 * V], pre[3 * V], lg[3 * V];
+    int32_t r_ref[R], r[R];
+    for (int i = 0; i < R; i++) r_ref[i] = -7;
+    step_routes(&m, MOE_EXPERT_PATH_GROUPED, pre_ref, lg_ref, r_ref);
+    const moe_expert_path paths[2] = {MOE_EXPERT_PATH_AUTO, MOE_EXPERT_PATH_SORTED};
+    for (int p = 0; p < 2; p++) {
+        for (int i = 0; i < R; i++) r[i] = -7;
+        step_routes(&m, paths[p], pre, lg, r);
+        double ep = rel_err(pre, pre_ref, 3 * V), es = rel_err(lg, lg_ref, 3 * V);
+        fprintf(stderr, "  %s vs grouped on CUDA, f32: prefill logits %.3g, decode step %.3g\n",
+                p == 0 ? "auto (sorted prefill, gathered step)" : "sorted", ep, es);
+        CU_ASSERT(ep < 1e-5);
+        CU_ASSERT(es < 1e-5);
+        CU_ASSERT_EQUAL(memcmp(r, r_ref, sizeof r), 0);
+    }
+    CU_ASSERT(r_ref[0] >= 0 && r_ref[0] < c.model.n_experts);
     moe_model_free(&m);
 }
 
@@ -261,8 +268,8 @@ static void test_mla(void) { check(true); }
 static void register_suites(void) {
     moe_test_add_suite("cuda_decode", (moe_test_entry[]){{"decode on CUDA == CPU, mha + gdn", test_mha_gdn},
                                                           {"decode on CUDA == CPU, mla", test_mla},
-                                                          {"gathered experts: routes and logits == grouped",
-                                                           test_gathered_routes},
+                                                          {"gathered and sorted experts: logits, routes == grouped",
+                                                           test_device_paths},
                                                           {"recorded decode steps == op by op", test_recorded_steps},
                                                           {NULL, NULL}});
 }

@@ -1,6 +1,6 @@
 /* CPU kernels of the index family: row select / row add / row copy, the fused MoE combine
  * (combine: weighted sum of each token's expert rows, and its backward), last-axis
- * gather / scatter-add, top-k, stable argsort, bincount, cumsum.
+ * gather / scatter-add, top-k, stable argsort, bincount, cumsum, the routing plan.
  *
  * Conventions shared by these kernels (the front-ends in core/ops_index.c guarantee them):
  *  - every tensor handed to them is contiguous;
@@ -429,6 +429,30 @@ moe_status moe_cpu_cumsum(const moe_kernel_args *a) {
             po[i] = (int32_t)acc;
         }
     }
+    return MOE_OK;
+}
+
+/* ROUTE_PLAN: in[0] = ids [T, k] I32, each in [0, E) (attrs moe_int_attrs.nbins = E); out =
+ * [tok (n = T k) | offsets (E + 1)] I32, out2 = src [T, k] I32. A stable counting sort of
+ * the assignments by expert: expert e's run is tok[offsets[e] .. offsets[e + 1]), its
+ * tokens in order; src[i] = the position of assignment i. An id outside [0, E) is
+ * MOE_ERR_INVALID (nothing written). */
+moe_status moe_cpu_route_plan(const moe_kernel_args *a) {
+    const moe_tensor *ids = a->in[0];
+    const int64_t n = moe_tensor_numel(ids), k = ids->shape[1], E = ((const moe_int_attrs *)a->attrs)->nbins;
+    const int32_t *pi = (const int32_t *)ids->data;
+    MOE_TRY(check_indices("route_plan", "expert id", pi, n, E));
+    int32_t *tok = (int32_t *)a->out->data, *offsets = tok + n, *src = (int32_t *)a->out2->data;
+    memset(offsets, 0, sizeof(int32_t) * (size_t)(E + 1));
+    for (int64_t i = 0; i < n; i++) offsets[pi[i] + 1]++;
+    for (int64_t e = 0; e < E; e++) offsets[e + 1] += offsets[e];
+    for (int64_t i = 0; i < n; i++) { /* offsets[e] walks to the end of e's run, then back */
+        int32_t at = offsets[pi[i]]++;
+        tok[at] = (int32_t)(i / k);
+        src[i] = at;
+    }
+    for (int64_t e = E; e > 0; e--) offsets[e] = offsets[e - 1];
+    offsets[0] = 0;
     return MOE_OK;
 }
 

@@ -101,7 +101,8 @@ static void cuda_free(void *p) {
 
 static const char *const index_kernel_names[] = {"index_select", "index_add", "gather",    "scatter_add",
                                                  "bincount",     "combine",   "index_copy",
-                                                 "gathered_swiglu", "attention_paged", "rope_append"};
+                                                 "gathered_swiglu", "attention_paged", "rope_append",
+                                                 "route_plan"};
 
 moe_status cu_index_fault_check(void) {
     volatile cu_index_fault *f = moe_cu.index_fault;
@@ -110,7 +111,7 @@ moe_status cu_index_fault_check(void) {
     f->set = 0;
     return moe_error(MOE_ERR_INVALID, "%s: %s %d at position %lld is out of range [0, %lld) (checked on the device; the "
                      "element was skipped and the fault reported at the next synchronisation)",
-                     index_kernel_names[c.kernel], c.kernel == CU_IDX_BINCOUNT ? "value" : "index", c.value, c.pos, c.hi);
+                     index_kernel_names[c.kernel], c.kernel == CU_IDX_BINCOUNT || c.kernel == CU_IDX_ROUTE_PLAN ? "value" : "index", c.value, c.pos, c.hi);
 }
 
 /* Host-to-device copies go through a pinned staging ring so that they need not wait:

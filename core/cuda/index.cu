@@ -1,5 +1,5 @@
 /* CUDA index kernels (core/cpu/index_cpu.c is the specification): row select / row add / row copy,
- * last-axis gather / scatter-add, top-k, stable argsort, bincount, cumsum. Operands are
+ * last-axis gather / scatter-add, top-k, stable argsort, bincount, cumsum, the routing plan. Operands are
  * contiguous (core/ops_index.c). Indices are checked inside the kernels without a host
  * synchronisation: an out-of-range one is skipped (its output row is zero) and recorded,
  * and the next synchronisation reports MOE_ERR_INVALID with the kernel, the value, its
@@ -510,6 +510,59 @@ extern "C" moe_status moe_cuda_cumsum(const moe_kernel_args *a) {
                    (long long)n);
     }
     CU_LAUNCHED("cumsum");
+    return MOE_OK;
+}
+
+/* ---- ROUTE_PLAN: block e places expert e's assignments ----
+ * Two passes over the ids (read through L2 by every block): the count of assignments to
+ * experts below e (where e's run starts), then e's own in order, ranked within each chunk
+ * of the block's width by a warp ballot and the warps' counts before it. Deterministic and
+ * stable; block 0 records an id outside [0, E) (its src is -1, its expert's run lacks it). */
+#define RP_THREADS 1024
+__global__ void __launch_bounds__(RP_THREADS) route_plan_kernel(const int32_t *ids, int64_t n, int k, int E,
+                                                                int32_t *tok, int32_t *offsets, int32_t *src,
+                                                                cu_index_fault *f) {
+    cu_prior_done();
+    __shared__ int warp_count[RP_THREADS / 32];
+    const int e = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int at = 0;
+    for (int64_t i0 = 0; i0 < n; i0 += blockDim.x) {
+        int64_t i = i0 + threadIdx.x;
+        int v = i < n ? ids[i] : -1;
+        at += __syncthreads_count(v >= 0 && v < e);
+    }
+    if (threadIdx.x == 0) offsets[e] = at;
+    for (int64_t i0 = 0; i0 < n; i0 += blockDim.x) {
+        int64_t i = i0 + threadIdx.x;
+        int v = i < n ? ids[i] : -1;
+        if (e == 0 && i < n && !cu_index_ok(f, CU_IDX_ROUTE_PLAN, v, i, E)) src[i] = -1;
+        unsigned mine = __ballot_sync(0xffffffffu, v == e);
+        if (lane == 0) warp_count[warp] = __popc(mine);
+        __syncthreads();
+        int before = 0, total = 0;
+        for (int w = 0; w < warps; w++) {
+            int c = warp_count[w];
+            before += w < warp ? c : 0;
+            total += c;
+        }
+        if (v == e) {
+            int pos = at + before + __popc(mine & ((1u << lane) - 1u));
+            tok[pos] = (int32_t)(i / k);
+            src[i] = pos;
+        }
+        at += total;
+        __syncthreads(); /* warp_count is written again */
+    }
+    if (e == E - 1 && threadIdx.x == 0) offsets[E] = at;
+}
+
+extern "C" moe_status moe_cuda_route_plan(const moe_kernel_args *a) {
+    const moe_tensor *ids = a->in[0];
+    const int64_t n = moe_tensor_numel(ids), E = ((const moe_int_attrs *)a->attrs)->nbins;
+    int32_t *tok = (int32_t *)a->out->data;
+    cu_launch(route_plan_kernel, dim3((unsigned)E), dim3(RP_THREADS), 0, (const int32_t *)ids->data, n,
+              (int)ids->shape[1], (int)E, tok, tok + n, (int32_t *)a->out2->data, moe_cu.index_fault);
+    CU_LAUNCHED("route_plan");
     return MOE_OK;
 }
 

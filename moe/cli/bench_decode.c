@@ -260,7 +260,8 @@ static void print_result(const decode_flags *f, const decode_plan *p, int B, con
     int T = B * f->prompt;
     double ptps = r->prefill_ms > 0 ? 1e3 * T / r->prefill_ms : 0;
     static const char *const impls[] = {[MOE_EXPERT_PATH_AUTO] = "moe", [MOE_EXPERT_PATH_GROUPED] = "moe-grouped",
-                                        [MOE_EXPERT_PATH_GATHERED] = "moe-gathered"};
+                                        [MOE_EXPERT_PATH_GATHERED] = "moe-gathered",
+                                        [MOE_EXPERT_PATH_SORTED] = "moe-sorted"};
     const char *impl = impls[moe_cli_expert_path(f->experts)];
     if (f->json) {
         printf("{\"kind\":\"PREFILL\",\"impl\":\"%s\",\"batch\":%d,\"tokens\":%d,\"ms\":%.3f,\"tokens_per_s\":%.2f,"
@@ -340,7 +341,7 @@ int moe_cmd_bench_decode(int argc, char **argv) {
         {"--reps", MOE_FLAG_INT, "R", 1, MAX_REPS, NULL, "timed runs per batch size, after one warm-up",
          &f.reps},
         {"--json", MOE_FLAG_BOOL, NULL, 0, 0, NULL, "JSON lines instead of PREFILL / DECODE lines", &f.json},
-        {"--experts", MOE_FLAG_STRING, "PATH", 0, 0, "auto|grouped|gathered", MOE_CLI_EXPERTS_HELP, &f.experts},
+        {"--experts", MOE_FLAG_STRING, "PATH", 0, 0, MOE_CLI_EXPERTS_CHOICES, MOE_CLI_EXPERTS_HELP, &f.experts},
         {"--graphs", MOE_FLAG_STRING, "on|off", 0, 0, "on|off",
          "decode steps of one token per sequence replayed from recorded graphs where the forward allows it (on)",
          &f.graphs},

@@ -233,7 +233,7 @@ int moe_cmd_serve(int argc, char **argv) {
         {"--max-tokens-in-flight", MOE_FLAG_I64, "M", 0, 1e12, NULL,
          "KV cache positions of all sequences together, 0 = max-batch x context", &f.kv_tokens},
         {"--prefill-tokens", MOE_FLAG_INT, "P", 1, 1 << 20, NULL, "prompt tokens packed into one forward", &f.prefill_tokens},
-        {"--experts", MOE_FLAG_STRING, "PATH", 0, 0, "auto|grouped|gathered", MOE_CLI_EXPERTS_HELP, &f.experts},
+        {"--experts", MOE_FLAG_STRING, "PATH", 0, 0, MOE_CLI_EXPERTS_CHOICES, MOE_CLI_EXPERTS_HELP, &f.experts},
         {"--max-queue", MOE_FLAG_INT, "Q", 1, 1 << 20, NULL, "waiting requests before answering 429", &f.max_queue},
         {"--timeout", MOE_FLAG_INT, "S", 1, 3600, NULL, "seconds before an idle or slow connection is closed", &f.timeout_s},
         {"--max-connections", MOE_FLAG_INT, "N", 1, 100000, NULL, "simultaneous connections", &f.max_conns},

@@ -242,6 +242,7 @@ moe_status moe_source_placement(const char *device, const char *dtype, moe_devic
 moe_expert_path moe_cli_expert_path(const char *name) {
     if (name && !strcmp(name, "grouped")) return MOE_EXPERT_PATH_GROUPED;
     if (name && !strcmp(name, "gathered")) return MOE_EXPERT_PATH_GATHERED;
+    if (name && !strcmp(name, "sorted")) return MOE_EXPERT_PATH_SORTED;
     return MOE_EXPERT_PATH_AUTO;
 }
 

@@ -72,11 +72,13 @@ void moe_source_close(moe_source *src);
 /* Where a decoder runs for --device / --dtype (either may be NULL) without a source: the
  * defaults and checks of moe_source_open with the cpu as the default device. */
 moe_status moe_source_placement(const char *device, const char *dtype, moe_device *dev, moe_dtype *dt);
-/* --experts auto|grouped|gathered (the flag's choices) as a path; NULL: auto. */
+/* --experts auto|grouped|gathered|sorted (the flag's choices) as a path; NULL: auto. */
 moe_expert_path moe_cli_expert_path(const char *name);
+#define MOE_CLI_EXPERTS_CHOICES "auto|grouped|gathered|sorted"
 #define MOE_CLI_EXPERTS_HELP                                                                                      \
-    "how MoE layers run their experts: auto (gathered for few tokens on a device), grouped (routing read back: " \
-    "the reference), gathered (wherever a layer allows it)"
+    "how MoE layers run their experts: auto (on a device gathered for few tokens, else sorted), grouped "       \
+    "(routing read back and planned on the host: the reference), gathered (wherever a layer allows it), sorted " \
+    "(routing sorted by expert on the device, only the expert offsets read back)"
 /* A decoder over the source's model on src->dev in src->dtype. */
 moe_status moe_source_decoder_open(moe_source *src, moe_decoder **out);
 

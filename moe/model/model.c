@@ -805,9 +805,18 @@ static bool gather_experts(const moe_block *b, const moe_tensor *h2, const moe_f
     return h2 && !parts && path_gathers(f->experts, h2->device) && moe_moe_layer_gathers(&b->moe, h2->shape[0]);
 }
 
-/* Block i's gathered experts on h2 [B T, d]; the routes, when asked for, into the sink. */
-static moe_tensor *gathered_feed_forward(moe_model *m, int i, moe_tensor *h2, moe_tensor **router_state,
-                                         route_sink *sink) {
+/* Whether block b's MoE layer sorts an inference forward's routing where it was made: by
+ * f->experts (AUTO: on a device, where the routing would otherwise be read back whole and
+ * planned on the host while the device waits); never when the load is counted. */
+static bool sort_on_device(const moe_block *b, const moe_tensor *h2, const moe_forward *f, const moe_loss_parts *parts) {
+    bool path = f->experts == MOE_EXPERT_PATH_SORTED || (f->experts == MOE_EXPERT_PATH_AUTO && h2 && h2->device != MOE_CPU);
+    return h2 && !parts && path && moe_moe_layer_sorts(&b->moe);
+}
+
+/* Block i's experts on h2 [B T, d] with the selection made on the device, gathered or
+ * sorted there; the routes, when asked for, into the sink. */
+static moe_tensor *device_feed_forward(moe_model *m, int i, moe_tensor *h2, bool gathered, moe_tensor **router_state,
+                                       route_sink *sink) {
     moe_block *b = &m->blocks[i];
     moe_tensor *state = NULL, *gates, *experts;
     moe_status st = moe_router_select_device(&b->moe.router, h2, *router_state, &state, &gates, &experts);
@@ -818,7 +827,8 @@ static moe_tensor *gathered_feed_forward(moe_model *m, int i, moe_tensor *h2, mo
         if (!rows || moe_tensor_copy_(rows, experts) != MOE_OK) return NULL;
         sink->sunk[i] = true;
     }
-    return moe_moe_layer_apply_gathered(&b->moe, h2, gates, experts, m->compute);
+    return gathered ? moe_moe_layer_apply_gathered(&b->moe, h2, gates, experts, m->compute)
+                    : moe_moe_layer_apply_sorted(&b->moe, h2, gates, experts, m->compute);
 }
 
 bool moe_model_decode_recordable(const moe_model *m, int T, moe_expert_path path) {
@@ -850,7 +860,9 @@ static moe_tensor *feed_forward(moe_model *m, int i, moe_tensor *h2, const moe_f
         b->moe.router.noise_counter = m->dropout_counter + ((uint64_t)i << 34);
         ffn = moe_moe_layer_forward(&b->moe, h2, *router_state, m->compute, &res);
     } else if (gather_experts(b, h2, f, parts)) { /* a decode step: nothing read back */
-        return gathered_feed_forward(m, i, h2, router_state, ids ? sink : NULL);
+        return device_feed_forward(m, i, h2, true, router_state, ids ? sink : NULL);
+    } else if (sort_on_device(b, h2, f, parts)) { /* a prefill: the expert offsets read back */
+        return device_feed_forward(m, i, h2, false, router_state, ids ? sink : NULL);
     } else {
         moe_routing r;
         moe_tensor *state = NULL, *logits = moe_router_logits(&b->moe.router, h2, *router_state, &state);
@@ -973,13 +985,12 @@ static moe_tensor *infer_block(void *ctx, moe_tensor *const *in) {
     return block_forward(p->m, p->i, in[0], p->f, &router_state, NULL, NULL, NULL);
 }
 
-/* A route sink for an inference forward that asks for its routes and may gather (else none). */
+/* A route sink for an inference forward that asks for its routes and may select on the device
+ * (else none). */
 static moe_status open_route_sink(const moe_model *m, const moe_forward *f, route_sink *sink) {
     const moe_cfg_model *c = &m->cfg.model;
     int64_t bt = (int64_t)f->B * f->T;
-    if (f->mode != MOE_FORWARD_INFER || !f->route_ids || f->experts == MOE_EXPERT_PATH_GROUPED ||
-        bt * c->top_k > MOE_GATHER_MAX_ROWS)
-        return MOE_OK;
+    if (f->mode != MOE_FORWARD_INFER || !f->route_ids || f->experts == MOE_EXPERT_PATH_GROUPED) return MOE_OK;
     sink->t = moe_tensor_empty(MOE_LIFE_STEP, m->dev, MOE_I32, 3, (int64_t[]){c->n_layers, bt, c->top_k});
     sink->sunk = moe_step_host_alloc(sizeof(bool) * (size_t)c->n_layers);
     if (!sink->t || !sink->sunk) return sink->t ? moe_error(MOE_ERR_OOM, "model: out of host memory") : moe_last_status();

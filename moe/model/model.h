@@ -140,9 +140,14 @@ typedef struct moe_cache_ops {
 
 /* How an inference forward runs its MoE layers' routed experts. */
 typedef enum moe_expert_path {
-    MOE_EXPERT_PATH_AUTO,     /* gathered where it pays (few tokens on a device), else grouped */
-    MOE_EXPERT_PATH_GROUPED,  /* the routing read back, grouped GEMMs: the reference */
+    MOE_EXPERT_PATH_AUTO,     /* on a device: gathered where it pays (few tokens), else sorted;
+                               * on the host: grouped */
+    MOE_EXPERT_PATH_GROUPED,  /* the routing read back and planned on the host, grouped GEMMs:
+                               * the reference */
     MOE_EXPERT_PATH_GATHERED, /* gathered wherever the layer allows it, on the host too (tests) */
+    MOE_EXPERT_PATH_SORTED,   /* the routing sorted by expert where it was made, only the expert
+                               * offsets read back, grouped GEMMs; wherever the layer allows it,
+                               * on the host too (tests) */
 } moe_expert_path;
 
 typedef struct moe_forward {

@@ -488,12 +488,39 @@ moe_tensor *moe_moe_layer_apply(moe_moe_layer *L, moe_tensor *x, const moe_routi
     return add_shared(L, x, out, compute);
 }
 
-bool moe_moe_layer_gathers(const moe_moe_layer *L, int64_t T) {
+/* Every expert here, in one group in id order (slot = id), none behind a provider. */
+static bool resident_in_order(const moe_moe_layer *L) {
     int E = L->s.n_experts;
     bool resident = !L->provider && L->n_local == E && L->n_groups == 1 && L->groups[0].n == E;
     for (int i = 0; resident && i < E; i++) resident = L->groups[0].experts[i] == i;
-    return resident && T * L->s.top_k <= MOE_GATHER_MAX_ROWS && (L->s.capacity_factor <= 0 || T == 1) &&
-           moe_router_selects_on_device(&L->router);
+    return resident && moe_router_selects_on_device(&L->router);
+}
+
+bool moe_moe_layer_gathers(const moe_moe_layer *L, int64_t T) {
+    return resident_in_order(L) && T * L->s.top_k <= MOE_GATHER_MAX_ROWS && (L->s.capacity_factor <= 0 || T == 1);
+}
+
+bool moe_moe_layer_sorts(const moe_moe_layer *L) { return resident_in_order(L) && L->s.capacity_factor <= 0; }
+
+moe_tensor *moe_moe_layer_apply_sorted(moe_moe_layer *L, moe_tensor *x, moe_tensor *gates, moe_tensor *experts,
+                                       moe_dtype compute) {
+    MOE_ASSERT(moe_moe_layer_sorts(L), "moe layer: this layer does not sort its routing on the device");
+    if (!x || !gates || !experts) return NULL;
+    int E = L->s.n_experts;
+    moe_tensor *src, *offsets, *tok = moe_route_plan(experts, E, &src, &offsets);
+    /* the dispatch is queued before the offsets are read, so that it runs meanwhile */
+    moe_tensor *xs = tok ? moe_dispatch(x, tok, src) : NULL; /* [T k, d], by expert */
+    moe_tensor *off_host = xs ? moe_tensor_to(offsets, MOE_CPU, MOE_LIFE_STEP) : NULL;
+    if (!off_host) return NULL;
+    int64_t *off = moe_step_host_alloc(sizeof(int64_t) * (size_t)(E + 1));
+    if (!off) {
+        moe_error(MOE_ERR_OOM, "moe layer: out of host memory for %d expert offsets", E);
+        return NULL;
+    }
+    for (int e = 0; e <= E; e++) off[e] = ((const int32_t *)off_host->data)[e];
+    moe_tensor *y = run_experts(L, xs, off, compute, NULL);        /* [T k, d] */
+    moe_tensor *out = moe_combine(y, moe_cast(gates, compute), src); /* [T, d] */
+    return add_shared(L, x, out, compute);
 }
 
 moe_tensor *moe_moe_layer_apply_gathered(moe_moe_layer *L, moe_tensor *x, moe_tensor *gates, moe_tensor *experts,

@@ -124,6 +124,17 @@ bool moe_moe_layer_gathers(const moe_moe_layer *L, int64_t T);
 moe_tensor *moe_moe_layer_apply_gathered(moe_moe_layer *L, moe_tensor *x, moe_tensor *gates, moe_tensor *experts,
                                          moe_dtype compute);
 
+/* Whether an inference forward can sort its routing by expert on x's device
+ * (moe_moe_layer_apply_sorted): one process, every expert resident in one group in id
+ * order, no capacity drops, selection on the device; any number of tokens. */
+bool moe_moe_layer_sorts(const moe_moe_layer *L);
+/* x [T, d] -> [T, d] with gates [T, k] and experts [T, k] I32 from moe_router_select_device
+ * (only where moe_moe_layer_sorts): moe_moe_layer_apply's grouped experts, the routing
+ * sorted by expert on the device (moe_route_plan) and the tokens dispatched there; only
+ * the E + 1 expert offsets come back to the host, for the grouped products' shapes. */
+moe_tensor *moe_moe_layer_apply_sorted(moe_moe_layer *L, moe_tensor *x, moe_tensor *gates, moe_tensor *experts,
+                                       moe_dtype compute);
+
 /* The pipeline after routing: x [T, d] -> [T, d] with the experts and gates of `routing`
  * (moe_router_forward's, or moe_router_select's at inference); res->routing is a copy. */
 moe_tensor *moe_moe_layer_apply(moe_moe_layer *L, moe_tensor *x, const moe_routing *routing, moe_dtype compute,

@@ -1,5 +1,5 @@
 /* Op cases: index family (embedding, row select / add, gather / scatter-add, top-k) and
- * the integer routing ops (argsort, bincount, cumsum) and the fused router selection
+ * the integer routing ops (argsort, bincount, cumsum, route_plan) and the fused router selection
  * (route_topk, route_select) checked against references. */
 #include <assert.h>
 #include <math.h>
@@ -34,6 +34,15 @@ static moe_tensor *run_argsort(moe_tensor **in) { return moe_argsort(in[0]); }
 static moe_tensor *run_bincount(moe_tensor **in) { return moe_bincount(in[0], 9); }
 static moe_tensor *run_cumsum_incl(moe_tensor **in) { return moe_cumsum(in[0], false); }
 static moe_tensor *run_cumsum_excl(moe_tensor **in) { return moe_cumsum(in[0], true); }
+/* route_plan's three outputs as one [tok (n) | src (n) | offsets (E + 1)] */
+static moe_tensor *run_route_plan(moe_tensor **in, int64_t E) {
+    moe_tensor *src, *offsets, *tok = moe_route_plan(in[0], E, &src, &offsets);
+    if (!tok) return NULL;
+    moe_tensor *parts[3] = {tok, moe_reshape(src, 1, (int64_t[]){moe_tensor_numel(src)}), offsets};
+    return moe_concat(parts, 3, 0);
+}
+static moe_tensor *run_route_plan12(moe_tensor **in) { return run_route_plan(in, 12); }
+static moe_tensor *run_route_plan64(moe_tensor **in) { return run_route_plan(in, 64); }
 
 /* Host copies of an input and the output; the caller frees both. */
 static bool host_pair(moe_tensor *x, moe_tensor *out, double **hx, double **ho) {
@@ -111,6 +120,37 @@ static bool check_cumsum_incl(moe_tensor **in, moe_tensor *out, char *why, size_
 }
 static bool check_cumsum_excl(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {
     return check_cumsum(in, out, true, why, cap);
+}
+
+/* Reference: each expert's assignments in order, tok the token (i / k), src the position. */
+static bool check_route_plan(moe_tensor **in, moe_tensor *out, int64_t E, char *why, size_t cap) {
+    double *x, *o;
+    int64_t n = moe_tensor_numel(in[0]), k = in[0]->shape[1];
+    bool ok = host_pair(in[0], out, &x, &o) && out->ndim == 1 && out->shape[0] == 2 * n + E + 1 && out->dtype == MOE_I32;
+    int64_t at = 0;
+    for (int64_t e = 0; ok && e < E; e++) {
+        if (o[2 * n + e] != at) snprintf(why, cap, "offset of expert %lld: got %g, want %lld", (long long)e, o[2 * n + e], (long long)at);
+        for (int64_t i = 0; ok && !why[0] && i < n; i++) {
+            if (x[i] != e) continue;
+            if (o[at] != i / k || o[n + i] != at)
+                snprintf(why, cap, "assignment %lld (expert %lld): tok %g, src %g; want %lld, %lld", (long long)i,
+                         (long long)e, o[at], o[n + i], (long long)(i / k), (long long)at);
+            at++;
+        }
+        ok = !why[0];
+    }
+    if (ok && o[2 * n + E] != n) snprintf(why, cap, "last offset %g, want %lld", o[2 * n + E], (long long)n);
+    ok = ok && !why[0];
+    if (!ok && !why[0]) snprintf(why, cap, "output has the wrong shape or dtype");
+    free(x);
+    free(o);
+    return ok;
+}
+static bool check_route_plan12(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {
+    return check_route_plan(in, out, 12, why, cap);
+}
+static bool check_route_plan64(moe_tensor **in, moe_tensor *out, char *why, size_t cap) {
+    return check_route_plan(in, out, 64, why, cap);
 }
 
 #define F(nd, ...) {nd, {__VA_ARGS__}, IN_NORMAL, 0, true, false}
@@ -277,6 +317,10 @@ static const op_case cases[] = {
     {"bincount", "60 values in 9 bins", 1, {IDX(9, 1, 60)}, run_bincount, .check = check_bincount},
     {"cumsum", "inclusive", 1, {IDX(10, 1, 30)}, run_cumsum_incl, .check = check_cumsum_incl},
     {"cumsum", "exclusive", 1, {IDX(10, 1, 30)}, run_cumsum_excl, .check = check_cumsum_excl},
+    {"route_plan", "8 tokens x 3 of 12 experts, ids below 9 (empty experts)", 1, {IDX(9, 2, 8, 3)}, run_route_plan12,
+     .check = check_route_plan12},
+    {"route_plan", "700 tokens x 8 of 64 experts (cuda: several chunks a block)", 1, {IDX(64, 2, 700, 8)},
+     run_route_plan64, .check = check_route_plan64},
 };
 
 const op_case_list cases_index = {cases, sizeof cases / sizeof *cases};
