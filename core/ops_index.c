@@ -1,5 +1,6 @@
 /* Index ops: embedding lookup, row select / row add / in-place row copy, last-axis gather / scatter-add,
- * top-k, and the integer routing helpers argsort, bincount, cumsum and the device-side routing plan (route_plan).
+ * top-k, and the integer routing helpers argsort, bincount, cumsum and the routing plan
+ * (route_plan: the routing sorted by expert where it was made).
  *
  * Index tensors are I32. Kernels take contiguous operands (core/cpu/index_cpu.c), so the
  * front-ends copy strided inputs first; the accumulating ops are out of place (a copy of
