@@ -353,7 +353,8 @@ moe_tensor *moe_route_plan(moe_tensor *ids, int64_t n_experts, moe_tensor **src,
     if (!moe_check(ids->ndim == 2 && ids->dtype == MOE_I32, "route_plan", "needs ids [T, k] i32, got %s", D(ids)))
         return NULL;
     int64_t n = moe_tensor_numel(ids), len = n + n_experts + 1;
-    if (!moe_check(n_experts >= 1 && len <= INT32_MAX, "route_plan", "%lld experts for %s: out of range",
+    if (!moe_check(n_experts >= 1 && len <= INT32_MAX, "route_plan",
+                   "%lld experts for ids %s: out of range (at least 1, and T k + E + 1 positions within int32)",
                    (long long)n_experts, D(ids)))
         return NULL;
     moe_tensor *plan = op_new(ids, MOE_I32, 1, &len), *s = plan ? op_new(ids, MOE_I32, 2, ids->shape) : NULL;

@@ -805,12 +805,16 @@ static bool gather_experts(const moe_block *b, const moe_tensor *h2, const moe_f
     return h2 && !parts && path_gathers(f->experts, h2->device) && moe_moe_layer_gathers(&b->moe, h2->shape[0]);
 }
 
-/* Whether block b's MoE layer sorts an inference forward's routing where it was made: by
- * f->experts (AUTO: on a device, where the routing would otherwise be read back whole and
- * planned on the host while the device waits); never when the load is counted. */
+/* Whether block b's MoE layer sorts an inference forward's routing where it was made: where
+ * the layer allows it, by f->experts; AUTO only on a device (there the routing would
+ * otherwise be read back whole and planned on the host while the device waits); never when
+ * the load is counted. */
+static bool path_sorts(moe_expert_path path, moe_device dev) {
+    return path == MOE_EXPERT_PATH_SORTED || (path == MOE_EXPERT_PATH_AUTO && dev != MOE_CPU);
+}
+
 static bool sort_on_device(const moe_block *b, const moe_tensor *h2, const moe_forward *f, const moe_loss_parts *parts) {
-    bool path = f->experts == MOE_EXPERT_PATH_SORTED || (f->experts == MOE_EXPERT_PATH_AUTO && h2 && h2->device != MOE_CPU);
-    return h2 && !parts && path && moe_moe_layer_sorts(&b->moe);
+    return h2 && !parts && path_sorts(f->experts, h2->device) && moe_moe_layer_sorts(&b->moe);
 }
 
 /* Block i's experts on h2 [B T, d] with the selection made on the device, gathered or
@@ -985,12 +989,14 @@ static moe_tensor *infer_block(void *ctx, moe_tensor *const *in) {
     return block_forward(p->m, p->i, in[0], p->f, &router_state, NULL, NULL, NULL);
 }
 
-/* A route sink for an inference forward that asks for its routes and may select on the device
- * (else none). */
+/* A route sink for an inference forward that asks for its routes and whose layers may select
+ * on the device, gathered or sorted (else none: the host plan writes the routes directly). */
 static moe_status open_route_sink(const moe_model *m, const moe_forward *f, route_sink *sink) {
     const moe_cfg_model *c = &m->cfg.model;
     int64_t bt = (int64_t)f->B * f->T;
-    if (f->mode != MOE_FORWARD_INFER || !f->route_ids || f->experts == MOE_EXPERT_PATH_GROUPED) return MOE_OK;
+    if (f->mode != MOE_FORWARD_INFER || !f->route_ids ||
+        !(path_gathers(f->experts, m->dev) || path_sorts(f->experts, m->dev)))
+        return MOE_OK;
     sink->t = moe_tensor_empty(MOE_LIFE_STEP, m->dev, MOE_I32, 3, (int64_t[]){c->n_layers, bt, c->top_k});
     sink->sunk = moe_step_host_alloc(sizeof(bool) * (size_t)c->n_layers);
     if (!sink->t || !sink->sunk) return sink->t ? moe_error(MOE_ERR_OOM, "model: out of host memory") : moe_last_status();
