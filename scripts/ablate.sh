@@ -9,9 +9,9 @@
 #   --seeds N     seeds 1..N (default 3); the same N seeds for every variant
 #   --first-seed S  train only seeds S..N (the table still covers 1..N from disk)
 #   --steps S     train.steps (default: the config's); also sets train.eval_every to S/5
-#   --horizon H   train.steps = H x the config's (as --steps). The longer router ablation
-#                 is `--seeds 3 --horizon 4`: on gpu 2400 steps of 16k tokens, 39M tokens
-#                 per run, 4.8x the 500-step H200 table (8.2M) and about 7 passes over
+#   --horizon H   train.steps = H x the config's (as --steps). `--seeds 3 --horizon 4`
+#                 is on gpu 2400 steps of 16k tokens, 39M tokens per run, 4.8x the
+#                 500-step H200 table of results/README.md (8.2M), and about 7 passes over
 #                 Brown's 5.7M training bytes (watch val_curves.png for overfitting)
 #   --jobs J      trainings run at once (default 1 on cpu, 4 on gpu); on cpu with J > 1
 #                 each run gets train.threads = cores / J. Runs on a GPU share it.
