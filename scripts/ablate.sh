@@ -226,6 +226,20 @@ def last_load(metrics):
                 last = rec["expert_load"]
     return last
 
+def last_eval(metrics):
+    """(step, val_loss, val_bpb) of the last record with a validation, or None."""
+    import json
+    last = None
+    with open(metrics) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "val_bpb" in rec:
+                last = (rec["step"], rec["val_loss"], rec["val_bpb"])
+    return last
+
 def load_cv(load):
     """Mean over MoE layers of std/mean (population std) of the expert shares."""
     cvs = []
@@ -237,7 +251,7 @@ def load_cv(load):
 
 TRAINED = re.compile(r"^trained \d+ steps: .*?val_loss (\S+), val_bpb (\S+) .*?, ([0-9.]+) tokens/s", re.M)
 PARAMS = re.compile(r"^model: ([0-9.]+M) parameters", re.M)
-rows, finished = [], {}
+rows, finished, stopped = [], {}, []
 for v in variants:
     vl, vb, tps, cv, params, ok = [], [], [], [], set(), 0
     for s in range(1, seeds + 1):
@@ -248,6 +262,9 @@ for v in variants:
             params.add(m.group(1))
         m = TRAINED.search(text)
         if not m:
+            mp = os.path.join(d, "metrics.jsonl")
+            if text and os.path.exists(mp) and (e := last_eval(mp)):
+                stopped.append((v, s) + e)
             continue
         ok += 1
         finished.setdefault(v, []).append(d)
@@ -282,6 +299,11 @@ with open(os.path.join(out, "results.md"), "w") as f:
     f.write("|---|---|---|---|---|---|---|\n")
     for r in rows:
         f.write("| " + " | ".join(r) + " |\n")
+    if stopped:
+        f.write("\nRuns stopped before the end (not in the table above), at their last evaluation:\n\n"
+                "| variant | seed | step | val_loss | val_bpb |\n|---|---|---|---|---|\n")
+        for v, s, step, vl, vb in stopped:
+            f.write(f"| {v} | {s} | {step} | {vl:.4f} | {vb:.4f} |\n")
     f.write("\nSettings per variant (`--set`):\n\n")
     for v in variants:
         f.write(f"- {v}: `{settings[v]}`\n")
