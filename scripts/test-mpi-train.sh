@@ -15,7 +15,8 @@
 # --device cuda (on a GPU machine) runs every rank on its own GPU (NCCL), so only the runs
 # with at most as many ranks as GPUs (nvidia-smi -L, at most 4) take place, and the save
 # is made at the largest of them. Tolerances: 1e-4 on the CPU in f32, 1e-3 on CUDA in
-# f32 (other GEMM shapes, other summation orders), 2e-2 in bf16 (8-bit mantissas); --tol
+# f32 (other GEMM shapes, other summation orders), 2e-2 in bf16 (8-bit mantissas), and
+# 2e-3 for the OT router at 4 ranks on the CPU (see tol_of); --tol
 # sets another. MOE_RUN_TIMEOUT (seconds, default 300) bounds each run: a hang fails.
 set -euo pipefail
 moe=$(realpath "$1")
@@ -66,6 +67,15 @@ het=(--set model.n_experts=6 --set "model.expert_ffn_dims=[24,12,24,8,12,8]")
 rmoe=(--set router.type=rmoe)
 ot=(--set router.type=ot)
 
+# OT under data parallelism: each rank computes the router logits of its own rows, a GEMM
+# of another row count whose last bits may differ from the 1-rank product (oneDNN's AVX2
+# kernels do); Sinkhorn's plan amplifies that, and a token at a near-tie of two experts
+# changes its expert. The losses then drift apart slowly: 7.7e-4 by step 18 on an AVX2
+# machine, within 1e-4 on AVX-512 ones. So 2e-3 there, unless --tol asks for more.
+tol_of() { # run name: its tolerance
+  if [ "$1" = ep2x2-ot ] && awk -v t="$tol" 'BEGIN { exit !(t < 2e-3) }'; then echo 2e-3; else echo "$tol"; fi
+}
+
 run() { # name ranks ep steps [extra args]
   local name=$1 np=$2 ep=$3 steps=$4; shift 4
   local launch=()
@@ -78,8 +88,8 @@ run() { # name ranks ep steps [extra args]
   grep -o '"step":[0-9]*,"loss":[0-9.e+-]*' "runs/$name/metrics.jsonl" | sed 's/"step":\([0-9]*\),"loss":/\1 /' > "$name.loss"
 }
 
-compare() { # reference candidate first_step
-  awk -v name="$2" -v first="$3" -v tol="$tol" 'NR == FNR { ref[$1] = $2; next }
+compare() { # reference candidate first_step [tolerance]
+  awk -v name="$2" -v first="$3" -v tol="${4:-$tol}" 'NR == FNR { ref[$1] = $2; next }
     $1 >= first { n++; d = $2 - ref[$1]; if (d < 0) d = -d; r = d / (ref[$1] > 0 ? ref[$1] : 1); if (r > m) m = r }
     END { ok = n > 0 && m <= tol + 0; printf "%s %s: %d steps, max relative loss difference %.2e (tolerance %s)\n", ok ? "ok  " : "FAIL", name, n, m, tol; exit !ok }' \
     "$1.loss" "$2.loss"
@@ -109,7 +119,7 @@ for v in "${variants[@]}"; do
   [ "$ref" = one-rmoe ] && extra=("${rmoe[@]}")
   [ "$ref" = one-ot ] && extra=("${ot[@]}")
   (if [ $# -gt 0 ]; then export "$@"; fi; run "$name" "$np" "$ep" 20 "${extra[@]}") || exit 1
-  compare "$ref" "$name" 1 || fail=1
+  compare "$ref" "$name" 1 "$(tol_of "$name")" || fail=1
 done
 # save at the most ranks (EP = ranks), resume at 2 ranks (EP=2, when fewer) and at 1 rank
 run save "$max_ranks" "$max_ranks" 10

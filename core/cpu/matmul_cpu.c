@@ -141,6 +141,73 @@ static bool sgemm_2d(const moe_tensor *A, const moe_tensor *B, moe_tensor *C, fl
                         C->data, ldc);
 }
 
+/* Whether oneDNN has bf16 matmul kernels for this CPU (x86 needs AVX-512 for them), probed
+ * once with a 2 x 2 product. */
+static bool bf16_native(void) {
+    static int known = -1;
+    if (known >= 0) return known;
+    known = 0;
+    dnnl_engine_t eng;
+    if (dnnl_engine_create(&eng, dnnl_cpu, 0) != dnnl_success) return false;
+    dnnl_dims_t d = {2, 2};
+    dnnl_memory_desc_t m;
+    dnnl_matmul_desc_t desc;
+    dnnl_primitive_desc_t pd;
+    if (dnnl_memory_desc_init_by_tag(&m, 2, d, dnnl_bf16, dnnl_ab) == dnnl_success &&
+        dnnl_matmul_desc_init(&desc, &m, &m, NULL, &m) == dnnl_success &&
+        dnnl_primitive_desc_create(&pd, &desc, NULL, eng, NULL) == dnnl_success) {
+        known = 1;
+        dnnl_primitive_desc_destroy(pd);
+    }
+    dnnl_engine_destroy(eng);
+    return known;
+}
+
+/* dst = src element by element (same shape, any strides and dtypes). */
+static void copy_view(const moe_tensor *src, moe_tensor *dst) {
+    const int64_t cols = cpu_cols(src), ss = cpu_col_stride(src), ds = cpu_col_stride(dst);
+    for (int64_t r = 0, rows = cpu_rows(src); r < rows; r++) {
+        const int64_t so = cpu_row_offset(src, r), dof = cpu_row_offset(dst, r);
+        for (int64_t j = 0; j < cols; j++)
+            cpu_store(dst->data, dst->dtype, dof + j * ds, cpu_load(src->data, src->dtype, so + j * ss));
+    }
+}
+
+/* A dense f32 copy of the strided view t in *w (w->data = a new buffer, freed by the
+ * caller); the values copied only when `values`. NULL when the host memory runs out. */
+static float *widened(const moe_tensor *t, moe_tensor *w, bool values) {
+    int64_t n = moe_tensor_numel(t);
+    float *buf = malloc(sizeof *buf * (size_t)(n > 0 ? n : 1));
+    if (!buf) return NULL;
+    *w = *t;
+    w->dtype = MOE_F32;
+    w->data = buf;
+    int64_t step = 1;
+    for (int d = t->ndim - 1; d >= 0; d--) {
+        w->strides[d] = step;
+        step *= t->shape[d];
+    }
+    if (values) copy_view(t, w);
+    return buf;
+}
+
+static moe_status matmul_dnnl(const moe_tensor *A, const moe_tensor *B, moe_tensor *C, float alpha, float beta);
+
+/* A bf16 product on a CPU without oneDNN bf16 kernels: the operands widened to f32 (exact),
+ * the f32 product, the result rounded into C. oneDNN's bf16 kernels also accumulate in f32,
+ * so only the order of the sums differs. */
+static moe_status matmul_widened(const moe_tensor *A, const moe_tensor *B, moe_tensor *C, float alpha, float beta) {
+    moe_tensor a, b, c;
+    float *pa = widened(A, &a, true), *pb = widened(B, &b, true), *pc = widened(C, &c, beta != 0.0f);
+    moe_status st = pa && pb && pc ? matmul_dnnl(&a, &b, &c, alpha, beta)
+                                   : moe_error(MOE_ERR_OOM, "matmul: out of host memory widening bf16 operands");
+    if (st == MOE_OK) copy_view(&c, C);
+    free(pa);
+    free(pb);
+    free(pc);
+    return st;
+}
+
 /* C = alpha * A @ B + beta * C on strided views (batch dims broadcast). A batch against a
  * shared 2-D B whose batch dims fold into the rows of A and C runs as one 2-D product
  * (the projections of [B, T, d] activations): one GEMM over all rows rather than a batch
@@ -153,6 +220,8 @@ static moe_status matmul_dnnl(const moe_tensor *A, const moe_tensor *B, moe_tens
         C = &c2;
     }
     if (sgemm_2d(A, B, C, alpha, beta)) return MOE_OK;
+    if ((A->dtype == MOE_BF16 || B->dtype == MOE_BF16 || C->dtype == MOE_BF16) && !bf16_native())
+        return matmul_widened(A, B, C, alpha, beta);
     mm_entry *e = get_primitive(A, B, C, alpha, beta, &st);
     if (!e) return st;
     if (e->scratch_bytes > scratch_cap) {
