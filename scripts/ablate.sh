@@ -212,8 +212,8 @@ def mean_std(xs, digits=4):
     sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
     return f"{m:.{digits}f} ± {sd:.{digits}f}"
 
-def last_load(metrics):
-    """The expert_load of the last record that has one: a list per MoE layer of expert shares."""
+def last_with(metrics, key):
+    """The last record of metrics.jsonl whose `key` is set, or None."""
     import json
     last = None
     with open(metrics) as f:
@@ -222,23 +222,19 @@ def last_load(metrics):
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(rec, dict) and rec.get("expert_load"):
-                last = rec["expert_load"]
+            if isinstance(rec, dict) and rec.get(key):
+                last = rec
     return last
+
+def last_load(metrics):
+    """The expert_load of the last record that has one: a list per MoE layer of expert shares."""
+    rec = last_with(metrics, "expert_load")
+    return rec and rec["expert_load"]
 
 def last_eval(metrics):
     """(step, val_loss, val_bpb) of the last record with a validation, or None."""
-    import json
-    last = None
-    with open(metrics) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and "val_bpb" in rec:
-                last = (rec["step"], rec["val_loss"], rec["val_bpb"])
-    return last
+    rec = last_with(metrics, "val_bpb")
+    return rec and (rec["step"], rec["val_loss"], rec["val_bpb"])
 
 def load_cv(load):
     """Mean over MoE layers of std/mean (population std) of the expert shares."""

@@ -131,23 +131,27 @@ class MoE(nn.Module):
         else:
             self.experts = nn.ModuleList(Expert(d, f) for _ in range(E))
 
-    def forward(self, x):
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
+    def route(self, x, counts_on_device):
+        """x [T, d] -> gates [T, k] (x's dtype), idx [T, k], counts [E] int64, Switch aux loss.
+        counts_on_device: count by a scatter-add (CUDA bincount reads its max back to the
+        host, and torch.compile breaks its graph on it), else by bincount as HF does."""
         probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)
         gates, idx = torch.topk(probs, self.k, dim=-1)
         gates = (gates / gates.sum(dim=-1, keepdim=True)).to(x.dtype)
-        # aux = α·E·Σ_e f_e·P_e; f_e = share of the T·k assignments (no grad), P_e = mean prob.
-        if self.kind == "grouped_mm":
-            # tokens per expert, [E] int64: a scatter-add, since CUDA bincount reads its
-            # max back to the host (and torch.compile breaks its graph on it)
+        if counts_on_device:
             flat = idx.reshape(-1)
             counts = torch.zeros(self.E, dtype=torch.int64, device=x.device).scatter_add_(
                 0, flat, torch.ones_like(flat))
         else:
             counts = torch.bincount(idx.flatten(), minlength=self.E)
+        # aux = α·E·Σ_e f_e·P_e; f_e = share of the T·k assignments (no grad), P_e = mean prob.
         f_e = counts.float() / idx.numel()
-        aux = AUX_ALPHA * self.E * (f_e * probs.mean(0)).sum()
+        return gates, idx, counts, AUX_ALPHA * self.E * (f_e * probs.mean(0)).sum()
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        gates, idx, counts, aux = self.route(x, self.kind == "grouped_mm")
         if self.kind == "grouped_mm":
             return self.grouped(x, gates, idx, counts).view(shape), aux
         out = torch.zeros_like(x)

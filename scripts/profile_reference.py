@@ -39,12 +39,7 @@ def forward_hf(moe, x):
     """transformers' current MixtralSparseMoeBlock loop (experts hit by one nonzero)."""
     shape = x.shape
     x = x.reshape(-1, shape[-1])
-    probs = F.softmax(moe.gate(x), dim=-1, dtype=torch.float32)
-    gates, idx = torch.topk(probs, moe.k, dim=-1)
-    gates = (gates / gates.sum(dim=-1, keepdim=True)).to(x.dtype)
-    counts = torch.zeros(moe.E, dtype=torch.int64, device=x.device).scatter_add_(
-        0, idx.reshape(-1), torch.ones_like(idx.reshape(-1)))
-    aux = ref.AUX_ALPHA * moe.E * (counts.float() / idx.numel() * probs.mean(0)).sum()
+    gates, idx, _, aux = moe.route(x, True)
     out = torch.zeros_like(x)
     with torch.no_grad():
         mask = F.one_hot(idx, moe.E).permute(2, 1, 0)  # (E, k, T)
@@ -59,14 +54,8 @@ def forward_split(moe, x):
     """One argsort by expert and one host read of the counts per layer."""
     shape = x.shape
     x = x.reshape(-1, shape[-1])
-    probs = F.softmax(moe.gate(x), dim=-1, dtype=torch.float32)
-    gates, idx = torch.topk(probs, moe.k, dim=-1)
-    gates = (gates / gates.sum(dim=-1, keepdim=True)).to(x.dtype)
-    flat = idx.reshape(-1)
-    counts = torch.zeros(moe.E, dtype=torch.int64, device=x.device).scatter_add_(
-        0, flat, torch.ones_like(flat))
-    aux = ref.AUX_ALPHA * moe.E * (counts.float() / idx.numel() * probs.mean(0)).sum()
-    order = torch.argsort(flat, stable=True)      # [T*k] copies by expert
+    gates, idx, counts, aux = moe.route(x, True)
+    order = torch.argsort(idx.reshape(-1), stable=True)  # [T*k] copies by expert
     tok_all = order // moe.k                      # [T*k] their tokens
     gate_all = gates.reshape(-1).index_select(0, order)
     out = torch.zeros_like(x)
