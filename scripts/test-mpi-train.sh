@@ -16,7 +16,7 @@
 # with at most as many ranks as GPUs (nvidia-smi -L, at most 4) take place, and the save
 # is made at the largest of them. Tolerances: 1e-4 on the CPU in f32, 1e-3 on CUDA in
 # f32 (other GEMM shapes, other summation orders), 2e-2 in bf16 (8-bit mantissas), and
-# 2e-3 for the OT router at 4 ranks on the CPU (see tol_of); --tol
+# at least 2e-3 for the OT router at 4 ranks (see tol_of); --tol
 # sets another. MOE_RUN_TIMEOUT (seconds, default 300) bounds each run: a hang fails.
 set -euo pipefail
 moe=$(realpath "$1")

@@ -57,6 +57,9 @@ static inline void cpu_store(void *p, moe_dtype dt, int64_t i, double v) {
  * + beta * C on strided views. 2-D f32 views (also batches that fold into rows) go to
  * oneDNN's shape-agnostic sgemm, other products to a oneDNN primitive cached per shape. */
 moe_status moe_cpu_gemm(const moe_tensor *A, const moe_tensor *B, moe_tensor *C, float alpha, float beta);
+/* The COPY kernel (core/cpu/elementwise_cpu.c): out <- in[0], same shape, any strides, the
+ * dtype cast on the way. */
+moe_status moe_cpu_copy(const moe_kernel_args *a);
 
 /* Row-major blocks on raw pointers: C [m, n] = alpha * op(A) @ op(B) + beta * C, op(A)
  * [m, k], op(B) [k, n], op transposing when ta / tb; lda, ldb, ldc are the row strides of

@@ -163,16 +163,6 @@ static bool bf16_native(void) {
     return known;
 }
 
-/* dst = src element by element (same shape, any strides and dtypes). */
-static void copy_view(const moe_tensor *src, moe_tensor *dst) {
-    const int64_t cols = cpu_cols(src), ss = cpu_col_stride(src), ds = cpu_col_stride(dst);
-    for (int64_t r = 0, rows = cpu_rows(src); r < rows; r++) {
-        const int64_t so = cpu_row_offset(src, r), dof = cpu_row_offset(dst, r);
-        for (int64_t j = 0; j < cols; j++)
-            cpu_store(dst->data, dst->dtype, dof + j * ds, cpu_load(src->data, src->dtype, so + j * ss));
-    }
-}
-
 /* A dense f32 copy of the strided view t in *w (w->data = a new buffer, freed by the
  * caller); the values copied only when `values`. NULL when the host memory runs out. */
 static float *widened(const moe_tensor *t, moe_tensor *w, bool values) {
@@ -187,7 +177,7 @@ static float *widened(const moe_tensor *t, moe_tensor *w, bool values) {
         w->strides[d] = step;
         step *= t->shape[d];
     }
-    if (values) copy_view(t, w);
+    if (values) moe_cpu_copy(&(moe_kernel_args){.out = w, .in = {t}});
     return buf;
 }
 
@@ -201,7 +191,7 @@ static moe_status matmul_widened(const moe_tensor *A, const moe_tensor *B, moe_t
     float *pa = widened(A, &a, true), *pb = widened(B, &b, true), *pc = widened(C, &c, beta != 0.0f);
     moe_status st = pa && pb && pc ? matmul_dnnl(&a, &b, &c, alpha, beta)
                                    : moe_error(MOE_ERR_OOM, "matmul: out of host memory widening bf16 operands");
-    if (st == MOE_OK) copy_view(&c, C);
+    if (st == MOE_OK) st = moe_cpu_copy(&(moe_kernel_args){.out = C, .in = {&c}});
     free(pa);
     free(pb);
     free(pc);
