@@ -35,21 +35,57 @@ static double mth_largest(double *w, int64_t n, int64_t m) {
     }
 }
 
+/* The m-th largest of v[0..n) (1 <= m <= n) near a guess: the entries in (guess - *radius,
+ * guess + *radius] are counted in one branch-free pass; when the m-th largest lies among them,
+ * only they are copied to w and searched. The window widens eightfold on a miss, and after a
+ * few misses (or with no finite guess) the whole of v is searched. On return *radius is
+ * twice the distance from the guess to the answer, the window for the next ascent step,
+ * whose answer moves by about as much. The answer is exact whichever path finds it. */
+static double mth_largest_near(const double *v, int64_t n, int64_t m, double guess, double *radius, double *w) {
+    double r = *radius, cut = NAN;
+    for (int tries = 0; isfinite(guess) && r > 0 && tries < 6 && isnan(cut); tries++, r *= 8) {
+        double lo = guess - r, hi = guess + r;
+        int64_t above_lo = 0, above_hi = 0;
+        for (int64_t t = 0; t < n; t++) {
+            above_lo += v[t] > lo;
+            above_hi += v[t] > hi;
+        }
+        if (above_hi >= m || above_lo < m) continue;
+        int64_t k = 0;
+        for (int64_t t = 0; t < n; t++) {
+            w[k] = v[t];
+            k += (v[t] > lo) & (v[t] <= hi);
+        }
+        cut = mth_largest(w, k, m - above_hi);
+    }
+    if (isnan(cut)) {
+        memcpy(w, v, sizeof(double) * (size_t)n);
+        cut = mth_largest(w, n, m);
+    }
+    double moved = 2 * fabs(cut - guess), floor = 1e-12 * fmax(1.0, fabs(cut));
+    *radius = isfinite(moved) && moved > floor ? moved : floor;
+    return cut;
+}
+
 /* One column: y = argmin ||y - v|| over the simplex with at most cap nonzeros, which is the
  * simplex projection of the cap largest entries (Kyrillidis et al., ICML'13); the plain
- * projection by Michelot's fixed point. w: scratch [n]. Writes the support to sup and the
- * values to val (at most cap each; ties at the cut go to the lower index), returns their
- * number. */
-static int64_t sparse_simplex_project(const double *v, int64_t n, int64_t cap, double *w, int64_t *sup,
-                                      double *val) {
+ * projection by Michelot's fixed point. The cap-th largest entry is searched near *cut, the
+ * last step's, and stored there with its window in *radius. w: scratch [n]. Writes the
+ * support to sup and the values to val (at most cap each; ties at the cut go to the lower
+ * index), returns their number. */
+static int64_t sparse_simplex_project(const double *v, int64_t n, int64_t cap, double *cut, double *radius,
+                                      double *w, int64_t *sup, double *val) {
     int64_t m = cap < n ? cap : n;
-    memcpy(w, v, sizeof(double) * (size_t)n);
-    double cut = mth_largest(w, n, m);
+    double c = *cut = mth_largest_near(v, n, m, *cut, radius, w);
     int64_t above = 0;
-    for (int64_t t = 0; t < n; t++) above += v[t] > cut;
+    for (int64_t t = 0; t < n; t++) above += v[t] > c;
     int64_t ties = m - above, s = 0;
-    for (int64_t t = 0; t < n && s < m; t++)
-        if (v[t] > cut || (v[t] == cut && ties-- > 0)) sup[s++] = t;
+    for (int64_t t = 0; t < n && s < m; t++) { /* branch-free: a quarter of the tokens is taken, at random */
+        bool tie = (v[t] == c) & (ties > 0);
+        ties -= tie;
+        sup[s] = t;
+        s += (v[t] > c) | tie;
+    }
     double sum = 0;
     for (int64_t i = 0; i < m; i++) sum += v[sup[i]];
     double tau = (sum - 1.0) / (double)m;
@@ -71,29 +107,18 @@ static int64_t sparse_simplex_project(const double *v, int64_t n, int64_t cap, d
 }
 
 /* Projects every column for the current alpha (cols: the logits transposed, [E][T]): column j's support and values go to
- * sup/val + j * cap, its size to nnz[j]. False when scratch memory ran out. */
-static bool project_columns(const double *cols, const double *alpha, int64_t T, int E, int64_t cap, double gamma,
-                            int64_t *sup, double *val, int64_t *nnz) {
+ * sup/val + j * cap, its size to nnz[j]; cut/radius [E] carry each column's cut between steps (NAN: none yet).
+ * scratch: [E][2 T]. */
+static void project_columns(const double *cols, const double *alpha, int64_t T, int E, int64_t cap, double gamma,
+                            double *cut, double *radius, double *scratch, int64_t *sup, double *val, int64_t *nnz) {
     double scale = 1.0 / (gamma * ((double)T / E)); /* 1 / (gamma b_j), token units */
-    bool ok = true;
-#pragma omp parallel if (T * E >= 65536)
-    {
-        double *v = malloc(sizeof(double) * (size_t)T), *w = malloc(sizeof(double) * (size_t)T);
-        if (!v || !w) {
-#pragma omp atomic write
-            ok = false;
-        }
-#pragma omp for schedule(static)
-        for (int j = 0; j < E; j++) {
-            if (!v || !w) continue;
-            const double *lj = cols + j * T;
-            for (int64_t t = 0; t < T; t++) v[t] = (alpha[t] + lj[t]) * scale;
-            nnz[j] = sparse_simplex_project(v, T, cap, w, sup + j * cap, val + j * cap);
-        }
-        free(v);
-        free(w);
+#pragma omp parallel for schedule(static) if (T * E >= 65536)
+    for (int j = 0; j < E; j++) {
+        const double *lj = cols + j * T;
+        double *v = scratch + 2 * j * T, *w = v + T;
+        for (int64_t t = 0; t < T; t++) v[t] = (alpha[t] + lj[t]) * scale;
+        nnz[j] = sparse_simplex_project(v, T, cap, cut + j, radius + j, w, sup + j * cap, val + j * cap);
     }
-    return ok;
 }
 
 moe_status moe_ot_plan(const double *logits, int64_t T, int E, int64_t cap, int iters, double gamma, double *plan) {
@@ -103,8 +128,9 @@ moe_status moe_ot_plan(const double *logits, int64_t T, int E, int64_t cap, int 
     cap = cap < T ? cap : T;
     double *alpha = malloc(sizeof(double) * (size_t)T), *mass = malloc(sizeof(double) * (size_t)T);
     double *val = malloc(sizeof(double) * (size_t)(E * cap)), *cols = malloc(sizeof(double) * (size_t)(T * E));
+    double *scratch = malloc(sizeof(double) * (size_t)(2 * T * E)), *cut = malloc(sizeof(double) * (size_t)(2 * E));
     int64_t *sup = malloc(sizeof(int64_t) * (size_t)(E * cap)), *nnz = malloc(sizeof(int64_t) * (size_t)E);
-    bool ok = alpha && mass && val && cols && sup && nnz;
+    bool ok = alpha && mass && val && cols && scratch && cut && sup && nnz;
     if (ok) {
         double b = (double)T / E, step = gamma / E;
         for (int64_t t = 0; t < T; t++) {
@@ -115,8 +141,10 @@ moe_status moe_ot_plan(const double *logits, int64_t T, int E, int64_t cap, int 
             }
             alpha[t] = -mx;
         }
-        for (int it = 0; ok; it++) {
-            ok = project_columns(cols, alpha, T, E, cap, gamma, sup, val, nnz);
+        double *radius = cut + E;
+        for (int j = 0; j < E; j++) cut[j] = radius[j] = NAN;
+        for (int it = 0;; it++) {
+            project_columns(cols, alpha, T, E, cap, gamma, cut, radius, scratch, sup, val, nnz);
             if (it == iters) break;
             for (int64_t t = 0; t < T; t++) mass[t] = 0;
             for (int j = 0; j < E; j++)
@@ -129,7 +157,7 @@ moe_status moe_ot_plan(const double *logits, int64_t T, int E, int64_t cap, int 
         for (int j = 0; j < E; j++)
             for (int64_t i = 0; i < nnz[j]; i++) plan[sup[j * cap + i] * E + j] = val[j * cap + i] / E;
     }
-    free(alpha), free(mass), free(val), free(cols), free(sup), free(nnz);
+    free(alpha), free(mass), free(val), free(cols), free(scratch), free(cut), free(sup), free(nnz);
     return ok ? MOE_OK : moe_error(MOE_ERR_OOM, "ot router: out of host memory for T=%lld, E=%d", (long long)T, E);
 }
 

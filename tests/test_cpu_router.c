@@ -280,6 +280,96 @@ static void test_ot_plan(void) {
     moe_step_reset();
 }
 
+/* The solver written the slow, obvious way: each column's cap largest entries found by a
+ * full sort (ties: lower index first), then the same Michelot projection and ascent step in
+ * the same order of sums. moe_ot_plan finds the cut by a warm-started window search, which
+ * must give the very same plan, bit for bit. */
+typedef struct {
+    double v;
+    int64_t t;
+} ot_entry;
+
+static int ot_entry_desc(const void *a, const void *b) {
+    const ot_entry *x = a, *y = b;
+    if (x->v != y->v) return x->v > y->v ? -1 : 1;
+    return (x->t > y->t) - (x->t < y->t);
+}
+
+static void reference_ot_plan(const double *lg, int64_t T, int E, int64_t cap, int iters, double *plan) {
+    double b = (double)T / E, step = 1.0 / E, scale = 1.0 / b; /* gamma = 1 */
+    double *alpha = malloc(sizeof(double) * T), *mass = malloc(sizeof(double) * T), *v = malloc(sizeof(double) * T);
+    double *val = malloc(sizeof(double) * E * cap);
+    int64_t *sup = malloc(sizeof(int64_t) * E * cap), *nnz = malloc(sizeof(int64_t) * E);
+    ot_entry *order = malloc(sizeof(ot_entry) * T);
+    bool *taken = malloc(sizeof(bool) * T);
+    for (int64_t t = 0; t < T; t++) {
+        alpha[t] = -INFINITY;
+        for (int j = 0; j < E; j++) alpha[t] = fmax(alpha[t], lg[t * E + j]);
+        alpha[t] = -alpha[t];
+    }
+    for (int it = 0;; it++) {
+        for (int j = 0; j < E; j++) {
+            int64_t *s = sup + j * cap, m = 0;
+            for (int64_t t = 0; t < T; t++) v[t] = (alpha[t] + lg[t * E + j]) * scale;
+            for (int64_t t = 0; t < T; t++) order[t] = (ot_entry){v[t], t};
+            qsort(order, (size_t)T, sizeof *order, ot_entry_desc);
+            memset(taken, 0, sizeof(bool) * (size_t)T);
+            for (int64_t i = 0; i < cap; i++) taken[order[i].t] = true;
+            for (int64_t t = 0; t < T; t++)
+                if (taken[t]) s[m++] = t;
+            double sum = 0;
+            for (int64_t i = 0; i < m; i++) sum += v[s[i]];
+            double tau = (sum - 1.0) / (double)m;
+            for (bool done = false; !done;) {
+                int64_t keep = 0;
+                sum = 0;
+                for (int64_t i = 0; i < m; i++)
+                    if (v[s[i]] > tau) s[keep++] = s[i], sum += v[s[i]];
+                done = keep == m;
+                m = keep;
+                tau = (sum - 1.0) / (double)m;
+            }
+            for (int64_t i = 0; i < m; i++) val[j * cap + i] = v[s[i]] - tau;
+            nnz[j] = m;
+        }
+        if (it == iters) break;
+        for (int64_t t = 0; t < T; t++) mass[t] = 0;
+        for (int j = 0; j < E; j++)
+            for (int64_t i = 0; i < nnz[j]; i++) mass[sup[j * cap + i]] += b * val[j * cap + i];
+        for (int64_t t = 0; t < T; t++) alpha[t] += step * (1.0 - mass[t]);
+    }
+    memset(plan, 0, sizeof(double) * T * E);
+    for (int j = 0; j < E; j++)
+        for (int64_t i = 0; i < nnz[j]; i++) plan[sup[j * cap + i] * E + j] = val[j * cap + i] / E;
+    free(alpha), free(mass), free(v), free(val), free(sup), free(nnz), free(order), free(taken);
+}
+
+/* Random logits, logits rounded to quarters (many exact ties at the cut) and all-equal logits,
+ * at a few sizes: the plan equals the sort-based reference exactly. */
+static void test_ot_plan_reference(void) {
+    const int64_t sizes[][2] = {{7, 3}, {300, 8}, {4096, 8}, {1000, 64}};
+    for (int z = 0; z < 4; z++)
+        for (int kind = 0; kind < 3; kind++) {
+            int64_t T = sizes[z][0];
+            int E = (int)sizes[z][1];
+            double *lg = malloc(sizeof(double) * T * E), *a = malloc(sizeof(double) * T * E),
+                   *b = malloc(sizeof(double) * T * E);
+            moe_tensor *l = moe_tensor_randn(MOE_LIFE_STEP, MOE_CPU, MOE_F64, 2, (int64_t[]){T, E}, 5 + z, 0, 2.0);
+            moe_tensor_to_host_f64(l, lg);
+            for (int64_t i = 0; i < T * E; i++) lg[i] = kind == 0 ? lg[i] : kind == 1 ? round(lg[i] * 4) / 4 : 0.5;
+            int64_t cap = moe_ot_capacity(T, 2, E);
+            CU_ASSERT_EQUAL_FATAL(moe_ot_plan(lg, T, E, cap, 30, 1.0, a), MOE_OK);
+            reference_ot_plan(lg, T, E, cap < T ? cap : T, 30, b);
+            int64_t differ = 0;
+            for (int64_t i = 0; i < T * E; i++) differ += a[i] != b[i];
+            if (differ) fprintf(stderr, "\n    T=%lld E=%d logits %d: %lld entries differ\n", (long long)T, E, kind,
+                                (long long)differ);
+            CU_ASSERT_EQUAL(differ, 0);
+            free(lg), free(a), free(b);
+        }
+    moe_step_reset();
+}
+
 static void test_ot_select(void) {
     /* 2 tokens, 3 experts, k = 2: token 0 has one positive entry (second slot invalid and
      * chosen among the zeros by logit), token 1 two. */
@@ -557,6 +647,7 @@ static void register_suites(void) {
                                                    {"parameter names and top-k ignores state", test_router_params},
                                                    {NULL, NULL}});
     moe_test_add_suite("ot", (moe_test_entry[]){{"plan: capacity and marginals", test_ot_plan},
+                                                 {"plan equals a sort-based reference", test_ot_plan_reference},
                                                  {"selection and validity", test_ot_select},
                                                  {"skewed logits are spread", test_ot_spreads},
                                                  {"plan gates, straight-through gradient", test_ot_plan_gates},
