@@ -107,17 +107,22 @@ static int64_t sparse_simplex_project(const double *v, int64_t n, int64_t cap, d
 }
 
 /* Projects every column for the current alpha (cols: the logits transposed, [E][T]): column j's support and values go to
- * sup/val + j * cap, its size to nnz[j]; cut/radius [E] carry each column's cut between steps (NAN: none yet).
- * scratch: [E][2 T]. */
+ * sup/val + j * cap, its size to nnz[j], and the column itself, zero off the support, to dense + j * T; cut/radius [E]
+ * carry each column's cut between steps (NAN: none yet). v: scratch [E][T]. */
 static void project_columns(const double *cols, const double *alpha, int64_t T, int E, int64_t cap, double gamma,
-                            double *cut, double *radius, double *scratch, int64_t *sup, double *val, int64_t *nnz) {
+                            double *cut, double *radius, double *v, double *dense, int64_t *sup, double *val,
+                            int64_t *nnz) {
     double scale = 1.0 / (gamma * ((double)T / E)); /* 1 / (gamma b_j), token units */
 #pragma omp parallel for schedule(static) if (T * E >= 65536)
     for (int j = 0; j < E; j++) {
         const double *lj = cols + j * T;
-        double *v = scratch + 2 * j * T, *w = v + T;
-        for (int64_t t = 0; t < T; t++) v[t] = (alpha[t] + lj[t]) * scale;
-        nnz[j] = sparse_simplex_project(v, T, cap, cut + j, radius + j, w, sup + j * cap, val + j * cap);
+        double *vj = v + j * T, *dj = dense + j * T; /* dj: the search's scratch, then the column */
+        int64_t *sj = sup + j * cap;
+        double *valj = val + j * cap;
+        for (int64_t t = 0; t < T; t++) vj[t] = (alpha[t] + lj[t]) * scale;
+        nnz[j] = sparse_simplex_project(vj, T, cap, cut + j, radius + j, dj, sj, valj);
+        memset(dj, 0, sizeof(double) * (size_t)T);
+        for (int64_t i = 0; i < nnz[j]; i++) dj[sj[i]] = valj[i];
     }
 }
 
@@ -126,39 +131,41 @@ moe_status moe_ot_plan(const double *logits, int64_t T, int E, int64_t cap, int 
                E, (long long)cap, gamma);
     if (T == 0) return MOE_OK;
     cap = cap < T ? cap : T;
-    double *alpha = malloc(sizeof(double) * (size_t)T), *mass = malloc(sizeof(double) * (size_t)T);
-    double *val = malloc(sizeof(double) * (size_t)(E * cap)), *cols = malloc(sizeof(double) * (size_t)(T * E));
-    double *scratch = malloc(sizeof(double) * (size_t)(2 * T * E)), *cut = malloc(sizeof(double) * (size_t)(2 * E));
+    double *alpha = malloc(sizeof(double) * (size_t)T), *val = malloc(sizeof(double) * (size_t)(E * cap));
+    double *cols = malloc(sizeof(double) * (size_t)(3 * T * E)), *cut = malloc(sizeof(double) * (size_t)(2 * E));
     int64_t *sup = malloc(sizeof(int64_t) * (size_t)(E * cap)), *nnz = malloc(sizeof(int64_t) * (size_t)E);
-    bool ok = alpha && mass && val && cols && scratch && cut && sup && nnz;
-    if (ok) {
-        double b = (double)T / E, step = gamma / E;
+    if (!alpha || !val || !cols || !cut || !sup || !nnz) {
+        free(alpha), free(val), free(cols), free(cut), free(sup), free(nnz);
+        return moe_error(MOE_ERR_OOM, "ot router: out of host memory for T=%lld, E=%d", (long long)T, E);
+    }
+    double *v = cols + T * E, *dense = v + T * E, *radius = cut + E; /* [E][T] each; [E] */
+    double b = (double)T / E, step = gamma / E;
+    const bool parallel = T * E >= 65536;
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t t = 0; t < T; t++) {
+        double mx = -INFINITY;
+        for (int j = 0; j < E; j++) {
+            cols[j * T + t] = logits[t * E + j];
+            mx = fmax(mx, logits[t * E + j]);
+        }
+        alpha[t] = -mx;
+    }
+    for (int j = 0; j < E; j++) cut[j] = radius[j] = NAN;
+    for (int it = 0;; it++) {
+        project_columns(cols, alpha, T, E, cap, gamma, cut, radius, v, dense, sup, val, nnz);
+        if (it == iters) break;
+#pragma omp parallel for schedule(static) if (parallel)
         for (int64_t t = 0; t < T; t++) {
-            double mx = -INFINITY;
-            for (int j = 0; j < E; j++) {
-                cols[j * T + t] = logits[t * E + j];
-                mx = fmax(mx, logits[t * E + j]);
-            }
-            alpha[t] = -mx;
-        }
-        double *radius = cut + E;
-        for (int j = 0; j < E; j++) cut[j] = radius[j] = NAN;
-        for (int it = 0;; it++) {
-            project_columns(cols, alpha, T, E, cap, gamma, cut, radius, scratch, sup, val, nnz);
-            if (it == iters) break;
-            for (int64_t t = 0; t < T; t++) mass[t] = 0;
-            for (int j = 0; j < E; j++)
-                for (int64_t i = 0; i < nnz[j]; i++) mass[sup[j * cap + i]] += b * val[j * cap + i];
-            for (int64_t t = 0; t < T; t++) alpha[t] += step * (1.0 - mass[t]);
+            double mass = 0; /* in column order; the zeros off the supports add nothing; fused multiply-adds, */
+            for (int j = 0; j < E; j++) mass = fma(b, dense[j * T + t], mass); /* whatever the compiler contracts */
+            alpha[t] = fma(step, 1.0 - mass, alpha[t]);
         }
     }
-    if (ok) {
-        memset(plan, 0, sizeof(double) * (size_t)(T * E));
-        for (int j = 0; j < E; j++)
-            for (int64_t i = 0; i < nnz[j]; i++) plan[sup[j * cap + i] * E + j] = val[j * cap + i] / E;
-    }
-    free(alpha), free(mass), free(val), free(cols), free(scratch), free(cut), free(sup), free(nnz);
-    return ok ? MOE_OK : moe_error(MOE_ERR_OOM, "ot router: out of host memory for T=%lld, E=%d", (long long)T, E);
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t t = 0; t < T; t++)
+        for (int j = 0; j < E; j++) plan[t * E + j] = dense[j * T + t] / E;
+    free(alpha), free(val), free(cols), free(cut), free(sup), free(nnz);
+    return MOE_OK;
 }
 
 void moe_ot_select(const double *plan, const double *logits, int64_t T, int E, int k, int32_t *experts, bool *valid) {

@@ -282,8 +282,10 @@ static void test_ot_plan(void) {
 
 /* The solver written the slow, obvious way: each column's cap largest entries found by a
  * full sort (ties: lower index first), then the same Michelot projection and ascent step in
- * the same order of sums. moe_ot_plan finds the cut by a warm-started window search, which
- * must give the very same plan, bit for bit. */
+ * the same order of sums, by a scatter over the supports (fused multiply-adds written out, as
+ * the solver does, so that no compiler contraction tells them apart). moe_ot_plan finds the
+ * cut by a warm-started window search and sums dense columns, which must give the very same
+ * plan, bit for bit. */
 typedef struct {
     double v;
     int64_t t;
@@ -313,7 +315,7 @@ static void reference_ot_plan(const double *lg, int64_t T, int E, int64_t cap, i
             for (int64_t t = 0; t < T; t++) v[t] = (alpha[t] + lg[t * E + j]) * scale;
             for (int64_t t = 0; t < T; t++) order[t] = (ot_entry){v[t], t};
             qsort(order, (size_t)T, sizeof *order, ot_entry_desc);
-            memset(taken, 0, sizeof(bool) * (size_t)T);
+            for (int64_t t = 0; t < T; t++) taken[t] = false;
             for (int64_t i = 0; i < cap; i++) taken[order[i].t] = true;
             for (int64_t t = 0; t < T; t++)
                 if (taken[t]) s[m++] = t;
@@ -335,8 +337,11 @@ static void reference_ot_plan(const double *lg, int64_t T, int E, int64_t cap, i
         if (it == iters) break;
         for (int64_t t = 0; t < T; t++) mass[t] = 0;
         for (int j = 0; j < E; j++)
-            for (int64_t i = 0; i < nnz[j]; i++) mass[sup[j * cap + i]] += b * val[j * cap + i];
-        for (int64_t t = 0; t < T; t++) alpha[t] += step * (1.0 - mass[t]);
+            for (int64_t i = 0; i < nnz[j]; i++) {
+                int64_t t = sup[j * cap + i];
+                mass[t] = fma(b, val[j * cap + i], mass[t]);
+            }
+        for (int64_t t = 0; t < T; t++) alpha[t] = fma(step, 1.0 - mass[t], alpha[t]);
     }
     memset(plan, 0, sizeof(double) * T * E);
     for (int j = 0; j < E; j++)
