@@ -71,7 +71,12 @@ ot=(--set router.type=ot)
 # of another row count whose last bits may differ from the 1-rank product (oneDNN's AVX2
 # kernels do); Sinkhorn's plan amplifies that, and a token at a near-tie of two experts
 # changes its expert. The losses then drift apart slowly: 7.7e-4 by step 18 on an AVX2
-# machine, within 1e-4 on AVX-512 ones. So 2e-3 there, unless --tol asks for more.
+# machine, within 1e-4 on AVX-512 ones. So 2e-3 there, unless --tol asks for more. That
+# alone would not catch a plan solved over each rank's own tokens (the defect the gather
+# prevents): it stays inside 2e-3 (1.1e-3 on that AVX2 machine). But it moves step 1 by
+# 3.3e-5, where every rank still holds the 1-rank weights and the right plan gives the
+# 1-rank loss (exactly on that machine, within 2.5e-7 on AVX-512 ones): so step 1 is
+# held to a tenth of the run's tolerance as well.
 tol_of() { # run name: its tolerance
   if [ "$1" = ep2x2-ot ] && awk -v t="$tol" 'BEGIN { exit !(t < 2e-3) }'; then echo 2e-3; else echo "$tol"; fi
 }
@@ -88,10 +93,11 @@ run() { # name ranks ep steps [extra args]
   grep -o '"step":[0-9]*,"loss":[0-9.e+-]*' "runs/$name/metrics.jsonl" | sed 's/"step":\([0-9]*\),"loss":/\1 /' > "$name.loss"
 }
 
-compare() { # reference candidate first_step [tolerance]
-  awk -v name="$2" -v first="$3" -v tol="${4:-$tol}" 'NR == FNR { ref[$1] = $2; next }
-    $1 >= first { n++; d = $2 - ref[$1]; if (d < 0) d = -d; r = d / (ref[$1] > 0 ? ref[$1] : 1); if (r > m) m = r }
-    END { ok = n > 0 && m <= tol + 0; printf "%s %s: %d steps, max relative loss difference %.2e (tolerance %s)\n", ok ? "ok  " : "FAIL", name, n, m, tol; exit !ok }' \
+compare() { # reference candidate first_step [tolerance [last_step]]
+  awk -v name="$2" -v first="$3" -v tol="${4:-$tol}" -v last="${5:-0}" 'NR == FNR { ref[$1] = $2; next }
+    $1 >= first && (last == 0 || $1 <= last) { n++; d = $2 - ref[$1]; if (d < 0) d = -d; r = d / (ref[$1] > 0 ? ref[$1] : 1); if (r > m) m = r }
+    END { ok = n > 0 && m <= tol + 0; if (last) name = name " up to step " last
+      printf "%s %s: %d steps, max relative loss difference %.2e (tolerance %s)\n", ok ? "ok  " : "FAIL", name, n, m, tol; exit !ok }' \
     "$1.loss" "$2.loss"
 }
 
@@ -120,6 +126,9 @@ for v in "${variants[@]}"; do
   [ "$ref" = one-ot ] && extra=("${ot[@]}")
   (if [ $# -gt 0 ]; then export "$@"; fi; run "$name" "$np" "$ep" 20 "${extra[@]}") || exit 1
   compare "$ref" "$name" 1 "$(tol_of "$name")" || fail=1
+  if [ "$name" = ep2x2-ot ]; then
+    compare "$ref" "$name" 1 "$(awk -v t="$tol" 'BEGIN { print t / 10 }')" 1 || fail=1
+  fi
 done
 # save at the most ranks (EP = ranks), resume at 2 ranks (EP=2, when fewer) and at 1 rank
 run save "$max_ranks" "$max_ranks" 10
