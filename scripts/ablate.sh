@@ -4,6 +4,7 @@
 #
 # Usage: scripts/ablate.sh routers|mixers [cpu|gpu] [--seeds N] [--steps S | --horizon H]
 #                          [--jobs J] [--variants a,b,...] [--set key=value ...] [--continue]
+#                          [--report] [--out DIR]
 #   cpu (default): configs/tiny-cpu.yaml.  gpu: configs/ablate-gpu.yaml (byte-level,
 #       bf16 on one GPU; MOE_BIN defaults to build-gpu/moe when it exists).
 #   --seeds N     seeds 1..N (default 3); the same N seeds for every variant
@@ -25,6 +26,7 @@
 #                 trained are kept, runs stopped by a signal (TERM from timeout saves a
 #                 checkpoint) resume from their checkpoint; the rest start
 #                 (a long grid over several time-limited calls on one machine)
+#   --out DIR     where the runs, the table and the plots go (default runs/ablate-<kind>)
 # Variants (every run: same config, parameter budget and tokens, except as noted):
 #   routers: topk (router.type=topk, balance switch), rmoe (type rmoe), rmoe-detach
 #            (rmoe, router.rmoe_detach=true), ot (type ot), topk-auxfree (topk, balance
@@ -32,7 +34,7 @@
 #   mixers:  attention, mom, gdn (single-memory gated delta net) via model.mixer, and
 #            hybrid: model.mixer=[attention,mom,attention,mom,...] over the config's
 #            n_layers; seed s is train.seed=1233+s
-# Output under runs/ablate-<kind>/: <variant>-s<seed>/ (train.log, metrics.jsonl, the
+# Output under runs/ablate-<kind>/ (or --out): <variant>-s<seed>/ (train.log, metrics.jsonl, the
 # last checkpoint), results.md (val_loss / val_bpb mean ± std over seeds, tokens/s,
 # expert-load CV, parameters), val_curves.png (validation loss and bits per byte, mean
 # over seeds with the min-max band), val_loss.png (every run, scripts/plot-run.py),
@@ -43,6 +45,7 @@
 # Environment: MOE_BIN (the moe program; default build/moe, built when missing).
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+caller=$PWD # a relative --out is the caller's
 cd "$root" || exit 1
 prog=ablate
 source scripts/lib-ablate.sh
@@ -55,7 +58,7 @@ case "$kind" in
   -h|--help) usage; exit 0 ;;
   *) usage >&2; exit 2 ;;
 esac
-mode=cpu seeds=3 first_seed=1 steps="" horizon="" jobs="" only="" report=0 extra=()
+mode=cpu seeds=3 first_seed=1 steps="" horizon="" jobs="" only="" report=0 extra=() out=runs/ablate-$kind
 while [ $# -gt 0 ]; do
   case "$1" in
     cpu|gpu) mode=$1 ;;
@@ -66,6 +69,7 @@ while [ $# -gt 0 ]; do
     --jobs) jobs=${2:-}; shift ;;
     --variants) only=${2:-}; shift ;;
     --report) report=1 ;;
+    --out) [ -n "${2:-}" ] || die "--out needs a directory"; out=$2; [ "${out#/}" != "$out" ] || out=$caller/$out; shift ;;
     --continue) continue_runs=1 ;;
     --set) [ -n "${2:-}" ] || die "--set needs key=value"; extra+=(--set "$2"); shift ;;
     -h|--help) usage; exit 0 ;;
@@ -147,7 +151,7 @@ if [ -n "$only" ]; then
   done
 fi
 
-out=runs/ablate-$kind run_root=runs/ablate-$kind
+run_root=$out
 mkdir -p "$out"
 # The table reads every run on disk: say so when a partial re-run (--variants) mixes setups.
 setup="$mode $config ${base[*]} ${extra[*]}"

@@ -5,7 +5,8 @@
 # the same per-step losses as the uninterrupted grid and trains seed 2, and a third
 # --continue call keeps every trained run; --continue with other settings is refused and
 # leaves the runs as they were; --report --merge of the first grid's runs.csv alone gives
-# back its runs.
+# back its runs. The router ablation's table from runs on disk lists a stopped run at
+# its last evaluation.
 #   scripts/test-ablate.sh path/to/moe [workdir]
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib-test.sh" "$@"
@@ -51,5 +52,25 @@ expect "--continue with other settings is refused" 2 "holds a run made with othe
   "${grid[@]}" --work "$work/b" --out "$work/b/out" --continue --set train.lr=0.01
 [ "$(cat "$run/args.txt")" = "$before" ] && grep -q '^trained' "$run/train.log" \
   && ok "the refused call left the runs as they were" || fail "the refused call left the runs as they were"
+
+# The router table from runs on disk (ablate.sh --report --out): a run that finished is in
+# the table with its final figures; a run stopped after its evaluation at step 20 is
+# listed below it at that evaluation, not in the means.
+r=$work/routers
+rm -rf "$r"
+mkdir -p "$r/topk-s1" "$r/topk-s2"
+for s in 1 2; do echo "model: 1.23M parameters (1234567; 0.50M active per token)" > "$r/topk-s$s/train.log"; done
+echo "trained 40 steps: loss 2.1000, val_loss 2.2500, val_bpb 3.2461 (unigram 4.4398), 1500 tokens/s, 0 skipped steps" \
+  >> "$r/topk-s1/train.log"
+for st in 20 40; do echo "{\"step\":$st,\"loss\":2.2,\"val_loss\":2.25,\"val_bpb\":3.2461}"; done > "$r/topk-s1/metrics.jsonl"
+{ echo '{"step":10,"loss":2.9}'; echo '{"step":20,"loss":2.6,"val_loss":2.5,"val_bpb":3.6067}'; echo '{"step":30,"loss":2.4}'; } \
+  > "$r/topk-s2/metrics.jsonl"
+check "--report writes the router table from the runs on disk" "$root/scripts/ablate-routers.sh" cpu --report \
+  --seeds 2 --out "$r"
+grep -q '^| topk | 1/2 | 2.2500 | 3.2461 | 1500 |' "$r/results.md" && ok "the finished run is in the table" \
+  || { fail "the finished run is in the table"; cat "$r/results.md"; }
+grep -q '^Runs stopped before the end' "$r/results.md" && grep -q '^| topk | 2 | 20 | 2.5000 | 3.6067 |' "$r/results.md" \
+  && ok "the stopped run is listed at its last evaluation" \
+  || { fail "the stopped run is listed at its last evaluation"; cat "$r/results.md"; }
 
 [ $fails = 0 ] && echo "ablate: all checks passed" || { echo "ablate: $fails check(s) failed"; exit 1; }
