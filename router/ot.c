@@ -62,8 +62,8 @@ static double mth_largest_near(const double *v, int64_t n, int64_t m, double gue
         memcpy(w, v, sizeof(double) * (size_t)n);
         cut = mth_largest(w, n, m);
     }
-    double moved = 2 * fabs(cut - guess), floor = 1e-12 * fmax(1.0, fabs(cut));
-    *radius = isfinite(moved) && moved > floor ? moved : floor;
+    double moved = 2 * fabs(cut - guess), least = 1e-12 * fmax(1.0, fabs(cut));
+    *radius = isfinite(moved) && moved > least ? moved : least;
     return cut;
 }
 
@@ -156,8 +156,10 @@ moe_status moe_ot_plan(const double *logits, int64_t T, int E, int64_t cap, int 
         if (it == iters) break;
 #pragma omp parallel for schedule(static) if (parallel)
         for (int64_t t = 0; t < T; t++) {
-            double mass = 0; /* in column order; the zeros off the supports add nothing; fused multiply-adds, */
-            for (int j = 0; j < E; j++) mass = fma(b, dense[j * T + t], mass); /* whatever the compiler contracts */
+            /* the token's mass in column order (the zeros off the supports add nothing), by written-out
+             * fused multiply-adds, so that no compiler contraction changes the bits */
+            double mass = 0;
+            for (int j = 0; j < E; j++) mass = fma(b, dense[j * T + t], mass);
             alpha[t] = fma(step, 1.0 - mass, alpha[t]);
         }
     }
