@@ -47,6 +47,19 @@ static void fill_dims(const moe_tensor *t, int ndim, dnnl_dims_t d, dnnl_dims_t 
         if (d[i] == 1) s[i] = (i + 1 < ndim) ? s[i + 1] * d[i + 1] : 1;
 }
 
+/* The engine and stream of every oneDNN matmul here, made on first use. */
+static moe_status ensure_engine(void) {
+    dnnl_status_t s;
+    if (engine) return MOE_OK;
+    if ((s = dnnl_engine_create(&engine, dnnl_cpu, 0)) != dnnl_success) return dnnl_fail("engine", s);
+    if ((s = dnnl_stream_create(&stream, engine, dnnl_stream_default_flags)) != dnnl_success) {
+        dnnl_engine_destroy(engine);
+        engine = NULL;
+        return dnnl_fail("stream", s);
+    }
+    return MOE_OK;
+}
+
 static mm_entry *get_primitive(const moe_tensor *A, const moe_tensor *B, const moe_tensor *C, float alpha,
                                float beta, moe_status *st) {
     mm_entry key;
@@ -63,10 +76,7 @@ static mm_entry *get_primitive(const moe_tensor *A, const moe_tensor *B, const m
     for (int i = 0; i < cache_n; i++)
         if (!memcmp(&cache[i], &key, cmp)) return &cache[i];
     dnnl_status_t s;
-    if (!engine) {
-        if ((s = dnnl_engine_create(&engine, dnnl_cpu, 0)) != dnnl_success) { *st = dnnl_fail("engine", s); return NULL; }
-        if ((s = dnnl_stream_create(&stream, engine, dnnl_stream_default_flags)) != dnnl_success) { *st = dnnl_fail("stream", s); return NULL; }
-    }
+    if ((*st = ensure_engine()) != MOE_OK) return NULL;
     dnnl_memory_desc_init_by_strides(&key.ma, key.ndim, key.da, dnnl_type(A->dtype), key.sa);
     dnnl_memory_desc_init_by_strides(&key.mb, key.ndim, key.db, dnnl_type(B->dtype), key.sb);
     dnnl_memory_desc_init_by_strides(&key.mc, key.ndim, key.dc, dnnl_type(C->dtype), key.sc);
@@ -142,24 +152,22 @@ static bool sgemm_2d(const moe_tensor *A, const moe_tensor *B, moe_tensor *C, fl
 }
 
 /* Whether oneDNN has bf16 matmul kernels for this CPU (x86 needs AVX-512 for them), probed
- * once with a 2 x 2 product. */
+ * once with a 2 x 2 product on the matmuls' engine. */
 static bool bf16_native(void) {
     static int known = -1;
     if (known >= 0) return known;
     known = 0;
-    dnnl_engine_t eng;
-    if (dnnl_engine_create(&eng, dnnl_cpu, 0) != dnnl_success) return false;
+    if (ensure_engine() != MOE_OK) return false;
     dnnl_dims_t d = {2, 2};
     dnnl_memory_desc_t m;
     dnnl_matmul_desc_t desc;
     dnnl_primitive_desc_t pd;
     if (dnnl_memory_desc_init_by_tag(&m, 2, d, dnnl_bf16, dnnl_ab) == dnnl_success &&
         dnnl_matmul_desc_init(&desc, &m, &m, NULL, &m) == dnnl_success &&
-        dnnl_primitive_desc_create(&pd, &desc, NULL, eng, NULL) == dnnl_success) {
+        dnnl_primitive_desc_create(&pd, &desc, NULL, engine, NULL) == dnnl_success) {
         known = 1;
         dnnl_primitive_desc_destroy(pd);
     }
-    dnnl_engine_destroy(eng);
     return known;
 }
 
